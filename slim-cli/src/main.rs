@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("slim: no commands yet");
+}

@@ -1,0 +1,119 @@
+//! Analysis: multiply-accumulates, parameters and bytes, per layer and in total.
+//!
+//! Compute is counted in **multiply-accumulates (MACs)** of convolutions and fully connected
+//! layers, which is what PaddleSlim's FLOPs tables and the usual published figures count
+//! (ResNet-50 "4.1 G FLOPs" is 4.1 G MACs). Batch norm, activations, pooling, additions and
+//! products are not counted: they are a small fraction and are folded or fused at deployment.
+//!
+//! Parameters are the trainable scalars (weights and biases, including batch norm's scale and
+//! shift); running statistics are counted apart as buffers. Bytes are the size of all tensors
+//! stored as f32.
+
+use serde::Serialize;
+
+use crate::graph::{Graph, Node, Op};
+
+/// The cost of one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LayerStats {
+    pub name: String,
+    pub op: String,
+    pub shape: Vec<usize>,
+    pub macs: u64,
+    pub params: u64,
+}
+
+/// The cost of a whole graph.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ModelStats {
+    pub layers: Vec<LayerStats>,
+    /// Multiply-accumulates of one sample's forward pass.
+    pub macs: u64,
+    /// Trainable scalars.
+    pub params: u64,
+    /// Non-trainable scalars (batch norm running statistics).
+    pub buffers: u64,
+    /// Bytes of all tensors as f32.
+    pub bytes: u64,
+}
+
+/// MACs of one node for one sample.
+pub fn node_macs(node: &Node) -> u64 {
+    match &node.op {
+        Op::Conv2d(c) => {
+            let [oc, oh, ow] = node.shape[..] else { return 0 };
+            (oc * oh * ow * (c.in_channels / c.groups.max(1)) * c.kernel[0] * c.kernel[1]) as u64
+        }
+        Op::Linear(l) => (l.in_features * l.out_features) as u64,
+        _ => 0,
+    }
+}
+
+/// Counts MACs, parameters and bytes of every node and of the graph.
+pub fn analyze(graph: &Graph) -> ModelStats {
+    let mut layers = Vec::with_capacity(graph.len());
+    let (mut macs, mut params, mut buffers) = (0u64, 0u64, 0u64);
+    for node in graph.nodes() {
+        let m = node_macs(node);
+        let mut p = 0u64;
+        for spec in node.op.params() {
+            let n: u64 = spec.shape.iter().product::<usize>() as u64;
+            if spec.kind.is_trainable() {
+                p += n;
+            } else {
+                buffers += n;
+            }
+        }
+        macs += m;
+        params += p;
+        layers.push(LayerStats {
+            name: node.name.clone(),
+            op: node.op.kind().to_string(),
+            shape: node.shape.clone(),
+            macs: m,
+            params: p,
+        });
+    }
+    ModelStats { layers, macs, params, buffers, bytes: 4 * (params + buffers) }
+}
+
+/// A number with a G/M/K suffix, for tables.
+pub fn human(n: u64) -> String {
+    let f = n as f64;
+    if f >= 1e9 {
+        format!("{:.2}G", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.2}M", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.1}K", f / 1e3)
+    } else {
+        n.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::GraphBuilder;
+
+    #[test]
+    fn hand_counted_lenet_like() {
+        // conv 1->6 5x5 pad 2 on 28x28: 6*28*28*25 = 117,600 MACs, 150 + 6 params.
+        let g = GraphBuilder::new([1, 28, 28])
+            .conv_with("c", crate::graph::Conv2dSpec::new(1, 6, 5).with_padding(2).with_bias(true))
+            .relu("r")
+            .max_pool("p", 2, 2)
+            .flatten("f")
+            .linear("fc", 10)
+            .build()
+            .unwrap();
+        let s = analyze(&g);
+        assert_eq!(s.layers[1].macs, 117_600);
+        assert_eq!(s.layers[1].params, 156);
+        assert_eq!(s.layers[5].macs, 6 * 14 * 14 * 10);
+        assert_eq!(s.macs, 117_600 + 11_760);
+        assert_eq!(s.params, 156 + 11_760 + 10);
+        assert_eq!(s.bytes, 4 * s.params);
+        assert_eq!(human(4_100_000_000), "4.10G");
+    }
+}

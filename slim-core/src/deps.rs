@@ -1,0 +1,488 @@
+//! Channel dependencies: which parameter axes must be pruned together, and the surgery that
+//! removes channels.
+//!
+//! A **channel space** is a run of channels that some op creates: a dense convolution's or a
+//! linear layer's outputs, or a model input. Every node output is laid out as a sequence of
+//! segments, each a whole channel space (a concatenation lays its inputs' spaces side by
+//! side). Ops say how spaces flow:
+//! - a dense convolution or linear layer consumes its input's spaces on its weight's input
+//!   axis and starts a new space on its output axis (weight axis 0 and bias);
+//! - depthwise convolution, batch norm, activations, pooling, dropout and identity pass the
+//!   spaces through, touching their own per-channel parameters on axis 0;
+//! - `Add`, and `Mul` (element-wise, or channel-wise as in squeeze-and-excite), unify the
+//!   spaces of their inputs: those channels must be pruned together;
+//! - `Flatten` keeps the spaces but expands each channel into its `H * W` positions, so a
+//!   following linear layer sees channel `k` of a segment at offset `o` as features
+//!   `(o + k) * H * W .. (o + k + 1) * H * W`.
+//!
+//! A **channel group** is a class of unified spaces: all have the same number of channels and
+//! every member `(parameter, axis, offset, expand)` touches indices
+//! `(offset + k) * expand + j` for channel `k` and `j < expand`. A group is blocked (cannot be
+//! pruned) when it reaches a model input or output, a grouped (non-depthwise) convolution, a
+//! softmax, or an add/concat whose channel ranges do not line up; the group then names the node
+//! that blocked it and why. Nothing is skipped silently.
+//!
+//! [`ChannelGroups::prune`] slices every member of every group in a plan at once and returns a
+//! new model; on any error nothing is returned and the input model is untouched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::error::{CoreError, Result};
+use crate::graph::{Graph, Op};
+use crate::model::Model;
+use crate::params::ParamStore;
+
+/// One parameter axis a group touches: channel `k` of the group is at indices
+/// `(offset + k) * expand + j`, `j < expand`, along `axis` of `param`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub node: String,
+    pub param: String,
+    pub axis: usize,
+    pub offset: usize,
+    pub expand: usize,
+}
+
+/// Why a group cannot be pruned, and which node says so.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Blocker {
+    pub node: String,
+    pub op: String,
+    pub reason: String,
+}
+
+/// Channels that must be pruned together.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChannelGroup {
+    pub id: usize,
+    pub channels: usize,
+    /// Nodes whose outputs create these channels (convolutions, linear layers).
+    pub producers: Vec<String>,
+    pub members: Vec<Member>,
+    pub blocked: Option<Blocker>,
+}
+
+impl ChannelGroup {
+    pub fn is_prunable(&self) -> bool {
+        self.blocked.is_none() && !self.producers.is_empty() && self.channels > 1
+    }
+}
+
+impl fmt::Display for ChannelGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "group {} ({} channels", self.id, self.channels)?;
+        if !self.producers.is_empty() {
+            write!(f, ", from {}", self.producers.join(", "))?;
+        }
+        write!(f, ")")?;
+        if let Some(b) = &self.blocked {
+            write!(f, ": blocked by `{}` ({}): {}", b.node, b.op, b.reason)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Layout {
+    /// `(space or group id, channels)` in channel order.
+    segs: Vec<(usize, usize)>,
+    expand: usize,
+}
+
+struct Space {
+    len: usize,
+    parent: usize,
+    blocked: Option<Blocker>,
+    members: Vec<Member>,
+    producers: Vec<String>,
+}
+
+struct Builder {
+    spaces: Vec<Space>,
+}
+
+impl Builder {
+    fn new_space(&mut self, len: usize) -> usize {
+        let id = self.spaces.len();
+        self.spaces.push(Space { len, parent: id, blocked: None, members: Vec::new(), producers: Vec::new() });
+        id
+    }
+    fn find(&mut self, s: usize) -> usize {
+        let mut r = s;
+        while self.spaces[r].parent != r {
+            r = self.spaces[r].parent;
+        }
+        let mut c = s;
+        while self.spaces[c].parent != r {
+            let next = self.spaces[c].parent;
+            self.spaces[c].parent = r;
+            c = next;
+        }
+        r
+    }
+    fn union(&mut self, a: usize, b: usize) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra != rb {
+            self.spaces[rb].parent = ra;
+            if self.spaces[ra].blocked.is_none() {
+                self.spaces[ra].blocked = self.spaces[rb].blocked.take();
+            }
+        }
+    }
+    fn block(&mut self, s: usize, node: &str, op: &Op, reason: &str) {
+        let r = self.find(s);
+        if self.spaces[r].blocked.is_none() {
+            self.spaces[r].blocked =
+                Some(Blocker { node: node.to_string(), op: op.kind().to_string(), reason: reason.to_string() });
+        }
+    }
+    fn block_layout(&mut self, l: &Layout, node: &str, op: &Op, reason: &str) {
+        for &(s, _) in &l.segs {
+            self.block(s, node, op, reason);
+        }
+    }
+    /// Adds a member on every segment of a layout.
+    fn touch(&mut self, l: &Layout, node: &str, param: String, axis: usize) {
+        let mut offset = 0;
+        for &(s, len) in &l.segs {
+            self.spaces[s].members.push(Member {
+                node: node.to_string(),
+                param: param.clone(),
+                axis,
+                offset,
+                expand: l.expand,
+            });
+            offset += len;
+        }
+    }
+    /// A new space produced by `node`, with its output-axis parameters as members.
+    fn produce(&mut self, len: usize, node: &str, params: &[String]) -> Layout {
+        let s = self.new_space(len);
+        self.spaces[s].producers.push(node.to_string());
+        for p in params {
+            self.spaces[s].members.push(Member { node: node.to_string(), param: p.clone(), axis: 0, offset: 0, expand: 1 });
+        }
+        Layout { segs: vec![(s, len)], expand: 1 }
+    }
+    fn unify(&mut self, layouts: &[&Layout], node: &str, op: &Op) {
+        let first = layouts[0];
+        let aligned = layouts.iter().all(|l| {
+            l.expand == first.expand
+                && l.segs.len() == first.segs.len()
+                && l.segs.iter().zip(&first.segs).all(|(a, b)| a.1 == b.1)
+        });
+        if aligned {
+            for l in &layouts[1..] {
+                for (a, b) in first.segs.iter().zip(&l.segs) {
+                    self.union(a.0, b.0);
+                }
+            }
+        } else {
+            for l in layouts {
+                self.block_layout(l, node, op, "joins channel ranges that do not line up");
+            }
+        }
+    }
+}
+
+/// The channel groups of a graph, and how each node's output is laid out over them.
+#[derive(Clone, Debug)]
+pub struct ChannelGroups {
+    pub groups: Vec<ChannelGroup>,
+    layouts: Vec<Layout>,
+    graph: Graph,
+}
+
+/// Computes the channel groups of a graph.
+pub fn channel_groups(graph: &Graph) -> ChannelGroups {
+    let mut b = Builder { spaces: Vec::new() };
+    let mut layouts: Vec<Layout> = Vec::with_capacity(graph.len());
+    for node in graph.nodes() {
+        let name = node.name.as_str();
+        let ins: Vec<&Layout> = node.inputs.iter().map(|&i| &layouts[i]).collect();
+        let pnames = |roles: &[&str]| -> Vec<String> {
+            node.op.params().iter().filter(|p| roles.contains(&p.role)).map(|p| node.param_name(p.role)).collect()
+        };
+        let out = match &node.op {
+            Op::Input { shape } => {
+                let l = b.produce(shape[0], name, &[]);
+                b.spaces[l.segs[0].0].producers.clear();
+                b.block_layout(&l, name, &node.op, "the model input's channels are fixed");
+                l
+            }
+            Op::Conv2d(c) if c.groups == 1 => {
+                let input = ins[0].clone();
+                b.touch(&input, name, node.param_name("weight"), 1);
+                b.produce(c.out_channels, name, &pnames(&["weight", "bias"]))
+            }
+            Op::Conv2d(c) if c.is_depthwise() => {
+                let input = ins[0].clone();
+                for p in pnames(&["weight", "bias"]) {
+                    b.touch(&input, name, p, 0);
+                }
+                input
+            }
+            Op::Conv2d(c) => {
+                let input = ins[0].clone();
+                let reason = format!("grouped convolution (groups={}) ties channels in groups", c.groups);
+                b.block_layout(&input, name, &node.op, &reason);
+                let l = b.produce(c.out_channels, name, &pnames(&["weight", "bias"]));
+                b.block_layout(&l, name, &node.op, &reason);
+                l
+            }
+            Op::Linear(l) => {
+                let input = ins[0].clone();
+                b.touch(&input, name, node.param_name("weight"), 1);
+                b.produce(l.out_features, name, &pnames(&["weight", "bias"]))
+            }
+            Op::BatchNorm2d(_) => {
+                let input = ins[0].clone();
+                for p in pnames(&["weight", "bias", "running_mean", "running_var"]) {
+                    b.touch(&input, name, p, 0);
+                }
+                input
+            }
+            Op::Relu
+            | Op::Relu6
+            | Op::HardSwish
+            | Op::Sigmoid
+            | Op::Dropout { .. }
+            | Op::Identity
+            | Op::MaxPool2d(_)
+            | Op::AvgPool2d(_)
+            | Op::GlobalAvgPool => ins[0].clone(),
+            Op::Flatten => {
+                let mut l = ins[0].clone();
+                let in_shape = &graph.node(node.inputs[0]).shape;
+                l.expand *= in_shape[1..].iter().product::<usize>();
+                l
+            }
+            Op::Add => {
+                b.unify(&ins, name, &node.op);
+                ins[0].clone()
+            }
+            Op::Mul => {
+                let (x, g) = (ins[0].clone(), ins[1].clone());
+                let channel_wise = graph.node(node.inputs[0]).shape != graph.node(node.inputs[1]).shape;
+                if channel_wise {
+                    // The gate's expand is over its own (1x1) positions: compare channels only.
+                    let gate = Layout { segs: g.segs.clone(), expand: x.expand };
+                    b.unify(&[&x, &gate], name, &node.op);
+                } else {
+                    b.unify(&[&x, &g], name, &node.op);
+                }
+                x
+            }
+            Op::Concat => Layout { segs: ins.iter().flat_map(|l| l.segs.iter().copied()).collect(), expand: 1 },
+            Op::Softmax => {
+                let input = ins[0].clone();
+                b.block_layout(&input, name, &node.op, "softmax normalizes across channels");
+                input
+            }
+        };
+        layouts.push(out);
+    }
+    for o in graph.outputs() {
+        let node = graph.node(o);
+        let l = layouts[o].clone();
+        b.block_layout(&l, &node.name, &node.op, "the model output's channels are fixed");
+    }
+
+    // Number the classes in order of first appearance; gather members and producers.
+    let mut group_of: HashMap<usize, usize> = HashMap::new();
+    let mut groups: Vec<ChannelGroup> = Vec::new();
+    for s in 0..b.spaces.len() {
+        let r = b.find(s);
+        let gid = *group_of.entry(r).or_insert_with(|| {
+            groups.push(ChannelGroup {
+                id: groups.len(),
+                channels: b.spaces[r].len,
+                producers: Vec::new(),
+                members: Vec::new(),
+                blocked: b.spaces[r].blocked.clone(),
+            });
+            groups.len() - 1
+        });
+        let members = std::mem::take(&mut b.spaces[s].members);
+        let producers = std::mem::take(&mut b.spaces[s].producers);
+        groups[gid].members.extend(members);
+        groups[gid].producers.extend(producers);
+    }
+    for l in &mut layouts {
+        for seg in &mut l.segs {
+            seg.0 = group_of[&b.find(seg.0)];
+        }
+    }
+    ChannelGroups { groups, layouts, graph: graph.clone() }
+}
+
+impl ChannelGroups {
+    /// The groups that can be pruned.
+    pub fn prunable(&self) -> impl Iterator<Item = &ChannelGroup> {
+        self.groups.iter().filter(|g| g.is_prunable())
+    }
+
+    /// The group ids that make up a node's output channels, in channel order.
+    pub fn node_groups(&self, node: usize) -> Vec<usize> {
+        self.layouts[node].segs.iter().map(|s| s.0).collect()
+    }
+
+    /// MACs of the graph after each group `g` keeps `kept[g]` channels (others unchanged),
+    /// computed from the layouts alone, without any surgery.
+    pub fn predict_macs(&self, kept: &HashMap<usize, usize>) -> u64 {
+        let count = |l: &Layout| -> usize {
+            l.segs.iter().map(|&(g, len)| kept.get(&g).copied().unwrap_or(len)).sum::<usize>()
+        };
+        let mut total = 0u64;
+        for (i, node) in self.graph.nodes().iter().enumerate() {
+            total += match &node.op {
+                Op::Conv2d(c) => {
+                    let out = count(&self.layouts[i]);
+                    let input = count(&self.layouts[node.inputs[0]]);
+                    let per_group = if c.is_depthwise() { 1 } else { input / c.groups };
+                    (out * node.shape[1] * node.shape[2] * per_group * c.kernel[0] * c.kernel[1]) as u64
+                }
+                Op::Linear(_) => {
+                    let l = &self.layouts[node.inputs[0]];
+                    (count(l) * l.expand * count(&self.layouts[i])) as u64
+                }
+                _ => 0,
+            };
+        }
+        total
+    }
+
+    /// Prunes several groups at once: for each `(group id, kept channel indices)`, every member
+    /// of the group is sliced. Returns the smaller model; `model` is not modified.
+    pub fn prune(&self, model: &Model, plan: &[(usize, Vec<usize>)]) -> Result<Model> {
+        if model.graph != self.graph {
+            return Err(CoreError::Invalid(
+                "these channel groups were computed for another graph; recompute them".into(),
+            ));
+        }
+        // For every (parameter, axis): which indices survive.
+        let mut masks: BTreeMap<(String, usize), Vec<bool>> = BTreeMap::new();
+        let mut seen = vec![false; self.groups.len()];
+        for (gid, keep) in plan {
+            let group = self
+                .groups
+                .get(*gid)
+                .ok_or_else(|| CoreError::Invalid(format!("there is no channel group {gid}")))?;
+            if seen[*gid] {
+                return Err(CoreError::Invalid(format!("group {gid} appears twice in the plan")));
+            }
+            seen[*gid] = true;
+            if let Some(b) = &group.blocked {
+                return Err(CoreError::Invalid(format!(
+                    "{group} cannot be pruned (blocked by `{}`)",
+                    b.node
+                )));
+            }
+            let mut kept = vec![false; group.channels];
+            for &k in keep {
+                if k >= group.channels {
+                    return Err(CoreError::Invalid(format!(
+                        "channel {k} is out of range for group {gid} of {} channels",
+                        group.channels
+                    )));
+                }
+                kept[k] = true;
+            }
+            if !kept.iter().any(|&k| k) {
+                return Err(CoreError::Invalid(format!("group {gid} must keep at least one channel")));
+            }
+            for m in &group.members {
+                let dim = model
+                    .params
+                    .var(&m.param)
+                    .ok_or_else(|| CoreError::param(&m.param, "no such parameter"))?
+                    .dims()[m.axis];
+                let mask = masks.entry((m.param.clone(), m.axis)).or_insert_with(|| vec![true; dim]);
+                for (k, _) in kept.iter().enumerate().filter(|(_, &keep)| !keep) {
+                    for j in 0..m.expand {
+                        let idx = (m.offset + k) * m.expand + j;
+                        let slot = mask.get_mut(idx).ok_or_else(|| {
+                            CoreError::param(&m.param, format!("index {idx} out of range on axis {}", m.axis))
+                        })?;
+                        *slot = false;
+                    }
+                }
+            }
+        }
+
+        let mut params = ParamStore::new();
+        for (name, p) in model.params.iter() {
+            let mut t: Tensor = p.var.as_tensor().clone();
+            let mut sliced = false;
+            for axis in 0..t.rank() {
+                if let Some(mask) = masks.get(&(name.to_string(), axis)) {
+                    let idx: Vec<u32> = (0..mask.len()).filter(|&i| mask[i]).map(|i| i as u32).collect();
+                    let idx = Tensor::from_vec(idx.clone(), idx.len(), t.device())?;
+                    t = t.index_select(&idx, axis)?;
+                    sliced = true;
+                }
+            }
+            if !sliced {
+                t = t.copy()?;
+            }
+            params.insert(name, &t, p.kind)?;
+        }
+        let graph = model.graph.map_ops(|node| resized_op(node, &params))?;
+        let mut pruned = Model::new(graph, params)?;
+        pruned.provenance = model.provenance.clone();
+        Ok(pruned)
+    }
+}
+
+/// The node's op with its channel counts read back from its (sliced) parameters.
+fn resized_op(node: &crate::graph::Node, params: &ParamStore) -> Op {
+    let dims = |role: &str| params.var(&node.param_name(role)).map(|v| v.dims().to_vec()).unwrap_or_default();
+    match &node.op {
+        Op::Conv2d(c) => {
+            let w = dims("weight");
+            let mut c = c.clone();
+            if c.is_depthwise() {
+                c.in_channels = w[0];
+                c.out_channels = w[0];
+                c.groups = w[0];
+            } else {
+                c.out_channels = w[0];
+                c.in_channels = w[1] * c.groups;
+            }
+            Op::Conv2d(c)
+        }
+        Op::Linear(l) => {
+            let w = dims("weight");
+            let mut l = l.clone();
+            l.out_features = w[0];
+            l.in_features = w[1];
+            Op::Linear(l)
+        }
+        Op::BatchNorm2d(b) => {
+            let mut b = b.clone();
+            b.channels = dims("weight")[0];
+            Op::BatchNorm2d(b)
+        }
+        other => other.clone(),
+    }
+}
+
+impl Model {
+    /// Prunes one channel group, keeping the given channel indices. On error the model is
+    /// unchanged.
+    pub fn prune_channels(&mut self, group: &ChannelGroup, keep: &[usize]) -> Result<()> {
+        let groups = channel_groups(&self.graph);
+        let same = groups.groups.get(group.id).is_some_and(|g| g == group);
+        if !same {
+            return Err(CoreError::Invalid(format!(
+                "{group} does not belong to this model's current graph; recompute the groups"
+            )));
+        }
+        *self = groups.prune(self, &[(group.id, keep.to_vec())])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,339 @@
+//! Execution: the forward pass of a [`Model`] through candle ops.
+//!
+//! In [`Mode::Train`] parameters enter the computation as the store's `Var`s, so
+//! `loss.backward()` yields a gradient for every trainable parameter, batch norm normalizes
+//! with the batch's statistics and updates its running statistics, and dropout is active.
+//! In [`Mode::Eval`] parameters enter detached, so no autograd graph is recorded; batch norm
+//! uses its running statistics and dropout is the identity.
+//!
+//! A forward can also return the outputs of any named nodes (taps, for distillation) and call
+//! an observer on every node output (for calibration). Intermediate values are dropped as soon
+//! as their last consumer has run.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::{CoreError, Result};
+use crate::graph::{BatchNormSpec, Node, Op, PoolSpec};
+use crate::model::Model;
+
+/// Train or evaluation behaviour of batch norm, dropout and autograd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+/// A callback that sees the output of every node: `(node name, batched output)`.
+pub type Observer<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
+
+/// Options of [`Model::forward_with`].
+#[derive(Default)]
+pub struct ForwardOptions<'a> {
+    /// Names of nodes whose outputs to return.
+    pub taps: Vec<String>,
+    /// Called with every node's output, in evaluation order.
+    pub observer: Option<&'a mut Observer<'a>>,
+}
+
+impl<'a> ForwardOptions<'a> {
+    pub fn with_taps<S: AsRef<str>>(mut self, taps: &[S]) -> Self {
+        self.taps = taps.iter().map(|s| s.as_ref().to_string()).collect();
+        self
+    }
+    pub fn with_observer(mut self, observer: &'a mut Observer<'a>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+}
+
+/// What a forward returns: the graph outputs in order, and the requested taps by name.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    pub outputs: Vec<Tensor>,
+    pub taps: HashMap<String, Tensor>,
+}
+
+impl Model {
+    /// Forward of a single-input, single-output model on a batch `[N, ...input shape]`.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let out = self.forward_with(&[x.clone()], mode, ForwardOptions::default())?;
+        out.outputs.into_iter().next().ok_or_else(|| CoreError::Invalid("the graph has no output".into()))
+    }
+
+    /// Forward with one batch per input node, returning outputs and taps.
+    pub fn forward_with(
+        &self,
+        inputs: &[Tensor],
+        mode: Mode,
+        mut opts: ForwardOptions<'_>,
+    ) -> Result<ForwardOutput> {
+        let g = &self.graph;
+        let input_ids = g.inputs();
+        if inputs.len() != input_ids.len() {
+            return Err(CoreError::Invalid(format!(
+                "the model has {} input(s), {} batch(es) were given",
+                input_ids.len(),
+                inputs.len()
+            )));
+        }
+        let mut tap_ids = Vec::with_capacity(opts.taps.len());
+        for t in &opts.taps {
+            tap_ids.push(g.id(t)?);
+        }
+        let mut uses = g.use_counts();
+        for &t in &tap_ids {
+            uses[t] += 1;
+        }
+        let mut values: Vec<Option<Tensor>> = vec![None; g.len()];
+        let mut taps = HashMap::new();
+        let mut next_input = inputs.iter();
+        for id in g.eval_order() {
+            let node = g.node(id);
+            let y = if let Op::Input { shape } = &node.op {
+                // `next_input` has exactly one batch per input node (checked above).
+                let x = next_input.next().ok_or_else(|| CoreError::Invalid("missing input".into()))?;
+                if x.rank() != shape.len() + 1 || &x.dims()[1..] != shape.as_slice() {
+                    return Err(CoreError::node(
+                        &node.name,
+                        format!("expects a batch of shape [N, {shape:?}], got {:?}", x.dims()),
+                    ));
+                }
+                x.to_dtype(DType::F32)?
+            } else {
+                let xs: Vec<&Tensor> = node
+                    .inputs
+                    .iter()
+                    .map(|&i| values[i].as_ref().ok_or_else(|| CoreError::node(&node.name, "input not computed")))
+                    .collect::<Result<_>>()?;
+                self.run_node(node, &xs, mode)
+                    .map_err(|e| CoreError::node(&node.name, e.to_string()))?
+            };
+            if let Some(obs) = opts.observer.as_mut() {
+                obs(&node.name, &y)?;
+            }
+            for &i in &node.inputs {
+                uses[i] -= 1;
+                if uses[i] == 0 {
+                    values[i] = None;
+                }
+            }
+            if tap_ids.contains(&id) {
+                taps.insert(node.name.clone(), y.clone());
+            }
+            values[id] = Some(y);
+        }
+        let outputs = g
+            .outputs()
+            .iter()
+            .map(|&o| values[o].clone().ok_or_else(|| CoreError::node(&g.node(o).name, "output not computed")))
+            .collect::<Result<_>>()?;
+        Ok(ForwardOutput { outputs, taps })
+    }
+
+    fn param(&self, node: &Node, role: &str, mode: Mode) -> Result<Tensor> {
+        let t = self.params.tensor(&node.param_name(role))?;
+        Ok(match mode {
+            Mode::Train => t,
+            Mode::Eval => t.detach(),
+        })
+    }
+
+    fn run_node(&self, node: &Node, xs: &[&Tensor], mode: Mode) -> Result<Tensor> {
+        let x = xs[0];
+        Ok(match &node.op {
+            Op::Input { .. } => x.clone(),
+            Op::Conv2d(c) => {
+                let w = self.param(node, "weight", mode)?;
+                let y = x.conv2d(&w, c.padding, c.stride, c.dilation, c.groups)?;
+                if c.bias {
+                    let b = self.param(node, "bias", mode)?;
+                    y.broadcast_add(&b.reshape((1, c.out_channels, 1, 1))?)?
+                } else {
+                    y
+                }
+            }
+            Op::Linear(l) => {
+                let w = self.param(node, "weight", mode)?;
+                let y = x.matmul(&w.t()?)?;
+                if l.bias {
+                    y.broadcast_add(&self.param(node, "bias", mode)?)?
+                } else {
+                    y
+                }
+            }
+            Op::BatchNorm2d(spec) => self.batch_norm(node, spec, x, mode)?,
+            Op::Relu => x.relu()?,
+            Op::Relu6 => x.relu()?.minimum(6f32)?,
+            Op::HardSwish => (x * ((x + 3.0)?.relu()?.minimum(6f32)? / 6.0)?)?,
+            Op::Sigmoid => candle_nn::ops::sigmoid(x)?,
+            Op::Add => {
+                let mut acc = x.clone();
+                for y in &xs[1..] {
+                    acc = (acc + *y)?;
+                }
+                acc
+            }
+            Op::Mul => {
+                let y = xs[1];
+                if x.dims() == y.dims() {
+                    (x * y)?
+                } else {
+                    // Channel-wise: a [N, C] or [N, C, 1, 1] gate over [N, C, H, W].
+                    let (n, c) = (x.dim(0)?, x.dim(1)?);
+                    x.broadcast_mul(&y.reshape((n, c, 1, 1))?)?
+                }
+            }
+            Op::Concat => Tensor::cat(xs, 1)?,
+            Op::MaxPool2d(p) => {
+                let padded = pad_spatial(x, p.padding, f32::NEG_INFINITY)?;
+                padded.max_pool2d_with_stride(p.kernel, p.stride)?
+            }
+            Op::AvgPool2d(p) => avg_pool(x, p)?,
+            Op::GlobalAvgPool => x.mean(D::Minus1)?.mean(D::Minus1)?,
+            Op::Flatten => x.flatten_from(1)?,
+            Op::Dropout { p } => match mode {
+                Mode::Train if *p > 0.0 => candle_nn::ops::dropout(x, *p)?,
+                _ => x.clone(),
+            },
+            Op::Softmax => candle_nn::ops::softmax(x, 1)?,
+            Op::Identity => x.clone(),
+        })
+    }
+
+    fn batch_norm(&self, node: &Node, spec: &BatchNormSpec, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let c = spec.channels;
+        // [1, C] for feature vectors, [1, C, 1, 1] for feature maps.
+        let bshape: Vec<usize> = if x.rank() == 4 { vec![1, c, 1, 1] } else { vec![1, c] };
+        let gamma = self.param(node, "weight", mode)?.reshape(bshape.as_slice())?;
+        let beta = self.param(node, "bias", mode)?.reshape(bshape.as_slice())?;
+        match mode {
+            Mode::Eval => {
+                let mean = self.param(node, "running_mean", mode)?;
+                let var = self.param(node, "running_var", mode)?;
+                let scale = (var + spec.eps)?.sqrt()?.recip()?.reshape(bshape.as_slice())?;
+                let scale = scale.broadcast_mul(&gamma)?;
+                let shift = (beta - mean.reshape(bshape.as_slice())?.broadcast_mul(&scale)?)?;
+                Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+            }
+            Mode::Train => {
+                let reduce = |t: &Tensor| -> Result<Tensor> {
+                    let mut m = t.mean_keepdim(0)?;
+                    if t.rank() == 4 {
+                        m = m.mean_keepdim(3)?.mean_keepdim(2)?;
+                    }
+                    Ok(m)
+                };
+                let count = x.elem_count() / c;
+                if count < 2 {
+                    return Err(CoreError::node(
+                        &node.name,
+                        "batch norm in train mode needs more than one value per channel",
+                    ));
+                }
+                let mean = reduce(x)?;
+                let centered = x.broadcast_sub(&mean)?;
+                let var = reduce(&centered.sqr()?)?;
+                let y = centered
+                    .broadcast_div(&(&var + spec.eps)?.sqrt()?)?
+                    .broadcast_mul(&gamma)?
+                    .broadcast_add(&beta)?;
+                // Running statistics: detached, unbiased variance, PyTorch's momentum convention.
+                let m = spec.momentum;
+                let rm_name = node.param_name("running_mean");
+                let rv_name = node.param_name("running_var");
+                let rm = self.params.tensor(&rm_name)?;
+                let rv = self.params.tensor(&rv_name)?;
+                let bm = mean.detach().flatten_all()?;
+                let bv = (var.detach().flatten_all()? * (count as f64 / (count as f64 - 1.0)))?;
+                self.params.set(&rm_name, &((rm * (1.0 - m))? + (bm * m)?)?)?;
+                self.params.set(&rv_name, &((rv * (1.0 - m))? + (bv * m)?)?)?;
+                Ok(y)
+            }
+        }
+    }
+}
+
+fn pad_spatial(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
+    if p == 0 {
+        return Ok(x.clone());
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let dev = x.device();
+    let rows = Tensor::full(value, (n, c, p, w), dev)?;
+    let x = Tensor::cat(&[&rows, x, &rows], 2)?;
+    let cols = Tensor::full(value, (n, c, h + 2 * p, p), dev)?;
+    Ok(Tensor::cat(&[&cols, &x, &cols], 3)?)
+}
+
+fn avg_pool(x: &Tensor, p: &PoolSpec) -> Result<Tensor> {
+    let padded = if p.padding > 0 {
+        x.pad_with_zeros(2, p.padding, p.padding)?.pad_with_zeros(3, p.padding, p.padding)?
+    } else {
+        x.clone()
+    };
+    Ok(padded.avg_pool2d_with_stride(p.kernel, p.stride)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::GraphBuilder;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn gradients_reach_every_trainable_parameter_and_bn_updates_only_in_train() {
+        let g = GraphBuilder::new([2, 6, 6])
+            .conv("c", 4, 3, 1, 1)
+            .bn("bn")
+            .relu("r")
+            .global_avg_pool("gap")
+            .linear("fc", 3)
+            .build()
+            .unwrap();
+        let m = Model::init(g, 1, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 2, 6, 6), &Device::Cpu).unwrap();
+        let rm0 = m.params.tensor("bn.running_mean").unwrap().to_vec1::<f32>().unwrap();
+        let _ = m.forward(&x, Mode::Eval).unwrap();
+        assert_eq!(m.params.tensor("bn.running_mean").unwrap().to_vec1::<f32>().unwrap(), rm0);
+        let y = m.forward(&x, Mode::Train).unwrap();
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for v in m.params.trainable() {
+            assert!(grads.get(v.as_tensor()).is_some());
+        }
+        assert_ne!(m.params.tensor("bn.running_mean").unwrap().to_vec1::<f32>().unwrap(), rm0);
+        // Eval records no graph: backward from an eval output finds no variable.
+        let ye = m.forward(&x, Mode::Eval).unwrap();
+        let ge = ye.sum_all().unwrap().backward().unwrap();
+        assert!(m.params.trainable().iter().all(|v: &Var| ge.get(v.as_tensor()).is_none()));
+    }
+
+    #[test]
+    fn taps_and_observer() {
+        let g = GraphBuilder::new([1, 4, 4]).conv("c", 2, 3, 1, 1).relu("r").flatten("f").build().unwrap();
+        let m = Model::init(g, 0, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 4, 4), &Device::Cpu).unwrap();
+        let mut seen = Vec::new();
+        let mut obs = |name: &str, t: &Tensor| {
+            seen.push((name.to_string(), t.dims().to_vec()));
+            Ok(())
+        };
+        let out = m
+            .forward_with(&[x], Mode::Eval, ForwardOptions::default().with_taps(&["c"]).with_observer(&mut obs))
+            .unwrap();
+        assert_eq!(out.taps["c"].dims(), &[2, 2, 4, 4]);
+        assert_eq!(out.outputs[0].dims(), &[2, 32]);
+        assert_eq!(seen.len(), 4);
+        assert_eq!(seen[3], ("f".to_string(), vec![2, 32]));
+    }
+
+    #[test]
+    fn bad_input_shape_names_the_input() {
+        let g = GraphBuilder::new([1, 4, 4]).relu("r").build().unwrap();
+        let m = Model::init(g, 0, &Device::Cpu).unwrap();
+        let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let e = m.forward(&x, Mode::Eval).unwrap_err().to_string();
+        assert!(e.contains("`input`"), "{e}");
+    }
+}

@@ -1,0 +1,791 @@
+//! The graph IR: a DAG of named nodes kept in topological order.
+//!
+//! Invariants:
+//! - a node is added with [`Graph::wire`] only after all of its inputs, so the node list is
+//!   always a topological order and [`Graph::eval_order`] is simply that list;
+//! - every node's per-sample output shape (without the batch axis) is inferred when it is
+//!   wired, and any error names the node;
+//! - node names are unique and made of `[A-Za-z0-9_.-]`, so that the dotted parameter names
+//!   derived from them (`<node>.weight`, `<node>.bias`, `<node>.running_mean`, ...) are stable.
+//!
+//! Shapes are per sample: `[C, H, W]` for feature maps and `[F]` for feature vectors. The
+//! batch axis is added by execution.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+
+/// A 2-D convolution. `groups == in_channels == out_channels` is a depthwise convolution.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conv2dSpec {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub groups: usize,
+    pub bias: bool,
+}
+
+impl Conv2dSpec {
+    /// A dense convolution with a square kernel, stride 1, no padding, no bias.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize) -> Self {
+        Conv2dSpec {
+            in_channels,
+            out_channels,
+            kernel: [kernel, kernel],
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            groups: 1,
+            bias: false,
+        }
+    }
+    pub fn with_stride(mut self, stride: usize) -> Self {
+        self.stride = stride;
+        self
+    }
+    pub fn with_padding(mut self, padding: usize) -> Self {
+        self.padding = padding;
+        self
+    }
+    pub fn with_dilation(mut self, dilation: usize) -> Self {
+        self.dilation = dilation;
+        self
+    }
+    pub fn with_groups(mut self, groups: usize) -> Self {
+        self.groups = groups;
+        self
+    }
+    pub fn with_bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+    /// True for a depthwise convolution (one filter per input channel, more than one channel).
+    pub fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.in_channels && self.groups == self.out_channels
+    }
+    /// Output spatial size for an input size, or `None` when the kernel does not fit.
+    pub fn out_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let o = |x: usize, k: usize| {
+            let span = self.dilation * (k - 1) + 1;
+            let padded = x + 2 * self.padding;
+            (padded >= span).then(|| (padded - span) / self.stride + 1)
+        };
+        Some((o(h, self.kernel[0])?, o(w, self.kernel[1])?))
+    }
+}
+
+/// A fully connected layer on a feature vector.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinearSpec {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+}
+
+/// Batch normalization over the channel axis (running statistics kept as buffers).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchNormSpec {
+    pub channels: usize,
+    pub eps: f64,
+    /// Weight of the batch statistic in the running average (PyTorch's convention).
+    pub momentum: f64,
+}
+
+/// Max or average pooling with a square window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSpec {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl PoolSpec {
+    fn out(&self, x: usize) -> Option<usize> {
+        let padded = x + 2 * self.padding;
+        (padded >= self.kernel).then(|| (padded - self.kernel) / self.stride + 1)
+    }
+}
+
+/// The operations of the IR. The set is closed on purpose: a `match` over it makes the
+/// compiler list every place (shape inference, execution, analysis, channel groups) that must
+/// learn a new op.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// A model input with its per-sample shape.
+    Input { shape: Vec<usize> },
+    Conv2d(Conv2dSpec),
+    Linear(LinearSpec),
+    BatchNorm2d(BatchNormSpec),
+    Relu,
+    Relu6,
+    HardSwish,
+    Sigmoid,
+    /// Element-wise sum of two or more inputs of one shape.
+    Add,
+    /// Product of two inputs: element-wise for equal shapes, or channel-wise when the second
+    /// input is a per-channel vector (`[C]` or `[C, 1, 1]`), as in squeeze-and-excite.
+    Mul,
+    /// Concatenation along the channel axis.
+    Concat,
+    MaxPool2d(PoolSpec),
+    /// Average pooling; padding counts as zeros.
+    AvgPool2d(PoolSpec),
+    /// Mean over the spatial axes: `[C, H, W]` to `[C]`.
+    GlobalAvgPool,
+    /// `[C, H, W]` to `[C * H * W]`, channel-major.
+    Flatten,
+    Dropout { p: f32 },
+    /// Softmax over the channel (or feature) axis.
+    Softmax,
+    Identity,
+}
+
+/// What a parameter is for: trained weights and biases, or buffers (running statistics) that
+/// are updated by execution and never by an optimizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParamKind {
+    Weight,
+    Bias,
+    Buffer,
+}
+
+impl ParamKind {
+    pub fn is_trainable(self) -> bool {
+        !matches!(self, ParamKind::Buffer)
+    }
+}
+
+/// A parameter that a node owns: its role (`weight`, `bias`, `running_mean`, `running_var`),
+/// shape and kind. Its full name is `<node>.<role>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub role: &'static str,
+    pub shape: Vec<usize>,
+    pub kind: ParamKind,
+}
+
+impl Op {
+    /// A short lowercase name of the op kind, as it appears in tables.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Conv2d(c) if c.is_depthwise() => "dwconv2d",
+            Op::Conv2d(_) => "conv2d",
+            Op::Linear(_) => "linear",
+            Op::BatchNorm2d(_) => "batchnorm2d",
+            Op::Relu => "relu",
+            Op::Relu6 => "relu6",
+            Op::HardSwish => "hardswish",
+            Op::Sigmoid => "sigmoid",
+            Op::Add => "add",
+            Op::Mul => "mul",
+            Op::Concat => "concat",
+            Op::MaxPool2d(_) => "maxpool2d",
+            Op::AvgPool2d(_) => "avgpool2d",
+            Op::GlobalAvgPool => "globalavgpool",
+            Op::Flatten => "flatten",
+            Op::Dropout { .. } => "dropout",
+            Op::Softmax => "softmax",
+            Op::Identity => "identity",
+        }
+    }
+
+    /// The parameters this op owns, in a fixed order.
+    pub fn params(&self) -> Vec<ParamSpec> {
+        let spec = |role, shape, kind| ParamSpec { role, shape, kind };
+        match self {
+            Op::Conv2d(c) => {
+                let mut v = vec![spec(
+                    "weight",
+                    vec![c.out_channels, c.in_channels / c.groups.max(1), c.kernel[0], c.kernel[1]],
+                    ParamKind::Weight,
+                )];
+                if c.bias {
+                    v.push(spec("bias", vec![c.out_channels], ParamKind::Bias));
+                }
+                v
+            }
+            Op::Linear(l) => {
+                let mut v =
+                    vec![spec("weight", vec![l.out_features, l.in_features], ParamKind::Weight)];
+                if l.bias {
+                    v.push(spec("bias", vec![l.out_features], ParamKind::Bias));
+                }
+                v
+            }
+            Op::BatchNorm2d(b) => vec![
+                spec("weight", vec![b.channels], ParamKind::Weight),
+                spec("bias", vec![b.channels], ParamKind::Bias),
+                spec("running_mean", vec![b.channels], ParamKind::Buffer),
+                spec("running_var", vec![b.channels], ParamKind::Buffer),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Infers the per-sample output shape from the input shapes, or says what is wrong.
+    pub fn infer_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>, String> {
+        let arity = |n: usize| {
+            if inputs.len() == n {
+                Ok(())
+            } else {
+                Err(format!("{} takes {n} input(s), got {}", self.kind(), inputs.len()))
+            }
+        };
+        let chw = |s: &[usize]| -> Result<(usize, usize, usize), String> {
+            match *s {
+                [c, h, w] => Ok((c, h, w)),
+                _ => Err(format!("{} expects a [C, H, W] input, got {s:?}", self.kind())),
+            }
+        };
+        match self {
+            Op::Input { shape } => {
+                arity(0)?;
+                if shape.is_empty() || shape.contains(&0) {
+                    return Err(format!("input shape {shape:?} must be non-empty with no zero"));
+                }
+                Ok(shape.clone())
+            }
+            Op::Conv2d(c) => {
+                arity(1)?;
+                let (ci, h, w) = chw(inputs[0])?;
+                if c.groups == 0 || c.stride == 0 || c.dilation == 0 {
+                    return Err("groups, stride and dilation must be at least 1".into());
+                }
+                if c.kernel.contains(&0) || c.out_channels == 0 {
+                    return Err("kernel and output channels must be at least 1".into());
+                }
+                if ci != c.in_channels {
+                    return Err(format!(
+                        "expects {} input channels, its input has {ci}",
+                        c.in_channels
+                    ));
+                }
+                if c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 {
+                    return Err(format!(
+                        "groups={} must divide input ({}) and output ({}) channels",
+                        c.groups, c.in_channels, c.out_channels
+                    ));
+                }
+                let (oh, ow) = c.out_size(h, w).ok_or_else(|| {
+                    format!("kernel {:?} does not fit the {h}x{w} input", c.kernel)
+                })?;
+                Ok(vec![c.out_channels, oh, ow])
+            }
+            Op::Linear(l) => {
+                arity(1)?;
+                match inputs[0] {
+                    [f] if *f == l.in_features && l.out_features > 0 => Ok(vec![l.out_features]),
+                    [f] => Err(format!(
+                        "expects {} input features and at least one output, its input has {f}",
+                        l.in_features
+                    )),
+                    s => Err(format!("linear expects a [F] input (flatten first), got {s:?}")),
+                }
+            }
+            Op::BatchNorm2d(b) => {
+                arity(1)?;
+                let s = inputs[0];
+                if s.len() != 3 && s.len() != 1 {
+                    return Err(format!("batchnorm expects [C, H, W] or [C], got {s:?}"));
+                }
+                if s[0] != b.channels {
+                    return Err(format!("expects {} channels, its input has {}", b.channels, s[0]));
+                }
+                Ok(s.to_vec())
+            }
+            Op::Relu
+            | Op::Relu6
+            | Op::HardSwish
+            | Op::Sigmoid
+            | Op::Dropout { .. }
+            | Op::Softmax
+            | Op::Identity => {
+                arity(1)?;
+                Ok(inputs[0].to_vec())
+            }
+            Op::Add => {
+                if inputs.len() < 2 {
+                    return Err(format!("add takes at least 2 inputs, got {}", inputs.len()));
+                }
+                if inputs.iter().any(|s| *s != inputs[0]) {
+                    return Err(format!("add needs inputs of one shape, got {inputs:?}"));
+                }
+                Ok(inputs[0].to_vec())
+            }
+            Op::Mul => {
+                arity(2)?;
+                let (a, b) = (inputs[0], inputs[1]);
+                let channel_wise = a.len() == 3
+                    && (b == [a[0]] || b == [a[0], 1, 1]);
+                if a == b || channel_wise {
+                    Ok(a.to_vec())
+                } else {
+                    Err(format!(
+                        "mul needs equal shapes or a per-channel second input, got {a:?} and {b:?}"
+                    ))
+                }
+            }
+            Op::Concat => {
+                if inputs.is_empty() {
+                    return Err("concat takes at least 1 input".into());
+                }
+                let (_, h, w) = chw(inputs[0])?;
+                let mut c = 0;
+                for s in inputs {
+                    let (ci, hi, wi) = chw(s)?;
+                    if (hi, wi) != (h, w) {
+                        return Err(format!("concat needs one spatial size, got {inputs:?}"));
+                    }
+                    c += ci;
+                }
+                Ok(vec![c, h, w])
+            }
+            Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
+                arity(1)?;
+                let (c, h, w) = chw(inputs[0])?;
+                if p.kernel == 0 || p.stride == 0 {
+                    return Err("pool kernel and stride must be at least 1".into());
+                }
+                if 2 * p.padding > p.kernel {
+                    return Err(format!("padding {} exceeds half the kernel {}", p.padding, p.kernel));
+                }
+                match (p.out(h), p.out(w)) {
+                    (Some(oh), Some(ow)) => Ok(vec![c, oh, ow]),
+                    _ => Err(format!("pool kernel {} does not fit the {h}x{w} input", p.kernel)),
+                }
+            }
+            Op::GlobalAvgPool => {
+                arity(1)?;
+                let (c, _, _) = chw(inputs[0])?;
+                Ok(vec![c])
+            }
+            Op::Flatten => {
+                arity(1)?;
+                Ok(vec![inputs[0].iter().product()])
+            }
+        }
+    }
+}
+
+/// A node of the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub name: String,
+    pub op: Op,
+    /// Ids of the input nodes, all smaller than this node's id.
+    pub inputs: Vec<usize>,
+    /// Per-sample output shape, inferred when the node was wired.
+    pub shape: Vec<usize>,
+}
+
+impl Node {
+    /// The full dotted name of one of this node's parameters.
+    pub fn param_name(&self, role: &str) -> String {
+        format!("{}.{role}", self.name)
+    }
+    /// `(full name, spec)` of every parameter this node owns.
+    pub fn params(&self) -> Vec<(String, ParamSpec)> {
+        self.op.params().into_iter().map(|p| (self.param_name(p.role), p)).collect()
+    }
+}
+
+/// A DAG of named nodes in topological order, with its designated outputs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Graph {
+    nodes: Vec<Node>,
+    by_name: HashMap<String, usize>,
+    outputs: Vec<usize>,
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CoreError::node(name, "names must be non-empty and use only A-Z a-z 0-9 _ . -"))
+    }
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a node fed by the named inputs, inferring its output shape now. Fails, naming the
+    /// node, on a duplicate name, an unknown input, or shapes the op cannot take.
+    pub fn wire(&mut self, name: impl Into<String>, op: Op, inputs: &[&str]) -> Result<usize> {
+        let name = name.into();
+        check_name(&name)?;
+        if self.by_name.contains_key(&name) {
+            return Err(CoreError::node(&name, "a node of this name already exists"));
+        }
+        let ids = inputs
+            .iter()
+            .map(|i| {
+                self.by_name
+                    .get(*i)
+                    .copied()
+                    .ok_or_else(|| CoreError::node(&name, format!("unknown input `{i}`")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.wire_ids(name, op, ids)
+    }
+
+    fn wire_ids(&mut self, name: String, op: Op, inputs: Vec<usize>) -> Result<usize> {
+        let shapes: Vec<&[usize]> = inputs.iter().map(|&i| self.nodes[i].shape.as_slice()).collect();
+        let shape = op.infer_shape(&shapes).map_err(|m| CoreError::node(&name, m))?;
+        let id = self.nodes.len();
+        self.by_name.insert(name.clone(), id);
+        self.nodes.push(Node { name, op, inputs, shape });
+        Ok(id)
+    }
+
+    /// Names the graph's outputs (by default, the last node wired).
+    pub fn set_outputs(&mut self, names: &[&str]) -> Result<()> {
+        let ids = names.iter().map(|n| self.id(n)).collect::<Result<Vec<_>>>()?;
+        if ids.is_empty() {
+            return Err(CoreError::Invalid("a graph needs at least one output".into()));
+        }
+        self.outputs = ids;
+        Ok(())
+    }
+
+    /// Ids of the output nodes.
+    pub fn outputs(&self) -> Vec<usize> {
+        if self.outputs.is_empty() {
+            self.nodes.len().checked_sub(1).into_iter().collect()
+        } else {
+            self.outputs.clone()
+        }
+    }
+
+    /// Ids of the input nodes, in the order they were wired.
+    pub fn inputs(&self) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| matches!(n.op, Op::Input { .. }))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+    pub fn node(&self, id: usize) -> &Node {
+        &self.nodes[id]
+    }
+    /// The id of a node by name.
+    pub fn id(&self, name: &str) -> Result<usize> {
+        self.by_name.get(name).copied().ok_or_else(|| CoreError::UnknownNode(name.to_string()))
+    }
+    /// A node by name.
+    pub fn find(&self, name: &str) -> Option<&Node> {
+        self.by_name.get(name).map(|&i| &self.nodes[i])
+    }
+
+    /// The nodes that consume `id`'s output, in order.
+    pub fn successors(&self, id: usize) -> Vec<usize> {
+        (id + 1..self.nodes.len()).filter(|&j| self.nodes[j].inputs.contains(&id)).collect()
+    }
+
+    /// For every node, how many times its output is consumed (outputs count once more).
+    pub fn use_counts(&self) -> Vec<usize> {
+        let mut uses = vec![0; self.nodes.len()];
+        for n in &self.nodes {
+            for &i in &n.inputs {
+                uses[i] += 1;
+            }
+        }
+        for o in self.outputs() {
+            uses[o] += 1;
+        }
+        uses
+    }
+
+    /// The order in which nodes are evaluated: the wiring order, which is topological.
+    pub fn eval_order(&self) -> std::ops::Range<usize> {
+        0..self.nodes.len()
+    }
+
+    /// Every parameter of the graph: `(full name, spec)`, in node order.
+    pub fn param_specs(&self) -> Vec<(String, ParamSpec)> {
+        self.nodes.iter().flat_map(Node::params).collect()
+    }
+
+    /// Rebuilds the graph with each node's op replaced by `f(node)`, re-inferring every
+    /// shape. Used by surgery; fails (naming the node) if the new ops do not fit together.
+    pub fn map_ops(&self, mut f: impl FnMut(&Node) -> Op) -> Result<Graph> {
+        let mut g = Graph::new();
+        for n in &self.nodes {
+            let op = f(n);
+            g.by_name.insert(n.name.clone(), g.nodes.len());
+            let shapes: Vec<&[usize]> = n.inputs.iter().map(|&i| g.nodes[i].shape.as_slice()).collect();
+            let shape = op.infer_shape(&shapes).map_err(|m| CoreError::node(&n.name, m))?;
+            g.nodes.push(Node { name: n.name.clone(), op, inputs: n.inputs.clone(), shape });
+        }
+        g.outputs = self.outputs.clone();
+        Ok(g)
+    }
+
+    /// A serializable description of the graph (what model files store).
+    pub fn to_def(&self) -> GraphDef {
+        GraphDef {
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| NodeDef {
+                    name: n.name.clone(),
+                    op: n.op.clone(),
+                    inputs: n.inputs.iter().map(|&i| self.nodes[i].name.clone()).collect(),
+                })
+                .collect(),
+            outputs: self.outputs().iter().map(|&i| self.nodes[i].name.clone()).collect(),
+        }
+    }
+
+    /// Rebuilds a graph from its description, checking every node as it is wired.
+    pub fn from_def(def: &GraphDef) -> Result<Graph> {
+        let mut g = Graph::new();
+        for n in &def.nodes {
+            let inputs: Vec<&str> = n.inputs.iter().map(String::as_str).collect();
+            g.wire(n.name.clone(), n.op.clone(), &inputs)?;
+        }
+        if g.is_empty() {
+            return Err(CoreError::Invalid("the graph has no nodes".into()));
+        }
+        let outs: Vec<&str> = def.outputs.iter().map(String::as_str).collect();
+        g.set_outputs(&outs)?;
+        Ok(g)
+    }
+}
+
+/// One node as stored in a model file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeDef {
+    pub name: String,
+    #[serde(flatten)]
+    pub op: Op,
+    #[serde(default)]
+    pub inputs: Vec<String>,
+}
+
+/// A graph as stored in a model file: nodes in topological order and the output names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphDef {
+    pub nodes: Vec<NodeDef>,
+    pub outputs: Vec<String>,
+}
+
+/// A fluent builder for hand-written models. It keeps a cursor (the last node added) that
+/// the next layer is fed from, and remembers the first error, which [`GraphBuilder::build`]
+/// returns.
+///
+/// ```
+/// use slim_core::GraphBuilder;
+/// let g = GraphBuilder::new([1, 28, 28])
+///     .conv("conv1", 8, 3, 1, 1)
+///     .relu("relu1")
+///     .max_pool("pool1", 2, 2)
+///     .flatten("flat")
+///     .linear("fc", 10)
+///     .build()
+///     .unwrap();
+/// assert_eq!(g.node(g.outputs()[0]).shape, vec![10]);
+/// ```
+#[derive(Debug)]
+pub struct GraphBuilder {
+    graph: Graph,
+    cursor: String,
+    error: Option<CoreError>,
+}
+
+impl GraphBuilder {
+    /// Starts a graph with one input node named `input` of the given per-sample shape.
+    pub fn new(shape: impl Into<Vec<usize>>) -> Self {
+        let mut b = GraphBuilder { graph: Graph::new(), cursor: "input".into(), error: None };
+        b.add_node("input", Op::Input { shape: shape.into() }, &[]);
+        b
+    }
+
+    /// The name of the node the next layer will be fed from.
+    pub fn cursor(&self) -> &str {
+        &self.cursor
+    }
+    /// Moves the cursor to a node added earlier (for branches).
+    pub fn at(&mut self, name: &str) -> &mut Self {
+        if self.error.is_none() && self.graph.find(name).is_none() {
+            self.error = Some(CoreError::UnknownNode(name.to_string()));
+        }
+        self.cursor = name.to_string();
+        self
+    }
+    /// The per-sample shape at the cursor (empty after an error).
+    pub fn shape(&self) -> Vec<usize> {
+        self.graph.find(&self.cursor).map(|n| n.shape.clone()).unwrap_or_default()
+    }
+    fn channels(&self) -> usize {
+        self.shape().first().copied().unwrap_or(0)
+    }
+
+    /// Adds any op fed by the named inputs and moves the cursor to it.
+    pub fn add_node(&mut self, name: &str, op: Op, inputs: &[&str]) -> &mut Self {
+        if self.error.is_none() {
+            if let Err(e) = self.graph.wire(name, op, inputs) {
+                self.error = Some(e);
+            }
+        }
+        self.cursor = name.to_string();
+        self
+    }
+    /// Adds a single-input op fed from the cursor.
+    pub fn push(&mut self, name: &str, op: Op) -> &mut Self {
+        let from = self.cursor.clone();
+        self.add_node(name, op, &[&from])
+    }
+
+    /// A dense convolution with a square kernel and no bias.
+    pub fn conv(&mut self, name: &str, out: usize, kernel: usize, stride: usize, padding: usize) -> &mut Self {
+        let spec = Conv2dSpec::new(self.channels(), out, kernel).with_stride(stride).with_padding(padding);
+        self.push(name, Op::Conv2d(spec))
+    }
+    /// A convolution described in full; its input channels are taken from the cursor.
+    pub fn conv_with(&mut self, name: &str, mut spec: Conv2dSpec) -> &mut Self {
+        spec.in_channels = self.channels();
+        self.push(name, Op::Conv2d(spec))
+    }
+    /// A depthwise convolution (one square filter per channel, no bias).
+    pub fn dwconv(&mut self, name: &str, kernel: usize, stride: usize, padding: usize) -> &mut Self {
+        let c = self.channels();
+        let spec = Conv2dSpec::new(c, c, kernel).with_stride(stride).with_padding(padding).with_groups(c);
+        self.push(name, Op::Conv2d(spec))
+    }
+    /// A fully connected layer with bias.
+    pub fn linear(&mut self, name: &str, out: usize) -> &mut Self {
+        let spec = LinearSpec { in_features: self.channels(), out_features: out, bias: true };
+        self.push(name, Op::Linear(spec))
+    }
+    /// Batch normalization with eps 1e-5 and momentum 0.1.
+    pub fn bn(&mut self, name: &str) -> &mut Self {
+        let spec = BatchNormSpec { channels: self.channels(), eps: 1e-5, momentum: 0.1 };
+        self.push(name, Op::BatchNorm2d(spec))
+    }
+    pub fn relu(&mut self, name: &str) -> &mut Self {
+        self.push(name, Op::Relu)
+    }
+    pub fn relu6(&mut self, name: &str) -> &mut Self {
+        self.push(name, Op::Relu6)
+    }
+    pub fn hardswish(&mut self, name: &str) -> &mut Self {
+        self.push(name, Op::HardSwish)
+    }
+    pub fn sigmoid(&mut self, name: &str) -> &mut Self {
+        self.push(name, Op::Sigmoid)
+    }
+    pub fn max_pool(&mut self, name: &str, kernel: usize, stride: usize) -> &mut Self {
+        self.push(name, Op::MaxPool2d(PoolSpec { kernel, stride, padding: 0 }))
+    }
+    pub fn avg_pool(&mut self, name: &str, kernel: usize, stride: usize) -> &mut Self {
+        self.push(name, Op::AvgPool2d(PoolSpec { kernel, stride, padding: 0 }))
+    }
+    pub fn global_avg_pool(&mut self, name: &str) -> &mut Self {
+        self.push(name, Op::GlobalAvgPool)
+    }
+    pub fn flatten(&mut self, name: &str) -> &mut Self {
+        self.push(name, Op::Flatten)
+    }
+    pub fn dropout(&mut self, name: &str, p: f32) -> &mut Self {
+        self.push(name, Op::Dropout { p })
+    }
+    pub fn softmax(&mut self, name: &str) -> &mut Self {
+        self.push(name, Op::Softmax)
+    }
+    /// Element-wise sum of the named nodes.
+    pub fn add(&mut self, name: &str, inputs: &[&str]) -> &mut Self {
+        self.add_node(name, Op::Add, inputs)
+    }
+    /// Product of two named nodes (element-wise or channel-wise).
+    pub fn mul(&mut self, name: &str, inputs: &[&str]) -> &mut Self {
+        self.add_node(name, Op::Mul, inputs)
+    }
+    /// Channel concatenation of the named nodes.
+    pub fn concat(&mut self, name: &str, inputs: &[&str]) -> &mut Self {
+        self.add_node(name, Op::Concat, inputs)
+    }
+
+    /// Finishes the graph with the cursor as its output.
+    pub fn build(&self) -> Result<Graph> {
+        if let Some(e) = &self.error {
+            return Err(clone_error(e));
+        }
+        let mut g = self.graph.clone();
+        g.set_outputs(&[&self.cursor])?;
+        Ok(g)
+    }
+}
+
+fn clone_error(e: &CoreError) -> CoreError {
+    match e {
+        CoreError::Node { node, msg } => CoreError::node(node, msg),
+        CoreError::UnknownNode(n) => CoreError::UnknownNode(n.clone()),
+        other => CoreError::Invalid(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_are_inferred_and_errors_name_the_node() {
+        let mut g = Graph::new();
+        g.wire("x", Op::Input { shape: vec![3, 32, 32] }, &[]).unwrap();
+        let spec = Conv2dSpec::new(3, 8, 3).with_stride(2).with_padding(1);
+        g.wire("c", Op::Conv2d(spec), &["x"]).unwrap();
+        assert_eq!(g.find("c").unwrap().shape, vec![8, 16, 16]);
+        let bad = Conv2dSpec::new(4, 8, 3);
+        let e = g.wire("c2", Op::Conv2d(bad), &["c"]).unwrap_err().to_string();
+        assert!(e.contains("c2") && e.contains("input channels"), "{e}");
+        let e = g.wire("c3", Op::Relu, &["nope"]).unwrap_err().to_string();
+        assert!(e.contains("c3") && e.contains("nope"), "{e}");
+        let e = g.wire("c", Op::Relu, &["x"]).unwrap_err().to_string();
+        assert!(e.contains("already exists"), "{e}");
+        let e = g.wire("f", Op::Linear(LinearSpec { in_features: 8, out_features: 2, bias: true }), &["c"]);
+        assert!(e.unwrap_err().to_string().contains("flatten"));
+    }
+
+    #[test]
+    fn successors_and_def_round_trip() {
+        let mut b = GraphBuilder::new([3, 8, 8]);
+        b.conv("a", 4, 3, 1, 1).relu("r").at("input").conv("b", 4, 1, 1, 0);
+        b.add("sum", &["r", "b"]).global_avg_pool("gap").linear("fc", 2);
+        let g = b.build().unwrap();
+        assert_eq!(g.successors(0), vec![1, 3]);
+        let back = Graph::from_def(&g.to_def()).unwrap();
+        assert_eq!(back, g);
+        let json = serde_json::to_string(&g.to_def()).unwrap();
+        let def: GraphDef = serde_json::from_str(&json).unwrap();
+        assert_eq!(Graph::from_def(&def).unwrap(), g);
+    }
+
+    #[test]
+    fn builder_reports_the_first_error() {
+        let e = GraphBuilder::new([1, 4, 4]).conv("c", 2, 7, 1, 0).relu("r").build().unwrap_err();
+        assert!(e.to_string().contains("`c`"), "{e}");
+    }
+}

@@ -1,0 +1,239 @@
+//! Model files: one `.safetensors` file per model.
+//!
+//! The tensors are the parameters under their dotted names. The safetensors metadata holds
+//! `format` (`slim-model`), `format_version`, `graph` (the [`GraphDef`] as JSON) and
+//! `provenance` (a JSON object of strings). Any safetensors reader can open the file.
+//!
+//! Writing goes to a temporary file in the target's directory, which is synced and then
+//! renamed over the target, so a crash never leaves half a model. Reading checks everything
+//! before building anything: a file that is not safetensors, is truncated, has an unknown
+//! format version, lacks a tensor or holds one of the wrong shape or type is an error naming
+//! the file and the tensor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor};
+use safetensors::SafeTensors;
+
+use crate::error::{CoreError, Result};
+use crate::graph::{Graph, GraphDef};
+use crate::model::Model;
+use crate::params::ParamStore;
+
+/// The value of the `format` metadata key of a Slim model file.
+pub const FORMAT: &str = "slim-model";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Writes `bytes` to `path` atomically: a temporary sibling file, synced, then renamed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| CoreError::Io { path: path.to_path_buf(), source };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| CoreError::file(path, "not a file path"))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+impl Model {
+    /// The model as the bytes of a safetensors file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let graph = serde_json::to_string(&self.graph.to_def())
+            .map_err(|e| CoreError::Invalid(format!("cannot encode the graph: {e}")))?;
+        let provenance = serde_json::to_string(&self.provenance)
+            .map_err(|e| CoreError::Invalid(format!("cannot encode the provenance: {e}")))?;
+        let metadata = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("format_version".to_string(), FORMAT_VERSION.to_string()),
+            ("graph".to_string(), graph),
+            ("provenance".to_string(), provenance),
+        ]);
+        let tensors: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(name, p)| (name.to_string(), p.var.as_tensor().clone()))
+            .collect();
+        safetensors::tensor::serialize(tensors, Some(metadata))
+            .map_err(|e| CoreError::Invalid(format!("cannot encode the model: {e}")))
+    }
+
+    /// Saves the model to `path` atomically.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_bytes().map_err(|e| CoreError::file(path, e.to_string()))?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Loads a model file onto a device.
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Model> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| CoreError::Io { path: path.to_path_buf(), source })?;
+        Model::from_bytes(&bytes, device).map_err(|e| match e {
+            CoreError::File { msg, .. } => CoreError::file(path, msg),
+            other => CoreError::file(path, other.to_string()),
+        })
+    }
+
+    /// Reads a model from the bytes of a safetensors file.
+    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Model> {
+        let bad = |msg: String| CoreError::file("<bytes>", msg);
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let key = |k: &str| meta.get(k).ok_or_else(|| bad(format!("metadata has no `{k}`: not a Slim model file")));
+        if key("format")? != FORMAT {
+            return Err(bad(format!("metadata `format` is `{}`, expected `{FORMAT}`", key("format")?)));
+        }
+        let version: u32 = key("format_version")?
+            .parse()
+            .map_err(|_| bad(format!("bad `format_version` `{}`", meta["format_version"])))?;
+        if version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {version} is not supported (this build reads version {FORMAT_VERSION})"
+            )));
+        }
+        let def: GraphDef = serde_json::from_str(key("graph")?)
+            .map_err(|e| bad(format!("the `graph` metadata is malformed: {e}")))?;
+        let graph = Graph::from_def(&def).map_err(|e| bad(format!("invalid graph: {e}")))?;
+        let provenance: BTreeMap<String, String> = match meta.get("provenance") {
+            Some(p) => serde_json::from_str(p).map_err(|e| bad(format!("the `provenance` metadata is malformed: {e}")))?,
+            None => BTreeMap::new(),
+        };
+
+        let mut params = ParamStore::new();
+        let specs = graph.param_specs();
+        for (name, spec) in &specs {
+            let view = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(bad(format!("tensor `{name}` has type {:?}, expected F32", view.dtype())));
+            }
+            if view.shape() != spec.shape.as_slice() {
+                return Err(bad(format!(
+                    "tensor `{name}` has shape {:?}, the graph expects {:?}",
+                    view.shape(),
+                    spec.shape
+                )));
+            }
+            let t = view.load(device).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            params.insert(name.clone(), &t.to_dtype(DType::F32)?, spec.kind)?;
+        }
+        if st.len() != specs.len() {
+            let declared: std::collections::HashSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
+            if let Some(extra) = st.names().into_iter().find(|n| !declared.contains(n)) {
+                return Err(bad(format!("tensor `{extra}` is not declared by the graph")));
+            }
+        }
+        let mut model = Model::new(graph, params).map_err(|e| bad(e.to_string()))?;
+        model.provenance = provenance;
+        Ok(model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::Mode;
+    use crate::graph::GraphBuilder;
+
+    fn small() -> Model {
+        let g = GraphBuilder::new([1, 6, 6])
+            .conv("c", 3, 3, 1, 1)
+            .bn("bn")
+            .relu("r")
+            .flatten("f")
+            .linear("fc", 4)
+            .build()
+            .unwrap();
+        let mut m = Model::init(g, 3, &Device::Cpu).unwrap();
+        m.provenance.insert("zoo".into(), "test".into());
+        m
+    }
+
+    #[test]
+    fn save_then_load_is_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let m = small();
+        m.save(&path).unwrap();
+        let back = Model::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(back.graph, m.graph);
+        assert_eq!(back.provenance, m.provenance);
+        for (name, p) in m.params.iter() {
+            let a = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = back.params.tensor(name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a, b, "{name}");
+            assert_eq!(back.params.param(name).unwrap().kind, p.kind);
+        }
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 6, 6), &Device::Cpu).unwrap();
+        let ya = m.forward(&x, Mode::Eval).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let yb = back.forward(&x, Mode::Eval).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(ya, yb);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn bad_files_are_errors_that_name_file_and_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let m = small();
+        let bytes = m.to_bytes().unwrap();
+        let load = |b: &[u8]| {
+            std::fs::write(&path, b).unwrap();
+            Model::load(&path, &Device::Cpu).unwrap_err().to_string()
+        };
+        let e = load(b"hello, this is not a model");
+        assert!(e.contains("m.safetensors") && e.contains("safetensors"), "{e}");
+        let e = load(&bytes[..bytes.len() - 10]);
+        assert!(e.contains("m.safetensors"), "{e}");
+        let e = load(&[]);
+        assert!(e.contains("m.safetensors"), "{e}");
+
+        // A tensor missing, one of the wrong shape, an unknown version.
+        let mut tensors: Vec<(String, Tensor)> =
+            m.params.iter().map(|(n, p)| (n.to_string(), p.var.as_tensor().clone())).collect();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = header.metadata().clone().unwrap();
+        let drop: Vec<_> = tensors.iter().filter(|(n, _)| n != "bn.running_var").cloned().collect();
+        let e = load(&safetensors::tensor::serialize(drop, Some(meta.clone())).unwrap());
+        assert!(e.contains("bn.running_var") && e.contains("missing"), "{e}");
+        for (n, t) in tensors.iter_mut() {
+            if n == "fc.weight" {
+                *t = Tensor::zeros((4, 5), DType::F32, &Device::Cpu).unwrap();
+            }
+        }
+        let e = load(&safetensors::tensor::serialize(tensors.clone(), Some(meta.clone())).unwrap());
+        assert!(e.contains("fc.weight") && e.contains("shape"), "{e}");
+        let mut meta2 = meta.clone();
+        meta2.insert("format_version".into(), "99".into());
+        let e = load(&safetensors::tensor::serialize(tensors, Some(meta2)).unwrap());
+        assert!(e.contains("version 99"), "{e}");
+    }
+
+    #[test]
+    fn failed_write_leaves_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing_dir = dir.path().join("no/such/dir/m.safetensors");
+        assert!(small().save(&missing_dir).is_err());
+    }
+}

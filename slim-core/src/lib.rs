@@ -1,0 +1,48 @@
+//! # slim-core
+//!
+//! The foundation of Slim, a model-compression toolkit over [candle] tensors. Every method
+//! crate (`slim-prune`, `slim-quant`, `slim-distill`, `slim-nas`, `slim-latency`,
+//! `slim-onnx`) depends on this crate alone; the `slim` binary combines them.
+//!
+//! - [`graph`]: the graph IR, a DAG of named nodes with shapes inferred at wiring time, and a
+//!   fluent [`GraphBuilder`];
+//! - [`params`]: parameters as candle `Var`s under stable dotted names;
+//! - [`exec`]: forward in train or eval mode, with taps and observers;
+//! - [`io`]: one `.safetensors` file per model, written atomically;
+//! - [`analysis`]: multiply-accumulates, parameters and bytes per layer;
+//! - [`deps`]: channel groups and the surgery that prunes them;
+//! - [`zoo`]: LeNet, VGG, ResNet, MobileNet V1/V2.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use slim_core::{analysis, deps, zoo, Mode};
+//!
+//! // A MobileNet for 28x28 digits, its cost, and half of every prunable channel group removed.
+//! let model = zoo::model("mobilenet_tiny", &zoo::ZooConfig::new([1, 28, 28]), 0, &Device::Cpu)?;
+//! let before = analysis::analyze(&model.graph).macs;
+//! let groups = deps::channel_groups(&model.graph);
+//! let plan: Vec<(usize, Vec<usize>)> =
+//!     groups.prunable().map(|g| (g.id, (0..g.channels / 2).collect())).collect();
+//! let pruned = groups.prune(&model, &plan)?;
+//! let after = analysis::analyze(&pruned.graph).macs;
+//! assert!(after < before / 2);
+//! let x = Tensor::zeros((2, 1, 28, 28), candle_core::DType::F32, &Device::Cpu)?;
+//! assert_eq!(pruned.forward(&x, Mode::Eval)?.dims(), &[2, 10]);
+//! # Ok::<(), slim_core::CoreError>(())
+//! ```
+
+pub mod analysis;
+pub mod deps;
+pub mod error;
+pub mod exec;
+pub mod graph;
+pub mod io;
+pub mod model;
+pub mod params;
+pub mod zoo;
+
+pub use error::{CoreError, Result};
+pub use exec::{ForwardOptions, ForwardOutput, Mode};
+pub use graph::{Conv2dSpec, Graph, GraphBuilder, LinearSpec, Node, Op, ParamKind, PoolSpec};
+pub use model::Model;
+pub use params::ParamStore;

@@ -1,0 +1,150 @@
+//! A model: a graph and its parameters, kept consistent with each other.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::error::{CoreError, Result};
+use crate::graph::{Graph, Op, ParamSpec};
+use crate::params::ParamStore;
+
+/// A graph with a value for every parameter it declares, and free-form provenance
+/// (`zoo`, `created_by`, `data`, ...) that model files carry along.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub graph: Graph,
+    pub params: ParamStore,
+    pub provenance: BTreeMap<String, String>,
+}
+
+impl Model {
+    /// Pairs a graph with parameters, checking that every declared parameter is present with
+    /// its shape and that there is no parameter the graph does not declare.
+    pub fn new(graph: Graph, params: ParamStore) -> Result<Model> {
+        let specs = graph.param_specs();
+        for (name, spec) in &specs {
+            let p = params
+                .param(name)
+                .ok_or_else(|| CoreError::param(name, "missing from the parameters"))?;
+            if p.var.dims() != spec.shape.as_slice() {
+                return Err(CoreError::param(
+                    name,
+                    format!("has shape {:?}, the graph expects {:?}", p.var.dims(), spec.shape),
+                ));
+            }
+        }
+        if params.len() != specs.len() {
+            let declared: std::collections::HashSet<&str> =
+                specs.iter().map(|(n, _)| n.as_str()).collect();
+            if let Some(extra) = params.names().find(|n| !declared.contains(n)) {
+                return Err(CoreError::param(extra, "not declared by any node of the graph"));
+            }
+        }
+        Ok(Model { graph, params, provenance: BTreeMap::new() })
+    }
+
+    /// Fresh parameters for a graph, seeded: convolutions get He (Kaiming) normal initialization
+    /// over the fan-out, linear layers a uniform one over the fan-in, batch norm the identity.
+    pub fn init(graph: Graph, seed: u64, device: &Device) -> Result<Model> {
+        let mut params = ParamStore::new();
+        for node in graph.nodes() {
+            for (name, spec) in node.params() {
+                let t = init_tensor(&node.op, &name, &spec, seed, device)?;
+                params.insert(name, &t, spec.kind)?;
+            }
+        }
+        Model::new(graph, params)
+    }
+
+    /// A copy whose parameters are new variables (training the copy leaves `self` untouched).
+    pub fn deep_clone(&self) -> Result<Model> {
+        Ok(Model {
+            graph: self.graph.clone(),
+            params: self.params.deep_clone()?,
+            provenance: self.provenance.clone(),
+        })
+    }
+
+    /// The device the parameters live on (CPU for a model without parameters).
+    pub fn device(&self) -> Device {
+        self.params.iter().next().map(|(_, p)| p.var.device().clone()).unwrap_or(Device::Cpu)
+    }
+
+    /// Per-sample shape of the (first) input.
+    pub fn input_shape(&self) -> Vec<usize> {
+        self.graph.inputs().first().map(|&i| self.graph.node(i).shape.clone()).unwrap_or_default()
+    }
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a: each parameter's values depend on the seed and its name only, not on the order
+    // in which parameters are created.
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn init_tensor(op: &Op, name: &str, spec: &ParamSpec, seed: u64, device: &Device) -> Result<Tensor> {
+    let n: usize = spec.shape.iter().product();
+    let mut rng = StdRng::seed_from_u64(name_seed(seed, name));
+    let values: Vec<f32> = match (op, spec.role) {
+        (Op::Conv2d(c), "weight") => {
+            let fan_out = (c.out_channels * c.kernel[0] * c.kernel[1] / c.groups.max(1)).max(1);
+            let std = (2.0 / fan_out as f64).sqrt();
+            normal(&mut rng, n, std)
+        }
+        (Op::Linear(l), "weight") => {
+            let bound = 1.0 / (l.in_features.max(1) as f32).sqrt();
+            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+        }
+        (Op::BatchNorm2d(_), "weight" | "running_var") => vec![1.0; n],
+        _ => vec![0.0; n],
+    };
+    Ok(Tensor::from_vec(values, spec.shape.clone(), device)?)
+}
+
+fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        // Box-Muller: two independent standard normals from two uniforms.
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = std::f64::consts::TAU * u2;
+        out.push((r * t.cos() * std) as f32);
+        out.push((r * t.sin() * std) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::{GraphBuilder, ParamKind};
+
+    #[test]
+    fn init_is_seeded_and_checked() {
+        let g = GraphBuilder::new([1, 8, 8]).conv("c", 4, 3, 1, 1).bn("bn").build().unwrap();
+        let a = Model::init(g.clone(), 7, &Device::Cpu).unwrap();
+        let b = Model::init(g.clone(), 7, &Device::Cpu).unwrap();
+        let c = Model::init(g.clone(), 8, &Device::Cpu).unwrap();
+        let w = |m: &Model| m.params.tensor("c.weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(w(&a), w(&b));
+        assert_ne!(w(&a), w(&c));
+        assert_eq!(a.params.len(), 5);
+
+        let mut p = a.params.deep_clone().unwrap();
+        p.insert("extra.weight", &Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(), ParamKind::Weight).unwrap();
+        let e = Model::new(g.clone(), p).unwrap_err().to_string();
+        assert!(e.contains("extra.weight"), "{e}");
+        let mut p = a.params.deep_clone().unwrap();
+        p.insert("bn.bias", &Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(), ParamKind::Bias).unwrap();
+        let e = Model::new(g, p).unwrap_err().to_string();
+        assert!(e.contains("bn.bias") && e.contains("[3]"), "{e}");
+    }
+}

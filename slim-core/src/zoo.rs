@@ -1,0 +1,363 @@
+//! The model zoo: LeNet-5, VGG-11/16 (with batch norm), ResNet-20/56 (CIFAR style),
+//! ResNet-18/50 (ImageNet style; 50 with bottlenecks), MobileNet V1 and V2 with a width
+//! multiplier, and `mobilenet_tiny`, for 1x28x28, 3x32x32 and 3x224x224 inputs.
+//!
+//! Inputs of at most 64 pixels get the small-image variant of each network (a 3x3 stride-1
+//! stem and no stem pooling, as for CIFAR), larger inputs the ImageNet one. Parameter names
+//! follow the PyTorch state-dict style (`layer1.0.conv1.weight`).
+
+use candle_core::Device;
+
+use crate::error::{CoreError, Result};
+use crate::graph::{Conv2dSpec, Graph, GraphBuilder, Op, PoolSpec};
+use crate::model::Model;
+
+/// Every model name the zoo knows.
+pub const NAMES: &[&str] = &[
+    "lenet",
+    "vgg11",
+    "vgg16",
+    "resnet20",
+    "resnet56",
+    "resnet18",
+    "resnet50",
+    "mobilenet_v1",
+    "mobilenet_v2",
+    "mobilenet_tiny",
+];
+
+/// Which variant of a zoo model to build.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ZooConfig {
+    /// Width multiplier on every layer's channels (1.0 is the published network).
+    pub width: f64,
+    /// Input shape `[C, H, W]`.
+    pub input: [usize; 3],
+    /// Number of classes.
+    pub classes: usize,
+}
+
+impl ZooConfig {
+    /// Width 1 and the usual number of classes for the input: 1000 for large inputs
+    /// (ImageNet), 10 for small ones (MNIST, CIFAR-10).
+    pub fn new(input: [usize; 3]) -> Self {
+        let classes = if input[1] > 64 { 1000 } else { 10 };
+        ZooConfig { width: 1.0, input, classes }
+    }
+    pub fn with_width(mut self, width: f64) -> Self {
+        self.width = width;
+        self
+    }
+    pub fn with_classes(mut self, classes: usize) -> Self {
+        self.classes = classes;
+        self
+    }
+    fn small(&self) -> bool {
+        self.input[1] <= 64
+    }
+    fn scale(&self, c: usize) -> usize {
+        ((c as f64 * self.width).round() as usize).max(1)
+    }
+}
+
+/// Builds the graph of a zoo model.
+pub fn build(name: &str, cfg: &ZooConfig) -> Result<Graph> {
+    if !(cfg.width > 0.0 && cfg.width <= 8.0) {
+        return Err(CoreError::Invalid(format!("width {} is out of range (0, 8]", cfg.width)));
+    }
+    if cfg.classes == 0 {
+        return Err(CoreError::Invalid("the number of classes must be at least 1".into()));
+    }
+    let g = match name {
+        "lenet" => lenet(cfg),
+        "vgg11" => vgg(cfg, &VGG11),
+        "vgg16" => vgg(cfg, &VGG16),
+        "resnet20" => resnet_cifar(cfg, 3),
+        "resnet56" => resnet_cifar(cfg, 9),
+        "resnet18" => resnet_imagenet(cfg, [2, 2, 2, 2], false),
+        "resnet50" => resnet_imagenet(cfg, [3, 4, 6, 3], true),
+        "mobilenet_v1" => mobilenet_v1(cfg),
+        "mobilenet_v2" => mobilenet_v2(cfg),
+        "mobilenet_tiny" => mobilenet_tiny(cfg),
+        _ => {
+            return Err(CoreError::Invalid(format!(
+                "unknown zoo model `{name}` (known: {})",
+                NAMES.join(", ")
+            )))
+        }
+    };
+    g.map_err(|e| CoreError::Invalid(format!("{name} does not fit input {:?}: {e}", cfg.input)))
+}
+
+/// Builds a zoo model with freshly initialized, seeded parameters.
+pub fn model(name: &str, cfg: &ZooConfig, seed: u64, device: &Device) -> Result<Model> {
+    let mut m = Model::init(build(name, cfg)?, seed, device)?;
+    m.provenance.insert("zoo".into(), name.into());
+    m.provenance.insert("width".into(), cfg.width.to_string());
+    let [c, h, w] = cfg.input;
+    m.provenance.insert("input".into(), format!("{c}x{h}x{w}"));
+    Ok(m)
+}
+
+/// Convolution + batch norm (+ activation), named `<p>.conv`, `<p>.bn`, `<p>.<act>`.
+fn cba(b: &mut GraphBuilder, p: &str, spec: Conv2dSpec, act: Option<Op>) {
+    b.conv_with(&format!("{p}.conv"), spec).bn(&format!("{p}.bn"));
+    if let Some(a) = act {
+        let n = format!("{p}.{}", a.kind());
+        b.push(&n, a);
+    }
+}
+
+fn k(out: usize, kernel: usize, stride: usize) -> Conv2dSpec {
+    Conv2dSpec::new(0, out, kernel).with_stride(stride).with_padding(kernel / 2)
+}
+
+fn dw(c: usize, kernel: usize, stride: usize) -> Conv2dSpec {
+    Conv2dSpec::new(c, c, kernel).with_stride(stride).with_padding(kernel / 2).with_groups(c)
+}
+
+fn lenet(cfg: &ZooConfig) -> Result<Graph> {
+    let mut b = GraphBuilder::new(cfg.input);
+    b.conv_with("conv1", Conv2dSpec::new(0, cfg.scale(6), 5).with_padding(2).with_bias(true))
+        .relu("relu1")
+        .max_pool("pool1", 2, 2)
+        .conv_with("conv2", Conv2dSpec::new(0, cfg.scale(16), 5).with_bias(true))
+        .relu("relu2")
+        .max_pool("pool2", 2, 2)
+        .flatten("flatten")
+        .linear("fc1", cfg.scale(120))
+        .relu("relu3")
+        .linear("fc2", cfg.scale(84))
+        .relu("relu4")
+        .linear("fc3", cfg.classes);
+    b.build()
+}
+
+const M: usize = 0;
+const VGG11: [usize; 13] = [64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M];
+const VGG16: [usize; 18] = [64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M, 512, 512, 512, M];
+
+fn vgg(cfg: &ZooConfig, layers: &[usize]) -> Result<Graph> {
+    let mut b = GraphBuilder::new(cfg.input);
+    let (mut stage, mut j) = (1, 1);
+    for &c in layers {
+        if c == M {
+            // Small inputs skip a pooling that would leave less than one pixel.
+            if b.shape().get(1).is_some_and(|&h| h >= 2) {
+                b.max_pool(&format!("block{stage}.pool"), 2, 2);
+            }
+            stage += 1;
+            j = 1;
+        } else {
+            cba(&mut b, &format!("block{stage}.{j}"), k(cfg.scale(c), 3, 1), Some(Op::Relu));
+            j += 1;
+        }
+    }
+    if cfg.small() {
+        b.global_avg_pool("avgpool").linear("fc", cfg.classes);
+    } else {
+        let hidden = cfg.scale(4096);
+        b.flatten("flatten")
+            .linear("fc1", hidden)
+            .relu("fc1.relu")
+            .dropout("fc1.dropout", 0.5)
+            .linear("fc2", hidden)
+            .relu("fc2.relu")
+            .dropout("fc2.dropout", 0.5)
+            .linear("fc3", cfg.classes);
+    }
+    b.build()
+}
+
+/// A residual block (basic: two 3x3; bottleneck: 1x1, 3x3, 1x1 with expansion 4), with a
+/// 1x1 convolution + batch norm on the shortcut when the shape changes.
+fn residual(b: &mut GraphBuilder, p: &str, planes: usize, stride: usize, bottleneck: bool) {
+    let input = b.cursor().to_string();
+    let in_c = b.shape()[0];
+    let out_c = if bottleneck { planes * 4 } else { planes };
+    if bottleneck {
+        cba(b, &format!("{p}.1"), k(planes, 1, 1), Some(Op::Relu));
+        cba(b, &format!("{p}.2"), k(planes, 3, stride), Some(Op::Relu));
+        cba(b, &format!("{p}.3"), k(out_c, 1, 1), None);
+    } else {
+        cba(b, &format!("{p}.1"), k(planes, 3, stride), Some(Op::Relu));
+        cba(b, &format!("{p}.2"), k(out_c, 3, 1), None);
+    }
+    let main = b.cursor().to_string();
+    let short = if stride != 1 || in_c != out_c {
+        b.at(&input);
+        cba(b, &format!("{p}.downsample"), k(out_c, 1, stride), None);
+        b.cursor().to_string()
+    } else {
+        input
+    };
+    b.add(&format!("{p}.add"), &[&main, &short]).relu(&format!("{p}.relu"));
+}
+
+fn resnet_cifar(cfg: &ZooConfig, n: usize) -> Result<Graph> {
+    let mut b = GraphBuilder::new(cfg.input);
+    cba(&mut b, "stem", k(cfg.scale(16), 3, 1), Some(Op::Relu));
+    for (i, planes) in [16, 32, 64].into_iter().enumerate() {
+        for j in 0..n {
+            let stride = if i > 0 && j == 0 { 2 } else { 1 };
+            residual(&mut b, &format!("layer{}.{j}", i + 1), cfg.scale(planes), stride, false);
+        }
+    }
+    b.global_avg_pool("avgpool").linear("fc", cfg.classes);
+    b.build()
+}
+
+fn resnet_imagenet(cfg: &ZooConfig, blocks: [usize; 4], bottleneck: bool) -> Result<Graph> {
+    let mut b = GraphBuilder::new(cfg.input);
+    if cfg.small() {
+        cba(&mut b, "stem", k(cfg.scale(64), 3, 1), Some(Op::Relu));
+    } else {
+        cba(&mut b, "stem", k(cfg.scale(64), 7, 2), Some(Op::Relu));
+        b.push("stem.maxpool", Op::MaxPool2d(PoolSpec { kernel: 3, stride: 2, padding: 1 }));
+    }
+    for (i, (&n, planes)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
+        for j in 0..n {
+            let stride = if i > 0 && j == 0 { 2 } else { 1 };
+            residual(&mut b, &format!("layer{}.{j}", i + 1), cfg.scale(planes), stride, bottleneck);
+        }
+    }
+    b.global_avg_pool("avgpool").linear("fc", cfg.classes);
+    b.build()
+}
+
+/// Depthwise-separable block: depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU.
+fn separable(b: &mut GraphBuilder, p: &str, out: usize, stride: usize) {
+    let c = b.shape()[0];
+    cba(b, &format!("{p}.dw"), dw(c, 3, stride), Some(Op::Relu));
+    cba(b, &format!("{p}.pw"), k(out, 1, 1), Some(Op::Relu));
+}
+
+fn mobilenet_v1(cfg: &ZooConfig) -> Result<Graph> {
+    let mut b = GraphBuilder::new(cfg.input);
+    cba(&mut b, "stem", k(cfg.scale(32), 3, if cfg.small() { 1 } else { 2 }), Some(Op::Relu));
+    let blocks = [
+        (64, 1),
+        (128, 2),
+        (128, 1),
+        (256, 2),
+        (256, 1),
+        (512, 2),
+        (512, 1),
+        (512, 1),
+        (512, 1),
+        (512, 1),
+        (512, 1),
+        (1024, 2),
+        (1024, 1),
+    ];
+    for (i, (c, s)) in blocks.into_iter().enumerate() {
+        separable(&mut b, &format!("block{}", i + 1), cfg.scale(c), s);
+    }
+    b.global_avg_pool("avgpool").linear("fc", cfg.classes);
+    b.build()
+}
+
+fn make_divisible(v: f64, divisor: usize) -> usize {
+    let d = divisor as f64;
+    let mut n = ((v + d / 2.0) / d).floor() as usize * divisor;
+    n = n.max(divisor);
+    if (n as f64) < 0.9 * v {
+        n += divisor;
+    }
+    n
+}
+
+fn mobilenet_v2(cfg: &ZooConfig) -> Result<Graph> {
+    let mut b = GraphBuilder::new(cfg.input);
+    let ch = |c: usize| make_divisible(c as f64 * cfg.width, 8);
+    cba(&mut b, "stem", k(ch(32), 3, if cfg.small() { 1 } else { 2 }), Some(Op::Relu6));
+    // (expansion, channels, repeats, stride); small inputs keep the 24-channel stage at
+    // full resolution, as CIFAR variants do.
+    let settings = [
+        (1, 16, 1, 1),
+        (6, 24, 2, if cfg.small() { 1 } else { 2 }),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ];
+    let mut idx = 1;
+    for (t, c, n, s) in settings {
+        for r in 0..n {
+            let stride = if r == 0 { s } else { 1 };
+            let p = format!("block{idx}");
+            let input = b.cursor().to_string();
+            let in_c = b.shape()[0];
+            let out = ch(c);
+            if t != 1 {
+                cba(&mut b, &format!("{p}.expand"), k(in_c * t, 1, 1), Some(Op::Relu6));
+            }
+            let hidden = b.shape()[0];
+            cba(&mut b, &format!("{p}.dw"), dw(hidden, 3, stride), Some(Op::Relu6));
+            cba(&mut b, &format!("{p}.project"), k(out, 1, 1), None);
+            if stride == 1 && in_c == out {
+                let main = b.cursor().to_string();
+                b.add(&format!("{p}.add"), &[&main, &input]);
+            }
+            idx += 1;
+        }
+    }
+    let last = if cfg.width > 1.0 { ch(1280) } else { 1280 };
+    cba(&mut b, "head", k(last, 1, 1), Some(Op::Relu6));
+    b.global_avg_pool("avgpool").dropout("dropout", 0.2).linear("fc", cfg.classes);
+    b.build()
+}
+
+fn mobilenet_tiny(cfg: &ZooConfig) -> Result<Graph> {
+    let mut b = GraphBuilder::new(cfg.input);
+    cba(&mut b, "stem", k(cfg.scale(16), 3, 1), Some(Op::Relu));
+    for (i, (c, s)) in [(32, 1), (64, 2), (128, 2), (128, 1)].into_iter().enumerate() {
+        separable(&mut b, &format!("block{}", i + 1), cfg.scale(c), s);
+    }
+    b.global_avg_pool("avgpool").linear("fc", cfg.classes);
+    b.build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::analyze;
+
+    fn within(actual: u64, expected: f64, tol: f64) -> bool {
+        ((actual as f64 - expected) / expected).abs() <= tol
+    }
+
+    #[test]
+    fn published_totals_at_224() {
+        // (name, MACs, params) as published for the ImageNet networks.
+        let cases = [
+            ("resnet50", 4.1e9, 25.6e6),
+            ("mobilenet_v1", 569e6, 4.2e6),
+            ("mobilenet_v2", 300e6, 3.5e6),
+            ("vgg16", 15.5e9, 138e6),
+            ("resnet18", 1.82e9, 11.7e6),
+        ];
+        for (name, macs, params) in cases {
+            let s = analyze(&build(name, &ZooConfig::new([3, 224, 224])).unwrap());
+            assert!(within(s.macs, macs, 0.02), "{name}: {} MACs, expected {macs}", s.macs);
+            assert!(within(s.params, params, 0.02), "{name}: {} params, expected {params}", s.params);
+        }
+    }
+
+    #[test]
+    fn every_model_builds_for_every_input() {
+        for name in NAMES {
+            for input in [[1, 28, 28], [3, 32, 32]] {
+                let g = build(name, &ZooConfig::new(input)).unwrap();
+                assert_eq!(g.node(g.outputs()[0]).shape, vec![10], "{name} {input:?}");
+            }
+        }
+        let g = build("resnet20", &ZooConfig::new([3, 32, 32])).unwrap();
+        assert!(within(analyze(&g).params, 0.27e6, 0.02));
+        let e = build("resnet7", &ZooConfig::new([3, 32, 32])).unwrap_err().to_string();
+        assert!(e.contains("resnet7") && e.contains("resnet20"), "{e}");
+        let e = build("lenet", &ZooConfig::new([1, 28, 28]).with_width(0.0)).unwrap_err();
+        assert!(e.to_string().contains("width"));
+    }
+}
