@@ -41,7 +41,9 @@ pub struct ModelStats {
 pub fn node_macs(node: &Node) -> u64 {
     match &node.op {
         Op::Conv2d(c) => {
-            let [oc, oh, ow] = node.shape[..] else { return 0 };
+            let [oc, oh, ow] = node.shape[..] else {
+                return 0;
+            };
             (oc * oh * ow * (c.in_channels / c.groups.max(1)) * c.kernel[0] * c.kernel[1]) as u64
         }
         Op::Linear(l) => (l.in_features * l.out_features) as u64,
@@ -74,7 +76,13 @@ pub fn analyze(graph: &Graph) -> ModelStats {
             params: p,
         });
     }
-    ModelStats { layers, macs, params, buffers, bytes: 4 * (params + buffers) }
+    ModelStats {
+        layers,
+        macs,
+        params,
+        buffers,
+        bytes: 4 * (params + buffers),
+    }
 }
 
 /// A number with a G/M/K suffix, for tables.
@@ -100,7 +108,12 @@ mod tests {
     fn hand_counted_lenet_like() {
         // conv 1->6 5x5 pad 2 on 28x28: 6*28*28*25 = 117,600 MACs, 150 + 6 params.
         let g = GraphBuilder::new([1, 28, 28])
-            .conv_with("c", crate::graph::Conv2dSpec::new(1, 6, 5).with_padding(2).with_bias(true))
+            .conv_with(
+                "c",
+                crate::graph::Conv2dSpec::new(1, 6, 5)
+                    .with_padding(2)
+                    .with_bias(true),
+            )
             .relu("r")
             .max_pool("p", 2, 2)
             .flatten("f")

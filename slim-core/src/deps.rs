@@ -108,7 +108,13 @@ struct Builder {
 impl Builder {
     fn new_space(&mut self, len: usize) -> usize {
         let id = self.spaces.len();
-        self.spaces.push(Space { len, parent: id, blocked: None, members: Vec::new(), producers: Vec::new() });
+        self.spaces.push(Space {
+            len,
+            parent: id,
+            blocked: None,
+            members: Vec::new(),
+            producers: Vec::new(),
+        });
         id
     }
     fn find(&mut self, s: usize) -> usize {
@@ -136,8 +142,11 @@ impl Builder {
     fn block(&mut self, s: usize, node: &str, op: &Op, reason: &str) {
         let r = self.find(s);
         if self.spaces[r].blocked.is_none() {
-            self.spaces[r].blocked =
-                Some(Blocker { node: node.to_string(), op: op.kind().to_string(), reason: reason.to_string() });
+            self.spaces[r].blocked = Some(Blocker {
+                node: node.to_string(),
+                op: op.kind().to_string(),
+                reason: reason.to_string(),
+            });
         }
     }
     fn block_layout(&mut self, l: &Layout, node: &str, op: &Op, reason: &str) {
@@ -164,9 +173,18 @@ impl Builder {
         let s = self.new_space(len);
         self.spaces[s].producers.push(node.to_string());
         for p in params {
-            self.spaces[s].members.push(Member { node: node.to_string(), param: p.clone(), axis: 0, offset: 0, expand: 1 });
+            self.spaces[s].members.push(Member {
+                node: node.to_string(),
+                param: p.clone(),
+                axis: 0,
+                offset: 0,
+                expand: 1,
+            });
         }
-        Layout { segs: vec![(s, len)], expand: 1 }
+        Layout {
+            segs: vec![(s, len)],
+            expand: 1,
+        }
     }
     fn unify(&mut self, layouts: &[&Layout], node: &str, op: &Op) {
         let first = layouts[0];
@@ -205,7 +223,12 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
         let name = node.name.as_str();
         let ins: Vec<&Layout> = node.inputs.iter().map(|&i| &layouts[i]).collect();
         let pnames = |roles: &[&str]| -> Vec<String> {
-            node.op.params().iter().filter(|p| roles.contains(&p.role)).map(|p| node.param_name(p.role)).collect()
+            node.op
+                .params()
+                .iter()
+                .filter(|p| roles.contains(&p.role))
+                .map(|p| node.param_name(p.role))
+                .collect()
         };
         let out = match &node.op {
             Op::Input { shape } => {
@@ -228,7 +251,10 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             }
             Op::Conv2d(c) => {
                 let input = ins[0].clone();
-                let reason = format!("grouped convolution (groups={}) ties channels in groups", c.groups);
+                let reason = format!(
+                    "grouped convolution (groups={}) ties channels in groups",
+                    c.groups
+                );
                 b.block_layout(&input, name, &node.op, &reason);
                 let l = b.produce(c.out_channels, name, &pnames(&["weight", "bias"]));
                 b.block_layout(&l, name, &node.op, &reason);
@@ -267,17 +293,24 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             }
             Op::Mul => {
                 let (x, g) = (ins[0].clone(), ins[1].clone());
-                let channel_wise = graph.node(node.inputs[0]).shape != graph.node(node.inputs[1]).shape;
+                let channel_wise =
+                    graph.node(node.inputs[0]).shape != graph.node(node.inputs[1]).shape;
                 if channel_wise {
                     // The gate's expand is over its own (1x1) positions: compare channels only.
-                    let gate = Layout { segs: g.segs.clone(), expand: x.expand };
+                    let gate = Layout {
+                        segs: g.segs.clone(),
+                        expand: x.expand,
+                    };
                     b.unify(&[&x, &gate], name, &node.op);
                 } else {
                     b.unify(&[&x, &g], name, &node.op);
                 }
                 x
             }
-            Op::Concat => Layout { segs: ins.iter().flat_map(|l| l.segs.iter().copied()).collect(), expand: 1 },
+            Op::Concat => Layout {
+                segs: ins.iter().flat_map(|l| l.segs.iter().copied()).collect(),
+                expand: 1,
+            },
             Op::Softmax => {
                 let input = ins[0].clone();
                 b.block_layout(&input, name, &node.op, "softmax normalizes across channels");
@@ -289,7 +322,12 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
     for o in graph.outputs() {
         let node = graph.node(o);
         let l = layouts[o].clone();
-        b.block_layout(&l, &node.name, &node.op, "the model output's channels are fixed");
+        b.block_layout(
+            &l,
+            &node.name,
+            &node.op,
+            "the model output's channels are fixed",
+        );
     }
 
     // Number the classes in order of first appearance; gather members and producers.
@@ -317,7 +355,11 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             seg.0 = group_of[&b.find(seg.0)];
         }
     }
-    ChannelGroups { groups, layouts, graph: graph.clone() }
+    ChannelGroups {
+        groups,
+        layouts,
+        graph: graph.clone(),
+    }
 }
 
 impl ChannelGroups {
@@ -335,7 +377,10 @@ impl ChannelGroups {
     /// computed from the layouts alone, without any surgery.
     pub fn predict_macs(&self, kept: &HashMap<usize, usize>) -> u64 {
         let count = |l: &Layout| -> usize {
-            l.segs.iter().map(|&(g, len)| kept.get(&g).copied().unwrap_or(len)).sum::<usize>()
+            l.segs
+                .iter()
+                .map(|&(g, len)| kept.get(&g).copied().unwrap_or(len))
+                .sum::<usize>()
         };
         let mut total = 0u64;
         for (i, node) in self.graph.nodes().iter().enumerate() {
@@ -343,8 +388,13 @@ impl ChannelGroups {
                 Op::Conv2d(c) => {
                     let out = count(&self.layouts[i]);
                     let input = count(&self.layouts[node.inputs[0]]);
-                    let per_group = if c.is_depthwise() { 1 } else { input / c.groups };
-                    (out * node.shape[1] * node.shape[2] * per_group * c.kernel[0] * c.kernel[1]) as u64
+                    let per_group = if c.is_depthwise() {
+                        1
+                    } else {
+                        input / c.groups
+                    };
+                    (out * node.shape[1] * node.shape[2] * per_group * c.kernel[0] * c.kernel[1])
+                        as u64
                 }
                 Op::Linear(_) => {
                     let l = &self.layouts[node.inputs[0]];
@@ -373,7 +423,9 @@ impl ChannelGroups {
                 .get(*gid)
                 .ok_or_else(|| CoreError::Invalid(format!("there is no channel group {gid}")))?;
             if seen[*gid] {
-                return Err(CoreError::Invalid(format!("group {gid} appears twice in the plan")));
+                return Err(CoreError::Invalid(format!(
+                    "group {gid} appears twice in the plan"
+                )));
             }
             seen[*gid] = true;
             if let Some(b) = &group.blocked {
@@ -393,7 +445,9 @@ impl ChannelGroups {
                 kept[k] = true;
             }
             if !kept.iter().any(|&k| k) {
-                return Err(CoreError::Invalid(format!("group {gid} must keep at least one channel")));
+                return Err(CoreError::Invalid(format!(
+                    "group {gid} must keep at least one channel"
+                )));
             }
             for m in &group.members {
                 let dim = model
@@ -401,12 +455,17 @@ impl ChannelGroups {
                     .var(&m.param)
                     .ok_or_else(|| CoreError::param(&m.param, "no such parameter"))?
                     .dims()[m.axis];
-                let mask = masks.entry((m.param.clone(), m.axis)).or_insert_with(|| vec![true; dim]);
+                let mask = masks
+                    .entry((m.param.clone(), m.axis))
+                    .or_insert_with(|| vec![true; dim]);
                 for (k, _) in kept.iter().enumerate().filter(|(_, &keep)| !keep) {
                     for j in 0..m.expand {
                         let idx = (m.offset + k) * m.expand + j;
                         let slot = mask.get_mut(idx).ok_or_else(|| {
-                            CoreError::param(&m.param, format!("index {idx} out of range on axis {}", m.axis))
+                            CoreError::param(
+                                &m.param,
+                                format!("index {idx} out of range on axis {}", m.axis),
+                            )
                         })?;
                         *slot = false;
                     }
@@ -420,7 +479,10 @@ impl ChannelGroups {
             let mut sliced = false;
             for axis in 0..t.rank() {
                 if let Some(mask) = masks.get(&(name.to_string(), axis)) {
-                    let idx: Vec<u32> = (0..mask.len()).filter(|&i| mask[i]).map(|i| i as u32).collect();
+                    let idx: Vec<u32> = (0..mask.len())
+                        .filter(|&i| mask[i])
+                        .map(|i| i as u32)
+                        .collect();
                     let idx = Tensor::from_vec(idx.clone(), idx.len(), t.device())?;
                     t = t.index_select(&idx, axis)?;
                     sliced = true;
@@ -440,7 +502,12 @@ impl ChannelGroups {
 
 /// The node's op with its channel counts read back from its (sliced) parameters.
 fn resized_op(node: &crate::graph::Node, params: &ParamStore) -> Op {
-    let dims = |role: &str| params.var(&node.param_name(role)).map(|v| v.dims().to_vec()).unwrap_or_default();
+    let dims = |role: &str| {
+        params
+            .var(&node.param_name(role))
+            .map(|v| v.dims().to_vec())
+            .unwrap_or_default()
+    };
     match &node.op {
         Op::Conv2d(c) => {
             let w = dims("weight");

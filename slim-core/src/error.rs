@@ -35,13 +35,22 @@ pub enum CoreError {
 
 impl CoreError {
     pub(crate) fn node(node: impl Into<String>, msg: impl Into<String>) -> Self {
-        CoreError::Node { node: node.into(), msg: msg.into() }
+        CoreError::Node {
+            node: node.into(),
+            msg: msg.into(),
+        }
     }
     pub(crate) fn param(name: impl Into<String>, msg: impl Into<String>) -> Self {
-        CoreError::Param { name: name.into(), msg: msg.into() }
+        CoreError::Param {
+            name: name.into(),
+            msg: msg.into(),
+        }
     }
     pub(crate) fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        CoreError::File { path: path.into(), msg: msg.into() }
+        CoreError::File {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }
 

@@ -59,7 +59,10 @@ impl Model {
     /// Forward of a single-input, single-output model on a batch `[N, ...input shape]`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let out = self.forward_with(&[x.clone()], mode, ForwardOptions::default())?;
-        out.outputs.into_iter().next().ok_or_else(|| CoreError::Invalid("the graph has no output".into()))
+        out.outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| CoreError::Invalid("the graph has no output".into()))
     }
 
     /// Forward with one batch per input node, returning outputs and taps.
@@ -93,11 +96,16 @@ impl Model {
             let node = g.node(id);
             let y = if let Op::Input { shape } = &node.op {
                 // `next_input` has exactly one batch per input node (checked above).
-                let x = next_input.next().ok_or_else(|| CoreError::Invalid("missing input".into()))?;
+                let x = next_input
+                    .next()
+                    .ok_or_else(|| CoreError::Invalid("missing input".into()))?;
                 if x.rank() != shape.len() + 1 || &x.dims()[1..] != shape.as_slice() {
                     return Err(CoreError::node(
                         &node.name,
-                        format!("expects a batch of shape [N, {shape:?}], got {:?}", x.dims()),
+                        format!(
+                            "expects a batch of shape [N, {shape:?}], got {:?}",
+                            x.dims()
+                        ),
                     ));
                 }
                 x.to_dtype(DType::F32)?
@@ -105,7 +113,11 @@ impl Model {
                 let xs: Vec<&Tensor> = node
                     .inputs
                     .iter()
-                    .map(|&i| values[i].as_ref().ok_or_else(|| CoreError::node(&node.name, "input not computed")))
+                    .map(|&i| {
+                        values[i]
+                            .as_ref()
+                            .ok_or_else(|| CoreError::node(&node.name, "input not computed"))
+                    })
                     .collect::<Result<_>>()?;
                 self.run_node(node, &xs, mode)
                     .map_err(|e| CoreError::node(&node.name, e.to_string()))?
@@ -127,7 +139,11 @@ impl Model {
         let outputs = g
             .outputs()
             .iter()
-            .map(|&o| values[o].clone().ok_or_else(|| CoreError::node(&g.node(o).name, "output not computed")))
+            .map(|&o| {
+                values[o]
+                    .clone()
+                    .ok_or_else(|| CoreError::node(&g.node(o).name, "output not computed"))
+            })
             .collect::<Result<_>>()?;
         Ok(ForwardOutput { outputs, taps })
     }
@@ -202,17 +218,32 @@ impl Model {
         })
     }
 
-    fn batch_norm(&self, node: &Node, spec: &BatchNormSpec, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn batch_norm(
+        &self,
+        node: &Node,
+        spec: &BatchNormSpec,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let c = spec.channels;
         // [1, C] for feature vectors, [1, C, 1, 1] for feature maps.
-        let bshape: Vec<usize> = if x.rank() == 4 { vec![1, c, 1, 1] } else { vec![1, c] };
-        let gamma = self.param(node, "weight", mode)?.reshape(bshape.as_slice())?;
+        let bshape: Vec<usize> = if x.rank() == 4 {
+            vec![1, c, 1, 1]
+        } else {
+            vec![1, c]
+        };
+        let gamma = self
+            .param(node, "weight", mode)?
+            .reshape(bshape.as_slice())?;
         let beta = self.param(node, "bias", mode)?.reshape(bshape.as_slice())?;
         match mode {
             Mode::Eval => {
                 let mean = self.param(node, "running_mean", mode)?;
                 let var = self.param(node, "running_var", mode)?;
-                let scale = (var + spec.eps)?.sqrt()?.recip()?.reshape(bshape.as_slice())?;
+                let scale = (var + spec.eps)?
+                    .sqrt()?
+                    .recip()?
+                    .reshape(bshape.as_slice())?;
                 let scale = scale.broadcast_mul(&gamma)?;
                 let shift = (beta - mean.reshape(bshape.as_slice())?.broadcast_mul(&scale)?)?;
                 Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
@@ -247,8 +278,10 @@ impl Model {
                 let rv = self.params.tensor(&rv_name)?;
                 let bm = mean.detach().flatten_all()?;
                 let bv = (var.detach().flatten_all()? * (count as f64 / (count as f64 - 1.0)))?;
-                self.params.set(&rm_name, &((rm * (1.0 - m))? + (bm * m)?)?)?;
-                self.params.set(&rv_name, &((rv * (1.0 - m))? + (bv * m)?)?)?;
+                self.params
+                    .set(&rm_name, &((rm * (1.0 - m))? + (bm * m)?)?)?;
+                self.params
+                    .set(&rv_name, &((rv * (1.0 - m))? + (bv * m)?)?)?;
                 Ok(y)
             }
         }
@@ -269,7 +302,8 @@ fn pad_spatial(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
 
 fn avg_pool(x: &Tensor, p: &PoolSpec) -> Result<Tensor> {
     let padded = if p.padding > 0 {
-        x.pad_with_zeros(2, p.padding, p.padding)?.pad_with_zeros(3, p.padding, p.padding)?
+        x.pad_with_zeros(2, p.padding, p.padding)?
+            .pad_with_zeros(3, p.padding, p.padding)?
     } else {
         x.clone()
     };
@@ -294,24 +328,52 @@ mod tests {
             .unwrap();
         let m = Model::init(g, 1, &Device::Cpu).unwrap();
         let x = Tensor::randn(0f32, 1.0, (4, 2, 6, 6), &Device::Cpu).unwrap();
-        let rm0 = m.params.tensor("bn.running_mean").unwrap().to_vec1::<f32>().unwrap();
+        let rm0 = m
+            .params
+            .tensor("bn.running_mean")
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let _ = m.forward(&x, Mode::Eval).unwrap();
-        assert_eq!(m.params.tensor("bn.running_mean").unwrap().to_vec1::<f32>().unwrap(), rm0);
+        assert_eq!(
+            m.params
+                .tensor("bn.running_mean")
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            rm0
+        );
         let y = m.forward(&x, Mode::Train).unwrap();
         let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         for v in m.params.trainable() {
             assert!(grads.get(v.as_tensor()).is_some());
         }
-        assert_ne!(m.params.tensor("bn.running_mean").unwrap().to_vec1::<f32>().unwrap(), rm0);
+        assert_ne!(
+            m.params
+                .tensor("bn.running_mean")
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            rm0
+        );
         // Eval records no graph: backward from an eval output finds no variable.
         let ye = m.forward(&x, Mode::Eval).unwrap();
         let ge = ye.sum_all().unwrap().backward().unwrap();
-        assert!(m.params.trainable().iter().all(|v: &Var| ge.get(v.as_tensor()).is_none()));
+        assert!(m
+            .params
+            .trainable()
+            .iter()
+            .all(|v: &Var| ge.get(v.as_tensor()).is_none()));
     }
 
     #[test]
     fn taps_and_observer() {
-        let g = GraphBuilder::new([1, 4, 4]).conv("c", 2, 3, 1, 1).relu("r").flatten("f").build().unwrap();
+        let g = GraphBuilder::new([1, 4, 4])
+            .conv("c", 2, 3, 1, 1)
+            .relu("r")
+            .flatten("f")
+            .build()
+            .unwrap();
         let m = Model::init(g, 0, &Device::Cpu).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 1, 4, 4), &Device::Cpu).unwrap();
         let mut seen = Vec::new();
@@ -320,7 +382,13 @@ mod tests {
             Ok(())
         };
         let out = m
-            .forward_with(&[x], Mode::Eval, ForwardOptions::default().with_taps(&["c"]).with_observer(&mut obs))
+            .forward_with(
+                &[x],
+                Mode::Eval,
+                ForwardOptions::default()
+                    .with_taps(&["c"])
+                    .with_observer(&mut obs),
+            )
             .unwrap();
         assert_eq!(out.taps["c"].dims(), &[2, 2, 4, 4]);
         assert_eq!(out.outputs[0].dims(), &[2, 32]);

@@ -119,7 +119,9 @@ impl PoolSpec {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// A model input with its per-sample shape.
-    Input { shape: Vec<usize> },
+    Input {
+        shape: Vec<usize>,
+    },
     Conv2d(Conv2dSpec),
     Linear(LinearSpec),
     BatchNorm2d(BatchNormSpec),
@@ -141,7 +143,9 @@ pub enum Op {
     GlobalAvgPool,
     /// `[C, H, W]` to `[C * H * W]`, channel-major.
     Flatten,
-    Dropout { p: f32 },
+    Dropout {
+        p: f32,
+    },
     /// Softmax over the channel (or feature) axis.
     Softmax,
     Identity,
@@ -204,7 +208,12 @@ impl Op {
             Op::Conv2d(c) => {
                 let mut v = vec![spec(
                     "weight",
-                    vec![c.out_channels, c.in_channels / c.groups.max(1), c.kernel[0], c.kernel[1]],
+                    vec![
+                        c.out_channels,
+                        c.in_channels / c.groups.max(1),
+                        c.kernel[0],
+                        c.kernel[1],
+                    ],
                     ParamKind::Weight,
                 )];
                 if c.bias {
@@ -213,8 +222,11 @@ impl Op {
                 v
             }
             Op::Linear(l) => {
-                let mut v =
-                    vec![spec("weight", vec![l.out_features, l.in_features], ParamKind::Weight)];
+                let mut v = vec![spec(
+                    "weight",
+                    vec![l.out_features, l.in_features],
+                    ParamKind::Weight,
+                )];
                 if l.bias {
                     v.push(spec("bias", vec![l.out_features], ParamKind::Bias));
                 }
@@ -236,20 +248,29 @@ impl Op {
             if inputs.len() == n {
                 Ok(())
             } else {
-                Err(format!("{} takes {n} input(s), got {}", self.kind(), inputs.len()))
+                Err(format!(
+                    "{} takes {n} input(s), got {}",
+                    self.kind(),
+                    inputs.len()
+                ))
             }
         };
         let chw = |s: &[usize]| -> Result<(usize, usize, usize), String> {
             match *s {
                 [c, h, w] => Ok((c, h, w)),
-                _ => Err(format!("{} expects a [C, H, W] input, got {s:?}", self.kind())),
+                _ => Err(format!(
+                    "{} expects a [C, H, W] input, got {s:?}",
+                    self.kind()
+                )),
             }
         };
         match self {
             Op::Input { shape } => {
                 arity(0)?;
                 if shape.is_empty() || shape.contains(&0) {
-                    return Err(format!("input shape {shape:?} must be non-empty with no zero"));
+                    return Err(format!(
+                        "input shape {shape:?} must be non-empty with no zero"
+                    ));
                 }
                 Ok(shape.clone())
             }
@@ -287,7 +308,9 @@ impl Op {
                         "expects {} input features and at least one output, its input has {f}",
                         l.in_features
                     )),
-                    s => Err(format!("linear expects a [F] input (flatten first), got {s:?}")),
+                    s => Err(format!(
+                        "linear expects a [F] input (flatten first), got {s:?}"
+                    )),
                 }
             }
             Op::BatchNorm2d(b) => {
@@ -297,7 +320,10 @@ impl Op {
                     return Err(format!("batchnorm expects [C, H, W] or [C], got {s:?}"));
                 }
                 if s[0] != b.channels {
-                    return Err(format!("expects {} channels, its input has {}", b.channels, s[0]));
+                    return Err(format!(
+                        "expects {} channels, its input has {}",
+                        b.channels, s[0]
+                    ));
                 }
                 Ok(s.to_vec())
             }
@@ -323,8 +349,7 @@ impl Op {
             Op::Mul => {
                 arity(2)?;
                 let (a, b) = (inputs[0], inputs[1]);
-                let channel_wise = a.len() == 3
-                    && (b == [a[0]] || b == [a[0], 1, 1]);
+                let channel_wise = a.len() == 3 && (b == [a[0]] || b == [a[0], 1, 1]);
                 if a == b || channel_wise {
                     Ok(a.to_vec())
                 } else {
@@ -355,11 +380,17 @@ impl Op {
                     return Err("pool kernel and stride must be at least 1".into());
                 }
                 if 2 * p.padding > p.kernel {
-                    return Err(format!("padding {} exceeds half the kernel {}", p.padding, p.kernel));
+                    return Err(format!(
+                        "padding {} exceeds half the kernel {}",
+                        p.padding, p.kernel
+                    ));
                 }
                 match (p.out(h), p.out(w)) {
                     (Some(oh), Some(ow)) => Ok(vec![c, oh, ow]),
-                    _ => Err(format!("pool kernel {} does not fit the {h}x{w} input", p.kernel)),
+                    _ => Err(format!(
+                        "pool kernel {} does not fit the {h}x{w} input",
+                        p.kernel
+                    )),
                 }
             }
             Op::GlobalAvgPool => {
@@ -393,7 +424,11 @@ impl Node {
     }
     /// `(full name, spec)` of every parameter this node owns.
     pub fn params(&self) -> Vec<(String, ParamSpec)> {
-        self.op.params().into_iter().map(|p| (self.param_name(p.role), p)).collect()
+        self.op
+            .params()
+            .into_iter()
+            .map(|p| (self.param_name(p.role), p))
+            .collect()
     }
 }
 
@@ -407,11 +442,16 @@ pub struct Graph {
 
 fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if ok {
         Ok(())
     } else {
-        Err(CoreError::node(name, "names must be non-empty and use only A-Z a-z 0-9 _ . -"))
+        Err(CoreError::node(
+            name,
+            "names must be non-empty and use only A-Z a-z 0-9 _ . -",
+        ))
     }
 }
 
@@ -441,19 +481,34 @@ impl Graph {
     }
 
     fn wire_ids(&mut self, name: String, op: Op, inputs: Vec<usize>) -> Result<usize> {
-        let shapes: Vec<&[usize]> = inputs.iter().map(|&i| self.nodes[i].shape.as_slice()).collect();
-        let shape = op.infer_shape(&shapes).map_err(|m| CoreError::node(&name, m))?;
+        let shapes: Vec<&[usize]> = inputs
+            .iter()
+            .map(|&i| self.nodes[i].shape.as_slice())
+            .collect();
+        let shape = op
+            .infer_shape(&shapes)
+            .map_err(|m| CoreError::node(&name, m))?;
         let id = self.nodes.len();
         self.by_name.insert(name.clone(), id);
-        self.nodes.push(Node { name, op, inputs, shape });
+        self.nodes.push(Node {
+            name,
+            op,
+            inputs,
+            shape,
+        });
         Ok(id)
     }
 
     /// Names the graph's outputs (by default, the last node wired).
     pub fn set_outputs(&mut self, names: &[&str]) -> Result<()> {
-        let ids = names.iter().map(|n| self.id(n)).collect::<Result<Vec<_>>>()?;
+        let ids = names
+            .iter()
+            .map(|n| self.id(n))
+            .collect::<Result<Vec<_>>>()?;
         if ids.is_empty() {
-            return Err(CoreError::Invalid("a graph needs at least one output".into()));
+            return Err(CoreError::Invalid(
+                "a graph needs at least one output".into(),
+            ));
         }
         self.outputs = ids;
         Ok(())
@@ -492,7 +547,10 @@ impl Graph {
     }
     /// The id of a node by name.
     pub fn id(&self, name: &str) -> Result<usize> {
-        self.by_name.get(name).copied().ok_or_else(|| CoreError::UnknownNode(name.to_string()))
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| CoreError::UnknownNode(name.to_string()))
     }
     /// A node by name.
     pub fn find(&self, name: &str) -> Option<&Node> {
@@ -501,7 +559,9 @@ impl Graph {
 
     /// The nodes that consume `id`'s output, in order.
     pub fn successors(&self, id: usize) -> Vec<usize> {
-        (id + 1..self.nodes.len()).filter(|&j| self.nodes[j].inputs.contains(&id)).collect()
+        (id + 1..self.nodes.len())
+            .filter(|&j| self.nodes[j].inputs.contains(&id))
+            .collect()
     }
 
     /// For every node, how many times its output is consumed (outputs count once more).
@@ -535,9 +595,20 @@ impl Graph {
         for n in &self.nodes {
             let op = f(n);
             g.by_name.insert(n.name.clone(), g.nodes.len());
-            let shapes: Vec<&[usize]> = n.inputs.iter().map(|&i| g.nodes[i].shape.as_slice()).collect();
-            let shape = op.infer_shape(&shapes).map_err(|m| CoreError::node(&n.name, m))?;
-            g.nodes.push(Node { name: n.name.clone(), op, inputs: n.inputs.clone(), shape });
+            let shapes: Vec<&[usize]> = n
+                .inputs
+                .iter()
+                .map(|&i| g.nodes[i].shape.as_slice())
+                .collect();
+            let shape = op
+                .infer_shape(&shapes)
+                .map_err(|m| CoreError::node(&n.name, m))?;
+            g.nodes.push(Node {
+                name: n.name.clone(),
+                op,
+                inputs: n.inputs.clone(),
+                shape,
+            });
         }
         g.outputs = self.outputs.clone();
         Ok(g)
@@ -552,10 +623,18 @@ impl Graph {
                 .map(|n| NodeDef {
                     name: n.name.clone(),
                     op: n.op.clone(),
-                    inputs: n.inputs.iter().map(|&i| self.nodes[i].name.clone()).collect(),
+                    inputs: n
+                        .inputs
+                        .iter()
+                        .map(|&i| self.nodes[i].name.clone())
+                        .collect(),
                 })
                 .collect(),
-            outputs: self.outputs().iter().map(|&i| self.nodes[i].name.clone()).collect(),
+            outputs: self
+                .outputs()
+                .iter()
+                .map(|&i| self.nodes[i].name.clone())
+                .collect(),
         }
     }
 
@@ -618,8 +697,18 @@ pub struct GraphBuilder {
 impl GraphBuilder {
     /// Starts a graph with one input node named `input` of the given per-sample shape.
     pub fn new(shape: impl Into<Vec<usize>>) -> Self {
-        let mut b = GraphBuilder { graph: Graph::new(), cursor: "input".into(), error: None };
-        b.add_node("input", Op::Input { shape: shape.into() }, &[]);
+        let mut b = GraphBuilder {
+            graph: Graph::new(),
+            cursor: "input".into(),
+            error: None,
+        };
+        b.add_node(
+            "input",
+            Op::Input {
+                shape: shape.into(),
+            },
+            &[],
+        );
         b
     }
 
@@ -637,7 +726,10 @@ impl GraphBuilder {
     }
     /// The per-sample shape at the cursor (empty after an error).
     pub fn shape(&self) -> Vec<usize> {
-        self.graph.find(&self.cursor).map(|n| n.shape.clone()).unwrap_or_default()
+        self.graph
+            .find(&self.cursor)
+            .map(|n| n.shape.clone())
+            .unwrap_or_default()
     }
     fn channels(&self) -> usize {
         self.shape().first().copied().unwrap_or(0)
@@ -660,8 +752,17 @@ impl GraphBuilder {
     }
 
     /// A dense convolution with a square kernel and no bias.
-    pub fn conv(&mut self, name: &str, out: usize, kernel: usize, stride: usize, padding: usize) -> &mut Self {
-        let spec = Conv2dSpec::new(self.channels(), out, kernel).with_stride(stride).with_padding(padding);
+    pub fn conv(
+        &mut self,
+        name: &str,
+        out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> &mut Self {
+        let spec = Conv2dSpec::new(self.channels(), out, kernel)
+            .with_stride(stride)
+            .with_padding(padding);
         self.push(name, Op::Conv2d(spec))
     }
     /// A convolution described in full; its input channels are taken from the cursor.
@@ -670,19 +771,36 @@ impl GraphBuilder {
         self.push(name, Op::Conv2d(spec))
     }
     /// A depthwise convolution (one square filter per channel, no bias).
-    pub fn dwconv(&mut self, name: &str, kernel: usize, stride: usize, padding: usize) -> &mut Self {
+    pub fn dwconv(
+        &mut self,
+        name: &str,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> &mut Self {
         let c = self.channels();
-        let spec = Conv2dSpec::new(c, c, kernel).with_stride(stride).with_padding(padding).with_groups(c);
+        let spec = Conv2dSpec::new(c, c, kernel)
+            .with_stride(stride)
+            .with_padding(padding)
+            .with_groups(c);
         self.push(name, Op::Conv2d(spec))
     }
     /// A fully connected layer with bias.
     pub fn linear(&mut self, name: &str, out: usize) -> &mut Self {
-        let spec = LinearSpec { in_features: self.channels(), out_features: out, bias: true };
+        let spec = LinearSpec {
+            in_features: self.channels(),
+            out_features: out,
+            bias: true,
+        };
         self.push(name, Op::Linear(spec))
     }
     /// Batch normalization with eps 1e-5 and momentum 0.1.
     pub fn bn(&mut self, name: &str) -> &mut Self {
-        let spec = BatchNormSpec { channels: self.channels(), eps: 1e-5, momentum: 0.1 };
+        let spec = BatchNormSpec {
+            channels: self.channels(),
+            eps: 1e-5,
+            momentum: 0.1,
+        };
         self.push(name, Op::BatchNorm2d(spec))
     }
     pub fn relu(&mut self, name: &str) -> &mut Self {
@@ -698,10 +816,24 @@ impl GraphBuilder {
         self.push(name, Op::Sigmoid)
     }
     pub fn max_pool(&mut self, name: &str, kernel: usize, stride: usize) -> &mut Self {
-        self.push(name, Op::MaxPool2d(PoolSpec { kernel, stride, padding: 0 }))
+        self.push(
+            name,
+            Op::MaxPool2d(PoolSpec {
+                kernel,
+                stride,
+                padding: 0,
+            }),
+        )
     }
     pub fn avg_pool(&mut self, name: &str, kernel: usize, stride: usize) -> &mut Self {
-        self.push(name, Op::AvgPool2d(PoolSpec { kernel, stride, padding: 0 }))
+        self.push(
+            name,
+            Op::AvgPool2d(PoolSpec {
+                kernel,
+                stride,
+                padding: 0,
+            }),
+        )
     }
     pub fn global_avg_pool(&mut self, name: &str) -> &mut Self {
         self.push(name, Op::GlobalAvgPool)
@@ -754,26 +886,49 @@ mod tests {
     #[test]
     fn shapes_are_inferred_and_errors_name_the_node() {
         let mut g = Graph::new();
-        g.wire("x", Op::Input { shape: vec![3, 32, 32] }, &[]).unwrap();
+        g.wire(
+            "x",
+            Op::Input {
+                shape: vec![3, 32, 32],
+            },
+            &[],
+        )
+        .unwrap();
         let spec = Conv2dSpec::new(3, 8, 3).with_stride(2).with_padding(1);
         g.wire("c", Op::Conv2d(spec), &["x"]).unwrap();
         assert_eq!(g.find("c").unwrap().shape, vec![8, 16, 16]);
         let bad = Conv2dSpec::new(4, 8, 3);
-        let e = g.wire("c2", Op::Conv2d(bad), &["c"]).unwrap_err().to_string();
+        let e = g
+            .wire("c2", Op::Conv2d(bad), &["c"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c2") && e.contains("input channels"), "{e}");
         let e = g.wire("c3", Op::Relu, &["nope"]).unwrap_err().to_string();
         assert!(e.contains("c3") && e.contains("nope"), "{e}");
         let e = g.wire("c", Op::Relu, &["x"]).unwrap_err().to_string();
         assert!(e.contains("already exists"), "{e}");
-        let e = g.wire("f", Op::Linear(LinearSpec { in_features: 8, out_features: 2, bias: true }), &["c"]);
+        let e = g.wire(
+            "f",
+            Op::Linear(LinearSpec {
+                in_features: 8,
+                out_features: 2,
+                bias: true,
+            }),
+            &["c"],
+        );
         assert!(e.unwrap_err().to_string().contains("flatten"));
     }
 
     #[test]
     fn successors_and_def_round_trip() {
         let mut b = GraphBuilder::new([3, 8, 8]);
-        b.conv("a", 4, 3, 1, 1).relu("r").at("input").conv("b", 4, 1, 1, 0);
-        b.add("sum", &["r", "b"]).global_avg_pool("gap").linear("fc", 2);
+        b.conv("a", 4, 3, 1, 1)
+            .relu("r")
+            .at("input")
+            .conv("b", 4, 1, 1, 0);
+        b.add("sum", &["r", "b"])
+            .global_avg_pool("gap")
+            .linear("fc", 2);
         let g = b.build().unwrap();
         assert_eq!(g.successors(0), vec![1, 3]);
         let back = Graph::from_def(&g.to_def()).unwrap();
@@ -785,7 +940,11 @@ mod tests {
 
     #[test]
     fn builder_reports_the_first_error() {
-        let e = GraphBuilder::new([1, 4, 4]).conv("c", 2, 7, 1, 0).relu("r").build().unwrap_err();
+        let e = GraphBuilder::new([1, 4, 4])
+            .conv("c", 2, 7, 1, 0)
+            .relu("r")
+            .build()
+            .unwrap_err();
         assert!(e.to_string().contains("`c`"), "{e}");
     }
 }

@@ -30,7 +30,10 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// Writes `bytes` to `path` atomically: a temporary sibling file, synced, then renamed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| CoreError::Io { path: path.to_path_buf(), source };
+    let io = |source| CoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -78,14 +81,19 @@ impl Model {
     /// Saves the model to `path` atomically.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let bytes = self.to_bytes().map_err(|e| CoreError::file(path, e.to_string()))?;
+        let bytes = self
+            .to_bytes()
+            .map_err(|e| CoreError::file(path, e.to_string()))?;
         write_atomic(path, &bytes)
     }
 
     /// Loads a model file onto a device.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Model> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| CoreError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| CoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Model::from_bytes(&bytes, device).map_err(|e| match e {
             CoreError::File { msg, .. } => CoreError::file(path, msg),
             other => CoreError::file(path, other.to_string()),
@@ -100,9 +108,15 @@ impl Model {
         let (_, header) = SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let key = |k: &str| meta.get(k).ok_or_else(|| bad(format!("metadata has no `{k}`: not a Slim model file")));
+        let key = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| bad(format!("metadata has no `{k}`: not a Slim model file")))
+        };
         if key("format")? != FORMAT {
-            return Err(bad(format!("metadata `format` is `{}`, expected `{FORMAT}`", key("format")?)));
+            return Err(bad(format!(
+                "metadata `format` is `{}`, expected `{FORMAT}`",
+                key("format")?
+            )));
         }
         let version: u32 = key("format_version")?
             .parse()
@@ -116,16 +130,22 @@ impl Model {
             .map_err(|e| bad(format!("the `graph` metadata is malformed: {e}")))?;
         let graph = Graph::from_def(&def).map_err(|e| bad(format!("invalid graph: {e}")))?;
         let provenance: BTreeMap<String, String> = match meta.get("provenance") {
-            Some(p) => serde_json::from_str(p).map_err(|e| bad(format!("the `provenance` metadata is malformed: {e}")))?,
+            Some(p) => serde_json::from_str(p)
+                .map_err(|e| bad(format!("the `provenance` metadata is malformed: {e}")))?,
             None => BTreeMap::new(),
         };
 
         let mut params = ParamStore::new();
         let specs = graph.param_specs();
         for (name, spec) in &specs {
-            let view = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+            let view = st
+                .tensor(name)
+                .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
             if view.dtype() != safetensors::Dtype::F32 {
-                return Err(bad(format!("tensor `{name}` has type {:?}, expected F32", view.dtype())));
+                return Err(bad(format!(
+                    "tensor `{name}` has type {:?}, expected F32",
+                    view.dtype()
+                )));
             }
             if view.shape() != spec.shape.as_slice() {
                 return Err(bad(format!(
@@ -134,13 +154,18 @@ impl Model {
                     spec.shape
                 )));
             }
-            let t = view.load(device).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            let t = view
+                .load(device)
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
             params.insert(name.clone(), &t.to_dtype(DType::F32)?, spec.kind)?;
         }
         if st.len() != specs.len() {
-            let declared: std::collections::HashSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
+            let declared: std::collections::HashSet<&str> =
+                specs.iter().map(|(n, _)| n.as_str()).collect();
             if let Some(extra) = st.names().into_iter().find(|n| !declared.contains(n)) {
-                return Err(bad(format!("tensor `{extra}` is not declared by the graph")));
+                return Err(bad(format!(
+                    "tensor `{extra}` is not declared by the graph"
+                )));
             }
         }
         let mut model = Model::new(graph, params).map_err(|e| bad(e.to_string()))?;
@@ -179,14 +204,39 @@ mod tests {
         assert_eq!(back.graph, m.graph);
         assert_eq!(back.provenance, m.provenance);
         for (name, p) in m.params.iter() {
-            let a = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = back.params.tensor(name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let a = p
+                .var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = back
+                .params
+                .tensor(name)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert_eq!(a, b, "{name}");
             assert_eq!(back.params.param(name).unwrap().kind, p.kind);
         }
         let x = Tensor::randn(0f32, 1.0, (2, 1, 6, 6), &Device::Cpu).unwrap();
-        let ya = m.forward(&x, Mode::Eval).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let yb = back.forward(&x, Mode::Eval).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ya = m
+            .forward(&x, Mode::Eval)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let yb = back
+            .forward(&x, Mode::Eval)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(ya, yb);
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -203,18 +253,28 @@ mod tests {
             Model::load(&path, &Device::Cpu).unwrap_err().to_string()
         };
         let e = load(b"hello, this is not a model");
-        assert!(e.contains("m.safetensors") && e.contains("safetensors"), "{e}");
+        assert!(
+            e.contains("m.safetensors") && e.contains("safetensors"),
+            "{e}"
+        );
         let e = load(&bytes[..bytes.len() - 10]);
         assert!(e.contains("m.safetensors"), "{e}");
         let e = load(&[]);
         assert!(e.contains("m.safetensors"), "{e}");
 
         // A tensor missing, one of the wrong shape, an unknown version.
-        let mut tensors: Vec<(String, Tensor)> =
-            m.params.iter().map(|(n, p)| (n.to_string(), p.var.as_tensor().clone())).collect();
+        let mut tensors: Vec<(String, Tensor)> = m
+            .params
+            .iter()
+            .map(|(n, p)| (n.to_string(), p.var.as_tensor().clone()))
+            .collect();
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let meta = header.metadata().clone().unwrap();
-        let drop: Vec<_> = tensors.iter().filter(|(n, _)| n != "bn.running_var").cloned().collect();
+        let drop: Vec<_> = tensors
+            .iter()
+            .filter(|(n, _)| n != "bn.running_var")
+            .cloned()
+            .collect();
         let e = load(&safetensors::tensor::serialize(drop, Some(meta.clone())).unwrap());
         assert!(e.contains("bn.running_var") && e.contains("missing"), "{e}");
         for (n, t) in tensors.iter_mut() {

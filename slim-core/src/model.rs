@@ -30,7 +30,11 @@ impl Model {
             if p.var.dims() != spec.shape.as_slice() {
                 return Err(CoreError::param(
                     name,
-                    format!("has shape {:?}, the graph expects {:?}", p.var.dims(), spec.shape),
+                    format!(
+                        "has shape {:?}, the graph expects {:?}",
+                        p.var.dims(),
+                        spec.shape
+                    ),
                 ));
             }
         }
@@ -38,10 +42,17 @@ impl Model {
             let declared: std::collections::HashSet<&str> =
                 specs.iter().map(|(n, _)| n.as_str()).collect();
             if let Some(extra) = params.names().find(|n| !declared.contains(n)) {
-                return Err(CoreError::param(extra, "not declared by any node of the graph"));
+                return Err(CoreError::param(
+                    extra,
+                    "not declared by any node of the graph",
+                ));
             }
         }
-        Ok(Model { graph, params, provenance: BTreeMap::new() })
+        Ok(Model {
+            graph,
+            params,
+            provenance: BTreeMap::new(),
+        })
     }
 
     /// Fresh parameters for a graph, seeded: convolutions get He (Kaiming) normal initialization
@@ -68,12 +79,20 @@ impl Model {
 
     /// The device the parameters live on (CPU for a model without parameters).
     pub fn device(&self) -> Device {
-        self.params.iter().next().map(|(_, p)| p.var.device().clone()).unwrap_or(Device::Cpu)
+        self.params
+            .iter()
+            .next()
+            .map(|(_, p)| p.var.device().clone())
+            .unwrap_or(Device::Cpu)
     }
 
     /// Per-sample shape of the (first) input.
     pub fn input_shape(&self) -> Vec<usize> {
-        self.graph.inputs().first().map(|&i| self.graph.node(i).shape.clone()).unwrap_or_default()
+        self.graph
+            .inputs()
+            .first()
+            .map(|&i| self.graph.node(i).shape.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -88,7 +107,13 @@ fn name_seed(seed: u64, name: &str) -> u64 {
     h
 }
 
-fn init_tensor(op: &Op, name: &str, spec: &ParamSpec, seed: u64, device: &Device) -> Result<Tensor> {
+fn init_tensor(
+    op: &Op,
+    name: &str,
+    spec: &ParamSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<Tensor> {
     let n: usize = spec.shape.iter().product();
     let mut rng = StdRng::seed_from_u64(name_seed(seed, name));
     let values: Vec<f32> = match (op, spec.role) {
@@ -129,21 +154,43 @@ mod tests {
 
     #[test]
     fn init_is_seeded_and_checked() {
-        let g = GraphBuilder::new([1, 8, 8]).conv("c", 4, 3, 1, 1).bn("bn").build().unwrap();
+        let g = GraphBuilder::new([1, 8, 8])
+            .conv("c", 4, 3, 1, 1)
+            .bn("bn")
+            .build()
+            .unwrap();
         let a = Model::init(g.clone(), 7, &Device::Cpu).unwrap();
         let b = Model::init(g.clone(), 7, &Device::Cpu).unwrap();
         let c = Model::init(g.clone(), 8, &Device::Cpu).unwrap();
-        let w = |m: &Model| m.params.tensor("c.weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = |m: &Model| {
+            m.params
+                .tensor("c.weight")
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         assert_eq!(w(&a), w(&b));
         assert_ne!(w(&a), w(&c));
         assert_eq!(a.params.len(), 5);
 
         let mut p = a.params.deep_clone().unwrap();
-        p.insert("extra.weight", &Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(), ParamKind::Weight).unwrap();
+        p.insert(
+            "extra.weight",
+            &Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            ParamKind::Weight,
+        )
+        .unwrap();
         let e = Model::new(g.clone(), p).unwrap_err().to_string();
         assert!(e.contains("extra.weight"), "{e}");
         let mut p = a.params.deep_clone().unwrap();
-        p.insert("bn.bias", &Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(), ParamKind::Bias).unwrap();
+        p.insert(
+            "bn.bias",
+            &Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            ParamKind::Bias,
+        )
+        .unwrap();
         let e = Model::new(g, p).unwrap_err().to_string();
         assert!(e.contains("bn.bias") && e.contains("[3]"), "{e}");
     }

@@ -31,7 +31,12 @@ impl ParamStore {
     }
 
     /// Adds or replaces a parameter.
-    pub fn insert(&mut self, name: impl Into<String>, tensor: &Tensor, kind: ParamKind) -> Result<()> {
+    pub fn insert(
+        &mut self,
+        name: impl Into<String>,
+        tensor: &Tensor,
+        kind: ParamKind,
+    ) -> Result<()> {
         let var = Var::from_tensor(tensor)?;
         self.entries.insert(name.into(), Param { var, kind });
         Ok(())
@@ -56,11 +61,17 @@ impl ParamStore {
 
     /// Replaces a parameter's value in place (same shape), keeping the `Var` identity.
     pub fn set(&self, name: &str, value: &Tensor) -> Result<()> {
-        let var = self.var(name).ok_or_else(|| CoreError::param(name, "no such parameter"))?;
+        let var = self
+            .var(name)
+            .ok_or_else(|| CoreError::param(name, "no such parameter"))?;
         if var.dims() != value.dims() {
             return Err(CoreError::param(
                 name,
-                format!("new value has shape {:?}, expected {:?}", value.dims(), var.dims()),
+                format!(
+                    "new value has shape {:?}, expected {:?}",
+                    value.dims(),
+                    var.dims()
+                ),
             ));
         }
         var.set(value)?;
@@ -82,17 +93,27 @@ impl ParamStore {
 
     /// Names matching a pattern (`*` any run, `?` one character), in sorted order.
     pub fn select(&self, pattern: &str) -> Vec<&str> {
-        self.names().filter(|n| matches_pattern(pattern, n)).collect()
+        self.names()
+            .filter(|n| matches_pattern(pattern, n))
+            .collect()
     }
 
     /// The `Var`s an optimizer should update (weights and biases, not buffers).
     pub fn trainable(&self) -> Vec<Var> {
-        self.entries.values().filter(|p| p.kind.is_trainable()).map(|p| p.var.clone()).collect()
+        self.entries
+            .values()
+            .filter(|p| p.kind.is_trainable())
+            .map(|p| p.var.clone())
+            .collect()
     }
 
     /// Number of scalars in trainable parameters.
     pub fn trainable_count(&self) -> usize {
-        self.entries.values().filter(|p| p.kind.is_trainable()).map(|p| p.var.elem_count()).sum()
+        self.entries
+            .values()
+            .filter(|p| p.kind.is_trainable())
+            .map(|p| p.var.elem_count())
+            .sum()
     }
 
     /// A deep copy: new `Var`s holding copies of the values, so training one copy leaves the

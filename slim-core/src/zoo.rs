@@ -42,7 +42,11 @@ impl ZooConfig {
     /// (ImageNet), 10 for small ones (MNIST, CIFAR-10).
     pub fn new(input: [usize; 3]) -> Self {
         let classes = if input[1] > 64 { 1000 } else { 10 };
-        ZooConfig { width: 1.0, input, classes }
+        ZooConfig {
+            width: 1.0,
+            input,
+            classes,
+        }
     }
     pub fn with_width(mut self, width: f64) -> Self {
         self.width = width;
@@ -63,10 +67,15 @@ impl ZooConfig {
 /// Builds the graph of a zoo model.
 pub fn build(name: &str, cfg: &ZooConfig) -> Result<Graph> {
     if !(cfg.width > 0.0 && cfg.width <= 8.0) {
-        return Err(CoreError::Invalid(format!("width {} is out of range (0, 8]", cfg.width)));
+        return Err(CoreError::Invalid(format!(
+            "width {} is out of range (0, 8]",
+            cfg.width
+        )));
     }
     if cfg.classes == 0 {
-        return Err(CoreError::Invalid("the number of classes must be at least 1".into()));
+        return Err(CoreError::Invalid(
+            "the number of classes must be at least 1".into(),
+        ));
     }
     let g = match name {
         "lenet" => lenet(cfg),
@@ -101,7 +110,8 @@ pub fn model(name: &str, cfg: &ZooConfig, seed: u64, device: &Device) -> Result<
 
 /// Convolution + batch norm (+ activation), named `<p>.conv`, `<p>.bn`, `<p>.<act>`.
 fn cba(b: &mut GraphBuilder, p: &str, spec: Conv2dSpec, act: Option<Op>) {
-    b.conv_with(&format!("{p}.conv"), spec).bn(&format!("{p}.bn"));
+    b.conv_with(&format!("{p}.conv"), spec)
+        .bn(&format!("{p}.bn"));
     if let Some(a) = act {
         let n = format!("{p}.{}", a.kind());
         b.push(&n, a);
@@ -109,33 +119,48 @@ fn cba(b: &mut GraphBuilder, p: &str, spec: Conv2dSpec, act: Option<Op>) {
 }
 
 fn k(out: usize, kernel: usize, stride: usize) -> Conv2dSpec {
-    Conv2dSpec::new(0, out, kernel).with_stride(stride).with_padding(kernel / 2)
+    Conv2dSpec::new(0, out, kernel)
+        .with_stride(stride)
+        .with_padding(kernel / 2)
 }
 
 fn dw(c: usize, kernel: usize, stride: usize) -> Conv2dSpec {
-    Conv2dSpec::new(c, c, kernel).with_stride(stride).with_padding(kernel / 2).with_groups(c)
+    Conv2dSpec::new(c, c, kernel)
+        .with_stride(stride)
+        .with_padding(kernel / 2)
+        .with_groups(c)
 }
 
 fn lenet(cfg: &ZooConfig) -> Result<Graph> {
     let mut b = GraphBuilder::new(cfg.input);
-    b.conv_with("conv1", Conv2dSpec::new(0, cfg.scale(6), 5).with_padding(2).with_bias(true))
-        .relu("relu1")
-        .max_pool("pool1", 2, 2)
-        .conv_with("conv2", Conv2dSpec::new(0, cfg.scale(16), 5).with_bias(true))
-        .relu("relu2")
-        .max_pool("pool2", 2, 2)
-        .flatten("flatten")
-        .linear("fc1", cfg.scale(120))
-        .relu("relu3")
-        .linear("fc2", cfg.scale(84))
-        .relu("relu4")
-        .linear("fc3", cfg.classes);
+    b.conv_with(
+        "conv1",
+        Conv2dSpec::new(0, cfg.scale(6), 5)
+            .with_padding(2)
+            .with_bias(true),
+    )
+    .relu("relu1")
+    .max_pool("pool1", 2, 2)
+    .conv_with(
+        "conv2",
+        Conv2dSpec::new(0, cfg.scale(16), 5).with_bias(true),
+    )
+    .relu("relu2")
+    .max_pool("pool2", 2, 2)
+    .flatten("flatten")
+    .linear("fc1", cfg.scale(120))
+    .relu("relu3")
+    .linear("fc2", cfg.scale(84))
+    .relu("relu4")
+    .linear("fc3", cfg.classes);
     b.build()
 }
 
 const M: usize = 0;
 const VGG11: [usize; 13] = [64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M];
-const VGG16: [usize; 18] = [64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M, 512, 512, 512, M];
+const VGG16: [usize; 18] = [
+    64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M, 512, 512, 512, M,
+];
 
 fn vgg(cfg: &ZooConfig, layers: &[usize]) -> Result<Graph> {
     let mut b = GraphBuilder::new(cfg.input);
@@ -149,7 +174,12 @@ fn vgg(cfg: &ZooConfig, layers: &[usize]) -> Result<Graph> {
             stage += 1;
             j = 1;
         } else {
-            cba(&mut b, &format!("block{stage}.{j}"), k(cfg.scale(c), 3, 1), Some(Op::Relu));
+            cba(
+                &mut b,
+                &format!("block{stage}.{j}"),
+                k(cfg.scale(c), 3, 1),
+                Some(Op::Relu),
+            );
             j += 1;
         }
     }
@@ -191,7 +221,8 @@ fn residual(b: &mut GraphBuilder, p: &str, planes: usize, stride: usize, bottlen
     } else {
         input
     };
-    b.add(&format!("{p}.add"), &[&main, &short]).relu(&format!("{p}.relu"));
+    b.add(&format!("{p}.add"), &[&main, &short])
+        .relu(&format!("{p}.relu"));
 }
 
 fn resnet_cifar(cfg: &ZooConfig, n: usize) -> Result<Graph> {
@@ -200,7 +231,13 @@ fn resnet_cifar(cfg: &ZooConfig, n: usize) -> Result<Graph> {
     for (i, planes) in [16, 32, 64].into_iter().enumerate() {
         for j in 0..n {
             let stride = if i > 0 && j == 0 { 2 } else { 1 };
-            residual(&mut b, &format!("layer{}.{j}", i + 1), cfg.scale(planes), stride, false);
+            residual(
+                &mut b,
+                &format!("layer{}.{j}", i + 1),
+                cfg.scale(planes),
+                stride,
+                false,
+            );
         }
     }
     b.global_avg_pool("avgpool").linear("fc", cfg.classes);
@@ -213,12 +250,25 @@ fn resnet_imagenet(cfg: &ZooConfig, blocks: [usize; 4], bottleneck: bool) -> Res
         cba(&mut b, "stem", k(cfg.scale(64), 3, 1), Some(Op::Relu));
     } else {
         cba(&mut b, "stem", k(cfg.scale(64), 7, 2), Some(Op::Relu));
-        b.push("stem.maxpool", Op::MaxPool2d(PoolSpec { kernel: 3, stride: 2, padding: 1 }));
+        b.push(
+            "stem.maxpool",
+            Op::MaxPool2d(PoolSpec {
+                kernel: 3,
+                stride: 2,
+                padding: 1,
+            }),
+        );
     }
     for (i, (&n, planes)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
         for j in 0..n {
             let stride = if i > 0 && j == 0 { 2 } else { 1 };
-            residual(&mut b, &format!("layer{}.{j}", i + 1), cfg.scale(planes), stride, bottleneck);
+            residual(
+                &mut b,
+                &format!("layer{}.{j}", i + 1),
+                cfg.scale(planes),
+                stride,
+                bottleneck,
+            );
         }
     }
     b.global_avg_pool("avgpool").linear("fc", cfg.classes);
@@ -234,7 +284,12 @@ fn separable(b: &mut GraphBuilder, p: &str, out: usize, stride: usize) {
 
 fn mobilenet_v1(cfg: &ZooConfig) -> Result<Graph> {
     let mut b = GraphBuilder::new(cfg.input);
-    cba(&mut b, "stem", k(cfg.scale(32), 3, if cfg.small() { 1 } else { 2 }), Some(Op::Relu));
+    cba(
+        &mut b,
+        "stem",
+        k(cfg.scale(32), 3, if cfg.small() { 1 } else { 2 }),
+        Some(Op::Relu),
+    );
     let blocks = [
         (64, 1),
         (128, 2),
@@ -270,7 +325,12 @@ fn make_divisible(v: f64, divisor: usize) -> usize {
 fn mobilenet_v2(cfg: &ZooConfig) -> Result<Graph> {
     let mut b = GraphBuilder::new(cfg.input);
     let ch = |c: usize| make_divisible(c as f64 * cfg.width, 8);
-    cba(&mut b, "stem", k(ch(32), 3, if cfg.small() { 1 } else { 2 }), Some(Op::Relu6));
+    cba(
+        &mut b,
+        "stem",
+        k(ch(32), 3, if cfg.small() { 1 } else { 2 }),
+        Some(Op::Relu6),
+    );
     // (expansion, channels, repeats, stride); small inputs keep the 24-channel stage at
     // full resolution, as CIFAR variants do.
     let settings = [
@@ -291,10 +351,20 @@ fn mobilenet_v2(cfg: &ZooConfig) -> Result<Graph> {
             let in_c = b.shape()[0];
             let out = ch(c);
             if t != 1 {
-                cba(&mut b, &format!("{p}.expand"), k(in_c * t, 1, 1), Some(Op::Relu6));
+                cba(
+                    &mut b,
+                    &format!("{p}.expand"),
+                    k(in_c * t, 1, 1),
+                    Some(Op::Relu6),
+                );
             }
             let hidden = b.shape()[0];
-            cba(&mut b, &format!("{p}.dw"), dw(hidden, 3, stride), Some(Op::Relu6));
+            cba(
+                &mut b,
+                &format!("{p}.dw"),
+                dw(hidden, 3, stride),
+                Some(Op::Relu6),
+            );
             cba(&mut b, &format!("{p}.project"), k(out, 1, 1), None);
             if stride == 1 && in_c == out {
                 let main = b.cursor().to_string();
@@ -305,14 +375,19 @@ fn mobilenet_v2(cfg: &ZooConfig) -> Result<Graph> {
     }
     let last = if cfg.width > 1.0 { ch(1280) } else { 1280 };
     cba(&mut b, "head", k(last, 1, 1), Some(Op::Relu6));
-    b.global_avg_pool("avgpool").dropout("dropout", 0.2).linear("fc", cfg.classes);
+    b.global_avg_pool("avgpool")
+        .dropout("dropout", 0.2)
+        .linear("fc", cfg.classes);
     b.build()
 }
 
 fn mobilenet_tiny(cfg: &ZooConfig) -> Result<Graph> {
     let mut b = GraphBuilder::new(cfg.input);
     cba(&mut b, "stem", k(cfg.scale(16), 3, 1), Some(Op::Relu));
-    for (i, (c, s)) in [(32, 1), (64, 2), (128, 2), (128, 1)].into_iter().enumerate() {
+    for (i, (c, s)) in [(32, 1), (64, 2), (128, 2), (128, 1)]
+        .into_iter()
+        .enumerate()
+    {
         separable(&mut b, &format!("block{}", i + 1), cfg.scale(c), s);
     }
     b.global_avg_pool("avgpool").linear("fc", cfg.classes);
@@ -340,8 +415,16 @@ mod tests {
         ];
         for (name, macs, params) in cases {
             let s = analyze(&build(name, &ZooConfig::new([3, 224, 224])).unwrap());
-            assert!(within(s.macs, macs, 0.02), "{name}: {} MACs, expected {macs}", s.macs);
-            assert!(within(s.params, params, 0.02), "{name}: {} params, expected {params}", s.params);
+            assert!(
+                within(s.macs, macs, 0.02),
+                "{name}: {} MACs, expected {macs}",
+                s.macs
+            );
+            assert!(
+                within(s.params, params, 0.02),
+                "{name}: {} params, expected {params}",
+                s.params
+            );
         }
     }
 
@@ -355,7 +438,9 @@ mod tests {
         }
         let g = build("resnet20", &ZooConfig::new([3, 32, 32])).unwrap();
         assert!(within(analyze(&g).params, 0.27e6, 0.02));
-        let e = build("resnet7", &ZooConfig::new([3, 32, 32])).unwrap_err().to_string();
+        let e = build("resnet7", &ZooConfig::new([3, 32, 32]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("resnet7") && e.contains("resnet20"), "{e}");
         let e = build("lenet", &ZooConfig::new([1, 28, 28]).with_width(0.0)).unwrap_err();
         assert!(e.to_string().contains("width"));

@@ -1,0 +1,326 @@
+//! Channel groups and surgery, checked against an independent reference: the original model
+//! with the pruned channels zeroed in every member (a masked original) must compute exactly
+//! what the physically pruned model computes.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use proptest::prelude::*;
+use slim_core::analysis::analyze;
+use slim_core::deps::{channel_groups, ChannelGroup};
+use slim_core::zoo::{self, ZooConfig};
+use slim_core::{Conv2dSpec, GraphBuilder, Mode, Model, Op};
+
+fn input_for(name: &str) -> [usize; 3] {
+    if name == "lenet" || name == "mobilenet_tiny" {
+        [1, 28, 28]
+    } else {
+        [3, 32, 32]
+    }
+}
+
+/// An Inception/DenseNet-like graph: parallel branches concatenated, a dense concat feeding
+/// a later layer, batch norm over a concatenation, an add of two concatenations, and a
+/// flatten into a linear layer.
+fn concat_graph() -> Model {
+    let mut b = GraphBuilder::new([3, 12, 12]);
+    b.conv("stem", 8, 3, 1, 1).relu("stem.relu");
+    b.conv("a", 4, 1, 1, 0).relu("a.relu");
+    b.at("stem.relu")
+        .conv("b1", 6, 1, 1, 0)
+        .relu("b1.relu")
+        .conv("b2", 6, 3, 1, 1);
+    b.at("stem.relu")
+        .max_pool("c.pool", 1, 1)
+        .conv("c", 5, 1, 1, 0);
+    b.concat("cat", &["a.relu", "b2", "c"])
+        .bn("cat.bn")
+        .relu("cat.relu");
+    // Dense connectivity: the stem is concatenated again after the block.
+    // A second concatenation with the same channel ranges, added to the first: its segments
+    // are unified pairwise.
+    b.at("stem.relu").conv("p4", 4, 1, 1, 0);
+    b.at("stem.relu").conv("p6", 6, 1, 1, 0);
+    b.at("stem.relu").conv("p5", 5, 1, 1, 0);
+    b.concat("cat2", &["p4", "p6", "p5"])
+        .add("res", &["cat.relu", "cat2"]);
+    b.concat("dense", &["stem.relu", "res"])
+        .conv("mix", 10, 1, 1, 0);
+    b.relu("mix.relu").max_pool("pool", 2, 2);
+    b.conv("tail", 6, 3, 1, 1)
+        .relu("tail.relu")
+        .flatten("flat")
+        .linear("fc1", 12)
+        .relu("fc1.relu");
+    b.linear("fc", 5);
+    Model::init(b.build().unwrap(), 5, &Device::Cpu).unwrap()
+}
+
+/// A squeeze-and-excite block (channel-wise Mul) with hard-swish, sigmoid and a depthwise
+/// convolution, as in MobileNetV3.
+fn se_graph() -> Model {
+    let mut b = GraphBuilder::new([3, 10, 10]);
+    b.conv("c1", 8, 3, 1, 1).bn("c1.bn").hardswish("c1.act");
+    b.dwconv("dw", 3, 1, 1).bn("dw.bn").relu6("dw.act");
+    b.global_avg_pool("se.pool")
+        .linear("se.fc1", 4)
+        .relu("se.relu")
+        .linear("se.fc2", 8)
+        .sigmoid("se.gate");
+    b.mul("se.scale", &["dw.act", "se.gate"]);
+    b.conv("c2", 6, 1, 1, 0).bn("c2.bn").relu("c2.relu");
+    b.global_avg_pool("gap")
+        .dropout("drop", 0.3)
+        .linear("fc", 4);
+    Model::init(b.build().unwrap(), 9, &Device::Cpu).unwrap()
+}
+
+/// Every zoo model and the two hand-built graphs, built once per test binary.
+fn models() -> &'static [(String, Model)] {
+    static MODELS: std::sync::OnceLock<Vec<(String, Model)>> = std::sync::OnceLock::new();
+    MODELS.get_or_init(build_models)
+}
+
+fn build_models() -> Vec<(String, Model)> {
+    let mut v: Vec<(String, Model)> = zoo::NAMES
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                zoo::model(n, &ZooConfig::new(input_for(n)), 1, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    v.push(("concat".into(), concat_graph()));
+    v.push(("squeeze-excite".into(), se_graph()));
+    v
+}
+
+/// Makes running statistics and biases non-trivial, so that masking really matters.
+fn perturb(model: &Model) {
+    for (name, p) in model.params.iter() {
+        let t = p.var.as_tensor();
+        let noise = Tensor::rand(0.2f32, 1.0, t.dims(), t.device()).unwrap();
+        if name.ends_with("running_var") || name.ends_with("bn.weight") {
+            p.var.set(&noise).unwrap();
+        } else if name.ends_with("bias") || name.ends_with("running_mean") {
+            p.var.set(&(noise - 0.6).unwrap()).unwrap();
+        }
+    }
+}
+
+/// Zeroes the dropped channels of a group in every member: the reference for surgery.
+fn mask(model: &Model, group: &ChannelGroup, keep: &[usize]) {
+    for m in &group.members {
+        let t = model.params.tensor(&m.param).unwrap();
+        let mut along = vec![1f32; t.dims()[m.axis]];
+        for k in (0..group.channels).filter(|k| !keep.contains(k)) {
+            for j in 0..m.expand {
+                along[(m.offset + k) * m.expand + j] = 0.0;
+            }
+        }
+        let mut shape = vec![1; t.rank()];
+        shape[m.axis] = along.len();
+        let mask = Tensor::from_vec(along, shape, t.device()).unwrap();
+        model
+            .params
+            .set(&m.param, &t.broadcast_mul(&mask).unwrap())
+            .unwrap();
+    }
+}
+
+fn batch(model: &Model, n: usize) -> Tensor {
+    let mut shape = vec![n];
+    shape.extend(model.input_shape());
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = a.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / scale)
+        .fold(0.0, f32::max)
+}
+
+fn check_zero_channels(model: &Model, picks: &[(usize, u64)]) -> Result<(), TestCaseError> {
+    let model = model.deep_clone().unwrap();
+    perturb(&model);
+    let groups = channel_groups(&model.graph);
+    let prunable: Vec<&ChannelGroup> = groups.prunable().collect();
+    prop_assume!(!prunable.is_empty());
+    let mut plan = Vec::new();
+    for &(pick, bits) in picks {
+        let g = prunable[pick % prunable.len()];
+        if plan.iter().any(|(id, _)| *id == g.id) {
+            continue;
+        }
+        // A pseudo-random keep-set from the bits, never empty.
+        let mut keep: Vec<usize> = (0..g.channels)
+            .filter(|k| (bits >> (k % 64)) & 1 == 1)
+            .collect();
+        if keep.is_empty() {
+            keep.push((bits as usize) % g.channels);
+        }
+        mask(&model, g, &keep);
+        plan.push((g.id, keep));
+    }
+    let pruned = groups.prune(&model, &plan).unwrap();
+    let x = batch(&model, 2);
+    let want = model.forward(&x, Mode::Eval).unwrap();
+    let got = pruned.forward(&x, Mode::Eval).unwrap();
+    let d = max_rel_diff(&want, &got);
+    prop_assert!(d < 1e-4, "outputs differ by {d} after pruning {plan:?}");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pruning_zero_channels_leaves_outputs_unchanged(
+        picks in proptest::collection::vec((0usize..1000, any::<u64>()), 1..4)
+    ) {
+        for (name, model) in models() {
+            check_zero_channels(model, &picks).map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
+        }
+    }
+}
+
+#[test]
+fn half_of_every_group_gives_a_valid_smaller_graph_with_predicted_macs() {
+    for (name, model) in models() {
+        let groups = channel_groups(&model.graph);
+        let plan: Vec<(usize, Vec<usize>)> = groups
+            .prunable()
+            .map(|g| (g.id, (0..g.channels).step_by(2).collect()))
+            .collect();
+        assert!(!plan.is_empty(), "{name}: no prunable group");
+        let kept: HashMap<usize, usize> = plan.iter().map(|(g, k)| (*g, k.len())).collect();
+        let predicted = groups.predict_macs(&kept);
+        let pruned = groups.prune(&model, &plan).unwrap();
+        let before = analyze(&model.graph);
+        let after = analyze(&pruned.graph);
+        assert_eq!(after.macs, predicted, "{name}");
+        assert!(
+            after.macs < before.macs && after.params < before.params,
+            "{name}"
+        );
+        assert_eq!(
+            after.params as usize,
+            pruned.params.trainable_count(),
+            "{name}"
+        );
+        // The pruned model runs in both modes, and in train mode gives gradients.
+        let x = batch(&pruned, 4);
+        let y = pruned.forward(&x, Mode::Eval).unwrap();
+        assert_eq!(y.dims()[0], 4);
+        let loss = pruned
+            .forward(&x, Mode::Train)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        loss.backward().unwrap();
+        // The original is untouched.
+        assert_eq!(
+            model.graph,
+            channel_groups(&model.graph)
+                .prune(&model, &[])
+                .unwrap()
+                .graph
+        );
+    }
+}
+
+#[test]
+fn residual_adds_unify_groups() {
+    let m = zoo::model("resnet20", &ZooConfig::new([3, 32, 32]), 0, &Device::Cpu).unwrap();
+    let groups = channel_groups(&m.graph);
+    // Stage 1 of ResNet-20: the stem and the second conv of every block feed one residual
+    // stream, so they are one group with 4 producers.
+    let stream = groups
+        .groups
+        .iter()
+        .find(|g| g.producers.iter().any(|p| p == "stem.conv"))
+        .unwrap();
+    assert_eq!(stream.producers.len(), 4, "{stream}");
+    assert!(stream.is_prunable());
+    // Each block's inner channels are a group of their own: 9 of them, plus 3 streams.
+    assert_eq!(groups.prunable().count(), 12);
+    assert!(groups
+        .groups
+        .iter()
+        .any(|g| g.blocked.as_ref().is_some_and(|b| b.node == "fc")));
+}
+
+#[test]
+fn blocked_groups_name_the_op() {
+    // A grouped (non-depthwise) convolution and a softmax over channels.
+    let mut b = GraphBuilder::new([4, 8, 8]);
+    b.conv("c1", 8, 3, 1, 1).relu("r1");
+    b.conv_with(
+        "grouped",
+        Conv2dSpec::new(0, 8, 3).with_padding(1).with_groups(2),
+    )
+    .relu("r2");
+    b.conv("c3", 6, 1, 1, 0)
+        .softmax("attn")
+        .conv("c4", 4, 1, 1, 0);
+    b.global_avg_pool("gap").linear("fc", 3);
+    let model = Model::init(b.build().unwrap(), 0, &Device::Cpu).unwrap();
+    let groups = channel_groups(&model.graph);
+    let of = |producer: &str| {
+        groups
+            .groups
+            .iter()
+            .find(|g| g.producers.iter().any(|p| p == producer))
+            .unwrap()
+    };
+    let g1 = of("c1");
+    let b1 = g1.blocked.as_ref().unwrap();
+    assert_eq!((b1.node.as_str(), b1.op.as_str()), ("grouped", "conv2d"));
+    assert!(b1.reason.contains("groups=2"), "{g1}");
+    let g3 = of("c3");
+    assert_eq!(g3.blocked.as_ref().unwrap().op, "softmax");
+    assert!(g3.to_string().contains("`attn` (softmax)"), "{g3}");
+    assert!(of("c4").is_prunable());
+    // Pruning a blocked group is an error that names the blocker, and nothing changes.
+    let mut m2 = model.deep_clone().unwrap();
+    let e = m2.prune_channels(g3, &[0, 1]).unwrap_err().to_string();
+    assert!(e.contains("attn"), "{e}");
+    assert_eq!(m2.graph, model.graph);
+}
+
+#[test]
+fn bad_plans_are_errors_and_change_nothing() {
+    let mut model = zoo::model("lenet", &ZooConfig::new([1, 28, 28]), 0, &Device::Cpu).unwrap();
+    let groups = channel_groups(&model.graph);
+    let g = groups.prunable().next().unwrap().clone();
+    let before = model.graph.clone();
+    for keep in [vec![], vec![0, g.channels]] {
+        assert!(model.prune_channels(&g, &keep).is_err());
+        assert_eq!(model.graph, before);
+    }
+    assert!(groups
+        .prune(&model, &[(999, vec![0])])
+        .unwrap_err()
+        .to_string()
+        .contains("999"));
+    assert!(groups
+        .prune(&model, &[(g.id, vec![0]), (g.id, vec![1])])
+        .is_err());
+    // Keeping channels 1 and 3 of conv1 (6 channels) leaves a 2-channel conv1.
+    model.prune_channels(&g, &[1, 3]).unwrap();
+    match &model.graph.find("conv1").unwrap().op {
+        Op::Conv2d(c) => assert_eq!(c.out_channels, 2),
+        op => panic!("{op:?}"),
+    }
+    // Groups computed before the surgery no longer apply.
+    assert!(groups.prune(&model, &[]).is_err());
+    let x = Tensor::zeros((1, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.forward(&x, Mode::Eval).unwrap().dims(), &[1, 10]);
+}
