@@ -1,3 +1,73 @@
-fn main() {
-    eprintln!("slim: no commands yet");
+//! The `slim` command: compress convolutional models by pruning, quantization, distillation
+//! and architecture search. This binary only parses arguments, calls the library crates and
+//! prints their results; no algorithm lives here.
+//!
+//! Exit status: 0 on success, 2 on a usage or input error (a bad file, name, shape or value),
+//! 1 on any other failure. With `--json` a command prints exactly one JSON object on stdout;
+//! progress and logs go to stderr.
+
+mod info;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "slim",
+    version,
+    about = "Make convolutional models smaller and faster, and prove it with numbers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-layer MACs and parameters, totals, and the channel groups of a model.
+    Info(info::InfoArgs),
+}
+
+/// An error and the exit status it deserves.
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let error: anyhow::Error = e.into();
+        // Errors about what the user supplied are input errors (status 2); a failure inside a
+        // computation is status 1.
+        let code = match error.downcast_ref::<slim_core::CoreError>() {
+            Some(slim_core::CoreError::Candle(_)) => 1,
+            Some(_) => 2,
+            None => 1,
+        };
+        Failure { code, error }
+    }
+}
+
+/// An input error (exit status 2) with a message.
+pub fn input_error(msg: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: 2,
+        error: anyhow::anyhow!("{msg}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(args) => info::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("slim: error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
 }
