@@ -59,16 +59,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 impl Model {
     /// The model as the bytes of a safetensors file.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let graph = serde_json::to_string(&self.graph.to_def())
-            .map_err(|e| CoreError::Invalid(format!("cannot encode the graph: {e}")))?;
-        let provenance = serde_json::to_string(&self.provenance)
-            .map_err(|e| CoreError::Invalid(format!("cannot encode the provenance: {e}")))?;
-        let metadata = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("format_version".to_string(), FORMAT_VERSION.to_string()),
-            ("graph".to_string(), graph),
-            ("provenance".to_string(), provenance),
-        ]);
+        let metadata = self.metadata()?;
         let tensors: Vec<(String, Tensor)> = self
             .params
             .iter()
@@ -102,22 +93,46 @@ impl Model {
 
     /// Reads a model from the bytes of a safetensors file.
     pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Model> {
+        let (st, meta) = open_safetensors(bytes)?;
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(CoreError::file(
+                "<bytes>",
+                format!(
+                    "metadata `format` is `{}`, expected `{FORMAT}`",
+                    meta["format"]
+                ),
+            ));
+        }
+        Model::from_safetensors(&st, &meta, "", device)
+    }
+
+    /// The metadata a model file carries (format, version, graph, provenance).
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let graph = serde_json::to_string(&self.graph.to_def())
+            .map_err(|e| CoreError::Invalid(format!("cannot encode the graph: {e}")))?;
+        let provenance = serde_json::to_string(&self.provenance)
+            .map_err(|e| CoreError::Invalid(format!("cannot encode the provenance: {e}")))?;
+        Ok(HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("format_version".to_string(), FORMAT_VERSION.to_string()),
+            ("graph".to_string(), graph),
+            ("provenance".to_string(), provenance),
+        ]))
+    }
+
+    /// Reads the model whose tensors are stored under `prefix` (empty for a model file; other
+    /// files, such as training checkpoints, keep more tensors beside the model's).
+    pub fn from_safetensors(
+        st: &SafeTensors<'_>,
+        meta: &HashMap<String, String>,
+        prefix: &str,
+        device: &Device,
+    ) -> Result<Model> {
         let bad = |msg: String| CoreError::file("<bytes>", msg);
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
-        let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
-        let meta = header.metadata().clone().unwrap_or_default();
         let key = |k: &str| {
             meta.get(k)
                 .ok_or_else(|| bad(format!("metadata has no `{k}`: not a Slim model file")))
         };
-        if key("format")? != FORMAT {
-            return Err(bad(format!(
-                "metadata `format` is `{}`, expected `{FORMAT}`",
-                key("format")?
-            )));
-        }
         let version: u32 = key("format_version")?
             .parse()
             .map_err(|_| bad(format!("bad `format_version` `{}`", meta["format_version"])))?;
@@ -138,39 +153,59 @@ impl Model {
         let mut params = ParamStore::new();
         let specs = graph.param_specs();
         for (name, spec) in &specs {
+            let stored = format!("{prefix}{name}");
             let view = st
-                .tensor(name)
-                .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+                .tensor(&stored)
+                .map_err(|_| bad(format!("tensor `{stored}` is missing")))?;
             if view.dtype() != safetensors::Dtype::F32 {
                 return Err(bad(format!(
-                    "tensor `{name}` has type {:?}, expected F32",
+                    "tensor `{stored}` has type {:?}, expected F32",
                     view.dtype()
                 )));
             }
             if view.shape() != spec.shape.as_slice() {
                 return Err(bad(format!(
-                    "tensor `{name}` has shape {:?}, the graph expects {:?}",
+                    "tensor `{stored}` has shape {:?}, the graph expects {:?}",
                     view.shape(),
                     spec.shape
                 )));
             }
             let t = view
                 .load(device)
-                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+                .map_err(|e| bad(format!("tensor `{stored}`: {e}")))?;
             params.insert(name.clone(), &t.to_dtype(DType::F32)?, spec.kind)?;
         }
-        if st.len() != specs.len() {
-            let declared: std::collections::HashSet<&str> =
-                specs.iter().map(|(n, _)| n.as_str()).collect();
-            if let Some(extra) = st.names().into_iter().find(|n| !declared.contains(n)) {
-                return Err(bad(format!(
-                    "tensor `{extra}` is not declared by the graph"
-                )));
-            }
+        let declared: std::collections::HashSet<String> =
+            specs.iter().map(|(n, _)| format!("{prefix}{n}")).collect();
+        if let Some(extra) = st
+            .names()
+            .into_iter()
+            .find(|n| n.starts_with(prefix) && !declared.contains(*n))
+        {
+            return Err(bad(format!(
+                "tensor `{extra}` is not declared by the graph"
+            )));
         }
         let mut model = Model::new(graph, params).map_err(|e| bad(e.to_string()))?;
         model.provenance = provenance;
         Ok(model)
+    }
+}
+
+/// Parses a safetensors buffer and its metadata, checking the `format` key is a Slim one.
+pub fn open_safetensors(bytes: &[u8]) -> Result<(SafeTensors<'_>, HashMap<String, String>)> {
+    let bad = |msg: String| CoreError::file("<bytes>", msg);
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    match meta.get("format").map(String::as_str) {
+        Some(FORMAT) | Some(crate::train::CHECKPOINT_FORMAT) => Ok((st, meta)),
+        Some(other) => Err(bad(format!(
+            "metadata `format` is `{other}`, expected `{FORMAT}`"
+        ))),
+        None => Err(bad("metadata has no `format`: not a Slim model file".into())),
     }
 }
 

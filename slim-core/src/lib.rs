@@ -11,7 +11,9 @@
 //! - [`io`]: one `.safetensors` file per model, written atomically;
 //! - [`analysis`]: multiply-accumulates, parameters and bytes per layer;
 //! - [`deps`]: channel groups and the surgery that prunes them;
-//! - [`zoo`]: LeNet, VGG, ResNet, MobileNet V1/V2.
+//! - [`zoo`]: LeNet, VGG, ResNet, MobileNet V1/V2;
+//! - [`data`]: MNIST/Fashion-MNIST IDX and CIFAR-10 loaders, the bundled MNIST subset, batching;
+//! - [`train`]: the one training loop (SGD, Adam, AdamW, schedules, checkpoints) and evaluation.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -32,6 +34,7 @@
 //! ```
 
 pub mod analysis;
+pub mod data;
 pub mod deps;
 pub mod error;
 pub mod exec;
@@ -39,6 +42,7 @@ pub mod graph;
 pub mod io;
 pub mod model;
 pub mod params;
+pub mod train;
 pub mod zoo;
 
 pub use error::{CoreError, Result};

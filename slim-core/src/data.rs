@@ -1,0 +1,590 @@
+//! Data: image classification sets held in memory as bytes, their loaders, and batching.
+//!
+//! - [`ImageSet`]: `N` images of one shape `[C, H, W]` as `u8`, with their labels; it
+//!   implements the [`Dataset`] trait.
+//! - Loaders for MNIST-format IDX files (gzip or plain: MNIST and Fashion-MNIST) and CIFAR-10
+//!   binary batches. A missing directory or file, a truncated file, a bad magic number, or
+//!   labels that do not match the images is an error naming the file.
+//! - A data spec string that every command accepts: `builtin:mnist-10k` (the 10,000-digit
+//!   MNIST subset embedded in this crate), `mnist:DIR`, `fashion-mnist:DIR`, `cifar10:DIR`.
+//! - [`Loader`]: seeded shuffling, normalization and augmentation (random crop with padding,
+//!   horizontal flip), with batches prepared on a worker thread. The order and augmentation of
+//!   epoch `e` depend only on the seed and `e`, so a run resumed at an epoch boundary sees the
+//!   same batches as an unbroken one.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::error::{CoreError, Result};
+
+/// A labelled image classification set.
+pub trait Dataset: Send + Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Per-sample shape `[C, H, W]`.
+    fn shape(&self) -> [usize; 3];
+    /// Number of classes.
+    fn classes(&self) -> usize;
+    /// The pixels (`C * H * W` bytes, channel-major) and label of sample `i`.
+    fn sample(&self, i: usize) -> (&[u8], u8);
+}
+
+/// Images and labels held in memory.
+#[derive(Clone, Debug)]
+pub struct ImageSet {
+    pub shape: [usize; 3],
+    pub classes: usize,
+    pub images: Vec<u8>,
+    pub labels: Vec<u8>,
+}
+
+impl Dataset for ImageSet {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+    fn shape(&self) -> [usize; 3] {
+        self.shape
+    }
+    fn classes(&self) -> usize {
+        self.classes
+    }
+    fn sample(&self, i: usize) -> (&[u8], u8) {
+        let n: usize = self.shape.iter().product();
+        (&self.images[i * n..(i + 1) * n], self.labels[i])
+    }
+}
+
+impl ImageSet {
+    /// The first `n` samples (or all, if fewer): a slice for quick tests.
+    pub fn take(&self, n: usize) -> ImageSet {
+        let n = n.min(self.len());
+        let per: usize = self.shape.iter().product();
+        ImageSet {
+            shape: self.shape,
+            classes: self.classes,
+            images: self.images[..n * per].to_vec(),
+            labels: self.labels[..n].to_vec(),
+        }
+    }
+}
+
+/// Per-channel normalization `(x / 255 - mean) / std`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Normalize {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// Training-time augmentation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Augment {
+    /// Pad by this many zero pixels, then crop back at a random offset (0: off).
+    pub crop_padding: usize,
+    /// Flip horizontally with probability 1/2.
+    pub hflip: bool,
+}
+
+/// A data set's train and test splits, with the normalization and augmentation that suit it.
+#[derive(Clone, Debug)]
+pub struct DataSplits {
+    /// The spec it was loaded from (`builtin:mnist-10k`, `cifar10:/data/cifar`, ...).
+    pub spec: String,
+    pub train: ImageSet,
+    pub test: ImageSet,
+    pub normalize: Normalize,
+    pub augment: Augment,
+}
+
+const MNIST_TRAIN_IMAGES: &[u8] = include_bytes!("../../data/mnist-10k/train-images-idx3-ubyte.gz");
+const MNIST_TRAIN_LABELS: &[u8] = include_bytes!("../../data/mnist-10k/train-labels-idx1-ubyte.gz");
+const MNIST_TEST_IMAGES: &[u8] = include_bytes!("../../data/mnist-10k/t10k-images-idx3-ubyte.gz");
+const MNIST_TEST_LABELS: &[u8] = include_bytes!("../../data/mnist-10k/t10k-labels-idx1-ubyte.gz");
+
+/// The bundled default data spec.
+pub const DEFAULT_SPEC: &str = "builtin:mnist-10k";
+
+/// Loads a data set from a spec: `builtin:mnist-10k`, `mnist:DIR`, `fashion-mnist:DIR` or
+/// `cifar10:DIR`.
+pub fn load_spec(spec: &str) -> Result<DataSplits> {
+    let (kind, arg) = spec.split_once(':').ok_or_else(|| {
+        CoreError::Invalid(format!(
+            "data spec `{spec}` is not KIND:ARG (builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR)"
+        ))
+    })?;
+    let mnist_norm = Normalize {
+        mean: vec![0.1307],
+        std: vec![0.3081],
+    };
+    let (train, test, normalize, augment) = match kind {
+        "builtin" if arg == "mnist-10k" => {
+            let p = |n: &str| PathBuf::from(format!("builtin:mnist-10k/{n}"));
+            let train = idx_pair(
+                (&p("train-images-idx3-ubyte.gz"), MNIST_TRAIN_IMAGES),
+                (&p("train-labels-idx1-ubyte.gz"), MNIST_TRAIN_LABELS),
+            )?;
+            let test = idx_pair(
+                (&p("t10k-images-idx3-ubyte.gz"), MNIST_TEST_IMAGES),
+                (&p("t10k-labels-idx1-ubyte.gz"), MNIST_TEST_LABELS),
+            )?;
+            (train, test, mnist_norm, Augment::default())
+        }
+        "builtin" => {
+            return Err(CoreError::Invalid(format!(
+                "unknown built-in data set `{arg}` (known: mnist-10k)"
+            )))
+        }
+        "mnist" | "fashion-mnist" => {
+            let dir = existing_dir(arg)?;
+            let train = load_idx_dir(&dir, "train")?;
+            let test = load_idx_dir(&dir, "t10k")?;
+            let norm = if kind == "mnist" {
+                mnist_norm
+            } else {
+                Normalize { mean: vec![0.2860], std: vec![0.3530] }
+            };
+            (train, test, norm, Augment::default())
+        }
+        "cifar10" => {
+            let dir = existing_dir(arg)?;
+            let dir = if dir.join("cifar-10-batches-bin").is_dir() { dir.join("cifar-10-batches-bin") } else { dir };
+            let train_files: Vec<PathBuf> = (1..=5).map(|i| dir.join(format!("data_batch_{i}.bin"))).collect();
+            let train = load_cifar10(&train_files)?;
+            let test = load_cifar10(&[dir.join("test_batch.bin")])?;
+            let norm = Normalize { mean: vec![0.4914, 0.4822, 0.4465], std: vec![0.2470, 0.2435, 0.2616] };
+            (train, test, norm, Augment { crop_padding: 4, hflip: true })
+        }
+        _ => {
+            return Err(CoreError::Invalid(format!(
+                "unknown data kind `{kind}` in `{spec}` (known: builtin, mnist, fashion-mnist, cifar10)"
+            )))
+        }
+    };
+    Ok(DataSplits {
+        spec: spec.to_string(),
+        train,
+        test,
+        normalize,
+        augment,
+    })
+}
+
+fn existing_dir(arg: &str) -> Result<PathBuf> {
+    let dir = PathBuf::from(arg);
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(CoreError::file(dir, "no such directory"))
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| CoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads `<prefix>-images-idx3-ubyte[.gz]` and `<prefix>-labels-idx1-ubyte[.gz]` from a
+/// directory.
+pub fn load_idx_dir(dir: &Path, prefix: &str) -> Result<ImageSet> {
+    let find = |stem: &str| -> Result<PathBuf> {
+        let plain = dir.join(stem);
+        let gz = dir.join(format!("{stem}.gz"));
+        if gz.is_file() {
+            Ok(gz)
+        } else if plain.is_file() {
+            Ok(plain)
+        } else {
+            Err(CoreError::file(
+                gz,
+                "missing (neither it nor the uncompressed file exists)",
+            ))
+        }
+    };
+    let images = find(&format!("{prefix}-images-idx3-ubyte"))?;
+    let labels = find(&format!("{prefix}-labels-idx1-ubyte"))?;
+    idx_pair(
+        (&images, &read_file(&images)?),
+        (&labels, &read_file(&labels)?),
+    )
+}
+
+fn idx_pair(images: (&Path, &[u8]), labels: (&Path, &[u8])) -> Result<ImageSet> {
+    let (idims, ipix) = parse_idx(images.0, images.1, 3)?;
+    let (ldims, lab) = parse_idx(labels.0, labels.1, 1)?;
+    if idims[0] != ldims[0] {
+        return Err(CoreError::file(
+            labels.0,
+            format!(
+                "holds {} labels but {} holds {} images",
+                ldims[0],
+                images.0.display(),
+                idims[0]
+            ),
+        ));
+    }
+    if let Some(bad) = lab.iter().find(|&&l| l >= 10) {
+        return Err(CoreError::file(
+            labels.0,
+            format!("label {bad} is out of range 0..10"),
+        ));
+    }
+    Ok(ImageSet {
+        shape: [1, idims[1], idims[2]],
+        classes: 10,
+        images: ipix,
+        labels: lab,
+    })
+}
+
+/// Largest file a loader will inflate: well above any IDX file of these data sets.
+const MAX_BYTES: u64 = 1 << 31;
+
+/// Parses an IDX file of unsigned bytes (gzip-compressed or not) with `rank` dimensions.
+pub fn parse_idx(path: &Path, raw: &[u8], rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(raw)
+            .take(MAX_BYTES)
+            .read_to_end(&mut out)
+            .map_err(|e| CoreError::file(path, format!("corrupt gzip data: {e}")))?;
+        out
+    } else {
+        raw.to_vec()
+    };
+    if bytes.len() < 4 + 4 * rank {
+        return Err(CoreError::file(
+            path,
+            format!(
+                "truncated: {} bytes, too short for an IDX header",
+                bytes.len()
+            ),
+        ));
+    }
+    let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let expected = 0x0800 + rank as u32;
+    if magic != expected {
+        return Err(CoreError::file(
+            path,
+            format!("bad magic number 0x{magic:08x}, expected 0x{expected:08x} (u8 data of rank {rank})"),
+        ));
+    }
+    let dims: Vec<usize> = (0..rank)
+        .map(|i| {
+            let o = 4 + 4 * i;
+            u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
+        })
+        .collect();
+    let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let body = &bytes[4 + 4 * rank..];
+    match count {
+        Some(c) if c == body.len() && dims.iter().all(|&d| d > 0) => Ok((dims, body.to_vec())),
+        _ => Err(CoreError::file(
+            path,
+            format!(
+                "truncated or oversized: header says {dims:?}, file holds {} data bytes",
+                body.len()
+            ),
+        )),
+    }
+}
+
+/// Reads CIFAR-10 binary batches (records of one label byte and 3x32x32 pixels).
+pub fn load_cifar10(files: &[PathBuf]) -> Result<ImageSet> {
+    const REC: usize = 1 + 3 * 32 * 32;
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for f in files {
+        let bytes = read_file(f)?;
+        if bytes.is_empty() || bytes.len() % REC != 0 {
+            return Err(CoreError::file(
+                f,
+                format!(
+                    "{} bytes is not a whole number of {REC}-byte CIFAR-10 records",
+                    bytes.len()
+                ),
+            ));
+        }
+        for rec in bytes.chunks_exact(REC) {
+            if rec[0] >= 10 {
+                return Err(CoreError::file(
+                    f,
+                    format!("label {} is out of range 0..10", rec[0]),
+                ));
+            }
+            labels.push(rec[0]);
+            images.extend_from_slice(&rec[1..]);
+        }
+    }
+    Ok(ImageSet {
+        shape: [3, 32, 32],
+        classes: 10,
+        images,
+        labels,
+    })
+}
+
+/// One batch: normalized images `[B, C, H, W]` f32 and labels `[B]` u32.
+pub struct Batch {
+    pub images: Tensor,
+    pub labels: Tensor,
+}
+
+/// How a [`Loader`] walks a data set.
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    /// Shuffle with this seed (mixed with the epoch); `None` keeps the stored order.
+    pub shuffle: Option<u64>,
+    pub augment: Augment,
+    pub normalize: Normalize,
+    /// Drop a last batch smaller than `batch_size` (training), or keep it (evaluation).
+    pub drop_last: bool,
+}
+
+/// Batches of one epoch, prepared on a worker thread two batches ahead.
+pub struct Loader {
+    rx: mpsc::Receiver<(Vec<f32>, Vec<u32>)>,
+    shape: [usize; 3],
+    device: Device,
+    batches: usize,
+}
+
+impl Loader {
+    pub fn new(
+        data: Arc<dyn Dataset>,
+        cfg: &LoaderConfig,
+        epoch: u64,
+        device: &Device,
+    ) -> Result<Loader> {
+        if cfg.batch_size == 0 {
+            return Err(CoreError::Invalid("batch size must be at least 1".into()));
+        }
+        let n = data.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        if let Some(seed) = cfg.shuffle {
+            order.shuffle(&mut StdRng::seed_from_u64(mix(seed, epoch, 0)));
+        }
+        let batches = if cfg.drop_last {
+            n / cfg.batch_size
+        } else {
+            n.div_ceil(cfg.batch_size)
+        };
+        let (tx, rx) = mpsc::sync_channel(2);
+        let cfg = cfg.clone();
+        let shape = data.shape();
+        std::thread::spawn(move || {
+            for b in 0..batches {
+                let idx = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(n)];
+                let mut rng =
+                    StdRng::seed_from_u64(mix(cfg.shuffle.unwrap_or(0), epoch, b as u64 + 1));
+                let batch = make_batch(data.as_ref(), idx, &cfg, &mut rng);
+                if tx.send(batch).is_err() {
+                    return; // the consumer stopped early
+                }
+            }
+        });
+        Ok(Loader {
+            rx,
+            shape,
+            device: device.clone(),
+            batches,
+        })
+    }
+
+    /// Number of batches in the epoch.
+    pub fn len(&self) -> usize {
+        self.batches
+    }
+    pub fn is_empty(&self) -> bool {
+        self.batches == 0
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let (x, y) = self.rx.recv().ok()?;
+        let b = y.len();
+        let [c, h, w] = self.shape;
+        let make = || -> Result<Batch> {
+            Ok(Batch {
+                images: Tensor::from_vec(x, (b, c, h, w), &self.device)?,
+                labels: Tensor::from_vec(y, b, &self.device)?,
+            })
+        };
+        Some(make())
+    }
+}
+
+fn mix(seed: u64, epoch: u64, batch: u64) -> u64 {
+    let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for v in [epoch, batch] {
+        h = (h ^ v).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 31;
+    }
+    h
+}
+
+fn make_batch(
+    data: &dyn Dataset,
+    idx: &[usize],
+    cfg: &LoaderConfig,
+    rng: &mut StdRng,
+) -> (Vec<f32>, Vec<u32>) {
+    let [c, h, w] = data.shape();
+    let per = c * h * w;
+    let mut xs = vec![0f32; idx.len() * per];
+    let mut ys = Vec::with_capacity(idx.len());
+    // Lookup tables: byte -> normalized value, per channel.
+    let lut: Vec<[f32; 256]> = (0..c)
+        .map(|ch| {
+            let mean = cfg
+                .normalize
+                .mean
+                .get(ch)
+                .or(cfg.normalize.mean.first())
+                .copied()
+                .unwrap_or(0.0);
+            let std = cfg
+                .normalize
+                .std
+                .get(ch)
+                .or(cfg.normalize.std.first())
+                .copied()
+                .unwrap_or(1.0);
+            std::array::from_fn(|v| (v as f32 / 255.0 - mean) / std)
+        })
+        .collect();
+    let pad = cfg.augment.crop_padding as i64;
+    for (bi, &i) in idx.iter().enumerate() {
+        let (pix, label) = data.sample(i);
+        ys.push(u32::from(label));
+        let (dy, dx) = if pad > 0 {
+            (rng.random_range(-pad..=pad), rng.random_range(-pad..=pad))
+        } else {
+            (0, 0)
+        };
+        let flip = cfg.augment.hflip && rng.random::<bool>();
+        let out = &mut xs[bi * per..(bi + 1) * per];
+        for ch in 0..c {
+            let zero = lut[ch][0];
+            for y in 0..h {
+                for x in 0..w {
+                    let sx = if flip { w - 1 - x } else { x } as i64 + dx;
+                    let sy = y as i64 + dy;
+                    let v = if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
+                        lut[ch][pix[ch * h * w + sy as usize * w + sx as usize] as usize]
+                    } else {
+                        zero
+                    };
+                    out[ch * h * w + y * w + x] = v;
+                }
+            }
+        }
+    }
+    (xs, ys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_mnist_loads() {
+        let d = load_spec(DEFAULT_SPEC).unwrap();
+        assert_eq!(d.train.len(), 8004);
+        assert_eq!(d.test.len(), 1996);
+        assert_eq!(d.train.shape, [1, 28, 28]);
+        let mut counts = [0usize; 10];
+        for &l in &d.train.labels {
+            counts[l as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 600), "{counts:?}");
+    }
+
+    #[test]
+    fn bad_specs_and_files() {
+        for (spec, needle) in [
+            ("mnist", "KIND:ARG"),
+            ("builtin:cifar", "mnist-10k"),
+            ("imagenet:/x", "unknown data kind"),
+            ("mnist:/no/such/dir", "/no/such/dir"),
+        ] {
+            let e = load_spec(spec).unwrap_err().to_string();
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
+        let p = Path::new("f.idx");
+        let mut ok = vec![0, 0, 8, 1, 0, 0, 0, 3, 1, 2, 3];
+        assert_eq!(parse_idx(p, &ok, 1).unwrap().1, vec![1, 2, 3]);
+        ok.pop();
+        assert!(parse_idx(p, &ok, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        let e = parse_idx(p, &[0, 0, 8, 3, 0, 0, 0, 1], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f.idx") && e.contains("magic"), "{e}");
+        let e = parse_idx(p, &[0x1f, 0x8b, 1, 2, 3], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gzip"), "{e}");
+    }
+
+    #[test]
+    fn loader_is_seeded_and_complete() {
+        let d = load_spec(DEFAULT_SPEC).unwrap().test.take(100);
+        let data: Arc<dyn Dataset> = Arc::new(d);
+        let cfg = LoaderConfig {
+            batch_size: 32,
+            shuffle: Some(5),
+            augment: Augment {
+                crop_padding: 2,
+                hflip: true,
+            },
+            normalize: Normalize {
+                mean: vec![0.5],
+                std: vec![0.5],
+            },
+            drop_last: false,
+        };
+        let labels = |epoch| -> Vec<u32> {
+            Loader::new(data.clone(), &cfg, epoch, &Device::Cpu)
+                .unwrap()
+                .flat_map(|b| b.unwrap().labels.to_vec1::<u32>().unwrap())
+                .collect()
+        };
+        let (a, b, c) = (labels(0), labels(0), labels(1));
+        assert_eq!(a.len(), 100);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let mut sorted_a = a.clone();
+        let mut sorted_c = c.clone();
+        sorted_a.sort();
+        sorted_c.sort();
+        assert_eq!(sorted_a, sorted_c);
+        let first = Loader::new(data.clone(), &cfg, 0, &Device::Cpu)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.images.dims(), &[32, 1, 28, 28]);
+        let v = first
+            .images
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(v.iter().all(|x| (-1.0..=1.0).contains(x)));
+    }
+}

@@ -1,0 +1,805 @@
+//! Training: the one loop behind everything in Slim that trains (baseline, fine-tuning after
+//! pruning, quantization-aware training, distillation, supernets), and evaluation.
+//!
+//! - Optimizers: SGD with momentum, Nesterov and (coupled) weight decay; Adam; AdamW (decoupled
+//!   weight decay, Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019).
+//! - Learning-rate schedules: constant, step, cosine; with an optional linear warm-up.
+//! - Extra loss terms from the caller ([`LossTerm`]), which may read any tapped node.
+//! - Seeded: batches depend only on the seed and the epoch, so two runs with one seed agree,
+//!   and a run resumed from an epoch checkpoint continues exactly as an unbroken one.
+//! - Checkpoints: after every epoch, the model, the optimizer state and the progress are
+//!   written atomically to one safetensors file.
+//! - Progress goes to a caller-supplied callback; this crate prints nothing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{DataSplits, Dataset, ImageSet, Loader, LoaderConfig, Normalize};
+use crate::error::{CoreError, Result};
+use crate::exec::{ForwardOptions, ForwardOutput, Mode};
+use crate::io::{open_safetensors, write_atomic};
+use crate::model::Model;
+
+/// The `format` metadata of a training checkpoint file.
+pub const CHECKPOINT_FORMAT: &str = "slim-checkpoint";
+
+/// Which optimizer updates the parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgd,
+    Adam,
+    AdamW,
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sgd" => Ok(OptimizerKind::Sgd),
+            "adam" => Ok(OptimizerKind::Adam),
+            "adamw" => Ok(OptimizerKind::AdamW),
+            _ => Err(CoreError::Invalid(format!(
+                "unknown optimizer `{s}` (known: sgd, adam, adamw)"
+            ))),
+        }
+    }
+}
+
+/// How the learning rate changes over the epochs (after warm-up).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    /// Multiply by `gamma` every `every` epochs.
+    Step {
+        every: usize,
+        gamma: f64,
+    },
+    /// Cosine decay to zero over the run, step by step.
+    Cosine,
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = CoreError;
+    /// `constant`, `cosine`, or `step:EVERY:GAMMA` (e.g. `step:10:0.1`).
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            CoreError::Invalid(format!(
+                "unknown schedule `{s}` (constant, cosine, step:EVERY:GAMMA)"
+            ))
+        };
+        match s {
+            "constant" => Ok(Schedule::Constant),
+            "cosine" => Ok(Schedule::Cosine),
+            _ => {
+                let parts: Vec<&str> = s.split(':').collect();
+                match parts[..] {
+                    ["step", every, gamma] => Ok(Schedule::Step {
+                        every: every.parse().map_err(|_| bad())?,
+                        gamma: gamma.parse().map_err(|_| bad())?,
+                    }),
+                    _ => Err(bad()),
+                }
+            }
+        }
+    }
+}
+
+/// A training recipe.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    /// SGD momentum (ignored by Adam).
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+    /// Epochs of linear warm-up from 0 to `lr`.
+    pub warmup_epochs: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 5,
+            batch_size: 64,
+            optimizer: OptimizerKind::Adam,
+            lr: 0.003,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+            schedule: Schedule::Constant,
+            warmup_epochs: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn with_epochs(mut self, epochs: usize) -> Self {
+        self.epochs = epochs;
+        self
+    }
+    pub fn with_lr(mut self, lr: f64) -> Self {
+        self.lr = lr;
+        self
+    }
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+    pub fn with_optimizer(mut self, optimizer: OptimizerKind) -> Self {
+        self.optimizer = optimizer;
+        self
+    }
+    pub fn with_schedule(mut self, schedule: Schedule) -> Self {
+        self.schedule = schedule;
+        self
+    }
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Checks the recipe once, before any work starts.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(CoreError::Invalid(m));
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch size must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("learning rate {} must be positive", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad(format!("momentum {} must be in [0, 1)", self.momentum));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "weight decay {} must be non-negative",
+                self.weight_decay
+            ));
+        }
+        if let Schedule::Step { every, gamma } = self.schedule {
+            if every == 0 || !(gamma > 0.0 && gamma <= 1.0) {
+                return bad(format!(
+                    "step schedule needs every >= 1 and gamma in (0, 1], got {every}, {gamma}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The learning rate at a step (counted from 0 over the whole run).
+    pub fn lr_at(&self, step: usize, steps_per_epoch: usize) -> f64 {
+        let spe = steps_per_epoch.max(1);
+        let warm = self.warmup_epochs * spe;
+        if step < warm {
+            return self.lr * (step + 1) as f64 / warm as f64;
+        }
+        let total = (self.epochs * spe).saturating_sub(warm).max(1);
+        let t = step - warm;
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Step { every, gamma } => {
+                self.lr * gamma.powi(((step / spe) / every.max(1)) as i32)
+            }
+            Schedule::Cosine => {
+                0.5 * self.lr * (1.0 + (std::f64::consts::PI * t as f64 / total as f64).cos())
+            }
+        }
+    }
+}
+
+/// An extra term of the training loss, computed from the batch and the forward output
+/// (which includes the taps it asked for). Distillation losses are such terms.
+pub trait LossTerm {
+    /// A short name for progress and reports.
+    fn name(&self) -> &str;
+    /// Nodes whose outputs the term reads from [`ForwardOutput::taps`].
+    fn taps(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The term's value (a scalar), to be added to the cross-entropy.
+    fn loss(&mut self, images: &Tensor, labels: &Tensor, out: &ForwardOutput) -> Result<Tensor>;
+}
+
+/// What the loop reports as it goes.
+#[derive(Clone, Debug)]
+pub enum Progress {
+    EpochStart {
+        epoch: usize,
+        epochs: usize,
+        batches: usize,
+    },
+    Step {
+        epoch: usize,
+        step: usize,
+        batches: usize,
+        loss: f64,
+        accuracy: f64,
+        images_per_sec: f64,
+        lr: f64,
+    },
+    EpochEnd {
+        epoch: usize,
+        report: EpochReport,
+    },
+}
+
+/// One epoch's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochReport {
+    pub epoch: usize,
+    pub loss: f64,
+    pub train_top1: f64,
+    pub test: Option<EvalReport>,
+    pub seconds: f64,
+    pub images_per_sec: f64,
+}
+
+/// Accuracy on a data set.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct EvalReport {
+    pub top1: f64,
+    pub top5: f64,
+    pub samples: usize,
+    pub seconds: f64,
+    pub samples_per_sec: f64,
+}
+
+/// What a training run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainReport {
+    pub epochs: Vec<EpochReport>,
+    /// The epoch the run resumed after (0 when it started fresh).
+    pub resumed_from: usize,
+}
+
+/// Where and whether to checkpoint, and what else to add to the loss.
+#[derive(Default)]
+pub struct TrainOptions<'a> {
+    /// Written after every epoch.
+    pub checkpoint: Option<PathBuf>,
+    /// Continue from `checkpoint` if it exists.
+    pub resume: bool,
+    /// Evaluate on the test split after every epoch.
+    pub eval_each_epoch: bool,
+    pub extra: Vec<&'a mut dyn LossTerm>,
+}
+
+/// Optimizer state: one or two slots per trainable parameter.
+struct Optimizer {
+    kind: OptimizerKind,
+    params: Vec<(String, Var)>,
+    /// `slots[i]` holds the state tensors of parameter `i`: momentum buffer (SGD) or first
+    /// and second moments (Adam).
+    slots: Vec<Vec<Tensor>>,
+    steps: usize,
+}
+
+const SLOT_NAMES: [&str; 2] = ["m", "v"];
+
+impl Optimizer {
+    fn new(kind: OptimizerKind, model: &Model) -> Result<Self> {
+        let params: Vec<(String, Var)> = model
+            .params
+            .iter()
+            .filter(|(_, p)| p.kind.is_trainable())
+            .map(|(n, p)| (n.to_string(), p.var.clone()))
+            .collect();
+        let n_slots = if kind == OptimizerKind::Sgd { 1 } else { 2 };
+        let slots = params
+            .iter()
+            .map(|(_, v)| {
+                (0..n_slots)
+                    .map(|_| v.as_tensor().zeros_like())
+                    .collect::<candle_core::Result<Vec<_>>>()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Optimizer {
+            kind,
+            params,
+            slots,
+            steps: 0,
+        })
+    }
+
+    fn step(
+        &mut self,
+        grads: &candle_core::backprop::GradStore,
+        lr: f64,
+        cfg: &TrainConfig,
+    ) -> Result<()> {
+        self.steps += 1;
+        let t = self.steps as i32;
+        for ((_, var), slots) in self.params.iter().zip(self.slots.iter_mut()) {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let w = var.as_tensor();
+            match self.kind {
+                OptimizerKind::Sgd => {
+                    let g = if cfg.weight_decay > 0.0 {
+                        (g + (w * cfg.weight_decay)?)?
+                    } else {
+                        g.clone()
+                    };
+                    let d = if cfg.momentum > 0.0 {
+                        let buf = ((&slots[0] * cfg.momentum)? + &g)?;
+                        let d = if cfg.nesterov {
+                            (&g + (&buf * cfg.momentum)?)?
+                        } else {
+                            buf.clone()
+                        };
+                        slots[0] = buf;
+                        d
+                    } else {
+                        g
+                    };
+                    var.set(&(w - (d * lr)?)?)?;
+                }
+                OptimizerKind::Adam | OptimizerKind::AdamW => {
+                    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+                    let coupled = self.kind == OptimizerKind::Adam && cfg.weight_decay > 0.0;
+                    let g = if coupled {
+                        (g + (w * cfg.weight_decay)?)?
+                    } else {
+                        g.clone()
+                    };
+                    let m = ((&slots[0] * b1)? + (&g * (1.0 - b1))?)?;
+                    let v = ((&slots[1] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                    let mhat = (&m / (1.0 - b1.powi(t)))?;
+                    let vhat = (&v / (1.0 - b2.powi(t)))?;
+                    let mut w_new = (w - ((mhat / (vhat.sqrt()? + eps)?)? * lr)?)?;
+                    if self.kind == OptimizerKind::AdamW && cfg.weight_decay > 0.0 {
+                        w_new = (w_new - (w * (lr * cfg.weight_decay))?)?;
+                    }
+                    var.set(&w_new)?;
+                    slots[0] = m;
+                    slots[1] = v;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainState {
+    epochs_done: usize,
+    optimizer_steps: usize,
+    config: TrainConfig,
+    data: String,
+}
+
+fn save_checkpoint(path: &Path, model: &Model, opt: &Optimizer, state: &TrainState) -> Result<()> {
+    let mut meta = model.metadata()?;
+    meta.insert("format".into(), CHECKPOINT_FORMAT.into());
+    meta.insert(
+        "train_state".into(),
+        serde_json::to_string(state)
+            .map_err(|e| CoreError::Invalid(format!("cannot encode the state: {e}")))?,
+    );
+    let mut tensors: Vec<(String, Tensor)> = model
+        .params
+        .iter()
+        .map(|(n, p)| (format!("model/{n}"), p.var.as_tensor().clone()))
+        .collect();
+    for ((name, _), slots) in opt.params.iter().zip(&opt.slots) {
+        for (slot, t) in SLOT_NAMES.iter().zip(slots) {
+            tensors.push((format!("opt/{slot}/{name}"), t.clone()));
+        }
+    }
+    let bytes = safetensors::tensor::serialize(tensors, Some(meta))
+        .map_err(|e| CoreError::file(path, format!("cannot encode the checkpoint: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+fn load_checkpoint(
+    path: &Path,
+    device: &Device,
+) -> Result<(Model, HashMap<String, Tensor>, TrainState)> {
+    let bytes = std::fs::read(path).map_err(|source| CoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let wrap = |e: CoreError| match e {
+        CoreError::File { msg, .. } => CoreError::file(path, msg),
+        other => CoreError::file(path, other.to_string()),
+    };
+    let (st, meta) = open_safetensors(&bytes).map_err(wrap)?;
+    if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
+        return Err(CoreError::file(path, "not a training checkpoint"));
+    }
+    let state: TrainState = serde_json::from_str(
+        meta.get("train_state").map(String::as_str).unwrap_or(""),
+    )
+    .map_err(|e| {
+        CoreError::file(
+            path,
+            format!("the `train_state` metadata is malformed: {e}"),
+        )
+    })?;
+    let model = Model::from_safetensors(&st, &meta, "model/", device).map_err(wrap)?;
+    let mut slots = HashMap::new();
+    for (name, view) in st.tensors() {
+        if let Some(rest) = name.strip_prefix("opt/") {
+            use candle_core::safetensors::Load;
+            let t = view
+                .load(device)
+                .map_err(|e| CoreError::file(path, format!("tensor `{name}`: {e}")))?;
+            slots.insert(rest.to_string(), t);
+        }
+    }
+    Ok((model, slots, state))
+}
+
+/// Trains `model` on `data.train` with `cfg`. On resume, the model is replaced by the one in
+/// the checkpoint and training continues after its last finished epoch.
+pub fn train(
+    model: &mut Model,
+    data: &DataSplits,
+    cfg: &TrainConfig,
+    mut opts: TrainOptions<'_>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    let device = model.device();
+    let shape = model.input_shape();
+    if shape != data.train.shape.to_vec() {
+        return Err(CoreError::Invalid(format!(
+            "the model takes inputs of shape {shape:?}, the data set `{}` has {:?}",
+            data.spec, data.train.shape
+        )));
+    }
+    let out_shape = model.graph.node(model.graph.outputs()[0]).shape.clone();
+    if out_shape != [data.train.classes] {
+        return Err(CoreError::Invalid(format!(
+            "the model outputs {out_shape:?}, the data set `{}` has {} classes",
+            data.spec, data.train.classes
+        )));
+    }
+    if data.train.len() < cfg.batch_size {
+        return Err(CoreError::Invalid(format!(
+            "the training split has {} samples, fewer than one batch of {}",
+            data.train.len(),
+            cfg.batch_size
+        )));
+    }
+
+    let mut opt = Optimizer::new(cfg.optimizer, model)?;
+    let mut start_epoch = 0;
+    if let (true, Some(path)) = (opts.resume, &opts.checkpoint) {
+        if path.exists() {
+            let (ck_model, slots, state) = load_checkpoint(path, &device)?;
+            let mut ck_cfg = state.config.clone();
+            ck_cfg.epochs = cfg.epochs;
+            if ck_cfg != *cfg || state.data != data.spec {
+                return Err(CoreError::file(
+                    path,
+                    "was written by a run with another recipe or data set; remove it or use the same settings",
+                ));
+            }
+            if ck_model.graph != model.graph {
+                return Err(CoreError::file(path, "holds a different model graph"));
+            }
+            *model = ck_model;
+            opt = Optimizer::new(cfg.optimizer, model)?;
+            for ((name, _), s) in opt.params.iter().zip(opt.slots.iter_mut()) {
+                for (slot, t) in SLOT_NAMES.iter().zip(s.iter_mut()) {
+                    *t = slots
+                        .get(&format!("{slot}/{name}"))
+                        .cloned()
+                        .ok_or_else(|| {
+                            CoreError::file(
+                                path,
+                                format!("optimizer state `opt/{slot}/{name}` is missing"),
+                            )
+                        })?;
+                }
+            }
+            opt.steps = state.optimizer_steps;
+            start_epoch = state.epochs_done;
+        }
+    }
+
+    let train_set: Arc<dyn Dataset> = Arc::new(data.train.clone());
+    let loader_cfg = LoaderConfig {
+        batch_size: cfg.batch_size,
+        shuffle: Some(cfg.seed),
+        augment: data.augment.clone(),
+        normalize: data.normalize.clone(),
+        drop_last: true,
+    };
+    let taps: Vec<String> = opts.extra.iter().flat_map(|t| t.taps()).collect();
+    let mut report = TrainReport {
+        epochs: Vec::new(),
+        resumed_from: start_epoch,
+    };
+    for epoch in start_epoch..cfg.epochs {
+        let loader = Loader::new(train_set.clone(), &loader_cfg, epoch as u64, &device)?;
+        let batches = loader.len();
+        progress(&Progress::EpochStart {
+            epoch,
+            epochs: cfg.epochs,
+            batches,
+        });
+        let started = Instant::now();
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        for (step, batch) in loader.enumerate() {
+            let batch = batch?;
+            let lr = cfg.lr_at(epoch * batches + step, batches);
+            let out = model.forward_with(
+                std::slice::from_ref(&batch.images),
+                Mode::Train,
+                ForwardOptions::default().with_taps(&taps),
+            )?;
+            let logits = &out.outputs[0];
+            let mut loss = candle_nn::loss::cross_entropy(logits, &batch.labels)?;
+            for term in opts.extra.iter_mut() {
+                let extra = term.loss(&batch.images, &batch.labels, &out)?;
+                loss = (loss + extra)?;
+            }
+            let grads = loss.backward()?;
+            opt.step(&grads, lr, cfg)?;
+            let l = f64::from(loss.to_scalar::<f32>()?);
+            if !l.is_finite() {
+                return Err(CoreError::Invalid(format!(
+                    "the loss became {l} at epoch {} step {step}; lower the learning rate",
+                    epoch + 1
+                )));
+            }
+            let hits = count_hits(logits, &batch.labels, 1)?;
+            let b = batch.labels.dim(0)?;
+            loss_sum += l * b as f64;
+            correct += hits;
+            seen += b;
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            progress(&Progress::Step {
+                epoch,
+                step,
+                batches,
+                loss: loss_sum / seen as f64,
+                accuracy: correct as f64 / seen as f64,
+                images_per_sec: seen as f64 / secs,
+                lr,
+            });
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let test = if opts.eval_each_epoch {
+            Some(evaluate(model, &data.test, &data.normalize, 256)?)
+        } else {
+            None
+        };
+        let er = EpochReport {
+            epoch,
+            loss: loss_sum / seen.max(1) as f64,
+            train_top1: correct as f64 / seen.max(1) as f64,
+            test,
+            seconds,
+            images_per_sec: seen as f64 / seconds.max(1e-9),
+        };
+        if let Some(path) = &opts.checkpoint {
+            let state = TrainState {
+                epochs_done: epoch + 1,
+                optimizer_steps: opt.steps,
+                config: cfg.clone(),
+                data: data.spec.clone(),
+            };
+            save_checkpoint(path, model, &opt, &state)?;
+        }
+        progress(&Progress::EpochEnd {
+            epoch,
+            report: er.clone(),
+        });
+        report.epochs.push(er);
+    }
+    Ok(report)
+}
+
+/// How many rows have their label among the `k` largest logits.
+fn count_hits(logits: &Tensor, labels: &Tensor, k: usize) -> Result<usize> {
+    if k == 1 {
+        let pred = logits.argmax(D::Minus1)?;
+        return Ok(pred
+            .eq(labels)?
+            .to_dtype(candle_core::DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize);
+    }
+    let rows = logits.detach().to_vec2::<f32>()?;
+    let labels = labels.to_vec1::<u32>()?;
+    Ok(rows
+        .iter()
+        .zip(&labels)
+        .filter(|(row, &l)| {
+            let target = row[l as usize];
+            // Rank of the label: how many logits beat it (ties count for the label).
+            row.iter().filter(|&&v| v > target).count() < k
+        })
+        .count())
+}
+
+/// Top-1 and top-5 accuracy of a model on a data set, in eval mode.
+pub fn evaluate(
+    model: &Model,
+    set: &ImageSet,
+    normalize: &Normalize,
+    batch_size: usize,
+) -> Result<EvalReport> {
+    if set.is_empty() {
+        return Err(CoreError::Invalid("the evaluation set is empty".into()));
+    }
+    let shape = model.input_shape();
+    if shape != set.shape.to_vec() {
+        return Err(CoreError::Invalid(format!(
+            "the model takes inputs of shape {shape:?}, the data has {:?}",
+            set.shape
+        )));
+    }
+    let data: Arc<dyn Dataset> = Arc::new(set.clone());
+    let cfg = LoaderConfig {
+        batch_size,
+        shuffle: None,
+        augment: Default::default(),
+        normalize: normalize.clone(),
+        drop_last: false,
+    };
+    let started = Instant::now();
+    let (mut top1, mut top5, mut n) = (0, 0, 0);
+    for batch in Loader::new(data, &cfg, 0, &model.device())? {
+        let batch = batch?;
+        let logits = model.forward(&batch.images, Mode::Eval)?;
+        let classes = logits.dim(1)?;
+        top1 += count_hits(&logits, &batch.labels, 1)?;
+        top5 += count_hits(&logits, &batch.labels, 5.min(classes))?;
+        n += batch.labels.dim(0)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(EvalReport {
+        top1: top1 as f64 / n as f64,
+        top5: top5 as f64 / n as f64,
+        samples: n,
+        seconds,
+        samples_per_sec: n as f64 / seconds.max(1e-9),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules() {
+        let c = TrainConfig::default()
+            .with_lr(1.0)
+            .with_epochs(10)
+            .with_schedule(Schedule::Cosine);
+        assert!((c.lr_at(0, 10) - 1.0).abs() < 1e-9);
+        assert!((c.lr_at(50, 10) - 0.5).abs() < 1e-9);
+        let s = TrainConfig {
+            schedule: Schedule::Step {
+                every: 3,
+                gamma: 0.1,
+            },
+            ..c.clone()
+        };
+        assert!((s.lr_at(29, 10) - 1.0).abs() < 1e-9);
+        assert!((s.lr_at(30, 10) - 0.1).abs() < 1e-9);
+        let w = TrainConfig {
+            warmup_epochs: 1,
+            schedule: Schedule::Constant,
+            ..c
+        };
+        assert!((w.lr_at(4, 10) - 0.5).abs() < 1e-9);
+        assert!((w.lr_at(10, 10) - 1.0).abs() < 1e-9);
+        assert_eq!(
+            "step:10:0.5".parse::<Schedule>().unwrap(),
+            Schedule::Step {
+                every: 10,
+                gamma: 0.5
+            }
+        );
+        assert!("step:x".parse::<Schedule>().is_err());
+        assert!(TrainConfig::default().with_lr(-1.0).validate().is_err());
+    }
+
+    #[test]
+    fn top_k_counts() {
+        let logits = Tensor::new(
+            &[[0.1f32, 0.9, 0.0], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let labels = Tensor::new(&[1u32, 2, 0], &Device::Cpu).unwrap();
+        assert_eq!(count_hits(&logits, &labels, 1).unwrap(), 1);
+        assert_eq!(count_hits(&logits, &labels, 2).unwrap(), 2);
+        assert_eq!(count_hits(&logits, &labels, 3).unwrap(), 3);
+    }
+
+    #[test]
+    fn sgd_and_adam_match_hand_computed_steps() {
+        // One parameter w = [1, -2], loss = sum(w^2) / 2, so the gradient is w.
+        let g = crate::graph::GraphBuilder::new([2])
+            .linear("fc", 1)
+            .build()
+            .unwrap();
+        let m = Model::init(g, 0, &Device::Cpu).unwrap();
+        m.params
+            .set(
+                "fc.weight",
+                &Tensor::new(&[[1f32, -2.0]], &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        let cfg = TrainConfig {
+            momentum: 0.5,
+            nesterov: true,
+            weight_decay: 0.1,
+            ..TrainConfig::default()
+        };
+        let mut opt = Optimizer::new(OptimizerKind::Sgd, &m).unwrap();
+        for _ in 0..2 {
+            let w = m.params.tensor("fc.weight").unwrap();
+            let grads = (w.sqr().unwrap().sum_all().unwrap() * 0.5)
+                .unwrap()
+                .backward()
+                .unwrap();
+            opt.step(&grads, 0.1, &cfg).unwrap();
+        }
+        // Step 1: g'=1.1w, buf=1.1w, d=g'+0.5buf=1.65w, w1=w(1-0.165)=0.835w.
+        // Step 2: g'=1.1*0.835w=0.9185w, buf=0.5*1.1w+0.9185w=1.4685w,
+        //         d=0.9185w+0.73425w=1.65275w, w2=0.835w-0.165275w=0.669725w.
+        let w = m
+            .params
+            .tensor("fc.weight")
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            (w[0] - 0.669725).abs() < 1e-6 && (w[1] + 2.0 * 0.669725).abs() < 1e-5,
+            "{w:?}"
+        );
+
+        m.params
+            .set(
+                "fc.weight",
+                &Tensor::new(&[[1f32, -2.0]], &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        let mut adam = Optimizer::new(OptimizerKind::Adam, &m).unwrap();
+        let w0 = m.params.tensor("fc.weight").unwrap();
+        let grads = (w0.sqr().unwrap().sum_all().unwrap() * 0.5)
+            .unwrap()
+            .backward()
+            .unwrap();
+        adam.step(&grads, 0.01, &TrainConfig::default()).unwrap();
+        // The first Adam step moves every coordinate by lr against the gradient's sign.
+        let w = m
+            .params
+            .tensor("fc.weight")
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            (w[0] - 0.99).abs() < 1e-6 && (w[1] + 1.99).abs() < 1e-6,
+            "{w:?}"
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! The training loop on real data: it learns, it is seeded, and a run resumed from a
+//! checkpoint ends exactly where an unbroken one does.
+
+use candle_core::Device;
+use slim_core::data::{load_spec, DataSplits, DEFAULT_SPEC};
+use slim_core::train::{evaluate, train, OptimizerKind, Progress, TrainConfig, TrainOptions};
+use slim_core::zoo::{self, ZooConfig};
+use slim_core::Model;
+
+fn small_mnist(train_n: usize, test_n: usize) -> DataSplits {
+    let mut d = load_spec(DEFAULT_SPEC).unwrap();
+    d.train = d.train.take(train_n);
+    d.test = d.test.take(test_n);
+    d
+}
+
+fn lenet(seed: u64) -> Model {
+    zoo::model("lenet", &ZooConfig::new([1, 28, 28]), seed, &Device::Cpu).unwrap()
+}
+
+fn values(m: &Model) -> Vec<Vec<f32>> {
+    m.params
+        .iter()
+        .map(|(_, p)| {
+            p.var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn lenet_learns_mnist_in_seconds() {
+    let data = small_mnist(3000, 500);
+    let mut model = lenet(0);
+    let before = evaluate(&model, &data.test, &data.normalize, 250).unwrap();
+    let cfg = TrainConfig::default().with_epochs(2).with_lr(0.003);
+    let mut steps = 0;
+    let report = train(
+        &mut model,
+        &data,
+        &cfg,
+        TrainOptions {
+            eval_each_epoch: true,
+            ..Default::default()
+        },
+        &mut |p| {
+            if let Progress::Step { .. } = p {
+                steps += 1
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(steps, 2 * (3000 / 64));
+    let after = evaluate(&model, &data.test, &data.normalize, 250).unwrap();
+    assert!(before.top1 < 0.3, "{before:?}");
+    assert!(after.top1 > 0.85, "{after:?}");
+    assert!(after.top5 >= after.top1 && after.top5 > 0.95, "{after:?}");
+    // The per-epoch test figures are those of a later evaluation of the same model.
+    let last = report.epochs[1].test.as_ref().unwrap();
+    assert_eq!(
+        (last.top1, last.top5, last.samples),
+        (after.top1, after.top5, after.samples)
+    );
+    assert!(report.epochs[1].loss < report.epochs[0].loss);
+}
+
+#[test]
+fn same_seed_same_model_and_resume_matches_an_unbroken_run() {
+    let data = small_mnist(640, 100);
+    let cfg = TrainConfig::default()
+        .with_epochs(2)
+        .with_optimizer(OptimizerKind::Sgd)
+        .with_lr(0.05)
+        .with_seed(3);
+    let cfg = TrainConfig {
+        momentum: 0.9,
+        nesterov: true,
+        weight_decay: 1e-4,
+        ..cfg
+    };
+    let run = || {
+        let mut m = lenet(1);
+        train(&mut m, &data, &cfg, TrainOptions::default(), &mut |_| {}).unwrap();
+        values(&m)
+    };
+    let unbroken = run();
+    assert_eq!(unbroken, run());
+
+    // One epoch with a checkpoint, then a new process-like start that resumes from it.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("run.ckpt");
+    let mut first = lenet(1);
+    let one = TrainConfig {
+        epochs: 1,
+        ..cfg.clone()
+    };
+    train(
+        &mut first,
+        &data,
+        &one,
+        TrainOptions {
+            checkpoint: Some(ck.clone()),
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let mut resumed = lenet(1);
+    let report = train(
+        &mut resumed,
+        &data,
+        &cfg,
+        TrainOptions {
+            checkpoint: Some(ck.clone()),
+            resume: true,
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(report.resumed_from, 1);
+    assert_eq!(report.epochs.len(), 1);
+    assert_eq!(values(&resumed), unbroken);
+
+    // A checkpoint from another recipe is refused with the file's name.
+    let other = TrainConfig {
+        lr: 0.01,
+        ..cfg.clone()
+    };
+    let e = train(
+        &mut lenet(1),
+        &data,
+        &other,
+        TrainOptions {
+            checkpoint: Some(ck.clone()),
+            resume: true,
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("run.ckpt") && e.contains("recipe"), "{e}");
+}
+
+#[test]
+fn mismatched_model_and_data_are_refused() {
+    let data = small_mnist(128, 10);
+    let mut m = zoo::model("lenet", &ZooConfig::new([3, 32, 32]), 0, &Device::Cpu).unwrap();
+    let e = train(
+        &mut m,
+        &data,
+        &TrainConfig::default(),
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("[3, 32, 32]"), "{e}");
+    let mut m = lenet(0);
+    let e = train(
+        &mut m,
+        &data,
+        &TrainConfig::default().with_epochs(0),
+        TrainOptions::default(),
+        &mut |_| {},
+    );
+    assert!(e.unwrap_err().to_string().contains("epochs"));
+}
