@@ -6,8 +6,10 @@
 //! 1 on any other failure. With `--json` a command prints exactly one JSON object on stdout;
 //! progress and logs go to stderr.
 
+mod common;
 mod info;
 mod output;
+mod train;
 
 use std::process::ExitCode;
 
@@ -26,6 +28,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a zoo model on a data set and write it as a model file.
+    Train(train::TrainArgs),
+    /// Top-1 and top-5 accuracy of a model file on a data set's test split.
+    Eval(train::EvalArgs),
     /// Per-layer MACs and parameters, totals, and the channel groups of a model.
     Info(info::InfoArgs),
 }
@@ -61,6 +67,8 @@ pub fn input_error(msg: impl std::fmt::Display) -> Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => train::run_train(args),
+        Command::Eval(args) => train::run_eval(args),
         Command::Info(args) => info::run(args),
     };
     match result {

@@ -1,0 +1,115 @@
+//! Arguments shared by several commands, and the progress display.
+
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use slim_core::train::Progress;
+
+use crate::{input_error, Failure};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+/// Options every command takes.
+#[derive(Args, Clone, Debug)]
+pub struct Common {
+    /// Print one JSON object with the results on stdout (progress stays on stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress display.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Where to compute. CUDA needs a build with candle's `cuda` feature.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+impl Common {
+    pub fn device(&self) -> Result<Device, Failure> {
+        match self.device {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
+                input_error(format!(
+                    "--device cuda is not available in this build or machine: {e}"
+                ))
+            }),
+        }
+    }
+}
+
+/// A per-epoch progress bar with loss, accuracy and images per second; hidden when stderr is
+/// not a terminal or with `--quiet`.
+pub struct EpochBars {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+}
+
+impl EpochBars {
+    pub fn new(quiet: bool) -> Self {
+        EpochBars { bar: None, quiet }
+    }
+
+    pub fn update(&mut self, p: &Progress) {
+        match p {
+            Progress::EpochStart {
+                epoch,
+                epochs,
+                batches,
+            } => {
+                let bar = ProgressBar::with_draw_target(
+                    Some(*batches as u64),
+                    if self.quiet {
+                        ProgressDrawTarget::hidden()
+                    } else {
+                        ProgressDrawTarget::stderr()
+                    },
+                );
+                let style =
+                    ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> ");
+                bar.set_style(style);
+                bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+                self.bar = Some(bar);
+            }
+            Progress::Step {
+                step,
+                loss,
+                accuracy,
+                images_per_sec,
+                ..
+            } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(*step as u64 + 1);
+                    bar.set_message(format!(
+                        "loss {loss:.4} acc {:.2}% {images_per_sec:.0} img/s",
+                        accuracy * 100.0
+                    ));
+                }
+            }
+            Progress::EpochEnd { epoch, report } => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
+                }
+                if !self.quiet {
+                    let test = report
+                        .test
+                        .as_ref()
+                        .map(|t| format!(", test top-1 {:.2}%", t.top1 * 100.0))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "epoch {}: loss {:.4}, train top-1 {:.2}%{test}, {:.1} s, {:.0} img/s",
+                        epoch + 1,
+                        report.loss,
+                        report.train_top1 * 100.0,
+                        report.seconds,
+                        report.images_per_sec
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! `slim train` and `slim eval`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+use slim_core::analysis::analyze;
+use slim_core::data::{load_spec, DEFAULT_SPEC};
+use slim_core::train::{evaluate, train, OptimizerKind, Schedule, TrainConfig, TrainOptions};
+use slim_core::zoo::{self, ZooConfig};
+use slim_core::Model;
+
+use crate::common::{Common, EpochBars};
+use crate::output::table;
+use crate::Failure;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Zoo model to train (lenet, vgg11, vgg16, resnet20, resnet56, resnet18, resnet50,
+    /// mobilenet_v1, mobilenet_v2, mobilenet_tiny).
+    #[arg(long)]
+    pub model: String,
+    /// Width multiplier.
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
+    #[arg(long, default_value = DEFAULT_SPEC)]
+    pub data: String,
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0.003)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// sgd, adam or adamw.
+    #[arg(long, default_value = "adam")]
+    pub optimizer: String,
+    /// constant, cosine, or step:EVERY:GAMMA.
+    #[arg(long, default_value = "constant")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_epochs: usize,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long)]
+    pub nesterov: bool,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The trained model file (.safetensors). A checkpoint is kept beside it as FILE.ckpt.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Train on the first N training images only (a quick run on a slice of the data).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Continue from FILE.ckpt if a previous run was stopped.
+    #[arg(long)]
+    pub resume: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        optimizer: args.optimizer.parse::<OptimizerKind>()?,
+        lr: args.lr,
+        momentum: args.momentum,
+        nesterov: args.nesterov,
+        weight_decay: args.weight_decay,
+        schedule: args.schedule.parse::<Schedule>()?,
+        warmup_epochs: args.warmup_epochs,
+        seed: args.seed,
+    };
+    cfg.validate()?;
+    let device = args.common.device()?;
+    let mut data = load_spec(&args.data)?;
+    if let Some(n) = args.limit {
+        data.train = data.train.take(n);
+        data.spec = format!("{} (first {n} training images)", data.spec);
+    }
+    let zcfg = ZooConfig::new(data.train.shape)
+        .with_width(args.width)
+        .with_classes(data.train.classes);
+    let mut model = zoo::model(&args.model, &zcfg, args.seed, &device)?;
+    model.provenance.insert("data".into(), args.data.clone());
+    model.provenance.insert(
+        "created_by".into(),
+        format!("slim {}", env!("CARGO_PKG_VERSION")),
+    );
+    let mut ckpt = args.out.clone().into_os_string();
+    ckpt.push(".ckpt");
+    let mut bars = EpochBars::new(args.common.quiet);
+    let report = train(
+        &mut model,
+        &data,
+        &cfg,
+        TrainOptions {
+            checkpoint: Some(ckpt.into()),
+            resume: args.resume,
+            eval_each_epoch: true,
+            ..Default::default()
+        },
+        &mut |p| bars.update(p),
+    )?;
+    model.save(&args.out)?;
+    let final_eval = evaluate(&model, &data.test, &data.normalize, 256)?;
+    let stats = analyze(&model.graph);
+    let bytes = std::fs::metadata(&args.out)?.len();
+    let ips = {
+        let (n, s) = report.epochs.iter().fold((0.0, 0.0), |(n, s), e| {
+            (n + e.images_per_sec * e.seconds, s + e.seconds)
+        });
+        if s > 0.0 {
+            n / s
+        } else {
+            0.0
+        }
+    };
+    if args.common.json {
+        let out = json!({
+            "model": args.model,
+            "data": args.data,
+            "top1": final_eval.top1,
+            "top5": final_eval.top5,
+            "macs": stats.macs,
+            "params": stats.params,
+            "bytes": bytes,
+            "out": args.out,
+            "images_per_sec": ips,
+            "resumed_from": report.resumed_from,
+            "epochs": report.epochs,
+        });
+        println!("{out}");
+    } else {
+        let rows: Vec<Vec<String>> = report
+            .epochs
+            .iter()
+            .map(|e| {
+                vec![
+                    (e.epoch + 1).to_string(),
+                    format!("{:.4}", e.loss),
+                    format!("{:.2}%", e.train_top1 * 100.0),
+                    e.test
+                        .as_ref()
+                        .map(|t| format!("{:.2}%", t.top1 * 100.0))
+                        .unwrap_or_default(),
+                    format!("{:.1}", e.seconds),
+                    format!("{:.0}", e.images_per_sec),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(
+                &[
+                    "epoch",
+                    "loss",
+                    "train top-1",
+                    "test top-1",
+                    "seconds",
+                    "img/s"
+                ],
+                &rows
+            )
+        );
+        println!(
+            "{}: test top-1 {:.2}%, top-5 {:.2}% on {} images; {} written ({} bytes)",
+            args.model,
+            final_eval.top1 * 100.0,
+            final_eval.top5 * 100.0,
+            final_eval.samples,
+            args.out.display(),
+            bytes
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A model file (.safetensors).
+    pub file: PathBuf,
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
+    #[arg(long, default_value = DEFAULT_SPEC)]
+    pub data: String,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn run_eval(args: EvalArgs) -> Result<(), Failure> {
+    let device = args.common.device()?;
+    let model = Model::load(&args.file, &device)?;
+    let data = load_spec(&args.data)?;
+    let r = evaluate(&model, &data.test, &data.normalize, args.batch_size)?;
+    if args.common.json {
+        println!(
+            "{}",
+            json!({"model": args.file, "data": args.data, "top1": r.top1, "top5": r.top5,
+                   "samples": r.samples, "samples_per_sec": r.samples_per_sec, "seconds": r.seconds})
+        );
+    } else {
+        println!(
+            "{}: top-1 {:.2}%, top-5 {:.2}% on {} test images of {}; {:.0} samples/s",
+            args.file.display(),
+            r.top1 * 100.0,
+            r.top5 * 100.0,
+            r.samples,
+            args.data,
+            r.samples_per_sec
+        );
+    }
+    Ok(())
+}

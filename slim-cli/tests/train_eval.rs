@@ -1,0 +1,154 @@
+//! End-to-end tests of `slim train` and `slim eval`, including a run killed with SIGKILL in
+//! the middle of an epoch and resumed.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn slim() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_slim"))
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+#[test]
+fn train_then_eval_on_the_bundled_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("lenet.safetensors");
+    let out = slim()
+        .args([
+            "train", "--model", "lenet", "--epochs", "1", "--limit", "1500", "--json", "--out",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let t = json_of(&out);
+    assert!(t["top1"].as_f64().unwrap() > 0.7, "{t}");
+    assert_eq!(
+        t["bytes"].as_u64().unwrap(),
+        std::fs::metadata(&model).unwrap().len()
+    );
+    let e = json_of(
+        &slim()
+            .args(["eval", "--json"])
+            .arg(&model)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(e["top1"], t["top1"]);
+    assert_eq!(e["samples"].as_u64(), Some(1996));
+}
+
+#[test]
+fn bad_arguments_exit_with_status_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("m.safetensors");
+    let out = out_file.to_str().unwrap();
+    for args in [
+        vec!["train", "--model", "nope", "--out", out],
+        vec![
+            "train",
+            "--model",
+            "lenet",
+            "--data",
+            "mnist:/no/such/dir",
+            "--out",
+            out,
+        ],
+        vec!["train", "--model", "lenet", "--lr", "-1", "--out", out],
+        vec![
+            "train",
+            "--model",
+            "lenet",
+            "--optimizer",
+            "rmsprop",
+            "--out",
+            out,
+        ],
+        vec!["eval", "/no/such/model.safetensors"],
+    ] {
+        let o = slim().args(&args).output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!out_file.exists(), "{args:?} wrote a file");
+    }
+}
+
+#[test]
+fn killed_mid_epoch_and_resumed_equals_an_unbroken_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |out: &std::path::Path| {
+        let mut c = slim();
+        c.args([
+            "train", "--model", "lenet", "--epochs", "3", "--limit", "640", "--quiet", "--json",
+        ])
+        .args([
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.05",
+            "--schedule",
+            "cosine",
+            "--seed",
+            "7",
+            "--out",
+        ])
+        .arg(out);
+        c
+    };
+    let unbroken = dir.path().join("unbroken.safetensors");
+    let a = json_of(&args(&unbroken).output().unwrap());
+
+    // Start the same run, wait for its first epoch checkpoint, then kill -9 it mid-epoch.
+    let killed = dir.path().join("killed.safetensors");
+    let ckpt = dir.path().join("killed.safetensors.ckpt");
+    let mut child = args(&killed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !ckpt.exists() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ckpt.exists(), "no checkpoint after the first epoch");
+    std::thread::sleep(Duration::from_millis(150));
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    if status.success() {
+        // The machine was fast enough to finish before the kill: nothing to resume.
+        return;
+    }
+    assert!(!killed.exists(), "a killed run left a model file");
+    let b = json_of(&args(&killed).arg("--resume").output().unwrap());
+    assert!(b["resumed_from"].as_u64().unwrap() >= 1, "{b}");
+    assert_eq!(a["top1"], b["top1"]);
+    let load = |p: &std::path::Path| {
+        let m = slim_core::Model::load(p, &candle_core::Device::Cpu).unwrap();
+        m.params
+            .iter()
+            .map(|(n, p)| {
+                (
+                    n.to_string(),
+                    p.var
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(load(&unbroken), load(&killed));
+}
