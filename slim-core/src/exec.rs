@@ -162,7 +162,7 @@ impl Model {
             Op::Input { .. } => x.clone(),
             Op::Conv2d(c) => {
                 let w = self.param(node, "weight", mode)?;
-                let y = x.conv2d(&w, c.padding, c.stride, c.dilation, c.groups)?;
+                let y = crate::kernels::conv2d(x, &w, c)?;
                 if c.bias {
                     let b = self.param(node, "bias", mode)?;
                     y.broadcast_add(&b.reshape((1, c.out_channels, 1, 1))?)?
@@ -249,13 +249,6 @@ impl Model {
                 Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
             }
             Mode::Train => {
-                let reduce = |t: &Tensor| -> Result<Tensor> {
-                    let mut m = t.mean_keepdim(0)?;
-                    if t.rank() == 4 {
-                        m = m.mean_keepdim(3)?.mean_keepdim(2)?;
-                    }
-                    Ok(m)
-                };
                 let count = x.elem_count() / c;
                 if count < 2 {
                     return Err(CoreError::node(
@@ -263,23 +256,43 @@ impl Model {
                         "batch norm in train mode needs more than one value per channel",
                     ));
                 }
-                let mean = reduce(x)?;
-                let centered = x.broadcast_sub(&mean)?;
-                let var = reduce(&centered.sqr()?)?;
-                let y = centered
-                    .broadcast_div(&(&var + spec.eps)?.sqrt()?)?
-                    .broadcast_mul(&gamma)?
-                    .broadcast_add(&beta)?;
+                let (y, mean, var) = if x.rank() == 4 && crate::kernels::fused_batch_norm(x) {
+                    let gamma = self.param(node, "weight", mode)?;
+                    let beta = self.param(node, "bias", mode)?;
+                    let x = x.contiguous()?;
+                    let y = x.apply_op3(
+                        &gamma,
+                        &beta,
+                        crate::kernels::BatchNormTrain { eps: spec.eps },
+                    )?;
+                    let stats = x.apply_op1_no_bwd(&crate::kernels::BatchStats)?;
+                    (y, stats.get(0)?, stats.get(1)?)
+                } else {
+                    let reduce = |t: &Tensor| -> Result<Tensor> {
+                        let mut m = t.mean_keepdim(0)?;
+                        if t.rank() == 4 {
+                            m = m.mean_keepdim(3)?.mean_keepdim(2)?;
+                        }
+                        Ok(m)
+                    };
+                    let mean = reduce(x)?;
+                    let centered = x.broadcast_sub(&mean)?;
+                    let var = reduce(&centered.sqr()?)?;
+                    let y = centered
+                        .broadcast_div(&(&var + spec.eps)?.sqrt()?)?
+                        .broadcast_mul(&gamma)?
+                        .broadcast_add(&beta)?;
+                    (y, mean.detach().flatten_all()?, var.detach().flatten_all()?)
+                };
                 // Running statistics: detached, unbiased variance, PyTorch's momentum convention.
                 let m = spec.momentum;
                 let rm_name = node.param_name("running_mean");
                 let rv_name = node.param_name("running_var");
                 let rm = self.params.tensor(&rm_name)?;
                 let rv = self.params.tensor(&rv_name)?;
-                let bm = mean.detach().flatten_all()?;
-                let bv = (var.detach().flatten_all()? * (count as f64 / (count as f64 - 1.0)))?;
+                let bv = (var * (count as f64 / (count as f64 - 1.0)))?;
                 self.params
-                    .set(&rm_name, &((rm * (1.0 - m))? + (bm * m)?)?)?;
+                    .set(&rm_name, &((rm * (1.0 - m))? + (mean * m)?)?)?;
                 self.params
                     .set(&rv_name, &((rv * (1.0 - m))? + (bv * m)?)?)?;
                 Ok(y)

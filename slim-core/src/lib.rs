@@ -40,6 +40,7 @@ pub mod error;
 pub mod exec;
 pub mod graph;
 pub mod io;
+pub mod kernels;
 pub mod model;
 pub mod params;
 pub mod train;

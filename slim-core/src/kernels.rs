@@ -1,0 +1,709 @@
+//! Convolution kernels for training on a CPU, as candle custom ops with forward and backward.
+//!
+//! candle 0.11 runs a grouped convolution as one convolution per group, which makes a
+//! depthwise convolution very slow, and computes a convolution's input gradient with a direct
+//! transposed convolution. Here:
+//! - **depthwise** convolution is a direct kernel over each `(sample, channel)` plane, in
+//!   parallel, with its own input and weight gradients;
+//! - a **dense** convolution is `W · im2col(x)`: an unfold (whose backward is the matching
+//!   fold) and one large matrix product through candle's GEMM, so the backward is two more
+//!   products of the same size (about twice the forward);
+//! - a **1x1** convolution with stride 1 and no padding is a plain matrix product.
+//!
+//! [`conv2d`] picks the kernel; other cases (grouped, non-f32, non-CPU) go to candle's own
+//! convolution. Every kernel is tested against candle's convolution and its gradients.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::graph::Conv2dSpec;
+
+/// The geometry of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    stride: usize,
+    pad: usize,
+    dil: usize,
+}
+
+impl Geom {
+    /// The output columns `ow` whose input column `ow * stride + k * dil - pad` lies inside
+    /// `0..w`, as a range (so the inner loops carry no bounds test).
+    fn valid(&self, k: usize, out: usize, size: usize) -> std::ops::Range<usize> {
+        let off = (k * self.dil) as i64 - self.pad as i64;
+        let s = self.stride as i64;
+        let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
+        let hi = ((size as i64 - off + s - 1) / s).clamp(0, out as i64);
+        (lo.min(hi) as usize)..(hi as usize)
+    }
+    fn src(&self, o: usize, k: usize) -> usize {
+        // Only called for `o` in `valid(k, ..)`, where this is non-negative.
+        o * self.stride + k * self.dil - self.pad
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// im2col: `[N, C, H, W]` to `[C*KH*KW, N*OH*OW]`.
+struct Unfold(Geom);
+/// col2im, the adjoint of [`Unfold`]: `[C*KH*KW, N*OH*OW]` to `[N, C, H, W]`.
+struct Fold(Geom);
+
+impl CustomOp1 for Unfold {
+    fn name(&self) -> &'static str {
+        "slim-unfold"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = f32_slice(s, l, self.name())?;
+        let p = g.oh * g.ow;
+        let k = g.c * g.kh * g.kw;
+        let mut cols = vec![0f32; k * g.n * p];
+        cols.par_chunks_mut(g.n * p)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (c, kh, kw) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
+                let rows = g.valid(kh, g.oh, g.h);
+                let cols_r = g.valid(kw, g.ow, g.w);
+                for n in 0..g.n {
+                    let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
+                    let out = &mut dst[n * p..(n + 1) * p];
+                    for oh in rows.clone() {
+                        let ih = g.src(oh, kh);
+                        let src_row = &plane[ih * g.w..(ih + 1) * g.w];
+                        let dst_row = &mut out[oh * g.ow..(oh + 1) * g.ow];
+                        if g.stride == 1 {
+                            let a = g.src(cols_r.start, kw);
+                            dst_row[cols_r.clone()].copy_from_slice(&src_row[a..a + cols_r.len()]);
+                        } else {
+                            for ow in cols_r.clone() {
+                                dst_row[ow] = src_row[g.src(ow, kw)];
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(cols), Shape::from((k, g.n * p))))
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Fold(self.0))?))
+    }
+}
+
+impl CustomOp1 for Fold {
+    fn name(&self) -> &'static str {
+        "slim-fold"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let cols = f32_slice(s, l, self.name())?;
+        let p = g.oh * g.ow;
+        let mut x = vec![0f32; g.n * g.c * g.h * g.w];
+        x.par_chunks_mut(g.h * g.w)
+            .enumerate()
+            .for_each(|(plane_idx, plane)| {
+                let (n, c) = (plane_idx / g.c, plane_idx % g.c);
+                for kh in 0..g.kh {
+                    for kw in 0..g.kw {
+                        let row = (c * g.kh + kh) * g.kw + kw;
+                        let src = &cols[row * g.n * p + n * p..][..p];
+                        let cols_r = g.valid(kw, g.ow, g.w);
+                        for oh in g.valid(kh, g.oh, g.h) {
+                            let ih = g.src(oh, kh);
+                            let dst_row = &mut plane[ih * g.w..(ih + 1) * g.w];
+                            let src_row = &src[oh * g.ow..(oh + 1) * g.ow];
+                            for ow in cols_r.clone() {
+                                dst_row[g.src(ow, kw)] += src_row[ow];
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(x), Shape::from((g.n, g.c, g.h, g.w))))
+    }
+}
+
+/// Depthwise convolution `(x [N, C, H, W], w [C, 1, KH, KW])`.
+struct Depthwise(Geom);
+/// Input gradient of [`Depthwise`]: `(grad_y, w)` to `[N, C, H, W]`.
+struct DepthwiseGradInput(Geom);
+/// Weight gradient of [`Depthwise`]: `(x, grad_y)` to `[C, 1, KH, KW]`.
+struct DepthwiseGradWeight(Geom);
+
+impl CustomOp2 for Depthwise {
+    fn name(&self) -> &'static str {
+        "slim-depthwise-conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+        let mut y = vec![0f32; g.n * g.c * op];
+        y.par_chunks_mut(op).enumerate().for_each(|(idx, out)| {
+            let c = idx % g.c;
+            let plane = &x[idx * ip..(idx + 1) * ip];
+            let filt = &w[c * kk..(c + 1) * kk];
+            for kh in 0..g.kh {
+                for kw in 0..g.kw {
+                    let wv = filt[kh * g.kw + kw];
+                    let cr = g.valid(kw, g.ow, g.w);
+                    for oh in g.valid(kh, g.oh, g.h) {
+                        let ih = g.src(oh, kh);
+                        let src_row = &plane[ih * g.w..(ih + 1) * g.w];
+                        let dst_row = &mut out[oh * g.ow..(oh + 1) * g.ow];
+                        if g.stride == 1 {
+                            let a = g.src(cr.start, kw);
+                            for (d, s) in dst_row[cr.clone()]
+                                .iter_mut()
+                                .zip(&src_row[a..a + cr.len()])
+                            {
+                                *d += wv * s;
+                            }
+                        } else {
+                            for ow in cr.clone() {
+                                dst_row[ow] += wv * src_row[g.src(ow, kw)];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.c, g.oh, g.ow))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(w, &DepthwiseGradInput(self.0))?;
+        let gw = x.apply_op2_no_bwd(&grad, &DepthwiseGradWeight(self.0))?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+impl CustomOp2 for DepthwiseGradInput {
+    fn name(&self) -> &'static str {
+        "slim-depthwise-conv2d-grad-input"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let gy = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+        let mut gx = vec![0f32; g.n * g.c * ip];
+        gx.par_chunks_mut(ip).enumerate().for_each(|(idx, plane)| {
+            let c = idx % g.c;
+            let src = &gy[idx * op..(idx + 1) * op];
+            let filt = &w[c * kk..(c + 1) * kk];
+            for kh in 0..g.kh {
+                for kw in 0..g.kw {
+                    let wv = filt[kh * g.kw + kw];
+                    let cr = g.valid(kw, g.ow, g.w);
+                    for oh in g.valid(kh, g.oh, g.h) {
+                        let ih = g.src(oh, kh);
+                        let dst_row = &mut plane[ih * g.w..(ih + 1) * g.w];
+                        let src_row = &src[oh * g.ow..(oh + 1) * g.ow];
+                        if g.stride == 1 {
+                            let a = g.src(cr.start, kw);
+                            for (d, s) in dst_row[a..a + cr.len()]
+                                .iter_mut()
+                                .zip(&src_row[cr.clone()])
+                            {
+                                *d += wv * s;
+                            }
+                        } else {
+                            for ow in cr.clone() {
+                                dst_row[g.src(ow, kw)] += wv * src_row[ow];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(gx), Shape::from((g.n, g.c, g.h, g.w))))
+    }
+}
+
+impl CustomOp2 for DepthwiseGradWeight {
+    fn name(&self) -> &'static str {
+        "slim-depthwise-conv2d-grad-weight"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = f32_slice(s1, l1, self.name())?;
+        let gy = f32_slice(s2, l2, self.name())?;
+        let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+        let mut gw = vec![0f32; g.c * kk];
+        gw.par_chunks_mut(kk).enumerate().for_each(|(c, filt)| {
+            for n in 0..g.n {
+                let idx = n * g.c + c;
+                let plane = &x[idx * ip..(idx + 1) * ip];
+                let src = &gy[idx * op..(idx + 1) * op];
+                for kh in 0..g.kh {
+                    for kw in 0..g.kw {
+                        let cr = g.valid(kw, g.ow, g.w);
+                        let mut acc = 0f32;
+                        for oh in g.valid(kh, g.oh, g.h) {
+                            let ih = g.src(oh, kh);
+                            let x_row = &plane[ih * g.w..(ih + 1) * g.w];
+                            let g_row = &src[oh * g.ow..(oh + 1) * g.ow];
+                            if g.stride == 1 {
+                                let a = g.src(cr.start, kw);
+                                acc += x_row[a..a + cr.len()]
+                                    .iter()
+                                    .zip(&g_row[cr.clone()])
+                                    .map(|(a, b)| a * b)
+                                    .sum::<f32>();
+                            } else {
+                                for ow in cr.clone() {
+                                    acc += x_row[g.src(ow, kw)] * g_row[ow];
+                                }
+                            }
+                        }
+                        filt[kh * g.kw + kw] += acc;
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(gw), Shape::from((g.c, 1, g.kh, g.kw))))
+    }
+}
+
+/// Per-channel mean and biased variance of `[N, C, H, W]`, accumulated in f64.
+fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut s, mut ss) = (0f64, 0f64);
+            for i in 0..n {
+                let plane = &x[(i * c + ch) * hw..][..hw];
+                let (mut ps, mut pss) = (0f32, 0f32);
+                for &v in plane {
+                    ps += v;
+                    pss += v * v;
+                }
+                s += f64::from(ps);
+                ss += f64::from(pss);
+            }
+            let m = (n * hw) as f64;
+            let mean = s / m;
+            (mean, (ss / m - mean * mean).max(0.0))
+        })
+        .collect()
+}
+
+/// Batch normalization in train mode, fused: `(x [N, C, H, W], gamma [C], beta [C])`,
+/// normalizing with the batch's statistics (Ioffe & Szegedy, "Batch Normalization", 2015).
+pub struct BatchNormTrain {
+    pub eps: f64,
+}
+
+/// Batch statistics `[2, C]` (mean, biased variance) of `[N, C, H, W]`, with no gradient.
+pub struct BatchStats;
+
+impl CustomOp1 for BatchStats {
+    fn name(&self) -> &'static str {
+        "slim-batch-stats"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let st = channel_stats(x, n, c, h * w);
+        let mut out: Vec<f32> = st.iter().map(|s| s.0 as f32).collect();
+        out.extend(st.iter().map(|s| s.1 as f32));
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    }
+}
+
+impl candle_core::CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "slim-batchnorm-train"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let gamma = f32_slice(s2, l2, self.name())?;
+        let beta = f32_slice(s3, l3, self.name())?;
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let hw = h * w;
+        let st = channel_stats(x, n, c, hw);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw).enumerate().for_each(|(idx, out)| {
+            let ch = idx % c;
+            let inv = (1.0 / (st[ch].1 + self.eps).sqrt()) as f32;
+            let scale = gamma[ch] * inv;
+            let shift = beta[ch] - st[ch].0 as f32 * scale;
+            for (o, &v) in out.iter_mut().zip(&x[idx * hw..(idx + 1) * hw]) {
+                *o = v * scale + shift;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, w) = x.dims4()?;
+        let all = x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &BatchNormGrad {
+                eps: self.eps,
+                gamma: gamma.to_vec1::<f32>()?,
+            },
+        )?;
+        let size = n * c * h * w;
+        let gx = all.narrow(0, 0, size)?.reshape((n, c, h, w))?;
+        let gg = all.narrow(0, size, c)?;
+        let gb = all.narrow(0, size + c, c)?;
+        Ok((Some(gx), Some(gg), Some(gb)))
+    }
+}
+
+/// The gradients of [`BatchNormTrain`] as one flat tensor: `dx`, then `dgamma`, then `dbeta`.
+struct BatchNormGrad {
+    eps: f64,
+    gamma: Vec<f32>,
+}
+
+impl CustomOp2 for BatchNormGrad {
+    fn name(&self) -> &'static str {
+        "slim-batchnorm-train-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let gy = f32_slice(s2, l2, self.name())?;
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let hw = h * w;
+        let st = channel_stats(x, n, c, hw);
+        // Per channel: sum of dy (dbeta) and of dy * xhat (dgamma).
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let inv = 1.0 / (st[ch].1 + self.eps).sqrt();
+                let mean = st[ch].0;
+                let (mut db, mut dg) = (0f64, 0f64);
+                for i in 0..n {
+                    let o = (i * c + ch) * hw;
+                    let (mut pb, mut pg) = (0f32, 0f32);
+                    for (&g, &v) in gy[o..o + hw].iter().zip(&x[o..o + hw]) {
+                        pb += g;
+                        pg += g * (v - mean as f32);
+                    }
+                    db += f64::from(pb);
+                    dg += f64::from(pg) * inv;
+                }
+                (db, dg)
+            })
+            .collect();
+        let m = (n * hw) as f64;
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let (dx, rest) = out.split_at_mut(x.len());
+        dx.par_chunks_mut(hw).enumerate().for_each(|(idx, plane)| {
+            let ch = idx % c;
+            let inv = 1.0 / (st[ch].1 + self.eps).sqrt();
+            let k = (f64::from(self.gamma[ch]) * inv / m) as f32;
+            let (db, dg) = (sums[ch].0 as f32, sums[ch].1 as f32);
+            let (mean, invf, mf) = (st[ch].0 as f32, inv as f32, m as f32);
+            let o = idx * hw;
+            for ((d, &g), &v) in plane.iter_mut().zip(&gy[o..o + hw]).zip(&x[o..o + hw]) {
+                let xhat = (v - mean) * invf;
+                *d = k * (mf * g - db - xhat * dg);
+            }
+        });
+        for ch in 0..c {
+            rest[ch] = sums[ch].1 as f32;
+            rest[c + ch] = sums[ch].0 as f32;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+    }
+}
+
+/// True when the fused batch-norm kernel applies (f32 on the CPU).
+pub fn fused_batch_norm(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// A 2-D convolution (no bias) with the fastest kernel that applies; see the module docs.
+pub fn conv2d(x: &Tensor, w: &Tensor, spec: &Conv2dSpec) -> candle_core::Result<Tensor> {
+    let fallback = || x.conv2d(w, spec.padding, spec.stride, spec.dilation, spec.groups);
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 || x.rank() != 4 {
+        return fallback();
+    }
+    let (n, c, h, wd) = x.dims4()?;
+    let (o, _, kh, kw) = w.dims4()?;
+    let Some((oh, ow)) = spec.out_size(h, wd) else {
+        return fallback();
+    };
+    let g = Geom {
+        n,
+        c,
+        h,
+        w: wd,
+        kh,
+        kw,
+        oh,
+        ow,
+        stride: spec.stride,
+        pad: spec.padding,
+        dil: spec.dilation,
+    };
+    if spec.is_depthwise() {
+        return x.contiguous()?.apply_op2(&w.contiguous()?, Depthwise(g));
+    }
+    if spec.groups != 1 {
+        return fallback();
+    }
+    let w2 = w.reshape((o, c * kh * kw))?;
+    if kh == 1 && kw == 1 && spec.stride == 1 && spec.padding == 0 {
+        // [N, C, HW] -> [C, N*HW] so that one product covers the whole batch.
+        let xs = x
+            .reshape((n, c, h * wd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((c, n * h * wd))?;
+        let y = w2.matmul(&xs)?;
+        return y.reshape((o, n, oh, ow))?.transpose(0, 1)?.contiguous();
+    }
+    let cols = x.contiguous()?.apply_op1(Unfold(g))?;
+    let y = w2.matmul(&cols)?;
+    y.reshape((o, n, oh, ow))?.transpose(0, 1)?.contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Forward and both gradients against candle's own convolution. (candle 0.11's own
+    /// convolution backward fails on non-square inputs, so gradients are compared on square
+    /// ones and non-square inputs are checked forward only.)
+    fn check(n: usize, c: usize, o: usize, hw: usize, k: usize, spec: Conv2dSpec) {
+        let dev = Device::Cpu;
+        let xr = Tensor::randn(0f32, 1.0, (n, c, hw, hw + 3), &dev).unwrap();
+        let wr = Tensor::randn(0f32, 1.0, (o, c / spec.groups, k, k), &dev).unwrap();
+        let ours = conv2d(&xr, &wr, &spec).unwrap();
+        let theirs = xr
+            .conv2d(&wr, spec.padding, spec.stride, spec.dilation, spec.groups)
+            .unwrap();
+        assert_eq!(ours.dims(), theirs.dims(), "{spec:?}");
+        assert!(
+            max_diff(&ours, &theirs) < 1e-3 * (c * k * k) as f32,
+            "forward {spec:?}"
+        );
+
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev).unwrap()).unwrap();
+        let w =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c / spec.groups, k, k), &dev).unwrap())
+                .unwrap();
+        let ours = conv2d(&x, &w, &spec).unwrap();
+        let theirs = x
+            .conv2d(&w, spec.padding, spec.stride, spec.dilation, spec.groups)
+            .unwrap();
+        assert_eq!(ours.dims(), theirs.dims(), "{spec:?}");
+        let tol = 1e-3 * (c * k * k) as f32;
+        assert!(max_diff(&ours, &theirs) < tol, "forward {spec:?}");
+        let probe = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+        let g1 = (&ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (&theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w] {
+            let (a, b) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(a, b) < tol * 4.0,
+                "gradient {spec:?}: {}",
+                max_diff(a, b)
+            );
+        }
+    }
+
+    #[test]
+    fn depthwise_matches_candle() {
+        for (k, stride, pad, dil) in [
+            (3, 1, 1, 1),
+            (3, 2, 1, 1),
+            (5, 1, 2, 1),
+            (3, 2, 0, 1),
+            (3, 1, 2, 2),
+            (1, 1, 0, 1),
+            (5, 3, 1, 1),
+        ] {
+            let spec = Conv2dSpec::new(6, 6, k)
+                .with_stride(stride)
+                .with_padding(pad)
+                .with_dilation(dil)
+                .with_groups(6);
+            check(3, 6, 6, 9, k, spec);
+        }
+    }
+
+    #[test]
+    fn fused_batch_norm_matches_composed_ops() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0.5f32, 2.0, (4, 3, 5, 6), &dev).unwrap()).unwrap();
+        let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.3, 3, &dev).unwrap()).unwrap();
+        let beta = Var::from_tensor(&Tensor::randn(0f32, 0.3, 3, &dev).unwrap()).unwrap();
+        let ours = x
+            .apply_op3(
+                gamma.as_tensor(),
+                beta.as_tensor(),
+                BatchNormTrain { eps: 1e-5 },
+            )
+            .unwrap();
+        // Reference: the same normalization written with candle's differentiable ops.
+        let mean = x
+            .mean_keepdim(0)
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap()
+            .mean_keepdim(3)
+            .unwrap();
+        let xc = x.broadcast_sub(&mean).unwrap();
+        let var = xc
+            .sqr()
+            .unwrap()
+            .mean_keepdim(0)
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap()
+            .mean_keepdim(3)
+            .unwrap();
+        let theirs = xc
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&gamma.reshape((1, 3, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&beta.reshape((1, 3, 1, 1)).unwrap())
+            .unwrap();
+        assert!(max_diff(&ours, &theirs) < 1e-4);
+        let probe = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+        let g1 = (&ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (&theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &gamma, &beta] {
+            let d = max_diff(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-4, "{d}");
+        }
+        let stats = x
+            .apply_op1_no_bwd(&BatchStats)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let m = mean.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((stats[0][1] - m[1]).abs() < 1e-5);
+    }
+
+    #[test]
+    fn dense_matches_candle() {
+        for (k, stride, pad, dil) in [
+            (3, 1, 1, 1),
+            (3, 2, 1, 1),
+            (5, 1, 2, 1),
+            (1, 1, 0, 1),
+            (1, 2, 0, 1),
+            (7, 2, 3, 1),
+            (3, 1, 2, 2),
+            (2, 2, 0, 1),
+        ] {
+            let spec = Conv2dSpec::new(5, 7, k)
+                .with_stride(stride)
+                .with_padding(pad)
+                .with_dilation(dil);
+            check(2, 5, 7, 11, k, spec);
+        }
+    }
+}
