@@ -13,6 +13,11 @@ mod train;
 
 use std::process::ExitCode;
 
+// Training allocates and frees many large tensors per step; glibc's allocator returns them to
+// the kernel and faults them back in, which costs more than the arithmetic on small models.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

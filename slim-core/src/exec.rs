@@ -162,13 +162,12 @@ impl Model {
             Op::Input { .. } => x.clone(),
             Op::Conv2d(c) => {
                 let w = self.param(node, "weight", mode)?;
-                let y = crate::kernels::conv2d(x, &w, c)?;
-                if c.bias {
-                    let b = self.param(node, "bias", mode)?;
-                    y.broadcast_add(&b.reshape((1, c.out_channels, 1, 1))?)?
+                let b = if c.bias {
+                    Some(self.param(node, "bias", mode)?)
                 } else {
-                    y
-                }
+                    None
+                };
+                crate::kernels::conv2d(x, &w, b.as_ref(), c)?
             }
             Op::Linear(l) => {
                 let w = self.param(node, "weight", mode)?;
@@ -203,8 +202,17 @@ impl Model {
             }
             Op::Concat => Tensor::cat(xs, 1)?,
             Op::MaxPool2d(p) => {
-                let padded = pad_spatial(x, p.padding, f32::NEG_INFINITY)?;
-                padded.max_pool2d_with_stride(p.kernel, p.stride)?
+                if x.device().is_cpu() && x.dtype() == DType::F32 {
+                    let op = crate::kernels::MaxPool {
+                        kernel: p.kernel,
+                        stride: p.stride,
+                        pad: p.padding,
+                    };
+                    x.contiguous()?.apply_op1(op)?
+                } else {
+                    let padded = pad_spatial(x, p.padding, f32::NEG_INFINITY)?;
+                    padded.max_pool2d_with_stride(p.kernel, p.stride)?
+                }
             }
             Op::AvgPool2d(p) => avg_pool(x, p)?,
             Op::GlobalAvgPool => x.mean(D::Minus1)?.mean(D::Minus1)?,

@@ -476,14 +476,162 @@ impl CustomOp2 for BatchNormGrad {
     }
 }
 
+/// Max pooling with a square window and implicit `-inf` padding; its backward sends each
+/// output's gradient to the first maximal input of its window (candle's own max pooling has
+/// no padding and no backward for overlapping windows).
+pub struct MaxPool {
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl MaxPool {
+    fn geom(&self, l: &Layout) -> candle_core::Result<Geom> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let out = |x: usize| {
+            (x + 2 * self.pad)
+                .checked_sub(self.kernel)
+                .map(|v| v / self.stride + 1)
+        };
+        match (out(h), out(w)) {
+            (Some(oh), Some(ow)) => Ok(Geom {
+                n,
+                c,
+                h,
+                w,
+                kh: self.kernel,
+                kw: self.kernel,
+                oh,
+                ow,
+                stride: self.stride,
+                pad: self.pad,
+                dil: 1,
+            }),
+            _ => candle_core::bail!("max pool window {} does not fit {h}x{w}", self.kernel),
+        }
+    }
+
+    /// Index (within the plane) of the first maximum of output `(oh, ow)`'s window.
+    fn argmax(g: &Geom, plane: &[f32], oh: usize, ow: usize) -> usize {
+        let mut best = usize::MAX;
+        let mut best_v = f32::NEG_INFINITY;
+        for kh in 0..g.kh {
+            let ih = (oh * g.stride + kh) as i64 - g.pad as i64;
+            if ih < 0 || ih as usize >= g.h {
+                continue;
+            }
+            for kw in 0..g.kw {
+                let iw = (ow * g.stride + kw) as i64 - g.pad as i64;
+                if iw < 0 || iw as usize >= g.w {
+                    continue;
+                }
+                let i = ih as usize * g.w + iw as usize;
+                if best == usize::MAX || plane[i] > best_v {
+                    best = i;
+                    best_v = plane[i];
+                }
+            }
+        }
+        best
+    }
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "slim-maxpool2d"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.geom(l)?;
+        let x = f32_slice(s, l, self.name())?;
+        let (ip, op) = (g.h * g.w, g.oh * g.ow);
+        let mut y = vec![0f32; g.n * g.c * op];
+        y.par_chunks_mut(op).enumerate().for_each(|(idx, out)| {
+            let plane = &x[idx * ip..(idx + 1) * ip];
+            for oh in 0..g.oh {
+                for ow in 0..g.ow {
+                    let i = MaxPool::argmax(&g, plane, oh, ow);
+                    out[oh * g.ow + ow] = if i == usize::MAX {
+                        f32::NEG_INFINITY
+                    } else {
+                        plane[i]
+                    };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.c, g.oh, g.ow))))
+    }
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad,
+            &MaxPoolGrad(MaxPool {
+                kernel: self.kernel,
+                stride: self.stride,
+                pad: self.pad,
+            }),
+        )?))
+    }
+}
+
+struct MaxPoolGrad(MaxPool);
+
+impl CustomOp2 for MaxPoolGrad {
+    fn name(&self) -> &'static str {
+        "slim-maxpool2d-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0.geom(l1)?;
+        let x = f32_slice(s1, l1, self.name())?;
+        let gy = f32_slice(s2, l2, self.name())?;
+        let (ip, op) = (g.h * g.w, g.oh * g.ow);
+        let mut gx = vec![0f32; x.len()];
+        gx.par_chunks_mut(ip).enumerate().for_each(|(idx, gplane)| {
+            let plane = &x[idx * ip..(idx + 1) * ip];
+            let src = &gy[idx * op..(idx + 1) * op];
+            for oh in 0..g.oh {
+                for ow in 0..g.ow {
+                    let i = MaxPool::argmax(&g, plane, oh, ow);
+                    if i != usize::MAX {
+                        gplane[i] += src[oh * g.ow + ow];
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(gx), l1.shape().clone()))
+    }
+}
+
 /// True when the fused batch-norm kernel applies (f32 on the CPU).
 pub fn fused_batch_norm(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// A 2-D convolution (no bias) with the fastest kernel that applies; see the module docs.
-pub fn conv2d(x: &Tensor, w: &Tensor, spec: &Conv2dSpec) -> candle_core::Result<Tensor> {
-    let fallback = || x.conv2d(w, spec.padding, spec.stride, spec.dilation, spec.groups);
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    spec: &Conv2dSpec,
+) -> candle_core::Result<Tensor> {
+    let add_bias = |y: Tensor| -> candle_core::Result<Tensor> {
+        match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+            None => Ok(y),
+        }
+    };
+    let fallback =
+        || add_bias(x.conv2d(w, spec.padding, spec.stride, spec.dilation, spec.groups)?);
     if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 || x.rank() != 4 {
         return fallback();
     }
@@ -506,12 +654,20 @@ pub fn conv2d(x: &Tensor, w: &Tensor, spec: &Conv2dSpec) -> candle_core::Result<
         dil: spec.dilation,
     };
     if spec.is_depthwise() {
-        return x.contiguous()?.apply_op2(&w.contiguous()?, Depthwise(g));
+        return add_bias(x.contiguous()?.apply_op2(&w.contiguous()?, Depthwise(g))?);
     }
     if spec.groups != 1 {
         return fallback();
     }
     let w2 = w.reshape((o, c * kh * kw))?;
+    // The bias is added to the [O, N*P] product, so that its gradient is a sum over the
+    // contiguous last axis.
+    let plus_bias = |y: Tensor| -> candle_core::Result<Tensor> {
+        match bias {
+            Some(b) => y.broadcast_add(&b.reshape((o, 1))?),
+            None => Ok(y),
+        }
+    };
     if kh == 1 && kw == 1 && spec.stride == 1 && spec.padding == 0 {
         // [N, C, HW] -> [C, N*HW] so that one product covers the whole batch.
         let xs = x
@@ -519,11 +675,11 @@ pub fn conv2d(x: &Tensor, w: &Tensor, spec: &Conv2dSpec) -> candle_core::Result<
             .transpose(0, 1)?
             .contiguous()?
             .reshape((c, n * h * wd))?;
-        let y = w2.matmul(&xs)?;
+        let y = plus_bias(w2.matmul(&xs)?)?;
         return y.reshape((o, n, oh, ow))?.transpose(0, 1)?.contiguous();
     }
     let cols = x.contiguous()?.apply_op1(Unfold(g))?;
-    let y = w2.matmul(&cols)?;
+    let y = plus_bias(w2.matmul(&cols)?)?;
     y.reshape((o, n, oh, ow))?.transpose(0, 1)?.contiguous()
 }
 
@@ -552,9 +708,12 @@ mod tests {
         let dev = Device::Cpu;
         let xr = Tensor::randn(0f32, 1.0, (n, c, hw, hw + 3), &dev).unwrap();
         let wr = Tensor::randn(0f32, 1.0, (o, c / spec.groups, k, k), &dev).unwrap();
-        let ours = conv2d(&xr, &wr, &spec).unwrap();
+        let br = Tensor::randn(0f32, 1.0, o, &dev).unwrap();
+        let ours = conv2d(&xr, &wr, Some(&br), &spec).unwrap();
         let theirs = xr
             .conv2d(&wr, spec.padding, spec.stride, spec.dilation, spec.groups)
+            .unwrap()
+            .broadcast_add(&br.reshape((1, o, 1, 1)).unwrap())
             .unwrap();
         assert_eq!(ours.dims(), theirs.dims(), "{spec:?}");
         assert!(
@@ -566,7 +725,7 @@ mod tests {
         let w =
             Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c / spec.groups, k, k), &dev).unwrap())
                 .unwrap();
-        let ours = conv2d(&x, &w, &spec).unwrap();
+        let ours = conv2d(&x, &w, None, &spec).unwrap();
         let theirs = x
             .conv2d(&w, spec.padding, spec.stride, spec.dilation, spec.groups)
             .unwrap();
@@ -685,6 +844,74 @@ mod tests {
             .unwrap();
         let m = mean.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!((stats[0][1] - m[1]).abs() < 1e-5);
+    }
+
+    #[test]
+    fn max_pool_matches_candle_and_pads_with_minus_infinity() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap()).unwrap();
+        let ours = x
+            .apply_op1(MaxPool {
+                kernel: 2,
+                stride: 2,
+                pad: 0,
+            })
+            .unwrap();
+        let theirs = x.max_pool2d_with_stride(2, 2).unwrap();
+        assert!(max_diff(&ours, &theirs) == 0.0);
+        // Gradient: each window's output gradient lands on its maximum. (candle 0.11's own
+        // max-pool backward scales it by 1/4, so the reference is written out here.)
+        let probe = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+        let g1 = (&ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gx = g1
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ys = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ps = probe.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, (&xv, &gv)) in xs.iter().zip(&gx).enumerate() {
+            let (plane, r, c) = (i / 64, (i % 64) / 8, i % 8);
+            let o = plane * 16 + (r / 2) * 4 + c / 2;
+            let want = if xv == ys[o] { ps[o] } else { 0.0 };
+            assert_eq!(gv, want, "input {i}");
+        }
+        // 3x3 stride 2 padding 1 on all-negative input: padding never wins, and each input
+        // gets the gradient of every window it is the maximum of.
+        let neg = Tensor::new(
+            &[[[[-1f32, -2.0, -3.0], [-4.0, -5.0, -6.0], [-7.0, -8.0, -9.0]]]],
+            &dev,
+        )
+        .unwrap();
+        let v = Var::from_tensor(&neg).unwrap();
+        let y = v
+            .apply_op1(MaxPool {
+                kernel: 3,
+                stride: 2,
+                pad: 1,
+            })
+            .unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![-1.0, -2.0, -4.0, -5.0]
+        );
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gx = g
+            .get(&v)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(gx, vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]
