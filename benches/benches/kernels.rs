@@ -3,6 +3,10 @@
 //! 14x14, forward and forward+backward; and one training step (forward, backward, Adam) of
 //! `lenet` and `mobilenet_tiny` on 1x28x28 digits.
 
+// The allocator of the `slim` binary, so that kernels are timed as the binary runs them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use slim_core::kernels::conv2d;

@@ -3,6 +3,10 @@
 //! every parameter, the least any surgery that returns a new model must do. Target: the
 //! surgery under 1 s on a 2-core machine.
 
+// The allocator of the `slim` binary, so that kernels are timed as the binary runs them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
 use slim_core::deps::channel_groups;

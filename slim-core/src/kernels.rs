@@ -131,8 +131,16 @@ impl CustomOp1 for Fold {
                             let ih = g.src(oh, kh);
                             let dst_row = &mut plane[ih * g.w..(ih + 1) * g.w];
                             let src_row = &src[oh * g.ow..(oh + 1) * g.ow];
-                            for ow in cols_r.clone() {
-                                dst_row[g.src(ow, kw)] += src_row[ow];
+                            if g.stride == 1 {
+                                let a = g.src(cols_r.start, kw);
+                                let dst = &mut dst_row[a..a + cols_r.len()];
+                                for (d, s) in dst.iter_mut().zip(&src_row[cols_r.clone()]) {
+                                    *d += s;
+                                }
+                            } else {
+                                for ow in cols_r.clone() {
+                                    dst_row[g.src(ow, kw)] += src_row[ow];
+                                }
                             }
                         }
                     }
