@@ -426,7 +426,8 @@ impl Iterator for Loader {
     }
 }
 
-fn mix(seed: u64, epoch: u64, batch: u64) -> u64 {
+/// Mixes a seed with an epoch and a batch index into an independent seed.
+pub(crate) fn mix(seed: u64, epoch: u64, batch: u64) -> u64 {
     let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
     for v in [epoch, batch] {
         h = (h ^ v).wrapping_mul(0xbf58_476d_1ce4_e5b9);

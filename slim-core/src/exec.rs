@@ -35,9 +35,16 @@ pub struct ForwardOptions<'a> {
     pub taps: Vec<String>,
     /// Called with every node's output, in evaluation order.
     pub observer: Option<&'a mut Observer<'a>>,
+    /// Seed of the dropout masks in train mode (the training loop derives one per step, so
+    /// runs are reproducible); without it the masks come from the thread's random source.
+    pub dropout_seed: Option<u64>,
 }
 
 impl<'a> ForwardOptions<'a> {
+    pub fn with_dropout_seed(mut self, seed: u64) -> Self {
+        self.dropout_seed = Some(seed);
+        self
+    }
     pub fn with_taps<S: AsRef<str>>(mut self, taps: &[S]) -> Self {
         self.taps = taps.iter().map(|s| s.as_ref().to_string()).collect();
         self
@@ -119,7 +126,7 @@ impl Model {
                             .ok_or_else(|| CoreError::node(&node.name, "input not computed"))
                     })
                     .collect::<Result<_>>()?;
-                self.run_node(node, &xs, mode)
+                self.run_node(id, node, &xs, mode, opts.dropout_seed)
                     .map_err(|e| CoreError::node(&node.name, e.to_string()))?
             };
             if let Some(obs) = opts.observer.as_mut() {
@@ -156,7 +163,14 @@ impl Model {
         })
     }
 
-    fn run_node(&self, node: &Node, xs: &[&Tensor], mode: Mode) -> Result<Tensor> {
+    fn run_node(
+        &self,
+        id: usize,
+        node: &Node,
+        xs: &[&Tensor],
+        mode: Mode,
+        seed: Option<u64>,
+    ) -> Result<Tensor> {
         let x = xs[0];
         Ok(match &node.op {
             Op::Input { .. } => x.clone(),
@@ -218,7 +232,12 @@ impl Model {
             Op::GlobalAvgPool => x.mean(D::Minus1)?.mean(D::Minus1)?,
             Op::Flatten => x.flatten_from(1)?,
             Op::Dropout { p } => match mode {
-                Mode::Train if *p > 0.0 => candle_nn::ops::dropout(x, *p)?,
+                Mode::Train if *p > 0.0 => {
+                    // Each dropout node draws from its own stream of the step's seed.
+                    let node_seed =
+                        seed.map(|s| s ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    dropout(x, *p, node_seed)?
+                }
                 _ => x.clone(),
             },
             Op::Softmax => candle_nn::ops::softmax(x, 1)?,
@@ -307,6 +326,26 @@ impl Model {
             }
         }
     }
+}
+
+/// Inverted dropout: zero each value with probability `p`, scale the rest by `1 / (1 - p)`.
+fn dropout(x: &Tensor, p: f32, seed: Option<u64>) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    if !(0.0..1.0).contains(&p) {
+        return Err(CoreError::Invalid(format!(
+            "dropout probability {p} must be in [0, 1)"
+        )));
+    }
+    let mut rng = match seed {
+        Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+        None => rand::rngs::StdRng::from_rng(&mut rand::rng()),
+    };
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.dims(), x.device())?;
+    Ok((x * mask)?)
 }
 
 fn pad_spatial(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
@@ -415,6 +454,36 @@ mod tests {
         assert_eq!(out.outputs[0].dims(), &[2, 32]);
         assert_eq!(seen.len(), 4);
         assert_eq!(seen[3], ("f".to_string(), vec![2, 32]));
+    }
+
+    #[test]
+    fn dropout_is_inverted_seeded_and_off_in_eval() {
+        let x = Tensor::ones((4, 1000), DType::F32, &Device::Cpu).unwrap();
+        let a = dropout(&x, 0.3, Some(1))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = dropout(&x, 0.3, Some(1))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b);
+        let zeros = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+        assert!((zeros - 0.3).abs() < 0.03, "{zeros}");
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        assert!((mean - 1.0).abs() < 0.05, "{mean}");
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-6));
+        let g = GraphBuilder::new([8]).dropout("d", 0.5).build().unwrap();
+        let m = Model::init(g, 0, &Device::Cpu).unwrap();
+        let x = Tensor::ones((2, 8), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            m.forward(&x, Mode::Eval).unwrap().to_vec2::<f32>().unwrap(),
+            x.to_vec2::<f32>().unwrap()
+        );
     }
 
     #[test]

@@ -545,7 +545,9 @@ pub fn train(
             let out = model.forward_with(
                 std::slice::from_ref(&batch.images),
                 Mode::Train,
-                ForwardOptions::default().with_taps(&taps),
+                ForwardOptions::default()
+                    .with_taps(&taps)
+                    .with_dropout_seed(crate::data::mix(cfg.seed, epoch as u64, step as u64 + 1)),
             )?;
             let logits = &out.outputs[0];
             let mut loss = candle_nn::loss::cross_entropy(logits, &batch.labels)?;

@@ -148,6 +148,28 @@ fn same_seed_same_model_and_resume_matches_an_unbroken_run() {
 }
 
 #[test]
+fn dropout_is_seeded_too() {
+    // MobileNetV2 has dropout before its classifier: two runs with one seed still agree.
+    let data = small_mnist(64, 10);
+    let cfg = TrainConfig::default()
+        .with_epochs(1)
+        .with_batch_size(32)
+        .with_seed(4);
+    let run = || {
+        let mut m = zoo::model(
+            "mobilenet_v2",
+            &ZooConfig::new([1, 28, 28]).with_width(0.25),
+            2,
+            &Device::Cpu,
+        )
+        .unwrap();
+        train(&mut m, &data, &cfg, TrainOptions::default(), &mut |_| {}).unwrap();
+        values(&m)
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
 fn mismatched_model_and_data_are_refused() {
     let data = small_mnist(128, 10);
     let mut m = zoo::model("lenet", &ZooConfig::new([3, 32, 32]), 0, &Device::Cpu).unwrap();
