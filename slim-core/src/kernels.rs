@@ -59,94 +59,236 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
 }
 
 /// im2col: `[N, C, H, W]` to `[C*KH*KW, N*OH*OW]`.
-struct Unfold(Geom);
-/// col2im, the adjoint of [`Unfold`]: `[C*KH*KW, N*OH*OW]` to `[N, C, H, W]`.
-struct Fold(Geom);
+fn unfold(g: &Geom, x: &[f32]) -> Vec<f32> {
+    let p = g.oh * g.ow;
+    let k = g.c * g.kh * g.kw;
+    let mut cols = vec![0f32; k * g.n * p];
+    cols.par_chunks_mut(g.n * p)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (c, kh, kw) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
+            let rows = g.valid(kh, g.oh, g.h);
+            let cols_r = g.valid(kw, g.ow, g.w);
+            for n in 0..g.n {
+                let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
+                let out = &mut dst[n * p..(n + 1) * p];
+                for oh in rows.clone() {
+                    let ih = g.src(oh, kh);
+                    let src_row = &plane[ih * g.w..(ih + 1) * g.w];
+                    let dst_row = &mut out[oh * g.ow..(oh + 1) * g.ow];
+                    if g.stride == 1 {
+                        let a = g.src(cols_r.start, kw);
+                        dst_row[cols_r.clone()].copy_from_slice(&src_row[a..a + cols_r.len()]);
+                    } else {
+                        for ow in cols_r.clone() {
+                            dst_row[ow] = src_row[g.src(ow, kw)];
+                        }
+                    }
+                }
+            }
+        });
+    cols
+}
 
-impl CustomOp1 for Unfold {
-    fn name(&self) -> &'static str {
-        "slim-unfold"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let x = f32_slice(s, l, self.name())?;
-        let p = g.oh * g.ow;
-        let k = g.c * g.kh * g.kw;
-        let mut cols = vec![0f32; k * g.n * p];
-        cols.par_chunks_mut(g.n * p)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let (c, kh, kw) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
-                let rows = g.valid(kh, g.oh, g.h);
-                let cols_r = g.valid(kw, g.ow, g.w);
-                for n in 0..g.n {
-                    let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
-                    let out = &mut dst[n * p..(n + 1) * p];
-                    for oh in rows.clone() {
+/// col2im, the adjoint of [`unfold`]: `[C*KH*KW, N*OH*OW]` to `[N, C, H, W]`.
+fn fold(g: &Geom, cols: &[f32]) -> Vec<f32> {
+    let p = g.oh * g.ow;
+    let mut x = vec![0f32; g.n * g.c * g.h * g.w];
+    x.par_chunks_mut(g.h * g.w)
+        .enumerate()
+        .for_each(|(plane_idx, plane)| {
+            let (n, c) = (plane_idx / g.c, plane_idx % g.c);
+            for kh in 0..g.kh {
+                for kw in 0..g.kw {
+                    let row = (c * g.kh + kh) * g.kw + kw;
+                    let src = &cols[row * g.n * p + n * p..][..p];
+                    let cols_r = g.valid(kw, g.ow, g.w);
+                    for oh in g.valid(kh, g.oh, g.h) {
                         let ih = g.src(oh, kh);
-                        let src_row = &plane[ih * g.w..(ih + 1) * g.w];
-                        let dst_row = &mut out[oh * g.ow..(oh + 1) * g.ow];
+                        let dst_row = &mut plane[ih * g.w..(ih + 1) * g.w];
+                        let src_row = &src[oh * g.ow..(oh + 1) * g.ow];
                         if g.stride == 1 {
                             let a = g.src(cols_r.start, kw);
-                            dst_row[cols_r.clone()].copy_from_slice(&src_row[a..a + cols_r.len()]);
+                            let dst = &mut dst_row[a..a + cols_r.len()];
+                            for (d, s) in dst.iter_mut().zip(&src_row[cols_r.clone()]) {
+                                *d += s;
+                            }
                         } else {
                             for ow in cols_r.clone() {
-                                dst_row[ow] = src_row[g.src(ow, kw)];
+                                dst_row[g.src(ow, kw)] += src_row[ow];
                             }
                         }
                     }
                 }
-            });
-        Ok((CpuStorage::F32(cols), Shape::from((k, g.n * p))))
+            }
+        });
+    x
+}
+
+/// A row-major `[m, n]` product `a · b`, where `a` and `b` are read through (row, column)
+/// strides, so transposed operands cost nothing. Computed by the `gemm` crate (the GEMM that
+/// candle itself uses), in parallel.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) -> Vec<f32> {
+    let mut dst = vec![0f32; m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return dst;
+    }
+    // The largest index each operand is read at must lie inside its slice.
+    assert!(
+        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        "lhs out of bounds"
+    );
+    assert!(
+        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
+        "rhs out of bounds"
+    );
+    // SAFETY: the asserts above bound every read of `a` and `b`; `dst` is a fresh row-major
+    // m x n buffer; the three do not overlap.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    dst
+}
+
+/// A dense convolution `(x [N, C, H, W], w [O, C, KH, KW], b [O])` as `W · im2col(x) + b`.
+struct DenseConv {
+    g: Geom,
+    o: usize,
+}
+
+/// The gradients of [`DenseConv`] as one flat tensor: `dx`, then `dw`, then `db`.
+struct DenseConvGrad {
+    g: Geom,
+    o: usize,
+}
+
+impl candle_core::CustomOp3 for DenseConv {
+    fn name(&self) -> &'static str {
+        "slim-conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, o) = (self.g, self.o);
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let (k, p) = (g.c * g.kh * g.kw, g.oh * g.ow);
+        let cols = unfold(&g, x);
+        let np = g.n * p;
+        let y2 = matmul(o, np, k, w, k, 1, &cols, np, 1);
+        // [O, N, P] to [N, O, P], adding the bias.
+        let mut y = vec![0f32; g.n * o * p];
+        y.par_chunks_mut(p).enumerate().for_each(|(idx, out)| {
+            let (n, oc) = (idx / o, idx % o);
+            for (d, s) in out.iter_mut().zip(&y2[oc * np + n * p..][..p]) {
+                *d = s + b[oc];
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((g.n, o, g.oh, g.ow))))
     }
     fn bwd(
         &self,
-        _arg: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Fold(self.0))?))
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let all = x.apply_op3_no_bwd(
+            w,
+            &grad.contiguous()?,
+            &DenseConvGrad {
+                g: self.g,
+                o: self.o,
+            },
+        )?;
+        let (nx, nw) = (x.elem_count(), w.elem_count());
+        let gx = all.narrow(0, 0, nx)?.reshape(x.dims())?;
+        let gw = all.narrow(0, nx, nw)?.reshape(w.dims())?;
+        let gb = all.narrow(0, nx + nw, b.elem_count())?;
+        Ok((Some(gx), Some(gw), Some(gb)))
     }
 }
 
-impl CustomOp1 for Fold {
+impl candle_core::CustomOp3 for DenseConvGrad {
     fn name(&self) -> &'static str {
-        "slim-fold"
+        "slim-conv2d-grad"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let cols = f32_slice(s, l, self.name())?;
-        let p = g.oh * g.ow;
-        let mut x = vec![0f32; g.n * g.c * g.h * g.w];
-        x.par_chunks_mut(g.h * g.w)
-            .enumerate()
-            .for_each(|(plane_idx, plane)| {
-                let (n, c) = (plane_idx / g.c, plane_idx % g.c);
-                for kh in 0..g.kh {
-                    for kw in 0..g.kw {
-                        let row = (c * g.kh + kh) * g.kw + kw;
-                        let src = &cols[row * g.n * p + n * p..][..p];
-                        let cols_r = g.valid(kw, g.ow, g.w);
-                        for oh in g.valid(kh, g.oh, g.h) {
-                            let ih = g.src(oh, kh);
-                            let dst_row = &mut plane[ih * g.w..(ih + 1) * g.w];
-                            let src_row = &src[oh * g.ow..(oh + 1) * g.ow];
-                            if g.stride == 1 {
-                                let a = g.src(cols_r.start, kw);
-                                let dst = &mut dst_row[a..a + cols_r.len()];
-                                for (d, s) in dst.iter_mut().zip(&src_row[cols_r.clone()]) {
-                                    *d += s;
-                                }
-                            } else {
-                                for ow in cols_r.clone() {
-                                    dst_row[g.src(ow, kw)] += src_row[ow];
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(x), Shape::from((g.n, g.c, g.h, g.w))))
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, o) = (self.g, self.o);
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let gy = f32_slice(s3, l3, self.name())?;
+        let (k, p) = (g.c * g.kh * g.kw, g.oh * g.ow);
+        let np = g.n * p;
+        // [N, O, P] to [O, N*P].
+        let mut g2 = vec![0f32; o * np];
+        g2.par_chunks_mut(np).enumerate().for_each(|(oc, row)| {
+            for n in 0..g.n {
+                row[n * p..(n + 1) * p].copy_from_slice(&gy[(n * o + oc) * p..][..p]);
+            }
+        });
+        let cols = unfold(&g, x);
+        // dW = G2 · cols^T; dcols = W^T · G2; db = row sums of G2.
+        let gw = matmul(o, k, np, &g2, np, 1, &cols, 1, np);
+        drop(cols);
+        let gcols = matmul(k, np, o, w, 1, k, &g2, np, 1);
+        let gx = fold(&g, &gcols);
+        let gb: Vec<f32> = g2
+            .par_chunks(np)
+            .map(|r| r.iter().map(|&v| f64::from(v)).sum::<f64>() as f32)
+            .collect();
+        let mut out = gx;
+        out.extend_from_slice(&gw);
+        out.extend_from_slice(&gb);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
 
@@ -667,28 +809,12 @@ pub fn conv2d(
     if spec.groups != 1 {
         return fallback();
     }
-    let w2 = w.reshape((o, c * kh * kw))?;
-    // The bias is added to the [O, N*P] product, so that its gradient is a sum over the
-    // contiguous last axis.
-    let plus_bias = |y: Tensor| -> candle_core::Result<Tensor> {
-        match bias {
-            Some(b) => y.broadcast_add(&b.reshape((o, 1))?),
-            None => Ok(y),
-        }
+    let b = match bias {
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(o, DType::F32, x.device())?,
     };
-    if kh == 1 && kw == 1 && spec.stride == 1 && spec.padding == 0 {
-        // [N, C, HW] -> [C, N*HW] so that one product covers the whole batch.
-        let xs = x
-            .reshape((n, c, h * wd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((c, n * h * wd))?;
-        let y = plus_bias(w2.matmul(&xs)?)?;
-        return y.reshape((o, n, oh, ow))?.transpose(0, 1)?.contiguous();
-    }
-    let cols = x.contiguous()?.apply_op1(Unfold(g))?;
-    let y = plus_bias(w2.matmul(&cols)?)?;
-    y.reshape((o, n, oh, ow))?.transpose(0, 1)?.contiguous()
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b, DenseConv { g, o })
 }
 
 #[cfg(test)]
@@ -733,9 +859,12 @@ mod tests {
         let w =
             Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c / spec.groups, k, k), &dev).unwrap())
                 .unwrap();
-        let ours = conv2d(&x, &w, None, &spec).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, o, &dev).unwrap()).unwrap();
+        let ours = conv2d(&x, &w, Some(&b), &spec).unwrap();
         let theirs = x
             .conv2d(&w, spec.padding, spec.stride, spec.dilation, spec.groups)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, o, 1, 1)).unwrap())
             .unwrap();
         assert_eq!(ours.dims(), theirs.dims(), "{spec:?}");
         let tol = 1e-3 * (c * k * k) as f32;
@@ -753,7 +882,7 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        for v in [&x, &w] {
+        for v in [&x, &w, &b] {
             let (a, b) = (
                 g1.get(v.as_tensor()).unwrap(),
                 g2.get(v.as_tensor()).unwrap(),
