@@ -5,10 +5,11 @@
 //! transposed convolution. Here:
 //! - **depthwise** convolution is a direct kernel over each `(sample, channel)` plane, in
 //!   parallel, with its own input and weight gradients;
-//! - a **dense** convolution is `W · im2col(x)`: an unfold (whose backward is the matching
-//!   fold) and one large matrix product through candle's GEMM, so the backward is two more
-//!   products of the same size (about twice the forward);
-//! - a **1x1** convolution with stride 1 and no padding is a plain matrix product.
+//! - a **dense** convolution is `W · im2col(x) + b` in one custom op that calls the `gemm`
+//!   crate directly; its backward recomputes the unfold and makes two products of the same
+//!   size (`dW = G · colsᵀ`, `dcols = Wᵀ · G`) and a fold, with no autograd intermediates;
+//! - train-mode **batch norm** is one fused op with its own backward;
+//! - **max pooling** supports padding and overlapping windows, with an exact backward.
 //!
 //! [`conv2d`] picks the kernel; other cases (grouped, non-f32, non-CPU) go to candle's own
 //! convolution. Every kernel is tested against candle's convolution and its gradients.
