@@ -65,7 +65,7 @@ pub struct ForwardOutput {
 impl Model {
     /// Forward of a single-input, single-output model on a batch `[N, ...input shape]`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let out = self.forward_with(&[x.clone()], mode, ForwardOptions::default())?;
+        let out = self.forward_with(std::slice::from_ref(x), mode, ForwardOptions::default())?;
         out.outputs
             .into_iter()
             .next()
