@@ -72,6 +72,13 @@ fn bad_arguments_exit_with_status_2() {
             out,
         ],
         vec!["eval", "/no/such/model.safetensors"],
+        vec![
+            "train",
+            "--model",
+            "lenet",
+            "--out",
+            "/no/such/dir/m.safetensors",
+        ],
     ] {
         let o = slim().args(&args).output().unwrap();
         assert_eq!(
