@@ -64,6 +64,31 @@ impl Dataset for ImageSet {
 }
 
 impl ImageSet {
+    /// A 64-bit fingerprint (16 hex digits) of the shape, classes, pixels and labels.
+    pub fn fingerprint(&self) -> String {
+        let mut h = crate::model::Fnv::new();
+        for d in self.shape {
+            h.write(&(d as u64).to_le_bytes());
+        }
+        h.write(&(self.classes as u64).to_le_bytes());
+        h.write(&self.images);
+        h.write(&self.labels);
+        format!("{:016x}", h.0)
+    }
+
+    /// The last `n` samples (or all, if fewer).
+    pub fn take_last(&self, n: usize) -> ImageSet {
+        let n = n.min(self.len());
+        let per: usize = self.shape.iter().product();
+        let start = self.len() - n;
+        ImageSet {
+            shape: self.shape,
+            classes: self.classes,
+            images: self.images[start * per..].to_vec(),
+            labels: self.labels[start..].to_vec(),
+        }
+    }
+
     /// The first `n` samples (or all, if fewer): a slice for quick tests.
     pub fn take(&self, n: usize) -> ImageSet {
         let n = n.min(self.len());

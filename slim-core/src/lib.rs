@@ -13,7 +13,10 @@
 //! - [`deps`]: channel groups and the surgery that prunes them;
 //! - [`zoo`]: LeNet, VGG, ResNet, MobileNet V1/V2;
 //! - [`data`]: MNIST/Fashion-MNIST IDX and CIFAR-10 loaders, the bundled MNIST subset, batching;
-//! - [`train`]: the one training loop (SGD, Adam, AdamW, schedules, checkpoints) and evaluation.
+//! - [`train`]: the one training loop (SGD, Adam, AdamW, schedules, checkpoints) and evaluation;
+//! - [`search`]: the simulated-annealing and evolutionary controllers that automatic pruning and
+//!   architecture search share, with resumable histories, and the `Evaluator` and `CostModel`
+//!   traits.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -43,6 +46,7 @@ pub mod io;
 pub mod kernels;
 pub mod model;
 pub mod params;
+pub mod search;
 pub mod train;
 pub mod zoo;
 

@@ -86,6 +86,31 @@ impl Model {
             .unwrap_or(Device::Cpu)
     }
 
+    /// A 64-bit fingerprint (16 hex digits) of the graph and every parameter's name, shape and
+    /// values: files derived from a model (sensitivities, search histories) record it, so that
+    /// they are refused for any other model.
+    pub fn fingerprint(&self) -> Result<String> {
+        let mut h = Fnv::new();
+        let def = serde_json::to_string(&self.graph.to_def())
+            .map_err(|e| crate::CoreError::Invalid(format!("cannot serialize the graph: {e}")))?;
+        h.write(def.as_bytes());
+        for (name, p) in self.params.iter() {
+            h.write(name.as_bytes());
+            let t = p.var.as_tensor();
+            for &d in t.dims() {
+                h.write(&(d as u64).to_le_bytes());
+            }
+            let values = t
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?;
+            for v in values {
+                h.write(&v.to_le_bytes());
+            }
+        }
+        Ok(format!("{:016x}", h.0))
+    }
+
     /// Per-sample shape of the (first) input.
     pub fn input_shape(&self) -> Vec<usize> {
         self.graph
@@ -147,6 +172,21 @@ fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
     out
 }
 
+/// FNV-1a, 64 bits: a fast, stable hash for fingerprints (not for security).
+pub(crate) struct Fnv(pub u64);
+
+impl Fnv {
+    pub fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,3 +235,4 @@ mod tests {
         assert!(e.contains("bn.bias") && e.contains("[3]"), "{e}");
     }
 }
+

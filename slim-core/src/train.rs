@@ -680,6 +680,19 @@ pub fn evaluate(
     })
 }
 
+/// Top-1 accuracy on an image set, as a search [`Evaluator`](crate::search::Evaluator).
+pub struct Top1 {
+    pub set: ImageSet,
+    pub normalize: Normalize,
+    pub batch_size: usize,
+}
+
+impl crate::search::Evaluator for Top1 {
+    fn score(&self, model: &Model) -> Result<f64> {
+        Ok(evaluate(model, &self.set, &self.normalize, self.batch_size)?.top1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,240 @@
+//! Automatic pruning: a search over per-group ratios under a FLOPs limit.
+//!
+//! Each group in scope is one token of the search: its ratio is `token * step`, from 0 up to
+//! `max_ratio`. The FLOPs limit is checked on every candidate, from the channel counts alone,
+//! before the candidate is pruned or evaluated; the reward is the evaluator's score of the
+//! pruned model (top-1 on an evaluation subset), after an optional short fine-tune. The
+//! controllers are `slim-core`'s ([`Annealing`], [`Evolution`]), seeded, and the history is
+//! written after every trial so that a killed search resumes (see
+//! [`slim_core::search::run_search`]).
+//!
+//! The search starts from a candidate that meets the limit: the ratios given (those chosen
+//! from sensitivities, say) or else uniform pruning to the target, rounded onto the grid.
+
+use std::path::Path;
+
+use serde_json::json;
+use slim_core::search::{
+    run_search, Annealing, Controller, Evaluator, Evolution, History, SearchProgress,
+};
+use slim_core::Model;
+
+use crate::pruner::{check_reduction, Pruner, Ratios};
+use crate::{PruneError, Result};
+
+/// The search algorithm and its settings.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Method {
+    /// Simulated annealing; the temperature is on the scale of the reward (top-1 in 0..1).
+    Annealing {
+        init_temperature: f64,
+        reduce_rate: f64,
+    },
+    /// Steady-state evolution with tournament selection and uniform crossover.
+    Evolution { population: usize, mutation: f64 },
+}
+
+impl Method {
+    pub fn annealing() -> Self {
+        Method::Annealing {
+            init_temperature: 0.01,
+            reduce_rate: 0.85,
+        }
+    }
+    pub fn evolution() -> Self {
+        Method::Evolution {
+            population: 8,
+            mutation: 0.15,
+        }
+    }
+}
+
+/// What to search for and how long.
+#[derive(Clone, Debug)]
+pub struct AutoConfig {
+    /// The FLOPs reduction every candidate must reach, in (0, 1).
+    pub reduction: f64,
+    /// Evaluations in all.
+    pub trials: usize,
+    pub method: Method,
+    /// The ratio grid step.
+    pub step: f64,
+    /// The largest ratio a group may take.
+    pub max_ratio: f64,
+    pub seed: u64,
+}
+
+impl AutoConfig {
+    pub fn new(reduction: f64) -> Self {
+        AutoConfig {
+            reduction,
+            trials: 30,
+            method: Method::annealing(),
+            step: 0.05,
+            max_ratio: 0.9,
+            seed: 0,
+        }
+    }
+}
+
+/// Trains a pruned candidate briefly before it is scored.
+pub type Finetune<'a> = dyn FnMut(&mut Model) -> slim_core::Result<()> + 'a;
+
+/// The best candidate found.
+#[derive(Clone, Debug)]
+pub struct AutoResult {
+    pub ratios: Ratios,
+    pub reward: f64,
+    /// The reward of the starting candidate.
+    pub initial_reward: f64,
+    pub reduction: f64,
+    pub history: History,
+}
+
+/// Searches per-group ratios that meet `cfg.reduction` and score best. `init` is the starting
+/// candidate (uniform pruning to the target when absent); `finetune`, when given, trains each
+/// pruned candidate briefly before it is scored; `history` is the resumable trial file;
+/// `key` identifies the evaluation data (its fingerprint) and the fine-tune recipe, so that a
+/// history is only resumed by the same search.
+#[allow(clippy::too_many_arguments)]
+pub fn search(
+    pruner: &Pruner<'_>,
+    cfg: &AutoConfig,
+    init: Option<&Ratios>,
+    evaluator: &dyn Evaluator,
+    mut finetune: Option<&mut Finetune<'_>>,
+    history: Option<&Path>,
+    key: serde_json::Value,
+    progress: &mut dyn FnMut(SearchProgress<'_>),
+) -> Result<AutoResult> {
+    check_reduction(cfg.reduction)?;
+    if cfg.trials == 0 {
+        return Err(PruneError::Invalid(
+            "a search needs at least one trial".into(),
+        ));
+    }
+    if !(cfg.step > 0.0 && cfg.step < 1.0) {
+        return Err(PruneError::Invalid(format!(
+            "the ratio step must be in (0, 1), not {}",
+            cfg.step
+        )));
+    }
+    if !(cfg.max_ratio > 0.0 && cfg.max_ratio < 1.0) {
+        return Err(PruneError::Invalid(format!(
+            "the largest ratio must be in (0, 1), not {}",
+            cfg.max_ratio
+        )));
+    }
+    let groups: Vec<usize> = pruner.scope().to_vec();
+    let top = (cfg.max_ratio / cfg.step + 1e-9).floor() as usize;
+    let ranges = vec![top + 1; groups.len()];
+    let limit = pruner.base_macs() as f64 * (1.0 - cfg.reduction);
+    let to_ratios = |tokens: &[usize]| -> Ratios {
+        groups
+            .iter()
+            .zip(tokens)
+            .map(|(&g, &t)| (g, t as f64 * cfg.step))
+            .collect()
+    };
+    let mut feasible = |tokens: &[usize]| pruner.predict_macs(&to_ratios(tokens)) as f64 <= limit;
+
+    // The starting candidate, on the grid: rounded to the nearest step, or up if that misses
+    // the limit.
+    let start: Ratios = match init {
+        Some(r) => r.clone(),
+        None => pruner.uniform_for_reduction(cfg.reduction)?.ratios,
+    };
+    let snap = |up: bool| -> Vec<usize> {
+        groups
+            .iter()
+            .map(|g| {
+                let r = start.get(g).copied().unwrap_or(0.0) / cfg.step;
+                let t = if up { (r - 1e-9).ceil() } else { r.round() };
+                (t.max(0.0) as usize).min(top)
+            })
+            .collect()
+    };
+    let mut init_tokens = snap(false);
+    if !feasible(&init_tokens) {
+        init_tokens = snap(true);
+    }
+    if !feasible(&init_tokens) {
+        return Err(PruneError::Invalid(format!(
+            "no candidate on the ratio grid (step {}, at most {}) reaches a FLOPs reduction of \
+             {:.1}%",
+            cfg.step,
+            cfg.max_ratio,
+            cfg.reduction * 100.0
+        )));
+    }
+
+    let mut controller: Box<dyn Controller> = match cfg.method {
+        Method::Annealing {
+            init_temperature,
+            reduce_rate,
+        } => Box::new(Annealing::new(
+            ranges,
+            init_tokens,
+            init_temperature,
+            reduce_rate,
+            cfg.seed,
+        )?),
+        Method::Evolution {
+            population,
+            mutation,
+        } => Box::new(Evolution::new(
+            ranges,
+            init_tokens,
+            population,
+            mutation,
+            cfg.seed,
+        )?),
+    };
+    let search_key = json!({
+        "model": pruner.model().fingerprint()?,
+        "criterion": pruner.criterion().name(),
+        "groups": groups.iter().map(|&g| pruner.key(g)).collect::<Vec<_>>(),
+        "reduction": cfg.reduction,
+        "method": format!("{:?}", cfg.method),
+        "step": cfg.step,
+        "max_ratio": cfg.max_ratio,
+        "seed": cfg.seed,
+        "init": start.iter().map(|(g, r)| (pruner.key(*g), *r)).collect::<std::collections::BTreeMap<_, _>>(),
+        "evaluation": key,
+    });
+    let mut evaluate = |tokens: &[usize]| -> slim_core::Result<(f64, serde_json::Value)> {
+        let ratios = to_ratios(tokens);
+        let mut pruned = pruner.apply(&ratios).map_err(|e| match e {
+            PruneError::Core(c) => c,
+            other => slim_core::CoreError::Invalid(other.to_string()),
+        })?;
+        if let Some(f) = finetune.as_mut() {
+            f(&mut pruned)?;
+        }
+        let reward = evaluator.score(&pruned)?;
+        Ok((
+            reward,
+            json!({ "reduction": pruner.predict_reduction(&ratios) }),
+        ))
+    };
+    let history = run_search(
+        controller.as_mut(),
+        &mut feasible,
+        &mut evaluate,
+        cfg.trials,
+        search_key,
+        history,
+        progress,
+    )?;
+    let best = history
+        .best()
+        .ok_or_else(|| PruneError::Invalid("the search evaluated nothing".into()))?;
+    let ratios = to_ratios(&best.tokens);
+    Ok(AutoResult {
+        reduction: pruner.predict_reduction(&ratios),
+        reward: best.reward,
+        initial_reward: history.trials[0].reward,
+        ratios,
+        history: history.clone(),
+    })
+}
