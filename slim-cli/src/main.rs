@@ -9,6 +9,7 @@
 mod common;
 mod info;
 mod output;
+mod prune;
 mod train;
 
 use std::process::ExitCode;
@@ -39,6 +40,10 @@ enum Command {
     Eval(train::EvalArgs),
     /// Per-layer MACs and parameters, totals, and the channel groups of a model.
     Info(info::InfoArgs),
+    /// Remove whole channels: uniformly, from sensitivities, or by a search; then fine-tune.
+    Prune(prune::PruneArgs),
+    /// How much accuracy each channel group loses at each pruning ratio.
+    Sensitivity(prune::SensitivityArgs),
 }
 
 /// An error and the exit status it deserves.
@@ -52,10 +57,19 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         let error: anyhow::Error = e.into();
         // Errors about what the user supplied are input errors (status 2); a failure inside a
         // computation is status 1.
-        let code = match error.downcast_ref::<slim_core::CoreError>() {
-            Some(slim_core::CoreError::Candle(_)) => 1,
-            Some(_) => 2,
-            None => 1,
+        let core_code = |e: &slim_core::CoreError| match e {
+            slim_core::CoreError::Candle(_) => 1,
+            _ => 2,
+        };
+        let code = if let Some(e) = error.downcast_ref::<slim_core::CoreError>() {
+            core_code(e)
+        } else if let Some(e) = error.downcast_ref::<slim_prune::PruneError>() {
+            match e {
+                slim_prune::PruneError::Core(c) => core_code(c),
+                slim_prune::PruneError::Invalid(_) => 2,
+            }
+        } else {
+            1
         };
         Failure { code, error }
     }
@@ -75,6 +89,8 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run_train(args),
         Command::Eval(args) => train::run_eval(args),
         Command::Info(args) => info::run(args),
+        Command::Prune(args) => prune::run_prune(args),
+        Command::Sensitivity(args) => prune::run_sensitivity(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -235,4 +235,3 @@ mod tests {
         assert!(e.contains("bn.bias") && e.contains("[3]"), "{e}");
     }
 }
-

@@ -94,14 +94,27 @@ fn check_tokens(ranges: &[usize], tokens: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Changes one token of `tokens` to another value of its range (when its range allows).
-fn mutate_one(rng: &mut StdRng, ranges: &[usize], tokens: &mut [usize]) {
+/// Changes one token of `tokens` to another value of its range (when its range allows): any
+/// other value, or with `reach`, one at most a `reach` fraction of the range away (at least
+/// one step), for tokens whose values are ordered.
+fn mutate_one(rng: &mut StdRng, ranges: &[usize], tokens: &mut [usize], reach: Option<f64>) {
     let movable: Vec<usize> = (0..ranges.len()).filter(|&i| ranges[i] > 1).collect();
     if movable.is_empty() {
         return;
     }
     let i = movable[rng.random_range(0..movable.len())];
-    let mut v = rng.random_range(0..ranges[i] - 1);
+    let (lo, hi) = match reach {
+        Some(f) => {
+            let k = ((ranges[i] as f64 * f).round() as usize).max(1);
+            (
+                tokens[i].saturating_sub(k),
+                (tokens[i] + k).min(ranges[i] - 1),
+            )
+        }
+        None => (0, ranges[i] - 1),
+    };
+    // A value in lo..=hi other than the current one.
+    let mut v = rng.random_range(lo..hi);
     if v >= tokens[i] {
         v += 1;
     }
@@ -117,6 +130,7 @@ pub struct Annealing {
     init_temperature: f64,
     reduce_rate: f64,
     evaluated: usize,
+    reach: Option<f64>,
     rng: StdRng,
 }
 
@@ -150,8 +164,16 @@ impl Annealing {
             init_temperature,
             reduce_rate,
             evaluated: 0,
+            reach: None,
             rng: StdRng::seed_from_u64(seed),
         })
+    }
+
+    /// Ordered tokens: a change moves a token by at most `fraction` of its range (at least
+    /// one step) instead of to any value.
+    pub fn with_reach(mut self, fraction: f64) -> Self {
+        self.reach = Some(fraction);
+        self
     }
 
     /// The temperature after `n` evaluations.
@@ -173,11 +195,11 @@ impl Controller for Annealing {
         let current = current.clone();
         for _ in 0..MAX_TRIES {
             let mut next = current.clone();
-            mutate_one(&mut self.rng, &self.ranges, &mut next);
+            mutate_one(&mut self.rng, &self.ranges, &mut next, self.reach);
             if self.rng.random::<bool>() {
                 // Two changes at once can move budget from one token to another along a
                 // constraint's boundary, where any single change is infeasible or worse.
-                mutate_one(&mut self.rng, &self.ranges, &mut next);
+                mutate_one(&mut self.rng, &self.ranges, &mut next, self.reach);
             }
             if feasible(&next) {
                 return Ok(next);
@@ -283,7 +305,7 @@ impl Controller for Evolution {
                 let mut c = self.init.clone();
                 let changes = 1 + self.rng.random_range(0..self.ranges.len());
                 for _ in 0..changes {
-                    mutate_one(&mut self.rng, &self.ranges, &mut c);
+                    mutate_one(&mut self.rng, &self.ranges, &mut c, None);
                 }
                 c
             } else {

@@ -680,6 +680,62 @@ pub fn evaluate(
     })
 }
 
+/// Recomputes every batch norm's running statistics from `set` (in order, `batch_size` images
+/// at a time), as the average of the batch statistics: after pruning, the layers that follow a
+/// pruned one see other activations than their stored statistics describe, and accuracy
+/// measured without this step says more about stale statistics than about the pruned
+/// channels (Li et al., "EagleEye: Fast Sub-net Evaluation for Efficient Neural Network
+/// Pruning", ECCV 2020). Only the running statistics change. Returns the number of batches
+/// used (0 when the model has no batch norm).
+pub fn recalibrate_batch_norm(
+    model: &Model,
+    set: &ImageSet,
+    normalize: &Normalize,
+    batch_size: usize,
+) -> Result<usize> {
+    let has_bn = model
+        .graph
+        .nodes()
+        .iter()
+        .any(|n| matches!(n.op, crate::graph::Op::BatchNorm2d(_)));
+    if !has_bn || set.is_empty() {
+        return Ok(0);
+    }
+    let data: Arc<dyn Dataset> = Arc::new(set.clone());
+    let cfg = LoaderConfig {
+        batch_size: batch_size.max(2),
+        shuffle: None,
+        augment: Default::default(),
+        normalize: normalize.clone(),
+        drop_last: false,
+    };
+    let mut used = 0;
+    for batch in Loader::new(data, &cfg, 0, &model.device())? {
+        let batch = batch?;
+        if batch.labels.dim(0)? < 2 {
+            continue;
+        }
+        // Momentum 1/(k+1) at batch k makes the running value the plain average of batches.
+        let m = 1.0 / (used as f64 + 1.0);
+        let graph = model.graph.map_ops(|n| match &n.op {
+            crate::graph::Op::BatchNorm2d(b) => {
+                let mut b = b.clone();
+                b.momentum = m;
+                crate::graph::Op::BatchNorm2d(b)
+            }
+            other => other.clone(),
+        })?;
+        let view = Model {
+            graph,
+            params: model.params.clone(),
+            provenance: Default::default(),
+        };
+        view.forward(&batch.images.detach(), Mode::Train)?;
+        used += 1;
+    }
+    Ok(used)
+}
+
 /// Top-1 accuracy on an image set, as a search [`Evaluator`](crate::search::Evaluator).
 pub struct Top1 {
     pub set: ImageSet,

@@ -1,7 +1,7 @@
 //! Automatic pruning: a search over per-group ratios under a FLOPs limit.
 //!
-//! Each group in scope is one token of the search: its ratio is `token * step`, from 0 up to
-//! `max_ratio`. The FLOPs limit is checked on every candidate, from the channel counts alone,
+//! Each group in scope is one token of the search: the number of its channels removed, from 0
+//! up to `max_ratio` of them (annealing moves a token by at most a tenth of its range). The FLOPs limit is checked on every candidate, from the channel counts alone,
 //! before the candidate is pruned or evaluated; the reward is the evaluator's score of the
 //! pruned model (top-1 on an evaluation subset), after an optional short fine-tune. The
 //! controllers are `slim-core`'s ([`Annealing`], [`Evolution`]), seeded, and the history is
@@ -9,7 +9,7 @@
 //! [`slim_core::search::run_search`]).
 //!
 //! The search starts from a candidate that meets the limit: the ratios given (those chosen
-//! from sensitivities, say) or else uniform pruning to the target, rounded onto the grid.
+//! from sensitivities, say) or else uniform pruning to the target.
 
 use std::path::Path;
 
@@ -57,8 +57,6 @@ pub struct AutoConfig {
     /// Evaluations in all.
     pub trials: usize,
     pub method: Method,
-    /// The ratio grid step.
-    pub step: f64,
     /// The largest ratio a group may take.
     pub max_ratio: f64,
     pub seed: u64,
@@ -70,7 +68,6 @@ impl AutoConfig {
             reduction,
             trials: 30,
             method: Method::annealing(),
-            step: 0.05,
             max_ratio: 0.9,
             seed: 0,
         }
@@ -113,12 +110,6 @@ pub fn search(
             "a search needs at least one trial".into(),
         ));
     }
-    if !(cfg.step > 0.0 && cfg.step < 1.0) {
-        return Err(PruneError::Invalid(format!(
-            "the ratio step must be in (0, 1), not {}",
-            cfg.step
-        )));
-    }
     if !(cfg.max_ratio > 0.0 && cfg.max_ratio < 1.0) {
         return Err(PruneError::Invalid(format!(
             "the largest ratio must be in (0, 1), not {}",
@@ -126,45 +117,43 @@ pub fn search(
         )));
     }
     let groups: Vec<usize> = pruner.scope().to_vec();
-    let top = (cfg.max_ratio / cfg.step + 1e-9).floor() as usize;
-    let ranges = vec![top + 1; groups.len()];
+    let channels: Vec<usize> = groups.iter().map(|&g| pruner.group(g).channels).collect();
+    // Token i: channels removed from group i, at most max_ratio of them and never all.
+    let ranges: Vec<usize> = channels
+        .iter()
+        .map(|&c| ((c as f64 * cfg.max_ratio).floor() as usize).min(c - 1) + 1)
+        .collect();
     let limit = pruner.base_macs() as f64 * (1.0 - cfg.reduction);
     let to_ratios = |tokens: &[usize]| -> Ratios {
         groups
             .iter()
             .zip(tokens)
-            .map(|(&g, &t)| (g, t as f64 * cfg.step))
+            .zip(&channels)
+            .map(|((&g, &t), &c)| (g, t as f64 / c as f64))
             .collect()
     };
     let mut feasible = |tokens: &[usize]| pruner.predict_macs(&to_ratios(tokens)) as f64 <= limit;
 
-    // The starting candidate, on the grid: rounded to the nearest step, or up if that misses
-    // the limit.
+    // The starting candidate.
     let start: Ratios = match init {
         Some(r) => r.clone(),
         None => pruner.uniform_for_reduction(cfg.reduction)?.ratios,
     };
-    let snap = |up: bool| -> Vec<usize> {
-        groups
-            .iter()
-            .map(|g| {
-                let r = start.get(g).copied().unwrap_or(0.0) / cfg.step;
-                let t = if up { (r - 1e-9).ceil() } else { r.round() };
-                (t.max(0.0) as usize).min(top)
-            })
-            .collect()
-    };
-    let mut init_tokens = snap(false);
-    if !feasible(&init_tokens) {
-        init_tokens = snap(true);
-    }
+    let init_tokens: Vec<usize> = groups
+        .iter()
+        .zip(&channels)
+        .zip(&ranges)
+        .map(|((g, &c), &range)| {
+            let r = start.get(g).copied().unwrap_or(0.0);
+            (c - crate::pruner::kept_channels(c, r)).min(range - 1)
+        })
+        .collect();
     if !feasible(&init_tokens) {
         return Err(PruneError::Invalid(format!(
-            "no candidate on the ratio grid (step {}, at most {}) reaches a FLOPs reduction of \
-             {:.1}%",
-            cfg.step,
-            cfg.max_ratio,
-            cfg.reduction * 100.0
+            "the starting candidate does not reach a FLOPs reduction of {:.1}% with at most \
+             {:.0}% of any group removed",
+            cfg.reduction * 100.0,
+            cfg.max_ratio * 100.0
         )));
     }
 
@@ -172,13 +161,10 @@ pub fn search(
         Method::Annealing {
             init_temperature,
             reduce_rate,
-        } => Box::new(Annealing::new(
-            ranges,
-            init_tokens,
-            init_temperature,
-            reduce_rate,
-            cfg.seed,
-        )?),
+        } => Box::new(
+            Annealing::new(ranges, init_tokens, init_temperature, reduce_rate, cfg.seed)?
+                .with_reach(0.1),
+        ),
         Method::Evolution {
             population,
             mutation,
@@ -193,10 +179,10 @@ pub fn search(
     let search_key = json!({
         "model": pruner.model().fingerprint()?,
         "criterion": pruner.criterion().name(),
+        "bn_calibration": pruner.calibration_images(),
         "groups": groups.iter().map(|&g| pruner.key(g)).collect::<Vec<_>>(),
         "reduction": cfg.reduction,
         "method": format!("{:?}", cfg.method),
-        "step": cfg.step,
         "max_ratio": cfg.max_ratio,
         "seed": cfg.seed,
         "init": start.iter().map(|(g, r)| (pruner.key(*g), *r)).collect::<std::collections::BTreeMap<_, _>>(),

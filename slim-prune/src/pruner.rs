@@ -9,8 +9,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 use slim_core::analysis::analyze;
+use slim_core::data::{ImageSet, Normalize};
 use slim_core::deps::{channel_groups, ChannelGroup, ChannelGroups};
 use slim_core::params::matches_pattern;
+use slim_core::train::recalibrate_batch_norm;
 use slim_core::Model;
 
 use crate::criterion::{importance, top_channels, Criterion};
@@ -27,8 +29,18 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Images whose batch statistics replace every batch norm's running statistics after
+/// pruning (see [`slim_core::train::recalibrate_batch_norm`]).
+#[derive(Clone, Debug)]
+pub struct Calibration {
+    pub set: ImageSet,
+    pub normalize: Normalize,
+    pub batch_size: usize,
+}
+
 /// A model ready to be pruned.
 pub struct Pruner<'m> {
+    calibration: Option<Calibration>,
     model: &'m Model,
     groups: ChannelGroups,
     criterion: Criterion,
@@ -140,6 +152,7 @@ impl<'m> Pruner<'m> {
         }
         let base_macs = analyze(&model.graph).macs;
         Ok(Pruner {
+            calibration: None,
             model,
             groups,
             criterion,
@@ -148,6 +161,17 @@ impl<'m> Pruner<'m> {
             importance: importance_map,
             base_macs,
         })
+    }
+
+    /// Recompute batch-norm statistics of every pruned model on these images.
+    pub fn with_calibration(mut self, calibration: Calibration) -> Self {
+        self.calibration = Some(calibration);
+        self
+    }
+
+    /// How many images recalibrate batch norms after pruning (0: none).
+    pub fn calibration_images(&self) -> usize {
+        self.calibration.as_ref().map_or(0, |c| c.set.labels.len())
     }
 
     pub fn model(&self) -> &Model {
@@ -235,10 +259,14 @@ impl<'m> Pruner<'m> {
             .collect())
     }
 
-    /// The pruned model (the original is untouched).
+    /// The pruned model (the original is untouched), with its batch norms recalibrated when
+    /// the pruner has calibration images.
     pub fn apply(&self, ratios: &Ratios) -> Result<Model> {
         let plan = self.plan(ratios)?;
         let mut pruned = self.groups.prune(self.model, &plan)?;
+        if let Some(c) = &self.calibration {
+            recalibrate_batch_norm(&pruned, &c.set, &c.normalize, c.batch_size)?;
+        }
         pruned.provenance.insert(
             "pruned".into(),
             format!("{} groups, {}", plan.len(), self.criterion),

@@ -15,7 +15,8 @@
 //! groups' losses, each read off its curve (linear between measured ratios, made
 //! non-decreasing: pruning more is never predicted to help). The choice is greedy: at each
 //! step the group whose next ratio costs the least predicted loss per multiply-add removed
-//! moves on, until the target is met; then ratios are eased back where the target allows.
+//! moves on, without passing the target while a move that stays short of it remains (so the
+//! result lands close to the target); then ratios are eased back where the target allows.
 //! Ratios never go beyond the largest one measured, and a group always keeps a channel.
 
 use std::collections::BTreeMap;
@@ -69,6 +70,9 @@ pub struct Sensitivities {
     /// Fingerprint of the evaluation images and labels.
     pub data_fingerprint: String,
     pub criterion: Criterion,
+    /// Images that recalibrated batch norms after each pruning (0: none).
+    #[serde(default)]
+    pub bn_calibration: usize,
     /// Top-1 of the unpruned model on the evaluation data.
     pub baseline: f64,
     /// Curves by group key (the group's first producing layer).
@@ -153,10 +157,13 @@ impl Sensitivities {
                     out.model, s.model
                 )));
             }
-            if s.data_fingerprint != out.data_fingerprint || s.criterion != out.criterion {
+            if s.data_fingerprint != out.data_fingerprint
+                || s.criterion != out.criterion
+                || s.bn_calibration != out.bn_calibration
+            {
                 return Err(PruneError::Invalid(format!(
                     "cannot merge sensitivities measured on other data or with another \
-                     criterion ({} with {}, {} with {})",
+                     criterion or calibration ({} with {}, {} with {})",
                     out.data, out.criterion, s.data, s.criterion
                 )));
             }
@@ -250,6 +257,14 @@ pub fn analyze(
                     pruner.criterion()
                 )));
             }
+            if s.bn_calibration != pruner.calibration_images() {
+                return Err(PruneError::Invalid(format!(
+                    "{} was measured with {} batch-norm calibration images, this run uses {}",
+                    f.display(),
+                    s.bn_calibration,
+                    pruner.calibration_images()
+                )));
+            }
             Some(s)
         }
         None => None,
@@ -264,6 +279,7 @@ pub fn analyze(
                 data: data.description.clone(),
                 data_fingerprint: data.fingerprint.clone(),
                 criterion: pruner.criterion(),
+                bn_calibration: pruner.calibration_images(),
                 baseline,
                 groups: BTreeMap::new(),
             };
@@ -413,14 +429,19 @@ fn greedy(sens: &Sensitivities, pruner: &Pruner<'_>, goal: Goal) -> Result<Ratio
     let mut macs = pruner.predict_macs(&ratios) as f64;
     while macs > target_macs {
         let loss_now = total_loss(&ratios);
-        // (score, -macs removed, group, ratio)
-        let mut best: Option<(f64, f64, usize, f64)> = None;
+        // The best move that stays above the target (least loss per multiply-add removed,
+        // then the most removed), and, for when every move would pass the target, the one
+        // with the least loss among those that land within 1% of it (else the one that
+        // passes it by the least).
+        let mut best_fit: Option<(f64, f64, usize, f64)> = None;
+        let mut best_over: Option<(f64, f64, usize, f64)> = None;
         for (g, lc, st) in &curves {
             let cur = ratios[g];
             for &r in st.iter().filter(|&&r| r > cur + 1e-12) {
                 let mut trial = ratios.clone();
                 trial.insert(*g, r);
-                let removed = macs - pruner.predict_macs(&trial) as f64;
+                let after = pruner.predict_macs(&trial) as f64;
+                let removed = macs - after;
                 if removed <= 0.0 {
                     continue;
                 }
@@ -430,19 +451,31 @@ fn greedy(sens: &Sensitivities, pruner: &Pruner<'_>, goal: Goal) -> Result<Ratio
                         continue;
                     }
                 }
-                let score = dl / removed;
-                let better = match best {
-                    None => true,
-                    Some((s, neg_removed, _, _)) => {
+                if after >= target_macs {
+                    let score = dl / removed;
+                    let better = best_fit.is_none_or(|(s, neg_removed, _, _)| {
                         score < s - 1e-15 || (score <= s + 1e-15 && -removed < neg_removed)
+                    });
+                    if better {
+                        best_fit = Some((score, -removed, *g, r));
                     }
-                };
-                if better {
-                    best = Some((score, -removed, *g, r));
+                } else {
+                    // Within 1% of the target, the least loss; else the least overshoot.
+                    let over = target_macs - after;
+                    let key = if over <= 0.01 * base {
+                        (0.0, dl)
+                    } else {
+                        (1.0, over)
+                    };
+                    let better = best_over
+                        .is_none_or(|(a, b, _, _)| key.0 < a || (key.0 == a && key.1 < b - 1e-12));
+                    if better {
+                        best_over = Some((key.0, key.1, *g, r));
+                    }
                 }
             }
         }
-        let Some((_, _, g, r)) = best else {
+        let Some((_, _, g, r)) = best_fit.or(best_over) else {
             break;
         };
         ratios.insert(g, r);

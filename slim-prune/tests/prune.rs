@@ -346,7 +346,7 @@ fn automatic_pruning_meets_the_limit_beats_its_start_and_resumes() {
                 .scope()
                 .iter()
                 .zip(&t.tokens)
-                .map(|(&g, &k)| (g, k as f64 * cfg.step))
+                .map(|(&g, &k)| (g, k as f64 / p.group(g).channels as f64))
                 .collect();
             assert!(p.predict_reduction(&r) >= 0.5 - 1e-12, "{method:?}: {t:?}");
         }

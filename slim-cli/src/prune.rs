@@ -1,0 +1,611 @@
+//! `slim prune` and `slim sensitivity`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{ArgGroup, Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use slim_core::analysis::{analyze, human};
+use slim_core::data::{load_spec, DataSplits, DEFAULT_SPEC};
+use slim_core::search::{Evaluator, SearchProgress};
+use slim_core::train::{evaluate, train, OptimizerKind, Schedule, Top1, TrainConfig, TrainOptions};
+use slim_core::Model;
+use slim_prune::auto::{self, AutoConfig, Method};
+use slim_prune::pruner::Calibration;
+use slim_prune::pruner::{check_ratio, check_reduction};
+use slim_prune::sensitivity::{self, default_ratios, EvalData, Sensitivities, SensitivityProgress};
+use slim_prune::{Criterion, Pruner, Ratios};
+
+use crate::common::{Common, EpochBars};
+use crate::output::table;
+use crate::{input_error, Failure};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PruneMethod {
+    /// One ratio for every group in scope.
+    Uniform,
+    /// Per-group ratios chosen from a sensitivity file.
+    Sensitivity,
+    /// A search over per-group ratios under the FLOPs limit.
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SearchKind {
+    Annealing,
+    Evolution,
+}
+
+/// Options shared by `prune` and `sensitivity`.
+#[derive(Args, Clone, Debug)]
+pub struct Selection {
+    /// How channels are ranked: l1_norm, l2_norm, fpgm or bn_scale.
+    #[arg(long, default_value = "l1_norm")]
+    pub criterion: String,
+    /// Glob patterns over the layers (or their parameters) whose output channels may be
+    /// pruned; default: every prunable group.
+    #[arg(long, num_args = 1..)]
+    pub scope: Vec<String>,
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR. Default: the data
+    /// the model was trained on (from its file), else the bundled MNIST subset.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Evaluate on the first N test images only (sensitivity and search rewards).
+    #[arg(long)]
+    pub eval_samples: Option<usize>,
+    /// Recompute batch-norm statistics of each pruned model on this many training images
+    /// (0: keep the stored statistics). Needs data; models without batch norm ignore it.
+    #[arg(long, default_value_t = 640)]
+    pub bn_calibration: usize,
+}
+
+impl Selection {
+    fn criterion(&self) -> Result<Criterion, Failure> {
+        Ok(self.criterion.parse::<Criterion>()?)
+    }
+    /// The data spec to use for a model: `--data`, else the model's own, else the default.
+    fn data_spec(&self, model: &Model) -> String {
+        self.data
+            .clone()
+            .or_else(|| model.provenance.get("data").cloned())
+            .unwrap_or_else(|| DEFAULT_SPEC.to_string())
+    }
+    /// The pruner, with batch-norm calibration when there is data for it.
+    fn pruner<'m>(
+        &self,
+        model: &'m Model,
+        data: Option<&DataSplits>,
+    ) -> Result<Pruner<'m>, Failure> {
+        let p = Pruner::new(model, self.criterion()?, &self.scope)?;
+        Ok(match data {
+            Some(d) if self.bn_calibration > 0 => p.with_calibration(Calibration {
+                set: d.train.take(self.bn_calibration),
+                normalize: d.normalize.clone(),
+                batch_size: 64,
+            }),
+            _ => p,
+        })
+    }
+
+    fn eval_set(&self, data: &DataSplits) -> Result<(Top1, EvalData), Failure> {
+        let set = match self.eval_samples {
+            Some(0) => return Err(input_error("--eval-samples must be at least 1")),
+            Some(n) => data.test.take(n),
+            None => data.test.clone(),
+        };
+        let eval = EvalData {
+            description: format!("{}, {} test images", data.spec, set.labels.len()),
+            fingerprint: set.fingerprint(),
+        };
+        Ok((
+            Top1 {
+                set,
+                normalize: data.normalize.clone(),
+                batch_size: 256,
+            },
+            eval,
+        ))
+    }
+}
+
+fn check_out_dir(flag: &str, path: &Path) -> Result<(), Failure> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(input_error(format!(
+                "{flag} {}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
+    let target = if quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
+    let b = ProgressBar::with_draw_target(Some(len), target);
+    b.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["ratio", "flops_reduction"])))]
+pub struct PruneArgs {
+    /// The model file (.safetensors) to prune.
+    pub file: PathBuf,
+    /// Remove this fraction of the channels of every group in scope (uniform).
+    #[arg(long)]
+    pub ratio: Option<f64>,
+    /// Remove this fraction of the multiply-adds (0.5: half), in (0, 1).
+    #[arg(long)]
+    pub flops_reduction: Option<f64>,
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub method: PruneMethod,
+    /// Sensitivity files (from `slim sensitivity`) for --method sensitivity, or to start
+    /// --method auto from; several are merged.
+    #[arg(long, num_args = 1..)]
+    pub sensitivity: Vec<PathBuf>,
+    #[command(flatten)]
+    pub selection: Selection,
+    /// Fine-tune the pruned model for N epochs on the training split.
+    #[arg(long, default_value_t = 0)]
+    pub finetune_epochs: usize,
+    /// Fine-tuning learning rate.
+    #[arg(long, default_value_t = 0.001)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// sgd, adam or adamw.
+    #[arg(long, default_value = "adam")]
+    pub optimizer: String,
+    /// Fine-tuning schedule: constant, cosine, or step:EVERY:GAMMA.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// --method auto: the search algorithm.
+    #[arg(long, value_enum, default_value = "annealing")]
+    pub search: SearchKind,
+    /// --method auto: candidates evaluated.
+    #[arg(long, default_value_t = 30)]
+    pub trials: usize,
+    /// --method auto: the search history (resumed if it exists); default OUT.search.json.
+    #[arg(long)]
+    pub history: Option<PathBuf>,
+    /// The pruned model file (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Accuracy, cost and size of one model.
+struct Figures {
+    top1: Option<f64>,
+    top5: Option<f64>,
+    macs: u64,
+    params: u64,
+    bytes: u64,
+}
+
+impl Figures {
+    fn json(&self) -> serde_json::Value {
+        json!({"top1": self.top1, "top5": self.top5, "macs": self.macs,
+               "params": self.params, "bytes": self.bytes})
+    }
+}
+
+pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
+    // Everything about the arguments is checked before any work.
+    if let Some(r) = args.ratio {
+        check_ratio(r)?;
+        if args.method != PruneMethod::Uniform {
+            return Err(input_error(
+                "--ratio is uniform pruning; --method sensitivity and auto take \
+                 --flops-reduction",
+            ));
+        }
+    }
+    if let Some(f) = args.flops_reduction {
+        check_reduction(f)?;
+    }
+    if args.method == PruneMethod::Sensitivity && args.sensitivity.is_empty() {
+        return Err(input_error(
+            "--method sensitivity needs --sensitivity FILE (from `slim sensitivity`)",
+        ));
+    }
+    if args.method == PruneMethod::Auto && args.trials == 0 {
+        return Err(input_error("--trials must be at least 1"));
+    }
+    check_out_dir("--out", &args.out)?;
+    let criterion = args.selection.criterion()?;
+    let ft = TrainConfig {
+        epochs: args.finetune_epochs,
+        batch_size: args.batch_size,
+        optimizer: args.optimizer.parse::<OptimizerKind>()?,
+        lr: args.lr,
+        schedule: args.schedule.parse::<Schedule>()?,
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
+    if args.finetune_epochs > 0 {
+        ft.validate()?;
+    }
+    let device = args.common.device()?;
+    let model = Model::load(&args.file, &device)?;
+    let needs_data = args.finetune_epochs > 0 || args.method == PruneMethod::Auto;
+    let data = if needs_data || args.selection.data.is_some() {
+        Some(load_spec(&args.selection.data_spec(&model))?)
+    } else {
+        None
+    };
+    let pruner = args.selection.pruner(&model, data.as_ref())?;
+    let fingerprint = model.fingerprint()?;
+    let sens = if args.sensitivity.is_empty() {
+        None
+    } else {
+        let mut all = Vec::new();
+        for f in &args.sensitivity {
+            let s = Sensitivities::load(f)?;
+            s.check_model(&fingerprint, f)?;
+            all.push(s);
+        }
+        Some(Sensitivities::merge(all)?)
+    };
+    let started = Instant::now();
+
+    // The per-group ratios.
+    let mut search_report = None;
+    let ratios: Ratios = match (args.method, args.ratio, args.flops_reduction) {
+        (PruneMethod::Uniform, Some(r), _) => pruner.uniform(r),
+        (PruneMethod::Uniform, None, Some(f)) => pruner.uniform_for_reduction(f)?.ratios,
+        (PruneMethod::Sensitivity, _, Some(f)) => {
+            let s = sens
+                .as_ref()
+                .ok_or_else(|| input_error("no sensitivity file"))?;
+            sensitivity::ratios_for_reduction(s, &pruner, f)?
+        }
+        (PruneMethod::Auto, _, Some(f)) => {
+            let data = data
+                .as_ref()
+                .ok_or_else(|| input_error("--method auto needs --data"))?;
+            let (evaluator, eval) = args.selection.eval_set(data)?;
+            let method = match args.search {
+                SearchKind::Annealing => Method::annealing(),
+                SearchKind::Evolution => Method::evolution(),
+            };
+            let cfg = AutoConfig {
+                trials: args.trials,
+                method,
+                seed: args.seed,
+                ..AutoConfig::new(f)
+            };
+            let init = match &sens {
+                Some(s) => Some(sensitivity::ratios_for_reduction(s, &pruner, f)?),
+                None => None,
+            };
+            let history = args.history.clone().unwrap_or_else(|| {
+                let mut p = args.out.clone().into_os_string();
+                p.push(".search.json");
+                p.into()
+            });
+            check_out_dir("--history", &history)?;
+            let b = bar(
+                args.trials as u64,
+                args.common.quiet,
+                "search [{bar:30}] {pos}/{len} {msg}",
+            );
+            let result = auto::search(
+                &pruner,
+                &cfg,
+                init.as_ref(),
+                &evaluator,
+                None,
+                Some(&history),
+                json!({"data": eval.fingerprint, "samples": evaluator.set.labels.len()}),
+                &mut |p| match p {
+                    SearchProgress::Replayed { index, .. } => b.set_position(index as u64 + 1),
+                    SearchProgress::Evaluated {
+                        index, trial, best, ..
+                    } => {
+                        b.set_position(index as u64 + 1);
+                        b.set_message(format!(
+                            "top-1 {:.2}%, best {:.2}%",
+                            trial.reward * 100.0,
+                            best * 100.0
+                        ));
+                    }
+                },
+            )?;
+            b.finish_and_clear();
+            search_report = Some(json!({
+                "history": history,
+                "trials": result.history.trials.len(),
+                "initial_reward": result.initial_reward,
+                "best_reward": result.reward,
+                "eval_samples": evaluator.set.labels.len(),
+            }));
+            result.ratios
+        }
+        _ => return Err(input_error("give --ratio or --flops-reduction")),
+    };
+
+    let before_stats = analyze(&model.graph);
+    let before_eval = match &data {
+        Some(d) => Some(evaluate(&model, &d.test, &d.normalize, 256)?),
+        None => None,
+    };
+    let mut pruned = pruner.apply(&ratios)?;
+    let mut finetune_report = None;
+    if args.finetune_epochs > 0 {
+        let d = data
+            .as_ref()
+            .ok_or_else(|| input_error("fine-tuning needs --data"))?;
+        let mut bars = EpochBars::new(args.common.quiet);
+        let report = train(
+            &mut pruned,
+            d,
+            &ft,
+            TrainOptions {
+                eval_each_epoch: true,
+                ..Default::default()
+            },
+            &mut |p| bars.update(p),
+        )?;
+        finetune_report = Some(report.epochs);
+    }
+    let after_eval = match &data {
+        Some(d) => Some(evaluate(&pruned, &d.test, &d.normalize, 256)?),
+        None => None,
+    };
+    pruned
+        .provenance
+        .insert("pruned_from".into(), args.file.display().to_string());
+    pruned.save(&args.out)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let after_stats = analyze(&pruned.graph);
+    let before = Figures {
+        top1: before_eval.as_ref().map(|e| e.top1),
+        top5: before_eval.as_ref().map(|e| e.top5),
+        macs: before_stats.macs,
+        params: before_stats.params,
+        bytes: std::fs::metadata(&args.file)?.len(),
+    };
+    let after = Figures {
+        top1: after_eval.as_ref().map(|e| e.top1),
+        top5: after_eval.as_ref().map(|e| e.top5),
+        macs: after_stats.macs,
+        params: after_stats.params,
+        bytes: std::fs::metadata(&args.out)?.len(),
+    };
+    let per_group: Vec<_> = ratios
+        .iter()
+        .map(|(&g, &r)| {
+            let grp = pruner.group(g);
+            json!({"group": pruner.key(g), "channels": grp.channels,
+                   "kept": slim_prune::pruner::kept_channels(grp.channels, r), "ratio": r})
+        })
+        .collect();
+    let reduction = 1.0 - after.macs as f64 / before.macs.max(1) as f64;
+    if args.common.json {
+        println!(
+            "{}",
+            json!({
+                "model": args.file,
+                "method": format!("{:?}", args.method).to_lowercase(),
+                "criterion": criterion.name(),
+                "before": before.json(),
+                "after": after.json(),
+                "flops_reduction": reduction,
+                "groups": per_group,
+                "skipped": pruner.skipped(),
+                "finetune": finetune_report,
+                "search": search_report,
+                "seconds": seconds,
+                "out": args.out,
+            })
+        );
+        return Ok(());
+    }
+    let pct = |v: Option<f64>| {
+        v.map(|t| format!("{:.2}%", t * 100.0))
+            .unwrap_or("-".into())
+    };
+    let change = |a: f64, b: f64| format!("{:+.1}%", (b / a.max(1e-12) - 1.0) * 100.0);
+    let rows = vec![
+        vec![
+            "top-1".to_string(),
+            pct(before.top1),
+            pct(after.top1),
+            match (before.top1, after.top1) {
+                (Some(a), Some(b)) => format!("{:+.2} pt", (b - a) * 100.0),
+                _ => "-".into(),
+            },
+        ],
+        vec![
+            "MACs".into(),
+            human(before.macs),
+            human(after.macs),
+            change(before.macs as f64, after.macs as f64),
+        ],
+        vec![
+            "params".into(),
+            human(before.params),
+            human(after.params),
+            change(before.params as f64, after.params as f64),
+        ],
+        vec![
+            "bytes".into(),
+            human(before.bytes),
+            human(after.bytes),
+            change(before.bytes as f64, after.bytes as f64),
+        ],
+    ];
+    print!("{}", table(&["", "before", "after", "change"], &rows));
+    for s in pruner.skipped() {
+        println!(
+            "not pruned: group `{}` ({} channels): {}",
+            s.group, s.channels, s.reason
+        );
+    }
+    println!(
+        "{} pruned ({}, {}): {} written in {:.1} s",
+        args.file.display(),
+        format!("{:?}", args.method).to_lowercase(),
+        criterion,
+        args.out.display(),
+        seconds
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SensitivityArgs {
+    /// The model file (.safetensors) to analyse.
+    pub file: PathBuf,
+    /// The sensitivity file (JSON); an existing one for this model is resumed.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Ratios to analyse, comma-separated (default 0.1,0.2,...,0.9).
+    #[arg(long, value_delimiter = ',')]
+    pub ratios: Vec<f64>,
+    /// Also draw the curves as an SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Merge these sensitivity files (of the same model) into --out instead of analysing.
+    #[arg(long, num_args = 1..)]
+    pub merge: Vec<PathBuf>,
+    #[command(flatten)]
+    pub selection: Selection,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
+    let ratios = if args.ratios.is_empty() {
+        default_ratios()
+    } else {
+        args.ratios.clone()
+    };
+    for &r in &ratios {
+        check_ratio(r)?;
+    }
+    check_out_dir("--out", &args.out)?;
+    if let Some(p) = &args.plot {
+        check_out_dir("--plot", p)?;
+    }
+    args.selection.criterion()?;
+    let device = args.common.device()?;
+    let model = Model::load(&args.file, &device)?;
+    let started = Instant::now();
+    let sens = if !args.merge.is_empty() {
+        let fingerprint = model.fingerprint()?;
+        let mut all = Vec::new();
+        for f in &args.merge {
+            let s = Sensitivities::load(f)?;
+            s.check_model(&fingerprint, f)?;
+            all.push(s);
+        }
+        let merged = Sensitivities::merge(all)?;
+        merged.save(&args.out)?;
+        merged
+    } else {
+        let data = load_spec(&args.selection.data_spec(&model))?;
+        let pruner = args.selection.pruner(&model, Some(&data))?;
+        let (evaluator, eval) = args.selection.eval_set(&data)?;
+        let total = (pruner.scope().len() * ratios.len()) as u64;
+        let b = bar(
+            total,
+            args.common.quiet,
+            "sensitivity [{bar:30}] {pos}/{len} {msg}",
+        );
+        let s = sensitivity::analyze(
+            &pruner,
+            &evaluator as &dyn Evaluator,
+            &ratios,
+            &eval,
+            Some(&args.out),
+            &|p| match p {
+                SensitivityProgress::Start { done, .. } => b.set_position(done as u64),
+                SensitivityProgress::Point {
+                    group,
+                    ratio,
+                    loss,
+                    done,
+                    ..
+                } => {
+                    b.set_position(done as u64);
+                    b.set_message(format!("{group} at {ratio:.2}: loss {:.2}%", loss * 100.0));
+                }
+            },
+        )?;
+        b.finish_and_clear();
+        s
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(p) = &args.plot {
+        slim_core::io::write_atomic(p, sensitivity::to_svg(&sens).as_bytes())?;
+    }
+    if args.common.json {
+        println!(
+            "{}",
+            json!({"model": args.file, "out": args.out, "plot": args.plot, "baseline": sens.baseline,
+                   "criterion": sens.criterion.name(), "data": sens.data, "points": sens.len(),
+                   "seconds": seconds, "groups": sens.groups})
+        );
+        return Ok(());
+    }
+    let mut all_ratios: Vec<f64> = sens
+        .groups
+        .values()
+        .flat_map(|c| c.points.iter().map(|p| p.ratio))
+        .collect();
+    all_ratios.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    all_ratios.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
+    let mut header: Vec<String> = vec!["group".into(), "channels".into()];
+    header.extend(all_ratios.iter().map(|r| format!("{r:.2}")));
+    let rows: Vec<Vec<String>> = sens
+        .groups
+        .iter()
+        .map(|(k, c)| {
+            let mut row = vec![k.clone(), c.channels.to_string()];
+            for r in &all_ratios {
+                row.push(
+                    c.points
+                        .iter()
+                        .find(|p| (p.ratio - r).abs() < 1e-9)
+                        .map(|p| format!("{:.2}", p.loss * 100.0))
+                        .unwrap_or_default(),
+                );
+            }
+            row
+        })
+        .collect();
+    let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
+    println!(
+        "top-1 loss (% of the baseline's {:.2}%) by pruning ratio:",
+        sens.baseline * 100.0
+    );
+    print!("{}", table(&header_refs, &rows));
+    println!(
+        "{} points on {} in {:.1} s; {} written{}",
+        sens.len(),
+        sens.data,
+        seconds,
+        args.out.display(),
+        args.plot
+            .as_ref()
+            .map(|p| format!(", plot {}", p.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
