@@ -160,7 +160,7 @@ pub struct PruneArgs {
     #[arg(long, default_value_t = 0)]
     pub finetune_epochs: usize,
     /// Fine-tuning learning rate.
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, default_value_t = 0.003)]
     pub lr: f64,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
