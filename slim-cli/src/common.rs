@@ -1,5 +1,7 @@
 //! Arguments shared by several commands, and the progress display.
 
+use std::path::Path;
+
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -112,4 +114,18 @@ impl EpochBars {
             }
         }
     }
+}
+
+/// Refuses an output path whose directory does not exist, before any work is done.
+pub fn check_out_dir(flag: &str, path: &Path) -> Result<(), Failure> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(input_error(format!(
+                "{flag} {}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! `slim prune` and `slim sensitivity`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{ArgGroup, Args, ValueEnum};
@@ -17,7 +17,7 @@ use slim_prune::pruner::{check_ratio, check_reduction};
 use slim_prune::sensitivity::{self, default_ratios, EvalData, Sensitivities, SensitivityProgress};
 use slim_prune::{Criterion, Pruner, Ratios};
 
-use crate::common::{Common, EpochBars};
+use crate::common::{check_out_dir, Common, EpochBars};
 use crate::output::table;
 use crate::{input_error, Failure};
 
@@ -107,19 +107,6 @@ impl Selection {
             eval,
         ))
     }
-}
-
-fn check_out_dir(flag: &str, path: &Path) -> Result<(), Failure> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(input_error(format!(
-                "{flag} {}: the directory {} does not exist",
-                path.display(),
-                dir.display()
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn bar(len: u64, quiet: bool, template: &str) -> ProgressBar {

@@ -76,15 +76,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
         seed: args.seed,
     };
     cfg.validate()?;
-    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(crate::input_error(format!(
-                "--out {}: the directory {} does not exist",
-                args.out.display(),
-                dir.display()
-            )));
-        }
-    }
+    crate::common::check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let mut data = load_spec(&args.data)?;
     if let Some(n) = args.limit {
