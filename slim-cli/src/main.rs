@@ -7,6 +7,7 @@
 //! progress and logs go to stderr.
 
 mod common;
+mod compress;
 mod info;
 mod output;
 mod prune;
@@ -34,6 +35,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a compression pipeline from a TOML file (default: a built-in one on the bundled
+    /// data) and print the results table.
+    Compress(compress::CompressArgs),
     /// Train a zoo model on a data set and write it as a model file.
     Train(train::TrainArgs),
     /// Top-1 and top-5 accuracy of a model file on a data set's test split.
@@ -86,6 +90,7 @@ pub fn input_error(msg: impl std::fmt::Display) -> Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Compress(args) => compress::run(args),
         Command::Train(args) => train::run_train(args),
         Command::Eval(args) => train::run_eval(args),
         Command::Info(args) => info::run(args),

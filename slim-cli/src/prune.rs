@@ -165,6 +165,10 @@ pub struct PruneArgs {
     /// --method auto: candidates evaluated.
     #[arg(long, default_value_t = 30)]
     pub trials: usize,
+    /// --method auto: before its reward is measured, fine-tune each candidate for one pass
+    /// over the first N training images (with the fine-tuning options; 0: no fine-tune).
+    #[arg(long, default_value_t = 0)]
+    pub reward_finetune_images: usize,
     /// --method auto: the search history (resumed if it exists); default OUT.search.json.
     #[arg(long)]
     pub history: Option<PathBuf>,
@@ -212,6 +216,12 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     }
     if args.method == PruneMethod::Auto && args.trials == 0 {
         return Err(input_error("--trials must be at least 1"));
+    }
+    if args.reward_finetune_images > 0 && args.reward_finetune_images < args.batch_size {
+        return Err(input_error(format!(
+            "--reward-finetune-images {} is less than one batch (--batch-size {})",
+            args.reward_finetune_images, args.batch_size
+        )));
     }
     check_out_dir("--out", &args.out)?;
     let criterion = args.selection.criterion()?;
@@ -286,6 +296,23 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                 p.into()
             });
             check_out_dir("--history", &history)?;
+            let mut short = data.clone();
+            short.train = data.train.take(args.reward_finetune_images);
+            let short_cfg = TrainConfig {
+                epochs: 1,
+                schedule: Schedule::Constant,
+                ..ft.clone()
+            };
+            let mut reward_finetune = |m: &mut Model| -> slim_core::Result<()> {
+                train(m, &short, &short_cfg, TrainOptions::default(), &mut |_| {})?;
+                Ok(())
+            };
+            let finetune_hook: Option<&mut slim_prune::auto::Finetune<'_>> =
+                if args.reward_finetune_images > 0 {
+                    Some(&mut reward_finetune)
+                } else {
+                    None
+                };
             let b = bar(
                 args.trials as u64,
                 args.common.quiet,
@@ -296,9 +323,11 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                 &cfg,
                 init.as_ref(),
                 &evaluator,
-                None,
+                finetune_hook,
                 Some(&history),
-                json!({"data": eval.fingerprint, "samples": evaluator.set.labels.len()}),
+                json!({"data": eval.fingerprint, "samples": evaluator.set.labels.len(),
+                       "reward_finetune_images": args.reward_finetune_images,
+                       "reward_finetune": format!("{short_cfg:?}")}),
                 &mut |p| match p {
                     SearchProgress::Replayed { index, .. } => b.set_position(index as u64 + 1),
                     SearchProgress::Evaluated {

@@ -14,6 +14,7 @@
 //! - [`zoo`]: LeNet, VGG, ResNet, MobileNet V1/V2;
 //! - [`data`]: MNIST/Fashion-MNIST IDX and CIFAR-10 loaders, the bundled MNIST subset, batching;
 //! - [`train`]: the one training loop (SGD, Adam, AdamW, schedules, checkpoints) and evaluation;
+//! - [`pipeline`]: the `Strategy` trait that `slim compress` chains, and training as a strategy;
 //! - [`search`]: the simulated-annealing and evolutionary controllers that automatic pruning and
 //!   architecture search share, with resumable histories, and the `Evaluator` and `CostModel`
 //!   traits.
@@ -46,6 +47,7 @@ pub mod io;
 pub mod kernels;
 pub mod model;
 pub mod params;
+pub mod pipeline;
 pub mod search;
 pub mod train;
 pub mod zoo;

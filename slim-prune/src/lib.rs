@@ -14,7 +14,7 @@
 //! - [`auto`]: automatic pruning, a search over per-group ratios (simulated annealing or
 //!   evolution, from `slim-core`'s controllers) under a FLOPs limit.
 //!
-//! Fine-tuning after pruning is `slim-core`'s training loop. This crate depends on
+//! [`strategy`] makes each of them a step of `slim compress`'s pipeline. Fine-tuning after pruning is `slim-core`'s training loop. This crate depends on
 //! `slim-core` alone.
 //!
 //! ```
@@ -35,6 +35,7 @@ pub mod auto;
 pub mod criterion;
 pub mod pruner;
 pub mod sensitivity;
+pub mod strategy;
 
 pub use criterion::Criterion;
 pub use pruner::{Pruner, Ratios, UniformPlan};

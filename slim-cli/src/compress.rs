@@ -1,0 +1,590 @@
+//! `slim compress`: a pipeline of strategies from a TOML file, run in order, with a results
+//! table and a report in the output folder. The strategies themselves live in the method
+//! crates; this module parses the configuration, runs the stages, and keeps the state that
+//! lets a stopped pipeline resume.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use slim_core::analysis::{analyze, human};
+use slim_core::data::{load_spec, DEFAULT_SPEC};
+use slim_core::io::write_atomic;
+use slim_core::pipeline::{Context, Strategy, Train};
+use slim_core::train::{evaluate, OptimizerKind, Schedule, TrainConfig};
+use slim_core::zoo::{self, ZooConfig};
+use slim_core::Model;
+use slim_prune::strategy::{Choice, PruneOptions, PruneStrategy};
+
+use crate::common::{Common, EpochBars};
+use crate::output::table;
+use crate::{input_error, Failure};
+
+/// The pipeline `slim compress` runs when no configuration is given.
+pub const DEFAULT_CONFIG: &str = r#"# The default pipeline: a MobileNet trained on the bundled MNIST digits, then pruned.
+[model]
+zoo = "mobilenet_tiny"
+
+[data]
+spec = "builtin:mnist-10k"
+
+[train]
+epochs = 3
+lr = 0.003
+batch_size = 64
+optimizer = "adam"
+
+[[strategy]]
+kind = "prune.uniform"
+flops_reduction = 0.5
+finetune_epochs = 1
+
+[output]
+dir = "slim-out"
+"#;
+
+#[derive(Args)]
+pub struct CompressArgs {
+    /// The pipeline configuration (TOML); default: a built-in pipeline on the bundled data.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Only check the configuration.
+    #[arg(long)]
+    pub check: bool,
+    /// Continue a stopped pipeline in its output folder.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start over in an output folder that holds another (or this) pipeline's results.
+    #[arg(long)]
+    pub force: bool,
+    /// The output folder (overrides the configuration's).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    model: ModelSection,
+    #[serde(default)]
+    data: DataSection,
+    #[serde(default)]
+    train: TrainSection,
+    #[serde(default)]
+    strategy: Vec<toml::Table>,
+    #[serde(default)]
+    output: OutputSection,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct ModelSection {
+    zoo: Option<String>,
+    file: Option<PathBuf>,
+    #[serde(default = "one")]
+    width: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct DataSection {
+    #[serde(default = "default_spec")]
+    spec: String,
+    /// Train on the first N training images only.
+    limit: Option<usize>,
+}
+
+fn default_spec() -> String {
+    DEFAULT_SPEC.into()
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            spec: default_spec(),
+            limit: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct TrainSection {
+    epochs: Option<usize>,
+    lr: Option<f64>,
+    batch_size: Option<usize>,
+    optimizer: Option<String>,
+    schedule: Option<String>,
+    momentum: Option<f64>,
+    nesterov: Option<bool>,
+    weight_decay: Option<f64>,
+    warmup_epochs: Option<usize>,
+    seed: Option<u64>,
+}
+
+impl TrainSection {
+    fn config(&self) -> Result<TrainConfig, Failure> {
+        let d = TrainConfig::default();
+        let cfg = TrainConfig {
+            epochs: self.epochs.unwrap_or(d.epochs),
+            lr: self.lr.unwrap_or(d.lr),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            optimizer: match &self.optimizer {
+                Some(o) => o.parse::<OptimizerKind>()?,
+                None => d.optimizer,
+            },
+            schedule: match &self.schedule {
+                Some(s) => s.parse::<Schedule>()?,
+                None => d.schedule.clone(),
+            },
+            momentum: self.momentum.unwrap_or(d.momentum),
+            nesterov: self.nesterov.unwrap_or(d.nesterov),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            warmup_epochs: self.warmup_epochs.unwrap_or(d.warmup_epochs),
+            seed: self.seed.unwrap_or(d.seed),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct OutputSection {
+    #[serde(default = "default_out")]
+    dir: PathBuf,
+}
+
+fn default_out() -> PathBuf {
+    PathBuf::from("slim-out")
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection { dir: default_out() }
+    }
+}
+
+/// The line (1-based) of the `n`-th `[[strategy]]` table's `key`, for error messages.
+fn strategy_line(text: &str, n: usize, key: Option<&str>) -> Option<usize> {
+    let mut seen = 0;
+    let mut inside = false;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            inside = t == "[[strategy]]" && {
+                seen += 1;
+                seen == n + 1
+            };
+            if inside && key.is_none() {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        if inside {
+            if let Some(k) = key {
+                if t.split('=').next().map(str::trim) == Some(k) {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A checked pipeline: the configuration and its strategies.
+struct Pipeline {
+    config: Config,
+    train: TrainConfig,
+    strategies: Vec<Box<dyn Strategy>>,
+}
+
+fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
+    let config: Config = toml::from_str(text).map_err(|e| input_error(format!("{origin}: {e}")))?;
+    match (&config.model.zoo, &config.model.file) {
+        (Some(z), None) => {
+            if !zoo::NAMES.contains(&z.as_str()) {
+                return Err(input_error(format!(
+                    "{origin}: [model] zoo = \"{z}\" is not a zoo model ({})",
+                    zoo::NAMES.join(", ")
+                )));
+            }
+        }
+        (None, Some(f)) => {
+            if !f.is_file() {
+                return Err(input_error(format!(
+                    "{origin}: [model] file {} does not exist",
+                    f.display()
+                )));
+            }
+        }
+        _ => {
+            return Err(input_error(format!(
+                "{origin}: [model] needs exactly one of `zoo` and `file`"
+            )))
+        }
+    }
+    let train = config
+        .train
+        .config()
+        .map_err(|f| input_error(format!("{origin}: [train]: {:#}", f.error)))?;
+    let mut strategies: Vec<Box<dyn Strategy>> = Vec::new();
+    for (i, table) in config.strategy.iter().enumerate() {
+        let at = |key: Option<&str>| {
+            strategy_line(text, i, key)
+                .map(|l| format!("{origin}, line {l}"))
+                .unwrap_or_else(|| origin.to_string())
+        };
+        let mut table = table.clone();
+        let kind = match table.remove("kind") {
+            Some(toml::Value::String(k)) => k,
+            Some(_) => {
+                return Err(input_error(format!(
+                    "{}: `kind` must be a string",
+                    at(Some("kind"))
+                )))
+            }
+            None => {
+                return Err(input_error(format!(
+                    "{}: [[strategy]] {} has no `kind`",
+                    at(None),
+                    i + 1
+                )))
+            }
+        };
+        let choice = match kind.as_str() {
+            "prune.uniform" => Choice::Uniform,
+            "prune.sensitivity" => Choice::Sensitivity,
+            "prune.auto" => Choice::Auto,
+            "distill" | "quant.ptq" | "quant.qat" | "nas.sa" | "nas.oneshot" => {
+                return Err(input_error(format!(
+                    "{}: strategy `{kind}` is not available in this version of slim \
+                     (available: prune.uniform, prune.sensitivity, prune.auto)",
+                    at(Some("kind"))
+                )))
+            }
+            other => {
+                return Err(input_error(format!(
+                    "{}: unknown strategy `{other}` (expected prune.uniform, prune.sensitivity, \
+                     prune.auto, distill, quant.ptq, quant.qat, nas.sa or nas.oneshot)",
+                    at(Some("kind"))
+                )))
+            }
+        };
+        let options: PruneOptions = toml::Value::Table(table).try_into().map_err(|e| {
+            let msg = e.to_string();
+            // serde names the offending field between backticks.
+            let key = msg.split('`').nth(1);
+            input_error(format!("{}: {kind}: {}", at(key), msg.trim()))
+        })?;
+        let s = PruneStrategy::new(choice, options)
+            .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
+        strategies.push(Box::new(s));
+    }
+    Ok(Pipeline {
+        config,
+        train,
+        strategies,
+    })
+}
+
+/// One row of the results: a stage's model and what it measures.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Row {
+    name: String,
+    file: PathBuf,
+    top1: f64,
+    top5: f64,
+    macs: u64,
+    params: u64,
+    bytes: u64,
+    seconds: f64,
+    info: serde_json::Value,
+}
+
+/// The pipeline's state in its output folder: which configuration, and the finished stages.
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    format: String,
+    config: String,
+    stages: Vec<Row>,
+}
+
+const STATE_FORMAT: &str = "slim-pipeline/1";
+const STATE_FILE: &str = "pipeline.json";
+
+fn fingerprint(text: &str) -> String {
+    // FNV-1a of the configuration text.
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn save_state(dir: &Path, state: &State) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(state)?;
+    write_atomic(&dir.join(STATE_FILE), text.as_bytes())?;
+    Ok(())
+}
+
+pub fn run(args: CompressArgs) -> Result<(), Failure> {
+    let (text, origin) = match &args.config {
+        Some(p) => (
+            std::fs::read_to_string(p).map_err(|e| input_error(format!("{}: {e}", p.display())))?,
+            p.display().to_string(),
+        ),
+        None => (
+            DEFAULT_CONFIG.to_string(),
+            "the default pipeline".to_string(),
+        ),
+    };
+    let mut pipeline = parse(&text, &origin)?;
+    if args.check {
+        if args.common.json {
+            println!(
+                "{}",
+                json!({"config": origin, "ok": true,
+                       "strategies": pipeline.strategies.iter().map(|s| s.kind().to_string()).collect::<Vec<_>>()})
+            );
+        } else {
+            println!(
+                "{origin}: ok ({} strategies: {})",
+                pipeline.strategies.len(),
+                pipeline
+                    .strategies
+                    .iter()
+                    .map(|s| s.kind().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        return Ok(());
+    }
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| pipeline.config.output.dir.clone());
+    let key = fingerprint(&text);
+    let state_path = dir.join(STATE_FILE);
+    let mut state = if state_path.exists() && !args.force {
+        let s: State =
+            serde_json::from_str(&std::fs::read_to_string(&state_path)?).map_err(|e| {
+                input_error(format!(
+                    "{}: not a pipeline state: {e}",
+                    state_path.display()
+                ))
+            })?;
+        if s.format != STATE_FORMAT || s.config != key {
+            return Err(input_error(format!(
+                "{} holds another pipeline's results; choose another output folder, or \
+                 --force to start over there",
+                dir.display()
+            )));
+        }
+        // A finished run of this pipeline is only reported again; a stopped one continues
+        // when asked to.
+        let finished = s.stages.len() == pipeline.strategies.len() + 1;
+        if !args.resume && !finished {
+            return Err(input_error(format!(
+                "{} holds a stopped run of this pipeline; --resume to continue it, or \
+                 --force to start over",
+                dir.display()
+            )));
+        }
+        s
+    } else {
+        State {
+            format: STATE_FORMAT.into(),
+            config: key,
+            stages: Vec::new(),
+        }
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| input_error(format!("cannot create {}: {e}", dir.display())))?;
+    let device = args.common.device()?;
+    let mut data = load_spec(&pipeline.config.data.spec)?;
+    if let Some(n) = pipeline.config.data.limit {
+        data.train = data.train.take(n);
+    }
+    let quiet = args.common.quiet;
+    let note = |msg: String| {
+        if !quiet {
+            eprintln!("{msg}");
+        }
+    };
+    let total = pipeline.strategies.len() + 1;
+    let started = Instant::now();
+
+    // Stage 0: the baseline, trained from the zoo or read from a file.
+    let mut model = if let Some(row) = state.stages.first() {
+        note(format!("stage 1/{total}: baseline (done)"));
+        Model::load(&row.file, &device)?
+    } else {
+        let t0 = Instant::now();
+        let (model, info, file) = match (&pipeline.config.model.zoo, &pipeline.config.model.file) {
+            (Some(name), _) => {
+                note(format!("stage 1/{total}: baseline: train {name}"));
+                let zcfg = ZooConfig::new(data.train.shape)
+                    .with_width(pipeline.config.model.width)
+                    .with_classes(data.train.classes);
+                let mut m = zoo::model(name, &zcfg, pipeline.train.seed, &device)?;
+                m.provenance
+                    .insert("data".into(), pipeline.config.data.spec.clone());
+                let mut bars = EpochBars::new(quiet);
+                let mut progress = |p: &slim_core::train::Progress| bars.update(p);
+                let mut ctx = Context {
+                    data: &data,
+                    train: pipeline.train.clone(),
+                    work_dir: dir.clone(),
+                    quiet,
+                    progress: &mut progress,
+                };
+                let (m, info) = Train { config: None }.run(m, &mut ctx)?;
+                let file = dir.join("00-baseline.safetensors");
+                m.save(&file)?;
+                (m, info, file)
+            }
+            (None, Some(path)) => {
+                note(format!("stage 1/{total}: baseline: {}", path.display()));
+                (Model::load(path, &device)?, json!({}), path.clone())
+            }
+            (None, None) => return Err(input_error("[model] needs `zoo` or `file`")),
+        };
+        let row = measure(
+            "baseline",
+            &model,
+            &file,
+            &data,
+            t0.elapsed().as_secs_f64(),
+            info,
+        )?;
+        state.stages.push(row);
+        save_state(&dir, &state)?;
+        model
+    };
+
+    for (i, strategy) in pipeline.strategies.iter_mut().enumerate() {
+        let stage = i + 1;
+        let name = strategy.kind().to_string();
+        if let Some(row) = state.stages.get(stage) {
+            note(format!("stage {}/{total}: {name} (done)", stage + 1));
+            model = Model::load(&row.file, &device)?;
+            continue;
+        }
+        note(format!("stage {}/{total}: {name}", stage + 1));
+        let t0 = Instant::now();
+        let work_dir = dir.join(format!("{stage:02}-{name}"));
+        std::fs::create_dir_all(&work_dir)?;
+        let mut bars = EpochBars::new(quiet);
+        let mut progress = |p: &slim_core::train::Progress| bars.update(p);
+        let mut ctx = Context {
+            data: &data,
+            train: pipeline.train.clone(),
+            work_dir,
+            quiet,
+            progress: &mut progress,
+        };
+        let (next, info) = strategy.run(model, &mut ctx)?;
+        let file = dir.join(format!("{stage:02}-{name}.safetensors"));
+        next.save(&file)?;
+        let row = measure(&name, &next, &file, &data, t0.elapsed().as_secs_f64(), info)?;
+        state.stages.push(row);
+        save_state(&dir, &state)?;
+        model = next;
+    }
+
+    // The report.
+    let base = state.stages[0].clone();
+    let rows: Vec<Vec<String>> = state
+        .stages
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                format!("{:.2}%", r.top1 * 100.0),
+                format!("{:.2}%", r.top5 * 100.0),
+                human(r.macs),
+                human(r.params),
+                human(r.bytes),
+                if r.name == "baseline" {
+                    "-".into()
+                } else {
+                    format!("{:+.2} pt", (r.top1 - base.top1) * 100.0)
+                },
+                format!("{:.0}%", r.bytes as f64 / base.bytes.max(1) as f64 * 100.0),
+            ]
+        })
+        .collect();
+    let header = [
+        "stage",
+        "top-1",
+        "top-5",
+        "MACs",
+        "params",
+        "size",
+        "top-1 change",
+        "of baseline size",
+    ];
+    let text_table = table(&header, &rows);
+    let mut md = String::from("| ");
+    md.push_str(&header.join(" | "));
+    md.push_str(" |\n|");
+    md.push_str(&"---|".repeat(header.len()));
+    md.push('\n');
+    for r in &rows {
+        md.push_str("| ");
+        md.push_str(&r.join(" | "));
+        md.push_str(" |\n");
+    }
+    write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    let report = json!({"stages": state.stages, "out": dir});
+    write_atomic(
+        &dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    if args.common.json {
+        println!("{report}");
+    } else {
+        print!("{text_table}");
+        println!(
+            "{} stages in {:.1} s; models, report.md and report.json in {}",
+            state.stages.len(),
+            started.elapsed().as_secs_f64(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn measure(
+    name: &str,
+    model: &Model,
+    file: &Path,
+    data: &slim_core::data::DataSplits,
+    seconds: f64,
+    info: serde_json::Value,
+) -> Result<Row, Failure> {
+    let e = evaluate(model, &data.test, &data.normalize, 256)?;
+    let stats = analyze(&model.graph);
+    Ok(Row {
+        name: name.into(),
+        file: file.to_path_buf(),
+        top1: e.top1,
+        top5: e.top5,
+        macs: stats.macs,
+        params: stats.params,
+        bytes: std::fs::metadata(file)?.len(),
+        seconds,
+        info,
+    })
+}

@@ -1,0 +1,184 @@
+//! End-to-end tests of `slim compress`: a small pipeline, its report, resuming, and the
+//! configuration errors.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn slim() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_slim"))
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+const SMALL: &str = r#"
+[model]
+zoo = "lenet"
+
+[data]
+spec = "builtin:mnist-10k"
+limit = 1500
+
+[train]
+epochs = 1
+lr = 0.003
+
+[[strategy]]
+kind = "prune.uniform"
+flops_reduction = 0.5
+finetune_epochs = 1
+"#;
+
+fn compress(config: &Path, out: &Path, extra: &[&str]) -> Output {
+    slim()
+        .args(["compress", "--quiet", "--json", "--config"])
+        .arg(config)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_pipeline_runs_reports_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("small.toml");
+    std::fs::write(&config, SMALL).unwrap();
+    let out = dir.path().join("out");
+    let v = json_of(&compress(&config, &out, &[]));
+    let stages = v["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2);
+    assert_eq!(stages[0]["name"], "baseline");
+    assert_eq!(stages[1]["name"], "prune.uniform");
+    let (b, p) = (&stages[0], &stages[1]);
+    let ratio = p["macs"].as_f64().unwrap() / b["macs"].as_f64().unwrap();
+    assert!((ratio - 0.5).abs() <= 0.01, "{ratio}");
+    assert!(b["top1"].as_f64().unwrap() > 0.7, "{b}");
+    assert!(p["top1"].as_f64().unwrap() > 0.7, "{p}");
+    for s in stages {
+        let f = Path::new(s["file"].as_str().unwrap());
+        assert_eq!(
+            std::fs::metadata(f).unwrap().len(),
+            s["bytes"].as_u64().unwrap()
+        );
+    }
+    assert!(std::fs::read_to_string(out.join("report.md"))
+        .unwrap()
+        .contains("prune.uniform"));
+
+    // The same finished pipeline again: nothing is redone, the results are reported.
+    let again = json_of(&compress(&config, &out, &[]));
+    assert_eq!(again["stages"], v["stages"]);
+
+    // A pipeline stopped after its baseline continues with the next stage only.
+    let state_path = out.join("pipeline.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state["stages"].as_array_mut().unwrap().truncate(1);
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let stopped = compress(&config, &out, &[]);
+    assert_eq!(stopped.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&stopped.stderr).contains("--resume"));
+    let base_file = stages[0]["file"].as_str().unwrap();
+    let before = std::fs::metadata(base_file).unwrap().modified().unwrap();
+    let r = json_of(&compress(&config, &out, &["--resume"]));
+    assert_eq!(r["stages"][0], v["stages"][0]);
+    assert_eq!(r["stages"][1]["macs"], v["stages"][1]["macs"]);
+    assert_eq!(
+        std::fs::metadata(base_file).unwrap().modified().unwrap(),
+        before
+    );
+
+    // Another configuration in that folder is refused.
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, SMALL.replace("0.5", "0.4")).unwrap();
+    let o = compress(&other, &out, &["--resume"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another pipeline"));
+}
+
+#[test]
+fn configuration_errors_name_the_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            SMALL.replace("finetune_epochs = 1", "finetune_epoch = 1"),
+            "finetune_epoch",
+            Some(16),
+        ),
+        (
+            SMALL.replace("prune.uniform", "prune.magic"),
+            "prune.magic",
+            Some(14),
+        ),
+        (
+            SMALL.replace("limit = 1500", "limit = \"many\""),
+            "limit",
+            Some(7),
+        ),
+        (
+            SMALL.replace("flops_reduction = 0.5", "flops_reduction = 1.5"),
+            "(0, 1)",
+            None,
+        ),
+        (
+            SMALL.replace("zoo = \"lenet\"", "file = \"missing.safetensors\""),
+            "missing.safetensors",
+            None,
+        ),
+        (
+            SMALL.replace("[train]", "[train]\ncolour = 3"),
+            "colour",
+            None,
+        ),
+    ];
+    for (text, needle, line) in cases {
+        let config = dir.path().join("c.toml");
+        std::fs::write(&config, &text).unwrap();
+        let o = slim()
+            .args(["compress", "--check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{needle}: {err}");
+        assert!(err.contains(needle), "{needle}: {err}");
+        if let Some(l) = line {
+            assert!(err.contains(&format!("line {l}")), "{needle}: {err}");
+        }
+    }
+    // The default pipeline checks out.
+    let o = slim().args(["compress", "--check"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn the_example_configurations_check_out() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let o = slim()
+                .args(["compress", "--check", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}

@@ -1,0 +1,68 @@
+//! The pipeline core: a [`Strategy`] is one step of a compression pipeline (train, prune,
+//! quantize, distil, search) that takes a model and returns the next one. The `slim compress`
+//! command builds strategies from a configuration file and runs them in order; each method
+//! crate implements the trait for its own methods, so no algorithm lives in the pipeline.
+
+use std::path::PathBuf;
+
+use crate::data::DataSplits;
+use crate::error::Result;
+use crate::model::Model;
+use crate::train::{train, Progress, TrainConfig, TrainOptions};
+
+/// What a strategy can use besides the model: the data, the pipeline's training recipe (for
+/// any step that trains unless the strategy says otherwise), a folder for files of its own,
+/// and a sink for training progress.
+pub struct Context<'a> {
+    pub data: &'a DataSplits,
+    pub train: TrainConfig,
+    /// This stage's folder for its own files (sensitivities, search histories).
+    pub work_dir: PathBuf,
+    /// Silence for long work (progress still goes to `progress`).
+    pub quiet: bool,
+    pub progress: &'a mut dyn FnMut(&Progress),
+}
+
+/// One step of a compression pipeline.
+pub trait Strategy {
+    /// The strategy's kind as configuration files name it (`prune.uniform`).
+    fn kind(&self) -> &str;
+    /// Runs the step on `model` and returns the new model and a short account of what it did
+    /// (a JSON object for the report).
+    fn run(&mut self, model: Model, ctx: &mut Context<'_>) -> Result<(Model, serde_json::Value)>;
+}
+
+/// Training with the pipeline's recipe (or its own), the first stage of a pipeline that starts
+/// from a zoo model.
+pub struct Train {
+    pub config: Option<TrainConfig>,
+}
+
+impl Strategy for Train {
+    fn kind(&self) -> &str {
+        "train"
+    }
+    fn run(
+        &mut self,
+        mut model: Model,
+        ctx: &mut Context<'_>,
+    ) -> Result<(Model, serde_json::Value)> {
+        let cfg = self.config.clone().unwrap_or_else(|| ctx.train.clone());
+        let report = train(
+            &mut model,
+            ctx.data,
+            &cfg,
+            TrainOptions {
+                eval_each_epoch: false,
+                ..Default::default()
+            },
+            ctx.progress,
+        )?;
+        let seconds: f64 = report.epochs.iter().map(|e| e.seconds).sum();
+        Ok((
+            model,
+            serde_json::json!({"epochs": cfg.epochs, "seconds": seconds,
+                               "final_loss": report.epochs.last().map(|e| e.loss)}),
+        ))
+    }
+}
