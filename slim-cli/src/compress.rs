@@ -448,6 +448,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
                     work_dir: dir.clone(),
                     quiet,
                     progress: &mut progress,
+                    status: &|_| {},
                 };
                 let (m, info) = Train { config: None }.run(m, &mut ctx)?;
                 let file = dir.join("00-baseline.safetensors");
@@ -487,14 +488,18 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         std::fs::create_dir_all(&work_dir)?;
         let mut bars = EpochBars::new(quiet);
         let mut progress = |p: &slim_core::train::Progress| bars.update(p);
+        let status = status_line(quiet);
+        let show = |m: &str| status.set_message(m.to_string());
         let mut ctx = Context {
             data: &data,
             train: pipeline.train.clone(),
             work_dir,
             quiet,
             progress: &mut progress,
+            status: &show,
         };
         let (next, info) = strategy.run(model, &mut ctx)?;
+        status.finish_and_clear();
         let file = dir.join(format!("{stage:02}-{name}.safetensors"));
         next.save(&file)?;
         let row = measure(&name, &next, &file, &data, t0.elapsed().as_secs_f64(), info)?;
@@ -547,6 +552,10 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         md.push_str(" |\n");
     }
     write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    write_atomic(
+        &dir.join("accuracy-size.svg"),
+        plot(&state.stages).as_bytes(),
+    )?;
     let report = json!({"stages": state.stages, "out": dir});
     write_atomic(
         &dir.join("report.json"),
@@ -564,6 +573,67 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// Top-1 against file size, one labelled point per stage.
+fn plot(rows: &[Row]) -> String {
+    let (w, h, l, r, t, b) = (640.0, 400.0, 70.0, 30.0, 30.0, 50.0);
+    let max_bytes = rows.iter().map(|x| x.bytes).max().unwrap_or(1) as f64 * 1.1;
+    let lo = rows.iter().map(|x| x.top1).fold(1.0f64, f64::min);
+    let hi = rows.iter().map(|x| x.top1).fold(0.0f64, f64::max);
+    let (y0, y1) = ((lo - 0.01).max(0.0), (hi + 0.01).min(1.0).max(lo + 0.02));
+    let x = |v: f64| l + v / max_bytes * (w - l - r);
+    let y = |v: f64| t + (y1 - v) / (y1 - y0) * (h - t - b);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" \
+         fill=\"white\"/>\n<rect x=\"{l}\" y=\"{t}\" width=\"{}\" height=\"{}\" fill=\"none\" \
+         stroke=\"black\"/>\n<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">model file size \
+         (KB)</text>\n<text transform=\"translate(16 {}) rotate(-90)\" text-anchor=\"middle\">\
+         test top-1 (%)</text>\n",
+        w - l - r,
+        h - t - b,
+        (l + w - r) / 2.0,
+        h - 12.0,
+        (t + h - b) / 2.0
+    );
+    for i in 0..=4 {
+        let bv = max_bytes * i as f64 / 4.0;
+        let av = y0 + (y1 - y0) * i as f64 / 4.0;
+        s.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.1}</text>\n",
+            x(bv),
+            h - b + 16.0,
+            bv / 1000.0,
+            l - 6.0,
+            y(av) + 4.0,
+            av * 100.0
+        ));
+    }
+    for row in rows {
+        let (px, py) = (x(row.bytes as f64), y(row.top1));
+        s.push_str(&format!(
+            "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"4\" fill=\"#1f77b4\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+            px + 6.0,
+            py - 6.0,
+            row.name
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// A one-line status display on stderr (hidden with --quiet or when stderr is no terminal).
+fn status_line(quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(std::time::Duration::from_millis(200));
+        b
+    }
 }
 
 fn measure(

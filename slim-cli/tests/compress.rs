@@ -72,6 +72,9 @@ fn a_pipeline_runs_reports_and_resumes() {
     assert!(std::fs::read_to_string(out.join("report.md"))
         .unwrap()
         .contains("prune.uniform"));
+    assert!(std::fs::read_to_string(out.join("accuracy-size.svg"))
+        .unwrap()
+        .contains("prune.uniform"));
 
     // The same finished pipeline again: nothing is redone, the results are reported.
     let again = json_of(&compress(&config, &out, &[]));

@@ -20,7 +20,11 @@ pub struct Context<'a> {
     pub work_dir: PathBuf,
     /// Silence for long work (progress still goes to `progress`).
     pub quiet: bool,
+    /// Training progress.
     pub progress: &'a mut dyn FnMut(&Progress),
+    /// A one-line status of other long work (a sensitivity analysis, a search); may be called
+    /// from several threads.
+    pub status: &'a (dyn Fn(&str) + Sync),
 }
 
 /// One step of a compression pipeline.

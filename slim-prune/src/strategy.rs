@@ -182,7 +182,21 @@ impl PruneStrategy {
                     None,
                     Some(&history),
                     json!({"data": eval.fingerprint}),
-                    &mut |_| {},
+                    &mut |p| {
+                        if let slim_core::search::SearchProgress::Evaluated {
+                            index,
+                            total,
+                            best,
+                            ..
+                        } = p
+                        {
+                            (ctx.status)(&format!(
+                                "search: {}/{total} candidates, best top-1 {:.2}%",
+                                index + 1,
+                                best * 100.0
+                            ));
+                        }
+                    },
                 )?;
                 info["search"] = json!({"history": history, "best_reward": r.reward,
                                         "initial_reward": r.initial_reward});
