@@ -278,6 +278,7 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             | Op::Sigmoid
             | Op::Dropout { .. }
             | Op::Identity
+            | Op::FakeQuant(_)
             | Op::MaxPool2d(_)
             | Op::AvgPool2d(_)
             | Op::GlobalAvgPool => ins[0].clone(),

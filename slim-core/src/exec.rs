@@ -242,7 +242,37 @@ impl Model {
             },
             Op::Softmax => candle_nn::ops::softmax(x, 1)?,
             Op::Identity => x.clone(),
+            Op::FakeQuant(q) => self.fake_quant(node, q, x, mode)?,
         })
+    }
+
+    fn fake_quant(
+        &self,
+        node: &Node,
+        q: &crate::graph::FakeQuantSpec,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let name = node.param_name("scale");
+        let qmax = f64::from(q.qmax());
+        let mut scale = self.params.tensor(&name)?.to_vec1::<f32>()?[0];
+        if mode == Mode::Train && q.moving_rate > 0.0 {
+            let batch = x.detach().abs()?.max_all()?.to_scalar::<f32>()? / q.qmax();
+            scale = if scale > 0.0 {
+                q.moving_rate * scale + (1.0 - q.moving_rate) * batch
+            } else {
+                batch
+            };
+            self.params
+                .set(&name, &Tensor::new(&[scale], x.device())?)?;
+        }
+        if !(scale > 0.0 && scale.is_finite()) {
+            return Err(CoreError::param(
+                &name,
+                "the fake-quantization scale is not set (calibrate or train the model first)",
+            ));
+        }
+        fake_quantize(x, scale, qmax)
     }
 
     fn batch_norm(
@@ -326,6 +356,15 @@ impl Model {
             }
         }
     }
+}
+
+/// `clamp(round(x / scale), -qmax, qmax) * scale`, with a straight-through gradient: the
+/// values inside the range get the incoming gradient unchanged, those clipped get none.
+pub fn fake_quantize(x: &Tensor, scale: f32, qmax: f64) -> Result<Tensor> {
+    let s = f64::from(scale);
+    let clipped = x.clamp(-qmax * s, qmax * s)?;
+    let q = ((&clipped / s)?.round()? * s)?;
+    Ok((&clipped + (q - &clipped)?.detach())?)
 }
 
 /// Inverted dropout: zero each value with probability `p`, scale the rest by `1 / (1 - p)`.

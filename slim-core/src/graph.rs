@@ -149,6 +149,26 @@ pub enum Op {
     /// Softmax over the channel (or feature) axis.
     Softmax,
     Identity,
+    /// Simulated symmetric quantization of the values that pass through (see
+    /// [`FakeQuantSpec`]); its one parameter is the buffer `scale` (shape `[1]`).
+    FakeQuant(FakeQuantSpec),
+}
+
+/// Simulated symmetric quantization: `clamp(round(x / scale), -q, q) * scale` with
+/// `q = 2^(bits-1) - 1`, and a straight-through gradient (1 inside the range, 0 outside).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FakeQuantSpec {
+    pub bits: u8,
+    /// In train mode the scale follows the batches' absolute maximum as a moving average with
+    /// this rate (`moving_average_abs_max`, 0.9 by default); 0 keeps the scale fixed.
+    pub moving_rate: f32,
+}
+
+impl FakeQuantSpec {
+    /// The largest quantized magnitude, `2^(bits-1) - 1`.
+    pub fn qmax(&self) -> f32 {
+        ((1u32 << (self.bits.clamp(2, 16) - 1)) - 1) as f32
+    }
 }
 
 /// What a parameter is for: trained weights and biases, or buffers (running statistics) that
@@ -198,6 +218,7 @@ impl Op {
             Op::Dropout { .. } => "dropout",
             Op::Softmax => "softmax",
             Op::Identity => "identity",
+            Op::FakeQuant(_) => "fakequant",
         }
     }
 
@@ -232,6 +253,7 @@ impl Op {
                 }
                 v
             }
+            Op::FakeQuant(_) => vec![spec("scale", vec![1], ParamKind::Buffer)],
             Op::BatchNorm2d(b) => vec![
                 spec("weight", vec![b.channels], ParamKind::Weight),
                 spec("bias", vec![b.channels], ParamKind::Bias),
@@ -333,7 +355,8 @@ impl Op {
             | Op::Sigmoid
             | Op::Dropout { .. }
             | Op::Softmax
-            | Op::Identity => {
+            | Op::Identity
+            | Op::FakeQuant(_) => {
                 arity(1)?;
                 Ok(inputs[0].to_vec())
             }

@@ -60,11 +60,41 @@ impl Model {
     /// The model as the bytes of a safetensors file.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let metadata = self.metadata()?;
-        let tensors: Vec<(String, Tensor)> = self
-            .params
-            .iter()
-            .map(|(name, p)| (name.to_string(), p.var.as_tensor().clone()))
-            .collect();
+        let mut tensors: Vec<(String, Raw)> = Vec::with_capacity(self.params.len());
+        for (name, p) in self.params.iter() {
+            let t = p.var.as_tensor();
+            match self.int8.get(name) {
+                Some(q) => {
+                    let n = t.elem_count();
+                    if q.values.len() != n || q.scales.is_empty() || n % q.scales.len() != 0 {
+                        return Err(CoreError::param(
+                            name,
+                            format!(
+                                "int8 form has {} values and {} scales for {n} elements",
+                                q.values.len(),
+                                q.scales.len()
+                            ),
+                        ));
+                    }
+                    tensors.push((
+                        name.to_string(),
+                        Raw {
+                            dtype: safetensors::Dtype::I8,
+                            shape: t.dims().to_vec(),
+                            data: q.values.iter().map(|&v| v as u8).collect(),
+                        },
+                    ));
+                    tensors.push((
+                        format!("{name}{INT8_SCALE_SUFFIX}"),
+                        Raw::f32(vec![q.scales.len()], &q.scales),
+                    ));
+                }
+                None => {
+                    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    tensors.push((name.to_string(), Raw::f32(t.dims().to_vec(), &v)));
+                }
+            }
+        }
         safetensors::tensor::serialize(tensors, Some(metadata))
             .map_err(|e| CoreError::Invalid(format!("cannot encode the model: {e}")))
     }
@@ -151,12 +181,55 @@ impl Model {
         };
 
         let mut params = ParamStore::new();
+        let mut int8 = BTreeMap::new();
+        let mut declared: std::collections::HashSet<String> = std::collections::HashSet::new();
         let specs = graph.param_specs();
         for (name, spec) in &specs {
             let stored = format!("{prefix}{name}");
+            declared.insert(stored.clone());
             let view = st
                 .tensor(&stored)
                 .map_err(|_| bad(format!("tensor `{stored}` is missing")))?;
+            if view.dtype() == safetensors::Dtype::I8 {
+                if view.shape() != spec.shape.as_slice() {
+                    return Err(bad(format!(
+                        "tensor `{stored}` has shape {:?}, the graph expects {:?}",
+                        view.shape(),
+                        spec.shape
+                    )));
+                }
+                let scale_name = format!("{stored}{INT8_SCALE_SUFFIX}");
+                declared.insert(scale_name.clone());
+                let sv = st
+                    .tensor(&scale_name)
+                    .map_err(|_| bad(format!("int8 tensor `{stored}` has no `{scale_name}`")))?;
+                if sv.dtype() != safetensors::Dtype::F32 || sv.shape().len() != 1 {
+                    return Err(bad(format!("`{scale_name}` must be a vector of F32")));
+                }
+                let scales: Vec<f32> = sv
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                let values: Vec<i8> = view.data().iter().map(|&b| b as i8).collect();
+                if scales.is_empty() || values.len() % scales.len() != 0 {
+                    return Err(bad(format!(
+                        "`{scale_name}` has {} scales for {} values",
+                        scales.len(),
+                        values.len()
+                    )));
+                }
+                let per = values.len() / scales.len();
+                let deq: Vec<f32> = values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| f32::from(q) * scales[i / per])
+                    .collect();
+                let t = Tensor::from_vec(deq, spec.shape.clone(), device)?;
+                params.insert(name.clone(), &t, spec.kind)?;
+                int8.insert(name.clone(), crate::model::Int8Tensor { values, scales });
+                continue;
+            }
             if view.dtype() != safetensors::Dtype::F32 {
                 return Err(bad(format!(
                     "tensor `{stored}` has type {:?}, expected F32",
@@ -175,8 +248,6 @@ impl Model {
                 .map_err(|e| bad(format!("tensor `{stored}`: {e}")))?;
             params.insert(name.clone(), &t.to_dtype(DType::F32)?, spec.kind)?;
         }
-        let declared: std::collections::HashSet<String> =
-            specs.iter().map(|(n, _)| format!("{prefix}{n}")).collect();
         if let Some(extra) = st
             .names()
             .into_iter()
@@ -188,7 +259,43 @@ impl Model {
         }
         let mut model = Model::new(graph, params).map_err(|e| bad(e.to_string()))?;
         model.provenance = provenance;
+        model.int8 = int8;
         Ok(model)
+    }
+}
+
+/// The name of an int8 parameter's scales: `<parameter>_scale`.
+pub const INT8_SCALE_SUFFIX: &str = "_scale";
+
+/// A tensor as bytes, for the safetensors writer.
+struct Raw {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl Raw {
+    fn f32(shape: Vec<usize>, v: &[f32]) -> Raw {
+        Raw {
+            dtype: safetensors::Dtype::F32,
+            shape,
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+impl safetensors::View for Raw {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
     }
 }
 

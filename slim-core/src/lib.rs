@@ -15,6 +15,7 @@
 //! - [`data`]: MNIST/Fashion-MNIST IDX and CIFAR-10 loaders, the bundled MNIST subset, batching;
 //! - [`train`]: the one training loop (SGD, Adam, AdamW, schedules, checkpoints) and evaluation;
 //! - [`pipeline`]: the `Strategy` trait that `slim compress` chains, and training as a strategy;
+//! - [`transform`]: graph rewrites that keep the eval output (batch-norm folding);
 //! - [`search`]: the simulated-annealing and evolutionary controllers that automatic pruning and
 //!   architecture search share, with resumable histories, and the `Evaluator` and `CostModel`
 //!   traits.
@@ -50,6 +51,7 @@ pub mod params;
 pub mod pipeline;
 pub mod search;
 pub mod train;
+pub mod transform;
 pub mod zoo;
 
 pub use error::{CoreError, Result};

@@ -16,6 +16,17 @@ pub struct Model {
     pub graph: Graph,
     pub params: ParamStore,
     pub provenance: BTreeMap<String, String>,
+    /// Parameters held as integers: their float parameter holds the same values read back
+    /// (`q * scale`), and a model file stores them as int8 tensors with their scales.
+    pub int8: BTreeMap<String, Int8Tensor>,
+}
+
+/// An integer parameter: values in the parameter's shape (row-major) and one scale per tensor
+/// or per slice along axis 0 (`values.len() / scales.len()` values share one scale).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Int8Tensor {
+    pub values: Vec<i8>,
+    pub scales: Vec<f32>,
 }
 
 impl Model {
@@ -52,6 +63,7 @@ impl Model {
             graph,
             params,
             provenance: BTreeMap::new(),
+            int8: BTreeMap::new(),
         })
     }
 
@@ -74,6 +86,7 @@ impl Model {
             graph: self.graph.clone(),
             params: self.params.deep_clone()?,
             provenance: self.provenance.clone(),
+            int8: self.int8.clone(),
         })
     }
 

@@ -42,6 +42,11 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Removes a parameter, returning it.
+    pub fn remove(&mut self, name: &str) -> Option<Param> {
+        self.entries.remove(name)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }

@@ -729,6 +729,7 @@ pub fn recalibrate_batch_norm(
             graph,
             params: model.params.clone(),
             provenance: Default::default(),
+            int8: Default::default(),
         };
         view.forward(&batch.images.detach(), Mode::Train)?;
         used += 1;

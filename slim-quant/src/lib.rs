@@ -1,16 +1,35 @@
 //! # slim-quant
 //!
-//! Slim's quantization: fake quantization with a straight-through gradient, post-training calibration, quantization-aware training, int8 model files and an int8 runtime.
+//! Quantization for Slim: symmetric integer weights (per tensor or per output channel, 8 bits
+//! or fewer), activation calibration (abs_max, avg, moving average, percentile histogram,
+//! MSE), and post-training quantization that yields a real int8 model file: the quantized
+//! weights are stored as int8 tensors with their scales, and the graph carries a
+//! fake-quantization node with its scale before every quantized layer.
 //!
-//! This crate depends on `slim-core` alone; the `slim` binary wires it to the other method
-//! crates. Its algorithms arrive in later releases; today it provides its error type, which
-//! wraps the core's.
+//! - [`quantizer`]: weight quantizers;
+//! - [`observer`]: activation calibration methods;
+//! - [`ptq`]: calibration and conversion.
+//!
+//! This crate depends on `slim-core` alone.
 //!
 //! ```
-//! use slim_quant::QuantError;
-//! let e: QuantError = slim_core::CoreError::UnknownNode("conv9".into()).into();
-//! assert!(e.to_string().contains("conv9"));
+//! use candle_core::Device;
+//! use slim_core::{data, zoo};
+//! use slim_quant::ptq::{quantize, PtqConfig};
+//!
+//! let splits = data::load_spec(data::DEFAULT_SPEC)?;
+//! let model = zoo::model("lenet", &zoo::ZooConfig::new([1, 28, 28]), 0, &Device::Cpu)?;
+//! let cfg = PtqConfig { batches: 2, ..PtqConfig::default() };
+//! let (int8, report) = quantize(&model, &splits.train, &splits.normalize, &cfg)?;
+//! assert_eq!(report.layers.len(), 5); // two convolutions, three linear layers
+//! // The int8 file is about a quarter of the float one.
+//! assert!(int8.to_bytes()?.len() * 10 < model.to_bytes()?.len() * 3);
+//! # Ok::<(), slim_quant::QuantError>(())
 //! ```
+
+pub mod observer;
+pub mod ptq;
+pub mod quantizer;
 
 /// The error type of `slim-quant`.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +37,16 @@ pub enum QuantError {
     /// An error from the core: graph, parameters, files, tensors.
     #[error(transparent)]
     Core(#[from] slim_core::CoreError),
+    /// A request that cannot be honoured: an unknown quantizer, a bad bit width, a scope
+    /// that matches nothing.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<candle_core::Error> for QuantError {
+    fn from(e: candle_core::Error) -> Self {
+        QuantError::Core(e.into())
+    }
 }
 
 /// The result type of `slim-quant`.

@@ -1,0 +1,304 @@
+//! Post-training quantization.
+//!
+//! Batch norms that follow convolutions are first folded into them (unless asked not to).
+//! The quantized layers are the convolutions and linear layers in scope (name patterns; all
+//! by default). Calibration runs the float model on a few batches and observes each quantized
+//! layer's input; from what it saw, each input gets a scale ([`ActQuant`]). The result is a
+//! model whose graph has a [`FakeQuant`](slim_core::Op::FakeQuant) node before every
+//! quantized layer (its input is rounded to `bits` on that scale) and whose quantized weights
+//! hold integers ([`Model::int8`]) with their float read-back: its file is an int8 file, and
+//! its float forward computes what the integer model computes, up to float rounding of the
+//! sums.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use slim_core::data::{Dataset, ImageSet, Loader, LoaderConfig, Normalize};
+use slim_core::graph::{FakeQuantSpec, GraphDef, NodeDef};
+use slim_core::model::Int8Tensor;
+use slim_core::params::matches_pattern;
+use slim_core::{ForwardOptions, Graph, Mode, Model, Op, ParamKind, ParamStore};
+
+use crate::observer::{ActQuant, Stats};
+use crate::quantizer::{check_bits, qmax, quantize_weight, WeightQuant};
+use crate::{QuantError, Result};
+
+/// What to quantize and how.
+#[derive(Clone, Debug)]
+pub struct PtqConfig {
+    pub weights: WeightQuant,
+    pub activations: ActQuant,
+    pub bits_weights: u8,
+    pub bits_activations: u8,
+    /// Calibration batches and their size.
+    pub batches: usize,
+    pub batch_size: usize,
+    /// Patterns over layer names; empty: every convolution and linear layer.
+    pub scope: Vec<String>,
+    /// Fold batch norms into the convolutions before them first (the integer model then
+    /// runs no batch norm, and the file holds no batch-norm statistics).
+    pub fold_batch_norm: bool,
+}
+
+impl Default for PtqConfig {
+    fn default() -> Self {
+        PtqConfig {
+            weights: WeightQuant::ChannelWiseAbsMax,
+            activations: ActQuant::AbsMax,
+            bits_weights: 8,
+            bits_activations: 8,
+            batches: 16,
+            batch_size: 64,
+            scope: Vec::new(),
+            fold_batch_norm: true,
+        }
+    }
+}
+
+/// One quantized layer.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    pub layer: String,
+    /// The scale of its input.
+    pub input_scale: f32,
+    /// How many weight scales it has (1, or one per output channel).
+    pub weight_scales: usize,
+}
+
+/// What calibration did.
+#[derive(Clone, Debug, Serialize)]
+pub struct PtqReport {
+    pub layers: Vec<LayerReport>,
+    pub calibration_images: usize,
+    /// Batch norms folded into convolutions.
+    pub folded_batch_norms: usize,
+    pub seconds: f64,
+}
+
+/// The name of the fake-quantization node inserted before layer `layer`.
+pub fn input_quant_name(layer: &str) -> String {
+    format!("{layer}.input_quant")
+}
+
+/// The convolutions and linear layers that `scope` selects (all when empty).
+pub fn quantizable_layers(model: &Model, scope: &[String]) -> Result<Vec<String>> {
+    for p in scope {
+        if !model
+            .graph
+            .nodes()
+            .iter()
+            .any(|n| matches_pattern(p, &n.name))
+        {
+            return Err(QuantError::Invalid(format!(
+                "the scope pattern `{p}` matches no layer of the model"
+            )));
+        }
+    }
+    let layers: Vec<String> = model
+        .graph
+        .nodes()
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv2d(_) | Op::Linear(_)))
+        .filter(|n| scope.is_empty() || scope.iter().any(|p| matches_pattern(p, &n.name)))
+        .map(|n| n.name.clone())
+        .collect();
+    if layers.is_empty() {
+        return Err(QuantError::Invalid(
+            "no convolution or linear layer to quantize".into(),
+        ));
+    }
+    if model
+        .graph
+        .nodes()
+        .iter()
+        .any(|n| matches!(n.op, Op::FakeQuant(_)))
+    {
+        return Err(QuantError::Invalid(
+            "the model is already quantized (it has fake-quantization nodes)".into(),
+        ));
+    }
+    Ok(layers)
+}
+
+/// Observes the inputs of `layers` on calibration batches.
+fn calibrate(
+    model: &Model,
+    layers: &[String],
+    set: &ImageSet,
+    normalize: &Normalize,
+    cfg: &PtqConfig,
+) -> Result<(HashMap<String, Stats>, usize)> {
+    // The node whose output feeds each layer.
+    let mut feeds: HashMap<String, Vec<String>> = HashMap::new();
+    for l in layers {
+        let node = model
+            .graph
+            .find(l)
+            .ok_or_else(|| QuantError::Invalid(format!("no layer `{l}`")))?;
+        let src = model.graph.node(node.inputs[0]).name.clone();
+        feeds.entry(src).or_default().push(l.clone());
+    }
+    let n = (cfg.batches * cfg.batch_size).min(set.len());
+    if n == 0 {
+        return Err(QuantError::Invalid("no calibration images".into()));
+    }
+    let calib = set.take(n);
+    let loader_cfg = LoaderConfig {
+        batch_size: cfg.batch_size,
+        shuffle: None,
+        augment: Default::default(),
+        normalize: normalize.clone(),
+        drop_last: false,
+    };
+    let mut stats: HashMap<String, Stats> = layers
+        .iter()
+        .map(|l| (l.clone(), Stats::default()))
+        .collect();
+    let passes = if cfg.activations.needs_histogram() {
+        2
+    } else {
+        1
+    };
+    for pass in 0..passes {
+        if pass == 1 {
+            for s in stats.values_mut() {
+                s.range = s.max();
+            }
+        }
+        let data: Arc<dyn Dataset> = Arc::new(calib.clone());
+        for batch in Loader::new(data, &loader_cfg, 0, &model.device())? {
+            let batch = batch?;
+            let mut observe = |name: &str, y: &candle_core::Tensor| -> slim_core::Result<()> {
+                if let Some(targets) = feeds.get(name) {
+                    let v = y.flatten_all()?.to_vec1::<f32>()?;
+                    for t in targets {
+                        if let Some(s) = stats.get_mut(t) {
+                            if pass == 0 {
+                                s.batch_max.push(v.iter().fold(0f32, |m, x| m.max(x.abs())));
+                            } else {
+                                s.add_histogram(&v);
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            };
+            model.forward_with(
+                std::slice::from_ref(&batch.images),
+                Mode::Eval,
+                ForwardOptions::default().with_observer(&mut observe),
+            )?;
+        }
+    }
+    Ok((stats, n))
+}
+
+/// Quantizes `model` after calibrating on the first `cfg.batches * cfg.batch_size` images of
+/// `set`.
+pub fn quantize(
+    model: &Model,
+    set: &ImageSet,
+    normalize: &Normalize,
+    cfg: &PtqConfig,
+) -> Result<(Model, PtqReport)> {
+    check_bits(cfg.bits_weights)?;
+    check_bits(cfg.bits_activations)?;
+    if cfg.batches == 0 || cfg.batch_size == 0 {
+        return Err(QuantError::Invalid(
+            "calibration needs at least one batch of at least one image".into(),
+        ));
+    }
+    let started = Instant::now();
+    let (folded_model, folded) = if cfg.fold_batch_norm {
+        slim_core::transform::fold_batch_norms(model)?
+    } else {
+        (model.clone(), 0)
+    };
+    let model = &folded_model;
+    let layers = quantizable_layers(model, &cfg.scope)?;
+    let (stats, images) = calibrate(model, &layers, set, normalize, cfg)?;
+    let qa = qmax(cfg.bits_activations);
+    let mut scales: BTreeMap<String, f32> = BTreeMap::new();
+    for l in &layers {
+        let t = stats[l].threshold(cfg.activations, qa);
+        // A layer whose input was always zero keeps a harmless scale.
+        scales.insert(l.clone(), if t > 0.0 { t / qa } else { 1.0 });
+    }
+
+    // The graph with a fake-quantization node before every quantized layer.
+    let def = model.graph.to_def();
+    let mut nodes: Vec<NodeDef> = Vec::with_capacity(def.nodes.len() + layers.len());
+    for n in &def.nodes {
+        if scales.contains_key(&n.name) {
+            let q = input_quant_name(&n.name);
+            nodes.push(NodeDef {
+                name: q.clone(),
+                op: Op::FakeQuant(FakeQuantSpec {
+                    bits: cfg.bits_activations,
+                    moving_rate: 0.0,
+                }),
+                inputs: n.inputs.clone(),
+            });
+            let mut n = n.clone();
+            n.inputs = vec![q];
+            nodes.push(n);
+        } else {
+            nodes.push(n.clone());
+        }
+    }
+    let graph = Graph::from_def(&GraphDef {
+        nodes,
+        outputs: def.outputs.clone(),
+    })?;
+
+    let mut params = ParamStore::new();
+    let mut int8 = BTreeMap::new();
+    let device = model.device();
+    for (name, p) in model.params.iter() {
+        params.insert(name, &p.var.as_tensor().copy()?, p.kind)?;
+    }
+    let mut report = Vec::new();
+    for l in &layers {
+        let wname = format!("{l}.weight");
+        let q = quantize_weight(&model.params.tensor(&wname)?, cfg.weights, cfg.bits_weights)?;
+        params.set(&wname, &q.dequantize(&device)?)?;
+        report.push(LayerReport {
+            layer: l.clone(),
+            input_scale: scales[l],
+            weight_scales: q.scales.len(),
+        });
+        int8.insert(
+            wname,
+            Int8Tensor {
+                values: q.values,
+                scales: q.scales,
+            },
+        );
+        params.insert(
+            format!("{}.scale", input_quant_name(l)),
+            &candle_core::Tensor::new(&[scales[l]], &device)?,
+            ParamKind::Buffer,
+        )?;
+    }
+    let mut out = Model::new(graph, params)?;
+    out.provenance = model.provenance.clone();
+    out.provenance.insert(
+        "quantization".into(),
+        format!(
+            "ptq: weights {} {}-bit, activations {} {}-bit, {} calibration images",
+            cfg.weights, cfg.bits_weights, cfg.activations, cfg.bits_activations, images
+        ),
+    );
+    out.int8 = int8;
+    Ok((
+        out,
+        PtqReport {
+            layers: report,
+            calibration_images: images,
+            folded_batch_norms: folded,
+            seconds: started.elapsed().as_secs_f64(),
+        },
+    ))
+}

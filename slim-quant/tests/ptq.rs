@@ -1,0 +1,184 @@
+//! Post-training quantization checked against independent references: a layer's output
+//! against integer arithmetic done by hand, accuracy against the float model, and the int8
+//! file against the model it was written from.
+
+use candle_core::Device;
+use slim_core::data::{load_spec, DataSplits, DEFAULT_SPEC};
+use slim_core::train::{evaluate, train, TrainConfig};
+use slim_core::zoo::{self, ZooConfig};
+use slim_core::{ForwardOptions, Mode, Model};
+use slim_quant::observer::ActQuant;
+use slim_quant::ptq::{input_quant_name, quantize, PtqConfig};
+use slim_quant::quantizer::WeightQuant;
+
+fn trained(name: &str) -> (Model, DataSplits) {
+    let mut data = load_spec(DEFAULT_SPEC).unwrap();
+    data.train = data.train.take(2000);
+    let mut m = zoo::model(name, &ZooConfig::new([1, 28, 28]), 0, &Device::Cpu).unwrap();
+    let cfg = TrainConfig::default().with_epochs(1).with_lr(0.003);
+    train(&mut m, &data, &cfg, Default::default(), &mut |_| {}).unwrap();
+    data.test = data.test.take(500);
+    (m, data)
+}
+
+#[test]
+fn a_quantized_linear_layer_computes_what_integers_compute() {
+    let (m, data) = trained("lenet");
+    let (q, _) = quantize(&m, &data.train, &data.normalize, &PtqConfig::default()).unwrap();
+    let batch = slim_core::data::Loader::new(
+        std::sync::Arc::new(data.test.take(8)),
+        &slim_core::data::LoaderConfig {
+            batch_size: 8,
+            shuffle: None,
+            augment: Default::default(),
+            normalize: data.normalize.clone(),
+            drop_last: false,
+        },
+        0,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .next()
+    .unwrap()
+    .unwrap();
+    let qin = input_quant_name("fc2");
+    let out = q
+        .forward_with(
+            std::slice::from_ref(&batch.images),
+            Mode::Eval,
+            ForwardOptions::default().with_taps(&[qin.as_str(), "fc2"]),
+        )
+        .unwrap();
+    let xin = out.taps[&qin].to_vec2::<f32>().unwrap();
+    let y = out.taps["fc2"].to_vec2::<f32>().unwrap();
+    let s_in = q
+        .params
+        .tensor(&format!("{qin}.scale"))
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    let w = &q.int8["fc2.weight"];
+    let bias = q
+        .params
+        .tensor("fc2.bias")
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let (outs, ins) = (bias.len(), xin[0].len());
+    assert_eq!(w.scales.len(), outs, "channel-wise by default");
+    for (row, yrow) in xin.iter().zip(&y) {
+        // The fake-quantized input is an exact multiple of its scale.
+        let qx: Vec<i32> = row.iter().map(|v| (v / s_in).round() as i32).collect();
+        for (a, b) in row.iter().zip(&qx) {
+            assert!((a - *b as f32 * s_in).abs() <= 1e-5 * s_in.max(1.0));
+            assert!(b.abs() <= 127);
+        }
+        for o in 0..outs {
+            let acc: i32 = (0..ins)
+                .map(|i| qx[i] * i32::from(w.values[o * ins + i]))
+                .sum();
+            let want = acc as f32 * s_in * w.scales[o] + bias[o];
+            let got = yrow[o];
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "output {o}: float {got}, integer {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_calibration_keeps_accuracy_and_the_file_is_int8() {
+    let (m, data) = trained("lenet");
+    let f32_top1 = evaluate(&m, &data.test, &data.normalize, 250).unwrap().top1;
+    let f32_bytes = m.to_bytes().unwrap().len();
+    let dir = tempfile::tempdir().unwrap();
+    for (weights, acts) in [
+        (WeightQuant::AbsMax, ActQuant::AbsMax),
+        (WeightQuant::ChannelWiseAbsMax, ActQuant::AbsMax),
+        (WeightQuant::ChannelWiseAbsMax, ActQuant::Avg),
+        (
+            WeightQuant::ChannelWiseAbsMax,
+            ActQuant::MovingAverageAbsMax,
+        ),
+        (WeightQuant::ChannelWiseAbsMax, ActQuant::Hist),
+        (WeightQuant::ChannelWiseAbsMax, ActQuant::Mse),
+    ] {
+        let cfg = PtqConfig {
+            weights,
+            activations: acts,
+            batches: 4,
+            ..PtqConfig::default()
+        };
+        let (q, report) = quantize(&m, &data.train, &data.normalize, &cfg).unwrap();
+        assert_eq!(report.calibration_images, 256);
+        let top1 = evaluate(&q, &data.test, &data.normalize, 250).unwrap().top1;
+        assert!(
+            top1 >= f32_top1 - 0.03,
+            "{weights}/{acts}: {top1} vs {f32_top1}"
+        );
+        // The file holds int8 weights and reads back to the same model.
+        let path = dir.path().join(format!("{weights}-{acts}.safetensors"));
+        q.save(&path).unwrap();
+        let bytes = std::fs::metadata(&path).unwrap().len() as usize;
+        assert!(bytes * 100 < f32_bytes * 30, "{bytes} of {f32_bytes}");
+        let back = Model::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(back.int8, q.int8);
+        let again = evaluate(&back, &data.test, &data.normalize, 250)
+            .unwrap()
+            .top1;
+        assert_eq!(again, top1);
+    }
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let (m, data) = trained("lenet");
+    let bad = |cfg: PtqConfig| {
+        quantize(&m, &data.train, &data.normalize, &cfg)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    assert!(bad(PtqConfig {
+        bits_weights: 9,
+        ..Default::default()
+    })
+    .contains("9 bits"));
+    assert!(bad(PtqConfig {
+        scope: vec!["nothing*".into()],
+        ..Default::default()
+    })
+    .contains("nothing*"));
+    let (q, _) = quantize(&m, &data.train, &data.normalize, &PtqConfig::default()).unwrap();
+    let e = quantize(&q, &data.train, &data.normalize, &PtqConfig::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("already quantized"), "{e}");
+}
+
+#[test]
+fn batch_norms_are_folded_before_quantization() {
+    let data = load_spec(DEFAULT_SPEC).unwrap();
+    let m = zoo::model(
+        "mobilenet_tiny",
+        &ZooConfig::new([1, 28, 28]),
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let cfg = PtqConfig {
+        batches: 2,
+        ..PtqConfig::default()
+    };
+    let (q, report) = quantize(&m, &data.train, &data.normalize, &cfg).unwrap();
+    assert_eq!(report.folded_batch_norms, 9);
+    assert!(!q
+        .graph
+        .nodes()
+        .iter()
+        .any(|n| matches!(n.op, slim_core::Op::BatchNorm2d(_))));
+    let (f, i) = (m.to_bytes().unwrap().len(), q.to_bytes().unwrap().len());
+    assert!(i * 100 < f * 35, "{i} of {f}");
+}
