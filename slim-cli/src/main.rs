@@ -11,6 +11,7 @@ mod compress;
 mod info;
 mod output;
 mod prune;
+mod quant;
 mod train;
 
 use std::process::ExitCode;
@@ -48,6 +49,9 @@ enum Command {
     Prune(prune::PruneArgs),
     /// How much accuracy each channel group loses at each pruning ratio.
     Sensitivity(prune::SensitivityArgs),
+    /// Quantize a model to int8.
+    #[command(subcommand)]
+    Quant(quant::QuantCommand),
 }
 
 /// An error and the exit status it deserves.
@@ -67,6 +71,11 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         };
         let code = if let Some(e) = error.downcast_ref::<slim_core::CoreError>() {
             core_code(e)
+        } else if let Some(e) = error.downcast_ref::<slim_quant::QuantError>() {
+            match e {
+                slim_quant::QuantError::Core(c) => core_code(c),
+                slim_quant::QuantError::Invalid(_) => 2,
+            }
         } else if let Some(e) = error.downcast_ref::<slim_prune::PruneError>() {
             match e {
                 slim_prune::PruneError::Core(c) => core_code(c),
@@ -96,6 +105,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Prune(args) => prune::run_prune(args),
         Command::Sensitivity(args) => prune::run_sensitivity(args),
+        Command::Quant(cmd) => quant::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,134 @@
+//! `slim quant ptq`: post-training quantization to an int8 model file.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use slim_core::analysis::human;
+use slim_core::data::load_spec;
+use slim_core::train::evaluate;
+use slim_core::Model;
+use slim_quant::observer::ActQuant;
+use slim_quant::ptq::{quantize, PtqConfig};
+use slim_quant::quantizer::WeightQuant;
+
+use crate::common::{check_out_dir, Common};
+use crate::output::table;
+use crate::Failure;
+
+#[derive(Subcommand)]
+pub enum QuantCommand {
+    /// Calibrate on a few batches and write an int8 model file.
+    Ptq(PtqArgs),
+}
+
+#[derive(Args)]
+pub struct PtqArgs {
+    /// The float model file (.safetensors).
+    pub file: PathBuf,
+    /// Data for calibration (training split) and evaluation (test split). Default: the data
+    /// the model was trained on, else the bundled MNIST subset.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// abs_max or channel_wise_abs_max.
+    #[arg(long, default_value = "channel_wise_abs_max")]
+    pub weights: String,
+    /// abs_max, avg, moving_average_abs_max, hist or mse.
+    #[arg(long, default_value = "abs_max")]
+    pub activations: String,
+    #[arg(long, default_value_t = 16)]
+    pub calib_batches: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Bits of the weights (2 to 8).
+    #[arg(long, default_value_t = 8)]
+    pub bits_weights: u8,
+    /// Layers to quantize (glob patterns); default: every convolution and linear layer.
+    #[arg(long, num_args = 1..)]
+    pub scope: Vec<String>,
+    /// Keep batch norms instead of folding them into the convolutions.
+    #[arg(long)]
+    pub no_fold: bool,
+    /// The int8 model file.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn run(cmd: QuantCommand) -> Result<(), Failure> {
+    match cmd {
+        QuantCommand::Ptq(args) => run_ptq(args),
+    }
+}
+
+fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
+    let cfg = PtqConfig {
+        weights: args.weights.parse::<WeightQuant>()?,
+        activations: args.activations.parse::<ActQuant>()?,
+        bits_weights: args.bits_weights,
+        bits_activations: 8,
+        batches: args.calib_batches,
+        batch_size: args.batch_size,
+        scope: args.scope.clone(),
+        fold_batch_norm: !args.no_fold,
+    };
+    slim_quant::quantizer::check_bits(cfg.bits_weights)?;
+    check_out_dir("--out", &args.out)?;
+    let device = args.common.device()?;
+    let model = Model::load(&args.file, &device)?;
+    let spec = args
+        .data
+        .clone()
+        .or_else(|| model.provenance.get("data").cloned())
+        .unwrap_or_else(|| slim_core::data::DEFAULT_SPEC.to_string());
+    let data = load_spec(&spec)?;
+    let (q, report) = quantize(&model, &data.train, &data.normalize, &cfg)?;
+    let before = evaluate(&model, &data.test, &data.normalize, 256)?;
+    let after = evaluate(&q, &data.test, &data.normalize, 256)?;
+    q.save(&args.out)?;
+    let (b_bytes, a_bytes) = (
+        std::fs::metadata(&args.file)?.len(),
+        std::fs::metadata(&args.out)?.len(),
+    );
+    if args.common.json {
+        println!(
+            "{}",
+            json!({
+                "model": args.file, "data": spec,
+                "weights": cfg.weights.name(), "activations": cfg.activations.name(),
+                "before": {"top1": before.top1, "top5": before.top5, "bytes": b_bytes},
+                "after": {"top1": after.top1, "top5": after.top5, "bytes": a_bytes},
+                "calibration": report, "out": args.out,
+            })
+        );
+        return Ok(());
+    }
+    let rows = vec![
+        vec![
+            "top-1".to_string(),
+            format!("{:.2}%", before.top1 * 100.0),
+            format!("{:.2}%", after.top1 * 100.0),
+            format!("{:+.2} pt", (after.top1 - before.top1) * 100.0),
+        ],
+        vec![
+            "bytes".into(),
+            human(b_bytes),
+            human(a_bytes),
+            format!("{:+.1}%", (a_bytes as f64 / b_bytes as f64 - 1.0) * 100.0),
+        ],
+    ];
+    print!("{}", table(&["", "f32", "int8", "change"], &rows));
+    println!(
+        "{} layers quantized (weights {}, activations {}), {} batch norms folded, calibrated on \
+         {} images in {:.1} s; {} written",
+        report.layers.len(),
+        cfg.weights,
+        cfg.activations,
+        report.folded_batch_norms,
+        report.calibration_images,
+        report.seconds,
+        args.out.display()
+    );
+    Ok(())
+}
