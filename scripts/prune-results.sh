@@ -12,7 +12,8 @@
 #
 # Settings (environment): MODEL, DATA, TRAIN (slim train options), FLOPS (the reduction,
 # default 0.5), FINETUNE (slim prune options), SEEDS (default "0 1 2"), TRIALS (automatic
-# search evaluations, default 30), EVAL_SAMPLES (test images for sensitivities and search
+# search evaluations, default 30), REWARD_FT (training images each search candidate is
+# fine-tuned on before its reward, default 1024), EVAL_SAMPLES (test images for sensitivities and search
 # rewards; default all), OUT (working folder, default results/MODEL). Needs python3 for the
 # table. Everything it runs is a `slim` command; every figure comes from their --json output.
 set -euo pipefail
@@ -24,6 +25,7 @@ FLOPS=${FLOPS:-0.5}
 FINETUNE=${FINETUNE:---finetune-epochs 2 --lr 0.003 --optimizer adam}
 SEEDS=${SEEDS:-0 1 2}
 TRIALS=${TRIALS:-30}
+REWARD_FT=${REWARD_FT:-1024}
 EVAL=${EVAL_SAMPLES:+--eval-samples $EVAL_SAMPLES}
 OUT=${OUT:-results/$MODEL}
 
@@ -50,7 +52,8 @@ for seed in $SEEDS; do
   for method in uniform sensitivity auto; do
     extra=()
     [ "$method" != uniform ] && extra=(--sensitivity "$OUT/sens.json")
-    [ "$method" = auto ] && extra+=(--trials "$TRIALS" --history "$OUT/auto-$seed.search.json")
+    [ "$method" = auto ] && extra+=(--trials "$TRIALS" --history "$OUT/auto-$seed.search.json" \
+      --reward-finetune-images "$REWARD_FT")
     echo "$method pruning, seed $seed" >&2
     # shellcheck disable=SC2086
     "$slim" prune "$base" --data "$DATA" --flops-reduction "$FLOPS" --method "$method" \
