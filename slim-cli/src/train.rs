@@ -198,16 +198,23 @@ pub fn run_eval(args: EvalArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
     let model = Model::load(&args.file, &device)?;
     let data = load_spec(&args.data)?;
-    let r = evaluate(&model, &data.test, &data.normalize, args.batch_size)?;
+    // Int8 files run on the int8 runtime.
+    let int8 = !model.int8.is_empty();
+    let r = if int8 {
+        slim_quant::runtime::evaluate(&model, &data.test, &data.normalize, args.batch_size)?
+    } else {
+        evaluate(&model, &data.test, &data.normalize, args.batch_size)?
+    };
+    let runtime = if int8 { "int8" } else { "f32" };
     if args.common.json {
         println!(
             "{}",
-            json!({"model": args.file, "data": args.data, "top1": r.top1, "top5": r.top5,
+            json!({"model": args.file, "data": args.data, "runtime": runtime, "top1": r.top1, "top5": r.top5,
                    "samples": r.samples, "samples_per_sec": r.samples_per_sec, "seconds": r.seconds})
         );
     } else {
         println!(
-            "{}: top-1 {:.2}%, top-5 {:.2}% on {} test images of {}; {:.0} samples/s",
+            "{} ({runtime}): top-1 {:.2}%, top-5 {:.2}% on {} test images of {}; {:.0} samples/s",
             args.file.display(),
             r.top1 * 100.0,
             r.top5 * 100.0,

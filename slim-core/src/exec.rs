@@ -28,9 +28,17 @@ pub enum Mode {
 /// A callback that sees the output of every node: `(node name, batched output)`.
 pub type Observer<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
 
+/// Computes some nodes another way (an integer runtime, say): `Some(output)` replaces the
+/// node's own computation, `None` leaves it to the default.
+pub trait NodeKernels: Sync {
+    fn run(&self, model: &Model, node: &Node, inputs: &[&Tensor]) -> Result<Option<Tensor>>;
+}
+
 /// Options of [`Model::forward_with`].
 #[derive(Default)]
 pub struct ForwardOptions<'a> {
+    /// Kernels that take over some nodes.
+    pub kernels: Option<&'a dyn NodeKernels>,
     /// Names of nodes whose outputs to return.
     pub taps: Vec<String>,
     /// Called with every node's output, in evaluation order.
@@ -126,8 +134,16 @@ impl Model {
                             .ok_or_else(|| CoreError::node(&node.name, "input not computed"))
                     })
                     .collect::<Result<_>>()?;
-                self.run_node(id, node, &xs, mode, opts.dropout_seed)
-                    .map_err(|e| CoreError::node(&node.name, e.to_string()))?
+                let custom = match opts.kernels {
+                    Some(k) => k.run(self, node, &xs)?,
+                    None => None,
+                };
+                match custom {
+                    Some(y) => y,
+                    None => self
+                        .run_node(id, node, &xs, mode, opts.dropout_seed)
+                        .map_err(|e| CoreError::node(&node.name, e.to_string()))?,
+                }
             };
             if let Some(obs) = opts.observer.as_mut() {
                 obs(&node.name, &y)?;

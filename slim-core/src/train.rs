@@ -642,6 +642,22 @@ pub fn evaluate(
     normalize: &Normalize,
     batch_size: usize,
 ) -> Result<EvalReport> {
+    evaluate_with(model, set, normalize, batch_size, &|m, x| {
+        m.forward(x, Mode::Eval)
+    })
+}
+
+/// A forward used for evaluation: the model's own, or another runtime's.
+pub type EvalForward<'a> = dyn Fn(&Model, &Tensor) -> Result<Tensor> + 'a;
+
+/// Top-1 and top-5 accuracy with the logits computed by `forward`.
+pub fn evaluate_with(
+    model: &Model,
+    set: &ImageSet,
+    normalize: &Normalize,
+    batch_size: usize,
+    forward: &EvalForward<'_>,
+) -> Result<EvalReport> {
     if set.is_empty() {
         return Err(CoreError::Invalid("the evaluation set is empty".into()));
     }
@@ -664,7 +680,7 @@ pub fn evaluate(
     let (mut top1, mut top5, mut n) = (0, 0, 0);
     for batch in Loader::new(data, &cfg, 0, &model.device())? {
         let batch = batch?;
-        let logits = model.forward(&batch.images, Mode::Eval)?;
+        let logits = forward(model, &batch.images)?;
         let classes = logits.dim(1)?;
         top1 += count_hits(&logits, &batch.labels, 1)?;
         top5 += count_hits(&logits, &batch.labels, 5.min(classes))?;

@@ -8,7 +8,8 @@
 //!
 //! - [`quantizer`]: weight quantizers;
 //! - [`observer`]: activation calibration methods;
-//! - [`ptq`]: calibration and conversion.
+//! - [`ptq`]: calibration and conversion;
+//! - [`runtime`]: the int8 runtime (integer convolutions and linear layers).
 //!
 //! This crate depends on `slim-core` alone.
 //!
@@ -30,6 +31,7 @@
 pub mod observer;
 pub mod ptq;
 pub mod quantizer;
+pub mod runtime;
 
 /// The error type of `slim-quant`.
 #[derive(Debug, thiserror::Error)]

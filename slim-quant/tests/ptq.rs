@@ -182,3 +182,66 @@ fn batch_norms_are_folded_before_quantization() {
     let (f, i) = (m.to_bytes().unwrap().len(), q.to_bytes().unwrap().len());
     assert!(i * 100 < f * 35, "{i} of {f}");
 }
+
+#[test]
+fn the_int8_runtime_agrees_with_the_fake_quantized_graph() {
+    // LeNet, trained: top-1 predictions of the integer runtime and of the float graph.
+    let (m, data) = trained("lenet");
+    let (q, _) = quantize(&m, &data.train, &data.normalize, &PtqConfig::default()).unwrap();
+    let f = evaluate(&q, &data.test, &data.normalize, 250).unwrap();
+    let i = slim_quant::runtime::evaluate(&q, &data.test, &data.normalize, 250).unwrap();
+    assert!(
+        (f.top1 - i.top1).abs() <= 0.005,
+        "float {} int8 {}",
+        f.top1,
+        i.top1
+    );
+    // MobileNet (depthwise, strided and padded convolutions, folded batch norms): logits.
+    let mt = zoo::model(
+        "mobilenet_tiny",
+        &ZooConfig::new([1, 28, 28]),
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let cfg = PtqConfig {
+        batches: 2,
+        ..PtqConfig::default()
+    };
+    let (qt, _) = quantize(&mt, &data.train, &data.normalize, &cfg).unwrap();
+    let x = candle_core::Tensor::randn(0f32, 1.0, (4, 1, 28, 28), &Device::Cpu).unwrap();
+    let a = slim_quant::runtime::forward(&qt, &x).unwrap();
+    let b = qt.forward(&x, Mode::Eval).unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff <= 1e-3 * scale.max(1.0), "{diff} of {scale}");
+    // The runtime really reads the integers: change them and only its output moves.
+    let mut altered = qt.clone();
+    for w in altered.int8.values_mut() {
+        w.values.iter_mut().for_each(|v| *v = v.saturating_neg());
+    }
+    let c = slim_quant::runtime::forward(&altered, &x).unwrap();
+    let same = altered.forward(&x, Mode::Eval).unwrap();
+    let moved = (c - &same)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 1e-2 * scale.max(1.0), "{moved}");
+}
