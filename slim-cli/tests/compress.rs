@@ -33,6 +33,10 @@ lr = 0.003
 kind = "prune.uniform"
 flops_reduction = 0.5
 finetune_epochs = 1
+
+[[strategy]]
+kind = "quant.ptq"
+calib_batches = 4
 "#;
 
 fn compress(config: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -54,9 +58,19 @@ fn a_pipeline_runs_reports_and_resumes() {
     let out = dir.path().join("out");
     let v = json_of(&compress(&config, &out, &[]));
     let stages = v["stages"].as_array().unwrap();
-    assert_eq!(stages.len(), 2);
+    assert_eq!(stages.len(), 3);
     assert_eq!(stages[0]["name"], "baseline");
     assert_eq!(stages[1]["name"], "prune.uniform");
+    assert_eq!(stages[2]["name"], "quant.ptq");
+    let q = &stages[2];
+    assert!(
+        q["bytes"].as_u64().unwrap() * 10 < stages[1]["bytes"].as_u64().unwrap() * 3,
+        "{q}"
+    );
+    assert!(
+        q["top1"].as_f64().unwrap() > stages[1]["top1"].as_f64().unwrap() - 0.03,
+        "{q}"
+    );
     let (b, p) = (&stages[0], &stages[1]);
     let ratio = p["macs"].as_f64().unwrap() / b["macs"].as_f64().unwrap();
     assert!((ratio - 0.5).abs() <= 0.01, "{ratio}");
@@ -80,7 +94,7 @@ fn a_pipeline_runs_reports_and_resumes() {
     let again = json_of(&compress(&config, &out, &[]));
     assert_eq!(again["stages"], v["stages"]);
 
-    // A pipeline stopped after its baseline continues with the next stage only.
+    // A pipeline stopped after its baseline continues with the next stages only.
     let state_path = out.join("pipeline.json");
     let mut state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
@@ -94,6 +108,7 @@ fn a_pipeline_runs_reports_and_resumes() {
     let r = json_of(&compress(&config, &out, &["--resume"]));
     assert_eq!(r["stages"][0], v["stages"][0]);
     assert_eq!(r["stages"][1]["macs"], v["stages"][1]["macs"]);
+    assert_eq!(r["stages"].as_array().unwrap().len(), 3);
     assert_eq!(
         std::fs::metadata(base_file).unwrap().modified().unwrap(),
         before

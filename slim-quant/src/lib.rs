@@ -32,6 +32,7 @@ pub mod observer;
 pub mod ptq;
 pub mod quantizer;
 pub mod runtime;
+pub mod strategy;
 
 /// The error type of `slim-quant`.
 #[derive(Debug, thiserror::Error)]
