@@ -20,6 +20,42 @@ use crate::Failure;
 pub enum QuantCommand {
     /// Calibrate on a few batches and write an int8 model file.
     Ptq(PtqArgs),
+    /// Train with fake-quantized weights and activations, then write an int8 model file.
+    Qat(QatArgs),
+}
+
+#[derive(Args)]
+pub struct QatArgs {
+    /// The float model file (.safetensors).
+    pub file: PathBuf,
+    /// Data (default: the data the model was trained on, else the bundled MNIST subset).
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0.0005)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// sgd, adam or adamw.
+    #[arg(long, default_value = "adam")]
+    pub optimizer: String,
+    /// constant, cosine, or step:EVERY:GAMMA.
+    #[arg(long, default_value = "constant")]
+    pub schedule: String,
+    /// abs_max or channel_wise_abs_max.
+    #[arg(long, default_value = "channel_wise_abs_max")]
+    pub weights: String,
+    /// Calibration batches that set the first activation scales.
+    #[arg(long, default_value_t = 4)]
+    pub calib_batches: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The int8 model file.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 #[derive(Args)]
@@ -59,6 +95,7 @@ pub struct PtqArgs {
 pub fn run(cmd: QuantCommand) -> Result<(), Failure> {
     match cmd {
         QuantCommand::Ptq(args) => run_ptq(args),
+        QuantCommand::Qat(args) => run_qat(args),
     }
 }
 
@@ -138,5 +175,81 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
         report.seconds,
         args.out.display()
     );
+    Ok(())
+}
+
+fn run_qat(args: QatArgs) -> Result<(), Failure> {
+    let weights = args.weights.parse::<WeightQuant>()?;
+    let cfg = PtqConfig {
+        weights,
+        batches: args.calib_batches,
+        ..PtqConfig::default()
+    };
+    let tcfg = slim_core::train::TrainConfig {
+        epochs: args.epochs,
+        lr: args.lr,
+        batch_size: args.batch_size,
+        optimizer: args.optimizer.parse::<slim_core::train::OptimizerKind>()?,
+        schedule: args.schedule.parse::<slim_core::train::Schedule>()?,
+        seed: args.seed,
+        ..Default::default()
+    };
+    tcfg.validate()?;
+    check_out_dir("--out", &args.out)?;
+    let device = args.common.device()?;
+    let model = Model::load(&args.file, &device)?;
+    let spec = args
+        .data
+        .clone()
+        .or_else(|| model.provenance.get("data").cloned())
+        .unwrap_or_else(|| slim_core::data::DEFAULT_SPEC.to_string());
+    let data = load_spec(&spec)?;
+    let mut q = slim_quant::qat::prepare(&model, &data.train, &data.normalize, &cfg)?;
+    let kernels = slim_quant::qat::QatKernels { weights, bits: 8 };
+    let mut bars = crate::common::EpochBars::new(args.common.quiet);
+    slim_core::train::train(
+        &mut q,
+        &data,
+        &tcfg,
+        slim_core::train::TrainOptions {
+            kernels: Some(&kernels),
+            ..Default::default()
+        },
+        &mut |p| bars.update(p),
+    )?;
+    let int8 = slim_quant::qat::convert(&q, weights, 8)?;
+    let before = evaluate(&model, &data.test, &data.normalize, 256)?;
+    let after = slim_quant::runtime::evaluate(&int8, &data.test, &data.normalize, 256)?;
+    int8.save(&args.out)?;
+    let (b_bytes, a_bytes) = (
+        std::fs::metadata(&args.file)?.len(),
+        std::fs::metadata(&args.out)?.len(),
+    );
+    if args.common.json {
+        println!(
+            "{}",
+            json!({"model": args.file, "data": spec, "weights": weights.name(),
+                   "before": {"top1": before.top1, "top5": before.top5, "bytes": b_bytes},
+                   "after": {"top1": after.top1, "top5": after.top5, "bytes": a_bytes},
+                   "epochs": args.epochs, "out": args.out})
+        );
+        return Ok(());
+    }
+    let rows = vec![
+        vec![
+            "top-1".to_string(),
+            format!("{:.2}%", before.top1 * 100.0),
+            format!("{:.2}%", after.top1 * 100.0),
+            format!("{:+.2} pt", (after.top1 - before.top1) * 100.0),
+        ],
+        vec![
+            "bytes".into(),
+            human(b_bytes),
+            human(a_bytes),
+            format!("{:+.1}%", (a_bytes as f64 / b_bytes as f64 - 1.0) * 100.0),
+        ],
+    ];
+    print!("{}", table(&["", "f32", "int8 (QAT)", "change"], &rows));
+    println!("{} written", args.out.display());
     Ok(())
 }

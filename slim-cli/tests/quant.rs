@@ -50,6 +50,27 @@ fn ptq_writes_an_int8_file_that_eval_reads() {
     let ev: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
     assert_eq!(ev["top1"], a["top1"]);
 
+    // Quantization-aware training writes an int8 file too.
+    let qat = dir.path().join("lenet-qat.safetensors");
+    let o = slim()
+        .arg("quant")
+        .arg("qat")
+        .arg(&model)
+        .args(["--epochs", "1", "--quiet", "--json", "--out"])
+        .arg(&qat)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let q: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        q["after"]["top1"].as_f64().unwrap() > b["top1"].as_f64().unwrap() - 0.03,
+        "{q}"
+    );
+    let e = slim().arg("eval").arg(&qat).arg("--json").output().unwrap();
+    let ev: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    assert_eq!(ev["top1"], q["after"]["top1"]);
+    assert_eq!(ev["runtime"], "int8");
+
     // Bad choices: status 2, nothing written.
     let never = dir.path().join("never.safetensors");
     for (flag, value, needle) in [

@@ -31,7 +31,13 @@ pub type Observer<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
 /// Computes some nodes another way (an integer runtime, say): `Some(output)` replaces the
 /// node's own computation, `None` leaves it to the default.
 pub trait NodeKernels: Sync {
-    fn run(&self, model: &Model, node: &Node, inputs: &[&Tensor]) -> Result<Option<Tensor>>;
+    fn run(
+        &self,
+        model: &Model,
+        node: &Node,
+        inputs: &[&Tensor],
+        mode: Mode,
+    ) -> Result<Option<Tensor>>;
 }
 
 /// Options of [`Model::forward_with`].
@@ -135,7 +141,7 @@ impl Model {
                     })
                     .collect::<Result<_>>()?;
                 let custom = match opts.kernels {
-                    Some(k) => k.run(self, node, &xs)?,
+                    Some(k) => k.run(self, node, &xs, mode)?,
                     None => None,
                 };
                 match custom {

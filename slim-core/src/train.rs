@@ -278,6 +278,9 @@ pub struct TrainOptions<'a> {
     /// Evaluate on the test split after every epoch.
     pub eval_each_epoch: bool,
     pub extra: Vec<&'a mut dyn LossTerm>,
+    /// Kernels that compute some nodes another way during training (quantization-aware
+    /// training's fake-quantized weights).
+    pub kernels: Option<&'a dyn crate::exec::NodeKernels>,
 }
 
 /// Optimizer state: one or two slots per trainable parameter.
@@ -542,13 +545,12 @@ pub fn train(
         for (step, batch) in loader.enumerate() {
             let batch = batch?;
             let lr = cfg.lr_at(epoch * batches + step, batches);
-            let out = model.forward_with(
-                std::slice::from_ref(&batch.images),
-                Mode::Train,
-                ForwardOptions::default()
-                    .with_taps(&taps)
-                    .with_dropout_seed(crate::data::mix(cfg.seed, epoch as u64, step as u64 + 1)),
-            )?;
+            let mut fopts = ForwardOptions::default()
+                .with_taps(&taps)
+                .with_dropout_seed(crate::data::mix(cfg.seed, epoch as u64, step as u64 + 1));
+            fopts.kernels = opts.kernels;
+            let out =
+                model.forward_with(std::slice::from_ref(&batch.images), Mode::Train, fopts)?;
             let logits = &out.outputs[0];
             let mut loss = candle_nn::loss::cross_entropy(logits, &batch.labels)?;
             for term in opts.extra.iter_mut() {

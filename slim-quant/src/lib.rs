@@ -9,6 +9,7 @@
 //! - [`quantizer`]: weight quantizers;
 //! - [`observer`]: activation calibration methods;
 //! - [`ptq`]: calibration and conversion;
+//! - [`qat`]: quantization-aware training (fake-quantized weights and activations) and conversion;
 //! - [`runtime`]: the int8 runtime (integer convolutions and linear layers).
 //!
 //! This crate depends on `slim-core` alone.
@@ -30,6 +31,7 @@
 
 pub mod observer;
 pub mod ptq;
+pub mod qat;
 pub mod quantizer;
 pub mod runtime;
 pub mod strategy;

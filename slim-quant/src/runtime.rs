@@ -53,6 +53,7 @@ impl NodeKernels for Int8Kernels {
         model: &Model,
         node: &Node,
         inputs: &[&Tensor],
+        _mode: Mode,
     ) -> slim_core::Result<Option<Tensor>> {
         let (Some(w), Some(s_in)) = (
             model.int8.get(&node.param_name("weight")),

@@ -1,0 +1,164 @@
+//! Quantization-aware training.
+//!
+//! [`prepare`] turns a float model into one that trains as it will run in integers: batch
+//! norms are folded into their convolutions, and every quantized layer gets a
+//! fake-quantization node on its input whose scale starts from a short `abs_max` calibration
+//! and then follows the batches as a moving average (`moving_average_abs_max`, rate 0.9).
+//! During training, [`QatKernels`] computes each quantized layer with its weights
+//! fake-quantized (per output channel or per tensor) and a straight-through gradient, so the
+//! float weights learn to sit well on the integer grid. [`convert`] then freezes the scales and
+//! stores the weights as int8: the result is an int8 model file like post-training
+//! quantization's.
+
+use candle_core::{Tensor, D};
+use slim_core::data::{ImageSet, Normalize};
+use slim_core::exec::NodeKernels;
+use slim_core::graph::FakeQuantSpec;
+use slim_core::model::Int8Tensor;
+use slim_core::{Mode, Model, Node, Op};
+
+use crate::ptq::{quantize, PtqConfig};
+use crate::quantizer::{check_bits, qmax, quantize_weight, WeightQuant};
+use crate::Result;
+
+/// Fake-quantized weights for the layers that read a fake-quantization node.
+pub struct QatKernels {
+    pub weights: WeightQuant,
+    pub bits: u8,
+}
+
+fn reads_fake_quant(model: &Model, node: &Node) -> bool {
+    node.inputs
+        .first()
+        .is_some_and(|&i| matches!(model.graph.node(i).op, Op::FakeQuant(_)))
+}
+
+impl QatKernels {
+    /// `w` rounded to its integer grid, with a straight-through gradient.
+    fn fake_quant_weight(&self, w: &Tensor) -> candle_core::Result<Tensor> {
+        let q = f64::from(qmax(self.bits));
+        let o = w.dim(0)?;
+        let flat = w.reshape((o, ()))?;
+        let max = match self.weights {
+            WeightQuant::ChannelWiseAbsMax => flat.abs()?.max_keepdim(D::Minus1)?,
+            WeightQuant::AbsMax => flat
+                .abs()?
+                .max_all()?
+                .reshape((1, 1))?
+                .broadcast_as((o, 1))?,
+        };
+        // Guard all-zero channels, then keep the scale out of the gradient.
+        let scale = ((max.detach() / q)?.maximum(1e-12)?).broadcast_as(flat.shape())?;
+        let rounded = (flat.broadcast_div(&scale)?.round()?.clamp(-q, q)? * &scale)?;
+        let fq = (&flat + (rounded - &flat)?.detach())?;
+        fq.reshape(w.shape())
+    }
+}
+
+impl NodeKernels for QatKernels {
+    fn run(
+        &self,
+        model: &Model,
+        node: &Node,
+        inputs: &[&Tensor],
+        mode: Mode,
+    ) -> slim_core::Result<Option<Tensor>> {
+        if !reads_fake_quant(model, node) {
+            return Ok(None);
+        }
+        let param = |role: &str| -> slim_core::Result<Tensor> {
+            let t = model.params.tensor(&node.param_name(role))?;
+            Ok(if mode == Mode::Eval { t.detach() } else { t })
+        };
+        let x = inputs[0];
+        Ok(match &node.op {
+            Op::Conv2d(c) => {
+                let w = self.fake_quant_weight(&param("weight")?)?;
+                let b = if c.bias { Some(param("bias")?) } else { None };
+                Some(slim_core::kernels::conv2d(x, &w, b.as_ref(), c)?)
+            }
+            Op::Linear(l) => {
+                let w = self.fake_quant_weight(&param("weight")?)?;
+                let y = x.matmul(&w.t()?)?;
+                Some(if l.bias {
+                    y.broadcast_add(&param("bias")?)?
+                } else {
+                    y
+                })
+            }
+            _ => None,
+        })
+    }
+}
+
+/// A model ready for quantization-aware training (see the module documentation); `cfg`
+/// says which layers, how the weights will be quantized, and the calibration that sets the
+/// first activation scales.
+pub fn prepare(
+    model: &Model,
+    set: &ImageSet,
+    normalize: &Normalize,
+    cfg: &PtqConfig,
+) -> Result<Model> {
+    check_bits(cfg.bits_weights)?;
+    let (quantized, _) = quantize(model, set, normalize, cfg)?;
+    // Float weights again (the folded ones), and scales that follow the batches.
+    let (folded, _) = if cfg.fold_batch_norm {
+        slim_core::transform::fold_batch_norms(model)?
+    } else {
+        (model.deep_clone()?, 0)
+    };
+    let graph = quantized.graph.map_ops(|n| match &n.op {
+        Op::FakeQuant(q) => Op::FakeQuant(FakeQuantSpec {
+            bits: q.bits,
+            moving_rate: 0.9,
+        }),
+        other => other.clone(),
+    })?;
+    let mut out = Model::new(graph, quantized.params.deep_clone()?)?;
+    for name in quantized.int8.keys() {
+        out.params.set(name, &folded.params.tensor(name)?)?;
+    }
+    out.provenance = model.provenance.clone();
+    Ok(out)
+}
+
+/// Freezes the activation scales of a model trained with [`prepare`] and [`QatKernels`] and
+/// stores its quantized weights as integers.
+pub fn convert(model: &Model, weights: WeightQuant, bits: u8) -> Result<Model> {
+    check_bits(bits)?;
+    let graph = model.graph.map_ops(|n| match &n.op {
+        Op::FakeQuant(q) => Op::FakeQuant(FakeQuantSpec {
+            bits: q.bits,
+            moving_rate: 0.0,
+        }),
+        other => other.clone(),
+    })?;
+    let mut out = Model::new(graph, model.params.deep_clone()?)?;
+    out.provenance = model.provenance.clone();
+    let layers: Vec<Node> = model
+        .graph
+        .nodes()
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv2d(_) | Op::Linear(_)) && reads_fake_quant(model, n))
+        .cloned()
+        .collect();
+    let device = model.device();
+    for n in layers {
+        let name = n.param_name("weight");
+        let q = quantize_weight(&model.params.tensor(&name)?, weights, bits)?;
+        out.params.set(&name, &q.dequantize(&device)?)?;
+        out.int8.insert(
+            name,
+            Int8Tensor {
+                values: q.values,
+                scales: q.scales,
+            },
+        );
+    }
+    out.provenance.insert(
+        "quantization".into(),
+        format!("qat: weights {weights} {bits}-bit, activations moving_average_abs_max 8-bit"),
+    );
+    Ok(out)
+}
