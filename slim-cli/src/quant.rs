@@ -145,21 +145,7 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    let rows = vec![
-        vec![
-            "top-1".to_string(),
-            format!("{:.2}%", before.top1 * 100.0),
-            format!("{:.2}%", after.top1 * 100.0),
-            format!("{:+.2} pt", (after.top1 - before.top1) * 100.0),
-        ],
-        vec![
-            "bytes".into(),
-            human(b_bytes),
-            human(a_bytes),
-            format!("{:+.1}%", (a_bytes as f64 / b_bytes as f64 - 1.0) * 100.0),
-        ],
-    ];
-    print!("{}", table(&["", "f32", "int8", "change"], &rows));
+    print_comparison("int8", before.top1, after.top1, b_bytes, a_bytes);
     println!(
         "int8 top-1 from the int8 runtime ({:.2}% by the fake-quantized float graph)",
         simulated.top1 * 100.0
@@ -235,21 +221,35 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
+    print_comparison("int8 (QAT)", before.top1, after.top1, b_bytes, a_bytes);
+    println!("{} written", args.out.display());
+    Ok(())
+}
+
+/// The f32-against-int8 table: top-1 and file size, with the change.
+fn print_comparison(
+    label: &str,
+    top1_before: f64,
+    top1_after: f64,
+    bytes_before: u64,
+    bytes_after: u64,
+) {
     let rows = vec![
         vec![
             "top-1".to_string(),
-            format!("{:.2}%", before.top1 * 100.0),
-            format!("{:.2}%", after.top1 * 100.0),
-            format!("{:+.2} pt", (after.top1 - before.top1) * 100.0),
+            format!("{:.2}%", top1_before * 100.0),
+            format!("{:.2}%", top1_after * 100.0),
+            format!("{:+.2} pt", (top1_after - top1_before) * 100.0),
         ],
         vec![
             "bytes".into(),
-            human(b_bytes),
-            human(a_bytes),
-            format!("{:+.1}%", (a_bytes as f64 / b_bytes as f64 - 1.0) * 100.0),
+            human(bytes_before),
+            human(bytes_after),
+            format!(
+                "{:+.1}%",
+                (bytes_after as f64 / bytes_before as f64 - 1.0) * 100.0
+            ),
         ],
     ];
-    print!("{}", table(&["", "f32", "int8 (QAT)", "change"], &rows));
-    println!("{} written", args.out.display());
-    Ok(())
+    print!("{}", table(&["", "f32", label, "change"], &rows));
 }
