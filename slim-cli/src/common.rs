@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use slim_core::train::Progress;
+use slim_core::train::{OptimizerKind, Progress, Schedule, TrainConfig};
 
 use crate::{input_error, Failure};
 
@@ -39,6 +39,55 @@ impl Common {
                 ))
             }),
         }
+    }
+}
+
+/// A training recipe on the command line.
+#[derive(Args, Clone, Debug)]
+pub struct Recipe {
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0.003)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// sgd, adam or adamw.
+    #[arg(long, default_value = "adam")]
+    pub optimizer: String,
+    /// constant, cosine, or step:EVERY:GAMMA.
+    #[arg(long, default_value = "constant")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_epochs: usize,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long)]
+    pub nesterov: bool,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Seed of the initial weights, the batch order and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl Recipe {
+    /// The checked training configuration.
+    pub fn config(&self) -> Result<TrainConfig, Failure> {
+        let cfg = TrainConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            optimizer: self.optimizer.parse::<OptimizerKind>()?,
+            lr: self.lr,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+            schedule: self.schedule.parse::<Schedule>()?,
+            warmup_epochs: self.warmup_epochs,
+            seed: self.seed,
+        };
+        cfg.validate()?;
+        Ok(cfg)
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod common;
 mod compress;
+mod distill;
 mod info;
 mod output;
 mod prune;
@@ -49,6 +50,9 @@ enum Command {
     Prune(prune::PruneArgs),
     /// How much accuracy each channel group loses at each pruning ratio.
     Sensitivity(prune::SensitivityArgs),
+    /// Train a student with losses against one or several teachers (or their precomputed
+    /// outputs: `slim distill dump`).
+    Distill(distill::DistillArgs),
     /// Quantize a model to int8.
     #[command(subcommand)]
     Quant(quant::QuantCommand),
@@ -81,6 +85,11 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
                 slim_prune::PruneError::Core(c) => core_code(c),
                 slim_prune::PruneError::Invalid(_) => 2,
             }
+        } else if let Some(e) = error.downcast_ref::<slim_distill::DistillError>() {
+            match e {
+                slim_distill::DistillError::Core(c) => core_code(c),
+                slim_distill::DistillError::Invalid(_) => 2,
+            }
         } else {
             1
         };
@@ -106,6 +115,7 @@ fn main() -> ExitCode {
         Command::Prune(args) => prune::run_prune(args),
         Command::Sensitivity(args) => prune::run_sensitivity(args),
         Command::Quant(cmd) => quant::run(cmd),
+        Command::Distill(args) => distill::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

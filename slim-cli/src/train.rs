@@ -6,11 +6,11 @@ use clap::Args;
 use serde_json::json;
 use slim_core::analysis::analyze;
 use slim_core::data::{load_spec, DEFAULT_SPEC};
-use slim_core::train::{evaluate, train, OptimizerKind, Schedule, TrainConfig, TrainOptions};
+use slim_core::train::{evaluate, train, TrainOptions};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
 
-use crate::common::{Common, EpochBars};
+use crate::common::{Common, EpochBars, Recipe};
 use crate::output::table;
 use crate::Failure;
 
@@ -26,29 +26,8 @@ pub struct TrainArgs {
     /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
     #[arg(long, default_value = DEFAULT_SPEC)]
     pub data: String,
-    #[arg(long, default_value_t = 5)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 0.003)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
-    /// sgd, adam or adamw.
-    #[arg(long, default_value = "adam")]
-    pub optimizer: String,
-    /// constant, cosine, or step:EVERY:GAMMA.
-    #[arg(long, default_value = "constant")]
-    pub schedule: String,
-    #[arg(long, default_value_t = 0)]
-    pub warmup_epochs: usize,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
-    pub momentum: f64,
-    #[arg(long)]
-    pub nesterov: bool,
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub recipe: Recipe,
     /// The trained model file (.safetensors). A checkpoint is kept beside it as FILE.ckpt.
     #[arg(long)]
     pub out: PathBuf,
@@ -63,19 +42,7 @@ pub struct TrainArgs {
 }
 
 pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
-    let cfg = TrainConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        optimizer: args.optimizer.parse::<OptimizerKind>()?,
-        lr: args.lr,
-        momentum: args.momentum,
-        nesterov: args.nesterov,
-        weight_decay: args.weight_decay,
-        schedule: args.schedule.parse::<Schedule>()?,
-        warmup_epochs: args.warmup_epochs,
-        seed: args.seed,
-    };
-    cfg.validate()?;
+    let cfg = args.recipe.config()?;
     crate::common::check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let mut data = load_spec(&args.data)?;
@@ -86,7 +53,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     let zcfg = ZooConfig::new(data.train.shape)
         .with_width(args.width)
         .with_classes(data.train.classes);
-    let mut model = zoo::model(&args.model, &zcfg, args.seed, &device)?;
+    let mut model = zoo::model(&args.model, &zcfg, args.recipe.seed, &device)?;
     model.provenance.insert("data".into(), args.data.clone());
     model.provenance.insert(
         "created_by".into(),

@@ -358,10 +358,12 @@ pub fn load_cifar10(files: &[PathBuf]) -> Result<ImageSet> {
     })
 }
 
-/// One batch: normalized images `[B, C, H, W]` f32 and labels `[B]` u32.
+/// One batch: normalized images `[B, C, H, W]` f32, labels `[B]` u32, and the index of every
+/// sample in its data set (knowledge precomputed per sample is looked up by it).
 pub struct Batch {
     pub images: Tensor,
     pub labels: Tensor,
+    pub indices: Vec<usize>,
 }
 
 /// How a [`Loader`] walks a data set.
@@ -378,7 +380,7 @@ pub struct LoaderConfig {
 
 /// Batches of one epoch, prepared on a worker thread two batches ahead.
 pub struct Loader {
-    rx: mpsc::Receiver<(Vec<f32>, Vec<u32>)>,
+    rx: mpsc::Receiver<(Vec<f32>, Vec<u32>, Vec<usize>)>,
     shape: [usize; 3],
     device: Device,
     batches: usize,
@@ -412,8 +414,8 @@ impl Loader {
                 let idx = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(n)];
                 let mut rng =
                     StdRng::seed_from_u64(mix(cfg.shuffle.unwrap_or(0), epoch, b as u64 + 1));
-                let batch = make_batch(data.as_ref(), idx, &cfg, &mut rng);
-                if tx.send(batch).is_err() {
+                let (x, y) = make_batch(data.as_ref(), idx, &cfg, &mut rng);
+                if tx.send((x, y, idx.to_vec())).is_err() {
                     return; // the consumer stopped early
                 }
             }
@@ -438,13 +440,14 @@ impl Loader {
 impl Iterator for Loader {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Self::Item> {
-        let (x, y) = self.rx.recv().ok()?;
+        let (x, y, indices) = self.rx.recv().ok()?;
         let b = y.len();
         let [c, h, w] = self.shape;
         let make = || -> Result<Batch> {
             Ok(Batch {
                 images: Tensor::from_vec(x, (b, c, h, w), &self.device)?,
                 labels: Tensor::from_vec(y, b, &self.device)?,
+                indices,
             })
         };
         Some(make())

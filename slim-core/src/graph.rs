@@ -112,6 +112,22 @@ impl PoolSpec {
     }
 }
 
+/// Levenshtein distance between two strings, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 /// The operations of the IR. The set is closed on purpose: a `match` over it makes the
 /// compiler list every place (shape inference, execution, analysis, channel groups) that must
 /// learn a new op.
@@ -578,6 +594,23 @@ impl Graph {
     /// A node by name.
     pub fn find(&self, name: &str) -> Option<&Node> {
         self.by_name.get(name).map(|&i| &self.nodes[i])
+    }
+
+    /// Up to three node names close to `name` (by edit distance, or containing it), closest
+    /// first: the suggestions of an "unknown node" error.
+    pub fn similar_names(&self, name: &str) -> Vec<String> {
+        let limit = (name.chars().count() / 3).max(2);
+        let mut scored: Vec<(usize, &str)> = self
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let d = edit_distance(name, &n.name);
+                let contains = !name.is_empty() && (n.name.contains(name) || name.contains(&n.name));
+                (d <= limit || contains).then_some((d, n.name.as_str()))
+            })
+            .collect();
+        scored.sort();
+        scored.into_iter().take(3).map(|(_, n)| n.to_string()).collect()
     }
 
     /// The nodes that consume `id`'s output, in order.

@@ -19,7 +19,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{DataSplits, Dataset, ImageSet, Loader, LoaderConfig, Normalize};
+use crate::data::{Batch, DataSplits, Dataset, ImageSet, Loader, LoaderConfig, Normalize};
 use crate::error::{CoreError, Result};
 use crate::exec::{ForwardOptions, ForwardOutput, Mode};
 use crate::io::{open_safetensors, write_atomic};
@@ -212,8 +212,13 @@ pub trait LossTerm {
     fn taps(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Parameters of the term's own that train with the model (a distillation adapter, say),
+    /// by unique name. They are checkpointed with the model, never saved into it.
+    fn params(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
     /// The term's value (a scalar), to be added to the cross-entropy.
-    fn loss(&mut self, images: &Tensor, labels: &Tensor, out: &ForwardOutput) -> Result<Tensor>;
+    fn loss(&mut self, batch: &Batch, out: &ForwardOutput) -> Result<Tensor>;
 }
 
 /// What the loop reports as it goes.
@@ -296,12 +301,14 @@ struct Optimizer {
 const SLOT_NAMES: [&str; 2] = ["m", "v"];
 
 impl Optimizer {
-    fn new(kind: OptimizerKind, model: &Model) -> Result<Self> {
+    /// Over the model's trainable parameters, then `extra` (named `extra/<name>`).
+    fn new(kind: OptimizerKind, model: &Model, extra: &[(String, Var)]) -> Result<Self> {
         let params: Vec<(String, Var)> = model
             .params
             .iter()
             .filter(|(_, p)| p.kind.is_trainable())
             .map(|(n, p)| (n.to_string(), p.var.clone()))
+            .chain(extra.iter().map(|(n, v)| (format!("extra/{n}"), v.clone())))
             .collect();
         let n_slots = if kind == OptimizerKind::Sgd { 1 } else { 2 };
         let slots = params
@@ -401,6 +408,11 @@ fn save_checkpoint(path: &Path, model: &Model, opt: &Optimizer, state: &TrainSta
         .iter()
         .map(|(n, p)| (format!("model/{n}"), p.var.as_tensor().clone()))
         .collect();
+    for (name, var) in &opt.params {
+        if name.starts_with("extra/") {
+            tensors.push((name.clone(), var.as_tensor().clone()));
+        }
+    }
     for ((name, _), slots) in opt.params.iter().zip(&opt.slots) {
         for (slot, t) in SLOT_NAMES.iter().zip(slots) {
             tensors.push((format!("opt/{slot}/{name}"), t.clone()));
@@ -439,7 +451,8 @@ fn load_checkpoint(
     let model = Model::from_safetensors(&st, &meta, "model/", device).map_err(wrap)?;
     let mut slots = HashMap::new();
     for (name, view) in st.tensors() {
-        if let Some(rest) = name.strip_prefix("opt/") {
+        if name.starts_with("opt/") || name.starts_with("extra/") {
+            let rest = name.strip_prefix("opt/").unwrap_or(&name);
             use candle_core::safetensors::Load;
             let t = view
                 .load(device)
@@ -483,7 +496,8 @@ pub fn train(
         )));
     }
 
-    let mut opt = Optimizer::new(cfg.optimizer, model)?;
+    let extra_params: Vec<(String, Var)> = opts.extra.iter().flat_map(|t| t.params()).collect();
+    let mut opt = Optimizer::new(cfg.optimizer, model, &extra_params)?;
     let mut start_epoch = 0;
     if let (true, Some(path)) = (opts.resume, &opts.checkpoint) {
         if path.exists() {
@@ -500,7 +514,21 @@ pub fn train(
                 return Err(CoreError::file(path, "holds a different model graph"));
             }
             *model = ck_model;
-            opt = Optimizer::new(cfg.optimizer, model)?;
+            opt = Optimizer::new(cfg.optimizer, model, &extra_params)?;
+            for (name, var) in &opt.params {
+                if name.starts_with("extra/") {
+                    let t = slots.get(name.as_str()).ok_or_else(|| {
+                        CoreError::file(path, format!("the trained `{name}` is missing"))
+                    })?;
+                    if t.dims() != var.dims() {
+                        return Err(CoreError::file(
+                            path,
+                            format!("`{name}` has shape {:?}, expected {:?}", t.dims(), var.dims()),
+                        ));
+                    }
+                    var.set(t)?;
+                }
+            }
             for ((name, _), s) in opt.params.iter().zip(opt.slots.iter_mut()) {
                 for (slot, t) in SLOT_NAMES.iter().zip(s.iter_mut()) {
                     *t = slots
@@ -554,7 +582,7 @@ pub fn train(
             let logits = &out.outputs[0];
             let mut loss = candle_nn::loss::cross_entropy(logits, &batch.labels)?;
             for term in opts.extra.iter_mut() {
-                let extra = term.loss(&batch.images, &batch.labels, &out)?;
+                let extra = term.loss(&batch, &out)?;
                 loss = (loss + extra)?;
             }
             let grads = loss.backward()?;
@@ -840,7 +868,7 @@ mod tests {
             weight_decay: 0.1,
             ..TrainConfig::default()
         };
-        let mut opt = Optimizer::new(OptimizerKind::Sgd, &m).unwrap();
+        let mut opt = Optimizer::new(OptimizerKind::Sgd, &m, &[]).unwrap();
         for _ in 0..2 {
             let w = m.params.tensor("fc.weight").unwrap();
             let grads = (w.sqr().unwrap().sum_all().unwrap() * 0.5)
@@ -871,7 +899,7 @@ mod tests {
                 &Tensor::new(&[[1f32, -2.0]], &Device::Cpu).unwrap(),
             )
             .unwrap();
-        let mut adam = Optimizer::new(OptimizerKind::Adam, &m).unwrap();
+        let mut adam = Optimizer::new(OptimizerKind::Adam, &m, &[]).unwrap();
         let w0 = m.params.tensor("fc.weight").unwrap();
         let grads = (w0.sqr().unwrap().sum_all().unwrap() * 0.5)
             .unwrap()

@@ -1,16 +1,44 @@
 //! # slim-distill
 //!
-//! Slim's knowledge distillation: FSP, L2 and soft-label losses, user losses, teacher/student pairing by node name, several teachers and knowledge precomputed to files.
+//! Knowledge distillation: a small student learns from one or several teachers through
+//! losses between named nodes of their graphs, on top of the core training loop (the losses
+//! are an extra loss term; cross-entropy on the labels stays).
 //!
-//! This crate depends on `slim-core` alone; the `slim` binary wires it to the other method
-//! crates. Its algorithms arrive in later releases; today it provides its error type, which
-//! wraps the core's.
+//! - Pairs name nodes as the graphs name them (`slim info` lists them); nothing is renamed.
+//!   Names and shapes are checked before any training, with suggestions for a misspelt name.
+//! - Losses ([`losses`]): soft label with a temperature, L2 (with a learned 1x1 adapter when
+//!   channel counts differ), FSP, and any [`DistillLoss`] of the user's.
+//! - Teachers ([`Teacher`]) run in eval mode without gradients, or are replaced by their
+//!   outputs precomputed to files ([`knowledge`]), so that training needs no teacher in memory.
 //!
 //! ```
-//! use slim_distill::DistillError;
-//! let e: DistillError = slim_core::CoreError::UnknownNode("conv9".into()).into();
-//! assert!(e.to_string().contains("conv9"));
+//! use slim_core::{zoo, Mode};
+//! use slim_distill::{Distiller, Teacher};
+//! let dev = candle_core::Device::Cpu;
+//! let cfg = zoo::ZooConfig::new([1, 28, 28]);
+//! let teacher = zoo::model("lenet", &cfg, 1, &dev).unwrap();
+//! let student = zoo::model("lenet", &cfg.clone().with_width(0.5), 2, &dev).unwrap();
+//! let d = Distiller::from_specs(
+//!     &student,
+//!     vec![Teacher::model(teacher, "teacher")],
+//!     &["soft_label:temperature=4".parse().unwrap()],
+//! )
+//! .unwrap();
+//! assert_eq!(d.loss_names(), ["soft_label(T=4)"]);
 //! ```
+
+pub mod knowledge;
+pub mod losses;
+
+use std::collections::BTreeSet;
+
+use candle_core::{Tensor, Var};
+use slim_core::data::{Batch, DataSplits};
+use slim_core::train::{train, LossTerm, Progress, TrainConfig, TrainOptions, TrainReport};
+use slim_core::{ForwardOptions, ForwardOutput, Graph, Mode, Model};
+
+pub use knowledge::{dump, DumpReport, Knowledge};
+pub use losses::{DistillLoss, LossSpec, Shapes, Taps, TeacherView};
 
 /// The error type of `slim-distill`.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +46,314 @@ pub enum DistillError {
     /// An error from the core: graph, parameters, files, tensors.
     #[error(transparent)]
     Core(#[from] slim_core::CoreError),
+    /// A request that cannot be honoured: an unknown node, incompatible shapes, a bad value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<candle_core::Error> for DistillError {
+    fn from(e: candle_core::Error) -> Self {
+        DistillError::Core(e.into())
+    }
 }
 
 /// The result type of `slim-distill`.
 pub type Result<T, E = DistillError> = std::result::Result<T, E>;
+
+pub(crate) fn unknown_node(who: &str, label: &str, name: &str, g: &Graph) -> DistillError {
+    let close = g.similar_names(name);
+    let hint = if close.is_empty() {
+        " (`slim info` lists the nodes)".to_string()
+    } else {
+        format!("; close names: {}", close.join(", "))
+    };
+    DistillError::Invalid(format!("the {who} `{label}` has no node `{name}`{hint}"))
+}
+
+fn graph_shapes(g: &Graph) -> Shapes {
+    g.nodes()
+        .iter()
+        .map(|n| (n.name.clone(), n.shape.clone()))
+        .collect()
+}
+
+/// Where a teacher's outputs come from.
+pub enum Teacher {
+    /// A model run alongside the student, in eval mode.
+    Model {
+        model: Model,
+        label: String,
+        shapes: Shapes,
+        output: String,
+    },
+    /// Outputs precomputed by [`dump`].
+    Knowledge(Knowledge),
+}
+
+impl Teacher {
+    pub fn model(model: Model, label: impl Into<String>) -> Teacher {
+        let shapes = graph_shapes(&model.graph);
+        let output = model.graph.node(model.graph.outputs()[0]).name.clone();
+        Teacher::Model {
+            model,
+            label: label.into(),
+            shapes,
+            output,
+        }
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            Teacher::Model { label, .. } => label.clone(),
+            Teacher::Knowledge(k) => k.dir.display().to_string(),
+        }
+    }
+
+    fn view(&self) -> (String, &Shapes, &str) {
+        match self {
+            Teacher::Model { label, shapes, output, .. } => (label.clone(), shapes, output),
+            Teacher::Knowledge(k) => (self.label(), k.shapes(), &k.meta.output),
+        }
+    }
+
+    fn missing(&self, name: &str) -> DistillError {
+        match self {
+            Teacher::Model { model, label, .. } => unknown_node("teacher", label, name, &model.graph),
+            Teacher::Knowledge(k) => DistillError::Invalid(format!(
+                "the knowledge in {} holds the nodes {}, not `{name}`; dump it again with --node {name}",
+                k.dir.display(),
+                k.meta.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
+    fn taps(&self, batch: &Batch, nodes: &[String]) -> Result<Taps> {
+        match self {
+            Teacher::Model { model, .. } => {
+                let out = model.forward_with(
+                    std::slice::from_ref(&batch.images),
+                    Mode::Eval,
+                    ForwardOptions::default().with_taps(nodes),
+                )?;
+                Ok(out
+                    .taps
+                    .into_iter()
+                    .map(|(n, t)| (n, t.detach()))
+                    .collect())
+            }
+            Teacher::Knowledge(k) => k.gather(batch, nodes),
+        }
+    }
+}
+
+/// The distillation loss term: teachers, losses, and the running mean of every loss.
+pub struct Distiller {
+    teachers: Vec<Teacher>,
+    losses: Vec<Box<dyn DistillLoss>>,
+    student_taps: Vec<String>,
+    teacher_taps: Vec<Vec<String>>,
+    sums: Vec<f64>,
+    steps: usize,
+}
+
+impl Distiller {
+    /// Checks every loss's nodes and shapes against the student and the teachers.
+    pub fn new(
+        student: &Model,
+        teachers: Vec<Teacher>,
+        losses: Vec<Box<dyn DistillLoss>>,
+    ) -> Result<Distiller> {
+        if teachers.is_empty() {
+            return Err(DistillError::Invalid("distillation needs a teacher".into()));
+        }
+        if losses.is_empty() {
+            return Err(DistillError::Invalid("distillation needs at least one loss".into()));
+        }
+        for t in &teachers {
+            if let Teacher::Model { model, label, .. } = t {
+                if model.input_shape() != student.input_shape() {
+                    return Err(DistillError::Invalid(format!(
+                        "the teacher `{label}` takes inputs of shape {:?}, the student {:?}",
+                        model.input_shape(),
+                        student.input_shape()
+                    )));
+                }
+            }
+        }
+        let student_shapes = graph_shapes(&student.graph);
+        let mut student_taps = BTreeSet::new();
+        let mut teacher_taps = vec![BTreeSet::new(); teachers.len()];
+        for loss in &losses {
+            for n in loss.student_nodes() {
+                if !student_shapes.contains_key(&n) {
+                    return Err(unknown_node("student", "student", &n, &student.graph));
+                }
+                student_taps.insert(n);
+            }
+            for (i, n) in loss.teacher_nodes() {
+                let t = teachers.get(i).ok_or_else(|| {
+                    DistillError::Invalid(format!(
+                        "the loss {} reads teacher {i}, there are {}",
+                        loss.name(),
+                        teachers.len()
+                    ))
+                })?;
+                if !t.view().1.contains_key(&n) {
+                    return Err(t.missing(&n));
+                }
+                teacher_taps[i].insert(n);
+            }
+        }
+        let views: Vec<(String, &Shapes, &str)> = teachers.iter().map(Teacher::view).collect();
+        let views: Vec<TeacherView<'_>> = views
+            .iter()
+            .map(|(label, shapes, output)| TeacherView { label, shapes, output })
+            .collect();
+        for loss in &losses {
+            loss.check(&student_shapes, &views)?;
+        }
+        let n = losses.len();
+        Ok(Distiller {
+            teachers,
+            losses,
+            student_taps: student_taps.into_iter().collect(),
+            teacher_taps: teacher_taps
+                .into_iter()
+                .map(|s| s.into_iter().collect())
+                .collect(),
+            sums: vec![0.0; n],
+            steps: 0,
+        })
+    }
+
+    /// Builds the losses from specs (see [`LossSpec`]) and checks them.
+    pub fn from_specs(student: &Model, teachers: Vec<Teacher>, specs: &[LossSpec]) -> Result<Distiller> {
+        let student_shapes = graph_shapes(&student.graph);
+        let output = student.graph.node(student.graph.outputs()[0]).name.clone();
+        let views: Vec<(String, &Shapes, &str)> = teachers.iter().map(Teacher::view).collect();
+        let views: Vec<TeacherView<'_>> = views
+            .iter()
+            .map(|(label, shapes, output)| TeacherView { label, shapes, output })
+            .collect();
+        let losses = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.build(i, &student_shapes, &output, &views, &student.device()))
+            .collect::<Result<Vec<_>>>()?;
+        Distiller::new(student, teachers, losses)
+    }
+
+    /// Refuses precomputed knowledge of another training split.
+    pub fn check_data(&self, data: &DataSplits) -> Result<()> {
+        for t in &self.teachers {
+            if let Teacher::Knowledge(k) = t {
+                k.check_data(&data.train, &data.spec)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn loss_names(&self) -> Vec<String> {
+        self.losses.iter().map(|l| l.name()).collect()
+    }
+
+    /// The mean of every loss (weighted) over the steps so far, by name.
+    pub fn loss_means(&self) -> Vec<(String, f64)> {
+        self.losses
+            .iter()
+            .zip(&self.sums)
+            .map(|(l, s)| (l.name(), s / self.steps.max(1) as f64))
+            .collect()
+    }
+
+    pub fn teachers(&self) -> &[Teacher] {
+        &self.teachers
+    }
+}
+
+impl LossTerm for Distiller {
+    fn name(&self) -> &str {
+        "distill"
+    }
+    fn taps(&self) -> Vec<String> {
+        self.student_taps.clone()
+    }
+    fn params(&self) -> Vec<(String, Var)> {
+        self.losses.iter().flat_map(|l| l.params()).collect()
+    }
+    fn loss(&mut self, batch: &Batch, out: &ForwardOutput) -> slim_core::Result<Tensor> {
+        let mut run = || -> Result<Tensor> {
+            let teacher_taps = self
+                .teachers
+                .iter()
+                .zip(&self.teacher_taps)
+                .map(|(t, nodes)| {
+                    if nodes.is_empty() {
+                        Ok(Taps::new())
+                    } else {
+                        t.taps(batch, nodes)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut total: Option<Tensor> = None;
+            for (loss, sum) in self.losses.iter().zip(self.sums.iter_mut()) {
+                let v = loss.loss(&out.taps, &teacher_taps)?;
+                *sum += f64::from(v.to_scalar::<f32>()?);
+                total = Some(match total {
+                    Some(t) => (t + v)?,
+                    None => v,
+                });
+            }
+            self.steps += 1;
+            total.ok_or_else(|| DistillError::Invalid("no losses".into()))
+        };
+        run().map_err(|e| match e {
+            DistillError::Core(c) => c,
+            other => slim_core::CoreError::Invalid(other.to_string()),
+        })
+    }
+}
+
+/// What a distillation run did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DistillReport {
+    pub train: TrainReport,
+    /// The mean of every distillation loss over the run (weighted, as added to the loss).
+    pub losses: Vec<(String, f64)>,
+}
+
+/// Trains `student` with the cross-entropy on the labels plus the distiller's losses.
+pub fn distill(
+    student: &mut Model,
+    distiller: &mut Distiller,
+    data: &DataSplits,
+    cfg: &TrainConfig,
+    opts: TrainOptions<'_>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<DistillReport> {
+    distiller.check_data(data)?;
+    let TrainOptions {
+        checkpoint,
+        resume,
+        eval_each_epoch,
+        extra,
+        kernels,
+    } = opts;
+    let mut terms: Vec<&mut dyn LossTerm> = Vec::new();
+    for e in extra {
+        terms.push(e);
+    }
+    terms.push(&mut *distiller);
+    let opts = TrainOptions {
+        checkpoint,
+        resume,
+        eval_each_epoch,
+        extra: terms,
+        kernels,
+    };
+    let train = train(student, data, cfg, opts, progress)?;
+    Ok(DistillReport {
+        train,
+        losses: distiller.loss_means(),
+    })
+}

@@ -1,0 +1,273 @@
+//! `slim distill` and `slim distill dump`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use slim_core::analysis::analyze;
+use slim_core::data::{load_spec, DEFAULT_SPEC};
+use slim_core::train::{evaluate, TrainOptions};
+use slim_core::zoo::{self, ZooConfig};
+use slim_core::Model;
+use slim_distill::{distill, dump, Distiller, Knowledge, LossSpec, Teacher};
+
+use crate::common::{check_out_dir, Common, EpochBars, Recipe};
+use crate::output::table;
+use crate::{input_error, Failure};
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DistillArgs {
+    #[command(subcommand)]
+    pub command: Option<DistillCommand>,
+    #[command(flatten)]
+    pub train: DistillTrainArgs,
+}
+
+#[derive(Subcommand)]
+pub enum DistillCommand {
+    /// Run a teacher over a training split once and write the outputs of chosen nodes to
+    /// safetensors shards; `slim distill --teacher DIR` then trains without the teacher.
+    Dump(DumpArgs),
+}
+
+#[derive(Args)]
+pub struct DistillTrainArgs {
+    /// A teacher: a model file, or a directory written by `slim distill dump`. Repeat for
+    /// several teachers; losses pick one with teacher_index=K (from 0, in this order).
+    #[arg(long)]
+    pub teacher: Vec<PathBuf>,
+    /// The student as a model file (trained or not).
+    #[arg(long, conflicts_with = "student_model")]
+    pub student: Option<PathBuf>,
+    /// The student as a fresh zoo model (lenet, resnet20, mobilenet_v1, mobilenet_tiny, ...).
+    #[arg(long)]
+    pub student_model: Option<String>,
+    /// Width multiplier of --student-model.
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
+    #[arg(long, default_value = DEFAULT_SPEC)]
+    pub data: String,
+    /// A loss, repeatable: soft_label[:temperature=T,t2=true,weight=W],
+    /// l2:teacher=NODE,student=NODE[,adapter=true], fsp:teacher=A-B,student=C-D; every loss
+    /// also takes weight=W and teacher_index=K.
+    #[arg(long, required = true)]
+    pub loss: Vec<String>,
+    #[command(flatten)]
+    pub recipe: Recipe,
+    /// The distilled student (.safetensors). A checkpoint is kept beside it as FILE.ckpt.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue from FILE.ckpt if a previous run was stopped.
+    #[arg(long)]
+    pub resume: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct DumpArgs {
+    /// The teacher model file.
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR (its training split).
+    #[arg(long, default_value = DEFAULT_SPEC)]
+    pub data: String,
+    /// A node whose outputs to keep, repeatable (default: the teacher's output).
+    #[arg(long)]
+    pub node: Vec<String>,
+    /// Samples per shard.
+    #[arg(long, default_value_t = 10_000)]
+    pub shard_size: usize,
+    /// The knowledge directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn run(args: DistillArgs) -> Result<(), Failure> {
+    match args.command {
+        Some(DistillCommand::Dump(d)) => run_dump(d),
+        None => run_train(args.train),
+    }
+}
+
+fn run_dump(args: DumpArgs) -> Result<(), Failure> {
+    let device = args.common.device()?;
+    let teacher = Model::load(&args.teacher, &device)?;
+    let data = load_spec(&args.data)?;
+    let quiet = args.common.quiet;
+    let mut last = 0usize;
+    let label = args.teacher.display().to_string();
+    let r = dump(
+        &teacher,
+        &label,
+        &data.train,
+        &data.normalize,
+        &args.data,
+        &args.node,
+        &args.out,
+        args.shard_size,
+        &mut |done, total| {
+            // A line per tenth of the work: dumps are short and their output is often logged.
+            if !quiet && (done * 10 / total > last || done == total) {
+                last = done * 10 / total;
+                eprintln!("dump: {done}/{total} samples");
+            }
+        },
+    )?;
+    if args.common.json {
+        println!("{}", json!(r));
+    } else {
+        let nodes: Vec<String> = r.nodes.iter().map(|(n, s)| format!("{n} {s:?}")).collect();
+        println!(
+            "{}: {} samples of {} in {} shard(s) ({} kept from an earlier run), nodes {}; {} bytes written in {:.1} s",
+            r.dir.display(),
+            r.samples,
+            args.data,
+            r.shards,
+            r.reused,
+            nodes.join(", "),
+            r.bytes,
+            r.seconds
+        );
+    }
+    Ok(())
+}
+
+fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
+    let out = args
+        .out
+        .clone()
+        .ok_or_else(|| input_error("--out FILE is required (where the distilled student goes)"))?;
+    check_out_dir("--out", &out)?;
+    if args.teacher.is_empty() {
+        return Err(input_error("at least one --teacher is required"));
+    }
+    let cfg = args.recipe.config()?;
+    let specs = args
+        .loss
+        .iter()
+        .map(|s| s.parse::<LossSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let device = args.common.device()?;
+    let data = load_spec(&args.data)?;
+    let mut student = match (&args.student, &args.student_model) {
+        (Some(path), _) => Model::load(path, &device)?,
+        (None, Some(name)) => {
+            let zcfg = ZooConfig::new(data.train.shape)
+                .with_width(args.width)
+                .with_classes(data.train.classes);
+            zoo::model(name, &zcfg, args.recipe.seed, &device)?
+        }
+        (None, None) => return Err(input_error("give the student: --student FILE or --student-model NAME")),
+    };
+    let mut teachers = Vec::new();
+    let mut teacher_top1 = Vec::new();
+    for path in &args.teacher {
+        if path.is_dir() {
+            teachers.push(Teacher::Knowledge(Knowledge::open(path, &device)?));
+            teacher_top1.push(None);
+        } else {
+            let m = Model::load(path, &device)?;
+            teacher_top1.push(Some(evaluate(&m, &data.test, &data.normalize, 256)?));
+            teachers.push(Teacher::model(m, path.display().to_string()));
+        }
+    }
+    let mut distiller = Distiller::from_specs(&student, teachers, &specs)?;
+    distiller.check_data(&data)?;
+    student
+        .provenance
+        .insert("data".into(), args.data.clone());
+    student.provenance.insert(
+        "distilled_from".into(),
+        args.teacher
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let mut ckpt = out.clone().into_os_string();
+    ckpt.push(".ckpt");
+    let mut bars = EpochBars::new(args.common.quiet);
+    let report = distill(
+        &mut student,
+        &mut distiller,
+        &data,
+        &cfg,
+        TrainOptions {
+            checkpoint: Some(ckpt.into()),
+            resume: args.resume,
+            eval_each_epoch: true,
+            ..Default::default()
+        },
+        &mut |p| bars.update(p),
+    )?;
+    student.save(&out)?;
+    let eval = evaluate(&student, &data.test, &data.normalize, 256)?;
+    let stats = analyze(&student.graph);
+    let seconds_per_epoch = report.train.epochs.iter().map(|e| e.seconds).sum::<f64>()
+        / report.train.epochs.len().max(1) as f64;
+    if args.common.json {
+        let teachers: Vec<_> = args
+            .teacher
+            .iter()
+            .zip(&teacher_top1)
+            .map(|(p, r)| json!({"teacher": p, "top1": r.as_ref().map(|r| r.top1), "top5": r.as_ref().map(|r| r.top5)}))
+            .collect();
+        let losses: serde_json::Map<String, serde_json::Value> = report
+            .losses
+            .iter()
+            .map(|(n, v)| (n.clone(), json!(v)))
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "data": args.data,
+                "teachers": teachers,
+                "losses": losses,
+                "top1": eval.top1,
+                "top5": eval.top5,
+                "macs": stats.macs,
+                "params": stats.params,
+                "seconds_per_epoch": seconds_per_epoch,
+                "out": out,
+                "resumed_from": report.train.resumed_from,
+                "epochs": report.train.epochs,
+            })
+        );
+    } else {
+        let mut rows: Vec<Vec<String>> = args
+            .teacher
+            .iter()
+            .zip(&teacher_top1)
+            .map(|(p, r)| {
+                let pct = |v: f64| format!("{:.2}%", v * 100.0);
+                vec![
+                    format!("teacher {}", p.display()),
+                    r.as_ref().map(|r| pct(r.top1)).unwrap_or_else(|| "precomputed".into()),
+                    r.as_ref().map(|r| pct(r.top5)).unwrap_or_default(),
+                ]
+            })
+            .collect();
+        rows.push(vec![
+            format!("student {}", out.display()),
+            format!("{:.2}%", eval.top1 * 100.0),
+            format!("{:.2}%", eval.top5 * 100.0),
+        ]);
+        print!("{}", table(&["model", "top-1", "top-5"], &rows));
+        let losses: Vec<String> = report
+            .losses
+            .iter()
+            .map(|(n, v)| format!("{n} {v:.4}"))
+            .collect();
+        println!(
+            "mean distillation losses: {}; {:.1} s per epoch",
+            losses.join(", "),
+            seconds_per_epoch
+        );
+    }
+    Ok(())
+}
