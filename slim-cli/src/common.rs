@@ -5,6 +5,7 @@ use std::path::Path;
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use slim_core::data::{load_spec, DataSplits};
 use slim_core::train::{OptimizerKind, Progress, Schedule, TrainConfig};
 
 use crate::{input_error, Failure};
@@ -40,6 +41,16 @@ impl Common {
             }),
         }
     }
+}
+
+/// Loads a data spec; with `limit`, keeps the first N training images only.
+pub fn load_data(spec: &str, limit: Option<usize>) -> Result<DataSplits, Failure> {
+    let mut data = load_spec(spec)?;
+    if let Some(n) = limit {
+        data.train = data.train.take(n);
+        data.spec = format!("{spec} (first {n} training images)");
+    }
+    Ok(data)
 }
 
 /// A training recipe on the command line.

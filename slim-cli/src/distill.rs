@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use slim_core::analysis::analyze;
-use slim_core::data::{load_spec, DEFAULT_SPEC};
+use slim_core::data::DEFAULT_SPEC;
 use slim_core::train::{evaluate, TrainOptions};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
 use slim_distill::{distill, dump, Distiller, Knowledge, LossSpec, Teacher};
 
-use crate::common::{check_out_dir, Common, EpochBars, Recipe};
+use crate::common::{check_out_dir, load_data, Common, EpochBars, Recipe};
 use crate::output::table;
 use crate::{input_error, Failure};
 
@@ -54,6 +54,9 @@ pub struct DistillTrainArgs {
     /// also takes weight=W and teacher_index=K.
     #[arg(long, required = true)]
     pub loss: Vec<String>,
+    /// Use the first N training images only (a quick run on a slice of the data).
+    #[arg(long)]
+    pub limit: Option<usize>,
     #[command(flatten)]
     pub recipe: Recipe,
     /// The distilled student (.safetensors). A checkpoint is kept beside it as FILE.ckpt.
@@ -77,6 +80,9 @@ pub struct DumpArgs {
     /// A node whose outputs to keep, repeatable (default: the teacher's output).
     #[arg(long)]
     pub node: Vec<String>,
+    /// Use the first N training images only (a quick run on a slice of the data).
+    #[arg(long)]
+    pub limit: Option<usize>,
     /// Samples per shard.
     #[arg(long, default_value_t = 10_000)]
     pub shard_size: usize,
@@ -97,7 +103,7 @@ pub fn run(args: DistillArgs) -> Result<(), Failure> {
 fn run_dump(args: DumpArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
     let teacher = Model::load(&args.teacher, &device)?;
-    let data = load_spec(&args.data)?;
+    let data = load_data(&args.data, args.limit)?;
     let quiet = args.common.quiet;
     let mut last = 0usize;
     let label = args.teacher.display().to_string();
@@ -106,7 +112,7 @@ fn run_dump(args: DumpArgs) -> Result<(), Failure> {
         &label,
         &data.train,
         &data.normalize,
-        &args.data,
+        &data.spec,
         &args.node,
         &args.out,
         args.shard_size,
@@ -153,7 +159,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         .map(|s| s.parse::<LossSpec>())
         .collect::<Result<Vec<_>, _>>()?;
     let device = args.common.device()?;
-    let data = load_spec(&args.data)?;
+    let data = load_data(&args.data, args.limit)?;
     let mut student = match (&args.student, &args.student_model) {
         (Some(path), _) => Model::load(path, &device)?,
         (None, Some(name)) => {

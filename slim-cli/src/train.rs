@@ -45,11 +45,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     let cfg = args.recipe.config()?;
     crate::common::check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
-    let mut data = load_spec(&args.data)?;
-    if let Some(n) = args.limit {
-        data.train = data.train.take(n);
-        data.spec = format!("{} (first {n} training images)", data.spec);
-    }
+    let data = crate::common::load_data(&args.data, args.limit)?;
     let zcfg = ZooConfig::new(data.train.shape)
         .with_width(args.width)
         .with_classes(data.train.classes);
