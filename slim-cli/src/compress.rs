@@ -18,6 +18,7 @@ use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
 use slim_prune::strategy::{Choice, PruneOptions, PruneStrategy};
 use slim_quant::strategy::{PtqOptions, PtqStrategy};
+use slim_distill::strategy::{DistillOptions, DistillStrategy};
 
 use crate::common::{Common, EpochBars};
 use crate::output::table;
@@ -285,10 +286,18 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
                 strategies.push(Box::new(s));
                 continue;
             }
-            "distill" | "quant.qat" | "nas.sa" | "nas.oneshot" => {
+            "distill" => {
+                let options: DistillOptions =
+                    toml::Value::Table(table).try_into().map_err(option_error)?;
+                let s = DistillStrategy::new(options)
+                    .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
+                strategies.push(Box::new(s));
+                continue;
+            }
+            "quant.qat" | "nas.sa" | "nas.oneshot" => {
                 return Err(input_error(format!(
                     "{}: strategy `{kind}` is not available in this version of slim \
-                     (available: prune.uniform, prune.sensitivity, prune.auto, quant.ptq)",
+                     (available: prune.uniform, prune.sensitivity, prune.auto, quant.ptq, distill)",
                     at(Some("kind"))
                 )))
             }
@@ -465,6 +474,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
                     quiet,
                     progress: &mut progress,
                     status: &|_| {},
+                    baseline: None,
                 };
                 let (m, info) = Train { config: None }.run(m, &mut ctx)?;
                 let file = dir.join("00-baseline.safetensors");
@@ -490,6 +500,8 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         model
     };
 
+    // The baseline as its file holds it, for stages that learn from it.
+    let baseline = Model::load(&state.stages[0].file, &device)?;
     for (i, strategy) in pipeline.strategies.iter_mut().enumerate() {
         let stage = i + 1;
         let name = strategy.kind().to_string();
@@ -513,6 +525,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
             quiet,
             progress: &mut progress,
             status: &show,
+            baseline: Some(&baseline),
         };
         let (next, info) = strategy.run(model, &mut ctx)?;
         status.finish_and_clear();

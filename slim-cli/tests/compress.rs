@@ -123,6 +123,41 @@ fn a_pipeline_runs_reports_and_resumes() {
 }
 
 #[test]
+fn a_pruned_model_learns_from_the_baseline_in_a_distill_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hybrid.toml");
+    let text = SMALL
+        .replace("finetune_epochs = 1", "finetune_epochs = 0")
+        .replace(
+            "[[strategy]]\nkind = \"quant.ptq\"",
+            "[[strategy]]\nkind = \"distill\"\nloss = [\"soft_label:temperature=4\", \
+             \"l2:teacher=pool2,student=pool2,adapter=true\"]\nepochs = 1\n\n\
+             [[strategy]]\nkind = \"quant.ptq\"",
+        );
+    std::fs::write(&config, &text).unwrap();
+    let out = dir.path().join("out");
+    let v = json_of(&compress(&config, &out, &[]));
+    let stages = v["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["baseline", "prune.uniform", "distill", "quant.ptq"]);
+    let (p, d) = (&stages[1], &stages[2]);
+    // The student keeps its pruned shape (the adapter is not saved) and learns.
+    assert_eq!(p["macs"], d["macs"]);
+    assert_eq!(p["params"], d["params"]);
+    assert!(d["top1"].as_f64().unwrap() > p["top1"].as_f64().unwrap() - 0.02, "{v}");
+    assert!(d["top1"].as_f64().unwrap() > 0.7, "{d}");
+    assert_eq!(d["info"]["losses"].as_object().unwrap().len(), 2, "{d}");
+
+    // A loss naming a node the student lacks stops the stage with the names close to it.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, text.replace("student=pool2", "student=pool_2")).unwrap();
+    let o = compress(&bad, &dir.path().join("bad-out"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(err.contains("pool_2") && err.contains("close names: pool2"), "{err}");
+}
+
+#[test]
 fn configuration_errors_name_the_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
@@ -154,6 +189,22 @@ fn configuration_errors_name_the_key_and_line() {
         (
             SMALL.replace("[train]", "[train]\ncolour = 3"),
             "colour",
+            None,
+        ),
+        (
+            SMALL.replace(
+                "kind = \"quant.ptq\"\ncalib_batches = 4",
+                "kind = \"distill\"\nloss = [\"kl:t=2\"]",
+            ),
+            "unknown loss `kl`",
+            None,
+        ),
+        (
+            SMALL.replace(
+                "kind = \"quant.ptq\"\ncalib_batches = 4",
+                "kind = \"distill\"\nteacher = \"nowhere.safetensors\"",
+            ),
+            "nowhere.safetensors",
             None,
         ),
     ];

@@ -25,6 +25,9 @@ pub struct Context<'a> {
     /// A one-line status of other long work (a sensitivity analysis, a search); may be called
     /// from several threads.
     pub status: &'a (dyn Fn(&str) + Sync),
+    /// The pipeline's first model (trained or read), for a stage that compares with it or
+    /// learns from it (a distillation teacher); `None` while it is being made.
+    pub baseline: Option<&'a Model>,
 }
 
 /// One step of a compression pipeline.

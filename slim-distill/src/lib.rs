@@ -29,6 +29,7 @@
 
 pub mod knowledge;
 pub mod losses;
+pub mod strategy;
 
 use std::collections::BTreeSet;
 

@@ -1,0 +1,126 @@
+//! Distillation as a pipeline [`Strategy`] (`distill`): the model entering the stage is the
+//! student; the teacher is the pipeline's baseline (the default), a model file, or a knowledge
+//! directory.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_json::json;
+use slim_core::pipeline::{Context, Strategy};
+use slim_core::train::TrainOptions;
+use slim_core::{CoreError, Model};
+
+use crate::{distill, DistillError, Distiller, Knowledge, LossSpec, Teacher};
+
+/// The options of a `distill` stage (the names of `slim distill`'s flags).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillOptions {
+    /// `baseline` (the pipeline's first model), a model file, or a knowledge directory.
+    #[serde(default = "default_teacher")]
+    pub teacher: String,
+    /// Loss specs, as `slim distill --loss`.
+    #[serde(default = "default_loss")]
+    pub loss: Vec<String>,
+    /// Epochs (default: the pipeline's recipe).
+    pub epochs: Option<usize>,
+    /// Learning rate (default: the pipeline's recipe).
+    pub lr: Option<f64>,
+}
+
+fn default_teacher() -> String {
+    "baseline".into()
+}
+fn default_loss() -> Vec<String> {
+    vec!["soft_label:temperature=2".into()]
+}
+
+/// A distillation stage.
+pub struct DistillStrategy {
+    options: DistillOptions,
+    specs: Vec<LossSpec>,
+}
+
+impl DistillStrategy {
+    /// Checks the options (the loss specs, the teacher's file) before any work; node names
+    /// are checked when the stage starts, against the models it meets.
+    pub fn new(options: DistillOptions) -> crate::Result<Self> {
+        if options.loss.is_empty() {
+            return Err(DistillError::Invalid("distill: `loss` is empty".into()));
+        }
+        let specs = options
+            .loss
+            .iter()
+            .map(|s| s.parse::<LossSpec>())
+            .collect::<crate::Result<Vec<_>>>()?;
+        if options.teacher != "baseline" && !PathBuf::from(&options.teacher).exists() {
+            return Err(DistillError::Invalid(format!(
+                "distill: teacher `{}` is neither `baseline` nor an existing model file or knowledge directory",
+                options.teacher
+            )));
+        }
+        if options.epochs == Some(0) {
+            return Err(DistillError::Invalid("distill: `epochs` must be at least 1".into()));
+        }
+        Ok(DistillStrategy { options, specs })
+    }
+}
+
+impl Strategy for DistillStrategy {
+    fn kind(&self) -> &str {
+        "distill"
+    }
+
+    fn run(
+        &mut self,
+        mut model: Model,
+        ctx: &mut Context<'_>,
+    ) -> slim_core::Result<(Model, serde_json::Value)> {
+        let to_core = |e: DistillError| match e {
+            DistillError::Core(c) => c,
+            other => CoreError::Invalid(format!("distill: {other}")),
+        };
+        let device = model.device();
+        let teacher = match self.options.teacher.as_str() {
+            "baseline" => {
+                let b = ctx.baseline.ok_or_else(|| {
+                    CoreError::Invalid("distill: the pipeline has no baseline to teach".into())
+                })?;
+                Teacher::model(b.deep_clone()?, "baseline")
+            }
+            path if PathBuf::from(path).is_dir() => {
+                Teacher::Knowledge(Knowledge::open(path.as_ref(), &device).map_err(to_core)?)
+            }
+            path => Teacher::model(Model::load(std::path::Path::new(path), &device)?, path),
+        };
+        let mut distiller =
+            Distiller::from_specs(&model, vec![teacher], &self.specs).map_err(to_core)?;
+        let mut cfg = ctx.train.clone();
+        if let Some(e) = self.options.epochs {
+            cfg.epochs = e;
+        }
+        if let Some(lr) = self.options.lr {
+            cfg.lr = lr;
+        }
+        let report = distill(
+            &mut model,
+            &mut distiller,
+            ctx.data,
+            &cfg,
+            TrainOptions::default(),
+            ctx.progress,
+        )
+        .map_err(to_core)?;
+        let seconds: f64 = report.train.epochs.iter().map(|e| e.seconds).sum();
+        let losses: serde_json::Map<String, serde_json::Value> = report
+            .losses
+            .iter()
+            .map(|(n, v)| (n.clone(), json!(v)))
+            .collect();
+        Ok((
+            model,
+            json!({"teacher": self.options.teacher, "epochs": cfg.epochs, "seconds": seconds,
+                   "losses": losses}),
+        ))
+    }
+}
