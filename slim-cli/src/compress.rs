@@ -16,9 +16,9 @@ use slim_core::pipeline::{Context, Strategy, Train};
 use slim_core::train::{evaluate, OptimizerKind, Schedule, TrainConfig};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
+use slim_distill::strategy::{DistillOptions, DistillStrategy};
 use slim_prune::strategy::{Choice, PruneOptions, PruneStrategy};
 use slim_quant::strategy::{PtqOptions, PtqStrategy};
-use slim_distill::strategy::{DistillOptions, DistillStrategy};
 
 use crate::common::{Common, EpochBars};
 use crate::output::table;

@@ -168,7 +168,11 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
                 .with_classes(data.train.classes);
             zoo::model(name, &zcfg, args.recipe.seed, &device)?
         }
-        (None, None) => return Err(input_error("give the student: --student FILE or --student-model NAME")),
+        (None, None) => {
+            return Err(input_error(
+                "give the student: --student FILE or --student-model NAME",
+            ))
+        }
     };
     let mut teachers = Vec::new();
     let mut teacher_top1 = Vec::new();
@@ -184,9 +188,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     }
     let mut distiller = Distiller::from_specs(&student, teachers, &specs)?;
     distiller.check_data(&data)?;
-    student
-        .provenance
-        .insert("data".into(), args.data.clone());
+    student.provenance.insert("data".into(), args.data.clone());
     student.provenance.insert(
         "distilled_from".into(),
         args.teacher
@@ -253,7 +255,9 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
                 let pct = |v: f64| format!("{:.2}%", v * 100.0);
                 vec![
                     format!("teacher {}", p.display()),
-                    r.as_ref().map(|r| pct(r.top1)).unwrap_or_else(|| "precomputed".into()),
+                    r.as_ref()
+                        .map(|r| pct(r.top1))
+                        .unwrap_or_else(|| "precomputed".into()),
                     r.as_ref().map(|r| pct(r.top5)).unwrap_or_default(),
                 ]
             })

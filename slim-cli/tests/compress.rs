@@ -144,7 +144,10 @@ fn a_pruned_model_learns_from_the_baseline_in_a_distill_stage() {
     // The student keeps its pruned shape (the adapter is not saved) and learns.
     assert_eq!(p["macs"], d["macs"]);
     assert_eq!(p["params"], d["params"]);
-    assert!(d["top1"].as_f64().unwrap() > p["top1"].as_f64().unwrap() - 0.02, "{v}");
+    assert!(
+        d["top1"].as_f64().unwrap() > p["top1"].as_f64().unwrap() - 0.02,
+        "{v}"
+    );
     assert!(d["top1"].as_f64().unwrap() > 0.7, "{d}");
     assert_eq!(d["info"]["losses"].as_object().unwrap().len(), 2, "{d}");
 
@@ -154,7 +157,10 @@ fn a_pruned_model_learns_from_the_baseline_in_a_distill_stage() {
     let o = compress(&bad, &dir.path().join("bad-out"), &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_ne!(o.status.code(), Some(0));
-    assert!(err.contains("pool_2") && err.contains("close names: pool2"), "{err}");
+    assert!(
+        err.contains("pool_2") && err.contains("close names: pool2"),
+        "{err}"
+    );
 }
 
 #[test]

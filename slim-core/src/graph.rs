@@ -605,12 +605,17 @@ impl Graph {
             .iter()
             .filter_map(|n| {
                 let d = edit_distance(name, &n.name);
-                let contains = !name.is_empty() && (n.name.contains(name) || name.contains(&n.name));
+                let contains =
+                    !name.is_empty() && (n.name.contains(name) || name.contains(&n.name));
                 (d <= limit || contains).then_some((d, n.name.as_str()))
             })
             .collect();
         scored.sort();
-        scored.into_iter().take(3).map(|(_, n)| n.to_string()).collect()
+        scored
+            .into_iter()
+            .take(3)
+            .map(|(_, n)| n.to_string())
+            .collect()
     }
 
     /// The nodes that consume `id`'s output, in order.
@@ -973,6 +978,24 @@ mod tests {
             &["c"],
         );
         assert!(e.unwrap_err().to_string().contains("flatten"));
+    }
+
+    #[test]
+    fn close_names_are_suggested() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("pool2", "pool2"), 0);
+        let g = GraphBuilder::new([1, 8, 8])
+            .conv("conv1", 4, 3, 1, 1)
+            .relu("relu1")
+            .conv("conv2", 4, 3, 1, 1)
+            .global_avg_pool("avgpool")
+            .build()
+            .unwrap();
+        assert_eq!(g.similar_names("conv_2"), ["conv2", "conv1"]);
+        assert_eq!(g.similar_names("avgpol"), ["avgpool"]);
+        assert_eq!(g.similar_names("pool"), ["avgpool"]);
+        assert!(g.similar_names("classifier").is_empty());
     }
 
     #[test]

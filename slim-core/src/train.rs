@@ -523,7 +523,11 @@ pub fn train(
                     if t.dims() != var.dims() {
                         return Err(CoreError::file(
                             path,
-                            format!("`{name}` has shape {:?}, expected {:?}", t.dims(), var.dims()),
+                            format!(
+                                "`{name}` has shape {:?}, expected {:?}",
+                                t.dims(),
+                                var.dims()
+                            ),
                         ));
                     }
                     var.set(t)?;

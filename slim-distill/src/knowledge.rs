@@ -122,7 +122,9 @@ pub fn dump(
 ) -> Result<DumpReport> {
     let started = std::time::Instant::now();
     if shard_size == 0 {
-        return Err(DistillError::Invalid("the shard size must be at least 1".into()));
+        return Err(DistillError::Invalid(
+            "the shard size must be at least 1".into(),
+        ));
     }
     if set.is_empty() {
         return Err(DistillError::Invalid("the data set is empty".into()));
@@ -143,7 +145,9 @@ pub fn dump(
     };
     let mut shapes = BTreeMap::new();
     for n in &nodes {
-        let node = g.find(n).ok_or_else(|| crate::unknown_node("teacher", teacher_label, n, g))?;
+        let node = g
+            .find(n)
+            .ok_or_else(|| crate::unknown_node("teacher", teacher_label, n, g))?;
         shapes.insert(n.clone(), node.shape.clone());
     }
     let samples = set.len();
@@ -170,11 +174,12 @@ pub fn dump(
         path: dir.to_path_buf(),
         source,
     })? {
-        let path = entry.map_err(|source| slim_core::CoreError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?
-        .path();
+        let path = entry
+            .map_err(|source| slim_core::CoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .path();
         let is_shard = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -231,7 +236,10 @@ pub fn dump(
         }
         let index: Vec<u32> = (start as u32..end as u32).collect();
         tensors.push(("index".into(), Tensor::new(index, &Device::Cpu)?));
-        let meta = ShardMeta { shard: k, ..base.clone() };
+        let meta = ShardMeta {
+            shard: k,
+            ..base.clone()
+        };
         let mut md = HashMap::new();
         md.insert("format".to_string(), KNOWLEDGE_FORMAT.to_string());
         md.insert(
@@ -319,7 +327,11 @@ impl Knowledge {
             let index = load("index")?
                 .to_vec1::<u32>()
                 .map_err(|e| file_err(&path, format!("tensor `index`: {e}")))?;
-            if index.len() != n || index.iter().enumerate().any(|(i, &v)| v as usize != start + i)
+            if index.len() != n
+                || index
+                    .iter()
+                    .enumerate()
+                    .any(|(i, &v)| v as usize != start + i)
             {
                 return Err(file_err(
                     &path,
@@ -333,10 +345,16 @@ impl Knowledge {
                 if t.dims() != want.as_slice() {
                     return Err(file_err(
                         &path,
-                        format!("tensor `{name}` has shape {:?}, expected {want:?}", t.dims()),
+                        format!(
+                            "tensor `{name}` has shape {:?}, expected {want:?}",
+                            t.dims()
+                        ),
                     ));
                 }
-                parts.entry(name.clone()).or_default().push(t.to_dtype(DType::F32)?);
+                parts
+                    .entry(name.clone())
+                    .or_default()
+                    .push(t.to_dtype(DType::F32)?);
             }
         }
         let values = parts

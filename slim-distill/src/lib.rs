@@ -112,7 +112,12 @@ impl Teacher {
 
     fn view(&self) -> (String, &Shapes, &str) {
         match self {
-            Teacher::Model { label, shapes, output, .. } => (label.clone(), shapes, output),
+            Teacher::Model {
+                label,
+                shapes,
+                output,
+                ..
+            } => (label.clone(), shapes, output),
             Teacher::Knowledge(k) => (self.label(), k.shapes(), &k.meta.output),
         }
     }
@@ -136,11 +141,7 @@ impl Teacher {
                     Mode::Eval,
                     ForwardOptions::default().with_taps(nodes),
                 )?;
-                Ok(out
-                    .taps
-                    .into_iter()
-                    .map(|(n, t)| (n, t.detach()))
-                    .collect())
+                Ok(out.taps.into_iter().map(|(n, t)| (n, t.detach())).collect())
             }
             Teacher::Knowledge(k) => k.gather(batch, nodes),
         }
@@ -168,7 +169,9 @@ impl Distiller {
             return Err(DistillError::Invalid("distillation needs a teacher".into()));
         }
         if losses.is_empty() {
-            return Err(DistillError::Invalid("distillation needs at least one loss".into()));
+            return Err(DistillError::Invalid(
+                "distillation needs at least one loss".into(),
+            ));
         }
         for t in &teachers {
             if let Teacher::Model { model, label, .. } = t {
@@ -208,7 +211,11 @@ impl Distiller {
         let views: Vec<(String, &Shapes, &str)> = teachers.iter().map(Teacher::view).collect();
         let views: Vec<TeacherView<'_>> = views
             .iter()
-            .map(|(label, shapes, output)| TeacherView { label, shapes, output })
+            .map(|(label, shapes, output)| TeacherView {
+                label,
+                shapes,
+                output,
+            })
             .collect();
         for loss in &losses {
             loss.check(&student_shapes, &views)?;
@@ -228,13 +235,21 @@ impl Distiller {
     }
 
     /// Builds the losses from specs (see [`LossSpec`]) and checks them.
-    pub fn from_specs(student: &Model, teachers: Vec<Teacher>, specs: &[LossSpec]) -> Result<Distiller> {
+    pub fn from_specs(
+        student: &Model,
+        teachers: Vec<Teacher>,
+        specs: &[LossSpec],
+    ) -> Result<Distiller> {
         let student_shapes = graph_shapes(&student.graph);
         let output = student.graph.node(student.graph.outputs()[0]).name.clone();
         let views: Vec<(String, &Shapes, &str)> = teachers.iter().map(Teacher::view).collect();
         let views: Vec<TeacherView<'_>> = views
             .iter()
-            .map(|(label, shapes, output)| TeacherView { label, shapes, output })
+            .map(|(label, shapes, output)| TeacherView {
+                label,
+                shapes,
+                output,
+            })
             .collect();
         let losses = specs
             .iter()

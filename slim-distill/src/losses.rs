@@ -176,7 +176,11 @@ impl Adapter {
                 y.broadcast_add(&b.reshape((1, (), 1))?)?
                     .reshape((n, (), h, wd))?
             }
-            r => return Err(invalid(format!("an adapter takes rank 2 or 4, got rank {r}"))),
+            r => {
+                return Err(invalid(format!(
+                    "an adapter takes rank 2 or 4, got rank {r}"
+                )))
+            }
         })
     }
 }
@@ -268,7 +272,10 @@ impl DistillLoss for Fsp {
         ]
     }
     fn check(&self, student: &Shapes, teachers: &[TeacherView<'_>]) -> Result<()> {
-        let pair = |who: &str, shapes: &Shapes, (a, b): &(String, String)| -> Result<(usize, usize)> {
+        let pair = |who: &str,
+                    shapes: &Shapes,
+                    (a, b): &(String, String)|
+         -> Result<(usize, usize)> {
             let (sa, sb) = (&shapes[a], &shapes[b]);
             if sa.len() != 3 || sb.len() != 3 || sa[1..] != sb[1..] {
                 return Err(invalid(format!(
@@ -278,7 +285,11 @@ impl DistillLoss for Fsp {
             Ok((sa[0], sb[0]))
         };
         let s = pair("student", student, &self.student_nodes)?;
-        let t = pair("teacher", teachers[self.teacher].shapes, &self.teacher_nodes)?;
+        let t = pair(
+            "teacher",
+            teachers[self.teacher].shapes,
+            &self.teacher_nodes,
+        )?;
         if s != t {
             return Err(invalid(format!(
                 "fsp: the teacher's matrix between `{}` and `{}` is {}x{}, the student's between `{}` and `{}` is {}x{}; the channel counts must match",
@@ -295,7 +306,10 @@ impl DistillLoss for Fsp {
                 get(student, &self.student_nodes.0)?,
                 get(student, &self.student_nodes.1)?,
             ),
-            (get(t, &self.teacher_nodes.0)?, get(t, &self.teacher_nodes.1)?),
+            (
+                get(t, &self.teacher_nodes.0)?,
+                get(t, &self.teacher_nodes.1)?,
+            ),
         )?;
         Ok((v * self.weight)?)
     }
@@ -320,10 +334,13 @@ impl std::str::FromStr for LossSpec {
         }
         let mut args = BTreeMap::new();
         for part in rest.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| {
-                invalid(format!("`{part}` in loss `{text}` is not key=value"))
-            })?;
-            if args.insert(k.trim().to_string(), v.trim().to_string()).is_some() {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("`{part}` in loss `{text}` is not key=value")))?;
+            if args
+                .insert(k.trim().to_string(), v.trim().to_string())
+                .is_some()
+            {
                 return Err(invalid(format!("`{k}` is given twice in loss `{text}`")));
             }
         }
@@ -353,9 +370,11 @@ impl LossSpec {
     fn number(&self, key: &str, default: f64) -> Result<f64> {
         match self.args.get(key) {
             None => Ok(default),
-            Some(v) => v.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| {
-                invalid(format!("{key}={v} in `{}` is not a number", self.text))
-            }),
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| invalid(format!("{key}={v} in `{}` is not a number", self.text))),
         }
     }
 
@@ -371,9 +390,10 @@ impl LossSpec {
     }
 
     fn required(&self, key: &str) -> Result<&str> {
-        self.args.get(key).map(String::as_str).ok_or_else(|| {
-            invalid(format!("loss `{}` needs {key}=NODE", self.text))
-        })
+        self.args
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| invalid(format!("loss `{}` needs {key}=NODE", self.text)))
     }
 
     /// Builds the loss. `index` makes adapter names unique; `student` holds the student's

@@ -60,7 +60,9 @@ impl DistillStrategy {
             )));
         }
         if options.epochs == Some(0) {
-            return Err(DistillError::Invalid("distill: `epochs` must be at least 1".into()));
+            return Err(DistillError::Invalid(
+                "distill: `epochs` must be at least 1".into(),
+            ));
         }
         Ok(DistillStrategy { options, specs })
     }

@@ -44,7 +44,11 @@ fn soft_label_matches_a_hand_computation() {
             temp,
         )
         .unwrap();
-        assert!((scalar(&got) - want).abs() < 1e-5, "T={temp}: {} vs {want}", scalar(&got));
+        assert!(
+            (scalar(&got) - want).abs() < 1e-5,
+            "T={temp}: {} vs {want}",
+            scalar(&got)
+        );
     }
 }
 
@@ -99,13 +103,26 @@ fn err(student: &Model, teacher: Model, loss: &[&str]) -> String {
 fn bad_pairs_are_refused_before_training_with_names() {
     let student = lenet(0.5, 1);
     let e = err(&student, lenet(1.0, 0), &["l2:teacher=fc1,student=fc_1"]);
-    assert!(e.contains("`fc_1`") && e.contains("close names: fc1"), "{e}");
+    assert!(
+        e.contains("`fc_1`") && e.contains("close names: fc1"),
+        "{e}"
+    );
     let e = err(&student, lenet(1.0, 0), &["l2:teacher=pol2,student=pool2"]);
-    assert!(e.contains("teacher `t.safetensors`") && e.contains("pool2"), "{e}");
+    assert!(
+        e.contains("teacher `t.safetensors`") && e.contains("pool2"),
+        "{e}"
+    );
     // Channel counts differ: 16 vs 8.
     let e = err(&student, lenet(1.0, 0), &["l2:teacher=pool2,student=pool2"]);
-    assert!(e.contains("[16, 5, 5]") && e.contains("[8, 5, 5]") && e.contains("adapter=true"), "{e}");
-    let e = err(&student, lenet(1.0, 0), &["l2:teacher=pool2,student=fc1,adapter=true"]);
+    assert!(
+        e.contains("[16, 5, 5]") && e.contains("[8, 5, 5]") && e.contains("adapter=true"),
+        "{e}"
+    );
+    let e = err(
+        &student,
+        lenet(1.0, 0),
+        &["l2:teacher=pool2,student=fc1,adapter=true"],
+    );
     assert!(e.contains("shapes differ"), "{e}");
     let e = err(&student, lenet(1.0, 0), &["soft_label:temperature=0"]);
     assert!(e.contains("temperature=0") && e.contains("positive"), "{e}");
@@ -113,9 +130,17 @@ fn bad_pairs_are_refused_before_training_with_names() {
     assert!(e.contains("positive"), "{e}");
     let e = err(&student, lenet(1.0, 0), &["soft_label:temprature=2"]);
     assert!(e.contains("`temprature` is not an option"), "{e}");
-    let e = err(&student, lenet(1.0, 0), &["fsp:teacher=conv1-relu1,student=conv1-relu1"]);
+    let e = err(
+        &student,
+        lenet(1.0, 0),
+        &["fsp:teacher=conv1-relu1,student=conv1-relu1"],
+    );
     assert!(e.contains("6x6") && e.contains("3x3"), "{e}");
-    let e = err(&student, lenet(1.0, 0), &["fsp:teacher=conv1-pool1,student=conv1-pool1"]);
+    let e = err(
+        &student,
+        lenet(1.0, 0),
+        &["fsp:teacher=conv1-pool1,student=conv1-pool1"],
+    );
     assert!(e.contains("one spatial size"), "{e}");
     let e = err(&student, lenet(1.0, 0), &["soft_label:teacher_index=1"]);
     assert!(e.contains("1 teacher(s)"), "{e}");
@@ -155,10 +180,26 @@ fn distillation_trains_the_student_and_leaves_the_teacher_alone() {
     let mut d = d.unwrap();
     assert_eq!(slim_core::train::LossTerm::params(&d).len(), 2);
     let cfg = TrainConfig::default().with_epochs(1).with_batch_size(32);
-    let r = distill(&mut student, &mut d, &data, &cfg, TrainOptions::default(), &mut |_| {}).unwrap();
+    let r = distill(
+        &mut student,
+        &mut d,
+        &data,
+        &cfg,
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(r.losses.len(), 2);
-    assert!(r.losses.iter().all(|(_, v)| v.is_finite() && *v > 0.0), "{:?}", r.losses);
-    assert_ne!(student.fingerprint().unwrap(), s0, "the student did not train");
+    assert!(
+        r.losses.iter().all(|(_, v)| v.is_finite() && *v > 0.0),
+        "{:?}",
+        r.losses
+    );
+    assert_ne!(
+        student.fingerprint().unwrap(),
+        s0,
+        "the student did not train"
+    );
     let Teacher::Model { model, .. } = &d.teachers()[0] else {
         panic!("not a model teacher")
     };
@@ -171,11 +212,26 @@ fn distillation_trains_the_student_and_leaves_the_teacher_alone() {
     let mut d = Distiller::from_specs(
         &same,
         vec![Teacher::model(lenet(1.0, 0), "teacher")],
-        &specs(&["fsp:teacher=conv1-relu1,student=conv1-relu1", "fsp:teacher=conv2-relu2,student=conv2-relu2"]),
+        &specs(&[
+            "fsp:teacher=conv1-relu1,student=conv1-relu1",
+            "fsp:teacher=conv2-relu2,student=conv2-relu2",
+        ]),
     )
     .unwrap();
-    let r = distill(&mut same, &mut d, &data, &cfg, TrainOptions::default(), &mut |_| {}).unwrap();
-    assert!(r.losses.iter().all(|(_, v)| v.is_finite()), "{:?}", r.losses);
+    let r = distill(
+        &mut same,
+        &mut d,
+        &data,
+        &cfg,
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(
+        r.losses.iter().all(|(_, v)| v.is_finite()),
+        "{:?}",
+        r.losses
+    );
 }
 
 #[test]
@@ -185,17 +241,47 @@ fn knowledge_files_replace_the_teacher_and_refuse_other_data() {
     let dir = tempfile::tempdir().unwrap();
     let kdir = dir.path().join("k");
     let nodes = vec!["fc3".to_string(), "pool2".to_string()];
-    let r = dump(&teacher, "teacher", &data.train, &data.normalize, "mnist", &nodes, &kdir, 128, &mut |_, _| {})
-        .unwrap();
+    let r = dump(
+        &teacher,
+        "teacher",
+        &data.train,
+        &data.normalize,
+        "mnist",
+        &nodes,
+        &kdir,
+        128,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!((r.samples, r.shards, r.reused), (320, 3, 0));
     // A rerun keeps the finished shards.
-    let r = dump(&teacher, "teacher", &data.train, &data.normalize, "mnist", &nodes, &kdir, 128, &mut |_, _| {})
-        .unwrap();
+    let r = dump(
+        &teacher,
+        "teacher",
+        &data.train,
+        &data.normalize,
+        "mnist",
+        &nodes,
+        &kdir,
+        128,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(r.reused, 3);
     // Another teacher into the same directory is refused.
-    let e = dump(&lenet(1.0, 9), "other", &data.train, &data.normalize, "mnist", &nodes, &kdir, 128, &mut |_, _| {})
-        .unwrap_err()
-        .to_string();
+    let e = dump(
+        &lenet(1.0, 9),
+        "other",
+        &data.train,
+        &data.normalize,
+        "mnist",
+        &nodes,
+        &kdir,
+        128,
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("another teacher"), "{e}");
 
     let k = Knowledge::open(&kdir, &Device::Cpu).unwrap();
@@ -204,20 +290,50 @@ fn knowledge_files_replace_the_teacher_and_refuse_other_data() {
     // The same images in another order are another data set.
     let mut reversed = data.clone();
     let per = 28 * 28;
-    reversed.train.images = data.train.images.chunks(per).rev().flatten().copied().collect();
+    reversed.train.images = data
+        .train
+        .images
+        .chunks(per)
+        .rev()
+        .flatten()
+        .copied()
+        .collect();
     reversed.train.labels = data.train.labels.iter().rev().copied().collect();
-    let e = k.check_data(&reversed.train, "reversed").unwrap_err().to_string();
+    let e = k
+        .check_data(&reversed.train, "reversed")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("in this order"), "{e}");
 
     // Training from the files equals training with the teacher in memory.
     let cfg = TrainConfig::default().with_epochs(1).with_batch_size(32);
-    let losses = specs(&["soft_label:temperature=4", "l2:teacher=pool2,student=pool2,adapter=true"]);
+    let losses = specs(&[
+        "soft_label:temperature=4",
+        "l2:teacher=pool2,student=pool2,adapter=true",
+    ]);
     let mut online = lenet(0.5, 3);
-    let mut d = Distiller::from_specs(&online, vec![Teacher::model(teacher, "teacher")], &losses).unwrap();
-    let a = distill(&mut online, &mut d, &data, &cfg, TrainOptions::default(), &mut |_| {}).unwrap();
+    let mut d =
+        Distiller::from_specs(&online, vec![Teacher::model(teacher, "teacher")], &losses).unwrap();
+    let a = distill(
+        &mut online,
+        &mut d,
+        &data,
+        &cfg,
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     let mut offline = lenet(0.5, 3);
     let mut d = Distiller::from_specs(&offline, vec![Teacher::Knowledge(k)], &losses).unwrap();
-    let b = distill(&mut offline, &mut d, &data, &cfg, TrainOptions::default(), &mut |_| {}).unwrap();
+    let b = distill(
+        &mut offline,
+        &mut d,
+        &data,
+        &cfg,
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     for ((n, x), (_, y)) in a.losses.iter().zip(&b.losses) {
         assert!((x - y).abs() < 1e-4 * x.abs().max(1.0), "{n}: {x} vs {y}");
     }
@@ -228,20 +344,39 @@ fn knowledge_files_replace_the_teacher_and_refuse_other_data() {
 
     // Refused: training on other data, a node the files lack, a missing shard.
     let k = Knowledge::open(&kdir, &Device::Cpu).unwrap();
-    let mut d = Distiller::from_specs(&offline, vec![Teacher::Knowledge(k)], &specs(&["soft_label"])).unwrap();
-    let e = distill(&mut offline, &mut d, &reversed, &cfg, TrainOptions::default(), &mut |_| {})
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let mut d = Distiller::from_specs(
+        &offline,
+        vec![Teacher::Knowledge(k)],
+        &specs(&["soft_label"]),
+    )
+    .unwrap();
+    let e = distill(
+        &mut offline,
+        &mut d,
+        &reversed,
+        &cfg,
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
     assert!(e.contains("dump it again"), "{e}");
     let k = Knowledge::open(&kdir, &Device::Cpu).unwrap();
-    let e = Distiller::from_specs(&offline, vec![Teacher::Knowledge(k)], &specs(&["l2:teacher=fc1,student=fc1"]))
+    let e = Distiller::from_specs(
+        &offline,
+        vec![Teacher::Knowledge(k)],
+        &specs(&["l2:teacher=fc1,student=fc1"]),
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(e.contains("--node fc1"), "{e}");
+    std::fs::remove_file(kdir.join("shard-00001.safetensors")).unwrap();
+    let e = Knowledge::open(&kdir, &Device::Cpu)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-    assert!(e.contains("--node fc1"), "{e}");
-    std::fs::remove_file(kdir.join("shard-00001.safetensors")).unwrap();
-    let e = Knowledge::open(&kdir, &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains("shard-00001") && e.contains("missing"), "{e}");
     std::fs::write(kdir.join("shard-00001.safetensors"), b"not a shard").unwrap();
     assert!(Knowledge::open(&kdir, &Device::Cpu).is_err());
@@ -250,24 +385,46 @@ fn knowledge_files_replace_the_teacher_and_refuse_other_data() {
 #[test]
 fn a_resumed_run_with_an_adapter_matches_an_unbroken_one() {
     let data = small_data();
-    let losses = specs(&["l2:teacher=pool2,student=pool2,adapter=true", "soft_label:temperature=3"]);
+    let losses = specs(&[
+        "l2:teacher=pool2,student=pool2,adapter=true",
+        "soft_label:temperature=3",
+    ]);
     let cfg = TrainConfig::default().with_epochs(2).with_batch_size(32);
     let mut whole = lenet(0.5, 4);
-    let mut d = Distiller::from_specs(&whole, vec![Teacher::model(lenet(1.0, 0), "t")], &losses).unwrap();
-    distill(&mut whole, &mut d, &data, &cfg, TrainOptions::default(), &mut |_| {}).unwrap();
+    let mut d =
+        Distiller::from_specs(&whole, vec![Teacher::model(lenet(1.0, 0), "t")], &losses).unwrap();
+    distill(
+        &mut whole,
+        &mut d,
+        &data,
+        &cfg,
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("s.ckpt");
     let mut part = lenet(0.5, 4);
-    let mut d = Distiller::from_specs(&part, vec![Teacher::model(lenet(1.0, 0), "t")], &losses).unwrap();
+    let mut d =
+        Distiller::from_specs(&part, vec![Teacher::model(lenet(1.0, 0), "t")], &losses).unwrap();
     let opts = TrainOptions {
         checkpoint: Some(ck.clone()),
         ..Default::default()
     };
-    distill(&mut part, &mut d, &data, &cfg.clone().with_epochs(1), opts, &mut |_| {}).unwrap();
+    distill(
+        &mut part,
+        &mut d,
+        &data,
+        &cfg.clone().with_epochs(1),
+        opts,
+        &mut |_| {},
+    )
+    .unwrap();
     // As in a fresh process: a fresh student and a fresh adapter, both at their initial values.
     let mut resumed = lenet(0.5, 4);
-    let mut d = Distiller::from_specs(&resumed, vec![Teacher::model(lenet(1.0, 0), "t")], &losses).unwrap();
+    let mut d =
+        Distiller::from_specs(&resumed, vec![Teacher::model(lenet(1.0, 0), "t")], &losses).unwrap();
     let opts = TrainOptions {
         checkpoint: Some(ck),
         resume: true,
