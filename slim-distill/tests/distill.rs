@@ -7,7 +7,9 @@ use slim_core::train::{TrainConfig, TrainOptions};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
 use slim_distill::losses::{fsp, fsp_matrix, l2, soft_label};
-use slim_distill::{distill, dump, Distiller, Knowledge, LossSpec, Teacher};
+use slim_distill::{
+    distill, dump, DistillLoss, Distiller, Knowledge, LossSpec, Shapes, Taps, Teacher, TeacherView,
+};
 
 fn t2(rows: &[&[f32]]) -> Tensor {
     let n = rows.len();
@@ -232,6 +234,141 @@ fn distillation_trains_the_student_and_leaves_the_teacher_alone() {
         "{:?}",
         r.losses
     );
+}
+
+/// A loss of the user's: one minus the cosine similarity of the pooled features of two
+/// teachers' and the student's last convolution, averaged over the batch.
+struct Cosine {
+    node: String,
+}
+
+impl DistillLoss for Cosine {
+    fn name(&self) -> String {
+        "cosine".into()
+    }
+    fn student_nodes(&self) -> Vec<String> {
+        vec![self.node.clone()]
+    }
+    fn teacher_nodes(&self) -> Vec<(usize, String)> {
+        vec![(0, self.node.clone()), (1, self.node.clone())]
+    }
+    fn loss(&self, student: &Taps, teachers: &[Taps]) -> slim_distill::Result<Tensor> {
+        let s = student[&self.node].flatten_from(1)?;
+        let mut total = None;
+        for t in teachers {
+            let t = t[&self.node].flatten_from(1)?;
+            let dot = (&s * &t)?.sum(1)?;
+            let norms = (s.sqr()?.sum(1)?.sqrt()? * t.sqr()?.sum(1)?.sqrt()?)?;
+            let cos = (dot / (norms + 1e-6)?)?;
+            let l = (1.0 - cos.mean_all()?)?;
+            total = Some(match total {
+                Some(x) => (x + l)?,
+                None => l,
+            });
+        }
+        Ok(total.expect("two teachers"))
+    }
+}
+
+#[test]
+fn several_teachers_and_a_loss_of_the_users() {
+    let data = small_data();
+    let mut student = lenet(1.0, 5);
+    let teachers = vec![
+        Teacher::model(lenet(1.0, 0), "first"),
+        Teacher::model(lenet(1.0, 1), "second"),
+    ];
+    let mut losses: Vec<Box<dyn DistillLoss>> = vec![Box::new(Cosine {
+        node: "pool2".into(),
+    })];
+    // Built-in losses pick their teacher by index.
+    for spec in specs(&["soft_label:teacher_index=1,temperature=3"]) {
+        let shapes: Shapes = student
+            .graph
+            .nodes()
+            .iter()
+            .map(|n| (n.name.clone(), n.shape.clone()))
+            .collect();
+        let t_shapes = shapes.clone();
+        let views = [
+            TeacherView {
+                label: "first",
+                shapes: &t_shapes,
+                output: "fc3",
+            },
+            TeacherView {
+                label: "second",
+                shapes: &t_shapes,
+                output: "fc3",
+            },
+        ];
+        losses.push(spec.build(1, &shapes, "fc3", &views, &Device::Cpu).unwrap());
+    }
+    let mut d = Distiller::new(&student, teachers, losses).unwrap();
+    assert_eq!(d.loss_names(), ["cosine", "soft_label(T=3)"]);
+    // The user's loss on held-out images, before and after training.
+    let held_out = |student: &Model, d: &Distiller| {
+        let n = 64;
+        let per = 28 * 28;
+        let x: Vec<f32> = data.test.images[..n * per]
+            .iter()
+            .map(|&v| (f32::from(v) / 255.0 - 0.1307) / 0.3081)
+            .collect();
+        let x = Tensor::from_vec(x, (n, 1, 28, 28), &Device::Cpu).unwrap();
+        let taps = |m: &Model| {
+            m.forward_with(
+                std::slice::from_ref(&x),
+                slim_core::Mode::Eval,
+                slim_core::ForwardOptions::default().with_taps(&["pool2"]),
+            )
+            .unwrap()
+            .taps
+        };
+        let teacher_taps: Vec<Taps> = d
+            .teachers()
+            .iter()
+            .map(|t| match t {
+                Teacher::Model { model, .. } => taps(model),
+                Teacher::Knowledge(_) => unreachable!(),
+            })
+            .collect();
+        let c = Cosine {
+            node: "pool2".into(),
+        };
+        scalar(&c.loss(&taps(student), &teacher_taps).unwrap())
+    };
+    let before = held_out(&student, &d);
+    let cfg = TrainConfig::default().with_epochs(2).with_batch_size(32);
+    let r = distill(
+        &mut student,
+        &mut d,
+        &data,
+        &cfg,
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(
+        r.losses.iter().all(|(_, v)| v.is_finite()),
+        "{:?}",
+        r.losses
+    );
+    let after = held_out(&student, &d);
+    assert!(
+        after < 0.8 * before,
+        "the user's loss went from {before} to {after}"
+    );
+
+    // A third teacher that a loss names but nobody gave.
+    let e = Distiller::from_specs(
+        &student,
+        vec![Teacher::model(lenet(1.0, 0), "only")],
+        &specs(&["l2:teacher=pool2,student=pool2,teacher_index=2"]),
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(e.contains("teacher_index=2"), "{e}");
 }
 
 #[test]
