@@ -151,6 +151,24 @@ fn a_pruned_model_learns_from_the_baseline_in_a_distill_stage() {
     assert!(d["top1"].as_f64().unwrap() > 0.7, "{d}");
     assert_eq!(d["info"]["losses"].as_object().unwrap().len(), 2, "{d}");
 
+    // A teacher from the zoo, trained in the stage's folder first.
+    let zoo = dir.path().join("zoo.toml");
+    std::fs::write(
+        &zoo,
+        text.replace(
+            "kind = \"distill\"",
+            "kind = \"distill\"\nteacher = \"zoo:lenet\"\nteacher_epochs = 1",
+        ),
+    )
+    .unwrap();
+    let zoo_out = dir.path().join("zoo-out");
+    let v = json_of(&compress(&zoo, &zoo_out, &[]));
+    let d = &v["stages"][2];
+    assert!(d["info"]["teacher_top1"].as_f64().unwrap() > 0.5, "{d}");
+    assert!(zoo_out
+        .join("02-distill/teacher-lenet.safetensors")
+        .is_file());
+
     // A loss naming a node the student lacks stops the stage with the names close to it.
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, text.replace("student=pool2", "student=pool_2")).unwrap();
@@ -211,6 +229,14 @@ fn configuration_errors_name_the_key_and_line() {
                 "kind = \"distill\"\nteacher = \"nowhere.safetensors\"",
             ),
             "nowhere.safetensors",
+            None,
+        ),
+        (
+            SMALL.replace(
+                "kind = \"quant.ptq\"\ncalib_batches = 4",
+                "kind = \"distill\"\nteacher = \"zoo:resnet21\"",
+            ),
+            "zoo:resnet21",
             None,
         ),
     ];

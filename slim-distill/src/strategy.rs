@@ -1,6 +1,6 @@
 //! Distillation as a pipeline [`Strategy`] (`distill`): the model entering the stage is the
-//! student; the teacher is the pipeline's baseline (the default), a model file, or a knowledge
-//! directory.
+//! student; the teacher is the pipeline's baseline (the default), a zoo model trained in the
+//! stage's folder first (`zoo:NAME`), a model file, or a knowledge directory.
 
 use std::path::PathBuf;
 
@@ -16,9 +16,15 @@ use crate::{distill, DistillError, Distiller, Knowledge, LossSpec, Teacher};
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistillOptions {
-    /// `baseline` (the pipeline's first model), a model file, or a knowledge directory.
+    /// `baseline` (the pipeline's first model), `zoo:NAME` (a zoo model trained first with the
+    /// pipeline's recipe, kept in the stage's folder), a model file, or a knowledge directory.
     #[serde(default = "default_teacher")]
     pub teacher: String,
+    /// Width multiplier of a `zoo:` teacher.
+    #[serde(default = "default_width")]
+    pub teacher_width: f64,
+    /// Training epochs of a `zoo:` teacher (default: the pipeline's recipe).
+    pub teacher_epochs: Option<usize>,
     /// Loss specs, as `slim distill --loss`.
     #[serde(default = "default_loss")]
     pub loss: Vec<String>,
@@ -30,6 +36,9 @@ pub struct DistillOptions {
 
 fn default_teacher() -> String {
     "baseline".into()
+}
+fn default_width() -> f64 {
+    1.0
 }
 fn default_loss() -> Vec<String> {
     vec!["soft_label:temperature=2".into()]
@@ -53,11 +62,29 @@ impl DistillStrategy {
             .iter()
             .map(|s| s.parse::<LossSpec>())
             .collect::<crate::Result<Vec<_>>>()?;
-        if options.teacher != "baseline" && !PathBuf::from(&options.teacher).exists() {
+        if let Some(name) = options.teacher.strip_prefix("zoo:") {
+            if !slim_core::zoo::NAMES.contains(&name) {
+                return Err(DistillError::Invalid(format!(
+                    "distill: teacher `zoo:{name}`: not a zoo model ({})",
+                    slim_core::zoo::NAMES.join(", ")
+                )));
+            }
+            if !(options.teacher_width > 0.0 && options.teacher_width.is_finite()) {
+                return Err(DistillError::Invalid(format!(
+                    "distill: `teacher_width` {} must be positive",
+                    options.teacher_width
+                )));
+            }
+        } else if options.teacher != "baseline" && !PathBuf::from(&options.teacher).exists() {
             return Err(DistillError::Invalid(format!(
-                "distill: teacher `{}` is neither `baseline` nor an existing model file or knowledge directory",
+                "distill: teacher `{}` is neither `baseline`, `zoo:NAME`, nor an existing model file or knowledge directory",
                 options.teacher
             )));
+        }
+        if options.teacher_epochs == Some(0) {
+            return Err(DistillError::Invalid(
+                "distill: `teacher_epochs` must be at least 1".into(),
+            ));
         }
         if options.epochs == Some(0) {
             return Err(DistillError::Invalid(
@@ -83,12 +110,46 @@ impl Strategy for DistillStrategy {
             other => CoreError::Invalid(format!("distill: {other}")),
         };
         let device = model.device();
+        let mut teacher_top1 = None;
         let teacher = match self.options.teacher.as_str() {
             "baseline" => {
                 let b = ctx.baseline.ok_or_else(|| {
                     CoreError::Invalid("distill: the pipeline has no baseline to teach".into())
                 })?;
                 Teacher::model(b.deep_clone()?, "baseline")
+            }
+            t if t.starts_with("zoo:") => {
+                let name = &t["zoo:".len()..];
+                let file = ctx.work_dir.join(format!("teacher-{name}.safetensors"));
+                let teacher = if file.exists() {
+                    Model::load(&file, &device)?
+                } else {
+                    let data = ctx.data;
+                    let zcfg = slim_core::zoo::ZooConfig::new(data.train.shape)
+                        .with_width(self.options.teacher_width)
+                        .with_classes(data.train.classes);
+                    let mut m = slim_core::zoo::model(name, &zcfg, ctx.train.seed, &device)?;
+                    let mut cfg = ctx.train.clone();
+                    if let Some(e) = self.options.teacher_epochs {
+                        cfg.epochs = e;
+                    }
+                    (ctx.status)(&format!("training the teacher {name}"));
+                    slim_core::train::train(
+                        &mut m,
+                        data,
+                        &cfg,
+                        TrainOptions::default(),
+                        ctx.progress,
+                    )?;
+                    // Kept, so that a resumed pipeline does not train it again.
+                    m.save(&file)?;
+                    m
+                };
+                teacher_top1 = Some(
+                    slim_core::train::evaluate(&teacher, &ctx.data.test, &ctx.data.normalize, 256)?
+                        .top1,
+                );
+                Teacher::model(teacher, t)
             }
             path if PathBuf::from(path).is_dir() => {
                 Teacher::Knowledge(Knowledge::open(path.as_ref(), &device).map_err(to_core)?)
@@ -121,8 +182,8 @@ impl Strategy for DistillStrategy {
             .collect();
         Ok((
             model,
-            json!({"teacher": self.options.teacher, "epochs": cfg.epochs, "seconds": seconds,
-                   "losses": losses}),
+            json!({"teacher": self.options.teacher, "teacher_top1": teacher_top1,
+                   "epochs": cfg.epochs, "seconds": seconds, "losses": losses}),
         ))
     }
 }
