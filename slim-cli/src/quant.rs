@@ -85,6 +85,10 @@ pub struct PtqArgs {
     /// Keep batch norms instead of folding them into the convolutions.
     #[arg(long)]
     pub no_fold: bool,
+    /// Correct each quantized layer's bias so that its outputs keep their float means on the
+    /// calibration images.
+    #[arg(long)]
+    pub bias_correction: bool,
     /// The int8 model file.
     #[arg(long)]
     pub out: PathBuf,
@@ -109,6 +113,7 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
         batch_size: args.batch_size,
         scope: args.scope.clone(),
         fold_batch_norm: !args.no_fold,
+        bias_correction: args.bias_correction,
     };
     slim_quant::quantizer::check_bits(cfg.bits_weights)?;
     check_out_dir("--out", &args.out)?;

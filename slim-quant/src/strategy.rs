@@ -24,6 +24,8 @@ pub struct PtqOptions {
     pub bits_weights: u8,
     #[serde(default)]
     pub scope: Vec<String>,
+    #[serde(default)]
+    pub bias_correction: bool,
 }
 
 fn default_weights() -> String {
@@ -60,6 +62,7 @@ impl PtqStrategy {
                 bits_weights: o.bits_weights,
                 batches: o.calib_batches,
                 scope: o.scope,
+                bias_correction: o.bias_correction,
                 ..PtqConfig::default()
             },
         })

@@ -245,3 +245,107 @@ fn the_int8_runtime_agrees_with_the_fake_quantized_graph() {
         .unwrap();
     assert!(moved > 1e-2 * scale.max(1.0), "{moved}");
 }
+
+#[test]
+fn bias_correction_restores_the_mean_of_every_output_channel() {
+    let (m, data) = trained("mobilenet_tiny");
+    // 4-bit per-tensor weights shift the outputs' means; keep the batch norms so that the
+    // convolutions have no bias and get one.
+    let base = PtqConfig {
+        weights: WeightQuant::AbsMax,
+        bits_weights: 4,
+        batches: 4,
+        fold_batch_norm: false,
+        ..PtqConfig::default()
+    };
+    let (plain, r0) = quantize(&m, &data.train, &data.normalize, &base).unwrap();
+    assert!(r0.bias_corrections.is_empty());
+    let cfg = PtqConfig {
+        bias_correction: true,
+        ..base.clone()
+    };
+    let (fixed, r1) = quantize(&m, &data.train, &data.normalize, &cfg).unwrap();
+    assert_eq!(r1.bias_corrections.len(), r1.layers.len());
+    assert!(fixed.params.tensor("stem.conv.bias").is_ok());
+    assert!(plain.params.tensor("stem.conv.bias").is_err());
+
+    // Per-channel means of a layer's output over the calibration images, by hand.
+    let calib = data.train.take(4 * 64);
+    let x = slim_core::data::Loader::new(
+        std::sync::Arc::new(calib),
+        &slim_core::data::LoaderConfig {
+            batch_size: 256,
+            shuffle: None,
+            augment: Default::default(),
+            normalize: data.normalize.clone(),
+            drop_last: false,
+        },
+        0,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .next()
+    .unwrap()
+    .unwrap()
+    .images;
+    let means = |model: &Model, node: &str| -> Vec<f32> {
+        let out = model
+            .forward_with(
+                std::slice::from_ref(&x),
+                Mode::Eval,
+                slim_core::ForwardOptions::default().with_taps(&[node]),
+            )
+            .unwrap();
+        let y = &out.taps[node];
+        let c = y.dim(1).unwrap();
+        y.transpose(0, 1)
+            .unwrap()
+            .reshape((c, ()))
+            .unwrap()
+            .mean(1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let gap = |model: &Model, node: &str| -> f32 {
+        let (a, b) = (means(&m, node), means(model, node));
+        a.iter()
+            .zip(&b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    };
+    for node in ["stem.conv", "block2.pw.conv", "fc"] {
+        let (before, after) = (gap(&plain, node), gap(&fixed, node));
+        assert!(after < 1e-3 + 0.05 * before, "{node}: {before} -> {after}");
+    }
+    // The integer runtime adds the new biases too.
+    let f = evaluate(&fixed, &data.test, &data.normalize, 250).unwrap();
+    let i = slim_quant::runtime::evaluate(&fixed, &data.test, &data.normalize, 250).unwrap();
+    assert!(
+        (f.top1 - i.top1).abs() <= 0.01,
+        "float {} int8 {}",
+        f.top1,
+        i.top1
+    );
+
+    // With batch norms folded (the default), the correction recovers most of what 4-bit
+    // per-tensor weights lose.
+    let folded = PtqConfig {
+        fold_batch_norm: true,
+        ..cfg
+    };
+    let (fixed, _) = quantize(&m, &data.train, &data.normalize, &folded).unwrap();
+    let (plain, _) = quantize(
+        &m,
+        &data.train,
+        &data.normalize,
+        &PtqConfig {
+            bias_correction: false,
+            ..folded
+        },
+    )
+    .unwrap();
+    let p = slim_quant::runtime::evaluate(&plain, &data.test, &data.normalize, 250).unwrap();
+    let c = slim_quant::runtime::evaluate(&fixed, &data.test, &data.normalize, 250).unwrap();
+    assert!(c.top1 > p.top1, "plain {} corrected {}", p.top1, c.top1);
+}
