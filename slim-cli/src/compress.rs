@@ -376,13 +376,13 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     let mut pipeline = parse(&text, &origin)?;
     if args.check {
         if args.common.json {
-            println!(
+            outln!(
                 "{}",
                 json!({"config": origin, "ok": true,
                        "strategies": pipeline.strategies.iter().map(|s| s.kind().to_string()).collect::<Vec<_>>()})
             );
         } else {
-            println!(
+            outln!(
                 "{origin}: ok ({} strategies: {})",
                 pipeline.strategies.len(),
                 pipeline
@@ -591,10 +591,10 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     if args.common.json {
-        println!("{report}");
+        outln!("{report}");
     } else {
-        print!("{text_table}");
-        println!(
+        out!("{text_table}");
+        outln!(
             "{} stages in {:.1} s; models, report.md and report.json in {}",
             state.stages.len(),
             started.elapsed().as_secs_f64(),

@@ -125,10 +125,10 @@ fn run_dump(args: DumpArgs) -> Result<(), Failure> {
         },
     )?;
     if args.common.json {
-        println!("{}", json!(r));
+        outln!("{}", json!(r));
     } else {
         let nodes: Vec<String> = r.nodes.iter().map(|(n, s)| format!("{n} {s:?}")).collect();
-        println!(
+        outln!(
             "{}: {} samples of {} in {} shard(s) ({} kept from an earlier run), nodes {}; {} bytes written in {:.1} s",
             r.dir.display(),
             r.samples,
@@ -230,7 +230,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             .iter()
             .map(|(n, v)| (n.clone(), json!(v)))
             .collect();
-        println!(
+        outln!(
             "{}",
             json!({
                 "data": args.data,
@@ -267,13 +267,13 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             format!("{:.2}%", eval.top1 * 100.0),
             format!("{:.2}%", eval.top5 * 100.0),
         ]);
-        print!("{}", table(&["model", "top-1", "top-5"], &rows));
+        out!("{}", table(&["model", "top-1", "top-5"], &rows));
         let losses: Vec<String> = report
             .losses
             .iter()
             .map(|(n, v)| format!("{n} {v:.4}"))
             .collect();
-        println!(
+        outln!(
             "mean distillation losses: {}; {:.1} s per epoch",
             losses.join(", "),
             seconds_per_epoch

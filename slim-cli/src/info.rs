@@ -102,7 +102,7 @@ pub fn run(args: InfoArgs) -> Result<(), Failure> {
             "layers": layers,
             "groups": groups_json,
         });
-        println!("{out}");
+        outln!("{out}");
         return Ok(());
     }
 
@@ -127,18 +127,18 @@ pub fn run(args: InfoArgs) -> Result<(), Failure> {
             ]
         })
         .collect();
-    println!("{label}  input {input:?}");
-    print!(
+    outln!("{label}  input {input:?}");
+    out!(
         "{}",
         table(&["node", "op", "output", "MACs", "params"], &rows)
     );
-    println!(
+    outln!(
         "total: {} MACs (multiply-accumulates), {} parameters, {} bytes on disk",
         human(stats.macs),
         human(stats.params),
         bytes
     );
-    println!();
+    outln!();
     let rows: Vec<Vec<String>> = groups
         .groups
         .iter()
@@ -156,12 +156,12 @@ pub fn run(args: InfoArgs) -> Result<(), Failure> {
             ]
         })
         .collect();
-    println!(
+    outln!(
         "channel groups: {} prunable of {}",
         groups.prunable().count(),
         rows.len()
     );
-    print!(
+    out!(
         "{}",
         table(&["group", "channels", "produced by", "status"], &rows)
     );

@@ -6,6 +6,16 @@
 //! 1 on any other failure. With `--json` a command prints exactly one JSON object on stdout;
 //! progress and logs go to stderr.
 
+/// `print!` and `println!` for results on stdout: a reader that closes it early
+/// (`slim info M | head`) ends the program quietly instead of making it panic.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write_stdout(&format!($($arg)*)) };
+}
+macro_rules! outln {
+    () => { $crate::output::write_stdout("\n") };
+    ($($arg:tt)*) => { $crate::output::write_stdout(&format!("{}\n", format_args!($($arg)*))) };
+}
+
 mod common;
 mod compress;
 mod distill;

@@ -413,7 +413,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         .collect();
     let reduction = 1.0 - after.macs as f64 / before.macs.max(1) as f64;
     if args.common.json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "model": args.file,
@@ -466,14 +466,16 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
             change(before.bytes as f64, after.bytes as f64),
         ],
     ];
-    print!("{}", table(&["", "before", "after", "change"], &rows));
+    out!("{}", table(&["", "before", "after", "change"], &rows));
     for s in pruner.skipped() {
-        println!(
+        outln!(
             "not pruned: group `{}` ({} channels): {}",
-            s.group, s.channels, s.reason
+            s.group,
+            s.channels,
+            s.reason
         );
     }
-    println!(
+    outln!(
         "{} pruned ({}, {}): {} written in {:.1} s",
         args.file.display(),
         format!("{:?}", args.method).to_lowercase(),
@@ -572,7 +574,7 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
         slim_core::io::write_atomic(p, sensitivity::to_svg(&sens).as_bytes())?;
     }
     if args.common.json {
-        println!(
+        outln!(
             "{}",
             json!({"model": args.file, "out": args.out, "plot": args.plot, "baseline": sens.baseline,
                    "criterion": sens.criterion.name(), "data": sens.data, "points": sens.len(),
@@ -607,12 +609,12 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
         })
         .collect();
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
-    println!(
+    outln!(
         "top-1 loss (% of the baseline's {:.2}%) by pruning ratio:",
         sens.baseline * 100.0
     );
-    print!("{}", table(&header_refs, &rows));
-    println!(
+    out!("{}", table(&header_refs, &rows));
+    outln!(
         "{} points on {} in {:.1} s; {} written{}",
         sens.len(),
         sens.data,

@@ -137,7 +137,7 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
         std::fs::metadata(&args.out)?.len(),
     );
     if args.common.json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "model": args.file, "data": spec,
@@ -151,11 +151,11 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
         return Ok(());
     }
     print_comparison("int8", before.top1, after.top1, b_bytes, a_bytes);
-    println!(
+    outln!(
         "int8 top-1 from the int8 runtime ({:.2}% by the fake-quantized float graph)",
         simulated.top1 * 100.0
     );
-    println!(
+    outln!(
         "{} layers quantized (weights {}, activations {}), {} batch norms folded, calibrated on \
          {} images in {:.1} s; {} written",
         report.layers.len(),
@@ -217,7 +217,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
         std::fs::metadata(&args.out)?.len(),
     );
     if args.common.json {
-        println!(
+        outln!(
             "{}",
             json!({"model": args.file, "data": spec, "weights": weights.name(),
                    "before": {"top1": before.top1, "top5": before.top5, "bytes": b_bytes},
@@ -227,7 +227,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
         return Ok(());
     }
     print_comparison("int8 (QAT)", before.top1, after.top1, b_bytes, a_bytes);
-    println!("{} written", args.out.display());
+    outln!("{} written", args.out.display());
     Ok(())
 }
 
@@ -256,5 +256,5 @@ fn print_comparison(
             ),
         ],
     ];
-    print!("{}", table(&["", "f32", label, "change"], &rows));
+    out!("{}", table(&["", "f32", label, "change"], &rows));
 }

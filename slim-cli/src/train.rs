@@ -98,7 +98,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
             "resumed_from": report.resumed_from,
             "epochs": report.epochs,
         });
-        println!("{out}");
+        outln!("{out}");
     } else {
         let rows: Vec<Vec<String>> = report
             .epochs
@@ -117,7 +117,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
                 ]
             })
             .collect();
-        print!(
+        out!(
             "{}",
             table(
                 &[
@@ -131,7 +131,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
                 &rows
             )
         );
-        println!(
+        outln!(
             "{}: test top-1 {:.2}%, top-5 {:.2}% on {} images; {} written ({} bytes)",
             args.model,
             final_eval.top1 * 100.0,
@@ -170,13 +170,13 @@ pub fn run_eval(args: EvalArgs) -> Result<(), Failure> {
     };
     let runtime = if int8 { "int8" } else { "f32" };
     if args.common.json {
-        println!(
+        outln!(
             "{}",
             json!({"model": args.file, "data": args.data, "runtime": runtime, "top1": r.top1, "top5": r.top5,
                    "samples": r.samples, "samples_per_sec": r.samples_per_sec, "seconds": r.seconds})
         );
     } else {
-        println!(
+        outln!(
             "{} ({runtime}): top-1 {:.2}%, top-5 {:.2}% on {} test images of {}; {:.0} samples/s",
             args.file.display(),
             r.top1 * 100.0,

@@ -77,3 +77,19 @@ fn bad_input_is_status_2_with_a_message() {
     let out = slim(&["info", path.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("junk.safetensors"));
 }
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    // `slim info ... | head -1`: the reader goes away before the table is written.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slim"))
+        .args(["info", "--model", "resnet56", "--input", "3x32x32"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("slim runs");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("slim ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
