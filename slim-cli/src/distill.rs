@@ -182,7 +182,14 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             teacher_top1.push(None);
         } else {
             let m = Model::load(path, &device)?;
-            teacher_top1.push(Some(evaluate(&m, &data.test, &data.normalize, 256)?));
+            let top1 = evaluate(&m, &data.test, &data.normalize, 256).map_err(|e| {
+                input_error(format!(
+                    "the teacher {} cannot run on `{}`: {e}",
+                    path.display(),
+                    args.data
+                ))
+            })?;
+            teacher_top1.push(Some(top1));
             teachers.push(Teacher::model(m, path.display().to_string()));
         }
     }

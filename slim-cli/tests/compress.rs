@@ -166,7 +166,7 @@ fn a_pruned_model_learns_from_the_baseline_in_a_distill_stage() {
     let d = &v["stages"][2];
     assert!(d["info"]["teacher_top1"].as_f64().unwrap() > 0.5, "{d}");
     assert!(zoo_out
-        .join("02-distill/teacher-lenet.safetensors")
+        .join("02-distill/teacher-lenet-w1-e1.safetensors")
         .is_file());
 
     // A loss naming a node the student lacks stops the stage with the names close to it.

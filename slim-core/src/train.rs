@@ -217,6 +217,11 @@ pub trait LossTerm {
     fn params(&self) -> Vec<(String, Var)> {
         Vec::new()
     }
+    /// What identifies the term's setting (its losses, its teachers): a run resumed from a
+    /// checkpoint written with another is refused.
+    fn fingerprint(&self) -> String {
+        self.name().to_string()
+    }
     /// The term's value (a scalar), to be added to the cross-entropy.
     fn loss(&mut self, batch: &Batch, out: &ForwardOutput) -> Result<Tensor>;
 }
@@ -393,6 +398,9 @@ struct TrainState {
     optimizer_steps: usize,
     config: TrainConfig,
     data: String,
+    /// The fingerprints of the extra loss terms.
+    #[serde(default)]
+    terms: Vec<String>,
 }
 
 fn save_checkpoint(path: &Path, model: &Model, opt: &Optimizer, state: &TrainState) -> Result<()> {
@@ -497,6 +505,7 @@ pub fn train(
     }
 
     let extra_params: Vec<(String, Var)> = opts.extra.iter().flat_map(|t| t.params()).collect();
+    let terms: Vec<String> = opts.extra.iter().map(|t| t.fingerprint()).collect();
     let mut opt = Optimizer::new(cfg.optimizer, model, &extra_params)?;
     let mut start_epoch = 0;
     if let (true, Some(path)) = (opts.resume, &opts.checkpoint) {
@@ -512,6 +521,16 @@ pub fn train(
             }
             if ck_model.graph != model.graph {
                 return Err(CoreError::file(path, "holds a different model graph"));
+            }
+            if state.terms != terms {
+                return Err(CoreError::file(
+                    path,
+                    format!(
+                        "was written with other extra losses or teachers ({}), not ({}); remove it or use the same settings",
+                        state.terms.join("; "),
+                        terms.join("; ")
+                    ),
+                ));
             }
             *model = ck_model;
             opt = Optimizer::new(cfg.optimizer, model, &extra_params)?;
@@ -634,6 +653,7 @@ pub fn train(
                 optimizer_steps: opt.steps,
                 config: cfg.clone(),
                 data: data.spec.clone(),
+                terms: terms.clone(),
             };
             save_checkpoint(path, model, &opt, &state)?;
         }

@@ -3,8 +3,8 @@
 //! teacher in memory.
 //!
 //! A knowledge directory holds `shard-00000.safetensors`, `shard-00001.safetensors`, ... Each
-//! shard stores, for a contiguous range of sample indices, one tensor per node (`[n, ...]`)
-//! and `index` (`[n]`, the sample indices), with metadata naming the teacher (its
+//! shard stores, for a contiguous range of sample indices, one tensor per node (`node/NAME`,
+//! `[n, ...]`) and `index` (`[n]`, the sample indices), with metadata naming the teacher (its
 //! fingerprint), the data (the split's fingerprint, which covers its order) and the shard's
 //! place in the set. Shards are written atomically; a dump stopped part-way keeps its finished
 //! shards and a rerun with the same teacher and data continues after them.
@@ -43,12 +43,45 @@ pub struct ShardMeta {
 }
 
 impl ShardMeta {
-    fn same_dump(&self, other: &ShardMeta) -> bool {
-        ShardMeta {
-            shard: other.shard,
-            ..self.clone()
-        } == *other
+    /// The first field in which `other` belongs to another dump, if any. Labels (the teacher's
+    /// file name, the data spec) may differ: fingerprints decide.
+    fn differs(&self, other: &ShardMeta) -> Option<&'static str> {
+        if self.teacher_fingerprint != other.teacher_fingerprint {
+            Some("teacher")
+        } else if self.data_fingerprint != other.data_fingerprint || self.samples != other.samples {
+            Some("data")
+        } else if self.nodes != other.nodes || self.output != other.output {
+            Some("node list")
+        } else if self.shard_size != other.shard_size || self.shards != other.shards {
+            Some("shard size")
+        } else {
+            None
+        }
     }
+
+    /// Refuses a count of shards that does not cover the samples exactly, and a shard number
+    /// outside the set (a damaged or hand-made file).
+    fn check(&self, path: &Path) -> Result<()> {
+        if self.shard_size == 0
+            || self.samples == 0
+            || self.shards != self.samples.div_ceil(self.shard_size)
+            || self.shard >= self.shards
+        {
+            return Err(file_err(
+                path,
+                format!(
+                    "has inconsistent `knowledge` metadata: shard {} of {} with {} samples of {} per shard",
+                    self.shard, self.shards, self.samples, self.shard_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The name under which a node's outputs are stored in a shard (apart from `index`).
+fn stored_name(node: &str) -> String {
+    format!("node/{node}")
 }
 
 fn shard_path(dir: &Path, k: usize) -> PathBuf {
@@ -89,6 +122,7 @@ fn read_meta(path: &Path) -> Result<(Vec<u8>, ShardMeta)> {
         serde_json::from_str::<ShardMeta>(meta.get("knowledge").map(String::as_str).unwrap_or(""))
             .map_err(|e| file_err(path, format!("the `knowledge` metadata is malformed: {e}")))?
     };
+    meta.check(path)?;
     Ok((bytes, meta))
 }
 
@@ -138,16 +172,22 @@ pub fn dump(
     }
     let g = &teacher.graph;
     let output = g.node(g.outputs()[0]).name.clone();
+    // A node asked twice is stored once.
     let nodes: Vec<String> = if nodes.is_empty() {
         vec![output.clone()]
     } else {
-        nodes.to_vec()
+        let mut seen = std::collections::BTreeSet::new();
+        nodes
+            .iter()
+            .filter(|n| seen.insert(n.as_str()))
+            .cloned()
+            .collect()
     };
     let mut shapes = BTreeMap::new();
     for n in &nodes {
         let node = g
             .find(n)
-            .ok_or_else(|| crate::unknown_node("teacher", teacher_label, n, g))?;
+            .ok_or_else(|| crate::unknown_node(&format!("teacher `{teacher_label}`"), n, g))?;
         shapes.insert(n.clone(), node.shape.clone());
     }
     let samples = set.len();
@@ -188,10 +228,12 @@ pub fn dump(
             continue;
         }
         let (_, meta) = read_meta(&path)?;
-        if !base.same_dump(&meta) {
+        if let Some(field) = base.differs(&meta) {
             return Err(file_err(
                 &path,
-                "holds knowledge of another teacher, data set, node list or shard size; remove the directory's shards or dump elsewhere",
+                format!(
+                    "holds knowledge of another {field} than this dump asks for; remove the directory's shards or dump elsewhere"
+                ),
             ));
         }
         if path == shard_path(dir, meta.shard) {
@@ -199,10 +241,11 @@ pub fn dump(
         }
     }
     let reused = done.iter().filter(|&&d| d).count();
+    let shard_len = |k: usize| (k * shard_size + shard_size).min(samples) - k * shard_size;
 
     let device = teacher.device();
     let mut bytes = 0u64;
-    let mut finished = reused * shard_size;
+    let mut finished: usize = (0..shards).filter(|&k| done[k]).map(shard_len).sum();
     for (k, _) in done.iter().enumerate().filter(|(_, d)| !**d) {
         let start = k * shard_size;
         let end = (start + shard_size).min(samples);
@@ -232,7 +275,7 @@ pub fn dump(
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for n in &nodes {
             let t = Tensor::cat(&parts[n], 0)?.to_device(&Device::Cpu)?;
-            tensors.push((n.clone(), t));
+            tensors.push((stored_name(n), t));
         }
         let index: Vec<u32> = (start as u32..end as u32).collect();
         tensors.push(("index".into(), Tensor::new(index, &Device::Cpu)?));
@@ -310,8 +353,17 @@ impl Knowledge {
                 ));
             }
             let (bytes, meta) = read_meta(&path)?;
-            if !meta0.same_dump(&meta) || meta.shard != k {
-                return Err(file_err(&path, "belongs to another dump than shard-00000"));
+            if let Some(field) = meta0.differs(&meta) {
+                return Err(file_err(
+                    &path,
+                    format!("belongs to another dump than shard-00000 (another {field})"),
+                ));
+            }
+            if meta.shard != k {
+                return Err(file_err(
+                    &path,
+                    format!("says it is shard {}, not {k}", meta.shard),
+                ));
             }
             let (st, _) = open_shard(&path, &bytes)?;
             let start = k * meta.shard_size;
@@ -339,7 +391,7 @@ impl Knowledge {
                 ));
             }
             for (name, shape) in &meta.nodes {
-                let t = load(name)?;
+                let t = load(&stored_name(name))?;
                 let mut want = vec![n];
                 want.extend(shape);
                 if t.dims() != want.as_slice() {

@@ -61,14 +61,15 @@ impl From<candle_core::Error> for DistillError {
 /// The result type of `slim-distill`.
 pub type Result<T, E = DistillError> = std::result::Result<T, E>;
 
-pub(crate) fn unknown_node(who: &str, label: &str, name: &str, g: &Graph) -> DistillError {
+/// "the teacher `t.safetensors` has no node `x`; close names: ..." (`who` names the model).
+pub(crate) fn unknown_node(who: &str, name: &str, g: &Graph) -> DistillError {
     let close = g.similar_names(name);
     let hint = if close.is_empty() {
         " (`slim info` lists the nodes)".to_string()
     } else {
         format!("; close names: {}", close.join(", "))
     };
-    DistillError::Invalid(format!("the {who} `{label}` has no node `{name}`{hint}"))
+    DistillError::Invalid(format!("the {who} has no node `{name}`{hint}"))
 }
 
 fn graph_shapes(g: &Graph) -> Shapes {
@@ -124,7 +125,9 @@ impl Teacher {
 
     fn missing(&self, name: &str) -> DistillError {
         match self {
-            Teacher::Model { model, label, .. } => unknown_node("teacher", label, name, &model.graph),
+            Teacher::Model { model, label, .. } => {
+                unknown_node(&format!("teacher `{label}`"), name, &model.graph)
+            }
             Teacher::Knowledge(k) => DistillError::Invalid(format!(
                 "the knowledge in {} holds the nodes {}, not `{name}`; dump it again with --node {name}",
                 k.dir.display(),
@@ -154,8 +157,39 @@ pub struct Distiller {
     losses: Vec<Box<dyn DistillLoss>>,
     student_taps: Vec<String>,
     teacher_taps: Vec<Vec<String>>,
+    /// One distinct name per loss.
+    names: Vec<String>,
+    fingerprint: String,
     sums: Vec<f64>,
     steps: usize,
+}
+
+/// Names that tell the losses apart: a name that repeats gets its teacher (`@1`), and then a
+/// count (`#2`) where that is not enough.
+fn distinct_names(losses: &[Box<dyn DistillLoss>]) -> Vec<String> {
+    let count = |names: &[String], n: &str| names.iter().filter(|m| m.as_str() == n).count();
+    let base: Vec<String> = losses.iter().map(|l| l.name()).collect();
+    let with_teacher: Vec<String> = losses
+        .iter()
+        .zip(&base)
+        .map(|(l, n)| match l.teacher_nodes().first() {
+            Some((t, _)) if count(&base, n) > 1 => format!("{n}@{t}"),
+            _ => n.clone(),
+        })
+        .collect();
+    let mut seen: Vec<String> = Vec::new();
+    with_teacher
+        .iter()
+        .map(|n| {
+            let k = count(&seen, n);
+            seen.push(n.clone());
+            if k == 0 {
+                n.clone()
+            } else {
+                format!("{n}#{}", k + 1)
+            }
+        })
+        .collect()
 }
 
 impl Distiller {
@@ -190,7 +224,7 @@ impl Distiller {
         for loss in &losses {
             for n in loss.student_nodes() {
                 if !student_shapes.contains_key(&n) {
-                    return Err(unknown_node("student", "student", &n, &student.graph));
+                    return Err(unknown_node("student", &n, &student.graph));
                 }
                 student_taps.insert(n);
             }
@@ -221,7 +255,18 @@ impl Distiller {
             loss.check(&student_shapes, &views)?;
         }
         let n = losses.len();
+        let names = distinct_names(&losses);
+        let mut fingerprint = names.join(",");
+        for t in &teachers {
+            let fp = match t {
+                Teacher::Model { model, .. } => model.fingerprint()?,
+                Teacher::Knowledge(k) => k.meta.teacher_fingerprint.clone(),
+            };
+            fingerprint.push_str(&format!(" teacher:{}", &fp[..fp.len().min(16)]));
+        }
         Ok(Distiller {
+            names,
+            fingerprint,
             teachers,
             losses,
             student_taps: student_taps.into_iter().collect(),
@@ -259,26 +304,37 @@ impl Distiller {
         Distiller::new(student, teachers, losses)
     }
 
-    /// Refuses precomputed knowledge of another training split.
+    /// Refuses precomputed knowledge of another training split, and of a data set that is
+    /// augmented in training: knowledge holds the teacher's outputs for the stored images,
+    /// not for the randomly cropped or flipped ones the student would see.
     pub fn check_data(&self, data: &DataSplits) -> Result<()> {
         for t in &self.teachers {
             if let Teacher::Knowledge(k) = t {
                 k.check_data(&data.train, &data.spec)?;
+                if data.augment != Default::default() {
+                    return Err(DistillError::Invalid(format!(
+                        "the data `{}` is augmented in training (random crops or flips), so the outputs precomputed in {} would not match what the student sees; use the teacher model instead",
+                        data.spec,
+                        k.dir.display()
+                    )));
+                }
             }
         }
         Ok(())
     }
 
+    /// One name per loss, distinct (a repeated name gets `@TEACHER`, then `#N`).
     pub fn loss_names(&self) -> Vec<String> {
-        self.losses.iter().map(|l| l.name()).collect()
+        self.names.clone()
     }
 
-    /// The mean of every loss (weighted) over the steps so far, by name.
+    /// The mean of every loss (weighted) over the steps of this run so far (a resumed run
+    /// counts from where it resumed), by name.
     pub fn loss_means(&self) -> Vec<(String, f64)> {
-        self.losses
+        self.names
             .iter()
             .zip(&self.sums)
-            .map(|(l, s)| (l.name(), s / self.steps.max(1) as f64))
+            .map(|(l, s)| (l.clone(), s / self.steps.max(1) as f64))
             .collect()
     }
 
@@ -296,6 +352,9 @@ impl LossTerm for Distiller {
     }
     fn params(&self) -> Vec<(String, Var)> {
         self.losses.iter().flat_map(|l| l.params()).collect()
+    }
+    fn fingerprint(&self) -> String {
+        format!("distill[{}]", self.fingerprint)
     }
     fn loss(&mut self, batch: &Batch, out: &ForwardOutput) -> slim_core::Result<Tensor> {
         let mut run = || -> Result<Tensor> {

@@ -213,12 +213,22 @@ impl DistillLoss for L2 {
     fn check(&self, student: &Shapes, teachers: &[TeacherView<'_>]) -> Result<()> {
         let s = &student[&self.student_node];
         let t = &teachers[self.teacher].shapes[&self.teacher_node];
+        if self.adapter.is_some() && s.len() != 1 && s.len() != 3 {
+            return Err(invalid(format!(
+                "an adapter maps features [C] or feature maps [C, H, W]; student node `{}` is {s:?}",
+                self.student_node
+            )));
+        }
         let mut mapped = s.clone();
         if let (Some(a), Some(c)) = (&self.adapter, mapped.first_mut()) {
             *c = a.weight.dims()[0];
         }
         if &mapped != t {
-            let hint = if self.adapter.is_none() && s.len() == t.len() && s[1..] == t[1..] {
+            let hint = if self.adapter.is_none()
+                && !s.is_empty()
+                && s.len() == t.len()
+                && s[1..] == t[1..]
+            {
                 "; the channel counts differ: add adapter=true to learn a 1x1 map between them"
             } else {
                 ""
@@ -327,6 +337,7 @@ impl std::str::FromStr for LossSpec {
     type Err = DistillError;
     fn from_str(text: &str) -> Result<Self> {
         let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
+        let kind = kind.trim();
         if !["soft_label", "l2", "fsp"].contains(&kind) {
             return Err(invalid(format!(
                 "unknown loss `{kind}` in `{text}` (known: soft_label, l2, fsp)"
@@ -389,11 +400,11 @@ impl LossSpec {
         }
     }
 
-    fn required(&self, key: &str) -> Result<&str> {
+    fn required(&self, key: &str, what: &str) -> Result<&str> {
         self.args
             .get(key)
             .map(String::as_str)
-            .ok_or_else(|| invalid(format!("loss `{}` needs {key}=NODE", self.text)))
+            .ok_or_else(|| invalid(format!("loss `{}` needs {key}={what}", self.text)))
     }
 
     /// Builds the loss. `index` makes adapter names unique; `student` holds the student's
@@ -455,8 +466,8 @@ impl LossSpec {
             }
             "l2" => {
                 self.allow(&opts(&["teacher", "student", "adapter"]))?;
-                let teacher_node = self.required("teacher")?.to_string();
-                let student_node = self.required("student")?.to_string();
+                let teacher_node = self.required("teacher", "NODE")?.to_string();
+                let student_node = self.required("student", "NODE")?.to_string();
                 let adapter = if self.flag("adapter")? {
                     let s = student.get(&student_node);
                     let t = teachers[teacher].shapes.get(&teacher_node);
@@ -482,7 +493,7 @@ impl LossSpec {
             _ => {
                 self.allow(&opts(&["teacher", "student"]))?;
                 let split = |who: &str, shapes: &Shapes, key: &str| -> Result<(String, String)> {
-                    let v = self.required(key)?;
+                    let v = self.required(key, "A-B")?;
                     // Node names may contain `-`: take the split whose halves both exist.
                     let cuts: Vec<(String, String)> = v
                         .match_indices('-')

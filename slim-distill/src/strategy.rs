@@ -120,7 +120,13 @@ impl Strategy for DistillStrategy {
             }
             t if t.starts_with("zoo:") => {
                 let name = &t["zoo:".len()..];
-                let file = ctx.work_dir.join(format!("teacher-{name}.safetensors"));
+                // The file's name holds what the teacher was trained with, so that another
+                // width or length trains a new one.
+                let epochs = self.options.teacher_epochs.unwrap_or(ctx.train.epochs);
+                let file = ctx.work_dir.join(format!(
+                    "teacher-{name}-w{}-e{epochs}.safetensors",
+                    self.options.teacher_width
+                ));
                 let teacher = if file.exists() {
                     Model::load(&file, &device)?
                 } else {

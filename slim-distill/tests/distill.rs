@@ -391,14 +391,15 @@ fn knowledge_files_replace_the_teacher_and_refuse_other_data() {
     )
     .unwrap();
     assert_eq!((r.samples, r.shards, r.reused), (320, 3, 0));
-    // A rerun keeps the finished shards.
+    // A rerun keeps the finished shards: the teacher and data are recognised by their
+    // contents, not by the labels given, and a node asked twice is stored once.
     let r = dump(
         &teacher,
-        "teacher",
+        "./teacher",
         &data.train,
         &data.normalize,
-        "mnist",
-        &nodes,
+        "builtin:mnist",
+        &["pool2".to_string(), "fc3".to_string(), "pool2".to_string()],
         &kdir,
         128,
         &mut |_, _| {},
@@ -420,6 +421,20 @@ fn knowledge_files_replace_the_teacher_and_refuse_other_data() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("another teacher"), "{e}");
+    let e = dump(
+        &teacher,
+        "teacher",
+        &data.train,
+        &data.normalize,
+        "mnist",
+        &nodes,
+        &kdir,
+        100,
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("another shard size"), "{e}");
 
     let k = Knowledge::open(&kdir, &Device::Cpu).unwrap();
     k.check_teacher(&teacher, "teacher").unwrap();
@@ -499,6 +514,11 @@ fn knowledge_files_replace_the_teacher_and_refuse_other_data() {
     .map(|e| e.to_string())
     .unwrap_or_default();
     assert!(e.contains("dump it again"), "{e}");
+    // Knowledge of the stored images does not fit randomly cropped or flipped ones.
+    let mut augmented = data.clone();
+    augmented.augment.hflip = true;
+    let e = d.check_data(&augmented).unwrap_err().to_string();
+    assert!(e.contains("augmented"), "{e}");
     let k = Knowledge::open(&kdir, &Device::Cpu).unwrap();
     let e = Distiller::from_specs(
         &offline,
@@ -517,6 +537,17 @@ fn knowledge_files_replace_the_teacher_and_refuse_other_data() {
     assert!(e.contains("shard-00001") && e.contains("missing"), "{e}");
     std::fs::write(kdir.join("shard-00001.safetensors"), b"not a shard").unwrap();
     assert!(Knowledge::open(&kdir, &Device::Cpu).is_err());
+    // A shard in another's place.
+    std::fs::copy(
+        kdir.join("shard-00002.safetensors"),
+        kdir.join("shard-00001.safetensors"),
+    )
+    .unwrap();
+    let e = Knowledge::open(&kdir, &Device::Cpu)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("says it is shard 2, not 1"), "{e}");
 }
 
 #[test]
@@ -570,4 +601,64 @@ fn a_resumed_run_with_an_adapter_matches_an_unbroken_one() {
     let r = distill(&mut resumed, &mut d, &data, &cfg, opts, &mut |_| {}).unwrap();
     assert_eq!(r.train.resumed_from, 1);
     assert_eq!(resumed.fingerprint().unwrap(), whole.fingerprint().unwrap());
+
+    // Resuming with other losses, or another teacher, is refused.
+    for (losses, teacher_seed) in [(specs(&["soft_label:temperature=3"]), 0), (losses, 7)] {
+        let mut again = lenet(0.5, 4);
+        let mut d = Distiller::from_specs(
+            &again,
+            vec![Teacher::model(lenet(1.0, teacher_seed), "t")],
+            &losses,
+        )
+        .unwrap();
+        let opts = TrainOptions {
+            checkpoint: Some(dir.path().join("s.ckpt")),
+            resume: true,
+            ..Default::default()
+        };
+        let e = distill(
+            &mut again,
+            &mut d,
+            &data,
+            &cfg.clone().with_epochs(3),
+            opts,
+            &mut |_| {},
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("other extra losses or teachers"), "{e}");
+    }
+}
+
+#[test]
+fn every_loss_has_its_own_name() {
+    let student = lenet(0.5, 1);
+    let d = Distiller::from_specs(
+        &student,
+        vec![
+            Teacher::model(lenet(1.0, 0), "a"),
+            Teacher::model(lenet(1.0, 1), "b"),
+        ],
+        &specs(&[
+            "soft_label:temperature=2",
+            "soft_label:temperature=2,teacher_index=1",
+            " l2 :teacher=fc3,student=fc3",
+            "l2:teacher=fc3,student=fc3,weight=2",
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        d.loss_names(),
+        [
+            "soft_label(T=2)@0",
+            "soft_label(T=2)@1",
+            "l2(fc3)@0",
+            "l2(fc3)@0#2"
+        ]
+    );
+    let e = err(&student, lenet(1.0, 0), &["fsp:teacher=conv1"]);
+    assert!(e.contains("A-B"), "{e}");
+    let e = err(&student, lenet(1.0, 0), &["fsp:student=conv1-relu1"]);
+    assert!(e.contains("teacher=A-B"), "{e}");
 }

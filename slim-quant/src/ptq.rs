@@ -41,8 +41,8 @@ pub struct PtqConfig {
     /// runs no batch norm, and the file holds no batch-norm statistics).
     pub fold_batch_norm: bool,
     /// Correct every quantized layer's bias so that the mean of each output channel over the
-    /// calibration images is the float model's (layer after layer, each measured with the
-    /// earlier ones corrected); a layer without a bias gets one.
+    /// calibration images (up to 8 of its batches) is the float model's (layer after layer,
+    /// each measured with the earlier ones corrected); a layer without a bias gets one.
     pub bias_correction: bool,
 }
 
@@ -295,8 +295,17 @@ pub fn quantize(
     out.provenance.insert(
         "quantization".into(),
         format!(
-            "ptq: weights {} {}-bit, activations {} {}-bit, {} calibration images",
-            cfg.weights, cfg.bits_weights, cfg.activations, cfg.bits_activations, images
+            "ptq: weights {} {}-bit, activations {} {}-bit, {} calibration images{}",
+            cfg.weights,
+            cfg.bits_weights,
+            cfg.activations,
+            cfg.bits_activations,
+            images,
+            if cfg.bias_correction {
+                ", bias correction"
+            } else {
+                ""
+            }
         ),
     );
     out.int8 = int8;
