@@ -20,6 +20,7 @@ mod common;
 mod compress;
 mod distill;
 mod info;
+mod latency;
 mod output;
 mod prune;
 mod quant;
@@ -66,6 +67,9 @@ enum Command {
     /// Quantize a model to int8.
     #[command(subcommand)]
     Quant(quant::QuantCommand),
+    /// Per-device latency tables: build, estimate, validate.
+    #[command(subcommand)]
+    Latency(latency::LatencyCommand),
 }
 
 /// An error and the exit status it deserves.
@@ -100,6 +104,11 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
                 slim_distill::DistillError::Core(c) => core_code(c),
                 slim_distill::DistillError::Invalid(_) => 2,
             }
+        } else if let Some(e) = error.downcast_ref::<slim_latency::LatencyError>() {
+            match e {
+                slim_latency::LatencyError::Core(c) => core_code(c),
+                _ => 2,
+            }
         } else {
             1
         };
@@ -126,6 +135,7 @@ fn main() -> ExitCode {
         Command::Sensitivity(args) => prune::run_sensitivity(args),
         Command::Quant(cmd) => quant::run(cmd),
         Command::Distill(args) => distill::run(args),
+        Command::Latency(cmd) => latency::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,325 @@
+//! `slim latency build|estimate|validate`: per-device latency tables.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use slim_core::data::{ImageSet, Normalize};
+use slim_core::exec::NodeKernels;
+use slim_core::zoo::{self, ZooConfig};
+use slim_core::Model;
+use slim_latency::{
+    build, estimate, validate, BuildOptions, DeviceInfo, Runtime, Subject, Table, TimingProgress,
+};
+use slim_quant::ptq::{quantize, PtqConfig};
+use slim_quant::runtime::Int8Kernels;
+
+use crate::common::Common;
+use crate::{input_error, Failure};
+
+#[derive(Subcommand)]
+pub enum LatencyCommand {
+    /// Time every op of the given models on this machine and write (or add to) a table.
+    Build(BuildArgs),
+    /// A model's latency from a table.
+    Estimate(EstimateArgs),
+    /// Estimated against measured latency of whole models, and the mean absolute error.
+    Validate(ValidateArgs),
+}
+
+/// The models to time.
+#[derive(Args, Clone, Debug)]
+pub struct Models {
+    /// A model file (repeatable).
+    #[arg(long = "model")]
+    pub models: Vec<PathBuf>,
+    /// A zoo model, NAME or NAME@CxHxW (default input 1x28x28; repeatable). On the int8
+    /// runtime it is quantized first, with scales from random images.
+    #[arg(long = "zoo")]
+    pub zoo: Vec<String>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct Timing {
+    /// Timed runs of each model.
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Estimate ops the table lacks from a line fitted on the table's ops of the same kind.
+    #[arg(long)]
+    pub fallback: bool,
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// The table file; an existing table is added to (same runtime, threads and batch).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub models: Models,
+    /// f32 or int8.
+    #[arg(long, default_value = "f32")]
+    pub runtime: String,
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[command(flatten)]
+    pub timing: Timing,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct EstimateArgs {
+    pub model: PathBuf,
+    #[arg(long)]
+    pub table: PathBuf,
+    #[arg(long)]
+    pub fallback: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct ValidateArgs {
+    #[arg(long)]
+    pub table: PathBuf,
+    #[command(flatten)]
+    pub models: Models,
+    #[command(flatten)]
+    pub timing: Timing,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn run(cmd: LatencyCommand) -> Result<(), Failure> {
+    match cmd {
+        LatencyCommand::Build(a) => run_build(a),
+        LatencyCommand::Estimate(a) => run_estimate(a),
+        LatencyCommand::Validate(a) => run_validate(a),
+    }
+}
+
+fn kernels(runtime: Runtime) -> Option<&'static dyn NodeKernels> {
+    match runtime {
+        Runtime::F32 => None,
+        Runtime::Int8 => Some(&Int8Kernels),
+    }
+}
+
+/// `NAME` or `NAME@CxHxW`.
+fn zoo_spec(spec: &str) -> Result<(String, [usize; 3]), Failure> {
+    let (name, shape) = spec.split_once('@').unwrap_or((spec, "1x28x28"));
+    let dims: Vec<usize> = shape
+        .split('x')
+        .map(|d| d.parse::<usize>().ok().filter(|&d| d > 0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            input_error(format!(
+                "--zoo {spec}: the input must be CxHxW, e.g. 3x32x32"
+            ))
+        })?;
+    let [c, h, w] = dims[..] else {
+        return Err(input_error(format!(
+            "--zoo {spec}: the input must be CxHxW, e.g. 3x32x32"
+        )));
+    };
+    Ok((name.to_string(), [c, h, w]))
+}
+
+fn load_models(m: &Models, runtime: Runtime) -> Result<Vec<(String, Model)>, Failure> {
+    if m.models.is_empty() && m.zoo.is_empty() {
+        return Err(input_error("give at least one --model FILE or --zoo NAME"));
+    }
+    let device = candle_core::Device::Cpu;
+    let mut out = Vec::new();
+    for path in &m.models {
+        out.push((path.display().to_string(), Model::load(path, &device)?));
+    }
+    for spec in &m.zoo {
+        let (name, input) = zoo_spec(spec)?;
+        let model = zoo::model(&name, &ZooConfig::new(input), 0, &device)?;
+        let model = match runtime {
+            Runtime::F32 => model,
+            Runtime::Int8 => {
+                // Latency does not depend on the values: random images give the scales.
+                let per: usize = input.iter().product();
+                let n = 16;
+                let mut state = 0x2545_f491_4f6c_dd1du64;
+                let images = (0..n * per)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        (state >> 56) as u8
+                    })
+                    .collect();
+                let set = ImageSet {
+                    shape: input,
+                    classes: 10,
+                    images,
+                    labels: vec![0; n],
+                };
+                let normalize = Normalize {
+                    mean: vec![0.5; input[0]],
+                    std: vec![0.25; input[0]],
+                };
+                let cfg = PtqConfig {
+                    batches: 1,
+                    batch_size: n,
+                    ..Default::default()
+                };
+                quantize(&model, &set, &normalize, &cfg)?.0
+            }
+        };
+        out.push((
+            format!("{name}@{}x{}x{}", input[0], input[1], input[2]),
+            model,
+        ));
+    }
+    Ok(out)
+}
+
+fn progress_printer(quiet: bool) -> impl FnMut(&TimingProgress) + Send {
+    move |p: &TimingProgress| {
+        if !quiet && p.done == p.total {
+            eprintln!("timed {} ({} runs)", p.model, p.total);
+        }
+    }
+}
+
+fn run_build(a: BuildArgs) -> Result<(), Failure> {
+    let runtime: Runtime = a.runtime.parse()?;
+    if a.threads == 0 || a.batch == 0 {
+        return Err(input_error("--threads and --batch must be at least 1"));
+    }
+    let table = if a.out.exists() {
+        let t = Table::load(&a.out)?;
+        t.check(&a.out, runtime)?;
+        if (t.device.threads, t.device.batch) != (a.threads, a.batch) {
+            return Err(input_error(format!(
+                "{} was measured with {} thread(s) and batch {}, not {} and {}",
+                a.out.display(),
+                t.device.threads,
+                t.device.batch,
+                a.threads,
+                a.batch
+            )));
+        }
+        t
+    } else {
+        Table::new(DeviceInfo::this_machine(runtime, a.threads, a.batch))
+    };
+    let models = load_models(&a.models, runtime)?;
+    let subjects: Vec<Subject<'_>> = models
+        .iter()
+        .map(|(name, model)| Subject {
+            name: name.clone(),
+            model,
+        })
+        .collect();
+    let opts = BuildOptions {
+        runs: a.timing.runs,
+        warmup: a.timing.warmup,
+    };
+    let mut progress = progress_printer(a.common.quiet);
+    let (table, report) = build(table, &subjects, kernels(runtime), &opts, &mut progress)?;
+    table.save(&a.out)?;
+    if a.common.json {
+        outln!(
+            "{}",
+            serde_json::json!({"table": a.out, "entries": table.entries.len(), "added": report.added, "remeasured": report.remeasured, "seconds": report.seconds})
+        );
+    } else {
+        outln!(
+            "{}: {} op signatures ({} new, {} measured again) on {}, in {:.1} s",
+            a.out.display(),
+            table.entries.len(),
+            report.added,
+            report.remeasured,
+            table.device.describe(),
+            report.seconds
+        );
+    }
+    Ok(())
+}
+
+fn run_estimate(a: EstimateArgs) -> Result<(), Failure> {
+    let table = Table::load(&a.table)?;
+    let model = Model::load(&a.model, &candle_core::Device::Cpu)?;
+    let e = estimate(&table, &model, a.fallback)?;
+    if a.common.json {
+        outln!("{}", serde_json::to_string(&e)?);
+    } else {
+        outln!(
+            "{}: {:.3} ms on {} ({:.3} ms in {} ops, {:.3} ms forward overhead)",
+            a.model.display(),
+            e.total_ms,
+            table.device.describe(),
+            e.ops_ms,
+            e.ops.len(),
+            e.overhead_ms
+        );
+        if !e.fallback.is_empty() {
+            outln!(
+                "estimated by the fallback fit ({} signature(s) not in the table):",
+                e.fallback.len()
+            );
+            for s in &e.fallback {
+                outln!("  {s}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_validate(a: ValidateArgs) -> Result<(), Failure> {
+    let table = Table::load(&a.table)?;
+    let runtime = table.device.runtime;
+    let models = load_models(&a.models, runtime)?;
+    let subjects: Vec<Subject<'_>> = models
+        .iter()
+        .map(|(name, model)| Subject {
+            name: name.clone(),
+            model,
+        })
+        .collect();
+    let opts = BuildOptions {
+        runs: a.timing.runs,
+        warmup: a.timing.warmup,
+    };
+    let mut progress = progress_printer(a.common.quiet);
+    let v = validate(
+        &table,
+        &subjects,
+        kernels(runtime),
+        &opts,
+        a.timing.fallback,
+        &mut progress,
+    )?;
+    if a.common.json {
+        outln!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    outln!("on {}", table.device.describe());
+    outln!("| model | estimated ms | measured ms | error |");
+    outln!("|---|---|---|---|");
+    for m in &v.models {
+        let fb = if m.fallback_ops > 0 {
+            format!(" ({} ops by fallback)", m.fallback_ops)
+        } else {
+            String::new()
+        };
+        outln!(
+            "| {} | {:.3} | {:.3} | {:+.1}%{fb} |",
+            m.model,
+            m.estimated_ms,
+            m.measured_ms,
+            m.error * 100.0
+        );
+    }
+    outln!("mean absolute percentage error: {:.1}%", v.mape * 100.0);
+    Ok(())
+}
