@@ -33,7 +33,7 @@ pub struct Models {
     #[arg(long = "model")]
     pub models: Vec<PathBuf>,
     /// A zoo model, NAME or NAME@CxHxW (default input 1x28x28; repeatable). On the int8
-    /// runtime it is quantized first, with scales from random images.
+    /// runtime it is quantized first, with scales from a fixed pattern of pixels.
     #[arg(long = "zoo")]
     pub zoo: Vec<String>,
 }
@@ -144,18 +144,10 @@ fn load_models(m: &Models, runtime: Runtime) -> Result<Vec<(String, Model)>, Fai
         let model = match runtime {
             Runtime::F32 => model,
             Runtime::Int8 => {
-                // Latency does not depend on the values: random images give the scales.
+                // Latency does not depend on the values: a fixed pattern gives the scales.
                 let per: usize = input.iter().product();
                 let n = 16;
-                let mut state = 0x2545_f491_4f6c_dd1du64;
-                let images = (0..n * per)
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        (state >> 56) as u8
-                    })
-                    .collect();
+                let images = (0..n * per).map(|i| (i * 97 % 251) as u8).collect();
                 let set = ImageSet {
                     shape: input,
                     classes: 10,
@@ -182,6 +174,25 @@ fn load_models(m: &Models, runtime: Runtime) -> Result<Vec<(String, Model)>, Fai
     Ok(out)
 }
 
+fn subjects(models: &[(String, Model)]) -> Vec<Subject<'_>> {
+    models
+        .iter()
+        .map(|(name, model)| Subject {
+            name: name.clone(),
+            model,
+        })
+        .collect()
+}
+
+impl Timing {
+    fn options(&self) -> BuildOptions {
+        BuildOptions {
+            runs: self.runs,
+            warmup: self.warmup,
+        }
+    }
+}
+
 fn progress_printer(quiet: bool) -> impl FnMut(&TimingProgress) + Send {
     move |p: &TimingProgress| {
         if !quiet && p.done == p.total {
@@ -192,6 +203,7 @@ fn progress_printer(quiet: bool) -> impl FnMut(&TimingProgress) + Send {
 
 fn run_build(a: BuildArgs) -> Result<(), Failure> {
     let runtime: Runtime = a.runtime.parse()?;
+    crate::common::check_out_dir("--out", &a.out)?;
     if a.threads == 0 || a.batch == 0 {
         return Err(input_error("--threads and --batch must be at least 1"));
     }
@@ -213,17 +225,8 @@ fn run_build(a: BuildArgs) -> Result<(), Failure> {
         Table::new(DeviceInfo::this_machine(runtime, a.threads, a.batch))
     };
     let models = load_models(&a.models, runtime)?;
-    let subjects: Vec<Subject<'_>> = models
-        .iter()
-        .map(|(name, model)| Subject {
-            name: name.clone(),
-            model,
-        })
-        .collect();
-    let opts = BuildOptions {
-        runs: a.timing.runs,
-        warmup: a.timing.warmup,
-    };
+    let subjects = subjects(&models);
+    let opts = a.timing.options();
     let mut progress = progress_printer(a.common.quiet);
     let (table, report) = build(table, &subjects, kernels(runtime), &opts, &mut progress)?;
     table.save(&a.out)?;
@@ -279,17 +282,8 @@ fn run_validate(a: ValidateArgs) -> Result<(), Failure> {
     let table = Table::load(&a.table)?;
     let runtime = table.device.runtime;
     let models = load_models(&a.models, runtime)?;
-    let subjects: Vec<Subject<'_>> = models
-        .iter()
-        .map(|(name, model)| Subject {
-            name: name.clone(),
-            model,
-        })
-        .collect();
-    let opts = BuildOptions {
-        runs: a.timing.runs,
-        warmup: a.timing.warmup,
-    };
+    let subjects = subjects(&models);
+    let opts = a.timing.options();
     let mut progress = progress_printer(a.common.quiet);
     let v = validate(
         &table,
