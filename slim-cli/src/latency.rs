@@ -43,9 +43,12 @@ pub struct Timing {
     /// Timed runs of each model.
     #[arg(long, default_value_t = 20)]
     pub runs: usize,
-    /// Untimed runs first.
+    /// Untimed runs first...
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// ...lasting at least this many milliseconds in all.
+    #[arg(long, default_value_t = 300.0)]
+    pub warmup_ms: f64,
     /// Estimate ops the table lacks from a line fitted on the table's ops of the same kind.
     #[arg(long)]
     pub fallback: bool,
@@ -189,6 +192,7 @@ impl Timing {
         BuildOptions {
             runs: self.runs,
             warmup: self.warmup,
+            warmup_ms: self.warmup_ms,
         }
     }
 }

@@ -49,6 +49,7 @@ pub mod kernels;
 pub mod model;
 pub mod params;
 pub mod pipeline;
+pub mod plot;
 pub mod search;
 pub mod train;
 pub mod transform;

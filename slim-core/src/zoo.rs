@@ -56,10 +56,12 @@ impl ZooConfig {
         self.classes = classes;
         self
     }
-    fn small(&self) -> bool {
+    /// Whether the input gets the small-image variant (at most 64 pixels high).
+    pub fn small(&self) -> bool {
         self.input[1] <= 64
     }
-    fn scale(&self, c: usize) -> usize {
+    /// `c` channels times the width multiplier, rounded, at least 1.
+    pub fn scale(&self, c: usize) -> usize {
         ((c as f64 * self.width).round() as usize).max(1)
     }
 }
@@ -225,31 +227,29 @@ fn residual(b: &mut GraphBuilder, p: &str, planes: usize, stride: usize, bottlen
         .relu(&format!("{p}.relu"));
 }
 
-fn resnet_cifar(cfg: &ZooConfig, n: usize) -> Result<Graph> {
-    let mut b = GraphBuilder::new(cfg.input);
-    cba(&mut b, "stem", k(cfg.scale(16), 3, 1), Some(Op::Relu));
-    for (i, planes) in [16, 32, 64].into_iter().enumerate() {
-        for j in 0..n {
-            let stride = if i > 0 && j == 0 { 2 } else { 1 };
-            residual(
-                &mut b,
-                &format!("layer{}.{j}", i + 1),
-                cfg.scale(planes),
-                stride,
-                false,
-            );
-        }
-    }
-    b.global_avg_pool("avgpool").linear("fc", cfg.classes);
-    b.build()
+/// One stage of a ResNet: `blocks` residual blocks of `planes` channels (times 4 at the
+/// output of a bottleneck), the first with `stride`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResStage {
+    pub planes: usize,
+    pub blocks: usize,
+    pub stride: usize,
 }
 
-fn resnet_imagenet(cfg: &ZooConfig, blocks: [usize; 4], bottleneck: bool) -> Result<Graph> {
+/// A ResNet of the given stages (channels taken as they are: the width multiplier is not
+/// applied to them) after a stem of `stem` channels: 3x3 stride 1 for small inputs, 7x7
+/// stride 2 and a max pooling for large ones. Stage `i` is named `layer{i+1}`.
+pub fn resnet_with(
+    cfg: &ZooConfig,
+    stem: usize,
+    stages: &[ResStage],
+    bottleneck: bool,
+) -> Result<Graph> {
     let mut b = GraphBuilder::new(cfg.input);
     if cfg.small() {
-        cba(&mut b, "stem", k(cfg.scale(64), 3, 1), Some(Op::Relu));
+        cba(&mut b, "stem", k(stem, 3, 1), Some(Op::Relu));
     } else {
-        cba(&mut b, "stem", k(cfg.scale(64), 7, 2), Some(Op::Relu));
+        cba(&mut b, "stem", k(stem, 7, 2), Some(Op::Relu));
         b.push(
             "stem.maxpool",
             Op::MaxPool2d(PoolSpec {
@@ -259,13 +259,13 @@ fn resnet_imagenet(cfg: &ZooConfig, blocks: [usize; 4], bottleneck: bool) -> Res
             }),
         );
     }
-    for (i, (&n, planes)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
-        for j in 0..n {
-            let stride = if i > 0 && j == 0 { 2 } else { 1 };
+    for (i, st) in stages.iter().enumerate() {
+        for j in 0..st.blocks {
+            let stride = if j == 0 { st.stride } else { 1 };
             residual(
                 &mut b,
                 &format!("layer{}.{j}", i + 1),
-                cfg.scale(planes),
+                st.planes,
                 stride,
                 bottleneck,
             );
@@ -275,6 +275,46 @@ fn resnet_imagenet(cfg: &ZooConfig, blocks: [usize; 4], bottleneck: bool) -> Res
     b.build()
 }
 
+/// The stages of a CIFAR-style ResNet with `n` blocks per stage (ResNet-20: 3), widened.
+pub fn resnet_cifar_stages(cfg: &ZooConfig, n: usize) -> Vec<ResStage> {
+    [16, 32, 64]
+        .into_iter()
+        .enumerate()
+        .map(|(i, planes)| ResStage {
+            planes: cfg.scale(planes),
+            blocks: n,
+            stride: if i > 0 { 2 } else { 1 },
+        })
+        .collect()
+}
+
+/// The stages of an ImageNet-style ResNet with `blocks` per stage (ResNet-18: 2, 2, 2, 2).
+pub fn resnet_imagenet_stages(cfg: &ZooConfig, blocks: [usize; 4]) -> Vec<ResStage> {
+    blocks
+        .iter()
+        .zip([64, 128, 256, 512])
+        .enumerate()
+        .map(|(i, (&n, planes))| ResStage {
+            planes: cfg.scale(planes),
+            blocks: n,
+            stride: if i > 0 { 2 } else { 1 },
+        })
+        .collect()
+}
+
+fn resnet_cifar(cfg: &ZooConfig, n: usize) -> Result<Graph> {
+    resnet_with(cfg, cfg.scale(16), &resnet_cifar_stages(cfg, n), false)
+}
+
+fn resnet_imagenet(cfg: &ZooConfig, blocks: [usize; 4], bottleneck: bool) -> Result<Graph> {
+    resnet_with(
+        cfg,
+        cfg.scale(64),
+        &resnet_imagenet_stages(cfg, blocks),
+        bottleneck,
+    )
+}
+
 /// Depthwise-separable block: depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU.
 fn separable(b: &mut GraphBuilder, p: &str, out: usize, stride: usize) {
     let c = b.shape()[0];
@@ -282,34 +322,47 @@ fn separable(b: &mut GraphBuilder, p: &str, out: usize, stride: usize) {
     cba(b, &format!("{p}.pw"), k(out, 1, 1), Some(Op::Relu));
 }
 
-fn mobilenet_v1(cfg: &ZooConfig) -> Result<Graph> {
+/// The published MobileNetV1's blocks: (output channels, stride) of each depthwise-separable
+/// block, before the width multiplier.
+pub const MOBILENET_V1_BLOCKS: [(usize, usize); 13] = [
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
+];
+
+/// A MobileNetV1 with a stem of `stem` channels and the given depthwise-separable blocks
+/// (output channels, stride), channels taken as they are. Block `i` is named `block{i+1}`.
+pub fn mobilenet_v1_with(cfg: &ZooConfig, stem: usize, blocks: &[(usize, usize)]) -> Result<Graph> {
     let mut b = GraphBuilder::new(cfg.input);
     cba(
         &mut b,
         "stem",
-        k(cfg.scale(32), 3, if cfg.small() { 1 } else { 2 }),
+        k(stem, 3, if cfg.small() { 1 } else { 2 }),
         Some(Op::Relu),
     );
-    let blocks = [
-        (64, 1),
-        (128, 2),
-        (128, 1),
-        (256, 2),
-        (256, 1),
-        (512, 2),
-        (512, 1),
-        (512, 1),
-        (512, 1),
-        (512, 1),
-        (512, 1),
-        (1024, 2),
-        (1024, 1),
-    ];
-    for (i, (c, s)) in blocks.into_iter().enumerate() {
-        separable(&mut b, &format!("block{}", i + 1), cfg.scale(c), s);
+    for (i, &(c, s)) in blocks.iter().enumerate() {
+        separable(&mut b, &format!("block{}", i + 1), c, s);
     }
     b.global_avg_pool("avgpool").linear("fc", cfg.classes);
     b.build()
+}
+
+fn mobilenet_v1(cfg: &ZooConfig) -> Result<Graph> {
+    let blocks: Vec<(usize, usize)> = MOBILENET_V1_BLOCKS
+        .iter()
+        .map(|&(c, s)| (cfg.scale(c), s))
+        .collect();
+    mobilenet_v1_with(cfg, cfg.scale(32), &blocks)
 }
 
 fn make_divisible(v: f64, divisor: usize) -> usize {
@@ -322,18 +375,21 @@ fn make_divisible(v: f64, divisor: usize) -> usize {
     n
 }
 
-fn mobilenet_v2(cfg: &ZooConfig) -> Result<Graph> {
-    let mut b = GraphBuilder::new(cfg.input);
-    let ch = |c: usize| make_divisible(c as f64 * cfg.width, 8);
-    cba(
-        &mut b,
-        "stem",
-        k(ch(32), 3, if cfg.small() { 1 } else { 2 }),
-        Some(Op::Relu6),
-    );
-    // (expansion, channels, repeats, stride); small inputs keep the 24-channel stage at
-    // full resolution, as CIFAR variants do.
-    let settings = [
+/// One stage of a MobileNetV2: `repeats` inverted-residual blocks with the given expansion,
+/// depthwise kernel and output channels, the first with `stride`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct V2Stage {
+    pub expansion: usize,
+    pub channels: usize,
+    pub repeats: usize,
+    pub stride: usize,
+    pub kernel: usize,
+}
+
+/// The published MobileNetV2's stages for this input and width (small inputs keep the
+/// 24-channel stage at full resolution, as CIFAR variants do).
+pub fn mobilenet_v2_stages(cfg: &ZooConfig) -> Vec<V2Stage> {
+    [
         (1, 16, 1, 1),
         (6, 24, 2, if cfg.small() { 1 } else { 2 }),
         (6, 32, 3, 2),
@@ -341,20 +397,51 @@ fn mobilenet_v2(cfg: &ZooConfig) -> Result<Graph> {
         (6, 96, 3, 1),
         (6, 160, 3, 2),
         (6, 320, 1, 1),
-    ];
+    ]
+    .into_iter()
+    .map(|(expansion, c, repeats, stride)| V2Stage {
+        expansion,
+        channels: v2_channels(cfg, c),
+        repeats,
+        stride,
+        kernel: 3,
+    })
+    .collect()
+}
+
+/// Channels of a MobileNetV2 layer: the width multiplier applied, rounded to a multiple of 8.
+pub fn v2_channels(cfg: &ZooConfig, c: usize) -> usize {
+    make_divisible(c as f64 * cfg.width, 8)
+}
+
+/// A MobileNetV2 with a stem of `stem` channels, the given stages and a head of `head`
+/// channels. Blocks are numbered across stages (`block1`, `block2`, ...).
+pub fn mobilenet_v2_with(
+    cfg: &ZooConfig,
+    stem: usize,
+    stages: &[V2Stage],
+    head: usize,
+) -> Result<Graph> {
+    let mut b = GraphBuilder::new(cfg.input);
+    cba(
+        &mut b,
+        "stem",
+        k(stem, 3, if cfg.small() { 1 } else { 2 }),
+        Some(Op::Relu6),
+    );
     let mut idx = 1;
-    for (t, c, n, s) in settings {
-        for r in 0..n {
-            let stride = if r == 0 { s } else { 1 };
+    for st in stages {
+        for r in 0..st.repeats {
+            let stride = if r == 0 { st.stride } else { 1 };
             let p = format!("block{idx}");
             let input = b.cursor().to_string();
             let in_c = b.shape()[0];
-            let out = ch(c);
-            if t != 1 {
+            let out = st.channels;
+            if st.expansion != 1 {
                 cba(
                     &mut b,
                     &format!("{p}.expand"),
-                    k(in_c * t, 1, 1),
+                    k(in_c * st.expansion, 1, 1),
                     Some(Op::Relu6),
                 );
             }
@@ -362,7 +449,7 @@ fn mobilenet_v2(cfg: &ZooConfig) -> Result<Graph> {
             cba(
                 &mut b,
                 &format!("{p}.dw"),
-                dw(hidden, 3, stride),
+                dw(hidden, st.kernel, stride),
                 Some(Op::Relu6),
             );
             cba(&mut b, &format!("{p}.project"), k(out, 1, 1), None);
@@ -373,12 +460,29 @@ fn mobilenet_v2(cfg: &ZooConfig) -> Result<Graph> {
             idx += 1;
         }
     }
-    let last = if cfg.width > 1.0 { ch(1280) } else { 1280 };
-    cba(&mut b, "head", k(last, 1, 1), Some(Op::Relu6));
+    cba(&mut b, "head", k(head, 1, 1), Some(Op::Relu6));
     b.global_avg_pool("avgpool")
         .dropout("dropout", 0.2)
         .linear("fc", cfg.classes);
     b.build()
+}
+
+/// The head's channels of a MobileNetV2 of this width.
+pub fn mobilenet_v2_head(cfg: &ZooConfig) -> usize {
+    if cfg.width > 1.0 {
+        v2_channels(cfg, 1280)
+    } else {
+        1280
+    }
+}
+
+fn mobilenet_v2(cfg: &ZooConfig) -> Result<Graph> {
+    mobilenet_v2_with(
+        cfg,
+        v2_channels(cfg, 32),
+        &mobilenet_v2_stages(cfg),
+        mobilenet_v2_head(cfg),
+    )
 }
 
 fn mobilenet_tiny(cfg: &ZooConfig) -> Result<Graph> {

@@ -26,7 +26,7 @@
 //! let dev = candle_core::Device::Cpu;
 //! let m = zoo::model("lenet", &zoo::ZooConfig::new([1, 28, 28]), 0, &dev).unwrap();
 //! let table = Table::new(DeviceInfo::this_machine(Runtime::F32, 1, 1));
-//! let opts = BuildOptions { runs: 3, warmup: 1 };
+//! let opts = BuildOptions { runs: 3, warmup: 1, warmup_ms: 0.0 };
 //! let subjects = [Subject { name: "lenet".into(), model: &m }];
 //! let (table, _) = build(table, &subjects, None, &opts, &mut |_| {}).unwrap();
 //! let e = estimate(&table, &m, false).unwrap();
@@ -78,8 +78,11 @@ pub type Result<T, E = LatencyError> = std::result::Result<T, E>;
 pub struct BuildOptions {
     /// Timed runs (each op's median is over these and its occurrences).
     pub runs: usize,
-    /// Untimed runs first (caches, allocator, lazily built state).
+    /// Untimed runs first (caches, allocator, lazily built state, the CPU's clock)...
     pub warmup: usize,
+    /// ...and at least this many milliseconds of them: a few runs of a small model are over
+    /// before the machine has settled.
+    pub warmup_ms: f64,
 }
 
 impl Default for BuildOptions {
@@ -87,7 +90,23 @@ impl Default for BuildOptions {
         BuildOptions {
             runs: 20,
             warmup: 3,
+            warmup_ms: 300.0,
         }
+    }
+}
+
+impl BuildOptions {
+    fn check(&self) -> Result<()> {
+        if self.runs == 0 {
+            return Err(LatencyError::Invalid("--runs must be at least 1".into()));
+        }
+        if !(0.0..=600_000.0).contains(&self.warmup_ms) {
+            return Err(LatencyError::Invalid(format!(
+                "--warmup-ms must be in 0..=600000, not {}",
+                self.warmup_ms
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -193,8 +212,11 @@ fn time_model(
         out.outputs[0].max_keepdim(D::Minus1)?;
         Ok(ms(start, Instant::now()))
     };
-    for _ in 0..opts.warmup {
+    let warm = Instant::now();
+    let mut warmed = 0;
+    while warmed < opts.warmup || ms(warm, Instant::now()) < opts.warmup_ms {
         plain(&x)?;
+        warmed += 1;
     }
     let mut whole = Vec::with_capacity(opts.runs);
     for _ in 0..opts.runs {
@@ -254,9 +276,7 @@ pub fn build(
     progress: &mut (dyn FnMut(&TimingProgress) + Send),
 ) -> Result<(Table, BuildReport)> {
     let started = Instant::now();
-    if opts.runs == 0 {
-        return Err(LatencyError::Invalid("--runs must be at least 1".into()));
-    }
+    opts.check()?;
     if subjects.is_empty() {
         return Err(LatencyError::Invalid(
             "give at least one model to time".into(),
@@ -490,9 +510,7 @@ pub fn validate(
     fallback: bool,
     progress: &mut (dyn FnMut(&TimingProgress) + Send),
 ) -> Result<Validation> {
-    if opts.runs == 0 {
-        return Err(LatencyError::Invalid("--runs must be at least 1".into()));
-    }
+    opts.check()?;
     if subjects.is_empty() {
         return Err(LatencyError::Invalid(
             "give at least one model to validate".into(),

@@ -16,7 +16,11 @@ fn lenet(width: f64) -> Model {
 
 fn built(m: &Model) -> Table {
     let table = Table::new(DeviceInfo::this_machine(Runtime::F32, 1, 1));
-    let opts = BuildOptions { runs: 5, warmup: 1 };
+    let opts = BuildOptions {
+        runs: 5,
+        warmup: 1,
+        warmup_ms: 0.0,
+    };
     let subjects = [Subject {
         name: "lenet".into(),
         model: m,
@@ -72,7 +76,11 @@ fn a_built_table_estimates_its_model_and_reads_back() {
             model: &m,
         }],
         None,
-        &BuildOptions { runs: 5, warmup: 1 },
+        &BuildOptions {
+            runs: 5,
+            warmup: 1,
+            warmup_ms: 0.0,
+        },
         false,
         &mut |_| {},
     )

@@ -1,16 +1,50 @@
 //! # slim-nas
 //!
-//! Slim's architecture search: search spaces, simulated-annealing search and one-shot supernet search under FLOPs and latency limits.
+//! Slim's architecture search: search spaces, and a simulated-annealing search under MACs,
+//! parameter and latency limits.
 //!
-//! This crate depends on `slim-core` alone; the `slim` binary wires it to the other method
-//! crates. Its algorithms arrive in later releases; today it provides its error type, which
-//! wraps the core's.
+//! - [`space`]: the [`SearchSpace`] trait (tokens with their choices, the initial tokens,
+//!   tokens to graph) and the built-in spaces: MobileNetV2 blocks (expansion, kernel,
+//!   channels, repeats per stage), MobileNetV1 widths, ResNet depth and width. Their initial
+//!   candidate is the zoo network; [`Spaces`] is the registry a user adds their own to.
+//! - [`sa`]: [`sa_search`], which rejects every candidate that breaks a limit before it is
+//!   trained, records the rejected and evaluated candidates in a resumable history, and
+//!   reports the best. Latency comes through `slim-core`'s [`CostModel`] trait
+//!   (`slim-latency`'s table, wired in by the `slim` binary).
+//!
+//! This crate depends on `slim-core` alone.
 //!
 //! ```
-//! use slim_nas::NasError;
-//! let e: NasError = slim_core::CoreError::UnknownNode("conv9".into()).into();
-//! assert!(e.to_string().contains("conv9"));
+//! use slim_core::search::MacsCost;
+//! use slim_core::zoo::ZooConfig;
+//! use slim_nas::{sa_search, Limits, Reward, SaConfig, Spaces};
+//!
+//! // A reward that prefers more parameters, to show the limit holding.
+//! struct Params;
+//! impl Reward for Params {
+//!     fn key(&self) -> serde_json::Value { "params".into() }
+//!     fn reward(&mut self, g: &slim_core::Graph) -> slim_core::Result<f64> {
+//!         Ok(slim_core::analysis::analyze(g).params as f64 / 1e6)
+//!     }
+//! }
+//! let space = Spaces::builtin().build("resnet", &ZooConfig::new([1, 28, 28])).unwrap();
+//! let limits = Limits { max_macs: Some(20_000_000), ..Default::default() };
+//! let cfg = SaConfig { iterations: 10, ..Default::default() };
+//! let r = sa_search(space.as_ref(), &limits, &mut Params, &cfg, None, &mut |_| {}).unwrap();
+//! assert!(r.best.measure.macs <= 20_000_000);
+//! assert!(!r.baseline_feasible); // ResNet-20 at 28x28 needs about 33M MACs
+//! # let _ = MacsCost;
 //! ```
+
+pub mod sa;
+pub mod space;
+
+pub use sa::{
+    candidates, plots, sa_search, Candidate, Limits, Measure, NasProgress, Reward, SaConfig,
+    SaResult, TrainReward,
+};
+pub use slim_core::search::CostModel;
+pub use space::{SearchSpace, Spaces, Token};
 
 /// The error type of `slim-nas`.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +52,9 @@ pub enum NasError {
     /// An error from the core: graph, parameters, files, tensors.
     #[error(transparent)]
     Core(#[from] slim_core::CoreError),
+    /// A request that cannot be honoured: a bad space, candidate, limit or setting.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The result type of `slim-nas`.
