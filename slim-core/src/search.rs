@@ -201,7 +201,8 @@ impl Controller for Annealing {
                 // constraint's boundary, where any single change is infeasible or worse.
                 mutate_one(&mut self.rng, &self.ranges, &mut next, self.reach);
             }
-            if feasible(&next) {
+            // Two changes can undo each other; the current candidate is known already.
+            if next != current && feasible(&next) {
                 return Ok(next);
             }
         }

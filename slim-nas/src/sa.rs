@@ -10,7 +10,8 @@
 //! one token at a time (a seeded random token moved to its next cheaper choice) until it
 //! fits: a start on the limit's edge, where the best candidates usually are. The controller is
 //! `slim-core`'s [`Annealing`]; the history is written after every trial, so a killed search
-//! resumes where it stopped (see [`slim_core::search::run_search`]).
+//! resumes where it stopped (see [`slim_core::search::run_search`]). A candidate met again
+//! keeps the reward it got the first time instead of being trained again.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -283,6 +284,9 @@ struct Judge<'s, 'l> {
     space: &'s dyn SearchSpace,
     limits: &'s Limits<'l>,
     cache: HashMap<Vec<usize>, Measure>,
+    /// Rewards of the candidates evaluated so far: one met again is not trained again (the
+    /// reward is seeded, so it would come out the same).
+    rewards: HashMap<Vec<usize>, f64>,
     rejected: Vec<Candidate>,
     in_a_row: usize,
     max_rejections: usize,
@@ -409,6 +413,7 @@ pub fn sa_search(
         space,
         limits,
         cache: HashMap::new(),
+        rewards: HashMap::new(),
         rejected: Vec::new(),
         in_a_row: 0,
         max_rejections: cfg.max_rejections,
@@ -435,7 +440,12 @@ pub fn sa_search(
     let mut evaluate = |t: &[usize]| -> slim_core::Result<(f64, serde_json::Value)> {
         let graph = space.graph(t).map_err(to_core)?;
         let measure = judge.borrow_mut().measure(t).map_err(to_core)?;
-        let r = reward.reward(&graph)?;
+        let known = judge.borrow().rewards.get(t).copied();
+        let r = match known {
+            Some(r) => r,
+            None => reward.reward(&graph)?,
+        };
+        judge.borrow_mut().rewards.insert(t.to_vec(), r);
         if !r.is_finite() {
             return Err(CoreError::Invalid(format!(
                 "the reward of candidate {t:?} is {r}"
@@ -450,9 +460,12 @@ pub fn sa_search(
         Ok((r, serde_json::to_value(info).unwrap_or_default()))
     };
     let mut core_progress = |p: SearchProgress<'_>| match p {
-        SearchProgress::Replayed { index, .. } => {
+        SearchProgress::Replayed { index, trial } => {
             // The rejected candidates before this trial are in its record already.
-            judge.borrow_mut().rejected.clear();
+            let mut j = judge.borrow_mut();
+            j.rejected.clear();
+            j.rewards.insert(trial.tokens.clone(), trial.reward);
+            drop(j);
             progress(NasProgress::Replayed { index });
         }
         SearchProgress::Evaluated {
