@@ -36,6 +36,17 @@ pub struct Models {
     /// runtime it is quantized first, with scales from a fixed pattern of pixels.
     #[arg(long = "zoo")]
     pub zoo: Vec<String>,
+    /// A search space of `slim nas`, NAME or NAME@CxHxW (repeatable): its hand-made network,
+    /// its cheapest candidate and --space-samples random ones, so that a table covers most of
+    /// what a search under a latency limit will price.
+    #[arg(long = "space")]
+    pub spaces: Vec<String>,
+    /// The width of the --space networks (as `slim nas sa --width`).
+    #[arg(long, default_value_t = 1.0)]
+    pub space_width: f64,
+    /// Random candidates per --space.
+    #[arg(long, default_value_t = 20)]
+    pub space_samples: usize,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -112,8 +123,8 @@ fn kernels(runtime: Runtime) -> Option<&'static dyn NodeKernels> {
     }
 }
 
-/// `NAME` or `NAME@CxHxW`.
-fn zoo_spec(spec: &str) -> Result<(String, [usize; 3]), Failure> {
+/// `NAME` or `NAME@CxHxW`, given with `flag`.
+fn zoo_spec(flag: &str, spec: &str) -> Result<(String, [usize; 3]), Failure> {
     let (name, shape) = spec.split_once('@').unwrap_or((spec, "1x28x28"));
     let dims: Vec<usize> = shape
         .split('x')
@@ -121,30 +132,30 @@ fn zoo_spec(spec: &str) -> Result<(String, [usize; 3]), Failure> {
         .collect::<Option<_>>()
         .ok_or_else(|| {
             input_error(format!(
-                "--zoo {spec}: the input must be CxHxW, e.g. 3x32x32"
+                "{flag} {spec}: the input must be CxHxW, e.g. 3x32x32"
             ))
         })?;
     let [c, h, w] = dims[..] else {
         return Err(input_error(format!(
-            "--zoo {spec}: the input must be CxHxW, e.g. 3x32x32"
+            "{flag} {spec}: the input must be CxHxW, e.g. 3x32x32"
         )));
     };
     Ok((name.to_string(), [c, h, w]))
 }
 
 fn load_models(m: &Models, runtime: Runtime) -> Result<Vec<(String, Model)>, Failure> {
-    if m.models.is_empty() && m.zoo.is_empty() {
-        return Err(input_error("give at least one --model FILE or --zoo NAME"));
+    if m.models.is_empty() && m.zoo.is_empty() && m.spaces.is_empty() {
+        return Err(input_error(
+            "give at least one --model FILE, --zoo NAME or --space NAME",
+        ));
     }
     let device = candle_core::Device::Cpu;
     let mut out = Vec::new();
     for path in &m.models {
         out.push((path.display().to_string(), Model::load(path, &device)?));
     }
-    for spec in &m.zoo {
-        let (name, input) = zoo_spec(spec)?;
-        let model = zoo::model(&name, &ZooConfig::new(input), 0, &device)?;
-        let model = match runtime {
+    let prepare = |model: Model, input: [usize; 3]| -> Result<Model, Failure> {
+        Ok(match runtime {
             Runtime::F32 => model,
             Runtime::Int8 => {
                 // Latency does not depend on the values: a fixed pattern gives the scales.
@@ -168,11 +179,45 @@ fn load_models(m: &Models, runtime: Runtime) -> Result<Vec<(String, Model)>, Fai
                 };
                 quantize(&model, &set, &normalize, &cfg)?.0
             }
-        };
-        out.push((
-            format!("{name}@{}x{}x{}", input[0], input[1], input[2]),
-            model,
-        ));
+        })
+    };
+    let shape = |input: [usize; 3]| format!("{}x{}x{}", input[0], input[1], input[2]);
+    for spec in &m.zoo {
+        let (name, input) = zoo_spec("--zoo", spec)?;
+        let model = zoo::model(&name, &ZooConfig::new(input), 0, &device)?;
+        out.push((format!("{name}@{}", shape(input)), prepare(model, input)?));
+    }
+    let spaces = slim_nas::Spaces::builtin();
+    for spec in &m.spaces {
+        let (name, input) = zoo_spec("--space", spec)?;
+        let cfg = ZooConfig::new(input).with_width(m.space_width);
+        let space = spaces.build(&name, &cfg)?;
+        let ranges = space.ranges();
+        let mut picks = vec![
+            ("initial".to_string(), space.initial()),
+            ("cheapest".to_string(), vec![0; ranges.len()]),
+        ];
+        // A fixed seed: the same command times the same candidates.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..m.space_samples {
+            let tokens = ranges
+                .iter()
+                .map(|&r| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 33) % r as u64) as usize
+                })
+                .collect();
+            picks.push((format!("sample{}", i + 1), tokens));
+        }
+        for (label, tokens) in picks {
+            let model = Model::init(space.graph(&tokens)?, 0, &device)?;
+            out.push((
+                format!("{name}@{}:{label}", shape(input)),
+                prepare(model, input)?,
+            ));
+        }
     }
     Ok(out)
 }

@@ -21,6 +21,7 @@ mod compress;
 mod distill;
 mod info;
 mod latency;
+mod nas;
 mod output;
 mod prune;
 mod quant;
@@ -70,6 +71,9 @@ enum Command {
     /// Per-device latency tables: build, estimate, validate.
     #[command(subcommand)]
     Latency(latency::LatencyCommand),
+    /// Architecture search under MACs, parameter and latency limits.
+    #[command(subcommand)]
+    Nas(nas::NasCommand),
 }
 
 /// An error and the exit status it deserves.
@@ -104,6 +108,11 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
                 slim_distill::DistillError::Core(c) => core_code(c),
                 slim_distill::DistillError::Invalid(_) => 2,
             }
+        } else if let Some(e) = error.downcast_ref::<slim_nas::NasError>() {
+            match e {
+                slim_nas::NasError::Core(c) => core_code(c),
+                slim_nas::NasError::Invalid(_) => 2,
+            }
         } else if let Some(e) = error.downcast_ref::<slim_latency::LatencyError>() {
             match e {
                 slim_latency::LatencyError::Core(c) => core_code(c),
@@ -136,6 +145,7 @@ fn main() -> ExitCode {
         Command::Quant(cmd) => quant::run(cmd),
         Command::Distill(args) => distill::run(args),
         Command::Latency(cmd) => latency::run(cmd),
+        Command::Nas(cmd) => nas::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

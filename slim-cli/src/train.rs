@@ -17,7 +17,8 @@ use crate::Failure;
 #[derive(Args)]
 pub struct TrainArgs {
     /// Zoo model to train (lenet, vgg11, vgg16, resnet20, resnet56, resnet18, resnet50,
-    /// mobilenet_v1, mobilenet_v2, mobilenet_tiny).
+    /// mobilenet_v1, mobilenet_v2, mobilenet_tiny), or a model file to train from its
+    /// weights (an architecture written by `slim nas export`, say).
     #[arg(long)]
     pub model: String,
     /// Width multiplier.
@@ -49,7 +50,21 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     let zcfg = ZooConfig::new(data.train.shape)
         .with_width(args.width)
         .with_classes(data.train.classes);
-    let mut model = zoo::model(&args.model, &zcfg, args.recipe.seed, &device)?;
+    // A model file (an architecture from `slim nas export`, or a model to train further), or
+    // a zoo name.
+    let as_file = std::path::Path::new(&args.model);
+    let mut model = if as_file.is_file() || args.model.ends_with(".safetensors") {
+        let m = Model::load(as_file, &device)?;
+        if !m.int8.is_empty() {
+            return Err(crate::input_error(format!(
+                "{} is an int8 model; train the float model it came from",
+                args.model
+            )));
+        }
+        m
+    } else {
+        zoo::model(&args.model, &zcfg, args.recipe.seed, &device)?
+    };
     model.provenance.insert("data".into(), args.data.clone());
     model.provenance.insert(
         "created_by".into(),

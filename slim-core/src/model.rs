@@ -186,9 +186,18 @@ fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
 }
 
 /// FNV-1a, 64 bits: a fast, stable hash for fingerprints (not for security).
-pub(crate) struct Fnv(pub u64);
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Fnv {
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
     pub fn new() -> Self {
         Fnv(0xcbf2_9ce4_8422_2325)
     }

@@ -39,6 +39,11 @@ pub trait Evaluator: Sync {
 pub trait CostModel: Sync {
     /// What the cost measures, with its unit (`"MACs"`, `"ms on cpu-x86_64"`).
     fn unit(&self) -> String;
+    /// What identifies these costs (a search's history is only resumed with the same): the
+    /// unit by default; a table's content for a latency table.
+    fn key(&self) -> String {
+        self.unit()
+    }
     fn cost(&self, graph: &Graph) -> Result<f64>;
 }
 

@@ -57,7 +57,7 @@ pub enum LatencyError {
     #[error("the latency table {path}: {msg}")]
     Table { path: PathBuf, msg: String },
     /// Ops the table has no time for.
-    #[error("the table has no time for {} op signature(s) of `{model}`:\n  {}\nbuild the table with this model (`slim latency build --model ...`), or ask for the fallback fit (--fallback)", missing.len(), missing.join("\n  "))]
+    #[error("the table has no time for {} op signature(s) of `{model}`:\n  {}\nadd them to the table (`slim latency build --model ...`, or `--space NAME` for a search space's candidates), or ask for the fallback fit (--fallback)", missing.len(), missing.join("\n  "))]
     Missing { model: String, missing: Vec<String> },
     /// A request that cannot be honoured.
     #[error("{0}")]
@@ -565,6 +565,21 @@ pub struct LatencyCost {
 impl CostModel for LatencyCost {
     fn unit(&self) -> String {
         format!("ms on {}", self.table.device.describe())
+    }
+    fn key(&self) -> String {
+        // Another table, or the fallback switched, prices candidates differently.
+        let mut h = slim_core::model::Fnv::new();
+        h.write(
+            serde_json::to_string(&self.table)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        format!(
+            "{} table {:016x}{}",
+            self.unit(),
+            h.finish(),
+            if self.fallback { " with fallback" } else { "" }
+        )
     }
     fn cost(&self, graph: &Graph) -> slim_core::Result<f64> {
         let int8 = self.table.device.runtime == Runtime::Int8;

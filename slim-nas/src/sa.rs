@@ -46,7 +46,7 @@ impl Limits<'_> {
         json!({
             "max_macs": self.max_macs,
             "max_params": self.max_params,
-            "max_latency": self.latency.map(|(c, x)| json!({"unit": c.unit(), "max": x})),
+            "max_latency": self.latency.map(|(c, x)| json!({"cost": c.key(), "max": x})),
         })
     }
 

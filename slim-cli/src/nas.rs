@@ -1,0 +1,432 @@
+//! `slim nas sa|export`: architecture search under MACs, parameter and latency limits.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use slim_core::data::{Dataset, DEFAULT_SPEC};
+use slim_core::search::{CostModel, History};
+use slim_core::zoo::ZooConfig;
+use slim_core::Model;
+use slim_latency::{LatencyCost, Runtime, Table};
+use slim_nas::{
+    candidates, plots, sa_search, Candidate, Limits, NasProgress, SaConfig, SearchSpace, Spaces,
+    TrainReward,
+};
+
+use crate::common::{Common, Recipe};
+use crate::output::table;
+use crate::{input_error, Failure};
+
+#[derive(Subcommand)]
+pub enum NasCommand {
+    /// Simulated-annealing search: every candidate that breaks a limit is rejected before it
+    /// is trained; the others are trained briefly on a subset and scored on another.
+    Sa(SaArgs),
+    /// Write the architecture of a search's N-th best candidate as a model file (freshly
+    /// initialized; train it with `slim train --model FILE`).
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+pub struct SaArgs {
+    /// The search space: mobilenet_v2 (expansion, kernel, channels, repeats per stage),
+    /// mobilenet_v1 (widths), resnet (depth and width per stage).
+    #[arg(long)]
+    pub space: String,
+    /// Width multiplier of the space's hand-made network (the starting candidate).
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
+    #[arg(long, default_value = DEFAULT_SPEC)]
+    pub data: String,
+    /// Each candidate trains on the first N training images...
+    #[arg(long, default_value_t = 2000)]
+    pub train_images: usize,
+    /// ...and is scored (top-1) on the last N training images, kept apart from the test split.
+    #[arg(long, default_value_t = 1000)]
+    pub eval_images: usize,
+    #[command(flatten)]
+    pub recipe: Recipe,
+    /// The most multiply-accumulates a candidate may have.
+    #[arg(long)]
+    pub max_macs: Option<u64>,
+    /// The most parameters a candidate may have.
+    #[arg(long)]
+    pub max_params: Option<u64>,
+    /// A latency table (f32, from `slim latency build`) to price candidates with.
+    #[arg(long)]
+    pub latency_table: Option<PathBuf>,
+    /// The most milliseconds a candidate may take, estimated from --latency-table.
+    #[arg(long)]
+    pub max_latency_ms: Option<f64>,
+    /// Price ops the table lacks with its fallback fit instead of failing.
+    #[arg(long)]
+    pub fallback: bool,
+    /// Candidates evaluated (trained and scored).
+    #[arg(long, default_value_t = 20)]
+    pub iterations: usize,
+    /// Initial temperature, on the reward's scale (top-1 in 0..1).
+    #[arg(long, default_value_t = 0.02)]
+    pub init_temperature: f64,
+    /// The temperature is multiplied by this after every evaluation.
+    #[arg(long, default_value_t = 0.85)]
+    pub reduce_rate: f64,
+    /// Give up after this many candidates in a row broke a limit.
+    #[arg(long, default_value_t = 1000)]
+    pub max_rejections: usize,
+    /// The output folder: history.json (resumed if it exists), the plots, results.md.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A search's output folder.
+    pub dir: PathBuf,
+    /// Which candidate: 1 is the best evaluated one.
+    #[arg(long, default_value_t = 1)]
+    pub rank: usize,
+    /// The model file to write (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the fresh weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn run(cmd: NasCommand) -> Result<(), Failure> {
+    match cmd {
+        NasCommand::Sa(a) => run_sa(a),
+        NasCommand::Export(a) => run_export(a),
+    }
+}
+
+fn history_path(dir: &Path) -> PathBuf {
+    dir.join("history.json")
+}
+
+fn run_sa(a: SaArgs) -> Result<(), Failure> {
+    // Every argument is checked before any work.
+    let cfg = a.recipe.config()?;
+    let spaces = Spaces::builtin();
+    if !spaces.names().contains(&a.space) {
+        return Err(input_error(format!(
+            "unknown search space `{}` (known: {})",
+            a.space,
+            spaces.names().join(", ")
+        )));
+    }
+    match (&a.latency_table, a.max_latency_ms) {
+        (Some(_), None) => {
+            return Err(input_error("--latency-table needs --max-latency-ms"));
+        }
+        (None, Some(_)) => {
+            return Err(input_error(
+                "--max-latency-ms needs --latency-table (an f32 table from `slim latency build`)",
+            ));
+        }
+        _ => {}
+    }
+    if a.out.exists() && !a.out.is_dir() {
+        return Err(input_error(format!(
+            "--out {}: not a folder",
+            a.out.display()
+        )));
+    }
+    crate::common::check_out_dir("--out", &a.out)?;
+    let cost = match &a.latency_table {
+        Some(p) => {
+            let table = Table::load(p)?;
+            table.check(p, Runtime::F32)?;
+            Some(LatencyCost {
+                table,
+                fallback: a.fallback,
+            })
+        }
+        None => None,
+    };
+    let device = a.common.device()?;
+    let full = crate::common::load_data(&a.data, None)?;
+    let n = full.train.len();
+    if a.train_images < a.recipe.batch_size || a.eval_images == 0 {
+        return Err(input_error(format!(
+            "--train-images {} must be at least one batch (--batch-size {}) and --eval-images \
+             at least 1",
+            a.train_images, a.recipe.batch_size
+        )));
+    }
+    if a.train_images + a.eval_images > n {
+        return Err(input_error(format!(
+            "--train-images {} and --eval-images {} need {} training images; `{}` has {n}",
+            a.train_images,
+            a.eval_images,
+            a.train_images + a.eval_images,
+            a.data
+        )));
+    }
+    let zcfg = ZooConfig::new(full.train.shape)
+        .with_width(a.width)
+        .with_classes(full.train.classes);
+    let space = spaces.build(&a.space, &zcfg)?;
+    let mut data = full.clone();
+    data.train = full.train.take(a.train_images);
+    data.test = full.train.take_last(a.eval_images);
+    data.spec = format!(
+        "{} (train: first {}, score: last {} training images)",
+        a.data, a.train_images, a.eval_images
+    );
+    let mut reward = TrainReward { data, cfg, device };
+    let limits = Limits {
+        max_macs: a.max_macs,
+        max_params: a.max_params,
+        latency: cost
+            .as_ref()
+            .zip(a.max_latency_ms)
+            .map(|(c, x)| (c as &dyn CostModel, x)),
+    };
+    let sa = SaConfig {
+        iterations: a.iterations,
+        init_temperature: a.init_temperature,
+        reduce_rate: a.reduce_rate,
+        seed: a.recipe.seed,
+        max_rejections: a.max_rejections,
+    };
+    std::fs::create_dir_all(&a.out)?;
+    let started = Instant::now();
+    let quiet = a.common.quiet;
+    let lat = |c: &Candidate| {
+        c.measure
+            .latency_ms
+            .map(|l| format!(", {l:.3} ms"))
+            .unwrap_or_default()
+    };
+    let result = sa_search(
+        space.as_ref(),
+        &limits,
+        &mut reward,
+        &sa,
+        Some(&history_path(&a.out)),
+        &mut |p| {
+            if quiet {
+                return;
+            }
+            match p {
+                NasProgress::Start { arch, steps } => eprintln!(
+                    "the hand-made network breaks the limits; starting {steps} step(s) \
+                     smaller: {arch}"
+                ),
+                NasProgress::Replayed { index } => {
+                    eprintln!("candidate {} replayed from the history", index + 1)
+                }
+                NasProgress::Evaluated {
+                    index,
+                    total,
+                    candidate,
+                    best,
+                    rejected,
+                } => eprintln!(
+                    "candidate {}/{total}: top-1 {:.2}% (best {:.2}%), {} MACs{}, {rejected} \
+                     rejected before it: {}",
+                    index + 1,
+                    candidate.reward.unwrap_or(f64::NAN) * 100.0,
+                    best * 100.0,
+                    slim_core::analysis::human(candidate.measure.macs),
+                    lat(candidate),
+                    candidate.arch
+                ),
+            }
+        },
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    let limit = match (a.max_latency_ms, a.max_macs) {
+        (Some(l), _) => Some(l),
+        (None, Some(m)) => Some(m as f64 / 1e6),
+        _ => None,
+    };
+    let (over_time, vs_cost) = plots(&result.candidates, limit);
+    let cost_plot = if cost.is_some() {
+        "reward-latency.svg"
+    } else {
+        "reward-macs.svg"
+    };
+    slim_core::io::write_atomic(&a.out.join("reward.svg"), over_time.as_bytes())?;
+    slim_core::io::write_atomic(&a.out.join(cost_plot), vs_cost.as_bytes())?;
+    let ranked = ranked(&result.candidates);
+    let report = results_markdown(space.as_ref(), &result, &ranked, seconds);
+    slim_core::io::write_atomic(&a.out.join("results.md"), report.as_bytes())?;
+    if a.common.json {
+        let mut j = result.to_json();
+        j["baseline"] =
+            json!({"measure": result.baseline, "meets_limits": result.baseline_feasible});
+        j["seconds"] = json!(seconds);
+        j["out"] = json!(a.out);
+        outln!("{}", serde_json::to_string(&j)?);
+    } else {
+        out!("{report}");
+        outln!(
+            "history, plots (reward.svg, {cost_plot}) and this table in {}",
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Evaluated candidates, best first, each architecture once.
+fn ranked(all: &[Candidate]) -> Vec<&Candidate> {
+    let mut seen = std::collections::HashSet::new();
+    let mut v: Vec<&Candidate> = all
+        .iter()
+        .filter(|c| c.status == "evaluated" && seen.insert(c.tokens.clone()))
+        .collect();
+    // Stable: among equal rewards the earlier candidate ranks first.
+    v.sort_by(|x, y| {
+        y.reward
+            .partial_cmp(&x.reward)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    v
+}
+
+fn results_markdown(
+    space: &dyn SearchSpace,
+    r: &slim_nas::SaResult,
+    ranked: &[&Candidate],
+    seconds: f64,
+) -> String {
+    let evaluated = r
+        .candidates
+        .iter()
+        .filter(|c| c.status == "evaluated")
+        .count();
+    let rejected = r.candidates.len() - evaluated;
+    let with_lat = r.baseline.latency_ms.is_some();
+    let mut rows = vec![{
+        let mut row = vec![
+            "-".to_string(),
+            "hand-made (initial)".to_string(),
+            slim_core::analysis::human(r.baseline.macs),
+            slim_core::analysis::human(r.baseline.params),
+        ];
+        if with_lat {
+            row.push(format!("{:.3}", r.baseline.latency_ms.unwrap_or(f64::NAN)));
+        }
+        row.push(if r.baseline_feasible {
+            "meets the limits".into()
+        } else {
+            "breaks the limits".into()
+        });
+        row
+    }];
+    for (i, c) in ranked.iter().take(10).enumerate() {
+        let mut row = vec![
+            (i + 1).to_string(),
+            c.arch.clone(),
+            slim_core::analysis::human(c.measure.macs),
+            slim_core::analysis::human(c.measure.params),
+        ];
+        if with_lat {
+            row.push(format!("{:.3}", c.measure.latency_ms.unwrap_or(f64::NAN)));
+        }
+        row.push(format!("{:.2}%", c.reward.unwrap_or(f64::NAN) * 100.0));
+        rows.push(row);
+    }
+    let mut header = vec!["rank", "architecture", "MACs", "params"];
+    if with_lat {
+        header.push("latency ms");
+    }
+    header.push("top-1");
+    format!(
+        "search space {}: {evaluated} candidates evaluated, {rejected} rejected by the limits, \
+         {seconds:.0} s\n\n{}",
+        space.name(),
+        table(&header, &rows)
+    )
+}
+
+fn run_export(a: ExportArgs) -> Result<(), Failure> {
+    crate::common::check_out_dir("--out", &a.out)?;
+    if a.rank == 0 {
+        return Err(input_error("--rank starts at 1 (the best candidate)"));
+    }
+    let path = history_path(&a.dir);
+    if !path.exists() {
+        return Err(input_error(format!(
+            "{} has no search history ({} is missing)",
+            a.dir.display(),
+            path.display()
+        )));
+    }
+    let history = History::load(&path)?;
+    let key = &history.search;
+    let bad = |what: &str| {
+        input_error(format!(
+            "{}: not an architecture search's history ({what})",
+            path.display()
+        ))
+    };
+    if key["kind"] != "nas.sa" {
+        return Err(bad("no `kind: nas.sa`"));
+    }
+    let name = key["space"].as_str().ok_or_else(|| bad("no space"))?;
+    let sc = &key["space_config"];
+    let width = sc["width"].as_f64().ok_or_else(|| bad("no width"))?;
+    let input: [usize; 3] =
+        serde_json::from_value(sc["input"].clone()).map_err(|_| bad("no input shape"))?;
+    let classes = sc["classes"].as_u64().ok_or_else(|| bad("no classes"))? as usize;
+    let zcfg = ZooConfig::new(input)
+        .with_width(width)
+        .with_classes(classes);
+    let space = Spaces::builtin().build(name, &zcfg)?;
+    let all = candidates(&history)?;
+    let ranked = ranked(&all);
+    let c = ranked.get(a.rank - 1).ok_or_else(|| {
+        input_error(format!(
+            "--rank {}: the search evaluated {} distinct candidates",
+            a.rank,
+            ranked.len()
+        ))
+    })?;
+    let graph = space.graph(&c.tokens)?;
+    let device = a.common.device()?;
+    let mut model = Model::init(graph, a.seed, &device)?;
+    for (k, v) in [
+        ("nas_space", name.to_string()),
+        ("nas_arch", c.arch.clone()),
+        ("nas_tokens", format!("{:?}", c.tokens)),
+        ("nas_reward", format!("{:.4}", c.reward.unwrap_or(f64::NAN))),
+        ("width", width.to_string()),
+        ("input", format!("{}x{}x{}", input[0], input[1], input[2])),
+        (
+            "created_by",
+            format!("slim {} nas export", env!("CARGO_PKG_VERSION")),
+        ),
+    ] {
+        model.provenance.insert(k.into(), v);
+    }
+    model.save(&a.out)?;
+    if a.common.json {
+        outln!(
+            "{}",
+            json!({"out": a.out, "rank": a.rank, "candidate": c, "space": name})
+        );
+    } else {
+        outln!(
+            "{}: rank {} of {} ({}: {}), top-1 {:.2}% in the search, {} MACs, {} params",
+            a.out.display(),
+            a.rank,
+            ranked.len(),
+            name,
+            c.arch,
+            c.reward.unwrap_or(f64::NAN) * 100.0,
+            slim_core::analysis::human(c.measure.macs),
+            slim_core::analysis::human(c.measure.params)
+        );
+    }
+    Ok(())
+}
