@@ -40,7 +40,7 @@ impl CoreError {
             msg: msg.into(),
         }
     }
-    pub(crate) fn param(name: impl Into<String>, msg: impl Into<String>) -> Self {
+    pub fn param(name: impl Into<String>, msg: impl Into<String>) -> Self {
         CoreError::Param {
             name: name.into(),
             msg: msg.into(),

@@ -40,11 +40,20 @@ pub trait NodeKernels: Sync {
     ) -> Result<Option<Tensor>>;
 }
 
+/// Supplies some nodes' trainable parameters in place of the model's own (a slice of a
+/// shared supernet's weights, say); gradients flow to whatever the tensors derive from.
+pub trait ParamSource: Sync {
+    /// The tensor for `role` (`weight`, `bias`) of `node`, or `None` for the model's own.
+    fn param(&self, node: &Node, role: &str) -> Result<Option<Tensor>>;
+}
+
 /// Options of [`Model::forward_with`].
 #[derive(Default)]
 pub struct ForwardOptions<'a> {
     /// Kernels that take over some nodes.
     pub kernels: Option<&'a dyn NodeKernels>,
+    /// Parameters from elsewhere for some nodes (their own BN statistics stay the model's).
+    pub params: Option<&'a dyn ParamSource>,
     /// Names of nodes whose outputs to return.
     pub taps: Vec<String>,
     /// Called with every node's output, in evaluation order.
@@ -147,7 +156,7 @@ impl Model {
                 match custom {
                     Some(y) => y,
                     None => self
-                        .run_node(id, node, &xs, mode, opts.dropout_seed)
+                        .run_node(id, node, &xs, mode, opts.dropout_seed, opts.params)
                         .map_err(|e| CoreError::node(&node.name, e.to_string()))?,
                 }
             };
@@ -177,8 +186,21 @@ impl Model {
         Ok(ForwardOutput { outputs, taps })
     }
 
-    fn param(&self, node: &Node, role: &str, mode: Mode) -> Result<Tensor> {
-        let t = self.params.tensor(&node.param_name(role))?;
+    fn param(
+        &self,
+        node: &Node,
+        role: &str,
+        mode: Mode,
+        src: Option<&dyn ParamSource>,
+    ) -> Result<Tensor> {
+        let from = match src {
+            Some(s) if role != "running_mean" && role != "running_var" => s.param(node, role)?,
+            _ => None,
+        };
+        let t = match from {
+            Some(t) => t,
+            None => self.params.tensor(&node.param_name(role))?,
+        };
         Ok(match mode {
             Mode::Train => t,
             Mode::Eval => t.detach(),
@@ -192,29 +214,30 @@ impl Model {
         xs: &[&Tensor],
         mode: Mode,
         seed: Option<u64>,
+        src: Option<&dyn ParamSource>,
     ) -> Result<Tensor> {
         let x = xs[0];
         Ok(match &node.op {
             Op::Input { .. } => x.clone(),
             Op::Conv2d(c) => {
-                let w = self.param(node, "weight", mode)?;
+                let w = self.param(node, "weight", mode, src)?;
                 let b = if c.bias {
-                    Some(self.param(node, "bias", mode)?)
+                    Some(self.param(node, "bias", mode, src)?)
                 } else {
                     None
                 };
                 crate::kernels::conv2d(x, &w, b.as_ref(), c)?
             }
             Op::Linear(l) => {
-                let w = self.param(node, "weight", mode)?;
+                let w = self.param(node, "weight", mode, src)?;
                 let y = x.matmul(&w.t()?)?;
                 if l.bias {
-                    y.broadcast_add(&self.param(node, "bias", mode)?)?
+                    y.broadcast_add(&self.param(node, "bias", mode, src)?)?
                 } else {
                     y
                 }
             }
-            Op::BatchNorm2d(spec) => self.batch_norm(node, spec, x, mode)?,
+            Op::BatchNorm2d(spec) => self.batch_norm(node, spec, x, mode, src)?,
             Op::Relu => x.relu()?,
             Op::Relu6 => x.relu()?.minimum(6f32)?,
             Op::HardSwish => (x * ((x + 3.0)?.relu()?.minimum(6f32)? / 6.0)?)?,
@@ -303,6 +326,7 @@ impl Model {
         spec: &BatchNormSpec,
         x: &Tensor,
         mode: Mode,
+        src: Option<&dyn ParamSource>,
     ) -> Result<Tensor> {
         let c = spec.channels;
         // [1, C] for feature vectors, [1, C, 1, 1] for feature maps.
@@ -312,13 +336,15 @@ impl Model {
             vec![1, c]
         };
         let gamma = self
-            .param(node, "weight", mode)?
+            .param(node, "weight", mode, src)?
             .reshape(bshape.as_slice())?;
-        let beta = self.param(node, "bias", mode)?.reshape(bshape.as_slice())?;
+        let beta = self
+            .param(node, "bias", mode, src)?
+            .reshape(bshape.as_slice())?;
         match mode {
             Mode::Eval => {
-                let mean = self.param(node, "running_mean", mode)?;
-                let var = self.param(node, "running_var", mode)?;
+                let mean = self.param(node, "running_mean", mode, src)?;
+                let var = self.param(node, "running_var", mode, src)?;
                 let scale = (var + spec.eps)?
                     .sqrt()?
                     .recip()?
@@ -336,8 +362,8 @@ impl Model {
                     ));
                 }
                 let (y, mean, var) = if x.rank() == 4 && crate::kernels::fused_batch_norm(x) {
-                    let gamma = self.param(node, "weight", mode)?;
-                    let beta = self.param(node, "bias", mode)?;
+                    let gamma = self.param(node, "weight", mode, src)?;
+                    let beta = self.param(node, "bias", mode, src)?;
                     let x = x.contiguous()?;
                     let y = x.apply_op3(
                         &gamma,

@@ -293,8 +293,10 @@ pub struct TrainOptions<'a> {
     pub kernels: Option<&'a dyn crate::exec::NodeKernels>,
 }
 
-/// Optimizer state: one or two slots per trainable parameter.
-struct Optimizer {
+/// Optimizer state: one or two slots per trainable parameter. The training loop's; public for
+/// loops that train something other than one model's own parameters (a supernet through its
+/// subnets).
+pub struct Optimizer {
     kind: OptimizerKind,
     params: Vec<(String, Var)>,
     /// `slots[i]` holds the state tensors of parameter `i`: momentum buffer (SGD) or first
@@ -307,7 +309,7 @@ const SLOT_NAMES: [&str; 2] = ["m", "v"];
 
 impl Optimizer {
     /// Over the model's trainable parameters, then `extra` (named `extra/<name>`).
-    fn new(kind: OptimizerKind, model: &Model, extra: &[(String, Var)]) -> Result<Self> {
+    pub fn new(kind: OptimizerKind, model: &Model, extra: &[(String, Var)]) -> Result<Self> {
         let params: Vec<(String, Var)> = model
             .params
             .iter()
@@ -332,7 +334,8 @@ impl Optimizer {
         })
     }
 
-    fn step(
+    /// One step over every parameter that `grads` has a gradient for.
+    pub fn step(
         &mut self,
         grads: &candle_core::backprop::GradStore,
         lr: f64,

@@ -1,7 +1,7 @@
 //! # slim-nas
 //!
-//! Slim's architecture search: search spaces, and a simulated-annealing search under MACs,
-//! parameter and latency limits.
+//! Slim's architecture search: search spaces, and simulated-annealing and one-shot search
+//! under MACs, parameter and latency limits.
 //!
 //! - [`space`]: the [`SearchSpace`] trait (tokens with their choices, the initial tokens,
 //!   tokens to graph) and the built-in spaces: MobileNetV2 blocks (expansion, kernel,
@@ -11,6 +11,9 @@
 //!   trained, records the rejected and evaluated candidates in a resumable history, and
 //!   reports the best. Latency comes through `slim-core`'s [`CostModel`] trait
 //!   (`slim-latency`'s table, wired in by the `slim` binary).
+//! - [`oneshot`]: a weight-sharing supernet trained once by sampling one candidate per step,
+//!   and [`oneshot::OneShotReward`], which scores a candidate with the weights it inherits
+//!   (batch-norm statistics recomputed), for the same search.
 //!
 //! This crate depends on `slim-core` alone.
 //!
@@ -23,7 +26,7 @@
 //! struct Params;
 //! impl Reward for Params {
 //!     fn key(&self) -> serde_json::Value { "params".into() }
-//!     fn reward(&mut self, g: &slim_core::Graph) -> slim_core::Result<f64> {
+//!     fn reward(&mut self, _: &[usize], g: &slim_core::Graph) -> slim_core::Result<f64> {
 //!         Ok(slim_core::analysis::analyze(g).params as f64 / 1e6)
 //!     }
 //! }
@@ -36,6 +39,7 @@
 //! # let _ = MacsCost;
 //! ```
 
+pub mod oneshot;
 pub mod sa;
 pub mod space;
 
@@ -59,3 +63,9 @@ pub enum NasError {
 
 /// The result type of `slim-nas`.
 pub type Result<T, E = NasError> = std::result::Result<T, E>;
+
+impl From<candle_core::Error> for NasError {
+    fn from(e: candle_core::Error) -> Self {
+        NasError::Core(e.into())
+    }
+}

@@ -112,7 +112,8 @@ pub trait Reward {
     /// What the reward depends on (data fingerprints, recipe): a history is only resumed by a
     /// search with the same key.
     fn key(&self) -> serde_json::Value;
-    fn reward(&mut self, graph: &Graph) -> slim_core::Result<f64>;
+    /// The reward of the candidate `tokens`, whose graph is `graph`.
+    fn reward(&mut self, tokens: &[usize], graph: &Graph) -> slim_core::Result<f64>;
 }
 
 /// The default reward: train a fresh model of the candidate (seeded) on `data.train` with
@@ -131,7 +132,7 @@ impl Reward for TrainReward {
             "recipe": format!("{:?}", self.cfg),
         })
     }
-    fn reward(&mut self, graph: &Graph) -> slim_core::Result<f64> {
+    fn reward(&mut self, _tokens: &[usize], graph: &Graph) -> slim_core::Result<f64> {
         let mut model = Model::init(graph.clone(), self.cfg.seed, &self.device)?;
         train(
             &mut model,
@@ -443,7 +444,7 @@ pub fn sa_search(
         let known = judge.borrow().rewards.get(t).copied();
         let r = match known {
             Some(r) => r,
-            None => reward.reward(&graph)?,
+            None => reward.reward(t, &graph)?,
         };
         judge.borrow_mut().rewards.insert(t.to_vec(), r);
         if !r.is_finite() {

@@ -44,6 +44,21 @@ pub trait SearchSpace: Sync {
     /// The graph of a candidate.
     fn graph(&self, tokens: &[usize]) -> Result<Graph>;
 
+    /// The supernet of one-shot search: the candidate whose every layer holds the same layer
+    /// of any other candidate (more channels, a larger kernel, more blocks). By default every
+    /// token at its dearest choice.
+    fn supernet(&self) -> Vec<usize> {
+        self.ranges().iter().map(|r| r.saturating_sub(1)).collect()
+    }
+
+    /// The supernet's name for a parameter of candidate `tokens` (a weight shared with the
+    /// supernet is the leading slice of the supernet's, or its centre for kernel windows). By
+    /// default the same name: spaces whose names depend on the tokens override it.
+    fn supernet_param(&self, tokens: &[usize], name: &str) -> String {
+        let _ = tokens;
+        name.to_string()
+    }
+
     /// The number of choices of each token.
     fn ranges(&self) -> Vec<usize> {
         self.tokens().iter().map(|t| t.choices.len()).collect()
@@ -231,6 +246,30 @@ impl SearchSpace for MobileNetV2Space {
                 ]
             })
             .collect()
+    }
+    fn supernet_param(&self, tokens: &[usize], name: &str) -> String {
+        // Blocks are numbered across stages: block k of a candidate is (stage, repeat), the
+        // same (stage, repeat) of the supernet has another number.
+        let Some(rest) = name.strip_prefix("block") else {
+            return name.to_string();
+        };
+        let Some((num, tail)) = rest.split_once('.') else {
+            return name.to_string();
+        };
+        let Ok(k) = num.parse::<usize>() else {
+            return name.to_string();
+        };
+        let sup = self.supernet();
+        let (mut first, mut sup_first) = (1, 1);
+        for (t, s) in tokens.chunks(4).zip(sup.chunks(4)) {
+            let (n, sn) = (t[3] + 1, s[3] + 1);
+            if k < first + n {
+                return format!("block{}.{tail}", sup_first + (k - first));
+            }
+            first += n;
+            sup_first += sn;
+        }
+        name.to_string()
     }
     fn graph(&self, tokens: &[usize]) -> Result<Graph> {
         check_tokens(self, tokens)?;

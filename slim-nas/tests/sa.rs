@@ -23,7 +23,7 @@ impl Reward for MoreParams<'_> {
     fn key(&self) -> serde_json::Value {
         "more-params".into()
     }
-    fn reward(&mut self, g: &Graph) -> slim_core::Result<f64> {
+    fn reward(&mut self, _: &[usize], g: &Graph) -> slim_core::Result<f64> {
         self.0.set(self.0.get() + 1);
         Ok(analyze(g).params as f64 / 1e6)
     }

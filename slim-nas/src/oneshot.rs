@@ -1,0 +1,308 @@
+//! One-shot search: a weight-sharing supernet, trained once, then a search over subnets that
+//! inherit its weights.
+//!
+//! The supernet is the space's dearest candidate ([`SearchSpace::supernet`]). A candidate's
+//! weight is a slice of the supernet's: its leading output and input channels, and the centre
+//! of a larger kernel window ([`SearchSpace::supernet_param`] names the supernet's parameter
+//! when block numbering differs). Training samples one candidate per step (seeded, uniform
+//! over each token's choices) and runs it on the batch with the slices in place of its own
+//! weights (`slim-core`'s [`ParamSource`]), so the gradient lands in the shared supernet
+//! weights. The search then scores each candidate with the weights it inherits, after its
+//! batch-norm statistics are recomputed on training images ([`OneShotReward`]); the best is
+//! exported as an ordinary model and trained again.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use slim_core::data::{DataSplits, Dataset, ImageSet, Loader, LoaderConfig, Normalize};
+use slim_core::exec::ParamSource;
+use slim_core::train::{evaluate, recalibrate_batch_norm, Optimizer, TrainConfig};
+use slim_core::{CoreError, ForwardOptions, Graph, Mode, Model, Node, ParamStore};
+
+use crate::sa::Reward;
+use crate::space::{check_tokens, SearchSpace};
+use crate::{NasError, Result};
+
+/// The leading slice of `full` of `shape` (the centre on the kernel dimensions, 2 and up).
+pub fn slice_to(full: &Tensor, shape: &[usize], name: &str) -> slim_core::Result<Tensor> {
+    let dims = full.dims().to_vec();
+    if dims.len() != shape.len() || dims.iter().zip(shape).any(|(h, w)| w > h) {
+        return Err(CoreError::param(
+            name,
+            format!("the supernet's weight is {dims:?}, it cannot hold the candidate's {shape:?}"),
+        ));
+    }
+    let mut t = full.clone();
+    for (d, (&have, &want)) in dims.iter().zip(shape).enumerate() {
+        if want < have {
+            let start = if d >= 2 { (have - want) / 2 } else { 0 };
+            t = t.narrow(d, start, want)?;
+        }
+    }
+    Ok(t)
+}
+
+/// A candidate's trainable parameters as slices of the supernet's.
+pub struct Slices<'a> {
+    pub supernet: &'a ParamStore,
+    pub space: &'a dyn SearchSpace,
+    pub tokens: &'a [usize],
+}
+
+impl ParamSource for Slices<'_> {
+    fn param(&self, node: &Node, role: &str) -> slim_core::Result<Option<Tensor>> {
+        let name = node.param_name(role);
+        let Some((_, spec)) = node.params().into_iter().find(|(n, _)| *n == name) else {
+            return Ok(None);
+        };
+        if !spec.kind.is_trainable() {
+            return Ok(None);
+        }
+        let sname = self.space.supernet_param(self.tokens, &name);
+        let full = self.supernet.tensor(&sname).map_err(|_| {
+            CoreError::param(
+                &name,
+                format!("the supernet has no parameter `{sname}` to share"),
+            )
+        })?;
+        Ok(Some(slice_to(&full, &spec.shape, &name)?))
+    }
+}
+
+/// A candidate as an ordinary model holding copies of its slices of the supernet's weights
+/// (its batch-norm statistics are the supernet's slices too: recompute them before use).
+pub fn inherit(supernet: &Model, space: &dyn SearchSpace, tokens: &[usize]) -> Result<Model> {
+    let graph = space.graph(tokens)?;
+    let model = Model::init(graph, 0, &supernet.device())?;
+    for node in model.graph.nodes() {
+        for (name, spec) in node.params() {
+            let sname = space.supernet_param(tokens, &name);
+            let full = supernet.params.tensor(&sname).map_err(|_| {
+                NasError::Invalid(format!(
+                    "the supernet has no parameter `{sname}` for the candidate's `{name}`"
+                ))
+            })?;
+            let t = slice_to(&full, &spec.shape, &name)?.detach().contiguous()?;
+            model.params.set(&name, &t)?;
+        }
+    }
+    Ok(model)
+}
+
+/// What a supernet file says it is, so that it is only reused by the same training.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct SupernetState {
+    key: serde_json::Value,
+    epochs_done: usize,
+}
+
+/// Where a supernet training is.
+#[derive(Clone, Debug)]
+pub enum SupernetProgress {
+    /// Epochs already done, read back from the file.
+    Resumed { epochs_done: usize },
+    Step {
+        epoch: usize,
+        epochs: usize,
+        step: usize,
+        steps: usize,
+        loss: f64,
+    },
+    EpochEnd {
+        epoch: usize,
+        loss: f64,
+        seconds: f64,
+    },
+}
+
+/// Trains the supernet of `space` on `data.train` with `cfg` (its epochs, batch size,
+/// optimizer, schedule and seed), one sampled candidate per step. With `file`, the supernet
+/// is written there after every epoch and a training stopped in between (or asked for more
+/// epochs) resumes from the last finished epoch (the optimizer's state starts afresh then); a
+/// finished one is read back.
+pub fn train_supernet(
+    space: &dyn SearchSpace,
+    data: &DataSplits,
+    cfg: &TrainConfig,
+    file: Option<&Path>,
+    device: &candle_core::Device,
+    progress: &mut dyn FnMut(&SupernetProgress),
+) -> Result<Model> {
+    cfg.validate()?;
+    let sup_tokens = space.supernet();
+    check_tokens(space, &sup_tokens)?;
+    if data.train.len() < cfg.batch_size {
+        return Err(NasError::Invalid(format!(
+            "the supernet's training set has {} images, fewer than one batch of {}",
+            data.train.len(),
+            cfg.batch_size
+        )));
+    }
+    // The epochs are left out: a longer training of the same supernet goes on from its file.
+    let recipe = TrainConfig {
+        epochs: 0,
+        ..cfg.clone()
+    };
+    let key = json!({
+        "space": space.name(),
+        "space_config": space.key(),
+        "data": data.train.fingerprint(),
+        "recipe": format!("{recipe:?}"),
+    });
+    let mut supernet = Model::init(space.graph(&sup_tokens)?, cfg.seed, device)?;
+    let mut done = 0;
+    if let Some(f) = file.filter(|f| f.exists()) {
+        let m = Model::load(f, device)?;
+        let state: SupernetState = m
+            .provenance
+            .get("supernet_state")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| {
+                NasError::Invalid(format!("{}: not a supernet file of slim nas", f.display()))
+            })?;
+        if state.key != key {
+            return Err(NasError::Invalid(format!(
+                "{}: a supernet of another space, data set or recipe; remove it or name \
+                 another folder",
+                f.display()
+            )));
+        }
+        supernet = m;
+        done = state.epochs_done.min(cfg.epochs);
+        progress(&SupernetProgress::Resumed { epochs_done: done });
+    }
+    let mut opt = Optimizer::new(cfg.optimizer, &supernet, &[])?;
+    let train_set: Arc<dyn Dataset> = Arc::new(data.train.clone());
+    let loader_cfg = LoaderConfig {
+        batch_size: cfg.batch_size,
+        shuffle: Some(cfg.seed),
+        augment: data.augment.clone(),
+        normalize: data.normalize.clone(),
+        drop_last: true,
+    };
+    let steps = data.train.len() / cfg.batch_size;
+    let ranges = space.ranges();
+    for epoch in done..cfg.epochs {
+        let started = std::time::Instant::now();
+        let mut rng = StdRng::seed_from_u64(cfg.seed ^ (epoch as u64 + 1).wrapping_mul(0x9e37));
+        let (mut sum, mut n) = (0.0, 0usize);
+        for (step, batch) in
+            Loader::new(train_set.clone(), &loader_cfg, epoch as u64, device)?.enumerate()
+        {
+            let batch = batch?;
+            let tokens: Vec<usize> = ranges.iter().map(|&r| rng.random_range(0..r)).collect();
+            // A throwaway model of the candidate: its own batch-norm statistics, the
+            // supernet's slices for everything trained.
+            let sub = Model::init(space.graph(&tokens)?, 0, device)?;
+            let slices = Slices {
+                supernet: &supernet.params,
+                space,
+                tokens: &tokens,
+            };
+            let global = epoch * steps + step;
+            let out = sub.forward_with(
+                std::slice::from_ref(&batch.images),
+                Mode::Train,
+                ForwardOptions {
+                    params: Some(&slices),
+                    dropout_seed: Some(cfg.seed ^ global as u64),
+                    ..Default::default()
+                },
+            )?;
+            let loss = candle_nn::loss::cross_entropy(&out.outputs[0], &batch.labels)?;
+            let value = f64::from(loss.to_scalar::<f32>()?);
+            if !value.is_finite() {
+                return Err(NasError::Invalid(format!(
+                    "the supernet's loss is {value} at epoch {} step {step}; lower the \
+                     learning rate",
+                    epoch + 1
+                )));
+            }
+            let grads = loss.backward()?;
+            opt.step(&grads, cfg.lr_at(global, steps), cfg)?;
+            sum += value;
+            n += 1;
+            progress(&SupernetProgress::Step {
+                epoch,
+                epochs: cfg.epochs,
+                step,
+                steps,
+                loss: sum / n as f64,
+            });
+        }
+        if let Some(f) = file {
+            let state = SupernetState {
+                key: key.clone(),
+                epochs_done: epoch + 1,
+            };
+            supernet.provenance.insert(
+                "supernet_state".into(),
+                serde_json::to_string(&state).unwrap_or_default(),
+            );
+            supernet.save(f)?;
+        }
+        progress(&SupernetProgress::EpochEnd {
+            epoch,
+            loss: sum / n.max(1) as f64,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(supernet)
+}
+
+/// A candidate's reward with the supernet's weights: its batch-norm statistics recomputed on
+/// `calibration`, then its top-1 on `eval`.
+pub struct OneShotReward<'a> {
+    pub supernet: &'a Model,
+    pub space: &'a dyn SearchSpace,
+    pub calibration: ImageSet,
+    pub eval: ImageSet,
+    pub normalize: Normalize,
+    /// What identifies the supernet (its training), for the history's key.
+    pub supernet_key: serde_json::Value,
+}
+
+impl Reward for OneShotReward<'_> {
+    fn key(&self) -> serde_json::Value {
+        json!({
+            "one_shot": self.supernet_key,
+            "calibration": self.calibration.fingerprint(),
+            "eval": self.eval.fingerprint(),
+        })
+    }
+    fn reward(&mut self, tokens: &[usize], _graph: &Graph) -> slim_core::Result<f64> {
+        let m = inherit(self.supernet, self.space, tokens).map_err(|e| match e {
+            NasError::Core(c) => c,
+            other => CoreError::Invalid(other.to_string()),
+        })?;
+        recalibrate_batch_norm(&m, &self.calibration, &self.normalize, 64)?;
+        Ok(evaluate(&m, &self.eval, &self.normalize, 256)?.top1)
+    }
+}
+
+/// Kendall's rank correlation (tau-a) of two equally long lists: 1 when they order every
+/// pair alike, -1 when they order every pair oppositely.
+pub fn kendall_tau(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let mut s = 0.0;
+    let mut pairs = 0.0;
+    for i in 0..n {
+        for j in i + 1..n {
+            let x = (a[i] - a[j]).signum() * (b[i] - b[j]).signum();
+            if (a[i] - a[j]) != 0.0 && (b[i] - b[j]) != 0.0 {
+                s += x;
+            }
+            pairs += 1.0;
+        }
+    }
+    if pairs == 0.0 {
+        0.0
+    } else {
+        s / pairs
+    }
+}
