@@ -5,14 +5,16 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use slim_core::data::{Dataset, DEFAULT_SPEC};
+use slim_core::data::{DataSplits, Dataset, ImageSet, DEFAULT_SPEC};
 use slim_core::search::{CostModel, History};
+use slim_core::train::{OptimizerKind, Schedule, TrainConfig};
 use slim_core::zoo::ZooConfig;
 use slim_core::Model;
 use slim_latency::{LatencyCost, Runtime, Table};
+use slim_nas::oneshot::{train_supernet, OneShotReward, SupernetProgress};
 use slim_nas::{
-    candidates, plots, sa_search, Candidate, Limits, NasProgress, SaConfig, SearchSpace, Spaces,
-    TrainReward,
+    candidates, plots, sa_search, Candidate, Limits, NasProgress, Reward, SaConfig, SearchSpace,
+    Spaces, TrainReward,
 };
 
 use crate::common::{Common, Recipe};
@@ -24,13 +26,17 @@ pub enum NasCommand {
     /// Simulated-annealing search: every candidate that breaks a limit is rejected before it
     /// is trained; the others are trained briefly on a subset and scored on another.
     Sa(SaArgs),
+    /// One-shot search: a weight-sharing supernet trained once (one sampled candidate per
+    /// step), then the annealing search scores candidates with the weights they inherit.
+    Oneshot(OneshotArgs),
     /// Write the architecture of a search's N-th best candidate as a model file (freshly
     /// initialized; train it with `slim train --model FILE`).
     Export(ExportArgs),
 }
 
+/// What every search takes: the space, the data, the limits, the annealing, the output.
 #[derive(Args)]
-pub struct SaArgs {
+pub struct Search {
     /// The search space: mobilenet_v2 (expansion, kernel, channels, repeats per stage),
     /// mobilenet_v1 (widths), resnet (depth and width per stage).
     #[arg(long)]
@@ -41,14 +47,10 @@ pub struct SaArgs {
     /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
     #[arg(long, default_value = DEFAULT_SPEC)]
     pub data: String,
-    /// Each candidate trains on the first N training images...
-    #[arg(long, default_value_t = 2000)]
-    pub train_images: usize,
-    /// ...and is scored (top-1) on the last N training images, kept apart from the test split.
+    /// Candidates are scored (top-1) on the last N training images, kept apart from the test
+    /// split and from what they train on.
     #[arg(long, default_value_t = 1000)]
     pub eval_images: usize,
-    #[command(flatten)]
-    pub recipe: Recipe,
     /// The most multiply-accumulates a candidate may have.
     #[arg(long)]
     pub max_macs: Option<u64>,
@@ -64,7 +66,7 @@ pub struct SaArgs {
     /// Price ops the table lacks with its fallback fit instead of failing.
     #[arg(long)]
     pub fallback: bool,
-    /// Candidates evaluated (trained and scored).
+    /// Candidates evaluated (scored).
     #[arg(long, default_value_t = 20)]
     pub iterations: usize,
     /// Initial temperature, on the reward's scale (top-1 in 0..1).
@@ -81,6 +83,46 @@ pub struct SaArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub common: Common,
+}
+
+#[derive(Args)]
+pub struct SaArgs {
+    #[command(flatten)]
+    pub search: Search,
+    /// Each candidate trains on the first N training images (with the recipe below).
+    #[arg(long, default_value_t = 2000)]
+    pub train_images: usize,
+    #[command(flatten)]
+    pub recipe: Recipe,
+}
+
+#[derive(Args)]
+pub struct OneshotArgs {
+    #[command(flatten)]
+    pub search: Search,
+    /// Epochs of supernet training.
+    #[arg(long, default_value_t = 5)]
+    pub supernet_epochs: usize,
+    /// The supernet trains on the first N training images (default: all but the
+    /// --eval-images).
+    #[arg(long)]
+    pub train_images: Option<usize>,
+    #[arg(long, default_value_t = 0.003)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// sgd, adam or adamw.
+    #[arg(long, default_value = "adam")]
+    pub optimizer: String,
+    /// constant, cosine, or step:EVERY:GAMMA.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Training images each candidate's batch-norm statistics are recomputed on.
+    #[arg(long, default_value_t = 512)]
+    pub calibration_images: usize,
+    /// Seed of the supernet's weights, its sampled subnets and the search.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Args)]
@@ -103,6 +145,7 @@ pub struct ExportArgs {
 pub fn run(cmd: NasCommand) -> Result<(), Failure> {
     match cmd {
         NasCommand::Sa(a) => run_sa(a),
+        NasCommand::Oneshot(a) => run_oneshot(a),
         NasCommand::Export(a) => run_export(a),
     }
 }
@@ -111,18 +154,31 @@ fn history_path(dir: &Path) -> PathBuf {
     dir.join("history.json")
 }
 
-fn run_sa(a: SaArgs) -> Result<(), Failure> {
-    // Every argument is checked before any work.
-    let cfg = a.recipe.config()?;
+/// A search's checked inputs.
+struct Prepared {
+    space: Box<dyn SearchSpace>,
+    /// All the data, and the held-out scoring images (the last --eval-images of training).
+    full: DataSplits,
+    eval: ImageSet,
+    cost: Option<LatencyCost>,
+}
+
+/// Checks every argument of a search and loads what it needs, before any work. `train_images`
+/// is how many training images come before the scoring ones (None: all the others).
+fn prepare(
+    s: &Search,
+    train_images: Option<usize>,
+    batch_size: usize,
+) -> Result<Prepared, Failure> {
     let spaces = Spaces::builtin();
-    if !spaces.names().contains(&a.space) {
+    if !spaces.names().contains(&s.space) {
         return Err(input_error(format!(
             "unknown search space `{}` (known: {})",
-            a.space,
+            s.space,
             spaces.names().join(", ")
         )));
     }
-    match (&a.latency_table, a.max_latency_ms) {
+    match (&s.latency_table, s.max_latency_ms) {
         (Some(_), None) => {
             return Err(input_error("--latency-table needs --max-latency-ms"));
         }
@@ -133,85 +189,202 @@ fn run_sa(a: SaArgs) -> Result<(), Failure> {
         }
         _ => {}
     }
-    if a.out.exists() && !a.out.is_dir() {
+    if s.out.exists() && !s.out.is_dir() {
         return Err(input_error(format!(
             "--out {}: not a folder",
-            a.out.display()
+            s.out.display()
         )));
     }
-    crate::common::check_out_dir("--out", &a.out)?;
-    let cost = match &a.latency_table {
+    crate::common::check_out_dir("--out", &s.out)?;
+    let cost = match &s.latency_table {
         Some(p) => {
             let table = Table::load(p)?;
             table.check(p, Runtime::F32)?;
             Some(LatencyCost {
                 table,
-                fallback: a.fallback,
+                fallback: s.fallback,
             })
         }
         None => None,
     };
-    let device = a.common.device()?;
-    let full = crate::common::load_data(&a.data, None)?;
+    let full = crate::common::load_data(&s.data, None)?;
     let n = full.train.len();
-    if a.train_images < a.recipe.batch_size || a.eval_images == 0 {
+    let train = train_images.unwrap_or(n.saturating_sub(s.eval_images));
+    if train < batch_size || s.eval_images == 0 {
         return Err(input_error(format!(
-            "--train-images {} must be at least one batch (--batch-size {}) and --eval-images \
-             at least 1",
-            a.train_images, a.recipe.batch_size
+            "{train} training images must be at least one batch (--batch-size {batch_size})              and --eval-images at least 1"
         )));
     }
-    if a.train_images + a.eval_images > n {
+    if train + s.eval_images > n {
         return Err(input_error(format!(
-            "--train-images {} and --eval-images {} need {} training images; `{}` has {n}",
-            a.train_images,
-            a.eval_images,
-            a.train_images + a.eval_images,
-            a.data
+            "--train-images {train} and --eval-images {} need {} training images; `{}` has {n}",
+            s.eval_images,
+            train + s.eval_images,
+            s.data
         )));
     }
     let zcfg = ZooConfig::new(full.train.shape)
-        .with_width(a.width)
+        .with_width(s.width)
         .with_classes(full.train.classes);
-    let space = spaces.build(&a.space, &zcfg)?;
-    let mut data = full.clone();
-    data.train = full.train.take(a.train_images);
-    data.test = full.train.take_last(a.eval_images);
+    let space = spaces.build(&s.space, &zcfg)?;
+    let eval = full.train.take_last(s.eval_images);
+    Ok(Prepared {
+        space,
+        full,
+        eval,
+        cost,
+    })
+}
+
+fn run_sa(a: SaArgs) -> Result<(), Failure> {
+    let cfg = a.recipe.config()?;
+    let p = prepare(&a.search, Some(a.train_images), a.recipe.batch_size)?;
+    let device = a.search.common.device()?;
+    let mut data = p.full.clone();
+    data.train = p.full.train.take(a.train_images);
+    data.test = p.eval.clone();
     data.spec = format!(
         "{} (train: first {}, score: last {} training images)",
-        a.data, a.train_images, a.eval_images
+        a.search.data, a.train_images, a.search.eval_images
     );
     let mut reward = TrainReward { data, cfg, device };
+    search_and_report(&a.search, &p, &mut reward, a.recipe.seed, Instant::now())
+}
+
+fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
+    let cfg = TrainConfig {
+        epochs: a.supernet_epochs,
+        batch_size: a.batch_size,
+        optimizer: a.optimizer.parse::<OptimizerKind>()?,
+        lr: a.lr,
+        schedule: a.schedule.parse::<Schedule>()?,
+        seed: a.seed,
+        ..TrainConfig::default()
+    };
+    cfg.validate()?;
+    if a.supernet_epochs == 0 {
+        return Err(input_error("--supernet-epochs must be at least 1"));
+    }
+    let p = prepare(&a.search, a.train_images, a.batch_size)?;
+    if a.calibration_images == 0 {
+        return Err(input_error("--calibration-images must be at least 1"));
+    }
+    let device = a.search.common.device()?;
+    let started = Instant::now();
+    let mut data = p.full.clone();
+    let n = a
+        .train_images
+        .unwrap_or(p.full.train.len() - a.search.eval_images);
+    data.train = p.full.train.take(n);
+    data.test = p.eval.clone();
+    std::fs::create_dir_all(&a.search.out)?;
+    let quiet = a.search.common.quiet;
+    let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
+    let supernet = train_supernet(
+        p.space.as_ref(),
+        &data,
+        &cfg,
+        Some(&a.search.out.join("supernet.safetensors")),
+        &device,
+        &mut |pr| {
+            if quiet {
+                return;
+            }
+            match pr {
+                SupernetProgress::Resumed { epochs_done } => {
+                    eprintln!("supernet: {epochs_done} epoch(s) read back from the output folder")
+                }
+                SupernetProgress::Step {
+                    epoch,
+                    epochs,
+                    step,
+                    steps,
+                    loss,
+                } => {
+                    let mut b = bar.borrow_mut();
+                    let b = b.get_or_insert_with(|| {
+                        let b = indicatif::ProgressBar::new(*steps as u64);
+                        b.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "supernet epoch {prefix} [{bar:30}] {pos}/{len} {msg}",
+                            )
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                            .progress_chars("=> "),
+                        );
+                        b
+                    });
+                    b.set_prefix(format!("{}/{epochs}", epoch + 1));
+                    b.set_position(*step as u64 + 1);
+                    b.set_message(format!("loss {loss:.4}"));
+                }
+                SupernetProgress::EpochEnd {
+                    epoch,
+                    loss,
+                    seconds,
+                } => {
+                    if let Some(b) = bar.borrow_mut().take() {
+                        b.finish_and_clear();
+                    }
+                    eprintln!(
+                        "supernet epoch {}: loss {loss:.4} over sampled subnets, {seconds:.1} s",
+                        epoch + 1
+                    );
+                }
+            }
+        },
+    )?;
+    let mut reward = OneShotReward {
+        supernet: &supernet,
+        space: p.space.as_ref(),
+        calibration: data.train.take(a.calibration_images.min(n)),
+        eval: p.eval.clone(),
+        normalize: data.normalize.clone(),
+        supernet_key: json!({
+            "data": data.train.fingerprint(),
+            "recipe": format!("{cfg:?}"),
+        }),
+    };
+    search_and_report(&a.search, &p, &mut reward, a.seed, started)
+}
+
+fn search_and_report(
+    s: &Search,
+    p: &Prepared,
+    reward: &mut dyn Reward,
+    seed: u64,
+    started: Instant,
+) -> Result<(), Failure> {
     let limits = Limits {
-        max_macs: a.max_macs,
-        max_params: a.max_params,
-        latency: cost
+        max_macs: s.max_macs,
+        max_params: s.max_params,
+        latency: p
+            .cost
             .as_ref()
-            .zip(a.max_latency_ms)
+            .zip(s.max_latency_ms)
             .map(|(c, x)| (c as &dyn CostModel, x)),
     };
     let sa = SaConfig {
-        iterations: a.iterations,
-        init_temperature: a.init_temperature,
-        reduce_rate: a.reduce_rate,
-        seed: a.recipe.seed,
-        max_rejections: a.max_rejections,
+        iterations: s.iterations,
+        init_temperature: s.init_temperature,
+        reduce_rate: s.reduce_rate,
+        seed,
+        max_rejections: s.max_rejections,
     };
-    std::fs::create_dir_all(&a.out)?;
-    let started = Instant::now();
-    let quiet = a.common.quiet;
+    std::fs::create_dir_all(&s.out)?;
+    let quiet = s.common.quiet;
     let lat = |c: &Candidate| {
         c.measure
             .latency_ms
             .map(|l| format!(", {l:.3} ms"))
             .unwrap_or_default()
     };
+    let space = p.space.as_ref();
     let result = sa_search(
-        space.as_ref(),
+        space,
         &limits,
-        &mut reward,
+        reward,
         &sa,
-        Some(&history_path(&a.out)),
+        Some(&history_path(&s.out)),
         &mut |p| {
             if quiet {
                 return;
@@ -244,34 +417,34 @@ fn run_sa(a: SaArgs) -> Result<(), Failure> {
         },
     )?;
     let seconds = started.elapsed().as_secs_f64();
-    let limit = match (a.max_latency_ms, a.max_macs) {
+    let limit = match (s.max_latency_ms, s.max_macs) {
         (Some(l), _) => Some(l),
         (None, Some(m)) => Some(m as f64 / 1e6),
         _ => None,
     };
     let (over_time, vs_cost) = plots(&result.candidates, limit);
-    let cost_plot = if cost.is_some() {
+    let cost_plot = if p.cost.is_some() {
         "reward-latency.svg"
     } else {
         "reward-macs.svg"
     };
-    slim_core::io::write_atomic(&a.out.join("reward.svg"), over_time.as_bytes())?;
-    slim_core::io::write_atomic(&a.out.join(cost_plot), vs_cost.as_bytes())?;
+    slim_core::io::write_atomic(&s.out.join("reward.svg"), over_time.as_bytes())?;
+    slim_core::io::write_atomic(&s.out.join(cost_plot), vs_cost.as_bytes())?;
     let ranked = ranked(&result.candidates);
-    let report = results_markdown(space.as_ref(), &result, &ranked, seconds);
-    slim_core::io::write_atomic(&a.out.join("results.md"), report.as_bytes())?;
-    if a.common.json {
+    let report = results_markdown(space, &result, &ranked, seconds);
+    slim_core::io::write_atomic(&s.out.join("results.md"), report.as_bytes())?;
+    if s.common.json {
         let mut j = result.to_json();
         j["baseline"] =
             json!({"measure": result.baseline, "meets_limits": result.baseline_feasible});
         j["seconds"] = json!(seconds);
-        j["out"] = json!(a.out);
+        j["out"] = json!(s.out);
         outln!("{}", serde_json::to_string(&j)?);
     } else {
         out!("{report}");
         outln!(
             "history, plots (reward.svg, {cost_plot}) and this table in {}",
-            a.out.display()
+            s.out.display()
         );
     }
     Ok(())

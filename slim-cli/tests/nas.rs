@@ -317,3 +317,69 @@ fn bad_requests_are_refused_before_any_work() {
         "no search history",
     );
 }
+
+#[test]
+fn one_shot_search_trains_a_supernet_once_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("oneshot");
+    let args = |iterations: &'static str| {
+        vec![
+            "nas",
+            "oneshot",
+            "--space",
+            "mobilenet_v1",
+            "--width",
+            "0.25",
+            "--train-images",
+            "768",
+            "--eval-images",
+            "256",
+            "--calibration-images",
+            "128",
+            "--supernet-epochs",
+            "1",
+            "--lr",
+            "0.01",
+            "--max-macs",
+            "1500000",
+            "--iterations",
+            iterations,
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+            "-q",
+        ]
+    };
+    let v = ok(&slim(&args("4")));
+    assert!(out.join("supernet.safetensors").is_file());
+    let evaluated: Vec<_> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "evaluated")
+        .collect();
+    assert_eq!(evaluated.len(), 4);
+    for c in &evaluated {
+        assert!(c["macs"].as_u64().unwrap() <= 1_500_000, "{c}");
+    }
+    // More iterations: the supernet is read back, the first four come from the history.
+    let more = ok(&slim(&args("6")));
+    let h = more["history"].as_array().unwrap();
+    assert_eq!(
+        &h[..v["history"].as_array().unwrap().len()],
+        v["history"].as_array().unwrap().as_slice()
+    );
+    assert_eq!(h.iter().filter(|c| c["status"] == "evaluated").count(), 6);
+    assert!(more["seconds"].as_f64().unwrap() < 3.0 * v["seconds"].as_f64().unwrap());
+    // The best exports like an SA search's.
+    let model = dir.path().join("best.safetensors");
+    ok(&slim(&[
+        "nas",
+        "export",
+        out.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--json",
+    ]));
+    assert!(model.is_file());
+}
