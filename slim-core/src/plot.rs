@@ -91,7 +91,8 @@ fn label(v: f64, step: f64) -> String {
     }
 }
 
-fn escape(s: &str) -> String {
+/// `s` with the characters XML gives meaning to (`&`, `<`, `>`) escaped, for SVG text.
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -13,6 +13,17 @@ use slim_nas::oneshot::{
 };
 use slim_nas::{sa_search, Limits, Reward, SaConfig, Spaces};
 
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn slices_are_leading_channels_and_the_kernel_centre() {
     // A [2, 2, 3, 3] weight numbered 0..36; the candidate's [1, 2, 1, 1] takes output
@@ -85,14 +96,7 @@ fn every_candidate_inherits_and_shared_slices_match_copies() {
                 .unwrap()
                 .outputs
                 .remove(0);
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_diff(&a, &b);
             assert!(d < 1e-4, "{name} {tokens:?}: {d}");
         }
     }
@@ -101,14 +105,7 @@ fn every_candidate_inherits_and_shared_slices_match_copies() {
     let supernet = Model::init(space.graph(&space.supernet()).unwrap(), 1, &dev).unwrap();
     let same = inherit(&supernet, space.as_ref(), &space.supernet()).unwrap();
     for (n, p) in supernet.params.iter() {
-        let d = (p.var.as_tensor() - same.params.tensor(n).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(p.var.as_tensor(), &same.params.tensor(n).unwrap());
         assert_eq!(d, 0.0, "{n}");
     }
 }

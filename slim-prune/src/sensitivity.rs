@@ -655,17 +655,11 @@ pub fn to_svg(sens: &Sensitivities) -> String {
                 left + pw + 32.0,
                 left + pw + 38.0,
                 ly + 4.0,
-                xml_escape(key),
+                slim_core::plot::escape(key),
                 curve.channels
             ));
         }
     }
     s.push_str("</svg>\n");
     s
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }
