@@ -13,10 +13,12 @@ use slim_core::analysis::{analyze, human};
 use slim_core::data::{load_spec, DEFAULT_SPEC};
 use slim_core::io::write_atomic;
 use slim_core::pipeline::{Context, Strategy, Train};
+use slim_core::search::CostModel;
 use slim_core::train::{evaluate, OptimizerKind, Schedule, TrainConfig};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
 use slim_distill::strategy::{DistillOptions, DistillStrategy};
+use slim_nas::strategy::{NasOptions, NasStrategy};
 use slim_prune::strategy::{Choice, PruneOptions, PruneStrategy};
 use slim_quant::strategy::{PtqOptions, PtqStrategy};
 
@@ -294,10 +296,34 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
                 strategies.push(Box::new(s));
                 continue;
             }
-            "quant.qat" | "nas.sa" | "nas.oneshot" => {
+            "nas.sa" | "nas.oneshot" => {
+                let options: NasOptions =
+                    toml::Value::Table(table).try_into().map_err(option_error)?;
+                let cost: Option<Box<dyn CostModel + Send>> = match &options.latency_table {
+                    Some(p) => {
+                        let table = slim_latency::Table::load(p).map_err(|e| {
+                            input_error(format!("{}: {e}", at(Some("latency_table"))))
+                        })?;
+                        table.check(p, slim_latency::Runtime::F32).map_err(|e| {
+                            input_error(format!("{}: {e}", at(Some("latency_table"))))
+                        })?;
+                        Some(Box::new(slim_latency::LatencyCost {
+                            table,
+                            fallback: options.fallback,
+                        }))
+                    }
+                    None => None,
+                };
+                let s = NasStrategy::new(kind == "nas.oneshot", options, cost)
+                    .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
+                strategies.push(Box::new(s));
+                continue;
+            }
+            "quant.qat" => {
                 return Err(input_error(format!(
                     "{}: strategy `{kind}` is not available in this version of slim \
-                     (available: prune.uniform, prune.sensitivity, prune.auto, quant.ptq, distill)",
+                     (available: prune.uniform, prune.sensitivity, prune.auto, quant.ptq, \
+                     distill, nas.sa, nas.oneshot)",
                     at(Some("kind"))
                 )))
             }

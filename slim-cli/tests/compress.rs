@@ -182,6 +182,60 @@ fn a_pruned_model_learns_from_the_baseline_in_a_distill_stage() {
 }
 
 #[test]
+fn a_search_stage_hands_on_a_smaller_trained_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nas.toml");
+    std::fs::write(
+        &config,
+        r#"
+[model]
+zoo = "resnet20"
+width = 0.25
+
+[data]
+spec = "builtin:mnist-10k"
+limit = 2000
+
+[train]
+epochs = 1
+lr = 0.01
+
+[[strategy]]
+kind = "nas.sa"
+space = "resnet"
+width = 0.25
+max_macs_ratio = 0.7
+iterations = 3
+train_images = 512
+eval_images = 256
+
+[[strategy]]
+kind = "quant.ptq"
+calib_batches = 2
+"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let v = json_of(&compress(&config, &out, &[]));
+    let stages = v["stages"].as_array().unwrap();
+    assert_eq!(stages[1]["name"], "nas.sa");
+    let (b, n) = (&stages[0], &stages[1]);
+    assert!(
+        n["macs"].as_f64().unwrap() <= 0.7 * b["macs"].as_f64().unwrap(),
+        "{n}"
+    );
+    assert!(
+        n["info"]["arch"].is_string() && n["info"]["evaluated"] == 3,
+        "{n}"
+    );
+    // Trained with the pipeline's recipe: far above chance.
+    assert!(n["top1"].as_f64().unwrap() > 0.3, "{n}");
+    assert!(out.join("01-nas.sa/history.json").is_file());
+    assert!(out.join("01-nas.sa/reward.svg").is_file());
+    assert_eq!(stages[2]["name"], "quant.ptq");
+}
+
+#[test]
 fn configuration_errors_name_the_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
@@ -237,6 +291,30 @@ fn configuration_errors_name_the_key_and_line() {
                 "kind = \"distill\"\nteacher = \"zoo:resnet21\"",
             ),
             "zoo:resnet21",
+            None,
+        ),
+        (
+            SMALL.replace(
+                "kind = \"quant.ptq\"\ncalib_batches = 4",
+                "kind = \"nas.sa\"\nspace = \"darts\"",
+            ),
+            "unknown space `darts`",
+            None,
+        ),
+        (
+            SMALL.replace(
+                "kind = \"quant.ptq\"\ncalib_batches = 4",
+                "kind = \"nas.oneshot\"\nspace = \"resnet\"\nmax_latency_ms = 2.0",
+            ),
+            "go together",
+            None,
+        ),
+        (
+            SMALL.replace(
+                "kind = \"quant.ptq\"\ncalib_batches = 4",
+                "kind = \"nas.sa\"\nspace = \"resnet\"\nmax_macs_ratio = 1.5",
+            ),
+            "max_macs_ratio",
             None,
         ),
     ];

@@ -42,6 +42,7 @@
 pub mod oneshot;
 pub mod sa;
 pub mod space;
+pub mod strategy;
 
 pub use sa::{
     candidates, plots, sa_search, Candidate, Limits, Measure, NasProgress, Reward, SaConfig,
