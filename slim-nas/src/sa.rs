@@ -103,7 +103,8 @@ impl Limits<'_> {
 pub struct Measure {
     pub macs: u64,
     pub params: u64,
-    #[serde(default)]
+    /// Present when a cost model (a latency table) priced the candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
 }
 

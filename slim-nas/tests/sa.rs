@@ -375,6 +375,35 @@ fn a_registered_space_is_searched_with_a_training_reward() {
     )
     .unwrap();
     assert!(r.best.measure.params <= 26_000);
+    // A space without tokens is refused when it is built.
+    struct Empty;
+    impl SearchSpace for Empty {
+        fn name(&self) -> String {
+            "empty".into()
+        }
+        fn key(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn tokens(&self) -> Vec<Token> {
+            Vec::new()
+        }
+        fn initial(&self) -> Vec<usize> {
+            Vec::new()
+        }
+        fn graph(&self, _: &[usize]) -> slim_nas::Result<Graph> {
+            Err(slim_nas::NasError::Invalid("no graph".into()))
+        }
+    }
+    spaces.register(
+        "empty",
+        Box::new(|_| Ok(Box::new(Empty) as Box<dyn SearchSpace>)),
+    );
+    let e = spaces
+        .build("empty", &ZooConfig::new([1, 28, 28]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("`empty` has no tokens"), "{e}");
     // A trained MLP on MNIST: far above chance.
     assert!(r.best.reward.unwrap() > 0.6, "{:?}", r.best);
 }
