@@ -171,6 +171,10 @@ impl TrainSection {
 struct OutputSection {
     #[serde(default = "default_out")]
     dir: PathBuf,
+    /// Latency tables (one f32, one int8 at most): the report estimates each stage's latency
+    /// from the table of its runtime.
+    #[serde(default)]
+    latency_tables: Vec<PathBuf>,
 }
 
 fn default_out() -> PathBuf {
@@ -179,7 +183,10 @@ fn default_out() -> PathBuf {
 
 impl Default for OutputSection {
     fn default() -> Self {
-        OutputSection { dir: default_out() }
+        OutputSection {
+            dir: default_out(),
+            latency_tables: Vec::new(),
+        }
     }
 }
 
@@ -215,6 +222,8 @@ struct Pipeline {
     config: Config,
     train: TrainConfig,
     strategies: Vec<Box<dyn Strategy>>,
+    /// The report's latency tables, read and checked with the configuration.
+    tables: Vec<slim_latency::Table>,
 }
 
 fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
@@ -241,6 +250,21 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
                 "{origin}: [model] needs exactly one of `zoo` and `file`"
             )))
         }
+    }
+    let mut tables = Vec::new();
+    for p in &config.output.latency_tables {
+        let t = slim_latency::Table::load(p)
+            .map_err(|e| input_error(format!("{origin}: [output] latency_tables: {e}")))?;
+        if tables
+            .iter()
+            .any(|o: &slim_latency::Table| o.device.runtime == t.device.runtime)
+        {
+            return Err(input_error(format!(
+                "{origin}: [output] latency_tables: two tables of the {} runtime",
+                t.device.runtime
+            )));
+        }
+        tables.push(t);
     }
     let train = config
         .train
@@ -344,6 +368,7 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
         config,
         train,
         strategies,
+        tables,
     })
 }
 
@@ -359,6 +384,16 @@ struct Row {
     bytes: u64,
     seconds: f64,
     info: serde_json::Value,
+    /// Estimated from the report's latency table of the model's runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    latency_ms: Option<f64>,
+    /// Ops of the model the table lacked, estimated by its fallback fit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    latency_fallback_ops: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The pipeline's state in its output folder: which configuration, and the finished stages.
@@ -563,13 +598,32 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         model = next;
     }
 
-    // The report.
+    // The report: estimated latency from the table of each stage's runtime, when given.
+    let with_latency = !pipeline.tables.is_empty();
+    if with_latency {
+        for row in state.stages.iter_mut() {
+            let m = Model::load(&row.file, &device)?;
+            let runtime = if m.int8.is_empty() {
+                slim_latency::Runtime::F32
+            } else {
+                slim_latency::Runtime::Int8
+            };
+            row.latency_ms = match pipeline.tables.iter().find(|t| t.device.runtime == runtime) {
+                Some(t) => {
+                    let e = slim_latency::estimate(t, &m, true)?;
+                    row.latency_fallback_ops = e.fallback.len();
+                    Some(e.total_ms)
+                }
+                None => None,
+            };
+        }
+    }
     let base = state.stages[0].clone();
     let rows: Vec<Vec<String>> = state
         .stages
         .iter()
         .map(|r| {
-            vec![
+            let mut row = vec![
                 r.name.clone(),
                 format!("{:.2}%", r.top1 * 100.0),
                 format!("{:.2}%", r.top5 * 100.0),
@@ -582,10 +636,18 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
                     format!("{:+.2} pt", (r.top1 - base.top1) * 100.0)
                 },
                 format!("{:.0}%", r.bytes as f64 / base.bytes.max(1) as f64 * 100.0),
-            ]
+            ];
+            if with_latency {
+                row.push(match r.latency_ms {
+                    Some(ms) if r.latency_fallback_ops > 0 => format!("{ms:.3} ms*"),
+                    Some(ms) => format!("{ms:.3} ms"),
+                    None => "-".into(),
+                });
+            }
+            row
         })
         .collect();
-    let header = [
+    let mut header = vec![
         "stage",
         "top-1",
         "top-5",
@@ -595,6 +657,9 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         "top-1 change",
         "of baseline size",
     ];
+    if with_latency {
+        header.push("est. latency");
+    }
     let text_table = table(&header, &rows);
     let mut md = String::from("| ");
     md.push_str(&header.join(" | "));
@@ -605,6 +670,11 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         md.push_str("| ");
         md.push_str(&r.join(" | "));
         md.push_str(" |\n");
+    }
+    if with_latency {
+        md.push_str(
+            "\nLatency estimated from the tables given (`*`: some ops by the fallback fit).\n",
+        );
     }
     write_atomic(&dir.join("report.md"), md.as_bytes())?;
     write_atomic(
@@ -716,5 +786,7 @@ fn measure(
         bytes: std::fs::metadata(file)?.len(),
         seconds,
         info,
+        latency_ms: None,
+        latency_fallback_ops: 0,
     })
 }

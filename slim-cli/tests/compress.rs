@@ -236,6 +236,76 @@ calib_batches = 2
 }
 
 #[test]
+fn the_report_estimates_latency_from_the_tables_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tables = Vec::new();
+    for runtime in ["f32", "int8"] {
+        let t = dir.path().join(format!("{runtime}.json"));
+        let o = slim()
+            .args([
+                "latency",
+                "build",
+                "--zoo",
+                "lenet",
+                "--runs",
+                "2",
+                "-q",
+                "--runtime",
+            ])
+            .arg(runtime)
+            .arg("--out")
+            .arg(&t)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        tables.push(format!("{:?}", t.to_str().unwrap()));
+    }
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{SMALL}\n[output]\nlatency_tables = [{}]\n",
+            tables.join(", ")
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let v = json_of(&compress(&config, &out, &[]));
+    let stages = v["stages"].as_array().unwrap();
+    let ms: Vec<f64> = stages
+        .iter()
+        .map(|s| s["latency_ms"].as_f64().unwrap())
+        .collect();
+    // The baseline is the model the f32 table was built from: no fallback. The pruned one has
+    // other shapes (fallback); the int8 one is priced from the int8 table.
+    assert!(
+        stages[0].get("latency_fallback_ops").is_none(),
+        "{}",
+        stages[0]
+    );
+    assert!(stages[1]["latency_fallback_ops"].as_u64().unwrap() > 0);
+    assert!(ms.iter().all(|&m| m > 0.0), "{ms:?}");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("est. latency") && md.contains(" ms*"), "{md}");
+    // Two tables of one runtime: refused.
+    std::fs::write(
+        &config,
+        format!(
+            "{SMALL}\n[output]\nlatency_tables = [{}, {}]\n",
+            tables[0], tables[0]
+        ),
+    )
+    .unwrap();
+    let o = slim()
+        .args(["compress", "--check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("two tables of the f32 runtime"));
+}
+
+#[test]
 fn configuration_errors_name_the_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
