@@ -13,8 +13,8 @@ set -euo pipefail
 DATA=${DATA:-fashion-mnist:/usr/share/datasets/fashion-mnist}
 SPACE=${SPACE:-resnet}
 WIDTH=${WIDTH:-0.5}
-SUPERNET=${SUPERNET:---supernet-epochs 4 --train-images 12000 --eval-images 2000 --lr 0.003 --iterations 24 --init-temperature 1 --reduce-rate 1}
-ALONE=${ALONE:---epochs 4 --limit 12000 --lr 0.003 --schedule cosine}
+SUPERNET=${SUPERNET:---supernet-epochs 3 --train-images 8000 --eval-images 2000 --lr 0.003 --iterations 24 --init-temperature 1 --reduce-rate 1}
+ALONE=${ALONE:---epochs 3 --limit 8000 --lr 0.003 --schedule cosine}
 OUT=${OUT:-oneshot-ranking}
 SLIM=${SLIM:-target/release/slim}
 

@@ -361,7 +361,7 @@ fn shrink_to_fit(
     init: &[usize],
     seed: u64,
 ) -> Result<(Vec<usize>, usize)> {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f_5a);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f5a);
     let mut t = init.to_vec();
     let mut steps = 0;
     loop {
