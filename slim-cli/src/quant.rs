@@ -69,7 +69,7 @@ pub struct PtqArgs {
     /// abs_max or channel_wise_abs_max.
     #[arg(long, default_value = "channel_wise_abs_max")]
     pub weights: String,
-    /// abs_max, avg, moving_average_abs_max, hist or mse.
+    /// abs_max, avg, moving_average_abs_max, hist, mse or kl.
     #[arg(long, default_value = "abs_max")]
     pub activations: String,
     #[arg(long, default_value_t = 16)]

@@ -203,6 +203,15 @@ fn calibrate(
     Ok((stats, n))
 }
 
+/// Whether layer `l` reads the graph's input directly.
+fn reads_model_input(model: &Model, l: &str) -> bool {
+    model.graph.find(l).is_some_and(|n| {
+        n.inputs
+            .first()
+            .is_some_and(|&i| matches!(model.graph.node(i).op, Op::Input { .. }))
+    })
+}
+
 /// Quantizes `model` after calibrating on the first `cfg.batches * cfg.batch_size` images of
 /// `set`.
 pub fn quantize(
@@ -230,7 +239,15 @@ pub fn quantize(
     let qa = qmax(cfg.bits_activations);
     let mut scales: BTreeMap<String, f32> = BTreeMap::new();
     for l in &layers {
-        let t = stats[l].threshold(cfg.activations, qa);
+        // The model's input is a known, bounded range (normalized pixels) with nothing rare to
+        // clip; KL's search would mistake its background spike for the bulk of the
+        // distribution and clip the bright pixels, so the input keeps its full range.
+        let method = if cfg.activations == ActQuant::Kl && reads_model_input(model, l) {
+            ActQuant::AbsMax
+        } else {
+            cfg.activations
+        };
+        let t = stats[l].threshold(method, qa);
         // A layer whose input was always zero keeps a harmless scale.
         scales.insert(l.clone(), if t > 0.0 { t / qa } else { 1.0 });
     }
