@@ -4,7 +4,7 @@
 # with inherited weights, then trains six of them, spread over the supernet's ranking, alone
 # with one short recipe, and prints both rankings and Kendall's tau between them.
 #
-#   scripts/oneshot-ranking.sh     # ResNet space, width 0.5, on a Fashion-MNIST subset
+#   scripts/oneshot-ranking.sh     # ResNet space, width 0.25, on a Fashion-MNIST subset
 #
 # Settings (environment): DATA, SPACE, WIDTH, SUPERNET (options of `slim nas oneshot`),
 # ALONE (options of `slim train` for each stand-alone run), OUT. Needs python3.
@@ -12,9 +12,9 @@ set -euo pipefail
 
 DATA=${DATA:-fashion-mnist:/usr/share/datasets/fashion-mnist}
 SPACE=${SPACE:-resnet}
-WIDTH=${WIDTH:-0.5}
-SUPERNET=${SUPERNET:---supernet-epochs 3 --train-images 8000 --eval-images 2000 --lr 0.003 --iterations 24 --init-temperature 1 --reduce-rate 1}
-ALONE=${ALONE:---epochs 3 --limit 8000 --lr 0.003 --schedule cosine}
+WIDTH=${WIDTH:-0.25}
+SUPERNET=${SUPERNET:---supernet-epochs 3 --train-images 4000 --eval-images 2000 --lr 0.003 --iterations 20 --init-temperature 1 --reduce-rate 1}
+ALONE=${ALONE:---epochs 3 --limit 4000 --lr 0.003 --schedule cosine}
 OUT=${OUT:-oneshot-ranking}
 SLIM=${SLIM:-target/release/slim}
 
