@@ -13,8 +13,8 @@ set -euo pipefail
 DATA=${DATA:-fashion-mnist:/usr/share/datasets/fashion-mnist}
 SPACE=${SPACE:-resnet}
 WIDTH=${WIDTH:-0.25}
-SUPERNET=${SUPERNET:---supernet-epochs 3 --train-images 4000 --eval-images 2000 --lr 0.003 --iterations 20 --init-temperature 1 --reduce-rate 1}
-ALONE=${ALONE:---epochs 3 --limit 4000 --lr 0.003 --schedule cosine}
+SUPERNET=${SUPERNET:---supernet-epochs 8 --train-images 8000 --eval-images 2000 --lr 0.003 --iterations 20 --init-temperature 1 --reduce-rate 1}
+ALONE=${ALONE:---epochs 3 --limit 8000 --lr 0.003 --schedule cosine}
 OUT=${OUT:-oneshot-ranking}
 SLIM=${SLIM:-target/release/slim}
 
