@@ -13,8 +13,8 @@ use slim_core::Model;
 use slim_latency::{LatencyCost, Runtime, Table};
 use slim_nas::oneshot::{train_supernet, OneShotReward, SupernetProgress};
 use slim_nas::{
-    candidates, plots, sa_search, Candidate, Limits, NasProgress, Reward, SaConfig, SearchSpace,
-    Spaces, TrainReward,
+    candidates, plots, sa_search, Candidate, Evolve, Limits, NasProgress, Reward, SaConfig,
+    SearchSpace, Spaces, TrainReward,
 };
 
 use crate::common::{Common, Recipe};
@@ -78,6 +78,15 @@ pub struct Search {
     /// Give up after this many candidates in a row broke a limit.
     #[arg(long, default_value_t = 1000)]
     pub max_rejections: usize,
+    /// The search: annealing, or evolution (steady-state, tournament selection).
+    #[arg(long, default_value = "annealing", value_parser = ["annealing", "evolution"])]
+    pub search: String,
+    /// --search evolution: candidates kept.
+    #[arg(long, default_value_t = 8)]
+    pub population: usize,
+    /// --search evolution: the probability that each token of a child changes.
+    #[arg(long, default_value_t = 0.15)]
+    pub mutation: f64,
     /// The output folder: history.json (resumed if it exists), the plots, results.md.
     #[arg(long)]
     pub out: PathBuf,
@@ -369,6 +378,10 @@ fn search_and_report(
         reduce_rate: s.reduce_rate,
         seed,
         max_rejections: s.max_rejections,
+        evolution: (s.search == "evolution").then_some(Evolve {
+            population: s.population,
+            mutation: s.mutation,
+        }),
     };
     std::fs::create_dir_all(&s.out)?;
     let quiet = s.common.quiet;

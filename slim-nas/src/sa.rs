@@ -25,7 +25,9 @@ use serde_json::json;
 use slim_core::analysis::analyze;
 use slim_core::data::DataSplits;
 use slim_core::plot::{Plot, Series};
-use slim_core::search::{run_search, Annealing, CostModel, History, SearchProgress};
+use slim_core::search::{
+    run_search, Annealing, Controller, CostModel, Evolution, History, SearchProgress,
+};
 use slim_core::train::{evaluate, train, TrainConfig, TrainOptions};
 use slim_core::{CoreError, Graph, Model};
 
@@ -158,6 +160,18 @@ pub struct SaConfig {
     pub seed: u64,
     /// Candidates rejected in a row, for breaking a limit, before the search gives up.
     pub max_rejections: usize,
+    /// A steady-state evolutionary search (`slim-core`'s [`Evolution`]) in place of the
+    /// annealing, whose temperature settings it then ignores.
+    pub evolution: Option<Evolve>,
+}
+
+/// The settings of an evolutionary search.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evolve {
+    /// Candidates kept (at least 2).
+    pub population: usize,
+    /// Each token of a child changes with this probability.
+    pub mutation: f64,
 }
 
 impl Default for SaConfig {
@@ -168,6 +182,7 @@ impl Default for SaConfig {
             reduce_rate: 0.85,
             seed: 0,
             max_rejections: 1000,
+            evolution: None,
         }
     }
 }
@@ -278,6 +293,7 @@ pub fn search_key(
         "init_temperature": cfg.init_temperature,
         "reduce_rate": cfg.reduce_rate,
         "seed": cfg.seed,
+        "evolution": cfg.evolution.map(|e| json!({"population": e.population, "mutation": e.mutation})),
     })
 }
 
@@ -388,7 +404,8 @@ fn shrink_to_fit(
     }
 }
 
-/// Searches `space` for the candidate with the best reward that meets `limits`.
+/// Searches `space` for the candidate with the best reward that meets `limits`, by annealing
+/// (or evolution, with `cfg.evolution`).
 pub fn sa_search(
     space: &dyn SearchSpace,
     limits: &Limits<'_>,
@@ -430,13 +447,22 @@ pub fn sa_search(
             steps,
         });
     }
-    let mut controller = Annealing::new(
-        ranges,
-        start,
-        cfg.init_temperature,
-        cfg.reduce_rate,
-        cfg.seed,
-    )?;
+    let mut controller: Box<dyn Controller> = match cfg.evolution {
+        None => Box::new(Annealing::new(
+            ranges,
+            start,
+            cfg.init_temperature,
+            cfg.reduce_rate,
+            cfg.seed,
+        )?),
+        Some(e) => Box::new(Evolution::new(
+            ranges,
+            start,
+            e.population,
+            e.mutation,
+            cfg.seed,
+        )?),
+    };
     let key = search_key(space, limits, reward, cfg);
     let mut feasible = |t: &[usize]| judge.borrow_mut().feasible(t);
     let mut evaluate = |t: &[usize]| -> slim_core::Result<(f64, serde_json::Value)> {
@@ -497,7 +523,7 @@ pub fn sa_search(
         }
     };
     let result = run_search(
-        &mut controller,
+        controller.as_mut(),
         &mut feasible,
         &mut evaluate,
         cfg.iterations,

@@ -206,6 +206,75 @@ fn a_killed_search_resumes_to_the_same_result() {
 }
 
 #[test]
+fn evolution_also_keeps_the_limits_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.json");
+    let s = space("mobilenet_v1");
+    let limits = Limits {
+        max_macs: Some(5_000_000),
+        ..Default::default()
+    };
+    let cfg = |iterations| SaConfig {
+        iterations,
+        evolution: Some(slim_nas::Evolve {
+            population: 4,
+            mutation: 0.2,
+        }),
+        ..Default::default()
+    };
+    let calls = Cell::new(0);
+    let full = sa_search(
+        s.as_ref(),
+        &limits,
+        &mut MoreParams(&calls),
+        &cfg(12),
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    for c in full.candidates.iter().filter(|c| c.status == "evaluated") {
+        assert!(
+            analyze(&s.graph(&c.tokens).unwrap()).macs <= 5_000_000,
+            "{}",
+            c.arch
+        );
+    }
+    sa_search(
+        s.as_ref(),
+        &limits,
+        &mut MoreParams(&calls),
+        &cfg(5),
+        Some(&path),
+        &mut |_| {},
+    )
+    .unwrap();
+    let resumed = sa_search(
+        s.as_ref(),
+        &limits,
+        &mut MoreParams(&calls),
+        &cfg(12),
+        Some(&path),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(resumed.candidates, full.candidates);
+    // The annealing's history is another search's.
+    let e = sa_search(
+        s.as_ref(),
+        &limits,
+        &mut MoreParams(&calls),
+        &SaConfig {
+            iterations: 12,
+            ..Default::default()
+        },
+        Some(&path),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("another search"), "{e}");
+}
+
+#[test]
 fn impossible_limits_and_unpriceable_candidates_are_errors() {
     let s = space("mobilenet_v1");
     let calls = Cell::new(0);
