@@ -8,8 +8,8 @@
 #
 # Settings (environment): DATA, SPACE, WIDTH, FRACTION (of the baseline's latency, 0.8),
 # SEARCH (options of `slim nas sa`: budget and the per-candidate recipe), FINAL (options of
-# `slim train` for both final trainings), SAMPLES (random candidates timed into the table),
-# OUT (working folder). Needs python3 for the table; every figure comes from --json output.
+# `slim train` for both final trainings), SEED (of both final trainings' initial weights and
+# batch order), SAMPLES (random candidates timed into the table), OUT (working folder). Needs python3 for the table; every figure comes from --json output.
 set -euo pipefail
 
 DATA=${DATA:-fashion-mnist:/usr/share/datasets/fashion-mnist}
@@ -20,6 +20,7 @@ FRACTION=${FRACTION:-0.8}
 SEARCH=${SEARCH:---iterations 12 --train-images 3000 --eval-images 1000 --epochs 2 --lr 0.003}
 FINAL=${FINAL:---epochs 1 --lr 0.003 --schedule cosine}
 SAMPLES=${SAMPLES:-40}
+SEED=${SEED:-0}
 OUT=${OUT:-nas-results}
 SLIM=${SLIM:-target/release/slim}
 
@@ -42,11 +43,11 @@ t1=$(date +%s)
 "$SLIM" nas sa --space "$SPACE" --width "$WIDTH" --data "$DATA" --latency-table "$OUT/table.json" \
   --fallback --max-latency-ms "$limit" $SEARCH --out "$OUT/search" --json -q > "$OUT/search.json"
 t2=$(date +%s)
-"$SLIM" nas export "$OUT/search" --rank 1 --out "$OUT/best-arch.safetensors" -q
+"$SLIM" nas export "$OUT/search" --rank 1 --seed "$SEED" --out "$OUT/best-arch.safetensors" -q
 # 4. Final training of both with the same recipe and seed.
-"$SLIM" train --model "$ZOO" --width "$WIDTH" --data "$DATA" $FINAL \
+"$SLIM" train --model "$ZOO" --width "$WIDTH" --data "$DATA" $FINAL --seed "$SEED" \
   --out "$OUT/baseline.safetensors" --json -q > "$OUT/baseline-train.json"
-"$SLIM" train --model "$OUT/best-arch.safetensors" --data "$DATA" $FINAL \
+"$SLIM" train --model "$OUT/best-arch.safetensors" --data "$DATA" $FINAL --seed "$SEED" \
   --out "$OUT/best.safetensors" --json -q > "$OUT/best-train.json"
 t3=$(date +%s)
 # 5. Estimated and measured latency of both.
