@@ -275,6 +275,7 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             Op::Relu
             | Op::Relu6
             | Op::HardSwish
+            | Op::HardSigmoid { .. }
             | Op::Sigmoid
             | Op::Dropout { .. }
             | Op::Identity

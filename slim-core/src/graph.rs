@@ -144,6 +144,12 @@ pub enum Op {
     Relu,
     Relu6,
     HardSwish,
+    /// `clamp(alpha * x + beta, 0, 1)`, the gate of squeeze-and-excite blocks (PyTorch's
+    /// `hardsigmoid` is alpha 1/6, beta 1/2).
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
     Sigmoid,
     /// Element-wise sum of two or more inputs of one shape.
     Add,
@@ -223,6 +229,7 @@ impl Op {
             Op::Relu => "relu",
             Op::Relu6 => "relu6",
             Op::HardSwish => "hardswish",
+            Op::HardSigmoid { .. } => "hardsigmoid",
             Op::Sigmoid => "sigmoid",
             Op::Add => "add",
             Op::Mul => "mul",
@@ -368,6 +375,7 @@ impl Op {
             Op::Relu
             | Op::Relu6
             | Op::HardSwish
+            | Op::HardSigmoid { .. }
             | Op::Sigmoid
             | Op::Dropout { .. }
             | Op::Softmax
@@ -872,6 +880,10 @@ impl GraphBuilder {
     }
     pub fn hardswish(&mut self, name: &str) -> &mut Self {
         self.push(name, Op::HardSwish)
+    }
+    /// `clamp(alpha * x + beta, 0, 1)`.
+    pub fn hardsigmoid(&mut self, name: &str, alpha: f32, beta: f32) -> &mut Self {
+        self.push(name, Op::HardSigmoid { alpha, beta })
     }
     pub fn sigmoid(&mut self, name: &str) -> &mut Self {
         self.push(name, Op::Sigmoid)

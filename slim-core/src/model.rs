@@ -9,6 +9,8 @@ use crate::error::{CoreError, Result};
 use crate::graph::{Graph, Op, ParamSpec};
 use crate::params::ParamStore;
 
+const PREPROCESS_KEY: &str = "preprocess";
+
 /// A graph with a value for every parameter it declares, and free-form provenance
 /// (`zoo`, `created_by`, `data`, ...) that model files carry along.
 #[derive(Clone, Debug)]
@@ -78,6 +80,40 @@ impl Model {
             }
         }
         Model::new(graph, params)
+    }
+
+    /// The preprocessing this model expects of raw pixels, when it is not the data set's own
+    /// (models imported from elsewhere: raw 0..255 pixels, ImageNet statistics). It is kept
+    /// with the provenance (key `preprocess`), so every model derived from this one carries it.
+    pub fn preprocess(&self) -> Result<Option<crate::data::Normalize>> {
+        let Some(text) = self.provenance.get(PREPROCESS_KEY) else {
+            return Ok(None);
+        };
+        let bad = |m: String| CoreError::Invalid(format!("the model's `preprocess` entry {text:?} is malformed: {m}"));
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let list = |key: &str| -> Result<Vec<f32>> {
+            v.get(key)
+                .and_then(|a| a.as_array())
+                .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
+                .ok_or_else(|| bad(format!("no `{key}` list")))
+        };
+        let norm = crate::data::Normalize { mean: list("mean")?, std: list("std")? };
+        if norm.mean.is_empty() || norm.std.is_empty() || norm.std.iter().any(|&s| !(s > 0.0) || !s.is_finite()) {
+            return Err(bad("`mean` and `std` need at least one value, std positive".into()));
+        }
+        Ok(Some(norm))
+    }
+
+    /// Records the preprocessing this model expects (see [`Model::preprocess`]).
+    pub fn set_preprocess(&mut self, norm: &crate::data::Normalize) -> Result<()> {
+        if norm.mean.is_empty() || norm.std.is_empty() || norm.std.iter().any(|&s| !(s > 0.0) || !s.is_finite()) {
+            return Err(CoreError::Invalid(format!(
+                "preprocessing needs a mean and a positive std per channel, got {norm:?}"
+            )));
+        }
+        let v = serde_json::json!({ "mean": norm.mean, "std": norm.std });
+        self.provenance.insert(PREPROCESS_KEY.into(), v.to_string());
+        Ok(())
     }
 
     /// A copy whose parameters are new variables (training the copy leaves `self` untouched).

@@ -1,0 +1,337 @@
+//! Slim to ONNX: writes a model as an ONNX file.
+//!
+//! Every Slim node becomes one ONNX node (or a short fixed sequence) whose output value has
+//! the node's name, and every parameter an initializer of the same name, so an exported model
+//! reads like the Slim one and imports back to the same graph. Values keep Slim's shapes with
+//! the batch axis in front (`GlobalAvgPool` is `GlobalAveragePool` then `Flatten`).
+//!
+//! An int8 model is written in QDQ form: each quantized weight is an int8 initializer
+//! (`<name>_quantized`) with its scales (per output channel when it has several) and a
+//! `DequantizeLinear` giving the float weight; each `FakeQuant` node is a
+//! `QuantizeLinear`/`DequantizeLinear` pair with its scale and zero point 0. ONNX Runtime and
+//! TensorRT recognise the pattern and run the layers in int8.
+
+use std::path::Path;
+
+use prost::Message;
+use slim_core::graph::{Node, Op};
+use slim_core::Model;
+
+use crate::proto::{
+    attribute_type, data_type, AttributeProto, Dimension, GraphProto, ModelProto, NodeProto,
+    OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TensorTypeProto,
+    TypeProto, ValueInfoProto,
+};
+use crate::{OnnxError, Result};
+
+/// Options of an export.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    /// The ONNX opset (13 by default; 12 to 21 are written). Per-channel weight scales in QDQ
+    /// form need 13 or newer.
+    pub opset: i64,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions { opset: 13 }
+    }
+}
+
+/// Writes a model as an ONNX file (atomically: a failure leaves no file).
+pub fn export_file(model: &Model, path: impl AsRef<Path>, opts: &ExportOptions) -> Result<()> {
+    let bytes = export(model, opts)?;
+    slim_core::io::write_atomic(path.as_ref(), &bytes)?;
+    Ok(())
+}
+
+/// A model's ONNX bytes.
+pub fn export(model: &Model, opts: &ExportOptions) -> Result<Vec<u8>> {
+    if !(12..=21).contains(&opts.opset) {
+        return Err(OnnxError::Model(format!(
+            "opset {} is not supported for export (12 to 21)",
+            opts.opset
+        )));
+    }
+    let mut w = Writer { opset: opts.opset, graph: GraphProto::default(), model };
+    w.graph.name = model
+        .provenance
+        .get("zoo")
+        .cloned()
+        .unwrap_or_else(|| "slim".to_string());
+    for node in model.graph.nodes() {
+        w.node(node)?;
+    }
+    for o in model.graph.outputs() {
+        let n = model.graph.node(o);
+        w.graph.output.push(value_info(&n.name, &n.shape));
+    }
+    let mut metadata: Vec<StringStringEntryProto> = model
+        .provenance
+        .iter()
+        .map(|(k, v)| StringStringEntryProto { key: format!("slim.{k}"), value: v.clone() })
+        .collect();
+    metadata.sort_by(|a, b| a.key.cmp(&b.key));
+    let proto = ModelProto {
+        ir_version: if opts.opset >= 21 { 10 } else { 7 },
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: opts.opset }],
+        producer_name: "slim".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(w.graph),
+        metadata_props: metadata,
+        ..Default::default()
+    };
+    Ok(proto.encode_to_vec())
+}
+
+struct Writer<'a> {
+    opset: i64,
+    graph: GraphProto,
+    model: &'a Model,
+}
+
+fn value_info(name: &str, shape: &[usize]) -> ValueInfoProto {
+    let mut dim = vec![Dimension { dim_value: None, dim_param: Some("batch".into()) }];
+    dim.extend(shape.iter().map(|&d| Dimension { dim_value: Some(d as i64), dim_param: None }));
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TensorTypeProto {
+                elem_type: data_type::FLOAT,
+                shape: Some(TensorShapeProto { dim }),
+            }),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: attribute_type::INTS, ints: v.to_vec(), ..Default::default() }
+}
+fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: attribute_type::INT, i: v, ..Default::default() }
+}
+fn float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: attribute_type::FLOAT, f: v, ..Default::default() }
+}
+
+fn f32_tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: data_type::FLOAT,
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+fn i8_tensor(name: &str, dims: &[usize], values: &[i8]) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: data_type::INT8,
+        raw_data: values.iter().map(|&v| v as u8).collect(),
+        ..Default::default()
+    }
+}
+
+fn i64_tensor(name: &str, values: &[i64]) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: vec![values.len() as i64],
+        data_type: data_type::INT64,
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+impl Writer<'_> {
+    fn op(&mut self, op_type: &str, name: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) {
+        self.graph.node.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.to_string()],
+            name: name.to_string(),
+            op_type: op_type.to_string(),
+            attribute,
+            ..Default::default()
+        });
+    }
+
+    /// Adds a parameter as an initializer (in QDQ form when it is held as int8) and returns
+    /// the name of the float value that carries it.
+    fn param(&mut self, node: &Node, role: &str) -> Result<String> {
+        let name = node.param_name(role);
+        let t = self.model.params.tensor(&name)?;
+        let dims = t.dims().to_vec();
+        if let Some(q) = self.model.int8.get(&name) {
+            let qname = format!("{name}_quantized");
+            let sname = format!("{name}_scale");
+            let zname = format!("{name}_zero_point");
+            self.graph.initializer.push(i8_tensor(&qname, &dims, &q.values));
+            let mut attrs = Vec::new();
+            if q.scales.len() > 1 {
+                if self.opset < 13 {
+                    return Err(OnnxError::Model(format!(
+                        "`{name}` has per-channel scales, which need opset 13 or newer"
+                    )));
+                }
+                self.graph.initializer.push(f32_tensor(&sname, &[q.scales.len()], &q.scales));
+                self.graph.initializer.push(i8_tensor(&zname, &[q.scales.len()], &vec![0; q.scales.len()]));
+                attrs.push(int("axis", 0));
+            } else {
+                self.graph.initializer.push(f32_tensor(&sname, &[], &q.scales));
+                self.graph.initializer.push(i8_tensor(&zname, &[], &[0]));
+            }
+            self.op("DequantizeLinear", &format!("{name}_dequantize"), &[&qname, &sname, &zname], &name, attrs);
+        } else {
+            let values = t
+                .flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(slim_core::CoreError::from)?;
+            self.graph.initializer.push(f32_tensor(&name, &dims, &values));
+        }
+        Ok(name)
+    }
+
+    fn node(&mut self, node: &Node) -> Result<()> {
+        let g = &self.model.graph;
+        let ins: Vec<String> = node.inputs.iter().map(|&i| g.node(i).name.clone()).collect();
+        let x: Vec<&str> = ins.iter().map(|s| s.as_str()).collect();
+        let out = node.name.as_str();
+        let unsupported = |why: &str| {
+            Err(OnnxError::Model(format!("node `{}` ({}): {why}", node.name, node.op.kind())))
+        };
+        match &node.op {
+            Op::Input { shape } => {
+                if shape.len() != 3 && shape.len() != 1 {
+                    return unsupported("inputs are [C, H, W] or [F]");
+                }
+                self.graph.input.push(value_info(out, shape));
+            }
+            Op::Conv2d(c) => {
+                let w = self.param(node, "weight")?;
+                let mut inputs = vec![x[0].to_string(), w];
+                if c.bias {
+                    inputs.push(self.param(node, "bias")?);
+                }
+                let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
+                let (p, s, d) = (c.padding as i64, c.stride as i64, c.dilation as i64);
+                self.op("Conv", out, &inputs, out, vec![
+                    ints("kernel_shape", &[c.kernel[0] as i64, c.kernel[1] as i64]),
+                    ints("strides", &[s, s]),
+                    ints("pads", &[p, p, p, p]),
+                    ints("dilations", &[d, d]),
+                    int("group", c.groups as i64),
+                ]);
+            }
+            Op::Linear(l) => {
+                let w = self.param(node, "weight")?;
+                let mut inputs = vec![x[0].to_string(), w];
+                if l.bias {
+                    inputs.push(self.param(node, "bias")?);
+                }
+                let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
+                self.op("Gemm", out, &inputs, out, vec![int("transB", 1)]);
+            }
+            Op::BatchNorm2d(b) => {
+                let p: Vec<String> = ["weight", "bias", "running_mean", "running_var"]
+                    .iter()
+                    .map(|r| self.param(node, r))
+                    .collect::<Result<_>>()?;
+                let inputs = [x[0], &p[0], &p[1], &p[2], &p[3]];
+                self.op("BatchNormalization", out, &inputs, out, vec![
+                    float("epsilon", b.eps as f32),
+                    float("momentum", (1.0 - b.momentum) as f32),
+                ]);
+            }
+            Op::Relu => self.op("Relu", out, &x, out, vec![]),
+            Op::Relu6 => {
+                let (lo, hi) = (format!("{out}_min"), format!("{out}_max"));
+                self.graph.initializer.push(f32_tensor(&lo, &[], &[0.0]));
+                self.graph.initializer.push(f32_tensor(&hi, &[], &[6.0]));
+                self.op("Clip", out, &[x[0], &lo, &hi], out, vec![]);
+            }
+            Op::HardSwish if self.opset >= 14 => self.op("HardSwish", out, &x, out, vec![]),
+            Op::HardSwish => {
+                let gate = format!("{out}_gate");
+                self.op("HardSigmoid", &gate, &x, &gate, vec![float("alpha", 1.0 / 6.0), float("beta", 0.5)]);
+                self.op("Mul", out, &[x[0], &gate], out, vec![]);
+            }
+            Op::HardSigmoid { alpha, beta } => {
+                self.op("HardSigmoid", out, &x, out, vec![float("alpha", *alpha), float("beta", *beta)])
+            }
+            Op::Sigmoid => self.op("Sigmoid", out, &x, out, vec![]),
+            Op::Add if x.len() == 2 => self.op("Add", out, &x, out, vec![]),
+            Op::Add => self.op("Sum", out, &x, out, vec![]),
+            Op::Mul => {
+                let (a, b) = (&g.node(node.inputs[0]).shape, &g.node(node.inputs[1]).shape);
+                if a == b {
+                    self.op("Mul", out, &x, out, vec![]);
+                } else {
+                    // A per-channel gate: reshape it to [N, C, 1, 1] so it broadcasts.
+                    let shape = format!("{out}_gate_shape");
+                    let gate = format!("{out}_gate");
+                    self.graph.initializer.push(i64_tensor(&shape, &[-1, a[0] as i64, 1, 1]));
+                    self.op("Reshape", &gate, &[x[1], &shape], &gate, vec![]);
+                    self.op("Mul", out, &[x[0], &gate], out, vec![]);
+                }
+            }
+            Op::Concat => self.op("Concat", out, &x, out, vec![int("axis", 1)]),
+            Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
+                let (k, s, pad) = (p.kernel as i64, p.stride as i64, p.padding as i64);
+                let mut attrs = vec![
+                    ints("kernel_shape", &[k, k]),
+                    ints("strides", &[s, s]),
+                    ints("pads", &[pad, pad, pad, pad]),
+                ];
+                let kind = if matches!(node.op, Op::MaxPool2d(_)) {
+                    "MaxPool"
+                } else {
+                    attrs.push(int("count_include_pad", 1));
+                    "AveragePool"
+                };
+                self.op(kind, out, &x, out, attrs);
+            }
+            Op::GlobalAvgPool => {
+                // The pooling node keeps the Slim name (the importer names nodes after ONNX
+                // nodes); the flatten that follows is folded away on import.
+                let pooled = format!("{out}_pooled");
+                self.op("GlobalAveragePool", out, &x, &pooled, vec![]);
+                self.op("Flatten", &format!("{out}_flatten"), &[&pooled], out, vec![int("axis", 1)]);
+            }
+            Op::Flatten => self.op("Flatten", out, &x, out, vec![int("axis", 1)]),
+            Op::Dropout { p } => {
+                // Dropout does nothing at inference; the ratio is kept for training after import.
+                let ratio = format!("{out}_ratio");
+                self.graph.initializer.push(f32_tensor(&ratio, &[], &[*p]));
+                self.op("Dropout", out, &[x[0], &ratio], out, vec![]);
+            }
+            Op::Identity => self.op("Identity", out, &x, out, vec![]),
+            Op::Softmax => {
+                if node.shape.len() > 1 && self.opset < 13 {
+                    return unsupported("a softmax over the channels of a feature map needs opset 13 or newer");
+                }
+                self.op("Softmax", out, &x, out, vec![int("axis", 1)]);
+            }
+            Op::FakeQuant(q) => {
+                if q.bits != 8 {
+                    return unsupported(&format!("{}-bit quantization has no QDQ form (8 bits only)", q.bits));
+                }
+                let scale = self
+                    .model
+                    .params
+                    .tensor(&node.param_name("scale"))?
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(slim_core::CoreError::from)?;
+                let (s, z, q8) = (format!("{out}_scale"), format!("{out}_zero_point"), format!("{out}_quantized"));
+                self.graph.initializer.push(f32_tensor(&s, &[], &scale[..1]));
+                self.graph.initializer.push(i8_tensor(&z, &[], &[0]));
+                self.op("QuantizeLinear", &q8, &[x[0], &s, &z], &q8, vec![]);
+                self.op("DequantizeLinear", out, &[&q8, &s, &z], out, vec![]);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1366 @@
+//! ONNX to Slim: reads a model file into a Slim [`Model`].
+//!
+//! The importer walks the ONNX nodes in their (topological) order and keeps, for every ONNX
+//! value, either a constant (initializers, `Constant` nodes, and whatever can be computed from
+//! them at import: the `Shape`/`Gather`/`Slice`/`Unsqueeze`/`Concat` chains that exporters emit
+//! for a `Reshape`) or the Slim node that computes it. Constants added to or multiplied with a
+//! convolution or linear layer's output per channel become its bias or scale (CNTK and some
+//! PyTorch exports write the bias as a separate `Add`). Nothing is executed while importing.
+//!
+//! Slim shapes have no batch axis; an ONNX value of shape `[N, C, 1, 1]` that comes out of
+//! `GlobalAveragePool` is the Slim vector `[C]`, and a 1x1 convolution on it is imported as a
+//! linear layer, so squeeze-and-excite blocks stay prunable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use prost::Message;
+use slim_core::data::Normalize;
+use slim_core::graph::{
+    BatchNormSpec, Conv2dSpec, Graph, LinearSpec, Op, ParamKind, PoolSpec,
+};
+use slim_core::params::ParamStore;
+use slim_core::Model;
+
+use crate::proto::{self, data_type, AttributeProto, NodeProto, TensorProto};
+use crate::{OnnxError, Result};
+
+/// The ops the importer understands (domain `ai.onnx`).
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Conv",
+    "BatchNormalization",
+    "Relu",
+    "Clip",
+    "HardSwish",
+    "HardSigmoid",
+    "Sigmoid",
+    "Mul",
+    "Add",
+    "Sum",
+    "Concat",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Gemm",
+    "MatMul",
+    "Softmax",
+    "Identity",
+    "Dropout",
+    "Constant",
+    "Shape",
+    "Gather",
+    "Slice",
+    "Cast",
+];
+
+/// Options of an import.
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// The per-sample input shape `[C, H, W]`, for models whose input shape is symbolic (or to
+    /// check it).
+    pub input_shape: Option<Vec<usize>>,
+    /// The preprocessing the model expects of raw pixels, stored in the model file and used by
+    /// every command that feeds it data.
+    pub preprocess: Option<Normalize>,
+}
+
+/// Reads an ONNX file into a model.
+pub fn import_file(path: impl AsRef<Path>, opts: &ImportOptions) -> Result<Model> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| OnnxError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    import(&bytes, opts).map_err(|e| match e {
+        OnnxError::Model(m) => OnnxError::File {
+            path: path.display().to_string(),
+            message: m,
+        },
+        e => e,
+    })
+}
+
+/// Reads an ONNX model from its bytes.
+pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
+    let model = proto::ModelProto::decode(bytes)
+        .map_err(|e| OnnxError::Model(format!("not an ONNX model (protobuf: {e})")))?;
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| OnnxError::Model("the ONNX model has no graph".into()))?;
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .unwrap_or(1);
+    if opset < 7 {
+        return Err(OnnxError::Model(format!(
+            "the model uses opset {opset}; Slim imports opset 7 and newer"
+        )));
+    }
+    let unsupported: Vec<String> = graph
+        .node
+        .iter()
+        .filter(|n| {
+            !(n.domain.is_empty() || n.domain == "ai.onnx")
+                || !SUPPORTED_OPS.contains(&n.op_type.as_str())
+        })
+        .map(|n| {
+            let domain = if n.domain.is_empty() { "ai.onnx" } else { &n.domain };
+            format!("`{}` ({} of {domain}, opset {opset})", display_name(n), n.op_type)
+        })
+        .collect();
+    if !unsupported.is_empty() {
+        return Err(OnnxError::Unsupported(unsupported));
+    }
+    let mut b = Builder::new(opset);
+    for t in &graph.initializer {
+        b.values.insert(t.name.clone(), Value::Const(Const::from_proto(t)?));
+    }
+    for n in &graph.node {
+        for i in &n.input {
+            *b.uses.entry(i.clone()).or_default() += 1;
+        }
+    }
+    for o in &graph.output {
+        *b.uses.entry(o.name.clone()).or_default() += 1;
+    }
+    // The data input: a graph input that is not an initializer (old IR lists both).
+    let inputs: Vec<&proto::ValueInfoProto> = graph
+        .input
+        .iter()
+        .filter(|i| !b.values.contains_key(&i.name))
+        .collect();
+    let input = match inputs.as_slice() {
+        [one] => *one,
+        [] => return Err(OnnxError::Model("the model has no data input".into())),
+        many => {
+            return Err(OnnxError::Model(format!(
+                "the model has {} data inputs ({}); Slim models take one image input",
+                many.len(),
+                many.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+            )))
+        }
+    };
+    let shape = input_shape(input, opts.input_shape.as_deref())?;
+    let in_name = b.fresh_name(&sanitize(&input.name), "input");
+    b.push(&in_name, Op::Input { shape: shape.clone() }, &[], BTreeMap::new())?;
+    b.values.insert(input.name.clone(), Value::Node(NodeRef::plain(in_name, &shape)));
+
+    for n in &graph.node {
+        b.node(n).map_err(|e| match e {
+            OnnxError::Model(m) => OnnxError::Model(format!(
+                "node `{}` ({}): {m}",
+                display_name(n),
+                n.op_type
+            )),
+            e => e,
+        })?;
+    }
+    let mut outputs = Vec::new();
+    for o in &graph.output {
+        match b.values.get(&o.name) {
+            Some(Value::Node(r)) => outputs.push(r.node.clone()),
+            Some(Value::Const(_)) => {
+                return Err(OnnxError::Model(format!(
+                    "the graph output `{}` is a constant",
+                    o.name
+                )))
+            }
+            None => {
+                return Err(OnnxError::Model(format!(
+                    "the graph output `{}` is computed by no node",
+                    o.name
+                )))
+            }
+        }
+    }
+    let mut out = b.finish(&outputs)?;
+    out.provenance.insert("created_by".into(), "slim import".into());
+    out.provenance.insert("onnx.opset".into(), opset.to_string());
+    let producer = format!("{} {}", model.producer_name, model.producer_version);
+    if !producer.trim().is_empty() {
+        out.provenance.insert("onnx.producer".into(), producer.trim().to_string());
+    }
+    // A model Slim exported carries its provenance (and preprocessing) as `slim.*` metadata.
+    for e in &model.metadata_props {
+        if let Some(key) = e.key.strip_prefix("slim.") {
+            if key != "created_by" {
+                out.provenance.insert(key.to_string(), e.value.clone());
+            }
+        }
+    }
+    if let Some(p) = &opts.preprocess {
+        crate::set_preprocess(&mut out, p)?;
+    }
+    Ok(out)
+}
+
+fn display_name(n: &NodeProto) -> String {
+    if !n.name.is_empty() {
+        n.name.clone()
+    } else {
+        n.output.first().cloned().unwrap_or_default()
+    }
+}
+
+/// A Slim node name from an ONNX name: `/layer1/conv/Conv` becomes `layer1.conv.Conv`.
+pub(crate) fn sanitize(name: &str) -> String {
+    let s: String = name
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| match c {
+            '/' | ':' => '.',
+            c if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') => c,
+            _ => '_',
+        })
+        .collect();
+    s.trim_matches('.').to_string()
+}
+
+fn input_shape(input: &proto::ValueInfoProto, given: Option<&[usize]>) -> Result<Vec<usize>> {
+    let dims: Option<Vec<Option<usize>>> = input
+        .r#type
+        .as_ref()
+        .and_then(|t| t.tensor_type.as_ref())
+        .and_then(|t| t.shape.as_ref())
+        .map(|s| {
+            s.dim
+                .iter()
+                .map(|d| d.dim_value.filter(|&v| v > 0).map(|v| v as usize))
+                .collect()
+        });
+    let declared: Option<Vec<Option<usize>>> = dims.map(|d| d.into_iter().skip(1).collect());
+    match (declared, given) {
+        (Some(d), Some(g)) => {
+            let fits = d.len() == g.len()
+                && d.iter().zip(g).all(|(a, b)| a.is_none_or(|a| a == *b));
+            if fits {
+                Ok(g.to_vec())
+            } else {
+                Err(OnnxError::Model(format!(
+                    "--input-shape {} does not match the model's input `{}` of per-sample shape {}",
+                    g.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("x"),
+                    input.name,
+                    show_dims(&d)
+                )))
+            }
+        }
+        (_, Some(g)) => Ok(g.to_vec()),
+        (Some(d), None) => d.iter().copied().collect::<Option<Vec<usize>>>().ok_or_else(|| {
+            OnnxError::Model(format!(
+                "the input `{}` has per-sample shape {}; give its size with --input-shape CxHxW",
+                input.name,
+                show_dims(&d)
+            ))
+        }),
+        (None, None) => Err(OnnxError::Model(format!(
+            "the input `{}` declares no shape; give it with --input-shape CxHxW",
+            input.name
+        ))),
+    }
+}
+
+fn show_dims(d: &[Option<usize>]) -> String {
+    let v: Vec<String> = d
+        .iter()
+        .map(|x| x.map(|v| v.to_string()).unwrap_or_else(|| "?".into()))
+        .collect();
+    format!("[{}]", v.join(", "))
+}
+
+/// A constant tensor, values held as f64 (exact for f32, int8 and the int64 shape values
+/// exporters compute).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Const {
+    pub dims: Vec<usize>,
+    pub values: Vec<f64>,
+}
+
+impl Const {
+    fn from_proto(t: &TensorProto) -> Result<Const> {
+        let bad = |m: String| OnnxError::Model(format!("tensor `{}`: {m}", t.name));
+        if t.data_location == 1 || !t.external_data.is_empty() {
+            return Err(bad("its data is in an external file, which Slim does not read".into()));
+        }
+        let mut dims = Vec::with_capacity(t.dims.len());
+        for &d in &t.dims {
+            if d < 0 {
+                return Err(bad(format!("negative dimension {d}")));
+            }
+            dims.push(d as usize);
+        }
+        let n = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= 1 << 31)
+            .ok_or_else(|| bad(format!("dimensions {dims:?} are too large")))?;
+        let raw = &t.raw_data;
+        let values: Vec<f64> = match t.data_type {
+            data_type::FLOAT if !raw.is_empty() => le_chunks::<4>(raw, n, &bad)?
+                .map(|c| f64::from(f32::from_le_bytes(c)))
+                .collect(),
+            data_type::FLOAT => t.float_data.iter().map(|&v| f64::from(v)).collect(),
+            data_type::DOUBLE if !raw.is_empty() => le_chunks::<8>(raw, n, &bad)?
+                .map(f64::from_le_bytes)
+                .collect(),
+            data_type::DOUBLE => t.double_data.clone(),
+            data_type::INT64 if !raw.is_empty() => le_chunks::<8>(raw, n, &bad)?
+                .map(|c| i64::from_le_bytes(c) as f64)
+                .collect(),
+            data_type::INT64 => t.int64_data.iter().map(|&v| v as f64).collect(),
+            data_type::INT32 if !raw.is_empty() => le_chunks::<4>(raw, n, &bad)?
+                .map(|c| f64::from(i32::from_le_bytes(c)))
+                .collect(),
+            data_type::INT32 | data_type::INT8 | data_type::UINT8 if raw.is_empty() => {
+                t.int32_data.iter().map(|&v| f64::from(v)).collect()
+            }
+            data_type::INT8 => raw.iter().map(|&v| f64::from(v as i8)).collect(),
+            data_type::UINT8 => raw.iter().map(|&v| f64::from(v)).collect(),
+            other => {
+                return Err(bad(format!(
+                    "element type {} is not supported",
+                    data_type::name(other)
+                )))
+            }
+        };
+        if values.len() != n {
+            return Err(bad(format!(
+                "holds {} values, its dimensions {dims:?} need {n}",
+                values.len()
+            )));
+        }
+        Ok(Const { dims, values })
+    }
+
+    fn numel(&self) -> usize {
+        self.values.len()
+    }
+
+    fn scalar(v: f64) -> Const {
+        Const { dims: vec![], values: vec![v] }
+    }
+
+    fn ints(&self) -> Vec<i64> {
+        self.values.iter().map(|&v| v as i64).collect()
+    }
+
+    fn f32s(&self) -> Vec<f32> {
+        self.values.iter().map(|&v| v as f32).collect()
+    }
+
+    /// The values as one per channel, when the shape broadcasts that way over `[N, C, ...]`
+    /// (or over `[N, C]` for a feature vector): `[C]`, `[C, 1, 1]`, `[1, C, 1, 1]`, `[1, C]`;
+    /// a scalar gives `channels` copies.
+    fn per_channel(&self, channels: usize, rank: usize) -> Option<Vec<f64>> {
+        if self.numel() == 1 {
+            return Some(vec![self.values[0]; channels]);
+        }
+        if self.numel() != channels {
+            return None;
+        }
+        let non_one: Vec<usize> = self
+            .dims
+            .iter()
+            .enumerate()
+            .filter(|(_, &d)| d != 1)
+            .map(|(i, _)| i)
+            .collect();
+        // Broadcasting aligns trailing axes: the channel axis of an ONNX value of rank
+        // `rank + 1` sits `rank` places from the end.
+        let from_end = self.dims.len() - non_one.first().copied()?;
+        (from_end == rank && self.dims.len() <= rank + 1).then(|| self.values.clone())
+    }
+}
+
+fn le_chunks<'a, const K: usize>(
+    raw: &'a [u8],
+    n: usize,
+    bad: &dyn Fn(String) -> OnnxError,
+) -> Result<impl Iterator<Item = [u8; K]> + 'a> {
+    if raw.len() != n * K {
+        return Err(bad(format!(
+            "raw data has {} bytes, {n} values need {}",
+            raw.len(),
+            n * K
+        )));
+    }
+    Ok(raw
+        .chunks_exact(K)
+        .map(|c| std::array::from_fn(|i| c[i])))
+}
+
+/// A reference to the Slim node that computes an ONNX value.
+#[derive(Clone, Debug)]
+struct NodeRef {
+    node: String,
+    /// The ONNX per-sample shape (no batch axis); it differs from the Slim node's shape only
+    /// by trailing ones (`[C, 1, 1]` against `[C]`).
+    onnx: Vec<usize>,
+}
+
+impl NodeRef {
+    fn plain(node: String, shape: &[usize]) -> NodeRef {
+        NodeRef { node, onnx: shape.to_vec() }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Value {
+    Const(Const),
+    Node(NodeRef),
+}
+
+struct Pending {
+    name: String,
+    op: Op,
+    inputs: Vec<String>,
+    shape: Vec<usize>,
+    params: BTreeMap<&'static str, Const>,
+}
+
+struct Builder {
+    opset: i64,
+    values: HashMap<String, Value>,
+    uses: HashMap<String, usize>,
+    nodes: Vec<Pending>,
+    by_name: HashMap<String, usize>,
+}
+
+fn err<T>(m: impl Into<String>) -> Result<T> {
+    Err(OnnxError::Model(m.into()))
+}
+
+impl Builder {
+    fn new(opset: i64) -> Builder {
+        Builder {
+            opset,
+            values: HashMap::new(),
+            uses: HashMap::new(),
+            nodes: Vec::new(),
+            by_name: HashMap::new(),
+        }
+    }
+
+    fn fresh_name(&self, base: &str, fallback: &str) -> String {
+        let base = if base.is_empty() { fallback } else { base };
+        if !self.by_name.contains_key(base) {
+            return base.to_string();
+        }
+        (2..)
+            .map(|i| format!("{base}_{i}"))
+            .find(|n| !self.by_name.contains_key(n))
+            .unwrap_or_else(|| base.to_string())
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        op: Op,
+        inputs: &[&str],
+        params: BTreeMap<&'static str, Const>,
+    ) -> Result<Vec<usize>> {
+        let shapes: Vec<&[usize]> = inputs
+            .iter()
+            .map(|i| self.nodes[self.by_name[*i]].shape.as_slice())
+            .collect();
+        let shape = op.infer_shape(&shapes).map_err(OnnxError::Model)?;
+        self.by_name.insert(name.to_string(), self.nodes.len());
+        self.nodes.push(Pending {
+            name: name.to_string(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            shape: shape.clone(),
+            params,
+        });
+        Ok(shape)
+    }
+
+    /// Adds a Slim node and binds the ONNX output to it.
+    fn emit(
+        &mut self,
+        n: &NodeProto,
+        base: &str,
+        op: Op,
+        inputs: &[&str],
+        params: BTreeMap<&'static str, Const>,
+    ) -> Result<()> {
+        let name = self.fresh_name(base, &n.op_type.to_lowercase());
+        let shape = self.push(&name, op, inputs, params)?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    fn bind(&mut self, n: &NodeProto, r: NodeRef) -> Result<()> {
+        let out = n.output.first().ok_or_else(|| OnnxError::Model("no output".into()))?;
+        self.values.insert(out.clone(), Value::Node(r));
+        Ok(())
+    }
+
+    fn bind_const(&mut self, n: &NodeProto, c: Const) -> Result<()> {
+        let out = n.output.first().ok_or_else(|| OnnxError::Model("no output".into()))?;
+        self.values.insert(out.clone(), Value::Const(c));
+        Ok(())
+    }
+
+    fn value(&self, n: &NodeProto, i: usize) -> Result<&Value> {
+        let name = n
+            .input
+            .get(i)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| OnnxError::Model(format!("input {i} is missing")))?;
+        self.values
+            .get(name)
+            .ok_or_else(|| OnnxError::Model(format!("input `{name}` is computed by no earlier node")))
+    }
+
+    fn opt_const(&self, n: &NodeProto, i: usize) -> Result<Option<Const>> {
+        if n.input.get(i).is_none_or(|s| s.is_empty()) {
+            return Ok(None);
+        }
+        match self.value(n, i)? {
+            Value::Const(c) => Ok(Some(c.clone())),
+            Value::Node(_) => err(format!(
+                "input `{}` must be a constant (an initializer), it is computed from the data",
+                n.input[i]
+            )),
+        }
+    }
+
+    fn konst(&self, n: &NodeProto, i: usize) -> Result<Const> {
+        self.opt_const(n, i)?
+            .ok_or_else(|| OnnxError::Model(format!("input {i} is missing")))
+    }
+
+    fn node_in(&self, n: &NodeProto, i: usize) -> Result<NodeRef> {
+        match self.value(n, i)? {
+            Value::Node(r) => Ok(r.clone()),
+            Value::Const(_) => err(format!(
+                "input `{}` is a constant where Slim expects data",
+                n.input[i]
+            )),
+        }
+    }
+
+    fn all_const(&self, n: &NodeProto) -> bool {
+        n.input
+            .iter()
+            .filter(|s| !s.is_empty())
+            .all(|i| matches!(self.values.get(i), Some(Value::Const(_))))
+    }
+
+    fn shape_of(&self, r: &NodeRef) -> Vec<usize> {
+        self.nodes[self.by_name[&r.node]].shape.clone()
+    }
+
+    /// A base name for a layer with weights: the weight initializer's name without its
+    /// `.weight` suffix when it has one (PyTorch exports), so parameter names stay the ONNX
+    /// names; else the node's own name.
+    fn layer_name(&self, n: &NodeProto, weight_input: usize) -> String {
+        if let Some(w) = n.input.get(weight_input) {
+            if let Some(stem) = w.strip_suffix(".weight") {
+                let s = sanitize(stem);
+                if !s.is_empty() && s == stem && !self.by_name.contains_key(&s) {
+                    return s;
+                }
+            }
+        }
+        sanitize(&display_name(n))
+    }
+
+    fn node(&mut self, n: &NodeProto) -> Result<()> {
+        let a = Attrs(&n.attribute);
+        // Anything computed from constants alone is folded now.
+        if self.all_const(n) && n.op_type != "Constant" {
+            if let Some(c) = self.fold(n, &a)? {
+                return self.bind_const(n, c);
+            }
+        }
+        let base = sanitize(&display_name(n));
+        match n.op_type.as_str() {
+            "Constant" => {
+                let c = if let Some(t) = a.tensor("value") {
+                    Const::from_proto(t)?
+                } else if let Some(f) = a.get("value_float") {
+                    Const::scalar(f64::from(f.f))
+                } else if let Some(f) = a.get("value_floats") {
+                    Const { dims: vec![f.floats.len()], values: f.floats.iter().map(|&v| f64::from(v)).collect() }
+                } else if let Some(i) = a.get("value_int") {
+                    Const::scalar(i.i as f64)
+                } else if let Some(i) = a.get("value_ints") {
+                    Const { dims: vec![i.ints.len()], values: i.ints.iter().map(|&v| v as f64).collect() }
+                } else {
+                    return err("a Constant without a supported value attribute");
+                };
+                self.bind_const(n, c)
+            }
+            "Dropout" => {
+                if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
+                    return err("the dropout mask output is used, which Slim does not compute");
+                }
+                let p = if self.opset < 12 {
+                    a.float("ratio").map(f64::from)
+                } else {
+                    self.opt_const(n, 1)?.map(|c| c.values[0])
+                };
+                let p = decimal(p.unwrap_or(0.5) as f32) as f32;
+                self.unary(n, &base, Op::Dropout { p })
+            }
+            "Identity" | "Cast" => {
+                if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
+                    return err("the dropout mask output is used, which Slim does not compute");
+                }
+                let v = self.value(n, 0)?.clone();
+                let out = n.output[0].clone();
+                self.values.insert(out, v);
+                Ok(())
+            }
+            "Shape" => {
+                let r = self.node_in(n, 0)?;
+                let mut dims = vec![1.0];
+                dims.extend(r.onnx.iter().map(|&d| d as f64));
+                self.bind_const(n, Const { dims: vec![dims.len()], values: dims })
+            }
+            "Conv" => self.conv(n, &a),
+            "BatchNormalization" => {
+                let x = self.node_in(n, 0)?;
+                let [scale, bias, mean, var] =
+                    [1, 2, 3, 4].map(|i| self.konst(n, i));
+                let (scale, bias, mean, var) = (scale?, bias?, mean?, var?);
+                let channels = x.onnx[0];
+                for (what, c) in [("scale", &scale), ("bias", &bias), ("mean", &mean), ("var", &var)] {
+                    if c.numel() != channels {
+                        return err(format!("{what} has {} values for {channels} channels", c.numel()));
+                    }
+                }
+                let eps = decimal(a.float("epsilon").unwrap_or(1e-5));
+                // ONNX weighs the running statistic, Slim (as PyTorch) the batch's.
+                let momentum = 1.0 - decimal(a.float("momentum").unwrap_or(0.9));
+                let momentum = (momentum * 1e9).round() / 1e9;
+                let name = self.layer_name(n, 1);
+                let mut p = BTreeMap::new();
+                p.insert("weight", scale);
+                p.insert("bias", bias);
+                p.insert("running_mean", mean);
+                p.insert("running_var", var);
+                let op = Op::BatchNorm2d(BatchNormSpec { channels, eps, momentum });
+                self.emit_keep(n, &name, op, &[&x], p)
+            }
+            "Relu" => self.unary(n, &base, Op::Relu),
+            "Sigmoid" => self.unary(n, &base, Op::Sigmoid),
+            "HardSwish" => self.unary(n, &base, Op::HardSwish),
+            "HardSigmoid" => {
+                let alpha = a.float("alpha").unwrap_or(0.2);
+                let beta = a.float("beta").unwrap_or(0.5);
+                self.unary(n, &base, Op::HardSigmoid { alpha, beta })
+            }
+            "Clip" => {
+                let (lo, hi) = if self.opset < 11 {
+                    (a.float("min").map(f64::from), a.float("max").map(f64::from))
+                } else {
+                    let one = |c: Option<Const>| -> Result<Option<f64>> {
+                        match c {
+                            None => Ok(None),
+                            Some(c) if c.numel() == 1 => Ok(Some(c.values[0])),
+                            Some(_) => err("Clip bounds must be scalars"),
+                        }
+                    };
+                    (one(self.opt_const(n, 1)?)?, one(self.opt_const(n, 2)?)?)
+                };
+                let big = |v: Option<f64>| v.is_none_or(|v| v >= 3.0e38);
+                match lo {
+                    Some(l) if l == 0.0 && hi == Some(6.0) => self.unary(n, &base, Op::Relu6),
+                    Some(l) if l == 0.0 && big(hi) => self.unary(n, &base, Op::Relu),
+                    _ => err(format!(
+                        "Clip to [{}, {}] has no Slim op (ReLU is [0, inf], ReLU6 is [0, 6])",
+                        lo.map(|v| v.to_string()).unwrap_or("-inf".into()),
+                        hi.map(|v| v.to_string()).unwrap_or("inf".into())
+                    )),
+                }
+            }
+            "Add" | "Sum" => self.add(n, &base),
+            "Mul" => self.mul(n, &base),
+            "Concat" => {
+                let xs: Vec<NodeRef> =
+                    (0..n.input.len()).map(|i| self.node_in(n, i)).collect::<Result<_>>()?;
+                let rank = xs[0].onnx.len() as i64 + 1;
+                let axis = a.int("axis").unwrap_or(1);
+                if axis != 1 && axis != 1 - rank {
+                    return err(format!("Concat along axis {axis}; Slim concatenates channels (axis 1)"));
+                }
+                let names: Vec<&str> = xs.iter().map(|x| x.node.as_str()).collect();
+                let name = self.fresh_name(&base, "concat");
+                let shape = self.push(&name, Op::Concat, &names, BTreeMap::new())?;
+                self.bind(n, NodeRef::plain(name, &shape))
+            }
+            "MaxPool" | "AveragePool" => self.pool(n, &a, &base),
+            "GlobalAveragePool" => {
+                let x = self.node_in(n, 0)?;
+                let name = self.fresh_name(&base, "gap");
+                let shape = self.push(&name, Op::GlobalAvgPool, &[&x.node], BTreeMap::new())?;
+                let mut onnx = shape.clone();
+                onnx.extend([1, 1]);
+                self.bind(n, NodeRef { node: name, onnx })
+            }
+            "Flatten" => {
+                let x = self.node_in(n, 0)?;
+                let axis = a.int("axis").unwrap_or(1);
+                if axis != 1 {
+                    return err(format!("Flatten from axis {axis}; Slim flattens from axis 1"));
+                }
+                self.flatten(n, &base, x)
+            }
+            "Reshape" | "Squeeze" | "Unsqueeze" => {
+                let x = self.node_in(n, 0)?;
+                let total: usize = x.onnx.iter().product();
+                let target: Vec<usize> = match n.op_type.as_str() {
+                    "Reshape" => {
+                        let shape = self.konst(n, 1)?.ints();
+                        resolve_reshape(&x.onnx, &shape)?
+                    }
+                    "Squeeze" => {
+                        let axes = self.axes(n, &a)?;
+                        let full: Vec<usize> = std::iter::once(1).chain(x.onnx.iter().copied()).collect();
+                        squeeze_dims(&full, axes.as_deref())?.into_iter().skip(1).collect()
+                    }
+                    _ => return err("Unsqueeze of data is not supported"),
+                };
+                let strip = |v: &[usize]| -> Vec<usize> {
+                    let keep = v.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+                    v[..keep].to_vec()
+                };
+                if target == x.onnx {
+                    self.bind(n, x)
+                } else if self.shape_of(&x).len() == 1 && strip(&target) == strip(&x.onnx) {
+                    // A vector viewed as [C, 1, 1] (or back): the same Slim value.
+                    self.bind(n, NodeRef { node: x.node, onnx: target })
+                } else if target == [total] {
+                    self.flatten(n, &base, x)
+                } else {
+                    err(format!(
+                        "reshape of [N, {}] to [N, {}]; Slim supports flattening only",
+                        join(&x.onnx),
+                        join(&target)
+                    ))
+                }
+            }
+            "Gemm" => self.gemm(n, &a),
+            "MatMul" => {
+                let x = self.node_in(n, 0)?;
+                let w = self.konst(n, 1)?;
+                let name = self.layer_name(n, 1);
+                if x.onnx.len() != 1 || w.dims.len() != 2 {
+                    return err(format!(
+                        "MatMul of [N, {}] by {:?}; Slim supports a batch of vectors times a matrix",
+                        join(&x.onnx),
+                        w.dims
+                    ));
+                }
+                self.linear(n, &name, x, transpose(&w), None)
+            }
+            "Softmax" => {
+                let x = self.node_in(n, 0)?;
+                let rank = x.onnx.len() as i64 + 1;
+                let default = if self.opset < 13 { 1 } else { -1 };
+                let axis = a.int("axis").unwrap_or(default);
+                let axis = if axis < 0 { axis + rank } else { axis };
+                if axis != 1 || (self.opset < 13 && rank > 2) {
+                    return err(format!("Softmax over axis {axis} of a rank-{rank} value; Slim's softmax is over the channels"));
+                }
+                self.unary(n, &base, Op::Softmax)
+            }
+            "Gather" | "Slice" => err(format!(
+                "{} on data (not constants) is not supported",
+                n.op_type
+            )),
+            other => err(format!("{other} is not supported")),
+        }
+    }
+
+    fn emit_keep(
+        &mut self,
+        n: &NodeProto,
+        name: &str,
+        op: Op,
+        x: &[&NodeRef],
+        p: BTreeMap<&'static str, Const>,
+    ) -> Result<()> {
+        let names: Vec<&str> = x.iter().map(|r| r.node.as_str()).collect();
+        let name = self.fresh_name(name, &n.op_type.to_lowercase());
+        self.push(&name, op, &names, p)?;
+        let onnx = x[0].onnx.clone();
+        self.bind(n, NodeRef { node: name, onnx })
+    }
+
+    fn unary(&mut self, n: &NodeProto, base: &str, op: Op) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        self.emit_keep(n, base, op, &[&x], BTreeMap::new())
+    }
+
+    fn flatten(&mut self, n: &NodeProto, base: &str, x: NodeRef) -> Result<()> {
+        let total: usize = x.onnx.iter().product();
+        if self.shape_of(&x).len() == 1 {
+            return self.bind(n, NodeRef { node: x.node, onnx: vec![total] });
+        }
+        let name = self.fresh_name(base, "flatten");
+        let shape = self.push(&name, Op::Flatten, &[&x.node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    fn axes(&self, n: &NodeProto, a: &Attrs) -> Result<Option<Vec<i64>>> {
+        if self.opset >= 13 {
+            Ok(self.opt_const(n, 1)?.map(|c| c.ints()))
+        } else {
+            Ok(a.ints("axes"))
+        }
+    }
+
+    fn conv(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let w = self.konst(n, 1)?;
+        let b = self.opt_const(n, 2)?;
+        if w.dims.len() != 4 {
+            return err(format!("weight of shape {:?}; Slim convolutions are 2-D", w.dims));
+        }
+        let (o, ipg, kh, kw) = (w.dims[0], w.dims[1], w.dims[2], w.dims[3]);
+        let groups = a.int("group").unwrap_or(1).max(1) as usize;
+        let name = self.layer_name(n, 1);
+        let strides = a.ints("strides").unwrap_or(vec![1, 1]);
+        let dil = a.ints("dilations").unwrap_or(vec![1, 1]);
+        if x.onnx.len() == 1 || x.onnx.len() == 3 && x.onnx[1..] == [1, 1] && self.shape_of(&x).len() == 1 {
+            // A 1x1 convolution on a pooled vector is a linear layer.
+            if kh == 1 && kw == 1 && groups == 1 {
+                let weight = Const { dims: vec![o, ipg], values: w.values.clone() };
+                let name_ok = name.clone();
+                let xs = NodeRef { node: x.node.clone(), onnx: vec![x.onnx[0]] };
+                self.linear(n, &name_ok, xs, weight, b)?;
+                if let Some(Value::Node(r)) = self.values.get_mut(&n.output[0]) {
+                    r.onnx = vec![o, 1, 1];
+                }
+                return Ok(());
+            }
+            return err("a convolution other than 1x1 on a pooled [C, 1, 1] value");
+        }
+        if x.onnx.len() != 3 {
+            return err(format!("input of per-sample shape {:?}; Slim convolutions take [C, H, W]", x.onnx));
+        }
+        let (h, wd) = (x.onnx[1], x.onnx[2]);
+        if strides.len() != 2 || strides[0] != strides[1] {
+            return err(format!("strides {strides:?}; Slim needs one stride for both axes"));
+        }
+        if dil.len() != 2 || dil[0] != dil[1] {
+            return err(format!("dilations {dil:?}; Slim needs one dilation for both axes"));
+        }
+        let (s, d) = (strides[0].max(1) as usize, dil[0].max(1) as usize);
+        let pads = pads(a, [h, wd], [kh, kw], s, d)?;
+        let spec = Conv2dSpec {
+            in_channels: ipg * groups,
+            out_channels: o,
+            kernel: [kh, kw],
+            stride: s,
+            padding: pads,
+            dilation: d,
+            groups,
+            bias: b.is_some(),
+        };
+        if let Some(b) = &b {
+            if b.numel() != o {
+                return err(format!("bias has {} values for {o} output channels", b.numel()));
+            }
+        }
+        let mut p = BTreeMap::new();
+        p.insert("weight", w);
+        if let Some(b) = b {
+            p.insert("bias", Const { dims: vec![o], values: b.values });
+        }
+        self.emit(n, &name, Op::Conv2d(spec), &[&x.node], p)
+    }
+
+    fn linear(
+        &mut self,
+        n: &NodeProto,
+        name: &str,
+        x: NodeRef,
+        weight: Const,
+        bias: Option<Const>,
+    ) -> Result<()> {
+        let (out, inp) = (weight.dims[0], weight.dims[1]);
+        if x.onnx != [inp] {
+            return err(format!("a [{out}, {inp}] weight on an input of per-sample shape {:?}", x.onnx));
+        }
+        let mut p = BTreeMap::new();
+        p.insert("weight", weight);
+        let has_bias = bias.is_some();
+        if let Some(b) = bias {
+            let v = b
+                .per_channel(out, 1)
+                .ok_or_else(|| OnnxError::Model(format!("bias of shape {:?} for {out} outputs", b.dims)))?;
+            p.insert("bias", Const { dims: vec![out], values: v });
+        }
+        let spec = LinearSpec { in_features: inp, out_features: out, bias: has_bias };
+        self.emit(n, name, Op::Linear(spec), &[&x.node], p)
+    }
+
+    fn gemm(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let b = self.konst(n, 1)?;
+        let c = self.opt_const(n, 2)?;
+        if a.int("transA").unwrap_or(0) != 0 {
+            return err("transA=1 is not supported");
+        }
+        if b.dims.len() != 2 {
+            return err(format!("B of shape {:?} is not a matrix", b.dims));
+        }
+        let alpha = f64::from(a.float("alpha").unwrap_or(1.0));
+        let beta = f64::from(a.float("beta").unwrap_or(1.0));
+        let mut w = if a.int("transB").unwrap_or(0) != 0 { b } else { transpose(&b) };
+        w.values.iter_mut().for_each(|v| *v *= alpha);
+        let c = c.map(|mut c| {
+            c.values.iter_mut().for_each(|v| *v *= beta);
+            c
+        });
+        let name = self.layer_name(n, 1);
+        self.linear(n, &name, x, w, c)
+    }
+
+    fn pool(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
+            return err("the indices output of MaxPool is used, which Slim does not compute");
+        }
+        if x.onnx.len() != 3 || self.shape_of(&x).len() != 3 {
+            return err(format!("input of per-sample shape {:?}; pooling takes [C, H, W]", x.onnx));
+        }
+        let k = a.ints("kernel_shape").unwrap_or_default();
+        if k.len() != 2 || k[0] != k[1] {
+            return err(format!("kernel {k:?}; Slim pools with square windows"));
+        }
+        let strides = a.ints("strides").unwrap_or(vec![1, 1]);
+        if strides.len() != 2 || strides[0] != strides[1] {
+            return err(format!("strides {strides:?}; Slim needs one stride for both axes"));
+        }
+        if a.ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
+            return err("dilated pooling is not supported");
+        }
+        let (k, s) = (k[0] as usize, strides[0].max(1) as usize);
+        let (h, w) = (x.onnx[1], x.onnx[2]);
+        let p = pads(a, [h, w], [k, k], s, 1)?;
+        let spec = PoolSpec { kernel: k, stride: s, padding: p };
+        if a.int("ceil_mode").unwrap_or(0) != 0 {
+            // Ceil mode changes the output only when the last window would start past the
+            // padded input in floor mode.
+            let out = |len: usize| (len + 2 * p - k).div_ceil(s) + 1;
+            let floor = |len: usize| (len + 2 * p - k) / s + 1;
+            if out(h) != floor(h) || out(w) != floor(w) {
+                return err("ceil_mode=1 with a partial last window is not supported");
+            }
+        }
+        let op = if n.op_type == "MaxPool" {
+            Op::MaxPool2d(spec)
+        } else {
+            if p > 0 && a.int("count_include_pad").unwrap_or(0) == 0 {
+                return err("average pooling that excludes padding (count_include_pad=0) is not supported; Slim counts padding as zeros");
+            }
+            Op::AvgPool2d(spec)
+        };
+        self.emit(n, base, op, &[&x.node], BTreeMap::new())
+    }
+
+    fn add(&mut self, n: &NodeProto, base: &str) -> Result<()> {
+        let vals: Vec<Value> = (0..n.input.len()).map(|i| self.value(n, i).cloned()).collect::<Result<_>>()?;
+        let nodes: Vec<NodeRef> = vals
+            .iter()
+            .filter_map(|v| match v {
+                Value::Node(r) => Some(r.clone()),
+                Value::Const(_) => None,
+            })
+            .collect();
+        let consts: Vec<Const> = vals
+            .iter()
+            .filter_map(|v| match v {
+                Value::Const(c) => Some(c.clone()),
+                Value::Node(_) => None,
+            })
+            .collect();
+        if consts.is_empty() {
+            if nodes.iter().any(|r| r.onnx != nodes[0].onnx) {
+                return err("an Add of different shapes (broadcasting between data is not supported)");
+            }
+            let names: Vec<&str> = nodes.iter().map(|r| r.node.as_str()).collect();
+            let name = self.fresh_name(base, "add");
+            self.push(&name, Op::Add, &names, BTreeMap::new())?;
+            let onnx = nodes[0].onnx.clone();
+            return self.bind(n, NodeRef { node: name, onnx });
+        }
+        if nodes.len() != 1 || consts.len() != 1 {
+            return err("an Add of several constants and data");
+        }
+        let (x, c) = (nodes[0].clone(), &consts[0]);
+        self.fold_affine(n, x, c, false)
+    }
+
+    fn mul(&mut self, n: &NodeProto, base: &str) -> Result<()> {
+        let (a, b) = (self.value(n, 0)?.clone(), self.value(n, 1)?.clone());
+        match (a, b) {
+            (Value::Node(x), Value::Node(y)) => {
+                // The gate (the per-channel vector) goes second.
+                let (x, y) = if x.onnx.len() == 3 && y.onnx.len() == 3 && x.onnx[1..] == [1, 1] && y.onnx[1..] != [1, 1] {
+                    (y, x)
+                } else {
+                    (x, y)
+                };
+                let name = self.fresh_name(base, "mul");
+                self.push(&name, Op::Mul, &[&x.node, &y.node], BTreeMap::new())?;
+                let onnx = x.onnx.clone();
+                self.bind(n, NodeRef { node: name, onnx })
+            }
+            (Value::Node(x), Value::Const(c)) | (Value::Const(c), Value::Node(x)) => {
+                self.fold_affine(n, x, &c, true)
+            }
+            _ => err("a Mul of two constants"),
+        }
+    }
+
+    /// Folds `x + c` or `x * c`, with `c` per channel, into the layer that produced `x` when
+    /// nothing else reads that layer's output.
+    fn fold_affine(&mut self, n: &NodeProto, x: NodeRef, c: &Const, scale: bool) -> Result<()> {
+        let what = if scale { "multiplies" } else { "adds" };
+        let id = self.by_name[&x.node];
+        let producer_output = n.input.iter().find(|i| matches!(self.values.get(*i), Some(Value::Node(r)) if r.node == x.node));
+        let shared = producer_output
+            .map(|o| self.uses.get(o).copied().unwrap_or(0) > 1)
+            .unwrap_or(true)
+            || self.nodes.iter().any(|p| p.inputs.contains(&x.node));
+        let channels = x.onnx[0];
+        let v = c.per_channel(channels, x.onnx.len()).ok_or_else(|| {
+            OnnxError::Model(format!(
+                "it {what} a constant of shape {:?} that is not per channel of a [{}] value",
+                c.dims,
+                join(&x.onnx)
+            ))
+        })?;
+        let node = &mut self.nodes[id];
+        let foldable = !shared
+            && matches!(node.op, Op::Conv2d(_) | Op::Linear(_) | Op::BatchNorm2d(_));
+        if !foldable {
+            return err(format!(
+                "it {what} a constant to `{}` ({}); Slim folds such constants only into a convolution, linear layer or batch norm whose output nothing else reads",
+                x.node,
+                node.op.kind()
+            ));
+        }
+        let out = channels;
+        if scale {
+            for role in ["weight", "bias"] {
+                if let Some(p) = node.params.get_mut(role) {
+                    let per = p.numel() / out;
+                    for (i, val) in p.values.iter_mut().enumerate() {
+                        *val *= v[i / per];
+                    }
+                }
+            }
+            if let Op::BatchNorm2d(_) = node.op {
+                // BN's weight and bias were scaled above; nothing else to do.
+            }
+        } else {
+            match &mut node.op {
+                Op::Conv2d(s) => s.bias = true,
+                Op::Linear(s) => s.bias = true,
+                _ => {}
+            }
+            let bias = node
+                .params
+                .entry("bias")
+                .or_insert_with(|| Const { dims: vec![out], values: vec![0.0; out] });
+            for (b, add) in bias.values.iter_mut().zip(&v) {
+                *b += add;
+            }
+        }
+        self.bind(n, x)
+    }
+
+    /// Evaluates a node whose inputs are all constants, when it is one of the shape ops.
+    fn fold(&self, n: &NodeProto, a: &Attrs) -> Result<Option<Const>> {
+        let c = |i| self.konst(n, i);
+        Ok(Some(match n.op_type.as_str() {
+            "Identity" | "Cast" => c(0)?,
+            "Reshape" => {
+                let x = c(0)?;
+                let shape = c(1)?.ints();
+                let full = resolve_shape(&x.dims, &shape)?;
+                Const { dims: full, values: x.values }
+            }
+            "Unsqueeze" => {
+                let x = c(0)?;
+                let axes = self.axes(n, a)?.unwrap_or_default();
+                let rank = (x.dims.len() + axes.len()) as i64;
+                let mut axes: Vec<usize> = axes.iter().map(|&ax| if ax < 0 { ax + rank } else { ax } as usize).collect();
+                axes.sort();
+                let mut dims = x.dims.clone();
+                for ax in axes {
+                    if ax > dims.len() {
+                        return err(format!("axis {ax} out of range"));
+                    }
+                    dims.insert(ax, 1);
+                }
+                Const { dims, values: x.values }
+            }
+            "Squeeze" => {
+                let x = c(0)?;
+                let axes = self.axes(n, a)?;
+                Const { dims: squeeze_dims(&x.dims, axes.as_deref())?, values: x.values }
+            }
+            "Concat" => {
+                let parts: Vec<Const> = (0..n.input.len()).map(c).collect::<Result<_>>()?;
+                if parts.iter().any(|p| p.dims.len() > 1) {
+                    return err("Concat of constants of rank above 1 is not supported");
+                }
+                let values: Vec<f64> = parts.iter().flat_map(|p| p.values.iter().copied()).collect();
+                Const { dims: vec![values.len()], values }
+            }
+            "Gather" => {
+                let x = c(0)?;
+                let idx = c(1)?;
+                let axis = a.int("axis").unwrap_or(0);
+                if axis != 0 || x.dims.len() != 1 {
+                    return err("Gather of constants other than from a vector along axis 0");
+                }
+                let len = x.dims[0] as i64;
+                let mut values = Vec::with_capacity(idx.numel());
+                for i in idx.ints() {
+                    let j = if i < 0 { i + len } else { i };
+                    if !(0..len).contains(&j) {
+                        return err(format!("index {i} out of range for {len} values"));
+                    }
+                    values.push(x.values[j as usize]);
+                }
+                Const { dims: idx.dims.clone(), values }
+            }
+            "Slice" => {
+                let x = c(0)?;
+                if x.dims.len() != 1 {
+                    return err("Slice of constants other than vectors");
+                }
+                let (starts, ends, steps) = if self.opset < 10 {
+                    (a.ints("starts").unwrap_or_default(), a.ints("ends").unwrap_or_default(), vec![1])
+                } else {
+                    (
+                        c(1)?.ints(),
+                        c(2)?.ints(),
+                        self.opt_const(n, 4)?.map(|s| s.ints()).unwrap_or(vec![1]),
+                    )
+                };
+                let (Some(&s), Some(&e), Some(&st)) = (starts.first(), ends.first(), steps.first()) else {
+                    return err("Slice without starts and ends");
+                };
+                if st != 1 {
+                    return err("Slice of constants with a step other than 1");
+                }
+                let len = x.dims[0] as i64;
+                let clampi = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
+                let (s, e) = (clampi(s), clampi(e));
+                let values: Vec<f64> = if s < e { x.values[s as usize..e as usize].to_vec() } else { vec![] };
+                Const { dims: vec![values.len()], values }
+            }
+            "Shape" => {
+                let x = c(0)?;
+                Const { dims: vec![x.dims.len()], values: x.dims.iter().map(|&d| d as f64).collect() }
+            }
+            "Mul" | "Add" => {
+                let (x, y) = (c(0)?, c(1)?);
+                let f = |p: f64, q: f64| if n.op_type == "Mul" { p * q } else { p + q };
+                if x.numel() == y.numel() {
+                    Const { dims: x.dims.clone(), values: x.values.iter().zip(&y.values).map(|(&p, &q)| f(p, q)).collect() }
+                } else if y.numel() == 1 {
+                    Const { dims: x.dims.clone(), values: x.values.iter().map(|&p| f(p, y.values[0])).collect() }
+                } else if x.numel() == 1 {
+                    Const { dims: y.dims.clone(), values: y.values.iter().map(|&q| f(x.values[0], q)).collect() }
+                } else {
+                    return Ok(None);
+                }
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    fn finish(self, outputs: &[String]) -> Result<Model> {
+        let mut graph = Graph::new();
+        let mut params = ParamStore::new();
+        let dev = Device::Cpu;
+        for p in &self.nodes {
+            let inputs: Vec<&str> = p.inputs.iter().map(|s| s.as_str()).collect();
+            graph.wire(&p.name, p.op.clone(), &inputs)?;
+            for spec in p.op.params() {
+                let c = p.params.get(spec.role).ok_or_else(|| {
+                    OnnxError::Model(format!("node `{}` lacks its {}", p.name, spec.role))
+                })?;
+                if c.numel() != spec.shape.iter().product::<usize>() {
+                    return err(format!(
+                        "`{}.{}` has {} values, the layer needs shape {:?}",
+                        p.name,
+                        spec.role,
+                        c.numel(),
+                        spec.shape
+                    ));
+                }
+                let t = Tensor::from_vec(c.f32s(), spec.shape.as_slice(), &dev)
+                    .map_err(slim_core::CoreError::from)?;
+                let kind = if spec.role == "weight" || spec.role == "bias" {
+                    spec.kind
+                } else {
+                    ParamKind::Buffer
+                };
+                params.insert(format!("{}.{}", p.name, spec.role), &t, kind)?;
+            }
+        }
+        let names: Vec<&str> = outputs.iter().map(|s| s.as_str()).collect();
+        graph.set_outputs(&names)?;
+        Ok(Model::new(graph, params)?)
+    }
+}
+
+/// An f32 attribute as the f64 of its shortest decimal form (`1e-5`, not `9.99999974e-6`), so
+/// that the values Slim wrote come back exactly.
+fn decimal(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(f64::from(v))
+}
+
+fn join(v: &[usize]) -> String {
+    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn transpose(w: &Const) -> Const {
+    let (r, c) = (w.dims[0], w.dims[1]);
+    let mut values = vec![0.0; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            values[j * r + i] = w.values[i * c + j];
+        }
+    }
+    Const { dims: vec![c, r], values }
+}
+
+/// A constant's new dimensions under a Reshape (0 copies, -1 is inferred).
+fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
+    let total: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(shape.len());
+    let mut infer = None;
+    for (i, &s) in shape.iter().enumerate() {
+        match s {
+            0 => out.push(*dims.get(i).ok_or_else(|| OnnxError::Model("reshape copies a missing axis".into()))?),
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                out.push(1);
+            }
+            s if s > 0 => out.push(s as usize),
+            s => return err(format!("reshape to a dimension of {s}")),
+        }
+    }
+    let known: usize = out.iter().product();
+    if let Some(i) = infer {
+        if known == 0 || total % known != 0 {
+            return err(format!("cannot reshape {dims:?} to {shape:?}"));
+        }
+        out[i] = total / known;
+    }
+    if out.iter().product::<usize>() != total {
+        return err(format!("cannot reshape {dims:?} to {shape:?}"));
+    }
+    Ok(out)
+}
+
+/// A data value's per-sample shape under a Reshape whose first entry is the batch axis,
+/// whatever the exporter wrote there (1, 0, -1 or a fixed batch size).
+fn resolve_reshape(onnx: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
+    let Some((_, rest)) = shape.split_first() else {
+        return err("reshape to a scalar");
+    };
+    let mut dims = vec![1];
+    dims.extend_from_slice(onnx);
+    let mut target = vec![1i64];
+    target.extend(rest.iter().map(|&v| if v == 0 { 0 } else { v }));
+    let out = resolve_shape(&dims, &target)?;
+    Ok(out[1..].to_vec())
+}
+
+fn squeeze_dims(dims: &[usize], axes: Option<&[i64]>) -> Result<Vec<usize>> {
+    let rank = dims.len() as i64;
+    match axes {
+        None => Ok(dims.iter().copied().filter(|&d| d != 1).collect()),
+        Some(axes) => {
+            let axes: Vec<usize> = axes.iter().map(|&a| if a < 0 { a + rank } else { a } as usize).collect();
+            for &a in &axes {
+                if dims.get(a) != Some(&1) {
+                    return err(format!("squeeze of axis {a} of shape {dims:?}"));
+                }
+            }
+            Ok(dims.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect())
+        }
+    }
+}
+
+/// Symmetric padding for a window, from `pads` or `auto_pad`; asymmetric padding is an error.
+fn pads(a: &Attrs, input: [usize; 2], kernel: [usize; 2], stride: usize, dil: usize) -> Result<usize> {
+    let auto = a.string("auto_pad").unwrap_or_default();
+    let per_axis: Vec<(usize, usize)> = match auto.as_str() {
+        "" | "NOTSET" => {
+            let p = a.ints("pads").unwrap_or(vec![0, 0, 0, 0]);
+            if p.len() != 4 || p.iter().any(|&v| v < 0) {
+                return err(format!("pads {p:?}"));
+            }
+            vec![(p[0] as usize, p[2] as usize), (p[1] as usize, p[3] as usize)]
+        }
+        "VALID" => vec![(0, 0), (0, 0)],
+        "SAME_UPPER" | "SAME_LOWER" => (0..2)
+            .map(|i| {
+                let out = input[i].div_ceil(stride);
+                let span = dil * (kernel[i] - 1) + 1;
+                let total = ((out - 1) * stride + span).saturating_sub(input[i]);
+                let small = total / 2;
+                if auto == "SAME_UPPER" {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                }
+            })
+            .collect(),
+        other => return err(format!("auto_pad {other}")),
+    };
+    let p = per_axis[0].0;
+    if per_axis.iter().all(|&(b, e)| b == p && e == p) {
+        Ok(p)
+    } else {
+        err(format!(
+            "padding (top, bottom) {:?} and (left, right) {:?} is not one symmetric size; Slim pads every side equally",
+            per_axis[0], per_axis[1]
+        ))
+    }
+}
+
+struct Attrs<'a>(&'a [AttributeProto]);
+
+impl Attrs<'_> {
+    fn get(&self, name: &str) -> Option<&AttributeProto> {
+        self.0.iter().find(|a| a.name == name)
+    }
+    fn int(&self, name: &str) -> Option<i64> {
+        self.get(name).map(|a| a.i)
+    }
+    fn float(&self, name: &str) -> Option<f32> {
+        self.get(name).map(|a| a.f)
+    }
+    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        self.get(name).map(|a| a.ints.clone())
+    }
+    fn string(&self, name: &str) -> Option<String> {
+        self.get(name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+    }
+    fn tensor(&self, name: &str) -> Option<&TensorProto> {
+        self.get(name).and_then(|a| a.t.as_ref())
+    }
+}

