@@ -27,14 +27,14 @@ use crate::{OnnxError, Result};
 /// Options of an export.
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
-    /// The ONNX opset (13 by default; 12 to 21 are written). Per-channel weight scales in QDQ
-    /// form need 13 or newer.
+    /// The ONNX opset (17 by default; 12 to 21 are written). Per-channel weight scales in QDQ
+    /// form need 13 or newer; before 14, HardSwish is written as `x * HardSigmoid(x)`.
     pub opset: i64,
 }
 
 impl Default for ExportOptions {
     fn default() -> Self {
-        ExportOptions { opset: 13 }
+        ExportOptions { opset: 17 }
     }
 }
 

@@ -201,3 +201,59 @@ fn bad_files_get_clear_errors() {
     assert!(slim_onnx::parse_preprocess("0.5/0").is_err());
     assert!(slim_onnx::parse_preprocess("bogus").is_err());
 }
+
+#[test]
+fn exporter_style_graph_folds_and_matches_onnx_runtime() {
+    // Made by tests/fixtures/exporter-style/make.py; its golden output is ONNX Runtime's.
+    let m = import_file(
+        fixture("exporter-style/model.onnx"),
+        &ImportOptions::default(),
+    )
+    .expect("import");
+    let ops: Vec<String> = m
+        .graph
+        .nodes()
+        .iter()
+        .map(|n| format!("{}:{}", n.name, n.op.kind()))
+        .collect();
+    let expect = [
+        "input:input",
+        "stem:conv2d",
+        "bn:batchnorm2d",
+        "act.Clip:relu6",
+        "dw:dwconv2d",
+        "dw_act.HardSwish:hardswish",
+        "se.pool.GlobalAveragePool:globalavgpool",
+        "se.fc1:linear",
+        "se.relu.Relu:relu",
+        "se.fc2:linear",
+        "se.gate.HardSigmoid:hardsigmoid",
+        "se.Mul:mul",
+        "project:conv2d",
+        "pool.MaxPool:maxpool2d",
+        "drop.Dropout:dropout",
+        "Reshape:flatten",
+        "fc.Gemm:linear",
+    ];
+    assert_eq!(ops, expect);
+    // The separate bias Add became the stem's bias; names are the ONNX initializer names.
+    assert!(m.params.contains("stem.bias") && m.params.contains("bn.running_var"));
+    let (dims, x) = tensor_pb("exporter-style/input_0.pb");
+    let (_, golden) = tensor_pb("exporter-style/output_0.pb");
+    let x = Tensor::from_vec(x, dims.as_slice(), &Device::Cpu).expect("x");
+    let y: Vec<f32> = m
+        .forward(&x, Mode::Eval)
+        .and_then(|y| Ok(y.flatten_all()?.to_vec1::<f32>()?))
+        .expect("forward");
+    let err = max_rel(&y, &golden);
+    assert!(err < 1e-5, "{err}");
+    // The squeeze-and-excite block prunes: its gate is tied to the channels it scales.
+    let pruner = slim_prune::pruner::Pruner::new(&m, slim_prune::criterion::Criterion::L1Norm, &[])
+        .expect("pruner");
+    let pruned = pruner.apply(&pruner.uniform(0.5)).expect("prune");
+    let shape = |name: &str| pruned.graph.find(name).expect(name).shape.clone();
+    assert_eq!(shape("se.Mul"), [4, 8, 8]);
+    assert_eq!(shape("se.fc2"), [4]);
+    let y = pruned.forward(&x, Mode::Eval).expect("pruned forward");
+    assert_eq!(y.dims(), [2, 10]);
+}
