@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use slim_core::data::{load_spec, DataSplits};
 use slim_core::train::{OptimizerKind, Progress, Schedule, TrainConfig};
+use slim_core::Model;
 
 use crate::{input_error, Failure};
 
@@ -41,6 +42,63 @@ impl Common {
             }),
         }
     }
+}
+
+/// Loads a model file: a Slim `.safetensors` file, or an ONNX model (`.onnx`), imported with
+/// the preprocessing its metadata records, if any.
+pub fn load_model(path: &Path, device: &Device) -> Result<Model, Failure> {
+    let is_onnx = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+    if !is_onnx {
+        return Ok(Model::load(path, device)?);
+    }
+    let m = slim_onnx::import_file(path, &slim_onnx::ImportOptions::default())
+        .map_err(onnx_failure)?;
+    if device.is_cpu() {
+        Ok(m)
+    } else {
+        Ok(Model::from_bytes(&m.to_bytes()?, device)?)
+    }
+}
+
+/// An ONNX error with the exit status it deserves (2 for the user's file, 1 for a failure in a
+/// computation).
+pub fn onnx_failure(e: slim_onnx::OnnxError) -> Failure {
+    let code = match &e {
+        slim_onnx::OnnxError::Core(slim_core::CoreError::Candle(_)) => 1,
+        _ => 2,
+    };
+    Failure {
+        code,
+        error: e.into(),
+    }
+}
+
+/// Loads the data a model is fed: the spec's data set, normalized as the model expects when
+/// it records its own preprocessing (imported models), else as the data set's own.
+pub fn data_for(spec: &str, model: &Model) -> Result<DataSplits, Failure> {
+    let mut data = load_spec(spec)?;
+    adapt_data(&mut data, model)?;
+    Ok(data)
+}
+
+/// Switches a data set's normalization to the model's preprocessing, when it has one.
+pub fn adapt_data(data: &mut DataSplits, model: &Model) -> Result<(), Failure> {
+    if let Some(p) = model.preprocess()? {
+        let channels = data.train.shape[0];
+        for (what, v) in [("mean", &p.mean), ("std", &p.std)] {
+            if v.len() != 1 && v.len() != channels {
+                return Err(input_error(format!(
+                    "the model's preprocessing has {} {what} values; the data `{}` has {channels} channel(s)",
+                    v.len(),
+                    data.spec
+                )));
+            }
+        }
+        data.normalize = p;
+    }
+    Ok(())
 }
 
 /// Loads a data spec; with `limit`, keeps the first N training images only.

@@ -514,7 +514,9 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     // Stage 0: the baseline, trained from the zoo or read from a file.
     let mut model = if let Some(row) = state.stages.first() {
         note(format!("stage 1/{total}: baseline (done)"));
-        Model::load(&row.file, &device)?
+        let m = crate::common::load_model(&row.file, &device)?;
+        crate::common::adapt_data(&mut data, &m)?;
+        m
     } else {
         let t0 = Instant::now();
         let (model, info, file) = match (&pipeline.config.model.zoo, &pipeline.config.model.file) {
@@ -544,7 +546,10 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
             }
             (None, Some(path)) => {
                 note(format!("stage 1/{total}: baseline: {}", path.display()));
-                (Model::load(path, &device)?, json!({}), path.clone())
+                let m = crate::common::load_model(path, &device)?;
+                // An imported model is fed data the way it expects.
+                crate::common::adapt_data(&mut data, &m)?;
+                (m, json!({}), path.clone())
             }
             (None, None) => return Err(input_error("[model] needs `zoo` or `file`")),
         };
@@ -562,13 +567,13 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     };
 
     // The baseline as its file holds it, for stages that learn from it.
-    let baseline = Model::load(&state.stages[0].file, &device)?;
+    let baseline = crate::common::load_model(&state.stages[0].file, &device)?;
     for (i, strategy) in pipeline.strategies.iter_mut().enumerate() {
         let stage = i + 1;
         let name = strategy.kind().to_string();
         if let Some(row) = state.stages.get(stage) {
             note(format!("stage {}/{total}: {name} (done)", stage + 1));
-            model = Model::load(&row.file, &device)?;
+            model = crate::common::load_model(&row.file, &device)?;
             continue;
         }
         note(format!("stage {}/{total}: {name}", stage + 1));
@@ -602,7 +607,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     let with_latency = !pipeline.tables.is_empty();
     if with_latency {
         for row in state.stages.iter_mut() {
-            let m = Model::load(&row.file, &device)?;
+            let m = crate::common::load_model(&row.file, &device)?;
             let runtime = if m.int8.is_empty() {
                 slim_latency::Runtime::F32
             } else {

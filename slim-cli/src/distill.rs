@@ -8,7 +8,6 @@ use slim_core::analysis::analyze;
 use slim_core::data::DEFAULT_SPEC;
 use slim_core::train::{evaluate, TrainOptions};
 use slim_core::zoo::{self, ZooConfig};
-use slim_core::Model;
 use slim_distill::{distill, dump, Distiller, Knowledge, LossSpec, Teacher};
 
 use crate::common::{check_out_dir, load_data, Common, EpochBars, Recipe};
@@ -102,8 +101,9 @@ pub fn run(args: DistillArgs) -> Result<(), Failure> {
 
 fn run_dump(args: DumpArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
-    let teacher = Model::load(&args.teacher, &device)?;
-    let data = load_data(&args.data, args.limit)?;
+    let teacher = crate::common::load_model(&args.teacher, &device)?;
+    let mut data = load_data(&args.data, args.limit)?;
+    crate::common::adapt_data(&mut data, &teacher)?;
     let quiet = args.common.quiet;
     let mut last = 0usize;
     let label = args.teacher.display().to_string();
@@ -159,9 +159,9 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         .map(|s| s.parse::<LossSpec>())
         .collect::<Result<Vec<_>, _>>()?;
     let device = args.common.device()?;
-    let data = load_data(&args.data, args.limit)?;
+    let mut data = load_data(&args.data, args.limit)?;
     let mut student = match (&args.student, &args.student_model) {
-        (Some(path), _) => Model::load(path, &device)?,
+        (Some(path), _) => crate::common::load_model(path, &device)?,
         (None, Some(name)) => {
             let zcfg = ZooConfig::new(data.train.shape)
                 .with_width(args.width)
@@ -174,6 +174,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             ))
         }
     };
+    crate::common::adapt_data(&mut data, &student)?;
     let mut teachers = Vec::new();
     let mut teacher_top1 = Vec::new();
     for path in &args.teacher {
@@ -181,7 +182,19 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             teachers.push(Teacher::Knowledge(Knowledge::open(path, &device)?));
             teacher_top1.push(None);
         } else {
-            let m = Model::load(path, &device)?;
+            let m = crate::common::load_model(path, &device)?;
+            if let Some(p) = m.preprocess()? {
+                if p != data.normalize {
+                    return Err(input_error(format!(
+                        "the teacher {} expects its input normalized with mean {:?} and std {:?}; the student is fed mean {:?}, std {:?}. Student and teachers share one batch: import them with one preprocessing",
+                        path.display(),
+                        p.mean,
+                        p.std,
+                        data.normalize.mean,
+                        data.normalize.std
+                    )));
+                }
+            }
             let top1 = evaluate(&m, &data.test, &data.normalize, 256).map_err(|e| {
                 input_error(format!(
                     "the teacher {} cannot run on `{}`: {e}",

@@ -8,14 +8,13 @@ use serde_json::json;
 use slim_core::analysis::{analyze, human};
 use slim_core::deps::channel_groups;
 use slim_core::zoo::{self, ZooConfig};
-use slim_core::Model;
 
 use crate::output::table;
 use crate::{input_error, Failure};
 
 #[derive(Args)]
 pub struct InfoArgs {
-    /// A model file (.safetensors) written by slim.
+    /// A model file: .safetensors written by slim, or .onnx.
     #[arg(conflicts_with = "model", required_unless_present = "model")]
     pub file: Option<PathBuf>,
     /// A zoo model instead of a file: lenet, vgg11, vgg16, resnet20, resnet56, resnet18,
@@ -33,29 +32,29 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
-/// Parses `CxHxW`.
+/// Parses `CxHxW` given with `--input`.
 pub fn parse_input(s: &str) -> Result<[usize; 3], Failure> {
+    parse_shape("--input", s)
+}
+
+/// Parses `CxHxW` given with `flag`.
+pub fn parse_shape(flag: &str, s: &str) -> Result<[usize; 3], Failure> {
+    let bad = || input_error(format!("{flag} `{s}` is not of the form CxHxW (e.g. 3x32x32)"));
     let dims: Vec<usize> = s
         .split('x')
         .map(|d| d.trim().parse::<usize>())
         .collect::<Result<_, _>>()
-        .map_err(|_| {
-            input_error(format!(
-                "--input `{s}` is not of the form CxHxW (e.g. 3x32x32)"
-            ))
-        })?;
+        .map_err(|_| bad())?;
     match dims[..] {
         [c, h, w] if c > 0 && h > 0 && w > 0 => Ok([c, h, w]),
-        _ => Err(input_error(format!(
-            "--input `{s}` is not of the form CxHxW (e.g. 3x32x32)"
-        ))),
+        _ => Err(bad()),
     }
 }
 
 pub fn run(args: InfoArgs) -> Result<(), Failure> {
     let (label, model, bytes) = match (&args.file, &args.model) {
         (Some(path), _) => {
-            let model = Model::load(path, &Device::Cpu)?;
+            let model = crate::common::load_model(path, &Device::Cpu)?;
             let bytes = std::fs::metadata(path)?.len();
             (path.display().to_string(), model, bytes)
         }

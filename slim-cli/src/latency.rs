@@ -152,7 +152,7 @@ fn load_models(m: &Models, runtime: Runtime) -> Result<Vec<(String, Model)>, Fai
     let device = candle_core::Device::Cpu;
     let mut out = Vec::new();
     for path in &m.models {
-        out.push((path.display().to_string(), Model::load(path, &device)?));
+        out.push((path.display().to_string(), crate::common::load_model(path, &device)?));
     }
     let prepare = |model: Model, input: [usize; 3]| -> Result<Model, Failure> {
         Ok(match runtime {
@@ -300,7 +300,7 @@ fn run_build(a: BuildArgs) -> Result<(), Failure> {
 
 fn run_estimate(a: EstimateArgs) -> Result<(), Failure> {
     let table = Table::load(&a.table)?;
-    let model = Model::load(&a.model, &candle_core::Device::Cpu)?;
+    let model = crate::common::load_model(&a.model, &candle_core::Device::Cpu)?;
     let e = estimate(&table, &model, a.fallback)?;
     if a.common.json {
         outln!("{}", serde_json::to_string(&e)?);

@@ -22,6 +22,7 @@ mod distill;
 mod info;
 mod latency;
 mod nas;
+mod onnx;
 mod output;
 mod prune;
 mod quant;
@@ -74,6 +75,10 @@ enum Command {
     /// Architecture search under MACs, parameter and latency limits.
     #[command(subcommand)]
     Nas(nas::NasCommand),
+    /// Read an ONNX model into a Slim model file (every command also takes .onnx files).
+    Import(onnx::ImportArgs),
+    /// Write a model file as ONNX (int8 models in QDQ form).
+    Export(onnx::ExportArgs),
 }
 
 /// An error and the exit status it deserves.
@@ -146,6 +151,8 @@ fn main() -> ExitCode {
         Command::Distill(args) => distill::run(args),
         Command::Latency(cmd) => latency::run(cmd),
         Command::Nas(cmd) => nas::run(cmd),
+        Command::Import(args) => onnx::run_import(args),
+        Command::Export(args) => onnx::run_export(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

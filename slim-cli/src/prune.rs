@@ -127,7 +127,7 @@ fn bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
 #[derive(Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["ratio", "flops_reduction"])))]
 pub struct PruneArgs {
-    /// The model file (.safetensors) to prune.
+    /// The model file to prune (.safetensors, or .onnx).
     pub file: PathBuf,
     /// Remove this fraction of the channels of every group in scope (uniform).
     #[arg(long)]
@@ -238,10 +238,10 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         ft.validate()?;
     }
     let device = args.common.device()?;
-    let model = Model::load(&args.file, &device)?;
+    let model = crate::common::load_model(&args.file, &device)?;
     let needs_data = args.finetune_epochs > 0 || args.method == PruneMethod::Auto;
     let data = if needs_data || args.selection.data.is_some() {
-        Some(load_spec(&args.selection.data_spec(&model))?)
+        Some(crate::common::data_for(&args.selection.data_spec(&model), &model)?)
     } else {
         None
     };
@@ -488,7 +488,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
 
 #[derive(Args)]
 pub struct SensitivityArgs {
-    /// The model file (.safetensors) to analyse.
+    /// The model file to analyse (.safetensors, or .onnx).
     pub file: PathBuf,
     /// The sensitivity file (JSON); an existing one for this model is resumed.
     #[arg(long)]
@@ -523,7 +523,7 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
     }
     args.selection.criterion()?;
     let device = args.common.device()?;
-    let model = Model::load(&args.file, &device)?;
+    let model = crate::common::load_model(&args.file, &device)?;
     let started = Instant::now();
     let sens = if !args.merge.is_empty() {
         let fingerprint = model.fingerprint()?;

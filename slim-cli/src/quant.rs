@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use slim_core::analysis::human;
-use slim_core::data::load_spec;
 use slim_core::train::evaluate;
-use slim_core::Model;
 use slim_quant::observer::ActQuant;
 use slim_quant::ptq::{quantize, PtqConfig};
 use slim_quant::quantizer::WeightQuant;
@@ -26,7 +24,7 @@ pub enum QuantCommand {
 
 #[derive(Args)]
 pub struct QatArgs {
-    /// The float model file (.safetensors).
+    /// The float model file (.safetensors, or .onnx).
     pub file: PathBuf,
     /// Data (default: the data the model was trained on, else the bundled MNIST subset).
     #[arg(long)]
@@ -60,7 +58,7 @@ pub struct QatArgs {
 
 #[derive(Args)]
 pub struct PtqArgs {
-    /// The float model file (.safetensors).
+    /// The float model file (.safetensors, or .onnx).
     pub file: PathBuf,
     /// Data for calibration (training split) and evaluation (test split). Default: the data
     /// the model was trained on, else the bundled MNIST subset.
@@ -118,13 +116,13 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
     slim_quant::quantizer::check_bits(cfg.bits_weights)?;
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
-    let model = Model::load(&args.file, &device)?;
+    let model = crate::common::load_model(&args.file, &device)?;
     let spec = args
         .data
         .clone()
         .or_else(|| model.provenance.get("data").cloned())
         .unwrap_or_else(|| slim_core::data::DEFAULT_SPEC.to_string());
-    let data = load_spec(&spec)?;
+    let data = crate::common::data_for(&spec, &model)?;
     let (q, report) = quantize(&model, &data.train, &data.normalize, &cfg)?;
     let before = evaluate(&model, &data.test, &data.normalize, 256)?;
     // The int8 model's accuracy comes from the int8 runtime; the fake-quantized float graph
@@ -188,13 +186,13 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     tcfg.validate()?;
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
-    let model = Model::load(&args.file, &device)?;
+    let model = crate::common::load_model(&args.file, &device)?;
     let spec = args
         .data
         .clone()
         .or_else(|| model.provenance.get("data").cloned())
         .unwrap_or_else(|| slim_core::data::DEFAULT_SPEC.to_string());
-    let data = load_spec(&spec)?;
+    let data = crate::common::data_for(&spec, &model)?;
     let mut q = slim_quant::qat::prepare(&model, &data.train, &data.normalize, &cfg)?;
     let kernels = slim_quant::qat::QatKernels { weights, bits: 8 };
     let mut bars = crate::common::EpochBars::new(args.common.quiet);

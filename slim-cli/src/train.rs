@@ -5,10 +5,9 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 use slim_core::analysis::analyze;
-use slim_core::data::{load_spec, DEFAULT_SPEC};
+use slim_core::data::DEFAULT_SPEC;
 use slim_core::train::{evaluate, train, TrainOptions};
 use slim_core::zoo::{self, ZooConfig};
-use slim_core::Model;
 
 use crate::common::{Common, EpochBars, Recipe};
 use crate::output::table;
@@ -54,7 +53,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     // a zoo name.
     let as_file = std::path::Path::new(&args.model);
     let mut model = if as_file.is_file() || args.model.ends_with(".safetensors") {
-        let m = Model::load(as_file, &device)?;
+        let m = crate::common::load_model(as_file, &device)?;
         if !m.int8.is_empty() {
             return Err(crate::input_error(format!(
                 "{} is an int8 model; train the float model it came from",
@@ -161,7 +160,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// A model file (.safetensors).
+    /// A model file (.safetensors, or .onnx).
     pub file: PathBuf,
     /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
     #[arg(long, default_value = DEFAULT_SPEC)]
@@ -174,8 +173,8 @@ pub struct EvalArgs {
 
 pub fn run_eval(args: EvalArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
-    let model = Model::load(&args.file, &device)?;
-    let data = load_spec(&args.data)?;
+    let model = crate::common::load_model(&args.file, &device)?;
+    let data = crate::common::data_for(&args.data, &model)?;
     // Int8 files run on the int8 runtime.
     let int8 = !model.int8.is_empty();
     let r = if int8 {

@@ -1,0 +1,129 @@
+//! `slim import` and `slim export`: ONNX models in and out.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use clap::Args;
+use serde_json::json;
+use slim_core::analysis::{analyze, human};
+
+use crate::common::{check_out_dir, load_model, onnx_failure};
+use crate::{input_error, Failure};
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// The ONNX model to import (.onnx).
+    pub file: PathBuf,
+    /// The Slim model file to write (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The per-sample input shape CxHxW, for models whose input size is symbolic.
+    #[arg(long)]
+    pub input_shape: Option<String>,
+    /// The preprocessing the model expects of pixels: raw (0..255 as they are), unit (0..1),
+    /// imagenet (ImageNet mean and std), or MEAN/STD with comma-separated per-channel values
+    /// on 0..1 pixels. Stored in the model file; every command feeds the model this way.
+    /// Default: the data set's own normalization.
+    #[arg(long)]
+    pub preprocess: Option<String>,
+    /// Print one JSON object with the result on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The model file to export (.safetensors, float or int8).
+    pub file: PathBuf,
+    /// The ONNX file to write (.onnx). Int8 models are written in QDQ form.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The ONNX opset (12 to 21).
+    #[arg(long, default_value_t = 17)]
+    pub opset: i64,
+    /// Print one JSON object with the result on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
+    check_out_dir("--out", &args.out)?;
+    let input_shape = args
+        .input_shape
+        .as_deref()
+        .map(|s| crate::info::parse_shape("--input-shape", s).map(|d| d.to_vec()))
+        .transpose()?;
+    let preprocess = args
+        .preprocess
+        .as_deref()
+        .map(|s| slim_onnx::parse_preprocess(s).map_err(|e| input_error(format!("--preprocess: {e}"))))
+        .transpose()?;
+    if let (Some(p), Some(shape)) = (&preprocess, &input_shape) {
+        for v in [&p.mean, &p.std] {
+            if v.len() != 1 && v.len() != shape[0] {
+                return Err(input_error(format!(
+                    "--preprocess gives {} values per statistic for a {}-channel input",
+                    v.len(),
+                    shape[0]
+                )));
+            }
+        }
+    }
+    let opts = slim_onnx::ImportOptions {
+        input_shape,
+        preprocess,
+    };
+    let mut model = slim_onnx::import_file(&args.file, &opts).map_err(onnx_failure)?;
+    model
+        .provenance
+        .insert("imported_from".into(), args.file.display().to_string());
+    model.save(&args.out)?;
+    let stats = analyze(&model.graph);
+    let bytes = std::fs::metadata(&args.out)?.len();
+    let input = model.input_shape();
+    if args.json {
+        outln!(
+            "{}",
+            json!({
+                "file": args.file, "out": args.out, "nodes": model.graph.len(),
+                "input": input, "macs": stats.macs, "params": stats.params, "bytes": bytes,
+                "preprocess": model.preprocess()?.map(|p| json!({"mean": p.mean, "std": p.std})),
+            })
+        );
+    } else {
+        outln!(
+            "imported {} -> {}: {} nodes, input {:?}, {} MACs, {} parameters, {} bytes",
+            args.file.display(),
+            args.out.display(),
+            model.graph.len(),
+            input,
+            human(stats.macs),
+            human(stats.params),
+            bytes
+        );
+    }
+    Ok(())
+}
+
+pub fn run_export(args: ExportArgs) -> Result<(), Failure> {
+    check_out_dir("--out", &args.out)?;
+    let model = load_model(&args.file, &Device::Cpu)?;
+    let opts = slim_onnx::ExportOptions { opset: args.opset };
+    slim_onnx::export_file(&model, &args.out, &opts).map_err(onnx_failure)?;
+    let bytes = std::fs::metadata(&args.out)?.len();
+    let form = if model.int8.is_empty() { "f32" } else { "int8 QDQ" };
+    if args.json {
+        outln!(
+            "{}",
+            json!({"file": args.file, "out": args.out, "opset": args.opset, "form": form, "bytes": bytes})
+        );
+    } else {
+        outln!(
+            "exported {} -> {} ({form}, opset {}, {bytes} bytes)",
+            args.file.display(),
+            args.out.display(),
+            args.opset
+        );
+    }
+    Ok(())
+}

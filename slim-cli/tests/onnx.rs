@@ -1,0 +1,109 @@
+//! End-to-end tests of `slim import` and `slim export`, and of ONNX files given to the other
+//! commands: the ONNX model zoo's MNIST network imported with its raw-pixel preprocessing,
+//! evaluated on the bundled digits, pruned straight from its .onnx file, quantized and
+//! exported again.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn slim(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_slim"))
+        .args(args)
+        .output()
+        .expect("slim runs")
+}
+
+fn ok(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("one JSON object")
+}
+
+fn fails(o: &std::process::Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(needle), "expected `{needle}` in: {err}");
+}
+
+fn zoo_onnx() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../slim-onnx/tests/fixtures/mnist-conv/model.onnx")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn import_eval_prune_quantize_export() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let onnx = zoo_onnx();
+    let model = dir.path().join("mnist.safetensors");
+    let r = ok(&slim(&[
+        "import", s(&onnx), "--out", s(&model), "--preprocess", "raw", "--json",
+    ]));
+    assert_eq!(r["input"], serde_json::json!([1, 28, 28]));
+    assert_eq!(r["preprocess"]["std"][0].as_f64().map(|v| (v * 255.0).round()), Some(1.0));
+
+    // The imported model on the bundled digits, fed raw pixels as it expects.
+    let e = ok(&slim(&["eval", s(&model), "--json"]));
+    let top1 = e["top1"].as_f64().expect("top1");
+    assert!(top1 > 0.98, "imported model top-1 {top1}");
+    // `slim info` and `slim prune` take the .onnx file directly.
+    let info = ok(&slim(&["info", s(&onnx), "--json"]));
+    // Two 5x5 convolutions (8 and 16 filters) and a 256x10 layer: 786,560 multiply-adds.
+    assert_eq!(info["macs"], 786_560, "{info}");
+    let pruned = dir.path().join("pruned.safetensors");
+    let p = ok(&slim(&[
+        "prune", s(&model), "--flops-reduction", "0.3", "--out", s(&pruned), "--json", "-q",
+    ]));
+    assert!(p.is_object());
+
+    // Quantize (PTQ) and export both as ONNX: the int8 one in QDQ form, smaller.
+    let q = dir.path().join("q.safetensors");
+    ok(&slim(&["quant", "ptq", s(&pruned), "--out", s(&q), "--json", "-q"]));
+    let (fo, qo) = (dir.path().join("pruned.onnx"), dir.path().join("q.onnx"));
+    let f = ok(&slim(&["export", s(&pruned), "--out", s(&fo), "--json"]));
+    let i = ok(&slim(&["export", s(&q), "--out", s(&qo), "--json"]));
+    assert_eq!(f["form"], "f32");
+    assert_eq!(i["form"], "int8 QDQ");
+    assert!(i["bytes"].as_u64() < f["bytes"].as_u64(), "{i} {f}");
+    // The exported pruned model evaluates like the pruned file: its preprocessing travels in
+    // the ONNX metadata.
+    let a = ok(&slim(&["eval", s(&pruned), "--json"]));
+    let b = ok(&slim(&["eval", s(&fo), "--json"]));
+    assert_eq!(a["top1"], b["top1"]);
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, b"\x08\x07\x12garbage").expect("write");
+    let out = dir.path().join("m.safetensors");
+    fails(&slim(&["import", s(&junk), "--out", s(&out)]), "junk.onnx");
+    assert!(!out.exists(), "nothing written");
+    let onnx = zoo_onnx();
+    fails(
+        &slim(&["import", s(&onnx), "--out", s(&out), "--preprocess", "0.5/-1"]),
+        "--preprocess",
+    );
+    fails(
+        &slim(&["import", s(&onnx), "--out", s(&out), "--input-shape", "3x28"]),
+        "--input-shape",
+    );
+    fails(
+        &slim(&["import", s(&onnx), "--out", s(&out), "--input-shape", "3x28x28"]),
+        "does not match",
+    );
+    fails(&slim(&["eval", s(&junk)]), "not an ONNX model");
+    let m = dir.path().join("lenet.safetensors");
+    ok(&slim(&["import", s(&onnx), "--out", s(&m), "--json"]));
+    fails(
+        &slim(&["export", s(&m), "--out", s(&dir.path().join("x.onnx")), "--opset", "9"]),
+        "opset 9",
+    );
+    fails(
+        &slim(&["export", s(&m), "--out", "/no/such/dir/x.onnx"]),
+        "does not exist",
+    );
+}
