@@ -52,7 +52,7 @@ fn python() -> Option<&'static Path> {
             .map(|s| s.success())
             .unwrap_or(false)
             && Command::new(&py)
-                .args(["-m", "pip", "install", "-q", "onnxruntime", "numpy"])
+                .args(["-m", "pip", "install", "-q", "onnxruntime==1.32.0", "numpy==2.4.6"])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
