@@ -53,8 +53,8 @@ pub fn load_model(path: &Path, device: &Device) -> Result<Model, Failure> {
     if !is_onnx {
         return Ok(Model::load(path, device)?);
     }
-    let m = slim_onnx::import_file(path, &slim_onnx::ImportOptions::default())
-        .map_err(onnx_failure)?;
+    let m =
+        slim_onnx::import_file(path, &slim_onnx::ImportOptions::default()).map_err(onnx_failure)?;
     if device.is_cpu() {
         Ok(m)
     } else {

@@ -39,7 +39,11 @@ pub fn parse_input(s: &str) -> Result<[usize; 3], Failure> {
 
 /// Parses `CxHxW` given with `flag`.
 pub fn parse_shape(flag: &str, s: &str) -> Result<[usize; 3], Failure> {
-    let bad = || input_error(format!("{flag} `{s}` is not of the form CxHxW (e.g. 3x32x32)"));
+    let bad = || {
+        input_error(format!(
+            "{flag} `{s}` is not of the form CxHxW (e.g. 3x32x32)"
+        ))
+    };
     let dims: Vec<usize> = s
         .split('x')
         .map(|d| d.trim().parse::<usize>())

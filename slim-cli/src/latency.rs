@@ -152,7 +152,10 @@ fn load_models(m: &Models, runtime: Runtime) -> Result<Vec<(String, Model)>, Fai
     let device = candle_core::Device::Cpu;
     let mut out = Vec::new();
     for path in &m.models {
-        out.push((path.display().to_string(), crate::common::load_model(path, &device)?));
+        out.push((
+            path.display().to_string(),
+            crate::common::load_model(path, &device)?,
+        ));
     }
     let prepare = |model: Model, input: [usize; 3]| -> Result<Model, Failure> {
         Ok(match runtime {

@@ -56,7 +56,9 @@ pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
     let preprocess = args
         .preprocess
         .as_deref()
-        .map(|s| slim_onnx::parse_preprocess(s).map_err(|e| input_error(format!("--preprocess: {e}"))))
+        .map(|s| {
+            slim_onnx::parse_preprocess(s).map_err(|e| input_error(format!("--preprocess: {e}")))
+        })
         .transpose()?;
     if let (Some(p), Some(shape)) = (&preprocess, &input_shape) {
         for v in [&p.mean, &p.std] {
@@ -111,7 +113,11 @@ pub fn run_export(args: ExportArgs) -> Result<(), Failure> {
     let opts = slim_onnx::ExportOptions { opset: args.opset };
     slim_onnx::export_file(&model, &args.out, &opts).map_err(onnx_failure)?;
     let bytes = std::fs::metadata(&args.out)?.len();
-    let form = if model.int8.is_empty() { "f32" } else { "int8 QDQ" };
+    let form = if model.int8.is_empty() {
+        "f32"
+    } else {
+        "int8 QDQ"
+    };
     if args.json {
         outln!(
             "{}",

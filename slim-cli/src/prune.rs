@@ -241,7 +241,10 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     let model = crate::common::load_model(&args.file, &device)?;
     let needs_data = args.finetune_epochs > 0 || args.method == PruneMethod::Auto;
     let data = if needs_data || args.selection.data.is_some() {
-        Some(crate::common::data_for(&args.selection.data_spec(&model), &model)?)
+        Some(crate::common::data_for(
+            &args.selection.data_spec(&model),
+            &model,
+        )?)
     } else {
         None
     };

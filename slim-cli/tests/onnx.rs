@@ -25,8 +25,7 @@ fn fails(o: &std::process::Output, needle: &str) {
 }
 
 fn zoo_onnx() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../slim-onnx/tests/fixtures/mnist-conv/model.onnx")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../slim-onnx/tests/fixtures/mnist-conv/model.onnx")
 }
 
 fn s(p: &Path) -> &str {
@@ -39,10 +38,21 @@ fn import_eval_prune_quantize_export() {
     let onnx = zoo_onnx();
     let model = dir.path().join("mnist.safetensors");
     let r = ok(&slim(&[
-        "import", s(&onnx), "--out", s(&model), "--preprocess", "raw", "--json",
+        "import",
+        s(&onnx),
+        "--out",
+        s(&model),
+        "--preprocess",
+        "raw",
+        "--json",
     ]));
     assert_eq!(r["input"], serde_json::json!([1, 28, 28]));
-    assert_eq!(r["preprocess"]["std"][0].as_f64().map(|v| (v * 255.0).round()), Some(1.0));
+    assert_eq!(
+        r["preprocess"]["std"][0]
+            .as_f64()
+            .map(|v| (v * 255.0).round()),
+        Some(1.0)
+    );
 
     // The imported model on the bundled digits, fed raw pixels as it expects.
     let e = ok(&slim(&["eval", s(&model), "--json"]));
@@ -54,13 +64,28 @@ fn import_eval_prune_quantize_export() {
     assert_eq!(info["macs"], 786_560, "{info}");
     let pruned = dir.path().join("pruned.safetensors");
     let p = ok(&slim(&[
-        "prune", s(&model), "--flops-reduction", "0.3", "--out", s(&pruned), "--json", "-q",
+        "prune",
+        s(&model),
+        "--flops-reduction",
+        "0.3",
+        "--out",
+        s(&pruned),
+        "--json",
+        "-q",
     ]));
     assert!(p.is_object());
 
     // Quantize (PTQ) and export both as ONNX: the int8 one in QDQ form, smaller.
     let q = dir.path().join("q.safetensors");
-    ok(&slim(&["quant", "ptq", s(&pruned), "--out", s(&q), "--json", "-q"]));
+    ok(&slim(&[
+        "quant",
+        "ptq",
+        s(&pruned),
+        "--out",
+        s(&q),
+        "--json",
+        "-q",
+    ]));
     let (fo, qo) = (dir.path().join("pruned.onnx"), dir.path().join("q.onnx"));
     let f = ok(&slim(&["export", s(&pruned), "--out", s(&fo), "--json"]));
     let i = ok(&slim(&["export", s(&q), "--out", s(&qo), "--json"]));
@@ -84,22 +109,50 @@ fn bad_input_is_refused_clearly() {
     assert!(!out.exists(), "nothing written");
     let onnx = zoo_onnx();
     fails(
-        &slim(&["import", s(&onnx), "--out", s(&out), "--preprocess", "0.5/-1"]),
+        &slim(&[
+            "import",
+            s(&onnx),
+            "--out",
+            s(&out),
+            "--preprocess",
+            "0.5/-1",
+        ]),
         "--preprocess",
     );
     fails(
-        &slim(&["import", s(&onnx), "--out", s(&out), "--input-shape", "3x28"]),
+        &slim(&[
+            "import",
+            s(&onnx),
+            "--out",
+            s(&out),
+            "--input-shape",
+            "3x28",
+        ]),
         "--input-shape",
     );
     fails(
-        &slim(&["import", s(&onnx), "--out", s(&out), "--input-shape", "3x28x28"]),
+        &slim(&[
+            "import",
+            s(&onnx),
+            "--out",
+            s(&out),
+            "--input-shape",
+            "3x28x28",
+        ]),
         "does not match",
     );
     fails(&slim(&["eval", s(&junk)]), "not an ONNX model");
     let m = dir.path().join("lenet.safetensors");
     ok(&slim(&["import", s(&onnx), "--out", s(&m), "--json"]));
     fails(
-        &slim(&["export", s(&m), "--out", s(&dir.path().join("x.onnx")), "--opset", "9"]),
+        &slim(&[
+            "export",
+            s(&m),
+            "--out",
+            s(&dir.path().join("x.onnx")),
+            "--opset",
+            "9",
+        ]),
         "opset 9",
     );
     fails(

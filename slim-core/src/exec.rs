@@ -241,9 +241,9 @@ impl Model {
             Op::Relu => x.relu()?,
             Op::Relu6 => x.relu()?.minimum(6f32)?,
             Op::HardSwish => (x * ((x + 3.0)?.relu()?.minimum(6f32)? / 6.0)?)?,
-            Op::HardSigmoid { alpha, beta } => {
-                x.affine(f64::from(*alpha), f64::from(*beta))?.clamp(0f32, 1f32)?
-            }
+            Op::HardSigmoid { alpha, beta } => x
+                .affine(f64::from(*alpha), f64::from(*beta))?
+                .clamp(0f32, 1f32)?,
             Op::Sigmoid => candle_nn::ops::sigmoid(x)?,
             Op::Add => {
                 let mut acc = x.clone();

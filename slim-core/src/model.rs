@@ -11,6 +11,14 @@ use crate::params::ParamStore;
 
 const PREPROCESS_KEY: &str = "preprocess";
 
+/// A normalization with at least one mean and std, every std finite and positive.
+fn usable(norm: &crate::data::Normalize) -> bool {
+    !norm.mean.is_empty()
+        && !norm.std.is_empty()
+        && norm.std.iter().all(|s| s.is_finite() && *s > 0.0)
+        && norm.mean.iter().all(|m| m.is_finite())
+}
+
 /// A graph with a value for every parameter it declares, and free-form provenance
 /// (`zoo`, `created_by`, `data`, ...) that model files carry along.
 #[derive(Clone, Debug)]
@@ -89,24 +97,38 @@ impl Model {
         let Some(text) = self.provenance.get(PREPROCESS_KEY) else {
             return Ok(None);
         };
-        let bad = |m: String| CoreError::Invalid(format!("the model's `preprocess` entry {text:?} is malformed: {m}"));
+        let bad = |m: String| {
+            CoreError::Invalid(format!(
+                "the model's `preprocess` entry {text:?} is malformed: {m}"
+            ))
+        };
         let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         let list = |key: &str| -> Result<Vec<f32>> {
             v.get(key)
                 .and_then(|a| a.as_array())
-                .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_f64())
+                        .map(|x| x as f32)
+                        .collect()
+                })
                 .ok_or_else(|| bad(format!("no `{key}` list")))
         };
-        let norm = crate::data::Normalize { mean: list("mean")?, std: list("std")? };
-        if norm.mean.is_empty() || norm.std.is_empty() || norm.std.iter().any(|&s| !(s > 0.0) || !s.is_finite()) {
-            return Err(bad("`mean` and `std` need at least one value, std positive".into()));
+        let norm = crate::data::Normalize {
+            mean: list("mean")?,
+            std: list("std")?,
+        };
+        if !usable(&norm) {
+            return Err(bad(
+                "`mean` and `std` need at least one value, std positive".into(),
+            ));
         }
         Ok(Some(norm))
     }
 
     /// Records the preprocessing this model expects (see [`Model::preprocess`]).
     pub fn set_preprocess(&mut self, norm: &crate::data::Normalize) -> Result<()> {
-        if norm.mean.is_empty() || norm.std.is_empty() || norm.std.iter().any(|&s| !(s > 0.0) || !s.is_finite()) {
+        if !usable(norm) {
             return Err(CoreError::Invalid(format!(
                 "preprocessing needs a mean and a positive std per channel, got {norm:?}"
             )));

@@ -53,7 +53,11 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Vec<u8>> {
             opts.opset
         )));
     }
-    let mut w = Writer { opset: opts.opset, graph: GraphProto::default(), model };
+    let mut w = Writer {
+        opset: opts.opset,
+        graph: GraphProto::default(),
+        model,
+    };
     w.graph.name = model
         .provenance
         .get("zoo")
@@ -69,12 +73,18 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Vec<u8>> {
     let mut metadata: Vec<StringStringEntryProto> = model
         .provenance
         .iter()
-        .map(|(k, v)| StringStringEntryProto { key: format!("slim.{k}"), value: v.clone() })
+        .map(|(k, v)| StringStringEntryProto {
+            key: format!("slim.{k}"),
+            value: v.clone(),
+        })
         .collect();
     metadata.sort_by(|a, b| a.key.cmp(&b.key));
     let proto = ModelProto {
         ir_version: if opts.opset >= 21 { 10 } else { 7 },
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: opts.opset }],
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: opts.opset,
+        }],
         producer_name: "slim".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         graph: Some(w.graph),
@@ -91,8 +101,14 @@ struct Writer<'a> {
 }
 
 fn value_info(name: &str, shape: &[usize]) -> ValueInfoProto {
-    let mut dim = vec![Dimension { dim_value: None, dim_param: Some("batch".into()) }];
-    dim.extend(shape.iter().map(|&d| Dimension { dim_value: Some(d as i64), dim_param: None }));
+    let mut dim = vec![Dimension {
+        dim_value: None,
+        dim_param: Some("batch".into()),
+    }];
+    dim.extend(shape.iter().map(|&d| Dimension {
+        dim_value: Some(d as i64),
+        dim_param: None,
+    }));
     ValueInfoProto {
         name: name.to_string(),
         r#type: Some(TypeProto {
@@ -106,13 +122,28 @@ fn value_info(name: &str, shape: &[usize]) -> ValueInfoProto {
 }
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: attribute_type::INTS, ints: v.to_vec(), ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: attribute_type::INTS,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
 }
 fn int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: attribute_type::INT, i: v, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: attribute_type::INT,
+        i: v,
+        ..Default::default()
+    }
 }
 fn float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: attribute_type::FLOAT, f: v, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: attribute_type::FLOAT,
+        f: v,
+        ..Default::default()
+    }
 }
 
 fn f32_tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
@@ -146,7 +177,14 @@ fn i64_tensor(name: &str, values: &[i64]) -> TensorProto {
 }
 
 impl Writer<'_> {
-    fn op(&mut self, op_type: &str, name: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) {
+    fn op(
+        &mut self,
+        op_type: &str,
+        name: &str,
+        inputs: &[&str],
+        output: &str,
+        attribute: Vec<AttributeProto>,
+    ) {
         self.graph.node.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: vec![output.to_string()],
@@ -167,7 +205,9 @@ impl Writer<'_> {
             let qname = format!("{name}_quantized");
             let sname = format!("{name}_scale");
             let zname = format!("{name}_zero_point");
-            self.graph.initializer.push(i8_tensor(&qname, &dims, &q.values));
+            self.graph
+                .initializer
+                .push(i8_tensor(&qname, &dims, &q.values));
             let mut attrs = Vec::new();
             if q.scales.len() > 1 {
                 if self.opset < 13 {
@@ -175,32 +215,56 @@ impl Writer<'_> {
                         "`{name}` has per-channel scales, which need opset 13 or newer"
                     )));
                 }
-                self.graph.initializer.push(f32_tensor(&sname, &[q.scales.len()], &q.scales));
-                self.graph.initializer.push(i8_tensor(&zname, &[q.scales.len()], &vec![0; q.scales.len()]));
+                self.graph
+                    .initializer
+                    .push(f32_tensor(&sname, &[q.scales.len()], &q.scales));
+                self.graph.initializer.push(i8_tensor(
+                    &zname,
+                    &[q.scales.len()],
+                    &vec![0; q.scales.len()],
+                ));
                 attrs.push(int("axis", 0));
             } else {
-                self.graph.initializer.push(f32_tensor(&sname, &[], &q.scales));
+                self.graph
+                    .initializer
+                    .push(f32_tensor(&sname, &[], &q.scales));
                 self.graph.initializer.push(i8_tensor(&zname, &[], &[0]));
             }
-            self.op("DequantizeLinear", &format!("{name}_dequantize"), &[&qname, &sname, &zname], &name, attrs);
+            self.op(
+                "DequantizeLinear",
+                &format!("{name}_dequantize"),
+                &[&qname, &sname, &zname],
+                &name,
+                attrs,
+            );
         } else {
             let values = t
                 .flatten_all()
                 .and_then(|t| t.to_dtype(candle_core::DType::F32))
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(slim_core::CoreError::from)?;
-            self.graph.initializer.push(f32_tensor(&name, &dims, &values));
+            self.graph
+                .initializer
+                .push(f32_tensor(&name, &dims, &values));
         }
         Ok(name)
     }
 
     fn node(&mut self, node: &Node) -> Result<()> {
         let g = &self.model.graph;
-        let ins: Vec<String> = node.inputs.iter().map(|&i| g.node(i).name.clone()).collect();
+        let ins: Vec<String> = node
+            .inputs
+            .iter()
+            .map(|&i| g.node(i).name.clone())
+            .collect();
         let x: Vec<&str> = ins.iter().map(|s| s.as_str()).collect();
         let out = node.name.as_str();
         let unsupported = |why: &str| {
-            Err(OnnxError::Model(format!("node `{}` ({}): {why}", node.name, node.op.kind())))
+            Err(OnnxError::Model(format!(
+                "node `{}` ({}): {why}",
+                node.name,
+                node.op.kind()
+            )))
         };
         match &node.op {
             Op::Input { shape } => {
@@ -217,13 +281,19 @@ impl Writer<'_> {
                 }
                 let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
                 let (p, s, d) = (c.padding as i64, c.stride as i64, c.dilation as i64);
-                self.op("Conv", out, &inputs, out, vec![
-                    ints("kernel_shape", &[c.kernel[0] as i64, c.kernel[1] as i64]),
-                    ints("strides", &[s, s]),
-                    ints("pads", &[p, p, p, p]),
-                    ints("dilations", &[d, d]),
-                    int("group", c.groups as i64),
-                ]);
+                self.op(
+                    "Conv",
+                    out,
+                    &inputs,
+                    out,
+                    vec![
+                        ints("kernel_shape", &[c.kernel[0] as i64, c.kernel[1] as i64]),
+                        ints("strides", &[s, s]),
+                        ints("pads", &[p, p, p, p]),
+                        ints("dilations", &[d, d]),
+                        int("group", c.groups as i64),
+                    ],
+                );
             }
             Op::Linear(l) => {
                 let w = self.param(node, "weight")?;
@@ -240,10 +310,16 @@ impl Writer<'_> {
                     .map(|r| self.param(node, r))
                     .collect::<Result<_>>()?;
                 let inputs = [x[0], &p[0], &p[1], &p[2], &p[3]];
-                self.op("BatchNormalization", out, &inputs, out, vec![
-                    float("epsilon", b.eps as f32),
-                    float("momentum", (1.0 - b.momentum) as f32),
-                ]);
+                self.op(
+                    "BatchNormalization",
+                    out,
+                    &inputs,
+                    out,
+                    vec![
+                        float("epsilon", b.eps as f32),
+                        float("momentum", (1.0 - b.momentum) as f32),
+                    ],
+                );
             }
             Op::Relu => self.op("Relu", out, &x, out, vec![]),
             Op::Relu6 => {
@@ -255,12 +331,22 @@ impl Writer<'_> {
             Op::HardSwish if self.opset >= 14 => self.op("HardSwish", out, &x, out, vec![]),
             Op::HardSwish => {
                 let gate = format!("{out}_gate");
-                self.op("HardSigmoid", &gate, &x, &gate, vec![float("alpha", 1.0 / 6.0), float("beta", 0.5)]);
+                self.op(
+                    "HardSigmoid",
+                    &gate,
+                    &x,
+                    &gate,
+                    vec![float("alpha", 1.0 / 6.0), float("beta", 0.5)],
+                );
                 self.op("Mul", out, &[x[0], &gate], out, vec![]);
             }
-            Op::HardSigmoid { alpha, beta } => {
-                self.op("HardSigmoid", out, &x, out, vec![float("alpha", *alpha), float("beta", *beta)])
-            }
+            Op::HardSigmoid { alpha, beta } => self.op(
+                "HardSigmoid",
+                out,
+                &x,
+                out,
+                vec![float("alpha", *alpha), float("beta", *beta)],
+            ),
             Op::Sigmoid => self.op("Sigmoid", out, &x, out, vec![]),
             Op::Add if x.len() == 2 => self.op("Add", out, &x, out, vec![]),
             Op::Add => self.op("Sum", out, &x, out, vec![]),
@@ -272,7 +358,9 @@ impl Writer<'_> {
                     // A per-channel gate: reshape it to [N, C, 1, 1] so it broadcasts.
                     let shape = format!("{out}_gate_shape");
                     let gate = format!("{out}_gate");
-                    self.graph.initializer.push(i64_tensor(&shape, &[-1, a[0] as i64, 1, 1]));
+                    self.graph
+                        .initializer
+                        .push(i64_tensor(&shape, &[-1, a[0] as i64, 1, 1]));
                     self.op("Reshape", &gate, &[x[1], &shape], &gate, vec![]);
                     self.op("Mul", out, &[x[0], &gate], out, vec![]);
                 }
@@ -298,7 +386,13 @@ impl Writer<'_> {
                 // nodes); the flatten that follows is folded away on import.
                 let pooled = format!("{out}_pooled");
                 self.op("GlobalAveragePool", out, &x, &pooled, vec![]);
-                self.op("Flatten", &format!("{out}_flatten"), &[&pooled], out, vec![int("axis", 1)]);
+                self.op(
+                    "Flatten",
+                    &format!("{out}_flatten"),
+                    &[&pooled],
+                    out,
+                    vec![int("axis", 1)],
+                );
             }
             Op::Flatten => self.op("Flatten", out, &x, out, vec![int("axis", 1)]),
             Op::Dropout { p } => {
@@ -310,13 +404,18 @@ impl Writer<'_> {
             Op::Identity => self.op("Identity", out, &x, out, vec![]),
             Op::Softmax => {
                 if node.shape.len() > 1 && self.opset < 13 {
-                    return unsupported("a softmax over the channels of a feature map needs opset 13 or newer");
+                    return unsupported(
+                        "a softmax over the channels of a feature map needs opset 13 or newer",
+                    );
                 }
                 self.op("Softmax", out, &x, out, vec![int("axis", 1)]);
             }
             Op::FakeQuant(q) => {
                 if q.bits != 8 {
-                    return unsupported(&format!("{}-bit quantization has no QDQ form (8 bits only)", q.bits));
+                    return unsupported(&format!(
+                        "{}-bit quantization has no QDQ form (8 bits only)",
+                        q.bits
+                    ));
                 }
                 let scale = self
                     .model
@@ -325,8 +424,14 @@ impl Writer<'_> {
                     .flatten_all()
                     .and_then(|t| t.to_vec1::<f32>())
                     .map_err(slim_core::CoreError::from)?;
-                let (s, z, q8) = (format!("{out}_scale"), format!("{out}_zero_point"), format!("{out}_quantized"));
-                self.graph.initializer.push(f32_tensor(&s, &[], &scale[..1]));
+                let (s, z, q8) = (
+                    format!("{out}_scale"),
+                    format!("{out}_zero_point"),
+                    format!("{out}_quantized"),
+                );
+                self.graph
+                    .initializer
+                    .push(f32_tensor(&s, &[], &scale[..1]));
                 self.graph.initializer.push(i8_tensor(&z, &[], &[0]));
                 self.op("QuantizeLinear", &q8, &[x[0], &s, &z], &q8, vec![]);
                 self.op("DequantizeLinear", out, &[&q8, &s, &z], out, vec![]);

@@ -17,9 +17,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use prost::Message;
 use slim_core::data::Normalize;
-use slim_core::graph::{
-    BatchNormSpec, Conv2dSpec, Graph, LinearSpec, Op, ParamKind, PoolSpec,
-};
+use slim_core::graph::{BatchNormSpec, Conv2dSpec, Graph, LinearSpec, Op, ParamKind, PoolSpec};
 use slim_core::params::ParamStore;
 use slim_core::Model;
 
@@ -112,8 +110,16 @@ pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
                 || !SUPPORTED_OPS.contains(&n.op_type.as_str())
         })
         .map(|n| {
-            let domain = if n.domain.is_empty() { "ai.onnx" } else { &n.domain };
-            format!("`{}` ({} of {domain}, opset {opset})", display_name(n), n.op_type)
+            let domain = if n.domain.is_empty() {
+                "ai.onnx"
+            } else {
+                &n.domain
+            };
+            format!(
+                "`{}` ({} of {domain}, opset {opset})",
+                display_name(n),
+                n.op_type
+            )
         })
         .collect();
     if !unsupported.is_empty() {
@@ -121,7 +127,8 @@ pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
     }
     let mut b = Builder::new(opset);
     for t in &graph.initializer {
-        b.values.insert(t.name.clone(), Value::Const(Const::from_proto(t)?));
+        b.values
+            .insert(t.name.clone(), Value::Const(Const::from_proto(t)?));
     }
     for n in &graph.node {
         for i in &n.input {
@@ -144,22 +151,33 @@ pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
             return Err(OnnxError::Model(format!(
                 "the model has {} data inputs ({}); Slim models take one image input",
                 many.len(),
-                many.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )))
         }
     };
     let shape = input_shape(input, opts.input_shape.as_deref())?;
     let in_name = b.fresh_name(&sanitize(&input.name), "input");
-    b.push(&in_name, Op::Input { shape: shape.clone() }, &[], BTreeMap::new())?;
-    b.values.insert(input.name.clone(), Value::Node(NodeRef::plain(in_name, &shape)));
+    b.push(
+        &in_name,
+        Op::Input {
+            shape: shape.clone(),
+        },
+        &[],
+        BTreeMap::new(),
+    )?;
+    b.values.insert(
+        input.name.clone(),
+        Value::Node(NodeRef::plain(in_name, &shape)),
+    );
 
     for n in &graph.node {
         b.node(n).map_err(|e| match e {
-            OnnxError::Model(m) => OnnxError::Model(format!(
-                "node `{}` ({}): {m}",
-                display_name(n),
-                n.op_type
-            )),
+            OnnxError::Model(m) => {
+                OnnxError::Model(format!("node `{}` ({}): {m}", display_name(n), n.op_type))
+            }
             e => e,
         })?;
     }
@@ -182,11 +200,14 @@ pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
         }
     }
     let mut out = b.finish(&outputs)?;
-    out.provenance.insert("created_by".into(), "slim import".into());
-    out.provenance.insert("onnx.opset".into(), opset.to_string());
+    out.provenance
+        .insert("created_by".into(), "slim import".into());
+    out.provenance
+        .insert("onnx.opset".into(), opset.to_string());
     let producer = format!("{} {}", model.producer_name, model.producer_version);
     if !producer.trim().is_empty() {
-        out.provenance.insert("onnx.producer".into(), producer.trim().to_string());
+        out.provenance
+            .insert("onnx.producer".into(), producer.trim().to_string());
     }
     // A model Slim exported carries its provenance (and preprocessing) as `slim.*` metadata.
     for e in &model.metadata_props {
@@ -239,27 +260,34 @@ fn input_shape(input: &proto::ValueInfoProto, given: Option<&[usize]>) -> Result
     let declared: Option<Vec<Option<usize>>> = dims.map(|d| d.into_iter().skip(1).collect());
     match (declared, given) {
         (Some(d), Some(g)) => {
-            let fits = d.len() == g.len()
-                && d.iter().zip(g).all(|(a, b)| a.is_none_or(|a| a == *b));
+            let fits =
+                d.len() == g.len() && d.iter().zip(g).all(|(a, b)| a.is_none_or(|a| a == *b));
             if fits {
                 Ok(g.to_vec())
             } else {
                 Err(OnnxError::Model(format!(
                     "--input-shape {} does not match the model's input `{}` of per-sample shape {}",
-                    g.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("x"),
+                    g.iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join("x"),
                     input.name,
                     show_dims(&d)
                 )))
             }
         }
         (_, Some(g)) => Ok(g.to_vec()),
-        (Some(d), None) => d.iter().copied().collect::<Option<Vec<usize>>>().ok_or_else(|| {
-            OnnxError::Model(format!(
+        (Some(d), None) => d
+            .iter()
+            .copied()
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| {
+                OnnxError::Model(format!(
                 "the input `{}` has per-sample shape {}; give its size with --input-shape CxHxW",
                 input.name,
                 show_dims(&d)
             ))
-        }),
+            }),
         (None, None) => Err(OnnxError::Model(format!(
             "the input `{}` declares no shape; give it with --input-shape CxHxW",
             input.name
@@ -287,7 +315,9 @@ impl Const {
     fn from_proto(t: &TensorProto) -> Result<Const> {
         let bad = |m: String| OnnxError::Model(format!("tensor `{}`: {m}", t.name));
         if t.data_location == 1 || !t.external_data.is_empty() {
-            return Err(bad("its data is in an external file, which Slim does not read".into()));
+            return Err(bad(
+                "its data is in an external file, which Slim does not read".into(),
+            ));
         }
         let mut dims = Vec::with_capacity(t.dims.len());
         for &d in &t.dims {
@@ -344,7 +374,10 @@ impl Const {
     }
 
     fn scalar(v: f64) -> Const {
-        Const { dims: vec![], values: vec![v] }
+        Const {
+            dims: vec![],
+            values: vec![v],
+        }
     }
 
     fn ints(&self) -> Vec<i64> {
@@ -391,9 +424,7 @@ fn le_chunks<'a, const K: usize>(
             n * K
         )));
     }
-    Ok(raw
-        .chunks_exact(K)
-        .map(|c| std::array::from_fn(|i| c[i])))
+    Ok(raw.chunks_exact(K).map(|c| std::array::from_fn(|i| c[i])))
 }
 
 /// A reference to the Slim node that computes an ONNX value.
@@ -407,7 +438,10 @@ struct NodeRef {
 
 impl NodeRef {
     fn plain(node: String, shape: &[usize]) -> NodeRef {
-        NodeRef { node, onnx: shape.to_vec() }
+        NodeRef {
+            node,
+            onnx: shape.to_vec(),
+        }
     }
 }
 
@@ -497,13 +531,19 @@ impl Builder {
     }
 
     fn bind(&mut self, n: &NodeProto, r: NodeRef) -> Result<()> {
-        let out = n.output.first().ok_or_else(|| OnnxError::Model("no output".into()))?;
+        let out = n
+            .output
+            .first()
+            .ok_or_else(|| OnnxError::Model("no output".into()))?;
         self.values.insert(out.clone(), Value::Node(r));
         Ok(())
     }
 
     fn bind_const(&mut self, n: &NodeProto, c: Const) -> Result<()> {
-        let out = n.output.first().ok_or_else(|| OnnxError::Model("no output".into()))?;
+        let out = n
+            .output
+            .first()
+            .ok_or_else(|| OnnxError::Model("no output".into()))?;
         self.values.insert(out.clone(), Value::Const(c));
         Ok(())
     }
@@ -514,9 +554,9 @@ impl Builder {
             .get(i)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| OnnxError::Model(format!("input {i} is missing")))?;
-        self.values
-            .get(name)
-            .ok_or_else(|| OnnxError::Model(format!("input `{name}` is computed by no earlier node")))
+        self.values.get(name).ok_or_else(|| {
+            OnnxError::Model(format!("input `{name}` is computed by no earlier node"))
+        })
     }
 
     fn opt_const(&self, n: &NodeProto, i: usize) -> Result<Option<Const>> {
@@ -589,11 +629,17 @@ impl Builder {
                 } else if let Some(f) = a.get("value_float") {
                     Const::scalar(f64::from(f.f))
                 } else if let Some(f) = a.get("value_floats") {
-                    Const { dims: vec![f.floats.len()], values: f.floats.iter().map(|&v| f64::from(v)).collect() }
+                    Const {
+                        dims: vec![f.floats.len()],
+                        values: f.floats.iter().map(|&v| f64::from(v)).collect(),
+                    }
                 } else if let Some(i) = a.get("value_int") {
                     Const::scalar(i.i as f64)
                 } else if let Some(i) = a.get("value_ints") {
-                    Const { dims: vec![i.ints.len()], values: i.ints.iter().map(|&v| v as f64).collect() }
+                    Const {
+                        dims: vec![i.ints.len()],
+                        values: i.ints.iter().map(|&v| v as f64).collect(),
+                    }
                 } else {
                     return err("a Constant without a supported value attribute");
                 };
@@ -624,18 +670,31 @@ impl Builder {
                 let r = self.node_in(n, 0)?;
                 let mut dims = vec![1.0];
                 dims.extend(r.onnx.iter().map(|&d| d as f64));
-                self.bind_const(n, Const { dims: vec![dims.len()], values: dims })
+                self.bind_const(
+                    n,
+                    Const {
+                        dims: vec![dims.len()],
+                        values: dims,
+                    },
+                )
             }
             "Conv" => self.conv(n, &a),
             "BatchNormalization" => {
                 let x = self.node_in(n, 0)?;
-                let [scale, bias, mean, var] =
-                    [1, 2, 3, 4].map(|i| self.konst(n, i));
+                let [scale, bias, mean, var] = [1, 2, 3, 4].map(|i| self.konst(n, i));
                 let (scale, bias, mean, var) = (scale?, bias?, mean?, var?);
                 let channels = x.onnx[0];
-                for (what, c) in [("scale", &scale), ("bias", &bias), ("mean", &mean), ("var", &var)] {
+                for (what, c) in [
+                    ("scale", &scale),
+                    ("bias", &bias),
+                    ("mean", &mean),
+                    ("var", &var),
+                ] {
                     if c.numel() != channels {
-                        return err(format!("{what} has {} values for {channels} channels", c.numel()));
+                        return err(format!(
+                            "{what} has {} values for {channels} channels",
+                            c.numel()
+                        ));
                     }
                 }
                 let eps = decimal(a.float("epsilon").unwrap_or(1e-5));
@@ -648,7 +707,11 @@ impl Builder {
                 p.insert("bias", bias);
                 p.insert("running_mean", mean);
                 p.insert("running_var", var);
-                let op = Op::BatchNorm2d(BatchNormSpec { channels, eps, momentum });
+                let op = Op::BatchNorm2d(BatchNormSpec {
+                    channels,
+                    eps,
+                    momentum,
+                });
                 self.emit_keep(n, &name, op, &[&x], p)
             }
             "Relu" => self.unary(n, &base, Op::Relu),
@@ -686,12 +749,15 @@ impl Builder {
             "Add" | "Sum" => self.add(n, &base),
             "Mul" => self.mul(n, &base),
             "Concat" => {
-                let xs: Vec<NodeRef> =
-                    (0..n.input.len()).map(|i| self.node_in(n, i)).collect::<Result<_>>()?;
+                let xs: Vec<NodeRef> = (0..n.input.len())
+                    .map(|i| self.node_in(n, i))
+                    .collect::<Result<_>>()?;
                 let rank = xs[0].onnx.len() as i64 + 1;
                 let axis = a.int("axis").unwrap_or(1);
                 if axis != 1 && axis != 1 - rank {
-                    return err(format!("Concat along axis {axis}; Slim concatenates channels (axis 1)"));
+                    return err(format!(
+                        "Concat along axis {axis}; Slim concatenates channels (axis 1)"
+                    ));
                 }
                 let names: Vec<&str> = xs.iter().map(|x| x.node.as_str()).collect();
                 let name = self.fresh_name(&base, "concat");
@@ -711,7 +777,9 @@ impl Builder {
                 let x = self.node_in(n, 0)?;
                 let axis = a.int("axis").unwrap_or(1);
                 if axis != 1 {
-                    return err(format!("Flatten from axis {axis}; Slim flattens from axis 1"));
+                    return err(format!(
+                        "Flatten from axis {axis}; Slim flattens from axis 1"
+                    ));
                 }
                 self.flatten(n, &base, x)
             }
@@ -725,8 +793,12 @@ impl Builder {
                     }
                     "Squeeze" => {
                         let axes = self.axes(n, &a)?;
-                        let full: Vec<usize> = std::iter::once(1).chain(x.onnx.iter().copied()).collect();
-                        squeeze_dims(&full, axes.as_deref())?.into_iter().skip(1).collect()
+                        let full: Vec<usize> =
+                            std::iter::once(1).chain(x.onnx.iter().copied()).collect();
+                        squeeze_dims(&full, axes.as_deref())?
+                            .into_iter()
+                            .skip(1)
+                            .collect()
                     }
                     _ => return err("Unsqueeze of data is not supported"),
                 };
@@ -738,7 +810,13 @@ impl Builder {
                     self.bind(n, x)
                 } else if self.shape_of(&x).len() == 1 && strip(&target) == strip(&x.onnx) {
                     // A vector viewed as [C, 1, 1] (or back): the same Slim value.
-                    self.bind(n, NodeRef { node: x.node, onnx: target })
+                    self.bind(
+                        n,
+                        NodeRef {
+                            node: x.node,
+                            onnx: target,
+                        },
+                    )
                 } else if target == [total] {
                     self.flatten(n, &base, x)
                 } else {
@@ -805,7 +883,13 @@ impl Builder {
     fn flatten(&mut self, n: &NodeProto, base: &str, x: NodeRef) -> Result<()> {
         let total: usize = x.onnx.iter().product();
         if self.shape_of(&x).len() == 1 {
-            return self.bind(n, NodeRef { node: x.node, onnx: vec![total] });
+            return self.bind(
+                n,
+                NodeRef {
+                    node: x.node,
+                    onnx: vec![total],
+                },
+            );
         }
         let name = self.fresh_name(base, "flatten");
         let shape = self.push(&name, Op::Flatten, &[&x.node], BTreeMap::new())?;
@@ -825,19 +909,30 @@ impl Builder {
         let w = self.konst(n, 1)?;
         let b = self.opt_const(n, 2)?;
         if w.dims.len() != 4 {
-            return err(format!("weight of shape {:?}; Slim convolutions are 2-D", w.dims));
+            return err(format!(
+                "weight of shape {:?}; Slim convolutions are 2-D",
+                w.dims
+            ));
         }
         let (o, ipg, kh, kw) = (w.dims[0], w.dims[1], w.dims[2], w.dims[3]);
         let groups = a.int("group").unwrap_or(1).max(1) as usize;
         let name = self.layer_name(n, 1);
         let strides = a.ints("strides").unwrap_or(vec![1, 1]);
         let dil = a.ints("dilations").unwrap_or(vec![1, 1]);
-        if x.onnx.len() == 1 || x.onnx.len() == 3 && x.onnx[1..] == [1, 1] && self.shape_of(&x).len() == 1 {
+        if x.onnx.len() == 1
+            || x.onnx.len() == 3 && x.onnx[1..] == [1, 1] && self.shape_of(&x).len() == 1
+        {
             // A 1x1 convolution on a pooled vector is a linear layer.
             if kh == 1 && kw == 1 && groups == 1 {
-                let weight = Const { dims: vec![o, ipg], values: w.values.clone() };
+                let weight = Const {
+                    dims: vec![o, ipg],
+                    values: w.values.clone(),
+                };
                 let name_ok = name.clone();
-                let xs = NodeRef { node: x.node.clone(), onnx: vec![x.onnx[0]] };
+                let xs = NodeRef {
+                    node: x.node.clone(),
+                    onnx: vec![x.onnx[0]],
+                };
                 self.linear(n, &name_ok, xs, weight, b)?;
                 if let Some(Value::Node(r)) = self.values.get_mut(&n.output[0]) {
                     r.onnx = vec![o, 1, 1];
@@ -847,14 +942,21 @@ impl Builder {
             return err("a convolution other than 1x1 on a pooled [C, 1, 1] value");
         }
         if x.onnx.len() != 3 {
-            return err(format!("input of per-sample shape {:?}; Slim convolutions take [C, H, W]", x.onnx));
+            return err(format!(
+                "input of per-sample shape {:?}; Slim convolutions take [C, H, W]",
+                x.onnx
+            ));
         }
         let (h, wd) = (x.onnx[1], x.onnx[2]);
         if strides.len() != 2 || strides[0] != strides[1] {
-            return err(format!("strides {strides:?}; Slim needs one stride for both axes"));
+            return err(format!(
+                "strides {strides:?}; Slim needs one stride for both axes"
+            ));
         }
         if dil.len() != 2 || dil[0] != dil[1] {
-            return err(format!("dilations {dil:?}; Slim needs one dilation for both axes"));
+            return err(format!(
+                "dilations {dil:?}; Slim needs one dilation for both axes"
+            ));
         }
         let (s, d) = (strides[0].max(1) as usize, dil[0].max(1) as usize);
         let pads = pads(a, [h, wd], [kh, kw], s, d)?;
@@ -870,13 +972,22 @@ impl Builder {
         };
         if let Some(b) = &b {
             if b.numel() != o {
-                return err(format!("bias has {} values for {o} output channels", b.numel()));
+                return err(format!(
+                    "bias has {} values for {o} output channels",
+                    b.numel()
+                ));
             }
         }
         let mut p = BTreeMap::new();
         p.insert("weight", w);
         if let Some(b) = b {
-            p.insert("bias", Const { dims: vec![o], values: b.values });
+            p.insert(
+                "bias",
+                Const {
+                    dims: vec![o],
+                    values: b.values,
+                },
+            );
         }
         self.emit(n, &name, Op::Conv2d(spec), &[&x.node], p)
     }
@@ -891,18 +1002,31 @@ impl Builder {
     ) -> Result<()> {
         let (out, inp) = (weight.dims[0], weight.dims[1]);
         if x.onnx != [inp] {
-            return err(format!("a [{out}, {inp}] weight on an input of per-sample shape {:?}", x.onnx));
+            return err(format!(
+                "a [{out}, {inp}] weight on an input of per-sample shape {:?}",
+                x.onnx
+            ));
         }
         let mut p = BTreeMap::new();
         p.insert("weight", weight);
         let has_bias = bias.is_some();
         if let Some(b) = bias {
-            let v = b
-                .per_channel(out, 1)
-                .ok_or_else(|| OnnxError::Model(format!("bias of shape {:?} for {out} outputs", b.dims)))?;
-            p.insert("bias", Const { dims: vec![out], values: v });
+            let v = b.per_channel(out, 1).ok_or_else(|| {
+                OnnxError::Model(format!("bias of shape {:?} for {out} outputs", b.dims))
+            })?;
+            p.insert(
+                "bias",
+                Const {
+                    dims: vec![out],
+                    values: v,
+                },
+            );
         }
-        let spec = LinearSpec { in_features: inp, out_features: out, bias: has_bias };
+        let spec = LinearSpec {
+            in_features: inp,
+            out_features: out,
+            bias: has_bias,
+        };
         self.emit(n, name, Op::Linear(spec), &[&x.node], p)
     }
 
@@ -918,7 +1042,11 @@ impl Builder {
         }
         let alpha = f64::from(a.float("alpha").unwrap_or(1.0));
         let beta = f64::from(a.float("beta").unwrap_or(1.0));
-        let mut w = if a.int("transB").unwrap_or(0) != 0 { b } else { transpose(&b) };
+        let mut w = if a.int("transB").unwrap_or(0) != 0 {
+            b
+        } else {
+            transpose(&b)
+        };
         w.values.iter_mut().for_each(|v| *v *= alpha);
         let c = c.map(|mut c| {
             c.values.iter_mut().for_each(|v| *v *= beta);
@@ -934,7 +1062,10 @@ impl Builder {
             return err("the indices output of MaxPool is used, which Slim does not compute");
         }
         if x.onnx.len() != 3 || self.shape_of(&x).len() != 3 {
-            return err(format!("input of per-sample shape {:?}; pooling takes [C, H, W]", x.onnx));
+            return err(format!(
+                "input of per-sample shape {:?}; pooling takes [C, H, W]",
+                x.onnx
+            ));
         }
         let k = a.ints("kernel_shape").unwrap_or_default();
         if k.len() != 2 || k[0] != k[1] {
@@ -942,15 +1073,23 @@ impl Builder {
         }
         let strides = a.ints("strides").unwrap_or(vec![1, 1]);
         if strides.len() != 2 || strides[0] != strides[1] {
-            return err(format!("strides {strides:?}; Slim needs one stride for both axes"));
+            return err(format!(
+                "strides {strides:?}; Slim needs one stride for both axes"
+            ));
         }
-        if a.ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
+        if a.ints("dilations")
+            .is_some_and(|d| d.iter().any(|&v| v != 1))
+        {
             return err("dilated pooling is not supported");
         }
         let (k, s) = (k[0] as usize, strides[0].max(1) as usize);
         let (h, w) = (x.onnx[1], x.onnx[2]);
         let p = pads(a, [h, w], [k, k], s, 1)?;
-        let spec = PoolSpec { kernel: k, stride: s, padding: p };
+        let spec = PoolSpec {
+            kernel: k,
+            stride: s,
+            padding: p,
+        };
         if a.int("ceil_mode").unwrap_or(0) != 0 {
             // Ceil mode changes the output only when the last window would start past the
             // padded input in floor mode.
@@ -972,7 +1111,9 @@ impl Builder {
     }
 
     fn add(&mut self, n: &NodeProto, base: &str) -> Result<()> {
-        let vals: Vec<Value> = (0..n.input.len()).map(|i| self.value(n, i).cloned()).collect::<Result<_>>()?;
+        let vals: Vec<Value> = (0..n.input.len())
+            .map(|i| self.value(n, i).cloned())
+            .collect::<Result<_>>()?;
         let nodes: Vec<NodeRef> = vals
             .iter()
             .filter_map(|v| match v {
@@ -989,7 +1130,9 @@ impl Builder {
             .collect();
         if consts.is_empty() {
             if nodes.iter().any(|r| r.onnx != nodes[0].onnx) {
-                return err("an Add of different shapes (broadcasting between data is not supported)");
+                return err(
+                    "an Add of different shapes (broadcasting between data is not supported)",
+                );
             }
             let names: Vec<&str> = nodes.iter().map(|r| r.node.as_str()).collect();
             let name = self.fresh_name(base, "add");
@@ -1009,7 +1152,11 @@ impl Builder {
         match (a, b) {
             (Value::Node(x), Value::Node(y)) => {
                 // The gate (the per-channel vector) goes second.
-                let (x, y) = if x.onnx.len() == 3 && y.onnx.len() == 3 && x.onnx[1..] == [1, 1] && y.onnx[1..] != [1, 1] {
+                let (x, y) = if x.onnx.len() == 3
+                    && y.onnx.len() == 3
+                    && x.onnx[1..] == [1, 1]
+                    && y.onnx[1..] != [1, 1]
+                {
                     (y, x)
                 } else {
                     (x, y)
@@ -1031,7 +1178,10 @@ impl Builder {
     fn fold_affine(&mut self, n: &NodeProto, x: NodeRef, c: &Const, scale: bool) -> Result<()> {
         let what = if scale { "multiplies" } else { "adds" };
         let id = self.by_name[&x.node];
-        let producer_output = n.input.iter().find(|i| matches!(self.values.get(*i), Some(Value::Node(r)) if r.node == x.node));
+        let producer_output = n
+            .input
+            .iter()
+            .find(|i| matches!(self.values.get(*i), Some(Value::Node(r)) if r.node == x.node));
         let shared = producer_output
             .map(|o| self.uses.get(o).copied().unwrap_or(0) > 1)
             .unwrap_or(true)
@@ -1045,8 +1195,8 @@ impl Builder {
             ))
         })?;
         let node = &mut self.nodes[id];
-        let foldable = !shared
-            && matches!(node.op, Op::Conv2d(_) | Op::Linear(_) | Op::BatchNorm2d(_));
+        let foldable =
+            !shared && matches!(node.op, Op::Conv2d(_) | Op::Linear(_) | Op::BatchNorm2d(_));
         if !foldable {
             return err(format!(
                 "it {what} a constant to `{}` ({}); Slim folds such constants only into a convolution, linear layer or batch norm whose output nothing else reads",
@@ -1073,10 +1223,10 @@ impl Builder {
                 Op::Linear(s) => s.bias = true,
                 _ => {}
             }
-            let bias = node
-                .params
-                .entry("bias")
-                .or_insert_with(|| Const { dims: vec![out], values: vec![0.0; out] });
+            let bias = node.params.entry("bias").or_insert_with(|| Const {
+                dims: vec![out],
+                values: vec![0.0; out],
+            });
             for (b, add) in bias.values.iter_mut().zip(&v) {
                 *b += add;
             }
@@ -1093,13 +1243,19 @@ impl Builder {
                 let x = c(0)?;
                 let shape = c(1)?.ints();
                 let full = resolve_shape(&x.dims, &shape)?;
-                Const { dims: full, values: x.values }
+                Const {
+                    dims: full,
+                    values: x.values,
+                }
             }
             "Unsqueeze" => {
                 let x = c(0)?;
                 let axes = self.axes(n, a)?.unwrap_or_default();
                 let rank = (x.dims.len() + axes.len()) as i64;
-                let mut axes: Vec<usize> = axes.iter().map(|&ax| if ax < 0 { ax + rank } else { ax } as usize).collect();
+                let mut axes: Vec<usize> = axes
+                    .iter()
+                    .map(|&ax| if ax < 0 { ax + rank } else { ax } as usize)
+                    .collect();
                 axes.sort();
                 let mut dims = x.dims.clone();
                 for ax in axes {
@@ -1108,20 +1264,32 @@ impl Builder {
                     }
                     dims.insert(ax, 1);
                 }
-                Const { dims, values: x.values }
+                Const {
+                    dims,
+                    values: x.values,
+                }
             }
             "Squeeze" => {
                 let x = c(0)?;
                 let axes = self.axes(n, a)?;
-                Const { dims: squeeze_dims(&x.dims, axes.as_deref())?, values: x.values }
+                Const {
+                    dims: squeeze_dims(&x.dims, axes.as_deref())?,
+                    values: x.values,
+                }
             }
             "Concat" => {
                 let parts: Vec<Const> = (0..n.input.len()).map(c).collect::<Result<_>>()?;
                 if parts.iter().any(|p| p.dims.len() > 1) {
                     return err("Concat of constants of rank above 1 is not supported");
                 }
-                let values: Vec<f64> = parts.iter().flat_map(|p| p.values.iter().copied()).collect();
-                Const { dims: vec![values.len()], values }
+                let values: Vec<f64> = parts
+                    .iter()
+                    .flat_map(|p| p.values.iter().copied())
+                    .collect();
+                Const {
+                    dims: vec![values.len()],
+                    values,
+                }
             }
             "Gather" => {
                 let x = c(0)?;
@@ -1139,7 +1307,10 @@ impl Builder {
                     }
                     values.push(x.values[j as usize]);
                 }
-                Const { dims: idx.dims.clone(), values }
+                Const {
+                    dims: idx.dims.clone(),
+                    values,
+                }
             }
             "Slice" => {
                 let x = c(0)?;
@@ -1147,7 +1318,11 @@ impl Builder {
                     return err("Slice of constants other than vectors");
                 }
                 let (starts, ends, steps) = if self.opset < 10 {
-                    (a.ints("starts").unwrap_or_default(), a.ints("ends").unwrap_or_default(), vec![1])
+                    (
+                        a.ints("starts").unwrap_or_default(),
+                        a.ints("ends").unwrap_or_default(),
+                        vec![1],
+                    )
                 } else {
                     (
                         c(1)?.ints(),
@@ -1155,7 +1330,8 @@ impl Builder {
                         self.opt_const(n, 4)?.map(|s| s.ints()).unwrap_or(vec![1]),
                     )
                 };
-                let (Some(&s), Some(&e), Some(&st)) = (starts.first(), ends.first(), steps.first()) else {
+                let (Some(&s), Some(&e), Some(&st)) = (starts.first(), ends.first(), steps.first())
+                else {
                     return err("Slice without starts and ends");
                 };
                 if st != 1 {
@@ -1164,22 +1340,46 @@ impl Builder {
                 let len = x.dims[0] as i64;
                 let clampi = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
                 let (s, e) = (clampi(s), clampi(e));
-                let values: Vec<f64> = if s < e { x.values[s as usize..e as usize].to_vec() } else { vec![] };
-                Const { dims: vec![values.len()], values }
+                let values: Vec<f64> = if s < e {
+                    x.values[s as usize..e as usize].to_vec()
+                } else {
+                    vec![]
+                };
+                Const {
+                    dims: vec![values.len()],
+                    values,
+                }
             }
             "Shape" => {
                 let x = c(0)?;
-                Const { dims: vec![x.dims.len()], values: x.dims.iter().map(|&d| d as f64).collect() }
+                Const {
+                    dims: vec![x.dims.len()],
+                    values: x.dims.iter().map(|&d| d as f64).collect(),
+                }
             }
             "Mul" | "Add" => {
                 let (x, y) = (c(0)?, c(1)?);
                 let f = |p: f64, q: f64| if n.op_type == "Mul" { p * q } else { p + q };
                 if x.numel() == y.numel() {
-                    Const { dims: x.dims.clone(), values: x.values.iter().zip(&y.values).map(|(&p, &q)| f(p, q)).collect() }
+                    Const {
+                        dims: x.dims.clone(),
+                        values: x
+                            .values
+                            .iter()
+                            .zip(&y.values)
+                            .map(|(&p, &q)| f(p, q))
+                            .collect(),
+                    }
                 } else if y.numel() == 1 {
-                    Const { dims: x.dims.clone(), values: x.values.iter().map(|&p| f(p, y.values[0])).collect() }
+                    Const {
+                        dims: x.dims.clone(),
+                        values: x.values.iter().map(|&p| f(p, y.values[0])).collect(),
+                    }
                 } else if x.numel() == 1 {
-                    Const { dims: y.dims.clone(), values: y.values.iter().map(|&q| f(x.values[0], q)).collect() }
+                    Const {
+                        dims: y.dims.clone(),
+                        values: y.values.iter().map(|&q| f(x.values[0], q)).collect(),
+                    }
                 } else {
                     return Ok(None);
                 }
@@ -1231,7 +1431,10 @@ fn decimal(v: f32) -> f64 {
 }
 
 fn join(v: &[usize]) -> String {
-    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn transpose(w: &Const) -> Const {
@@ -1242,7 +1445,10 @@ fn transpose(w: &Const) -> Const {
             values[j * r + i] = w.values[i * c + j];
         }
     }
-    Const { dims: vec![c, r], values }
+    Const {
+        dims: vec![c, r],
+        values,
+    }
 }
 
 /// A constant's new dimensions under a Reshape (0 copies, -1 is inferred).
@@ -1252,7 +1458,11 @@ fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
     let mut infer = None;
     for (i, &s) in shape.iter().enumerate() {
         match s {
-            0 => out.push(*dims.get(i).ok_or_else(|| OnnxError::Model("reshape copies a missing axis".into()))?),
+            0 => out.push(
+                *dims
+                    .get(i)
+                    .ok_or_else(|| OnnxError::Model("reshape copies a missing axis".into()))?,
+            ),
             -1 if infer.is_none() => {
                 infer = Some(i);
                 out.push(1);
@@ -1293,19 +1503,33 @@ fn squeeze_dims(dims: &[usize], axes: Option<&[i64]>) -> Result<Vec<usize>> {
     match axes {
         None => Ok(dims.iter().copied().filter(|&d| d != 1).collect()),
         Some(axes) => {
-            let axes: Vec<usize> = axes.iter().map(|&a| if a < 0 { a + rank } else { a } as usize).collect();
+            let axes: Vec<usize> = axes
+                .iter()
+                .map(|&a| if a < 0 { a + rank } else { a } as usize)
+                .collect();
             for &a in &axes {
                 if dims.get(a) != Some(&1) {
                     return err(format!("squeeze of axis {a} of shape {dims:?}"));
                 }
             }
-            Ok(dims.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect())
+            Ok(dims
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !axes.contains(i))
+                .map(|(_, &d)| d)
+                .collect())
         }
     }
 }
 
 /// Symmetric padding for a window, from `pads` or `auto_pad`; asymmetric padding is an error.
-fn pads(a: &Attrs, input: [usize; 2], kernel: [usize; 2], stride: usize, dil: usize) -> Result<usize> {
+fn pads(
+    a: &Attrs,
+    input: [usize; 2],
+    kernel: [usize; 2],
+    stride: usize,
+    dil: usize,
+) -> Result<usize> {
     let auto = a.string("auto_pad").unwrap_or_default();
     let per_axis: Vec<(usize, usize)> = match auto.as_str() {
         "" | "NOTSET" => {
@@ -1313,7 +1537,10 @@ fn pads(a: &Attrs, input: [usize; 2], kernel: [usize; 2], stride: usize, dil: us
             if p.len() != 4 || p.iter().any(|&v| v < 0) {
                 return err(format!("pads {p:?}"));
             }
-            vec![(p[0] as usize, p[2] as usize), (p[1] as usize, p[3] as usize)]
+            vec![
+                (p[0] as usize, p[2] as usize),
+                (p[1] as usize, p[3] as usize),
+            ]
         }
         "VALID" => vec![(0, 0), (0, 0)],
         "SAME_UPPER" | "SAME_LOWER" => (0..2)
@@ -1358,7 +1585,8 @@ impl Attrs<'_> {
         self.get(name).map(|a| a.ints.clone())
     }
     fn string(&self, name: &str) -> Option<String> {
-        self.get(name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+        self.get(name)
+            .map(|a| String::from_utf8_lossy(&a.s).into_owned())
     }
     fn tensor(&self, name: &str) -> Option<&TensorProto> {
         self.get(name).and_then(|a| a.t.as_ref())

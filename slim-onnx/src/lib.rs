@@ -71,16 +71,30 @@ pub fn parse_preprocess(spec: &str) -> Result<Normalize> {
         ))
     };
     Ok(match spec {
-        "raw" => Normalize { mean: vec![0.0], std: vec![1.0 / 255.0] },
-        "unit" => Normalize { mean: vec![0.0], std: vec![1.0] },
-        "imagenet" => Normalize { mean: vec![0.485, 0.456, 0.406], std: vec![0.229, 0.224, 0.225] },
+        "raw" => Normalize {
+            mean: vec![0.0],
+            std: vec![1.0 / 255.0],
+        },
+        "unit" => Normalize {
+            mean: vec![0.0],
+            std: vec![1.0],
+        },
+        "imagenet" => Normalize {
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+        },
         _ => {
             let (m, s) = spec.split_once('/').ok_or_else(bad)?;
             let list = |t: &str| -> Result<Vec<f32>> {
-                t.split(',').map(|v| v.trim().parse::<f32>().map_err(|_| bad())).collect()
+                t.split(',')
+                    .map(|v| v.trim().parse::<f32>().map_err(|_| bad()))
+                    .collect()
             };
-            let norm = Normalize { mean: list(m)?, std: list(s)? };
-            if norm.std.iter().any(|&v| !(v > 0.0)) {
+            let norm = Normalize {
+                mean: list(m)?,
+                std: list(s)?,
+            };
+            if !norm.std.iter().all(|v| v.is_finite() && *v > 0.0) {
                 return Err(bad());
             }
             norm

