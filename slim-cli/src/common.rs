@@ -83,14 +83,23 @@ pub fn data_for(spec: &str, model: &Model) -> Result<DataSplits, Failure> {
     Ok(data)
 }
 
-/// Switches a data set's normalization to the model's preprocessing, when it has one.
+/// Feeds a data set the way a model expects: its own normalization when it records one
+/// (imported models), and images resized to its input when it asks for that.
 pub fn adapt_data(data: &mut DataSplits, model: &Model) -> Result<(), Failure> {
+    let input = model.input_shape();
+    let [c, h, w] = data.train.shape;
+    if let [mc, mh, mw] = input[..] {
+        if (mh, mw) != (h, w) && mc == c && model.resizes_input()? {
+            data.train = data.train.resized(mh, mw);
+            data.test = data.test.resized(mh, mw);
+            data.spec = format!("{} (resized to {mh}x{mw})", data.spec);
+        }
+    }
     if let Some(p) = model.preprocess()? {
-        let channels = data.train.shape[0];
         for (what, v) in [("mean", &p.mean), ("std", &p.std)] {
-            if v.len() != 1 && v.len() != channels {
+            if v.len() != 1 && v.len() != c {
                 return Err(input_error(format!(
-                    "the model's preprocessing has {} {what} values; the data `{}` has {channels} channel(s)",
+                    "the model's preprocessing has {} {what} values; the data `{}` has {c} channel(s)",
                     v.len(),
                     data.spec
                 )));

@@ -26,6 +26,10 @@ pub struct ImportArgs {
     /// Default: the data set's own normalization.
     #[arg(long)]
     pub preprocess: Option<String>,
+    /// Resize images of another size to the model's input (bilinear) whenever data is fed to
+    /// it (28x28 digits to a 32x32 LeNet, say). Stored in the model file.
+    #[arg(long)]
+    pub resize: bool,
     /// Print one JSON object with the result on stdout.
     #[arg(long)]
     pub json: bool,
@@ -74,6 +78,7 @@ pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
     let opts = slim_onnx::ImportOptions {
         input_shape,
         preprocess,
+        resize: args.resize,
     };
     let mut model = slim_onnx::import_file(&args.file, &opts).map_err(onnx_failure)?;
     model
@@ -90,6 +95,7 @@ pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
                 "file": args.file, "out": args.out, "nodes": model.graph.len(),
                 "input": input, "macs": stats.macs, "params": stats.params, "bytes": bytes,
                 "preprocess": model.preprocess()?.map(|p| json!({"mean": p.mean, "std": p.std})),
+                "resize": model.resizes_input()?,
             })
         );
     } else {

@@ -160,3 +160,33 @@ fn bad_input_is_refused_clearly() {
         "does not exist",
     );
 }
+
+#[test]
+fn resize_feeds_a_32x32_model_the_28x28_digits() {
+    use slim_core::zoo::{build, ZooConfig};
+    let dir = tempfile::tempdir().expect("tmp");
+    let g = build("lenet", &ZooConfig::new([1, 32, 32])).expect("zoo");
+    let m = slim_core::Model::init(g, 1, &candle_core::Device::Cpu).expect("init");
+    let onnx = dir.path().join("lenet32.onnx");
+    slim_onnx::export_file(&m, &onnx, &Default::default()).expect("export");
+    let (plain, resized) = (
+        dir.path().join("plain.safetensors"),
+        dir.path().join("resized.safetensors"),
+    );
+    ok(&slim(&["import", s(&onnx), "--out", s(&plain), "--json"]));
+    let r = ok(&slim(&[
+        "import",
+        s(&onnx),
+        "--out",
+        s(&resized),
+        "--resize",
+        "--json",
+    ]));
+    assert_eq!(r["resize"], true);
+    let e = ok(&slim(&["eval", s(&resized), "--json"]));
+    assert_eq!(e["samples"], 1996);
+    let out = slim(&["eval", s(&plain)]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("28") && err.contains("32"), "{err}");
+}

@@ -76,6 +76,49 @@ impl ImageSet {
         format!("{:016x}", h.0)
     }
 
+    /// Every image resized to `h` x `w` by bilinear interpolation (pixel centres aligned, as
+    /// PIL and PyTorch's `align_corners=False` do), for models that expect another size.
+    pub fn resized(&self, h: usize, w: usize) -> ImageSet {
+        let [c, ih, iw] = self.shape;
+        if (ih, iw) == (h, w) || h == 0 || w == 0 {
+            return self.clone();
+        }
+        // Source coordinate and weights along one axis, per output index.
+        let axis = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
+            let scale = inp as f32 / out as f32;
+            (0..out)
+                .map(|o| {
+                    let x = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
+                    let x0 = (x.floor() as usize).min(inp - 1);
+                    let x1 = (x0 + 1).min(inp - 1);
+                    (x0, x1, x - x0 as f32)
+                })
+                .collect()
+        };
+        let (ys, xs) = (axis(h, ih), axis(w, iw));
+        let n = self.len();
+        let mut images = Vec::with_capacity(n * c * h * w);
+        for img in self.images.chunks_exact(c * ih * iw) {
+            for plane in img.chunks_exact(ih * iw) {
+                for &(y0, y1, fy) in &ys {
+                    for &(x0, x1, fx) in &xs {
+                        let p = |y: usize, x: usize| f32::from(plane[y * iw + x]);
+                        let top = p(y0, x0) * (1.0 - fx) + p(y0, x1) * fx;
+                        let bottom = p(y1, x0) * (1.0 - fx) + p(y1, x1) * fx;
+                        let v = top * (1.0 - fy) + bottom * fy;
+                        images.push(v.round().clamp(0.0, 255.0) as u8);
+                    }
+                }
+            }
+        }
+        ImageSet {
+            shape: [c, h, w],
+            classes: self.classes,
+            images,
+            labels: self.labels.clone(),
+        }
+    }
+
     /// The last `n` samples (or all, if fewer).
     pub fn take_last(&self, n: usize) -> ImageSet {
         let n = n.min(self.len());
@@ -526,6 +569,29 @@ fn make_batch(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn resize_is_bilinear_with_aligned_pixel_centres() {
+        let set = ImageSet {
+            shape: [1, 2, 2],
+            classes: 2,
+            images: vec![0, 100, 200, 255],
+            labels: vec![1],
+        };
+        let r = set.resized(4, 4);
+        assert_eq!(r.shape, [1, 4, 4]);
+        // Output pixel o samples the input at (o + 0.5) / 2 - 0.5: -0.25 (clamped), 0.25,
+        // 0.75, 1.25 (clamped to the last pixel).
+        assert_eq!(&r.images[..4], &[0, 25, 75, 100]);
+        assert_eq!(&r.images[12..], &[200, 214, 241, 255]);
+        // Between rows 0 and 1 at a quarter: 0.75 * top + 0.25 * bottom.
+        assert_eq!(r.images[4], 50);
+        assert_eq!(r.labels, set.labels);
+        // Down to one pixel: the centre, the mean of the four.
+        assert_eq!(set.resized(1, 1).images, vec![139]);
+        assert_eq!(set.resized(2, 2).images, set.images);
+    }
+
     use super::*;
 
     #[test]

@@ -94,47 +94,92 @@ impl Model {
     /// (models imported from elsewhere: raw 0..255 pixels, ImageNet statistics). It is kept
     /// with the provenance (key `preprocess`), so every model derived from this one carries it.
     pub fn preprocess(&self) -> Result<Option<crate::data::Normalize>> {
+        let Some(v) = self.preprocess_entry()? else {
+            return Ok(None);
+        };
+        let list = |key: &str| -> Option<Vec<f32>> {
+            v.get(key).and_then(|a| a.as_array()).map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_f64())
+                    .map(|x| x as f32)
+                    .collect()
+            })
+        };
+        match (list("mean"), list("std")) {
+            (None, None) => Ok(None),
+            (Some(mean), Some(std)) => {
+                let norm = crate::data::Normalize { mean, std };
+                if usable(&norm) {
+                    Ok(Some(norm))
+                } else {
+                    Err(self
+                        .bad_preprocess("`mean` and `std` need at least one value, std positive"))
+                }
+            }
+            _ => Err(self.bad_preprocess("it needs both `mean` and `std`")),
+        }
+    }
+
+    /// Whether images of another size are resized to this model's input (bilinear) before
+    /// they are fed to it: an import option, kept with the preprocessing.
+    pub fn resizes_input(&self) -> Result<bool> {
+        Ok(self
+            .preprocess_entry()?
+            .and_then(|v| v.get("resize").and_then(|r| r.as_bool()))
+            .unwrap_or(false))
+    }
+
+    fn preprocess_entry(&self) -> Result<Option<serde_json::Value>> {
         let Some(text) = self.provenance.get(PREPROCESS_KEY) else {
             return Ok(None);
         };
-        let bad = |m: String| {
-            CoreError::Invalid(format!(
-                "the model's `preprocess` entry {text:?} is malformed: {m}"
-            ))
-        };
-        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-        let list = |key: &str| -> Result<Vec<f32>> {
-            v.get(key)
-                .and_then(|a| a.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_f64())
-                        .map(|x| x as f32)
-                        .collect()
-                })
-                .ok_or_else(|| bad(format!("no `{key}` list")))
-        };
-        let norm = crate::data::Normalize {
-            mean: list("mean")?,
-            std: list("std")?,
-        };
-        if !usable(&norm) {
-            return Err(bad(
-                "`mean` and `std` need at least one value, std positive".into(),
-            ));
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| self.bad_preprocess(&e.to_string()))?;
+        if !v.is_object() {
+            return Err(self.bad_preprocess("it is not a JSON object"));
         }
-        Ok(Some(norm))
+        Ok(Some(v))
     }
 
-    /// Records the preprocessing this model expects (see [`Model::preprocess`]).
-    pub fn set_preprocess(&mut self, norm: &crate::data::Normalize) -> Result<()> {
-        if !usable(norm) {
-            return Err(CoreError::Invalid(format!(
-                "preprocessing needs a mean and a positive std per channel, got {norm:?}"
-            )));
+    fn bad_preprocess(&self, m: &str) -> CoreError {
+        let text = self
+            .provenance
+            .get(PREPROCESS_KEY)
+            .cloned()
+            .unwrap_or_default();
+        CoreError::Invalid(format!(
+            "the model's `preprocess` entry {text:?} is malformed: {m}"
+        ))
+    }
+
+    /// Records the preprocessing this model expects (see [`Model::preprocess`] and
+    /// [`Model::resizes_input`]); `None` keeps the data set's normalization.
+    pub fn set_preprocess(
+        &mut self,
+        norm: Option<&crate::data::Normalize>,
+        resize: bool,
+    ) -> Result<()> {
+        let mut v = serde_json::Map::new();
+        if let Some(norm) = norm {
+            if !usable(norm) {
+                return Err(CoreError::Invalid(format!(
+                    "preprocessing needs a mean and a positive std per channel, got {norm:?}"
+                )));
+            }
+            v.insert("mean".into(), serde_json::json!(norm.mean));
+            v.insert("std".into(), serde_json::json!(norm.std));
         }
-        let v = serde_json::json!({ "mean": norm.mean, "std": norm.std });
-        self.provenance.insert(PREPROCESS_KEY.into(), v.to_string());
+        if resize {
+            v.insert("resize".into(), serde_json::Value::Bool(true));
+        }
+        if v.is_empty() {
+            self.provenance.remove(PREPROCESS_KEY);
+        } else {
+            self.provenance.insert(
+                PREPROCESS_KEY.into(),
+                serde_json::Value::Object(v).to_string(),
+            );
+        }
         Ok(())
     }
 

@@ -65,6 +65,9 @@ pub struct ImportOptions {
     /// The preprocessing the model expects of raw pixels, stored in the model file and used by
     /// every command that feeds it data.
     pub preprocess: Option<Normalize>,
+    /// Resize images of another size to the model's input (bilinear) before feeding them;
+    /// stored with the preprocessing.
+    pub resize: bool,
 }
 
 /// Reads an ONNX file into a model.
@@ -217,8 +220,8 @@ pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
             }
         }
     }
-    if let Some(p) = &opts.preprocess {
-        crate::set_preprocess(&mut out, p)?;
+    if opts.preprocess.is_some() || opts.resize {
+        out.set_preprocess(opts.preprocess.as_ref(), opts.resize)?;
     }
     Ok(out)
 }

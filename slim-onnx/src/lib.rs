@@ -34,7 +34,6 @@ pub use export::{export, export_file, ExportOptions};
 pub use import::{import, import_file, ImportOptions, SUPPORTED_OPS};
 
 use slim_core::data::Normalize;
-use slim_core::Model;
 
 /// The error type of `slim-onnx`.
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +54,6 @@ pub enum OnnxError {
 
 /// The result type of `slim-onnx`.
 pub type Result<T, E = OnnxError> = std::result::Result<T, E>;
-
-/// Records the input preprocessing a model expects (see [`Model::preprocess`]).
-pub fn set_preprocess(model: &mut Model, norm: &Normalize) -> Result<()> {
-    Ok(model.set_preprocess(norm)?)
-}
 
 /// A preprocessing from its name on the command line: `raw` (pixels 0..255 as they are),
 /// `unit` (0..1), `imagenet` (ImageNet mean and std on 0..1 pixels), or `MEAN/STD` with
