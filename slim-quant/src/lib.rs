@@ -29,6 +29,7 @@
 //! # Ok::<(), slim_quant::QuantError>(())
 //! ```
 
+pub mod gemm;
 pub mod observer;
 pub mod ptq;
 pub mod qat;

@@ -14,17 +14,157 @@ use slim_core::exec::NodeKernels;
 use slim_core::train::EvalReport;
 use slim_core::{ForwardOptions, Mode, Model, Node, Op};
 
+use crate::gemm::dots;
 use crate::Result;
+
+/// The shapes of one convolution.
+struct Geometry<'a> {
+    cin: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    spec: &'a slim_core::Conv2dSpec,
+}
+
+/// Output positions per task of a convolution: enough work to amortize a task, small enough
+/// that a batch of one still spreads over the cores.
+const PATCHES_PER_TASK: usize = 64;
+
+/// A dense or grouped convolution: per (sample, group, block of output positions), the input
+/// patches are gathered as int8 rows and every filter of the group is dotted with them.
+fn grouped(
+    xq: &[i8],
+    wq: &[i8],
+    geo: &Geometry<'_>,
+    n: usize,
+    scales: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let c = geo.spec;
+    let g = c.groups.max(1);
+    let (cg, og) = (geo.cin / g, c.out_channels / g);
+    let (kh, kw) = (c.kernel[0], c.kernel[1]);
+    let k = cg * kh * kw;
+    let p = geo.oh * geo.ow;
+    let blocks = p.div_ceil(PATCHES_PER_TASK);
+    let results: Vec<(usize, Vec<f32>)> = (0..n * g * blocks)
+        .into_par_iter()
+        .map(|task| {
+            let (sg, blk) = (task / blocks, task % blocks);
+            let (s, gi) = (sg / g, sg % g);
+            let p0 = blk * PATCHES_PER_TASK;
+            let np = PATCHES_PER_TASK.min(p - p0);
+            let mut cols = vec![0i8; np * k];
+            for (pi, col) in cols.chunks_exact_mut(k).enumerate() {
+                let (oy, ox) = ((p0 + pi) / geo.ow, (p0 + pi) % geo.ow);
+                let mut idx = 0;
+                for ci in 0..cg {
+                    let plane = (s * geo.cin + gi * cg + ci) * geo.h * geo.w;
+                    for ky in 0..kh {
+                        let iy = (oy * c.stride + ky * c.dilation) as isize - c.padding as isize;
+                        for kx in 0..kw {
+                            let ix =
+                                (ox * c.stride + kx * c.dilation) as isize - c.padding as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < geo.h && (ix as usize) < geo.w
+                            {
+                                col[idx] = xq[plane + iy as usize * geo.w + ix as usize];
+                            }
+                            idx += 1;
+                        }
+                    }
+                }
+            }
+            let mut acc = vec![0i32; og * np];
+            dots(&wq[gi * og * k..(gi + 1) * og * k], og, &cols, np, k, &mut acc);
+            let vals: Vec<f32> = acc
+                .chunks_exact(np)
+                .enumerate()
+                .flat_map(|(oi, row)| {
+                    let o = gi * og + oi;
+                    let (sc, b) = (scales[o], bias.map_or(0.0, |b| b[o]));
+                    row.iter().map(move |&a| a as f32 * sc + b)
+                })
+                .collect();
+            (task, vals)
+        })
+        .collect();
+    let oc = c.out_channels;
+    let mut out = vec![0f32; n * oc * p];
+    for (task, vals) in results {
+        let (sg, blk) = (task / blocks, task % blocks);
+        let (s, gi) = (sg / g, sg % g);
+        let p0 = blk * PATCHES_PER_TASK;
+        let np = PATCHES_PER_TASK.min(p - p0);
+        for (oi, row) in vals.chunks_exact(np).enumerate() {
+            let base = (s * oc + gi * og + oi) * p + p0;
+            out[base..base + np].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// A depthwise convolution, directly: per (sample, channel) plane, each kernel tap adds its
+/// weight times a shifted input row into 32-bit accumulators of an output row.
+fn depthwise(
+    xq: &[i8],
+    wq: &[i8],
+    geo: &Geometry<'_>,
+    n: usize,
+    scales: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let c = geo.spec;
+    let (kh, kw) = (c.kernel[0], c.kernel[1]);
+    let (h, w, oh, ow) = (geo.h, geo.w, geo.oh, geo.ow);
+    let ch = geo.cin;
+    let mut out = vec![0f32; n * ch * oh * ow];
+    out.par_chunks_mut(oh * ow)
+        .enumerate()
+        .for_each(|(plane, dst)| {
+            let ci = plane % ch;
+            let src = &xq[plane * h * w..(plane + 1) * h * w];
+            let filt = &wq[ci * kh * kw..(ci + 1) * kh * kw];
+            let (sc, b) = (scales[ci], bias.map_or(0.0, |b| b[ci]));
+            let mut acc = vec![0i32; ow];
+            for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                acc.iter_mut().for_each(|a| *a = 0);
+                for ky in 0..kh {
+                    let iy = (oy * c.stride + ky * c.dilation) as isize - c.padding as isize;
+                    if iy < 0 || iy as usize >= h {
+                        continue;
+                    }
+                    let line = &src[iy as usize * w..(iy as usize + 1) * w];
+                    for kx in 0..kw {
+                        let wv = i32::from(filt[ky * kw + kx]);
+                        let off = (kx * c.dilation) as isize - c.padding as isize;
+                        // Output columns whose input column is inside the row.
+                        let lo = if off < 0 { (-off) as usize } else { 0 }.div_ceil(c.stride);
+                        let hi = ((w as isize - off + c.stride as isize - 1) / c.stride as isize)
+                            .clamp(0, ow as isize) as usize;
+                        if c.stride == 1 {
+                            let start = (lo as isize + off) as usize;
+                            for (a, &v) in acc[lo..hi.max(lo)].iter_mut().zip(&line[start..]) {
+                                *a += i32::from(v) * wv;
+                            }
+                        } else {
+                            for (ox, a) in acc.iter_mut().enumerate().take(hi).skip(lo) {
+                                let ix = (ox * c.stride) as isize + off;
+                                *a += i32::from(line[ix as usize]) * wv;
+                            }
+                        }
+                    }
+                }
+                for (y, &a) in row.iter_mut().zip(&acc) {
+                    *y = a as f32 * sc + b;
+                }
+            }
+        });
+    out
+}
 
 /// The integer kernels, to pass to a forward as [`ForwardOptions::kernels`].
 pub struct Int8Kernels;
-
-fn dot(a: &[i8], b: &[i8]) -> i32 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| i32::from(x) * i32::from(y))
-        .sum()
-}
 
 /// The input's fake-quantization scale, when the node reads one.
 fn input_scale(model: &Model, node: &Node) -> slim_core::Result<Option<f32>> {
@@ -55,6 +195,20 @@ impl NodeKernels for Int8Kernels {
         inputs: &[&Tensor],
         _mode: Mode,
     ) -> slim_core::Result<Option<Tensor>> {
+        if let Op::FakeQuant(_) = node.op {
+            // When every reader of a quantizer is an integer layer, those layers round the
+            // input to the same grid themselves: the float rounding would be done twice.
+            let id = model.graph.id(&node.name)?;
+            let readers = model.graph.successors(id);
+            let all_int = !readers.is_empty()
+                && readers.iter().all(|&r| {
+                    let n = model.graph.node(r);
+                    matches!(n.op, Op::Conv2d(_) | Op::Linear(_))
+                        && model.int8.contains_key(&n.param_name("weight"))
+                });
+            let is_output = model.graph.outputs().contains(&id);
+            return Ok((all_int && !is_output).then(|| inputs[0].clone()));
+        }
         let (Some(w), Some(s_in)) = (
             model.int8.get(&node.param_name("weight")),
             input_scale(model, node)?,
@@ -72,15 +226,24 @@ impl NodeKernels for Int8Kernels {
         match &node.op {
             Op::Linear(l) => {
                 let (n, k, o) = (x.dim(0)?, l.in_features, l.out_features);
+                // Output rows in parallel: each a block of samples against every filter.
+                let rows = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
                 let mut out = vec![0f32; n * o];
-                out.par_chunks_mut(o).enumerate().for_each(|(i, row)| {
-                    let a = &xq[i * k..(i + 1) * k];
-                    for (j, y) in row.iter_mut().enumerate() {
-                        let acc = dot(a, &w.values[j * k..(j + 1) * k]);
-                        let s = w.scales[(j * k) / per_scale];
-                        *y = acc as f32 * s_in * s + bias.as_ref().map_or(0.0, |b| b[j]);
-                    }
-                });
+                out.par_chunks_mut(rows * o)
+                    .enumerate()
+                    .for_each(|(t, dst)| {
+                        let s0 = t * rows;
+                        let ns = dst.len() / o;
+                        let mut acc = vec![0i32; o * ns];
+                        dots(&w.values, o, &xq[s0 * k..(s0 + ns) * k], ns, k, &mut acc);
+                        for j in 0..o {
+                            let scale = s_in * w.scales[(j * k) / per_scale];
+                            let b = bias.as_ref().map_or(0.0, |b| b[j]);
+                            for si in 0..ns {
+                                dst[si * o + j] = acc[j * ns + si] as f32 * scale + b;
+                            }
+                        }
+                    });
                 Ok(Some(Tensor::from_vec(out, (n, o), &device)?))
             }
             Op::Conv2d(c) => {
@@ -88,58 +251,15 @@ impl NodeKernels for Int8Kernels {
                 let [oc, oh, ow] = node.shape[..] else {
                     return Ok(None);
                 };
-                let g = c.groups.max(1);
-                let (cg, og) = (cin / g, oc / g);
-                let (kh, kw) = (c.kernel[0], c.kernel[1]);
-                let k = cg * kh * kw;
-                let p = oh * ow;
-                let mut out = vec![0f32; n * oc * p];
-                // One task per (sample, group): gather that group's input patches, then every
-                // output channel of the group is a row of dot products against them.
-                out.par_chunks_mut(og * p)
-                    .enumerate()
-                    .for_each(|(task, dst)| {
-                        let (s, gi) = (task / g, task % g);
-                        let mut cols = vec![0i8; p * k];
-                        for oy in 0..oh {
-                            for ox in 0..ow {
-                                let col = &mut cols[(oy * ow + ox) * k..(oy * ow + ox + 1) * k];
-                                let mut idx = 0;
-                                for ci in 0..cg {
-                                    let plane = (s * cin + gi * cg + ci) * h * wd;
-                                    for ky in 0..kh {
-                                        let iy = (oy * c.stride + ky * c.dilation) as isize
-                                            - c.padding as isize;
-                                        for kx in 0..kw {
-                                            let ix = (ox * c.stride + kx * c.dilation) as isize
-                                                - c.padding as isize;
-                                            col[idx] = if iy >= 0
-                                                && ix >= 0
-                                                && (iy as usize) < h
-                                                && (ix as usize) < wd
-                                            {
-                                                xq[plane + iy as usize * wd + ix as usize]
-                                            } else {
-                                                0
-                                            };
-                                            idx += 1;
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        for oi in 0..og {
-                            let o = gi * og + oi;
-                            let filt = &w.values[o * k..(o + 1) * k];
-                            let s_w = w.scales[(o * k) / per_scale];
-                            let b = bias.as_ref().map_or(0.0, |b| b[o]);
-                            let row = &mut dst[oi * p..(oi + 1) * p];
-                            for (pi, y) in row.iter_mut().enumerate() {
-                                let acc = dot(&cols[pi * k..(pi + 1) * k], filt);
-                                *y = acc as f32 * s_in * s_w + b;
-                            }
-                        }
-                    });
+                let scales: Vec<f32> = (0..oc)
+                    .map(|o| s_in * w.scales[(o * w.values.len() / oc) / per_scale])
+                    .collect();
+                let geo = Geometry { cin, h, w: wd, oh, ow, spec: c };
+                let out = if c.is_depthwise() {
+                    depthwise(&xq, &w.values, &geo, n, &scales, bias.as_deref())
+                } else {
+                    grouped(&xq, &w.values, &geo, n, &scales, bias.as_deref())
+                };
                 Ok(Some(Tensor::from_vec(out, (n, oc, oh, ow), &device)?))
             }
             _ => Ok(None),

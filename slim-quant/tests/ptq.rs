@@ -349,3 +349,55 @@ fn bias_correction_restores_the_mean_of_every_output_channel() {
     let c = slim_quant::runtime::evaluate(&fixed, &data.test, &data.normalize, 250).unwrap();
     assert!(c.top1 > p.top1, "plain {} corrected {}", p.top1, c.top1);
 }
+
+#[test]
+fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
+    // Depthwise with stride 2, a 5x5 window, dilation and padding; a grouped convolution; a
+    // strided dense one with a rectangular kernel; a 1x1; and a linear layer, on odd sizes.
+    use slim_core::graph::{Conv2dSpec, GraphBuilder};
+    let data = load_spec(DEFAULT_SPEC).unwrap();
+    let mut b = GraphBuilder::new([1, 28, 28]);
+    b.conv("c1", 8, 3, 1, 1)
+        .relu("r1")
+        .conv_with(
+            "dw",
+            Conv2dSpec::new(8, 8, 5)
+                .with_stride(2)
+                .with_padding(3)
+                .with_dilation(2)
+                .with_groups(8)
+                .with_bias(true),
+        )
+        .conv_with("grp", Conv2dSpec::new(8, 12, 3).with_groups(4).with_padding(1))
+        .relu("r2")
+        .conv_with(
+            "rect",
+            Conv2dSpec {
+                kernel: [3, 1],
+                ..Conv2dSpec::new(12, 16, 1).with_stride(3).with_padding(1)
+            },
+        )
+        .conv("pw", 20, 1, 1, 0)
+        .flatten("f")
+        .linear("fc", 10);
+    let m = Model::init(b.build().unwrap(), 4, &Device::Cpu).unwrap();
+    let cfg = PtqConfig {
+        batches: 2,
+        ..PtqConfig::default()
+    };
+    let (q, report) = quantize(&m, &data.train, &data.normalize, &cfg).unwrap();
+    assert_eq!(report.layers.len(), 6);
+    let x = candle_core::Tensor::randn(0f32, 1.0, (3, 1, 28, 28), &Device::Cpu).unwrap();
+    let a = slim_quant::runtime::forward(&q, &x).unwrap();
+    let b = q.forward(&x, Mode::Eval).unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff <= 1e-4 * scale, "difference {diff} against {scale}");
+}

@@ -1,0 +1,80 @@
+//! The int8 runtime against f32, each beside its baseline in the same run:
+//!
+//! - `int8_dots_512`: Slim's int8 dot-product kernel (512 filters x 512 patches x 512) against
+//!   candle's f32 matmul of the same size (criterion's throughput is multiply-adds);
+//! - `int8_<model>_b<N>`: a post-training-quantized model run by the int8 runtime against the
+//!   same float model's forward (Slim's own fast kernels), at batch 1 and 64, for MobileNetV1
+//!   and ResNet-20 on 3x32x32 inputs (width 1; calibrated on random images, which does not
+//!   change the work).
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use slim_core::data::{ImageSet, Normalize};
+use slim_core::zoo::{self, ZooConfig};
+use slim_core::Mode;
+use slim_quant::ptq::{quantize, PtqConfig};
+
+fn gemm(c: &mut Criterion) {
+    let n = 512;
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &dev).expect("a");
+    let b = Tensor::randn(0f32, 1.0, (n, n), &dev).expect("b");
+    let mut rng = StdRng::seed_from_u64(1);
+    let ai: Vec<i8> = (0..n * n).map(|_| rng.random()).collect();
+    let bi: Vec<i8> = (0..n * n).map(|_| rng.random()).collect();
+    let mut out = vec![0i32; n * n];
+    let mut g = c.benchmark_group("int8_dots_512");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements((n * n * n) as u64));
+    g.bench_function("candle_f32_matmul", |bch| {
+        bch.iter(|| a.matmul(&b).expect("matmul"))
+    });
+    g.bench_function("slim_int8_dots", |bch| {
+        bch.iter(|| slim_quant::gemm::dots(&ai, n, &bi, n, n, &mut out))
+    });
+    g.finish();
+}
+
+fn models(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(2);
+    let calib = ImageSet {
+        shape: [3, 32, 32],
+        classes: 10,
+        images: (0..256 * 3 * 32 * 32).map(|_| rng.random()).collect(),
+        labels: (0..256).map(|i| (i % 10) as u8).collect(),
+    };
+    let norm = Normalize {
+        mean: vec![0.5],
+        std: vec![0.25],
+    };
+    for name in ["mobilenet_v1", "resnet20"] {
+        let m = zoo::model(name, &ZooConfig::new([3, 32, 32]), 0, &dev).expect("zoo");
+        let cfg = PtqConfig {
+            batches: 2,
+            batch_size: 64,
+            ..PtqConfig::default()
+        };
+        let (q, _) = quantize(&m, &calib, &norm, &cfg).expect("ptq");
+        for batch in [1usize, 64] {
+            let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &dev).expect("x");
+            let mut g = c.benchmark_group(format!("int8_{name}_b{batch}"));
+            g.sample_size(10);
+            g.throughput(Throughput::Elements(batch as u64));
+            g.bench_function("f32_forward", |b| {
+                b.iter(|| m.forward(&x, Mode::Eval).expect("f32"))
+            });
+            g.bench_function("int8_runtime", |b| {
+                b.iter(|| slim_quant::runtime::forward(&q, &x).expect("int8"))
+            });
+            g.finish();
+        }
+    }
+}
+
+criterion_group!(benches, gemm, models);
+criterion_main!(benches);
