@@ -1,7 +1,7 @@
 //! The int8 runtime against f32, each beside its baseline in the same run:
 //!
-//! - `int8_dots_512`: Slim's int8 dot-product kernel (512 filters x 512 patches x 512) against
-//!   candle's f32 matmul of the same size (criterion's throughput is multiply-adds);
+//! - `int8_gemm_512`: Slim's int8 matrix product (512 x 512 by 512 x 512) against candle's f32
+//!   matmul of the same size (criterion's throughput is multiply-adds);
 //! - `int8_<model>_b<N>`: a post-training-quantized model run by the int8 runtime against the
 //!   same float model's forward (Slim's own fast kernels), at batch 1 and 64, for MobileNetV1
 //!   and ResNet-20 on 3x32x32 inputs (width 1; calibrated on random images, which does not
@@ -27,14 +27,20 @@ fn gemm(c: &mut Criterion) {
     let ai: Vec<i8> = (0..n * n).map(|_| rng.random()).collect();
     let bi: Vec<i8> = (0..n * n).map(|_| rng.random()).collect();
     let mut out = vec![0i32; n * n];
-    let mut g = c.benchmark_group("int8_dots_512");
+    let mut g = c.benchmark_group("int8_gemm_512");
     g.sample_size(20);
     g.throughput(Throughput::Elements((n * n * n) as u64));
     g.bench_function("candle_f32_matmul", |bch| {
         bch.iter(|| a.matmul(&b).expect("matmul"))
     });
-    g.bench_function("slim_int8_dots", |bch| {
-        bch.iter(|| slim_quant::gemm::dots(&ai, n, &bi, n, n, &mut out))
+    g.bench_function("slim_int8_gemm", |bch| {
+        bch.iter(|| {
+            slim_quant::gemm::gemm(
+                slim_quant::gemm::MatRef::new(&ai, n, n),
+                slim_quant::gemm::MatRef::new(&bi, n, n),
+                &mut out,
+            )
+        })
     });
     g.finish();
 }

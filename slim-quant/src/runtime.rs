@@ -14,7 +14,7 @@ use slim_core::exec::NodeKernels;
 use slim_core::train::EvalReport;
 use slim_core::{ForwardOptions, Mode, Model, Node, Op};
 
-use crate::gemm::dots;
+use crate::gemm::{gemm_rows, MatRef, PackedA};
 use crate::Result;
 
 /// The shapes of one convolution.
@@ -27,12 +27,13 @@ struct Geometry<'a> {
     spec: &'a slim_core::Conv2dSpec,
 }
 
-/// Output positions per task of a convolution: enough work to amortize a task, small enough
-/// that a batch of one still spreads over the cores.
-const PATCHES_PER_TASK: usize = 64;
+/// Output positions per task of a convolution (whole output rows, at least one): enough work
+/// to amortize a task, small enough that a batch of one still spreads over the cores.
+const POSITIONS_PER_TASK: usize = 256;
 
-/// A dense or grouped convolution: per (sample, group, block of output positions), the input
-/// patches are gathered as int8 rows and every filter of the group is dotted with them.
+/// A dense or grouped convolution as int8 matrix products: per (sample, group, block of output
+/// rows), the group's filters times the block's input columns (one row per channel and kernel
+/// tap, gathered by row segments; a 1x1 convolution reads its input as it is).
 fn grouped(
     xq: &[i8],
     wq: &[i8],
@@ -46,62 +47,99 @@ fn grouped(
     let (cg, og) = (geo.cin / g, c.out_channels / g);
     let (kh, kw) = (c.kernel[0], c.kernel[1]);
     let k = cg * kh * kw;
-    let p = geo.oh * geo.ow;
-    let blocks = p.div_ceil(PATCHES_PER_TASK);
-    let results: Vec<(usize, Vec<f32>)> = (0..n * g * blocks)
+    let (h, w, oh, ow) = (geo.h, geo.w, geo.oh, geo.ow);
+    let p = oh * ow;
+    let rows_per = (POSITIONS_PER_TASK / ow).max(1);
+    let blocks = oh.div_ceil(rows_per);
+    let pointwise = kh == 1 && kw == 1 && c.stride == 1 && c.padding == 0;
+    let pa = PackedA::new(MatRef::new(wq, c.out_channels, k));
+    let results: Vec<Vec<f32>> = (0..n * g * blocks)
         .into_par_iter()
         .map(|task| {
             let (sg, blk) = (task / blocks, task % blocks);
             let (s, gi) = (sg / g, sg % g);
-            let p0 = blk * PATCHES_PER_TASK;
-            let np = PATCHES_PER_TASK.min(p - p0);
-            let mut cols = vec![0i8; np * k];
-            for (pi, col) in cols.chunks_exact_mut(k).enumerate() {
-                let (oy, ox) = ((p0 + pi) / geo.ow, (p0 + pi) % geo.ow);
-                let mut idx = 0;
+            let (oy0, oy1) = (blk * rows_per, ((blk + 1) * rows_per).min(oh));
+            let np = (oy1 - oy0) * ow;
+            let plane0 = (s * geo.cin + gi * cg) * h * w;
+            let cols;
+            let b = if pointwise {
+                MatRef {
+                    data: &xq[plane0 + oy0 * ow..],
+                    rows: cg,
+                    cols: np,
+                    stride: h * w,
+                }
+            } else {
+                let mut buf = vec![0i8; k * np];
                 for ci in 0..cg {
-                    let plane = (s * geo.cin + gi * cg + ci) * geo.h * geo.w;
+                    let src = &xq[plane0 + ci * h * w..plane0 + (ci + 1) * h * w];
                     for ky in 0..kh {
-                        let iy = (oy * c.stride + ky * c.dilation) as isize - c.padding as isize;
                         for kx in 0..kw {
-                            let ix =
-                                (ox * c.stride + kx * c.dilation) as isize - c.padding as isize;
-                            if iy >= 0 && ix >= 0 && (iy as usize) < geo.h && (ix as usize) < geo.w
-                            {
-                                col[idx] = xq[plane + iy as usize * geo.w + ix as usize];
+                            let t = (ci * kh + ky) * kw + kx;
+                            let row = &mut buf[t * np..(t + 1) * np];
+                            let off = (kx * c.dilation) as isize - c.padding as isize;
+                            let (lo, hi) = valid_columns(off, c.stride, w, ow);
+                            for oy in oy0..oy1 {
+                                let iy =
+                                    (oy * c.stride + ky * c.dilation) as isize - c.padding as isize;
+                                if iy < 0 || iy as usize >= h || lo >= hi {
+                                    continue;
+                                }
+                                let line = &src[iy as usize * w..(iy as usize + 1) * w];
+                                let dst = &mut row[(oy - oy0) * ow..(oy - oy0 + 1) * ow];
+                                if c.stride == 1 {
+                                    let start = (lo as isize + off) as usize;
+                                    dst[lo..hi].copy_from_slice(&line[start..start + hi - lo]);
+                                } else {
+                                    for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                                        *d = line[((ox * c.stride) as isize + off) as usize];
+                                    }
+                                }
                             }
-                            idx += 1;
                         }
                     }
                 }
-            }
+                cols = buf;
+                MatRef::new(&cols, k, np)
+            };
             let mut acc = vec![0i32; og * np];
-            dots(&wq[gi * og * k..(gi + 1) * og * k], og, &cols, np, k, &mut acc);
-            let vals: Vec<f32> = acc
-                .chunks_exact(np)
+            gemm_rows(&pa, gi * og..(gi + 1) * og, b, &mut acc);
+            let mut vals = vec![0f32; og * np];
+            for (oi, (dst, row)) in vals
+                .chunks_exact_mut(np)
+                .zip(acc.chunks_exact(np))
                 .enumerate()
-                .flat_map(|(oi, row)| {
-                    let o = gi * og + oi;
-                    let (sc, b) = (scales[o], bias.map_or(0.0, |b| b[o]));
-                    row.iter().map(move |&a| a as f32 * sc + b)
-                })
-                .collect();
-            (task, vals)
+            {
+                let o = gi * og + oi;
+                let (sc, bv) = (scales[o], bias.map_or(0.0, |b| b[o]));
+                for (d, &a) in dst.iter_mut().zip(row) {
+                    *d = a as f32 * sc + bv;
+                }
+            }
+            vals
         })
         .collect();
     let oc = c.out_channels;
     let mut out = vec![0f32; n * oc * p];
-    for (task, vals) in results {
+    for (task, vals) in results.iter().enumerate() {
         let (sg, blk) = (task / blocks, task % blocks);
         let (s, gi) = (sg / g, sg % g);
-        let p0 = blk * PATCHES_PER_TASK;
-        let np = PATCHES_PER_TASK.min(p - p0);
+        let (oy0, oy1) = (blk * rows_per, ((blk + 1) * rows_per).min(oh));
+        let np = (oy1 - oy0) * ow;
         for (oi, row) in vals.chunks_exact(np).enumerate() {
-            let base = (s * oc + gi * og + oi) * p + p0;
+            let base = (s * oc + gi * og + oi) * p + oy0 * ow;
             out[base..base + np].copy_from_slice(row);
         }
     }
     out
+}
+
+/// The output columns `[lo, hi)` whose input column `ox * stride + off` lies in `0..w`.
+fn valid_columns(off: isize, stride: usize, w: usize, ow: usize) -> (usize, usize) {
+    let lo = if off < 0 { (-off) as usize } else { 0 }.div_ceil(stride);
+    let hi =
+        ((w as isize - off + stride as isize - 1) / stride as isize).clamp(0, ow as isize) as usize;
+    (lo.min(ow), hi)
 }
 
 /// A depthwise convolution, directly: per (sample, channel) plane, each kernel tap adds its
@@ -136,21 +174,20 @@ fn depthwise(
                     }
                     let line = &src[iy as usize * w..(iy as usize + 1) * w];
                     for kx in 0..kw {
-                        let wv = i32::from(filt[ky * kw + kx]);
+                        // Products of two int8 values fit in int16 (at most 127 * 128), which vectorizes
+                        // better than 32-bit products.
+                        let wv = i16::from(filt[ky * kw + kx]);
                         let off = (kx * c.dilation) as isize - c.padding as isize;
-                        // Output columns whose input column is inside the row.
-                        let lo = if off < 0 { (-off) as usize } else { 0 }.div_ceil(c.stride);
-                        let hi = ((w as isize - off + c.stride as isize - 1) / c.stride as isize)
-                            .clamp(0, ow as isize) as usize;
+                        let (lo, hi) = valid_columns(off, c.stride, w, ow);
                         if c.stride == 1 {
                             let start = (lo as isize + off) as usize;
                             for (a, &v) in acc[lo..hi.max(lo)].iter_mut().zip(&line[start..]) {
-                                *a += i32::from(v) * wv;
+                                *a += i32::from(i16::from(v) * wv);
                             }
                         } else {
                             for (ox, a) in acc.iter_mut().enumerate().take(hi).skip(lo) {
                                 let ix = (ox * c.stride) as isize + off;
-                                *a += i32::from(line[ix as usize]) * wv;
+                                *a += i32::from(i16::from(line[ix as usize]) * wv);
                             }
                         }
                     }
@@ -180,11 +217,30 @@ fn input_scale(model: &Model, node: &Node) -> slim_core::Result<Option<f32>> {
     ))
 }
 
+/// The largest f32 below 0.5.
+const HALF_DOWN: f32 = 0.499_999_97;
+
+/// The input on its int8 grid, computed exactly as the fake quantizer
+/// ([`slim_core::exec::fake_quantize`]) does: clipped to `±127 s`, multiplied by `1 / s` (as
+/// f32), rounded half away from zero. Any other order of operations (dividing by `s`, say)
+/// rounds some values near a half-step the other way, and the two models part.
 fn to_i8(x: &Tensor, scale: f32) -> slim_core::Result<Vec<i8>> {
     let v = x.flatten_all()?.to_vec1::<f32>()?;
-    Ok(v.iter()
-        .map(|&a| (a / scale).round().clamp(-127.0, 127.0) as i8)
-        .collect())
+    let s = f64::from(scale);
+    let (lo, hi) = ((-127.0 * s) as f32, (127.0 * s) as f32);
+    let inv = (1.0 / s) as f32;
+    let mut out = vec![0i8; v.len()];
+    // Adding the largest float below 1/2 (with the value's sign) and truncating (the
+    // conversion to an integer) rounds every float exactly as `f32::round`, and vectorizes.
+    out.par_chunks_mut(1 << 14)
+        .zip(v.par_chunks(1 << 14))
+        .for_each(|(dst, src)| {
+            for (d, &a) in dst.iter_mut().zip(src) {
+                let q = a.clamp(lo, hi) * inv;
+                *d = (q + HALF_DOWN.copysign(q)).clamp(-127.0, 127.0) as i32 as i8;
+            }
+        });
+    Ok(out)
 }
 
 impl NodeKernels for Int8Kernels {
@@ -226,24 +282,24 @@ impl NodeKernels for Int8Kernels {
         match &node.op {
             Op::Linear(l) => {
                 let (n, k, o) = (x.dim(0)?, l.in_features, l.out_features);
-                // Output rows in parallel: each a block of samples against every filter.
-                let rows = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
+                // Filters times the inputs as columns.
+                let mut xt = vec![0i8; k * n];
+                for (si, row) in xq.chunks_exact(k).enumerate() {
+                    for (t, &v) in row.iter().enumerate() {
+                        xt[t * n + si] = v;
+                    }
+                }
+                let mut acc = vec![0i32; o * n];
+                let pa = PackedA::new(MatRef::new(&w.values, o, k));
+                gemm_rows(&pa, 0..o, MatRef::new(&xt, k, n), &mut acc);
                 let mut out = vec![0f32; n * o];
-                out.par_chunks_mut(rows * o)
-                    .enumerate()
-                    .for_each(|(t, dst)| {
-                        let s0 = t * rows;
-                        let ns = dst.len() / o;
-                        let mut acc = vec![0i32; o * ns];
-                        dots(&w.values, o, &xq[s0 * k..(s0 + ns) * k], ns, k, &mut acc);
-                        for j in 0..o {
-                            let scale = s_in * w.scales[(j * k) / per_scale];
-                            let b = bias.as_ref().map_or(0.0, |b| b[j]);
-                            for si in 0..ns {
-                                dst[si * o + j] = acc[j * ns + si] as f32 * scale + b;
-                            }
-                        }
-                    });
+                for j in 0..o {
+                    let scale = s_in * w.scales[(j * k) / per_scale];
+                    let b = bias.as_ref().map_or(0.0, |b| b[j]);
+                    for si in 0..n {
+                        out[si * o + j] = acc[j * n + si] as f32 * scale + b;
+                    }
+                }
                 Ok(Some(Tensor::from_vec(out, (n, o), &device)?))
             }
             Op::Conv2d(c) => {
@@ -254,7 +310,14 @@ impl NodeKernels for Int8Kernels {
                 let scales: Vec<f32> = (0..oc)
                     .map(|o| s_in * w.scales[(o * w.values.len() / oc) / per_scale])
                     .collect();
-                let geo = Geometry { cin, h, w: wd, oh, ow, spec: c };
+                let geo = Geometry {
+                    cin,
+                    h,
+                    w: wd,
+                    oh,
+                    ow,
+                    spec: c,
+                };
                 let out = if c.is_depthwise() {
                     depthwise(&xq, &w.values, &geo, n, &scales, bias.as_deref())
                 } else {
@@ -311,4 +374,60 @@ pub fn agreement(model: &Model, x: &Tensor) -> Result<(usize, usize)> {
     let a = forward(model, x)?.argmax(1)?.to_vec1::<u32>()?;
     let b = model.forward(x, Mode::Eval)?.argmax(1)?.to_vec1::<u32>()?;
     Ok((a.iter().zip(&b).filter(|(x, y)| x == y).count(), a.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_int8_grid_is_the_fake_quantizers_grid() {
+        // Values within an ulp or two of half-steps, where the order of operations decides
+        // the rounding, for awkward scales.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for &s in &[0.0123f32, 0.1, 1.0 / 3.0, 0.007_812_5, 2.71] {
+            let xs: Vec<f32> = (0..20_000)
+                .map(|_| {
+                    let k = rng.random_range(-140i32..140) as f32 + 0.5;
+                    let x = k * s;
+                    f32::from_bits((x.to_bits() as i64 + rng.random_range(-3i64..=3)) as u32)
+                })
+                .collect();
+            let t = candle_core::Tensor::new(&xs[..], &candle_core::Device::Cpu).expect("t");
+            let fq = slim_core::exec::fake_quantize(&t, s, 127.0)
+                .and_then(|f| Ok(f.to_vec1::<f32>()?))
+                .expect("fq");
+            let q = super::to_i8(&t, s).expect("q");
+            for ((x, f), q) in xs.iter().zip(fq).zip(q) {
+                assert_eq!(f, f32::from(q) * s, "{x} at scale {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantizing_rounds_like_f32_round() {
+        assert_eq!(super::HALF_DOWN, f32::from_bits(0.5f32.to_bits() - 1));
+        let xs = [
+            0.0f32,
+            0.49999997,
+            0.5,
+            0.50000006,
+            1.5,
+            2.5,
+            -0.5,
+            -2.5,
+            -0.49999997,
+            126.5,
+            -126.5,
+            127.49,
+            300.0,
+            -1e9,
+            8388609.0,
+            1e-30,
+        ];
+        let t = candle_core::Tensor::new(&xs[..], &candle_core::Device::Cpu).expect("t");
+        let q = super::to_i8(&t, 1.0).expect("q");
+        for (x, q) in xs.iter().zip(q) {
+            assert_eq!(q, x.round().clamp(-127.0, 127.0) as i8, "{x}");
+        }
+    }
 }

@@ -368,7 +368,10 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
                 .with_groups(8)
                 .with_bias(true),
         )
-        .conv_with("grp", Conv2dSpec::new(8, 12, 3).with_groups(4).with_padding(1))
+        .conv_with(
+            "grp",
+            Conv2dSpec::new(8, 12, 3).with_groups(4).with_padding(1),
+        )
         .relu("r2")
         .conv_with(
             "rect",
@@ -390,7 +393,13 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
     let x = candle_core::Tensor::randn(0f32, 1.0, (3, 1, 28, 28), &Device::Cpu).unwrap();
     let a = slim_quant::runtime::forward(&q, &x).unwrap();
     let b = q.forward(&x, Mode::Eval).unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let diff = (a - b)
         .unwrap()
         .abs()
