@@ -74,8 +74,10 @@ fn models(c: &mut Criterion) {
             g.bench_function("f32_forward", |b| {
                 b.iter(|| m.forward(&x, Mode::Eval).expect("f32"))
             });
+            // The weights packed once, as `slim eval` and every evaluation run them.
+            let kernels = slim_quant::runtime::Int8Kernels::new(&q);
             g.bench_function("int8_runtime", |b| {
-                b.iter(|| slim_quant::runtime::forward(&q, &x).expect("int8"))
+                b.iter(|| slim_quant::runtime::forward_with(&q, &kernels, &x).expect("int8"))
             });
             g.finish();
         }

@@ -119,7 +119,7 @@ pub fn run(cmd: LatencyCommand) -> Result<(), Failure> {
 fn kernels(runtime: Runtime) -> Option<&'static dyn NodeKernels> {
     match runtime {
         Runtime::F32 => None,
-        Runtime::Int8 => Some(&Int8Kernels),
+        Runtime::Int8 => Some(&Int8Kernels::ON_THE_FLY),
     }
 }
 

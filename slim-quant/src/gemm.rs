@@ -3,11 +3,17 @@
 //!
 //! `A` holds filters (one row per output channel) and `B` input columns (for a convolution,
 //! one row per kernel tap and channel, one column per output position; for a 1x1 convolution,
-//! the input itself). On x86-64 with AVX2 (detected at run time) `B` is packed in panels of 16
-//! columns with pairs of consecutive rows interleaved as int16, and a 4x16 tile of `C` is
-//! computed with `vpmaddwd` (pairs of int16 products summed into int32): exact for every int8
-//! input, unlike `vpmaddubsw`, whose int16 pair sums saturate with full-range unsigned
-//! activations. Elsewhere a portable loop computes the same integers.
+//! the input itself). The kernel is chosen at run time ([`Kernel::best`]):
+//!
+//! - AVX-512 VNNI: `B` packed in panels of 16 columns, four consecutive rows per int32 lane as
+//!   unsigned bytes (`x + 128`); an 8x16 tile of `C` per `vpdpbusd`, which multiplies four
+//!   u8 x i8 pairs and adds them to int32 with no intermediate rounding or saturation; the
+//!   offset's share, `128 * sum(filter)`, is subtracted at the end.
+//! - AVX2: `B` packed in panels of 16 columns with pairs of consecutive rows interleaved as
+//!   int16; a 4x16 tile per `vpmaddwd` (pairs of int16 products summed into int32). Exact for
+//!   every int8 input, unlike `vpmaddubsw`, whose int16 pair sums saturate with full-range
+//!   unsigned activations.
+//! - Elsewhere a portable loop computes the same integers.
 
 /// A view of a row-major int8 matrix with a row stride.
 #[derive(Clone, Copy)]
@@ -41,65 +47,139 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// The left operand (filters) prepared once for many products: its rows, and on AVX2 the
-/// same values as int32 words of two consecutive int16, ready to broadcast.
+/// The instruction set a product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Plain Rust, on any machine.
+    Portable,
+    /// x86-64 AVX2: int16 pair products (`vpmaddwd`).
+    Avx2,
+    /// x86-64 AVX-512 with VNNI: four int8 products per int32 lane (`vpdpbusd`), on
+    /// activations offset by 128 to unsigned bytes, with the offset's contribution
+    /// (`128 * sum of the filter`) taken off after.
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// The fastest kernel this machine runs (detected once).
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            Kernel::all()
+                .into_iter()
+                .rev()
+                .find(|k| k.available())
+                .unwrap_or(Kernel::Portable)
+        })
+    }
+
+    fn all() -> [Kernel; 3] {
+        [Kernel::Portable, Kernel::Avx2, Kernel::Avx512Vnni]
+    }
+
+    /// Whether this machine can run the kernel.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Kernel::Portable => true,
+                Kernel::Avx2 => has!("avx2"),
+                Kernel::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Kernel::Portable
+        }
+    }
+
+    /// Every kernel this machine can run.
+    pub fn available_kernels() -> Vec<Kernel> {
+        Kernel::all().into_iter().filter(|k| k.available()).collect()
+    }
+}
+
+/// The left operand (filters) prepared once for many products, in the layout its kernel
+/// broadcasts from: int32 words of two int16 values (AVX2) or of four int8 values with each
+/// row's sum (AVX-512 VNNI), or the plain rows.
 pub struct PackedA {
+    kernel: Kernel,
     rows: usize,
     cols: usize,
     data: Vec<i8>,
     words: Vec<i32>,
+    sums: Vec<i32>,
 }
 
 impl PackedA {
+    /// Packs for the fastest kernel of this machine.
     pub fn new(a: MatRef<'_>) -> PackedA {
+        PackedA::for_kernel(a, Kernel::best())
+    }
+
+    /// Packs for a given kernel (which must be available).
+    pub fn for_kernel(a: MatRef<'_>, kernel: Kernel) -> PackedA {
         a.check();
-        let pairs = a.cols.div_ceil(2);
-        let (mut data, mut words) = (Vec::new(), Vec::new());
-        if vector() {
-            words = vec![0i32; a.rows * pairs];
-            // Two int16 values in one word: the first in the low half, as they sit in memory.
-            let word = |lo: i8, hi: i8| {
-                (u32::from(i16::from(lo) as u16) | (u32::from(i16::from(hi) as u16) << 16)) as i32
-            };
-            for (i, dst) in words
-                .chunks_exact_mut(pairs.max(1))
-                .enumerate()
-                .take(a.rows)
-            {
-                let r = a.row(i);
-                for (w, pair) in dst.iter_mut().zip(r.chunks_exact(2)) {
-                    *w = word(pair[0], pair[1]);
-                }
-                if a.cols % 2 == 1 {
-                    dst[pairs - 1] = word(r[a.cols - 1], 0);
+        assert!(kernel.available(), "{kernel:?} is not available on this machine");
+        let (mut data, mut words, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+        match kernel {
+            Kernel::Portable => {
+                data.reserve(a.rows * a.cols);
+                for i in 0..a.rows {
+                    data.extend_from_slice(a.row(i));
                 }
             }
-        } else {
-            data.reserve(a.rows * a.cols);
-            for i in 0..a.rows {
-                data.extend_from_slice(a.row(i));
+            Kernel::Avx2 => {
+                let pairs = a.cols.div_ceil(2);
+                words = vec![0i32; a.rows * pairs];
+                // Two int16 values in one word: the first in the low half, as in memory.
+                let word = |lo: i8, hi: i8| {
+                    (u32::from(i16::from(lo) as u16) | (u32::from(i16::from(hi) as u16) << 16))
+                        as i32
+                };
+                for i in 0..a.rows {
+                    let (r, dst) = (a.row(i), &mut words[i * pairs..(i + 1) * pairs]);
+                    for (w, pair) in dst.iter_mut().zip(r.chunks_exact(2)) {
+                        *w = word(pair[0], pair[1]);
+                    }
+                    if a.cols % 2 == 1 {
+                        dst[pairs - 1] = word(r[a.cols - 1], 0);
+                    }
+                }
+            }
+            Kernel::Avx512Vnni => {
+                let quads = a.cols.div_ceil(4);
+                words = vec![0i32; a.rows * quads];
+                sums = vec![0i32; a.rows];
+                for i in 0..a.rows {
+                    let (r, dst) = (a.row(i), &mut words[i * quads..(i + 1) * quads]);
+                    for (q, w) in dst.iter_mut().enumerate() {
+                        let mut b = [0u8; 4];
+                        for (j, v) in b.iter_mut().enumerate() {
+                            *v = r.get(4 * q + j).map_or(0, |&x| x as u8);
+                        }
+                        *w = i32::from_le_bytes(b);
+                    }
+                    sums[i] = r.iter().map(|&x| i32::from(x)).sum();
+                }
             }
         }
         PackedA {
+            kernel,
             rows: a.rows,
             cols: a.cols,
             data,
             words,
+            sums,
         }
     }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
-}
-
-fn vector() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
     }
 }
 
@@ -115,21 +195,23 @@ pub fn gemm_rows(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, out: 
     assert!(rows.end <= a.rows, "rows out of range");
     assert_eq!(a.cols, b.rows, "inner dimensions differ");
     assert!(out.len() >= rows.len() * b.cols);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if vector() {
-            // SAFETY: AVX2 is present (so `a.words` was made); the views were checked.
-            unsafe { avx2::gemm(a, rows, b, out) };
-            return;
+    match a.kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the kernel was checked available when `a` was packed; views were checked.
+        Kernel::Avx2 => unsafe { avx2::gemm(a, rows, b, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512Vnni => unsafe { vnni::gemm(a, rows, b, out) },
+        _ => {
+            let view = MatRef {
+                data: &a.data[rows.start * a.cols..rows.end * a.cols],
+                rows: rows.len(),
+                cols: a.cols,
+                stride: a.cols,
+            };
+            gemm_portable(view, b, out);
         }
     }
-    let view = MatRef {
-        data: &a.data[rows.start * a.cols..rows.end * a.cols],
-        rows: rows.len(),
-        cols: a.cols,
-        stride: a.cols,
-    };
-    gemm_portable(view, b, out);
 }
 
 /// The portable product (also the reference the vector kernel is tested against).
@@ -230,6 +312,81 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{MatRef, PackedA};
+    use std::arch::x86_64::*;
+
+    const NR: usize = 16;
+    const MR: usize = 8;
+
+    /// `b` in panels of 16 columns; within a panel, for each group of four rows, the 16
+    /// columns' four values as unsigned bytes (`x + 128`), 64 bytes. Missing rows read as 0
+    /// (their filter values are 0), missing columns as 128.
+    fn pack_b(b: MatRef<'_>) -> (Vec<u8>, usize) {
+        let quads = b.rows.div_ceil(4);
+        let panels = b.cols.div_ceil(NR);
+        let mut packed = vec![128u8; panels * quads * 4 * NR];
+        for t in 0..b.rows {
+            let (q, j) = (t / 4, t % 4);
+            let row = b.row(t);
+            for panel in 0..panels {
+                let c0 = panel * NR;
+                let w = NR.min(b.cols - c0);
+                let dst = &mut packed[(panel * quads + q) * 4 * NR..][..4 * NR];
+                for c in 0..w {
+                    dst[4 * c + j] = (row[c0 + c] as u8) ^ 0x80;
+                }
+            }
+        }
+        (packed, quads)
+    }
+
+    /// See [`super::gemm_rows`]; needs AVX-512 F, BW and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, out: &mut [i32]) {
+        let (m, n) = (rows.len(), b.cols);
+        if m == 0 || n == 0 {
+            return;
+        }
+        let (pb, quads) = pack_b(b);
+        let pa = &a.words[rows.start * quads..rows.end * quads];
+        let sums = &a.sums[rows.clone()];
+        let panels = n.div_ceil(NR);
+        let mut tile = [0i32; NR];
+        for panel in 0..panels {
+            let c0 = panel * NR;
+            let w = NR.min(n - c0);
+            let bp = &pb[panel * quads * 4 * NR..(panel + 1) * quads * 4 * NR];
+            let mut i = 0;
+            while i < m {
+                let rs = MR.min(m - i);
+                let mut acc = [_mm512_setzero_si512(); MR];
+                for q in 0..quads {
+                    // SAFETY: `bp` holds `quads` blocks of 64 bytes.
+                    let x = unsafe { _mm512_loadu_si512(bp.as_ptr().add(q * 4 * NR) as *const _) };
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        // Rows past `m` repeat the last one; their sums are not stored.
+                        let row = (i + r).min(m - 1);
+                        let wv = _mm512_set1_epi32(pa[row * quads + q]);
+                        *acc = _mm512_dpbusd_epi32(*acc, x, wv);
+                    }
+                }
+                for r in 0..rs {
+                    // The 128 added to every activation contributed 128 * (sum of the filter).
+                    let fix = _mm512_set1_epi32(128 * sums[i + r]);
+                    // SAFETY: `tile` holds 16 values.
+                    unsafe {
+                        _mm512_storeu_si512(tile.as_mut_ptr() as *mut _, _mm512_sub_epi32(acc[r], fix))
+                    };
+                    out[(i + r) * n + c0..(i + r) * n + c0 + w].copy_from_slice(&tile[..w]);
+                }
+                i += MR;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,10 +418,20 @@ mod tests {
                     stride,
                 },
             );
-            let (mut x, mut y) = (vec![0; m * n], vec![0; m * n]);
-            gemm(av, bv, &mut x);
+            let mut y = vec![0; m * n];
             gemm_portable(av, bv, &mut y);
-            assert_eq!(x, y, "{m}x{n}x{k}");
+            for kernel in Kernel::available_kernels() {
+                let mut x = vec![7; m * n];
+                let p = PackedA::for_kernel(av, kernel);
+                gemm_rows(&p, 0..m, bv, &mut x);
+                assert_eq!(x, y, "{kernel:?} {m}x{n}x{k}");
+                // A band of rows, as grouped convolutions use.
+                if m > 2 {
+                    let mut z = vec![0; (m - 2) * n];
+                    gemm_rows(&p, 1..m - 1, bv, &mut z);
+                    assert_eq!(z, y[n..(m - 1) * n], "{kernel:?} rows");
+                }
+            }
             // And by the definition.
             let (i, j) = (m - 1, n - 1);
             let d: i32 = (0..k)
@@ -272,12 +439,19 @@ mod tests {
                 .sum();
             assert_eq!(y[i * n + j], d);
         }
-        // The extremes, where 16-bit pair sums would saturate: -128 * -128 over long rows.
+        // The extremes, where 16-bit pair sums (or unsigned offsets) would overflow.
         let (m, n, k) = (4, 16, 4096);
-        let a = vec![-128i8; m * k];
-        let b = vec![-128i8; k * n];
-        let mut x = vec![0; m * n];
-        gemm(MatRef::new(&a, m, k), MatRef::new(&b, k, n), &mut x);
-        assert!(x.iter().all(|&v| v == 16384 * 4096));
+        for (va, vb) in [(-128i8, -128i8), (127, -128), (-128, 127)] {
+            let a = vec![va; m * k];
+            let b = vec![vb; k * n];
+            for kernel in Kernel::available_kernels() {
+                let mut x = vec![0; m * n];
+                let p = PackedA::for_kernel(MatRef::new(&a, m, k), kernel);
+                gemm_rows(&p, 0..m, MatRef::new(&b, k, n), &mut x);
+                let want = i32::from(va) * i32::from(vb) * k as i32;
+                assert!(x.iter().all(|&v| v == want), "{kernel:?} {va} {vb}");
+            }
+        }
+        eprintln!("kernels tested: {:?}", Kernel::available_kernels());
     }
 }

@@ -8,6 +8,8 @@
 //! values (an input patch and a filter), which the compiler vectorizes; rayon spreads the
 //! output rows over the cores.
 
+use std::collections::HashMap;
+
 use candle_core::Tensor;
 use rayon::prelude::*;
 use slim_core::exec::NodeKernels;
@@ -36,7 +38,7 @@ const POSITIONS_PER_TASK: usize = 256;
 /// tap, gathered by row segments; a 1x1 convolution reads its input as it is).
 fn grouped(
     xq: &[i8],
-    wq: &[i8],
+    pa: &PackedA,
     geo: &Geometry<'_>,
     n: usize,
     scales: &[f32],
@@ -52,7 +54,6 @@ fn grouped(
     let rows_per = (POSITIONS_PER_TASK / ow).max(1);
     let blocks = oh.div_ceil(rows_per);
     let pointwise = kh == 1 && kw == 1 && c.stride == 1 && c.padding == 0;
-    let pa = PackedA::new(MatRef::new(wq, c.out_channels, k));
     let results: Vec<Vec<f32>> = (0..n * g * blocks)
         .into_par_iter()
         .map(|task| {
@@ -103,7 +104,7 @@ fn grouped(
                 MatRef::new(&cols, k, np)
             };
             let mut acc = vec![0i32; og * np];
-            gemm_rows(&pa, gi * og..(gi + 1) * og, b, &mut acc);
+            gemm_rows(pa, gi * og..(gi + 1) * og, b, &mut acc);
             let mut vals = vec![0f32; og * np];
             for (oi, (dst, row)) in vals
                 .chunks_exact_mut(np)
@@ -201,7 +202,42 @@ fn depthwise(
 }
 
 /// The integer kernels, to pass to a forward as [`ForwardOptions::kernels`].
-pub struct Int8Kernels;
+///
+/// [`Int8Kernels::new`] prepares (packs) a model's int8 weights once, for many forwards of
+/// that model; [`Int8Kernels::ON_THE_FLY`] serves any model and packs each layer's weights
+/// when it runs.
+pub struct Int8Kernels<'m> {
+    prepared: Option<(&'m Model, HashMap<String, PackedA>)>,
+}
+
+impl<'m> Int8Kernels<'m> {
+    /// Kernels that pack the weights of whatever model they run, layer by layer.
+    pub const ON_THE_FLY: Int8Kernels<'static> = Int8Kernels { prepared: None };
+
+    /// Kernels for `model`, with its int8 weights packed now (any other model they are given
+    /// is served on the fly).
+    pub fn new(model: &'m Model) -> Self {
+        let packed = model
+            .int8
+            .iter()
+            .filter_map(|(name, w)| {
+                let rows = *model.params.param(name)?.var.dims().first()?;
+                let cols = w.values.len() / rows.max(1);
+                Some((name.clone(), PackedA::new(MatRef::new(&w.values, rows, cols))))
+            })
+            .collect();
+        Int8Kernels {
+            prepared: Some((model, packed)),
+        }
+    }
+
+    fn packed(&self, model: &Model, name: &str) -> Option<&PackedA> {
+        match &self.prepared {
+            Some((m, map)) if std::ptr::eq(*m, model) => map.get(name),
+            _ => None,
+        }
+    }
+}
 
 /// The input's fake-quantization scale, when the node reads one.
 fn input_scale(model: &Model, node: &Node) -> slim_core::Result<Option<f32>> {
@@ -243,7 +279,7 @@ fn to_i8(x: &Tensor, scale: f32) -> slim_core::Result<Vec<i8>> {
     Ok(out)
 }
 
-impl NodeKernels for Int8Kernels {
+impl NodeKernels for Int8Kernels<'_> {
     fn run(
         &self,
         model: &Model,
@@ -290,8 +326,15 @@ impl NodeKernels for Int8Kernels {
                     }
                 }
                 let mut acc = vec![0i32; o * n];
-                let pa = PackedA::new(MatRef::new(&w.values, o, k));
-                gemm_rows(&pa, 0..o, MatRef::new(&xt, k, n), &mut acc);
+                let local;
+                let pa = match self.packed(model, &node.param_name("weight")) {
+                    Some(p) => p,
+                    None => {
+                        local = PackedA::new(MatRef::new(&w.values, o, k));
+                        &local
+                    }
+                };
+                gemm_rows(pa, 0..o, MatRef::new(&xt, k, n), &mut acc);
                 let mut out = vec![0f32; n * o];
                 for j in 0..o {
                     let scale = s_in * w.scales[(j * k) / per_scale];
@@ -321,7 +364,16 @@ impl NodeKernels for Int8Kernels {
                 let out = if c.is_depthwise() {
                     depthwise(&xq, &w.values, &geo, n, &scales, bias.as_deref())
                 } else {
-                    grouped(&xq, &w.values, &geo, n, &scales, bias.as_deref())
+                    let k = w.values.len() / oc;
+                    let local;
+                    let pa = match self.packed(model, &node.param_name("weight")) {
+                        Some(p) => p,
+                        None => {
+                            local = PackedA::new(MatRef::new(&w.values, oc, k));
+                            &local
+                        }
+                    };
+                    grouped(&xq, pa, &geo, n, &scales, bias.as_deref())
                 };
                 Ok(Some(Tensor::from_vec(out, (n, oc, oh, ow), &device)?))
             }
@@ -330,13 +382,34 @@ impl NodeKernels for Int8Kernels {
     }
 }
 
-/// The forward of a quantized model with its quantized layers computed in integers.
+/// The forward of a quantized model with given (prepared) kernels.
+pub fn forward_with(
+    model: &Model,
+    kernels: &Int8Kernels<'_>,
+    x: &Tensor,
+) -> slim_core::Result<Tensor> {
+    let out = model.forward_with(
+        std::slice::from_ref(x),
+        Mode::Eval,
+        ForwardOptions {
+            kernels: Some(kernels),
+            ..Default::default()
+        },
+    )?;
+    out.outputs
+        .into_iter()
+        .next()
+        .ok_or_else(|| slim_core::CoreError::Invalid("the graph has no output".into()))
+}
+
+/// The forward of a quantized model with its quantized layers computed in integers (its
+/// weights packed for this call; [`forward_with`] reuses [`Int8Kernels::new`]'s packing).
 pub fn forward(model: &Model, x: &Tensor) -> Result<Tensor> {
     let out = model.forward_with(
         std::slice::from_ref(x),
         Mode::Eval,
         ForwardOptions {
-            kernels: Some(&Int8Kernels),
+            kernels: Some(&Int8Kernels::new(model)),
             ..Default::default()
         },
     )?;
@@ -354,17 +427,13 @@ pub fn evaluate(
     normalize: &slim_core::data::Normalize,
     batch_size: usize,
 ) -> Result<EvalReport> {
+    let kernels = Int8Kernels::new(model);
     Ok(slim_core::train::evaluate_with(
         model,
         set,
         normalize,
         batch_size,
-        &|m, x| {
-            forward(m, x).map_err(|e| match e {
-                crate::QuantError::Core(c) => c,
-                other => slim_core::CoreError::Invalid(other.to_string()),
-            })
-        },
+        &|m, x| forward_with(m, &kernels, x),
     )?)
 }
 
