@@ -96,7 +96,10 @@ impl Kernel {
 
     /// Every kernel this machine can run.
     pub fn available_kernels() -> Vec<Kernel> {
-        Kernel::all().into_iter().filter(|k| k.available()).collect()
+        Kernel::all()
+            .into_iter()
+            .filter(|k| k.available())
+            .collect()
     }
 }
 
@@ -121,7 +124,10 @@ impl PackedA {
     /// Packs for a given kernel (which must be available).
     pub fn for_kernel(a: MatRef<'_>, kernel: Kernel) -> PackedA {
         a.check();
-        assert!(kernel.available(), "{kernel:?} is not available on this machine");
+        assert!(
+            kernel.available(),
+            "{kernel:?} is not available on this machine"
+        );
         let (mut data, mut words, mut sums) = (Vec::new(), Vec::new(), Vec::new());
         match kernel {
             Kernel::Portable => {
@@ -377,7 +383,10 @@ mod vnni {
                     let fix = _mm512_set1_epi32(128 * sums[i + r]);
                     // SAFETY: `tile` holds 16 values.
                     unsafe {
-                        _mm512_storeu_si512(tile.as_mut_ptr() as *mut _, _mm512_sub_epi32(acc[r], fix))
+                        _mm512_storeu_si512(
+                            tile.as_mut_ptr() as *mut _,
+                            _mm512_sub_epi32(acc[r], fix),
+                        )
                     };
                     out[(i + r) * n + c0..(i + r) * n + c0 + w].copy_from_slice(&tile[..w]);
                 }

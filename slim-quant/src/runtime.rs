@@ -144,7 +144,8 @@ fn valid_columns(off: isize, stride: usize, w: usize, ow: usize) -> (usize, usiz
 }
 
 /// A depthwise convolution, directly: per (sample, channel) plane, each kernel tap adds its
-/// weight times a shifted input row into 32-bit accumulators of an output row.
+/// weight times the shifted input rows into a 32-bit accumulator plane (the valid rows and
+/// columns of a tap are worked out once, so the inner loop is a plain vectorizable sweep).
 fn depthwise(
     xq: &[i8],
     wq: &[i8],
@@ -164,38 +165,41 @@ fn depthwise(
             let ci = plane % ch;
             let src = &xq[plane * h * w..(plane + 1) * h * w];
             let filt = &wq[ci * kh * kw..(ci + 1) * kh * kw];
-            let (sc, b) = (scales[ci], bias.map_or(0.0, |b| b[ci]));
-            let mut acc = vec![0i32; ow];
-            for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
-                acc.iter_mut().for_each(|a| *a = 0);
-                for ky in 0..kh {
-                    let iy = (oy * c.stride + ky * c.dilation) as isize - c.padding as isize;
-                    if iy < 0 || iy as usize >= h {
+            let mut acc = vec![0i32; oh * ow];
+            for ky in 0..kh {
+                let offy = (ky * c.dilation) as isize - c.padding as isize;
+                let (ylo, yhi) = valid_columns(offy, c.stride, h, oh);
+                for kx in 0..kw {
+                    // Products of two int8 values fit in int16 (at most 127 * 128), which
+                    // vectorizes better than 32-bit products.
+                    let wv = i16::from(filt[ky * kw + kx]);
+                    let off = (kx * c.dilation) as isize - c.padding as isize;
+                    let (lo, hi) = valid_columns(off, c.stride, w, ow);
+                    if lo >= hi {
                         continue;
                     }
-                    let line = &src[iy as usize * w..(iy as usize + 1) * w];
-                    for kx in 0..kw {
-                        // Products of two int8 values fit in int16 (at most 127 * 128), which vectorizes
-                        // better than 32-bit products.
-                        let wv = i16::from(filt[ky * kw + kx]);
-                        let off = (kx * c.dilation) as isize - c.padding as isize;
-                        let (lo, hi) = valid_columns(off, c.stride, w, ow);
+                    for oy in ylo..yhi {
+                        let iy = ((oy * c.stride) as isize + offy) as usize;
+                        let line = &src[iy * w..(iy + 1) * w];
+                        let row = &mut acc[oy * ow + lo..oy * ow + hi];
+                        let start = ((lo * c.stride) as isize + off) as usize;
                         if c.stride == 1 {
-                            let start = (lo as isize + off) as usize;
-                            for (a, &v) in acc[lo..hi.max(lo)].iter_mut().zip(&line[start..]) {
+                            for (a, &v) in row.iter_mut().zip(&line[start..start + hi - lo]) {
                                 *a += i32::from(i16::from(v) * wv);
                             }
                         } else {
-                            for (ox, a) in acc.iter_mut().enumerate().take(hi).skip(lo) {
-                                let ix = (ox * c.stride) as isize + off;
-                                *a += i32::from(i16::from(line[ix as usize]) * wv);
+                            for (a, &v) in
+                                row.iter_mut().zip(line[start..].iter().step_by(c.stride))
+                            {
+                                *a += i32::from(i16::from(v) * wv);
                             }
                         }
                     }
                 }
-                for (y, &a) in row.iter_mut().zip(&acc) {
-                    *y = a as f32 * sc + b;
-                }
+            }
+            let (sc, b) = (scales[ci], bias.map_or(0.0, |b| b[ci]));
+            for (y, &a) in dst.iter_mut().zip(&acc) {
+                *y = a as f32 * sc + b;
             }
         });
     out
@@ -223,7 +227,10 @@ impl<'m> Int8Kernels<'m> {
             .filter_map(|(name, w)| {
                 let rows = *model.params.param(name)?.var.dims().first()?;
                 let cols = w.values.len() / rows.max(1);
-                Some((name.clone(), PackedA::new(MatRef::new(&w.values, rows, cols))))
+                Some((
+                    name.clone(),
+                    PackedA::new(MatRef::new(&w.values, rows, cols)),
+                ))
             })
             .collect();
         Int8Kernels {
@@ -272,8 +279,12 @@ fn to_i8(x: &Tensor, scale: f32) -> slim_core::Result<Vec<i8>> {
         .zip(v.par_chunks(1 << 14))
         .for_each(|(dst, src)| {
             for (d, &a) in dst.iter_mut().zip(src) {
-                let q = a.clamp(lo, hi) * inv;
-                *d = (q + HALF_DOWN.copysign(q)).clamp(-127.0, 127.0) as i32 as i8;
+                // `max` and `min` (not `clamp`) so that NaN becomes a bound and never
+                // reaches the conversion.
+                let q = a.max(lo).min(hi) * inv;
+                let r = (q + HALF_DOWN.copysign(q)).max(-127.0).min(127.0);
+                // SAFETY: `r` is finite and within [-127, 127].
+                *d = unsafe { r.to_int_unchecked::<i32>() } as i8;
             }
         });
     Ok(out)
