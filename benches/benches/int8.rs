@@ -1,7 +1,8 @@
 //! The int8 runtime against f32, each beside its baseline in the same run:
 //!
-//! - `int8_gemm_512`: Slim's int8 matrix product (512 x 512 by 512 x 512) against candle's f32
-//!   matmul of the same size (criterion's throughput is multiply-adds);
+//! - `int8_gemm_512`: Slim's int8 matrix product (512 x 512 by 512 x 512) on one core and split
+//!   over all cores, against candle's f32 matmul of the same size (criterion's throughput is
+//!   multiply-adds; the kernel is the best this machine runs, see `slim_quant::gemm::Kernel`);
 //! - `int8_<model>_b<N>`: a post-training-quantized model run by the int8 runtime against the
 //!   same float model's forward (Slim's own fast kernels), at batch 1 and 64, for MobileNetV1
 //!   and ResNet-20 on 3x32x32 inputs (width 1; calibrated on random images, which does not
@@ -13,6 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use rayon::prelude::*;
 use slim_core::data::{ImageSet, Normalize};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Mode;
@@ -40,6 +42,27 @@ fn gemm(c: &mut Criterion) {
                 slim_quant::gemm::MatRef::new(&bi, n, n),
                 &mut out,
             )
+        })
+    });
+    // The same product split by columns over the cores, as the runtime splits its work
+    // (candle's matmul uses every core too).
+    let packed = slim_quant::gemm::PackedA::new(slim_quant::gemm::MatRef::new(&ai, n, n));
+    let threads = rayon::current_num_threads().max(1);
+    let width = n.div_ceil(threads);
+    let mut parts: Vec<Vec<i32>> = (0..threads).map(|_| vec![0i32; n * width]).collect();
+    g.bench_function("slim_int8_gemm_all_cores", |bch| {
+        bch.iter(|| {
+            parts.par_iter_mut().enumerate().for_each(|(t, out)| {
+                let c0 = t * width;
+                let cols = width.min(n - c0);
+                let view = slim_quant::gemm::MatRef {
+                    data: &bi[c0..],
+                    rows: n,
+                    cols,
+                    stride: n,
+                };
+                slim_quant::gemm::gemm_rows(&packed, 0..n, view, out);
+            })
         })
     });
     g.finish();

@@ -158,48 +158,70 @@ fn depthwise(
     let (kh, kw) = (c.kernel[0], c.kernel[1]);
     let (h, w, oh, ow) = (geo.h, geo.w, geo.oh, geo.ow);
     let ch = geo.cin;
+    // Each tap's valid output rows and columns, worked out once for the layer.
+    struct Tap {
+        t: usize,
+        offy: isize,
+        off: isize,
+        rows: (usize, usize),
+        cols: (usize, usize),
+    }
+    let mut taps = Vec::with_capacity(kh * kw);
+    for ky in 0..kh {
+        let offy = (ky * c.dilation) as isize - c.padding as isize;
+        let rows = valid_columns(offy, c.stride, h, oh);
+        for kx in 0..kw {
+            let off = (kx * c.dilation) as isize - c.padding as isize;
+            let cols = valid_columns(off, c.stride, w, ow);
+            if rows.0 < rows.1 && cols.0 < cols.1 {
+                taps.push(Tap {
+                    t: ky * kw + kx,
+                    offy,
+                    off,
+                    rows,
+                    cols,
+                });
+            }
+        }
+    }
+    // Several planes per task when planes are small.
+    let planes_per = (4096 / (oh * ow)).max(1);
     let mut out = vec![0f32; n * ch * oh * ow];
-    out.par_chunks_mut(oh * ow)
+    out.par_chunks_mut(oh * ow * planes_per)
         .enumerate()
-        .for_each(|(plane, dst)| {
-            let ci = plane % ch;
-            let src = &xq[plane * h * w..(plane + 1) * h * w];
-            let filt = &wq[ci * kh * kw..(ci + 1) * kh * kw];
+        .for_each(|(task, dsts)| {
             let mut acc = vec![0i32; oh * ow];
-            for ky in 0..kh {
-                let offy = (ky * c.dilation) as isize - c.padding as isize;
-                let (ylo, yhi) = valid_columns(offy, c.stride, h, oh);
-                for kx in 0..kw {
+            for (j, dst) in dsts.chunks_exact_mut(oh * ow).enumerate() {
+                let plane = task * planes_per + j;
+                let ci = plane % ch;
+                let src = &xq[plane * h * w..(plane + 1) * h * w];
+                let filt = &wq[ci * kh * kw..(ci + 1) * kh * kw];
+                acc.iter_mut().for_each(|a| *a = 0);
+                for tap in &taps {
                     // Products of two int8 values fit in int16 (at most 127 * 128), which
                     // vectorizes better than 32-bit products.
-                    let wv = i16::from(filt[ky * kw + kx]);
-                    let off = (kx * c.dilation) as isize - c.padding as isize;
-                    let (lo, hi) = valid_columns(off, c.stride, w, ow);
-                    if lo >= hi {
-                        continue;
-                    }
-                    for oy in ylo..yhi {
-                        let iy = ((oy * c.stride) as isize + offy) as usize;
-                        let line = &src[iy * w..(iy + 1) * w];
+                    let wv = i16::from(filt[tap.t]);
+                    let (lo, hi) = tap.cols;
+                    let start = ((lo * c.stride) as isize + tap.off) as usize;
+                    for oy in tap.rows.0..tap.rows.1 {
+                        let iy = ((oy * c.stride) as isize + tap.offy) as usize;
+                        let line = &src[iy * w + start..(iy + 1) * w];
                         let row = &mut acc[oy * ow + lo..oy * ow + hi];
-                        let start = ((lo * c.stride) as isize + off) as usize;
                         if c.stride == 1 {
-                            for (a, &v) in row.iter_mut().zip(&line[start..start + hi - lo]) {
+                            for (a, &v) in row.iter_mut().zip(line) {
                                 *a += i32::from(i16::from(v) * wv);
                             }
                         } else {
-                            for (a, &v) in
-                                row.iter_mut().zip(line[start..].iter().step_by(c.stride))
-                            {
+                            for (a, &v) in row.iter_mut().zip(line.iter().step_by(c.stride)) {
                                 *a += i32::from(i16::from(v) * wv);
                             }
                         }
                     }
                 }
-            }
-            let (sc, b) = (scales[ci], bias.map_or(0.0, |b| b[ci]));
-            for (y, &a) in dst.iter_mut().zip(&acc) {
-                *y = a as f32 * sc + b;
+                let (sc, b) = (scales[ci], bias.map_or(0.0, |b| b[ci]));
+                for (y, &a) in dst.iter_mut().zip(&acc) {
+                    *y = a as f32 * sc + b;
+                }
             }
         });
     out
