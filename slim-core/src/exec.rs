@@ -38,6 +38,13 @@ pub trait NodeKernels: Sync {
         inputs: &[&Tensor],
         mode: Mode,
     ) -> Result<Option<Tensor>>;
+
+    /// Kernels made ready for many forwards of one model (weights repacked once, say), when
+    /// these kernels have such a form; whoever runs a model repeatedly (latency timing) uses
+    /// them instead.
+    fn prepare<'m>(&self, _model: &'m Model) -> Option<Box<dyn NodeKernels + 'm>> {
+        None
+    }
 }
 
 /// Supplies some nodes' trainable parameters in place of the model's own (a slice of a

@@ -189,6 +189,10 @@ fn time_model(
     profile: bool,
     mut tick: impl FnMut(),
 ) -> Result<Timings> {
+    // Kernels that prepare per model (the int8 runtime packs its weights) are timed prepared,
+    // as a deployed model runs.
+    let prepared = kernels.and_then(|k| k.prepare(model));
+    let kernels: Option<&dyn NodeKernels> = prepared.as_deref().or(kernels);
     let mut shape = vec![batch];
     shape.extend(model.input_shape());
     let x = Tensor::randn(0f32, 1f32, shape, &model.device())?;

@@ -313,6 +313,10 @@ fn to_i8(x: &Tensor, scale: f32) -> slim_core::Result<Vec<i8>> {
 }
 
 impl NodeKernels for Int8Kernels<'_> {
+    fn prepare<'m>(&self, model: &'m Model) -> Option<Box<dyn NodeKernels + 'm>> {
+        Some(Box::new(Int8Kernels::new(model)))
+    }
+
     fn run(
         &self,
         model: &Model,
