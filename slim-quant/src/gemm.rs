@@ -106,6 +106,7 @@ impl Kernel {
 /// The left operand (filters) prepared once for many products, in the layout its kernel
 /// broadcasts from: int32 words of two int16 values (AVX2) or of four int8 values with each
 /// row's sum (AVX-512 VNNI), or the plain rows.
+#[derive(Clone, Debug)]
 pub struct PackedA {
     kernel: Kernel,
     rows: usize,

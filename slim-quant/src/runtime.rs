@@ -8,6 +8,7 @@
 //! values (an input patch and a filter), which the compiler vectorizes; rayon spreads the
 //! output rows over the cores.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use candle_core::Tensor;
@@ -260,10 +261,19 @@ impl<'m> Int8Kernels<'m> {
         }
     }
 
-    fn packed(&self, model: &Model, name: &str) -> Option<&PackedA> {
+    /// A layer's packed weights: prepared ones for the model these kernels were made for,
+    /// else packed now.
+    fn weights(&self, model: &Model, node: &Node, values: &[i8], rows: usize) -> Cow<'_, PackedA> {
+        let name = node.param_name("weight");
         match &self.prepared {
-            Some((m, map)) if std::ptr::eq(*m, model) => map.get(name),
-            _ => None,
+            Some((m, map)) if std::ptr::eq(*m, model) && map.contains_key(&name) => {
+                Cow::Borrowed(&map[&name])
+            }
+            _ => Cow::Owned(PackedA::new(MatRef::new(
+                values,
+                rows,
+                values.len() / rows.max(1),
+            ))),
         }
     }
 }
@@ -363,15 +373,8 @@ impl NodeKernels for Int8Kernels<'_> {
                     }
                 }
                 let mut acc = vec![0i32; o * n];
-                let local;
-                let pa = match self.packed(model, &node.param_name("weight")) {
-                    Some(p) => p,
-                    None => {
-                        local = PackedA::new(MatRef::new(&w.values, o, k));
-                        &local
-                    }
-                };
-                gemm_rows(pa, 0..o, MatRef::new(&xt, k, n), &mut acc);
+                let pa = self.weights(model, node, &w.values, o);
+                gemm_rows(&pa, 0..o, MatRef::new(&xt, k, n), &mut acc);
                 let mut out = vec![0f32; n * o];
                 for j in 0..o {
                     let scale = s_in * w.scales[(j * k) / per_scale];
@@ -401,16 +404,8 @@ impl NodeKernels for Int8Kernels<'_> {
                 let out = if c.is_depthwise() {
                     depthwise(&xq, &w.values, &geo, n, &scales, bias.as_deref())
                 } else {
-                    let k = w.values.len() / oc;
-                    let local;
-                    let pa = match self.packed(model, &node.param_name("weight")) {
-                        Some(p) => p,
-                        None => {
-                            local = PackedA::new(MatRef::new(&w.values, oc, k));
-                            &local
-                        }
-                    };
-                    grouped(&xq, pa, &geo, n, &scales, bias.as_deref())
+                    let pa = self.weights(model, node, &w.values, oc);
+                    grouped(&xq, &pa, &geo, n, &scales, bias.as_deref())
                 };
                 Ok(Some(Tensor::from_vec(out, (n, oc, oh, ow), &device)?))
             }

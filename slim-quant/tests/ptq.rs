@@ -11,6 +11,14 @@ use slim_quant::observer::ActQuant;
 use slim_quant::ptq::{input_quant_name, quantize, PtqConfig};
 use slim_quant::quantizer::WeightQuant;
 
+/// The largest magnitude in a tensor.
+fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .and_then(|t| t.max_all())
+        .and_then(|t| t.to_scalar::<f32>())
+        .unwrap()
+}
+
 fn trained(name: &str) -> (Model, DataSplits) {
     let mut data = load_spec(DEFAULT_SPEC).unwrap();
     data.train = data.train.take(2000);
@@ -212,21 +220,7 @@ fn the_int8_runtime_agrees_with_the_fake_quantized_graph() {
     let x = candle_core::Tensor::randn(0f32, 1.0, (4, 1, 28, 28), &Device::Cpu).unwrap();
     let a = slim_quant::runtime::forward(&qt, &x).unwrap();
     let b = qt.forward(&x, Mode::Eval).unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let (scale, diff) = (max_abs(&b), max_abs(&(a - b).unwrap()));
     assert!(diff <= 1e-3 * scale.max(1.0), "{diff} of {scale}");
     // The runtime really reads the integers: change them and only its output moves.
     let mut altered = qt.clone();
@@ -393,20 +387,6 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
     let x = candle_core::Tensor::randn(0f32, 1.0, (3, 1, 28, 28), &Device::Cpu).unwrap();
     let a = slim_quant::runtime::forward(&q, &x).unwrap();
     let b = q.forward(&x, Mode::Eval).unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let (scale, diff) = (max_abs(&b), max_abs(&(a - b).unwrap()));
     assert!(diff <= 1e-4 * scale, "difference {diff} against {scale}");
 }
