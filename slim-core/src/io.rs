@@ -212,7 +212,7 @@ impl Model {
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
                 let values: Vec<i8> = view.data().iter().map(|&b| b as i8).collect();
-                if scales.is_empty() || values.len() % scales.len() != 0 {
+                if scales.is_empty() || !values.len().is_multiple_of(scales.len()) {
                     return Err(bad(format!(
                         "`{scale_name}` has {} scales for {} values",
                         scales.len(),

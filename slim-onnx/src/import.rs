@@ -1476,7 +1476,7 @@ fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return err(format!("cannot reshape {dims:?} to {shape:?}"));
         }
         out[i] = total / known;

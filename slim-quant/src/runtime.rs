@@ -313,7 +313,9 @@ fn to_i8(x: &Tensor, scale: f32) -> slim_core::Result<Vec<i8>> {
             for (d, &a) in dst.iter_mut().zip(src) {
                 // `max` and `min` (not `clamp`) so that NaN becomes a bound and never
                 // reaches the conversion.
+                #[allow(clippy::manual_clamp)] // clamp would let NaN through
                 let q = a.max(lo).min(hi) * inv;
+                #[allow(clippy::manual_clamp)]
                 let r = (q + HALF_DOWN.copysign(q)).max(-127.0).min(127.0);
                 // SAFETY: `r` is finite and within [-127, 127].
                 *d = unsafe { r.to_int_unchecked::<i32>() } as i8;
