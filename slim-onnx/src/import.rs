@@ -249,6 +249,21 @@ pub(crate) fn sanitize(name: &str) -> String {
 }
 
 fn input_shape(input: &proto::ValueInfoProto, given: Option<&[usize]>) -> Result<Vec<usize>> {
+    let shape = declared_input_shape(input, given)?;
+    let total = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if shape.iter().any(|&d| d as i64 > LIMIT) || total.is_none_or(|t| t > 1 << 26) {
+        return err(format!(
+            "the input `{}` of per-sample shape {shape:?} is too large",
+            input.name
+        ));
+    }
+    Ok(shape)
+}
+
+fn declared_input_shape(
+    input: &proto::ValueInfoProto,
+    given: Option<&[usize]>,
+) -> Result<Vec<usize>> {
     let dims: Option<Vec<Option<usize>>> = input
         .r#type
         .as_ref()
@@ -918,10 +933,10 @@ impl Builder {
             ));
         }
         let (o, ipg, kh, kw) = (w.dims[0], w.dims[1], w.dims[2], w.dims[3]);
-        let groups = a.int("group").unwrap_or(1).max(1) as usize;
+        let groups = sizes("group", &[a.int("group").unwrap_or(1)], 1)?[0];
         let name = self.layer_name(n, 1);
-        let strides = a.ints("strides").unwrap_or(vec![1, 1]);
-        let dil = a.ints("dilations").unwrap_or(vec![1, 1]);
+        let strides = sizes("strides", &a.ints("strides").unwrap_or(vec![1, 1]), 1)?;
+        let dil = sizes("dilations", &a.ints("dilations").unwrap_or(vec![1, 1]), 1)?;
         if x.onnx.len() == 1
             || x.onnx.len() == 3 && x.onnx[1..] == [1, 1] && self.shape_of(&x).len() == 1
         {
@@ -961,7 +976,7 @@ impl Builder {
                 "dilations {dil:?}; Slim needs one dilation for both axes"
             ));
         }
-        let (s, d) = (strides[0].max(1) as usize, dil[0].max(1) as usize);
+        let (s, d) = (strides[0], dil[0]);
         let pads = pads(a, [h, wd], [kh, kw], s, d)?;
         let spec = Conv2dSpec {
             in_channels: ipg * groups,
@@ -1070,11 +1085,11 @@ impl Builder {
                 x.onnx
             ));
         }
-        let k = a.ints("kernel_shape").unwrap_or_default();
+        let k = sizes("kernel", &a.ints("kernel_shape").unwrap_or_default(), 1)?;
         if k.len() != 2 || k[0] != k[1] {
             return err(format!("kernel {k:?}; Slim pools with square windows"));
         }
-        let strides = a.ints("strides").unwrap_or(vec![1, 1]);
+        let strides = sizes("strides", &a.ints("strides").unwrap_or(vec![1, 1]), 1)?;
         if strides.len() != 2 || strides[0] != strides[1] {
             return err(format!(
                 "strides {strides:?}; Slim needs one stride for both axes"
@@ -1085,7 +1100,7 @@ impl Builder {
         {
             return err("dilated pooling is not supported");
         }
-        let (k, s) = (k[0] as usize, strides[0].max(1) as usize);
+        let (k, s) = (k[0], strides[0]);
         let (h, w) = (x.onnx[1], x.onnx[2]);
         let p = pads(a, [h, w], [k, k], s, 1)?;
         let spec = PoolSpec {
@@ -1533,11 +1548,16 @@ fn pads(
     stride: usize,
     dil: usize,
 ) -> Result<usize> {
+    if stride == 0 || dil == 0 || kernel.contains(&0) {
+        return err(format!(
+            "kernel {kernel:?}, stride {stride} and dilation {dil} must be at least 1"
+        ));
+    }
     let auto = a.string("auto_pad").unwrap_or_default();
     let per_axis: Vec<(usize, usize)> = match auto.as_str() {
         "" | "NOTSET" => {
             let p = a.ints("pads").unwrap_or(vec![0, 0, 0, 0]);
-            if p.len() != 4 || p.iter().any(|&v| v < 0) {
+            if p.len() != 4 || p.iter().any(|&v| !(0..=LIMIT).contains(&v)) {
                 return err(format!("pads {p:?}"));
             }
             vec![
@@ -1569,6 +1589,19 @@ fn pads(
             "padding (top, bottom) {:?} and (left, right) {:?} is not one symmetric size; Slim pads every side equally",
             per_axis[0], per_axis[1]
         ))
+    }
+}
+
+/// The largest stride, dilation, padding or window Slim accepts from a file (far beyond any
+/// real model; it keeps every size computation inside `usize`).
+const LIMIT: i64 = 1 << 16;
+
+/// An attribute's sizes, each checked to be in `min..=LIMIT`.
+fn sizes(what: &str, v: &[i64], min: i64) -> Result<Vec<usize>> {
+    if v.iter().all(|x| (min..=LIMIT).contains(x)) {
+        Ok(v.iter().map(|&x| x as usize).collect())
+    } else {
+        err(format!("{what} {v:?} out of range ({min} to {LIMIT})"))
     }
 }
 
