@@ -20,7 +20,7 @@ use slim_core::Model;
 use slim_distill::strategy::{DistillOptions, DistillStrategy};
 use slim_nas::strategy::{NasOptions, NasStrategy};
 use slim_prune::strategy::{Choice, PruneOptions, PruneStrategy};
-use slim_quant::strategy::{PtqOptions, PtqStrategy};
+use slim_quant::strategy::{PtqOptions, PtqStrategy, QatOptions, QatStrategy};
 
 use crate::common::{Common, EpochBars};
 use crate::output::table;
@@ -344,12 +344,12 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
                 continue;
             }
             "quant.qat" => {
-                return Err(input_error(format!(
-                    "{}: strategy `{kind}` is not available in this version of slim \
-                     (available: prune.uniform, prune.sensitivity, prune.auto, quant.ptq, \
-                     distill, nas.sa, nas.oneshot)",
-                    at(Some("kind"))
-                )))
+                let options: QatOptions =
+                    toml::Value::Table(table).try_into().map_err(option_error)?;
+                let s = QatStrategy::new(options)
+                    .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
+                strategies.push(Box::new(s));
+                continue;
             }
             other => {
                 return Err(input_error(format!(

@@ -431,3 +431,37 @@ fn the_example_configurations_check_out() {
     }
     assert!(n >= 2);
 }
+
+#[test]
+fn a_qat_stage_trains_and_writes_an_int8_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("qat.toml");
+    let text = SMALL
+        .replace("finetune_epochs = 1", "finetune_epochs = 0")
+        .replace(
+            "kind = \"quant.ptq\"\ncalib_batches = 4",
+            "kind = \"quant.qat\"\nweights = \"abs_max\"\nepochs = 1\nlr = 0.0005",
+        );
+    assert!(text.contains("quant.qat"));
+    std::fs::write(&config, &text).unwrap();
+    let out = dir.path().join("out");
+    let v = json_of(&compress(&config, &out, &[]));
+    let stages = v["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["baseline", "prune.uniform", "quant.qat"]);
+    let (p, q) = (&stages[1], &stages[2]);
+    assert_eq!(q["info"]["weights"], "abs_max", "{q}");
+    assert!(
+        q["bytes"].as_u64().unwrap() * 10 < p["bytes"].as_u64().unwrap() * 3,
+        "{q}"
+    );
+    assert!(
+        q["top1"].as_f64().unwrap() > p["top1"].as_f64().unwrap() - 0.03,
+        "{q} after {p}"
+    );
+    // A bad option is refused before any work.
+    std::fs::write(&config, text.replace("lr = 0.0005", "lr = -1")).unwrap();
+    let o = compress(&config, &dir.path().join("bad"), &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lr"));
+}

@@ -1,4 +1,5 @@
-//! Post-training quantization as a pipeline [`Strategy`] (`quant.ptq`).
+//! Quantization as pipeline [`Strategy`]s: post-training (`quant.ptq`) and
+//! quantization-aware training (`quant.qat`).
 
 use serde::Deserialize;
 use serde_json::json;
@@ -92,6 +93,109 @@ impl Strategy for PtqStrategy {
                    "folded_batch_norms": report.folded_batch_norms,
                    "calibration_images": report.calibration_images,
                    "calibration_seconds": report.seconds}),
+        ))
+    }
+}
+
+/// The options of a `quant.qat` stage (the names of `slim quant qat`'s flags; the training
+/// recipe is the pipeline's, with these overrides).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QatOptions {
+    #[serde(default = "default_weights")]
+    pub weights: String,
+    #[serde(default = "default_qat_batches")]
+    pub calib_batches: usize,
+    #[serde(default = "default_qat_epochs")]
+    pub epochs: usize,
+    #[serde(default = "default_qat_lr")]
+    pub lr: f64,
+}
+
+fn default_qat_batches() -> usize {
+    4
+}
+fn default_qat_epochs() -> usize {
+    1
+}
+fn default_qat_lr() -> f64 {
+    0.0005
+}
+
+/// A quantization-aware training stage: fake-quantization inserted, trained with the
+/// pipeline's recipe (its epochs and learning rate overridden), then converted to int8.
+pub struct QatStrategy {
+    options: QatOptions,
+    weights: WeightQuant,
+}
+
+impl QatStrategy {
+    /// Checks the options before any work.
+    pub fn new(o: QatOptions) -> crate::Result<Self> {
+        if o.calib_batches == 0 || o.epochs == 0 {
+            return Err(QuantError::Invalid(
+                "quant.qat: `calib_batches` and `epochs` must be at least 1".into(),
+            ));
+        }
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return Err(QuantError::Invalid(format!(
+                "quant.qat: `lr` must be positive, got {}",
+                o.lr
+            )));
+        }
+        let weights = o.weights.parse::<WeightQuant>()?;
+        Ok(QatStrategy {
+            options: o,
+            weights,
+        })
+    }
+}
+
+impl Strategy for QatStrategy {
+    fn kind(&self) -> &str {
+        "quant.qat"
+    }
+
+    fn run(
+        &mut self,
+        model: Model,
+        ctx: &mut Context<'_>,
+    ) -> slim_core::Result<(Model, serde_json::Value)> {
+        let core = |e: QuantError| match e {
+            QuantError::Core(c) => c,
+            other => CoreError::Invalid(other.to_string()),
+        };
+        let cfg = PtqConfig {
+            weights: self.weights,
+            batches: self.options.calib_batches,
+            ..PtqConfig::default()
+        };
+        let mut q = crate::qat::prepare(&model, &ctx.data.train, &ctx.data.normalize, &cfg)
+            .map_err(core)?;
+        let kernels = crate::qat::QatKernels {
+            weights: self.weights,
+            bits: 8,
+        };
+        let mut tcfg = ctx.train.clone();
+        tcfg.epochs = self.options.epochs;
+        tcfg.lr = self.options.lr;
+        tcfg.warmup_epochs = 0;
+        let report = slim_core::train::train(
+            &mut q,
+            ctx.data,
+            &tcfg,
+            slim_core::train::TrainOptions {
+                kernels: Some(&kernels),
+                ..Default::default()
+            },
+            ctx.progress,
+        )?;
+        let int8 = crate::qat::convert(&q, self.weights, 8).map_err(core)?;
+        Ok((
+            int8,
+            json!({"weights": self.weights.name(), "activations": "moving_average_abs_max",
+                   "epochs": tcfg.epochs, "lr": tcfg.lr,
+                   "train_seconds": report.epochs.iter().map(|e| e.seconds).sum::<f64>()}),
         ))
     }
 }
