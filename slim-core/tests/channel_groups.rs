@@ -324,3 +324,147 @@ fn bad_plans_are_errors_and_change_nothing() {
     let x = Tensor::zeros((1, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(model.forward(&x, Mode::Eval).unwrap().dims(), &[1, 10]);
 }
+
+/// A random valid graph from a seed: a stem, then two to six blocks drawn from plain, strided
+/// and grouped convolutions with batch norm and any activation, depthwise convolutions,
+/// residual additions, two-branch concatenations, squeeze-and-excite gates (HardSigmoid or
+/// Sigmoid), pooling, dropout and identity; then a pooled or flattened linear head, sometimes
+/// with a softmax.
+fn random_model(seed: u64) -> Model {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let hw = rng.random_range(8..17);
+    let mut b = GraphBuilder::new([rng.random_range(1..4), hw, hw]);
+    b.conv("stem", rng.random_range(4..10), 3, 1, 1);
+    let act = |b: &mut GraphBuilder, name: &str, r: u32| {
+        match r % 6 {
+            0 => b.relu(name),
+            1 => b.relu6(name),
+            2 => b.hardswish(name),
+            3 => b.sigmoid(name),
+            4 => b.hardsigmoid(name, 1.0 / 6.0, 0.5),
+            _ => b.push(name, Op::Identity),
+        };
+    };
+    for i in 0..rng.random_range(2..7) {
+        let x = b.cursor().to_string();
+        let shape = b.shape();
+        let (c, s) = (shape[0], shape[1]);
+        let p = format!("b{i}");
+        match rng.random_range(0..9) {
+            0 => {
+                let (k, stride) = if s >= 6 && rng.random() {
+                    (3, 2)
+                } else {
+                    (rng.random_range(0..2) * 2 + 1, 1)
+                };
+                b.conv(
+                    &format!("{p}.conv"),
+                    rng.random_range(3..12),
+                    k,
+                    stride,
+                    k / 2,
+                )
+                .bn(&format!("{p}.bn"));
+                act(&mut b, &format!("{p}.act"), rng.random());
+            }
+            1 => {
+                b.dwconv(&format!("{p}.dw"), 3, 1, 1).bn(&format!("{p}.bn"));
+                act(&mut b, &format!("{p}.act"), rng.random());
+            }
+            2 => {
+                b.conv(&format!("{p}.conv"), c, 3, 1, 1)
+                    .bn(&format!("{p}.bn"));
+                let y = b.cursor().to_string();
+                b.add(&format!("{p}.add"), &[&x, &y])
+                    .relu(&format!("{p}.relu"));
+            }
+            3 => {
+                b.conv(&format!("{p}.a"), rng.random_range(2..8), 1, 1, 0);
+                let a = b.cursor().to_string();
+                b.at(&x)
+                    .conv(&format!("{p}.b"), rng.random_range(2..8), 3, 1, 1);
+                let bb = b.cursor().to_string();
+                b.concat(&format!("{p}.cat"), &[&a, &bb]);
+            }
+            4 => {
+                b.global_avg_pool(&format!("{p}.pool"))
+                    .linear(&format!("{p}.fc1"), (c / 2).max(1))
+                    .relu(&format!("{p}.relu"))
+                    .linear(&format!("{p}.fc2"), c);
+                if rng.random() {
+                    b.hardsigmoid(&format!("{p}.gate"), 0.2, 0.5);
+                } else {
+                    b.sigmoid(&format!("{p}.gate"));
+                }
+                let g = b.cursor().to_string();
+                b.mul(&format!("{p}.scale"), &[&x, &g]);
+            }
+            5 if s >= 4 => {
+                if rng.random() {
+                    b.max_pool(&format!("{p}.pool"), 2, 2);
+                } else {
+                    b.avg_pool(&format!("{p}.pool"), 3, 1);
+                }
+            }
+            6 if c % 2 == 0 => {
+                b.conv_with(
+                    &format!("{p}.grouped"),
+                    Conv2dSpec::new(c, c, 3)
+                        .with_groups(2)
+                        .with_padding(1)
+                        .with_bias(true),
+                );
+            }
+            _ => {
+                b.dropout(&format!("{p}.drop"), 0.2);
+            }
+        }
+    }
+    if rng.random() {
+        b.global_avg_pool("head.pool");
+    } else {
+        b.flatten("head.flat");
+    }
+    b.linear("head.fc", rng.random_range(2..6));
+    if rng.random() {
+        b.softmax("head.prob");
+    }
+    Model::init(b.build().unwrap(), seed, &Device::Cpu).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_graphs_survive_files_analysis_grouping_and_surgery(
+        seed in any::<u64>(),
+        picks in proptest::collection::vec((0usize..1000, any::<u64>()), 1..4)
+    ) {
+        let model = random_model(seed);
+        let x = batch(&model, 2);
+        let y = model.forward(&x, Mode::Eval).unwrap();
+        // A model file round trip keeps the function.
+        let back = Model::from_bytes(&model.to_bytes().unwrap(), &Device::Cpu).unwrap();
+        prop_assert_eq!(back.graph.to_def(), model.graph.to_def());
+        prop_assert!(max_rel_diff(&y, &back.forward(&x, Mode::Eval).unwrap()) == 0.0);
+        // Analysis counts something.
+        let stats = analyze(&model.graph);
+        prop_assert!(stats.macs > 0 && stats.params > 0);
+        // Half of every prunable group removed: a valid, smaller graph with the same outputs'
+        // shape.
+        let groups = channel_groups(&model.graph);
+        let plan: Vec<(usize, Vec<usize>)> = groups
+            .prunable()
+            .map(|g| (g.id, (0..g.channels.div_ceil(2)).collect()))
+            .collect();
+        if !plan.is_empty() {
+            let half = groups.prune(&model, &plan).unwrap();
+            let z = half.forward(&x, Mode::Eval).unwrap();
+            prop_assert_eq!(z.dims(), y.dims());
+            prop_assert!(analyze(&half.graph).macs < stats.macs);
+        }
+        // Zeroed channels pruned away leave the outputs unchanged.
+        check_zero_channels(&model, &picks)?;
+    }
+}
