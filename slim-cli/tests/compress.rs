@@ -465,3 +465,60 @@ fn a_qat_stage_trains_and_writes_an_int8_model() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("lr"));
 }
+
+#[test]
+fn a_pipeline_killed_mid_stage_resumes_to_the_unbroken_result() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("small.toml");
+    std::fs::write(&config, SMALL).unwrap();
+    let unbroken = json_of(&compress(&config, &dir.path().join("unbroken"), &[]));
+
+    // The same pipeline, killed with SIGKILL once its baseline is recorded (so, inside the
+    // pruning stage's fine-tuning or later).
+    let out = dir.path().join("killed");
+    let mut child = slim()
+        .args(["compress", "--quiet", "--json", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = out.join("pipeline.json");
+    let start = Instant::now();
+    let recorded = || {
+        std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| !v["stages"].as_array().is_none_or(|s| s.is_empty()))
+    };
+    while !recorded() && start.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(recorded(), "the baseline was never recorded");
+    child.kill().unwrap();
+    if child.wait().unwrap().success() {
+        return; // finished before the kill: nothing to resume
+    }
+    // Whatever the kill interrupted, every recorded stage's file is whole.
+    let text = std::fs::read_to_string(&state).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).expect("the state file is whole");
+    for s in v["stages"].as_array().unwrap() {
+        let f = s["file"].as_str().unwrap();
+        slim_core::Model::load(f, &candle_core::Device::Cpu).expect("a whole model file");
+    }
+    let resumed = json_of(&compress(&config, &out, &["--resume"]));
+    let (a, b) = (
+        unbroken["stages"].as_array().unwrap(),
+        resumed["stages"].as_array().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        for key in ["name", "top1", "macs", "params", "bytes"] {
+            assert_eq!(x[key], y[key], "{key} of {}", x["name"]);
+        }
+    }
+}
