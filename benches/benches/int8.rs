@@ -1,8 +1,9 @@
 //! The int8 runtime against f32, each beside its baseline in the same run:
 //!
 //! - `int8_gemm_512`: Slim's int8 matrix product (512 x 512 by 512 x 512) on one core and split
-//!   over all cores, against candle's f32 matmul of the same size (criterion's throughput is
-//!   multiply-adds; the kernel is the best this machine runs, see `slim_quant::gemm::Kernel`);
+//!   over all cores, against candle's f32 matmul and candle's Q8_0 `QMatMul` of the same size
+//!   (criterion's throughput is multiply-adds; the kernel is the best this machine runs, see
+//!   `slim_quant::gemm::Kernel`);
 //! - `int8_<model>_b<N>`: a post-training-quantized model run by the int8 runtime against the
 //!   same float model's forward (Slim's own fast kernels), at batch 1 and 64, for MobileNetV1
 //!   and ResNet-20 on 3x32x32 inputs (width 1; calibrated on random images, which does not
@@ -34,6 +35,18 @@ fn gemm(c: &mut Criterion) {
     g.throughput(Throughput::Elements((n * n * n) as u64));
     g.bench_function("candle_f32_matmul", |bch| {
         bch.iter(|| a.matmul(&b).expect("matmul"))
+    });
+    // candle's own 8-bit route: Q8_0 weights (blocks of 32 with an f16 scale) in QMatMul.
+    let q8 = candle_core::quantized::QMatMul::from_qtensor(
+        candle_core::quantized::QTensor::quantize(
+            &b.t().expect("t").contiguous().expect("c"),
+            candle_core::quantized::GgmlDType::Q8_0,
+        )
+        .expect("q8_0"),
+    )
+    .expect("qmatmul");
+    g.bench_function("candle_q8_0_qmatmul", |bch| {
+        bch.iter(|| candle_core::Module::forward(&q8, &a).expect("qmatmul"))
     });
     g.bench_function("slim_int8_gemm", |bch| {
         bch.iter(|| {
