@@ -306,3 +306,60 @@ fn bad_input_is_refused_with_status_2_and_nothing_written() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("another model"));
     assert_eq!(std::fs::read(&sens).unwrap(), before);
 }
+
+#[test]
+fn a_sensitivity_analysis_killed_midway_resumes_without_losing_a_point() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let model = trained_lenet(dir.path(), 3);
+    let run = |out: &Path| {
+        let mut c = slim();
+        c.arg("sensitivity")
+            .arg(&model)
+            .args(["--eval-samples", "1996", "--quiet", "--json", "--out"])
+            .arg(out);
+        c
+    };
+    let unbroken = dir.path().join("unbroken.json");
+    json_of(&run(&unbroken).output().unwrap());
+    let groups = |p: &Path| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).expect("a whole file");
+        v["groups"].clone()
+    };
+    let points = |p: &Path| -> usize {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                v["groups"].as_object().map(|g| {
+                    g.values()
+                        .map(|c| c["points"].as_array().map_or(0, |a| a.len()))
+                        .sum()
+                })
+            })
+            .unwrap_or(0)
+    };
+    let killed = dir.path().join("killed.json");
+    let mut child = run(&killed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while points(&killed) == 0 && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    if child.wait().unwrap().success() {
+        return; // finished before the kill
+    }
+    let done = points(&killed);
+    assert!(done > 0 && done < 36, "{done} points before the kill");
+    // What the killed run wrote is whole, and the resumed run measures only what is missing.
+    groups(&killed);
+    let r = json_of(&run(&killed).output().unwrap());
+    assert_eq!(r["points"], 36, "{r}");
+    assert_eq!(groups(&killed), groups(&unbroken));
+}
