@@ -411,6 +411,11 @@ impl ChannelGroups {
     /// Prunes several groups at once: for each `(group id, kept channel indices)`, every member
     /// of the group is sliced. Returns the smaller model; `model` is not modified.
     pub fn prune(&self, model: &Model, plan: &[(usize, Vec<usize>)]) -> Result<Model> {
+        if !model.int8.is_empty() {
+            return Err(CoreError::Invalid(
+                "this is an int8 model: prune the float model it came from, then quantize".into(),
+            ));
+        }
         if model.graph != self.graph {
             return Err(CoreError::Invalid(
                 "these channel groups were computed for another graph; recompute them".into(),
