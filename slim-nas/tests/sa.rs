@@ -29,6 +29,24 @@ impl Reward for MoreParams<'_> {
     }
 }
 
+/// A search with the `MoreParams` reward and no progress display.
+fn search(
+    space: &dyn SearchSpace,
+    limits: &Limits<'_>,
+    calls: &Cell<usize>,
+    cfg: &SaConfig,
+    history: Option<&std::path::Path>,
+) -> slim_nas::Result<slim_nas::SaResult> {
+    sa_search(
+        space,
+        limits,
+        &mut MoreParams(calls),
+        cfg,
+        history,
+        &mut |_| {},
+    )
+}
+
 /// Latency as a made-up linear function of MACs, so that the test knows every cost.
 struct FakeLatency;
 
@@ -151,34 +169,10 @@ fn a_killed_search_resumes_to_the_same_result() {
         ..Default::default()
     };
     let calls = Cell::new(0);
-    let full = sa_search(
-        s.as_ref(),
-        &limits,
-        &mut MoreParams(&calls),
-        &cfg(16),
-        None,
-        &mut |_| {},
-    )
-    .unwrap();
-    sa_search(
-        s.as_ref(),
-        &limits,
-        &mut MoreParams(&calls),
-        &cfg(7),
-        Some(&path),
-        &mut |_| {},
-    )
-    .unwrap();
+    let full = search(s.as_ref(), &limits, &calls, &cfg(16), None).unwrap();
+    search(s.as_ref(), &limits, &calls, &cfg(7), Some(&path)).unwrap();
     let before = calls.get();
-    let resumed = sa_search(
-        s.as_ref(),
-        &limits,
-        &mut MoreParams(&calls),
-        &cfg(16),
-        Some(&path),
-        &mut |_| {},
-    )
-    .unwrap();
+    let resumed = search(s.as_ref(), &limits, &calls, &cfg(16), Some(&path)).unwrap();
     assert_eq!(
         calls.get() - before,
         9,
@@ -193,15 +187,7 @@ fn a_killed_search_resumes_to_the_same_result() {
         max_macs: Some(5_000_000),
         ..Default::default()
     };
-    let e = sa_search(
-        s.as_ref(),
-        &other,
-        &mut MoreParams(&calls),
-        &cfg(16),
-        Some(&path),
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let e = search(s.as_ref(), &other, &calls, &cfg(16), Some(&path)).unwrap_err();
     assert!(e.to_string().contains("another search"), "{e}");
 }
 
@@ -223,15 +209,7 @@ fn evolution_also_keeps_the_limits_and_resumes() {
         ..Default::default()
     };
     let calls = Cell::new(0);
-    let full = sa_search(
-        s.as_ref(),
-        &limits,
-        &mut MoreParams(&calls),
-        &cfg(12),
-        None,
-        &mut |_| {},
-    )
-    .unwrap();
+    let full = search(s.as_ref(), &limits, &calls, &cfg(12), None).unwrap();
     for c in full.candidates.iter().filter(|c| c.status == "evaluated") {
         assert!(
             analyze(&s.graph(&c.tokens).unwrap()).macs <= 5_000_000,
@@ -239,36 +217,19 @@ fn evolution_also_keeps_the_limits_and_resumes() {
             c.arch
         );
     }
-    sa_search(
-        s.as_ref(),
-        &limits,
-        &mut MoreParams(&calls),
-        &cfg(5),
-        Some(&path),
-        &mut |_| {},
-    )
-    .unwrap();
-    let resumed = sa_search(
-        s.as_ref(),
-        &limits,
-        &mut MoreParams(&calls),
-        &cfg(12),
-        Some(&path),
-        &mut |_| {},
-    )
-    .unwrap();
+    search(s.as_ref(), &limits, &calls, &cfg(5), Some(&path)).unwrap();
+    let resumed = search(s.as_ref(), &limits, &calls, &cfg(12), Some(&path)).unwrap();
     assert_eq!(resumed.candidates, full.candidates);
     // The annealing's history is another search's.
-    let e = sa_search(
+    let e = search(
         s.as_ref(),
         &limits,
-        &mut MoreParams(&calls),
+        &calls,
         &SaConfig {
             iterations: 12,
             ..Default::default()
         },
         Some(&path),
-        &mut |_| {},
     )
     .unwrap_err();
     assert!(e.to_string().contains("another search"), "{e}");
@@ -287,16 +248,9 @@ fn impossible_limits_and_unpriceable_candidates_are_errors() {
         max_params: Some(1000),
         ..Default::default()
     };
-    let e = sa_search(
-        s.as_ref(),
-        &tiny,
-        &mut MoreParams(&calls),
-        &cfg,
-        None,
-        &mut |_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let e = search(s.as_ref(), &tiny, &calls, &cfg, None)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("even the cheapest") && e.contains("params > 1000"),
         "{e}"
@@ -311,16 +265,15 @@ fn impossible_limits_and_unpriceable_candidates_are_errors() {
         max_macs: Some(cheapest),
         ..Default::default()
     };
-    let e = sa_search(
+    let e = search(
         s.as_ref(),
         &edge,
-        &mut MoreParams(&calls),
+        &calls,
         &SaConfig {
             max_rejections: 50,
             ..cfg.clone()
         },
         None,
-        &mut |_| {},
     )
     .unwrap_err()
     .to_string();
@@ -346,16 +299,9 @@ fn impossible_limits_and_unpriceable_candidates_are_errors() {
         latency: Some((&Lacking, 1.0)),
         ..Default::default()
     };
-    let e = sa_search(
-        s.as_ref(),
-        &lacking,
-        &mut MoreParams(&calls),
-        &cfg,
-        None,
-        &mut |_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let e = search(s.as_ref(), &lacking, &calls, &cfg, None)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("cannot price") && e.contains("no time for conv2d"),
         "{e}"
