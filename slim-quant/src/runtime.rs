@@ -244,9 +244,22 @@ impl<'m> Int8Kernels<'m> {
     /// Kernels for `model`, with its int8 weights packed now (any other model they are given
     /// is served on the fly).
     pub fn new(model: &'m Model) -> Self {
+        // The layers that run as matrix products (depthwise convolutions run directly).
+        let products: std::collections::HashSet<String> = model
+            .graph
+            .nodes()
+            .iter()
+            .filter(|n| match &n.op {
+                Op::Conv2d(c) => !c.is_depthwise(),
+                Op::Linear(_) => true,
+                _ => false,
+            })
+            .map(|n| n.param_name("weight"))
+            .collect();
         let packed = model
             .int8
             .iter()
+            .filter(|(name, _)| products.contains(*name))
             .filter_map(|(name, w)| {
                 let rows = *model.params.param(name)?.var.dims().first()?;
                 let cols = w.values.len() / rows.max(1);
