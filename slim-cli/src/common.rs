@@ -53,25 +53,11 @@ pub fn load_model(path: &Path, device: &Device) -> Result<Model, Failure> {
     if !is_onnx {
         return Ok(Model::load(path, device)?);
     }
-    let m =
-        slim_onnx::import_file(path, &slim_onnx::ImportOptions::default()).map_err(onnx_failure)?;
+    let m = slim_onnx::import_file(path, &slim_onnx::ImportOptions::default())?;
     if device.is_cpu() {
         Ok(m)
     } else {
         Ok(Model::from_bytes(&m.to_bytes()?, device)?)
-    }
-}
-
-/// An ONNX error with the exit status it deserves (2 for the user's file, 1 for a failure in a
-/// computation).
-pub fn onnx_failure(e: slim_onnx::OnnxError) -> Failure {
-    let code = match &e {
-        slim_onnx::OnnxError::Core(slim_core::CoreError::Candle(_)) => 1,
-        _ => 2,
-    };
-    Failure {
-        code,
-        error: e.into(),
     }
 }
 

@@ -118,6 +118,11 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
                 slim_nas::NasError::Core(c) => core_code(c),
                 slim_nas::NasError::Invalid(_) => 2,
             }
+        } else if let Some(e) = error.downcast_ref::<slim_onnx::OnnxError>() {
+            match e {
+                slim_onnx::OnnxError::Core(c) => core_code(c),
+                _ => 2,
+            }
         } else if let Some(e) = error.downcast_ref::<slim_latency::LatencyError>() {
             match e {
                 slim_latency::LatencyError::Core(c) => core_code(c),

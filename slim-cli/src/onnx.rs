@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 use slim_core::analysis::{analyze, human};
 
-use crate::common::{check_out_dir, load_model, onnx_failure};
+use crate::common::{check_out_dir, load_model};
 use crate::{input_error, Failure};
 
 #[derive(Args)]
@@ -80,7 +80,7 @@ pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
         preprocess,
         resize: args.resize,
     };
-    let mut model = slim_onnx::import_file(&args.file, &opts).map_err(onnx_failure)?;
+    let mut model = slim_onnx::import_file(&args.file, &opts)?;
     model
         .provenance
         .insert("imported_from".into(), args.file.display().to_string());
@@ -117,7 +117,7 @@ pub fn run_export(args: ExportArgs) -> Result<(), Failure> {
     check_out_dir("--out", &args.out)?;
     let model = load_model(&args.file, &Device::Cpu)?;
     let opts = slim_onnx::ExportOptions { opset: args.opset };
-    slim_onnx::export_file(&model, &args.out, &opts).map_err(onnx_failure)?;
+    slim_onnx::export_file(&model, &args.out, &opts)?;
     let bytes = std::fs::metadata(&args.out)?.len();
     let form = if model.int8.is_empty() {
         "f32"
