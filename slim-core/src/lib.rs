@@ -51,6 +51,7 @@ pub mod params;
 pub mod pipeline;
 pub mod plot;
 pub mod search;
+pub mod study;
 pub mod train;
 pub mod transform;
 pub mod zoo;

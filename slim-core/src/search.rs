@@ -22,8 +22,10 @@
 
 use std::path::Path;
 
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+// The generator behind `StdRng`, named so that a controller's state (its generator's
+// position included) can be saved and restored: a distributed study keeps it in a store.
+use rand_chacha::ChaCha12Rng as StdRng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
@@ -126,7 +128,9 @@ fn mutate_one(rng: &mut StdRng, ranges: &[usize], tokens: &mut [usize], reach: O
     tokens[i] = v;
 }
 
-/// Simulated annealing over token vectors.
+/// Simulated annealing over token vectors. Its whole state serializes (the generator's
+/// position included), so that a study kept in a store can move it between processes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Annealing {
     ranges: Vec<usize>,
     init: Vec<usize>,
@@ -238,7 +242,8 @@ impl Controller for Annealing {
     }
 }
 
-/// A steady-state evolutionary search over token vectors.
+/// A steady-state evolutionary search over token vectors; serializes like [`Annealing`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Evolution {
     ranges: Vec<usize>,
     init: Vec<usize>,
@@ -381,7 +386,7 @@ pub struct History {
     pub trials: Vec<Trial>,
 }
 
-const HISTORY_FORMAT: &str = "slim-search-history/1";
+pub(crate) const HISTORY_FORMAT: &str = "slim-search-history/1";
 
 impl History {
     pub fn new(search: serde_json::Value) -> Self {
