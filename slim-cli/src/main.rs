@@ -93,7 +93,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         // Errors about what the user supplied are input errors (status 2); a failure inside a
         // computation is status 1.
         let core_code = |e: &slim_core::CoreError| match e {
-            slim_core::CoreError::Candle(_) => 1,
+            slim_core::CoreError::Candle(_) | slim_core::CoreError::Store(_) => 1,
             _ => 2,
         };
         let code = if let Some(e) = error.downcast_ref::<slim_core::CoreError>() {

@@ -28,6 +28,10 @@ pub enum CoreError {
     /// A request that cannot be honoured: a bad keep-set, a blocked group, a bad input tensor.
     #[error("{0}")]
     Invalid(String),
+    /// A shared store (a study's, a service's) failed: unreachable, refused, or holding
+    /// something that is not what it should be.
+    #[error("{0}")]
+    Store(String),
     /// An error raised by candle while computing.
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
