@@ -240,11 +240,8 @@ impl StudyStore for RedisStudy {
                 .arg(&self.state_key)
                 .query(con)
                 .map_err(|e| self.store_error(e))?;
-            let state = match raw {
-                Some(raw) => Some(self.parse_state(&raw)),
-                None => None,
-            };
-            let change = match state.transpose().and_then(|s| f(s)) {
+            let state = raw.map(|raw| self.parse_state(&raw));
+            let change = match state.transpose().and_then(&mut *f) {
                 Ok(Some(c)) => c,
                 other => {
                     // Nothing to write (or an error): release the watch.
