@@ -242,3 +242,74 @@ pub fn check_out_dir(flag: &str, path: &Path) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+/// Where a shared search lives, and how its worker behaves.
+#[derive(clap::Args)]
+pub struct StudyArgs {
+    /// The Redis server: redis://HOST:PORT, redis://:PASSWORD@HOST:PORT/DB.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// The study's name: every worker of one search gives the same.
+    #[arg(long)]
+    pub study: Option<String>,
+    /// This worker's name in the history (default: HOST-PID).
+    #[arg(long)]
+    pub worker_name: Option<String>,
+    /// A candidate whose worker has not beaten for this many seconds goes to another worker.
+    #[arg(long, default_value_t = 60.0)]
+    pub lease_seconds: f64,
+}
+
+impl StudyArgs {
+    /// The study, when --study names one.
+    pub fn open(&self) -> Result<Option<slim_dist::RedisStudy>, Failure> {
+        let Some(name) = &self.study else {
+            return Ok(None);
+        };
+        let url = slim_dist::RedisUrl::parse(&self.redis)?;
+        Ok(Some(slim_dist::RedisStudy::open(&url, name)?))
+    }
+
+    pub fn options(&self) -> Result<slim_core::study::WorkerOptions, Failure> {
+        if !(self.lease_seconds >= 1.0 && self.lease_seconds <= 86_400.0) {
+            return Err(input_error(format!(
+                "--lease-seconds must be between 1 and 86400, not {}",
+                self.lease_seconds
+            )));
+        }
+        let name = match &self.worker_name {
+            Some(n) => n.clone(),
+            None => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "worker".into());
+                format!("{host}-{}", std::process::id())
+            }
+        };
+        slim_dist::check_name("worker", &name)?;
+        let mut o = slim_core::study::WorkerOptions::new(name);
+        o.lease = std::time::Duration::from_secs_f64(self.lease_seconds);
+        Ok(o)
+    }
+}
+
+/// A study worker's progress, on stderr.
+pub fn show_worker(p: &slim_core::study::WorkerProgress<'_>) {
+    use slim_core::study::WorkerProgress;
+    match p {
+        WorkerProgress::Took { id, from, .. } => match from {
+            Some(f) => eprintln!("candidate #{id}: taken over from {f}, which stopped beating"),
+            None => eprintln!("candidate #{id}: taken"),
+        },
+        WorkerProgress::Dropped { id } => {
+            eprintln!("candidate #{id}: another worker reported it first; this report dropped")
+        }
+        WorkerProgress::Waiting { pending } => eprintln!(
+            "waiting for {pending} candidate(s) other workers hold, to see the study finish"
+        ),
+        WorkerProgress::Reported { .. } => {}
+    }
+}

@@ -123,6 +123,12 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
                 slim_onnx::OnnxError::Core(c) => core_code(c),
                 _ => 2,
             }
+        } else if let Some(e) = error.downcast_ref::<slim_dist::DistError>() {
+            match e {
+                slim_dist::DistError::Core(c) => core_code(c),
+                slim_dist::DistError::Invalid(_) => 2,
+                slim_dist::DistError::Redis(_) => 1,
+            }
         } else if let Some(e) = error.downcast_ref::<slim_latency::LatencyError>() {
             match e {
                 slim_latency::LatencyError::Core(c) => core_code(c),

@@ -7,14 +7,15 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use slim_core::data::{DataSplits, Dataset, ImageSet, DEFAULT_SPEC};
 use slim_core::search::{CostModel, History};
+use slim_core::study::{StudyStore, WorkerOptions};
 use slim_core::train::{OptimizerKind, Schedule, TrainConfig};
 use slim_core::zoo::ZooConfig;
 use slim_core::Model;
 use slim_latency::{LatencyCost, Runtime, Table};
 use slim_nas::oneshot::{train_supernet, OneShotReward, SupernetProgress};
 use slim_nas::{
-    candidates, plots, sa_search, Candidate, Evolve, Limits, NasProgress, Reward, SaConfig,
-    SearchSpace, Spaces, TrainReward,
+    candidates, plots, sa_search, sa_worker, Candidate, Evolve, Limits, NasProgress, Reward,
+    SaConfig, SearchSpace, Spaces, TrainReward,
 };
 
 use crate::common::{Common, Recipe};
@@ -29,6 +30,11 @@ pub enum NasCommand {
     /// One-shot search: a weight-sharing supernet trained once (one sampled candidate per
     /// step), then the annealing search scores candidates with the weights they inherit.
     Oneshot(OneshotArgs),
+    /// One worker of a search shared through Redis: start any number, on any machines, with
+    /// the same settings and study name; each takes candidates, trains and scores them, and
+    /// reports, until the study has run its --iterations. A worker that dies loses nothing:
+    /// its candidate goes to another after --lease-seconds.
+    Worker(WorkerArgs),
     /// Write the architecture of a search's N-th best candidate as a model file (freshly
     /// initialized; train it with `slim train --model FILE`).
     Export(ExportArgs),
@@ -106,6 +112,14 @@ pub struct SaArgs {
 }
 
 #[derive(Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub sa: SaArgs,
+    #[command(flatten)]
+    pub study: crate::common::StudyArgs,
+}
+
+#[derive(Args)]
 pub struct OneshotArgs {
     #[command(flatten)]
     pub search: Search,
@@ -153,7 +167,15 @@ pub struct ExportArgs {
 
 pub fn run(cmd: NasCommand) -> Result<(), Failure> {
     match cmd {
-        NasCommand::Sa(a) => run_sa(a),
+        NasCommand::Sa(a) => run_sa(a, None),
+        NasCommand::Worker(a) => {
+            let opts = a.study.options()?;
+            let store = a
+                .study
+                .open()?
+                .ok_or_else(|| input_error("`slim nas worker` needs --study NAME"))?;
+            run_sa(a.sa, Some((&store, opts)))
+        }
         NasCommand::Oneshot(a) => run_oneshot(a),
         NasCommand::Export(a) => run_export(a),
     }
@@ -245,7 +267,7 @@ fn prepare(
     })
 }
 
-fn run_sa(a: SaArgs) -> Result<(), Failure> {
+fn run_sa(a: SaArgs, study: Option<(&dyn StudyStore, WorkerOptions)>) -> Result<(), Failure> {
     let cfg = a.recipe.config()?;
     let p = prepare(&a.search, Some(a.train_images), a.recipe.batch_size)?;
     let device = a.search.common.device()?;
@@ -257,7 +279,14 @@ fn run_sa(a: SaArgs) -> Result<(), Failure> {
         a.search.data, a.train_images, a.search.eval_images
     );
     let mut reward = TrainReward { data, cfg, device };
-    search_and_report(&a.search, &p, &mut reward, a.recipe.seed, Instant::now())
+    search_and_report(
+        &a.search,
+        &p,
+        &mut reward,
+        a.recipe.seed,
+        Instant::now(),
+        study,
+    )
 }
 
 fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
@@ -353,7 +382,7 @@ fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
             "recipe": format!("{cfg:?}"),
         }),
     };
-    search_and_report(&a.search, &p, &mut reward, a.seed, started)
+    search_and_report(&a.search, &p, &mut reward, a.seed, started, None)
 }
 
 fn search_and_report(
@@ -362,6 +391,7 @@ fn search_and_report(
     reward: &mut dyn Reward,
     seed: u64,
     started: Instant,
+    study: Option<(&dyn StudyStore, WorkerOptions)>,
 ) -> Result<(), Failure> {
     let limits = Limits {
         max_macs: s.max_macs,
@@ -392,43 +422,54 @@ fn search_and_report(
             .unwrap_or_default()
     };
     let space = p.space.as_ref();
-    let result = sa_search(
-        space,
-        &limits,
-        reward,
-        &sa,
-        Some(&history_path(&s.out)),
-        &mut |p| {
-            if quiet {
-                return;
-            }
-            match p {
-                NasProgress::Start { arch, steps } => eprintln!(
-                    "the hand-made network breaks the limits; starting {steps} step(s) \
+    let mut show = |p: NasProgress<'_>| {
+        if quiet {
+            return;
+        }
+        match p {
+            NasProgress::Start { arch, steps } => eprintln!(
+                "the hand-made network breaks the limits; starting {steps} step(s) \
                      smaller: {arch}"
-                ),
-                NasProgress::Replayed { index } => {
-                    eprintln!("candidate {} replayed from the history", index + 1)
-                }
-                NasProgress::Evaluated {
-                    index,
-                    total,
-                    candidate,
-                    best,
-                    rejected,
-                } => eprintln!(
-                    "candidate {}/{total}: top-1 {:.2}% (best {:.2}%), {} MACs{}, {rejected} \
-                     rejected before it: {}",
-                    index + 1,
-                    candidate.reward.unwrap_or(f64::NAN) * 100.0,
-                    best * 100.0,
-                    slim_core::analysis::human(candidate.measure.macs),
-                    lat(candidate),
-                    candidate.arch
-                ),
+            ),
+            NasProgress::Replayed { index } => {
+                eprintln!("candidate {} replayed from the history", index + 1)
             }
-        },
-    )?;
+            NasProgress::Evaluated {
+                index,
+                total,
+                candidate,
+                best,
+                rejected,
+            } => eprintln!(
+                "candidate {}/{total}: top-1 {:.2}% (best {:.2}%), {} MACs{}, {rejected} \
+                     rejected before it: {}",
+                index + 1,
+                candidate.reward.unwrap_or(f64::NAN) * 100.0,
+                best * 100.0,
+                slim_core::analysis::human(candidate.measure.macs),
+                lat(candidate),
+                candidate.arch
+            ),
+            NasProgress::Study(w) => crate::common::show_worker(&w),
+        }
+    };
+    let result = match study {
+        None => sa_search(
+            space,
+            &limits,
+            reward,
+            &sa,
+            Some(&history_path(&s.out)),
+            &mut show,
+        )?,
+        Some((store, opts)) => {
+            let r = sa_worker(space, &limits, reward, &sa, store, opts, &mut show)?;
+            // The study's history, as a search on one machine writes it: `slim nas export`
+            // reads it.
+            r.history.save(&history_path(&s.out))?;
+            r
+        }
+    };
     let seconds = started.elapsed().as_secs_f64();
     let limit = match (s.max_latency_ms, s.max_macs) {
         (Some(l), _) => Some(l),

@@ -9,6 +9,7 @@ use serde_json::json;
 use slim_core::analysis::{analyze, human};
 use slim_core::data::{load_spec, DataSplits, DEFAULT_SPEC};
 use slim_core::search::{Evaluator, SearchProgress};
+use slim_core::study::{StudyStore, WorkerProgress};
 use slim_core::train::{evaluate, train, OptimizerKind, Schedule, Top1, TrainConfig, TrainOptions};
 use slim_core::Model;
 use slim_prune::auto::{self, AutoConfig, Method};
@@ -175,6 +176,11 @@ pub struct PruneArgs {
     /// The pruned model file (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
+    /// --method auto with --study: this process is one worker of a search shared through
+    /// Redis; start any number with the same arguments (each writes its --out from the
+    /// study's best).
+    #[command(flatten)]
+    pub study: crate::common::StudyArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -224,6 +230,20 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         )));
     }
     check_out_dir("--out", &args.out)?;
+    let study = match &args.study.study {
+        Some(_) if args.method != PruneMethod::Auto => {
+            return Err(input_error(
+                "--study shares a search: it needs --method auto",
+            ));
+        }
+        Some(_) if args.history.is_some() => {
+            return Err(input_error(
+                "--study keeps the history in Redis; --history is for a search on one machine",
+            ));
+        }
+        Some(_) => Some(args.study.options()?),
+        None => None,
+    };
     let criterion = args.selection.criterion()?;
     let ft = TrainConfig {
         epochs: args.finetune_epochs,
@@ -321,30 +341,71 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                 args.common.quiet,
                 "search [{bar:30}] {pos}/{len} {msg}",
             );
-            let result = auto::search(
-                &pruner,
-                &cfg,
-                init.as_ref(),
-                &evaluator,
-                finetune_hook,
-                Some(&history),
-                json!({"data": eval.fingerprint, "samples": evaluator.set.labels.len(),
-                       "reward_finetune_images": args.reward_finetune_images,
-                       "reward_finetune": format!("{short_cfg:?}")}),
-                &mut |p| match p {
-                    SearchProgress::Replayed { index, .. } => b.set_position(index as u64 + 1),
-                    SearchProgress::Evaluated {
-                        index, trial, best, ..
-                    } => {
-                        b.set_position(index as u64 + 1);
-                        b.set_message(format!(
-                            "top-1 {:.2}%, best {:.2}%",
-                            trial.reward * 100.0,
-                            best * 100.0
-                        ));
-                    }
-                },
-            )?;
+            let eval_key = json!({"data": eval.fingerprint, "samples": evaluator.set.labels.len(),
+                   "reward_finetune_images": args.reward_finetune_images,
+                   "reward_finetune": format!("{short_cfg:?}")});
+            let (result, history) = match study {
+                None => {
+                    let r = auto::search(
+                        &pruner,
+                        &cfg,
+                        init.as_ref(),
+                        &evaluator,
+                        finetune_hook,
+                        Some(&history),
+                        eval_key,
+                        &mut |p| match p {
+                            SearchProgress::Replayed { index, .. } => {
+                                b.set_position(index as u64 + 1)
+                            }
+                            SearchProgress::Evaluated {
+                                index, trial, best, ..
+                            } => {
+                                b.set_position(index as u64 + 1);
+                                b.set_message(format!(
+                                    "top-1 {:.2}%, best {:.2}%",
+                                    trial.reward * 100.0,
+                                    best * 100.0
+                                ));
+                            }
+                        },
+                    )?;
+                    (r, json!(history))
+                }
+                Some(opts) => {
+                    let store = args
+                        .study
+                        .open()?
+                        .ok_or_else(|| input_error("no --study"))?;
+                    let r = auto::search_worker(
+                        &pruner,
+                        &cfg,
+                        init.as_ref(),
+                        &evaluator,
+                        finetune_hook,
+                        eval_key,
+                        &store,
+                        opts,
+                        &mut |p| match p {
+                            WorkerProgress::Reported {
+                                index, trial, best, ..
+                            } => {
+                                b.set_position(index as u64 + 1);
+                                b.set_message(format!(
+                                    "top-1 {:.2}%, best {:.2}%",
+                                    trial.reward * 100.0,
+                                    best * 100.0
+                                ));
+                            }
+                            other if !args.common.quiet => {
+                                b.suspend(|| crate::common::show_worker(&other))
+                            }
+                            _ => {}
+                        },
+                    )?;
+                    (r, json!(store.describe()))
+                }
+            };
             b.finish_and_clear();
             search_report = Some(json!({
                 "history": history,

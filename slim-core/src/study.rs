@@ -232,6 +232,8 @@ pub enum WorkerProgress<'a> {
         index: usize,
         total: usize,
         trial: &'a Trial,
+        /// The best reward of the study so far.
+        best: f64,
     },
     /// Another worker reported the candidate first; this report was dropped.
     Dropped { id: u64 },
@@ -420,7 +422,7 @@ impl<'a> Worker<'a> {
         p: &Pending,
         reward: f64,
         info: serde_json::Value,
-    ) -> Result<Option<(usize, Trial)>> {
+    ) -> Result<Option<(usize, Trial, f64)>> {
         let mut out = None;
         self.store.transact(&mut |state| {
             out = None;
@@ -449,7 +451,8 @@ impl<'a> Worker<'a> {
                 reward,
                 info,
             };
-            out = Some((s.done - 1, trial.clone()));
+            let best = s.controller.best().map_or(reward, |(_, b)| b.max(reward));
+            out = Some((s.done - 1, trial.clone(), best));
             Ok(Some(Change {
                 state: s,
                 append: Some(trial),
@@ -493,10 +496,11 @@ impl<'a> Worker<'a> {
                         )));
                     }
                     match self.report(&p, reward, info)? {
-                        Some((index, trial)) => progress(WorkerProgress::Reported {
+                        Some((index, trial, best)) => progress(WorkerProgress::Reported {
                             index,
                             total: self.iterations,
                             trial: &trial,
+                            best,
                         }),
                         None => progress(WorkerProgress::Dropped { id: p.id }),
                     }

@@ -45,8 +45,8 @@ pub mod space;
 pub mod strategy;
 
 pub use sa::{
-    candidates, plots, sa_search, Candidate, Evolve, Limits, Measure, NasProgress, Reward,
-    SaConfig, SaResult, TrainReward,
+    candidates, plots, sa_search, sa_worker, Candidate, Evolve, Limits, Measure, NasProgress,
+    Reward, SaConfig, SaResult, TrainReward,
 };
 pub use slim_core::search::CostModel;
 pub use space::{SearchSpace, Spaces, Token};

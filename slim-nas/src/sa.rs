@@ -26,7 +26,10 @@ use slim_core::analysis::analyze;
 use slim_core::data::DataSplits;
 use slim_core::plot::{Plot, Series};
 use slim_core::search::{
-    run_search, Annealing, Controller, CostModel, Evolution, History, SearchProgress,
+    run_search, Annealing, CostModel, Evolution, History, SearchProgress, Trial,
+};
+use slim_core::study::{
+    StudyController, StudyStore, StudyTask, Worker, WorkerOptions, WorkerProgress,
 };
 use slim_core::train::{evaluate, train, TrainConfig, TrainOptions};
 use slim_core::{CoreError, Graph, Model};
@@ -244,6 +247,8 @@ pub enum NasProgress<'a> {
         /// Candidates rejected before this one was found.
         rejected: usize,
     },
+    /// A worker of a study took a candidate, waits, or had its report dropped.
+    Study(WorkerProgress<'a>),
 }
 
 /// The evaluated and rejected candidates recorded in a history's trials.
@@ -404,16 +409,21 @@ fn shrink_to_fit(
     }
 }
 
-/// Searches `space` for the candidate with the best reward that meets `limits`, by annealing
-/// (or evolution, with `cfg.evolution`).
-pub fn sa_search(
-    space: &dyn SearchSpace,
-    limits: &Limits<'_>,
-    reward: &mut dyn Reward,
+/// What every search of a space starts from: the checked settings, the judge of limits, the
+/// starting candidate (the hand-made network, shrunk to fit) and the controller.
+struct Setup<'s, 'l> {
+    judge: RefCell<Judge<'s, 'l>>,
+    baseline: Measure,
+    baseline_feasible: bool,
+    controller: StudyController,
+}
+
+fn setup<'s, 'l>(
+    space: &'s dyn SearchSpace,
+    limits: &'s Limits<'l>,
     cfg: &SaConfig,
-    history: Option<&Path>,
     progress: &mut dyn FnMut(NasProgress<'_>),
-) -> Result<SaResult> {
+) -> Result<Setup<'s, 'l>> {
     limits.check()?;
     if cfg.iterations == 0 {
         return Err(NasError::Invalid(
@@ -447,15 +457,15 @@ pub fn sa_search(
             steps,
         });
     }
-    let mut controller: Box<dyn Controller> = match cfg.evolution {
-        None => Box::new(Annealing::new(
+    let controller = match cfg.evolution {
+        None => StudyController::Annealing(Annealing::new(
             ranges,
             start,
             cfg.init_temperature,
             cfg.reduce_rate,
             cfg.seed,
         )?),
-        Some(e) => Box::new(Evolution::new(
+        Some(e) => StudyController::Evolution(Evolution::new(
             ranges,
             start,
             e.population,
@@ -463,6 +473,67 @@ pub fn sa_search(
             cfg.seed,
         )?),
     };
+    Ok(Setup {
+        judge,
+        baseline,
+        baseline_feasible,
+        controller,
+    })
+}
+
+/// The result of a search from its history.
+fn finish(history: History, baseline: Measure, baseline_feasible: bool) -> Result<SaResult> {
+    let candidates = candidates(&history)?;
+    let best = candidates
+        .iter()
+        .filter(|c| c.status == "evaluated")
+        .fold(None::<&Candidate>, |b, c| match b {
+            Some(b) if b.reward >= c.reward => Some(b),
+            _ => Some(c),
+        })
+        .cloned()
+        .ok_or_else(|| NasError::Invalid("the search evaluated nothing".into()))?;
+    Ok(SaResult {
+        best,
+        candidates,
+        history,
+        baseline,
+        baseline_feasible,
+    })
+}
+
+/// An evaluated candidate as the progress shows it.
+fn evaluated(trial: &Trial) -> Option<(Candidate, usize)> {
+    let info: TrialInfo = serde_json::from_value(trial.info.clone()).ok()?;
+    Some((
+        Candidate {
+            tokens: trial.tokens.clone(),
+            arch: info.arch,
+            measure: info.measure,
+            reward: Some(trial.reward),
+            status: "evaluated".into(),
+            reason: None,
+        },
+        info.rejected.len(),
+    ))
+}
+
+/// Searches `space` for the candidate with the best reward that meets `limits`, by annealing
+/// (or evolution, with `cfg.evolution`).
+pub fn sa_search(
+    space: &dyn SearchSpace,
+    limits: &Limits<'_>,
+    reward: &mut dyn Reward,
+    cfg: &SaConfig,
+    history: Option<&Path>,
+    progress: &mut dyn FnMut(NasProgress<'_>),
+) -> Result<SaResult> {
+    let Setup {
+        judge,
+        baseline,
+        baseline_feasible,
+        mut controller,
+    } = setup(space, limits, cfg, progress)?;
     let key = search_key(space, limits, reward, cfg);
     let mut feasible = |t: &[usize]| judge.borrow_mut().feasible(t);
     let mut evaluate = |t: &[usize]| -> slim_core::Result<(f64, serde_json::Value)> {
@@ -502,28 +573,19 @@ pub fn sa_search(
             trial,
             best,
         } => {
-            let info: Option<TrialInfo> = serde_json::from_value(trial.info.clone()).ok();
-            if let Some(info) = info {
-                let c = Candidate {
-                    tokens: trial.tokens.clone(),
-                    arch: info.arch,
-                    measure: info.measure,
-                    reward: Some(trial.reward),
-                    status: "evaluated".into(),
-                    reason: None,
-                };
+            if let Some((c, rejected)) = evaluated(trial) {
                 progress(NasProgress::Evaluated {
                     index,
                     total,
                     candidate: &c,
                     best,
-                    rejected: info.rejected.len(),
+                    rejected,
                 });
             }
         }
     };
     let result = run_search(
-        controller.as_mut(),
+        &mut controller,
         &mut feasible,
         &mut evaluate,
         cfg.iterations,
@@ -534,24 +596,103 @@ pub fn sa_search(
     if let Some(e) = judge.borrow_mut().fatal.take() {
         return Err(e);
     }
-    let history = result?;
-    let candidates = candidates(&history)?;
-    let best = candidates
-        .iter()
-        .filter(|c| c.status == "evaluated")
-        .fold(None::<&Candidate>, |b, c| match b {
-            Some(b) if b.reward >= c.reward => Some(b),
-            _ => Some(c),
-        })
-        .cloned()
-        .ok_or_else(|| NasError::Invalid("the search evaluated nothing".into()))?;
-    Ok(SaResult {
-        best,
-        candidates,
-        history,
+    finish(result?, baseline, baseline_feasible)
+}
+
+/// A search's work for a study: the judge makes candidates, the reward scores them.
+struct StudyWork<'j, 's, 'l, 'r> {
+    judge: &'j RefCell<Judge<'s, 'l>>,
+    reward: &'r mut dyn Reward,
+}
+
+impl StudyTask for StudyWork<'_, '_, '_, '_> {
+    fn begin(&mut self) {
+        // A proposal made again (the study changed meanwhile) starts its record afresh.
+        self.judge.borrow_mut().rejected.clear();
+    }
+    fn feasible(&mut self, tokens: &[usize]) -> bool {
+        self.judge.borrow_mut().feasible(tokens)
+    }
+    fn proposed(&mut self, _tokens: &[usize]) -> slim_core::Result<serde_json::Value> {
+        let mut j = self.judge.borrow_mut();
+        if let Some(e) = j.fatal.take() {
+            return Err(to_core(e));
+        }
+        let rejected = std::mem::take(&mut j.rejected);
+        Ok(json!({ "rejected": rejected }))
+    }
+    fn evaluate(
+        &mut self,
+        t: &[usize],
+        _proposal: &serde_json::Value,
+        known: &[Trial],
+    ) -> slim_core::Result<(f64, serde_json::Value)> {
+        let space = self.judge.borrow().space;
+        let graph = space.graph(t).map_err(to_core)?;
+        let measure = self.judge.borrow_mut().measure(t).map_err(to_core)?;
+        // A candidate met again keeps the reward it got (the reward is seeded).
+        let r = match known.iter().find(|k| k.tokens == t) {
+            Some(k) => k.reward,
+            None => self.reward.reward(t, &graph)?,
+        };
+        Ok((
+            r,
+            json!({ "arch": space.describe(t), "macs": measure.macs,
+            "params": measure.params, "latency_ms": measure.latency_ms }),
+        ))
+    }
+}
+
+/// One worker of a search shared through a study (see [`slim_core::study`]): it takes
+/// candidates that meet `limits` from the study in `store`, scores them with `reward` and
+/// reports, until the study has run `cfg.iterations`; then the study's result, in the same
+/// form as [`sa_search`]'s. The first worker creates the study; the others must be started
+/// with the same space, limits, reward and settings.
+pub fn sa_worker(
+    space: &dyn SearchSpace,
+    limits: &Limits<'_>,
+    reward: &mut dyn Reward,
+    cfg: &SaConfig,
+    store: &dyn StudyStore,
+    opts: WorkerOptions,
+    progress: &mut dyn FnMut(NasProgress<'_>),
+) -> Result<SaResult> {
+    let Setup {
+        judge,
         baseline,
         baseline_feasible,
-    })
+        controller,
+    } = setup(space, limits, cfg, progress)?;
+    let key = search_key(space, limits, reward, cfg);
+    let make = move || Ok(controller.clone());
+    let worker = Worker::new(store, key, cfg.iterations, &make, opts)?;
+    let mut work = StudyWork {
+        judge: &judge,
+        reward,
+    };
+    let result = worker.run(&mut work, &mut |p| match p {
+        WorkerProgress::Reported {
+            index,
+            total,
+            trial,
+            best,
+        } => {
+            if let Some((c, rejected)) = evaluated(trial) {
+                progress(NasProgress::Evaluated {
+                    index,
+                    total,
+                    candidate: &c,
+                    best,
+                    rejected,
+                });
+            }
+        }
+        other => progress(NasProgress::Study(other)),
+    });
+    if let Some(e) = judge.borrow_mut().fatal.take() {
+        return Err(e);
+    }
+    finish(result?, baseline, baseline_feasible)
 }
 
 fn to_core(e: NasError) -> CoreError {

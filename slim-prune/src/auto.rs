@@ -15,7 +15,10 @@ use std::path::Path;
 
 use serde_json::json;
 use slim_core::search::{
-    run_search, Annealing, Controller, Evaluator, Evolution, History, SearchProgress,
+    run_search, Annealing, Evaluator, Evolution, History, SearchProgress, Trial,
+};
+use slim_core::study::{
+    StudyController, StudyStore, StudyTask, Worker, WorkerOptions, WorkerProgress,
 };
 use slim_core::Model;
 
@@ -88,22 +91,81 @@ pub struct AutoResult {
     pub history: History,
 }
 
-/// Searches per-group ratios that meet `cfg.reduction` and score best. `init` is the starting
-/// candidate (uniform pruning to the target when absent); `finetune`, when given, trains each
-/// pruned candidate briefly before it is scored; `history` is the resumable trial file;
-/// `key` identifies the evaluation data (its fingerprint) and the fine-tune recipe, so that a
-/// history is only resumed by the same search.
-#[allow(clippy::too_many_arguments)]
-pub fn search(
+/// A search's space, limit, start and controller.
+struct Prepared {
+    groups: Vec<usize>,
+    channels: Vec<usize>,
+    limit: f64,
+    controller: StudyController,
+    key: serde_json::Value,
+}
+
+impl Prepared {
+    /// Token i: channels removed from group i.
+    fn ratios(&self, tokens: &[usize]) -> Ratios {
+        self.groups
+            .iter()
+            .zip(tokens)
+            .zip(&self.channels)
+            .map(|((&g, &t), &c)| (g, t as f64 / c as f64))
+            .collect()
+    }
+
+    fn feasible(&self, pruner: &Pruner<'_>, tokens: &[usize]) -> bool {
+        pruner.predict_macs(&self.ratios(tokens)) as f64 <= self.limit
+    }
+
+    /// The reward of a candidate (pruned, fine-tuned if asked, scored) and its reduction.
+    fn evaluate(
+        &self,
+        pruner: &Pruner<'_>,
+        evaluator: &dyn Evaluator,
+        finetune: &mut Option<&mut Finetune<'_>>,
+        tokens: &[usize],
+    ) -> slim_core::Result<(f64, serde_json::Value)> {
+        let ratios = self.ratios(tokens);
+        let mut pruned = pruner.apply(&ratios).map_err(|e| match e {
+            PruneError::Core(c) => c,
+            other => slim_core::CoreError::Invalid(other.to_string()),
+        })?;
+        if let Some(f) = finetune.as_mut() {
+            f(&mut pruned)?;
+        }
+        let reward = evaluator.score(&pruned)?;
+        Ok((
+            reward,
+            json!({ "reduction": pruner.predict_reduction(&ratios) }),
+        ))
+    }
+
+    fn result(&self, pruner: &Pruner<'_>, history: History) -> Result<AutoResult> {
+        let best = history
+            .best()
+            .ok_or_else(|| PruneError::Invalid("the search evaluated nothing".into()))?;
+        let ratios = self.ratios(&best.tokens);
+        // The starting candidate is the first made (in a study, not always the first reported).
+        let initial = history
+            .trials
+            .iter()
+            .find(|t| t.info.get("candidate").is_none_or(|c| c == 0))
+            .unwrap_or(&history.trials[0]);
+        Ok(AutoResult {
+            reduction: pruner.predict_reduction(&ratios),
+            reward: best.reward,
+            initial_reward: initial.reward,
+            ratios,
+            history,
+        })
+    }
+}
+
+/// Checks the settings and makes the search's space, start and controller.
+fn prepare(
     pruner: &Pruner<'_>,
     cfg: &AutoConfig,
     init: Option<&Ratios>,
-    evaluator: &dyn Evaluator,
-    mut finetune: Option<&mut Finetune<'_>>,
-    history: Option<&Path>,
     key: serde_json::Value,
-    progress: &mut dyn FnMut(SearchProgress<'_>),
-) -> Result<AutoResult> {
+) -> Result<Prepared> {
     check_reduction(cfg.reduction)?;
     if cfg.trials == 0 {
         return Err(PruneError::Invalid(
@@ -124,15 +186,6 @@ pub fn search(
         .map(|&c| ((c as f64 * cfg.max_ratio).floor() as usize).min(c - 1) + 1)
         .collect();
     let limit = pruner.base_macs() as f64 * (1.0 - cfg.reduction);
-    let to_ratios = |tokens: &[usize]| -> Ratios {
-        groups
-            .iter()
-            .zip(tokens)
-            .zip(&channels)
-            .map(|((&g, &t), &c)| (g, t as f64 / c as f64))
-            .collect()
-    };
-    let mut feasible = |tokens: &[usize]| pruner.predict_macs(&to_ratios(tokens)) as f64 <= limit;
 
     // The starting candidate.
     let start: Ratios = match init {
@@ -148,35 +201,32 @@ pub fn search(
             (c - crate::pruner::kept_channels(c, r)).min(range - 1)
         })
         .collect();
-    if !feasible(&init_tokens) {
-        return Err(PruneError::Invalid(format!(
-            "the starting candidate does not reach a FLOPs reduction of {:.1}% with at most \
-             {:.0}% of any group removed",
-            cfg.reduction * 100.0,
-            cfg.max_ratio * 100.0
-        )));
-    }
-
-    let mut controller: Box<dyn Controller> = match cfg.method {
+    let controller = match cfg.method {
         Method::Annealing {
             init_temperature,
             reduce_rate,
-        } => Box::new(
-            Annealing::new(ranges, init_tokens, init_temperature, reduce_rate, cfg.seed)?
-                .with_reach(0.1),
+        } => StudyController::Annealing(
+            Annealing::new(
+                ranges,
+                init_tokens.clone(),
+                init_temperature,
+                reduce_rate,
+                cfg.seed,
+            )?
+            .with_reach(0.1),
         ),
         Method::Evolution {
             population,
             mutation,
-        } => Box::new(Evolution::new(
+        } => StudyController::Evolution(Evolution::new(
             ranges,
-            init_tokens,
+            init_tokens.clone(),
             population,
             mutation,
             cfg.seed,
         )?),
     };
-    let search_key = json!({
+    let key = json!({
         "model": pruner.model().fingerprint()?,
         "criterion": pruner.criterion().name(),
         "bn_calibration": pruner.calibration_images(),
@@ -188,39 +238,112 @@ pub fn search(
         "init": start.iter().map(|(g, r)| (pruner.key(*g), *r)).collect::<std::collections::BTreeMap<_, _>>(),
         "evaluation": key,
     });
-    let mut evaluate = |tokens: &[usize]| -> slim_core::Result<(f64, serde_json::Value)> {
-        let ratios = to_ratios(tokens);
-        let mut pruned = pruner.apply(&ratios).map_err(|e| match e {
-            PruneError::Core(c) => c,
-            other => slim_core::CoreError::Invalid(other.to_string()),
-        })?;
-        if let Some(f) = finetune.as_mut() {
-            f(&mut pruned)?;
-        }
-        let reward = evaluator.score(&pruned)?;
-        Ok((
-            reward,
-            json!({ "reduction": pruner.predict_reduction(&ratios) }),
-        ))
+    let p = Prepared {
+        groups,
+        channels,
+        limit,
+        controller,
+        key,
     };
+    if !p.feasible(pruner, &init_tokens) {
+        return Err(PruneError::Invalid(format!(
+            "the starting candidate does not reach a FLOPs reduction of {:.1}% with at most \
+             {:.0}% of any group removed",
+            cfg.reduction * 100.0,
+            cfg.max_ratio * 100.0
+        )));
+    }
+    Ok(p)
+}
+
+/// Searches per-group ratios that meet `cfg.reduction` and score best. `init` is the starting
+/// candidate (uniform pruning to the target when absent); `finetune`, when given, trains each
+/// pruned candidate briefly before it is scored; `history` is the resumable trial file;
+/// `key` identifies the evaluation data (its fingerprint) and the fine-tune recipe, so that a
+/// history is only resumed by the same search.
+#[allow(clippy::too_many_arguments)]
+pub fn search(
+    pruner: &Pruner<'_>,
+    cfg: &AutoConfig,
+    init: Option<&Ratios>,
+    evaluator: &dyn Evaluator,
+    mut finetune: Option<&mut Finetune<'_>>,
+    history: Option<&Path>,
+    key: serde_json::Value,
+    progress: &mut dyn FnMut(SearchProgress<'_>),
+) -> Result<AutoResult> {
+    let mut p = prepare(pruner, cfg, init, key)?;
+    let mut controller = p.controller.clone();
+    let mut feasible = |t: &[usize]| p.feasible(pruner, t);
+    let mut evaluate = |t: &[usize]| p.evaluate(pruner, evaluator, &mut finetune, t);
     let history = run_search(
-        controller.as_mut(),
+        &mut controller,
         &mut feasible,
         &mut evaluate,
         cfg.trials,
-        search_key,
+        p.key.clone(),
         history,
         progress,
     )?;
-    let best = history
-        .best()
-        .ok_or_else(|| PruneError::Invalid("the search evaluated nothing".into()))?;
-    let ratios = to_ratios(&best.tokens);
-    Ok(AutoResult {
-        reduction: pruner.predict_reduction(&ratios),
-        reward: best.reward,
-        initial_reward: history.trials[0].reward,
-        ratios,
-        history: history.clone(),
-    })
+    p.controller = controller;
+    p.result(pruner, history)
+}
+
+/// The study work of a pruning search.
+struct Work<'a, 'p, 'f> {
+    p: &'a Prepared,
+    pruner: &'a Pruner<'p>,
+    evaluator: &'a dyn Evaluator,
+    finetune: Option<&'a mut Finetune<'f>>,
+}
+
+impl StudyTask for Work<'_, '_, '_> {
+    fn feasible(&mut self, tokens: &[usize]) -> bool {
+        self.p.feasible(self.pruner, tokens)
+    }
+    fn proposed(&mut self, _tokens: &[usize]) -> slim_core::Result<serde_json::Value> {
+        Ok(json!({}))
+    }
+    fn evaluate(
+        &mut self,
+        tokens: &[usize],
+        _proposal: &serde_json::Value,
+        known: &[Trial],
+    ) -> slim_core::Result<(f64, serde_json::Value)> {
+        // A candidate met again keeps the reward it got (the evaluation is seeded).
+        if let Some(k) = known.iter().find(|k| k.tokens == tokens) {
+            let ratios = self.p.ratios(tokens);
+            let reduction = self.pruner.predict_reduction(&ratios);
+            return Ok((k.reward, json!({ "reduction": reduction })));
+        }
+        self.p
+            .evaluate(self.pruner, self.evaluator, &mut self.finetune, tokens)
+    }
+}
+
+/// [`search`] as one worker of a study shared through `store` (see [`slim_core::study`]):
+/// every worker of the study is started with the same model, settings and evaluation.
+#[allow(clippy::too_many_arguments)]
+pub fn search_worker(
+    pruner: &Pruner<'_>,
+    cfg: &AutoConfig,
+    init: Option<&Ratios>,
+    evaluator: &dyn Evaluator,
+    finetune: Option<&mut Finetune<'_>>,
+    key: serde_json::Value,
+    store: &dyn StudyStore,
+    opts: WorkerOptions,
+    progress: &mut dyn FnMut(WorkerProgress<'_>),
+) -> Result<AutoResult> {
+    let p = prepare(pruner, cfg, init, key)?;
+    let make = || Ok(p.controller.clone());
+    let worker = Worker::new(store, p.key.clone(), cfg.trials, &make, opts)?;
+    let mut work = Work {
+        p: &p,
+        pruner,
+        evaluator,
+        finetune,
+    };
+    let history = worker.run(&mut work, progress)?;
+    p.result(pruner, history)
 }
