@@ -28,6 +28,37 @@ pub enum DistillCommand {
     /// Run a teacher over a training split once and write the outputs of chosen nodes to
     /// safetensors shards; `slim distill --teacher DIR` then trains without the teacher.
     Dump(DumpArgs),
+    /// Serve a teacher to students on other processes or machines, through Redis, until
+    /// stopped; start several with one --name to share the load (or to survive one's end).
+    Teacher(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The Redis server: redis://HOST:PORT, redis://:PASSWORD@HOST:PORT/DB.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// The teacher's name, which students give to --teacher-service.
+    #[arg(long)]
+    pub name: String,
+    /// The teacher model file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The students' data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR (the
+    /// training split is served by sample index).
+    #[arg(long, default_value = DEFAULT_SPEC)]
+    pub data: String,
+    /// Serve the first N training images only (the students' --limit).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// The nodes students may ask for, repeatable (default: every node).
+    #[arg(long)]
+    pub node: Vec<String>,
+    /// This process's name among those serving the teacher (default: HOST-PID).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 #[derive(Args)]
@@ -36,6 +67,23 @@ pub struct DistillTrainArgs {
     /// several teachers; losses pick one with teacher_index=K (from 0, in this order).
     #[arg(long)]
     pub teacher: Vec<PathBuf>,
+    /// A teacher served by `slim distill teacher --name NAME` (through --redis), repeatable;
+    /// these come after the --teacher ones in teacher_index order.
+    #[arg(long)]
+    pub teacher_service: Vec<String>,
+    /// The Redis server of --teacher-service.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// --teacher-service: stop with an error when no process serving a teacher answers (or,
+    /// at the start, announces it) for this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub teacher_timeout: f64,
+    /// --teacher-service: ask again for a batch whose answer is this many seconds late.
+    #[arg(long, default_value_t = 5.0)]
+    pub teacher_retry: f64,
+    /// --teacher-service: batches asked ahead of use.
+    #[arg(long, default_value_t = 4)]
+    pub prefetch: usize,
     /// The student as a model file (trained or not).
     #[arg(long, conflicts_with = "student_model")]
     pub student: Option<PathBuf>,
@@ -95,6 +143,7 @@ pub struct DumpArgs {
 pub fn run(args: DistillArgs) -> Result<(), Failure> {
     match args.command {
         Some(DistillCommand::Dump(d)) => run_dump(d),
+        Some(DistillCommand::Teacher(t)) => run_serve(t),
         None => run_train(args.train),
     }
 }
@@ -149,9 +198,35 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         .clone()
         .ok_or_else(|| input_error("--out FILE is required (where the distilled student goes)"))?;
     check_out_dir("--out", &out)?;
-    if args.teacher.is_empty() {
-        return Err(input_error("at least one --teacher is required"));
+    if args.teacher.is_empty() && args.teacher_service.is_empty() {
+        return Err(input_error(
+            "at least one --teacher (or --teacher-service) is required",
+        ));
     }
+    let client_opts = if args.teacher_service.is_empty() {
+        None
+    } else {
+        let secs = |flag: &str, v: f64| {
+            if v > 0.0 && v <= 86_400.0 {
+                Ok(std::time::Duration::from_secs_f64(v))
+            } else {
+                Err(input_error(format!(
+                    "{flag} must be between 0 and 86400 seconds, not {v}"
+                )))
+            }
+        };
+        if args.prefetch == 0 {
+            return Err(input_error("--prefetch must be at least 1"));
+        }
+        for n in &args.teacher_service {
+            slim_dist::check_name("teacher", n)?;
+        }
+        Some(slim_dist::teacher::ClientOptions {
+            prefetch: args.prefetch,
+            retry: secs("--teacher-retry", args.teacher_retry)?,
+            timeout: secs("--teacher-timeout", args.teacher_timeout)?,
+        })
+    };
     let cfg = args.recipe.config()?;
     let specs = args
         .loss
@@ -206,17 +281,35 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             teachers.push(Teacher::model(m, path.display().to_string()));
         }
     }
+    let mut labels: Vec<String> = args
+        .teacher
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    if let Some(opts) = client_opts {
+        let url = slim_dist::RedisUrl::parse(&args.redis)?;
+        let student_id = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        );
+        for name in &args.teacher_service {
+            let c =
+                slim_dist::teacher::TeacherClient::connect(&url, name, &student_id, opts.clone())?;
+            labels.push(format!("service {name} ({})", c.info().label));
+            teachers.push(Teacher::Remote(Box::new(Served(c))));
+            teacher_top1.push(None);
+        }
+    }
     let mut distiller = Distiller::from_specs(&student, teachers, &specs)?;
     distiller.check_data(&data)?;
     student.provenance.insert("data".into(), args.data.clone());
-    student.provenance.insert(
-        "distilled_from".into(),
-        args.teacher
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
+    student
+        .provenance
+        .insert("distilled_from".into(), labels.join(", "));
     let mut ckpt = out.clone().into_os_string();
     ckpt.push(".ckpt");
     let mut bars = EpochBars::new(args.common.quiet);
@@ -239,8 +332,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     let seconds_per_epoch = report.train.epochs.iter().map(|e| e.seconds).sum::<f64>()
         / report.train.epochs.len().max(1) as f64;
     if args.common.json {
-        let teachers: Vec<_> = args
-            .teacher
+        let teachers: Vec<_> = labels
             .iter()
             .zip(&teacher_top1)
             .map(|(p, r)| json!({"teacher": p, "top1": r.as_ref().map(|r| r.top1), "top5": r.as_ref().map(|r| r.top5)}))
@@ -267,14 +359,13 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             })
         );
     } else {
-        let mut rows: Vec<Vec<String>> = args
-            .teacher
+        let mut rows: Vec<Vec<String>> = labels
             .iter()
             .zip(&teacher_top1)
             .map(|(p, r)| {
                 let pct = |v: f64| format!("{:.2}%", v * 100.0);
                 vec![
-                    format!("teacher {}", p.display()),
+                    format!("teacher {p}"),
                     r.as_ref()
                         .map(|r| pct(r.top1))
                         .unwrap_or_else(|| "precomputed".into()),
@@ -298,6 +389,105 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             losses.join(", "),
             seconds_per_epoch
         );
+    }
+    Ok(())
+}
+
+/// A served teacher as the distiller sees it.
+struct Served(slim_dist::teacher::TeacherClient);
+
+fn distill_err(e: slim_dist::DistError) -> slim_distill::DistillError {
+    match e {
+        slim_dist::DistError::Core(c) => slim_distill::DistillError::Core(c),
+        slim_dist::DistError::Redis(m) => {
+            slim_distill::DistillError::Core(slim_core::CoreError::Store(m))
+        }
+        slim_dist::DistError::Invalid(m) => slim_distill::DistillError::Invalid(m),
+    }
+}
+
+impl slim_distill::RemoteTeacher for Served {
+    fn label(&self) -> String {
+        self.0.label().to_string()
+    }
+    fn shapes(&self) -> &slim_distill::Shapes {
+        self.0.shapes()
+    }
+    fn output(&self) -> &str {
+        &self.0.info().output
+    }
+    fn fingerprint(&self) -> String {
+        self.0.info().fingerprint.clone()
+    }
+    fn data_fingerprint(&self) -> String {
+        self.0.info().data_fingerprint.clone()
+    }
+    fn plan(&mut self, batches: &[Vec<usize>], nodes: &[String]) -> slim_distill::Result<()> {
+        self.0.plan(batches, nodes).map_err(distill_err)
+    }
+    fn fetch(
+        &mut self,
+        indices: &[usize],
+        nodes: &[String],
+    ) -> slim_distill::Result<slim_distill::Taps> {
+        self.0.fetch(indices, nodes).map_err(distill_err)
+    }
+}
+
+fn run_serve(args: ServeArgs) -> Result<(), Failure> {
+    slim_dist::check_name("teacher", &args.name)?;
+    let url = slim_dist::RedisUrl::parse(&args.redis)?;
+    let device = args.common.device()?;
+    let model = crate::common::load_model(&args.model, &device)?;
+    let mut data = load_data(&args.data, args.limit)?;
+    crate::common::adapt_data(&mut data, &model)?;
+    let label = args.model.display().to_string();
+    let info =
+        slim_dist::teacher::teacher_info(&model, &label, &data.train, &data.spec, &args.node)?;
+    let server = match &args.server_name {
+        Some(s) => s.clone(),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "server".into());
+            format!("{host}-{}", std::process::id())
+        }
+    };
+    let quiet = args.common.quiet;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (mut answered, mut last) = (0usize, std::time::Instant::now());
+    let report = slim_dist::teacher::serve(
+        &url,
+        &args.name,
+        &server,
+        &model,
+        &info,
+        &data.train,
+        &data.normalize,
+        &stop,
+        &mut |e| match e {
+            slim_dist::teacher::ServeEvent::Ready(i) => eprintln!(
+                "serving the teacher `{}` ({}, {} samples of {}, {} nodes) at {url} as {server}",
+                args.name,
+                i.label,
+                i.samples,
+                i.data,
+                i.nodes.len()
+            ),
+            slim_dist::teacher::ServeEvent::Answered { .. } => {
+                answered += 1;
+                if !quiet && last.elapsed().as_secs() >= 10 {
+                    eprintln!("{answered} requests answered");
+                    last = std::time::Instant::now();
+                }
+            }
+            slim_dist::teacher::ServeEvent::Dropped(why) => {
+                eprintln!("warning: a request dropped: {why}")
+            }
+        },
+    )?;
+    if args.common.json {
+        outln!("{}", json!(report));
     }
     Ok(())
 }

@@ -440,10 +440,7 @@ impl Loader {
             return Err(CoreError::Invalid("batch size must be at least 1".into()));
         }
         let n = data.len();
-        let mut order: Vec<usize> = (0..n).collect();
-        if let Some(seed) = cfg.shuffle {
-            order.shuffle(&mut StdRng::seed_from_u64(mix(seed, epoch, 0)));
-        }
+        let order = epoch_order(n, cfg, epoch);
         let batches = if cfg.drop_last {
             n / cfg.batch_size
         } else {
@@ -495,6 +492,32 @@ impl Iterator for Loader {
         };
         Some(make())
     }
+}
+
+/// The order in which a [`Loader`] visits `n` samples in `epoch`.
+fn epoch_order(n: usize, cfg: &LoaderConfig, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if let Some(seed) = cfg.shuffle {
+        order.shuffle(&mut StdRng::seed_from_u64(mix(seed, epoch, 0)));
+    }
+    order
+}
+
+/// The sample indices of every batch a [`Loader`] yields for `n` samples in `epoch`, in
+/// order: what a term that fetches per-sample data from elsewhere asks for ahead of use.
+pub fn epoch_plan(n: usize, cfg: &LoaderConfig, epoch: u64) -> Vec<Vec<usize>> {
+    if cfg.batch_size == 0 {
+        return Vec::new();
+    }
+    let order = epoch_order(n, cfg, epoch);
+    let mut plan: Vec<Vec<usize>> = order
+        .chunks(cfg.batch_size)
+        .map(<[usize]>::to_vec)
+        .collect();
+    if cfg.drop_last && plan.last().is_some_and(|b| b.len() < cfg.batch_size) {
+        plan.pop();
+    }
+    plan
 }
 
 /// Mixes a seed with an epoch and a batch index into an independent seed.
@@ -661,6 +684,19 @@ mod tests {
         };
         let (a, b, c) = (labels(0), labels(0), labels(1));
         assert_eq!(a.len(), 100);
+        // The plan names the batches the loader yields, in order.
+        for (epoch, drop_last) in [(0, false), (1, true)] {
+            let cfg = LoaderConfig {
+                drop_last,
+                ..cfg.clone()
+            };
+            let got: Vec<Vec<usize>> = Loader::new(data.clone(), &cfg, epoch, &Device::Cpu)
+                .unwrap()
+                .map(|b| b.unwrap().indices)
+                .collect();
+            assert_eq!(got, epoch_plan(100, &cfg, epoch));
+            assert_eq!(got.len(), if drop_last { 3 } else { 4 });
+        }
         assert_eq!(a, b);
         assert_ne!(a, c);
         let mut sorted_a = a.clone();

@@ -224,6 +224,11 @@ pub trait LossTerm {
     }
     /// The term's value (a scalar), to be added to the cross-entropy.
     fn loss(&mut self, batch: &Batch, out: &ForwardOutput) -> Result<Tensor>;
+    /// Called before each epoch with the sample indices of its batches, in the order they
+    /// will come (a term that fetches per-sample data from elsewhere asks for it ahead).
+    fn epoch_start(&mut self, _plan: &[Vec<usize>]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What the loop reports as it goes.
@@ -589,6 +594,12 @@ pub fn train(
     for epoch in start_epoch..cfg.epochs {
         let loader = Loader::new(train_set.clone(), &loader_cfg, epoch as u64, &device)?;
         let batches = loader.len();
+        if !opts.extra.is_empty() {
+            let plan = crate::data::epoch_plan(train_set.len(), &loader_cfg, epoch as u64);
+            for term in opts.extra.iter_mut() {
+                term.epoch_start(&plan)?;
+            }
+        }
         progress(&Progress::EpochStart {
             epoch,
             epochs: cfg.epochs,

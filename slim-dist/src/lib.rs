@@ -25,6 +25,7 @@ use slim_core::search::Trial;
 use slim_core::study::{Change, StudyState, StudyStore};
 use slim_core::CoreError;
 
+pub mod teacher;
 #[doc(hidden)]
 pub mod testing;
 

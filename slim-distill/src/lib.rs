@@ -79,6 +79,27 @@ fn graph_shapes(g: &Graph) -> Shapes {
         .collect()
 }
 
+/// A teacher that runs elsewhere (another process, another machine) and answers with its
+/// outputs for the samples asked. The student's data must be the data it serves, in the same
+/// order (a data fingerprint is checked).
+pub trait RemoteTeacher: Send {
+    /// The teacher in words, for messages.
+    fn label(&self) -> String;
+    /// The per-sample shapes of the nodes it serves.
+    fn shapes(&self) -> &Shapes;
+    /// Its output node.
+    fn output(&self) -> &str;
+    /// Its model's fingerprint.
+    fn fingerprint(&self) -> String;
+    /// The fingerprint of the training split it serves (compared with the student's).
+    fn data_fingerprint(&self) -> String;
+    /// The batches of the coming epoch, in order, and the nodes that will be asked: the
+    /// teacher may be asked for them ahead of use.
+    fn plan(&mut self, batches: &[Vec<usize>], nodes: &[String]) -> Result<()>;
+    /// The outputs of `nodes` for the samples `indices`, rows in that order.
+    fn fetch(&mut self, indices: &[usize], nodes: &[String]) -> Result<Taps>;
+}
+
 /// Where a teacher's outputs come from.
 pub enum Teacher {
     /// A model run alongside the student, in eval mode.
@@ -90,6 +111,8 @@ pub enum Teacher {
     },
     /// Outputs precomputed by [`dump`].
     Knowledge(Knowledge),
+    /// Outputs computed by a teacher served elsewhere.
+    Remote(Box<dyn RemoteTeacher>),
 }
 
 impl Teacher {
@@ -108,6 +131,7 @@ impl Teacher {
         match self {
             Teacher::Model { label, .. } => label.clone(),
             Teacher::Knowledge(k) => k.dir.display().to_string(),
+            Teacher::Remote(r) => r.label(),
         }
     }
 
@@ -120,6 +144,7 @@ impl Teacher {
                 ..
             } => (label.clone(), shapes, output),
             Teacher::Knowledge(k) => (self.label(), k.shapes(), &k.meta.output),
+            Teacher::Remote(r) => (r.label(), r.shapes(), r.output()),
         }
     }
 
@@ -133,10 +158,19 @@ impl Teacher {
                 k.dir.display(),
                 k.meta.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
             )),
+            Teacher::Remote(r) => {
+                let mut served: Vec<&String> = r.shapes().keys().collect();
+                served.sort();
+                DistillError::Invalid(format!(
+                    "the teacher {} serves the nodes {}, not `{name}`; serve it with --nodes {name}",
+                    r.label(),
+                    served.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            }
         }
     }
 
-    fn taps(&self, batch: &Batch, nodes: &[String]) -> Result<Taps> {
+    fn taps(&mut self, batch: &Batch, nodes: &[String]) -> Result<Taps> {
         match self {
             Teacher::Model { model, .. } => {
                 let out = model.forward_with(
@@ -147,6 +181,13 @@ impl Teacher {
                 Ok(out.taps.into_iter().map(|(n, t)| (n, t.detach())).collect())
             }
             Teacher::Knowledge(k) => k.gather(batch, nodes),
+            Teacher::Remote(r) => {
+                let device = batch.images.device();
+                r.fetch(&batch.indices, nodes)?
+                    .into_iter()
+                    .map(|(n, t)| Ok((n, t.to_device(device)?)))
+                    .collect()
+            }
         }
     }
 }
@@ -261,6 +302,7 @@ impl Distiller {
             let fp = match t {
                 Teacher::Model { model, .. } => model.fingerprint()?,
                 Teacher::Knowledge(k) => k.meta.teacher_fingerprint.clone(),
+                Teacher::Remote(r) => r.fingerprint(),
             };
             fingerprint.push_str(&format!(" teacher:{}", &fp[..fp.len().min(16)]));
         }
@@ -309,6 +351,25 @@ impl Distiller {
     /// not for the randomly cropped or flipped ones the student would see.
     pub fn check_data(&self, data: &DataSplits) -> Result<()> {
         for t in &self.teachers {
+            if let Teacher::Remote(r) = t {
+                if r.data_fingerprint() != data.train.fingerprint() {
+                    return Err(DistillError::Invalid(format!(
+                        "the teacher {} serves another training split than `{}` (other images, \
+                         order or --limit); start it with the student's data",
+                        r.label(),
+                        data.spec
+                    )));
+                }
+                if data.augment != Default::default() {
+                    return Err(DistillError::Invalid(format!(
+                        "the data `{}` is augmented in training (random crops or flips), so the \
+                         outputs of the teacher {} for the stored images would not match what \
+                         the student sees",
+                        data.spec,
+                        r.label()
+                    )));
+                }
+            }
             if let Teacher::Knowledge(k) = t {
                 k.check_data(&data.train, &data.spec)?;
                 if data.augment != Default::default() {
@@ -356,11 +417,21 @@ impl LossTerm for Distiller {
     fn fingerprint(&self) -> String {
         format!("distill[{}]", self.fingerprint)
     }
+    fn epoch_start(&mut self, plan: &[Vec<usize>]) -> slim_core::Result<()> {
+        for (t, nodes) in self.teachers.iter_mut().zip(&self.teacher_taps) {
+            if let Teacher::Remote(r) = t {
+                if !nodes.is_empty() {
+                    r.plan(plan, nodes).map_err(to_core)?;
+                }
+            }
+        }
+        Ok(())
+    }
     fn loss(&mut self, batch: &Batch, out: &ForwardOutput) -> slim_core::Result<Tensor> {
         let mut run = || -> Result<Tensor> {
             let teacher_taps = self
                 .teachers
-                .iter()
+                .iter_mut()
                 .zip(&self.teacher_taps)
                 .map(|(t, nodes)| {
                     if nodes.is_empty() {
@@ -386,6 +457,13 @@ impl LossTerm for Distiller {
             DistillError::Core(c) => c,
             other => slim_core::CoreError::Invalid(other.to_string()),
         })
+    }
+}
+
+fn to_core(e: DistillError) -> slim_core::CoreError {
+    match e {
+        DistillError::Core(c) => c,
+        other => slim_core::CoreError::Invalid(other.to_string()),
     }
 }
 

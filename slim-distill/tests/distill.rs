@@ -329,7 +329,7 @@ fn several_teachers_and_a_loss_of_the_users() {
             .iter()
             .map(|t| match t {
                 Teacher::Model { model, .. } => taps(model),
-                Teacher::Knowledge(_) => unreachable!(),
+                _ => unreachable!("only model teachers here"),
             })
             .collect();
         let c = Cosine {
