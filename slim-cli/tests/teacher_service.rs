@@ -174,6 +174,31 @@ fn online_offline_and_in_process_teachers_teach_the_same() {
             .output()
             .unwrap(),
     );
+    // Two teachers for one student: the served one and a local one, a loss each.
+    let both = ok_json(
+        &slim()
+            .arg("distill")
+            .args([
+                "--teacher",
+                t.to_str().unwrap(),
+                "--teacher-service",
+                "T1",
+                "--redis",
+                &url,
+            ])
+            .args(["--student-model", "lenet", "--width", "0.5", "--json", "-q"])
+            .args(["--loss", "soft_label:temperature=4,teacher_index=0"])
+            .args([
+                "--loss",
+                "l2:teacher=pool2,student=pool2,adapter=true,teacher_index=1",
+            ])
+            .args(["--limit", &limit.to_string(), "--epochs", "1", "--out"])
+            .arg(dir.path().join("both.safetensors"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(both["teachers"].as_array().unwrap().len(), 2, "{both}");
+    assert_eq!(both["losses"].as_object().unwrap().len(), 2, "{both}");
     served.kill().unwrap();
     served.wait().unwrap();
     for v in [&offline, &inproc] {
