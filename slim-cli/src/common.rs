@@ -1,6 +1,6 @@
 //! Arguments shared by several commands, and the progress display.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use clap::{Args, ValueEnum};
@@ -246,9 +246,13 @@ pub fn check_out_dir(flag: &str, path: &Path) -> Result<(), Failure> {
 /// Where a shared search lives, and how its worker behaves.
 #[derive(clap::Args)]
 pub struct StudyArgs {
-    /// The Redis server: redis://HOST:PORT, redis://:PASSWORD@HOST:PORT/DB.
+    /// The Redis server: redis://HOST:PORT, redis://:PASSWORD@HOST:PORT/DB, rediss://... (TLS).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
+    /// rediss://: check the server's certificate against this PEM certificate authority
+    /// instead of the system's.
+    #[arg(long)]
+    pub redis_ca: Option<PathBuf>,
     /// The study's name: every worker of one search gives the same.
     #[arg(long)]
     pub study: Option<String>,
@@ -266,7 +270,7 @@ impl StudyArgs {
         let Some(name) = &self.study else {
             return Ok(None);
         };
-        let url = slim_dist::RedisUrl::parse(&self.redis)?;
+        let url = slim_dist::RedisUrl::parse_with_ca(&self.redis, self.redis_ca.as_deref())?;
         Ok(Some(slim_dist::RedisStudy::open(&url, name)?))
     }
 

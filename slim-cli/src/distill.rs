@@ -35,9 +35,12 @@ pub enum DistillCommand {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// The Redis server: redis://HOST:PORT, redis://:PASSWORD@HOST:PORT/DB.
+    /// The Redis server: redis://HOST:PORT, redis://:PASSWORD@HOST:PORT/DB, rediss://... (TLS).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
+    /// rediss://: check the server's certificate against this PEM certificate authority.
+    #[arg(long)]
+    pub redis_ca: Option<PathBuf>,
     /// The teacher's name, which students give to --teacher-service.
     #[arg(long)]
     pub name: String,
@@ -71,9 +74,12 @@ pub struct DistillTrainArgs {
     /// these come after the --teacher ones in teacher_index order.
     #[arg(long)]
     pub teacher_service: Vec<String>,
-    /// The Redis server of --teacher-service.
+    /// The Redis server of --teacher-service (rediss://... for TLS).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
+    /// rediss://: check the server's certificate against this PEM certificate authority.
+    #[arg(long)]
+    pub redis_ca: Option<PathBuf>,
     /// --teacher-service: stop with an error when no process serving a teacher answers (or,
     /// at the start, announces it) for this many seconds.
     #[arg(long, default_value_t = 60.0)]
@@ -287,7 +293,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         .map(|p| p.display().to_string())
         .collect();
     if let Some(opts) = client_opts {
-        let url = slim_dist::RedisUrl::parse(&args.redis)?;
+        let url = slim_dist::RedisUrl::parse_with_ca(&args.redis, args.redis_ca.as_deref())?;
         let student_id = format!(
             "{}-{}",
             std::process::id(),
@@ -436,7 +442,7 @@ impl slim_distill::RemoteTeacher for Served {
 
 fn run_serve(args: ServeArgs) -> Result<(), Failure> {
     slim_dist::check_name("teacher", &args.name)?;
-    let url = slim_dist::RedisUrl::parse(&args.redis)?;
+    let url = slim_dist::RedisUrl::parse_with_ca(&args.redis, args.redis_ca.as_deref())?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.model, &device)?;
     let mut data = load_data(&args.data, args.limit)?;

@@ -312,3 +312,74 @@ fn automatic_pruning_shared_by_two_workers() {
     assert!(err.contains("--method auto"), "{err}");
     assert!(!dir.path().join("never.safetensors").exists());
 }
+
+#[test]
+fn over_tls_with_a_password() {
+    let Some(server) = RedisServer::start_with(slim_dist::testing::Setup {
+        password: Some("pa55word".into()),
+        tls: true,
+    }) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = server.ca.clone().unwrap();
+    let ca = ca.to_str().unwrap();
+    let o = worker(
+        &server.url(),
+        "tls",
+        "w",
+        &dir.path().join("w"),
+        &["--iterations", "2", "-q", "--redis-ca", ca],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    check_history(&v, 2);
+    // Without the authority the server's certificate is not trusted.
+    let o = worker(
+        &server.url(),
+        "tls",
+        "w",
+        &dir.path().join("x"),
+        &["--iterations", "2"],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot reach Redis at rediss://:***@localhost"),
+        "{err}"
+    );
+    assert!(!err.contains("pa55word"), "{err}");
+    // A student reaches the server too (and finds no teacher there).
+    let o = Command::new(env!("CARGO_BIN_EXE_slim"))
+        .args([
+            "distill",
+            "--teacher-service",
+            "ghost",
+            "--redis",
+            &server.url(),
+        ])
+        .args(["--redis-ca", ca, "--teacher-timeout", "1"])
+        .args([
+            "--student-model",
+            "lenet",
+            "--loss",
+            "soft_label",
+            "--limit",
+            "256",
+        ])
+        .arg("--out")
+        .arg(dir.path().join("s.safetensors"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no process serves the teacher `ghost` at rediss://:***@localhost"),
+        "{err}"
+    );
+}

@@ -14,7 +14,12 @@
 //! study itself); a trial that does not parse, or one over [`MAX_VALUE`], is reported and
 //! left out.
 //!
-//! Keys: `slim:study:NAME:state` and `slim:study:NAME:trials`.
+//! Keys: `slim:study:NAME:state` and `slim:study:NAME:trials`. Online teachers (the
+//! [`teacher`] module) use `slim:teacher:NAME:*`.
+//!
+//! URLs take a password and a database (`redis://:PASSWORD@HOST:PORT/DB`) and TLS
+//! (`rediss://`, through rustls; a private certificate authority with
+//! [`RedisUrl::parse_with_ca`]). Passwords never appear in messages.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -87,23 +92,55 @@ fn hide_password(url: &str) -> String {
 }
 
 impl RedisUrl {
-    /// Parses `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` (or `redis+unix:///PATH`).
-    /// `rediss://` (TLS) is refused by this build, which has no TLS support.
+    /// Parses `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`, `rediss://...` (TLS, the server's
+    /// certificate checked against the system's roots) or `redis+unix:///PATH`.
     pub fn parse(url: &str) -> Result<RedisUrl> {
+        Self::parse_with_ca(url, None)
+    }
+
+    /// [`RedisUrl::parse`], with TLS servers' certificates checked against the PEM
+    /// certificate authority in `ca` instead of the system's roots (a private CA).
+    pub fn parse_with_ca(url: &str, ca: Option<&std::path::Path>) -> Result<RedisUrl> {
         let shown = hide_password(url);
-        if url.starts_with("rediss://") {
+        let tls = url.starts_with("rediss://");
+        if !(tls || url.starts_with("redis://") || url.starts_with("redis+unix://")) {
             return Err(DistError::Invalid(format!(
-                "{shown}: TLS (rediss://) is not supported by this build of slim; reach the \
-                 server over a tunnel, or on loopback"
+                "`{shown}` is not a Redis URL (redis://HOST:PORT, redis://:PASSWORD@HOST:PORT/DB, \
+                 rediss://... for TLS)"
             )));
         }
-        if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
-            return Err(DistError::Invalid(format!(
-                "`{shown}` is not a Redis URL (redis://HOST:PORT, redis://:PASSWORD@HOST:PORT/DB)"
-            )));
+        let bad = |e: RedisError| DistError::Invalid(format!("`{shown}` is not a Redis URL: {e}"));
+        let client = match ca {
+            Some(path) => {
+                if !tls {
+                    return Err(DistError::Invalid(format!(
+                        "a certificate authority ({}) is for TLS: use rediss:// instead of `{shown}`",
+                        path.display()
+                    )));
+                }
+                let pem = std::fs::read(path)
+                    .map_err(|e| DistError::Invalid(format!("{}: {e}", path.display())))?;
+                if !pem.starts_with(b"-----BEGIN") {
+                    return Err(DistError::Invalid(format!(
+                        "{}: not a PEM certificate",
+                        path.display()
+                    )));
+                }
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+                .map_err(|e| DistError::Invalid(format!("{}: {e}", path.display())))?
+            }
+            None => redis::Client::open(url).map_err(bad)?,
+        };
+        if tls {
+            // rustls needs a process-wide crypto provider; another part may have installed one.
+            let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = redis::Client::open(url)
-            .map_err(|e| DistError::Invalid(format!("`{shown}` is not a Redis URL: {e}")))?;
         Ok(RedisUrl { client, shown })
     }
 
@@ -316,6 +353,7 @@ impl StudyStore for RedisStudy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn passwords_are_hidden_and_bad_urls_refused() {
@@ -330,11 +368,17 @@ mod tests {
         assert_eq!(hide_password("redis://db:1"), "redis://db:1");
         let e = RedisUrl::parse("http://db:6379").unwrap_err();
         assert!(e.to_string().contains("not a Redis URL"), "{e}");
-        let e = RedisUrl::parse("rediss://:pw@db:6379").unwrap_err();
+        let u = RedisUrl::parse("rediss://:pw@db:6379").unwrap();
+        assert_eq!(u.to_string(), "rediss://:***@db:6379");
+        let e =
+            RedisUrl::parse_with_ca("redis://:pw@db:6379", Some(Path::new("ca.pem"))).unwrap_err();
         assert!(
-            e.to_string().contains("TLS") && !e.to_string().contains("pw"),
+            e.to_string().contains("rediss://") && !e.to_string().contains("pw"),
             "{e}"
         );
+        let e = RedisUrl::parse_with_ca("rediss://db:6379", Some(Path::new("/no/such.pem")))
+            .unwrap_err();
+        assert!(e.to_string().contains("/no/such.pem"), "{e}");
         let u = RedisUrl::parse("redis://:hunter2@127.0.0.1:1/0").unwrap();
         assert!(!format!("{u} {u:?}").contains("hunter2"));
         assert!(check_name("study", "nas-mnv2_0.5").is_ok());

@@ -175,3 +175,40 @@ fn a_dead_workers_candidate_goes_to_another_and_damage_is_named() {
     let fresh = Worker::new(&store, key(), 2, &make, opts("x", 300)).unwrap();
     assert_eq!(fresh.run(&mut Toy(0), &mut |_| {}).unwrap().trials.len(), 2);
 }
+
+#[test]
+fn a_study_over_tls_with_a_password() {
+    let Some(server) = RedisServer::start_with(slim_dist::testing::Setup {
+        password: Some("s3cret-pw".into()),
+        tls: true,
+    }) else {
+        return;
+    };
+    let url = server.redis_url();
+    let store = RedisStudy::open(&url, "tls").unwrap();
+    let make = annealing;
+    let w = Worker::new(&store, key(), 4, &make, opts("t", 5000)).unwrap();
+    assert_eq!(w.run(&mut Toy(0), &mut |_| {}).unwrap().trials.len(), 4);
+    // The wrong password, plain text to a TLS port, and the system's roots (which do not
+    // know the test's authority) are refused, and the password never shows.
+    let port = server.port;
+    for (u, ca) in [
+        (
+            format!("rediss://:wrong@localhost:{port}"),
+            server.ca.clone(),
+        ),
+        (format!("redis://:s3cret-pw@127.0.0.1:{port}"), None),
+        (format!("rediss://:s3cret-pw@localhost:{port}"), None),
+    ] {
+        let e = RedisUrl::parse_with_ca(&u, ca.as_deref())
+            .and_then(|u| RedisStudy::open(&u, "tls"))
+            .err()
+            .unwrap_or_else(|| panic!("{u} was accepted"))
+            .to_string();
+        assert!(!e.contains("s3cret-pw") && !e.contains("wrong@"), "{e}");
+        assert!(
+            e.contains(&format!("localhost:{port}")) || e.contains(&format!("127.0.0.1:{port}")),
+            "{e}"
+        );
+    }
+}
