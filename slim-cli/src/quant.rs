@@ -49,6 +49,9 @@ pub struct QatArgs {
     pub calib_batches: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Continue from OUT.ckpt (written after every epoch) if a previous run was stopped.
+    #[arg(long)]
+    pub resume: bool,
     /// The int8 model file.
     #[arg(long)]
     pub out: PathBuf,
@@ -196,12 +199,16 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     let mut q = slim_quant::qat::prepare(&model, &data.train, &data.normalize, &cfg)?;
     let kernels = slim_quant::qat::QatKernels { weights, bits: 8 };
     let mut bars = crate::common::EpochBars::new(args.common.quiet);
-    slim_core::train::train(
+    let mut ckpt = args.out.clone().into_os_string();
+    ckpt.push(".ckpt");
+    let report = slim_core::train::train(
         &mut q,
         &data,
         &tcfg,
         slim_core::train::TrainOptions {
             kernels: Some(&kernels),
+            checkpoint: Some(ckpt.into()),
+            resume: args.resume,
             ..Default::default()
         },
         &mut |p| bars.update(p),
@@ -220,7 +227,8 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
             json!({"model": args.file, "data": spec, "weights": weights.name(),
                    "before": {"top1": before.top1, "top5": before.top5, "bytes": b_bytes},
                    "after": {"top1": after.top1, "top5": after.top5, "bytes": a_bytes},
-                   "epochs": args.epochs, "out": args.out})
+                   "epochs": args.epochs, "resumed_from": report.resumed_from,
+                   "out": args.out})
         );
         return Ok(());
     }
