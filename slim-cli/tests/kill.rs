@@ -53,7 +53,10 @@ fn kill_when(mut cmd: Command, ready: impl Fn() -> bool) -> bool {
     }
     child.kill().unwrap();
     let killed = !child.wait().unwrap().success();
-    eprintln!("killed after {:.2} s: {killed}", started.elapsed().as_secs_f64());
+    eprintln!(
+        "killed after {:.2} s: {killed}",
+        started.elapsed().as_secs_f64()
+    );
     killed
 }
 

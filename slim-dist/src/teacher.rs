@@ -716,7 +716,7 @@ impl TeacherClient {
                 .query(&mut self.con)
                 .map_err(|e| self.err(e))?;
             if let Some((_, bytes)) = got {
-                match self.decode(&bytes, &s) {
+                match decode(&self.info, &self.request_id(s.seq), &bytes, &s) {
                     Ok(taps) => {
                         let _ = redis::cmd("DEL").arg(&key).query::<()>(&mut self.con);
                         self.top_up()?;
@@ -752,67 +752,184 @@ impl TeacherClient {
             }
         }
     }
+}
 
-    /// The taps in an answer, rows in the order of `s.indices`.
-    fn decode(
-        &self,
-        bytes: &[u8],
-        s: &Sent,
-    ) -> std::result::Result<HashMap<String, Tensor>, String> {
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
-        let md = header.metadata().clone().unwrap_or_default();
-        if md.get("format").map(String::as_str) != Some(ANSWER_FORMAT) {
-            return Err("not an answer".into());
+/// The taps in an answer to request `id`, rows in the order of `s.indices`; `Err` says why
+/// the answer is not taken.
+fn decode(
+    info: &TeacherInfo,
+    id: &str,
+    bytes: &[u8],
+    s: &Sent,
+) -> std::result::Result<HashMap<String, Tensor>, String> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+    let md = header.metadata().clone().unwrap_or_default();
+    if md.get("format").map(String::as_str) != Some(ANSWER_FORMAT) {
+        return Err("not an answer".into());
+    }
+    if md.get("id").map(String::as_str) != Some(id) {
+        return Err("the answer to another request".into());
+    }
+    if md.get("teacher") != Some(&info.fingerprint) {
+        return Err("an answer from another model".into());
+    }
+    let load = |name: &str| -> std::result::Result<Tensor, String> {
+        let view = st.tensor(name).map_err(|e| format!("`{name}`: {e}"))?;
+        candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .map_err(|e| format!("`{name}`: {e}"))
+    };
+    let index: Vec<u32> = load("index")?
+        .to_vec1::<u32>()
+        .map_err(|e| format!("`index`: {e}"))?;
+    // Rows by sample index: the answer's order need not be the request's.
+    let row_of: HashMap<usize, usize> = index
+        .iter()
+        .enumerate()
+        .map(|(r, &i)| (i as usize, r))
+        .collect();
+    let rows: Vec<u32> = s
+        .indices
+        .iter()
+        .map(|i| row_of.get(i).map(|&r| r as u32))
+        .collect::<Option<Vec<_>>>()
+        .ok_or("samples missing from the answer")?;
+    let rows = Tensor::new(rows, &Device::Cpu).map_err(|e| e.to_string())?;
+    let mut out = HashMap::new();
+    for n in &s.nodes {
+        let t = load(&format!("node/{n}"))?;
+        let per = info
+            .nodes
+            .get(n)
+            .ok_or_else(|| format!("node `{n}` is not served"))?;
+        let mut want = vec![index.len()];
+        want.extend(per);
+        if t.dims() != want.as_slice() {
+            return Err(format!(
+                "node `{n}` has shape {:?}, expected {want:?}",
+                t.dims()
+            ));
         }
-        if md.get("id") != Some(&self.request_id(s.seq)) {
-            return Err("the answer to another request".into());
-        }
-        if md.get("teacher") != Some(&self.info.fingerprint) {
-            return Err("an answer from another model".into());
-        }
-        let load = |name: &str| -> std::result::Result<Tensor, String> {
-            let view = st.tensor(name).map_err(|e| format!("`{name}`: {e}"))?;
-            candle_core::safetensors::Load::load(&view, &Device::Cpu)
-                .map_err(|e| format!("`{name}`: {e}"))
+        let in_order = index.len() == s.indices.len()
+            && index.iter().zip(&s.indices).all(|(&a, &b)| a as usize == b);
+        let t = if in_order {
+            t
+        } else {
+            t.index_select(&rows, 0).map_err(|e| e.to_string())?
         };
-        let index: Vec<u32> = load("index")?
-            .to_vec1::<u32>()
-            .map_err(|e| format!("`index`: {e}"))?;
-        // Rows by sample index: the answer's order need not be the request's.
-        let row_of: HashMap<usize, usize> = index
-            .iter()
-            .enumerate()
-            .map(|(r, &i)| (i as usize, r))
-            .collect();
-        let rows: Vec<u32> = s
-            .indices
-            .iter()
-            .map(|i| row_of.get(i).map(|&r| r as u32))
-            .collect::<Option<Vec<_>>>()
-            .ok_or("samples missing from the answer")?;
-        let rows = Tensor::new(rows, &Device::Cpu).map_err(|e| e.to_string())?;
-        let mut out = HashMap::new();
-        for n in &s.nodes {
-            let t = load(&format!("node/{n}"))?;
-            let mut want = vec![index.len()];
-            want.extend(&self.shapes[n]);
-            if t.dims() != want.as_slice() {
-                return Err(format!(
-                    "node `{n}` has shape {:?}, expected {want:?}",
-                    t.dims()
-                ));
-            }
-            let t = if index.len() == s.indices.len()
-                && index.iter().zip(&s.indices).all(|(&a, &b)| a as usize == b)
-            {
-                t
-            } else {
-                t.index_select(&rows, 0).map_err(|e| e.to_string())?
-            };
-            out.insert(n.clone(), t);
+        out.insert(n.clone(), t);
+    }
+    Ok(out)
+}
+
+/// The message parsers, for the fuzz targets: a request as a serving process checks it, and
+/// an answer as a student decodes it (against a one-node teacher serving 100 samples).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    #[cfg(test)]
+    pub(super) fn info_for_tests() -> TeacherInfo {
+        info()
+    }
+
+    fn info() -> TeacherInfo {
+        TeacherInfo {
+            format: INFO_FORMAT.into(),
+            label: "fuzz".into(),
+            fingerprint: "f".into(),
+            data: "d".into(),
+            data_fingerprint: "d".into(),
+            samples: 100,
+            output: "fc".into(),
+            nodes: [("fc".to_string(), vec![10])].into_iter().collect(),
         }
-        Ok(out)
+    }
+
+    /// Whether a serving process would answer the request.
+    pub fn request(bytes: &[u8]) -> bool {
+        check_request(&info(), bytes).is_ok()
+    }
+
+    /// Whether a student would take the answer to request `s.0` for samples 0..4 of `fc`.
+    pub fn answer(bytes: &[u8]) -> bool {
+        let info = info();
+        let s = Sent {
+            seq: 0,
+            indices: vec![0, 1, 2, 3],
+            nodes: vec!["fc".into()],
+            first: Instant::now(),
+            last: Instant::now(),
+        };
+        decode(&info, "s.0", bytes, &s).is_ok()
+    }
+
+    /// An answer the student takes, for a seed.
+    pub fn good_answer() -> Vec<u8> {
+        // Rows for samples 3, 2, 1, 0, each filled with its sample's number.
+        let rows: Vec<f32> = [3f32, 2., 1., 0.].iter().flat_map(|&v| [v; 10]).collect();
+        let t = Tensor::from_vec(rows, (4, 10), &Device::Cpu).expect("a tensor");
+        let index = Tensor::new(&[3u32, 2, 1, 0], &Device::Cpu).expect("a tensor");
+        let md: HashMap<String, String> = [
+            ("format".to_string(), ANSWER_FORMAT.to_string()),
+            ("id".to_string(), "s.0".to_string()),
+            ("teacher".to_string(), "f".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        safetensors::tensor::serialize([("node/fc", t), ("index", index)], Some(md))
+            .expect("serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_taken_by_sample_index_and_checked() {
+        let info = fuzzing::info_for_tests();
+        let s = Sent {
+            seq: 0,
+            indices: vec![0, 1, 2, 3],
+            nodes: vec!["fc".into()],
+            first: Instant::now(),
+            last: Instant::now(),
+        };
+        let taps = decode(&info, "s.0", &fuzzing::good_answer(), &s).unwrap();
+        let fc = taps["fc"].to_vec2::<f32>().unwrap();
+        for (r, row) in fc.iter().enumerate() {
+            assert!(row.iter().all(|&v| v == r as f32), "row {r}: {row:?}");
+        }
+        assert!(decode(&info, "s.1", &fuzzing::good_answer(), &s).is_err());
+        assert!(!fuzzing::answer(b"garbage"));
+        let mut other = info.clone();
+        other.fingerprint = "g".into();
+        assert!(decode(&other, "s.0", &fuzzing::good_answer(), &s).is_err());
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        let good = |indices: &str, nodes: &str, id: &str| {
+            format!(
+                r#"{{"format":"{REQUEST_FORMAT}","id":"{id}","indices":{indices},"nodes":{nodes},"deadline_ms":1}}"#
+            )
+        };
+        assert!(fuzzing::request(
+            good("[0,99]", r#"["fc"]"#, "a.1").as_bytes()
+        ));
+        assert!(!fuzzing::request(
+            good("[100]", r#"["fc"]"#, "a.1").as_bytes()
+        ));
+        assert!(!fuzzing::request(good("[]", r#"["fc"]"#, "a.1").as_bytes()));
+        assert!(!fuzzing::request(
+            good("[1]", r#"["conv"]"#, "a.1").as_bytes()
+        ));
+        assert!(!fuzzing::request(
+            good("[1]", r#"["fc"]"#, "a:1").as_bytes()
+        ));
+        assert!(!fuzzing::request(b"{"));
+        let big = format!("[{}]", vec!["1"; MAX_SAMPLES + 1].join(","));
+        assert!(!fuzzing::request(good(&big, r#"["fc"]"#, "a.1").as_bytes()));
     }
 }

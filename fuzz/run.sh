@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs the fuzz targets, each for SECONDS (default 10), from the seed corpora in seeds/ (real
+# files: bundled MNIST digits, models, a sensitivity file, a latency table, the ONNX test
+# fixtures, a study's state and teacher messages) and what earlier runs found (corpus/).
+# A crash, a hang or an out-of-memory stops it with the input saved under artifacts/; such
+# an input, once fixed, goes to regressions/TARGET/, which `cargo test` replays.
+#
+#   fuzz/run.sh                 # every target, 10 s each (what CI runs)
+#   fuzz/run.sh 1800 onnx idx   # 30 minutes each for two targets
+#
+# Needs cargo-fuzz (installed here with `cargo install cargo-fuzz` when missing). On a stable
+# toolchain it sets RUSTC_BOOTSTRAP=1 for the sanitizer flags that cargo fuzz passes.
+set -euo pipefail
+cd "$(dirname "$0")"
+SECS=${1:-10}
+shift || true
+TARGETS=("$@")
+if [ ${#TARGETS[@]} -eq 0 ]; then
+  TARGETS=(model_file idx cifar10 sensitivity latency_table onnx dist_messages)
+fi
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+if ! rustc --version | grep -q nightly; then
+  export RUSTC_BOOTSTRAP=1
+fi
+for t in "${TARGETS[@]}"; do
+  mkdir -p "corpus/$t"
+  seeds=("seeds/$t")
+  [ "$t" = onnx ] && seeds=(../slim-onnx/tests/fixtures/mnist-conv ../slim-onnx/tests/fixtures/exporter-style)
+  [ -d "regressions/$t" ] && seeds+=("regressions/$t")
+  echo "== $t: ${SECS} s"
+  # 2 GiB of memory, 10 s per input, inputs up to 256 KiB.
+  cargo fuzz run -O "$t" "corpus/$t" "${seeds[@]}" -- \
+    -max_total_time="$SECS" -rss_limit_mb=2048 -timeout=10 -max_len=262144 \
+    -print_final_stats=1 2>&1 | grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==|SUMMARY|Done)|ERROR|panicked" || true
+  # `cargo fuzz run` exits non-zero on a finding: say so and stop.
+  if ls "artifacts/$t"/crash-* "artifacts/$t"/oom-* "artifacts/$t"/timeout-* >/dev/null 2>&1; then
+    echo "fuzz target $t found a failing input: see fuzz/artifacts/$t/" >&2
+    exit 1
+  fi
+done
