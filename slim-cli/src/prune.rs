@@ -344,6 +344,14 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
             let eval_key = json!({"data": eval.fingerprint, "samples": evaluator.set.labels.len(),
                    "reward_finetune_images": args.reward_finetune_images,
                    "reward_finetune": format!("{short_cfg:?}")});
+            let show = |index: usize, reward: f64, best: f64| {
+                b.set_position(index as u64 + 1);
+                b.set_message(format!(
+                    "top-1 {:.2}%, best {:.2}%",
+                    reward * 100.0,
+                    best * 100.0
+                ));
+            };
             let (result, history) = match study {
                 None => {
                     let r = auto::search(
@@ -360,14 +368,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                             }
                             SearchProgress::Evaluated {
                                 index, trial, best, ..
-                            } => {
-                                b.set_position(index as u64 + 1);
-                                b.set_message(format!(
-                                    "top-1 {:.2}%, best {:.2}%",
-                                    trial.reward * 100.0,
-                                    best * 100.0
-                                ));
-                            }
+                            } => show(index, trial.reward, best),
                         },
                     )?;
                     (r, json!(history))
@@ -389,14 +390,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                         &mut |p| match p {
                             WorkerProgress::Reported {
                                 index, trial, best, ..
-                            } => {
-                                b.set_position(index as u64 + 1);
-                                b.set_message(format!(
-                                    "top-1 {:.2}%, best {:.2}%",
-                                    trial.reward * 100.0,
-                                    best * 100.0
-                                ));
-                            }
+                            } => show(index, trial.reward, best),
                             other if !args.common.quiet => {
                                 b.suspend(|| crate::common::show_worker(&other))
                             }

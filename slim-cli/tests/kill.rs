@@ -3,33 +3,13 @@
 //! checkpoints). Each resumed run must end exactly where an unbroken one does, keep what the
 //! killed run finished, and never leave a half-written output.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
+
+use common::{auto_prune, json_of, slim, trained_lenet as teacher, weights};
 use std::time::{Duration, Instant};
-
-fn slim() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_slim"))
-}
-
-fn json_of(o: &std::process::Output) -> serde_json::Value {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).expect("one JSON object")
-}
-
-fn teacher(dir: &Path) -> PathBuf {
-    let path = dir.join("lenet.safetensors");
-    json_of(
-        &slim()
-            .args([
-                "train", "--model", "lenet", "--epochs", "1", "--limit", "1500", "-q",
-            ])
-            .args(["--json", "--out"])
-            .arg(&path)
-            .output()
-            .unwrap(),
-    );
-    path
-}
 
 /// Runs `cmd` until `ready()` holds, then kills it with SIGKILL. False when the job finished
 /// first (nothing to resume: the machine was faster than the test expects).
@@ -71,44 +51,13 @@ fn trials(path: &Path) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-/// A model file's weights, by name.
-fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let m = slim_core::Model::load(path, &candle_core::Device::Cpu).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = m
-        .params
-        .names()
-        .map(|n| {
-            let t = m.params.tensor(n).unwrap();
-            let t = t
-                .to_dtype(candle_core::DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap();
-            (n.to_string(), t.to_vec1::<f32>().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 #[test]
 fn automatic_pruning_killed_resumes_to_the_unbroken_result() {
     let dir = tempfile::tempdir().unwrap();
     let model = teacher(dir.path());
     let cmd = |out: &Path| {
-        let mut c = slim();
-        c.arg("prune")
-            .arg(&model)
-            .args([
-                "--method",
-                "auto",
-                "--flops-reduction",
-                "0.5",
-                "--trials",
-                "8",
-            ])
-            .args(["--eval-samples", "600", "--reward-finetune-images", "256"])
-            .args(["-q", "--json", "--out"])
+        let mut c = auto_prune(&model, 8);
+        c.args(["--reward-finetune-images", "256", "--out"])
             .arg(out);
         c
     };

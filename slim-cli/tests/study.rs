@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 
 use slim_dist::testing::RedisServer;
 
+mod common;
+
 const LIMIT: u64 = 1_500_000;
 
 fn worker(redis: &str, study: &str, name: &str, out: &Path, extra: &[&str]) -> Command {
@@ -213,7 +215,13 @@ fn bad_study_settings_are_refused() {
     let out = dir.path().join("x");
     let cases: [(&str, &str, &[&str], &str, i32); 5] = [
         ("http://h:1", "s", &[], "not a Redis URL", 2),
-        ("rediss://:pw@h:1", "s", &[], "TLS", 2),
+        (
+            "rediss://:pw@h:1",
+            "s",
+            &["--redis-ca", "/no/such.pem"],
+            "/no/such.pem",
+            2,
+        ),
         ("redis://127.0.0.1:1", "a b", &[], "study name `a b`", 2),
         (
             "redis://127.0.0.1:1",
@@ -245,40 +253,21 @@ fn automatic_pruning_shared_by_two_workers() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("lenet.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_slim"))
-        .args([
-            "train", "--model", "lenet", "--epochs", "1", "--limit", "1500", "-q", "--out",
-        ])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let model = common::trained_lenet(dir.path());
     let prune = |name: &str| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_slim"));
-        c.arg("prune")
-            .arg(&model)
-            .args([
-                "--method",
-                "auto",
-                "--flops-reduction",
-                "0.5",
-                "--trials",
-                "6",
-            ])
-            .args(["--eval-samples", "300", "-q", "--json"])
-            .args([
-                "--redis",
-                &server.url(),
-                "--study",
-                "prune",
-                "--worker-name",
-                name,
-            ])
-            .arg("--out")
-            .arg(dir.path().join(format!("{name}.safetensors")))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut c = common::auto_prune(&model, 6);
+        c.args([
+            "--redis",
+            &server.url(),
+            "--study",
+            "prune",
+            "--worker-name",
+            name,
+        ])
+        .arg("--out")
+        .arg(dir.path().join(format!("{name}.safetensors")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         c.spawn().unwrap()
     };
     let (a, b) = (prune("a"), prune("b"));

@@ -3,34 +3,15 @@
 //! as offline (dumped) and in-process; a teacher killed mid-epoch while a second instance runs
 //! costs nothing but a delay; without any teacher the student stops with a clear error.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::{json_of, slim, trained_lenet, weights};
 use std::time::{Duration, Instant};
 
 use slim_dist::testing::RedisServer;
-
-fn slim() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_slim"))
-}
-
-fn ok_json(o: &Output) -> serde_json::Value {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).expect("one JSON object")
-}
-
-fn teacher(dir: &Path) -> PathBuf {
-    let path = dir.join("teacher.safetensors");
-    let o = slim()
-        .args([
-            "train", "--model", "lenet", "--epochs", "1", "--limit", "1500", "-q",
-        ])
-        .arg("--out")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    path
-}
 
 /// A process serving `model` as `name`, started once it has announced itself.
 fn serve(url: &str, name: &str, server: &str, model: &Path, limit: usize) -> Child {
@@ -104,21 +85,6 @@ fn student(teacher: &[&str], limit: usize, epochs: usize, out: &Path) -> Command
     c
 }
 
-/// The student's weights, by name.
-fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let m = slim_core::Model::load(path, &candle_core::Device::Cpu).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = m
-        .params
-        .names()
-        .map(|n| {
-            let t = m.params.tensor(n).unwrap().flatten_all().unwrap();
-            (n.to_string(), t.to_vec1::<f32>().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 #[test]
 fn online_offline_and_in_process_teachers_teach_the_same() {
     let Some(server) = RedisServer::start() else {
@@ -126,7 +92,7 @@ fn online_offline_and_in_process_teachers_teach_the_same() {
     };
     let url = server.url();
     let dir = tempfile::tempdir().unwrap();
-    let t = teacher(dir.path());
+    let t = trained_lenet(dir.path());
     let limit = 1024;
     let know = dir.path().join("knowledge");
     let o = slim()
@@ -159,23 +125,23 @@ fn online_offline_and_in_process_teachers_teach_the_same() {
         dir.path().join("offline.safetensors"),
         dir.path().join("inproc.safetensors"),
     );
-    let online = ok_json(
+    let online = json_of(
         &student(&["--teacher-service", "T1", "--redis", &url], limit, 2, &a)
             .output()
             .unwrap(),
     );
-    let offline = ok_json(
+    let offline = json_of(
         &student(&["--teacher", know.to_str().unwrap()], limit, 2, &b)
             .output()
             .unwrap(),
     );
-    let inproc = ok_json(
+    let inproc = json_of(
         &student(&["--teacher", t.to_str().unwrap()], limit, 2, &c)
             .output()
             .unwrap(),
     );
     // Two teachers for one student: the served one and a local one, a loss each.
-    let both = ok_json(
+    let both = json_of(
         &slim()
             .arg("distill")
             .args([
@@ -235,11 +201,11 @@ fn a_teacher_killed_mid_epoch_is_replaced_by_its_twin() {
     };
     let url = server.url();
     let dir = tempfile::tempdir().unwrap();
-    let t = teacher(dir.path());
+    let t = trained_lenet(dir.path());
     let limit = 2048;
     // The reference: one teacher, never killed.
     let mut lone = serve(&url, "ref", "lone", &t, limit);
-    let reference = ok_json(
+    let reference = json_of(
         &student(
             &["--teacher-service", "ref", "--redis", &url],
             limit,
@@ -310,7 +276,7 @@ fn a_teacher_killed_mid_epoch_is_replaced_by_its_twin() {
     let o = s.wait_with_output().unwrap();
     b.kill().unwrap();
     b.wait().unwrap();
-    let v = ok_json(&o);
+    let v = json_of(&o);
     assert!(zombie.join().unwrap(), "the silent server took a request");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("asking again"), "{err}");
@@ -355,7 +321,7 @@ fn without_a_teacher_the_student_stops_within_the_timeout() {
     assert!(!out.exists());
 
     // A teacher that dies with no twin: the student stops, naming it, within the timeout.
-    let t = teacher(dir.path());
+    let t = trained_lenet(dir.path());
     let mut only = serve(&url, "T3", "only", &t, 2048);
     let s = student(
         &[

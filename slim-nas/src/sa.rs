@@ -502,20 +502,32 @@ fn finish(history: History, baseline: Measure, baseline_feasible: bool) -> Resul
     })
 }
 
-/// An evaluated candidate as the progress shows it.
-fn evaluated(trial: &Trial) -> Option<(Candidate, usize)> {
-    let info: TrialInfo = serde_json::from_value(trial.info.clone()).ok()?;
-    Some((
-        Candidate {
-            tokens: trial.tokens.clone(),
-            arch: info.arch,
-            measure: info.measure,
-            reward: Some(trial.reward),
-            status: "evaluated".into(),
-            reason: None,
-        },
-        info.rejected.len(),
-    ))
+/// Reports an evaluated trial as a candidate (with the rejections before it).
+fn show_evaluated(
+    progress: &mut dyn FnMut(NasProgress<'_>),
+    index: usize,
+    total: usize,
+    trial: &Trial,
+    best: f64,
+) {
+    let Ok(info) = serde_json::from_value::<TrialInfo>(trial.info.clone()) else {
+        return;
+    };
+    let candidate = Candidate {
+        tokens: trial.tokens.clone(),
+        arch: info.arch,
+        measure: info.measure,
+        reward: Some(trial.reward),
+        status: "evaluated".into(),
+        reason: None,
+    };
+    progress(NasProgress::Evaluated {
+        index,
+        total,
+        candidate: &candidate,
+        best,
+        rejected: info.rejected.len(),
+    });
 }
 
 /// Searches `space` for the candidate with the best reward that meets `limits`, by annealing
@@ -572,17 +584,7 @@ pub fn sa_search(
             total,
             trial,
             best,
-        } => {
-            if let Some((c, rejected)) = evaluated(trial) {
-                progress(NasProgress::Evaluated {
-                    index,
-                    total,
-                    candidate: &c,
-                    best,
-                    rejected,
-                });
-            }
-        }
+        } => show_evaluated(progress, index, total, trial, best),
     };
     let result = run_search(
         &mut controller,
@@ -676,17 +678,7 @@ pub fn sa_worker(
             total,
             trial,
             best,
-        } => {
-            if let Some((c, rejected)) = evaluated(trial) {
-                progress(NasProgress::Evaluated {
-                    index,
-                    total,
-                    candidate: &c,
-                    best,
-                    rejected,
-                });
-            }
-        }
+        } => show_evaluated(progress, index, total, trial, best),
         other => progress(NasProgress::Study(other)),
     });
     if let Some(e) = judge.borrow_mut().fatal.take() {
