@@ -181,6 +181,30 @@ pub fn run(cmd: NasCommand) -> Result<(), Failure> {
     }
 }
 
+/// An output folder made by this command: removed again when the command ends with nothing
+/// written into it (a search that failed before its first candidate leaves no empty folder).
+struct OutDir<'a> {
+    path: &'a Path,
+    created: bool,
+}
+
+impl<'a> OutDir<'a> {
+    fn create(path: &'a Path) -> std::io::Result<Self> {
+        let created = !path.exists();
+        std::fs::create_dir_all(path)?;
+        Ok(OutDir { path, created })
+    }
+}
+
+impl Drop for OutDir<'_> {
+    fn drop(&mut self) {
+        if self.created {
+            // Fails, as it should, when the folder holds anything.
+            let _ = std::fs::remove_dir(self.path);
+        }
+    }
+}
+
 fn history_path(dir: &Path) -> PathBuf {
     dir.join("history.json")
 }
@@ -315,7 +339,7 @@ fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
         .unwrap_or(p.full.train.len() - a.search.eval_images);
     data.train = p.full.train.take(n);
     data.test = p.eval.clone();
-    std::fs::create_dir_all(&a.search.out)?;
+    let _out = OutDir::create(&a.search.out)?;
     let quiet = a.search.common.quiet;
     let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
     let supernet = train_supernet(
@@ -413,7 +437,7 @@ fn search_and_report(
             mutation: s.mutation,
         }),
     };
-    std::fs::create_dir_all(&s.out)?;
+    let _out = OutDir::create(&s.out)?;
     let quiet = s.common.quiet;
     let lat = |c: &Candidate| {
         c.measure

@@ -263,6 +263,10 @@ fn bad_requests_are_refused_before_any_work() {
         &sa("resnet", &out, &["--max-params", "10"]),
         "even the cheapest",
     );
+    assert!(
+        !out.exists(),
+        "a search that found nothing left its output folder"
+    );
     fails(
         &slim(&[
             "nas",
@@ -312,7 +316,7 @@ fn bad_requests_are_refused_before_any_work() {
             "export",
             dir.path().to_str().unwrap(),
             "--out",
-            out.join("m.safetensors").to_str().unwrap(),
+            dir.path().join("m.safetensors").to_str().unwrap(),
         ]),
         "no search history",
     );
