@@ -181,3 +181,39 @@ fn quantization_aware_training_killed_resumes_to_the_unbroken_model() {
     .to_vec();
     checkpointed_job_resumes(dir.path(), &args);
 }
+
+#[test]
+fn a_one_shot_search_killed_resumes_to_the_unbroken_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = |out: &Path| {
+        let mut c = slim();
+        c.args([
+            "nas",
+            "oneshot",
+            "--space",
+            "mobilenet_v1",
+            "--width",
+            "0.25",
+        ])
+        .args(["--train-images", "768", "--eval-images", "256"])
+        .args(["--calibration-images", "128", "--supernet-epochs", "3"])
+        .args(["--lr", "0.01", "--max-macs", "1500000", "--iterations", "4"])
+        .args(["--json", "-q", "--out"])
+        .arg(out);
+        c
+    };
+    let a = json_of(&cmd(&dir.path().join("unbroken")).output().unwrap());
+    let out = dir.path().join("killed");
+    let supernet = out.join("supernet.safetensors");
+    // Killed once the first epoch of the supernet is saved: the second resumes from it.
+    if !kill_when(cmd(&out), || supernet.exists()) {
+        return;
+    }
+    let b = json_of(&cmd(&out).output().unwrap());
+    assert_eq!(a["history"], b["history"]);
+    assert_eq!(a["best"], b["best"]);
+    assert_eq!(
+        weights(&dir.path().join("unbroken/supernet.safetensors")),
+        weights(&supernet)
+    );
+}

@@ -339,6 +339,47 @@ impl Optimizer {
         })
     }
 
+    /// Its state: the slot tensors by name (`m/PARAM`, and `v/PARAM` for Adam) and the
+    /// number of steps taken, to be saved beside the weights.
+    pub fn state(&self) -> (Vec<(String, Tensor)>, usize) {
+        let mut out = Vec::new();
+        for ((name, _), slots) in self.params.iter().zip(&self.slots) {
+            for (slot, t) in SLOT_NAMES.iter().zip(slots) {
+                out.push((format!("{slot}/{name}"), t.clone()));
+            }
+        }
+        (out, self.steps)
+    }
+
+    /// Restores what [`Optimizer::state`] gave (for the same parameters): every slot must be
+    /// there with its parameter's shape. The error names what is missing or wrong.
+    pub fn restore(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        steps: usize,
+    ) -> std::result::Result<(), String> {
+        let mut restored = self.slots.clone();
+        for ((name, var), slots) in self.params.iter().zip(restored.iter_mut()) {
+            for (slot, t) in SLOT_NAMES.iter().zip(slots.iter_mut()) {
+                let key = format!("{slot}/{name}");
+                let v = tensors
+                    .get(&key)
+                    .ok_or_else(|| format!("optimizer state `{key}` is missing"))?;
+                if v.dims() != var.dims() {
+                    return Err(format!(
+                        "optimizer state `{key}` has shape {:?}, expected {:?}",
+                        v.dims(),
+                        var.dims()
+                    ));
+                }
+                *t = v.to_device(var.device()).map_err(|e| e.to_string())?;
+            }
+        }
+        self.slots = restored;
+        self.steps = steps;
+        Ok(())
+    }
+
     /// One step over every parameter that `grads` has a gradient for.
     pub fn step(
         &mut self,

@@ -177,6 +177,14 @@ pub fn train_supernet(
         progress(&SupernetProgress::Resumed { epochs_done: done });
     }
     let mut opt = Optimizer::new(cfg.optimizer, &supernet, &[])?;
+    if let Some(f) = file.filter(|_| done > 0) {
+        // The optimizer's state of the same epoch, so that the resumed training is the one
+        // that was stopped; without it (an older file) the optimizer starts afresh.
+        if let Some((tensors, steps)) = load_optimizer(&optimizer_path(f), done, &key, device)? {
+            opt.restore(&tensors, steps)
+                .map_err(|e| NasError::Invalid(format!("{}: {e}", optimizer_path(f).display())))?;
+        }
+    }
     let train_set: Arc<dyn Dataset> = Arc::new(data.train.clone());
     let loader_cfg = LoaderConfig {
         batch_size: cfg.batch_size,
@@ -236,6 +244,9 @@ pub fn train_supernet(
             });
         }
         if let Some(f) = file {
+            // The optimizer first: a kill between the two files leaves a supernet one epoch
+            // behind its optimizer's state, which the epoch check then refuses.
+            save_optimizer(&optimizer_path(f), &opt, epoch + 1, &key)?;
             let state = SupernetState {
                 key: key.clone(),
                 epochs_done: epoch + 1,
@@ -253,6 +264,74 @@ pub fn train_supernet(
         });
     }
     Ok(supernet)
+}
+
+/// Where a supernet file's optimizer state is kept: `NAME.opt.safetensors` beside it.
+fn optimizer_path(supernet: &Path) -> std::path::PathBuf {
+    supernet.with_extension("opt.safetensors")
+}
+
+const OPTIMIZER_FORMAT: &str = "slim-supernet-optimizer";
+
+fn save_optimizer(
+    path: &Path,
+    opt: &Optimizer,
+    epochs_done: usize,
+    key: &serde_json::Value,
+) -> Result<()> {
+    let (tensors, steps) = opt.state();
+    let meta: std::collections::HashMap<String, String> = [
+        ("format".to_string(), OPTIMIZER_FORMAT.to_string()),
+        ("epochs_done".to_string(), epochs_done.to_string()),
+        ("steps".to_string(), steps.to_string()),
+        ("key".to_string(), key.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let bytes = safetensors::tensor::serialize(tensors, Some(meta)).map_err(|e| {
+        NasError::Invalid(format!(
+            "{}: cannot encode the optimizer: {e}",
+            path.display()
+        ))
+    })?;
+    slim_core::io::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+/// The optimizer's state saved after `epochs_done` epochs of the supernet `key`, or `None`
+/// when there is none of that epoch.
+fn load_optimizer(
+    path: &Path,
+    epochs_done: usize,
+    key: &serde_json::Value,
+    device: &candle_core::Device,
+) -> Result<
+    Option<(
+        std::collections::HashMap<String, candle_core::Tensor>,
+        usize,
+    )>,
+> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Ok(None);
+    };
+    let bad = |msg: String| NasError::Invalid(format!("{}: {msg}", path.display()));
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some(OPTIMIZER_FORMAT) {
+        return Err(bad("not a supernet's optimizer state".into()));
+    }
+    let same_epoch = meta.get("epochs_done") == Some(&epochs_done.to_string());
+    if !same_epoch || meta.get("key") != Some(&key.to_string()) {
+        return Ok(None);
+    }
+    let steps = meta
+        .get("steps")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no step count".into()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| bad(format!("unreadable ({e})")))?;
+    Ok(Some((tensors, steps)))
 }
 
 /// A candidate's reward with the supernet's weights: its batch-norm statistics recomputed on
