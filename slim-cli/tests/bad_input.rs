@@ -1,6 +1,7 @@
 //! Every command that reads a model file, given bad ones: an empty file, a text file, a file
 //! that is not there, a truncated model, an int8 model where a float one is needed, and
-//! impossible numbers. Each must exit with status 2 and a message that names the problem,
+//! impossible numbers; and the commands that read sensitivity files, latency tables,
+//! knowledge shards and pipeline configs, given empty, text, truncated and foreign ones. Each must exit with status 2 and a message that names the problem,
 //! write nothing, and never show a panic.
 
 use std::path::{Path, PathBuf};
@@ -166,4 +167,155 @@ fn wrong_kinds_of_model_and_impossible_numbers_are_refused() {
     );
     refused(&["export", m, "--out", out, "--opset", "99"], &["opset 99"]);
     assert!(!f.out.exists(), "something was written");
+}
+
+/// `name`'s bad copies in `dir`: empty, text, the first half of `real`, and JSON of another
+/// kind.
+fn bad_copies(dir: &Path, name: &str, real: &[u8]) -> Vec<PathBuf> {
+    let variants: [(&str, &[u8]); 4] = [
+        ("empty", b""),
+        ("text", b"this is not it\n"),
+        ("truncated", &real[..real.len() / 2]),
+        ("other", br#"{"format": "something-else", "version": 1}"#),
+    ];
+    variants
+        .iter()
+        .map(|(v, bytes)| {
+            let p = dir.join(format!("{v}-{name}"));
+            std::fs::write(&p, bytes).expect("write");
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn bad_sensitivity_files_tables_knowledge_and_configs_are_refused() {
+    let f = files();
+    let dir = f.out.parent().expect("a folder").to_path_buf();
+    let (m, out) = (s(&f.float), s(&f.out));
+    let p = |n: &str| dir.join(n);
+    // Real files of each kind, made by Slim.
+    let sens = p("sens.json");
+    let table = p("table.json");
+    let know = p("knowledge");
+    for args in [
+        vec![
+            "sensitivity",
+            m,
+            "--ratios",
+            "0.5",
+            "--eval-samples",
+            "64",
+            "-q",
+            "--out",
+            s(&sens),
+        ],
+        vec![
+            "latency",
+            "build",
+            "--zoo",
+            "lenet",
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--warmup-ms",
+            "1",
+            "-q",
+            "--out",
+            s(&table),
+        ],
+        vec![
+            "distill",
+            "dump",
+            "--teacher",
+            m,
+            "--limit",
+            "256",
+            "-q",
+            "--out",
+            s(&know),
+        ],
+    ] {
+        let o = slim(&args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    for bad in bad_copies(&dir, "sens.json", &std::fs::read(&sens).expect("read")) {
+        refused(
+            &[
+                "prune",
+                m,
+                "--method",
+                "sensitivity",
+                "--flops-reduction",
+                "0.3",
+                "--sensitivity",
+                s(&bad),
+                "--out",
+                out,
+            ],
+            &[s(&bad)],
+        );
+    }
+    for bad in bad_copies(&dir, "table.json", &std::fs::read(&table).expect("read")) {
+        refused(&["latency", "estimate", m, "--table", s(&bad)], &[s(&bad)]);
+        let nas_out = p("nas");
+        refused(
+            &[
+                "nas",
+                "sa",
+                "--space",
+                "resnet",
+                "--latency-table",
+                s(&bad),
+                "--max-latency-ms",
+                "1",
+                "--out",
+                s(&nas_out),
+            ],
+            &[s(&bad)],
+        );
+        assert!(!nas_out.exists());
+    }
+    // A knowledge directory with one damaged shard, and one with none.
+    let shard = know.join("shard-00000.safetensors");
+    let real = std::fs::read(&shard).expect("read");
+    let student = [
+        "--student-model",
+        "lenet",
+        "--loss",
+        "soft_label",
+        "--limit",
+        "256",
+        "--out",
+        out,
+    ];
+    for bad in bad_copies(&dir, "shard", &real) {
+        std::fs::copy(&bad, &shard).expect("copy");
+        let mut args = vec!["distill", "--teacher", s(&know)];
+        args.extend(student);
+        refused(&args, &["shard-00000.safetensors"]);
+    }
+    std::fs::remove_file(&shard).expect("remove");
+    let mut args = vec!["distill", "--teacher", s(&know)];
+    args.extend(student);
+    refused(&args, &[s(&know)]);
+    // Pipeline configs.
+    let config = br#"model = "lenet"
+[[stage]]
+kind = "prune.uniform"
+ratio = 0.3
+"#;
+    for bad in bad_copies(&dir, "config.toml", config) {
+        refused(
+            &["compress", "--config", s(&bad), "--out", s(&p("c"))],
+            &[s(&bad)],
+        );
+        assert!(!p("c").exists());
+    }
+    assert!(!f.out.exists(), "a refused command wrote its output");
 }
