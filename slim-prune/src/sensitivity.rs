@@ -120,7 +120,46 @@ impl Sensitivities {
                 s.format
             )));
         }
+        s.check()
+            .map_err(|e| PruneError::Invalid(format!("{} is damaged: {e}", path.display())))?;
         Ok(s)
+    }
+
+    /// Refuses values an analysis cannot have written: a top-1 outside [0, 1], a ratio
+    /// outside [0, 1), more channels kept than the group has, a loss that does not follow
+    /// from the top-1 and the baseline.
+    fn check(&self) -> std::result::Result<(), String> {
+        let unit = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
+        if !unit(self.baseline) {
+            return Err(format!("the baseline top-1 is {}", self.baseline));
+        }
+        for (key, c) in &self.groups {
+            if c.channels == 0 {
+                return Err(format!("group `{key}` has no channels"));
+            }
+            for p in &c.points {
+                let expected = if self.baseline > 0.0 {
+                    (self.baseline - p.top1) / self.baseline
+                } else {
+                    0.0
+                };
+                let why = if !(p.ratio.is_finite() && (0.0..1.0).contains(&p.ratio)) {
+                    Some("its ratio is outside [0, 1)")
+                } else if p.kept == 0 || p.kept > c.channels {
+                    Some("it keeps more channels than the group has, or none")
+                } else if !unit(p.top1) {
+                    Some("its top-1 is outside [0, 1]")
+                } else if !(p.loss.is_finite() && (p.loss - expected).abs() <= 1e-6) {
+                    Some("its loss does not follow from its top-1 and the baseline")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(format!("group `{key}`, point at ratio {}: {why}", p.ratio));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -581,7 +620,15 @@ pub fn to_svg(sens: &Sensitivities) -> String {
     let step = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 25.0, 50.0]
         .into_iter()
         .find(|s| span / s <= 8.0)
-        .unwrap_or(100.0);
+        .unwrap_or_else(|| {
+            // A wider range: 1, 2 or 5 times a power of ten, at most 8 intervals.
+            let mag = 10f64.powf((span / 8.0).log10().floor());
+            [1.0, 2.0, 5.0, 10.0]
+                .into_iter()
+                .map(|m| m * mag)
+                .find(|&s| span / s <= 8.0)
+                .unwrap_or(10.0 * mag)
+        });
     let y0 = (min_loss * 100.0 / step).floor() * step;
     let y1 = ((max_loss * 100.0 / step).ceil() * step).max(y0 + step);
     let x = |r: f64| left + r * pw;
@@ -662,4 +709,65 @@ pub fn to_svg(sens: &Sensitivities) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sens(loss: f64, top1: f64, baseline: f64) -> Sensitivities {
+        Sensitivities {
+            format: FORMAT.into(),
+            model: "m".into(),
+            data: "d".into(),
+            data_fingerprint: "f".into(),
+            criterion: Criterion::L1Norm,
+            bn_calibration: 0,
+            baseline,
+            groups: [(
+                "conv1".to_string(),
+                Curve {
+                    channels: 8,
+                    points: vec![Point {
+                        ratio: 0.5,
+                        kept: 4,
+                        top1,
+                        loss,
+                    }],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn a_wide_loss_range_plots_with_a_few_ticks() {
+        // A gain of 99,900% (a near-zero baseline): once a plot of millions of tick lines.
+        let s = sens(-999.0, 0.5, 0.0005);
+        assert!(s.check().is_ok());
+        let svg = to_svg(&s);
+        assert!(svg.len() < 20_000, "{} bytes", svg.len());
+        assert!(svg.matches("stroke=\"#ddd\"").count() <= 10);
+    }
+
+    #[test]
+    fn impossible_points_are_refused() {
+        assert!(sens(0.5, 0.4, 0.8).check().is_ok());
+        let bad = [
+            sens(66666666666666.0, 0.4, 0.8),
+            sens(f64::NAN, 0.4, 0.8),
+            sens(0.5, 1.4, 0.8),
+            sens(0.5, 0.4, 1.8),
+        ];
+        for s in bad {
+            assert!(s.check().is_err(), "{s:?}");
+        }
+        let mut s = sens(0.5, 0.4, 0.8);
+        s.groups.get_mut("conv1").unwrap().points[0].ratio = 1.25;
+        assert!(s.check().unwrap_err().contains("ratio"));
+        let mut s = sens(0.5, 0.4, 0.8);
+        s.groups.get_mut("conv1").unwrap().points[0].kept = 10;
+        assert!(s.check().unwrap_err().contains("channels"));
+    }
 }
