@@ -452,12 +452,7 @@ fn run_serve(args: ServeArgs) -> Result<(), Failure> {
         slim_dist::teacher::teacher_info(&model, &label, &data.train, &data.spec, &args.node)?;
     let server = match &args.server_name {
         Some(s) => s.clone(),
-        None => {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "server".into());
-            format!("{host}-{}", std::process::id())
-        }
+        None => crate::common::host_pid("server"),
     };
     let quiet = args.common.quiet;
     let stop = std::sync::atomic::AtomicBool::new(false);
