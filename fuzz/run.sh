@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets, each for SECONDS (default 10), from the seed corpora in seeds/ (real
 # files: bundled MNIST digits, models, a sensitivity file, a latency table, the ONNX test
-# fixtures, a study's state and teacher messages) and what earlier runs found (corpus/).
+# fixtures, a study's state and teacher messages, the example pipeline configurations) and
+# what earlier runs found (corpus/). A target with a dictionary (TARGET.dict) is given it.
 # A crash, a hang or an out-of-memory stops it with the input saved under artifacts/; such
 # an input, once fixed, goes to regressions/TARGET/, which `cargo test` replays.
 #
@@ -16,7 +17,7 @@ SECS=${1:-10}
 shift || true
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-  TARGETS=(model_file idx cifar10 sensitivity latency_table onnx dist_messages)
+  TARGETS=(model_file idx cifar10 sensitivity latency_table onnx dist_messages config)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 if ! rustc --version | grep -q nightly; then
@@ -27,14 +28,27 @@ for t in "${TARGETS[@]}"; do
   seeds=("seeds/$t")
   [ "$t" = onnx ] && seeds=(../slim-onnx/tests/fixtures/mnist-conv ../slim-onnx/tests/fixtures/exporter-style)
   [ -d "regressions/$t" ] && seeds+=("regressions/$t")
+  extra=()
+  [ -f "$t.dict" ] && extra=(-dict="$t.dict")
   echo "== $t: ${SECS} s"
   # 2 GiB of memory, 10 s per input, inputs up to 256 KiB.
+  log=$(mktemp)
+  rc=0
   cargo fuzz run -O "$t" "corpus/$t" "${seeds[@]}" -- \
     -max_total_time="$SECS" -rss_limit_mb=2048 -timeout=10 -max_len=262144 \
-    -print_final_stats=1 2>&1 | grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==|SUMMARY|Done)|ERROR|panicked" || true
-  # `cargo fuzz run` exits non-zero on a finding: say so and stop.
+    -print_final_stats=1 "${extra[@]}" >"$log" 2>&1 || rc=$?
+  grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==|SUMMARY|Done)|ERROR|panicked" "$log" || true
+  # `cargo fuzz run` exits non-zero on a finding (or when it cannot run): say so and stop.
   if ls "artifacts/$t"/crash-* "artifacts/$t"/oom-* "artifacts/$t"/timeout-* >/dev/null 2>&1; then
     echo "fuzz target $t found a failing input: see fuzz/artifacts/$t/" >&2
+    rm -f "$log"
     exit 1
   fi
+  if [ "$rc" -ne 0 ]; then
+    tail -n 30 "$log" >&2
+    echo "fuzz target $t did not run (status $rc)" >&2
+    rm -f "$log"
+    exit 1
+  fi
+  rm -f "$log"
 done

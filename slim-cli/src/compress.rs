@@ -372,6 +372,18 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
     })
 }
 
+/// Checks a pipeline configuration as `slim compress --check` does (the model file and the
+/// latency tables it names are read), and returns the kinds of its strategies in order.
+/// `origin` names the configuration in messages.
+pub fn check_config(text: &str, origin: &str) -> Result<Vec<String>, Failure> {
+    let pipeline = parse(text, origin)?;
+    Ok(pipeline
+        .strategies
+        .iter()
+        .map(|s| s.kind().to_string())
+        .collect())
+}
+
 /// One row of the results: a stage's model and what it measures.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Row {

@@ -51,6 +51,10 @@ fn run(target: &str, data: &[u8], tmp: &Path) -> bool {
             let c = slim_dist::teacher::fuzzing::answer(data);
             a || b || c
         }
+        "config" => match std::str::from_utf8(data) {
+            Ok(text) => slim_cli::check_config(text, "fuzz.toml").is_ok(),
+            Err(_) => false,
+        },
         other => panic!("no fuzz target `{other}`"),
     }
 }
@@ -74,6 +78,7 @@ fn every_seed_reads_and_no_regression_panics() {
         "latency_table",
         "onnx",
         "dist_messages",
+        "config",
     ];
     let mut seen = 0;
     for t in targets {
