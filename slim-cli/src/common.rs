@@ -76,6 +76,18 @@ pub fn adapt_data(data: &mut DataSplits, model: &Model) -> Result<(), Failure> {
     let [c, h, w] = data.train.shape;
     if let [mc, mh, mw] = input[..] {
         if (mh, mw) != (h, w) && mc == c && model.resizes_input()? {
+            // One byte per pixel, both splits: refuse what cannot fit rather than abort.
+            let images = data.train.labels.len() + data.test.labels.len();
+            let bytes = images as u128 * (c * mh * mw) as u128;
+            if bytes > 1 << 33 {
+                return Err(input_error(format!(
+                    "the model's input is {c}x{mh}x{mw}: resizing the {} images of `{}` to it \
+                     would take {:.0} GiB",
+                    images,
+                    data.spec,
+                    bytes as f64 / f64::from(1u32 << 30)
+                )));
+            }
             data.train = data.train.resized(mh, mw);
             data.test = data.test.resized(mh, mw);
             data.spec = format!("{} (resized to {mh}x{mw})", data.spec);

@@ -50,7 +50,11 @@ pub fn parse_shape(flag: &str, s: &str) -> Result<[usize; 3], Failure> {
         .collect::<Result<_, _>>()
         .map_err(|_| bad())?;
     match dims[..] {
-        [c, h, w] if c > 0 && h > 0 && w > 0 => Ok([c, h, w]),
+        [c, h, w] if c > 0 && h > 0 && w > 0 => {
+            slim_core::graph::check_shape(&dims)
+                .map_err(|e| input_error(format!("{flag}: {e}")))?;
+            Ok([c, h, w])
+        }
         _ => Err(bad()),
     }
 }

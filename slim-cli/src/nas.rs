@@ -629,20 +629,28 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
     let width = sc["width"].as_f64().ok_or_else(|| bad("no width"))?;
     let input: [usize; 3] =
         serde_json::from_value(sc["input"].clone()).map_err(|_| bad("no input shape"))?;
-    let classes = sc["classes"].as_u64().ok_or_else(|| bad("no classes"))? as usize;
+    slim_core::graph::check_shape(&input).map_err(|e| bad(&format!("input: {e}")))?;
+    let classes = sc["classes"]
+        .as_u64()
+        .filter(|&c| c > 0 && c <= slim_core::graph::MAX_DIM as u64)
+        .ok_or_else(|| bad("no possible number of classes"))? as usize;
     let zcfg = ZooConfig::new(input)
         .with_width(width)
         .with_classes(classes);
     let space = Spaces::builtin().build(name, &zcfg)?;
     let all = candidates(&history)?;
     let ranked = ranked(&all);
-    let c = ranked.get(a.rank - 1).ok_or_else(|| {
-        input_error(format!(
-            "--rank {}: the search evaluated {} distinct candidates",
-            a.rank,
-            ranked.len()
-        ))
-    })?;
+    let c = a
+        .rank
+        .checked_sub(1)
+        .and_then(|i| ranked.get(i))
+        .ok_or_else(|| {
+            input_error(format!(
+                "--rank {}: the search evaluated {} distinct candidates",
+                a.rank,
+                ranked.len()
+            ))
+        })?;
     let graph = space.graph(&c.tokens)?;
     let device = a.common.device()?;
     let mut model = Model::init(graph, a.seed, &device)?;

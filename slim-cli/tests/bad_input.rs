@@ -166,6 +166,57 @@ fn wrong_kinds_of_model_and_impossible_numbers_are_refused() {
         &["nosuchnet"],
     );
     refused(&["export", m, "--out", out, "--opset", "99"], &["opset 99"]);
+    // Numbers whose products overflow, and sizes no memory holds.
+    refused(
+        &[
+            "train",
+            "--model",
+            "lenet",
+            "--warmup-epochs",
+            "18446744073709551615",
+            "--out",
+            out,
+        ],
+        &["warm-up epochs 18446744073709551615"],
+    );
+    refused(
+        &[
+            "train",
+            "--model",
+            "lenet",
+            "--epochs",
+            "18446744073709551615",
+            "--out",
+            out,
+        ],
+        &["epochs 18446744073709551615"],
+    );
+    refused(
+        &[
+            "info",
+            "--model",
+            "lenet",
+            "--input",
+            "1x4294967296x4294967296",
+        ],
+        &["--input", "4294967296"],
+    );
+    refused(
+        &["info", "--model", "lenet", "--input", "1x100000x100000"],
+        &["--input", "exceeds"],
+    );
+    // A model with fewer outputs than the data has classes.
+    let five = f.float.with_file_name("five.safetensors");
+    let cfg = slim_core::zoo::ZooConfig::new([1, 28, 28]).with_classes(5);
+    slim_core::zoo::model("lenet", &cfg, 0, &candle_core::Device::Cpu)
+        .expect("a 5-class lenet")
+        .save(&five)
+        .expect("saved");
+    refused(&["eval", s(&five)], &["[5]", "10 classes"]);
+    refused(
+        &["quant", "ptq", s(&five), "--out", out],
+        &["[5]", "10 classes"],
+    );
     assert!(!f.out.exists(), "something was written");
 }
 
@@ -299,6 +350,18 @@ fn bad_sensitivity_files_tables_knowledge_and_configs_are_refused() {
         let mut args = vec!["distill", "--teacher", s(&know)];
         args.extend(student);
         refused(&args, &["shard-00000.safetensors"]);
+    }
+    // Shards made by hand: a fingerprint with a character across byte 16, and a node of
+    // impossible shape.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (name, needle) in [
+        ("knowledge-odd-fingerprint", "holds knowledge of the data"),
+        ("knowledge-huge-node", "damaged shape for node `fc`"),
+    ] {
+        let dir = fixtures.join(name);
+        let mut args = vec!["distill", "--teacher", s(&dir)];
+        args.extend(student);
+        refused(&args, &[name, needle]);
     }
     std::fs::remove_file(&shard).expect("remove");
     let mut args = vec!["distill", "--teacher", s(&know)];

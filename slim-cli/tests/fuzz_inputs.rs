@@ -91,9 +91,14 @@ fn every_seed_reads_and_no_regression_panics() {
             );
             seen += 1;
         }
+        // Every input kept so far is damaged: it must be refused, not only survived.
         for f in files(&fuzz_dir().join("regressions").join(t)) {
             let data = std::fs::read(&f).unwrap();
-            run(t, &data, tmp.path());
+            assert!(
+                !run(t, &data, tmp.path()),
+                "the damaged input {} is read",
+                f.display()
+            );
             seen += 1;
         }
     }

@@ -97,6 +97,31 @@ pub struct BatchNormSpec {
     pub momentum: f64,
 }
 
+/// The largest size a graph may name: a dimension, a channel or feature count, a kernel, a
+/// stride, a padding, a dilation.
+pub const MAX_DIM: usize = 1 << 24;
+/// The most values a node's per-sample output, or one parameter, may hold (1 GiB in f32).
+pub const MAX_ELEMENTS: usize = 1 << 28;
+
+/// The number of values of a shape, or `None` when it overflows.
+pub fn elements(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
+/// Checks a per-sample shape read from outside (a file, a message): at least one axis, no
+/// zero, and within [`MAX_DIM`] and [`MAX_ELEMENTS`].
+pub fn check_shape(shape: &[usize]) -> Result<(), String> {
+    if shape.is_empty() || shape.contains(&0) {
+        return Err(format!("shape {shape:?} must have an axis and no zero"));
+    }
+    if shape.iter().any(|&d| d > MAX_DIM) || elements(shape).is_none_or(|n| n > MAX_ELEMENTS) {
+        return Err(format!(
+            "shape {shape:?} exceeds the limits ({MAX_DIM} per axis, {MAX_ELEMENTS} values)"
+        ));
+    }
+    Ok(())
+}
+
 /// Max or average pooling with a square window.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolSpec {
@@ -287,8 +312,68 @@ impl Op {
         }
     }
 
-    /// Infers the per-sample output shape from the input shapes, or says what is wrong.
+    /// The sizes this op names (channels, features, kernel, stride, padding, dilation, groups,
+    /// the input's dimensions), each at most [`MAX_DIM`].
+    fn check_sizes(&self) -> Result<(), String> {
+        let sizes: Vec<(&str, usize)> = match self {
+            Op::Input { shape } => shape.iter().map(|&d| ("input dimension", d)).collect(),
+            Op::Conv2d(c) => vec![
+                ("in_channels", c.in_channels),
+                ("out_channels", c.out_channels),
+                ("kernel", c.kernel[0]),
+                ("kernel", c.kernel[1]),
+                ("stride", c.stride),
+                ("padding", c.padding),
+                ("dilation", c.dilation),
+                ("groups", c.groups),
+            ],
+            Op::Linear(l) => vec![
+                ("in_features", l.in_features),
+                ("out_features", l.out_features),
+            ],
+            Op::BatchNorm2d(b) => vec![("channels", b.channels)],
+            Op::MaxPool2d(p) | Op::AvgPool2d(p) => vec![
+                ("kernel", p.kernel),
+                ("stride", p.stride),
+                ("padding", p.padding),
+            ],
+            _ => Vec::new(),
+        };
+        match sizes.iter().find(|(_, v)| *v > MAX_DIM) {
+            Some((what, v)) => Err(format!("{what} {v} exceeds the limit of {MAX_DIM}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Infers the per-sample output shape from the input shapes, or says what is wrong. Sizes
+    /// are bounded ([`MAX_DIM`], [`MAX_ELEMENTS`]), so that no later product overflows and no
+    /// file can ask for an impossible allocation.
     pub fn infer_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>, String> {
+        self.check_sizes()?;
+        let shape = self.infer_shape_unbounded(inputs)?;
+        match elements(&shape) {
+            Some(n) if n <= MAX_ELEMENTS => {}
+            _ => {
+                return Err(format!(
+                    "its output {shape:?} exceeds the limit of {MAX_ELEMENTS} values per sample"
+                ))
+            }
+        }
+        for p in self.params() {
+            match elements(&p.shape) {
+                Some(n) if n <= MAX_ELEMENTS => {}
+                _ => {
+                    return Err(format!(
+                        "its {} {:?} exceeds the limit of {MAX_ELEMENTS} values",
+                        p.role, p.shape
+                    ))
+                }
+            }
+        }
+        Ok(shape)
+    }
+
+    fn infer_shape_unbounded(&self, inputs: &[&[usize]]) -> Result<Vec<usize>, String> {
         let arity = |n: usize| {
             if inputs.len() == n {
                 Ok(())

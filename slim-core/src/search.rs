@@ -75,7 +75,7 @@ pub trait Controller {
 /// How many random changes a controller tries before it gives up on finding a feasible one.
 const MAX_TRIES: usize = 10_000;
 
-fn check_tokens(ranges: &[usize], tokens: &[usize]) -> Result<()> {
+pub(crate) fn check_tokens(ranges: &[usize], tokens: &[usize]) -> Result<()> {
     if ranges.is_empty() {
         return Err(CoreError::Invalid(
             "a search needs at least one token".into(),
@@ -126,6 +126,17 @@ fn mutate_one(rng: &mut StdRng, ranges: &[usize], tokens: &mut [usize], reach: O
         v += 1;
     }
     tokens[i] = v;
+}
+
+/// Checks that every candidate a controller state holds fits `ranges`.
+fn check_held<'a>(
+    ranges: &[usize],
+    held: impl IntoIterator<Item = &'a Vec<usize>>,
+) -> std::result::Result<(), String> {
+    for t in held {
+        check_tokens(ranges, t).map_err(|e| format!("it holds the candidate {t:?}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Simulated annealing over token vectors. Its whole state serializes (the generator's
@@ -188,6 +199,30 @@ impl Annealing {
     /// The temperature after `n` evaluations.
     pub fn temperature(&self) -> f64 {
         self.init_temperature * self.reduce_rate.powi(self.evaluated as i32)
+    }
+}
+
+impl Annealing {
+    pub(crate) fn ranges(&self) -> &[usize] {
+        &self.ranges
+    }
+
+    /// Checks a state read from outside (a study's store) against one made here with the
+    /// same settings: the same space and settings, and candidates that fit the space.
+    pub(crate) fn check_state(&self, fresh: &Annealing) -> std::result::Result<(), String> {
+        if self.ranges != fresh.ranges || self.init != fresh.init {
+            return Err("its search space or first candidate differs from this worker's".into());
+        }
+        if self.init_temperature != fresh.init_temperature
+            || self.reduce_rate != fresh.reduce_rate
+            || self.reach != fresh.reach
+        {
+            return Err("its annealing settings differ from this worker's".into());
+        }
+        check_held(
+            &self.ranges,
+            self.current.iter().chain(&self.best).map(|(t, _)| t),
+        )
     }
 }
 
@@ -296,6 +331,30 @@ impl Evolution {
             b
         };
         self.population[pick].0.clone()
+    }
+}
+
+impl Evolution {
+    pub(crate) fn ranges(&self) -> &[usize] {
+        &self.ranges
+    }
+
+    /// Checks a state read from outside, as [`Annealing`]'s `check_state` does.
+    pub(crate) fn check_state(&self, fresh: &Evolution) -> std::result::Result<(), String> {
+        if self.ranges != fresh.ranges || self.init != fresh.init {
+            return Err("its search space or first candidate differs from this worker's".into());
+        }
+        if self.population_size != fresh.population_size || self.mutation != fresh.mutation {
+            return Err("its evolution settings differ from this worker's".into());
+        }
+        if self.population.len() > self.population_size {
+            return Err(format!(
+                "its population holds {} candidates, more than its size {}",
+                self.population.len(),
+                self.population_size
+            ));
+        }
+        check_held(&self.ranges, self.population.iter().map(|(t, _)| t))
     }
 }
 

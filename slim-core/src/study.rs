@@ -62,6 +62,26 @@ impl Controller for StudyController {
     }
 }
 
+impl StudyController {
+    /// The range of each token of the search space.
+    pub fn ranges(&self) -> &[usize] {
+        match self {
+            StudyController::Annealing(c) => c.ranges(),
+            StudyController::Evolution(c) => c.ranges(),
+        }
+    }
+
+    /// Checks a controller read from a store against `fresh`, one this worker made with its
+    /// own settings; the message says what is wrong.
+    pub fn check_against(&self, fresh: &StudyController) -> std::result::Result<(), String> {
+        match (self, fresh) {
+            (StudyController::Annealing(a), StudyController::Annealing(f)) => a.check_state(f),
+            (StudyController::Evolution(a), StudyController::Evolution(f)) => a.check_state(f),
+            _ => Err("its controller is of another kind than this worker's".into()),
+        }
+    }
+}
+
 /// A candidate being evaluated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Pending {
@@ -315,6 +335,28 @@ impl<'a> Worker<'a> {
                 self.iterations
             )));
         }
+        let damaged = |what: String| {
+            CoreError::Invalid(format!("{} is damaged: {what}", self.store.describe()))
+        };
+        let fresh = (self.make_controller)()?;
+        s.controller.check_against(&fresh).map_err(damaged)?;
+        let ranges = fresh.ranges();
+        for p in &s.pending {
+            crate::search::check_tokens(ranges, &p.tokens).map_err(|e| {
+                damaged(format!(
+                    "its pending candidate {} is {:?}: {e}",
+                    p.id, p.tokens
+                ))
+            })?;
+        }
+        if s.done.saturating_add(s.pending.len()) > s.iterations {
+            return Err(damaged(format!(
+                "{} trials done and {} pending, more than its {} iterations",
+                s.done,
+                s.pending.len(),
+                s.iterations
+            )));
+        }
         Ok(())
     }
 
@@ -350,8 +392,8 @@ impl<'a> Worker<'a> {
             }
             if let Some(p) = s.pending.iter_mut().find(|p| p.deadline_ms < now) {
                 let from = std::mem::replace(&mut p.worker, me.clone());
-                p.deadline_ms = now + self.lease_ms();
-                p.attempts += 1;
+                p.deadline_ms = now.saturating_add(self.lease_ms());
+                p.attempts = p.attempts.saturating_add(1);
                 step = Step::Evaluate(p.clone(), Some(from));
                 return Ok(Some(Change {
                     state: s,
@@ -369,10 +411,10 @@ impl<'a> Worker<'a> {
                 tokens,
                 info,
                 worker: me.clone(),
-                deadline_ms: now + self.lease_ms(),
+                deadline_ms: now.saturating_add(self.lease_ms()),
                 attempts: 1,
             };
-            s.next_id += 1;
+            s.next_id = s.next_id.saturating_add(1);
             s.pending.push(p.clone());
             step = Step::Evaluate(p, None);
             Ok(Some(Change {
@@ -399,7 +441,7 @@ impl<'a> Worker<'a> {
                 .find(|p| p.id == id && p.worker == self.opts.name)
             {
                 Some(p) => {
-                    p.deadline_ms = now + self.lease_ms();
+                    p.deadline_ms = now.saturating_add(self.lease_ms());
                     mine = true;
                     Ok(Some(Change {
                         state: s,
@@ -821,5 +863,61 @@ mod tests {
             .unwrap();
         assert_eq!((h.trials.len(), task.evaluated), (3, before));
         assert!(Worker::new(&store, key(), 0, &make, opts("e")).is_err());
+    }
+
+    #[test]
+    fn a_damaged_state_is_named_and_never_run() {
+        let store = MemoryStore::new();
+        let make = annealing;
+        let mut task = Toy {
+            evaluated: 0,
+            rejected: 0,
+        };
+        Worker::new(&store, key(), 2, &make, opts("a"))
+            .unwrap()
+            .run(&mut task, &mut |_| {})
+            .unwrap();
+        let good = serde_json::to_value(store.state().unwrap()).unwrap();
+        let damage: [(&str, fn(&mut serde_json::Value)); 5] = [
+            ("candidate [99, 0, 0, 0]", |v| {
+                v["controller"]["annealing"]["current"][0] = serde_json::json!([99, 0, 0, 0])
+            }),
+            ("candidate [1]", |v| {
+                v["controller"]["annealing"]["best"][0] = serde_json::json!([1])
+            }),
+            ("annealing settings differ", |v| {
+                v["controller"]["annealing"]["reduce_rate"] = serde_json::json!(0.5)
+            }),
+            ("pending candidate 7", |v| {
+                v["iterations"] = serde_json::json!(2);
+                v["done"] = serde_json::json!(1);
+                v["pending"] = serde_json::json!([{"id": 7, "tokens": [1, 2], "info": null,
+                    "worker": "x", "deadline_ms": 0, "attempts": 4294967295u32}]);
+            }),
+            ("more than its 2 iterations", |v| {
+                v["done"] = serde_json::json!(usize::MAX)
+            }),
+        ];
+        for (needle, f) in damage {
+            let mut v = good.clone();
+            f(&mut v);
+            let state: StudyState = serde_json::from_value(v).unwrap();
+            store
+                .transact(&mut |_| {
+                    Ok(Some(Change {
+                        state: state.clone(),
+                        append: None,
+                    }))
+                })
+                .unwrap();
+            let before = task.evaluated;
+            let e = Worker::new(&store, key(), 2, &make, opts("b"))
+                .unwrap()
+                .run(&mut task, &mut |_| {})
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("damaged") && e.contains(needle), "{needle}: {e}");
+            assert_eq!(task.evaluated, before);
+        }
     }
 }

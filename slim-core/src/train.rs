@@ -154,8 +154,14 @@ impl TrainConfig {
     /// Checks the recipe once, before any work starts.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(CoreError::Invalid(m));
-        if self.epochs == 0 {
-            return bad("epochs must be at least 1".into());
+        if self.epochs == 0 || self.epochs > 1_000_000 {
+            return bad(format!("epochs {} must be in 1..=1000000", self.epochs));
+        }
+        if self.warmup_epochs > self.epochs {
+            return bad(format!(
+                "warm-up epochs {} exceed the {} epochs",
+                self.warmup_epochs, self.epochs
+            ));
         }
         if self.batch_size == 0 {
             return bad("batch size must be at least 1".into());
@@ -185,11 +191,11 @@ impl TrainConfig {
     /// The learning rate at a step (counted from 0 over the whole run).
     pub fn lr_at(&self, step: usize, steps_per_epoch: usize) -> f64 {
         let spe = steps_per_epoch.max(1);
-        let warm = self.warmup_epochs * spe;
+        let warm = self.warmup_epochs.saturating_mul(spe);
         if step < warm {
             return self.lr * (step + 1) as f64 / warm as f64;
         }
-        let total = (self.epochs * spe).saturating_sub(warm).max(1);
+        let total = self.epochs.saturating_mul(spe).saturating_sub(warm).max(1);
         let t = step - warm;
         match self.schedule {
             Schedule::Constant => self.lr,
@@ -358,6 +364,10 @@ impl Optimizer {
         tensors: &HashMap<String, Tensor>,
         steps: usize,
     ) -> std::result::Result<(), String> {
+        // Adam's bias correction raises its rates to the step count as an i32.
+        if steps > i32::MAX as usize / 2 {
+            return Err(format!("the optimizer's step count {steps} is impossible"));
+        }
         let mut restored = self.slots.clone();
         for ((name, var), slots) in self.params.iter().zip(restored.iter_mut()) {
             for (slot, t) in SLOT_NAMES.iter().zip(slots.iter_mut()) {
@@ -601,20 +611,8 @@ pub fn train(
                     var.set(t)?;
                 }
             }
-            for ((name, _), s) in opt.params.iter().zip(opt.slots.iter_mut()) {
-                for (slot, t) in SLOT_NAMES.iter().zip(s.iter_mut()) {
-                    *t = slots
-                        .get(&format!("{slot}/{name}"))
-                        .cloned()
-                        .ok_or_else(|| {
-                            CoreError::file(
-                                path,
-                                format!("optimizer state `opt/{slot}/{name}` is missing"),
-                            )
-                        })?;
-                }
-            }
-            opt.steps = state.optimizer_steps;
+            opt.restore(&slots, state.optimizer_steps)
+                .map_err(|e| CoreError::file(path, e))?;
             start_epoch = state.epochs_done;
         }
     }
@@ -733,15 +731,20 @@ fn count_hits(logits: &Tensor, labels: &Tensor, k: usize) -> Result<usize> {
     }
     let rows = logits.detach().to_vec2::<f32>()?;
     let labels = labels.to_vec1::<u32>()?;
-    Ok(rows
-        .iter()
-        .zip(&labels)
-        .filter(|(row, &l)| {
-            let target = row[l as usize];
-            // Rank of the label: how many logits beat it (ties count for the label).
-            row.iter().filter(|&&v| v > target).count() < k
-        })
-        .count())
+    let mut hits = 0;
+    for (row, &l) in rows.iter().zip(&labels) {
+        let Some(&target) = row.get(l as usize) else {
+            return Err(CoreError::Invalid(format!(
+                "the model gives {} scores per sample, and a label is {l}",
+                row.len()
+            )));
+        };
+        // Rank of the label: how many logits beat it (ties count for the label).
+        if row.iter().filter(|&&v| v > target).count() < k {
+            hits += 1;
+        }
+    }
+    Ok(hits)
 }
 
 /// Top-1 and top-5 accuracy of a model on a data set, in eval mode.
@@ -775,6 +778,13 @@ pub fn evaluate_with(
         return Err(CoreError::Invalid(format!(
             "the model takes inputs of shape {shape:?}, the data has {:?}",
             set.shape
+        )));
+    }
+    let out_shape = &model.graph.node(model.graph.outputs()[0]).shape;
+    if !matches!(out_shape[..], [k] if k >= set.classes) {
+        return Err(CoreError::Invalid(format!(
+            "the model outputs {out_shape:?}, the data has {} classes",
+            set.classes
         )));
     }
     let data: Arc<dyn Dataset> = Arc::new(set.clone());

@@ -192,3 +192,15 @@ fn mismatched_model_and_data_are_refused() {
     );
     assert!(e.unwrap_err().to_string().contains("epochs"));
 }
+
+#[test]
+fn an_optimizer_state_with_an_impossible_step_count_is_refused() {
+    let m = lenet(0);
+    let opt = slim_core::train::Optimizer::new(OptimizerKind::Adam, &m, &[]).unwrap();
+    let (slots, steps) = opt.state();
+    let slots: std::collections::HashMap<String, candle_core::Tensor> = slots.into_iter().collect();
+    let mut fresh = slim_core::train::Optimizer::new(OptimizerKind::Adam, &m, &[]).unwrap();
+    fresh.restore(&slots, steps).unwrap();
+    let e = fresh.restore(&slots, usize::MAX).unwrap_err();
+    assert!(e.contains("step count"), "{e}");
+}

@@ -260,7 +260,7 @@ impl StudyStore for RedisStudy {
         let (secs, micros): (u64, u64) = redis::cmd("TIME")
             .query(&mut *con)
             .map_err(|e| self.store_error(e))?;
-        Ok(secs * 1000 + micros / 1000)
+        Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
     }
 
     fn transact(

@@ -258,7 +258,7 @@ fn check_request(info: &TeacherInfo, raw: &[u8]) -> std::result::Result<Request,
 
 fn now_ms(con: &mut Connection) -> redis::RedisResult<u64> {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query(con)?;
-    Ok(secs * 1000 + micros / 1000)
+    Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
 }
 
 /// Serves the teacher `name` until `stop` is set: announces it, then answers requests.
@@ -532,6 +532,14 @@ impl TeacherClient {
                         "teacher `{name}` at {url}: announcement in format `{}`, expected `{INFO_FORMAT}`",
                         info.format
                     )));
+                }
+                for (node, shape) in &info.nodes {
+                    slim_core::graph::check_shape(shape).map_err(|e| {
+                        DistError::Redis(format!(
+                            "teacher `{name}` at {url}: its announcement has a damaged shape for \
+                             node `{node}`: {e}"
+                        ))
+                    })?;
                 }
                 break info;
             }

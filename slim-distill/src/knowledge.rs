@@ -75,6 +75,11 @@ impl ShardMeta {
                 ),
             ));
         }
+        for (node, shape) in &self.nodes {
+            slim_core::graph::check_shape(shape).map_err(|e| {
+                file_err(path, format!("has a damaged shape for node `{node}`: {e}"))
+            })?;
+        }
         Ok(())
     }
 }

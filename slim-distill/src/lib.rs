@@ -304,7 +304,8 @@ impl Distiller {
                 Teacher::Knowledge(k) => k.meta.teacher_fingerprint.clone(),
                 Teacher::Remote(r) => r.fingerprint(),
             };
-            fingerprint.push_str(&format!(" teacher:{}", &fp[..fp.len().min(16)]));
+            let short: String = fp.chars().take(16).collect();
+            fingerprint.push_str(&format!(" teacher:{short}"));
         }
         Ok(Distiller {
             names,

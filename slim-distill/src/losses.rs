@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{Tensor, Var, D};
 
 use crate::{DistillError, Result};
+use slim_core::graph::MAX_ELEMENTS;
 
 /// Node outputs by name, batched.
 pub type Taps = HashMap<String, Tensor>;
@@ -147,6 +148,11 @@ pub struct Adapter {
 impl Adapter {
     /// A seeded uniform initialisation in `±1/sqrt(from)` (the usual fan-in bound).
     pub fn new(from: usize, to: usize, seed: u64, device: &candle_core::Device) -> Result<Self> {
+        if from == 0 || to == 0 || from.checked_mul(to).is_none_or(|n| n > MAX_ELEMENTS) {
+            return Err(DistillError::Invalid(format!(
+                "an adapter from {from} to {to} channels is impossible or too large"
+            )));
+        }
         let bound = 1.0 / (from as f64).sqrt();
         let mut state = seed ^ 0x2545_f491_4f6c_dd1d;
         let values: Vec<f32> = (0..from * to)

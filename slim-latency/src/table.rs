@@ -218,7 +218,8 @@ impl Signature {
     /// The work the op does, for the fallback fit: multiply-accumulates of a convolution or
     /// linear layer, values read and written otherwise (one sample).
     pub fn work(&self) -> f64 {
-        let n = |s: &[usize]| s.iter().product::<usize>() as f64;
+        // In floats: a table read from a file may hold any sizes.
+        let n = |s: &[usize]| s.iter().map(|&d| d as f64).product::<f64>();
         let out = n(&self.output);
         match self.op.as_str() {
             "conv2d" | "dwconv2d" => {
@@ -230,7 +231,7 @@ impl Signature {
                     .copied()
                     .unwrap_or(1);
                 let g = self.groups.unwrap_or(1).max(1);
-                out * (cin / g) as f64 * (k[0] * k[1]) as f64
+                out * (cin / g) as f64 * k[0] as f64 * k[1] as f64
             }
             "linear" => out * self.inputs.first().map_or(1.0, |s| n(s)),
             _ => out + self.inputs.iter().map(|s| n(s)).sum::<f64>(),
@@ -330,12 +331,31 @@ impl Table {
             if !seen.insert(&e.signature) {
                 return Err(bad(format!("lists `{}` twice", e.signature)));
             }
+            let s = &e.signature;
+            let sizes = [s.out_channels, s.stride, s.padding, s.dilation, s.groups]
+                .into_iter()
+                .flatten()
+                .chain(s.kernel.into_iter().flatten());
+            let shapes_ok = s
+                .inputs
+                .iter()
+                .chain(std::iter::once(&s.output))
+                .all(|shape| slim_core::graph::check_shape(shape).is_ok());
+            if !shapes_ok || sizes.into_iter().any(|v| v > slim_core::graph::MAX_DIM) {
+                return Err(bad(format!("has an impossible layer `{s}`")));
+            }
         }
         if !(table.overhead_per_node_ms.is_finite() && table.overhead_per_node_ms >= 0.0) {
             return Err(bad("has an invalid `overhead_per_node_ms`".into()));
         }
         if table.device.threads == 0 || table.device.batch == 0 {
             return Err(bad("has zero threads or batch".into()));
+        }
+        if table.device.threads > 4096 || table.device.batch > 65536 {
+            return Err(bad(format!(
+                "has an impossible device: {} threads, batch {}",
+                table.device.threads, table.device.batch
+            )));
         }
         Ok(table)
     }

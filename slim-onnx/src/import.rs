@@ -670,7 +670,13 @@ impl Builder {
                 let p = if self.opset < 12 {
                     a.float("ratio").map(f64::from)
                 } else {
-                    self.opt_const(n, 1)?.map(|c| c.values[0])
+                    match self.opt_const(n, 1)? {
+                        Some(c) if c.values.len() == 1 => Some(c.values[0]),
+                        Some(c) => {
+                            return err(format!("its ratio has {} values, not one", c.values.len()))
+                        }
+                        None => None,
+                    }
                 };
                 let p = decimal(p.unwrap_or(0.5) as f32) as f32;
                 self.unary(n, &base, Op::Dropout { p })
@@ -680,7 +686,9 @@ impl Builder {
                     return err("the dropout mask output is used, which Slim does not compute");
                 }
                 let v = self.value(n, 0)?.clone();
-                let out = n.output[0].clone();
+                let Some(out) = n.output.first().cloned() else {
+                    return err("it has no output");
+                };
                 self.values.insert(out, v);
                 Ok(())
             }
@@ -701,7 +709,9 @@ impl Builder {
                 let x = self.node_in(n, 0)?;
                 let [scale, bias, mean, var] = [1, 2, 3, 4].map(|i| self.konst(n, i));
                 let (scale, bias, mean, var) = (scale?, bias?, mean?, var?);
-                let channels = x.onnx[0];
+                let Some(&channels) = x.onnx.first() else {
+                    return err("its input has no channel axis");
+                };
                 for (what, c) in [
                     ("scale", &scale),
                     ("bias", &bias),
@@ -803,7 +813,8 @@ impl Builder {
             }
             "Reshape" | "Squeeze" | "Unsqueeze" => {
                 let x = self.node_in(n, 0)?;
-                let total: usize = x.onnx.iter().product();
+                let total = slim_core::graph::elements(&x.onnx)
+                    .ok_or_else(|| OnnxError::Model(format!("a value of shape {:?}", x.onnx)))?;
                 let target: Vec<usize> = match n.op_type.as_str() {
                     "Reshape" => {
                         let shape = self.konst(n, 1)?.ints();
@@ -820,6 +831,12 @@ impl Builder {
                     }
                     _ => return err("Unsqueeze of data is not supported"),
                 };
+                if target.is_empty() {
+                    return err(format!(
+                        "it makes each sample of [N, {}] a scalar; Slim values keep an axis",
+                        join(&x.onnx)
+                    ));
+                }
                 let strip = |v: &[usize]| -> Vec<usize> {
                     let keep = v.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
                     v[..keep].to_vec()
@@ -899,7 +916,8 @@ impl Builder {
     }
 
     fn flatten(&mut self, n: &NodeProto, base: &str, x: NodeRef) -> Result<()> {
-        let total: usize = x.onnx.iter().product();
+        let total = slim_core::graph::elements(&x.onnx)
+            .ok_or_else(|| OnnxError::Model(format!("a value of shape {:?}", x.onnx)))?;
         if self.shape_of(&x).len() == 1 {
             return self.bind(
                 n,
@@ -1111,8 +1129,11 @@ impl Builder {
         if a.int("ceil_mode").unwrap_or(0) != 0 {
             // Ceil mode changes the output only when the last window would start past the
             // padded input in floor mode.
-            let out = |len: usize| (len + 2 * p - k).div_ceil(s) + 1;
-            let floor = |len: usize| (len + 2 * p - k) / s + 1;
+            let out = |len: usize| (len + 2 * p).checked_sub(k).map(|r| r.div_ceil(s) + 1);
+            let floor = |len: usize| (len + 2 * p).checked_sub(k).map(|r| r / s + 1);
+            if out(h).is_none() || out(w).is_none() {
+                return err(format!("its {k}x{k} window does not fit the {h}x{w} input"));
+            }
             if out(h) != floor(h) || out(w) != floor(w) {
                 return err("ceil_mode=1 with a partial last window is not supported");
             }
@@ -1204,7 +1225,11 @@ impl Builder {
             .map(|o| self.uses.get(o).copied().unwrap_or(0) > 1)
             .unwrap_or(true)
             || self.nodes.iter().any(|p| p.inputs.contains(&x.node));
-        let channels = x.onnx[0];
+        let Some(&channels) = x.onnx.first() else {
+            return err(format!(
+                "it {what} a constant, and its input has no channel axis"
+            ));
+        };
         let v = c.per_channel(channels, x.onnx.len()).ok_or_else(|| {
             OnnxError::Model(format!(
                 "it {what} a constant of shape {:?} that is not per channel of a [{}] value",
@@ -1471,7 +1496,8 @@ fn transpose(w: &Const) -> Const {
 
 /// A constant's new dimensions under a Reshape (0 copies, -1 is inferred).
 fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
-    let total: usize = dims.iter().product();
+    let too_large = || OnnxError::Model(format!("reshape of {dims:?} to {shape:?} is too large"));
+    let total = slim_core::graph::elements(dims).ok_or_else(too_large)?;
     let mut out = Vec::with_capacity(shape.len());
     let mut infer = None;
     for (i, &s) in shape.iter().enumerate() {
@@ -1489,14 +1515,14 @@ fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
             s => return err(format!("reshape to a dimension of {s}")),
         }
     }
-    let known: usize = out.iter().product();
+    let known = slim_core::graph::elements(&out).ok_or_else(too_large)?;
     if let Some(i) = infer {
         if known == 0 || !total.is_multiple_of(known) {
             return err(format!("cannot reshape {dims:?} to {shape:?}"));
         }
         out[i] = total / known;
     }
-    if out.iter().product::<usize>() != total {
+    if slim_core::graph::elements(&out) != Some(total) {
         return err(format!("cannot reshape {dims:?} to {shape:?}"));
     }
     Ok(out)

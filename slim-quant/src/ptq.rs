@@ -148,7 +148,7 @@ fn calibrate(
         let src = model.graph.node(node.inputs[0]).name.clone();
         feeds.entry(src).or_default().push(l.clone());
     }
-    let n = (cfg.batches * cfg.batch_size).min(set.len());
+    let n = cfg.batches.saturating_mul(cfg.batch_size).min(set.len());
     if n == 0 {
         return Err(QuantError::Invalid("no calibration images".into()));
     }
