@@ -2,8 +2,8 @@
 # Quantization on Fashion-MNIST, in the layout of PaddleSlim's quantization tables: ResNet-20 and
 # MobileNetV1 trained by `slim train`, then post-training quantized (abs_max activations with
 # abs_max or channel_wise_abs_max weights) and quantization-aware trained for one epoch
-# (moving_average_abs_max activations with either weight quantizer). Every int8 accuracy is
-# measured by the int8 runtime; sizes are the model files.
+# (moving_average_abs_max activations with either weight quantizer; SGD, lr 0.001, cosine).
+# Every int8 accuracy is measured by the int8 runtime; sizes are the model files.
 #
 # Usage: scripts/quant-results.sh            (MODELS, WIDTH, EPOCHS, DATA, OUT override)
 set -euo pipefail
@@ -31,7 +31,8 @@ for m in $MODELS; do
   for w in abs_max channel_wise_abs_max; do
     "$SLIM" quant ptq "$base" --data "$DATA" --weights "$w" --activations abs_max \
       --out "$OUT/$m-ptq-$w.safetensors" --json -q > "$OUT/$m-ptq-$w.json"
-    "$SLIM" quant qat "$base" --data "$DATA" --weights "$w" --epochs 1 --lr 0.0005 \
+    "$SLIM" quant qat "$base" --data "$DATA" --weights "$w" --epochs 1 \
+      --optimizer sgd --lr 0.001 --schedule cosine \
       --out "$OUT/$m-qat-$w.safetensors" --json -q > "$OUT/$m-qat-$w.json"
   done
   echo "$m: $(( $(date +%s) - start )) s" >&2

@@ -31,15 +31,17 @@ pub struct QatArgs {
     pub data: Option<String>,
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 0.0005)]
+    /// The default recipe (SGD with momentum 0.9, lr 0.001, cosine) fine-tunes gently: the
+    /// float model's weights move only as far as the integer grid asks.
+    #[arg(long, default_value_t = 0.001)]
     pub lr: f64,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// sgd, adam or adamw.
-    #[arg(long, default_value = "adam")]
+    #[arg(long, default_value = "sgd")]
     pub optimizer: String,
     /// constant, cosine, or step:EVERY:GAMMA.
-    #[arg(long, default_value = "constant")]
+    #[arg(long, default_value = "cosine")]
     pub schedule: String,
     /// abs_max or channel_wise_abs_max.
     #[arg(long, default_value = "channel_wise_abs_max")]

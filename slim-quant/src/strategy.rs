@@ -4,6 +4,7 @@
 use serde::Deserialize;
 use serde_json::json;
 use slim_core::pipeline::{Context, Strategy};
+use slim_core::train::{OptimizerKind, Schedule};
 use slim_core::{CoreError, Model};
 
 use crate::observer::ActQuant;
@@ -97,8 +98,8 @@ impl Strategy for PtqStrategy {
     }
 }
 
-/// The options of a `quant.qat` stage (the names of `slim quant qat`'s flags; the training
-/// recipe is the pipeline's, with these overrides).
+/// The options of a `quant.qat` stage (the names of `slim quant qat`'s flags, and its
+/// defaults; the rest of the training recipe is the pipeline's).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QatOptions {
@@ -110,6 +111,10 @@ pub struct QatOptions {
     pub epochs: usize,
     #[serde(default = "default_qat_lr")]
     pub lr: f64,
+    #[serde(default = "default_qat_optimizer")]
+    pub optimizer: String,
+    #[serde(default = "default_qat_schedule")]
+    pub schedule: String,
 }
 
 fn default_qat_batches() -> usize {
@@ -119,7 +124,13 @@ fn default_qat_epochs() -> usize {
     1
 }
 fn default_qat_lr() -> f64 {
-    0.0005
+    0.001
+}
+fn default_qat_optimizer() -> String {
+    "sgd".into()
+}
+fn default_qat_schedule() -> String {
+    "cosine".into()
 }
 
 /// A quantization-aware training stage: fake-quantization inserted, trained with the
@@ -127,6 +138,8 @@ fn default_qat_lr() -> f64 {
 pub struct QatStrategy {
     options: QatOptions,
     weights: WeightQuant,
+    optimizer: OptimizerKind,
+    schedule: Schedule,
 }
 
 impl QatStrategy {
@@ -144,9 +157,19 @@ impl QatStrategy {
             )));
         }
         let weights = o.weights.parse::<WeightQuant>()?;
+        let optimizer = o
+            .optimizer
+            .parse::<OptimizerKind>()
+            .map_err(|e| QuantError::Invalid(format!("quant.qat: {e}")))?;
+        let schedule = o
+            .schedule
+            .parse::<Schedule>()
+            .map_err(|e| QuantError::Invalid(format!("quant.qat: {e}")))?;
         Ok(QatStrategy {
             options: o,
             weights,
+            optimizer,
+            schedule,
         })
     }
 }
@@ -179,6 +202,8 @@ impl Strategy for QatStrategy {
         let mut tcfg = ctx.train.clone();
         tcfg.epochs = self.options.epochs;
         tcfg.lr = self.options.lr;
+        tcfg.optimizer = self.optimizer;
+        tcfg.schedule = self.schedule.clone();
         tcfg.warmup_epochs = 0;
         let report = slim_core::train::train(
             &mut q,
@@ -195,6 +220,7 @@ impl Strategy for QatStrategy {
             int8,
             json!({"weights": self.weights.name(), "activations": "moving_average_abs_max",
                    "epochs": tcfg.epochs, "lr": tcfg.lr,
+                   "optimizer": self.options.optimizer, "schedule": self.options.schedule,
                    "train_seconds": report.epochs.iter().map(|e| e.seconds).sum::<f64>()}),
         ))
     }
