@@ -6,8 +6,9 @@
 //!   `slim_quant::gemm::Kernel`);
 //! - `int8_<model>_b<N>`: a post-training-quantized model run by the int8 runtime against the
 //!   same float model's forward (Slim's own fast kernels), at batch 1 and 64, for MobileNetV1
-//!   and ResNet-20 on 3x32x32 inputs (width 1; calibrated on random images, which does not
-//!   change the work).
+//!   and ResNet-20 on 3x32x32 inputs, and for the small MNIST models `mobilenet_tiny` and
+//!   LeNet on 1x28x28 (width 1; calibrated on random images, which does not change the
+//!   work).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -84,18 +85,24 @@ fn gemm(c: &mut Criterion) {
 fn models(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut rng = StdRng::seed_from_u64(2);
-    let calib = ImageSet {
-        shape: [3, 32, 32],
-        classes: 10,
-        images: (0..256 * 3 * 32 * 32).map(|_| rng.random()).collect(),
-        labels: (0..256).map(|i| (i % 10) as u8).collect(),
-    };
     let norm = Normalize {
         mean: vec![0.5],
         std: vec![0.25],
     };
-    for name in ["mobilenet_v1", "resnet20"] {
-        let m = zoo::model(name, &ZooConfig::new([3, 32, 32]), 0, &dev).expect("zoo");
+    for (name, shape) in [
+        ("mobilenet_v1", [3, 32, 32]),
+        ("resnet20", [3, 32, 32]),
+        ("mobilenet_tiny", [1, 28, 28]),
+        ("lenet", [1, 28, 28]),
+    ] {
+        let per: usize = shape.iter().product();
+        let calib = ImageSet {
+            shape,
+            classes: 10,
+            images: (0..256 * per).map(|_| rng.random()).collect(),
+            labels: (0..256).map(|i| (i % 10) as u8).collect(),
+        };
+        let m = zoo::model(name, &ZooConfig::new(shape), 0, &dev).expect("zoo");
         let cfg = PtqConfig {
             batches: 2,
             batch_size: 64,
@@ -103,7 +110,8 @@ fn models(c: &mut Criterion) {
         };
         let (q, _) = quantize(&m, &calib, &norm, &cfg).expect("ptq");
         for batch in [1usize, 64] {
-            let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &dev).expect("x");
+            let x =
+                Tensor::randn(0f32, 1.0, (batch, shape[0], shape[1], shape[2]), &dev).expect("x");
             let mut g = c.benchmark_group(format!("int8_{name}_b{batch}"));
             g.sample_size(10);
             g.throughput(Throughput::Elements(batch as u64));

@@ -161,6 +161,18 @@ pub struct ExportArgs {
     /// Seed of the fresh weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A one-shot search's candidate keeps the weights it was scored with: its slices of the
+    /// supernet (`supernet.safetensors` in the folder), with batch-norm statistics recomputed
+    /// on the first --calibration-images training images of --data. Without it, the model
+    /// starts from fresh weights, to be trained.
+    #[arg(long)]
+    pub inherit: bool,
+    /// --inherit: the data the search ran on.
+    #[arg(long, default_value = DEFAULT_SPEC)]
+    pub data: String,
+    /// --inherit: images for the batch-norm statistics (the search's --calibration-images).
+    #[arg(long, default_value_t = 512)]
+    pub calibration_images: usize,
     #[command(flatten)]
     pub common: Common,
 }
@@ -267,7 +279,8 @@ fn prepare(
     let train = train_images.unwrap_or(n.saturating_sub(s.eval_images));
     if train < batch_size || s.eval_images == 0 {
         return Err(input_error(format!(
-            "{train} training images must be at least one batch (--batch-size {batch_size})              and --eval-images at least 1"
+            "{train} training images must be at least one batch (--batch-size {batch_size}) \
+             and --eval-images at least 1"
         )));
     }
     if train + s.eval_images > n {
@@ -651,9 +664,36 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
                 ranked.len()
             ))
         })?;
-    let graph = space.graph(&c.tokens)?;
     let device = a.common.device()?;
-    let mut model = Model::init(graph, a.seed, &device)?;
+    let mut inherited = None;
+    let mut model = if a.inherit {
+        let file = a.dir.join("supernet.safetensors");
+        if !file.is_file() {
+            return Err(input_error(format!(
+                "--inherit: {} holds no supernet ({} is missing); only one-shot searches \
+                 have one",
+                a.dir.display(),
+                file.display()
+            )));
+        }
+        if a.calibration_images == 0 {
+            return Err(input_error("--calibration-images must be at least 1"));
+        }
+        let supernet = crate::common::load_model(&file, &device)?;
+        let mut model = slim_nas::oneshot::inherit(&supernet, space.as_ref(), &c.tokens)?;
+        let data = crate::common::load_data(&a.data, None)?;
+        let calibration = data.train.take(a.calibration_images);
+        slim_core::train::recalibrate_batch_norm(&model, &calibration, &data.normalize, 64)?;
+        // The search's own calibration images, when they are these, make the model the one
+        // it scored.
+        let same = key["reward"]["calibration"].as_str() == Some(&calibration.fingerprint());
+        let test = slim_core::train::evaluate(&model, &data.test, &data.normalize, 256)?;
+        model.provenance.insert("data".into(), a.data.clone());
+        inherited = Some(json!({"same_calibration": same, "test_top1": test.top1}));
+        model
+    } else {
+        Model::init(space.graph(&c.tokens)?, a.seed, &device)?
+    };
     for (k, v) in [
         ("nas_space", name.to_string()),
         ("nas_arch", c.arch.clone()),
@@ -661,6 +701,14 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
         ("nas_reward", format!("{:.4}", c.reward.unwrap_or(f64::NAN))),
         ("width", width.to_string()),
         ("input", format!("{}x{}x{}", input[0], input[1], input[2])),
+        (
+            "nas_weights",
+            if a.inherit {
+                "inherited from the supernet".to_string()
+            } else {
+                format!("fresh, seed {}", a.seed)
+            },
+        ),
         (
             "created_by",
             format!("slim {} nas export", env!("CARGO_PKG_VERSION")),
@@ -672,7 +720,8 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
     if a.common.json {
         outln!(
             "{}",
-            json!({"out": a.out, "rank": a.rank, "candidate": c, "space": name})
+            json!({"out": a.out, "rank": a.rank, "candidate": c, "space": name,
+                   "inherited": inherited})
         );
     } else {
         outln!(
@@ -686,6 +735,17 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
             slim_core::analysis::human(c.measure.macs),
             slim_core::analysis::human(c.measure.params)
         );
+        if let Some(i) = &inherited {
+            outln!(
+                "weights inherited from the supernet: top-1 {:.2}% on the test split{}",
+                i["test_top1"].as_f64().unwrap_or(f64::NAN) * 100.0,
+                if i["same_calibration"] == true {
+                    ""
+                } else {
+                    " (batch-norm statistics from other images than the search's)"
+                }
+            );
+        }
     }
     Ok(())
 }

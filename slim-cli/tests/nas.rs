@@ -386,4 +386,45 @@ fn one_shot_search_trains_a_supernet_once_and_resumes() {
         "--json",
     ]));
     assert!(model.is_file());
+    // Or with the weights it was scored with: evaluated on the search's own images, the
+    // exported model earns exactly the candidate's reward.
+    let e = ok(&slim(&[
+        "nas",
+        "export",
+        out.to_str().unwrap(),
+        "--inherit",
+        "--calibration-images",
+        "128",
+        "--out",
+        model.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(e["inherited"]["same_calibration"], true, "{e}");
+    let m = slim_core::Model::load(&model, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(m.provenance["nas_weights"], "inherited from the supernet");
+    let data = slim_core::data::load_spec(slim_core::data::DEFAULT_SPEC).unwrap();
+    let eval = data.train.take_last(256);
+    let top1 = slim_core::train::evaluate(&m, &eval, &data.normalize, 256)
+        .unwrap()
+        .top1;
+    let reward = e["candidate"]["reward"].as_f64().unwrap();
+    assert!(
+        (top1 - reward).abs() < 1e-9,
+        "{top1} against the reward {reward}"
+    );
+    // A search without a supernet has nothing to inherit.
+    let sa = dir.path().join("sa-none");
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::copy(out.join("history.json"), sa.join("history.json")).unwrap();
+    fails(
+        &slim(&[
+            "nas",
+            "export",
+            sa.to_str().unwrap(),
+            "--inherit",
+            "--out",
+            dir.path().join("x.safetensors").to_str().unwrap(),
+        ]),
+        "holds no supernet",
+    );
 }
