@@ -8,6 +8,8 @@
 //! - a **dense** convolution is `W · im2col(x) + b` in one custom op that calls the `gemm`
 //!   crate directly; its backward recomputes the unfold and makes two products of the same
 //!   size (`dW = G · colsᵀ`, `dcols = Wᵀ · G`) and a fold, with no autograd intermediates;
+//!   a **pointwise** one (1x1, stride 1, no padding) needs no unfold at all: its products read
+//!   each sample's planes where they lie and write the gradients in place;
 //! - train-mode **batch norm** is one fused op with its own backward;
 //! - **max pooling** supports padding and overlapping windows, with an exact backward.
 //!
@@ -48,6 +50,11 @@ impl Geom {
     fn src(&self, o: usize, k: usize) -> usize {
         // Only called for `o` in `valid(k, ..)`, where this is non-negative.
         o * self.stride + k * self.dil - self.pad
+    }
+    /// A 1x1 convolution with stride 1 and no padding: each sample's output is the product
+    /// `W · X_n` of the weights and the sample's `[C, H*W]` planes, read where they lie.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
 }
 
@@ -91,10 +98,9 @@ fn unfold(g: &Geom, x: &[f32]) -> Vec<f32> {
     cols
 }
 
-/// col2im, the adjoint of [`unfold`]: `[C*KH*KW, N*OH*OW]` to `[N, C, H, W]`.
-fn fold(g: &Geom, cols: &[f32]) -> Vec<f32> {
+/// col2im, the adjoint of [`unfold`]: `[C*KH*KW, N*OH*OW]` added into `x` `[N, C, H, W]`.
+fn fold_into(g: &Geom, cols: &[f32], x: &mut [f32]) {
     let p = g.oh * g.ow;
-    let mut x = vec![0f32; g.n * g.c * g.h * g.w];
     x.par_chunks_mut(g.h * g.w)
         .enumerate()
         .for_each(|(plane_idx, plane)| {
@@ -123,7 +129,6 @@ fn fold(g: &Geom, cols: &[f32]) -> Vec<f32> {
                 }
             }
         });
-    x
 }
 
 /// A row-major `[m, n]` product `a · b`, where `a` and `b` are read through (row, column)
@@ -142,8 +147,41 @@ fn matmul(
     b_cs: usize,
 ) -> Vec<f32> {
     let mut dst = vec![0f32; m * n];
+    gemm_into(
+        &mut dst,
+        false,
+        m,
+        n,
+        k,
+        (a, a_rs, a_cs),
+        (b, b_rs, b_cs),
+        true,
+    );
+    dst
+}
+
+/// A strided operand of [`gemm_into`]: the values, the row stride and the column stride.
+type Operand<'a> = (&'a [f32], usize, usize);
+
+/// `dst = a · b` (row-major `[m, n]`), or `dst += a · b` with `accumulate`; over every core
+/// with `parallel`, else on the calling thread (for callers that split the work themselves).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    (a, a_rs, a_cs): Operand<'_>,
+    (b, b_rs, b_cs): Operand<'_>,
+    parallel: bool,
+) {
+    assert_eq!(dst.len(), m * n, "dst is not m x n");
     if m == 0 || n == 0 || k == 0 {
-        return dst;
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
     }
     // The largest index each operand is read at must lie inside its slice.
     assert!(
@@ -154,8 +192,13 @@ fn matmul(
         (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
         "rhs out of bounds"
     );
-    // SAFETY: the asserts above bound every read of `a` and `b`; `dst` is a fresh row-major
-    // m x n buffer; the three do not overlap.
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every read of `a` and `b`; `dst` is a row-major m x n
+    // buffer (checked above) that, being borrowed mutably, overlaps neither operand.
     unsafe {
         gemm::gemm(
             m,
@@ -164,22 +207,40 @@ fn matmul(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             a.as_ptr(),
             a_cs as isize,
             a_rs as isize,
             b.as_ptr(),
             b_cs as isize,
             b_rs as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            parallelism,
         );
     }
-    dst
+}
+
+/// Runs `f(n, chunk)` over the `chunk`-sized pieces of `out`, one per sample: in parallel
+/// when there are enough samples to keep every core busy (then `f` is told to stay on its
+/// thread), else one after another with `f` free to use every core.
+fn per_sample(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32], bool) + Sync) {
+    if chunk == 0 {
+        return;
+    }
+    let samples = out.len() / chunk;
+    if samples >= rayon::current_num_threads() {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(n, c)| f(n, c, false));
+    } else {
+        for (n, c) in out.chunks_mut(chunk).enumerate() {
+            f(n, c, true);
+        }
+    }
 }
 
 /// A dense convolution `(x [N, C, H, W], w [O, C, KH, KW], b [O])` as `W · im2col(x) + b`.
@@ -212,6 +273,18 @@ impl candle_core::CustomOp3 for DenseConv {
         let w = f32_slice(s2, l2, self.name())?;
         let b = f32_slice(s3, l3, self.name())?;
         let (k, p) = (g.c * g.kh * g.kw, g.oh * g.ow);
+        if g.pointwise() {
+            // Y_n = W · X_n + b, written where it belongs.
+            let mut y = vec![0f32; g.n * o * p];
+            per_sample(&mut y, o * p, |n, out, parallel| {
+                let xn = &x[n * k * p..][..k * p];
+                gemm_into(out, false, o, p, k, (w, k, 1), (xn, p, 1), parallel);
+                for (row, &bo) in out.chunks_mut(p).zip(b) {
+                    row.iter_mut().for_each(|v| *v += bo);
+                }
+            });
+            return Ok((CpuStorage::F32(y), Shape::from((g.n, o, g.oh, g.ow))));
+        }
         let cols = unfold(&g, x);
         let np = g.n * p;
         let y2 = matmul(o, np, k, w, k, 1, &cols, np, 1);
@@ -267,6 +340,47 @@ impl candle_core::CustomOp3 for DenseConvGrad {
         let w = f32_slice(s2, l2, self.name())?;
         let gy = f32_slice(s3, l3, self.name())?;
         let (k, p) = (g.c * g.kh * g.kw, g.oh * g.ow);
+        let (nx, nw) = (g.n * g.c * g.h * g.w, o * k);
+        let mut out = vec![0f32; nx + nw + o];
+        let (gx, rest) = out.split_at_mut(nx);
+        let (gw, gb) = rest.split_at_mut(nw);
+        if g.pointwise() {
+            // dX_n = Wᵀ · G_n in place; dW = Σ_n G_n · X_nᵀ, summed per thread, then over
+            // the threads; db = the sums of G's rows.
+            per_sample(gx, k * p, |n, dst, parallel| {
+                let gn = &gy[n * o * p..][..o * p];
+                gemm_into(dst, false, k, p, o, (w, 1, k), (gn, p, 1), parallel);
+            });
+            let parts = rayon::current_num_threads().clamp(1, g.n.max(1));
+            let per = g.n.div_ceil(parts);
+            let partial: Vec<Vec<f32>> = (0..parts)
+                .into_par_iter()
+                .map(|t| {
+                    let mut acc = vec![0f32; nw];
+                    for n in (t * per)..((t + 1) * per).min(g.n) {
+                        let gn = &gy[n * o * p..][..o * p];
+                        let xn = &x[n * k * p..][..k * p];
+                        gemm_into(&mut acc, true, o, k, p, (gn, p, 1), (xn, 1, p), false);
+                    }
+                    acc
+                })
+                .collect();
+            for part in partial {
+                gw.iter_mut().zip(part).for_each(|(d, s)| *d += s);
+            }
+            gb.par_iter_mut().enumerate().for_each(|(oc, d)| {
+                let total: f64 = (0..g.n)
+                    .map(|n| {
+                        gy[(n * o + oc) * p..][..p]
+                            .iter()
+                            .map(|&v| f64::from(v))
+                            .sum::<f64>()
+                    })
+                    .sum();
+                *d = total as f32;
+            });
+            return Ok((CpuStorage::F32(out), Shape::from(nx + nw + o)));
+        }
         let np = g.n * p;
         // [N, O, P] to [O, N*P].
         let mut g2 = vec![0f32; o * np];
@@ -277,19 +391,14 @@ impl candle_core::CustomOp3 for DenseConvGrad {
         });
         let cols = unfold(&g, x);
         // dW = G2 · cols^T; dcols = W^T · G2; db = row sums of G2.
-        let gw = matmul(o, k, np, &g2, np, 1, &cols, 1, np);
+        gemm_into(gw, false, o, k, np, (&g2, np, 1), (&cols, 1, np), true);
         drop(cols);
         let gcols = matmul(k, np, o, w, 1, k, &g2, np, 1);
-        let gx = fold(&g, &gcols);
-        let gb: Vec<f32> = g2
-            .par_chunks(np)
-            .map(|r| r.iter().map(|&v| f64::from(v)).sum::<f64>() as f32)
-            .collect();
-        let mut out = gx;
-        out.extend_from_slice(&gw);
-        out.extend_from_slice(&gb);
-        let len = out.len();
-        Ok((CpuStorage::F32(out), Shape::from(len)))
+        fold_into(&g, &gcols, gx);
+        gb.par_iter_mut().zip(g2.par_chunks(np)).for_each(|(d, r)| {
+            *d = r.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
+        });
+        Ok((CpuStorage::F32(out), Shape::from(nx + nw + o)))
     }
 }
 
@@ -1069,6 +1178,10 @@ mod tests {
                 .with_padding(pad)
                 .with_dilation(dil);
             check(2, 5, 7, 11, k, spec);
+        }
+        // The pointwise path, one sample at a time and in parallel over samples.
+        for n in [1, 3, 8] {
+            check(n, 6, 4, 5, 1, Conv2dSpec::new(6, 4, 1));
         }
     }
 }
