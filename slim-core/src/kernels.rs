@@ -536,6 +536,9 @@ impl CustomOp2 for DepthwiseGradWeight {
         let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
         let mut gw = vec![0f32; g.c * kk];
         gw.par_chunks_mut(kk).enumerate().for_each(|(c, filt)| {
+            // Per tap, products summed by output column over every sample and row (element-
+            // wise, so it runs in vector code), and across the columns once at the end.
+            let mut rows = vec![0f32; kk * g.ow];
             for n in 0..g.n {
                 let idx = n * g.c + c;
                 let plane = &x[idx * ip..(idx + 1) * ip];
@@ -543,27 +546,31 @@ impl CustomOp2 for DepthwiseGradWeight {
                 for kh in 0..g.kh {
                     for kw in 0..g.kw {
                         let cr = g.valid(kw, g.ow, g.w);
-                        let mut acc = 0f32;
+                        let acc = &mut rows[(kh * g.kw + kw) * g.ow..][..g.ow];
                         for oh in g.valid(kh, g.oh, g.h) {
                             let ih = g.src(oh, kh);
                             let x_row = &plane[ih * g.w..(ih + 1) * g.w];
                             let g_row = &src[oh * g.ow..(oh + 1) * g.ow];
                             if g.stride == 1 {
                                 let a = g.src(cr.start, kw);
-                                acc += x_row[a..a + cr.len()]
-                                    .iter()
+                                for ((d, xv), gv) in acc[cr.clone()]
+                                    .iter_mut()
+                                    .zip(&x_row[a..a + cr.len()])
                                     .zip(&g_row[cr.clone()])
-                                    .map(|(a, b)| a * b)
-                                    .sum::<f32>();
+                                {
+                                    *d += xv * gv;
+                                }
                             } else {
                                 for ow in cr.clone() {
-                                    acc += x_row[g.src(ow, kw)] * g_row[ow];
+                                    acc[ow] += x_row[g.src(ow, kw)] * g_row[ow];
                                 }
                             }
                         }
-                        filt[kh * g.kw + kw] += acc;
                     }
                 }
+            }
+            for (f, row) in filt.iter_mut().zip(rows.chunks(g.ow.max(1))) {
+                *f = row.iter().sum();
             }
         });
         Ok((CpuStorage::F32(gw), Shape::from((g.c, 1, g.kh, g.kw))))
