@@ -90,6 +90,24 @@ impl Model {
         Model::new(graph, params)
     }
 
+    /// A model of `graph` whose trained parameters are zeros and whose buffers are fresh (as
+    /// [`Model::init`] makes them): for executions that read the trained weights from
+    /// elsewhere (a supernet's slices), where drawing random ones would be wasted work.
+    pub fn with_zero_weights(graph: Graph, device: &Device) -> Result<Model> {
+        let mut params = ParamStore::new();
+        for node in graph.nodes() {
+            for (name, spec) in node.params() {
+                let t = if spec.kind.is_trainable() {
+                    Tensor::zeros(spec.shape.clone(), candle_core::DType::F32, device)?
+                } else {
+                    init_tensor(&node.op, &name, &spec, 0, device)?
+                };
+                params.insert(name, &t, spec.kind)?;
+            }
+        }
+        Model::new(graph, params)
+    }
+
     /// The preprocessing this model expects of raw pixels, when it is not the data set's own
     /// (models imported from elsewhere: raw 0..255 pixels, ImageNet statistics). It is kept
     /// with the provenance (key `preprocess`), so every model derived from this one carries it.
@@ -316,6 +334,34 @@ impl Fnv {
 mod tests {
     use super::*;
     use crate::graph::{GraphBuilder, ParamKind};
+
+    #[test]
+    fn zero_weights_keep_fresh_buffers() {
+        let g = GraphBuilder::new([1, 8, 8])
+            .conv("c", 4, 3, 1, 1)
+            .bn("bn")
+            .build()
+            .unwrap();
+        let init = Model::init(g.clone(), 3, &Device::Cpu).unwrap();
+        let zero = Model::with_zero_weights(g, &Device::Cpu).unwrap();
+        let values = |m: &Model, n: &str| {
+            m.params
+                .tensor(n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        for (name, p) in init.params.iter() {
+            if p.kind.is_trainable() {
+                assert!(values(&zero, name).iter().all(|&v| v == 0.0), "{name}");
+            } else {
+                assert_eq!(values(&zero, name), values(&init, name), "{name}");
+            }
+        }
+        assert_eq!(values(&zero, "bn.running_var"), vec![1.0; 4]);
+    }
 
     #[test]
     fn init_is_seeded_and_checked() {

@@ -205,8 +205,8 @@ pub fn train_supernet(
             let batch = batch?;
             let tokens: Vec<usize> = ranges.iter().map(|&r| rng.random_range(0..r)).collect();
             // A throwaway model of the candidate: its own batch-norm statistics, the
-            // supernet's slices for everything trained.
-            let sub = Model::init(space.graph(&tokens)?, 0, device)?;
+            // supernet's slices for everything trained (its own weights are never read).
+            let sub = Model::with_zero_weights(space.graph(&tokens)?, device)?;
             let slices = Slices {
                 supernet: &supernet.params,
                 space,
