@@ -108,13 +108,18 @@ pub fn elements(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
+/// True when a shape holds at most [`MAX_ELEMENTS`] values.
+fn fits(shape: &[usize]) -> bool {
+    elements(shape).is_some_and(|n| n <= MAX_ELEMENTS)
+}
+
 /// Checks a per-sample shape read from outside (a file, a message): at least one axis, no
 /// zero, and within [`MAX_DIM`] and [`MAX_ELEMENTS`].
 pub fn check_shape(shape: &[usize]) -> Result<(), String> {
     if shape.is_empty() || shape.contains(&0) {
         return Err(format!("shape {shape:?} must have an axis and no zero"));
     }
-    if shape.iter().any(|&d| d > MAX_DIM) || elements(shape).is_none_or(|n| n > MAX_ELEMENTS) {
+    if shape.iter().any(|&d| d > MAX_DIM) || !fits(shape) {
         return Err(format!(
             "shape {shape:?} exceeds the limits ({MAX_DIM} per axis, {MAX_ELEMENTS} values)"
         ));
@@ -351,24 +356,16 @@ impl Op {
     pub fn infer_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>, String> {
         self.check_sizes()?;
         let shape = self.infer_shape_unbounded(inputs)?;
-        match elements(&shape) {
-            Some(n) if n <= MAX_ELEMENTS => {}
-            _ => {
-                return Err(format!(
-                    "its output {shape:?} exceeds the limit of {MAX_ELEMENTS} values per sample"
-                ))
-            }
+        if !fits(&shape) {
+            return Err(format!(
+                "its output {shape:?} exceeds the limit of {MAX_ELEMENTS} values per sample"
+            ));
         }
-        for p in self.params() {
-            match elements(&p.shape) {
-                Some(n) if n <= MAX_ELEMENTS => {}
-                _ => {
-                    return Err(format!(
-                        "its {} {:?} exceeds the limit of {MAX_ELEMENTS} values",
-                        p.role, p.shape
-                    ))
-                }
-            }
+        if let Some(p) = self.params().into_iter().find(|p| !fits(&p.shape)) {
+            return Err(format!(
+                "its {} {:?} exceeds the limit of {MAX_ELEMENTS} values",
+                p.role, p.shape
+            ));
         }
         Ok(shape)
     }

@@ -274,14 +274,16 @@ pub struct Worker<'a> {
     store: &'a dyn StudyStore,
     search: serde_json::Value,
     iterations: usize,
-    make_controller: &'a (dyn Fn() -> Result<StudyController> + Sync),
+    /// The controller as this worker's settings make it: the study's first state, and what
+    /// every state read from the store is checked against.
+    fresh: StudyController,
     opts: WorkerOptions,
 }
 
 impl<'a> Worker<'a> {
     /// A worker of the study in `store` whose search is `search` (compared with the study's:
-    /// a worker of another search is refused). `make_controller` makes the controller when
-    /// this worker is the first, and the study is created with `iterations`.
+    /// a worker of another search is refused). `make_controller` makes the controller (once),
+    /// which starts the study when this worker is the first, with `iterations`.
     pub fn new(
         store: &'a dyn StudyStore,
         search: serde_json::Value,
@@ -307,7 +309,7 @@ impl<'a> Worker<'a> {
             store,
             search,
             iterations,
-            make_controller,
+            fresh: make_controller()?,
             opts,
         })
     }
@@ -338,9 +340,8 @@ impl<'a> Worker<'a> {
         let damaged = |what: String| {
             CoreError::Invalid(format!("{} is damaged: {what}", self.store.describe()))
         };
-        let fresh = (self.make_controller)()?;
-        s.controller.check_against(&fresh).map_err(damaged)?;
-        let ranges = fresh.ranges();
+        s.controller.check_against(&self.fresh).map_err(damaged)?;
+        let ranges = self.fresh.ranges();
         for p in &s.pending {
             crate::search::check_tokens(ranges, &p.tokens).map_err(|e| {
                 damaged(format!(
@@ -380,7 +381,7 @@ impl<'a> Worker<'a> {
                     format: STUDY_FORMAT.into(),
                     search: self.search.clone(),
                     iterations: self.iterations,
-                    controller: (self.make_controller)()?,
+                    controller: self.fresh.clone(),
                     next_id: 0,
                     pending: Vec::new(),
                     done: 0,
