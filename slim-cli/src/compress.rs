@@ -217,11 +217,35 @@ fn strategy_line(text: &str, n: usize, key: Option<&str>) -> Option<usize> {
     None
 }
 
+/// The model a stage starts from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Source {
+    /// The model the stage before it produced (the default).
+    Previous,
+    /// The model of an earlier stage: 0 is the baseline, `n` the n-th strategy.
+    Stage(usize),
+    /// The baseline's zoo architecture with fresh weights from the pipeline's seed (to train a
+    /// network from scratch another way, say by distillation, beside the baseline).
+    Init,
+}
+
+/// Characters a stage's `name` may use (it also names the stage's files).
+fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().count() <= 40
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " .+-_".contains(c))
+        && name.trim() == name
+}
+
 /// A checked pipeline: the configuration and its strategies.
 struct Pipeline {
     config: Config,
     train: TrainConfig,
     strategies: Vec<Box<dyn Strategy>>,
+    /// Each strategy's row name (its `name`, or its kind) and the model it starts from.
+    stages: Vec<(String, Source)>,
     /// The report's latency tables, read and checked with the configuration.
     tables: Vec<slim_latency::Table>,
 }
@@ -271,6 +295,7 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
         .config()
         .map_err(|f| input_error(format!("{origin}: [train]: {:#}", f.error)))?;
     let mut strategies: Vec<Box<dyn Strategy>> = Vec::new();
+    let mut stages: Vec<(String, Source)> = Vec::new();
     for (i, table) in config.strategy.iter().enumerate() {
         let at = |key: Option<&str>| {
             strategy_line(text, i, key)
@@ -294,6 +319,60 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
                 )))
             }
         };
+        let named = table.contains_key("name");
+        let name = match table.remove("name") {
+            None => kind.clone(),
+            Some(toml::Value::String(n)) if name_ok(&n) => n,
+            Some(_) => {
+                return Err(input_error(format!(
+                    "{}: `name` must be a string of 1 to 40 letters, digits, spaces and .+-_ \
+                     (it names the stage's row and files)",
+                    at(Some("name"))
+                )))
+            }
+        };
+        let source = match table.remove("from") {
+            None => Source::Previous,
+            Some(toml::Value::String(f)) => {
+                if f == "baseline" {
+                    Source::Stage(0)
+                } else if f == "init" {
+                    if config.model.zoo.is_none() {
+                        return Err(input_error(format!(
+                            "{}: `from = \"init\"` needs a zoo model in [model] (fresh \
+                             weights for a model file are not defined)",
+                            at(Some("from"))
+                        )));
+                    }
+                    Source::Init
+                } else if let Some(j) = stages.iter().position(|(n, _)| *n == f) {
+                    Source::Stage(j + 1)
+                } else {
+                    let known: Vec<String> = std::iter::once("baseline".to_string())
+                        .chain(std::iter::once("init".to_string()))
+                        .chain(stages.iter().map(|(n, _)| format!("\"{n}\"")))
+                        .collect();
+                    return Err(input_error(format!(
+                        "{}: `from = \"{f}\"` names no earlier stage (expected one of {})",
+                        at(Some("from")),
+                        known.join(", ")
+                    )));
+                }
+            }
+            Some(_) => {
+                return Err(input_error(format!(
+                    "{}: `from` must be a string",
+                    at(Some("from"))
+                )))
+            }
+        };
+        if name == "baseline" || stages.iter().any(|(n, _)| *n == name) {
+            return Err(input_error(format!(
+                "{}: two stages are named \"{name}\"; give one a `name` of its own",
+                at(if named { Some("name") } else { None })
+            )));
+        }
+        stages.push((name, source));
         let option_error = |e: toml::de::Error| {
             let msg = e.to_string();
             // serde names the offending field between backticks.
@@ -368,6 +447,7 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
         config,
         train,
         strategies,
+        stages,
         tables,
     })
 }
@@ -402,6 +482,9 @@ struct Row {
     /// Ops of the model the table lacked, estimated by its fallback fit.
     #[serde(default, skip_serializing_if = "is_zero")]
     latency_fallback_ops: usize,
+    /// The stage the model started from, when not the one before (`init`: fresh weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<String>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -523,6 +606,18 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     let total = pipeline.strategies.len() + 1;
     let started = Instant::now();
 
+    // The zoo model with the weights it starts training from.
+    let fresh = |data: &slim_core::data::DataSplits| -> Result<Model, Failure> {
+        let name = pipeline.config.model.zoo.as_deref().unwrap_or_default();
+        let zcfg = ZooConfig::new(data.train.shape)
+            .with_width(pipeline.config.model.width)
+            .with_classes(data.train.classes);
+        let mut m = zoo::model(name, &zcfg, pipeline.train.seed, &device)?;
+        m.provenance
+            .insert("data".into(), pipeline.config.data.spec.clone());
+        Ok(m)
+    };
+
     // Stage 0: the baseline, trained from the zoo or read from a file.
     let mut model = if let Some(row) = state.stages.first() {
         note(format!("stage 1/{total}: baseline (done)"));
@@ -534,12 +629,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         let (model, info, file) = match (&pipeline.config.model.zoo, &pipeline.config.model.file) {
             (Some(name), _) => {
                 note(format!("stage 1/{total}: baseline: train {name}"));
-                let zcfg = ZooConfig::new(data.train.shape)
-                    .with_width(pipeline.config.model.width)
-                    .with_classes(data.train.classes);
-                let mut m = zoo::model(name, &zcfg, pipeline.train.seed, &device)?;
-                m.provenance
-                    .insert("data".into(), pipeline.config.data.spec.clone());
+                let m = fresh(&data)?;
                 let mut bars = EpochBars::new(quiet);
                 let mut progress = |p: &slim_core::train::Progress| bars.update(p);
                 let mut ctx = Context {
@@ -582,15 +672,29 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     let baseline = crate::common::load_model(&state.stages[0].file, &device)?;
     for (i, strategy) in pipeline.strategies.iter_mut().enumerate() {
         let stage = i + 1;
-        let name = strategy.kind().to_string();
+        let (name, source) = pipeline.stages[i].clone();
+        let stem = format!("{stage:02}-{}", name.replace(' ', "_"));
         if let Some(row) = state.stages.get(stage) {
             note(format!("stage {}/{total}: {name} (done)", stage + 1));
             model = crate::common::load_model(&row.file, &device)?;
             continue;
         }
-        note(format!("stage {}/{total}: {name}", stage + 1));
+        let from = match source {
+            Source::Previous => None,
+            Source::Stage(j) => Some(state.stages[j].name.clone()),
+            Source::Init => Some("init".to_string()),
+        };
+        match &from {
+            Some(f) => note(format!("stage {}/{total}: {name} (from {f})", stage + 1)),
+            None => note(format!("stage {}/{total}: {name}", stage + 1)),
+        }
+        model = match source {
+            Source::Previous => model,
+            Source::Stage(j) => crate::common::load_model(&state.stages[j].file, &device)?,
+            Source::Init => fresh(&data)?,
+        };
         let t0 = Instant::now();
-        let work_dir = dir.join(format!("{stage:02}-{name}"));
+        let work_dir = dir.join(&stem);
         std::fs::create_dir_all(&work_dir)?;
         let mut bars = EpochBars::new(quiet);
         let mut progress = |p: &slim_core::train::Progress| bars.update(p);
@@ -607,9 +711,10 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         };
         let (next, info) = strategy.run(model, &mut ctx)?;
         status.finish_and_clear();
-        let file = dir.join(format!("{stage:02}-{name}.safetensors"));
+        let file = dir.join(format!("{stem}.safetensors"));
         next.save(&file)?;
-        let row = measure(&name, &next, &file, &data, t0.elapsed().as_secs_f64(), info)?;
+        let mut row = measure(&name, &next, &file, &data, t0.elapsed().as_secs_f64(), info)?;
+        row.from = from;
         state.stages.push(row);
         save_state(&dir, &state)?;
         model = next;
@@ -805,5 +910,6 @@ fn measure(
         info,
         latency_ms: None,
         latency_fallback_ops: 0,
+        from: None,
     })
 }

@@ -181,6 +181,92 @@ fn a_pruned_model_learns_from_the_baseline_in_a_distill_stage() {
     );
 }
 
+/// Two branches from one baseline, as in a table of hybrid methods: pruned then int8, and
+/// int8 alone; plus a network of the baseline's shape starting afresh.
+const BRANCHES: &str = r#"
+[model]
+zoo = "lenet"
+
+[data]
+spec = "builtin:mnist-10k"
+limit = 1500
+
+[train]
+epochs = 1
+lr = 0.003
+
+[[strategy]]
+kind = "prune.uniform"
+name = "pruned"
+flops_reduction = 0.5
+finetune_epochs = 1
+
+[[strategy]]
+kind = "quant.ptq"
+name = "pruned + int8"
+calib_batches = 4
+
+[[strategy]]
+kind = "quant.ptq"
+name = "int8"
+from = "baseline"
+calib_batches = 4
+
+[[strategy]]
+kind = "quant.ptq"
+name = "untrained int8"
+from = "init"
+calib_batches = 4
+"#;
+
+#[test]
+fn stages_branch_from_any_earlier_stage_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("branches.toml");
+    std::fs::write(&config, BRANCHES).unwrap();
+    let out = dir.path().join("out");
+    let v = json_of(&compress(&config, &out, &[]));
+    let stages = v["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["baseline", "pruned", "pruned + int8", "int8", "untrained int8"]
+    );
+    let (base, pruned, pruned8, int8, fresh) =
+        (&stages[0], &stages[1], &stages[2], &stages[3], &stages[4]);
+    // The pruned branch keeps the pruned shape; the other starts from the unpruned baseline.
+    assert_eq!(pruned8["macs"], pruned["macs"]);
+    assert_eq!(int8["macs"], base["macs"]);
+    assert!(pruned["macs"].as_u64().unwrap() * 10 < base["macs"].as_u64().unwrap() * 6);
+    assert!(pruned8.get("from").is_none(), "{pruned8}");
+    assert_eq!(int8["from"], "baseline");
+    assert_eq!(fresh["from"], "init");
+    // Quantizing the trained baseline keeps its accuracy; fresh weights know nothing.
+    let top1 = |s: &serde_json::Value| s["top1"].as_f64().unwrap();
+    assert!(top1(int8) > top1(base) - 0.03, "{v}");
+    assert!(top1(pruned8) > 0.7, "{v}");
+    assert!(top1(fresh) < 0.4, "{v}");
+    assert_eq!(fresh["macs"], base["macs"]);
+    // Names with spaces become file names with underscores.
+    assert!(out.join("02-pruned_+_int8.safetensors").is_file());
+    assert!(std::fs::read_to_string(out.join("report.md"))
+        .unwrap()
+        .contains("| pruned + int8 |"));
+
+    // Stopped after the pruned stage, the pipeline resumes both branches to the same results.
+    let state_path = out.join("pipeline.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state["stages"].as_array_mut().unwrap().truncate(2);
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let r = json_of(&compress(&config, &out, &["--resume"]));
+    for (a, b) in r["stages"].as_array().unwrap().iter().zip(stages) {
+        for key in ["name", "top1", "top5", "macs", "params", "bytes", "from"] {
+            assert_eq!(a.get(key), b.get(key), "{key}: {a} against {b}");
+        }
+    }
+}
+
 #[test]
 fn a_search_stage_hands_on_a_smaller_trained_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -386,6 +472,35 @@ fn configuration_errors_name_the_key_and_line() {
             ),
             "max_macs_ratio",
             None,
+        ),
+        (
+            BRANCHES.replace("from = \"baseline\"", "from = \"untrained int8\""),
+            "names no earlier stage",
+            Some(27),
+        ),
+        (
+            BRANCHES.replace("name = \"int8\"", "name = \"pruned\""),
+            "two stages are named \"pruned\"",
+            Some(26),
+        ),
+        (
+            BRANCHES.replace("name = \"int8\"", "name = \"int8/x\""),
+            "`name` must be",
+            Some(26),
+        ),
+        (
+            BRANCHES.replace("from = \"baseline\"", "from = 3"),
+            "`from` must be a string",
+            Some(27),
+        ),
+        (
+            // (the configuration itself stands in for an existing model file)
+            BRANCHES.replace(
+                "zoo = \"lenet\"",
+                &format!("file = \"{}\"", dir.path().join("c.toml").display()),
+            ),
+            "needs a zoo model",
+            Some(33),
         ),
     ];
     for (text, needle, line) in cases {
