@@ -8,7 +8,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::Device;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use slim_core::data::{load_spec, DEFAULT_SPEC};
 use slim_core::train::{train, TrainConfig, TrainOptions};
 use slim_core::zoo::{self, ZooConfig};
@@ -89,4 +89,10 @@ fn epoch(c: &mut Criterion) {
 }
 
 criterion_group!(benches, epoch);
-criterion_main!(benches);
+
+// Slim's `main` keeps candle's elementwise work on the calling thread; so do the benches.
+fn main() {
+    slim_core::single_threaded_elementwise();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

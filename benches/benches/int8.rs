@@ -14,7 +14,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::{Device, Tensor};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
 use slim_core::data::{ImageSet, Normalize};
@@ -129,4 +129,10 @@ fn models(c: &mut Criterion) {
 }
 
 criterion_group!(benches, gemm, models);
-criterion_main!(benches);
+
+// Slim's `main` keeps candle's elementwise work on the calling thread; so do the benches.
+fn main() {
+    slim_core::single_threaded_elementwise();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

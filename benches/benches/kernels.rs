@@ -8,7 +8,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::{Device, Tensor, Var};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use slim_core::kernels::conv2d;
 use slim_core::Conv2dSpec;
 
@@ -127,4 +127,10 @@ fn train_steps(c: &mut Criterion) {
 }
 
 criterion_group!(benches, kernels, train_steps);
-criterion_main!(benches);
+
+// Slim's `main` keeps candle's elementwise work on the calling thread; so do the benches.
+fn main() {
+    slim_core::single_threaded_elementwise();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -8,7 +8,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::Device;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use slim_core::deps::channel_groups;
 use slim_core::zoo::{self, ZooConfig};
 
@@ -34,4 +34,10 @@ fn surgery(c: &mut Criterion) {
 }
 
 criterion_group!(benches, surgery);
-criterion_main!(benches);
+
+// Slim's `main` keeps candle's elementwise work on the calling thread; so do the benches.
+fn main() {
+    slim_core::single_threaded_elementwise();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

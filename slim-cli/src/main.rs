@@ -14,5 +14,6 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    slim_core::single_threaded_elementwise();
     slim_cli::main()
 }

@@ -230,7 +230,13 @@ fn stages_branch_from_any_earlier_stage_and_resume() {
     let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["baseline", "pruned", "pruned + int8", "int8", "untrained int8"]
+        [
+            "baseline",
+            "pruned",
+            "pruned + int8",
+            "int8",
+            "untrained int8"
+        ]
     );
     let (base, pruned, pruned8, int8, fresh) =
         (&stages[0], &stages[1], &stages[2], &stages[3], &stages[4]);
