@@ -144,9 +144,12 @@ fn valid_columns(off: isize, stride: usize, w: usize, ow: usize) -> (usize, usiz
     (lo.min(ow), hi)
 }
 
-/// A depthwise convolution, directly: per (sample, channel) plane, each kernel tap adds its
-/// weight times the shifted input rows into a 32-bit accumulator plane (the valid rows and
-/// columns of a tap are worked out once, so the inner loop is a plain vectorizable sweep).
+/// A depthwise convolution on a zero-padded copy of each plane, split by stride phase: with
+/// the padding in memory and the rows and columns of each phase (`y % stride`,
+/// `x % stride`) side by side, every kernel tap is one long sweep over one phase (output rows
+/// as wide as the phase's rows, the extra columns dropped at the end) instead of one short
+/// sweep per output row, which on small planes (7x7, 14x14) cost more in loop overhead than
+/// in arithmetic.
 fn depthwise(
     xq: &[i8],
     wq: &[i8],
@@ -156,76 +159,121 @@ fn depthwise(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let c = geo.spec;
-    let (kh, kw) = (c.kernel[0], c.kernel[1]);
+    let (kh, kw, d, pad, st) = (
+        c.kernel[0],
+        c.kernel[1],
+        c.dilation,
+        c.padding,
+        c.stride.max(1),
+    );
     let (h, w, oh, ow) = (geo.h, geo.w, geo.oh, geo.ow);
     let ch = geo.cin;
-    // Each tap's valid output rows and columns, worked out once for the layer.
-    struct Tap {
-        t: usize,
-        offy: isize,
-        off: isize,
-        rows: (usize, usize),
-        cols: (usize, usize),
-    }
-    let mut taps = Vec::with_capacity(kh * kw);
-    for ky in 0..kh {
-        let offy = (ky * c.dilation) as isize - c.padding as isize;
-        let rows = valid_columns(offy, c.stride, h, oh);
-        for kx in 0..kw {
-            let off = (kx * c.dilation) as isize - c.padding as isize;
-            let cols = valid_columns(off, c.stride, w, ow);
-            if rows.0 < rows.1 && cols.0 < cols.1 {
-                taps.push(Tap {
-                    t: ky * kw + kx,
-                    offy,
-                    off,
-                    rows,
-                    cols,
-                });
-            }
-        }
-    }
-    // Several planes per task when planes are small.
+    let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+    // One phase: the padded plane's rows `y` and columns `x` with given `y % st`, `x % st`.
+    let (hh, wh) = (hp.div_ceil(st), wp.div_ceil(st));
+    let phase = hh * wh;
+    debug_assert_eq!(
+        (oh, ow),
+        (
+            (hp - d * (kh - 1) - 1) / st + 1,
+            (wp - d * (kw - 1) - 1) / st + 1
+        )
+    );
+    // Output row `oy` starts at `oy * wh` in the wide accumulator; the last row needs only its
+    // `ow` valid columns, which keeps every tap's reads inside its phase.
+    let span = (oh - 1) * wh + ow;
+    // Tap (ky, kx) reads phase ((ky d) % st, (kx d) % st) from ((ky d) / st, (kx d) / st) on.
+    let taps: Vec<(usize, usize)> = (0..kh * kw)
+        .map(|t| {
+            let (dy, dx) = ((t / kw) * d, (t % kw) * d);
+            (
+                t,
+                ((dy % st) * st + dx % st) * phase + (dy / st) * wh + dx / st,
+            )
+        })
+        .collect();
     let planes_per = (4096 / (oh * ow)).max(1);
+    let avx2 = crate::gemm::Kernel::Avx2.available();
     let mut out = vec![0f32; n * ch * oh * ow];
     out.par_chunks_mut(oh * ow * planes_per)
         .enumerate()
         .for_each(|(task, dsts)| {
-            let mut acc = vec![0i32; oh * ow];
+            let mut phases = vec![0i8; st * st * phase];
+            let mut acc = vec![0i32; span];
             for (j, dst) in dsts.chunks_exact_mut(oh * ow).enumerate() {
                 let plane = task * planes_per + j;
                 let ci = plane % ch;
                 let src = &xq[plane * h * w..(plane + 1) * h * w];
-                let filt = &wq[ci * kh * kw..(ci + 1) * kh * kw];
-                acc.iter_mut().for_each(|a| *a = 0);
-                for tap in &taps {
-                    // Products of two int8 values fit in int16 (at most 127 * 128), which
-                    // vectorizes better than 32-bit products.
-                    let wv = i16::from(filt[tap.t]);
-                    let (lo, hi) = tap.cols;
-                    let start = ((lo * c.stride) as isize + tap.off) as usize;
-                    for oy in tap.rows.0..tap.rows.1 {
-                        let iy = ((oy * c.stride) as isize + tap.offy) as usize;
-                        let line = &src[iy * w + start..(iy + 1) * w];
-                        let row = &mut acc[oy * ow + lo..oy * ow + hi];
-                        if c.stride == 1 {
-                            for (a, &v) in row.iter_mut().zip(line) {
-                                *a += i32::from(i16::from(v) * wv);
-                            }
-                        } else {
-                            for (a, &v) in row.iter_mut().zip(line.iter().step_by(c.stride)) {
-                                *a += i32::from(i16::from(v) * wv);
+                // The borders stay zero; only the interior is rewritten.
+                for (y, line) in src.chunks_exact(w).enumerate() {
+                    let py = y + pad;
+                    if st == 1 {
+                        let at = py * wp + pad;
+                        phases[at..at + w].copy_from_slice(line);
+                    } else {
+                        // Column `px = x + pad` goes to phase `px % st`, column `px / st`
+                        // (counted along, not divided: a division per value cost more than
+                        // the convolution).
+                        let row = (py % st) * st * phase + (py / st) * wh;
+                        let (mut rx, mut cx) = (pad % st, pad / st);
+                        for &v in line {
+                            phases[row + rx * phase + cx] = v;
+                            rx += 1;
+                            if rx == st {
+                                rx = 0;
+                                cx += 1;
                             }
                         }
                     }
                 }
+                let filt = &wq[ci * kh * kw..(ci + 1) * kh * kw];
+                accumulate_taps(&mut acc, &phases, &taps, filt, avx2);
                 let (sc, b) = (scales[ci], bias.map_or(0.0, |b| b[ci]));
-                for (y, &a) in dst.iter_mut().zip(&acc) {
-                    *y = a as f32 * sc + b;
+                for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                    for (y, &a) in row.iter_mut().zip(&acc[oy * wh..oy * wh + ow]) {
+                        *y = a as f32 * sc + b;
+                    }
                 }
             }
         });
     out
+}
+
+/// `acc = sum over taps (t, at) of filt[t] * phases[at..at + acc.len()]`: the depthwise
+/// sweeps, compiled for AVX2 where the machine has it (the portable build vectorizes them
+/// with SSE2 only, which has no 32-bit multiply) and plainly elsewhere.
+fn accumulate_taps(
+    acc: &mut [i32],
+    phases: &[i8],
+    taps: &[(usize, usize)],
+    filt: &[i8],
+    avx2: bool,
+) {
+    #[inline(always)]
+    fn sweep(acc: &mut [i32], phases: &[i8], taps: &[(usize, usize)], filt: &[i8]) {
+        acc.iter_mut().for_each(|a| *a = 0);
+        let span = acc.len();
+        for &(t, at) in taps {
+            // Products of two int8 values fit in int16 (at most 127 * 128).
+            let wv = i16::from(filt[t]);
+            for (a, &v) in acc.iter_mut().zip(&phases[at..at + span]) {
+                *a += i32::from(i16::from(v) * wv);
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn sweep_avx2(acc: &mut [i32], phases: &[i8], taps: &[(usize, usize)], filt: &[i8]) {
+            sweep(acc, phases, taps, filt)
+        }
+        if avx2 {
+            // SAFETY: the caller checked that this machine has AVX2.
+            return unsafe { sweep_avx2(acc, phases, taps, filt) };
+        }
+    }
+    let _ = avx2;
+    sweep(acc, phases, taps, filt)
 }
 
 /// The integer kernels, to pass to a forward as [`ForwardOptions::kernels`].
@@ -322,7 +370,9 @@ fn to_i8(x: &Tensor, scale: f32) -> slim_core::Result<Vec<i8>> {
     // conversion to an integer) rounds every float exactly as `f32::round`, and vectorizes.
     out.par_chunks_mut(1 << 14)
         .zip(v.par_chunks(1 << 14))
-        .for_each(|(dst, src)| {
+        // (`move`: the bounds copied into the closure, so that the loop needs no check that
+        // its stores might change them, and vectorizes)
+        .for_each(move |(dst, src)| {
             for (d, &a) in dst.iter_mut().zip(src) {
                 // `max` and `min` (not `clamp`) so that NaN becomes a bound and never
                 // reaches the conversion.

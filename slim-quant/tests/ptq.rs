@@ -346,7 +346,8 @@ fn bias_correction_restores_the_mean_of_every_output_channel() {
 
 #[test]
 fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
-    // Depthwise with stride 2, a 5x5 window, dilation and padding; a grouped convolution; a
+    // Depthwise with stride 2, a 5x5 window, dilation and padding; depthwise with stride 1, a
+    // 3x5 window, dilation and padding; depthwise 3x3 with stride 2; a grouped convolution; a
     // strided dense one with a rectangular kernel; a 1x1; and a linear layer, on odd sizes.
     use slim_core::graph::{Conv2dSpec, GraphBuilder};
     let data = load_spec(DEFAULT_SPEC).unwrap();
@@ -361,6 +362,23 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
                 .with_dilation(2)
                 .with_groups(8)
                 .with_bias(true),
+        )
+        .conv_with(
+            "dw1",
+            Conv2dSpec {
+                kernel: [3, 5],
+                ..Conv2dSpec::new(8, 8, 1)
+                    .with_padding(2)
+                    .with_dilation(2)
+                    .with_groups(8)
+            },
+        )
+        .conv_with(
+            "dw2",
+            Conv2dSpec::new(8, 8, 3)
+                .with_stride(2)
+                .with_padding(1)
+                .with_groups(8),
         )
         .conv_with(
             "grp",
@@ -383,7 +401,7 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
         ..PtqConfig::default()
     };
     let (q, report) = quantize(&m, &data.train, &data.normalize, &cfg).unwrap();
-    assert_eq!(report.layers.len(), 6);
+    assert_eq!(report.layers.len(), 8);
     let x = candle_core::Tensor::randn(0f32, 1.0, (3, 1, 28, 28), &Device::Cpu).unwrap();
     let a = slim_quant::runtime::forward(&q, &x).unwrap();
     let b = q.forward(&x, Mode::Eval).unwrap();
