@@ -211,17 +211,21 @@ fn depthwise(
                         let at = py * wp + pad;
                         phases[at..at + w].copy_from_slice(line);
                     } else {
-                        // Column `px = x + pad` goes to phase `px % st`, column `px / st`
-                        // (counted along, not divided: a division per value cost more than
-                        // the convolution).
+                        // Column `px = x + pad` goes to phase `px % st`, column `px / st`:
+                        // per phase, every `st`-th value from the first `x` of that phase
+                        // into consecutive columns.
                         let row = (py % st) * st * phase + (py / st) * wh;
-                        let (mut rx, mut cx) = (pad % st, pad / st);
-                        for &v in line {
-                            phases[row + rx * phase + cx] = v;
-                            rx += 1;
-                            if rx == st {
-                                rx = 0;
-                                cx += 1;
+                        for rx in 0..st {
+                            let x0 = (rx + st - pad % st) % st;
+                            if x0 >= w {
+                                continue;
+                            }
+                            let at = row + rx * phase + (x0 + pad) / st;
+                            for (d, &v) in phases[at..at + wh - (x0 + pad) / st]
+                                .iter_mut()
+                                .zip(line[x0..].iter().step_by(st))
+                            {
+                                *d = v;
                             }
                         }
                     }
@@ -361,7 +365,22 @@ const HALF_DOWN: f32 = 0.499_999_97;
 /// f32), rounded half away from zero. Any other order of operations (dividing by `s`, say)
 /// rounds some values near a half-step the other way, and the two models part.
 fn to_i8(x: &Tensor, scale: f32) -> slim_core::Result<Vec<i8>> {
+    // A contiguous f32 tensor on the CPU is read where it lies; anything else is copied first.
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(quantize_values(&data[a..b], scale));
+        }
+    }
     let v = x.flatten_all()?.to_vec1::<f32>()?;
+    Ok(quantize_values(&v, scale))
+}
+
+/// Each value clamped to `[-127 scale, 127 scale]`, divided by `scale` and rounded half away
+/// from zero, as the fake quantizer does.
+fn quantize_values(v: &[f32], scale: f32) -> Vec<i8> {
     let s = f64::from(scale);
     let (lo, hi) = ((-127.0 * s) as f32, (127.0 * s) as f32);
     let inv = (1.0 / s) as f32;
@@ -384,7 +403,7 @@ fn to_i8(x: &Tensor, scale: f32) -> slim_core::Result<Vec<i8>> {
                 *d = unsafe { r.to_int_unchecked::<i32>() } as i8;
             }
         });
-    Ok(out)
+    out
 }
 
 impl NodeKernels for Int8Kernels<'_> {
@@ -595,5 +614,13 @@ mod tests {
         for (x, q) in xs.iter().zip(q) {
             assert_eq!(q, x.round().clamp(-127.0, 127.0) as i8, "{x}");
         }
+        // A view (here a 4x4 matrix transposed) is
+        // read in its logical order, as a contiguous tensor is.
+        let m = t.reshape((4, 4)).and_then(|m| m.t()).expect("view");
+        assert!(!m.is_contiguous());
+        let a = super::to_i8(&m, 1.0).expect("view");
+        let b = super::to_i8(&m.contiguous().expect("copy"), 1.0).expect("copy");
+        assert_eq!(a, b);
+        assert_ne!(a, super::to_i8(&t, 1.0).expect("q"));
     }
 }
