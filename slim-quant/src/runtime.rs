@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 use rayon::prelude::*;
 use slim_core::exec::NodeKernels;
+use slim_core::kernels::Phases;
 use slim_core::train::EvalReport;
 use slim_core::{ForwardOptions, Mode, Model, Node, Op};
 
@@ -144,12 +145,8 @@ fn valid_columns(off: isize, stride: usize, w: usize, ow: usize) -> (usize, usiz
     (lo.min(ow), hi)
 }
 
-/// A depthwise convolution on a zero-padded copy of each plane, split by stride phase: with
-/// the padding in memory and the rows and columns of each phase (`y % stride`,
-/// `x % stride`) side by side, every kernel tap is one long sweep over one phase (output rows
-/// as wide as the phase's rows, the extra columns dropped at the end) instead of one short
-/// sweep per output row, which on small planes (7x7, 14x14) cost more in loop overhead than
-/// in arithmetic.
+/// A depthwise convolution over each plane laid out by [`Phases`] (zero-padded and split by
+/// stride phase), so that every kernel tap is one long sweep.
 fn depthwise(
     xq: &[i8],
     wq: &[i8],
@@ -159,82 +156,27 @@ fn depthwise(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let c = geo.spec;
-    let (kh, kw, d, pad, st) = (
-        c.kernel[0],
-        c.kernel[1],
-        c.dilation,
-        c.padding,
-        c.stride.max(1),
-    );
+    let (kh, kw) = (c.kernel[0], c.kernel[1]);
     let (h, w, oh, ow) = (geo.h, geo.w, geo.oh, geo.ow);
     let ch = geo.cin;
-    let (hp, wp) = (h + 2 * pad, w + 2 * pad);
-    // One phase: the padded plane's rows `y` and columns `x` with given `y % st`, `x % st`.
-    let (hh, wh) = (hp.div_ceil(st), wp.div_ceil(st));
-    let phase = hh * wh;
-    debug_assert_eq!(
-        (oh, ow),
-        (
-            (hp - d * (kh - 1) - 1) / st + 1,
-            (wp - d * (kw - 1) - 1) / st + 1
-        )
-    );
-    // Output row `oy` starts at `oy * wh` in the wide accumulator; the last row needs only its
-    // `ow` valid columns, which keeps every tap's reads inside its phase.
-    let span = (oh - 1) * wh + ow;
-    // Tap (ky, kx) reads phase ((ky d) % st, (kx d) % st) from ((ky d) / st, (kx d) / st) on.
-    let taps: Vec<(usize, usize)> = (0..kh * kw)
-        .map(|t| {
-            let (dy, dx) = ((t / kw) * d, (t % kw) * d);
-            (
-                t,
-                ((dy % st) * st + dx % st) * phase + (dy / st) * wh + dx / st,
-            )
-        })
-        .collect();
+    let layout = Phases::new(h, w, kh, kw, c.stride, c.padding, c.dilation);
     let planes_per = (4096 / (oh * ow)).max(1);
     let avx2 = crate::gemm::Kernel::Avx2.available();
     let mut out = vec![0f32; n * ch * oh * ow];
     out.par_chunks_mut(oh * ow * planes_per)
         .enumerate()
         .for_each(|(task, dsts)| {
-            let mut phases = vec![0i8; st * st * phase];
-            let mut acc = vec![0i32; span];
+            let mut phases = vec![0i8; layout.len()];
+            let mut acc = vec![0i32; layout.span()];
             for (j, dst) in dsts.chunks_exact_mut(oh * ow).enumerate() {
                 let plane = task * planes_per + j;
                 let ci = plane % ch;
-                let src = &xq[plane * h * w..(plane + 1) * h * w];
-                // The borders stay zero; only the interior is rewritten.
-                for (y, line) in src.chunks_exact(w).enumerate() {
-                    let py = y + pad;
-                    if st == 1 {
-                        let at = py * wp + pad;
-                        phases[at..at + w].copy_from_slice(line);
-                    } else {
-                        // Column `px = x + pad` goes to phase `px % st`, column `px / st`:
-                        // per phase, every `st`-th value from the first `x` of that phase
-                        // into consecutive columns.
-                        let row = (py % st) * st * phase + (py / st) * wh;
-                        for rx in 0..st {
-                            let x0 = (rx + st - pad % st) % st;
-                            if x0 >= w {
-                                continue;
-                            }
-                            let at = row + rx * phase + (x0 + pad) / st;
-                            for (d, &v) in phases[at..at + wh - (x0 + pad) / st]
-                                .iter_mut()
-                                .zip(line[x0..].iter().step_by(st))
-                            {
-                                *d = v;
-                            }
-                        }
-                    }
-                }
+                layout.fill(&xq[plane * h * w..(plane + 1) * h * w], &mut phases);
                 let filt = &wq[ci * kh * kw..(ci + 1) * kh * kw];
-                accumulate_taps(&mut acc, &phases, &taps, filt, avx2);
+                accumulate_taps(&mut acc, &phases, &layout, filt, avx2);
                 let (sc, b) = (scales[ci], bias.map_or(0.0, |b| b[ci]));
                 for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
-                    for (y, &a) in row.iter_mut().zip(&acc[oy * wh..oy * wh + ow]) {
+                    for (y, &a) in row.iter_mut().zip(&acc[layout.row(oy)..][..ow]) {
                         *y = a as f32 * sc + b;
                     }
                 }
@@ -243,23 +185,18 @@ fn depthwise(
     out
 }
 
-/// `acc = sum over taps (t, at) of filt[t] * phases[at..at + acc.len()]`: the depthwise
+/// `acc = sum over taps t of filt[t] * phases[tap(t)..][..acc.len()]`: the depthwise
 /// sweeps, compiled for AVX2 where the machine has it (the portable build vectorizes them
 /// with SSE2 only, which has no 32-bit multiply) and plainly elsewhere.
-fn accumulate_taps(
-    acc: &mut [i32],
-    phases: &[i8],
-    taps: &[(usize, usize)],
-    filt: &[i8],
-    avx2: bool,
-) {
+fn accumulate_taps(acc: &mut [i32], phases: &[i8], layout: &Phases, filt: &[i8], avx2: bool) {
     #[inline(always)]
-    fn sweep(acc: &mut [i32], phases: &[i8], taps: &[(usize, usize)], filt: &[i8]) {
+    fn sweep(acc: &mut [i32], phases: &[i8], layout: &Phases, filt: &[i8]) {
         acc.iter_mut().for_each(|a| *a = 0);
         let span = acc.len();
-        for &(t, at) in taps {
+        for (t, &f) in filt.iter().enumerate() {
             // Products of two int8 values fit in int16 (at most 127 * 128).
-            let wv = i16::from(filt[t]);
+            let wv = i16::from(f);
+            let at = layout.tap(t);
             for (a, &v) in acc.iter_mut().zip(&phases[at..at + span]) {
                 *a += i32::from(i16::from(v) * wv);
             }
@@ -268,16 +205,16 @@ fn accumulate_taps(
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2")]
-        unsafe fn sweep_avx2(acc: &mut [i32], phases: &[i8], taps: &[(usize, usize)], filt: &[i8]) {
-            sweep(acc, phases, taps, filt)
+        unsafe fn sweep_avx2(acc: &mut [i32], phases: &[i8], layout: &Phases, filt: &[i8]) {
+            sweep(acc, phases, layout, filt)
         }
         if avx2 {
             // SAFETY: the caller checked that this machine has AVX2.
-            return unsafe { sweep_avx2(acc, phases, taps, filt) };
+            return unsafe { sweep_avx2(acc, phases, layout, filt) };
         }
     }
     let _ = avx2;
-    sweep(acc, phases, taps, filt)
+    sweep(acc, phases, layout, filt)
 }
 
 /// The integer kernels, to pass to a forward as [`ForwardOptions::kernels`].
