@@ -524,6 +524,48 @@ impl Phases {
     }
 }
 
+impl Phases {
+    /// The inverse of [`Phases::fill`]: the plane's `h * w` values read back from `phases`
+    /// into `dst` (the padding is dropped).
+    pub fn take<T: Copy>(&self, phases: &[T], dst: &mut [T]) {
+        let (st, pad, w) = (self.stride, self.pad, self.w);
+        let phase = self.ph * self.pw;
+        for (y, line) in dst.chunks_exact_mut(w).take(self.h).enumerate() {
+            let py = y + pad;
+            if st == 1 {
+                let at = py * self.pw + pad;
+                line.copy_from_slice(&phases[at..at + w]);
+                continue;
+            }
+            let row = (py % st) * st * phase + (py / st) * self.pw;
+            for rx in 0..st {
+                let x0 = (rx + st - pad % st) % st;
+                if x0 >= w {
+                    continue;
+                }
+                let c0 = (x0 + pad) / st;
+                let at = row + rx * phase + c0;
+                for (d, &v) in line[x0..]
+                    .iter_mut()
+                    .step_by(st)
+                    .zip(&phases[at..at + self.pw - c0])
+                {
+                    *d = v;
+                }
+            }
+        }
+    }
+
+    /// Writes the `oh * ow` output plane `src` into `wide` (of [`Phases::span`] values) in rows
+    /// of the phase's width, as the sweeps lay out their results; the extra columns are never
+    /// written (start from zeros).
+    pub fn widen<T: Copy>(&self, src: &[T], wide: &mut [T]) {
+        for (oy, line) in src.chunks_exact(self.ow).enumerate() {
+            wide[self.row(oy)..][..self.ow].copy_from_slice(line);
+        }
+    }
+}
+
 /// `acc = sum over taps t of filt[t] * phases[tap(t)..][..acc.len()]`, in tap order (so the
 /// sums round as a per-row loop over the same taps would), with AVX where the machine has it
 /// (the portable build vectorizes with SSE only).
@@ -552,6 +594,60 @@ fn sweep_taps_f32(acc: &mut [f32], phases: &[f32], layout: &Phases, filt: &[f32]
     }
     let _ = avx;
     sweep(acc, phases, layout, filt)
+}
+
+/// The adjoint of [`sweep_taps_f32`]: `phases[tap(t)..][..wide.len()] += filt[t] * wide`.
+fn scatter_taps_f32(phases: &mut [f32], wide: &[f32], layout: &Phases, filt: &[f32], avx: bool) {
+    #[inline(always)]
+    fn scatter(phases: &mut [f32], wide: &[f32], layout: &Phases, filt: &[f32]) {
+        let span = wide.len();
+        for (t, &wv) in filt.iter().enumerate() {
+            let at = layout.tap(t);
+            for (p, &g) in phases[at..at + span].iter_mut().zip(wide) {
+                *p += wv * g;
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx")]
+        unsafe fn scatter_avx(phases: &mut [f32], wide: &[f32], layout: &Phases, filt: &[f32]) {
+            scatter(phases, wide, layout, filt)
+        }
+        if avx {
+            // SAFETY: the caller checked that this machine has AVX.
+            return unsafe { scatter_avx(phases, wide, layout, filt) };
+        }
+    }
+    let _ = avx;
+    scatter(phases, wide, layout, filt)
+}
+
+/// For each tap t: `sums[t * span..][..span] += phases[tap(t)..][..span] * wide`.
+fn products_taps_f32(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Phases, avx: bool) {
+    #[inline(always)]
+    fn products(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Phases) {
+        let span = wide.len();
+        for (t, row) in sums.chunks_exact_mut(span).enumerate() {
+            let at = layout.tap(t);
+            for ((s, &x), &g) in row.iter_mut().zip(&phases[at..at + span]).zip(wide) {
+                *s += x * g;
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx")]
+        unsafe fn products_avx(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Phases) {
+            products(sums, phases, wide, layout)
+        }
+        if avx {
+            // SAFETY: the caller checked that this machine has AVX.
+            return unsafe { products_avx(sums, phases, wide, layout) };
+        }
+    }
+    let _ = avx;
+    products(sums, phases, wide, layout)
 }
 
 /// Whether this machine runs AVX code (for the kernels compiled for it).
@@ -639,36 +735,26 @@ impl CustomOp2 for DepthwiseGradInput {
         let gy = f32_slice(s1, l1, self.name())?;
         let w = f32_slice(s2, l2, self.name())?;
         let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+        // The adjoint of the forward's sweeps: each tap adds its weight times the (widened)
+        // output gradient into the phases of the padded input, which are then read back.
+        let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
+        let avx = has_avx();
+        let planes_per = (4096 / ip.max(1)).max(1);
         let mut gx = vec![0f32; g.n * g.c * ip];
-        gx.par_chunks_mut(ip).enumerate().for_each(|(idx, plane)| {
-            let c = idx % g.c;
-            let src = &gy[idx * op..(idx + 1) * op];
-            let filt = &w[c * kk..(c + 1) * kk];
-            for kh in 0..g.kh {
-                for kw in 0..g.kw {
-                    let wv = filt[kh * g.kw + kw];
-                    let cr = g.valid(kw, g.ow, g.w);
-                    for oh in g.valid(kh, g.oh, g.h) {
-                        let ih = g.src(oh, kh);
-                        let dst_row = &mut plane[ih * g.w..(ih + 1) * g.w];
-                        let src_row = &src[oh * g.ow..(oh + 1) * g.ow];
-                        if g.stride == 1 {
-                            let a = g.src(cr.start, kw);
-                            for (d, s) in dst_row[a..a + cr.len()]
-                                .iter_mut()
-                                .zip(&src_row[cr.clone()])
-                            {
-                                *d += wv * s;
-                            }
-                        } else {
-                            for ow in cr.clone() {
-                                dst_row[g.src(ow, kw)] += wv * src_row[ow];
-                            }
-                        }
-                    }
+        gx.par_chunks_mut(ip * planes_per)
+            .enumerate()
+            .for_each(|(task, planes)| {
+                let mut phases = vec![0f32; layout.len()];
+                let mut wide = vec![0f32; layout.span()];
+                for (j, plane) in planes.chunks_exact_mut(ip).enumerate() {
+                    let idx = task * planes_per + j;
+                    let c = idx % g.c;
+                    layout.widen(&gy[idx * op..(idx + 1) * op], &mut wide);
+                    phases.iter_mut().for_each(|v| *v = 0.0);
+                    scatter_taps_f32(&mut phases, &wide, &layout, &w[c * kk..(c + 1) * kk], avx);
+                    layout.take(&phases, plane);
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(gx), Shape::from((g.n, g.c, g.h, g.w))))
     }
 }
@@ -688,42 +774,24 @@ impl CustomOp2 for DepthwiseGradWeight {
         let x = f32_slice(s1, l1, self.name())?;
         let gy = f32_slice(s2, l2, self.name())?;
         let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+        let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
+        let avx = has_avx();
+        let span = layout.span();
         let mut gw = vec![0f32; g.c * kk];
         gw.par_chunks_mut(kk).enumerate().for_each(|(c, filt)| {
-            // Per tap, products summed by output column over every sample and row (element-
-            // wise, so it runs in vector code), and across the columns once at the end.
-            let mut rows = vec![0f32; kk * g.ow];
+            // Per tap, the products of the input's phase and the widened output gradient,
+            // summed element by element over every sample (so it runs in vector code), and
+            // across the elements once at the end (the extra columns hold zero gradient).
+            let mut phases = vec![0f32; layout.len()];
+            let mut wide = vec![0f32; span];
+            let mut sums = vec![0f32; kk * span];
             for n in 0..g.n {
                 let idx = n * g.c + c;
-                let plane = &x[idx * ip..(idx + 1) * ip];
-                let src = &gy[idx * op..(idx + 1) * op];
-                for kh in 0..g.kh {
-                    for kw in 0..g.kw {
-                        let cr = g.valid(kw, g.ow, g.w);
-                        let acc = &mut rows[(kh * g.kw + kw) * g.ow..][..g.ow];
-                        for oh in g.valid(kh, g.oh, g.h) {
-                            let ih = g.src(oh, kh);
-                            let x_row = &plane[ih * g.w..(ih + 1) * g.w];
-                            let g_row = &src[oh * g.ow..(oh + 1) * g.ow];
-                            if g.stride == 1 {
-                                let a = g.src(cr.start, kw);
-                                for ((d, xv), gv) in acc[cr.clone()]
-                                    .iter_mut()
-                                    .zip(&x_row[a..a + cr.len()])
-                                    .zip(&g_row[cr.clone()])
-                                {
-                                    *d += xv * gv;
-                                }
-                            } else {
-                                for ow in cr.clone() {
-                                    acc[ow] += x_row[g.src(ow, kw)] * g_row[ow];
-                                }
-                            }
-                        }
-                    }
-                }
+                layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
+                layout.widen(&gy[idx * op..(idx + 1) * op], &mut wide);
+                products_taps_f32(&mut sums, &phases, &wide, &layout, avx);
             }
-            for (f, row) in filt.iter_mut().zip(rows.chunks(g.ow.max(1))) {
+            for (f, row) in filt.iter_mut().zip(sums.chunks_exact(span)) {
                 *f = row.iter().sum();
             }
         });
