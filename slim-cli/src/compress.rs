@@ -741,12 +741,22 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         }
     }
     let base = state.stages[0].clone();
+    // A pipeline with branches says where each stage started.
+    let branches = state.stages.iter().any(|r| r.from.is_some());
     let rows: Vec<Vec<String>> = state
         .stages
         .iter()
-        .map(|r| {
-            let mut row = vec![
-                r.name.clone(),
+        .enumerate()
+        .map(|(i, r)| {
+            let mut row = vec![r.name.clone()];
+            if branches {
+                row.push(match (&r.from, i) {
+                    (_, 0) => "-".into(),
+                    (Some(f), _) => f.clone(),
+                    (None, _) => state.stages[i - 1].name.clone(),
+                });
+            }
+            row.extend([
                 format!("{:.2}%", r.top1 * 100.0),
                 format!("{:.2}%", r.top5 * 100.0),
                 human(r.macs),
@@ -758,7 +768,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
                     format!("{:+.2} pt", (r.top1 - base.top1) * 100.0)
                 },
                 format!("{:.0}%", r.bytes as f64 / base.bytes.max(1) as f64 * 100.0),
-            ];
+            ]);
             if with_latency {
                 row.push(match r.latency_ms {
                     Some(ms) if r.latency_fallback_ops > 0 => format!("{ms:.3} ms*"),
@@ -769,8 +779,11 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
             row
         })
         .collect();
-    let mut header = vec![
-        "stage",
+    let mut header = vec!["stage"];
+    if branches {
+        header.push("from");
+    }
+    header.extend([
         "top-1",
         "top-5",
         "MACs",
@@ -778,7 +791,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         "size",
         "top-1 change",
         "of baseline size",
-    ];
+    ]);
     if with_latency {
         header.push("est. latency");
     }

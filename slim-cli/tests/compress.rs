@@ -255,9 +255,16 @@ fn stages_branch_from_any_earlier_stage_and_resume() {
     assert_eq!(fresh["macs"], base["macs"]);
     // Names with spaces become file names with underscores.
     assert!(out.join("02-pruned_+_int8.safetensors").is_file());
-    assert!(std::fs::read_to_string(out.join("report.md"))
-        .unwrap()
-        .contains("| pruned + int8 |"));
+    // The report says where each stage started.
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for row in [
+        "| stage | from |",
+        "| pruned + int8 | pruned |",
+        "| int8 | baseline |",
+        "| untrained int8 | init |",
+    ] {
+        assert!(report.contains(row), "{row}: {report}");
+    }
 
     // Stopped after the pruned stage, the pipeline resumes both branches to the same results.
     let state_path = out.join("pipeline.json");
