@@ -322,25 +322,47 @@ fn quantize_values(v: &[f32], scale: f32) -> Vec<i8> {
     let (lo, hi) = ((-127.0 * s) as f32, (127.0 * s) as f32);
     let inv = (1.0 / s) as f32;
     let mut out = vec![0i8; v.len()];
-    // Adding the largest float below 1/2 (with the value's sign) and truncating (the
-    // conversion to an integer) rounds every float exactly as `f32::round`, and vectorizes.
+    let avx2 = crate::gemm::Kernel::Avx2.available();
+    // (`move`: the bounds copied into the closure, so that the loop needs no check that its
+    // stores might change them, and vectorizes)
     out.par_chunks_mut(1 << 14)
         .zip(v.par_chunks(1 << 14))
-        // (`move`: the bounds copied into the closure, so that the loop needs no check that
-        // its stores might change them, and vectorizes)
-        .for_each(move |(dst, src)| {
-            for (d, &a) in dst.iter_mut().zip(src) {
-                // `max` and `min` (not `clamp`) so that NaN becomes a bound and never
-                // reaches the conversion.
-                #[allow(clippy::manual_clamp)] // clamp would let NaN through
-                let q = a.max(lo).min(hi) * inv;
-                #[allow(clippy::manual_clamp)]
-                let r = (q + HALF_DOWN.copysign(q)).max(-127.0).min(127.0);
-                // SAFETY: `r` is finite and within [-127, 127].
-                *d = unsafe { r.to_int_unchecked::<i32>() } as i8;
-            }
-        });
+        .for_each(move |(dst, src)| quantize_chunk(dst, src, [lo, hi, inv], avx2));
     out
+}
+
+/// The loop of [`quantize_values`] over one chunk, with the bounds `[lo, hi]` and `1 / scale`,
+/// compiled for AVX2 where the machine has it.
+fn quantize_chunk(dst: &mut [i8], src: &[f32], [lo, hi, inv]: [f32; 3], avx2: bool) {
+    #[inline(always)]
+    fn chunk(dst: &mut [i8], src: &[f32], lo: f32, hi: f32, inv: f32) {
+        // Adding the largest float below 1/2 (with the value's sign) and truncating (the
+        // conversion to an integer) rounds every float exactly as `f32::round`, and
+        // vectorizes.
+        for (d, &a) in dst.iter_mut().zip(src) {
+            // `max` and `min` (not `clamp`) so that NaN becomes a bound and never reaches
+            // the conversion.
+            #[allow(clippy::manual_clamp)] // clamp would let NaN through
+            let q = a.max(lo).min(hi) * inv;
+            #[allow(clippy::manual_clamp)]
+            let r = (q + HALF_DOWN.copysign(q)).max(-127.0).min(127.0);
+            // SAFETY: `r` is finite and within [-127, 127].
+            *d = unsafe { r.to_int_unchecked::<i32>() } as i8;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn chunk_avx2(dst: &mut [i8], src: &[f32], lo: f32, hi: f32, inv: f32) {
+            chunk(dst, src, lo, hi, inv)
+        }
+        if avx2 {
+            // SAFETY: the caller checked that this machine has AVX2.
+            return unsafe { chunk_avx2(dst, src, lo, hi, inv) };
+        }
+    }
+    let _ = avx2;
+    chunk(dst, src, lo, hi, inv)
 }
 
 impl NodeKernels for Int8Kernels<'_> {
