@@ -581,19 +581,11 @@ fn sweep_taps_f32(acc: &mut [f32], phases: &[f32], layout: &Phases, filt: &[f32]
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx")]
-        unsafe fn sweep_avx(acc: &mut [f32], phases: &[f32], layout: &Phases, filt: &[f32]) {
-            sweep(acc, phases, layout, filt)
-        }
-        if avx {
-            // SAFETY: the caller checked that this machine has AVX.
-            return unsafe { sweep_avx(acc, phases, layout, filt) };
-        }
-    }
-    let _ = avx;
-    sweep(acc, phases, layout, filt)
+    crate::with_target_feature!(
+        "avx",
+        avx,
+        sweep(acc: &mut [f32], phases: &[f32], layout: &Phases, filt: &[f32])
+    )
 }
 
 /// The adjoint of [`sweep_taps_f32`]: `phases[tap(t)..][..wide.len()] += filt[t] * wide`.
@@ -608,19 +600,11 @@ fn scatter_taps_f32(phases: &mut [f32], wide: &[f32], layout: &Phases, filt: &[f
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx")]
-        unsafe fn scatter_avx(phases: &mut [f32], wide: &[f32], layout: &Phases, filt: &[f32]) {
-            scatter(phases, wide, layout, filt)
-        }
-        if avx {
-            // SAFETY: the caller checked that this machine has AVX.
-            return unsafe { scatter_avx(phases, wide, layout, filt) };
-        }
-    }
-    let _ = avx;
-    scatter(phases, wide, layout, filt)
+    crate::with_target_feature!(
+        "avx",
+        avx,
+        scatter(phases: &mut [f32], wide: &[f32], layout: &Phases, filt: &[f32])
+    )
 }
 
 /// For each tap t: `sums[t * span..][..span] += phases[tap(t)..][..span] * wide`.
@@ -635,19 +619,11 @@ fn products_taps_f32(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Ph
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx")]
-        unsafe fn products_avx(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Phases) {
-            products(sums, phases, wide, layout)
-        }
-        if avx {
-            // SAFETY: the caller checked that this machine has AVX.
-            return unsafe { products_avx(sums, phases, wide, layout) };
-        }
-    }
-    let _ = avx;
-    products(sums, phases, wide, layout)
+    crate::with_target_feature!(
+        "avx",
+        avx,
+        products(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Phases)
+    )
 }
 
 /// Whether this machine runs AVX code (for the kernels compiled for it).

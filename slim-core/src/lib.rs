@@ -73,3 +73,27 @@ pub fn single_threaded_elementwise() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+/// Calls `f(args)` compiled with the target feature `feature` (say `"avx2"`) when `on` (the
+/// caller's check that this machine has it), and as the portable build compiles it
+/// otherwise; it returns from the enclosing function in the first case. `f` is an
+/// `#[inline(always)]` function of the caller's, so that its loops are compiled again inside
+/// the feature's function; the arguments are written with their types.
+#[macro_export]
+macro_rules! with_target_feature {
+    ($feature:literal, $on:expr, $f:ident($($arg:ident: $ty:ty),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = $feature)]
+            unsafe fn with_feature($($arg: $ty),*) {
+                $f($($arg),*)
+            }
+            if $on {
+                // SAFETY: the caller checked that this machine has the feature.
+                return unsafe { with_feature($($arg),*) };
+            }
+        }
+        let _ = $on;
+        $f($($arg),*)
+    }};
+}

@@ -202,19 +202,11 @@ fn accumulate_taps(acc: &mut [i32], phases: &[i8], layout: &Phases, filt: &[i8],
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn sweep_avx2(acc: &mut [i32], phases: &[i8], layout: &Phases, filt: &[i8]) {
-            sweep(acc, phases, layout, filt)
-        }
-        if avx2 {
-            // SAFETY: the caller checked that this machine has AVX2.
-            return unsafe { sweep_avx2(acc, phases, layout, filt) };
-        }
-    }
-    let _ = avx2;
-    sweep(acc, phases, layout, filt)
+    slim_core::with_target_feature!(
+        "avx2",
+        avx2,
+        sweep(acc: &mut [i32], phases: &[i8], layout: &Phases, filt: &[i8])
+    )
 }
 
 /// The integer kernels, to pass to a forward as [`ForwardOptions::kernels`].
@@ -350,19 +342,11 @@ fn quantize_chunk(dst: &mut [i8], src: &[f32], [lo, hi, inv]: [f32; 3], avx2: bo
             *d = unsafe { r.to_int_unchecked::<i32>() } as i8;
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn chunk_avx2(dst: &mut [i8], src: &[f32], lo: f32, hi: f32, inv: f32) {
-            chunk(dst, src, lo, hi, inv)
-        }
-        if avx2 {
-            // SAFETY: the caller checked that this machine has AVX2.
-            return unsafe { chunk_avx2(dst, src, lo, hi, inv) };
-        }
-    }
-    let _ = avx2;
-    chunk(dst, src, lo, hi, inv)
+    slim_core::with_target_feature!(
+        "avx2",
+        avx2,
+        chunk(dst: &mut [i8], src: &[f32], lo: f32, hi: f32, inv: f32)
+    )
 }
 
 impl NodeKernels for Int8Kernels<'_> {
