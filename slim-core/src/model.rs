@@ -80,10 +80,20 @@ impl Model {
     /// Fresh parameters for a graph, seeded: convolutions get He (Kaiming) normal initialization
     /// over the fan-out, linear layers a uniform one over the fan-in, batch norm the identity.
     pub fn init(graph: Graph, seed: u64, device: &Device) -> Result<Model> {
+        Model::with_params(graph, |op, name, spec| {
+            init_tensor(op, name, spec, seed, device)
+        })
+    }
+
+    /// A model of `graph` with each parameter made by `make(op, name, spec)`.
+    fn with_params(
+        graph: Graph,
+        mut make: impl FnMut(&Op, &str, &ParamSpec) -> Result<Tensor>,
+    ) -> Result<Model> {
         let mut params = ParamStore::new();
         for node in graph.nodes() {
             for (name, spec) in node.params() {
-                let t = init_tensor(&node.op, &name, &spec, seed, device)?;
+                let t = make(&node.op, &name, &spec)?;
                 params.insert(name, &t, spec.kind)?;
             }
         }
@@ -94,18 +104,17 @@ impl Model {
     /// [`Model::init`] makes them): for executions that read the trained weights from
     /// elsewhere (a supernet's slices), where drawing random ones would be wasted work.
     pub fn with_zero_weights(graph: Graph, device: &Device) -> Result<Model> {
-        let mut params = ParamStore::new();
-        for node in graph.nodes() {
-            for (name, spec) in node.params() {
-                let t = if spec.kind.is_trainable() {
-                    Tensor::zeros(spec.shape.clone(), candle_core::DType::F32, device)?
-                } else {
-                    init_tensor(&node.op, &name, &spec, 0, device)?
-                };
-                params.insert(name, &t, spec.kind)?;
+        Model::with_params(graph, |op, name, spec| {
+            if spec.kind.is_trainable() {
+                Ok(Tensor::zeros(
+                    spec.shape.clone(),
+                    candle_core::DType::F32,
+                    device,
+                )?)
+            } else {
+                init_tensor(op, name, spec, 0, device)
             }
-        }
-        Model::new(graph, params)
+        })
     }
 
     /// The preprocessing this model expects of raw pixels, when it is not the data set's own
