@@ -775,48 +775,6 @@ impl CustomOp2 for DepthwiseGradWeight {
     }
 }
 
-/// Lanes of the sums below: eight running sums side by side make independent adds that
-/// vectorize, where one running sum is a chain of adds the compiler may not reorder.
-const LANES: usize = 8;
-
-/// The sum of `v` and of its squares.
-fn sum_and_squares(v: &[f32]) -> (f32, f32) {
-    let (mut s, mut q) = ([0f32; LANES], [0f32; LANES]);
-    let chunks = v.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for k in 0..LANES {
-            s[k] += c[k];
-            q[k] += c[k] * c[k];
-        }
-    }
-    let (mut ts, mut tq) = (s.iter().sum::<f32>(), q.iter().sum::<f32>());
-    for &x in rest {
-        ts += x;
-        tq += x * x;
-    }
-    (ts, tq)
-}
-
-/// The sum of `g` and of `g * (x - mean)`.
-fn sum_and_centered_dot(g: &[f32], x: &[f32], mean: f32) -> (f32, f32) {
-    let (mut s, mut d) = ([0f32; LANES], [0f32; LANES]);
-    let (gc, xc) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
-    let (gr, xr) = (gc.remainder(), xc.remainder());
-    for (a, b) in gc.zip(xc) {
-        for k in 0..LANES {
-            s[k] += a[k];
-            d[k] += a[k] * (b[k] - mean);
-        }
-    }
-    let (mut ts, mut td) = (s.iter().sum::<f32>(), d.iter().sum::<f32>());
-    for (&a, &b) in gr.iter().zip(xr) {
-        ts += a;
-        td += a * (b - mean);
-    }
-    (ts, td)
-}
-
 /// Per-channel mean and biased variance of `[N, C, H, W]`, accumulated in f64.
 fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
     (0..c)
@@ -824,7 +782,12 @@ fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
         .map(|ch| {
             let (mut s, mut ss) = (0f64, 0f64);
             for i in 0..n {
-                let (ps, pss) = sum_and_squares(&x[(i * c + ch) * hw..][..hw]);
+                let plane = &x[(i * c + ch) * hw..][..hw];
+                let (mut ps, mut pss) = (0f32, 0f32);
+                for &v in plane {
+                    ps += v;
+                    pss += v * v;
+                }
                 s += f64::from(ps);
                 ss += f64::from(pss);
             }
@@ -944,7 +907,11 @@ impl CustomOp2 for BatchNormGrad {
                 let (mut db, mut dg) = (0f64, 0f64);
                 for i in 0..n {
                     let o = (i * c + ch) * hw;
-                    let (pb, pg) = sum_and_centered_dot(&gy[o..o + hw], &x[o..o + hw], mean as f32);
+                    let (mut pb, mut pg) = (0f32, 0f32);
+                    for (&g, &v) in gy[o..o + hw].iter().zip(&x[o..o + hw]) {
+                        pb += g;
+                        pg += g * (v - mean as f32);
+                    }
                     db += f64::from(pb);
                     dg += f64::from(pg) * inv;
                 }
