@@ -332,6 +332,12 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
                 )))
             }
         };
+        if name == "baseline" || name == "init" {
+            return Err(input_error(format!(
+                "{}: `name = \"{name}\"` is reserved (`from` uses it); choose another name",
+                at(if named { Some("name") } else { None })
+            )));
+        }
         let source = match table.remove("from") {
             None => Source::Previous,
             Some(toml::Value::String(f)) => {
@@ -367,7 +373,7 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
                 )))
             }
         };
-        if name == "baseline" || stages.iter().any(|(n, _)| *n == name) {
+        if stages.iter().any(|(n, _)| *n == name) {
             return Err(input_error(format!(
                 "{}: two stages are named \"{name}\"; give one a `name` of its own",
                 at(if named { Some("name") } else { None })

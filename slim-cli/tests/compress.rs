@@ -497,6 +497,11 @@ fn configuration_errors_name_the_key_and_line() {
             Some(26),
         ),
         (
+            BRANCHES.replace("name = \"int8\"", "name = \"init\""),
+            "is reserved",
+            Some(26),
+        ),
+        (
             BRANCHES.replace("name = \"int8\"", "name = \"int8/x\""),
             "`name` must be",
             Some(26),
