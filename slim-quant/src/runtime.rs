@@ -9,9 +9,9 @@
 //! output rows over the cores.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use slim_core::exec::NodeKernels;
 use slim_core::kernels::Phases;
@@ -38,14 +38,15 @@ const POSITIONS_PER_TASK: usize = 256;
 /// A dense or grouped convolution as int8 matrix products: per (sample, group, block of output
 /// rows), the group's filters times the block's input columns (one row per channel and kernel
 /// tap, gathered by row segments; a 1x1 convolution reads its input as it is).
-fn grouped(
+fn grouped<T: Sink>(
     xq: &[i8],
     pa: &PackedA,
     geo: &Geometry<'_>,
     n: usize,
     scales: &[f32],
     bias: Option<&[f32]>,
-) -> Vec<f32> {
+    to: &Requant,
+) -> Vec<T> {
     let c = geo.spec;
     let g = c.groups.max(1);
     let (cg, og) = (geo.cin / g, c.out_channels / g);
@@ -56,7 +57,7 @@ fn grouped(
     let rows_per = (POSITIONS_PER_TASK / ow).max(1);
     let blocks = oh.div_ceil(rows_per);
     let pointwise = kh == 1 && kw == 1 && c.stride == 1 && c.padding == 0;
-    let results: Vec<Vec<f32>> = (0..n * g * blocks)
+    let results: Vec<Vec<T>> = (0..n * g * blocks)
         .into_par_iter()
         .map(|task| {
             let (sg, blk) = (task / blocks, task % blocks);
@@ -107,23 +108,20 @@ fn grouped(
             };
             let mut acc = vec![0i32; og * np];
             gemm_rows(pa, gi * og..(gi + 1) * og, b, &mut acc);
-            let mut vals = vec![0f32; og * np];
+            let mut vals = vec![T::default(); og * np];
             for (oi, (dst, row)) in vals
                 .chunks_exact_mut(np)
                 .zip(acc.chunks_exact(np))
                 .enumerate()
             {
                 let o = gi * og + oi;
-                let (sc, bv) = (scales[o], bias.map_or(0.0, |b| b[o]));
-                for (d, &a) in dst.iter_mut().zip(row) {
-                    *d = a as f32 * sc + bv;
-                }
+                T::finish(dst, row, scales[o], bias.map_or(0.0, |b| b[o]), to);
             }
             vals
         })
         .collect();
     let oc = c.out_channels;
-    let mut out = vec![0f32; n * oc * p];
+    let mut out = vec![T::default(); n * oc * p];
     for (task, vals) in results.iter().enumerate() {
         let (sg, blk) = (task / blocks, task % blocks);
         let (s, gi) = (sg / g, sg % g);
@@ -137,6 +135,67 @@ fn grouped(
     out
 }
 
+/// How a layer's sums become int8 values on the grid of the quantizer that reads its output
+/// (through a ReLU or ReLU6 between them, when there is one): the bounds and `1 / scale` of
+/// [`quantize_chunk`], with the activation folded into the bounds.
+#[derive(Clone, Copy, Debug)]
+struct Requant {
+    bounds: [f32; 3],
+    avx2: bool,
+}
+
+impl Requant {
+    /// For a float output (no requantization).
+    const NONE: Requant = Requant {
+        bounds: [0.0; 3],
+        avx2: false,
+    };
+
+    /// The grid of a quantizer with `scale`, after `activation` (ReLU or ReLU6) if any.
+    fn new(scale: f32, activation: Option<&Op>) -> Requant {
+        let [mut lo, mut hi, inv] = bounds(scale);
+        // max(relu(y), lo) = max(y, 0) for lo < 0; min(min(y, 6), hi) = min(y, min(6, hi)).
+        // Both are the same float operations as the float graph's, so the integers agree.
+        if matches!(activation, Some(Op::Relu | Op::Relu6)) {
+            lo = 0.0;
+        }
+        if matches!(activation, Some(Op::Relu6)) {
+            hi = hi.min(6.0);
+        }
+        Requant {
+            bounds: [lo, hi, inv],
+            avx2: crate::gemm::Kernel::Avx2.available(),
+        }
+    }
+}
+
+/// The element type of an integer layer's output: `f32` (`acc * scale + bias`, the layer's
+/// float output) or `i8` (that float output, requantized for the next integer layer).
+trait Sink: Copy + Default + Send + Sync {
+    fn finish(dst: &mut [Self], acc: &[i32], scale: f32, bias: f32, to: &Requant);
+}
+
+impl Sink for f32 {
+    fn finish(dst: &mut [f32], acc: &[i32], scale: f32, bias: f32, _: &Requant) {
+        for (d, &a) in dst.iter_mut().zip(acc) {
+            *d = a as f32 * scale + bias;
+        }
+    }
+}
+
+impl Sink for i8 {
+    fn finish(dst: &mut [i8], acc: &[i32], scale: f32, bias: f32, to: &Requant) {
+        // The float output exactly as the f32 sink computes it, a piece at a time in a buffer
+        // that stays in the first-level cache, then the next quantizer's rounding.
+        let mut row = [0f32; 256];
+        for (d, a) in dst.chunks_mut(256).zip(acc.chunks(256)) {
+            let r = &mut row[..a.len()];
+            f32::finish(r, a, scale, bias, to);
+            quantize_chunk(d, r, to.bounds, to.avx2);
+        }
+    }
+}
+
 /// The output columns `[lo, hi)` whose input column `ox * stride + off` lies in `0..w`.
 fn valid_columns(off: isize, stride: usize, w: usize, ow: usize) -> (usize, usize) {
     let lo = if off < 0 { (-off) as usize } else { 0 }.div_ceil(stride);
@@ -147,14 +206,15 @@ fn valid_columns(off: isize, stride: usize, w: usize, ow: usize) -> (usize, usiz
 
 /// A depthwise convolution over each plane laid out by [`Phases`] (zero-padded and split by
 /// stride phase), so that every kernel tap is one long sweep.
-fn depthwise(
+fn depthwise<T: Sink>(
     xq: &[i8],
     wq: &[i8],
     geo: &Geometry<'_>,
     n: usize,
     scales: &[f32],
     bias: Option<&[f32]>,
-) -> Vec<f32> {
+    to: &Requant,
+) -> Vec<T> {
     let c = geo.spec;
     let (kh, kw) = (c.kernel[0], c.kernel[1]);
     let (h, w, oh, ow) = (geo.h, geo.w, geo.oh, geo.ow);
@@ -162,7 +222,7 @@ fn depthwise(
     let layout = Phases::new(h, w, kh, kw, c.stride, c.padding, c.dilation);
     let planes_per = (4096 / (oh * ow)).max(1);
     let avx2 = crate::gemm::Kernel::Avx2.available();
-    let mut out = vec![0f32; n * ch * oh * ow];
+    let mut out = vec![T::default(); n * ch * oh * ow];
     out.par_chunks_mut(oh * ow * planes_per)
         .enumerate()
         .for_each(|(task, dsts)| {
@@ -176,9 +236,7 @@ fn depthwise(
                 accumulate_taps(&mut acc, &phases, &layout, filt, avx2);
                 let (sc, b) = (scales[ci], bias.map_or(0.0, |b| b[ci]));
                 for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
-                    for (y, &a) in row.iter_mut().zip(&acc[layout.row(oy)..][..ow]) {
-                        *y = a as f32 * sc + b;
-                    }
+                    T::finish(row, &acc[layout.row(oy)..][..ow], sc, b, to);
                 }
             }
         });
@@ -215,7 +273,19 @@ fn accumulate_taps(acc: &mut [i32], phases: &[i8], layout: &Phases, filt: &[i8],
 /// that model; [`Int8Kernels::ON_THE_FLY`] serves any model and packs each layer's weights
 /// when it runs.
 pub struct Int8Kernels<'m> {
-    prepared: Option<(&'m Model, HashMap<String, PackedA>)>,
+    prepared: Option<Prepared<'m>>,
+}
+
+/// What [`Int8Kernels::new`] prepares for one model.
+struct Prepared<'m> {
+    model: &'m Model,
+    /// Packed weights of the layers that run as matrix products.
+    packed: HashMap<String, PackedA>,
+    /// Integer layers whose output only feeds other integer layers (through an activation and
+    /// a quantizer that nothing else reads): they write int8 values on that quantizer's grid.
+    requant: HashMap<usize, Requant>,
+    /// The activations and quantizers between such layers, which pass those values on.
+    passed: HashSet<usize>,
 }
 
 impl<'m> Int8Kernels<'m> {
@@ -224,9 +294,16 @@ impl<'m> Int8Kernels<'m> {
 
     /// Kernels for `model`, with its int8 weights packed now (any other model they are given
     /// is served on the fly).
+    ///
+    /// Where an integer layer's output goes only (through a ReLU or ReLU6) to a quantizer
+    /// that only integer layers read, the layer writes int8 values on that quantizer's grid
+    /// and the next layers read them as they are: no float output is written, activated and
+    /// quantized again between the two. Such a layer's output (and its activation's and
+    /// quantizer's) is then an int8 tensor held as `U8` (the same bytes) for observers and
+    /// taps of the forward.
     pub fn new(model: &'m Model) -> Self {
         // The layers that run as matrix products (depthwise convolutions run directly).
-        let products: std::collections::HashSet<String> = model
+        let products: HashSet<String> = model
             .graph
             .nodes()
             .iter()
@@ -250,26 +327,104 @@ impl<'m> Int8Kernels<'m> {
                 ))
             })
             .collect();
+        let (requant, passed) = integer_chains(model);
         Int8Kernels {
-            prepared: Some((model, packed)),
+            prepared: Some(Prepared {
+                model,
+                packed,
+                requant,
+                passed,
+            }),
         }
+    }
+
+    /// What was prepared, when it was prepared for `model`.
+    fn for_model(&self, model: &Model) -> Option<&Prepared<'m>> {
+        self.prepared
+            .as_ref()
+            .filter(|p| std::ptr::eq(p.model, model))
     }
 
     /// A layer's packed weights: prepared ones for the model these kernels were made for,
     /// else packed now.
     fn weights(&self, model: &Model, node: &Node, values: &[i8], rows: usize) -> Cow<'_, PackedA> {
         let name = node.param_name("weight");
-        match &self.prepared {
-            Some((m, map)) if std::ptr::eq(*m, model) && map.contains_key(&name) => {
-                Cow::Borrowed(&map[&name])
-            }
-            _ => Cow::Owned(PackedA::new(MatRef::new(
+        match self.for_model(model).and_then(|p| p.packed.get(&name)) {
+            Some(packed) => Cow::Borrowed(packed),
+            None => Cow::Owned(PackedA::new(MatRef::new(
                 values,
                 rows,
                 values.len() / rows.max(1),
             ))),
         }
     }
+}
+
+/// Whether a node runs in integers: a convolution or linear layer with int8 weights that
+/// reads a quantizer.
+fn is_integer_layer(model: &Model, node: &Node) -> bool {
+    matches!(node.op, Op::Conv2d(_) | Op::Linear(_))
+        && model.int8.contains_key(&node.param_name("weight"))
+        && node
+            .inputs
+            .first()
+            .is_some_and(|&i| matches!(model.graph.node(i).op, Op::FakeQuant(_)))
+}
+
+/// The integer layers that can write their output requantized (see [`Int8Kernels::new`]),
+/// with the grid of each, and the activation and quantizer nodes that pass it on.
+fn integer_chains(model: &Model) -> (HashMap<usize, Requant>, HashSet<usize>) {
+    let g = &model.graph;
+    let outputs = g.outputs();
+    // The one reader of a node that is not a graph output.
+    let only_reader = |id: usize| match g.successors(id)[..] {
+        [r] if !outputs.contains(&id) => Some(r),
+        _ => None,
+    };
+    let (mut requant, mut passed) = (HashMap::new(), HashSet::new());
+    for id in g.eval_order() {
+        let node = g.node(id);
+        if !is_integer_layer(model, node) {
+            continue;
+        }
+        let Some(mut next) = only_reader(id) else {
+            continue;
+        };
+        let mut chain = vec![];
+        let activation = match &g.node(next).op {
+            op @ (Op::Relu | Op::Relu6) => {
+                chain.push(next);
+                let Some(after) = only_reader(next) else {
+                    continue;
+                };
+                next = after;
+                Some(op)
+            }
+            _ => None,
+        };
+        let quantizer = g.node(next);
+        let readers = g.successors(next);
+        let scale = model
+            .params
+            .tensor(&quantizer.param_name("scale"))
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?));
+        let (true, false, Ok(scale)) = (
+            matches!(quantizer.op, Op::FakeQuant(_))
+                && !readers.is_empty()
+                && readers.iter().all(|&r| is_integer_layer(model, g.node(r))),
+            outputs.contains(&next),
+            scale,
+        ) else {
+            continue;
+        };
+        let Some(&scale) = scale.first() else {
+            continue;
+        };
+        chain.push(next);
+        requant.insert(id, Requant::new(scale, activation));
+        passed.extend(chain);
+    }
+    (requant, passed)
 }
 
 /// The input's fake-quantization scale, when the node reads one.
@@ -310,9 +465,7 @@ fn to_i8(x: &Tensor, scale: f32) -> slim_core::Result<Vec<i8>> {
 /// Each value clamped to `[-127 scale, 127 scale]`, divided by `scale` and rounded half away
 /// from zero, as the fake quantizer does.
 fn quantize_values(v: &[f32], scale: f32) -> Vec<i8> {
-    let s = f64::from(scale);
-    let (lo, hi) = ((-127.0 * s) as f32, (127.0 * s) as f32);
-    let inv = (1.0 / s) as f32;
+    let [lo, hi, inv] = bounds(scale);
     let mut out = vec![0i8; v.len()];
     let avx2 = crate::gemm::Kernel::Avx2.available();
     // (`move`: the bounds copied into the closure, so that the loop needs no check that its
@@ -321,6 +474,13 @@ fn quantize_values(v: &[f32], scale: f32) -> Vec<i8> {
         .zip(v.par_chunks(1 << 14))
         .for_each(move |(dst, src)| quantize_chunk(dst, src, [lo, hi, inv], avx2));
     out
+}
+
+/// The clipping bounds `±127 scale` and `1 / scale` of a quantizer's grid, as the fake
+/// quantizer computes them.
+fn bounds(scale: f32) -> [f32; 3] {
+    let s = f64::from(scale);
+    [(-127.0 * s) as f32, (127.0 * s) as f32, (1.0 / s) as f32]
 }
 
 /// The loop of [`quantize_values`] over one chunk, with the bounds `[lo, hi]` and `1 / scale`,
@@ -361,10 +521,15 @@ impl NodeKernels for Int8Kernels<'_> {
         inputs: &[&Tensor],
         _mode: Mode,
     ) -> slim_core::Result<Option<Tensor>> {
+        let id = model.graph.id(&node.name)?;
+        let prepared = self.for_model(model);
+        if prepared.is_some_and(|p| p.passed.contains(&id)) && inputs[0].dtype() == DType::U8 {
+            // Already activated and on the quantizer's grid.
+            return Ok(Some(inputs[0].clone()));
+        }
         if let Op::FakeQuant(_) = node.op {
             // When every reader of a quantizer is an integer layer, those layers round the
             // input to the same grid themselves: the float rounding would be done twice.
-            let id = model.graph.id(&node.name)?;
             let readers = model.graph.successors(id);
             let all_int = !readers.is_empty()
                 && readers.iter().all(|&r| {
@@ -382,16 +547,82 @@ impl NodeKernels for Int8Kernels<'_> {
             return Ok(None);
         };
         let x = inputs[0];
-        let device = x.device().clone();
         let bias: Option<Vec<f32>> = match model.params.tensor(&node.param_name("bias")) {
             Ok(b) => Some(b.to_vec1::<f32>()?),
             Err(_) => None,
         };
-        let xq = to_i8(x, s_in)?;
+        // The input on its grid: as the previous layer wrote it, or quantized now.
+        let owned;
+        let guard;
+        let xq: &[i8] = if x.dtype() == DType::U8 {
+            guard = x.storage_and_layout();
+            match (&*guard.0, guard.1.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(candle_core::CpuStorage::U8(v)), Some((a, b))) => {
+                    bytemuck::cast_slice(&v[a..b])
+                }
+                _ => {
+                    return Err(slim_core::CoreError::Node {
+                        node: node.name.clone(),
+                        msg: "an int8 input must be a contiguous tensor on the CPU".into(),
+                    })
+                }
+            }
+        } else {
+            owned = to_i8(x, s_in)?;
+            &owned
+        };
+        let requant = prepared.and_then(|p| p.requant.get(&id));
+        let layer = Layer {
+            node,
+            w,
+            s_in,
+            bias: bias.as_deref(),
+        };
+        let out = match requant {
+            Some(to) => self
+                .layer::<i8>(model, &layer, xq, x.dims(), to)?
+                .map(|(v, shape)| {
+                    // (i8 and u8 have one layout; candle holds int8 values as u8)
+                    let bytes: Vec<u8> = bytemuck::cast_slice(&v).to_vec();
+                    Tensor::from_vec(bytes, shape, x.device())
+                }),
+            None => self
+                .layer::<f32>(model, &layer, xq, x.dims(), &Requant::NONE)?
+                .map(|(v, shape)| Tensor::from_vec(v, shape, x.device())),
+        };
+        Ok(out.transpose()?)
+    }
+}
+
+/// An integer layer's node, int8 weights, input scale and bias.
+struct Layer<'a> {
+    node: &'a Node,
+    w: &'a slim_core::model::Int8Tensor,
+    s_in: f32,
+    bias: Option<&'a [f32]>,
+}
+
+impl Int8Kernels<'_> {
+    /// The output values of an integer layer over the int8 input `xq` (of shape `dims`) and
+    /// their shape, as `T` (see [`Sink`]); `None` for a node it does not compute.
+    fn layer<T: Sink>(
+        &self,
+        model: &Model,
+        layer: &Layer<'_>,
+        xq: &[i8],
+        dims: &[usize],
+        to: &Requant,
+    ) -> slim_core::Result<Option<(Vec<T>, Vec<usize>)>> {
+        let Layer {
+            node,
+            w,
+            s_in,
+            bias,
+        } = *layer;
         let per_scale = w.values.len() / w.scales.len();
         match &node.op {
             Op::Linear(l) => {
-                let (n, k, o) = (x.dim(0)?, l.in_features, l.out_features);
+                let (n, k, o) = (dims[0], l.in_features, l.out_features);
                 // Filters times the inputs as columns.
                 let mut xt = vec![0i8; k * n];
                 for (si, row) in xq.chunks_exact(k).enumerate() {
@@ -402,18 +633,28 @@ impl NodeKernels for Int8Kernels<'_> {
                 let mut acc = vec![0i32; o * n];
                 let pa = self.weights(model, node, &w.values, o);
                 gemm_rows(&pa, 0..o, MatRef::new(&xt, k, n), &mut acc);
-                let mut out = vec![0f32; n * o];
-                for j in 0..o {
+                // Per output feature, its samples' values; then laid out sample by sample.
+                let mut rows = vec![T::default(); o * n];
+                for (j, (dst, a)) in rows
+                    .chunks_exact_mut(n)
+                    .zip(acc.chunks_exact(n))
+                    .enumerate()
+                {
                     let scale = s_in * w.scales[(j * k) / per_scale];
-                    let b = bias.as_ref().map_or(0.0, |b| b[j]);
-                    for si in 0..n {
-                        out[si * o + j] = acc[j * n + si] as f32 * scale + b;
+                    T::finish(dst, a, scale, bias.map_or(0.0, |b| b[j]), to);
+                }
+                let mut out = vec![T::default(); n * o];
+                for (j, row) in rows.chunks_exact(n).enumerate() {
+                    for (si, &v) in row.iter().enumerate() {
+                        out[si * o + j] = v;
                     }
                 }
-                Ok(Some(Tensor::from_vec(out, (n, o), &device)?))
+                Ok(Some((out, vec![n, o])))
             }
             Op::Conv2d(c) => {
-                let (n, cin, h, wd) = x.dims4()?;
+                let [n, cin, h, wd] = dims[..] else {
+                    return Ok(None);
+                };
                 let [oc, oh, ow] = node.shape[..] else {
                     return Ok(None);
                 };
@@ -429,12 +670,12 @@ impl NodeKernels for Int8Kernels<'_> {
                     spec: c,
                 };
                 let out = if c.is_depthwise() {
-                    depthwise(&xq, &w.values, &geo, n, &scales, bias.as_deref())
+                    depthwise(xq, &w.values, &geo, n, &scales, bias, to)
                 } else {
                     let pa = self.weights(model, node, &w.values, oc);
-                    grouped(&xq, &pa, &geo, n, &scales, bias.as_deref())
+                    grouped(xq, &pa, &geo, n, &scales, bias, to)
                 };
-                Ok(Some(Tensor::from_vec(out, (n, oc, oh, ow), &device)?))
+                Ok(Some((out, vec![n, oc, oh, ow])))
             }
             _ => Ok(None),
         }

@@ -348,7 +348,9 @@ fn bias_correction_restores_the_mean_of_every_output_channel() {
 fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
     // Depthwise with stride 2, a 5x5 window, dilation and padding; depthwise with stride 1, a
     // 3x5 window, dilation and padding; depthwise 3x3 with stride 2; a grouped convolution; a
-    // strided dense one with a rectangular kernel; a 1x1; and a linear layer, on odd sizes.
+    // strided dense one with a rectangular kernel; a 1x1; and two linear layers, on odd sizes.
+    // Between them, integer layers that feed integer layers directly, through a ReLU and
+    // through a ReLU6, which write their outputs requantized.
     use slim_core::graph::{Conv2dSpec, GraphBuilder};
     let data = load_spec(DEFAULT_SPEC).unwrap();
     let mut b = GraphBuilder::new([1, 28, 28]);
@@ -392,19 +394,69 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
                 ..Conv2dSpec::new(12, 16, 1).with_stride(3).with_padding(1)
             },
         )
+        .relu6("r6")
         .conv("pw", 20, 1, 1, 0)
         .flatten("f")
-        .linear("fc", 10);
+        .linear("fc", 16)
+        .relu("r3")
+        .linear("fc2", 10);
     let m = Model::init(b.build().unwrap(), 4, &Device::Cpu).unwrap();
     let cfg = PtqConfig {
         batches: 2,
         ..PtqConfig::default()
     };
     let (q, report) = quantize(&m, &data.train, &data.normalize, &cfg).unwrap();
-    assert_eq!(report.layers.len(), 8);
+    assert_eq!(report.layers.len(), 9);
     let x = candle_core::Tensor::randn(0f32, 1.0, (3, 1, 28, 28), &Device::Cpu).unwrap();
     let a = slim_quant::runtime::forward(&q, &x).unwrap();
     let b = q.forward(&x, Mode::Eval).unwrap();
-    let (scale, diff) = (max_abs(&b), max_abs(&(a - b).unwrap()));
+    let (scale, diff) = (max_abs(&b), max_abs(&(&a - b).unwrap()));
     assert!(diff <= 1e-4 * scale, "difference {diff} against {scale}");
+    // The prepared kernels pass int8 values from layer to layer where nothing else reads
+    // them (here every layer but pw, which a flatten reads, and fc2, the output); the kernels
+    // without preparation write every output as floats, activate and quantize it again:
+    // the same numbers, bit for bit.
+    let kernels = slim_quant::runtime::Int8Kernels::new(&q);
+    let mut int8_out = vec![];
+    let mut seen = |name: &str, t: &candle_core::Tensor| -> slim_core::Result<()> {
+        if t.dtype() == candle_core::DType::U8 {
+            int8_out.push(name.to_string());
+        }
+        Ok(())
+    };
+    q.forward_with(
+        std::slice::from_ref(&x),
+        Mode::Eval,
+        ForwardOptions {
+            kernels: Some(&kernels),
+            observer: Some(&mut seen),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for layer in ["c1", "dw", "dw1", "dw2", "grp", "rect", "fc"] {
+        assert!(int8_out.iter().any(|n| n == layer), "{layer}: {int8_out:?}");
+    }
+    for layer in ["pw", "fc2"] {
+        assert!(
+            !int8_out.iter().any(|n| n == layer),
+            "{layer}: {int8_out:?}"
+        );
+    }
+    let plain = q
+        .forward_with(
+            std::slice::from_ref(&x),
+            Mode::Eval,
+            ForwardOptions {
+                kernels: Some(&slim_quant::runtime::Int8Kernels::ON_THE_FLY),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .outputs
+        .remove(0);
+    assert_eq!(
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        plain.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
 }
