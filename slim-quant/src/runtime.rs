@@ -57,82 +57,99 @@ fn grouped<T: Sink>(
     let rows_per = (POSITIONS_PER_TASK / ow).max(1);
     let blocks = oh.div_ceil(rows_per);
     let pointwise = kh == 1 && kw == 1 && c.stride == 1 && c.padding == 0;
-    let results: Vec<Vec<T>> = (0..n * g * blocks)
-        .into_par_iter()
-        .map(|task| {
-            let (sg, blk) = (task / blocks, task % blocks);
-            let (s, gi) = (sg / g, sg % g);
-            let (oy0, oy1) = (blk * rows_per, ((blk + 1) * rows_per).min(oh));
-            let np = (oy1 - oy0) * ow;
-            let plane0 = (s * geo.cin + gi * cg) * h * w;
-            let cols;
-            let b = if pointwise {
-                MatRef {
-                    data: &xq[plane0 + oy0 * ow..],
-                    rows: cg,
-                    cols: np,
-                    stride: h * w,
-                }
-            } else {
-                let mut buf = vec![0i8; k * np];
-                for ci in 0..cg {
-                    let src = &xq[plane0 + ci * h * w..plane0 + (ci + 1) * h * w];
-                    for ky in 0..kh {
-                        for kx in 0..kw {
-                            let t = (ci * kh + ky) * kw + kx;
-                            let row = &mut buf[t * np..(t + 1) * np];
-                            let off = (kx * c.dilation) as isize - c.padding as isize;
-                            let (lo, hi) = valid_columns(off, c.stride, w, ow);
-                            for oy in oy0..oy1 {
-                                let iy =
-                                    (oy * c.stride + ky * c.dilation) as isize - c.padding as isize;
-                                if iy < 0 || iy as usize >= h || lo >= hi {
-                                    continue;
-                                }
-                                let line = &src[iy as usize * w..(iy as usize + 1) * w];
-                                let dst = &mut row[(oy - oy0) * ow..(oy - oy0 + 1) * ow];
-                                if c.stride == 1 {
-                                    let start = (lo as isize + off) as usize;
-                                    dst[lo..hi].copy_from_slice(&line[start..start + hi - lo]);
-                                } else {
-                                    for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
-                                        *d = line[((ox * c.stride) as isize + off) as usize];
-                                    }
+    let oc = c.out_channels;
+    let mut out = vec![T::default(); n * oc * p];
+    let written = Disjoint(out.as_mut_ptr());
+    (0..n * g * blocks).into_par_iter().for_each(|task| {
+        let (sg, blk) = (task / blocks, task % blocks);
+        let (s, gi) = (sg / g, sg % g);
+        let (oy0, oy1) = (blk * rows_per, ((blk + 1) * rows_per).min(oh));
+        let np = (oy1 - oy0) * ow;
+        let plane0 = (s * geo.cin + gi * cg) * h * w;
+        let cols;
+        let b = if pointwise {
+            MatRef {
+                data: &xq[plane0 + oy0 * ow..],
+                rows: cg,
+                cols: np,
+                stride: h * w,
+            }
+        } else {
+            let mut buf = vec![0i8; k * np];
+            for ci in 0..cg {
+                let src = &xq[plane0 + ci * h * w..plane0 + (ci + 1) * h * w];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let t = (ci * kh + ky) * kw + kx;
+                        let row = &mut buf[t * np..(t + 1) * np];
+                        let off = (kx * c.dilation) as isize - c.padding as isize;
+                        let (lo, hi) = valid_columns(off, c.stride, w, ow);
+                        for oy in oy0..oy1 {
+                            let iy =
+                                (oy * c.stride + ky * c.dilation) as isize - c.padding as isize;
+                            if iy < 0 || iy as usize >= h || lo >= hi {
+                                continue;
+                            }
+                            let line = &src[iy as usize * w..(iy as usize + 1) * w];
+                            let dst = &mut row[(oy - oy0) * ow..(oy - oy0 + 1) * ow];
+                            if c.stride == 1 {
+                                let start = (lo as isize + off) as usize;
+                                dst[lo..hi].copy_from_slice(&line[start..start + hi - lo]);
+                            } else {
+                                for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                                    *d = line[((ox * c.stride) as isize + off) as usize];
                                 }
                             }
                         }
                     }
                 }
-                cols = buf;
-                MatRef::new(&cols, k, np)
-            };
-            let mut acc = vec![0i32; og * np];
-            gemm_rows(pa, gi * og..(gi + 1) * og, b, &mut acc);
-            let mut vals = vec![T::default(); og * np];
-            for (oi, (dst, row)) in vals
-                .chunks_exact_mut(np)
-                .zip(acc.chunks_exact(np))
-                .enumerate()
-            {
-                let o = gi * og + oi;
-                T::finish(dst, row, scales[o], bias.map_or(0.0, |b| b[o]), to);
             }
-            vals
-        })
-        .collect();
-    let oc = c.out_channels;
-    let mut out = vec![T::default(); n * oc * p];
-    for (task, vals) in results.iter().enumerate() {
-        let (sg, blk) = (task / blocks, task % blocks);
-        let (s, gi) = (sg / g, sg % g);
-        let (oy0, oy1) = (blk * rows_per, ((blk + 1) * rows_per).min(oh));
-        let np = (oy1 - oy0) * ow;
-        for (oi, row) in vals.chunks_exact(np).enumerate() {
-            let base = (s * oc + gi * og + oi) * p + oy0 * ow;
-            out[base..base + np].copy_from_slice(row);
-        }
-    }
+            cols = buf;
+            MatRef::new(&cols, k, np)
+        };
+        ACC.with_borrow_mut(|acc| {
+            if acc.len() < og * np {
+                acc.resize(og * np, 0);
+            }
+            let acc = &mut acc[..og * np];
+            gemm_rows(pa, gi * og..(gi + 1) * og, b, acc);
+            for (oi, row) in acc.chunks_exact(np).enumerate() {
+                let o = gi * og + oi;
+                // SAFETY: the task's output rows: channel `o` of sample `s`, output
+                // rows `oy0..oy1`. No other task writes them (tasks differ in sample,
+                // group or block of rows), and they lie inside `out`.
+                let d = unsafe { written.rows((s * oc + o) * p + oy0 * ow, np) };
+                T::finish(d, row, scales[o], bias.map_or(0.0, |b| b[o]), to);
+            }
+        });
+    });
     out
+}
+
+thread_local! {
+    /// A worker's sums buffer, kept from task to task.
+    static ACC: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The output of a convolution, written by parallel tasks at disjoint places.
+#[derive(Clone, Copy)]
+struct Disjoint<T>(*mut T);
+
+// SAFETY: tasks write through the pointer only at places no other task reads or writes
+// (see `Disjoint::rows`).
+unsafe impl<T: Send> Send for Disjoint<T> {}
+unsafe impl<T: Send> Sync for Disjoint<T> {}
+
+impl<T> Disjoint<T> {
+    /// `len` values from `start`.
+    ///
+    /// # Safety
+    /// `start + len` is within the buffer, and no other live slice overlaps this one.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(&self, start: usize, len: usize) -> &mut [T] {
+        // SAFETY: as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
 }
 
 /// How a layer's sums become int8 values on the grid of the quantizer that reads its output
