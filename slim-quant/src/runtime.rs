@@ -113,13 +113,25 @@ fn grouped<T: Sink>(
             }
             let acc = &mut acc[..og * np];
             gemm_rows(pa, gi * og..(gi + 1) * og, b, acc);
-            for (oi, row) in acc.chunks_exact(np).enumerate() {
-                let o = gi * og + oi;
-                // SAFETY: the task's output rows: channel `o` of sample `s`, output
-                // rows `oy0..oy1`. No other task writes them (tasks differ in sample,
-                // group or block of rows), and they lie inside `out`.
-                let d = unsafe { written.rows((s * oc + o) * p + oy0 * ow, np) };
-                T::finish(d, row, scales[o], bias.map_or(0.0, |b| b[o]), to);
+            let o0 = gi * og;
+            let part = |o: std::ops::Range<usize>| (&scales[o.clone()], bias.map(|b| &b[o]));
+            if blocks == 1 {
+                // The group's whole output planes, one after another.
+                // SAFETY: channels `o0..o0 + og` of sample `s`: no other task writes them
+                // (tasks differ in sample or group), and they lie inside `out`.
+                let d = unsafe { written.rows((s * oc + o0) * p, og * p) };
+                let (sc, bi) = part(o0..o0 + og);
+                T::finish(d, acc, p, sc, bi, to);
+            } else {
+                for (oi, row) in acc.chunks_exact(np).enumerate() {
+                    let o = o0 + oi;
+                    // SAFETY: output rows `oy0..oy1` of channel `o` of sample `s`: no other
+                    // task writes them (tasks differ in sample, group or block of rows), and
+                    // they lie inside `out`.
+                    let d = unsafe { written.rows((s * oc + o) * p + oy0 * ow, np) };
+                    let (sc, bi) = part(o..o + 1);
+                    T::finish(d, row, np, sc, bi, to);
+                }
             }
         });
     });
@@ -189,28 +201,97 @@ impl Requant {
 /// The element type of an integer layer's output: `f32` (`acc * scale + bias`, the layer's
 /// float output) or `i8` (that float output, requantized for the next integer layer).
 trait Sink: Copy + Default + Send + Sync {
-    fn finish(dst: &mut [Self], acc: &[i32], scale: f32, bias: f32, to: &Requant);
+    /// The outputs of consecutive planes (output channels) of `plane` values each: plane `i`
+    /// has `scales[i]` and `bias[i]`.
+    fn finish(
+        dst: &mut [Self],
+        acc: &[i32],
+        plane: usize,
+        scales: &[f32],
+        bias: Option<&[f32]>,
+        to: &Requant,
+    );
 }
 
 impl Sink for f32 {
-    fn finish(dst: &mut [f32], acc: &[i32], scale: f32, bias: f32, _: &Requant) {
-        for (d, &a) in dst.iter_mut().zip(acc) {
-            *d = a as f32 * scale + bias;
+    fn finish(
+        dst: &mut [f32],
+        acc: &[i32],
+        plane: usize,
+        scales: &[f32],
+        bias: Option<&[f32]>,
+        _: &Requant,
+    ) {
+        for (i, (d, a)) in dst
+            .chunks_exact_mut(plane)
+            .zip(acc.chunks_exact(plane))
+            .enumerate()
+        {
+            let (sc, b) = (scales[i], bias.map_or(0.0, |b| b[i]));
+            for (d, &a) in d.iter_mut().zip(a) {
+                *d = a as f32 * sc + b;
+            }
         }
     }
 }
 
 impl Sink for i8 {
-    fn finish(dst: &mut [i8], acc: &[i32], scale: f32, bias: f32, to: &Requant) {
-        // The float output exactly as the f32 sink computes it, a piece at a time in a buffer
-        // that stays in the first-level cache, then the next quantizer's rounding.
-        let mut row = [0f32; 256];
-        for (d, a) in dst.chunks_mut(256).zip(acc.chunks(256)) {
-            let r = &mut row[..a.len()];
-            f32::finish(r, a, scale, bias, to);
-            quantize_chunk(d, r, to.bounds, to.avx2);
+    fn finish(
+        dst: &mut [i8],
+        acc: &[i32],
+        plane: usize,
+        scales: &[f32],
+        bias: Option<&[f32]>,
+        to: &Requant,
+    ) {
+        requantize(dst, acc, plane, scales, bias, to);
+    }
+}
+
+/// [`Sink::finish`] for int8: each float output computed as the f32 sink computes it, then
+/// rounded as [`quantize_chunk`] rounds (in one pass, compiled for AVX2 where the machine has
+/// it: a layer calls it once per block of planes, and the planes of late layers are small).
+fn requantize(
+    dst: &mut [i8],
+    acc: &[i32],
+    plane: usize,
+    scales: &[f32],
+    bias: Option<&[f32]>,
+    to: &Requant,
+) {
+    #[inline(always)]
+    fn run(
+        dst: &mut [i8],
+        acc: &[i32],
+        plane: usize,
+        scales: &[f32],
+        bias: Option<&[f32]>,
+        [lo, hi, inv]: [f32; 3],
+    ) {
+        for (i, (d, a)) in dst
+            .chunks_exact_mut(plane)
+            .zip(acc.chunks_exact(plane))
+            .enumerate()
+        {
+            let (sc, b) = (scales[i], bias.map_or(0.0, |b| b[i]));
+            for (d, &a) in d.iter_mut().zip(a) {
+                *d = round_to_grid(a as f32 * sc + b, lo, hi, inv);
+            }
         }
     }
+    let bounds = to.bounds;
+    slim_core::with_target_feature!(
+        "avx2",
+        to.avx2,
+        run(
+            dst: &mut [i8],
+            acc: &[i32],
+            plane: usize,
+            scales: &[f32],
+            bias: Option<&[f32]>,
+            bounds: [f32; 3],
+        )
+    )
 }
 
 /// The output columns `[lo, hi)` whose input column `ox * stride + off` lies in `0..w`.
@@ -245,16 +326,34 @@ fn depthwise<T: Sink>(
         .for_each(|(task, dsts)| {
             let mut phases = vec![0i8; layout.len()];
             let mut acc = vec![0i32; layout.span()];
-            for (j, dst) in dsts.chunks_exact_mut(oh * ow).enumerate() {
+            // The task's sums, plane after plane without the layout's gaps.
+            let mut sums = vec![0i32; dsts.len()];
+            for (j, plane_sums) in sums.chunks_exact_mut(oh * ow).enumerate() {
                 let plane = task * planes_per + j;
                 let ci = plane % ch;
                 layout.fill(&xq[plane * h * w..(plane + 1) * h * w], &mut phases);
                 let filt = &wq[ci * kh * kw..(ci + 1) * kh * kw];
                 accumulate_taps(&mut acc, &phases, &layout, filt, avx2);
-                let (sc, b) = (scales[ci], bias.map_or(0.0, |b| b[ci]));
-                for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
-                    T::finish(row, &acc[layout.row(oy)..][..ow], sc, b, to);
+                for (oy, row) in plane_sums.chunks_exact_mut(ow).enumerate() {
+                    row.copy_from_slice(&acc[layout.row(oy)..][..ow]);
                 }
+            }
+            // Finished in runs of consecutive channels (a run ends where a sample does).
+            let mut j = 0;
+            let planes = dsts.len() / (oh * ow);
+            while j < planes {
+                let ci = (task * planes_per + j) % ch;
+                let run = (ch - ci).min(planes - j);
+                let span = j * oh * ow..(j + run) * oh * ow;
+                T::finish(
+                    &mut dsts[span.clone()],
+                    &sums[span],
+                    oh * ow,
+                    &scales[ci..ci + run],
+                    bias.map(|b| &b[ci..ci + run]),
+                    to,
+                );
+                j += run;
             }
         });
     out
@@ -493,6 +592,21 @@ fn quantize_values(v: &[f32], scale: f32) -> Vec<i8> {
     out
 }
 
+/// `a` clipped to `[lo, hi]`, times `inv` (`1 / scale`) and rounded half away from zero.
+#[inline(always)]
+fn round_to_grid(a: f32, lo: f32, hi: f32, inv: f32) -> i8 {
+    // `max` and `min` (not `clamp`) so that NaN becomes a bound and never reaches the
+    // conversion.
+    #[allow(clippy::manual_clamp)] // clamp would let NaN through
+    let q = a.max(lo).min(hi) * inv;
+    // Adding the largest float below 1/2 (with the value's sign) and truncating (the
+    // conversion to an integer) rounds every float exactly as `f32::round`, and vectorizes.
+    #[allow(clippy::manual_clamp)]
+    let r = (q + HALF_DOWN.copysign(q)).max(-127.0).min(127.0);
+    // SAFETY: `r` is finite and within [-127, 127].
+    (unsafe { r.to_int_unchecked::<i32>() }) as i8
+}
+
 /// The clipping bounds `±127 scale` and `1 / scale` of a quantizer's grid, as the fake
 /// quantizer computes them.
 fn bounds(scale: f32) -> [f32; 3] {
@@ -505,18 +619,8 @@ fn bounds(scale: f32) -> [f32; 3] {
 fn quantize_chunk(dst: &mut [i8], src: &[f32], [lo, hi, inv]: [f32; 3], avx2: bool) {
     #[inline(always)]
     fn chunk(dst: &mut [i8], src: &[f32], lo: f32, hi: f32, inv: f32) {
-        // Adding the largest float below 1/2 (with the value's sign) and truncating (the
-        // conversion to an integer) rounds every float exactly as `f32::round`, and
-        // vectorizes.
         for (d, &a) in dst.iter_mut().zip(src) {
-            // `max` and `min` (not `clamp`) so that NaN becomes a bound and never reaches
-            // the conversion.
-            #[allow(clippy::manual_clamp)] // clamp would let NaN through
-            let q = a.max(lo).min(hi) * inv;
-            #[allow(clippy::manual_clamp)]
-            let r = (q + HALF_DOWN.copysign(q)).max(-127.0).min(127.0);
-            // SAFETY: `r` is finite and within [-127, 127].
-            *d = unsafe { r.to_int_unchecked::<i32>() } as i8;
+            *d = round_to_grid(a, lo, hi, inv);
         }
     }
     slim_core::with_target_feature!(
@@ -652,14 +756,10 @@ impl Int8Kernels<'_> {
                 gemm_rows(&pa, 0..o, MatRef::new(&xt, k, n), &mut acc);
                 // Per output feature, its samples' values; then laid out sample by sample.
                 let mut rows = vec![T::default(); o * n];
-                for (j, (dst, a)) in rows
-                    .chunks_exact_mut(n)
-                    .zip(acc.chunks_exact(n))
-                    .enumerate()
-                {
-                    let scale = s_in * w.scales[(j * k) / per_scale];
-                    T::finish(dst, a, scale, bias.map_or(0.0, |b| b[j]), to);
-                }
+                let scales: Vec<f32> = (0..o)
+                    .map(|j| s_in * w.scales[(j * k) / per_scale])
+                    .collect();
+                T::finish(&mut rows, &acc, n, &scales, bias, to);
                 let mut out = vec![T::default(); n * o];
                 for (j, row) in rows.chunks_exact(n).enumerate() {
                     for (si, &v) in row.iter().enumerate() {
