@@ -506,17 +506,26 @@ fn integer_chains(model: &Model) -> (HashMap<usize, Requant>, HashSet<usize>) {
         let Some(mut next) = only_reader(id) else {
             continue;
         };
+        // Up to the quantizer: at most one ReLU or ReLU6, and max pooling and flattening,
+        // in any order. Each commutes with rounding to the grid (they are monotone, or only
+        // move values), so the layer can round first and the values travel as int8.
         let mut chain = vec![];
-        let activation = match &g.node(next).op {
-            op @ (Op::Relu | Op::Relu6) => {
-                chain.push(next);
-                let Some(after) = only_reader(next) else {
-                    continue;
-                };
-                next = after;
-                Some(op)
+        let mut activation = None;
+        let quantizer = loop {
+            let op = &g.node(next).op;
+            match op {
+                Op::Relu | Op::Relu6 if activation.is_none() => activation = Some(op),
+                Op::MaxPool2d(_) | Op::Flatten => {}
+                _ => break Some(next),
             }
-            _ => None,
+            chain.push(next);
+            match only_reader(next) {
+                Some(after) => next = after,
+                None => break None,
+            }
+        };
+        let Some(next) = quantizer else {
+            continue;
         };
         let quantizer = g.node(next);
         let readers = g.successors(next);
@@ -541,6 +550,42 @@ fn integer_chains(model: &Model) -> (HashMap<usize, Requant>, HashSet<usize>) {
         passed.extend(chain);
     }
     (requant, passed)
+}
+
+/// Max pooling of int8 values held as `U8` (see [`Int8Kernels::new`]); padding never wins.
+fn max_pool_i8(x: &Tensor, p: &slim_core::graph::PoolSpec) -> slim_core::Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let out = |d: usize| (d + 2 * p.padding).saturating_sub(p.kernel) / p.stride + 1;
+    let (oh, ow) = (out(h), out(w));
+    let bytes = x.flatten_all()?.to_vec1::<u8>()?;
+    let xs: &[i8] = bytemuck::cast_slice(&bytes);
+    let mut y = vec![0u8; n * c * oh * ow];
+    let range = |o: usize, d: usize| {
+        let start = (o * p.stride) as isize - p.padding as isize;
+        (
+            start.max(0) as usize,
+            ((start + p.kernel as isize).max(0) as usize).min(d),
+        )
+    };
+    y.par_chunks_mut(oh * ow * 64)
+        .enumerate()
+        .for_each(|(task, dst)| {
+            for (j, plane_out) in dst.chunks_exact_mut(oh * ow).enumerate() {
+                let plane = &xs[(task * 64 + j) * h * w..][..h * w];
+                for (oy, row) in plane_out.chunks_exact_mut(ow).enumerate() {
+                    let (y0, y1) = range(oy, h);
+                    for (ox, v) in row.iter_mut().enumerate() {
+                        let (x0, x1) = range(ox, w);
+                        let mut m = i8::MIN;
+                        for line in plane[y0 * w..y1 * w].chunks_exact(w) {
+                            m = line[x0..x1].iter().fold(m, |a, &b| a.max(b));
+                        }
+                        *v = m.max(-127) as u8;
+                    }
+                }
+            }
+        });
+    Ok(Tensor::from_vec(y, (n, c, oh, ow), x.device())?)
 }
 
 /// The input's fake-quantization scale, when the node reads one.
@@ -645,8 +690,13 @@ impl NodeKernels for Int8Kernels<'_> {
         let id = model.graph.id(&node.name)?;
         let prepared = self.for_model(model);
         if prepared.is_some_and(|p| p.passed.contains(&id)) && inputs[0].dtype() == DType::U8 {
-            // Already activated and on the quantizer's grid.
-            return Ok(Some(inputs[0].clone()));
+            // Already activated and on the quantizer's grid: pooled or flattened as they are.
+            let x = inputs[0];
+            return Ok(Some(match &node.op {
+                Op::MaxPool2d(p) => max_pool_i8(x, p)?,
+                Op::Flatten => x.flatten_from(1)?,
+                _ => x.clone(),
+            }));
         }
         if let Op::FakeQuant(_) = node.op {
             // When every reader of a quantizer is an integer layer, those layers round the

@@ -349,8 +349,8 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
     // Depthwise with stride 2, a 5x5 window, dilation and padding; depthwise with stride 1, a
     // 3x5 window, dilation and padding; depthwise 3x3 with stride 2; a grouped convolution; a
     // strided dense one with a rectangular kernel; a 1x1; and two linear layers, on odd sizes.
-    // Between them, integer layers that feed integer layers directly, through a ReLU and
-    // through a ReLU6, which write their outputs requantized.
+    // Between them, integer layers that feed integer layers directly, through a ReLU, a ReLU6,
+    // max pooling (padded, and not) and flattening: they write their outputs requantized.
     use slim_core::graph::{Conv2dSpec, GraphBuilder};
     let data = load_spec(DEFAULT_SPEC).unwrap();
     let mut b = GraphBuilder::new([1, 28, 28]);
@@ -387,6 +387,14 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
             Conv2dSpec::new(8, 12, 3).with_groups(4).with_padding(1),
         )
         .relu("r2")
+        .push(
+            "mp",
+            slim_core::Op::MaxPool2d(slim_core::graph::PoolSpec {
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            }),
+        )
         .conv_with(
             "rect",
             Conv2dSpec {
@@ -396,6 +404,7 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
         )
         .relu6("r6")
         .conv("pw", 20, 1, 1, 0)
+        .max_pool("mp2", 2, 2)
         .flatten("f")
         .linear("fc", 16)
         .relu("r3")
@@ -413,7 +422,7 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
     let (scale, diff) = (max_abs(&b), max_abs(&(&a - b).unwrap()));
     assert!(diff <= 1e-4 * scale, "difference {diff} against {scale}");
     // The prepared kernels pass int8 values from layer to layer where nothing else reads
-    // them (here every layer but pw, which a flatten reads, and fc2, the output); the kernels
+    // them (here every layer but fc2, the output); the kernels
     // without preparation write every output as floats, activate and quantize it again:
     // the same numbers, bit for bit.
     let kernels = slim_quant::runtime::Int8Kernels::new(&q);
@@ -434,15 +443,12 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
         },
     )
     .unwrap();
-    for layer in ["c1", "dw", "dw1", "dw2", "grp", "rect", "fc"] {
+    for layer in [
+        "c1", "dw", "dw1", "dw2", "grp", "mp", "rect", "pw", "mp2", "f", "fc",
+    ] {
         assert!(int8_out.iter().any(|n| n == layer), "{layer}: {int8_out:?}");
     }
-    for layer in ["pw", "fc2"] {
-        assert!(
-            !int8_out.iter().any(|n| n == layer),
-            "{layer}: {int8_out:?}"
-        );
-    }
+    assert!(!int8_out.iter().any(|n| n == "fc2"), "{int8_out:?}");
     let plain = q
         .forward_with(
             std::slice::from_ref(&x),
