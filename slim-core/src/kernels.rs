@@ -976,6 +976,48 @@ impl MaxPool {
         }
     }
 
+    /// The maxima of every window of one plane into `out` (filled with -inf): per output
+    /// row, each window row and column offset is one sweep over the output row, which the
+    /// compiler vectorizes where the stride is 1. The same values as [`MaxPool::argmax`]
+    /// picks (a NaN is passed over where `argmax` would keep the first one).
+    fn plane_max(g: &Geom, plane: &[f32], out: &mut [f32]) {
+        let (s, pad) = (g.stride, g.pad as isize);
+        for (oh, row) in out.chunks_exact_mut(g.ow).enumerate() {
+            for kh in 0..g.kh {
+                let ih = (oh * s + kh) as isize - pad;
+                if ih < 0 || ih as usize >= g.h {
+                    continue;
+                }
+                let line = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+                for kw in 0..g.kw {
+                    let off = kw as isize - pad;
+                    // Output columns whose input column `ow * s + off` is inside the row.
+                    let lo = if off < 0 {
+                        ((-off) as usize).div_ceil(s)
+                    } else {
+                        0
+                    };
+                    let hi = ((g.w as isize - off + s as isize - 1) / s as isize)
+                        .clamp(0, g.ow as isize) as usize;
+                    if lo >= hi {
+                        continue;
+                    }
+                    let start = (lo * s) as isize + off;
+                    if s == 1 {
+                        let src = &line[start as usize..start as usize + (hi - lo)];
+                        for (o, &v) in row[lo..hi].iter_mut().zip(src) {
+                            *o = o.max(v);
+                        }
+                    } else {
+                        for (i, o) in row[lo..hi].iter_mut().enumerate() {
+                            *o = o.max(line[start as usize + i * s]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Index (within the plane) of the first maximum of output `(oh, ow)`'s window.
     fn argmax(g: &Geom, plane: &[f32], oh: usize, ow: usize) -> usize {
         let mut best = usize::MAX;
@@ -1009,20 +1051,17 @@ impl CustomOp1 for MaxPool {
         let g = self.geom(l)?;
         let x = f32_slice(s, l, self.name())?;
         let (ip, op) = (g.h * g.w, g.oh * g.ow);
-        let mut y = vec![0f32; g.n * g.c * op];
-        y.par_chunks_mut(op).enumerate().for_each(|(idx, out)| {
-            let plane = &x[idx * ip..(idx + 1) * ip];
-            for oh in 0..g.oh {
-                for ow in 0..g.ow {
-                    let i = MaxPool::argmax(&g, plane, oh, ow);
-                    out[oh * g.ow + ow] = if i == usize::MAX {
-                        f32::NEG_INFINITY
-                    } else {
-                        plane[i]
-                    };
+        let mut y = vec![f32::NEG_INFINITY; g.n * g.c * op];
+        // Planes per task: enough work to pay for a task.
+        let per = (4096 / ip.max(1)).max(1);
+        y.par_chunks_mut(op * per)
+            .enumerate()
+            .for_each(|(task, outs)| {
+                for (j, out) in outs.chunks_exact_mut(op).enumerate() {
+                    let idx = task * per + j;
+                    MaxPool::plane_max(&g, &x[idx * ip..(idx + 1) * ip], out);
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.c, g.oh, g.ow))))
     }
     fn bwd(
@@ -1298,6 +1337,46 @@ mod tests {
             .unwrap();
         let m = mean.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!((stats[0][1] - m[1]).abs() < 1e-5);
+    }
+
+    #[test]
+    fn max_pool_sweeps_agree_with_the_window_search() {
+        // Every window size, stride and padding the geometry allows on odd and even planes:
+        // the forward's row sweeps against `argmax`, window by window.
+        let mut seed = 7u32;
+        for (h, w) in [(7, 9), (8, 8), (5, 3)] {
+            let plane: Vec<f32> = (0..h * w)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect();
+            for kernel in 1..=3 {
+                for stride in 1..=3 {
+                    for pad in 0..kernel {
+                        let op = MaxPool {
+                            kernel,
+                            stride,
+                            pad,
+                        };
+                        let l = Layout::contiguous((1, 1, h, w));
+                        let g = op.geom(&l).unwrap();
+                        let mut out = vec![f32::NEG_INFINITY; g.oh * g.ow];
+                        MaxPool::plane_max(&g, &plane, &mut out);
+                        for oh in 0..g.oh {
+                            for ow in 0..g.ow {
+                                let i = MaxPool::argmax(&g, &plane, oh, ow);
+                                assert_eq!(
+                                    out[oh * g.ow + ow],
+                                    plane[i],
+                                    "{h}x{w} k{kernel} s{stride} p{pad} at ({oh}, {ow})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -553,38 +553,47 @@ fn integer_chains(model: &Model) -> (HashMap<usize, Requant>, HashSet<usize>) {
 }
 
 /// Max pooling of int8 values held as `U8` (see [`Int8Kernels::new`]); padding never wins.
+/// Per output row, each window row and column offset is one sweep over the row.
 fn max_pool_i8(x: &Tensor, p: &slim_core::graph::PoolSpec) -> slim_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let out = |d: usize| (d + 2 * p.padding).saturating_sub(p.kernel) / p.stride + 1;
     let (oh, ow) = (out(h), out(w));
     let bytes = x.flatten_all()?.to_vec1::<u8>()?;
     let xs: &[i8] = bytemuck::cast_slice(&bytes);
-    let mut y = vec![0u8; n * c * oh * ow];
-    let range = |o: usize, d: usize| {
-        let start = (o * p.stride) as isize - p.padding as isize;
-        (
-            start.max(0) as usize,
-            ((start + p.kernel as isize).max(0) as usize).min(d),
-        )
-    };
-    y.par_chunks_mut(oh * ow * 64)
+    let (s, pad) = (p.stride, p.padding as isize);
+    let per = (4096 / (h * w).max(1)).max(1);
+    let mut y = vec![i8::MIN; n * c * oh * ow];
+    y.par_chunks_mut(oh * ow * per)
         .enumerate()
         .for_each(|(task, dst)| {
             for (j, plane_out) in dst.chunks_exact_mut(oh * ow).enumerate() {
-                let plane = &xs[(task * 64 + j) * h * w..][..h * w];
+                let plane = &xs[(task * per + j) * h * w..][..h * w];
                 for (oy, row) in plane_out.chunks_exact_mut(ow).enumerate() {
-                    let (y0, y1) = range(oy, h);
-                    for (ox, v) in row.iter_mut().enumerate() {
-                        let (x0, x1) = range(ox, w);
-                        let mut m = i8::MIN;
-                        for line in plane[y0 * w..y1 * w].chunks_exact(w) {
-                            m = line[x0..x1].iter().fold(m, |a, &b| a.max(b));
+                    for ky in 0..p.kernel {
+                        let iy = (oy * s + ky) as isize - pad;
+                        if iy < 0 || iy as usize >= h {
+                            continue;
                         }
-                        *v = m.max(-127) as u8;
+                        let line = &plane[iy as usize * w..][..w];
+                        for kx in 0..p.kernel {
+                            let off = kx as isize - pad;
+                            let (lo, hi) = valid_columns(off, s, w, ow);
+                            if lo >= hi {
+                                continue;
+                            }
+                            let start = ((lo * s) as isize + off) as usize;
+                            for (i, v) in row[lo..hi].iter_mut().enumerate() {
+                                *v = (*v).max(line[start + i * s]);
+                            }
+                        }
                     }
+                    // A window of padding only (which a valid pooling never has) reads as
+                    // the float graph's -inf clipped to the grid.
+                    row.iter_mut().for_each(|v| *v = (*v).max(-127));
                 }
             }
         });
+    let y: Vec<u8> = bytemuck::cast_slice(&y).to_vec();
     Ok(Tensor::from_vec(y, (n, c, oh, ow), x.device())?)
 }
 
