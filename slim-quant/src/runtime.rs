@@ -60,7 +60,8 @@ fn grouped<T: Sink>(
     let oc = c.out_channels;
     let mut out = vec![T::default(); n * oc * p];
     let written = Disjoint(out.as_mut_ptr());
-    (0..n * g * blocks).into_par_iter().for_each(|task| {
+    let macs = n * oc * p * k;
+    for_each_task(n * g * blocks, macs, SERIAL_PRODUCT, |task| {
         let (sg, blk) = (task / blocks, task % blocks);
         let (s, gi) = (sg / g, sg % g);
         let (oy0, oy1) = (blk * rows_per, ((blk + 1) * rows_per).min(oh));
@@ -136,6 +137,39 @@ fn grouped<T: Sink>(
         });
     });
     out
+}
+
+/// Work below which a kernel runs on the calling thread: handing it to the rayon pool and
+/// waiting for it (tens of microseconds) would cost more than the second core saves. In
+/// multiply-adds for matrix products (about a hundred per nanosecond with VNNI) and for
+/// depthwise sweeps, and in values for pooling and rounding (measured on the benches' models:
+/// each limit is where batch 1 stopped gaining and batch 64 started losing).
+const SERIAL_PRODUCT: usize = 1 << 21;
+const SERIAL_DEPTHWISE: usize = 1 << 17;
+const SERIAL_VALUES: usize = 1 << 15;
+
+/// `f(i)` for every `i` in `0..n`: on the rayon pool, or in order on this thread when `work`
+/// is under `limit`.
+fn for_each_task(n: usize, work: usize, limit: usize, f: impl Fn(usize) + Sync + Send) {
+    if work < limit {
+        (0..n).for_each(f)
+    } else {
+        (0..n).into_par_iter().for_each(f)
+    }
+}
+
+/// `f((i, chunk))` for the chunks of `size` values of `out`, as [`for_each_task`] does.
+fn for_each_chunk<T: Send>(
+    out: &mut [T],
+    size: usize,
+    (work, limit): (usize, usize),
+    f: impl Fn((usize, &mut [T])) + Sync + Send,
+) {
+    if work < limit {
+        out.chunks_mut(size).enumerate().for_each(f)
+    } else {
+        out.par_chunks_mut(size).enumerate().for_each(f)
+    }
 }
 
 thread_local! {
@@ -321,9 +355,12 @@ fn depthwise<T: Sink>(
     let planes_per = (4096 / (oh * ow)).max(1);
     let avx2 = crate::gemm::Kernel::Avx2.available();
     let mut out = vec![T::default(); n * ch * oh * ow];
-    out.par_chunks_mut(oh * ow * planes_per)
-        .enumerate()
-        .for_each(|(task, dsts)| {
+    let work = out.len() * kh * kw;
+    for_each_chunk(
+        &mut out,
+        oh * ow * planes_per,
+        (work, SERIAL_DEPTHWISE),
+        |(task, dsts)| {
             let mut phases = vec![0i8; layout.len()];
             let mut acc = vec![0i32; layout.span()];
             // The task's sums, plane after plane without the layout's gaps.
@@ -355,7 +392,8 @@ fn depthwise<T: Sink>(
                 );
                 j += run;
             }
-        });
+        },
+    );
     out
 }
 
@@ -563,9 +601,12 @@ fn max_pool_i8(x: &Tensor, p: &slim_core::graph::PoolSpec) -> slim_core::Result<
     let (s, pad) = (p.stride, p.padding as isize);
     let per = (4096 / (h * w).max(1)).max(1);
     let mut y = vec![i8::MIN; n * c * oh * ow];
-    y.par_chunks_mut(oh * ow * per)
-        .enumerate()
-        .for_each(|(task, dst)| {
+    let work = y.len() * p.kernel * p.kernel;
+    for_each_chunk(
+        &mut y,
+        oh * ow * per,
+        (work, SERIAL_VALUES),
+        |(task, dst)| {
             for (j, plane_out) in dst.chunks_exact_mut(oh * ow).enumerate() {
                 let plane = &xs[(task * per + j) * h * w..][..h * w];
                 for (oy, row) in plane_out.chunks_exact_mut(ow).enumerate() {
@@ -592,7 +633,8 @@ fn max_pool_i8(x: &Tensor, p: &slim_core::graph::PoolSpec) -> slim_core::Result<
                     row.iter_mut().for_each(|v| *v = (*v).max(-127));
                 }
             }
-        });
+        },
+    );
     let y: Vec<u8> = bytemuck::cast_slice(&y).to_vec();
     Ok(Tensor::from_vec(y, (n, c, oh, ow), x.device())?)
 }
@@ -640,9 +682,15 @@ fn quantize_values(v: &[f32], scale: f32) -> Vec<i8> {
     let avx2 = crate::gemm::Kernel::Avx2.available();
     // (`move`: the bounds copied into the closure, so that the loop needs no check that its
     // stores might change them, and vectorizes)
-    out.par_chunks_mut(1 << 14)
-        .zip(v.par_chunks(1 << 14))
-        .for_each(move |(dst, src)| quantize_chunk(dst, src, [lo, hi, inv], avx2));
+    for_each_chunk(
+        &mut out,
+        1 << 14,
+        (v.len(), SERIAL_VALUES),
+        move |(i, dst)| {
+            let src = &v[i << 14..][..dst.len()];
+            quantize_chunk(dst, src, [lo, hi, inv], avx2)
+        },
+    );
     out
 }
 
