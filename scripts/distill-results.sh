@@ -16,7 +16,9 @@
 # NAME=LOSS[+LOSS...] entries; `+` joins several --loss); SEEDS (default "0 1"); OUT (working
 # folder). Variants whose losses read only the teacher's output train from logits dumped once
 # with `slim distill dump` (identical to running the teacher, and cheaper); the others run
-# the teacher alongside. Needs python3 for the table; every figure comes from --json output.
+# the teacher alongside. A second call with the same OUT keeps the runs the first finished
+# (add variants or seeds and only those run). Needs python3 for the table; every figure comes
+# from --json output.
 set -euo pipefail
 
 DATA=${DATA:-builtin:mnist-10k}
@@ -47,11 +49,25 @@ echo "dumping the teacher's logits" >&2
 "$slim" distill dump --teacher "$teacher" --data "$DATA" --out "$OUT/knowledge" --quiet \
   --json > "$OUT/dump.json"
 
+# A run whose results are already in OUT (from an earlier, maybe stopped, call with the same
+# settings) is not run again: results are written under a temporary name and renamed when
+# the run ends.
+done_already() {
+  if [ -s "$1" ]; then
+    echo "  (kept from an earlier call: $1)" >&2
+  else
+    return 1
+  fi
+}
+
 for seed in $SEEDS; do
   echo "$STUDENT x$WIDTH alone, seed $seed" >&2
-  # shellcheck disable=SC2086
-  "$slim" train --model "$STUDENT" --width "$WIDTH" --data "$DATA" $RECIPE --seed "$seed" \
-    --out "$OUT/alone-$seed.safetensors" --quiet --json > "$OUT/alone-$seed.json"
+  if ! done_already "$OUT/alone-$seed.json"; then
+    # shellcheck disable=SC2086
+    "$slim" train --model "$STUDENT" --width "$WIDTH" --data "$DATA" $RECIPE --seed "$seed" \
+      --out "$OUT/alone-$seed.safetensors" --quiet --json > "$OUT/alone-$seed.json.part"
+    mv "$OUT/alone-$seed.json.part" "$OUT/alone-$seed.json"
+  fi
   for v in $VARIANTS; do
     name=${v%%=*}
     losses=()
@@ -65,10 +81,12 @@ for seed in $SEEDS; do
       fi
     done
     echo "$STUDENT x$WIDTH distilled by $name, seed $seed" >&2
+    done_already "$OUT/$name-$seed.json" && continue
     # shellcheck disable=SC2086
     "$slim" distill --teacher "$source_of_teacher" --student-model "$STUDENT" --width "$WIDTH" \
       --data "$DATA" "${losses[@]}" $RECIPE --seed "$seed" --out "$OUT/$name-$seed.safetensors" \
-      --quiet --json > "$OUT/$name-$seed.json"
+      --quiet --json > "$OUT/$name-$seed.json.part"
+    mv "$OUT/$name-$seed.json.part" "$OUT/$name-$seed.json"
   done
 done
 
