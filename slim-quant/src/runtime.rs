@@ -115,14 +115,19 @@ fn grouped<T: Sink>(
             let acc = &mut acc[..og * np];
             gemm_rows(pa, gi * og..(gi + 1) * og, b, acc);
             let o0 = gi * og;
-            let part = |o: std::ops::Range<usize>| (&scales[o.clone()], bias.map(|b| &b[o]));
+            // The sums `acc` of output channels `o`, `plane` values each.
+            let sums = |acc, plane, o: std::ops::Range<usize>| Sums {
+                acc,
+                plane,
+                scales: &scales[o.clone()],
+                bias: bias.map(|b| &b[o]),
+            };
             if blocks == 1 {
                 // The group's whole output planes, one after another.
                 // SAFETY: channels `o0..o0 + og` of sample `s`: no other task writes them
                 // (tasks differ in sample or group), and they lie inside `out`.
                 let d = unsafe { written.rows((s * oc + o0) * p, og * p) };
-                let (sc, bi) = part(o0..o0 + og);
-                T::finish(d, acc, p, sc, bi, to);
+                T::finish(d, sums(acc, p, o0..o0 + og), to);
             } else {
                 for (oi, row) in acc.chunks_exact(np).enumerate() {
                     let o = o0 + oi;
@@ -130,8 +135,7 @@ fn grouped<T: Sink>(
                     // task writes them (tasks differ in sample, group or block of rows), and
                     // they lie inside `out`.
                     let d = unsafe { written.rows((s * oc + o) * p + oy0 * ow, np) };
-                    let (sc, bi) = part(o..o + 1);
-                    T::finish(d, row, np, sc, bi, to);
+                    T::finish(d, sums(row, np, o..o + 1), to);
                 }
             }
         });
@@ -232,36 +236,36 @@ impl Requant {
     }
 }
 
+/// A block of consecutive output planes (output channels) of a layer: their int32 sums,
+/// `plane` values each, and plane `i`'s scale `scales[i]` and bias `bias[i]`.
+#[derive(Clone, Copy)]
+struct Sums<'a> {
+    acc: &'a [i32],
+    plane: usize,
+    scales: &'a [f32],
+    bias: Option<&'a [f32]>,
+}
+
+impl<'a> Sums<'a> {
+    /// Each plane's sums with its scale and bias.
+    #[inline(always)]
+    fn planes(self) -> impl Iterator<Item = (&'a [i32], f32, f32)> {
+        self.acc
+            .chunks_exact(self.plane)
+            .enumerate()
+            .map(move |(i, a)| (a, self.scales[i], self.bias.map_or(0.0, |b| b[i])))
+    }
+}
+
 /// The element type of an integer layer's output: `f32` (`acc * scale + bias`, the layer's
 /// float output) or `i8` (that float output, requantized for the next integer layer).
 trait Sink: Copy + Default + Send + Sync {
-    /// The outputs of consecutive planes (output channels) of `plane` values each: plane `i`
-    /// has `scales[i]` and `bias[i]`.
-    fn finish(
-        dst: &mut [Self],
-        acc: &[i32],
-        plane: usize,
-        scales: &[f32],
-        bias: Option<&[f32]>,
-        to: &Requant,
-    );
+    fn finish(dst: &mut [Self], sums: Sums<'_>, to: &Requant);
 }
 
 impl Sink for f32 {
-    fn finish(
-        dst: &mut [f32],
-        acc: &[i32],
-        plane: usize,
-        scales: &[f32],
-        bias: Option<&[f32]>,
-        _: &Requant,
-    ) {
-        for (i, (d, a)) in dst
-            .chunks_exact_mut(plane)
-            .zip(acc.chunks_exact(plane))
-            .enumerate()
-        {
-            let (sc, b) = (scales[i], bias.map_or(0.0, |b| b[i]));
+    fn finish(dst: &mut [f32], sums: Sums<'_>, _: &Requant) {
+        for (d, (a, sc, b)) in dst.chunks_exact_mut(sums.plane).zip(sums.planes()) {
             for (d, &a) in d.iter_mut().zip(a) {
                 *d = a as f32 * sc + b;
             }
@@ -270,62 +274,25 @@ impl Sink for f32 {
 }
 
 impl Sink for i8 {
-    fn finish(
-        dst: &mut [i8],
-        acc: &[i32],
-        plane: usize,
-        scales: &[f32],
-        bias: Option<&[f32]>,
-        to: &Requant,
-    ) {
-        requantize(dst, acc, plane, scales, bias, to);
-    }
-}
-
-/// [`Sink::finish`] for int8: each float output computed as the f32 sink computes it, then
-/// rounded as [`quantize_chunk`] rounds (in one pass, compiled for AVX2 where the machine has
-/// it: a layer calls it once per block of planes, and the planes of late layers are small).
-fn requantize(
-    dst: &mut [i8],
-    acc: &[i32],
-    plane: usize,
-    scales: &[f32],
-    bias: Option<&[f32]>,
-    to: &Requant,
-) {
-    #[inline(always)]
-    fn run(
-        dst: &mut [i8],
-        acc: &[i32],
-        plane: usize,
-        scales: &[f32],
-        bias: Option<&[f32]>,
-        [lo, hi, inv]: [f32; 3],
-    ) {
-        for (i, (d, a)) in dst
-            .chunks_exact_mut(plane)
-            .zip(acc.chunks_exact(plane))
-            .enumerate()
-        {
-            let (sc, b) = (scales[i], bias.map_or(0.0, |b| b[i]));
-            for (d, &a) in d.iter_mut().zip(a) {
-                *d = round_to_grid(a as f32 * sc + b, lo, hi, inv);
+    /// Each float output computed as the f32 sink computes it, then rounded as
+    /// [`quantize_chunk`] rounds, in one pass compiled for AVX2 where the machine has it (a
+    /// layer calls this once per block of planes, and the planes of late layers are small).
+    fn finish(dst: &mut [i8], sums: Sums<'_>, to: &Requant) {
+        #[inline(always)]
+        fn run(dst: &mut [i8], sums: Sums<'_>, [lo, hi, inv]: [f32; 3]) {
+            for (d, (a, sc, b)) in dst.chunks_exact_mut(sums.plane).zip(sums.planes()) {
+                for (d, &a) in d.iter_mut().zip(a) {
+                    *d = round_to_grid(a as f32 * sc + b, lo, hi, inv);
+                }
             }
         }
-    }
-    let bounds = to.bounds;
-    slim_core::with_target_feature!(
-        "avx2",
-        to.avx2,
-        run(
-            dst: &mut [i8],
-            acc: &[i32],
-            plane: usize,
-            scales: &[f32],
-            bias: Option<&[f32]>,
-            bounds: [f32; 3],
+        let bounds = to.bounds;
+        slim_core::with_target_feature!(
+            "avx2",
+            to.avx2,
+            run(dst: &mut [i8], sums: Sums<'_>, bounds: [f32; 3])
         )
-    )
+    }
 }
 
 /// The output columns `[lo, hi)` whose input column `ox * stride + off` lies in `0..w`.
@@ -382,14 +349,13 @@ fn depthwise<T: Sink>(
                 let ci = (task * planes_per + j) % ch;
                 let run = (ch - ci).min(planes - j);
                 let span = j * oh * ow..(j + run) * oh * ow;
-                T::finish(
-                    &mut dsts[span.clone()],
-                    &sums[span],
-                    oh * ow,
-                    &scales[ci..ci + run],
-                    bias.map(|b| &b[ci..ci + run]),
-                    to,
-                );
+                let block = Sums {
+                    acc: &sums[span.clone()],
+                    plane: oh * ow,
+                    scales: &scales[ci..ci + run],
+                    bias: bias.map(|b| &b[ci..ci + run]),
+                };
+                T::finish(&mut dsts[span], block, to);
                 j += run;
             }
         },
@@ -866,7 +832,13 @@ impl Int8Kernels<'_> {
                 let scales: Vec<f32> = (0..o)
                     .map(|j| s_in * w.scales[(j * k) / per_scale])
                     .collect();
-                T::finish(&mut rows, &acc, n, &scales, bias, to);
+                let block = Sums {
+                    acc: &acc,
+                    plane: n,
+                    scales: &scales,
+                    bias,
+                };
+                T::finish(&mut rows, block, to);
                 let mut out = vec![T::default(); n * o];
                 for (j, row) in rows.chunks_exact(n).enumerate() {
                     for (si, &v) in row.iter().enumerate() {
