@@ -3,10 +3,14 @@
 //! A layer runs in integers when its weight is held as int8 ([`Model::int8`]) and its input
 //! comes from a fake-quantization node: the input is taken to its int8 grid
 //! (`round(x / s_in)`), multiplied with the int8 weights with 32-bit accumulation, and the sums
-//! are scaled back (`acc * s_in * s_w[o] + bias[o]`). Everything else (activations, pooling,
-//! additions) runs as in the float model. The dot products run over contiguous rows of int8
-//! values (an input patch and a filter), which the compiler vectorizes; rayon spreads the
-//! output rows over the cores.
+//! are scaled back (`acc * s_in * s_w[o] + bias[o]`). Where that output only reaches other
+//! integer layers (through a ReLU or ReLU6, max pooling or flattening, and their input's
+//! quantizer), the layer rounds it to that quantizer's grid at once and int8 values travel to
+//! the next layers, the same integers the float graph would round to (see
+//! [`Int8Kernels::new`]). Everything else (additions, average pooling, a model's last layer)
+//! runs as in the float model. Matrix products run on the int8 GEMM of [`crate::gemm`],
+//! depthwise convolutions as sweeps over stride phases; rayon spreads the work over the cores
+//! when there is enough of it to pay for that.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
