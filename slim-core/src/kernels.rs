@@ -1018,7 +1018,52 @@ impl MaxPool {
         }
     }
 
-    /// Index (within the plane) of the first maximum of output `(oh, ow)`'s window.
+    /// The gradient of one plane: each output's gradient `gy` added at the first input of
+    /// its window (in window order, rows then columns) that holds the window's maximum `y`,
+    /// as [`MaxPool::argmax`] picks it; the windows are swept as in [`MaxPool::plane_max`].
+    /// `taken` is scratch of one output row.
+    fn plane_grad(
+        g: &Geom,
+        plane: &[f32],
+        y: &[f32],
+        gy: &[f32],
+        gx: &mut [f32],
+        taken: &mut [bool],
+    ) {
+        let (s, pad) = (g.stride, g.pad as isize);
+        for oh in 0..g.oh {
+            let (ymax, grow) = (&y[oh * g.ow..][..g.ow], &gy[oh * g.ow..][..g.ow]);
+            taken.fill(false);
+            for kh in 0..g.kh {
+                let ih = (oh * s + kh) as isize - pad;
+                if ih < 0 || ih as usize >= g.h {
+                    continue;
+                }
+                let base = ih as usize * g.w;
+                for kw in 0..g.kw {
+                    let off = kw as isize - pad;
+                    let lo = if off < 0 {
+                        ((-off) as usize).div_ceil(s)
+                    } else {
+                        0
+                    };
+                    let hi = ((g.w as isize - off + s as isize - 1) / s as isize)
+                        .clamp(0, g.ow as isize) as usize;
+                    for ow in lo..hi {
+                        let i = base + ((ow * s) as isize + off) as usize;
+                        if !taken[ow] && plane[i] == ymax[ow] {
+                            gx[i] += grow[ow];
+                            taken[ow] = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Index (within the plane) of the first maximum of output `(oh, ow)`'s window: the
+    /// definition the sweeps are tested against.
+    #[cfg(test)]
     fn argmax(g: &Geom, plane: &[f32], oh: usize, ow: usize) -> usize {
         let mut best = usize::MAX;
         let mut best_v = f32::NEG_INFINITY;
@@ -1100,18 +1145,26 @@ impl CustomOp2 for MaxPoolGrad {
         let gy = f32_slice(s2, l2, self.name())?;
         let (ip, op) = (g.h * g.w, g.oh * g.ow);
         let mut gx = vec![0f32; x.len()];
-        gx.par_chunks_mut(ip).enumerate().for_each(|(idx, gplane)| {
-            let plane = &x[idx * ip..(idx + 1) * ip];
-            let src = &gy[idx * op..(idx + 1) * op];
-            for oh in 0..g.oh {
-                for ow in 0..g.ow {
-                    let i = MaxPool::argmax(&g, plane, oh, ow);
-                    if i != usize::MAX {
-                        gplane[i] += src[oh * g.ow + ow];
-                    }
+        let per = (4096 / ip.max(1)).max(1);
+        gx.par_chunks_mut(ip * per)
+            .enumerate()
+            .for_each(|(task, gplanes)| {
+                let (mut y, mut taken) = (vec![0f32; op], vec![false; g.ow]);
+                for (j, gplane) in gplanes.chunks_exact_mut(ip).enumerate() {
+                    let idx = task * per + j;
+                    let plane = &x[idx * ip..(idx + 1) * ip];
+                    y.fill(f32::NEG_INFINITY);
+                    MaxPool::plane_max(&g, plane, &mut y);
+                    MaxPool::plane_grad(
+                        &g,
+                        plane,
+                        &y,
+                        &gy[idx * op..(idx + 1) * op],
+                        gplane,
+                        &mut taken,
+                    );
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(gx), l1.shape().clone()))
     }
 }
@@ -1342,13 +1395,15 @@ mod tests {
     #[test]
     fn max_pool_sweeps_agree_with_the_window_search() {
         // Every window size, stride and padding the geometry allows on odd and even planes:
-        // the forward's row sweeps against `argmax`, window by window.
+        // the forward's and the backward's row sweeps against `argmax`, window by window. The
+        // values take 8 levels, so that windows hold ties (the first maximum takes the
+        // gradient).
         let mut seed = 7u32;
         for (h, w) in [(7, 9), (8, 8), (5, 3)] {
             let plane: Vec<f32> = (0..h * w)
                 .map(|_| {
                     seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                    (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                    (seed >> 29) as f32 - 4.0
                 })
                 .collect();
             for kernel in 1..=3 {
@@ -1363,6 +1418,11 @@ mod tests {
                         let g = op.geom(&l).unwrap();
                         let mut out = vec![f32::NEG_INFINITY; g.oh * g.ow];
                         MaxPool::plane_max(&g, &plane, &mut out);
+                        let gy: Vec<f32> = (0..out.len()).map(|i| 1.0 + i as f32).collect();
+                        let mut gx = vec![0f32; h * w];
+                        let mut taken = vec![false; g.ow];
+                        MaxPool::plane_grad(&g, &plane, &out, &gy, &mut gx, &mut taken);
+                        let mut want = vec![0f32; h * w];
                         for oh in 0..g.oh {
                             for ow in 0..g.ow {
                                 let i = MaxPool::argmax(&g, &plane, oh, ow);
@@ -1371,8 +1431,10 @@ mod tests {
                                     plane[i],
                                     "{h}x{w} k{kernel} s{stride} p{pad} at ({oh}, {ow})"
                                 );
+                                want[i] += gy[oh * g.ow + ow];
                             }
                         }
+                        assert_eq!(gx, want, "{h}x{w} k{kernel} s{stride} p{pad} gradient");
                     }
                 }
             }
