@@ -981,36 +981,24 @@ impl MaxPool {
     /// compiler vectorizes where the stride is 1. The same values as [`MaxPool::argmax`]
     /// picks (a NaN is passed over where `argmax` would keep the first one).
     fn plane_max(g: &Geom, plane: &[f32], out: &mut [f32]) {
-        let (s, pad) = (g.stride, g.pad as isize);
-        for (oh, row) in out.chunks_exact_mut(g.ow).enumerate() {
-            for kh in 0..g.kh {
-                let ih = (oh * s + kh) as isize - pad;
-                if ih < 0 || ih as usize >= g.h {
-                    continue;
-                }
-                let line = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+        for kh in 0..g.kh {
+            for oh in g.valid(kh, g.oh, g.h) {
+                let line = &plane[g.src(oh, kh) * g.w..][..g.w];
+                let row = &mut out[oh * g.ow..][..g.ow];
                 for kw in 0..g.kw {
-                    let off = kw as isize - pad;
-                    // Output columns whose input column `ow * s + off` is inside the row.
-                    let lo = if off < 0 {
-                        ((-off) as usize).div_ceil(s)
-                    } else {
-                        0
-                    };
-                    let hi = ((g.w as isize - off + s as isize - 1) / s as isize)
-                        .clamp(0, g.ow as isize) as usize;
-                    if lo >= hi {
+                    let cols = g.valid(kw, g.ow, g.w);
+                    if cols.is_empty() {
                         continue;
                     }
-                    let start = (lo * s) as isize + off;
-                    if s == 1 {
-                        let src = &line[start as usize..start as usize + (hi - lo)];
-                        for (o, &v) in row[lo..hi].iter_mut().zip(src) {
+                    let start = g.src(cols.start, kw);
+                    if g.stride == 1 {
+                        let src = &line[start..start + cols.len()];
+                        for (o, &v) in row[cols].iter_mut().zip(src) {
                             *o = o.max(v);
                         }
                     } else {
-                        for (i, o) in row[lo..hi].iter_mut().enumerate() {
-                            *o = o.max(line[start as usize + i * s]);
+                        for (i, o) in row[cols].iter_mut().enumerate() {
+                            *o = o.max(line[start + i * g.stride]);
                         }
                     }
                 }
@@ -1030,27 +1018,15 @@ impl MaxPool {
         gx: &mut [f32],
         taken: &mut [bool],
     ) {
-        let (s, pad) = (g.stride, g.pad as isize);
         for oh in 0..g.oh {
             let (ymax, grow) = (&y[oh * g.ow..][..g.ow], &gy[oh * g.ow..][..g.ow]);
             taken.fill(false);
-            for kh in 0..g.kh {
-                let ih = (oh * s + kh) as isize - pad;
-                if ih < 0 || ih as usize >= g.h {
-                    continue;
-                }
-                let base = ih as usize * g.w;
+            // Window order: rows, then columns.
+            for kh in (0..g.kh).filter(|&kh| g.valid(kh, g.oh, g.h).contains(&oh)) {
+                let base = g.src(oh, kh) * g.w;
                 for kw in 0..g.kw {
-                    let off = kw as isize - pad;
-                    let lo = if off < 0 {
-                        ((-off) as usize).div_ceil(s)
-                    } else {
-                        0
-                    };
-                    let hi = ((g.w as isize - off + s as isize - 1) / s as isize)
-                        .clamp(0, g.ow as isize) as usize;
-                    for ow in lo..hi {
-                        let i = base + ((ow * s) as isize + off) as usize;
+                    for ow in g.valid(kw, g.ow, g.w) {
+                        let i = base + g.src(ow, kw);
                         if !taken[ow] && plane[i] == ymax[ow] {
                             gx[i] += grow[ow];
                             taken[ow] = true;
