@@ -562,15 +562,30 @@ fn integer_chains(model: &Model) -> (HashMap<usize, Requant>, HashSet<usize>) {
 
 /// Max pooling of int8 values held as `U8` (see [`Int8Kernels::new`]); padding never wins.
 /// Per output row, each window row and column offset is one sweep over the row.
-fn max_pool_i8(x: &Tensor, p: &slim_core::graph::PoolSpec) -> slim_core::Result<Tensor> {
+fn max_pool_i8(
+    x: &Tensor,
+    p: &slim_core::graph::PoolSpec,
+    node: &str,
+) -> slim_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let out = |d: usize| (d + 2 * p.padding).saturating_sub(p.kernel) / p.stride + 1;
     let (oh, ow) = (out(h), out(w));
-    let bytes = x.flatten_all()?.to_vec1::<u8>()?;
-    let xs: &[i8] = bytemuck::cast_slice(&bytes);
+    let y = with_int8(x, node, |xs| {
+        max_pool_values(xs, [n * c, h, w], [oh, ow], p)
+    })?;
+    int8_tensor(y, vec![n, c, oh, ow], x.device())
+}
+
+/// The pooled planes of [`max_pool_i8`]: `[planes, h, w]` values to `[planes, oh, ow]`.
+fn max_pool_values(
+    xs: &[i8],
+    [planes, h, w]: [usize; 3],
+    [oh, ow]: [usize; 2],
+    p: &slim_core::graph::PoolSpec,
+) -> Vec<i8> {
     let (s, pad) = (p.stride, p.padding as isize);
     let per = (4096 / (h * w).max(1)).max(1);
-    let mut y = vec![i8::MIN; n * c * oh * ow];
+    let mut y = vec![i8::MIN; planes * oh * ow];
     let work = y.len() * p.kernel * p.kernel;
     for_each_chunk(
         &mut y,
@@ -605,8 +620,36 @@ fn max_pool_i8(x: &Tensor, p: &slim_core::graph::PoolSpec) -> slim_core::Result<
             }
         },
     );
-    let y: Vec<u8> = bytemuck::cast_slice(&y).to_vec();
-    Ok(Tensor::from_vec(y, (n, c, oh, ow), x.device())?)
+    y
+}
+
+/// The int8 values of a `U8` tensor (see [`Int8Kernels::new`]), read where they lie, given
+/// to `f`; `what` names the node for the error when they are not contiguous on the CPU.
+fn with_int8<R>(x: &Tensor, what: &str, f: impl FnOnce(&[i8]) -> R) -> slim_core::Result<R> {
+    let (storage, layout) = x.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::U8(v)), Some((a, b))) => {
+            Ok(f(bytemuck::cast_slice(&v[a..b])))
+        }
+        _ => Err(slim_core::CoreError::Node {
+            node: what.to_string(),
+            msg: "an int8 input must be a contiguous tensor on the CPU".into(),
+        }),
+    }
+}
+
+/// int8 values as the `U8` tensor that carries them between layers (the same bytes: i8 and
+/// u8 share size and alignment, so the buffer is handed over, not copied).
+fn int8_tensor(
+    v: Vec<i8>,
+    shape: Vec<usize>,
+    device: &candle_core::Device,
+) -> slim_core::Result<Tensor> {
+    Ok(Tensor::from_vec(
+        bytemuck::allocation::cast_vec::<i8, u8>(v),
+        shape,
+        device,
+    )?)
 }
 
 /// The input's fake-quantization scale, when the node reads one.
@@ -720,7 +763,7 @@ impl NodeKernels for Int8Kernels<'_> {
             // Already activated and on the quantizer's grid: pooled or flattened as they are.
             let x = inputs[0];
             return Ok(Some(match &node.op {
-                Op::MaxPool2d(p) => max_pool_i8(x, p)?,
+                Op::MaxPool2d(p) => max_pool_i8(x, p, &node.name)?,
                 Op::Flatten => x.flatten_from(1)?,
                 _ => x.clone(),
             }));
@@ -749,26 +792,6 @@ impl NodeKernels for Int8Kernels<'_> {
             Ok(b) => Some(b.to_vec1::<f32>()?),
             Err(_) => None,
         };
-        // The input on its grid: as the previous layer wrote it, or quantized now.
-        let owned;
-        let guard;
-        let xq: &[i8] = if x.dtype() == DType::U8 {
-            guard = x.storage_and_layout();
-            match (&*guard.0, guard.1.contiguous_offsets()) {
-                (candle_core::Storage::Cpu(candle_core::CpuStorage::U8(v)), Some((a, b))) => {
-                    bytemuck::cast_slice(&v[a..b])
-                }
-                _ => {
-                    return Err(slim_core::CoreError::Node {
-                        node: node.name.clone(),
-                        msg: "an int8 input must be a contiguous tensor on the CPU".into(),
-                    })
-                }
-            }
-        } else {
-            owned = to_i8(x, s_in)?;
-            &owned
-        };
         let requant = prepared.and_then(|p| p.requant.get(&id));
         let layer = Layer {
             node,
@@ -776,19 +799,24 @@ impl NodeKernels for Int8Kernels<'_> {
             s_in,
             bias: bias.as_deref(),
         };
-        let out = match requant {
-            Some(to) => self
-                .layer::<i8>(model, &layer, xq, x.dims(), to)?
-                .map(|(v, shape)| {
-                    // (i8 and u8 have one layout; candle holds int8 values as u8)
-                    let bytes: Vec<u8> = bytemuck::cast_slice(&v).to_vec();
-                    Tensor::from_vec(bytes, shape, x.device())
-                }),
-            None => self
-                .layer::<f32>(model, &layer, xq, x.dims(), &Requant::NONE)?
-                .map(|(v, shape)| Tensor::from_vec(v, shape, x.device())),
+        let compute = |xq: &[i8]| -> slim_core::Result<Option<Tensor>> {
+            Ok(match requant {
+                Some(to) => self
+                    .layer::<i8>(model, &layer, xq, x.dims(), to)?
+                    .map(|(v, shape)| int8_tensor(v, shape, x.device()))
+                    .transpose()?,
+                None => self
+                    .layer::<f32>(model, &layer, xq, x.dims(), &Requant::NONE)?
+                    .map(|(v, shape)| Tensor::from_vec(v, shape, x.device()))
+                    .transpose()?,
+            })
         };
-        Ok(out.transpose()?)
+        // The input on its grid: as the previous layer wrote it, or quantized now.
+        if x.dtype() == DType::U8 {
+            with_int8(x, &node.name, compute)?
+        } else {
+            compute(&to_i8(x, s_in)?)
+        }
     }
 }
 
