@@ -494,47 +494,49 @@ impl Phases {
     /// Writes the plane `src` (`h * w` values) into `phases` (of [`Phases::len`] values). The
     /// padding is never written: start from zeros and reuse the buffer for plane after plane.
     pub fn fill<T: Copy>(&self, src: &[T], phases: &mut [T]) {
-        let (st, pad, w) = (self.stride, self.pad, self.w);
-        let phase = self.ph * self.pw;
-        for (y, line) in src.chunks_exact(w).take(self.h).enumerate() {
-            let py = y + pad;
-            if st == 1 {
-                let at = py * self.pw + pad;
-                phases[at..at + w].copy_from_slice(line);
-                continue;
-            }
-            // Column `px = x + pad` goes to phase `px % st`, column `px / st`: per phase,
-            // every `st`-th value from the first `x` of that phase into consecutive columns.
-            let row = (py % st) * st * phase + (py / st) * self.pw;
-            for rx in 0..st {
-                let x0 = (rx + st - pad % st) % st;
-                if x0 >= w {
-                    continue;
-                }
-                let c0 = (x0 + pad) / st;
-                let at = row + rx * phase + c0;
-                for (d, &v) in phases[at..at + self.pw - c0]
+        self.runs(|at_src, at, n, step| {
+            if step == 1 {
+                phases[at..at + n].copy_from_slice(&src[at_src..at_src + n]);
+            } else {
+                for (d, &v) in phases[at..at + n]
                     .iter_mut()
-                    .zip(line[x0..].iter().step_by(st))
+                    .zip(src[at_src..].iter().step_by(step))
                 {
                     *d = v;
                 }
             }
-        }
+        });
     }
-}
 
-impl Phases {
     /// The inverse of [`Phases::fill`]: the plane's `h * w` values read back from `phases`
     /// into `dst` (the padding is dropped).
     pub fn take<T: Copy>(&self, phases: &[T], dst: &mut [T]) {
+        self.runs(|at_src, at, n, step| {
+            if step == 1 {
+                dst[at_src..at_src + n].copy_from_slice(&phases[at..at + n]);
+            } else {
+                for (d, &v) in dst[at_src..]
+                    .iter_mut()
+                    .step_by(step)
+                    .zip(&phases[at..at + n])
+                {
+                    *d = v;
+                }
+            }
+        });
+    }
+
+    /// Where the plane's values go: `f(at_src, at, n, step)` for each run of `n` values of
+    /// the plane, from index `at_src` every `step` values, that land at consecutive places
+    /// from `at` in the phases. (Column `px = x + pad` of a row goes to phase `px % stride`,
+    /// column `px / stride`.)
+    fn runs(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
         let (st, pad, w) = (self.stride, self.pad, self.w);
         let phase = self.ph * self.pw;
-        for (y, line) in dst.chunks_exact_mut(w).take(self.h).enumerate() {
+        for y in 0..self.h {
             let py = y + pad;
             if st == 1 {
-                let at = py * self.pw + pad;
-                line.copy_from_slice(&phases[at..at + w]);
+                f(y * w, py * self.pw + pad, w, 1);
                 continue;
             }
             let row = (py % st) * st * phase + (py / st) * self.pw;
@@ -544,14 +546,8 @@ impl Phases {
                     continue;
                 }
                 let c0 = (x0 + pad) / st;
-                let at = row + rx * phase + c0;
-                for (d, &v) in line[x0..]
-                    .iter_mut()
-                    .step_by(st)
-                    .zip(&phases[at..at + self.pw - c0])
-                {
-                    *d = v;
-                }
+                let n = (self.pw - c0).min((w - x0).div_ceil(st));
+                f(y * w + x0, row + rx * phase + c0, n, st);
             }
         }
     }
