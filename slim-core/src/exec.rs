@@ -28,6 +28,11 @@ pub enum Mode {
 /// A callback that sees the output of every node: `(node name, batched output)`.
 pub type Observer<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
 
+/// A callback told each node's name as the node is done, in evaluation order (for timing).
+/// It sees no values, so it leaves evaluation's fused chains as they are: a batch norm or
+/// activation computed with its convolution is done right after it.
+pub type Finished<'a> = dyn FnMut(&str) + 'a;
+
 /// Computes some nodes another way (an integer runtime, say): `Some(output)` replaces the
 /// node's own computation, `None` leaves it to the default.
 pub trait NodeKernels: Sync {
@@ -65,6 +70,8 @@ pub struct ForwardOptions<'a> {
     pub taps: Vec<String>,
     /// Called with every node's output, in evaluation order.
     pub observer: Option<&'a mut Observer<'a>>,
+    /// Told as each node is done.
+    pub finished: Option<&'a mut Finished<'a>>,
     /// Seed of the dropout masks in train mode (the training loop derives one per step, so
     /// runs are reproducible); without it the masks come from the thread's random source.
     pub dropout_seed: Option<u64>,
@@ -82,6 +89,22 @@ impl<'a> ForwardOptions<'a> {
     pub fn with_observer(mut self, observer: &'a mut Observer<'a>) -> Self {
         self.observer = Some(observer);
         self
+    }
+}
+
+/// A convolution that runs with the batch norm and activation after it (in evaluation).
+#[derive(Clone, Debug)]
+struct Fusion {
+    conv: usize,
+    bn: Option<usize>,
+    act: Option<usize>,
+    clamp: crate::kernels::Epilogue,
+}
+
+impl Fusion {
+    /// The node whose value the fused chain computes.
+    fn last(&self) -> usize {
+        self.act.or(self.bn).unwrap_or(self.conv)
     }
 }
 
@@ -129,7 +152,27 @@ impl Model {
         let mut values: Vec<Option<Tensor>> = vec![None; g.len()];
         let mut taps = HashMap::new();
         let mut next_input = inputs.iter();
+        // In evaluation a convolution runs together with the batch norm and activation after
+        // it, unless something else (kernels, an observer, a tap) needs the values between.
+        let fusions = if mode == Mode::Eval && opts.kernels.is_none() && opts.observer.is_none() {
+            self.fusions(&uses, &tap_ids)
+        } else {
+            vec![None; g.len()]
+        };
+        let mut fused_away = vec![false; g.len()];
+        for f in fusions.iter().flatten() {
+            for id in [f.bn, f.act].into_iter().flatten() {
+                fused_away[id] = true;
+            }
+        }
         for id in g.eval_order() {
+            if fused_away[id] {
+                // Computed with its chain's convolution, whose value is this chain's last.
+                if let Some(done) = opts.finished.as_mut() {
+                    done(&g.node(id).name);
+                }
+                continue;
+            }
             let node = g.node(id);
             let y = if let Op::Input { shape } = &node.op {
                 // `next_input` has exactly one batch per input node (checked above).
@@ -160,15 +203,38 @@ impl Model {
                     Some(k) => k.run(self, node, &xs, mode)?,
                     None => None,
                 };
-                match custom {
-                    Some(y) => y,
-                    None => self
+                match (custom, &fusions[id]) {
+                    (Some(y), _) => y,
+                    (None, Some(f)) => {
+                        let y = self
+                            .run_fused(node, f, xs[0], opts.params)
+                            .map_err(|e| CoreError::node(&node.name, e.to_string()))?;
+                        for &i in &node.inputs {
+                            uses[i] -= 1;
+                            if uses[i] == 0 {
+                                values[i] = None;
+                            }
+                        }
+                        let last = f.last();
+                        if tap_ids.contains(&last) {
+                            taps.insert(g.node(last).name.clone(), y.clone());
+                        }
+                        values[last] = Some(y);
+                        if let Some(done) = opts.finished.as_mut() {
+                            done(&node.name);
+                        }
+                        continue;
+                    }
+                    (None, None) => self
                         .run_node(id, node, &xs, mode, opts.dropout_seed, opts.params)
                         .map_err(|e| CoreError::node(&node.name, e.to_string()))?,
                 }
             };
             if let Some(obs) = opts.observer.as_mut() {
                 obs(&node.name, &y)?;
+            }
+            if let Some(done) = opts.finished.as_mut() {
+                done(&node.name);
             }
             for &i in &node.inputs {
                 uses[i] -= 1;
@@ -191,6 +257,99 @@ impl Model {
             })
             .collect::<Result<_>>()?;
         Ok(ForwardOutput { outputs, taps })
+    }
+
+    /// For each convolution, the batch norm and then the ReLU or ReLU6 that can run with it:
+    /// each must be the only reader of the value before it, which must be neither a graph
+    /// output nor a tap (`uses` counts both).
+    fn fusions(&self, uses: &[usize], tap_ids: &[usize]) -> Vec<Option<Fusion>> {
+        let g = &self.graph;
+        let mut reader = vec![None; g.len()];
+        for id in g.eval_order() {
+            for &i in &g.node(id).inputs {
+                reader[i] = Some(id);
+            }
+        }
+        let only_reader = |i: usize| -> Option<usize> {
+            if uses[i] == 1 && !tap_ids.contains(&i) {
+                reader[i]
+            } else {
+                None
+            }
+        };
+        g.eval_order()
+            .map(|id| {
+                let Op::Conv2d(_) = g.node(id).op else {
+                    return None;
+                };
+                let mut f = Fusion {
+                    conv: id,
+                    bn: None,
+                    act: None,
+                    clamp: crate::kernels::Epilogue::NONE,
+                };
+                if let Some(j) = only_reader(id) {
+                    if let Op::BatchNorm2d(_) = g.node(j).op {
+                        f.bn = Some(j);
+                    }
+                }
+                if let Some(j) = only_reader(f.last()) {
+                    let clamp = match g.node(j).op {
+                        Op::Relu => Some(crate::kernels::Epilogue::RELU),
+                        Op::Relu6 => Some(crate::kernels::Epilogue::RELU6),
+                        _ => None,
+                    };
+                    if let Some(c) = clamp {
+                        f.act = Some(j);
+                        f.clamp = c;
+                    }
+                }
+                (f.last() != id).then_some(f)
+            })
+            .collect()
+    }
+
+    /// A convolution with its batch norm folded into the weights and bias (evaluation: the
+    /// running statistics) and its activation applied as each output is written.
+    fn run_fused(
+        &self,
+        conv: &Node,
+        f: &Fusion,
+        x: &Tensor,
+        src: Option<&dyn ParamSource>,
+    ) -> Result<Tensor> {
+        let Op::Conv2d(spec) = &conv.op else {
+            return Err(CoreError::node(
+                &conv.name,
+                "fused chain without a convolution",
+            ));
+        };
+        let mode = Mode::Eval;
+        let mut w = self.param(conv, "weight", mode, src)?;
+        let o = w.dim(0)?;
+        let mut b = if spec.bias {
+            self.param(conv, "bias", mode, src)?
+        } else {
+            Tensor::zeros(o, DType::F32, w.device())?
+        };
+        if let Some(bn_id) = f.bn {
+            let bn = self.graph.node(bn_id);
+            let Op::BatchNorm2d(bspec) = &bn.op else {
+                return Err(CoreError::node(
+                    &bn.name,
+                    "fused chain without a batch norm",
+                ));
+            };
+            let gamma = self.param(bn, "weight", mode, src)?;
+            let beta = self.param(bn, "bias", mode, src)?;
+            let mean = self.param(bn, "running_mean", mode, src)?;
+            let var = self.param(bn, "running_var", mode, src)?;
+            // y = (conv(x) + b - mean) * scale + beta, scale = gamma / sqrt(var + eps).
+            let scale = ((var + bspec.eps)?.sqrt()?.recip()? * gamma)?;
+            w = w.broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?;
+            b = (((b - mean)? * &scale)? + beta)?;
+        }
+        Ok(crate::kernels::conv2d_fused(x, &w, &b, spec, f.clamp)?)
     }
 
     fn param(
@@ -284,7 +443,7 @@ impl Model {
                 }
             }
             Op::AvgPool2d(p) => avg_pool(x, p)?,
-            Op::GlobalAvgPool => x.mean(D::Minus1)?.mean(D::Minus1)?,
+            Op::GlobalAvgPool => x.flatten_from(2)?.mean(D::Minus1)?,
             Op::Flatten => x.flatten_from(1)?,
             Op::Dropout { p } => match mode {
                 Mode::Train if *p > 0.0 => {
@@ -470,7 +629,7 @@ fn avg_pool(x: &Tensor, p: &PoolSpec) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::GraphBuilder;
+    use crate::graph::{Conv2dSpec, GraphBuilder};
     use candle_core::{Device, Var};
 
     #[test]
@@ -521,6 +680,108 @@ mod tests {
             .trainable()
             .iter()
             .all(|v: &Var| ge.get(v.as_tensor()).is_none()));
+    }
+
+    /// Evaluation fuses convolutions with the batch norm and activation after them; the
+    /// reference is the same forward with an observer, which sees every node and so runs
+    /// each on its own.
+    #[test]
+    fn fused_evaluation_matches_node_by_node() {
+        let mut b = GraphBuilder::new([3, 9, 9]);
+        b.conv_with(
+            "stem",
+            Conv2dSpec::new(3, 8, 3).with_padding(1).with_bias(true),
+        )
+        .bn("stem.bn")
+        .relu("stem.relu")
+        .dwconv("dw", 3, 2, 1)
+        .bn("dw.bn")
+        .relu6("dw.relu")
+        // A tapped batch norm ends its chain there; the ReLU after it runs alone.
+        .conv("pw", 12, 1, 1, 0)
+        .bn("pw.bn")
+        .relu("pw.relu")
+        // A convolution read twice (the residual) is not fused.
+        .conv("res", 12, 3, 1, 1)
+        .bn("res.bn");
+        b.add("sum", &["res", "pw.relu"])
+            .conv("last", 6, 1, 1, 0)
+            .relu("last.relu")
+            .global_avg_pool("gap")
+            .linear("fc", 4);
+        let g = b.build().unwrap();
+        let dev = Device::Cpu;
+        let m = Model::init(g, 3, &dev).unwrap();
+        // Batch norms with statistics and affine parameters far from the identity.
+        for name in ["stem.bn", "dw.bn", "pw.bn", "res.bn"] {
+            let c = m
+                .params
+                .tensor(&format!("{name}.weight"))
+                .unwrap()
+                .dim(0)
+                .unwrap();
+            for (role, lo, hi) in [
+                ("weight", 0.5, 2.0),
+                ("bias", -1.0, 1.0),
+                ("running_mean", -0.5, 0.5),
+                ("running_var", 0.2, 3.0),
+            ] {
+                let t = Tensor::rand(lo as f32, hi as f32, c, &dev).unwrap();
+                m.params.set(&format!("{name}.{role}"), &t).unwrap();
+            }
+        }
+        let x = Tensor::randn(0f32, 1.0, (5, 3, 9, 9), &dev).unwrap();
+        let taps = ["pw.bn", "last.relu"];
+        let fused = m
+            .forward_with(
+                std::slice::from_ref(&x),
+                Mode::Eval,
+                ForwardOptions::default().with_taps(&taps),
+            )
+            .unwrap();
+        let mut nothing = |_: &str, _: &Tensor| Ok(());
+        let reference = m
+            .forward_with(
+                &[x],
+                Mode::Eval,
+                ForwardOptions::default()
+                    .with_taps(&taps)
+                    .with_observer(&mut nothing),
+            )
+            .unwrap();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            assert_eq!(a.dims(), b.dims(), "{what}");
+            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert!((p - q).abs() <= 1e-5 * scale, "{what}[{i}]: {p} vs {q}");
+            }
+        };
+        close(&fused.outputs[0], &reference.outputs[0], "output");
+        for t in taps {
+            close(&fused.taps[t], &reference.taps[t], t);
+        }
+        // The fused chains are the ones described above.
+        let uses = m.graph.use_counts();
+        let ids: Vec<usize> = taps.iter().map(|t| m.graph.id(t).unwrap()).collect();
+        let names = |id: Option<usize>| id.map(|i| m.graph.node(i).name.clone());
+        let chains: Vec<(String, Option<String>, Option<String>)> = m
+            .fusions(&uses, &ids)
+            .into_iter()
+            .flatten()
+            .map(|f| (m.graph.node(f.conv).name.clone(), names(f.bn), names(f.act)))
+            .collect();
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(
+            chains,
+            vec![
+                ("stem".into(), s("stem.bn"), s("stem.relu")),
+                ("dw".into(), s("dw.bn"), s("dw.relu")),
+                ("pw".into(), s("pw.bn"), None),
+                ("last".into(), None, s("last.relu")),
+            ]
+        );
     }
 
     #[test]

@@ -58,6 +58,78 @@ impl Geom {
     }
 }
 
+/// What a convolution does to each output value on its way out, after adding the channel's
+/// bias: clamp it to `lo..=hi` (a fused ReLU is `0..=inf`, ReLU6 `0..=6`). NaN passes through.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Epilogue {
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl Epilogue {
+    /// No clamp.
+    pub const NONE: Epilogue = Epilogue {
+        lo: f32::NEG_INFINITY,
+        hi: f32::INFINITY,
+    };
+    /// ReLU.
+    pub const RELU: Epilogue = Epilogue {
+        lo: 0.0,
+        hi: f32::INFINITY,
+    };
+    /// ReLU6.
+    pub const RELU6: Epilogue = Epilogue { lo: 0.0, hi: 6.0 };
+
+    #[inline(always)]
+    fn apply(self, v: f32) -> f32 {
+        // Two selects (not one if-else chain), so that the loops calling this vectorize.
+        let v = if v < self.lo { self.lo } else { v };
+        if v > self.hi {
+            self.hi
+        } else {
+            v
+        }
+    }
+
+    /// `dst = act(src + bias)`, element by element.
+    #[inline(always)]
+    fn write(self, dst: &mut [f32], src: &[f32], bias: f32) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = self.apply(s + bias);
+        }
+    }
+
+    /// `row = act(row + bias)` in place.
+    #[inline(always)]
+    fn finish(self, row: &mut [f32], bias: f32) {
+        for v in row {
+            *v = self.apply(*v + bias);
+        }
+    }
+}
+
+/// A buffer that parallel tasks write at disjoint places which are not one contiguous chunk
+/// per task (the planes of one channel over every sample, say).
+#[derive(Clone, Copy)]
+pub struct Disjoint<T>(pub *mut T);
+
+// SAFETY: tasks write through the pointer only at places no other task reads or writes
+// (see `Disjoint::rows`).
+unsafe impl<T: Send> Send for Disjoint<T> {}
+unsafe impl<T: Send> Sync for Disjoint<T> {}
+
+impl<T> Disjoint<T> {
+    /// `len` values from `start`.
+    ///
+    /// # Safety
+    /// `start + len` is within the buffer, and no other live slice overlaps this one.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn rows(&self, start: usize, len: usize) -> &mut [T] {
+        // SAFETY: as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
@@ -66,105 +138,92 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     }
 }
 
-/// im2col: `[N, C, H, W]` to `[C*KH*KW, N*OH*OW]`.
-fn unfold(g: &Geom, x: &[f32]) -> Vec<f32> {
+/// im2col, `[N, C, H, W]` to `[C*KH*KW, N*OH*OW]`, into `cols`, whose padding positions must
+/// hold zeros (they are never written, so one buffer serves every batch of one geometry);
+/// over every core with `parallel`.
+fn unfold_into(g: &Geom, x: &[f32], cols: &mut [f32], parallel: bool) {
     let p = g.oh * g.ow;
-    let k = g.c * g.kh * g.kw;
-    let mut cols = vec![0f32; k * g.n * p];
-    cols.par_chunks_mut(g.n * p)
-        .enumerate()
-        .for_each(|(row, dst)| {
-            let (c, kh, kw) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
-            let rows = g.valid(kh, g.oh, g.h);
-            let cols_r = g.valid(kw, g.ow, g.w);
-            for n in 0..g.n {
-                let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
-                let out = &mut dst[n * p..(n + 1) * p];
-                for oh in rows.clone() {
+    let row_of = |row: usize, dst: &mut [f32]| {
+        let (c, kh, kw) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
+        let rows = g.valid(kh, g.oh, g.h);
+        let cols_r = g.valid(kw, g.ow, g.w);
+        for n in 0..g.n {
+            let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
+            let out = &mut dst[n * p..(n + 1) * p];
+            for oh in rows.clone() {
+                let ih = g.src(oh, kh);
+                let src_row = &plane[ih * g.w..(ih + 1) * g.w];
+                let dst_row = &mut out[oh * g.ow..(oh + 1) * g.ow];
+                if g.stride == 1 {
+                    let a = g.src(cols_r.start, kw);
+                    dst_row[cols_r.clone()].copy_from_slice(&src_row[a..a + cols_r.len()]);
+                } else {
+                    for ow in cols_r.clone() {
+                        dst_row[ow] = src_row[g.src(ow, kw)];
+                    }
+                }
+            }
+        }
+    };
+    if parallel {
+        cols.par_chunks_mut(g.n * p)
+            .enumerate()
+            .for_each(|(row, dst)| row_of(row, dst));
+    } else {
+        for (row, dst) in cols.chunks_mut(g.n * p).enumerate() {
+            row_of(row, dst);
+        }
+    }
+}
+
+/// col2im, the adjoint of [`unfold_into`]: `[C*KH*KW, N*OH*OW]` added into `x` `[N, C, H, W]`;
+/// over every core with `parallel`.
+fn fold_into(g: &Geom, cols: &[f32], x: &mut [f32], parallel: bool) {
+    let p = g.oh * g.ow;
+    let plane_of = |plane_idx: usize, plane: &mut [f32]| {
+        let (n, c) = (plane_idx / g.c, plane_idx % g.c);
+        for kh in 0..g.kh {
+            for kw in 0..g.kw {
+                let row = (c * g.kh + kh) * g.kw + kw;
+                let src = &cols[row * g.n * p + n * p..][..p];
+                let cols_r = g.valid(kw, g.ow, g.w);
+                for oh in g.valid(kh, g.oh, g.h) {
                     let ih = g.src(oh, kh);
-                    let src_row = &plane[ih * g.w..(ih + 1) * g.w];
-                    let dst_row = &mut out[oh * g.ow..(oh + 1) * g.ow];
+                    let dst_row = &mut plane[ih * g.w..(ih + 1) * g.w];
+                    let src_row = &src[oh * g.ow..(oh + 1) * g.ow];
                     if g.stride == 1 {
                         let a = g.src(cols_r.start, kw);
-                        dst_row[cols_r.clone()].copy_from_slice(&src_row[a..a + cols_r.len()]);
+                        let dst = &mut dst_row[a..a + cols_r.len()];
+                        for (d, s) in dst.iter_mut().zip(&src_row[cols_r.clone()]) {
+                            *d += s;
+                        }
                     } else {
                         for ow in cols_r.clone() {
-                            dst_row[ow] = src_row[g.src(ow, kw)];
+                            dst_row[g.src(ow, kw)] += src_row[ow];
                         }
                     }
                 }
             }
-        });
-    cols
-}
-
-/// col2im, the adjoint of [`unfold`]: `[C*KH*KW, N*OH*OW]` added into `x` `[N, C, H, W]`.
-fn fold_into(g: &Geom, cols: &[f32], x: &mut [f32]) {
-    let p = g.oh * g.ow;
-    x.par_chunks_mut(g.h * g.w)
-        .enumerate()
-        .for_each(|(plane_idx, plane)| {
-            let (n, c) = (plane_idx / g.c, plane_idx % g.c);
-            for kh in 0..g.kh {
-                for kw in 0..g.kw {
-                    let row = (c * g.kh + kh) * g.kw + kw;
-                    let src = &cols[row * g.n * p + n * p..][..p];
-                    let cols_r = g.valid(kw, g.ow, g.w);
-                    for oh in g.valid(kh, g.oh, g.h) {
-                        let ih = g.src(oh, kh);
-                        let dst_row = &mut plane[ih * g.w..(ih + 1) * g.w];
-                        let src_row = &src[oh * g.ow..(oh + 1) * g.ow];
-                        if g.stride == 1 {
-                            let a = g.src(cols_r.start, kw);
-                            let dst = &mut dst_row[a..a + cols_r.len()];
-                            for (d, s) in dst.iter_mut().zip(&src_row[cols_r.clone()]) {
-                                *d += s;
-                            }
-                        } else {
-                            for ow in cols_r.clone() {
-                                dst_row[g.src(ow, kw)] += src_row[ow];
-                            }
-                        }
-                    }
-                }
-            }
-        });
-}
-
-/// A row-major `[m, n]` product `a · b`, where `a` and `b` are read through (row, column)
-/// strides, so transposed operands cost nothing. Computed by the `gemm` crate (the GEMM that
-/// candle itself uses), in parallel.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-) -> Vec<f32> {
-    let mut dst = vec![0f32; m * n];
-    gemm_into(
-        &mut dst,
-        false,
-        m,
-        n,
-        k,
-        (a, a_rs, a_cs),
-        (b, b_rs, b_cs),
-        true,
-    );
-    dst
+        }
+    };
+    if parallel {
+        x.par_chunks_mut(g.h * g.w)
+            .enumerate()
+            .for_each(|(i, plane)| plane_of(i, plane));
+    } else {
+        for (i, plane) in x.chunks_mut(g.h * g.w).enumerate() {
+            plane_of(i, plane);
+        }
+    }
 }
 
 /// A strided operand of [`gemm_into`]: the values, the row stride and the column stride.
 type Operand<'a> = (&'a [f32], usize, usize);
 
-/// `dst = a · b` (row-major `[m, n]`), or `dst += a · b` with `accumulate`; over every core
-/// with `parallel`, else on the calling thread (for callers that split the work themselves).
+/// `dst = a · b` (row-major `[m, n]`), or `dst += a · b` with `accumulate`, where `a` and
+/// `b` are read through (row, column) strides, so transposed operands cost nothing; computed
+/// by the `gemm` crate (the GEMM candle itself uses), over every core with `parallel`, else on
+/// the calling thread (for callers that split the work themselves).
 #[allow(clippy::too_many_arguments)]
 fn gemm_into(
     dst: &mut [f32],
@@ -228,6 +287,16 @@ fn gemm_into(
 /// when there are enough samples to keep every core busy (then `f` is told to stay on its
 /// thread), else one after another with `f` free to use every core.
 fn per_sample(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32], bool) + Sync) {
+    per_sample_with(out, chunk, || (), |n, c, _, parallel| f(n, c, parallel));
+}
+
+/// [`per_sample`] with a scratch value made by `init` for each worker's run of samples.
+fn per_sample_with<S>(
+    out: &mut [f32],
+    chunk: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(usize, &mut [f32], &mut S, bool) + Sync,
+) {
     if chunk == 0 {
         return;
     }
@@ -235,12 +304,48 @@ fn per_sample(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32], bool)
     if samples >= rayon::current_num_threads() {
         out.par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(n, c)| f(n, c, false));
+            .for_each_init(&init, |s, (n, c)| f(n, c, s, false));
     } else {
+        let mut s = init();
         for (n, c) in out.chunks_mut(chunk).enumerate() {
-            f(n, c, true);
+            f(n, c, &mut s, true);
         }
     }
+}
+
+/// The forward of a dense convolution, `act(W · im2col(x) + b)` as `[N, O, OH, OW]`, sample
+/// by sample: each sample's product is written where it belongs and finished while it is
+/// still in cache. A pointwise convolution reads the sample's planes where they lie; others
+/// unfold one sample at a time into a buffer of the worker's.
+fn dense_forward(g: &Geom, o: usize, x: &[f32], w: &[f32], b: &[f32], act: Epilogue) -> Vec<f32> {
+    let (k, p) = (g.c * g.kh * g.kw, g.oh * g.ow);
+    let finish = |out: &mut [f32]| {
+        for (row, &bo) in out.chunks_mut(p).zip(b) {
+            act.finish(row, bo);
+        }
+    };
+    let mut y = vec![0f32; g.n * o * p];
+    if g.pointwise() {
+        per_sample(&mut y, o * p, |n, out, parallel| {
+            let xn = &x[n * k * p..][..k * p];
+            gemm_into(out, false, o, p, k, (w, k, 1), (xn, p, 1), parallel);
+            finish(out);
+        });
+    } else {
+        let one = Geom { n: 1, ..*g };
+        let per_in = g.c * g.h * g.w;
+        per_sample_with(
+            &mut y,
+            o * p,
+            || vec![0f32; k * p],
+            |n, out, cols, parallel| {
+                unfold_into(&one, &x[n * per_in..][..per_in], cols, parallel);
+                gemm_into(out, false, o, p, k, (w, k, 1), (cols, p, 1), parallel);
+                finish(out);
+            },
+        );
+    }
+    y
 }
 
 /// A dense convolution `(x [N, C, H, W], w [O, C, KH, KW], b [O])` as `W · im2col(x) + b`.
@@ -272,30 +377,7 @@ impl candle_core::CustomOp3 for DenseConv {
         let x = f32_slice(s1, l1, self.name())?;
         let w = f32_slice(s2, l2, self.name())?;
         let b = f32_slice(s3, l3, self.name())?;
-        let (k, p) = (g.c * g.kh * g.kw, g.oh * g.ow);
-        if g.pointwise() {
-            // Y_n = W · X_n + b, written where it belongs.
-            let mut y = vec![0f32; g.n * o * p];
-            per_sample(&mut y, o * p, |n, out, parallel| {
-                let xn = &x[n * k * p..][..k * p];
-                gemm_into(out, false, o, p, k, (w, k, 1), (xn, p, 1), parallel);
-                for (row, &bo) in out.chunks_mut(p).zip(b) {
-                    row.iter_mut().for_each(|v| *v += bo);
-                }
-            });
-            return Ok((CpuStorage::F32(y), Shape::from((g.n, o, g.oh, g.ow))));
-        }
-        let cols = unfold(&g, x);
-        let np = g.n * p;
-        let y2 = matmul(o, np, k, w, k, 1, &cols, np, 1);
-        // [O, N, P] to [N, O, P], adding the bias.
-        let mut y = vec![0f32; g.n * o * p];
-        y.par_chunks_mut(p).enumerate().for_each(|(idx, out)| {
-            let (n, oc) = (idx / o, idx % o);
-            for (d, s) in out.iter_mut().zip(&y2[oc * np + n * p..][..p]) {
-                *d = s + b[oc];
-            }
-        });
+        let y = dense_forward(&g, o, x, w, b, Epilogue::NONE);
         Ok((CpuStorage::F32(y), Shape::from((g.n, o, g.oh, g.ow))))
     }
     fn bwd(
@@ -341,63 +423,63 @@ impl candle_core::CustomOp3 for DenseConvGrad {
         let gy = f32_slice(s3, l3, self.name())?;
         let (k, p) = (g.c * g.kh * g.kw, g.oh * g.ow);
         let (nx, nw) = (g.n * g.c * g.h * g.w, o * k);
+        let per_in = g.c * g.h * g.w;
+        let one = Geom { n: 1, ..g };
         let mut out = vec![0f32; nx + nw + o];
         let (gx, rest) = out.split_at_mut(nx);
         let (gw, gb) = rest.split_at_mut(nw);
-        if g.pointwise() {
-            // dX_n = Wᵀ · G_n in place; dW = Σ_n G_n · X_nᵀ, summed per thread, then over
-            // the threads; db = the sums of G's rows.
-            per_sample(gx, k * p, |n, dst, parallel| {
-                let gn = &gy[n * o * p..][..o * p];
-                gemm_into(dst, false, k, p, o, (w, 1, k), (gn, p, 1), parallel);
-            });
-            let parts = rayon::current_num_threads().clamp(1, g.n.max(1));
-            let per = g.n.div_ceil(parts);
-            let partial: Vec<Vec<f32>> = (0..parts)
-                .into_par_iter()
-                .map(|t| {
-                    let mut acc = vec![0f32; nw];
-                    for n in (t * per)..((t + 1) * per).min(g.n) {
-                        let gn = &gy[n * o * p..][..o * p];
-                        let xn = &x[n * k * p..][..k * p];
-                        gemm_into(&mut acc, true, o, k, p, (gn, p, 1), (xn, 1, p), false);
+        // Sample by sample, in runs of samples per task: dX_n = fold(Wᵀ · G_n) (a pointwise
+        // convolution needs no fold, and no unfold below), and per task dW += G_n · cols_nᵀ
+        // and db += the sums of G_n's rows; the tasks' dW and db are summed at the end. Each
+        // sample's unfold and products stay in cache. With fewer samples than threads, one
+        // task runs the products over every core.
+        let threads = rayon::current_num_threads();
+        let parallel = g.n < threads;
+        let parts = if parallel { 1 } else { (threads * 4).min(g.n) };
+        let per = g.n.div_ceil(parts.max(1)).max(1);
+        let partial: Vec<(Vec<f32>, Vec<f64>)> = gx
+            .par_chunks_mut(per * per_in)
+            .enumerate()
+            .map(|(t, gx_part)| {
+                let mut acc_w = vec![0f32; nw];
+                let mut acc_b = vec![0f64; o];
+                let mut cols = vec![0f32; if g.pointwise() { 0 } else { k * p }];
+                let mut gcols = vec![0f32; if g.pointwise() { 0 } else { k * p }];
+                for (j, dst) in gx_part.chunks_mut(per_in).enumerate() {
+                    let n = t * per + j;
+                    let gn = &gy[n * o * p..][..o * p];
+                    let xn = &x[n * per_in..][..per_in];
+                    if g.pointwise() {
+                        gemm_into(dst, false, k, p, o, (w, 1, k), (gn, p, 1), parallel);
+                        gemm_into(&mut acc_w, true, o, k, p, (gn, p, 1), (xn, 1, p), parallel);
+                    } else {
+                        unfold_into(&one, xn, &mut cols, parallel);
+                        gemm_into(
+                            &mut acc_w,
+                            true,
+                            o,
+                            k,
+                            p,
+                            (gn, p, 1),
+                            (&cols, 1, p),
+                            parallel,
+                        );
+                        gemm_into(&mut gcols, false, k, p, o, (w, 1, k), (gn, p, 1), parallel);
+                        fold_into(&one, &gcols, dst, parallel);
                     }
-                    acc
-                })
-                .collect();
-            for part in partial {
-                gw.iter_mut().zip(part).for_each(|(d, s)| *d += s);
-            }
-            gb.par_iter_mut().enumerate().for_each(|(oc, d)| {
-                let total: f64 = (0..g.n)
-                    .map(|n| {
-                        gy[(n * o + oc) * p..][..p]
-                            .iter()
-                            .map(|&v| f64::from(v))
-                            .sum::<f64>()
-                    })
-                    .sum();
-                *d = total as f32;
-            });
-            return Ok((CpuStorage::F32(out), Shape::from(nx + nw + o)));
+                    for (b, row) in acc_b.iter_mut().zip(gn.chunks_exact(p)) {
+                        *b += f64::from(row.iter().sum::<f32>());
+                    }
+                }
+                (acc_w, acc_b)
+            })
+            .collect();
+        let mut sums_b = vec![0f64; o];
+        for (part_w, part_b) in partial {
+            gw.iter_mut().zip(part_w).for_each(|(d, s)| *d += s);
+            sums_b.iter_mut().zip(part_b).for_each(|(d, s)| *d += s);
         }
-        let np = g.n * p;
-        // [N, O, P] to [O, N*P].
-        let mut g2 = vec![0f32; o * np];
-        g2.par_chunks_mut(np).enumerate().for_each(|(oc, row)| {
-            for n in 0..g.n {
-                row[n * p..(n + 1) * p].copy_from_slice(&gy[(n * o + oc) * p..][..p]);
-            }
-        });
-        let cols = unfold(&g, x);
-        // dW = G2 · cols^T; dcols = W^T · G2; db = row sums of G2.
-        gemm_into(gw, false, o, k, np, (&g2, np, 1), (&cols, 1, np), true);
-        drop(cols);
-        let gcols = matmul(k, np, o, w, 1, k, &g2, np, 1);
-        fold_into(&g, &gcols, gx);
-        gb.par_iter_mut().zip(g2.par_chunks(np)).for_each(|(d, r)| {
-            *d = r.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
-        });
+        gb.iter_mut().zip(sums_b).for_each(|(d, s)| *d = s as f32);
         Ok((CpuStorage::F32(out), Shape::from(nx + nw + o)))
     }
 }
@@ -494,6 +576,21 @@ impl Phases {
     /// Writes the plane `src` (`h * w` values) into `phases` (of [`Phases::len`] values). The
     /// padding is never written: start from zeros and reuse the buffer for plane after plane.
     pub fn fill<T: Copy>(&self, src: &[T], phases: &mut [T]) {
+        if self.stride == 2 {
+            // Each row's column pairs split into two phase rows in one pass (which vectorizes,
+            // where a strided copy per phase did not).
+            return self.rows2(|y, a, b| {
+                let (ra, rb) = two_rows(phases, a, b, self.w);
+                let row = &src[y * self.w..][..self.w];
+                for ((da, db), pair) in ra.iter_mut().zip(rb.iter_mut()).zip(row.chunks_exact(2)) {
+                    *da = pair[0];
+                    *db = pair[1];
+                }
+                if self.w % 2 == 1 {
+                    ra[self.w / 2] = row[self.w - 1];
+                }
+            });
+        }
         self.runs(|at_src, at, n, step| {
             if step == 1 {
                 phases[at..at + n].copy_from_slice(&src[at_src..at_src + n]);
@@ -511,6 +608,22 @@ impl Phases {
     /// The inverse of [`Phases::fill`]: the plane's `h * w` values read back from `phases`
     /// into `dst` (the padding is dropped).
     pub fn take<T: Copy>(&self, phases: &[T], dst: &mut [T]) {
+        if self.stride == 2 {
+            return self.rows2(|y, a, b| {
+                let (ra, rb) = (
+                    &phases[a..][..self.w.div_ceil(2)],
+                    &phases[b..][..self.w / 2],
+                );
+                let row = &mut dst[y * self.w..][..self.w];
+                for ((&va, &vb), pair) in ra.iter().zip(rb).zip(row.chunks_exact_mut(2)) {
+                    pair[0] = va;
+                    pair[1] = vb;
+                }
+                if self.w % 2 == 1 {
+                    row[self.w - 1] = ra[self.w / 2];
+                }
+            });
+        }
         self.runs(|at_src, at, n, step| {
             if step == 1 {
                 dst[at_src..at_src + n].copy_from_slice(&phases[at..at + n]);
@@ -524,6 +637,22 @@ impl Phases {
                 }
             }
         });
+    }
+
+    /// For stride 2: `f(y, a, b)` for each row `y` of the plane, whose even columns go to the
+    /// phases from `a` on and odd ones from `b` on.
+    fn rows2(&self, mut f: impl FnMut(usize, usize, usize)) {
+        debug_assert_eq!(self.stride, 2);
+        let (pad, pw) = (self.pad, self.pw);
+        let phase = self.ph * pw;
+        // Padded column x + pad goes to phase (x + pad) % 2, column (x + pad) / 2.
+        let even = (pad % 2) * phase + pad / 2;
+        let odd = ((pad + 1) % 2) * phase + (pad + 1) / 2;
+        for y in 0..self.h {
+            let py = y + pad;
+            let row = (py % 2) * 2 * phase + (py / 2) * pw;
+            f(y, row + even, row + odd);
+        }
     }
 
     /// Where the plane's values go: `f(at_src, at, n, step)` for each run of `n` values of
@@ -559,6 +688,19 @@ impl Phases {
         for (oy, line) in src.chunks_exact(self.ow).enumerate() {
             wide[self.row(oy)..][..self.ow].copy_from_slice(line);
         }
+    }
+}
+
+/// The disjoint runs `buf[a..]` and `buf[b..]` for a row of `w` values split by stride-2
+/// phase: `ceil(w / 2)` values from `a`, `w / 2` from `b`.
+fn two_rows<T>(buf: &mut [T], a: usize, b: usize, w: usize) -> (&mut [T], &mut [T]) {
+    let (na, nb) = (w.div_ceil(2), w / 2);
+    if a < b {
+        let (lo, hi) = buf.split_at_mut(b);
+        (&mut lo[a..][..na], &mut hi[..nb])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a);
+        (&mut hi[..na], &mut lo[b..][..nb])
     }
 }
 
@@ -636,10 +778,84 @@ fn has_avx() -> bool {
 
 /// Depthwise convolution `(x [N, C, H, W], w [C, 1, KH, KW])`.
 struct Depthwise(Geom);
-/// Input gradient of [`Depthwise`]: `(grad_y, w)` to `[N, C, H, W]`.
-struct DepthwiseGradInput(Geom);
-/// Weight gradient of [`Depthwise`]: `(x, grad_y)` to `[C, 1, KH, KW]`.
-struct DepthwiseGradWeight(Geom);
+/// The gradients of [`Depthwise`], `(x, w, grad_y)` to one flat tensor: `dx`, then `dw`.
+struct DepthwiseGrad(Geom);
+
+/// The forward of a depthwise convolution, `act(w[c] ⋆ x[n, c] + b[c])` for every plane, in
+/// parallel over blocks of planes.
+fn depthwise_forward(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    act: Epilogue,
+) -> Vec<f32> {
+    let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+    let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
+    debug_assert_eq!((layout.oh, layout.ow), (g.oh, g.ow));
+    let avx = has_avx();
+    let planes_per = (4096 / op).max(1);
+    let plain = bias.is_none() && act == Epilogue::NONE;
+    let mut y = vec![0f32; g.n * g.c * op];
+    y.par_chunks_mut(op * planes_per)
+        .enumerate()
+        .for_each(|(task, outs)| {
+            let mut phases = vec![0f32; layout.len()];
+            let mut acc = vec![0f32; layout.span()];
+            for (j, out) in outs.chunks_exact_mut(op).enumerate() {
+                let idx = task * planes_per + j;
+                let c = idx % g.c;
+                let b = bias.map_or(0.0, |b| b[c]);
+                layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
+                sweep_taps_f32(&mut acc, &phases, &layout, &w[c * kk..(c + 1) * kk], avx);
+                for (oy, row) in out.chunks_exact_mut(g.ow).enumerate() {
+                    let sums = &acc[layout.row(oy)..][..g.ow];
+                    if plain {
+                        row.copy_from_slice(sums);
+                    } else {
+                        act.write(row, sums, b);
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// A convolution for inference, `act(conv(x, w) + b)` with the bias and activation applied
+/// as each output is written (batch norm folded into `w` and `b` by the caller); it has no
+/// backward.
+struct FusedConv {
+    g: Geom,
+    o: usize,
+    depthwise: bool,
+    act: Epilogue,
+}
+
+impl candle_core::CustomOp3 for FusedConv {
+    fn name(&self) -> &'static str {
+        "slim-conv2d-fused"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let y = if self.depthwise {
+            depthwise_forward(&g, x, w, Some(b), self.act)
+        } else {
+            dense_forward(&g, self.o, x, w, b, self.act)
+        };
+        Ok((CpuStorage::F32(y), Shape::from((g.n, self.o, g.oh, g.ow))))
+    }
+}
 
 impl CustomOp2 for Depthwise {
     fn name(&self) -> &'static str {
@@ -655,27 +871,7 @@ impl CustomOp2 for Depthwise {
         let g = self.0;
         let x = f32_slice(s1, l1, self.name())?;
         let w = f32_slice(s2, l2, self.name())?;
-        let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
-        let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
-        debug_assert_eq!((layout.oh, layout.ow), (g.oh, g.ow));
-        let avx = has_avx();
-        let planes_per = (4096 / op).max(1);
-        let mut y = vec![0f32; g.n * g.c * op];
-        y.par_chunks_mut(op * planes_per)
-            .enumerate()
-            .for_each(|(task, outs)| {
-                let mut phases = vec![0f32; layout.len()];
-                let mut acc = vec![0f32; layout.span()];
-                for (j, out) in outs.chunks_exact_mut(op).enumerate() {
-                    let idx = task * planes_per + j;
-                    let c = idx % g.c;
-                    layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
-                    sweep_taps_f32(&mut acc, &phases, &layout, &w[c * kk..(c + 1) * kk], avx);
-                    for (oy, row) in out.chunks_exact_mut(g.ow).enumerate() {
-                        row.copy_from_slice(&acc[layout.row(oy)..][..g.ow]);
-                    }
-                }
-            });
+        let y = depthwise_forward(&g, x, w, None, Epilogue::NONE);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.c, g.oh, g.ow))))
     }
     fn bwd(
@@ -685,16 +881,17 @@ impl CustomOp2 for Depthwise {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let gx = grad.apply_op2_no_bwd(w, &DepthwiseGradInput(self.0))?;
-        let gw = x.apply_op2_no_bwd(&grad, &DepthwiseGradWeight(self.0))?;
+        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &DepthwiseGrad(self.0))?;
+        let nx = x.elem_count();
+        let gx = all.narrow(0, 0, nx)?.reshape(x.dims())?;
+        let gw = all.narrow(0, nx, w.elem_count())?.reshape(w.dims())?;
         Ok((Some(gx), Some(gw)))
     }
 }
 
-impl CustomOp2 for DepthwiseGradInput {
+impl candle_core::CustomOp3 for DepthwiseGrad {
     fn name(&self) -> &'static str {
-        "slim-depthwise-conv2d-grad-input"
+        "slim-depthwise-conv2d-grad"
     }
     fn cpu_fwd(
         &self,
@@ -702,72 +899,50 @@ impl CustomOp2 for DepthwiseGradInput {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let gy = f32_slice(s1, l1, self.name())?;
-        let w = f32_slice(s2, l2, self.name())?;
-        let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
-        // The adjoint of the forward's sweeps: each tap adds its weight times the (widened)
-        // output gradient into the phases of the padded input, which are then read back.
-        let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
-        let avx = has_avx();
-        let planes_per = (4096 / ip.max(1)).max(1);
-        let mut gx = vec![0f32; g.n * g.c * ip];
-        gx.par_chunks_mut(ip * planes_per)
-            .enumerate()
-            .for_each(|(task, planes)| {
-                let mut phases = vec![0f32; layout.len()];
-                let mut wide = vec![0f32; layout.span()];
-                for (j, plane) in planes.chunks_exact_mut(ip).enumerate() {
-                    let idx = task * planes_per + j;
-                    let c = idx % g.c;
-                    layout.widen(&gy[idx * op..(idx + 1) * op], &mut wide);
-                    phases.iter_mut().for_each(|v| *v = 0.0);
-                    scatter_taps_f32(&mut phases, &wide, &layout, &w[c * kk..(c + 1) * kk], avx);
-                    layout.take(&phases, plane);
-                }
-            });
-        Ok((CpuStorage::F32(gx), Shape::from((g.n, g.c, g.h, g.w))))
-    }
-}
-
-impl CustomOp2 for DepthwiseGradWeight {
-    fn name(&self) -> &'static str {
-        "slim-depthwise-conv2d-grad-weight"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
         let x = f32_slice(s1, l1, self.name())?;
-        let gy = f32_slice(s2, l2, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let gy = f32_slice(s3, l3, self.name())?;
         let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
         let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
         let avx = has_avx();
         let span = layout.span();
-        let mut gw = vec![0f32; g.c * kk];
+        let nx = g.n * g.c * ip;
+        let mut out = vec![0f32; nx + g.c * kk];
+        let (gx, gw) = out.split_at_mut(nx);
+        let planes = Disjoint(gx.as_mut_ptr());
+        // One task per channel, over every sample: each output-gradient plane is widened
+        // once and serves both gradients while it is in cache.
         gw.par_chunks_mut(kk).enumerate().for_each(|(c, filt)| {
+            let mut phases = vec![0f32; layout.len()];
+            let mut back = vec![0f32; layout.len()];
+            let mut wide = vec![0f32; span];
             // Per tap, the products of the input's phase and the widened output gradient,
             // summed element by element over every sample (so it runs in vector code), and
             // across the elements once at the end (the extra columns hold zero gradient).
-            let mut phases = vec![0f32; layout.len()];
-            let mut wide = vec![0f32; span];
             let mut sums = vec![0f32; kk * span];
+            let taps = &w[c * kk..(c + 1) * kk];
             for n in 0..g.n {
                 let idx = n * g.c + c;
-                layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
                 layout.widen(&gy[idx * op..(idx + 1) * op], &mut wide);
+                layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
                 products_taps_f32(&mut sums, &phases, &wide, &layout, avx);
+                // The adjoint of the forward's sweeps: each tap adds its weight times the
+                // widened output gradient into the phases of the padded input, which are
+                // then read back.
+                back.iter_mut().for_each(|v| *v = 0.0);
+                scatter_taps_f32(&mut back, &wide, &layout, taps, avx);
+                // SAFETY: plane `idx` belongs to this channel's task alone.
+                layout.take(&back, unsafe { planes.rows(idx * ip, ip) });
             }
             for (f, row) in filt.iter_mut().zip(sums.chunks_exact(span)) {
                 *f = row.iter().sum();
             }
         });
-        Ok((CpuStorage::F32(gw), Shape::from((g.c, 1, g.kh, g.kw))))
+        Ok((CpuStorage::F32(out), Shape::from(nx + g.c * kk)))
     }
 }
 
@@ -1146,28 +1321,23 @@ pub fn fused_batch_norm(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-/// A 2-D convolution (no bias) with the fastest kernel that applies; see the module docs.
-pub fn conv2d(
+/// The geometry of `x ⋆ w` when one of this module's kernels applies (f32 on the CPU, a
+/// dense or depthwise convolution), with the number of output channels.
+fn geometry(
     x: &Tensor,
     w: &Tensor,
-    bias: Option<&Tensor>,
     spec: &Conv2dSpec,
-) -> candle_core::Result<Tensor> {
-    let add_bias = |y: Tensor| -> candle_core::Result<Tensor> {
-        match bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-            None => Ok(y),
-        }
-    };
-    let fallback =
-        || add_bias(x.conv2d(w, spec.padding, spec.stride, spec.dilation, spec.groups)?);
+) -> candle_core::Result<Option<(Geom, usize)>> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 || x.rank() != 4 {
-        return fallback();
+        return Ok(None);
+    }
+    if spec.groups != 1 && !spec.is_depthwise() {
+        return Ok(None);
     }
     let (n, c, h, wd) = x.dims4()?;
     let (o, _, kh, kw) = w.dims4()?;
     let Some((oh, ow)) = spec.out_size(h, wd) else {
-        return fallback();
+        return Ok(None);
     };
     let g = Geom {
         n,
@@ -1182,11 +1352,27 @@ pub fn conv2d(
         pad: spec.padding,
         dil: spec.dilation,
     };
+    Ok(Some((g, o)))
+}
+
+/// A 2-D convolution with the fastest kernel that applies; see the module docs.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    spec: &Conv2dSpec,
+) -> candle_core::Result<Tensor> {
+    let add_bias = |y: Tensor| -> candle_core::Result<Tensor> {
+        match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+            None => Ok(y),
+        }
+    };
+    let Some((g, o)) = geometry(x, w, spec)? else {
+        return add_bias(x.conv2d(w, spec.padding, spec.stride, spec.dilation, spec.groups)?);
+    };
     if spec.is_depthwise() {
         return add_bias(x.contiguous()?.apply_op2(&w.contiguous()?, Depthwise(g))?);
-    }
-    if spec.groups != 1 {
-        return fallback();
     }
     let b = match bias {
         Some(b) => b.contiguous()?,
@@ -1194,6 +1380,38 @@ pub fn conv2d(
     };
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b, DenseConv { g, o })
+}
+
+/// A convolution for inference, `act(conv(x, w) + b)` with `b` of `[O]`, the bias and the
+/// activation applied as each output is written (batch norm in evaluation is folded into `w`
+/// and `b` by the caller). It records no gradient. Where no kernel here applies, candle's
+/// convolution and a clamp compute the same.
+pub fn conv2d_fused(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    spec: &Conv2dSpec,
+    act: Epilogue,
+) -> candle_core::Result<Tensor> {
+    if let Some((g, o)) = geometry(x, w, spec)? {
+        let op = FusedConv {
+            g,
+            o,
+            depthwise: spec.is_depthwise(),
+            act,
+        };
+        return x
+            .contiguous()?
+            .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op);
+    }
+    let mut y = conv2d(x, w, Some(b), spec)?;
+    if act.lo > f32::NEG_INFINITY {
+        y = y.maximum(act.lo)?;
+    }
+    if act.hi < f32::INFINITY {
+        y = y.minimum(act.hi)?;
+    }
+    Ok(y)
 }
 
 #[cfg(test)]
@@ -1292,7 +1510,36 @@ mod tests {
                 .with_padding(pad)
                 .with_dilation(dil)
                 .with_groups(6);
-            check(3, 6, 6, 9, k, spec);
+            check(3, 6, 6, 9, k, spec.clone());
+            check(2, 6, 6, 8, k, spec);
+        }
+    }
+
+    #[test]
+    fn phases_place_every_value_and_give_it_back() {
+        for (h, w) in [(5, 7), (6, 8), (1, 1), (4, 3), (2, 2)] {
+            for stride in 1..=3 {
+                for pad in 0..=3 {
+                    let l = Phases::new(h, w, 1, 1, stride, pad, 1);
+                    let src: Vec<f32> = (0..h * w).map(|i| i as f32 + 1.0).collect();
+                    let mut phases = vec![0f32; l.len()];
+                    l.fill(&src, &mut phases);
+                    // Padded (py, px) lies in phase (py % s, px % s), row py / s, column px / s.
+                    let mut expect = vec![0f32; l.len()];
+                    for y in 0..h {
+                        for x in 0..w {
+                            let (py, px) = (y + pad, x + pad);
+                            let phase = (py % stride) * stride + px % stride;
+                            expect[phase * l.ph * l.pw + (py / stride) * l.pw + px / stride] =
+                                src[y * w + x];
+                        }
+                    }
+                    assert_eq!(phases, expect, "{h}x{w} stride {stride} pad {pad}");
+                    let mut back = vec![0f32; h * w];
+                    l.take(&phases, &mut back);
+                    assert_eq!(back, src, "{h}x{w} stride {stride} pad {pad}");
+                }
+            }
         }
     }
 

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use slim_core::exec::NodeKernels;
-use slim_core::kernels::Phases;
+use slim_core::kernels::{Disjoint, Phases};
 use slim_core::train::EvalReport;
 use slim_core::{ForwardOptions, Mode, Model, Node, Op};
 
@@ -183,27 +183,6 @@ fn for_each_chunk<T: Send>(
 thread_local! {
     /// A worker's sums buffer, kept from task to task.
     static ACC: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The output of a convolution, written by parallel tasks at disjoint places.
-#[derive(Clone, Copy)]
-struct Disjoint<T>(*mut T);
-
-// SAFETY: tasks write through the pointer only at places no other task reads or writes
-// (see `Disjoint::rows`).
-unsafe impl<T: Send> Send for Disjoint<T> {}
-unsafe impl<T: Send> Sync for Disjoint<T> {}
-
-impl<T> Disjoint<T> {
-    /// `len` values from `start`.
-    ///
-    /// # Safety
-    /// `start + len` is within the buffer, and no other live slice overlaps this one.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn rows(&self, start: usize, len: usize) -> &mut [T] {
-        // SAFETY: as the caller promises.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
-    }
 }
 
 /// How a layer's sums become int8 values on the grid of the quantizer that reads its output

@@ -322,8 +322,10 @@ fn bias_correction_restores_the_mean_of_every_output_channel() {
         i.top1
     );
 
-    // With batch norms folded (the default), the correction recovers most of what 4-bit
-    // per-tensor weights lose.
+    // With batch norms folded (the default) the correction works the same way: every class
+    // score's mean over the calibration images is the float model's again. (Top-1 is no
+    // measure here: 4-bit per-tensor weights leave this small model near 25% with or without
+    // the correction, and which of the two is ahead moves with the training's rounding.)
     let folded = PtqConfig {
         fold_batch_norm: true,
         ..cfg
@@ -339,9 +341,11 @@ fn bias_correction_restores_the_mean_of_every_output_channel() {
         },
     )
     .unwrap();
-    let p = slim_quant::runtime::evaluate(&plain, &data.test, &data.normalize, 250).unwrap();
-    let c = slim_quant::runtime::evaluate(&fixed, &data.test, &data.normalize, 250).unwrap();
-    assert!(c.top1 > p.top1, "plain {} corrected {}", p.top1, c.top1);
+    let (before, after) = (gap(&plain, "fc"), gap(&fixed, "fc"));
+    assert!(
+        after < 1e-3 + 0.05 * before,
+        "folded fc: {before} -> {after}"
+    );
 }
 
 #[test]
