@@ -1,0 +1,106 @@
+//! Times Slim's f32 evaluation forward of zoo models on random inputs, with the protocol of
+//! `scripts/paddle_inference.py` (20 warm-up forwards, 5 timed runs of 200 forwards at batch
+//! 1 or 20 at batch 64, the median run), so that the two can be compared in one sitting:
+//! `scripts/paddle-inference.sh` runs both.
+//!
+//! ```text
+//! cargo run --release -p slim-benches --example forward_times -- [--nodes] MODEL...
+//! ```
+//!
+//! `--nodes` adds each node's share of a batch-64 forward (the time until the node is done;
+//! a batch norm or activation that runs with its convolution shows next to nothing).
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use slim_core::exec::{ForwardOptions, Mode};
+use slim_core::zoo::{self, ZooConfig};
+use slim_core::Model;
+
+fn input_for(name: &str) -> [usize; 3] {
+    if name == "lenet" || name == "mobilenet_tiny" {
+        [1, 28, 28]
+    } else {
+        [3, 32, 32]
+    }
+}
+
+/// The median of 5 runs of `per` forwards, in ms per forward, and the fastest and slowest run.
+fn time(m: &Model, x: &Tensor, per: usize) -> (f64, f64, f64) {
+    for _ in 0..20 {
+        m.forward(x, Mode::Eval).expect("forward");
+    }
+    let mut runs: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            for _ in 0..per {
+                m.forward(x, Mode::Eval).expect("forward");
+            }
+            start.elapsed().as_secs_f64() * 1e3 / per as f64
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    (runs[2], runs[0], runs[4])
+}
+
+/// Each node's mean time over `reps` batch forwards, in evaluation order.
+fn node_times(m: &Model, x: &Tensor, reps: usize) -> Vec<(String, f64)> {
+    let names: Vec<String> = m.graph.nodes().iter().map(|n| n.name.clone()).collect();
+    let mut total = vec![0f64; names.len()];
+    for _ in 0..reps {
+        let mut at = 0;
+        let mut last = Instant::now();
+        let mut done = |_: &str| {
+            let now = Instant::now();
+            total[at] += (now - last).as_secs_f64();
+            at += 1;
+            last = now;
+        };
+        let opts = ForwardOptions {
+            finished: Some(&mut done),
+            ..Default::default()
+        };
+        m.forward_with(std::slice::from_ref(x), Mode::Eval, opts)
+            .expect("forward");
+    }
+    names
+        .into_iter()
+        .zip(total)
+        .map(|(n, t)| (n, t * 1e3 / reps as f64))
+        .collect()
+}
+
+fn main() {
+    slim_core::single_threaded_elementwise();
+    let mut nodes = false;
+    let mut models = Vec::new();
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--nodes" => nodes = true,
+            _ => models.push(a),
+        }
+    }
+    if models.is_empty() {
+        models = vec!["mobilenet_tiny".into(), "lenet".into()];
+    }
+    let dev = Device::Cpu;
+    for name in &models {
+        let shape = input_for(name);
+        let m = zoo::model(name, &ZooConfig::new(shape), 0, &dev).expect("zoo model");
+        for batch in [1usize, 64] {
+            let x = Tensor::randn(0f32, 1.0, (batch, shape[0], shape[1], shape[2]), &dev)
+                .expect("input");
+            let per = if batch == 1 { 200 } else { 20 };
+            let (median, lo, hi) = time(&m, &x, per);
+            println!("slim {name} batch {batch}: {median:.3} ms (runs {lo:.3}..{hi:.3})");
+            if nodes && batch == 64 {
+                for (n, t) in node_times(&m, &x, 20) {
+                    println!("    {n:>24} {t:8.3} ms");
+                }
+            }
+        }
+    }
+}
