@@ -647,7 +647,7 @@ impl Phases {
         let phase = self.ph * pw;
         // Padded column x + pad goes to phase (x + pad) % 2, column (x + pad) / 2.
         let even = (pad % 2) * phase + pad / 2;
-        let odd = ((pad + 1) % 2) * phase + (pad + 1) / 2;
+        let odd = ((pad + 1) % 2) * phase + pad.div_ceil(2);
         for y in 0..self.h {
             let py = y + pad;
             let row = (py % 2) * 2 * phase + (py / 2) * pw;
