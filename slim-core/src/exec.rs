@@ -4,7 +4,11 @@
 //! `loss.backward()` yields a gradient for every trainable parameter, batch norm normalizes
 //! with the batch's statistics and updates its running statistics, and dropout is active.
 //! In [`Mode::Eval`] parameters enter detached, so no autograd graph is recorded; batch norm
-//! uses its running statistics and dropout is the identity.
+//! uses its running statistics and dropout is the identity. An evaluation forward also runs
+//! each convolution together with the batch norm and ReLU or ReLU6 that alone read its
+//! output (the batch norm folded into the convolution's weights and bias, the activation
+//! applied as each output is written), unless kernels, an observer or a tap need the values
+//! between.
 //!
 //! A forward can also return the outputs of any named nodes (taps, for distillation) and call
 //! an observer on every node output (for calibration). Intermediate values are dropped as soon
