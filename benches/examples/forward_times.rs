@@ -89,7 +89,13 @@ fn main() {
     let dev = Device::Cpu;
     for name in &models {
         let shape = input_for(name);
-        let m = zoo::model(name, &ZooConfig::new(shape), 0, &dev).expect("zoo model");
+        let m = match zoo::model(name, &ZooConfig::new(shape), 0, &dev) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("forward_times: {e}");
+                std::process::exit(2);
+            }
+        };
         for batch in [1usize, 64] {
             let x = Tensor::randn(0f32, 1.0, (batch, shape[0], shape[1], shape[2]), &dev)
                 .expect("input");

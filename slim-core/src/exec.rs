@@ -178,6 +178,8 @@ impl Model {
                 continue;
             }
             let node = g.node(id);
+            // The value computed and the node it belongs to: a fused chain's last node.
+            let mut out = id;
             let y = if let Op::Input { shape } = &node.op {
                 // `next_input` has exactly one batch per input node (checked above).
                 let x = next_input
@@ -210,24 +212,9 @@ impl Model {
                 match (custom, &fusions[id]) {
                     (Some(y), _) => y,
                     (None, Some(f)) => {
-                        let y = self
-                            .run_fused(node, f, xs[0], opts.params)
-                            .map_err(|e| CoreError::node(&node.name, e.to_string()))?;
-                        for &i in &node.inputs {
-                            uses[i] -= 1;
-                            if uses[i] == 0 {
-                                values[i] = None;
-                            }
-                        }
-                        let last = f.last();
-                        if tap_ids.contains(&last) {
-                            taps.insert(g.node(last).name.clone(), y.clone());
-                        }
-                        values[last] = Some(y);
-                        if let Some(done) = opts.finished.as_mut() {
-                            done(&node.name);
-                        }
-                        continue;
+                        out = f.last();
+                        self.run_fused(node, f, xs[0], opts.params)
+                            .map_err(|e| CoreError::node(&node.name, e.to_string()))?
                     }
                     (None, None) => self
                         .run_node(id, node, &xs, mode, opts.dropout_seed, opts.params)
@@ -246,10 +233,10 @@ impl Model {
                     values[i] = None;
                 }
             }
-            if tap_ids.contains(&id) {
-                taps.insert(node.name.clone(), y.clone());
+            if tap_ids.contains(&out) {
+                taps.insert(g.node(out).name.clone(), y.clone());
             }
-            values[id] = Some(y);
+            values[out] = Some(y);
         }
         let outputs = g
             .outputs()
@@ -344,16 +331,29 @@ impl Model {
                     "fused chain without a batch norm",
                 ));
             };
-            let gamma = self.param(bn, "weight", mode, src)?;
-            let beta = self.param(bn, "bias", mode, src)?;
-            let mean = self.param(bn, "running_mean", mode, src)?;
-            let var = self.param(bn, "running_var", mode, src)?;
-            // y = (conv(x) + b - mean) * scale + beta, scale = gamma / sqrt(var + eps).
-            let scale = ((var + bspec.eps)?.sqrt()?.recip()? * gamma)?;
+            let (scale, shift) = self.bn_eval_affine(bn, bspec, src)?;
             w = w.broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?;
-            b = (((b - mean)? * &scale)? + beta)?;
+            b = ((b * &scale)? + shift)?;
         }
         Ok(crate::kernels::conv2d_fused(x, &w, &b, spec, f.clamp)?)
+    }
+
+    /// Batch norm in evaluation as `x * scale + shift` per channel (`[C]` each):
+    /// `scale = gamma / sqrt(running_var + eps)`, `shift = beta - running_mean * scale`.
+    fn bn_eval_affine(
+        &self,
+        bn: &Node,
+        spec: &BatchNormSpec,
+        src: Option<&dyn ParamSource>,
+    ) -> Result<(Tensor, Tensor)> {
+        let mode = Mode::Eval;
+        let gamma = self.param(bn, "weight", mode, src)?;
+        let beta = self.param(bn, "bias", mode, src)?;
+        let mean = self.param(bn, "running_mean", mode, src)?;
+        let var = self.param(bn, "running_var", mode, src)?;
+        let scale = ((var + spec.eps)?.sqrt()?.recip()? * gamma)?;
+        let shift = (beta - (mean * &scale)?)?;
+        Ok((scale, shift))
     }
 
     fn param(
@@ -508,23 +508,11 @@ impl Model {
         } else {
             vec![1, c]
         };
-        let gamma = self
-            .param(node, "weight", mode, src)?
-            .reshape(bshape.as_slice())?;
-        let beta = self
-            .param(node, "bias", mode, src)?
-            .reshape(bshape.as_slice())?;
         match mode {
             Mode::Eval => {
-                let mean = self.param(node, "running_mean", mode, src)?;
-                let var = self.param(node, "running_var", mode, src)?;
-                let scale = (var + spec.eps)?
-                    .sqrt()?
-                    .recip()?
-                    .reshape(bshape.as_slice())?;
-                let scale = scale.broadcast_mul(&gamma)?;
-                let shift = (beta - mean.reshape(bshape.as_slice())?.broadcast_mul(&scale)?)?;
-                Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+                let (scale, shift) = self.bn_eval_affine(node, spec, src)?;
+                Ok(x.broadcast_mul(&scale.reshape(bshape.as_slice())?)?
+                    .broadcast_add(&shift.reshape(bshape.as_slice())?)?)
             }
             Mode::Train => {
                 let count = x.elem_count() / c;
@@ -546,6 +534,12 @@ impl Model {
                     let stats = x.apply_op1_no_bwd(&crate::kernels::BatchStats)?;
                     (y, stats.get(0)?, stats.get(1)?)
                 } else {
+                    let gamma = self
+                        .param(node, "weight", mode, src)?
+                        .reshape(bshape.as_slice())?;
+                    let beta = self
+                        .param(node, "bias", mode, src)?
+                        .reshape(bshape.as_slice())?;
                     let reduce = |t: &Tensor| -> Result<Tensor> {
                         let mut m = t.mean_keepdim(0)?;
                         if t.rank() == 4 {
