@@ -4,10 +4,12 @@
 //! `scripts/paddle-inference.sh` runs both.
 //!
 //! ```text
-//! cargo run --release -p slim-benches --example forward_times -- [--nodes] MODEL...
+//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] MODEL...
 //! ```
 //!
-//! `--nodes` adds each node's share of a batch-64 forward (the time until the node is done;
+//! `--batch N` times that batch size alone (default: 1 and 64).
+//!
+//! `--nodes` adds each node's share of a batched forward (the time until the node is done;
 //! a batch norm or activation that runs with its convolution shows next to nothing).
 
 #[global_allocator]
@@ -30,14 +32,22 @@ fn input_for(name: &str) -> [usize; 3] {
 
 /// The median of 5 runs of `per` forwards, in ms per forward, and the fastest and slowest run.
 fn time(m: &Model, x: &Tensor, per: usize) -> (f64, f64, f64) {
+    let inw = std::env::var("INW").is_ok();
+    let fwd = |m: &Model, x: &Tensor| {
+        if inw {
+            rayon::scope(|_| m.forward(x, Mode::Eval).expect("forward"));
+        } else {
+            m.forward(x, Mode::Eval).expect("forward");
+        }
+    };
     for _ in 0..20 {
-        m.forward(x, Mode::Eval).expect("forward");
+        fwd(m, x);
     }
     let mut runs: Vec<f64> = (0..5)
         .map(|_| {
             let start = Instant::now();
             for _ in 0..per {
-                m.forward(x, Mode::Eval).expect("forward");
+                fwd(m, x);
             }
             start.elapsed().as_secs_f64() * 1e3 / per as f64
         })
@@ -76,10 +86,19 @@ fn node_times(m: &Model, x: &Tensor, reps: usize) -> Vec<(String, f64)> {
 fn main() {
     slim_core::single_threaded_elementwise();
     let mut nodes = false;
+    let mut batches = vec![1usize, 64];
     let mut models = Vec::new();
-    for a in std::env::args().skip(1) {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
         match a.as_str() {
             "--nodes" => nodes = true,
+            "--batch" => match args.next().and_then(|b| b.parse().ok()) {
+                Some(b) if b > 0 => batches = vec![b],
+                _ => {
+                    eprintln!("forward_times: --batch needs a positive whole number");
+                    std::process::exit(2);
+                }
+            },
             _ => models.push(a),
         }
     }
@@ -96,13 +115,13 @@ fn main() {
                 std::process::exit(2);
             }
         };
-        for batch in [1usize, 64] {
+        for &batch in &batches {
             let x = Tensor::randn(0f32, 1.0, (batch, shape[0], shape[1], shape[2]), &dev)
                 .expect("input");
             let per = if batch == 1 { 200 } else { 20 };
             let (median, lo, hi) = time(&m, &x, per);
             println!("slim {name} batch {batch}: {median:.3} ms (runs {lo:.3}..{hi:.3})");
-            if nodes && batch == 64 {
+            if nodes && batch > 1 {
                 for (n, t) in node_times(&m, &x, 20) {
                     println!("    {n:>24} {t:8.3} ms");
                 }

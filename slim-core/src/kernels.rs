@@ -21,6 +21,8 @@ use rayon::prelude::*;
 
 use crate::graph::Conv2dSpec;
 
+mod pointwise;
+
 /// The geometry of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Geom {
@@ -91,14 +93,6 @@ impl Epilogue {
         }
     }
 
-    /// `dst = act(src + bias)`, element by element.
-    #[inline(always)]
-    fn write(self, dst: &mut [f32], src: &[f32], bias: f32) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = self.apply(s + bias);
-        }
-    }
-
     /// `row = act(row + bias)` in place.
     #[inline(always)]
     fn finish(self, row: &mut [f32], bias: f32) {
@@ -119,6 +113,15 @@ unsafe impl<T: Send> Send for Disjoint<T> {}
 unsafe impl<T: Send> Sync for Disjoint<T> {}
 
 impl<T> Disjoint<T> {
+    /// The place `count` values on.
+    ///
+    /// # Safety
+    /// As for [`pointer::add`]: the result lies within (or one past) the buffer.
+    pub unsafe fn add(&self, count: usize) -> Disjoint<T> {
+        // SAFETY: as the caller promises.
+        Disjoint(unsafe { self.0.add(count) })
+    }
+
     /// `len` values from `start`.
     ///
     /// # Safety
@@ -283,14 +286,10 @@ fn gemm_into(
     }
 }
 
-/// Runs `f(n, chunk)` over the `chunk`-sized pieces of `out`, one per sample: in parallel
-/// when there are enough samples to keep every core busy (then `f` is told to stay on its
-/// thread), else one after another with `f` free to use every core.
-fn per_sample(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32], bool) + Sync) {
-    per_sample_with(out, chunk, || (), |n, c, _, parallel| f(n, c, parallel));
-}
-
-/// [`per_sample`] with a scratch value made by `init` for each worker's run of samples.
+/// Runs `f(n, chunk, scratch, parallel)` over the `chunk`-sized pieces of `out`, one per
+/// sample: in parallel when there are enough samples to keep every core busy (then `f` is
+/// told to stay on its thread), else one after another with `f` free to use every core; the
+/// scratch value is made by `init` for each worker's run of samples.
 fn per_sample_with<S>(
     out: &mut [f32],
     chunk: usize,
@@ -319,32 +318,46 @@ fn per_sample_with<S>(
 /// unfold one sample at a time into a buffer of the worker's.
 fn dense_forward(g: &Geom, o: usize, x: &[f32], w: &[f32], b: &[f32], act: Epilogue) -> Vec<f32> {
     let (k, p) = (g.c * g.kh * g.kw, g.oh * g.ow);
+    if g.pointwise() {
+        return pointwise_forward(g.n, (o, k, p), x, w, b, act);
+    }
     let finish = |out: &mut [f32]| {
         for (row, &bo) in out.chunks_mut(p).zip(b) {
             act.finish(row, bo);
         }
     };
+    let one = Geom { n: 1, ..*g };
+    let per_in = g.c * g.h * g.w;
     let mut y = vec![0f32; g.n * o * p];
-    if g.pointwise() {
-        per_sample(&mut y, o * p, |n, out, parallel| {
-            let xn = &x[n * k * p..][..k * p];
-            gemm_into(out, false, o, p, k, (w, k, 1), (xn, p, 1), parallel);
+    per_sample_with(
+        &mut y,
+        o * p,
+        || vec![0f32; k * p],
+        |n, out, cols, parallel| {
+            unfold_into(&one, &x[n * per_in..][..per_in], cols, parallel);
+            gemm_into(out, false, o, p, k, (w, k, 1), (cols, p, 1), parallel);
             finish(out);
-        });
-    } else {
-        let one = Geom { n: 1, ..*g };
-        let per_in = g.c * g.h * g.w;
-        per_sample_with(
-            &mut y,
-            o * p,
-            || vec![0f32; k * p],
-            |n, out, cols, parallel| {
-                unfold_into(&one, &x[n * per_in..][..per_in], cols, parallel);
-                gemm_into(out, false, o, p, k, (w, k, 1), (cols, p, 1), parallel);
-                finish(out);
-            },
-        );
-    }
+        },
+    );
+    y
+}
+
+/// A pointwise convolution's forward over `n` samples ([`pointwise::product`]), written
+/// straight into the (never zeroed) output.
+fn pointwise_forward(
+    n: usize,
+    (o, k, p): (usize, usize, usize),
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    act: Epilogue,
+) -> Vec<f32> {
+    let len = n * o * p;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    // SAFETY: the buffer has room for n * o * p values, which only this call writes.
+    unsafe { pointwise::product(Disjoint(y.as_mut_ptr()), w, x, b, (n, o, k, p), act, true) };
+    // SAFETY: the product wrote all n * o * p values.
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -704,26 +717,110 @@ fn two_rows<T>(buf: &mut [T], a: usize, b: usize, w: usize) -> (&mut [T], &mut [
     }
 }
 
-/// `acc = sum over taps t of filt[t] * phases[tap(t)..][..acc.len()]`, in tap order (so the
-/// sums round as a per-row loop over the same taps would), with AVX where the machine has it
-/// (the portable build vectorizes with SSE only).
-fn sweep_taps_f32(acc: &mut [f32], phases: &[f32], layout: &Phases, filt: &[f32], avx: bool) {
-    #[inline(always)]
-    fn sweep(acc: &mut [f32], phases: &[f32], layout: &Phases, filt: &[f32]) {
-        acc.iter_mut().for_each(|a| *a = 0.0);
+/// `acc[i] = act(bias + sum over taps t of filt[t] * phases[tap(t) + i])` for every `i` of
+/// `acc` (one sweep over the span, every tap's share of a block of outputs summed in
+/// registers, so each output is written once), with AVX2 and FMA where the machine has them.
+fn sweep_taps_f32(
+    acc: &mut [f32],
+    phases: &[f32],
+    layout: &Phases,
+    filt: &[f32],
+    (bias, act): (f32, Epilogue),
+    fast: bool,
+) {
+    let span = acc.len();
+    assert_eq!(filt.len(), layout.taps.len(), "one weight per tap");
+    assert!(
+        layout.taps.iter().all(|&at| at + span <= phases.len()),
+        "a tap's sweep leaves the phases"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if fast {
+        // SAFETY: the machine has AVX2 and FMA, and every read is in bounds (checked above).
+        return unsafe { depthwise_avx2::sweep(acc, phases, &layout.taps, filt, bias, act) };
+    }
+    let _ = fast;
+    // Blocks of outputs summed in a local array (which the compiler keeps in registers and
+    // vectorizes as the target allows).
+    const B: usize = 32;
+    for (i, out) in (0..span).step_by(B).zip(acc.chunks_mut(B)) {
+        let mut block = [bias; B];
+        let n = out.len();
+        for (&wv, &at) in filt.iter().zip(&layout.taps) {
+            for (v, &x) in block[..n].iter_mut().zip(&phases[at + i..at + i + n]) {
+                *v += wv * x;
+            }
+        }
+        for (o, &v) in out.iter_mut().zip(&block) {
+            *o = act.apply(v);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod depthwise_avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Epilogue;
+
+    /// [`super::sweep_taps_f32`] in 4 vector registers per block of 32 outputs.
+    ///
+    /// # Safety
+    /// The machine has AVX2 and FMA; `taps[t] + acc.len() <= phases.len()` for every tap and
+    /// `filt` has one weight per tap.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sweep(
+        acc: &mut [f32],
+        phases: &[f32],
+        taps: &[usize],
+        filt: &[f32],
+        bias: f32,
+        act: Epilogue,
+    ) {
         let span = acc.len();
-        for (t, &wv) in filt.iter().enumerate() {
-            let at = layout.tap(t);
-            for (a, &v) in acc.iter_mut().zip(&phases[at..at + span]) {
-                *a += wv * v;
+        let (ph, out) = (phases.as_ptr(), acc.as_mut_ptr());
+        // SAFETY (whole body): reads stay below taps[t] + span <= phases.len(), writes below
+        // span, as the caller promises.
+        unsafe {
+            let (bv, lo, hi) = (
+                _mm256_set1_ps(bias),
+                _mm256_set1_ps(act.lo),
+                _mm256_set1_ps(act.hi),
+            );
+            // max(lo, v) and min(hi, v) return v when v is NaN, as Epilogue does.
+            let clamp = |v: __m256| _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+            let mut i = 0;
+            while i + 32 <= span {
+                let mut a = [bv; 4];
+                for (&wv, &at) in filt.iter().zip(taps) {
+                    let w = _mm256_set1_ps(wv);
+                    let p = ph.add(at + i);
+                    for (j, v) in a.iter_mut().enumerate() {
+                        *v = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.add(8 * j)), *v);
+                    }
+                }
+                for (j, &v) in a.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(i + 8 * j), clamp(v));
+                }
+                i += 32;
+            }
+            while i + 8 <= span {
+                let mut v = bv;
+                for (&wv, &at) in filt.iter().zip(taps) {
+                    v = _mm256_fmadd_ps(_mm256_set1_ps(wv), _mm256_loadu_ps(ph.add(at + i)), v);
+                }
+                _mm256_storeu_ps(out.add(i), clamp(v));
+                i += 8;
+            }
+            for i in i..span {
+                let mut v = bias;
+                for (&wv, &at) in filt.iter().zip(taps) {
+                    v = wv.mul_add(*ph.add(at + i), v);
+                }
+                *out.add(i) = act.apply(v);
             }
         }
     }
-    crate::with_target_feature!(
-        "avx",
-        avx,
-        sweep(acc: &mut [f32], phases: &[f32], layout: &Phases, filt: &[f32])
-    )
 }
 
 /// The adjoint of [`sweep_taps_f32`]: `phases[tap(t)..][..wide.len()] += filt[t] * wide`.
@@ -793,31 +890,33 @@ fn depthwise_forward(
     let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
     debug_assert_eq!((layout.oh, layout.ow), (g.oh, g.ow));
-    let avx = has_avx();
+    let fast = pointwise::has_avx2_fma();
     let planes_per = (4096 / op).max(1);
-    let plain = bias.is_none() && act == Epilogue::NONE;
-    let mut y = vec![0f32; g.n * g.c * op];
-    y.par_chunks_mut(op * planes_per)
-        .enumerate()
-        .for_each(|(task, outs)| {
+    let len = g.n * g.c * op;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    let out = Disjoint(y.as_mut_ptr());
+    let planes = g.n * g.c;
+    (0..planes.div_ceil(planes_per))
+        .into_par_iter()
+        .for_each(|task| {
             let mut phases = vec![0f32; layout.len()];
             let mut acc = vec![0f32; layout.span()];
-            for (j, out) in outs.chunks_exact_mut(op).enumerate() {
-                let idx = task * planes_per + j;
+            for idx in task * planes_per..((task + 1) * planes_per).min(planes) {
                 let c = idx % g.c;
                 let b = bias.map_or(0.0, |b| b[c]);
                 layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
-                sweep_taps_f32(&mut acc, &phases, &layout, &w[c * kk..(c + 1) * kk], avx);
-                for (oy, row) in out.chunks_exact_mut(g.ow).enumerate() {
-                    let sums = &acc[layout.row(oy)..][..g.ow];
-                    if plain {
-                        row.copy_from_slice(sums);
-                    } else {
-                        act.write(row, sums, b);
-                    }
+                let filt = &w[c * kk..(c + 1) * kk];
+                sweep_taps_f32(&mut acc, &phases, &layout, filt, (b, act), fast);
+                // SAFETY: plane idx's outputs lie inside the buffer's capacity and belong to
+                // this task alone.
+                let plane = unsafe { out.rows(idx * op, op) };
+                for (oy, row) in plane.chunks_exact_mut(g.ow).enumerate() {
+                    row.copy_from_slice(&acc[layout.row(oy)..][..g.ow]);
                 }
             }
         });
+    // SAFETY: every plane's outputs were written above.
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -1726,6 +1825,76 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(gx, vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    /// The pointwise tiles against a plain sum in f64: full and partial tiles of rows,
+    /// blocks of positions within a sample, across samples and at the end, one and several
+    /// blocks of input channels, each clamp, the vector and the portable tiles, on one
+    /// thread and on every core, and a NaN that passes through the clamp.
+    #[test]
+    fn pointwise_product_matches_a_plain_sum() {
+        let mut rng = 7u64;
+        let mut next = move || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((rng >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let cases = [
+            (1, 6, 4, 16),
+            (2, 13, 300, 53),
+            (1, 1, 1, 17),
+            (2, 32, 16, 784),
+            (3, 7, 513, 40),
+            (5, 9, 20, 49),
+            (19, 8, 12, 1),
+        ];
+        for (n, o, k, p) in cases {
+            for act in [Epilogue::NONE, Epilogue::RELU, Epilogue::RELU6] {
+                for (parallel, fast) in [
+                    (false, false),
+                    (true, false),
+                    (false, pointwise::has_avx2_fma()),
+                    (true, pointwise::has_avx2_fma()),
+                ] {
+                    let w: Vec<f32> = (0..o * k).map(|_| next() * 4.0).collect();
+                    let mut x: Vec<f32> = (0..n * k * p).map(|_| next() * 4.0).collect();
+                    let b: Vec<f32> = (0..o).map(|_| next()).collect();
+                    // Sample 0's last position.
+                    x[p - 1] = f32::NAN;
+                    let mut out = vec![0f32; n * o * p];
+                    // SAFETY: `out` holds n * o * p values and nothing else uses it
+                    // meanwhile; `fast` only where the machine has AVX2 and FMA.
+                    unsafe {
+                        pointwise::product_with(
+                            Disjoint(out.as_mut_ptr()),
+                            &w,
+                            &x,
+                            &b,
+                            (n, o, k, p),
+                            act,
+                            parallel,
+                            fast,
+                        )
+                    };
+                    for (s, r, c) in (0..n * o * p).map(|i| (i / (o * p), (i / p) % o, i % p)) {
+                        let sum: f64 = (0..k)
+                            .map(|i| f64::from(w[r * k + i]) * f64::from(x[(s * k + i) * p + c]))
+                            .sum::<f64>()
+                            + f64::from(b[r]);
+                        let want = act.apply(sum as f32);
+                        let got = out[(s * o + r) * p + c];
+                        let at = format!("({s}, {r}, {c}) of {n}x{o}x{k}x{p} {act:?} fast {fast}");
+                        if s == 0 && c == p - 1 {
+                            assert!(got.is_nan(), "NaN lost at {at}");
+                        } else {
+                            let tol = 1e-4 * (k as f32).sqrt() * 4.0;
+                            assert!((got - want).abs() <= tol, "{at}: {got} != {want}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

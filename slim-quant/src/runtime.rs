@@ -729,6 +729,11 @@ impl NodeKernels for Int8Kernels<'_> {
         Some(Box::new(Int8Kernels::new(model)))
     }
 
+    /// Every scale is the model's own (from calibration or training), none the batch's.
+    fn per_sample(&self) -> bool {
+        true
+    }
+
     fn run(
         &self,
         model: &Model,

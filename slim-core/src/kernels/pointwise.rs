@@ -1,0 +1,302 @@
+//! The product of a pointwise (1x1, stride 1) convolution, `out_n = act(W · X_n + b)` for
+//! each sample, with `W` `[O, K]`, `X_n` the sample's `[K, P]` planes read where they lie, and
+//! the bias and activation applied as each output tile leaves the registers.
+//!
+//! A tile of `MR` output channels by `NR` positions is accumulated in registers over the
+//! input channels: per input channel, `NR` values of that channel's plane and `MR` weights,
+//! one multiply-add each. The planes are rows of `X` already, so nothing is packed except
+//! blocks of positions that span samples or end the batch (copied into a zero-padded panel). The inputs are
+//! read in blocks of `KC` channels, so that a block of planes stays in the first-level cache
+//! while every tile of channels passes over it. With AVX2 and FMA (checked at run time) the
+//! tile lives in 12 vector registers; elsewhere a portable loop computes the same.
+
+use rayon::prelude::*;
+
+use super::{Disjoint, Epilogue};
+
+/// Output channels per tile.
+const MR: usize = 6;
+/// Positions per tile.
+const NR: usize = 16;
+/// Input channels per pass over a block of planes.
+const KC: usize = 256;
+
+/// Where a tile reads and writes: the weights from `a` (row stride `lda`), the planes from
+/// `b` (row stride `ldb`), the outputs at `c` (row stride `ldc`); `k` input channels.
+#[derive(Clone, Copy)]
+struct Tile {
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+}
+
+/// Whether the tiles run with AVX2 and FMA.
+pub(super) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[s] = act(w · x[s] + b)` for each of `n` samples: `w` is `[o, k]`, `x` `[n, k, p]`,
+/// `b` `[o]`, and `out` points at `n * o * p` values (which need not be initialized),
+/// row-major. The positions of all samples form one sequence cut into blocks of `NR`, so a
+/// small plane (7x7, or 1x1) wastes no lanes: a block that lies in one sample is read where
+/// it lies, one that spans samples is copied into a panel first. Over every core with
+/// `parallel` (in blocks of positions), else on the calling thread.
+///
+/// # Safety
+/// `out` is valid for writes of `n * o * p` values that nothing else reads or writes
+/// meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product(
+    out: Disjoint<f32>,
+    w: &[f32],
+    x: &[f32],
+    b: &[f32],
+    (n, o, k, p): (usize, usize, usize, usize),
+    act: Epilogue,
+    parallel: bool,
+) {
+    // SAFETY: as the caller promises.
+    unsafe { product_with(out, w, x, b, (n, o, k, p), act, parallel, has_avx2_fma()) }
+}
+
+/// [`product`] with the vector tiles (`fast`, on a machine with AVX2 and FMA) or the
+/// portable ones.
+///
+/// # Safety
+/// As for [`product`], and `fast` only where the machine has AVX2 and FMA.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product_with(
+    out: Disjoint<f32>,
+    w: &[f32],
+    x: &[f32],
+    b: &[f32],
+    (n, o, k, p): (usize, usize, usize, usize),
+    act: Epilogue,
+    parallel: bool,
+    fast: bool,
+) {
+    assert!(
+        w.len() >= o * k && x.len() >= n * k * p && b.len() >= o,
+        "operand sizes"
+    );
+    let total = n * p;
+    if total == 0 || o == 0 {
+        return;
+    }
+    let blocks = total.div_ceil(NR);
+    let column = |j: usize, panel: &mut Vec<f32>| {
+        let g0 = j * NR;
+        let nc = NR.min(total - g0);
+        let (s0, c0) = (g0 / p, g0 % p);
+        let direct = nc == NR && c0 + NR <= p;
+        let mut tile = [0f32; MR * NR];
+        // A block within one sample is read in place; any other is copied into a panel NR
+        // wide (zero beyond its columns), run by run of one sample's columns.
+        let (bp, ldb) = if direct {
+            (x[s0 * k * p + c0..].as_ptr(), p)
+        } else {
+            panel.clear();
+            panel.resize(k * NR, 0.0);
+            let mut at = 0;
+            while at < nc {
+                let (s, c) = ((g0 + at) / p, (g0 + at) % p);
+                let run = (p - c).min(nc - at);
+                let xs = &x[s * k * p..][..k * p];
+                for (dst, src) in panel.chunks_exact_mut(NR).zip(xs.chunks_exact(p)) {
+                    dst[at..at + run].copy_from_slice(&src[c..c + run]);
+                }
+                at += run;
+            }
+            (panel.as_ptr(), NR)
+        };
+        for i0 in (0..o).step_by(MR) {
+            let m = MR.min(o - i0);
+            let (c, ldc) = if direct {
+                // SAFETY: sample s0's row i0, column c0 lies inside the output.
+                (unsafe { out.add((s0 * o + i0) * p + c0) }.0, p)
+            } else {
+                (tile.as_mut_ptr(), NR)
+            };
+            for kc in (0..k).step_by(KC) {
+                let kn = KC.min(k - kc);
+                let t = Tile {
+                    k: kn,
+                    // SAFETY: rows i0.. and columns kc.. lie inside w and the planes.
+                    a: unsafe { w.as_ptr().add(i0 * k + kc) },
+                    lda: k,
+                    b: unsafe { bp.add(kc * ldb) },
+                    ldb,
+                    c,
+                    ldc,
+                };
+                let finish = (kc + kn == k).then_some((&b[i0..i0 + m], act));
+                // SAFETY: the tile's reads lie inside w and the planes (or the panel), its
+                // writes inside this block of the output (or the tile buffer).
+                unsafe { run_tile(m, t, kc > 0, finish, fast) };
+            }
+            if !direct {
+                let mut at = 0;
+                while at < nc {
+                    let (s, c) = ((g0 + at) / p, (g0 + at) % p);
+                    let run = (p - c).min(nc - at);
+                    for r in 0..m {
+                        // SAFETY: sample s's row i0 + r, columns c..c + run lie inside the
+                        // output, in this block alone.
+                        let dst = unsafe { out.rows((s * o + i0 + r) * p + c, run) };
+                        dst.copy_from_slice(&tile[r * NR + at..r * NR + at + run]);
+                    }
+                    at += run;
+                }
+            }
+        }
+    };
+    if parallel && blocks > 1 {
+        (0..blocks)
+            .into_par_iter()
+            .with_min_len(4)
+            .for_each_init(Vec::new, |panel, j| column(j, panel));
+    } else {
+        let mut panel = Vec::new();
+        for j in 0..blocks {
+            column(j, &mut panel);
+        }
+    }
+}
+
+/// One tile of `m` (1..=MR) rows: accumulates into the tile's outputs when `accumulate`,
+/// else overwrites them; with `finish`, adds the rows' biases and clamps on the way out.
+///
+/// # Safety
+/// As for [`Tile`]: every read and write it implies is in bounds.
+unsafe fn run_tile(
+    m: usize,
+    t: Tile,
+    accumulate: bool,
+    finish: Option<(&[f32], Epilogue)>,
+    fast: bool,
+) {
+    macro_rules! rows {
+        ($($m:literal)*) => {
+            match m {
+                $($m => {
+                    #[cfg(target_arch = "x86_64")]
+                    if fast {
+                        // SAFETY: the machine has AVX2 and FMA; bounds as the caller promises.
+                        return unsafe { avx2::tile::<$m>(t, accumulate, finish) };
+                    }
+                    // SAFETY: as the caller promises.
+                    unsafe { portable_tile::<$m>(t, accumulate, finish) }
+                })*
+                _ => unreachable!("a tile has 1..=MR rows"),
+            }
+        };
+    }
+    let _ = fast;
+    rows!(1 2 3 4 5 6)
+}
+
+/// The tile in plain code (which the compiler vectorizes as the target allows).
+///
+/// # Safety
+/// As for [`run_tile`].
+unsafe fn portable_tile<const M: usize>(
+    t: Tile,
+    accumulate: bool,
+    finish: Option<(&[f32], Epilogue)>,
+) {
+    let mut acc = [[0f32; NR]; M];
+    if accumulate {
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: row r of the tile's outputs is in bounds.
+            row.copy_from_slice(unsafe { std::slice::from_raw_parts(t.c.add(r * t.ldc), NR) });
+        }
+    }
+    for kk in 0..t.k {
+        // SAFETY: row kk of the planes has NR values from b.
+        let xb = unsafe { std::slice::from_raw_parts(t.b.add(kk * t.ldb), NR) };
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: weight (r, kk) is in bounds.
+            let a = unsafe { *t.a.add(r * t.lda + kk) };
+            for (v, &xv) in row.iter_mut().zip(xb) {
+                *v += a * xv;
+            }
+        }
+    }
+    for (r, row) in acc.iter_mut().enumerate() {
+        if let Some((bias, act)) = finish {
+            for v in row.iter_mut() {
+                *v = act.apply(*v + bias[r]);
+            }
+        }
+        // SAFETY: row r of the tile's outputs is in bounds.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), t.c.add(r * t.ldc), NR) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Epilogue, Tile};
+
+    /// The tile in 2 x M vector registers.
+    ///
+    /// # Safety
+    /// The machine has AVX2 and FMA; every read and write the tile implies is in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<const M: usize>(
+        t: Tile,
+        accumulate: bool,
+        finish: Option<(&[f32], Epilogue)>,
+    ) {
+        // SAFETY (whole body): the pointers are in bounds as the caller promises.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            if accumulate {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let c = t.c.add(r * t.ldc);
+                    *row = [_mm256_loadu_ps(c), _mm256_loadu_ps(c.add(8))];
+                }
+            }
+            let mut b = t.b;
+            let mut a = t.a;
+            for _ in 0..t.k {
+                let (x0, x1) = (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let w = _mm256_broadcast_ss(&*a.add(r * t.lda));
+                    row[0] = _mm256_fmadd_ps(w, x0, row[0]);
+                    row[1] = _mm256_fmadd_ps(w, x1, row[1]);
+                }
+                b = b.add(t.ldb);
+                a = a.add(1);
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                if let Some((bias, act)) = finish {
+                    // max(lo, v) and min(hi, v) return v when v is NaN, as Epilogue does.
+                    let (bv, lo, hi) = (
+                        _mm256_set1_ps(bias[r]),
+                        _mm256_set1_ps(act.lo),
+                        _mm256_set1_ps(act.hi),
+                    );
+                    for v in row.iter_mut() {
+                        *v = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_add_ps(*v, bv)));
+                    }
+                }
+                let c = t.c.add(r * t.ldc);
+                _mm256_storeu_ps(c, row[0]);
+                _mm256_storeu_ps(c.add(8), row[1]);
+            }
+        }
+    }
+}
