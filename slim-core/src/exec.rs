@@ -10,6 +10,11 @@
 //! applied as each output is written), unless kernels, an observer or a tap need the values
 //! between.
 //!
+//! A large evaluation batch runs in pieces of the batch, in parallel, each through the whole
+//! graph, so that a piece's values stay in cache between nodes (see
+//! [`NodeKernels::per_sample`] for kernels). A forward called from outside rayon's pool runs
+//! on one of its workers.
+//!
 //! A forward can also return the outputs of any named nodes (taps, for distillation) and call
 //! an observer on every node output (for calibration). Intermediate values are dropped as soon
 //! as their last consumer has run.
@@ -179,6 +184,20 @@ impl Model {
                 inputs.len()
             )));
         }
+        for (&id, x) in input_ids.iter().zip(inputs) {
+            let node = g.node(id);
+            if let Op::Input { shape } = &node.op {
+                if x.rank() != shape.len() + 1 || &x.dims()[1..] != shape.as_slice() {
+                    return Err(CoreError::node(
+                        &node.name,
+                        format!(
+                            "expects a batch of shape [N, {shape:?}], got {:?}",
+                            x.dims()
+                        ),
+                    ));
+                }
+            }
+        }
         let mut tap_ids = Vec::with_capacity(opts.taps.len());
         for t in &opts.taps {
             tap_ids.push(g.id(t)?);
@@ -342,20 +361,12 @@ impl Model {
             let node = g.node(id);
             // The value computed and the node it belongs to: a fused chain's last node.
             let mut out = id;
-            let y = if let Op::Input { shape } = &node.op {
-                // `next_input` has exactly one batch per input node (checked above).
+            let y = if let Op::Input { .. } = &node.op {
+                // `next_input` has exactly one batch per input node, of the node's shape
+                // (checked by `forward_here`).
                 let x = next_input
                     .next()
                     .ok_or_else(|| CoreError::Invalid("missing input".into()))?;
-                if x.rank() != shape.len() + 1 || &x.dims()[1..] != shape.as_slice() {
-                    return Err(CoreError::node(
-                        &node.name,
-                        format!(
-                            "expects a batch of shape [N, {shape:?}], got {:?}",
-                            x.dims()
-                        ),
-                    ));
-                }
                 x.to_dtype(DType::F32)?
             } else {
                 let xs: Vec<&Tensor> = node
@@ -955,6 +966,66 @@ mod tests {
                 ("pw".into(), s("pw.bn"), None),
                 ("last".into(), None, s("last.relu")),
             ]
+        );
+    }
+
+    /// A large evaluation batch runs in pieces of the batch, and gives what the whole batch
+    /// gives when it runs whole (a tap keeps it whole); a small one, a training forward and
+    /// an observed one run whole; a wrong input shape is still named.
+    #[test]
+    fn a_large_evaluation_batch_runs_in_pieces_with_the_same_result() {
+        let dev = Device::Cpu;
+        let cfg = crate::zoo::ZooConfig::new([1, 28, 28]);
+        let m = crate::zoo::model("mobilenet_tiny", &cfg, 5, &dev).unwrap();
+        // 40 samples: pieces of 16, 16 and 8.
+        let x = Tensor::randn(0f32, 1.0, (40, 1, 28, 28), &dev).unwrap();
+        let opts = ForwardOptions::default;
+        let pieces = m.chunk_size(std::slice::from_ref(&x), Mode::Eval, &opts());
+        if rayon::current_num_threads() > 1 {
+            assert_eq!(pieces, Some(16));
+        }
+        let small = x.narrow(0, 0, 8).unwrap();
+        assert_eq!(m.chunk_size(&[small], Mode::Eval, &opts()), None);
+        assert_eq!(
+            m.chunk_size(std::slice::from_ref(&x), Mode::Train, &opts()),
+            None
+        );
+        let tapped = opts().with_taps(&["fc"]);
+        assert_eq!(
+            m.chunk_size(std::slice::from_ref(&x), Mode::Eval, &tapped),
+            None
+        );
+        let mut nothing = |_: &str, _: &Tensor| Ok(());
+        let observed = opts().with_observer(&mut nothing);
+        assert_eq!(
+            m.chunk_size(std::slice::from_ref(&x), Mode::Eval, &observed),
+            None
+        );
+
+        let in_pieces = m.forward(&x, Mode::Eval).unwrap();
+        let whole = m
+            .forward_with(
+                std::slice::from_ref(&x),
+                Mode::Eval,
+                opts().with_taps(&["fc"]),
+            )
+            .unwrap();
+        assert_eq!(in_pieces.dims(), &[40, 10]);
+        let a = in_pieces.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = whole.outputs[0]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert!((p - q).abs() <= 1e-5 * scale, "output[{i}]: {p} vs {q}");
+        }
+        let wrong = Tensor::zeros((40, 1, 28, 27), DType::F32, &dev).unwrap();
+        let err = m.forward(&wrong, Mode::Eval).unwrap_err().to_string();
+        assert!(
+            err.contains("input") && err.contains("[40, 1, 28, 27]"),
+            "{err}"
         );
     }
 

@@ -355,7 +355,17 @@ fn pointwise_forward(
     let len = n * o * p;
     let mut y: Vec<f32> = Vec::with_capacity(len);
     // SAFETY: the buffer has room for n * o * p values, which only this call writes.
-    unsafe { pointwise::product(Disjoint(y.as_mut_ptr()), w, x, b, (n, o, k, p), act, true) };
+    unsafe {
+        pointwise::product(
+            Disjoint(y.as_mut_ptr()),
+            (w, k, 1),
+            x,
+            Some(b),
+            (n, o, k, p),
+            act,
+            true,
+        )
+    };
     // SAFETY: the product wrote all n * o * p values.
     unsafe { y.set_len(len) };
     y
@@ -463,7 +473,20 @@ impl candle_core::CustomOp3 for DenseConvGrad {
                     let gn = &gy[n * o * p..][..o * p];
                     let xn = &x[n * per_in..][..per_in];
                     if g.pointwise() {
-                        gemm_into(dst, false, k, p, o, (w, 1, k), (gn, p, 1), parallel);
+                        // dX_n = Wᵀ · G_n, by the forward's tiles.
+                        // SAFETY: `dst` is this sample's k * p input gradient, borrowed
+                        // mutably here alone.
+                        unsafe {
+                            pointwise::product(
+                                Disjoint(dst.as_mut_ptr()),
+                                (w, 1, k),
+                                gn,
+                                None,
+                                (1, k, o, p),
+                                Epilogue::NONE,
+                                parallel,
+                            )
+                        };
                         gemm_into(&mut acc_w, true, o, k, p, (gn, p, 1), (xn, 1, p), parallel);
                     } else {
                         unfold_into(&one, xn, &mut cols, parallel);
@@ -1868,9 +1891,9 @@ mod tests {
                     unsafe {
                         pointwise::product_with(
                             Disjoint(out.as_mut_ptr()),
-                            &w,
+                            (&w, k, 1),
                             &x,
-                            &b,
+                            Some(&b),
                             (n, o, k, p),
                             act,
                             parallel,
@@ -1890,6 +1913,33 @@ mod tests {
                         } else {
                             let tol = 1e-4 * (k as f32).sqrt() * 4.0;
                             assert!((got - want).abs() <= tol, "{at}: {got} != {want}");
+                        }
+                    }
+                    // The same weights stored transposed and read through their strides,
+                    // with no bias: `act` must then be NONE.
+                    let wt: Vec<f32> = (0..k * o).map(|i| w[(i % o) * k + i / o]).collect();
+                    let mut plain = vec![0f32; n * o * p];
+                    // SAFETY: as above.
+                    unsafe {
+                        pointwise::product_with(
+                            Disjoint(plain.as_mut_ptr()),
+                            (&wt, 1, o),
+                            &x,
+                            None,
+                            (n, o, k, p),
+                            Epilogue::NONE,
+                            parallel,
+                            fast,
+                        )
+                    };
+                    for (i, (&got, &with_b)) in plain.iter().zip(&out).enumerate() {
+                        if act == Epilogue::NONE && !got.is_nan() {
+                            let want = with_b - b[(i / p) % o];
+                            let tol = 1e-4 * (k as f32).sqrt() * 4.0 + 1e-6 * want.abs();
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "transposed [{i}]: {got} != {want}"
+                            );
                         }
                     }
                 }

@@ -21,13 +21,15 @@ const NR: usize = 16;
 /// Input channels per pass over a block of planes.
 const KC: usize = 256;
 
-/// Where a tile reads and writes: the weights from `a` (row stride `lda`), the planes from
-/// `b` (row stride `ldb`), the outputs at `c` (row stride `ldc`); `k` input channels.
+/// Where a tile reads and writes: the weights from `a` (row stride `lda`, column stride
+/// `acs`), the planes from `b` (row stride `ldb`), the outputs at `c` (row stride `ldc`);
+/// `k` input channels.
 #[derive(Clone, Copy)]
 struct Tile {
     k: usize,
     a: *const f32,
     lda: usize,
+    acs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -46,8 +48,9 @@ pub(super) fn has_avx2_fma() -> bool {
     }
 }
 
-/// `out[s] = act(w · x[s] + b)` for each of `n` samples: `w` is `[o, k]`, `x` `[n, k, p]`,
-/// `b` `[o]`, and `out` points at `n * o * p` values (which need not be initialized),
+/// `out[s] = act(w · x[s] + b)` for each of `n` samples: `w` is `[o, k]` read through its
+/// (row, column) strides (so `Wᵀ` costs nothing), `x` `[n, k, p]`, `b` `[o]` (none: no bias
+/// and no clamp), and `out` points at `n * o * p` values (which need not be initialized),
 /// row-major. The positions of all samples form one sequence cut into blocks of `NR`, so a
 /// small plane (7x7, or 1x1) wastes no lanes: a block that lies in one sample is read where
 /// it lies, one that spans samples is copied into a panel first. Over every core with
@@ -59,15 +62,26 @@ pub(super) fn has_avx2_fma() -> bool {
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn product(
     out: Disjoint<f32>,
-    w: &[f32],
+    (w, w_rs, w_cs): (&[f32], usize, usize),
     x: &[f32],
-    b: &[f32],
+    b: Option<&[f32]>,
     (n, o, k, p): (usize, usize, usize, usize),
     act: Epilogue,
     parallel: bool,
 ) {
     // SAFETY: as the caller promises.
-    unsafe { product_with(out, w, x, b, (n, o, k, p), act, parallel, has_avx2_fma()) }
+    unsafe {
+        product_with(
+            out,
+            (w, w_rs, w_cs),
+            x,
+            b,
+            (n, o, k, p),
+            act,
+            parallel,
+            has_avx2_fma(),
+        )
+    }
 }
 
 /// [`product`] with the vector tiles (`fast`, on a machine with AVX2 and FMA) or the
@@ -78,22 +92,28 @@ pub(super) unsafe fn product(
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn product_with(
     out: Disjoint<f32>,
-    w: &[f32],
+    (w, w_rs, w_cs): (&[f32], usize, usize),
     x: &[f32],
-    b: &[f32],
+    b: Option<&[f32]>,
     (n, o, k, p): (usize, usize, usize, usize),
     act: Epilogue,
     parallel: bool,
     fast: bool,
 ) {
-    assert!(
-        w.len() >= o * k && x.len() >= n * k * p && b.len() >= o,
-        "operand sizes"
-    );
     let total = n * p;
     if total == 0 || o == 0 {
         return;
     }
+    assert!(
+        (k == 0 || (o - 1) * w_rs + (k - 1) * w_cs < w.len())
+            && x.len() >= n * k * p
+            && b.is_none_or(|b| b.len() >= o),
+        "operand sizes"
+    );
+    assert!(
+        b.is_some() || act == Epilogue::NONE,
+        "a clamp without a bias"
+    );
     let blocks = total.div_ceil(NR);
     let column = |j: usize, panel: &mut Vec<f32>| {
         let g0 = j * NR;
@@ -133,14 +153,15 @@ pub(super) unsafe fn product_with(
                 let t = Tile {
                     k: kn,
                     // SAFETY: rows i0.. and columns kc.. lie inside w and the planes.
-                    a: unsafe { w.as_ptr().add(i0 * k + kc) },
-                    lda: k,
+                    a: unsafe { w.as_ptr().add(i0 * w_rs + kc * w_cs) },
+                    lda: w_rs,
+                    acs: w_cs,
                     b: unsafe { bp.add(kc * ldb) },
                     ldb,
                     c,
                     ldc,
                 };
-                let finish = (kc + kn == k).then_some((&b[i0..i0 + m], act));
+                let finish = b.filter(|_| kc + kn == k).map(|b| (&b[i0..i0 + m], act));
                 // SAFETY: the tile's reads lie inside w and the planes (or the panel), its
                 // writes inside this block of the output (or the tile buffer).
                 unsafe { run_tile(m, t, kc > 0, finish, fast) };
@@ -227,7 +248,7 @@ unsafe fn portable_tile<const M: usize>(
         let xb = unsafe { std::slice::from_raw_parts(t.b.add(kk * t.ldb), NR) };
         for (r, row) in acc.iter_mut().enumerate() {
             // SAFETY: weight (r, kk) is in bounds.
-            let a = unsafe { *t.a.add(r * t.lda + kk) };
+            let a = unsafe { *t.a.add(r * t.lda + kk * t.acs) };
             for (v, &xv) in row.iter_mut().zip(xb) {
                 *v += a * xv;
             }
@@ -279,7 +300,7 @@ mod avx2 {
                     row[1] = _mm256_fmadd_ps(w, x1, row[1]);
                 }
                 b = b.add(t.ldb);
-                a = a.add(1);
+                a = a.add(t.acs);
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 if let Some((bias, act)) = finish {
