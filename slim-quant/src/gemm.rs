@@ -208,7 +208,7 @@ pub fn gemm_rows(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, out: 
         Kernel::Avx2 => unsafe { avx2::gemm(a, rows, b, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx512Vnni => unsafe { vnni::gemm(a, rows, b, out) },
+        Kernel::Avx512Vnni => unsafe { vnni::gemm(a, rows, b, vnni::Sink::Sums(out)) },
         _ => {
             let view = MatRef {
                 data: &a.data[rows.start * a.cols..rows.end * a.cols],
@@ -218,6 +218,60 @@ pub fn gemm_rows(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, out: 
             };
             gemm_portable(view, b, out);
         }
+    }
+}
+
+/// What a product's sums become as they leave the registers, row `r` of the rows computed:
+/// `y = sum as f32 * scales[r] + bias[r]` (a product, then a sum, each rounded to f32, as the
+/// runtime's float output is computed), stored at `ld` values per row.
+#[derive(Clone, Copy)]
+pub struct Finish<'a> {
+    pub scales: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub ld: usize,
+    pub out: Output,
+}
+
+/// Where [`Finish`] stores a row's values.
+#[derive(Clone, Copy)]
+pub enum Output {
+    /// `y` as f32, from this place on.
+    F32(*mut f32),
+    /// `y` rounded onto a quantizer's grid (`[lo, hi, 1 / scale]`) exactly as the runtime's
+    /// quantizer rounds, as int8, from this place on.
+    I8(*mut i8, [f32; 3]),
+}
+
+/// `rows` of the product finished as `finish` says, where the kernel finishes in registers
+/// (AVX-512 VNNI); returns `false`, having written nothing, for the other kernels, whose
+/// callers finish the int32 sums of [`gemm_rows`] themselves.
+///
+/// # Safety
+/// For each row `r < rows.len()`, the `b.cols` values from `r * finish.ld` on from the output
+/// place are valid for writes that nothing else reads or writes meanwhile; `finish.scales`
+/// (and the bias) hold a value per row.
+pub unsafe fn gemm_rows_finished(
+    a: &PackedA,
+    rows: std::ops::Range<usize>,
+    b: MatRef<'_>,
+    finish: &Finish<'_>,
+) -> bool {
+    b.check();
+    assert!(rows.end <= a.rows, "rows out of range");
+    assert_eq!(a.cols, b.rows, "inner dimensions differ");
+    assert!(
+        finish.scales.len() >= rows.len() && finish.bias.is_none_or(|v| v.len() >= rows.len()),
+        "a scale and a bias per row"
+    );
+    match a.kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the kernel was checked available when `a` was packed; views were checked,
+        // and the output as the caller promises.
+        Kernel::Avx512Vnni => {
+            unsafe { vnni::gemm(a, rows, b, vnni::Sink::Finish(finish)) };
+            true
+        }
+        _ => false,
     }
 }
 
@@ -321,7 +375,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{MatRef, PackedA};
+    use super::{Finish, MatRef, Output, PackedA};
     use std::arch::x86_64::*;
 
     const NR: usize = 16;
@@ -383,9 +437,16 @@ mod vnni {
         (packed, quads)
     }
 
-    /// See [`super::gemm_rows`]; needs AVX-512 F, BW and VNNI.
+    /// Where a tile's rows go: the int32 sums (row-major, `b.cols` per row), or finished.
+    pub enum Sink<'a, 'f> {
+        Sums(&'a mut [i32]),
+        Finish(&'a Finish<'f>),
+    }
+
+    /// See [`super::gemm_rows`] and [`super::gemm_rows_finished`]; needs AVX-512 F, BW and
+    /// VNNI. A finished output must be valid as `gemm_rows_finished` requires.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, out: &mut [i32]) {
+    pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, mut sink: Sink) {
         let (m, n) = (rows.len(), b.cols);
         if m == 0 || n == 0 {
             return;
@@ -394,10 +455,10 @@ mod vnni {
         let pa = &a.words[rows.start * quads..rows.end * quads];
         let sums = &a.sums[rows.clone()];
         let panels = n.div_ceil(NR);
-        let mut tile = [0i32; NR];
         for panel in 0..panels {
             let c0 = panel * NR;
             let w = NR.min(n - c0);
+            let mask: __mmask16 = ((1u32 << w) - 1) as u16;
             let bp = &pb[panel * quads * 4 * NR..(panel + 1) * quads * 4 * NR];
             let mut i = 0;
             while i < m {
@@ -416,16 +477,56 @@ mod vnni {
                 for r in 0..rs {
                     // The 128 added to every activation contributed 128 * (sum of the filter).
                     let fix = _mm512_set1_epi32(128 * sums[i + r]);
-                    // SAFETY: `tile` holds 16 values.
-                    unsafe {
-                        _mm512_storeu_si512(
-                            tile.as_mut_ptr() as *mut _,
-                            _mm512_sub_epi32(acc[r], fix),
-                        )
-                    };
-                    out[(i + r) * n + c0..(i + r) * n + c0 + w].copy_from_slice(&tile[..w]);
+                    let s = _mm512_sub_epi32(acc[r], fix);
+                    match &mut sink {
+                        Sink::Sums(out) => {
+                            let row = &mut out[(i + r) * n + c0..(i + r) * n + c0 + w];
+                            // SAFETY: the mask covers the row's `w` values.
+                            unsafe { _mm512_mask_storeu_epi32(row.as_mut_ptr().cast(), mask, s) };
+                        }
+                        // SAFETY: the caller promises the output's rows.
+                        Sink::Finish(f) => unsafe { finish_row(f, i + r, c0, mask, s) },
+                    }
                 }
                 i += MR;
+            }
+        }
+    }
+
+    /// Row `r`, columns `c0..` (those in `mask`) of a finished product: see [`Finish`].
+    ///
+    /// # Safety
+    /// As for [`super::gemm_rows_finished`]; the machine has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish_row(f: &Finish<'_>, r: usize, c0: usize, mask: __mmask16, s: __m512i) {
+        let bias = f.bias.map_or(0.0, |b| b[r]);
+        let y = _mm512_add_ps(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(f.scales[r])),
+            _mm512_set1_ps(bias),
+        );
+        let at = r * f.ld + c0;
+        match f.out {
+            // SAFETY (both): row r's values at `at` are the caller's to write.
+            Output::F32(p) => unsafe { _mm512_mask_storeu_ps(p.add(at).cast(), mask, y) },
+            Output::I8(p, [lo, hi, inv]) => {
+                // As `round_to_grid`: max(y, lo) is lo for NaN (the second operand), then
+                // min, times 1 / scale, plus 1/2 less an ulp with q's sign, clamped, truncated.
+                let q = _mm512_mul_ps(
+                    _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(lo)), _mm512_set1_ps(hi)),
+                    _mm512_set1_ps(inv),
+                );
+                let sign = _mm512_and_si512(_mm512_castps_si512(q), _mm512_set1_epi32(i32::MIN));
+                let half = _mm512_castsi512_ps(_mm512_or_si512(
+                    sign,
+                    _mm512_castps_si512(_mm512_set1_ps(crate::runtime::HALF_DOWN)),
+                ));
+                let v = _mm512_min_ps(
+                    _mm512_max_ps(_mm512_add_ps(q, half), _mm512_set1_ps(-127.0)),
+                    _mm512_set1_ps(127.0),
+                );
+                unsafe {
+                    _mm512_mask_cvtepi32_storeu_epi8(p.add(at).cast(), mask, _mm512_cvttps_epi32(v))
+                };
             }
         }
     }
@@ -435,6 +536,69 @@ mod vnni {
 mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Rows finished in registers give what the runtime computes from the int32 sums: the
+    /// float output bit for bit, and the same int8 values on a grid (half-steps included,
+    /// with and without a ReLU's lower bound); only the VNNI kernel finishes, the others
+    /// decline and write nothing.
+    #[test]
+    fn finished_rows_round_as_the_runtime_does() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for &(m, n, k) in &[(1, 1, 1), (9, 17, 20), (8, 49, 64), (13, 40, 300)] {
+            let a: Vec<i8> = (0..m * k).map(|_| rng.random()).collect();
+            let b: Vec<i8> = (0..k * n).map(|_| rng.random()).collect();
+            let (av, bv) = (MatRef::new(&a, m, k), MatRef::new(&b, k, n));
+            let mut sums = vec![0; m * n];
+            gemm_portable(av, bv, &mut sums);
+            let scales: Vec<f32> = (0..m).map(|_| rng.random_range(1e-4f32..1e-2)).collect();
+            let bias: Vec<f32> = (0..m).map(|_| rng.random_range(-1f32..1.0)).collect();
+            let y = |i: usize| sums[i] as f32 * scales[i / n] + bias[i / n];
+            for kernel in Kernel::available_kernels() {
+                let p = PackedA::for_kernel(av, kernel);
+                // Two values per row apart, to see that nothing is written between rows.
+                let ld = n + 2;
+                let mut f = vec![f32::NAN; m * ld];
+                let finish = Finish {
+                    scales: &scales,
+                    bias: Some(&bias),
+                    ld,
+                    out: Output::F32(f.as_mut_ptr()),
+                };
+                // SAFETY: `f` has m rows of ld >= n values.
+                let done = unsafe { gemm_rows_finished(&p, 0..m, bv, &finish) };
+                assert_eq!(done, kernel == Kernel::Avx512Vnni, "{kernel:?}");
+                if !done {
+                    assert!(f.iter().all(|v| v.is_nan()), "{kernel:?} wrote");
+                    continue;
+                }
+                for i in 0..m * n {
+                    let got = f[(i / n) * ld + i % n];
+                    assert_eq!(got.to_bits(), y(i).to_bits(), "f32 [{i}] {m}x{n}x{k}");
+                }
+                assert!(f.chunks(ld).all(|r| r[n..].iter().all(|v| v.is_nan())));
+                let grid = rng.random_range(0.01f32..0.1);
+                for relu in [false, true] {
+                    let [mut lo, hi, inv] = crate::runtime::bounds(grid);
+                    if relu {
+                        lo = 0.0;
+                    }
+                    let mut q = vec![99i8; m * ld];
+                    let finish = Finish {
+                        out: Output::I8(q.as_mut_ptr(), [lo, hi, inv]),
+                        ..finish
+                    };
+                    // SAFETY: as above.
+                    assert!(unsafe { gemm_rows_finished(&p, 0..m, bv, &finish) });
+                    for i in 0..m * n {
+                        let want = crate::runtime::round_to_grid(y(i), lo, hi, inv);
+                        let got = q[(i / n) * ld + i % n];
+                        assert_eq!(got, want, "i8 [{i}] {m}x{n}x{k} relu {relu}");
+                    }
+                    assert!(q.chunks(ld).all(|r| r[n..].iter().all(|&v| v == 99)));
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_shape_and_the_full_int8_range_are_exact() {

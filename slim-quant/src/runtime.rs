@@ -112,13 +112,29 @@ fn grouped<T: Sink>(
             cols = buf;
             MatRef::new(&cols, k, np)
         };
+        let o0 = gi * og;
+        // Where the kernel finishes the sums in registers, they go straight to the output:
+        // row `o` of this block at `(s * oc + o) * p + oy0 * ow` (with oy0 = 0 for whole planes).
+        let at = (s * oc + o0) * p + oy0 * ow;
+        let finish = crate::gemm::Finish {
+            scales: &scales[o0..o0 + og],
+            bias: bias.map(|b| &b[o0..o0 + og]),
+            ld: p,
+            // SAFETY: `at` lies inside `out`.
+            out: T::output(unsafe { written.add(at) }.0, to),
+        };
+        // SAFETY: rows o0..o0 + og of sample s, positions oy0 * ow.. (np of them, p apart):
+        // no other task writes them (tasks differ in sample, group or block of rows), and they
+        // lie inside `out`.
+        if unsafe { crate::gemm::gemm_rows_finished(pa, gi * og..(gi + 1) * og, b, &finish) } {
+            return;
+        }
         ACC.with_borrow_mut(|acc| {
             if acc.len() < og * np {
                 acc.resize(og * np, 0);
             }
             let acc = &mut acc[..og * np];
             gemm_rows(pa, gi * og..(gi + 1) * og, b, acc);
-            let o0 = gi * og;
             // The sums `acc` of output channels `o`, `plane` values each.
             let sums = |acc, plane, o: std::ops::Range<usize>| Sums {
                 acc,
@@ -244,9 +260,14 @@ impl<'a> Sums<'a> {
 /// float output) or `i8` (that float output, requantized for the next integer layer).
 trait Sink: Copy + Default + Send + Sync {
     fn finish(dst: &mut [Self], sums: Sums<'_>, to: &Requant);
+    /// Where a product that finishes its sums itself writes this sink's values.
+    fn output(at: *mut Self, to: &Requant) -> crate::gemm::Output;
 }
 
 impl Sink for f32 {
+    fn output(at: *mut f32, _: &Requant) -> crate::gemm::Output {
+        crate::gemm::Output::F32(at)
+    }
     fn finish(dst: &mut [f32], sums: Sums<'_>, _: &Requant) {
         for (d, (a, sc, b)) in dst.chunks_exact_mut(sums.plane).zip(sums.planes()) {
             for (d, &a) in d.iter_mut().zip(a) {
@@ -257,6 +278,9 @@ impl Sink for f32 {
 }
 
 impl Sink for i8 {
+    fn output(at: *mut i8, to: &Requant) -> crate::gemm::Output {
+        crate::gemm::Output::I8(at, to.bounds)
+    }
     /// Each float output computed as the f32 sink computes it, then rounded as
     /// [`quantize_chunk`] rounds, in one pass compiled for AVX2 where the machine has it (a
     /// layer calls this once per block of planes, and the planes of late layers are small).
@@ -646,7 +670,7 @@ fn input_scale(model: &Model, node: &Node) -> slim_core::Result<Option<f32>> {
 }
 
 /// The largest f32 below 0.5.
-const HALF_DOWN: f32 = 0.499_999_97;
+pub(crate) const HALF_DOWN: f32 = 0.499_999_97;
 
 /// The input on its int8 grid, computed exactly as the fake quantizer
 /// ([`slim_core::exec::fake_quantize`]) does: clipped to `±127 s`, multiplied by `1 / s` (as
@@ -688,7 +712,7 @@ fn quantize_values(v: &[f32], scale: f32) -> Vec<i8> {
 
 /// `a` clipped to `[lo, hi]`, times `inv` (`1 / scale`) and rounded half away from zero.
 #[inline(always)]
-fn round_to_grid(a: f32, lo: f32, hi: f32, inv: f32) -> i8 {
+pub(crate) fn round_to_grid(a: f32, lo: f32, hi: f32, inv: f32) -> i8 {
     // `max` and `min` (not `clamp`) so that NaN becomes a bound and never reaches the
     // conversion.
     #[allow(clippy::manual_clamp)] // clamp would let NaN through
@@ -703,7 +727,7 @@ fn round_to_grid(a: f32, lo: f32, hi: f32, inv: f32) -> i8 {
 
 /// The clipping bounds `±127 scale` and `1 / scale` of a quantizer's grid, as the fake
 /// quantizer computes them.
-fn bounds(scale: f32) -> [f32; 3] {
+pub(crate) fn bounds(scale: f32) -> [f32; 3] {
     let s = f64::from(scale);
     [(-127.0 * s) as f32, (127.0 * s) as f32, (1.0 / s) as f32]
 }
