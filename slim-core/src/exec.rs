@@ -152,17 +152,29 @@ impl Model {
 
     /// Forward with one batch per input node, returning outputs and taps.
     ///
-    /// Called from outside rayon's pool, the forward runs on one of its workers, so that the
-    /// kernels' parallel loops start where they are called instead of waking the pool and
-    /// putting the caller to sleep for every node (at batch 1 that wake-up was about a third
-    /// of a small network's forward).
+    /// Called from outside rayon's pool, a forward of more than about four million
+    /// multiply-adds runs on one of its workers, so that the kernels' parallel loops start
+    /// where they are called instead of waking the pool and putting the caller to sleep for
+    /// every node (at batch 1 that wake-up was about a third of a small network's forward).
+    /// A smaller one runs on the calling thread, as its kernels do.
     pub fn forward_with(
         &self,
         inputs: &[Tensor],
         mode: Mode,
         opts: ForwardOptions<'_>,
     ) -> Result<ForwardOutput> {
-        if rayon::current_thread_index().is_none() {
+        // A small forward (whose kernels all run on the calling thread) stays where it is.
+        let n = inputs
+            .first()
+            .and_then(|x| x.dims().first().copied())
+            .unwrap_or(1);
+        let macs: u64 = self
+            .graph
+            .nodes()
+            .iter()
+            .map(crate::analysis::node_macs)
+            .sum();
+        if rayon::current_thread_index().is_none() && n as u64 * macs >= 1 << 22 {
             return rayon::scope(|_| self.forward_here(inputs, mode, opts));
         }
         self.forward_here(inputs, mode, opts)

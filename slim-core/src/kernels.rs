@@ -286,21 +286,45 @@ fn gemm_into(
     }
 }
 
+/// Work below which an evaluation kernel runs on the calling thread: handing a small layer to
+/// the pool and waking another worker (tens of microseconds on this kind of machine) costs
+/// more than the second core saves. In multiply-adds for products and sweeps, in values for
+/// pooling.
+const SERIAL_PRODUCT: usize = 1 << 20;
+const SERIAL_SWEEP: usize = 1 << 17;
+const SERIAL_VALUES: usize = 1 << 15;
+
+/// `f(i)` for every `i` in `0..n`: over the pool, or in order on this thread when `serial`.
+fn for_each_task(n: usize, serial: bool, f: impl Fn(usize) + Sync + Send) {
+    if serial {
+        (0..n).for_each(f)
+    } else {
+        (0..n).into_par_iter().for_each(f)
+    }
+}
+
 /// Runs `f(n, chunk, scratch, parallel)` over the `chunk`-sized pieces of `out`, one per
 /// sample: in parallel when there are enough samples to keep every core busy (then `f` is
 /// told to stay on its thread), else one after another with `f` free to use every core; the
-/// scratch value is made by `init` for each worker's run of samples.
+/// scratch value is made by `init` for each worker's run of samples. With `serial`, all of it
+/// on the calling thread.
 fn per_sample_with<S>(
     out: &mut [f32],
     chunk: usize,
     init: impl Fn() -> S + Sync + Send,
     f: impl Fn(usize, &mut [f32], &mut S, bool) + Sync,
+    serial: bool,
 ) {
     if chunk == 0 {
         return;
     }
     let samples = out.len() / chunk;
-    if samples >= rayon::current_num_threads() {
+    if serial {
+        let mut s = init();
+        for (n, c) in out.chunks_mut(chunk).enumerate() {
+            f(n, c, &mut s, false);
+        }
+    } else if samples >= rayon::current_num_threads() {
         out.par_chunks_mut(chunk)
             .enumerate()
             .for_each_init(&init, |s, (n, c)| f(n, c, s, false));
@@ -338,6 +362,7 @@ fn dense_forward(g: &Geom, o: usize, x: &[f32], w: &[f32], b: &[f32], act: Epilo
             gemm_into(out, false, o, p, k, (w, k, 1), (cols, p, 1), parallel);
             finish(out);
         },
+        g.n * o * p * k < SERIAL_PRODUCT,
     );
     y
 }
@@ -363,7 +388,7 @@ fn pointwise_forward(
             Some(b),
             (n, o, k, p),
             act,
-            true,
+            len * k >= SERIAL_PRODUCT,
         )
     };
     // SAFETY: the product wrote all n * o * p values.
@@ -919,25 +944,24 @@ fn depthwise_forward(
     let mut y: Vec<f32> = Vec::with_capacity(len);
     let out = Disjoint(y.as_mut_ptr());
     let planes = g.n * g.c;
-    (0..planes.div_ceil(planes_per))
-        .into_par_iter()
-        .for_each(|task| {
-            let mut phases = vec![0f32; layout.len()];
-            let mut acc = vec![0f32; layout.span()];
-            for idx in task * planes_per..((task + 1) * planes_per).min(planes) {
-                let c = idx % g.c;
-                let b = bias.map_or(0.0, |b| b[c]);
-                layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
-                let filt = &w[c * kk..(c + 1) * kk];
-                sweep_taps_f32(&mut acc, &phases, &layout, filt, (b, act), fast);
-                // SAFETY: plane idx's outputs lie inside the buffer's capacity and belong to
-                // this task alone.
-                let plane = unsafe { out.rows(idx * op, op) };
-                for (oy, row) in plane.chunks_exact_mut(g.ow).enumerate() {
-                    row.copy_from_slice(&acc[layout.row(oy)..][..g.ow]);
-                }
+    let serial = len * kk < SERIAL_SWEEP;
+    for_each_task(planes.div_ceil(planes_per), serial, |task| {
+        let mut phases = vec![0f32; layout.len()];
+        let mut acc = vec![0f32; layout.span()];
+        for idx in task * planes_per..((task + 1) * planes_per).min(planes) {
+            let c = idx % g.c;
+            let b = bias.map_or(0.0, |b| b[c]);
+            layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
+            let filt = &w[c * kk..(c + 1) * kk];
+            sweep_taps_f32(&mut acc, &phases, &layout, filt, (b, act), fast);
+            // SAFETY: plane idx's outputs lie inside the buffer's capacity and belong to
+            // this task alone.
+            let plane = unsafe { out.rows(idx * op, op) };
+            for (oy, row) in plane.chunks_exact_mut(g.ow).enumerate() {
+                row.copy_from_slice(&acc[layout.row(oy)..][..g.ow]);
             }
-        });
+        }
+    });
     // SAFETY: every plane's outputs were written above.
     unsafe { y.set_len(len) };
     y
@@ -1368,14 +1392,17 @@ impl CustomOp1 for MaxPool {
         let mut y = vec![f32::NEG_INFINITY; g.n * g.c * op];
         // Planes per task: enough work to pay for a task.
         let per = (4096 / ip.max(1)).max(1);
-        y.par_chunks_mut(op * per)
-            .enumerate()
-            .for_each(|(task, outs)| {
-                for (j, out) in outs.chunks_exact_mut(op).enumerate() {
-                    let idx = task * per + j;
-                    MaxPool::plane_max(&g, &x[idx * ip..(idx + 1) * ip], out);
-                }
-            });
+        let task = |(task, outs): (usize, &mut [f32])| {
+            for (j, out) in outs.chunks_exact_mut(op).enumerate() {
+                let idx = task * per + j;
+                MaxPool::plane_max(&g, &x[idx * ip..(idx + 1) * ip], out);
+            }
+        };
+        if x.len() < SERIAL_VALUES {
+            y.chunks_mut(op * per).enumerate().for_each(task);
+        } else {
+            y.par_chunks_mut(op * per).enumerate().for_each(task);
+        }
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.c, g.oh, g.ow))))
     }
     fn bwd(
