@@ -8,8 +8,11 @@
 //! - a **dense** convolution is `W · im2col(x) + b` in one custom op that calls the `gemm`
 //!   crate directly; its backward recomputes the unfold and makes two products of the same
 //!   size (`dW = G · colsᵀ`, `dcols = Wᵀ · G`) and a fold, with no autograd intermediates;
-//!   a **pointwise** one (1x1, stride 1, no padding) needs no unfold at all: its products read
-//!   each sample's planes where they lie and write the gradients in place;
+//!   a **pointwise** one (1x1, stride 1, no padding) needs no unfold at all: its forward and
+//!   its input gradient are products of register tiles (`pointwise`) that read each sample's
+//!   planes where they lie, and its weight gradient reads them in place too;
+//! - in evaluation a convolution can finish its outputs with a bias and a clamp as they are
+//!   written ([`conv2d_fused`]), and layers under a size run on the calling thread;
 //! - train-mode **batch norm** is one fused op with its own backward;
 //! - **max pooling** supports padding and overlapping windows, with an exact backward.
 //!
