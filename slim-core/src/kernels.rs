@@ -768,27 +768,27 @@ fn two_rows<T>(buf: &mut [T], a: usize, b: usize, w: usize) -> (&mut [T], &mut [
     }
 }
 
-/// `acc[i] = act(bias + sum over taps t of filt[t] * phases[tap(t) + i])` for every `i` of
+/// `acc[i] = act(bias + sum over taps t of filt[t] * phases[taps[t] + i])` for every `i` of
 /// `acc` (one sweep over the span, every tap's share of a block of outputs summed in
 /// registers, so each output is written once), with AVX2 and FMA where the machine has them.
 fn sweep_taps_f32(
     acc: &mut [f32],
     phases: &[f32],
-    layout: &Phases,
+    taps: &[usize],
     filt: &[f32],
     (bias, act): (f32, Epilogue),
     fast: bool,
 ) {
     let span = acc.len();
-    assert_eq!(filt.len(), layout.taps.len(), "one weight per tap");
+    assert_eq!(filt.len(), taps.len(), "one weight per tap");
     assert!(
-        layout.taps.iter().all(|&at| at + span <= phases.len()),
+        taps.iter().all(|&at| at + span <= phases.len()),
         "a tap's sweep leaves the phases"
     );
     #[cfg(target_arch = "x86_64")]
     if fast {
         // SAFETY: the machine has AVX2 and FMA, and every read is in bounds (checked above).
-        return unsafe { depthwise_avx2::sweep(acc, phases, &layout.taps, filt, bias, act) };
+        return unsafe { depthwise_avx2::sweep(acc, phases, taps, filt, bias, act) };
     }
     let _ = fast;
     // Blocks of outputs summed in a local array (which the compiler keeps in registers and
@@ -797,7 +797,7 @@ fn sweep_taps_f32(
     for (i, out) in (0..span).step_by(B).zip(acc.chunks_mut(B)) {
         let mut block = [bias; B];
         let n = out.len();
-        for (&wv, &at) in filt.iter().zip(&layout.taps) {
+        for (&wv, &at) in filt.iter().zip(taps) {
             for (v, &x) in block[..n].iter_mut().zip(&phases[at + i..at + i + n]) {
                 *v += wv * x;
             }
@@ -874,25 +874,6 @@ mod depthwise_avx2 {
     }
 }
 
-/// The adjoint of [`sweep_taps_f32`]: `phases[tap(t)..][..wide.len()] += filt[t] * wide`.
-fn scatter_taps_f32(phases: &mut [f32], wide: &[f32], layout: &Phases, filt: &[f32], avx: bool) {
-    #[inline(always)]
-    fn scatter(phases: &mut [f32], wide: &[f32], layout: &Phases, filt: &[f32]) {
-        let span = wide.len();
-        for (t, &wv) in filt.iter().enumerate() {
-            let at = layout.tap(t);
-            for (p, &g) in phases[at..at + span].iter_mut().zip(wide) {
-                *p += wv * g;
-            }
-        }
-    }
-    crate::with_target_feature!(
-        "avx",
-        avx,
-        scatter(phases: &mut [f32], wide: &[f32], layout: &Phases, filt: &[f32])
-    )
-}
-
 /// For each tap t: `sums[t * span..][..span] += phases[tap(t)..][..span] * wide`.
 fn products_taps_f32(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Phases, avx: bool) {
     #[inline(always)]
@@ -956,7 +937,7 @@ fn depthwise_forward(
             let b = bias.map_or(0.0, |b| b[c]);
             layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
             let filt = &w[c * kk..(c + 1) * kk];
-            sweep_taps_f32(&mut acc, &phases, &layout, filt, (b, act), fast);
+            sweep_taps_f32(&mut acc, &phases, &layout.taps, filt, (b, act), fast);
             // SAFETY: plane idx's outputs lie inside the buffer's capacity and belong to
             // this task alone.
             let plane = unsafe { out.rows(idx * op, op) };
@@ -1058,7 +1039,14 @@ impl candle_core::CustomOp3 for DepthwiseGrad {
         let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
         let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
         let avx = has_avx();
+        let fast = pointwise::has_avx2_fma();
         let span = layout.span();
+        // The input gradient as a forward sweep: the phases of the padded input's gradient
+        // are `back[j] = sum over t of w[t] * wide[j - tap(t)]`, a correlation of the widened
+        // output gradient (zero outside its span) with the taps reversed. The widened
+        // gradient sits `lead` zeros into its buffer, so tap t reads from `lead - tap(t)`.
+        let lead = layout.taps.iter().copied().max().unwrap_or(0);
+        let flipped: Vec<usize> = layout.taps.iter().map(|&t| lead - t).collect();
         let nx = g.n * g.c * ip;
         let mut out = vec![0f32; nx + g.c * kk];
         let (gx, gw) = out.split_at_mut(nx);
@@ -1068,7 +1056,7 @@ impl candle_core::CustomOp3 for DepthwiseGrad {
         gw.par_chunks_mut(kk).enumerate().for_each(|(c, filt)| {
             let mut phases = vec![0f32; layout.len()];
             let mut back = vec![0f32; layout.len()];
-            let mut wide = vec![0f32; span];
+            let mut padded = vec![0f32; lead + layout.len()];
             // Per tap, the products of the input's phase and the widened output gradient,
             // summed element by element over every sample (so it runs in vector code), and
             // across the elements once at the end (the extra columns hold zero gradient).
@@ -1076,14 +1064,22 @@ impl candle_core::CustomOp3 for DepthwiseGrad {
             let taps = &w[c * kk..(c + 1) * kk];
             for n in 0..g.n {
                 let idx = n * g.c + c;
-                layout.widen(&gy[idx * op..(idx + 1) * op], &mut wide);
+                // Only the span's valid columns are written, so the rest stays zero.
+                layout.widen(
+                    &gy[idx * op..(idx + 1) * op],
+                    &mut padded[lead..lead + span],
+                );
+                let wide = &padded[lead..lead + span];
                 layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
-                products_taps_f32(&mut sums, &phases, &wide, &layout, avx);
-                // The adjoint of the forward's sweeps: each tap adds its weight times the
-                // widened output gradient into the phases of the padded input, which are
-                // then read back.
-                back.iter_mut().for_each(|v| *v = 0.0);
-                scatter_taps_f32(&mut back, &wide, &layout, taps, avx);
+                products_taps_f32(&mut sums, &phases, wide, &layout, avx);
+                sweep_taps_f32(
+                    &mut back,
+                    &padded,
+                    &flipped,
+                    taps,
+                    (0.0, Epilogue::NONE),
+                    fast,
+                );
                 // SAFETY: plane `idx` belongs to this channel's task alone.
                 layout.take(&back, unsafe { planes.rows(idx * ip, ip) });
             }
@@ -1972,6 +1968,41 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The depthwise sweep in registers and the portable one agree (full blocks, single
+    /// vectors and the scalar tail; a bias and a clamp), and both match a plain sum.
+    #[test]
+    fn depthwise_sweeps_agree() {
+        let mut rng = 3u64;
+        let mut next = move || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((rng >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let taps = [0usize, 1, 2, 9, 10, 11, 18, 19, 20];
+        for span in [1, 7, 8, 31, 32, 45, 100] {
+            let phases: Vec<f32> = (0..span + 20).map(|_| next()).collect();
+            let filt: Vec<f32> = (0..9).map(|_| next()).collect();
+            for act in [Epilogue::NONE, Epilogue::RELU6] {
+                let (mut plain, mut fast) = (vec![0f32; span], vec![0f32; span]);
+                sweep_taps_f32(&mut plain, &phases, &taps, &filt, (0.25, act), false);
+                let fma = pointwise::has_avx2_fma();
+                sweep_taps_f32(&mut fast, &phases, &taps, &filt, (0.25, act), fma);
+                for i in 0..span {
+                    let want: f32 = 0.25
+                        + taps
+                            .iter()
+                            .zip(&filt)
+                            .map(|(&t, &w)| w * phases[t + i])
+                            .sum::<f32>();
+                    let want = act.apply(want);
+                    assert!((plain[i] - want).abs() < 1e-5, "plain [{i}] of {span}");
+                    assert!((fast[i] - want).abs() < 1e-5, "fast [{i}] of {span}");
                 }
             }
         }
