@@ -1876,19 +1876,24 @@ mod tests {
         assert_eq!(gx, vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
     }
 
+    /// A seeded source of values uniform in [-1, 1).
+    fn uniform(seed: u64) -> impl FnMut() -> f32 {
+        let mut rng = seed;
+        move || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((rng >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
     /// The pointwise tiles against a plain sum in f64: full and partial tiles of rows,
     /// blocks of positions within a sample, across samples and at the end, one and several
     /// blocks of input channels, each clamp, the vector and the portable tiles, on one
     /// thread and on every core, and a NaN that passes through the clamp.
     #[test]
     fn pointwise_product_matches_a_plain_sum() {
-        let mut rng = 7u64;
-        let mut next = move || {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((rng >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut next = uniform(7);
         let cases = [
             (1, 6, 4, 16),
             (2, 13, 300, 53),
@@ -1977,13 +1982,7 @@ mod tests {
     /// vectors and the scalar tail; a bias and a clamp), and both match a plain sum.
     #[test]
     fn depthwise_sweeps_agree() {
-        let mut rng = 3u64;
-        let mut next = move || {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((rng >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut next = uniform(3);
         let taps = [0usize, 1, 2, 9, 10, 11, 18, 19, 20];
         for span in [1, 7, 8, 31, 32, 45, 100] {
             let phases: Vec<f32> = (0..span + 20).map(|_| next()).collect();
