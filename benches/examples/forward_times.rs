@@ -4,10 +4,11 @@
 //! `scripts/paddle-inference.sh` runs both.
 //!
 //! ```text
-//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] MODEL...
+//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--whole] MODEL...
 //! ```
 //!
-//! `--batch N` times that batch size alone (default: 1 and 64).
+//! `--batch N` times that batch size alone (default: 1 and 64). `--whole` runs large batches
+//! whole, not in pieces (`ForwardOptions::whole`), to compare the two.
 //!
 //! `--nodes` adds each node's share of a batched forward (the time until the node is done;
 //! a batch norm or activation that runs with its convolution shows next to nothing).
@@ -31,14 +32,14 @@ fn input_for(name: &str) -> [usize; 3] {
 }
 
 /// The median of 5 runs of `per` forwards, in ms per forward, and the fastest and slowest run.
-fn time(m: &Model, x: &Tensor, per: usize) -> (f64, f64, f64) {
-    let inw = std::env::var("INW").is_ok();
+fn time(m: &Model, x: &Tensor, per: usize, whole: bool) -> (f64, f64, f64) {
     let fwd = |m: &Model, x: &Tensor| {
-        if inw {
-            rayon::scope(|_| m.forward(x, Mode::Eval).expect("forward"));
-        } else {
-            m.forward(x, Mode::Eval).expect("forward");
-        }
+        let opts = ForwardOptions {
+            whole,
+            ..Default::default()
+        };
+        m.forward_with(std::slice::from_ref(x), Mode::Eval, opts)
+            .expect("forward");
     };
     for _ in 0..20 {
         fwd(m, x);
@@ -86,12 +87,14 @@ fn node_times(m: &Model, x: &Tensor, reps: usize) -> Vec<(String, f64)> {
 fn main() {
     slim_core::single_threaded_elementwise();
     let mut nodes = false;
+    let mut whole = false;
     let mut batches = vec![1usize, 64];
     let mut models = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--nodes" => nodes = true,
+            "--whole" => whole = true,
             "--batch" => match args.next().and_then(|b| b.parse().ok()) {
                 Some(b) if b > 0 => batches = vec![b],
                 _ => {
@@ -99,6 +102,10 @@ fn main() {
                     std::process::exit(2);
                 }
             },
+            flag if flag.starts_with("--") => {
+                eprintln!("forward_times: unknown option `{flag}` (--nodes, --batch N, --whole)");
+                std::process::exit(2);
+            }
             _ => models.push(a),
         }
     }
@@ -119,7 +126,7 @@ fn main() {
             let x = Tensor::randn(0f32, 1.0, (batch, shape[0], shape[1], shape[2]), &dev)
                 .expect("input");
             let per = if batch == 1 { 200 } else { 20 };
-            let (median, lo, hi) = time(&m, &x, per);
+            let (median, lo, hi) = time(&m, &x, per, whole);
             println!("slim {name} batch {batch}: {median:.3} ms (runs {lo:.3}..{hi:.3})");
             if nodes && batch > 1 {
                 for (n, t) in node_times(&m, &x, 20) {

@@ -88,6 +88,9 @@ pub struct ForwardOptions<'a> {
     pub observer: Option<&'a mut Observer<'a>>,
     /// Told as each node is done.
     pub finished: Option<&'a mut Finished<'a>>,
+    /// Run a large evaluation batch whole, never in pieces (see the module docs): to compare
+    /// the two, or to keep a forward to one pass over the batch.
+    pub whole: bool,
     /// Seed of the dropout masks in train mode (the training loop derives one per step, so
     /// runs are reproducible); without it the masks come from the thread's random source.
     pub dropout_seed: Option<u64>,
@@ -269,6 +272,7 @@ impl Model {
         /// the batch runs whole.
         const WHOLE: usize = 4 << 20;
         if mode != Mode::Eval
+            || opts.whole
             || opts.kernels.is_some_and(|k| !k.per_sample())
             || opts.observer.is_some()
             || opts.finished.is_some()
@@ -278,11 +282,8 @@ impl Model {
             return None;
         }
         let n = inputs.first()?.dims().first().copied()?;
-        if n < 2 * PIECE
-            || inputs
-                .iter()
-                .any(|x| x.rank() == 0 || x.dim(0).ok() != Some(n))
-        {
+        // (Every input's shape was checked against its node: each has a batch dimension.)
+        if n < 2 * PIECE || inputs.iter().any(|x| x.dim(0).ok() != Some(n)) {
             return None;
         }
         let g = &self.graph;
@@ -1000,6 +1001,14 @@ mod tests {
         assert_eq!(m.chunk_size(&[small], Mode::Eval, &opts()), None);
         assert_eq!(
             m.chunk_size(std::slice::from_ref(&x), Mode::Train, &opts()),
+            None
+        );
+        let whole = ForwardOptions {
+            whole: true,
+            ..opts()
+        };
+        assert_eq!(
+            m.chunk_size(std::slice::from_ref(&x), Mode::Eval, &whole),
             None
         );
         let tapped = opts().with_taps(&["fc"]);

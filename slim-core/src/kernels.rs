@@ -298,11 +298,25 @@ const SERIAL_SWEEP: usize = 1 << 17;
 const SERIAL_VALUES: usize = 1 << 15;
 
 /// `f(i)` for every `i` in `0..n`: over the pool, or in order on this thread when `serial`.
-fn for_each_task(n: usize, serial: bool, f: impl Fn(usize) + Sync + Send) {
+pub fn for_each_task(n: usize, serial: bool, f: impl Fn(usize) + Sync + Send) {
     if serial {
         (0..n).for_each(f)
     } else {
         (0..n).into_par_iter().for_each(f)
+    }
+}
+
+/// `f((i, chunk))` for the chunks of `size` values of `out`, as [`for_each_task`] does.
+pub fn for_each_chunk<T: Send>(
+    out: &mut [T],
+    size: usize,
+    serial: bool,
+    f: impl Fn((usize, &mut [T])) + Sync + Send,
+) {
+    if serial {
+        out.chunks_mut(size).enumerate().for_each(f)
+    } else {
+        out.par_chunks_mut(size).enumerate().for_each(f)
     }
 }
 
@@ -392,6 +406,7 @@ fn pointwise_forward(
             (n, o, k, p),
             act,
             len * k >= SERIAL_PRODUCT,
+            has_avx2_fma(),
         )
     };
     // SAFETY: the product wrote all n * o * p values.
@@ -486,6 +501,7 @@ impl candle_core::CustomOp3 for DenseConvGrad {
         // task runs the products over every core.
         let threads = rayon::current_num_threads();
         let parallel = g.n < threads;
+        let fast = has_avx2_fma();
         let parts = if parallel { 1 } else { (threads * 4).min(g.n) };
         let per = g.n.div_ceil(parts.max(1)).max(1);
         let partial: Vec<(Vec<f32>, Vec<f64>)> = gx
@@ -513,6 +529,7 @@ impl candle_core::CustomOp3 for DenseConvGrad {
                                 (1, k, o, p),
                                 Epilogue::NONE,
                                 parallel,
+                                fast,
                             )
                         };
                         gemm_into(&mut acc_w, true, o, k, p, (gn, p, 1), (xn, 1, p), parallel);
@@ -893,6 +910,18 @@ fn products_taps_f32(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Ph
     )
 }
 
+/// Whether this machine runs AVX2 and FMA code (the register tiles and sweeps).
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether this machine runs AVX code (for the kernels compiled for it).
 fn has_avx() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -922,7 +951,7 @@ fn depthwise_forward(
     let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
     debug_assert_eq!((layout.oh, layout.ow), (g.oh, g.ow));
-    let fast = pointwise::has_avx2_fma();
+    let fast = has_avx2_fma();
     let planes_per = (4096 / op).max(1);
     let len = g.n * g.c * op;
     let mut y: Vec<f32> = Vec::with_capacity(len);
@@ -1039,7 +1068,7 @@ impl candle_core::CustomOp3 for DepthwiseGrad {
         let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
         let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
         let avx = has_avx();
-        let fast = pointwise::has_avx2_fma();
+        let fast = has_avx2_fma();
         let span = layout.span();
         // The input gradient as a forward sweep: the phases of the padded input's gradient
         // are `back[j] = sum over t of w[t] * wide[j - tap(t)]`, a correlation of the widened
@@ -1397,11 +1426,7 @@ impl CustomOp1 for MaxPool {
                 MaxPool::plane_max(&g, &x[idx * ip..(idx + 1) * ip], out);
             }
         };
-        if x.len() < SERIAL_VALUES {
-            y.chunks_mut(op * per).enumerate().for_each(task);
-        } else {
-            y.par_chunks_mut(op * per).enumerate().for_each(task);
-        }
+        for_each_chunk(&mut y, op * per, x.len() < SERIAL_VALUES, task);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.c, g.oh, g.ow))))
     }
     fn bwd(
@@ -1908,8 +1933,8 @@ mod tests {
                 for (parallel, fast) in [
                     (false, false),
                     (true, false),
-                    (false, pointwise::has_avx2_fma()),
-                    (true, pointwise::has_avx2_fma()),
+                    (false, has_avx2_fma()),
+                    (true, has_avx2_fma()),
                 ] {
                     let w: Vec<f32> = (0..o * k).map(|_| next() * 4.0).collect();
                     let mut x: Vec<f32> = (0..n * k * p).map(|_| next() * 4.0).collect();
@@ -1920,7 +1945,7 @@ mod tests {
                     // SAFETY: `out` holds n * o * p values and nothing else uses it
                     // meanwhile; `fast` only where the machine has AVX2 and FMA.
                     unsafe {
-                        pointwise::product_with(
+                        pointwise::product(
                             Disjoint(out.as_mut_ptr()),
                             (&w, k, 1),
                             &x,
@@ -1952,7 +1977,7 @@ mod tests {
                     let mut plain = vec![0f32; n * o * p];
                     // SAFETY: as above.
                     unsafe {
-                        pointwise::product_with(
+                        pointwise::product(
                             Disjoint(plain.as_mut_ptr()),
                             (&wt, 1, o),
                             &x,
@@ -1990,7 +2015,7 @@ mod tests {
             for act in [Epilogue::NONE, Epilogue::RELU6] {
                 let (mut plain, mut fast) = (vec![0f32; span], vec![0f32; span]);
                 sweep_taps_f32(&mut plain, &phases, &taps, &filt, (0.25, act), false);
-                let fma = pointwise::has_avx2_fma();
+                let fma = has_avx2_fma();
                 sweep_taps_f32(&mut fast, &phases, &taps, &filt, (0.25, act), fma);
                 for i in 0..span {
                     let want: f32 = 0.25

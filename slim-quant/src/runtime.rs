@@ -16,9 +16,8 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Tensor};
-use rayon::prelude::*;
 use slim_core::exec::NodeKernels;
-use slim_core::kernels::{Disjoint, Phases};
+use slim_core::kernels::{for_each_chunk, for_each_task, Disjoint, Phases};
 use slim_core::train::EvalReport;
 use slim_core::{ForwardOptions, Mode, Model, Node, Op};
 
@@ -65,7 +64,7 @@ fn grouped<T: Sink>(
     let mut out = vec![T::default(); n * oc * p];
     let written = Disjoint(out.as_mut_ptr());
     let macs = n * oc * p * k;
-    for_each_task(n * g * blocks, macs, SERIAL_PRODUCT, |task| {
+    for_each_task(n * g * blocks, macs < SERIAL_PRODUCT, |task| {
         let (sg, blk) = (task / blocks, task % blocks);
         let (s, gi) = (sg / g, sg % g);
         let (oy0, oy1) = (blk * rows_per, ((blk + 1) * rows_per).min(oh));
@@ -171,30 +170,6 @@ fn grouped<T: Sink>(
 const SERIAL_PRODUCT: usize = 1 << 21;
 const SERIAL_DEPTHWISE: usize = 1 << 17;
 const SERIAL_VALUES: usize = 1 << 15;
-
-/// `f(i)` for every `i` in `0..n`: on the rayon pool, or in order on this thread when `work`
-/// is under `limit`.
-fn for_each_task(n: usize, work: usize, limit: usize, f: impl Fn(usize) + Sync + Send) {
-    if work < limit {
-        (0..n).for_each(f)
-    } else {
-        (0..n).into_par_iter().for_each(f)
-    }
-}
-
-/// `f((i, chunk))` for the chunks of `size` values of `out`, as [`for_each_task`] does.
-fn for_each_chunk<T: Send>(
-    out: &mut [T],
-    size: usize,
-    (work, limit): (usize, usize),
-    f: impl Fn((usize, &mut [T])) + Sync + Send,
-) {
-    if work < limit {
-        out.chunks_mut(size).enumerate().for_each(f)
-    } else {
-        out.par_chunks_mut(size).enumerate().for_each(f)
-    }
-}
 
 thread_local! {
     /// A worker's sums buffer, kept from task to task.
@@ -333,7 +308,7 @@ fn depthwise<T: Sink>(
     for_each_chunk(
         &mut out,
         oh * ow * planes_per,
-        (work, SERIAL_DEPTHWISE),
+        work < SERIAL_DEPTHWISE,
         |(task, dsts)| {
             let mut phases = vec![0i8; layout.len()];
             let mut acc = vec![0i32; layout.span()];
@@ -593,7 +568,7 @@ fn max_pool_values(
     for_each_chunk(
         &mut y,
         oh * ow * per,
-        (work, SERIAL_VALUES),
+        work < SERIAL_VALUES,
         |(task, dst)| {
             for (j, plane_out) in dst.chunks_exact_mut(oh * ow).enumerate() {
                 let plane = &xs[(task * per + j) * h * w..][..h * w];
@@ -701,7 +676,7 @@ fn quantize_values(v: &[f32], scale: f32) -> Vec<i8> {
     for_each_chunk(
         &mut out,
         1 << 14,
-        (v.len(), SERIAL_VALUES),
+        v.len() < SERIAL_VALUES,
         move |(i, dst)| {
             let src = &v[i << 14..][..dst.len()];
             quantize_chunk(dst, src, [lo, hi, inv], avx2)

@@ -36,61 +36,20 @@ struct Tile {
     ldc: usize,
 }
 
-/// Whether the tiles run with AVX2 and FMA.
-pub(super) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `out[s] = act(w · x[s] + b)` for each of `n` samples: `w` is `[o, k]` read through its
 /// (row, column) strides (so `Wᵀ` costs nothing), `x` `[n, k, p]`, `b` `[o]` (none: no bias
 /// and no clamp), and `out` points at `n * o * p` values (which need not be initialized),
 /// row-major. The positions of all samples form one sequence cut into blocks of `NR`, so a
 /// small plane (7x7, or 1x1) wastes no lanes: a block that lies in one sample is read where
 /// it lies, one that spans samples is copied into a panel first. Over every core with
-/// `parallel` (in blocks of positions), else on the calling thread.
+/// `parallel` (in blocks of positions), else on the calling thread; with the vector tiles
+/// when `fast` ([`super::has_avx2_fma`]), else with the portable ones.
 ///
 /// # Safety
 /// `out` is valid for writes of `n * o * p` values that nothing else reads or writes
-/// meanwhile.
+/// meanwhile, and `fast` only where the machine has AVX2 and FMA.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn product(
-    out: Disjoint<f32>,
-    (w, w_rs, w_cs): (&[f32], usize, usize),
-    x: &[f32],
-    b: Option<&[f32]>,
-    (n, o, k, p): (usize, usize, usize, usize),
-    act: Epilogue,
-    parallel: bool,
-) {
-    // SAFETY: as the caller promises.
-    unsafe {
-        product_with(
-            out,
-            (w, w_rs, w_cs),
-            x,
-            b,
-            (n, o, k, p),
-            act,
-            parallel,
-            has_avx2_fma(),
-        )
-    }
-}
-
-/// [`product`] with the vector tiles (`fast`, on a machine with AVX2 and FMA) or the
-/// portable ones.
-///
-/// # Safety
-/// As for [`product`], and `fast` only where the machine has AVX2 and FMA.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn product_with(
     out: Disjoint<f32>,
     (w, w_rs, w_cs): (&[f32], usize, usize),
     x: &[f32],
