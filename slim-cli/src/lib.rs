@@ -148,6 +148,27 @@ pub fn input_error(msg: impl std::fmt::Display) -> Failure {
     }
 }
 
+/// Keeps mimalloc's memory mapped and committed once it has it, for a binary whose global
+/// allocator is `mimalloc::MiMalloc`; call it first thing in `main`.
+///
+/// A training step frees and allocates tensors of megabytes each, node after node. By
+/// default mimalloc purges freed memory after a delay and commits arena memory on demand, so
+/// those tensors keep coming back as fresh pages that the kernel must fault in and zero:
+/// training MobileNetV2 (width 0.5) on 640 Fashion-MNIST images took 150-270 thousand minor
+/// page faults by default and about 2 thousand with these settings. The cost is that the
+/// process keeps its peak memory until it exits, which suits a command that runs one job.
+pub fn tune_allocator() {
+    // Indices of mimalloc 3's `mi_option_t`, which `libmimalloc-sys` does not name; the
+    // allocator test reads them back.
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: setting an option only stores a value that mimalloc reads when it next needs it.
+    unsafe {
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
+    }
+}
+
 /// Parses the command line, runs the command and reports its error, if any.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -171,5 +192,39 @@ pub fn main() -> ExitCode {
             eprintln!("slim: error: {:#}", f.error);
             ExitCode::from(f.code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The option indices `tune_allocator` uses are the options it means: a child process
+    /// given each option through mimalloc's own environment variable reads it back at that
+    /// index.
+    #[test]
+    fn allocator_option_indices() {
+        const PROBE: &str = "SLIM_ALLOCATOR_PROBE";
+        if std::env::var_os(PROBE).is_some() {
+            // SAFETY: reading an option has no preconditions.
+            let (eager, purge) = unsafe {
+                (
+                    libmimalloc_sys::mi_option_get(4),
+                    libmimalloc_sys::mi_option_get(15),
+                )
+            };
+            assert_eq!((eager, purge), (3, 1234));
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::allocator_option_indices"])
+            .env(PROBE, "1")
+            .env("MIMALLOC_ARENA_EAGER_COMMIT", "3")
+            .env("MIMALLOC_PURGE_DELAY", "1234")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "the child read other values back: {stdout}"
+        );
     }
 }
