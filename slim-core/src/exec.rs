@@ -608,8 +608,8 @@ impl Model {
                 }
             }
             Op::BatchNorm2d(spec) => self.batch_norm(node, spec, x, mode, src)?,
-            Op::Relu => x.relu()?,
-            Op::Relu6 => x.relu()?.minimum(6f32)?,
+            Op::Relu => crate::kernels::clip(x, f32::INFINITY)?,
+            Op::Relu6 => crate::kernels::clip(x, 6.0)?,
             Op::HardSwish => (x * ((x + 3.0)?.relu()?.minimum(6f32)? / 6.0)?)?,
             Op::HardSigmoid { alpha, beta } => x
                 .affine(f64::from(*alpha), f64::from(*beta))?
@@ -726,13 +726,11 @@ impl Model {
                     let gamma = self.param(node, "weight", mode, src)?;
                     let beta = self.param(node, "bias", mode, src)?;
                     let x = x.contiguous()?;
-                    let y = x.apply_op3(
-                        &gamma,
-                        &beta,
-                        crate::kernels::BatchNormTrain { eps: spec.eps },
-                    )?;
-                    let stats = x.apply_op1_no_bwd(&crate::kernels::BatchStats)?;
-                    (y, stats.get(0)?, stats.get(1)?)
+                    let op = crate::kernels::BatchNormTrain::for_batch(&x, spec.eps)?;
+                    let (mean, var) = op.mean_var();
+                    let y = x.apply_op3(&gamma, &beta, op)?;
+                    let dev = x.device();
+                    (y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?)
                 } else {
                     let gamma = self
                         .param(node, "weight", mode, src)?

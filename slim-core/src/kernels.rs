@@ -24,7 +24,9 @@ use rayon::prelude::*;
 
 use crate::graph::Conv2dSpec;
 
+mod clip;
 mod pointwise;
+pub use clip::{clip, Clip};
 
 /// The geometry of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1128,11 +1130,7 @@ fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
             let (mut s, mut ss) = (0f64, 0f64);
             for i in 0..n {
                 let plane = &x[(i * c + ch) * hw..][..hw];
-                let (mut ps, mut pss) = (0f32, 0f32);
-                for &v in plane {
-                    ps += v;
-                    pss += v * v;
-                }
+                let (ps, pss) = pair_sums(plane, plane, |v, _| (v, v * v));
                 s += f64::from(ps);
                 ss += f64::from(pss);
             }
@@ -1143,26 +1141,60 @@ fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Batch normalization in train mode, fused: `(x [N, C, H, W], gamma [C], beta [C])`,
-/// normalizing with the batch's statistics (Ioffe & Szegedy, "Batch Normalization", 2015).
-pub struct BatchNormTrain {
-    pub eps: f64,
+/// `(Σ f(a, b).0, Σ f(a, b).1)` over the pairs of `a` and `b`, summed in 16 lanes: a plain
+/// running sum is one long chain of dependent additions that the compiler may not reorder,
+/// at a fraction of the vector units' rate.
+#[inline(always)]
+fn pair_sums(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f32, f32) {
+    const L: usize = 16;
+    let (mut s0, mut s1) = ([0f32; L], [0f32; L]);
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (ca, cb) in ca.zip(cb) {
+        for i in 0..L {
+            let (u, v) = f(ca[i], cb[i]);
+            s0[i] += u;
+            s1[i] += v;
+        }
+    }
+    let (mut t0, mut t1) = (s0.iter().sum::<f32>(), s1.iter().sum::<f32>());
+    for (&x, &y) in ra.iter().zip(rb) {
+        let (u, v) = f(x, y);
+        t0 += u;
+        t1 += v;
+    }
+    (t0, t1)
 }
 
-/// Batch statistics `[2, C]` (mean, biased variance) of `[N, C, H, W]`, with no gradient.
-pub struct BatchStats;
+/// Batch normalization in train mode, fused: `(x [N, C, H, W], gamma [C], beta [C])`,
+/// normalizing with the batch's statistics (Ioffe & Szegedy, "Batch Normalization", 2015).
+/// Made for one batch by [`BatchNormTrain::for_batch`], which computes the statistics once
+/// for the forward, the backward and the running averages.
+pub struct BatchNormTrain {
+    eps: f64,
+    /// Per channel: the mean and the biased variance of the batch.
+    stats: Vec<(f64, f64)>,
+}
 
-impl CustomOp1 for BatchStats {
-    fn name(&self) -> &'static str {
-        "slim-batch-stats"
+impl BatchNormTrain {
+    /// The op for the batch `x` (f32 `[N, C, H, W]` on the CPU); apply it to that `x` alone.
+    pub fn for_batch(x: &Tensor, eps: f64) -> candle_core::Result<Self> {
+        let x = x.contiguous()?;
+        let (n, c, h, w) = x.dims4()?;
+        let (s, l) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*s else {
+            candle_core::bail!("the fused batch norm runs on the CPU");
+        };
+        let stats = channel_stats(f32_slice(s, l, "slim-batchnorm-train")?, n, c, h * w);
+        Ok(Self { eps, stats })
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, self.name())?;
-        let (n, c, h, w) = l.shape().dims4()?;
-        let st = channel_stats(x, n, c, h * w);
-        let mut out: Vec<f32> = st.iter().map(|s| s.0 as f32).collect();
-        out.extend(st.iter().map(|s| s.1 as f32));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+
+    /// The batch's per-channel mean and biased variance.
+    pub fn mean_var(&self) -> (Vec<f32>, Vec<f32>) {
+        self.stats
+            .iter()
+            .map(|&(m, v)| (m as f32, v as f32))
+            .unzip()
     }
 }
 
@@ -1182,9 +1214,17 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let x = f32_slice(s1, l1, self.name())?;
         let gamma = f32_slice(s2, l2, self.name())?;
         let beta = f32_slice(s3, l3, self.name())?;
-        let (n, c, h, w) = l1.shape().dims4()?;
+        let (_, c, h, w) = l1.shape().dims4()?;
         let hw = h * w;
-        let st = channel_stats(x, n, c, hw);
+        if self.stats.len() != c || gamma.len() != c || beta.len() != c {
+            candle_core::bail!(
+                "batch norm over {c} channels given {} statistics, {} weights, {} biases",
+                self.stats.len(),
+                gamma.len(),
+                beta.len()
+            );
+        }
+        let st = &self.stats;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(hw).enumerate().for_each(|(idx, out)| {
             let ch = idx % c;
@@ -1211,6 +1251,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
             &BatchNormGrad {
                 eps: self.eps,
                 gamma: gamma.to_vec1::<f32>()?,
+                stats: &self.stats,
             },
         )?;
         let size = n * c * h * w;
@@ -1222,12 +1263,13 @@ impl candle_core::CustomOp3 for BatchNormTrain {
 }
 
 /// The gradients of [`BatchNormTrain`] as one flat tensor: `dx`, then `dgamma`, then `dbeta`.
-struct BatchNormGrad {
+struct BatchNormGrad<'a> {
     eps: f64,
     gamma: Vec<f32>,
+    stats: &'a [(f64, f64)],
 }
 
-impl CustomOp2 for BatchNormGrad {
+impl CustomOp2 for BatchNormGrad<'_> {
     fn name(&self) -> &'static str {
         "slim-batchnorm-train-grad"
     }
@@ -1242,7 +1284,7 @@ impl CustomOp2 for BatchNormGrad {
         let gy = f32_slice(s2, l2, self.name())?;
         let (n, c, h, w) = l1.shape().dims4()?;
         let hw = h * w;
-        let st = channel_stats(x, n, c, hw);
+        let st = self.stats;
         // Per channel: sum of dy (dbeta) and of dy * xhat (dgamma).
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
@@ -1250,13 +1292,11 @@ impl CustomOp2 for BatchNormGrad {
                 let inv = 1.0 / (st[ch].1 + self.eps).sqrt();
                 let mean = st[ch].0;
                 let (mut db, mut dg) = (0f64, 0f64);
+                let m = mean as f32;
                 for i in 0..n {
                     let o = (i * c + ch) * hw;
-                    let (mut pb, mut pg) = (0f32, 0f32);
-                    for (&g, &v) in gy[o..o + hw].iter().zip(&x[o..o + hw]) {
-                        pb += g;
-                        pg += g * (v - mean as f32);
-                    }
+                    let (pb, pg) =
+                        pair_sums(&gy[o..o + hw], &x[o..o + hw], |g, v| (g, g * (v - m)));
                     db += f64::from(pb);
                     dg += f64::from(pg) * inv;
                 }
@@ -1722,12 +1762,10 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0.5f32, 2.0, (4, 3, 5, 6), &dev).unwrap()).unwrap();
         let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.3, 3, &dev).unwrap()).unwrap();
         let beta = Var::from_tensor(&Tensor::randn(0f32, 0.3, 3, &dev).unwrap()).unwrap();
+        let op = BatchNormTrain::for_batch(&x, 1e-5).unwrap();
+        let (op_mean, op_var) = op.mean_var();
         let ours = x
-            .apply_op3(
-                gamma.as_tensor(),
-                beta.as_tensor(),
-                BatchNormTrain { eps: 1e-5 },
-            )
+            .apply_op3(gamma.as_tensor(), beta.as_tensor(), op)
             .unwrap();
         // Reference: the same normalization written with candle's differentiable ops.
         let mean = x
@@ -1748,7 +1786,7 @@ mod tests {
             .mean_keepdim(3)
             .unwrap();
         let theirs = xc
-            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .broadcast_div(&(&var + 1e-5).unwrap().sqrt().unwrap())
             .unwrap()
             .broadcast_mul(&gamma.reshape((1, 3, 1, 1)).unwrap())
             .unwrap()
@@ -1775,13 +1813,12 @@ mod tests {
             );
             assert!(d < 1e-4, "{d}");
         }
-        let stats = x
-            .apply_op1_no_bwd(&BatchStats)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
         let m = mean.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!((stats[0][1] - m[1]).abs() < 1e-5);
+        let v = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for ch in 0..3 {
+            assert!((op_mean[ch] - m[ch]).abs() < 1e-5, "mean {ch}");
+            assert!((op_var[ch] - v[ch]).abs() < 1e-4 * v[ch], "variance {ch}");
+        }
     }
 
     #[test]
