@@ -322,6 +322,25 @@ pub fn for_each_chunk<T: Send>(
     }
 }
 
+/// `len` values written by `f((i, chunk))` for the chunks of `size` values, as
+/// [`for_each_chunk`] runs them, into memory that is not zeroed first (a fill that every
+/// value of an elementwise op's output would pay for again).
+///
+/// # Safety
+/// `f` writes every value of every chunk it is given.
+pub(crate) unsafe fn written(
+    len: usize,
+    size: usize,
+    serial: bool,
+    f: impl Fn((usize, &mut [std::mem::MaybeUninit<f32>])) + Sync + Send,
+) -> Vec<f32> {
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    for_each_chunk(&mut y.spare_capacity_mut()[..len], size, serial, f);
+    // SAFETY: the caller's `f` wrote every one of the `len` values.
+    unsafe { y.set_len(len) };
+    y
+}
+
 /// Runs `f(n, chunk, scratch, parallel)` over the `chunk`-sized pieces of `out`, one per
 /// sample: in parallel when there are enough samples to keep every core busy (then `f` is
 /// told to stay on its thread), else one after another with `f` free to use every core; the
@@ -1225,16 +1244,17 @@ impl candle_core::CustomOp3 for BatchNormTrain {
             );
         }
         let st = &self.stats;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw).enumerate().for_each(|(idx, out)| {
+        let plane = |(idx, out): (usize, &mut [std::mem::MaybeUninit<f32>])| {
             let ch = idx % c;
             let inv = (1.0 / (st[ch].1 + self.eps).sqrt()) as f32;
             let scale = gamma[ch] * inv;
             let shift = beta[ch] - st[ch].0 as f32 * scale;
             for (o, &v) in out.iter_mut().zip(&x[idx * hw..(idx + 1) * hw]) {
-                *o = v * scale + shift;
+                o.write(v * scale + shift);
             }
-        });
+        };
+        // SAFETY: each plane writes all of its values.
+        let y = unsafe { written(x.len(), hw, false, plane) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(
@@ -1304,8 +1324,8 @@ impl CustomOp2 for BatchNormGrad<'_> {
             })
             .collect();
         let m = (n * hw) as f64;
-        let mut out = vec![0f32; x.len() + 2 * c];
-        let (dx, rest) = out.split_at_mut(x.len());
+        let mut out: Vec<f32> = Vec::with_capacity(x.len() + 2 * c);
+        let (dx, rest) = out.spare_capacity_mut()[..x.len() + 2 * c].split_at_mut(x.len());
         dx.par_chunks_mut(hw).enumerate().for_each(|(idx, plane)| {
             let ch = idx % c;
             let inv = 1.0 / (st[ch].1 + self.eps).sqrt();
@@ -1315,13 +1335,15 @@ impl CustomOp2 for BatchNormGrad<'_> {
             let o = idx * hw;
             for ((d, &g), &v) in plane.iter_mut().zip(&gy[o..o + hw]).zip(&x[o..o + hw]) {
                 let xhat = (v - mean) * invf;
-                *d = k * (mf * g - db - xhat * dg);
+                d.write(k * (mf * g - db - xhat * dg));
             }
         });
         for ch in 0..c {
-            rest[ch] = sums[ch].1 as f32;
-            rest[c + ch] = sums[ch].0 as f32;
+            rest[ch].write(sums[ch].1 as f32);
+            rest[c + ch].write(sums[ch].0 as f32);
         }
+        // SAFETY: every plane of dx and both gradients of every channel were written.
+        unsafe { out.set_len(x.len() + 2 * c) };
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
     }
 }

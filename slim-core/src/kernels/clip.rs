@@ -8,7 +8,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use super::{f32_slice, for_each_chunk, SERIAL_VALUES};
+use std::mem::MaybeUninit;
+
+use super::{f32_slice, written, SERIAL_VALUES};
 
 /// `clamp(x, 0, max)`: ReLU with `max = ∞`, ReLU6 with `max = 6`. f32 on the CPU.
 pub struct Clip {
@@ -25,14 +27,15 @@ impl CustomOp1 for Clip {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
         let max = self.max;
-        for_each_chunk(&mut y, CHUNK, x.len() < SERIAL_VALUES, |(i, out)| {
+        let chunk = |(i, out): (usize, &mut [MaybeUninit<f32>])| {
             for (o, &v) in out.iter_mut().zip(&x[i * CHUNK..]) {
                 // `max(0)` first: a NaN input comes out as 0, as candle's ReLU gives.
-                *o = v.max(0.0).min(max);
+                o.write(v.max(0.0).min(max));
             }
-        });
+        };
+        // SAFETY: each chunk's values are written (`x` has as many as the output).
+        let y = unsafe { written(x.len(), CHUNK, x.len() < SERIAL_VALUES, chunk) };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -72,14 +75,20 @@ impl CustomOp2 for ClipGrad {
         if x.len() != g.len() {
             candle_core::bail!("{}: {} inputs, {} gradients", self.name(), x.len(), g.len());
         }
-        let mut dx = vec![0f32; x.len()];
         let max = self.max;
-        for_each_chunk(&mut dx, CHUNK, x.len() < SERIAL_VALUES, |(i, out)| {
+        let chunk = |(i, out): (usize, &mut [MaybeUninit<f32>])| {
             let at = i * CHUNK;
-            for ((o, &v), &d) in out.iter_mut().zip(&x[at..]).zip(&g[at..]) {
-                *o = if v > 0.0 && v < max { d } else { 0.0 };
+            let (x, g) = (&x[at..at + out.len()], &g[at..at + out.len()]);
+            for j in 0..out.len() {
+                // The gradient's bits under an all-ones or all-zeros mask: the compiler
+                // vectorizes this (compare, and), where `if keep { g } else { 0 }` became a
+                // branch on the sign of every value.
+                let keep = ((x[j] > 0.0) & (x[j] < max)) as u32;
+                out[j].write(f32::from_bits(g[j].to_bits() & keep.wrapping_neg()));
             }
-        });
+        };
+        // SAFETY: each chunk's values are written, one per index.
+        let dx = unsafe { written(x.len(), CHUNK, x.len() < SERIAL_VALUES, chunk) };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
