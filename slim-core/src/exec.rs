@@ -134,6 +134,8 @@ struct Plan {
     uses: Vec<usize>,
     fusions: Vec<Option<Fusion>>,
     folded: Vec<Option<(Tensor, Tensor)>>,
+    /// In training, by batch norm: the ReLU or ReLU6 that runs inside it, and its bound.
+    bn_clips: Vec<Option<(usize, f32)>>,
 }
 
 /// What a forward returns: the graph outputs in order, and the requested taps by name.
@@ -241,11 +243,18 @@ impl Model {
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
+        // In training, a batch norm applies the ReLU or ReLU6 that alone reads it.
+        let bn_clips = if mode == Mode::Train && opts.kernels.is_none() && opts.observer.is_none() {
+            self.bn_clips(&uses, &tap_ids)
+        } else {
+            vec![None; g.len()]
+        };
         let plan = Plan {
             tap_ids,
             uses,
             fusions,
             folded,
+            bn_clips,
         };
         match self.chunk_size(inputs, mode, &opts) {
             Some(size) => self.run_chunked(&plan, inputs, size, opts.kernels, opts.params),
@@ -363,6 +372,9 @@ impl Model {
                 fused_away[id] = true;
             }
         }
+        for &(act, _) in plan.bn_clips.iter().flatten() {
+            fused_away[act] = true;
+        }
         for id in g.eval_order() {
             if fused_away[id] {
                 // Computed with its chain's convolution, whose value is this chain's last.
@@ -405,9 +417,14 @@ impl Model {
                         Self::run_fused(node, f, xs[0], w, b)
                             .map_err(|e| CoreError::node(&node.name, e.to_string()))?
                     }
-                    (None, None) => self
-                        .run_node(id, node, &xs, mode, opts.dropout_seed, opts.params)
-                        .map_err(|e| CoreError::node(&node.name, e.to_string()))?,
+                    (None, None) => match (&node.op, plan.bn_clips[id]) {
+                        (Op::BatchNorm2d(spec), Some((act, max))) => {
+                            out = act;
+                            self.batch_norm(node, spec, xs[0], mode, opts.params, Some(max))
+                        }
+                        _ => self.run_node(id, node, &xs, mode, opts.dropout_seed, opts.params),
+                    }
+                    .map_err(|e| CoreError::node(&node.name, e.to_string()))?,
                 }
             };
             if let Some(obs) = opts.observer.as_mut() {
@@ -439,10 +456,9 @@ impl Model {
         Ok(ForwardOutput { outputs, taps })
     }
 
-    /// For each convolution, the batch norm and then the ReLU or ReLU6 that can run with it:
-    /// each must be the only reader of the value before it, which must be neither a graph
-    /// output nor a tap (`uses` counts both).
-    fn fusions(&self, uses: &[usize], tap_ids: &[usize]) -> Vec<Option<Fusion>> {
+    /// By node: the node that alone reads its value, when that value is neither a graph
+    /// output nor a tap (`uses` counts both), so that the two can run as one.
+    fn only_readers(&self, uses: &[usize], tap_ids: &[usize]) -> Vec<Option<usize>> {
         let g = &self.graph;
         let mut reader = vec![None; g.len()];
         for id in g.eval_order() {
@@ -450,13 +466,37 @@ impl Model {
                 reader[i] = Some(id);
             }
         }
-        let only_reader = |i: usize| -> Option<usize> {
-            if uses[i] == 1 && !tap_ids.contains(&i) {
-                reader[i]
-            } else {
-                None
-            }
-        };
+        (0..g.len())
+            .map(|i| reader[i].filter(|_| uses[i] == 1 && !tap_ids.contains(&i)))
+            .collect()
+    }
+
+    /// By batch norm: the ReLU (bound `∞`) or ReLU6 (6) that alone reads it.
+    fn bn_clips(&self, uses: &[usize], tap_ids: &[usize]) -> Vec<Option<(usize, f32)>> {
+        let g = &self.graph;
+        let readers = self.only_readers(uses, tap_ids);
+        (0..g.len())
+            .map(|id| {
+                let Op::BatchNorm2d(_) = g.node(id).op else {
+                    return None;
+                };
+                let act = readers[id]?;
+                match g.node(act).op {
+                    Op::Relu => Some((act, f32::INFINITY)),
+                    Op::Relu6 => Some((act, 6.0)),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// For each convolution, the batch norm and then the ReLU or ReLU6 that can run with it:
+    /// each must be the only reader of the value before it, which must be neither a graph
+    /// output nor a tap.
+    fn fusions(&self, uses: &[usize], tap_ids: &[usize]) -> Vec<Option<Fusion>> {
+        let g = &self.graph;
+        let readers = self.only_readers(uses, tap_ids);
+        let only_reader = |i: usize| readers[i];
         g.eval_order()
             .map(|id| {
                 let Op::Conv2d(_) = g.node(id).op else {
@@ -607,7 +647,7 @@ impl Model {
                     y
                 }
             }
-            Op::BatchNorm2d(spec) => self.batch_norm(node, spec, x, mode, src)?,
+            Op::BatchNorm2d(spec) => self.batch_norm(node, spec, x, mode, src, None)?,
             Op::Relu => crate::kernels::clip(x, f32::INFINITY)?,
             Op::Relu6 => crate::kernels::clip(x, 6.0)?,
             Op::HardSwish => (x * ((x + 3.0)?.relu()?.minimum(6f32)? / 6.0)?)?,
@@ -693,6 +733,7 @@ impl Model {
         fake_quantize(x, scale, qmax)
     }
 
+    /// Batch norm, followed by `clamp(·, 0, max)` when `clip` is `Some(max)`.
     fn batch_norm(
         &self,
         node: &Node,
@@ -700,7 +741,14 @@ impl Model {
         x: &Tensor,
         mode: Mode,
         src: Option<&dyn ParamSource>,
+        clip: Option<f32>,
     ) -> Result<Tensor> {
+        let then_clip = |y: Tensor| -> Result<Tensor> {
+            Ok(match clip {
+                Some(max) => crate::kernels::clip(&y, max)?,
+                None => y,
+            })
+        };
         let c = spec.channels;
         // [1, C] for feature vectors, [1, C, 1, 1] for feature maps.
         let bshape: Vec<usize> = if x.rank() == 4 {
@@ -711,8 +759,10 @@ impl Model {
         match mode {
             Mode::Eval => {
                 let (scale, shift) = self.bn_eval_affine(node, spec, src)?;
-                Ok(x.broadcast_mul(&scale.reshape(bshape.as_slice())?)?
-                    .broadcast_add(&shift.reshape(bshape.as_slice())?)?)
+                then_clip(
+                    x.broadcast_mul(&scale.reshape(bshape.as_slice())?)?
+                        .broadcast_add(&shift.reshape(bshape.as_slice())?)?,
+                )
             }
             Mode::Train => {
                 let count = x.elem_count() / c;
@@ -726,7 +776,10 @@ impl Model {
                     let gamma = self.param(node, "weight", mode, src)?;
                     let beta = self.param(node, "bias", mode, src)?;
                     let x = x.contiguous()?;
-                    let op = crate::kernels::BatchNormTrain::for_batch(&x, spec.eps)?;
+                    let mut op = crate::kernels::BatchNormTrain::for_batch(&x, spec.eps)?;
+                    if let Some(max) = clip {
+                        op = op.with_clip(max);
+                    }
                     let (mean, var) = op.mean_var();
                     let y = x.apply_op3(&gamma, &beta, op)?;
                     let dev = x.device();
@@ -748,10 +801,12 @@ impl Model {
                     let mean = reduce(x)?;
                     let centered = x.broadcast_sub(&mean)?;
                     let var = reduce(&centered.sqr()?)?;
-                    let y = centered
-                        .broadcast_div(&(&var + spec.eps)?.sqrt()?)?
-                        .broadcast_mul(&gamma)?
-                        .broadcast_add(&beta)?;
+                    let y = then_clip(
+                        centered
+                            .broadcast_div(&(&var + spec.eps)?.sqrt()?)?
+                            .broadcast_mul(&gamma)?
+                            .broadcast_add(&beta)?,
+                    )?;
                     (y, mean.detach().flatten_all()?, var.detach().flatten_all()?)
                 };
                 // Running statistics: detached, unbiased variance, PyTorch's momentum convention.
@@ -976,6 +1031,79 @@ mod tests {
                 ("dw".into(), s("dw.bn"), s("dw.relu")),
                 ("pw".into(), s("pw.bn"), None),
                 ("last".into(), None, s("last.relu")),
+            ]
+        );
+    }
+
+    /// In training a batch norm runs the ReLU or ReLU6 that alone reads it; the values, the
+    /// gradients of every parameter and the running statistics are bit for bit those of the
+    /// same step with an observer, which runs every node on its own.
+    #[test]
+    fn training_batch_norm_with_its_activation_matches_node_by_node() {
+        let mut b = GraphBuilder::new([3, 9, 9]);
+        b.conv("stem", 8, 3, 1, 1)
+            .bn("stem.bn")
+            .relu("stem.relu")
+            .dwconv("dw", 3, 2, 1)
+            .bn("dw.bn")
+            .relu6("dw.relu")
+            // A batch norm read twice keeps its value; the ReLU after it runs alone.
+            .conv("pw", 12, 1, 1, 0)
+            .bn("pw.bn")
+            .relu("pw.relu");
+        b.add("sum", &["pw.bn", "pw.relu"])
+            .global_avg_pool("gap")
+            .linear("fc", 4);
+        let g = b.build().unwrap();
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (5, 3, 9, 9), &dev).unwrap();
+        let step = |observe: bool| {
+            let m = Model::init(g.clone(), 3, &dev).unwrap();
+            let mut nothing = |_: &str, _: &Tensor| Ok(());
+            let opts = if observe {
+                ForwardOptions::default().with_observer(&mut nothing)
+            } else {
+                ForwardOptions::default()
+            };
+            let y = m
+                .forward_with(std::slice::from_ref(&x), Mode::Train, opts)
+                .unwrap()
+                .outputs
+                .remove(0);
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let mut seen: Vec<(String, Vec<f32>)> =
+                vec![("output".into(), y.flatten_all().unwrap().to_vec1().unwrap())];
+            for (name, p) in m.params.iter().filter(|(_, p)| p.kind.is_trainable()) {
+                let g = grads
+                    .get(p.var.as_tensor())
+                    .expect("a gradient for every parameter");
+                seen.push((name.into(), g.flatten_all().unwrap().to_vec1().unwrap()));
+            }
+            for name in ["stem.bn.running_var", "dw.bn.running_mean"] {
+                let t = m.params.tensor(name).unwrap();
+                seen.push((name.into(), t.to_vec1().unwrap()));
+            }
+            (m, seen)
+        };
+        let (m, fused) = step(false);
+        let (_, reference) = step(true);
+        assert_eq!(fused, reference);
+        let uses = m.graph.use_counts();
+        let clips: Vec<(String, String, f32)> = m
+            .bn_clips(&uses, &[])
+            .iter()
+            .enumerate()
+            .filter_map(|(bn, c)| c.map(|(act, max)| (bn, act, max)))
+            .map(|(bn, act, max)| {
+                let name = |i: usize| m.graph.node(i).name.clone();
+                (name(bn), name(act), max)
+            })
+            .collect();
+        assert_eq!(
+            clips,
+            vec![
+                ("stem.bn".into(), "stem.relu".into(), f32::INFINITY),
+                ("dw.bn".into(), "dw.relu".into(), 6.0),
             ]
         );
     }

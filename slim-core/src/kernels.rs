@@ -1193,6 +1193,8 @@ pub struct BatchNormTrain {
     eps: f64,
     /// Per channel: the mean and the biased variance of the batch.
     stats: Vec<(f64, f64)>,
+    /// The ReLU (`∞`) or ReLU6 (`6`) applied to the output, if any: [`Clip`] fused in.
+    clip: Option<f32>,
 }
 
 impl BatchNormTrain {
@@ -1205,7 +1207,19 @@ impl BatchNormTrain {
             candle_core::bail!("the fused batch norm runs on the CPU");
         };
         let stats = channel_stats(f32_slice(s, l, "slim-batchnorm-train")?, n, c, h * w);
-        Ok(Self { eps, stats })
+        Ok(Self {
+            eps,
+            stats,
+            clip: None,
+        })
+    }
+
+    /// The same op followed by `clamp(·, 0, max)` (ReLU for `max = ∞`, ReLU6 for 6): one
+    /// pass and one value fewer than running [`Clip`] after it, with the same values and
+    /// gradients.
+    pub fn with_clip(mut self, max: f32) -> Self {
+        self.clip = Some(max);
+        self
     }
 
     /// The batch's per-channel mean and biased variance.
@@ -1249,8 +1263,18 @@ impl candle_core::CustomOp3 for BatchNormTrain {
             let inv = (1.0 / (st[ch].1 + self.eps).sqrt()) as f32;
             let scale = gamma[ch] * inv;
             let shift = beta[ch] - st[ch].0 as f32 * scale;
-            for (o, &v) in out.iter_mut().zip(&x[idx * hw..(idx + 1) * hw]) {
-                o.write(v * scale + shift);
+            let x = &x[idx * hw..(idx + 1) * hw];
+            match self.clip {
+                None => {
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        o.write(v * scale + shift);
+                    }
+                }
+                Some(max) => {
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        o.write((v * scale + shift).max(0.0).min(max));
+                    }
+                }
             }
         };
         // SAFETY: each plane writes all of its values.
@@ -1262,12 +1286,20 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
+        // Through the clipping first: the output is inside (0, max) exactly where the
+        // normalized value was.
+        let grad = match self.clip {
+            Some(max) => res
+                .contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &clip::ClipGrad { max })?,
+            None => grad.contiguous()?,
+        };
         let all = x.apply_op2_no_bwd(
-            &grad.contiguous()?,
+            &grad,
             &BatchNormGrad {
                 eps: self.eps,
                 gamma: gamma.to_vec1::<f32>()?,

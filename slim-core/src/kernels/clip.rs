@@ -54,8 +54,8 @@ impl CustomOp1 for Clip {
 }
 
 /// `(x, dy) → dy where 0 < x < max, else 0`.
-struct ClipGrad {
-    max: f32,
+pub(super) struct ClipGrad {
+    pub(super) max: f32,
 }
 
 impl CustomOp2 for ClipGrad {
