@@ -570,7 +570,7 @@ impl candle_core::CustomOp3 for DenseConvGrad {
                         fold_into(&one, &gcols, dst, parallel);
                     }
                     for (b, row) in acc_b.iter_mut().zip(gn.chunks_exact(p)) {
-                        *b += f64::from(row.iter().sum::<f32>());
+                        *b += f64::from(lane_sum(row, row, |v, _| v));
                     }
                 }
                 (acc_w, acc_b)
@@ -1134,7 +1134,7 @@ impl candle_core::CustomOp3 for DepthwiseGrad {
                 layout.take(&back, unsafe { planes.rows(idx * ip, ip) });
             }
             for (f, row) in filt.iter_mut().zip(sums.chunks_exact(span)) {
-                *f = row.iter().sum();
+                *f = lane_sum(row, row, |v, _| v);
             }
         });
         Ok((CpuStorage::F32(out), Shape::from(nx + g.c * kk)))
@@ -1149,7 +1149,9 @@ fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
             let (mut s, mut ss) = (0f64, 0f64);
             for i in 0..n {
                 let plane = &x[(i * c + ch) * hw..][..hw];
-                let (ps, pss) = pair_sums(plane, plane, |v, _| (v, v * v));
+                // The plane is in the cache for the second sum.
+                let ps = lane_sum(plane, plane, |v, _| v);
+                let pss = lane_sum(plane, plane, |v, _| v * v);
                 s += f64::from(ps);
                 ss += f64::from(pss);
             }
@@ -1160,29 +1162,26 @@ fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// `(Σ f(a, b).0, Σ f(a, b).1)` over the pairs of `a` and `b`, summed in 16 lanes: a plain
-/// running sum is one long chain of dependent additions that the compiler may not reorder,
-/// at a fraction of the vector units' rate.
+/// `Σ f(a, b)` over the pairs of `a` and `b`, summed in 16 lanes: a plain running sum is
+/// one long chain of dependent additions that the compiler may not reorder, at a fraction of
+/// the vector units' rate. One sum per call: asked for two at once, the compiler pairs them
+/// up in half-used registers instead.
 #[inline(always)]
-fn pair_sums(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f32, f32) {
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     const L: usize = 16;
-    let (mut s0, mut s1) = ([0f32; L], [0f32; L]);
+    let mut s = [0f32; L];
     let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (ca, cb) in ca.zip(cb) {
         for i in 0..L {
-            let (u, v) = f(ca[i], cb[i]);
-            s0[i] += u;
-            s1[i] += v;
+            s[i] += f(ca[i], cb[i]);
         }
     }
-    let (mut t0, mut t1) = (s0.iter().sum::<f32>(), s1.iter().sum::<f32>());
+    let mut t = s.iter().sum::<f32>();
     for (&x, &y) in ra.iter().zip(rb) {
-        let (u, v) = f(x, y);
-        t0 += u;
-        t1 += v;
+        t += f(x, y);
     }
-    (t0, t1)
+    t
 }
 
 /// Batch normalization in train mode, fused: `(x [N, C, H, W], gamma [C], beta [C])`,
@@ -1347,8 +1346,9 @@ impl CustomOp2 for BatchNormGrad<'_> {
                 let m = mean as f32;
                 for i in 0..n {
                     let o = (i * c + ch) * hw;
-                    let (pb, pg) =
-                        pair_sums(&gy[o..o + hw], &x[o..o + hw], |g, v| (g, g * (v - m)));
+                    let (gy, x) = (&gy[o..o + hw], &x[o..o + hw]);
+                    let pb = lane_sum(gy, gy, |g, _| g);
+                    let pg = lane_sum(gy, x, |g, v| g * (v - m));
                     db += f64::from(pb);
                     dg += f64::from(pg) * inv;
                 }
