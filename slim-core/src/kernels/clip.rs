@@ -107,6 +107,7 @@ pub fn clip(x: &Tensor, max: f32) -> candle_core::Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::max_diff;
     use super::*;
     use candle_core::{Device, Var};
 
@@ -130,36 +131,12 @@ mod tests {
             } else {
                 x.relu().unwrap()
             };
-            let diff = (&ours - &theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(diff, 0.0, "values, max {max}");
-            let g1 = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&theirs * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let (a, b) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
-            let diff = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            assert_eq!(max_diff(&ours, &theirs), 0.0, "values, max {max}");
+            let grad = |y: &Tensor| {
+                let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(&x).unwrap().clone()
+            };
+            let diff = max_diff(&grad(&ours), &grad(&theirs));
             assert_eq!(diff, 0.0, "gradients, max {max}");
         }
         // The edges and a NaN: the gradient passes strictly inside (0, max) only.
