@@ -403,7 +403,10 @@ impl Optimizer {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let w = var.as_tensor();
+            // Detached, so that the update records no graph: a gradient's own graph reaches
+            // the step's activations, and a slot built from it would keep them, and through
+            // the previous slot every earlier step's, alive for the whole run.
+            let (g, w) = (&g.detach(), &var.as_tensor().detach());
             match self.kind {
                 OptimizerKind::Sgd => {
                     let g = if cfg.weight_decay > 0.0 {
@@ -1008,5 +1011,39 @@ mod tests {
             (w[0] - 0.99).abs() < 1e-6 && (w[1] + 1.99).abs() < 1e-6,
             "{w:?}"
         );
+    }
+
+    /// The optimizer's state after a step keeps no graph: nothing reaches the parameters
+    /// from its slots (a slot that did would keep every step's activations alive).
+    #[test]
+    fn optimizer_state_keeps_no_graph() {
+        let g = crate::graph::GraphBuilder::new([3])
+            .linear("fc", 2)
+            .build()
+            .unwrap();
+        let m = Model::init(g, 0, &Device::Cpu).unwrap();
+        let x = Tensor::new(&[[1f32, -2.0, 0.5]], &Device::Cpu).unwrap();
+        let cfg = TrainConfig {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.01,
+            ..TrainConfig::default()
+        };
+        for kind in [OptimizerKind::Sgd, OptimizerKind::Adam, OptimizerKind::AdamW] {
+            let mut opt = Optimizer::new(kind, &m, &[]).unwrap();
+            for _ in 0..2 {
+                let y = m.forward(&x, Mode::Train).unwrap();
+                let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                opt.step(&grads, 0.1, &cfg).unwrap();
+            }
+            let weight = m.params.tensor("fc.weight").unwrap();
+            for slot in opt.slots.iter().flatten() {
+                let reached = slot.sum_all().unwrap().backward().unwrap();
+                assert!(
+                    reached.get(&weight).is_none(),
+                    "{kind:?}: a slot reaches the weights"
+                );
+            }
+        }
     }
 }
