@@ -5,12 +5,13 @@
 //! transposed convolution. Here:
 //! - **depthwise** convolution is a direct kernel over each `(sample, channel)` plane, in
 //!   parallel, with its own input and weight gradients;
-//! - a **dense** convolution is `W · im2col(x) + b` in one custom op that calls the `gemm`
-//!   crate directly; its backward recomputes the unfold and makes two products of the same
-//!   size (`dW = G · colsᵀ`, `dcols = Wᵀ · G`) and a fold, with no autograd intermediates;
-//!   a **pointwise** one (1x1, stride 1, no padding) needs no unfold at all: its forward and
-//!   its input gradient are products of register tiles (`pointwise`) that read each sample's
-//!   planes where they lie, and its weight gradient reads them in place too;
+//! - a **dense** convolution is `W · im2col(x) + b` in one custom op, sample by sample; its
+//!   backward recomputes each sample's unfold and makes two products of the same size
+//!   (`dW += G · colsᵀ`, `dcols = Wᵀ · G`) and a fold, with no autograd intermediates; a
+//!   **pointwise** one (1x1, stride 1, no padding) needs no unfold at all. Every product is
+//!   made of the same register tiles (`pointwise`), which read each sample's planes (or
+//!   columns) where they lie; for the weight gradient the operand with fewer rows is
+//!   transposed into a panel once per sample;
 //! - in evaluation a convolution can finish its outputs with a bias and a clamp as they are
 //!   written ([`conv2d_fused`]), and layers under a size run on the calling thread;
 //! - train-mode **batch norm** is one fused op with its own backward;
@@ -95,14 +96,6 @@ impl Epilogue {
             self.hi
         } else {
             v
-        }
-    }
-
-    /// `row = act(row + bias)` in place.
-    #[inline(always)]
-    fn finish(self, row: &mut [f32], bias: f32) {
-        for v in row {
-            *v = self.apply(*v + bias);
         }
     }
 }
@@ -225,72 +218,6 @@ fn fold_into(g: &Geom, cols: &[f32], x: &mut [f32], parallel: bool) {
     }
 }
 
-/// A strided operand of [`gemm_into`]: the values, the row stride and the column stride.
-type Operand<'a> = (&'a [f32], usize, usize);
-
-/// `dst = a · b` (row-major `[m, n]`), or `dst += a · b` with `accumulate`, where `a` and
-/// `b` are read through (row, column) strides, so transposed operands cost nothing; computed
-/// by the `gemm` crate (the GEMM candle itself uses), over every core with `parallel`, else on
-/// the calling thread (for callers that split the work themselves).
-#[allow(clippy::too_many_arguments)]
-fn gemm_into(
-    dst: &mut [f32],
-    accumulate: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    (a, a_rs, a_cs): Operand<'_>,
-    (b, b_rs, b_cs): Operand<'_>,
-    parallel: bool,
-) {
-    assert_eq!(dst.len(), m * n, "dst is not m x n");
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        return;
-    }
-    // The largest index each operand is read at must lie inside its slice.
-    assert!(
-        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
-        "lhs out of bounds"
-    );
-    assert!(
-        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
-        "rhs out of bounds"
-    );
-    let parallelism = if parallel {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above bound every read of `a` and `b`; `dst` is a row-major m x n
-    // buffer (checked above) that, being borrowed mutably, overlaps neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
 /// Work below which an evaluation kernel runs on the calling thread: handing a small layer to
 /// the pool and waking another worker (tens of microseconds on this kind of machine) costs
 /// more than the second core saves. In multiply-adds for products and sweeps, in values for
@@ -383,13 +310,9 @@ fn dense_forward(g: &Geom, o: usize, x: &[f32], w: &[f32], b: &[f32], act: Epilo
     if g.pointwise() {
         return pointwise_forward(g.n, (o, k, p), x, w, b, act);
     }
-    let finish = |out: &mut [f32]| {
-        for (row, &bo) in out.chunks_mut(p).zip(b) {
-            act.finish(row, bo);
-        }
-    };
     let one = Geom { n: 1, ..*g };
     let per_in = g.c * g.h * g.w;
+    let fast = has_avx2_fma();
     let mut y = vec![0f32; g.n * o * p];
     per_sample_with(
         &mut y,
@@ -397,8 +320,19 @@ fn dense_forward(g: &Geom, o: usize, x: &[f32], w: &[f32], b: &[f32], act: Epilo
         || vec![0f32; k * p],
         |n, out, cols, parallel| {
             unfold_into(&one, &x[n * per_in..][..per_in], cols, parallel);
-            gemm_into(out, false, o, p, k, (w, k, 1), (cols, p, 1), parallel);
-            finish(out);
+            // SAFETY: `out` is this sample's o * p outputs, borrowed mutably here alone.
+            unsafe {
+                pointwise::product(
+                    Disjoint(out.as_mut_ptr()),
+                    (w, k, 1),
+                    cols,
+                    Some(b),
+                    (1, o, k, p),
+                    act,
+                    parallel,
+                    fast,
+                )
+            };
         },
         g.n * o * p * k < SERIAL_PRODUCT,
     );
@@ -529,7 +463,7 @@ impl candle_core::CustomOp3 for DenseConvGrad {
             .par_chunks_mut(per * per_in)
             .enumerate()
             .map(|(t, gx_part)| {
-                let mut acc_w = vec![0f32; nw];
+                let mut acc_w = pointwise::WeightGrad::new(o, k, p);
                 let mut acc_b = vec![0f64; o];
                 let mut cols = vec![0f32; if g.pointwise() { 0 } else { k * p }];
                 let mut gcols = vec![0f32; if g.pointwise() { 0 } else { k * p }];
@@ -553,27 +487,30 @@ impl candle_core::CustomOp3 for DenseConvGrad {
                                 fast,
                             )
                         };
-                        gemm_into(&mut acc_w, true, o, k, p, (gn, p, 1), (xn, 1, p), parallel);
+                        acc_w.add(gn, xn, parallel, fast);
                     } else {
                         unfold_into(&one, xn, &mut cols, parallel);
-                        gemm_into(
-                            &mut acc_w,
-                            true,
-                            o,
-                            k,
-                            p,
-                            (gn, p, 1),
-                            (&cols, 1, p),
-                            parallel,
-                        );
-                        gemm_into(&mut gcols, false, k, p, o, (w, 1, k), (gn, p, 1), parallel);
+                        acc_w.add(gn, &cols, parallel, fast);
+                        // SAFETY: `gcols` holds k * p values, borrowed mutably here alone.
+                        unsafe {
+                            pointwise::product(
+                                Disjoint(gcols.as_mut_ptr()),
+                                (w, 1, k),
+                                gn,
+                                None,
+                                (1, k, o, p),
+                                Epilogue::NONE,
+                                parallel,
+                                fast,
+                            )
+                        };
                         fold_into(&one, &gcols, dst, parallel);
                     }
                     for (b, row) in acc_b.iter_mut().zip(gn.chunks_exact(p)) {
                         *b += f64::from(lane_sum(row, row, |v, _| v));
                     }
                 }
-                (acc_w, acc_b)
+                (acc_w.finish(), acc_b)
             })
             .collect();
         let mut sums_b = vec![0f64; o];
@@ -2089,6 +2026,58 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The weight gradient's tiles against a plain sum in f64, over several samples: more
+    /// input rows than output channels and fewer (either operand transposed), partial tiles,
+    /// sums over more positions than one block, the vector and portable tiles, one thread and
+    /// every core.
+    #[test]
+    fn weight_gradient_matches_a_plain_sum() {
+        let mut next = uniform(11);
+        for (n, o, k, p) in [
+            (3, 6, 16, 16),
+            (2, 13, 5, 300),
+            (1, 1, 1, 1),
+            (2, 40, 70, 49),
+            (4, 9, 288, 17),
+            (1, 20, 3, 600),
+        ] {
+            for (parallel, fast) in [
+                (false, false),
+                (true, false),
+                (false, has_avx2_fma()),
+                (true, has_avx2_fma()),
+            ] {
+                let g: Vec<f32> = (0..n * o * p).map(|_| next()).collect();
+                let x: Vec<f32> = (0..n * k * p).map(|_| next() * 2.0).collect();
+                let mut grad = pointwise::WeightGrad::new(o, k, p);
+                for s in 0..n {
+                    grad.add(
+                        &g[s * o * p..][..o * p],
+                        &x[s * k * p..][..k * p],
+                        parallel,
+                        fast,
+                    );
+                }
+                let dw = grad.finish();
+                assert_eq!(dw.len(), o * k);
+                for (i, &got) in dw.iter().enumerate() {
+                    let (r, c) = (i / k, i % k);
+                    let want: f64 = (0..n * p)
+                        .map(|j| {
+                            let (s, q) = (j / p, j % p);
+                            f64::from(g[(s * o + r) * p + q]) * f64::from(x[(s * k + c) * p + q])
+                        })
+                        .sum();
+                    let tol = 1e-5 * ((n * p) as f64).sqrt() * 4.0;
+                    assert!(
+                        (f64::from(got) - want).abs() <= tol,
+                        "({r}, {c}) of {n}x{o}x{k}x{p} fast {fast}: {got} != {want}"
+                    );
                 }
             }
         }

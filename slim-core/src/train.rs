@@ -1029,7 +1029,11 @@ mod tests {
             weight_decay: 0.01,
             ..TrainConfig::default()
         };
-        for kind in [OptimizerKind::Sgd, OptimizerKind::Adam, OptimizerKind::AdamW] {
+        for kind in [
+            OptimizerKind::Sgd,
+            OptimizerKind::Adam,
+            OptimizerKind::AdamW,
+        ] {
             let mut opt = Optimizer::new(kind, &m, &[]).unwrap();
             for _ in 0..2 {
                 let y = m.forward(&x, Mode::Train).unwrap();

@@ -230,6 +230,46 @@ mod avx2 {
 
     use super::{Epilogue, Tile};
 
+    /// `dst[j * ldd + i] = src[i * lds + j]` for `i, j` in `0..8`: an 8 x 8 block
+    /// transposed in registers.
+    ///
+    /// # Safety
+    /// The machine has AVX2; the 8 rows of 8 values read and written are in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transpose8(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+        // SAFETY (whole body): in bounds as the caller promises.
+        unsafe {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * lds)));
+            // Pairs of rows interleaved, then quads, then the halves exchanged.
+            let t: [__m256; 8] = std::array::from_fn(|i| {
+                let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            let q: [__m256; 8] = std::array::from_fn(|i| {
+                let (a, b) = (t[i / 4 * 4 + i / 2 % 2], t[i / 4 * 4 + i / 2 % 2 + 2]);
+                if i % 2 == 0 {
+                    _mm256_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm256_shuffle_ps::<0xEE>(a, b)
+                }
+            });
+            for j in 0..4 {
+                _mm256_storeu_ps(
+                    dst.add(j * ldd),
+                    _mm256_permute2f128_ps::<0x20>(q[j], q[j + 4]),
+                );
+                _mm256_storeu_ps(
+                    dst.add((j + 4) * ldd),
+                    _mm256_permute2f128_ps::<0x31>(q[j], q[j + 4]),
+                );
+            }
+        }
+    }
+
     /// The tile in 2 x M vector registers.
     ///
     /// # Safety
@@ -277,6 +317,148 @@ mod avx2 {
                 _mm256_storeu_ps(c, row[0]);
                 _mm256_storeu_ps(c.add(8), row[1]);
             }
+        }
+    }
+}
+
+/// A weight gradient `dW = Σ_n G_n · X_nᵀ` summed sample by sample, with `G_n` `[o, p]` (a
+/// sample's output gradient) and `X_n` `[k, p]` (its input planes, or its unfolded columns),
+/// by the forward's tiles: the operand with fewer rows is transposed into a panel `[p, ·]`
+/// (columns padded to whole tiles, zero beyond), whose rows the tiles read as they read
+/// planes, while the other operand's rows serve as the weights. With `X_n` transposed, the
+/// tiles sum `G · X_nᵀ` into `[o, ·]`; with `G_n` transposed, `X_n · G_nᵀ = dWᵀ` into
+/// `[k, ·]`, transposed once at the end. The sum over positions runs in blocks of `KC`, so a
+/// tile's block of the panel stays in the first-level cache while the tiles of rows pass over
+/// it.
+pub(super) struct WeightGrad {
+    o: usize,
+    k: usize,
+    p: usize,
+    /// Whether `G_n` (rather than `X_n`) is the transposed operand.
+    g_transposed: bool,
+    /// Columns of the panel and of the sums: the transposed operand's rows, in whole tiles.
+    width: usize,
+    /// The transposed operand, `[p, width]`.
+    panel: Vec<f32>,
+    /// The sums, `[rows, width]`, rows being the other operand's.
+    sums: Vec<f32>,
+}
+
+impl WeightGrad {
+    /// Empty sums for `o` output channels, `k` input rows and `p` positions per sample.
+    pub(super) fn new(o: usize, k: usize, p: usize) -> Self {
+        let g_transposed = o < k;
+        let (rows, cols) = if g_transposed { (k, o) } else { (o, k) };
+        let width = cols.div_ceil(NR) * NR;
+        WeightGrad {
+            o,
+            k,
+            p,
+            g_transposed,
+            width,
+            panel: vec![0.0; p * width],
+            sums: vec![0.0; rows * width],
+        }
+    }
+
+    /// Adds one sample's `G_n · X_nᵀ`: over every core with `parallel` (in blocks of
+    /// columns), else on the calling thread; with the vector tiles when `fast`
+    /// ([`super::has_avx2_fma`]).
+    pub(super) fn add(&mut self, g: &[f32], x: &[f32], parallel: bool, fast: bool) {
+        let (o, k, p, width) = (self.o, self.k, self.p, self.width);
+        assert!(g.len() >= o * p && x.len() >= k * p, "operand sizes");
+        if p == 0 {
+            return;
+        }
+        let (rows, t_src, a) = if self.g_transposed {
+            (k, &g[..o * p], &x[..k * p])
+        } else {
+            (o, &x[..k * p], &g[..o * p])
+        };
+        // The panel's columns beyond the transposed operand's rows stay zero from `new`. In
+        // blocks of 8 x 8, so that both the reads and the writes stay within a few lines.
+        let cols = t_src.len() / p;
+        for c0 in (0..cols).step_by(8) {
+            let cn = 8.min(cols - c0);
+            for q0 in (0..p).step_by(8) {
+                let qn = 8.min(p - q0);
+                #[cfg(target_arch = "x86_64")]
+                if fast && cn == 8 && qn == 8 {
+                    // SAFETY: rows c0..c0 + 8, columns q0..q0 + 8 of the source and rows
+                    // q0..q0 + 8, columns c0..c0 + 8 of the panel are in bounds; the machine
+                    // has AVX2.
+                    unsafe {
+                        avx2::transpose8(
+                            t_src[c0 * p + q0..].as_ptr(),
+                            p,
+                            self.panel[q0 * width + c0..].as_mut_ptr(),
+                            width,
+                        )
+                    };
+                    continue;
+                }
+                for c in c0..c0 + cn {
+                    let src = &t_src[c * p + q0..][..qn];
+                    for (j, &v) in src.iter().enumerate() {
+                        self.panel[(q0 + j) * width + c] = v;
+                    }
+                }
+            }
+        }
+        let sums = Disjoint(self.sums.as_mut_ptr());
+        let panel = &self.panel;
+        let column = |j0: usize| {
+            for q0 in (0..p).step_by(KC) {
+                let qn = KC.min(p - q0);
+                for i0 in (0..rows).step_by(MR) {
+                    let t = Tile {
+                        k: qn,
+                        // SAFETY: row i0, column q0 of `a` ([rows, p]); row q0, column j0 of
+                        // the panel ([p, width]); row i0, column j0 of the sums
+                        // ([rows, width]): all in bounds.
+                        a: unsafe { a.as_ptr().add(i0 * p + q0) },
+                        lda: p,
+                        acs: 1,
+                        b: unsafe { panel.as_ptr().add(q0 * width + j0) },
+                        ldb: width,
+                        c: unsafe { sums.add(i0 * width + j0) }.0,
+                        ldc: width,
+                    };
+                    // SAFETY: the tile reads `MR.min(rows - i0)` rows of `qn` values of `a`,
+                    // `qn` rows of NR values of the panel, and writes that many rows of NR
+                    // sums in columns j0.., which no other task touches.
+                    unsafe { run_tile(MR.min(rows - i0), t, true, None, fast) };
+                }
+            }
+        };
+        let blocks = width / NR;
+        if parallel && blocks > 1 {
+            (0..blocks).into_par_iter().for_each(|j| column(j * NR));
+        } else {
+            (0..blocks).for_each(|j| column(j * NR));
+        }
+    }
+
+    /// The gradient, `[o, k]` row-major.
+    pub(super) fn finish(self) -> Vec<f32> {
+        let (o, k, width) = (self.o, self.k, self.width);
+        if width == 0 {
+            return vec![0.0; o * k];
+        }
+        if self.g_transposed {
+            let mut dw = vec![0f32; o * k];
+            for (c, row) in self.sums.chunks_exact(width).enumerate() {
+                for (r, &v) in row[..o].iter().enumerate() {
+                    dw[r * k + c] = v;
+                }
+            }
+            dw
+        } else {
+            self.sums
+                .chunks_exact(width)
+                .flat_map(|row| &row[..k])
+                .copied()
+                .collect()
         }
     }
 }
