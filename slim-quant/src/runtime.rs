@@ -303,6 +303,7 @@ fn depthwise<T: Sink>(
     let layout = Phases::new(h, w, kh, kw, c.stride, c.padding, c.dilation);
     let planes_per = (4096 / (oh * ow)).max(1);
     let avx2 = crate::gemm::Kernel::Avx2.available();
+    let pairs = (avx2 && cfg!(target_arch = "x86_64")).then(|| TapPairs::new(&layout, wq, kh * kw));
     let mut out = vec![T::default(); n * ch * oh * ow];
     let work = out.len() * kh * kw;
     for_each_chunk(
@@ -310,8 +311,8 @@ fn depthwise<T: Sink>(
         oh * ow * planes_per,
         work < SERIAL_DEPTHWISE,
         |(task, dsts)| {
-            let mut phases = vec![0i8; layout.len()];
-            let mut acc = vec![0i32; layout.span()];
+            let mut phases = vec![0i8; layout.len() + SWEEP_SLACK];
+            let mut acc = vec![0i32; layout.span().next_multiple_of(16)];
             // The task's sums, plane after plane without the layout's gaps.
             let mut sums = vec![0i32; dsts.len()];
             for (j, plane_sums) in sums.chunks_exact_mut(oh * ow).enumerate() {
@@ -319,7 +320,20 @@ fn depthwise<T: Sink>(
                 let ci = plane % ch;
                 layout.fill(&xq[plane * h * w..(plane + 1) * h * w], &mut phases);
                 let filt = &wq[ci * kh * kw..(ci + 1) * kh * kw];
-                accumulate_taps(&mut acc, &phases, &layout, filt, avx2);
+                match &pairs {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the machine has AVX2; `acc` is whole blocks of 16, and every
+                    // sweep over them lies inside the phases and their slack.
+                    Some(p) => unsafe {
+                        madd_sweep(
+                            &mut acc,
+                            &phases,
+                            &p.starts,
+                            &p.weights[ci * p.starts.len()..][..p.starts.len()],
+                        )
+                    },
+                    _ => accumulate_taps(&mut acc[..layout.span()], &phases, &layout, filt, avx2),
+                }
                 for (oy, row) in plane_sums.chunks_exact_mut(ow).enumerate() {
                     row.copy_from_slice(&acc[layout.row(oy)..][..ow]);
                 }
@@ -345,9 +359,83 @@ fn depthwise<T: Sink>(
     out
 }
 
-/// `acc = sum over taps t of filt[t] * phases[tap(t)..][..acc.len()]`: the depthwise
-/// sweeps, compiled for AVX2 where the machine has it (the portable build vectorizes them
-/// with SSE2 only, which has no 32-bit multiply) and plainly elsewhere.
+/// A depthwise layer's taps as [`madd_sweep`] takes them: pairs of taps (where their sweeps
+/// start in the phases; an odd last tap pairs with itself at a zero weight), and for every
+/// channel each pair's two weights in one 32-bit value, the first tap's in the low half.
+struct TapPairs {
+    starts: Vec<(usize, usize)>,
+    weights: Vec<i32>,
+}
+
+impl TapPairs {
+    fn new(layout: &Phases, wq: &[i8], taps: usize) -> TapPairs {
+        let pairs = taps.div_ceil(2);
+        let second = |j: usize| (2 * j + 1).min(taps - 1);
+        let starts = (0..pairs)
+            .map(|j| (layout.tap(2 * j), layout.tap(second(j))))
+            .collect();
+        let weights = wq
+            .chunks_exact(taps)
+            .flat_map(|filt| {
+                (0..pairs).map(move |j| {
+                    let w1 = if 2 * j + 1 < taps { filt[2 * j + 1] } else { 0 };
+                    ((u32::from(i16::from(w1) as u16) << 16)
+                        | u32::from(i16::from(filt[2 * j]) as u16)) as i32
+                })
+            })
+            .collect();
+        TapPairs { starts, weights }
+    }
+}
+
+/// Slack after a plane's phases and its sums, so that [`madd_sweep`] may run whole blocks of
+/// 16 past the last output (the extra sums are never read).
+const SWEEP_SLACK: usize = 16;
+
+/// `acc = sum over taps t of filt[t] * phases[start(t)..][..]` in blocks of 16 outputs, with
+/// AVX2: every tap's share of a block is summed in registers, two taps per multiply-add.
+/// Each pair's values are widened to 16 bits and interleaved, and `vpmaddwd` multiplies them
+/// by the pair's weights and adds the two products into each 32-bit lane (no saturation: two
+/// products of int8 values are at most 2 * 128 * 128). A block's lanes come out as outputs
+/// 0-3 and 8-11 in one register and 4-7 and 12-15 in the other, and are put in order on the
+/// way out.
+///
+/// # Safety
+/// The machine has AVX2; `acc.len()` is a multiple of 16, `weights` has one value per pair,
+/// and every pair's sweeps lie inside `phases` (checked).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn madd_sweep(acc: &mut [i32], phases: &[i8], starts: &[(usize, usize)], weights: &[i32]) {
+    use std::arch::x86_64::*;
+    let span = acc.len();
+    assert!(
+        span % 16 == 0
+            && weights.len() == starts.len()
+            && starts.iter().all(|&(a, b)| a.max(b) + span <= phases.len()),
+        "sweeps out of the phases"
+    );
+    let base = phases.as_ptr();
+    for i in (0..span).step_by(16) {
+        // SAFETY (block): every load reads 16 values from a start + i, i + 16 <= span.
+        unsafe {
+            let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for (&(a, b), &w) in starts.iter().zip(weights) {
+                let w = _mm256_set1_epi32(w);
+                let va = _mm256_cvtepi8_epi16(_mm_loadu_si128(base.add(a + i).cast()));
+                let vb = _mm256_cvtepi8_epi16(_mm_loadu_si128(base.add(b + i).cast()));
+                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_unpacklo_epi16(va, vb), w));
+                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_unpackhi_epi16(va, vb), w));
+            }
+            let dst = acc.as_mut_ptr().add(i);
+            _mm256_storeu_si256(dst.cast(), _mm256_permute2x128_si256::<0x20>(lo, hi));
+            _mm256_storeu_si256(dst.add(8).cast(), _mm256_permute2x128_si256::<0x31>(lo, hi));
+        }
+    }
+}
+
+/// `acc = sum over taps t of filt[t] * phases[tap(t)..][..acc.len()]`, one pass per tap:
+/// compiled for AVX2 where the machine has it (the portable build vectorizes it with SSE2
+/// only, which has no 32-bit multiply), plainly elsewhere.
 fn accumulate_taps(acc: &mut [i32], phases: &[i8], layout: &Phases, filt: &[i8], avx2: bool) {
     #[inline(always)]
     fn sweep(acc: &mut [i32], phases: &[i8], layout: &Phases, filt: &[i8]) {
@@ -958,6 +1046,8 @@ pub fn agreement(model: &Model, x: &Tensor) -> Result<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
+    use slim_core::kernels::Phases;
+
     #[test]
     fn the_int8_grid_is_the_fake_quantizers_grid() {
         // Values within an ulp or two of half-steps, where the order of operations decides
@@ -980,6 +1070,98 @@ mod tests {
             for ((x, f), q) in xs.iter().zip(fq).zip(q) {
                 assert_eq!(f, f32::from(q) * s, "{x} at scale {s}");
             }
+        }
+    }
+
+    /// The depthwise sweeps in registers (pairs of taps per multiply-add) against one pass per
+    /// tap and a plain sum: odd and even numbers of taps, strides, sweeps shorter and longer
+    /// than a block, extreme values, a second channel's weights.
+    #[test]
+    fn depthwise_sweeps_agree() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let avx2 = crate::gemm::Kernel::Avx2.available();
+        for (h, w, k, stride, pad) in [
+            (14, 14, 3, 1, 1),
+            (9, 11, 3, 2, 1),
+            (4, 4, 1, 1, 0),
+            (7, 7, 5, 1, 2),
+            (28, 28, 3, 2, 1),
+            (3, 5, 2, 1, 0),
+            (12, 12, 7, 1, 3),
+        ] {
+            let layout = Phases::new(h, w, k, k, stride, pad, 1);
+            let plane: Vec<i8> = (0..h * w)
+                .map(|i| match i % 7 {
+                    0 => -128,
+                    1 => 127,
+                    _ => rng.random_range(-128i32..128) as i8,
+                })
+                .collect();
+            let mut phases = vec![0i8; layout.len() + super::SWEEP_SLACK];
+            layout.fill(&plane, &mut phases);
+            // Two channels, the second's filter the first's negated (but -128 stays).
+            let filt: Vec<i8> = (0..k * k)
+                .map(|t| {
+                    if t == 0 {
+                        -128
+                    } else {
+                        rng.random_range(-128i32..128) as i8
+                    }
+                })
+                .collect();
+            let filters: Vec<i8> = filt
+                .iter()
+                .chain(&filt)
+                .enumerate()
+                .map(|(i, &f)| if i < k * k { f } else { f.saturating_neg() })
+                .collect();
+            let mut want = vec![7i32; layout.span()];
+            super::accumulate_taps(&mut want, &phases, &layout, &filt, false);
+            if avx2 && cfg!(target_arch = "x86_64") {
+                let pairs = super::TapPairs::new(&layout, &filters, k * k);
+                let per = pairs.starts.len();
+                for (c, sign) in [(0, 1), (1, -1)] {
+                    let mut got = vec![-1i32; layout.span().next_multiple_of(16)];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the machine has AVX2; the phases have their slack.
+                    unsafe {
+                        super::madd_sweep(
+                            &mut got,
+                            &phases,
+                            &pairs.starts,
+                            &pairs.weights[c * per..][..per],
+                        )
+                    };
+                    let want_c: Vec<i32> = if sign == 1 {
+                        want.clone()
+                    } else {
+                        (0..layout.span())
+                            .map(|i| {
+                                (0..k * k)
+                                    .map(|t| {
+                                        i32::from(filters[k * k + t])
+                                            * i32::from(phases[layout.tap(t) + i])
+                                    })
+                                    .sum()
+                            })
+                            .collect()
+                    };
+                    assert_eq!(
+                        &got[..layout.span()],
+                        &want_c[..],
+                        "{h}x{w} k{k} s{stride} p{pad} channel {c}"
+                    );
+                }
+            }
+            let plain: Vec<i32> = (0..layout.span())
+                .map(|i| {
+                    (0..k * k)
+                        .map(|t| i32::from(filt[t]) * i32::from(phases[layout.tap(t) + i]))
+                        .sum()
+                })
+                .collect();
+            assert_eq!(want, plain);
         }
     }
 
