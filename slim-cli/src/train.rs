@@ -37,6 +37,14 @@ pub struct TrainArgs {
     /// Continue from FILE.ckpt if a previous run was stopped.
     #[arg(long)]
     pub resume: bool,
+    /// Flip training images horizontally at random (on for cifar10, off for the digit and
+    /// clothing sets unless given).
+    #[arg(long)]
+    pub hflip: bool,
+    /// Pad training images by N zero pixels and crop them back at a random offset (cifar10:
+    /// 4 by default; 0 turns it off).
+    #[arg(long, value_name = "N")]
+    pub crop_padding: Option<usize>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -45,7 +53,17 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     let cfg = args.recipe.config()?;
     crate::common::check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
-    let data = crate::common::load_data(&args.data, args.limit)?;
+    let mut data = crate::common::load_data(&args.data, args.limit)?;
+    data.augment.hflip |= args.hflip;
+    if let Some(pad) = args.crop_padding {
+        if pad > data.train.shape[1].min(data.train.shape[2]) {
+            return Err(crate::input_error(format!(
+                "--crop-padding {pad} is more than the images' side ({}x{})",
+                data.train.shape[1], data.train.shape[2]
+            )));
+        }
+        data.augment.crop_padding = pad;
+    }
     let zcfg = ZooConfig::new(data.train.shape)
         .with_width(args.width)
         .with_classes(data.train.classes);

@@ -45,6 +45,40 @@ fn train_then_eval_on_the_bundled_data() {
     assert_eq!(e["samples"].as_u64(), Some(1996));
 }
 
+/// `--hflip` and `--crop-padding` reach the training batches: the same seed with and without
+/// them trains other weights, and the same flags twice the same weights (the tensors are
+/// stored in the order of their names).
+#[test]
+fn augmentation_flags_change_the_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let model = dir.path().join(name);
+        let out = slim()
+            .args([
+                "train", "--model", "lenet", "--epochs", "1", "--limit", "256",
+            ])
+            .args(["--quiet", "--json", "--out"])
+            .arg(&model)
+            .args(extra)
+            .output()
+            .unwrap();
+        json_of(&out);
+        // The tensors' bytes, after the safetensors header (whose metadata need not be
+        // written in one order).
+        let bytes = std::fs::read(&model).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        bytes[8 + header..].to_vec()
+    };
+    let plain = run("plain.safetensors", &[]);
+    let flipped = run("flip.safetensors", &["--hflip"]);
+    let cropped = run("crop.safetensors", &["--crop-padding", "2"]);
+    let flipped_again = run("flip2.safetensors", &["--hflip"]);
+    assert_ne!(plain, flipped);
+    assert_ne!(plain, cropped);
+    assert_ne!(flipped, cropped);
+    assert_eq!(flipped, flipped_again);
+}
+
 #[test]
 fn bad_arguments_exit_with_status_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -68,6 +102,15 @@ fn bad_arguments_exit_with_status_2() {
             "lenet",
             "--optimizer",
             "rmsprop",
+            "--out",
+            out,
+        ],
+        vec![
+            "train",
+            "--model",
+            "lenet",
+            "--crop-padding",
+            "29",
             "--out",
             out,
         ],

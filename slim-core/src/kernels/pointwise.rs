@@ -5,10 +5,14 @@
 //! A tile of `MR` output channels by `NR` positions is accumulated in registers over the
 //! input channels: per input channel, `NR` values of that channel's plane and `MR` weights,
 //! one multiply-add each. The planes are rows of `X` already, so nothing is packed except
-//! blocks of positions that span samples or end the batch (copied into a zero-padded panel). The inputs are
-//! read in blocks of `KC` channels, so that a block of planes stays in the first-level cache
+//! blocks of positions that span samples or end the batch (copied into a zero-padded panel).
+//! The inputs are read in blocks of `KC` channels, so that a block of planes stays in the first-level cache
 //! while every tile of channels passes over it. With AVX2 and FMA (checked at run time) the
 //! tile lives in 12 vector registers; elsewhere a portable loop computes the same.
+//!
+//! The same tiles make every other product of the convolution kernels: a dense convolution's
+//! forward and input-gradient columns (its unfolded columns as the planes), and every weight
+//! gradient ([`WeightGrad`]).
 
 use rayon::prelude::*;
 
