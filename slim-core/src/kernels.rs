@@ -459,6 +459,24 @@ impl candle_core::CustomOp3 for DenseConvGrad {
         let fast = has_avx2_fma();
         let parts = if parallel { 1 } else { (threads * 4).min(g.n) };
         let per = g.n.div_ceil(parts.max(1)).max(1);
+        // `out = Wᵀ · G_n` (k * p values: a pointwise input gradient, or the columns a fold
+        // turns into one), by the forward's tiles.
+        let transposed_product = |out: &mut [f32], gn: &[f32]| {
+            assert_eq!(out.len(), k * p, "input-gradient columns");
+            // SAFETY: `out` holds k * p values and is borrowed mutably here alone.
+            unsafe {
+                pointwise::product(
+                    Disjoint(out.as_mut_ptr()),
+                    (w, 1, k),
+                    gn,
+                    None,
+                    (1, k, o, p),
+                    Epilogue::NONE,
+                    parallel,
+                    fast,
+                )
+            }
+        };
         let partial: Vec<(Vec<f32>, Vec<f64>)> = gx
             .par_chunks_mut(per * per_in)
             .enumerate()
@@ -472,38 +490,12 @@ impl candle_core::CustomOp3 for DenseConvGrad {
                     let gn = &gy[n * o * p..][..o * p];
                     let xn = &x[n * per_in..][..per_in];
                     if g.pointwise() {
-                        // dX_n = Wᵀ · G_n, by the forward's tiles.
-                        // SAFETY: `dst` is this sample's k * p input gradient, borrowed
-                        // mutably here alone.
-                        unsafe {
-                            pointwise::product(
-                                Disjoint(dst.as_mut_ptr()),
-                                (w, 1, k),
-                                gn,
-                                None,
-                                (1, k, o, p),
-                                Epilogue::NONE,
-                                parallel,
-                                fast,
-                            )
-                        };
+                        transposed_product(dst, gn);
                         acc_w.add(gn, xn, parallel, fast);
                     } else {
                         unfold_into(&one, xn, &mut cols, parallel);
                         acc_w.add(gn, &cols, parallel, fast);
-                        // SAFETY: `gcols` holds k * p values, borrowed mutably here alone.
-                        unsafe {
-                            pointwise::product(
-                                Disjoint(gcols.as_mut_ptr()),
-                                (w, 1, k),
-                                gn,
-                                None,
-                                (1, k, o, p),
-                                Epilogue::NONE,
-                                parallel,
-                                fast,
-                            )
-                        };
+                        transposed_product(&mut gcols, gn);
                         fold_into(&one, &gcols, dst, parallel);
                     }
                     for (b, row) in acc_b.iter_mut().zip(gn.chunks_exact(p)) {

@@ -409,7 +409,7 @@ unsafe fn madd_sweep(acc: &mut [i32], phases: &[i8], starts: &[(usize, usize)], 
     use std::arch::x86_64::*;
     let span = acc.len();
     assert!(
-        span % 16 == 0
+        span.is_multiple_of(16)
             && weights.len() == starts.len()
             && starts.iter().all(|&(a, b)| a.max(b) + span <= phases.len()),
         "sweeps out of the phases"
