@@ -139,6 +139,40 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     }
 }
 
+/// `dst.copy_from_slice(src)` for the short runs of small planes (a row of 7 or 14 values),
+/// in pieces of 32, 16, 8, 4, 2 or 1 bytes, each one unaligned load and store (the last piece
+/// overlapping the one before), where `copy_from_slice` calls `memmove`: per row, that call
+/// cost more than the copy (a quarter of a depthwise convolution's backward). Panics if the
+/// lengths differ.
+#[inline(always)]
+pub fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
+    assert_eq!(dst.len(), src.len(), "copy_short: lengths differ");
+    let n = std::mem::size_of_val(src);
+    let (d, s) = (dst.as_mut_ptr().cast::<u8>(), src.as_ptr().cast::<u8>());
+    macro_rules! pieces {
+        ($($b:literal)*) => {$(
+            if n >= $b {
+                // SAFETY: every piece lies within the `n` bytes of both slices, which cannot
+                // overlap (one is borrowed mutably); `T: Copy`, so bytes copy values.
+                unsafe {
+                    let piece = |at: usize| {
+                        let v = s.add(at).cast::<[u8; $b]>().read_unaligned();
+                        d.add(at).cast::<[u8; $b]>().write_unaligned(v);
+                    };
+                    let mut at = 0;
+                    while at + $b < n {
+                        piece(at);
+                        at += $b;
+                    }
+                    piece(n - $b);
+                }
+                return;
+            }
+        )*};
+    }
+    pieces!(32 16 8 4 2 1);
+}
+
 /// im2col, `[N, C, H, W]` to `[C*KH*KW, N*OH*OW]`, into `cols`, whose padding positions must
 /// hold zeros (they are never written, so one buffer serves every batch of one geometry);
 /// over every core with `parallel`.
@@ -157,7 +191,7 @@ fn unfold_into(g: &Geom, x: &[f32], cols: &mut [f32], parallel: bool) {
                 let dst_row = &mut out[oh * g.ow..(oh + 1) * g.ow];
                 if g.stride == 1 {
                     let a = g.src(cols_r.start, kw);
-                    dst_row[cols_r.clone()].copy_from_slice(&src_row[a..a + cols_r.len()]);
+                    copy_short(&mut dst_row[cols_r.clone()], &src_row[a..a + cols_r.len()]);
                 } else {
                     for ow in cols_r.clone() {
                         dst_row[ow] = src_row[g.src(ow, kw)];
@@ -405,24 +439,29 @@ impl candle_core::CustomOp3 for DenseConv {
         &self,
         x: &Tensor,
         w: &Tensor,
-        b: &Tensor,
+        _b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let all = x.apply_op3_no_bwd(
-            w,
-            &grad.contiguous()?,
-            &DenseConvGrad {
-                g: self.g,
-                o: self.o,
-            },
-        )?;
-        let (nx, nw) = (x.elem_count(), w.elem_count());
-        let gx = all.narrow(0, 0, nx)?.reshape(x.dims())?;
-        let gw = all.narrow(0, nx, nw)?.reshape(w.dims())?;
-        let gb = all.narrow(0, nx + nw, b.elem_count())?;
+        let (gx, gw, gb) = dense_grads(x, w, grad, self.g, self.o)?;
         Ok((Some(gx), Some(gw), Some(gb)))
     }
+}
+
+/// The input, weight and bias gradients of [`DenseConv`] for the output gradient `grad`.
+fn dense_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    g: Geom,
+    o: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &DenseConvGrad { g, o })?;
+    let (nx, nw) = (x.elem_count(), w.elem_count());
+    let gx = all.narrow(0, 0, nx)?.reshape(x.dims())?;
+    let gw = all.narrow(0, nx, nw)?.reshape(w.dims())?;
+    let gb = all.narrow(0, nx + nw, o)?;
+    Ok((gx, gw, gb))
 }
 
 impl candle_core::CustomOp3 for DenseConvGrad {
@@ -624,7 +663,7 @@ impl Phases {
         }
         self.runs(|at_src, at, n, step| {
             if step == 1 {
-                phases[at..at + n].copy_from_slice(&src[at_src..at_src + n]);
+                copy_short(&mut phases[at..at + n], &src[at_src..at_src + n]);
             } else {
                 for (d, &v) in phases[at..at + n]
                     .iter_mut()
@@ -657,7 +696,7 @@ impl Phases {
         }
         self.runs(|at_src, at, n, step| {
             if step == 1 {
-                dst[at_src..at_src + n].copy_from_slice(&phases[at..at + n]);
+                copy_short(&mut dst[at_src..at_src + n], &phases[at..at + n]);
             } else {
                 for (d, &v) in dst[at_src..]
                     .iter_mut()
@@ -717,7 +756,7 @@ impl Phases {
     /// written (start from zeros).
     pub fn widen<T: Copy>(&self, src: &[T], wide: &mut [T]) {
         for (oy, line) in src.chunks_exact(self.ow).enumerate() {
-            wide[self.row(oy)..][..self.ow].copy_from_slice(line);
+            copy_short(&mut wide[self.row(oy)..][..self.ow], line);
         }
     }
 }
@@ -781,6 +820,45 @@ mod depthwise_avx2 {
 
     use super::Epilogue;
 
+    /// [`super::tap_dots_f32`] for a group of `G` taps, their lanes in `G` registers.
+    ///
+    /// # Safety
+    /// The machine has AVX2 and FMA; `taps` has `G` entries, `taps[t] + wide.len() <=
+    /// phases.len()` for each, and `lanes` holds `G * DOT_LANES` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots<const G: usize>(
+        lanes: &mut [f32],
+        phases: &[f32],
+        taps: &[usize],
+        wide: &[f32],
+    ) {
+        const { assert!(super::DOT_LANES == 8) };
+        let span = wide.len();
+        // SAFETY (whole body): in bounds as the caller promises.
+        unsafe {
+            let at: [*const f32; G] = std::array::from_fn(|t| phases.as_ptr().add(taps[t]));
+            let mut a: [__m256; G] =
+                std::array::from_fn(|t| _mm256_loadu_ps(lanes.as_ptr().add(8 * t)));
+            let g = wide.as_ptr();
+            let mut i = 0;
+            while i + 8 <= span {
+                let gv = _mm256_loadu_ps(g.add(i));
+                for (v, &p) in a.iter_mut().zip(&at) {
+                    *v = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), gv, *v);
+                }
+                i += 8;
+            }
+            for (t, &v) in a.iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * t), v);
+            }
+            for j in i..span {
+                for (t, &p) in at.iter().enumerate() {
+                    lanes[8 * t + j - i] += *p.add(j) * *g.add(j);
+                }
+            }
+        }
+    }
+
     /// [`super::sweep_taps_f32`] in 4 vector registers per block of 32 outputs.
     ///
     /// # Safety
@@ -841,23 +919,56 @@ mod depthwise_avx2 {
     }
 }
 
-/// For each tap t: `sums[t * span..][..span] += phases[tap(t)..][..span] * wide`.
-fn products_taps_f32(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Phases, avx: bool) {
-    #[inline(always)]
-    fn products(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Phases) {
-        let span = wide.len();
-        for (t, row) in sums.chunks_exact_mut(span).enumerate() {
-            let at = layout.tap(t);
-            for ((s, &x), &g) in row.iter_mut().zip(&phases[at..at + span]).zip(wide) {
-                *s += x * g;
+/// Partial sums per tap in [`tap_dots_f32`].
+const DOT_LANES: usize = 8;
+
+/// For each tap t: `lanes[t * DOT_LANES..][..DOT_LANES] += ` the products
+/// `phases[taps[t] + i] * wide[i]` over `i` in the span, `i` spread over the tap's lanes (the
+/// caller sums each tap's lanes once, at the end). With AVX2 and FMA the taps go in groups of
+/// up to 9 whose sums stay in registers over one sweep of the span, so `wide` is read once per
+/// group and no product is stored.
+fn tap_dots_f32(lanes: &mut [f32], phases: &[f32], taps: &[usize], wide: &[f32], fast: bool) {
+    let span = wide.len();
+    assert_eq!(lanes.len(), taps.len() * DOT_LANES, "lanes per tap");
+    assert!(
+        taps.iter().all(|&at| at + span <= phases.len()),
+        "a tap's sweep leaves the phases"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if fast {
+        let groups = taps.len().div_ceil(9).max(1);
+        let size = taps.len().div_ceil(groups).max(1);
+        for (taps, lanes) in taps.chunks(size).zip(lanes.chunks_mut(size * DOT_LANES)) {
+            macro_rules! group {
+                ($($g:literal)*) => {
+                    match taps.len() {
+                        // SAFETY: the machine has AVX2 and FMA; the reads are in bounds
+                        // (checked above) and `lanes` holds DOT_LANES per tap.
+                        $($g => unsafe { depthwise_avx2::dots::<$g>(lanes, phases, taps, wide) },)*
+                        _ => unreachable!("groups of 1..=9 taps"),
+                    }
+                };
+            }
+            group!(1 2 3 4 5 6 7 8 9);
+        }
+        return;
+    }
+    let _ = fast;
+    for (&at, lane) in taps.iter().zip(lanes.chunks_exact_mut(DOT_LANES)) {
+        let (xs, gs) = (
+            phases[at..at + span].chunks_exact(DOT_LANES),
+            wide.chunks_exact(DOT_LANES),
+        );
+        let (rx, rg) = (xs.remainder(), gs.remainder());
+        for (x, g) in xs.zip(gs) {
+            for j in 0..DOT_LANES {
+                lane[j] += x[j] * g[j];
             }
         }
+        for (j, (&x, &g)) in rx.iter().zip(rg).enumerate() {
+            lane[j] += x * g;
+        }
     }
-    crate::with_target_feature!(
-        "avx",
-        avx,
-        products(sums: &mut [f32], phases: &[f32], wide: &[f32], layout: &Phases)
-    )
 }
 
 /// Whether this machine runs AVX2 and FMA code (the register tiles and sweeps).
@@ -865,18 +976,6 @@ fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether this machine runs AVX code (for the kernels compiled for it).
-fn has_avx() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -921,7 +1020,7 @@ fn depthwise_forward(
             // this task alone.
             let plane = unsafe { out.rows(idx * op, op) };
             for (oy, row) in plane.chunks_exact_mut(g.ow).enumerate() {
-                row.copy_from_slice(&acc[layout.row(oy)..][..g.ow]);
+                copy_short(row, &acc[layout.row(oy)..][..g.ow]);
             }
         }
     });
@@ -990,12 +1089,23 @@ impl CustomOp2 for Depthwise {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &DepthwiseGrad(self.0))?;
-        let nx = x.elem_count();
-        let gx = all.narrow(0, 0, nx)?.reshape(x.dims())?;
-        let gw = all.narrow(0, nx, w.elem_count())?.reshape(w.dims())?;
+        let (gx, gw) = depthwise_grads(x, w, grad, self.0)?;
         Ok((Some(gx), Some(gw)))
     }
+}
+
+/// The input and weight gradients of [`Depthwise`] for the output gradient `grad`.
+fn depthwise_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    g: Geom,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &DepthwiseGrad(g))?;
+    let nx = x.elem_count();
+    let gx = all.narrow(0, 0, nx)?.reshape(x.dims())?;
+    let gw = all.narrow(0, nx, w.elem_count())?.reshape(w.dims())?;
+    Ok((gx, gw))
 }
 
 impl candle_core::CustomOp3 for DepthwiseGrad {
@@ -1017,7 +1127,6 @@ impl candle_core::CustomOp3 for DepthwiseGrad {
         let gy = f32_slice(s3, l3, self.name())?;
         let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
         let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
-        let avx = has_avx();
         let fast = has_avx2_fma();
         let span = layout.span();
         // The input gradient as a forward sweep: the phases of the padded input's gradient
@@ -1027,45 +1136,53 @@ impl candle_core::CustomOp3 for DepthwiseGrad {
         let lead = layout.taps.iter().copied().max().unwrap_or(0);
         let flipped: Vec<usize> = layout.taps.iter().map(|&t| lead - t).collect();
         let nx = g.n * g.c * ip;
-        let mut out = vec![0f32; nx + g.c * kk];
-        let (gx, gw) = out.split_at_mut(nx);
-        let planes = Disjoint(gx.as_mut_ptr());
+        // Every input-gradient plane is written whole below, so the buffer is not zeroed.
+        let mut out: Vec<f32> = Vec::with_capacity(nx + g.c * kk);
+        let planes = Disjoint(out.as_mut_ptr());
         // One task per channel, over every sample: each output-gradient plane is widened
         // once and serves both gradients while it is in cache.
-        gw.par_chunks_mut(kk).enumerate().for_each(|(c, filt)| {
-            let mut phases = vec![0f32; layout.len()];
-            let mut back = vec![0f32; layout.len()];
-            let mut padded = vec![0f32; lead + layout.len()];
-            // Per tap, the products of the input's phase and the widened output gradient,
-            // summed element by element over every sample (so it runs in vector code), and
-            // across the elements once at the end (the extra columns hold zero gradient).
-            let mut sums = vec![0f32; kk * span];
-            let taps = &w[c * kk..(c + 1) * kk];
-            for n in 0..g.n {
-                let idx = n * g.c + c;
-                // Only the span's valid columns are written, so the rest stays zero.
-                layout.widen(
-                    &gy[idx * op..(idx + 1) * op],
-                    &mut padded[lead..lead + span],
-                );
-                let wide = &padded[lead..lead + span];
-                layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
-                products_taps_f32(&mut sums, &phases, wide, &layout, avx);
-                sweep_taps_f32(
-                    &mut back,
-                    &padded,
-                    &flipped,
-                    taps,
-                    (0.0, Epilogue::NONE),
-                    fast,
-                );
-                // SAFETY: plane `idx` belongs to this channel's task alone.
-                layout.take(&back, unsafe { planes.rows(idx * ip, ip) });
-            }
-            for (f, row) in filt.iter_mut().zip(sums.chunks_exact(span)) {
-                *f = lane_sum(row, row, |v, _| v);
-            }
-        });
+        let gw: Vec<Vec<f32>> = (0..g.c)
+            .into_par_iter()
+            .map(|c| {
+                let mut phases = vec![0f32; layout.len()];
+                let mut back = vec![0f32; layout.len()];
+                let mut padded = vec![0f32; lead + layout.len()];
+                // Per tap, the products of the input's phase and the widened output gradient
+                // (zero in the extra columns), summed in lanes over every sample, and across
+                // the lanes once at the end.
+                let mut lanes = vec![0f32; kk * DOT_LANES];
+                let taps = &w[c * kk..(c + 1) * kk];
+                for n in 0..g.n {
+                    let idx = n * g.c + c;
+                    // Only the span's valid columns are written, so the rest stays zero.
+                    layout.widen(
+                        &gy[idx * op..(idx + 1) * op],
+                        &mut padded[lead..lead + span],
+                    );
+                    let wide = &padded[lead..lead + span];
+                    layout.fill(&x[idx * ip..(idx + 1) * ip], &mut phases);
+                    tap_dots_f32(&mut lanes, &phases, &layout.taps, wide, fast);
+                    sweep_taps_f32(
+                        &mut back,
+                        &padded,
+                        &flipped,
+                        taps,
+                        (0.0, Epilogue::NONE),
+                        fast,
+                    );
+                    // SAFETY: plane `idx` lies inside the buffer's capacity and belongs to
+                    // this channel's task alone.
+                    layout.take(&back, unsafe { planes.rows(idx * ip, ip) });
+                }
+                lanes
+                    .chunks_exact(DOT_LANES)
+                    .map(|l| l.iter().sum::<f32>())
+                    .collect()
+            })
+            .collect();
+        // SAFETY: every plane of the input gradient was written above.
+        unsafe { out.set_len(nx) };
+        out.extend(gw.into_iter().flatten());
         Ok((CpuStorage::F32(out), Shape::from(nx + g.c * kk)))
     }
 }
@@ -1576,6 +1693,37 @@ pub fn conv2d(
     };
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b, DenseConv { g, o })
+}
+
+/// The input and weight gradients of [`conv2d`] `(x, w)` (its bias's gradient is the sum of
+/// `grad` per channel) for the output gradient `grad`, by the kernels its backward runs but
+/// outside candle's autograd: what a training step spends in the convolution's own backward,
+/// for benches and profiles. An error where [`conv2d`] runs candle's convolution instead.
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    spec: &Conv2dSpec,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let Some((g, o)) = geometry(x, w, spec)? else {
+        candle_core::bail!(
+            "conv2d_backward: no Slim kernel for {spec:?} on {:?}",
+            x.shape()
+        );
+    };
+    if grad.dims() != [g.n, o, g.oh, g.ow] {
+        candle_core::bail!(
+            "conv2d_backward: output gradient {:?}, expected {:?}",
+            grad.shape(),
+            (g.n, o, g.oh, g.ow)
+        );
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    if spec.is_depthwise() {
+        return depthwise_grads(&x, &w, grad, g);
+    }
+    let (gx, gw, _) = dense_grads(&x, &w, grad, g, o)?;
+    Ok((gx, gw))
 }
 
 /// A convolution for inference, `act(conv(x, w) + b)` with `b` of `[O]`, the bias and the
@@ -2101,6 +2249,56 @@ mod tests {
                     assert!((fast[i] - want).abs() < 1e-5, "fast [{i}] of {span}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn tap_dots_agree_with_a_plain_sum() {
+        let mut next = uniform(11);
+        // 1 tap, one group of 9, groups of 5 and 4 (9 + 1), 7 + 7 (14), 9 x 3 (25 taps).
+        for ntaps in [1usize, 9, 10, 14, 25] {
+            let taps: Vec<usize> = (0..ntaps).map(|t| (t * 7) % 23).collect();
+            for span in [1, 7, 8, 13, 64, 222] {
+                let phases: Vec<f32> = (0..span + 23).map(|_| next()).collect();
+                let samples: Vec<Vec<f32>> = (0..3)
+                    .map(|_| (0..span).map(|_| next()).collect())
+                    .collect();
+                for fast in [false, has_avx2_fma()] {
+                    let mut lanes = vec![0f32; ntaps * DOT_LANES];
+                    for wide in &samples {
+                        tap_dots_f32(&mut lanes, &phases, &taps, wide, fast);
+                    }
+                    for (t, &at) in taps.iter().enumerate() {
+                        let want: f64 = samples
+                            .iter()
+                            .map(|wide| {
+                                (0..span)
+                                    .map(|i| f64::from(phases[at + i] * wide[i]))
+                                    .sum::<f64>()
+                            })
+                            .sum();
+                        let got: f32 = lanes[t * DOT_LANES..][..DOT_LANES].iter().sum();
+                        assert!(
+                            (f64::from(got) - want).abs() < 1e-4 * (span as f64).sqrt(),
+                            "tap {t} of {ntaps}, span {span}, fast {fast}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_copies_copy_every_value() {
+        for n in 0..70 {
+            let src: Vec<f32> = (0..n).map(|i| i as f32 + 0.5).collect();
+            let mut dst = vec![-1f32; n];
+            copy_short(&mut dst, &src);
+            assert_eq!(dst, src, "{n} f32");
+            let src: Vec<i8> = (0..n).map(|i| i as i8 - 30).collect();
+            let mut dst = vec![99i8; n];
+            copy_short(&mut dst, &src);
+            assert_eq!(dst, src, "{n} i8");
         }
     }
 

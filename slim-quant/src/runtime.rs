@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Tensor};
 use slim_core::exec::NodeKernels;
-use slim_core::kernels::{for_each_chunk, for_each_task, Disjoint, Phases};
+use slim_core::kernels::{copy_short, for_each_chunk, for_each_task, Disjoint, Phases};
 use slim_core::train::EvalReport;
 use slim_core::{ForwardOptions, Mode, Model, Node, Op};
 
@@ -98,7 +98,7 @@ fn grouped<T: Sink>(
                             let dst = &mut row[(oy - oy0) * ow..(oy - oy0 + 1) * ow];
                             if c.stride == 1 {
                                 let start = (lo as isize + off) as usize;
-                                dst[lo..hi].copy_from_slice(&line[start..start + hi - lo]);
+                                copy_short(&mut dst[lo..hi], &line[start..start + hi - lo]);
                             } else {
                                 for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
                                     *d = line[((ox * c.stride) as isize + off) as usize];
@@ -335,7 +335,7 @@ fn depthwise<T: Sink>(
                     _ => accumulate_taps(&mut acc[..layout.span()], &phases, &layout, filt, avx2),
                 }
                 for (oy, row) in plane_sums.chunks_exact_mut(ow).enumerate() {
-                    row.copy_from_slice(&acc[layout.row(oy)..][..ow]);
+                    copy_short(row, &acc[layout.row(oy)..][..ow]);
                 }
             }
             // Finished in runs of consecutive channels (a run ends where a sample does).
