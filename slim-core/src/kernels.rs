@@ -22,6 +22,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use crate::graph::Conv2dSpec;
 
@@ -293,7 +294,7 @@ pub(crate) unsafe fn written(
     len: usize,
     size: usize,
     serial: bool,
-    f: impl Fn((usize, &mut [std::mem::MaybeUninit<f32>])) + Sync + Send,
+    f: impl Fn((usize, &mut [MaybeUninit<f32>])) + Sync + Send,
 ) -> Vec<f32> {
     let mut y: Vec<f32> = Vec::with_capacity(len);
     for_each_chunk(&mut y.spare_capacity_mut()[..len], size, serial, f);
@@ -302,16 +303,33 @@ pub(crate) unsafe fn written(
     y
 }
 
+/// `values` set to zero, as the initialized slice they now are.
+fn zeroed(values: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    values.fill(MaybeUninit::new(0.0));
+    // SAFETY: every value was just written.
+    unsafe { assume_written(values) }
+}
+
+/// `values` as the initialized slice they are.
+///
+/// # Safety
+/// Every value of `values` has been written.
+unsafe fn assume_written(values: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the caller vouches that every
+    // value is initialized.
+    unsafe { &mut *(values as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// Runs `f(n, chunk, scratch, parallel)` over the `chunk`-sized pieces of `out`, one per
 /// sample: in parallel when there are enough samples to keep every core busy (then `f` is
 /// told to stay on its thread), else one after another with `f` free to use every core; the
 /// scratch value is made by `init` for each worker's run of samples. With `serial`, all of it
 /// on the calling thread.
-fn per_sample_with<S>(
-    out: &mut [f32],
+fn per_sample_with<T: Send, S>(
+    out: &mut [T],
     chunk: usize,
     init: impl Fn() -> S + Sync + Send,
-    f: impl Fn(usize, &mut [f32], &mut S, bool) + Sync,
+    f: impl Fn(usize, &mut [T], &mut S, bool) + Sync,
     serial: bool,
 ) {
     if chunk == 0 {
@@ -347,17 +365,19 @@ fn dense_forward(g: &Geom, o: usize, x: &[f32], w: &[f32], b: &[f32], act: Epilo
     let one = Geom { n: 1, ..*g };
     let per_in = g.c * g.h * g.w;
     let fast = has_avx2_fma();
-    let mut y = vec![0f32; g.n * o * p];
+    let len = g.n * o * p;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
     per_sample_with(
-        &mut y,
+        &mut y.spare_capacity_mut()[..len],
         o * p,
         || vec![0f32; k * p],
         |n, out, cols, parallel| {
             unfold_into(&one, &x[n * per_in..][..per_in], cols, parallel);
-            // SAFETY: `out` is this sample's o * p outputs, borrowed mutably here alone.
+            // SAFETY: `out` is this sample's o * p outputs, borrowed mutably here alone; the
+            // product writes every one of them.
             unsafe {
                 pointwise::product(
-                    Disjoint(out.as_mut_ptr()),
+                    Disjoint(out.as_mut_ptr().cast::<f32>()),
                     (w, k, 1),
                     cols,
                     Some(b),
@@ -368,8 +388,10 @@ fn dense_forward(g: &Geom, o: usize, x: &[f32], w: &[f32], b: &[f32], act: Epilo
                 )
             };
         },
-        g.n * o * p * k < SERIAL_PRODUCT,
+        len * k < SERIAL_PRODUCT,
     );
+    // SAFETY: each sample's product wrote its o * p outputs.
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -485,8 +507,11 @@ impl candle_core::CustomOp3 for DenseConvGrad {
         let (nx, nw) = (g.n * g.c * g.h * g.w, o * k);
         let per_in = g.c * g.h * g.w;
         let one = Geom { n: 1, ..g };
-        let mut out = vec![0f32; nx + nw + o];
-        let (gx, rest) = out.split_at_mut(nx);
+        // Nothing is zeroed up front: a pointwise input gradient is written whole by its
+        // product, a dense one is zeroed sample by sample just before its fold adds into it
+        // (in cache, on the worker), and the weight and bias gradients are written at the end.
+        let mut out: Vec<f32> = Vec::with_capacity(nx + nw + o);
+        let (gx, rest) = out.spare_capacity_mut()[..nx + nw + o].split_at_mut(nx);
         let (gw, gb) = rest.split_at_mut(nw);
         // Sample by sample, in runs of samples per task: dX_n = fold(Wᵀ · G_n) (a pointwise
         // convolution needs no fold, and no unfold below), and per task dW += G_n · cols_nᵀ
@@ -500,12 +525,13 @@ impl candle_core::CustomOp3 for DenseConvGrad {
         let per = g.n.div_ceil(parts.max(1)).max(1);
         // `out = Wᵀ · G_n` (k * p values: a pointwise input gradient, or the columns a fold
         // turns into one), by the forward's tiles.
-        let transposed_product = |out: &mut [f32], gn: &[f32]| {
+        let transposed_product = |out: &mut [MaybeUninit<f32>], gn: &[f32]| {
             assert_eq!(out.len(), k * p, "input-gradient columns");
-            // SAFETY: `out` holds k * p values and is borrowed mutably here alone.
+            // SAFETY: `out` holds k * p values and is borrowed mutably here alone; the product
+            // writes every one of them and reads none.
             unsafe {
                 pointwise::product(
-                    Disjoint(out.as_mut_ptr()),
+                    Disjoint(out.as_mut_ptr().cast::<f32>()),
                     (w, 1, k),
                     gn,
                     None,
@@ -522,8 +548,10 @@ impl candle_core::CustomOp3 for DenseConvGrad {
             .map(|(t, gx_part)| {
                 let mut acc_w = pointwise::WeightGrad::new(o, k, p);
                 let mut acc_b = vec![0f64; o];
-                let mut cols = vec![0f32; if g.pointwise() { 0 } else { k * p }];
-                let mut gcols = vec![0f32; if g.pointwise() { 0 } else { k * p }];
+                let cols_len = if g.pointwise() { 0 } else { k * p };
+                let mut cols = vec![0f32; cols_len];
+                let mut gcols: Vec<f32> = Vec::with_capacity(cols_len);
+                let gcols = &mut gcols.spare_capacity_mut()[..cols_len];
                 for (j, dst) in gx_part.chunks_mut(per_in).enumerate() {
                     let n = t * per + j;
                     let gn = &gy[n * o * p..][..o * p];
@@ -534,8 +562,10 @@ impl candle_core::CustomOp3 for DenseConvGrad {
                     } else {
                         unfold_into(&one, xn, &mut cols, parallel);
                         acc_w.add(gn, &cols, parallel, fast);
-                        transposed_product(&mut gcols, gn);
-                        fold_into(&one, &gcols, dst, parallel);
+                        transposed_product(gcols, gn);
+                        // SAFETY: the product wrote every value of `gcols`.
+                        let gcols = unsafe { assume_written(gcols) };
+                        fold_into(&one, gcols, zeroed(dst), parallel);
                     }
                     for (b, row) in acc_b.iter_mut().zip(gn.chunks_exact(p)) {
                         *b += f64::from(lane_sum(row, row, |v, _| v));
@@ -544,12 +574,21 @@ impl candle_core::CustomOp3 for DenseConvGrad {
                 (acc_w.finish(), acc_b)
             })
             .collect();
+        let mut sums_w = vec![0f32; nw];
         let mut sums_b = vec![0f64; o];
         for (part_w, part_b) in partial {
-            gw.iter_mut().zip(part_w).for_each(|(d, s)| *d += s);
+            sums_w.iter_mut().zip(part_w).for_each(|(d, s)| *d += s);
             sums_b.iter_mut().zip(part_b).for_each(|(d, s)| *d += s);
         }
-        gb.iter_mut().zip(sums_b).for_each(|(d, s)| *d = s as f32);
+        gw.iter_mut().zip(sums_w).for_each(|(d, s)| {
+            d.write(s);
+        });
+        gb.iter_mut().zip(sums_b).for_each(|(d, s)| {
+            d.write(s as f32);
+        });
+        // SAFETY: every input gradient value was written by its sample's product (pointwise)
+        // or zeroed and then folded into, and the weight and bias gradients just above.
+        unsafe { out.set_len(nx + nw + o) };
         Ok((CpuStorage::F32(out), Shape::from(nx + nw + o)))
     }
 }
@@ -1303,7 +1342,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
             );
         }
         let st = &self.stats;
-        let plane = |(idx, out): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+        let plane = |(idx, out): (usize, &mut [MaybeUninit<f32>])| {
             let ch = idx % c;
             let inv = (1.0 / (st[ch].1 + self.eps).sqrt()) as f32;
             let scale = gamma[ch] * inv;
@@ -2319,6 +2358,10 @@ mod tests {
                 .with_padding(pad)
                 .with_dilation(dil);
             check(2, 5, 7, 11, k, spec);
+        }
+        // One sample (the products over every core), and more samples than tasks.
+        for n in [1, 9] {
+            check(n, 5, 7, 6, 3, Conv2dSpec::new(5, 7, 3).with_padding(1));
         }
         // The pointwise path, one sample at a time and in parallel over samples.
         for n in [1, 3, 8] {
