@@ -237,11 +237,17 @@ trait Sink: Copy + Default + Send + Sync {
     fn finish(dst: &mut [Self], sums: Sums<'_>, to: &Requant);
     /// Where a product that finishes its sums itself writes this sink's values.
     fn output(at: *mut Self, to: &Requant) -> crate::gemm::Output;
+    /// Where a depthwise sweep that finishes its sums itself writes this sink's values, for
+    /// a plane with `scale` and `bias`.
+    fn sweep_out<'a>(wide: &'a mut [Self], scale: f32, bias: f32, to: &Requant) -> SweepOut<'a>;
 }
 
 impl Sink for f32 {
     fn output(at: *mut f32, _: &Requant) -> crate::gemm::Output {
         crate::gemm::Output::F32(at)
+    }
+    fn sweep_out<'a>(wide: &'a mut [f32], scale: f32, bias: f32, _: &Requant) -> SweepOut<'a> {
+        SweepOut::F32(wide, scale, bias)
     }
     fn finish(dst: &mut [f32], sums: Sums<'_>, _: &Requant) {
         for (d, (a, sc, b)) in dst.chunks_exact_mut(sums.plane).zip(sums.planes()) {
@@ -255,6 +261,9 @@ impl Sink for f32 {
 impl Sink for i8 {
     fn output(at: *mut i8, to: &Requant) -> crate::gemm::Output {
         crate::gemm::Output::I8(at, to.bounds)
+    }
+    fn sweep_out<'a>(wide: &'a mut [i8], scale: f32, bias: f32, to: &Requant) -> SweepOut<'a> {
+        SweepOut::I8(wide, scale, bias, to.bounds)
     }
     /// Each float output computed as the f32 sink computes it, then rounded as
     /// [`quantize_chunk`] rounds, in one pass compiled for AVX2 where the machine has it (a
@@ -304,6 +313,8 @@ fn depthwise<T: Sink>(
     let planes_per = (4096 / (oh * ow)).max(1);
     let avx2 = crate::gemm::Kernel::Avx2.available();
     let pairs = (avx2 && cfg!(target_arch = "x86_64")).then(|| TapPairs::new(&layout, wq, kh * kw));
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = &pairs;
     let mut out = vec![T::default(); n * ch * oh * ow];
     let work = out.len() * kh * kw;
     for_each_chunk(
@@ -312,7 +323,29 @@ fn depthwise<T: Sink>(
         work < SERIAL_DEPTHWISE,
         |(task, dsts)| {
             let mut phases = vec![0i8; layout.len() + SWEEP_SLACK];
-            let mut acc = vec![0i32; layout.span().next_multiple_of(16)];
+            #[cfg(target_arch = "x86_64")]
+            if let Some(p) = &pairs {
+                // Each plane's sums finished in registers (scale, bias, and the int8 grid for
+                // an int8 sink) and written in rows of the phase's width, whose valid part is
+                // copied out.
+                let mut wide = vec![T::default(); layout.span().next_multiple_of(16)];
+                for (j, dst) in dsts.chunks_exact_mut(oh * ow).enumerate() {
+                    let plane = task * planes_per + j;
+                    let ci = plane % ch;
+                    layout.fill(&xq[plane * h * w..(plane + 1) * h * w], &mut phases);
+                    let b = bias.map_or(0.0, |b| b[ci]);
+                    let to = T::sweep_out(&mut wide, scales[ci], b, to);
+                    let weights = &p.weights[ci * p.starts.len()..][..p.starts.len()];
+                    // SAFETY: the machine has AVX2; `wide` is whole blocks of 16, and every
+                    // sweep over them lies inside the phases and their slack.
+                    unsafe { madd_sweep(to, &phases, &p.starts, weights) };
+                    for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                        copy_short(row, &wide[layout.row(oy)..][..ow]);
+                    }
+                }
+                return;
+            }
+            let mut acc = vec![0i32; layout.span()];
             // The task's sums, plane after plane without the layout's gaps.
             let mut sums = vec![0i32; dsts.len()];
             for (j, plane_sums) in sums.chunks_exact_mut(oh * ow).enumerate() {
@@ -320,20 +353,7 @@ fn depthwise<T: Sink>(
                 let ci = plane % ch;
                 layout.fill(&xq[plane * h * w..(plane + 1) * h * w], &mut phases);
                 let filt = &wq[ci * kh * kw..(ci + 1) * kh * kw];
-                match &pairs {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the machine has AVX2; `acc` is whole blocks of 16, and every
-                    // sweep over them lies inside the phases and their slack.
-                    Some(p) => unsafe {
-                        madd_sweep(
-                            &mut acc,
-                            &phases,
-                            &p.starts,
-                            &p.weights[ci * p.starts.len()..][..p.starts.len()],
-                        )
-                    },
-                    _ => accumulate_taps(&mut acc[..layout.span()], &phases, &layout, filt, avx2),
-                }
+                accumulate_taps(&mut acc, &phases, &layout, filt, avx2);
                 for (oy, row) in plane_sums.chunks_exact_mut(ow).enumerate() {
                     copy_short(row, &acc[layout.row(oy)..][..ow]);
                 }
@@ -392,8 +412,30 @@ impl TapPairs {
 /// 16 past the last output (the extra sums are never read).
 const SWEEP_SLACK: usize = 16;
 
-/// `acc = sum over taps t of filt[t] * phases[start(t)..][..]` in blocks of 16 outputs, with
-/// AVX2: every tap's share of a block is summed in registers, two taps per multiply-add.
+/// Where [`madd_sweep`] writes a plane's outputs, in rows of the phase's width (a multiple of
+/// 16 values): the int32 sums, or the finished values, `sum * scale + bias` in f32 or that
+/// value rounded to an int8 grid (`[lo, hi, 1 / scale]`), computed as [`Sink::finish`]
+/// computes them.
+enum SweepOut<'a> {
+    #[cfg_attr(not(test), allow(dead_code))]
+    Sums(&'a mut [i32]),
+    F32(&'a mut [f32], f32, f32),
+    I8(&'a mut [i8], f32, f32, [f32; 3]),
+}
+
+impl SweepOut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            SweepOut::Sums(a) => a.len(),
+            SweepOut::F32(a, ..) => a.len(),
+            SweepOut::I8(a, ..) => a.len(),
+        }
+    }
+}
+
+/// `sum over taps t of filt[t] * phases[start(t)..][..]` in blocks of 16 outputs, with AVX2:
+/// every tap's share of a block is summed in registers, two taps per multiply-add, and the
+/// block is written as `out` asks (finished in registers where it asks for finished values).
 /// Each pair's values are widened to 16 bits and interleaved, and `vpmaddwd` multiplies them
 /// by the pair's weights and adds the two products into each 32-bit lane (no saturation: two
 /// products of int8 values are at most 2 * 128 * 128). A block's lanes come out as outputs
@@ -401,13 +443,18 @@ const SWEEP_SLACK: usize = 16;
 /// way out.
 ///
 /// # Safety
-/// The machine has AVX2; `acc.len()` is a multiple of 16, `weights` has one value per pair,
-/// and every pair's sweeps lie inside `phases` (checked).
+/// The machine has AVX2; `out`'s length is a multiple of 16, `weights` has one value per
+/// pair, and every pair's sweeps lie inside `phases` (checked).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn madd_sweep(acc: &mut [i32], phases: &[i8], starts: &[(usize, usize)], weights: &[i32]) {
+unsafe fn madd_sweep(
+    mut out: SweepOut<'_>,
+    phases: &[i8],
+    starts: &[(usize, usize)],
+    weights: &[i32],
+) {
     use std::arch::x86_64::*;
-    let span = acc.len();
+    let span = out.len();
     assert!(
         span.is_multiple_of(16)
             && weights.len() == starts.len()
@@ -415,8 +462,32 @@ unsafe fn madd_sweep(acc: &mut [i32], phases: &[i8], starts: &[(usize, usize)], 
         "sweeps out of the phases"
     );
     let base = phases.as_ptr();
+    // `sum * scale + bias` for a register of sums (a multiply, then an add: no fused
+    // multiply-add, so that the result is the scalar finish's bit for bit).
+    let affine = |s: __m256i, scale: f32, bias: f32| {
+        _mm256_add_ps(
+            _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale)),
+            _mm256_set1_ps(bias),
+        )
+    };
+    // As `round_to_grid`: max(y, lo) is lo for NaN (the second operand), then min, times
+    // 1 / scale, plus 1/2 less an ulp with q's sign, clamped to ±127, truncated.
+    let grid = |y: __m256, [lo, hi, inv]: [f32; 3]| {
+        let q = _mm256_mul_ps(
+            _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(lo)), _mm256_set1_ps(hi)),
+            _mm256_set1_ps(inv),
+        );
+        let sign = _mm256_and_ps(q, _mm256_set1_ps(-0.0));
+        let half = _mm256_or_ps(sign, _mm256_set1_ps(HALF_DOWN));
+        let v = _mm256_min_ps(
+            _mm256_max_ps(_mm256_add_ps(q, half), _mm256_set1_ps(-127.0)),
+            _mm256_set1_ps(127.0),
+        );
+        _mm256_cvttps_epi32(v)
+    };
     for i in (0..span).step_by(16) {
-        // SAFETY (block): every load reads 16 values from a start + i, i + 16 <= span.
+        // SAFETY (block): every load reads 16 values from a start + i, i + 16 <= span, and
+        // every store writes 16 values from i.
         unsafe {
             let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
             for (&(a, b), &w) in starts.iter().zip(weights) {
@@ -426,9 +497,32 @@ unsafe fn madd_sweep(acc: &mut [i32], phases: &[i8], starts: &[(usize, usize)], 
                 lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_unpacklo_epi16(va, vb), w));
                 hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_unpackhi_epi16(va, vb), w));
             }
-            let dst = acc.as_mut_ptr().add(i);
-            _mm256_storeu_si256(dst.cast(), _mm256_permute2x128_si256::<0x20>(lo, hi));
-            _mm256_storeu_si256(dst.add(8).cast(), _mm256_permute2x128_si256::<0x31>(lo, hi));
+            match &mut out {
+                SweepOut::Sums(acc) => {
+                    let dst = acc.as_mut_ptr().add(i);
+                    _mm256_storeu_si256(dst.cast(), _mm256_permute2x128_si256::<0x20>(lo, hi));
+                    _mm256_storeu_si256(
+                        dst.add(8).cast(),
+                        _mm256_permute2x128_si256::<0x31>(lo, hi),
+                    );
+                }
+                SweepOut::F32(y, scale, bias) => {
+                    let (a, b) = (affine(lo, *scale, *bias), affine(hi, *scale, *bias));
+                    let dst = y.as_mut_ptr().add(i);
+                    _mm256_storeu_ps(dst, _mm256_permute2f128_ps::<0x20>(a, b));
+                    _mm256_storeu_ps(dst.add(8), _mm256_permute2f128_ps::<0x31>(a, b));
+                }
+                SweepOut::I8(q, scale, bias, bounds) => {
+                    let a = grid(affine(lo, *scale, *bias), *bounds);
+                    let b = grid(affine(hi, *scale, *bias), *bounds);
+                    // Packing pairs lane by lane puts the outputs in order: 0-3 with 4-7, 8-11
+                    // with 12-15 (as 16-bit values), then the low 8 bytes of each lane.
+                    let words = _mm256_packs_epi32(a, b);
+                    let bytes =
+                        _mm256_permute4x64_epi64::<0b1000>(_mm256_packs_epi16(words, words));
+                    _mm_storeu_si128(q.as_mut_ptr().add(i).cast(), _mm256_castsi256_si128(bytes));
+                }
+            }
         }
     }
 }
@@ -1128,22 +1222,45 @@ mod tests {
                 let pairs = super::TapPairs::new(&layout, &filters, k * k);
                 let per = pairs.starts.len();
                 for c in 0..2 {
-                    let mut got = vec![-1i32; layout.span().next_multiple_of(16)];
+                    let wide = layout.span().next_multiple_of(16);
+                    let weights = &pairs.weights[c * per..][..per];
+                    let (mut got, mut y, mut q) =
+                        (vec![-1i32; wide], vec![f32::NAN; wide], vec![99i8; wide]);
+                    // A scale and bias that put outputs on both sides of the grid's bounds,
+                    // and a ReLU's lower bound for the second channel.
+                    let (scale, bias) = (
+                        rng.random_range(1e-4f32..1e-2),
+                        rng.random_range(-1f32..1.0),
+                    );
+                    let mut bounds = super::bounds(rng.random_range(1e-3f32..2e-2));
+                    if c == 1 {
+                        bounds[0] = 0.0;
+                    }
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the machine has AVX2; the phases have their slack.
                     unsafe {
-                        super::madd_sweep(
-                            &mut got,
-                            &phases,
-                            &pairs.starts,
-                            &pairs.weights[c * per..][..per],
-                        )
+                        use super::SweepOut;
+                        let starts = &pairs.starts;
+                        super::madd_sweep(SweepOut::Sums(&mut got), &phases, starts, weights);
+                        let out = SweepOut::F32(&mut y, scale, bias);
+                        super::madd_sweep(out, &phases, starts, weights);
+                        let out = SweepOut::I8(&mut q, scale, bias, bounds);
+                        super::madd_sweep(out, &phases, starts, weights);
                     };
-                    assert_eq!(
-                        got[..layout.span()],
-                        plain(&filters[c * k * k..][..k * k]),
-                        "{h}x{w} k{k} s{stride} p{pad} channel {c}"
-                    );
+                    let want = plain(&filters[c * k * k..][..k * k]);
+                    let case = format!("{h}x{w} k{k} s{stride} p{pad} channel {c}");
+                    assert_eq!(got[..layout.span()], want, "{case}");
+                    // The finished values, as the scalar finish computes them, bit for bit.
+                    let [lo, hi, inv] = bounds;
+                    for (i, &a) in want.iter().enumerate() {
+                        let f = a as f32 * scale + bias;
+                        assert_eq!(y[i].to_bits(), f.to_bits(), "{case}: f32 [{i}]");
+                        assert_eq!(
+                            q[i],
+                            super::round_to_grid(f, lo, hi, inv),
+                            "{case}: i8 [{i}]"
+                        );
+                    }
                 }
             }
         }
