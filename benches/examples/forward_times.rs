@@ -4,11 +4,13 @@
 //! `scripts/paddle-inference.sh` runs both.
 //!
 //! ```text
-//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--whole] MODEL...
+//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--whole] [--int8] MODEL...
 //! ```
 //!
 //! `--batch N` times that batch size alone (default: 1 and 64). `--whole` runs large batches
-//! whole, not in pieces (`ForwardOptions::whole`), to compare the two.
+//! whole, not in pieces (`ForwardOptions::whole`), to compare the two. `--int8` times the
+//! int8 runtime instead, on the model post-training quantized from random images (as the
+//! `int8` bench quantizes it).
 //!
 //! `--nodes` adds each node's share of a batched forward (the time until the node is done;
 //! a batch norm or activation that runs with its convolution shows next to nothing).
@@ -19,9 +21,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use slim_core::data::{ImageSet, Normalize};
 use slim_core::exec::{ForwardOptions, Mode};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
+use slim_quant::ptq::{quantize, PtqConfig};
+use slim_quant::runtime::Int8Kernels;
 
 fn input_for(name: &str) -> [usize; 3] {
     if name == "lenet" || name == "mobilenet_tiny" {
@@ -31,30 +37,46 @@ fn input_for(name: &str) -> [usize; 3] {
     }
 }
 
-/// The median of 5 runs of `per` forwards, in ms per forward, and the fastest and slowest run.
-fn time(m: &Model, x: &Tensor, per: usize, whole: bool) -> (f64, f64, f64) {
-    let fwd = |m: &Model, x: &Tensor| {
-        let opts = ForwardOptions {
-            whole,
-            ..Default::default()
-        };
-        m.forward_with(std::slice::from_ref(x), Mode::Eval, opts)
-            .expect("forward");
-    };
+/// The median of 5 runs of `per` calls of `fwd`, in ms per call, and the fastest and
+/// slowest run.
+fn time(fwd: impl Fn(), per: usize) -> (f64, f64, f64) {
     for _ in 0..20 {
-        fwd(m, x);
+        fwd();
     }
     let mut runs: Vec<f64> = (0..5)
         .map(|_| {
             let start = Instant::now();
             for _ in 0..per {
-                fwd(m, x);
+                fwd();
             }
             start.elapsed().as_secs_f64() * 1e3 / per as f64
         })
         .collect();
     runs.sort_by(f64::total_cmp);
     (runs[2], runs[0], runs[4])
+}
+
+/// `m` post-training quantized (per-channel weights, abs_max activations) on 256 random
+/// images, as the int8 benches quantize it.
+fn int8_model(m: &Model, shape: [usize; 3]) -> Model {
+    let mut rng = StdRng::seed_from_u64(2);
+    let per: usize = shape.iter().product();
+    let calib = ImageSet {
+        shape,
+        classes: 10,
+        images: (0..256 * per).map(|_| rng.random()).collect(),
+        labels: (0..256).map(|i| (i % 10) as u8).collect(),
+    };
+    let norm = Normalize {
+        mean: vec![0.5; shape[0]],
+        std: vec![0.25; shape[0]],
+    };
+    let cfg = PtqConfig {
+        batches: 2,
+        batch_size: 64,
+        ..PtqConfig::default()
+    };
+    quantize(m, &calib, &norm, &cfg).expect("ptq").0
 }
 
 /// Each node's mean time over `reps` batch forwards, in evaluation order.
@@ -88,6 +110,7 @@ fn main() {
     slim_core::single_threaded_elementwise();
     let mut nodes = false;
     let mut whole = false;
+    let mut int8 = false;
     let mut batches = vec![1usize, 64];
     let mut models = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -95,6 +118,7 @@ fn main() {
         match a.as_str() {
             "--nodes" => nodes = true,
             "--whole" => whole = true,
+            "--int8" => int8 = true,
             "--batch" => match args.next().and_then(|b| b.parse().ok()) {
                 Some(b) if b > 0 => batches = vec![b],
                 _ => {
@@ -103,7 +127,9 @@ fn main() {
                 }
             },
             flag if flag.starts_with("--") => {
-                eprintln!("forward_times: unknown option `{flag}` (--nodes, --batch N, --whole)");
+                eprintln!(
+                    "forward_times: unknown option `{flag}` (--nodes, --batch N, --whole, --int8)"
+                );
                 std::process::exit(2);
             }
             _ => models.push(a),
@@ -122,13 +148,35 @@ fn main() {
                 std::process::exit(2);
             }
         };
+        let q = int8.then(|| int8_model(&m, shape));
+        // The weights packed once, as `slim eval` runs int8 files.
+        let kernels = q.as_ref().map(Int8Kernels::new);
         for &batch in &batches {
             let x = Tensor::randn(0f32, 1.0, (batch, shape[0], shape[1], shape[2]), &dev)
                 .expect("input");
             let per = if batch == 1 { 200 } else { 20 };
-            let (median, lo, hi) = time(&m, &x, per, whole);
-            println!("slim {name} batch {batch}: {median:.3} ms (runs {lo:.3}..{hi:.3})");
-            if nodes && batch > 1 {
+            let (median, lo, hi) = match (&q, &kernels) {
+                (Some(q), Some(k)) => time(
+                    || {
+                        slim_quant::runtime::forward_with(q, k, &x).expect("int8 forward");
+                    },
+                    per,
+                ),
+                _ => time(
+                    || {
+                        let opts = ForwardOptions {
+                            whole,
+                            ..Default::default()
+                        };
+                        m.forward_with(std::slice::from_ref(&x), Mode::Eval, opts)
+                            .expect("forward");
+                    },
+                    per,
+                ),
+            };
+            let kind = if int8 { " int8" } else { "" };
+            println!("slim{kind} {name} batch {batch}: {median:.3} ms (runs {lo:.3}..{hi:.3})");
+            if nodes && batch > 1 && !int8 {
                 for (n, t) in node_times(&m, &x, 20) {
                     println!("    {n:>24} {t:8.3} ms");
                 }
