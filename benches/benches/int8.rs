@@ -130,9 +130,9 @@ fn models(c: &mut Criterion) {
 
 criterion_group!(benches, gemm, models);
 
-// Slim's `main` keeps candle's elementwise work on the calling thread; so do the benches.
+// Slim's `main` sets up candle's threads (`slim_core::configure_threads`); so do the benches.
 fn main() {
-    slim_core::single_threaded_elementwise();
+    slim_core::configure_threads();
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -21,7 +21,7 @@ use slim_core::kernels::{conv2d, conv2d_backward};
 use slim_core::Conv2dSpec;
 
 fn main() {
-    slim_core::single_threaded_elementwise();
+    slim_core::configure_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: conv_steps depthwise|dense|pointwise forward|backward|both [ITERATIONS]";
     let (case, part) = match (args.first(), args.get(1)) {

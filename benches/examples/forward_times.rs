@@ -107,7 +107,7 @@ fn node_times(m: &Model, x: &Tensor, reps: usize) -> Vec<(String, f64)> {
 }
 
 fn main() {
-    slim_core::single_threaded_elementwise();
+    slim_core::configure_threads();
     let mut nodes = false;
     let mut whole = false;
     let mut int8 = false;

@@ -16,6 +16,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     slim_cli::tune_allocator();
-    slim_core::single_threaded_elementwise();
+    slim_core::configure_threads();
     slim_cli::main()
 }
