@@ -743,10 +743,11 @@ fn max_pool_values(
     [oh, ow]: [usize; 2],
     p: &slim_core::graph::PoolSpec,
 ) -> Vec<i8> {
-    let (s, pad) = (p.stride, p.padding as isize);
     let per = (4096 / (h * w).max(1)).max(1);
     let mut y = vec![i8::MIN; planes * oh * ow];
     let work = y.len() * p.kernel * p.kernel;
+    // The common 2x2 window at stride 2 without padding: one pass over each pair of rows.
+    let halving = p.kernel == 2 && p.stride == 2 && p.padding == 0 && 2 * oh <= h && 2 * ow <= w;
     for_each_chunk(
         &mut y,
         oh * ow * per,
@@ -754,33 +755,61 @@ fn max_pool_values(
         |(task, dst)| {
             for (j, plane_out) in dst.chunks_exact_mut(oh * ow).enumerate() {
                 let plane = &xs[(task * per + j) * h * w..][..h * w];
-                for (oy, row) in plane_out.chunks_exact_mut(ow).enumerate() {
-                    for ky in 0..p.kernel {
-                        let iy = (oy * s + ky) as isize - pad;
-                        if iy < 0 || iy as usize >= h {
-                            continue;
-                        }
-                        let line = &plane[iy as usize * w..][..w];
-                        for kx in 0..p.kernel {
-                            let off = kx as isize - pad;
-                            let (lo, hi) = valid_columns(off, s, w, ow);
-                            if lo >= hi {
-                                continue;
-                            }
-                            let start = ((lo * s) as isize + off) as usize;
-                            for (i, v) in row[lo..hi].iter_mut().enumerate() {
-                                *v = (*v).max(line[start + i * s]);
-                            }
-                        }
-                    }
-                    // A window of padding only (which a valid pooling never has) reads as
-                    // the float graph's -inf clipped to the grid.
-                    row.iter_mut().for_each(|v| *v = (*v).max(-127));
+                if halving {
+                    max_pool_halving(plane, w, plane_out, ow);
+                } else {
+                    max_pool_plane(plane, [h, w], plane_out, ow, p);
                 }
             }
         },
     );
     y
+}
+
+/// One plane's max pooling, any window (`out` starts at `i8::MIN`).
+fn max_pool_plane(
+    plane: &[i8],
+    [h, w]: [usize; 2],
+    out: &mut [i8],
+    ow: usize,
+    p: &slim_core::graph::PoolSpec,
+) {
+    let (s, pad) = (p.stride, p.padding as isize);
+    for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+        for ky in 0..p.kernel {
+            let iy = (oy * s + ky) as isize - pad;
+            if iy < 0 || iy as usize >= h {
+                continue;
+            }
+            let line = &plane[iy as usize * w..][..w];
+            for kx in 0..p.kernel {
+                let off = kx as isize - pad;
+                let (lo, hi) = valid_columns(off, s, w, ow);
+                if lo >= hi {
+                    continue;
+                }
+                let start = ((lo * s) as isize + off) as usize;
+                for (i, v) in row[lo..hi].iter_mut().enumerate() {
+                    *v = (*v).max(line[start + i * s]);
+                }
+            }
+        }
+        // A window of padding only (which a valid pooling never has) reads as
+        // the float graph's -inf clipped to the grid.
+        row.iter_mut().for_each(|v| *v = (*v).max(-127));
+    }
+}
+
+/// One plane's 2x2 max pooling at stride 2 without padding (`2 oh <= h`, `2 ow <= w`): the
+/// same values as [`max_pool_plane`], from each pair of rows in one pass.
+fn max_pool_halving(plane: &[i8], w: usize, out: &mut [i8], ow: usize) {
+    for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+        let a = &plane[2 * oy * w..][..2 * ow];
+        let b = &plane[(2 * oy + 1) * w..][..2 * ow];
+        for ((v, a), b) in row.iter_mut().zip(a.chunks_exact(2)).zip(b.chunks_exact(2)) {
+            *v = a[0].max(a[1]).max(b[0]).max(b[1]).max(-127);
+        }
+    }
 }
 
 /// The int8 values of a `U8` tensor (see [`Int8Kernels::new`]), read where they lie, given
@@ -1263,6 +1292,30 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The 2x2, stride-2 pooling gives what the general window search gives, on even and
+    /// odd plane sizes (whose last row or column no window reads) and at -128.
+    #[test]
+    fn halving_max_pool_agrees_with_the_window_search() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let spec = slim_core::graph::PoolSpec {
+            kernel: 2,
+            stride: 2,
+            padding: 0,
+        };
+        for (h, w) in [(28, 28), (7, 9), (2, 2), (5, 4), (3, 3)] {
+            let plane: Vec<i8> = (0..h * w).map(|_| rng.random()).collect();
+            let (oh, ow) = (h / 2, w / 2);
+            let mut want = vec![i8::MIN; oh * ow];
+            super::max_pool_plane(&plane, [h, w], &mut want, ow, &spec);
+            let mut got = vec![i8::MIN; oh * ow];
+            super::max_pool_halving(&plane, w, &mut got, ow);
+            assert_eq!(got, want, "{h}x{w}");
+            let whole = super::max_pool_values(&plane, [1, h, w], [oh, ow], &spec);
+            assert_eq!(whole, want, "{h}x{w} through max_pool_values");
         }
     }
 
