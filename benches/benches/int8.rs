@@ -17,10 +17,8 @@ use candle_core::{Device, Tensor};
 use criterion::{criterion_group, Criterion, Throughput};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
-use slim_core::data::{ImageSet, Normalize};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Mode;
-use slim_quant::ptq::{quantize, PtqConfig};
 
 fn gemm(c: &mut Criterion) {
     let n = 512;
@@ -84,31 +82,14 @@ fn gemm(c: &mut Criterion) {
 
 fn models(c: &mut Criterion) {
     let dev = Device::Cpu;
-    let mut rng = StdRng::seed_from_u64(2);
-    let norm = Normalize {
-        mean: vec![0.5],
-        std: vec![0.25],
-    };
     for (name, shape) in [
         ("mobilenet_v1", [3, 32, 32]),
         ("resnet20", [3, 32, 32]),
         ("mobilenet_tiny", [1, 28, 28]),
         ("lenet", [1, 28, 28]),
     ] {
-        let per: usize = shape.iter().product();
-        let calib = ImageSet {
-            shape,
-            classes: 10,
-            images: (0..256 * per).map(|_| rng.random()).collect(),
-            labels: (0..256).map(|i| (i % 10) as u8).collect(),
-        };
         let m = zoo::model(name, &ZooConfig::new(shape), 0, &dev).expect("zoo");
-        let cfg = PtqConfig {
-            batches: 2,
-            batch_size: 64,
-            ..PtqConfig::default()
-        };
-        let (q, _) = quantize(&m, &calib, &norm, &cfg).expect("ptq");
+        let q = slim_benches::quantized_for_timing(&m, shape);
         for batch in [1usize, 64] {
             let x =
                 Tensor::randn(0f32, 1.0, (batch, shape[0], shape[1], shape[2]), &dev).expect("x");

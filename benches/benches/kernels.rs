@@ -7,33 +7,14 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, Criterion, Throughput};
 use slim_core::kernels::conv2d;
 use slim_core::Conv2dSpec;
 
 fn conv_case(c: &mut Criterion, name: &str, spec: Conv2dSpec, hw: usize) {
-    let dev = Device::Cpu;
     let n = 64;
-    let x = Var::from_tensor(
-        &Tensor::randn(0f32, 1.0, (n, spec.in_channels, hw, hw), &dev).expect("x"),
-    )
-    .expect("var");
-    let w = Var::from_tensor(
-        &Tensor::randn(
-            0f32,
-            1.0,
-            (
-                spec.out_channels,
-                spec.in_channels / spec.groups,
-                spec.kernel[0],
-                spec.kernel[1],
-            ),
-            &dev,
-        )
-        .expect("w"),
-    )
-    .expect("var");
+    let (x, w) = slim_benches::conv_operands(&spec, n, hw);
     let (oh, ow) = spec.out_size(hw, hw).expect("fits");
     let macs = (n
         * spec.out_channels

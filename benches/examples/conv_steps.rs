@@ -16,7 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use slim_core::kernels::{conv2d, conv2d_backward};
 use slim_core::Conv2dSpec;
 
@@ -49,25 +49,7 @@ fn main() {
         }
     };
     let dev = Device::Cpu;
-    let x = Var::from_tensor(
-        &Tensor::randn(0f32, 1.0, (64, spec.in_channels, 14, 14), &dev).expect("x"),
-    )
-    .expect("var");
-    let w = Var::from_tensor(
-        &Tensor::randn(
-            0f32,
-            1.0,
-            (
-                spec.out_channels,
-                spec.in_channels / spec.groups,
-                spec.kernel[0],
-                spec.kernel[1],
-            ),
-            &dev,
-        )
-        .expect("w"),
-    )
-    .expect("var");
+    let (x, w) = slim_benches::conv_operands(&spec, 64, 14);
     let y = conv2d(&x, &w, None, &spec).expect("conv");
     let gy = Tensor::randn(0f32, 1.0, y.dims(), &dev).expect("gy");
     let step = || match part {

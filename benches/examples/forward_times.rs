@@ -21,12 +21,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use rand::{rngs::StdRng, Rng, SeedableRng};
-use slim_core::data::{ImageSet, Normalize};
 use slim_core::exec::{ForwardOptions, Mode};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
-use slim_quant::ptq::{quantize, PtqConfig};
 use slim_quant::runtime::Int8Kernels;
 
 fn input_for(name: &str) -> [usize; 3] {
@@ -54,29 +51,6 @@ fn time(fwd: impl Fn(), per: usize) -> (f64, f64, f64) {
         .collect();
     runs.sort_by(f64::total_cmp);
     (runs[2], runs[0], runs[4])
-}
-
-/// `m` post-training quantized (per-channel weights, abs_max activations) on 256 random
-/// images, as the int8 benches quantize it.
-fn int8_model(m: &Model, shape: [usize; 3]) -> Model {
-    let mut rng = StdRng::seed_from_u64(2);
-    let per: usize = shape.iter().product();
-    let calib = ImageSet {
-        shape,
-        classes: 10,
-        images: (0..256 * per).map(|_| rng.random()).collect(),
-        labels: (0..256).map(|i| (i % 10) as u8).collect(),
-    };
-    let norm = Normalize {
-        mean: vec![0.5; shape[0]],
-        std: vec![0.25; shape[0]],
-    };
-    let cfg = PtqConfig {
-        batches: 2,
-        batch_size: 64,
-        ..PtqConfig::default()
-    };
-    quantize(m, &calib, &norm, &cfg).expect("ptq").0
 }
 
 /// Each node's mean time over `reps` batch forwards, in evaluation order.
@@ -148,7 +122,7 @@ fn main() {
                 std::process::exit(2);
             }
         };
-        let q = int8.then(|| int8_model(&m, shape));
+        let q = int8.then(|| slim_benches::quantized_for_timing(&m, shape));
         // The weights packed once, as `slim eval` runs int8 files.
         let kernels = q.as_ref().map(Int8Kernels::new);
         for &batch in &batches {
