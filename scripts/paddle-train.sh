@@ -9,13 +9,21 @@ cd "$(dirname "$0")/.."
 MODEL=${1:-mobilenet_tiny}
 shift || true
 if [ $# -gt 0 ]; then SEEDS=("$@"); else SEEDS=(0 1 2); fi
+case "$MODEL" in
+    mobilenet_tiny|lenet) ;;
+    *) echo "paddle-train.sh: unknown model \`$MODEL' (mobilenet_tiny or lenet)" >&2; exit 2 ;;
+esac
+for seed in "${SEEDS[@]}"; do
+    [[ "$seed" =~ ^[0-9]+$ ]] || { echo "paddle-train.sh: seed \`$seed' is not a whole number" >&2; exit 2; }
+done
 VENV=target/paddle-venv
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import paddle" 2>/dev/null; then
     rm -rf "$VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q paddlepaddle==2.6.2 numpy
 fi
-(cd scripts && "../$VENV/bin/python" paddle_train.py "$MODEL" "${SEEDS[@]}" 2>/dev/null | grep -v epoch)
+# Paddle's warnings go to standard error; its per-epoch lines are dropped.
+(cd scripts && "../$VENV/bin/python" -W ignore paddle_train.py "$MODEL" "${SEEDS[@]}" | grep -v epoch)
 cargo build --release -q -p slim-cli
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

@@ -21,6 +21,12 @@ from paddle_inference import LeNet, MobileNetTiny
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "mnist-10k")
 
 
+def fail(message):
+    """Reports a bad request or file and exits with status 2."""
+    print(f"paddle_train.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def idx(name):
     """The array of an IDX file (gzip), with its magic number checked."""
     with gzip.open(os.path.join(DATA, name), "rb") as f:
@@ -28,7 +34,7 @@ def idx(name):
     magic = int.from_bytes(raw[0:4], "big")
     dims = magic & 0xFF
     if magic >> 8 != 0x08 or dims not in (1, 3):
-        raise SystemExit(f"{name}: not an IDX file of unsigned bytes")
+        fail(f"{name}: not an IDX file of unsigned bytes")
     shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
@@ -72,7 +78,9 @@ def run(model, seed):
 
 def main():
     if len(sys.argv) < 3 or sys.argv[1] not in ("mobilenet_tiny", "lenet"):
-        raise SystemExit("usage: paddle_train.py mobilenet_tiny|lenet SEED [SEED ...]")
+        fail("usage: paddle_train.py mobilenet_tiny|lenet SEED [SEED ...]")
+    if not all(seed.isdigit() for seed in sys.argv[2:]):
+        fail(f"seeds are whole numbers, got {' '.join(sys.argv[2:])}")
     for seed in sys.argv[2:]:
         run(sys.argv[1], int(seed))
 
