@@ -85,7 +85,9 @@ impl Kernel {
             match self {
                 Kernel::Portable => true,
                 Kernel::Avx2 => has!("avx2"),
-                Kernel::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+                Kernel::Avx512Vnni => {
+                    has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -374,7 +376,7 @@ mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod vnni {
+pub(crate) mod vnni {
     use super::{Finish, MatRef, Output, PackedA};
     use std::arch::x86_64::*;
 
@@ -443,9 +445,9 @@ mod vnni {
         Finish(&'a Finish<'f>),
     }
 
-    /// See [`super::gemm_rows`] and [`super::gemm_rows_finished`]; needs AVX-512 F, BW and
+    /// See [`super::gemm_rows`] and [`super::gemm_rows_finished`]; needs AVX-512 F, BW, VL and
     /// VNNI. A finished output must be valid as `gemm_rows_finished` requires.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, mut sink: Sink) {
         let (m, n) = (rows.len(), b.cols);
         if m == 0 || n == 0 {
@@ -496,18 +498,48 @@ mod vnni {
     /// Row `r`, columns `c0..` (those in `mask`) of a finished product: see [`Finish`].
     ///
     /// # Safety
-    /// As for [`super::gemm_rows_finished`]; the machine has AVX-512 F.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn finish_row(f: &Finish<'_>, r: usize, c0: usize, mask: __mmask16, s: __m512i) {
+    /// As for [`super::gemm_rows_finished`]; the machine has AVX-512 F, BW and VL.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(crate) unsafe fn finish_row(
+        f: &Finish<'_>,
+        r: usize,
+        c0: usize,
+        mask: __mmask16,
+        s: __m512i,
+    ) {
         let bias = f.bias.map_or(0.0, |b| b[r]);
-        let y = _mm512_add_ps(
-            _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(f.scales[r])),
-            _mm512_set1_ps(bias),
-        );
-        let at = r * f.ld + c0;
-        match f.out {
-            // SAFETY (both): row r's values at `at` are the caller's to write.
-            Output::F32(p) => unsafe { _mm512_mask_storeu_ps(p.add(at).cast(), mask, y) },
+        let (scale, bias) = (_mm512_set1_ps(f.scales[r]), _mm512_set1_ps(bias));
+        // SAFETY: as the caller promises.
+        unsafe { finish_lanes(f.out, r * f.ld + c0, mask, s, scale, bias) }
+    }
+
+    /// Sixteen sums (those in `mask`), each with its own scale and bias, finished as
+    /// [`Finish`] says and stored at `at` values from `out`'s place on.
+    ///
+    /// # Safety
+    /// The 16 values from `at` on (those in `mask`) are valid for writes that nothing else
+    /// reads or writes meanwhile; the machine has AVX-512 F, BW and VL.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(crate) unsafe fn finish_lanes(
+        out: Output,
+        at: usize,
+        mask: __mmask16,
+        s: __m512i,
+        scale: __m512,
+        bias: __m512,
+    ) {
+        let y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), scale), bias);
+        match out {
+            // SAFETY (both): the values at `at` are the caller's to write.
+            Output::F32(p) => unsafe {
+                if mask == u16::MAX {
+                    _mm512_storeu_ps(p.add(at), y)
+                } else {
+                    _mm512_mask_storeu_ps(p.add(at), mask, y)
+                }
+            },
             Output::I8(p, [lo, hi, inv]) => {
                 // As `round_to_grid`: max(y, lo) is lo for NaN (the second operand), then
                 // min, times 1 / scale, plus 1/2 less an ulp with q's sign, clamped, truncated.
@@ -524,9 +556,15 @@ mod vnni {
                     _mm512_max_ps(_mm512_add_ps(q, half), _mm512_set1_ps(-127.0)),
                     _mm512_set1_ps(127.0),
                 );
+                // Narrowed in a register, then stored: a narrowing store to memory is slow.
+                let bytes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v));
                 unsafe {
-                    _mm512_mask_cvtepi32_storeu_epi8(p.add(at).cast(), mask, _mm512_cvttps_epi32(v))
-                };
+                    if mask == u16::MAX {
+                        _mm_storeu_si128(p.add(at).cast(), bytes)
+                    } else {
+                        _mm_mask_storeu_epi8(p.add(at).cast(), mask, bytes)
+                    }
+                }
             }
         }
     }

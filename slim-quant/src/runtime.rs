@@ -9,11 +9,13 @@
 //! the next layers, the same integers the float graph would round to (see
 //! [`Int8Kernels::new`]). Everything else (additions, average pooling, a model's last layer)
 //! runs as in the float model. Matrix products run on the int8 GEMM of [`crate::gemm`],
-//! depthwise convolutions as sweeps over stride phases; rayon spreads the work over the cores
+//! depthwise convolutions as sweeps over stride phases, or, on small planes with AVX-512
+//! VBMI, gathered from registers by byte permutes; rayon spreads the work over the cores
 //! when there is enough of it to pay for that.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 use slim_core::exec::NodeKernels;
@@ -294,9 +296,12 @@ fn valid_columns(off: isize, stride: usize, w: usize, ow: usize) -> (usize, usiz
     (lo.min(ow), hi)
 }
 
-/// A depthwise convolution over each plane laid out by [`Phases`] (zero-padded and split by
-/// stride phase), so that every kernel tap is one long sweep.
-fn depthwise<T: Sink>(
+/// A depthwise convolution run by `sweeps`: small planes gathered from registers, or each
+/// plane laid out by [`Phases`] (zero-padded and split by stride phase), so that every kernel
+/// tap is one long sweep.
+#[allow(clippy::too_many_arguments)]
+fn depthwise_by<T: Sink>(
+    sweeps: &Sweeps,
     xq: &[i8],
     wq: &[i8],
     geo: &Geometry<'_>,
@@ -310,11 +315,9 @@ fn depthwise<T: Sink>(
     let (h, w, oh, ow) = (geo.h, geo.w, geo.oh, geo.ow);
     let ch = geo.cin;
     let layout = Phases::new(h, w, kh, kw, c.stride, c.padding, c.dilation);
+    // (a multiple of `SmallPlanes::planes`, which divides 16 / (oh * ow))
     let planes_per = (4096 / (oh * ow)).max(1);
     let avx2 = crate::gemm::Kernel::Avx2.available();
-    let pairs = (avx2 && cfg!(target_arch = "x86_64")).then(|| TapPairs::new(&layout, wq, kh * kw));
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = &pairs;
     let mut out = vec![T::default(); n * ch * oh * ow];
     let work = out.len() * kh * kw;
     for_each_chunk(
@@ -322,9 +325,21 @@ fn depthwise<T: Sink>(
         oh * ow * planes_per,
         work < SERIAL_DEPTHWISE,
         |(task, dsts)| {
+            #[cfg(target_arch = "x86_64")]
+            if let Sweeps::Small(sp) = sweeps {
+                let first = task * planes_per;
+                let planes = dsts.len() / (oh * ow);
+                let x = &xq[first * h * w..(first + planes) * h * w];
+                let out = T::output(dsts.as_mut_ptr(), to);
+                // SAFETY: `Sweeps::made` checked the machine; `dsts` holds the outputs of
+                // the task's planes, whole units of them (`planes_per` and the layer's planes
+                // are multiples of the unit's).
+                unsafe { small_planes(sp, x, first, scales, bias, out) };
+                return;
+            }
             let mut phases = vec![0i8; layout.len() + SWEEP_SLACK];
             #[cfg(target_arch = "x86_64")]
-            if let Some(p) = &pairs {
+            if matches!(sweeps, Sweeps::Quads(_) | Sweeps::Pairs(_)) {
                 // Each plane's sums finished in registers (scale, bias, and the int8 grid for
                 // an int8 sink) and written in rows of the phase's width, whose valid part is
                 // copied out.
@@ -333,12 +348,39 @@ fn depthwise<T: Sink>(
                     let plane = task * planes_per + j;
                     let ci = plane % ch;
                     layout.fill(&xq[plane * h * w..(plane + 1) * h * w], &mut phases);
-                    let b = bias.map_or(0.0, |b| b[ci]);
-                    let to = T::sweep_out(&mut wide, scales[ci], b, to);
-                    let weights = &p.weights[ci * p.starts.len()..][..p.starts.len()];
-                    // SAFETY: the machine has AVX2; `wide` is whole blocks of 16, and every
-                    // sweep over them lies inside the phases and their slack.
-                    unsafe { madd_sweep(to, &phases, &p.starts, weights) };
+                    match sweeps {
+                        Sweeps::Quads(q) => {
+                            let per = q.starts.len();
+                            let finish = crate::gemm::Finish {
+                                scales: &scales[ci..ci + 1],
+                                bias: bias.map(|b| &b[ci..ci + 1]),
+                                ld: 0,
+                                out: T::output(wide.as_mut_ptr(), to),
+                            };
+                            // SAFETY: `Sweeps::made` checked the machine; `wide` holds
+                            // the sweep's whole blocks of 16, and every sweep lies inside the
+                            // phases and their slack (checked).
+                            unsafe {
+                                dpbusd_sweep(
+                                    &finish,
+                                    wide.len(),
+                                    &phases,
+                                    &q.starts,
+                                    &q.weights[ci * per..][..per],
+                                    q.offsets[ci],
+                                )
+                            };
+                        }
+                        Sweeps::Pairs(p) => {
+                            let b = bias.map_or(0.0, |b| b[ci]);
+                            let to = T::sweep_out(&mut wide, scales[ci], b, to);
+                            let weights = &p.weights[ci * p.starts.len()..][..p.starts.len()];
+                            // SAFETY: the machine has AVX2; `wide` is whole blocks of 16, and
+                            // every sweep over them lies inside the phases and their slack.
+                            unsafe { madd_sweep(to, &phases, &p.starts, weights) };
+                        }
+                        _ => unreachable!("only sweeps over phases come here"),
+                    }
                     for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
                         copy_short(row, &wide[layout.row(oy)..][..ow]);
                     }
@@ -379,6 +421,361 @@ fn depthwise<T: Sink>(
     out
 }
 
+/// The ways a depthwise layer can run.
+enum Sweeps {
+    /// Planes of at most 64 values, gathered tap by tap from one register by byte permutes,
+    /// four taps per multiply-add (AVX-512 VBMI and VNNI): no layout, no copies.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Small(SmallPlanes),
+    /// Sweeps over [`Phases`] with four taps per multiply-add (AVX-512 VBMI and VNNI).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Quads(TapQuads),
+    /// Sweeps over [`Phases`] with two taps per multiply-add (AVX2).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Pairs(TapPairs),
+    /// One pass per tap over [`Phases`], on any machine.
+    Plain,
+}
+
+impl Sweeps {
+    /// Every way this machine runs the layer, fastest first (the last is [`Sweeps::Plain`]).
+    #[cfg(test)]
+    fn available(geo: &Geometry<'_>, wq: &[i8]) -> Vec<Sweeps> {
+        Sweeps::made(geo, wq, usize::MAX)
+    }
+
+    /// The fastest way this machine runs the layer.
+    fn fastest(geo: &Geometry<'_>, wq: &[i8]) -> Sweeps {
+        Sweeps::made(geo, wq, 1).swap_remove(0)
+    }
+
+    /// The first `most` ways of [`Sweeps::available`] (at least one).
+    fn made(geo: &Geometry<'_>, wq: &[i8], most: usize) -> Vec<Sweeps> {
+        let c = geo.spec;
+        let (kh, kw) = (c.kernel[0], c.kernel[1]);
+        let layout = Phases::new(geo.h, geo.w, kh, kw, c.stride, c.padding, c.dilation);
+        let vnni = cfg!(target_arch = "x86_64") && vnni_sweeps_available();
+        let avx2 = cfg!(target_arch = "x86_64") && crate::gemm::Kernel::Avx2.available();
+        let mut all = Vec::new();
+        if vnni {
+            all.extend(SmallPlanes::new(geo, wq).map(Sweeps::Small));
+        }
+        if vnni && all.len() < most {
+            all.push(Sweeps::Quads(TapQuads::new(&layout, wq, kh * kw)));
+        }
+        if avx2 && all.len() < most {
+            all.push(Sweeps::Pairs(TapPairs::new(&layout, wq, kh * kw)));
+        }
+        if all.len() < most {
+            all.push(Sweeps::Plain);
+        }
+        all
+    }
+}
+
+/// A depthwise layer whose input planes hold at most 64 values, as [`small_planes`] runs it:
+/// in units of `planes` consecutive planes (channels of one sample), whose inputs fit one
+/// 64-byte register, and blocks of 16 outputs. Where an output plane is smaller than 16 and
+/// divides it, a unit is as many planes as fill one block; otherwise a unit is one plane.
+struct SmallPlanes {
+    /// Values of an input plane and of an output plane.
+    m: usize,
+    o: usize,
+    planes: usize,
+    blocks: usize,
+    /// Groups of four taps (taps `4g..4g + 4`, row-major).
+    groups: usize,
+    /// Per block and group: for lane `j`, the places in the unit's input of its four taps'
+    /// values (bytes `4j..4j + 4`), and which of them exist (not padding, not past the taps).
+    index: Vec<[u8; 64]>,
+    keep: Vec<u64>,
+    /// Each lane's plane within the unit.
+    lane_plane: [u32; 16],
+    /// Per group, then per channel: the group's four weights as bytes of one value.
+    weights: Vec<i32>,
+    /// Per channel: `128 * sum of the filter`.
+    offsets: Vec<i32>,
+}
+
+impl SmallPlanes {
+    /// The layout for `geo`, or `None` where an input plane or the kernel is too large.
+    fn new(geo: &Geometry<'_>, wq: &[i8]) -> Option<SmallPlanes> {
+        let c = geo.spec;
+        let (kh, kw) = (c.kernel[0], c.kernel[1]);
+        let taps = kh * kw;
+        let (m, o, ch) = (geo.h * geo.w, geo.oh * geo.ow, geo.cin);
+        if m > 64 || taps > 64 || o == 0 || wq.len() != ch * taps {
+            return None;
+        }
+        let fill = 16 / o.min(16);
+        let planes = if o < 16 && 16 % o == 0 && ch % fill == 0 && fill * m <= 64 {
+            fill
+        } else {
+            1
+        };
+        let blocks = if planes > 1 { 1 } else { o.div_ceil(16) };
+        let groups = taps.div_ceil(4);
+        let (mut index, mut keep) = (Vec::new(), Vec::new());
+        for b in 0..blocks {
+            for g in 0..groups {
+                let (mut at, mut kept) = ([0u8; 64], 0u64);
+                for j in 0..16 {
+                    let (plane, q) = if planes > 1 {
+                        (j / o, j % o)
+                    } else {
+                        (0, 16 * b + j)
+                    };
+                    for d in 0..4 {
+                        let t = 4 * g + d;
+                        if t >= taps || q >= o {
+                            continue;
+                        }
+                        let (oy, ox) = (q / geo.ow, q % geo.ow);
+                        let iy =
+                            (oy * c.stride + (t / kw) * c.dilation) as isize - c.padding as isize;
+                        let ix =
+                            (ox * c.stride + (t % kw) * c.dilation) as isize - c.padding as isize;
+                        if (0..geo.h as isize).contains(&iy) && (0..geo.w as isize).contains(&ix) {
+                            at[4 * j + d] = (plane * m + iy as usize * geo.w + ix as usize) as u8;
+                            kept |= 1 << (4 * j + d);
+                        }
+                    }
+                }
+                index.push(at);
+                keep.push(kept);
+            }
+        }
+        let lane_plane = std::array::from_fn(|j| if planes > 1 { (j / o) as u32 } else { 0 });
+        let weights = (0..groups)
+            .flat_map(|g| {
+                wq.chunks_exact(taps).map(move |filt| {
+                    let mut bytes = [0u8; 4];
+                    for (d, b) in bytes.iter_mut().enumerate() {
+                        *b = filt.get(4 * g + d).map_or(0, |&v| v as u8);
+                    }
+                    i32::from_le_bytes(bytes)
+                })
+            })
+            .collect();
+        let offsets = wq
+            .chunks_exact(taps)
+            .map(|filt| 128 * filt.iter().map(|&v| i32::from(v)).sum::<i32>())
+            .collect();
+        Some(SmallPlanes {
+            m,
+            o,
+            planes,
+            blocks,
+            groups,
+            index,
+            keep,
+            lane_plane,
+            weights,
+            offsets,
+        })
+    }
+}
+
+/// Units of [`SmallPlanes`]: their input `x` (whole units), from plane `first` of the layer's
+/// input on, to their outputs at `out` (`planes * o` values a unit), finished as the runtime
+/// finishes (`sum * scale + bias` per channel, then the int8 grid for an int8 output). A
+/// unit's input is loaded once into a register and flipped to unsigned bytes (`x + 128`);
+/// per block and group, one byte permute gathers each lane's four tap values (128, the
+/// flipped zero, where a tap is padding or missing) and `vpdpbusd` adds their products with
+/// the lane's channel's weights to its 32-bit sum, exactly. The sums start at `-128 * sum of
+/// the filter`, which takes the flip's share back off.
+///
+/// # Safety
+/// The machine has AVX-512 F, BW, VL, VBMI and VNNI; `out` is valid for writes of the units'
+/// outputs that nothing else reads or writes meanwhile. The slices are checked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+unsafe fn small_planes(
+    sp: &SmallPlanes,
+    x: &[i8],
+    first: usize,
+    scales: &[f32],
+    bias: Option<&[f32]>,
+    out: crate::gemm::Output,
+) {
+    use std::arch::x86_64::*;
+    let (p, ch, unit) = (sp.planes, sp.offsets.len(), sp.planes * sp.m);
+    assert!(
+        unit <= 64
+            && x.len().is_multiple_of(unit)
+            && first.is_multiple_of(p)
+            && ch.is_multiple_of(p)
+            && scales.len() >= ch
+            && bias.is_none_or(|b| b.len() >= ch)
+            && sp.groups <= 16,
+        "units of small planes out of bounds"
+    );
+    let flip = _mm512_set1_epi8(-128);
+    let bytes = if unit == 64 {
+        u64::MAX
+    } else {
+        (1u64 << unit) - 1
+    };
+    let lanes = ((1u32 << p) - 1) as u16;
+    // SAFETY: `lane_plane` holds 16 values.
+    let rep = unsafe { _mm512_loadu_si512(sp.lane_plane.as_ptr().cast()) };
+    // The values of channels `c0..c0 + p` spread over their lanes (`c0 + p <= ch`).
+    let spread = |v: &[i32], c0: usize| {
+        if p == 1 {
+            _mm512_set1_epi32(v[c0])
+        } else {
+            // SAFETY: the mask covers `v[c0..c0 + p]`.
+            let part = unsafe { _mm512_maskz_loadu_epi32(lanes, v[c0..c0 + p].as_ptr()) };
+            _mm512_permutexvar_epi32(rep, part)
+        }
+    };
+    let spread_f = |v: &[f32], c0: usize| {
+        if p == 1 {
+            _mm512_set1_ps(v[c0])
+        } else {
+            // SAFETY: the mask covers `v[c0..c0 + p]`.
+            let part = unsafe { _mm512_maskz_loadu_ps(lanes, v[c0..c0 + p].as_ptr()) };
+            _mm512_permutexvar_ps(rep, part)
+        }
+    };
+    let mut weights = [_mm512_setzero_si512(); 16];
+    for (u, xu) in x.chunks_exact(unit).enumerate() {
+        // Channels `c0..c0 + p`, in one sample (`first` and `ch` are multiples of `p`).
+        let c0 = (first + u * p) % ch;
+        // SAFETY: the mask covers `xu`'s bytes.
+        let window = _mm512_xor_si512(unsafe { _mm512_maskz_loadu_epi8(bytes, xu.as_ptr()) }, flip);
+        for (g, w) in weights.iter_mut().take(sp.groups).enumerate() {
+            *w = spread(&sp.weights[g * ch..(g + 1) * ch], c0);
+        }
+        let start = _mm512_sub_epi32(_mm512_setzero_si512(), spread(&sp.offsets, c0));
+        let scale = spread_f(scales, c0);
+        let bias = bias.map_or(_mm512_setzero_ps(), |b| spread_f(b, c0));
+        for b in 0..sp.blocks {
+            let mut acc = start;
+            for (g, &w) in weights.iter().take(sp.groups).enumerate() {
+                let at = b * sp.groups + g;
+                // SAFETY: each index holds 64 bytes.
+                let idx = unsafe { _mm512_loadu_si512(sp.index[at].as_ptr().cast()) };
+                let v = _mm512_mask_permutexvar_epi8(flip, sp.keep[at], idx, window);
+                acc = _mm512_dpbusd_epi32(acc, v, w);
+            }
+            let valid = (p * sp.o - 16 * b).min(16);
+            let mask = (u32::MAX >> (32 - valid)) as u16;
+            let at = u * p * sp.o + 16 * b;
+            // SAFETY: the unit's outputs `16 b..16 b + valid` are the caller's to write.
+            unsafe { crate::gemm::vnni::finish_lanes(out, at, mask, acc, scale, bias) };
+        }
+    }
+}
+
+/// Whether this machine runs [`dpbusd_sweep`]: AVX-512 F, BW, VL, VBMI (byte permutes) and VNNI.
+fn vnni_sweeps_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        crate::gemm::Kernel::Avx512Vnni.available() && has!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A depthwise layer's taps as [`dpbusd_sweep`] takes them: taps whose sweeps start less
+/// than four values apart share a group (for a stride-1 3x3 kernel, each kernel row is one
+/// group; with stride 2, the even and odd columns of a row are two), whose sweep starts at
+/// its first tap. For every channel, each group's weights in one 32-bit value, byte `d` the
+/// weight of the tap that starts `d` values after the group (0 where there is none), and the
+/// offset `128 * sum of the filter` that the sweep's unsigned inputs add.
+struct TapQuads {
+    starts: Vec<usize>,
+    weights: Vec<i32>,
+    offsets: Vec<i32>,
+}
+
+impl TapQuads {
+    fn new(layout: &Phases, wq: &[i8], taps: usize) -> TapQuads {
+        let mut order: Vec<usize> = (0..taps).collect();
+        order.sort_by_key(|&t| layout.tap(t));
+        // Per group: where it starts, and its taps with their byte in the lane.
+        let mut groups: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
+        for t in order {
+            let at = layout.tap(t);
+            match groups.last_mut() {
+                Some((start, members)) if at < *start + 4 => members.push((t, at - *start)),
+                _ => groups.push((at, vec![(t, 0)])),
+            }
+        }
+        let weights = wq
+            .chunks_exact(taps)
+            .flat_map(|filt| {
+                groups.iter().map(move |(_, members)| {
+                    let mut bytes = [0u8; 4];
+                    for &(t, d) in members {
+                        bytes[d] = filt[t] as u8;
+                    }
+                    i32::from_le_bytes(bytes)
+                })
+            })
+            .collect();
+        let offsets = wq
+            .chunks_exact(taps)
+            .map(|filt| 128 * filt.iter().map(|&v| i32::from(v)).sum::<i32>())
+            .collect();
+        TapQuads {
+            starts: groups.into_iter().map(|(start, _)| start).collect(),
+            weights,
+            offsets,
+        }
+    }
+}
+
+/// `sum over taps t of filt[t] * phases[start(t)..][..span]` in blocks of 16 outputs, with
+/// AVX-512 VNNI, finished in registers as `finish` says (its row 0, columns from 0).
+/// For each group of [`TapQuads`], one load of 32 values from the group's start, flipped to
+/// unsigned bytes (`x + 128`), and one byte permute that gives lane `j` values `j..j + 4`;
+/// `vpdpbusd` multiplies them with the group's four weights and adds the four products to
+/// the lane's 32-bit sum, exactly. The sums start at `-offset`, which takes the flip's share,
+/// `128 * sum of the filter`, back off.
+///
+/// # Safety
+/// The machine has AVX-512 F, BW, VL, VBMI and VNNI; `finish` may write `span` values (a
+/// multiple of 16) of its row 0; `weights` has one value per start, and every sweep, with 16
+/// values more, lies inside `phases` (checked).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+unsafe fn dpbusd_sweep(
+    finish: &crate::gemm::Finish<'_>,
+    span: usize,
+    phases: &[i8],
+    starts: &[usize],
+    weights: &[i32],
+    offset: i32,
+) {
+    use std::arch::x86_64::*;
+    assert!(
+        span.is_multiple_of(16)
+            && weights.len() == starts.len()
+            && starts.iter().all(|&a| a + span + 16 <= phases.len()),
+        "sweeps out of the phases"
+    );
+    let base = phases.as_ptr();
+    let lanes: [u8; 64] = std::array::from_fn(|b| (b / 4 + b % 4) as u8);
+    // SAFETY: `lanes` has 64 bytes.
+    let gather = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+    let flip = _mm256_set1_epi8(-128);
+    for i in (0..span).step_by(16) {
+        let mut acc = _mm512_set1_epi32(-offset);
+        for (&a, &w) in starts.iter().zip(weights) {
+            // SAFETY: a + i + 32 <= a + span + 16 <= phases.len().
+            let v = unsafe { _mm256_loadu_si256(base.add(a + i).cast()) };
+            let x =
+                _mm512_permutexvar_epi8(gather, _mm512_castsi256_si512(_mm256_xor_si256(v, flip)));
+            acc = _mm512_dpbusd_epi32(acc, x, _mm512_set1_epi32(w));
+        }
+        // SAFETY: the caller promises row 0's values up to `span`.
+        unsafe { crate::gemm::vnni::finish_row(finish, 0, i, 0xffff, acc) };
+    }
+}
+
 /// A depthwise layer's taps as [`madd_sweep`] takes them: pairs of taps (where their sweeps
 /// start in the phases; an odd last tap pairs with itself at a zero weight), and for every
 /// channel each pair's two weights in one 32-bit value, the first tap's in the low half.
@@ -408,9 +805,9 @@ impl TapPairs {
     }
 }
 
-/// Slack after a plane's phases and its sums, so that [`madd_sweep`] may run whole blocks of
-/// 16 past the last output (the extra sums are never read).
-const SWEEP_SLACK: usize = 16;
+/// Slack after a plane's phases, so that the sweeps may run whole blocks of 16 past the last
+/// output (the extra sums are never read) and [`dpbusd_sweep`] load 32 values for each.
+const SWEEP_SLACK: usize = 32;
 
 /// Where [`madd_sweep`] writes a plane's outputs, in rows of the phase's width (a multiple of
 /// 16 values): the int32 sums, or the finished values, `sum * scale + bias` in f32 or that
@@ -570,6 +967,9 @@ struct Prepared<'m> {
     requant: HashMap<usize, Requant>,
     /// The activations and quantizers between such layers, which pass those values on.
     passed: HashSet<usize>,
+    /// The depthwise layers' sweeps, by weight name and input height and width, made at the
+    /// first forward with that input size.
+    sweeps: Mutex<HashMap<(String, usize, usize), Arc<Sweeps>>>,
 }
 
 impl<'m> Int8Kernels<'m> {
@@ -618,6 +1018,7 @@ impl<'m> Int8Kernels<'m> {
                 packed,
                 requant,
                 passed,
+                sweeps: Mutex::default(),
             }),
         }
     }
@@ -627,6 +1028,21 @@ impl<'m> Int8Kernels<'m> {
         self.prepared
             .as_ref()
             .filter(|p| std::ptr::eq(p.model, model))
+    }
+
+    /// A depthwise layer's sweeps: prepared ones for the model these kernels were made for
+    /// (made at the layer's first forward with this input size), else made now.
+    fn sweeps(&self, model: &Model, node: &Node, geo: &Geometry<'_>, wq: &[i8]) -> Arc<Sweeps> {
+        let Some(p) = self.for_model(model) else {
+            return Arc::new(Sweeps::fastest(geo, wq));
+        };
+        let key = (node.param_name("weight"), geo.h, geo.w);
+        // A poisoned lock only means another forward panicked; the map is still whole.
+        let mut made = p.sweeps.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            made.entry(key)
+                .or_insert_with(|| Arc::new(Sweeps::fastest(geo, wq))),
+        )
     }
 
     /// A layer's packed weights: prepared ones for the model these kernels were made for,
@@ -1092,7 +1508,8 @@ impl Int8Kernels<'_> {
                     spec: c,
                 };
                 let out = if c.is_depthwise() {
-                    depthwise(xq, &w.values, &geo, n, &scales, bias, to)
+                    let sweeps = self.sweeps(model, node, &geo, &w.values);
+                    depthwise_by(&sweeps, xq, &w.values, &geo, n, &scales, bias, to)
                 } else {
                     let pa = self.weights(model, node, &w.values, oc);
                     grouped(xq, &pa, &geo, n, &scales, bias, to)
@@ -1289,6 +1706,101 @@ mod tests {
                             super::round_to_grid(f, lo, hi, inv),
                             "{case}: i8 [{i}]"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every way this machine runs a depthwise layer gives what the plain passes give, bit for
+    /// bit, as f32 and as int8 outputs: small planes one or several to a unit (and a channel
+    /// count that forbids several), strides, dilation, kernels of 1 to 49 taps, planes too
+    /// large for the small way, extreme values, with and without a bias and a ReLU's bound.
+    #[test]
+    fn depthwise_ways_agree() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // (h, w, kernel, stride, padding, dilation, channels)
+        for (h, w, k, stride, pad, dil, ch) in [
+            (4, 4, 3, 1, 1, 1, 8),
+            (2, 2, 3, 1, 1, 1, 8),
+            (2, 2, 3, 1, 1, 1, 6),
+            (8, 8, 3, 2, 1, 1, 4),
+            (4, 4, 3, 2, 1, 1, 8),
+            (2, 2, 3, 2, 1, 1, 16),
+            (1, 1, 3, 1, 1, 1, 32),
+            (8, 8, 3, 1, 1, 1, 3),
+            (7, 7, 3, 1, 1, 1, 5),
+            (7, 7, 3, 2, 1, 1, 4),
+            (5, 5, 5, 1, 2, 1, 4),
+            (3, 3, 2, 1, 0, 1, 8),
+            (6, 6, 3, 1, 2, 2, 4),
+            (4, 4, 1, 1, 0, 1, 4),
+            (14, 14, 3, 1, 1, 1, 3),
+            (9, 11, 3, 2, 1, 1, 2),
+            (12, 12, 7, 1, 3, 1, 2),
+        ] {
+            let spec = slim_core::Conv2dSpec {
+                in_channels: ch,
+                out_channels: ch,
+                kernel: [k, k],
+                stride,
+                padding: pad,
+                dilation: dil,
+                groups: ch,
+                bias: true,
+            };
+            let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let ow = (w + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let geo = super::Geometry {
+                cin: ch,
+                h,
+                w,
+                oh,
+                ow,
+                spec: &spec,
+            };
+            let n = 3;
+            let extreme = |rng: &mut rand::rngs::StdRng, i: usize| match i % 9 {
+                0 => -128,
+                1 => 127,
+                _ => rng.random_range(-128i32..128) as i8,
+            };
+            let xq: Vec<i8> = (0..n * ch * h * w).map(|i| extreme(&mut rng, i)).collect();
+            let wq: Vec<i8> = (0..ch * k * k).map(|i| extreme(&mut rng, i + 1)).collect();
+            let scales: Vec<f32> = (0..ch).map(|_| rng.random_range(1e-4f32..1e-2)).collect();
+            let bias: Vec<f32> = (0..ch).map(|_| rng.random_range(-1f32..1.0)).collect();
+            let ways = super::Sweeps::available(&geo, &wq);
+            let name = |s: &super::Sweeps| match s {
+                super::Sweeps::Small(_) => "small planes",
+                super::Sweeps::Quads(_) => "quads",
+                super::Sweeps::Pairs(_) => "pairs",
+                super::Sweeps::Plain => "plain",
+            };
+            for bias in [Some(&bias[..]), None] {
+                let relu = slim_core::Op::Relu;
+                for act in [None, Some(&relu)] {
+                    let to = super::Requant::new(rng.random_range(1e-3f32..2e-2), act);
+                    let run_f32 =
+                        |s| super::depthwise_by::<f32>(s, &xq, &wq, &geo, n, &scales, bias, &to);
+                    let run_i8 =
+                        |s| super::depthwise_by::<i8>(s, &xq, &wq, &geo, n, &scales, bias, &to);
+                    let plain = super::Sweeps::Plain;
+                    let want_f: Vec<u32> = run_f32(&plain).iter().map(|v| v.to_bits()).collect();
+                    let want_q = run_i8(&plain);
+                    assert_eq!(want_f.len(), n * ch * oh * ow);
+                    for way in &ways {
+                        let case = format!(
+                            "{h}x{w} k{k} s{stride} p{pad} d{dil} {ch} channels, {}",
+                            name(way)
+                        );
+                        let first =
+                            |a: &[u32], b: &[u32]| a.iter().zip(b).position(|(x, y)| x != y);
+                        let got: Vec<u32> = run_f32(way).iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(first(&got, &want_f), None, "{case}: f32, first difference");
+                        let got: Vec<u32> = run_i8(way).iter().map(|&v| v as u32).collect();
+                        let want: Vec<u32> = want_q.iter().map(|&v| v as u32).collect();
+                        assert_eq!(first(&got, &want), None, "{case}: int8, first difference");
                     }
                 }
             }
