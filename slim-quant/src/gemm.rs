@@ -277,6 +277,105 @@ pub unsafe fn gemm_rows_finished(
     }
 }
 
+/// Output rows of a panel's loads in [`Im2col`] at most: a panel of 16 positions touches at
+/// most 7 rows of 3 or more columns.
+const MAX_LOADS: usize = 8;
+
+/// The input columns of a stride-1 convolution over a block of output rows, for products
+/// that gather them from the input as they pack them ([`gemm_conv_finished`]) rather than
+/// from a matrix written first: row `(c * kh + ky) * kw + kx`, column `(oy - rows.start) * ow
+/// + ox` holds input value `(c, oy + ky * dilation - padding, ox + kx * dilation - padding)`,
+/// 0 outside the plane.
+#[derive(Clone)]
+pub struct Im2col<'a> {
+    /// The input planes, `channels` of `h x w` values, one after another.
+    pub planes: &'a [i8],
+    pub channels: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kernel: [usize; 2],
+    pub padding: usize,
+    pub dilation: usize,
+    /// The output rows, and the output's columns.
+    pub rows: std::ops::Range<usize>,
+    pub ow: usize,
+}
+
+impl Im2col<'_> {
+    /// Rows of the matrix: one per channel and kernel tap.
+    pub fn depth(&self) -> usize {
+        self.channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Columns of the matrix: one per output position of the block.
+    pub fn cols(&self) -> usize {
+        self.rows.len() * self.ow
+    }
+
+    /// Output rows of the whole convolution.
+    fn oh(&self) -> usize {
+        (self.h + 2 * self.padding + 1).saturating_sub(self.dilation * (self.kernel[0] - 1) + 1)
+    }
+
+    /// Whether [`gemm_conv_finished`] gathers these columns: output rows of at least 3
+    /// columns, as wide as the input allows.
+    pub fn fused(&self) -> bool {
+        self.ow >= 3
+            && self.kernel[0] >= 1
+            && self.kernel[1] >= 1
+            && self.ow + self.dilation * (self.kernel[1] - 1) == self.w + 2 * self.padding
+    }
+
+    /// The matrix, written out (the reference the gathering is tested against).
+    pub fn matrix(&self) -> Vec<i8> {
+        let [kh, kw] = self.kernel;
+        let n = self.cols();
+        let mut m = vec![0i8; self.depth() * n];
+        for (t, row) in m.chunks_exact_mut(n.max(1)).enumerate() {
+            let (c, ky, kx) = (t / (kh * kw), t / kw % kh, t % kw);
+            for (j, v) in row.iter_mut().enumerate() {
+                let (oy, ox) = (self.rows.start + j / self.ow, j % self.ow);
+                let iy = (oy + ky * self.dilation) as isize - self.padding as isize;
+                let ix = (ox + kx * self.dilation) as isize - self.padding as isize;
+                if (0..self.h as isize).contains(&iy) && (0..self.w as isize).contains(&ix) {
+                    *v = self.planes[c * self.h * self.w + iy as usize * self.w + ix as usize];
+                }
+            }
+        }
+        m
+    }
+}
+
+/// `rows` of the product of `a` with the convolution columns `src`, finished as `finish`
+/// says, where the kernel gathers the columns as it packs them (AVX-512 VNNI, and
+/// [`Im2col::fused`]); returns `false`, having written nothing, otherwise.
+///
+/// # Safety
+/// As for [`gemm_rows_finished`], with `src.cols()` columns.
+pub unsafe fn gemm_conv_finished(
+    a: &PackedA,
+    rows: std::ops::Range<usize>,
+    src: &Im2col<'_>,
+    finish: &Finish<'_>,
+) -> bool {
+    assert!(rows.end <= a.rows, "rows out of range");
+    assert_eq!(a.cols, src.depth(), "inner dimensions differ");
+    assert!(
+        finish.scales.len() >= rows.len() && finish.bias.is_none_or(|v| v.len() >= rows.len()),
+        "a scale and a bias per row"
+    );
+    match a.kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the kernel was checked available when `a` was packed; the output as the
+        // caller promises.
+        Kernel::Avx512Vnni if src.fused() => {
+            unsafe { vnni::gemm_conv(a, rows, src, finish) };
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The portable product (also the reference the vector kernel is tested against).
 pub fn gemm_portable(a: MatRef<'_>, b: MatRef<'_>, out: &mut [i32]) {
     let n = b.cols;
@@ -377,7 +476,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni {
-    use super::{Finish, MatRef, Output, PackedA};
+    use super::{Finish, Im2col, MatRef, Output, PackedA, MAX_LOADS};
     use std::arch::x86_64::*;
 
     const NR: usize = 16;
@@ -439,6 +538,107 @@ pub(crate) mod vnni {
         (packed, quads)
     }
 
+    /// The columns of a convolution (see [`Im2col`]) packed as [`pack_b`] packs a matrix,
+    /// gathered straight from the input planes: for each panel of 16 output positions and
+    /// each kernel tap, the positions' input values come in a few masked loads (one per output
+    /// row the panel touches; padding and positions past the last are masked off and read as
+    /// 0), and four taps' vectors are interleaved into the panel's 64 bytes.
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F, BW and VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pack_conv(src: &Im2col<'_>) -> (Vec<u8>, usize) {
+        let [kh, kw] = src.kernel;
+        let (taps, plane, n) = (kh * kw, src.h * src.w, src.cols());
+        let k = src.channels * taps;
+        assert!(
+            src.fused() && src.planes.len() >= src.channels * plane && src.rows.end <= src.oh(),
+            "convolution columns out of the input"
+        );
+        let (quads, panels) = (k.div_ceil(4), n.div_ceil(NR));
+        let len = panels * quads * 4 * NR;
+        let mut packed: Vec<u8> = Vec::with_capacity(len);
+        let out = packed.as_mut_ptr();
+        // Per tap, the current panel's loads: where lane 0 would read (from the channel's
+        // plane; the lanes read consecutive values) and which lanes read.
+        let mut loads = vec![[(0isize, 0u16); MAX_LOADS]; taps];
+        let mut counts = vec![0usize; taps];
+        let (pad, dil) = (src.padding as isize, src.dilation);
+        let flip = _mm_set1_epi8(-128);
+        // Each tap's offset from an output position to its input (row, column).
+        let shifts: Vec<(isize, isize)> = (0..taps)
+            .map(|r| ((r / kw * dil) as isize - pad, (r % kw * dil) as isize - pad))
+            .collect();
+        for panel in 0..panels {
+            let p0 = panel * NR;
+            // The panel's runs of positions in one output row: first lane, row, column, length.
+            let mut runs = [(0, 0, 0, 0); MAX_LOADS];
+            let mut nruns = 0;
+            let (mut oy, mut ox, mut lane) = (src.rows.start + p0 / src.ow, p0 % src.ow, 0);
+            while lane < NR && p0 + lane < n {
+                let run = (src.ow - ox).min(NR - lane).min(n - p0 - lane);
+                runs[nruns] = (lane as isize, oy as isize, ox as isize, run as isize);
+                (nruns, lane, oy, ox) = (nruns + 1, lane + run, oy + 1, 0);
+            }
+            for ((l, count), &(dy, dx)) in loads.iter_mut().zip(&mut counts).zip(&shifts) {
+                *count = 0;
+                for &(lane, oy, ox, run) in &runs[..nruns] {
+                    let iy = oy + dy;
+                    // Columns ox..ox + run read ix = ox + dx: those inside 0..w.
+                    let (lo, hi) = (ox.max(-dx), (ox + run).min(src.w as isize - dx));
+                    if (0..src.h as isize).contains(&iy) && lo < hi {
+                        let (a, b) = (lane + lo - ox, lane + hi - ox);
+                        let mask = (((1u32 << b) - 1) & !((1u32 << a) - 1)) as u16;
+                        l[*count] = (iy * src.w as isize + ox + dx - lane, mask);
+                        *count += 1;
+                    }
+                }
+            }
+            // Tap t = 4 q + j is kernel tap `r` of channel `ci`.
+            let (mut ci, mut r) = (0, 0);
+            for q in 0..quads {
+                let mut four = [_mm_setzero_si128(); 4];
+                for v in &mut four {
+                    if ci == src.channels {
+                        break;
+                    }
+                    let base = src.planes.as_ptr().wrapping_add(ci * plane);
+                    for &(at, mask) in &loads[r][..counts[r]] {
+                        // SAFETY: the lanes in `mask` read values of channel `ci`'s plane
+                        // (rows and columns inside it), which `planes` holds (checked);
+                        // masked-off lanes are not read.
+                        *v = unsafe { _mm_mask_loadu_epi8(*v, mask, base.wrapping_offset(at)) };
+                    }
+                    r += 1;
+                    if r == taps {
+                        (ci, r) = (ci + 1, 0);
+                    }
+                }
+                let [r0, r1, r2, r3] = four;
+                let (a, bb) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+                let (c, d) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+                let block = [
+                    _mm_unpacklo_epi16(a, c),
+                    _mm_unpackhi_epi16(a, c),
+                    _mm_unpacklo_epi16(bb, d),
+                    _mm_unpackhi_epi16(bb, d),
+                ];
+                for (i, v) in block.into_iter().enumerate() {
+                    // SAFETY: block (panel, q) lies inside the `len` bytes reserved.
+                    unsafe {
+                        _mm_storeu_si128(
+                            out.add((panel * quads + q) * 4 * NR + 16 * i).cast(),
+                            _mm_xor_si128(v, flip),
+                        )
+                    };
+                }
+            }
+        }
+        // SAFETY: every block of every panel was written above.
+        unsafe { packed.set_len(len) };
+        (packed, quads)
+    }
+
     /// Where a tile's rows go: the int32 sums (row-major, `b.cols` per row), or finished.
     pub enum Sink<'a, 'f> {
         Sums(&'a mut [i32]),
@@ -448,12 +648,49 @@ pub(crate) mod vnni {
     /// See [`super::gemm_rows`] and [`super::gemm_rows_finished`]; needs AVX-512 F, BW, VL and
     /// VNNI. A finished output must be valid as `gemm_rows_finished` requires.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, mut sink: Sink) {
-        let (m, n) = (rows.len(), b.cols);
-        if m == 0 || n == 0 {
+    pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, sink: Sink) {
+        if rows.is_empty() || b.cols == 0 {
             return;
         }
         let (pb, quads) = pack_b(b);
+        // SAFETY: as the caller promises; `pb` is `b` packed.
+        unsafe { product(a, rows, &pb, quads, b.cols, sink) }
+    }
+
+    /// See [`super::gemm_conv_finished`]; needs AVX-512 F, BW, VL and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn gemm_conv(
+        a: &PackedA,
+        rows: std::ops::Range<usize>,
+        src: &Im2col<'_>,
+        finish: &Finish<'_>,
+    ) {
+        let n = src.cols();
+        if rows.is_empty() || n == 0 {
+            return;
+        }
+        // SAFETY: the machine has AVX-512 F, BW and VL.
+        let (pb, quads) = unsafe { pack_conv(src) };
+        // SAFETY: as the caller promises; `pb` is the columns packed.
+        unsafe { product(a, rows, &pb, quads, n, Sink::Finish(finish)) }
+    }
+
+    /// The product of `a`'s `rows` with the packed `pb` (`quads` groups of four rows, `n`
+    /// columns), to `sink`.
+    ///
+    /// # Safety
+    /// As for [`gemm`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn product(
+        a: &PackedA,
+        rows: std::ops::Range<usize>,
+        pb: &[u8],
+        quads: usize,
+        n: usize,
+        mut sink: Sink,
+    ) {
+        let m = rows.len();
+        assert!(pb.len() >= n.div_ceil(NR) * quads * 4 * NR && a.words.len() >= rows.end * quads);
         let pa = &a.words[rows.start * quads..rows.end * quads];
         let sums = &a.sums[rows.clone()];
         let panels = n.div_ceil(NR);
@@ -634,6 +871,76 @@ mod tests {
                     }
                     assert!(q.chunks(ld).all(|r| r[n..].iter().all(|&v| v == 99)));
                 }
+            }
+        }
+    }
+
+    /// Convolution columns gathered as they are packed give the product with the matrix
+    /// written out: channel counts that are not multiples of four, padding, dilation,
+    /// non-square kernels, blocks of rows in the middle, rows of 3 and more columns, and
+    /// panels that end past the last position. Too narrow an output is declined, unwritten.
+    #[test]
+    fn gathered_convolution_columns_agree_with_the_matrix() {
+        let mut rng = StdRng::seed_from_u64(21);
+        // (channels, h, w, kernel, padding, dilation, output rows)
+        for (channels, h, w, kernel, padding, dilation, rows) in [
+            (16, 32, 32, [3, 3], 1, 1, 0..8),
+            (3, 8, 8, [3, 3], 1, 1, 0..8),
+            (5, 7, 9, [3, 3], 1, 1, 2..5),
+            (2, 5, 5, [5, 5], 2, 1, 0..5),
+            (4, 10, 10, [3, 3], 2, 2, 1..10),
+            (3, 6, 4, [3, 3], 1, 1, 0..6),
+            (2, 3, 3, [3, 3], 1, 1, 0..3),
+            (1, 4, 4, [2, 2], 0, 1, 0..3),
+            (2, 5, 6, [1, 3], 1, 1, 1..7),
+            (7, 12, 12, [3, 3], 0, 1, 3..10),
+            (2, 2, 2, [3, 3], 1, 1, 0..2),
+        ] {
+            let planes: Vec<i8> = (0..channels * h * w)
+                .map(|i| match i % 11 {
+                    0 => -128,
+                    1 => 127,
+                    _ => rng.random(),
+                })
+                .collect();
+            let src = Im2col {
+                planes: &planes,
+                channels,
+                h,
+                w,
+                kernel,
+                padding,
+                dilation,
+                rows,
+                ow: w + 2 * padding - dilation * (kernel[1] - 1),
+            };
+            let (k, n) = (src.depth(), src.cols());
+            let m = 9;
+            let a: Vec<i8> = (0..m * k).map(|_| rng.random()).collect();
+            let cols = src.matrix();
+            let mut want = vec![0; m * n];
+            gemm_portable(MatRef::new(&a, m, k), MatRef::new(&cols, k, n), &mut want);
+            let ones = vec![1f32; m];
+            for kernel in Kernel::available_kernels() {
+                let p = PackedA::for_kernel(MatRef::new(&a, m, k), kernel);
+                let mut y = vec![f32::NAN; m * n];
+                let finish = Finish {
+                    scales: &ones,
+                    bias: None,
+                    ld: n,
+                    out: Output::F32(y.as_mut_ptr()),
+                };
+                // SAFETY: `y` has m rows of n values.
+                let done = unsafe { gemm_conv_finished(&p, 0..m, &src, &finish) };
+                let case =
+                    format!("{kernel:?} {channels}x{h}x{w} k{kernel:?} p{padding} d{dilation}");
+                assert_eq!(done, kernel == Kernel::Avx512Vnni && src.ow >= 3, "{case}");
+                if !done {
+                    assert!(y.iter().all(|v| v.is_nan()), "{case}: wrote");
+                    continue;
+                }
+                let got: Vec<i32> = y.iter().map(|&v| v as i32).collect();
+                assert_eq!(got, want, "{case}");
             }
         }
     }
