@@ -283,9 +283,9 @@ const MAX_LOADS: usize = 8;
 
 /// The input columns of a stride-1 convolution over a block of output rows, for products
 /// that gather them from the input as they pack them ([`gemm_conv_finished`]) rather than
-/// from a matrix written first: row `(c * kh + ky) * kw + kx`, column `(oy - rows.start) * ow
-/// + ox` holds input value `(c, oy + ky * dilation - padding, ox + kx * dilation - padding)`,
-/// 0 outside the plane.
+/// from a matrix written first. Row `(c * kh + ky) * kw + kx` and column
+/// `(oy - rows.start) * ow + ox` of the matrix hold the input value at channel `c`, row
+/// `oy + ky * dilation - padding`, column `ox + kx * dilation - padding` (0 outside the plane).
 #[derive(Clone)]
 pub struct Im2col<'a> {
     /// The input planes, `channels` of `h x w` values, one after another.
