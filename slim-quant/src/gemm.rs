@@ -485,7 +485,7 @@ pub(crate) mod vnni {
     /// `b` in panels of 16 columns; within a panel, for each group of four rows, the 16
     /// columns' four values as unsigned bytes (`x + 128`), 64 bytes. Missing rows read as 0
     /// (their filter values are 0), missing columns as 128.
-    fn pack_b(b: MatRef<'_>) -> (Vec<u8>, usize) {
+    pub(super) fn pack_b(b: MatRef<'_>) -> (Vec<u8>, usize) {
         let quads = b.rows.div_ceil(4);
         let panels = b.cols.div_ceil(NR);
         let mut packed = vec![128u8; panels * quads * 4 * NR];
@@ -547,7 +547,7 @@ pub(crate) mod vnni {
     /// # Safety
     /// The machine has AVX-512 F, BW and VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn pack_conv(src: &Im2col<'_>) -> (Vec<u8>, usize) {
+    pub(super) unsafe fn pack_conv(src: &Im2col<'_>) -> (Vec<u8>, usize) {
         let [kh, kw] = src.kernel;
         let (taps, plane, n) = (kh * kw, src.h * src.w, src.cols());
         let k = src.channels * taps;
@@ -564,7 +564,6 @@ pub(crate) mod vnni {
         let mut loads = vec![[(0isize, 0u16); MAX_LOADS]; taps];
         let mut counts = vec![0usize; taps];
         let (pad, dil) = (src.padding as isize, src.dilation);
-        let flip = _mm_set1_epi8(-128);
         // Each tap's offset from an output position to its input (row, column).
         let shifts: Vec<(isize, isize)> = (0..taps)
             .map(|r| ((r / kw * dil) as isize - pad, (r % kw * dil) as isize - pad))
@@ -594,49 +593,104 @@ pub(crate) mod vnni {
                     }
                 }
             }
-            // Tap t = 4 q + j is kernel tap `r` of channel `ci`.
-            let (mut ci, mut r) = (0, 0);
-            for q in 0..quads {
-                let mut four = [_mm_setzero_si128(); 4];
-                for v in &mut four {
-                    if ci == src.channels {
-                        break;
-                    }
-                    let base = src.planes.as_ptr().wrapping_add(ci * plane);
-                    for &(at, mask) in &loads[r][..counts[r]] {
-                        // SAFETY: the lanes in `mask` read values of channel `ci`'s plane
-                        // (rows and columns inside it), which `planes` holds (checked);
-                        // masked-off lanes are not read.
-                        *v = unsafe { _mm_mask_loadu_epi8(*v, mask, base.wrapping_offset(at)) };
-                    }
-                    r += 1;
-                    if r == taps {
-                        (ci, r) = (ci + 1, 0);
-                    }
-                }
-                let [r0, r1, r2, r3] = four;
-                let (a, bb) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
-                let (c, d) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
-                let block = [
-                    _mm_unpacklo_epi16(a, c),
-                    _mm_unpackhi_epi16(a, c),
-                    _mm_unpacklo_epi16(bb, d),
-                    _mm_unpackhi_epi16(bb, d),
-                ];
-                for (i, v) in block.into_iter().enumerate() {
-                    // SAFETY: block (panel, q) lies inside the `len` bytes reserved.
-                    unsafe {
-                        _mm_storeu_si128(
-                            out.add((panel * quads + q) * 4 * NR + 16 * i).cast(),
-                            _mm_xor_si128(v, flip),
-                        )
-                    };
-                }
-            }
+            let taps = Taps {
+                loads: &loads,
+                counts: &counts,
+                plane,
+            };
+            // SAFETY: the panel's `quads` blocks of 64 bytes lie inside the `len` reserved.
+            unsafe { interleave(src, &taps, quads, out.add(panel * quads * 4 * NR)) };
         }
         // SAFETY: every block of every panel was written above.
         unsafe { packed.set_len(len) };
         (packed, quads)
+    }
+
+    /// A panel's loads for every kernel tap (see [`pack_conv`]), and the planes' size.
+    struct Taps<'a> {
+        loads: &'a [[(isize, u16); MAX_LOADS]],
+        counts: &'a [usize],
+        plane: usize,
+    }
+
+    /// Tap `r` of channel `ci` gathered into the 16 bytes from `16 j` of `v` (`j < 4`).
+    ///
+    /// # Safety
+    /// The machine has AVX-512 BW; the loads are `src`'s for this panel.
+    #[inline(always)]
+    unsafe fn gather(
+        src: &Im2col<'_>,
+        taps: &Taps<'_>,
+        ci: usize,
+        r: usize,
+        j: usize,
+        v: __m512i,
+    ) -> __m512i {
+        let base = src
+            .planes
+            .as_ptr()
+            .wrapping_add(ci * taps.plane)
+            .wrapping_sub(16 * j);
+        let mut v = v;
+        for &(at, mask) in &taps.loads[r][..taps.counts[r]] {
+            // SAFETY: the lanes in `mask` read values of channel `ci`'s plane (rows and
+            // columns inside it), which `planes` holds (checked by `pack_conv`); masked-off
+            // lanes are not read.
+            v = unsafe {
+                _mm512_mask_loadu_epi8(v, u64::from(mask) << (16 * j), base.wrapping_offset(at))
+            };
+        }
+        v
+    }
+
+    /// A panel's blocks from its taps: four taps gathered into one register (a tap to each
+    /// 16 bytes), then put in the packed order by byte and word unpacks (as [`pack_b`] does;
+    /// a single byte permute, with VBMI, was compiled to the same unpacks).
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F, BW and VL; `out` is valid for `quads` blocks of 64 bytes;
+    /// the loads are `src`'s for this panel.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn interleave(src: &Im2col<'_>, taps: &Taps<'_>, quads: usize, out: *mut u8) {
+        let kernel_taps = taps.loads.len();
+        let flip = _mm_set1_epi8(-128);
+        let (mut ci, mut r) = (0, 0);
+        for q in 0..quads {
+            let mut v = _mm512_setzero_si512();
+            for j in 0..4 {
+                if ci == src.channels {
+                    break;
+                }
+                // SAFETY: as this function's caller promises.
+                v = unsafe { gather(src, taps, ci, r, j, v) };
+                r += 1;
+                if r == kernel_taps {
+                    (ci, r) = (ci + 1, 0);
+                }
+            }
+            let (r0, r1) = (
+                _mm512_extracti32x4_epi32::<0>(v),
+                _mm512_extracti32x4_epi32::<1>(v),
+            );
+            let (r2, r3) = (
+                _mm512_extracti32x4_epi32::<2>(v),
+                _mm512_extracti32x4_epi32::<3>(v),
+            );
+            let (a, bb) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+            let (c, d) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+            let block = [
+                _mm_unpacklo_epi16(a, c),
+                _mm_unpackhi_epi16(a, c),
+                _mm_unpacklo_epi16(bb, d),
+                _mm_unpackhi_epi16(bb, d),
+            ];
+            for (i, v) in block.into_iter().enumerate() {
+                // SAFETY: block q lies inside `out`'s blocks.
+                unsafe {
+                    _mm_storeu_si128(out.add(q * 4 * NR + 16 * i).cast(), _mm_xor_si128(v, flip))
+                };
+            }
+        }
     }
 
     /// Where a tile's rows go: the int32 sums (row-major, `b.cols` per row), or finished.
@@ -918,6 +972,14 @@ mod tests {
             let m = 9;
             let a: Vec<i8> = (0..m * k).map(|_| rng.random()).collect();
             let cols = src.matrix();
+            // The packed bytes themselves.
+            #[cfg(target_arch = "x86_64")]
+            if Kernel::Avx512Vnni.available() && src.fused() {
+                let want = vnni::pack_b(MatRef::new(&cols, k, n));
+                // SAFETY: the machine has AVX-512 F, BW and VL.
+                let got = unsafe { vnni::pack_conv(&src) };
+                assert_eq!(got, want, "{channels}x{h}x{w} {kernel:?}: packed");
+            }
             let mut want = vec![0; m * n];
             gemm_portable(MatRef::new(&a, m, k), MatRef::new(&cols, k, n), &mut want);
             let ones = vec![1f32; m];
