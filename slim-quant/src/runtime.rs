@@ -497,6 +497,14 @@ impl Sweeps {
     }
 }
 
+/// Per channel of a depthwise layer's weights `wq` (`taps` each), the share that inputs
+/// flipped to unsigned bytes (`x + 128`) add to its sums: `128 * sum of the filter`.
+fn flip_offsets(wq: &[i8], taps: usize) -> Vec<i32> {
+    wq.chunks_exact(taps)
+        .map(|filt| 128 * filt.iter().map(|&v| i32::from(v)).sum::<i32>())
+        .collect()
+}
+
 /// A depthwise layer whose input planes hold at most 64 values, as [`small_planes`] runs it:
 /// in units of `planes` consecutive planes (channels of one sample), whose inputs fit one
 /// 64-byte register, and blocks of 16 outputs. Where an output plane is smaller than 16 and
@@ -581,10 +589,7 @@ impl SmallPlanes {
                 })
             })
             .collect();
-        let offsets = wq
-            .chunks_exact(taps)
-            .map(|filt| 128 * filt.iter().map(|&v| i32::from(v)).sum::<i32>())
-            .collect();
+        let offsets = flip_offsets(wq, taps);
         Some(SmallPlanes {
             m,
             o,
@@ -740,10 +745,7 @@ impl TapQuads {
                 })
             })
             .collect();
-        let offsets = wq
-            .chunks_exact(taps)
-            .map(|filt| 128 * filt.iter().map(|&v| i32::from(v)).sum::<i32>())
-            .collect();
+        let offsets = flip_offsets(wq, taps);
         TapQuads {
             starts: groups.into_iter().map(|(start, _)| start).collect(),
             weights,
