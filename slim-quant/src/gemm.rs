@@ -500,23 +500,8 @@ pub(crate) mod vnni {
                 // SAFETY: each row has `b.cols >= c0 + 16` values, `dst` has 64 bytes, and
                 // SSE2 is part of x86-64.
                 unsafe {
-                    let [r0, r1, r2, r3] =
-                        rows.map(|r| _mm_loadu_si128(r[c0..c0 + NR].as_ptr().cast()));
-                    let (a, bb) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
-                    let (c, d) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
-                    let flip = _mm_set1_epi8(-128);
-                    let out = [
-                        _mm_unpacklo_epi16(a, c),
-                        _mm_unpackhi_epi16(a, c),
-                        _mm_unpacklo_epi16(bb, d),
-                        _mm_unpackhi_epi16(bb, d),
-                    ];
-                    for (k, v) in out.into_iter().enumerate() {
-                        _mm_storeu_si128(
-                            dst[16 * k..16 * k + 16].as_mut_ptr().cast(),
-                            _mm_xor_si128(v, flip),
-                        );
-                    }
+                    let four = rows.map(|r| _mm_loadu_si128(r[c0..c0 + NR].as_ptr().cast()));
+                    store_interleaved(four, dst.as_mut_ptr());
                 }
             }
         }
@@ -653,7 +638,6 @@ pub(crate) mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn interleave(src: &Im2col<'_>, taps: &Taps<'_>, quads: usize, out: *mut u8) {
         let kernel_taps = taps.loads.len();
-        let flip = _mm_set1_epi8(-128);
         let (mut ci, mut r) = (0, 0);
         for q in 0..quads {
             let mut v = _mm512_setzero_si512();
@@ -676,8 +660,25 @@ pub(crate) mod vnni {
                 _mm512_extracti32x4_epi32::<2>(v),
                 _mm512_extracti32x4_epi32::<3>(v),
             );
+            // SAFETY: block q lies inside `out`'s blocks.
+            unsafe { store_interleaved([r0, r1, r2, r3], out.add(q * 4 * NR)) };
+        }
+    }
+
+    /// Four rows' 16 values each, interleaved by byte and word unpacks into one packed block
+    /// (column `c`'s four values at bytes `4c..4c + 4`), flipped to unsigned bytes and
+    /// stored at `dst`.
+    ///
+    /// # Safety
+    /// `dst` is valid for writes of 64 bytes (SSE2 is part of x86-64).
+    #[inline(always)]
+    unsafe fn store_interleaved([r0, r1, r2, r3]: [__m128i; 4], dst: *mut u8) {
+        // SAFETY: SSE2 is part of x86-64; the stores write bytes 16 i..16 i + 16 of the 64
+        // the caller promises.
+        unsafe {
             let (a, bb) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
             let (c, d) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+            let flip = _mm_set1_epi8(-128);
             let block = [
                 _mm_unpacklo_epi16(a, c),
                 _mm_unpackhi_epi16(a, c),
@@ -685,10 +686,7 @@ pub(crate) mod vnni {
                 _mm_unpackhi_epi16(bb, d),
             ];
             for (i, v) in block.into_iter().enumerate() {
-                // SAFETY: block q lies inside `out`'s blocks.
-                unsafe {
-                    _mm_storeu_si128(out.add(q * 4 * NR + 16 * i).cast(), _mm_xor_si128(v, flip))
-                };
+                _mm_storeu_si128(dst.add(16 * i).cast(), _mm_xor_si128(v, flip));
             }
         }
     }
