@@ -361,6 +361,17 @@ fn depthwise_by<T: Sink>(
                 unsafe { small_planes(sp, x, first, scales, bias, out) };
                 return;
             }
+            #[cfg(target_arch = "x86_64")]
+            if let Sweeps::Windows(wp) = sweeps {
+                let first = task * planes_per;
+                let planes = dsts.len() / (oh * ow);
+                let x = &xq[first * h * w..(first + planes) * h * w];
+                let out = T::output(dsts.as_mut_ptr(), to);
+                // SAFETY: `Sweeps::made` checked the machine; `dsts` holds the outputs of
+                // the task's planes.
+                unsafe { window_planes(wp, x, first, scales, bias, out) };
+                return;
+            }
             let mut phases = vec![0i8; layout.len() + SWEEP_SLACK];
             #[cfg(target_arch = "x86_64")]
             if matches!(sweeps, Sweeps::Quads(_) | Sweeps::Pairs(_)) {
@@ -451,6 +462,11 @@ enum Sweeps {
     /// four taps per multiply-add (AVX-512 VBMI and VNNI): no layout, no copies.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Small(SmallPlanes),
+    /// Larger planes whose every block of outputs reads at most 128 consecutive input values,
+    /// gathered from two registers by byte permutes, four taps per multiply-add (AVX-512 VBMI
+    /// and VNNI): no layout, no copies.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Windows(WindowPlanes),
     /// Sweeps over [`Phases`] with four taps per multiply-add (AVX-512 VBMI and VNNI).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Quads(TapQuads),
@@ -483,6 +499,9 @@ impl Sweeps {
         let mut all = Vec::new();
         if vnni {
             all.extend(SmallPlanes::new(geo, wq).map(Sweeps::Small));
+        }
+        if vnni && all.len() < most {
+            all.extend(WindowPlanes::new(geo, wq).map(Sweeps::Windows));
         }
         if vnni && all.len() < most {
             all.push(Sweeps::Quads(TapQuads::new(&layout, wq, kh * kw)));
@@ -578,17 +597,7 @@ impl SmallPlanes {
             }
         }
         let lane_plane = std::array::from_fn(|j| if planes > 1 { (j / o) as u32 } else { 0 });
-        let weights = (0..groups)
-            .flat_map(|g| {
-                wq.chunks_exact(taps).map(move |filt| {
-                    let mut bytes = [0u8; 4];
-                    for (d, b) in bytes.iter_mut().enumerate() {
-                        *b = filt.get(4 * g + d).map_or(0, |&v| v as u8);
-                    }
-                    i32::from_le_bytes(bytes)
-                })
-            })
-            .collect();
+        let weights = group_weights(wq, taps, groups);
         let offsets = flip_offsets(wq, taps);
         Some(SmallPlanes {
             m,
@@ -602,6 +611,206 @@ impl SmallPlanes {
             weights,
             offsets,
         })
+    }
+}
+
+/// Per group of four taps, then per channel of the weights `wq` (`taps` each): the group's
+/// four weights as the bytes of one value (0 past the last tap).
+fn group_weights(wq: &[i8], taps: usize, groups: usize) -> Vec<i32> {
+    (0..groups)
+        .flat_map(|g| {
+            wq.chunks_exact(taps).map(move |filt| {
+                let mut bytes = [0u8; 4];
+                for (d, b) in bytes.iter_mut().enumerate() {
+                    *b = filt.get(4 * g + d).map_or(0, |&v| v as u8);
+                }
+                i32::from_le_bytes(bytes)
+            })
+        })
+        .collect()
+}
+
+/// A depthwise layer run as [`window_planes`] runs it: each output plane in blocks of at
+/// most 16 consecutive outputs, each block reading at most 128 consecutive values of its
+/// input plane (its window). Blocks are runs of 16 outputs where every run's window fits;
+/// otherwise whole output rows, as many as fit in 16 outputs (or a row in pieces of 16).
+/// Layers where neither fits (large kernels or dilations on wide planes) run otherwise.
+struct WindowPlanes {
+    m: usize,
+    o: usize,
+    /// Per block: its first output, its number of outputs and where its window starts.
+    blocks: Vec<[usize; 3]>,
+    /// Per block: which bytes of the window's two halves lie in the plane.
+    loads: Vec<[u64; 2]>,
+    groups: usize,
+    /// Per block and group: for lane `j`, the places in the block's window of its four
+    /// taps' values (bytes `4j..4j + 4`), 128 (the flipped zero) where a tap is padding or
+    /// missing, and which of them exist.
+    index: Vec<[u8; 64]>,
+    keep: Vec<u64>,
+    /// Per group, then per channel: the group's four weights as bytes of one value.
+    weights: Vec<i32>,
+    /// Per channel: `128 * sum of the filter`.
+    offsets: Vec<i32>,
+}
+
+impl WindowPlanes {
+    /// Values a window holds.
+    const WINDOW: usize = 128;
+
+    /// The layout for `geo`, or `None` where no choice of blocks keeps every window within
+    /// 128 values.
+    fn new(geo: &Geometry<'_>, wq: &[i8]) -> Option<WindowPlanes> {
+        let c = geo.spec;
+        let (kh, kw) = (c.kernel[0], c.kernel[1]);
+        let taps = kh * kw;
+        let (m, o, ch) = (geo.h * geo.w, geo.oh * geo.ow, geo.cin);
+        if taps > 64 || o == 0 || wq.len() != ch * taps {
+            return None;
+        }
+        // Where output `q` reads tap `t`, if inside the plane.
+        let place = |q: usize, t: usize| {
+            let (oy, ox) = (q / geo.ow, q % geo.ow);
+            let iy = (oy * c.stride + (t / kw) * c.dilation) as isize - c.padding as isize;
+            let ix = (ox * c.stride + (t % kw) * c.dilation) as isize - c.padding as isize;
+            ((0..geo.h as isize).contains(&iy) && (0..geo.w as isize).contains(&ix))
+                .then(|| iy as usize * geo.w + ix as usize)
+        };
+        // A block's window start, if its places span fewer than 128 values.
+        let window = |q0: usize, len: usize| {
+            let places = (q0..q0 + len).flat_map(|q| (0..taps).filter_map(move |t| place(q, t)));
+            let (lo, hi) = places.fold((usize::MAX, 0), |(lo, hi), p| (lo.min(p), hi.max(p)));
+            match lo {
+                usize::MAX => Some(0),
+                _ => (hi - lo < Self::WINDOW).then_some(lo),
+            }
+        };
+        let runs: Vec<(usize, usize)> = (0..o).step_by(16).map(|q| (q, (o - q).min(16))).collect();
+        let rows: Vec<(usize, usize)> = if geo.ow <= 16 {
+            let per = 16 / geo.ow;
+            (0..geo.oh)
+                .step_by(per)
+                .map(|y| (y * geo.ow, (geo.oh - y).min(per) * geo.ow))
+                .collect()
+        } else {
+            (0..geo.oh)
+                .flat_map(|y| {
+                    (0..geo.ow)
+                        .step_by(16)
+                        .map(move |x| (y * geo.ow + x, (geo.ow - x).min(16)))
+                })
+                .collect()
+        };
+        let blocks: Vec<[usize; 3]> = [runs, rows].into_iter().find_map(|layout| {
+            layout
+                .into_iter()
+                .map(|(q0, len)| window(q0, len).map(|base| [q0, len, base]))
+                .collect::<Option<Vec<_>>>()
+        })?;
+        let groups = taps.div_ceil(4);
+        let (mut index, mut keep) = (Vec::new(), Vec::new());
+        for &[q0, len, base] in &blocks {
+            for g in 0..groups {
+                let (mut at, mut kept) = ([128u8; 64], 0u64);
+                for j in 0..len {
+                    for d in 0..4 {
+                        let t = 4 * g + d;
+                        if let Some(p) = (t < taps).then(|| place(q0 + j, t)).flatten() {
+                            at[4 * j + d] = (p - base) as u8;
+                            kept |= 1 << (4 * j + d);
+                        }
+                    }
+                }
+                index.push(at);
+                keep.push(kept);
+            }
+        }
+        let loads = blocks
+            .iter()
+            .map(|&[_, _, base]| {
+                let n = (m - base).min(Self::WINDOW);
+                let bits = |k: usize| if k >= 64 { u64::MAX } else { (1u64 << k) - 1 };
+                [bits(n.min(64)), bits(n.saturating_sub(64))]
+            })
+            .collect();
+        Some(WindowPlanes {
+            m,
+            o,
+            blocks,
+            loads,
+            groups,
+            index,
+            keep,
+            weights: group_weights(wq, taps, groups),
+            offsets: flip_offsets(wq, taps),
+        })
+    }
+}
+
+/// Planes of [`WindowPlanes`]: their input `x` (whole planes), from plane `first` of the
+/// layer's input on, to their outputs at `out` (`o` values a plane), finished as the runtime
+/// finishes. For each block, its window is loaded into two registers (bytes past the plane's
+/// end masked off) and flipped to unsigned bytes (`x + 128`); per group, one two-register
+/// byte permute gathers each lane's four tap values (128, the flipped zero, where a tap is
+/// padding or missing) and `vpdpbusd` adds their products to the lane's sum, which starts at
+/// `-128 * sum of the filter`.
+///
+/// # Safety
+/// The machine has AVX-512 F, BW, VL, VBMI and VNNI; `out` is valid for writes of the
+/// planes' outputs that nothing else reads or writes meanwhile. The slices are checked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+unsafe fn window_planes(
+    wp: &WindowPlanes,
+    x: &[i8],
+    first: usize,
+    scales: &[f32],
+    bias: Option<&[f32]>,
+    out: crate::gemm::Output,
+) {
+    use std::arch::x86_64::*;
+    let ch = wp.offsets.len();
+    assert!(
+        x.len().is_multiple_of(wp.m)
+            && scales.len() >= ch
+            && bias.is_none_or(|b| b.len() >= ch)
+            && wp.groups <= 16
+            && wp.blocks.iter().all(|&[_, _, base]| base < wp.m),
+        "planes of windows out of bounds"
+    );
+    let flip = _mm512_set1_epi8(-128);
+    let mut weights = [_mm512_setzero_si512(); 16];
+    for (u, xu) in x.chunks_exact(wp.m).enumerate() {
+        let ci = (first + u) % ch;
+        for (g, w) in weights.iter_mut().take(wp.groups).enumerate() {
+            *w = _mm512_set1_epi32(wp.weights[g * ch + ci]);
+        }
+        let start = _mm512_set1_epi32(-wp.offsets[ci]);
+        let scale = _mm512_set1_ps(scales[ci]);
+        let bias = _mm512_set1_ps(bias.map_or(0.0, |b| b[ci]));
+        for (b, (&[q0, len, base], &[lo, hi])) in wp.blocks.iter().zip(&wp.loads).enumerate() {
+            let p = xu[base..].as_ptr();
+            // SAFETY: the masks cover the plane's bytes from `base` on and no further
+            // (masked-off bytes are not read).
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_maskz_loadu_epi8(lo, p),
+                    _mm512_maskz_loadu_epi8(hi, p.wrapping_add(64)),
+                )
+            };
+            let (lo, hi) = (_mm512_xor_si512(lo, flip), _mm512_xor_si512(hi, flip));
+            let mut acc = start;
+            for (g, &w) in weights.iter().take(wp.groups).enumerate() {
+                let at = b * wp.groups + g;
+                // SAFETY: each index holds 64 bytes.
+                let idx = unsafe { _mm512_loadu_si512(wp.index[at].as_ptr().cast()) };
+                let v = _mm512_mask2_permutex2var_epi8(lo, idx, wp.keep[at], hi);
+                acc = _mm512_dpbusd_epi32(acc, v, w);
+            }
+            let mask = (u32::MAX >> (32 - len)) as u16;
+            // SAFETY: the plane's outputs `q0..q0 + len` are the caller's to write.
+            unsafe { crate::gemm::vnni::finish_lanes(out, u * wp.o + q0, mask, acc, scale, bias) };
+        }
     }
 }
 
@@ -1742,6 +1951,63 @@ mod tests {
     /// bit, as f32 and as int8 outputs: small planes one or several to a unit (and a channel
     /// count that forbids several), strides, dilation, kernels of 1 to 49 taps, planes too
     /// large for the small way, extreme values, with and without a bias and a ReLU's bound.
+    /// Which layers run as windows: the MobileNets' larger planes do, in runs of 16 outputs; a
+    /// 40x40 plane at stride 2 does in rows (a run across two output rows would span five
+    /// input rows); a wide plane with a dilation of 4 does not; a window never spans more
+    /// than 128 values.
+    #[test]
+    fn windows_fit_the_mobilenets_larger_planes() {
+        // (h, w, stride, padding, dilation), whether windows fit, and whether in runs of 16.
+        for ((h, w, stride, pad, dil), fits, runs) in [
+            ((28, 28, 1, 1, 1), true, true),
+            ((28, 28, 2, 1, 1), true, true),
+            ((40, 40, 2, 1, 1), true, false),
+            ((14, 14, 2, 1, 1), true, true),
+            ((32, 32, 1, 1, 1), true, true),
+            ((32, 32, 2, 1, 1), true, true),
+            ((20, 20, 1, 4, 4), false, false),
+        ] {
+            let spec = slim_core::Conv2dSpec {
+                in_channels: 2,
+                out_channels: 2,
+                kernel: [3, 3],
+                stride,
+                padding: pad,
+                dilation: dil,
+                groups: 2,
+                bias: false,
+            };
+            let oh = (h + 2 * pad - dil * 2 - 1) / stride + 1;
+            let ow = (w + 2 * pad - dil * 2 - 1) / stride + 1;
+            let geo = super::Geometry {
+                cin: 2,
+                h,
+                w,
+                oh,
+                ow,
+                spec: &spec,
+            };
+            let wp = super::WindowPlanes::new(&geo, &[1; 18]);
+            assert_eq!(wp.is_some(), fits, "{h}x{w} s{stride} d{dil}");
+            let Some(wp) = wp else { continue };
+            let in_runs = wp
+                .blocks
+                .iter()
+                .enumerate()
+                .all(|(b, &[q0, ..])| q0 == 16 * b);
+            assert_eq!(in_runs, runs, "{h}x{w} s{stride}");
+            assert_eq!(wp.blocks.iter().map(|b| b[1]).sum::<usize>(), oh * ow);
+            for (b, &[_, _, base]) in wp.blocks.iter().enumerate() {
+                assert!(base < h * w);
+                for at in b * wp.groups..(b + 1) * wp.groups {
+                    for i in (0..64).filter(|&i| wp.keep[at] >> i & 1 == 1) {
+                        assert!(wp.index[at][i] < 128, "{h}x{w} s{stride}: block {b}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn depthwise_ways_agree() {
         use rand::{Rng, SeedableRng};
@@ -1765,6 +2031,13 @@ mod tests {
             (14, 14, 3, 1, 1, 1, 3),
             (9, 11, 3, 2, 1, 1, 2),
             (12, 12, 7, 1, 3, 1, 2),
+            (28, 28, 3, 1, 1, 1, 2),
+            (28, 28, 3, 2, 1, 1, 3),
+            (32, 32, 3, 2, 1, 1, 2),
+            (16, 16, 3, 2, 1, 1, 2),
+            (13, 29, 3, 2, 0, 1, 2),
+            (20, 20, 3, 1, 4, 4, 2),
+            (40, 40, 3, 2, 1, 1, 2),
         ] {
             let spec = slim_core::Conv2dSpec {
                 in_channels: ch,
@@ -1799,6 +2072,7 @@ mod tests {
             let ways = super::Sweeps::available(&geo, &wq);
             let name = |s: &super::Sweeps| match s {
                 super::Sweeps::Small(_) => "small planes",
+                super::Sweeps::Windows(_) => "windows",
                 super::Sweeps::Quads(_) => "quads",
                 super::Sweeps::Pairs(_) => "pairs",
                 super::Sweeps::Plain => "plain",
