@@ -853,6 +853,160 @@ fn sweep_taps_f32(
     }
 }
 
+/// A depthwise layer (stride 1 or 2) as [`depthwise_avx512::plane`] runs it: each output row
+/// in blocks of 16 outputs, each tap's 16 inputs loaded straight from the unpadded input row
+/// (masked where they fall into the padding; at stride 2 two loads, then the even values),
+/// so nothing is laid out or copied. Per block and kernel column, the load masks.
+struct DepthwiseRows {
+    g: Geom,
+    /// Per block and kernel column: which of the 32 values from the block's first input
+    /// column of that tap lie inside the row (the first 16 only, at stride 1).
+    masks: Vec<u32>,
+}
+
+impl DepthwiseRows {
+    /// The layout for `g`, or `None` for strides above 2.
+    fn new(g: &Geom) -> Option<DepthwiseRows> {
+        if g.stride > 2 || g.oh == 0 || g.ow == 0 || g.kh * g.kw == 0 {
+            return None;
+        }
+        let span = if g.stride == 1 { 16 } else { 32 };
+        let masks = (0..g.ow)
+            .step_by(16)
+            .flat_map(|ox0| {
+                (0..g.kw).map(move |kx| {
+                    let ix0 = (ox0 * g.stride + kx * g.dil) as isize - g.pad as isize;
+                    (0..span)
+                        .filter(|&j| (0..g.w as isize).contains(&(ix0 + j as isize)))
+                        .fold(0u32, |m, j| m | 1 << j)
+                })
+            })
+            .collect();
+        Some(DepthwiseRows { g: *g, masks })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod depthwise_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{DepthwiseRows, Epilogue};
+
+    /// One plane of a depthwise convolution, `act(bias + sum over taps of filt[t] * x)`, the
+    /// taps summed in row-major order with one fused multiply-add each (taps in the padding
+    /// add the product with zero), as the phase sweeps sum them: the results are the same
+    /// bits. `x` is the input plane (`h * w`), `y` the output plane (`oh * ow`).
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn plane(
+        rows: &DepthwiseRows,
+        x: &[f32],
+        filt: &[f32],
+        epilogue: (f32, Epilogue),
+        y: &mut [f32],
+    ) {
+        let g = &rows.g;
+        assert!(
+            x.len() == g.h * g.w
+                && filt.len() == g.kh * g.kw
+                && y.len() == g.oh * g.ow
+                && rows.masks.len() == g.ow.div_ceil(16) * g.kw,
+            "a depthwise plane out of bounds"
+        );
+        // SAFETY: as the caller promises, and the slices are checked above.
+        unsafe {
+            if g.stride == 1 {
+                plane_by::<1>(rows, x, filt, epilogue, y)
+            } else {
+                plane_by::<2>(rows, x, filt, epilogue, y)
+            }
+        }
+    }
+
+    /// Output rows computed together: independent chains of multiply-adds.
+    const R: usize = 4;
+
+    /// [`plane`] at stride `S` (1 or 2), the slices checked.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn plane_by<const S: usize>(
+        rows: &DepthwiseRows,
+        x: &[f32],
+        filt: &[f32],
+        (bias, act): (f32, Epilogue),
+        y: &mut [f32],
+    ) {
+        let g = &rows.g;
+        let (bv, lo, hi) = (
+            _mm512_set1_ps(bias),
+            _mm512_set1_ps(act.lo),
+            _mm512_set1_ps(act.hi),
+        );
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let base = x.as_ptr();
+        let (w, pad) = (g.w as isize, g.pad as isize);
+        // The 16 inputs of a tap from `p` on (every `S`th value), those in `m` (the rest 0).
+        let load = |p: *const f32, m: u32| {
+            // SAFETY: the mask selects values inside the row (masked-off values are not
+            // read).
+            unsafe {
+                if S == 1 {
+                    _mm512_maskz_loadu_ps(m as u16, p)
+                } else {
+                    let a = _mm512_maskz_loadu_ps(m as u16, p);
+                    let b = _mm512_maskz_loadu_ps((m >> 16) as u16, p.wrapping_add(16));
+                    _mm512_permutex2var_ps(a, even, b)
+                }
+            }
+        };
+        for oy0 in (0..g.oh).step_by(R) {
+            let nr = (g.oh - oy0).min(R);
+            // Whether every input row these output rows read lies inside the plane.
+            let inside = nr == R
+                && (oy0 * S) as isize >= pad
+                && (((oy0 + R - 1) * S + (g.kh - 1) * g.dil) as isize) < g.h as isize + pad;
+            for (blk, ox0) in (0..g.ow).step_by(16).enumerate() {
+                let n = (g.ow - ox0).min(16);
+                let masks = &rows.masks[blk * g.kw..][..g.kw];
+                let mut acc = [bv; R];
+                for ky in 0..g.kh {
+                    let iy: [isize; R] =
+                        std::array::from_fn(|r| ((oy0 + r) * S + ky * g.dil) as isize - pad);
+                    for (kx, &m) in masks.iter().enumerate() {
+                        let wt = _mm512_set1_ps(filt[ky * g.kw + kx]);
+                        let ix0 = (ox0 * S + kx * g.dil) as isize - pad;
+                        if inside {
+                            for r in 0..R {
+                                let p = base.wrapping_offset(iy[r] * w + ix0);
+                                acc[r] = _mm512_fmadd_ps(wt, load(p, m), acc[r]);
+                            }
+                        } else {
+                            for r in 0..nr {
+                                let v = if (0..g.h as isize).contains(&iy[r]) {
+                                    load(base.wrapping_offset(iy[r] * w + ix0), m)
+                                } else {
+                                    _mm512_setzero_ps()
+                                };
+                                acc[r] = _mm512_fmadd_ps(wt, v, acc[r]);
+                            }
+                        }
+                    }
+                }
+                let keep = (u32::MAX >> (32 - n)) as u16;
+                for (r, &acc) in acc.iter().enumerate().take(nr) {
+                    // max(lo, v) and min(hi, v) return v when v is NaN, as Epilogue does.
+                    let v = _mm512_min_ps(hi, _mm512_max_ps(lo, acc));
+                    let at = (oy0 + r) * g.ow + ox0;
+                    // SAFETY: outputs `ox0..ox0 + n` of row `oy0 + r` lie inside `y`.
+                    unsafe { _mm512_mask_storeu_ps(y[at..].as_mut_ptr(), keep, v) };
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod depthwise_avx2 {
     use std::arch::x86_64::*;
@@ -1036,6 +1190,32 @@ fn depthwise_forward(
     bias: Option<&[f32]>,
     act: Epilogue,
 ) -> Vec<f32> {
+    let rows = DepthwiseRows::new(g).filter(|_| has_avx512f());
+    depthwise_forward_by(g, x, w, bias, act, rows.as_ref())
+}
+
+/// Whether this machine has AVX-512 F (for [`DepthwiseRows`]).
+fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`depthwise_forward`] with each output row computed straight from the unpadded plane
+/// (`rows`, AVX-512) or, without it, each plane laid out by [`Phases`] and swept.
+fn depthwise_forward_by(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    act: Epilogue,
+    rows: Option<&DepthwiseRows>,
+) -> Vec<f32> {
     let (ip, op, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     let layout = Phases::new(g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.dil);
     debug_assert_eq!((layout.oh, layout.ow), (g.oh, g.ow));
@@ -1047,6 +1227,28 @@ fn depthwise_forward(
     let planes = g.n * g.c;
     let serial = len * kk < SERIAL_SWEEP;
     for_each_task(planes.div_ceil(planes_per), serial, |task| {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(rows) = rows {
+            for idx in task * planes_per..((task + 1) * planes_per).min(planes) {
+                let c = idx % g.c;
+                let b = bias.map_or(0.0, |b| b[c]);
+                // SAFETY: `rows` exists only where the machine has AVX-512 F (checked by the
+                // caller); plane idx's outputs lie inside the buffer's capacity and belong
+                // to this task alone.
+                unsafe {
+                    let plane = out.rows(idx * op, op);
+                    depthwise_avx512::plane(
+                        rows,
+                        &x[idx * ip..(idx + 1) * ip],
+                        &w[c * kk..(c + 1) * kk],
+                        (b, act),
+                        plane,
+                    )
+                };
+            }
+            return;
+        }
+        let _ = rows;
         let mut phases = vec![0f32; layout.len()];
         let mut acc = vec![0f32; layout.span()];
         for idx in task * planes_per..((task + 1) * planes_per).min(planes) {
@@ -2289,6 +2491,81 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A depthwise layer computed row by row from the unpadded planes (AVX-512) gives the
+    /// same bits as the phase sweeps (AVX2 and FMA), on strides 1 and 2, dilations 1 and 2,
+    /// kernels 1x1 to 7x7, odd and wide planes, blocks of 16 with and without a tail, and
+    /// with a clamp; a stride of 3 has no row layout.
+    #[test]
+    fn depthwise_rows_give_the_sweeps_bits() {
+        if !(has_avx512f() && has_avx2_fma()) {
+            eprintln!("skipped: this machine lacks AVX-512 F, or AVX2 and FMA");
+            return;
+        }
+        let mut next = uniform(5);
+        // (h, w, kernel, stride, padding, dilation)
+        for (h, w, k, stride, pad, dil) in [
+            (28, 28, 3, 1, 1, 1),
+            (28, 28, 3, 2, 1, 1),
+            (14, 14, 3, 2, 1, 1),
+            (7, 7, 3, 1, 1, 1),
+            (32, 32, 3, 2, 1, 1),
+            (33, 35, 3, 2, 1, 1),
+            (5, 40, 5, 1, 2, 1),
+            (9, 9, 3, 1, 2, 2),
+            (12, 19, 7, 2, 3, 1),
+            (3, 3, 1, 1, 0, 1),
+            (6, 17, 2, 2, 0, 1),
+            (1, 1, 3, 1, 1, 1),
+        ] {
+            let (n, c) = (2, 3);
+            let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let ow = (w + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let g = Geom {
+                n,
+                c,
+                h,
+                w,
+                kh: k,
+                kw: k,
+                oh,
+                ow,
+                stride,
+                pad,
+                dil,
+            };
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| next()).collect();
+            let wt: Vec<f32> = (0..c * k * k).map(|_| next()).collect();
+            let bias: Vec<f32> = (0..c).map(|_| next()).collect();
+            let rows = DepthwiseRows::new(&g).expect("strides 1 and 2 have rows");
+            for act in [Epilogue::NONE, Epilogue::RELU6] {
+                for b in [Some(&bias[..]), None] {
+                    let swept = depthwise_forward_by(&g, &x, &wt, b, act, None);
+                    let by_rows = depthwise_forward_by(&g, &x, &wt, b, act, Some(&rows));
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&by_rows),
+                        bits(&swept),
+                        "{h}x{w} k{k} s{stride} p{pad} d{dil}"
+                    );
+                }
+            }
+        }
+        let g3 = Geom {
+            n: 1,
+            c: 1,
+            h: 9,
+            w: 9,
+            kh: 3,
+            kw: 3,
+            oh: 3,
+            ow: 3,
+            stride: 3,
+            pad: 0,
+            dil: 1,
+        };
+        assert!(DepthwiseRows::new(&g3).is_none());
     }
 
     #[test]
