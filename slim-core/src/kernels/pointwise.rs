@@ -20,6 +20,8 @@ use super::{Disjoint, Epilogue};
 
 /// Output channels per tile.
 const MR: usize = 6;
+/// Output channels per tile with AVX-512 (a 16-position row is one register).
+const MR_WIDE: usize = 12;
 /// Positions per tile.
 const NR: usize = 16;
 /// Input channels per pass over a block of planes.
@@ -55,14 +57,52 @@ struct Tile {
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn product(
     out: Disjoint<f32>,
+    w: (&[f32], usize, usize),
+    x: &[f32],
+    b: Option<&[f32]>,
+    dims: (usize, usize, usize, usize),
+    act: Epilogue,
+    parallel: bool,
+    fast: bool,
+) {
+    let tiles = match fast {
+        true if super::has_avx512f() => Tiles::Avx512,
+        true => Tiles::Avx2,
+        false => Tiles::Portable,
+    };
+    // SAFETY: as the caller promises; AVX-512 tiles only where the machine has it.
+    unsafe { product_by(out, w, x, b, dims, act, parallel, tiles) }
+}
+
+/// Which tiles run a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tiles {
+    Portable,
+    /// `MR` rows of two 8-lane registers (AVX2 and FMA).
+    Avx2,
+    /// `MR_WIDE` rows of one 16-lane register (AVX-512 F): twice the rows, so that as many
+    /// chains of multiply-adds run at once with half the instructions. Each output is the
+    /// same chain of fused multiply-adds as in [`Tiles::Avx2`], so the results are the same
+    /// bits.
+    Avx512,
+}
+
+/// [`product`] by the given tiles.
+///
+/// # Safety
+/// As for [`product`], and the machine has what `tiles` needs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_by(
+    out: Disjoint<f32>,
     (w, w_rs, w_cs): (&[f32], usize, usize),
     x: &[f32],
     b: Option<&[f32]>,
     (n, o, k, p): (usize, usize, usize, usize),
     act: Epilogue,
     parallel: bool,
-    fast: bool,
+    tiles: Tiles,
 ) {
+    let mr = if tiles == Tiles::Avx512 { MR_WIDE } else { MR };
     let total = n * p;
     if total == 0 || o == 0 {
         return;
@@ -83,7 +123,7 @@ pub(super) unsafe fn product(
         let nc = NR.min(total - g0);
         let (s0, c0) = (g0 / p, g0 % p);
         let direct = nc == NR && c0 + NR <= p;
-        let mut tile = [0f32; MR * NR];
+        let mut tile = [0f32; MR_WIDE * NR];
         // A block within one sample is read in place; any other is copied into a panel NR
         // wide (zero beyond its columns), run by run of one sample's columns.
         let (bp, ldb) = if direct {
@@ -103,8 +143,8 @@ pub(super) unsafe fn product(
             }
             (panel.as_ptr(), NR)
         };
-        for i0 in (0..o).step_by(MR) {
-            let m = MR.min(o - i0);
+        for i0 in (0..o).step_by(mr) {
+            let m = mr.min(o - i0);
             let (c, ldc) = if direct {
                 // SAFETY: sample s0's row i0, column c0 lies inside the output.
                 (unsafe { out.add((s0 * o + i0) * p + c0) }.0, p)
@@ -127,7 +167,7 @@ pub(super) unsafe fn product(
                 let finish = b.filter(|_| kc + kn == k).map(|b| (&b[i0..i0 + m], act));
                 // SAFETY: the tile's reads lie inside w and the planes (or the panel), its
                 // writes inside this block of the output (or the tile buffer).
-                unsafe { run_tile(m, t, kc > 0, finish, fast) };
+                unsafe { run_tile(m, t, kc > 0, finish, tiles) };
             }
             if !direct {
                 let mut at = 0;
@@ -158,18 +198,34 @@ pub(super) unsafe fn product(
     }
 }
 
-/// One tile of `m` (1..=MR) rows: accumulates into the tile's outputs when `accumulate`,
-/// else overwrites them; with `finish`, adds the rows' biases and clamps on the way out.
+/// One tile of `m` (1..=MR rows, 1..=MR_WIDE with AVX-512): accumulates into the tile's
+/// outputs when `accumulate`, else overwrites them; with `finish`, adds the rows' biases and
+/// clamps on the way out.
 ///
 /// # Safety
-/// As for [`Tile`]: every read and write it implies is in bounds.
+/// As for [`Tile`]: every read and write it implies is in bounds; the machine has what
+/// `tiles` needs.
 unsafe fn run_tile(
     m: usize,
     t: Tile,
     accumulate: bool,
     finish: Option<(&[f32], Epilogue)>,
-    fast: bool,
+    tiles: Tiles,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if tiles == Tiles::Avx512 {
+        macro_rules! wide {
+            ($($m:literal)*) => {
+                match m {
+                    // SAFETY: the machine has AVX-512 F; bounds as the caller promises.
+                    $($m => return unsafe { avx512::tile::<$m>(t, accumulate, finish) },)*
+                    _ => unreachable!("a tile has 1..=MR_WIDE rows"),
+                }
+            };
+        }
+        wide!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+    let fast = tiles != Tiles::Portable;
     macro_rules! rows {
         ($($m:literal)*) => {
             match m {
@@ -225,6 +281,57 @@ unsafe fn portable_tile<const M: usize>(
         }
         // SAFETY: row r of the tile's outputs is in bounds.
         unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), t.c.add(r * t.ldc), NR) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Epilogue, Tile};
+
+    /// The tile in M 16-lane registers.
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F; every read and write the tile implies is in bounds.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile<const M: usize>(
+        t: Tile,
+        accumulate: bool,
+        finish: Option<(&[f32], Epilogue)>,
+    ) {
+        const { assert!(super::NR == 16) };
+        // SAFETY (whole body): the pointers are in bounds as the caller promises.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); M];
+            if accumulate {
+                for (r, v) in acc.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(t.c.add(r * t.ldc));
+                }
+            }
+            let mut b = t.b;
+            let mut a = t.a;
+            for _ in 0..t.k {
+                let x = _mm512_loadu_ps(b);
+                for (r, v) in acc.iter_mut().enumerate() {
+                    *v = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * t.lda)), x, *v);
+                }
+                b = b.add(t.ldb);
+                a = a.add(t.acs);
+            }
+            for (r, v) in acc.iter_mut().enumerate() {
+                if let Some((bias, act)) = finish {
+                    // max(lo, v) and min(hi, v) return v when v is NaN, as Epilogue does.
+                    let (bv, lo, hi) = (
+                        _mm512_set1_ps(bias[r]),
+                        _mm512_set1_ps(act.lo),
+                        _mm512_set1_ps(act.hi),
+                    );
+                    *v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_add_ps(*v, bv)));
+                }
+                _mm512_storeu_ps(t.c.add(r * t.ldc), *v);
+            }
+        }
     }
 }
 
@@ -428,10 +535,12 @@ impl WeightGrad {
                         c: unsafe { sums.add(i0 * width + j0) }.0,
                         ldc: width,
                     };
+                    let tiles = if fast { Tiles::Avx2 } else { Tiles::Portable };
                     // SAFETY: the tile reads `MR.min(rows - i0)` rows of `qn` values of `a`,
                     // `qn` rows of NR values of the panel, and writes that many rows of NR
-                    // sums in columns j0.., which no other task touches.
-                    unsafe { run_tile(MR.min(rows - i0), t, true, None, fast) };
+                    // sums in columns j0.., which no other task touches; `fast` only where
+                    // the machine has AVX2 and FMA.
+                    unsafe { run_tile(MR.min(rows - i0), t, true, None, tiles) };
                 }
             }
         };
@@ -463,6 +572,67 @@ impl WeightGrad {
                 .flat_map(|row| &row[..k])
                 .copied()
                 .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 tiles give the same bits as the AVX2 tiles: 1 to 25 output channels
+    /// (whole and partial tiles of either height), positions in whole blocks, in blocks across
+    /// samples and a partial last block, input channels in one block of `KC` and in two,
+    /// with and without a bias and clamp.
+    #[test]
+    fn avx512_tiles_give_the_avx2_bits() {
+        if !(super::super::has_avx512f() && super::super::has_avx2_fma()) {
+            eprintln!("skipped: this machine lacks AVX-512 F, or AVX2 and FMA");
+            return;
+        }
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for (n, o, k, p) in [
+            (2, 1, 3, 16),
+            (3, 7, 16, 49),
+            (2, 12, 32, 20),
+            (1, 13, 300, 33),
+            (4, 25, 5, 1),
+            (2, 64, 128, 49),
+        ] {
+            let w: Vec<f32> = (0..o * k).map(|_| next()).collect();
+            let x: Vec<f32> = (0..n * k * p).map(|_| next()).collect();
+            let b: Vec<f32> = (0..o).map(|_| next()).collect();
+            for (bias, act) in [(None, Epilogue::NONE), (Some(&b[..]), Epilogue::RELU6)] {
+                let run = |tiles| {
+                    let mut y = vec![f32::NAN; n * o * p];
+                    // SAFETY: `y` holds `n * o * p` values; the machine has both kinds of
+                    // tiles (checked above).
+                    unsafe {
+                        product_by(
+                            Disjoint(y.as_mut_ptr()),
+                            (&w, k, 1),
+                            &x,
+                            bias,
+                            (n, o, k, p),
+                            act,
+                            true,
+                            tiles,
+                        )
+                    };
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    run(Tiles::Avx512),
+                    run(Tiles::Avx2),
+                    "{n} x {o} x {k} x {p}"
+                );
+            }
         }
     }
 }
