@@ -20,8 +20,9 @@ use super::{Disjoint, Epilogue};
 
 /// Output channels per tile.
 const MR: usize = 6;
-/// Output channels per tile with AVX-512 (a 16-position row is one register).
-const MR_WIDE: usize = 12;
+/// Output channels and positions per tile with AVX-512 (a row is two 16-lane registers).
+const MR_WIDE: usize = 8;
+const NR_WIDE: usize = 32;
 /// Positions per tile.
 const NR: usize = 16;
 /// Input channels per pass over a block of planes.
@@ -80,10 +81,10 @@ enum Tiles {
     Portable,
     /// `MR` rows of two 8-lane registers (AVX2 and FMA).
     Avx2,
-    /// `MR_WIDE` rows of one 16-lane register (AVX-512 F): twice the rows, so that as many
-    /// chains of multiply-adds run at once with half the instructions. Each output is the
-    /// same chain of fused multiply-adds as in [`Tiles::Avx2`], so the results are the same
-    /// bits.
+    /// `MR_WIDE` rows of `NR_WIDE` positions, two 16-lane registers each (AVX-512 F): 16
+    /// chains of multiply-adds, two loads of positions and eight of weights per input
+    /// channel. Each output is the same chain of fused multiply-adds as in [`Tiles::Avx2`],
+    /// so the results are the same bits.
     Avx512,
 }
 
@@ -102,7 +103,11 @@ unsafe fn product_by(
     parallel: bool,
     tiles: Tiles,
 ) {
-    let mr = if tiles == Tiles::Avx512 { MR_WIDE } else { MR };
+    let (mr, nr) = if tiles == Tiles::Avx512 {
+        (MR_WIDE, NR_WIDE)
+    } else {
+        (MR, NR)
+    };
     let total = n * p;
     if total == 0 || o == 0 {
         return;
@@ -117,31 +122,31 @@ unsafe fn product_by(
         b.is_some() || act == Epilogue::NONE,
         "a clamp without a bias"
     );
-    let blocks = total.div_ceil(NR);
+    let blocks = total.div_ceil(nr);
     let column = |j: usize, panel: &mut Vec<f32>| {
-        let g0 = j * NR;
-        let nc = NR.min(total - g0);
+        let g0 = j * nr;
+        let nc = nr.min(total - g0);
         let (s0, c0) = (g0 / p, g0 % p);
-        let direct = nc == NR && c0 + NR <= p;
-        let mut tile = [0f32; MR_WIDE * NR];
-        // A block within one sample is read in place; any other is copied into a panel NR
+        let direct = nc == nr && c0 + nr <= p;
+        let mut tile = [0f32; MR_WIDE * NR_WIDE];
+        // A block within one sample is read in place; any other is copied into a panel nr
         // wide (zero beyond its columns), run by run of one sample's columns.
         let (bp, ldb) = if direct {
             (x[s0 * k * p + c0..].as_ptr(), p)
         } else {
             panel.clear();
-            panel.resize(k * NR, 0.0);
+            panel.resize(k * nr, 0.0);
             let mut at = 0;
             while at < nc {
                 let (s, c) = ((g0 + at) / p, (g0 + at) % p);
                 let run = (p - c).min(nc - at);
                 let xs = &x[s * k * p..][..k * p];
-                for (dst, src) in panel.chunks_exact_mut(NR).zip(xs.chunks_exact(p)) {
+                for (dst, src) in panel.chunks_exact_mut(nr).zip(xs.chunks_exact(p)) {
                     dst[at..at + run].copy_from_slice(&src[c..c + run]);
                 }
                 at += run;
             }
-            (panel.as_ptr(), NR)
+            (panel.as_ptr(), nr)
         };
         for i0 in (0..o).step_by(mr) {
             let m = mr.min(o - i0);
@@ -149,7 +154,7 @@ unsafe fn product_by(
                 // SAFETY: sample s0's row i0, column c0 lies inside the output.
                 (unsafe { out.add((s0 * o + i0) * p + c0) }.0, p)
             } else {
-                (tile.as_mut_ptr(), NR)
+                (tile.as_mut_ptr(), nr)
             };
             for kc in (0..k).step_by(KC) {
                 let kn = KC.min(k - kc);
@@ -178,7 +183,7 @@ unsafe fn product_by(
                         // SAFETY: sample s's row i0 + r, columns c..c + run lie inside the
                         // output, in this block alone.
                         let dst = unsafe { out.rows((s * o + i0 + r) * p + c, run) };
-                        dst.copy_from_slice(&tile[r * NR + at..r * NR + at + run]);
+                        dst.copy_from_slice(&tile[r * nr + at..r * nr + at + run]);
                     }
                     at += run;
                 }
@@ -198,7 +203,7 @@ unsafe fn product_by(
     }
 }
 
-/// One tile of `m` (1..=MR rows, 1..=MR_WIDE with AVX-512): accumulates into the tile's
+/// One tile of `m` rows (1..=MR, or 1..=MR_WIDE with AVX-512): accumulates into the tile's
 /// outputs when `accumulate`, else overwrites them; with `finish`, adds the rows' biases and
 /// clamps on the way out.
 ///
@@ -223,7 +228,7 @@ unsafe fn run_tile(
                 }
             };
         }
-        wide!(1 2 3 4 5 6 7 8 9 10 11 12)
+        wide!(1 2 3 4 5 6 7 8)
     }
     let fast = tiles != Tiles::Portable;
     macro_rules! rows {
@@ -290,7 +295,7 @@ mod avx512 {
 
     use super::{Epilogue, Tile};
 
-    /// The tile in M 16-lane registers.
+    /// The tile in 2 x M 16-lane registers (`NR_WIDE` positions).
     ///
     /// # Safety
     /// The machine has AVX-512 F; every read and write the tile implies is in bounds.
@@ -300,26 +305,29 @@ mod avx512 {
         accumulate: bool,
         finish: Option<(&[f32], Epilogue)>,
     ) {
-        const { assert!(super::NR == 16) };
+        const { assert!(super::NR_WIDE == 32) };
         // SAFETY (whole body): the pointers are in bounds as the caller promises.
         unsafe {
-            let mut acc = [_mm512_setzero_ps(); M];
+            let mut acc = [[_mm512_setzero_ps(); 2]; M];
             if accumulate {
-                for (r, v) in acc.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(t.c.add(r * t.ldc));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let c = t.c.add(r * t.ldc);
+                    *row = [_mm512_loadu_ps(c), _mm512_loadu_ps(c.add(16))];
                 }
             }
             let mut b = t.b;
             let mut a = t.a;
             for _ in 0..t.k {
-                let x = _mm512_loadu_ps(b);
-                for (r, v) in acc.iter_mut().enumerate() {
-                    *v = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * t.lda)), x, *v);
+                let (x0, x1) = (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16)));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*a.add(r * t.lda));
+                    row[0] = _mm512_fmadd_ps(w, x0, row[0]);
+                    row[1] = _mm512_fmadd_ps(w, x1, row[1]);
                 }
                 b = b.add(t.ldb);
                 a = a.add(t.acs);
             }
-            for (r, v) in acc.iter_mut().enumerate() {
+            for (r, row) in acc.iter_mut().enumerate() {
                 if let Some((bias, act)) = finish {
                     // max(lo, v) and min(hi, v) return v when v is NaN, as Epilogue does.
                     let (bv, lo, hi) = (
@@ -327,9 +335,13 @@ mod avx512 {
                         _mm512_set1_ps(act.lo),
                         _mm512_set1_ps(act.hi),
                     );
-                    *v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_add_ps(*v, bv)));
+                    for v in row.iter_mut() {
+                        *v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_add_ps(*v, bv)));
+                    }
                 }
-                _mm512_storeu_ps(t.c.add(r * t.ldc), *v);
+                let c = t.c.add(r * t.ldc);
+                _mm512_storeu_ps(c, row[0]);
+                _mm512_storeu_ps(c.add(16), row[1]);
             }
         }
     }
