@@ -66,8 +66,9 @@ pub(super) unsafe fn product(
     parallel: bool,
     fast: bool,
 ) {
+    // (Fewer positions than a wide tile holds run in the narrower tiles, which waste less.)
     let tiles = match fast {
-        true if super::has_avx512f() => Tiles::Avx512,
+        true if super::has_avx512f() && dims.0 * dims.3 >= NR_WIDE => Tiles::Avx512,
         true => Tiles::Avx2,
         false => Tiles::Portable,
     };
