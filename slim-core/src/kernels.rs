@@ -2311,7 +2311,7 @@ mod tests {
     }
 
     /// A seeded source of values uniform in [-1, 1).
-    fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    pub(super) fn uniform(seed: u64) -> impl FnMut() -> f32 {
         let mut rng = seed;
         move || {
             rng = rng

@@ -603,13 +603,7 @@ mod tests {
             eprintln!("skipped: this machine lacks AVX-512 F, or AVX2 and FMA");
             return;
         }
-        let mut seed = 7u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut next = super::super::tests::uniform(7);
         for (n, o, k, p) in [
             (2, 1, 3, 16),
             (3, 7, 16, 49),
