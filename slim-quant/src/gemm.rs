@@ -728,7 +728,9 @@ pub(crate) mod vnni {
     }
 
     /// The product of `a`'s `rows` with the packed `pb` (`quads` groups of four rows, `n`
-    /// columns), to `sink`.
+    /// columns), to `sink`: two panels at a time (tiles of `MR` rows by 32 columns, two
+    /// registers a row, so that each broadcast weight serves two multiply-adds), and a last
+    /// odd panel alone.
     ///
     /// # Safety
     /// As for [`gemm`].
@@ -741,46 +743,91 @@ pub(crate) mod vnni {
         n: usize,
         mut sink: Sink,
     ) {
-        let m = rows.len();
         assert!(pb.len() >= n.div_ceil(NR) * quads * 4 * NR && a.words.len() >= rows.end * quads);
         let pa = &a.words[rows.start * quads..rows.end * quads];
         let sums = &a.sums[rows.clone()];
         let panels = n.div_ceil(NR);
-        for panel in 0..panels {
-            let c0 = panel * NR;
-            let w = NR.min(n - c0);
-            let mask: __mmask16 = ((1u32 << w) - 1) as u16;
-            let bp = &pb[panel * quads * 4 * NR..(panel + 1) * quads * 4 * NR];
-            let mut i = 0;
-            while i < m {
-                let rs = MR.min(m - i);
-                let mut acc = [_mm512_setzero_si512(); MR];
-                for q in 0..quads {
-                    // SAFETY: `bp` holds `quads` blocks of 64 bytes.
-                    let x = unsafe { _mm512_loadu_si512(bp.as_ptr().add(q * 4 * NR) as *const _) };
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        // Rows past `m` repeat the last one; their sums are not stored.
-                        let row = (i + r).min(m - 1);
-                        let wv = _mm512_set1_epi32(pa[row * quads + q]);
-                        *acc = _mm512_dpbusd_epi32(*acc, x, wv);
+        let mut panel = 0;
+        while panel < panels {
+            // SAFETY: the panels lie inside `pb` (checked above); the sink's rows are the
+            // caller's.
+            unsafe {
+                if panel + 1 < panels {
+                    panel_tiles::<2>(pa, sums, pb, quads, n, panel, &mut sink);
+                    panel += 2;
+                } else {
+                    panel_tiles::<1>(pa, sums, pb, quads, n, panel, &mut sink);
+                    panel += 1;
+                }
+            }
+        }
+    }
+
+    /// Every row of `pa` (`quads` words each) by the `P` panels from `panel` on, in tiles of
+    /// `MR` rows.
+    ///
+    /// # Safety
+    /// As for [`product`]; the panels lie inside `pb`, and `pa` holds `quads` words for
+    /// each of `sums`' rows.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn panel_tiles<const P: usize>(
+        pa: &[i32],
+        sums: &[i32],
+        pb: &[u8],
+        quads: usize,
+        n: usize,
+        panel: usize,
+        sink: &mut Sink,
+    ) {
+        let m = sums.len();
+        assert!(pa.len() >= m * quads && pb.len() >= (panel + P) * quads * 4 * NR);
+        let c0: [usize; P] = std::array::from_fn(|p| (panel + p) * NR);
+        let mask: [__mmask16; P] =
+            std::array::from_fn(|p| ((1u32 << NR.min(n - c0[p])) - 1) as u16);
+        let bp: [*const u8; P] =
+            std::array::from_fn(|p| pb[(panel + p) * quads * 4 * NR..].as_ptr());
+        let mut i = 0;
+        while i < m {
+            let rs = MR.min(m - i);
+            // Rows past `m` repeat the last one; their sums are not stored.
+            let ap: [*const i32; MR] =
+                std::array::from_fn(|r| pa[(i + r).min(m - 1) * quads..].as_ptr());
+            let mut acc = [[_mm512_setzero_si512(); P]; MR];
+            for q in 0..quads {
+                // SAFETY: each panel holds `quads` blocks of 64 bytes, and each row `quads`
+                // words (asserted above).
+                unsafe {
+                    let x: [__m512i; P] =
+                        std::array::from_fn(|p| _mm512_loadu_si512(bp[p].add(q * 4 * NR).cast()));
+                    for (acc, &row) in acc.iter_mut().zip(&ap) {
+                        let wv = _mm512_set1_epi32(*row.add(q));
+                        for (acc, &x) in acc.iter_mut().zip(&x) {
+                            *acc = _mm512_dpbusd_epi32(*acc, x, wv);
+                        }
                     }
                 }
-                for r in 0..rs {
-                    // The 128 added to every activation contributed 128 * (sum of the filter).
-                    let fix = _mm512_set1_epi32(128 * sums[i + r]);
-                    let s = _mm512_sub_epi32(acc[r], fix);
-                    match &mut sink {
+            }
+            for (r, acc) in acc.iter().enumerate().take(rs) {
+                // The 128 added to every activation contributed 128 * (sum of the filter).
+                let fix = _mm512_set1_epi32(128 * sums[i + r]);
+                for p in 0..P {
+                    let s = _mm512_sub_epi32(acc[p], fix);
+                    let w = NR.min(n - c0[p]);
+                    match sink {
                         Sink::Sums(out) => {
-                            let row = &mut out[(i + r) * n + c0..(i + r) * n + c0 + w];
+                            let row = &mut out[(i + r) * n + c0[p]..(i + r) * n + c0[p] + w];
                             // SAFETY: the mask covers the row's `w` values.
-                            unsafe { _mm512_mask_storeu_epi32(row.as_mut_ptr().cast(), mask, s) };
+                            unsafe {
+                                _mm512_mask_storeu_epi32(row.as_mut_ptr().cast(), mask[p], s)
+                            };
                         }
                         // SAFETY: the caller promises the output's rows.
-                        Sink::Finish(f) => unsafe { finish_row(f, i + r, c0, mask, s) },
+                        Sink::Finish(f) => unsafe { finish_row(f, i + r, c0[p], mask[p], s) },
                     }
                 }
-                i += MR;
             }
+            i += MR;
         }
     }
 
@@ -1017,6 +1064,8 @@ mod tests {
             (12, 10, 288),
             (3, 1, 1000),
             (64, 49, 576),
+            (9, 64, 40),
+            (10, 80, 7),
         ] {
             let a: Vec<i8> = (0..m * k).map(|_| rng.random()).collect();
             // B as a view with a row stride wider than its columns.
