@@ -36,6 +36,20 @@ struct Geometry<'a> {
     spec: &'a slim_core::Conv2dSpec,
 }
 
+impl Geometry<'_> {
+    /// Where in its input plane output `q` (of the `oh * ow` plane) reads kernel tap `t`
+    /// (row-major), or `None` where that is padding.
+    fn tap_place(&self, q: usize, t: usize) -> Option<usize> {
+        let c = self.spec;
+        let kw = c.kernel[1];
+        let (oy, ox) = (q / self.ow, q % self.ow);
+        let iy = (oy * c.stride + (t / kw) * c.dilation) as isize - c.padding as isize;
+        let ix = (ox * c.stride + (t % kw) * c.dilation) as isize - c.padding as isize;
+        ((0..self.h as isize).contains(&iy) && (0..self.w as isize).contains(&ix))
+            .then(|| iy as usize * self.w + ix as usize)
+    }
+}
+
 /// Output positions per task of a convolution (whole output rows, at least one): enough work
 /// to amortize a task, small enough that a batch of one still spreads over the cores.
 const POSITIONS_PER_TASK: usize = 256;
@@ -350,26 +364,21 @@ fn depthwise_by<T: Sink>(
         work < SERIAL_DEPTHWISE,
         |(task, dsts)| {
             #[cfg(target_arch = "x86_64")]
-            if let Sweeps::Small(sp) = sweeps {
+            if matches!(sweeps, Sweeps::Small(_) | Sweeps::Windows(_)) {
                 let first = task * planes_per;
                 let planes = dsts.len() / (oh * ow);
                 let x = &xq[first * h * w..(first + planes) * h * w];
                 let out = T::output(dsts.as_mut_ptr(), to);
                 // SAFETY: `Sweeps::made` checked the machine; `dsts` holds the outputs of
-                // the task's planes, whole units of them (`planes_per` and the layer's planes
-                // are multiples of the unit's).
-                unsafe { small_planes(sp, x, first, scales, bias, out) };
-                return;
-            }
-            #[cfg(target_arch = "x86_64")]
-            if let Sweeps::Windows(wp) = sweeps {
-                let first = task * planes_per;
-                let planes = dsts.len() / (oh * ow);
-                let x = &xq[first * h * w..(first + planes) * h * w];
-                let out = T::output(dsts.as_mut_ptr(), to);
-                // SAFETY: `Sweeps::made` checked the machine; `dsts` holds the outputs of
-                // the task's planes.
-                unsafe { window_planes(wp, x, first, scales, bias, out) };
+                // the task's planes (for small planes whole units of them: `planes_per` and
+                // the layer's planes are multiples of the unit's).
+                unsafe {
+                    match sweeps {
+                        Sweeps::Small(sp) => small_planes(sp, x, first, scales, bias, out),
+                        Sweeps::Windows(wp) => window_planes(wp, x, first, scales, bias, out),
+                        _ => unreachable!("only register gathers come here"),
+                    }
+                };
                 return;
             }
             let mut phases = vec![0i8; layout.len() + SWEEP_SLACK];
@@ -581,13 +590,8 @@ impl SmallPlanes {
                         if t >= taps || q >= o {
                             continue;
                         }
-                        let (oy, ox) = (q / geo.ow, q % geo.ow);
-                        let iy =
-                            (oy * c.stride + (t / kw) * c.dilation) as isize - c.padding as isize;
-                        let ix =
-                            (ox * c.stride + (t % kw) * c.dilation) as isize - c.padding as isize;
-                        if (0..geo.h as isize).contains(&iy) && (0..geo.w as isize).contains(&ix) {
-                            at[4 * j + d] = (plane * m + iy as usize * geo.w + ix as usize) as u8;
+                        if let Some(p) = geo.tap_place(q, t) {
+                            at[4 * j + d] = (plane * m + p) as u8;
                             kept |= 1 << (4 * j + d);
                         }
                     }
@@ -668,17 +672,10 @@ impl WindowPlanes {
         if taps > 64 || o == 0 || wq.len() != ch * taps {
             return None;
         }
-        // Where output `q` reads tap `t`, if inside the plane.
-        let place = |q: usize, t: usize| {
-            let (oy, ox) = (q / geo.ow, q % geo.ow);
-            let iy = (oy * c.stride + (t / kw) * c.dilation) as isize - c.padding as isize;
-            let ix = (ox * c.stride + (t % kw) * c.dilation) as isize - c.padding as isize;
-            ((0..geo.h as isize).contains(&iy) && (0..geo.w as isize).contains(&ix))
-                .then(|| iy as usize * geo.w + ix as usize)
-        };
         // A block's window start, if its places span fewer than 128 values.
         let window = |q0: usize, len: usize| {
-            let places = (q0..q0 + len).flat_map(|q| (0..taps).filter_map(move |t| place(q, t)));
+            let places =
+                (q0..q0 + len).flat_map(|q| (0..taps).filter_map(move |t| geo.tap_place(q, t)));
             let (lo, hi) = places.fold((usize::MAX, 0), |(lo, hi), p| (lo.min(p), hi.max(p)));
             match lo {
                 usize::MAX => Some(0),
@@ -715,7 +712,7 @@ impl WindowPlanes {
                 for j in 0..len {
                     for d in 0..4 {
                         let t = 4 * g + d;
-                        if let Some(p) = (t < taps).then(|| place(q0 + j, t)).flatten() {
+                        if let Some(p) = (t < taps).then(|| geo.tap_place(q0 + j, t)).flatten() {
                             at[4 * j + d] = (p - base) as u8;
                             kept |= 1 << (4 * j + d);
                         }
@@ -1947,10 +1944,6 @@ mod tests {
         }
     }
 
-    /// Every way this machine runs a depthwise layer gives what the plain passes give, bit for
-    /// bit, as f32 and as int8 outputs: small planes one or several to a unit (and a channel
-    /// count that forbids several), strides, dilation, kernels of 1 to 49 taps, planes too
-    /// large for the small way, extreme values, with and without a bias and a ReLU's bound.
     /// Which layers run as windows: the MobileNets' larger planes do, in runs of 16 outputs; a
     /// 40x40 plane at stride 2 does in rows (a run across two output rows would span five
     /// input rows); a wide plane with a dilation of 4 does not; a window never spans more
@@ -2008,6 +2001,10 @@ mod tests {
         }
     }
 
+    /// Every way this machine runs a depthwise layer gives what the plain passes give, bit for
+    /// bit, as f32 and as int8 outputs: small planes one or several to a unit (and a channel
+    /// count that forbids several), strides, dilation, kernels of 1 to 49 taps, planes too
+    /// large for the small way, extreme values, with and without a bias and a ReLU's bound.
     #[test]
     fn depthwise_ways_agree() {
         use rand::{Rng, SeedableRng};
