@@ -8,7 +8,9 @@
 //! blocks of positions that span samples or end the batch (copied into a zero-padded panel).
 //! The inputs are read in blocks of `KC` channels, so that a block of planes stays in the first-level cache
 //! while every tile of channels passes over it. With AVX2 and FMA (checked at run time) the
-//! tile lives in 12 vector registers; elsewhere a portable loop computes the same.
+//! tile lives in 12 vector registers; with AVX-512 F a product's tiles are `MR_WIDE` channels
+//! by `NR_WIDE` positions in 16 registers, the same sums in the same order; elsewhere a
+//! portable loop computes the same.
 //!
 //! The same tiles make every other product of the convolution kernels: a dense convolution's
 //! forward and input-gradient columns (its unfolded columns as the planes), and every weight
@@ -46,11 +48,12 @@ struct Tile {
 /// `out[s] = act(w · x[s] + b)` for each of `n` samples: `w` is `[o, k]` read through its
 /// (row, column) strides (so `Wᵀ` costs nothing), `x` `[n, k, p]`, `b` `[o]` (none: no bias
 /// and no clamp), and `out` points at `n * o * p` values (which need not be initialized),
-/// row-major. The positions of all samples form one sequence cut into blocks of `NR`, so a
-/// small plane (7x7, or 1x1) wastes no lanes: a block that lies in one sample is read where
-/// it lies, one that spans samples is copied into a panel first. Over every core with
-/// `parallel` (in blocks of positions), else on the calling thread; with the vector tiles
-/// when `fast` ([`super::has_avx2_fma`]), else with the portable ones.
+/// row-major. The positions of all samples form one sequence cut into blocks of a tile's
+/// width, so a small plane (7x7, or 1x1) wastes no lanes: a block that lies in one sample is
+/// read where it lies, one that spans samples is copied into a panel first. Over every core
+/// with `parallel` (in blocks of positions), else on the calling thread; with the vector
+/// tiles when `fast` ([`super::has_avx2_fma`]: the AVX-512 ones where the machine also has
+/// AVX-512 F and there are at least `NR_WIDE` positions), else with the portable ones.
 ///
 /// # Safety
 /// `out` is valid for writes of `n * o * p` values that nothing else reads or writes
@@ -124,12 +127,12 @@ unsafe fn product_by(
         "a clamp without a bias"
     );
     let blocks = total.div_ceil(nr);
-    let column = |j: usize, panel: &mut Vec<f32>| {
+    // Per worker: the panel, and the tile that a block not written in place is summed in.
+    let column = |j: usize, (panel, tile): &mut (Vec<f32>, Vec<f32>)| {
         let g0 = j * nr;
         let nc = nr.min(total - g0);
         let (s0, c0) = (g0 / p, g0 % p);
         let direct = nc == nr && c0 + nr <= p;
-        let mut tile = [0f32; MR_WIDE * NR_WIDE];
         // A block within one sample is read in place; any other is copied into a panel nr
         // wide (zero beyond its columns), run by run of one sample's columns.
         let (bp, ldb) = if direct {
@@ -192,14 +195,14 @@ unsafe fn product_by(
         }
     };
     if parallel && blocks > 1 {
-        (0..blocks)
-            .into_par_iter()
-            .with_min_len(4)
-            .for_each_init(Vec::new, |panel, j| column(j, panel));
+        (0..blocks).into_par_iter().with_min_len(4).for_each_init(
+            || (Vec::new(), vec![0f32; MR_WIDE * NR_WIDE]),
+            |scratch, j| column(j, scratch),
+        );
     } else {
-        let mut panel = Vec::new();
+        let mut scratch = (Vec::new(), vec![0f32; MR_WIDE * NR_WIDE]);
         for j in 0..blocks {
-            column(j, &mut panel);
+            column(j, &mut scratch);
         }
     }
 }
