@@ -179,26 +179,34 @@ pub fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
 /// over every core with `parallel`.
 fn unfold_into(g: &Geom, x: &[f32], cols: &mut [f32], parallel: bool) {
     let p = g.oh * g.ow;
+    let wide = has_avx512f();
+    // Where each tap's values lie: the first value read and the first written, and how many
+    // rows and columns follow (none for a tap wholly in the padding).
+    let taps: Vec<[usize; 4]> = (0..g.kh * g.kw)
+        .map(|t| {
+            let (kh, kw) = (t / g.kw, t % g.kw);
+            let (rows, cols) = (g.valid(kh, g.oh, g.h), g.valid(kw, g.ow, g.w));
+            if rows.is_empty() || cols.is_empty() {
+                return [0; 4];
+            }
+            let from = g.src(rows.start, kh) * g.w + g.src(cols.start, kw);
+            [from, rows.start * g.ow + cols.start, rows.len(), cols.len()]
+        })
+        .collect();
     let row_of = |row: usize, dst: &mut [f32]| {
-        let (c, kh, kw) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
-        let rows = g.valid(kh, g.oh, g.h);
-        let cols_r = g.valid(kw, g.ow, g.w);
+        let (c, [from, to, rows, len]) = (row / taps.len(), taps[row % taps.len()]);
         for n in 0..g.n {
             let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
             let out = &mut dst[n * p..(n + 1) * p];
-            for oh in rows.clone() {
-                let ih = g.src(oh, kh);
-                let src_row = &plane[ih * g.w..(ih + 1) * g.w];
-                let dst_row = &mut out[oh * g.ow..(oh + 1) * g.ow];
-                if g.stride == 1 {
-                    let a = g.src(cols_r.start, kw);
-                    copy_short(&mut dst_row[cols_r.clone()], &src_row[a..a + cols_r.len()]);
-                } else {
-                    for ow in cols_r.clone() {
-                        dst_row[ow] = src_row[g.src(ow, kw)];
-                    }
-                }
-            }
+            let step = (g.stride * g.w, g.stride);
+            gather_rows(
+                &plane[from..],
+                step,
+                &mut out[to..],
+                g.ow,
+                (rows, len),
+                wide,
+            );
         }
     };
     if parallel {
@@ -208,6 +216,100 @@ fn unfold_into(g: &Geom, x: &[f32], cols: &mut [f32], parallel: bool) {
     } else {
         for (row, dst) in cols.chunks_mut(g.n * p).enumerate() {
             row_of(row, dst);
+        }
+    }
+}
+
+/// `rows` rows of `len` values each: value `i` of row `r` from `src[r * step + i * stride]`
+/// to `dst[r * ow + i]`. With AVX-512 (`wide`) at strides 1 and 2, 16 values per masked load
+/// and store (two loads and a permute at stride 2); else a copy per row, or value by value.
+fn gather_rows(
+    src: &[f32],
+    (step, stride): (usize, usize),
+    dst: &mut [f32],
+    ow: usize,
+    (rows, len): (usize, usize),
+    wide: bool,
+) {
+    if rows == 0 || len == 0 {
+        return;
+    }
+    assert!(
+        src.len() > (rows - 1) * step + (len - 1) * stride && dst.len() >= (rows - 1) * ow + len,
+        "gather_rows: {rows} rows of {len} out of bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if wide && (stride == 1 || stride == 2) {
+        // SAFETY: `wide` says the machine has AVX-512 F, and the bounds were checked above.
+        unsafe {
+            let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+            if stride == 1 {
+                gather_avx512::rows::<1>(s, step, d, ow, rows, len)
+            } else {
+                gather_avx512::rows::<2>(s, step, d, ow, rows, len)
+            }
+        }
+        return;
+    }
+    for r in 0..rows {
+        let (line, out) = (&src[r * step..], &mut dst[r * ow..][..len]);
+        if stride == 1 {
+            copy_short(out, &line[..len]);
+        } else {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = line[i * stride];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod gather_avx512 {
+    use std::arch::x86_64::*;
+
+    /// [`super::gather_rows`] at stride `S` (1 or 2).
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F; `src` holds `(rows - 1) * step + (len - 1) * S + 1` values
+    /// and `dst` holds `(rows - 1) * ow + len`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn rows<const S: usize>(
+        src: *const f32,
+        step: usize,
+        dst: *mut f32,
+        ow: usize,
+        rows: usize,
+        len: usize,
+    ) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        // The last block's outputs, and (at stride 2) the inputs they read.
+        let tail = len - (len - 1) / 16 * 16;
+        let tail_out = (1u32 << tail) - 1;
+        let tail_in = (1u64 << (S * (tail - 1) + 1)) - 1;
+        for r in 0..rows {
+            let (s, d) = (src.wrapping_add(r * step), dst.wrapping_add(r * ow));
+            let mut i = 0;
+            while i < len {
+                let (m_out, m_in) = if i + 16 < len {
+                    (u16::MAX, u32::MAX)
+                } else {
+                    (tail_out as u16, tail_in as u32)
+                };
+                let from = s.wrapping_add(i * S);
+                // SAFETY: the masks select the values inside both buffers (masked-off values
+                // are neither read nor written).
+                unsafe {
+                    let v = if S == 1 {
+                        _mm512_maskz_loadu_ps(m_out, from)
+                    } else {
+                        let a = _mm512_maskz_loadu_ps(m_in as u16, from);
+                        let b = _mm512_maskz_loadu_ps((m_in >> 16) as u16, from.wrapping_add(16));
+                        _mm512_permutex2var_ps(a, even, b)
+                    };
+                    _mm512_mask_storeu_ps(d.wrapping_add(i), m_out, v);
+                }
+                i += 16;
+            }
         }
     }
 }
@@ -342,7 +444,11 @@ fn per_sample_with<T: Send, S>(
             f(n, c, &mut s, false);
         }
     } else if samples >= rayon::current_num_threads() {
+        // Runs of at least half a core's share: rayon makes a scratch value for every run
+        // it splits off, and a scratch of columns is zeroed when made.
+        let run = samples.div_ceil(2 * rayon::current_num_threads());
         out.par_chunks_mut(chunk)
+            .with_min_len(run)
             .enumerate()
             .for_each_init(&init, |s, (n, c)| f(n, c, s, false));
     } else {
@@ -2663,6 +2769,33 @@ mod tests {
             let mut dst = vec![99i8; n];
             copy_short(&mut dst, &src);
             assert_eq!(dst, src, "{n} i8");
+        }
+    }
+
+    #[test]
+    fn row_gathers_take_what_the_definition_takes() {
+        // Lengths around the 16-value blocks, strides 1 to 3, with room around each row
+        // (`ow` past `len`, `step` past the span) that must be left as it was.
+        let src: Vec<f32> = (0..4000).map(|i| i as f32).collect();
+        for stride in 1..=3 {
+            for len in [1, 5, 15, 16, 17, 31, 32, 33, 40] {
+                for rows in [1, 3] {
+                    let (ow, step) = (len + 3, stride * len + 7);
+                    let mut want = vec![-1f32; rows * ow];
+                    for r in 0..rows {
+                        for i in 0..len {
+                            want[r * ow + i] = src[r * step + i * stride];
+                        }
+                    }
+                    // The source ends at its last value read.
+                    let end = (rows - 1) * step + (len - 1) * stride + 1;
+                    for wide in [false, has_avx512f()] {
+                        let mut dst = vec![-1f32; rows * ow];
+                        gather_rows(&src[..end], (step, stride), &mut dst, ow, (rows, len), wide);
+                        assert_eq!(dst, want, "stride {stride}, {rows} rows of {len}, {wide}");
+                    }
+                }
+            }
         }
     }
 
