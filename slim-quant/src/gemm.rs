@@ -376,6 +376,99 @@ pub unsafe fn gemm_conv_finished(
     }
 }
 
+/// The input planes of an [`Im2col`] laid out for [`gemm_conv_quads_finished`], into `out`:
+/// channels in groups of four, each position's four values side by side as unsigned bytes
+/// (`x + 128`), `[channels / 4 rounded up][h][w][4]`; channels past the last hold 128 (the
+/// flipped 0). One word of `out` is then four rows of the columns at one position.
+pub fn quad_planes(planes: &[i8], [channels, h, w]: [usize; 3], out: &mut [u8]) {
+    let plane = h * w;
+    assert!(
+        planes.len() >= channels * plane && out.len() == channels.div_ceil(4) * plane * 4,
+        "quad planes of {channels} channels of {h}x{w} out of bounds"
+    );
+    for (q, block) in out.chunks_exact_mut(4 * plane).enumerate() {
+        let four: [Option<&[i8]>; 4] = std::array::from_fn(|j| {
+            let c = 4 * q + j;
+            (c < channels).then(|| &planes[c * plane..(c + 1) * plane])
+        });
+        #[cfg(target_arch = "x86_64")]
+        if four.iter().all(Option::is_some) {
+            vnni::interleave_planes(four.map(|r| r.unwrap_or_default()), block);
+            continue;
+        }
+        for (i, word) in block.chunks_exact_mut(4).enumerate() {
+            for (v, row) in word.iter_mut().zip(&four) {
+                *v = row.map_or(0x80, |r| r[i] as u8 ^ 0x80);
+            }
+        }
+    }
+}
+
+/// Filters `[rows, channels * taps]` in the order convolution weights are stored (channel,
+/// then tap) put in the order of [`quad_planes`]' columns: column `(t * quads + q) * 4 + j`
+/// holds channel `4 q + j` at tap `t` (0 past the last channel), with `quads` the channels
+/// in groups of four.
+pub fn tap_major(a: MatRef<'_>, channels: usize, taps: usize) -> Vec<i8> {
+    a.check();
+    assert_eq!(
+        a.cols,
+        channels * taps,
+        "filters of {channels} channels by {taps} taps"
+    );
+    let quads = channels.div_ceil(4);
+    let width = taps * quads * 4;
+    let mut out = vec![0i8; a.rows * width];
+    for (i, row) in out.chunks_exact_mut(width).enumerate() {
+        let filt = a.row(i);
+        for c in 0..channels {
+            for t in 0..taps {
+                row[(t * quads + c / 4) * 4 + c % 4] = filt[c * taps + t];
+            }
+        }
+    }
+    out
+}
+
+/// [`gemm_conv_finished`] with the columns gathered from `quads`, `src`'s planes laid out by
+/// [`quad_planes`], and `a` the filters in [`tap_major`] order: each block of four rows of
+/// the columns is one tap of four channels, whose 16 positions come in one masked load (one
+/// per output row the positions touch). Returns `false`, having written nothing, where the
+/// kernel is not AVX-512 VNNI or the columns are not [`Im2col::fused`].
+///
+/// # Safety
+/// As for [`gemm_rows_finished`], with `src.cols()` columns.
+pub unsafe fn gemm_conv_quads_finished(
+    a: &PackedA,
+    rows: std::ops::Range<usize>,
+    src: &Im2col<'_>,
+    quads: &[u8],
+    finish: &Finish<'_>,
+) -> bool {
+    let taps = src.kernel[0] * src.kernel[1];
+    let width = taps * src.channels.div_ceil(4) * 4;
+    assert!(rows.end <= a.rows, "rows out of range");
+    assert_eq!(a.cols, width, "filters not in the quads' order");
+    assert_eq!(
+        quads.len(),
+        src.channels.div_ceil(4) * src.h * src.w * 4,
+        "quad planes of another size"
+    );
+    assert!(
+        finish.scales.len() >= rows.len() && finish.bias.is_none_or(|v| v.len() >= rows.len()),
+        "a scale and a bias per row"
+    );
+    match a.kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the kernel was checked available when `a` was packed; the output as the
+        // caller promises.
+        Kernel::Avx512Vnni if src.fused() => {
+            unsafe { vnni::gemm_conv_quads(a, rows, src, quads, finish) };
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The portable product (also the reference the vector kernel is tested against).
 pub fn gemm_portable(a: MatRef<'_>, b: MatRef<'_>, out: &mut [i32]) {
     let n = b.cols;
@@ -544,16 +637,48 @@ pub(crate) mod vnni {
         let len = panels * quads * 4 * NR;
         let mut packed: Vec<u8> = Vec::with_capacity(len);
         let out = packed.as_mut_ptr();
-        // Per tap, the current panel's loads: where lane 0 would read (from the channel's
-        // plane; the lanes read consecutive values) and which lanes read.
-        let mut loads = vec![[(0isize, 0u16); MAX_LOADS]; taps];
-        let mut counts = vec![0usize; taps];
-        let (pad, dil) = (src.padding as isize, src.dilation);
-        // Each tap's offset from an output position to its input (row, column).
-        let shifts: Vec<(isize, isize)> = (0..taps)
-            .map(|r| ((r / kw * dil) as isize - pad, (r % kw * dil) as isize - pad))
-            .collect();
+        let mut loads = PanelLoads::new(src);
         for panel in 0..panels {
+            loads.panel(src, panel);
+            let taps = Taps {
+                loads: &loads.loads,
+                counts: &loads.counts,
+                plane,
+            };
+            // SAFETY: the panel's `quads` blocks of 64 bytes lie inside the `len` reserved.
+            unsafe { interleave(src, &taps, quads, out.add(panel * quads * 4 * NR)) };
+        }
+        // SAFETY: every block of every panel was written above.
+        unsafe { packed.set_len(len) };
+        (packed, quads)
+    }
+
+    /// Per kernel tap, a panel's loads: where lane 0 would read (from the channel's plane;
+    /// the lanes read consecutive values) and which lanes read.
+    struct PanelLoads {
+        loads: Vec<[(isize, u16); MAX_LOADS]>,
+        counts: Vec<usize>,
+        /// Each tap's offset from an output position to its input (row, column).
+        shifts: Vec<(isize, isize)>,
+    }
+
+    impl PanelLoads {
+        fn new(src: &Im2col<'_>) -> PanelLoads {
+            let [kh, kw] = src.kernel;
+            let (pad, dil) = (src.padding as isize, src.dilation);
+            let taps = kh * kw;
+            PanelLoads {
+                loads: vec![[(0isize, 0u16); MAX_LOADS]; taps],
+                counts: vec![0usize; taps],
+                shifts: (0..taps)
+                    .map(|r| ((r / kw * dil) as isize - pad, (r % kw * dil) as isize - pad))
+                    .collect(),
+            }
+        }
+
+        /// The loads of the panel of positions `16 panel..`.
+        fn panel(&mut self, src: &Im2col<'_>, panel: usize) {
+            let n = src.cols();
             let p0 = panel * NR;
             // The panel's runs of positions in one output row: first lane, row, column, length.
             let mut runs = [(0, 0, 0, 0); MAX_LOADS];
@@ -564,7 +689,12 @@ pub(crate) mod vnni {
                 runs[nruns] = (lane as isize, oy as isize, ox as isize, run as isize);
                 (nruns, lane, oy, ox) = (nruns + 1, lane + run, oy + 1, 0);
             }
-            for ((l, count), &(dy, dx)) in loads.iter_mut().zip(&mut counts).zip(&shifts) {
+            let taps = self
+                .loads
+                .iter_mut()
+                .zip(&mut self.counts)
+                .zip(&self.shifts);
+            for ((l, count), &(dy, dx)) in taps {
                 *count = 0;
                 for &(lane, oy, ox, run) in &runs[..nruns] {
                     let iy = oy + dy;
@@ -578,17 +708,77 @@ pub(crate) mod vnni {
                     }
                 }
             }
-            let taps = Taps {
-                loads: &loads,
-                counts: &counts,
-                plane,
-            };
-            // SAFETY: the panel's `quads` blocks of 64 bytes lie inside the `len` reserved.
-            unsafe { interleave(src, &taps, quads, out.add(panel * quads * 4 * NR)) };
+        }
+    }
+
+    /// The columns of a convolution gathered from its [`super::quad_planes`] (`quads`) and
+    /// packed as [`pack_b`] packs a matrix, for filters in [`super::tap_major`] order: for
+    /// each panel of 16 output positions, tap and group of four channels, the positions' four
+    /// values each come in one masked load of 16 words per output row the panel touches
+    /// (padding and positions past the last keep the flipped 0).
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F; `quads` holds `src`'s planes laid out by `quad_planes`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_quads(src: &Im2col<'_>, quads: &[u8]) -> (Vec<u8>, usize) {
+        let [kh, kw] = src.kernel;
+        let (taps, plane, n) = (kh * kw, src.h * src.w, src.cols());
+        let groups = src.channels.div_ceil(4);
+        assert!(
+            src.fused() && quads.len() == groups * plane * 4 && src.rows.end <= src.oh(),
+            "convolution columns out of the input"
+        );
+        let (depth, panels) = (taps * groups, n.div_ceil(NR));
+        let len = panels * depth * 4 * NR;
+        let mut packed: Vec<u8> = Vec::with_capacity(len);
+        let out = packed.as_mut_ptr();
+        let words = quads.as_ptr().cast::<i32>();
+        let zero = _mm512_set1_epi8(-128);
+        let mut loads = PanelLoads::new(src);
+        for panel in 0..panels {
+            loads.panel(src, panel);
+            let blocks = out.wrapping_add(panel * depth * 4 * NR);
+            for (t, (l, &count)) in loads.loads.iter().zip(&loads.counts).enumerate() {
+                for q in 0..groups {
+                    let base = words.wrapping_add(q * plane);
+                    let mut v = zero;
+                    for &(at, mask) in &l[..count] {
+                        // SAFETY: the lanes in `mask` read words of the plane (rows and
+                        // columns inside it), which `quads` holds (checked above); masked-off
+                        // lanes are not read.
+                        v = unsafe { _mm512_mask_loadu_epi32(v, mask, base.wrapping_offset(at)) };
+                    }
+                    // SAFETY: block `t * groups + q` of the panel lies inside the `len`
+                    // reserved.
+                    unsafe { _mm512_storeu_si512(blocks.add((t * groups + q) * 4 * NR).cast(), v) };
+                }
+            }
         }
         // SAFETY: every block of every panel was written above.
         unsafe { packed.set_len(len) };
-        (packed, quads)
+        (packed, depth)
+    }
+
+    /// Four planes interleaved into `out` (position `i`'s four values at bytes `4 i..4 i + 4`),
+    /// flipped to unsigned bytes: 16 positions per [`store_interleaved`], the rest one by one.
+    /// Each row holds as many values as the others, and `out` four times as many.
+    pub(super) fn interleave_planes(rows: [&[i8]; 4], out: &mut [u8]) {
+        let n = rows[0].len();
+        assert!(rows.iter().all(|r| r.len() == n) && out.len() == 4 * n);
+        let full = n / NR * NR;
+        for i in (0..full).step_by(NR) {
+            // SAFETY: SSE2 is part of x86-64; values i..i + 16 of each row, and bytes
+            // 4 i..4 i + 64 of `out`, lie inside them (checked above).
+            unsafe {
+                let four = rows.map(|r| _mm_loadu_si128(r.as_ptr().add(i).cast()));
+                store_interleaved(four, out.as_mut_ptr().add(4 * i));
+            }
+        }
+        for i in full..n {
+            for (j, r) in rows.iter().enumerate() {
+                out[4 * i + j] = r[i] as u8 ^ 0x80;
+            }
+        }
     }
 
     /// A panel's loads for every kernel tap (see [`pack_conv`]), and the planes' size.
@@ -725,6 +915,25 @@ pub(crate) mod vnni {
         let (pb, quads) = unsafe { pack_conv(src) };
         // SAFETY: as the caller promises; `pb` is the columns packed.
         unsafe { product(a, rows, &pb, quads, n, Sink::Finish(finish)) }
+    }
+
+    /// See [`super::gemm_conv_quads_finished`]; needs AVX-512 F, BW, VL and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn gemm_conv_quads(
+        a: &PackedA,
+        rows: std::ops::Range<usize>,
+        src: &Im2col<'_>,
+        quads: &[u8],
+        finish: &Finish<'_>,
+    ) {
+        let n = src.cols();
+        if rows.is_empty() || n == 0 {
+            return;
+        }
+        // SAFETY: the machine has AVX-512 F.
+        let (pb, depth) = unsafe { pack_quads(src, quads) };
+        // SAFETY: as the caller promises; `pb` is the columns packed.
+        unsafe { product(a, rows, &pb, depth, n, Sink::Finish(finish)) }
     }
 
     /// The product of `a`'s `rows` with the packed `pb` (`quads` groups of four rows, `n`
@@ -1048,6 +1257,79 @@ mod tests {
                 }
                 let got: Vec<i32> = y.iter().map(|&v| v as i32).collect();
                 assert_eq!(got, want, "{case}");
+            }
+            // From the planes in groups of four channels, with the filters in tap order.
+            let mut quads = vec![0u8; channels.div_ceil(4) * h * w * 4];
+            quad_planes(&planes, [channels, h, w], &mut quads);
+            let filters = tap_major(MatRef::new(&a, m, k), channels, kernel[0] * kernel[1]);
+            for kernel in Kernel::available_kernels() {
+                let p = PackedA::for_kernel(MatRef::new(&filters, m, filters.len() / m), kernel);
+                let mut y = vec![f32::NAN; m * n];
+                let finish = Finish {
+                    scales: &ones,
+                    bias: None,
+                    ld: n,
+                    out: Output::F32(y.as_mut_ptr()),
+                };
+                // SAFETY: `y` has m rows of n values.
+                let done = unsafe { gemm_conv_quads_finished(&p, 0..m, &src, &quads, &finish) };
+                let case = format!("quads {kernel:?} {channels}x{h}x{w} p{padding} d{dilation}");
+                assert_eq!(done, kernel == Kernel::Avx512Vnni && src.ow >= 3, "{case}");
+                if done {
+                    let got: Vec<i32> = y.iter().map(|&v| v as i32).collect();
+                    assert_eq!(got, want, "{case}");
+                } else {
+                    assert!(y.iter().all(|v| v.is_nan()), "{case}: wrote");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quad_planes_and_tap_major_filters_follow_their_definitions() {
+        // Five channels (a partial group of four) of 7x9 planes (whole blocks of 16
+        // positions and a rest).
+        let (channels, h, w) = (5, 7, 9);
+        let planes: Vec<i8> = (0..channels * h * w)
+            .map(|i| (i * 37 % 256) as u8 as i8)
+            .collect();
+        let mut quads = vec![0u8; 2 * h * w * 4];
+        quad_planes(&planes, [channels, h, w], &mut quads);
+        for q in 0..2 {
+            for i in 0..h * w {
+                for j in 0..4 {
+                    let c = 4 * q + j;
+                    let want = if c < channels {
+                        planes[c * h * w + i] as u8 ^ 0x80
+                    } else {
+                        128
+                    };
+                    assert_eq!(
+                        quads[(q * h * w + i) * 4 + j],
+                        want,
+                        "group {q}, position {i}"
+                    );
+                }
+            }
+        }
+        let taps = 9;
+        let a: Vec<i8> = (0..2 * channels * taps).map(|i| i as i8).collect();
+        let t = tap_major(MatRef::new(&a, 2, channels * taps), channels, taps);
+        assert_eq!(t.len(), 2 * taps * 8);
+        for (r, row) in t.chunks_exact(taps * 8).enumerate() {
+            for tap in 0..taps {
+                for c in 0..8 {
+                    let want = if c < channels {
+                        a[r * channels * taps + c * taps + tap]
+                    } else {
+                        0
+                    };
+                    assert_eq!(
+                        row[(tap * 2 + c / 4) * 4 + c % 4],
+                        want,
+                        "row {r}, tap {tap}"
+                    );
+                }
             }
         }
     }

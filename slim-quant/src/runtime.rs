@@ -59,7 +59,7 @@ const POSITIONS_PER_TASK: usize = 256;
 /// tap, gathered by row segments; a 1x1 convolution reads its input as it is).
 fn grouped<T: Sink>(
     xq: &[i8],
-    pa: &PackedA,
+    (pa, quad): (&PackedA, Option<&PackedA>),
     geo: &Geometry<'_>,
     n: usize,
     scales: &[f32],
@@ -81,6 +81,17 @@ fn grouped<T: Sink>(
     let written = Disjoint(out.as_mut_ptr());
     let macs = n * oc * p * k;
     let halving = c.stride == 2 && crate::gemm::Kernel::Avx512Vnni.available();
+    // Each sample's (and group's) planes laid out four channels together, once, for layers
+    // with filters in tap order.
+    let per_quads = cg.div_ceil(4) * h * w * 4;
+    let quads = quad.filter(|_| !pointwise && c.stride == 1).map(|_| {
+        let mut buf = vec![0u8; n * g * per_quads];
+        let serial = buf.len() < SERIAL_VALUES;
+        for_each_chunk(&mut buf, per_quads, serial, |(i, out)| {
+            crate::gemm::quad_planes(&xq[i * cg * h * w..][..cg * h * w], [cg, h, w], out)
+        });
+        buf
+    });
     for_each_task(n * g * blocks, macs < SERIAL_PRODUCT, |task| {
         let (sg, blk) = (task / blocks, task % blocks);
         let (s, gi) = (sg / g, sg % g);
@@ -111,6 +122,14 @@ fn grouped<T: Sink>(
                 rows: oy0..oy1,
                 ow,
             };
+            if let (Some(qa), Some(quads)) = (quad, &quads) {
+                let mine = &quads[(s * g + gi) * per_quads..][..per_quads];
+                // SAFETY: as for `gemm_rows_finished` below.
+                let rows = o0..o0 + og;
+                if unsafe { crate::gemm::gemm_conv_quads_finished(qa, rows, &src, mine, &finish) } {
+                    return;
+                }
+            }
             // SAFETY: as for `gemm_rows_finished` below.
             if unsafe { crate::gemm::gemm_conv_finished(pa, o0..o0 + og, &src, &finish) } {
                 return;
@@ -246,6 +265,39 @@ mod halve_bytes {
             i += 32;
         }
     }
+}
+
+/// Whether a convolution gathers its columns from quad planes ([`crate::gemm::quad_planes`],
+/// one load per tap and four channels): with AVX-512 VNNI, a dense convolution at stride 1
+/// with whole groups of four input channels (a partial group would add products with 0).
+fn quad_layer(c: &slim_core::graph::Conv2dSpec, channels: usize) -> bool {
+    let pointwise = c.kernel == [1, 1] && c.stride == 1 && c.padding == 0;
+    !c.is_depthwise()
+        && !pointwise
+        && c.stride == 1
+        && channels >= GATHERED_CHANNELS
+        && channels % 4 == 0
+        && crate::gemm::Kernel::Avx512Vnni.available()
+}
+
+/// A convolution's int8 filters in tap order, packed, where [`quad_layer`] says it gathers
+/// from quad planes; `None` for any other layer.
+fn quad_filters(node: &Node, values: &[i8]) -> Option<PackedA> {
+    let Op::Conv2d(c) = &node.op else {
+        return None;
+    };
+    let taps = c.kernel[0] * c.kernel[1];
+    let channels = values.len() / (c.out_channels * taps).max(1);
+    if !quad_layer(c, channels) || values.len() != c.out_channels * channels * taps {
+        return None;
+    }
+    let filters = MatRef::new(values, c.out_channels, channels * taps);
+    let ordered = crate::gemm::tap_major(filters, channels, taps);
+    let cols = ordered.len() / c.out_channels;
+    Some(PackedA::for_kernel(
+        MatRef::new(&ordered, c.out_channels, cols),
+        crate::gemm::Kernel::Avx512Vnni,
+    ))
 }
 
 /// Input channels (per group) from which a convolution's columns are gathered as they are
@@ -1246,6 +1298,9 @@ struct Prepared<'m> {
     model: &'m Model,
     /// Packed weights of the layers that run as matrix products.
     packed: HashMap<String, PackedA>,
+    /// The same in tap order, for the convolutions that gather from quad planes
+    /// ([`quad_layer`]).
+    tap_major: HashMap<String, PackedA>,
     /// Integer layers whose output only feeds other integer layers (through an activation and
     /// a quantizer that nothing else reads): they write int8 values on that quantizer's grid.
     requant: HashMap<usize, Requant>,
@@ -1295,11 +1350,22 @@ impl<'m> Int8Kernels<'m> {
                 ))
             })
             .collect();
+        let tap_major = model
+            .graph
+            .nodes()
+            .iter()
+            .filter_map(|node| {
+                let name = node.param_name("weight");
+                let w = model.int8.get(&name)?;
+                Some((name, quad_filters(node, &w.values)?))
+            })
+            .collect();
         let (requant, passed) = integer_chains(model);
         Int8Kernels {
             prepared: Some(Prepared {
                 model,
                 packed,
+                tap_major,
                 requant,
                 passed,
                 sweeps: Mutex::default(),
@@ -1327,6 +1393,18 @@ impl<'m> Int8Kernels<'m> {
             made.entry(key)
                 .or_insert_with(|| Arc::new(Sweeps::fastest(geo, wq))),
         )
+    }
+
+    /// A convolution's filters in tap order (see [`quad_layer`]): prepared ones for the
+    /// model these kernels were made for, else packed now; `None` for other layers.
+    fn quad_weights(&self, model: &Model, node: &Node, values: &[i8]) -> Option<Cow<'_, PackedA>> {
+        match self.for_model(model) {
+            Some(p) => p
+                .tap_major
+                .get(&node.param_name("weight"))
+                .map(Cow::Borrowed),
+            None => quad_filters(node, values).map(Cow::Owned),
+        }
     }
 
     /// A layer's packed weights: prepared ones for the model these kernels were made for,
@@ -1796,7 +1874,8 @@ impl Int8Kernels<'_> {
                     depthwise_by(&sweeps, xq, &w.values, &geo, n, &scales, bias, to)
                 } else {
                     let pa = self.weights(model, node, &w.values, oc);
-                    grouped(xq, &pa, &geo, n, &scales, bias, to)
+                    let quad = self.quad_weights(model, node, &w.values);
+                    grouped(xq, (&pa, quad.as_deref()), &geo, n, &scales, bias, to)
                 };
                 Ok(Some((out, vec![n, oc, oh, ow])))
             }

@@ -353,6 +353,9 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
     // Depthwise with stride 2, a 5x5 window, dilation and padding; depthwise with stride 1, a
     // 3x5 window, dilation and padding; depthwise 3x3 with stride 2; a grouped convolution; a
     // strided dense one with a rectangular kernel; a 1x1; and two linear layers, on odd sizes.
+    // Two dense ones at stride 1 with whole groups of four input channels (one grouped, one
+    // dilated), which gather their columns from planes four channels at a time where the
+    // machine has AVX-512 VNNI.
     // Between them, integer layers that feed integer layers directly, through a ReLU, a ReLU6,
     // max pooling (padded, and not) and flattening: they write their outputs requantized.
     use slim_core::graph::{Conv2dSpec, GraphBuilder};
@@ -400,6 +403,14 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
             }),
         )
         .conv_with(
+            "q1",
+            Conv2dSpec::new(12, 12, 3).with_padding(1).with_groups(3),
+        )
+        .conv_with(
+            "q2",
+            Conv2dSpec::new(12, 12, 3).with_padding(2).with_dilation(2),
+        )
+        .conv_with(
             "rect",
             Conv2dSpec {
                 kernel: [3, 1],
@@ -419,7 +430,7 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
         ..PtqConfig::default()
     };
     let (q, report) = quantize(&m, &data.train, &data.normalize, &cfg).unwrap();
-    assert_eq!(report.layers.len(), 9);
+    assert_eq!(report.layers.len(), 11);
     let x = candle_core::Tensor::randn(0f32, 1.0, (3, 1, 28, 28), &Device::Cpu).unwrap();
     let a = slim_quant::runtime::forward(&q, &x).unwrap();
     let b = q.forward(&x, Mode::Eval).unwrap();
@@ -448,7 +459,7 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
     )
     .unwrap();
     for layer in [
-        "c1", "dw", "dw1", "dw2", "grp", "mp", "rect", "pw", "mp2", "f", "fc",
+        "c1", "dw", "dw1", "dw2", "grp", "mp", "q1", "q2", "rect", "pw", "mp2", "f", "fc",
     ] {
         assert!(int8_out.iter().any(|n| n == layer), "{layer}: {int8_out:?}");
     }
