@@ -15,6 +15,8 @@
 //!   unsigned activations.
 //! - Elsewhere a portable loop computes the same integers.
 
+use std::mem::MaybeUninit;
+
 /// A view of a row-major int8 matrix with a row stride.
 #[derive(Clone, Copy)]
 pub struct MatRef<'a> {
@@ -376,11 +378,12 @@ pub unsafe fn gemm_conv_finished(
     }
 }
 
-/// The input planes of an [`Im2col`] laid out for [`gemm_conv_quads_finished`], into `out`:
-/// channels in groups of four, each position's four values side by side as unsigned bytes
-/// (`x + 128`), `[channels / 4 rounded up][h][w][4]`; channels past the last hold 128 (the
-/// flipped 0). One word of `out` is then four rows of the columns at one position.
-pub fn quad_planes(planes: &[i8], [channels, h, w]: [usize; 3], out: &mut [u8]) {
+/// The input planes of an [`Im2col`] laid out for [`gemm_conv_quads_finished`], into `out`
+/// (every byte written): channels in groups of four, each position's four values side by
+/// side as unsigned bytes (`x + 128`), `[channels / 4 rounded up][h][w][4]`; channels past the
+/// last hold 128 (the flipped 0). One word of `out` is then four rows of the columns at one
+/// position.
+pub fn quad_planes(planes: &[i8], [channels, h, w]: [usize; 3], out: &mut [MaybeUninit<u8>]) {
     let plane = h * w;
     assert!(
         planes.len() >= channels * plane && out.len() == channels.div_ceil(4) * plane * 4,
@@ -398,10 +401,24 @@ pub fn quad_planes(planes: &[i8], [channels, h, w]: [usize; 3], out: &mut [u8]) 
         }
         for (i, word) in block.chunks_exact_mut(4).enumerate() {
             for (v, row) in word.iter_mut().zip(&four) {
-                *v = row.map_or(0x80, |r| r[i] as u8 ^ 0x80);
+                v.write(row.map_or(0x80, |r| r[i] as u8 ^ 0x80));
             }
         }
     }
+}
+
+/// [`quad_planes`] into a new buffer.
+pub fn quad_planes_vec(planes: &[i8], [channels, h, w]: [usize; 3]) -> Vec<u8> {
+    let len = channels.div_ceil(4) * h * w * 4;
+    let mut out = Vec::with_capacity(len);
+    quad_planes(
+        planes,
+        [channels, h, w],
+        &mut out.spare_capacity_mut()[..len],
+    );
+    // SAFETY: `quad_planes` wrote all `len` bytes.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// Filters `[rows, channels * taps]` in the order convolution weights are stored (channel,
@@ -569,7 +586,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni {
-    use super::{Finish, Im2col, MatRef, Output, PackedA, MAX_LOADS};
+    use super::{Finish, Im2col, MatRef, MaybeUninit, Output, PackedA, MAX_LOADS};
     use std::arch::x86_64::*;
 
     const NR: usize = 16;
@@ -762,7 +779,7 @@ pub(crate) mod vnni {
     /// Four planes interleaved into `out` (position `i`'s four values at bytes `4 i..4 i + 4`),
     /// flipped to unsigned bytes: 16 positions per [`store_interleaved`], the rest one by one.
     /// Each row holds as many values as the others, and `out` four times as many.
-    pub(super) fn interleave_planes(rows: [&[i8]; 4], out: &mut [u8]) {
+    pub(super) fn interleave_planes(rows: [&[i8]; 4], out: &mut [MaybeUninit<u8>]) {
         let n = rows[0].len();
         assert!(rows.iter().all(|r| r.len() == n) && out.len() == 4 * n);
         let full = n / NR * NR;
@@ -771,12 +788,12 @@ pub(crate) mod vnni {
             // 4 i..4 i + 64 of `out`, lie inside them (checked above).
             unsafe {
                 let four = rows.map(|r| _mm_loadu_si128(r.as_ptr().add(i).cast()));
-                store_interleaved(four, out.as_mut_ptr().add(4 * i));
+                store_interleaved(four, out.as_mut_ptr().add(4 * i).cast());
             }
         }
         for i in full..n {
             for (j, r) in rows.iter().enumerate() {
-                out[4 * i + j] = r[i] as u8 ^ 0x80;
+                out[4 * i + j].write(r[i] as u8 ^ 0x80);
             }
         }
     }
@@ -1259,8 +1276,7 @@ mod tests {
                 assert_eq!(got, want, "{case}");
             }
             // From the planes in groups of four channels, with the filters in tap order.
-            let mut quads = vec![0u8; channels.div_ceil(4) * h * w * 4];
-            quad_planes(&planes, [channels, h, w], &mut quads);
+            let quads = quad_planes_vec(&planes, [channels, h, w]);
             let filters = tap_major(MatRef::new(&a, m, k), channels, kernel[0] * kernel[1]);
             for kernel in Kernel::available_kernels() {
                 let p = PackedA::for_kernel(MatRef::new(&filters, m, filters.len() / m), kernel);
@@ -1293,8 +1309,8 @@ mod tests {
         let planes: Vec<i8> = (0..channels * h * w)
             .map(|i| (i * 37 % 256) as u8 as i8)
             .collect();
-        let mut quads = vec![0u8; 2 * h * w * 4];
-        quad_planes(&planes, [channels, h, w], &mut quads);
+        let quads = quad_planes_vec(&planes, [channels, h, w]);
+        assert_eq!(quads.len(), 2 * h * w * 4);
         for q in 0..2 {
             for i in 0..h * w {
                 for j in 0..4 {

@@ -85,11 +85,18 @@ fn grouped<T: Sink>(
     // with filters in tap order.
     let per_quads = cg.div_ceil(4) * h * w * 4;
     let quads = quad.filter(|_| !pointwise && c.stride == 1).map(|_| {
-        let mut buf = vec![0u8; n * g * per_quads];
-        let serial = buf.len() < SERIAL_VALUES;
-        for_each_chunk(&mut buf, per_quads, serial, |(i, out)| {
-            crate::gemm::quad_planes(&xq[i * cg * h * w..][..cg * h * w], [cg, h, w], out)
-        });
+        let len = n * g * per_quads;
+        let mut buf = Vec::with_capacity(len);
+        for_each_chunk(
+            &mut buf.spare_capacity_mut()[..len],
+            per_quads,
+            len < SERIAL_VALUES,
+            |(i, out)| {
+                crate::gemm::quad_planes(&xq[i * cg * h * w..][..cg * h * w], [cg, h, w], out)
+            },
+        );
+        // SAFETY: `quad_planes` wrote every byte of every sample's (and group's) share.
+        unsafe { buf.set_len(len) };
         buf
     });
     for_each_task(n * g * blocks, macs < SERIAL_PRODUCT, |task| {
@@ -1660,6 +1667,7 @@ fn quantize_values(v: &[f32], scale: f32) -> Vec<i8> {
     let [lo, hi, inv] = bounds(scale);
     let mut out = vec![0i8; v.len()];
     let avx2 = crate::gemm::Kernel::Avx2.available();
+    let avx512 = crate::gemm::Kernel::Avx512Vnni.available();
     // (`move`: the bounds copied into the closure, so that the loop needs no check that its
     // stores might change them, and vectorizes)
     for_each_chunk(
@@ -1668,7 +1676,7 @@ fn quantize_values(v: &[f32], scale: f32) -> Vec<i8> {
         v.len() < SERIAL_VALUES,
         move |(i, dst)| {
             let src = &v[i << 14..][..dst.len()];
-            quantize_chunk(dst, src, [lo, hi, inv], avx2)
+            quantize_chunk(dst, src, [lo, hi, inv], (avx512, avx2))
         },
     );
     out
@@ -1697,14 +1705,31 @@ pub(crate) fn bounds(scale: f32) -> [f32; 3] {
 }
 
 /// The loop of [`quantize_values`] over one chunk, with the bounds `[lo, hi]` and `1 / scale`,
-/// compiled for AVX2 where the machine has it.
-fn quantize_chunk(dst: &mut [i8], src: &[f32], [lo, hi, inv]: [f32; 3], avx2: bool) {
+/// compiled for AVX-512 (F and BW) or AVX2 where the machine has them.
+fn quantize_chunk(
+    dst: &mut [i8],
+    src: &[f32],
+    [lo, hi, inv]: [f32; 3],
+    (avx512, avx2): (bool, bool),
+) {
     #[inline(always)]
     fn chunk(dst: &mut [i8], src: &[f32], lo: f32, hi: f32, inv: f32) {
         for (d, &a) in dst.iter_mut().zip(src) {
             *d = round_to_grid(a, lo, hi, inv);
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn wide(dst: &mut [i8], src: &[f32], lo: f32, hi: f32, inv: f32) {
+            chunk(dst, src, lo, hi, inv)
+        }
+        if avx512 {
+            // SAFETY: the caller checked that the machine has AVX-512 F and BW.
+            return unsafe { wide(dst, src, lo, hi, inv) };
+        }
+    }
+    let _ = avx512;
     slim_core::with_target_feature!(
         "avx2",
         avx2,
