@@ -248,6 +248,41 @@ fn every_nth(dst: &mut [i8], src: &[i8], stride: usize, halving: bool) {
 mod halve_bytes {
     use std::arch::x86_64::*;
 
+    /// One output row of [`super::max_pool_halving`] with AVX-512 BW, 32 outputs at a time:
+    /// the two input rows' maxima, then each pair of neighbours' as the high and low bytes
+    /// of 16-bit words (each sign-extended), at least -127, narrowed back to bytes.
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F, BW and VL; `a` and `b` hold `2 * out.len()` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn pool_pairs(a: &[i8], b: &[i8], out: &mut [i8]) {
+        let n = out.len();
+        assert!(
+            a.len() >= 2 * n && b.len() >= 2 * n,
+            "pool_pairs: rows too short"
+        );
+        let floor = _mm512_set1_epi16(-127);
+        let mut i = 0;
+        while i < n {
+            let count = (n - i).min(32);
+            let m_in = u64::MAX >> (64 - 2 * count);
+            let m_out = u32::MAX >> (32 - count);
+            // SAFETY: the masks select values inside the slices (checked above); masked-off
+            // values are neither read nor written.
+            unsafe {
+                let top = _mm512_maskz_loadu_epi8(m_in, a.as_ptr().add(2 * i));
+                let bottom = _mm512_maskz_loadu_epi8(m_in, b.as_ptr().add(2 * i));
+                let m = _mm512_max_epi8(top, bottom);
+                let even = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(m));
+                let odd = _mm512_srai_epi16::<8>(m);
+                let pooled = _mm512_max_epi16(_mm512_max_epi16(even, odd), floor);
+                let bytes = _mm512_cvtepi16_epi8(pooled);
+                _mm256_mask_storeu_epi8(out.as_mut_ptr().add(i), m_out, bytes);
+            }
+            i += 32;
+        }
+    }
+
     /// [`super::every_nth`] at stride 2.
     ///
     /// # Safety
@@ -1533,6 +1568,7 @@ fn max_pool_values(
     let work = y.len() * p.kernel * p.kernel;
     // The common 2x2 window at stride 2 without padding: one pass over each pair of rows.
     let halving = p.kernel == 2 && p.stride == 2 && p.padding == 0 && 2 * oh <= h && 2 * ow <= w;
+    let wide = crate::gemm::Kernel::Avx512Vnni.available();
     for_each_chunk(
         &mut y,
         oh * ow * per,
@@ -1541,7 +1577,7 @@ fn max_pool_values(
             for (j, plane_out) in dst.chunks_exact_mut(oh * ow).enumerate() {
                 let plane = &xs[(task * per + j) * h * w..][..h * w];
                 if halving {
-                    max_pool_halving(plane, w, plane_out, ow);
+                    max_pool_halving(plane, w, plane_out, ow, wide);
                 } else {
                     max_pool_plane(plane, [h, w], plane_out, ow, p);
                 }
@@ -1587,10 +1623,16 @@ fn max_pool_plane(
 
 /// One plane's 2x2 max pooling at stride 2 without padding (`2 oh <= h`, `2 ow <= w`): the
 /// same values as [`max_pool_plane`], from each pair of rows in one pass.
-fn max_pool_halving(plane: &[i8], w: usize, out: &mut [i8], ow: usize) {
+fn max_pool_halving(plane: &[i8], w: usize, out: &mut [i8], ow: usize, wide: bool) {
     for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
         let a = &plane[2 * oy * w..][..2 * ow];
         let b = &plane[(2 * oy + 1) * w..][..2 * ow];
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `wide` says the machine has AVX-512 F, BW and VL.
+            unsafe { halve_bytes::pool_pairs(a, b, row) };
+            continue;
+        }
         for ((v, a), b) in row.iter_mut().zip(a.chunks_exact(2)).zip(b.chunks_exact(2)) {
             *v = a[0].max(a[1]).max(b[0]).max(b[1]).max(-127);
         }
@@ -2292,14 +2334,25 @@ mod tests {
             stride: 2,
             padding: 0,
         };
-        for (h, w) in [(28, 28), (7, 9), (2, 2), (5, 4), (3, 3)] {
+        let wide = crate::gemm::Kernel::Avx512Vnni.available();
+        // (rows of 35 and 64 outputs: past one and two blocks of 32 in the vector rows)
+        for (h, w) in [(28, 28), (7, 9), (2, 2), (5, 4), (3, 3), (4, 71), (3, 128)] {
             let plane: Vec<i8> = (0..h * w).map(|_| rng.random()).collect();
             let (oh, ow) = (h / 2, w / 2);
             let mut want = vec![i8::MIN; oh * ow];
             super::max_pool_plane(&plane, [h, w], &mut want, ow, &spec);
-            let mut got = vec![i8::MIN; oh * ow];
-            super::max_pool_halving(&plane, w, &mut got, ow);
-            assert_eq!(got, want, "{h}x{w}");
+            for way in [false, wide] {
+                let mut got = vec![i8::MIN; oh * ow];
+                super::max_pool_halving(&plane, w, &mut got, ow, way);
+                assert_eq!(got, want, "{h}x{w}, vectors {way}");
+                // A plane of -128 only pools to -127 (the grid's lowest value).
+                let low = vec![i8::MIN; h * w];
+                super::max_pool_halving(&low, w, &mut got, ow, way);
+                assert!(
+                    got.iter().all(|&v| v == -127),
+                    "{h}x{w}, vectors {way}: -128"
+                );
+            }
             let whole = super::max_pool_values(&plane, [1, h, w], [oh, ow], &spec);
             assert_eq!(whole, want, "{h}x{w} through max_pool_values");
         }
