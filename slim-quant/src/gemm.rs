@@ -301,6 +301,102 @@ pub struct Im2col<'a> {
     /// The output rows, and the output's columns.
     pub rows: std::ops::Range<usize>,
     pub ow: usize,
+    /// The panels' loads worked out once for many blocks of columns of this geometry (every
+    /// sample's, say); else the packing works them out.
+    pub loads: Option<&'a ConvLoads>,
+}
+
+/// Output positions per panel of packed columns (the VNNI kernel's `NR`).
+const PANEL: usize = 16;
+
+/// Where the packing of an [`Im2col`]'s columns reads, for every panel of 16 output
+/// positions and kernel tap: one masked load per output row the panel touches, as the
+/// offset from the channel's plane at which lane 0 would read (the lanes read consecutive
+/// values) and which lanes read. The same for every sample and channel of one geometry.
+pub struct ConvLoads {
+    /// The geometry they were made for: `[h, w, kh, kw, padding, dilation, first row, rows,
+    /// ow]`.
+    geometry: [usize; 9],
+    taps: usize,
+    loads: Vec<[(isize, u16); MAX_LOADS]>,
+    counts: Vec<u8>,
+}
+
+impl ConvLoads {
+    /// The loads of every panel of `src`'s columns.
+    pub fn new(src: &Im2col<'_>) -> ConvLoads {
+        let [kh, kw] = src.kernel;
+        let (pad, dil) = (src.padding as isize, src.dilation);
+        let (taps, n) = (kh * kw, src.cols());
+        let panels = n.div_ceil(PANEL);
+        let mut loads = vec![[(0isize, 0u16); MAX_LOADS]; panels * taps];
+        let mut counts = vec![0u8; panels * taps];
+        // Each tap's offset from an output position to its input (row, column).
+        let shifts: Vec<(isize, isize)> = (0..taps)
+            .map(|r| ((r / kw * dil) as isize - pad, (r % kw * dil) as isize - pad))
+            .collect();
+        for panel in 0..panels {
+            let p0 = panel * PANEL;
+            // The panel's runs of positions in one output row: first lane, row, column, length.
+            let mut runs = [(0, 0, 0, 0); MAX_LOADS];
+            let mut nruns = 0;
+            let (mut oy, mut ox, mut lane) = (src.rows.start + p0 / src.ow, p0 % src.ow, 0);
+            while lane < PANEL && p0 + lane < n {
+                let run = (src.ow - ox).min(PANEL - lane).min(n - p0 - lane);
+                runs[nruns] = (lane as isize, oy as isize, ox as isize, run as isize);
+                (nruns, lane, oy, ox) = (nruns + 1, lane + run, oy + 1, 0);
+            }
+            let at = panel * taps..(panel + 1) * taps;
+            let each = loads[at.clone()].iter_mut().zip(&mut counts[at]);
+            for ((l, count), &(dy, dx)) in each.zip(&shifts) {
+                for &(lane, oy, ox, run) in &runs[..nruns] {
+                    let iy = oy + dy;
+                    // Columns ox..ox + run read ix = ox + dx: those inside 0..w.
+                    let (lo, hi) = (ox.max(-dx), (ox + run).min(src.w as isize - dx));
+                    if (0..src.h as isize).contains(&iy) && lo < hi {
+                        let (a, b) = (lane + lo - ox, lane + hi - ox);
+                        let mask = (((1u32 << b) - 1) & !((1u32 << a) - 1)) as u16;
+                        l[*count as usize] = (iy * src.w as isize + ox + dx - lane, mask);
+                        *count += 1;
+                    }
+                }
+            }
+        }
+        ConvLoads {
+            geometry: Self::geometry(src),
+            taps,
+            loads,
+            counts,
+        }
+    }
+
+    fn geometry(src: &Im2col<'_>) -> [usize; 9] {
+        let [kh, kw] = src.kernel;
+        let rows = src.rows.clone();
+        [
+            src.h,
+            src.w,
+            kh,
+            kw,
+            src.padding,
+            src.dilation,
+            rows.start,
+            rows.len(),
+            src.ow,
+        ]
+    }
+
+    /// Whether these are the loads of `src`'s geometry.
+    fn fits(&self, src: &Im2col<'_>) -> bool {
+        self.geometry == Self::geometry(src)
+    }
+
+    /// Panel `panel`'s loads and their number, tap by tap.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn panel(&self, panel: usize) -> (&[[(isize, u16); MAX_LOADS]], &[u8]) {
+        let at = panel * self.taps..(panel + 1) * self.taps;
+        (&self.loads[at.clone()], &self.counts[at])
+    }
 }
 
 impl Im2col<'_> {
@@ -586,7 +682,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni {
-    use super::{Finish, Im2col, MatRef, MaybeUninit, Output, PackedA, MAX_LOADS};
+    use super::{ConvLoads, Finish, Im2col, MatRef, MaybeUninit, Output, PackedA, MAX_LOADS};
     use std::arch::x86_64::*;
 
     const NR: usize = 16;
@@ -654,12 +750,20 @@ pub(crate) mod vnni {
         let len = panels * quads * 4 * NR;
         let mut packed: Vec<u8> = Vec::with_capacity(len);
         let out = packed.as_mut_ptr();
-        let mut loads = PanelLoads::new(src);
+        let made;
+        let all = match src.loads {
+            Some(l) => l,
+            None => {
+                made = ConvLoads::new(src);
+                &made
+            }
+        };
+        assert!(all.fits(src), "panel loads of another convolution");
         for panel in 0..panels {
-            loads.panel(src, panel);
+            let (loads, counts) = all.panel(panel);
             let taps = Taps {
-                loads: &loads.loads,
-                counts: &loads.counts,
+                loads,
+                counts,
                 plane,
             };
             // SAFETY: the panel's `quads` blocks of 64 bytes lie inside the `len` reserved.
@@ -668,64 +772,6 @@ pub(crate) mod vnni {
         // SAFETY: every block of every panel was written above.
         unsafe { packed.set_len(len) };
         (packed, quads)
-    }
-
-    /// Per kernel tap, a panel's loads: where lane 0 would read (from the channel's plane;
-    /// the lanes read consecutive values) and which lanes read.
-    struct PanelLoads {
-        loads: Vec<[(isize, u16); MAX_LOADS]>,
-        counts: Vec<usize>,
-        /// Each tap's offset from an output position to its input (row, column).
-        shifts: Vec<(isize, isize)>,
-    }
-
-    impl PanelLoads {
-        fn new(src: &Im2col<'_>) -> PanelLoads {
-            let [kh, kw] = src.kernel;
-            let (pad, dil) = (src.padding as isize, src.dilation);
-            let taps = kh * kw;
-            PanelLoads {
-                loads: vec![[(0isize, 0u16); MAX_LOADS]; taps],
-                counts: vec![0usize; taps],
-                shifts: (0..taps)
-                    .map(|r| ((r / kw * dil) as isize - pad, (r % kw * dil) as isize - pad))
-                    .collect(),
-            }
-        }
-
-        /// The loads of the panel of positions `16 panel..`.
-        fn panel(&mut self, src: &Im2col<'_>, panel: usize) {
-            let n = src.cols();
-            let p0 = panel * NR;
-            // The panel's runs of positions in one output row: first lane, row, column, length.
-            let mut runs = [(0, 0, 0, 0); MAX_LOADS];
-            let mut nruns = 0;
-            let (mut oy, mut ox, mut lane) = (src.rows.start + p0 / src.ow, p0 % src.ow, 0);
-            while lane < NR && p0 + lane < n {
-                let run = (src.ow - ox).min(NR - lane).min(n - p0 - lane);
-                runs[nruns] = (lane as isize, oy as isize, ox as isize, run as isize);
-                (nruns, lane, oy, ox) = (nruns + 1, lane + run, oy + 1, 0);
-            }
-            let taps = self
-                .loads
-                .iter_mut()
-                .zip(&mut self.counts)
-                .zip(&self.shifts);
-            for ((l, count), &(dy, dx)) in taps {
-                *count = 0;
-                for &(lane, oy, ox, run) in &runs[..nruns] {
-                    let iy = oy + dy;
-                    // Columns ox..ox + run read ix = ox + dx: those inside 0..w.
-                    let (lo, hi) = (ox.max(-dx), (ox + run).min(src.w as isize - dx));
-                    if (0..src.h as isize).contains(&iy) && lo < hi {
-                        let (a, b) = (lane + lo - ox, lane + hi - ox);
-                        let mask = (((1u32 << b) - 1) & !((1u32 << a) - 1)) as u16;
-                        l[*count] = (iy * src.w as isize + ox + dx - lane, mask);
-                        *count += 1;
-                    }
-                }
-            }
-        }
     }
 
     /// The columns of a convolution gathered from its [`super::quad_planes`] (`quads`) and
@@ -751,15 +797,23 @@ pub(crate) mod vnni {
         let out = packed.as_mut_ptr();
         let words = quads.as_ptr().cast::<i32>();
         let zero = _mm512_set1_epi8(-128);
-        let mut loads = PanelLoads::new(src);
+        let made;
+        let all = match src.loads {
+            Some(l) => l,
+            None => {
+                made = ConvLoads::new(src);
+                &made
+            }
+        };
+        assert!(all.fits(src), "panel loads of another convolution");
         for panel in 0..panels {
-            loads.panel(src, panel);
+            let (loads, counts) = all.panel(panel);
             let blocks = out.wrapping_add(panel * depth * 4 * NR);
-            for (t, (l, &count)) in loads.loads.iter().zip(&loads.counts).enumerate() {
+            for (t, (l, &count)) in loads.iter().zip(counts).enumerate() {
                 for q in 0..groups {
                     let base = words.wrapping_add(q * plane);
                     let mut v = zero;
-                    for &(at, mask) in &l[..count] {
+                    for &(at, mask) in &l[..usize::from(count)] {
                         // SAFETY: the lanes in `mask` read words of the plane (rows and
                         // columns inside it), which `quads` holds (checked above); masked-off
                         // lanes are not read.
@@ -801,7 +855,7 @@ pub(crate) mod vnni {
     /// A panel's loads for every kernel tap (see [`pack_conv`]), and the planes' size.
     struct Taps<'a> {
         loads: &'a [[(isize, u16); MAX_LOADS]],
-        counts: &'a [usize],
+        counts: &'a [u8],
         plane: usize,
     }
 
@@ -824,7 +878,7 @@ pub(crate) mod vnni {
             .wrapping_add(ci * taps.plane)
             .wrapping_sub(16 * j);
         let mut v = v;
-        for &(at, mask) in &taps.loads[r][..taps.counts[r]] {
+        for &(at, mask) in &taps.loads[r][..usize::from(taps.counts[r])] {
             // SAFETY: the lanes in `mask` read values of channel `ci`'s plane (rows and
             // columns inside it), which `planes` holds (checked by `pack_conv`); masked-off
             // lanes are not read.
@@ -1238,6 +1292,7 @@ mod tests {
                 dilation,
                 rows,
                 ow: w + 2 * padding - dilation * (kernel[1] - 1),
+                loads: None,
             };
             let (k, n) = (src.depth(), src.cols());
             let m = 9;
@@ -1250,6 +1305,18 @@ mod tests {
                 // SAFETY: the machine has AVX-512 F, BW and VL.
                 let got = unsafe { vnni::pack_conv(&src) };
                 assert_eq!(got, want, "{channels}x{h}x{w} {kernel:?}: packed");
+                // With the loads worked out beforehand, as blocks of one geometry share them.
+                let loads = ConvLoads::new(&src);
+                let shared = Im2col {
+                    loads: Some(&loads),
+                    ..src.clone()
+                };
+                // SAFETY: as above.
+                let got = unsafe { vnni::pack_conv(&shared) };
+                assert_eq!(
+                    got, want,
+                    "{channels}x{h}x{w} {kernel:?}: packed, shared loads"
+                );
             }
             let mut want = vec![0; m * n];
             gemm_portable(MatRef::new(&a, m, k), MatRef::new(&cols, k, n), &mut want);

@@ -81,6 +81,23 @@ fn grouped<T: Sink>(
     let written = Disjoint(out.as_mut_ptr());
     let macs = n * oc * p * k;
     let halving = c.stride == 2 && crate::gemm::Kernel::Avx512Vnni.available();
+    let gathered = !pointwise && c.stride == 1 && cg >= GATHERED_CHANNELS;
+    // Where every task packs whole planes, their loads are the same: worked out once.
+    let shared_loads = (gathered && blocks == 1 && crate::gemm::Kernel::Avx512Vnni.available())
+        .then(|| {
+            crate::gemm::ConvLoads::new(&crate::gemm::Im2col {
+                planes: &[],
+                channels: cg,
+                h,
+                w,
+                kernel: [kh, kw],
+                padding: c.padding,
+                dilation: c.dilation,
+                rows: 0..oh,
+                ow,
+                loads: None,
+            })
+        });
     // Each sample's (and group's) planes laid out four channels together, once, for layers
     // with filters in tap order.
     let per_quads = cg.div_ceil(4) * h * w * 4;
@@ -116,7 +133,7 @@ fn grouped<T: Sink>(
             // SAFETY: `at` lies inside `out`.
             out: T::output(unsafe { written.add(at) }.0, to),
         };
-        if !pointwise && c.stride == 1 && cg >= GATHERED_CHANNELS {
+        if gathered {
             // The columns gathered from the input as the product packs them, where it can.
             let src = crate::gemm::Im2col {
                 planes: &xq[plane0..plane0 + cg * h * w],
@@ -128,6 +145,7 @@ fn grouped<T: Sink>(
                 dilation: c.dilation,
                 rows: oy0..oy1,
                 ow,
+                loads: shared_loads.as_ref(),
             };
             if let (Some(qa), Some(quads)) = (quad, &quads) {
                 let mine = &quads[(s * g + gi) * per_quads..][..per_quads];
