@@ -4,10 +4,11 @@
 //! `scripts/paddle-inference.sh` runs both.
 //!
 //! ```text
-//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--whole] [--int8] MODEL...
+//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--per-run N] [--whole] [--int8] MODEL...
 //! ```
 //!
-//! `--batch N` times that batch size alone (default: 1 and 64). `--whole` runs large batches
+//! `--batch N` times that batch size alone (default: 1 and 64); `--per-run N` makes each
+//! timed run N forwards (longer runs to profile). `--whole` runs large batches
 //! whole, not in pieces (`ForwardOptions::whole`), to compare the two. `--int8` times the
 //! int8 runtime instead, on the model post-training quantized from random images (as the
 //! `int8` bench quantizes it).
@@ -86,6 +87,7 @@ fn main() {
     let mut whole = false;
     let mut int8 = false;
     let mut batches = vec![1usize, 64];
+    let mut per_run = None;
     let mut models = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -93,6 +95,13 @@ fn main() {
             "--nodes" => nodes = true,
             "--whole" => whole = true,
             "--int8" => int8 = true,
+            "--per-run" => match args.next().and_then(|b| b.parse().ok()) {
+                Some(n) if n > 0 => per_run = Some(n),
+                _ => {
+                    eprintln!("forward_times: --per-run needs a positive whole number");
+                    std::process::exit(2);
+                }
+            },
             "--batch" => match args.next().and_then(|b| b.parse().ok()) {
                 Some(b) if b > 0 => batches = vec![b],
                 _ => {
@@ -102,7 +111,7 @@ fn main() {
             },
             flag if flag.starts_with("--") => {
                 eprintln!(
-                    "forward_times: unknown option `{flag}` (--nodes, --batch N, --whole, --int8)"
+                    "forward_times: unknown option `{flag}` (--nodes, --batch N, --per-run N, --whole, --int8)"
                 );
                 std::process::exit(2);
             }
@@ -128,7 +137,7 @@ fn main() {
         for &batch in &batches {
             let x = Tensor::randn(0f32, 1.0, (batch, shape[0], shape[1], shape[2]), &dev)
                 .expect("input");
-            let per = if batch == 1 { 200 } else { 20 };
+            let per = per_run.unwrap_or(if batch == 1 { 200 } else { 20 });
             let (median, lo, hi) = match (&q, &kernels) {
                 (Some(q), Some(k)) => time(
                     || {

@@ -965,9 +965,71 @@ pub(crate) mod vnni {
         if rows.is_empty() || b.cols == 0 {
             return;
         }
+        if b.cols <= DOT_COLUMNS {
+            // SAFETY: as the caller promises.
+            return unsafe { dots(a, rows, b, sink) };
+        }
         let (pb, quads) = pack_b(b);
         // SAFETY: as the caller promises; `pb` is `b` packed.
         unsafe { product(a, rows, &pb, quads, b.cols, sink) }
+    }
+
+    /// Columns up to which [`gemm`] takes each output as one dot product of a filter row and
+    /// a column (a linear layer at batch 1, say): a panel of 16 columns would hold 15
+    /// padding columns, and each broadcast weight would serve one useful value.
+    const DOT_COLUMNS: usize = 4;
+
+    /// [`gemm`] column by column: the column flipped to unsigned bytes once, then each row's
+    /// packed weights (its bytes in order) times it, 64 bytes per multiply-add, four rows at
+    /// a time, each row's 16 lanes summed at the end.
+    ///
+    /// # Safety
+    /// As for [`gemm`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn dots(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, mut sink: Sink) {
+        let quads = a.cols.div_ceil(4);
+        let (k, n, width) = (b.rows, b.cols, 4 * quads);
+        assert!(a.words.len() >= rows.end * quads && a.sums.len() >= rows.end);
+        let chunks = width.div_ceil(64);
+        // The last chunk's bytes (the rest of a row's 4 * quads).
+        let tail = u64::MAX >> (64 * chunks - width);
+        let mut x = vec![0x80u8; 64 * chunks];
+        for j in 0..n {
+            for (t, v) in x[..k].iter_mut().enumerate() {
+                *v = b.data[t * b.stride + j] as u8 ^ 0x80;
+            }
+            let mut r = rows.start;
+            while r < rows.end {
+                let count = 4.min(rows.end - r);
+                let mut acc = [_mm512_setzero_si512(); 4];
+                for c in 0..chunks {
+                    let m = if c + 1 == chunks { tail } else { u64::MAX };
+                    // SAFETY: `x` holds `chunks` blocks of 64 bytes; each row's `width`
+                    // bytes lie inside `a.words` (asserted above), and the mask keeps the
+                    // last chunk's loads inside them.
+                    unsafe {
+                        let xv = _mm512_loadu_si512(x.as_ptr().add(64 * c).cast());
+                        for (i, acc) in acc.iter_mut().enumerate().take(count) {
+                            let w = a.words.as_ptr().add((r + i) * quads).cast::<i8>();
+                            let wv = _mm512_maskz_loadu_epi8(m, w.add(64 * c));
+                            *acc = _mm512_dpbusd_epi32(*acc, xv, wv);
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate().take(count) {
+                    let row = r + i;
+                    // The 128 added to every value contributed 128 * (sum of the filter).
+                    let v = _mm512_reduce_add_epi32(*acc) - 128 * a.sums[row];
+                    let at = row - rows.start;
+                    match sink {
+                        Sink::Sums(ref mut out) => out[at * n + j] = v,
+                        // SAFETY: the caller promises the output's rows.
+                        Sink::Finish(f) => unsafe { finish_one(f, at, j, v) },
+                    }
+                }
+                r += count;
+            }
+        }
     }
 
     /// See [`super::gemm_conv_finished`]; needs AVX-512 F, BW, VL and VNNI.
@@ -1111,6 +1173,23 @@ pub(crate) mod vnni {
         }
     }
 
+    /// Row `r`, column `c` of a finished product, the sum `v`: see [`Finish`] (as
+    /// [`finish_lanes`] computes each lane).
+    ///
+    /// # Safety
+    /// As for [`super::gemm_rows_finished`].
+    unsafe fn finish_one(f: &Finish<'_>, r: usize, c: usize, v: i32) {
+        let y = v as f32 * f.scales[r] + f.bias.map_or(0.0, |b| b[r]);
+        let at = r * f.ld + c;
+        // SAFETY (both): the value at `at` is the caller's to write.
+        match f.out {
+            Output::F32(p) => unsafe { *p.add(at) = y },
+            Output::I8(p, [lo, hi, inv]) => unsafe {
+                *p.add(at) = crate::runtime::round_to_grid(y, lo, hi, inv)
+            },
+        }
+    }
+
     /// Row `r`, columns `c0..` (those in `mask`) of a finished product: see [`Finish`].
     ///
     /// # Safety
@@ -1198,7 +1277,13 @@ mod tests {
     #[test]
     fn finished_rows_round_as_the_runtime_does() {
         let mut rng = StdRng::seed_from_u64(11);
-        for &(m, n, k) in &[(1, 1, 1), (9, 17, 20), (8, 49, 64), (13, 40, 300)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (9, 17, 20),
+            (8, 49, 64),
+            (13, 40, 300),
+            (11, 3, 130),
+        ] {
             let a: Vec<i8> = (0..m * k).map(|_| rng.random()).collect();
             let b: Vec<i8> = (0..k * n).map(|_| rng.random()).collect();
             let (av, bv) = (MatRef::new(&a, m, k), MatRef::new(&b, k, n));
@@ -1248,7 +1333,10 @@ mod tests {
                         let got = q[(i / n) * ld + i % n];
                         assert_eq!(got, want, "i8 [{i}] {m}x{n}x{k} relu {relu}");
                     }
-                    assert!(q.chunks(ld).all(|r| r[n..].iter().all(|&v| v == 99)));
+                    assert!(
+                        q.chunks(ld).all(|r| r[n..].iter().all(|&v| v == 99)),
+                        "{m}x{n}x{k} {q:?}"
+                    );
                 }
             }
         }
@@ -1431,6 +1519,11 @@ mod tests {
             (64, 49, 576),
             (9, 64, 40),
             (10, 80, 7),
+            // Few columns: a dot product per output, over 64-byte chunks and a rest.
+            (9, 3, 70),
+            (17, 4, 200),
+            (6, 2, 64),
+            (120, 1, 400),
         ] {
             let a: Vec<i8> = (0..m * k).map(|_| rng.random()).collect();
             // B as a view with a row stride wider than its columns.
