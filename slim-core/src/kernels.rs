@@ -22,7 +22,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::mem::MaybeUninit;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::graph::Conv2dSpec;
 
@@ -31,7 +33,7 @@ mod pointwise;
 pub use clip::{clip, Clip};
 
 /// The geometry of one convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Geom {
     n: usize,
     c: usize,
@@ -968,6 +970,111 @@ struct DepthwiseRows {
     /// Per block and kernel column: which of the 32 values from the block's first input
     /// column of that tap lie inside the row (the first 16 only, at stride 1).
     masks: Vec<u32>,
+    /// For a layer whose output plane has the input's size at stride 1, the plane as one
+    /// flat row instead ([`FlatTaps`]).
+    flat: Option<FlatTaps>,
+}
+
+/// A depthwise layer computed over its flattened output plane: output `i` (of `oh * ow`)
+/// reads its tap `t` at `i + offsets[t]` of a plane laid out with rows of `ow` values, so
+/// blocks of 16 outputs run across row ends and no lane is spent on a row's tail (a 7x7
+/// plane is 49 outputs in 4 registers, not 7 rows of 16). At stride 1 with the output the
+/// input's size, that plane is the input itself; at stride 2, the input split into its four
+/// phases (even and odd rows by even and odd columns, each `oh * ow`, one after the other),
+/// where a tap's inputs are again `ow` apart. The inputs a tap must not read (in the padding,
+/// or across a row's end) are masked.
+struct FlatTaps {
+    /// Per tap, the offset from an output's position to its input's in the layout.
+    offsets: Vec<isize>,
+    /// Per tap and block of 16 outputs (`masks[t * blocks + v]`): which outputs of the
+    /// block have that tap's input inside the input plane.
+    masks: Vec<u16>,
+    /// At stride 2, how the input is split into the phases ([`FlatTaps::split`]); `None` at
+    /// stride 1.
+    split: Option<Vec<SplitChunk>>,
+}
+
+/// 16 columns of the four phases from `c0` (`from` 32 of an input row from column `2 * c0`):
+/// the mask of the input row's values, and of the even and odd columns kept.
+#[derive(Clone, Copy)]
+struct SplitChunk {
+    c0: usize,
+    from: u32,
+    even: u16,
+    odd: u16,
+}
+
+impl FlatTaps {
+    /// The taps of `g`, or `None` unless it is stride 1 with the output the input's size, or
+    /// stride 2 with every input a tap reads inside its phase's `oh * ow` values.
+    fn new(g: &Geom) -> Option<FlatTaps> {
+        let s = g.stride as isize;
+        if !(g.stride == 1 && (g.oh, g.ow) == (g.h, g.w) || g.stride == 2) {
+            return None;
+        }
+        let (len, pad, ow) = (g.oh * g.ow, g.pad as isize, g.ow as isize);
+        let taps: Vec<(isize, isize)> = (0..g.kh)
+            .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
+            .map(|(ky, kx)| ((ky * g.dil) as isize - pad, (kx * g.dil) as isize - pad))
+            .collect();
+        // Where tap (dy, dx) of output (0, 0) lies: its phase plane, row and column.
+        let place = |(dy, dx): (isize, isize)| {
+            let phase = 2 * dy.rem_euclid(s) + dx.rem_euclid(s);
+            (phase, dy.div_euclid(s), dx.div_euclid(s))
+        };
+        let offsets = taps
+            .iter()
+            .map(|&t| {
+                let (phase, row, col) = place(t);
+                phase * len as isize + row * ow + col
+            })
+            .collect();
+        let mut masks = Vec::with_capacity(taps.len() * len.div_ceil(16));
+        for &(dy, dx) in &taps {
+            let (_, row, col) = place((dy, dx));
+            for v in 0..len.div_ceil(16) {
+                let mut m = 0u16;
+                for i in (16 * v..16 * v + 16).filter(|&i| i < len) {
+                    let (oy, ox) = ((i / g.ow) as isize, (i % g.ow) as isize);
+                    let (iy, ix) = (oy * s + dy, ox * s + dx);
+                    if (0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix) {
+                        // The input must lie inside its phase plane's rows of `ow`.
+                        if !((0..g.oh as isize).contains(&(oy + row))
+                            && (0..ow).contains(&(ox + col)))
+                        {
+                            return None;
+                        }
+                        m |= 1 << (i - 16 * v);
+                    }
+                }
+                masks.push(m);
+            }
+        }
+        Some(FlatTaps {
+            offsets,
+            masks,
+            split: (g.stride == 2).then(|| FlatTaps::split(g)),
+        })
+    }
+
+    /// The chunks that split each input row of `g` into its phases' rows of `ow` values: 32
+    /// values of the row at a time (the same for every row).
+    fn split(g: &Geom) -> Vec<SplitChunk> {
+        let first = |n: usize| (u32::MAX >> (32 - n.min(16))) as u16;
+        (0..g.ow)
+            .step_by(16)
+            .take_while(|&c0| 2 * c0 < g.w)
+            .map(|c0| {
+                let (n, left) = ((g.w - 2 * c0).min(32), g.ow - c0);
+                SplitChunk {
+                    c0,
+                    from: u32::MAX >> (32 - n),
+                    even: first(n.div_ceil(2).min(left)),
+                    odd: if n >= 2 { first((n / 2).min(left)) } else { 0 },
+                }
+            })
+            .collect()
+    }
 }
 
 impl DepthwiseRows {
@@ -988,7 +1095,24 @@ impl DepthwiseRows {
                 })
             })
             .collect();
-        Some(DepthwiseRows { g: *g, masks })
+        let flat = FlatTaps::new(g);
+        Some(DepthwiseRows { g: *g, masks, flat })
+    }
+
+    /// [`DepthwiseRows::new`] for the planes of `g` (the batch and channel counts aside),
+    /// made the first time a layer of that geometry runs and kept for the next forwards.
+    fn cached(g: &Geom) -> Option<Arc<DepthwiseRows>> {
+        type Cache = Mutex<HashMap<Geom, Option<Arc<DepthwiseRows>>>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
+        let key = Geom { n: 0, c: 0, ..*g };
+        let mut cache = CACHE
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(key)
+            .or_insert_with(|| DepthwiseRows::new(&key).map(Arc::new))
+            .clone()
     }
 }
 
@@ -996,7 +1120,7 @@ impl DepthwiseRows {
 mod depthwise_avx512 {
     use std::arch::x86_64::*;
 
-    use super::{DepthwiseRows, Epilogue};
+    use super::{DepthwiseRows, Epilogue, FlatTaps, SplitChunk};
 
     /// One plane of a depthwise convolution, `act(bias + sum over taps of filt[t] * x)`, the
     /// taps summed in row-major order with one fused multiply-add each (taps in the padding
@@ -1012,6 +1136,7 @@ mod depthwise_avx512 {
         filt: &[f32],
         epilogue: (f32, Epilogue),
         y: &mut [f32],
+        scratch: &mut Vec<f32>,
     ) {
         let g = &rows.g;
         assert!(
@@ -1023,11 +1148,152 @@ mod depthwise_avx512 {
         );
         // SAFETY: as the caller promises, and the slices are checked above.
         unsafe {
-            if g.stride == 1 {
+            if let Some(flat) = &rows.flat {
+                assert!(
+                    flat.offsets.len() == filt.len()
+                        && flat.masks.len() == filt.len() * y.len().div_ceil(16),
+                    "a depthwise plane's flat taps out of bounds"
+                );
+                if let Some(chunks) = &flat.split {
+                    scratch.resize(scratch.len().max(4 * y.len()), 0.0);
+                    split_phases(g, chunks, x, scratch);
+                    flat_plane(flat, scratch, filt, epilogue, y)
+                } else {
+                    flat_plane(flat, x, filt, epilogue, y)
+                }
+            } else if g.stride == 1 {
                 plane_by::<1>(rows, x, filt, epilogue, y)
             } else {
                 plane_by::<2>(rows, x, filt, epilogue, y)
             }
+        }
+    }
+
+    /// Plane `x` (`h * w`) split into its four phases at stride 2 in `to`, each `oh * ow`
+    /// one after the other ([`FlatTaps`]): phase `2a + b` holds `x[2r + a][2c + b]` at row
+    /// `r` and column `c`, for every such input inside the plane with `r < oh` and
+    /// `c < ow`; 32 inputs of a row at a time, split by two permutes.
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F, and `chunks` are [`FlatTaps::split`]'s for `g`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn split_phases(g: &super::Geom, chunks: &[SplitChunk], x: &[f32], to: &mut [f32]) {
+        let op = g.oh * g.ow;
+        assert!(
+            x.len() == g.h * g.w && to.len() >= 4 * op,
+            "a plane's phases out of bounds"
+        );
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let out = to.as_mut_ptr();
+        for (y, row) in x.chunks_exact(g.w).enumerate().take(2 * g.oh) {
+            let (a, r) = (y % 2, y / 2);
+            let (to_even, to_odd) = ((2 * a) * op + r * g.ow, (2 * a + 1) * op + r * g.ow);
+            for &SplitChunk {
+                c0,
+                from: m,
+                even: keep_even,
+                odd: keep_odd,
+            } in chunks
+            {
+                // SAFETY: the masks select the row's values from column 2 * c0 on (masked-off
+                // values are not read), and each phase's values `c0..c0 + 16` that the
+                // stores' masks select lie before `c0 + (ow - c0)`, inside its row of `to`
+                // (checked above: phase 2a + 1's row r ends by 4 * op).
+                unsafe {
+                    let p = row.as_ptr().add(2 * c0);
+                    let lo = _mm512_maskz_loadu_ps(m as u16, p);
+                    let hi = _mm512_maskz_loadu_ps((m >> 16) as u16, p.wrapping_add(16));
+                    let (e, o) = (
+                        _mm512_permutex2var_ps(lo, even, hi),
+                        _mm512_permutex2var_ps(lo, odd, hi),
+                    );
+                    _mm512_mask_storeu_ps(out.add(to_even + c0), keep_even, e);
+                    _mm512_mask_storeu_ps(out.add(to_odd + c0), keep_odd, o);
+                }
+            }
+        }
+    }
+
+    /// Blocks of 16 outputs computed together over the flattened plane: independent chains
+    /// of multiply-adds.
+    const V: usize = 8;
+
+    /// [`plane`] over the flattened plane ([`FlatTaps`]), `V` blocks of 16 outputs at a
+    /// time; the plane's last blocks (fewer than `V`) together.
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F; `x` and `y` hold the plane, `flat` has one offset and the
+    /// plane's blocks' masks per weight of `filt`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn flat_plane(
+        flat: &FlatTaps,
+        x: &[f32],
+        filt: &[f32],
+        (bias, act): (f32, Epilogue),
+        y: &mut [f32],
+    ) {
+        let ends = (
+            _mm512_set1_ps(bias),
+            _mm512_set1_ps(act.lo),
+            _mm512_set1_ps(act.hi),
+        );
+        let blocks = y.len().div_ceil(16);
+        let mut v0 = 0;
+        // SAFETY (whole body): as the caller promises.
+        unsafe {
+            while v0 + V <= blocks {
+                flat_blocks::<V>(flat, x, filt, ends, y, v0);
+                v0 += V;
+            }
+            match blocks - v0 {
+                1 => flat_blocks::<1>(flat, x, filt, ends, y, v0),
+                2 => flat_blocks::<2>(flat, x, filt, ends, y, v0),
+                3 => flat_blocks::<3>(flat, x, filt, ends, y, v0),
+                4 => flat_blocks::<4>(flat, x, filt, ends, y, v0),
+                5 => flat_blocks::<5>(flat, x, filt, ends, y, v0),
+                6 => flat_blocks::<6>(flat, x, filt, ends, y, v0),
+                7 => flat_blocks::<7>(flat, x, filt, ends, y, v0),
+                _ => {}
+            }
+        }
+    }
+
+    /// Blocks `v0..v0 + N` of [`flat_plane`]: from the bias, each tap's multiply-add in
+    /// order (a masked input adds the product with zero, as in the rows), then the clamp.
+    ///
+    /// # Safety
+    /// As [`flat_plane`], and the blocks lie inside the plane.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn flat_blocks<const N: usize>(
+        flat: &FlatTaps,
+        x: &[f32],
+        filt: &[f32],
+        (bv, lo, hi): (__m512, __m512, __m512),
+        y: &mut [f32],
+        v0: usize,
+    ) {
+        let (len, blocks) = (y.len(), y.len().div_ceil(16));
+        let mut acc = [bv; N];
+        for (t, (&wv, &off)) in filt.iter().zip(&flat.offsets).enumerate() {
+            let wt = _mm512_set1_ps(wv);
+            let from = x.as_ptr().wrapping_offset(off).wrapping_add(16 * v0);
+            let masks = &flat.masks[t * blocks + v0..][..N];
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the mask selects inputs inside the plane (masked-off values are
+                // not read).
+                let v = unsafe { _mm512_maskz_loadu_ps(masks[j], from.wrapping_add(16 * j)) };
+                *a = _mm512_fmadd_ps(wt, v, *a);
+            }
+        }
+        for (j, &a) in acc.iter().enumerate() {
+            let at = 16 * (v0 + j);
+            let keep = (u32::MAX >> (32 - (len - at).min(16))) as u16;
+            // max(lo, v) and min(hi, v) return v when v is NaN, as Epilogue does.
+            let v = _mm512_min_ps(hi, _mm512_max_ps(lo, a));
+            // SAFETY: outputs `at..at + 16` that `keep` selects lie inside `y`.
+            unsafe { _mm512_mask_storeu_ps(y[at..].as_mut_ptr(), keep, v) };
         }
     }
 
@@ -1296,8 +1562,12 @@ fn depthwise_forward(
     bias: Option<&[f32]>,
     act: Epilogue,
 ) -> Vec<f32> {
-    let rows = DepthwiseRows::new(g).filter(|_| has_avx512f());
-    depthwise_forward_by(g, x, w, bias, act, rows.as_ref())
+    let rows = if has_avx512f() {
+        DepthwiseRows::cached(g)
+    } else {
+        None
+    };
+    depthwise_forward_by(g, x, w, bias, act, rows.as_deref())
 }
 
 /// Whether this machine has AVX-512 F (for [`DepthwiseRows`]).
@@ -1335,6 +1605,7 @@ fn depthwise_forward_by(
     for_each_task(planes.div_ceil(planes_per), serial, |task| {
         #[cfg(target_arch = "x86_64")]
         if let Some(rows) = rows {
+            let mut scratch = Vec::new();
             for idx in task * planes_per..((task + 1) * planes_per).min(planes) {
                 let c = idx % g.c;
                 let b = bias.map_or(0.0, |b| b[c]);
@@ -1349,6 +1620,7 @@ fn depthwise_forward_by(
                         &w[c * kk..(c + 1) * kk],
                         (b, act),
                         plane,
+                        &mut scratch,
                     )
                 };
             }
@@ -2647,10 +2919,11 @@ mod tests {
         }
     }
 
-    /// A depthwise layer computed row by row from the unpadded planes (AVX-512) gives the
-    /// same bits as the phase sweeps (AVX2 and FMA), on strides 1 and 2, dilations 1 and 2,
-    /// kernels 1x1 to 7x7, odd and wide planes, blocks of 16 with and without a tail, and
-    /// with a clamp; a stride of 3 has no row layout.
+    /// A depthwise layer computed row by row from the unpadded planes (AVX-512), and over
+    /// the flattened planes where it has them, gives the same bits as the phase sweeps (AVX2
+    /// and FMA), on strides 1 and 2, dilations 1 and 2, kernels 1x1 to 7x7, odd and wide
+    /// planes, blocks of 16 with and without a tail, and with a clamp; a stride of 3 has no
+    /// row layout.
     #[test]
     fn depthwise_rows_give_the_sweeps_bits() {
         if !(has_avx512f() && has_avx2_fma()) {
@@ -2672,6 +2945,12 @@ mod tests {
             (3, 3, 1, 1, 0, 1),
             (6, 17, 2, 2, 0, 1),
             (1, 1, 3, 1, 1, 1),
+            (7, 7, 3, 2, 1, 1),
+            (4, 4, 3, 2, 1, 1),
+            (17, 9, 3, 1, 1, 1),
+            (30, 30, 5, 2, 2, 1),
+            (8, 8, 3, 2, 0, 1),
+            (9, 9, 3, 2, 0, 1),
         ] {
             let (n, c) = (2, 3);
             let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
@@ -2693,16 +2972,31 @@ mod tests {
             let wt: Vec<f32> = (0..c * k * k).map(|_| next()).collect();
             let bias: Vec<f32> = (0..c).map(|_| next()).collect();
             let rows = DepthwiseRows::new(&g).expect("strides 1 and 2 have rows");
+            // The flat planes serve stride 1 with the output the input's size, and stride 2
+            // but for 3x3 unpadded: there the last output column reads the even column
+            // `ow`, past the phase's rows of `ow` values.
+            let flat = if stride == 1 {
+                (oh, ow) == (h, w)
+            } else {
+                (k, pad) != (3, 0)
+            };
+            assert_eq!(rows.flat.is_some(), flat, "{h}x{w} k{k} s{stride} p{pad}");
+            let row_by_row = DepthwiseRows {
+                g,
+                masks: rows.masks.clone(),
+                flat: None,
+            };
             for act in [Epilogue::NONE, Epilogue::RELU6] {
                 for b in [Some(&bias[..]), None] {
                     let swept = depthwise_forward_by(&g, &x, &wt, b, act, None);
-                    let by_rows = depthwise_forward_by(&g, &x, &wt, b, act, Some(&rows));
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(
-                        bits(&by_rows),
-                        bits(&swept),
-                        "{h}x{w} k{k} s{stride} p{pad} d{dil}"
-                    );
+                    for (way, by) in [("flat", &rows), ("rows", &row_by_row)] {
+                        assert_eq!(
+                            bits(&depthwise_forward_by(&g, &x, &wt, b, act, Some(by))),
+                            bits(&swept),
+                            "{way}: {h}x{w} k{k} s{stride} p{pad} d{dil}"
+                        );
+                    }
                 }
             }
         }
