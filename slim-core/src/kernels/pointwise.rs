@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::{Disjoint, Epilogue};
+use super::{copy_short, Disjoint, Epilogue};
 
 /// Output channels per tile.
 const MR: usize = 6;
@@ -146,7 +146,7 @@ unsafe fn product_by(
                 let run = (p - c).min(nc - at);
                 let xs = &x[s * k * p..][..k * p];
                 for (dst, src) in panel.chunks_exact_mut(nr).zip(xs.chunks_exact(p)) {
-                    dst[at..at + run].copy_from_slice(&src[c..c + run]);
+                    copy_short(&mut dst[at..at + run], &src[c..c + run]);
                 }
                 at += run;
             }
@@ -187,7 +187,7 @@ unsafe fn product_by(
                         // SAFETY: sample s's row i0 + r, columns c..c + run lie inside the
                         // output, in this block alone.
                         let dst = unsafe { out.rows((s * o + i0 + r) * p + c, run) };
-                        dst.copy_from_slice(&tile[r * nr + at..r * nr + at + run]);
+                        copy_short(dst, &tile[r * nr + at..r * nr + at + run]);
                     }
                     at += run;
                 }
