@@ -309,6 +309,10 @@ pub struct Im2col<'a> {
 /// Output positions per panel of packed columns (the VNNI kernel's `NR`).
 const PANEL: usize = 16;
 
+/// One tap's loads of a panel ([`ConvLoads`]): per load, the offset from the channel's plane
+/// at which lane 0 would read, and which lanes read.
+type TapLoads = [(isize, u16); MAX_LOADS];
+
 /// Where the packing of an [`Im2col`]'s columns reads, for every panel of 16 output
 /// positions and kernel tap: one masked load per output row the panel touches, as the
 /// offset from the channel's plane at which lane 0 would read (the lanes read consecutive
@@ -318,7 +322,7 @@ pub struct ConvLoads {
     /// ow]`.
     geometry: [usize; 9],
     taps: usize,
-    loads: Vec<[(isize, u16); MAX_LOADS]>,
+    loads: Vec<TapLoads>,
     counts: Vec<u8>,
 }
 
@@ -393,7 +397,7 @@ impl ConvLoads {
 
     /// Panel `panel`'s loads and their number, tap by tap.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn panel(&self, panel: usize) -> (&[[(isize, u16); MAX_LOADS]], &[u8]) {
+    fn panel(&self, panel: usize) -> (&[TapLoads], &[u8]) {
         let at = panel * self.taps..(panel + 1) * self.taps;
         (&self.loads[at.clone()], &self.counts[at])
     }
@@ -682,7 +686,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni {
-    use super::{ConvLoads, Finish, Im2col, MatRef, MaybeUninit, Output, PackedA, MAX_LOADS};
+    use super::{ConvLoads, Finish, Im2col, MatRef, MaybeUninit, Output, PackedA, TapLoads};
     use std::arch::x86_64::*;
 
     const NR: usize = 16;
@@ -854,7 +858,7 @@ pub(crate) mod vnni {
 
     /// A panel's loads for every kernel tap (see [`pack_conv`]), and the planes' size.
     struct Taps<'a> {
-        loads: &'a [[(isize, u16); MAX_LOADS]],
+        loads: &'a [TapLoads],
         counts: &'a [u8],
         plane: usize,
     }

@@ -336,7 +336,7 @@ fn quad_layer(c: &slim_core::graph::Conv2dSpec, channels: usize) -> bool {
         && !pointwise
         && c.stride == 1
         && channels >= GATHERED_CHANNELS
-        && channels % 4 == 0
+        && channels.is_multiple_of(4)
         && crate::gemm::Kernel::Avx512Vnni.available()
 }
 
