@@ -390,6 +390,18 @@ impl ConvLoads {
         ]
     }
 
+    /// The loads `src` carries, or else `src`'s made into `made`; panics if it carries
+    /// another geometry's.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn of<'r>(src: &Im2col<'r>, made: &'r mut Option<ConvLoads>) -> &'r ConvLoads {
+        let all = match src.loads {
+            Some(l) => l,
+            None => made.insert(ConvLoads::new(src)),
+        };
+        assert!(all.fits(src), "panel loads of another convolution");
+        all
+    }
+
     /// Whether these are the loads of `src`'s geometry.
     fn fits(&self, src: &Im2col<'_>) -> bool {
         self.geometry == Self::geometry(src)
@@ -754,15 +766,8 @@ pub(crate) mod vnni {
         let len = panels * quads * 4 * NR;
         let mut packed: Vec<u8> = Vec::with_capacity(len);
         let out = packed.as_mut_ptr();
-        let made;
-        let all = match src.loads {
-            Some(l) => l,
-            None => {
-                made = ConvLoads::new(src);
-                &made
-            }
-        };
-        assert!(all.fits(src), "panel loads of another convolution");
+        let mut made = None;
+        let all = ConvLoads::of(src, &mut made);
         for panel in 0..panels {
             let (loads, counts) = all.panel(panel);
             let taps = Taps {
@@ -801,15 +806,8 @@ pub(crate) mod vnni {
         let out = packed.as_mut_ptr();
         let words = quads.as_ptr().cast::<i32>();
         let zero = _mm512_set1_epi8(-128);
-        let made;
-        let all = match src.loads {
-            Some(l) => l,
-            None => {
-                made = ConvLoads::new(src);
-                &made
-            }
-        };
-        assert!(all.fits(src), "panel loads of another convolution");
+        let mut made = None;
+        let all = ConvLoads::of(src, &mut made);
         for panel in 0..panels {
             let (loads, counts) = all.panel(panel);
             let blocks = out.wrapping_add(panel * depth * 4 * NR);
