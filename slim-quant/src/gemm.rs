@@ -1253,13 +1253,18 @@ pub(crate) mod vnni {
                     _mm512_max_ps(_mm512_add_ps(q, half), _mm512_set1_ps(-127.0)),
                     _mm512_set1_ps(127.0),
                 );
-                // Narrowed in a register, then stored: a narrowing store to memory is slow.
-                let bytes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v));
+                let ints = _mm512_cvttps_epi32(v);
                 unsafe {
                     if mask == u16::MAX {
-                        _mm_storeu_si128(p.add(at).cast(), bytes)
+                        // Narrowed in a register, then stored: a narrowing store to memory
+                        // is slow.
+                        _mm_storeu_si128(p.add(at).cast(), _mm512_cvtepi32_epi8(ints))
                     } else {
-                        _mm_mask_storeu_epi8(p.add(at).cast(), mask, bytes)
+                        // A narrowing store, not a masked store of the narrowed register:
+                        // where the compiler knew the mask to be one lane (1), it turned
+                        // that into a 4-byte store of the lane's 32-bit value (rustc 1.95),
+                        // clobbering the three bytes after it.
+                        _mm512_mask_cvtepi32_storeu_epi8(p.add(at).cast(), mask, ints)
                     }
                 }
             }
@@ -1575,5 +1580,80 @@ mod tests {
             }
         }
         eprintln!("kernels tested: {:?}", Kernel::available_kernels());
+    }
+
+    /// A row finished through a mask writes the lanes in the mask and nothing else, as f32
+    /// and as int8, with a mask the compiler knows to be one lane (which it once turned into
+    /// a 4-byte store of the int8 lane) and with masks it does not know.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn finished_lanes_write_only_their_mask() {
+        if !Kernel::Avx512Vnni.available() {
+            eprintln!("skipped: this machine lacks AVX-512 VNNI");
+            return;
+        }
+        let scales = [0.5f32; 2];
+        let bias = [1.0f32, -1.0];
+        let finish = |out: Output| Finish {
+            scales: &scales,
+            bias: Some(&bias),
+            ld: 20,
+            out,
+        };
+        // Column c of row r gets (3 + c) * 0.5 + bias[r]; int8 on a grid of 0.1.
+        let want = |r: usize, c: usize| (3 + c) as f32 * 0.5 + bias[r];
+        // SAFETY: the machine has AVX-512 (checked above).
+        let sums = |c: usize| unsafe { std::arch::x86_64::_mm512_set1_epi32(3 + c as i32) };
+        let grid = [-10.0, 10.0, 10.0];
+        /// `finish_row` compiled into a caller with its features, the mask a constant.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn one_lane(f: &Finish<'_>, r: usize, c: usize, s: std::arch::x86_64::__m512i) {
+            // SAFETY: as the caller promises.
+            unsafe { vnni::finish_row(f, r, c, 1, s) }
+        }
+        for way in ["one lane, known", "one lane", "lanes 0 and 15"] {
+            let mut f32s = vec![-7.0f32; 2 * 20];
+            let mut i8s = vec![-7i8; 2 * 20];
+            for out in [
+                Output::F32(f32s.as_mut_ptr()),
+                Output::I8(i8s.as_mut_ptr(), grid),
+            ] {
+                let f = finish(out);
+                for r in 0..2 {
+                    for c in 0..3 {
+                        // SAFETY: lanes 0 and 15 from column c of row r lie inside the rows
+                        // of 20; the machine has AVX-512 (checked above).
+                        unsafe {
+                            match way {
+                                "one lane, known" => one_lane(&f, r, c, sums(c)),
+                                "one lane" => {
+                                    vnni::finish_row(&f, r, c, std::hint::black_box(1), sums(c))
+                                }
+                                _ => vnni::finish_row(
+                                    &f,
+                                    r,
+                                    c,
+                                    std::hint::black_box(0x8001),
+                                    sums(c),
+                                ),
+                            }
+                        }
+                    }
+                }
+            }
+            for r in 0..2 {
+                for c in 0..20 {
+                    let written = c < 3 || way == "lanes 0 and 15" && (15..18).contains(&c);
+                    let (f, q) = if !written {
+                        (-7.0, -7)
+                    } else {
+                        let c = if c < 3 { c } else { c - 15 };
+                        (want(r, c), (want(r, c) * 10.0).round() as i8)
+                    };
+                    assert_eq!(f32s[r * 20 + c], f, "{way}: f32 row {r} column {c}");
+                    assert_eq!(i8s[r * 20 + c], q, "{way}: int8 row {r} column {c}");
+                }
+            }
+        }
     }
 }
