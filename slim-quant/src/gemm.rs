@@ -1262,7 +1262,8 @@ pub(crate) mod vnni {
                     } else {
                         // A narrowing store, not a masked store of the narrowed register:
                         // where the compiler knew the mask to be one lane (1), it turned
-                        // that into a 4-byte store of the lane's 32-bit value (rustc 1.95),
+                        // that into a 4-byte store of the lane's 32-bit value (rustc 1.95;
+                        // LLVM's truncated masked stores, llvm/llvm-project#179489),
                         // clobbering the three bytes after it.
                         _mm512_mask_cvtepi32_storeu_epi8(p.add(at).cast(), mask, ints)
                     }
