@@ -15,7 +15,9 @@
 //!   unsigned activations.
 //! - Elsewhere a portable loop computes the same integers.
 
+use std::collections::HashMap;
 use std::mem::MaybeUninit;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A view of a row-major int8 matrix with a row stride.
 #[derive(Clone, Copy)]
@@ -327,6 +329,22 @@ pub struct ConvLoads {
 }
 
 impl ConvLoads {
+    /// [`ConvLoads::new`] for `src`'s geometry, made the first time a layer of that geometry
+    /// runs and kept for the next forwards (they do not depend on the channels or the
+    /// values).
+    pub fn cached(src: &Im2col<'_>) -> Arc<ConvLoads> {
+        type Cache = Mutex<HashMap<[usize; 9], Arc<ConvLoads>>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
+        let mut cache = CACHE
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(Self::geometry(src))
+            .or_insert_with(|| Arc::new(ConvLoads::new(src)))
+            .clone()
+    }
+
     /// The loads of every panel of `src`'s columns.
     pub fn new(src: &Im2col<'_>) -> ConvLoads {
         let [kh, kw] = src.kernel;

@@ -82,10 +82,11 @@ fn grouped<T: Sink>(
     let macs = n * oc * p * k;
     let halving = c.stride == 2 && crate::gemm::Kernel::Avx512Vnni.available();
     let gathered = !pointwise && c.stride == 1 && cg >= GATHERED_CHANNELS;
-    // Where every task packs whole planes, their loads are the same: worked out once.
+    // Where every task packs whole planes, their loads are the same: worked out once per
+    // geometry.
     let shared_loads = (gathered && blocks == 1 && crate::gemm::Kernel::Avx512Vnni.available())
         .then(|| {
-            crate::gemm::ConvLoads::new(&crate::gemm::Im2col {
+            crate::gemm::ConvLoads::cached(&crate::gemm::Im2col {
                 planes: &[],
                 channels: cg,
                 h,
@@ -145,7 +146,7 @@ fn grouped<T: Sink>(
                 dilation: c.dilation,
                 rows: oy0..oy1,
                 ow,
-                loads: shared_loads.as_ref(),
+                loads: shared_loads.as_deref(),
             };
             if let (Some(qa), Some(quads)) = (quad, &quads) {
                 let mine = &quads[(s * g + gi) * per_quads..][..per_quads];
