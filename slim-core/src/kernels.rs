@@ -365,6 +365,33 @@ const SERIAL_PRODUCT: usize = 1 << 20;
 const SERIAL_SWEEP: usize = 1 << 17;
 const SERIAL_VALUES: usize = 1 << 15;
 
+/// Values made once per key (a layer's geometry) and kept for the life of the process, for
+/// the kernels' layouts that depend on a layer's shape alone: a `static` of this type.
+pub struct Memo<K, V>(OnceLock<Mutex<HashMap<K, V>>>);
+
+impl<K: Eq + std::hash::Hash, V: Clone> Memo<K, V> {
+    /// An empty memo.
+    pub const fn new() -> Memo<K, V> {
+        Memo(OnceLock::new())
+    }
+
+    /// The value kept for `key`, made by `make` the first time.
+    pub fn get(&self, key: K, make: impl FnOnce() -> V) -> V {
+        let mut kept = self
+            .0
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        kept.entry(key).or_insert_with(make).clone()
+    }
+}
+
+impl<K: Eq + std::hash::Hash, V: Clone> Default for Memo<K, V> {
+    fn default() -> Memo<K, V> {
+        Memo::new()
+    }
+}
+
 /// `f(i)` for every `i` in `0..n`: over the pool, or in order on this thread when `serial`.
 pub fn for_each_task(n: usize, serial: bool, f: impl Fn(usize) + Sync + Send) {
     if serial {
@@ -1102,17 +1129,9 @@ impl DepthwiseRows {
     /// [`DepthwiseRows::new`] for the planes of `g` (the batch and channel counts aside),
     /// made the first time a layer of that geometry runs and kept for the next forwards.
     fn cached(g: &Geom) -> Option<Arc<DepthwiseRows>> {
-        type Cache = Mutex<HashMap<Geom, Option<Arc<DepthwiseRows>>>>;
-        static CACHE: OnceLock<Cache> = OnceLock::new();
+        static KEPT: Memo<Geom, Option<Arc<DepthwiseRows>>> = Memo::new();
         let key = Geom { n: 0, c: 0, ..*g };
-        let mut cache = CACHE
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        cache
-            .entry(key)
-            .or_insert_with(|| DepthwiseRows::new(&key).map(Arc::new))
-            .clone()
+        KEPT.get(key, || DepthwiseRows::new(&key).map(Arc::new))
     }
 }
 

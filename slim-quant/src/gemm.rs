@@ -15,9 +15,10 @@
 //!   unsigned activations.
 //! - Elsewhere a portable loop computes the same integers.
 
-use std::collections::HashMap;
 use std::mem::MaybeUninit;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
+
+use slim_core::kernels::Memo;
 
 /// A view of a row-major int8 matrix with a row stride.
 #[derive(Clone, Copy)]
@@ -333,16 +334,8 @@ impl ConvLoads {
     /// runs and kept for the next forwards (they do not depend on the channels or the
     /// values).
     pub fn cached(src: &Im2col<'_>) -> Arc<ConvLoads> {
-        type Cache = Mutex<HashMap<[usize; 9], Arc<ConvLoads>>>;
-        static CACHE: OnceLock<Cache> = OnceLock::new();
-        let mut cache = CACHE
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        cache
-            .entry(Self::geometry(src))
-            .or_insert_with(|| Arc::new(ConvLoads::new(src)))
-            .clone()
+        static KEPT: Memo<[usize; 9], Arc<ConvLoads>> = Memo::new();
+        KEPT.get(Self::geometry(src), || Arc::new(ConvLoads::new(src)))
     }
 
     /// The loads of every panel of `src`'s columns.
