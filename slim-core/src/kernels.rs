@@ -2304,6 +2304,129 @@ impl CustomOp2 for MaxPoolGrad {
     }
 }
 
+/// The mean of each plane of `x` (`[N, C, ...]` to `[N, C]`), as candle's
+/// `x.flatten_from(2)?.mean(D::Minus1)` computes it (the sum times `1 / plane size`), the sum
+/// in 16 lanes at a time: where candle's reduction made a network's global pooling several
+/// times its share of the arithmetic. Its gradient spreads each mean's gradient evenly over
+/// the plane. Other devices and types go to candle.
+pub fn plane_means(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() < 3 {
+        return x.flatten_from(2)?.mean(candle_core::D::Minus1);
+    }
+    x.contiguous()?.apply_op1(PlaneMeans)
+}
+
+struct PlaneMeans;
+
+impl PlaneMeans {
+    fn mean(plane: &[f32], scale: f32) -> f32 {
+        let mut lanes = [0f32; 16];
+        let mut chunks = plane.chunks_exact(16);
+        for chunk in &mut chunks {
+            for (l, &v) in lanes.iter_mut().zip(chunk) {
+                *l += v;
+            }
+        }
+        for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+            *l += v;
+        }
+        // Halves folded onto each other (a tree, not a chain of 15 dependent additions).
+        for half in [8, 4, 2, 1] {
+            for i in 0..half {
+                lanes[i] += lanes[i + half];
+            }
+        }
+        lanes[0] * scale
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod plane_means_avx512 {
+    use std::arch::x86_64::*;
+
+    /// [`super::PlaneMeans::mean`] of each plane of `size` values in `planes` into `outs`,
+    /// 16 values per addition (the last ones masked), the lanes summed by halves.
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn means(planes: &[f32], size: usize, scale: f32, outs: &mut [f32]) {
+        let tail = ((1u32 << (size % 16)) - 1) as u16;
+        for (o, plane) in outs.iter_mut().zip(planes.chunks_exact(size)) {
+            let mut acc = _mm512_setzero_ps();
+            let mut chunks = plane.chunks_exact(16);
+            for c in &mut chunks {
+                // SAFETY: 16 values of the plane.
+                acc = _mm512_add_ps(acc, unsafe { _mm512_loadu_ps(c.as_ptr()) });
+            }
+            let rest = chunks.remainder();
+            if !rest.is_empty() {
+                // SAFETY: the mask selects the plane's last `size % 16` values.
+                acc = _mm512_add_ps(acc, unsafe { _mm512_maskz_loadu_ps(tail, rest.as_ptr()) });
+            }
+            *o = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+}
+
+impl CustomOp1 for PlaneMeans {
+    fn name(&self) -> &'static str {
+        "slim-plane-means"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let dims = l.dims();
+        let (n, c) = (dims[0], dims[1]);
+        let size: usize = dims[2..].iter().product();
+        // As candle divides: a multiplication by the reciprocal, rounded to f32.
+        let scale = (1.0 / size as f64) as f32;
+        let mut out = vec![0f32; n * c];
+        // Planes per task: about 16k values.
+        if let Some(per) = (1usize << 14).checked_div(size).map(|p| p + 1) {
+            let wide = has_avx512f();
+            let means = |(outs, planes): (&mut [f32], &[f32])| {
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: the machine has AVX-512 F.
+                    return unsafe { plane_means_avx512::means(planes, size, scale, outs) };
+                }
+                let _ = wide;
+                for (o, plane) in outs.iter_mut().zip(planes.chunks_exact(size)) {
+                    *o = PlaneMeans::mean(plane, scale);
+                }
+            };
+            if x.len() >= 1 << 18 {
+                out.par_chunks_mut(per)
+                    .zip(x.par_chunks(per * size))
+                    .for_each(means);
+            } else {
+                out.chunks_mut(per)
+                    .zip(x.chunks(per * size))
+                    .for_each(means);
+            }
+        } else {
+            // Empty planes: the mean of nothing, as candle's 0 / 0.
+            out.fill(f32::NAN);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, c))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dims = arg.dims();
+        let size: usize = dims[2..].iter().product();
+        let g = (grad / size as f64)?;
+        let mut spread = g.dims().to_vec();
+        spread.extend(std::iter::repeat_n(1, dims.len() - 2));
+        Ok(Some(g.reshape(spread)?.broadcast_as(dims)?.contiguous()?))
+    }
+}
+
 /// True when the fused batch-norm kernel applies (f32 on the CPU).
 pub fn fused_batch_norm(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
@@ -3033,6 +3156,47 @@ mod tests {
             dil: 1,
         };
         assert!(DepthwiseRows::new(&g3).is_none());
+    }
+
+    /// Global average pooling gives candle's means (to rounding: the sums run in another
+    /// order) and candle's gradient, on planes of 1, 7x7 and 13x5 values and a 3-D input.
+    #[test]
+    fn plane_means_match_candle() {
+        let dev = Device::Cpu;
+        for dims in [
+            vec![3, 4, 1, 1],
+            vec![5, 6, 7, 7],
+            vec![2, 3, 13, 5],
+            vec![4, 2, 9],
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, dims.as_slice(), &dev).unwrap())
+                .unwrap();
+            let ours = plane_means(x.as_tensor()).unwrap();
+            let theirs = x
+                .as_tensor()
+                .flatten_from(2)
+                .unwrap()
+                .mean(candle_core::D::Minus1)
+                .unwrap();
+            assert_eq!(ours.dims(), theirs.dims(), "{dims:?}");
+            assert!(max_diff(&ours, &theirs) < 1e-6, "{dims:?}");
+            let weights = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+            let g1 = (ours * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (theirs * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (g1, g2) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
+            assert_eq!(g1.dims(), x.dims());
+            assert!(max_diff(g1, g2) < 1e-6, "gradient {dims:?}");
+        }
     }
 
     #[test]
