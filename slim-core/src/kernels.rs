@@ -499,8 +499,8 @@ fn dense_forward(g: &Geom, o: usize, x: &[f32], w: &[f32], b: &[f32], act: Epilo
 /// Input channels up to which a dense convolution at stride 1 whose output plane is its
 /// input's runs straight over the flattened planes ([`flat_dense`]) instead of through
 /// unfolded columns: a network's first layer, on one or three channels, where the columns
-/// cost more than the arithmetic (`mobilenet_tiny`'s stem, 64 samples: 0.08 -> 0.055 ms;
-/// LeNet's first layer 0.09 -> 0.05 ms).
+/// cost more than the arithmetic (per 16 samples, `mobilenet_tiny`'s stem 0.08 -> 0.055 ms
+/// and LeNet's first layer 0.09 -> 0.05 ms).
 const FLAT_DENSE_CHANNELS: usize = 4;
 
 /// The flattened planes' taps (in [`DepthwiseRows::flat`]) where a dense convolution of
