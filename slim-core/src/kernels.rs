@@ -3266,6 +3266,31 @@ mod tests {
     /// and FMA), on strides 1 and 2, dilations 1 and 2, kernels 1x1 to 7x7, odd and wide
     /// planes, blocks of 16 with and without a tail, and with a clamp; a stride of 3 has no
     /// row layout.
+    /// The geometry of a `k`x`k` convolution of `n` samples of `c` planes `h`x`w` at the
+    /// given stride, padding and dilation.
+    fn square_geom(
+        n: usize,
+        c: usize,
+        (h, w): (usize, usize),
+        k: usize,
+        (stride, pad, dil): (usize, usize, usize),
+    ) -> Geom {
+        let out = |size: usize| (size + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+        Geom {
+            n,
+            c,
+            h,
+            w,
+            kh: k,
+            kw: k,
+            oh: out(h),
+            ow: out(w),
+            stride,
+            pad,
+            dil,
+        }
+    }
+
     #[test]
     fn depthwise_rows_give_the_sweeps_bits() {
         if !(has_avx512f() && has_avx2_fma()) {
@@ -3295,21 +3320,8 @@ mod tests {
             (9, 9, 3, 2, 0, 1),
         ] {
             let (n, c) = (2, 3);
-            let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
-            let ow = (w + 2 * pad - dil * (k - 1) - 1) / stride + 1;
-            let g = Geom {
-                n,
-                c,
-                h,
-                w,
-                kh: k,
-                kw: k,
-                oh,
-                ow,
-                stride,
-                pad,
-                dil,
-            };
+            let g = square_geom(n, c, (h, w), k, (stride, pad, dil));
+            let (oh, ow) = (g.oh, g.ow);
             let x: Vec<f32> = (0..n * c * h * w).map(|_| next()).collect();
             let wt: Vec<f32> = (0..c * k * k).map(|_| next()).collect();
             let bias: Vec<f32> = (0..c).map(|_| next()).collect();
@@ -3424,21 +3436,8 @@ mod tests {
             (1, 10, 10, 3, 1, 1, 4, 2),
         ] {
             let n = 3;
-            let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
-            let ow = (w + 2 * pad - dil * (k - 1) - 1) / stride + 1;
-            let g = Geom {
-                n,
-                c,
-                h,
-                w,
-                kh: k,
-                kw: k,
-                oh,
-                ow,
-                stride,
-                pad,
-                dil,
-            };
+            let g = square_geom(n, c, (h, w), k, (stride, pad, dil));
+            let (oh, ow) = (g.oh, g.ow);
             let what = format!("c{c} {h}x{w} k{k} p{pad} d{dil} o{o} s{stride}");
             let direct = c <= 4 && stride == 1 && (oh, ow) == (h, w) && k > 1;
             assert_eq!(flat_dense_taps(&g).is_some(), direct, "{what}");
