@@ -1405,16 +1405,17 @@ mod depthwise_avx512 {
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
         let out = to.as_mut_ptr();
-        for (y, row) in x.chunks_exact(g.w).enumerate().take(2 * g.oh) {
-            let (a, r) = (y % 2, y / 2);
-            let (to_even, to_odd) = ((2 * a) * op + r * g.ow, (2 * a + 1) * op + r * g.ow);
-            for &SplitChunk {
-                c0,
-                from: m,
-                even: keep_even,
-                odd: keep_odd,
-            } in chunks
-            {
+        // Chunk by chunk, each over every row: a chunk's masks stay in registers.
+        for &SplitChunk {
+            c0,
+            from: m,
+            even: keep_even,
+            odd: keep_odd,
+        } in chunks
+        {
+            for (y, row) in x.chunks_exact(g.w).enumerate().take(2 * g.oh) {
+                let (a, r) = (y % 2, y / 2);
+                let (to_even, to_odd) = ((2 * a) * op + r * g.ow, (2 * a + 1) * op + r * g.ow);
                 // SAFETY: the masks select the row's values from column 2 * c0 on (masked-off
                 // values are not read), and each phase's values `c0..c0 + 16` that the
                 // stores' masks select lie before `c0 + (ow - c0)`, inside its row of `to`
