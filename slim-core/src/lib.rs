@@ -83,10 +83,9 @@ pub use params::ParamStore;
 /// handing the forward to a pool thread and sleeping until it is done (a wake-up on each
 /// side, every forward: on 2 cores, LeNet's f32 forward at batch 64 went from 0.72-0.80 to
 /// 0.67-0.69 ms in one sitting, within the noise in a noisier one). Only with two threads
-/// or more: with one, the
-/// calling thread would be the pool's only thread, and parallel work sent from another
-/// thread (the data loader's) while it waits outside rayon would never run. If the pool was
-/// set up already, it stays as it is.
+/// or more: with one, the calling thread would be the pool's only thread, and parallel work
+/// sent from another thread (the data loader's) while it waits outside rayon would never
+/// run. If the pool was set up already, it stays as it is.
 pub fn configure_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
