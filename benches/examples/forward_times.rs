@@ -4,12 +4,13 @@
 //! `scripts/paddle-inference.sh` runs both.
 //!
 //! ```text
-//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--per-run N] [--whole] [--int8] MODEL...
+//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--per-run N] [--whole] [--channels-first] [--int8] MODEL...
 //! ```
 //!
 //! `--batch N` times that batch size alone (default: 1 and 64); `--per-run N` makes each
 //! timed run N forwards (longer runs to profile). `--whole` runs large batches
-//! whole, not in pieces (`ForwardOptions::whole`), to compare the two. `--int8` times the
+//! whole, not in pieces (`ForwardOptions::whole`), to compare the two; `--channels-first`
+//! keeps every value `[N, C, H, W]` (`ForwardOptions::channels_first`), likewise. `--int8` times the
 //! int8 runtime instead, on the model post-training quantized from random images (as the
 //! `int8` bench quantizes it).
 //!
@@ -85,6 +86,7 @@ fn main() {
     slim_core::configure_threads();
     let mut nodes = false;
     let mut whole = false;
+    let mut channels_first = false;
     let mut int8 = false;
     let mut batches = vec![1usize, 64];
     let mut per_run = None;
@@ -94,6 +96,7 @@ fn main() {
         match a.as_str() {
             "--nodes" => nodes = true,
             "--whole" => whole = true,
+            "--channels-first" => channels_first = true,
             "--int8" => int8 = true,
             "--per-run" => match args.next().and_then(|b| b.parse().ok()) {
                 Some(n) if n > 0 => per_run = Some(n),
@@ -111,7 +114,7 @@ fn main() {
             },
             flag if flag.starts_with("--") => {
                 eprintln!(
-                    "forward_times: unknown option `{flag}` (--nodes, --batch N, --per-run N, --whole, --int8)"
+                    "forward_times: unknown option `{flag}` (--nodes, --batch N, --per-run N, --whole, --channels-first, --int8)"
                 );
                 std::process::exit(2);
             }
@@ -149,6 +152,7 @@ fn main() {
                     || {
                         let opts = ForwardOptions {
                             whole,
+                            channels_first,
                             ..Default::default()
                         };
                         m.forward_with(std::slice::from_ref(&x), Mode::Eval, opts)

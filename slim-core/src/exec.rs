@@ -10,6 +10,12 @@
 //! applied as each output is written), unless kernels, an observer or a tap need the values
 //! between.
 //!
+//! In evaluation on the CPU, the chains of depthwise and pointwise convolutions of the mobile
+//! networks (with the sums and activations between them) run on channels-last values
+//! (`[N, H, W, C]`, [`crate::kernels::channels_last`]): converted where such a chain begins,
+//! and back where a value leaves it for any other node (global pooling reads it as it is).
+//! [`ForwardOptions::channels_first`] keeps every value `[N, C, H, W]`.
+//!
 //! A large evaluation batch runs in pieces of the batch, in parallel, each through the whole
 //! graph, so that a piece's values stay in cache between nodes (see
 //! [`NodeKernels::per_sample`] for kernels). A forward called from outside rayon's pool runs
@@ -25,6 +31,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{CoreError, Result};
 use crate::graph::{BatchNormSpec, Node, Op, PoolSpec};
+use crate::kernels::channels_last::{self, ChannelsLastConv};
 use crate::model::Model;
 
 /// Train or evaluation behaviour of batch norm, dropout and autograd.
@@ -91,6 +98,9 @@ pub struct ForwardOptions<'a> {
     /// Run a large evaluation batch whole, never in pieces (see the module docs): to compare
     /// the two, or to keep a forward to one pass over the batch.
     pub whole: bool,
+    /// Keep every value `[N, C, H, W]`: no chain of depthwise and pointwise convolutions runs
+    /// channels-last in evaluation (see the module docs), to compare the two.
+    pub channels_first: bool,
     /// Seed of the dropout masks in train mode (the training loop derives one per step, so
     /// runs are reproducible); without it the masks come from the thread's random source.
     pub dropout_seed: Option<u64>,
@@ -133,9 +143,18 @@ struct Plan {
     tap_ids: Vec<usize>,
     uses: Vec<usize>,
     fusions: Vec<Option<Fusion>>,
-    folded: Vec<Option<(Tensor, Tensor)>>,
+    folded: Vec<Option<Folded>>,
     /// In training, by batch norm: the ReLU or ReLU6 that runs inside it, and its bound.
     bn_clips: Vec<Option<(usize, f32)>>,
+    /// In evaluation, by node that computes a value: whether it runs channels-last.
+    channels_last: Vec<bool>,
+}
+
+/// A fused chain's convolution with its batch norm folded in: the weights and bias as
+/// tensors, or ready to run channels-last.
+enum Folded {
+    Tensors(Tensor, Tensor),
+    ChannelsLast(ChannelsLastConv),
 }
 
 /// What a forward returns: the graph outputs in order, and the requested taps by name.
@@ -231,13 +250,19 @@ impl Model {
         } else {
             vec![None; g.len()]
         };
+        let on_cpu = inputs.iter().all(|x| x.device().is_cpu());
+        let channels_last = if on_cpu && !opts.channels_first {
+            self.channels_last(&fusions, &tap_ids)
+        } else {
+            vec![false; g.len()]
+        };
         let folded = fusions
             .iter()
             .map(|f| {
                 f.as_ref()
                     .map(|f| {
                         let conv = g.node(f.conv);
-                        self.folded(conv, f, opts.params)
+                        self.folded(conv, f, opts.params, channels_last[f.conv])
                             .map_err(|e| CoreError::node(&conv.name, e.to_string()))
                     })
                     .transpose()
@@ -255,6 +280,7 @@ impl Model {
             fusions,
             folded,
             bn_clips,
+            channels_last,
         };
         match self.chunk_size(inputs, mode, &opts) {
             Some(size) => self.run_chunked(&plan, inputs, size, opts.kernels, opts.params),
@@ -364,6 +390,8 @@ impl Model {
         let (tap_ids, fusions) = (&plan.tap_ids, &plan.fusions);
         let mut uses = plan.uses.clone();
         let mut values: Vec<Option<Tensor>> = vec![None; g.len()];
+        // Whether each value is channels-last (`[N, H, W, C]`).
+        let mut is_cl = vec![false; g.len()];
         let mut taps = HashMap::new();
         let mut next_input = inputs.iter();
         let mut fused_away = vec![false; g.len()];
@@ -394,10 +422,37 @@ impl Model {
                     .ok_or_else(|| CoreError::Invalid("missing input".into()))?;
                 x.to_dtype(DType::F32)?
             } else {
+                // Each input in the layout this node reads: channels-last where it runs so
+                // (converted where it enters a chain), else `[N, C, H, W]` (converted where it
+                // leaves one, in place, so that the value's other readers find it so), except
+                // that global pooling reads either.
+                let cl = plan.channels_last[id];
+                let mut entering = Vec::new();
+                for &i in &node.inputs {
+                    let Some(v) = values[i].as_ref() else {
+                        continue;
+                    };
+                    let convert = |v: &Tensor| -> Result<Tensor> {
+                        Ok(if cl {
+                            channels_last::to_channels_last(v)?
+                        } else {
+                            channels_last::to_channels_first(v)?
+                        })
+                    };
+                    if cl && !is_cl[i] {
+                        entering.push((i, convert(v)?));
+                    } else if !cl && is_cl[i] && !matches!(node.op, Op::GlobalAvgPool) {
+                        values[i] = Some(convert(v)?);
+                        is_cl[i] = false;
+                    }
+                }
                 let xs: Vec<&Tensor> = node
                     .inputs
                     .iter()
                     .map(|&i| {
+                        if let Some((_, v)) = entering.iter().find(|(j, _)| *j == i) {
+                            return Ok(v);
+                        }
                         values[i]
                             .as_ref()
                             .ok_or_else(|| CoreError::node(&node.name, "input not computed"))
@@ -411,16 +466,24 @@ impl Model {
                     (Some(y), _) => y,
                     (None, Some(f)) => {
                         out = f.last();
-                        let (w, b) = plan.folded[id].as_ref().ok_or_else(|| {
+                        let folded = plan.folded[id].as_ref().ok_or_else(|| {
                             CoreError::node(&node.name, "fused chain without its weights")
                         })?;
-                        Self::run_fused(node, f, xs[0], w, b)
-                            .map_err(|e| CoreError::node(&node.name, e.to_string()))?
+                        match folded {
+                            Folded::ChannelsLast(conv) => {
+                                conv.forward(xs[0]).map_err(CoreError::from)
+                            }
+                            Folded::Tensors(w, b) => Self::run_fused(node, f, xs[0], w, b),
+                        }
+                        .map_err(|e| CoreError::node(&node.name, e.to_string()))?
                     }
                     (None, None) => match (&node.op, plan.bn_clips[id]) {
                         (Op::BatchNorm2d(spec), Some((act, max))) => {
                             out = act;
                             self.batch_norm(node, spec, xs[0], mode, opts.params, Some(max))
+                        }
+                        (Op::GlobalAvgPool, _) if is_cl[node.inputs[0]] => {
+                            channels_last::channel_means(xs[0]).map_err(CoreError::from)
                         }
                         _ => self.run_node(id, node, &xs, mode, opts.dropout_seed, opts.params),
                     }
@@ -443,6 +506,7 @@ impl Model {
                 taps.insert(g.node(out).name.clone(), y.clone());
             }
             values[out] = Some(y);
+            is_cl[out] = plan.channels_last[id];
         }
         let outputs = g
             .outputs()
@@ -454,6 +518,67 @@ impl Model {
             })
             .collect::<Result<_>>()?;
         Ok(ForwardOutput { outputs, taps })
+    }
+
+    /// Which nodes run channels-last in evaluation ([`crate::kernels::channels_last`]): the
+    /// fused chains whose convolution takes that layout, and the ReLU, ReLU6 and sums between
+    /// them, joined through the values they pass each other, in the groups so joined that
+    /// hold a depthwise convolution (a group of pointwise convolutions alone would pay a
+    /// conversion at each end for nothing). Values that are graph outputs or taps stay
+    /// `[N, C, H, W]`.
+    fn channels_last(&self, fusions: &[Option<Fusion>], tap_ids: &[usize]) -> Vec<bool> {
+        let g = &self.graph;
+        let outputs = g.outputs();
+        let kept = |v: usize| !tap_ids.contains(&v) && !outputs.contains(&v);
+        // The node that computes each value (a fused chain's, its convolution).
+        let mut runner: Vec<usize> = (0..g.len()).collect();
+        for f in fusions.iter().flatten() {
+            for id in [f.bn, f.act].into_iter().flatten() {
+                runner[id] = f.conv;
+            }
+        }
+        let mut able = vec![false; g.len()];
+        let mut depthwise = vec![false; g.len()];
+        for id in g.eval_order() {
+            let node = g.node(id);
+            if runner[id] != id || node.shape.len() != 3 {
+                continue;
+            }
+            match (&node.op, &fusions[id]) {
+                (Op::Conv2d(spec), Some(f)) => {
+                    able[id] = kept(f.last()) && ChannelsLastConv::applies(spec);
+                    depthwise[id] = able[id] && spec.is_depthwise();
+                }
+                (Op::Relu | Op::Relu6 | Op::Add, None) => able[id] = kept(id),
+                _ => {}
+            }
+        }
+        // Groups joined through the values passed between able nodes (union-find).
+        let mut group: Vec<usize> = (0..g.len()).collect();
+        fn root(group: &mut [usize], mut i: usize) -> usize {
+            while group[i] != i {
+                group[i] = group[group[i]];
+                i = group[i];
+            }
+            i
+        }
+        for id in g.eval_order().filter(|&id| able[id]) {
+            for &i in &g.node(id).inputs {
+                let from = runner[i];
+                if able[from] {
+                    let (a, b) = (root(&mut group, id), root(&mut group, from));
+                    group[a] = b;
+                }
+            }
+        }
+        let mut has_depthwise = vec![false; g.len()];
+        for id in (0..g.len()).filter(|&id| depthwise[id]) {
+            let r = root(&mut group, id);
+            has_depthwise[r] = true;
+        }
+        (0..g.len())
+            .map(|id| able[id] && has_depthwise[root(&mut group, id)])
+            .collect()
     }
 
     /// By node: the node that alone reads its value, when that value is neither a graph
@@ -548,7 +673,8 @@ impl Model {
         conv: &Node,
         f: &Fusion,
         src: Option<&dyn ParamSource>,
-    ) -> Result<(Tensor, Tensor)> {
+        channels_last: bool,
+    ) -> Result<Folded> {
         let Op::Conv2d(spec) = &conv.op else {
             return Err(CoreError::node(
                 &conv.name,
@@ -563,12 +689,22 @@ impl Model {
         } else {
             None
         };
+        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let ready = |w: &[f32], b: &[f32]| -> Result<Folded> {
+            let c = ChannelsLastConv::new(spec, w, b, f.clamp).ok_or_else(|| {
+                CoreError::node(&conv.name, "weights of the wrong size for the convolution")
+            })?;
+            Ok(Folded::ChannelsLast(c))
+        };
         let Some(bn_id) = f.bn else {
             let b = match bias {
                 Some(b) => b,
                 None => Tensor::zeros(o, DType::F32, w.device())?,
             };
-            return Ok((w.contiguous()?, b.contiguous()?));
+            if channels_last {
+                return ready(&values(&w)?, &values(&b)?);
+            }
+            return Ok(Folded::Tensors(w.contiguous()?, b.contiguous()?));
         };
         let bn = self.graph.node(bn_id);
         let Op::BatchNorm2d(bspec) = &bn.op else {
@@ -580,7 +716,6 @@ impl Model {
         // One pass over the values (a chain of about ten tensor ops per convolution was an
         // eighth of a small network's forward at batch 1), with the f32 operations of
         // [`Model::bn_eval_affine`] and a broadcast product, in the same order.
-        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let channel = |role: &str| -> Result<Vec<f32>> {
             let v = values(&self.param(bn, role, mode, src)?)?;
             if v.len() != o {
@@ -613,7 +748,10 @@ impl Model {
                 *v *= s;
             }
         }
-        Ok((
+        if channels_last {
+            return ready(&wv, &b);
+        }
+        Ok(Folded::Tensors(
             Tensor::from_vec(wv, w.shape(), w.device())?,
             Tensor::from_vec(b, o, w.device())?,
         ))
@@ -1074,6 +1212,134 @@ mod tests {
                 ("last".into(), None, s("last.relu")),
             ]
         );
+    }
+
+    /// The chains of depthwise and pointwise convolutions (with the sums and activations
+    /// between them) run channels-last and give what the same forward gives with every value
+    /// `[N, C, H, W]`, and what every node on its own gives; a group of pointwise convolutions
+    /// alone, and values read outside such a group, stay (or are turned back) `[N, C, H, W]`.
+    #[test]
+    fn channels_last_chains_match_channels_first() {
+        let mut b = GraphBuilder::new([3, 10, 10]);
+        b.conv_with(
+            "stem",
+            Conv2dSpec::new(3, 16, 3).with_padding(1).with_bias(true),
+        )
+        .bn("stem.bn")
+        .relu("stem.relu")
+        .dwconv("dw1", 3, 1, 1)
+        .bn("dw1.bn")
+        .relu6("dw1.relu")
+        .conv("pw1", 24, 1, 1, 0)
+        // Read by the depthwise below and by a dense convolution.
+        .bn("pw1.bn")
+        .dwconv("dw2", 3, 2, 1)
+        .bn("dw2.bn")
+        .relu("dw2.relu")
+        .conv("pw2", 24, 1, 1, 0)
+        .bn("pw2.bn");
+        b.at("pw1.bn").conv("side", 24, 3, 2, 1).bn("side.bn");
+        b.add("sum", &["pw2.bn", "side.bn"])
+            .relu("sum.relu")
+            .dwconv("dw3", 5, 1, 2)
+            .bn("dw3.bn")
+            .conv_with("pw3", Conv2dSpec::new(24, 8, 1).with_bias(true))
+            .relu("pw3.relu")
+            .global_avg_pool("gap")
+            .linear("fc", 4);
+        // A pointwise convolution with no depthwise one in its group.
+        b.at("side.bn")
+            .conv("lone", 24, 1, 1, 0)
+            .bn("lone.bn")
+            .relu("lone.relu")
+            .global_avg_pool("gap2");
+        let mut g = b.build().unwrap();
+        g.set_outputs(&["fc", "gap2"]).unwrap();
+        let dev = Device::Cpu;
+        let m = Model::init(g, 3, &dev).unwrap();
+        for name in [
+            "stem.bn", "dw1.bn", "pw1.bn", "dw2.bn", "pw2.bn", "side.bn", "dw3.bn",
+        ] {
+            let c = m
+                .params
+                .tensor(&format!("{name}.weight"))
+                .unwrap()
+                .dim(0)
+                .unwrap();
+            for (role, lo, hi) in [
+                ("weight", 0.5, 2.0),
+                ("bias", -1.0, 1.0),
+                ("running_mean", -0.5, 0.5),
+                ("running_var", 0.2, 3.0),
+            ] {
+                let t = Tensor::rand(lo as f32, hi as f32, c, &dev).unwrap();
+                m.params.set(&format!("{name}.{role}"), &t).unwrap();
+            }
+        }
+        let uses = m.graph.use_counts();
+        let fusions = m.fusions(&uses, &[]);
+        let cl: Vec<&str> = m
+            .channels_last(&fusions, &[])
+            .iter()
+            .enumerate()
+            .filter(|(_, &cl)| cl)
+            .map(|(id, _)| m.graph.node(id).name.as_str())
+            .collect();
+        assert_eq!(
+            cl,
+            ["dw1", "pw1", "dw2", "pw2", "sum", "sum.relu", "dw3", "pw3"]
+        );
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            assert_eq!(a.dims(), b.dims(), "{what}");
+            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert!((p - q).abs() <= 2e-5 * scale, "{what}[{i}]: {p} vs {q}");
+            }
+        };
+        let x = Tensor::randn(0f32, 1.0, (5, 3, 10, 10), &dev).unwrap();
+        let run = |channels_first: bool| {
+            let opts = ForwardOptions {
+                channels_first,
+                ..Default::default()
+            };
+            m.forward_with(std::slice::from_ref(&x), Mode::Eval, opts)
+                .unwrap()
+                .outputs
+        };
+        let mut nothing = |_: &str, _: &Tensor| Ok(());
+        let alone = m
+            .forward_with(
+                std::slice::from_ref(&x),
+                Mode::Eval,
+                ForwardOptions::default().with_observer(&mut nothing),
+            )
+            .unwrap()
+            .outputs;
+        let (last, first) = (run(false), run(true));
+        assert_eq!(last.len(), 2);
+        for o in 0..2 {
+            close(&last[o], &first[o], &format!("output {o}"));
+            close(&last[o], &alone[o], &format!("output {o} node by node"));
+        }
+        // Zoo networks, in pieces of the batch: MobileNetV2's residual sums included.
+        for (name, input) in [
+            ("mobilenet_tiny", [1, 28, 28]),
+            ("mobilenet_v2", [3, 32, 32]),
+        ] {
+            let m = crate::zoo::model(name, &crate::zoo::ZooConfig::new(input), 0, &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (40, input[0], input[1], input[2]), &dev).unwrap();
+            let run = |channels_first: bool| {
+                let opts = ForwardOptions {
+                    channels_first,
+                    ..Default::default()
+                };
+                let out = m.forward_with(std::slice::from_ref(&x), Mode::Eval, opts);
+                out.unwrap().outputs.remove(0)
+            };
+            close(&run(false), &run(true), name);
+        }
     }
 
     /// In training a batch norm runs the ReLU or ReLU6 that alone reads it; the values, the

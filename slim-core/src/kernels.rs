@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::graph::Conv2dSpec;
 
+pub mod channels_last;
 mod clip;
 mod pointwise;
 pub use clip::{clip, Clip};

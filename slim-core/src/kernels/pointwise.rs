@@ -352,6 +352,9 @@ mod avx512 {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(super) use avx2::transpose8;
+
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
@@ -363,7 +366,12 @@ mod avx2 {
     /// # Safety
     /// The machine has AVX2; the 8 rows of 8 values read and written are in bounds.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn transpose8(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+    pub(in crate::kernels) unsafe fn transpose8(
+        src: *const f32,
+        lds: usize,
+        dst: *mut f32,
+        ldd: usize,
+    ) {
         // SAFETY (whole body): in bounds as the caller promises.
         unsafe {
             let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * lds)));
