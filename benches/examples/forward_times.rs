@@ -4,13 +4,14 @@
 //! `scripts/paddle-inference.sh` runs both.
 //!
 //! ```text
-//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--per-run N] [--whole] [--channels-first] [--int8] MODEL...
+//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--per-run N] [--whole] [--channels-first] [--width W] [--int8] MODEL...
 //! ```
 //!
 //! `--batch N` times that batch size alone (default: 1 and 64); `--per-run N` makes each
 //! timed run N forwards (longer runs to profile). `--whole` runs large batches
 //! whole, not in pieces (`ForwardOptions::whole`), to compare the two; `--channels-first`
-//! keeps every value `[N, C, H, W]` (`ForwardOptions::channels_first`), likewise. `--int8` times the
+//! keeps every value `[N, C, H, W]` (`ForwardOptions::channels_first`), likewise. `--width W`
+//! scales the models' channels (as `slim train --width`). `--int8` times the
 //! int8 runtime instead, on the model post-training quantized from random images (as the
 //! `int8` bench quantizes it).
 //!
@@ -87,6 +88,7 @@ fn main() {
     let mut nodes = false;
     let mut whole = false;
     let mut channels_first = false;
+    let mut width = 1.0f64;
     let mut int8 = false;
     let mut batches = vec![1usize, 64];
     let mut per_run = None;
@@ -105,6 +107,13 @@ fn main() {
                     std::process::exit(2);
                 }
             },
+            "--width" => match args.next().and_then(|b| b.parse().ok()) {
+                Some(w) if w > 0.0 => width = w,
+                _ => {
+                    eprintln!("forward_times: --width needs a positive number");
+                    std::process::exit(2);
+                }
+            },
             "--batch" => match args.next().and_then(|b| b.parse().ok()) {
                 Some(b) if b > 0 => batches = vec![b],
                 _ => {
@@ -114,7 +123,7 @@ fn main() {
             },
             flag if flag.starts_with("--") => {
                 eprintln!(
-                    "forward_times: unknown option `{flag}` (--nodes, --batch N, --per-run N, --whole, --channels-first, --int8)"
+                    "forward_times: unknown option `{flag}` (--nodes, --batch N, --per-run N, --whole, --channels-first, --width W, --int8)"
                 );
                 std::process::exit(2);
             }
@@ -127,7 +136,7 @@ fn main() {
     let dev = Device::Cpu;
     for name in &models {
         let shape = input_for(name);
-        let m = match zoo::model(name, &ZooConfig::new(shape), 0, &dev) {
+        let m = match zoo::model(name, &ZooConfig::new(shape).with_width(width), 0, &dev) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("forward_times: {e}");

@@ -150,6 +150,12 @@ struct Plan {
     channels_last: Vec<bool>,
 }
 
+/// The smallest output plane (in positions) that runs channels-last. The layers with
+/// smaller planes are the ones with the most channels, whose weights' transposition (once per
+/// forward) costs more than the layout saves: with them channels-last, MobileNetV1 at 32x32
+/// ran slower than with none.
+const CHANNELS_LAST_PLANE: usize = 49;
+
 /// A fused chain's convolution with its batch norm folded in: the weights and bias as
 /// tensors, or ready to run channels-last.
 enum Folded {
@@ -524,8 +530,8 @@ impl Model {
     /// fused chains whose convolution takes that layout, and the ReLU, ReLU6 and sums between
     /// them, joined through the values they pass each other, in the groups so joined that
     /// hold a depthwise convolution (a group of pointwise convolutions alone would pay a
-    /// conversion at each end for nothing). Values that are graph outputs or taps stay
-    /// `[N, C, H, W]`.
+    /// conversion at each end for nothing); none whose output planes are smaller than
+    /// [`CHANNELS_LAST_PLANE`]. Values that are graph outputs or taps stay `[N, C, H, W]`.
     fn channels_last(&self, fusions: &[Option<Fusion>], tap_ids: &[usize]) -> Vec<bool> {
         let g = &self.graph;
         let outputs = g.outputs();
@@ -541,7 +547,10 @@ impl Model {
         let mut depthwise = vec![false; g.len()];
         for id in g.eval_order() {
             let node = g.node(id);
-            if runner[id] != id || node.shape.len() != 3 {
+            if runner[id] != id
+                || node.shape.len() != 3
+                || node.shape[1] * node.shape[2] < CHANNELS_LAST_PLANE
+            {
                 continue;
             }
             match (&node.op, &fusions[id]) {
@@ -1220,7 +1229,7 @@ mod tests {
     /// alone, and values read outside such a group, stay (or are turned back) `[N, C, H, W]`.
     #[test]
     fn channels_last_chains_match_channels_first() {
-        let mut b = GraphBuilder::new([3, 10, 10]);
+        let mut b = GraphBuilder::new([3, 14, 14]);
         b.conv_with(
             "stem",
             Conv2dSpec::new(3, 16, 3).with_padding(1).with_bias(true),
@@ -1298,7 +1307,7 @@ mod tests {
                 assert!((p - q).abs() <= 2e-5 * scale, "{what}[{i}]: {p} vs {q}");
             }
         };
-        let x = Tensor::randn(0f32, 1.0, (5, 3, 10, 10), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 3, 14, 14), &dev).unwrap();
         let run = |channels_first: bool| {
             let opts = ForwardOptions {
                 channels_first,
@@ -1322,6 +1331,27 @@ mod tests {
         for o in 0..2 {
             close(&last[o], &first[o], &format!("output {o}"));
             close(&last[o], &alone[o], &format!("output {o} node by node"));
+        }
+        // MobileNetV1 at 32x32: its layers down to 8x8 planes, not the smaller ones.
+        let m1 = crate::zoo::model(
+            "mobilenet_v1",
+            &crate::zoo::ZooConfig::new([3, 32, 32]),
+            0,
+            &dev,
+        )
+        .unwrap();
+        let fusions = m1.fusions(&m1.graph.use_counts(), &[]);
+        let cl = m1.channels_last(&fusions, &[]);
+        let planes: Vec<(usize, bool)> = (0..m1.graph.len())
+            .filter(|&id| matches!(m1.graph.node(id).op, Op::Conv2d(_)))
+            .map(|id| {
+                let shape = &m1.graph.node(id).shape;
+                (shape[1] * shape[2], cl[id])
+            })
+            .collect();
+        assert!(planes.iter().any(|&(_, cl)| cl));
+        for (i, &(plane, cl)) in planes.iter().enumerate().skip(1) {
+            assert_eq!(cl, plane >= CHANNELS_LAST_PLANE, "convolution {i}: {plane}");
         }
         // Zoo networks, in pieces of the batch: MobileNetV2's residual sums included.
         for (name, input) in [
