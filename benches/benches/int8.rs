@@ -18,7 +18,7 @@ use criterion::{criterion_group, Criterion, Throughput};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
 use slim_core::zoo::{self, ZooConfig};
-use slim_core::Mode;
+use slim_core::{ForwardOptions, Mode};
 
 fn gemm(c: &mut Criterion) {
     let n = 512;
@@ -96,10 +96,19 @@ fn models(c: &mut Criterion) {
             let mut g = c.benchmark_group(format!("int8_{name}_b{batch}"));
             g.sample_size(10);
             g.throughput(Throughput::Elements(batch as u64));
+            // Both sides prepared once, as `slim eval` and every evaluation run them: the f32
+            // forward's batch norms folded and weights laid out, the int8 weights packed.
+            let prepared = m.prepare_eval(false).expect("prepare");
             g.bench_function("f32_forward", |b| {
-                b.iter(|| m.forward(&x, Mode::Eval).expect("f32"))
+                b.iter(|| {
+                    let opts = ForwardOptions {
+                        prepared: Some(&prepared),
+                        ..Default::default()
+                    };
+                    m.forward_with(std::slice::from_ref(&x), Mode::Eval, opts)
+                        .expect("f32")
+                })
             });
-            // The weights packed once, as `slim eval` and every evaluation run them.
             let kernels = slim_quant::runtime::Int8Kernels::new(&q);
             g.bench_function("int8_runtime", |b| {
                 b.iter(|| slim_quant::runtime::forward_with(&q, &kernels, &x).expect("int8"))

@@ -4,14 +4,15 @@
 //! `scripts/paddle-inference.sh` runs both.
 //!
 //! ```text
-//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--per-run N] [--whole] [--channels-first] [--width W] [--int8] MODEL...
+//! cargo run --release -p slim-benches --example forward_times -- [--nodes] [--batch N] [--per-run N] [--whole] [--channels-first] [--unprepared] [--width W] [--int8] MODEL...
 //! ```
 //!
 //! `--batch N` times that batch size alone (default: 1 and 64); `--per-run N` makes each
 //! timed run N forwards (longer runs to profile). `--whole` runs large batches
 //! whole, not in pieces (`ForwardOptions::whole`), to compare the two; `--channels-first`
 //! keeps every value `[N, C, H, W]` (`ForwardOptions::channels_first`), likewise. `--width W`
-//! scales the models' channels (as `slim train --width`). `--int8` times the
+//! scales the models' channels (as `slim train --width`). The f32 forward is prepared once
+//! per model (`Model::prepare_eval`, as evaluation runs it) unless `--unprepared`. `--int8` times the
 //! int8 runtime instead, on the model post-training quantized from random images (as the
 //! `int8` bench quantizes it).
 //!
@@ -89,6 +90,7 @@ fn main() {
     let mut whole = false;
     let mut channels_first = false;
     let mut width = 1.0f64;
+    let mut unprepared = false;
     let mut int8 = false;
     let mut batches = vec![1usize, 64];
     let mut per_run = None;
@@ -99,6 +101,7 @@ fn main() {
             "--nodes" => nodes = true,
             "--whole" => whole = true,
             "--channels-first" => channels_first = true,
+            "--unprepared" => unprepared = true,
             "--int8" => int8 = true,
             "--per-run" => match args.next().and_then(|b| b.parse().ok()) {
                 Some(n) if n > 0 => per_run = Some(n),
@@ -123,7 +126,7 @@ fn main() {
             },
             flag if flag.starts_with("--") => {
                 eprintln!(
-                    "forward_times: unknown option `{flag}` (--nodes, --batch N, --per-run N, --whole, --channels-first, --width W, --int8)"
+                    "forward_times: unknown option `{flag}` (--nodes, --batch N, --per-run N, --whole, --channels-first, --unprepared, --width W, --int8)"
                 );
                 std::process::exit(2);
             }
@@ -146,6 +149,9 @@ fn main() {
         let q = int8.then(|| slim_benches::quantized_for_timing(&m, shape));
         // The weights packed once, as `slim eval` runs int8 files.
         let kernels = q.as_ref().map(Int8Kernels::new);
+        // And the f32 forward's batch norms folded and weights laid out once (unless
+        // `--unprepared`).
+        let prepared = (!unprepared).then(|| m.prepare_eval(channels_first).expect("prepare"));
         for &batch in &batches {
             let x = Tensor::randn(0f32, 1.0, (batch, shape[0], shape[1], shape[2]), &dev)
                 .expect("input");
@@ -162,6 +168,7 @@ fn main() {
                         let opts = ForwardOptions {
                             whole,
                             channels_first,
+                            prepared: prepared.as_ref(),
                             ..Default::default()
                         };
                         m.forward_with(std::slice::from_ref(&x), Mode::Eval, opts)

@@ -101,6 +101,9 @@ pub struct ForwardOptions<'a> {
     /// Keep every value `[N, C, H, W]`: no chain of depthwise and pointwise convolutions runs
     /// channels-last in evaluation (see the module docs), to compare the two.
     pub channels_first: bool,
+    /// The evaluation's preparation, made once ([`Model::prepare_eval`]); used where it
+    /// serves (see there), else the forward prepares its own.
+    pub prepared: Option<&'a PreparedEval<'a>>,
     /// Seed of the dropout masks in train mode (the training loop derives one per step, so
     /// runs are reproducible); without it the masks come from the thread's random source.
     pub dropout_seed: Option<u64>,
@@ -161,6 +164,14 @@ const CHANNELS_LAST_PLANE: usize = 49;
 enum Folded {
     Tensors(Tensor, Tensor),
     ChannelsLast(ChannelsLastConv),
+}
+
+/// An evaluation forward's preparation ([`Model::prepare_eval`]).
+pub struct PreparedEval<'m> {
+    model: &'m Model,
+    plan: Plan,
+    channels_first: bool,
+    on_cpu: bool,
 }
 
 /// What a forward returns: the graph outputs in order, and the requested taps by name.
@@ -240,6 +251,63 @@ impl Model {
                 }
             }
         }
+        let fresh;
+        let plan = match opts.prepared {
+            Some(p) if !std::ptr::eq(p.model, self) => {
+                return Err(CoreError::Invalid(
+                    "the prepared evaluation is another model's".into(),
+                ))
+            }
+            Some(p)
+                if mode == Mode::Eval
+                    && opts.kernels.is_none()
+                    && opts.observer.is_none()
+                    && opts.params.is_none()
+                    && opts.taps.is_empty()
+                    && opts.channels_first == p.channels_first
+                    && inputs.iter().all(|x| x.device().is_cpu() == p.on_cpu) =>
+            {
+                &p.plan
+            }
+            _ => {
+                let on_cpu = inputs.iter().all(|x| x.device().is_cpu());
+                fresh = self.plan(mode, &opts, on_cpu)?;
+                &fresh
+            }
+        };
+        match self.chunk_size(inputs, mode, &opts) {
+            Some(size) => self.run_chunked(plan, inputs, size, opts.kernels, opts.params),
+            None => self.run_plan(plan, inputs, mode, opts),
+        }
+    }
+
+    /// An evaluation forward's preparation, made once for many forwards of this model with
+    /// the same parameters (an evaluation pass, a latency measurement): the fused chains with
+    /// their batch norms folded into the weights, and the channels-last convolutions' weights
+    /// laid out (see the module docs); at batch 1 that work was about 40% of MobileNetV1's
+    /// forward. A snapshot: in a forward given it ([`ForwardOptions::prepared`]) the
+    /// convolutions that run with their batch norm or activation compute with their
+    /// parameters as they were when it was made (the other layers read theirs at each
+    /// forward), so prepare again after changing them. It serves evaluation forwards without
+    /// kernels, observer, taps or other parameters, with the same `channels_first`; any other
+    /// forward prepares its own.
+    pub fn prepare_eval(&self, channels_first: bool) -> Result<PreparedEval<'_>> {
+        let opts = ForwardOptions {
+            channels_first,
+            ..Default::default()
+        };
+        let on_cpu = self.device().is_cpu();
+        Ok(PreparedEval {
+            model: self,
+            plan: self.plan(Mode::Eval, &opts, on_cpu)?,
+            channels_first,
+            on_cpu,
+        })
+    }
+
+    /// What a forward with `opts` runs (see [`Plan`]); `on_cpu` when its inputs are.
+    fn plan(&self, mode: Mode, opts: &ForwardOptions<'_>, on_cpu: bool) -> Result<Plan> {
+        let g = &self.graph;
         let mut tap_ids = Vec::with_capacity(opts.taps.len());
         for t in &opts.taps {
             tap_ids.push(g.id(t)?);
@@ -256,7 +324,6 @@ impl Model {
         } else {
             vec![None; g.len()]
         };
-        let on_cpu = inputs.iter().all(|x| x.device().is_cpu());
         let channels_last = if on_cpu && !opts.channels_first {
             self.channels_last(&fusions, &tap_ids)
         } else {
@@ -280,18 +347,14 @@ impl Model {
         } else {
             vec![None; g.len()]
         };
-        let plan = Plan {
+        Ok(Plan {
             tap_ids,
             uses,
             fusions,
             folded,
             bn_clips,
             channels_last,
-        };
-        match self.chunk_size(inputs, mode, &opts) {
-            Some(size) => self.run_chunked(&plan, inputs, size, opts.kernels, opts.params),
-            None => self.run_plan(&plan, inputs, mode, opts),
-        }
+        })
     }
 
     /// The number of samples per piece when an evaluation forward runs in pieces of the batch,
@@ -1121,6 +1184,40 @@ mod tests {
             .all(|v: &Var| ge.get(v.as_tensor()).is_none()));
     }
 
+    /// Batch norms with statistics and affine parameters far from the identity.
+    fn unusual_batch_norms(m: &Model, names: &[&str]) {
+        let dev = m.device();
+        for name in names {
+            let c = m
+                .params
+                .tensor(&format!("{name}.weight"))
+                .unwrap()
+                .dim(0)
+                .unwrap();
+            for (role, lo, hi) in [
+                ("weight", 0.5, 2.0),
+                ("bias", -1.0, 1.0),
+                ("running_mean", -0.5, 0.5),
+                ("running_var", 0.2, 3.0),
+            ] {
+                let t = Tensor::rand(lo as f32, hi as f32, c, &dev).unwrap();
+                m.params.set(&format!("{name}.{role}"), &t).unwrap();
+            }
+        }
+    }
+
+    /// `a` and `b` have the same shape and differ by at most `tol` times `b`'s largest
+    /// magnitude (at least 1) anywhere.
+    fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+        assert_eq!(a.dims(), b.dims(), "{what}");
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert!((p - q).abs() <= tol * scale, "{what}[{i}]: {p} vs {q}");
+        }
+    }
+
     /// Evaluation fuses convolutions with the batch norm and activation after them; the
     /// reference is the same forward with an observer, which sees every node and so runs
     /// each on its own.
@@ -1151,24 +1248,7 @@ mod tests {
         let g = b.build().unwrap();
         let dev = Device::Cpu;
         let m = Model::init(g, 3, &dev).unwrap();
-        // Batch norms with statistics and affine parameters far from the identity.
-        for name in ["stem.bn", "dw.bn", "pw.bn", "res.bn"] {
-            let c = m
-                .params
-                .tensor(&format!("{name}.weight"))
-                .unwrap()
-                .dim(0)
-                .unwrap();
-            for (role, lo, hi) in [
-                ("weight", 0.5, 2.0),
-                ("bias", -1.0, 1.0),
-                ("running_mean", -0.5, 0.5),
-                ("running_var", 0.2, 3.0),
-            ] {
-                let t = Tensor::rand(lo as f32, hi as f32, c, &dev).unwrap();
-                m.params.set(&format!("{name}.{role}"), &t).unwrap();
-            }
-        }
+        unusual_batch_norms(&m, &["stem.bn", "dw.bn", "pw.bn", "res.bn"]);
         let x = Tensor::randn(0f32, 1.0, (5, 3, 9, 9), &dev).unwrap();
         let taps = ["pw.bn", "last.relu"];
         let fused = m
@@ -1188,15 +1268,7 @@ mod tests {
                     .with_observer(&mut nothing),
             )
             .unwrap();
-        let close = |a: &Tensor, b: &Tensor, what: &str| {
-            assert_eq!(a.dims(), b.dims(), "{what}");
-            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                assert!((p - q).abs() <= 1e-5 * scale, "{what}[{i}]: {p} vs {q}");
-            }
-        };
+        let close = |a: &Tensor, b: &Tensor, what: &str| assert_close(a, b, 1e-5, what);
         close(&fused.outputs[0], &reference.outputs[0], "output");
         for t in taps {
             close(&fused.taps[t], &reference.taps[t], t);
@@ -1266,25 +1338,10 @@ mod tests {
         g.set_outputs(&["fc", "gap2"]).unwrap();
         let dev = Device::Cpu;
         let m = Model::init(g, 3, &dev).unwrap();
-        for name in [
+        let bns = [
             "stem.bn", "dw1.bn", "pw1.bn", "dw2.bn", "pw2.bn", "side.bn", "dw3.bn",
-        ] {
-            let c = m
-                .params
-                .tensor(&format!("{name}.weight"))
-                .unwrap()
-                .dim(0)
-                .unwrap();
-            for (role, lo, hi) in [
-                ("weight", 0.5, 2.0),
-                ("bias", -1.0, 1.0),
-                ("running_mean", -0.5, 0.5),
-                ("running_var", 0.2, 3.0),
-            ] {
-                let t = Tensor::rand(lo as f32, hi as f32, c, &dev).unwrap();
-                m.params.set(&format!("{name}.{role}"), &t).unwrap();
-            }
-        }
+        ];
+        unusual_batch_norms(&m, &bns);
         let uses = m.graph.use_counts();
         let fusions = m.fusions(&uses, &[]);
         let cl: Vec<&str> = m
@@ -1298,15 +1355,7 @@ mod tests {
             cl,
             ["dw1", "pw1", "dw2", "pw2", "sum", "sum.relu", "dw3", "pw3"]
         );
-        let close = |a: &Tensor, b: &Tensor, what: &str| {
-            assert_eq!(a.dims(), b.dims(), "{what}");
-            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                assert!((p - q).abs() <= 2e-5 * scale, "{what}[{i}]: {p} vs {q}");
-            }
-        };
+        let close = |a: &Tensor, b: &Tensor, what: &str| assert_close(a, b, 2e-5, what);
         let x = Tensor::randn(0f32, 1.0, (5, 3, 14, 14), &dev).unwrap();
         let run = |channels_first: bool| {
             let opts = ForwardOptions {
@@ -1370,6 +1419,94 @@ mod tests {
             };
             close(&run(false), &run(true), name);
         }
+    }
+
+    /// A prepared evaluation gives the forward's own outputs, in pieces or whole, and is a
+    /// snapshot of the parameters it was made with; it is refused for another model and left
+    /// aside by a forward it does not serve (taps).
+    #[test]
+    fn a_prepared_evaluation_is_the_forward_made_once() {
+        let dev = Device::Cpu;
+        let m = crate::zoo::model(
+            "mobilenet_tiny",
+            &crate::zoo::ZooConfig::new([1, 28, 28]),
+            0,
+            &dev,
+        )
+        .unwrap();
+        unusual_batch_norms(&m, &["stem.bn", "block2.dw.bn", "block3.pw.bn"]);
+        let prepared = m.prepare_eval(false).unwrap();
+        let with = |x: &Tensor, opts: ForwardOptions| {
+            m.forward_with(std::slice::from_ref(x), Mode::Eval, opts)
+                .unwrap()
+                .outputs
+                .remove(0)
+        };
+        for n in [1, 40] {
+            let x = Tensor::randn(0f32, 1.0, (n, 1, 28, 28), &dev).unwrap();
+            let own = m.forward(&x, Mode::Eval).unwrap();
+            let opts = ForwardOptions {
+                prepared: Some(&prepared),
+                ..Default::default()
+            };
+            assert_close(&with(&x, opts), &own, 0.0, &format!("batch {n}"));
+        }
+        // Taps: the forward prepares its own (the tapped value is left as it is).
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &dev).unwrap();
+        let opts = ForwardOptions {
+            prepared: Some(&prepared),
+            ..Default::default()
+        }
+        .with_taps(&["block1.dw.bn"]);
+        let tapped = m
+            .forward_with(std::slice::from_ref(&x), Mode::Eval, opts)
+            .unwrap();
+        assert_close(
+            &tapped.outputs[0],
+            &m.forward(&x, Mode::Eval).unwrap(),
+            0.0,
+            "with a tap",
+        );
+        // A snapshot: after a convolution's weights change, it still computes with the old
+        // ones.
+        let before = m.forward(&x, Mode::Eval).unwrap();
+        let w = m.params.tensor("block4.pw.conv.weight").unwrap();
+        m.params
+            .set("block4.pw.conv.weight", &(w * 2.0).unwrap())
+            .unwrap();
+        let opts = ForwardOptions {
+            prepared: Some(&prepared),
+            ..Default::default()
+        };
+        assert_close(&with(&x, opts), &before, 0.0, "snapshot");
+        let after = m.forward(&x, Mode::Eval).unwrap();
+        assert!(
+            (after - &before)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+        // Another model's preparation is refused.
+        let other = crate::zoo::model(
+            "mobilenet_tiny",
+            &crate::zoo::ZooConfig::new([1, 28, 28]),
+            0,
+            &dev,
+        )
+        .unwrap();
+        let opts = ForwardOptions {
+            prepared: Some(&prepared),
+            ..Default::default()
+        };
+        let e = other
+            .forward_with(std::slice::from_ref(&x), Mode::Eval, opts)
+            .unwrap_err();
+        assert!(e.to_string().contains("another model"), "{e}");
     }
 
     /// In training a batch norm runs the ReLU or ReLU6 that alone reads it; the values, the

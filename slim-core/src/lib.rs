@@ -57,7 +57,7 @@ pub mod transform;
 pub mod zoo;
 
 pub use error::{CoreError, Result};
-pub use exec::{ForwardOptions, ForwardOutput, Mode};
+pub use exec::{ForwardOptions, ForwardOutput, Mode, PreparedEval};
 pub use graph::{Conv2dSpec, Graph, GraphBuilder, LinearSpec, Node, Op, ParamKind, PoolSpec};
 pub use model::Model;
 pub use params::ParamStore;

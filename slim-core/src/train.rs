@@ -757,8 +757,18 @@ pub fn evaluate(
     normalize: &Normalize,
     batch_size: usize,
 ) -> Result<EvalReport> {
+    // The batch norms folded and the weights laid out once for the whole pass.
+    let prepared = model.prepare_eval(false)?;
     evaluate_with(model, set, normalize, batch_size, &|m, x| {
-        m.forward(x, Mode::Eval)
+        let opts = ForwardOptions {
+            prepared: Some(&prepared),
+            ..Default::default()
+        };
+        let out = m.forward_with(std::slice::from_ref(x), Mode::Eval, opts)?;
+        out.outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| CoreError::Invalid("the graph has no output".into()))
     })
 }
 
