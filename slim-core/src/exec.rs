@@ -501,17 +501,10 @@ impl Model {
                     let Some(v) = values[i].as_ref() else {
                         continue;
                     };
-                    let convert = |v: &Tensor| -> Result<Tensor> {
-                        Ok(if cl {
-                            channels_last::to_channels_last(v)?
-                        } else {
-                            channels_last::to_channels_first(v)?
-                        })
-                    };
                     if cl && !is_cl[i] {
-                        entering.push((i, convert(v)?));
+                        entering.push((i, channels_last::to_channels_last(v)?));
                     } else if !cl && is_cl[i] && !matches!(node.op, Op::GlobalAvgPool) {
-                        values[i] = Some(convert(v)?);
+                        values[i] = Some(channels_last::to_channels_first(v)?);
                         is_cl[i] = false;
                     }
                 }

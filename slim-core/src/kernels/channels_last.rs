@@ -35,21 +35,13 @@ const MAX_KERNEL: usize = 7;
 /// norm folded in and its activation applied as each output is written.
 #[derive(Clone, Debug)]
 pub struct ChannelsLastConv {
-    kind: Kind,
-    c_in: usize,
-    c_out: usize,
+    spec: Conv2dSpec,
     /// Depthwise: the taps, `[k·k, C]` (tap-major); pointwise: `Wᵀ`, `[C_in, C_out]`.
     weights: Vec<f32>,
     bias: Vec<f32>,
     act: Epilogue,
     /// Run the plain loops even where the machine has AVX-512 (to test them).
     portable: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Depthwise { k: usize, stride: usize, pad: usize },
-    Pointwise,
 }
 
 impl ChannelsLastConv {
@@ -76,19 +68,8 @@ impl ChannelsLastConv {
         // Either way the weights are transposed: `[O, per_out]` to `[per_out, O]`.
         let mut weights = vec![0f32; w.len()];
         transpose_matrix(w, c_out, per_out, &mut weights, super::has_avx2_fma());
-        let kind = if spec.is_depthwise() {
-            Kind::Depthwise {
-                k,
-                stride: spec.stride,
-                pad: spec.padding,
-            }
-        } else {
-            Kind::Pointwise
-        };
         Some(ChannelsLastConv {
-            kind,
-            c_in,
-            c_out,
+            spec: spec.clone(),
             weights,
             bias: b.to_vec(),
             act,
@@ -98,24 +79,13 @@ impl ChannelsLastConv {
 
     /// Whether this is a depthwise convolution (else a pointwise one).
     pub fn is_depthwise(&self) -> bool {
-        matches!(self.kind, Kind::Depthwise { .. })
+        self.spec.is_depthwise()
     }
 
     /// The convolution of a channels-last batch `x` (`[N, H, W, C_in]`, f32 on the CPU), as a
     /// channels-last `[N, OH, OW, C_out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op1_no_bwd(self)
-    }
-
-    /// The output's spatial size for an input of `h` x `w`.
-    fn out_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        match self.kind {
-            Kind::Pointwise => Some((h, w)),
-            Kind::Depthwise { k, stride, pad } => {
-                let o = |x: usize| (x + 2 * pad >= k).then(|| (x + 2 * pad - k) / stride + 1);
-                Some((o(h)?, o(w)?))
-            }
-        }
     }
 }
 
@@ -127,52 +97,51 @@ impl CustomOp1 for ChannelsLastConv {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
         let (n, h, w, c) = l.shape().dims4()?;
-        if c != self.c_in {
+        let (spec, c_out) = (&self.spec, self.spec.out_channels);
+        if c != spec.in_channels {
             candle_core::bail!(
                 "{}: {c} input channels, the convolution takes {}",
                 self.name(),
-                self.c_in
+                spec.in_channels
             );
         }
-        let Some((oh, ow)) = self.out_size(h, w) else {
+        let Some((oh, ow)) = spec.out_size(h, w) else {
             candle_core::bail!("{}: the kernel does not fit a {h}x{w} input", self.name());
         };
         let wide = !self.portable && has_avx512f();
-        let y = match self.kind {
-            Kind::Depthwise { k, stride, pad } => {
-                let g = Dw {
-                    h,
-                    w,
-                    c,
-                    k,
-                    stride,
-                    pad,
-                    oh,
-                    ow,
-                };
-                let serial = n * oh * ow * c * k * k < super::SERIAL_SWEEP;
-                // SAFETY: every task writes each value of its output row.
-                unsafe {
-                    written(n * oh * ow * c, (ow * c).max(1), serial, |(r, row)| {
-                        self.depthwise_row(&g, x, r, row, wide)
-                    })
-                }
+        let y = if spec.is_depthwise() {
+            let k = spec.kernel[0];
+            let g = Dw {
+                h,
+                w,
+                c,
+                k,
+                stride: spec.stride,
+                pad: spec.padding,
+                oh,
+                ow,
+            };
+            let serial = n * oh * ow * c * k * k < super::SERIAL_SWEEP;
+            // SAFETY: every task writes each value of its output row.
+            unsafe {
+                written(n * oh * ow * c, (ow * c).max(1), serial, |(r, row)| {
+                    self.depthwise_row(&g, x, r, row, wide)
+                })
             }
-            Kind::Pointwise => {
-                let positions = n * h * w;
-                let serial = positions * c * self.c_out < super::SERIAL_PRODUCT;
-                let size = POSITIONS_PER_TASK * self.c_out;
-                // SAFETY: every task writes each value of its block of positions.
-                unsafe {
-                    written(positions * self.c_out, size.max(1), serial, |(t, out)| {
-                        let p0 = t * POSITIONS_PER_TASK;
-                        let rows = out.len() / self.c_out.max(1);
-                        self.pointwise_rows(&x[p0 * c..(p0 + rows) * c], rows, out, wide)
-                    })
-                }
+        } else {
+            let positions = n * h * w;
+            let serial = positions * c * c_out < super::SERIAL_PRODUCT;
+            let size = POSITIONS_PER_TASK * c_out;
+            // SAFETY: every task writes each value of its block of positions.
+            unsafe {
+                written(positions * c_out, size.max(1), serial, |(t, out)| {
+                    let p0 = t * POSITIONS_PER_TASK;
+                    let rows = out.len() / c_out.max(1);
+                    self.pointwise_rows(&x[p0 * c..(p0 + rows) * c], rows, out, wide)
+                })
             }
         };
-        Ok((CpuStorage::F32(y), Shape::from((n, oh, ow, self.c_out))))
+        Ok((CpuStorage::F32(y), Shape::from((n, oh, ow, c_out))))
     }
 }
 
@@ -256,7 +225,7 @@ impl ChannelsLastConv {
     /// `rows` positions of a pointwise convolution: `x` `[rows, C_in]` into `out`
     /// `[rows, C_out]`.
     fn pointwise_rows(&self, x: &[f32], rows: usize, out: &mut [MaybeUninit<f32>], wide: bool) {
-        let (ci, co) = (self.c_in, self.c_out);
+        let (ci, co) = (self.spec.in_channels, self.spec.out_channels);
         #[cfg(target_arch = "x86_64")]
         if wide {
             // SAFETY: the machine has AVX-512 F; `x` and `out` hold `rows` positions.
@@ -602,28 +571,42 @@ fn transpose_matrix(src: &[f32], a: usize, b: usize, dst: &mut [f32], fast: bool
 /// `[N, C]`), as [`super::plane_means`] of the same values in `[N, C, H, W]`, the sums taken
 /// position by position.
 pub fn channel_means(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (n, h, w, c) = x.dims4()?;
-    let size = h * w;
-    let scale = (1.0 / size as f64) as f32;
-    let v = x.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; n * c];
-    for (sample, acc) in v
-        .chunks_exact((size * c).max(1))
-        .zip(out.chunks_exact_mut(c.max(1)))
-    {
-        for row in sample.chunks_exact(c) {
-            for (a, &x) in acc.iter_mut().zip(row) {
-                *a += x;
+    x.contiguous()?.apply_op1_no_bwd(&ChannelMeans)
+}
+
+struct ChannelMeans;
+
+impl CustomOp1 for ChannelMeans {
+    fn name(&self) -> &'static str {
+        "slim-channel-means"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let (n, h, w, c) = l.shape().dims4()?;
+        let size = h * w;
+        // As candle divides: a multiplication by the reciprocal, rounded to f32.
+        let scale = (1.0 / size as f64) as f32;
+        let mut out = vec![0f32; n * c];
+        if size == 0 {
+            // The mean of nothing, as candle's 0 / 0.
+            out.fill(f32::NAN);
+        }
+        for (sample, acc) in x
+            .chunks_exact((size * c).max(1))
+            .zip(out.chunks_exact_mut(c.max(1)))
+        {
+            for row in sample.chunks_exact(c) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            for a in acc.iter_mut() {
+                *a *= scale;
             }
         }
-        for a in acc.iter_mut() {
-            *a *= scale;
-        }
+        Ok((CpuStorage::F32(out), Shape::from((n, c))))
     }
-    if size == 0 {
-        out.fill(f32::NAN);
-    }
-    Tensor::from_vec(out, (n, c), x.device())
 }
 
 #[cfg(test)]
