@@ -57,29 +57,37 @@ fn time(fwd: impl Fn(), per: usize) -> (f64, f64, f64) {
     (runs[2], runs[0], runs[4])
 }
 
-/// Each node's mean time over `reps` batch forwards, in evaluation order.
-fn node_times(m: &Model, x: &Tensor, reps: usize) -> Vec<(String, f64)> {
-    let names: Vec<String> = m.graph.nodes().iter().map(|n| n.name.clone()).collect();
-    let mut total = vec![0f64; names.len()];
+/// Each node's mean time over `reps` batch forwards (with `kernels`, where given), in
+/// evaluation order.
+fn node_times(
+    m: &Model,
+    x: &Tensor,
+    reps: usize,
+    kernels: Option<&dyn slim_core::exec::NodeKernels>,
+) -> Vec<(String, f64)> {
+    let mut times: Vec<(String, f64)> = vec![];
     for _ in 0..reps {
         let mut at = 0;
         let mut last = Instant::now();
-        let mut done = |_: &str| {
+        let mut done = |name: &str| {
             let now = Instant::now();
-            total[at] += (now - last).as_secs_f64();
+            if at == times.len() {
+                times.push((name.to_string(), 0.0));
+            }
+            times[at].1 += (now - last).as_secs_f64();
             at += 1;
             last = now;
         };
         let opts = ForwardOptions {
             finished: Some(&mut done),
+            kernels,
             ..Default::default()
         };
         m.forward_with(std::slice::from_ref(x), Mode::Eval, opts)
             .expect("forward");
     }
-    names
+    times
         .into_iter()
-        .zip(total)
         .map(|(n, t)| (n, t * 1e3 / reps as f64))
         .collect()
 }
@@ -179,8 +187,12 @@ fn main() {
             };
             let kind = if int8 { " int8" } else { "" };
             println!("slim{kind} {name} batch {batch}: {median:.3} ms (runs {lo:.3}..{hi:.3})");
-            if nodes && batch > 1 && !int8 {
-                for (n, t) in node_times(&m, &x, 20) {
+            if nodes && batch > 1 {
+                let times = match (&q, &kernels) {
+                    (Some(q), Some(k)) => node_times(q, &x, 20, Some(k)),
+                    _ => node_times(&m, &x, 20, None),
+                };
+                for (n, t) in times {
                     println!("    {n:>24} {t:8.3} ms");
                 }
             }

@@ -1102,16 +1102,24 @@ pub(crate) mod vnni {
         let pa = &a.words[rows.start * quads..rows.end * quads];
         let sums = &a.sums[rows.clone()];
         let panels = n.div_ceil(NR);
+        // (a finished sink's output; unused for sums)
+        // SAFETY: the machine has AVX-512 F (as the caller promises).
+        let lanes = unsafe {
+            match sink {
+                Sink::Finish(f) => Lanes::new(f.out),
+                Sink::Sums(_) => Lanes::new(Output::F32(std::ptr::null_mut())),
+            }
+        };
         let mut panel = 0;
         while panel < panels {
             // SAFETY: the panels lie inside `pb` (checked above); the sink's rows are the
             // caller's.
             unsafe {
                 if panel + 1 < panels {
-                    panel_tiles::<2>(pa, sums, pb, quads, n, panel, &mut sink);
+                    panel_tiles::<2>(pa, sums, pb, quads, n, panel, &mut sink, &lanes);
                     panel += 2;
                 } else {
-                    panel_tiles::<1>(pa, sums, pb, quads, n, panel, &mut sink);
+                    panel_tiles::<1>(pa, sums, pb, quads, n, panel, &mut sink, &lanes);
                     panel += 1;
                 }
             }
@@ -1134,6 +1142,7 @@ pub(crate) mod vnni {
         n: usize,
         panel: usize,
         sink: &mut Sink,
+        lanes: &Lanes,
     ) {
         let m = sums.len();
         assert!(pa.len() >= m * quads && pb.len() >= (panel + P) * quads * 4 * NR);
@@ -1148,7 +1157,11 @@ pub(crate) mod vnni {
             // Rows past `m` repeat the last one; their sums are not stored.
             let ap: [*const i32; MR] =
                 std::array::from_fn(|r| pa[(i + r).min(m - 1) * quads..].as_ptr());
-            let mut acc = [[_mm512_setzero_si512(); P]; MR];
+            // The sums start at -128 * (sum of the filter): the 128 added to every
+            // activation contributes that back.
+            let mut acc: [[__m512i; P]; MR] = std::array::from_fn(|r| {
+                [_mm512_set1_epi32(-128 * sums[(i + r).min(m - 1)]); P]
+            });
             for q in 0..quads {
                 // SAFETY: each panel holds `quads` blocks of 64 bytes, and each row `quads`
                 // words (asserted above).
@@ -1164,10 +1177,7 @@ pub(crate) mod vnni {
                 }
             }
             for (r, acc) in acc.iter().enumerate().take(rs) {
-                // The 128 added to every activation contributed 128 * (sum of the filter).
-                let fix = _mm512_set1_epi32(128 * sums[i + r]);
-                for p in 0..P {
-                    let s = _mm512_sub_epi32(acc[p], fix);
+                for (p, &s) in acc.iter().enumerate() {
                     let w = NR.min(n - c0[p]);
                     match sink {
                         Sink::Sums(out) => {
@@ -1178,7 +1188,9 @@ pub(crate) mod vnni {
                             };
                         }
                         // SAFETY: the caller promises the output's rows.
-                        Sink::Finish(f) => unsafe { finish_row(f, i + r, c0[p], mask[p], s) },
+                        Sink::Finish(f) => unsafe {
+                            finish_row(f, lanes, i + r, c0[p], mask[p], s)
+                        },
                     }
                 }
             }
@@ -1203,7 +1215,40 @@ pub(crate) mod vnni {
         }
     }
 
-    /// Row `r`, columns `c0..` (those in `mask`) of a finished product: see [`Finish`].
+    /// An output place ready for [`finish_lanes`]: its grid's bounds in registers, and
+    /// whether rounding onto it may take the short way ([`super::relu_grid`]), worked out
+    /// once for the many calls of a layer.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Lanes {
+        out: Output,
+        lo: __m512,
+        hi: __m512,
+        inv: __m512,
+        relu: bool,
+    }
+
+    impl Lanes {
+        /// # Safety
+        /// The machine has AVX-512 F.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub(crate) unsafe fn new(out: Output) -> Lanes {
+            let grid = match out {
+                Output::F32(_) => [0.0; 3],
+                Output::I8(_, grid) => grid,
+            };
+            Lanes {
+                out,
+                lo: _mm512_set1_ps(grid[0]),
+                hi: _mm512_set1_ps(grid[1]),
+                inv: _mm512_set1_ps(grid[2]),
+                relu: super::relu_grid(grid),
+            }
+        }
+    }
+
+    /// Row `r`, columns `c0..` (those in `mask`) of a finished product: see [`Finish`]
+    /// (`lanes` made from its output).
     ///
     /// # Safety
     /// As for [`super::gemm_rows_finished`]; the machine has AVX-512 F, BW and VL.
@@ -1211,6 +1256,7 @@ pub(crate) mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(crate) unsafe fn finish_row(
         f: &Finish<'_>,
+        lanes: &Lanes,
         r: usize,
         c0: usize,
         mask: __mmask16,
@@ -1219,11 +1265,11 @@ pub(crate) mod vnni {
         let bias = f.bias.map_or(0.0, |b| b[r]);
         let (scale, bias) = (_mm512_set1_ps(f.scales[r]), _mm512_set1_ps(bias));
         // SAFETY: as the caller promises.
-        unsafe { finish_lanes(f.out, r * f.ld + c0, mask, s, scale, bias) }
+        unsafe { finish_lanes(lanes, r * f.ld + c0, mask, s, scale, bias) }
     }
 
     /// Sixteen sums (those in `mask`), each with its own scale and bias, finished as
-    /// [`Finish`] says and stored at `at` values from `out`'s place on.
+    /// [`Finish`] says and stored at `at` values from the output place of `lanes` on.
     ///
     /// # Safety
     /// The 16 values from `at` on (those in `mask`) are valid for writes that nothing else
@@ -1231,7 +1277,7 @@ pub(crate) mod vnni {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(crate) unsafe fn finish_lanes(
-        out: Output,
+        lanes: &Lanes,
         at: usize,
         mask: __mmask16,
         s: __m512i,
@@ -1239,7 +1285,7 @@ pub(crate) mod vnni {
         bias: __m512,
     ) {
         let y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), scale), bias);
-        match out {
+        match lanes.out {
             // SAFETY (both): the values at `at` are the caller's to write.
             Output::F32(p) => unsafe {
                 if mask == u16::MAX {
@@ -1248,40 +1294,57 @@ pub(crate) mod vnni {
                     _mm512_mask_storeu_ps(p.add(at), mask, y)
                 }
             },
-            Output::I8(p, [lo, hi, inv]) => {
-                // As `round_to_grid`: max(y, lo) is lo for NaN (the second operand), then
-                // min, times 1 / scale, plus 1/2 less an ulp with q's sign, clamped, truncated.
-                let q = _mm512_mul_ps(
-                    _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(lo)), _mm512_set1_ps(hi)),
-                    _mm512_set1_ps(inv),
-                );
-                let sign = _mm512_and_si512(_mm512_castps_si512(q), _mm512_set1_epi32(i32::MIN));
-                let half = _mm512_castsi512_ps(_mm512_or_si512(
-                    sign,
-                    _mm512_castps_si512(_mm512_set1_ps(crate::runtime::HALF_DOWN)),
-                ));
-                let v = _mm512_min_ps(
-                    _mm512_max_ps(_mm512_add_ps(q, half), _mm512_set1_ps(-127.0)),
-                    _mm512_set1_ps(127.0),
-                );
-                let ints = _mm512_cvttps_epi32(v);
+            Output::I8(p, _) => {
+                let clipped = _mm512_min_ps(_mm512_max_ps(y, lanes.lo), lanes.hi);
+                let q = _mm512_mul_ps(clipped, lanes.inv);
+                let ints = if lanes.relu {
+                    // `q` is +0 or more and below 1e9 (see `relu_grid`): the half added is
+                    // positive, and the clamp to 127 happens as the narrowing saturates.
+                    _mm512_cvttps_epi32(_mm512_add_ps(q, _mm512_set1_ps(crate::runtime::HALF_DOWN)))
+                } else {
+                    // As `round_to_grid`: max(y, lo) is lo for NaN (the second operand), then
+                    // min, times 1 / scale, plus 1/2 less an ulp with q's sign, clamped,
+                    // truncated.
+                    let sign =
+                        _mm512_and_si512(_mm512_castps_si512(q), _mm512_set1_epi32(i32::MIN));
+                    let half = _mm512_castsi512_ps(_mm512_or_si512(
+                        sign,
+                        _mm512_castps_si512(_mm512_set1_ps(crate::runtime::HALF_DOWN)),
+                    ));
+                    let v = _mm512_min_ps(
+                        _mm512_max_ps(_mm512_add_ps(q, half), _mm512_set1_ps(-127.0)),
+                        _mm512_set1_ps(127.0),
+                    );
+                    _mm512_cvttps_epi32(v)
+                };
+                // Narrowed with saturation (the values of the second way are within ±127
+                // already).
                 unsafe {
                     if mask == u16::MAX {
                         // Narrowed in a register, then stored: a narrowing store to memory
                         // is slow.
-                        _mm_storeu_si128(p.add(at).cast(), _mm512_cvtepi32_epi8(ints))
+                        _mm_storeu_si128(p.add(at).cast(), _mm512_cvtsepi32_epi8(ints))
                     } else {
                         // A narrowing store, not a masked store of the narrowed register:
                         // where the compiler knew the mask to be one lane (1), it turned
                         // that into a 4-byte store of the lane's 32-bit value (rustc 1.95;
                         // LLVM's truncated masked stores, llvm/llvm-project#179489),
                         // clobbering the three bytes after it.
-                        _mm512_mask_cvtepi32_storeu_epi8(p.add(at).cast(), mask, ints)
+                        _mm512_mask_cvtsepi32_storeu_epi8(p.add(at).cast(), mask, ints)
                     }
                 }
             }
         }
     }
+}
+
+/// Whether values clipped to the grid `[lo, hi, inv]` and scaled (`min(max(y, lo), hi) * inv`)
+/// are never negative and stay below 1e9: then rounding them half away from zero is adding
+/// the half below 1/2 and truncating, and the clamp to ±127 is the saturation of the narrowing
+/// to int8 (the grid of an output after a ReLU or ReLU6).
+#[inline(always)]
+pub(crate) fn relu_grid([lo, hi, inv]: [f32; 3]) -> bool {
+    lo == 0.0 && hi >= 0.0 && inv >= 0.0 && f64::from(hi) * f64::from(inv) < 1e9
 }
 
 #[cfg(test)]
@@ -1594,6 +1657,70 @@ mod tests {
         eprintln!("kernels tested: {:?}", Kernel::available_kernels());
     }
 
+    /// Lanes finished onto a grid round exactly as the runtime's quantizer rounds, on the
+    /// short way of ReLU grids (`relu_grid`: values above the grid's top saturate as the
+    /// narrowing saturates) and the long way of the others: sums at the ends of the int32
+    /// range, sums whose values land on and next to halves, -0, grids whose top scales past
+    /// 127, and grids the short way must not take (an infinite top, a top times 1 / scale of
+    /// 1e9 or more; NaN bounds).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn finished_lanes_round_as_the_quantizer_on_every_grid() {
+        if !Kernel::Avx512Vnni.available() {
+            eprintln!("skipped: this machine lacks AVX-512 VNNI");
+            return;
+        }
+        let [lo, hi, inv] = crate::runtime::bounds(0.05);
+        let grids: [([f32; 3], bool); 8] = [
+            ([lo, hi, inv], false),
+            ([0.0, hi, inv], true),
+            ([-0.0, hi.min(6.0), inv], true),
+            ([0.0, 1000.0, 1.0], true),
+            ([0.0, f32::INFINITY, 1.0], false),
+            ([0.0, f32::NAN, 1.0], false),
+            ([0.0, 1e10, 1.0], false),
+            ([0.0, hi, f32::NAN], false),
+        ];
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut sums: Vec<i32> = vec![i32::MIN, i32::MAX, 0, 1, -1, 2, 3, 2539, 2540, 2541];
+        // Sums that are halves of the grid (scale 0.5 below, grid 0.05: every 0.1 in y).
+        sums.extend((-300..300).map(|h| h * 2 + 1));
+        sums.extend((0..2000).map(|_| rng.random_range(-5_000_000..5_000_000)));
+        sums.resize(sums.len().next_multiple_of(16), 7);
+        for (grid, short) in grids {
+            assert_eq!(relu_grid(grid), short, "{grid:?}");
+            if grid.iter().any(|b| b.is_nan()) {
+                // (No quantizer has such a grid; the scalar `min` and the vector one also
+                // differ on NaN: only that it takes the long way matters.)
+                continue;
+            }
+            for (scale, bias) in [(0.05f32, 0.0f32), (0.5, -0.0), (1e-3, 0.25), (3.0, -1.0)] {
+                let mut q = vec![99i8; sums.len()];
+                let scales = [scale];
+                let biases = [bias];
+                let f = Finish {
+                    scales: &scales,
+                    bias: Some(&biases),
+                    ld: 0,
+                    out: Output::I8(q.as_mut_ptr(), grid),
+                };
+                for (c, lanes) in sums.chunks_exact(16).enumerate() {
+                    // SAFETY: the machine has AVX-512 (checked above); `lanes` holds 16 values
+                    // and `q` 16 from `16 c` on.
+                    unsafe {
+                        let s = std::arch::x86_64::_mm512_loadu_si512(lanes.as_ptr().cast());
+                        vnni::finish_row(&f, &vnni::Lanes::new(f.out), 0, 16 * c, u16::MAX, s)
+                    }
+                }
+                for (&s, &got) in sums.iter().zip(&q) {
+                    let y = s as f32 * scale + bias;
+                    let want = crate::runtime::round_to_grid(y, grid[0], grid[1], grid[2]);
+                    assert_eq!(got, want, "sum {s} scale {scale} bias {bias} grid {grid:?}");
+                }
+            }
+        }
+    }
+
     /// A row finished through a mask writes the lanes in the mask and nothing else, as f32
     /// and as int8, with a mask the compiler knows to be one lane (which it once turned into
     /// a 4-byte store of the int8 lane) and with masks it does not know.
@@ -1621,7 +1748,7 @@ mod tests {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn one_lane(f: &Finish<'_>, r: usize, c: usize, s: std::arch::x86_64::__m512i) {
             // SAFETY: as the caller promises.
-            unsafe { vnni::finish_row(f, r, c, 1, s) }
+            unsafe { vnni::finish_row(f, &vnni::Lanes::new(f.out), r, c, 1, s) }
         }
         for way in ["one lane, known", "one lane", "lanes 0 and 15"] {
             let mut f32s = vec![-7.0f32; 2 * 20];
@@ -1638,11 +1765,17 @@ mod tests {
                         unsafe {
                             match way {
                                 "one lane, known" => one_lane(&f, r, c, sums(c)),
-                                "one lane" => {
-                                    vnni::finish_row(&f, r, c, std::hint::black_box(1), sums(c))
-                                }
+                                "one lane" => vnni::finish_row(
+                                    &f,
+                                    &vnni::Lanes::new(f.out),
+                                    r,
+                                    c,
+                                    std::hint::black_box(1),
+                                    sums(c),
+                                ),
                                 _ => vnni::finish_row(
                                     &f,
+                                    &vnni::Lanes::new(f.out),
                                     r,
                                     c,
                                     std::hint::black_box(0x8001),

@@ -941,6 +941,8 @@ unsafe fn window_planes(
         "planes of windows out of bounds"
     );
     let flip = _mm512_set1_epi8(-128);
+    // SAFETY: the machine has AVX-512 F (as the caller promises).
+    let place = unsafe { crate::gemm::vnni::Lanes::new(out) };
     let mut weights = [_mm512_setzero_si512(); 16];
     for (u, xu) in x.chunks_exact(wp.m).enumerate() {
         let ci = (first + u) % ch;
@@ -971,7 +973,7 @@ unsafe fn window_planes(
             }
             let mask = (u32::MAX >> (32 - len)) as u16;
             // SAFETY: the plane's outputs `q0..q0 + len` are the caller's to write.
-            unsafe { crate::gemm::vnni::finish_lanes(out, u * wp.o + q0, mask, acc, scale, bias) };
+            unsafe { crate::gemm::vnni::finish_lanes(&place, u * wp.o + q0, mask, acc, scale, bias) };
         }
     }
 }
@@ -1011,6 +1013,8 @@ unsafe fn small_planes(
         "units of small planes out of bounds"
     );
     let flip = _mm512_set1_epi8(-128);
+    // SAFETY: the machine has AVX-512 F (as the caller promises).
+    let place = unsafe { crate::gemm::vnni::Lanes::new(out) };
     let bytes = if unit == 64 {
         u64::MAX
     } else {
@@ -1063,7 +1067,7 @@ unsafe fn small_planes(
             let mask = (u32::MAX >> (32 - valid)) as u16;
             let at = u * p * sp.o + 16 * b;
             // SAFETY: the unit's outputs `16 b..16 b + valid` are the caller's to write.
-            unsafe { crate::gemm::vnni::finish_lanes(out, at, mask, acc, scale, bias) };
+            unsafe { crate::gemm::vnni::finish_lanes(&place, at, mask, acc, scale, bias) };
         }
     }
 }
@@ -1159,6 +1163,8 @@ unsafe fn dpbusd_sweep(
     // SAFETY: `lanes` has 64 bytes.
     let gather = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
     let flip = _mm256_set1_epi8(-128);
+    // SAFETY: the machine has AVX-512 F (as the caller promises).
+    let place = unsafe { crate::gemm::vnni::Lanes::new(finish.out) };
     for i in (0..span).step_by(16) {
         let mut acc = _mm512_set1_epi32(-offset);
         for (&a, &w) in starts.iter().zip(weights) {
@@ -1169,7 +1175,7 @@ unsafe fn dpbusd_sweep(
             acc = _mm512_dpbusd_epi32(acc, x, _mm512_set1_epi32(w));
         }
         // SAFETY: the caller promises row 0's values up to `span`.
-        unsafe { crate::gemm::vnni::finish_row(finish, 0, i, 0xffff, acc) };
+        unsafe { crate::gemm::vnni::finish_row(finish, &place, 0, i, 0xffff, acc) };
     }
 }
 
