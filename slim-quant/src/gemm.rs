@@ -1176,11 +1176,15 @@ pub(crate) mod vnni {
                     }
                 }
             }
-            for (r, acc) in acc.iter().enumerate().take(rs) {
+            // Row by row with constant indices (a loop over `rs` rows kept the sums in memory).
+            let mut put = |r: usize, acc: &[__m512i; P]| {
+                if r >= rs {
+                    return;
+                }
                 for (p, &s) in acc.iter().enumerate() {
                     let w = NR.min(n - c0[p]);
                     match sink {
-                        Sink::Sums(out) => {
+                        Sink::Sums(ref mut out) => {
                             let row = &mut out[(i + r) * n + c0[p]..(i + r) * n + c0[p] + w];
                             // SAFETY: the mask covers the row's `w` values.
                             unsafe {
@@ -1193,7 +1197,16 @@ pub(crate) mod vnni {
                         },
                     }
                 }
-            }
+            };
+            let [a0, a1, a2, a3, a4, a5, a6, a7] = &acc;
+            put(0, a0);
+            put(1, a1);
+            put(2, a2);
+            put(3, a3);
+            put(4, a4);
+            put(5, a5);
+            put(6, a6);
+            put(7, a7);
             i += MR;
         }
     }
