@@ -1159,9 +1159,8 @@ pub(crate) mod vnni {
                 std::array::from_fn(|r| pa[(i + r).min(m - 1) * quads..].as_ptr());
             // The sums start at -128 * (sum of the filter): the 128 added to every
             // activation contributes that back.
-            let mut acc: [[__m512i; P]; MR] = std::array::from_fn(|r| {
-                [_mm512_set1_epi32(-128 * sums[(i + r).min(m - 1)]); P]
-            });
+            let mut acc: [[__m512i; P]; MR] =
+                std::array::from_fn(|r| [_mm512_set1_epi32(-128 * sums[(i + r).min(m - 1)]); P]);
             for q in 0..quads {
                 // SAFETY: each panel holds `quads` blocks of 64 bytes, and each row `quads`
                 // words (asserted above).

@@ -675,7 +675,7 @@ impl Sweeps {
             all.extend(SmallPlanes::new(geo, wq).map(Sweeps::Small));
         }
         if vnni && all.len() < most {
-            all.extend(WindowPlanes::new(geo, wq).map(Sweeps::Windows));
+            all.extend(WindowPlanes::new(geo, wq, 16).map(Sweeps::Windows));
         }
         if vnni && all.len() < most {
             all.push(Sweeps::Quads(TapQuads::new(&layout, wq, kh * kw)));
@@ -828,8 +828,9 @@ impl WindowPlanes {
     const WINDOW: usize = 128;
 
     /// The layout for `geo`, or `None` where no choice of blocks keeps every window within
-    /// 128 values.
-    fn new(geo: &Geometry<'_>, wq: &[i8]) -> Option<WindowPlanes> {
+    /// 128 values. Blocks of `narrowest` to 16 outputs are tried, widest first (a depthwise
+    /// layer takes only 16: narrower blocks lose to its sweeps over phases).
+    fn new(geo: &Geometry<'_>, wq: &[i8], narrowest: usize) -> Option<WindowPlanes> {
         let c = geo.spec;
         let (kh, kw) = (c.kernel[0], c.kernel[1]);
         let taps = kh * kw;
@@ -848,22 +849,26 @@ impl WindowPlanes {
             }
         };
         let runs: Vec<(usize, usize)> = (0..o).step_by(16).map(|q| (q, (o - q).min(16))).collect();
-        let rows: Vec<(usize, usize)> = if geo.ow <= 16 {
-            let per = 16 / geo.ow;
-            (0..geo.oh)
-                .step_by(per)
-                .map(|y| (y * geo.ow, (geo.oh - y).min(per) * geo.ow))
-                .collect()
-        } else {
-            (0..geo.oh)
-                .flat_map(|y| {
-                    (0..geo.ow)
-                        .step_by(16)
-                        .map(move |x| (y * geo.ow + x, (geo.ow - x).min(16)))
-                })
-                .collect()
+        // Whole rows, as many as fit in a block, or rows in pieces of `piece`.
+        let rows = |piece: usize| -> Vec<(usize, usize)> {
+            if geo.ow <= piece {
+                let per = piece / geo.ow;
+                (0..geo.oh)
+                    .step_by(per)
+                    .map(|y| (y * geo.ow, (geo.oh - y).min(per) * geo.ow))
+                    .collect()
+            } else {
+                (0..geo.oh)
+                    .flat_map(|y| {
+                        (0..geo.ow)
+                            .step_by(piece)
+                            .map(move |x| (y * geo.ow + x, (geo.ow - x).min(piece)))
+                    })
+                    .collect()
+            }
         };
-        let blocks: Vec<[usize; 3]> = [runs, rows].into_iter().find_map(|layout| {
+        let layouts = std::iter::once(runs).chain((narrowest.clamp(1, 16)..=16).rev().map(rows));
+        let blocks: Vec<[usize; 3]> = layouts.into_iter().find_map(|layout| {
             layout
                 .into_iter()
                 .map(|(q0, len)| window(q0, len).map(|base| [q0, len, base]))
@@ -973,7 +978,78 @@ unsafe fn window_planes(
             }
             let mask = (u32::MAX >> (32 - len)) as u16;
             // SAFETY: the plane's outputs `q0..q0 + len` are the caller's to write.
-            unsafe { crate::gemm::vnni::finish_lanes(&place, u * wp.o + q0, mask, acc, scale, bias) };
+            unsafe {
+                crate::gemm::vnni::finish_lanes(&place, u * wp.o + q0, mask, acc, scale, bias)
+            };
+        }
+    }
+}
+
+/// A convolution of one input channel (a network's first layer on grey images) run as
+/// [`window_planes`] runs a depthwise layer, with `wp` made for as many "channels" as the
+/// layer has filters: per sample and block of outputs, the window is loaded and each group's
+/// four taps gathered once, and every filter's sums are then that many multiply-adds and a
+/// finish. No columns are written out or packed. Writes filters `filters` of sample `sample`
+/// (the outputs `(sample * oc + o) * wp.o..` from `out`'s place on, `oc` the layer's filters).
+///
+/// # Safety
+/// The machine has AVX-512 F, BW, VL, VBMI and VNNI; `out` is valid for writes of those
+/// outputs, which nothing else reads or writes meanwhile. The slices are checked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+unsafe fn fan_out_windows(
+    wp: &WindowPlanes,
+    x: &[i8],
+    (sample, filters): (usize, std::ops::Range<usize>),
+    scales: &[f32],
+    bias: Option<&[f32]>,
+    out: crate::gemm::Output,
+) {
+    use std::arch::x86_64::*;
+    let oc = wp.offsets.len();
+    assert!(
+        x.len() >= (sample + 1) * wp.m
+            && filters.end <= oc
+            && scales.len() >= oc
+            && bias.is_none_or(|b| b.len() >= oc)
+            && wp.groups <= 16
+            && wp.blocks.iter().all(|&[_, _, base]| base < wp.m),
+        "fanned-out windows out of bounds"
+    );
+    let xu = &x[sample * wp.m..(sample + 1) * wp.m];
+    let flip = _mm512_set1_epi8(-128);
+    // SAFETY: the machine has AVX-512 F (as the caller promises).
+    let place = unsafe { crate::gemm::vnni::Lanes::new(out) };
+    let mut taps = [_mm512_setzero_si512(); 16];
+    for (b, (&[q0, len, base], &[lo, hi])) in wp.blocks.iter().zip(&wp.loads).enumerate() {
+        let p = xu[base..].as_ptr();
+        // SAFETY: the masks cover the plane's bytes from `base` on and no further (masked-off
+        // bytes are not read).
+        let (lo, hi) = unsafe {
+            (
+                _mm512_maskz_loadu_epi8(lo, p),
+                _mm512_maskz_loadu_epi8(hi, p.wrapping_add(64)),
+            )
+        };
+        let (lo, hi) = (_mm512_xor_si512(lo, flip), _mm512_xor_si512(hi, flip));
+        for (g, v) in taps.iter_mut().take(wp.groups).enumerate() {
+            let at = b * wp.groups + g;
+            // SAFETY: each index holds 64 bytes.
+            let idx = unsafe { _mm512_loadu_si512(wp.index[at].as_ptr().cast()) };
+            *v = _mm512_mask2_permutex2var_epi8(lo, idx, wp.keep[at], hi);
+        }
+        let mask = (u32::MAX >> (32 - len)) as u16;
+        for o in filters.clone() {
+            let mut acc = _mm512_set1_epi32(-wp.offsets[o]);
+            for (g, &v) in taps.iter().take(wp.groups).enumerate() {
+                acc = _mm512_dpbusd_epi32(acc, v, _mm512_set1_epi32(wp.weights[g * oc + o]));
+            }
+            let scale = _mm512_set1_ps(scales[o]);
+            let bias = _mm512_set1_ps(bias.map_or(0.0, |b| b[o]));
+            let at = (sample * oc + o) * wp.o + q0;
+            // SAFETY: filter `o`'s outputs `q0..q0 + len` of this sample are the caller's to
+            // write.
+            unsafe { crate::gemm::vnni::finish_lanes(&place, at, mask, acc, scale, bias) };
         }
     }
 }
@@ -1450,16 +1526,25 @@ impl<'m> Int8Kernels<'m> {
     /// A depthwise layer's sweeps: prepared ones for the model these kernels were made for
     /// (made at the layer's first forward with this input size), else made now.
     fn sweeps(&self, model: &Model, node: &Node, geo: &Geometry<'_>, wq: &[i8]) -> Arc<Sweeps> {
+        self.sweeps_made(model, node, geo, || Sweeps::fastest(geo, wq))
+    }
+
+    /// A layer's sweeps as `make` makes them: kept for the model these kernels were made for
+    /// (made at the layer's first forward with this input size), else made now.
+    fn sweeps_made(
+        &self,
+        model: &Model,
+        node: &Node,
+        geo: &Geometry<'_>,
+        make: impl FnOnce() -> Sweeps,
+    ) -> Arc<Sweeps> {
         let Some(p) = self.for_model(model) else {
-            return Arc::new(Sweeps::fastest(geo, wq));
+            return Arc::new(make());
         };
         let key = (node.param_name("weight"), geo.h, geo.w);
         // A poisoned lock only means another forward panicked; the map is still whole.
         let mut made = p.sweeps.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(
-            made.entry(key)
-                .or_insert_with(|| Arc::new(Sweeps::fastest(geo, wq))),
-        )
+        Arc::clone(made.entry(key).or_insert_with(|| Arc::new(make())))
     }
 
     /// A convolution's filters in tap order (see [`quad_layer`]): prepared ones for the
@@ -1964,6 +2049,10 @@ impl Int8Kernels<'_> {
                 let out = if c.is_depthwise() {
                     let sweeps = self.sweeps(model, node, &geo, &w.values);
                     depthwise_by(&sweeps, xq, &w.values, &geo, n, &scales, bias, to)
+                } else if let Some(out) =
+                    self.fanned_out(model, node, &geo, xq, w, n, &scales, bias, to)
+                {
+                    out
                 } else {
                     let pa = self.weights(model, node, &w.values, oc);
                     let quad = self.quad_weights(model, node, &w.values);
@@ -1973,6 +2062,87 @@ impl Int8Kernels<'_> {
             }
             _ => Ok(None),
         }
+    }
+}
+
+impl Int8Kernels<'_> {
+    /// A convolution of one input channel run by [`fan_out_windows`], where the machine
+    /// and the layer's windows allow (its layout made at the layer's first forward with this
+    /// input size, as a depthwise layer's sweeps are); `None` otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn fanned_out<T: Sink>(
+        &self,
+        model: &Model,
+        node: &Node,
+        geo: &Geometry<'_>,
+        xq: &[i8],
+        w: &slim_core::model::Int8Tensor,
+        n: usize,
+        scales: &[f32],
+        bias: Option<&[f32]>,
+        to: &Requant,
+    ) -> Option<Vec<T>> {
+        let c = geo.spec;
+        let oc = c.out_channels;
+        if geo.cin != 1 || c.groups != 1 || oc == 0 || !vnni_sweeps_available() {
+            return None;
+        }
+        // The layer's filters taken as the channels of a depthwise layer over copies of its
+        // input plane: the same windows, taps and weights.
+        let as_depthwise = Geometry { cin: oc, ..*geo };
+        let sweeps = self.sweeps_made(model, node, geo, || {
+            WindowPlanes::new(&as_depthwise, &w.values, 8).map_or(Sweeps::Plain, Sweeps::Windows)
+        });
+        let Sweeps::Windows(wp) = &*sweeps else {
+            return None;
+        };
+        fan_out(wp, xq, n, oc, scales, bias, to)
+    }
+}
+
+/// [`fan_out_windows`] over a batch of `n` samples, in tasks of a sample (or, for fewer
+/// samples than threads, of part of its filters).
+#[allow(clippy::too_many_arguments)]
+fn fan_out<T: Sink>(
+    wp: &WindowPlanes,
+    xq: &[i8],
+    n: usize,
+    oc: usize,
+    scales: &[f32],
+    bias: Option<&[f32]>,
+    to: &Requant,
+) -> Option<Vec<T>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let len = n * oc * wp.o;
+        let parts = if n < rayon::current_num_threads() {
+            rayon::current_num_threads().min(oc.div_ceil(4))
+        } else {
+            1
+        };
+        let per = oc.div_ceil(parts);
+        let mut out: Vec<T> = Vec::with_capacity(len);
+        let written = Disjoint(out.as_mut_ptr());
+        let work = len * wp.groups * 4;
+        for_each_task(n * parts, work < SERIAL_DEPTHWISE, |task| {
+            let (sample, part) = (task / parts, task % parts);
+            let filters = (part * per).min(oc)..((part + 1) * per).min(oc);
+            // SAFETY: `vnni_sweeps_available` held for the windows to be made; this task
+            // alone writes these filters of this sample, inside `out`'s capacity.
+            unsafe {
+                let at = written.add(0).0;
+                fan_out_windows(wp, xq, (sample, filters), scales, bias, T::output(at, to))
+            };
+        });
+        // SAFETY: the tasks wrote every filter of every sample (the windows' blocks cover
+        // each output plane), and `T` is a plain number.
+        unsafe { out.set_len(len) };
+        Some(out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (wp, xq, n, oc, scales, bias, to);
+        None
     }
 }
 
@@ -2224,7 +2394,7 @@ mod tests {
                 ow,
                 spec: &spec,
             };
-            let wp = super::WindowPlanes::new(&geo, &[1; 18]);
+            let wp = super::WindowPlanes::new(&geo, &[1; 18], 16);
             assert_eq!(wp.is_some(), fits, "{h}x{w} s{stride} d{dil}");
             let Some(wp) = wp else { continue };
             let in_runs = wp
@@ -2343,6 +2513,99 @@ mod tests {
                         let want: Vec<u32> = want_q.iter().map(|&v| v as u32).collect();
                         assert_eq!(first(&got, &want), None, "{case}: int8, first difference");
                     }
+                }
+            }
+        }
+    }
+
+    /// A convolution of one input channel fanned out over windows gives exactly what the
+    /// im2col product gives ([`super::grouped`]), as f32 and as int8 on plain and ReLU grids,
+    /// with and without bias: 3x3 and 5x5 kernels on MNIST-sized planes (LeNet's first layer
+    /// needs blocks narrower than 16), stride 2, dilation, no padding, one filter, filter
+    /// counts that split a batch of one across threads, and full-range values. Layers whose
+    /// windows cannot fit are left to the product.
+    #[test]
+    fn one_channel_convolutions_fan_out_as_the_product_computes() {
+        use rand::{Rng, SeedableRng};
+        if !super::vnni_sweeps_available() {
+            eprintln!("skipped: this machine lacks AVX-512 VBMI and VNNI");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        // (h, w, kernel, stride, padding, dilation, filters, samples)
+        for (h, w, k, stride, pad, dil, oc, n) in [
+            (28, 28, 3, 1, 1, 1, 16, 3),
+            (28, 28, 3, 1, 1, 1, 16, 1),
+            (28, 28, 5, 1, 2, 1, 6, 2),
+            (28, 28, 5, 1, 0, 1, 5, 1),
+            (32, 32, 3, 2, 1, 1, 8, 2),
+            (14, 14, 3, 1, 2, 2, 3, 2),
+            (7, 9, 3, 1, 1, 1, 1, 1),
+            (64, 64, 7, 1, 3, 1, 4, 1),
+        ] {
+            let spec = slim_core::Conv2dSpec {
+                in_channels: 1,
+                out_channels: oc,
+                kernel: [k, k],
+                stride,
+                padding: pad,
+                dilation: dil,
+                groups: 1,
+                bias: true,
+            };
+            let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let ow = (w + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let geo = super::Geometry {
+                cin: 1,
+                h,
+                w,
+                oh,
+                ow,
+                spec: &spec,
+            };
+            let extreme = |rng: &mut rand::rngs::StdRng, i: usize| match i % 7 {
+                0 => -128,
+                1 => 127,
+                _ => rng.random_range(-128i32..128) as i8,
+            };
+            let xq: Vec<i8> = (0..n * h * w).map(|i| extreme(&mut rng, i)).collect();
+            let wq: Vec<i8> = (0..oc * k * k).map(|i| extreme(&mut rng, i + 3)).collect();
+            let scales: Vec<f32> = (0..oc).map(|_| rng.random_range(1e-4f32..1e-2)).collect();
+            let bias: Vec<f32> = (0..oc).map(|_| rng.random_range(-1f32..1.0)).collect();
+            let case = format!("{h}x{w} k{k} s{stride} p{pad} d{dil}, {oc} filters, {n} samples");
+            let as_depthwise = super::Geometry { cin: oc, ..geo };
+            let Some(wp) = super::WindowPlanes::new(&as_depthwise, &wq, 8) else {
+                assert_eq!(k, 7, "{case}: no windows");
+                continue;
+            };
+            let pa = crate::gemm::PackedA::new(crate::gemm::MatRef::new(&wq, oc, k * k));
+            for bias in [Some(&bias[..]), None] {
+                let relu = slim_core::Op::Relu;
+                for act in [None, Some(&relu)] {
+                    let to = super::Requant::new(rng.random_range(1e-3f32..2e-2), act);
+                    let want_f: Vec<u32> =
+                        super::grouped::<f32>(&xq, (&pa, None), &geo, n, &scales, bias, &to)
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect();
+                    let want_q =
+                        super::grouped::<i8>(&xq, (&pa, None), &geo, n, &scales, bias, &to);
+                    let got_f: Vec<u32> =
+                        super::fan_out::<f32>(&wp, &xq, n, oc, &scales, bias, &to)
+                            .expect("x86-64")
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect();
+                    let got_q =
+                        super::fan_out::<i8>(&wp, &xq, n, oc, &scales, bias, &to).expect("x86-64");
+                    assert_eq!(got_f.len(), n * oc * oh * ow, "{case}");
+                    let first = |a: &[u32], b: &[u32]| a.iter().zip(b).position(|(x, y)| x != y);
+                    assert_eq!(
+                        first(&got_f, &want_f),
+                        None,
+                        "{case}: f32, first difference"
+                    );
+                    assert_eq!(got_q, want_q, "{case}: int8 {act:?}");
                 }
             }
         }
