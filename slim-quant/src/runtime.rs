@@ -2123,7 +2123,9 @@ fn fan_out<T: Sink>(
         let per = oc.div_ceil(parts);
         let mut out: Vec<T> = Vec::with_capacity(len);
         let written = Disjoint(out.as_mut_ptr());
-        let work = len * wp.groups * 4;
+        // (Counted as a depthwise layer's work, one multiply-add per group of four taps: a
+        // stem at batch 1 lost time handing half its filters to another thread.)
+        let work = len * wp.groups;
         for_each_task(n * parts, work < SERIAL_DEPTHWISE, |task| {
             let (sample, part) = (task / parts, task % parts);
             let filters = (part * per).min(oc)..((part + 1) * per).min(oc);
