@@ -187,7 +187,7 @@ fn main() {
             };
             let kind = if int8 { " int8" } else { "" };
             println!("slim{kind} {name} batch {batch}: {median:.3} ms (runs {lo:.3}..{hi:.3})");
-            if nodes && batch > 1 {
+            if nodes {
                 let times = match (&q, &kernels) {
                     (Some(q), Some(k)) => node_times(q, &x, 20, Some(k)),
                     _ => node_times(&m, &x, 20, None),
