@@ -1449,9 +1449,60 @@ struct Prepared<'m> {
     requant: HashMap<usize, Requant>,
     /// The activations and quantizers between such layers, which pass those values on.
     passed: HashSet<usize>,
-    /// The depthwise layers' sweeps, by weight name and input height and width, made at the
-    /// first forward with that input size.
-    sweeps: Mutex<HashMap<(String, usize, usize), Arc<Sweeps>>>,
+    /// The quantizers whose readers are all integer layers (and that are no graph output):
+    /// their readers round the input themselves, so they pass it on as it is.
+    skipped: HashSet<usize>,
+    /// Every integer layer's weights, scales and bias, by node.
+    layers: HashMap<usize, LayerParts<'m>>,
+    /// The depthwise layers' sweeps (and the windows of fanned-out layers), by node and input
+    /// height and width, made at the first forward with that input size.
+    sweeps: Mutex<HashMap<(usize, usize, usize), Arc<Sweeps>>>,
+}
+
+/// What an integer layer computes with, looked up once: its int8 weights (and their name),
+/// its input's scale, each output channel's `s_in * s_w`, and its bias.
+struct LayerParts<'m> {
+    id: usize,
+    weight: String,
+    w: &'m slim_core::model::Int8Tensor,
+    s_in: f32,
+    scales: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+impl<'m> LayerParts<'m> {
+    /// The parts of node `id` of `model`, `None` where it is no integer layer (no int8
+    /// weights, or an input that is not a quantizer's).
+    fn new(model: &'m Model, id: usize) -> slim_core::Result<Option<LayerParts<'m>>> {
+        let node = model.graph.node(id);
+        let rows = match &node.op {
+            Op::Conv2d(c) => c.out_channels,
+            Op::Linear(l) => l.out_features,
+            _ => return Ok(None),
+        };
+        let weight = node.param_name("weight");
+        let (Some(w), Some(s_in)) = (model.int8.get(&weight), input_scale(model, node)?) else {
+            return Ok(None);
+        };
+        let bias = match model.params.tensor(&node.param_name("bias")) {
+            Ok(b) => Some(b.to_vec1::<f32>()?),
+            Err(_) => None,
+        };
+        // Row `o` of the weights (output channel or feature) has the scale of its values.
+        let per_row = w.values.len() / rows.max(1);
+        let per_scale = (w.values.len() / w.scales.len().max(1)).max(1);
+        let scales = (0..rows)
+            .map(|o| s_in * w.scales[(o * per_row) / per_scale])
+            .collect();
+        Ok(Some(LayerParts {
+            id,
+            weight,
+            w,
+            s_in,
+            scales,
+            bias,
+        }))
+    }
 }
 
 impl<'m> Int8Kernels<'m> {
@@ -1504,6 +1555,14 @@ impl<'m> Int8Kernels<'m> {
             })
             .collect();
         let (requant, passed) = integer_chains(model);
+        let g = &model.graph;
+        let skipped = (0..g.nodes().len())
+            .filter(|&id| skipped_quantizer(model, id))
+            .collect();
+        // (A layer whose parts cannot be read is looked up at its forward, which reports why.)
+        let layers = (0..g.nodes().len())
+            .filter_map(|id| Some((id, LayerParts::new(model, id).ok()??)))
+            .collect();
         Int8Kernels {
             prepared: Some(Prepared {
                 model,
@@ -1511,6 +1570,8 @@ impl<'m> Int8Kernels<'m> {
                 tap_major,
                 requant,
                 passed,
+                skipped,
+                layers,
                 sweeps: Mutex::default(),
             }),
         }
@@ -1525,8 +1586,8 @@ impl<'m> Int8Kernels<'m> {
 
     /// A depthwise layer's sweeps: prepared ones for the model these kernels were made for
     /// (made at the layer's first forward with this input size), else made now.
-    fn sweeps(&self, model: &Model, node: &Node, geo: &Geometry<'_>, wq: &[i8]) -> Arc<Sweeps> {
-        self.sweeps_made(model, node, geo, || Sweeps::fastest(geo, wq))
+    fn sweeps(&self, model: &Model, id: usize, geo: &Geometry<'_>, wq: &[i8]) -> Arc<Sweeps> {
+        self.sweeps_made(model, id, geo, || Sweeps::fastest(geo, wq))
     }
 
     /// A layer's sweeps as `make` makes them: kept for the model these kernels were made for
@@ -1534,14 +1595,14 @@ impl<'m> Int8Kernels<'m> {
     fn sweeps_made(
         &self,
         model: &Model,
-        node: &Node,
+        id: usize,
         geo: &Geometry<'_>,
         make: impl FnOnce() -> Sweeps,
     ) -> Arc<Sweeps> {
         let Some(p) = self.for_model(model) else {
             return Arc::new(make());
         };
-        let key = (node.param_name("weight"), geo.h, geo.w);
+        let key = (id, geo.h, geo.w);
         // A poisoned lock only means another forward panicked; the map is still whole.
         let mut made = p.sweeps.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(made.entry(key).or_insert_with(|| Arc::new(make())))
@@ -1549,21 +1610,21 @@ impl<'m> Int8Kernels<'m> {
 
     /// A convolution's filters in tap order (see [`quad_layer`]): prepared ones for the
     /// model these kernels were made for, else packed now; `None` for other layers.
-    fn quad_weights(&self, model: &Model, node: &Node, values: &[i8]) -> Option<Cow<'_, PackedA>> {
+    fn quad_weights(&self, model: &Model, layer: &Layer<'_>) -> Option<Cow<'_, PackedA>> {
         match self.for_model(model) {
-            Some(p) => p
-                .tap_major
-                .get(&node.param_name("weight"))
-                .map(Cow::Borrowed),
-            None => quad_filters(node, values).map(Cow::Owned),
+            Some(p) => p.tap_major.get(&layer.parts.weight).map(Cow::Borrowed),
+            None => quad_filters(layer.node, &layer.parts.w.values).map(Cow::Owned),
         }
     }
 
     /// A layer's packed weights: prepared ones for the model these kernels were made for,
     /// else packed now.
-    fn weights(&self, model: &Model, node: &Node, values: &[i8], rows: usize) -> Cow<'_, PackedA> {
-        let name = node.param_name("weight");
-        match self.for_model(model).and_then(|p| p.packed.get(&name)) {
+    fn weights(&self, model: &Model, layer: &Layer<'_>, rows: usize) -> Cow<'_, PackedA> {
+        let values = &layer.parts.w.values;
+        match self
+            .for_model(model)
+            .and_then(|p| p.packed.get(&layer.parts.weight))
+        {
             Some(packed) => Cow::Borrowed(packed),
             None => Cow::Owned(PackedA::new(MatRef::new(
                 values,
@@ -1572,6 +1633,23 @@ impl<'m> Int8Kernels<'m> {
             ))),
         }
     }
+}
+
+/// Whether node `id` is a quantizer that passes its input on as it is: one whose readers are
+/// all convolutions or linear layers with int8 weights (they round the input to the same grid
+/// themselves; rounding it here would do it twice), and that is no graph output.
+fn skipped_quantizer(model: &Model, id: usize) -> bool {
+    let g = &model.graph;
+    if !matches!(g.node(id).op, Op::FakeQuant(_)) || g.outputs().contains(&id) {
+        return false;
+    }
+    let readers = g.successors(id);
+    !readers.is_empty()
+        && readers.iter().all(|&r| {
+            let n = g.node(r);
+            matches!(n.op, Op::Conv2d(_) | Op::Linear(_))
+                && model.int8.contains_key(&n.param_name("weight"))
+        })
 }
 
 /// Whether a node runs in integers: a convolution or linear layer with int8 weights that
@@ -1918,36 +1996,37 @@ impl NodeKernels for Int8Kernels<'_> {
             }));
         }
         if let Op::FakeQuant(_) = node.op {
-            // When every reader of a quantizer is an integer layer, those layers round the
-            // input to the same grid themselves: the float rounding would be done twice.
-            let readers = model.graph.successors(id);
-            let all_int = !readers.is_empty()
-                && readers.iter().all(|&r| {
-                    let n = model.graph.node(r);
-                    matches!(n.op, Op::Conv2d(_) | Op::Linear(_))
-                        && model.int8.contains_key(&n.param_name("weight"))
-                });
-            let is_output = model.graph.outputs().contains(&id);
-            return Ok((all_int && !is_output).then(|| inputs[0].clone()));
+            let skip = match prepared {
+                Some(p) => p.skipped.contains(&id),
+                None => skipped_quantizer(model, id),
+            };
+            return Ok(skip.then(|| inputs[0].clone()));
         }
-        let (Some(w), Some(s_in)) = (
-            model.int8.get(&node.param_name("weight")),
-            input_scale(model, node)?,
-        ) else {
-            return Ok(None);
+        let made;
+        let parts = match prepared {
+            Some(p) => match p.layers.get(&id) {
+                Some(parts) => parts,
+                // (a node that is no integer layer, or whose parts could not be read then)
+                None => match LayerParts::new(model, id)? {
+                    Some(parts) => {
+                        made = parts;
+                        &made
+                    }
+                    None => return Ok(None),
+                },
+            },
+            None => match LayerParts::new(model, id)? {
+                Some(parts) => {
+                    made = parts;
+                    &made
+                }
+                None => return Ok(None),
+            },
         };
+        let s_in = parts.s_in;
         let x = inputs[0];
-        let bias: Option<Vec<f32>> = match model.params.tensor(&node.param_name("bias")) {
-            Ok(b) => Some(b.to_vec1::<f32>()?),
-            Err(_) => None,
-        };
         let requant = prepared.and_then(|p| p.requant.get(&id));
-        let layer = Layer {
-            node,
-            w,
-            s_in,
-            bias: bias.as_deref(),
-        };
+        let layer = Layer { node, parts };
         let compute = |xq: &[i8]| -> slim_core::Result<Option<Tensor>> {
             Ok(match requant {
                 Some(to) => self
@@ -1969,12 +2048,10 @@ impl NodeKernels for Int8Kernels<'_> {
     }
 }
 
-/// An integer layer's node, int8 weights, input scale and bias.
+/// An integer layer's node and parts.
 struct Layer<'a> {
     node: &'a Node,
-    w: &'a slim_core::model::Int8Tensor,
-    s_in: f32,
-    bias: Option<&'a [f32]>,
+    parts: &'a LayerParts<'a>,
 }
 
 impl Int8Kernels<'_> {
@@ -1988,13 +2065,8 @@ impl Int8Kernels<'_> {
         dims: &[usize],
         to: &Requant,
     ) -> slim_core::Result<Option<(Vec<T>, Vec<usize>)>> {
-        let Layer {
-            node,
-            w,
-            s_in,
-            bias,
-        } = *layer;
-        let per_scale = w.values.len() / w.scales.len();
+        let (node, parts) = (layer.node, layer.parts);
+        let (w, scales, bias) = (parts.w, &parts.scales[..], parts.bias.as_deref());
         match &node.op {
             Op::Linear(l) => {
                 let (n, k, o) = (dims[0], l.in_features, l.out_features);
@@ -2006,17 +2078,14 @@ impl Int8Kernels<'_> {
                     }
                 }
                 let mut acc = vec![0i32; o * n];
-                let pa = self.weights(model, node, &w.values, o);
+                let pa = self.weights(model, layer, o);
                 gemm_rows(&pa, 0..o, MatRef::new(&xt, k, n), &mut acc);
                 // Per output feature, its samples' values; then laid out sample by sample.
                 let mut rows = vec![T::default(); o * n];
-                let scales: Vec<f32> = (0..o)
-                    .map(|j| s_in * w.scales[(j * k) / per_scale])
-                    .collect();
                 let block = Sums {
                     acc: &acc,
                     plane: n,
-                    scales: &scales,
+                    scales,
                     bias,
                 };
                 T::finish(&mut rows, block, to);
@@ -2035,9 +2104,6 @@ impl Int8Kernels<'_> {
                 let [oc, oh, ow] = node.shape[..] else {
                     return Ok(None);
                 };
-                let scales: Vec<f32> = (0..oc)
-                    .map(|o| s_in * w.scales[(o * w.values.len() / oc) / per_scale])
-                    .collect();
                 let geo = Geometry {
                     cin,
                     h,
@@ -2047,16 +2113,14 @@ impl Int8Kernels<'_> {
                     spec: c,
                 };
                 let out = if c.is_depthwise() {
-                    let sweeps = self.sweeps(model, node, &geo, &w.values);
-                    depthwise_by(&sweeps, xq, &w.values, &geo, n, &scales, bias, to)
-                } else if let Some(out) =
-                    self.fanned_out(model, node, &geo, xq, w, n, &scales, bias, to)
-                {
+                    let sweeps = self.sweeps(model, parts.id, &geo, &w.values);
+                    depthwise_by(&sweeps, xq, &w.values, &geo, n, scales, bias, to)
+                } else if let Some(out) = self.fanned_out(model, parts, &geo, xq, n, to) {
                     out
                 } else {
-                    let pa = self.weights(model, node, &w.values, oc);
-                    let quad = self.quad_weights(model, node, &w.values);
-                    grouped(xq, (&pa, quad.as_deref()), &geo, n, &scales, bias, to)
+                    let pa = self.weights(model, layer, oc);
+                    let quad = self.quad_weights(model, layer);
+                    grouped(xq, (&pa, quad.as_deref()), &geo, n, scales, bias, to)
                 };
                 Ok(Some((out, vec![n, oc, oh, ow])))
             }
@@ -2069,17 +2133,13 @@ impl Int8Kernels<'_> {
     /// A convolution of one input channel run by [`fan_out_windows`], where the machine
     /// and the layer's windows allow (its layout made at the layer's first forward with this
     /// input size, as a depthwise layer's sweeps are); `None` otherwise.
-    #[allow(clippy::too_many_arguments)]
     fn fanned_out<T: Sink>(
         &self,
         model: &Model,
-        node: &Node,
+        parts: &LayerParts<'_>,
         geo: &Geometry<'_>,
         xq: &[i8],
-        w: &slim_core::model::Int8Tensor,
         n: usize,
-        scales: &[f32],
-        bias: Option<&[f32]>,
         to: &Requant,
     ) -> Option<Vec<T>> {
         let c = geo.spec;
@@ -2090,13 +2150,15 @@ impl Int8Kernels<'_> {
         // The layer's filters taken as the channels of a depthwise layer over copies of its
         // input plane: the same windows, taps and weights.
         let as_depthwise = Geometry { cin: oc, ..*geo };
-        let sweeps = self.sweeps_made(model, node, geo, || {
-            WindowPlanes::new(&as_depthwise, &w.values, 8).map_or(Sweeps::Plain, Sweeps::Windows)
+        let sweeps = self.sweeps_made(model, parts.id, geo, || {
+            WindowPlanes::new(&as_depthwise, &parts.w.values, 8)
+                .map_or(Sweeps::Plain, Sweeps::Windows)
         });
         let Sweeps::Windows(wp) = &*sweeps else {
             return None;
         };
-        fan_out(wp, xq, n, oc, scales, bias, to)
+        let bias = parts.bias.as_deref();
+        fan_out(wp, xq, n, oc, &parts.scales, bias, to)
     }
 }
 
