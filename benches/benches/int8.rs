@@ -120,8 +120,10 @@ fn models(c: &mut Criterion) {
 
 criterion_group!(benches, gemm, models);
 
-// Slim's `main` sets up candle's threads (`slim_core::configure_threads`); so do the benches.
+// Slim's `main` sets up candle's threads (`slim_core::configure_threads`) and the allocator
+// (`slim_cli::tune_allocator`); so do the benches.
 fn main() {
+    slim_cli::tune_allocator();
     slim_core::configure_threads();
     benches();
     Criterion::default().configure_from_args().final_summary();

@@ -93,6 +93,8 @@ fn node_times(
 }
 
 fn main() {
+    // As the `slim` binary starts.
+    slim_cli::tune_allocator();
     slim_core::configure_threads();
     let mut nodes = false;
     let mut whole = false;
