@@ -77,7 +77,16 @@ fn grouped<T: Sink>(
     let blocks = oh.div_ceil(rows_per);
     let pointwise = kh == 1 && kw == 1 && c.stride == 1 && c.padding == 0;
     let oc = c.out_channels;
-    let mut out = vec![T::default(); n * oc * p];
+    // With the VNNI kernel every value is finished in registers and written through
+    // `written`, so the output is not zeroed first; the other kernels' sums are finished in
+    // slices of it, which must hold values.
+    let in_kernel = pa.kernel() == crate::gemm::Kernel::Avx512Vnni;
+    let len = n * oc * p;
+    let mut out: Vec<T> = if in_kernel {
+        unwritten(len)
+    } else {
+        vec![T::default(); len]
+    };
     let written = Disjoint(out.as_mut_ptr());
     let macs = n * oc * p * k;
     let halving = c.stride == 2 && crate::gemm::Kernel::Avx512Vnni.available();
@@ -238,6 +247,26 @@ fn grouped<T: Sink>(
             }
         });
     });
+    if in_kernel {
+        // SAFETY: the kernel finished and wrote every value of every task's rows: all
+        // samples, groups and blocks of rows, every column (its masks cover the tails).
+        unsafe { out.set_len(len) };
+    }
+    out
+}
+
+/// An empty vector with room for `len` outputs that kernels write through its pointer
+/// before it is given its length. In tests the room is filled with a pattern first (bytes
+/// 0xA5: -91 as int8, a tiny negative f32), so that an output a kernel fails to write shows
+/// as a wrong value rather than as the zeros of fresh memory.
+fn unwritten<T: Sink>(len: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    #[cfg(test)]
+    // SAFETY: the room holds `len` values of `T`, a plain number of whole bytes.
+    unsafe {
+        std::ptr::write_bytes(out.as_mut_ptr(), 0xA5, len)
+    };
+    let _ = &mut out;
     out
 }
 
@@ -521,31 +550,43 @@ fn depthwise_by<T: Sink>(
     // (a multiple of `SmallPlanes::planes`, which divides 16 / (oh * ow))
     let planes_per = (4096 / (oh * ow)).max(1);
     let avx2 = crate::gemm::Kernel::Avx2.available();
-    let mut out = vec![T::default(); n * ch * oh * ow];
-    let work = out.len() * kh * kw;
+    let len = n * ch * oh * ow;
+    let work = len * kh * kw;
+    let per_task = oh * ow * planes_per;
+    #[cfg(target_arch = "x86_64")]
+    if matches!(sweeps, Sweeps::Small(_) | Sweeps::Windows(_)) {
+        // Gathered from registers and finished there, every output written through
+        // `written`: the output is not zeroed first.
+        let mut out: Vec<T> = unwritten(len);
+        let written = Disjoint(out.as_mut_ptr());
+        for_each_task(len.div_ceil(per_task), work < SERIAL_DEPTHWISE, |task| {
+            let first = task * planes_per;
+            let planes = (len - task * per_task).min(per_task) / (oh * ow);
+            let x = &xq[first * h * w..(first + planes) * h * w];
+            // SAFETY: `Sweeps::made` checked the machine; from `task * per_task` on lie the
+            // outputs of the task's planes, which no other task writes (for small planes
+            // whole units of them: `planes_per` and the layer's planes are multiples of the
+            // unit's).
+            unsafe {
+                let out = T::output(written.add(task * per_task).0, to);
+                match sweeps {
+                    Sweeps::Small(sp) => small_planes(sp, x, first, scales, bias, out),
+                    Sweeps::Windows(wp) => window_planes(wp, x, first, scales, bias, out),
+                    _ => unreachable!("only register gathers come here"),
+                }
+            };
+        });
+        // SAFETY: the tasks wrote every output of every plane (each block's lanes in its
+        // mask, the blocks covering each plane).
+        unsafe { out.set_len(len) };
+        return out;
+    }
+    let mut out = vec![T::default(); len];
     for_each_chunk(
         &mut out,
-        oh * ow * planes_per,
+        per_task,
         work < SERIAL_DEPTHWISE,
         |(task, dsts)| {
-            #[cfg(target_arch = "x86_64")]
-            if matches!(sweeps, Sweeps::Small(_) | Sweeps::Windows(_)) {
-                let first = task * planes_per;
-                let planes = dsts.len() / (oh * ow);
-                let x = &xq[first * h * w..(first + planes) * h * w];
-                let out = T::output(dsts.as_mut_ptr(), to);
-                // SAFETY: `Sweeps::made` checked the machine; `dsts` holds the outputs of
-                // the task's planes (for small planes whole units of them: `planes_per` and
-                // the layer's planes are multiples of the unit's).
-                unsafe {
-                    match sweeps {
-                        Sweeps::Small(sp) => small_planes(sp, x, first, scales, bias, out),
-                        Sweeps::Windows(wp) => window_planes(wp, x, first, scales, bias, out),
-                        _ => unreachable!("only register gathers come here"),
-                    }
-                };
-                return;
-            }
             let mut phases = vec![0i8; layout.len() + SWEEP_SLACK];
             #[cfg(target_arch = "x86_64")]
             if matches!(sweeps, Sweeps::Quads(_) | Sweeps::Pairs(_)) {
@@ -2183,7 +2224,7 @@ fn fan_out<T: Sink>(
             1
         };
         let per = oc.div_ceil(parts);
-        let mut out: Vec<T> = Vec::with_capacity(len);
+        let mut out: Vec<T> = unwritten(len);
         let written = Disjoint(out.as_mut_ptr());
         // (Counted as a depthwise layer's work, one multiply-add per group of four taps: a
         // stem at batch 1 lost time handing half its filters to another thread.)
@@ -2577,6 +2618,97 @@ mod tests {
                         let want: Vec<u32> = want_q.iter().map(|&v| v as u32).collect();
                         assert_eq!(first(&got, &want), None, "{case}: int8, first difference");
                     }
+                }
+            }
+        }
+    }
+
+    /// Dense and grouped convolutions give the same values whichever kernel runs the
+    /// product: the AVX-512 VNNI kernel, which finishes every value in registers and writes
+    /// it into an output that was never zeroed (filled with a pattern in tests), and the
+    /// portable one, whose int32 sums the runtime finishes. Pointwise layers on planes with
+    /// tails of columns, 3x3 layers gathered from planes and from quad planes, strided,
+    /// dilated and grouped layers, and blocks of rows (planes wider than a task's share).
+    #[test]
+    fn convolutions_write_every_output_whichever_kernel_runs_them() {
+        use crate::gemm::{Kernel, MatRef, PackedA};
+        use rand::{Rng, SeedableRng};
+        if !Kernel::Avx512Vnni.available() {
+            eprintln!("skipped: this machine lacks AVX-512 VNNI");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        // (h, w, cin, oc, kernel, stride, padding, dilation, groups)
+        for (h, w, cin, oc, k, stride, pad, dil, groups) in [
+            (28, 28, 16, 32, 1, 1, 0, 1, 1),
+            (7, 7, 64, 24, 1, 1, 0, 1, 1),
+            (5, 3, 20, 9, 1, 1, 0, 1, 1),
+            (14, 14, 8, 16, 3, 1, 1, 1, 1),
+            (9, 9, 12, 10, 3, 1, 1, 1, 1),
+            (28, 28, 4, 8, 3, 2, 1, 1, 1),
+            (12, 12, 8, 8, 3, 1, 2, 2, 1),
+            (10, 10, 8, 12, 3, 1, 1, 1, 2),
+            (40, 40, 4, 6, 3, 1, 1, 1, 1),
+        ] {
+            let spec = slim_core::Conv2dSpec {
+                in_channels: cin,
+                out_channels: oc,
+                kernel: [k, k],
+                stride,
+                padding: pad,
+                dilation: dil,
+                groups,
+                bias: true,
+            };
+            let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let ow = (w + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let geo = super::Geometry {
+                cin,
+                h,
+                w,
+                oh,
+                ow,
+                spec: &spec,
+            };
+            let n = 2;
+            let cols = cin / groups * k * k;
+            let xq: Vec<i8> = (0..n * cin * h * w).map(|_| rng.random()).collect();
+            let wq: Vec<i8> = (0..oc * cols).map(|_| rng.random()).collect();
+            let scales: Vec<f32> = (0..oc).map(|_| rng.random_range(1e-4f32..1e-2)).collect();
+            let bias: Vec<f32> = (0..oc).map(|_| rng.random_range(-1f32..1.0)).collect();
+            let filters = MatRef::new(&wq, oc, cols);
+            let (vnni, portable) = (
+                PackedA::for_kernel(filters, Kernel::Avx512Vnni),
+                PackedA::for_kernel(filters, Kernel::Portable),
+            );
+            let node = slim_core::Node {
+                name: "conv".into(),
+                op: slim_core::Op::Conv2d(spec.clone()),
+                inputs: vec![],
+                shape: vec![oc, oh, ow],
+            };
+            let quads = super::quad_filters(&node, &wq);
+            let case = format!("{h}x{w} {cin}->{oc} k{k} s{stride} p{pad} d{dil} g{groups}");
+            let relu = slim_core::Op::Relu;
+            for act in [None, Some(&relu)] {
+                let to = super::Requant::new(rng.random_range(1e-3f32..2e-2), act);
+                for quad in [None, quads.as_ref()] {
+                    let run_f32 = |pa| {
+                        super::grouped::<f32>(&xq, (pa, quad), &geo, n, &scales, Some(&bias), &to)
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<u32>>()
+                    };
+                    let run_i8 = |pa| {
+                        super::grouped::<i8>(&xq, (pa, quad), &geo, n, &scales, Some(&bias), &to)
+                    };
+                    let with = if quad.is_some() { ", quads" } else { "" };
+                    assert_eq!(run_f32(&vnni), run_f32(&portable), "{case}{with}: f32");
+                    assert_eq!(
+                        run_i8(&vnni),
+                        run_i8(&portable),
+                        "{case}{with}: int8 {act:?}"
+                    );
                 }
             }
         }
