@@ -1116,10 +1116,10 @@ pub(crate) mod vnni {
             // caller's.
             unsafe {
                 if panel + 1 < panels {
-                    panel_tiles::<2>(pa, sums, pb, quads, n, panel, &mut sink, &lanes);
+                    panel_tiles::<2>(pa, sums, pb, quads, n, panel, (&mut sink, &lanes));
                     panel += 2;
                 } else {
-                    panel_tiles::<1>(pa, sums, pb, quads, n, panel, &mut sink, &lanes);
+                    panel_tiles::<1>(pa, sums, pb, quads, n, panel, (&mut sink, &lanes));
                     panel += 1;
                 }
             }
@@ -1127,7 +1127,7 @@ pub(crate) mod vnni {
     }
 
     /// Every row of `pa` (`quads` words each) by the `P` panels from `panel` on, in tiles of
-    /// `MR` rows.
+    /// `MR` rows, to the sink (a finished sink's output made ready as the lanes).
     ///
     /// # Safety
     /// As for [`product`]; the panels lie inside `pb`, and `pa` holds `quads` words for
@@ -1141,8 +1141,7 @@ pub(crate) mod vnni {
         quads: usize,
         n: usize,
         panel: usize,
-        sink: &mut Sink,
-        lanes: &Lanes,
+        (sink, lanes): (&mut Sink, &Lanes),
     ) {
         let m = sums.len();
         assert!(pa.len() >= m * quads && pb.len() >= (panel + P) * quads * 4 * NR);
