@@ -249,6 +249,20 @@ pub enum Output {
     I8(*mut i8, [f32; 3]),
 }
 
+impl Output {
+    /// The place `count` values on.
+    ///
+    /// # Safety
+    /// As for [`pointer::add`]: the result lies within (or one past) the output.
+    pub unsafe fn add(self, count: usize) -> Output {
+        // SAFETY (both): as the caller promises.
+        match self {
+            Output::F32(p) => Output::F32(unsafe { p.add(count) }),
+            Output::I8(p, grid) => Output::I8(unsafe { p.add(count) }, grid),
+        }
+    }
+}
+
 /// `rows` of the product finished as `finish` says, where the kernel finishes in registers
 /// (AVX-512 VNNI); returns `false`, having written nothing, for the other kernels, whose
 /// callers finish the int32 sums of [`gemm_rows`] themselves.
@@ -981,6 +995,33 @@ pub(crate) mod vnni {
         if b.cols <= DOT_COLUMNS {
             // SAFETY: as the caller promises.
             return unsafe { dots(a, rows, b, sink) };
+        }
+        // One column past an odd number of whole panels (a 7x7 plane: 3 x 16 + 1) would
+        // take a pair of panels for 17 values: the last whole panel goes alone, and the last
+        // column as dot products.
+        if let Sink::Finish(f) = sink {
+            if b.cols % NR == 1 && (b.cols / NR) % 2 == 1 {
+                let c = b.cols - 1;
+                let head = MatRef { cols: c, ..b };
+                let last = MatRef {
+                    data: &b.data[c..],
+                    cols: 1,
+                    ..b
+                };
+                // SAFETY: column `c` of every row lies inside the caller's output rows.
+                let moved = Finish {
+                    out: unsafe { f.out.add(c) },
+                    ..*f
+                };
+                let (pb, quads) = pack_b(head);
+                // SAFETY: as the caller promises; `pb` is `head` packed, and `moved` writes
+                // the column after `head`'s.
+                unsafe {
+                    product(a, rows.clone(), &pb, quads, c, Sink::Finish(f));
+                    dots(a, rows, last, Sink::Finish(&moved));
+                }
+                return;
+            }
         }
         let (pb, quads) = pack_b(b);
         // SAFETY: as the caller promises; `pb` is `b` packed.
