@@ -868,6 +868,46 @@ impl WindowPlanes {
     /// Values a window holds.
     const WINDOW: usize = 128;
 
+    /// Block `b` of a plane (`plane`, `m` values): its window loaded into two registers
+    /// (bytes past the plane's end masked off) and flipped to unsigned bytes (`x + 128`), and
+    /// per group one two-register byte permute of each lane's four tap values (128, the
+    /// flipped zero, where a tap is padding or missing), handed to `each` with its group.
+    ///
+    /// # Safety
+    /// The machine has AVX-512 F, BW and VBMI. The slices are checked.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn gather(
+        &self,
+        plane: &[i8],
+        b: usize,
+        mut each: impl FnMut(usize, std::arch::x86_64::__m512i),
+    ) {
+        use std::arch::x86_64::*;
+        let ([_, _, base], [lo, hi]) = (self.blocks[b], self.loads[b]);
+        let p = plane[base..].as_ptr();
+        // SAFETY: the masks cover the plane's bytes from `base` on and no further (masked-off
+        // bytes are not read).
+        let (lo, hi) = unsafe {
+            (
+                _mm512_maskz_loadu_epi8(lo, p),
+                _mm512_maskz_loadu_epi8(hi, p.wrapping_add(64)),
+            )
+        };
+        let flip = _mm512_set1_epi8(-128);
+        let (lo, hi) = (_mm512_xor_si512(lo, flip), _mm512_xor_si512(hi, flip));
+        for g in 0..self.groups {
+            let at = b * self.groups + g;
+            // SAFETY: each index holds 64 bytes.
+            let idx = unsafe { _mm512_loadu_si512(self.index[at].as_ptr().cast()) };
+            each(
+                g,
+                _mm512_mask2_permutex2var_epi8(lo, idx, self.keep[at], hi),
+            );
+        }
+    }
+
     /// The layout for `geo`, or `None` where no choice of blocks keeps every window within
     /// 128 values. Blocks of `narrowest` to 16 outputs are tried, widest first (a depthwise
     /// layer takes only 16: narrower blocks lose to its sweeps over phases).
@@ -986,7 +1026,6 @@ unsafe fn window_planes(
             && wp.blocks.iter().all(|&[_, _, base]| base < wp.m),
         "planes of windows out of bounds"
     );
-    let flip = _mm512_set1_epi8(-128);
     // SAFETY: the machine has AVX-512 F (as the caller promises).
     let place = unsafe { crate::gemm::vnni::Lanes::new(out) };
     let mut weights = [_mm512_setzero_si512(); 16];
@@ -998,25 +1037,10 @@ unsafe fn window_planes(
         let start = _mm512_set1_epi32(-wp.offsets[ci]);
         let scale = _mm512_set1_ps(scales[ci]);
         let bias = _mm512_set1_ps(bias.map_or(0.0, |b| b[ci]));
-        for (b, (&[q0, len, base], &[lo, hi])) in wp.blocks.iter().zip(&wp.loads).enumerate() {
-            let p = xu[base..].as_ptr();
-            // SAFETY: the masks cover the plane's bytes from `base` on and no further
-            // (masked-off bytes are not read).
-            let (lo, hi) = unsafe {
-                (
-                    _mm512_maskz_loadu_epi8(lo, p),
-                    _mm512_maskz_loadu_epi8(hi, p.wrapping_add(64)),
-                )
-            };
-            let (lo, hi) = (_mm512_xor_si512(lo, flip), _mm512_xor_si512(hi, flip));
+        for (b, &[q0, len, _]) in wp.blocks.iter().enumerate() {
             let mut acc = start;
-            for (g, &w) in weights.iter().take(wp.groups).enumerate() {
-                let at = b * wp.groups + g;
-                // SAFETY: each index holds 64 bytes.
-                let idx = unsafe { _mm512_loadu_si512(wp.index[at].as_ptr().cast()) };
-                let v = _mm512_mask2_permutex2var_epi8(lo, idx, wp.keep[at], hi);
-                acc = _mm512_dpbusd_epi32(acc, v, w);
-            }
+            // SAFETY: the machine has AVX-512 F, BW and VBMI (as the caller promises).
+            unsafe { wp.gather(xu, b, |g, v| acc = _mm512_dpbusd_epi32(acc, v, weights[g])) };
             let mask = (u32::MAX >> (32 - len)) as u16;
             // SAFETY: the plane's outputs `q0..q0 + len` are the caller's to write.
             unsafe {
@@ -1058,27 +1082,12 @@ unsafe fn fan_out_windows(
         "fanned-out windows out of bounds"
     );
     let xu = &x[sample * wp.m..(sample + 1) * wp.m];
-    let flip = _mm512_set1_epi8(-128);
     // SAFETY: the machine has AVX-512 F (as the caller promises).
     let place = unsafe { crate::gemm::vnni::Lanes::new(out) };
     let mut taps = [_mm512_setzero_si512(); 16];
-    for (b, (&[q0, len, base], &[lo, hi])) in wp.blocks.iter().zip(&wp.loads).enumerate() {
-        let p = xu[base..].as_ptr();
-        // SAFETY: the masks cover the plane's bytes from `base` on and no further (masked-off
-        // bytes are not read).
-        let (lo, hi) = unsafe {
-            (
-                _mm512_maskz_loadu_epi8(lo, p),
-                _mm512_maskz_loadu_epi8(hi, p.wrapping_add(64)),
-            )
-        };
-        let (lo, hi) = (_mm512_xor_si512(lo, flip), _mm512_xor_si512(hi, flip));
-        for (g, v) in taps.iter_mut().take(wp.groups).enumerate() {
-            let at = b * wp.groups + g;
-            // SAFETY: each index holds 64 bytes.
-            let idx = unsafe { _mm512_loadu_si512(wp.index[at].as_ptr().cast()) };
-            *v = _mm512_mask2_permutex2var_epi8(lo, idx, wp.keep[at], hi);
-        }
+    for (b, &[q0, len, _]) in wp.blocks.iter().enumerate() {
+        // SAFETY: the machine has AVX-512 F, BW and VBMI (as the caller promises).
+        unsafe { wp.gather(xu, b, |g, v| taps[g] = v) };
         let mask = (u32::MAX >> (32 - len)) as u16;
         for o in filters.clone() {
             let mut acc = _mm512_set1_epi32(-wp.offsets[o]);
