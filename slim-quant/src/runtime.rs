@@ -2325,6 +2325,27 @@ pub fn agreement(model: &Model, x: &Tensor) -> Result<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
+    /// A square convolution with bias (`[in, out, groups]` channels, `[kernel, stride,
+    /// padding, dilation]`) and its output height and width on an `h x w` input.
+    fn square_conv(
+        (h, w): (usize, usize),
+        [in_channels, out_channels, groups]: [usize; 3],
+        [k, stride, padding, dilation]: [usize; 4],
+    ) -> (slim_core::Conv2dSpec, usize, usize) {
+        let spec = slim_core::Conv2dSpec {
+            in_channels,
+            out_channels,
+            kernel: [k, k],
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias: true,
+        };
+        let (oh, ow) = spec.out_size(h, w).expect("the kernel fits");
+        (spec, oh, ow)
+    }
+
     use slim_core::kernels::Phases;
 
     #[test]
@@ -2564,18 +2585,7 @@ mod tests {
             (20, 20, 3, 1, 4, 4, 2),
             (40, 40, 3, 2, 1, 1, 2),
         ] {
-            let spec = slim_core::Conv2dSpec {
-                in_channels: ch,
-                out_channels: ch,
-                kernel: [k, k],
-                stride,
-                padding: pad,
-                dilation: dil,
-                groups: ch,
-                bias: true,
-            };
-            let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
-            let ow = (w + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let (spec, oh, ow) = square_conv((h, w), [ch, ch, ch], [k, stride, pad, dil]);
             let geo = super::Geometry {
                 cin: ch,
                 h,
@@ -2659,18 +2669,7 @@ mod tests {
             (10, 10, 8, 12, 3, 1, 1, 1, 2),
             (40, 40, 4, 6, 3, 1, 1, 1, 1),
         ] {
-            let spec = slim_core::Conv2dSpec {
-                in_channels: cin,
-                out_channels: oc,
-                kernel: [k, k],
-                stride,
-                padding: pad,
-                dilation: dil,
-                groups,
-                bias: true,
-            };
-            let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
-            let ow = (w + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let (spec, oh, ow) = square_conv((h, w), [cin, oc, groups], [k, stride, pad, dil]);
             let geo = super::Geometry {
                 cin,
                 h,
@@ -2748,18 +2747,7 @@ mod tests {
             (7, 9, 3, 1, 1, 1, 1, 1),
             (64, 64, 7, 1, 3, 1, 4, 1),
         ] {
-            let spec = slim_core::Conv2dSpec {
-                in_channels: 1,
-                out_channels: oc,
-                kernel: [k, k],
-                stride,
-                padding: pad,
-                dilation: dil,
-                groups: 1,
-                bias: true,
-            };
-            let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
-            let ow = (w + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let (spec, oh, ow) = square_conv((h, w), [1, oc, 1], [k, stride, pad, dil]);
             let geo = super::Geometry {
                 cin: 1,
                 h,
