@@ -1791,11 +1791,13 @@ mod tests {
             ld: 20,
             out,
         };
-        // Column c of row r gets (3 + c) * 0.5 + bias[r]; int8 on a grid of 0.1.
+        // Column c of row r gets (3 + c) * 0.5 + bias[r] (all positive); int8 on a grid of
+        // 0.1, with and without a ReLU (the short way of rounding, see `relu_grid`).
         let want = |r: usize, c: usize| (3 + c) as f32 * 0.5 + bias[r];
         // SAFETY: the machine has AVX-512 (checked above).
         let sums = |c: usize| unsafe { std::arch::x86_64::_mm512_set1_epi32(3 + c as i32) };
         let grid = [-10.0, 10.0, 10.0];
+        let relu = [0.0, 10.0, 10.0];
         /// `finish_row` compiled into a caller with its features, the mask a constant.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn one_lane(f: &Finish<'_>, r: usize, c: usize, s: std::arch::x86_64::__m512i) {
@@ -1805,9 +1807,11 @@ mod tests {
         for way in ["one lane, known", "one lane", "lanes 0 and 15"] {
             let mut f32s = vec![-7.0f32; 2 * 20];
             let mut i8s = vec![-7i8; 2 * 20];
+            let mut relu8s = vec![-7i8; 2 * 20];
             for out in [
                 Output::F32(f32s.as_mut_ptr()),
                 Output::I8(i8s.as_mut_ptr(), grid),
+                Output::I8(relu8s.as_mut_ptr(), relu),
             ] {
                 let f = finish(out);
                 for r in 0..2 {
@@ -1849,6 +1853,7 @@ mod tests {
                     };
                     assert_eq!(f32s[r * 20 + c], f, "{way}: f32 row {r} column {c}");
                     assert_eq!(i8s[r * 20 + c], q, "{way}: int8 row {r} column {c}");
+                    assert_eq!(relu8s[r * 20 + c], q, "{way}: ReLU int8 row {r} column {c}");
                 }
             }
         }

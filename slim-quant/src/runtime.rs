@@ -555,6 +555,16 @@ fn depthwise_by<T: Sink>(
     let per_task = oh * ow * planes_per;
     #[cfg(target_arch = "x86_64")]
     if matches!(sweeps, Sweeps::Small(_) | Sweeps::Windows(_)) {
+        let (o, channels) = match sweeps {
+            Sweeps::Small(sp) => (sp.o, sp.offsets.len()),
+            Sweeps::Windows(wp) => (wp.o, wp.offsets.len()),
+            _ => unreachable!("only register gathers come here"),
+        };
+        // (The kernels place each plane's outputs by the sweeps' own sizes.)
+        assert!(
+            o == oh * ow && channels == ch,
+            "sweeps made for another layer"
+        );
         // Gathered from registers and finished there, every output written through
         // `written`: the output is not zeroed first.
         let mut out: Vec<T> = unwritten(len);
@@ -2226,8 +2236,16 @@ fn fan_out<T: Sink>(
 ) -> Option<Vec<T>> {
     #[cfg(target_arch = "x86_64")]
     {
+        // (`fan_out_windows` places filter `o` of a sample by the windows' own filter count.)
+        assert_eq!(oc, wp.offsets.len(), "windows made for another layer");
         let len = n * oc * wp.o;
-        let parts = if n < rayon::current_num_threads() {
+        // (Counted as a depthwise layer's work, one multiply-add per group of four taps: a
+        // stem at batch 1 lost time handing half its filters to another thread.)
+        let work = len * wp.groups;
+        let serial = work < SERIAL_DEPTHWISE;
+        // Fewer samples than threads: each sample's filters in parts (each part gathers
+        // the windows' taps again, so not when the work stays on this thread).
+        let parts = if n < rayon::current_num_threads() && !serial {
             rayon::current_num_threads().min(oc.div_ceil(4))
         } else {
             1
@@ -2235,10 +2253,7 @@ fn fan_out<T: Sink>(
         let per = oc.div_ceil(parts);
         let mut out: Vec<T> = unwritten(len);
         let written = Disjoint(out.as_mut_ptr());
-        // (Counted as a depthwise layer's work, one multiply-add per group of four taps: a
-        // stem at batch 1 lost time handing half its filters to another thread.)
-        let work = len * wp.groups;
-        for_each_task(n * parts, work < SERIAL_DEPTHWISE, |task| {
+        for_each_task(n * parts, serial, |task| {
             let (sample, part) = (task / parts, task % parts);
             let filters = (part * per).min(oc)..((part + 1) * per).min(oc);
             // SAFETY: `vnni_sweeps_available` held for the windows to be made; this task
@@ -2648,6 +2663,9 @@ mod tests {
     /// portable one, whose int32 sums the runtime finishes. Pointwise layers on planes with
     /// tails of columns, 3x3 layers gathered from planes and from quad planes, strided,
     /// dilated and grouped layers, and blocks of rows (planes wider than a task's share).
+    /// (Filters in tap order are always packed for the VNNI kernel, so with them the
+    /// stride-1 layers run the quad product on both sides: there the test sees only that
+    /// the unzeroed output was written whole.)
     #[test]
     fn convolutions_write_every_output_whichever_kernel_runs_them() {
         use crate::gemm::{Kernel, MatRef, PackedA};
