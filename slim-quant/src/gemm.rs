@@ -1653,6 +1653,7 @@ mod tests {
             (64, 49, 576),
             (9, 64, 40),
             (10, 80, 7),
+            (5, 200, 13),
             // Few columns: a dot product per output, over 64-byte chunks and a rest.
             (9, 3, 70),
             (17, 4, 200),
