@@ -16,8 +16,9 @@
 //! int8 runtime instead, on the model post-training quantized from random images (as the
 //! `int8` bench quantizes it).
 //!
-//! `--nodes` adds each node's share of a batched forward (the time until the node is done;
-//! a batch norm or activation that runs with its convolution shows next to nothing).
+//! `--nodes` adds each node's share of a forward, f32 or int8 (the time until the node is
+//! done, the batch run whole; a batch norm or activation that runs with its convolution, or
+//! a quantizer whose readers round for it, shows next to nothing).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
