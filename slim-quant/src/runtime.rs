@@ -261,12 +261,10 @@ fn grouped<T: Sink>(
 /// as a wrong value rather than as the zeros of fresh memory.
 fn unwritten<T: Sink>(len: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(len);
-    #[cfg(test)]
-    // SAFETY: the room holds `len` values of `T`, a plain number of whole bytes.
-    unsafe {
-        std::ptr::write_bytes(out.as_mut_ptr(), 0xA5, len)
-    };
-    let _ = &mut out;
+    if cfg!(test) {
+        // SAFETY: the room holds `len` values of `T`, a plain number of whole bytes.
+        unsafe { std::ptr::write_bytes(out.as_mut_ptr(), 0xA5, len) };
+    }
     out
 }
 
@@ -2062,19 +2060,11 @@ impl NodeKernels for Int8Kernels<'_> {
             };
             return Ok(skip.then(|| inputs[0].clone()));
         }
+        // Prepared parts, else looked up now (on the fly, for a node that is no integer
+        // layer, or for one whose parts could not be read when the kernels were made).
         let made;
-        let parts = match prepared {
-            Some(p) => match p.layers.get(&id) {
-                Some(parts) => parts,
-                // (a node that is no integer layer, or whose parts could not be read then)
-                None => match LayerParts::new(model, id)? {
-                    Some(parts) => {
-                        made = parts;
-                        &made
-                    }
-                    None => return Ok(None),
-                },
-            },
+        let parts = match prepared.and_then(|p| p.layers.get(&id)) {
+            Some(parts) => parts,
             None => match LayerParts::new(model, id)? {
                 Some(parts) => {
                     made = parts;
