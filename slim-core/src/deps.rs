@@ -283,6 +283,20 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             | Op::MaxPool2d(_)
             | Op::AvgPool2d(_)
             | Op::GlobalAvgPool => ins[0].clone(),
+            // A channel's normalization reads its neighbours, so removing a channel changes
+            // its neighbours' windows: an approximation that pruning (which fine-tunes after)
+            // tolerates, as it tolerates removing the channel itself.
+            Op::Lrn(_) => ins[0].clone(),
+            Op::ChannelShuffle { groups } => {
+                let reason = format!(
+                    "channel shuffle interleaves {groups} groups, which must keep one size"
+                );
+                b.block_layout(ins[0], name, &node.op, &reason);
+                let l = b.produce(node.shape[0], name, &[]);
+                b.spaces[l.segs[0].0].producers.clear();
+                b.block_layout(&l, name, &node.op, &reason);
+                l
+            }
             Op::Flatten => {
                 let mut l = ins[0].clone();
                 let in_shape = &graph.node(node.inputs[0]).shape;

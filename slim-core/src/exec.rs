@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 
 use crate::error::{CoreError, Result};
-use crate::graph::{BatchNormSpec, Node, Op, PoolSpec};
+use crate::graph::{BatchNormSpec, LrnSpec, Node, Op, PoolSpec};
 use crate::kernels::channels_last::{self, ChannelsLastConv};
 use crate::model::Model;
 
@@ -918,6 +918,15 @@ impl Model {
             }
             Op::Concat => Tensor::cat(xs, 1)?,
             Op::MaxPool2d(p) => {
+                // Extra padding at the end (asymmetric pads, ceil mode) is -inf, which no
+                // window maximum can pick over a value of the input.
+                let padded;
+                let x = if p.is_symmetric() {
+                    x
+                } else {
+                    padded = pad_end(x, p.pad_end, f32::NEG_INFINITY)?;
+                    &padded
+                };
                 if x.device().is_cpu() && x.dtype() == DType::F32 {
                     let op = crate::kernels::MaxPool {
                         kernel: p.kernel,
@@ -943,6 +952,8 @@ impl Model {
                 _ => x.clone(),
             },
             Op::Softmax => candle_nn::ops::softmax(x, 1)?,
+            Op::Lrn(l) => lrn(x, l)?,
+            Op::ChannelShuffle { groups } => channel_shuffle(x, *groups)?,
             Op::Identity => x.clone(),
             Op::FakeQuant(q) => self.fake_quant(node, q, x, mode)?,
         })
@@ -1111,14 +1122,63 @@ fn pad_spatial(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
     Ok(Tensor::cat(&[&cols, &x, &cols], 3)?)
 }
 
+/// Pads the bottom and the right edge of `[N, C, H, W]` values with `value`.
+fn pad_end(x: &Tensor, extra: [usize; 2], value: f32) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let dev = x.device();
+    let mut x = x.clone();
+    if extra[0] > 0 {
+        let rows = Tensor::full(value, (n, c, extra[0], w), dev)?.to_dtype(x.dtype())?;
+        x = Tensor::cat(&[&x, &rows], 2)?;
+    }
+    if extra[1] > 0 {
+        let cols = Tensor::full(value, (n, c, h + extra[0], extra[1]), dev)?.to_dtype(x.dtype())?;
+        x = Tensor::cat(&[&x, &cols], 3)?;
+    }
+    Ok(x)
+}
+
+/// Zero padding on every side and, beyond it, at the end.
+fn pad_zeros(x: &Tensor, p: &PoolSpec) -> Result<Tensor> {
+    let [eh, ew] = p.pad_end;
+    if p.padding == 0 && p.is_symmetric() {
+        return Ok(x.clone());
+    }
+    Ok(x.pad_with_zeros(2, p.padding, p.padding + eh)?
+        .pad_with_zeros(3, p.padding, p.padding + ew)?)
+}
+
 fn avg_pool(x: &Tensor, p: &PoolSpec) -> Result<Tensor> {
-    let padded = if p.padding > 0 {
-        x.pad_with_zeros(2, p.padding, p.padding)?
-            .pad_with_zeros(3, p.padding, p.padding)?
-    } else {
-        x.clone()
-    };
-    Ok(padded.avg_pool2d_with_stride(p.kernel, p.stride)?)
+    let sums = pad_zeros(x, p)?.avg_pool2d_with_stride(p.kernel, p.stride)?;
+    if !p.exclude_pad || (p.padding == 0 && p.is_symmetric()) {
+        return Ok(sums);
+    }
+    // The share of each window that lies inside the input, from a plane of ones.
+    let (_, _, h, w) = x.dims4()?;
+    let ones = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?;
+    let share = pad_zeros(&ones, p)?.avg_pool2d_with_stride(p.kernel, p.stride)?;
+    Ok(sums.broadcast_div(&share)?)
+}
+
+/// Local response normalization across channels (see [`LrnSpec`]).
+fn lrn(x: &Tensor, l: &LrnSpec) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let squares = x.sqr()?.pad_with_zeros(1, (l.size - 1) / 2, l.size / 2)?;
+    let mut sums = squares.narrow(1, 0, c)?;
+    for k in 1..l.size {
+        sums = (sums + squares.narrow(1, k, c)?)?;
+    }
+    let base = sums.affine(f64::from(l.alpha) / l.size as f64, f64::from(l.bias))?;
+    Ok((x / base.powf(f64::from(l.beta))?)?)
+}
+
+/// Channel `j * groups + i` of the output is channel `i * (C / groups) + j` of the input.
+fn channel_shuffle(x: &Tensor, groups: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    Ok(x.reshape((n, groups, c / groups, h, w))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, c, h, w))?)
 }
 
 #[cfg(test)]

@@ -132,14 +132,53 @@ pub fn check_shape(shape: &[usize]) -> Result<(), String> {
 pub struct PoolSpec {
     pub kernel: usize,
     pub stride: usize,
+    /// Padding on every side.
     pub padding: usize,
+    /// Extra padding after the bottom and the right edge, beyond `padding`: ONNX pads such as
+    /// `[0, 0, 1, 1]`, or the partial last window of ceil mode.
+    #[serde(default, skip_serializing_if = "is_zero_pair")]
+    pub pad_end: [usize; 2],
+    /// Average pooling divides by the number of window positions inside the input (ONNX's
+    /// `count_include_pad = 0`, PyTorch's default for ceil mode) rather than by the window size.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exclude_pad: bool,
+}
+
+fn is_zero_pair(p: &[usize; 2]) -> bool {
+    *p == [0, 0]
 }
 
 impl PoolSpec {
-    fn out(&self, x: usize) -> Option<usize> {
-        let padded = x + 2 * self.padding;
+    /// A square window with symmetric padding (counted as zeros by average pooling).
+    pub fn new(kernel: usize, stride: usize, padding: usize) -> Self {
+        PoolSpec {
+            kernel,
+            stride,
+            padding,
+            pad_end: [0, 0],
+            exclude_pad: false,
+        }
+    }
+    /// True when the padding is the same on every side.
+    pub fn is_symmetric(&self) -> bool {
+        self.pad_end == [0, 0]
+    }
+    /// Output size along an axis (0: height, 1: width) of an input of size `x`.
+    pub fn out_size(&self, axis: usize, x: usize) -> Option<usize> {
+        let padded = x + 2 * self.padding + self.pad_end[axis.min(1)];
         (padded >= self.kernel).then(|| (padded - self.kernel) / self.stride + 1)
     }
+}
+
+/// Local response normalization across channels (AlexNet, GoogLeNet):
+/// `y_c = x_c / (bias + alpha / size * sum of x_k^2 over the `size` channels around c)^beta`,
+/// the window running from `c - (size - 1) / 2` to `c + size / 2`, as ONNX defines it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LrnSpec {
+    pub size: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub bias: f32,
 }
 
 /// Levenshtein distance between two strings, by characters.
@@ -200,6 +239,13 @@ pub enum Op {
     },
     /// Softmax over the channel (or feature) axis.
     Softmax,
+    /// Local response normalization across channels.
+    Lrn(LrnSpec),
+    /// ShuffleNet's channel shuffle: the channels, seen as a `[groups, C / groups]` grid, are
+    /// read out column by column (ONNX writes it as Reshape, Transpose, Reshape).
+    ChannelShuffle {
+        groups: usize,
+    },
     Identity,
     /// Simulated symmetric quantization of the values that pass through (see
     /// [`FakeQuantSpec`]); its one parameter is the buffer `scale` (shape `[1]`).
@@ -270,6 +316,8 @@ impl Op {
             Op::Flatten => "flatten",
             Op::Dropout { .. } => "dropout",
             Op::Softmax => "softmax",
+            Op::Lrn(_) => "lrn",
+            Op::ChannelShuffle { .. } => "channelshuffle",
             Op::Identity => "identity",
             Op::FakeQuant(_) => "fakequant",
         }
@@ -341,7 +389,11 @@ impl Op {
                 ("kernel", p.kernel),
                 ("stride", p.stride),
                 ("padding", p.padding),
+                ("end padding", p.pad_end[0]),
+                ("end padding", p.pad_end[1]),
             ],
+            Op::Lrn(l) => vec![("size", l.size)],
+            Op::ChannelShuffle { groups } => vec![("groups", *groups)],
             _ => Vec::new(),
         };
         match sizes.iter().find(|(_, v)| *v > MAX_DIM) {
@@ -466,6 +518,27 @@ impl Op {
                 arity(1)?;
                 Ok(inputs[0].to_vec())
             }
+            Op::Lrn(l) => {
+                arity(1)?;
+                chw(inputs[0])?;
+                if l.size == 0 || !(l.alpha.is_finite() && l.beta.is_finite() && l.bias.is_finite())
+                {
+                    return Err(format!(
+                        "lrn needs a size of at least 1 and finite alpha, beta and bias, got {l:?}"
+                    ));
+                }
+                Ok(inputs[0].to_vec())
+            }
+            Op::ChannelShuffle { groups } => {
+                arity(1)?;
+                let (c, _, _) = chw(inputs[0])?;
+                if *groups == 0 || c % groups != 0 {
+                    return Err(format!(
+                        "channel shuffle of {c} channels in {groups} groups: groups must divide the channels"
+                    ));
+                }
+                Ok(inputs[0].to_vec())
+            }
             Op::Add => {
                 if inputs.len() < 2 {
                     return Err(format!("add takes at least 2 inputs, got {}", inputs.len()));
@@ -514,7 +587,13 @@ impl Op {
                         p.padding, p.kernel
                     ));
                 }
-                match (p.out(h), p.out(w)) {
+                if p.pad_end.iter().any(|&e| p.padding + e >= p.kernel) {
+                    return Err(format!(
+                        "end padding {} + {:?} must stay below the kernel {}",
+                        p.padding, p.pad_end, p.kernel
+                    ));
+                }
+                match (p.out_size(0, h), p.out_size(1, w)) {
                     (Some(oh), Some(ow)) => Ok(vec![c, oh, ow]),
                     _ => Err(format!(
                         "pool kernel {} does not fit the {h}x{w} input",
@@ -971,24 +1050,10 @@ impl GraphBuilder {
         self.push(name, Op::Sigmoid)
     }
     pub fn max_pool(&mut self, name: &str, kernel: usize, stride: usize) -> &mut Self {
-        self.push(
-            name,
-            Op::MaxPool2d(PoolSpec {
-                kernel,
-                stride,
-                padding: 0,
-            }),
-        )
+        self.push(name, Op::MaxPool2d(PoolSpec::new(kernel, stride, 0)))
     }
     pub fn avg_pool(&mut self, name: &str, kernel: usize, stride: usize) -> &mut Self {
-        self.push(
-            name,
-            Op::AvgPool2d(PoolSpec {
-                kernel,
-                stride,
-                padding: 0,
-            }),
-        )
+        self.push(name, Op::AvgPool2d(PoolSpec::new(kernel, stride, 0)))
     }
     pub fn global_avg_pool(&mut self, name: &str) -> &mut Self {
         self.push(name, Op::GlobalAvgPool)

@@ -250,14 +250,7 @@ pub fn resnet_with(
         cba(&mut b, "stem", k(stem, 3, 1), Some(Op::Relu));
     } else {
         cba(&mut b, "stem", k(stem, 7, 2), Some(Op::Relu));
-        b.push(
-            "stem.maxpool",
-            Op::MaxPool2d(PoolSpec {
-                kernel: 3,
-                stride: 2,
-                padding: 1,
-            }),
-        );
+        b.push("stem.maxpool", Op::MaxPool2d(PoolSpec::new(3, 2, 1)));
     }
     for (i, st) in stages.iter().enumerate() {
         for j in 0..st.blocks {

@@ -368,15 +368,16 @@ impl Writer<'_> {
             Op::Concat => self.op("Concat", out, &x, out, vec![int("axis", 1)]),
             Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
                 let (k, s, pad) = (p.kernel as i64, p.stride as i64, p.padding as i64);
+                let [eh, ew] = p.pad_end.map(|e| pad + e as i64);
                 let mut attrs = vec![
                     ints("kernel_shape", &[k, k]),
                     ints("strides", &[s, s]),
-                    ints("pads", &[pad, pad, pad, pad]),
+                    ints("pads", &[pad, pad, eh, ew]),
                 ];
                 let kind = if matches!(node.op, Op::MaxPool2d(_)) {
                     "MaxPool"
                 } else {
-                    attrs.push(int("count_include_pad", 1));
+                    attrs.push(int("count_include_pad", i64::from(!p.exclude_pad)));
                     "AveragePool"
                 };
                 self.op(kind, out, &x, out, attrs);
@@ -402,6 +403,44 @@ impl Writer<'_> {
                 self.op("Dropout", out, &[x[0], &ratio], out, vec![]);
             }
             Op::Identity => self.op("Identity", out, &x, out, vec![]),
+            Op::Lrn(l) => self.op(
+                "LRN",
+                out,
+                &x,
+                out,
+                vec![
+                    int("size", l.size as i64),
+                    float("alpha", l.alpha),
+                    float("beta", l.beta),
+                    float("bias", l.bias),
+                ],
+            ),
+            Op::ChannelShuffle { groups } => {
+                // Reshape to [N, g, C/g, H, W], swap the two channel axes, reshape back.
+                let [c, h, w] = node.shape[..] else {
+                    return unsupported("a channel shuffle needs a [C, H, W] value");
+                };
+                let g = *groups as i64;
+                let (grid, swapped) = (format!("{out}_grid"), format!("{out}_swapped"));
+                let (grid_shape, back_shape) =
+                    (format!("{out}_grid_shape"), format!("{out}_shape"));
+                let (c, h, w) = (c as i64, h as i64, w as i64);
+                self.graph
+                    .initializer
+                    .push(i64_tensor(&grid_shape, &[-1, g, c / g, h, w]));
+                self.graph
+                    .initializer
+                    .push(i64_tensor(&back_shape, &[-1, c, h, w]));
+                self.op("Reshape", &grid, &[x[0], &grid_shape], &grid, vec![]);
+                self.op(
+                    "Transpose",
+                    &swapped,
+                    &[&grid],
+                    &swapped,
+                    vec![ints("perm", &[0, 2, 1, 3, 4])],
+                );
+                self.op("Reshape", out, &[&swapped, &back_shape], out, vec![]);
+            }
             Op::Softmax => {
                 if node.shape.len() > 1 && self.opset < 13 {
                     return unsupported(

@@ -17,7 +17,9 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use prost::Message;
 use slim_core::data::Normalize;
-use slim_core::graph::{BatchNormSpec, Conv2dSpec, Graph, LinearSpec, Op, ParamKind, PoolSpec};
+use slim_core::graph::{
+    BatchNormSpec, Conv2dSpec, Graph, LinearSpec, LrnSpec, Op, ParamKind, PoolSpec,
+};
 use slim_core::params::ParamStore;
 use slim_core::Model;
 
@@ -54,6 +56,9 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Gather",
     "Slice",
     "Cast",
+    "ConstantOfShape",
+    "LRN",
+    "Transpose",
 ];
 
 /// Options of an import.
@@ -141,11 +146,22 @@ pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
     for o in &graph.output {
         *b.uses.entry(o.name.clone()).or_default() += 1;
     }
-    // The data input: a graph input that is not an initializer (old IR lists both).
+    // The data input: a graph input that is not an initializer (old IR lists both), that no
+    // node computes (some exporters list the outputs of their weight-filling nodes as inputs
+    // too), and that some node reads.
+    let computed: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(|o| o.as_str()))
+        .collect();
     let inputs: Vec<&proto::ValueInfoProto> = graph
         .input
         .iter()
-        .filter(|i| !b.values.contains_key(&i.name))
+        .filter(|i| {
+            !b.values.contains_key(&i.name)
+                && !computed.contains(i.name.as_str())
+                && b.uses.get(&i.name).copied().unwrap_or(0) > 0
+        })
         .collect();
     let input = match inputs.as_slice() {
         [one] => *one,
@@ -480,6 +496,10 @@ struct Pending {
 struct Builder {
     opset: i64,
     values: HashMap<String, Value>,
+    /// ONNX values that are a channel grid `[g, C/g, H, W]` with its two channel axes
+    /// swapped (the middle of a channel shuffle): the Slim node holds the unswapped values, so
+    /// only a Reshape back to `[C, H, W]` may read them.
+    swapped: HashMap<String, usize>,
     uses: HashMap<String, usize>,
     nodes: Vec<Pending>,
     by_name: HashMap<String, usize>,
@@ -494,6 +514,7 @@ impl Builder {
         Builder {
             opset,
             values: HashMap::new(),
+            swapped: HashMap::new(),
             uses: HashMap::new(),
             nodes: Vec::new(),
             by_name: HashMap::new(),
@@ -596,6 +617,17 @@ impl Builder {
     }
 
     fn node_in(&self, n: &NodeProto, i: usize) -> Result<NodeRef> {
+        if let Some(g) = n.input.get(i).and_then(|v| self.swapped.get(v)) {
+            return err(format!(
+                "input `{}` is a channel grid of {g} groups with its axes swapped; Slim reads it only when a Reshape turns it back into channels (a channel shuffle)",
+                n.input[i]
+            ));
+        }
+        self.view_in(n, i)
+    }
+
+    /// Like [`Builder::node_in`], but also a swapped channel grid.
+    fn view_in(&self, n: &NodeProto, i: usize) -> Result<NodeRef> {
         match self.value(n, i)? {
             Value::Node(r) => Ok(r.clone()),
             Value::Const(_) => err(format!(
@@ -811,6 +843,53 @@ impl Builder {
                 }
                 self.flatten(n, &base, x)
             }
+            "Reshape"
+                if n.input
+                    .first()
+                    .is_some_and(|i| self.swapped.contains_key(i)) =>
+            {
+                let x = self.view_in(n, 0)?;
+                let groups = self.swapped[&n.input[0]];
+                let target = resolve_reshape(&x.onnx, &self.konst(n, 1)?.ints())?;
+                if target != self.shape_of(&x) {
+                    return err(format!(
+                        "reshape of a swapped channel grid [N, {}] to [N, {}]; a channel shuffle reshapes it back to [N, C, H, W]",
+                        join(&x.onnx),
+                        join(&target)
+                    ));
+                }
+                let name = self.fresh_name(&base, "shuffle");
+                let op = Op::ChannelShuffle { groups };
+                let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+                self.bind(n, NodeRef::plain(name, &shape))
+            }
+            "Transpose" => {
+                let x = self.view_in(n, 0)?;
+                let rank = x.onnx.len() + 1;
+                let perm: Vec<i64> = a
+                    .ints("perm")
+                    .unwrap_or_else(|| (0..rank as i64).rev().collect());
+                let identity: Vec<i64> = (0..rank as i64).collect();
+                let slim = self.shape_of(&x);
+                if perm == identity {
+                    return self.bind(n, x);
+                }
+                let grid = slim.len() == 3
+                    && x.onnx.len() == 4
+                    && x.onnx[2..] == slim[1..]
+                    && !self.swapped.contains_key(&n.input[0]);
+                if grid && perm == [0, 2, 1, 3, 4] {
+                    let groups = x.onnx[0];
+                    let onnx = vec![x.onnx[1], x.onnx[0], x.onnx[2], x.onnx[3]];
+                    let out = n.output.first().cloned().unwrap_or_default();
+                    self.swapped.insert(out, groups);
+                    return self.bind(n, NodeRef { node: x.node, onnx });
+                }
+                err(format!(
+                    "Transpose with perm {perm:?} of a [N, {}] value; Slim takes the channel shuffle's (Reshape to [N, g, C/g, H, W], perm [0, 2, 1, 3, 4], Reshape back)",
+                    join(&x.onnx)
+                ))
+            }
             "Reshape" | "Squeeze" | "Unsqueeze" => {
                 let x = self.node_in(n, 0)?;
                 let total = slim_core::graph::elements(&x.onnx)
@@ -841,8 +920,24 @@ impl Builder {
                     let keep = v.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
                     v[..keep].to_vec()
                 };
+                let slim = self.shape_of(&x);
+                let grid = n.op_type == "Reshape"
+                    && slim.len() == 3
+                    && target.len() == 4
+                    && target[2..] == slim[1..]
+                    && target[0] * target[1] == slim[0];
                 if target == x.onnx {
                     self.bind(n, x)
+                } else if target == slim || grid {
+                    // Channels viewed as a [g, C/g] grid (a channel shuffle's first step), or
+                    // such a view turned back: the same Slim value.
+                    self.bind(
+                        n,
+                        NodeRef {
+                            node: x.node,
+                            onnx: target,
+                        },
+                    )
                 } else if self.shape_of(&x).len() == 1 && strip(&target) == strip(&x.onnx) {
                     // A vector viewed as [C, 1, 1] (or back): the same Slim value.
                     self.bind(
@@ -882,10 +977,33 @@ impl Builder {
                 let default = if self.opset < 13 { 1 } else { -1 };
                 let axis = a.int("axis").unwrap_or(default);
                 let axis = if axis < 0 { axis + rank } else { axis };
-                if axis != 1 || (self.opset < 13 && rank > 2) {
+                // Before opset 13 the softmax runs over everything from `axis` on, which is
+                // the channels when the spatial axes are ones (a pooled [N, C, 1, 1]).
+                let flat_ok = x.onnx.iter().skip(1).all(|&d| d == 1);
+                if axis != 1 || (self.opset < 13 && rank > 2 && !flat_ok) {
                     return err(format!("Softmax over axis {axis} of a rank-{rank} value; Slim's softmax is over the channels"));
                 }
                 self.unary(n, &base, Op::Softmax)
+            }
+            "LRN" => {
+                let x = self.node_in(n, 0)?;
+                if x.onnx.len() != 3 {
+                    return err(format!(
+                        "LRN of a [N, {}] value; Slim normalizes [N, C, H, W] feature maps",
+                        join(&x.onnx)
+                    ));
+                }
+                let size = sizes("size", &[a.int("size").unwrap_or(0)], 1)?[0];
+                let spec = LrnSpec {
+                    size,
+                    alpha: a.float("alpha").unwrap_or(1e-4),
+                    beta: a.float("beta").unwrap_or(0.75),
+                    bias: a.float("bias").unwrap_or(1.0),
+                };
+                self.unary(n, &base, Op::Lrn(spec))
+            }
+            "ConstantOfShape" => {
+                err("its shape is computed from the data; Slim needs a constant shape")
             }
             "Gather" | "Slice" => err(format!(
                 "{} on data (not constants) is not supported",
@@ -1120,31 +1238,50 @@ impl Builder {
         }
         let (k, s) = (k[0], strides[0]);
         let (h, w) = (x.onnx[1], x.onnx[2]);
-        let p = pads(a, [h, w], [k, k], s, 1)?;
+        let axes = pads_per_axis(a, [h, w], [k, k], s, 1)?;
+        let p = axes[0].0;
+        if axes[1].0 != p || axes.iter().any(|&(b, e)| e < b) {
+            return err(format!(
+                "padding (top, bottom) {:?} and (left, right) {:?}: Slim pools with one padding before both axes and at least as much after",
+                axes[0], axes[1]
+            ));
+        }
+        let mut end = [axes[0].1 - p, axes[1].1 - p];
+        let average = n.op_type == "AveragePool";
+        let include_pad = a.int("count_include_pad").unwrap_or(0) != 0;
+        if a.int("ceil_mode").unwrap_or(0) != 0 {
+            // Ceil mode adds a last window where the floor leaves values uncovered, as long as
+            // it starts inside the input or its leading padding; the values it reaches past
+            // the padded input are extra padding at the end.
+            for (axis, len) in [h, w].into_iter().enumerate() {
+                let padded = len + p + axes[axis].1;
+                let Some(span) = padded.checked_sub(k) else {
+                    return err(format!("its {k}x{k} window does not fit the {h}x{w} input"));
+                };
+                let mut out = span.div_ceil(s) + 1;
+                if (out - 1) * s >= len + p {
+                    out -= 1;
+                }
+                let reach = (out - 1) * s + k;
+                if reach > padded {
+                    if average && include_pad {
+                        return err("ceil_mode=1 with count_include_pad=1 and a partial last window is not supported");
+                    }
+                    end[axis] += reach - padded;
+                }
+            }
+        }
         let spec = PoolSpec {
             kernel: k,
             stride: s,
             padding: p,
+            pad_end: end,
+            exclude_pad: average && !include_pad && (p > 0 || end != [0, 0]),
         };
-        if a.int("ceil_mode").unwrap_or(0) != 0 {
-            // Ceil mode changes the output only when the last window would start past the
-            // padded input in floor mode.
-            let out = |len: usize| (len + 2 * p).checked_sub(k).map(|r| r.div_ceil(s) + 1);
-            let floor = |len: usize| (len + 2 * p).checked_sub(k).map(|r| r / s + 1);
-            if out(h).is_none() || out(w).is_none() {
-                return err(format!("its {k}x{k} window does not fit the {h}x{w} input"));
-            }
-            if out(h) != floor(h) || out(w) != floor(w) {
-                return err("ceil_mode=1 with a partial last window is not supported");
-            }
-        }
-        let op = if n.op_type == "MaxPool" {
-            Op::MaxPool2d(spec)
-        } else {
-            if p > 0 && a.int("count_include_pad").unwrap_or(0) == 0 {
-                return err("average pooling that excludes padding (count_include_pad=0) is not supported; Slim counts padding as zeros");
-            }
+        let op = if average {
             Op::AvgPool2d(spec)
+        } else {
+            Op::MaxPool2d(spec)
         };
         self.emit(n, base, op, &[&x.node], BTreeMap::new())
     }
@@ -1393,6 +1530,49 @@ impl Builder {
                     values,
                 }
             }
+            "ConstantOfShape" => {
+                let shape = c(0)?.ints();
+                let dims = sizes("ConstantOfShape's shape", &shape, 0)
+                    .ok()
+                    .filter(|d| {
+                        slim_core::graph::elements(d)
+                            .is_some_and(|n| n <= slim_core::graph::MAX_ELEMENTS)
+                    })
+                    .ok_or_else(|| {
+                        OnnxError::Model(format!(
+                            "ConstantOfShape of shape {shape:?} is beyond Slim's limits"
+                        ))
+                    })?;
+                let value = match a.tensor("value") {
+                    Some(t) => {
+                        let v = Const::from_proto(t)?;
+                        if v.numel() != 1 {
+                            return err(format!("its value holds {} elements, not one", v.numel()));
+                        }
+                        v.values[0]
+                    }
+                    None => 0.0,
+                };
+                let n = slim_core::graph::elements(&dims).unwrap_or(0);
+                Const {
+                    dims,
+                    values: vec![value; n],
+                }
+            }
+            "Transpose" => {
+                let x = c(0)?;
+                let rank = x.dims.len();
+                let perm: Vec<usize> = match a.ints("perm") {
+                    Some(p) => p.iter().map(|&v| v as usize).collect(),
+                    None => (0..rank).rev().collect(),
+                };
+                let mut sorted = perm.clone();
+                sorted.sort_unstable();
+                if sorted != (0..rank).collect::<Vec<_>>() {
+                    return err(format!("perm {perm:?} for a constant of rank {rank}"));
+                }
+                transpose_nd(&x, &perm)
+            }
             "Shape" => {
                 let x = c(0)?;
                 Const {
@@ -1494,6 +1674,29 @@ fn transpose(w: &Const) -> Const {
     }
 }
 
+/// The axes of a constant permuted: axis `i` of the result is axis `perm[i]` of `x`.
+fn transpose_nd(x: &Const, perm: &[usize]) -> Const {
+    let dims: Vec<usize> = perm.iter().map(|&p| x.dims[p]).collect();
+    let mut strides = vec![1usize; x.dims.len()];
+    for i in (0..x.dims.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * x.dims[i + 1];
+    }
+    let mut values = Vec::with_capacity(x.numel());
+    let mut idx = vec![0usize; dims.len()];
+    for _ in 0..x.numel() {
+        let src: usize = idx.iter().zip(perm).map(|(&i, &p)| i * strides[p]).sum();
+        values.push(x.values[src]);
+        for ax in (0..dims.len()).rev() {
+            idx[ax] += 1;
+            if idx[ax] < dims[ax] {
+                break;
+            }
+            idx[ax] = 0;
+        }
+    }
+    Const { dims, values }
+}
+
 /// A constant's new dimensions under a Reshape (0 copies, -1 is inferred).
 fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
     let too_large = || OnnxError::Model(format!("reshape of {dims:?} to {shape:?} is too large"));
@@ -1574,6 +1777,26 @@ fn pads(
     stride: usize,
     dil: usize,
 ) -> Result<usize> {
+    let per_axis = pads_per_axis(a, input, kernel, stride, dil)?;
+    let p = per_axis[0].0;
+    if per_axis.iter().all(|&(b, e)| b == p && e == p) {
+        Ok(p)
+    } else {
+        err(format!(
+            "padding (top, bottom) {:?} and (left, right) {:?} is not one symmetric size; Slim pads every side equally",
+            per_axis[0], per_axis[1]
+        ))
+    }
+}
+
+/// `(before, after)` padding of the height and width axes, from `pads` or `auto_pad`.
+fn pads_per_axis(
+    a: &Attrs,
+    input: [usize; 2],
+    kernel: [usize; 2],
+    stride: usize,
+    dil: usize,
+) -> Result<Vec<(usize, usize)>> {
     if stride == 0 || dil == 0 || kernel.contains(&0) {
         return err(format!(
             "kernel {kernel:?}, stride {stride} and dilation {dil} must be at least 1"
@@ -1607,15 +1830,7 @@ fn pads(
             .collect(),
         other => return err(format!("auto_pad {other}")),
     };
-    let p = per_axis[0].0;
-    if per_axis.iter().all(|&(b, e)| b == p && e == p) {
-        Ok(p)
-    } else {
-        err(format!(
-            "padding (top, bottom) {:?} and (left, right) {:?} is not one symmetric size; Slim pads every side equally",
-            per_axis[0], per_axis[1]
-        ))
-    }
+    Ok(per_axis)
 }
 
 /// The largest stride, dilation, padding or window Slim accepts from a file (far beyond any

@@ -1,15 +1,8 @@
 //! Slim's exports checked in a real ONNX runtime: ONNX Runtime from PyPI.
 //!
-//! The runtime is found as `$SLIM_ONNX_PYTHON` (a Python with `onnxruntime` and `numpy`), else
-//! the virtual environment `target/onnx-venv`, which these tests create with pip when it is
-//! missing (`.ci/run` creates it beforehand). Without Python or network they say so and pass,
-//! unless `SLIM_REQUIRE_ORT=1` (set by `.ci/run`) makes a missing runtime a failure.
+//! The runtime is found as `common::python` says.
 
 mod common;
-
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use slim_core::data::ImageSet;
@@ -18,101 +11,7 @@ use slim_core::zoo::{build, ZooConfig};
 use slim_core::{Mode, Model};
 use slim_onnx::{export, import, import_file, ExportOptions, ImportOptions};
 
-use common::{fixture, max_rel, mnist_5k};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
-
-fn has_ort(python: &Path) -> bool {
-    Command::new(python)
-        .args(["-c", "import onnxruntime, numpy"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// A Python that has ONNX Runtime, or `None` (after saying why).
-fn python() -> Option<&'static Path> {
-    static PY: OnceLock<Option<PathBuf>> = OnceLock::new();
-    let found = PY.get_or_init(|| {
-        if let Ok(p) = std::env::var("SLIM_ONNX_PYTHON") {
-            return Some(PathBuf::from(p)).filter(|p| has_ort(p));
-        }
-        let venv = workspace().join("target/onnx-venv");
-        let py = venv.join("bin/python");
-        if has_ort(&py) {
-            return Some(py);
-        }
-        eprintln!("creating {} with onnxruntime (pip)", venv.display());
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-            && Command::new(&py)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "onnxruntime==1.32.0",
-                    "numpy==2.4.6",
-                ])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-        (ok && has_ort(&py)).then_some(py)
-    });
-    if found.is_none() {
-        let msg = "ONNX Runtime is not available (no Python with onnxruntime, and pip could not install it)";
-        if std::env::var("SLIM_REQUIRE_ORT").is_ok_and(|v| v == "1") {
-            panic!("{msg}");
-        }
-        eprintln!("skipped: {msg}");
-    }
-    found.as_deref()
-}
-
-/// Runs `model` (ONNX bytes) on `x` in ONNX Runtime.
-fn ort(py: &Path, model: &[u8], x: &Tensor) -> Vec<f32> {
-    let dir = tempfile::tempdir().expect("tmp");
-    let (m, i, o) = (
-        dir.path().join("m.onnx"),
-        dir.path().join("x.bin"),
-        dir.path().join("y.bin"),
-    );
-    std::fs::write(&m, model).expect("write");
-    let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).expect("x");
-    std::fs::write(
-        &i,
-        xs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
-    )
-    .expect("write");
-    let shape: Vec<String> = x.dims().iter().map(|d| d.to_string()).collect();
-    let out = Command::new(py)
-        .arg(workspace().join("slim-onnx/tests/ort/run.py"))
-        .arg(&m)
-        .arg(&i)
-        .arg(shape.join(","))
-        .arg(&o)
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "onnxruntime failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read(&o)
-        .expect("output")
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
+use common::{fixture, max_rel, mnist_5k, ort, python};
 
 fn slim(m: &Model, x: &Tensor) -> Vec<f32> {
     m.forward(x, Mode::Eval)

@@ -2818,11 +2818,7 @@ mod tests {
     fn halving_max_pool_agrees_with_the_window_search() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-        let spec = slim_core::graph::PoolSpec {
-            kernel: 2,
-            stride: 2,
-            padding: 0,
-        };
+        let spec = slim_core::graph::PoolSpec::new(2, 2, 0);
         let wide = crate::gemm::Kernel::Avx512Vnni.available();
         // (rows of 35 and 64 outputs: past one and two blocks of 32 in the vector rows)
         for (h, w) in [(28, 28), (7, 9), (2, 2), (5, 4), (3, 3), (4, 71), (3, 128)] {

@@ -396,11 +396,7 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
         .relu("r2")
         .push(
             "mp",
-            slim_core::Op::MaxPool2d(slim_core::graph::PoolSpec {
-                kernel: 3,
-                stride: 1,
-                padding: 1,
-            }),
+            slim_core::Op::MaxPool2d(slim_core::graph::PoolSpec::new(3, 1, 1)),
         )
         .conv_with(
             "q1",
