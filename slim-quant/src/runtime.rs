@@ -1749,7 +1749,9 @@ fn integer_chains(model: &Model) -> (HashMap<usize, Requant>, HashSet<usize>) {
             let op = &g.node(next).op;
             match op {
                 Op::Relu | Op::Relu6 if activation.is_none() => activation = Some(op),
-                Op::MaxPool2d(_) | Op::Flatten => {}
+                // (Extra end padding is left to the float path.)
+                Op::MaxPool2d(p) if p.is_symmetric() => {}
+                Op::Flatten => {}
                 _ => break Some(next),
             }
             chain.push(next);

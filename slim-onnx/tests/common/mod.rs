@@ -117,8 +117,13 @@ pub fn python() -> Option<&'static Path> {
     found.as_deref()
 }
 
-/// Runs `model` (ONNX bytes) on `x` in ONNX Runtime.
+/// Runs `model` (ONNX bytes) on `x` in ONNX Runtime: its first output.
 pub fn ort(py: &Path, model: &[u8], x: &Tensor) -> Vec<f32> {
+    ort_output(py, model, x, 0)
+}
+
+/// Runs `model` (ONNX bytes) on `x` in ONNX Runtime: its output `k`.
+pub fn ort_output(py: &Path, model: &[u8], x: &Tensor, k: usize) -> Vec<f32> {
     let dir = tempfile::tempdir().expect("tmp");
     let (m, i, o) = (
         dir.path().join("m.onnx"),
@@ -139,6 +144,7 @@ pub fn ort(py: &Path, model: &[u8], x: &Tensor) -> Vec<f32> {
         .arg(&i)
         .arg(shape.join(","))
         .arg(&o)
+        .arg(k.to_string())
         .output()
         .expect("python");
     assert!(
