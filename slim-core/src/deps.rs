@@ -7,8 +7,10 @@
 //! side). Ops say how spaces flow:
 //! - a dense convolution or linear layer consumes its input's spaces on its weight's input
 //!   axis and starts a new space on its output axis (weight axis 0 and bias);
-//! - depthwise convolution, batch norm, activations, pooling, dropout and identity pass the
-//!   spaces through, touching their own per-channel parameters on axis 0;
+//! - depthwise convolution, batch norm, per-channel affine and PReLU, activations, pooling,
+//!   LRN (approximately: a channel's window loses the pruned neighbours), dropout and identity
+//!   pass the spaces through, touching their own per-channel parameters on axis 0;
+//! - a channel shuffle interleaves its input's channels and blocks them;
 //! - `Add`, and `Mul` (element-wise, or channel-wise as in squeeze-and-excite), unify the
 //!   spaces of their inputs: those channels must be pruned together;
 //! - `Flatten` keeps the spaces but expands each channel into its `H * W` positions, so a
@@ -265,7 +267,7 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                 b.touch(&input, name, node.param_name("weight"), 1);
                 b.produce(l.out_features, name, &pnames(&["weight", "bias"]))
             }
-            Op::BatchNorm2d(_) => {
+            Op::BatchNorm2d(_) | Op::PRelu { .. } | Op::ChannelAffine { .. } => {
                 let input = ins[0].clone();
                 for p in pnames(&["weight", "bias", "running_mean", "running_var"]) {
                     b.touch(&input, name, p, 0);
@@ -277,6 +279,12 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             | Op::HardSwish
             | Op::HardSigmoid { .. }
             | Op::Sigmoid
+            | Op::Clip { .. }
+            | Op::LeakyRelu { .. }
+            | Op::Tanh
+            | Op::Silu
+            | Op::Gelu
+            | Op::Erf
             | Op::Dropout { .. }
             | Op::Identity
             | Op::FakeQuant(_)
@@ -555,6 +563,12 @@ fn resized_op(node: &crate::graph::Node, params: &ParamStore) -> Op {
             b.channels = dims("weight")[0];
             Op::BatchNorm2d(b)
         }
+        Op::PRelu { .. } => Op::PRelu {
+            channels: dims("weight")[0],
+        },
+        Op::ChannelAffine { .. } => Op::ChannelAffine {
+            channels: dims("weight")[0],
+        },
         other => other.clone(),
     }
 }

@@ -899,6 +899,26 @@ impl Model {
                 .affine(f64::from(*alpha), f64::from(*beta))?
                 .clamp(0f32, 1f32)?,
             Op::Sigmoid => candle_nn::ops::sigmoid(x)?,
+            Op::Clip { min, max } => match (min, max) {
+                (Some(lo), Some(hi)) => x.clamp(*lo, *hi)?,
+                (Some(lo), None) => x.maximum(*lo)?,
+                (None, Some(hi)) => x.minimum(*hi)?,
+                (None, None) => x.clone(),
+            },
+            Op::LeakyRelu { alpha } => candle_nn::ops::leaky_relu(x, f64::from(*alpha))?,
+            Op::PRelu { .. } => {
+                let slope = per_channel(&self.param(node, "weight", mode, src)?, x)?;
+                (x.relu()? + x.minimum(0f32)?.broadcast_mul(&slope)?)?
+            }
+            Op::Tanh => x.tanh()?,
+            Op::Silu => x.silu()?,
+            Op::Gelu => x.gelu_erf()?,
+            Op::Erf => x.erf()?,
+            Op::ChannelAffine { .. } => {
+                let w = per_channel(&self.param(node, "weight", mode, src)?, x)?;
+                let b = per_channel(&self.param(node, "bias", mode, src)?, x)?;
+                x.broadcast_mul(&w)?.broadcast_add(&b)?
+            }
             Op::Add => {
                 let mut acc = x.clone();
                 for y in &xs[1..] {
@@ -1120,6 +1140,13 @@ fn pad_spatial(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
     let x = Tensor::cat(&[&rows, x, &rows], 2)?;
     let cols = Tensor::full(value, (n, c, h + 2 * p, p), dev)?;
     Ok(Tensor::cat(&[&cols, &x, &cols], 3)?)
+}
+
+/// A per-channel vector `[C]` shaped to broadcast over `x` (`[N, C, ...]`).
+fn per_channel(v: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![1; x.rank()];
+    shape[1] = v.elem_count();
+    Ok(v.reshape(shape)?)
 }
 
 /// Pads the bottom and the right edge of `[N, C, H, W]` values with `value`.

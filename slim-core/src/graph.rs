@@ -220,6 +220,32 @@ pub enum Op {
         beta: f32,
     },
     Sigmoid,
+    /// `clamp(x, min, max)`; a missing bound is no bound (ReLU and ReLU6 have ops of their own).
+    Clip {
+        min: Option<f32>,
+        max: Option<f32>,
+    },
+    /// `x` where positive, `alpha * x` elsewhere.
+    LeakyRelu {
+        alpha: f32,
+    },
+    /// `x` where positive, `slope[c] * x` elsewhere, with a learned slope per channel (its
+    /// parameter `weight`, shape `[C]`).
+    PRelu {
+        channels: usize,
+    },
+    Tanh,
+    /// `x * sigmoid(x)` (also called swish).
+    Silu,
+    /// `x * Φ(x)` with the exact normal CDF: `0.5 * x * (1 + erf(x / √2))`.
+    Gelu,
+    /// The error function, element-wise.
+    Erf,
+    /// `x * weight[c] + bias[c]` per channel (parameters `weight` and `bias`, shape `[C]`): what
+    /// exporters write as a Mul and an Add by constants, where no layer before can absorb them.
+    ChannelAffine {
+        channels: usize,
+    },
     /// Element-wise sum of two or more inputs of one shape.
     Add,
     /// Product of two inputs: element-wise for equal shapes, or channel-wise when the second
@@ -307,6 +333,14 @@ impl Op {
             Op::HardSwish => "hardswish",
             Op::HardSigmoid { .. } => "hardsigmoid",
             Op::Sigmoid => "sigmoid",
+            Op::Clip { .. } => "clip",
+            Op::LeakyRelu { .. } => "leakyrelu",
+            Op::PRelu { .. } => "prelu",
+            Op::Tanh => "tanh",
+            Op::Silu => "silu",
+            Op::Gelu => "gelu",
+            Op::Erf => "erf",
+            Op::ChannelAffine { .. } => "channelaffine",
             Op::Add => "add",
             Op::Mul => "mul",
             Op::Concat => "concat",
@@ -355,6 +389,11 @@ impl Op {
                 v
             }
             Op::FakeQuant(_) => vec![spec("scale", vec![1], ParamKind::Buffer)],
+            Op::PRelu { channels } => vec![spec("weight", vec![*channels], ParamKind::Weight)],
+            Op::ChannelAffine { channels } => vec![
+                spec("weight", vec![*channels], ParamKind::Weight),
+                spec("bias", vec![*channels], ParamKind::Bias),
+            ],
             Op::BatchNorm2d(b) => vec![
                 spec("weight", vec![b.channels], ParamKind::Weight),
                 spec("bias", vec![b.channels], ParamKind::Bias),
@@ -385,6 +424,9 @@ impl Op {
                 ("out_features", l.out_features),
             ],
             Op::BatchNorm2d(b) => vec![("channels", b.channels)],
+            Op::PRelu { channels } | Op::ChannelAffine { channels } => {
+                vec![("channels", *channels)]
+            }
             Op::MaxPool2d(p) | Op::AvgPool2d(p) => vec![
                 ("kernel", p.kernel),
                 ("stride", p.stride),
@@ -511,11 +553,37 @@ impl Op {
             | Op::HardSwish
             | Op::HardSigmoid { .. }
             | Op::Sigmoid
+            | Op::LeakyRelu { .. }
+            | Op::Tanh
+            | Op::Silu
+            | Op::Gelu
+            | Op::Erf
             | Op::Dropout { .. }
             | Op::Softmax
             | Op::Identity
             | Op::FakeQuant(_) => {
                 arity(1)?;
+                Ok(inputs[0].to_vec())
+            }
+            Op::Clip { min, max } => {
+                arity(1)?;
+                let bad = |v: &Option<f32>| v.is_some_and(|v| !v.is_finite());
+                if bad(min) || bad(max) || matches!((min, max), (Some(a), Some(b)) if a > b) {
+                    return Err(format!(
+                        "clip bounds {min:?} and {max:?} must be finite, the lower not above the upper"
+                    ));
+                }
+                Ok(inputs[0].to_vec())
+            }
+            Op::PRelu { channels } | Op::ChannelAffine { channels } => {
+                arity(1)?;
+                if inputs[0].first() != Some(channels) {
+                    return Err(format!(
+                        "{} of {channels} channels on an input of shape {:?}",
+                        self.kind(),
+                        inputs[0]
+                    ));
+                }
                 Ok(inputs[0].to_vec())
             }
             Op::Lrn(l) => {

@@ -250,6 +250,26 @@ impl Writer<'_> {
         Ok(name)
     }
 
+    /// A per-channel parameter as an initializer that broadcasts over the node's output:
+    /// `[C, 1, 1]` for feature maps, `[C]` for vectors.
+    fn per_channel(&mut self, node: &Node, role: &str) -> Result<String> {
+        let name = node.param_name(role);
+        let values = self
+            .model
+            .params
+            .tensor(&name)?
+            .flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(slim_core::CoreError::from)?;
+        let mut dims = vec![1; node.shape.len()];
+        dims[0] = values.len();
+        self.graph
+            .initializer
+            .push(f32_tensor(&name, &dims, &values));
+        Ok(name)
+    }
+
     fn node(&mut self, node: &Node) -> Result<()> {
         let g = &self.model.graph;
         let ins: Vec<String> = node
@@ -348,6 +368,66 @@ impl Writer<'_> {
                 vec![float("alpha", *alpha), float("beta", *beta)],
             ),
             Op::Sigmoid => self.op("Sigmoid", out, &x, out, vec![]),
+            Op::Clip { min, max } => {
+                let mut inputs = vec![x[0].to_string()];
+                for (bound, v) in [("min", min), ("max", max)] {
+                    match v {
+                        Some(v) => {
+                            let name = format!("{out}_{bound}");
+                            self.graph.initializer.push(f32_tensor(&name, &[], &[*v]));
+                            inputs.push(name);
+                        }
+                        None => inputs.push(String::new()),
+                    }
+                }
+                while inputs.last().is_some_and(|i| i.is_empty()) {
+                    inputs.pop();
+                }
+                let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
+                self.op("Clip", out, &inputs, out, vec![]);
+            }
+            Op::LeakyRelu { alpha } => {
+                self.op("LeakyRelu", out, &x, out, vec![float("alpha", *alpha)])
+            }
+            Op::PRelu { .. } => {
+                let slope = self.per_channel(node, "weight")?;
+                self.op("PRelu", out, &[x[0], &slope], out, vec![]);
+            }
+            Op::Tanh => self.op("Tanh", out, &x, out, vec![]),
+            Op::Erf => self.op("Erf", out, &x, out, vec![]),
+            Op::Silu => {
+                let gate = format!("{out}_sigmoid");
+                self.op("Sigmoid", &gate, &x, &gate, vec![]);
+                self.op("Mul", out, &[x[0], &gate], out, vec![]);
+            }
+            Op::Gelu if self.opset >= 20 => self.op("Gelu", out, &x, out, vec![]),
+            Op::Gelu => {
+                // 0.5 * x * (1 + erf(x / √2)), as PyTorch writes it before opset 20.
+                let names = ["scale", "scaled", "erf", "one", "plus", "half", "times"]
+                    .map(|s| format!("{out}_{s}"));
+                let [scale, scaled, erf, one, plus, half, times] = &names;
+                self.graph.initializer.push(f32_tensor(
+                    scale,
+                    &[],
+                    &[std::f32::consts::FRAC_1_SQRT_2],
+                ));
+                self.graph.initializer.push(f32_tensor(one, &[], &[1.0]));
+                self.graph.initializer.push(f32_tensor(half, &[], &[0.5]));
+                self.op("Mul", scaled, &[x[0], scale], scaled, vec![]);
+                self.op("Erf", erf, &[scaled], erf, vec![]);
+                self.op("Add", plus, &[erf, one], plus, vec![]);
+                self.op("Mul", times, &[x[0], plus], times, vec![]);
+                self.op("Mul", out, &[times, half], out, vec![]);
+            }
+            Op::ChannelAffine { .. } => {
+                let (w, b) = (
+                    self.per_channel(node, "weight")?,
+                    self.per_channel(node, "bias")?,
+                );
+                let scaled = format!("{out}_scaled");
+                self.op("Mul", &scaled, &[x[0], &w], &scaled, vec![]);
+                self.op("Add", out, &[&scaled, &b], out, vec![]);
+            }
             Op::Add if x.len() == 2 => self.op("Add", out, &x, out, vec![]),
             Op::Add => self.op("Sum", out, &x, out, vec![]),
             Op::Mul => {

@@ -59,6 +59,14 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "ConstantOfShape",
     "LRN",
     "Transpose",
+    "Sub",
+    "Div",
+    "Neg",
+    "LeakyRelu",
+    "PRelu",
+    "Tanh",
+    "Erf",
+    "Gelu",
 ];
 
 /// Options of an import.
@@ -796,18 +804,63 @@ impl Builder {
                     (one(self.opt_const(n, 1)?)?, one(self.opt_const(n, 2)?)?)
                 };
                 let big = |v: Option<f64>| v.is_none_or(|v| v >= 3.0e38);
+                let small = |v: Option<f64>| v.is_none_or(|v| v <= -3.0e38);
                 match lo {
                     Some(l) if l == 0.0 && hi == Some(6.0) => self.unary(n, &base, Op::Relu6),
                     Some(l) if l == 0.0 && big(hi) => self.unary(n, &base, Op::Relu),
-                    _ => err(format!(
-                        "Clip to [{}, {}] has no Slim op (ReLU is [0, inf], ReLU6 is [0, 6])",
-                        lo.map(|v| v.to_string()).unwrap_or("-inf".into()),
-                        hi.map(|v| v.to_string()).unwrap_or("inf".into())
-                    )),
+                    _ => {
+                        let bound = |v: Option<f64>, open: bool| {
+                            (!open).then(|| v.map(|v| v as f32)).flatten()
+                        };
+                        let op = Op::Clip {
+                            min: bound(lo, small(lo)),
+                            max: bound(hi, big(hi)),
+                        };
+                        self.unary(n, &base, op)
+                    }
                 }
             }
+            "LeakyRelu" => {
+                let alpha = a.float("alpha").unwrap_or(0.01);
+                self.unary(n, &base, Op::LeakyRelu { alpha })
+            }
+            "PRelu" => {
+                let x = self.node_in(n, 0)?;
+                let slope = self.konst(n, 1)?;
+                let channels = x.onnx[0];
+                let v = slope.per_channel(channels, x.onnx.len()).ok_or_else(|| {
+                    OnnxError::Model(format!(
+                        "its slope of shape {:?} is not one value or one per channel of a [{}] value",
+                        slope.dims,
+                        join(&x.onnx)
+                    ))
+                })?;
+                let mut p = BTreeMap::new();
+                p.insert(
+                    "weight",
+                    Const {
+                        dims: vec![channels],
+                        values: v,
+                    },
+                );
+                self.emit_keep(n, &base, Op::PRelu { channels }, &[&x], p)
+            }
+            "Tanh" => self.unary(n, &base, Op::Tanh),
+            "Erf" => self.unary(n, &base, Op::Erf),
+            "Gelu" => match a.string("approximate").as_deref() {
+                None | Some("none") => self.unary(n, &base, Op::Gelu),
+                Some(other) => err(format!(
+                    "Gelu with approximate=\"{other}\"; Slim computes the exact (erf) form"
+                )),
+            },
+            "Neg" => {
+                let x = self.node_in(n, 0)?;
+                self.affine(n, x, vec![-1.0], vec![0.0])
+            }
             "Add" | "Sum" => self.add(n, &base),
+            "Sub" => self.sub(n, &base),
             "Mul" => self.mul(n, &base),
+            "Div" => self.div(n),
             "Concat" => {
                 let xs: Vec<NodeRef> = (0..n.input.len())
                     .map(|i| self.node_in(n, i))
@@ -1305,28 +1358,75 @@ impl Builder {
             })
             .collect();
         if consts.is_empty() {
-            if nodes.iter().any(|r| r.onnx != nodes[0].onnx) {
-                return err(
-                    "an Add of different shapes (broadcasting between data is not supported)",
-                );
-            }
-            let names: Vec<&str> = nodes.iter().map(|r| r.node.as_str()).collect();
-            let name = self.fresh_name(base, "add");
-            self.push(&name, Op::Add, &names, BTreeMap::new())?;
-            let onnx = nodes[0].onnx.clone();
-            return self.bind(n, NodeRef { node: name, onnx });
+            return self.sum(n, base, &nodes);
         }
         if nodes.len() != 1 || consts.len() != 1 {
             return err("an Add of several constants and data");
         }
         let (x, c) = (nodes[0].clone(), &consts[0]);
-        self.fold_affine(n, x, c, false)
+        let shift = self.per_channel_of(&x, c, "adds")?;
+        self.affine(n, x, vec![1.0], shift)
+    }
+
+    /// The element-wise sum of data values of one shape.
+    fn sum(&mut self, n: &NodeProto, base: &str, nodes: &[NodeRef]) -> Result<()> {
+        if nodes.iter().any(|r| r.onnx != nodes[0].onnx) {
+            return err("an Add of different shapes (broadcasting between data is not supported)");
+        }
+        let names: Vec<&str> = nodes.iter().map(|r| r.node.as_str()).collect();
+        let name = self.fresh_name(base, "add");
+        self.push(&name, Op::Add, &names, BTreeMap::new())?;
+        let onnx = nodes[0].onnx.clone();
+        self.bind(n, NodeRef { node: name, onnx })
+    }
+
+    fn sub(&mut self, n: &NodeProto, base: &str) -> Result<()> {
+        match (self.value(n, 0)?.clone(), self.value(n, 1)?.clone()) {
+            (Value::Node(x), Value::Const(c)) => {
+                let shift = self.per_channel_of(&x, &c, "subtracts")?;
+                self.affine(n, x, vec![1.0], shift.iter().map(|v| -v).collect())
+            }
+            (Value::Const(c), Value::Node(x)) => {
+                let shift = self.per_channel_of(&x, &c, "subtracts from")?;
+                self.affine(n, x, vec![-1.0], shift)
+            }
+            (Value::Node(x), Value::Node(y)) => {
+                // x - y as x + (-1 · y).
+                let neg = self.fresh_name(&format!("{base}.neg"), "neg");
+                let channels = y.onnx[0];
+                let params = affine_params(channels, &[-1.0], &[0.0]);
+                let shape = self.push(&neg, Op::ChannelAffine { channels }, &[&y.node], params)?;
+                let _ = shape;
+                let y = NodeRef {
+                    node: neg,
+                    onnx: y.onnx,
+                };
+                self.sum(n, base, &[x, y])
+            }
+            _ => err("a Sub of two constants"),
+        }
+    }
+
+    fn div(&mut self, n: &NodeProto) -> Result<()> {
+        match (self.value(n, 0)?.clone(), self.value(n, 1)?.clone()) {
+            (Value::Node(x), Value::Const(c)) => {
+                let d = self.per_channel_of(&x, &c, "divides by")?;
+                if d.iter().any(|&v| v == 0.0 || !v.is_finite()) {
+                    return err("it divides by zero or by a value that is not finite");
+                }
+                self.affine(n, x, d.iter().map(|v| 1.0 / v).collect(), vec![0.0])
+            }
+            _ => err("a Div other than of data by a constant (per channel or one value)"),
+        }
     }
 
     fn mul(&mut self, n: &NodeProto, base: &str) -> Result<()> {
         let (a, b) = (self.value(n, 0)?.clone(), self.value(n, 1)?.clone());
         match (a, b) {
             (Value::Node(x), Value::Node(y)) => {
+                if let Some(done) = self.recognize_product(n, base, &x, &y)? {
+                    return Ok(done);
+                }
                 // The gate (the per-channel vector) goes second.
                 let (x, y) = if x.onnx.len() == 3
                     && y.onnx.len() == 3
@@ -1343,75 +1443,249 @@ impl Builder {
                 self.bind(n, NodeRef { node: name, onnx })
             }
             (Value::Node(x), Value::Const(c)) | (Value::Const(c), Value::Node(x)) => {
-                self.fold_affine(n, x, &c, true)
+                let scale = self.per_channel_of(&x, &c, "multiplies")?;
+                self.affine(n, x, scale, vec![0.0])
             }
             _ => err("a Mul of two constants"),
         }
     }
 
-    /// Folds `x + c` or `x * c`, with `c` per channel, into the layer that produced `x` when
-    /// nothing else reads that layer's output.
-    fn fold_affine(&mut self, n: &NodeProto, x: NodeRef, c: &Const, scale: bool) -> Result<()> {
-        let what = if scale { "multiplies" } else { "adds" };
-        let id = self.by_name[&x.node];
-        let producer_output = n
-            .input
-            .iter()
-            .find(|i| matches!(self.values.get(*i), Some(Value::Node(r)) if r.node == x.node));
-        let shared = producer_output
-            .map(|o| self.uses.get(o).copied().unwrap_or(0) > 1)
-            .unwrap_or(true)
-            || self.nodes.iter().any(|p| p.inputs.contains(&x.node));
+    /// A constant as one value per channel of `x` (a scalar stays one value).
+    fn per_channel_of(&self, x: &NodeRef, c: &Const, what: &str) -> Result<Vec<f64>> {
+        if c.numel() == 1 {
+            return Ok(vec![c.values[0]]);
+        }
         let Some(&channels) = x.onnx.first() else {
             return err(format!(
                 "it {what} a constant, and its input has no channel axis"
             ));
         };
-        let v = c.per_channel(channels, x.onnx.len()).ok_or_else(|| {
+        c.per_channel(channels, x.onnx.len()).ok_or_else(|| {
             OnnxError::Model(format!(
-                "it {what} a constant of shape {:?} that is not per channel of a [{}] value",
+                "it {what} a constant of shape {:?} that is not one value or one per channel of a [{}] value",
                 c.dims,
                 join(&x.onnx)
             ))
-        })?;
-        let node = &mut self.nodes[id];
-        let foldable =
-            !shared && matches!(node.op, Op::Conv2d(_) | Op::Linear(_) | Op::BatchNorm2d(_));
-        if !foldable {
-            return err(format!(
-                "it {what} a constant to `{}` ({}); Slim folds such constants only into a convolution, linear layer or batch norm whose output nothing else reads",
-                x.node,
-                node.op.kind()
-            ));
+        })
+    }
+
+    /// The pending node that computes `r`, when nothing but the ONNX value `value` reads it.
+    fn sole_producer(&self, r: &NodeRef, value: Option<&String>) -> Option<usize> {
+        let shared = value.is_none_or(|o| self.uses.get(o).copied().unwrap_or(0) > 1)
+            || self.nodes.iter().any(|p| p.inputs.contains(&r.node))
+            || self
+                .values
+                .values()
+                .filter(|v| matches!(v, Value::Node(o) if o.node == r.node))
+                .count()
+                > 1;
+        (!shared).then(|| self.by_name[&r.node])
+    }
+
+    /// Binds `n`'s output to `x * scale + shift` (each one value, or one per channel): folded
+    /// into the layer that computes `x` when nothing else reads it (a convolution, linear
+    /// layer, batch norm or per-channel affine), recognized as a hard sigmoid after a ReLU6,
+    /// else a new per-channel affine node.
+    fn affine(
+        &mut self,
+        n: &NodeProto,
+        x: NodeRef,
+        scale: Vec<f64>,
+        shift: Vec<f64>,
+    ) -> Result<()> {
+        if scale.iter().all(|&s| s == 1.0) && shift.iter().all(|&b| b == 0.0) {
+            return self.bind(n, x);
         }
-        let out = channels;
-        if scale {
-            for role in ["weight", "bias"] {
-                if let Some(p) = node.params.get_mut(role) {
-                    let per = p.numel() / out;
-                    for (i, val) in p.values.iter_mut().enumerate() {
-                        *val *= v[i / per];
+        let Some(&channels) = x.onnx.first() else {
+            return err("an arithmetic constant on a value with no channel axis");
+        };
+        let expand = |v: &[f64]| -> Vec<f64> {
+            if v.len() == 1 {
+                vec![v[0]; channels]
+            } else {
+                v.to_vec()
+            }
+        };
+        let (scale_c, shift_c) = (expand(&scale), expand(&shift));
+        let value = n
+            .input
+            .iter()
+            .find(|i| matches!(self.values.get(*i), Some(Value::Node(r)) if r.node == x.node));
+        if let Some(id) = self.sole_producer(&x, value) {
+            // The value read here is read nowhere else: once folded, it is gone.
+            if let Some(v) = value.cloned() {
+                self.values.remove(&v);
+            }
+            let node = &mut self.nodes[id];
+            if matches!(
+                node.op,
+                Op::Conv2d(_) | Op::Linear(_) | Op::BatchNorm2d(_) | Op::ChannelAffine { .. }
+            ) {
+                let scales_output = !matches!(node.op, Op::ChannelAffine { .. });
+                match &mut node.op {
+                    Op::Conv2d(s) => s.bias = true,
+                    Op::Linear(s) => s.bias = true,
+                    _ => {}
+                }
+                if let Some(w) = node.params.get_mut("weight") {
+                    let per = (w.numel() / channels).max(1);
+                    for (i, v) in w.values.iter_mut().enumerate() {
+                        *v *= scale_c[i / per];
                     }
                 }
-            }
-            if let Op::BatchNorm2d(_) = node.op {
-                // BN's weight and bias were scaled above; nothing else to do.
-            }
-        } else {
-            match &mut node.op {
-                Op::Conv2d(s) => s.bias = true,
-                Op::Linear(s) => s.bias = true,
-                _ => {}
-            }
-            let bias = node.params.entry("bias").or_insert_with(|| Const {
-                dims: vec![out],
-                values: vec![0.0; out],
-            });
-            for (b, add) in bias.values.iter_mut().zip(&v) {
-                *b += add;
+                let bias = node.params.entry("bias").or_insert_with(|| Const {
+                    dims: vec![channels],
+                    values: vec![0.0; channels],
+                });
+                for ((b, s), t) in bias.values.iter_mut().zip(&scale_c).zip(&shift_c) {
+                    *b = *b * s + t;
+                }
+                let _ = scales_output;
+                // An affine that became the identity is passed over.
+                if let Op::ChannelAffine { .. } = node.op {
+                    // (within f32 rounding: 6 · 0.16666667 is not quite 1)
+                    let one = |w: f64| (w - 1.0).abs() <= 2.0 * f64::from(f32::EPSILON);
+                    let identity = node.params["weight"].values.iter().all(|&w| one(w))
+                        && node.params["bias"].values.iter().all(|&b| b == 0.0);
+                    if identity {
+                        let input = node.inputs[0].clone();
+                        let onnx = x.onnx.clone();
+                        return self.bind(n, NodeRef { node: input, onnx });
+                    }
+                }
+                return self.bind(n, x);
             }
         }
-        self.bind(n, x)
+        // s · relu6(z) with 6s = 1 is a hard sigmoid (a scalar affine before the ReLU6 goes
+        // into it): exporters write PyTorch's hardsigmoid as Add 3, Clip 0..6, Div 6.
+        if let (&[s], &[0.0]) = (&scale[..], &shift[..]) {
+            let producer = &self.nodes[self.by_name[&x.node]];
+            if matches!(producer.op, Op::Relu6) && close(6.0 * s, 1.0) {
+                let z = producer.inputs[0].clone();
+                let (alpha, beta, z) = match self.scalar_affine(&z) {
+                    Some((s1, t1, w)) => (s * s1, s * t1, w),
+                    None => (s, 0.0, z),
+                };
+                let name = self.fresh_name(&sanitize(&display_name(n)), "hardsigmoid");
+                let op = Op::HardSigmoid {
+                    alpha: alpha as f32,
+                    beta: beta as f32,
+                };
+                self.push(&name, op, &[&z], BTreeMap::new())?;
+                return self.bind(
+                    n,
+                    NodeRef {
+                        node: name,
+                        onnx: x.onnx,
+                    },
+                );
+            }
+        }
+        let name = self.fresh_name(&sanitize(&display_name(n)), "affine");
+        let params = affine_params(channels, &scale_c, &shift_c);
+        self.push(&name, Op::ChannelAffine { channels }, &[&x.node], params)?;
+        self.bind(
+            n,
+            NodeRef {
+                node: name,
+                onnx: x.onnx,
+            },
+        )
+    }
+
+    /// `(scale, shift, input)` of a per-channel affine node with one scale and one shift.
+    fn scalar_affine(&self, node: &str) -> Option<(f64, f64, String)> {
+        let p = &self.nodes[*self.by_name.get(node)?];
+        if !matches!(p.op, Op::ChannelAffine { .. }) {
+            return None;
+        }
+        let (w, b) = (
+            &p.params.get("weight")?.values,
+            &p.params.get("bias")?.values,
+        );
+        let same = |v: &[f64]| v.iter().all(|&a| a == v[0]);
+        (same(w) && same(b)).then(|| (w[0], b[0], p.inputs[0].clone()))
+    }
+
+    /// The op of the pending node `node` and its first input.
+    fn op_of(&self, node: &str) -> Option<(&Op, &str)> {
+        let p = &self.nodes[*self.by_name.get(node)?];
+        Some((&p.op, p.inputs.first().map(|s| s.as_str()).unwrap_or("")))
+    }
+
+    /// Recognizes the products exporters write for named activations: `x · sigmoid(x)`
+    /// (SiLU), `x · hardsigmoid(x)` (hardswish), `x · relu6(x + 3)` (6 · hardswish),
+    /// `x · (1 + erf(x / √2))` (2 · GELU). Returns `Some` when it bound the output.
+    fn recognize_product(
+        &mut self,
+        n: &NodeProto,
+        base: &str,
+        a: &NodeRef,
+        b: &NodeRef,
+    ) -> Result<Option<()>> {
+        for (x, g) in [(a, b), (b, a)] {
+            let Some((op, input)) = self.op_of(&g.node) else {
+                continue;
+            };
+            let reads_x = input == x.node;
+            let found = match op {
+                Op::Sigmoid if reads_x => Some((Op::Silu, 1.0)),
+                Op::HardSigmoid { alpha, beta }
+                    if reads_x
+                        && close(f64::from(*alpha) * 6.0, 1.0)
+                        && close(f64::from(*beta), 0.5) =>
+                {
+                    Some((Op::HardSwish, 1.0))
+                }
+                Op::Relu6 => match self.scalar_affine(input) {
+                    Some((s, t, z)) if z == x.node && s == 1.0 && t == 3.0 => {
+                        Some((Op::HardSwish, 6.0))
+                    }
+                    _ => None,
+                },
+                Op::ChannelAffine { .. } => match self.scalar_affine(&g.node) {
+                    Some((1.0, 1.0, e)) => match self.op_of(&e) {
+                        Some((Op::Erf, inner)) => match self.scalar_affine(inner) {
+                            Some((s, 0.0, z))
+                                if z == x.node && close(s, std::f64::consts::FRAC_1_SQRT_2) =>
+                            {
+                                Some((Op::Gelu, 2.0))
+                            }
+                            _ => None,
+                        },
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            };
+            let Some((op, factor)) = found else {
+                continue;
+            };
+            let name = self.fresh_name(base, op.kind());
+            self.push(&name, op, &[&x.node], BTreeMap::new())?;
+            let r = NodeRef {
+                node: name,
+                onnx: x.onnx.clone(),
+            };
+            if factor == 1.0 {
+                self.bind(n, r)?;
+            } else {
+                let channels = r.onnx[0];
+                let scaled = self.fresh_name(&format!("{base}.scale"), "scale");
+                let params = affine_params(channels, &[factor], &[0.0]);
+                self.push(&scaled, Op::ChannelAffine { channels }, &[&r.node], params)?;
+                self.bind(
+                    n,
+                    NodeRef {
+                        node: scaled,
+                        onnx: r.onnx,
+                    },
+                )?;
+            }
+            return Ok(Some(()));
+        }
+        Ok(None)
     }
 
     /// Evaluates a node whose inputs are all constants, when it is one of the shape ops.
@@ -1612,10 +1886,28 @@ impl Builder {
     }
 
     fn finish(self, outputs: &[String]) -> Result<Model> {
+        // Only the nodes that some output needs (the input always): recognized patterns
+        // leave their parts behind, and exporters leave unread branches.
+        let mut live = vec![false; self.nodes.len()];
+        let mut stack: Vec<usize> = outputs
+            .iter()
+            .filter_map(|o| self.by_name.get(o).copied())
+            .collect();
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut live[i], true) {
+                continue;
+            }
+            stack.extend(self.nodes[i].inputs.iter().map(|x| self.by_name[x]));
+        }
         let mut graph = Graph::new();
         let mut params = ParamStore::new();
         let dev = Device::Cpu;
-        for p in &self.nodes {
+        for (_, p) in self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|&(i, p)| live[i] || matches!(p.op, Op::Input { .. }))
+        {
             let inputs: Vec<&str> = p.inputs.iter().map(|s| s.as_str()).collect();
             graph.wire(&p.name, p.op.clone(), &inputs)?;
             for spec in p.op.params() {
@@ -1645,6 +1937,25 @@ impl Builder {
         graph.set_outputs(&names)?;
         Ok(Model::new(graph, params)?)
     }
+}
+
+/// The `weight` and `bias` of a per-channel affine node (one value repeated, or one per
+/// channel).
+fn affine_params(channels: usize, scale: &[f64], shift: &[f64]) -> BTreeMap<&'static str, Const> {
+    let full = |v: &[f64]| Const {
+        dims: vec![channels],
+        values: if v.len() == 1 {
+            vec![v[0]; channels]
+        } else {
+            v.to_vec()
+        },
+    };
+    BTreeMap::from([("weight", full(scale)), ("bias", full(shift))])
+}
+
+/// Equal up to f32 rounding: constants such as 1/6 and 1/√2 come as f32.
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-6 * b.abs().max(1.0)
 }
 
 /// An f32 attribute as the f64 of its shortest decimal form (`1e-5`, not `9.99999974e-6`), so

@@ -1,0 +1,115 @@
+//! How exporters spell activations and arithmetic (`tests/ort/spellings.py` writes one small
+//! model per spelling, with ONNX Runtime's outputs): each imports into the named op that it
+//! decomposes (hardswish as Add/Clip/Mul/Div, GELU as Div/Erf/Add/Mul/Mul, ...), nothing of
+//! the decomposition is left behind, and Slim's forward matches ONNX Runtime's on every output.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use slim_core::exec::ForwardOptions;
+use slim_core::Mode;
+use slim_onnx::{export, import_file, ExportOptions, ImportOptions};
+
+use common::{max_rel, ort_output, python, workspace};
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .expect("read")
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The op kinds a case must import to, and those that must not be left in the graph.
+fn expected(case: &str) -> (&'static [&'static str], &'static [&'static str]) {
+    const PARTS: &[&str] = &["relu6", "clip", "channelaffine", "erf", "mul", "sigmoid"];
+    match case {
+        c if c.starts_with("hardswish") => (&["hardswish"], PARTS),
+        c if c.starts_with("hardsigmoid") => {
+            (&["hardsigmoid", "mul"], &["relu6", "clip", "channelaffine"])
+        }
+        c if c.starts_with("relu6") => (&["relu6"], &["clip"]),
+        "clip_general" => (&["clip"], &[]),
+        "silu" => (&["silu"], PARTS),
+        c if c.starts_with("gelu") => (&["gelu"], PARTS),
+        "leaky_relu" => (&["leakyrelu"], &[]),
+        "prelu" => (&["prelu"], &[]),
+        "tanh" => (&["tanh"], &[]),
+        "scalar_arith" | "channel_affine_shared" | "sub_from_const" => (&["channelaffine"], &[]),
+        "bn_after_gap" => (&["batchnorm2d"], &[]),
+        _ => (&[], &[]),
+    }
+}
+
+#[test]
+fn exporters_spellings_import_as_named_ops_and_match_onnx_runtime() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = Command::new(py)
+        .arg(workspace().join("slim-onnx/tests/ort/spellings.py"))
+        .arg(dir.path())
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "spellings.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases = std::fs::read_to_string(dir.path().join("cases.txt")).expect("cases");
+    let mut rows = Vec::new();
+    for case in cases.lines().filter(|l| !l.is_empty()) {
+        let d = dir.path().join(case);
+        let m = import_file(d.join("model.onnx"), &ImportOptions::default())
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let kinds: Vec<&str> = m.graph.nodes().iter().map(|n| n.op.kind()).collect();
+        let (want, gone) = expected(case);
+        for k in want {
+            assert!(kinds.contains(k), "{case}: no {k} in {kinds:?}");
+        }
+        for k in gone {
+            assert!(!kinds.contains(k), "{case}: {k} left in {kinds:?}");
+        }
+        let dims: Vec<usize> = std::fs::read_to_string(d.join("input.txt"))
+            .expect("input.txt")
+            .split_whitespace()
+            .map(|v| v.parse().expect("dim"))
+            .collect();
+        let x = Tensor::from_vec(read_f32(&d.join("input.bin")), dims, &Device::Cpu).expect("x");
+        let ys = m
+            .forward_with(
+                std::slice::from_ref(&x),
+                Mode::Eval,
+                ForwardOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("{case}: forward: {e}"))
+            .outputs;
+        let listed = std::fs::read_to_string(d.join("outputs.txt")).expect("outputs");
+        assert_eq!(ys.len(), listed.lines().count(), "{case}: outputs");
+        let mut worst = 0f32;
+        for (k, y) in ys.iter().enumerate() {
+            let got: Vec<f32> = y.flatten_all().and_then(|t| t.to_vec1()).expect("y");
+            let err = max_rel(&got, &read_f32(&d.join(format!("output_{k}.bin"))));
+            assert!(err <= 1e-5, "{case}: output {k} differs by {err:e}");
+            worst = worst.max(err);
+        }
+        // Slim's own export of the imported model runs in ONNX Runtime too.
+        let bytes = export(&m, &ExportOptions::default()).expect("export");
+        let again = ort_output(py, &bytes, &x, 0);
+        let ours: Vec<f32> = ys[0].flatten_all().and_then(|t| t.to_vec1()).expect("y");
+        let round = max_rel(&again, &ours);
+        assert!(round <= 1e-5, "{case}: the re-export differs by {round:e}");
+        rows.push(format!(
+            "| {case} | {} | {worst:.1e} | {round:.1e} |",
+            kinds[1..].join(" ")
+        ));
+    }
+    eprintln!(
+        "| spelling | imported as | against ONNX Runtime | re-exported |\n|---|---|---:|---:|"
+    );
+    for r in rows {
+        eprintln!("{r}");
+    }
+}
