@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 
 use crate::error::{CoreError, Result};
-use crate::graph::{BatchNormSpec, LrnSpec, Node, Op, PoolSpec};
+use crate::graph::{BatchNormSpec, Conv2dSpec, LrnSpec, Node, Op, PoolSpec};
 use crate::kernels::channels_last::{self, ChannelsLastConv};
 use crate::model::Model;
 
@@ -1165,25 +1165,35 @@ fn pad_end(x: &Tensor, extra: [usize; 2], value: f32) -> Result<Tensor> {
     Ok(x)
 }
 
-/// Zero padding on every side and, beyond it, at the end.
-fn pad_zeros(x: &Tensor, p: &PoolSpec) -> Result<Tensor> {
-    let [eh, ew] = p.pad_end;
-    if p.padding == 0 && p.is_symmetric() {
-        return Ok(x.clone());
-    }
-    Ok(x.pad_with_zeros(2, p.padding, p.padding + eh)?
-        .pad_with_zeros(3, p.padding, p.padding + ew)?)
-}
-
+/// Average pooling as a depthwise convolution with a constant `1/k²` filter, whose gradient
+/// (unlike candle's pooling, which back-propagates only windows that tile the plane) covers
+/// overlapping windows, strides and padding.
 fn avg_pool(x: &Tensor, p: &PoolSpec) -> Result<Tensor> {
-    let sums = pad_zeros(x, p)?.avg_pool2d_with_stride(p.kernel, p.stride)?;
+    let c = x.dim(1)?;
+    let k = p.kernel;
+    let window = |x: &Tensor, channels: usize| -> Result<Tensor> {
+        let padded = if p.is_symmetric() {
+            x.clone()
+        } else {
+            x.pad_with_zeros(2, 0, p.pad_end[0])?
+                .pad_with_zeros(3, 0, p.pad_end[1])?
+        };
+        let w = Tensor::full(1.0 / (k * k) as f32, (channels, 1, k, k), x.device())?
+            .to_dtype(x.dtype())?;
+        let spec = Conv2dSpec::new(channels, channels, k)
+            .with_stride(p.stride)
+            .with_padding(p.padding)
+            .with_groups(channels);
+        Ok(crate::kernels::conv2d(&padded, &w, None, &spec)?)
+    };
+    let sums = window(x, c)?;
     if !p.exclude_pad || (p.padding == 0 && p.is_symmetric()) {
         return Ok(sums);
     }
     // The share of each window that lies inside the input, from a plane of ones.
     let (_, _, h, w) = x.dims4()?;
     let ones = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?;
-    let share = pad_zeros(&ones, p)?.avg_pool2d_with_stride(p.kernel, p.stride)?;
+    let share = window(&ones, 1)?;
     Ok(sums.broadcast_div(&share)?)
 }
 

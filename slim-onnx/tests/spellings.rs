@@ -1,7 +1,8 @@
 //! How exporters spell activations and arithmetic (`tests/ort/spellings.py` writes one small
 //! model per spelling, with ONNX Runtime's outputs): each imports into the named op that it
 //! decomposes (hardswish as Add/Clip/Mul/Div, GELU as Div/Erf/Add/Mul/Mul, ...), nothing of
-//! the decomposition is left behind, and Slim's forward matches ONNX Runtime's on every output.
+//! the decomposition is left behind, Slim's forward matches ONNX Runtime's on every output, its
+//! re-export runs in ONNX Runtime, and quantized, its int8 runtime stays close to float.
 
 mod common;
 
@@ -9,9 +10,12 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use slim_core::data::{ImageSet, Normalize};
 use slim_core::exec::ForwardOptions;
-use slim_core::Mode;
+use slim_core::{Mode, Model};
 use slim_onnx::{export, import_file, ExportOptions, ImportOptions};
+use slim_quant::ptq::{quantize, PtqConfig};
 
 use common::{max_rel, ort_output, python, workspace};
 
@@ -42,6 +46,43 @@ fn expected(case: &str) -> (&'static [&'static str], &'static [&'static str]) {
         "bn_after_gap" => (&["batchnorm2d"], &[]),
         _ => (&[], &[]),
     }
+}
+
+/// The largest difference (relative to the largest value) between the int8 runtime's first
+/// output and the float one, on the random images it was calibrated on.
+fn int8_error(m: &Model, x: &Tensor) -> f32 {
+    let [c, h, w] = x.dims()[1..] else {
+        panic!("a [N, C, H, W] input")
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let n = 8;
+    let set = ImageSet {
+        shape: [c, h, w],
+        classes: 1,
+        images: (0..n * c * h * w).map(|_| rng.random()).collect(),
+        labels: vec![0; n],
+    };
+    // Pixels to -4..4, about the spread of the test input.
+    let norm = Normalize {
+        mean: vec![0.5; c],
+        std: vec![0.125; c],
+    };
+    let cfg = PtqConfig {
+        batches: 1,
+        batch_size: n,
+        ..Default::default()
+    };
+    let (q, _) = quantize(m, &set, &norm, &cfg).expect("ptq");
+    let pixels: Vec<f32> = set
+        .images
+        .iter()
+        .map(|&p| (f32::from(p) / 255.0 - 0.5) / 0.125)
+        .collect();
+    let xs = Tensor::from_vec(pixels, (n, c, h, w), &Device::Cpu).expect("x");
+    let values = |y: Tensor| -> Vec<f32> { y.flatten_all().and_then(|t| t.to_vec1()).expect("y") };
+    let float = values(m.forward(&xs, Mode::Eval).expect("float"));
+    let int8 = values(slim_quant::runtime::forward(&q, &xs).expect("int8"));
+    max_rel(&int8, &float)
 }
 
 #[test]
@@ -101,14 +142,18 @@ fn exporters_spellings_import_as_named_ops_and_match_onnx_runtime() {
         let ours: Vec<f32> = ys[0].flatten_all().and_then(|t| t.to_vec1()).expect("y");
         let round = max_rel(&again, &ours);
         assert!(round <= 1e-5, "{case}: the re-export differs by {round:e}");
+        // Quantized, the int8 runtime runs it, close to float.
+        let int8 = int8_error(&m, &x);
+        assert!(int8 <= 0.1, "{case}: int8 differs by {int8}");
         rows.push(format!(
-            "| {case} | {} | {worst:.1e} | {round:.1e} |",
+            "| {case} | {} | {worst:.1e} | {round:.1e} | {int8:.3} |",
             kinds[1..].join(" ")
         ));
     }
     eprintln!(
-        "| spelling | imported as | against ONNX Runtime | re-exported |\n|---|---|---:|---:|"
+        "| spelling | imported as | against ONNX Runtime | re-exported | int8 against float |"
     );
+    eprintln!("|---|---|---:|---:|---:|");
     for r in rows {
         eprintln!("{r}");
     }

@@ -1,0 +1,969 @@
+//! The ops added for the light ONNX networks (local response normalization, channel shuffle,
+//! and pooling with extra end padding or a divisor that excludes the padding), checked against
+//! plain loops written from their definitions: ONNX's LRN window, ShuffleNet's permutation,
+//! the pooling windows counted position by position. Forward values in evaluation; input
+//! gradients in training against central differences of those loops (in f64), against the
+//! permutation's own transpose, and against finite differences of the model itself; the
+//! wiring errors; model files and older JSON without the new fields; and channel groups.
+
+use candle_core::{Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use slim_core::deps::channel_groups;
+use slim_core::graph::{GraphDef, LrnSpec};
+use slim_core::{Conv2dSpec, Graph, GraphBuilder, Mode, Model, Op, PoolSpec};
+
+// ---------------------------------------------------------------------------------------
+// Plain values and the references.
+
+/// A `[N, C, H, W]` batch of f64 values, row-major.
+#[derive(Clone, Debug)]
+struct Arr {
+    dims: [usize; 4],
+    v: Vec<f64>,
+}
+
+impl Arr {
+    fn zeros(dims: [usize; 4]) -> Arr {
+        Arr {
+            dims,
+            v: vec![0.0; dims.iter().product()],
+        }
+    }
+    /// Uniform values in `[-scale, scale]`, seeded.
+    fn random(dims: [usize; 4], seed: u64, scale: f64) -> Arr {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n = dims.iter().product();
+        // Rounded to f32, so that the model sees exactly these values.
+        let v = (0..n)
+            .map(|_| f64::from((rng.random::<f64>() * 2.0 - 1.0) as f32 * scale as f32))
+            .collect();
+        Arr { dims, v }
+    }
+    fn at(&self, n: usize, c: usize, h: usize, w: usize) -> usize {
+        let [_, cc, hh, ww] = self.dims;
+        ((n * cc + c) * hh + h) * ww + w
+    }
+    fn get(&self, n: usize, c: usize, h: usize, w: usize) -> f64 {
+        self.v[self.at(n, c, h, w)]
+    }
+    fn tensor(&self) -> Tensor {
+        let v: Vec<f32> = self.v.iter().map(|&x| x as f32).collect();
+        Tensor::from_vec(v, self.dims.to_vec(), &Device::Cpu).unwrap()
+    }
+    fn from_tensor(t: &Tensor) -> Arr {
+        let d = t.dims4().unwrap();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        Arr {
+            dims: [d.0, d.1, d.2, d.3],
+            v: v.into_iter().map(f64::from).collect(),
+        }
+    }
+}
+
+/// ONNX LRN: the window of channel `c` runs from `c - (size - 1) / 2` to `c + size / 2`,
+/// clipped to the channels there are.
+fn lrn_ref(x: &Arr, size: usize, alpha: f64, beta: f64, bias: f64) -> Arr {
+    let [n, c, h, w] = x.dims;
+    let mut y = Arr::zeros(x.dims);
+    for b in 0..n {
+        for ch in 0..c {
+            let lo = ch.saturating_sub((size - 1) / 2);
+            let hi = (ch + size / 2).min(c - 1);
+            for i in 0..h {
+                for j in 0..w {
+                    let mut sum = 0.0;
+                    for k in lo..=hi {
+                        sum += x.get(b, k, i, j) * x.get(b, k, i, j);
+                    }
+                    let at = y.at(b, ch, i, j);
+                    y.v[at] = x.get(b, ch, i, j) / (bias + alpha / size as f64 * sum).powf(beta);
+                }
+            }
+        }
+    }
+    y
+}
+
+/// ShuffleNet's shuffle: output channel `j * groups + i` is input channel `i * (C / groups) + j`.
+fn shuffle_ref(x: &Arr, groups: usize) -> Arr {
+    let [n, c, h, w] = x.dims;
+    let per = c / groups;
+    let mut y = Arr::zeros(x.dims);
+    for b in 0..n {
+        for i in 0..groups {
+            for j in 0..per {
+                for r in 0..h {
+                    for s in 0..w {
+                        let at = y.at(b, j * groups + i, r, s);
+                        y.v[at] = x.get(b, i * per + j, r, s);
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pool {
+    Max,
+    Avg,
+}
+
+/// Output size along one axis, from the definition (`None` when no window fits).
+fn pool_out(x: usize, p: &PoolSpec, axis: usize) -> Option<usize> {
+    let padded = x + 2 * p.padding + p.pad_end[axis];
+    (padded >= p.kernel).then(|| (padded - p.kernel) / p.stride + 1)
+}
+
+/// Pooling by windows: each window of the padded plane, position by position; a position is
+/// inside the input or padding (before: `padding`; after: `padding + pad_end`).
+fn pool_ref(x: &Arr, kind: Pool, p: &PoolSpec) -> Arr {
+    let [n, c, h, w] = x.dims;
+    let oh = pool_out(h, p, 0).unwrap();
+    let ow = pool_out(w, p, 1).unwrap();
+    let mut y = Arr::zeros([n, c, oh, ow]);
+    for b in 0..n {
+        for ch in 0..c {
+            for i in 0..oh {
+                for j in 0..ow {
+                    let mut max = f64::NEG_INFINITY;
+                    let mut sum = 0.0;
+                    let mut inside = 0usize;
+                    for di in 0..p.kernel {
+                        for dj in 0..p.kernel {
+                            // Position in the padded plane, then in the input.
+                            let (pr, pc) = (i * p.stride + di, j * p.stride + dj);
+                            let (r, s) = (
+                                pr as isize - p.padding as isize,
+                                pc as isize - p.padding as isize,
+                            );
+                            if r < 0 || s < 0 || r >= h as isize || s >= w as isize {
+                                continue;
+                            }
+                            let v = x.get(b, ch, r as usize, s as usize);
+                            max = max.max(v);
+                            sum += v;
+                            inside += 1;
+                        }
+                    }
+                    let at = y.at(b, ch, i, j);
+                    y.v[at] = match kind {
+                        Pool::Max => max,
+                        Pool::Avg if p.exclude_pad => sum / inside as f64,
+                        Pool::Avg => sum / (p.kernel * p.kernel) as f64,
+                    };
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Whether `got` and `want` have the same dims and differ by at most `tol` times `want`'s
+/// largest magnitude (at least 1); if not, the first difference.
+fn close(got: &Arr, want: &Arr, tol: f64, what: &str) -> Result<(), String> {
+    if got.dims != want.dims {
+        return Err(format!(
+            "{what}: dims {:?}, expected {:?}",
+            got.dims, want.dims
+        ));
+    }
+    let scale = want.v.iter().fold(1f64, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.v.iter().zip(&want.v).enumerate() {
+        if (g - w).abs() > tol * scale {
+            return Err(format!(
+                "{what}: [{i}] got {g}, expected {w} (scale {scale})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn assert_close(got: &Arr, want: &Arr, tol: f64, what: &str) {
+    if let Err(e) = close(got, want, tol, what) {
+        panic!("{e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Models of one op.
+
+/// A model of a single op on a `[C, H, W]` input.
+fn one_op(op: Op, chw: [usize; 3]) -> Model {
+    let g = GraphBuilder::new(chw).push("op", op).build().unwrap();
+    Model::init(g, 0, &Device::Cpu).unwrap()
+}
+
+fn eval(model: &Model, x: &Arr) -> Arr {
+    Arr::from_tensor(&model.forward(&x.tensor(), Mode::Eval).unwrap())
+}
+
+fn chw(x: &Arr) -> [usize; 3] {
+    [x.dims[1], x.dims[2], x.dims[3]]
+}
+
+fn lrn(size: usize, alpha: f32, beta: f32, bias: f32) -> Op {
+    Op::Lrn(LrnSpec {
+        size,
+        alpha,
+        beta,
+        bias,
+    })
+}
+
+fn pool_op(kind: Pool, p: PoolSpec) -> Op {
+    match kind {
+        Pool::Max => Op::MaxPool2d(p),
+        Pool::Avg => Op::AvgPool2d(p),
+    }
+}
+
+fn pool(
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    pad_end: [usize; 2],
+    exclude: bool,
+) -> PoolSpec {
+    PoolSpec {
+        pad_end,
+        exclude_pad: exclude,
+        ..PoolSpec::new(kernel, stride, padding)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward values.
+
+#[test]
+fn lrn_matches_the_onnx_window() {
+    // (size, alpha, beta, bias, channels, input magnitude)
+    let cases: [(usize, f32, f32, f32, usize, f64); 9] = [
+        (1, 0.5, 0.75, 1.0, 4, 2.0),
+        (2, 0.8, 0.6, 1.0, 5, 2.0),
+        (3, 0.5, 0.75, 2.0, 6, 2.0),
+        (3, 1.5, 1.0, 0.5, 4, 2.0),
+        (4, 1.0, 0.5, 1.5, 7, 2.0),
+        // AlexNet's and ZFNet's (activations of tens, so that the normalization shows).
+        (5, 1e-4, 0.75, 1.0, 8, 40.0),
+        (5, 5e-4, 0.75, 2.0, 8, 40.0),
+        // Fewer channels than the window.
+        (5, 1.0, 0.75, 1.0, 3, 2.0),
+        (4, 2.0, 0.75, 1.0, 2, 2.0),
+    ];
+    for (k, &(size, alpha, beta, bias, c, mag)) in cases.iter().enumerate() {
+        let x = Arr::random([2, c, 3, 5], 10 + k as u64, mag);
+        let m = one_op(lrn(size, alpha, beta, bias), chw(&x));
+        let want = lrn_ref(&x, size, f64::from(alpha), f64::from(beta), f64::from(bias));
+        // The normalization is not the identity here, beyond the tolerance.
+        let moved =
+            x.v.iter()
+                .zip(&want.v)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+        assert!(
+            moved > 1e-3 * mag,
+            "case {k}: the reference barely moves ({moved})"
+        );
+        let what = format!("lrn size {size} alpha {alpha} beta {beta} bias {bias} C {c}");
+        assert_close(&eval(&m, &x), &want, 1e-5, &what);
+    }
+}
+
+#[test]
+fn lrn_wiring_refuses_a_zero_size_and_non_finite_constants() {
+    for op in [
+        lrn(0, 1e-4, 0.75, 1.0),
+        lrn(3, f32::NAN, 0.75, 1.0),
+        lrn(3, 1e-4, f32::INFINITY, 1.0),
+        lrn(3, 1e-4, 0.75, f32::NEG_INFINITY),
+    ] {
+        let mut g = Graph::new();
+        g.wire(
+            "x",
+            Op::Input {
+                shape: vec![4, 3, 3],
+            },
+            &[],
+        )
+        .unwrap();
+        let e = g.wire("norm1", op.clone(), &["x"]).unwrap_err().to_string();
+        assert!(e.contains("norm1"), "{op:?}: {e}");
+    }
+    // A feature vector is not a [C, H, W] map.
+    let mut g = Graph::new();
+    g.wire("x", Op::Input { shape: vec![4] }, &[]).unwrap();
+    let e = g
+        .wire("norm1", lrn(3, 1e-4, 0.75, 1.0), &["x"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("norm1"), "{e}");
+}
+
+#[test]
+fn channel_shuffle_is_the_shufflenet_permutation() {
+    let (c, h, w) = (12, 3, 5);
+    // Each value names its sample, channel and position: the permutation shows exactly.
+    let mut x = Arr::zeros([2, c, h, w]);
+    for i in 0..x.v.len() {
+        x.v[i] = i as f64;
+    }
+    // Output channel -> input channel, written out by hand for 3 and 4 groups.
+    let by_hand: [(usize, [usize; 12]); 4] = [
+        (1, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]),
+        (2, [0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11]),
+        (3, [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]),
+        (4, [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11]),
+    ];
+    for (groups, perm) in by_hand {
+        let m = one_op(Op::ChannelShuffle { groups }, [c, h, w]);
+        let got = eval(&m, &x);
+        let want = shuffle_ref(&x, groups);
+        assert_eq!(got.v, want.v, "groups {groups}: against the loops");
+        for b in 0..2 {
+            for (out, &inp) in perm.iter().enumerate() {
+                for r in 0..h {
+                    for s in 0..w {
+                        assert_eq!(
+                            got.get(b, out, r, s),
+                            x.get(b, inp, r, s),
+                            "groups {groups}: output channel {out} should be input channel {inp}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn channel_shuffle_groups_that_do_not_divide_the_channels_are_refused_naming_the_node() {
+    for groups in [0, 5, 7, 24] {
+        let mut g = Graph::new();
+        g.wire(
+            "x",
+            Op::Input {
+                shape: vec![12, 4, 4],
+            },
+            &[],
+        )
+        .unwrap();
+        let e = g
+            .wire("stage2.shuffle", Op::ChannelShuffle { groups }, &["x"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stage2.shuffle"), "groups {groups}: {e}");
+        assert!(g.find("stage2.shuffle").is_none());
+        // The builder reports it the same way.
+        let e = GraphBuilder::new([12, 4, 4])
+            .push("shuf", Op::ChannelShuffle { groups })
+            .relu("r")
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shuf"), "groups {groups}: {e}");
+    }
+    // 12 channels in 6 or 12 groups is fine.
+    for groups in [6, 12] {
+        let x = Arr::random([1, 12, 2, 3], 3, 1.0);
+        let m = one_op(Op::ChannelShuffle { groups }, chw(&x));
+        assert_eq!(eval(&m, &x).v, shuffle_ref(&x, groups).v, "groups {groups}");
+    }
+}
+
+/// Whether a pool is valid by the rules stated for it: a window fits, the symmetric padding is
+/// at most half the kernel, and padding plus end padding stays below the kernel.
+fn pool_valid(p: &PoolSpec, h: usize, w: usize) -> bool {
+    2 * p.padding <= p.kernel
+        && p.pad_end.iter().all(|&e| p.padding + e < p.kernel)
+        && pool_out(h, p, 0).is_some()
+        && pool_out(w, p, 1).is_some()
+}
+
+#[test]
+fn pooling_with_end_padding_and_excluded_padding_matches_the_windows() {
+    let mut checked = 0;
+    let mut refused = 0;
+    for (seed, dims) in [[2, 3, 9, 11], [1, 2, 7, 5]].into_iter().enumerate() {
+        let x = Arr::random(dims, 100 + seed as u64, 2.0);
+        let (h, w) = (dims[2], dims[3]);
+        for kind in [Pool::Max, Pool::Avg] {
+            for kernel in [2, 3, 7] {
+                for stride in [1, 2] {
+                    for padding in [0, 1, 3] {
+                        for pad_end in [[0, 0], [1, 1], [1, 0], [0, 1]] {
+                            for exclude in [false, true] {
+                                let p = pool(kernel, stride, padding, pad_end, exclude);
+                                let what = format!("{kind:?} {p:?} on {h}x{w}");
+                                let op = pool_op(kind, p.clone());
+                                let built = GraphBuilder::new(chw(&x)).push("pool", op).build();
+                                if !pool_valid(&p, h, w) {
+                                    let e = built.expect_err(&what).to_string();
+                                    assert!(e.contains("pool"), "{what}: {e}");
+                                    refused += 1;
+                                    continue;
+                                }
+                                let g = built.unwrap_or_else(|e| panic!("{what}: {e}"));
+                                let out = &g.node(g.outputs()[0]).shape;
+                                let (oh, ow) = (pool_out(h, &p, 0), pool_out(w, &p, 1));
+                                assert_eq!(
+                                    out,
+                                    &vec![dims[1], oh.unwrap(), ow.unwrap()],
+                                    "{what}: shape"
+                                );
+                                let m = Model::init(g, 0, &Device::Cpu).unwrap();
+                                let want = pool_ref(&x, kind, &p);
+                                assert_close(&eval(&m, &x), &want, 1e-5, &what);
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Both sides of the rules were exercised.
+    assert!(
+        checked > 150 && refused > 50,
+        "{checked} checked, {refused} refused"
+    );
+}
+
+#[test]
+fn excluding_the_padding_changes_only_the_border_windows() {
+    // A plane of ones: with exclude_pad every average is exactly 1; counting the padding as
+    // zeros, a corner window of a 3x3 kernel with padding 1 covers 4 of 9 positions.
+    let x = Arr {
+        dims: [1, 1, 5, 5],
+        v: vec![1.0; 25],
+    };
+    let incl = eval(
+        &one_op(Op::AvgPool2d(pool(3, 2, 1, [1, 1], false)), [1, 5, 5]),
+        &x,
+    );
+    let excl = eval(
+        &one_op(Op::AvgPool2d(pool(3, 2, 1, [1, 1], true)), [1, 5, 5]),
+        &x,
+    );
+    // (5 + 2 + 1 - 3) / 2 + 1 = 3 windows a side, starting at -1, 1, 3 in input coordinates:
+    // rows covered -1..2 (2 inside), 1..4 (3 inside), 3..6 (2 inside: 3 and 4).
+    assert_eq!(incl.dims, [1, 1, 3, 3]);
+    let inside = [2.0, 3.0, 2.0];
+    for i in 0..3 {
+        for j in 0..3 {
+            let want = inside[i] * inside[j] / 9.0;
+            assert!(
+                (incl.get(0, 0, i, j) - want).abs() < 1e-6,
+                "({i}, {j}): {incl:?}"
+            );
+            assert!(
+                (excl.get(0, 0, i, j) - 1.0).abs() < 1e-6,
+                "({i}, {j}): {excl:?}"
+            );
+        }
+    }
+    // Max pooling never takes the padding, even over negative values.
+    let neg = Arr {
+        dims: [1, 1, 4, 4],
+        v: (0..16).map(|i| -1.0 - i as f64).collect(),
+    };
+    let y = eval(
+        &one_op(Op::MaxPool2d(pool(2, 2, 0, [1, 1], false)), [1, 4, 4]),
+        &neg,
+    );
+    assert_eq!(y.dims, [1, 1, 2, 2]);
+    assert_eq!(y.v, vec![-1.0, -3.0, -9.0, -11.0]);
+    let y = eval(
+        &one_op(Op::MaxPool2d(pool(3, 2, 1, [1, 0], false)), [1, 4, 4]),
+        &neg,
+    );
+    // Rows: windows at -1..2, 1..4, (4 + 2 + 1 - 3) / 2 + 1 = 3; columns (4 + 2 - 3) / 2 + 1 = 2.
+    assert_eq!(y.dims, [1, 1, 3, 2]);
+    assert_eq!(y.v, vec![-1.0, -2.0, -5.0, -6.0, -13.0, -14.0]);
+}
+
+#[test]
+fn end_padding_that_reaches_the_kernel_is_refused_naming_the_node() {
+    let refused = [
+        pool(2, 2, 0, [2, 0], false),
+        pool(2, 2, 0, [0, 2], false),
+        pool(2, 1, 1, [1, 0], false),
+        pool(3, 2, 1, [2, 0], true),
+        pool(3, 2, 1, [0, 2], false),
+        pool(3, 1, 0, [3, 3], false),
+    ];
+    for p in refused {
+        for kind in [Pool::Max, Pool::Avg] {
+            let mut g = Graph::new();
+            g.wire(
+                "x",
+                Op::Input {
+                    shape: vec![2, 8, 8],
+                },
+                &[],
+            )
+            .unwrap();
+            let e = g
+                .wire("pool3", pool_op(kind, p.clone()), &["x"])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("pool3"), "{kind:?} {p:?}: {e}");
+        }
+    }
+    // Just below the kernel is fine.
+    for p in [
+        pool(2, 2, 0, [1, 1], false),
+        pool(3, 2, 1, [1, 1], true),
+        pool(3, 1, 0, [2, 2], false),
+    ] {
+        let mut g = Graph::new();
+        g.wire(
+            "x",
+            Op::Input {
+                shape: vec![2, 8, 8],
+            },
+            &[],
+        )
+        .unwrap();
+        g.wire("pool3", Op::MaxPool2d(p.clone()), &["x"])
+            .unwrap_or_else(|e| panic!("{p:?}: {e}"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Gradients.
+
+/// A training forward of `model` on `x` and the gradient of `sum(y * weights)` with respect
+/// to the input, with the weights drawn from `seed`; also the weights.
+fn input_gradient(model: &Model, x: &Arr, seed: u64) -> (Arr, Arr) {
+    let xv = Var::from_tensor(&x.tensor()).unwrap();
+    let y = model.forward(xv.as_tensor(), Mode::Train).unwrap();
+    let d = y.dims4().unwrap();
+    let wts = Arr::random([d.0, d.1, d.2, d.3], seed, 1.0);
+    let loss = (&y * wts.tensor()).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let g = grads.get(xv.as_tensor()).expect("a gradient for the input");
+    (Arr::from_tensor(g), wts)
+}
+
+fn dot(a: &Arr, b: &Arr) -> f64 {
+    assert_eq!(a.dims, b.dims);
+    a.v.iter().zip(&b.v).map(|(p, q)| p * q).sum()
+}
+
+/// The gradient of `sum(f(x) * wts)` by central differences of `f` in f64, at every input.
+fn numeric_gradient(x: &Arr, wts: &Arr, f: &dyn Fn(&Arr) -> Arr) -> Arr {
+    let eps = 1e-6;
+    let mut g = Arr::zeros(x.dims);
+    for i in 0..x.v.len() {
+        let mut up = x.clone();
+        up.v[i] += eps;
+        let mut down = x.clone();
+        down.v[i] -= eps;
+        g.v[i] = (dot(&f(&up), wts) - dot(&f(&down), wts)) / (2.0 * eps);
+    }
+    g
+}
+
+#[test]
+fn lrn_gradients_match_central_differences_of_the_definition() {
+    for (k, &(size, alpha, beta, bias, c)) in [
+        (3usize, 0.8f32, 0.75f32, 1.0f32, 5usize),
+        (4, 1.0, 0.6, 2.0, 3),
+        (5, 1e-4, 0.75, 1.0, 6),
+        (1, 0.5, 1.0, 0.5, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = Arr::random([2, c, 3, 4], 200 + k as u64, 2.0);
+        let m = one_op(lrn(size, alpha, beta, bias), chw(&x));
+        let (got, wts) = input_gradient(&m, &x, 300 + k as u64);
+        let f = |x: &Arr| lrn_ref(x, size, f64::from(alpha), f64::from(beta), f64::from(bias));
+        let want = numeric_gradient(&x, &wts, &f);
+        assert_close(&got, &want, 1e-4, &format!("lrn size {size} gradient"));
+    }
+}
+
+#[test]
+fn channel_shuffle_gradient_is_the_inverse_permutation() {
+    for groups in [2, 3, 4] {
+        let x = Arr::random([2, 12, 2, 3], 7, 1.0);
+        let m = one_op(Op::ChannelShuffle { groups }, chw(&x));
+        let (got, wts) = input_gradient(&m, &x, 8);
+        // d/dx[i * per + j] of sum(y * w) is w[j * groups + i], exactly.
+        let per = 12 / groups;
+        let mut want = Arr::zeros(x.dims);
+        for b in 0..2 {
+            for i in 0..groups {
+                for j in 0..per {
+                    for r in 0..2 {
+                        for s in 0..3 {
+                            let at = want.at(b, i * per + j, r, s);
+                            want.v[at] = wts.get(b, j * groups + i, r, s);
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(got.v, want.v, "groups {groups}");
+    }
+}
+
+/// The smallest case of a window equal to its stride that leaves a column out: a 2x3 plane
+/// pooled 2x2 at stride 2 has one window, over the first two columns, so the third column
+/// gets no gradient.
+#[test]
+fn avg_pool_gradient_skips_what_no_window_covers() {
+    for (kind, exclude) in [(Pool::Max, false), (Pool::Avg, false), (Pool::Avg, true)] {
+        let x = Arr {
+            dims: [1, 1, 2, 3],
+            v: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        };
+        let m = one_op(pool_op(kind, pool(2, 2, 0, [0, 0], exclude)), [1, 2, 3]);
+        let (got, wts) = input_gradient(&m, &x, 1);
+        let w = wts.v[0];
+        let want = match kind {
+            Pool::Avg => vec![w / 4.0, w / 4.0, 0.0, w / 4.0, w / 4.0, 0.0],
+            Pool::Max => vec![0.0, 0.0, 0.0, 0.0, w, 0.0],
+        };
+        let want = Arr {
+            dims: [1, 1, 2, 3],
+            v: want,
+        };
+        assert_close(
+            &got,
+            &want,
+            1e-6,
+            &format!("{kind:?} exclude_pad {exclude}"),
+        );
+    }
+}
+
+/// Pooling gradients in training, against central differences of the window loops: `Err`
+/// says which case failed and how.
+fn pool_gradient(kind: Pool, p: &PoolSpec, dims: [usize; 4], seed: u64) -> Result<(), String> {
+    let x = Arr::random(dims, seed, 2.0);
+    let m = one_op(pool_op(kind, p.clone()), chw(&x));
+    let what = format!("{kind:?} {p:?} on {dims:?}");
+    let xv = Var::from_tensor(&x.tensor()).unwrap();
+    let y = m
+        .forward(xv.as_tensor(), Mode::Train)
+        .map_err(|e| format!("{what}: training forward: {e}"))?;
+    let d = y.dims4().unwrap();
+    let wts = Arr::random([d.0, d.1, d.2, d.3], seed + 1, 1.0);
+    let grads = (&y * wts.tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .map_err(|e| format!("{what}: backward: {e}"))?;
+    let got = grads
+        .get(xv.as_tensor())
+        .ok_or_else(|| format!("{what}: no gradient for the input"))?;
+    let want = numeric_gradient(&x, &wts, &|x| pool_ref(x, kind, p));
+    close(
+        &Arr::from_tensor(got),
+        &want,
+        1e-4,
+        &format!("{what}: gradient"),
+    )
+}
+
+/// Runs every case and fails with all the failures listed.
+fn check_pool_gradients(kind: Pool, cases: &[(PoolSpec, [usize; 4])], seed: u64) {
+    let failures: Vec<String> = cases
+        .iter()
+        .enumerate()
+        .filter_map(|(k, (p, dims))| pool_gradient(kind, p, *dims, seed + 10 * k as u64).err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn max_pool_gradients_with_end_padding_match_central_differences() {
+    let cases = [
+        (pool(3, 2, 1, [1, 1], false), [2, 3, 7, 8]),
+        (pool(3, 2, 0, [1, 0], false), [1, 2, 8, 7]),
+        (pool(2, 2, 0, [1, 1], false), [2, 2, 5, 7]),
+        (pool(3, 1, 1, [0, 1], false), [1, 2, 5, 6]),
+        (pool(7, 2, 3, [1, 1], false), [1, 2, 9, 8]),
+    ];
+    check_pool_gradients(Pool::Max, &cases, 400);
+}
+
+/// Average pooling whose window equals its stride, over a padded plane that the windows tile
+/// exactly.
+#[test]
+fn avg_pool_gradients_match_central_differences_when_windows_tile() {
+    let cases = [
+        (pool(2, 2, 0, [1, 1], true), [2, 3, 7, 9]),
+        (pool(2, 2, 0, [1, 0], true), [1, 2, 5, 6]),
+        (pool(3, 3, 1, [1, 1], true), [1, 2, 6, 9]),
+        (pool(2, 2, 0, [0, 1], false), [1, 2, 6, 5]),
+    ];
+    check_pool_gradients(Pool::Avg, &cases, 500);
+}
+
+/// Average pooling as the light networks use it: overlapping 3x3 windows at stride 2 or 1
+/// (ceil mode, `count_include_pad = 0`), and windows equal to the stride over a padded plane
+/// that they do not tile (the last row or column is in no window).
+#[test]
+fn avg_pool_gradients_match_central_differences_in_general() {
+    let cases = [
+        (pool(3, 2, 1, [1, 1], true), [2, 3, 7, 8]),
+        (pool(3, 1, 1, [0, 0], true), [1, 2, 5, 6]),
+        (pool(3, 2, 0, [0, 0], false), [1, 2, 7, 7]),
+        (pool(2, 2, 1, [0, 0], true), [1, 2, 7, 5]),
+        (pool(2, 2, 0, [0, 0], false), [1, 2, 5, 7]),
+        (pool(3, 3, 0, [1, 0], true), [1, 2, 7, 8]),
+    ];
+    check_pool_gradients(Pool::Avg, &cases, 600);
+}
+
+/// A chain of the new ops in one training forward: the model's own gradient against its own
+/// forward, by f32 central differences on a few inputs, and against the composed loops.
+#[test]
+fn a_chain_of_the_new_ops_backpropagates_like_its_finite_differences() {
+    let dims = [1, 6, 6, 7];
+    let mut b = GraphBuilder::new([dims[1], dims[2], dims[3]]);
+    b.push("norm", lrn(3, 0.8, 0.75, 1.0))
+        .push("shuffle", Op::ChannelShuffle { groups: 3 })
+        .push("pool", Op::MaxPool2d(pool(2, 2, 0, [0, 1], false)))
+        .push("avg", Op::AvgPool2d(pool(2, 2, 0, [1, 0], true)));
+    let m = Model::init(b.build().unwrap(), 0, &Device::Cpu).unwrap();
+    let x = Arr::random(dims, 900, 2.0);
+    let reference = |x: &Arr| {
+        let y = lrn_ref(x, 3, f64::from(0.8f32), 0.75, 1.0);
+        let y = shuffle_ref(&y, 3);
+        let y = pool_ref(&y, Pool::Max, &pool(2, 2, 0, [0, 1], false));
+        pool_ref(&y, Pool::Avg, &pool(2, 2, 0, [1, 0], true))
+    };
+    assert_close(&eval(&m, &x), &reference(&x), 1e-5, "chain forward");
+    let xv = Var::from_tensor(&x.tensor()).unwrap();
+    let y = m.forward(xv.as_tensor(), Mode::Train).unwrap();
+    let d = y.dims4().unwrap();
+    let wts = Arr::random([d.0, d.1, d.2, d.3], 901, 1.0);
+    let grads = match (&y * wts.tensor()).unwrap().sum_all().unwrap().backward() {
+        Ok(g) => g,
+        Err(e) => panic!("chain backward: {e}"),
+    };
+    let got = Arr::from_tensor(grads.get(xv.as_tensor()).unwrap());
+    // f32 finite differences through the model itself, on every seventh input, except where
+    // the step crosses a kink (a window's maximum changes hands: the one-sided differences
+    // disagree).
+    let loss = |x: &Arr| -> f64 {
+        let y = m.forward(&x.tensor(), Mode::Eval).unwrap();
+        dot(&Arr::from_tensor(&y), &wts)
+    };
+    let (eps, at_x) = (1e-2, loss(&x));
+    let (mut moved, mut kinks) = (0, 0);
+    for i in (0..x.v.len()).step_by(7) {
+        let mut up = x.clone();
+        up.v[i] += eps;
+        let mut down = x.clone();
+        down.v[i] -= eps;
+        let (right, left) = ((loss(&up) - at_x) / eps, (at_x - loss(&down)) / eps);
+        if (right - left).abs() > 0.1 * right.abs().max(left.abs()) + 1e-3 {
+            kinks += 1;
+            continue;
+        }
+        let fd = (right + left) / 2.0;
+        assert!(
+            (fd - got.v[i]).abs() <= 2e-2 * fd.abs() + 1e-4,
+            "input {i}: backward {} vs finite difference {fd}",
+            got.v[i]
+        );
+        moved += usize::from(fd.abs() > 1e-3);
+    }
+    assert!(
+        moved >= 10 && kinks <= 3,
+        "{moved} inputs with a gradient checked, {kinks} kinks skipped"
+    );
+    let want = numeric_gradient(&x, &wts, &reference);
+    assert_close(&got, &want, 1e-4, "chain gradient");
+}
+
+// ---------------------------------------------------------------------------------------
+// Model files and JSON.
+
+fn new_ops_model() -> Model {
+    let mut b = GraphBuilder::new([3, 11, 9]);
+    b.conv("conv1", 6, 3, 1, 1)
+        .push("norm1", lrn(5, 1e-4, 0.75, 2.0))
+        .push("shuffle", Op::ChannelShuffle { groups: 3 })
+        .push("pool1", Op::MaxPool2d(pool(3, 2, 0, [1, 1], false)))
+        .push("pool2", Op::AvgPool2d(pool(3, 2, 1, [1, 0], true)))
+        .push("pool3", Op::AvgPool2d(pool(2, 1, 0, [0, 1], false)))
+        .global_avg_pool("gap")
+        .linear("fc", 4);
+    Model::init(b.build().unwrap(), 3, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn model_files_keep_the_new_ops() {
+    let m = new_ops_model();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("light.safetensors");
+    m.save(&path).unwrap();
+    let back = Model::load(&path, &Device::Cpu).unwrap();
+    let from_bytes = Model::from_bytes(&m.to_bytes().unwrap(), &Device::Cpu).unwrap();
+    for loaded in [&back, &from_bytes] {
+        assert_eq!(loaded.graph, m.graph);
+        for (a, b) in loaded.graph.nodes().iter().zip(m.graph.nodes()) {
+            assert_eq!(a.op, b.op, "{}", b.name);
+        }
+        let x = Arr::random([2, 3, 11, 9], 1, 1.0);
+        let ya = loaded.forward(&x.tensor(), Mode::Eval).unwrap();
+        let yb = m.forward(&x.tensor(), Mode::Eval).unwrap();
+        assert_eq!(
+            ya.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            yb.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+    // The specific values survive, not just the kinds.
+    let n = back.graph.find("pool2").unwrap();
+    assert_eq!(n.op, Op::AvgPool2d(pool(3, 2, 1, [1, 0], true)));
+    let n = back.graph.find("norm1").unwrap();
+    assert_eq!(n.op, lrn(5, 1e-4, 0.75, 2.0));
+    let n = back.graph.find("shuffle").unwrap();
+    assert_eq!(n.op, Op::ChannelShuffle { groups: 3 });
+}
+
+#[test]
+fn pool_json_without_the_new_fields_reads_with_the_defaults() {
+    // The tags as they are written.
+    let v = serde_json::to_value(Op::MaxPool2d(PoolSpec::new(3, 2, 1))).unwrap();
+    let max_tag = v["op"].as_str().unwrap().to_string();
+    // A symmetric pool is written as before: no new fields.
+    assert!(
+        v.get("pad_end").is_none() && v.get("exclude_pad").is_none(),
+        "{v}"
+    );
+    let v = serde_json::to_value(Op::AvgPool2d(PoolSpec::new(2, 2, 0))).unwrap();
+    let avg_tag = v["op"].as_str().unwrap().to_string();
+    assert!(
+        v.get("pad_end").is_none() && v.get("exclude_pad").is_none(),
+        "{v}"
+    );
+
+    // An older file's ops.
+    let old = format!(r#"{{"op": "{max_tag}", "kernel": 3, "stride": 2, "padding": 1}}"#);
+    let op: Op = serde_json::from_str(&old).unwrap();
+    assert_eq!(op, Op::MaxPool2d(PoolSpec::new(3, 2, 1)));
+    let old = format!(r#"{{"op": "{avg_tag}", "kernel": 2, "stride": 2, "padding": 0}}"#);
+    let op: Op = serde_json::from_str(&old).unwrap();
+    match &op {
+        Op::AvgPool2d(p) => {
+            assert_eq!(p.pad_end, [0, 0]);
+            assert!(!p.exclude_pad);
+        }
+        other => panic!("{other:?}"),
+    }
+    // One of the two new fields alone.
+    let half = format!(
+        r#"{{"op": "{avg_tag}", "kernel": 3, "stride": 2, "padding": 1, "exclude_pad": true}}"#
+    );
+    let op: Op = serde_json::from_str(&half).unwrap();
+    assert_eq!(op, Op::AvgPool2d(pool(3, 2, 1, [0, 0], true)));
+
+    // An older graph description, where the op is flattened into the node.
+    let def = format!(
+        r#"{{"nodes": [
+            {{"name": "input", "op": "input", "shape": [2, 7, 7]}},
+            {{"name": "pool", "op": "{max_tag}", "kernel": 3, "stride": 2, "padding": 1, "inputs": ["input"]}},
+            {{"name": "avg", "op": "{avg_tag}", "kernel": 2, "stride": 2, "padding": 0, "inputs": ["pool"]}}
+        ], "outputs": ["avg"]}}"#
+    );
+    let def: GraphDef = serde_json::from_str(&def).unwrap();
+    let g = Graph::from_def(&def).unwrap();
+    assert_eq!(
+        g.find("pool").unwrap().op,
+        Op::MaxPool2d(PoolSpec::new(3, 2, 1))
+    );
+    assert_eq!(
+        g.find("avg").unwrap().op,
+        Op::AvgPool2d(PoolSpec::new(2, 2, 0))
+    );
+    assert_eq!(g.find("avg").unwrap().shape, vec![2, 2, 2]);
+
+    // The new fields and the new ops round-trip, as ops and in a graph description.
+    for op in [
+        Op::MaxPool2d(pool(3, 2, 1, [1, 0], false)),
+        Op::AvgPool2d(pool(3, 2, 1, [0, 1], true)),
+        Op::AvgPool2d(pool(2, 2, 0, [1, 1], false)),
+        lrn(5, 1e-4, 0.75, 2.0),
+        Op::ChannelShuffle { groups: 4 },
+    ] {
+        let s = serde_json::to_string(&op).unwrap();
+        let back: Op = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, op, "{s}");
+    }
+    let g = new_ops_model().graph;
+    let s = serde_json::to_string(&g.to_def()).unwrap();
+    let def: GraphDef = serde_json::from_str(&s).unwrap();
+    assert_eq!(Graph::from_def(&def).unwrap(), g);
+}
+
+// ---------------------------------------------------------------------------------------
+// Channel groups.
+
+#[test]
+fn lrn_passes_channels_through_and_channel_shuffle_blocks_them() {
+    let chain = |middle: Op| {
+        let mut b = GraphBuilder::new([3, 8, 8]);
+        b.conv("conv1", 8, 3, 1, 1)
+            .push("mid", middle)
+            .conv_with("conv2", Conv2dSpec::new(0, 5, 3).with_padding(1));
+        b.build().unwrap()
+    };
+    let conv1_group = |g: &Graph| {
+        let groups = channel_groups(g);
+        let found = groups
+            .groups
+            .iter()
+            .find(|gr| gr.producers == ["conv1"])
+            .cloned()
+            .expect("conv1's group");
+        (groups, found)
+    };
+
+    // conv -> LRN -> conv: conv1's channels are prunable, and conv2 reads them.
+    let g = chain(lrn(5, 1e-4, 0.75, 1.0));
+    let (groups, c1) = conv1_group(&g);
+    assert!(c1.is_prunable(), "{c1}");
+    assert_eq!(c1.channels, 8);
+    assert!(
+        c1.members
+            .iter()
+            .any(|m| m.param == "conv2.weight" && m.axis == 1),
+        "{:?}",
+        c1.members
+    );
+    // Pruning it gives a model whose LRN runs on the channels kept.
+    let m = Model::init(g, 1, &Device::Cpu).unwrap();
+    let pruned = groups.prune(&m, &[(c1.id, vec![0, 2, 3, 7])]).unwrap();
+    assert_eq!(pruned.graph.find("mid").unwrap().shape, vec![4, 8, 8]);
+    let x = Tensor::zeros((2, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        pruned.forward(&x, Mode::Eval).unwrap().dims(),
+        &[2, 5, 8, 8]
+    );
+
+    // conv -> ChannelShuffle -> conv: blocked by the shuffle, which says why.
+    let g = chain(Op::ChannelShuffle { groups: 2 });
+    let (groups, c1) = conv1_group(&g);
+    assert!(!c1.is_prunable(), "{c1}");
+    let blocker = c1.blocked.as_ref().expect("a blocker");
+    assert_eq!(blocker.node, "mid", "{c1}");
+    assert!(blocker.reason.contains("shuffle"), "{c1}");
+    // Nothing past the shuffle is prunable either: conv2's output is the model's output.
+    assert_eq!(groups.prunable().count(), 0, "{:?}", groups.groups);
+}
