@@ -47,6 +47,23 @@ pub fn node_macs(node: &Node) -> u64 {
             (oc * oh * ow * (c.in_channels / c.groups.max(1)) * c.kernel[0] * c.kernel[1]) as u64
         }
         Op::Linear(l) => (l.in_features * l.out_features) as u64,
+        // Each input value meets every tap of its group's filters.
+        Op::ConvTranspose2d(c) => {
+            let [oc, oh, ow] = node.shape[..] else {
+                return 0;
+            };
+            let taps = c.kernel[0] * c.kernel[1];
+            // The input plane, from the output's: every tap of every input position lands once.
+            let (ih, iw) = (
+                (oh + 2 * c.padding - c.output_padding - c.dilation * (c.kernel[0] - 1) - 1)
+                    / c.stride
+                    + 1,
+                (ow + 2 * c.padding - c.output_padding - c.dilation * (c.kernel[1] - 1) - 1)
+                    / c.stride
+                    + 1,
+            );
+            (c.in_channels * ih * iw * (oc / c.groups.max(1)) * taps) as u64
+        }
         _ => 0,
     }
 }

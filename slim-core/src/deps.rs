@@ -294,7 +294,33 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             // A channel's normalization reads its neighbours, so removing a channel changes
             // its neighbours' windows: an approximation that pruning (which fine-tunes after)
             // tolerates, as it tolerates removing the channel itself.
-            Op::Lrn(_) => ins[0].clone(),
+            Op::Lrn(_) | Op::Pad { .. } | Op::Resize(_) => ins[0].clone(),
+            Op::ConvTranspose2d(c) if c.groups == 1 => {
+                // The weight is [in, out, kh, kw]: input channels on axis 0, outputs on 1.
+                let input = ins[0].clone();
+                b.touch(&input, name, node.param_name("weight"), 0);
+                let l = b.produce(c.out_channels, name, &pnames(&["bias"]));
+                let s = l.segs[0].0;
+                b.spaces[s].members.push(Member {
+                    node: name.to_string(),
+                    param: node.param_name("weight"),
+                    axis: 1,
+                    offset: 0,
+                    expand: 1,
+                });
+                l
+            }
+            Op::ConvTranspose2d(c) => {
+                let input = ins[0].clone();
+                let reason = format!(
+                    "grouped transposed convolution (groups={}) ties channels in groups",
+                    c.groups
+                );
+                b.block_layout(&input, name, &node.op, &reason);
+                let l = b.produce(c.out_channels, name, &pnames(&["bias"]));
+                b.block_layout(&l, name, &node.op, &reason);
+                l
+            }
             Op::ChannelShuffle { groups } => {
                 let reason = format!(
                     "channel shuffle interleaves {groups} groups, which must keep one size"
@@ -423,6 +449,15 @@ impl ChannelGroups {
                 Op::Linear(_) => {
                     let l = &self.layouts[node.inputs[0]];
                     (count(l) * l.expand * count(&self.layouts[i])) as u64
+                }
+                Op::ConvTranspose2d(c) => {
+                    let input = self.graph.node(node.inputs[0]);
+                    let (ci, co) = (
+                        count(&self.layouts[node.inputs[0]]),
+                        count(&self.layouts[i]),
+                    );
+                    let plane = input.shape[1..].iter().product::<usize>();
+                    (ci * plane * (co / c.groups) * c.kernel[0] * c.kernel[1]) as u64
                 }
                 _ => 0,
             };
@@ -562,6 +597,13 @@ fn resized_op(node: &crate::graph::Node, params: &ParamStore) -> Op {
             let mut b = b.clone();
             b.channels = dims("weight")[0];
             Op::BatchNorm2d(b)
+        }
+        Op::ConvTranspose2d(c) => {
+            let w = dims("weight");
+            let mut c = c.clone();
+            c.in_channels = w[0];
+            c.out_channels = w[1] * c.groups;
+            Op::ConvTranspose2d(c)
         }
         Op::PRelu { .. } => Op::PRelu {
             channels: dims("weight")[0],

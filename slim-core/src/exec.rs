@@ -30,7 +30,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 
 use crate::error::{CoreError, Result};
-use crate::graph::{BatchNormSpec, Conv2dSpec, LrnSpec, Node, Op, PoolSpec};
+use crate::graph::{
+    BatchNormSpec, Conv2dSpec, ConvTransposeSpec, CoordMode, LrnSpec, NearestRounding, Node, Op,
+    PadMode, PoolSpec, ResizeMode, ResizeSpec,
+};
 use crate::kernels::channels_last::{self, ChannelsLastConv};
 use crate::model::Model;
 
@@ -973,6 +976,17 @@ impl Model {
             },
             Op::Softmax => candle_nn::ops::softmax(x, 1)?,
             Op::Lrn(l) => lrn(x, l)?,
+            Op::ConvTranspose2d(c) => {
+                let w = self.param(node, "weight", mode, src)?;
+                let b = if c.bias {
+                    Some(self.param(node, "bias", mode, src)?)
+                } else {
+                    None
+                };
+                conv_transpose(x, &w, b.as_ref(), c)?
+            }
+            Op::Pad { pads, mode } => pad(x, *pads, *mode)?,
+            Op::Resize(r) => resize(x, r)?,
             Op::ChannelShuffle { groups } => channel_shuffle(x, *groups)?,
             Op::Identity => x.clone(),
             Op::FakeQuant(q) => self.fake_quant(node, q, x, mode)?,
@@ -1195,6 +1209,164 @@ fn avg_pool(x: &Tensor, p: &PoolSpec) -> Result<Tensor> {
     let ones = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?;
     let share = window(&ones, 1)?;
     Ok(sums.broadcast_div(&share)?)
+}
+
+/// A transposed convolution as a convolution: the inputs spread `stride` apart, bordered by
+/// `dilation * (k - 1) - padding` zeros (cropped where that is negative, `output_padding`
+/// more at the end), convolved with the filters' channel axes swapped per group and their
+/// taps reversed. Its gradient is the convolution's.
+fn conv_transpose(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    c: &ConvTransposeSpec,
+) -> Result<Tensor> {
+    let (n, ci, h, wd) = x.dims4()?;
+    let s = c.stride;
+    let mut y = if s > 1 {
+        x.reshape((n, ci, h, 1, wd, 1))?
+            .pad_with_zeros(3, 0, s - 1)?
+            .pad_with_zeros(5, 0, s - 1)?
+            .reshape((n, ci, h * s, wd * s))?
+            .narrow(2, 0, (h - 1) * s + 1)?
+            .narrow(3, 0, (wd - 1) * s + 1)?
+    } else {
+        x.clone()
+    };
+    for (axis, k) in [(2, c.kernel[0]), (3, c.kernel[1])] {
+        let full = (c.dilation * (k - 1)) as isize;
+        let before = full - c.padding as isize;
+        let after = before + c.output_padding as isize;
+        let len = y.dim(axis)?;
+        let crop_before = (-before).max(0) as usize;
+        let crop_after = (-after).max(0) as usize;
+        if crop_before + crop_after > 0 {
+            y = y.narrow(axis, crop_before, len - crop_before - crop_after)?;
+        }
+        y = y.pad_with_zeros(axis, before.max(0) as usize, after.max(0) as usize)?;
+    }
+    let (g, [kh, kw]) = (c.groups, c.kernel);
+    let (ipg, opg) = (ci / g, c.out_channels / g);
+    let flip =
+        |len: usize| Tensor::from_vec((0..len as u32).rev().collect::<Vec<u32>>(), len, x.device());
+    let filters = w
+        .reshape((g, ipg, opg, kh, kw))?
+        .transpose(1, 2)?
+        .reshape((c.out_channels, ipg, kh, kw))?
+        .index_select(&flip(kh)?, 2)?
+        .index_select(&flip(kw)?, 3)?
+        .contiguous()?;
+    let spec = Conv2dSpec {
+        in_channels: ci,
+        out_channels: c.out_channels,
+        kernel: c.kernel,
+        stride: 1,
+        padding: 0,
+        dilation: c.dilation,
+        groups: g,
+        bias: b.is_some(),
+    };
+    Ok(crate::kernels::conv2d(
+        &y.contiguous()?,
+        &filters,
+        b,
+        &spec,
+    )?)
+}
+
+/// Source indices of a padded axis of `len` values, `before` and `after` added.
+fn pad_indices(len: usize, before: usize, after: usize, mode: PadMode) -> Vec<u32> {
+    let last = len as isize - 1;
+    (-(before as isize)..len as isize + after as isize)
+        .map(|i| match mode {
+            PadMode::Reflect if i < 0 => -i,
+            PadMode::Reflect if i > last => 2 * last - i,
+            _ => i.clamp(0, last),
+        })
+        .map(|i| i as u32)
+        .collect()
+}
+
+fn pad(x: &Tensor, [t, l, b, r]: [usize; 4], mode: PadMode) -> Result<Tensor> {
+    let zeros =
+        |x: &Tensor| -> Result<Tensor> { Ok(x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?) };
+    match mode {
+        PadMode::Constant(v) if v == 0.0 => zeros(x),
+        PadMode::Constant(v) => {
+            // Zeros, then `v` wherever a plane of ones padded with zeros is zero.
+            let (_, _, h, w) = x.dims4()?;
+            let inside = zeros(&Tensor::ones((1, 1, h, w), x.dtype(), x.device())?)?;
+            let border = inside.affine(-f64::from(v), f64::from(v))?;
+            Ok(zeros(x)?.broadcast_add(&border)?)
+        }
+        PadMode::Edge | PadMode::Reflect => {
+            let (_, _, h, w) = x.dims4()?;
+            let rows = pad_indices(h, t, b, mode);
+            let cols = pad_indices(w, l, r, mode);
+            let rows = Tensor::from_vec(rows.clone(), rows.len(), x.device())?;
+            let cols = Tensor::from_vec(cols.clone(), cols.len(), x.device())?;
+            Ok(x.index_select(&rows, 2)?.index_select(&cols, 3)?)
+        }
+    }
+}
+
+/// The `[out, len]` matrix that resizes an axis of `len` values (ONNX Resize's rules).
+fn resize_matrix(len: usize, out: usize, scale: f32, r: &ResizeSpec) -> Vec<f32> {
+    let scale = f64::from(scale);
+    let last = len as f64 - 1.0;
+    let mut m = vec![0f32; out * len];
+    for o in 0..out {
+        let of = o as f64;
+        let src = match r.coord {
+            CoordMode::HalfPixel => (of + 0.5) / scale - 0.5,
+            CoordMode::PytorchHalfPixel if out > 1 => (of + 0.5) / scale - 0.5,
+            CoordMode::PytorchHalfPixel => 0.0,
+            CoordMode::AlignCorners if out > 1 => of * last / (out as f64 - 1.0),
+            CoordMode::AlignCorners => 0.0,
+            CoordMode::Asymmetric => of / scale,
+        };
+        let row = &mut m[o * len..(o + 1) * len];
+        match r.mode {
+            ResizeMode::Nearest(rounding) => {
+                let i = match rounding {
+                    NearestRounding::RoundPreferFloor if src.fract() == 0.5 => src.floor(),
+                    NearestRounding::RoundPreferCeil if src.fract() == 0.5 => src.ceil(),
+                    NearestRounding::RoundPreferFloor | NearestRounding::RoundPreferCeil => {
+                        src.round()
+                    }
+                    NearestRounding::Floor => src.floor(),
+                    NearestRounding::Ceil => src.ceil(),
+                };
+                row[i.clamp(0.0, last) as usize] = 1.0;
+            }
+            ResizeMode::Linear => {
+                let src = src.clamp(0.0, last);
+                let lo = src.floor();
+                let hi = (lo + 1.0).min(last);
+                let frac = src - lo;
+                row[lo as usize] += (1.0 - frac) as f32;
+                row[hi as usize] += frac as f32;
+            }
+        }
+    }
+    m
+}
+
+/// Resizing as two products: `[out_h, H] · x · [W, out_w]`, so that any scale, coordinate
+/// rule and rounding goes through one differentiable path.
+fn resize(x: &Tensor, r: &ResizeSpec) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let [oh, ow] = r.out;
+    let rows = resize_matrix(h, oh, r.scale[0], r);
+    let cols = resize_matrix(w, ow, r.scale[1], r);
+    let rows = Tensor::from_vec(rows, (1, oh, h), x.device())?.to_dtype(x.dtype())?;
+    let cols = Tensor::from_vec(cols, (1, ow, w), x.device())?
+        .to_dtype(x.dtype())?
+        .transpose(1, 2)?;
+    let y = rows
+        .broadcast_matmul(&x.reshape((n * c, h, w))?)?
+        .broadcast_matmul(&cols)?;
+    Ok(y.reshape((n, c, oh, ow))?)
 }
 
 /// Local response normalization across channels (see [`LrnSpec`]).

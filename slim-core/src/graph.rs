@@ -170,6 +170,86 @@ impl PoolSpec {
     }
 }
 
+/// A transposed 2-D convolution (a "deconvolution"): its weight is `[in, out / groups, kh, kw]`
+/// and each input position scatters a filter into a `stride`-spaced output grid; the output
+/// is `(x - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1` per axis.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvTransposeSpec {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: [usize; 2],
+    pub stride: usize,
+    pub padding: usize,
+    pub output_padding: usize,
+    pub dilation: usize,
+    pub groups: usize,
+    pub bias: bool,
+}
+
+impl ConvTransposeSpec {
+    /// Output spatial size for an input size, or `None` when the padding eats the output.
+    pub fn out_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let o = |x: usize, k: usize| {
+            ((x - 1) * self.stride + self.dilation * (k - 1) + self.output_padding + 1)
+                .checked_sub(2 * self.padding)
+                .filter(|&v| v > 0)
+        };
+        Some((o(h, self.kernel[0])?, o(w, self.kernel[1])?))
+    }
+}
+
+/// How [`Op::Pad`] fills the border.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PadMode {
+    /// A constant value.
+    Constant(f32),
+    /// The nearest edge value repeated.
+    Edge,
+    /// The values mirrored about the edge (the edge itself not repeated).
+    Reflect,
+}
+
+/// How [`Op::Resize`] picks or mixes input values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMode {
+    /// Nearest neighbour, the source coordinate rounded as ONNX's `nearest_mode` says.
+    Nearest(NearestRounding),
+    /// Bilinear: the two neighbours on each axis, weighted by distance.
+    Linear,
+}
+
+/// ONNX's `nearest_mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NearestRounding {
+    RoundPreferFloor,
+    RoundPreferCeil,
+    Floor,
+    Ceil,
+}
+
+/// ONNX's `coordinate_transformation_mode`: where an output coordinate falls in the input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoordMode {
+    HalfPixel,
+    PytorchHalfPixel,
+    AlignCorners,
+    Asymmetric,
+}
+
+/// Spatial resizing of `[C, H, W]` values to `out` (height, width); `scale` is the factor the
+/// coordinates are mapped with (out / in, or the file's own scales).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResizeSpec {
+    pub out: [usize; 2],
+    pub scale: [f32; 2],
+    pub mode: ResizeMode,
+    pub coord: CoordMode,
+}
+
 /// Local response normalization across channels (AlexNet, GoogLeNet):
 /// `y_c = x_c / (bias + alpha / size * sum of x_k^2 over the `size` channels around c)^beta`,
 /// the window running from `c - (size - 1) / 2` to `c + size / 2`, as ONNX defines it.
@@ -267,6 +347,13 @@ pub enum Op {
     Softmax,
     /// Local response normalization across channels.
     Lrn(LrnSpec),
+    ConvTranspose2d(ConvTransposeSpec),
+    /// Spatial padding of `[C, H, W]` values: `pads` are top, left, bottom, right.
+    Pad {
+        pads: [usize; 4],
+        mode: PadMode,
+    },
+    Resize(ResizeSpec),
     /// ShuffleNet's channel shuffle: the channels, seen as a `[groups, C / groups]` grid, are
     /// read out column by column (ONNX writes it as Reshape, Transpose, Reshape).
     ChannelShuffle {
@@ -351,6 +438,9 @@ impl Op {
             Op::Dropout { .. } => "dropout",
             Op::Softmax => "softmax",
             Op::Lrn(_) => "lrn",
+            Op::ConvTranspose2d(_) => "convtranspose2d",
+            Op::Pad { .. } => "pad",
+            Op::Resize(_) => "resize",
             Op::ChannelShuffle { .. } => "channelshuffle",
             Op::Identity => "identity",
             Op::FakeQuant(_) => "fakequant",
@@ -389,6 +479,22 @@ impl Op {
                 v
             }
             Op::FakeQuant(_) => vec![spec("scale", vec![1], ParamKind::Buffer)],
+            Op::ConvTranspose2d(c) => {
+                let mut v = vec![spec(
+                    "weight",
+                    vec![
+                        c.in_channels,
+                        c.out_channels / c.groups.max(1),
+                        c.kernel[0],
+                        c.kernel[1],
+                    ],
+                    ParamKind::Weight,
+                )];
+                if c.bias {
+                    v.push(spec("bias", vec![c.out_channels], ParamKind::Bias));
+                }
+                v
+            }
             Op::PRelu { channels } => vec![spec("weight", vec![*channels], ParamKind::Weight)],
             Op::ChannelAffine { channels } => vec![
                 spec("weight", vec![*channels], ParamKind::Weight),
@@ -435,6 +541,19 @@ impl Op {
                 ("end padding", p.pad_end[1]),
             ],
             Op::Lrn(l) => vec![("size", l.size)],
+            Op::ConvTranspose2d(c) => vec![
+                ("in_channels", c.in_channels),
+                ("out_channels", c.out_channels),
+                ("kernel", c.kernel[0]),
+                ("kernel", c.kernel[1]),
+                ("stride", c.stride),
+                ("padding", c.padding),
+                ("output_padding", c.output_padding),
+                ("dilation", c.dilation),
+                ("groups", c.groups),
+            ],
+            Op::Pad { pads, .. } => pads.iter().map(|&p| ("padding", p)).collect(),
+            Op::Resize(r) => vec![("output height", r.out[0]), ("output width", r.out[1])],
             Op::ChannelShuffle { groups } => vec![("groups", *groups)],
             _ => Vec::new(),
         };
@@ -596,6 +715,69 @@ impl Op {
                     ));
                 }
                 Ok(inputs[0].to_vec())
+            }
+            Op::ConvTranspose2d(c) => {
+                arity(1)?;
+                let (ci, h, w) = chw(inputs[0])?;
+                if c.groups == 0 || c.stride == 0 || c.dilation == 0 {
+                    return Err("groups, stride and dilation must be at least 1".into());
+                }
+                if c.kernel.contains(&0) || c.out_channels == 0 {
+                    return Err("kernel and output channels must be at least 1".into());
+                }
+                if ci != c.in_channels {
+                    return Err(format!(
+                        "expects {} input channels, its input has {ci}",
+                        c.in_channels
+                    ));
+                }
+                if c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 {
+                    return Err(format!(
+                        "groups={} must divide input ({}) and output ({}) channels",
+                        c.groups, c.in_channels, c.out_channels
+                    ));
+                }
+                if c.output_padding >= c.stride.max(c.dilation) {
+                    return Err(format!(
+                        "output_padding {} must be below the stride or the dilation",
+                        c.output_padding
+                    ));
+                }
+                let (oh, ow) = c.out_size(h, w).ok_or_else(|| {
+                    format!(
+                        "padding {} leaves no output of the {h}x{w} input",
+                        c.padding
+                    )
+                })?;
+                Ok(vec![c.out_channels, oh, ow])
+            }
+            Op::Pad { pads, mode } => {
+                arity(1)?;
+                let (c, h, w) = chw(inputs[0])?;
+                if let PadMode::Reflect = mode {
+                    if pads[0].max(pads[2]) >= h || pads[1].max(pads[3]) >= w {
+                        return Err(format!(
+                            "reflect padding {pads:?} must stay below the {h}x{w} input's size"
+                        ));
+                    }
+                }
+                if let PadMode::Constant(v) = mode {
+                    if !v.is_finite() {
+                        return Err(format!("the padding value {v} is not finite"));
+                    }
+                }
+                Ok(vec![c, h + pads[0] + pads[2], w + pads[1] + pads[3]])
+            }
+            Op::Resize(r) => {
+                arity(1)?;
+                let (c, _, _) = chw(inputs[0])?;
+                if r.out.contains(&0) || r.scale.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                    return Err(format!(
+                        "resize to {:?} with scales {:?}: sizes and scales must be positive",
+                        r.out, r.scale
+                    ));
+                }
+                Ok(vec![c, r.out[0], r.out[1]])
             }
             Op::ChannelShuffle { groups } => {
                 arity(1)?;

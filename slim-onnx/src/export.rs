@@ -14,7 +14,7 @@
 use std::path::Path;
 
 use prost::Message;
-use slim_core::graph::{Node, Op};
+use slim_core::graph::{CoordMode, NearestRounding, Node, Op, PadMode, ResizeMode};
 use slim_core::Model;
 
 use crate::proto::{
@@ -134,6 +134,14 @@ fn int(name: &str, v: i64) -> AttributeProto {
         name: name.into(),
         r#type: attribute_type::INT,
         i: v,
+        ..Default::default()
+    }
+}
+fn string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: attribute_type::STRING,
+        s: v.as_bytes().to_vec(),
         ..Default::default()
     }
 }
@@ -495,6 +503,106 @@ impl Writer<'_> {
                     float("bias", l.bias),
                 ],
             ),
+            Op::ConvTranspose2d(c) => {
+                let w = self.param(node, "weight")?;
+                let mut inputs = vec![x[0].to_string(), w];
+                if c.bias {
+                    inputs.push(self.param(node, "bias")?);
+                }
+                let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
+                let (p, s, d, op) = (
+                    c.padding as i64,
+                    c.stride as i64,
+                    c.dilation as i64,
+                    c.output_padding as i64,
+                );
+                self.op(
+                    "ConvTranspose",
+                    out,
+                    &inputs,
+                    out,
+                    vec![
+                        ints("kernel_shape", &[c.kernel[0] as i64, c.kernel[1] as i64]),
+                        ints("strides", &[s, s]),
+                        ints("pads", &[p, p, p, p]),
+                        ints("dilations", &[d, d]),
+                        ints("output_padding", &[op, op]),
+                        int("group", c.groups as i64),
+                    ],
+                );
+            }
+            Op::Pad { pads, mode } => {
+                let [t, l, b, r] = pads.map(|p| p as i64);
+                let (p, v) = (format!("{out}_pads"), format!("{out}_value"));
+                self.graph
+                    .initializer
+                    .push(i64_tensor(&p, &[0, 0, t, l, 0, 0, b, r]));
+                let (name, value) = match mode {
+                    PadMode::Constant(value) => ("constant", *value),
+                    PadMode::Edge => ("edge", 0.0),
+                    PadMode::Reflect => ("reflect", 0.0),
+                };
+                self.graph.initializer.push(f32_tensor(&v, &[], &[value]));
+                self.op("Pad", out, &[x[0], &p, &v], out, vec![string("mode", name)]);
+            }
+            Op::Resize(r) => {
+                // ONNX takes scales or sizes: the scales where they give the output size
+                // (the coordinates then map with them, as in Slim), else the sizes.
+                let (roi, scales) = (format!("{out}_roi"), format!("{out}_scales"));
+                self.graph.initializer.push(f32_tensor(&roi, &[0], &[]));
+                self.graph.initializer.push(f32_tensor(
+                    &scales,
+                    &[4],
+                    &[1.0, 1.0, r.scale[0], r.scale[1]],
+                ));
+                let coord = match r.coord {
+                    CoordMode::HalfPixel => "half_pixel",
+                    CoordMode::PytorchHalfPixel => "pytorch_half_pixel",
+                    CoordMode::AlignCorners => "align_corners",
+                    CoordMode::Asymmetric => "asymmetric",
+                };
+                let mut attrs = vec![string("coordinate_transformation_mode", coord)];
+                match r.mode {
+                    ResizeMode::Linear => attrs.push(string("mode", "linear")),
+                    ResizeMode::Nearest(rounding) => {
+                        attrs.push(string("mode", "nearest"));
+                        let rounding = match rounding {
+                            NearestRounding::RoundPreferFloor => "round_prefer_floor",
+                            NearestRounding::RoundPreferCeil => "round_prefer_ceil",
+                            NearestRounding::Floor => "floor",
+                            NearestRounding::Ceil => "ceil",
+                        };
+                        attrs.push(string("nearest_mode", rounding));
+                    }
+                }
+                let input = &g.node(node.inputs[0]).shape;
+                let exact = (0..2).all(|i| {
+                    (input[i + 1] as f64 * f64::from(r.scale[i])).floor() as usize == r.out[i]
+                });
+                if exact {
+                    self.op("Resize", out, &[x[0], &roi, &scales], out, attrs);
+                } else {
+                    // `sizes` spans the batch axis too: the input's [N, C], then [H, W].
+                    let names = ["shape", "starts", "ends", "batch", "plane", "sizes"]
+                        .map(|s| format!("{out}_{s}"));
+                    let [shape, starts, ends, batch, plane, sizes] = &names;
+                    self.graph.initializer.push(i64_tensor(starts, &[0]));
+                    self.graph.initializer.push(i64_tensor(ends, &[2]));
+                    self.graph
+                        .initializer
+                        .push(i64_tensor(plane, &[r.out[0] as i64, r.out[1] as i64]));
+                    self.op("Shape", shape, &[x[0]], shape, vec![]);
+                    self.op("Slice", batch, &[shape, starts, ends], batch, vec![]);
+                    self.op(
+                        "Concat",
+                        sizes,
+                        &[batch, plane],
+                        sizes,
+                        vec![int("axis", 0)],
+                    );
+                    self.op("Resize", out, &[x[0], &roi, "", sizes], out, attrs);
+                }
+            }
             Op::ChannelShuffle { groups } => {
                 // Reshape to [N, g, C/g, H, W], swap the two channel axes, reshape back.
                 let [c, h, w] = node.shape[..] else {

@@ -18,7 +18,8 @@ use candle_core::{Device, Tensor};
 use prost::Message;
 use slim_core::data::Normalize;
 use slim_core::graph::{
-    BatchNormSpec, Conv2dSpec, Graph, LinearSpec, LrnSpec, Op, ParamKind, PoolSpec,
+    BatchNormSpec, Conv2dSpec, ConvTransposeSpec, CoordMode, Graph, LinearSpec, LrnSpec,
+    NearestRounding, Op, PadMode, ParamKind, PoolSpec, ResizeMode, ResizeSpec,
 };
 use slim_core::params::ParamStore;
 use slim_core::Model;
@@ -67,6 +68,10 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Tanh",
     "Erf",
     "Gelu",
+    "Pad",
+    "Resize",
+    "Upsample",
+    "ConvTranspose",
 ];
 
 /// Options of an import.
@@ -1058,6 +1063,9 @@ impl Builder {
             "ConstantOfShape" => {
                 err("its shape is computed from the data; Slim needs a constant shape")
             }
+            "Pad" => self.pad(n, &a, &base),
+            "Resize" | "Upsample" => self.resize(n, &a, &base),
+            "ConvTranspose" => self.conv_transpose(n, &a),
             "Gather" | "Slice" => err(format!(
                 "{} on data (not constants) is not supported",
                 n.op_type
@@ -1112,7 +1120,7 @@ impl Builder {
     }
 
     fn conv(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
-        let x = self.node_in(n, 0)?;
+        let mut x = self.node_in(n, 0)?;
         let w = self.konst(n, 1)?;
         let b = self.opt_const(n, 2)?;
         if w.dims.len() != 4 {
@@ -1166,7 +1174,38 @@ impl Builder {
             ));
         }
         let (s, d) = (strides[0], dil[0]);
-        let pads = pads(a, [h, wd], [kh, kw], s, d)?;
+        let axes = pads_per_axis(a, [h, wd], [kh, kw], s, d)?;
+        let mut sides = [axes[0].0, axes[1].0, axes[0].1, axes[1].1];
+        // Zero padding written as a Pad before the convolution (tf2onnx) joins its own.
+        if let Some((
+            &Op::Pad {
+                pads,
+                mode: PadMode::Constant(v),
+            },
+            input,
+        )) = self.op_of(&x.node)
+        {
+            if v == 0.0 {
+                let input = input.to_string();
+                let shape = self.nodes[self.by_name[&input]].shape.clone();
+                for (side, extra) in sides.iter_mut().zip(pads) {
+                    *side += extra;
+                }
+                x = NodeRef::plain(input, &shape);
+            }
+        }
+        // One padding on every side; what one side has beyond it is a Pad node.
+        let pads = *sides.iter().min().unwrap_or(&0);
+        let extra = sides.map(|p| p - pads);
+        if extra != [0; 4] {
+            let name = self.fresh_name(&format!("{}.pad", self.layer_name(n, 1)), "pad");
+            let op = Op::Pad {
+                pads: extra,
+                mode: PadMode::Constant(0.0),
+            };
+            let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+            x = NodeRef::plain(name, &shape);
+        }
         let spec = Conv2dSpec {
             in_channels: ipg * groups,
             out_channels: o,
@@ -1197,6 +1236,292 @@ impl Builder {
             );
         }
         self.emit(n, &name, Op::Conv2d(spec), &[&x.node], p)
+    }
+
+    fn pad(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        if x.onnx.len() != 3 || self.shape_of(&x).len() != 3 {
+            return err(format!(
+                "Pad of a [N, {}] value; Slim pads [N, C, H, W] feature maps",
+                join(&x.onnx)
+            ));
+        }
+        let (pads, value) = if self.opset < 11 {
+            (
+                a.ints("pads").unwrap_or_default(),
+                a.float("value").unwrap_or(0.0),
+            )
+        } else {
+            let value = match self.opt_const(n, 2)? {
+                Some(c) if c.numel() == 1 => c.values[0] as f32,
+                Some(c) => return err(format!("its constant_value holds {} values", c.numel())),
+                None => 0.0,
+            };
+            (self.konst(n, 1)?.ints(), value)
+        };
+        // [x1_begin, x2_begin, ..., x1_end, x2_end, ...] over the axes given (all by default).
+        let axes: Vec<i64> = match self.opt_const(n, 3)? {
+            Some(c) => c
+                .ints()
+                .iter()
+                .map(|&v| if v < 0 { v + 4 } else { v })
+                .collect(),
+            None => (0..4).collect(),
+        };
+        if pads.len() != 2 * axes.len() {
+            return err(format!("pads {pads:?} for axes {axes:?}"));
+        }
+        let mut full = [0i64; 8];
+        for (i, &ax) in axes.iter().enumerate() {
+            if !(0..4).contains(&ax) {
+                return err(format!("axis {ax} of a rank-4 value"));
+            }
+            full[ax as usize] = pads[i];
+            full[ax as usize + 4] = pads[i + axes.len()];
+        }
+        if full[0] != 0 || full[1] != 0 || full[4] != 0 || full[5] != 0 {
+            return err(format!(
+                "pads {pads:?} pad the batch or channel axis; Slim pads height and width"
+            ));
+        }
+        let spatial = [full[2], full[3], full[6], full[7]];
+        if spatial.iter().any(|&p| !(0..=LIMIT).contains(&p)) {
+            return err(format!(
+                "pads {pads:?}: negative (cropping) or beyond {LIMIT}"
+            ));
+        }
+        let mode = match a.string("mode").as_deref().unwrap_or("constant") {
+            "constant" => PadMode::Constant(value),
+            "edge" => PadMode::Edge,
+            "reflect" => PadMode::Reflect,
+            other => {
+                return err(format!(
+                    "mode \"{other}\"; Slim pads constant, edge and reflect"
+                ))
+            }
+        };
+        let pads = spatial.map(|p| p as usize);
+        if pads == [0; 4] {
+            return self.bind(n, x);
+        }
+        let name = self.fresh_name(base, "pad");
+        let shape = self.push(&name, Op::Pad { pads, mode }, &[&x.node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    fn resize(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        if x.onnx.len() != 3 || self.shape_of(&x).len() != 3 {
+            return err(format!(
+                "{} of a [N, {}] value; Slim resizes [N, C, H, W] feature maps",
+                n.op_type,
+                join(&x.onnx)
+            ));
+        }
+        let (h, w) = (x.onnx[1], x.onnx[2]);
+        let upsample = n.op_type == "Upsample";
+        // Upsample (and Resize before opset 11) take the scales second and map coordinates
+        // as `asymmetric`; later Resize takes roi, scales, sizes.
+        let legacy = upsample || self.opset < 11;
+        let scales = if upsample && self.opset < 9 {
+            a.get("scales").map(|s| Const {
+                dims: vec![s.floats.len()],
+                values: s.floats.iter().map(|&v| f64::from(v)).collect(),
+            })
+        } else if legacy {
+            Some(self.konst(n, 1)?)
+        } else {
+            self.opt_const(n, 2)?.filter(|c| c.numel() > 0)
+        };
+        let given_sizes = if legacy {
+            None
+        } else {
+            self.opt_const(n, 3)?.filter(|c| c.numel() > 0)
+        };
+        let (out, scale) = match (scales, given_sizes) {
+            (Some(sc), None) => {
+                let v = &sc.values;
+                if v.len() != 4 || v[0] != 1.0 || v[1] != 1.0 {
+                    return err(format!("scales {v:?}; Slim resizes height and width only"));
+                }
+                let scale = [v[2] as f32, v[3] as f32];
+                if scale
+                    .iter()
+                    .any(|s| !(s.is_finite() && *s > 0.0 && *s <= 4096.0))
+                {
+                    return err(format!("scales {v:?} out of range"));
+                }
+                let out = [
+                    (h as f64 * f64::from(scale[0])).floor() as usize,
+                    (w as f64 * f64::from(scale[1])).floor() as usize,
+                ];
+                (out, scale)
+            }
+            (None, Some(sz)) => {
+                let v = sz.ints();
+                let plane: Vec<i64> = match v.len() {
+                    4 if v[0] >= 1 && v[1] == x.onnx[0] as i64 => v[2..].to_vec(),
+                    2 => v.clone(),
+                    _ => return err(format!("sizes {v:?}; Slim resizes height and width only")),
+                };
+                let out = sizes("sizes", &plane, 1)?;
+                let out = [out[0], out[1]];
+                (out, [out[0] as f32 / h as f32, out[1] as f32 / w as f32])
+            }
+            _ => return err("it needs exactly one of scales and sizes"),
+        };
+        let coord = if legacy {
+            CoordMode::Asymmetric
+        } else {
+            match a
+                .string("coordinate_transformation_mode")
+                .as_deref()
+                .unwrap_or("half_pixel")
+            {
+                "half_pixel" => CoordMode::HalfPixel,
+                "pytorch_half_pixel" => CoordMode::PytorchHalfPixel,
+                "align_corners" => CoordMode::AlignCorners,
+                "asymmetric" => CoordMode::Asymmetric,
+                other => {
+                    return err(format!(
+                        "coordinate_transformation_mode \"{other}\" is not supported"
+                    ))
+                }
+            }
+        };
+        if a.int("exclude_outside").unwrap_or(0) != 0 || a.int("antialias").unwrap_or(0) != 0 {
+            return err("exclude_outside and antialias are not supported");
+        }
+        if a.string("keep_aspect_ratio_policy")
+            .is_some_and(|p| p != "stretch")
+        {
+            return err("keep_aspect_ratio_policy other than stretch is not supported");
+        }
+        let mode = match a.string("mode").as_deref().unwrap_or("nearest") {
+            "nearest" => {
+                let rounding = if legacy {
+                    NearestRounding::Floor
+                } else {
+                    match a
+                        .string("nearest_mode")
+                        .as_deref()
+                        .unwrap_or("round_prefer_floor")
+                    {
+                        "round_prefer_floor" => NearestRounding::RoundPreferFloor,
+                        "round_prefer_ceil" => NearestRounding::RoundPreferCeil,
+                        "floor" => NearestRounding::Floor,
+                        "ceil" => NearestRounding::Ceil,
+                        other => return err(format!("nearest_mode \"{other}\" is not supported")),
+                    }
+                };
+                ResizeMode::Nearest(rounding)
+            }
+            "linear" | "bilinear" => ResizeMode::Linear,
+            other => return err(format!("mode \"{other}\"; Slim resizes nearest and linear")),
+        };
+        let op = Op::Resize(ResizeSpec {
+            out,
+            scale,
+            mode,
+            coord,
+        });
+        let name = self.fresh_name(base, "resize");
+        let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    fn conv_transpose(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let w = self.konst(n, 1)?;
+        let b = self.opt_const(n, 2)?;
+        if x.onnx.len() != 3 || w.dims.len() != 4 {
+            return err(format!(
+                "input [N, {}] and weight {:?}; Slim's transposed convolutions are 2-D",
+                join(&x.onnx),
+                w.dims
+            ));
+        }
+        let (ci, opg, kh, kw) = (w.dims[0], w.dims[1], w.dims[2], w.dims[3]);
+        let groups = sizes("group", &[a.int("group").unwrap_or(1)], 1)?[0];
+        let one = |what: &str, v: Vec<i64>, min: i64| -> Result<usize> {
+            let v = sizes(what, &v, min)?;
+            match v[..] {
+                [p, q] if p == q => Ok(p),
+                _ => err(format!("{what} {v:?}; Slim needs one value for both axes")),
+            }
+        };
+        let s = one("strides", a.ints("strides").unwrap_or(vec![1, 1]), 1)?;
+        let d = one("dilations", a.ints("dilations").unwrap_or(vec![1, 1]), 1)?;
+        let op = one(
+            "output_padding",
+            a.ints("output_padding").unwrap_or(vec![0, 0]),
+            0,
+        )?;
+        if a.string("auto_pad")
+            .is_some_and(|p| p != "NOTSET" && p != "VALID")
+        {
+            return err(
+                "auto_pad SAME_UPPER/SAME_LOWER on a transposed convolution is not supported; give pads",
+            );
+        }
+        let padding = match a.ints("output_shape") {
+            Some(shape) => {
+                // The total padding the requested size implies, split evenly.
+                let target = &shape[shape.len().saturating_sub(2)..];
+                let mut each = Vec::new();
+                for (i, (&len, k)) in x.onnx[1..].iter().zip([kh, kw]).enumerate() {
+                    let full = (len - 1) * s + op + (k - 1) * d + 1;
+                    let total = full as i64 - target.get(i).copied().unwrap_or(0);
+                    if total < 0 || total % 2 != 0 {
+                        return err(format!("output_shape {shape:?} needs uneven padding"));
+                    }
+                    each.push(total / 2);
+                }
+                one("padding", each, 0)?
+            }
+            None => {
+                let p = a.ints("pads").unwrap_or(vec![0, 0, 0, 0]);
+                match sizes("pads", &p, 0)?[..] {
+                    [t, l, b2, r] if t == l && l == b2 && b2 == r => t,
+                    _ => {
+                        return err(format!(
+                            "pads {p:?}; Slim pads a transposed convolution equally on every side"
+                        ))
+                    }
+                }
+            }
+        };
+        let spec = ConvTransposeSpec {
+            in_channels: ci,
+            out_channels: opg * groups,
+            kernel: [kh, kw],
+            stride: s,
+            padding,
+            output_padding: op,
+            dilation: d,
+            groups,
+            bias: b.is_some(),
+        };
+        let mut p = BTreeMap::new();
+        p.insert("weight", w);
+        if let Some(b) = b {
+            if b.numel() != opg * groups {
+                return err(format!(
+                    "bias has {} values for {} outputs",
+                    b.numel(),
+                    opg * groups
+                ));
+            }
+            p.insert(
+                "bias",
+                Const {
+                    dims: vec![opg * groups],
+                    values: b.values,
+                },
+            );
+        }
+        let name = self.layer_name(n, 1);
+        self.emit(n, &name, Op::ConvTranspose2d(spec), &[&x.node], p)
     }
 
     fn linear(
@@ -2077,26 +2402,6 @@ fn squeeze_dims(dims: &[usize], axes: Option<&[i64]>) -> Result<Vec<usize>> {
                 .map(|(_, &d)| d)
                 .collect())
         }
-    }
-}
-
-/// Symmetric padding for a window, from `pads` or `auto_pad`; asymmetric padding is an error.
-fn pads(
-    a: &Attrs,
-    input: [usize; 2],
-    kernel: [usize; 2],
-    stride: usize,
-    dil: usize,
-) -> Result<usize> {
-    let per_axis = pads_per_axis(a, input, kernel, stride, dil)?;
-    let p = per_axis[0].0;
-    if per_axis.iter().all(|&(b, e)| b == p && e == p) {
-        Ok(p)
-    } else {
-        err(format!(
-            "padding (top, bottom) {:?} and (left, right) {:?} is not one symmetric size; Slim pads every side equally",
-            per_axis[0], per_axis[1]
-        ))
     }
 }
 

@@ -1,16 +1,24 @@
 """Writes small ONNX models that spell common CNN activations and blocks the ways real exporters
 write them (PyTorch at several opsets, tf2onnx, Paddle2ONNX), with ONNX Runtime's outputs, so that
-a Rust test can import each model into Slim and compare its forward with the reference.
+a Rust test can import each model into Slim and compare its forward with the reference. Besides
+activations and arithmetic: asymmetric padding (Conv pads and auto_pad, Pad in constant, reflect
+and edge modes), resampling (Resize at opsets 11 and 13 with scales or sizes, nearest and linear
+in four coordinate modes; Upsample at opsets 7 and 9), ConvTranspose (stride, groups, dilation),
+and a tiny segmenter (encoder, skip Concat, decoder, per-pixel logits and their Softmax).
 
 usage: spellings.py OUT_DIR
 
-Every model is built by hand with onnx.helper. Its one data input is "x", NCHW float32 of a
-concrete shape with batch 2 ([2, 8, 10, 10] for most cases, [2, 3, 16, 16] for the stem-like
-ones). The pattern under test sits between layers as in a real network: a Conv (with bias) feeds
-it and a Conv, or GlobalAveragePool + Flatten + Gemm, reads it. Weights are seeded random
-initializers (filters ~ N(0, 1/fan_in), batch-norm variances in [0.5, 1.5]); each case seeds its
-own generator from its name, so the files are the same on every run. Scalar constants are 0-d
-initializers, or Constant nodes where the case says so (as older PyTorch exports write them).
+Every model is built by hand with onnx.helper, at the lowest IR version its opset allows. Its one
+data input is "x", NCHW float32 of a concrete shape with batch 2 ([2, 8, 10, 10] for most cases,
+[2, 3, 16, 16] for the stem-like ones). The pattern under test sits between layers as in a real
+network: a Conv (with bias) feeds it and a Conv, or GlobalAveragePool + Flatten + Gemm, reads it.
+Weights are seeded random initializers (filters ~ N(0, 1/fan_in), ConvTranspose filters scaled to
+the (cin / group) * (k / stride)^2 inputs each output reads, batch-norm variances in [0.5, 1.5]);
+each case seeds its own generator from its name, so the files are the same on every run. Scalar
+constants are 0-d initializers, or Constant nodes where the case says so (as older PyTorch exports
+write them); Pad's pads, Resize's scales and sizes and Upsample's scales are 1-d initializers; an
+absent optional input is the empty name. Before IR 4 (opset 7) every initializer is also listed
+as a graph input, as the exporters of the time wrote it.
 
 It writes, for each case NAME, the folder OUT_DIR/NAME/ (emptied first, so re-running
 overwrites):
@@ -51,10 +59,14 @@ class Graph:
         self.count[stem] = k + 1
         return f"{stem}_{k}"
 
-    def init(self, stem, values):
+    def init(self, stem, values, dtype=np.float32):
         name = self.fresh(stem)
-        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=np.float32), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
         return name
+
+    def ints(self, stem, values):
+        """A 1-d int64 initializer (Pad's pads, Resize's sizes)."""
+        return self.init(stem, values, np.int64)
 
     def scalar(self, value, constant_node=False):
         """A 0-d float constant: an initializer, or the output of a Constant node."""
@@ -71,14 +83,35 @@ class Graph:
                                            **attrs))
         return out
 
-    def conv(self, x, cin, cout, k=3, stride=1, gain=1.0, bias=0.1):
+    def conv(self, x, cin, cout, k=3, stride=1, gain=1.0, bias=0.1, pads=None, auto_pad=None):
+        """A Conv with bias; pads k // 2 on every side unless pads (ONNX order: the begins,
+        then the ends) or auto_pad (then no pads attribute) says otherwise."""
         fan_in = cin * k * k
         w = self.rng.normal(0.0, gain / np.sqrt(fan_in), (cout, cin, k, k))
         w = self.init("conv_w", w)
         b = self.init("conv_b", self.rng.normal(0.0, bias, cout))
-        pad = k // 2
-        return self.op("Conv", [x, w, b], kernel_shape=[k, k], strides=[stride, stride],
-                       pads=[pad] * 4, dilations=[1, 1], group=1)
+        attrs = dict(kernel_shape=[k, k], strides=[stride, stride], dilations=[1, 1], group=1)
+        if auto_pad is not None:
+            attrs["auto_pad"] = auto_pad
+        else:
+            attrs["pads"] = [k // 2] * 4 if pads is None else list(pads)
+        return self.op("Conv", [x, w, b], **attrs)
+
+    def conv_transpose(self, x, cin, cout, k=3, stride=2, pads=1, output_padding=None, group=1,
+                       dilation=1, bias=0.1):
+        """A ConvTranspose, weight [cin, cout / group, k, k]; bias=None leaves the bias out.
+        Each output reads about (cin / group) * (k / stride)^2 weights, hence their scale."""
+        reads = (cin // group) * k * k / (stride * stride)
+        w = self.init("deconv_w", self.rng.normal(0.0, 1.0 / np.sqrt(reads),
+                                                  (cin, cout // group, k, k)))
+        inputs = [x, w]
+        if bias is not None:
+            inputs.append(self.init("deconv_b", self.rng.normal(0.0, bias, cout)))
+        attrs = dict(kernel_shape=[k, k], strides=[stride, stride], pads=[pads] * 4,
+                     dilations=[dilation, dilation], group=group)
+        if output_padding is not None:
+            attrs["output_padding"] = list(output_padding)
+        return self.op("ConvTranspose", inputs, **attrs)
 
     def gemm(self, x, fin, fout):
         w = self.init("fc_w", self.rng.normal(0.0, 1.0 / np.sqrt(fin), (fout, fin)))
@@ -95,12 +128,17 @@ class Graph:
         self.outputs.append(value)
 
     def model(self):
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, self.shape)
-        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in self.outputs]
-        graph = helper.make_graph(self.nodes, self.name, [x], outs, self.inits)
         opsets = [helper.make_opsetid("", self.opset)]
+        ir_version = helper.find_min_ir_version_for(opsets)
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, self.shape)]
+        if ir_version < 4:
+            # Before IR 4 every initializer is a graph input too (as old exporters wrote them).
+            inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                       for t in self.inits]
+        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in self.outputs]
+        graph = helper.make_graph(self.nodes, self.name, inputs, outs, self.inits)
         model = helper.make_model(graph, opset_imports=opsets, producer_name="spellings.py",
-                                  ir_version=helper.find_min_ir_version_for(opsets))
+                                  ir_version=ir_version)
         # Give the graph outputs their shapes, as exporters do; keep no other value_info.
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
         known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
@@ -268,6 +306,168 @@ def bn_after_gap(g):
     g.output(g.gemm(normed, C, 5))
 
 
+# Padding: asymmetric Conv pads, and Pad nodes in front of a Conv with none.
+
+
+def conv_same_upper_s2(g):
+    y = g.conv("x", C, C)
+    # 10 -> 5: one row and column of padding in all, SAME_UPPER puts it after (0 before, 1 after).
+    s = g.conv(y, C, C, stride=2, auto_pad="SAME_UPPER")
+    g.output(g.conv(s, C, C))
+
+
+def conv_pads_asymmetric(g):
+    y = g.conv("x", C, C)
+    a = g.conv(y, C, C, pads=[0, 0, 2, 2])  # all after: 10 -> 10
+    b = g.conv(a, C, C, pads=[1, 2, 1, 0])  # rows 1 and 1, columns 2 before, 0 after
+    g.output(g.conv(b, C, C))
+
+
+def pad_input(g, y, pads, mode="constant", value=None):
+    """Pad from opset 11 on: pads (and the constant value, if given) are inputs."""
+    inputs = [y, g.ints("pads", pads)]
+    if value is not None:
+        inputs.append(g.scalar(value))
+    return g.op("Pad", inputs, mode=mode)
+
+
+def pad_then_conv(g):
+    # tf2onnx's SAME for a stride 2 Conv on an even size: Pad 0 before and 1 after, Conv pads 0.
+    y = g.conv("x", C, C)
+    p = pad_input(g, y, [0, 0, 0, 0, 0, 0, 1, 1], value=0.0)
+    s = g.conv(p, C, C, stride=2, pads=[0, 0, 0, 0])
+    g.output(g.conv(s, C, C))
+
+
+def pad_opset9(g):
+    y = g.conv("x", C, C)
+    p = g.op("Pad", [y], mode="constant", pads=[0, 0, 1, 1, 0, 0, 1, 1], value=0.5)
+    g.output(g.conv(p, C, C, pads=[0, 0, 0, 0]))
+
+
+def pad_reflect(g):
+    y = g.conv("x", C, C)
+    p = pad_input(g, y, [0, 0, 1, 2, 0, 0, 2, 1], mode="reflect")  # 10 -> 13
+    g.output(g.conv(p, C, C, pads=[0, 0, 0, 0]))
+
+
+def pad_edge(g):
+    y = g.conv("x", C, C)
+    p = pad_input(g, y, [0, 0, 1, 2, 0, 0, 2, 1], mode="edge")
+    g.output(g.conv(p, C, C, pads=[0, 0, 0, 0]))
+
+
+# Resampling: Resize (opset 11 and 13), Upsample (opset 7 and 9), ConvTranspose.
+
+
+def resize(g, y, scales=None, sizes=None, **attrs):
+    """Resize from opset 13 on: no roi (an empty name), then scales or sizes as initializers."""
+    if sizes is None:
+        inputs = [y, "", g.init("scales", scales)]
+    else:
+        inputs = [y, "", "", g.ints("sizes", sizes)]
+    return g.op("Resize", inputs, **attrs)
+
+
+def resize_nearest_x2(g):
+    y = g.conv("x", C, C)
+    r = resize(g, y, scales=[1, 1, 2, 2], mode="nearest",
+               coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    g.output(g.conv(r, C, C))
+
+
+def resize_nearest_sizes(g):
+    y = g.conv("x", C, C)
+    # half_pixel and round_prefer_floor by default
+    r = resize(g, y, sizes=[2, C, 15, 20], mode="nearest")
+    g.output(g.conv(r, C, C))
+
+
+def resize_linear_half_pixel(g):
+    y = g.conv("x", C, C)
+    r = resize(g, y, scales=[1, 1, 2, 2], mode="linear",
+               coordinate_transformation_mode="half_pixel")
+    g.output(g.conv(r, C, C))
+
+
+def resize_linear_align_corners(g):
+    y = g.conv("x", C, C)
+    r = resize(g, y, sizes=[2, C, 19, 19], mode="linear",
+               coordinate_transformation_mode="align_corners")
+    g.output(g.conv(r, C, C))
+
+
+def resize_linear_pytorch_half_pixel(g):
+    y = g.conv("x", C, C)
+    r = resize(g, y, scales=[1, 1, 0.5, 0.5], mode="linear",
+               coordinate_transformation_mode="pytorch_half_pixel")
+    g.output(g.conv(r, C, C))
+
+
+def resize_linear_asymmetric(g):
+    y = g.conv("x", C, C)
+    r = resize(g, y, scales=[1, 1, 1.5, 1.5], mode="linear",
+               coordinate_transformation_mode="asymmetric")
+    g.output(g.conv(r, C, C))
+
+
+def resize_opset11(g):
+    # Opset 11 has no optional inputs here: roi is an empty Constant, as PyTorch writes it.
+    y = g.conv("x", C, C)
+    roi = g.fresh("const")
+    g.nodes.append(helper.make_node("Constant", [], [roi], name=roi,
+                                    value=numpy_helper.from_array(
+                                        np.zeros(0, dtype=np.float32), roi + "_value")))
+    r = g.op("Resize", [y, roi, g.init("scales", [1, 1, 2, 2])], mode="linear",
+             coordinate_transformation_mode="half_pixel")
+    g.output(g.conv(r, C, C))
+
+
+def upsample_opset9(g):
+    y = g.conv("x", C, C)
+    u = g.op("Upsample", [y, g.init("scales", [1, 1, 2, 2])], mode="nearest")
+    g.output(g.conv(u, C, C))
+
+
+def upsample_opset7(g):
+    y = g.conv("x", C, C)
+    u = g.op("Upsample", [y], mode="linear", scales=[1.0, 1.0, 2.0, 2.0])
+    g.output(g.conv(u, C, C))
+
+
+def convtranspose_s2(g):
+    y = g.conv("x", C, C, stride=2)  # 10 -> 5
+    # 5 -> (5 - 1) * 2 + 3 - 2 + 1 = 10; 8 -> 6 channels so a swapped weight layout shows.
+    d = g.conv_transpose(y, C, 6, k=3, stride=2, pads=1, output_padding=[1, 1])
+    g.output(g.conv(d, 6, C))
+
+
+def convtranspose_groups(g):
+    y = g.conv("x", C, C, stride=2)
+    d = g.conv_transpose(y, C, 12, k=4, stride=2, pads=1, group=2, bias=None)  # 5 -> 10
+    g.output(g.conv(d, 12, C))
+
+
+def convtranspose_dilation(g):
+    y = g.conv("x", C, C)
+    d = g.conv_transpose(y, C, 4, k=3, stride=1, pads=1, dilation=2)  # 10 -> 9 + 5 - 2 = 12
+    g.output(g.conv(d, 4, C))
+
+
+def segmenter(g):
+    """A tiny encoder-decoder with per-pixel logits and their softmax over the classes."""
+    skip = g.op("Relu", [g.conv("x", 3, C, stride=2)])  # 16 -> 8
+    deep = g.op("Relu", [g.conv(skip, C, 2 * C, stride=2)])  # 8 -> 4
+    up = resize(g, deep, scales=[1, 1, 2, 2], mode="nearest",
+                coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    cat = g.op("Concat", [up, skip], axis=1)
+    d = g.op("Relu", [g.conv_transpose(cat, 3 * C, C, k=3, stride=2, pads=1,
+                                       output_padding=[1, 1])])  # 8 -> 16
+    logits = g.conv(d, C, 3, k=1)
+    g.output(logits)
+    g.output(g.op("Softmax", [logits], axis=1))
+
+
 # name -> (builder, input shape, opset)
 CASES = {
     "hardswish_native": (hardswish_native, STEM, 14),
@@ -290,6 +490,25 @@ CASES = {
     "sub_from_const": (sub_from_const, SMALL, 13),
     "multi_output": (multi_output, STEM, 13),
     "bn_after_gap": (bn_after_gap, STEM, 13),
+    "conv_same_upper_s2": (conv_same_upper_s2, SMALL, 13),
+    "conv_pads_asymmetric": (conv_pads_asymmetric, SMALL, 13),
+    "pad_then_conv": (pad_then_conv, SMALL, 13),
+    "pad_opset9": (pad_opset9, SMALL, 9),
+    "pad_reflect": (pad_reflect, SMALL, 13),
+    "pad_edge": (pad_edge, SMALL, 13),
+    "resize_nearest_x2": (resize_nearest_x2, SMALL, 13),
+    "resize_nearest_sizes": (resize_nearest_sizes, SMALL, 13),
+    "resize_linear_half_pixel": (resize_linear_half_pixel, SMALL, 13),
+    "resize_linear_align_corners": (resize_linear_align_corners, SMALL, 13),
+    "resize_linear_pytorch_half_pixel": (resize_linear_pytorch_half_pixel, SMALL, 13),
+    "resize_linear_asymmetric": (resize_linear_asymmetric, SMALL, 13),
+    "resize_opset11": (resize_opset11, SMALL, 11),
+    "upsample_opset9": (upsample_opset9, SMALL, 9),
+    "upsample_opset7": (upsample_opset7, SMALL, 7),
+    "convtranspose_s2": (convtranspose_s2, SMALL, 13),
+    "convtranspose_groups": (convtranspose_groups, SMALL, 13),
+    "convtranspose_dilation": (convtranspose_dilation, SMALL, 13),
+    "segmenter": (segmenter, STEM, 13),
 }
 
 
@@ -325,7 +544,7 @@ def write_case(name, out_dir):
     ops = " ".join(n.op_type for n in model.graph.node)
     shapes = ", ".join("x".join(str(d) for d in y.shape) for y in ys)
     size = os.path.getsize(path)
-    print(f"{name:24s} opset {opset:2d} {size:6d} B  out {shapes:16s} {ops}")
+    print(f"{name:32s} opset {opset:2d} {size:6d} B  out {shapes:20s} {ops}")
 
 
 def main():
