@@ -95,7 +95,8 @@ pub fn import_file(path: impl AsRef<Path>, opts: &ImportOptions) -> Result<Model
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    import(&bytes, opts).map_err(|e| match e {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    import_in(&bytes, opts, Some(dir)).map_err(|e| match e {
         OnnxError::Model(m) => OnnxError::File {
             path: path.display().to_string(),
             message: m,
@@ -104,10 +105,77 @@ pub fn import_file(path: impl AsRef<Path>, opts: &ImportOptions) -> Result<Model
     })
 }
 
-/// Reads an ONNX model from its bytes.
+/// Reads an ONNX model from its bytes (a model whose tensors live in external data files
+/// must be read with [`import_file`], which finds them beside it).
 pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
-    let model = proto::ModelProto::decode(bytes)
+    import_in(bytes, opts, None)
+}
+
+/// The most bytes Slim reads from one external data file for one tensor (as many as a
+/// tensor of [`slim_core::graph::MAX_ELEMENTS`] doubles).
+const MAX_EXTERNAL: u64 = 8 << 28;
+
+/// Loads a tensor's external data (ONNX's `location`, `offset`, `length`, relative to the
+/// model's folder) into its `raw_data`.
+fn load_external(t: &mut TensorProto, dir: &Path) -> Result<()> {
+    let bad = |m: String| OnnxError::Model(format!("tensor `{}`: {m}", t.name));
+    let entry = |key: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.value.clone())
+    };
+    let location =
+        entry("location").ok_or_else(|| bad("external data without a location".into()))?;
+    let relative = Path::new(&location);
+    let inside = relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !inside {
+        return Err(bad(format!(
+            "its external data `{location}` is not a path inside the model's folder"
+        )));
+    }
+    let number = |key: &str| -> Result<Option<u64>> {
+        entry(key)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("external data {key} `{v}`")))
+            })
+            .transpose()
+    };
+    let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
+    let path = dir.join(relative);
+    let io = |e: std::io::Error| bad(format!("its external data {}: {e}", path.display()));
+    let mut f = std::fs::File::open(&path).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    let length = length.unwrap_or(size.saturating_sub(offset));
+    if offset.checked_add(length).is_none_or(|end| end > size) || length > MAX_EXTERNAL {
+        return Err(bad(format!(
+            "its external data ({length} bytes at {offset}) lies outside {} ({size} bytes)",
+            path.display()
+        )));
+    }
+    use std::io::{Read, Seek, SeekFrom};
+    f.seek(SeekFrom::Start(offset)).map_err(io)?;
+    let mut raw = vec![0u8; length as usize];
+    f.read_exact(&mut raw).map_err(io)?;
+    t.raw_data = raw;
+    t.external_data.clear();
+    t.data_location = 0;
+    Ok(())
+}
+
+fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<Model> {
+    let mut model = proto::ModelProto::decode(bytes)
         .map_err(|e| OnnxError::Model(format!("not an ONNX model (protobuf: {e})")))?;
+    if let (Some(dir), Some(g)) = (dir, model.graph.as_mut()) {
+        for t in g.initializer.iter_mut() {
+            if t.data_location == 1 || !t.external_data.is_empty() {
+                load_external(t, dir)?;
+            }
+        }
+    }
     let graph = model
         .graph
         .as_ref()
@@ -363,7 +431,8 @@ impl Const {
         let bad = |m: String| OnnxError::Model(format!("tensor `{}`: {m}", t.name));
         if t.data_location == 1 || !t.external_data.is_empty() {
             return Err(bad(
-                "its data is in an external file, which Slim does not read".into(),
+                "its data is in an external file; import the model from its file, beside its data"
+                    .into(),
             ));
         }
         let mut dims = Vec::with_capacity(t.dims.len());

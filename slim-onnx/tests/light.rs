@@ -253,3 +253,51 @@ fn light_networks_quantize_and_onnx_runtime_runs_their_qdq_exports() {
         eprintln!("{r}");
     }
 }
+
+/// A model saved with its tensors in an external data file (as exporters write models over
+/// 2 GB) imports from its file and equals the one-file model; a location that leaves the
+/// model's folder is refused.
+#[test]
+fn external_data_files_are_read_beside_the_model() {
+    let Some(py) = python() else { return };
+    let src = prepared(py).join("squeezenet").join("random.onnx");
+    let dir = tempfile::tempdir().expect("tmp");
+    let script = r#"
+import sys, onnx
+m = onnx.load(sys.argv[1])
+onnx.save_model(m, sys.argv[2] + "/model.onnx", save_as_external_data=True,
+                all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+for t in m.graph.initializer:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../weights.bin"
+onnx.save_model(m, sys.argv[2] + "/escape.onnx")
+"#;
+    let out = Command::new(py)
+        .args(["-c", script])
+        .arg(&src)
+        .arg(dir.path())
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let one = random(py, "squeezenet");
+    let split = import_file(dir.path().join("model.onnx"), &ImportOptions::default())
+        .expect("external data");
+    assert!(split.graph.nodes() == one.graph.nodes());
+    for (name, p) in one.params.iter() {
+        let a = flat(p.var.as_tensor());
+        let b = flat(&split.params.tensor(name).expect("param"));
+        assert_eq!(a, b, "{name}");
+    }
+    let bytes = std::fs::read(dir.path().join("model.onnx")).expect("read");
+    let e = slim_onnx::import(&bytes, &ImportOptions::default()).expect_err("no folder");
+    assert!(e.to_string().contains("external"), "{e}");
+    let e =
+        import_file(dir.path().join("escape.onnx"), &ImportOptions::default()).expect_err("escape");
+    assert!(e.to_string().contains("inside the model's folder"), "{e}");
+}
