@@ -24,10 +24,12 @@ mod distill;
 mod info;
 mod latency;
 mod nas;
+mod npy;
 mod onnx;
 mod output;
 mod prune;
 mod quant;
+mod run;
 mod train;
 
 use std::process::ExitCode;
@@ -56,6 +58,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Top-1 and top-5 accuracy of a model file on a data set's test split.
     Eval(train::EvalArgs),
+    /// Run a model file on NumPy arrays (.npy) and write each of its outputs as a .npy file.
+    Run(run::RunArgs),
     /// Per-layer MACs and parameters, totals, and the channel groups of a model.
     Info(info::InfoArgs),
     /// Remove whole channels: uniformly, from sensitivities, or by a search; then fine-tune.
@@ -176,6 +180,7 @@ pub fn main() -> ExitCode {
         Command::Compress(args) => compress::run(args),
         Command::Train(args) => train::run_train(args),
         Command::Eval(args) => train::run_eval(args),
+        Command::Run(args) => run::run(args),
         Command::Info(args) => info::run(args),
         Command::Prune(args) => prune::run_prune(args),
         Command::Sensitivity(args) => prune::run_sensitivity(args),

@@ -47,6 +47,12 @@ pub fn node_macs(node: &Node) -> u64 {
             (oc * oh * ow * (c.in_channels / c.groups.max(1)) * c.kernel[0] * c.kernel[1]) as u64
         }
         Op::Linear(l) => (l.in_features * l.out_features) as u64,
+        Op::Dense(l) => {
+            let rows: usize = node.shape[..node.shape.len().saturating_sub(1)]
+                .iter()
+                .product();
+            (rows * l.in_features * l.out_features) as u64
+        }
         // Each input value meets every tap of its group's filters.
         Op::ConvTranspose2d(c) => {
             let [oc, oh, ow] = node.shape[..] else {

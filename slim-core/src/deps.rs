@@ -294,7 +294,35 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             // A channel's normalization reads its neighbours, so removing a channel changes
             // its neighbours' windows: an approximation that pruning (which fine-tunes after)
             // tolerates, as it tolerates removing the channel itself.
-            Op::Lrn(_) | Op::Pad { .. } | Op::Resize(_) => ins[0].clone(),
+            Op::Lrn(_) | Op::Pad { .. } | Op::Resize(_) | Op::Sqrt | Op::Reciprocal => {
+                ins[0].clone()
+            }
+            // Ops over other axes than the channels, or between tokens: their groups are
+            // blocked (named in `slim info`), never the import.
+            Op::Dense(_)
+            | Op::MatMul
+            | Op::Binary(_)
+            | Op::ConstBinary { .. }
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::SoftmaxAt { .. }
+            | Op::Reduce { .. }
+            | Op::LayerNorm { .. }
+            | Op::ConcatAt { .. }
+            | Op::Slice { .. } => {
+                let reason = format!(
+                    "Slim does not yet follow channels through {}",
+                    node.op.kind()
+                );
+                for l in &ins {
+                    b.block_layout(l, name, &node.op, &reason);
+                }
+                let len = node.shape.first().copied().unwrap_or(1);
+                let l = b.produce(len, name, &[]);
+                b.spaces[l.segs[0].0].producers.clear();
+                b.block_layout(&l, name, &node.op, &reason);
+                l
+            }
             Op::ConvTranspose2d(c) if c.groups == 1 => {
                 // The weight is [in, out, kh, kw]: input channels on axis 0, outputs on 1.
                 let input = ins[0].clone();

@@ -31,8 +31,8 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{CoreError, Result};
 use crate::graph::{
-    BatchNormSpec, Conv2dSpec, ConvTransposeSpec, CoordMode, LrnSpec, NearestRounding, Node, Op,
-    PadMode, PoolSpec, ResizeMode, ResizeSpec,
+    BatchNormSpec, BinaryKind, Conv2dSpec, ConvTransposeSpec, CoordMode, LrnSpec, NearestRounding,
+    Node, Op, PadMode, PoolSpec, ReduceKind, ResizeMode, ResizeSpec,
 };
 use crate::kernels::channels_last::{self, ChannelsLastConv};
 use crate::model::Model;
@@ -910,8 +910,9 @@ impl Model {
             },
             Op::LeakyRelu { alpha } => candle_nn::ops::leaky_relu(x, f64::from(*alpha))?,
             Op::PRelu { .. } => {
+                // (A select, not relu(x) + slope · min(x, 0): at 0 that sums two gradients.)
                 let slope = per_channel(&self.param(node, "weight", mode, src)?, x)?;
-                (x.relu()? + x.minimum(0f32)?.broadcast_mul(&slope)?)?
+                x.gt(0f32)?.where_cond(x, &x.broadcast_mul(&slope)?)?
             }
             Op::Tanh => x.tanh()?,
             Op::Silu => x.silu()?,
@@ -986,6 +987,94 @@ impl Model {
                 conv_transpose(x, &w, b.as_ref(), c)?
             }
             Op::Pad { pads, mode } => pad(x, *pads, *mode)?,
+            Op::Dense(l) => {
+                let w = self.param(node, "weight", mode, src)?;
+                let y = x.broadcast_matmul(&w.t()?)?;
+                if l.bias {
+                    y.broadcast_add(&self.param(node, "bias", mode, src)?)?
+                } else {
+                    y
+                }
+            }
+            Op::MatMul => x.broadcast_matmul(xs[1])?,
+            Op::Binary(kind) => binary(*kind, x, xs[1])?,
+            Op::ConstBinary { kind, reversed, .. } => {
+                let c = self.param(node, "value", mode, src)?;
+                // The constant's shape is per sample: a batch axis of one in front.
+                let c = c.unsqueeze(0)?;
+                if let (BinaryKind::Pow, false, 1) = (kind, reversed, c.elem_count()) {
+                    // A power with one exponent element-wise, so that negative bases raised
+                    // to whole powers stay defined (x² in layer norms).
+                    let e = c.flatten_all()?.to_vec1::<f32>()?[0];
+                    return Ok(if e == 2.0 {
+                        x.sqr()?
+                    } else {
+                        x.powf(f64::from(e))?
+                    });
+                }
+                if *reversed {
+                    binary(*kind, &c, x)?
+                } else {
+                    binary(*kind, x, &c)?
+                }
+            }
+            Op::Sqrt => x.sqrt()?,
+            Op::Reciprocal => x.recip()?,
+            Op::Reshape { shape } => {
+                let mut dims = vec![x.dim(0)?];
+                dims.extend(shape);
+                x.reshape(dims)?
+            }
+            Op::Transpose { perm } => {
+                let mut dims = vec![0];
+                dims.extend(perm.iter().map(|&p| p + 1));
+                x.permute(dims)?.contiguous()?
+            }
+            Op::SoftmaxAt { axis } => candle_nn::ops::softmax(x, axis + 1)?,
+            Op::Reduce { kind, axes, keep } => {
+                let mut y = x.clone();
+                // From the last axis down, so that the indices stay valid without `keep`.
+                let mut sorted = axes.clone();
+                sorted.sort_unstable_by(|a, b| b.cmp(a));
+                for &a in &sorted {
+                    y = match kind {
+                        ReduceKind::Mean => y.mean_keepdim(a + 1)?,
+                        ReduceKind::Max => y.max_keepdim(a + 1)?,
+                        ReduceKind::Sum => y.sum_keepdim(a + 1)?,
+                    };
+                    if !keep {
+                        y = y.squeeze(a + 1)?;
+                    }
+                }
+                y
+            }
+            Op::LayerNorm { from, eps, .. } => {
+                let w = self.param(node, "weight", mode, src)?;
+                let b = self.param(node, "bias", mode, src)?;
+                let flat = x.flatten_from(from + 1)?;
+                let mean = flat.mean_keepdim(from + 1)?;
+                let centred = flat.broadcast_sub(&mean)?;
+                let var = centred.sqr()?.mean_keepdim(from + 1)?;
+                let y = centred.broadcast_div(&(var + *eps)?.sqrt()?)?;
+                let y = y.reshape(x.dims())?;
+                y.broadcast_mul(&w)?.broadcast_add(&b)?
+            }
+            Op::ConcatAt { axis } => Tensor::cat(xs, axis + 1)?,
+            Op::Slice {
+                axis,
+                start,
+                end,
+                step,
+            } => {
+                let len = (end - start).div_ceil(*step);
+                if *step == 1 {
+                    x.narrow(axis + 1, *start, len)?
+                } else {
+                    let idx: Vec<u32> = (0..len).map(|i| (start + i * step) as u32).collect();
+                    let idx = Tensor::from_vec(idx, len, x.device())?;
+                    x.index_select(&idx, axis + 1)?
+                }
+            }
             Op::Resize(r) => resize(x, r)?,
             Op::ChannelShuffle { groups } => channel_shuffle(x, *groups)?,
             Op::Identity => x.clone(),
@@ -1156,6 +1245,17 @@ fn pad_spatial(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
     Ok(Tensor::cat(&[&cols, &x, &cols], 3)?)
 }
 
+/// Element-wise arithmetic with broadcasting.
+fn binary(kind: BinaryKind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(match kind {
+        BinaryKind::Add => a.broadcast_add(b)?,
+        BinaryKind::Sub => a.broadcast_sub(b)?,
+        BinaryKind::Mul => a.broadcast_mul(b)?,
+        BinaryKind::Div => a.broadcast_div(b)?,
+        BinaryKind::Pow => a.broadcast_pow(b)?,
+    })
+}
+
 /// A per-channel vector `[C]` shaped to broadcast over `x` (`[N, C, ...]`).
 fn per_channel(v: &Tensor, x: &Tensor) -> Result<Tensor> {
     let mut shape = vec![1; x.rank()];
@@ -1321,7 +1421,10 @@ fn resize_matrix(len: usize, out: usize, scale: f32, r: &ResizeSpec) -> Vec<f32>
             CoordMode::HalfPixel => (of + 0.5) / scale - 0.5,
             CoordMode::PytorchHalfPixel if out > 1 => (of + 0.5) / scale - 0.5,
             CoordMode::PytorchHalfPixel => 0.0,
-            CoordMode::AlignCorners if out > 1 => of * last / (out as f64 - 1.0),
+            // ONNX divides by the resized length before rounding (`len · scale - 1`).
+            CoordMode::AlignCorners if len as f64 * scale > 1.0 => {
+                of * last / (len as f64 * scale - 1.0)
+            }
             CoordMode::AlignCorners => 0.0,
             CoordMode::Asymmetric => of / scale,
         };

@@ -250,6 +250,53 @@ pub struct ResizeSpec {
     pub coord: CoordMode,
 }
 
+/// The element-wise arithmetic of [`Op::Binary`] and [`Op::ConstBinary`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BinaryKind {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+}
+
+impl BinaryKind {
+    /// The ONNX op of the same name.
+    pub fn onnx(self) -> &'static str {
+        match self {
+            BinaryKind::Add => "Add",
+            BinaryKind::Sub => "Sub",
+            BinaryKind::Mul => "Mul",
+            BinaryKind::Div => "Div",
+            BinaryKind::Pow => "Pow",
+        }
+    }
+}
+
+/// A reduction of [`Op::Reduce`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceKind {
+    Mean,
+    Max,
+    Sum,
+}
+
+/// The shape two per-sample shapes broadcast to (NumPy's rules, aligned at the last axis),
+/// or `None` when they do not.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let at = |s: &[usize], i: usize| (i + s.len()).checked_sub(n).map_or(1, |j| s[j]);
+    (0..n)
+        .map(|i| match (at(a, i), at(b, i)) {
+            (x, y) if x == y || y == 1 => Some(x),
+            (1, y) => Some(y),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Local response normalization across channels (AlexNet, GoogLeNet):
 /// `y_c = x_c / (bias + alpha / size * sum of x_k^2 over the `size` channels around c)^beta`,
 /// the window running from `c - (size - 1) / 2` to `c + size / 2`, as ONNX defines it.
@@ -348,6 +395,60 @@ pub enum Op {
     /// Local response normalization across channels.
     Lrn(LrnSpec),
     ConvTranspose2d(ConvTransposeSpec),
+    /// A linear layer over the last axis of values of any rank (`[..., in]` to `[..., out]`),
+    /// as attention blocks and token MLPs apply it; parameters as [`Op::Linear`]'s.
+    Dense(LinearSpec),
+    /// The product of two data values over their last two axes, the axes before them
+    /// broadcast (attention's `Q · Kᵀ` and `A · V`).
+    MatMul,
+    /// Element-wise arithmetic of two data values whose shapes broadcast.
+    Binary(BinaryKind),
+    /// Element-wise arithmetic of a value and a constant (its parameter `value`, of `shape`,
+    /// broadcast against the value); `reversed` puts the constant first (`c - x`).
+    ConstBinary {
+        kind: BinaryKind,
+        shape: Vec<usize>,
+        reversed: bool,
+    },
+    Sqrt,
+    /// `1 / x`.
+    Reciprocal,
+    /// Per-sample reshape (the batch axis kept).
+    Reshape {
+        shape: Vec<usize>,
+    },
+    /// Per-sample axes permuted: axis `i` of the output is axis `perm[i]` of the input.
+    Transpose {
+        perm: Vec<usize>,
+    },
+    /// Softmax over one per-sample axis.
+    SoftmaxAt {
+        axis: usize,
+    },
+    /// A reduction over per-sample axes (kept as ones when `keep`).
+    Reduce {
+        kind: ReduceKind,
+        axes: Vec<usize>,
+        keep: bool,
+    },
+    /// Layer normalization over the per-sample axes from `from` on, with a learned `weight`
+    /// and `bias` of those axes' shape.
+    LayerNorm {
+        from: usize,
+        shape: Vec<usize>,
+        eps: f64,
+    },
+    /// Concatenation along one per-sample axis.
+    ConcatAt {
+        axis: usize,
+    },
+    /// Positions `start, start + step, ...` below `end` of one per-sample axis.
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+        step: usize,
+    },
     /// Spatial padding of `[C, H, W]` values: `pads` are top, left, bottom, right.
     Pad {
         pads: [usize; 4],
@@ -439,6 +540,19 @@ impl Op {
             Op::Softmax => "softmax",
             Op::Lrn(_) => "lrn",
             Op::ConvTranspose2d(_) => "convtranspose2d",
+            Op::Dense(_) => "dense",
+            Op::MatMul => "matmul",
+            Op::Binary(_) => "binary",
+            Op::ConstBinary { .. } => "constbinary",
+            Op::Sqrt => "sqrt",
+            Op::Reciprocal => "reciprocal",
+            Op::Reshape { .. } => "reshape",
+            Op::Transpose { .. } => "transpose",
+            Op::SoftmaxAt { .. } => "softmaxat",
+            Op::Reduce { .. } => "reduce",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::ConcatAt { .. } => "concatat",
+            Op::Slice { .. } => "slice",
             Op::Pad { .. } => "pad",
             Op::Resize(_) => "resize",
             Op::ChannelShuffle { .. } => "channelshuffle",
@@ -467,7 +581,7 @@ impl Op {
                 }
                 v
             }
-            Op::Linear(l) => {
+            Op::Linear(l) | Op::Dense(l) => {
                 let mut v = vec![spec(
                     "weight",
                     vec![l.out_features, l.in_features],
@@ -496,6 +610,11 @@ impl Op {
                 v
             }
             Op::PRelu { channels } => vec![spec("weight", vec![*channels], ParamKind::Weight)],
+            Op::LayerNorm { shape, .. } => vec![
+                spec("weight", shape.clone(), ParamKind::Weight),
+                spec("bias", shape.clone(), ParamKind::Bias),
+            ],
+            Op::ConstBinary { shape, .. } => vec![spec("value", shape.clone(), ParamKind::Buffer)],
             Op::ChannelAffine { channels } => vec![
                 spec("weight", vec![*channels], ParamKind::Weight),
                 spec("bias", vec![*channels], ParamKind::Bias),
@@ -525,10 +644,16 @@ impl Op {
                 ("dilation", c.dilation),
                 ("groups", c.groups),
             ],
-            Op::Linear(l) => vec![
+            Op::Linear(l) | Op::Dense(l) => vec![
                 ("in_features", l.in_features),
                 ("out_features", l.out_features),
             ],
+            Op::Reshape { shape } | Op::ConstBinary { shape, .. } => {
+                shape.iter().map(|&d| ("dimension", d)).collect()
+            }
+            Op::Slice {
+                start, end, step, ..
+            } => vec![("start", *start), ("end", *end), ("step", *step)],
             Op::BatchNorm2d(b) => vec![("channels", b.channels)],
             Op::PRelu { channels } | Op::ChannelAffine { channels } => {
                 vec![("channels", *channels)]
@@ -667,6 +792,12 @@ impl Op {
                 }
                 Ok(s.to_vec())
             }
+            Op::LeakyRelu { alpha } if !alpha.is_finite() => {
+                Err(format!("leaky relu's alpha {alpha} is not finite"))
+            }
+            Op::HardSigmoid { alpha, beta } if !(alpha.is_finite() && beta.is_finite()) => Err(
+                format!("hard sigmoid's alpha {alpha} and beta {beta} must be finite"),
+            ),
             Op::Relu
             | Op::Relu6
             | Op::HardSwish
@@ -778,6 +909,150 @@ impl Op {
                     ));
                 }
                 Ok(vec![c, r.out[0], r.out[1]])
+            }
+            Op::Dense(l) => {
+                arity(1)?;
+                let s = inputs[0];
+                if s.last() != Some(&l.in_features) || l.out_features == 0 {
+                    return Err(format!(
+                        "dense of {} input features on a value of shape {s:?}",
+                        l.in_features
+                    ));
+                }
+                let mut out = s.to_vec();
+                *out.last_mut().unwrap_or(&mut 0) = l.out_features;
+                Ok(out)
+            }
+            Op::MatMul => {
+                arity(2)?;
+                let (a, b) = (inputs[0], inputs[1]);
+                if a.len() < 2 || b.len() < 2 || a[a.len() - 1] != b[b.len() - 2] {
+                    return Err(format!("matmul of {a:?} by {b:?}: the inner sizes differ"));
+                }
+                let lead =
+                    broadcast_shape(&a[..a.len() - 2], &b[..b.len() - 2]).ok_or_else(|| {
+                        format!("matmul of {a:?} by {b:?}: the batch axes do not broadcast")
+                    })?;
+                let mut out = lead;
+                out.extend([a[a.len() - 2], b[b.len() - 1]]);
+                Ok(out)
+            }
+            Op::Binary(_) => {
+                arity(2)?;
+                broadcast_shape(inputs[0], inputs[1]).ok_or_else(|| {
+                    format!(
+                        "shapes {:?} and {:?} do not broadcast",
+                        inputs[0], inputs[1]
+                    )
+                })
+            }
+            Op::ConstBinary { shape, .. } => {
+                arity(1)?;
+                match broadcast_shape(inputs[0], shape) {
+                    Some(out) if out == inputs[0] => Ok(out),
+                    _ => Err(format!(
+                        "a constant of shape {shape:?} does not broadcast onto {:?}",
+                        inputs[0]
+                    )),
+                }
+            }
+            Op::Sqrt | Op::Reciprocal => {
+                arity(1)?;
+                Ok(inputs[0].to_vec())
+            }
+            Op::Reshape { shape } => {
+                arity(1)?;
+                if elements(shape) != elements(inputs[0]) || shape.is_empty() || shape.contains(&0)
+                {
+                    return Err(format!("reshape of {:?} to {shape:?}", inputs[0]));
+                }
+                Ok(shape.clone())
+            }
+            Op::Transpose { perm } => {
+                arity(1)?;
+                let mut sorted = perm.clone();
+                sorted.sort_unstable();
+                if sorted != (0..inputs[0].len()).collect::<Vec<_>>() {
+                    return Err(format!(
+                        "perm {perm:?} for a value of shape {:?}",
+                        inputs[0]
+                    ));
+                }
+                Ok(perm.iter().map(|&p| inputs[0][p]).collect())
+            }
+            Op::SoftmaxAt { axis } => {
+                arity(1)?;
+                if *axis >= inputs[0].len() {
+                    return Err(format!("softmax over axis {axis} of {:?}", inputs[0]));
+                }
+                Ok(inputs[0].to_vec())
+            }
+            Op::Reduce { axes, keep, .. } => {
+                arity(1)?;
+                let s = inputs[0];
+                if axes.is_empty() || axes.iter().any(|&a| a >= s.len()) {
+                    return Err(format!("reduction over axes {axes:?} of {s:?}"));
+                }
+                let out: Vec<usize> = (0..s.len())
+                    .filter_map(|i| match (axes.contains(&i), keep) {
+                        (false, _) => Some(s[i]),
+                        (true, true) => Some(1),
+                        (true, false) => None,
+                    })
+                    .collect();
+                if out.is_empty() {
+                    return Err(format!("reduction of {s:?} to a scalar per sample"));
+                }
+                Ok(out)
+            }
+            Op::LayerNorm { from, shape, eps } => {
+                arity(1)?;
+                let s = inputs[0];
+                if *from >= s.len() || s[*from..] != shape[..] || !(eps.is_finite() && *eps >= 0.0)
+                {
+                    return Err(format!(
+                        "layer norm from axis {from} (eps {eps}) of {:?}",
+                        inputs[0]
+                    ));
+                }
+                Ok(inputs[0].to_vec())
+            }
+            Op::ConcatAt { axis } => {
+                if inputs.is_empty() {
+                    return Err("concat takes at least 1 input".into());
+                }
+                let first = inputs[0];
+                if *axis >= first.len() {
+                    return Err(format!("concat along axis {axis} of {first:?}"));
+                }
+                let mut out = first.to_vec();
+                out[*axis] = 0;
+                for s in inputs {
+                    let same = s.len() == first.len()
+                        && (0..s.len()).all(|i| i == *axis || s[i] == first[i]);
+                    if !same {
+                        return Err(format!("concat along axis {axis} of {inputs:?}"));
+                    }
+                    out[*axis] += s[*axis];
+                }
+                Ok(out)
+            }
+            Op::Slice {
+                axis,
+                start,
+                end,
+                step,
+            } => {
+                arity(1)?;
+                let s = inputs[0];
+                if *axis >= s.len() || *step == 0 || start >= end || *end > s[*axis] {
+                    return Err(format!(
+                        "slice {start}..{end} step {step} of axis {axis} of {s:?}"
+                    ));
+                }
+                let mut out = s.to_vec();
+                out[*axis] = (end - start).div_ceil(*step);
+                Ok(out)
             }
             Op::ChannelShuffle { groups } => {
                 arity(1)?;

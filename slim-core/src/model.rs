@@ -294,7 +294,16 @@ fn init_tensor(
             let bound = 1.0 / (l.in_features.max(1) as f32).sqrt();
             (0..n).map(|_| rng.random_range(-bound..bound)).collect()
         }
-        (Op::BatchNorm2d(_), "weight" | "running_var") => vec![1.0; n],
+        (Op::Dense(l), "weight") => {
+            let bound = 1.0 / (l.in_features.max(1) as f32).sqrt();
+            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+        }
+        (
+            Op::BatchNorm2d(_) | Op::ChannelAffine { .. } | Op::LayerNorm { .. },
+            "weight" | "running_var",
+        ) => vec![1.0; n],
+        // PyTorch's default slope.
+        (Op::PRelu { .. }, "weight") => vec![0.25; n],
         _ => vec![0.0; n],
     };
     Ok(Tensor::from_vec(values, spec.shape.clone(), device)?)

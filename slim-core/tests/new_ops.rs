@@ -5,6 +5,10 @@
 //! gradients in training against central differences of those loops (in f64), against the
 //! permutation's own transpose, and against finite differences of the model itself; the
 //! wiring errors; model files and older JSON without the new fields; and channel groups.
+//! Then the exporters' element-wise and per-channel ops (Clip, LeakyReLU, PReLU, Tanh, SiLU,
+//! exact GELU, Erf, the per-channel affine) the same way, on maps and on feature vectors:
+//! forward values and gradients (of the inputs and of PReLU's and the affine's parameters)
+//! against their definitions, wiring errors, pruning through them, and model files.
 
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -966,4 +970,988 @@ fn lrn_passes_channels_through_and_channel_shuffle_blocks_them() {
     assert!(blocker.reason.contains("shuffle"), "{c1}");
     // Nothing past the shuffle is prunable either: conv2's output is the model's output.
     assert_eq!(groups.prunable().count(), 0, "{:?}", groups.groups);
+}
+
+// ---------------------------------------------------------------------------------------
+// The exporters' element-wise and per-channel ops: Clip, LeakyRelu, PRelu, Tanh, SiLU, GELU,
+// Erf and the per-channel affine, against the same kind of loops, on `[C, H, W]` maps and on
+// `[F]` feature vectors (held here as `[N, F, 1, 1]`).
+
+/// The error function in f64, by the series `erf(x) = 2/√π · e^(-x²) · Σ 2ⁿ x^(2n+1) / (1·3···(2n+1))`,
+/// whose terms all have one sign (nothing cancels); beyond |x| = 6, erf is ±1 to within 1e-17.
+fn erf_ref(x: f64) -> f64 {
+    let a = x.abs();
+    if a >= 6.0 {
+        return x.signum();
+    }
+    let (mut term, mut sum, mut n) = (a, a, 0.0);
+    while term > 1e-17 * sum {
+        n += 1.0;
+        term *= 2.0 * a * a / (2.0 * n + 1.0);
+        sum += term;
+    }
+    (2.0 / std::f64::consts::PI.sqrt() * (-a * a).exp() * sum).copysign(x)
+}
+
+#[test]
+fn the_erf_reference_matches_tabulated_values() {
+    // erf to 19 digits (Abramowitz and Stegun's table 7.1; Wolfram for the far tail), as the
+    // nearest f64.
+    let table = [
+        (0.0, 0.0),
+        (0.1, 0.112_462_916_018_284_9),
+        (0.5, 0.520_499_877_813_046_5),
+        (1.0, 0.842_700_792_949_714_9),
+        (1.5, 0.966_105_146_475_310_8),
+        (2.0, 0.995_322_265_018_952_7),
+        (3.0, 0.999_977_909_503_001_4),
+        (4.5, 0.999_999_999_803_383_9),
+    ];
+    for (x, want) in table {
+        for (x, want) in [(x, want), (-x, -want)] {
+            let got = erf_ref(x);
+            assert!(
+                (got - want).abs() < 1e-15,
+                "erf({x}) = {got}, expected {want}"
+            );
+        }
+    }
+}
+
+/// `v` rounded to f32, so that the model holds exactly the value the reference uses.
+fn f32r(v: f64) -> f64 {
+    f64::from(v as f32)
+}
+
+/// `n` values uniform in `[center - half, center + half]`, rounded to f32, seeded.
+fn values(n: usize, seed: u64, center: f64, half: f64) -> Vec<f64> {
+    Arr::random([1, n, 1, 1], seed, half)
+        .v
+        .into_iter()
+        .map(|v| f32r(center + v))
+        .collect()
+}
+
+/// One of the ops, with its parameters' values where it has some.
+#[derive(Clone, Debug)]
+enum Act {
+    Clip(Option<f32>, Option<f32>),
+    Leaky(f32),
+    PRelu(Vec<f64>),
+    Tanh,
+    Silu,
+    Gelu,
+    Erf,
+    Affine(Vec<f64>, Vec<f64>),
+}
+
+impl Act {
+    fn op(&self) -> Op {
+        match self {
+            Act::Clip(min, max) => Op::Clip {
+                min: *min,
+                max: *max,
+            },
+            Act::Leaky(alpha) => Op::LeakyRelu { alpha: *alpha },
+            Act::PRelu(w) => Op::PRelu { channels: w.len() },
+            Act::Tanh => Op::Tanh,
+            Act::Silu => Op::Silu,
+            Act::Gelu => Op::Gelu,
+            Act::Erf => Op::Erf,
+            Act::Affine(w, _) => Op::ChannelAffine { channels: w.len() },
+        }
+    }
+    /// The parameters, by role.
+    fn params(&self) -> Vec<(&'static str, Vec<f64>)> {
+        match self {
+            Act::PRelu(w) => vec![("weight", w.clone())],
+            Act::Affine(w, b) => vec![("weight", w.clone()), ("bias", b.clone())],
+            _ => Vec::new(),
+        }
+    }
+    /// The same op with one parameter replaced.
+    fn with(&self, role: &str, v: Vec<f64>) -> Act {
+        match (self, role) {
+            (Act::PRelu(_), "weight") => Act::PRelu(v),
+            (Act::Affine(_, b), "weight") => Act::Affine(v, b.clone()),
+            (Act::Affine(w, _), "bias") => Act::Affine(w.clone(), v),
+            _ => panic!("{self:?} has no parameter {role}"),
+        }
+    }
+    /// The definition, at one value of channel `c`.
+    fn apply(&self, x: f64, c: usize) -> f64 {
+        match self {
+            Act::Clip(min, max) => {
+                let mut y = x;
+                if let Some(lo) = min {
+                    y = y.max(f64::from(*lo));
+                }
+                if let Some(hi) = max {
+                    y = y.min(f64::from(*hi));
+                }
+                y
+            }
+            Act::Leaky(alpha) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    f64::from(*alpha) * x
+                }
+            }
+            Act::PRelu(w) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    w[c] * x
+                }
+            }
+            Act::Tanh => x.tanh(),
+            Act::Silu => x / (1.0 + (-x).exp()),
+            Act::Gelu => 0.5 * x * (1.0 + erf_ref(x / std::f64::consts::SQRT_2)),
+            Act::Erf => erf_ref(x),
+            Act::Affine(w, b) => x * w[c] + b[c],
+        }
+    }
+}
+
+/// The op applied value by value, knowing each value's channel.
+fn act_ref(x: &Arr, a: &Act) -> Arr {
+    let [n, c, h, w] = x.dims;
+    let mut y = x.clone();
+    for b in 0..n {
+        for ch in 0..c {
+            for i in 0..h {
+                for j in 0..w {
+                    let at = x.at(b, ch, i, j);
+                    y.v[at] = a.apply(x.v[at], ch);
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Global average pooling: `[N, C, H, W]` to `[N, C, 1, 1]`.
+fn gap_ref(x: &Arr) -> Arr {
+    let [n, c, h, w] = x.dims;
+    let mut y = Arr::zeros([n, c, 1, 1]);
+    for b in 0..n {
+        for ch in 0..c {
+            let mut sum = 0.0;
+            for i in 0..h {
+                for j in 0..w {
+                    sum += x.get(b, ch, i, j);
+                }
+            }
+            y.v[b * c + ch] = sum / (h * w) as f64;
+        }
+    }
+    y
+}
+
+fn set_param(m: &Model, name: &str, v: &[f64]) {
+    let shape = m
+        .params
+        .var(name)
+        .unwrap_or_else(|| panic!("no parameter {name}"))
+        .dims()
+        .to_vec();
+    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    m.params.set(name, &t).unwrap();
+}
+
+fn param_values(m: &Model, name: &str) -> Vec<f32> {
+    m.params
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// A model of the op alone (node `op`) on `[C, H, W]` inputs, or on `[F]` vectors when
+/// `vector` (then `dims` is `[N, F, 1, 1]`), its parameters set to the op's values.
+fn act_model(a: &Act, dims: [usize; 4], vector: bool) -> Model {
+    let shape = if vector {
+        vec![dims[1]]
+    } else {
+        vec![dims[1], dims[2], dims[3]]
+    };
+    let g = GraphBuilder::new(shape).push("op", a.op()).build().unwrap();
+    let m = Model::init(g, 0, &Device::Cpu).unwrap();
+    for (role, v) in a.params() {
+        set_param(&m, &format!("op.{role}"), &v);
+    }
+    m
+}
+
+/// The model's input: `[N, C, H, W]`, or `[N, F]` for a vector model.
+fn input_of(x: &Arr, vector: bool) -> Tensor {
+    let t = x.tensor();
+    if vector {
+        t.reshape((x.dims[0], x.dims[1])).unwrap()
+    } else {
+        t
+    }
+}
+
+/// A model's output, `[N, F]` read as `[N, F, 1, 1]`.
+fn out_arr(t: &Tensor) -> Arr {
+    let mut d = t.dims().to_vec();
+    d.resize(4, 1);
+    Arr::from_tensor(&t.reshape(d).unwrap())
+}
+
+/// The cases, on `c` channels, with the input magnitude each is tried at: wide enough that
+/// the inputs reach past the clip bounds, into both signs, into the saturated tails.
+fn act_cases(c: usize, seed: u64) -> Vec<(Act, f64)> {
+    vec![
+        (Act::Clip(Some(-0.5), Some(0.75)), 2.0),
+        (Act::Clip(Some(-1.0), None), 2.0),
+        (Act::Clip(None, Some(0.3)), 2.0),
+        (Act::Clip(None, None), 2.0),
+        (Act::Clip(Some(0.25), Some(0.25)), 2.0),
+        (Act::Leaky(0.01), 2.0),
+        (Act::Leaky(0.2), 2.0),
+        (Act::Leaky(1.5), 2.0),
+        // Slopes of both signs and above 1.
+        (Act::PRelu(values(c, seed, 0.5, 1.0)), 2.0),
+        (Act::Tanh, 4.0),
+        (Act::Silu, 8.0),
+        (Act::Gelu, 5.0),
+        (Act::Erf, 3.5),
+        (
+            Act::Affine(values(c, seed + 1, 0.0, 2.0), values(c, seed + 2, 0.0, 1.0)),
+            2.0,
+        ),
+    ]
+}
+
+/// That `x` reaches the points where the op changes behaviour: both signs, and beyond each
+/// clip bound.
+fn assert_crosses(x: &Arr, a: &Act, what: &str) {
+    let below = |t: f64| x.v.iter().filter(|&&v| v < t).count();
+    let above = |t: f64| x.v.iter().filter(|&&v| v > t).count();
+    assert!(below(0.0) > 2 && above(0.0) > 2, "{what}: one sign only");
+    if let Act::Clip(min, max) = a {
+        if let Some(lo) = min {
+            assert!(below(f64::from(*lo)) > 2, "{what}: nothing below {lo}");
+        }
+        if let Some(hi) = max {
+            assert!(above(f64::from(*hi)) > 2, "{what}: nothing above {hi}");
+        }
+    }
+}
+
+#[test]
+fn exporter_activations_and_the_channel_affine_match_their_definitions() {
+    for vector in [false, true] {
+        let (c, dims) = if vector {
+            (9, [6, 9, 1, 1])
+        } else {
+            (5, [2, 5, 3, 4])
+        };
+        for (k, (a, mag)) in act_cases(c, 40).into_iter().enumerate() {
+            let x = Arr::random(dims, 50 + k as u64, mag);
+            let what = format!("{a:?} on {dims:?} (vector: {vector})");
+            assert_crosses(&x, &a, &what);
+            let m = act_model(&a, dims, vector);
+            let got = out_arr(&m.forward(&input_of(&x, vector), Mode::Eval).unwrap());
+            assert_close(&got, &act_ref(&x, &a), 1e-5, &what);
+        }
+    }
+}
+
+/// Central differences of `loss` in f64 with respect to each of `p`.
+fn numeric_param_gradient(p: &[f64], loss: &dyn Fn(&[f64]) -> f64) -> Vec<f64> {
+    let eps = 1e-6;
+    (0..p.len())
+        .map(|i| {
+            let mut up = p.to_vec();
+            up[i] += eps;
+            let mut down = p.to_vec();
+            down[i] -= eps;
+            (loss(&up) - loss(&down)) / (2.0 * eps)
+        })
+        .collect()
+}
+
+/// `v` as an `Arr` of dims `[1, len, 1, 1]`, for [`close`].
+fn vec_arr(v: Vec<f64>) -> Arr {
+    Arr {
+        dims: [1, v.len(), 1, 1],
+        v,
+    }
+}
+
+/// A training forward of one op and the gradients of `sum(y * wts)` with respect to the input
+/// and to each parameter, against central differences of the definition: `Err` says which
+/// case failed and how.
+fn act_gradient(
+    a: &Act,
+    dims: [usize; 4],
+    vector: bool,
+    mag: f64,
+    seed: u64,
+) -> Result<(), String> {
+    let x = Arr::random(dims, seed, mag);
+    let m = act_model(a, dims, vector);
+    let what = format!("{a:?} on {dims:?} (vector: {vector})");
+    let xv = Var::from_tensor(&input_of(&x, vector)).unwrap();
+    let y = m
+        .forward(xv.as_tensor(), Mode::Train)
+        .map_err(|e| format!("{what}: training forward: {e}"))?;
+    let wts = Arr::random(x.dims, seed + 1, 1.0);
+    let grads = (&y * wts.tensor().reshape(y.dims()).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .map_err(|e| format!("{what}: backward: {e}"))?;
+    let got = grads
+        .get(xv.as_tensor())
+        .ok_or_else(|| format!("{what}: no gradient for the input"))?;
+    let want = numeric_gradient(&x, &wts, &|x| act_ref(x, a));
+    close(
+        &out_arr(got),
+        &want,
+        1e-4,
+        &format!("{what}: input gradient"),
+    )?;
+    for (role, p) in a.params() {
+        let name = format!("op.{role}");
+        let var = m.params.var(&name).unwrap();
+        let got = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| format!("{what}: no gradient for {name}"))?;
+        let got: Vec<f64> = got
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let want =
+            numeric_param_gradient(&p, &|p| dot(&act_ref(&x, &a.with(role, p.to_vec())), &wts));
+        close(
+            &vec_arr(got),
+            &vec_arr(want),
+            1e-4,
+            &format!("{what}: gradient of {name}"),
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn exporter_activation_gradients_match_central_differences_of_the_definitions() {
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for vector in [false, true] {
+        let (c, dims) = if vector {
+            (7, [5, 7, 1, 1])
+        } else {
+            (4, [2, 4, 3, 3])
+        };
+        for (k, (a, mag)) in act_cases(c, 60).into_iter().enumerate() {
+            cases += 1;
+            if let Err(e) = act_gradient(&a, dims, vector, mag, 70 + 2 * k as u64) {
+                failures.push(e);
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The parameters of [`param_chain`], by name.
+type Params = std::collections::BTreeMap<String, Vec<f64>>;
+
+/// A chain of the per-channel ops on a map and, after global pooling, on a vector:
+/// affine, PReLU, clip, GELU, pool, affine, PReLU, SiLU.
+fn param_chain(c: usize) -> (Model, Params) {
+    let mut b = GraphBuilder::new([c, 3, 4]);
+    b.push("a1", Op::ChannelAffine { channels: c })
+        .push("p1", Op::PRelu { channels: c })
+        .push(
+            "clip",
+            Op::Clip {
+                min: Some(-0.8),
+                max: Some(1.0),
+            },
+        )
+        .push("gelu", Op::Gelu)
+        .global_avg_pool("gap")
+        .push("a2", Op::ChannelAffine { channels: c })
+        .push("p2", Op::PRelu { channels: c })
+        .push("silu", Op::Silu);
+    let m = Model::init(b.build().unwrap(), 0, &Device::Cpu).unwrap();
+    let mut p = Params::new();
+    p.insert("a1.weight".into(), values(c, 1, 0.0, 2.0));
+    p.insert("a1.bias".into(), values(c, 2, 0.0, 0.5));
+    p.insert("p1.weight".into(), values(c, 3, 0.25, 0.5));
+    p.insert("a2.weight".into(), values(c, 4, 0.0, 3.0));
+    p.insert("a2.bias".into(), values(c, 5, 0.0, 0.3));
+    p.insert("p2.weight".into(), values(c, 6, -0.2, 0.5));
+    for (name, v) in &p {
+        set_param(&m, name, v);
+    }
+    (m, p)
+}
+
+fn param_chain_ref(x: &Arr, p: &Params) -> Arr {
+    let y = act_ref(
+        x,
+        &Act::Affine(p["a1.weight"].clone(), p["a1.bias"].clone()),
+    );
+    let y = act_ref(&y, &Act::PRelu(p["p1.weight"].clone()));
+    let y = act_ref(&y, &Act::Clip(Some(-0.8), Some(1.0)));
+    let y = act_ref(&y, &Act::Gelu);
+    let y = gap_ref(&y);
+    let y = act_ref(
+        &y,
+        &Act::Affine(p["a2.weight"].clone(), p["a2.bias"].clone()),
+    );
+    let y = act_ref(&y, &Act::PRelu(p["p2.weight"].clone()));
+    act_ref(&y, &Act::Silu)
+}
+
+#[test]
+fn a_chain_of_per_channel_ops_backpropagates_to_its_input_and_parameters() {
+    let c = 5;
+    let (m, p) = param_chain(c);
+    let x = Arr::random([3, c, 3, 4], 77, 1.5);
+    assert_close(
+        &out_arr(&m.forward(&x.tensor(), Mode::Eval).unwrap()),
+        &param_chain_ref(&x, &p),
+        1e-5,
+        "chain forward",
+    );
+    let xv = Var::from_tensor(&x.tensor()).unwrap();
+    let y = m.forward(xv.as_tensor(), Mode::Train).unwrap();
+    assert_eq!(y.dims(), &[3, c]);
+    let wts = Arr::random([3, c, 1, 1], 78, 1.0);
+    let grads = (&y * wts.tensor().reshape((3, c)).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let got = Arr::from_tensor(grads.get(xv.as_tensor()).unwrap());
+    let want = numeric_gradient(&x, &wts, &|x| param_chain_ref(x, &p));
+    assert_close(&got, &want, 1e-4, "chain: input gradient");
+    // Every parameter of the chain, the vector ones after the pooling included.
+    assert_eq!(m.params.len(), p.len());
+    for (name, v) in &p {
+        let g = grads
+            .get(m.params.var(name).unwrap().as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let got: Vec<f64> = g
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let want = numeric_param_gradient(v, &|q| {
+            let mut p = p.clone();
+            p.insert(name.clone(), q.to_vec());
+            dot(&param_chain_ref(&x, &p), &wts)
+        });
+        // The gradient is not zero: the check has something to compare.
+        assert!(want.iter().any(|g| g.abs() > 1e-3), "{name}: {want:?}");
+        assert_close(
+            &vec_arr(got),
+            &vec_arr(want),
+            1e-4,
+            &format!("chain: gradient of {name}"),
+        );
+    }
+}
+
+#[test]
+fn clip_prelu_and_affine_wiring_refuses_bad_bounds_and_channel_counts_naming_the_node() {
+    let input = |g: &mut Graph, shape: Vec<usize>| {
+        g.wire("x", Op::Input { shape }, &[]).unwrap();
+    };
+    let nan = f32::NAN;
+    let inf = f32::INFINITY;
+    for (min, max) in [
+        (Some(nan), None),
+        (None, Some(nan)),
+        (Some(inf), None),
+        (Some(-inf), None),
+        (None, Some(inf)),
+        (None, Some(-inf)),
+        (Some(-inf), Some(1.0)),
+        (Some(0.0), Some(nan)),
+        (Some(1.0), Some(0.5)),
+        (Some(0.0), Some(-1e-6)),
+    ] {
+        let mut g = Graph::new();
+        input(&mut g, vec![4, 3, 3]);
+        let e = g
+            .wire("act7", Op::Clip { min, max }, &["x"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("act7"), "{min:?} {max:?}: {e}");
+        assert!(g.find("act7").is_none());
+    }
+    // Equal bounds, one bound, or none are fine, on maps and on vectors.
+    for (min, max) in [
+        (Some(0.5), Some(0.5)),
+        (Some(-3.0), None),
+        (None, Some(6.0)),
+        (None, None),
+    ] {
+        for shape in [vec![4, 3, 3], vec![4]] {
+            let mut g = Graph::new();
+            input(&mut g, shape.clone());
+            g.wire("act7", Op::Clip { min, max }, &["x"])
+                .unwrap_or_else(|e| panic!("{min:?} {max:?}: {e}"));
+            assert_eq!(g.find("act7").unwrap().shape, shape);
+        }
+    }
+    // PReLU and the affine: the channel count must be the input's first axis.
+    for make in [
+        (|channels| Op::PRelu { channels }) as fn(usize) -> Op,
+        |channels| Op::ChannelAffine { channels },
+    ] {
+        for (shape, channels) in [
+            (vec![4, 3, 3], 3),
+            (vec![4, 3, 3], 5),
+            (vec![4, 3, 3], 1),
+            (vec![6], 4),
+            (vec![6], 1),
+            (vec![3, 6, 6], 6),
+        ] {
+            let op = make(channels);
+            let mut g = Graph::new();
+            input(&mut g, shape.clone());
+            let e = g
+                .wire("stage1.act", op.clone(), &["x"])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("stage1.act"), "{op:?} on {shape:?}: {e}");
+            let e = GraphBuilder::new(shape.clone())
+                .push("scale3", op.clone())
+                .build()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("scale3"), "{op:?} on {shape:?}: {e}");
+        }
+        for shape in [vec![4, 3, 3], vec![6]] {
+            let op = make(shape[0]);
+            let g = GraphBuilder::new(shape.clone())
+                .push("scale3", op.clone())
+                .build()
+                .unwrap_or_else(|e| panic!("{op:?} on {shape:?}: {e}"));
+            assert_eq!(g.find("scale3").unwrap().shape, shape);
+            // Its parameters are per channel.
+            let specs = g.param_specs();
+            assert!(!specs.is_empty());
+            for (name, spec) in specs {
+                assert_eq!(spec.shape, vec![shape[0]], "{name}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Pruning through the per-channel ops.
+
+/// conv1 (with bias) -> affine -> PReLU -> conv2 on a map, or conv1 -> pool -> affine ->
+/// PReLU -> linear on the pooled vector; the consumer's weight reads conv1's channels on
+/// axis 1. Parameters drawn so that every channel matters.
+fn prune_chain(vector: bool) -> Model {
+    let mut b = GraphBuilder::new([3, 7, 6]);
+    b.conv_with(
+        "conv1",
+        Conv2dSpec::new(0, 8, 3).with_padding(1).with_bias(true),
+    );
+    if vector {
+        b.global_avg_pool("gap");
+    }
+    b.push("aff", Op::ChannelAffine { channels: 8 })
+        .push("prelu", Op::PRelu { channels: 8 });
+    if vector {
+        b.linear("out", 5);
+    } else {
+        b.conv_with(
+            "out",
+            Conv2dSpec::new(0, 5, 3).with_padding(1).with_bias(true),
+        );
+    }
+    let m = Model::init(b.build().unwrap(), 11, &Device::Cpu).unwrap();
+    set_param(&m, "conv1.bias", &values(8, 12, 0.0, 0.5));
+    set_param(&m, "aff.weight", &values(8, 13, 0.0, 2.0));
+    set_param(&m, "aff.bias", &values(8, 14, 0.0, 1.0));
+    set_param(&m, "prelu.weight", &values(8, 15, 0.2, 0.6));
+    if vector {
+        set_param(&m, "out.bias", &values(5, 16, 0.0, 0.5));
+    }
+    m
+}
+
+/// `name`'s values with the indices along `axis` outside `keep` dropped.
+fn kept_slice(m: &Model, name: &str, axis: usize, keep: &[usize]) -> Vec<f32> {
+    let t = m.params.tensor(name).unwrap();
+    let idx = Tensor::from_vec(
+        keep.iter().map(|&k| k as u32).collect::<Vec<_>>(),
+        keep.len(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    t.index_select(&idx, axis)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn pruning_through_the_affine_and_prelu_keeps_their_channels_in_step() {
+    for vector in [false, true] {
+        let m = prune_chain(vector);
+        let groups = channel_groups(&m.graph);
+        let c1 = groups
+            .groups
+            .iter()
+            .find(|g| g.producers == ["conv1"])
+            .cloned()
+            .expect("conv1's group");
+        assert!(c1.is_prunable(), "vector {vector}: {c1}");
+        assert_eq!(c1.channels, 8);
+        for (param, axis) in [
+            ("conv1.weight", 0),
+            ("conv1.bias", 0),
+            ("aff.weight", 0),
+            ("aff.bias", 0),
+            ("prelu.weight", 0),
+            ("out.weight", 1),
+        ] {
+            assert!(
+                c1.members
+                    .iter()
+                    .any(|mb| mb.param == param && mb.axis == axis),
+                "vector {vector}: {param} (axis {axis}) not among {:?}",
+                c1.members
+            );
+        }
+        // Every member is a parameter of the model.
+        for mb in &c1.members {
+            assert!(m.params.contains(&mb.param), "{mb:?}");
+        }
+
+        let keep = [0usize, 2, 3, 6];
+        let removed: Vec<usize> = (0..8).filter(|k| !keep.contains(k)).collect();
+        let pruned = groups.prune(&m, &[(c1.id, keep.to_vec())]).unwrap();
+        let mut by_method = m.deep_clone().unwrap();
+        by_method.prune_channels(&c1, &keep).unwrap();
+
+        // The ops' channel counts, the shapes, and the parameters: the kept slices.
+        for p in [&pruned, &by_method] {
+            assert_eq!(
+                p.graph.find("aff").unwrap().op,
+                Op::ChannelAffine { channels: 4 }
+            );
+            assert_eq!(p.graph.find("prelu").unwrap().op, Op::PRelu { channels: 4 });
+            let shape = if vector { vec![4] } else { vec![4, 7, 6] };
+            assert_eq!(p.graph.find("aff").unwrap().shape, shape);
+            assert_eq!(p.graph.find("prelu").unwrap().shape, shape);
+            for (name, axis) in [
+                ("conv1.weight", 0),
+                ("conv1.bias", 0),
+                ("aff.weight", 0),
+                ("aff.bias", 0),
+                ("prelu.weight", 0),
+                ("out.weight", 1),
+            ] {
+                assert_eq!(
+                    param_values(p, name),
+                    kept_slice(&m, name, axis, &keep),
+                    "vector {vector}: {name}"
+                );
+            }
+            assert_eq!(param_values(p, "out.bias"), param_values(&m, "out.bias"));
+        }
+
+        // The original, with the consumer's weights on the removed channels zeroed (zeroing
+        // conv1's filters would not do: the affine's bias would still come through), gives
+        // the pruned model's outputs.
+        let masked = m.deep_clone().unwrap();
+        let w = masked.params.tensor("out.weight").unwrap();
+        let mut mask = vec![1f32; 8];
+        for &k in &removed {
+            mask[k] = 0.0;
+        }
+        let mut mshape = vec![1; w.rank()];
+        mshape[1] = 8;
+        let mask = Tensor::from_vec(mask, mshape, &Device::Cpu).unwrap();
+        masked
+            .params
+            .set("out.weight", &w.broadcast_mul(&mask).unwrap())
+            .unwrap();
+        let x = Arr::random([2, 3, 7, 6], 21, 1.5);
+        let want = out_arr(&masked.forward(&x.tensor(), Mode::Eval).unwrap());
+        let full = out_arr(&m.forward(&x.tensor(), Mode::Eval).unwrap());
+        // The removed channels did matter.
+        assert!(
+            close(&full, &want, 1e-3, "").is_err(),
+            "vector {vector}: masking changed nothing"
+        );
+        for p in [&pruned, &by_method] {
+            let got = out_arr(&p.forward(&x.tensor(), Mode::Eval).unwrap());
+            assert_close(
+                &got,
+                &want,
+                1e-5,
+                &format!("vector {vector}: pruned output"),
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Model files of the exporters' ops.
+
+/// Every one of the ops, with parameters that are not their initial zeros, on a map and
+/// after pooling on a vector.
+fn exporter_ops_model() -> Model {
+    let mut b = GraphBuilder::new([3, 6, 5]);
+    b.conv("conv1", 6, 3, 1, 1)
+        .push("aff", Op::ChannelAffine { channels: 6 })
+        .push("prelu", Op::PRelu { channels: 6 })
+        .push(
+            "clip_hi",
+            Op::Clip {
+                min: None,
+                max: Some(1.5),
+            },
+        )
+        .push("leaky", Op::LeakyRelu { alpha: 0.1 })
+        .push(
+            "clip_lo",
+            Op::Clip {
+                min: Some(-0.3),
+                max: None,
+            },
+        )
+        .push("tanh", Op::Tanh)
+        .push(
+            "clip_none",
+            Op::Clip {
+                min: None,
+                max: None,
+            },
+        )
+        .push("silu", Op::Silu)
+        .push("gelu", Op::Gelu)
+        .push("erf", Op::Erf)
+        .push(
+            "clip_both",
+            Op::Clip {
+                min: Some(-0.9),
+                max: Some(0.9),
+            },
+        )
+        .global_avg_pool("gap")
+        .push("aff_v", Op::ChannelAffine { channels: 6 })
+        .push("prelu_v", Op::PRelu { channels: 6 })
+        .linear("fc", 4);
+    let m = Model::init(b.build().unwrap(), 5, &Device::Cpu).unwrap();
+    for (k, name) in ["aff", "prelu", "aff_v", "prelu_v"].iter().enumerate() {
+        set_param(
+            &m,
+            &format!("{name}.weight"),
+            &values(6, 30 + k as u64, 0.3, 1.0),
+        );
+    }
+    set_param(&m, "aff.bias", &values(6, 40, 0.0, 0.5));
+    set_param(&m, "aff_v.bias", &values(6, 41, 0.0, 0.5));
+    m
+}
+
+#[test]
+fn model_files_keep_the_exporter_ops_and_their_parameters() {
+    let m = exporter_ops_model();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("exported.safetensors");
+    m.save(&path).unwrap();
+    let back = Model::load(&path, &Device::Cpu).unwrap();
+    let from_bytes = Model::from_bytes(&m.to_bytes().unwrap(), &Device::Cpu).unwrap();
+    let x = Arr::random([2, 3, 6, 5], 3, 2.0);
+    let y = m.forward(&x.tensor(), Mode::Eval).unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    };
+    for loaded in [&back, &from_bytes] {
+        assert_eq!(loaded.graph, m.graph);
+        for (a, b) in loaded.graph.nodes().iter().zip(m.graph.nodes()) {
+            assert_eq!(a.op, b.op, "{}", b.name);
+            assert_eq!(a.shape, b.shape, "{}", b.name);
+        }
+        // The parameters, bit for bit, with their kinds.
+        let names: Vec<&str> = m.params.names().collect();
+        assert_eq!(loaded.params.names().collect::<Vec<_>>(), names);
+        for name in names {
+            assert_eq!(
+                bits(&loaded.params.tensor(name).unwrap()),
+                bits(&m.params.tensor(name).unwrap()),
+                "{name}"
+            );
+            assert_eq!(
+                loaded.params.param(name).unwrap().kind,
+                m.params.param(name).unwrap().kind,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            bits(&loaded.forward(&x.tensor(), Mode::Eval).unwrap()),
+            bits(&y)
+        );
+    }
+    // The specific values survive, not just the kinds; a missing bound stays missing.
+    let op = |name: &str| back.graph.find(name).unwrap().op.clone();
+    assert_eq!(
+        op("clip_none"),
+        Op::Clip {
+            min: None,
+            max: None
+        }
+    );
+    assert_eq!(
+        op("clip_hi"),
+        Op::Clip {
+            min: None,
+            max: Some(1.5)
+        }
+    );
+    assert_eq!(
+        op("clip_lo"),
+        Op::Clip {
+            min: Some(-0.3),
+            max: None
+        }
+    );
+    assert_eq!(
+        op("clip_both"),
+        Op::Clip {
+            min: Some(-0.9),
+            max: Some(0.9)
+        }
+    );
+    assert_eq!(op("leaky"), Op::LeakyRelu { alpha: 0.1 });
+    assert_eq!(op("prelu_v"), Op::PRelu { channels: 6 });
+    assert_eq!(op("aff"), Op::ChannelAffine { channels: 6 });
+
+    // As ops and as a graph description in JSON.
+    for op in [
+        Op::Clip {
+            min: None,
+            max: None,
+        },
+        Op::Clip {
+            min: Some(-1.5),
+            max: None,
+        },
+        Op::Clip {
+            min: None,
+            max: Some(6.0),
+        },
+        Op::Clip {
+            min: Some(f32::MIN_POSITIVE),
+            max: Some(f32::MAX),
+        },
+        Op::LeakyRelu { alpha: 0.01 },
+        Op::PRelu { channels: 7 },
+        Op::Tanh,
+        Op::Silu,
+        Op::Gelu,
+        Op::Erf,
+        Op::ChannelAffine { channels: 3 },
+    ] {
+        let s = serde_json::to_string(&op).unwrap();
+        let back: Op = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, op, "{s}");
+    }
+    let s = serde_json::to_string(&m.graph.to_def()).unwrap();
+    let def: GraphDef = serde_json::from_str(&s).unwrap();
+    assert_eq!(Graph::from_def(&def).unwrap(), m.graph);
+}
+
+/// A LeakyReLU slope that wiring accepts must survive a model file. Clip and LRN refuse
+/// non-finite constants at wiring; a non-finite `alpha` is accepted, written (JSON has no NaN
+/// or infinity: serde writes `null`), and the file then fails to load. Any of refusing at
+/// wiring (naming the node), refusing to write, or reading back the same value passes.
+#[test]
+fn a_leaky_relu_slope_that_wiring_accepts_survives_a_model_file() {
+    let mut failures = Vec::new();
+    for alpha in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let built = GraphBuilder::new([2, 3, 3])
+            .push("leaky", Op::LeakyRelu { alpha })
+            .build();
+        let g = match built {
+            Err(e) => {
+                assert!(e.to_string().contains("leaky"), "alpha {alpha}: {e}");
+                continue;
+            }
+            Ok(g) => g,
+        };
+        let m = Model::init(g, 0, &Device::Cpu).unwrap();
+        let Ok(bytes) = m.to_bytes() else { continue };
+        match Model::from_bytes(&bytes, &Device::Cpu) {
+            Ok(back) => match back.graph.find("leaky").map(|n| &n.op) {
+                Some(Op::LeakyRelu { alpha: a }) if a.to_bits() == alpha.to_bits() => {}
+                other => failures.push(format!("alpha {alpha}: read back as {other:?}")),
+            },
+            Err(e) => failures.push(format!(
+                "alpha {alpha}: wired and written, but the file does not load: {e}"
+            )),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// At exactly zero, PReLU's gradient should lie between its two one-sided slopes (the slope
+/// and 1), as LeakyReLU's does, and a PReLU of slope `a` should train like a LeakyReLU of
+/// alpha `a`. Zeros are common inputs (after a clip at 0, a ReLU, or pooling of zeros).
+#[test]
+fn prelu_gradient_at_zero_lies_between_its_one_sided_slopes() {
+    let x = Arr {
+        dims: [1, 3, 1, 2],
+        v: vec![0.0, -1.0, 0.0, 2.0, 0.0, 0.5],
+    };
+    let slopes = vec![0.25, 0.5, 1.5];
+    let grad_of = |a: &Act| -> Vec<f64> {
+        let m = act_model(a, x.dims, false);
+        let xv = Var::from_tensor(&x.tensor()).unwrap();
+        let y = m.forward(xv.as_tensor(), Mode::Train).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        Arr::from_tensor(grads.get(xv.as_tensor()).unwrap()).v
+    };
+    let prelu = grad_of(&Act::PRelu(slopes.clone()));
+    for (c, &s) in slopes.iter().enumerate() {
+        let leaky = grad_of(&Act::Leaky(s as f32));
+        let (lo, hi) = (s.min(1.0), s.max(1.0));
+        for (what, g) in [("prelu", &prelu), ("leaky", &leaky)] {
+            // Away from zero, the one-sided slope.
+            let away = g[2 * c + 1];
+            let want = if x.v[2 * c + 1] > 0.0 { 1.0 } else { s };
+            assert!((away - want).abs() < 1e-6, "{what} slope {s}: {away}");
+            let at_zero = g[2 * c];
+            assert!(
+                (lo..=hi).contains(&at_zero),
+                "{what} slope {s}: gradient at 0 is {at_zero}, outside [{lo}, {hi}] \
+                 (LeakyReLU of alpha {s} gives {})",
+                leaky[2 * c]
+            );
+        }
+    }
 }

@@ -14,7 +14,7 @@
 use std::path::Path;
 
 use prost::Message;
-use slim_core::graph::{CoordMode, NearestRounding, Node, Op, PadMode, ResizeMode};
+use slim_core::graph::{CoordMode, NearestRounding, Node, Op, PadMode, ReduceKind, ResizeMode};
 use slim_core::Model;
 
 use crate::proto::{
@@ -503,6 +503,108 @@ impl Writer<'_> {
                     float("bias", l.bias),
                 ],
             ),
+            Op::Dense(l) => {
+                // x · Wᵀ + b as MatMul by the transposed weight, then Add.
+                let w = self.model.params.tensor(&node.param_name("weight"))?;
+                let wt = w
+                    .t()
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(slim_core::CoreError::from)?;
+                let wname = format!("{out}_weight_t");
+                self.graph.initializer.push(f32_tensor(
+                    &wname,
+                    &[l.in_features, l.out_features],
+                    &wt,
+                ));
+                if l.bias {
+                    let b = self.param(node, "bias")?;
+                    let product = format!("{out}_product");
+                    self.op("MatMul", &product, &[x[0], &wname], &product, vec![]);
+                    self.op("Add", out, &[&product, &b], out, vec![]);
+                } else {
+                    self.op("MatMul", out, &[x[0], &wname], out, vec![]);
+                }
+            }
+            Op::MatMul => self.op("MatMul", out, &x, out, vec![]),
+            Op::Binary(kind) => self.op(kind.onnx(), out, &x, out, vec![]),
+            Op::ConstBinary { kind, reversed, .. } => {
+                let c = self.param(node, "value")?;
+                let inputs = if *reversed {
+                    [c.as_str(), x[0]]
+                } else {
+                    [x[0], c.as_str()]
+                };
+                self.op(kind.onnx(), out, &inputs, out, vec![]);
+            }
+            Op::Sqrt => self.op("Sqrt", out, &x, out, vec![]),
+            Op::Reciprocal => self.op("Reciprocal", out, &x, out, vec![]),
+            Op::Reshape { shape } => {
+                let s = format!("{out}_shape");
+                let mut dims = vec![-1i64];
+                dims.extend(shape.iter().map(|&d| d as i64));
+                self.graph.initializer.push(i64_tensor(&s, &dims));
+                self.op("Reshape", out, &[x[0], &s], out, vec![]);
+            }
+            Op::Transpose { perm } => {
+                let mut p = vec![0i64];
+                p.extend(perm.iter().map(|&a| a as i64 + 1));
+                self.op("Transpose", out, &x, out, vec![ints("perm", &p)]);
+            }
+            Op::SoftmaxAt { axis } => {
+                if self.opset < 13 {
+                    return unsupported("a softmax over one axis needs opset 13 or newer");
+                }
+                self.op("Softmax", out, &x, out, vec![int("axis", *axis as i64 + 1)]);
+            }
+            Op::Reduce { kind, axes, keep } => {
+                let name = match kind {
+                    ReduceKind::Mean => "ReduceMean",
+                    ReduceKind::Max => "ReduceMax",
+                    ReduceKind::Sum => "ReduceSum",
+                };
+                let axes: Vec<i64> = axes.iter().map(|&a| a as i64 + 1).collect();
+                let keep = int("keepdims", i64::from(*keep));
+                // ReduceSum takes its axes as an input from opset 13, the others from 18.
+                let as_input = self.opset >= 18 || (*kind == ReduceKind::Sum && self.opset >= 13);
+                if as_input {
+                    let a = format!("{out}_axes");
+                    self.graph.initializer.push(i64_tensor(&a, &axes));
+                    self.op(name, out, &[x[0], &a], out, vec![keep]);
+                } else {
+                    self.op(name, out, &x, out, vec![ints("axes", &axes), keep]);
+                }
+            }
+            Op::LayerNorm { from, eps, .. } => {
+                if self.opset < 17 {
+                    return unsupported("layer normalization needs opset 17 or newer");
+                }
+                let (w, b) = (self.param(node, "weight")?, self.param(node, "bias")?);
+                self.op(
+                    "LayerNormalization",
+                    out,
+                    &[x[0], &w, &b],
+                    out,
+                    vec![int("axis", *from as i64 + 1), float("epsilon", *eps as f32)],
+                );
+            }
+            Op::ConcatAt { axis } => {
+                self.op("Concat", out, &x, out, vec![int("axis", *axis as i64 + 1)])
+            }
+            Op::Slice {
+                axis,
+                start,
+                end,
+                step,
+            } => {
+                let names = ["starts", "ends", "axes", "steps"].map(|s| format!("{out}_{s}"));
+                let values = [*start as i64, *end as i64, *axis as i64 + 1, *step as i64];
+                for (n, v) in names.iter().zip(values) {
+                    self.graph.initializer.push(i64_tensor(n, &[v]));
+                }
+                let inputs = [x[0], &names[0], &names[1], &names[2], &names[3]];
+                self.op("Slice", out, &inputs, out, vec![]);
+            }
             Op::ConvTranspose2d(c) => {
                 let w = self.param(node, "weight")?;
                 let mut inputs = vec![x[0].to_string(), w];

@@ -18,8 +18,8 @@ use candle_core::{Device, Tensor};
 use prost::Message;
 use slim_core::data::Normalize;
 use slim_core::graph::{
-    BatchNormSpec, Conv2dSpec, ConvTransposeSpec, CoordMode, Graph, LinearSpec, LrnSpec,
-    NearestRounding, Op, PadMode, ParamKind, PoolSpec, ResizeMode, ResizeSpec,
+    BatchNormSpec, BinaryKind, Conv2dSpec, ConvTransposeSpec, CoordMode, Graph, LinearSpec,
+    LrnSpec, NearestRounding, Op, PadMode, ParamKind, PoolSpec, ReduceKind, ResizeMode, ResizeSpec,
 };
 use slim_core::params::ParamStore;
 use slim_core::Model;
@@ -72,6 +72,14 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Resize",
     "Upsample",
     "ConvTranspose",
+    "Sqrt",
+    "Reciprocal",
+    "Pow",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceSum",
+    "LayerNormalization",
+    "Split",
 ];
 
 /// Options of an import.
@@ -218,6 +226,9 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
     for t in &graph.initializer {
         b.values
             .insert(t.name.clone(), Value::Const(Const::from_proto(t)?));
+        if data_type::is_integer(t.data_type) {
+            b.ints.insert(t.name.clone());
+        }
     }
     for n in &graph.node {
         for i in &n.input {
@@ -582,6 +593,8 @@ struct Builder {
     /// swapped (the middle of a channel shuffle): the Slim node holds the unswapped values, so
     /// only a Reshape back to `[C, H, W]` may read them.
     swapped: HashMap<String, usize>,
+    /// The constant ONNX values of integer type (shape arithmetic), whose Div truncates.
+    ints: std::collections::HashSet<String>,
     uses: HashMap<String, usize>,
     nodes: Vec<Pending>,
     by_name: HashMap<String, usize>,
@@ -597,6 +610,7 @@ impl Builder {
             opset,
             values: HashMap::new(),
             swapped: HashMap::new(),
+            ints: std::collections::HashSet::new(),
             uses: HashMap::new(),
             nodes: Vec::new(),
             by_name: HashMap::new(),
@@ -719,6 +733,14 @@ impl Builder {
         }
     }
 
+    /// True when every input of `n` is a constant of integer type.
+    fn int_typed(&self, n: &NodeProto) -> bool {
+        n.input
+            .iter()
+            .filter(|s| !s.is_empty())
+            .all(|i| self.ints.contains(i))
+    }
+
     fn all_const(&self, n: &NodeProto) -> bool {
         n.input
             .iter()
@@ -750,7 +772,28 @@ impl Builder {
         // Anything computed from constants alone is folded now.
         if self.all_const(n) && n.op_type != "Constant" {
             if let Some(c) = self.fold(n, &a)? {
+                let int = match n.op_type.as_str() {
+                    "Cast" => data_type::is_integer(a.int("to").unwrap_or(0) as i32),
+                    "Shape" => true,
+                    "ConstantOfShape" => a
+                        .tensor("value")
+                        .is_some_and(|t| data_type::is_integer(t.data_type)),
+                    _ => self.int_typed(n),
+                };
+                if int {
+                    self.ints.extend(n.output.iter().cloned());
+                }
                 return self.bind_const(n, c);
+            }
+        }
+        if n.op_type == "Constant" {
+            let int = a
+                .tensor("value")
+                .is_some_and(|t| data_type::is_integer(t.data_type))
+                || a.get("value_int").is_some()
+                || a.get("value_ints").is_some();
+            if int {
+                self.ints.extend(n.output.iter().cloned());
             }
         }
         let base = sanitize(&display_name(n));
@@ -795,6 +838,10 @@ impl Builder {
                 let p = decimal(p.unwrap_or(0.5) as f32) as f32;
                 self.unary(n, &base, Op::Dropout { p })
             }
+            "Cast" if !cast_keeps_floats(a.int("to").unwrap_or(0)) => err(format!(
+                "a Cast of data to {}; Slim computes in floats",
+                data_type::name(a.int("to").unwrap_or(0) as i32)
+            )),
             "Identity" | "Cast" => {
                 if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
                     return err("the dropout mask output is used, which Slim does not compute");
@@ -807,6 +854,7 @@ impl Builder {
                 Ok(())
             }
             "Shape" => {
+                self.ints.extend(n.output.iter().cloned());
                 let r = self.node_in(n, 0)?;
                 let mut dims = vec![1.0];
                 dims.extend(r.onnx.iter().map(|&d| d as f64));
@@ -934,17 +982,25 @@ impl Builder {
             "Add" | "Sum" => self.add(n, &base),
             "Sub" => self.sub(n, &base),
             "Mul" => self.mul(n, &base),
-            "Div" => self.div(n),
+            "Div" => self.div(n, &base),
             "Concat" => {
                 let xs: Vec<NodeRef> = (0..n.input.len())
                     .map(|i| self.node_in(n, i))
                     .collect::<Result<_>>()?;
                 let rank = xs[0].onnx.len() as i64 + 1;
                 let axis = a.int("axis").unwrap_or(1);
-                if axis != 1 && axis != 1 - rank {
-                    return err(format!(
-                        "Concat along axis {axis}; Slim concatenates channels (axis 1)"
-                    ));
+                let axis = if axis < 0 { axis + rank } else { axis };
+                let same = xs.iter().all(|x| self.shape_of(x) == x.onnx);
+                if axis != 1 || xs[0].onnx.len() != 3 || !same {
+                    let axis = self.sample_axis(axis, rank)?;
+                    let names: Vec<String> = xs
+                        .iter()
+                        .map(|x| self.materialize(x))
+                        .collect::<Result<_>>()?;
+                    let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+                    let name = self.fresh_name(&base, "concat");
+                    let shape = self.push(&name, Op::ConcatAt { axis }, &names, BTreeMap::new())?;
+                    return self.bind(n, NodeRef::plain(name, &shape));
                 }
                 let names: Vec<&str> = xs.iter().map(|x| x.node.as_str()).collect();
                 let name = self.fresh_name(&base, "concat");
@@ -962,13 +1018,15 @@ impl Builder {
             }
             "Flatten" => {
                 let x = self.node_in(n, 0)?;
+                let rank = x.onnx.len() as i64 + 1;
                 let axis = a.int("axis").unwrap_or(1);
-                if axis != 1 {
-                    return err(format!(
-                        "Flatten from axis {axis}; Slim flattens from axis 1"
-                    ));
+                let axis = if axis < 0 { axis + rank } else { axis };
+                if axis == 1 {
+                    return self.flatten(n, &base, x);
                 }
-                self.flatten(n, &base, x)
+                err(format!(
+                    "Flatten from axis {axis} of a rank-{rank} value merges the batch axis into its rows; Slim keeps each sample apart"
+                ))
             }
             "Reshape"
                 if n.input
@@ -1012,10 +1070,17 @@ impl Builder {
                     self.swapped.insert(out, groups);
                     return self.bind(n, NodeRef { node: x.node, onnx });
                 }
-                err(format!(
-                    "Transpose with perm {perm:?} of a [N, {}] value; Slim takes the channel shuffle's (Reshape to [N, g, C/g, H, W], perm [0, 2, 1, 3, 4], Reshape back)",
-                    join(&x.onnx)
-                ))
+                if perm.first() != Some(&0) || self.swapped.contains_key(&n.input[0]) {
+                    return err(format!(
+                        "Transpose with perm {perm:?} of a [N, {}] value moves the batch axis",
+                        join(&x.onnx)
+                    ));
+                }
+                let node = self.materialize(&x)?;
+                let perm: Vec<usize> = perm[1..].iter().map(|&p| p as usize - 1).collect();
+                let name = self.fresh_name(&base, "transpose");
+                let shape = self.push(&name, Op::Transpose { perm }, &[&node], BTreeMap::new())?;
+                self.bind(n, NodeRef::plain(name, &shape))
             }
             "Reshape" | "Squeeze" | "Unsqueeze" => {
                 let x = self.node_in(n, 0)?;
@@ -1035,7 +1100,26 @@ impl Builder {
                             .skip(1)
                             .collect()
                     }
-                    _ => return err("Unsqueeze of data is not supported"),
+                    _ => {
+                        let axes = self.axes(n, &a)?.unwrap_or_default();
+                        let rank = (x.onnx.len() + 1 + axes.len()) as i64;
+                        let mut axes: Vec<i64> = axes
+                            .iter()
+                            .map(|&v| if v < 0 { v + rank } else { v })
+                            .collect();
+                        axes.sort_unstable();
+                        let mut full = vec![1usize];
+                        full.extend(&x.onnx);
+                        for ax in axes {
+                            if ax < 1 || ax as usize > full.len() {
+                                return err(format!(
+                                    "Unsqueeze at axis {ax}: Slim keeps the batch axis first"
+                                ));
+                            }
+                            full.insert(ax as usize, 1);
+                        }
+                        full[1..].to_vec()
+                    }
                 };
                 if target.is_empty() {
                     return err(format!(
@@ -1077,26 +1161,44 @@ impl Builder {
                 } else if target == [total] {
                     self.flatten(n, &base, x)
                 } else {
-                    err(format!(
-                        "reshape of [N, {}] to [N, {}]; Slim supports flattening only",
-                        join(&x.onnx),
-                        join(&target)
-                    ))
+                    self.reshape(n, &base, &x, target)
                 }
             }
             "Gemm" => self.gemm(n, &a),
             "MatMul" => {
                 let x = self.node_in(n, 0)?;
-                let w = self.konst(n, 1)?;
-                let name = self.layer_name(n, 1);
-                if x.onnx.len() != 1 || w.dims.len() != 2 {
-                    return err(format!(
-                        "MatMul of [N, {}] by {:?}; Slim supports a batch of vectors times a matrix",
+                match self.value(n, 1)?.clone() {
+                    Value::Const(w) if x.onnx.len() == 1 && w.dims.len() == 2 => {
+                        let name = self.layer_name(n, 1);
+                        self.linear(n, &name, x, transpose(&w), None)
+                    }
+                    Value::Const(w) if w.dims.len() == 2 => {
+                        // Tokens times a matrix: a dense layer over the last axis.
+                        let node = self.materialize(&x)?;
+                        let (k, out) = (w.dims[0], w.dims[1]);
+                        let spec = LinearSpec {
+                            in_features: k,
+                            out_features: out,
+                            bias: false,
+                        };
+                        let mut p = BTreeMap::new();
+                        p.insert("weight", transpose(&w));
+                        let name = self.fresh_name(&self.layer_name(n, 1), "dense");
+                        let shape = self.push(&name, Op::Dense(spec), &[&node], p)?;
+                        self.bind(n, NodeRef::plain(name, &shape))
+                    }
+                    Value::Const(w) => err(format!(
+                        "MatMul of [N, {}] by a constant of shape {:?}; Slim multiplies by constant matrices",
                         join(&x.onnx),
                         w.dims
-                    ));
+                    )),
+                    Value::Node(y) => {
+                        let (a, b) = (self.materialize(&x)?, self.materialize(&y)?);
+                        let name = self.fresh_name(&base, "matmul");
+                        let shape = self.push(&name, Op::MatMul, &[&a, &b], BTreeMap::new())?;
+                        self.bind(n, NodeRef::plain(name, &shape))
+                    }
                 }
-                self.linear(n, &name, x, transpose(&w), None)
             }
             "Softmax" => {
                 let x = self.node_in(n, 0)?;
@@ -1107,10 +1209,20 @@ impl Builder {
                 // Before opset 13 the softmax runs over everything from `axis` on, which is
                 // the channels when the spatial axes are ones (a pooled [N, C, 1, 1]).
                 let flat_ok = x.onnx.iter().skip(1).all(|&d| d == 1);
-                if axis != 1 || (self.opset < 13 && rank > 2 && !flat_ok) {
-                    return err(format!("Softmax over axis {axis} of a rank-{rank} value; Slim's softmax is over the channels"));
+                let last = axis == rank - 1;
+                if axis == 1 && (self.opset >= 13 || rank <= 2 || flat_ok) {
+                    return self.unary(n, &base, Op::Softmax);
                 }
-                self.unary(n, &base, Op::Softmax)
+                if self.opset < 13 && !last {
+                    return err(format!(
+                        "Softmax (before opset 13) over the axes from {axis} on of a rank-{rank} value; Slim takes one axis"
+                    ));
+                }
+                let axis = self.sample_axis(axis, rank)?;
+                let node = self.materialize(&x)?;
+                let name = self.fresh_name(&base, "softmax");
+                let shape = self.push(&name, Op::SoftmaxAt { axis }, &[&node], BTreeMap::new())?;
+                self.bind(n, NodeRef::plain(name, &shape))
             }
             "LRN" => {
                 let x = self.node_in(n, 0)?;
@@ -1133,9 +1245,22 @@ impl Builder {
                 err("its shape is computed from the data; Slim needs a constant shape")
             }
             "Pad" => self.pad(n, &a, &base),
+            "Sqrt" => {
+                let x = self.node_in(n, 0)?;
+                self.emit_keep(n, &base, Op::Sqrt, &[&x], BTreeMap::new())
+            }
+            "Reciprocal" => {
+                let x = self.node_in(n, 0)?;
+                self.emit_keep(n, &base, Op::Reciprocal, &[&x], BTreeMap::new())
+            }
+            "Pow" => self.pow(n, &base),
+            "ReduceMean" | "ReduceMax" | "ReduceSum" => self.reduce(n, &a, &base),
+            "LayerNormalization" => self.layer_norm(n, &a, &base),
+            "Split" => self.split(n, &a, &base),
+            "Slice" => self.slice(n, &a, &base),
             "Resize" | "Upsample" => self.resize(n, &a, &base),
             "ConvTranspose" => self.conv_transpose(n, &a),
-            "Gather" | "Slice" => err(format!(
+            "Gather" => err(format!(
                 "{} on data (not constants) is not supported",
                 n.op_type
             )),
@@ -1307,6 +1432,331 @@ impl Builder {
         self.emit(n, &name, Op::Conv2d(spec), &[&x.node], p)
     }
 
+    /// A Slim node whose shape is the ONNX value's own: the node itself, or a reshape of it
+    /// where the importer kept a view (`[C]` seen as `[C, 1, 1]`, a channel grid).
+    fn materialize(&mut self, r: &NodeRef) -> Result<String> {
+        if self.shape_of(r) == r.onnx {
+            return Ok(r.node.clone());
+        }
+        let name = self.fresh_name(&format!("{}.view", r.node), "view");
+        let op = Op::Reshape {
+            shape: r.onnx.clone(),
+        };
+        self.push(&name, op, &[&r.node], BTreeMap::new())?;
+        Ok(name)
+    }
+
+    /// A per-sample axis from an ONNX axis of a value of `rank` (the batch axis is refused).
+    fn sample_axis(&self, axis: i64, rank: i64) -> Result<usize> {
+        let a = if axis < 0 { axis + rank } else { axis };
+        if a < 1 || a >= rank {
+            return err(format!(
+                "axis {axis} of a rank-{rank} value: Slim keeps the batch axis (0) apart"
+            ));
+        }
+        Ok(a as usize - 1)
+    }
+
+    /// Binds `n`'s output to `x` reshaped to the per-sample `shape`.
+    fn reshape(&mut self, n: &NodeProto, base: &str, x: &NodeRef, shape: Vec<usize>) -> Result<()> {
+        let name = self.fresh_name(base, "reshape");
+        let op = Op::Reshape { shape };
+        let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    /// Arithmetic of data and a constant that is no per-channel vector: the constant is kept
+    /// as a tensor that broadcasts against the value.
+    fn const_binary(
+        &mut self,
+        n: &NodeProto,
+        x: &NodeRef,
+        c: &Const,
+        kind: BinaryKind,
+        reversed: bool,
+    ) -> Result<()> {
+        let mut dims = c.dims.clone();
+        // A constant of the value's full rank carries a batch axis of one.
+        if dims.len() == x.onnx.len() + 1 {
+            if dims[0] != 1 {
+                return err(format!(
+                    "a constant of shape {:?} spans the batch axis",
+                    c.dims
+                ));
+            }
+            dims.remove(0);
+        }
+        if dims.is_empty() {
+            dims.push(1);
+        }
+        let node = self.materialize(x)?;
+        let name = self.fresh_name(&sanitize(&display_name(n)), "arith");
+        let mut p = BTreeMap::new();
+        p.insert(
+            "value",
+            Const {
+                dims: dims.clone(),
+                values: c.values.clone(),
+            },
+        );
+        let op = Op::ConstBinary {
+            kind,
+            shape: dims,
+            reversed,
+        };
+        let shape = self.push(&name, op, &[&node], p)?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    /// Arithmetic of two data values whose shapes broadcast.
+    fn data_binary(
+        &mut self,
+        n: &NodeProto,
+        base: &str,
+        x: &NodeRef,
+        y: &NodeRef,
+        kind: BinaryKind,
+    ) -> Result<()> {
+        let (a, b) = (self.materialize(x)?, self.materialize(y)?);
+        let name = self.fresh_name(base, kind.onnx());
+        let shape = self.push(&name, Op::Binary(kind), &[&a, &b], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    fn pow(&mut self, n: &NodeProto, base: &str) -> Result<()> {
+        match (self.value(n, 0)?.clone(), self.value(n, 1)?.clone()) {
+            (Value::Node(x), Value::Const(c)) if c.numel() == 1 && c.values[0] == 1.0 => {
+                self.bind(n, x)
+            }
+            (Value::Node(x), Value::Const(c)) => {
+                self.const_binary(n, &x, &c, BinaryKind::Pow, false)
+            }
+            (Value::Const(c), Value::Node(x)) => {
+                self.const_binary(n, &x, &c, BinaryKind::Pow, true)
+            }
+            (Value::Node(x), Value::Node(y)) => self.data_binary(n, base, &x, &y, BinaryKind::Pow),
+            _ => err("a Pow of two constants"),
+        }
+    }
+
+    fn reduce(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        // The axes are an input from opset 18 (ReduceSum: 13), an attribute before.
+        let as_input = self.opset >= 18 || (n.op_type == "ReduceSum" && self.opset >= 13);
+        let axes = if as_input {
+            self.opt_const(n, 1)?.map(|c| c.ints())
+        } else {
+            a.ints("axes")
+        };
+        let keep = a.int("keepdims").unwrap_or(1) != 0;
+        let axes: Vec<i64> = match axes {
+            Some(v) if !v.is_empty() => v,
+            _ if a.int("noop_with_empty_axes").unwrap_or(0) != 0 => return self.bind(n, x),
+            _ => {
+                return err(format!(
+                    "{} without axes reduces the batch axis too; Slim keeps each sample apart",
+                    n.op_type
+                ))
+            }
+        };
+        let mut axes = axes
+            .iter()
+            .map(|&v| self.sample_axis(v, rank))
+            .collect::<Result<Vec<usize>>>()?;
+        axes.sort_unstable();
+        axes.dedup();
+        // A mean over the plane of a feature map is global average pooling (SE blocks).
+        let plane = x.onnx.len() == 3 && axes == [1, 2] && self.shape_of(&x).len() == 3;
+        if n.op_type == "ReduceMean" && plane {
+            let name = self.fresh_name(base, "gap");
+            let shape = self.push(&name, Op::GlobalAvgPool, &[&x.node], BTreeMap::new())?;
+            let mut onnx = shape.clone();
+            if keep {
+                onnx.extend([1, 1]);
+            }
+            return self.bind(n, NodeRef { node: name, onnx });
+        }
+        let kind = match n.op_type.as_str() {
+            "ReduceMean" => ReduceKind::Mean,
+            "ReduceMax" => ReduceKind::Max,
+            _ => ReduceKind::Sum,
+        };
+        let node = self.materialize(&x)?;
+        let name = self.fresh_name(base, "reduce");
+        let op = Op::Reduce { kind, axes, keep };
+        let shape = self.push(&name, op, &[&node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    fn layer_norm(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        if n.output.len() > 1
+            && n.output[1..]
+                .iter()
+                .any(|o| self.uses.get(o).copied().unwrap_or(0) > 0)
+        {
+            return err(
+                "its mean or inverse deviation output is used, which Slim does not compute",
+            );
+        }
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        let from = self.sample_axis(a.int("axis").unwrap_or(-1), rank)?;
+        let shape = x.onnx[from..].to_vec();
+        let numel: usize = shape.iter().product();
+        let full = |c: Option<Const>, fill: f64, what: &str| -> Result<Const> {
+            match c {
+                None => Ok(Const {
+                    dims: shape.clone(),
+                    values: vec![fill; numel],
+                }),
+                Some(c) if c.numel() == numel => Ok(Const {
+                    dims: shape.clone(),
+                    values: c.values,
+                }),
+                Some(c) if c.numel() == 1 => Ok(Const {
+                    dims: shape.clone(),
+                    values: vec![c.values[0]; numel],
+                }),
+                Some(c) => err(format!(
+                    "its {what} of shape {:?} for normalized axes {shape:?}",
+                    c.dims
+                )),
+            }
+        };
+        let weight = full(self.opt_const(n, 1)?, 1.0, "scale")?;
+        let bias = full(self.opt_const(n, 2)?, 0.0, "bias")?;
+        let eps = decimal(a.float("epsilon").unwrap_or(1e-5));
+        let node = self.materialize(&x)?;
+        let name = self.fresh_name(base, "layernorm");
+        let p = BTreeMap::from([("weight", weight), ("bias", bias)]);
+        let op = Op::LayerNorm {
+            from,
+            shape: shape.clone(),
+            eps,
+        };
+        let out = self.push(&name, op, &[&node], p)?;
+        self.bind(n, NodeRef::plain(name, &out))
+    }
+
+    /// Binds ONNX output `k` of `n` to a slice of `x` along a per-sample axis.
+    fn bind_slice(
+        &mut self,
+        n: &NodeProto,
+        k: usize,
+        x: &str,
+        axis: usize,
+        range: (usize, usize, usize),
+    ) -> Result<()> {
+        let (start, end, step) = range;
+        let base = sanitize(n.output.get(k).map(|s| s.as_str()).unwrap_or(""));
+        let name = self.fresh_name(&base, "slice");
+        let op = Op::Slice {
+            axis,
+            start,
+            end,
+            step,
+        };
+        let shape = self.push(&name, op, &[x], BTreeMap::new())?;
+        let out = n.output[k].clone();
+        self.values
+            .insert(out, Value::Node(NodeRef::plain(name, &shape)));
+        Ok(())
+    }
+
+    fn split(&mut self, n: &NodeProto, a: &Attrs, _base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        let axis = self.sample_axis(a.int("axis").unwrap_or(0), rank)?;
+        let len = x.onnx[axis];
+        let parts = n.output.len();
+        let given = if self.opset >= 13 {
+            self.opt_const(n, 1)?.map(|c| c.ints())
+        } else {
+            a.ints("split")
+        };
+        let sizes: Vec<usize> = match given {
+            Some(v) => sizes("split", &v, 0)?,
+            None if parts > 0 => {
+                // Equal parts, the last one smaller when the length does not divide.
+                let each = len.div_ceil(parts);
+                (0..parts)
+                    .map(|i| each.min(len.saturating_sub(i * each)))
+                    .collect()
+            }
+            None => return err("a Split without outputs"),
+        };
+        if sizes.len() != parts || sizes.iter().sum::<usize>() != len || sizes.contains(&0) {
+            return err(format!(
+                "split sizes {sizes:?} of {len} values into {parts} outputs"
+            ));
+        }
+        let node = self.materialize(&x)?;
+        let mut start = 0;
+        for (k, size) in sizes.into_iter().enumerate() {
+            self.bind_slice(n, k, &node, axis, (start, start + size, 1))?;
+            start += size;
+        }
+        Ok(())
+    }
+
+    fn slice(&mut self, n: &NodeProto, a: &Attrs, _base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        let (starts, ends, axes, steps) = if self.opset < 10 {
+            (
+                a.ints("starts").unwrap_or_default(),
+                a.ints("ends").unwrap_or_default(),
+                a.ints("axes"),
+                None,
+            )
+        } else {
+            (
+                self.konst(n, 1)?.ints(),
+                self.konst(n, 2)?.ints(),
+                self.opt_const(n, 3)?.map(|c| c.ints()),
+                self.opt_const(n, 4)?.map(|c| c.ints()),
+            )
+        };
+        let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+        let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+        if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+            return err("Slice with starts, ends, axes and steps of different lengths");
+        }
+        let mut cur = self.materialize(&x)?;
+        let mut shape = x.onnx.clone();
+        for i in 0..starts.len() {
+            let axis = self.sample_axis(axes[i], rank)?;
+            let len = shape[axis] as i64;
+            let step = steps[i];
+            if step < 1 {
+                return err(format!("Slice with step {step}; Slim slices forwards"));
+            }
+            let clamp = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
+            let (s, e) = (clamp(starts[i]), clamp(ends[i]));
+            if s >= e {
+                return err(format!(
+                    "Slice {}..{} of axis {} leaves nothing",
+                    starts[i], ends[i], axes[i]
+                ));
+            }
+            if (s, e, step) == (0, len, 1) {
+                continue;
+            }
+            let name = self.fresh_name(&sanitize(&display_name(n)), "slice");
+            let op = Op::Slice {
+                axis,
+                start: s as usize,
+                end: e as usize,
+                step: step as usize,
+            };
+            shape = self.push(&name, op, &[&cur], BTreeMap::new())?;
+            cur = name;
+        }
+        let r = NodeRef::plain(cur, &shape);
+        self.bind(n, r)
+    }
+
     fn pad(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
         let x = self.node_in(n, 0)?;
         if x.onnx.len() != 3 || self.shape_of(&x).len() != 3 {
@@ -1407,6 +1857,38 @@ impl Builder {
         } else {
             self.opt_const(n, 3)?.filter(|c| c.numel() > 0)
         };
+        // Opset 18 may name the axes the scales or sizes are for.
+        let axes = a.ints("axes").map(|v| {
+            v.iter()
+                .map(|&x| if x < 0 { x + 4 } else { x })
+                .collect::<Vec<i64>>()
+        });
+        let full = |c: Const, fill: f64| -> Result<Const> {
+            let Some(axes) = &axes else { return Ok(c) };
+            if axes.len() != c.numel() || axes.iter().any(|&x| !(0..4).contains(&x)) {
+                return err(format!("axes {axes:?} for {} values", c.numel()));
+            }
+            let mut values = vec![fill; 4];
+            for (&ax, &v) in axes.iter().zip(&c.values) {
+                values[ax as usize] = v;
+            }
+            Ok(Const {
+                dims: vec![4],
+                values,
+            })
+        };
+        let scales = scales.map(|c| full(c, 1.0)).transpose()?;
+        let mut given_sizes = given_sizes.map(|c| full(c, 0.0)).transpose()?;
+        if let Some(sz) = given_sizes.as_mut().filter(|_| axes.is_some()) {
+            // Axes not named keep their size.
+            sz.values[0] = 1.0;
+            sz.values[1] = x.onnx[0] as f64;
+            for i in 2..4 {
+                if sz.values[i] == 0.0 {
+                    sz.values[i] = x.onnx[i - 1] as f64;
+                }
+            }
+        }
         let (out, scale) = match (scales, given_sizes) {
             (Some(sc), None) => {
                 let v = &sc.values;
@@ -1758,12 +2240,19 @@ impl Builder {
             return err("an Add of several constants and data");
         }
         let (x, c) = (nodes[0].clone(), &consts[0]);
-        let shift = self.per_channel_of(&x, c, "adds")?;
-        self.affine(n, x, vec![1.0], shift)
+        match self.per_channel_of(&x, c, "adds") {
+            Ok(shift) => self.affine(n, x, vec![1.0], shift),
+            Err(_) => self.const_binary(n, &x, c, BinaryKind::Add, false),
+        }
     }
 
     /// The element-wise sum of data values of one shape.
     fn sum(&mut self, n: &NodeProto, base: &str, nodes: &[NodeRef]) -> Result<()> {
+        if let [x, y] = nodes {
+            if x.onnx != y.onnx {
+                return self.data_binary(n, base, x, y, BinaryKind::Add);
+            }
+        }
         if nodes.iter().any(|r| r.onnx != nodes[0].onnx) {
             return err("an Add of different shapes (broadcasting between data is not supported)");
         }
@@ -1776,13 +2265,18 @@ impl Builder {
 
     fn sub(&mut self, n: &NodeProto, base: &str) -> Result<()> {
         match (self.value(n, 0)?.clone(), self.value(n, 1)?.clone()) {
-            (Value::Node(x), Value::Const(c)) => {
-                let shift = self.per_channel_of(&x, &c, "subtracts")?;
-                self.affine(n, x, vec![1.0], shift.iter().map(|v| -v).collect())
-            }
+            (Value::Node(x), Value::Const(c)) => match self.per_channel_of(&x, &c, "subtracts") {
+                Ok(shift) => self.affine(n, x, vec![1.0], shift.iter().map(|v| -v).collect()),
+                Err(_) => self.const_binary(n, &x, &c, BinaryKind::Sub, false),
+            },
             (Value::Const(c), Value::Node(x)) => {
-                let shift = self.per_channel_of(&x, &c, "subtracts from")?;
-                self.affine(n, x, vec![-1.0], shift)
+                match self.per_channel_of(&x, &c, "subtracts from") {
+                    Ok(shift) => self.affine(n, x, vec![-1.0], shift),
+                    Err(_) => self.const_binary(n, &x, &c, BinaryKind::Sub, true),
+                }
+            }
+            (Value::Node(x), Value::Node(y)) if x.onnx != y.onnx || self.shape_of(&y) != y.onnx => {
+                self.data_binary(n, base, &x, &y, BinaryKind::Sub)
             }
             (Value::Node(x), Value::Node(y)) => {
                 // x - y as x + (-1 · y).
@@ -1801,16 +2295,22 @@ impl Builder {
         }
     }
 
-    fn div(&mut self, n: &NodeProto) -> Result<()> {
+    fn div(&mut self, n: &NodeProto, base: &str) -> Result<()> {
         match (self.value(n, 0)?.clone(), self.value(n, 1)?.clone()) {
-            (Value::Node(x), Value::Const(c)) => {
-                let d = self.per_channel_of(&x, &c, "divides by")?;
-                if d.iter().any(|&v| v == 0.0 || !v.is_finite()) {
-                    return err("it divides by zero or by a value that is not finite");
+            (Value::Node(x), Value::Const(c)) => match self.per_channel_of(&x, &c, "divides by") {
+                Ok(d) => {
+                    if d.iter().any(|&v| v == 0.0 || !v.is_finite()) {
+                        return err("it divides by zero or by a value that is not finite");
+                    }
+                    self.affine(n, x, d.iter().map(|v| 1.0 / v).collect(), vec![0.0])
                 }
-                self.affine(n, x, d.iter().map(|v| 1.0 / v).collect(), vec![0.0])
+                Err(_) => self.const_binary(n, &x, &c, BinaryKind::Div, false),
+            },
+            (Value::Const(c), Value::Node(x)) => {
+                self.const_binary(n, &x, &c, BinaryKind::Div, true)
             }
-            _ => err("a Div other than of data by a constant (per channel or one value)"),
+            (Value::Node(x), Value::Node(y)) => self.data_binary(n, base, &x, &y, BinaryKind::Div),
+            _ => err("a Div of two constants"),
         }
     }
 
@@ -1831,14 +2331,21 @@ impl Builder {
                 } else {
                     (x, y)
                 };
+                let (sa, sb) = (self.shape_of(&x), self.shape_of(&y));
+                let gate = sa.len() == 3 && (sb == [sa[0]] || sb == [sa[0], 1, 1]);
+                if !((sa == sb && x.onnx == y.onnx) || gate) {
+                    return self.data_binary(n, base, &x, &y, BinaryKind::Mul);
+                }
                 let name = self.fresh_name(base, "mul");
                 self.push(&name, Op::Mul, &[&x.node, &y.node], BTreeMap::new())?;
                 let onnx = x.onnx.clone();
                 self.bind(n, NodeRef { node: name, onnx })
             }
             (Value::Node(x), Value::Const(c)) | (Value::Const(c), Value::Node(x)) => {
-                let scale = self.per_channel_of(&x, &c, "multiplies")?;
-                self.affine(n, x, scale, vec![0.0])
+                match self.per_channel_of(&x, &c, "multiplies") {
+                    Ok(scale) => self.affine(n, x, scale, vec![0.0]),
+                    Err(_) => self.const_binary(n, &x, &c, BinaryKind::Mul, false),
+                }
             }
             _ => err("a Mul of two constants"),
         }
@@ -2086,7 +2593,20 @@ impl Builder {
     fn fold(&self, n: &NodeProto, a: &Attrs) -> Result<Option<Const>> {
         let c = |i| self.konst(n, i);
         Ok(Some(match n.op_type.as_str() {
-            "Identity" | "Cast" => c(0)?,
+            "Identity" => c(0)?,
+            "Cast" => {
+                let mut x = c(0)?;
+                let to = a.int("to").unwrap_or(0);
+                if to == i64::from(data_type::BOOL) {
+                    x.values
+                        .iter_mut()
+                        .for_each(|v| *v = f64::from(u8::from(*v != 0.0)));
+                } else if !cast_keeps_floats(to) {
+                    // Integer types: toward zero, as C casts.
+                    x.values.iter_mut().for_each(|v| *v = v.trunc());
+                }
+                x
+            }
             "Reshape" => {
                 let x = c(0)?;
                 let shape = c(1)?.ints();
@@ -2248,9 +2768,17 @@ impl Builder {
                     values: x.dims.iter().map(|&d| d as f64).collect(),
                 }
             }
-            "Mul" | "Add" => {
+            "Mul" | "Add" | "Sub" | "Div" => {
                 let (x, y) = (c(0)?, c(1)?);
-                let f = |p: f64, q: f64| if n.op_type == "Mul" { p * q } else { p + q };
+                let ints = self.int_typed(n);
+                let f = |p: f64, q: f64| match n.op_type.as_str() {
+                    "Mul" => p * q,
+                    "Add" => p + q,
+                    "Sub" => p - q,
+                    // Shape arithmetic divides integers (toward zero).
+                    _ if ints => (p / q).trunc(),
+                    _ => p / q,
+                };
                 if x.numel() == y.numel() {
                     Const {
                         dims: x.dims.clone(),
@@ -2377,6 +2905,18 @@ fn transpose(w: &Const) -> Const {
         dims: vec![c, r],
         values,
     }
+}
+
+/// True for ONNX element types that hold floats: a Cast to them leaves Slim's values as
+/// they are.
+fn cast_keeps_floats(to: i64) -> bool {
+    [
+        data_type::FLOAT,
+        data_type::DOUBLE,
+        data_type::FLOAT16,
+        data_type::BFLOAT16,
+    ]
+    .contains(&(to as i32))
 }
 
 /// The axes of a constant permuted: axis `i` of the result is axis `perm[i]` of `x`.

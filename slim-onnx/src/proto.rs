@@ -15,7 +15,15 @@ pub mod data_type {
     pub const INT8: i32 = 3;
     pub const INT32: i32 = 6;
     pub const INT64: i32 = 7;
+    pub const BOOL: i32 = 9;
+    pub const FLOAT16: i32 = 10;
     pub const DOUBLE: i32 = 11;
+    pub const BFLOAT16: i32 = 16;
+
+    /// True for the integer types (and bool), whose arithmetic rounds toward zero.
+    pub fn is_integer(t: i32) -> bool {
+        matches!(t, 2..=7 | 9 | 12 | 13)
+    }
 
     /// A name for error messages.
     pub fn name(t: i32) -> &'static str {

@@ -49,9 +49,13 @@ pub fn mnist_5k(n: usize) -> ImageSet {
     }
 }
 
-/// Largest difference relative to the largest magnitude of the reference `b`.
+/// Largest difference relative to the largest magnitude of the reference `b`; infinite where
+/// the two disagree on a value being finite (a NaN never compares as close).
 pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
+    if a.iter().zip(b).any(|(x, y)| x.is_finite() != y.is_finite()) {
+        return f32::INFINITY;
+    }
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
     a.iter()
         .zip(b)

@@ -4,20 +4,31 @@ a Rust test can import each model into Slim and compare its forward with the ref
 activations and arithmetic: asymmetric padding (Conv pads and auto_pad, Pad in constant, reflect
 and edge modes), resampling (Resize at opsets 11 and 13 with scales or sizes, nearest and linear
 in four coordinate modes; Upsample at opsets 7 and 9), ConvTranspose (stride, groups, dilation),
-and a tiny segmenter (encoder, skip Concat, decoder, per-pixel logits and their Softmax).
+a tiny segmenter (encoder, skip Concat, decoder, per-pixel logits and their Softmax), and N-d
+tensor ops as PyTorch exports them: Split, Concat along a spatial axis, strided Slice, ReduceMean
+and ReduceMax (squeeze-and-excite and CBAM gates), Softmax over the last axis (opsets 11 and 13),
+Flatten at axis 2, Unsqueeze, MatMul with a constant, binary ops between two data branches that
+broadcast, and a small text recognizer (a CNN, then one pre-norm transformer encoder layer with
+multi-head attention, a decomposed and a native LayerNormalization and an Erf GELU, then
+per-token logits and a pooled classifier).
 
 usage: spellings.py OUT_DIR
 
 Every model is built by hand with onnx.helper, at the lowest IR version its opset allows. Its one
 data input is "x", NCHW float32 of a concrete shape with batch 2 ([2, 8, 10, 10] for most cases,
-[2, 3, 16, 16] for the stem-like ones). The pattern under test sits between layers as in a real
-network: a Conv (with bias) feeds it and a Conv, or GlobalAveragePool + Flatten + Gemm, reads it.
+[2, 3, 16, 16] for the stem-like ones, [2, 3, 16, 32] for the recognizer). The pattern under test
+sits between layers as in a real network: a Conv (with bias) feeds it and a Conv, GlobalAveragePool
++ Flatten + Gemm, or a MatMul with a constant (PyTorch's nn.Linear on more than 2 dimensions:
+MatMul by the [in, out] weight, then Add the bias) reads it. Reshape's shapes copy no batch: they
+are constants with -1 in its place, so the models run at any batch.
 Weights are seeded random initializers (filters ~ N(0, 1/fan_in), ConvTranspose filters scaled to
 the (cin / group) * (k / stride)^2 inputs each output reads, batch-norm variances in [0.5, 1.5]);
 each case seeds its own generator from its name, so the files are the same on every run. Scalar
-constants are 0-d initializers, or Constant nodes where the case says so (as older PyTorch exports
-write them); Pad's pads, Resize's scales and sizes and Upsample's scales are 1-d initializers; an
-absent optional input is the empty name. Before IR 4 (opset 7) every initializer is also listed
+constants are 0-d initializers, or Constant nodes where the case says so (as PyTorch writes them,
+the recognizer's among them); Pad's pads, Resize's scales and sizes, Upsample's scales, Reshape's
+shape, Split's sizes, Slice's starts, ends, axes and steps and Unsqueeze's axes (from opset 13)
+are 1-d initializers; Reduce* axes are attributes (opsets 13 and 17); an absent optional input is
+the empty name. Before IR 4 (opset 7) every initializer is also listed
 as a graph input, as the exporters of the time wrote it.
 
 It writes, for each case NAME, the folder OUT_DIR/NAME/ (emptied first, so re-running
@@ -83,6 +94,14 @@ class Graph:
                                            **attrs))
         return out
 
+    def op_n(self, op_type, inputs, n, **attrs):
+        """A node with n outputs (Split); returns their names."""
+        stem = op_type.lower()
+        outs = [self.fresh(stem) for _ in range(n)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0] + "_node",
+                                           **attrs))
+        return outs
+
     def conv(self, x, cin, cout, k=3, stride=1, gain=1.0, bias=0.1, pads=None, auto_pad=None):
         """A Conv with bias; pads k // 2 on every side unless pads (ONNX order: the begins,
         then the ends) or auto_pad (then no pads attribute) says otherwise."""
@@ -118,6 +137,13 @@ class Graph:
         b = self.init("fc_b", self.rng.normal(0.0, 0.1, fout))
         return self.op("Gemm", [x, w, b], alpha=1.0, beta=1.0, transB=1)
 
+    def linear(self, x, fin, fout):
+        """nn.Linear as PyTorch exports it on [..., fin]: MatMul by the [fin, fout] weight, then
+        Add the [fout] bias."""
+        w = self.init("linear_w", self.rng.normal(0.0, 1.0 / np.sqrt(fin), (fin, fout)))
+        b = self.init("linear_b", self.rng.normal(0.0, 0.1, fout))
+        return self.op("Add", [self.op("MatMul", [x, w]), b])
+
     def head(self, x, c, classes=5):
         """GlobalAveragePool -> Flatten -> Gemm, as a classifier ends."""
         pooled = self.op("GlobalAveragePool", [x])
@@ -152,6 +178,7 @@ class Graph:
 C = 8
 SMALL = [2, C, 10, 10]
 STEM = [2, 3, 16, 16]
+TEXT = [2, 3, 16, 32]
 
 
 def clip_inputs(g, y, lo, hi, constant_node=False):
@@ -235,12 +262,16 @@ def silu(g):
     g.output(g.conv(s, C, C))
 
 
-def gelu_erf(g):
-    y = g.conv("x", C, C)
+def gelu_erf_of(g, y):
+    """PyTorch's exact GELU: y * (1 + erf(y / sqrt 2)) * 0.5, its constants Constant nodes."""
     e = g.op("Erf", [g.op("Div", [y, g.scalar(1.4142135, True)])])
     one_plus = g.op("Add", [e, g.scalar(1.0, True)])
-    h = g.op("Mul", [g.op("Mul", [y, one_plus]), g.scalar(0.5, True)])
-    g.output(g.conv(h, C, C))
+    return g.op("Mul", [g.op("Mul", [y, one_plus]), g.scalar(0.5, True)])
+
+
+def gelu_erf(g):
+    y = g.conv("x", C, C)
+    g.output(g.conv(gelu_erf_of(g, y), C, C))
 
 
 def gelu_native(g):
@@ -468,6 +499,122 @@ def segmenter(g):
     g.output(g.op("Softmax", [logits], axis=1))
 
 
+# N-d tensor ops as PyTorch exports them, and a transformer block.
+
+
+def slice_split_concat(g):
+    y = g.conv("x", C, C)
+    # torch.split(y, [2, 3, 3], 1)
+    parts = g.op_n("Split", [y, g.ints("split", [2, 3, 3])], 3, axis=1)
+    cat = g.op("Concat", [g.op("Relu", [parts[0]]), g.op("Sigmoid", [parts[1]]), parts[2]],
+               axis=1)
+    # y[..., 1:9:2]: columns 1, 3, 5, 7
+    sliced = g.op("Slice", [cat, g.ints("starts", [1]), g.ints("ends", [9]), g.ints("axes", [3]),
+                            g.ints("steps", [2])])
+    g.output(g.conv(sliced, C, C))
+
+
+def concat_axis2(g):
+    a = g.conv("x", C, C)  # 10 rows
+    b = g.conv("x", C, C, pads=[0, 1, 0, 1])  # 8 rows, 10 columns
+    g.output(g.conv(g.op("Concat", [a, b], axis=2), C, C))  # 18 rows
+
+
+def reduce_ops(g):
+    y = g.op("Relu", [g.conv("x", C, C)])
+    # Squeeze and excite with the squeeze spelled y.mean((2, 3), keepdim=True).
+    squeezed = g.op("ReduceMean", [y], axes=[2, 3], keepdims=1)
+    gate = g.op("Sigmoid", [g.conv(squeezed, C, C, k=1, gain=3.0, bias=1.0)])
+    excited = g.op("Mul", [y, gate])
+    # CBAM's spatial attention from the channel maximum, y.max(1, keepdim=True)[0].
+    spatial = g.op("ReduceMax", [excited], axes=[1], keepdims=1)
+    attended = g.op("Mul", [excited, g.op("Sigmoid", [spatial])])
+    g.output(g.conv(attended, C, C))
+
+
+def softmax_last_axis(g):
+    y = g.conv("x", C, C)
+    g.output(g.conv(g.op("Softmax", [y], axis=-1), C, C))
+
+
+def softmax_legacy_last(g):
+    # Before opset 13 Softmax flattens at axis into 2-d; at the last axis that is its softmax.
+    y = g.conv("x", C, C)
+    g.output(g.conv(g.op("Softmax", [y], axis=3), C, C))
+
+
+def flatten_axis2(g):
+    y = g.conv("x", C, C, stride=2, pads=[0, 0, 0, 0])  # 10 -> 4
+    # PyTorch's y.flatten(2): a Reshape that keeps the batch and channel axes.
+    flat = g.op("Reshape", [y, g.ints("flat_shape", [-1, C, 16])])  # [2, 8, 16]
+    w = g.init("matmul_w", g.rng.normal(0.0, 0.25, (16, 6)))
+    g.output(g.op("MatMul", [flat, w]))  # [2, 8, 6]
+
+
+def unsqueeze_squeeze(g):
+    y = g.conv("x", C, C)
+    flat = g.op("Flatten", [g.op("GlobalAveragePool", [y])], axis=1)  # [2, 8]
+    column = g.op("Unsqueeze", [flat, g.ints("axes", [2])])  # [2, 8, 1]
+    w = g.init("matmul_w", g.rng.normal(0.0, 1.0, (1, 4)))
+    g.output(g.op("MatMul", [column, w]))  # [2, 8, 4]
+
+
+def broadcast_binary(g):
+    y = g.conv("x", C, C)  # [2, 8, 10, 10]
+    mean = g.op("ReduceMean", [y], axes=[1], keepdims=1)  # [2, 1, 10, 10]
+    centered = g.op("Sub", [mean, y])  # the broadcast operand first
+    spread = g.op("ReduceMean", [g.op("Mul", [centered, centered])], axes=[1], keepdims=1)
+    normed = g.op("Div", [centered, g.op("Add", [spread, g.scalar(1.0)])])  # ... and second
+    g.output(g.conv(g.op("Mul", [mean, normed]), C, C))
+
+
+def layer_norm_decomposed(g, x, d):
+    """LayerNorm over the last axis as PyTorch exports it before LayerNormalization: (x - mean)
+    / sqrt(mean((x - mean)^2) + eps) * gamma + beta, its scalars Constant nodes."""
+    centered = g.op("Sub", [x, g.op("ReduceMean", [x], axes=[-1], keepdims=1)])
+    squared = g.op("Pow", [centered, g.scalar(2.0, True)])
+    variance = g.op("ReduceMean", [squared], axes=[-1], keepdims=1)
+    std = g.op("Sqrt", [g.op("Add", [variance, g.scalar(1e-5, True)])])
+    normed = g.op("Div", [centered, std])
+    gamma = g.init("ln_gamma", g.rng.uniform(0.5, 1.5, d))
+    beta = g.init("ln_beta", g.rng.normal(0.0, 0.1, d))
+    return g.op("Add", [g.op("Mul", [normed, gamma]), beta])
+
+
+def recognizer(g):
+    """A CNN + attention text recognizer: two stride 2 Convs to a [2, 32, 4, 8] map, its 32
+    positions as tokens of 32 channels, one pre-norm encoder layer (4 heads of 8), then per-token
+    logits (a CTC head, [2, 32, 10]) and the token mean's classes ([2, 5])."""
+    t, d, heads = 32, 32, 4
+    dh = d // heads
+    f = g.op("Relu", [g.conv("x", 3, 16, stride=2)])  # [2, 16, 8, 16]
+    f = g.op("Relu", [g.conv(f, 16, d, stride=2)])  # [2, 32, 4, 8]
+    flat = g.op("Reshape", [f, g.ints("shape", [-1, d, t])])  # [2, 32 channels, 32 positions]
+    tokens = g.op("Transpose", [flat], perm=[0, 2, 1])  # [2, 32, 32]
+
+    n1 = layer_norm_decomposed(g, tokens, d)
+    q, k, v = [g.op("Reshape", [g.linear(n1, d, d), g.ints("shape", [-1, t, heads, dh])])
+               for _ in range(3)]  # [2, 32, 4, 8] each
+    q = g.op("Transpose", [q], perm=[0, 2, 1, 3])  # [2, 4, 32, 8]
+    kt = g.op("Transpose", [k], perm=[0, 2, 3, 1])  # [2, 4, 8, 32]
+    v = g.op("Transpose", [v], perm=[0, 2, 1, 3])
+    scores = g.op("Div", [g.op("MatMul", [q, kt]), g.scalar(np.sqrt(dh), True)])
+    weights = g.op("Softmax", [scores], axis=-1)  # [2, 4, 32, 32]
+    mixed = g.op("Transpose", [g.op("MatMul", [weights, v])], perm=[0, 2, 1, 3])  # [2, 32, 4, 8]
+    mixed = g.op("Reshape", [mixed, g.ints("shape", [-1, t, d])])
+    h = g.op("Add", [g.linear(mixed, d, d), tokens])
+
+    scale = g.init("ln_gamma", g.rng.uniform(0.5, 1.5, d))
+    bias = g.init("ln_beta", g.rng.normal(0.0, 0.1, d))
+    n2 = g.op("LayerNormalization", [h, scale, bias], axis=-1, epsilon=1e-5)
+    mlp = g.linear(gelu_erf_of(g, g.linear(n2, d, 2 * d)), 2 * d, d)
+    h = g.op("Add", [mlp, h])
+
+    g.output(g.linear(h, d, 10))  # per-token logits
+    pooled = g.op("ReduceMean", [h], axes=[1], keepdims=0)  # [2, 32]
+    g.output(g.gemm(pooled, d, 5))
+
+
 # name -> (builder, input shape, opset)
 CASES = {
     "hardswish_native": (hardswish_native, STEM, 14),
@@ -509,6 +656,15 @@ CASES = {
     "convtranspose_groups": (convtranspose_groups, SMALL, 13),
     "convtranspose_dilation": (convtranspose_dilation, SMALL, 13),
     "segmenter": (segmenter, STEM, 13),
+    "slice_split_concat": (slice_split_concat, SMALL, 13),
+    "concat_axis2": (concat_axis2, SMALL, 13),
+    "reduce_ops": (reduce_ops, SMALL, 13),
+    "softmax_last_axis": (softmax_last_axis, SMALL, 13),
+    "softmax_legacy_last": (softmax_legacy_last, SMALL, 11),
+    "flatten_axis2": (flatten_axis2, SMALL, 13),
+    "unsqueeze_squeeze": (unsqueeze_squeeze, SMALL, 13),
+    "broadcast_binary": (broadcast_binary, SMALL, 13),
+    "recognizer": (recognizer, TEXT, 17),
 }
 
 
