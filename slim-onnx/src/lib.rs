@@ -28,6 +28,7 @@
 
 pub mod export;
 pub mod import;
+pub mod ops;
 pub mod proto;
 
 pub use export::{export, export_file, ExportOptions};

@@ -1,0 +1,94 @@
+//! The ONNX ops the importer takes, and how: the table behind `docs/onnx.md` (a test keeps the
+//! page equal to it) and behind [`SUPPORTED_OPS`].
+
+/// `(ONNX op, what Slim makes of it and its limits)`, in the order of the docs' table.
+pub const OP_TABLE: [(&str, &str); 51] = [
+    ("Conv", "2-D convolution (grouped, depthwise, dilated); one stride and dilation for both axes; padding on one side beyond the others becomes a Pad node; a 1x1 convolution on a pooled vector becomes a linear layer"),
+    ("ConvTranspose", "2-D transposed convolution (groups, dilation, output_padding, output_shape); equal padding on every side"),
+    ("BatchNormalization", "batch norm over [C, H, W] maps or [C] vectors; constant scale and shift after it are folded in"),
+    ("Gemm", "linear layer (alpha, beta, transB); transA refused"),
+    ("MatMul", "by a constant matrix: a linear layer (vectors) or a dense layer over the last axis (tokens); of two data values: a batched product"),
+    ("Relu", "ReLU"),
+    ("Clip", "ReLU, ReLU6 or a clamp; min/max as attributes (opset < 11) or constant inputs"),
+    ("LeakyRelu", "leaky ReLU"),
+    ("PRelu", "per-channel or single learned slope"),
+    ("HardSwish", "hardswish; also recognized from x·relu6(x+3)/6 and x·hardsigmoid(x)"),
+    ("HardSigmoid", "hard sigmoid; also recognized from relu6(x+3)/6"),
+    ("Sigmoid", "sigmoid; x·sigmoid(x) becomes SiLU"),
+    ("Tanh", "tanh"),
+    ("Erf", "error function; x·(1+erf(x/√2))/2 becomes GELU"),
+    ("Gelu", "exact GELU (approximate=\"tanh\" refused)"),
+    ("Add", "sum of data (broadcast); data plus a constant folded into the layer before, else a per-channel affine or a constant tensor"),
+    ("Sub", "as Add; constant minus data too"),
+    ("Mul", "element-wise or squeeze-and-excite gate; by a constant as Add"),
+    ("Div", "data by a constant (folded as a scale), constant by data, data by data"),
+    ("Neg", "a scale of -1"),
+    ("Pow", "by a constant (x² exact for negative x) or by data"),
+    ("Sqrt", "square root"),
+    ("Reciprocal", "1/x"),
+    ("Sum", "n-ary sum of data of one shape"),
+    ("Concat", "channels, or any axis but the batch"),
+    ("Split", "into slices along any axis but the batch"),
+    ("Slice", "data along any axis but the batch (positive steps); constants too"),
+    ("MaxPool", "square windows, padding on the leading sides at most the trailing ones, ceil_mode; no dilation, no indices output"),
+    ("AveragePool", "as MaxPool, count_include_pad either way"),
+    ("GlobalAveragePool", "mean over the plane"),
+    ("ReduceMean", "any axes but the batch (over the plane: global average pooling)"),
+    ("ReduceMax", "any axes but the batch"),
+    ("ReduceSum", "any axes but the batch"),
+    ("LRN", "local response normalization across channels"),
+    ("LayerNormalization", "over the axes from `axis` on, with scale and bias; its mean and deviation outputs unused"),
+    ("Softmax", "any axis but the batch (before opset 13: the channels of a pooled value, or the last axis)"),
+    ("Pad", "height and width; constant, edge or reflect; zeros before a convolution join its padding"),
+    ("Resize", "height and width, nearest (every nearest_mode) or linear, half_pixel, pytorch_half_pixel, align_corners or asymmetric coordinates; scales or sizes"),
+    ("Upsample", "as Resize with asymmetric coordinates (opsets 7 to 9)"),
+    ("Flatten", "from axis 1"),
+    ("Reshape", "any per-sample shape (0 and -1 resolved); channel shuffles recognized"),
+    ("Transpose", "any permutation of the per-sample axes; Reshape-Transpose-Reshape channel shuffles become one op"),
+    ("Squeeze", "axes of one"),
+    ("Unsqueeze", "new axes after the batch axis"),
+    ("Identity", "passed through"),
+    ("Dropout", "kept for training, nothing at inference; mask output unused"),
+    ("Cast", "to float types on data; constants to any numeric type"),
+    ("Constant", "folded"),
+    ("ConstantOfShape", "folded (the weights of the model zoo's light networks)"),
+    ("Shape", "folded, with Gather, Slice, Concat, Unsqueeze and arithmetic on it"),
+    ("Gather", "on constants (shape arithmetic)"),
+];
+
+const fn names<const N: usize>(table: [(&'static str, &'static str); N]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = table[i].0;
+        i += 1;
+    }
+    out
+}
+
+/// The ops the importer understands (domain `ai.onnx`, opsets 7 to 21).
+pub const SUPPORTED_OPS: &[&str] = &names(OP_TABLE);
+
+/// The page `docs/onnx.md`: the supported ops and what Slim makes of each.
+pub fn markdown() -> String {
+    let mut s = String::from(
+        "# ONNX import\n\n\
+         `slim import MODEL.onnx --out MODEL.safetensors` (or any command given an `.onnx` file) reads\n\
+         models of opsets 7 to 21, tensors in external data files beside the model included. Every\n\
+         unsupported op of a model is listed in one error. Symbolic input sizes come from\n\
+         `--input-shape CxHxW`. Values keep their batch axis apart: an op that would mix samples is\n\
+         refused, naming the node.\n\n\
+         Pruning follows channels through convolutions, batch norms, activations, pooling, LRN,\n\
+         padding, resizing, per-channel arithmetic, concatenation and squeeze-and-excite gates; ops\n\
+         over other axes (attention, reshapes, slices) block the groups they touch, and `slim info`\n\
+         names them. Every op runs in the int8 runtime: convolutions and linear layers in integers,\n\
+         the rest in floats between them.\n\n\
+         This page is generated from the importer's table (`slim-onnx/src/ops.rs`); a test fails\n\
+         when the two differ (`SLIM_BLESS=1 cargo test -p slim-onnx --test docs` rewrites it).\n\n\
+         | ONNX op | in Slim |\n|---|---|\n",
+    );
+    for (op, what) in OP_TABLE {
+        s.push_str(&format!("| {op} | {what} |\n"));
+    }
+    s
+}
