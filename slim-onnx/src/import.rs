@@ -1422,6 +1422,96 @@ impl Builder {
         kind: BinaryKind,
         reversed: bool,
     ) -> Result<()> {
+        // A scale or shift after a layer norm that nothing else reads is its weight and bias.
+        let value = n
+            .input
+            .iter()
+            .find(|i| matches!(self.values.get(*i), Some(Value::Node(r)) if r.node == x.node))
+            .cloned();
+        let foldable = matches!(kind, BinaryKind::Add | BinaryKind::Sub | BinaryKind::Mul)
+            && !reversed
+            && self.sole_producer(x, value.as_ref()).is_some_and(|id| {
+                matches!(&self.nodes[id].op, Op::LayerNorm { shape, .. }
+                    if c.numel() == 1 || (c.dims.iter().skip_while(|&&d| d == 1).copied().collect::<Vec<_>>() == *shape))
+            });
+        // A bias added to (or a scale of) a dense layer's outputs goes into the layer.
+        let dense = matches!(kind, BinaryKind::Add | BinaryKind::Sub | BinaryKind::Mul)
+            && !reversed
+            && self.sole_producer(x, value.as_ref()).is_some_and(|id| {
+                matches!(&self.nodes[id].op, Op::Dense(l)
+                    if c.numel() == 1 || (c.dims.iter().skip_while(|&&d| d == 1).copied().collect::<Vec<_>>() == [l.out_features]))
+            });
+        if dense {
+            let id = self.by_name[&x.node];
+            if let Some(v) = &value {
+                self.values.remove(v);
+            }
+            let node = &mut self.nodes[id];
+            let Op::Dense(l) = &mut node.op else {
+                return err("a dense layer changed under the importer");
+            };
+            l.bias = true;
+            let (out, inp) = (l.out_features, l.in_features);
+            let at = |i: usize| {
+                if c.numel() == 1 {
+                    c.values[0]
+                } else {
+                    c.values[i]
+                }
+            };
+            let bias = node.params.entry("bias").or_insert_with(|| Const {
+                dims: vec![out],
+                values: vec![0.0; out],
+            });
+            for (o, b) in bias.values.iter_mut().enumerate() {
+                *b = match kind {
+                    BinaryKind::Mul => *b * at(o),
+                    BinaryKind::Add => *b + at(o),
+                    _ => *b - at(o),
+                };
+            }
+            if kind == BinaryKind::Mul {
+                if let Some(w) = node.params.get_mut("weight") {
+                    for (i, v) in w.values.iter_mut().enumerate() {
+                        *v *= at(i / inp);
+                    }
+                }
+            }
+            return self.bind(n, x.clone());
+        }
+        if foldable {
+            let id = self.by_name[&x.node];
+            if let Some(v) = &value {
+                self.values.remove(v);
+            }
+            let node = &mut self.nodes[id];
+            let numel = node.params["weight"].numel();
+            let at = |i: usize| {
+                if c.numel() == 1 {
+                    c.values[0]
+                } else {
+                    c.values[i]
+                }
+            };
+            for i in 0..numel {
+                let (w, b) = (
+                    node.params["weight"].values[i],
+                    node.params["bias"].values[i],
+                );
+                let (w, b) = match kind {
+                    BinaryKind::Mul => (w * at(i), b * at(i)),
+                    BinaryKind::Add => (w, b + at(i)),
+                    _ => (w, b - at(i)),
+                };
+                if let Some(p) = node.params.get_mut("weight") {
+                    p.values[i] = w;
+                }
+                if let Some(p) = node.params.get_mut("bias") {
+                    p.values[i] = b;
+                }
+            }
+            return self.bind(n, x.clone());
+        }
         let mut dims = c.dims.clone();
         // A constant of the value's full rank carries a batch axis of one.
         if dims.len() == x.onnx.len() + 1 {
@@ -1455,6 +1545,53 @@ impl Builder {
         self.bind(n, NodeRef::plain(name, &shape))
     }
 
+    /// `(input, from, shape, eps)` when `d / s` is a layer norm written out (PyTorch's export):
+    /// `d = x - mean(x)`, `s = sqrt(mean(d²) + eps)`, both means over the trailing axes.
+    fn layer_norm_parts(&self, d: &str, s: &str) -> Option<(String, usize, Vec<usize>, f64)> {
+        let node = |name: &str| self.by_name.get(name).map(|&i| &self.nodes[i]);
+        let (dn, sn) = (node(d)?, node(s)?);
+        let (Op::Binary(BinaryKind::Sub), Op::Sqrt) = (&dn.op, &sn.op) else {
+            return None;
+        };
+        let (x, mean) = (&dn.inputs[0], &dn.inputs[1]);
+        let trailing = |n: &Pending| -> Option<usize> {
+            match &n.op {
+                Op::Reduce {
+                    kind: ReduceKind::Mean,
+                    axes,
+                    keep: true,
+                } => {
+                    let rank = n.shape.len();
+                    let from = axes[0];
+                    (*axes == (from..rank).collect::<Vec<_>>()).then_some(from)
+                }
+                _ => None,
+            }
+        };
+        let mn = node(mean)?;
+        let from = trailing(mn)?;
+        if mn.inputs[0] != *x {
+            return None;
+        }
+        let (one, eps, var) = self.scalar_affine(&sn.inputs[0])?;
+        let vn = node(&var)?;
+        if one != 1.0 || trailing(vn)? != from {
+            return None;
+        }
+        let sq = node(&vn.inputs[0])?;
+        let squares = matches!(
+            &sq.op,
+            Op::ConstBinary {
+                kind: BinaryKind::Pow,
+                reversed: false,
+                ..
+            }
+        ) && sq.params.get("value").is_some_and(|c| c.values == [2.0])
+            && sq.inputs[0] == d;
+        let shape = node(x)?.shape[from..].to_vec();
+        (squares && eps >= 0.0).then(|| (x.clone(), from, shape, eps))
+    }
+
     /// Arithmetic of two data values whose shapes broadcast.
     fn data_binary(
         &mut self,
@@ -1464,6 +1601,31 @@ impl Builder {
         y: &NodeRef,
         kind: BinaryKind,
     ) -> Result<()> {
+        if kind == BinaryKind::Div {
+            if let Some((input, from, shape, eps)) = self.layer_norm_parts(&x.node, &y.node) {
+                let name = self.fresh_name(base, "layernorm");
+                let numel: usize = shape.iter().product();
+                let p = BTreeMap::from([
+                    (
+                        "weight",
+                        Const {
+                            dims: shape.clone(),
+                            values: vec![1.0; numel],
+                        },
+                    ),
+                    (
+                        "bias",
+                        Const {
+                            dims: shape.clone(),
+                            values: vec![0.0; numel],
+                        },
+                    ),
+                ]);
+                let op = Op::LayerNorm { from, shape, eps };
+                let out = self.push(&name, op, &[&input], p)?;
+                return self.bind(n, NodeRef::plain(name, &out));
+            }
+        }
         let (a, b) = (self.materialize(x)?, self.materialize(y)?);
         let name = self.fresh_name(base, kind.onnx());
         let shape = self.push(&name, Op::Binary(kind), &[&a, &b], BTreeMap::new())?;

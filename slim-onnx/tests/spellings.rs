@@ -50,6 +50,11 @@ fn expected(case: &str) -> (&'static [&'static str], &'static [&'static str]) {
         "pad_opset9" | "pad_reflect" | "pad_edge" => (&["pad"], &[]),
         c if c.starts_with("resize") || c.starts_with("upsample") => (&["resize"], &[]),
         c if c.starts_with("convtranspose") => (&["convtranspose2d"], &[]),
+        // Both layer norms (one written out, one native) and the erf GELU become named ops.
+        "recognizer" => (
+            &["layernorm", "gelu", "matmul", "softmaxat", "dense"],
+            &["sqrt", "erf", "constbinary"],
+        ),
         "segmenter" => (&["resize", "convtranspose2d", "concat", "softmax"], &[]),
         _ => (&[], &[]),
     }
