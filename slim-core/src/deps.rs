@@ -11,6 +11,9 @@
 //!   LRN (approximately: a channel's window loses the pruned neighbours), dropout and identity
 //!   pass the spaces through, touching their own per-channel parameters on axis 0;
 //! - a channel shuffle interleaves its input's channels and blocks them;
+//! - a grouped convolution ties channel `k` of every group, so that the groups stay equal:
+//!   a space its group boundaries cut through is split into equal spaces (members shifted to
+//!   their part), the parts unified; its outputs are one space per group, unified;
 //! - `Add`, and `Mul` (element-wise, or channel-wise as in squeeze-and-excite), unify the
 //!   spaces of their inputs: those channels must be pruned together;
 //! - `Flatten` keeps the spaces but expands each channel into its `H * W` positions, so a
@@ -20,9 +23,10 @@
 //! A **channel group** is a class of unified spaces: all have the same number of channels and
 //! every member `(parameter, axis, offset, expand)` touches indices
 //! `(offset + k) * expand + j` for channel `k` and `j < expand`. A group is blocked (cannot be
-//! pruned) when it reaches a model input or output, a grouped (non-depthwise) convolution, a
-//! softmax, or an add/concat whose channel ranges do not line up; the group then names the node
-//! that blocked it and why. Nothing is skipped silently.
+//! pruned) when it reaches a model input or output, a grouped convolution whose groups do not
+//! split its input's channel ranges alike, a softmax, a channel shuffle, an op over other axes
+//! (attention, reshapes, slices), or an add/concat whose channel ranges do not line up; the
+//! group then names the node that blocked it and why. Nothing is skipped silently.
 //!
 //! [`ChannelGroups::prune`] slices every member of every group in a plan at once and returns a
 //! new model; on any error nothing is returned and the input model is untouched.
@@ -97,6 +101,8 @@ struct Layout {
 
 struct Space {
     len: usize,
+    /// Split into equal parts (for a grouped convolution): no longer part of any layout.
+    dead: bool,
     parent: usize,
     blocked: Option<Blocker>,
     members: Vec<Member>,
@@ -112,6 +118,7 @@ impl Builder {
         let id = self.spaces.len();
         self.spaces.push(Space {
             len,
+            dead: false,
             parent: id,
             blocked: None,
             members: Vec::new(),
@@ -188,6 +195,57 @@ impl Builder {
             expand: 1,
         }
     }
+    /// Splits every space of the class of `s` into `parts` equal spaces, space `i` holding
+    /// channels `i * len / parts ..`: members are shifted to their part, parts `i` of the
+    /// class's spaces unified, and every layout rewritten. Returns the new spaces of `s`.
+    fn split(&mut self, s: usize, parts: usize, layouts: &mut [Layout]) -> Vec<usize> {
+        let root = self.find(s);
+        let class: Vec<usize> = (0..self.spaces.len())
+            .filter(|&x| !self.spaces[x].dead && self.find(x) == root)
+            .collect();
+        let blocked = self.spaces[root].blocked.clone();
+        let mut pieces: HashMap<usize, Vec<usize>> = HashMap::new();
+        for &x in &class {
+            let len = self.spaces[x].len / parts;
+            let members = std::mem::take(&mut self.spaces[x].members);
+            let producers = std::mem::take(&mut self.spaces[x].producers);
+            self.spaces[x].dead = true;
+            let ids: Vec<usize> = (0..parts)
+                .map(|i| {
+                    let id = self.new_space(len);
+                    self.spaces[id].blocked = blocked.clone();
+                    self.spaces[id].producers = producers.clone();
+                    self.spaces[id].members = members
+                        .iter()
+                        .map(|m| Member {
+                            offset: m.offset + i * len,
+                            ..m.clone()
+                        })
+                        .collect();
+                    id
+                })
+                .collect();
+            pieces.insert(x, ids);
+        }
+        for &x in &class[1..] {
+            for i in 0..parts {
+                let (a, b) = (pieces[&class[0]][i], pieces[&x][i]);
+                self.union(a, b);
+            }
+        }
+        for l in layouts.iter_mut() {
+            l.segs = l
+                .segs
+                .iter()
+                .flat_map(|&(sp, len)| match pieces.get(&sp) {
+                    Some(ids) => ids.iter().map(|&id| (id, len / parts)).collect(),
+                    None => vec![(sp, len)],
+                })
+                .collect();
+        }
+        pieces.remove(&s).unwrap_or_default()
+    }
+
     fn unify(&mut self, layouts: &[&Layout], node: &str, op: &Op) {
         let first = layouts[0];
         let aligned = layouts.iter().all(|l| {
@@ -207,6 +265,40 @@ impl Builder {
             }
         }
     }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// A layout cut into `g` parts of one pattern of segment lengths at segment boundaries (the
+/// input of a grouped convolution), or `None`.
+fn grouped_parts(l: &Layout, g: usize) -> Option<Vec<Vec<(usize, usize)>>> {
+    if g < 2 || l.expand != 1 {
+        return None;
+    }
+    let total: usize = l.segs.iter().map(|s| s.1).sum();
+    let per = total / g;
+    let (mut parts, mut cur, mut len) = (Vec::new(), Vec::new(), 0);
+    for &seg in &l.segs {
+        cur.push(seg);
+        len += seg.1;
+        if len == per {
+            parts.push(std::mem::take(&mut cur));
+            len = 0;
+        } else if len > per {
+            return None;
+        }
+    }
+    let same = parts.len() == g
+        && parts.iter().all(|p: &Vec<(usize, usize)>| {
+            p.len() == parts[0].len() && p.iter().zip(&parts[0]).all(|(a, b)| a.1 == b.1)
+        });
+    same.then_some(parts)
 }
 
 /// The channel groups of a graph, and how each node's output is laid out over them.
@@ -252,15 +344,89 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                 input
             }
             Op::Conv2d(c) => {
-                let input = ins[0].clone();
-                let reason = format!(
-                    "grouped convolution (groups={}) ties channels in groups",
-                    c.groups
-                );
-                b.block_layout(&input, name, &node.op, &reason);
-                let l = b.produce(c.out_channels, name, &pnames(&["weight", "bias"]));
-                b.block_layout(&l, name, &node.op, &reason);
-                l
+                // Channel k of every group is pruned together, so that the groups stay equal.
+                let g = c.groups;
+                let mut input = ins[0].clone();
+                // Split the spaces that a group boundary cuts through, until the input falls
+                // into `g` parts of one pattern (or cannot).
+                let mut parts = None;
+                for _ in 0..=input.segs.len() + g {
+                    if let Some(p) = grouped_parts(&input, g) {
+                        parts = Some(p);
+                        break;
+                    }
+                    let total: usize = input.segs.iter().map(|s| s.1).sum();
+                    if input.expand != 1 || total % g != 0 {
+                        break;
+                    }
+                    let per = total / g;
+                    let mut offset = 0;
+                    let mut cut = None;
+                    for &(sp, len) in &input.segs {
+                        let piece = gcd(
+                            gcd(len, per),
+                            offset % per + per * usize::from(offset % per == 0),
+                        );
+                        if piece < len && (offset / per != (offset + len - 1) / per || len > per) {
+                            cut = Some((sp, len / piece));
+                            break;
+                        }
+                        offset += len;
+                    }
+                    let Some((sp, pieces)) = cut else { break };
+                    b.split(sp, pieces, &mut layouts);
+                    input = layouts[node.inputs[0]].clone();
+                }
+                let input = match &parts {
+                    Some(p) => Layout {
+                        segs: p.concat(),
+                        expand: input.expand,
+                    },
+                    None => input,
+                };
+                match parts {
+                    Some(parts) => {
+                        for part in &parts {
+                            let first = Layout {
+                                segs: part.clone(),
+                                expand: 1,
+                            };
+                            b.touch(&first, name, node.param_name("weight"), 1);
+                        }
+                        for i in 1..g {
+                            for (a, bb) in parts[0].iter().zip(&parts[i]) {
+                                b.union(a.0, bb.0);
+                            }
+                        }
+                    }
+                    None => {
+                        let reason = format!(
+                            "grouped convolution (groups={g}) over channel ranges that do not split into its groups"
+                        );
+                        b.block_layout(&input, name, &node.op, &reason);
+                    }
+                }
+                // The outputs: one space per group, unified.
+                let opg = c.out_channels / g;
+                let mut segs = Vec::with_capacity(g);
+                for i in 0..g {
+                    let l = b.produce(opg, name, &[]);
+                    let s = l.segs[0].0;
+                    for p in pnames(&["weight", "bias"]) {
+                        b.spaces[s].members.push(Member {
+                            node: name.to_string(),
+                            param: p,
+                            axis: 0,
+                            offset: i * opg,
+                            expand: 1,
+                        });
+                    }
+                    segs.push((s, opg));
+                }
+                for i in 1..g {
+                    b.union(segs[0].0, segs[i].0);
+                }
+                Layout { segs, expand: 1 }
             }
             Op::Linear(l) => {
                 let input = ins[0].clone();
@@ -412,6 +578,9 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
     let mut group_of: HashMap<usize, usize> = HashMap::new();
     let mut groups: Vec<ChannelGroup> = Vec::new();
     for s in 0..b.spaces.len() {
+        if b.spaces[s].dead {
+            continue;
+        }
         let r = b.find(s);
         let gid = *group_of.entry(r).or_insert_with(|| {
             groups.push(ChannelGroup {
@@ -426,7 +595,11 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
         let members = std::mem::take(&mut b.spaces[s].members);
         let producers = std::mem::take(&mut b.spaces[s].producers);
         groups[gid].members.extend(members);
-        groups[gid].producers.extend(producers);
+        for p in producers {
+            if !groups[gid].producers.contains(&p) {
+                groups[gid].producers.push(p);
+            }
+        }
     }
     for l in &mut layouts {
         for seg in &mut l.segs {

@@ -76,6 +76,34 @@ fn se_graph() -> Model {
 }
 
 /// Every zoo model and the two hand-built graphs, built once per test binary.
+/// Grouped convolutions (AlexNet's and ResNeXt's): over one producer's channels (split per
+/// group), over a concatenation whose parts are the groups, and after a residual sum.
+fn grouped_graph() -> Model {
+    let mut b = GraphBuilder::new([3, 10, 10]);
+    b.conv("c1", 8, 3, 1, 1).bn("bn1").relu("r1");
+    b.conv_with(
+        "g1",
+        Conv2dSpec::new(0, 12, 3).with_padding(1).with_groups(2),
+    )
+    .bn("bn2")
+    .relu("r2");
+    b.conv("a", 6, 1, 1, 0);
+    b.at("r2").conv("b", 6, 1, 1, 0);
+    b.concat("cat", &["a", "b"]);
+    b.conv_with(
+        "g2",
+        Conv2dSpec::new(0, 8, 3).with_padding(1).with_groups(2),
+    )
+    .relu("r3");
+    b.add("res", &["r3", "r1"]);
+    b.conv_with(
+        "g3",
+        Conv2dSpec::new(0, 8, 1).with_groups(4).with_bias(true),
+    );
+    b.global_avg_pool("gap").linear("fc", 5);
+    Model::init(b.build().unwrap(), 3, &Device::Cpu).unwrap()
+}
+
 fn models() -> &'static [(String, Model)] {
     static MODELS: std::sync::OnceLock<Vec<(String, Model)>> = std::sync::OnceLock::new();
     MODELS.get_or_init(build_models)
@@ -93,6 +121,7 @@ fn build_models() -> Vec<(String, Model)> {
         .collect();
     v.push(("concat".into(), concat_graph()));
     v.push(("squeeze-excite".into(), se_graph()));
+    v.push(("grouped".into(), grouped_graph()));
     v
 }
 
@@ -259,9 +288,12 @@ fn residual_adds_unify_groups() {
 
 #[test]
 fn blocked_groups_name_the_op() {
-    // A grouped (non-depthwise) convolution and a softmax over channels.
+    // A grouped convolution whose groups cut through a producer's channels, and a softmax
+    // over channels.
     let mut b = GraphBuilder::new([4, 8, 8]);
-    b.conv("c1", 8, 3, 1, 1).relu("r1");
+    b.conv("c1", 5, 3, 1, 1).relu("r1");
+    b.at("r1").conv("c2", 3, 3, 1, 1);
+    b.concat("cat", &["r1", "c2"]);
     b.conv_with(
         "grouped",
         Conv2dSpec::new(0, 8, 3).with_padding(1).with_groups(2),
@@ -284,6 +316,16 @@ fn blocked_groups_name_the_op() {
     let b1 = g1.blocked.as_ref().unwrap();
     assert_eq!((b1.node.as_str(), b1.op.as_str()), ("grouped", "conv2d"));
     assert!(b1.reason.contains("groups=2"), "{g1}");
+    // The grouped convolution's own outputs: four channels, each pruned in both groups.
+    let gg = of("grouped");
+    assert!(gg.is_prunable() && gg.channels == 4, "{gg}");
+    let offsets: Vec<usize> = gg
+        .members
+        .iter()
+        .filter(|m| m.param == "grouped.weight" && m.axis == 0)
+        .map(|m| m.offset)
+        .collect();
+    assert_eq!(offsets, [0, 4]);
     let g3 = of("c3");
     assert_eq!(g3.blocked.as_ref().unwrap().op, "softmax");
     assert!(g3.to_string().contains("`attn` (softmax)"), "{g3}");
@@ -293,6 +335,32 @@ fn blocked_groups_name_the_op() {
     let e = m2.prune_channels(g3, &[0, 1]).unwrap_err().to_string();
     assert!(e.contains("attn"), "{e}");
     assert_eq!(m2.graph, model.graph);
+}
+
+/// A grouped convolution over one producer ties channel k of every group: pruning the
+/// producer's group keeps the convolution's groups equal.
+#[test]
+fn grouped_convolutions_prune_every_group_alike() {
+    let model = grouped_graph();
+    let groups = channel_groups(&model.graph);
+    let c1 = groups
+        .groups
+        .iter()
+        .find(|g| g.producers.iter().any(|p| p == "c1"))
+        .unwrap();
+    // c1's 8 channels feed g1 (2 groups) and g3 (4 groups, through the residual sum): the
+    // finest split, 2 channels repeated 4 times.
+    assert!(c1.is_prunable() && c1.channels == 2, "{c1}");
+    let mut pruned = model.deep_clone().unwrap();
+    pruned.prune_channels(c1, &[1]).unwrap();
+    let spec = |name: &str| match &pruned.graph.find(name).unwrap().op {
+        Op::Conv2d(c) => c.clone(),
+        _ => unreachable!(),
+    };
+    assert_eq!((spec("c1").out_channels, spec("g1").in_channels), (4, 4));
+    assert_eq!((spec("g3").in_channels, spec("g3").groups), (4, 4));
+    let x = batch(&model, 2);
+    assert_eq!(pruned.forward(&x, Mode::Eval).unwrap().dims(), [2, 5]);
 }
 
 #[test]

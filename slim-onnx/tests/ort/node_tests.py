@@ -13,10 +13,18 @@ it with (`onnx.backend.test.case.node.collect_testcases`, the models and the num
 outputs, same test names), with numpy's random source seeded so that every run is the same.
 
 A node test is considered when every node of its graph is an op of OPS in the default domain
-(`ai.onnx`). It is prepared when its model has exactly one graph input that no initializer
-fills, of type float32, and every output is a numeric tensor; otherwise it is listed as
-skipped with the reason. It writes to OUT_DIR:
-- `<test>/model.onnx`: the model as it is;
+(`ai.onnx`). Slim models take one data input and hold everything else (weights, axes, shapes,
+scales, pads, a second operand) as constants, as real models do; so the first graph input that
+no initializer fills is the data input, and every other graph input becomes an initializer
+holding its stored test value (removed from `graph.input` from IR version 4 on, still listed
+there before, as those versions require; the model is otherwise unchanged and must still pass
+`onnx.checker`). A test whose second input is a float tensor of the same shape as the first
+(`test_add`, `test_pow`, `test_prelu_example`) so becomes "data op constant", which is
+intended: Slim folds or broadcasts such constants. A test is prepared when its data input is
+a float32 tensor, every other input is a tensor with a stored value of its declared type, and
+every output is a numeric tensor; otherwise it is listed as skipped with the reason.
+It writes to OUT_DIR:
+- `<test>/model.onnx`: the model, its inputs but the first made initializers;
 - `<test>/input.bin`: the stored input (float32, little-endian, row-major);
 - `<test>/input.txt`: one line, the input's dimensions separated by spaces (empty for 0-d);
 - `<test>/output_K.bin`: the stored output K, as float32 (integer and boolean outputs are
@@ -112,13 +120,60 @@ def write_f32(path, array):
     np.ascontiguousarray(array, dtype="<f4").tofile(path)
 
 
+def as_initializers(model, data, values):
+    """A copy of `model` whose graph inputs `data[1:]` are initializers holding `values[1:]`
+    (their stored test values); or why that cannot be."""
+    graph = model.graph
+    tensors = []
+    for i, v in zip(data[1:], values[1:]):
+        if not i.type.HasField("tensor_type"):
+            return None, (
+                f"the input `{i.name}` is not a tensor ({i.type.WhichOneof('value')}), "
+                "so it cannot be an initializer"
+            )
+        try:
+            t = v if isinstance(v, TensorProto) else numpy_helper.from_array(np.asarray(v))
+        except Exception as e:  # noqa: BLE001 (an unencodable value is a reason to skip)
+            return None, f"the input `{i.name}` cannot be an initializer ({e})"
+        t = TensorProto.FromString(t.SerializeToString())
+        t.name = i.name
+        want = i.type.tensor_type.elem_type
+        if t.data_type != want:
+            return None, (
+                f"the input `{i.name}` is declared {type_name(want)}, "
+                f"its stored value is {type_name(t.data_type)}"
+            )
+        tensors.append(t)
+    if not tensors:
+        return model, None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.initializer.extend(tensors)
+    if m.ir_version >= 4:
+        # From IR version 4 on an initializer need not be an input (and one listed as an input
+        # would be a default that a caller may override, which is not a constant).
+        names = {t.name for t in tensors}
+        kept = [i for i in m.graph.input if i.name not in names]
+        del m.graph.input[:]
+        m.graph.input.extend(kept)
+    try:
+        onnx.checker.check_model(m)
+    except Exception as e:  # noqa: BLE001 (the checker's refusal is a reason to skip)
+        try:
+            onnx.checker.check_model(model)
+        except Exception:  # noqa: BLE001 (the test's own model fails the checker: keep it)
+            return m, None
+        return None, f"with its inputs as initializers the model fails the checker ({e})"
+    return m, None
+
+
 def prepare(out_dir, name, model, inputs, outputs):
     """Writes one test; returns None, or why it was skipped."""
     graph = model.graph
     filled = {t.name for t in graph.initializer}
     data = [i for i in graph.input if i.name not in filled]
-    if len(data) != 1:
-        return f"{len(data)} data inputs ({', '.join(i.name for i in data)})"
+    if not data:
+        return "no data input"
     x = data[0]
     if not x.type.HasField("tensor_type"):
         return f"the input `{x.name}` is not a tensor ({x.type.WhichOneof('value')})"
@@ -129,8 +184,8 @@ def prepare(out_dir, name, model, inputs, outputs):
             return f"the output `{o.name}` is not a tensor ({o.type.WhichOneof('value')})"
     xs = inputs()
     ys = outputs()
-    if len(xs) != 1:
-        return f"{len(xs)} stored inputs for one data input"
+    if len(xs) != len(data):
+        return f"{len(xs)} stored inputs for {len(data)} graph inputs"
     if len(ys) != len(graph.output):
         return f"{len(ys)} stored outputs for {len(graph.output)} graph outputs"
     xa = as_array(xs[0])
@@ -145,6 +200,9 @@ def prepare(out_dir, name, model, inputs, outputs):
         if a.dtype.kind not in "fiub":
             return f"the output `{o.name}` is {a.dtype}, not numeric"
         ya.append(a)
+    model, why = as_initializers(model, data, xs)
+    if why is not None:
+        return why
     folder = os.path.join(out_dir, name)
     if os.path.exists(folder):
         shutil.rmtree(folder)
