@@ -542,6 +542,9 @@ struct Builder {
     swapped: HashMap<String, usize>,
     /// The constant ONNX values of integer type (shape arithmetic), whose Div truncates.
     ints: std::collections::HashSet<String>,
+    /// Constant values computed from a `Shape` of data, with the entries that hold the batch
+    /// size (unknown at import, stored as 1) marked.
+    batchy: HashMap<String, Vec<bool>>,
     uses: HashMap<String, usize>,
     nodes: Vec<Pending>,
     by_name: HashMap<String, usize>,
@@ -558,6 +561,7 @@ impl Builder {
             values: HashMap::new(),
             swapped: HashMap::new(),
             ints: std::collections::HashSet::new(),
+            batchy: HashMap::new(),
             uses: HashMap::new(),
             nodes: Vec::new(),
             by_name: HashMap::new(),
@@ -680,6 +684,80 @@ impl Builder {
         }
     }
 
+    /// Which entries of a folded constant hold the batch size, when an input held it.
+    fn batch_flags(&self, n: &NodeProto, a: &Attrs, out: &Const) -> Option<Vec<bool>> {
+        let flags: Vec<Option<&Vec<bool>>> = n.input.iter().map(|i| self.batchy.get(i)).collect();
+        if flags.iter().all(|f| f.is_none_or(|f| !f.contains(&true))) {
+            return None;
+        }
+        let of = |i: usize| -> Vec<bool> {
+            match flags.get(i).copied().flatten() {
+                Some(f) => f.clone(),
+                None => {
+                    let len = self.raw_const(n, i).map_or(0, |c| c.numel());
+                    vec![false; len]
+                }
+            }
+        };
+        let all = vec![true; out.numel()];
+        let picked = match n.op_type.as_str() {
+            "Identity" | "Cast" | "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" => of(0),
+            "Concat" => (0..n.input.len()).flat_map(of).collect(),
+            "Gather" => {
+                let f = of(0);
+                let idx = self.raw_const(n, 1)?.ints();
+                idx.iter()
+                    .map(|&i| {
+                        let j = if i < 0 { i + f.len() as i64 } else { i };
+                        f.get(j as usize).copied().unwrap_or(true)
+                    })
+                    .collect()
+            }
+            "Slice" => {
+                let f = of(0);
+                let (s, e) = if self.opset < 10 {
+                    let get = |k: &str| a.ints(k).and_then(|v| v.first().copied());
+                    (get("starts"), get("ends"))
+                } else {
+                    let get =
+                        |i: usize| self.raw_const(n, i).and_then(|c| c.ints().first().copied());
+                    (get(1), get(2))
+                };
+                let len = f.len() as i64;
+                let clamp = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
+                let (s, e) = (clamp(s.unwrap_or(0)), clamp(e.unwrap_or(len)));
+                f[s as usize..e.max(s) as usize].to_vec()
+            }
+            "Mul" | "Add" | "Sub" | "Div" => {
+                let (x, y) = (of(0), of(1));
+                (0..out.numel())
+                    .map(|i| {
+                        x.get(if x.len() == 1 { 0 } else { i })
+                            .copied()
+                            .unwrap_or(true)
+                            || y.get(if y.len() == 1 { 0 } else { i })
+                                .copied()
+                                .unwrap_or(true)
+                    })
+                    .collect()
+            }
+            _ => all.clone(),
+        };
+        Some(if picked.len() == out.numel() {
+            picked
+        } else {
+            all
+        })
+    }
+
+    /// A constant input, without the batch-size check (folding propagates that).
+    fn raw_const(&self, n: &NodeProto, i: usize) -> Option<Const> {
+        match self.values.get(n.input.get(i)?)? {
+            Value::Const(c) => Some(c.clone()),
+            Value::Node(_) => None,
+        }
+    }
+
     /// True when every input of `n` is a constant of integer type.
     fn int_typed(&self, n: &NodeProto) -> bool {
         n.input
@@ -730,7 +808,24 @@ impl Builder {
                 if int {
                     self.ints.extend(n.output.iter().cloned());
                 }
+                if let Some(flags) = self.batch_flags(n, &a, &c).filter(|f| f.contains(&true)) {
+                    if let Some(out) = n.output.first() {
+                        self.batchy.insert(out.clone(), flags);
+                    }
+                }
                 return self.bind_const(n, c);
+            }
+        }
+        // A constant that holds the batch size may only be a Reshape's batch entry.
+        for (i, input) in n.input.iter().enumerate() {
+            let Some(flags) = self.batchy.get(input) else {
+                continue;
+            };
+            let reshape_batch = n.op_type == "Reshape" && i == 1 && !flags[1..].contains(&true);
+            if !reshape_batch {
+                return err(format!(
+                    "input `{input}` is computed from the batch size, which Slim does not know at import (each sample is computed apart)"
+                ));
             }
         }
         if n.op_type == "Constant" {
@@ -803,13 +898,21 @@ impl Builder {
             "Shape" => {
                 self.ints.extend(n.output.iter().cloned());
                 let r = self.node_in(n, 0)?;
+                // The batch size is not known at import: its entry is marked, and only a
+                // Reshape's batch position may read it.
                 let mut dims = vec![1.0];
                 dims.extend(r.onnx.iter().map(|&d| d as f64));
+                let (s, e) = shape_range(&a, dims.len());
+                let flags: Vec<bool> = (s..e).map(|i| i == 0).collect();
+                if let (Some(out), true) = (n.output.first(), flags.contains(&true)) {
+                    self.batchy.insert(out.clone(), flags);
+                }
+                let values = dims[s..e].to_vec();
                 self.bind_const(
                     n,
                     Const {
-                        dims: vec![dims.len()],
-                        values: dims,
+                        dims: vec![values.len()],
+                        values,
                     },
                 )
             }
@@ -2872,9 +2975,10 @@ impl Builder {
             }
             "Shape" => {
                 let x = c(0)?;
+                let (s, e) = shape_range(a, x.dims.len());
                 Const {
-                    dims: vec![x.dims.len()],
-                    values: x.dims.iter().map(|&d| d as f64).collect(),
+                    dims: vec![e - s],
+                    values: x.dims[s..e].iter().map(|&d| d as f64).collect(),
                 }
             }
             "Mul" | "Add" | "Sub" | "Div" => {
@@ -3014,6 +3118,15 @@ fn transpose(w: &Const) -> Const {
         dims: vec![c, r],
         values,
     }
+}
+
+/// The `start..end` of a Shape (opset 15), clamped to a rank.
+fn shape_range(a: &Attrs, rank: usize) -> (usize, usize) {
+    let r = rank as i64;
+    let clamp = |v: i64| if v < 0 { (v + r).max(0) } else { v.min(r) } as usize;
+    let s = clamp(a.int("start").unwrap_or(0));
+    let e = clamp(a.int("end").unwrap_or(r));
+    (s, e.max(s))
 }
 
 /// True for ONNX element types that hold floats: a Cast to them leaves Slim's values as

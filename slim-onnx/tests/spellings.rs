@@ -170,3 +170,64 @@ fn exporters_spellings_import_as_named_ops_and_match_onnx_runtime() {
         eprintln!("{r}");
     }
 }
+
+/// A value computed from the batch size (unknown at import) may only be a Reshape's batch
+/// entry: arithmetic with it is refused rather than computed with a batch of one; Shape's
+/// `start` and `end` (opset 15) select the dimensions they name.
+#[test]
+fn batch_size_values_are_refused_and_shape_ranges_honoured() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().expect("tmp");
+    let script = r#"
+import sys, onnx
+from onnx import helper as h, TensorProto as T
+def save(name, nodes, inits=()):
+    g = h.make_graph(nodes, name, [h.make_tensor_value_info("x", T.FLOAT, [2, 2, 3])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], list(inits))
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 15)]), sys.argv[1] + f"/{name}.onnx")
+zero = h.make_tensor("zero", T.INT64, [1], [0])
+save("batch_div", [h.make_node("Shape", ["x"], ["s"]),
+                   h.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+                   h.make_node("Cast", ["b"], ["bf"], to=T.FLOAT),
+                   h.make_node("Div", ["x", "bf"], ["y"])], [zero])
+save("shape_range", [h.make_node("Shape", ["x"], ["s"], start=2, end=3),
+                     h.make_node("Cast", ["s"], ["sf"], to=T.FLOAT),
+                     h.make_node("Div", ["x", "sf"], ["y"])])
+minus = h.make_tensor("minus", T.INT64, [1], [-1])
+first = h.make_tensor("first", T.INT64, [], [0])
+save("batch_reshape", [h.make_node("Shape", ["x"], ["s"]),
+                       h.make_node("Gather", ["s", "first"], ["b"], axis=0),
+                       h.make_node("Unsqueeze", ["b", "zero"], ["bu"]),
+                       h.make_node("Concat", ["bu", "minus"], ["shape"], axis=0),
+                       h.make_node("Reshape", ["x", "shape"], ["y"])], [zero, minus, first])
+"#;
+    let out = Command::new(py)
+        .args(["-c", script])
+        .arg(dir.path())
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let load = |name: &str| {
+        import_file(
+            dir.path().join(format!("{name}.onnx")),
+            &ImportOptions::default(),
+        )
+    };
+    let e = load("batch_div").expect_err("batch arithmetic").to_string();
+    assert!(e.contains("batch size"), "{e}");
+    // x / 3 (the size of the last axis), not x / [1, 2, 3].
+    let m = load("shape_range").expect("shape range");
+    let x = Tensor::ones((2, 2, 3), candle_core::DType::F32, &Device::Cpu).expect("x");
+    let y: Vec<f32> = m
+        .forward(&x, Mode::Eval)
+        .and_then(|y| Ok(y.flatten_all()?.to_vec1()?))
+        .expect("y");
+    assert!(y.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-6), "{y:?}");
+    // The exporters' flatten through the batch size imports.
+    let m = load("batch_reshape").expect("batch reshape");
+    assert_eq!(m.graph.node(m.graph.outputs()[0]).shape, [6]);
+}
