@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets, each for SECONDS (default 10), from the seed corpora in seeds/ (real
 # files: bundled MNIST digits, models, a sensitivity file, a latency table, the ONNX test
-# fixtures, a study's state and teacher messages, the example pipeline configurations) and
+# fixtures and, with the test environment, the onnx package's light model-zoo networks and the
+# exporter spellings, a study's state and teacher messages, the example pipeline configurations) and
 # what earlier runs found (corpus/). A target with a dictionary (TARGET.dict) is given it.
 # A crash, a hang or an out-of-memory stops it with the input saved under artifacts/; such
 # an input, once fixed, goes to regressions/TARGET/, which `cargo test` replays.
@@ -26,7 +27,18 @@ fi
 for t in "${TARGETS[@]}"; do
   mkdir -p "corpus/$t"
   seeds=("seeds/$t")
-  [ "$t" = onnx ] && seeds=(../slim-onnx/tests/fixtures/mnist-conv ../slim-onnx/tests/fixtures/exporter-style)
+  if [ "$t" = onnx ]; then
+    seeds=(../slim-onnx/tests/fixtures/mnist-conv ../slim-onnx/tests/fixtures/exporter-style)
+    # With the test environment (.ci/run makes it): the onnx package's light model-zoo
+    # networks, and the exporter spellings the tests write.
+    py=../target/onnx-venv/bin/python
+    if [ -x "$py" ]; then
+      light=$("$py" -c "import onnx, os; print(os.path.join(os.path.dirname(onnx.__file__), 'backend', 'test', 'data', 'light'))" 2>/dev/null || true)
+      [ -n "$light" ] && [ -d "$light" ] && seeds+=("$light")
+      spellings=$(mktemp -d)
+      "$py" ../slim-onnx/tests/ort/spellings.py "$spellings" >/dev/null 2>&1 && seeds+=("$spellings")
+    fi
+  fi
   [ -d "regressions/$t" ] && seeds+=("regressions/$t")
   extra=()
   [ -f "$t.dict" ] && extra=(-dict="$t.dict")

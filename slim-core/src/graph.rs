@@ -308,6 +308,31 @@ pub struct LrnSpec {
     pub bias: f32,
 }
 
+/// The sizes a convolution (plain or transposed) names, against its input's `ci` channels:
+/// `[in, out, groups, stride, dilation]` at least 1 (in matching `ci`), groups dividing both
+/// channel counts, a kernel of at least 1.
+fn check_conv(
+    ci: usize,
+    [inc, out, groups, stride, dilation]: [usize; 5],
+    kernel: [usize; 2],
+) -> Result<(), String> {
+    if groups == 0 || stride == 0 || dilation == 0 {
+        return Err("groups, stride and dilation must be at least 1".into());
+    }
+    if kernel.contains(&0) || out == 0 {
+        return Err("kernel and output channels must be at least 1".into());
+    }
+    if ci != inc {
+        return Err(format!("expects {inc} input channels, its input has {ci}"));
+    }
+    if inc % groups != 0 || out % groups != 0 {
+        return Err(format!(
+            "groups={groups} must divide input ({inc}) and output ({out}) channels"
+        ));
+    }
+    Ok(())
+}
+
 /// Levenshtein distance between two strings, by characters.
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
@@ -742,24 +767,11 @@ impl Op {
             Op::Conv2d(c) => {
                 arity(1)?;
                 let (ci, h, w) = chw(inputs[0])?;
-                if c.groups == 0 || c.stride == 0 || c.dilation == 0 {
-                    return Err("groups, stride and dilation must be at least 1".into());
-                }
-                if c.kernel.contains(&0) || c.out_channels == 0 {
-                    return Err("kernel and output channels must be at least 1".into());
-                }
-                if ci != c.in_channels {
-                    return Err(format!(
-                        "expects {} input channels, its input has {ci}",
-                        c.in_channels
-                    ));
-                }
-                if c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 {
-                    return Err(format!(
-                        "groups={} must divide input ({}) and output ({}) channels",
-                        c.groups, c.in_channels, c.out_channels
-                    ));
-                }
+                check_conv(
+                    ci,
+                    [c.in_channels, c.out_channels, c.groups, c.stride, c.dilation],
+                    c.kernel,
+                )?;
                 let (oh, ow) = c.out_size(h, w).ok_or_else(|| {
                     format!("kernel {:?} does not fit the {h}x{w} input", c.kernel)
                 })?;
@@ -850,24 +862,11 @@ impl Op {
             Op::ConvTranspose2d(c) => {
                 arity(1)?;
                 let (ci, h, w) = chw(inputs[0])?;
-                if c.groups == 0 || c.stride == 0 || c.dilation == 0 {
-                    return Err("groups, stride and dilation must be at least 1".into());
-                }
-                if c.kernel.contains(&0) || c.out_channels == 0 {
-                    return Err("kernel and output channels must be at least 1".into());
-                }
-                if ci != c.in_channels {
-                    return Err(format!(
-                        "expects {} input channels, its input has {ci}",
-                        c.in_channels
-                    ));
-                }
-                if c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 {
-                    return Err(format!(
-                        "groups={} must divide input ({}) and output ({}) channels",
-                        c.groups, c.in_channels, c.out_channels
-                    ));
-                }
+                check_conv(
+                    ci,
+                    [c.in_channels, c.out_channels, c.groups, c.stride, c.dilation],
+                    c.kernel,
+                )?;
                 if c.output_padding >= c.stride.max(c.dilation) {
                     return Err(format!(
                         "output_padding {} must be below the stride or the dilation",
