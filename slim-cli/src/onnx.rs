@@ -79,6 +79,7 @@ pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
         input_shape,
         preprocess,
         resize: args.resize,
+        ..Default::default()
     };
     let mut model = slim_onnx::import_file(&args.file, &opts)?;
     model

@@ -769,7 +769,13 @@ impl Op {
                 let (ci, h, w) = chw(inputs[0])?;
                 check_conv(
                     ci,
-                    [c.in_channels, c.out_channels, c.groups, c.stride, c.dilation],
+                    [
+                        c.in_channels,
+                        c.out_channels,
+                        c.groups,
+                        c.stride,
+                        c.dilation,
+                    ],
                     c.kernel,
                 )?;
                 let (oh, ow) = c.out_size(h, w).ok_or_else(|| {
@@ -864,7 +870,13 @@ impl Op {
                 let (ci, h, w) = chw(inputs[0])?;
                 check_conv(
                     ci,
-                    [c.in_channels, c.out_channels, c.groups, c.stride, c.dilation],
+                    [
+                        c.in_channels,
+                        c.out_channels,
+                        c.groups,
+                        c.stride,
+                        c.dilation,
+                    ],
                     c.kernel,
                 )?;
                 if c.output_padding >= c.stride.max(c.dilation) {

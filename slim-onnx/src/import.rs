@@ -41,6 +41,10 @@ pub struct ImportOptions {
     /// Resize images of another size to the model's input (bilinear) before feeding them;
     /// stored with the preprocessing.
     pub resize: bool,
+    /// The most values that ops filling tensors from a shape alone (ConstantOfShape) may
+    /// create in one import, beyond the bytes of the file; `None`: 2^28 (VGG-19's light
+    /// network needs 1.4 · 10^8). A small file cannot ask for more.
+    pub max_generated: Option<usize>,
 }
 
 /// Reads an ONNX file into a model.
@@ -170,6 +174,9 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
         return Err(OnnxError::Unsupported(unsupported));
     }
     let mut b = Builder::new(opset);
+    if let Some(max) = opts.max_generated {
+        b.generated_left.set(max);
+    }
     for t in &graph.initializer {
         b.values
             .insert(t.name.clone(), Value::Const(Const::from_proto(t)?));
@@ -540,6 +547,8 @@ struct Builder {
     /// swapped (the middle of a channel shuffle): the Slim node holds the unswapped values, so
     /// only a Reshape back to `[C, H, W]` may read them.
     swapped: HashMap<String, usize>,
+    /// What ConstantOfShape may still create ([`ImportOptions::max_generated`]).
+    generated_left: std::cell::Cell<usize>,
     /// The constant ONNX values of integer type (shape arithmetic), whose Div truncates.
     ints: std::collections::HashSet<String>,
     /// Constant values computed from a `Shape` of data, with the entries that hold the batch
@@ -560,6 +569,7 @@ impl Builder {
             opset,
             values: HashMap::new(),
             swapped: HashMap::new(),
+            generated_left: std::cell::Cell::new(slim_core::graph::MAX_ELEMENTS),
             ints: std::collections::HashSet::new(),
             batchy: HashMap::new(),
             uses: HashMap::new(),
@@ -2954,6 +2964,13 @@ impl Builder {
                     None => 0.0,
                 };
                 let n = slim_core::graph::elements(&dims).unwrap_or(0);
+                let left = self.generated_left.get();
+                if n > left {
+                    return err(format!(
+                        "ConstantOfShape of shape {shape:?} ({n} values) exceeds the {left} values the import may still generate"
+                    ));
+                }
+                self.generated_left.set(left - n);
                 Const {
                     dims,
                     values: vec![value; n],

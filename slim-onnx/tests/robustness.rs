@@ -181,3 +181,86 @@ fn structural_damage_never_panics() {
     // Some mutations leave a valid model (a changed opset, a harmless attribute).
     assert!(imported > 0);
 }
+
+/// A few hundred bytes that ask ConstantOfShape for a huge tensor are refused before the
+/// values are made: beyond the import's budget (`max_generated`), or beyond Slim's limit on
+/// one tensor.
+#[test]
+fn small_files_cannot_generate_huge_constants() {
+    use slim_onnx::proto::{
+        data_type, Dimension, GraphProto, NodeProto, OperatorSetIdProto, TensorProto,
+        TensorShapeProto, TensorTypeProto, TypeProto, ValueInfoProto,
+    };
+    let info = |name: &str| ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TensorTypeProto {
+                elem_type: data_type::FLOAT,
+                shape: Some(TensorShapeProto {
+                    dim: [1, 4]
+                        .iter()
+                        .map(|&d| Dimension {
+                            dim_value: Some(d),
+                            dim_param: None,
+                        })
+                        .collect(),
+                }),
+            }),
+        }),
+        doc_string: String::new(),
+    };
+    let model = |side: i64| {
+        ModelProto {
+            ir_version: 7,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(GraphProto {
+                node: vec![
+                    NodeProto {
+                        input: vec!["shape".into()],
+                        output: vec!["w".into()],
+                        op_type: "ConstantOfShape".into(),
+                        ..Default::default()
+                    },
+                    NodeProto {
+                        input: vec!["x".into(), "w".into()],
+                        output: vec!["y".into()],
+                        op_type: "Add".into(),
+                        ..Default::default()
+                    },
+                ],
+                initializer: vec![TensorProto {
+                    name: "shape".into(),
+                    dims: vec![2],
+                    data_type: data_type::INT64,
+                    int64_data: vec![side, side],
+                    ..Default::default()
+                }],
+                input: vec![info("x")],
+                output: vec![info("y")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let small = ImportOptions {
+        max_generated: Some(1 << 20),
+        ..Default::default()
+    };
+    let bytes = model(1 << 13);
+    assert!(bytes.len() < 300, "{} bytes", bytes.len());
+    let e = import(&bytes, &small)
+        .expect_err("over the budget")
+        .to_string();
+    assert!(
+        e.contains("ConstantOfShape") && e.contains("may still generate"),
+        "{e}"
+    );
+    let e = import(&model(1 << 15), &ImportOptions::default())
+        .expect_err("over the limit")
+        .to_string();
+    assert!(e.contains("beyond Slim's limits"), "{e}");
+}
