@@ -1,0 +1,627 @@
+//! Layers with windows and weights at import: convolutions (plain and transposed), linear
+//! layers, pooling, padding and resizing.
+
+use super::*;
+
+impl Builder {
+    pub(super) fn conv(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
+        let mut x = self.node_in(n, 0)?;
+        let w = self.konst(n, 1)?;
+        let b = self.opt_const(n, 2)?;
+        if w.dims.len() != 4 {
+            return err(format!(
+                "weight of shape {:?}; Slim convolutions are 2-D",
+                w.dims
+            ));
+        }
+        let (o, ipg, kh, kw) = (w.dims[0], w.dims[1], w.dims[2], w.dims[3]);
+        let groups = sizes("group", &[a.int("group").unwrap_or(1)], 1)?[0];
+        let name = self.layer_name(n, 1);
+        let strides = sizes("strides", &a.ints("strides").unwrap_or(vec![1, 1]), 1)?;
+        let dil = sizes("dilations", &a.ints("dilations").unwrap_or(vec![1, 1]), 1)?;
+        if x.onnx.len() == 1
+            || x.onnx.len() == 3 && x.onnx[1..] == [1, 1] && self.shape_of(&x).len() == 1
+        {
+            // A 1x1 convolution on a pooled vector is a linear layer.
+            if kh == 1 && kw == 1 && groups == 1 {
+                let weight = Const {
+                    dims: vec![o, ipg],
+                    values: w.values.clone(),
+                };
+                let name_ok = name.clone();
+                let xs = NodeRef {
+                    node: x.node.clone(),
+                    onnx: vec![x.onnx[0]],
+                };
+                self.linear(n, &name_ok, xs, weight, b)?;
+                if let Some(Value::Node(r)) = self.values.get_mut(&n.output[0]) {
+                    r.onnx = vec![o, 1, 1];
+                }
+                return Ok(());
+            }
+            return err("a convolution other than 1x1 on a pooled [C, 1, 1] value");
+        }
+        if x.onnx.len() != 3 {
+            return err(format!(
+                "input of per-sample shape {:?}; Slim convolutions take [C, H, W]",
+                x.onnx
+            ));
+        }
+        let (h, wd) = (x.onnx[1], x.onnx[2]);
+        if strides.len() != 2 || strides[0] != strides[1] {
+            return err(format!(
+                "strides {strides:?}; Slim needs one stride for both axes"
+            ));
+        }
+        if dil.len() != 2 || dil[0] != dil[1] {
+            return err(format!(
+                "dilations {dil:?}; Slim needs one dilation for both axes"
+            ));
+        }
+        let (s, d) = (strides[0], dil[0]);
+        let axes = pads_per_axis(a, [h, wd], [kh, kw], s, d)?;
+        let mut sides = [axes[0].0, axes[1].0, axes[0].1, axes[1].1];
+        // Zero padding written as a Pad before the convolution (tf2onnx) joins its own.
+        if let Some((
+            &Op::Pad {
+                pads,
+                mode: PadMode::Constant(v),
+            },
+            input,
+        )) = self.op_of(&x.node)
+        {
+            if v == 0.0 {
+                let input = input.to_string();
+                let shape = self.nodes[self.by_name[&input]].shape.clone();
+                for (side, extra) in sides.iter_mut().zip(pads) {
+                    *side += extra;
+                }
+                x = NodeRef::plain(input, &shape);
+            }
+        }
+        // One padding on every side; what one side has beyond it is a Pad node.
+        let pads = *sides.iter().min().unwrap_or(&0);
+        let extra = sides.map(|p| p - pads);
+        if extra != [0; 4] {
+            let name = self.fresh_name(&format!("{}.pad", self.layer_name(n, 1)), "pad");
+            let op = Op::Pad {
+                pads: extra,
+                mode: PadMode::Constant(0.0),
+            };
+            let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+            x = NodeRef::plain(name, &shape);
+        }
+        let spec = Conv2dSpec {
+            in_channels: ipg * groups,
+            out_channels: o,
+            kernel: [kh, kw],
+            stride: s,
+            padding: pads,
+            dilation: d,
+            groups,
+            bias: b.is_some(),
+        };
+        if let Some(b) = &b {
+            if b.numel() != o {
+                return err(format!(
+                    "bias has {} values for {o} output channels",
+                    b.numel()
+                ));
+            }
+        }
+        let mut p = BTreeMap::new();
+        p.insert("weight", w);
+        if let Some(b) = b {
+            p.insert(
+                "bias",
+                Const {
+                    dims: vec![o],
+                    values: b.values,
+                },
+            );
+        }
+        self.emit(n, &name, Op::Conv2d(spec), &[&x.node], p)
+    }
+
+    pub(super) fn conv_transpose(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let w = self.konst(n, 1)?;
+        let b = self.opt_const(n, 2)?;
+        if x.onnx.len() != 3 || w.dims.len() != 4 {
+            return err(format!(
+                "input [N, {}] and weight {:?}; Slim's transposed convolutions are 2-D",
+                join(&x.onnx),
+                w.dims
+            ));
+        }
+        let (ci, opg, kh, kw) = (w.dims[0], w.dims[1], w.dims[2], w.dims[3]);
+        let groups = sizes("group", &[a.int("group").unwrap_or(1)], 1)?[0];
+        let one = |what: &str, v: Vec<i64>, min: i64| -> Result<usize> {
+            let v = sizes(what, &v, min)?;
+            match v[..] {
+                [p, q] if p == q => Ok(p),
+                _ => err(format!("{what} {v:?}; Slim needs one value for both axes")),
+            }
+        };
+        let s = one("strides", a.ints("strides").unwrap_or(vec![1, 1]), 1)?;
+        let d = one("dilations", a.ints("dilations").unwrap_or(vec![1, 1]), 1)?;
+        let op = one(
+            "output_padding",
+            a.ints("output_padding").unwrap_or(vec![0, 0]),
+            0,
+        )?;
+        if a.string("auto_pad")
+            .is_some_and(|p| p != "NOTSET" && p != "VALID")
+        {
+            return err(
+                "auto_pad SAME_UPPER/SAME_LOWER on a transposed convolution is not supported; give pads",
+            );
+        }
+        let padding = match a.ints("output_shape") {
+            Some(shape) => {
+                // The total padding the requested size implies, split evenly.
+                let target = &shape[shape.len().saturating_sub(2)..];
+                let mut each = Vec::new();
+                for (i, (&len, k)) in x.onnx[1..].iter().zip([kh, kw]).enumerate() {
+                    let full = (len - 1) * s + op + (k - 1) * d + 1;
+                    let total = full as i64 - target.get(i).copied().unwrap_or(0);
+                    if total < 0 || total % 2 != 0 {
+                        return err(format!("output_shape {shape:?} needs uneven padding"));
+                    }
+                    each.push(total / 2);
+                }
+                one("padding", each, 0)?
+            }
+            None => {
+                let p = a.ints("pads").unwrap_or(vec![0, 0, 0, 0]);
+                match sizes("pads", &p, 0)?[..] {
+                    [t, l, b2, r] if t == l && l == b2 && b2 == r => t,
+                    _ => {
+                        return err(format!(
+                            "pads {p:?}; Slim pads a transposed convolution equally on every side"
+                        ))
+                    }
+                }
+            }
+        };
+        let spec = ConvTransposeSpec {
+            in_channels: ci,
+            out_channels: opg * groups,
+            kernel: [kh, kw],
+            stride: s,
+            padding,
+            output_padding: op,
+            dilation: d,
+            groups,
+            bias: b.is_some(),
+        };
+        let mut p = BTreeMap::new();
+        p.insert("weight", w);
+        if let Some(b) = b {
+            if b.numel() != opg * groups {
+                return err(format!(
+                    "bias has {} values for {} outputs",
+                    b.numel(),
+                    opg * groups
+                ));
+            }
+            p.insert(
+                "bias",
+                Const {
+                    dims: vec![opg * groups],
+                    values: b.values,
+                },
+            );
+        }
+        let name = self.layer_name(n, 1);
+        self.emit(n, &name, Op::ConvTranspose2d(spec), &[&x.node], p)
+    }
+
+    pub(super) fn linear(
+        &mut self,
+        n: &NodeProto,
+        name: &str,
+        x: NodeRef,
+        weight: Const,
+        bias: Option<Const>,
+    ) -> Result<()> {
+        let (out, inp) = (weight.dims[0], weight.dims[1]);
+        if x.onnx != [inp] {
+            return err(format!(
+                "a [{out}, {inp}] weight on an input of per-sample shape {:?}",
+                x.onnx
+            ));
+        }
+        let mut p = BTreeMap::new();
+        p.insert("weight", weight);
+        let has_bias = bias.is_some();
+        if let Some(b) = bias {
+            let v = b.per_channel(out, 1).ok_or_else(|| {
+                OnnxError::Model(format!("bias of shape {:?} for {out} outputs", b.dims))
+            })?;
+            p.insert(
+                "bias",
+                Const {
+                    dims: vec![out],
+                    values: v,
+                },
+            );
+        }
+        let spec = LinearSpec {
+            in_features: inp,
+            out_features: out,
+            bias: has_bias,
+        };
+        self.emit(n, name, Op::Linear(spec), &[&x.node], p)
+    }
+
+    pub(super) fn gemm(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let b = self.konst(n, 1)?;
+        let c = self.opt_const(n, 2)?;
+        if a.int("transA").unwrap_or(0) != 0 {
+            return err("transA=1 is not supported");
+        }
+        if b.dims.len() != 2 {
+            return err(format!("B of shape {:?} is not a matrix", b.dims));
+        }
+        let alpha = f64::from(a.float("alpha").unwrap_or(1.0));
+        let beta = f64::from(a.float("beta").unwrap_or(1.0));
+        let mut w = if a.int("transB").unwrap_or(0) != 0 {
+            b
+        } else {
+            transpose(&b)
+        };
+        w.values.iter_mut().for_each(|v| *v *= alpha);
+        let c = c.map(|mut c| {
+            c.values.iter_mut().for_each(|v| *v *= beta);
+            c
+        });
+        let name = self.layer_name(n, 1);
+        self.linear(n, &name, x, w, c)
+    }
+
+    pub(super) fn pool(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
+            return err("the indices output of MaxPool is used, which Slim does not compute");
+        }
+        if x.onnx.len() != 3 || self.shape_of(&x).len() != 3 {
+            return err(format!(
+                "input of per-sample shape {:?}; pooling takes [C, H, W]",
+                x.onnx
+            ));
+        }
+        let k = sizes("kernel", &a.ints("kernel_shape").unwrap_or_default(), 1)?;
+        if k.len() != 2 || k[0] != k[1] {
+            return err(format!("kernel {k:?}; Slim pools with square windows"));
+        }
+        let strides = sizes("strides", &a.ints("strides").unwrap_or(vec![1, 1]), 1)?;
+        if strides.len() != 2 || strides[0] != strides[1] {
+            return err(format!(
+                "strides {strides:?}; Slim needs one stride for both axes"
+            ));
+        }
+        if a.ints("dilations")
+            .is_some_and(|d| d.iter().any(|&v| v != 1))
+        {
+            return err("dilated pooling is not supported");
+        }
+        let (k, s) = (k[0], strides[0]);
+        let (h, w) = (x.onnx[1], x.onnx[2]);
+        let axes = pads_per_axis(a, [h, w], [k, k], s, 1)?;
+        let p = axes[0].0;
+        if axes[1].0 != p || axes.iter().any(|&(b, e)| e < b) {
+            return err(format!(
+                "padding (top, bottom) {:?} and (left, right) {:?}: Slim pools with one padding before both axes and at least as much after",
+                axes[0], axes[1]
+            ));
+        }
+        let mut end = [axes[0].1 - p, axes[1].1 - p];
+        let average = n.op_type == "AveragePool";
+        let include_pad = a.int("count_include_pad").unwrap_or(0) != 0;
+        if a.int("ceil_mode").unwrap_or(0) != 0 {
+            // Ceil mode adds a last window where the floor leaves values uncovered, as long as
+            // it starts inside the input or its leading padding; the values it reaches past
+            // the padded input are extra padding at the end.
+            for (axis, len) in [h, w].into_iter().enumerate() {
+                let padded = len + p + axes[axis].1;
+                let Some(span) = padded.checked_sub(k) else {
+                    return err(format!("its {k}x{k} window does not fit the {h}x{w} input"));
+                };
+                let mut out = span.div_ceil(s) + 1;
+                if (out - 1) * s >= len + p {
+                    out -= 1;
+                }
+                let reach = (out - 1) * s + k;
+                if reach > padded {
+                    if average && include_pad {
+                        return err("ceil_mode=1 with count_include_pad=1 and a partial last window is not supported");
+                    }
+                    end[axis] += reach - padded;
+                }
+            }
+        }
+        let spec = PoolSpec {
+            kernel: k,
+            stride: s,
+            padding: p,
+            pad_end: end,
+            exclude_pad: average && !include_pad && (p > 0 || end != [0, 0]),
+        };
+        let op = if average {
+            Op::AvgPool2d(spec)
+        } else {
+            Op::MaxPool2d(spec)
+        };
+        self.emit(n, base, op, &[&x.node], BTreeMap::new())
+    }
+
+    pub(super) fn pad(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        if x.onnx.len() != 3 || self.shape_of(&x).len() != 3 {
+            return err(format!(
+                "Pad of a [N, {}] value; Slim pads [N, C, H, W] feature maps",
+                join(&x.onnx)
+            ));
+        }
+        let (pads, value) = if self.opset < 11 {
+            (
+                a.ints("pads").unwrap_or_default(),
+                a.float("value").unwrap_or(0.0),
+            )
+        } else {
+            let value = match self.opt_const(n, 2)? {
+                Some(c) if c.numel() == 1 => c.values[0] as f32,
+                Some(c) => return err(format!("its constant_value holds {} values", c.numel())),
+                None => 0.0,
+            };
+            (self.konst(n, 1)?.ints(), value)
+        };
+        // [x1_begin, x2_begin, ..., x1_end, x2_end, ...] over the axes given (all by default).
+        let axes: Vec<i64> = match self.opt_const(n, 3)? {
+            Some(c) => c
+                .ints()
+                .iter()
+                .map(|&v| if v < 0 { v + 4 } else { v })
+                .collect(),
+            None => (0..4).collect(),
+        };
+        if pads.len() != 2 * axes.len() {
+            return err(format!("pads {pads:?} for axes {axes:?}"));
+        }
+        let mut full = [0i64; 8];
+        for (i, &ax) in axes.iter().enumerate() {
+            if !(0..4).contains(&ax) {
+                return err(format!("axis {ax} of a rank-4 value"));
+            }
+            full[ax as usize] = pads[i];
+            full[ax as usize + 4] = pads[i + axes.len()];
+        }
+        if full[0] != 0 || full[1] != 0 || full[4] != 0 || full[5] != 0 {
+            return err(format!(
+                "pads {pads:?} pad the batch or channel axis; Slim pads height and width"
+            ));
+        }
+        let spatial = [full[2], full[3], full[6], full[7]];
+        if spatial.iter().any(|&p| !(0..=LIMIT).contains(&p)) {
+            return err(format!(
+                "pads {pads:?}: negative (cropping) or beyond {LIMIT}"
+            ));
+        }
+        let mode = match a.string("mode").as_deref().unwrap_or("constant") {
+            "constant" => PadMode::Constant(value),
+            "edge" => PadMode::Edge,
+            "reflect" => PadMode::Reflect,
+            other => {
+                return err(format!(
+                    "mode \"{other}\"; Slim pads constant, edge and reflect"
+                ))
+            }
+        };
+        let pads = spatial.map(|p| p as usize);
+        if pads == [0; 4] {
+            return self.bind(n, x);
+        }
+        let name = self.fresh_name(base, "pad");
+        let shape = self.push(&name, Op::Pad { pads, mode }, &[&x.node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    pub(super) fn resize(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        if x.onnx.len() != 3 || self.shape_of(&x).len() != 3 {
+            return err(format!(
+                "{} of a [N, {}] value; Slim resizes [N, C, H, W] feature maps",
+                n.op_type,
+                join(&x.onnx)
+            ));
+        }
+        let (h, w) = (x.onnx[1], x.onnx[2]);
+        let upsample = n.op_type == "Upsample";
+        // Upsample (and Resize before opset 11) take the scales second and map coordinates
+        // as `asymmetric`; later Resize takes roi, scales, sizes.
+        let legacy = upsample || self.opset < 11;
+        let scales = if upsample && self.opset < 9 {
+            a.get("scales").map(|s| Const {
+                dims: vec![s.floats.len()],
+                values: s.floats.iter().map(|&v| f64::from(v)).collect(),
+            })
+        } else if legacy {
+            Some(self.konst(n, 1)?)
+        } else {
+            self.opt_const(n, 2)?.filter(|c| c.numel() > 0)
+        };
+        let given_sizes = if legacy {
+            None
+        } else {
+            self.opt_const(n, 3)?.filter(|c| c.numel() > 0)
+        };
+        // Opset 18 may name the axes the scales or sizes are for.
+        let axes = a.ints("axes").map(|v| {
+            v.iter()
+                .map(|&x| if x < 0 { x + 4 } else { x })
+                .collect::<Vec<i64>>()
+        });
+        let full = |c: Const, fill: f64| -> Result<Const> {
+            let Some(axes) = &axes else { return Ok(c) };
+            if axes.len() != c.numel() || axes.iter().any(|&x| !(0..4).contains(&x)) {
+                return err(format!("axes {axes:?} for {} values", c.numel()));
+            }
+            let mut values = vec![fill; 4];
+            for (&ax, &v) in axes.iter().zip(&c.values) {
+                values[ax as usize] = v;
+            }
+            Ok(Const {
+                dims: vec![4],
+                values,
+            })
+        };
+        let scales = scales.map(|c| full(c, 1.0)).transpose()?;
+        let mut given_sizes = given_sizes.map(|c| full(c, 0.0)).transpose()?;
+        if let Some(sz) = given_sizes.as_mut().filter(|_| axes.is_some()) {
+            // Axes not named keep their size.
+            sz.values[0] = 1.0;
+            sz.values[1] = x.onnx[0] as f64;
+            for i in 2..4 {
+                if sz.values[i] == 0.0 {
+                    sz.values[i] = x.onnx[i - 1] as f64;
+                }
+            }
+        }
+        let (out, scale) = match (scales, given_sizes) {
+            (Some(sc), None) => {
+                let v = &sc.values;
+                if v.len() != 4 || v[0] != 1.0 || v[1] != 1.0 {
+                    return err(format!("scales {v:?}; Slim resizes height and width only"));
+                }
+                let scale = [v[2] as f32, v[3] as f32];
+                if scale
+                    .iter()
+                    .any(|s| !(s.is_finite() && *s > 0.0 && *s <= 4096.0))
+                {
+                    return err(format!("scales {v:?} out of range"));
+                }
+                let out = [
+                    (h as f64 * f64::from(scale[0])).floor() as usize,
+                    (w as f64 * f64::from(scale[1])).floor() as usize,
+                ];
+                (out, scale)
+            }
+            (None, Some(sz)) => {
+                let v = sz.ints();
+                let plane: Vec<i64> = match v.len() {
+                    4 if v[0] >= 1 && v[1] == x.onnx[0] as i64 => v[2..].to_vec(),
+                    2 => v.clone(),
+                    _ => return err(format!("sizes {v:?}; Slim resizes height and width only")),
+                };
+                let out = sizes("sizes", &plane, 1)?;
+                let out = [out[0], out[1]];
+                (out, [out[0] as f32 / h as f32, out[1] as f32 / w as f32])
+            }
+            _ => return err("it needs exactly one of scales and sizes"),
+        };
+        let coord = if legacy {
+            CoordMode::Asymmetric
+        } else {
+            match a
+                .string("coordinate_transformation_mode")
+                .as_deref()
+                .unwrap_or("half_pixel")
+            {
+                "half_pixel" => CoordMode::HalfPixel,
+                "pytorch_half_pixel" => CoordMode::PytorchHalfPixel,
+                "align_corners" => CoordMode::AlignCorners,
+                "asymmetric" => CoordMode::Asymmetric,
+                other => {
+                    return err(format!(
+                        "coordinate_transformation_mode \"{other}\" is not supported"
+                    ))
+                }
+            }
+        };
+        if a.int("exclude_outside").unwrap_or(0) != 0 || a.int("antialias").unwrap_or(0) != 0 {
+            return err("exclude_outside and antialias are not supported");
+        }
+        if a.string("keep_aspect_ratio_policy")
+            .is_some_and(|p| p != "stretch")
+        {
+            return err("keep_aspect_ratio_policy other than stretch is not supported");
+        }
+        let mode = match a.string("mode").as_deref().unwrap_or("nearest") {
+            "nearest" => {
+                let rounding = if legacy {
+                    NearestRounding::Floor
+                } else {
+                    match a
+                        .string("nearest_mode")
+                        .as_deref()
+                        .unwrap_or("round_prefer_floor")
+                    {
+                        "round_prefer_floor" => NearestRounding::RoundPreferFloor,
+                        "round_prefer_ceil" => NearestRounding::RoundPreferCeil,
+                        "floor" => NearestRounding::Floor,
+                        "ceil" => NearestRounding::Ceil,
+                        other => return err(format!("nearest_mode \"{other}\" is not supported")),
+                    }
+                };
+                ResizeMode::Nearest(rounding)
+            }
+            "linear" | "bilinear" => ResizeMode::Linear,
+            other => return err(format!("mode \"{other}\"; Slim resizes nearest and linear")),
+        };
+        let op = Op::Resize(ResizeSpec {
+            out,
+            scale,
+            mode,
+            coord,
+        });
+        let name = self.fresh_name(base, "resize");
+        let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+}
+
+/// `(before, after)` padding of the height and width axes, from `pads` or `auto_pad`.
+pub(super) fn pads_per_axis(
+    a: &Attrs,
+    input: [usize; 2],
+    kernel: [usize; 2],
+    stride: usize,
+    dil: usize,
+) -> Result<Vec<(usize, usize)>> {
+    if stride == 0 || dil == 0 || kernel.contains(&0) {
+        return err(format!(
+            "kernel {kernel:?}, stride {stride} and dilation {dil} must be at least 1"
+        ));
+    }
+    let auto = a.string("auto_pad").unwrap_or_default();
+    let per_axis: Vec<(usize, usize)> = match auto.as_str() {
+        "" | "NOTSET" => {
+            let p = a.ints("pads").unwrap_or(vec![0, 0, 0, 0]);
+            if p.len() != 4 || p.iter().any(|&v| !(0..=LIMIT).contains(&v)) {
+                return err(format!("pads {p:?}"));
+            }
+            vec![
+                (p[0] as usize, p[2] as usize),
+                (p[1] as usize, p[3] as usize),
+            ]
+        }
+        "VALID" => vec![(0, 0), (0, 0)],
+        "SAME_UPPER" | "SAME_LOWER" => (0..2)
+            .map(|i| {
+                let out = input[i].div_ceil(stride);
+                let span = dil * (kernel[i] - 1) + 1;
+                let total = ((out - 1) * stride + span).saturating_sub(input[i]);
+                let small = total / 2;
+                if auto == "SAME_UPPER" {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                }
+            })
+            .collect(),
+        other => return err(format!("auto_pad {other}")),
+    };
+    Ok(per_axis)
+}

@@ -1,0 +1,1311 @@
+//! ONNX to Slim: reads a model file into a Slim [`Model`].
+//!
+//! The importer walks the ONNX nodes in their (topological) order and keeps, for every ONNX
+//! value, either a constant (initializers, `Constant` nodes, and whatever can be computed from
+//! them at import: the `Shape`/`Gather`/`Slice`/`Unsqueeze`/`Concat` chains that exporters emit
+//! for a `Reshape`) or the Slim node that computes it. Constants added to or multiplied with a
+//! convolution or linear layer's output per channel become its bias or scale (CNTK and some
+//! PyTorch exports write the bias as a separate `Add`). Nothing is executed while importing.
+//!
+//! Slim shapes have no batch axis; an ONNX value of shape `[N, C, 1, 1]` that comes out of
+//! `GlobalAveragePool` is the Slim vector `[C]`, and a 1x1 convolution on it is imported as a
+//! linear layer, so squeeze-and-excite blocks stay prunable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use prost::Message;
+use slim_core::data::Normalize;
+use slim_core::graph::{
+    BatchNormSpec, BinaryKind, Conv2dSpec, ConvTransposeSpec, CoordMode, Graph, LinearSpec,
+    LrnSpec, NearestRounding, Op, PadMode, ParamKind, PoolSpec, ReduceKind, ResizeMode, ResizeSpec,
+};
+use slim_core::params::ParamStore;
+use slim_core::Model;
+
+use crate::proto::{self, data_type, AttributeProto, NodeProto, TensorProto};
+
+mod arith;
+mod constant;
+mod layers;
+mod tensor;
+
+use crate::{OnnxError, Result};
+use constant::{cast_keeps_floats, resolve_reshape, shape_range, squeeze_dims, transpose, Const};
+
+pub use crate::ops::SUPPORTED_OPS;
+
+/// Options of an import.
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// The per-sample input shape `[C, H, W]`, for models whose input shape is symbolic (or to
+    /// check it).
+    pub input_shape: Option<Vec<usize>>,
+    /// The preprocessing the model expects of raw pixels, stored in the model file and used by
+    /// every command that feeds it data.
+    pub preprocess: Option<Normalize>,
+    /// Resize images of another size to the model's input (bilinear) before feeding them;
+    /// stored with the preprocessing.
+    pub resize: bool,
+    /// The most values that ops filling tensors from a shape alone (ConstantOfShape) may
+    /// create in one import, beyond the bytes of the file; `None`: 2^28 (VGG-19's light
+    /// network needs 1.4 · 10^8). A small file cannot ask for more.
+    pub max_generated: Option<usize>,
+}
+
+/// Reads an ONNX file into a model.
+pub fn import_file(path: impl AsRef<Path>, opts: &ImportOptions) -> Result<Model> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| OnnxError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    import_in(&bytes, opts, Some(dir)).map_err(|e| match e {
+        OnnxError::Model(m) => OnnxError::File {
+            path: path.display().to_string(),
+            message: m,
+        },
+        e => e,
+    })
+}
+
+/// Reads an ONNX model from its bytes (a model whose tensors live in external data files
+/// must be read with [`import_file`], which finds them beside it).
+pub fn import(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
+    import_in(bytes, opts, None)
+}
+
+/// The most bytes Slim reads from one external data file for one tensor (as many as a
+/// tensor of [`slim_core::graph::MAX_ELEMENTS`] doubles).
+const MAX_EXTERNAL: u64 = 8 << 28;
+
+/// Loads a tensor's external data (ONNX's `location`, `offset`, `length`, relative to the
+/// model's folder) into its `raw_data`.
+fn load_external(t: &mut TensorProto, dir: &Path) -> Result<()> {
+    let bad = |m: String| OnnxError::Model(format!("tensor `{}`: {m}", t.name));
+    let entry = |key: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.value.clone())
+    };
+    let location =
+        entry("location").ok_or_else(|| bad("external data without a location".into()))?;
+    let relative = Path::new(&location);
+    let inside = relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !inside {
+        return Err(bad(format!(
+            "its external data `{location}` is not a path inside the model's folder"
+        )));
+    }
+    let number = |key: &str| -> Result<Option<u64>> {
+        entry(key)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("external data {key} `{v}`")))
+            })
+            .transpose()
+    };
+    let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
+    let path = dir.join(relative);
+    let io = |e: std::io::Error| bad(format!("its external data {}: {e}", path.display()));
+    let mut f = std::fs::File::open(&path).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    let length = length.unwrap_or(size.saturating_sub(offset));
+    if offset.checked_add(length).is_none_or(|end| end > size) || length > MAX_EXTERNAL {
+        return Err(bad(format!(
+            "its external data ({length} bytes at {offset}) lies outside {} ({size} bytes)",
+            path.display()
+        )));
+    }
+    use std::io::{Read, Seek, SeekFrom};
+    f.seek(SeekFrom::Start(offset)).map_err(io)?;
+    let mut raw = vec![0u8; length as usize];
+    f.read_exact(&mut raw).map_err(io)?;
+    t.raw_data = raw;
+    t.external_data.clear();
+    t.data_location = 0;
+    Ok(())
+}
+
+fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<Model> {
+    let mut model = proto::ModelProto::decode(bytes)
+        .map_err(|e| OnnxError::Model(format!("not an ONNX model (protobuf: {e})")))?;
+    if let (Some(dir), Some(g)) = (dir, model.graph.as_mut()) {
+        for t in g.initializer.iter_mut() {
+            if t.data_location == 1 || !t.external_data.is_empty() {
+                load_external(t, dir)?;
+            }
+        }
+    }
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| OnnxError::Model("the ONNX model has no graph".into()))?;
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .unwrap_or(1);
+    if opset < 7 {
+        return Err(OnnxError::Model(format!(
+            "the model uses opset {opset}; Slim imports opset 7 and newer"
+        )));
+    }
+    let unsupported: Vec<String> = graph
+        .node
+        .iter()
+        .filter(|n| {
+            !(n.domain.is_empty() || n.domain == "ai.onnx")
+                || !SUPPORTED_OPS.contains(&n.op_type.as_str())
+        })
+        .map(|n| {
+            let domain = if n.domain.is_empty() {
+                "ai.onnx"
+            } else {
+                &n.domain
+            };
+            format!(
+                "`{}` ({} of {domain}, opset {opset})",
+                display_name(n),
+                n.op_type
+            )
+        })
+        .collect();
+    if !unsupported.is_empty() {
+        return Err(OnnxError::Unsupported(unsupported));
+    }
+    let mut b = Builder::new(opset);
+    if let Some(max) = opts.max_generated {
+        b.generated_left.set(max);
+    }
+    for t in &graph.initializer {
+        b.values
+            .insert(t.name.clone(), Value::Const(Const::from_proto(t)?));
+        if data_type::is_integer(t.data_type) {
+            b.ints.insert(t.name.clone());
+        }
+    }
+    for n in &graph.node {
+        for i in &n.input {
+            *b.uses.entry(i.clone()).or_default() += 1;
+        }
+    }
+    for o in &graph.output {
+        *b.uses.entry(o.name.clone()).or_default() += 1;
+    }
+    // The data input: a graph input that is not an initializer (old IR lists both), that no
+    // node computes (some exporters list the outputs of their weight-filling nodes as inputs
+    // too), and that some node reads.
+    let computed: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(|o| o.as_str()))
+        .collect();
+    let inputs: Vec<&proto::ValueInfoProto> = graph
+        .input
+        .iter()
+        .filter(|i| {
+            !b.values.contains_key(&i.name)
+                && !computed.contains(i.name.as_str())
+                && b.uses.get(&i.name).copied().unwrap_or(0) > 0
+        })
+        .collect();
+    let input = match inputs.as_slice() {
+        [one] => *one,
+        [] => return Err(OnnxError::Model("the model has no data input".into())),
+        many => {
+            return Err(OnnxError::Model(format!(
+                "the model has {} data inputs ({}); Slim models take one image input",
+                many.len(),
+                many.iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    };
+    let shape = input_shape(input, opts.input_shape.as_deref())?;
+    let in_name = b.fresh_name(&sanitize(&input.name), "input");
+    b.push(
+        &in_name,
+        Op::Input {
+            shape: shape.clone(),
+        },
+        &[],
+        BTreeMap::new(),
+    )?;
+    b.values.insert(
+        input.name.clone(),
+        Value::Node(NodeRef::plain(in_name, &shape)),
+    );
+
+    for n in &graph.node {
+        b.node(n).map_err(|e| match e {
+            OnnxError::Model(m) => {
+                OnnxError::Model(format!("node `{}` ({}): {m}", display_name(n), n.op_type))
+            }
+            e => e,
+        })?;
+    }
+    let mut outputs = Vec::new();
+    for o in &graph.output {
+        match b.values.get(&o.name) {
+            Some(Value::Node(r)) => outputs.push(r.node.clone()),
+            Some(Value::Const(_)) => {
+                return Err(OnnxError::Model(format!(
+                    "the graph output `{}` is a constant",
+                    o.name
+                )))
+            }
+            None => {
+                return Err(OnnxError::Model(format!(
+                    "the graph output `{}` is computed by no node",
+                    o.name
+                )))
+            }
+        }
+    }
+    let mut out = b.finish(&outputs)?;
+    out.provenance
+        .insert("created_by".into(), "slim import".into());
+    out.provenance
+        .insert("onnx.opset".into(), opset.to_string());
+    let producer = format!("{} {}", model.producer_name, model.producer_version);
+    if !producer.trim().is_empty() {
+        out.provenance
+            .insert("onnx.producer".into(), producer.trim().to_string());
+    }
+    // A model Slim exported carries its provenance (and preprocessing) as `slim.*` metadata.
+    for e in &model.metadata_props {
+        if let Some(key) = e.key.strip_prefix("slim.") {
+            if key != "created_by" {
+                out.provenance.insert(key.to_string(), e.value.clone());
+            }
+        }
+    }
+    if opts.preprocess.is_some() || opts.resize {
+        out.set_preprocess(opts.preprocess.as_ref(), opts.resize)?;
+    }
+    Ok(out)
+}
+
+fn display_name(n: &NodeProto) -> String {
+    if !n.name.is_empty() {
+        n.name.clone()
+    } else {
+        n.output.first().cloned().unwrap_or_default()
+    }
+}
+
+/// A Slim node name from an ONNX name: `/layer1/conv/Conv` becomes `layer1.conv.Conv`.
+pub(crate) fn sanitize(name: &str) -> String {
+    let s: String = name
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| match c {
+            '/' | ':' => '.',
+            c if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') => c,
+            _ => '_',
+        })
+        .collect();
+    s.trim_matches('.').to_string()
+}
+
+fn input_shape(input: &proto::ValueInfoProto, given: Option<&[usize]>) -> Result<Vec<usize>> {
+    let shape = declared_input_shape(input, given)?;
+    let total = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if shape.iter().any(|&d| d as i64 > LIMIT) || total.is_none_or(|t| t > 1 << 26) {
+        return err(format!(
+            "the input `{}` of per-sample shape {shape:?} is too large",
+            input.name
+        ));
+    }
+    Ok(shape)
+}
+
+fn declared_input_shape(
+    input: &proto::ValueInfoProto,
+    given: Option<&[usize]>,
+) -> Result<Vec<usize>> {
+    let dims: Option<Vec<Option<usize>>> = input
+        .r#type
+        .as_ref()
+        .and_then(|t| t.tensor_type.as_ref())
+        .and_then(|t| t.shape.as_ref())
+        .map(|s| {
+            s.dim
+                .iter()
+                .map(|d| d.dim_value.filter(|&v| v > 0).map(|v| v as usize))
+                .collect()
+        });
+    let declared: Option<Vec<Option<usize>>> = dims.map(|d| d.into_iter().skip(1).collect());
+    match (declared, given) {
+        (Some(d), Some(g)) => {
+            let fits =
+                d.len() == g.len() && d.iter().zip(g).all(|(a, b)| a.is_none_or(|a| a == *b));
+            if fits {
+                Ok(g.to_vec())
+            } else {
+                Err(OnnxError::Model(format!(
+                    "--input-shape {} does not match the model's input `{}` of per-sample shape {}",
+                    g.iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join("x"),
+                    input.name,
+                    show_dims(&d)
+                )))
+            }
+        }
+        (_, Some(g)) => Ok(g.to_vec()),
+        (Some(d), None) => d
+            .iter()
+            .copied()
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| {
+                OnnxError::Model(format!(
+                "the input `{}` has per-sample shape {}; give its size with --input-shape CxHxW",
+                input.name,
+                show_dims(&d)
+            ))
+            }),
+        (None, None) => Err(OnnxError::Model(format!(
+            "the input `{}` declares no shape; give it with --input-shape CxHxW",
+            input.name
+        ))),
+    }
+}
+
+fn show_dims(d: &[Option<usize>]) -> String {
+    let v: Vec<String> = d
+        .iter()
+        .map(|x| x.map(|v| v.to_string()).unwrap_or_else(|| "?".into()))
+        .collect();
+    format!("[{}]", v.join(", "))
+}
+
+/// A reference to the Slim node that computes an ONNX value.
+#[derive(Clone, Debug)]
+struct NodeRef {
+    node: String,
+    /// The ONNX per-sample shape (no batch axis); it differs from the Slim node's shape only
+    /// by trailing ones (`[C, 1, 1]` against `[C]`).
+    onnx: Vec<usize>,
+}
+
+impl NodeRef {
+    fn plain(node: String, shape: &[usize]) -> NodeRef {
+        NodeRef {
+            node,
+            onnx: shape.to_vec(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Value {
+    Const(Const),
+    Node(NodeRef),
+}
+
+struct Pending {
+    name: String,
+    op: Op,
+    inputs: Vec<String>,
+    shape: Vec<usize>,
+    params: BTreeMap<&'static str, Const>,
+}
+
+struct Builder {
+    opset: i64,
+    values: HashMap<String, Value>,
+    /// ONNX values that are a channel grid `[g, C/g, H, W]` with its two channel axes
+    /// swapped (the middle of a channel shuffle): the Slim node holds the unswapped values, so
+    /// only a Reshape back to `[C, H, W]` may read them.
+    swapped: HashMap<String, usize>,
+    /// What ConstantOfShape may still create ([`ImportOptions::max_generated`]).
+    generated_left: std::cell::Cell<usize>,
+    /// The constant ONNX values of integer type (shape arithmetic), whose Div truncates.
+    ints: std::collections::HashSet<String>,
+    /// Constant values computed from a `Shape` of data, with the entries that hold the batch
+    /// size (unknown at import, stored as 1) marked.
+    batchy: HashMap<String, Vec<bool>>,
+    uses: HashMap<String, usize>,
+    nodes: Vec<Pending>,
+    by_name: HashMap<String, usize>,
+}
+
+fn err<T>(m: impl Into<String>) -> Result<T> {
+    Err(OnnxError::Model(m.into()))
+}
+
+impl Builder {
+    fn new(opset: i64) -> Builder {
+        Builder {
+            opset,
+            values: HashMap::new(),
+            swapped: HashMap::new(),
+            generated_left: std::cell::Cell::new(slim_core::graph::MAX_ELEMENTS),
+            ints: std::collections::HashSet::new(),
+            batchy: HashMap::new(),
+            uses: HashMap::new(),
+            nodes: Vec::new(),
+            by_name: HashMap::new(),
+        }
+    }
+
+    fn fresh_name(&self, base: &str, fallback: &str) -> String {
+        let base = if base.is_empty() { fallback } else { base };
+        if !self.by_name.contains_key(base) {
+            return base.to_string();
+        }
+        (2..)
+            .map(|i| format!("{base}_{i}"))
+            .find(|n| !self.by_name.contains_key(n))
+            .unwrap_or_else(|| base.to_string())
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        op: Op,
+        inputs: &[&str],
+        params: BTreeMap<&'static str, Const>,
+    ) -> Result<Vec<usize>> {
+        let shapes: Vec<&[usize]> = inputs
+            .iter()
+            .map(|i| self.nodes[self.by_name[*i]].shape.as_slice())
+            .collect();
+        let shape = op.infer_shape(&shapes).map_err(OnnxError::Model)?;
+        self.by_name.insert(name.to_string(), self.nodes.len());
+        self.nodes.push(Pending {
+            name: name.to_string(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            shape: shape.clone(),
+            params,
+        });
+        Ok(shape)
+    }
+
+    /// Adds a Slim node and binds the ONNX output to it.
+    fn emit(
+        &mut self,
+        n: &NodeProto,
+        base: &str,
+        op: Op,
+        inputs: &[&str],
+        params: BTreeMap<&'static str, Const>,
+    ) -> Result<()> {
+        let name = self.fresh_name(base, &n.op_type.to_lowercase());
+        let shape = self.push(&name, op, inputs, params)?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    fn bind(&mut self, n: &NodeProto, r: NodeRef) -> Result<()> {
+        let out = n
+            .output
+            .first()
+            .ok_or_else(|| OnnxError::Model("no output".into()))?;
+        self.values.insert(out.clone(), Value::Node(r));
+        Ok(())
+    }
+
+    fn bind_const(&mut self, n: &NodeProto, c: Const) -> Result<()> {
+        let out = n
+            .output
+            .first()
+            .ok_or_else(|| OnnxError::Model("no output".into()))?;
+        self.values.insert(out.clone(), Value::Const(c));
+        Ok(())
+    }
+
+    fn value(&self, n: &NodeProto, i: usize) -> Result<&Value> {
+        let name = n
+            .input
+            .get(i)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| OnnxError::Model(format!("input {i} is missing")))?;
+        self.values.get(name).ok_or_else(|| {
+            OnnxError::Model(format!("input `{name}` is computed by no earlier node"))
+        })
+    }
+
+    fn opt_const(&self, n: &NodeProto, i: usize) -> Result<Option<Const>> {
+        if n.input.get(i).is_none_or(|s| s.is_empty()) {
+            return Ok(None);
+        }
+        match self.value(n, i)? {
+            Value::Const(c) => Ok(Some(c.clone())),
+            Value::Node(_) => err(format!(
+                "input `{}` must be a constant (an initializer), it is computed from the data",
+                n.input[i]
+            )),
+        }
+    }
+
+    fn konst(&self, n: &NodeProto, i: usize) -> Result<Const> {
+        self.opt_const(n, i)?
+            .ok_or_else(|| OnnxError::Model(format!("input {i} is missing")))
+    }
+
+    fn node_in(&self, n: &NodeProto, i: usize) -> Result<NodeRef> {
+        if let Some(g) = n.input.get(i).and_then(|v| self.swapped.get(v)) {
+            return err(format!(
+                "input `{}` is a channel grid of {g} groups with its axes swapped; Slim reads it only when a Reshape turns it back into channels (a channel shuffle)",
+                n.input[i]
+            ));
+        }
+        self.view_in(n, i)
+    }
+
+    /// Like [`Builder::node_in`], but also a swapped channel grid.
+    fn view_in(&self, n: &NodeProto, i: usize) -> Result<NodeRef> {
+        match self.value(n, i)? {
+            Value::Node(r) => Ok(r.clone()),
+            Value::Const(_) => err(format!(
+                "input `{}` is a constant where Slim expects data",
+                n.input[i]
+            )),
+        }
+    }
+
+    fn all_const(&self, n: &NodeProto) -> bool {
+        n.input
+            .iter()
+            .filter(|s| !s.is_empty())
+            .all(|i| matches!(self.values.get(i), Some(Value::Const(_))))
+    }
+
+    fn shape_of(&self, r: &NodeRef) -> Vec<usize> {
+        self.nodes[self.by_name[&r.node]].shape.clone()
+    }
+
+    /// A base name for a layer with weights: the weight initializer's name without its
+    /// `.weight` suffix when it has one (PyTorch exports), so parameter names stay the ONNX
+    /// names; else the node's own name.
+    fn layer_name(&self, n: &NodeProto, weight_input: usize) -> String {
+        if let Some(w) = n.input.get(weight_input) {
+            if let Some(stem) = w.strip_suffix(".weight") {
+                let s = sanitize(stem);
+                if !s.is_empty() && s == stem && !self.by_name.contains_key(&s) {
+                    return s;
+                }
+            }
+        }
+        sanitize(&display_name(n))
+    }
+
+    fn node(&mut self, n: &NodeProto) -> Result<()> {
+        let a = Attrs(&n.attribute);
+        // Anything computed from constants alone is folded now.
+        if self.all_const(n) && n.op_type != "Constant" {
+            if let Some(c) = self.fold(n, &a)? {
+                let int = match n.op_type.as_str() {
+                    "Cast" => data_type::is_integer(a.int("to").unwrap_or(0) as i32),
+                    "Shape" => true,
+                    "ConstantOfShape" => a
+                        .tensor("value")
+                        .is_some_and(|t| data_type::is_integer(t.data_type)),
+                    _ => self.int_typed(n),
+                };
+                if int {
+                    self.ints.extend(n.output.iter().cloned());
+                }
+                if let Some(flags) = self.batch_flags(n, &a, &c).filter(|f| f.contains(&true)) {
+                    if let Some(out) = n.output.first() {
+                        self.batchy.insert(out.clone(), flags);
+                    }
+                }
+                return self.bind_const(n, c);
+            }
+        }
+        // A constant that holds the batch size may only be a Reshape's batch entry.
+        for (i, input) in n.input.iter().enumerate() {
+            let Some(flags) = self.batchy.get(input) else {
+                continue;
+            };
+            let reshape_batch = n.op_type == "Reshape" && i == 1 && !flags[1..].contains(&true);
+            if !reshape_batch {
+                return err(format!(
+                    "input `{input}` is computed from the batch size, which Slim does not know at import (each sample is computed apart)"
+                ));
+            }
+        }
+        if n.op_type == "Constant" {
+            let int = a
+                .tensor("value")
+                .is_some_and(|t| data_type::is_integer(t.data_type))
+                || a.get("value_int").is_some()
+                || a.get("value_ints").is_some();
+            if int {
+                self.ints.extend(n.output.iter().cloned());
+            }
+        }
+        let base = sanitize(&display_name(n));
+        match n.op_type.as_str() {
+            "Constant" => {
+                let c = if let Some(t) = a.tensor("value") {
+                    Const::from_proto(t)?
+                } else if let Some(f) = a.get("value_float") {
+                    Const::scalar(f64::from(f.f))
+                } else if let Some(f) = a.get("value_floats") {
+                    Const {
+                        dims: vec![f.floats.len()],
+                        values: f.floats.iter().map(|&v| f64::from(v)).collect(),
+                    }
+                } else if let Some(i) = a.get("value_int") {
+                    Const::scalar(i.i as f64)
+                } else if let Some(i) = a.get("value_ints") {
+                    Const {
+                        dims: vec![i.ints.len()],
+                        values: i.ints.iter().map(|&v| v as f64).collect(),
+                    }
+                } else {
+                    return err("a Constant without a supported value attribute");
+                };
+                self.bind_const(n, c)
+            }
+            "Dropout" => {
+                if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
+                    return err("the dropout mask output is used, which Slim does not compute");
+                }
+                let p = if self.opset < 12 {
+                    a.float("ratio").map(f64::from)
+                } else {
+                    match self.opt_const(n, 1)? {
+                        Some(c) if c.values.len() == 1 => Some(c.values[0]),
+                        Some(c) => {
+                            return err(format!("its ratio has {} values, not one", c.values.len()))
+                        }
+                        None => None,
+                    }
+                };
+                let p = decimal(p.unwrap_or(0.5) as f32) as f32;
+                self.unary(n, &base, Op::Dropout { p })
+            }
+            "Cast" if !cast_keeps_floats(a.int("to").unwrap_or(0)) => err(format!(
+                "a Cast of data to {}; Slim computes in floats",
+                data_type::name(a.int("to").unwrap_or(0) as i32)
+            )),
+            "Identity" | "Cast" => {
+                if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
+                    return err("the dropout mask output is used, which Slim does not compute");
+                }
+                let v = self.value(n, 0)?.clone();
+                let Some(out) = n.output.first().cloned() else {
+                    return err("it has no output");
+                };
+                self.values.insert(out, v);
+                Ok(())
+            }
+            "Shape" => {
+                self.ints.extend(n.output.iter().cloned());
+                let r = self.node_in(n, 0)?;
+                // The batch size is not known at import: its entry is marked, and only a
+                // Reshape's batch position may read it.
+                let mut dims = vec![1.0];
+                dims.extend(r.onnx.iter().map(|&d| d as f64));
+                let (s, e) = shape_range(&a, dims.len());
+                let flags: Vec<bool> = (s..e).map(|i| i == 0).collect();
+                if let (Some(out), true) = (n.output.first(), flags.contains(&true)) {
+                    self.batchy.insert(out.clone(), flags);
+                }
+                let values = dims[s..e].to_vec();
+                self.bind_const(
+                    n,
+                    Const {
+                        dims: vec![values.len()],
+                        values,
+                    },
+                )
+            }
+            "Conv" => self.conv(n, &a),
+            "BatchNormalization" => {
+                let x = self.node_in(n, 0)?;
+                let [scale, bias, mean, var] = [1, 2, 3, 4].map(|i| self.konst(n, i));
+                let (scale, bias, mean, var) = (scale?, bias?, mean?, var?);
+                let Some(&channels) = x.onnx.first() else {
+                    return err("its input has no channel axis");
+                };
+                for (what, c) in [
+                    ("scale", &scale),
+                    ("bias", &bias),
+                    ("mean", &mean),
+                    ("var", &var),
+                ] {
+                    if c.numel() != channels {
+                        return err(format!(
+                            "{what} has {} values for {channels} channels",
+                            c.numel()
+                        ));
+                    }
+                }
+                let eps = decimal(a.float("epsilon").unwrap_or(1e-5));
+                // ONNX weighs the running statistic, Slim (as PyTorch) the batch's.
+                let momentum = 1.0 - decimal(a.float("momentum").unwrap_or(0.9));
+                let momentum = (momentum * 1e9).round() / 1e9;
+                let name = self.layer_name(n, 1);
+                let mut p = BTreeMap::new();
+                p.insert("weight", scale);
+                p.insert("bias", bias);
+                p.insert("running_mean", mean);
+                p.insert("running_var", var);
+                let op = Op::BatchNorm2d(BatchNormSpec {
+                    channels,
+                    eps,
+                    momentum,
+                });
+                self.emit_keep(n, &name, op, &[&x], p)
+            }
+            "Relu" => self.unary(n, &base, Op::Relu),
+            "Sigmoid" => self.unary(n, &base, Op::Sigmoid),
+            "HardSwish" => self.unary(n, &base, Op::HardSwish),
+            "HardSigmoid" => {
+                let alpha = a.float("alpha").unwrap_or(0.2);
+                let beta = a.float("beta").unwrap_or(0.5);
+                self.unary(n, &base, Op::HardSigmoid { alpha, beta })
+            }
+            "Clip" => {
+                let (lo, hi) = if self.opset < 11 {
+                    (a.float("min").map(f64::from), a.float("max").map(f64::from))
+                } else {
+                    let one = |c: Option<Const>| -> Result<Option<f64>> {
+                        match c {
+                            None => Ok(None),
+                            Some(c) if c.numel() == 1 => Ok(Some(c.values[0])),
+                            Some(_) => err("Clip bounds must be scalars"),
+                        }
+                    };
+                    (one(self.opt_const(n, 1)?)?, one(self.opt_const(n, 2)?)?)
+                };
+                let big = |v: Option<f64>| v.is_none_or(|v| v >= 3.0e38);
+                let small = |v: Option<f64>| v.is_none_or(|v| v <= -3.0e38);
+                match lo {
+                    Some(l) if l == 0.0 && hi == Some(6.0) => self.unary(n, &base, Op::Relu6),
+                    Some(l) if l == 0.0 && big(hi) => self.unary(n, &base, Op::Relu),
+                    _ => {
+                        let bound = |v: Option<f64>, open: bool| {
+                            (!open).then(|| v.map(|v| v as f32)).flatten()
+                        };
+                        let op = Op::Clip {
+                            min: bound(lo, small(lo)),
+                            max: bound(hi, big(hi)),
+                        };
+                        self.unary(n, &base, op)
+                    }
+                }
+            }
+            "LeakyRelu" => {
+                let alpha = a.float("alpha").unwrap_or(0.01);
+                self.unary(n, &base, Op::LeakyRelu { alpha })
+            }
+            "PRelu" => {
+                let x = self.node_in(n, 0)?;
+                let slope = self.konst(n, 1)?;
+                let channels = x.onnx[0];
+                let v = slope.per_channel(channels, x.onnx.len()).ok_or_else(|| {
+                    OnnxError::Model(format!(
+                        "its slope of shape {:?} is not one value or one per channel of a [{}] value",
+                        slope.dims,
+                        join(&x.onnx)
+                    ))
+                })?;
+                let mut p = BTreeMap::new();
+                p.insert(
+                    "weight",
+                    Const {
+                        dims: vec![channels],
+                        values: v,
+                    },
+                );
+                self.emit_keep(n, &base, Op::PRelu { channels }, &[&x], p)
+            }
+            "Tanh" => self.unary(n, &base, Op::Tanh),
+            "Erf" => self.unary(n, &base, Op::Erf),
+            "Gelu" => match a.string("approximate").as_deref() {
+                None | Some("none") => self.unary(n, &base, Op::Gelu),
+                Some(other) => err(format!(
+                    "Gelu with approximate=\"{other}\"; Slim computes the exact (erf) form"
+                )),
+            },
+            "Neg" => {
+                let x = self.node_in(n, 0)?;
+                self.affine(n, x, vec![-1.0], vec![0.0])
+            }
+            "Add" | "Sum" => self.add(n, &base),
+            "Sub" => self.sub(n, &base),
+            "Mul" => self.mul(n, &base),
+            "Div" => self.div(n, &base),
+            "Concat" => {
+                let xs: Vec<NodeRef> = (0..n.input.len())
+                    .map(|i| self.node_in(n, i))
+                    .collect::<Result<_>>()?;
+                let rank = xs[0].onnx.len() as i64 + 1;
+                let axis = a.int("axis").unwrap_or(1);
+                let axis = if axis < 0 { axis + rank } else { axis };
+                let same = xs.iter().all(|x| self.shape_of(x) == x.onnx);
+                if axis != 1 || xs[0].onnx.len() != 3 || !same {
+                    let axis = self.sample_axis(axis, rank)?;
+                    let names: Vec<String> = xs
+                        .iter()
+                        .map(|x| self.materialize(x))
+                        .collect::<Result<_>>()?;
+                    let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+                    let name = self.fresh_name(&base, "concat");
+                    let shape = self.push(&name, Op::ConcatAt { axis }, &names, BTreeMap::new())?;
+                    return self.bind(n, NodeRef::plain(name, &shape));
+                }
+                let names: Vec<&str> = xs.iter().map(|x| x.node.as_str()).collect();
+                let name = self.fresh_name(&base, "concat");
+                let shape = self.push(&name, Op::Concat, &names, BTreeMap::new())?;
+                self.bind(n, NodeRef::plain(name, &shape))
+            }
+            "MaxPool" | "AveragePool" => self.pool(n, &a, &base),
+            "GlobalAveragePool" => {
+                let x = self.node_in(n, 0)?;
+                let name = self.fresh_name(&base, "gap");
+                let shape = self.push(&name, Op::GlobalAvgPool, &[&x.node], BTreeMap::new())?;
+                let mut onnx = shape.clone();
+                onnx.extend([1, 1]);
+                self.bind(n, NodeRef { node: name, onnx })
+            }
+            "Flatten" => {
+                let x = self.node_in(n, 0)?;
+                let rank = x.onnx.len() as i64 + 1;
+                let axis = a.int("axis").unwrap_or(1);
+                let axis = if axis < 0 { axis + rank } else { axis };
+                if axis == 1 {
+                    return self.flatten(n, &base, x);
+                }
+                err(format!(
+                    "Flatten from axis {axis} of a rank-{rank} value merges the batch axis into its rows; Slim keeps each sample apart"
+                ))
+            }
+            "Reshape"
+                if n.input
+                    .first()
+                    .is_some_and(|i| self.swapped.contains_key(i)) =>
+            {
+                let x = self.view_in(n, 0)?;
+                let groups = self.swapped[&n.input[0]];
+                let target = resolve_reshape(&x.onnx, &self.konst(n, 1)?.ints())?;
+                if target != self.shape_of(&x) {
+                    return err(format!(
+                        "reshape of a swapped channel grid [N, {}] to [N, {}]; a channel shuffle reshapes it back to [N, C, H, W]",
+                        join(&x.onnx),
+                        join(&target)
+                    ));
+                }
+                let name = self.fresh_name(&base, "shuffle");
+                let op = Op::ChannelShuffle { groups };
+                let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+                self.bind(n, NodeRef::plain(name, &shape))
+            }
+            "Transpose" => {
+                let x = self.view_in(n, 0)?;
+                let rank = x.onnx.len() + 1;
+                let perm: Vec<i64> = a
+                    .ints("perm")
+                    .unwrap_or_else(|| (0..rank as i64).rev().collect());
+                let identity: Vec<i64> = (0..rank as i64).collect();
+                let slim = self.shape_of(&x);
+                if perm == identity {
+                    return self.bind(n, x);
+                }
+                let grid = slim.len() == 3
+                    && x.onnx.len() == 4
+                    && x.onnx[2..] == slim[1..]
+                    && !self.swapped.contains_key(&n.input[0]);
+                if grid && perm == [0, 2, 1, 3, 4] {
+                    let groups = x.onnx[0];
+                    let onnx = vec![x.onnx[1], x.onnx[0], x.onnx[2], x.onnx[3]];
+                    let out = n.output.first().cloned().unwrap_or_default();
+                    self.swapped.insert(out, groups);
+                    return self.bind(n, NodeRef { node: x.node, onnx });
+                }
+                if perm.first() != Some(&0) || self.swapped.contains_key(&n.input[0]) {
+                    return err(format!(
+                        "Transpose with perm {perm:?} of a [N, {}] value moves the batch axis",
+                        join(&x.onnx)
+                    ));
+                }
+                let node = self.materialize(&x)?;
+                let perm: Vec<usize> = perm[1..].iter().map(|&p| p as usize - 1).collect();
+                let name = self.fresh_name(&base, "transpose");
+                let shape = self.push(&name, Op::Transpose { perm }, &[&node], BTreeMap::new())?;
+                self.bind(n, NodeRef::plain(name, &shape))
+            }
+            "Reshape" | "Squeeze" | "Unsqueeze" => {
+                let x = self.node_in(n, 0)?;
+                let total = slim_core::graph::elements(&x.onnx)
+                    .ok_or_else(|| OnnxError::Model(format!("a value of shape {:?}", x.onnx)))?;
+                let target: Vec<usize> = match n.op_type.as_str() {
+                    "Reshape" => {
+                        let shape = self.konst(n, 1)?.ints();
+                        resolve_reshape(&x.onnx, &shape)?
+                    }
+                    "Squeeze" => {
+                        let axes = self.axes(n, &a)?;
+                        let full: Vec<usize> =
+                            std::iter::once(1).chain(x.onnx.iter().copied()).collect();
+                        squeeze_dims(&full, axes.as_deref())?
+                            .into_iter()
+                            .skip(1)
+                            .collect()
+                    }
+                    _ => {
+                        let axes = self.axes(n, &a)?.unwrap_or_default();
+                        let rank = (x.onnx.len() + 1 + axes.len()) as i64;
+                        let mut axes: Vec<i64> = axes
+                            .iter()
+                            .map(|&v| if v < 0 { v + rank } else { v })
+                            .collect();
+                        axes.sort_unstable();
+                        let mut full = vec![1usize];
+                        full.extend(&x.onnx);
+                        for ax in axes {
+                            if ax < 1 || ax as usize > full.len() {
+                                return err(format!(
+                                    "Unsqueeze at axis {ax}: Slim keeps the batch axis first"
+                                ));
+                            }
+                            full.insert(ax as usize, 1);
+                        }
+                        full[1..].to_vec()
+                    }
+                };
+                if target.is_empty() {
+                    return err(format!(
+                        "it makes each sample of [N, {}] a scalar; Slim values keep an axis",
+                        join(&x.onnx)
+                    ));
+                }
+                let strip = |v: &[usize]| -> Vec<usize> {
+                    let keep = v.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+                    v[..keep].to_vec()
+                };
+                let slim = self.shape_of(&x);
+                let grid = n.op_type == "Reshape"
+                    && slim.len() == 3
+                    && target.len() == 4
+                    && target[2..] == slim[1..]
+                    && target[0] * target[1] == slim[0];
+                if target == x.onnx {
+                    self.bind(n, x)
+                } else if target == slim || grid {
+                    // Channels viewed as a [g, C/g] grid (a channel shuffle's first step), or
+                    // such a view turned back: the same Slim value.
+                    self.bind(
+                        n,
+                        NodeRef {
+                            node: x.node,
+                            onnx: target,
+                        },
+                    )
+                } else if self.shape_of(&x).len() == 1 && strip(&target) == strip(&x.onnx) {
+                    // A vector viewed as [C, 1, 1] (or back): the same Slim value.
+                    self.bind(
+                        n,
+                        NodeRef {
+                            node: x.node,
+                            onnx: target,
+                        },
+                    )
+                } else if target == [total] {
+                    self.flatten(n, &base, x)
+                } else {
+                    self.reshape(n, &base, &x, target)
+                }
+            }
+            "Gemm" => self.gemm(n, &a),
+            "MatMul" => {
+                let x = self.node_in(n, 0)?;
+                match self.value(n, 1)?.clone() {
+                    Value::Const(w) if x.onnx.len() == 1 && w.dims.len() == 2 => {
+                        let name = self.layer_name(n, 1);
+                        self.linear(n, &name, x, transpose(&w), None)
+                    }
+                    Value::Const(w) if w.dims.len() == 2 => {
+                        // Tokens times a matrix: a dense layer over the last axis.
+                        let node = self.materialize(&x)?;
+                        let (k, out) = (w.dims[0], w.dims[1]);
+                        let spec = LinearSpec {
+                            in_features: k,
+                            out_features: out,
+                            bias: false,
+                        };
+                        let mut p = BTreeMap::new();
+                        p.insert("weight", transpose(&w));
+                        let name = self.fresh_name(&self.layer_name(n, 1), "dense");
+                        let shape = self.push(&name, Op::Dense(spec), &[&node], p)?;
+                        self.bind(n, NodeRef::plain(name, &shape))
+                    }
+                    Value::Const(w) => err(format!(
+                        "MatMul of [N, {}] by a constant of shape {:?}; Slim multiplies by constant matrices",
+                        join(&x.onnx),
+                        w.dims
+                    )),
+                    Value::Node(y) => {
+                        let (a, b) = (self.materialize(&x)?, self.materialize(&y)?);
+                        let name = self.fresh_name(&base, "matmul");
+                        let shape = self.push(&name, Op::MatMul, &[&a, &b], BTreeMap::new())?;
+                        self.bind(n, NodeRef::plain(name, &shape))
+                    }
+                }
+            }
+            "Softmax" => {
+                let x = self.node_in(n, 0)?;
+                let rank = x.onnx.len() as i64 + 1;
+                let default = if self.opset < 13 { 1 } else { -1 };
+                let axis = a.int("axis").unwrap_or(default);
+                let axis = if axis < 0 { axis + rank } else { axis };
+                // Before opset 13 the softmax runs over everything from `axis` on, which is
+                // the channels when the spatial axes are ones (a pooled [N, C, 1, 1]).
+                let flat_ok = x.onnx.iter().skip(1).all(|&d| d == 1);
+                let last = axis == rank - 1;
+                if axis == 1 && (self.opset >= 13 || rank <= 2 || flat_ok) {
+                    return self.unary(n, &base, Op::Softmax);
+                }
+                if self.opset < 13 && !last {
+                    return err(format!(
+                        "Softmax (before opset 13) over the axes from {axis} on of a rank-{rank} value; Slim takes one axis"
+                    ));
+                }
+                let axis = self.sample_axis(axis, rank)?;
+                let node = self.materialize(&x)?;
+                let name = self.fresh_name(&base, "softmax");
+                let shape = self.push(&name, Op::SoftmaxAt { axis }, &[&node], BTreeMap::new())?;
+                self.bind(n, NodeRef::plain(name, &shape))
+            }
+            "LRN" => {
+                let x = self.node_in(n, 0)?;
+                if x.onnx.len() != 3 {
+                    return err(format!(
+                        "LRN of a [N, {}] value; Slim normalizes [N, C, H, W] feature maps",
+                        join(&x.onnx)
+                    ));
+                }
+                let size = sizes("size", &[a.int("size").unwrap_or(0)], 1)?[0];
+                let spec = LrnSpec {
+                    size,
+                    alpha: a.float("alpha").unwrap_or(1e-4),
+                    beta: a.float("beta").unwrap_or(0.75),
+                    bias: a.float("bias").unwrap_or(1.0),
+                };
+                self.unary(n, &base, Op::Lrn(spec))
+            }
+            "ConstantOfShape" => {
+                err("its shape is computed from the data; Slim needs a constant shape")
+            }
+            "Pad" => self.pad(n, &a, &base),
+            "Sqrt" => {
+                let x = self.node_in(n, 0)?;
+                self.emit_keep(n, &base, Op::Sqrt, &[&x], BTreeMap::new())
+            }
+            "Reciprocal" => {
+                let x = self.node_in(n, 0)?;
+                self.emit_keep(n, &base, Op::Reciprocal, &[&x], BTreeMap::new())
+            }
+            "Pow" => self.pow(n, &base),
+            "ReduceMean" | "ReduceMax" | "ReduceSum" => self.reduce(n, &a, &base),
+            "LayerNormalization" => self.layer_norm(n, &a, &base),
+            "Split" => self.split(n, &a, &base),
+            "Slice" => self.slice(n, &a, &base),
+            "Resize" | "Upsample" => self.resize(n, &a, &base),
+            "ConvTranspose" => self.conv_transpose(n, &a),
+            "Gather" => err(format!(
+                "{} on data (not constants) is not supported",
+                n.op_type
+            )),
+            other => err(format!("{other} is not supported")),
+        }
+    }
+
+    fn emit_keep(
+        &mut self,
+        n: &NodeProto,
+        name: &str,
+        op: Op,
+        x: &[&NodeRef],
+        p: BTreeMap<&'static str, Const>,
+    ) -> Result<()> {
+        let names: Vec<&str> = x.iter().map(|r| r.node.as_str()).collect();
+        let name = self.fresh_name(name, &n.op_type.to_lowercase());
+        self.push(&name, op, &names, p)?;
+        let onnx = x[0].onnx.clone();
+        self.bind(n, NodeRef { node: name, onnx })
+    }
+
+    fn unary(&mut self, n: &NodeProto, base: &str, op: Op) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        self.emit_keep(n, base, op, &[&x], BTreeMap::new())
+    }
+
+    fn flatten(&mut self, n: &NodeProto, base: &str, x: NodeRef) -> Result<()> {
+        let total = slim_core::graph::elements(&x.onnx)
+            .ok_or_else(|| OnnxError::Model(format!("a value of shape {:?}", x.onnx)))?;
+        if self.shape_of(&x).len() == 1 {
+            return self.bind(
+                n,
+                NodeRef {
+                    node: x.node,
+                    onnx: vec![total],
+                },
+            );
+        }
+        let name = self.fresh_name(base, "flatten");
+        let shape = self.push(&name, Op::Flatten, &[&x.node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    fn axes(&self, n: &NodeProto, a: &Attrs) -> Result<Option<Vec<i64>>> {
+        if self.opset >= 13 {
+            Ok(self.opt_const(n, 1)?.map(|c| c.ints()))
+        } else {
+            Ok(a.ints("axes"))
+        }
+    }
+
+    /// A Slim node whose shape is the ONNX value's own: the node itself, or a reshape of it
+    /// where the importer kept a view (`[C]` seen as `[C, 1, 1]`, a channel grid).
+    fn materialize(&mut self, r: &NodeRef) -> Result<String> {
+        if self.shape_of(r) == r.onnx {
+            return Ok(r.node.clone());
+        }
+        let name = self.fresh_name(&format!("{}.view", r.node), "view");
+        let op = Op::Reshape {
+            shape: r.onnx.clone(),
+        };
+        self.push(&name, op, &[&r.node], BTreeMap::new())?;
+        Ok(name)
+    }
+
+    /// A per-sample axis from an ONNX axis of a value of `rank` (the batch axis is refused).
+    fn sample_axis(&self, axis: i64, rank: i64) -> Result<usize> {
+        let a = if axis < 0 { axis + rank } else { axis };
+        if a < 1 || a >= rank {
+            return err(format!(
+                "axis {axis} of a rank-{rank} value: Slim keeps the batch axis (0) apart"
+            ));
+        }
+        Ok(a as usize - 1)
+    }
+
+    /// Binds `n`'s output to `x` reshaped to the per-sample `shape`.
+    fn reshape(&mut self, n: &NodeProto, base: &str, x: &NodeRef, shape: Vec<usize>) -> Result<()> {
+        let name = self.fresh_name(base, "reshape");
+        let op = Op::Reshape { shape };
+        let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    fn finish(self, outputs: &[String]) -> Result<Model> {
+        // Only the nodes that some output needs (the input always): recognized patterns
+        // leave their parts behind, and exporters leave unread branches.
+        let mut live = vec![false; self.nodes.len()];
+        let mut stack: Vec<usize> = outputs
+            .iter()
+            .filter_map(|o| self.by_name.get(o).copied())
+            .collect();
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut live[i], true) {
+                continue;
+            }
+            stack.extend(self.nodes[i].inputs.iter().map(|x| self.by_name[x]));
+        }
+        let mut graph = Graph::new();
+        let mut params = ParamStore::new();
+        let dev = Device::Cpu;
+        for (_, p) in self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|&(i, p)| live[i] || matches!(p.op, Op::Input { .. }))
+        {
+            let inputs: Vec<&str> = p.inputs.iter().map(|s| s.as_str()).collect();
+            graph.wire(&p.name, p.op.clone(), &inputs)?;
+            for spec in p.op.params() {
+                let c = p.params.get(spec.role).ok_or_else(|| {
+                    OnnxError::Model(format!("node `{}` lacks its {}", p.name, spec.role))
+                })?;
+                if c.numel() != spec.shape.iter().product::<usize>() {
+                    return err(format!(
+                        "`{}.{}` has {} values, the layer needs shape {:?}",
+                        p.name,
+                        spec.role,
+                        c.numel(),
+                        spec.shape
+                    ));
+                }
+                let t = Tensor::from_vec(c.f32s(), spec.shape.as_slice(), &dev)
+                    .map_err(slim_core::CoreError::from)?;
+                let kind = if spec.role == "weight" || spec.role == "bias" {
+                    spec.kind
+                } else {
+                    ParamKind::Buffer
+                };
+                params.insert(format!("{}.{}", p.name, spec.role), &t, kind)?;
+            }
+        }
+        let names: Vec<&str> = outputs.iter().map(|s| s.as_str()).collect();
+        graph.set_outputs(&names)?;
+        Ok(Model::new(graph, params)?)
+    }
+}
+
+/// An f32 attribute as the f64 of its shortest decimal form (`1e-5`, not `9.99999974e-6`), so
+/// that the values Slim wrote come back exactly.
+fn decimal(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(f64::from(v))
+}
+
+fn join(v: &[usize]) -> String {
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The largest stride, dilation, padding or window Slim accepts from a file (far beyond any
+/// real model; it keeps every size computation inside `usize`).
+const LIMIT: i64 = 1 << 16;
+
+/// An attribute's sizes, each checked to be in `min..=LIMIT`.
+fn sizes(what: &str, v: &[i64], min: i64) -> Result<Vec<usize>> {
+    if v.iter().all(|x| (min..=LIMIT).contains(x)) {
+        Ok(v.iter().map(|&x| x as usize).collect())
+    } else {
+        err(format!("{what} {v:?} out of range ({min} to {LIMIT})"))
+    }
+}
+
+struct Attrs<'a>(&'a [AttributeProto]);
+
+impl Attrs<'_> {
+    fn get(&self, name: &str) -> Option<&AttributeProto> {
+        self.0.iter().find(|a| a.name == name)
+    }
+    fn int(&self, name: &str) -> Option<i64> {
+        self.get(name).map(|a| a.i)
+    }
+    fn float(&self, name: &str) -> Option<f32> {
+        self.get(name).map(|a| a.f)
+    }
+    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        self.get(name).map(|a| a.ints.clone())
+    }
+    fn string(&self, name: &str) -> Option<String> {
+        self.get(name)
+            .map(|a| String::from_utf8_lossy(&a.s).into_owned())
+    }
+    fn tensor(&self, name: &str) -> Option<&TensorProto> {
+        self.get(name).and_then(|a| a.t.as_ref())
+    }
+}

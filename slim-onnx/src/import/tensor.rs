@@ -1,0 +1,223 @@
+//! Ops over any axes at import: reductions, layer norms, splits and slices.
+
+use super::*;
+
+impl Builder {
+    pub(super) fn reduce(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        // The axes are an input from opset 18 (ReduceSum: 13), an attribute before.
+        let as_input = self.opset >= 18 || (n.op_type == "ReduceSum" && self.opset >= 13);
+        let axes = if as_input {
+            self.opt_const(n, 1)?.map(|c| c.ints())
+        } else {
+            a.ints("axes")
+        };
+        let keep = a.int("keepdims").unwrap_or(1) != 0;
+        let axes: Vec<i64> = match axes {
+            Some(v) if !v.is_empty() => v,
+            _ if a.int("noop_with_empty_axes").unwrap_or(0) != 0 => return self.bind(n, x),
+            _ => {
+                return err(format!(
+                    "{} without axes reduces the batch axis too; Slim keeps each sample apart",
+                    n.op_type
+                ))
+            }
+        };
+        let mut axes = axes
+            .iter()
+            .map(|&v| self.sample_axis(v, rank))
+            .collect::<Result<Vec<usize>>>()?;
+        axes.sort_unstable();
+        axes.dedup();
+        // A mean over the plane of a feature map is global average pooling (SE blocks).
+        let plane = x.onnx.len() == 3 && axes == [1, 2] && self.shape_of(&x).len() == 3;
+        if n.op_type == "ReduceMean" && plane {
+            let name = self.fresh_name(base, "gap");
+            let shape = self.push(&name, Op::GlobalAvgPool, &[&x.node], BTreeMap::new())?;
+            let mut onnx = shape.clone();
+            if keep {
+                onnx.extend([1, 1]);
+            }
+            return self.bind(n, NodeRef { node: name, onnx });
+        }
+        let kind = match n.op_type.as_str() {
+            "ReduceMean" => ReduceKind::Mean,
+            "ReduceMax" => ReduceKind::Max,
+            _ => ReduceKind::Sum,
+        };
+        let node = self.materialize(&x)?;
+        let name = self.fresh_name(base, "reduce");
+        let op = Op::Reduce { kind, axes, keep };
+        let shape = self.push(&name, op, &[&node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    pub(super) fn layer_norm(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        if n.output.len() > 1
+            && n.output[1..]
+                .iter()
+                .any(|o| self.uses.get(o).copied().unwrap_or(0) > 0)
+        {
+            return err(
+                "its mean or inverse deviation output is used, which Slim does not compute",
+            );
+        }
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        let from = self.sample_axis(a.int("axis").unwrap_or(-1), rank)?;
+        let shape = x.onnx[from..].to_vec();
+        let numel: usize = shape.iter().product();
+        let full = |c: Option<Const>, fill: f64, what: &str| -> Result<Const> {
+            match c {
+                None => Ok(Const {
+                    dims: shape.clone(),
+                    values: vec![fill; numel],
+                }),
+                Some(c) if c.numel() == numel => Ok(Const {
+                    dims: shape.clone(),
+                    values: c.values,
+                }),
+                Some(c) if c.numel() == 1 => Ok(Const {
+                    dims: shape.clone(),
+                    values: vec![c.values[0]; numel],
+                }),
+                Some(c) => err(format!(
+                    "its {what} of shape {:?} for normalized axes {shape:?}",
+                    c.dims
+                )),
+            }
+        };
+        let weight = full(self.opt_const(n, 1)?, 1.0, "scale")?;
+        let bias = full(self.opt_const(n, 2)?, 0.0, "bias")?;
+        let eps = decimal(a.float("epsilon").unwrap_or(1e-5));
+        let node = self.materialize(&x)?;
+        let name = self.fresh_name(base, "layernorm");
+        let p = BTreeMap::from([("weight", weight), ("bias", bias)]);
+        let op = Op::LayerNorm {
+            from,
+            shape: shape.clone(),
+            eps,
+        };
+        let out = self.push(&name, op, &[&node], p)?;
+        self.bind(n, NodeRef::plain(name, &out))
+    }
+
+    /// Binds ONNX output `k` of `n` to a slice of `x` along a per-sample axis.
+    pub(super) fn bind_slice(
+        &mut self,
+        n: &NodeProto,
+        k: usize,
+        x: &str,
+        axis: usize,
+        range: (usize, usize, usize),
+    ) -> Result<()> {
+        let (start, end, step) = range;
+        let base = sanitize(n.output.get(k).map(|s| s.as_str()).unwrap_or(""));
+        let name = self.fresh_name(&base, "slice");
+        let op = Op::Slice {
+            axis,
+            start,
+            end,
+            step,
+        };
+        let shape = self.push(&name, op, &[x], BTreeMap::new())?;
+        let out = n.output[k].clone();
+        self.values
+            .insert(out, Value::Node(NodeRef::plain(name, &shape)));
+        Ok(())
+    }
+
+    pub(super) fn split(&mut self, n: &NodeProto, a: &Attrs, _base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        let axis = self.sample_axis(a.int("axis").unwrap_or(0), rank)?;
+        let len = x.onnx[axis];
+        let parts = n.output.len();
+        let given = if self.opset >= 13 {
+            self.opt_const(n, 1)?.map(|c| c.ints())
+        } else {
+            a.ints("split")
+        };
+        let sizes: Vec<usize> = match given {
+            Some(v) => sizes("split", &v, 0)?,
+            None if parts > 0 => {
+                // Equal parts, the last one smaller when the length does not divide.
+                let each = len.div_ceil(parts);
+                (0..parts)
+                    .map(|i| each.min(len.saturating_sub(i * each)))
+                    .collect()
+            }
+            None => return err("a Split without outputs"),
+        };
+        if sizes.len() != parts || sizes.iter().sum::<usize>() != len || sizes.contains(&0) {
+            return err(format!(
+                "split sizes {sizes:?} of {len} values into {parts} outputs"
+            ));
+        }
+        let node = self.materialize(&x)?;
+        let mut start = 0;
+        for (k, size) in sizes.into_iter().enumerate() {
+            self.bind_slice(n, k, &node, axis, (start, start + size, 1))?;
+            start += size;
+        }
+        Ok(())
+    }
+
+    pub(super) fn slice(&mut self, n: &NodeProto, a: &Attrs, _base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        let (starts, ends, axes, steps) = if self.opset < 10 {
+            (
+                a.ints("starts").unwrap_or_default(),
+                a.ints("ends").unwrap_or_default(),
+                a.ints("axes"),
+                None,
+            )
+        } else {
+            (
+                self.konst(n, 1)?.ints(),
+                self.konst(n, 2)?.ints(),
+                self.opt_const(n, 3)?.map(|c| c.ints()),
+                self.opt_const(n, 4)?.map(|c| c.ints()),
+            )
+        };
+        let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+        let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+        if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+            return err("Slice with starts, ends, axes and steps of different lengths");
+        }
+        let mut cur = self.materialize(&x)?;
+        let mut shape = x.onnx.clone();
+        for i in 0..starts.len() {
+            let axis = self.sample_axis(axes[i], rank)?;
+            let len = shape[axis] as i64;
+            let step = steps[i];
+            if step < 1 {
+                return err(format!("Slice with step {step}; Slim slices forwards"));
+            }
+            let clamp = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
+            let (s, e) = (clamp(starts[i]), clamp(ends[i]));
+            if s >= e {
+                return err(format!(
+                    "Slice {}..{} of axis {} leaves nothing",
+                    starts[i], ends[i], axes[i]
+                ));
+            }
+            if (s, e, step) == (0, len, 1) {
+                continue;
+            }
+            let name = self.fresh_name(&sanitize(&display_name(n)), "slice");
+            let op = Op::Slice {
+                axis,
+                start: s as usize,
+                end: e as usize,
+                step: step as usize,
+            };
+            shape = self.push(&name, op, &[&cur], BTreeMap::new())?;
+            cur = name;
+        }
+        let r = NodeRef::plain(cur, &shape);
+        self.bind(n, r)
+    }
+}
