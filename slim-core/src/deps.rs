@@ -450,6 +450,7 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             | Op::Tanh
             | Op::Silu
             | Op::Gelu
+            | Op::GeluTanh
             | Op::Erf
             | Op::Dropout { .. }
             | Op::Identity

@@ -917,6 +917,7 @@ impl Model {
             Op::Tanh => x.tanh()?,
             Op::Silu => x.silu()?,
             Op::Gelu => x.gelu_erf()?,
+            Op::GeluTanh => x.gelu()?,
             Op::Erf => x.erf()?,
             Op::ChannelAffine { .. } => {
                 let w = per_channel(&self.param(node, "weight", mode, src)?, x)?;

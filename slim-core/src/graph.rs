@@ -391,6 +391,8 @@ pub enum Op {
     Silu,
     /// `x * Φ(x)` with the exact normal CDF: `0.5 * x * (1 + erf(x / √2))`.
     Gelu,
+    /// GELU's tanh approximation: `0.5 * x * (1 + tanh(√(2/π) * (x + 0.044715 * x³)))`.
+    GeluTanh,
     /// The error function, element-wise.
     Erf,
     /// `x * weight[c] + bias[c]` per channel (parameters `weight` and `bias`, shape `[C]`): what
@@ -552,6 +554,7 @@ impl Op {
             Op::Tanh => "tanh",
             Op::Silu => "silu",
             Op::Gelu => "gelu",
+            Op::GeluTanh => "gelutanh",
             Op::Erf => "erf",
             Op::ChannelAffine { .. } => "channelaffine",
             Op::Add => "add",
@@ -825,6 +828,7 @@ impl Op {
             | Op::Tanh
             | Op::Silu
             | Op::Gelu
+            | Op::GeluTanh
             | Op::Erf
             | Op::Dropout { .. }
             | Op::Softmax

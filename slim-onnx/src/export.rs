@@ -427,6 +427,35 @@ impl Writer<'_> {
                 self.op("Mul", times, &[x[0], plus], times, vec![]);
                 self.op("Mul", out, &[times, half], out, vec![]);
             }
+            Op::GeluTanh if self.opset >= 20 => {
+                self.op("Gelu", out, &x, out, vec![string("approximate", "tanh")])
+            }
+            Op::GeluTanh => {
+                // 0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³))), written out.
+                let names = [
+                    "cube", "three", "c", "cubed", "sum", "k", "inner", "tanh", "one", "plus",
+                    "half", "times",
+                ]
+                .map(|s| format!("{out}_{s}"));
+                let [cube, three, c, cubed, sum, k, inner, tanh, one, plus, half, times] = &names;
+                for (name, v) in [
+                    (three, 3.0),
+                    (c, 0.044715),
+                    (k, (2.0 / std::f32::consts::PI).sqrt()),
+                    (one, 1.0),
+                    (half, 0.5),
+                ] {
+                    self.graph.initializer.push(f32_tensor(name, &[], &[v]));
+                }
+                self.op("Pow", cube, &[x[0], three], cube, vec![]);
+                self.op("Mul", cubed, &[cube, c], cubed, vec![]);
+                self.op("Add", sum, &[x[0], cubed], sum, vec![]);
+                self.op("Mul", inner, &[sum, k], inner, vec![]);
+                self.op("Tanh", tanh, &[inner], tanh, vec![]);
+                self.op("Add", plus, &[tanh, one], plus, vec![]);
+                self.op("Mul", times, &[x[0], plus], times, vec![]);
+                self.op("Mul", out, &[times, half], out, vec![]);
+            }
             Op::ChannelAffine { .. } => {
                 let (w, b) = (
                     self.per_channel(node, "weight")?,

@@ -17,7 +17,7 @@ pub const OP_TABLE: [(&str, &str); 51] = [
     ("Sigmoid", "sigmoid; x·sigmoid(x) becomes SiLU"),
     ("Tanh", "tanh"),
     ("Erf", "error function; x·(1+erf(x/√2))/2 becomes GELU"),
-    ("Gelu", "exact GELU (approximate=\"tanh\" refused)"),
+    ("Gelu", "exact GELU, or its tanh approximation (approximate=\"tanh\")"),
     ("Add", "sum of data (broadcast); data plus a constant folded into the layer before, else a per-channel affine or a constant tensor"),
     ("Sub", "as Add; constant minus data too"),
     ("Mul", "element-wise or squeeze-and-excite gate; by a constant as Add"),

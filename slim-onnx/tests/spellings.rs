@@ -38,6 +38,7 @@ fn expected(case: &str) -> (&'static [&'static str], &'static [&'static str]) {
         c if c.starts_with("relu6") => (&["relu6"], &["clip"]),
         "clip_general" => (&["clip"], &[]),
         "silu" => (&["silu"], PARTS),
+        "gelu_tanh" => (&["gelutanh"], PARTS),
         c if c.starts_with("gelu") => (&["gelu"], PARTS),
         "leaky_relu" => (&["leakyrelu"], &[]),
         "prelu" => (&["prelu"], &[]),

@@ -831,8 +831,9 @@ impl Builder {
             "Erf" => self.unary(n, &base, Op::Erf),
             "Gelu" => match a.string("approximate").as_deref() {
                 None | Some("none") => self.unary(n, &base, Op::Gelu),
+                Some("tanh") => self.unary(n, &base, Op::GeluTanh),
                 Some(other) => err(format!(
-                    "Gelu with approximate=\"{other}\"; Slim computes the exact (erf) form"
+                    "Gelu with approximate=\"{other}\" (ONNX names none and tanh)"
                 )),
             },
             "Neg" => {

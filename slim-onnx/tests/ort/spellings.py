@@ -279,6 +279,11 @@ def gelu_native(g):
     g.output(g.conv(g.op("Gelu", [y]), C, C))
 
 
+def gelu_tanh(g):
+    y = g.conv("x", C, C)
+    g.output(g.conv(g.op("Gelu", [y], approximate="tanh"), C, C))
+
+
 def leaky_relu(g):
     y = g.conv("x", C, C)
     g.output(g.conv(g.op("LeakyRelu", [y], alpha=0.1), C, C))
@@ -629,6 +634,7 @@ CASES = {
     "silu": (silu, SMALL, 13),
     "gelu_erf": (gelu_erf, SMALL, 13),
     "gelu_native": (gelu_native, SMALL, 20),
+    "gelu_tanh": (gelu_tanh, SMALL, 20),
     "leaky_relu": (leaky_relu, SMALL, 13),
     "prelu": (prelu, SMALL, 13),
     "tanh": (tanh, SMALL, 13),
