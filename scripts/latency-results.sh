@@ -4,7 +4,7 @@
 # table on the same models (estimated vs measured whole-model latency) and prints a Markdown
 # table of the errors and the mean absolute percentage error.
 #
-#   scripts/latency-results.sh                 # the README's figures
+#   scripts/latency-results.sh                 # the figures of docs/results.md
 #   RUNTIMES=f32 RUNS=10 scripts/latency-results.sh
 #
 # Settings (environment): MODELS (zoo NAME@CxHxW entries), RUNTIMES ("f32 int8"), RUNS (timed

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PaddlePaddle 2.6.2's top-1 on the README's training recipe (scripts/paddle_train.py), one
+# PaddlePaddle 2.6.2's top-1 on the training recipe of docs/results.md (scripts/paddle_train.py), one
 # run per seed, beside Slim's on the same seeds. Paddle is installed from PyPI into
 # target/paddle-venv the first time (about 200 MB), as for scripts/paddle-inference.sh.
 #

@@ -308,6 +308,23 @@ pub struct LrnSpec {
     pub bias: f32,
 }
 
+/// A layer's `weight` of `shape`, and its `bias` of `bias` values when it has one.
+fn weight_and_bias(shape: Vec<usize>, bias: Option<usize>) -> Vec<ParamSpec> {
+    let mut v = vec![ParamSpec {
+        role: "weight",
+        shape,
+        kind: ParamKind::Weight,
+    }];
+    if let Some(n) = bias {
+        v.push(ParamSpec {
+            role: "bias",
+            shape: vec![n],
+            kind: ParamKind::Bias,
+        });
+    }
+    v
+}
+
 /// The sizes a convolution (plain or transposed) names, against its input's `ci` channels:
 /// `[in, out, groups, stride, dilation]` at least 1 (in matching `ci`), groups dividing both
 /// channel counts, a kernel of at least 1.
@@ -593,50 +610,29 @@ impl Op {
     pub fn params(&self) -> Vec<ParamSpec> {
         let spec = |role, shape, kind| ParamSpec { role, shape, kind };
         match self {
-            Op::Conv2d(c) => {
-                let mut v = vec![spec(
-                    "weight",
-                    vec![
-                        c.out_channels,
-                        c.in_channels / c.groups.max(1),
-                        c.kernel[0],
-                        c.kernel[1],
-                    ],
-                    ParamKind::Weight,
-                )];
-                if c.bias {
-                    v.push(spec("bias", vec![c.out_channels], ParamKind::Bias));
-                }
-                v
-            }
-            Op::Linear(l) | Op::Dense(l) => {
-                let mut v = vec![spec(
-                    "weight",
-                    vec![l.out_features, l.in_features],
-                    ParamKind::Weight,
-                )];
-                if l.bias {
-                    v.push(spec("bias", vec![l.out_features], ParamKind::Bias));
-                }
-                v
-            }
+            Op::Conv2d(c) => weight_and_bias(
+                vec![
+                    c.out_channels,
+                    c.in_channels / c.groups.max(1),
+                    c.kernel[0],
+                    c.kernel[1],
+                ],
+                c.bias.then_some(c.out_channels),
+            ),
+            Op::Linear(l) | Op::Dense(l) => weight_and_bias(
+                vec![l.out_features, l.in_features],
+                l.bias.then_some(l.out_features),
+            ),
             Op::FakeQuant(_) => vec![spec("scale", vec![1], ParamKind::Buffer)],
-            Op::ConvTranspose2d(c) => {
-                let mut v = vec![spec(
-                    "weight",
-                    vec![
-                        c.in_channels,
-                        c.out_channels / c.groups.max(1),
-                        c.kernel[0],
-                        c.kernel[1],
-                    ],
-                    ParamKind::Weight,
-                )];
-                if c.bias {
-                    v.push(spec("bias", vec![c.out_channels], ParamKind::Bias));
-                }
-                v
-            }
+            Op::ConvTranspose2d(c) => weight_and_bias(
+                vec![
+                    c.in_channels,
+                    c.out_channels / c.groups.max(1),
+                    c.kernel[0],
+                    c.kernel[1],
+                ],
+                c.bias.then_some(c.out_channels),
+            ),
             Op::PRelu { channels } => vec![spec("weight", vec![*channels], ParamKind::Weight)],
             Op::LayerNorm { shape, .. } => vec![
                 spec("weight", shape.clone(), ParamKind::Weight),

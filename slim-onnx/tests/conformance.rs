@@ -30,7 +30,7 @@ use slim_core::exec::ForwardOptions;
 use slim_core::Mode;
 use slim_onnx::{import_file, ImportOptions, SUPPORTED_OPS};
 
-use common::{python, workspace};
+use common::{python, read_f32, workspace};
 
 /// The node tests (of supported ops, other inputs than the first made initializers) that pass
 /// today: 157 of the 374 prepared with `onnx==1.23.2` (the version `tests/common` installs and
@@ -58,14 +58,6 @@ enum Outcome {
 /// Whether `a` matches the reference `b` (NaN matches NaN, infinity the same infinity).
 fn close(a: f32, b: f32) -> bool {
     a == b || (a.is_nan() && b.is_nan()) || (a - b).abs() <= ATOL + RTOL * b.abs()
-}
-
-fn read_f32(path: &Path) -> Vec<f32> {
-    std::fs::read(path)
-        .expect("read")
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }
 
 fn dims(words: &[&str]) -> Vec<usize> {

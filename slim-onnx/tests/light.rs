@@ -28,7 +28,7 @@ use slim_prune::criterion::Criterion;
 use slim_prune::pruner::Pruner;
 use slim_quant::ptq::{quantize, PtqConfig};
 
-use common::{max_rel, ort_output, python, workspace};
+use common::{max_rel, ort_output, python, read_f32, workspace};
 
 const LIGHT: [&str; 9] = [
     "bvlc_alexnet",
@@ -56,14 +56,6 @@ fn prepare(py: &Path, name: &str, dir: &Path) {
         "light.py {name} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn read_f32(path: &Path) -> Vec<f32> {
-    std::fs::read(path)
-        .expect("read")
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }
 
 /// The nine networks prepared once for every test of this file, in one folder.

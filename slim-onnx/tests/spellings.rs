@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
@@ -17,15 +16,7 @@ use slim_core::{Mode, Model};
 use slim_onnx::{export, import_file, ExportOptions, ImportOptions};
 use slim_quant::ptq::{quantize, PtqConfig};
 
-use common::{max_rel, ort_output, python, workspace};
-
-fn read_f32(path: &Path) -> Vec<f32> {
-    std::fs::read(path)
-        .expect("read")
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
+use common::{max_rel, ort_output, python, read_f32, workspace};
 
 /// The op kinds a case must import to, and those that must not be left in the graph.
 fn expected(case: &str) -> (&'static [&'static str], &'static [&'static str]) {

@@ -156,8 +156,13 @@ pub fn ort_output(py: &Path, model: &[u8], x: &Tensor, k: usize) -> Vec<f32> {
         "onnxruntime failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::read(&o)
-        .expect("output")
+    read_f32(&o)
+}
+
+/// Little-endian f32 values from a file (what the Python helpers write).
+pub fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .expect("read")
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
