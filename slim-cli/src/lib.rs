@@ -18,6 +18,7 @@ macro_rules! outln {
     ($($arg:tt)*) => { $crate::output::write_stdout(&format!("{}\n", format_args!($($arg)*))) };
 }
 
+mod bench;
 mod common;
 mod compress;
 mod distill;
@@ -62,6 +63,8 @@ enum Command {
     Run(run::RunArgs),
     /// Per-layer MACs and parameters, totals, and the channel groups of a model.
     Info(info::InfoArgs),
+    /// Time a model file's forward on Slim's runtime: milliseconds per batch, images per second.
+    Bench(bench::BenchArgs),
     /// Remove whole channels: uniformly, from sensitivities, or by a search; then fine-tune.
     Prune(prune::PruneArgs),
     /// How much accuracy each channel group loses at each pruning ratio.
@@ -182,6 +185,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => train::run_eval(args),
         Command::Run(args) => run::run(args),
         Command::Info(args) => info::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Prune(args) => prune::run_prune(args),
         Command::Sensitivity(args) => prune::run_sensitivity(args),
         Command::Quant(cmd) => quant::run(cmd),

@@ -159,11 +159,13 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
         simulated.top1 * 100.0
     );
     outln!(
-        "{} layers quantized (weights {}, activations {}), {} batch norms folded, calibrated on \
-         {} images in {:.1} s; {} written",
+        "{} layers quantized (weights {}, activations {}) and {} of their outputs that no \
+         quantized layer reads, {} batch norms folded, calibrated on {} images in {:.1} s; {} \
+         written",
         report.layers.len(),
         cfg.weights,
         cfg.activations,
+        report.outputs.len(),
         report.folded_batch_norms,
         report.calibration_images,
         report.seconds,

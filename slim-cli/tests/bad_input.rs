@@ -117,6 +117,7 @@ fn every_model_reading_command_refuses_bad_files() {
                 out,
             ],
             vec!["export", m, "--out", out],
+            vec!["bench", m, "--runs", "1"],
             vec!["latency", "estimate", "--table", m, m],
         ];
         for args in commands {
@@ -166,6 +167,12 @@ fn wrong_kinds_of_model_and_impossible_numbers_are_refused() {
         &["nosuchnet"],
     );
     refused(&["export", m, "--out", out, "--opset", "99"], &["opset 99"]);
+    refused(
+        &["export", q, "--out", out, "--activations-type", "u4"],
+        &["--activations-type", "u4"],
+    );
+    refused(&["bench", m, "--batch", "0"], &["--batch 0"]);
+    refused(&["bench", m, "--threads", "0"], &["--threads 0"]);
     // Numbers whose products overflow, and sizes no memory holds.
     refused(
         &[

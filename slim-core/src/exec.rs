@@ -1109,6 +1109,9 @@ impl Model {
                 "the fake-quantization scale is not set (calibrate or train the model first)",
             ));
         }
+        if mode == Mode::Eval && x.device().is_cpu() && x.dtype() == DType::F32 {
+            return fake_quantize_eval(x, scale, qmax);
+        }
         fake_quantize(x, scale, qmax)
     }
 
@@ -1212,6 +1215,33 @@ pub fn fake_quantize(x: &Tensor, scale: f32, qmax: f64) -> Result<Tensor> {
     let clipped = x.clamp(-qmax * s, qmax * s)?;
     let q = ((&clipped / s)?.round()? * s)?;
     Ok((&clipped + (q - &clipped)?.detach())?)
+}
+
+/// [`fake_quantize`] without a gradient, in one pass over the values on the CPU: the same
+/// float operations in the same order, so the same results to the bit.
+fn fake_quantize_eval(x: &Tensor, scale: f32, qmax: f64) -> Result<Tensor> {
+    let s = f64::from(scale);
+    let (lo, hi) = ((-qmax * s) as f32, (qmax * s) as f32);
+    let (inv, s32) = ((1.0 / s) as f32, s as f32);
+    let v = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; v.len()];
+    let run = |(src, dst): (&[f32], &mut [f32])| {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            let c = x.clamp(lo, hi);
+            let q = (c * inv + 0.0).round() * s32 + 0.0;
+            *d = c + (q - c);
+        }
+    };
+    const CHUNK: usize = 1 << 15;
+    if v.len() > CHUNK {
+        use rayon::prelude::*;
+        v.par_chunks(CHUNK)
+            .zip(out.par_chunks_mut(CHUNK))
+            .for_each(run);
+    } else {
+        run((&v, &mut out));
+    }
+    Ok(Tensor::from_vec(out, x.dims(), x.device())?)
 }
 
 /// Inverted dropout: zero each value with probability `p`, scale the rest by `1 / (1 - p)`.
@@ -1499,6 +1529,40 @@ mod tests {
     use super::*;
     use crate::graph::{Conv2dSpec, GraphBuilder};
     use candle_core::{Device, Var};
+
+    /// The one-pass evaluation quantizer gives the graph's quantizer's values to the bit:
+    /// random values, exact ties (`k + 0.5` steps), the clamp's edges, and values beyond.
+    #[test]
+    fn one_pass_fake_quantization_is_the_graphs_to_the_bit() {
+        for (scale, qmax) in [(0.0173f32, 127.0), (0.5, 127.0), (3.1e-4, 7.0)] {
+            let mut v: Vec<f32> = Tensor::randn(0f32, 200.0 * scale, 70_000, &Device::Cpu)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            v.extend((-300..300).map(|k| (k as f32 + 0.5) * scale));
+            v.extend([
+                qmax as f32 * scale,
+                -(qmax as f32) * scale,
+                1e9,
+                -1e9,
+                0.0,
+                -0.0,
+            ]);
+            let x = Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap();
+            let a: Vec<f32> = fake_quantize(&x, scale, qmax).unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = fake_quantize_eval(&x, scale, qmax)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for ((x, a), b) in v.iter().zip(&a).zip(&b) {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{x} at scale {scale}: {a} against {b}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn gradients_reach_every_trainable_parameter_and_bn_updates_only_in_train() {

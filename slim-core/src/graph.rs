@@ -1330,6 +1330,41 @@ impl Graph {
             .collect()
     }
 
+    /// Where the output of node `id` is next rounded to an integer grid: from `id`, along
+    /// each node's only reader, through at most one ReLU or ReLU6, symmetric max pooling and
+    /// flattening (each commutes with rounding, being monotone or only moving values), up to
+    /// a node one of whose readers `quantizer` picks. Gives the nodes passed (without `id`)
+    /// and that reader; `None` where the walk meets a graph output, a node with no reader, or
+    /// a node it cannot pass before finding one.
+    pub fn quantized_chain(
+        &self,
+        id: usize,
+        quantizer: impl Fn(&Node) -> bool,
+    ) -> (Vec<usize>, Option<usize>) {
+        let outputs = self.outputs();
+        let (mut chain, mut cur, mut activation) = (Vec::new(), id, false);
+        loop {
+            if outputs.contains(&cur) {
+                return (chain, None);
+            }
+            let readers = self.successors(cur);
+            if let Some(&q) = readers.iter().find(|&&r| quantizer(&self.nodes[r])) {
+                return (chain, Some(q));
+            }
+            let [next] = readers[..] else {
+                return (chain, None);
+            };
+            match &self.nodes[next].op {
+                Op::Relu | Op::Relu6 if !activation => activation = true,
+                Op::MaxPool2d(p) if p.is_symmetric() => {}
+                Op::Flatten => {}
+                _ => return (chain, None),
+            }
+            chain.push(next);
+            cur = next;
+        }
+    }
+
     /// For every node, how many times its output is consumed (outputs count once more).
     pub fn use_counts(&self) -> Vec<usize> {
         let mut uses = vec![0; self.nodes.len()];

@@ -564,6 +564,48 @@ pub fn validate(
     Ok(Validation { models, mape })
 }
 
+/// One whole-model timing: a batch size and thread count, and milliseconds per forward.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRun {
+    pub batch: usize,
+    pub threads: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub images_per_sec: f64,
+}
+
+/// Times whole forwards of `model` on random inputs: `opts.runs` of them after the warm-up,
+/// with `threads` threads and `batch` images each, on the f32 runtime (its batch norms
+/// folded and weights laid out once) or on `kernels` (prepared once, as a deployed model
+/// runs).
+pub fn bench(
+    model: &Model,
+    kernels: Option<&dyn NodeKernels>,
+    batch: usize,
+    threads: usize,
+    opts: &BuildOptions,
+) -> Result<BenchRun> {
+    opts.check()?;
+    if batch == 0 || threads == 0 {
+        return Err(LatencyError::Invalid(format!(
+            "the batch size and thread count must be at least 1 (batch {batch}, {threads} thread(s))"
+        )));
+    }
+    let mut t = with_threads(threads, || {
+        time_model(model, kernels, batch, opts, false, || {})
+    })?;
+    let (median_ms, _, _) = median_and_quartiles(&mut t.whole);
+    Ok(BenchRun {
+        batch,
+        threads,
+        median_ms,
+        min_ms: t.whole[0],
+        max_ms: t.whole[t.whole.len() - 1],
+        images_per_sec: batch as f64 * 1e3 / median_ms,
+    })
+}
+
 /// A latency table as a search's cost: estimated milliseconds of a graph. For an int8 table,
 /// every convolution and linear layer that reads a fake-quantized input counts as int8.
 pub struct LatencyCost {

@@ -5,12 +5,16 @@
 //! reads like the Slim one and imports back to the same graph. Values keep Slim's shapes with
 //! the batch axis in front (`GlobalAvgPool` is `GlobalAveragePool` then `Flatten`).
 //!
-//! An int8 model is written in QDQ form: each quantized weight is an int8 initializer
-//! (`<name>_quantized`) with its scales (per output channel when it has several) and a
-//! `DequantizeLinear` giving the float weight; each `FakeQuant` node is a
-//! `QuantizeLinear`/`DequantizeLinear` pair with its scale and zero point 0. ONNX Runtime and
-//! TensorRT recognise the pattern and run the layers in int8.
+//! An int8 model is written in QDQ form, laid out as runtimes fuse it ([`qdq`]): each
+//! quantized weight is an int8 initializer (`<name>_quantized`) with its scales (per output
+//! channel when it has several) and a `DequantizeLinear` giving the float weight, its bias an
+//! int32 one; each `FakeQuant` node is a `QuantizeLinear`/`DequantizeLinear` pair, moved up to
+//! the output of the layer before it. ONNX Runtime, TensorRT and OpenVINO recognise the
+//! pattern and run the layers in integers.
 
+mod qdq;
+
+use std::collections::HashMap;
 use std::path::Path;
 
 use prost::Message;
@@ -23,6 +27,7 @@ use crate::proto::{
     TypeProto, ValueInfoProto,
 };
 use crate::{OnnxError, Result};
+pub use qdq::{ActivationType, QParams};
 
 /// Options of an export.
 #[derive(Clone, Debug)]
@@ -30,41 +35,70 @@ pub struct ExportOptions {
     /// The ONNX opset (17 by default; 12 to 21 are written). Per-channel weight scales in QDQ
     /// form need 13 or newer; before 14, HardSwish is written as `x * HardSigmoid(x)`.
     pub opset: i64,
+    /// The integer type of an int8 model's activations (`u8` by default).
+    pub activations: ActivationType,
 }
 
 impl Default for ExportOptions {
     fn default() -> Self {
-        ExportOptions { opset: 17 }
+        ExportOptions {
+            opset: 17,
+            activations: ActivationType::default(),
+        }
     }
 }
 
-/// Writes a model as an ONNX file (atomically: a failure leaves no file).
-pub fn export_file(model: &Model, path: impl AsRef<Path>, opts: &ExportOptions) -> Result<()> {
-    let bytes = export(model, opts)?;
+/// Writes a model as an ONNX file (atomically: a failure leaves no file); gives the notes of
+/// [`export_with_notes`].
+pub fn export_file(
+    model: &Model,
+    path: impl AsRef<Path>,
+    opts: &ExportOptions,
+) -> Result<Vec<String>> {
+    let (bytes, notes) = export_with_notes(model, opts)?;
     slim_core::io::write_atomic(path.as_ref(), &bytes)?;
-    Ok(())
+    Ok(notes)
 }
 
 /// A model's ONNX bytes.
 pub fn export(model: &Model, opts: &ExportOptions) -> Result<Vec<u8>> {
+    export_with_notes(model, opts).map(|(bytes, _)| bytes)
+}
+
+/// A model's ONNX bytes, and a note for each part of an int8 model that deployed runtimes
+/// will run in float (a quantized layer with no quantizer after its output).
+pub fn export_with_notes(model: &Model, opts: &ExportOptions) -> Result<(Vec<u8>, Vec<String>)> {
     if !(12..=21).contains(&opts.opset) {
         return Err(OnnxError::Model(format!(
             "opset {} is not supported for export (12 to 21)",
             opts.opset
         )));
     }
+    let plan = qdq::plan(model, opts.activations)?;
+    let notes = plan
+        .float_outputs
+        .iter()
+        .map(|l| {
+            format!(
+                "`{l}` runs in float where deployed: no quantizer follows its output \
+                 (quantize the model again to calibrate one)"
+            )
+        })
+        .collect();
     let mut w = Writer {
         opset: opts.opset,
         graph: GraphProto::default(),
         model,
+        plan,
+        alias: HashMap::new(),
     };
     w.graph.name = model
         .provenance
         .get("zoo")
         .cloned()
         .unwrap_or_else(|| "slim".to_string());
-    for node in model.graph.nodes() {
-        w.node(node)?;
+    for (id, node) in model.graph.nodes().iter().enumerate() {
+        w.node(id, node)?;
     }
     for o in model.graph.outputs() {
         let n = model.graph.node(o);
@@ -91,13 +125,16 @@ pub fn export(model: &Model, opts: &ExportOptions) -> Result<Vec<u8>> {
         metadata_props: metadata,
         ..Default::default()
     };
-    Ok(proto.encode_to_vec())
+    Ok((proto.encode_to_vec(), notes))
 }
 
 struct Writer<'a> {
     opset: i64,
     graph: GraphProto,
     model: &'a Model,
+    plan: qdq::Plan,
+    /// The value that stands for a node written as its input.
+    alias: HashMap<String, String>,
 }
 
 fn value_info(name: &str, shape: &[usize]) -> ValueInfoProto {
@@ -170,6 +207,30 @@ fn i8_tensor(name: &str, dims: &[usize], values: &[i8]) -> TensorProto {
         dims: dims.iter().map(|&d| d as i64).collect(),
         data_type: data_type::INT8,
         raw_data: values.iter().map(|&v| v as u8).collect(),
+        ..Default::default()
+    }
+}
+
+fn q_tensor(name: &str, q: &QParams) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: vec![],
+        data_type: if q.unsigned {
+            data_type::UINT8
+        } else {
+            data_type::INT8
+        },
+        raw_data: vec![q.zero as u8],
+        ..Default::default()
+    }
+}
+
+fn i32_tensor(name: &str, values: &[i32]) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: vec![values.len() as i64],
+        data_type: data_type::INT32,
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         ..Default::default()
     }
 }
@@ -258,6 +319,74 @@ impl Writer<'_> {
         Ok(name)
     }
 
+    /// The bias of an integer layer: int32 on the scales `input scale × weight scale` (per
+    /// output channel), read back by a `DequantizeLinear`.
+    fn int32_bias(&mut self, node: &Node) -> Result<String> {
+        let input = &self.plan.params[&node.inputs[0]];
+        let name = node.param_name("bias");
+        let wq = &self.model.int8[&node.param_name("weight")];
+        let bias = self
+            .model
+            .params
+            .tensor(&name)?
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(slim_core::CoreError::from)?;
+        let per = bias.len() / wq.scales.len().max(1);
+        let scales: Vec<f32> = (0..bias.len())
+            .map(|o| input.scale * wq.scales[o / per.max(1)])
+            .collect();
+        let values: Vec<i32> = bias
+            .iter()
+            .zip(&scales)
+            .map(|(b, s)| (b / s).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32)
+            .collect();
+        let (qname, sname) = (format!("{name}_quantized"), format!("{name}_scale"));
+        self.graph.initializer.push(i32_tensor(&qname, &values));
+        self.graph
+            .initializer
+            .push(f32_tensor(&sname, &[scales.len()], &scales));
+        self.op(
+            "DequantizeLinear",
+            &format!("{name}_dequantize"),
+            &[&qname, &sname],
+            &name,
+            vec![int("axis", 0)],
+        );
+        Ok(name)
+    }
+
+    /// A layer's inputs: `x`, its weight, and its bias when it has one (int32 for an integer
+    /// layer).
+    fn layer_inputs(
+        &mut self,
+        node: &Node,
+        x: &str,
+        bias: bool,
+        integer: bool,
+    ) -> Result<Vec<String>> {
+        let mut inputs = vec![x.to_string(), self.param(node, "weight")?];
+        if bias && integer {
+            inputs.push(self.int32_bias(node)?);
+        } else if bias {
+            inputs.push(self.param(node, "bias")?);
+        }
+        Ok(inputs)
+    }
+
+    /// `QuantizeLinear` then `DequantizeLinear` of value `x` with `q`, the result named `out`.
+    fn quant_pair(&mut self, x: &str, q: &QParams, out: &str) {
+        let (s, z, q8) = (
+            format!("{out}_scale"),
+            format!("{out}_zero_point"),
+            format!("{out}_quantized"),
+        );
+        self.graph.initializer.push(f32_tensor(&s, &[], &[q.scale]));
+        self.graph.initializer.push(q_tensor(&z, q));
+        self.op("QuantizeLinear", &q8, &[x, &s, &z], &q8, vec![]);
+        self.op("DequantizeLinear", out, &[&q8, &s, &z], out, vec![]);
+    }
+
     /// A per-channel parameter as an initializer that broadcasts over the node's output:
     /// `[C, 1, 1]` for feature maps, `[C]` for vectors.
     fn per_channel(&mut self, node: &Node, role: &str) -> Result<String> {
@@ -278,15 +407,36 @@ impl Writer<'_> {
         Ok(name)
     }
 
-    fn node(&mut self, node: &Node) -> Result<()> {
+    fn node(&mut self, id: usize, node: &Node) -> Result<()> {
         let g = &self.model.graph;
         let ins: Vec<String> = node
             .inputs
             .iter()
-            .map(|&i| g.node(i).name.clone())
+            .map(|&i| {
+                let i = self.plan.source(i, id);
+                let name = &g.node(i).name;
+                self.alias.get(name).unwrap_or(name).clone()
+            })
             .collect();
+        if self.plan.passed.contains(&id) {
+            // Already done by the quantizer before it: the node stands for its input.
+            if g.outputs().contains(&id) {
+                self.op("Identity", &node.name, &[&ins[0]], &node.name, vec![]);
+            } else {
+                self.alias.insert(node.name.clone(), ins[0].clone());
+            }
+            return Ok(());
+        }
+        let requant = self.plan.requant.get(&id).copied();
+        let integer = self.plan.integer.contains(&id);
         let x: Vec<&str> = ins.iter().map(|s| s.as_str()).collect();
-        let out = node.name.as_str();
+        // A node quantized right after computes into a value of its own first.
+        let float_out = format!("{}_float", node.name);
+        let out = if requant.is_some() {
+            float_out.as_str()
+        } else {
+            node.name.as_str()
+        };
         let unsupported = |why: &str| {
             Err(OnnxError::Model(format!(
                 "node `{}` ({}): {why}",
@@ -302,11 +452,7 @@ impl Writer<'_> {
                 self.graph.input.push(value_info(out, shape));
             }
             Op::Conv2d(c) => {
-                let w = self.param(node, "weight")?;
-                let mut inputs = vec![x[0].to_string(), w];
-                if c.bias {
-                    inputs.push(self.param(node, "bias")?);
-                }
+                let inputs = self.layer_inputs(node, x[0], c.bias, integer)?;
                 let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
                 let (p, s, d) = (c.padding as i64, c.stride as i64, c.dilation as i64);
                 self.op(
@@ -324,11 +470,7 @@ impl Writer<'_> {
                 );
             }
             Op::Linear(l) => {
-                let w = self.param(node, "weight")?;
-                let mut inputs = vec![x[0].to_string(), w];
-                if l.bias {
-                    inputs.push(self.param(node, "bias")?);
-                }
+                let inputs = self.layer_inputs(node, x[0], l.bias, integer)?;
                 let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
                 self.op("Gemm", out, &inputs, out, vec![int("transB", 1)]);
             }
@@ -635,11 +777,7 @@ impl Writer<'_> {
                 self.op("Slice", out, &inputs, out, vec![]);
             }
             Op::ConvTranspose2d(c) => {
-                let w = self.param(node, "weight")?;
-                let mut inputs = vec![x[0].to_string(), w];
-                if c.bias {
-                    inputs.push(self.param(node, "bias")?);
-                }
+                let inputs = self.layer_inputs(node, x[0], c.bias, integer)?;
                 let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
                 let (p, s, d, op) = (
                     c.padding as i64,
@@ -775,25 +913,12 @@ impl Writer<'_> {
                         q.bits
                     ));
                 }
-                let scale = self
-                    .model
-                    .params
-                    .tensor(&node.param_name("scale"))?
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(slim_core::CoreError::from)?;
-                let (s, z, q8) = (
-                    format!("{out}_scale"),
-                    format!("{out}_zero_point"),
-                    format!("{out}_quantized"),
-                );
-                self.graph
-                    .initializer
-                    .push(f32_tensor(&s, &[], &scale[..1]));
-                self.graph.initializer.push(i8_tensor(&z, &[], &[0]));
-                self.op("QuantizeLinear", &q8, &[x[0], &s, &z], &q8, vec![]);
-                self.op("DequantizeLinear", out, &[&q8, &s, &z], out, vec![]);
+                let q = self.plan.params[&id];
+                self.quant_pair(x[0], &q, out);
             }
+        }
+        if let Some(q) = requant {
+            self.quant_pair(out, &q, &node.name);
         }
         Ok(())
     }

@@ -31,7 +31,7 @@ pub mod import;
 pub mod ops;
 pub mod proto;
 
-pub use export::{export, export_file, ExportOptions};
+pub use export::{export, export_file, export_with_notes, ActivationType, ExportOptions};
 pub use import::{import, import_file, ImportOptions, SUPPORTED_OPS};
 
 use slim_core::data::Normalize;

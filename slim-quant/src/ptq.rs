@@ -76,6 +76,11 @@ pub struct LayerReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct PtqReport {
     pub layers: Vec<LayerReport>,
+    /// The values quantized after a quantized layer because no quantized layer reads them
+    /// (a residual branch before its sum, a feature map before pooling): each has a
+    /// fake-quantization node `<value>.output_quant`, so that the whole chain runs in
+    /// integers where the model is deployed (see [`output_quant_points`]).
+    pub outputs: Vec<String>,
     pub calibration_images: usize,
     /// Batch norms folded into convolutions.
     pub folded_batch_norms: usize,
@@ -88,6 +93,30 @@ pub struct PtqReport {
 /// The name of the fake-quantization node inserted before layer `layer`.
 pub fn input_quant_name(layer: &str) -> String {
     format!("{layer}.input_quant")
+}
+
+/// The name of the fake-quantization node inserted after value `value`.
+pub fn output_quant_name(value: &str) -> String {
+    format!("{value}.output_quant")
+}
+
+/// The values that get a quantizer after them: for each quantized layer, the end of its
+/// output's walk through a ReLU or ReLU6, max pooling and flattening
+/// ([`Graph::quantized_chain`]) when no quantized layer reads it there. Runtimes that fuse
+/// QDQ graphs (ONNX Runtime, TensorRT, OpenVINO) then find a quantizer right after every
+/// quantized layer and run it in integers end to end. Graph outputs stay in float.
+pub fn output_quant_points(model: &Model, layers: &[String]) -> Result<Vec<String>> {
+    let g = &model.graph;
+    let mut points = Vec::new();
+    for l in layers {
+        let id = g.id(l)?;
+        let (chain, quantizer) = g.quantized_chain(id, |n| layers.contains(&n.name));
+        let end = chain.last().copied().unwrap_or(id);
+        if quantizer.is_none() && !g.outputs().contains(&end) && !g.successors(end).is_empty() {
+            points.push(g.node(end).name.clone());
+        }
+    }
+    Ok(points)
 }
 
 /// The convolutions and linear layers that `scope` selects (all when empty).
@@ -130,23 +159,18 @@ pub fn quantizable_layers(model: &Model, scope: &[String]) -> Result<Vec<String>
     Ok(layers)
 }
 
-/// Observes the inputs of `layers` on calibration batches.
+/// Observes values on calibration batches: `points` pairs the node whose output is observed
+/// with the name its statistics go under.
 fn calibrate(
     model: &Model,
-    layers: &[String],
+    points: &[(String, String)],
     set: &ImageSet,
     normalize: &Normalize,
     cfg: &PtqConfig,
 ) -> Result<(HashMap<String, Stats>, usize)> {
-    // The node whose output feeds each layer.
     let mut feeds: HashMap<String, Vec<String>> = HashMap::new();
-    for l in layers {
-        let node = model
-            .graph
-            .find(l)
-            .ok_or_else(|| QuantError::Invalid(format!("no layer `{l}`")))?;
-        let src = model.graph.node(node.inputs[0]).name.clone();
-        feeds.entry(src).or_default().push(l.clone());
+    for (node, key) in points {
+        feeds.entry(node.clone()).or_default().push(key.clone());
     }
     let n = cfg.batches.saturating_mul(cfg.batch_size).min(set.len());
     if n == 0 {
@@ -160,9 +184,9 @@ fn calibrate(
         normalize: normalize.clone(),
         drop_last: false,
     };
-    let mut stats: HashMap<String, Stats> = layers
+    let mut stats: HashMap<String, Stats> = points
         .iter()
-        .map(|l| (l.clone(), Stats::default()))
+        .map(|(_, key)| (key.clone(), Stats::default()))
         .collect();
     let passes = if cfg.activations.needs_histogram() {
         2
@@ -235,7 +259,20 @@ pub fn quantize(
     };
     let model = &folded_model;
     let layers = quantizable_layers(model, &cfg.scope)?;
-    let (stats, images) = calibrate(model, &layers, set, normalize, cfg)?;
+    let mut points = Vec::with_capacity(layers.len());
+    for l in &layers {
+        let node = model
+            .graph
+            .find(l)
+            .ok_or_else(|| QuantError::Invalid(format!("no layer `{l}`")))?;
+        let src = model.graph.node(node.inputs[0]).name.clone();
+        points.push((src, l.clone()));
+    }
+    let outputs = output_quant_points(model, &layers)?;
+    for e in &outputs {
+        points.push((e.clone(), output_quant_name(e)));
+    }
+    let (stats, images) = calibrate(model, &points, set, normalize, cfg)?;
     let qa = qmax(cfg.bits_activations);
     let mut scales: BTreeMap<String, f32> = BTreeMap::new();
     for l in &layers {
@@ -249,28 +286,45 @@ pub fn quantize(
         };
         let t = stats[l].threshold(method, qa);
         // A layer whose input was always zero keeps a harmless scale.
-        scales.insert(l.clone(), if t > 0.0 { t / qa } else { 1.0 });
+        scales.insert(input_quant_name(l), if t > 0.0 { t / qa } else { 1.0 });
+    }
+    for e in &outputs {
+        // Outputs keep their whole observed range: they carry sums and dense maps whose
+        // largest values matter.
+        let key = output_quant_name(e);
+        let t = stats[&key].threshold(ActQuant::AbsMax, qa);
+        scales.insert(key, if t > 0.0 { t / qa } else { 1.0 });
     }
 
-    // The graph with a fake-quantization node before every quantized layer.
+    // The graph with a fake-quantization node before every quantized layer, and after every
+    // output point.
     let def = model.graph.to_def();
-    let mut nodes: Vec<NodeDef> = Vec::with_capacity(def.nodes.len() + layers.len());
+    let fake_quant = |name: String, input: String| NodeDef {
+        name,
+        op: Op::FakeQuant(FakeQuantSpec {
+            bits: cfg.bits_activations,
+            moving_rate: 0.0,
+        }),
+        inputs: vec![input],
+    };
+    let mut nodes: Vec<NodeDef> = Vec::with_capacity(def.nodes.len() + points.len());
     for n in &def.nodes {
-        if scales.contains_key(&n.name) {
+        let mut n = n.clone();
+        // Readers of an output point read its quantizer.
+        for i in &mut n.inputs {
+            if outputs.contains(i) {
+                *i = output_quant_name(i);
+            }
+        }
+        if layers.contains(&n.name) {
             let q = input_quant_name(&n.name);
-            nodes.push(NodeDef {
-                name: q.clone(),
-                op: Op::FakeQuant(FakeQuantSpec {
-                    bits: cfg.bits_activations,
-                    moving_rate: 0.0,
-                }),
-                inputs: n.inputs.clone(),
-            });
-            let mut n = n.clone();
+            nodes.push(fake_quant(q.clone(), n.inputs[0].clone()));
             n.inputs = vec![q];
-            nodes.push(n);
-        } else {
-            nodes.push(n.clone());
+        }
+        let name = n.name.clone();
+        nodes.push(n);
+        if outputs.contains(&name) {
+            nodes.push(fake_quant(output_quant_name(&name), name));
         }
     }
     let graph = Graph::from_def(&GraphDef {
@@ -291,7 +345,7 @@ pub fn quantize(
         params.set(&wname, &q.dequantize(&device)?)?;
         report.push(LayerReport {
             layer: l.clone(),
-            input_scale: scales[l],
+            input_scale: scales[&input_quant_name(l)],
             weight_scales: q.scales.len(),
         });
         int8.insert(
@@ -301,9 +355,11 @@ pub fn quantize(
                 scales: q.scales,
             },
         );
+    }
+    for (q, scale) in &scales {
         params.insert(
-            format!("{}.scale", input_quant_name(l)),
-            &candle_core::Tensor::new(&[scales[l]], &device)?,
+            format!("{q}.scale"),
+            &candle_core::Tensor::new(&[*scale], &device)?,
             ParamKind::Buffer,
         )?;
     }
@@ -337,6 +393,7 @@ pub fn quantize(
         out,
         PtqReport {
             layers: report,
+            outputs: outputs.clone(),
             calibration_images: images,
             folded_batch_norms: folded,
             bias_corrections,

@@ -1507,6 +1507,9 @@ struct Prepared<'m> {
     requant: HashMap<usize, Requant>,
     /// The activations and quantizers between such layers, which pass those values on.
     passed: HashSet<usize>,
+    /// Quantizers at the end of such a chain that other nodes read: they turn the int8
+    /// values into the floats they stand for (with their scales).
+    dequantized: HashMap<usize, f32>,
     /// The quantizers whose readers are all integer layers (and that are no graph output):
     /// their readers round the input themselves, so they pass it on as it is.
     skipped: HashSet<usize>,
@@ -1612,7 +1615,7 @@ impl<'m> Int8Kernels<'m> {
                 Some((name, quad_filters(node, &w.values)?))
             })
             .collect();
-        let (requant, passed) = integer_chains(model);
+        let (requant, passed, dequantized) = integer_chains(model);
         let g = &model.graph;
         let skipped = (0..g.nodes().len())
             .filter(|&id| skipped_quantizer(model, id))
@@ -1628,6 +1631,7 @@ impl<'m> Int8Kernels<'m> {
                 tap_major,
                 requant,
                 passed,
+                dequantized,
                 skipped,
                 layers,
                 sweeps: Mutex::default(),
@@ -1722,8 +1726,12 @@ fn is_integer_layer(model: &Model, node: &Node) -> bool {
 }
 
 /// The integer layers that can write their output requantized (see [`Int8Kernels::new`]),
-/// with the grid of each, and the activation and quantizer nodes that pass it on.
-fn integer_chains(model: &Model) -> (HashMap<usize, Requant>, HashSet<usize>) {
+/// with the grid of each; the activation and quantizer nodes that pass it on; and the
+/// quantizers at the end of such a chain that other nodes read too (a sum, pooling), which
+/// turn the int8 values back into floats, with their scales.
+type Chains = (HashMap<usize, Requant>, HashSet<usize>, HashMap<usize, f32>);
+
+fn integer_chains(model: &Model) -> Chains {
     let g = &model.graph;
     let outputs = g.outputs();
     // The one reader of a node that is not a graph output.
@@ -1731,7 +1739,8 @@ fn integer_chains(model: &Model) -> (HashMap<usize, Requant>, HashSet<usize>) {
         [r] if !outputs.contains(&id) => Some(r),
         _ => None,
     };
-    let (mut requant, mut passed) = (HashMap::new(), HashSet::new());
+    let (mut requant, mut passed, mut dequantized) =
+        (HashMap::new(), HashSet::new(), HashMap::new());
     for id in g.eval_order() {
         let node = g.node(id);
         if !is_integer_layer(model, node) {
@@ -1764,28 +1773,44 @@ fn integer_chains(model: &Model) -> (HashMap<usize, Requant>, HashSet<usize>) {
             continue;
         };
         let quantizer = g.node(next);
-        let readers = g.successors(next);
         let scale = model
             .params
             .tensor(&quantizer.param_name("scale"))
             .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?));
-        let (true, false, Ok(scale)) = (
-            matches!(quantizer.op, Op::FakeQuant(_))
-                && !readers.is_empty()
-                && readers.iter().all(|&r| is_integer_layer(model, g.node(r))),
-            outputs.contains(&next),
-            scale,
-        ) else {
+        let (true, Ok(scale)) = (matches!(quantizer.op, Op::FakeQuant(_)), scale) else {
             continue;
         };
         let Some(&scale) = scale.first() else {
             continue;
         };
-        chain.push(next);
+        let readers = g.successors(next);
+        if !readers.is_empty()
+            && readers.iter().all(|&r| is_integer_layer(model, g.node(r)))
+            && !outputs.contains(&next)
+        {
+            chain.push(next);
+        } else {
+            dequantized.insert(next, scale);
+        }
         requant.insert(id, Requant::new(scale, activation));
         passed.extend(chain);
     }
-    (requant, passed)
+    (requant, passed, dequantized)
+}
+
+/// Int8 values on a quantizer's grid (scale `s`) as the floats they stand for.
+fn dequantize(x: &Tensor, s: f32, what: &str) -> slim_core::Result<Tensor> {
+    let v = with_int8(x, what, |q| {
+        let mut out = vec![0f32; q.len()];
+        for_each_chunk(&mut out, 1 << 14, q.len() < SERIAL_VALUES, |(i, d)| {
+            let src = &q[i << 14..];
+            for (d, &q) in d.iter_mut().zip(src) {
+                *d = f32::from(q) * s;
+            }
+        });
+        out
+    })?;
+    Ok(Tensor::from_vec(v, x.dims(), x.device())?)
 }
 
 /// Max pooling of int8 values held as `U8` (see [`Int8Kernels::new`]); padding never wins.
@@ -2054,6 +2079,11 @@ impl NodeKernels for Int8Kernels<'_> {
                 Op::Flatten => x.flatten_from(1)?,
                 _ => x.clone(),
             }));
+        }
+        if let Some(&s) = prepared.and_then(|p| p.dequantized.get(&id)) {
+            if inputs[0].dtype() == DType::U8 {
+                return Ok(Some(dequantize(inputs[0], s, &node.name)?));
+            }
         }
         if let Op::FakeQuant(_) = node.op {
             let skip = match prepared {

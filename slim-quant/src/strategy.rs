@@ -91,6 +91,7 @@ impl Strategy for PtqStrategy {
             json!({"weights": self.config.weights.name(),
                    "activations": self.config.activations.name(),
                    "layers": report.layers.len(),
+                   "quantized_outputs": report.outputs.len(),
                    "folded_batch_norms": report.folded_batch_norms,
                    "calibration_images": report.calibration_images,
                    "calibration_seconds": report.seconds}),

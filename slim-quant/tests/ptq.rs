@@ -8,7 +8,7 @@ use slim_core::train::{evaluate, train, TrainConfig};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::{ForwardOptions, Mode, Model};
 use slim_quant::observer::ActQuant;
-use slim_quant::ptq::{input_quant_name, quantize, PtqConfig};
+use slim_quant::ptq::{input_quant_name, output_quant_name, quantize, PtqConfig};
 use slim_quant::quantizer::WeightQuant;
 
 /// The largest magnitude in a tensor.
@@ -476,4 +476,63 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
         a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         plain.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
+}
+
+#[test]
+fn residual_branches_are_quantized_before_their_sums_in_the_graph_and_the_runtime() {
+    // ResNet-20: each block's last convolution (and each shortcut convolution) feeds a sum,
+    // not a quantized layer; calibration puts a quantizer after it, so that every layer sits
+    // between quantizers where the model is deployed.
+    let data = load_spec(DEFAULT_SPEC).unwrap();
+    let cfg = ZooConfig::new([1, 28, 28]).with_width(0.25);
+    let m = zoo::model("resnet20", &cfg, 0, &Device::Cpu).unwrap();
+    let ptq = PtqConfig {
+        batches: 2,
+        ..PtqConfig::default()
+    };
+    let (q, report) = quantize(&m, &data.train, &data.normalize, &ptq).unwrap();
+    assert_eq!(report.outputs.len(), 11, "{:?}", report.outputs);
+    for o in &report.outputs {
+        let fq = q.graph.find(&output_quant_name(o)).expect("quantizer");
+        assert!(matches!(fq.op, slim_core::Op::FakeQuant(_)));
+        let readers = q.graph.successors(q.graph.id(&fq.name).unwrap());
+        assert!(
+            readers
+                .iter()
+                .all(|&r| matches!(q.graph.node(r).op, slim_core::Op::Add)),
+            "{o}"
+        );
+        // Nothing reads the value but its quantizer.
+        assert_eq!(q.graph.successors(q.graph.id(o).unwrap()).len(), 1, "{o}");
+    }
+    // The runtime writes those layers' outputs as int8 on their quantizer's grid and turns
+    // them into floats for the sums: the fake-quantized graph's numbers.
+    let x = candle_core::Tensor::randn(0f32, 1.0, (4, 1, 28, 28), &Device::Cpu).unwrap();
+    let kernels = slim_quant::runtime::Int8Kernels::new(&q);
+    let mut int8_out = vec![];
+    let mut seen = |name: &str, t: &candle_core::Tensor| -> slim_core::Result<()> {
+        if t.dtype() == candle_core::DType::U8 {
+            int8_out.push(name.to_string());
+        }
+        Ok(())
+    };
+    let a = q
+        .forward_with(
+            std::slice::from_ref(&x),
+            Mode::Eval,
+            ForwardOptions {
+                kernels: Some(&kernels),
+                observer: Some(&mut seen),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .outputs
+        .remove(0);
+    for o in &report.outputs {
+        assert!(int8_out.contains(o), "{o}: {int8_out:?}");
+    }
+    let b = q.forward(&x, Mode::Eval).unwrap();
+    let (scale, diff) = (max_abs(&b), max_abs(&(&a - b).unwrap()));
+    assert!(diff <= 1e-3 * scale.max(1.0), "{diff} of {scale}");
 }

@@ -167,3 +167,22 @@ pub fn read_f32(path: &Path) -> Vec<f32> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
 }
+
+/// How many nodes of each op type ONNX Runtime runs for `model` (ONNX bytes) after its graph
+/// optimizations.
+pub fn ort_ops(py: &Path, model: &[u8]) -> std::collections::BTreeMap<String, usize> {
+    let dir = tempfile::tempdir().expect("tmp");
+    let m = dir.path().join("m.onnx");
+    std::fs::write(&m, model).expect("write");
+    let out = Command::new(py)
+        .arg(workspace().join("slim-onnx/tests/ort/fused.py"))
+        .arg(&m)
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "onnxruntime failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("op counts")
+}
