@@ -486,7 +486,9 @@ fn numpy_reads_and_writes_the_files() {
     let python = match std::env::var("SLIM_ONNX_PYTHON") {
         Ok(p) => PathBuf::from(p),
         Err(_) => {
-            eprintln!("skipped: set SLIM_ONNX_PYTHON to a Python with numpy to check with numpy");
+            slim_core::note_skipped(
+                "set SLIM_ONNX_PYTHON to a Python with numpy to check with numpy",
+            );
             return;
         }
     };
@@ -499,7 +501,7 @@ fn numpy_reads_and_writes_the_files() {
         if std::env::var("SLIM_REQUIRE_ORT").is_ok_and(|v| v == "1") {
             panic!("{msg}");
         }
-        eprintln!("skipped: {msg}");
+        slim_core::note_skipped(&msg);
         return;
     }
     let dir = tempfile::tempdir().unwrap();

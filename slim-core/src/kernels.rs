@@ -3296,7 +3296,7 @@ mod tests {
     #[test]
     fn depthwise_rows_give_the_sweeps_bits() {
         if !(has_avx512f() && has_avx2_fma()) {
-            eprintln!("skipped: this machine lacks AVX-512 F, or AVX2 and FMA");
+            crate::note_skipped("this machine lacks AVX-512 F, or AVX2 and FMA");
             return;
         }
         let mut next = uniform(5);
@@ -3432,7 +3432,7 @@ mod tests {
     #[test]
     fn flat_dense_gives_the_columns_bits() {
         if !has_avx512f() {
-            eprintln!("skipped: this machine lacks AVX-512 F");
+            crate::note_skipped("this machine lacks AVX-512 F");
             return;
         }
         let mut next = uniform(9);

@@ -86,6 +86,23 @@ pub use params::ParamStore;
 /// or more: with one, the calling thread would be the pool's only thread, and parallel work
 /// sent from another thread (the data loader's) while it waits outside rayon would never
 /// run. If the pool was set up already, it stays as it is.
+/// Says on stderr that a test skipped a part, and why; where `SLIM_SKIP_LOG` names a file
+/// (`.ci/run` sets it), appends the reason there too, so that a test run ends with the count
+/// of what was skipped rather than hiding it in the captured output of passing tests.
+#[doc(hidden)]
+pub fn note_skipped(why: &str) {
+    use std::io::Write;
+    eprintln!("skipped: {why}");
+    if let Some(path) = std::env::var_os("SLIM_SKIP_LOG") {
+        let line = format!("{}\n", why.replace('\n', " "));
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+}
+
 pub fn configure_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

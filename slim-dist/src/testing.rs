@@ -43,7 +43,9 @@ fn require(program: &str, arg: &str, package: &str) -> Option<()> {
         std::env::var("SLIM_REQUIRE_REDIS").is_err(),
         "SLIM_REQUIRE_REDIS is set but {program} is not installed"
     );
-    eprintln!("skipped: {program} is not installed (apt-get install {package})");
+    slim_core::note_skipped(&format!(
+        "{program} is not installed (apt-get install {package})"
+    ));
     None
 }
 

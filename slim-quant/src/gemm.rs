@@ -1720,7 +1720,7 @@ mod tests {
     #[test]
     fn finished_lanes_round_as_the_quantizer_on_every_grid() {
         if !Kernel::Avx512Vnni.available() {
-            eprintln!("skipped: this machine lacks AVX-512 VNNI");
+            slim_core::note_skipped("this machine lacks AVX-512 VNNI");
             return;
         }
         let [lo, hi, inv] = crate::runtime::bounds(0.05);
@@ -1781,7 +1781,7 @@ mod tests {
     #[test]
     fn finished_lanes_write_only_their_mask() {
         if !Kernel::Avx512Vnni.available() {
-            eprintln!("skipped: this machine lacks AVX-512 VNNI");
+            slim_core::note_skipped("this machine lacks AVX-512 VNNI");
             return;
         }
         let scales = [0.5f32; 2];

@@ -116,7 +116,7 @@ pub fn python() -> Option<&'static Path> {
         if std::env::var("SLIM_REQUIRE_ORT").is_ok_and(|v| v == "1") {
             panic!("{msg}");
         }
-        eprintln!("skipped: {msg}");
+        slim_core::note_skipped(msg);
     }
     found.as_deref()
 }
