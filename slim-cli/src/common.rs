@@ -73,9 +73,24 @@ pub fn data_for(spec: &str, model: &Model) -> Result<DataSplits, Failure> {
 /// (imported models), and images resized to its input when it asks for that.
 pub fn adapt_data(data: &mut DataSplits, model: &Model) -> Result<(), Failure> {
     let input = model.input_shape();
+    // Image folders are photographs of any size and colour: they take the model's channels
+    // and size whatever it records.
+    let folder = data.spec.starts_with("images:");
+    if let (&[mc, _, _], true) = (&input[..], folder) {
+        let c = data.train.shape[0];
+        if mc != c && matches!((c, mc), (1, 3) | (3, 1)) {
+            data.train = data.train.with_channels(mc)?;
+            data.test = data.test.with_channels(mc)?;
+            let n = &mut data.normalize;
+            for v in [&mut n.mean, &mut n.std] {
+                let avg = v.iter().sum::<f32>() / v.len() as f32;
+                *v = vec![avg; mc];
+            }
+        }
+    }
     let [c, h, w] = data.train.shape;
     if let [mc, mh, mw] = input[..] {
-        if (mh, mw) != (h, w) && mc == c && model.resizes_input()? {
+        if (mh, mw) != (h, w) && mc == c && (folder || model.resizes_input()?) {
             // One byte per pixel, both splits: refuse what cannot fit rather than abort.
             let images = data.train.labels.len() + data.test.labels.len();
             let bytes = images as u128 * (c * mh * mw) as u128;

@@ -47,7 +47,7 @@ pub struct ServeArgs {
     /// The teacher model file.
     #[arg(long)]
     pub model: PathBuf,
-    /// The students' data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR (the
+    /// The students' data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR (the
     /// training split is served by sample index).
     #[arg(long, default_value = DEFAULT_SPEC)]
     pub data: String,
@@ -99,7 +99,7 @@ pub struct DistillTrainArgs {
     /// Width multiplier of --student-model.
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR.
     #[arg(long, default_value = DEFAULT_SPEC)]
     pub data: String,
     /// A loss, repeatable: soft_label[:temperature=T,t2=true,weight=W],
@@ -127,7 +127,7 @@ pub struct DumpArgs {
     /// The teacher model file.
     #[arg(long)]
     pub teacher: PathBuf,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR (its training split).
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR (its training split).
     #[arg(long, default_value = DEFAULT_SPEC)]
     pub data: String,
     /// A node whose outputs to keep, repeatable (default: the teacher's output).

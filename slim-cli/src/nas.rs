@@ -50,7 +50,7 @@ pub struct Search {
     /// Width multiplier of the space's hand-made network (the starting candidate).
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR.
     #[arg(long, default_value = DEFAULT_SPEC)]
     pub data: String,
     /// Candidates are scored (top-1) on the last N training images, kept apart from the test

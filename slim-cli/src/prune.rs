@@ -48,7 +48,7 @@ pub struct Selection {
     /// pruned; default: every prunable group.
     #[arg(long, num_args = 1..)]
     pub scope: Vec<String>,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR. Default: the data
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR. Default: the data
     /// the model was trained on (from its file), else the bundled MNIST subset.
     #[arg(long)]
     pub data: Option<String>,

@@ -23,7 +23,7 @@ pub struct TrainArgs {
     /// Width multiplier.
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR.
     #[arg(long, default_value = DEFAULT_SPEC)]
     pub data: String,
     #[command(flatten)]
@@ -180,7 +180,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
 pub struct EvalArgs {
     /// A model file (.safetensors, or .onnx).
     pub file: PathBuf,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR.
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR.
     #[arg(long, default_value = DEFAULT_SPEC)]
     pub data: String,
     #[arg(long, default_value_t = 256)]

@@ -6,7 +6,9 @@
 //!   binary batches. A missing directory or file, a truncated file, a bad magic number, or
 //!   labels that do not match the images is an error naming the file.
 //! - A data spec string that every command accepts: `builtin:mnist-10k` (the 10,000-digit
-//!   MNIST subset embedded in this crate), `mnist:DIR`, `fashion-mnist:DIR`, `cifar10:DIR`.
+//!   MNIST subset embedded in this crate), `mnist:DIR`, `fashion-mnist:DIR`, `cifar10:DIR`,
+//!   and `images:DIR`, a folder of PNG, JPEG, BMP or WebP images in class folders
+//!   ([`folder`]).
 //! - [`Loader`]: seeded shuffling, normalization and augmentation (random crop with padding,
 //!   horizontal flip), with batches prepared on a worker thread. The order and augmentation of
 //!   epoch `e` depend only on the seed and `e`, so a run resumed at an epoch boundary sees the
@@ -22,6 +24,8 @@ use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::error::{CoreError, Result};
+
+pub mod folder;
 
 /// A labelled image classification set.
 pub trait Dataset: Send + Sync {
@@ -119,6 +123,43 @@ impl ImageSet {
         }
     }
 
+    /// Every image with `c` channels: grey replicated into three, or colour taken to its luma
+    /// (ITU-R BT.601 weights, as PIL's `convert("L")`); the same set where it has `c` already.
+    pub fn with_channels(&self, c: usize) -> Result<ImageSet> {
+        let [ic, h, w] = self.shape;
+        let plane = h * w;
+        let images = match (ic, c) {
+            _ if ic == c => return Ok(self.clone()),
+            (1, 3) => self
+                .images
+                .chunks_exact(plane)
+                .flat_map(|p| p.iter().chain(p).chain(p))
+                .copied()
+                .collect(),
+            (3, 1) => self
+                .images
+                .chunks_exact(3 * plane)
+                .flat_map(|img| {
+                    (0..plane).map(move |i| {
+                        let [r, g, b] = [0, 1, 2].map(|k| f32::from(img[k * plane + i]));
+                        (0.299 * r + 0.587 * g + 0.114 * b).round() as u8
+                    })
+                })
+                .collect(),
+            _ => {
+                return Err(CoreError::Invalid(format!(
+                    "images of {ic} channel(s) cannot be taken to {c}"
+                )))
+            }
+        };
+        Ok(ImageSet {
+            shape: [c, h, w],
+            classes: self.classes,
+            images,
+            labels: self.labels.clone(),
+        })
+    }
+
     /// The last `n` samples (or all, if fewer).
     pub fn take_last(&self, n: usize) -> ImageSet {
         let n = n.min(self.len());
@@ -180,12 +221,12 @@ const MNIST_TEST_LABELS: &[u8] = include_bytes!("../../data/mnist-10k/t10k-label
 /// The bundled default data spec.
 pub const DEFAULT_SPEC: &str = "builtin:mnist-10k";
 
-/// Loads a data set from a spec: `builtin:mnist-10k`, `mnist:DIR`, `fashion-mnist:DIR` or
-/// `cifar10:DIR`.
+/// Loads a data set from a spec: `builtin:mnist-10k`, `mnist:DIR`, `fashion-mnist:DIR`,
+/// `cifar10:DIR` or `images:DIR`.
 pub fn load_spec(spec: &str) -> Result<DataSplits> {
     let (kind, arg) = spec.split_once(':').ok_or_else(|| {
         CoreError::Invalid(format!(
-            "data spec `{spec}` is not KIND:ARG (builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR)"
+            "data spec `{spec}` is not KIND:ARG (builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR)"
         ))
     })?;
     let mnist_norm = Normalize {
@@ -230,9 +271,13 @@ pub fn load_spec(spec: &str) -> Result<DataSplits> {
             let norm = Normalize { mean: vec![0.4914, 0.4822, 0.4465], std: vec![0.2470, 0.2435, 0.2616] };
             (train, test, norm, Augment { crop_padding: 4, hflip: true })
         }
+        "images" => {
+            let f = folder::load(&existing_dir(arg)?)?;
+            (f.train, f.test, f.normalize, Augment::default())
+        }
         _ => {
             return Err(CoreError::Invalid(format!(
-                "unknown data kind `{kind}` in `{spec}` (known: builtin, mnist, fashion-mnist, cifar10)"
+                "unknown data kind `{kind}` in `{spec}` (known: builtin, mnist, fashion-mnist, cifar10, images)"
             )))
         }
     };

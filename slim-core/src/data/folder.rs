@@ -1,0 +1,286 @@
+//! Image folders: the layout torchvision's `ImageFolder`, Keras and Paddle read.
+//!
+//! `DIR/CLASS/*` (classes sorted by name, images found at any depth under each class folder),
+//! or `DIR/train/CLASS/*` beside `DIR/val/CLASS/*` (or `DIR/test/CLASS/*`) when the split is
+//! given. Without one, a tenth of each class is held out for testing, chosen by a seeded
+//! shuffle. PNG, JPEG, BMP and WebP files are decoded in parallel, once, into memory; every
+//! image is brought to the size of the first one (its shorter side resized, bilinear, then
+//! the centre cropped: the usual evaluation transform) and to its channels (grey, or RGB
+//! when the first image has colour). Hidden files (`.name`) are left alone; any other file
+//! that is not a decodable image is an error that names it, as is a class folder without
+//! images, or a folder without class folders.
+
+use std::path::{Path, PathBuf};
+
+use image::imageops::FilterType;
+use image::{DynamicImage, GenericImageView};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+use super::{ImageSet, Normalize};
+use crate::error::{CoreError, Result};
+
+/// The file endings read as images.
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "webp"];
+
+/// The fraction of each class held out for testing when the folder has no split.
+pub const HELD_OUT: f64 = 0.1;
+
+/// The most memory the decoded images of one folder may take.
+pub const MAX_DECODED_BYTES: usize = 4 << 30;
+
+/// An image folder's train and test images, and what was found.
+pub struct Folder {
+    pub train: ImageSet,
+    pub test: ImageSet,
+    /// The class names, in label order.
+    pub classes: Vec<String>,
+    /// Whether the test images were held out of the training folder (no split on disk).
+    pub held_out: bool,
+    pub normalize: Normalize,
+}
+
+/// The class folders of `dir` (sorted by name) and each one's image files (sorted by path).
+fn list_classes(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
+    let mut classes = Vec::new();
+    for entry in read_dir_sorted(dir)? {
+        if entry.is_dir() {
+            let name = file_name(&entry);
+            if name.starts_with('.') {
+                continue;
+            }
+            let mut files = Vec::new();
+            collect_images(&entry, &mut files)?;
+            if files.is_empty() {
+                return Err(CoreError::file(&entry, "a class folder without images"));
+            }
+            classes.push((name, files));
+        }
+    }
+    if classes.is_empty() {
+        return Err(CoreError::file(
+            dir,
+            "no class folders (an image folder holds DIR/CLASS/IMAGE, or DIR/train/CLASS/IMAGE and DIR/val/CLASS/IMAGE)",
+        ));
+    }
+    if classes.len() > 256 {
+        return Err(CoreError::file(
+            dir,
+            format!("{} classes; at most 256 are supported", classes.len()),
+        ));
+    }
+    Ok(classes)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
+    let io = |source| CoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut entries = std::fs::read_dir(dir)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(io)?;
+    entries.sort();
+    Ok(entries)
+}
+
+/// Every image file under `dir`, at any depth, in path order.
+fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for path in read_dir_sorted(dir)? {
+        if file_name(&path).starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            collect_images(&path, out)?;
+            continue;
+        }
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        if !IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            return Err(CoreError::file(
+                &path,
+                "not an image file (PNG, JPEG, BMP or WebP by its name)",
+            ));
+        }
+        out.push(path);
+    }
+    Ok(())
+}
+
+fn decode(path: &Path) -> Result<DynamicImage> {
+    let bad = |e: &dyn std::fmt::Display| CoreError::file(path, format!("cannot decode: {e}"));
+    image::ImageReader::open(path)
+        .map_err(|source| CoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .with_guessed_format()
+        .map_err(|e| bad(&e))?
+        .decode()
+        .map_err(|e| bad(&e))
+}
+
+/// `img` with its shorter side resized to cover `h` x `w` (bilinear), centre-cropped to it,
+/// as `channels` (1: luma, 3: RGB) bytes, channel-major.
+fn fit(img: &DynamicImage, [c, h, w]: [usize; 3]) -> Vec<u8> {
+    let (iw, ih) = img.dimensions();
+    let img = if (ih as usize, iw as usize) == (h, w) {
+        img.clone()
+    } else {
+        let scale = (h as f64 / f64::from(ih)).max(w as f64 / f64::from(iw));
+        let (sw, sh) = (
+            ((f64::from(iw) * scale).round() as u32).max(w as u32),
+            ((f64::from(ih) * scale).round() as u32).max(h as u32),
+        );
+        let resized = img.resize_exact(sw, sh, FilterType::Triangle);
+        let (x0, y0) = ((sw - w as u32) / 2, (sh - h as u32) / 2);
+        resized.crop_imm(x0, y0, w as u32, h as u32)
+    };
+    let mut out = vec![0u8; c * h * w];
+    if c == 1 {
+        out.copy_from_slice(img.to_luma8().as_raw());
+    } else {
+        let rgb = img.to_rgb8();
+        for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+            for ch in 0..3 {
+                out[ch * h * w + i] = px[ch];
+            }
+        }
+    }
+    out
+}
+
+/// Decodes `files` (with their labels) in parallel into one set of `shape`.
+fn decode_all(files: &[(PathBuf, u8)], shape: [usize; 3], classes: usize) -> Result<ImageSet> {
+    let per: usize = shape.iter().product();
+    let bytes = files.len().saturating_mul(per);
+    if bytes > MAX_DECODED_BYTES {
+        return Err(CoreError::Invalid(format!(
+            "{} images of {}x{}x{} take {} MB decoded, over the {} MB that an image folder may take in memory",
+            files.len(),
+            shape[0],
+            shape[1],
+            shape[2],
+            bytes >> 20,
+            MAX_DECODED_BYTES >> 20
+        )));
+    }
+    let images: Vec<Vec<u8>> = files
+        .par_iter()
+        .map(|(p, _)| decode(p).map(|img| fit(&img, shape)))
+        .collect::<Result<_>>()?;
+    Ok(ImageSet {
+        shape,
+        classes,
+        images: images.concat(),
+        labels: files.iter().map(|(_, l)| *l).collect(),
+    })
+}
+
+/// Per-channel mean and standard deviation of a set's pixels on 0..1.
+fn statistics(set: &ImageSet) -> Normalize {
+    let [c, h, w] = set.shape;
+    let mut sums = vec![(0f64, 0f64, 0u64); c];
+    for img in set.images.chunks_exact(c * h * w) {
+        for (ch, plane) in img.chunks_exact(h * w).enumerate() {
+            for &p in plane {
+                let v = f64::from(p) / 255.0;
+                sums[ch].0 += v;
+                sums[ch].1 += v * v;
+                sums[ch].2 += 1;
+            }
+        }
+    }
+    let (mut mean, mut std) = (Vec::new(), Vec::new());
+    for (s, q, n) in sums {
+        let n = n.max(1) as f64;
+        let m = s / n;
+        mean.push(m as f32);
+        std.push(((q / n - m * m).max(0.0).sqrt() as f32).max(1e-3));
+    }
+    Normalize { mean, std }
+}
+
+/// Reads an image folder (see the module's documentation).
+pub fn load(dir: &Path) -> Result<Folder> {
+    let train_dir = dir.join("train");
+    let test_dir = ["val", "test"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|d| d.is_dir());
+    let (classes, train_files, test_files, held_out) = match test_dir {
+        Some(test_dir) if train_dir.is_dir() => {
+            let train = list_classes(&train_dir)?;
+            let test = list_classes(&test_dir)?;
+            let names: Vec<String> = train.iter().map(|(n, _)| n.clone()).collect();
+            let mut test_files = Vec::new();
+            for (name, files) in test {
+                let Some(label) = names.iter().position(|n| *n == name) else {
+                    return Err(CoreError::file(
+                        test_dir.join(&name),
+                        "a test class that the training folder does not have",
+                    ));
+                };
+                test_files.extend(files.into_iter().map(|f| (f, label as u8)));
+            }
+            let train_files = train
+                .into_iter()
+                .enumerate()
+                .flat_map(|(l, (_, files))| files.into_iter().map(move |f| (f, l as u8)))
+                .collect::<Vec<_>>();
+            (names, train_files, test_files, false)
+        }
+        _ => {
+            let all = list_classes(dir)?;
+            let names: Vec<String> = all.iter().map(|(n, _)| n.clone()).collect();
+            let (mut train, mut test) = (Vec::new(), Vec::new());
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            for (l, (_, mut files)) in all.into_iter().enumerate() {
+                files.shuffle(&mut rng);
+                let k = if files.len() >= 2 {
+                    ((files.len() as f64 * HELD_OUT).round() as usize).max(1)
+                } else {
+                    0
+                };
+                let mut rest = files.split_off(k);
+                rest.sort();
+                files.sort();
+                test.extend(files.into_iter().map(|f| (f, l as u8)));
+                train.extend(rest.into_iter().map(|f| (f, l as u8)));
+            }
+            (names, train, test, true)
+        }
+    };
+    let first = decode(&train_files[0].0)?;
+    let (w, h) = first.dimensions();
+    let channels = if first.color().has_color() { 3 } else { 1 };
+    let shape = [channels, h as usize, w as usize];
+    let train = decode_all(&train_files, shape, classes.len())?;
+    let test = decode_all(&test_files, shape, classes.len())?;
+    let normalize = if channels == 3 {
+        Normalize {
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+        }
+    } else {
+        statistics(&train)
+    };
+    Ok(Folder {
+        train,
+        test,
+        classes,
+        held_out,
+        normalize,
+    })
+}

@@ -1,0 +1,243 @@
+//! Image folders (`images:DIR`), written by the tests from the bundled digits: PNG reads back
+//! the IDX pixels exactly, JPEG closely; the split on disk or held out; colour images of
+//! several sizes brought to one; bad files named; and LeNet trained from a PNG folder as
+//! from the IDX files.
+
+use std::path::Path;
+
+use candle_core::Device;
+use slim_core::data::{load_spec, Dataset, ImageSet, DEFAULT_SPEC};
+use slim_core::train::{evaluate, train, TrainConfig};
+use slim_core::zoo::{self, ZooConfig};
+
+/// Writes each image of `set` as `dir/<label>/<index>.<ext>`.
+fn write_folder(set: &ImageSet, dir: &Path, ext: &str) {
+    for i in 0..set.len() {
+        let (px, label) = set.sample(i);
+        let class = dir.join(label.to_string());
+        std::fs::create_dir_all(&class).unwrap();
+        let img = image::GrayImage::from_raw(28, 28, px.to_vec()).unwrap();
+        let path = class.join(format!("{i:05}.{ext}"));
+        if ext == "jpg" {
+            let file = std::fs::File::create(&path).unwrap();
+            let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(file, 95);
+            enc.encode_image(&img).unwrap();
+        } else {
+            img.save(&path).unwrap();
+        }
+    }
+}
+
+/// `set`'s images in the order a folder lists them: by class, then by index.
+fn by_class(set: &ImageSet) -> Vec<(Vec<u8>, u8)> {
+    let mut v: Vec<(u8, usize)> = (0..set.len()).map(|i| (set.sample(i).1, i)).collect();
+    v.sort();
+    v.into_iter()
+        .map(|(l, i)| (set.sample(i).0.to_vec(), l))
+        .collect()
+}
+
+fn spec(dir: &Path) -> String {
+    format!("images:{}", dir.display())
+}
+
+#[test]
+fn png_folders_read_back_the_idx_pixels_and_jpeg_ones_come_close() {
+    let idx = load_spec(DEFAULT_SPEC).unwrap();
+    let (train, test) = (idx.train.take(300), idx.test.take(100));
+    for ext in ["png", "jpg"] {
+        let dir = tempfile::tempdir().unwrap();
+        write_folder(&train, &dir.path().join("train"), ext);
+        write_folder(&test, &dir.path().join("val"), ext);
+        let d = load_spec(&spec(dir.path())).unwrap();
+        assert_eq!(d.train.shape, [1, 28, 28]);
+        assert_eq!((d.train.len(), d.test.len()), (300, 100));
+        assert_eq!(d.train.classes, 10);
+        for (set, want) in [(&d.train, &train), (&d.test, &test)] {
+            let want = by_class(want);
+            let mut worst = 0f64;
+            for (i, (px, label)) in want.iter().enumerate() {
+                let (got, l) = set.sample(i);
+                assert_eq!(l, *label);
+                let diff = got
+                    .iter()
+                    .zip(px)
+                    .map(|(a, b)| f64::from(a.abs_diff(*b)))
+                    .sum::<f64>()
+                    / px.len() as f64;
+                worst = worst.max(diff);
+            }
+            if ext == "png" {
+                assert_eq!(worst, 0.0, "PNG is lossless");
+            } else {
+                assert!(worst < 4.0, "JPEG at quality 95: {worst} levels on average");
+            }
+        }
+        // Grey images: normalized by the training images' own statistics.
+        assert_eq!(d.normalize.mean.len(), 1);
+        assert!(
+            (d.normalize.mean[0] - 0.13).abs() < 0.02,
+            "{:?}",
+            d.normalize
+        );
+    }
+}
+
+#[test]
+fn without_a_split_a_tenth_of_each_class_is_held_out_the_same_way_every_time() {
+    let idx = load_spec(DEFAULT_SPEC).unwrap();
+    let set = idx.train.take(500);
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(&set, dir.path(), "png");
+    let a = load_spec(&spec(dir.path())).unwrap();
+    let b = load_spec(&spec(dir.path())).unwrap();
+    assert_eq!(a.train.len() + a.test.len(), 500);
+    assert_eq!(a.train.fingerprint(), b.train.fingerprint());
+    assert_eq!(a.test.fingerprint(), b.test.fingerprint());
+    for class in 0..10u8 {
+        let n = set.labels.iter().filter(|&&l| l == class).count();
+        let held = a.test.labels.iter().filter(|&&l| l == class).count();
+        let want = ((n as f64 * 0.1).round() as usize).max(1);
+        assert_eq!(held, want, "class {class}: {held} of {n} held out");
+    }
+    // No image is in both splits.
+    let per = 28 * 28;
+    let train: std::collections::HashSet<&[u8]> = a.train.images.chunks(per).collect();
+    let shared = a
+        .test
+        .images
+        .chunks(per)
+        .filter(|t| train.contains(t))
+        .count();
+    assert_eq!(shared, 0);
+}
+
+#[test]
+fn colour_images_of_several_sizes_come_to_the_first_ones_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = [(32, 32), (48, 40), (20, 64), (32, 32)];
+    for (i, (w, h)) in sizes.iter().enumerate() {
+        let class = dir.path().join(["cat", "dog"][i % 2]);
+        std::fs::create_dir_all(&class).unwrap();
+        let img = image::RgbImage::from_fn(*w, *h, |x, y| {
+            image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 128])
+        });
+        img.save(class.join(format!("{i}.png"))).unwrap();
+        img.save(class.join(format!("{i}.bmp"))).unwrap();
+    }
+    let d = load_spec(&spec(dir.path())).unwrap();
+    assert_eq!(d.train.shape, [3, 32, 32]);
+    assert_eq!(d.train.len() + d.test.len(), 8);
+    assert_eq!(d.normalize.mean, vec![0.485, 0.456, 0.406]);
+    // Centre crops of gradients: every image's blue plane is 128, and its red one rises from
+    // left to right.
+    for set in [&d.train, &d.test] {
+        for i in 0..set.len() {
+            let px = set.sample(i).0;
+            assert!(px[2 * 1024..].iter().all(|&b| b.abs_diff(128) <= 1));
+            assert!(px[31] > px[0] + 100, "{:?}", &px[..32]);
+        }
+    }
+}
+
+#[test]
+fn bad_files_and_folders_are_refused_by_name() {
+    let idx = load_spec(DEFAULT_SPEC).unwrap();
+    let set = idx.train.take(40);
+    let check = |prepare: &dyn Fn(&Path), needle: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        write_folder(&set, dir.path(), "png");
+        prepare(dir.path());
+        let err = load_spec(&spec(dir.path()))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    };
+    check(
+        &|d| std::fs::write(d.join("3/broken.png"), b"not a png at all").unwrap(),
+        "broken.png",
+    );
+    check(
+        &|d| {
+            let good = std::fs::read(d.join("1/00003.png")).unwrap();
+            std::fs::write(d.join("1/cut.png"), &good[..good.len() / 2]).unwrap();
+        },
+        "cut.png",
+    );
+    check(
+        &|d| std::fs::write(d.join("2/notes.txt"), b"hello").unwrap(),
+        "notes.txt",
+    );
+    check(&|d| std::fs::create_dir(d.join("empty")).unwrap(), "empty");
+    // Hidden files are left alone.
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(&set, dir.path(), "png");
+    std::fs::write(dir.path().join("4/.DS_Store"), b"x").unwrap();
+    assert!(load_spec(&spec(dir.path())).is_ok());
+    // A folder without class folders.
+    let empty = tempfile::tempdir().unwrap();
+    let err = load_spec(&spec(empty.path())).err().unwrap().to_string();
+    assert!(err.contains("no class folders"), "{err}");
+}
+
+#[test]
+fn lenet_trains_from_a_png_folder_as_from_the_idx_files() {
+    let idx = load_spec(DEFAULT_SPEC).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(&idx.train, &dir.path().join("train"), "png");
+    write_folder(&idx.test, &dir.path().join("test"), "png");
+    let folder = load_spec(&spec(dir.path())).unwrap();
+    // The IDX digits in the folder's order (by class) with the folder's normalization: the
+    // same training, to the bit.
+    let reorder = |set: &ImageSet| {
+        let (images, labels): (Vec<Vec<u8>>, Vec<u8>) = by_class(set).into_iter().unzip();
+        ImageSet {
+            images: images.concat(),
+            labels,
+            ..set.clone()
+        }
+    };
+    let mut same = idx.clone();
+    same.train = reorder(&idx.train);
+    same.test = reorder(&idx.test);
+    same.normalize = folder.normalize.clone();
+    let cfg = TrainConfig::default().with_epochs(3).with_lr(0.003);
+    let mut top1 = Vec::new();
+    for data in [&idx, &same, &folder] {
+        let mut m = zoo::model("lenet", &ZooConfig::new([1, 28, 28]), 0, &Device::Cpu).unwrap();
+        train(&mut m, data, &cfg, Default::default(), &mut |_| {}).unwrap();
+        top1.push(evaluate(&m, &data.test, &data.normalize, 256).unwrap().top1);
+    }
+    eprintln!(
+        "LeNet, 3 epochs: top-1 {:.4} from IDX, {:.4} from IDX in the folder's order, {:.4} from PNG",
+        top1[0], top1[1], top1[2]
+    );
+    assert_eq!(top1[1], top1[2], "the folder trains as its images do");
+    // Another order of the same images draws other batches: as far apart as two seeds are.
+    assert!((top1[0] - top1[2]).abs() <= 0.01, "{top1:?}");
+}
+
+#[test]
+fn grey_and_colour_sets_take_each_others_channels() {
+    let grey = load_spec(DEFAULT_SPEC).unwrap().test.take(20);
+    let rgb = grey.with_channels(3).unwrap();
+    assert_eq!(rgb.shape, [3, 28, 28]);
+    for i in 0..rgb.len() {
+        let (c, g) = (rgb.sample(i).0, grey.sample(i).0);
+        for k in 0..3 {
+            assert_eq!(&c[k * 784..(k + 1) * 784], g);
+        }
+    }
+    // Back to grey: the luma of equal channels is the value itself.
+    assert_eq!(rgb.with_channels(1).unwrap().images, grey.images);
+    // A pure red pixel has BT.601 luma 0.299 * 255.
+    let red = ImageSet {
+        shape: [3, 1, 1],
+        classes: 1,
+        images: vec![255, 0, 0],
+        labels: vec![0],
+    };
+    assert_eq!(red.with_channels(1).unwrap().images, vec![76]);
+    assert!(red.with_channels(2).is_err());
+}
