@@ -3,16 +3,15 @@
 //! ONNX in and out, so that models trained elsewhere can be compressed and compressed models
 //! deployed with any ONNX runtime.
 //!
-//! - [`import_file`] reads an ONNX model (opset 7 and newer) into a Slim [`Model`]: the
-//!   convolutional ops, batch norm, activations (ReLU, ReLU6 as `Clip(0, 6)`, HardSwish,
-//!   HardSigmoid, Sigmoid), Add/Mul (channel-wise for squeeze-and-excite), Concat, pooling,
-//!   Flatten/Reshape/Squeeze used as flatten, Gemm, MatMul, Softmax, and the shape arithmetic
-//!   exporters emit, folded at import. An unsupported op is an error that lists every such
-//!   node.
-//! - [`export`] writes any Slim model as ONNX: float graphs as they are, and int8 models
-//!   (weights stored as integers, `FakeQuant` nodes on activations) in QDQ form, with
-//!   `QuantizeLinear`/`DequantizeLinear` pairs and per-channel weight scales.
-//!
+//! - [`import_file`] reads an ONNX model (opset 7 and newer) into a Slim [`Model`]: the ops of
+//!   [`ops::OP_TABLE`] (convolutional networks, other exporters' spellings, segmenters'
+//!   resizing, attention blocks), the shape arithmetic exporters emit, folded at import, and
+//!   int8 models in QDQ form, which come in as int8 models. An unsupported op is an error that
+//!   lists every such node.
+//! - [`export`] writes any Slim model as ONNX: float graphs as they are, and int8 models in the
+//!   QDQ form that ONNX Runtime, TensorRT and OpenVINO fuse into integer layers (int8 weights
+//!   with per-channel scales, int32 biases, a quantizer right after every quantized layer).
+
 //! The protobuf messages are declared by hand with `prost`'s derive macros ([`proto`]), so a
 //! build needs no `protoc` and no build script.
 //!

@@ -2,7 +2,7 @@
 //! page equal to it) and behind [`SUPPORTED_OPS`].
 
 /// `(ONNX op, what Slim makes of it and its limits)`, in the order of the docs' table.
-pub const OP_TABLE: [(&str, &str); 51] = [
+pub const OP_TABLE: [(&str, &str); 53] = [
     ("Conv", "2-D convolution (grouped, depthwise, dilated); one stride and dilation for both axes; padding on one side beyond the others becomes a Pad node; a 1x1 convolution on a pooled vector becomes a linear layer"),
     ("ConvTranspose", "2-D transposed convolution (groups, dilation, output_padding, output_shape); equal padding on every side"),
     ("BatchNormalization", "batch norm over [C, H, W] maps or [C] vectors; constant scale and shift after it are folded in"),
@@ -47,6 +47,8 @@ pub const OP_TABLE: [(&str, &str); 51] = [
     ("Transpose", "any permutation of the per-sample axes; Reshape-Transpose-Reshape channel shuffles become one op"),
     ("Squeeze", "axes of one"),
     ("Unsqueeze", "new axes after the batch axis"),
+    ("QuantizeLinear", "on data, with DequantizeLinear after it: a fake quantizer (a ReLU too when the zero point is the type's lowest value); on constants, folded"),
+    ("DequantizeLinear", "of int8 constants: folded, and a convolution or linear layer whose weight it is holds it as int8 (zero points 0, one scale per tensor or output channel), so the model runs on the int8 runtime; of a QuantizeLinear's output: the pair's second half"),
     ("Identity", "passed through"),
     ("Dropout", "kept for training, nothing at inference; mask output unused"),
     ("Cast", "to float types on data; constants to any numeric type"),

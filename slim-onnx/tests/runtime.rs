@@ -13,7 +13,7 @@ use slim_onnx::{
     export, export_with_notes, import, import_file, ActivationType, ExportOptions, ImportOptions,
 };
 
-use common::{fixture, max_rel, mnist_5k, ort, ort_ops, python};
+use common::{fixture, max_rel, mnist_5k, ort, ort_ops, ort_quantize, python};
 
 fn slim(m: &Model, x: &Tensor) -> Vec<f32> {
     m.forward(x, Mode::Eval)
@@ -262,4 +262,87 @@ fn zoo_qdq_exports_fuse_in_onnx_runtime() {
             assert!(n("QLinearAdd") + 1 >= adds, "{name}: {ops:?}");
         }
     }
+}
+
+/// Activations quantized to fewer than 8 bits have no QDQ form: the export says so, naming
+/// the quantizer, rather than writing 8-bit ones.
+#[test]
+fn narrow_activations_are_refused_by_the_export() {
+    let m = mnist_conv();
+    let (_, set) = digits(100);
+    let norm = m.preprocess().expect("ok").expect("stored");
+    let cfg = slim_quant::ptq::PtqConfig {
+        batches: 1,
+        batch_size: 100,
+        bits_activations: 4,
+        ..Default::default()
+    };
+    let (q, _) = slim_quant::ptq::quantize(&m, &set, &norm, &cfg).expect("ptq");
+    let err = export(&q, &ExportOptions::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("4-bit") && err.contains("input_quant"),
+        "{err}"
+    );
+}
+
+/// Int8 ONNX in QDQ form imports as an int8 model that Slim's runtime runs: Slim's own export
+/// comes back with the same integers and predictions, and ONNX Runtime's `quantize_static`
+/// output predicts on Slim's runtime what it predicts in ONNX Runtime.
+#[test]
+fn qdq_models_import_as_int8_models() {
+    let Some(py) = python() else { return };
+    let m = mnist_conv();
+    let (x, set) = digits(1000);
+    let norm = m.preprocess().expect("ok").expect("stored");
+    let cfg = slim_quant::ptq::PtqConfig {
+        batches: 4,
+        batch_size: 100,
+        ..Default::default()
+    };
+    let (q, _) = slim_quant::ptq::quantize(&m, &set, &norm, &cfg).expect("ptq");
+    let predict = |model: &Model| {
+        let y = slim_quant::runtime::forward(model, &x)
+            .and_then(|y| Ok(y.flatten_all()?.to_vec1::<f32>()?))
+            .expect("int8");
+        argmax_rows(&y, 10)
+    };
+    let agree = |a: &[usize], b: &[usize]| a.iter().zip(b).filter(|(p, q)| p == q).count();
+
+    // Slim's own export, back.
+    let bytes = export(&q, &ExportOptions::default()).expect("export");
+    let back = import(&bytes, &ImportOptions::default()).expect("import");
+    let layers = |m: &Model| m.int8.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(
+        back.int8.len(),
+        q.int8.len(),
+        "{:?} against {:?}",
+        layers(&back),
+        layers(&q)
+    );
+    for (a, b) in q.int8.values().zip(back.int8.values()) {
+        assert_eq!(a, b, "the integers and scales come back");
+    }
+    let (ours, again) = (predict(&q), predict(&back));
+    let same = agree(&ours, &again);
+    eprintln!("Slim's QDQ export imported: {same} of 1000 predictions as the model exported");
+    assert!(same >= 995, "{same}");
+
+    // ONNX Runtime's quantizer.
+    let float = export(&m, &ExportOptions::default()).expect("export");
+    let theirs = ort_quantize(py, &float, &x.narrow(0, 0, 200).expect("calibration"));
+    let imported = import(&theirs, &ImportOptions::default()).expect("import");
+    assert_eq!(imported.int8.len(), 3, "{:?}", layers(&imported));
+    let ort_pred = argmax_rows(&ort(py, &theirs, &x), 10);
+    let slim_pred = predict(&imported);
+    let same = agree(&ort_pred, &slim_pred);
+    let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
+    eprintln!(
+        "ONNX Runtime's quantize_static model on Slim's int8 runtime: {same} of 1000 predictions as in ONNX Runtime; top-1 {} / {}",
+        agree(&ort_pred, &labels),
+        agree(&slim_pred, &labels)
+    );
+    assert!(same >= 990, "{same}");
 }

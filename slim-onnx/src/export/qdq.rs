@@ -132,6 +132,12 @@ pub fn plan(model: &Model, ty: ActivationType) -> slim_core::Result<Plan> {
     for id in g.eval_order() {
         let node = g.node(id);
         if let Op::FakeQuant(q) = &node.op {
+            if q.bits != 8 {
+                return Err(slim_core::CoreError::Node {
+                    node: node.name.clone(),
+                    msg: format!("{}-bit quantization has no QDQ form (8 bits only)", q.bits),
+                });
+            }
             let s = model
                 .params
                 .tensor(&node.param_name("scale"))?

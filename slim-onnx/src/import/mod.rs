@@ -29,6 +29,7 @@ use crate::proto::{self, data_type, AttributeProto, NodeProto, TensorProto};
 mod arith;
 mod constant;
 mod layers;
+mod quant;
 mod tensor;
 
 use crate::{OnnxError, Result};
@@ -190,6 +191,7 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
         if data_type::is_integer(t.data_type) {
             b.ints.insert(t.name.clone());
         }
+        b.types.insert(t.name.clone(), t.data_type);
     }
     for n in &graph.node {
         for i in &n.input {
@@ -439,6 +441,12 @@ struct Builder {
     uses: HashMap<String, usize>,
     nodes: Vec<Pending>,
     by_name: HashMap<String, usize>,
+    /// The element types of constant values (initializers, `Constant` tensors, quantized
+    /// constants): a zero point's type says a quantizer's range.
+    types: HashMap<String, i32>,
+    /// Dequantized int8 constants by their float values' bits, with their integers: a layer
+    /// weight found among them is held as int8.
+    int8_consts: HashMap<Vec<u32>, slim_core::model::Int8Tensor>,
 }
 
 fn err<T>(m: impl Into<String>) -> Result<T> {
@@ -457,6 +465,8 @@ impl Builder {
             uses: HashMap::new(),
             nodes: Vec::new(),
             by_name: HashMap::new(),
+            types: HashMap::new(),
+            int8_consts: HashMap::new(),
         }
     }
 
@@ -636,6 +646,11 @@ impl Builder {
                 return err(format!(
                     "input `{input}` is computed from the batch size, which Slim does not know at import (each sample is computed apart)"
                 ));
+            }
+        }
+        if let (Some(t), Some(out)) = (a.tensor("value"), n.output.first()) {
+            if n.op_type == "Constant" {
+                self.types.insert(out.clone(), t.data_type);
             }
         }
         if n.op_type == "Constant" {
@@ -1121,6 +1136,8 @@ impl Builder {
             "Slice" => self.slice(n, &a, &base),
             "Resize" | "Upsample" => self.resize(n, &a, &base),
             "ConvTranspose" => self.conv_transpose(n, &a),
+            "QuantizeLinear" => self.quantize_linear(n, &a, &base),
+            "DequantizeLinear" => self.dequantize_linear(n, &a),
             "Gather" => err(format!(
                 "{} on data (not constants) is not supported",
                 n.op_type
@@ -1257,7 +1274,30 @@ impl Builder {
         }
         let names: Vec<&str> = outputs.iter().map(|s| s.as_str()).collect();
         graph.set_outputs(&names)?;
-        Ok(Model::new(graph, params)?)
+        let mut model = Model::new(graph, params)?;
+        // Layers that read a quantizer and whose weight was dequantized from int8 hold it so.
+        for node in model.graph.nodes() {
+            let reads_quantizer = node
+                .inputs
+                .first()
+                .is_some_and(|&i| matches!(model.graph.node(i).op, Op::FakeQuant(_)));
+            if !matches!(node.op, Op::Conv2d(_) | Op::Linear(_)) || !reads_quantizer {
+                continue;
+            }
+            let name = node.param_name("weight");
+            let w = model
+                .params
+                .tensor(&name)?
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(slim_core::CoreError::from)?;
+            if let Some(q) = self.int8_consts.get(&quant::bits_key(&w)) {
+                if q.scales.len() == 1 || node.shape.first() == Some(&q.scales.len()) {
+                    model.int8.insert(name, q.clone());
+                }
+            }
+        }
+        Ok(model)
     }
 }
 

@@ -186,3 +186,36 @@ pub fn ort_ops(py: &Path, model: &[u8]) -> std::collections::BTreeMap<String, us
     );
     serde_json::from_slice(&out.stdout).expect("op counts")
 }
+
+/// `model` (ONNX bytes) quantized by ONNX Runtime's `quantize_static` (QDQ, per-channel int8
+/// weights, u8 activations), calibrated on `x`.
+pub fn ort_quantize(py: &Path, model: &[u8], x: &Tensor) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (m, i, o) = (
+        dir.path().join("m.onnx"),
+        dir.path().join("x.bin"),
+        dir.path().join("q.onnx"),
+    );
+    std::fs::write(&m, model).expect("write");
+    let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).expect("x");
+    std::fs::write(
+        &i,
+        xs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    )
+    .expect("write");
+    let shape: Vec<String> = x.dims().iter().map(|d| d.to_string()).collect();
+    let out = Command::new(py)
+        .arg(workspace().join("slim-onnx/tests/ort/quantize.py"))
+        .arg(&m)
+        .arg(&o)
+        .arg(&i)
+        .arg(shape.join(","))
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "quantize_static failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(&o).expect("quantized model")
+}
