@@ -48,6 +48,21 @@ fn digits(n: usize) -> (Tensor, ImageSet) {
     (t, set)
 }
 
+/// `m` quantized by PTQ, calibrated on up to 4 batches of 100 of `set`'s digits, with
+/// `bits` of activations.
+fn quantized(m: &Model, set: &ImageSet, bits: u8) -> Model {
+    let norm = m.preprocess().expect("ok").expect("stored");
+    let cfg = slim_quant::ptq::PtqConfig {
+        batches: 4,
+        batch_size: 100,
+        bits_activations: bits,
+        ..Default::default()
+    };
+    slim_quant::ptq::quantize(m, set, &norm, &cfg)
+        .expect("ptq")
+        .0
+}
+
 /// A small network with a squeeze-and-excite block (HardSigmoid gate, channel-wise Mul),
 /// HardSwish, ReLU6, a depthwise convolution, average pooling, concatenation and softmax.
 fn se_net() -> Model {
@@ -162,13 +177,7 @@ fn int8_exports_run_as_qdq_in_onnx_runtime() {
     let Some(py) = python() else { return };
     let m = mnist_conv();
     let (x, set) = digits(2000);
-    let norm = m.preprocess().expect("ok").expect("stored");
-    let cfg = slim_quant::ptq::PtqConfig {
-        batches: 4,
-        batch_size: 100,
-        ..Default::default()
-    };
-    let (q, _) = slim_quant::ptq::quantize(&m, &set, &norm, &cfg).expect("ptq");
+    let q = quantized(&m, &set, 8);
     let (bytes, notes) = export_with_notes(&q, &ExportOptions::default()).expect("export");
     assert!(notes.is_empty(), "{notes:?}");
     let ops = ort_ops(py, &bytes);
@@ -270,14 +279,7 @@ fn zoo_qdq_exports_fuse_in_onnx_runtime() {
 fn narrow_activations_are_refused_by_the_export() {
     let m = mnist_conv();
     let (_, set) = digits(100);
-    let norm = m.preprocess().expect("ok").expect("stored");
-    let cfg = slim_quant::ptq::PtqConfig {
-        batches: 1,
-        batch_size: 100,
-        bits_activations: 4,
-        ..Default::default()
-    };
-    let (q, _) = slim_quant::ptq::quantize(&m, &set, &norm, &cfg).expect("ptq");
+    let q = quantized(&m, &set, 4);
     let err = export(&q, &ExportOptions::default())
         .err()
         .expect("refused")
@@ -296,13 +298,7 @@ fn qdq_models_import_as_int8_models() {
     let Some(py) = python() else { return };
     let m = mnist_conv();
     let (x, set) = digits(1000);
-    let norm = m.preprocess().expect("ok").expect("stored");
-    let cfg = slim_quant::ptq::PtqConfig {
-        batches: 4,
-        batch_size: 100,
-        ..Default::default()
-    };
-    let (q, _) = slim_quant::ptq::quantize(&m, &set, &norm, &cfg).expect("ptq");
+    let q = quantized(&m, &set, 8);
     let predict = |model: &Model| {
         let y = slim_quant::runtime::forward(model, &x)
             .and_then(|y| Ok(y.flatten_all()?.to_vec1::<f32>()?))

@@ -19,6 +19,33 @@ fn max_abs(t: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
+/// The int8 runtime's output (prepared kernels), and the nodes whose values it passed on as
+/// int8.
+fn int8_forward(q: &Model, x: &candle_core::Tensor) -> (candle_core::Tensor, Vec<String>) {
+    let kernels = slim_quant::runtime::Int8Kernels::new(q);
+    let mut int8_out = vec![];
+    let mut seen = |name: &str, t: &candle_core::Tensor| -> slim_core::Result<()> {
+        if t.dtype() == candle_core::DType::U8 {
+            int8_out.push(name.to_string());
+        }
+        Ok(())
+    };
+    let y = q
+        .forward_with(
+            std::slice::from_ref(x),
+            Mode::Eval,
+            ForwardOptions {
+                kernels: Some(&kernels),
+                observer: Some(&mut seen),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .outputs
+        .remove(0);
+    (y, int8_out)
+}
+
 fn trained(name: &str) -> (Model, DataSplits) {
     let mut data = load_spec(DEFAULT_SPEC).unwrap();
     data.train = data.train.take(2000);
@@ -436,24 +463,7 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
     // them (here every layer but fc2, the output); the kernels
     // without preparation write every output as floats, activate and quantize it again:
     // the same numbers, bit for bit.
-    let kernels = slim_quant::runtime::Int8Kernels::new(&q);
-    let mut int8_out = vec![];
-    let mut seen = |name: &str, t: &candle_core::Tensor| -> slim_core::Result<()> {
-        if t.dtype() == candle_core::DType::U8 {
-            int8_out.push(name.to_string());
-        }
-        Ok(())
-    };
-    q.forward_with(
-        std::slice::from_ref(&x),
-        Mode::Eval,
-        ForwardOptions {
-            kernels: Some(&kernels),
-            observer: Some(&mut seen),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_, int8_out) = int8_forward(&q, &x);
     for layer in [
         "c1", "dw", "dw1", "dw2", "grp", "mp", "q1", "q2", "rect", "pw", "mp2", "f", "fc",
     ] {
@@ -508,27 +518,7 @@ fn residual_branches_are_quantized_before_their_sums_in_the_graph_and_the_runtim
     // The runtime writes those layers' outputs as int8 on their quantizer's grid and turns
     // them into floats for the sums: the fake-quantized graph's numbers.
     let x = candle_core::Tensor::randn(0f32, 1.0, (4, 1, 28, 28), &Device::Cpu).unwrap();
-    let kernels = slim_quant::runtime::Int8Kernels::new(&q);
-    let mut int8_out = vec![];
-    let mut seen = |name: &str, t: &candle_core::Tensor| -> slim_core::Result<()> {
-        if t.dtype() == candle_core::DType::U8 {
-            int8_out.push(name.to_string());
-        }
-        Ok(())
-    };
-    let a = q
-        .forward_with(
-            std::slice::from_ref(&x),
-            Mode::Eval,
-            ForwardOptions {
-                kernels: Some(&kernels),
-                observer: Some(&mut seen),
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .outputs
-        .remove(0);
+    let (a, int8_out) = int8_forward(&q, &x);
     for o in &report.outputs {
         assert!(int8_out.contains(o), "{o}: {int8_out:?}");
     }

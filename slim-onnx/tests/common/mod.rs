@@ -126,14 +126,18 @@ pub fn ort(py: &Path, model: &[u8], x: &Tensor) -> Vec<f32> {
     ort_output(py, model, x, 0)
 }
 
-/// Runs `model` (ONNX bytes) on `x` in ONNX Runtime: its output `k`.
-pub fn ort_output(py: &Path, model: &[u8], x: &Tensor, k: usize) -> Vec<f32> {
+/// Runs the helper `script` (in `tests/ort/`) as `script m.onnx x.bin N,C,H,W REST..`, with
+/// `model` and `x` written to those files in a new temporary folder, where the names in
+/// `rest` are made paths too; gives the folder, which holds what the script wrote.
+fn run_helper(
+    py: &Path,
+    script: &str,
+    model: &[u8],
+    x: &Tensor,
+    rest: &[&str],
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tmp");
-    let (m, i, o) = (
-        dir.path().join("m.onnx"),
-        dir.path().join("x.bin"),
-        dir.path().join("y.bin"),
-    );
+    let (m, i) = (dir.path().join("m.onnx"), dir.path().join("x.bin"));
     std::fs::write(&m, model).expect("write");
     let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).expect("x");
     std::fs::write(
@@ -142,21 +146,32 @@ pub fn ort_output(py: &Path, model: &[u8], x: &Tensor, k: usize) -> Vec<f32> {
     )
     .expect("write");
     let shape: Vec<String> = x.dims().iter().map(|d| d.to_string()).collect();
-    let out = Command::new(py)
-        .arg(workspace().join("slim-onnx/tests/ort/run.py"))
+    let mut cmd = Command::new(py);
+    cmd.arg(workspace().join("slim-onnx/tests/ort").join(script))
         .arg(&m)
         .arg(&i)
-        .arg(shape.join(","))
-        .arg(&o)
-        .arg(k.to_string())
-        .output()
-        .expect("python");
+        .arg(shape.join(","));
+    for r in rest {
+        // Plain words (an output index) stay as they are; file names go in the folder.
+        if r.contains('.') {
+            cmd.arg(dir.path().join(r));
+        } else {
+            cmd.arg(r);
+        }
+    }
+    let out = cmd.output().expect("python");
     assert!(
         out.status.success(),
-        "onnxruntime failed: {}",
+        "{script} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    read_f32(&o)
+    dir
+}
+
+/// Runs `model` (ONNX bytes) on `x` in ONNX Runtime: its output `k`.
+pub fn ort_output(py: &Path, model: &[u8], x: &Tensor, k: usize) -> Vec<f32> {
+    let dir = run_helper(py, "run.py", model, x, &["y.bin", &k.to_string()]);
+    read_f32(&dir.path().join("y.bin"))
 }
 
 /// Little-endian f32 values from a file (what the Python helpers write).
@@ -190,32 +205,6 @@ pub fn ort_ops(py: &Path, model: &[u8]) -> std::collections::BTreeMap<String, us
 /// `model` (ONNX bytes) quantized by ONNX Runtime's `quantize_static` (QDQ, per-channel int8
 /// weights, u8 activations), calibrated on `x`.
 pub fn ort_quantize(py: &Path, model: &[u8], x: &Tensor) -> Vec<u8> {
-    let dir = tempfile::tempdir().expect("tmp");
-    let (m, i, o) = (
-        dir.path().join("m.onnx"),
-        dir.path().join("x.bin"),
-        dir.path().join("q.onnx"),
-    );
-    std::fs::write(&m, model).expect("write");
-    let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).expect("x");
-    std::fs::write(
-        &i,
-        xs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
-    )
-    .expect("write");
-    let shape: Vec<String> = x.dims().iter().map(|d| d.to_string()).collect();
-    let out = Command::new(py)
-        .arg(workspace().join("slim-onnx/tests/ort/quantize.py"))
-        .arg(&m)
-        .arg(&o)
-        .arg(&i)
-        .arg(shape.join(","))
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "quantize_static failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read(&o).expect("quantized model")
+    let dir = run_helper(py, "quantize.py", model, x, &["q.onnx"]);
+    std::fs::read(dir.path().join("q.onnx")).expect("quantized model")
 }

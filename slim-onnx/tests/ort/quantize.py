@@ -2,7 +2,7 @@
 documentation says to: `quant_pre_process`, then QDQ with per-channel int8 weights and u8
 activations, min-max calibration on the given inputs.
 
-usage: quantize.py MODEL.onnx OUT.onnx CALIB.bin N,C,H,W
+usage: quantize.py MODEL.onnx CALIB.bin N,C,H,W OUT.onnx
 """
 import sys
 
@@ -21,7 +21,7 @@ class Reader(oq.CalibrationDataReader):
 
 
 def main():
-    model, out, calib, shape = sys.argv[1:5]
+    model, calib, shape, out = sys.argv[1:5]
     x = np.fromfile(calib, dtype="<f4").reshape([int(d) for d in shape.split(",")])
     pre = out + ".pre.onnx"
     quant_pre_process(model, pre, skip_symbolic_shape=True)
