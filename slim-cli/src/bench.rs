@@ -79,7 +79,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         outln!(
             "{}",
             json!({"file": args.file, "runtime": runtime, "input": model.input_shape(),
-                   "runs": runs, "peak_rss_bytes": peak})
+                   "cpu": slim_core::cpu::level().name(), "runs": runs, "peak_rss_bytes": peak})
         );
         return Ok(());
     }
@@ -97,8 +97,9 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         })
         .collect();
     outln!(
-        "{} on the {runtime} runtime, input {:?}, median of {} forwards after {} (at least {} ms) untimed:",
+        "{} on the {runtime} runtime ({} kernels), input {:?}, median of {} forwards after {} (at least {} ms) untimed:",
         args.file.display(),
+        slim_core::cpu::level().name(),
         model.input_shape(),
         args.runs,
         args.warmup,

@@ -67,3 +67,40 @@ fn bench_times_float_and_int8_files_at_every_batch_and_thread_count() {
         assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{v}");
     }
 }
+
+#[test]
+fn slim_cpu_caps_the_kernels_and_an_unknown_level_is_reported() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let float = dir.path().join("lenet.safetensors");
+    let f = float.to_str().unwrap();
+    slim(&[
+        "train", "--model", "lenet", "--epochs", "1", "--limit", "64", "-q", "--out", f,
+    ]);
+    let bench = |cpu: &str| {
+        Command::new(env!("CARGO_BIN_EXE_slim"))
+            .args([
+                "bench",
+                f,
+                "--runs",
+                "1",
+                "--warmup",
+                "0",
+                "--warmup-ms",
+                "0",
+                "--json",
+            ])
+            .env("SLIM_CPU", cpu)
+            .output()
+            .expect("slim runs")
+    };
+    let o = bench("portable");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["cpu"], "portable", "{v}");
+    let o = bench("avx2");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(v["cpu"] == "avx2" || v["cpu"] == "portable", "{v}");
+    let o = bench("sse9");
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("SLIM_CPU=sse9"), "{err}");
+}

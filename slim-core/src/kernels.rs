@@ -1757,11 +1757,14 @@ fn tap_dots_f32(lanes: &mut [f32], phases: &[f32], taps: &[usize], wide: &[f32],
     }
 }
 
-/// Whether this machine runs AVX2 and FMA code (the register tiles and sweeps).
+/// Whether this machine runs AVX2 and FMA code (the register tiles and sweeps), and `SLIM_CPU`
+/// allows it.
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        crate::cpu::allows(crate::cpu::Level::Avx2)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -1791,11 +1794,12 @@ fn depthwise_forward(
     depthwise_forward_by(g, x, w, bias, act, rows.as_deref())
 }
 
-/// Whether this machine has AVX-512 F (for [`DepthwiseRows`]).
+/// Whether this machine has AVX-512 F (for [`DepthwiseRows`]), and `SLIM_CPU` allows it.
 fn has_avx512f() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        crate::cpu::allows(crate::cpu::Level::Avx512)
+            && std::arch::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -3296,7 +3300,7 @@ mod tests {
     #[test]
     fn depthwise_rows_give_the_sweeps_bits() {
         if !(has_avx512f() && has_avx2_fma()) {
-            crate::note_skipped("this machine lacks AVX-512 F, or AVX2 and FMA");
+            crate::note_skipped("this machine (or SLIM_CPU) lacks AVX-512 F, or AVX2 and FMA");
             return;
         }
         let mut next = uniform(5);
@@ -3432,7 +3436,7 @@ mod tests {
     #[test]
     fn flat_dense_gives_the_columns_bits() {
         if !has_avx512f() {
-            crate::note_skipped("this machine lacks AVX-512 F");
+            crate::note_skipped("this machine (or SLIM_CPU) lacks AVX-512 F");
             return;
         }
         let mut next = uniform(9);

@@ -39,6 +39,7 @@
 //! ```
 
 pub mod analysis;
+pub mod cpu;
 pub mod data;
 pub mod deps;
 pub mod error;

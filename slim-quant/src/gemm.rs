@@ -82,16 +82,21 @@ impl Kernel {
         [Kernel::Portable, Kernel::Avx2, Kernel::Avx512Vnni]
     }
 
-    /// Whether this machine can run the kernel.
+    /// Whether this machine can run the kernel, and `SLIM_CPU` ([`slim_core::cpu`]) allows it.
     pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
+            use slim_core::cpu::{allows, Level};
             use std::arch::is_x86_feature_detected as has;
             match self {
                 Kernel::Portable => true,
-                Kernel::Avx2 => has!("avx2"),
+                Kernel::Avx2 => allows(Level::Avx2) && has!("avx2"),
                 Kernel::Avx512Vnni => {
-                    has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
+                    allows(Level::Vnni)
+                        && has!("avx512f")
+                        && has!("avx512bw")
+                        && has!("avx512vl")
+                        && has!("avx512vnni")
                 }
             }
         }
@@ -1720,7 +1725,7 @@ mod tests {
     #[test]
     fn finished_lanes_round_as_the_quantizer_on_every_grid() {
         if !Kernel::Avx512Vnni.available() {
-            slim_core::note_skipped("this machine lacks AVX-512 VNNI");
+            slim_core::note_skipped("this machine (or SLIM_CPU) lacks AVX-512 VNNI");
             return;
         }
         let [lo, hi, inv] = crate::runtime::bounds(0.05);
@@ -1781,7 +1786,7 @@ mod tests {
     #[test]
     fn finished_lanes_write_only_their_mask() {
         if !Kernel::Avx512Vnni.available() {
-            slim_core::note_skipped("this machine lacks AVX-512 VNNI");
+            slim_core::note_skipped("this machine (or SLIM_CPU) lacks AVX-512 VNNI");
             return;
         }
         let scales = [0.5f32; 2];

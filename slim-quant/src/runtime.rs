@@ -2693,7 +2693,7 @@ mod tests {
         use crate::gemm::{Kernel, MatRef, PackedA};
         use rand::{Rng, SeedableRng};
         if !Kernel::Avx512Vnni.available() {
-            slim_core::note_skipped("this machine lacks AVX-512 VNNI");
+            slim_core::note_skipped("this machine (or SLIM_CPU) lacks AVX-512 VNNI");
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(23);
@@ -2772,7 +2772,7 @@ mod tests {
     fn one_channel_convolutions_fan_out_as_the_product_computes() {
         use rand::{Rng, SeedableRng};
         if !super::vnni_sweeps_available() {
-            slim_core::note_skipped("this machine lacks AVX-512 VBMI and VNNI");
+            slim_core::note_skipped("this machine (or SLIM_CPU) lacks AVX-512 VBMI and VNNI");
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(17);

@@ -611,7 +611,7 @@ mod tests {
     #[test]
     fn avx512_tiles_give_the_avx2_bits() {
         if !(super::super::has_avx512f() && super::super::has_avx2_fma()) {
-            crate::note_skipped("this machine lacks AVX-512 F, or AVX2 and FMA");
+            crate::note_skipped("this machine (or SLIM_CPU) lacks AVX-512 F, or AVX2 and FMA");
             return;
         }
         let mut next = super::super::tests::uniform(7);
