@@ -4,7 +4,7 @@
 # export, on its own int8 model (`quantize_static`: QDQ, per-channel int8 weights, u8
 # activations) and on Slim's QDQ export, at each batch size and thread count; then the ops
 # ONNX Runtime's optimized graph runs for Slim's export. The output is the table of
-# docs/performance.md.
+# docs/performance.md. With SLIM_CPU=avx2 (or portable), Slim's columns use those kernels only.
 #
 # Usage: scripts/ort-compare.sh    (MODELS, BATCHES, THREADS, RUNS, OUT, PYTHON override)
 set -euo pipefail

@@ -101,7 +101,12 @@ def slim_bench(slim, path, batches, threads, runs):
     for t in threads:
         args += ["--threads", str(t)]
     out = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+    SLIM_LEVEL[0] = out["cpu"]
     return {(r["batch"], r["threads"]): r["median_ms"] for r in out["runs"]}
+
+
+# The kernel level Slim ran at (SLIM_CPU caps it), as `slim bench` reports it.
+SLIM_LEVEL = ["?"]
 
 
 def main():
@@ -110,12 +115,10 @@ def main():
     batches = [int(b) for b in batches.split()]
     threads = [int(t) for t in threads.split()]
     runs = int(runs)
-    print(f"{cpu_name()}; ONNX Runtime {ort.__version__}; median of {runs} forwards "
-          f"after 20 warm-up ones; `scripts/ort-compare.sh`, {time.strftime('%Y-%m-%d')}")
-    print()
-    print("| model | input | batch | threads | ORT f32 | ORT int8 (its quantizer) "
-          "| ORT on Slim's QDQ | Slim f32 | Slim int8 | Slim int8 / ORT int8 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    header = ("| model | input | batch | threads | ORT f32 | ORT int8 (its quantizer) "
+              "| ORT on Slim's QDQ | Slim f32 | Slim int8 | Slim int8 / ORT int8 "
+              "| Slim f32 / Slim int8 |")
     fused = {}
     for m in models:
         f32, q8 = f"{work}/{m}.onnx", f"{work}/{m}-int8.onnx"
@@ -131,9 +134,18 @@ def main():
                 a = time_ort(f32, x, t, runs)
                 o8 = time_ort(theirs, x, t, runs)
                 q = time_ort(q8, x, t, runs)
-                print(f"| {m} | {'x'.join(map(str, shape))} | {b} | {t} | {a:.2f} | {o8:.2f} "
-                      f"| {q:.2f} | {s32[(b, t)]:.2f} | {s8[(b, t)]:.2f} "
-                      f"| {s8[(b, t)] / o8:.2f} |", flush=True)
+                rows.append(f"| {m} | {'x'.join(map(str, shape))} | {b} | {t} | {a:.2f} "
+                            f"| {o8:.2f} | {q:.2f} | {s32[(b, t)]:.2f} | {s8[(b, t)]:.2f} "
+                            f"| {s8[(b, t)] / o8:.2f} | {s32[(b, t)] / s8[(b, t)]:.2f} |")
+    slim_kernels = os.environ.get("SLIM_CPU") and f"capped by SLIM_CPU={os.environ['SLIM_CPU']}"
+    print(f"{cpu_name()}; ONNX Runtime {ort.__version__}; Slim's kernels: {SLIM_LEVEL[0]}"
+          f"{' (' + slim_kernels + ')' if slim_kernels else ''}; median of {runs} forwards "
+          f"after 20 warm-up ones; `scripts/ort-compare.sh`, {time.strftime('%Y-%m-%d')}")
+    print()
+    print(header)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(r)
     print()
     print("Ops ONNX Runtime runs for Slim's QDQ export (after its graph optimizations):")
     print()
