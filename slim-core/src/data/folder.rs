@@ -132,11 +132,12 @@ fn decode(path: &Path) -> Result<DynamicImage> {
 }
 
 /// `img` with its shorter side resized to cover `h` x `w` (bilinear), centre-cropped to it,
-/// as `channels` (1: luma, 3: RGB) bytes, channel-major.
-fn fit(img: &DynamicImage, [c, h, w]: [usize; 3]) -> Vec<u8> {
+/// written into `out` as `c` (1: luma, 3: RGB) bytes per pixel, channel-major.
+fn fit(img: &DynamicImage, [c, h, w]: [usize; 3], out: &mut [u8]) {
     let (iw, ih) = img.dimensions();
+    let cropped;
     let img = if (ih as usize, iw as usize) == (h, w) {
-        img.clone()
+        img
     } else {
         let scale = (h as f64 / f64::from(ih)).max(w as f64 / f64::from(iw));
         let (sw, sh) = (
@@ -145,9 +146,9 @@ fn fit(img: &DynamicImage, [c, h, w]: [usize; 3]) -> Vec<u8> {
         );
         let resized = img.resize_exact(sw, sh, FilterType::Triangle);
         let (x0, y0) = ((sw - w as u32) / 2, (sh - h as u32) / 2);
-        resized.crop_imm(x0, y0, w as u32, h as u32)
+        cropped = resized.crop_imm(x0, y0, w as u32, h as u32);
+        &cropped
     };
-    let mut out = vec![0u8; c * h * w];
     if c == 1 {
         out.copy_from_slice(img.to_luma8().as_raw());
     } else {
@@ -158,7 +159,6 @@ fn fit(img: &DynamicImage, [c, h, w]: [usize; 3]) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// Decodes `files` (with their labels) in parallel into one set of `shape`.
@@ -176,14 +176,16 @@ fn decode_all(files: &[(PathBuf, u8)], shape: [usize; 3], classes: usize) -> Res
             MAX_DECODED_BYTES >> 20
         )));
     }
-    let images: Vec<Vec<u8>> = files
-        .par_iter()
-        .map(|(p, _)| decode(p).map(|img| fit(&img, shape)))
-        .collect::<Result<_>>()?;
+    // Each image decoded straight into its place: one copy of the set in memory.
+    let mut images = vec![0u8; bytes];
+    images
+        .par_chunks_mut(per.max(1))
+        .zip(files.par_iter())
+        .try_for_each(|(dst, (p, _))| decode(p).map(|img| fit(&img, shape, dst)))?;
     Ok(ImageSet {
         shape,
         classes,
-        images: images.concat(),
+        images,
         labels: files.iter().map(|(_, l)| *l).collect(),
     })
 }
