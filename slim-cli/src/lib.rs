@@ -37,7 +37,7 @@ use std::process::ExitCode;
 
 pub use compress::check_config;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -174,6 +174,12 @@ pub fn tune_allocator() {
         libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
         libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
     }
+}
+
+/// The `slim` command line as clap describes it: every command and option (docs/cli.md's
+/// option tables are rendered from it).
+pub fn command() -> clap::Command {
+    Cli::command()
 }
 
 /// Parses the command line, runs the command and reports its error, if any.

@@ -1,0 +1,234 @@
+//! docs/cli.md stays true to the binary: its option tables are rendered from the command
+//! line's own definitions (`SLIM_BLESS=1` rewrites them), every option its examples use exists,
+//! and every command has an example.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+const MARK: &str = "<!-- The part below is rendered from the command line's definitions. -->";
+
+/// Every command that runs something, as its words after `slim`, with its clap definition.
+fn leaves(cmd: &clap::Command, path: &[String], out: &mut Vec<(Vec<String>, clap::Command)>) {
+    let subs: Vec<&clap::Command> = cmd
+        .get_subcommands()
+        .filter(|s| s.get_name() != "help")
+        .collect();
+    // A command runs something when it has no subcommands or options of its own beside them.
+    if subs.is_empty() || cmd.get_arguments().any(shown) {
+        out.push((path.to_vec(), cmd.clone()));
+    }
+    for s in subs {
+        let mut p = path.to_vec();
+        p.push(s.get_name().to_string());
+        leaves(s, &p, out);
+    }
+}
+
+/// One line of a table cell: the help text on one line, pipes escaped.
+fn cell(text: &str) -> String {
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "\\|")
+}
+
+fn shown(arg: &clap::Arg) -> bool {
+    !arg.is_hide_set() && !matches!(arg.get_id().as_str(), "help" | "version")
+}
+
+/// `--name VALUE`, `-q, --quiet` or `MODEL`.
+fn spelling(arg: &clap::Arg) -> String {
+    let values: Vec<String> = arg
+        .get_value_names()
+        .map(|v| v.iter().map(|s| s.to_string()).collect())
+        .unwrap_or_else(|| vec![arg.get_id().as_str().to_uppercase()]);
+    let takes_value = arg.get_action().takes_values();
+    match arg.get_long() {
+        None => values.join(" "),
+        Some(long) => {
+            let mut s = match arg.get_short() {
+                Some(c) => format!("-{c}, --{long}"),
+                None => format!("--{long}"),
+            };
+            if takes_value {
+                s.push(' ');
+                s.push_str(&values.join(" "));
+            }
+            s
+        }
+    }
+}
+
+fn row(arg: &clap::Arg) -> String {
+    let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+    let mut extra = Vec::new();
+    let possible: Vec<String> = arg
+        .get_possible_values()
+        .iter()
+        .filter(|v| !v.is_hide_set())
+        .map(|v| v.get_name().to_string())
+        .collect();
+    if arg.get_action().takes_values() && !possible.is_empty() {
+        extra.push(format!("one of {}", possible.join(", ")));
+    }
+    let defaults: Vec<String> = arg
+        .get_default_values()
+        .iter()
+        .map(|d| d.to_string_lossy().into_owned())
+        .collect();
+    if !defaults.is_empty() {
+        extra.push(format!("default {}", defaults.join(" ")));
+    }
+    if arg.is_required_set() && arg.get_long().is_some() {
+        extra.push("required".into());
+    }
+    let mut meaning = cell(&help);
+    if !extra.is_empty() {
+        if !meaning.is_empty() {
+            meaning.push(' ');
+        }
+        meaning.push_str(&format!("({})", extra.join("; ")));
+    }
+    format!("| `{}` | {} |\n", spelling(arg), meaning)
+}
+
+/// The rendered part of docs/cli.md: the options every command shares once, then each
+/// command's own.
+fn render() -> String {
+    let mut commands = Vec::new();
+    leaves(&slim_cli::command(), &[], &mut commands);
+    // Options most commands take with the same meaning are listed once.
+    let key = |a: &clap::Arg| row(a);
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for (_, c) in &commands {
+        for a in c.get_arguments().filter(|a| shown(a)) {
+            *counts.entry(key(a)).or_default() += 1;
+        }
+    }
+    let shared: BTreeSet<String> = counts
+        .into_iter()
+        .filter(|(_, n)| 2 * n > commands.len())
+        .map(|(r, _)| r)
+        .collect();
+    let mut out = String::from(MARK);
+    out.push_str("\n\n## Options of every command\n\n");
+    out.push_str(
+        "Rendered from the definitions `slim COMMAND --help` prints; a test fails when this part \
+         is stale (`SLIM_BLESS=1 cargo test -p slim-cli --test docs` rewrites it).\n\n",
+    );
+    out.push_str("Most commands take:\n\n| option | meaning |\n|---|---|\n");
+    let mut listed = BTreeSet::new();
+    for (_, c) in &commands {
+        for a in c.get_arguments().filter(|a| shown(a)) {
+            if shared.contains(&key(a)) && listed.insert(key(a)) {
+                out.push_str(&row(a));
+            }
+        }
+    }
+    for (path, c) in &commands {
+        let positional: Vec<String> = c
+            .get_positionals()
+            .filter(|a| shown(a))
+            .map(spelling)
+            .collect();
+        let title = std::iter::once("slim".to_string())
+            .chain(path.iter().cloned())
+            .chain(positional)
+            .collect::<Vec<_>>()
+            .join(" ");
+        out.push_str(&format!("\n### `{title}`\n\n"));
+        if let Some(about) = c.get_about() {
+            out.push_str(&cell(&about.to_string()));
+            out.push_str("\n\n");
+        }
+        let own: Vec<&clap::Arg> = c
+            .get_arguments()
+            .filter(|a| shown(a) && !shared.contains(&key(a)))
+            .collect();
+        if !own.is_empty() {
+            out.push_str("| option | meaning |\n|---|---|\n");
+            for a in &own {
+                out.push_str(&row(a));
+            }
+        }
+        let common: Vec<String> = c
+            .get_arguments()
+            .filter(|a| shown(a) && shared.contains(&key(a)))
+            .map(|a| format!("`{}`", spelling(a)))
+            .collect();
+        if !common.is_empty() {
+            if !own.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&format!("And {} (above).\n", common.join(", ")));
+        }
+    }
+    out
+}
+
+fn page_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/cli.md")
+}
+
+#[test]
+fn the_option_tables_are_the_binarys() {
+    let path = page_path();
+    let current = std::fs::read_to_string(&path).expect("docs/cli.md");
+    let written = current.split(MARK).next().unwrap_or("").trim_end();
+    let page = format!("{written}\n\n{}", render());
+    if std::env::var("SLIM_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(&path, &page).expect("write docs/cli.md");
+        return;
+    }
+    assert!(
+        current == page,
+        "docs/cli.md's option tables differ from the command line; run SLIM_BLESS=1 cargo \
+         test -p slim-cli --test docs"
+    );
+}
+
+/// The hand-written part: every `--option` its examples use is an option of some command,
+/// and every command appears in an example.
+#[test]
+fn the_examples_use_real_commands_and_options() {
+    let current = std::fs::read_to_string(page_path()).expect("docs/cli.md");
+    let written = current.split(MARK).next().unwrap_or("");
+    let mut commands = Vec::new();
+    leaves(&slim_cli::command(), &[], &mut commands);
+    let mut longs = BTreeSet::new();
+    for (_, c) in &commands {
+        for a in c.get_arguments() {
+            if let Some(l) = a.get_long() {
+                longs.insert(l.to_string());
+            }
+        }
+    }
+    let mut unknown = BTreeSet::new();
+    for part in written.split("--").skip(1) {
+        let name: String = part
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        // `--` alone, or a markdown rule.
+        if name.is_empty() || !name.starts_with(|c: char| c.is_ascii_lowercase()) || name == "help"
+        {
+            continue;
+        }
+        if !longs.contains(&name) {
+            unknown.insert(name);
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "docs/cli.md uses options no command has: {unknown:?}"
+    );
+    let missing: Vec<String> = commands
+        .iter()
+        .map(|(p, _)| format!("slim {}", p.join(" ")))
+        .filter(|c| !written.contains(c.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "commands without an example in docs/cli.md: {missing:?}"
+    );
+}
