@@ -232,3 +232,110 @@ fn the_examples_use_real_commands_and_options() {
         "commands without an example in docs/cli.md: {missing:?}"
     );
 }
+
+/// The keys the pipeline parser takes in one table, read from its answer to a key it does not
+/// know (serde lists the expected fields).
+fn parser_keys(config: &str) -> BTreeSet<String> {
+    let e = match slim_cli::check_config(config, "probe.toml") {
+        Ok(_) => panic!("the parser took an unknown key:\n{config}"),
+        Err(f) => format!("{:#}", f.error),
+    };
+    let expected = e
+        .split("expected")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no list of keys in: {e}"));
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+/// docs/pipeline.md lists every key of every table the parser takes, and no other, and each
+/// TOML example on it is a valid pipeline.
+#[test]
+fn the_pipeline_page_is_the_parsers() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/pipeline.md");
+    let page = std::fs::read_to_string(path).expect("docs/pipeline.md");
+    // The keys of each `### ` section's table.
+    let mut sections: Vec<(String, BTreeSet<String>)> = Vec::new();
+    for line in page.lines() {
+        if let Some(title) = line.strip_prefix("### ") {
+            sections.push((title.to_string(), BTreeSet::new()));
+        } else if let (Some(key), Some(last)) = (line.strip_prefix("| `"), sections.last_mut()) {
+            last.1.insert(key.split('`').next().unwrap_or("").to_string());
+        }
+    }
+    let documented = |title: &str| -> BTreeSet<String> {
+        sections
+            .iter()
+            .find(|(t, _)| t == title)
+            .unwrap_or_else(|| panic!("docs/pipeline.md has no section `### {title}`"))
+            .1
+            .clone()
+    };
+    let zoo = "[model]\nzoo = \"lenet\"\n";
+    let top = parser_keys(&format!("zz_probe = 1\n{zoo}"));
+    for table in &top {
+        let title = if table == "strategy" {
+            "Every [[strategy]]".to_string()
+        } else {
+            format!("[{table}]")
+        };
+        let docs = documented(&title);
+        if table == "strategy" {
+            // The runner takes these itself; the stage's options are per kind below.
+            let own: BTreeSet<String> = ["kind", "name", "from"].map(String::from).into();
+            assert_eq!(docs, own, "docs/pipeline.md, {title}");
+            continue;
+        }
+        let probe = if table == "model" {
+            "[model]\nzz_probe = 1\n".to_string()
+        } else {
+            format!("{zoo}[{table}]\nzz_probe = 1\n")
+        };
+        assert_eq!(docs, parser_keys(&probe), "docs/pipeline.md, {title}");
+    }
+    let kinds = [
+        "prune.uniform, prune.sensitivity, prune.auto",
+        "quant.ptq",
+        "quant.qat",
+        "distill",
+        "nas.sa, nas.oneshot",
+    ];
+    for title in kinds {
+        let docs = documented(title);
+        for kind in title.split(", ") {
+            let probe = format!("{zoo}[[strategy]]\nkind = \"{kind}\"\nzz_probe = 1\n");
+            assert_eq!(docs, parser_keys(&probe), "docs/pipeline.md, {kind}");
+        }
+    }
+    let documented_kinds: BTreeSet<&str> = kinds.iter().flat_map(|t| t.split(", ")).collect();
+    for kind in slim_cli::check_config(&format!("{zoo}[[strategy]]\nkind = \"zz\"\n"), "p")
+        .err()
+        .map(|f| format!("{:#}", f.error))
+        .unwrap_or_default()
+        .split("expected")
+        .nth(1)
+        .unwrap_or("")
+        .split([' ', ',', ')'])
+        .filter(|w| w.contains('.') || *w == "distill")
+    {
+        assert!(
+            documented_kinds.contains(kind),
+            "docs/pipeline.md has no section for strategy kind {kind}"
+        );
+    }
+    let examples: Vec<&str> = page
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap_or(""))
+        .collect();
+    assert!(examples.len() >= 2, "docs/pipeline.md lost its examples");
+    for (i, example) in examples.iter().enumerate() {
+        if let Err(f) = slim_cli::check_config(example, "docs/pipeline.md") {
+            panic!("example {} of docs/pipeline.md: {:#}", i + 1, f.error);
+        }
+    }
+}
