@@ -176,6 +176,12 @@ pub fn tune_allocator() {
     }
 }
 
+// The README's Rust example runs as a doctest of this crate, which depends on every method
+// crate it uses.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExample;
+
 /// The `slim` command line as clap describes it: every command and option (docs/cli.md's
 /// option tables are rendered from it).
 pub fn command() -> clap::Command {
