@@ -9,7 +9,7 @@ use slim_core::exec::NodeKernels;
 use slim_latency::{bench, BenchRun, BuildOptions};
 use slim_quant::runtime::Int8Kernels;
 
-use crate::common::load_model;
+use crate::common::{load_model, LoadArgs};
 use crate::output::table;
 use crate::{input_error, Failure};
 
@@ -36,6 +36,8 @@ pub struct BenchArgs {
     /// Print one JSON object with the results on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 /// The most memory this process has held, from the kernel's count (Linux).
@@ -53,7 +55,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
     if let Some(t) = args.threads.iter().find(|&&t| t == 0) {
         return Err(input_error(format!("--threads {t}: must be at least 1")));
     }
-    let model = load_model(&args.file, &Device::Cpu)?;
+    let model = load_model(&args.file, &Device::Cpu, &args.load)?;
     let int8 = !model.int8.is_empty();
     let kernels = int8.then(|| Int8Kernels::new(&model));
     let kernels = kernels.as_ref().map(|k| k as &dyn NodeKernels);

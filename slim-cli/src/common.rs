@@ -6,6 +6,8 @@ use candle_core::Device;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use slim_core::data::{load_spec, DataSplits};
+use slim_core::finite::NonFinite;
+use slim_core::io::LoadOptions;
 use slim_core::train::{OptimizerKind, Progress, Schedule, TrainConfig};
 use slim_core::Model;
 
@@ -29,6 +31,17 @@ pub struct Common {
     /// Where to compute. CUDA needs a build with candle's `cuda` feature.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// How model files are read; every command that reads one takes these.
+#[derive(Args, Clone, Copy, Debug, Default)]
+pub struct LoadArgs {
+    /// Load model files whose tensors hold NaN or infinite values (a warning names each
+    /// tensor) instead of refusing them.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
 }
 
 impl Common {
@@ -45,19 +58,41 @@ impl Common {
 }
 
 /// Loads a model file: a Slim `.safetensors` file, or an ONNX model (`.onnx`), imported with
-/// the preprocessing its metadata records, if any.
-pub fn load_model(path: &Path, device: &Device) -> Result<Model, Failure> {
+/// the preprocessing its metadata records, if any. NaN or infinite values are refused unless
+/// `load` allows them; then each tensor that holds some gets a warning on stderr.
+pub fn load_model(path: &Path, device: &Device, load: &LoadArgs) -> Result<Model, Failure> {
     let is_onnx = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+    let opts = LoadOptions::default().with_allow_nonfinite(load.allow_nonfinite);
     if !is_onnx {
-        return Ok(Model::load(path, device)?);
+        let (m, report) = Model::load_with(path, device, &opts)?;
+        warn_nonfinite(path, &report.nonfinite);
+        return Ok(m);
     }
-    let m = slim_onnx::import_file(path, &slim_onnx::ImportOptions::default())?;
+    let import = slim_onnx::ImportOptions {
+        allow_nonfinite: load.allow_nonfinite,
+        ..Default::default()
+    };
+    let m = slim_onnx::import_file(path, &import)?;
+    if load.allow_nonfinite {
+        warn_nonfinite(path, &m.nonfinite_params()?);
+    }
     if device.is_cpu() {
         Ok(m)
     } else {
-        Ok(Model::from_bytes(&m.to_bytes()?, device)?)
+        Ok(Model::from_bytes_with(&m.to_bytes()?, device, &opts)?.0)
+    }
+}
+
+/// One warning on stderr per tensor of `path` that holds NaN or infinite values and was
+/// loaded anyway.
+pub fn warn_nonfinite(path: &Path, found: &[NonFinite]) {
+    for nf in found {
+        eprintln!(
+            "warning: {}: {nf}; loaded anyway (--allow-nonfinite)",
+            path.display()
+        );
     }
 }
 

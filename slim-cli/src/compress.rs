@@ -628,7 +628,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     // Stage 0: the baseline, trained from the zoo or read from a file.
     let mut model = if let Some(row) = state.stages.first() {
         note(format!("stage 1/{total}: baseline (done)"));
-        let m = crate::common::load_model(&row.file, &device)?;
+        let m = crate::common::load_model(&row.file, &device, &args.common.load)?;
         crate::common::adapt_data(&mut data, &m)?;
         m
     } else {
@@ -655,7 +655,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
             }
             (None, Some(path)) => {
                 note(format!("stage 1/{total}: baseline: {}", path.display()));
-                let m = crate::common::load_model(path, &device)?;
+                let m = crate::common::load_model(path, &device, &args.common.load)?;
                 // An imported model is fed data the way it expects.
                 crate::common::adapt_data(&mut data, &m)?;
                 (m, json!({}), path.clone())
@@ -676,14 +676,14 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     };
 
     // The baseline as its file holds it, for stages that learn from it.
-    let baseline = crate::common::load_model(&state.stages[0].file, &device)?;
+    let baseline = crate::common::load_model(&state.stages[0].file, &device, &args.common.load)?;
     for (i, strategy) in pipeline.strategies.iter_mut().enumerate() {
         let stage = i + 1;
         let (name, source) = pipeline.stages[i].clone();
         let stem = format!("{stage:02}-{}", name.replace(' ', "_"));
         if let Some(row) = state.stages.get(stage) {
             note(format!("stage {}/{total}: {name} (done)", stage + 1));
-            model = crate::common::load_model(&row.file, &device)?;
+            model = crate::common::load_model(&row.file, &device, &args.common.load)?;
             continue;
         }
         let from = match source {
@@ -697,7 +697,9 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         }
         model = match source {
             Source::Previous => model,
-            Source::Stage(j) => crate::common::load_model(&state.stages[j].file, &device)?,
+            Source::Stage(j) => {
+                crate::common::load_model(&state.stages[j].file, &device, &args.common.load)?
+            }
             Source::Init => fresh(&data)?,
         };
         let t0 = Instant::now();
@@ -731,7 +733,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     let with_latency = !pipeline.tables.is_empty();
     if with_latency {
         for row in state.stages.iter_mut() {
-            let m = crate::common::load_model(&row.file, &device)?;
+            let m = crate::common::load_model(&row.file, &device, &args.common.load)?;
             let runtime = if m.int8.is_empty() {
                 slim_latency::Runtime::F32
             } else {

@@ -156,7 +156,7 @@ pub fn run(args: DistillArgs) -> Result<(), Failure> {
 
 fn run_dump(args: DumpArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
-    let teacher = crate::common::load_model(&args.teacher, &device)?;
+    let teacher = crate::common::load_model(&args.teacher, &device, &args.common.load)?;
     let mut data = load_data(&args.data, args.limit)?;
     crate::common::adapt_data(&mut data, &teacher)?;
     let quiet = args.common.quiet;
@@ -242,7 +242,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
     let mut data = load_data(&args.data, args.limit)?;
     let mut student = match (&args.student, &args.student_model) {
-        (Some(path), _) => crate::common::load_model(path, &device)?,
+        (Some(path), _) => crate::common::load_model(path, &device, &args.common.load)?,
         (None, Some(name)) => {
             let zcfg = ZooConfig::new(data.train.shape)
                 .with_width(args.width)
@@ -263,7 +263,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             teachers.push(Teacher::Knowledge(Knowledge::open(path, &device)?));
             teacher_top1.push(None);
         } else {
-            let m = crate::common::load_model(path, &device)?;
+            let m = crate::common::load_model(path, &device, &args.common.load)?;
             if let Some(p) = m.preprocess()? {
                 if p != data.normalize {
                     return Err(input_error(format!(
@@ -444,7 +444,7 @@ fn run_serve(args: ServeArgs) -> Result<(), Failure> {
     slim_dist::check_name("teacher", &args.name)?;
     let url = slim_dist::RedisUrl::parse_with_ca(&args.redis, args.redis_ca.as_deref())?;
     let device = args.common.device()?;
-    let model = crate::common::load_model(&args.model, &device)?;
+    let model = crate::common::load_model(&args.model, &device, &args.common.load)?;
     let mut data = load_data(&args.data, args.limit)?;
     crate::common::adapt_data(&mut data, &model)?;
     let label = args.model.display().to_string();

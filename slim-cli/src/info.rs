@@ -30,6 +30,8 @@ pub struct InfoArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub load: crate::common::LoadArgs,
 }
 
 /// Parses `CxHxW` given with `--input`.
@@ -62,7 +64,7 @@ pub fn parse_shape(flag: &str, s: &str) -> Result<[usize; 3], Failure> {
 pub fn run(args: InfoArgs) -> Result<(), Failure> {
     let (label, model, bytes) = match (&args.file, &args.model) {
         (Some(path), _) => {
-            let model = crate::common::load_model(path, &Device::Cpu)?;
+            let model = crate::common::load_model(path, &Device::Cpu, &args.load)?;
             let bytes = std::fs::metadata(path)?.len();
             (path.display().to_string(), model, bytes)
         }

@@ -143,7 +143,11 @@ fn zoo_spec(flag: &str, spec: &str) -> Result<(String, [usize; 3]), Failure> {
     Ok((name.to_string(), [c, h, w]))
 }
 
-fn load_models(m: &Models, runtime: Runtime) -> Result<Vec<(String, Model)>, Failure> {
+fn load_models(
+    m: &Models,
+    runtime: Runtime,
+    load: &crate::common::LoadArgs,
+) -> Result<Vec<(String, Model)>, Failure> {
     if m.models.is_empty() && m.zoo.is_empty() && m.spaces.is_empty() {
         return Err(input_error(
             "give at least one --model FILE, --zoo NAME or --space NAME",
@@ -154,7 +158,7 @@ fn load_models(m: &Models, runtime: Runtime) -> Result<Vec<(String, Model)>, Fai
     for path in &m.models {
         out.push((
             path.display().to_string(),
-            crate::common::load_model(path, &device)?,
+            crate::common::load_model(path, &device, load)?,
         ));
     }
     let prepare = |model: Model, input: [usize; 3]| -> Result<Model, Failure> {
@@ -276,7 +280,7 @@ fn run_build(a: BuildArgs) -> Result<(), Failure> {
     } else {
         Table::new(DeviceInfo::this_machine(runtime, a.threads, a.batch))
     };
-    let models = load_models(&a.models, runtime)?;
+    let models = load_models(&a.models, runtime, &a.common.load)?;
     let subjects = subjects(&models);
     let opts = a.timing.options();
     let mut progress = progress_printer(a.common.quiet);
@@ -303,7 +307,7 @@ fn run_build(a: BuildArgs) -> Result<(), Failure> {
 
 fn run_estimate(a: EstimateArgs) -> Result<(), Failure> {
     let table = Table::load(&a.table)?;
-    let model = crate::common::load_model(&a.model, &candle_core::Device::Cpu)?;
+    let model = crate::common::load_model(&a.model, &candle_core::Device::Cpu, &a.common.load)?;
     let e = estimate(&table, &model, a.fallback)?;
     if a.common.json {
         outln!("{}", serde_json::to_string(&e)?);
@@ -333,7 +337,7 @@ fn run_estimate(a: EstimateArgs) -> Result<(), Failure> {
 fn run_validate(a: ValidateArgs) -> Result<(), Failure> {
     let table = Table::load(&a.table)?;
     let runtime = table.device.runtime;
-    let models = load_models(&a.models, runtime)?;
+    let models = load_models(&a.models, runtime, &a.common.load)?;
     let subjects = subjects(&models);
     let opts = a.timing.options();
     let mut progress = progress_printer(a.common.quiet);

@@ -679,7 +679,7 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
         if a.calibration_images == 0 {
             return Err(input_error("--calibration-images must be at least 1"));
         }
-        let supernet = crate::common::load_model(&file, &device)?;
+        let supernet = crate::common::load_model(&file, &device, &a.common.load)?;
         let mut model = slim_nas::oneshot::inherit(&supernet, space.as_ref(), &c.tokens)?;
         let data = crate::common::load_data(&a.data, None)?;
         let calibration = data.train.take(a.calibration_images);

@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 use slim_core::analysis::{analyze, human};
 
-use crate::common::{check_out_dir, load_model};
+use crate::common::{check_out_dir, load_model, warn_nonfinite, LoadArgs};
 use crate::{input_error, Failure};
 
 #[derive(Args)]
@@ -33,6 +33,8 @@ pub struct ImportArgs {
     /// Print one JSON object with the result on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 #[derive(Args)]
@@ -52,6 +54,8 @@ pub struct ExportArgs {
     /// Print one JSON object with the result on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
@@ -83,9 +87,13 @@ pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
         input_shape,
         preprocess,
         resize: args.resize,
+        allow_nonfinite: args.load.allow_nonfinite,
         ..Default::default()
     };
     let mut model = slim_onnx::import_file(&args.file, &opts)?;
+    if args.load.allow_nonfinite {
+        warn_nonfinite(&args.file, &model.nonfinite_params()?);
+    }
     model
         .provenance
         .insert("imported_from".into(), args.file.display().to_string());
@@ -120,7 +128,7 @@ pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
 
 pub fn run_export(args: ExportArgs) -> Result<(), Failure> {
     check_out_dir("--out", &args.out)?;
-    let model = load_model(&args.file, &Device::Cpu)?;
+    let model = load_model(&args.file, &Device::Cpu, &args.load)?;
     let activations = args
         .activations_type
         .parse()

@@ -258,7 +258,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         ft.validate()?;
     }
     let device = args.common.device()?;
-    let model = crate::common::load_model(&args.file, &device)?;
+    let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
     let needs_data = args.finetune_epochs > 0 || args.method == PruneMethod::Auto;
     let data = if needs_data || args.selection.data.is_some() {
         Some(crate::common::data_for(
@@ -581,7 +581,7 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
     }
     args.selection.criterion()?;
     let device = args.common.device()?;
-    let model = crate::common::load_model(&args.file, &device)?;
+    let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
     let started = Instant::now();
     let sens = if !args.merge.is_empty() {
         let fingerprint = model.fingerprint()?;

@@ -121,7 +121,7 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
     slim_quant::quantizer::check_bits(cfg.bits_weights)?;
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
-    let model = crate::common::load_model(&args.file, &device)?;
+    let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
     let spec = args
         .data
         .clone()
@@ -193,7 +193,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     tcfg.validate()?;
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
-    let model = crate::common::load_model(&args.file, &device)?;
+    let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
     let spec = args
         .data
         .clone()

@@ -45,7 +45,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         )));
     }
     let device = args.common.device()?;
-    let model = load_model(&args.file, &device)?;
+    let model = load_model(&args.file, &device, &args.common.load)?;
     let g = &model.graph;
     let input_ids = g.inputs();
     if args.inputs.len() != input_ids.len() {

@@ -71,7 +71,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     // a zoo name.
     let as_file = std::path::Path::new(&args.model);
     let mut model = if as_file.is_file() || args.model.ends_with(".safetensors") {
-        let m = crate::common::load_model(as_file, &device)?;
+        let m = crate::common::load_model(as_file, &device, &args.common.load)?;
         if !m.int8.is_empty() {
             return Err(crate::input_error(format!(
                 "{} is an int8 model; train the float model it came from",
@@ -191,7 +191,7 @@ pub struct EvalArgs {
 
 pub fn run_eval(args: EvalArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
-    let model = crate::common::load_model(&args.file, &device)?;
+    let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
     let data = crate::common::data_for(&args.data, &model)?;
     // Int8 files run on the int8 runtime.
     let int8 = !model.int8.is_empty();

@@ -227,6 +227,75 @@ fn wrong_kinds_of_model_and_impossible_numbers_are_refused() {
     assert!(!f.out.exists(), "something was written");
 }
 
+#[test]
+fn nonfinite_values_are_refused_by_name_unless_allowed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("nan.safetensors");
+    let out = dir.path().join("out.safetensors");
+    let (nan, out) = (s(&path), s(&out));
+    // A LeNet with one NaN in a bias.
+    let m = slim_core::zoo::model(
+        "lenet",
+        &slim_core::zoo::ZooConfig::new([1, 28, 28]),
+        0,
+        &candle_core::Device::Cpu,
+    )
+    .expect("lenet");
+    let bias = m
+        .params
+        .names()
+        .find(|n| n.ends_with(".bias"))
+        .expect("a bias")
+        .to_string();
+    let t = m.params.tensor(&bias).expect("bias");
+    let mut v = t
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("values");
+    v[3] = f32::NAN;
+    let t = candle_core::Tensor::from_vec(v, t.dims(), &candle_core::Device::Cpu).expect("nan");
+    m.params.set(&bias, &t).expect("set");
+    m.save(&path).expect("saved");
+
+    let names = format!("tensor `{bias}` holds 1 NaN value (first at index 3)");
+    let needles = ["nan.safetensors", names.as_str(), "--allow-nonfinite"];
+    for args in [
+        vec!["eval", nan],
+        vec!["info", nan],
+        vec!["bench", nan, "--runs", "1"],
+        vec!["export", nan, "--out", out],
+        vec!["quant", "ptq", nan, "--out", out],
+        vec!["prune", nan, "--ratio", "0.5", "--out", out],
+    ] {
+        refused(&args, &needles);
+    }
+
+    // With the flag the model loads, and a warning names the tensor.
+    let o = slim(&["eval", nan, "--allow-nonfinite", "--quiet"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("warning:") && err.contains(&names) && err.contains("loaded anyway"),
+        "{err}"
+    );
+    let o = slim(&["info", nan, "--allow-nonfinite"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Quantizing it still fails, naming the parameter.
+    refused(
+        &[
+            "quant",
+            "ptq",
+            nan,
+            "--allow-nonfinite",
+            "--quiet",
+            "--out",
+            out,
+        ],
+        &[&format!("parameter `{bias}`"), "NaN"],
+    );
+    assert!(!Path::new(out).exists(), "something was written");
+}
+
 /// `name`'s bad copies in `dir`: empty, text, the first half of `real`, and JSON of another
 /// kind.
 fn bad_copies(dir: &Path, name: &str, real: &[u8]) -> Vec<PathBuf> {

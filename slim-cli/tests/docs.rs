@@ -264,7 +264,8 @@ fn the_pipeline_page_is_the_parsers() {
         if let Some(title) = line.strip_prefix("### ") {
             sections.push((title.to_string(), BTreeSet::new()));
         } else if let (Some(key), Some(last)) = (line.strip_prefix("| `"), sections.last_mut()) {
-            last.1.insert(key.split('`').next().unwrap_or("").to_string());
+            last.1
+                .insert(key.split('`').next().unwrap_or("").to_string());
         }
     }
     let documented = |title: &str| -> BTreeSet<String> {

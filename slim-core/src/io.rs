@@ -8,7 +8,9 @@
 //! renamed over the target, so a crash never leaves half a model. Reading checks everything
 //! before building anything: a file that is not safetensors, is truncated, has an unknown
 //! format version, lacks a tensor or holds one of the wrong shape or type is an error naming
-//! the file and the tensor.
+//! the file and the tensor. So is a float tensor that holds a NaN or an infinite value, unless
+//! [`LoadOptions::allow_nonfinite`] says to load it anyway; the [`LoadReport`] then lists it.
+//! Int8 tensors hold integers and are not scanned; their scales are.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -17,8 +19,10 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
+use crate::finite::NonFinite;
 use crate::graph::{Graph, GraphDef};
 use crate::model::Model;
 use crate::params::ParamStore;
@@ -27,6 +31,29 @@ use crate::params::ParamStore;
 pub const FORMAT: &str = "slim-model";
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// How a model file is read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadOptions {
+    /// Load float tensors that hold NaN or infinite values instead of refusing the file; the
+    /// [`LoadReport`] lists them.
+    pub allow_nonfinite: bool,
+}
+
+impl LoadOptions {
+    pub fn with_allow_nonfinite(mut self, allow: bool) -> Self {
+        self.allow_nonfinite = allow;
+        self
+    }
+}
+
+/// What loading a model file found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LoadReport {
+    /// The tensors holding NaN or infinite values that were loaded anyway (only with
+    /// [`LoadOptions::allow_nonfinite`]; without it, the first one is an error).
+    pub nonfinite: Vec<NonFinite>,
+}
 
 /// Writes `bytes` to `path` atomically: a temporary sibling file, synced, then renamed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -108,21 +135,39 @@ impl Model {
         write_atomic(path, &bytes)
     }
 
-    /// Loads a model file onto a device.
+    /// Loads a model file onto a device, refusing one that holds NaN or infinite values.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Model> {
+        Ok(Model::load_with(path, device, &LoadOptions::default())?.0)
+    }
+
+    /// Loads a model file onto a device, as `opts` says.
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        device: &Device,
+        opts: &LoadOptions,
+    ) -> Result<(Model, LoadReport)> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|source| CoreError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Model::from_bytes(&bytes, device).map_err(|e| match e {
+        Model::from_bytes_with(&bytes, device, opts).map_err(|e| match e {
             CoreError::File { msg, .. } => CoreError::file(path, msg),
             other => CoreError::file(path, other.to_string()),
         })
     }
 
-    /// Reads a model from the bytes of a safetensors file.
+    /// Reads a model from the bytes of a safetensors file, refusing NaN or infinite values.
     pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Model> {
+        Ok(Model::from_bytes_with(bytes, device, &LoadOptions::default())?.0)
+    }
+
+    /// Reads a model from the bytes of a safetensors file, as `opts` says.
+    pub fn from_bytes_with(
+        bytes: &[u8],
+        device: &Device,
+        opts: &LoadOptions,
+    ) -> Result<(Model, LoadReport)> {
         let (st, meta) = open_safetensors(bytes)?;
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(CoreError::file(
@@ -133,7 +178,7 @@ impl Model {
                 ),
             ));
         }
-        Model::from_safetensors(&st, &meta, "", device)
+        Model::from_safetensors(&st, &meta, "", device, opts)
     }
 
     /// The metadata a model file carries (format, version, graph, provenance).
@@ -157,8 +202,23 @@ impl Model {
         meta: &HashMap<String, String>,
         prefix: &str,
         device: &Device,
-    ) -> Result<Model> {
+        opts: &LoadOptions,
+    ) -> Result<(Model, LoadReport)> {
         let bad = |msg: String| CoreError::file("<bytes>", msg);
+        let mut report = LoadReport::default();
+        // One pass over a float tensor's bytes before anything is built from them.
+        let mut check = |name: &str, bytes: &[u8]| -> Result<()> {
+            match NonFinite::scan_le_bytes(name, bytes) {
+                None => Ok(()),
+                Some(nf) if opts.allow_nonfinite => {
+                    report.nonfinite.push(nf);
+                    Ok(())
+                }
+                Some(nf) => Err(bad(format!(
+                    "{nf}; pass --allow-nonfinite to load it anyway"
+                ))),
+            }
+        };
         let key = |k: &str| {
             meta.get(k)
                 .ok_or_else(|| bad(format!("metadata has no `{k}`: not a Slim model file")))
@@ -206,6 +266,7 @@ impl Model {
                 if sv.dtype() != safetensors::Dtype::F32 || sv.shape().len() != 1 {
                     return Err(bad(format!("`{scale_name}` must be a vector of F32")));
                 }
+                check(&scale_name, sv.data())?;
                 let scales: Vec<f32> = sv
                     .data()
                     .chunks_exact(4)
@@ -243,6 +304,7 @@ impl Model {
                     spec.shape
                 )));
             }
+            check(&stored, view.data())?;
             let t = view
                 .load(device)
                 .map_err(|e| bad(format!("tensor `{stored}`: {e}")))?;
@@ -260,7 +322,7 @@ impl Model {
         let mut model = Model::new(graph, params).map_err(|e| bad(e.to_string()))?;
         model.provenance = provenance;
         model.int8 = int8;
-        Ok(model)
+        Ok((model, report))
     }
 }
 
@@ -430,6 +492,53 @@ mod tests {
         meta2.insert("format_version".into(), "99".into());
         let e = load(&safetensors::tensor::serialize(tensors, Some(meta2)).unwrap());
         assert!(e.contains("version 99"), "{e}");
+    }
+
+    #[test]
+    fn nonfinite_values_are_refused_by_name_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let m = small();
+        // One infinity in a weight, where a 3x3 kernel's fifth value sits.
+        let w = m.params.tensor("c.weight").unwrap();
+        let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[4] = f32::INFINITY;
+        m.params
+            .set(
+                "c.weight",
+                &Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        m.save(&path).unwrap();
+
+        let e = Model::load(&path, &Device::Cpu).unwrap_err();
+        assert!(matches!(e, CoreError::File { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: tensor `c.weight` holds 1 infinite value (first at index 4); \
+                 pass --allow-nonfinite to load it anyway",
+                path.display()
+            )
+        );
+        assert!(Model::from_bytes(&m.to_bytes().unwrap(), &Device::Cpu).is_err());
+
+        let opts = LoadOptions::default().with_allow_nonfinite(true);
+        let (back, report) = Model::load_with(&path, &Device::Cpu, &opts).unwrap();
+        assert_eq!(report.nonfinite.len(), 1);
+        assert_eq!(report.nonfinite[0].tensor, "c.weight");
+        assert_eq!(report.nonfinite[0].infinite, 1);
+        let b = back.params.tensor("c.weight").unwrap();
+        assert_eq!(
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()[4],
+            f32::INFINITY
+        );
+        assert_eq!(back.nonfinite_params().unwrap(), report.nonfinite);
+
+        // A clean file reports nothing.
+        small().save(&path).unwrap();
+        let (_, report) = Model::load_with(&path, &Device::Cpu, &opts).unwrap();
+        assert!(report.nonfinite.is_empty());
     }
 
     #[test]

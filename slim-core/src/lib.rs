@@ -9,6 +9,8 @@
 //! - [`params`]: parameters as candle `Var`s under stable dotted names;
 //! - [`exec`]: forward in train or eval mode, with taps and observers;
 //! - [`io`]: one `.safetensors` file per model, written atomically;
+//! - [`finite`]: NaN and infinite values found in one pass and named, so that files,
+//!   imports and calibration refuse them;
 //! - [`analysis`]: multiply-accumulates, parameters and bytes per layer;
 //! - [`deps`]: channel groups and the surgery that prunes them;
 //! - [`zoo`]: LeNet, VGG, ResNet, MobileNet V1/V2;
@@ -44,6 +46,7 @@ pub mod data;
 pub mod deps;
 pub mod error;
 pub mod exec;
+pub mod finite;
 pub mod graph;
 pub mod io;
 pub mod kernels;

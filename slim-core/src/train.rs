@@ -518,7 +518,8 @@ fn load_checkpoint(
             format!("the `train_state` metadata is malformed: {e}"),
         )
     })?;
-    let model = Model::from_safetensors(&st, &meta, "model/", device).map_err(wrap)?;
+    let (model, _) =
+        Model::from_safetensors(&st, &meta, "model/", device, &Default::default()).map_err(wrap)?;
     let mut slots = HashMap::new();
     for (name, view) in st.tensors() {
         if name.starts_with("opt/") || name.starts_with("extra/") {
@@ -668,10 +669,20 @@ pub fn train(
             opt.step(&grads, lr, cfg)?;
             let l = f64::from(loss.to_scalar::<f32>()?);
             if !l.is_finite() {
-                return Err(CoreError::Invalid(format!(
-                    "the loss became {l} at epoch {} step {step}; lower the learning rate",
-                    epoch + 1
-                )));
+                let mut msg = format!(
+                    "the loss became {l} at epoch {}, step {} of {batches}; lower the learning rate",
+                    epoch + 1,
+                    step + 1
+                );
+                if let (Some(path), true) = (&opts.checkpoint, epoch > 0) {
+                    // Written after every finished epoch: it holds the model before this one.
+                    msg.push_str(&format!(
+                        ". The last good checkpoint, {} (after epoch {epoch}), is kept: \
+                         --resume goes on from it with the same recipe",
+                        path.display()
+                    ));
+                }
+                return Err(CoreError::Invalid(msg));
             }
             let hits = count_hits(logits, &batch.labels, 1)?;
             let b = batch.labels.dim(0)?;

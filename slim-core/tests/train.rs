@@ -204,3 +204,76 @@ fn an_optimizer_state_with_an_impossible_step_count_is_refused() {
     let e = fresh.restore(&slots, usize::MAX).unwrap_err();
     assert!(e.contains("step count"), "{e}");
 }
+
+/// An extra loss term that is NaN at its `at`-th call (counting from 1), zero otherwise.
+struct NanAt {
+    at: usize,
+    calls: usize,
+}
+
+impl slim_core::train::LossTerm for NanAt {
+    fn name(&self) -> &str {
+        "nan_at"
+    }
+    fn loss(
+        &mut self,
+        _batch: &slim_core::data::Batch,
+        _out: &slim_core::ForwardOutput,
+    ) -> slim_core::Result<candle_core::Tensor> {
+        self.calls += 1;
+        let v = if self.calls == self.at { f32::NAN } else { 0.0 };
+        Ok(candle_core::Tensor::new(v, &Device::Cpu)?)
+    }
+}
+
+#[test]
+fn a_nan_loss_names_epoch_and_step_and_the_checkpoint_kept() {
+    // 640 images in batches of 64: 10 steps an epoch; the 13th is epoch 2, step 3.
+    let data = small_mnist(640, 10);
+    let cfg = TrainConfig::default().with_epochs(3);
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("run.ckpt");
+    let mut term = NanAt { at: 13, calls: 0 };
+    let e = train(
+        &mut lenet(0),
+        &data,
+        &cfg,
+        TrainOptions {
+            checkpoint: Some(ck.clone()),
+            extra: vec![&mut term],
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        format!(
+            "the loss became NaN at epoch 2, step 3 of 10; lower the learning rate. The last \
+             good checkpoint, {} (after epoch 1), is kept: --resume goes on from it with the \
+             same recipe",
+            ck.display()
+        )
+    );
+    assert!(ck.exists());
+    // In the first epoch there is no checkpoint to speak of.
+    let mut term = NanAt { at: 2, calls: 0 };
+    let e = train(
+        &mut lenet(0),
+        &data,
+        &cfg,
+        TrainOptions {
+            checkpoint: Some(dir.path().join("other.ckpt")),
+            extra: vec![&mut term],
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "the loss became NaN at epoch 1, step 2 of 10; lower the learning rate"
+    );
+}

@@ -105,6 +105,43 @@ fn export_then_import_gives_the_same_function() {
 }
 
 #[test]
+fn nonfinite_parameters_are_refused_by_name_unless_allowed() {
+    let m = mnist_conv();
+    let name = m.params.names().next().expect("a parameter").to_string();
+    let t = m.params.tensor(&name).expect("tensor");
+    let mut v = t
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("values");
+    v[1] = f32::NAN;
+    let nan = Tensor::from_vec(v, t.dims(), &Device::Cpu).expect("nan");
+    m.params.set(&name, &nan).expect("set");
+    let bytes = export(&m, &ExportOptions::default()).expect("export");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("nan.onnx");
+    std::fs::write(&path, &bytes).expect("write");
+    let e = import_file(&path, &ImportOptions::default())
+        .expect_err("NaN")
+        .to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}: parameter `{name}` holds 1 NaN value (first at index 1); \
+             pass --allow-nonfinite to import it anyway",
+            path.display()
+        )
+    );
+    let opts = ImportOptions {
+        allow_nonfinite: true,
+        ..Default::default()
+    };
+    let back = import(&bytes, &opts).expect("allowed");
+    let found = back.nonfinite_params().expect("scan");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].tensor, name);
+}
+
+#[test]
 fn zoo_models_round_trip_through_onnx() {
     use slim_core::zoo::{build, ZooConfig};
     for name in ["lenet", "resnet20", "mobilenet_v1", "mobilenet_v2"] {

@@ -9,6 +9,10 @@
 //! hold integers ([`Model::int8`]) with their float read-back: its file is an int8 file, and
 //! its float forward computes what the integer model computes, up to float rounding of the
 //! sums.
+//!
+//! Non-finite values are refused, never quantized: a parameter holding NaN or infinity is an
+//! error naming it, before any work; an observed activation holding one is an error naming
+//! the node, its quantizer and the calibration batch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -16,13 +20,14 @@ use std::time::Instant;
 
 use serde::Serialize;
 use slim_core::data::{Dataset, ImageSet, Loader, LoaderConfig, Normalize};
+use slim_core::finite::NonFinite;
 use slim_core::graph::{FakeQuantSpec, GraphDef, NodeDef};
 use slim_core::model::Int8Tensor;
 use slim_core::params::matches_pattern;
-use slim_core::{ForwardOptions, Graph, Mode, Model, Op, ParamKind, ParamStore};
+use slim_core::{CoreError, ForwardOptions, Graph, Mode, Model, Op, ParamKind, ParamStore};
 
 use crate::observer::{ActQuant, Stats};
-use crate::quantizer::{check_bits, qmax, quantize_weight, WeightQuant};
+use crate::quantizer::{check_bits, qmax, quantize_param, WeightQuant};
 use crate::{QuantError, Result};
 
 /// What to quantize and how.
@@ -159,8 +164,19 @@ pub fn quantizable_layers(model: &Model, scope: &[String]) -> Result<Vec<String>
     Ok(layers)
 }
 
+/// The quantizer that the statistics under `key` set: a layer's input quantizer, or an output
+/// quantizer (whose key is its own name).
+fn quantizer_of(key: &str) -> String {
+    if key.ends_with(".output_quant") {
+        key.to_string()
+    } else {
+        input_quant_name(key)
+    }
+}
+
 /// Observes values on calibration batches: `points` pairs the node whose output is observed
-/// with the name its statistics go under.
+/// with the name its statistics go under. An observed value that holds NaN or infinity is an
+/// error naming the node, the quantizer and the batch: its scale would be meaningless.
 fn calibrate(
     model: &Model,
     points: &[(String, String)],
@@ -200,15 +216,45 @@ fn calibrate(
             }
         }
         let data: Arc<dyn Dataset> = Arc::new(calib.clone());
-        for batch in Loader::new(data, &loader_cfg, 0, &model.device())? {
+        let loader = Loader::new(data, &loader_cfg, 0, &model.device())?;
+        let batches = loader.len();
+        for (b, batch) in loader.enumerate() {
             let batch = batch?;
             let mut observe = |name: &str, y: &candle_core::Tensor| -> slim_core::Result<()> {
                 if let Some(targets) = feeds.get(name) {
                     let v = y.flatten_all()?.to_vec1::<f32>()?;
+                    // The second pass sees the values the first one checked.
+                    let max = if pass == 0 {
+                        let (max, finite) = v.iter().fold((0f32, true), |(m, f), x| {
+                            (m.max(x.abs()), f && x.is_finite())
+                        });
+                        if !finite {
+                            let nf = NonFinite::scan(name, v.iter().copied())
+                                .map(|nf| nf.summary())
+                                .unwrap_or_default();
+                            let quantizers: Vec<String> = targets
+                                .iter()
+                                .map(|t| format!("`{}`", quantizer_of(t)))
+                                .collect();
+                            return Err(CoreError::Node {
+                                node: name.to_string(),
+                                msg: format!(
+                                    "on calibration batch {} of {batches}, its output holds \
+                                     {nf}, observed for {}; the model's values overflow or \
+                                     turn NaN by this point",
+                                    b + 1,
+                                    quantizers.join(", ")
+                                ),
+                            });
+                        }
+                        max
+                    } else {
+                        0.0
+                    };
                     for t in targets {
                         if let Some(s) = stats.get_mut(t) {
                             if pass == 0 {
-                                s.batch_max.push(v.iter().fold(0f32, |m, x| m.max(x.abs())));
+                                s.batch_max.push(max);
                             } else {
                                 s.add_histogram(&v);
                             }
@@ -250,6 +296,18 @@ pub fn quantize(
         return Err(QuantError::Invalid(
             "calibration needs at least one batch of at least one image".into(),
         ));
+    }
+    // A NaN weight would quantize to zero and an infinite one would give an infinite scale:
+    // refused by name, before folding spreads it into the convolution it folds into.
+    if let Some(nf) = model.nonfinite_params()?.into_iter().next() {
+        return Err(CoreError::param(
+            &nf.tensor,
+            format!(
+                "holds {}; quantization needs finite parameters",
+                nf.summary()
+            ),
+        )
+        .into());
     }
     let started = Instant::now();
     let (folded_model, folded) = if cfg.fold_batch_norm {
@@ -341,7 +399,7 @@ pub fn quantize(
     let mut report = Vec::new();
     for l in &layers {
         let wname = format!("{l}.weight");
-        let q = quantize_weight(&model.params.tensor(&wname)?, cfg.weights, cfg.bits_weights)?;
+        let q = quantize_param(&model.params, &wname, cfg.weights, cfg.bits_weights)?;
         params.set(&wname, &q.dequantize(&device)?)?;
         report.push(LayerReport {
             layer: l.clone(),

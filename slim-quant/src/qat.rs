@@ -18,7 +18,7 @@ use slim_core::model::Int8Tensor;
 use slim_core::{Mode, Model, Node, Op};
 
 use crate::ptq::{quantize, PtqConfig};
-use crate::quantizer::{check_bits, qmax, quantize_weight, WeightQuant};
+use crate::quantizer::{check_bits, qmax, quantize_param, WeightQuant};
 use crate::Result;
 
 /// Fake-quantized weights for the layers that read a fake-quantization node.
@@ -146,7 +146,7 @@ pub fn convert(model: &Model, weights: WeightQuant, bits: u8) -> Result<Model> {
     let device = model.device();
     for n in layers {
         let name = n.param_name("weight");
-        let q = quantize_weight(&model.params.tensor(&name)?, weights, bits)?;
+        let q = quantize_param(&model.params, &name, weights, bits)?;
         out.params.set(&name, &q.dequantize(&device)?)?;
         out.int8.insert(
             name,

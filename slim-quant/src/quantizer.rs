@@ -9,6 +9,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use candle_core::{DType, Tensor};
+use slim_core::finite::NonFinite;
+use slim_core::params::ParamStore;
+use slim_core::CoreError;
 
 use crate::{QuantError, Result};
 
@@ -95,11 +98,32 @@ impl QuantizedWeight {
     }
 }
 
-/// Quantizes a weight tensor (axis 0 is the output channel).
+/// Quantizes the parameter `name` of `params` (see [`quantize_weight`]); NaN or infinite
+/// values are an error naming the parameter.
+pub fn quantize_param(
+    params: &ParamStore,
+    name: &str,
+    method: WeightQuant,
+    bits: u8,
+) -> Result<QuantizedWeight> {
+    quantize_weight(&params.tensor(name)?, method, bits).map_err(|e| match e {
+        QuantError::Invalid(msg) => CoreError::param(name, msg).into(),
+        e => e,
+    })
+}
+
+/// Quantizes a weight tensor (axis 0 is the output channel). NaN or infinite values are
+/// refused: a NaN would round to zero and an infinity would make its scale infinite.
 pub fn quantize_weight(w: &Tensor, method: WeightQuant, bits: u8) -> Result<QuantizedWeight> {
     check_bits(bits)?;
     let shape = w.dims().to_vec();
     let values = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if let Some(nf) = NonFinite::scan("weight", values.iter().copied()) {
+        return Err(QuantError::Invalid(format!(
+            "holds {}; quantization needs finite parameters",
+            nf.summary()
+        )));
+    }
     let channels = match method {
         WeightQuant::AbsMax => 1,
         WeightQuant::ChannelWiseAbsMax => shape.first().copied().unwrap_or(1).max(1),
@@ -135,6 +159,25 @@ pub fn quantize_weight(w: &Tensor, method: WeightQuant, bits: u8) -> Result<Quan
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn nonfinite_weights_are_refused_by_name() {
+        let mut params = ParamStore::new();
+        let w = Tensor::new(&[[1.0f32, 2.0], [f32::NAN, 3.0]], &Device::Cpu).unwrap();
+        params
+            .insert("fc.weight", &w, slim_core::ParamKind::Weight)
+            .unwrap();
+        let e = quantize_param(&params, "fc.weight", WeightQuant::ChannelWiseAbsMax, 8)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "parameter `fc.weight`: holds 1 NaN value (first at index 2); \
+             quantization needs finite parameters"
+        );
+        let inf = Tensor::new(&[f32::INFINITY, 1.0], &Device::Cpu).unwrap();
+        assert!(quantize_weight(&inf, WeightQuant::AbsMax, 8).is_err());
+    }
 
     #[test]
     fn channel_scales_and_rounding_by_hand() {

@@ -194,6 +194,112 @@ fn bad_requests_are_refused() {
 }
 
 #[test]
+fn a_nonfinite_weight_is_refused_by_name() {
+    let (m, data) = trained("lenet");
+    let name = m
+        .params
+        .names()
+        .find(|n| n.ends_with(".weight"))
+        .unwrap()
+        .to_string();
+    let t = m.params.tensor(&name).unwrap();
+    for (bad, what) in [
+        (f32::NAN, "1 NaN value"),
+        (f32::INFINITY, "1 infinite value"),
+    ] {
+        let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[7] = bad;
+        let broken = m.deep_clone().unwrap();
+        broken
+            .params
+            .set(
+                &name,
+                &candle_core::Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        let e = quantize(&broken, &data.train, &data.normalize, &PtqConfig::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "parameter `{name}`: holds {what} (first at index 7); \
+                 quantization needs finite parameters"
+            )
+        );
+    }
+}
+
+/// 16 pixels in, three linear layers; the second multiplies by 1e38, so a bright image
+/// overflows to infinity after it while a black one stays at zero. Every value is finite.
+fn overflowing_model() -> Model {
+    let g = slim_core::GraphBuilder::new([1, 4, 4])
+        .flatten("f")
+        .linear("fc1", 4)
+        .relu("r1")
+        .linear("fc2", 4)
+        .relu("r2")
+        .linear("fc3", 2)
+        .build()
+        .unwrap();
+    let m = Model::with_zero_weights(g, &Device::Cpu).unwrap();
+    let fill = |name: &str, v: f32| {
+        let t = m.params.tensor(name).unwrap();
+        let full = candle_core::Tensor::full(v, t.dims(), &Device::Cpu).unwrap();
+        m.params.set(name, &full).unwrap();
+    };
+    fill("fc1.weight", 1.0);
+    fill("fc2.weight", 1e38);
+    fill("fc3.weight", 1.0);
+    m
+}
+
+#[test]
+fn an_activation_that_overflows_is_refused_naming_the_node_and_the_batch() {
+    let m = overflowing_model();
+    // Finite, so a model file of it loads.
+    let m = Model::from_bytes(&m.to_bytes().unwrap(), &Device::Cpu).unwrap();
+    // Two black images, then two white ones: the second batch of two overflows.
+    let set = slim_core::data::ImageSet {
+        shape: [1, 4, 4],
+        classes: 2,
+        images: [vec![0u8; 32], vec![255u8; 32]].concat(),
+        labels: vec![0, 1, 0, 1],
+    };
+    let normalize = slim_core::data::Normalize {
+        mean: vec![0.0],
+        std: vec![1.0],
+    };
+    for activations in [ActQuant::AbsMax, ActQuant::Mse, ActQuant::Hist] {
+        let cfg = PtqConfig {
+            activations,
+            batches: 2,
+            batch_size: 2,
+            ..Default::default()
+        };
+        let e = quantize(&m, &set, &normalize, &cfg)
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            e,
+            "node `r2`: on calibration batch 2 of 2, its output holds 8 infinite values \
+             (first at index 0), observed for `fc3.input_quant`; the model's values overflow \
+             or turn NaN by this point",
+            "{activations}"
+        );
+    }
+    // The black images alone calibrate.
+    let cfg = PtqConfig {
+        batches: 1,
+        batch_size: 2,
+        ..Default::default()
+    };
+    assert!(quantize(&m, &set, &normalize, &cfg).is_ok());
+}
+
+#[test]
 fn batch_norms_are_folded_before_quantization() {
     let data = load_spec(DEFAULT_SPEC).unwrap();
     let m = zoo::model(
@@ -516,8 +622,16 @@ fn residual_branches_are_quantized_before_their_sums_in_the_graph_and_the_runtim
         assert_eq!(q.graph.successors(q.graph.id(o).unwrap()).len(), 1, "{o}");
     }
     // The runtime writes those layers' outputs as int8 on their quantizer's grid and turns
-    // them into floats for the sums: the fake-quantized graph's numbers.
-    let x = candle_core::Tensor::randn(0f32, 1.0, (4, 1, 28, 28), &Device::Cpu).unwrap();
+    // them into floats for the sums: the fake-quantized graph's numbers. The input is fixed
+    // (four test digits, normalized as the calibration images were): on random noise far from
+    // the calibration range, float rounding in the two orders moves a few values across a
+    // quantization step now and then.
+    let n = &data.normalize;
+    let pixels: Vec<f32> = data.test.images[..4 * 28 * 28]
+        .iter()
+        .map(|&p| (p as f32 / 255.0 - n.mean[0]) / n.std[0])
+        .collect();
+    let x = candle_core::Tensor::from_vec(pixels, (4, 1, 28, 28), &Device::Cpu).unwrap();
     let (a, int8_out) = int8_forward(&q, &x);
     for o in &report.outputs {
         assert!(int8_out.contains(o), "{o}: {int8_out:?}");

@@ -53,6 +53,9 @@ pub struct ImportOptions {
     /// create in one import, beyond the bytes of the file; `None`: 2^28 (VGG-19's light
     /// network needs 1.4 · 10^8). A small file cannot ask for more.
     pub max_generated: Option<usize>,
+    /// Import a model whose parameters hold NaN or infinite values instead of refusing it
+    /// ([`Model::nonfinite_params`] lists them).
+    pub allow_nonfinite: bool,
 }
 
 /// Reads an ONNX file into a model.
@@ -274,6 +277,17 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
         }
     }
     let mut out = b.finish(&outputs)?;
+    // The parameters, not every initializer: a constant such as a padding value or a clip
+    // bound may be infinite on purpose, and it becomes an attribute, not a parameter.
+    if !opts.allow_nonfinite {
+        if let Some(nf) = out.nonfinite_params()?.into_iter().next() {
+            return Err(OnnxError::Model(format!(
+                "parameter `{}` holds {}; pass --allow-nonfinite to import it anyway",
+                nf.tensor,
+                nf.summary()
+            )));
+        }
+    }
     out.provenance
         .insert("created_by".into(), "slim import".into());
     out.provenance
