@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use slim_core::data::{load_spec, DataSplits};
 use slim_core::finite::NonFinite;
@@ -12,12 +12,6 @@ use slim_core::train::{OptimizerKind, Progress, Schedule, TrainConfig};
 use slim_core::Model;
 
 use crate::{input_error, Failure};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
-}
 
 /// Options every command takes.
 #[derive(Args, Clone, Debug)]
@@ -28,9 +22,6 @@ pub struct Common {
     /// No progress display.
     #[arg(long, short)]
     pub quiet: bool,
-    /// Where to compute. CUDA needs a build with candle's `cuda` feature.
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -45,15 +36,11 @@ pub struct LoadArgs {
 }
 
 impl Common {
+    /// Where commands compute: the CPU. Slim's kernels (the f32 fast paths, the int8 runtime)
+    /// are CPU kernels, and no build of Slim enables candle's CUDA backend, so no command
+    /// offers another device.
     pub fn device(&self) -> Result<Device, Failure> {
-        match self.device {
-            DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
-                input_error(format!(
-                    "--device cuda is not available in this build or machine: {e}"
-                ))
-            }),
-        }
+        Ok(Device::Cpu)
     }
 }
 
@@ -82,6 +69,23 @@ pub fn load_model(path: &Path, device: &Device, load: &LoadArgs) -> Result<Model
         Ok(m)
     } else {
         Ok(Model::from_bytes_with(&m.to_bytes()?, device, &opts)?.0)
+    }
+}
+
+/// The checkpoint a training job keeps beside its output: `OUT.ckpt`.
+pub fn checkpoint_path(out: &Path) -> std::path::PathBuf {
+    let mut p = out.as_os_str().to_owned();
+    p.push(".ckpt");
+    p.into()
+}
+
+/// Removes a finished job's checkpoint (three times the model's size): the output file now
+/// holds what it was kept for. A checkpoint that cannot be removed gets a warning.
+pub fn remove_checkpoint(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => eprintln!("warning: {}: not removed: {e}", path.display()),
     }
 }
 

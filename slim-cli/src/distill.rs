@@ -112,7 +112,8 @@ pub struct DistillTrainArgs {
     pub limit: Option<usize>,
     #[command(flatten)]
     pub recipe: Recipe,
-    /// The distilled student (.safetensors). A checkpoint is kept beside it as FILE.ckpt.
+    /// The distilled student (.safetensors). A checkpoint is kept beside it as FILE.ckpt
+    /// while the job runs (removed when it finishes).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue from FILE.ckpt if a previous run was stopped.
@@ -316,8 +317,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     student
         .provenance
         .insert("distilled_from".into(), labels.join(", "));
-    let mut ckpt = out.clone().into_os_string();
-    ckpt.push(".ckpt");
+    let ckpt = crate::common::checkpoint_path(&out);
     let mut bars = EpochBars::new(args.common.quiet);
     let report = distill(
         &mut student,
@@ -325,7 +325,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         &data,
         &cfg,
         TrainOptions {
-            checkpoint: Some(ckpt.into()),
+            checkpoint: Some(ckpt.clone()),
             resume: args.resume,
             eval_each_epoch: true,
             ..Default::default()
@@ -333,6 +333,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         &mut |p| bars.update(p),
     )?;
     student.save(&out)?;
+    crate::common::remove_checkpoint(&ckpt);
     let eval = evaluate(&student, &data.test, &data.normalize, 256)?;
     let stats = analyze(&student.graph);
     let seconds_per_epoch = report.train.epochs.iter().map(|e| e.seconds).sum::<f64>()

@@ -203,15 +203,14 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     let mut q = slim_quant::qat::prepare(&model, &data.train, &data.normalize, &cfg)?;
     let kernels = slim_quant::qat::QatKernels { weights, bits: 8 };
     let mut bars = crate::common::EpochBars::new(args.common.quiet);
-    let mut ckpt = args.out.clone().into_os_string();
-    ckpt.push(".ckpt");
+    let ckpt = crate::common::checkpoint_path(&args.out);
     let report = slim_core::train::train(
         &mut q,
         &data,
         &tcfg,
         slim_core::train::TrainOptions {
             kernels: Some(&kernels),
-            checkpoint: Some(ckpt.into()),
+            checkpoint: Some(ckpt.clone()),
             resume: args.resume,
             ..Default::default()
         },
@@ -221,6 +220,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     let before = evaluate(&model, &data.test, &data.normalize, 256)?;
     let after = slim_quant::runtime::evaluate(&int8, &data.test, &data.normalize, 256)?;
     int8.save(&args.out)?;
+    crate::common::remove_checkpoint(&ckpt);
     let (b_bytes, a_bytes) = (
         std::fs::metadata(&args.file)?.len(),
         std::fs::metadata(&args.out)?.len(),

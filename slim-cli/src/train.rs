@@ -28,7 +28,8 @@ pub struct TrainArgs {
     pub data: String,
     #[command(flatten)]
     pub recipe: Recipe,
-    /// The trained model file (.safetensors). A checkpoint is kept beside it as FILE.ckpt.
+    /// The trained model file (.safetensors). A checkpoint is kept beside it as FILE.ckpt
+    /// while the job runs (removed when it finishes).
     #[arg(long)]
     pub out: PathBuf,
     /// Train on the first N training images only (a quick run on a slice of the data).
@@ -87,15 +88,14 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
         "created_by".into(),
         format!("slim {}", env!("CARGO_PKG_VERSION")),
     );
-    let mut ckpt = args.out.clone().into_os_string();
-    ckpt.push(".ckpt");
+    let ckpt = crate::common::checkpoint_path(&args.out);
     let mut bars = EpochBars::new(args.common.quiet);
     let report = train(
         &mut model,
         &data,
         &cfg,
         TrainOptions {
-            checkpoint: Some(ckpt.into()),
+            checkpoint: Some(ckpt.clone()),
             resume: args.resume,
             eval_each_epoch: true,
             ..Default::default()
@@ -103,6 +103,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
         &mut |p| bars.update(p),
     )?;
     model.save(&args.out)?;
+    crate::common::remove_checkpoint(&ckpt);
     let final_eval = evaluate(&model, &data.test, &data.normalize, 256)?;
     let stats = analyze(&model.graph);
     let bytes = std::fs::metadata(&args.out)?.len();

@@ -138,6 +138,9 @@ fn checkpointed_job_resumes(dir: &Path, args: &[String]) {
     let b = json_of(&resume.output().unwrap());
     assert!(b["resumed_from"].as_u64().unwrap() >= 1, "{b}");
     assert_eq!(weights(&unbroken), weights(&killed), "{a}\n{b}");
+    // A finished job removes its checkpoint: the model file holds what it was kept for.
+    assert!(!ckpt.exists(), "the resumed job left its checkpoint");
+    assert!(!dir.join("unbroken.safetensors.ckpt").exists());
 }
 
 #[test]
