@@ -79,6 +79,14 @@ pub fn checkpoint_path(out: &Path) -> std::path::PathBuf {
     p.into()
 }
 
+/// How often a training job checkpoints within an epoch: every `steps` steps when given, else
+/// the library's default (about once a minute).
+pub fn checkpoint_every(steps: Option<usize>) -> slim_core::train::CheckpointEvery {
+    steps
+        .map(slim_core::train::CheckpointEvery::Steps)
+        .unwrap_or_default()
+}
+
 /// Removes a finished job's checkpoint (three times the model's size): the output file now
 /// holds what it was kept for. A checkpoint that cannot be removed gets a warning.
 pub fn remove_checkpoint(path: &Path) {

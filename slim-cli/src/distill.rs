@@ -119,6 +119,10 @@ pub struct DistillTrainArgs {
     /// Continue from FILE.ckpt if a previous run was stopped.
     #[arg(long)]
     pub resume: bool,
+    /// Write the checkpoint every STEPS steps too, not only after every epoch (default:
+    /// about once a minute), so that a stopped run loses at most that much work.
+    #[arg(long, value_name = "STEPS")]
+    pub checkpoint_every: Option<usize>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -327,6 +331,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         TrainOptions {
             checkpoint: Some(ckpt.clone()),
             resume: args.resume,
+            checkpoint_every: crate::common::checkpoint_every(args.checkpoint_every),
             eval_each_epoch: true,
             ..Default::default()
         },
@@ -362,6 +367,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
                 "seconds_per_epoch": seconds_per_epoch,
                 "out": out,
                 "resumed_from": report.train.resumed_from,
+                "resumed_at_step": report.train.resumed_at_step,
                 "epochs": report.train.epochs,
             })
         );

@@ -54,6 +54,10 @@ pub struct QatArgs {
     /// Continue from OUT.ckpt (written after every epoch) if a previous run was stopped.
     #[arg(long)]
     pub resume: bool,
+    /// Write the checkpoint every STEPS steps too, not only after every epoch (default:
+    /// about once a minute), so that a stopped run loses at most that much work.
+    #[arg(long, value_name = "STEPS")]
+    pub checkpoint_every: Option<usize>,
     /// The int8 model file.
     #[arg(long)]
     pub out: PathBuf,
@@ -212,6 +216,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
             kernels: Some(&kernels),
             checkpoint: Some(ckpt.clone()),
             resume: args.resume,
+            checkpoint_every: crate::common::checkpoint_every(args.checkpoint_every),
             ..Default::default()
         },
         &mut |p| bars.update(p),
@@ -232,7 +237,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
                    "before": {"top1": before.top1, "top5": before.top5, "bytes": b_bytes},
                    "after": {"top1": after.top1, "top5": after.top5, "bytes": a_bytes},
                    "epochs": args.epochs, "resumed_from": report.resumed_from,
-                   "out": args.out})
+                   "resumed_at_step": report.resumed_at_step, "out": args.out})
         );
         return Ok(());
     }

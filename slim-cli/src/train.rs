@@ -38,6 +38,10 @@ pub struct TrainArgs {
     /// Continue from FILE.ckpt if a previous run was stopped.
     #[arg(long)]
     pub resume: bool,
+    /// Write the checkpoint every STEPS steps too, not only after every epoch (default:
+    /// about once a minute), so that a stopped run loses at most that much work.
+    #[arg(long, value_name = "STEPS")]
+    pub checkpoint_every: Option<usize>,
     /// Flip training images horizontally at random (on for cifar10, off for the digit and
     /// clothing sets unless given).
     #[arg(long)]
@@ -97,6 +101,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
         TrainOptions {
             checkpoint: Some(ckpt.clone()),
             resume: args.resume,
+            checkpoint_every: crate::common::checkpoint_every(args.checkpoint_every),
             eval_each_epoch: true,
             ..Default::default()
         },
@@ -129,6 +134,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
             "out": args.out,
             "images_per_sec": ips,
             "resumed_from": report.resumed_from,
+            "resumed_at_step": report.resumed_at_step,
             "epochs": report.epochs,
         });
         outln!("{out}");

@@ -1,6 +1,6 @@
 //! Long jobs killed with SIGKILL mid-work and resumed: automatic pruning and SA search (from
-//! their history files), distillation and quantization-aware training (from their
-//! checkpoints). Each resumed run must end exactly where an unbroken one does, keep what the
+//! their history files), training, distillation and quantization-aware training (from their
+//! step checkpoints, at seeded random moments). Each resumed run must end exactly where an unbroken one does, keep what the
 //! killed run finished, and never leave a half-written output.
 
 mod common;
@@ -117,30 +117,108 @@ fn an_sa_search_killed_resumes_to_the_unbroken_history() {
     assert_eq!(&trials(&history)[..done.len()], done.as_slice());
 }
 
-/// A training-loop job (`args` + `--out OUT`) killed once OUT.ckpt exists, resumed with
-/// `--resume`: the same weights as an unbroken run.
-fn checkpointed_job_resumes(dir: &Path, args: &[String]) {
+/// Runs `cmd` until `ready()` holds, lets it run on for a seeded random part of `span` (up to
+/// half of it: `span` is how long the unbroken job took), then kills it with SIGKILL. The kill
+/// must land while the job runs: a job that finished first fails the test.
+fn kill_at_random(mut cmd: Command, ready: impl Fn() -> bool, seed: u64, span: Duration) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !ready() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the job ended before its first checkpoint"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the job never got there"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SplitMix64 of the seed: a fraction in [0, 0.5).
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    let fraction = ((z ^ (z >> 31)) % 1000) as f64 / 2000.0;
+    std::thread::sleep(span.mul_f64(fraction));
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the job finished before the kill ({:.0}% of the unbroken run's {:.2} s after its first \
+         checkpoint)",
+        100.0 * fraction,
+        span.as_secs_f64()
+    );
+    eprintln!(
+        "seed {seed}: killed {:.2} s in, {:.0}% of the unbroken run after the first checkpoint",
+        started.elapsed().as_secs_f64(),
+        100.0 * fraction
+    );
+}
+
+/// A training-loop job (`args` + `--out OUT`), checkpointing every 2 steps, killed at a seeded
+/// random moment for each of `seeds` and resumed with `--resume`: the same weights as an
+/// unbroken run, bit for bit, and no checkpoint left behind.
+fn checkpointed_job_resumes(dir: &Path, args: &[String], seeds: &[u64]) {
     let cmd = |out: &Path| {
         let mut c = slim();
-        c.args(args).args(["-q", "--json", "--out"]).arg(out);
+        c.args(args)
+            .args(["--checkpoint-every", "2", "-q", "--json", "--out"])
+            .arg(out);
         c
     };
     let unbroken = dir.join("unbroken.safetensors");
+    let started = Instant::now();
     let a = json_of(&cmd(&unbroken).output().unwrap());
-    let killed = dir.join("killed.safetensors");
-    let ckpt = dir.join("killed.safetensors.ckpt");
-    if !kill_when(cmd(&killed), || ckpt.exists()) {
-        return;
-    }
-    assert!(!killed.exists(), "a killed run wrote its model");
-    let mut resume = cmd(&killed);
-    resume.arg("--resume");
-    let b = json_of(&resume.output().unwrap());
-    assert!(b["resumed_from"].as_u64().unwrap() >= 1, "{b}");
-    assert_eq!(weights(&unbroken), weights(&killed), "{a}\n{b}");
-    // A finished job removes its checkpoint: the model file holds what it was kept for.
-    assert!(!ckpt.exists(), "the resumed job left its checkpoint");
+    let span = started.elapsed();
     assert!(!dir.join("unbroken.safetensors.ckpt").exists());
+    for &seed in seeds {
+        let killed = dir.join(format!("killed-{seed}.safetensors"));
+        let ckpt = dir.join(format!("killed-{seed}.safetensors.ckpt"));
+        kill_at_random(cmd(&killed), || ckpt.exists(), seed, span);
+        assert!(!killed.exists(), "a killed run wrote its model");
+        let mut resume = cmd(&killed);
+        resume.arg("--resume");
+        let b = json_of(&resume.output().unwrap());
+        let (epochs, steps) = (
+            b["resumed_from"].as_u64().unwrap(),
+            b["resumed_at_step"].as_u64().unwrap(),
+        );
+        assert!((epochs, steps) != (0, 0), "it resumed from nothing: {b}");
+        eprintln!("seed {seed}: resumed after epoch {epochs}, step {steps}");
+        assert_eq!(weights(&unbroken), weights(&killed), "{a}\n{b}");
+        // A finished job removes its checkpoint: the model file holds what it was kept for.
+        assert!(!ckpt.exists(), "the resumed job left its checkpoint");
+    }
+}
+
+#[test]
+fn training_killed_at_random_moments_resumes_to_the_unbroken_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let args: Vec<String> = [
+        "train",
+        "--model",
+        "lenet",
+        "--epochs",
+        "3",
+        "--limit",
+        "2048",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--schedule",
+        "cosine",
+        "--seed",
+        "7",
+    ]
+    .map(String::from)
+    .to_vec();
+    checkpointed_job_resumes(dir.path(), &args, &[11, 12, 13]);
 }
 
 #[test]
@@ -166,7 +244,7 @@ fn distillation_killed_resumes_to_the_unbroken_student() {
     ]
     .map(String::from)
     .to_vec();
-    checkpointed_job_resumes(dir.path(), &args);
+    checkpointed_job_resumes(dir.path(), &args, &[21]);
 }
 
 #[test]
@@ -184,7 +262,7 @@ fn quantization_aware_training_killed_resumes_to_the_unbroken_model() {
     ]
     .map(String::from)
     .to_vec();
-    checkpointed_job_resumes(dir.path(), &args);
+    checkpointed_job_resumes(dir.path(), &args, &[31]);
 }
 
 #[test]

@@ -287,13 +287,34 @@ pub struct TrainReport {
     pub epochs: Vec<EpochReport>,
     /// The epoch the run resumed after (0 when it started fresh).
     pub resumed_from: usize,
+    /// The steps of the next epoch that the checkpoint it resumed from had done (0 when it
+    /// resumed at an epoch's end, or started fresh).
+    pub resumed_at_step: usize,
+}
+
+/// How often a training run writes its checkpoint within an epoch; one is written after every
+/// epoch as well.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CheckpointEvery {
+    /// After this many steps (at least 1).
+    Steps(usize),
+    /// After at least this many seconds of training since the last checkpoint.
+    Seconds(f64),
+}
+
+impl Default for CheckpointEvery {
+    /// About one minute of work: a killed run loses at most that.
+    fn default() -> Self {
+        CheckpointEvery::Seconds(60.0)
+    }
 }
 
 /// Where and whether to checkpoint, and what else to add to the loss.
 #[derive(Default)]
 pub struct TrainOptions<'a> {
-    /// Written after every epoch.
+    /// Written after every epoch, and within epochs as `checkpoint_every` says.
     pub checkpoint: Option<PathBuf>,
+    pub checkpoint_every: CheckpointEvery,
     /// Continue from `checkpoint` if it exists.
     pub resume: bool,
     /// Evaluate on the test split after every epoch.
@@ -457,12 +478,27 @@ impl Optimizer {
 #[derive(Serialize, Deserialize)]
 struct TrainState {
     epochs_done: usize,
+    /// Steps of epoch `epochs_done` already taken (a checkpoint written within an epoch).
+    #[serde(default)]
+    steps_done: usize,
+    /// That epoch's running figures so far, so that its report is the unbroken run's.
+    #[serde(default)]
+    partial: Partial,
     optimizer_steps: usize,
     config: TrainConfig,
     data: String,
     /// The fingerprints of the extra loss terms.
     #[serde(default)]
     terms: Vec<String>,
+}
+
+/// An epoch's running figures.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct Partial {
+    loss_sum: f64,
+    correct: usize,
+    seen: usize,
+    seconds: f64,
 }
 
 fn save_checkpoint(path: &Path, model: &Model, opt: &Optimizer, state: &TrainState) -> Result<()> {
@@ -570,7 +606,20 @@ pub fn train(
     let extra_params: Vec<(String, Var)> = opts.extra.iter().flat_map(|t| t.params()).collect();
     let terms: Vec<String> = opts.extra.iter().map(|t| t.fingerprint()).collect();
     let mut opt = Optimizer::new(cfg.optimizer, model, &extra_params)?;
+    if let CheckpointEvery::Steps(0) = opts.checkpoint_every {
+        return Err(CoreError::Invalid(
+            "checkpoints every 0 steps: give at least 1".into(),
+        ));
+    }
+    if let CheckpointEvery::Seconds(s) = opts.checkpoint_every {
+        if !(s >= 0.0) {
+            return Err(CoreError::Invalid(format!(
+                "checkpoints every {s} seconds: give a number of seconds, 0 or more"
+            )));
+        }
+    }
     let mut start_epoch = 0;
+    let (mut start_step, mut partial) = (0, Partial::default());
     if let (true, Some(path)) = (opts.resume, &opts.checkpoint) {
         if path.exists() {
             let (ck_model, slots, state) = load_checkpoint(path, &device)?;
@@ -618,6 +667,8 @@ pub fn train(
             opt.restore(&slots, state.optimizer_steps)
                 .map_err(|e| CoreError::file(path, e))?;
             start_epoch = state.epochs_done;
+            start_step = state.steps_done;
+            partial = state.partial;
         }
     }
 
@@ -633,7 +684,12 @@ pub fn train(
     let mut report = TrainReport {
         epochs: Vec::new(),
         resumed_from: start_epoch,
+        resumed_at_step: start_step,
     };
+    // Where the last checkpoint was written (epochs done, steps of the next), for messages.
+    let mut last_checkpoint: Option<(usize, usize)> =
+        ((start_epoch, start_step) != (0, 0)).then_some((start_epoch, start_step));
+    let mut since_checkpoint = (0usize, Instant::now());
     for epoch in start_epoch..cfg.epochs {
         let loader = Loader::new(train_set.clone(), &loader_cfg, epoch as u64, &device)?;
         let batches = loader.len();
@@ -649,8 +705,16 @@ pub fn train(
             batches,
         });
         let started = Instant::now();
-        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-        for (step, batch) in loader.enumerate() {
+        // A run resumed within this epoch skips the steps its checkpoint had taken (the
+        // batches come in the same order) and carries on the epoch's figures.
+        let skip = if epoch == start_epoch { start_step } else { 0 };
+        let before = if skip > 0 {
+            partial
+        } else {
+            Partial::default()
+        };
+        let (mut loss_sum, mut correct, mut seen) = (before.loss_sum, before.correct, before.seen);
+        for (step, batch) in loader.enumerate().skip(skip) {
             let batch = batch?;
             let lr = cfg.lr_at(epoch * batches + step, batches);
             let mut fopts = ForwardOptions::default()
@@ -674,11 +738,15 @@ pub fn train(
                     epoch + 1,
                     step + 1
                 );
-                if let (Some(path), true) = (&opts.checkpoint, epoch > 0) {
-                    // Written after every finished epoch: it holds the model before this one.
+                if let (Some(path), Some((e, s))) = (&opts.checkpoint, last_checkpoint) {
+                    let at = if s == 0 {
+                        format!("after epoch {e}")
+                    } else {
+                        format!("at epoch {}, step {s}", e + 1)
+                    };
                     msg.push_str(&format!(
-                        ". The last good checkpoint, {} (after epoch {epoch}), is kept: \
-                         --resume goes on from it with the same recipe",
+                        ". The last good checkpoint, {} ({at}), is kept: --resume goes on \
+                         from it with the same recipe",
                         path.display()
                     ));
                 }
@@ -690,6 +758,30 @@ pub fn train(
             correct += hits;
             seen += b;
             let secs = started.elapsed().as_secs_f64().max(1e-9);
+            since_checkpoint.0 += 1;
+            let due = match opts.checkpoint_every {
+                CheckpointEvery::Steps(n) => since_checkpoint.0 >= n,
+                CheckpointEvery::Seconds(t) => since_checkpoint.1.elapsed().as_secs_f64() >= t,
+            };
+            if let (Some(path), true, true) = (&opts.checkpoint, due, step + 1 < batches) {
+                let state = TrainState {
+                    epochs_done: epoch,
+                    steps_done: step + 1,
+                    partial: Partial {
+                        loss_sum,
+                        correct,
+                        seen,
+                        seconds: before.seconds + started.elapsed().as_secs_f64(),
+                    },
+                    optimizer_steps: opt.steps,
+                    config: cfg.clone(),
+                    data: data.spec.clone(),
+                    terms: terms.clone(),
+                };
+                save_checkpoint(path, model, &opt, &state)?;
+                last_checkpoint = Some((epoch, step + 1));
+                since_checkpoint = (0, Instant::now());
+            }
             progress(&Progress::Step {
                 epoch,
                 step,
@@ -700,7 +792,7 @@ pub fn train(
                 lr,
             });
         }
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = before.seconds + started.elapsed().as_secs_f64();
         let test = if opts.eval_each_epoch {
             Some(evaluate(model, &data.test, &data.normalize, 256)?)
         } else {
@@ -717,12 +809,16 @@ pub fn train(
         if let Some(path) = &opts.checkpoint {
             let state = TrainState {
                 epochs_done: epoch + 1,
+                steps_done: 0,
+                partial: Partial::default(),
                 optimizer_steps: opt.steps,
                 config: cfg.clone(),
                 data: data.spec.clone(),
                 terms: terms.clone(),
             };
             save_checkpoint(path, model, &opt, &state)?;
+            last_checkpoint = Some((epoch + 1, 0));
+            since_checkpoint = (0, Instant::now());
         }
         progress(&Progress::EpochEnd {
             epoch,

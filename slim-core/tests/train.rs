@@ -3,7 +3,9 @@
 
 use candle_core::Device;
 use slim_core::data::{load_spec, DataSplits, DEFAULT_SPEC};
-use slim_core::train::{evaluate, train, OptimizerKind, Progress, TrainConfig, TrainOptions};
+use slim_core::train::{
+    evaluate, train, CheckpointEvery, OptimizerKind, Progress, TrainConfig, TrainOptions,
+};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
 
@@ -276,4 +278,101 @@ fn a_nan_loss_names_epoch_and_step_and_the_checkpoint_kept() {
         e,
         "the loss became NaN at epoch 1, step 2 of 10; lower the learning rate"
     );
+}
+
+/// Checkpoints written within an epoch: a run resumed from any of them ends with the unbroken
+/// run's weights and epoch figures, bit for bit. Each copy of the checkpoint file taken as the
+/// run goes stands for a run killed at that moment.
+#[test]
+fn a_run_resumed_from_a_step_checkpoint_matches_an_unbroken_run() {
+    let data = small_mnist(640, 100);
+    let cfg = TrainConfig::default()
+        .with_epochs(2)
+        .with_optimizer(OptimizerKind::Adam)
+        .with_seed(5);
+    let batches = 640 / 64;
+    let mut unbroken = lenet(2);
+    let full = train(
+        &mut unbroken,
+        &data,
+        &cfg,
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("run.ckpt");
+    // Copies of the checkpoint as it stood at a few steps of the run: (epoch, step) -> file.
+    let kill_at = [(0, 4), (1, 1), (1, 8)];
+    let mut copies = Vec::new();
+    let mut first = lenet(2);
+    train(
+        &mut first,
+        &data,
+        &cfg,
+        TrainOptions {
+            checkpoint: Some(ck.clone()),
+            checkpoint_every: CheckpointEvery::Steps(3),
+            ..Default::default()
+        },
+        &mut |p| {
+            if let Progress::Step { epoch, step, .. } = p {
+                if kill_at.contains(&(*epoch, *step)) {
+                    let copy = dir.path().join(format!("killed-{epoch}-{step}.ckpt"));
+                    std::fs::copy(&ck, &copy).unwrap();
+                    copies.push(((*epoch, *step), copy));
+                }
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(values(&first), values(&unbroken));
+    assert_eq!(copies.len(), kill_at.len());
+    for ((epoch, step), copy) in copies {
+        let mut resumed = lenet(2);
+        let report = train(
+            &mut resumed,
+            &data,
+            &cfg,
+            TrainOptions {
+                checkpoint: Some(copy.clone()),
+                resume: true,
+                checkpoint_every: CheckpointEvery::Steps(3),
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        // Checkpoints land after steps 3, 6 and 9 of each epoch, and at each epoch's end (step
+        // 10 of 10 is the epoch's own checkpoint): the copy at step s holds the last of them.
+        let done = epoch * batches + (step + 1) / 3 * 3;
+        assert_eq!(
+            report.resumed_from * batches + report.resumed_at_step,
+            done,
+            "killed at epoch {epoch}, step {step}"
+        );
+        assert_eq!(
+            values(&resumed),
+            values(&unbroken),
+            "killed at {epoch}/{step}"
+        );
+        let last = report.epochs.last().unwrap();
+        let whole = full.epochs.last().unwrap();
+        assert_eq!((last.loss, last.train_top1), (whole.loss, whole.train_top1));
+    }
+    // Zero steps between checkpoints is refused.
+    let e = train(
+        &mut lenet(2),
+        &data,
+        &cfg,
+        TrainOptions {
+            checkpoint: Some(dir.path().join("x.ckpt")),
+            checkpoint_every: CheckpointEvery::Steps(0),
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("0 steps"), "{e}");
 }

@@ -488,6 +488,7 @@ pub fn distill(
     distiller.check_data(data)?;
     let TrainOptions {
         checkpoint,
+        checkpoint_every,
         resume,
         eval_each_epoch,
         extra,
@@ -500,6 +501,7 @@ pub fn distill(
     terms.push(&mut *distiller);
     let opts = TrainOptions {
         checkpoint,
+        checkpoint_every,
         resume,
         eval_each_epoch,
         extra: terms,
