@@ -123,6 +123,9 @@ pub struct DistillTrainArgs {
     /// about once a minute), so that a stopped run loses at most that much work.
     #[arg(long, value_name = "STEPS")]
     pub checkpoint_every: Option<usize>,
+    /// Keep the checkpoint (FILE.ckpt) after the job finishes; it is removed by default.
+    #[arg(long)]
+    pub keep_checkpoint: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -338,7 +341,9 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         &mut |p| bars.update(p),
     )?;
     student.save(&out)?;
-    crate::common::remove_checkpoint(&ckpt);
+    if !args.keep_checkpoint {
+        crate::common::remove_checkpoint(&ckpt);
+    }
     let eval = evaluate(&student, &data.test, &data.normalize, 256)?;
     let stats = analyze(&student.graph);
     let seconds_per_epoch = report.train.epochs.iter().map(|e| e.seconds).sum::<f64>()

@@ -58,6 +58,9 @@ pub struct QatArgs {
     /// about once a minute), so that a stopped run loses at most that much work.
     #[arg(long, value_name = "STEPS")]
     pub checkpoint_every: Option<usize>,
+    /// Keep the checkpoint (FILE.ckpt) after the job finishes; it is removed by default.
+    #[arg(long)]
+    pub keep_checkpoint: bool,
     /// The int8 model file.
     #[arg(long)]
     pub out: PathBuf,
@@ -225,7 +228,9 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     let before = evaluate(&model, &data.test, &data.normalize, 256)?;
     let after = slim_quant::runtime::evaluate(&int8, &data.test, &data.normalize, 256)?;
     int8.save(&args.out)?;
-    crate::common::remove_checkpoint(&ckpt);
+    if !args.keep_checkpoint {
+        crate::common::remove_checkpoint(&ckpt);
+    }
     let (b_bytes, a_bytes) = (
         std::fs::metadata(&args.file)?.len(),
         std::fs::metadata(&args.out)?.len(),

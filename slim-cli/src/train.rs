@@ -42,6 +42,9 @@ pub struct TrainArgs {
     /// about once a minute), so that a stopped run loses at most that much work.
     #[arg(long, value_name = "STEPS")]
     pub checkpoint_every: Option<usize>,
+    /// Keep the checkpoint (FILE.ckpt) after the job finishes; it is removed by default.
+    #[arg(long)]
+    pub keep_checkpoint: bool,
     /// Flip training images horizontally at random (on for cifar10, off for the digit and
     /// clothing sets unless given).
     #[arg(long)]
@@ -108,7 +111,9 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
         &mut |p| bars.update(p),
     )?;
     model.save(&args.out)?;
-    crate::common::remove_checkpoint(&ckpt);
+    if !args.keep_checkpoint {
+        crate::common::remove_checkpoint(&ckpt);
+    }
     let final_eval = evaluate(&model, &data.test, &data.normalize, 256)?;
     let stats = analyze(&model.graph);
     let bytes = std::fs::metadata(&args.out)?.len();

@@ -29,6 +29,20 @@ fn train_then_eval_on_the_bundled_data() {
         .unwrap();
     let t = json_of(&out);
     assert!(t["top1"].as_f64().unwrap() > 0.7, "{t}");
+    // The finished run removed its checkpoint; --keep-checkpoint keeps it.
+    let ckpt = dir.path().join("lenet.safetensors.ckpt");
+    assert!(!ckpt.exists());
+    let kept = dir.path().join("kept.safetensors");
+    let o = slim()
+        .args([
+            "train", "--model", "lenet", "--epochs", "1", "--limit", "256",
+        ])
+        .args(["--keep-checkpoint", "-q", "--out"])
+        .arg(&kept)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(dir.path().join("kept.safetensors.ckpt").exists());
     assert_eq!(
         t["bytes"].as_u64().unwrap(),
         std::fs::metadata(&model).unwrap().len()
