@@ -46,6 +46,8 @@ pub trait Dataset: Send + Sync {
 #[derive(Clone, Debug)]
 pub struct ImageSet {
     pub shape: [usize; 3],
+    /// The number of classes; 0 for images without labels (`unlabeled:DIR`), whose labels
+    /// are all 0 and mean nothing.
     pub classes: usize,
     pub images: Vec<u8>,
     pub labels: Vec<u8>,
@@ -68,6 +70,11 @@ impl Dataset for ImageSet {
 }
 
 impl ImageSet {
+    /// Whether the images carry labels (a set without classes does not).
+    pub fn is_labeled(&self) -> bool {
+        self.classes > 0
+    }
+
     /// A 64-bit fingerprint (16 hex digits) of the shape, classes, pixels and labels.
     pub fn fingerprint(&self) -> String {
         let mut h = crate::model::Fnv::new();
@@ -226,7 +233,7 @@ pub const DEFAULT_SPEC: &str = "builtin:mnist-10k";
 pub fn load_spec(spec: &str) -> Result<DataSplits> {
     let (kind, arg) = spec.split_once(':').ok_or_else(|| {
         CoreError::Invalid(format!(
-            "data spec `{spec}` is not KIND:ARG (builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR)"
+            "data spec `{spec}` is not KIND:ARG (builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR, unlabeled:DIR)"
         ))
     })?;
     let mnist_norm = Normalize {
@@ -275,9 +282,13 @@ pub fn load_spec(spec: &str) -> Result<DataSplits> {
             let f = folder::load(&existing_dir(arg)?)?;
             (f.train, f.test, f.normalize, Augment::default())
         }
+        "unlabeled" => {
+            let f = folder::load_unlabeled(&existing_dir(arg)?)?;
+            (f.train, f.test, f.normalize, Augment::default())
+        }
         _ => {
             return Err(CoreError::Invalid(format!(
-                "unknown data kind `{kind}` in `{spec}` (known: builtin, mnist, fashion-mnist, cifar10, images)"
+                "unknown data kind `{kind}` in `{spec}` (known: builtin, mnist, fashion-mnist, cifar10, images, unlabeled)"
             )))
         }
     };

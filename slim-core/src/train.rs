@@ -317,8 +317,12 @@ pub struct TrainOptions<'a> {
     pub checkpoint_every: CheckpointEvery,
     /// Continue from `checkpoint` if it exists.
     pub resume: bool,
-    /// Evaluate on the test split after every epoch.
+    /// Evaluate on the test split after every epoch (labelled data only).
     pub eval_each_epoch: bool,
+    /// Train without labels: the loss is the extra terms' alone (a teacher the model learns
+    /// to reproduce), no cross-entropy. Data without labels (`unlabeled:DIR`) always trains
+    /// this way.
+    pub label_free: bool,
     pub extra: Vec<&'a mut dyn LossTerm>,
     /// Kernels that compute some nodes another way during training (quantization-aware
     /// training's fake-quantized weights).
@@ -588,8 +592,21 @@ pub fn train(
             data.spec, data.train.shape
         )));
     }
+    let label_free = opts.label_free || !data.train.is_labeled();
+    if label_free && opts.extra.is_empty() {
+        return Err(CoreError::Invalid(format!(
+            "the data set `{}` {}: training then needs a model to reproduce (a teacher), and \
+             none is given",
+            data.spec,
+            if data.train.is_labeled() {
+                "is used without its labels"
+            } else {
+                "has no labels"
+            }
+        )));
+    }
     let out_shape = model.graph.node(model.graph.outputs()[0]).shape.clone();
-    if out_shape != [data.train.classes] {
+    if data.train.is_labeled() && out_shape != [data.train.classes] {
         return Err(CoreError::Invalid(format!(
             "the model outputs {out_shape:?}, the data set `{}` has {} classes",
             data.spec, data.train.classes
@@ -724,11 +741,20 @@ pub fn train(
             let out =
                 model.forward_with(std::slice::from_ref(&batch.images), Mode::Train, fopts)?;
             let logits = &out.outputs[0];
-            let mut loss = candle_nn::loss::cross_entropy(logits, &batch.labels)?;
+            let mut loss = if label_free {
+                None
+            } else {
+                Some(candle_nn::loss::cross_entropy(logits, &batch.labels)?)
+            };
             for term in opts.extra.iter_mut() {
                 let extra = term.loss(&batch, &out)?;
-                loss = (loss + extra)?;
+                loss = Some(match loss {
+                    Some(l) => (l + extra)?,
+                    None => extra,
+                });
             }
+            // Checked above: a label-free run has a term.
+            let loss = loss.ok_or_else(|| CoreError::Invalid("no loss to train on".into()))?;
             let grads = loss.backward()?;
             opt.step(&grads, lr, cfg)?;
             let l = f64::from(loss.to_scalar::<f32>()?);
@@ -752,7 +778,11 @@ pub fn train(
                 }
                 return Err(CoreError::Invalid(msg));
             }
-            let hits = count_hits(logits, &batch.labels, 1)?;
+            let hits = if label_free {
+                0
+            } else {
+                count_hits(logits, &batch.labels, 1)?
+            };
             let b = batch.labels.dim(0)?;
             loss_sum += l * b as f64;
             correct += hits;
@@ -793,7 +823,7 @@ pub fn train(
             });
         }
         let seconds = before.seconds + started.elapsed().as_secs_f64();
-        let test = if opts.eval_each_epoch {
+        let test = if opts.eval_each_epoch && data.test.is_labeled() {
             Some(evaluate(model, &data.test, &data.normalize, 256)?)
         } else {
             None
@@ -933,6 +963,189 @@ pub fn evaluate_with(
         seconds,
         samples_per_sec: n as f64 / seconds.max(1e-9),
     })
+}
+
+/// How closely one output of a model reproduces the same output of a reference model.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct OutputFidelity {
+    /// The output node.
+    pub output: String,
+    /// For per-sample vectors (a classifier's scores): the share of samples whose largest
+    /// entry is at the reference's.
+    pub top1_agreement: Option<f64>,
+    /// The mean over samples of `|y - r| / |r|` (Euclidean norms of each sample's output).
+    pub relative_l2: f64,
+    /// The mean over samples of the cosine similarity of `y` and `r`.
+    pub cosine: f64,
+}
+
+/// Quality without labels: how closely a model reproduces a reference model (its original,
+/// before compression) on a data set, output by output.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Fidelity {
+    pub samples: usize,
+    pub outputs: Vec<OutputFidelity>,
+}
+
+impl Fidelity {
+    /// The first output's top-1 agreement, else its cosine similarity: one figure for tables.
+    pub fn headline(&self) -> f64 {
+        self.outputs
+            .first()
+            .map(|o| o.top1_agreement.unwrap_or(o.cosine))
+            .unwrap_or(0.0)
+    }
+}
+
+/// A forward that gives every output of the model (or the first ones).
+pub type OutputsForward<'a> = dyn Fn(&Model, &Tensor) -> Result<Vec<Tensor>> + 'a;
+
+/// [`fidelity_with`] with the model's own evaluation forward.
+pub fn fidelity(
+    model: &Model,
+    reference: &Model,
+    set: &ImageSet,
+    normalize: &Normalize,
+    batch_size: usize,
+) -> Result<Fidelity> {
+    let prepared = model.prepare_eval(false)?;
+    fidelity_with(model, reference, set, normalize, batch_size, &|m, x| {
+        let opts = ForwardOptions {
+            prepared: Some(&prepared),
+            ..Default::default()
+        };
+        Ok(m.forward_with(std::slice::from_ref(x), Mode::Eval, opts)?
+            .outputs)
+    })
+}
+
+/// How closely the outputs `forward` computes for `model` reproduce `reference`'s on `set`
+/// (every output `forward` gives, compared with the reference's output at the same place).
+pub fn fidelity_with(
+    model: &Model,
+    reference: &Model,
+    set: &ImageSet,
+    normalize: &Normalize,
+    batch_size: usize,
+    forward: &OutputsForward<'_>,
+) -> Result<Fidelity> {
+    if set.is_empty() {
+        return Err(CoreError::Invalid("the comparison set is empty".into()));
+    }
+    for (who, m) in [("model", model), ("reference model", reference)] {
+        if m.input_shape() != set.shape.to_vec() {
+            return Err(CoreError::Invalid(format!(
+                "the {who} takes inputs of shape {:?}, the data has {:?}",
+                m.input_shape(),
+                set.shape
+            )));
+        }
+    }
+    let names: Vec<String> = model
+        .graph
+        .outputs()
+        .iter()
+        .map(|&o| model.graph.node(o).name.clone())
+        .collect();
+    let prepared = reference.prepare_eval(false)?;
+    let data: Arc<dyn Dataset> = Arc::new(set.clone());
+    let cfg = LoaderConfig {
+        batch_size,
+        shuffle: None,
+        augment: Default::default(),
+        normalize: normalize.clone(),
+        drop_last: false,
+    };
+    // Per output: agreeing samples, summed relative errors, summed cosines, vector or not.
+    let mut sums: Vec<(usize, f64, f64, bool)> = Vec::new();
+    let mut n = 0;
+    for batch in Loader::new(data, &cfg, 0, &model.device())? {
+        let batch = batch?;
+        let ys = forward(model, &batch.images)?;
+        let opts = ForwardOptions {
+            prepared: Some(&prepared),
+            ..Default::default()
+        };
+        let rs = reference
+            .forward_with(std::slice::from_ref(&batch.images), Mode::Eval, opts)?
+            .outputs;
+        if ys.len() > rs.len() {
+            return Err(CoreError::Invalid(format!(
+                "the model has {} outputs, the reference model {}",
+                ys.len(),
+                rs.len()
+            )));
+        }
+        if sums.is_empty() {
+            sums = ys.iter().map(|y| (0, 0.0, 0.0, y.rank() == 2)).collect();
+        }
+        for (i, (y, r)) in ys.iter().zip(&rs).enumerate() {
+            if y.dims() != r.dims() {
+                return Err(CoreError::Invalid(format!(
+                    "output {} (`{}`) has shape {:?}, the reference's {:?}",
+                    i + 1,
+                    names.get(i).map(String::as_str).unwrap_or("?"),
+                    &y.dims()[1..],
+                    &r.dims()[1..]
+                )));
+            }
+            let b = y.dim(0)?;
+            let y = y
+                .flatten_from(1)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2::<f32>()?;
+            let r = r
+                .flatten_from(1)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2::<f32>()?;
+            for (yv, rv) in y.iter().zip(&r).take(b) {
+                let (mut dd, mut rr, mut yy, mut yr) = (0f64, 0f64, 0f64, 0f64);
+                for (&a, &c) in yv.iter().zip(rv) {
+                    let (a, c) = (f64::from(a), f64::from(c));
+                    dd += (a - c) * (a - c);
+                    rr += c * c;
+                    yy += a * a;
+                    yr += a * c;
+                }
+                let s = &mut sums[i];
+                s.1 += dd.sqrt() / rr.sqrt().max(1e-12);
+                s.2 += if yy == 0.0 && rr == 0.0 {
+                    1.0
+                } else {
+                    yr / (yy.sqrt() * rr.sqrt()).max(1e-30)
+                };
+                if s.3 && argmax(yv) == argmax(rv) {
+                    s.0 += 1;
+                }
+            }
+        }
+        n += batch.images.dim(0)?;
+    }
+    let n_f = n.max(1) as f64;
+    Ok(Fidelity {
+        samples: n,
+        outputs: sums
+            .into_iter()
+            .enumerate()
+            .map(|(i, (agree, rel, cos, vector))| OutputFidelity {
+                output: names.get(i).cloned().unwrap_or_default(),
+                top1_agreement: vector.then_some(agree as f64 / n_f),
+                relative_l2: rel / n_f,
+                cosine: cos / n_f,
+            })
+            .collect(),
+    })
+}
+
+/// The index of the largest value (the first of equal ones).
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 /// Recomputes every batch norm's running statistics from `set` (in order, `batch_size` images

@@ -241,3 +241,40 @@ fn grey_and_colour_sets_take_each_others_channels() {
     assert_eq!(red.with_channels(1).unwrap().images, vec![76]);
     assert!(red.with_channels(2).is_err());
 }
+
+/// `unlabeled:DIR`: every image at any depth, no classes; a seeded tenth held out, the same
+/// way every time; the pixels are the files'.
+#[test]
+fn unlabeled_trees_read_every_image_without_labels() {
+    let idx = load_spec(DEFAULT_SPEC).unwrap();
+    let set = idx.train.take(200);
+    let dir = tempfile::tempdir().unwrap();
+    // Class folders, but also deeper and shallower files: any tree.
+    write_folder(&set, &dir.path().join("a").join("b"), "png");
+    let img = image::GrayImage::from_raw(28, 28, set.sample(0).0.to_vec()).unwrap();
+    img.save(dir.path().join("top.png")).unwrap();
+    let spec = format!("unlabeled:{}", dir.path().display());
+    let d = load_spec(&spec).unwrap();
+    assert!(!d.train.is_labeled() && !d.test.is_labeled());
+    assert_eq!(d.train.len() + d.test.len(), 201);
+    assert_eq!(d.test.len(), 20);
+    assert!(d.train.labels.iter().chain(&d.test.labels).all(|&l| l == 0));
+    let again = load_spec(&spec).unwrap();
+    assert_eq!(again.test.images, d.test.images);
+    // Every image read is one of the files' (the set plus the top-level copy).
+    let pixels: std::collections::HashSet<&[u8]> =
+        (0..set.len()).map(|i| set.sample(i).0).collect();
+    for s in [&d.train, &d.test] {
+        for i in 0..s.len() {
+            assert!(pixels.contains(s.sample(i).0));
+        }
+    }
+    // One image is not enough to train on and compare.
+    let one = tempfile::tempdir().unwrap();
+    img.save(one.path().join("x.png")).unwrap();
+    let e = load_spec(&format!("unlabeled:{}", one.path().display()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("at least 2"), "{e}");
+}

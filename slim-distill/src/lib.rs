@@ -347,6 +347,42 @@ impl Distiller {
         Distiller::new(student, teachers, losses)
     }
 
+    /// The losses that make a compressed model reproduce its original, for training without
+    /// labels: for every output of the original that the student has by name, soft labels
+    /// (temperature 1) where the output is a vector per sample (a classifier's scores), L2
+    /// where it is a map or any other shape (a detector's or segmenter's dense outputs).
+    pub fn reproduce_specs(original: &Model, student: &Model) -> Result<Vec<LossSpec>> {
+        let mut specs = Vec::new();
+        for o in original.graph.outputs() {
+            let node = original.graph.node(o);
+            if student.graph.find(&node.name).is_none() {
+                continue;
+            }
+            let text = if node.shape.len() == 1 {
+                format!(
+                    "soft_label:temperature=1,student={0},teacher={0}",
+                    node.name
+                )
+            } else {
+                format!("l2:student={0},teacher={0}", node.name)
+            };
+            specs.push(text.parse::<LossSpec>()?);
+        }
+        if specs.is_empty() {
+            return Err(DistillError::Invalid(
+                "the model has none of its original's outputs (by name) to reproduce".into(),
+            ));
+        }
+        Ok(specs)
+    }
+
+    /// A distiller that teaches `student` to reproduce `original`'s outputs
+    /// ([`Distiller::reproduce_specs`]): the loss of label-free training.
+    pub fn reproducing(student: &Model, original: Model) -> Result<Distiller> {
+        let specs = Distiller::reproduce_specs(&original, student)?;
+        Distiller::from_specs(student, vec![Teacher::model(original, "original")], &specs)
+    }
+
     /// Refuses precomputed knowledge of another training split, and of a data set that is
     /// augmented in training: knowledge holds the teacher's outputs for the stored images,
     /// not for the randomly cropped or flipped ones the student would see.
@@ -491,6 +527,7 @@ pub fn distill(
         checkpoint_every,
         resume,
         eval_each_epoch,
+        label_free,
         extra,
         kernels,
     } = opts;
@@ -504,6 +541,7 @@ pub fn distill(
         checkpoint_every,
         resume,
         eval_each_epoch,
+        label_free,
         extra: terms,
         kernels,
     };

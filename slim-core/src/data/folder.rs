@@ -214,6 +214,51 @@ fn statistics(set: &ImageSet) -> Normalize {
     Normalize { mean, std }
 }
 
+/// Reads a tree of images without labels (`unlabeled:DIR`): every image at any depth under
+/// `dir`, sorted by path, a seeded tenth held out as the test split (for fidelity against the
+/// original model). The sets have 0 classes and every label 0.
+pub fn load_unlabeled(dir: &Path) -> Result<Folder> {
+    let mut files = Vec::new();
+    collect_images(dir, &mut files)?;
+    if files.len() < 2 {
+        return Err(CoreError::file(
+            dir,
+            format!(
+                "holds {} image(s); label-free data needs at least 2 (one to train on, one to compare)",
+                files.len()
+            ),
+        ));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    files.shuffle(&mut rng);
+    let k = ((files.len() as f64 * HELD_OUT).round() as usize).max(1);
+    let mut train = files.split_off(k);
+    train.sort();
+    files.sort();
+    let first = decode(&train[0])?;
+    let (w, h) = first.dimensions();
+    let channels = if first.color().has_color() { 3 } else { 1 };
+    let shape = [channels, h as usize, w as usize];
+    let unlabeled = |v: Vec<PathBuf>| v.into_iter().map(|f| (f, 0u8)).collect::<Vec<_>>();
+    let train = decode_all(&unlabeled(train), shape, 0)?;
+    let test = decode_all(&unlabeled(files), shape, 0)?;
+    let normalize = if channels == 3 {
+        Normalize {
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+        }
+    } else {
+        statistics(&train)
+    };
+    Ok(Folder {
+        train,
+        test,
+        classes: Vec::new(),
+        held_out: true,
+        normalize,
+    })
+}
+
 /// Reads an image folder (see the module's documentation).
 pub fn load(dir: &Path) -> Result<Folder> {
     let train_dir = dir.join("train");
