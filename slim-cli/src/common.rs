@@ -72,6 +72,36 @@ pub fn load_model(path: &Path, device: &Device, load: &LoadArgs) -> Result<Model
     }
 }
 
+/// Whether a command trains and measures without labels: asked for (`--label-free`), or the
+/// data has none (`unlabeled:DIR`).
+pub fn label_free(flag: bool, data: &DataSplits) -> bool {
+    flag || !data.train.is_labeled()
+}
+
+/// A fidelity measurement as table rows (label, value), in the order to show them: agreement
+/// with the original for score vectors, cosine similarity for other outputs.
+pub fn fidelity_rows(f: &slim_core::train::Fidelity) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    for o in f.outputs.iter().rev() {
+        let name = if f.outputs.len() > 1 {
+            format!(" ({})", o.output)
+        } else {
+            String::new()
+        };
+        match o.top1_agreement {
+            Some(a) => rows.push((
+                format!("agreement with the original{name}"),
+                format!("{:.2}%", a * 100.0),
+            )),
+            None => rows.push((
+                format!("cosine to the original{name}"),
+                format!("{:.4}", o.cosine),
+            )),
+        }
+    }
+    rows
+}
+
 /// The checkpoint a training job keeps beside its output: `OUT.ckpt`.
 pub fn checkpoint_path(out: &Path) -> std::path::PathBuf {
     let mut p = out.as_os_str().to_owned();
@@ -122,7 +152,7 @@ pub fn adapt_data(data: &mut DataSplits, model: &Model) -> Result<(), Failure> {
     let input = model.input_shape();
     // Image folders are photographs of any size and colour: they take the model's channels
     // and size whatever it records.
-    let folder = data.spec.starts_with("images:");
+    let folder = data.spec.starts_with("images:") || data.spec.starts_with("unlabeled:");
     if let (&[mc, _, _], true) = (&input[..], folder) {
         let c = data.train.shape[0];
         if mc != c && matches!((c, mc), (1, 3) | (3, 1)) {

@@ -104,8 +104,9 @@ pub struct DistillTrainArgs {
     pub data: String,
     /// A loss, repeatable: soft_label[:temperature=T,t2=true,weight=W],
     /// l2:teacher=NODE,student=NODE[,adapter=true], fsp:teacher=A-B,student=C-D; every loss
-    /// also takes weight=W and teacher_index=K.
-    #[arg(long, required = true)]
+    /// also takes weight=W and teacher_index=K. Without labels, the default is to reproduce
+    /// every output of the first teacher model (soft labels on scores, L2 on maps).
+    #[arg(long)]
     pub loss: Vec<String>,
     /// Use the first N training images only (a quick run on a slice of the data).
     #[arg(long)]
@@ -119,6 +120,11 @@ pub struct DistillTrainArgs {
     /// Continue from FILE.ckpt if a previous run was stopped.
     #[arg(long)]
     pub resume: bool,
+    /// Train without labels: the student learns from the teachers alone (the losses given,
+    /// no cross-entropy) and is measured by its fidelity to the first teacher model. Data
+    /// without labels (`unlabeled:DIR`) is always used this way.
+    #[arg(long)]
+    pub label_free: bool,
     /// Write the checkpoint every STEPS steps too, not only after every epoch (default:
     /// about once a minute), so that a stopped run loses at most that much work.
     #[arg(long, value_name = "STEPS")]
@@ -242,7 +248,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         })
     };
     let cfg = args.recipe.config()?;
-    let specs = args
+    let mut specs = args
         .loss
         .iter()
         .map(|s| s.parse::<LossSpec>())
@@ -252,9 +258,27 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     let mut student = match (&args.student, &args.student_model) {
         (Some(path), _) => crate::common::load_model(path, &device, &args.common.load)?,
         (None, Some(name)) => {
+            // Without labels, as many classes as the first teacher model scores.
+            let classes = if data.train.is_labeled() {
+                data.train.classes
+            } else {
+                let first = args.teacher.iter().find(|p| !p.is_dir()).ok_or_else(|| {
+                    input_error("without labels, a zoo student takes its classes from a teacher model file; give one")
+                })?;
+                let t = crate::common::load_model(first, &device, &args.common.load)?;
+                match t.graph.node(t.graph.outputs()[0]).shape[..] {
+                    [k] => k,
+                    ref other => {
+                        return Err(input_error(format!(
+                            "the teacher {} outputs {other:?} per image, not class scores: give the student as a file (--student)",
+                            first.display()
+                        )))
+                    }
+                }
+            };
             let zcfg = ZooConfig::new(data.train.shape)
                 .with_width(args.width)
-                .with_classes(data.train.classes);
+                .with_classes(classes);
             zoo::model(name, &zcfg, args.recipe.seed, &device)?
         }
         (None, None) => {
@@ -264,6 +288,9 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         }
     };
     crate::common::adapt_data(&mut data, &student)?;
+    let label_free = crate::common::label_free(args.label_free, &data);
+    // Without labels the student is measured by its fidelity to the first teacher model.
+    let mut reference: Option<slim_core::Model> = None;
     let mut teachers = Vec::new();
     let mut teacher_top1 = Vec::new();
     for path in &args.teacher {
@@ -283,6 +310,14 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
                         data.normalize.std
                     )));
                 }
+            }
+            if label_free {
+                if reference.is_none() {
+                    reference = Some(m.deep_clone()?);
+                }
+                teacher_top1.push(None);
+                teachers.push(Teacher::model(m, path.display().to_string()));
+                continue;
             }
             let top1 = evaluate(&m, &data.test, &data.normalize, 256).map_err(|e| {
                 input_error(format!(
@@ -318,6 +353,17 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             teacher_top1.push(None);
         }
     }
+    if specs.is_empty() {
+        specs = match (&reference, label_free) {
+            (Some(r), true) => Distiller::reproduce_specs(r, &student)?,
+            (None, true) => {
+                return Err(input_error(
+                    "without labels and without a teacher model file, give the losses (--loss)",
+                ))
+            }
+            (_, false) => return Err(input_error("give at least one --loss")),
+        };
+    }
     let mut distiller = Distiller::from_specs(&student, teachers, &specs)?;
     distiller.check_data(&data)?;
     student.provenance.insert("data".into(), args.data.clone());
@@ -336,6 +382,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             resume: args.resume,
             checkpoint_every: crate::common::checkpoint_every(args.checkpoint_every),
             eval_each_epoch: true,
+            label_free,
             ..Default::default()
         },
         &mut |p| bars.update(p),
@@ -343,6 +390,9 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     student.save(&out)?;
     if !args.keep_checkpoint {
         crate::common::remove_checkpoint(&ckpt);
+    }
+    if label_free {
+        return distilled_without_labels(&args, &student, reference.as_ref(), &data, &report, &out);
     }
     let eval = evaluate(&student, &data.test, &data.normalize, 256)?;
     let stats = analyze(&student.graph);
@@ -408,6 +458,58 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             seconds_per_epoch
         );
     }
+    Ok(())
+}
+
+/// The end of a distillation without labels: the student's fidelity to the first teacher model
+/// on the held-out images (none to show for precomputed or served teachers).
+fn distilled_without_labels(
+    args: &DistillTrainArgs,
+    student: &slim_core::Model,
+    reference: Option<&slim_core::Model>,
+    data: &slim_core::data::DataSplits,
+    report: &slim_distill::DistillReport,
+    out: &std::path::Path,
+) -> Result<(), Failure> {
+    let fidelity = match reference {
+        Some(r) => Some(slim_core::train::fidelity(
+            student,
+            r,
+            &data.test,
+            &data.normalize,
+            256,
+        )?),
+        None => None,
+    };
+    let stats = analyze(&student.graph);
+    if args.common.json {
+        outln!(
+            "{}",
+            json!({
+                "data": args.data, "label_free": true, "fidelity": fidelity,
+                "losses": report.losses.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                "macs": stats.macs, "params": stats.params, "out": out,
+                "resumed_from": report.train.resumed_from,
+                "resumed_at_step": report.train.resumed_at_step,
+                "epochs": report.train.epochs,
+            })
+        );
+        return Ok(());
+    }
+    match &fidelity {
+        Some(f) => {
+            let rows: Vec<Vec<String>> = crate::common::fidelity_rows(f)
+                .into_iter()
+                .map(|(label, value)| vec![label, value])
+                .collect();
+            out!(
+                "{}",
+                table(&["student, against the first teacher", ""], &rows)
+            );
+        }
+        None => outln!("no labels and no teacher model to compare with: no fidelity to show"),
+    }
+    outln!("{} written (trained without labels)", out.display());
     Ok(())
 }
 

@@ -48,7 +48,7 @@ pub struct Selection {
     /// pruned; default: every prunable group.
     #[arg(long, num_args = 1..)]
     pub scope: Vec<String>,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR. Default: the data
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR, unlabeled:DIR (images without labels: fine-tuning reproduces the original). Default: the data
     /// the model was trained on (from its file), else the bundled MNIST subset.
     #[arg(long)]
     pub data: Option<String>,
@@ -147,6 +147,11 @@ pub struct PruneArgs {
     /// Fine-tune the pruned model for N epochs on the training split.
     #[arg(long, default_value_t = 0)]
     pub finetune_epochs: usize,
+    /// Without labels: fine-tune the pruned model to reproduce the original's outputs and
+    /// measure fidelity to it (top-1 agreement) instead of accuracy. Data without labels
+    /// (`unlabeled:DIR`) is always used this way.
+    #[arg(long)]
+    pub label_free: bool,
     /// Fine-tuning learning rate.
     #[arg(long, default_value_t = 0.003)]
     pub lr: f64,
@@ -268,6 +273,15 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     } else {
         None
     };
+    let label_free = data
+        .as_ref()
+        .is_some_and(|d| crate::common::label_free(args.label_free, d));
+    if label_free && args.method == PruneMethod::Auto {
+        return Err(input_error(
+            "--method auto scores candidates by their accuracy on labels; without labels, \
+             prune with --ratio or --flops-reduction (uniform, or from sensitivity files)",
+        ));
+    }
     let pruner = args.selection.pruner(&model, data.as_ref())?;
     let fingerprint = model.fingerprint()?;
     let sens = if args.sensitivity.is_empty() {
@@ -415,8 +429,8 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
 
     let before_stats = analyze(&model.graph);
     let before_eval = match &data {
-        Some(d) => Some(evaluate(&model, &d.test, &d.normalize, 256)?),
-        None => None,
+        Some(d) if !label_free => Some(evaluate(&model, &d.test, &d.normalize, 256)?),
+        _ => None,
     };
     let mut pruned = pruner.apply(&ratios)?;
     let mut finetune_report = None;
@@ -425,21 +439,48 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
             .as_ref()
             .ok_or_else(|| input_error("fine-tuning needs --data"))?;
         let mut bars = EpochBars::new(args.common.quiet);
-        let report = train(
-            &mut pruned,
-            d,
-            &ft,
-            TrainOptions {
-                eval_each_epoch: true,
-                ..Default::default()
-            },
-            &mut |p| bars.update(p),
-        )?;
+        let report = if label_free {
+            // The pruned model learns to reproduce the unpruned one.
+            let mut teacher = slim_distill::Distiller::reproducing(&pruned, model.deep_clone()?)?;
+            slim_distill::distill(
+                &mut pruned,
+                &mut teacher,
+                d,
+                &ft,
+                TrainOptions {
+                    label_free: true,
+                    ..Default::default()
+                },
+                &mut |p| bars.update(p),
+            )?
+            .train
+        } else {
+            train(
+                &mut pruned,
+                d,
+                &ft,
+                TrainOptions {
+                    eval_each_epoch: true,
+                    ..Default::default()
+                },
+                &mut |p| bars.update(p),
+            )?
+        };
         finetune_report = Some(report.epochs);
     }
     let after_eval = match &data {
-        Some(d) => Some(evaluate(&pruned, &d.test, &d.normalize, 256)?),
-        None => None,
+        Some(d) if !label_free => Some(evaluate(&pruned, &d.test, &d.normalize, 256)?),
+        _ => None,
+    };
+    let fidelity = match &data {
+        Some(d) if label_free => Some(slim_core::train::fidelity(
+            &pruned,
+            &model,
+            &d.test,
+            &d.normalize,
+            256,
+        )?),
+        _ => None,
     };
     pruned
         .provenance
@@ -483,6 +524,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                 "groups": per_group,
                 "skipped": pruner.skipped(),
                 "finetune": finetune_report,
+                "fidelity": fidelity,
                 "search": search_report,
                 "seconds": seconds,
                 "out": args.out,
@@ -495,7 +537,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
             .unwrap_or("-".into())
     };
     let change = |a: f64, b: f64| format!("{:+.1}%", (b / a.max(1e-12) - 1.0) * 100.0);
-    let rows = vec![
+    let mut rows = vec![
         vec![
             "top-1".to_string(),
             pct(before.top1),
@@ -524,6 +566,13 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
             change(before.bytes as f64, after.bytes as f64),
         ],
     ];
+    if let Some(f) = &fidelity {
+        // Without labels there is no top-1: the pruned model's fidelity to the original.
+        rows.remove(0);
+        for (label, value) in crate::common::fidelity_rows(f) {
+            rows.insert(0, vec![label, "100%".into(), value, "-".into()]);
+        }
+    }
     out!("{}", table(&["", "before", "after", "change"], &rows));
     for s in pruner.skipped() {
         outln!(

@@ -136,6 +136,9 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
         .unwrap_or_else(|| slim_core::data::DEFAULT_SPEC.to_string());
     let data = crate::common::data_for(&spec, &model)?;
     let (q, report) = quantize(&model, &data.train, &data.normalize, &cfg)?;
+    if !data.test.is_labeled() {
+        return ptq_without_labels(&args, &spec, &model, &q, &data, &report, &cfg);
+    }
     let before = evaluate(&model, &data.test, &data.normalize, 256)?;
     // The int8 model's accuracy comes from the int8 runtime; the fake-quantized float graph
     // is the reference it is checked against.
@@ -176,6 +179,61 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
         report.folded_batch_norms,
         report.calibration_images,
         report.seconds,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// PTQ on images without labels: the int8 model (on the int8 runtime) is measured by its
+/// fidelity to the float model on the held-out images.
+fn ptq_without_labels(
+    args: &PtqArgs,
+    spec: &str,
+    model: &slim_core::Model,
+    q: &slim_core::Model,
+    data: &slim_core::data::DataSplits,
+    report: &slim_quant::ptq::PtqReport,
+    cfg: &PtqConfig,
+) -> Result<(), Failure> {
+    let kernels = slim_quant::runtime::Int8Kernels::new(q);
+    let fidelity =
+        slim_core::train::fidelity_with(q, model, &data.test, &data.normalize, 256, &|m, x| {
+            Ok(vec![slim_quant::runtime::forward_with(m, &kernels, x)?])
+        })?;
+    q.save(&args.out)?;
+    let (b_bytes, a_bytes) = (
+        std::fs::metadata(&args.file)?.len(),
+        std::fs::metadata(&args.out)?.len(),
+    );
+    if args.common.json {
+        outln!(
+            "{}",
+            json!({
+                "model": args.file, "data": spec,
+                "weights": cfg.weights.name(), "activations": cfg.activations.name(),
+                "before": {"bytes": b_bytes}, "after": {"bytes": a_bytes},
+                "fidelity": fidelity,
+                "calibration": report, "out": args.out,
+            })
+        );
+        return Ok(());
+    }
+    let mut rows: Vec<Vec<String>> = crate::common::fidelity_rows(&fidelity)
+        .into_iter()
+        .map(|(label, value)| vec![label, "100%".into(), value, "-".into()])
+        .collect();
+    rows.push(vec![
+        "bytes".into(),
+        human(b_bytes),
+        human(a_bytes),
+        format!("{:+.1}%", (a_bytes as f64 / b_bytes as f64 - 1.0) * 100.0),
+    ]);
+    out!("{}", table(&["", "f32", "int8", "change"], &rows));
+    outln!(
+        "no labels: the int8 model (int8 runtime) against the float one on {} held-out images; \
+         calibrated on {} images; {} written",
+        fidelity.samples,
+        report.calibration_images,
         args.out.display()
     );
     Ok(())

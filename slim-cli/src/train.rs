@@ -11,7 +11,7 @@ use slim_core::zoo::{self, ZooConfig};
 
 use crate::common::{Common, EpochBars, Recipe};
 use crate::output::table;
-use crate::Failure;
+use crate::{input_error, Failure};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -62,6 +62,13 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     crate::common::check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let mut data = crate::common::load_data(&args.data, args.limit)?;
+    if !data.train.is_labeled() {
+        return Err(input_error(format!(
+            "`{}` has no labels, and training learns from labels; without them, compress a \
+             trained model by reproducing its outputs (slim prune, slim quant, slim distill)",
+            args.data
+        )));
+    }
     data.augment.hflip |= args.hflip;
     if let Some(pad) = args.crop_padding {
         if pad > data.train.shape[1].min(data.train.shape[2]) {
@@ -205,6 +212,12 @@ pub fn run_eval(args: EvalArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
     let data = crate::common::data_for(&args.data, &model)?;
+    if !data.test.is_labeled() {
+        return Err(input_error(format!(
+            "`{}` has no labels to measure accuracy with; `slim eval` needs labelled data",
+            args.data
+        )));
+    }
     // Int8 files run on the int8 runtime.
     let int8 = !model.int8.is_empty();
     let r = if int8 {

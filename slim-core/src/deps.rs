@@ -228,8 +228,13 @@ impl Builder {
             pieces.insert(x, ids);
         }
         for &x in &class[1..] {
-            for i in 0..parts {
-                let (a, b) = (pieces[&class[0]][i], pieces[&x][i]);
+            let pairs: Vec<(usize, usize)> = pieces[&class[0]]
+                .iter()
+                .copied()
+                .zip(pieces[&x].iter().copied())
+                .take(parts)
+                .collect();
+            for (a, b) in pairs {
                 self.union(a, b);
             }
         }
@@ -356,7 +361,7 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                         break;
                     }
                     let total: usize = input.segs.iter().map(|s| s.1).sum();
-                    if input.expand != 1 || total % g != 0 {
+                    if input.expand != 1 || !total.is_multiple_of(g) {
                         break;
                     }
                     let per = total / g;

@@ -1422,7 +1422,7 @@ fn pad(x: &Tensor, [t, l, b, r]: [usize; 4], mode: PadMode) -> Result<Tensor> {
     let zeros =
         |x: &Tensor| -> Result<Tensor> { Ok(x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?) };
     match mode {
-        PadMode::Constant(v) if v == 0.0 => zeros(x),
+        PadMode::Constant(0.0) => zeros(x),
         PadMode::Constant(v) => {
             // Zeros, then `v` wherever a plane of ones padded with zeros is zero.
             let (_, _, h, w) = x.dims4()?;

@@ -629,7 +629,7 @@ pub fn train(
         ));
     }
     if let CheckpointEvery::Seconds(s) = opts.checkpoint_every {
-        if !(s >= 0.0) {
+        if s.is_nan() || s < 0.0 {
             return Err(CoreError::Invalid(format!(
                 "checkpoints every {s} seconds: give a number of seconds, 0 or more"
             )));
