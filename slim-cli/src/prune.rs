@@ -441,19 +441,18 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         let mut bars = EpochBars::new(args.common.quiet);
         let report = if label_free {
             // The pruned model learns to reproduce the unpruned one.
-            let mut teacher = slim_distill::Distiller::reproducing(&pruned, model.deep_clone()?)?;
-            slim_distill::distill(
+            let mut teacher = slim_core::reproduce::Reproduce::new(model.deep_clone()?)?;
+            train(
                 &mut pruned,
-                &mut teacher,
                 d,
                 &ft,
                 TrainOptions {
                     label_free: true,
+                    extra: vec![&mut teacher],
                     ..Default::default()
                 },
                 &mut |p| bars.update(p),
             )?
-            .train
         } else {
             train(
                 &mut pruned,

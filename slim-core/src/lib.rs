@@ -54,6 +54,7 @@ pub mod model;
 pub mod params;
 pub mod pipeline;
 pub mod plot;
+pub mod reproduce;
 pub mod search;
 pub mod study;
 pub mod train;

@@ -376,3 +376,73 @@ fn a_run_resumed_from_a_step_checkpoint_matches_an_unbroken_run() {
     .unwrap_err();
     assert!(e.to_string().contains("0 steps"), "{e}");
 }
+
+/// Training without labels: a fresh half-width LeNet learns to reproduce a trained LeNet from
+/// its outputs alone (the images' labels hidden), and fidelity measures it: top-1 agreement
+/// with the original, relative L2 error and cosine similarity of the scores.
+#[test]
+fn label_free_training_reproduces_the_original() {
+    use slim_core::reproduce::Reproduce;
+    use slim_core::train::fidelity;
+    let mut data = load_spec(DEFAULT_SPEC).unwrap();
+    data.train = data.train.take(2048);
+    data.test = data.test.take(500);
+    let cfg = TrainConfig::default().with_epochs(1);
+    let mut original = lenet(0);
+    train(
+        &mut original,
+        &data,
+        &cfg,
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    // The same images without their labels.
+    let mut unlabeled = data.clone();
+    unlabeled.train.classes = 0;
+    unlabeled.test.classes = 0;
+    let itself = fidelity(&original, &original, &unlabeled.test, &data.normalize, 128).unwrap();
+    let o = &itself.outputs[0];
+    assert_eq!((itself.samples, o.top1_agreement), (500, Some(1.0)));
+    assert!(
+        o.relative_l2 == 0.0 && (o.cosine - 1.0).abs() < 1e-9,
+        "{o:?}"
+    );
+
+    let student_cfg = ZooConfig::new([1, 28, 28]).with_width(0.5);
+    let mut student = zoo::model("lenet", &student_cfg, 1, &Device::Cpu).unwrap();
+    let before = fidelity(&student, &original, &unlabeled.test, &data.normalize, 128).unwrap();
+    // Without labels and without a model to reproduce there is nothing to learn from.
+    let e = train(
+        &mut student.deep_clone().unwrap(),
+        &unlabeled,
+        &cfg,
+        TrainOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("has no labels"), "{e}");
+    let mut teacher = Reproduce::new(original.deep_clone().unwrap()).unwrap();
+    let two = TrainConfig::default().with_epochs(2);
+    train(
+        &mut student,
+        &unlabeled,
+        &two,
+        TrainOptions {
+            extra: vec![&mut teacher],
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let after = fidelity(&student, &original, &unlabeled.test, &data.normalize, 128).unwrap();
+    let (b, a) = (&before.outputs[0], &after.outputs[0]);
+    eprintln!("before {b:?}\nafter {a:?}");
+    assert!(a.top1_agreement.unwrap() > 0.85, "{a:?}");
+    assert!(a.top1_agreement.unwrap() > b.top1_agreement.unwrap() + 0.5);
+    assert!(
+        a.relative_l2 < b.relative_l2 && a.cosine > b.cosine,
+        "{b:?} -> {a:?}"
+    );
+}

@@ -376,13 +376,6 @@ impl Distiller {
         Ok(specs)
     }
 
-    /// A distiller that teaches `student` to reproduce `original`'s outputs
-    /// ([`Distiller::reproduce_specs`]): the loss of label-free training.
-    pub fn reproducing(student: &Model, original: Model) -> Result<Distiller> {
-        let specs = Distiller::reproduce_specs(&original, student)?;
-        Distiller::from_specs(student, vec![Teacher::model(original, "original")], &specs)
-    }
-
     /// Refuses precomputed knowledge of another training split, and of a data set that is
     /// augmented in training: knowledge holds the teacher's outputs for the stored images,
     /// not for the randomly cropped or flipped ones the student would see.
