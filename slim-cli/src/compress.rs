@@ -476,8 +476,15 @@ pub fn check_config(text: &str, origin: &str) -> Result<Vec<String>, Failure> {
 struct Row {
     name: String,
     file: PathBuf,
-    top1: f64,
-    top5: f64,
+    /// Accuracy on the test split (data with labels).
+    top1: Option<f64>,
+    top5: Option<f64>,
+    /// Without labels: the first output's top-1 agreement with the baseline (its cosine
+    /// similarity for an output that is not a score vector), and its cosine similarity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agreement: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cosine: Option<f64>,
     macs: u64,
     params: u64,
     bytes: u64,
@@ -604,6 +611,13 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     if let Some(n) = pipeline.config.data.limit {
         data.train = data.train.take(n);
     }
+    if !data.train.is_labeled() && pipeline.config.model.zoo.is_some() {
+        return Err(input_error(format!(
+            "[data] spec = \"{}\" has no labels, and a zoo baseline is trained on labels; \
+             without labels, start from a trained model ([model] file)",
+            pipeline.config.data.spec
+        )));
+    }
     let quiet = args.common.quiet;
     let note = |msg: String| {
         if !quiet {
@@ -669,6 +683,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
             &data,
             t0.elapsed().as_secs_f64(),
             info,
+            None,
         )?;
         state.stages.push(row);
         save_state(&dir, &state)?;
@@ -722,7 +737,15 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         status.finish_and_clear();
         let file = dir.join(format!("{stem}.safetensors"));
         next.save(&file)?;
-        let mut row = measure(&name, &next, &file, &data, t0.elapsed().as_secs_f64(), info)?;
+        let mut row = measure(
+            &name,
+            &next,
+            &file,
+            &data,
+            t0.elapsed().as_secs_f64(),
+            info,
+            Some(&baseline),
+        )?;
         row.from = from;
         state.stages.push(row);
         save_state(&dir, &state)?;
@@ -750,6 +773,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         }
     }
     let base = state.stages[0].clone();
+    let labeled = data.test.is_labeled();
     // A pipeline with branches says where each stage started.
     let branches = state.stages.iter().any(|r| r.from.is_some());
     let rows: Vec<Vec<String>> = state
@@ -765,16 +789,29 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
                     (None, _) => state.stages[i - 1].name.clone(),
                 });
             }
+            let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}%", v * 100.0));
+            let (first, second) = if labeled {
+                (pct(r.top1), pct(r.top5))
+            } else {
+                (
+                    pct(r.agreement),
+                    r.cosine.map_or("-".into(), |c| format!("{c:.4}")),
+                )
+            };
+            let (now, then) = if labeled {
+                (r.top1, base.top1)
+            } else {
+                (r.agreement, base.agreement)
+            };
             row.extend([
-                format!("{:.2}%", r.top1 * 100.0),
-                format!("{:.2}%", r.top5 * 100.0),
+                first,
+                second,
                 human(r.macs),
                 human(r.params),
                 human(r.bytes),
-                if r.name == "baseline" {
-                    "-".into()
-                } else {
-                    format!("{:+.2} pt", (r.top1 - base.top1) * 100.0)
+                match (r.name == "baseline", now, then) {
+                    (false, Some(a), Some(b)) => format!("{:+.2} pt", (a - b) * 100.0),
+                    _ => "-".into(),
                 },
                 format!("{:.0}%", r.bytes as f64 / base.bytes.max(1) as f64 * 100.0),
             ]);
@@ -792,15 +829,18 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     if branches {
         header.push("from");
     }
-    header.extend([
-        "top-1",
-        "top-5",
-        "MACs",
-        "params",
-        "size",
-        "top-1 change",
-        "of baseline size",
-    ]);
+    if labeled {
+        header.extend(["top-1", "top-5"]);
+    } else {
+        header.extend(["agreement", "cosine"]);
+    }
+    header.extend(["MACs", "params", "size"]);
+    header.push(if labeled {
+        "top-1 change"
+    } else {
+        "agreement change"
+    });
+    header.push("of baseline size");
     if with_latency {
         header.push("est. latency");
     }
@@ -848,8 +888,10 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
 fn plot(rows: &[Row]) -> String {
     let (w, h, l, r, t, b) = (640.0, 400.0, 70.0, 30.0, 30.0, 50.0);
     let max_bytes = rows.iter().map(|x| x.bytes).max().unwrap_or(1) as f64 * 1.1;
-    let lo = rows.iter().map(|x| x.top1).fold(1.0f64, f64::min);
-    let hi = rows.iter().map(|x| x.top1).fold(0.0f64, f64::max);
+    // Top-1, or without labels the agreement with the baseline.
+    let quality = |x: &Row| x.top1.or(x.agreement).unwrap_or(0.0);
+    let lo = rows.iter().map(quality).fold(1.0f64, f64::min);
+    let hi = rows.iter().map(quality).fold(0.0f64, f64::max);
     let (y0, y1) = ((lo - 0.01).max(0.0), (hi + 0.01).min(1.0).max(lo + 0.02));
     let x = |v: f64| l + v / max_bytes * (w - l - r);
     let y = |v: f64| t + (y1 - v) / (y1 - y0) * (h - t - b);
@@ -881,7 +923,7 @@ fn plot(rows: &[Row]) -> String {
         ));
     }
     for row in rows {
-        let (px, py) = (x(row.bytes as f64), y(row.top1));
+        let (px, py) = (x(row.bytes as f64), y(quality(row)));
         s.push_str(&format!(
             "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"4\" fill=\"#1f77b4\"/>\n\
              <text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
@@ -905,6 +947,8 @@ fn status_line(quiet: bool) -> indicatif::ProgressBar {
     }
 }
 
+/// A stage's figures: accuracy on the test split, or without labels its fidelity to
+/// `baseline` (`None`: the stage is the baseline).
 fn measure(
     name: &str,
     model: &Model,
@@ -912,19 +956,40 @@ fn measure(
     data: &slim_core::data::DataSplits,
     seconds: f64,
     info: serde_json::Value,
+    baseline: Option<&Model>,
 ) -> Result<Row, Failure> {
-    // Int8 models are measured on the int8 runtime.
-    let e = if model.int8.is_empty() {
-        evaluate(model, &data.test, &data.normalize, 256)?
+    let int8 = !model.int8.is_empty();
+    let (mut top1, mut top5, mut agreement, mut cosine) = (None, None, None, None);
+    if data.test.is_labeled() {
+        // Int8 models are measured on the int8 runtime.
+        let e = if int8 {
+            slim_quant::runtime::evaluate(model, &data.test, &data.normalize, 256)?
+        } else {
+            evaluate(model, &data.test, &data.normalize, 256)?
+        };
+        (top1, top5) = (Some(e.top1), Some(e.top5));
+    } else if let Some(b) = baseline {
+        let f = if int8 {
+            let kernels = slim_quant::runtime::Int8Kernels::new(model);
+            slim_core::train::fidelity_with(model, b, &data.test, &data.normalize, 256, &|m, x| {
+                Ok(vec![slim_quant::runtime::forward_with(m, &kernels, x)?])
+            })?
+        } else {
+            slim_core::train::fidelity(model, b, &data.test, &data.normalize, 256)?
+        };
+        agreement = Some(f.headline());
+        cosine = f.outputs.first().map(|o| o.cosine);
     } else {
-        slim_quant::runtime::evaluate(model, &data.test, &data.normalize, 256)?
-    };
+        (agreement, cosine) = (Some(1.0), Some(1.0));
+    }
     let stats = analyze(&model.graph);
     Ok(Row {
         name: name.into(),
         file: file.to_path_buf(),
-        top1: e.top1,
-        top5: e.top5,
+        top1,
+        top5,
+        agreement,
+        cosine,
         macs: stats.macs,
         params: stats.params,
         bytes: std::fs::metadata(file)?.len(),

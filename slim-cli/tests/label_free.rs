@@ -151,3 +151,63 @@ fn prune_quantize_and_distill_without_labels() {
         assert!(!out("never.safetensors").exists());
     }
 }
+
+/// A pipeline on images without labels, from a trained model: pruning fine-tunes by
+/// reproducing the unpruned model, QAT by reproducing the float one, and the report gives each
+/// stage's agreement with the baseline instead of top-1.
+#[test]
+fn a_pipeline_without_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = trained_lenet(dir.path());
+    let spec = unlabeled_folder(&dir.path().join("images"), 1200);
+    let config = |stages: &str, model: &str| {
+        let text = format!(
+            "[model]\n{model}\n[data]\nspec = \"{spec}\"\n[train]\nepochs = 1\n{stages}\n[output]\ndir = \"{}\"\n",
+            dir.path().join("out").display()
+        );
+        let path = dir.path().join("pipeline.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let file = format!("file = \"{}\"", original.display());
+    let stages =
+        "[[strategy]]\nkind = \"prune.uniform\"\nflops_reduction = 0.5\nfinetune_epochs = 2\n\
+                  [[strategy]]\nkind = \"quant.ptq\"\n\
+                  [[strategy]]\nkind = \"quant.qat\"\nfrom = \"baseline\"\nepochs = 1\n";
+    let o = slim()
+        .args(["compress", "--json", "-q", "--config"])
+        .arg(config(stages, &file))
+        .output()
+        .unwrap();
+    let r = json_of(&o);
+    let stages = r["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 4, "{r}");
+    for s in stages {
+        assert!(s["top1"].is_null(), "{s}");
+        let a = s["agreement"].as_f64().unwrap();
+        eprintln!("{}: agreement {a:.3}", s["name"]);
+        assert!(a > 0.85, "{s}");
+    }
+    assert_eq!(stages[0]["agreement"], 1.0);
+    let md = std::fs::read_to_string(dir.path().join("out").join("report.md")).unwrap();
+    assert!(md.contains("agreement"), "{md}");
+
+    // Refused, naming what needs labels (exit 2): a zoo baseline (before any work), and a
+    // pruning method that scores by accuracy (when its stage starts).
+    for (stages, model) in [
+        ("", "zoo = \"lenet\""),
+        (
+            "[[strategy]]\nkind = \"prune.sensitivity\"\nflops_reduction = 0.5\n",
+            file.as_str(),
+        ),
+    ] {
+        let o = slim()
+            .args(["compress", "-q", "--force", "--config"])
+            .arg(config(stages, model))
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{e}");
+        assert!(e.contains("no labels"), "{e}");
+    }
+}

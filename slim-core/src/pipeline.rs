@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::data::DataSplits;
 use crate::error::Result;
 use crate::model::Model;
-use crate::train::{train, Progress, TrainConfig, TrainOptions};
+use crate::train::{train, Progress, TrainConfig, TrainOptions, TrainReport};
 
 /// What a strategy can use besides the model: the data, the pipeline's training recipe (for
 /// any step that trains unless the strategy says otherwise), a folder for files of its own,
@@ -28,6 +28,47 @@ pub struct Context<'a> {
     /// The pipeline's first model (trained or read), for a stage that compares with it or
     /// learns from it (a distillation teacher); `None` while it is being made.
     pub baseline: Option<&'a Model>,
+}
+
+impl Context<'_> {
+    /// Whether the pipeline's data carries labels; without them, stages train by reproducing
+    /// the model they started from and are measured by their fidelity to the baseline.
+    pub fn labeled(&self) -> bool {
+        self.data.train.is_labeled()
+    }
+}
+
+/// Trains `model` with `cfg` on the pipeline's data, after a stage changed it: on the labels,
+/// or, for data without labels, to reproduce `original` (the model before the change).
+/// `kernels` compute some nodes another way during training (quantization-aware training).
+pub fn finetune(
+    model: &mut Model,
+    original: &Model,
+    cfg: &TrainConfig,
+    kernels: Option<&dyn crate::exec::NodeKernels>,
+    ctx: &mut Context<'_>,
+) -> Result<TrainReport> {
+    let mut teacher = if ctx.labeled() {
+        None
+    } else {
+        Some(crate::reproduce::Reproduce::new(original.deep_clone()?)?)
+    };
+    let extra: Vec<&mut dyn crate::train::LossTerm> = match teacher.as_mut() {
+        Some(t) => vec![t],
+        None => Vec::new(),
+    };
+    train(
+        model,
+        ctx.data,
+        cfg,
+        TrainOptions {
+            label_free: !ctx.labeled(),
+            extra,
+            kernels,
+            ..Default::default()
+        },
+        ctx.progress,
+    )
 }
 
 /// One step of a compression pipeline.

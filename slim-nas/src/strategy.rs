@@ -140,6 +140,13 @@ impl Strategy for NasStrategy {
         model: Model,
         ctx: &mut Context<'_>,
     ) -> slim_core::Result<(Model, serde_json::Value)> {
+        if !ctx.labeled() {
+            return Err(CoreError::Invalid(format!(
+                "{}: the data has no labels, and the search trains candidates from scratch on \
+                 them",
+                self.kind
+            )));
+        }
         let o = &self.options;
         let kind = self.kind;
         let to_core = |e: NasError| match e {

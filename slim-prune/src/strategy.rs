@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::json;
 use slim_core::pipeline::{Context, Strategy};
-use slim_core::train::{train, Top1, TrainOptions};
+use slim_core::train::Top1;
 use slim_core::{CoreError, Model};
 
 use crate::auto::{self, AutoConfig, Method};
@@ -227,6 +227,13 @@ impl Strategy for PruneStrategy {
         model: Model,
         ctx: &mut Context<'_>,
     ) -> slim_core::Result<(Model, serde_json::Value)> {
+        if !ctx.labeled() && self.choice != Choice::Uniform {
+            return Err(CoreError::Invalid(format!(
+                "{}: the data has no labels, and this method scores pruned models by their \
+                 accuracy; without labels, use prune.uniform",
+                self.kind
+            )));
+        }
         let (mut pruned, mut info) = self.prune(&model, ctx).map_err(|e| match e {
             PruneError::Core(c) => c,
             other => CoreError::Invalid(other.to_string()),
@@ -237,13 +244,8 @@ impl Strategy for PruneStrategy {
             if let Some(lr) = self.options.lr {
                 cfg.lr = lr;
             }
-            train(
-                &mut pruned,
-                ctx.data,
-                &cfg,
-                TrainOptions::default(),
-                ctx.progress,
-            )?;
+            // Without labels, the pruned model learns to reproduce the unpruned one.
+            slim_core::pipeline::finetune(&mut pruned, &model, &cfg, None, ctx)?;
             info["finetune_epochs"] = json!(cfg.epochs);
         }
         Ok((pruned, info))

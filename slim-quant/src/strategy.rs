@@ -206,16 +206,8 @@ impl Strategy for QatStrategy {
         tcfg.optimizer = self.optimizer;
         tcfg.schedule = self.schedule.clone();
         tcfg.warmup_epochs = 0;
-        let report = slim_core::train::train(
-            &mut q,
-            ctx.data,
-            &tcfg,
-            slim_core::train::TrainOptions {
-                kernels: Some(&kernels),
-                ..Default::default()
-            },
-            ctx.progress,
-        )?;
+        // Without labels, the fake-quantized model learns to reproduce the float one.
+        let report = slim_core::pipeline::finetune(&mut q, &model, &tcfg, Some(&kernels), ctx)?;
         let int8 = crate::qat::convert(&q, self.weights, 8).map_err(core)?;
         Ok((
             int8,
