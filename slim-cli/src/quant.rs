@@ -137,7 +137,18 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
     let data = crate::common::data_for(&spec, &model)?;
     let (q, report) = quantize(&model, &data.train, &data.normalize, &cfg)?;
     if !data.test.is_labeled() {
-        return ptq_without_labels(&args, &spec, &model, &q, &data, &report, &cfg);
+        let details = json!({"weights": cfg.weights.name(), "activations": cfg.activations.name(),
+                             "calibration": report});
+        return int8_without_labels(
+            "int8",
+            &args.file,
+            &args.out,
+            &args.common,
+            &model,
+            &q,
+            &data,
+            details,
+        );
     }
     let before = evaluate(&model, &data.test, &data.normalize, 256)?;
     // The int8 model's accuracy comes from the int8 runtime; the fake-quantized float graph
@@ -184,38 +195,40 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// PTQ on images without labels: the int8 model (on the int8 runtime) is measured by its
-/// fidelity to the float model on the held-out images.
-fn ptq_without_labels(
-    args: &PtqArgs,
-    spec: &str,
+/// The end of quantization without labels: the int8 model (on the int8 runtime) is measured
+/// by its fidelity to the float model on the held-out images, written, and reported with
+/// `details` (the method's own figures) in the JSON.
+#[allow(clippy::too_many_arguments)]
+fn int8_without_labels(
+    what: &str,
+    file: &std::path::Path,
+    out: &std::path::Path,
+    common: &crate::common::Common,
     model: &slim_core::Model,
     q: &slim_core::Model,
     data: &slim_core::data::DataSplits,
-    report: &slim_quant::ptq::PtqReport,
-    cfg: &PtqConfig,
+    details: serde_json::Value,
 ) -> Result<(), Failure> {
     let kernels = slim_quant::runtime::Int8Kernels::new(q);
     let fidelity =
         slim_core::train::fidelity_with(q, model, &data.test, &data.normalize, 256, &|m, x| {
             Ok(vec![slim_quant::runtime::forward_with(m, &kernels, x)?])
         })?;
-    q.save(&args.out)?;
+    q.save(out)?;
     let (b_bytes, a_bytes) = (
-        std::fs::metadata(&args.file)?.len(),
-        std::fs::metadata(&args.out)?.len(),
+        std::fs::metadata(file)?.len(),
+        std::fs::metadata(out)?.len(),
     );
-    if args.common.json {
-        outln!(
-            "{}",
-            json!({
-                "model": args.file, "data": spec,
-                "weights": cfg.weights.name(), "activations": cfg.activations.name(),
-                "before": {"bytes": b_bytes}, "after": {"bytes": a_bytes},
-                "fidelity": fidelity,
-                "calibration": report, "out": args.out,
-            })
-        );
+    if common.json {
+        let mut v = json!({
+            "model": file, "data": data.spec,
+            "before": {"bytes": b_bytes}, "after": {"bytes": a_bytes},
+            "fidelity": fidelity, "out": out,
+        });
+        if let (Some(v), serde_json::Value::Object(d)) = (v.as_object_mut(), details) {
+            v.extend(d);
+        }
+        outln!("{v}");
         return Ok(());
     }
     let mut rows: Vec<Vec<String>> = crate::common::fidelity_rows(&fidelity)
@@ -228,13 +241,12 @@ fn ptq_without_labels(
         human(a_bytes),
         format!("{:+.1}%", (a_bytes as f64 / b_bytes as f64 - 1.0) * 100.0),
     ]);
-    out!("{}", table(&["", "f32", "int8", "change"], &rows));
+    out!("{}", table(&["", "f32", what, "change"], &rows));
     outln!(
-        "no labels: the int8 model (int8 runtime) against the float one on {} held-out images; \
-         calibrated on {} images; {} written",
+        "no labels: the int8 model (int8 runtime) against the float one on {} held-out \
+         images; {} written",
         fidelity.samples,
-        report.calibration_images,
-        args.out.display()
+        out.display()
     );
     Ok(())
 }
@@ -269,6 +281,17 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     let kernels = slim_quant::qat::QatKernels { weights, bits: 8 };
     let mut bars = crate::common::EpochBars::new(args.common.quiet);
     let ckpt = crate::common::checkpoint_path(&args.out);
+    // Without labels, the fake-quantized model learns to reproduce the float one.
+    let label_free = !data.train.is_labeled();
+    let mut teacher = if label_free {
+        Some(slim_core::reproduce::Reproduce::new(model.deep_clone()?)?)
+    } else {
+        None
+    };
+    let extra: Vec<&mut dyn slim_core::train::LossTerm> = match teacher.as_mut() {
+        Some(t) => vec![t],
+        None => Vec::new(),
+    };
     let report = slim_core::train::train(
         &mut q,
         &data,
@@ -278,11 +301,32 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
             checkpoint: Some(ckpt.clone()),
             resume: args.resume,
             checkpoint_every: crate::common::checkpoint_every(args.checkpoint_every),
+            label_free,
+            extra,
             ..Default::default()
         },
         &mut |p| bars.update(p),
     )?;
     let int8 = slim_quant::qat::convert(&q, weights, 8)?;
+    if label_free {
+        let details = json!({"weights": weights.name(), "epochs": args.epochs,
+                             "resumed_from": report.resumed_from,
+                             "resumed_at_step": report.resumed_at_step});
+        int8_without_labels(
+            "int8 (QAT)",
+            &args.file,
+            &args.out,
+            &args.common,
+            &model,
+            &int8,
+            &data,
+            details,
+        )?;
+        if !args.keep_checkpoint {
+            crate::common::remove_checkpoint(&ckpt);
+        }
+        return Ok(());
+    }
     let before = evaluate(&model, &data.test, &data.normalize, 256)?;
     let after = slim_quant::runtime::evaluate(&int8, &data.test, &data.normalize, 256)?;
     int8.save(&args.out)?;

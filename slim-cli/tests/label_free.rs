@@ -103,6 +103,18 @@ fn prune_quantize_and_distill_without_labels() {
         "{q}"
     );
 
+    // QAT: one epoch reproducing the float model.
+    let qat = slim()
+        .args(["quant", "qat"])
+        .arg(&original)
+        .args(["--epochs", "1", "--data", &spec, "-q", "--json", "--out"])
+        .arg(out("qat.safetensors"))
+        .output()
+        .unwrap();
+    let qat = json_of(&qat);
+    assert!(agreement(&qat) > 0.97, "{qat}");
+    assert!(!out("qat.safetensors.ckpt").exists());
+
     // Distillation: a fresh half-width student from the teacher alone.
     let d = slim()
         .args(["distill", "--teacher"])
