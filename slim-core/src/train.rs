@@ -909,6 +909,41 @@ pub fn evaluate(
     })
 }
 
+/// The batches of `set` in order, once, for models that read it (each named for errors): the
+/// set must not be empty and every model must take its images' shape.
+fn eval_loader(
+    models: &[(&str, &Model)],
+    set: &ImageSet,
+    normalize: &Normalize,
+    batch_size: usize,
+) -> Result<Loader> {
+    if set.is_empty() {
+        return Err(CoreError::Invalid("the evaluation set is empty".into()));
+    }
+    for (who, m) in models {
+        let shape = m.input_shape();
+        if shape != set.shape.to_vec() {
+            return Err(CoreError::Invalid(format!(
+                "the {who} takes inputs of shape {shape:?}, the data has {:?}",
+                set.shape
+            )));
+        }
+    }
+    let data: Arc<dyn Dataset> = Arc::new(set.clone());
+    let cfg = LoaderConfig {
+        batch_size,
+        shuffle: None,
+        augment: Default::default(),
+        normalize: normalize.clone(),
+        drop_last: false,
+    };
+    let device = models
+        .first()
+        .map(|(_, m)| m.device())
+        .unwrap_or(Device::Cpu);
+    Loader::new(data, &cfg, 0, &device)
+}
+
 /// A forward used for evaluation: the model's own, or another runtime's.
 pub type EvalForward<'a> = dyn Fn(&Model, &Tensor) -> Result<Tensor> + 'a;
 
@@ -920,16 +955,7 @@ pub fn evaluate_with(
     batch_size: usize,
     forward: &EvalForward<'_>,
 ) -> Result<EvalReport> {
-    if set.is_empty() {
-        return Err(CoreError::Invalid("the evaluation set is empty".into()));
-    }
-    let shape = model.input_shape();
-    if shape != set.shape.to_vec() {
-        return Err(CoreError::Invalid(format!(
-            "the model takes inputs of shape {shape:?}, the data has {:?}",
-            set.shape
-        )));
-    }
+    let loader = eval_loader(&[("model", model)], set, normalize, batch_size)?;
     let out_shape = &model.graph.node(model.graph.outputs()[0]).shape;
     if !matches!(out_shape[..], [k] if k >= set.classes) {
         return Err(CoreError::Invalid(format!(
@@ -937,17 +963,9 @@ pub fn evaluate_with(
             set.classes
         )));
     }
-    let data: Arc<dyn Dataset> = Arc::new(set.clone());
-    let cfg = LoaderConfig {
-        batch_size,
-        shuffle: None,
-        augment: Default::default(),
-        normalize: normalize.clone(),
-        drop_last: false,
-    };
     let started = Instant::now();
     let (mut top1, mut top5, mut n) = (0, 0, 0);
-    for batch in Loader::new(data, &cfg, 0, &model.device())? {
+    for batch in loader {
         let batch = batch?;
         let logits = forward(model, &batch.images)?;
         let classes = logits.dim(1)?;
@@ -1029,18 +1047,12 @@ pub fn fidelity_with(
     batch_size: usize,
     forward: &OutputsForward<'_>,
 ) -> Result<Fidelity> {
-    if set.is_empty() {
-        return Err(CoreError::Invalid("the comparison set is empty".into()));
-    }
-    for (who, m) in [("model", model), ("reference model", reference)] {
-        if m.input_shape() != set.shape.to_vec() {
-            return Err(CoreError::Invalid(format!(
-                "the {who} takes inputs of shape {:?}, the data has {:?}",
-                m.input_shape(),
-                set.shape
-            )));
-        }
-    }
+    let loader = eval_loader(
+        &[("model", model), ("reference model", reference)],
+        set,
+        normalize,
+        batch_size,
+    )?;
     let names: Vec<String> = model
         .graph
         .outputs()
@@ -1048,18 +1060,10 @@ pub fn fidelity_with(
         .map(|&o| model.graph.node(o).name.clone())
         .collect();
     let prepared = reference.prepare_eval(false)?;
-    let data: Arc<dyn Dataset> = Arc::new(set.clone());
-    let cfg = LoaderConfig {
-        batch_size,
-        shuffle: None,
-        augment: Default::default(),
-        normalize: normalize.clone(),
-        drop_last: false,
-    };
     // Per output: agreeing samples, summed relative errors, summed cosines, vector or not.
     let mut sums: Vec<(usize, f64, f64, bool)> = Vec::new();
     let mut n = 0;
-    for batch in Loader::new(data, &cfg, 0, &model.device())? {
+    for batch in loader {
         let batch = batch?;
         let ys = forward(model, &batch.images)?;
         let opts = ForwardOptions {

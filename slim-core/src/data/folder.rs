@@ -235,28 +235,8 @@ pub fn load_unlabeled(dir: &Path) -> Result<Folder> {
     let mut train = files.split_off(k);
     train.sort();
     files.sort();
-    let first = decode(&train[0])?;
-    let (w, h) = first.dimensions();
-    let channels = if first.color().has_color() { 3 } else { 1 };
-    let shape = [channels, h as usize, w as usize];
     let unlabeled = |v: Vec<PathBuf>| v.into_iter().map(|f| (f, 0u8)).collect::<Vec<_>>();
-    let train = decode_all(&unlabeled(train), shape, 0)?;
-    let test = decode_all(&unlabeled(files), shape, 0)?;
-    let normalize = if channels == 3 {
-        Normalize {
-            mean: vec![0.485, 0.456, 0.406],
-            std: vec![0.229, 0.224, 0.225],
-        }
-    } else {
-        statistics(&train)
-    };
-    Ok(Folder {
-        train,
-        test,
-        classes: Vec::new(),
-        held_out: true,
-        normalize,
-    })
+    decode_folder(&unlabeled(train), &unlabeled(files), Vec::new(), true)
 }
 
 /// Reads an image folder (see the module's documentation).
@@ -309,12 +289,24 @@ pub fn load(dir: &Path) -> Result<Folder> {
             (names, train, test, true)
         }
     };
+    decode_folder(&train_files, &test_files, classes, held_out)
+}
+
+/// Decodes a folder's train and test files (with their labels) at the first training image's
+/// size and channels, and chooses the normalization: ImageNet's for colour, the training
+/// images' own statistics for grey.
+fn decode_folder(
+    train_files: &[(PathBuf, u8)],
+    test_files: &[(PathBuf, u8)],
+    classes: Vec<String>,
+    held_out: bool,
+) -> Result<Folder> {
     let first = decode(&train_files[0].0)?;
     let (w, h) = first.dimensions();
     let channels = if first.color().has_color() { 3 } else { 1 };
     let shape = [channels, h as usize, w as usize];
-    let train = decode_all(&train_files, shape, classes.len())?;
-    let test = decode_all(&test_files, shape, classes.len())?;
+    let train = decode_all(train_files, shape, classes.len())?;
+    let test = decode_all(test_files, shape, classes.len())?;
     let normalize = if channels == 3 {
         Normalize {
             mean: vec![0.485, 0.456, 0.406],
