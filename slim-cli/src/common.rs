@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use slim_core::data::{load_spec, DataSplits};
+use slim_core::data::{load_spec_with, DataOptions, DataSplits};
 use slim_core::finite::NonFinite;
 use slim_core::io::LoadOptions;
 use slim_core::train::{OptimizerKind, Progress, Schedule, TrainConfig};
@@ -136,6 +136,33 @@ pub fn warn_nonfinite(path: &Path, found: &[NonFinite]) {
             path.display()
         );
     }
+}
+
+static DATA_OPTIONS: std::sync::OnceLock<DataOptions> = std::sync::OnceLock::new();
+
+/// Sets how every command reads image folders (`--val-fraction`, `--skip-bad-images`), once.
+pub fn set_data_options(options: DataOptions) {
+    let _ = DATA_OPTIONS.set(options);
+}
+
+/// Loads a data spec with the command line's folder options, reporting on stderr the files
+/// left out with `--skip-bad-images`.
+pub fn load_spec(spec: &str) -> Result<DataSplits, Failure> {
+    let options = DATA_OPTIONS.get().cloned().unwrap_or_default();
+    let data = load_spec_with(spec, &options)?;
+    if !data.skipped.is_empty() {
+        eprintln!(
+            "{spec}: {} bad files skipped (--skip-bad-images):",
+            data.skipped.len()
+        );
+        for (path, why) in data.skipped.iter().take(10) {
+            eprintln!("  {}: {why}", path.display());
+        }
+        if data.skipped.len() > 10 {
+            eprintln!("  and {} more", data.skipped.len() - 10);
+        }
+    }
+    Ok(data)
 }
 
 /// Loads the data a model is fed: the spec's data set, normalized as the model expects when

@@ -10,7 +10,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use slim_core::analysis::{analyze, human};
-use slim_core::data::{load_spec, DEFAULT_SPEC};
+use slim_core::data::DEFAULT_SPEC;
 use slim_core::io::write_atomic;
 use slim_core::pipeline::{Context, Strategy, Train};
 use slim_core::search::CostModel;
@@ -607,7 +607,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
     std::fs::create_dir_all(&dir)
         .map_err(|e| input_error(format!("cannot create {}: {e}", dir.display())))?;
     let device = args.common.device()?;
-    let mut data = load_spec(&pipeline.config.data.spec)?;
+    let mut data = crate::common::load_spec(&pipeline.config.data.spec)?;
     if let Some(n) = pipeline.config.data.limit {
         data.train = data.train.take(n);
     }

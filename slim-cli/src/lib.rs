@@ -48,6 +48,14 @@ use clap::{CommandFactory, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Image folders without a split of their own: the share of each class (of all images,
+    /// without labels) held out for testing, in (0, 1).
+    #[arg(long, global = true, default_value_t = 0.1, value_name = "F")]
+    val_fraction: f64,
+    /// Image folders: leave out files that are not images or do not decode, reporting how
+    /// many and which, instead of refusing the folder.
+    #[arg(long, global = true)]
+    skip_bad_images: bool,
 }
 
 #[derive(Subcommand)]
@@ -191,6 +199,15 @@ pub fn command() -> clap::Command {
 /// Parses the command line, runs the command and reports its error, if any.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let options = slim_core::data::DataOptions {
+        val_fraction: cli.val_fraction,
+        skip_bad_images: cli.skip_bad_images,
+    };
+    if let Err(e) = options.check() {
+        eprintln!("slim: error: --val-fraction: {e}");
+        return ExitCode::from(2);
+    }
+    common::set_data_options(options);
     let result = match cli.command {
         Command::Compress(args) => compress::run(args),
         Command::Train(args) => train::run_train(args),

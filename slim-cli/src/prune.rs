@@ -7,7 +7,7 @@ use clap::{ArgGroup, Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use slim_core::analysis::{analyze, human};
-use slim_core::data::{load_spec, DataSplits, DEFAULT_SPEC};
+use slim_core::data::{DataSplits, DEFAULT_SPEC};
 use slim_core::search::{Evaluator, SearchProgress};
 use slim_core::study::{StudyStore, WorkerProgress};
 use slim_core::train::{evaluate, train, OptimizerKind, Schedule, Top1, TrainConfig, TrainOptions};
@@ -643,7 +643,7 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
         merged.save(&args.out)?;
         merged
     } else {
-        let data = load_spec(&args.selection.data_spec(&model))?;
+        let data = crate::common::load_spec(&args.selection.data_spec(&model))?;
         let pruner = args.selection.pruner(&model, Some(&data))?;
         let (evaluator, eval) = args.selection.eval_set(&data)?;
         let total = (pruner.scope().len() * ratios.len()) as u64;

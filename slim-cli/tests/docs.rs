@@ -13,8 +13,11 @@ fn leaves(cmd: &clap::Command, path: &[String], out: &mut Vec<(Vec<String>, clap
         .get_subcommands()
         .filter(|s| s.get_name() != "help")
         .collect();
-    // A command runs something when it has no subcommands or options of its own beside them.
-    if subs.is_empty() || cmd.get_arguments().any(shown) {
+    // A command runs something when it has no subcommands or options of its own beside them
+    // (the options of `slim` itself are every command's).
+    if !path.is_empty()
+        && (subs.is_empty() || cmd.get_arguments().any(|a| shown(a) && !a.is_global_set()))
+    {
         out.push((path.to_vec(), cmd.clone()));
     }
     for s in subs {
@@ -22,6 +25,14 @@ fn leaves(cmd: &clap::Command, path: &[String], out: &mut Vec<(Vec<String>, clap
         p.push(s.get_name().to_string());
         leaves(s, &p, out);
     }
+}
+
+/// The command line with its global options given to every command, as clap does when it
+/// parses.
+fn built() -> clap::Command {
+    let mut cmd = slim_cli::command();
+    cmd.build();
+    cmd
 }
 
 /// One line of a table cell: the help text on one line, pipes escaped.
@@ -76,7 +87,7 @@ fn row(arg: &clap::Arg) -> String {
         .iter()
         .map(|d| d.to_string_lossy().into_owned())
         .collect();
-    if !defaults.is_empty() {
+    if !defaults.is_empty() && arg.get_action().takes_values() {
         extra.push(format!("default {}", defaults.join(" ")));
     }
     if arg.is_required_set() && arg.get_long().is_some() {
@@ -96,7 +107,7 @@ fn row(arg: &clap::Arg) -> String {
 /// command's own.
 fn render() -> String {
     let mut commands = Vec::new();
-    leaves(&slim_cli::command(), &[], &mut commands);
+    leaves(&built(), &[], &mut commands);
     // Options most commands take with the same meaning are listed once.
     let key = |a: &clap::Arg| row(a);
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
@@ -194,7 +205,7 @@ fn the_examples_use_real_commands_and_options() {
     let current = std::fs::read_to_string(page_path()).expect("docs/cli.md");
     let written = current.split(MARK).next().unwrap_or("");
     let mut commands = Vec::new();
-    leaves(&slim_cli::command(), &[], &mut commands);
+    leaves(&built(), &[], &mut commands);
     let mut longs = BTreeSet::new();
     for (_, c) in &commands {
         for a in c.get_arguments() {

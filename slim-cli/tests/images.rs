@@ -73,4 +73,32 @@ fn a_png_folder_trains_and_a_damaged_image_is_refused_by_name() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("broken.png"), "{err}");
     assert!(!again.exists());
+    // With --skip-bad-images the file is left out and reported.
+    let o = slim(&[
+        "eval",
+        out.to_str().unwrap(),
+        "--data",
+        &spec,
+        "--skip-bad-images",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("1 bad files skipped") && err.contains("broken.png"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["samples"], 100);
+    // A held-out share outside (0, 1) is refused.
+    let o = slim(&[
+        "eval",
+        out.to_str().unwrap(),
+        "--data",
+        &spec,
+        "--val-fraction",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--val-fraction"));
 }

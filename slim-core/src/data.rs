@@ -218,6 +218,42 @@ pub struct DataSplits {
     pub test: ImageSet,
     pub normalize: Normalize,
     pub augment: Augment,
+    /// Image files left out (`DataOptions::skip_bad_images`), each with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// How image folders are read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataOptions {
+    /// The share of each class (of all images, without labels) held out for testing when a
+    /// folder has no split of its own, in (0, 1).
+    pub val_fraction: f64,
+    /// Leave out files that are not images or do not decode (each reported) instead of
+    /// refusing the folder.
+    pub skip_bad_images: bool,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        DataOptions {
+            val_fraction: folder::HELD_OUT,
+            skip_bad_images: false,
+        }
+    }
+}
+
+impl DataOptions {
+    /// Refuses a fraction outside (0, 1).
+    pub fn check(&self) -> Result<()> {
+        if self.val_fraction > 0.0 && self.val_fraction < 1.0 {
+            Ok(())
+        } else {
+            Err(CoreError::Invalid(format!(
+                "the held-out fraction {} is outside (0, 1)",
+                self.val_fraction
+            )))
+        }
+    }
 }
 
 const MNIST_TRAIN_IMAGES: &[u8] = include_bytes!("../../data/mnist-10k/train-images-idx3-ubyte.gz");
@@ -231,6 +267,11 @@ pub const DEFAULT_SPEC: &str = "builtin:mnist-10k";
 /// Loads a data set from a spec: `builtin:mnist-10k`, `mnist:DIR`, `fashion-mnist:DIR`,
 /// `cifar10:DIR` or `images:DIR`.
 pub fn load_spec(spec: &str) -> Result<DataSplits> {
+    load_spec_with(spec, &DataOptions::default())
+}
+
+/// Loads a data spec, reading image folders as `opts` says.
+pub fn load_spec_with(spec: &str, opts: &DataOptions) -> Result<DataSplits> {
     let (kind, arg) = spec.split_once(':').ok_or_else(|| {
         CoreError::Invalid(format!(
             "data spec `{spec}` is not KIND:ARG (builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR, unlabeled:DIR)"
@@ -240,6 +281,7 @@ pub fn load_spec(spec: &str) -> Result<DataSplits> {
         mean: vec![0.1307],
         std: vec![0.3081],
     };
+    let mut skipped = Vec::new();
     let (train, test, normalize, augment) = match kind {
         "builtin" if arg == "mnist-10k" => {
             let p = |n: &str| PathBuf::from(format!("builtin:mnist-10k/{n}"));
@@ -279,11 +321,13 @@ pub fn load_spec(spec: &str) -> Result<DataSplits> {
             (train, test, norm, Augment { crop_padding: 4, hflip: true })
         }
         "images" => {
-            let f = folder::load(&existing_dir(arg)?)?;
+            let f = folder::load(&existing_dir(arg)?, opts)?;
+            skipped = f.skipped;
             (f.train, f.test, f.normalize, Augment::default())
         }
         "unlabeled" => {
-            let f = folder::load_unlabeled(&existing_dir(arg)?)?;
+            let f = folder::load_unlabeled(&existing_dir(arg)?, opts)?;
+            skipped = f.skipped;
             (f.train, f.test, f.normalize, Augment::default())
         }
         _ => {
@@ -298,6 +342,7 @@ pub fn load_spec(spec: &str) -> Result<DataSplits> {
         test,
         normalize,
         augment,
+        skipped,
     })
 }
 

@@ -278,3 +278,80 @@ fn unlabeled_trees_read_every_image_without_labels() {
         .to_string();
     assert!(e.contains("at least 2"), "{e}");
 }
+
+/// `skip_bad_images` leaves out corrupt, truncated and non-image files, naming each, and
+/// keeps every good image in order; `val_fraction` sets the share held out per class.
+#[test]
+fn bad_files_can_be_skipped_and_the_held_out_share_chosen() {
+    use slim_core::data::{load_spec_with, DataOptions};
+    let idx = load_spec(DEFAULT_SPEC).unwrap();
+    let set = idx.train.take(200);
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(&set, dir.path(), "png");
+    let clean = load_spec(&spec(dir.path())).unwrap();
+    // The first class's first file (sorted) broken, a truncated copy and a text file beside.
+    let first = std::fs::read_dir(dir.path().join("0"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let good = std::fs::read(&first).unwrap();
+    std::fs::write(dir.path().join("0/00000-broken.png"), b"not a png").unwrap();
+    std::fs::write(dir.path().join("1/cut.png"), &good[..good.len() / 2]).unwrap();
+    std::fs::write(dir.path().join("2/notes.txt"), b"hello").unwrap();
+    assert!(load_spec(&spec(dir.path())).is_err());
+    let skip = DataOptions {
+        skip_bad_images: true,
+        ..Default::default()
+    };
+    let d = load_spec_with(&spec(dir.path()), &skip).unwrap();
+    let mut names: Vec<String> = d
+        .skipped
+        .iter()
+        .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["00000-broken.png", "cut.png", "notes.txt"]);
+    // The broken files may have been drawn into either split: the good images are the clean
+    // folder's, in the same order.
+    let all = |d: &slim_core::data::DataSplits| {
+        let mut v: Vec<(Vec<u8>, u8)> = [&d.train, &d.test]
+            .iter()
+            .flat_map(|s| (0..s.len()).map(|i| (s.sample(i).0.to_vec(), s.sample(i).1)))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(all(&d), all(&clean));
+    // A quarter held out of each class.
+    let quarter = DataOptions {
+        val_fraction: 0.25,
+        ..Default::default()
+    };
+    let q = load_spec_with(
+        &spec(dir.path()),
+        &DataOptions {
+            skip_bad_images: true,
+            ..quarter.clone()
+        },
+    )
+    .unwrap();
+    let per_class = |s: &ImageSet, c: u8| s.labels.iter().filter(|&&l| l == c).count();
+    for c in 0..10u8 {
+        let n = per_class(&q.train, c) + per_class(&q.test, c);
+        let want = ((n as f64 * 0.25).round() as usize).max(1);
+        assert!(per_class(&q.test, c).abs_diff(want) <= 1, "class {c}");
+    }
+    assert!(q.test.len() > 40 && q.test.len() < 60, "{}", q.test.len());
+    let e = load_spec_with(
+        &spec(dir.path()),
+        &DataOptions {
+            val_fraction: 1.5,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("1.5"), "{e}");
+}

@@ -18,7 +18,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use super::{ImageSet, Normalize};
+use super::{DataOptions, ImageSet, Normalize};
 use crate::error::{CoreError, Result};
 
 /// The file endings read as images.
@@ -39,10 +39,34 @@ pub struct Folder {
     /// Whether the test images were held out of the training folder (no split on disk).
     pub held_out: bool,
     pub normalize: Normalize,
+    /// Files left out with `skip_bad_images`, each with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// The files a folder reader has left out (`skip_bad_images`), or the first error when it
+/// may not leave any out.
+struct Skips<'a> {
+    opts: &'a DataOptions,
+    skipped: Vec<(PathBuf, String)>,
+}
+
+impl Skips<'_> {
+    /// Leaves `e` (about `path`) out when bad images may be skipped, else returns it.
+    fn skip(&mut self, path: &Path, e: CoreError) -> Result<()> {
+        if !self.opts.skip_bad_images {
+            return Err(e);
+        }
+        let why = match &e {
+            CoreError::File { msg, .. } => msg.clone(),
+            other => other.to_string(),
+        };
+        self.skipped.push((path.to_path_buf(), why));
+        Ok(())
+    }
 }
 
 /// The class folders of `dir` (sorted by name) and each one's image files (sorted by path).
-fn list_classes(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
+fn list_classes(dir: &Path, skips: &mut Skips<'_>) -> Result<Vec<(String, Vec<PathBuf>)>> {
     let mut classes = Vec::new();
     for entry in read_dir_sorted(dir)? {
         if entry.is_dir() {
@@ -51,7 +75,7 @@ fn list_classes(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
                 continue;
             }
             let mut files = Vec::new();
-            collect_images(&entry, &mut files)?;
+            collect_images(&entry, &mut files, skips)?;
             if files.is_empty() {
                 return Err(CoreError::file(&entry, "a class folder without images"));
             }
@@ -94,13 +118,13 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Every image file under `dir`, at any depth, in path order.
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+fn collect_images(dir: &Path, out: &mut Vec<PathBuf>, skips: &mut Skips<'_>) -> Result<()> {
     for path in read_dir_sorted(dir)? {
         if file_name(&path).starts_with('.') {
             continue;
         }
         if path.is_dir() {
-            collect_images(&path, out)?;
+            collect_images(&path, out, skips)?;
             continue;
         }
         let ext = path
@@ -108,10 +132,12 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
             .map(|e| e.to_string_lossy().to_ascii_lowercase())
             .unwrap_or_default();
         if !IMAGE_EXTENSIONS.contains(&ext.as_str()) {
-            return Err(CoreError::file(
+            let e = CoreError::file(
                 &path,
                 "not an image file (PNG, JPEG, BMP or WebP by its name)",
-            ));
+            );
+            skips.skip(&path, e)?;
+            continue;
         }
         out.push(path);
     }
@@ -161,8 +187,14 @@ fn fit(img: &DynamicImage, [c, h, w]: [usize; 3], out: &mut [u8]) {
     }
 }
 
-/// Decodes `files` (with their labels) in parallel into one set of `shape`.
-fn decode_all(files: &[(PathBuf, u8)], shape: [usize; 3], classes: usize) -> Result<ImageSet> {
+/// Decodes `files` (with their labels) in parallel into one set of `shape`; a file that does
+/// not decode is an error, or left out when `skips` allows it.
+fn decode_all(
+    files: &[(PathBuf, u8)],
+    shape: [usize; 3],
+    classes: usize,
+    skips: &mut Skips<'_>,
+) -> Result<ImageSet> {
     let per: usize = shape.iter().product();
     let bytes = files.len().saturating_mul(per);
     if bytes > MAX_DECODED_BYTES {
@@ -178,15 +210,32 @@ fn decode_all(files: &[(PathBuf, u8)], shape: [usize; 3], classes: usize) -> Res
     }
     // Each image decoded straight into its place: one copy of the set in memory.
     let mut images = vec![0u8; bytes];
-    images
+    let results: Vec<Result<()>> = images
         .par_chunks_mut(per.max(1))
         .zip(files.par_iter())
-        .try_for_each(|(dst, (p, _))| decode(p).map(|img| fit(&img, shape, dst)))?;
+        .map(|(dst, (p, _))| decode(p).map(|img| fit(&img, shape, dst)))
+        .collect();
+    let mut labels = Vec::with_capacity(files.len());
+    let mut kept = 0;
+    for (i, (r, (path, label))) in results.into_iter().zip(files).enumerate() {
+        match r {
+            Ok(()) => {
+                // Bad images before this one left gaps: move it down into the first free place.
+                if kept != i {
+                    images.copy_within(i * per..(i + 1) * per, kept * per);
+                }
+                labels.push(*label);
+                kept += 1;
+            }
+            Err(e) => skips.skip(path, e)?,
+        }
+    }
+    images.truncate(kept * per);
     Ok(ImageSet {
         shape,
         classes,
         images,
-        labels: files.iter().map(|(_, l)| *l).collect(),
+        labels,
     })
 }
 
@@ -217,9 +266,14 @@ fn statistics(set: &ImageSet) -> Normalize {
 /// Reads a tree of images without labels (`unlabeled:DIR`): every image at any depth under
 /// `dir`, sorted by path, a seeded tenth held out as the test split (for fidelity against the
 /// original model). The sets have 0 classes and every label 0.
-pub fn load_unlabeled(dir: &Path) -> Result<Folder> {
+pub fn load_unlabeled(dir: &Path, opts: &DataOptions) -> Result<Folder> {
+    opts.check()?;
+    let mut skips = Skips {
+        opts,
+        skipped: Vec::new(),
+    };
     let mut files = Vec::new();
-    collect_images(dir, &mut files)?;
+    collect_images(dir, &mut files, &mut skips)?;
     if files.len() < 2 {
         return Err(CoreError::file(
             dir,
@@ -231,16 +285,27 @@ pub fn load_unlabeled(dir: &Path) -> Result<Folder> {
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     files.shuffle(&mut rng);
-    let k = ((files.len() as f64 * HELD_OUT).round() as usize).max(1);
+    let k = ((files.len() as f64 * opts.val_fraction).round() as usize).clamp(1, files.len() - 1);
     let mut train = files.split_off(k);
     train.sort();
     files.sort();
     let unlabeled = |v: Vec<PathBuf>| v.into_iter().map(|f| (f, 0u8)).collect::<Vec<_>>();
-    decode_folder(&unlabeled(train), &unlabeled(files), Vec::new(), true)
+    decode_folder(
+        &unlabeled(train),
+        &unlabeled(files),
+        Vec::new(),
+        true,
+        skips,
+    )
 }
 
 /// Reads an image folder (see the module's documentation).
-pub fn load(dir: &Path) -> Result<Folder> {
+pub fn load(dir: &Path, opts: &DataOptions) -> Result<Folder> {
+    opts.check()?;
+    let mut skips = Skips {
+        opts,
+        skipped: Vec::new(),
+    };
     let train_dir = dir.join("train");
     let test_dir = ["val", "test"]
         .iter()
@@ -248,8 +313,8 @@ pub fn load(dir: &Path) -> Result<Folder> {
         .find(|d| d.is_dir());
     let (classes, train_files, test_files, held_out) = match test_dir {
         Some(test_dir) if train_dir.is_dir() => {
-            let train = list_classes(&train_dir)?;
-            let test = list_classes(&test_dir)?;
+            let train = list_classes(&train_dir, &mut skips)?;
+            let test = list_classes(&test_dir, &mut skips)?;
             let names: Vec<String> = train.iter().map(|(n, _)| n.clone()).collect();
             let mut test_files = Vec::new();
             for (name, files) in test {
@@ -269,14 +334,15 @@ pub fn load(dir: &Path) -> Result<Folder> {
             (names, train_files, test_files, false)
         }
         _ => {
-            let all = list_classes(dir)?;
+            let all = list_classes(dir, &mut skips)?;
             let names: Vec<String> = all.iter().map(|(n, _)| n.clone()).collect();
             let (mut train, mut test) = (Vec::new(), Vec::new());
             let mut rng = rand::rngs::StdRng::seed_from_u64(0);
             for (l, (_, mut files)) in all.into_iter().enumerate() {
                 files.shuffle(&mut rng);
                 let k = if files.len() >= 2 {
-                    ((files.len() as f64 * HELD_OUT).round() as usize).max(1)
+                    ((files.len() as f64 * opts.val_fraction).round() as usize)
+                        .clamp(1, files.len() - 1)
                 } else {
                     0
                 };
@@ -289,7 +355,7 @@ pub fn load(dir: &Path) -> Result<Folder> {
             (names, train, test, true)
         }
     };
-    decode_folder(&train_files, &test_files, classes, held_out)
+    decode_folder(&train_files, &test_files, classes, held_out, skips)
 }
 
 /// Decodes a folder's train and test files (with their labels) at the first training image's
@@ -300,13 +366,42 @@ fn decode_folder(
     test_files: &[(PathBuf, u8)],
     classes: Vec<String>,
     held_out: bool,
+    mut skips: Skips<'_>,
 ) -> Result<Folder> {
-    let first = decode(&train_files[0].0)?;
+    // The first training image that decodes sets the size (the ones before it are reported
+    // when the whole set is decoded).
+    let mut first = None;
+    let mut first_error = None;
+    for (p, _) in train_files {
+        match decode(p) {
+            Ok(img) => {
+                first = Some(img);
+                break;
+            }
+            Err(e) if skips.opts.skip_bad_images => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let first = match (first, first_error) {
+        (Some(img), _) => img,
+        (None, Some(e)) => return Err(e),
+        (None, None) => return Err(CoreError::Invalid("no training images".into())),
+    };
     let (w, h) = first.dimensions();
     let channels = if first.color().has_color() { 3 } else { 1 };
     let shape = [channels, h as usize, w as usize];
-    let train = decode_all(train_files, shape, classes.len())?;
-    let test = decode_all(test_files, shape, classes.len())?;
+    let train = decode_all(train_files, shape, classes.len(), &mut skips)?;
+    let test = decode_all(test_files, shape, classes.len(), &mut skips)?;
+    if train.labels.is_empty() || test.labels.is_empty() {
+        return Err(CoreError::Invalid(format!(
+            "{} training and {} test images are left after {} bad files were skipped",
+            train.labels.len(),
+            test.labels.len(),
+            skips.skipped.len()
+        )));
+    }
     let normalize = if channels == 3 {
         Normalize {
             mean: vec![0.485, 0.456, 0.406],
@@ -321,5 +416,6 @@ fn decode_folder(
         classes,
         held_out,
         normalize,
+        skipped: skips.skipped,
     })
 }
