@@ -43,10 +43,11 @@ for t in "${TARGETS[@]}"; do
   extra=()
   [ -f "$t.dict" ] && extra=(-dict="$t.dict")
   echo "== $t: ${SECS} s"
-  # 2 GiB of memory, 10 s per input, inputs up to 256 KiB.
+  # Optimized, with debug assertions and overflow checks on (-a): an arithmetic overflow is a
+  # finding. 2 GiB of memory, 10 s per input, inputs up to 256 KiB.
   log=$(mktemp)
   rc=0
-  cargo fuzz run -O "$t" "corpus/$t" "${seeds[@]}" -- \
+  cargo fuzz run -O -a "$t" "corpus/$t" "${seeds[@]}" -- \
     -max_total_time="$SECS" -rss_limit_mb=2048 -timeout=10 -max_len=262144 \
     -print_final_stats=1 "${extra[@]}" >"$log" 2>&1 || rc=$?
   grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==|SUMMARY|Done)|ERROR|panicked" "$log" || true
