@@ -147,6 +147,17 @@ pub struct PruneArgs {
     /// Fine-tune the pruned model for N epochs on the training split.
     #[arg(long, default_value_t = 0)]
     pub finetune_epochs: usize,
+    /// Continue a stopped fine-tuning from OUT.ckpt (the same arguments prune to the same
+    /// model).
+    #[arg(long)]
+    pub resume: bool,
+    /// Write the fine-tuning checkpoint every STEPS steps too, not only after every epoch
+    /// (default: about once a minute).
+    #[arg(long, value_name = "STEPS")]
+    pub checkpoint_every: Option<usize>,
+    /// Keep the checkpoint (OUT.ckpt) after the job finishes; it is removed by default.
+    #[arg(long)]
+    pub keep_checkpoint: bool,
     /// Without labels: fine-tune the pruned model to reproduce the original's outputs and
     /// measure fidelity to it (top-1 agreement) instead of accuracy. Data without labels
     /// (`unlabeled:DIR`) is always used this way.
@@ -434,37 +445,41 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     };
     let mut pruned = pruner.apply(&ratios)?;
     let mut finetune_report = None;
+    let mut resumed = (0, 0);
+    // Fine-tuning keeps a checkpoint beside the output: pruning is deterministic, so a stopped
+    // run prunes again to the same model and --resume continues its fine-tuning.
+    let ckpt = crate::common::checkpoint_path(&args.out);
     if args.finetune_epochs > 0 {
         let d = data
             .as_ref()
             .ok_or_else(|| input_error("fine-tuning needs --data"))?;
         let mut bars = EpochBars::new(args.common.quiet);
-        let report = if label_free {
-            // The pruned model learns to reproduce the unpruned one.
-            let mut teacher = slim_core::reproduce::Reproduce::new(model.deep_clone()?)?;
-            train(
-                &mut pruned,
-                d,
-                &ft,
-                TrainOptions {
-                    label_free: true,
-                    extra: vec![&mut teacher],
-                    ..Default::default()
-                },
-                &mut |p| bars.update(p),
-            )?
+        // Without labels, the pruned model learns to reproduce the unpruned one.
+        let mut teacher = if label_free {
+            Some(slim_core::reproduce::Reproduce::new(model.deep_clone()?)?)
         } else {
-            train(
-                &mut pruned,
-                d,
-                &ft,
-                TrainOptions {
-                    eval_each_epoch: true,
-                    ..Default::default()
-                },
-                &mut |p| bars.update(p),
-            )?
+            None
         };
+        let extra: Vec<&mut dyn slim_core::train::LossTerm> = match teacher.as_mut() {
+            Some(t) => vec![t],
+            None => Vec::new(),
+        };
+        let report = train(
+            &mut pruned,
+            d,
+            &ft,
+            TrainOptions {
+                checkpoint: Some(ckpt.clone()),
+                resume: args.resume,
+                checkpoint_every: crate::common::checkpoint_every(args.checkpoint_every),
+                eval_each_epoch: !label_free,
+                label_free,
+                extra,
+                ..Default::default()
+            },
+            &mut |p| bars.update(p),
+        )?;
+        resumed = (report.resumed_from, report.resumed_at_step);
         finetune_report = Some(report.epochs);
     }
     let after_eval = match &data {
@@ -485,6 +500,9 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         .provenance
         .insert("pruned_from".into(), args.file.display().to_string());
     pruned.save(&args.out)?;
+    if !args.keep_checkpoint {
+        crate::common::remove_checkpoint(&ckpt);
+    }
     let seconds = started.elapsed().as_secs_f64();
     let after_stats = analyze(&pruned.graph);
     let before = Figures {
@@ -523,6 +541,8 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                 "groups": per_group,
                 "skipped": pruner.skipped(),
                 "finetune": finetune_report,
+                "resumed_from": resumed.0,
+                "resumed_at_step": resumed.1,
                 "fidelity": fidelity,
                 "search": search_report,
                 "seconds": seconds,

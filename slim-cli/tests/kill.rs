@@ -1,7 +1,8 @@
 //! Long jobs killed with SIGKILL mid-work and resumed: automatic pruning and SA search (from
-//! their history files), training, distillation and quantization-aware training (from their
-//! step checkpoints, at seeded random moments). Each resumed run must end exactly where an unbroken one does, keep what the
-//! killed run finished, and never leave a half-written output.
+//! their history files); training, pruning's fine-tuning, distillation and quantization-aware
+//! training (from their step checkpoints, killed at seeded random moments). Each resumed run
+//! must end exactly where an unbroken one does, keep what the killed run finished, and never
+//! leave a half-written output.
 
 mod common;
 
@@ -299,4 +300,23 @@ fn a_one_shot_search_killed_resumes_to_the_unbroken_result() {
         weights(&dir.path().join("unbroken/supernet.safetensors")),
         weights(&supernet)
     );
+}
+
+#[test]
+fn pruning_killed_while_fine_tuning_resumes_to_the_unbroken_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = teacher(dir.path());
+    let args: Vec<String> = [
+        "prune",
+        t.to_str().unwrap(),
+        "--ratio",
+        "0.3",
+        "--finetune-epochs",
+        "2",
+        "--seed",
+        "3",
+    ]
+    .map(String::from)
+    .to_vec();
+    checkpointed_job_resumes(dir.path(), &args, &[41]);
 }
