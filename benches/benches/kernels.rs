@@ -112,6 +112,12 @@ criterion_group!(benches, kernels, train_steps);
 // Slim's `main` sets up candle's threads (`slim_core::configure_threads`); so do the benches.
 fn main() {
     slim_core::configure_threads();
+    // The kernels a run measured: the machine's best, or what SLIM_CPU caps them at
+    // (portable, avx2, avx512, vnni), so each level's speed can be read.
+    eprintln!(
+        "kernel level: {} (SLIM_CPU=portable|avx2|avx512|vnni caps it)",
+        slim_core::cpu::level().name()
+    );
     benches();
     Criterion::default().configure_from_args().final_summary();
 }
