@@ -945,6 +945,14 @@ impl Builder {
                     .ints("perm")
                     .unwrap_or_else(|| (0..rank as i64).rev().collect());
                 let identity: Vec<i64> = (0..rank as i64).collect();
+                let mut sorted = perm.clone();
+                sorted.sort_unstable();
+                if sorted != identity {
+                    return err(format!(
+                        "Transpose with perm {perm:?} is not a permutation of the {rank} axes of a [N, {}] value",
+                        join(&x.onnx)
+                    ));
+                }
                 let slim = self.shape_of(&x);
                 if perm == identity {
                     return self.bind(n, x);
