@@ -109,12 +109,30 @@ pub fn checkpoint_path(out: &Path) -> std::path::PathBuf {
     p.into()
 }
 
-/// How often a training job checkpoints within an epoch: every `steps` steps when given, else
-/// the library's default (about once a minute).
-pub fn checkpoint_every(steps: Option<usize>) -> slim_core::train::CheckpointEvery {
-    steps
-        .map(slim_core::train::CheckpointEvery::Steps)
-        .unwrap_or_default()
+/// The checkpoint options of every command that trains: resume, how often, keep.
+#[derive(Args, Clone, Copy, Debug, Default)]
+pub struct CheckpointArgs {
+    /// Continue from OUT.ckpt if a previous run was stopped (the same arguments give the
+    /// same model to continue).
+    #[arg(long)]
+    pub resume: bool,
+    /// Write the checkpoint every STEPS steps too, not only after every epoch (default:
+    /// about once a minute), so that a stopped run loses at most that much work.
+    #[arg(long, value_name = "STEPS")]
+    pub checkpoint_every: Option<usize>,
+    /// Keep the checkpoint (OUT.ckpt) after the job finishes; it is removed by default.
+    #[arg(long)]
+    pub keep_checkpoint: bool,
+}
+
+impl CheckpointArgs {
+    /// How often the job checkpoints within an epoch: every `--checkpoint-every` steps when
+    /// given, else the library's default (about once a minute).
+    pub fn every(&self) -> slim_core::train::CheckpointEvery {
+        self.checkpoint_every
+            .map(slim_core::train::CheckpointEvery::Steps)
+            .unwrap_or_default()
+    }
 }
 
 /// Removes a finished job's checkpoint (three times the model's size): the output file now

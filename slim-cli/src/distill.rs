@@ -117,21 +117,13 @@ pub struct DistillTrainArgs {
     /// while the job runs (removed when it finishes).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Continue from FILE.ckpt if a previous run was stopped.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub checkpoint: crate::common::CheckpointArgs,
     /// Train without labels: the student learns from the teachers alone (the losses given,
     /// no cross-entropy) and is measured by its fidelity to the first teacher model. Data
     /// without labels (`unlabeled:DIR`) is always used this way.
     #[arg(long)]
     pub label_free: bool,
-    /// Write the checkpoint every STEPS steps too, not only after every epoch (default:
-    /// about once a minute), so that a stopped run loses at most that much work.
-    #[arg(long, value_name = "STEPS")]
-    pub checkpoint_every: Option<usize>,
-    /// Keep the checkpoint (FILE.ckpt) after the job finishes; it is removed by default.
-    #[arg(long)]
-    pub keep_checkpoint: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -379,8 +371,8 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         &cfg,
         TrainOptions {
             checkpoint: Some(ckpt.clone()),
-            resume: args.resume,
-            checkpoint_every: crate::common::checkpoint_every(args.checkpoint_every),
+            resume: args.checkpoint.resume,
+            checkpoint_every: args.checkpoint.every(),
             eval_each_epoch: true,
             label_free,
             ..Default::default()
@@ -388,7 +380,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         &mut |p| bars.update(p),
     )?;
     student.save(&out)?;
-    if !args.keep_checkpoint {
+    if !args.checkpoint.keep_checkpoint {
         crate::common::remove_checkpoint(&ckpt);
     }
     if label_free {

@@ -147,17 +147,8 @@ pub struct PruneArgs {
     /// Fine-tune the pruned model for N epochs on the training split.
     #[arg(long, default_value_t = 0)]
     pub finetune_epochs: usize,
-    /// Continue a stopped fine-tuning from OUT.ckpt (the same arguments prune to the same
-    /// model).
-    #[arg(long)]
-    pub resume: bool,
-    /// Write the fine-tuning checkpoint every STEPS steps too, not only after every epoch
-    /// (default: about once a minute).
-    #[arg(long, value_name = "STEPS")]
-    pub checkpoint_every: Option<usize>,
-    /// Keep the checkpoint (OUT.ckpt) after the job finishes; it is removed by default.
-    #[arg(long)]
-    pub keep_checkpoint: bool,
+    #[command(flatten)]
+    pub checkpoint: crate::common::CheckpointArgs,
     /// Without labels: fine-tune the pruned model to reproduce the original's outputs and
     /// measure fidelity to it (top-1 agreement) instead of accuracy. Data without labels
     /// (`unlabeled:DIR`) is always used this way.
@@ -470,8 +461,8 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
             &ft,
             TrainOptions {
                 checkpoint: Some(ckpt.clone()),
-                resume: args.resume,
-                checkpoint_every: crate::common::checkpoint_every(args.checkpoint_every),
+                resume: args.checkpoint.resume,
+                checkpoint_every: args.checkpoint.every(),
                 eval_each_epoch: !label_free,
                 label_free,
                 extra,
@@ -500,7 +491,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         .provenance
         .insert("pruned_from".into(), args.file.display().to_string());
     pruned.save(&args.out)?;
-    if !args.keep_checkpoint {
+    if !args.checkpoint.keep_checkpoint {
         crate::common::remove_checkpoint(&ckpt);
     }
     let seconds = started.elapsed().as_secs_f64();

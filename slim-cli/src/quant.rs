@@ -51,16 +51,8 @@ pub struct QatArgs {
     pub calib_batches: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Continue from OUT.ckpt (written after every epoch) if a previous run was stopped.
-    #[arg(long)]
-    pub resume: bool,
-    /// Write the checkpoint every STEPS steps too, not only after every epoch (default:
-    /// about once a minute), so that a stopped run loses at most that much work.
-    #[arg(long, value_name = "STEPS")]
-    pub checkpoint_every: Option<usize>,
-    /// Keep the checkpoint (FILE.ckpt) after the job finishes; it is removed by default.
-    #[arg(long)]
-    pub keep_checkpoint: bool,
+    #[command(flatten)]
+    pub checkpoint: crate::common::CheckpointArgs,
     /// The int8 model file.
     #[arg(long)]
     pub out: PathBuf,
@@ -299,8 +291,8 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
         slim_core::train::TrainOptions {
             kernels: Some(&kernels),
             checkpoint: Some(ckpt.clone()),
-            resume: args.resume,
-            checkpoint_every: crate::common::checkpoint_every(args.checkpoint_every),
+            resume: args.checkpoint.resume,
+            checkpoint_every: args.checkpoint.every(),
             label_free,
             extra,
             ..Default::default()
@@ -322,7 +314,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
             &data,
             details,
         )?;
-        if !args.keep_checkpoint {
+        if !args.checkpoint.keep_checkpoint {
             crate::common::remove_checkpoint(&ckpt);
         }
         return Ok(());
@@ -330,7 +322,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     let before = evaluate(&model, &data.test, &data.normalize, 256)?;
     let after = slim_quant::runtime::evaluate(&int8, &data.test, &data.normalize, 256)?;
     int8.save(&args.out)?;
-    if !args.keep_checkpoint {
+    if !args.checkpoint.keep_checkpoint {
         crate::common::remove_checkpoint(&ckpt);
     }
     let (b_bytes, a_bytes) = (

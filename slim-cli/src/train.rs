@@ -35,16 +35,8 @@ pub struct TrainArgs {
     /// Train on the first N training images only (a quick run on a slice of the data).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Continue from FILE.ckpt if a previous run was stopped.
-    #[arg(long)]
-    pub resume: bool,
-    /// Write the checkpoint every STEPS steps too, not only after every epoch (default:
-    /// about once a minute), so that a stopped run loses at most that much work.
-    #[arg(long, value_name = "STEPS")]
-    pub checkpoint_every: Option<usize>,
-    /// Keep the checkpoint (FILE.ckpt) after the job finishes; it is removed by default.
-    #[arg(long)]
-    pub keep_checkpoint: bool,
+    #[command(flatten)]
+    pub checkpoint: crate::common::CheckpointArgs,
     /// Flip training images horizontally at random (on for cifar10, off for the digit and
     /// clothing sets unless given).
     #[arg(long)]
@@ -110,15 +102,15 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
         &cfg,
         TrainOptions {
             checkpoint: Some(ckpt.clone()),
-            resume: args.resume,
-            checkpoint_every: crate::common::checkpoint_every(args.checkpoint_every),
+            resume: args.checkpoint.resume,
+            checkpoint_every: args.checkpoint.every(),
             eval_each_epoch: true,
             ..Default::default()
         },
         &mut |p| bars.update(p),
     )?;
     model.save(&args.out)?;
-    if !args.keep_checkpoint {
+    if !args.checkpoint.keep_checkpoint {
         crate::common::remove_checkpoint(&ckpt);
     }
     let final_eval = evaluate(&model, &data.test, &data.normalize, 256)?;
