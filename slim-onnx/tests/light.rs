@@ -13,7 +13,8 @@
 
 mod common;
 
-use std::path::Path;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -58,17 +59,44 @@ fn prepare(py: &Path, name: &str, dir: &Path) {
     );
 }
 
-/// The nine networks prepared once for every test of this file, in one folder.
+/// The nine networks, prepared once and kept under `target/` (they take 1.3 GB and a minute
+/// to make): in a folder named by a hash of `light.py`, so that a changed script prepares them
+/// again and the folders of older scripts are removed. Each network is written beside its
+/// place and renamed into it, so a run that stops half-way leaves nothing that looks complete.
 fn prepared(py: &Path) -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tmp");
+        let script =
+            std::fs::read(workspace().join("slim-onnx/tests/ort/light.py")).expect("light.py");
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        script.hash(&mut h);
+        let stamp = format!("light-{:016x}", h.finish());
+        let root = workspace().join("target/test-fixtures");
+        std::fs::create_dir_all(&root).expect("target/test-fixtures");
+        for old in std::fs::read_dir(&root)
+            .expect("target/test-fixtures")
+            .flatten()
+        {
+            let n = old.file_name().to_string_lossy().into_owned();
+            if n.starts_with("light-") && n != stamp {
+                let _ = std::fs::remove_dir_all(old.path());
+            }
+        }
+        let dir = root.join(stamp);
+        std::fs::create_dir_all(&dir).expect("fixture folder");
         for name in LIGHT {
-            prepare(py, name, &dir.path().join(name));
+            let done = dir.join(name);
+            if done.join("outputs.txt").is_file() {
+                continue;
+            }
+            let partial = dir.join(format!("{name}.partial"));
+            let _ = std::fs::remove_dir_all(&partial);
+            prepare(py, name, &partial);
+            std::fs::rename(&partial, &done).expect("a prepared network renamed into place");
         }
         dir
     })
-    .path()
+    .as_path()
 }
 
 /// The network with random weights, imported.
