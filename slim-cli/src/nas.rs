@@ -146,6 +146,11 @@ pub struct OneshotArgs {
     /// Seed of the supernet's weights, its sampled subnets and the search.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Write the supernet (OUT/supernet.safetensors, which a rerun in the same folder
+    /// resumes from) every STEPS steps too, not only after every epoch (default: about once
+    /// a minute).
+    #[arg(long, value_name = "STEPS")]
+    pub checkpoint_every: Option<usize>,
 }
 
 #[derive(Args)]
@@ -360,15 +365,22 @@ fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
         &data,
         &cfg,
         Some(&a.search.out.join("supernet.safetensors")),
+        a.checkpoint_every
+            .map(slim_core::train::CheckpointEvery::Steps)
+            .unwrap_or_default(),
         &device,
         &mut |pr| {
             if quiet {
                 return;
             }
             match pr {
-                SupernetProgress::Resumed { epochs_done } => {
-                    eprintln!("supernet: {epochs_done} epoch(s) read back from the output folder")
-                }
+                SupernetProgress::Resumed {
+                    epochs_done,
+                    steps_done,
+                } => eprintln!(
+                    "supernet: {epochs_done} epoch(s) and {steps_done} step(s) read back from \
+                     the output folder"
+                ),
                 SupernetProgress::Step {
                     epoch,
                     epochs,

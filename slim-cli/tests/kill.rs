@@ -282,24 +282,34 @@ fn a_one_shot_search_killed_resumes_to_the_unbroken_result() {
         .args(["--train-images", "768", "--eval-images", "256"])
         .args(["--calibration-images", "128", "--supernet-epochs", "3"])
         .args(["--lr", "0.01", "--max-macs", "1500000", "--iterations", "4"])
-        .args(["--json", "-q", "--out"])
+        .args(["--checkpoint-every", "2", "--json", "--out"])
         .arg(out);
         c
     };
+    let started = Instant::now();
     let a = json_of(&cmd(&dir.path().join("unbroken")).output().unwrap());
-    let out = dir.path().join("killed");
-    let supernet = out.join("supernet.safetensors");
-    // Killed once the first epoch of the supernet is saved: the second resumes from it.
-    if !kill_when(cmd(&out), || supernet.exists()) {
-        return;
+    let span = started.elapsed();
+    for seed in [41, 42] {
+        let out = dir.path().join(format!("killed-{seed}"));
+        let supernet = out.join("supernet.safetensors");
+        // Killed at a seeded moment after the supernet's first write (every 2 steps, within
+        // epochs too): the rerun in the same folder resumes from it.
+        kill_at_random(cmd(&out), || supernet.exists(), seed, span);
+        let run = cmd(&out).output().unwrap();
+        let said = String::from_utf8_lossy(&run.stderr).into_owned();
+        let resumed = said
+            .lines()
+            .find(|l| l.contains("read back from the output folder"))
+            .unwrap_or_else(|| panic!("it did not resume: {said}"));
+        eprintln!("seed {seed}: {resumed}");
+        let b = json_of(&run);
+        assert_eq!(a["history"], b["history"]);
+        assert_eq!(a["best"], b["best"]);
+        assert_eq!(
+            weights(&dir.path().join("unbroken/supernet.safetensors")),
+            weights(&supernet)
+        );
     }
-    let b = json_of(&cmd(&out).output().unwrap());
-    assert_eq!(a["history"], b["history"]);
-    assert_eq!(a["best"], b["best"]);
-    assert_eq!(
-        weights(&dir.path().join("unbroken/supernet.safetensors")),
-        weights(&supernet)
-    );
 }
 
 #[test]

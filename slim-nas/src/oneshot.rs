@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use slim_core::data::{DataSplits, Dataset, ImageSet, Loader, LoaderConfig, Normalize};
 use slim_core::exec::ParamSource;
-use slim_core::train::{evaluate, recalibrate_batch_norm, Optimizer, TrainConfig};
+use slim_core::train::{evaluate, recalibrate_batch_norm, CheckpointEvery, Optimizer, TrainConfig};
 use slim_core::{CoreError, ForwardOptions, Graph, Mode, Model, Node, ParamStore};
 
 use crate::sa::Reward;
@@ -99,13 +99,22 @@ pub fn inherit(supernet: &Model, space: &dyn SearchSpace, tokens: &[usize]) -> R
 struct SupernetState {
     key: serde_json::Value,
     epochs_done: usize,
+    /// Steps of epoch `epochs_done` already taken (a file written within an epoch).
+    #[serde(default)]
+    steps_done: usize,
+    /// That epoch's loss sum and steps so far, so that its figure is the unbroken run's.
+    #[serde(default)]
+    loss_sum: f64,
 }
 
 /// Where a supernet training is.
 #[derive(Clone, Debug)]
 pub enum SupernetProgress {
-    /// Epochs already done, read back from the file.
-    Resumed { epochs_done: usize },
+    /// Epochs already done, and steps of the next, read back from the file.
+    Resumed {
+        epochs_done: usize,
+        steps_done: usize,
+    },
     Step {
         epoch: usize,
         epochs: usize,
@@ -122,18 +131,32 @@ pub enum SupernetProgress {
 
 /// Trains the supernet of `space` on `data.train` with `cfg` (its epochs, batch size,
 /// optimizer, schedule and seed), one sampled candidate per step. With `file`, the supernet
-/// is written there after every epoch and a training stopped in between (or asked for more
-/// epochs) resumes from the last finished epoch (the optimizer's state starts afresh then); a
-/// finished one is read back.
+/// and its optimizer's state are written there after every epoch and within epochs as
+/// `every` says; a training stopped in between (or asked for more epochs) resumes where the
+/// file was written, to the same supernet as an unbroken run; a finished one is read back.
 pub fn train_supernet(
     space: &dyn SearchSpace,
     data: &DataSplits,
     cfg: &TrainConfig,
     file: Option<&Path>,
+    every: CheckpointEvery,
     device: &candle_core::Device,
     progress: &mut dyn FnMut(&SupernetProgress),
 ) -> Result<Model> {
     cfg.validate()?;
+    match every {
+        CheckpointEvery::Steps(0) => {
+            return Err(NasError::Invalid(
+                "checkpoints every 0 steps: give at least 1".into(),
+            ))
+        }
+        CheckpointEvery::Seconds(s) if s.is_nan() || s < 0.0 => {
+            return Err(NasError::Invalid(format!(
+                "checkpoints every {s} seconds: give a number of seconds, 0 or more"
+            )))
+        }
+        _ => {}
+    }
     let sup_tokens = space.supernet();
     check_tokens(space, &sup_tokens)?;
     if data.train.len() < cfg.batch_size {
@@ -155,7 +178,7 @@ pub fn train_supernet(
         "recipe": format!("{recipe:?}"),
     });
     let mut supernet = Model::init(space.graph(&sup_tokens)?, cfg.seed, device)?;
-    let mut done = 0;
+    let (mut done, mut done_steps, mut done_loss) = (0, 0, 0.0);
     if let Some(f) = file.filter(|f| f.exists()) {
         let m = Model::load(f, device)?;
         let state: SupernetState = m
@@ -172,15 +195,30 @@ pub fn train_supernet(
                 f.display()
             )));
         }
+        if state.steps_done > 0 && state.epochs_done >= cfg.epochs {
+            return Err(NasError::Invalid(format!(
+                "{}: a supernet trained {} step(s) into epoch {}, past the {} epoch(s) asked \
+                 for; ask for more epochs, or remove it",
+                f.display(),
+                state.steps_done,
+                state.epochs_done + 1,
+                cfg.epochs
+            )));
+        }
         supernet = m;
         done = state.epochs_done.min(cfg.epochs);
-        progress(&SupernetProgress::Resumed { epochs_done: done });
+        (done_steps, done_loss) = (state.steps_done, state.loss_sum);
+        progress(&SupernetProgress::Resumed {
+            epochs_done: done,
+            steps_done: done_steps,
+        });
     }
     let mut opt = Optimizer::new(cfg.optimizer, &supernet, &[])?;
-    if let Some(f) = file.filter(|_| done > 0) {
-        // The optimizer's state of the same epoch, so that the resumed training is the one
+    if let Some(f) = file.filter(|_| (done, done_steps) != (0, 0)) {
+        // The optimizer's state of the same moment, so that the resumed training is the one
         // that was stopped; without it (an older file) the optimizer starts afresh.
-        if let Some((tensors, steps)) = load_optimizer(&optimizer_path(f), done, &key, device)? {
+        let at = (done, done_steps);
+        if let Some((tensors, steps)) = load_optimizer(&optimizer_path(f), at, &key, device)? {
             opt.restore(&tensors, steps)
                 .map_err(|e| NasError::Invalid(format!("{}: {e}", optimizer_path(f).display())))?;
         }
@@ -195,12 +233,26 @@ pub fn train_supernet(
     };
     let steps = data.train.len() / cfg.batch_size;
     let ranges = space.ranges();
+    let mut since_checkpoint = (0usize, std::time::Instant::now());
     for epoch in done..cfg.epochs {
         let started = std::time::Instant::now();
         let mut rng = StdRng::seed_from_u64(cfg.seed ^ (epoch as u64 + 1).wrapping_mul(0x9e37));
-        let (mut sum, mut n) = (0.0, 0usize);
-        for (step, batch) in
-            Loader::new(train_set.clone(), &loader_cfg, epoch as u64, device)?.enumerate()
+        // A training resumed within this epoch skips the steps the file had taken: the same
+        // batches, and the same sampled candidates drawn and dropped.
+        let skip = if epoch == done { done_steps } else { 0 };
+        let (mut sum, mut n) = if skip > 0 {
+            (done_loss, skip)
+        } else {
+            (0.0, 0)
+        };
+        for _ in 0..skip {
+            for &r in &ranges {
+                rng.random_range(0..r);
+            }
+        }
+        for (step, batch) in Loader::new(train_set.clone(), &loader_cfg, epoch as u64, device)?
+            .enumerate()
+            .skip(skip)
         {
             let batch = batch?;
             let tokens: Vec<usize> = ranges.iter().map(|&r| rng.random_range(0..r)).collect();
@@ -235,6 +287,15 @@ pub fn train_supernet(
             opt.step(&grads, cfg.lr_at(global, steps), cfg)?;
             sum += value;
             n += 1;
+            since_checkpoint.0 += 1;
+            let due = match every {
+                CheckpointEvery::Steps(k) => since_checkpoint.0 >= k,
+                CheckpointEvery::Seconds(t) => since_checkpoint.1.elapsed().as_secs_f64() >= t,
+            };
+            if let (Some(f), true, true) = (file, due, step + 1 < steps) {
+                save_supernet(f, &mut supernet, &opt, &key, (epoch, step + 1), sum)?;
+                since_checkpoint = (0, std::time::Instant::now());
+            }
             progress(&SupernetProgress::Step {
                 epoch,
                 epochs: cfg.epochs,
@@ -244,18 +305,8 @@ pub fn train_supernet(
             });
         }
         if let Some(f) = file {
-            // The optimizer first: a kill between the two files leaves a supernet one epoch
-            // behind its optimizer's state, which the epoch check then refuses.
-            save_optimizer(&optimizer_path(f), &opt, epoch + 1, &key)?;
-            let state = SupernetState {
-                key: key.clone(),
-                epochs_done: epoch + 1,
-            };
-            supernet.provenance.insert(
-                "supernet_state".into(),
-                serde_json::to_string(&state).unwrap_or_default(),
-            );
-            supernet.save(f)?;
+            save_supernet(f, &mut supernet, &opt, &key, (epoch + 1, 0), 0.0)?;
+            since_checkpoint = (0, std::time::Instant::now());
         }
         progress(&SupernetProgress::EpochEnd {
             epoch,
@@ -264,6 +315,33 @@ pub fn train_supernet(
         });
     }
     Ok(supernet)
+}
+
+/// Writes the supernet and its optimizer's state after `at` (epochs done, steps of the next),
+/// with that epoch's loss sum so far. The optimizer first: a kill between the two files
+/// leaves a supernet behind its optimizer's state, which the check of the moment then
+/// ignores.
+fn save_supernet(
+    f: &Path,
+    supernet: &mut Model,
+    opt: &Optimizer,
+    key: &serde_json::Value,
+    at: (usize, usize),
+    loss_sum: f64,
+) -> Result<()> {
+    save_optimizer(&optimizer_path(f), opt, at, key)?;
+    let state = SupernetState {
+        key: key.clone(),
+        epochs_done: at.0,
+        steps_done: at.1,
+        loss_sum,
+    };
+    supernet.provenance.insert(
+        "supernet_state".into(),
+        serde_json::to_string(&state).unwrap_or_default(),
+    );
+    supernet.save(f)?;
+    Ok(())
 }
 
 /// Where a supernet file's optimizer state is kept: `NAME.opt.safetensors` beside it.
@@ -276,13 +354,14 @@ const OPTIMIZER_FORMAT: &str = "slim-supernet-optimizer";
 fn save_optimizer(
     path: &Path,
     opt: &Optimizer,
-    epochs_done: usize,
+    at: (usize, usize),
     key: &serde_json::Value,
 ) -> Result<()> {
     let (tensors, steps) = opt.state();
     let meta: std::collections::HashMap<String, String> = [
         ("format".to_string(), OPTIMIZER_FORMAT.to_string()),
-        ("epochs_done".to_string(), epochs_done.to_string()),
+        ("epochs_done".to_string(), at.0.to_string()),
+        ("steps_done".to_string(), at.1.to_string()),
         ("steps".to_string(), steps.to_string()),
         ("key".to_string(), key.to_string()),
     ]
@@ -298,11 +377,11 @@ fn save_optimizer(
     Ok(())
 }
 
-/// The optimizer's state saved after `epochs_done` epochs of the supernet `key`, or `None`
-/// when there is none of that epoch.
+/// The optimizer's state saved at `at` (epochs done, steps of the next) of the supernet
+/// `key`, or `None` when there is none of that moment.
 fn load_optimizer(
     path: &Path,
-    epochs_done: usize,
+    at: (usize, usize),
     key: &serde_json::Value,
     device: &candle_core::Device,
 ) -> Result<
@@ -321,8 +400,10 @@ fn load_optimizer(
     if meta.get("format").map(String::as_str) != Some(OPTIMIZER_FORMAT) {
         return Err(bad("not a supernet's optimizer state".into()));
     }
-    let same_epoch = meta.get("epochs_done") == Some(&epochs_done.to_string());
-    if !same_epoch || meta.get("key") != Some(&key.to_string()) {
+    let steps_done = meta.get("steps_done").map_or("0", String::as_str);
+    let same_moment =
+        meta.get("epochs_done") == Some(&at.0.to_string()) && steps_done == at.1.to_string();
+    if !same_moment || meta.get("key") != Some(&key.to_string()) {
         return Ok(None);
     }
     let steps = meta

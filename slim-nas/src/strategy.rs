@@ -216,6 +216,7 @@ impl Strategy for NasStrategy {
                 &sub,
                 &cfg,
                 Some(&ctx.work_dir.join("supernet.safetensors")),
+                slim_core::train::CheckpointEvery::default(),
                 &device,
                 &mut |p| {
                     if let crate::oneshot::SupernetProgress::Step {

@@ -131,17 +131,34 @@ fn the_supernet_learns_through_its_subnets_and_resumes() {
             losses.push(*loss)
         }
     };
-    train_supernet(space.as_ref(), &data, &cfg, Some(&file), &dev, &mut record).unwrap();
+    train_supernet(
+        space.as_ref(),
+        &data,
+        &cfg,
+        Some(&file),
+        Default::default(),
+        &dev,
+        &mut record,
+    )
+    .unwrap();
     assert!(file.is_file());
     // Asked for a second epoch, it goes on after the first.
     let cfg2 = cfg.clone().with_epochs(2);
     let mut resumed = None;
-    let sup = train_supernet(space.as_ref(), &data, &cfg2, Some(&file), &dev, &mut |p| {
-        if let SupernetProgress::Resumed { epochs_done } = p {
-            resumed = Some(*epochs_done)
-        }
-        record(p)
-    })
+    let sup = train_supernet(
+        space.as_ref(),
+        &data,
+        &cfg2,
+        Some(&file),
+        Default::default(),
+        &dev,
+        &mut |p| {
+            if let SupernetProgress::Resumed { epochs_done, .. } = p {
+                resumed = Some(*epochs_done)
+            }
+            record(p)
+        },
+    )
     .unwrap();
     assert_eq!(resumed, Some(1));
     assert_eq!(losses.len(), 2, "{losses:?}");
@@ -152,6 +169,7 @@ fn the_supernet_learns_through_its_subnets_and_resumes() {
         &data,
         &cfg2.clone().with_lr(0.1),
         Some(&file),
+        Default::default(),
         &dev,
         &mut |_| {},
     )
