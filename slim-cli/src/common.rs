@@ -163,11 +163,38 @@ pub fn set_data_options(options: DataOptions) {
     let _ = DATA_OPTIONS.set(options);
 }
 
+/// The image files left out with `--skip-bad-images` by every data set this command loaded.
+static SKIPPED: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// A command's JSON report, with `skipped_images` added when `--skip-bad-images` left files
+/// out: their count and each file with the reason.
+pub fn with_skipped(mut report: serde_json::Value) -> serde_json::Value {
+    let skipped = SKIPPED.lock().map(|s| s.clone()).unwrap_or_default();
+    if let (Some(obj), false) = (report.as_object_mut(), skipped.is_empty()) {
+        let files: Vec<serde_json::Value> = skipped
+            .iter()
+            .map(|(path, why)| serde_json::json!({"file": path, "reason": why}))
+            .collect();
+        obj.insert(
+            "skipped_images".into(),
+            serde_json::json!({"count": files.len(), "files": files}),
+        );
+    }
+    report
+}
+
 /// Loads a data spec with the command line's folder options, reporting on stderr the files
-/// left out with `--skip-bad-images`.
+/// left out with `--skip-bad-images` (and in the JSON report: [`with_skipped`]).
 pub fn load_spec(spec: &str) -> Result<DataSplits, Failure> {
     let options = DATA_OPTIONS.get().cloned().unwrap_or_default();
     let data = load_spec_with(spec, &options)?;
+    if let Ok(mut all) = SKIPPED.lock() {
+        for s in &data.skipped {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+        }
+    }
     if !data.skipped.is_empty() {
         eprintln!(
             "{spec}: {} bad files skipped (--skip-bad-images):",
@@ -348,10 +375,10 @@ impl EpochBars {
             } => {
                 if let Some(bar) = &self.bar {
                     bar.set_position(*step as u64 + 1);
-                    bar.set_message(format!(
-                        "loss {loss:.4} acc {:.2}% {images_per_sec:.0} img/s",
-                        accuracy * 100.0
-                    ));
+                    let acc = accuracy
+                        .map(|a| format!(" acc {:.2}%", a * 100.0))
+                        .unwrap_or_default();
+                    bar.set_message(format!("loss {loss:.4}{acc} {images_per_sec:.0} img/s"));
                 }
             }
             Progress::EpochEnd { epoch, report } => {
@@ -364,11 +391,14 @@ impl EpochBars {
                         .as_ref()
                         .map(|t| format!(", test top-1 {:.2}%", t.top1 * 100.0))
                         .unwrap_or_default();
+                    let train = report
+                        .train_top1
+                        .map(|a| format!(", train top-1 {:.2}%", a * 100.0))
+                        .unwrap_or_default();
                     eprintln!(
-                        "epoch {}: loss {:.4}, train top-1 {:.2}%{test}, {:.1} s, {:.0} img/s",
+                        "epoch {}: loss {:.4}{train}{test}, {:.1} s, {:.0} img/s",
                         epoch + 1,
                         report.loss,
-                        report.train_top1 * 100.0,
                         report.seconds,
                         report.images_per_sec
                     );

@@ -548,8 +548,8 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         if args.common.json {
             outln!(
                 "{}",
-                json!({"config": origin, "ok": true,
-                       "strategies": pipeline.strategies.iter().map(|s| s.kind().to_string()).collect::<Vec<_>>()})
+                crate::common::with_skipped(json!({"config": origin, "ok": true,
+                       "strategies": pipeline.strategies.iter().map(|s| s.kind().to_string()).collect::<Vec<_>>()}))
             );
         } else {
             outln!(
@@ -865,7 +865,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         &dir.join("accuracy-size.svg"),
         plot(&state.stages).as_bytes(),
     )?;
-    let report = json!({"stages": state.stages, "out": dir});
+    let report = crate::common::with_skipped(json!({"stages": state.stages, "out": dir}));
     write_atomic(
         &dir.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),

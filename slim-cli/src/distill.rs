@@ -186,7 +186,7 @@ fn run_dump(args: DumpArgs) -> Result<(), Failure> {
         },
     )?;
     if args.common.json {
-        outln!("{}", json!(r));
+        outln!("{}", crate::common::with_skipped(json!(r)));
     } else {
         let nodes: Vec<String> = r.nodes.iter().map(|(n, s)| format!("{n} {s:?}")).collect();
         outln!(
@@ -477,14 +477,14 @@ fn distilled_without_labels(
     if args.common.json {
         outln!(
             "{}",
-            json!({
+            crate::common::with_skipped(json!({
                 "data": args.data, "label_free": true, "fidelity": fidelity,
                 "losses": report.losses.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
                 "macs": stats.macs, "params": stats.params, "out": out,
                 "resumed_from": report.train.resumed_from,
                 "resumed_at_step": report.train.resumed_at_step,
                 "epochs": report.train.epochs,
-            })
+            }))
         );
         return Ok(());
     }
@@ -594,7 +594,7 @@ fn run_serve(args: ServeArgs) -> Result<(), Failure> {
         },
     )?;
     if args.common.json {
-        outln!("{}", json!(report));
+        outln!("{}", crate::common::with_skipped(json!(report)));
     }
     Ok(())
 }

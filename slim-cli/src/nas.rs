@@ -542,7 +542,7 @@ fn search_and_report(
             json!({"measure": result.baseline, "meets_limits": result.baseline_feasible});
         j["seconds"] = json!(seconds);
         j["out"] = json!(s.out);
-        outln!("{}", serde_json::to_string(&j)?);
+        outln!("{}", crate::common::with_skipped(j));
     } else {
         out!("{report}");
         outln!(
@@ -732,8 +732,10 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
     if a.common.json {
         outln!(
             "{}",
-            json!({"out": a.out, "rank": a.rank, "candidate": c, "space": name,
+            crate::common::with_skipped(
+                json!({"out": a.out, "rank": a.rank, "candidate": c, "space": name,
                    "inherited": inherited})
+            )
         );
     } else {
         outln!(

@@ -522,7 +522,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     if args.common.json {
         outln!(
             "{}",
-            json!({
+            crate::common::with_skipped(json!({
                 "model": args.file,
                 "method": format!("{:?}", args.method).to_lowercase(),
                 "criterion": criterion.name(),
@@ -538,7 +538,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                 "search": search_report,
                 "seconds": seconds,
                 "out": args.out,
-            })
+            }))
         );
         return Ok(());
     }
@@ -693,9 +693,11 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
     if args.common.json {
         outln!(
             "{}",
-            json!({"model": args.file, "out": args.out, "plot": args.plot, "baseline": sens.baseline,
+            crate::common::with_skipped(
+                json!({"model": args.file, "out": args.out, "plot": args.plot, "baseline": sens.baseline,
                    "criterion": sens.criterion.name(), "data": sens.data, "points": sens.len(),
                    "seconds": seconds, "groups": sens.groups})
+            )
         );
         return Ok(());
     }

@@ -53,6 +53,11 @@ pub struct QatArgs {
     pub seed: u64,
     #[command(flatten)]
     pub checkpoint: crate::common::CheckpointArgs,
+    /// Without labels: the fake-quantized model learns to reproduce the float one's outputs,
+    /// and the int8 result is measured by its fidelity to it (top-1 agreement) instead of
+    /// accuracy. Data without labels (`unlabeled:DIR`) is always used this way.
+    #[arg(long)]
+    pub label_free: bool,
     /// The int8 model file.
     #[arg(long)]
     pub out: PathBuf,
@@ -155,14 +160,14 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
     if args.common.json {
         outln!(
             "{}",
-            json!({
+            crate::common::with_skipped(json!({
                 "model": args.file, "data": spec,
                 "weights": cfg.weights.name(), "activations": cfg.activations.name(),
                 "before": {"top1": before.top1, "top5": before.top5, "bytes": b_bytes},
                 "after": {"top1": after.top1, "top5": after.top5, "bytes": a_bytes},
                 "simulated_top1": simulated.top1,
                 "calibration": report, "out": args.out,
-            })
+            }))
         );
         return Ok(());
     }
@@ -220,7 +225,7 @@ fn int8_without_labels(
         if let (Some(v), serde_json::Value::Object(d)) = (v.as_object_mut(), details) {
             v.extend(d);
         }
-        outln!("{v}");
+        outln!("{}", crate::common::with_skipped(v));
         return Ok(());
     }
     let mut rows: Vec<Vec<String>> = crate::common::fidelity_rows(&fidelity)
@@ -274,7 +279,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     let mut bars = crate::common::EpochBars::new(args.common.quiet);
     let ckpt = crate::common::checkpoint_path(&args.out);
     // Without labels, the fake-quantized model learns to reproduce the float one.
-    let label_free = !data.train.is_labeled();
+    let label_free = crate::common::label_free(args.label_free, &data);
     let mut teacher = if label_free {
         Some(slim_core::reproduce::Reproduce::new(model.deep_clone()?)?)
     } else {
@@ -332,11 +337,13 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     if args.common.json {
         outln!(
             "{}",
-            json!({"model": args.file, "data": spec, "weights": weights.name(),
+            crate::common::with_skipped(
+                json!({"model": args.file, "data": spec, "weights": weights.name(),
                    "before": {"top1": before.top1, "top5": before.top5, "bytes": b_bytes},
                    "after": {"top1": after.top1, "top5": after.top5, "bytes": a_bytes},
                    "epochs": args.epochs, "resumed_from": report.resumed_from,
                    "resumed_at_step": report.resumed_at_step, "out": args.out})
+            )
         );
         return Ok(());
     }

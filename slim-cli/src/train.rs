@@ -141,7 +141,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
             "resumed_at_step": report.resumed_at_step,
             "epochs": report.epochs,
         });
-        outln!("{out}");
+        outln!("{}", crate::common::with_skipped(out));
     } else {
         let rows: Vec<Vec<String>> = report
             .epochs
@@ -150,7 +150,8 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
                 vec![
                     (e.epoch + 1).to_string(),
                     format!("{:.4}", e.loss),
-                    format!("{:.2}%", e.train_top1 * 100.0),
+                    e.train_top1
+                        .map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
                     e.test
                         .as_ref()
                         .map(|t| format!("{:.2}%", t.top1 * 100.0))
@@ -221,8 +222,10 @@ pub fn run_eval(args: EvalArgs) -> Result<(), Failure> {
     if args.common.json {
         outln!(
             "{}",
-            json!({"model": args.file, "data": args.data, "runtime": runtime, "top1": r.top1, "top5": r.top5,
+            crate::common::with_skipped(
+                json!({"model": args.file, "data": args.data, "runtime": runtime, "top1": r.top1, "top5": r.top5,
                    "samples": r.samples, "samples_per_sec": r.samples_per_sec, "seconds": r.seconds})
+            )
         );
     } else {
         outln!(

@@ -90,6 +90,15 @@ fn a_png_folder_trains_and_a_damaged_image_is_refused_by_name() {
     );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["samples"], 100);
+    // The report counts it too, naming the file and why.
+    let skipped = &v["skipped_images"];
+    assert_eq!(skipped["count"], 1, "{v}");
+    let file = skipped["files"][0]["file"].as_str().unwrap_or_default();
+    assert!(file.ends_with("broken.png"), "{v}");
+    assert!(!skipped["files"][0]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .is_empty());
     // A held-out share outside (0, 1) is refused.
     let o = slim(&[
         "eval",

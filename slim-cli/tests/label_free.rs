@@ -114,6 +114,19 @@ fn prune_quantize_and_distill_without_labels() {
     let qat = json_of(&qat);
     assert!(agreement(&qat) > 0.97, "{qat}");
     assert!(!out("qat.safetensors.ckpt").exists());
+    // --label-free with labelled data: the same, the labels left unused.
+    let qat = slim()
+        .args(["quant", "qat"])
+        .arg(&original)
+        .args(["--epochs", "1", "--label-free", "-q", "--json", "--out"])
+        .arg(out("qat-label-free.safetensors"))
+        .output()
+        .unwrap();
+    let qat = json_of(&qat);
+    assert!(
+        qat["before"]["top1"].is_null() && agreement(&qat) > 0.97,
+        "{qat}"
+    );
 
     // Distillation: a fresh half-width student from the teacher alone.
     let d = slim()

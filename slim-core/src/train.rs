@@ -250,7 +250,8 @@ pub enum Progress {
         step: usize,
         batches: usize,
         loss: f64,
-        accuracy: f64,
+        /// The epoch's training top-1 so far; `None` when training without labels.
+        accuracy: Option<f64>,
         images_per_sec: f64,
         lr: f64,
     },
@@ -265,7 +266,8 @@ pub enum Progress {
 pub struct EpochReport {
     pub epoch: usize,
     pub loss: f64,
-    pub train_top1: f64,
+    /// `None` when the model trained without labels (reproducing a teacher's outputs).
+    pub train_top1: Option<f64>,
     pub test: Option<EvalReport>,
     pub seconds: f64,
     pub images_per_sec: f64,
@@ -817,7 +819,7 @@ pub fn train(
                 step,
                 batches,
                 loss: loss_sum / seen as f64,
-                accuracy: correct as f64 / seen as f64,
+                accuracy: (!label_free).then(|| correct as f64 / seen as f64),
                 images_per_sec: seen as f64 / secs,
                 lr,
             });
@@ -831,7 +833,7 @@ pub fn train(
         let er = EpochReport {
             epoch,
             loss: loss_sum / seen.max(1) as f64,
-            train_top1: correct as f64 / seen.max(1) as f64,
+            train_top1: (!label_free).then(|| correct as f64 / seen.max(1) as f64),
             test,
             seconds,
             images_per_sec: seen as f64 / seconds.max(1e-9),
