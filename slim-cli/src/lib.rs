@@ -56,6 +56,12 @@ struct Cli {
     /// many and which, instead of refusing the folder.
     #[arg(long, global = true)]
     skip_bad_images: bool,
+    /// Training augmentation in place of the data set's own: none, or a list of flip,
+    /// pad-crop:PIXELS and resized-crop[:MIN_SHARE] (a window of at least that share of the
+    /// area, default 0.08, resized back). Image folders default to resized-crop,flip; CIFAR-10
+    /// to pad-crop:4,flip; MNIST-like sets to none.
+    #[arg(long, global = true, value_name = "LIST")]
+    augment: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -199,9 +205,18 @@ pub fn command() -> clap::Command {
 /// Parses the command line, runs the command and reports its error, if any.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let augment = match cli.augment.as_deref().map(slim_core::data::Augment::parse) {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(e)) => {
+            eprintln!("slim: error: --augment: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let options = slim_core::data::DataOptions {
         val_fraction: cli.val_fraction,
         skip_bad_images: cli.skip_bad_images,
+        augment,
     };
     if let Err(e) = options.check() {
         eprintln!("slim: error: --val-fraction: {e}");

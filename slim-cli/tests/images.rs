@@ -44,6 +44,9 @@ fn a_png_folder_trains_and_a_damaged_image_is_refused_by_name() {
         &spec,
         "--epochs",
         "1",
+        // Digits are not photographs: no flips or resized crops.
+        "--augment",
+        "none",
         "-q",
         "--json",
         "--out",
@@ -52,6 +55,20 @@ fn a_png_folder_trains_and_a_damaged_image_is_refused_by_name() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["top1"].as_f64().unwrap() > 0.3, "{v}");
+    // An augmentation that does not exist is refused by name, before any work.
+    let o = slim(&[
+        "train",
+        "--model",
+        "lenet",
+        "--data",
+        &spec,
+        "--augment",
+        "rotate:30",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("rotate:30"));
     let o = slim(&["eval", out.to_str().unwrap(), "--data", &spec, "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 

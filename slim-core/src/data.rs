@@ -207,6 +207,76 @@ pub struct Augment {
     pub crop_padding: usize,
     /// Flip horizontally with probability 1/2.
     pub hflip: bool,
+    /// Random resized crop (the usual training transform for photographs): a window of a
+    /// random share of the image's area, from this share to all of it, with an aspect ratio
+    /// between 3/4 and 4/3, resized (bilinear) back to the image's size. Takes the place of
+    /// `crop_padding` when both are set.
+    pub resized_crop: Option<f64>,
+}
+
+/// The smallest share of the area that [`Augment::images`]' random resized crop keeps, as
+/// torchvision, Keras and Paddle do by default.
+pub const RESIZED_CROP_MIN_SCALE: f64 = 0.08;
+
+impl Augment {
+    /// No augmentation.
+    pub fn none() -> Augment {
+        Augment::default()
+    }
+
+    /// The usual training augmentation for photographs (image folders): random resized crop
+    /// and horizontal flip.
+    pub fn images() -> Augment {
+        Augment {
+            crop_padding: 0,
+            hflip: true,
+            resized_crop: Some(RESIZED_CROP_MIN_SCALE),
+        }
+    }
+
+    /// Parses `none`, or a comma-separated list of `flip`, `pad-crop:PIXELS` and
+    /// `resized-crop[:MIN_SHARE]` (the share of the area kept at least, in (0, 1]; default
+    /// 0.08).
+    pub fn parse(text: &str) -> Result<Augment> {
+        let mut a = Augment::none();
+        if text.trim() == "none" {
+            return Ok(a);
+        }
+        let bad = |part: &str, why: &str| {
+            CoreError::Invalid(format!(
+                "augmentation `{part}`: {why} (give none, or a list of flip, pad-crop:PIXELS, \
+                 resized-crop[:MIN_SHARE])"
+            ))
+        };
+        for part in text.split(',').map(str::trim) {
+            let (name, value) = match part.split_once(':') {
+                Some((n, v)) => (n, Some(v)),
+                None => (part, None),
+            };
+            match (name, value) {
+                ("flip", None) => a.hflip = true,
+                ("pad-crop", Some(v)) => {
+                    a.crop_padding = v
+                        .parse()
+                        .map_err(|_| bad(part, "the padding is a whole number of pixels"))?
+                }
+                ("resized-crop", v) => {
+                    let s = match v {
+                        None => RESIZED_CROP_MIN_SCALE,
+                        Some(v) => v
+                            .parse::<f64>()
+                            .map_err(|_| bad(part, "the share is a number"))?,
+                    };
+                    if !(s > 0.0 && s <= 1.0) {
+                        return Err(bad(part, "the share must be in (0, 1]"));
+                    }
+                    a.resized_crop = Some(s);
+                }
+                _ => return Err(bad(part, "unknown")),
+            }
+        }
+        Ok(a)
+    }
 }
 
 /// A data set's train and test splits, with the normalization and augmentation that suit it.
@@ -231,6 +301,9 @@ pub struct DataOptions {
     /// Leave out files that are not images or do not decode (each reported) instead of
     /// refusing the folder.
     pub skip_bad_images: bool,
+    /// The training augmentation, in place of the data set's own (none for MNIST-like sets,
+    /// pad-crop and flip for CIFAR-10, [`Augment::images`] for image folders).
+    pub augment: Option<Augment>,
 }
 
 impl Default for DataOptions {
@@ -238,6 +311,7 @@ impl Default for DataOptions {
         DataOptions {
             val_fraction: folder::HELD_OUT,
             skip_bad_images: false,
+            augment: None,
         }
     }
 }
@@ -318,17 +392,17 @@ pub fn load_spec_with(spec: &str, opts: &DataOptions) -> Result<DataSplits> {
             let train = load_cifar10(&train_files)?;
             let test = load_cifar10(&[dir.join("test_batch.bin")])?;
             let norm = Normalize { mean: vec![0.4914, 0.4822, 0.4465], std: vec![0.2470, 0.2435, 0.2616] };
-            (train, test, norm, Augment { crop_padding: 4, hflip: true })
+            (train, test, norm, Augment { crop_padding: 4, hflip: true, resized_crop: None })
         }
         "images" => {
             let f = folder::load(&existing_dir(arg)?, opts)?;
             skipped = f.skipped;
-            (f.train, f.test, f.normalize, Augment::default())
+            (f.train, f.test, f.normalize, Augment::images())
         }
         "unlabeled" => {
             let f = folder::load_unlabeled(&existing_dir(arg)?, opts)?;
             skipped = f.skipped;
-            (f.train, f.test, f.normalize, Augment::default())
+            (f.train, f.test, f.normalize, Augment::images())
         }
         _ => {
             return Err(CoreError::Invalid(format!(
@@ -341,7 +415,7 @@ pub fn load_spec_with(spec: &str, opts: &DataOptions) -> Result<DataSplits> {
         train,
         test,
         normalize,
-        augment,
+        augment: opts.augment.clone().unwrap_or(augment),
         skipped,
     })
 }
@@ -665,6 +739,13 @@ fn make_batch(
     for (bi, &i) in idx.iter().enumerate() {
         let (pix, label) = data.sample(i);
         ys.push(u32::from(label));
+        if let Some(min_share) = cfg.augment.resized_crop {
+            let window = crop_window(h, w, min_share, rng);
+            let flip = cfg.augment.hflip && rng.random::<bool>();
+            let out = &mut xs[bi * per..(bi + 1) * per];
+            resized_crop(pix, [c, h, w], window, flip, &lut, out);
+            continue;
+        }
         let (dy, dx) = if pad > 0 {
             (rng.random_range(-pad..=pad), rng.random_range(-pad..=pad))
         } else {
@@ -691,8 +772,172 @@ fn make_batch(
     (xs, ys)
 }
 
+/// A random window `(top, left, height, width)` of an `h` x `w` image for a random resized
+/// crop: a share of the area in `[min_share, 1]` and an aspect ratio (width / height) in
+/// [3/4, 4/3], drawn log-uniformly; after ten windows that do not fit, the whole image.
+fn crop_window(h: usize, w: usize, min_share: f64, rng: &mut StdRng) -> (f64, f64, f64, f64) {
+    let area = (h * w) as f64;
+    let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    for _ in 0..10 {
+        let share = rng.random_range(min_share..=1.0);
+        let ratio = rng.random_range(lo..=hi).exp();
+        let cw = (area * share * ratio).sqrt().round();
+        let ch = (area * share / ratio).sqrt().round();
+        if cw >= 1.0 && ch >= 1.0 && cw <= w as f64 && ch <= h as f64 {
+            let top = rng.random_range(0..=(h - ch as usize)) as f64;
+            let left = rng.random_range(0..=(w - cw as usize)) as f64;
+            return (top, left, ch, cw);
+        }
+    }
+    (0.0, 0.0, h as f64, w as f64)
+}
+
+/// Writes the window `(top, left, height, width)` of the image `pix` (`[c, h, w]` bytes),
+/// resized to `h` x `w` with bilinear sampling (pixel centres aligned, edges clamped to the
+/// window) and flipped when asked, normalized through `lut`, into `out`.
+fn resized_crop(
+    pix: &[u8],
+    [c, h, w]: [usize; 3],
+    (top, left, ch, cw): (f64, f64, f64, f64),
+    flip: bool,
+    lut: &[[f32; 256]],
+    out: &mut [f32],
+) {
+    // Source coordinate of an output pixel along one axis: its two neighbours and the
+    // weight of the second.
+    let axis = |n: usize, start: f64, len: f64| -> Vec<(usize, usize, f32)> {
+        (0..n)
+            .map(|o| {
+                let s = (start + (o as f64 + 0.5) * len / n as f64 - 0.5)
+                    .clamp(start, start + len - 1.0);
+                let a = s.floor() as usize;
+                let b = (a + 1).min((start + len - 1.0) as usize);
+                (a, b, (s - a as f64) as f32)
+            })
+            .collect()
+    };
+    let ys = axis(h, top, ch);
+    let xs = axis(w, left, cw);
+    for ch_i in 0..c {
+        let plane = &pix[ch_i * h * w..(ch_i + 1) * h * w];
+        let t = &lut[ch_i];
+        for (y, &(y0, y1, fy)) in ys.iter().enumerate() {
+            for x in 0..w {
+                let (x0, x1, fx) = xs[if flip { w - 1 - x } else { x }];
+                let v = |yy: usize, xx: usize| f32::from(plane[yy * w + xx]);
+                let top_row = v(y0, x0) * (1.0 - fx) + v(y0, x1) * fx;
+                let bottom_row = v(y1, x0) * (1.0 - fx) + v(y1, x1) * fx;
+                let value = top_row * (1.0 - fy) + bottom_row * fy;
+                // The lookup table maps bytes; interpolate between its two nearest entries.
+                let lo = value.floor().clamp(0.0, 255.0) as usize;
+                let hi = (lo + 1).min(255);
+                let f = value - lo as f32;
+                out[ch_i * h * w + y * w + x] = t[lo] * (1.0 - f) + t[hi] * f;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// The normalization table of `mean` 0, `std` 1: byte / 255.
+    fn unit_lut() -> Vec<[f32; 256]> {
+        vec![std::array::from_fn(|v| v as f32 / 255.0)]
+    }
+
+    #[test]
+    fn a_resized_crop_is_the_window_resized_as_image_sets_resize() {
+        // 6x6 image of distinct bytes; the window rows 1..4, columns 2..6 (3 x 4), brought
+        // back to 6x6, against ImageSet::resized of the window cut out by hand.
+        let pix: Vec<u8> = (0..36u8).map(|v| v * 7).collect();
+        let mut window = Vec::new();
+        for y in 1..4 {
+            window.extend_from_slice(&pix[y * 6 + 2..y * 6 + 6]);
+        }
+        let cut = ImageSet {
+            shape: [1, 3, 4],
+            classes: 1,
+            images: window,
+            labels: vec![0],
+        }
+        .resized(6, 6);
+        for flip in [false, true] {
+            let mut out = vec![0f32; 36];
+            resized_crop(
+                &pix,
+                [1, 6, 6],
+                (1.0, 2.0, 3.0, 4.0),
+                flip,
+                &unit_lut(),
+                &mut out,
+            );
+            for y in 0..6 {
+                for x in 0..6 {
+                    let want = f32::from(cut.images[y * 6 + if flip { 5 - x } else { x }]);
+                    let got = out[y * 6 + x] * 255.0;
+                    // ImageSet::resized rounds to bytes.
+                    assert!(
+                        (got - want).abs() <= 0.5,
+                        "flip {flip} ({y}, {x}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+        // The whole image as the window is the image itself.
+        let mut out = vec![0f32; 36];
+        resized_crop(
+            &pix,
+            [1, 6, 6],
+            (0.0, 0.0, 6.0, 6.0),
+            false,
+            &unit_lut(),
+            &mut out,
+        );
+        for (o, p) in out.iter().zip(&pix) {
+            assert!((o * 255.0 - f32::from(*p)).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn crop_windows_keep_their_share_and_aspect_inside_the_image() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (h, w) = (96usize, 128usize);
+        let mut smallest = 1.0f64;
+        for _ in 0..2000 {
+            let (top, left, ch, cw) = crop_window(h, w, 0.08, &mut rng);
+            assert!(top + ch <= h as f64 && left + cw <= w as f64);
+            let share = ch * cw / (h * w) as f64;
+            assert!(share > 0.07 && share <= 1.0, "{share}");
+            let ratio = cw / ch;
+            let whole = (ch, cw) == (h as f64, w as f64);
+            assert!(whole || (0.7..=1.4).contains(&ratio), "{ratio}");
+            smallest = smallest.min(share);
+        }
+        assert!(smallest < 0.1, "the small windows are drawn: {smallest}");
+    }
+
+    #[test]
+    fn augmentation_parses_and_refuses_by_name() {
+        assert_eq!(Augment::parse("none").unwrap(), Augment::none());
+        let a = Augment::parse("flip, resized-crop:0.25").unwrap();
+        assert!(a.hflip && a.resized_crop == Some(0.25) && a.crop_padding == 0);
+        assert_eq!(
+            Augment::parse("resized-crop,flip").unwrap(),
+            Augment::images()
+        );
+        assert_eq!(Augment::parse("pad-crop:4").unwrap().crop_padding, 4);
+        for bad in [
+            "rotate",
+            "resized-crop:0",
+            "resized-crop:1.5",
+            "pad-crop:x",
+            "flip:2",
+        ] {
+            let e = Augment::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn resize_is_bilinear_with_aligned_pixel_centres() {
@@ -770,6 +1015,7 @@ mod tests {
             augment: Augment {
                 crop_padding: 2,
                 hflip: true,
+                resized_crop: None,
             },
             normalize: Normalize {
                 mean: vec![0.5],

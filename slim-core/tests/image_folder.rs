@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use candle_core::Device;
-use slim_core::data::{load_spec, Dataset, ImageSet, DEFAULT_SPEC};
+use slim_core::data::{load_spec, Augment, Dataset, ImageSet, DEFAULT_SPEC};
 use slim_core::train::{evaluate, train, TrainConfig};
 use slim_core::zoo::{self, ZooConfig};
 
@@ -187,7 +187,22 @@ fn lenet_trains_from_a_png_folder_as_from_the_idx_files() {
     let dir = tempfile::tempdir().unwrap();
     write_folder(&idx.train, &dir.path().join("train"), "png");
     write_folder(&idx.test, &dir.path().join("test"), "png");
-    let folder = load_spec(&spec(dir.path())).unwrap();
+    let mut folder = load_spec(&spec(dir.path())).unwrap();
+    // Image folders train with random resized crops and flips by default (photographs);
+    // digits are not photographs, and the comparison needs the same training as the IDX set.
+    assert_eq!(folder.augment, Augment::images());
+    let asked = slim_core::data::DataOptions {
+        augment: Some(Augment::none()),
+        ..Default::default()
+    };
+    let plain = slim_core::data::load_spec_with(&spec(dir.path()), &asked).unwrap();
+    assert_eq!(plain.augment, Augment::none());
+    assert_eq!(
+        idx.augment,
+        Augment::none(),
+        "MNIST-like sets are not augmented"
+    );
+    folder.augment = Augment::none();
     // The IDX digits in the folder's order (by class) with the folder's normalization: the
     // same training, to the bit.
     let reorder = |set: &ImageSet| {
