@@ -1,7 +1,7 @@
 //! Image folders (`images:DIR`), written by the tests from the bundled digits: PNG reads back
 //! the IDX pixels exactly, JPEG closely; the split on disk or held out; colour images of
 //! several sizes brought to one; bad files named; and LeNet trained from a PNG folder as
-//! from the IDX files.
+//! from the IDX files; real photographs decode as Pillow decodes them.
 
 use std::path::Path;
 
@@ -369,4 +369,58 @@ fn bad_files_can_be_skipped_and_the_held_out_share_chosen() {
     .unwrap()
     .to_string();
     assert!(e.contains("1.5"), "{e}");
+}
+
+/// Real photographs from scikit-image's wheel (`tests/fixtures/photos/`: `rocket.jpg`, a
+/// SpaceX launch photo released into the public domain; `chelsea.png` and `camera.png`, CC0 by
+/// their photographers, Stefan van der Walt and Lav Varshney) decode as Pillow decodes them:
+/// the same size and channels, and the same 8 x 8 block means (`pillow-reference.json`,
+/// written with Pillow 13.0 from the same files) within a grey level, exactly for the PNGs.
+#[test]
+fn photographs_decode_as_pillow_decodes_them() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/photos");
+    let text = std::fs::read_to_string(dir.join("pillow-reference.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (file, want) in reference.as_object().unwrap() {
+        // A folder of the photo twice: one copy is held out for testing, one trains.
+        let tmp = tempfile::tempdir().unwrap();
+        let ext = file.rsplit('.').next().unwrap();
+        for copy in ["a", "b"] {
+            std::fs::copy(dir.join(file), tmp.path().join(format!("{copy}.{ext}"))).unwrap();
+        }
+        let d = load_spec(&format!("unlabeled:{}", tmp.path().display())).unwrap();
+        let [c, h, w] = d.train.shape;
+        let dim = |k: &str| want[k].as_u64().unwrap() as usize;
+        assert_eq!(
+            (c, h, w),
+            (dim("channels"), dim("height"), dim("width")),
+            "{file}"
+        );
+        let (px, _) = d.train.sample(0);
+        let blocks: Vec<f64> = want["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let tolerance = if ext == "png" { 0.001 } else { 1.0 };
+        let mut worst = 0f64;
+        for ch in 0..c {
+            for by in 0..8 {
+                for bx in 0..8 {
+                    let (mut sum, mut n) = (0f64, 0usize);
+                    for y in by * h / 8..(by + 1) * h / 8 {
+                        for x in bx * w / 8..(bx + 1) * w / 8 {
+                            sum += f64::from(px[ch * h * w + y * w + x]);
+                            n += 1;
+                        }
+                    }
+                    let diff = (sum / n as f64 - blocks[ch * 64 + by * 8 + bx]).abs();
+                    worst = worst.max(diff);
+                }
+            }
+        }
+        eprintln!("{file}: {c}x{h}x{w}, largest block difference from Pillow {worst:.4}");
+        assert!(worst <= tolerance, "{file}: {worst}");
+    }
 }
