@@ -351,3 +351,112 @@ fn the_pipeline_page_is_the_parsers() {
         }
     }
 }
+
+/// A crate's README (its crates.io page): the crate documentation of its `src/lib.rs`, with
+/// rustdoc's links to items turned into plain code, and where to find the rest.
+fn crate_readme(name: &str, lib_rs: &str) -> String {
+    let docs: Vec<&str> = lib_rs
+        .lines()
+        .take_while(|l| l.starts_with("//!"))
+        .map(|l| {
+            l.strip_prefix("//! ")
+                .unwrap_or(l.trim_start_matches("//!"))
+        })
+        .collect();
+    let mut text = String::new();
+    if !docs.first().is_some_and(|l| l.starts_with("# ")) {
+        text.push_str(&format!("# {name}\n\n"));
+    }
+    // Outside code, `[X]` or `[`X`]` with no `(address)` after it is an intra-doc link: keep
+    // its text. In code blocks, the lines rustdoc hides (`# ...`) are left out.
+    let mut fenced = false;
+    for line in &docs {
+        if line.starts_with("```") {
+            text.push_str(if fenced || *line != "```" {
+                line
+            } else {
+                "```rust"
+            });
+            text.push('\n');
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            if *line != "#" && !line.starts_with("# ") {
+                text.push_str(line);
+                text.push('\n');
+            }
+            continue;
+        }
+        let mut in_code = false;
+        let mut rest = *line;
+        while let Some(c) = rest.chars().next() {
+            if c == '`' {
+                in_code = !in_code;
+            } else if c == '[' && !in_code {
+                if let Some(end) = rest.find(']') {
+                    let after = rest[end + 1..].chars().next();
+                    if !rest[1..end].contains('[') && after != Some('(') && after != Some('[') {
+                        text.push_str(&rest[1..end]);
+                        rest = &rest[end + 1..];
+                        continue;
+                    }
+                }
+            }
+            text.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        text.push('\n');
+    }
+    text.push_str(
+        "\n---\n\nPart of Slim, a model-compression toolkit in Rust over candle: the \
+         [repository](https://github.com/slim-rs/slim) has the `slim` command, the other \
+         crates and the docs. License: MIT OR Apache-2.0.\n",
+    );
+    text
+}
+
+/// Every published crate's README.md is its crate documentation (`SLIM_BLESS=1` rewrites
+/// them), so that its crates.io page says what its docs say.
+#[test]
+fn every_crate_readme_is_its_crate_documentation() {
+    let root = page_path()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let bless = std::env::var("SLIM_BLESS").is_ok_and(|v| v == "1");
+    let mut stale = Vec::new();
+    for name in [
+        "slim-core",
+        "slim-prune",
+        "slim-quant",
+        "slim-distill",
+        "slim-nas",
+        "slim-latency",
+        "slim-onnx",
+        "slim-dist",
+        "slim-cli",
+    ] {
+        let dir = root.join(name);
+        let lib = std::fs::read_to_string(dir.join("src/lib.rs")).unwrap();
+        let want = crate_readme(name, &lib);
+        let path = dir.join("README.md");
+        if bless {
+            std::fs::write(&path, &want).unwrap();
+        } else if std::fs::read_to_string(&path).ok().as_deref() != Some(want.as_str()) {
+            stale.push(name);
+        }
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains("\nreadme = \"README.md\""),
+            "{name}/Cargo.toml: its readme is its own README.md"
+        );
+    }
+    assert!(
+        stale.is_empty(),
+        "{stale:?}: README.md differs from the crate documentation; run SLIM_BLESS=1 cargo \
+         test -p slim-cli --test docs"
+    );
+}

@@ -330,10 +330,10 @@ impl DataOptions {
     }
 }
 
-const MNIST_TRAIN_IMAGES: &[u8] = include_bytes!("../../data/mnist-10k/train-images-idx3-ubyte.gz");
-const MNIST_TRAIN_LABELS: &[u8] = include_bytes!("../../data/mnist-10k/train-labels-idx1-ubyte.gz");
-const MNIST_TEST_IMAGES: &[u8] = include_bytes!("../../data/mnist-10k/t10k-images-idx3-ubyte.gz");
-const MNIST_TEST_LABELS: &[u8] = include_bytes!("../../data/mnist-10k/t10k-labels-idx1-ubyte.gz");
+const MNIST_TRAIN_IMAGES: &[u8] = include_bytes!("../data/mnist-10k/train-images-idx3-ubyte.gz");
+const MNIST_TRAIN_LABELS: &[u8] = include_bytes!("../data/mnist-10k/train-labels-idx1-ubyte.gz");
+const MNIST_TEST_IMAGES: &[u8] = include_bytes!("../data/mnist-10k/t10k-images-idx3-ubyte.gz");
+const MNIST_TEST_LABELS: &[u8] = include_bytes!("../data/mnist-10k/t10k-labels-idx1-ubyte.gz");
 
 /// The bundled default data spec.
 pub const DEFAULT_SPEC: &str = "builtin:mnist-10k";

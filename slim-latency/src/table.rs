@@ -61,6 +61,10 @@ pub struct DeviceInfo {
     pub date: String,
 }
 
+/// The version of candle that Slim is built with, recorded in every table (a test checks it
+/// against the lock file).
+pub const CANDLE_VERSION: &str = "0.11.1";
+
 impl DeviceInfo {
     /// A description of this machine for the given settings.
     pub fn this_machine(runtime: Runtime, threads: usize, batch: usize) -> DeviceInfo {
@@ -71,9 +75,7 @@ impl DeviceInfo {
             batch,
             runtime,
             slim_version: env!("CARGO_PKG_VERSION").into(),
-            candle_version: option_env!("SLIM_CANDLE_VERSION")
-                .unwrap_or("unknown")
-                .into(),
+            candle_version: CANDLE_VERSION.into(),
             date: today(),
         }
     }
@@ -424,5 +426,33 @@ impl Table {
         s: &Signature,
     ) -> Option<f64> {
         fits.get(&s.family()).map(|(a, b)| a + b * s.work())
+    }
+}
+
+#[cfg(test)]
+mod candle_version {
+    /// The lock file's candle-core (the workspace's, or a package's own) is the version the
+    /// tables record.
+    #[test]
+    fn the_recorded_candle_version_is_the_locked_one() {
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let lock = [here.join("Cargo.lock"), here.join("../Cargo.lock")]
+            .into_iter()
+            .find(|p| p.is_file())
+            .expect("a Cargo.lock beside the package or its workspace");
+        let text = std::fs::read_to_string(&lock).unwrap();
+        let mut lines = text.lines();
+        let locked = loop {
+            let line = lines.next().expect("candle-core in the lock file");
+            if line.trim() == "name = \"candle-core\"" {
+                break lines.next().unwrap().trim().to_string();
+            }
+        };
+        assert_eq!(
+            locked,
+            format!("version = \"{}\"", super::CANDLE_VERSION),
+            "{}",
+            lock.display()
+        );
     }
 }
