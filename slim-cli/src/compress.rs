@@ -516,14 +516,11 @@ struct State {
 const STATE_FORMAT: &str = "slim-pipeline/1";
 const STATE_FILE: &str = "pipeline.json";
 
+/// The configuration text's hash (FNV-1a, as every fingerprint of Slim's).
 fn fingerprint(text: &str) -> String {
-    // FNV-1a of the configuration text.
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    let mut h = slim_core::model::Fnv::new();
+    h.write(text.as_bytes());
+    format!("{:016x}", h.finish())
 }
 
 fn save_state(dir: &Path, state: &State) -> Result<(), Failure> {

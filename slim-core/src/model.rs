@@ -267,12 +267,9 @@ impl Model {
 fn name_seed(seed: u64, name: &str) -> u64 {
     // FNV-1a: each parameter's values depend on the seed and its name only, not on the order
     // in which parameters are created.
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    let mut h = Fnv(Fnv::new().0 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    h.write(name.as_bytes());
+    h.finish()
 }
 
 fn init_tensor(
