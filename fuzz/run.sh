@@ -50,7 +50,7 @@ for t in "${TARGETS[@]}"; do
   cargo fuzz run -O -a "$t" "corpus/$t" "${seeds[@]}" -- \
     -max_total_time="$SECS" -rss_limit_mb=2048 -timeout=10 -max_len=262144 \
     -print_final_stats=1 "${extra[@]}" >"$log" 2>&1 || rc=$?
-  grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==|SUMMARY|Done)|ERROR|panicked" "$log" || true
+  grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|==|SUMMARY|Done)|DONE|ERROR|panicked" "$log" || true
   [ -n "${spellings:-}" ] && rm -rf "$spellings" && spellings=
   # `cargo fuzz run` exits non-zero on a finding (or when it cannot run): say so and stop.
   if ls "artifacts/$t"/crash-* "artifacts/$t"/oom-* "artifacts/$t"/timeout-* >/dev/null 2>&1; then

@@ -883,54 +883,21 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
 
 /// Top-1 against file size, one labelled point per stage.
 fn plot(rows: &[Row]) -> String {
-    let (w, h, l, r, t, b) = (640.0, 400.0, 70.0, 30.0, 30.0, 50.0);
-    let max_bytes = rows.iter().map(|x| x.bytes).max().unwrap_or(1) as f64 * 1.1;
+    use slim_core::plot::{Plot, Series};
     // Top-1, or without labels the agreement with the baseline.
-    let quality = |x: &Row| x.top1.or(x.agreement).unwrap_or(0.0);
-    let lo = rows.iter().map(quality).fold(1.0f64, f64::min);
-    let hi = rows.iter().map(quality).fold(0.0f64, f64::max);
-    let (y0, y1) = ((lo - 0.01).max(0.0), (hi + 0.01).min(1.0).max(lo + 0.02));
-    let x = |v: f64| l + v / max_bytes * (w - l - r);
-    let y = |v: f64| t + (y1 - v) / (y1 - y0) * (h - t - b);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" \
-         font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" \
-         fill=\"white\"/>\n<rect x=\"{l}\" y=\"{t}\" width=\"{}\" height=\"{}\" fill=\"none\" \
-         stroke=\"black\"/>\n<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">model file size \
-         (KB)</text>\n<text transform=\"translate(16 {}) rotate(-90)\" text-anchor=\"middle\">\
-         test top-1 (%)</text>\n",
-        w - l - r,
-        h - t - b,
-        (l + w - r) / 2.0,
-        h - 12.0,
-        (t + h - b) / 2.0
-    );
-    for i in 0..=4 {
-        let bv = max_bytes * i as f64 / 4.0;
-        let av = y0 + (y1 - y0) * i as f64 / 4.0;
-        s.push_str(&format!(
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.1}</text>\n",
-            x(bv),
-            h - b + 16.0,
-            bv / 1000.0,
-            l - 6.0,
-            y(av) + 4.0,
-            av * 100.0
-        ));
-    }
+    let labeled = rows.iter().any(|r| r.top1.is_some());
+    let y_label = if labeled {
+        "test top-1 (%)"
+    } else {
+        "agreement with the baseline (%)"
+    };
+    let mut plot = Plot::new("accuracy against size", "model file size (KB)", y_label);
     for row in rows {
-        let (px, py) = (x(row.bytes as f64), y(quality(row)));
-        s.push_str(&format!(
-            "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"4\" fill=\"#1f77b4\"/>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
-            px + 6.0,
-            py - 6.0,
-            row.name
-        ));
+        let quality = row.top1.or(row.agreement).unwrap_or(0.0);
+        let point = (row.bytes as f64 / 1000.0, quality * 100.0);
+        plot = plot.series(Series::points(row.name.clone(), vec![point]));
     }
-    s.push_str("</svg>\n");
-    s
+    plot.to_svg()
 }
 
 /// A one-line status display on stderr (hidden with --quiet or when stderr is no terminal).

@@ -244,7 +244,11 @@ impl Plot {
                     }
                 }
             }
+            // The legend lists the series that fit beside the frame.
             let ly = top + 10.0 + i as f64 * 16.0;
+            if ly >= H - 10.0 {
+                continue;
+            }
             let _ = writeln!(
                 s,
                 "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{color}\" \

@@ -600,115 +600,20 @@ pub fn predicted_loss(sens: &Sensitivities, pruner: &Pruner<'_>, ratios: &Ratios
 
 /// An SVG plot of every group's curve: relative loss (%) against ratio.
 pub fn to_svg(sens: &Sensitivities) -> String {
-    const W: f64 = 760.0;
-    const H: f64 = 440.0;
-    let (left, right, top, bottom) = (64.0, 220.0, 36.0, 52.0);
-    let pw = W - left - right;
-    let ph = H - top - bottom;
-    let max_loss = sens
-        .groups
-        .values()
-        .flat_map(|c| c.points.iter().map(|p| p.loss))
-        .fold(0.0f64, f64::max);
-    let min_loss = sens
-        .groups
-        .values()
-        .flat_map(|c| c.points.iter().map(|p| p.loss))
-        .fold(0.0f64, f64::min);
-    // Y range in percent, rounded out to a tidy step.
-    let span = ((max_loss - min_loss) * 100.0).max(1.0);
-    let step = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 25.0, 50.0]
-        .into_iter()
-        .find(|s| span / s <= 8.0)
-        .unwrap_or_else(|| {
-            // A wider range: 1, 2 or 5 times a power of ten, at most 8 intervals.
-            let mag = 10f64.powf((span / 8.0).log10().floor());
-            [1.0, 2.0, 5.0, 10.0]
-                .into_iter()
-                .map(|m| m * mag)
-                .find(|&s| span / s <= 8.0)
-                .unwrap_or(10.0 * mag)
-        });
-    let y0 = (min_loss * 100.0 / step).floor() * step;
-    let y1 = ((max_loss * 100.0 / step).ceil() * step).max(y0 + step);
-    let x = |r: f64| left + r * pw;
-    let y = |l: f64| top + ph - (l * 100.0 - y0) / (y1 - y0) * ph;
-    let colors = [
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-        "#bcbd22", "#17becf",
-    ];
-    let mut s = String::new();
-    s.push_str(&format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" \
-         viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    ));
-    s.push_str(&format!(
-        "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">Sensitivity ({}, \
-         baseline top-1 {:.2}%)</text>\n",
-        left + pw / 2.0,
+    use slim_core::plot::{Plot, Series};
+    let title = format!(
+        "Sensitivity ({}, baseline top-1 {:.2}%)",
         sens.criterion,
         sens.baseline * 100.0
-    ));
-    // Grid and ticks.
-    let mut v = y0;
-    while v <= y1 + 1e-9 {
-        let yy = y(v / 100.0);
-        s.push_str(&format!(
-            "<line x1=\"{left}\" y1=\"{yy:.1}\" x2=\"{:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text>\n",
-            left + pw,
-            left - 6.0,
-            yy + 4.0
-        ));
-        v += step;
-    }
-    for i in 0..=10 {
-        let r = i as f64 / 10.0;
-        let xx = x(r);
-        s.push_str(&format!(
-            "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>\n\
-             <text x=\"{xx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{r:.1}</text>\n",
-            top + ph,
-            top + ph + 16.0
-        ));
-    }
-    s.push_str(&format!(
-        "<rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" \
-         stroke=\"black\"/>\n\
-         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">pruning ratio</text>\n\
-         <text transform=\"translate(16 {:.1}) rotate(-90)\" text-anchor=\"middle\">\
-         top-1 loss (% of baseline)</text>\n",
-        left + pw / 2.0,
-        H - 12.0,
-        top + ph / 2.0
-    ));
-    for (i, (key, curve)) in sens.groups.iter().enumerate() {
-        let color = colors[i % colors.len()];
-        let pts: Vec<String> = std::iter::once((0.0, 0.0))
-            .chain(curve.points.iter().map(|p| (p.ratio, p.loss)))
-            .map(|(r, l)| format!("{:.1},{:.1}", x(r), y(l)))
+    );
+    let mut plot = Plot::new(&title, "pruning ratio", "top-1 loss (% of baseline)");
+    for (key, curve) in &sens.groups {
+        let points = std::iter::once((0.0, 0.0))
+            .chain(curve.points.iter().map(|p| (p.ratio, p.loss * 100.0)))
             .collect();
-        s.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
-            pts.join(" ")
-        ));
-        let ly = top + 10.0 + i as f64 * 16.0;
-        if ly < H - 10.0 {
-            s.push_str(&format!(
-                "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{color}\" \
-                 stroke-width=\"2\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{} ({})</text>\n",
-                left + pw + 12.0,
-                left + pw + 32.0,
-                left + pw + 38.0,
-                ly + 4.0,
-                slim_core::plot::escape(key),
-                curve.channels
-            ));
-        }
+        plot = plot.series(Series::line(format!("{key} ({})", curve.channels), points));
     }
-    s.push_str("</svg>\n");
-    s
+    plot.to_svg()
 }
 
 #[cfg(test)]
