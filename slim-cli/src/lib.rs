@@ -107,59 +107,47 @@ pub struct Failure {
     pub error: anyhow::Error,
 }
 
-impl<E: Into<anyhow::Error>> From<E> for Failure {
-    fn from(e: E) -> Self {
-        let error: anyhow::Error = e.into();
-        // Errors about what the user supplied are input errors (status 2); a failure inside a
-        // computation is status 1.
-        let core_code = |e: &slim_core::CoreError| match e {
-            slim_core::CoreError::Candle(_) | slim_core::CoreError::Store(_) => 1,
-            _ => 2,
-        };
-        let code = if let Some(e) = error.downcast_ref::<slim_core::CoreError>() {
-            core_code(e)
-        } else if let Some(e) = error.downcast_ref::<slim_quant::QuantError>() {
-            match e {
-                slim_quant::QuantError::Core(c) => core_code(c),
-                slim_quant::QuantError::Invalid(_) => 2,
+/// The library crates' errors say themselves whether they are the user's input (status 2) or
+/// a failure inside a computation (status 1).
+macro_rules! blamed {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Failure {
+            fn from(e: $t) -> Self {
+                Failure {
+                    code: if e.is_input() { 2 } else { 1 },
+                    error: e.into(),
+                }
             }
-        } else if let Some(e) = error.downcast_ref::<slim_prune::PruneError>() {
-            match e {
-                slim_prune::PruneError::Core(c) => core_code(c),
-                slim_prune::PruneError::Invalid(_) => 2,
-            }
-        } else if let Some(e) = error.downcast_ref::<slim_distill::DistillError>() {
-            match e {
-                slim_distill::DistillError::Core(c) => core_code(c),
-                slim_distill::DistillError::Invalid(_) => 2,
-            }
-        } else if let Some(e) = error.downcast_ref::<slim_nas::NasError>() {
-            match e {
-                slim_nas::NasError::Core(c) => core_code(c),
-                slim_nas::NasError::Invalid(_) => 2,
-            }
-        } else if let Some(e) = error.downcast_ref::<slim_onnx::OnnxError>() {
-            match e {
-                slim_onnx::OnnxError::Core(c) => core_code(c),
-                _ => 2,
-            }
-        } else if let Some(e) = error.downcast_ref::<slim_dist::DistError>() {
-            match e {
-                slim_dist::DistError::Core(c) => core_code(c),
-                slim_dist::DistError::Invalid(_) => 2,
-                slim_dist::DistError::Redis(_) => 1,
-            }
-        } else if let Some(e) = error.downcast_ref::<slim_latency::LatencyError>() {
-            match e {
-                slim_latency::LatencyError::Core(c) => core_code(c),
-                _ => 2,
-            }
-        } else {
-            1
-        };
-        Failure { code, error }
-    }
+        }
+    )*};
 }
+blamed!(
+    slim_core::CoreError,
+    slim_quant::QuantError,
+    slim_prune::PruneError,
+    slim_distill::DistillError,
+    slim_nas::NasError,
+    slim_onnx::OnnxError,
+    slim_dist::DistError,
+    slim_latency::LatencyError
+);
+
+/// Other errors (the system's, a serializer's) are failures, status 1.
+macro_rules! failed {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Failure {
+            fn from(e: $t) -> Self {
+                Failure { code: 1, error: e.into() }
+            }
+        }
+    )*};
+}
+failed!(
+    anyhow::Error,
+    std::io::Error,
+    serde_json::Error,
+    candle_core::Error
+);
 
 /// An input error (exit status 2) with a message.
 pub fn input_error(msg: impl std::fmt::Display) -> Failure {

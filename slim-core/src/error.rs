@@ -38,6 +38,14 @@ pub enum CoreError {
 }
 
 impl CoreError {
+    /// Whether the error is about what the user supplied (a file, a name, a shape, a value):
+    /// exit status 2 on the command line. A failed computation or an unreachable store is not.
+    pub fn is_input(&self) -> bool {
+        !matches!(self, CoreError::Candle(_) | CoreError::Store(_))
+    }
+}
+
+impl CoreError {
     pub(crate) fn node(node: impl Into<String>, msg: impl Into<String>) -> Self {
         CoreError::Node {
             node: node.into(),

@@ -53,6 +53,18 @@ pub enum DistError {
     Core(#[from] CoreError),
 }
 
+impl DistError {
+    /// Whether the error is about what the user supplied (exit status 2 on the command
+    /// line), as [`slim_core::CoreError::is_input`] says for the core's errors.
+    pub fn is_input(&self) -> bool {
+        match self {
+            DistError::Core(c) => c.is_input(),
+            DistError::Invalid(_) => true,
+            DistError::Redis(_) => false,
+        }
+    }
+}
+
 pub type Result<T, E = DistError> = std::result::Result<T, E>;
 
 /// A Redis server's address, checked, with its password hidden for messages.

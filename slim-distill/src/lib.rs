@@ -52,6 +52,17 @@ pub enum DistillError {
     Invalid(String),
 }
 
+impl DistillError {
+    /// Whether the error is about what the user supplied (exit status 2 on the command
+    /// line), as [`slim_core::CoreError::is_input`] says for the core's errors.
+    pub fn is_input(&self) -> bool {
+        match self {
+            DistillError::Core(c) => c.is_input(),
+            DistillError::Invalid(_) => true,
+        }
+    }
+}
+
 impl From<candle_core::Error> for DistillError {
     fn from(e: candle_core::Error) -> Self {
         DistillError::Core(e.into())

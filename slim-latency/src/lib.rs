@@ -64,6 +64,17 @@ pub enum LatencyError {
     Invalid(String),
 }
 
+impl LatencyError {
+    /// Whether the error is about what the user supplied (exit status 2 on the command
+    /// line), as [`slim_core::CoreError::is_input`] says for the core's errors.
+    pub fn is_input(&self) -> bool {
+        match self {
+            LatencyError::Core(c) => c.is_input(),
+            _ => true,
+        }
+    }
+}
+
 impl From<candle_core::Error> for LatencyError {
     fn from(e: candle_core::Error) -> Self {
         LatencyError::Core(e.into())

@@ -62,6 +62,17 @@ pub enum NasError {
     Invalid(String),
 }
 
+impl NasError {
+    /// Whether the error is about what the user supplied (exit status 2 on the command
+    /// line), as [`slim_core::CoreError::is_input`] says for the core's errors.
+    pub fn is_input(&self) -> bool {
+        match self {
+            NasError::Core(c) => c.is_input(),
+            NasError::Invalid(_) => true,
+        }
+    }
+}
+
 /// The result type of `slim-nas`.
 pub type Result<T, E = NasError> = std::result::Result<T, E>;
 

@@ -52,6 +52,17 @@ pub enum OnnxError {
     Unsupported(Vec<String>),
 }
 
+impl OnnxError {
+    /// Whether the error is about what the user supplied (exit status 2 on the command
+    /// line), as [`slim_core::CoreError::is_input`] says for the core's errors.
+    pub fn is_input(&self) -> bool {
+        match self {
+            OnnxError::Core(c) => c.is_input(),
+            _ => true,
+        }
+    }
+}
+
 /// The result type of `slim-onnx`.
 pub type Result<T, E = OnnxError> = std::result::Result<T, E>;
 

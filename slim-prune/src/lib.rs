@@ -52,6 +52,17 @@ pub enum PruneError {
     Invalid(String),
 }
 
+impl PruneError {
+    /// Whether the error is about what the user supplied (exit status 2 on the command
+    /// line), as [`slim_core::CoreError::is_input`] says for the core's errors.
+    pub fn is_input(&self) -> bool {
+        match self {
+            PruneError::Core(c) => c.is_input(),
+            PruneError::Invalid(_) => true,
+        }
+    }
+}
+
 impl From<candle_core::Error> for PruneError {
     fn from(e: candle_core::Error) -> Self {
         PruneError::Core(e.into())

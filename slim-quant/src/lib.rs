@@ -49,6 +49,17 @@ pub enum QuantError {
     Invalid(String),
 }
 
+impl QuantError {
+    /// Whether the error is about what the user supplied (exit status 2 on the command
+    /// line), as [`slim_core::CoreError::is_input`] says for the core's errors.
+    pub fn is_input(&self) -> bool {
+        match self {
+            QuantError::Core(c) => c.is_input(),
+            QuantError::Invalid(_) => true,
+        }
+    }
+}
+
 impl From<candle_core::Error> for QuantError {
     fn from(e: candle_core::Error) -> Self {
         QuantError::Core(e.into())
