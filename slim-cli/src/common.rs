@@ -210,6 +210,15 @@ pub fn load_spec(spec: &str) -> Result<DataSplits, Failure> {
     Ok(data)
 }
 
+/// The data spec for a model: the one given (`--data`), else the one it was trained on (its
+/// provenance), else the bundled digits.
+pub fn data_spec(given: Option<&str>, model: &Model) -> String {
+    given
+        .map(str::to_string)
+        .or_else(|| model.provenance.get("data").cloned())
+        .unwrap_or_else(|| slim_core::data::DEFAULT_SPEC.to_string())
+}
+
 /// Loads the data a model is fed: the spec's data set, normalized as the model expects when
 /// it records its own preprocessing (imported models), else as the data set's own.
 pub fn data_for(spec: &str, model: &Model) -> Result<DataSplits, Failure> {

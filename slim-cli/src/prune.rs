@@ -7,7 +7,7 @@ use clap::{ArgGroup, Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use slim_core::analysis::{analyze, human};
-use slim_core::data::{DataSplits, DEFAULT_SPEC};
+use slim_core::data::DataSplits;
 use slim_core::search::{Evaluator, SearchProgress};
 use slim_core::study::{StudyStore, WorkerProgress};
 use slim_core::train::{evaluate, train, OptimizerKind, Schedule, Top1, TrainConfig, TrainOptions};
@@ -67,10 +67,7 @@ impl Selection {
     }
     /// The data spec to use for a model: `--data`, else the model's own, else the default.
     fn data_spec(&self, model: &Model) -> String {
-        self.data
-            .clone()
-            .or_else(|| model.provenance.get("data").cloned())
-            .unwrap_or_else(|| DEFAULT_SPEC.to_string())
+        crate::common::data_spec(self.data.as_deref(), model)
     }
     /// The pruner, with batch-norm calibration when there is data for it.
     fn pruner<'m>(

@@ -126,11 +126,7 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
-    let spec = args
-        .data
-        .clone()
-        .or_else(|| model.provenance.get("data").cloned())
-        .unwrap_or_else(|| slim_core::data::DEFAULT_SPEC.to_string());
+    let spec = crate::common::data_spec(args.data.as_deref(), &model);
     let data = crate::common::data_for(&spec, &model)?;
     let (q, report) = quantize(&model, &data.train, &data.normalize, &cfg)?;
     if !data.test.is_labeled() {
@@ -268,11 +264,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
-    let spec = args
-        .data
-        .clone()
-        .or_else(|| model.provenance.get("data").cloned())
-        .unwrap_or_else(|| slim_core::data::DEFAULT_SPEC.to_string());
+    let spec = crate::common::data_spec(args.data.as_deref(), &model);
     let data = crate::common::data_for(&spec, &model)?;
     let mut q = slim_quant::qat::prepare(&model, &data.train, &data.normalize, &cfg)?;
     let kernels = slim_quant::qat::QatKernels { weights, bits: 8 };
