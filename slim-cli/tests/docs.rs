@@ -357,6 +357,7 @@ fn the_pipeline_page_is_the_parsers() {
 fn crate_readme(name: &str, lib_rs: &str) -> String {
     let docs: Vec<&str> = lib_rs
         .lines()
+        .filter(|l| !l.trim().is_empty())
         .take_while(|l| l.starts_with("//!"))
         .map(|l| {
             l.strip_prefix("//! ")
