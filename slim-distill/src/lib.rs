@@ -405,7 +405,8 @@ impl Distiller {
                     return Err(DistillError::Invalid(format!(
                         "the data `{}` is augmented in training (random crops or flips), so the \
                          outputs of the teacher {} for the stored images would not match what \
-                         the student sees",
+                         the student sees; train without augmentation (--augment none) or use \
+                         the teacher model",
                         data.spec,
                         r.label()
                     )));
@@ -415,7 +416,7 @@ impl Distiller {
                 k.check_data(&data.train, &data.spec)?;
                 if data.augment != Default::default() {
                     return Err(DistillError::Invalid(format!(
-                        "the data `{}` is augmented in training (random crops or flips), so the outputs precomputed in {} would not match what the student sees; use the teacher model instead",
+                        "the data `{}` is augmented in training (random crops or flips), so the outputs precomputed in {} would not match what the student sees; train without augmentation (--augment none) or use the teacher model",
                         data.spec,
                         k.dir.display()
                     )));
