@@ -311,6 +311,29 @@ impl Default for CheckpointEvery {
     }
 }
 
+impl CheckpointEvery {
+    /// Refuses 0 steps and a negative or NaN number of seconds.
+    pub fn check(&self) -> Result<()> {
+        match *self {
+            CheckpointEvery::Steps(0) => Err(CoreError::Invalid(
+                "checkpoints every 0 steps: give at least 1".into(),
+            )),
+            CheckpointEvery::Seconds(s) if s.is_nan() || s < 0.0 => Err(CoreError::Invalid(
+                format!("checkpoints every {s} seconds: give a number of seconds, 0 or more"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a checkpoint is due after `steps` steps, `since` the last one was written.
+    pub fn due(&self, steps: usize, since: Instant) -> bool {
+        match *self {
+            CheckpointEvery::Steps(n) => steps >= n,
+            CheckpointEvery::Seconds(t) => since.elapsed().as_secs_f64() >= t,
+        }
+    }
+}
+
 /// Where and whether to checkpoint, and what else to add to the loss.
 #[derive(Default)]
 pub struct TrainOptions<'a> {
@@ -625,18 +648,7 @@ pub fn train(
     let extra_params: Vec<(String, Var)> = opts.extra.iter().flat_map(|t| t.params()).collect();
     let terms: Vec<String> = opts.extra.iter().map(|t| t.fingerprint()).collect();
     let mut opt = Optimizer::new(cfg.optimizer, model, &extra_params)?;
-    if let CheckpointEvery::Steps(0) = opts.checkpoint_every {
-        return Err(CoreError::Invalid(
-            "checkpoints every 0 steps: give at least 1".into(),
-        ));
-    }
-    if let CheckpointEvery::Seconds(s) = opts.checkpoint_every {
-        if s.is_nan() || s < 0.0 {
-            return Err(CoreError::Invalid(format!(
-                "checkpoints every {s} seconds: give a number of seconds, 0 or more"
-            )));
-        }
-    }
+    opts.checkpoint_every.check()?;
     let mut start_epoch = 0;
     let (mut start_step, mut partial) = (0, Partial::default());
     if let (true, Some(path)) = (opts.resume, &opts.checkpoint) {
@@ -791,10 +803,9 @@ pub fn train(
             seen += b;
             let secs = started.elapsed().as_secs_f64().max(1e-9);
             since_checkpoint.0 += 1;
-            let due = match opts.checkpoint_every {
-                CheckpointEvery::Steps(n) => since_checkpoint.0 >= n,
-                CheckpointEvery::Seconds(t) => since_checkpoint.1.elapsed().as_secs_f64() >= t,
-            };
+            let due = opts
+                .checkpoint_every
+                .due(since_checkpoint.0, since_checkpoint.1);
             if let (Some(path), true, true) = (&opts.checkpoint, due, step + 1 < batches) {
                 let state = TrainState {
                     epochs_done: epoch,

@@ -144,19 +144,7 @@ pub fn train_supernet(
     progress: &mut dyn FnMut(&SupernetProgress),
 ) -> Result<Model> {
     cfg.validate()?;
-    match every {
-        CheckpointEvery::Steps(0) => {
-            return Err(NasError::Invalid(
-                "checkpoints every 0 steps: give at least 1".into(),
-            ))
-        }
-        CheckpointEvery::Seconds(s) if s.is_nan() || s < 0.0 => {
-            return Err(NasError::Invalid(format!(
-                "checkpoints every {s} seconds: give a number of seconds, 0 or more"
-            )))
-        }
-        _ => {}
-    }
+    every.check()?;
     let sup_tokens = space.supernet();
     check_tokens(space, &sup_tokens)?;
     if data.train.len() < cfg.batch_size {
@@ -288,10 +276,7 @@ pub fn train_supernet(
             sum += value;
             n += 1;
             since_checkpoint.0 += 1;
-            let due = match every {
-                CheckpointEvery::Steps(k) => since_checkpoint.0 >= k,
-                CheckpointEvery::Seconds(t) => since_checkpoint.1.elapsed().as_secs_f64() >= t,
-            };
+            let due = every.due(since_checkpoint.0, since_checkpoint.1);
             if let (Some(f), true, true) = (file, due, step + 1 < steps) {
                 save_supernet(f, &mut supernet, &opt, &key, (epoch, step + 1), sum)?;
                 since_checkpoint = (0, std::time::Instant::now());
