@@ -186,7 +186,13 @@ pub fn with_skipped(mut report: serde_json::Value) -> serde_json::Value {
 /// Loads a data spec with the command line's folder options, reporting on stderr the files
 /// left out with `--skip-bad-images` (and in the JSON report: [`with_skipped`]).
 pub fn load_spec(spec: &str) -> Result<DataSplits, Failure> {
-    let options = DATA_OPTIONS.get().cloned().unwrap_or_default();
+    load_spec_shaped(spec, None)
+}
+
+/// [`load_spec`], with image folders decoded straight to `shape` (a model's input) when given.
+pub fn load_spec_shaped(spec: &str, shape: Option<[usize; 3]>) -> Result<DataSplits, Failure> {
+    let mut options = DATA_OPTIONS.get().cloned().unwrap_or_default();
+    options.shape = shape;
     let data = load_spec_with(spec, &options)?;
     if let Ok(mut all) = SKIPPED.lock() {
         for s in &data.skipped {
@@ -222,9 +228,17 @@ pub fn data_spec(given: Option<&str>, model: &Model) -> String {
 /// Loads the data a model is fed: the spec's data set, normalized as the model expects when
 /// it records its own preprocessing (imported models), else as the data set's own.
 pub fn data_for(spec: &str, model: &Model) -> Result<DataSplits, Failure> {
-    let mut data = load_spec(spec)?;
+    let mut data = load_spec_shaped(spec, input_shape(model))?;
     adapt_data(&mut data, model)?;
     Ok(data)
+}
+
+/// A model's input shape `[C, H, W]`, the shape image folders are decoded to for it.
+pub fn input_shape(model: &Model) -> Option<[usize; 3]> {
+    match model.input_shape()[..] {
+        [c, h, w] => Some([c, h, w]),
+        _ => None,
+    }
 }
 
 /// Feeds a data set the way a model expects: its own normalization when it records one
@@ -249,10 +263,11 @@ pub fn adapt_data(data: &mut DataSplits, model: &Model) -> Result<(), Failure> {
     let [c, h, w] = data.train.shape;
     if let [mc, mh, mw] = input[..] {
         if (mh, mw) != (h, w) && mc == c && (folder || model.resizes_input()?) {
-            // One byte per pixel, both splits: refuse what cannot fit rather than abort.
+            // One byte per pixel, both splits: refuse what cannot fit rather than abort (a
+            // set read from its files only changes the size it decodes to).
             let images = data.train.labels.len() + data.test.labels.len();
             let bytes = images as u128 * (c * mh * mw) as u128;
-            if bytes > 1 << 33 {
+            if bytes > 1 << 33 && !data.train.is_streamed() {
                 return Err(input_error(format!(
                     "the model's input is {c}x{mh}x{mw}: resizing the {} images of `{}` to it \
                      would take {:.0} GiB",
@@ -281,9 +296,14 @@ pub fn adapt_data(data: &mut DataSplits, model: &Model) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Loads a data spec; with `limit`, keeps the first N training images only.
-pub fn load_data(spec: &str, limit: Option<usize>) -> Result<DataSplits, Failure> {
-    let mut data = load_spec(spec)?;
+/// Loads a data spec (image folders decoded to `shape` when given); with `limit`, keeps the
+/// first N training images only.
+pub fn load_data(
+    spec: &str,
+    limit: Option<usize>,
+    shape: Option<[usize; 3]>,
+) -> Result<DataSplits, Failure> {
+    let mut data = load_spec_shaped(spec, shape)?;
     if let Some(n) = limit {
         data.train = data.train.take(n);
         data.spec = format!("{spec} (first {n} training images)");

@@ -163,7 +163,7 @@ pub fn run(args: DistillArgs) -> Result<(), Failure> {
 fn run_dump(args: DumpArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
     let teacher = crate::common::load_model(&args.teacher, &device, &args.common.load)?;
-    let mut data = load_data(&args.data, args.limit)?;
+    let mut data = load_data(&args.data, args.limit, crate::common::input_shape(&teacher))?;
     crate::common::adapt_data(&mut data, &teacher)?;
     let quiet = args.common.quiet;
     let mut last = 0usize;
@@ -246,7 +246,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         .map(|s| s.parse::<LossSpec>())
         .collect::<Result<Vec<_>, _>>()?;
     let device = args.common.device()?;
-    let mut data = load_data(&args.data, args.limit)?;
+    let mut data = load_data(&args.data, args.limit, None)?;
     let mut student = match (&args.student, &args.student_model) {
         (Some(path), _) => crate::common::load_model(path, &device, &args.common.load)?,
         (None, Some(name)) => {
@@ -551,7 +551,7 @@ fn run_serve(args: ServeArgs) -> Result<(), Failure> {
     let url = slim_dist::RedisUrl::parse_with_ca(&args.redis, args.redis_ca.as_deref())?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.model, &device, &args.common.load)?;
-    let mut data = load_data(&args.data, args.limit)?;
+    let mut data = load_data(&args.data, args.limit, crate::common::input_shape(&model))?;
     crate::common::adapt_data(&mut data, &model)?;
     let label = args.model.display().to_string();
     let info =

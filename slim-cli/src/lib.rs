@@ -62,6 +62,11 @@ struct Cli {
     /// to pad-crop:4,flip; MNIST-like sets to none.
     #[arg(long, global = true, value_name = "LIST")]
     augment: Option<String>,
+    /// Image folders: the decoded cache in MiB. A folder whose decoded images fit is decoded
+    /// once into memory; a larger one is decoded batch by batch from its files, in parallel
+    /// with training (0: always from the files).
+    #[arg(long, global = true, value_name = "MB", default_value_t = slim_core::data::DEFAULT_CACHE_MB)]
+    cache_mb: usize,
 }
 
 #[derive(Subcommand)]
@@ -205,6 +210,8 @@ pub fn main() -> ExitCode {
         val_fraction: cli.val_fraction,
         skip_bad_images: cli.skip_bad_images,
         augment,
+        cache_mb: cli.cache_mb,
+        shape: None,
     };
     if let Err(e) = options.check() {
         eprintln!("slim: error: --val-fraction: {e}");

@@ -279,7 +279,7 @@ fn prepare(
         }
         None => None,
     };
-    let full = crate::common::load_data(&s.data, None)?;
+    let full = crate::common::load_data(&s.data, None, None)?;
     let n = full.train.len();
     let train = train_images.unwrap_or(n.saturating_sub(s.eval_images));
     if train < batch_size || s.eval_images == 0 {
@@ -693,7 +693,7 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
         }
         let supernet = crate::common::load_model(&file, &device, &a.common.load)?;
         let mut model = slim_nas::oneshot::inherit(&supernet, space.as_ref(), &c.tokens)?;
-        let data = crate::common::load_data(&a.data, None)?;
+        let data = crate::common::load_data(&a.data, None, None)?;
         let calibration = data.train.take(a.calibration_images);
         slim_core::train::recalibrate_batch_norm(&model, &calibration, &data.normalize, 64)?;
         // The search's own calibration images, when they are these, make the model the one

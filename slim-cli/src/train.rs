@@ -53,7 +53,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     let cfg = args.recipe.config()?;
     crate::common::check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
-    let mut data = crate::common::load_data(&args.data, args.limit)?;
+    let mut data = crate::common::load_data(&args.data, args.limit, None)?;
     if !data.train.is_labeled() {
         return Err(input_error(format!(
             "`{}` has no labels, and training learns from labels; without them, compress a \

@@ -18,7 +18,7 @@ fn digits(dir: &Path) {
     let idx = load_spec(DEFAULT_SPEC).unwrap();
     for (split, set) in [("train", idx.train.take(400)), ("test", idx.test.take(100))] {
         for i in 0..set.len() {
-            let (px, label) = set.sample(i);
+            let (px, label) = set.sample(i).unwrap();
             let class = dir.join(split).join(label.to_string());
             std::fs::create_dir_all(&class).unwrap();
             image::GrayImage::from_raw(28, 28, px.to_vec())

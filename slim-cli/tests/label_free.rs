@@ -16,7 +16,7 @@ fn unlabeled_folder(dir: &Path, n: usize) -> String {
     for i in 0..set.len() {
         let sub = dir.join(format!("batch{}", i % 3));
         std::fs::create_dir_all(&sub).unwrap();
-        let img = image::GrayImage::from_raw(28, 28, set.sample(i).0.to_vec()).unwrap();
+        let img = image::GrayImage::from_raw(28, 28, set.sample(i).unwrap().0.to_vec()).unwrap();
         img.save(sub.join(format!("{i:05}.png"))).unwrap();
     }
     format!("unlabeled:{}", dir.display())

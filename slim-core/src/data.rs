@@ -14,6 +14,7 @@
 //!   epoch `e` depend only on the seed and `e`, so a run resumed at an epoch boundary sees the
 //!   same batches as an unbroken one.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use rayon::prelude::*;
 
 use crate::error::{CoreError, Result};
 
@@ -38,18 +40,52 @@ pub trait Dataset: Send + Sync {
     fn shape(&self) -> [usize; 3];
     /// Number of classes.
     fn classes(&self) -> usize;
-    /// The pixels (`C * H * W` bytes, channel-major) and label of sample `i`.
-    fn sample(&self, i: usize) -> (&[u8], u8);
+    /// The pixels (`C * H * W` bytes, channel-major) and label of sample `i`: borrowed when
+    /// they are in memory, decoded from the sample's file otherwise (an error names a file
+    /// that no longer decodes).
+    fn sample(&self, i: usize) -> Result<(Cow<'_, [u8]>, u8)>;
 }
 
-/// Images and labels held in memory.
+/// Where the pixels of an [`ImageSet`] are.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pixels {
+    /// Decoded in memory: `C * H * W` bytes per image, channel-major, image after image.
+    Memory(Vec<u8>),
+    /// One image file per sample, decoded and fitted to the set's shape whenever the sample
+    /// is asked for: image folders larger than the decoded cache ([`DataOptions::cache_mb`]).
+    Files(Arc<[PathBuf]>),
+}
+
+impl From<Vec<u8>> for Pixels {
+    fn from(bytes: Vec<u8>) -> Self {
+        Pixels::Memory(bytes)
+    }
+}
+
+impl FromIterator<u8> for Pixels {
+    fn from_iter<I: IntoIterator<Item = u8>>(bytes: I) -> Self {
+        Pixels::Memory(bytes.into_iter().collect())
+    }
+}
+
+impl Pixels {
+    /// The decoded bytes, when they are in memory.
+    pub fn as_memory(&self) -> Option<&[u8]> {
+        match self {
+            Pixels::Memory(b) => Some(b),
+            Pixels::Files(_) => None,
+        }
+    }
+}
+
+/// Images and labels, decoded in memory or read from their files sample by sample.
 #[derive(Clone, Debug)]
 pub struct ImageSet {
     pub shape: [usize; 3],
     /// The number of classes; 0 for images without labels (`unlabeled:DIR`), whose labels
     /// are all 0 and mean nothing.
     pub classes: usize,
-    pub images: Vec<u8>,
+    pub images: Pixels,
     pub labels: Vec<u8>,
 }
 
@@ -63,9 +99,13 @@ impl Dataset for ImageSet {
     fn classes(&self) -> usize {
         self.classes
     }
-    fn sample(&self, i: usize) -> (&[u8], u8) {
+    fn sample(&self, i: usize) -> Result<(Cow<'_, [u8]>, u8)> {
         let n: usize = self.shape.iter().product();
-        (&self.images[i * n..(i + 1) * n], self.labels[i])
+        let pixels = match &self.images {
+            Pixels::Memory(b) => Cow::Borrowed(&b[i * n..(i + 1) * n]),
+            Pixels::Files(files) => Cow::Owned(folder::decode_fitted(&files[i], self.shape)?),
+        };
+        Ok((pixels, self.labels[i]))
     }
 }
 
@@ -75,25 +115,56 @@ impl ImageSet {
         self.classes > 0
     }
 
-    /// A 64-bit fingerprint (16 hex digits) of the shape, classes, pixels and labels.
+    /// Whether the images are decoded from their files sample by sample.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.images, Pixels::Files(_))
+    }
+
+    /// A 64-bit fingerprint (16 hex digits) of the shape, classes, pixels and labels; for a
+    /// set read from its files, of each file's path, length and modification time.
     pub fn fingerprint(&self) -> String {
         let mut h = crate::model::Fnv::new();
         for d in self.shape {
             h.write(&(d as u64).to_le_bytes());
         }
         h.write(&(self.classes as u64).to_le_bytes());
-        h.write(&self.images);
+        match &self.images {
+            Pixels::Memory(b) => h.write(b),
+            Pixels::Files(files) => {
+                for f in files.iter() {
+                    h.write(f.as_os_str().as_encoded_bytes());
+                    let meta = std::fs::metadata(f).ok();
+                    let len = meta.as_ref().map_or(0, |m| m.len());
+                    let modified = meta
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_nanos() as u64);
+                    h.write(&len.to_le_bytes());
+                    h.write(&modified.to_le_bytes());
+                }
+            }
+        }
         h.write(&self.labels);
         format!("{:016x}", h.0)
     }
 
     /// Every image resized to `h` x `w` by bilinear interpolation (pixel centres aligned, as
-    /// PIL and PyTorch's `align_corners=False` do), for models that expect another size.
+    /// PIL and PyTorch's `align_corners=False` do), for models that expect another size. A set
+    /// read from its files fits each file straight to the new size instead.
     pub fn resized(&self, h: usize, w: usize) -> ImageSet {
         let [c, ih, iw] = self.shape;
         if (ih, iw) == (h, w) || h == 0 || w == 0 {
             return self.clone();
         }
+        let bytes = match &self.images {
+            Pixels::Memory(b) => b,
+            Pixels::Files(_) => {
+                return ImageSet {
+                    shape: [c, h, w],
+                    ..self.clone()
+                }
+            }
+        };
         // Source coordinate and weights along one axis, per output index.
         let axis = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
             let scale = inp as f32 / out as f32;
@@ -109,7 +180,7 @@ impl ImageSet {
         let (ys, xs) = (axis(h, ih), axis(w, iw));
         let n = self.len();
         let mut images = Vec::with_capacity(n * c * h * w);
-        for img in self.images.chunks_exact(c * ih * iw) {
+        for img in bytes.chunks_exact(c * ih * iw) {
             for plane in img.chunks_exact(ih * iw) {
                 for &(y0, y1, fy) in &ys {
                     for &(x0, x1, fx) in &xs {
@@ -125,26 +196,37 @@ impl ImageSet {
         ImageSet {
             shape: [c, h, w],
             classes: self.classes,
-            images,
+            images: images.into(),
             labels: self.labels.clone(),
         }
     }
 
     /// Every image with `c` channels: grey replicated into three, or colour taken to its luma
     /// (ITU-R BT.601 weights, as PIL's `convert("L")`); the same set where it has `c` already.
+    /// A set read from its files decodes each file to `c` channels instead.
     pub fn with_channels(&self, c: usize) -> Result<ImageSet> {
         let [ic, h, w] = self.shape;
         let plane = h * w;
+        if ic == c {
+            return Ok(self.clone());
+        }
+        let bytes = match (&self.images, ic, c) {
+            (Pixels::Files(_), 1 | 3, 1 | 3) => {
+                return Ok(ImageSet {
+                    shape: [c, h, w],
+                    ..self.clone()
+                })
+            }
+            (Pixels::Memory(b), _, _) => b,
+            _ => &Vec::new(),
+        };
         let images = match (ic, c) {
-            _ if ic == c => return Ok(self.clone()),
-            (1, 3) => self
-                .images
+            (1, 3) => bytes
                 .chunks_exact(plane)
                 .flat_map(|p| p.iter().chain(p).chain(p))
                 .copied()
                 .collect(),
-            (3, 1) => self
-                .images
+            (3, 1) => bytes
                 .chunks_exact(3 * plane)
                 .flat_map(|img| {
                     (0..plane).map(move |i| {
@@ -152,7 +234,7 @@ impl ImageSet {
                         (0.299 * r + 0.587 * g + 0.114 * b).round() as u8
                     })
                 })
-                .collect(),
+                .collect::<Vec<u8>>(),
             _ => {
                 return Err(CoreError::Invalid(format!(
                     "images of {ic} channel(s) cannot be taken to {c}"
@@ -162,34 +244,48 @@ impl ImageSet {
         Ok(ImageSet {
             shape: [c, h, w],
             classes: self.classes,
-            images,
+            images: images.into(),
             labels: self.labels.clone(),
         })
+    }
+
+    /// The samples at `indices`, in that order.
+    pub fn select(&self, indices: &[usize]) -> ImageSet {
+        let per: usize = self.shape.iter().product();
+        let images = match &self.images {
+            Pixels::Memory(b) => {
+                let mut out = Vec::with_capacity(indices.len() * per);
+                for &i in indices {
+                    out.extend_from_slice(&b[i * per..(i + 1) * per]);
+                }
+                Pixels::Memory(out)
+            }
+            Pixels::Files(files) => {
+                Pixels::Files(indices.iter().map(|&i| files[i].clone()).collect())
+            }
+        };
+        ImageSet {
+            shape: self.shape,
+            classes: self.classes,
+            images,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+        }
+    }
+
+    /// The samples `start..end`.
+    pub fn range(&self, start: usize, end: usize) -> ImageSet {
+        self.select(&(start..end).collect::<Vec<_>>())
     }
 
     /// The last `n` samples (or all, if fewer).
     pub fn take_last(&self, n: usize) -> ImageSet {
         let n = n.min(self.len());
-        let per: usize = self.shape.iter().product();
-        let start = self.len() - n;
-        ImageSet {
-            shape: self.shape,
-            classes: self.classes,
-            images: self.images[start * per..].to_vec(),
-            labels: self.labels[start..].to_vec(),
-        }
+        self.range(self.len() - n, self.len())
     }
 
     /// The first `n` samples (or all, if fewer): a slice for quick tests.
     pub fn take(&self, n: usize) -> ImageSet {
-        let n = n.min(self.len());
-        let per: usize = self.shape.iter().product();
-        ImageSet {
-            shape: self.shape,
-            classes: self.classes,
-            images: self.images[..n * per].to_vec(),
-            labels: self.labels[..n].to_vec(),
-        }
+        self.range(0, n.min(self.len()))
     }
 }
 
@@ -304,7 +400,19 @@ pub struct DataOptions {
     /// The training augmentation, in place of the data set's own (none for MNIST-like sets,
     /// pad-crop and flip for CIFAR-10, [`Augment::images`] for image folders).
     pub augment: Option<Augment>,
+    /// The decoded cache, in MiB: an image folder whose decoded images (both splits) fit in
+    /// it is decoded once, in parallel, into memory; a larger one is read from its files,
+    /// each batch decoded in parallel on the loader's thread while the model trains on the
+    /// one before.
+    pub cache_mb: usize,
+    /// The shape `[C, H, W]` to decode an image folder's images to (the model's input: each
+    /// image fitted once, straight from its file); `None`: the first training image's size
+    /// and colour.
+    pub shape: Option<[usize; 3]>,
 }
+
+/// The default decoded cache, in MiB ([`DataOptions::cache_mb`]).
+pub const DEFAULT_CACHE_MB: usize = 2048;
 
 impl Default for DataOptions {
     fn default() -> Self {
@@ -312,6 +420,8 @@ impl Default for DataOptions {
             val_fraction: folder::HELD_OUT,
             skip_bad_images: false,
             augment: None,
+            cache_mb: DEFAULT_CACHE_MB,
+            shape: None,
         }
     }
 }
@@ -484,7 +594,7 @@ fn idx_pair(images: (&Path, &[u8]), labels: (&Path, &[u8])) -> Result<ImageSet> 
     Ok(ImageSet {
         shape: [1, idims[1], idims[2]],
         classes: 10,
-        images: ipix,
+        images: ipix.into(),
         labels: lab,
     })
 }
@@ -571,7 +681,7 @@ pub fn load_cifar10(files: &[PathBuf]) -> Result<ImageSet> {
     Ok(ImageSet {
         shape: [3, 32, 32],
         classes: 10,
-        images,
+        images: images.into(),
         labels,
     })
 }
@@ -596,9 +706,12 @@ pub struct LoaderConfig {
     pub drop_last: bool,
 }
 
+/// A batch as the loader's thread prepares it: images, labels, sample indices.
+type Prepared = (Vec<f32>, Vec<u32>, Vec<usize>);
+
 /// Batches of one epoch, prepared on a worker thread two batches ahead.
 pub struct Loader {
-    rx: mpsc::Receiver<(Vec<f32>, Vec<u32>, Vec<usize>)>,
+    rx: mpsc::Receiver<Result<Prepared>>,
     shape: [usize; 3],
     device: Device,
     batches: usize,
@@ -629,9 +742,11 @@ impl Loader {
                 let idx = &order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(n)];
                 let mut rng =
                     StdRng::seed_from_u64(mix(cfg.shuffle.unwrap_or(0), epoch, b as u64 + 1));
-                let (x, y) = make_batch(data.as_ref(), idx, &cfg, &mut rng);
-                if tx.send((x, y, idx.to_vec())).is_err() {
-                    return; // the consumer stopped early
+                let batch = make_batch(data.as_ref(), idx, &cfg, &mut rng)
+                    .map(|(x, y)| (x, y, idx.to_vec()));
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
+                    return; // the consumer stopped early, or a sample did not decode
                 }
             }
         });
@@ -655,7 +770,10 @@ impl Loader {
 impl Iterator for Loader {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Self::Item> {
-        let (x, y, indices) = self.rx.recv().ok()?;
+        let (x, y, indices) = match self.rx.recv().ok()? {
+            Ok(batch) => batch,
+            Err(e) => return Some(Err(e)),
+        };
         let b = y.len();
         let [c, h, w] = self.shape;
         let make = || -> Result<Batch> {
@@ -710,7 +828,7 @@ fn make_batch(
     idx: &[usize],
     cfg: &LoaderConfig,
     rng: &mut StdRng,
-) -> (Vec<f32>, Vec<u32>) {
+) -> Result<(Vec<f32>, Vec<u32>)> {
     let [c, h, w] = data.shape();
     let per = c * h * w;
     let mut xs = vec![0f32; idx.len() * per];
@@ -736,8 +854,13 @@ fn make_batch(
         })
         .collect();
     let pad = cfg.augment.crop_padding as i64;
-    for (bi, &i) in idx.iter().enumerate() {
-        let (pix, label) = data.sample(i);
+    // Samples read from files decode in parallel; the augmentation draws stay in order.
+    let samples = idx
+        .par_iter()
+        .map(|&i| data.sample(i))
+        .collect::<Result<Vec<_>>>()?;
+    for (bi, (pix, label)) in samples.into_iter().enumerate() {
+        let pix = &pix[..];
         ys.push(u32::from(label));
         if let Some(min_share) = cfg.augment.resized_crop {
             let window = crop_window(h, w, min_share, rng);
@@ -769,7 +892,7 @@ fn make_batch(
             }
         }
     }
-    (xs, ys)
+    Ok((xs, ys))
 }
 
 /// A random window `(top, left, height, width)` of an `h` x `w` image for a random resized
@@ -858,7 +981,7 @@ mod tests {
         let cut = ImageSet {
             shape: [1, 3, 4],
             classes: 1,
-            images: window,
+            images: window.into(),
             labels: vec![0],
         }
         .resized(6, 6);
@@ -874,7 +997,9 @@ mod tests {
             );
             for y in 0..6 {
                 for x in 0..6 {
-                    let want = f32::from(cut.images[y * 6 + if flip { 5 - x } else { x }]);
+                    let want = f32::from(
+                        cut.images.as_memory().unwrap()[y * 6 + if flip { 5 - x } else { x }],
+                    );
                     let got = out[y * 6 + x] * 255.0;
                     // ImageSet::resized rounds to bytes.
                     assert!(
@@ -944,20 +1069,20 @@ mod tests {
         let set = ImageSet {
             shape: [1, 2, 2],
             classes: 2,
-            images: vec![0, 100, 200, 255],
+            images: vec![0, 100, 200, 255].into(),
             labels: vec![1],
         };
         let r = set.resized(4, 4);
         assert_eq!(r.shape, [1, 4, 4]);
         // Output pixel o samples the input at (o + 0.5) / 2 - 0.5: -0.25 (clamped), 0.25,
         // 0.75, 1.25 (clamped to the last pixel).
-        assert_eq!(&r.images[..4], &[0, 25, 75, 100]);
-        assert_eq!(&r.images[12..], &[200, 214, 241, 255]);
+        assert_eq!(&r.images.as_memory().unwrap()[..4], &[0, 25, 75, 100]);
+        assert_eq!(&r.images.as_memory().unwrap()[12..], &[200, 214, 241, 255]);
         // Between rows 0 and 1 at a quarter: 0.75 * top + 0.25 * bottom.
-        assert_eq!(r.images[4], 50);
+        assert_eq!(r.images.as_memory().unwrap()[4], 50);
         assert_eq!(r.labels, set.labels);
         // Down to one pixel: the centre, the mean of the four.
-        assert_eq!(set.resized(1, 1).images, vec![139]);
+        assert_eq!(set.resized(1, 1).images, vec![139].into());
         assert_eq!(set.resized(2, 2).images, set.images);
     }
 

@@ -13,7 +13,7 @@ use slim_core::zoo::{self, ZooConfig};
 /// Writes each image of `set` as `dir/<label>/<index>.<ext>`.
 fn write_folder(set: &ImageSet, dir: &Path, ext: &str) {
     for i in 0..set.len() {
-        let (px, label) = set.sample(i);
+        let (px, label) = set.sample(i).unwrap();
         let class = dir.join(label.to_string());
         std::fs::create_dir_all(&class).unwrap();
         let img = image::GrayImage::from_raw(28, 28, px.to_vec()).unwrap();
@@ -30,10 +30,12 @@ fn write_folder(set: &ImageSet, dir: &Path, ext: &str) {
 
 /// `set`'s images in the order a folder lists them: by class, then by index.
 fn by_class(set: &ImageSet) -> Vec<(Vec<u8>, u8)> {
-    let mut v: Vec<(u8, usize)> = (0..set.len()).map(|i| (set.sample(i).1, i)).collect();
+    let mut v: Vec<(u8, usize)> = (0..set.len())
+        .map(|i| (set.sample(i).unwrap().1, i))
+        .collect();
     v.sort();
     v.into_iter()
-        .map(|(l, i)| (set.sample(i).0.to_vec(), l))
+        .map(|(l, i)| (set.sample(i).unwrap().0.to_vec(), l))
         .collect()
 }
 
@@ -57,7 +59,7 @@ fn png_folders_read_back_the_idx_pixels_and_jpeg_ones_come_close() {
             let want = by_class(want);
             let mut worst = 0f64;
             for (i, (px, label)) in want.iter().enumerate() {
-                let (got, l) = set.sample(i);
+                let (got, l) = set.sample(i).unwrap();
                 assert_eq!(l, *label);
                 let diff = got
                     .iter()
@@ -102,10 +104,13 @@ fn without_a_split_a_tenth_of_each_class_is_held_out_the_same_way_every_time() {
     }
     // No image is in both splits.
     let per = 28 * 28;
-    let train: std::collections::HashSet<&[u8]> = a.train.images.chunks(per).collect();
+    let train: std::collections::HashSet<&[u8]> =
+        a.train.images.as_memory().unwrap().chunks(per).collect();
     let shared = a
         .test
         .images
+        .as_memory()
+        .unwrap()
         .chunks(per)
         .filter(|t| train.contains(t))
         .count();
@@ -133,7 +138,7 @@ fn colour_images_of_several_sizes_come_to_the_first_ones_size() {
     // left to right.
     for set in [&d.train, &d.test] {
         for i in 0..set.len() {
-            let px = set.sample(i).0;
+            let px = set.sample(i).unwrap().0;
             assert!(px[2 * 1024..].iter().all(|&b| b.abs_diff(128) <= 1));
             assert!(px[31] > px[0] + 100, "{:?}", &px[..32]);
         }
@@ -208,7 +213,7 @@ fn lenet_trains_from_a_png_folder_as_from_the_idx_files() {
     let reorder = |set: &ImageSet| {
         let (images, labels): (Vec<Vec<u8>>, Vec<u8>) = by_class(set).into_iter().unzip();
         ImageSet {
-            images: images.concat(),
+            images: images.concat().into(),
             labels,
             ..set.clone()
         }
@@ -239,9 +244,9 @@ fn grey_and_colour_sets_take_each_others_channels() {
     let rgb = grey.with_channels(3).unwrap();
     assert_eq!(rgb.shape, [3, 28, 28]);
     for i in 0..rgb.len() {
-        let (c, g) = (rgb.sample(i).0, grey.sample(i).0);
+        let (c, g) = (rgb.sample(i).unwrap().0, grey.sample(i).unwrap().0);
         for k in 0..3 {
-            assert_eq!(&c[k * 784..(k + 1) * 784], g);
+            assert_eq!(&c[k * 784..(k + 1) * 784], &g[..]);
         }
     }
     // Back to grey: the luma of equal channels is the value itself.
@@ -250,10 +255,10 @@ fn grey_and_colour_sets_take_each_others_channels() {
     let red = ImageSet {
         shape: [3, 1, 1],
         classes: 1,
-        images: vec![255, 0, 0],
+        images: vec![255, 0, 0].into(),
         labels: vec![0],
     };
-    assert_eq!(red.with_channels(1).unwrap().images, vec![76]);
+    assert_eq!(red.with_channels(1).unwrap().images, vec![76].into());
     assert!(red.with_channels(2).is_err());
 }
 
@@ -266,7 +271,7 @@ fn unlabeled_trees_read_every_image_without_labels() {
     let dir = tempfile::tempdir().unwrap();
     // Class folders, but also deeper and shallower files: any tree.
     write_folder(&set, &dir.path().join("a").join("b"), "png");
-    let img = image::GrayImage::from_raw(28, 28, set.sample(0).0.to_vec()).unwrap();
+    let img = image::GrayImage::from_raw(28, 28, set.sample(0).unwrap().0.to_vec()).unwrap();
     img.save(dir.path().join("top.png")).unwrap();
     let spec = format!("unlabeled:{}", dir.path().display());
     let d = load_spec(&spec).unwrap();
@@ -277,11 +282,12 @@ fn unlabeled_trees_read_every_image_without_labels() {
     let again = load_spec(&spec).unwrap();
     assert_eq!(again.test.images, d.test.images);
     // Every image read is one of the files' (the set plus the top-level copy).
-    let pixels: std::collections::HashSet<&[u8]> =
-        (0..set.len()).map(|i| set.sample(i).0).collect();
+    let pixels: std::collections::HashSet<Vec<u8>> = (0..set.len())
+        .map(|i| set.sample(i).unwrap().0.to_vec())
+        .collect();
     for s in [&d.train, &d.test] {
         for i in 0..s.len() {
-            assert!(pixels.contains(s.sample(i).0));
+            assert!(pixels.contains(&s.sample(i).unwrap().0.to_vec()));
         }
     }
     // One image is not enough to train on and compare.
@@ -332,7 +338,9 @@ fn bad_files_can_be_skipped_and_the_held_out_share_chosen() {
     let all = |d: &slim_core::data::DataSplits| {
         let mut v: Vec<(Vec<u8>, u8)> = [&d.train, &d.test]
             .iter()
-            .flat_map(|s| (0..s.len()).map(|i| (s.sample(i).0.to_vec(), s.sample(i).1)))
+            .flat_map(|s| {
+                (0..s.len()).map(|i| (s.sample(i).unwrap().0.to_vec(), s.sample(i).unwrap().1))
+            })
             .collect();
         v.sort();
         v
@@ -396,7 +404,7 @@ fn photographs_decode_as_pillow_decodes_them() {
             (dim("channels"), dim("height"), dim("width")),
             "{file}"
         );
-        let (px, _) = d.train.sample(0);
+        let (px, _) = d.train.sample(0).unwrap();
         let blocks: Vec<f64> = want["blocks"]
             .as_array()
             .unwrap()
@@ -423,4 +431,102 @@ fn photographs_decode_as_pillow_decodes_them() {
         eprintln!("{file}: {c}x{h}x{w}, largest block difference from Pillow {worst:.4}");
         assert!(worst <= tolerance, "{file}: {worst}");
     }
+}
+
+/// A folder over the decoded cache is read from its files: the same pixels, batches and
+/// training as decoded into memory; a requested shape is fitted straight from the files; and
+/// a file that stops decoding after it was listed is named by the loader.
+#[test]
+fn folders_over_the_cache_are_read_from_their_files_batch_by_batch() {
+    use slim_core::data::{load_spec_with, DataOptions, Loader, LoaderConfig};
+    use std::sync::Arc;
+    let idx = load_spec(DEFAULT_SPEC).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(&idx.train.take(300), &dir.path().join("train"), "png");
+    write_folder(&idx.test.take(100), &dir.path().join("val"), "png");
+    let opts = |cache_mb: usize, shape: Option<[usize; 3]>| DataOptions {
+        cache_mb,
+        shape,
+        ..Default::default()
+    };
+    let memory = load_spec_with(&spec(dir.path()), &opts(64, None)).unwrap();
+    let files = load_spec_with(&spec(dir.path()), &opts(0, None)).unwrap();
+    assert!(!memory.train.is_streamed() && !memory.test.is_streamed());
+    assert!(files.train.is_streamed() && files.test.is_streamed());
+    assert_eq!(files.normalize, memory.normalize);
+    assert_eq!(files.train.labels, memory.train.labels);
+    for (a, b) in [(&memory.train, &files.train), (&memory.test, &files.test)] {
+        for i in 0..a.len() {
+            assert_eq!(a.sample(i).unwrap().0, b.sample(i).unwrap().0, "sample {i}");
+        }
+    }
+    assert_eq!(files.train.fingerprint(), files.train.fingerprint());
+    assert_eq!(files.train.take(10).len(), 10);
+    // Shuffled, augmented batches: the same to the bit.
+    let cfg = LoaderConfig {
+        batch_size: 32,
+        shuffle: Some(7),
+        augment: Augment::images(),
+        normalize: memory.normalize.clone(),
+        drop_last: true,
+    };
+    let batches = |set: &ImageSet| -> Vec<Vec<f32>> {
+        Loader::new(Arc::new(set.clone()), &cfg, 1, &Device::Cpu)
+            .unwrap()
+            .map(|b| b.unwrap().images.flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let (a, b) = (batches(&memory.train), batches(&files.train));
+    assert_eq!(a.len(), 9);
+    assert!(a == b, "streamed batches differ from the decoded ones");
+    // Training on either is the same training.
+    let mut top1 = Vec::new();
+    for data in [&memory, &files] {
+        let mut m = zoo::model("lenet", &ZooConfig::new([1, 28, 28]), 0, &Device::Cpu).unwrap();
+        let cfg = TrainConfig::default().with_epochs(1).with_lr(0.003);
+        train(&mut m, data, &cfg, Default::default(), &mut |_| {}).unwrap();
+        top1.push(evaluate(&m, &data.test, &data.normalize, 64).unwrap().top1);
+    }
+    assert_eq!(top1[0], top1[1]);
+    // A shape asked for at load is fitted straight from the files, in memory or not, and a
+    // streamed set resized later fits them the same way.
+    let small = load_spec_with(&spec(dir.path()), &opts(64, Some([1, 14, 14]))).unwrap();
+    assert_eq!(small.train.shape, [1, 14, 14]);
+    assert!(!small.train.is_streamed());
+    let later = files.train.resized(14, 14);
+    assert_eq!(later.shape, [1, 14, 14]);
+    for i in (0..small.train.len()).step_by(37) {
+        assert_eq!(small.train.sample(i).unwrap().0, later.sample(i).unwrap().0);
+    }
+    let rgb = files.test.with_channels(3).unwrap();
+    assert_eq!(rgb.sample(0).unwrap().0.len(), 3 * 28 * 28);
+    // A file broken after the folder was listed: the loader names it.
+    let victim = dir.path().join("val/0");
+    let first = std::fs::read_dir(&victim)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&first, b"no longer an image").unwrap();
+    let err = Loader::new(Arc::new(files.test.clone()), &cfg, 0, &Device::Cpu)
+        .unwrap()
+        .find_map(|b| b.err())
+        .expect("the broken file is reported")
+        .to_string();
+    let name = first.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(err.contains(&name), "expected {name} in: {err}");
+    // Listing checks headers: a file that is not an image is refused, or skipped.
+    let err = load_spec_with(&spec(dir.path()), &opts(0, None))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains(&name), "expected {name} in: {err}");
+    let skipping = DataOptions {
+        skip_bad_images: true,
+        ..opts(0, None)
+    };
+    let d = load_spec_with(&spec(dir.path()), &skipping).unwrap();
+    assert_eq!(d.skipped.len(), 1);
+    assert_eq!(d.test.len(), 99);
 }

@@ -170,18 +170,7 @@ fn answer(
     indices: &[usize],
     nodes: &[String],
 ) -> Result<Vec<u8>> {
-    let per: usize = set.shape.iter().product();
-    let mut part = ImageSet {
-        shape: set.shape,
-        classes: set.classes,
-        images: Vec::with_capacity(indices.len() * per),
-        labels: Vec::with_capacity(indices.len()),
-    };
-    for &i in indices {
-        part.images
-            .extend_from_slice(&set.images[i * per..(i + 1) * per]);
-        part.labels.push(set.labels[i]);
-    }
+    let part = set.select(indices);
     let cfg = LoaderConfig {
         batch_size: indices.len(),
         shuffle: None,

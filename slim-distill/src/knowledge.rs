@@ -254,7 +254,7 @@ pub fn dump(
     for (k, _) in done.iter().enumerate().filter(|(_, d)| !**d) {
         let start = k * shard_size;
         let end = (start + shard_size).min(samples);
-        let part = slice(set, start, end);
+        let part = set.range(start, end);
         let cfg = LoaderConfig {
             batch_size: 256,
             shuffle: None,
@@ -310,16 +310,6 @@ pub fn dump(
         bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-fn slice(set: &ImageSet, start: usize, end: usize) -> ImageSet {
-    let per: usize = set.shape.iter().product();
-    ImageSet {
-        shape: set.shape,
-        classes: set.classes,
-        images: set.images[start * per..end * per].to_vec(),
-        labels: set.labels[start..end].to_vec(),
-    }
 }
 
 /// A knowledge directory loaded into memory: one `[samples, ...]` tensor per node.

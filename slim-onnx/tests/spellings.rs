@@ -79,6 +79,8 @@ fn int8_error(m: &Model, x: &Tensor) -> f32 {
     let (q, _) = quantize(m, &set, &norm, &cfg).expect("ptq");
     let pixels: Vec<f32> = set
         .images
+        .as_memory()
+        .unwrap()
         .iter()
         .map(|&p| (f32::from(p) / 255.0 - 0.5) / 0.125)
         .collect();

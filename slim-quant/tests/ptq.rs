@@ -264,7 +264,7 @@ fn an_activation_that_overflows_is_refused_naming_the_node_and_the_batch() {
     let set = slim_core::data::ImageSet {
         shape: [1, 4, 4],
         classes: 2,
-        images: [vec![0u8; 32], vec![255u8; 32]].concat(),
+        images: [vec![0u8; 32], vec![255u8; 32]].concat().into(),
         labels: vec![0, 1, 0, 1],
     };
     let normalize = slim_core::data::Normalize {
@@ -485,7 +485,7 @@ fn bias_correction_restores_the_mean_of_every_output_channel() {
 /// The first `n` test digits, normalized as the data set says: a fixed input [n, 1, 28, 28].
 fn test_digits(data: &slim_core::data::DataSplits, n: usize) -> candle_core::Tensor {
     let norm = &data.normalize;
-    let pixels: Vec<f32> = data.test.images[..n * 28 * 28]
+    let pixels: Vec<f32> = data.test.images.as_memory().unwrap()[..n * 28 * 28]
         .iter()
         .map(|&p| (p as f32 / 255.0 - norm.mean[0]) / norm.std[0])
         .collect();

@@ -3,12 +3,21 @@
 //! `DIR/CLASS/*` (classes sorted by name, images found at any depth under each class folder),
 //! or `DIR/train/CLASS/*` beside `DIR/val/CLASS/*` (or `DIR/test/CLASS/*`) when the split is
 //! given. Without one, a tenth of each class is held out for testing, chosen by a seeded
-//! shuffle. PNG, JPEG, BMP and WebP files are decoded in parallel, once, into memory; every
-//! image is brought to the size of the first one (its shorter side resized, bilinear, then
-//! the centre cropped: the usual evaluation transform) and to its channels (grey, or RGB
-//! when the first image has colour). Hidden files (`.name`) are left alone; any other file
-//! that is not a decodable image is an error that names it, as is a class folder without
-//! images, or a folder without class folders.
+//! shuffle. PNG, JPEG, BMP and WebP files are decoded to one shape: the model's input when the
+//! reader is told it ([`DataOptions::shape`]), else the size of the first training image and
+//! its channels (grey, or RGB when it has colour). Each image is fitted to it straight from
+//! its file: its shorter side resized (bilinear), then the centre cropped (the usual
+//! evaluation transform).
+//!
+//! A folder whose decoded images fit in the cache ([`DataOptions::cache_mb`]) is decoded
+//! once, in parallel, into memory, and every file is checked on the way. A larger one is read
+//! from its files: only their headers are checked up front, and each batch is decoded in
+//! parallel on the loader's thread while the model works on the one before; a file that
+//! stops decoding later is an error that names it.
+//!
+//! Hidden files (`.name`) are left alone; any other file that is not a decodable image is an
+//! error that names it, as is a class folder without images, or a folder without class
+//! folders.
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +27,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use super::{DataOptions, ImageSet, Normalize};
+use super::{DataOptions, Dataset, ImageSet, Normalize, Pixels};
 use crate::error::{CoreError, Result};
 
 /// The file endings read as images.
@@ -27,8 +36,9 @@ pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "webp"];
 /// The fraction of each class held out for testing when the folder has no split.
 pub const HELD_OUT: f64 = 0.1;
 
-/// The most memory the decoded images of one folder may take.
-pub const MAX_DECODED_BYTES: usize = 4 << 30;
+/// How many training images of a folder read from its files give the statistics that
+/// normalize grey images (evenly spaced over the set).
+pub const STATISTICS_SAMPLES: usize = 1000;
 
 /// An image folder's train and test images, and what was found.
 pub struct Folder {
@@ -157,6 +167,32 @@ fn decode(path: &Path) -> Result<DynamicImage> {
         .map_err(|e| bad(&e))
 }
 
+/// The image in `path`, fitted to `shape` (see [`fit`]).
+pub(crate) fn decode_fitted(path: &Path, shape: [usize; 3]) -> Result<Vec<u8>> {
+    let img = decode(path)?;
+    let mut out = vec![0u8; shape.iter().product()];
+    fit(&img, shape, &mut out);
+    Ok(out)
+}
+
+/// Checks that `path` holds an image whose header reads, without decoding its pixels.
+fn check_header(path: &Path) -> Result<()> {
+    let bad = |e: &dyn std::fmt::Display| CoreError::file(path, format!("cannot decode: {e}"));
+    let (w, h) = image::ImageReader::open(path)
+        .map_err(|source| CoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .with_guessed_format()
+        .map_err(|e| bad(&e))?
+        .into_dimensions()
+        .map_err(|e| bad(&e))?;
+    if w == 0 || h == 0 {
+        return Err(CoreError::file(path, format!("an empty image ({w}x{h})")));
+    }
+    Ok(())
+}
+
 /// `img` with its shorter side resized to cover `h` x `w` (bilinear), centre-cropped to it,
 /// written into `out` as `c` (1: luma, 3: RGB) bytes per pixel, channel-major.
 fn fit(img: &DynamicImage, [c, h, w]: [usize; 3], out: &mut [u8]) {
@@ -196,18 +232,7 @@ fn decode_all(
     skips: &mut Skips<'_>,
 ) -> Result<ImageSet> {
     let per: usize = shape.iter().product();
-    let bytes = files.len().saturating_mul(per);
-    if bytes > MAX_DECODED_BYTES {
-        return Err(CoreError::Invalid(format!(
-            "{} images of {}x{}x{} take {} MB decoded, over the {} MB that an image folder may take in memory",
-            files.len(),
-            shape[0],
-            shape[1],
-            shape[2],
-            bytes >> 20,
-            MAX_DECODED_BYTES >> 20
-        )));
-    }
+    let bytes = files.len() * per;
     // Each image decoded straight into its place: one copy of the set in memory.
     let mut images = vec![0u8; bytes];
     let results: Vec<Result<()>> = images
@@ -234,16 +259,57 @@ fn decode_all(
     Ok(ImageSet {
         shape,
         classes,
-        images,
+        images: images.into(),
         labels,
     })
 }
 
-/// Per-channel mean and standard deviation of a set's pixels on 0..1.
-fn statistics(set: &ImageSet) -> Normalize {
+/// `files` (with their labels) as a set read from its files at `shape`: each file's header is
+/// checked (in parallel); one that does not read is an error, or left out when `skips`
+/// allows it.
+fn list_all(
+    files: &[(PathBuf, u8)],
+    shape: [usize; 3],
+    classes: usize,
+    skips: &mut Skips<'_>,
+) -> Result<ImageSet> {
+    let checked: Vec<Result<()>> = files.par_iter().map(|(p, _)| check_header(p)).collect();
+    let (mut paths, mut labels) = (Vec::new(), Vec::new());
+    for (r, (path, label)) in checked.into_iter().zip(files) {
+        match r {
+            Ok(()) => {
+                paths.push(path.clone());
+                labels.push(*label);
+            }
+            Err(e) => skips.skip(path, e)?,
+        }
+    }
+    Ok(ImageSet {
+        shape,
+        classes,
+        images: Pixels::Files(paths.into()),
+        labels,
+    })
+}
+
+/// Per-channel mean and standard deviation of a set's pixels on 0..1: of every image in
+/// memory, or of [`STATISTICS_SAMPLES`] evenly spaced ones read from their files.
+fn statistics(set: &ImageSet) -> Result<Normalize> {
     let [c, h, w] = set.shape;
+    let n = set.len();
+    let picked: Vec<usize> = if set.is_streamed() && n > STATISTICS_SAMPLES {
+        (0..STATISTICS_SAMPLES)
+            .map(|k| k * n / STATISTICS_SAMPLES)
+            .collect()
+    } else {
+        (0..n).collect()
+    };
+    let images = picked
+        .par_iter()
+        .map(|&i| set.sample(i).map(|(px, _)| px))
+        .collect::<Result<Vec<_>>>()?;
     let mut sums = vec![(0f64, 0f64, 0u64); c];
-    for img in set.images.chunks_exact(c * h * w) {
+    for img in &images {
         for (ch, plane) in img.chunks_exact(h * w).enumerate() {
             for &p in plane {
                 let v = f64::from(p) / 255.0;
@@ -260,7 +326,7 @@ fn statistics(set: &ImageSet) -> Normalize {
         mean.push(m as f32);
         std.push(((q / n - m * m).max(0.0).sqrt() as f32).max(1e-3));
     }
-    Normalize { mean, std }
+    Ok(Normalize { mean, std })
 }
 
 /// Reads a tree of images without labels (`unlabeled:DIR`): every image at any depth under
@@ -358,9 +424,29 @@ pub fn load(dir: &Path, opts: &DataOptions) -> Result<Folder> {
     decode_folder(&train_files, &test_files, classes, held_out, skips)
 }
 
-/// Decodes a folder's train and test files (with their labels) at the first training image's
-/// size and channels, and chooses the normalization: ImageNet's for colour, the training
-/// images' own statistics for grey.
+/// The size and channels of the first training image that decodes (the ones before it are
+/// reported when the whole set is read).
+fn first_shape(train_files: &[(PathBuf, u8)], opts: &DataOptions) -> Result<[usize; 3]> {
+    let mut first_error = None;
+    for (p, _) in train_files {
+        match decode(p) {
+            Ok(img) => {
+                let (w, h) = img.dimensions();
+                let channels = if img.color().has_color() { 3 } else { 1 };
+                return Ok([channels, h as usize, w as usize]);
+            }
+            Err(e) if opts.skip_bad_images => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(first_error.unwrap_or_else(|| CoreError::Invalid("no training images".into())))
+}
+
+/// Reads a folder's train and test files (with their labels) at one shape (decoded into
+/// memory, or read from the files: see the module's documentation), and chooses the
+/// normalization: ImageNet's for colour, the training images' own statistics for grey.
 fn decode_folder(
     train_files: &[(PathBuf, u8)],
     test_files: &[(PathBuf, u8)],
@@ -368,32 +454,16 @@ fn decode_folder(
     held_out: bool,
     mut skips: Skips<'_>,
 ) -> Result<Folder> {
-    // The first training image that decodes sets the size (the ones before it are reported
-    // when the whole set is decoded).
-    let mut first = None;
-    let mut first_error = None;
-    for (p, _) in train_files {
-        match decode(p) {
-            Ok(img) => {
-                first = Some(img);
-                break;
-            }
-            Err(e) if skips.opts.skip_bad_images => {
-                first_error.get_or_insert(e);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let first = match (first, first_error) {
-        (Some(img), _) => img,
-        (None, Some(e)) => return Err(e),
-        (None, None) => return Err(CoreError::Invalid("no training images".into())),
+    let shape = match skips.opts.shape {
+        Some(shape @ [1 | 3, h, w]) if h > 0 && w > 0 => shape,
+        _ => first_shape(train_files, skips.opts)?,
     };
-    let (w, h) = first.dimensions();
-    let channels = if first.color().has_color() { 3 } else { 1 };
-    let shape = [channels, h as usize, w as usize];
-    let train = decode_all(train_files, shape, classes.len(), &mut skips)?;
-    let test = decode_all(test_files, shape, classes.len(), &mut skips)?;
+    let per: usize = shape.iter().product();
+    let decoded = (train_files.len() + test_files.len()).saturating_mul(per);
+    let in_memory = decoded <= skips.opts.cache_mb.saturating_mul(1 << 20);
+    let read = if in_memory { decode_all } else { list_all };
+    let train = read(train_files, shape, classes.len(), &mut skips)?;
+    let test = read(test_files, shape, classes.len(), &mut skips)?;
     if train.labels.is_empty() || test.labels.is_empty() {
         return Err(CoreError::Invalid(format!(
             "{} training and {} test images are left after {} bad files were skipped",
@@ -402,13 +472,13 @@ fn decode_folder(
             skips.skipped.len()
         )));
     }
-    let normalize = if channels == 3 {
+    let normalize = if shape[0] == 3 {
         Normalize {
             mean: vec![0.485, 0.456, 0.406],
             std: vec![0.229, 0.224, 0.225],
         }
     } else {
-        statistics(&train)
+        statistics(&train)?
     };
     Ok(Folder {
         train,

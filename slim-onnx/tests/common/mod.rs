@@ -44,7 +44,7 @@ pub fn mnist_5k(n: usize) -> ImageSet {
     ImageSet {
         shape: [1, 28, 28],
         classes: 10,
-        images,
+        images: images.into(),
         labels,
     }
 }
