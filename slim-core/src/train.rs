@@ -631,7 +631,7 @@ pub fn train(
         )));
     }
     let out_shape = model.graph.node(model.graph.outputs()[0]).shape.clone();
-    if data.train.is_labeled() && out_shape != [data.train.classes] {
+    if !label_free && out_shape != [data.train.classes] {
         return Err(CoreError::Invalid(format!(
             "the model outputs {out_shape:?}, the data set `{}` has {} classes",
             data.spec, data.train.classes

@@ -1,6 +1,9 @@
 //! The model zoo: LeNet-5, VGG-11/16 (with batch norm), ResNet-20/56 (CIFAR style),
 //! ResNet-18/50 (ImageNet style; 50 with bottlenecks), MobileNet V1 and V2 with a width
-//! multiplier, and `mobilenet_tiny`, for 1x28x28, 3x32x32 and 3x224x224 inputs.
+//! multiplier, and `mobilenet_tiny`, for 1x28x28, 3x32x32 and 3x224x224 inputs; and
+//! `segnet_tiny`, a small encoder-decoder with a per-pixel output (`[classes, H, W]`) for
+//! dense prediction, trained by reproducing another model (it has no class scores to learn
+//! from labels).
 //!
 //! Inputs of at most 64 pixels get the small-image variant of each network (a 3x3 stride-1
 //! stem and no stem pooling, as for CIFAR), larger inputs the ImageNet one. Parameter names
@@ -9,7 +12,10 @@
 use candle_core::Device;
 
 use crate::error::{CoreError, Result};
-use crate::graph::{Conv2dSpec, Graph, GraphBuilder, Op, PoolSpec};
+use crate::graph::{
+    Conv2dSpec, ConvTransposeSpec, CoordMode, Graph, GraphBuilder, NearestRounding, Op, PoolSpec,
+    ResizeMode, ResizeSpec,
+};
 use crate::model::Model;
 
 /// Every model name the zoo knows.
@@ -24,6 +30,7 @@ pub const NAMES: &[&str] = &[
     "mobilenet_v1",
     "mobilenet_v2",
     "mobilenet_tiny",
+    "segnet_tiny",
 ];
 
 /// Which variant of a zoo model to build.
@@ -90,6 +97,7 @@ pub fn build(name: &str, cfg: &ZooConfig) -> Result<Graph> {
         "mobilenet_v1" => mobilenet_v1(cfg),
         "mobilenet_v2" => mobilenet_v2(cfg),
         "mobilenet_tiny" => mobilenet_tiny(cfg),
+        "segnet_tiny" => segnet_tiny(cfg),
         _ => {
             return Err(CoreError::Invalid(format!(
                 "unknown zoo model `{name}` (known: {})",
@@ -491,6 +499,51 @@ fn mobilenet_tiny(cfg: &ZooConfig) -> Result<Graph> {
     b.build()
 }
 
+/// A small encoder-decoder for dense prediction: two stride-2 stages down, a transposed
+/// convolution up (with a skip connection added from the encoder) and a nearest resize up,
+/// then a 1x1 convolution to `classes` scores per pixel. The input's height and width must
+/// be multiples of 4.
+fn segnet_tiny(cfg: &ZooConfig) -> Result<Graph> {
+    let [_, h, w] = cfg.input;
+    if h % 4 != 0 || w % 4 != 0 {
+        return Err(CoreError::Invalid(format!(
+            "segnet_tiny needs a height and width that are multiples of 4, not {h}x{w}"
+        )));
+    }
+    let (c1, c2, c3) = (cfg.scale(16), cfg.scale(32), cfg.scale(64));
+    let mut b = GraphBuilder::new(cfg.input);
+    cba(&mut b, "enc1", k(c1, 3, 1), Some(Op::Relu));
+    cba(&mut b, "enc2", k(c2, 3, 2), Some(Op::Relu));
+    cba(&mut b, "enc3", k(c3, 3, 2), Some(Op::Relu));
+    let up = ConvTransposeSpec {
+        in_channels: c3,
+        out_channels: c2,
+        kernel: [2, 2],
+        stride: 2,
+        padding: 0,
+        output_padding: 0,
+        dilation: 1,
+        groups: 1,
+        bias: false,
+    };
+    b.push("dec1.up", Op::ConvTranspose2d(up))
+        .bn("dec1.bn")
+        .add("dec1.skip", &["dec1.bn", "enc2.bn"])
+        .relu("dec1.relu");
+    b.push(
+        "dec2.resize",
+        Op::Resize(ResizeSpec {
+            out: [h, w],
+            scale: [2.0, 2.0],
+            mode: ResizeMode::Nearest(NearestRounding::Floor),
+            coord: CoordMode::Asymmetric,
+        }),
+    );
+    cba(&mut b, "dec2", k(c1, 3, 1), Some(Op::Relu));
+    b.conv_with("head", Conv2dSpec::new(0, cfg.classes, 1).with_bias(true));
+    b.build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,9 +583,16 @@ mod tests {
         for name in NAMES {
             for input in [[1, 28, 28], [3, 32, 32]] {
                 let g = build(name, &ZooConfig::new(input)).unwrap();
-                assert_eq!(g.node(g.outputs()[0]).shape, vec![10], "{name} {input:?}");
+                let want = if *name == "segnet_tiny" {
+                    vec![10, input[1], input[2]]
+                } else {
+                    vec![10]
+                };
+                assert_eq!(g.node(g.outputs()[0]).shape, want, "{name} {input:?}");
             }
         }
+        let e = build("segnet_tiny", &ZooConfig::new([1, 30, 30])).unwrap_err();
+        assert!(e.to_string().contains("multiples of 4"), "{e}");
         let g = build("resnet20", &ZooConfig::new([3, 32, 32])).unwrap();
         assert!(within(analyze(&g).params, 0.27e6, 0.02));
         let e = build("resnet7", &ZooConfig::new([3, 32, 32]))
