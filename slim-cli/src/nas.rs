@@ -50,13 +50,19 @@ pub struct Search {
     /// Width multiplier of the space's hand-made network (the starting candidate).
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR.
+    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR,
+    /// unlabeled:DIR (with --teacher).
     #[arg(long, default_value = DEFAULT_SPEC)]
     pub data: String,
     /// Candidates are scored (top-1) on the last N training images, kept apart from the test
     /// split and from what they train on.
     #[arg(long, default_value_t = 1000)]
     pub eval_images: usize,
+    /// A model to reproduce, for data without labels (`unlabeled:DIR`, where it is needed) or
+    /// in place of them: candidates learn to reproduce its outputs and are scored by their
+    /// top-1 agreement with it instead of their accuracy.
+    #[arg(long, value_name = "MODEL")]
+    pub teacher: Option<PathBuf>,
     /// The most multiply-accumulates a candidate may have.
     #[arg(long)]
     pub max_macs: Option<u64>,
@@ -233,6 +239,9 @@ struct Prepared {
     full: DataSplits,
     eval: ImageSet,
     cost: Option<LatencyCost>,
+    /// The model candidates reproduce (without labels), and what they are scored by.
+    teacher: Option<Model>,
+    metric: &'static str,
 }
 
 /// Checks every argument of a search and loads what it needs, before any work. `train_images`
@@ -279,7 +288,24 @@ fn prepare(
         }
         None => None,
     };
-    let full = crate::common::load_data(&s.data, None, None)?;
+    let teacher = match &s.teacher {
+        Some(path) => Some(crate::common::load_model(
+            path,
+            &s.common.device()?,
+            &s.common.load,
+        )?),
+        None => None,
+    };
+    let shape = teacher.as_ref().and_then(crate::common::input_shape);
+    let mut full = crate::common::load_data(&s.data, None, shape)?;
+    if let Some(t) = &teacher {
+        crate::common::adapt_data(&mut full, t)?;
+    } else if !full.train.is_labeled() {
+        return Err(input_error(format!(
+            "`{}` has no labels: give --teacher MODEL, a model for the candidates to reproduce",
+            s.data
+        )));
+    }
     let n = full.train.len();
     let train = train_images.unwrap_or(n.saturating_sub(s.eval_images));
     if train < batch_size || s.eval_images == 0 {
@@ -296,16 +322,27 @@ fn prepare(
             s.data
         )));
     }
+    let classes = match &teacher {
+        Some(t) => slim_nas::strategy::teacher_classes(t)?,
+        None => full.train.classes,
+    };
     let zcfg = ZooConfig::new(full.train.shape)
         .with_width(s.width)
-        .with_classes(full.train.classes);
+        .with_classes(classes);
     let space = spaces.build(&s.space, &zcfg)?;
     let eval = full.train.take_last(s.eval_images);
+    let metric = if teacher.is_some() {
+        "agreement"
+    } else {
+        "top-1"
+    };
     Ok(Prepared {
         space,
         full,
         eval,
         cost,
+        teacher,
+        metric,
     })
 }
 
@@ -320,7 +357,12 @@ fn run_sa(a: SaArgs, study: Option<(&dyn StudyStore, WorkerOptions)>) -> Result<
         "{} (train: first {}, score: last {} training images)",
         a.search.data, a.train_images, a.search.eval_images
     );
-    let mut reward = TrainReward { data, cfg, device };
+    let mut reward = TrainReward {
+        data,
+        cfg,
+        device,
+        teacher: p.teacher.clone(),
+    };
     search_and_report(
         &a.search,
         &p,
@@ -364,6 +406,7 @@ fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
         p.space.as_ref(),
         &data,
         &cfg,
+        p.teacher.as_ref(),
         Some(&a.search.out.join("supernet.safetensors")),
         a.checkpoint_every
             .map(slim_core::train::CheckpointEvery::Steps)
@@ -430,6 +473,7 @@ fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
             "data": data.train.fingerprint(),
             "recipe": format!("{cfg:?}"),
         }),
+        teacher: p.teacher.as_ref(),
     };
     search_and_report(&a.search, &p, &mut reward, a.seed, started, None)
 }
@@ -471,6 +515,7 @@ fn search_and_report(
             .unwrap_or_default()
     };
     let space = p.space.as_ref();
+    let metric = p.metric;
     let mut show = |p: NasProgress<'_>| {
         if quiet {
             return;
@@ -490,9 +535,10 @@ fn search_and_report(
                 best,
                 rejected,
             } => eprintln!(
-                "candidate {}/{total}: top-1 {:.2}% (best {:.2}%), {} MACs{}, {rejected} \
+                "candidate {}/{total}: {} {:.2}% (best {:.2}%), {} MACs{}, {rejected} \
                      rejected before it: {}",
                 index + 1,
+                metric,
                 candidate.reward.unwrap_or(f64::NAN) * 100.0,
                 best * 100.0,
                 slim_core::analysis::human(candidate.measure.macs),
@@ -534,10 +580,15 @@ fn search_and_report(
     slim_core::io::write_atomic(&s.out.join("reward.svg"), over_time.as_bytes())?;
     slim_core::io::write_atomic(&s.out.join(cost_plot), vs_cost.as_bytes())?;
     let ranked = ranked(&result.candidates);
-    let report = results_markdown(space, &result, &ranked, seconds);
+    let report = results_markdown(space, &result, &ranked, seconds, p.metric);
     slim_core::io::write_atomic(&s.out.join("results.md"), report.as_bytes())?;
     if s.common.json {
         let mut j = result.to_json();
+        j["reward"] = json!(if p.metric == "top-1" {
+            "top1"
+        } else {
+            "agreement"
+        });
         j["baseline"] =
             json!({"measure": result.baseline, "meets_limits": result.baseline_feasible});
         j["seconds"] = json!(seconds);
@@ -574,6 +625,7 @@ fn results_markdown(
     r: &slim_nas::SaResult,
     ranked: &[&Candidate],
     seconds: f64,
+    metric: &str,
 ) -> String {
     let evaluated = r
         .candidates
@@ -616,7 +668,7 @@ fn results_markdown(
     if with_lat {
         header.push("latency ms");
     }
-    header.push("top-1");
+    header.push(metric);
     format!(
         "search space {}: {evaluated} candidates evaluated, {rejected} rejected by the limits, \
          {seconds:.0} s\n\n{}",
@@ -693,15 +745,21 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
         }
         let supernet = crate::common::load_model(&file, &device, &a.common.load)?;
         let mut model = slim_nas::oneshot::inherit(&supernet, space.as_ref(), &c.tokens)?;
-        let data = crate::common::load_data(&a.data, None, None)?;
+        let data = crate::common::load_data(&a.data, None, Some(input))?;
         let calibration = data.train.take(a.calibration_images);
         slim_core::train::recalibrate_batch_norm(&model, &calibration, &data.normalize, 64)?;
         // The search's own calibration images, when they are these, make the model the one
         // it scored.
         let same = key["reward"]["calibration"].as_str() == Some(&calibration.fingerprint());
-        let test = slim_core::train::evaluate(&model, &data.test, &data.normalize, 256)?;
+        // Without labels there is no top-1 to measure.
+        let test_top1 = match data.test.is_labeled() {
+            true => {
+                Some(slim_core::train::evaluate(&model, &data.test, &data.normalize, 256)?.top1)
+            }
+            false => None,
+        };
         model.provenance.insert("data".into(), a.data.clone());
-        inherited = Some(json!({"same_calibration": same, "test_top1": test.top1}));
+        inherited = Some(json!({"same_calibration": same, "test_top1": test_top1}));
         model
     } else {
         Model::init(space.graph(&c.tokens)?, a.seed, &device)?
@@ -738,8 +796,13 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
             )
         );
     } else {
+        let metric = if key["reward"].get("teacher").is_some() {
+            "agreement with the teacher"
+        } else {
+            "top-1"
+        };
         outln!(
-            "{}: rank {} of {} ({}: {}), top-1 {:.2}% in the search, {} MACs, {} params",
+            "{}: rank {} of {} ({}: {}), {metric} {:.2}% in the search, {} MACs, {} params",
             a.out.display(),
             a.rank,
             ranked.len(),
@@ -749,7 +812,7 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
             slim_core::analysis::human(c.measure.macs),
             slim_core::analysis::human(c.measure.params)
         );
-        if let Some(i) = &inherited {
+        if let Some(i) = inherited.as_ref().filter(|i| !i["test_top1"].is_null()) {
             outln!(
                 "weights inherited from the supernet: top-1 {:.2}% on the test split{}",
                 i["test_top1"].as_f64().unwrap_or(f64::NAN) * 100.0,

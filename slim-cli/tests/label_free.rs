@@ -323,3 +323,137 @@ fn a_dense_output_model_pruned_without_labels_keeps_its_maps() {
     assert!(t >= 0.99, "{tuned}");
     assert!(t > b, "fine-tuning did not help: {b} -> {t}");
 }
+
+/// Architecture search without labels: candidates (annealing, and one-shot from a supernet)
+/// learn to reproduce a trained LeNet on unlabeled digits and are scored by their top-1
+/// agreement with it; the best one exported and its JSON say so. Without a model to
+/// reproduce, unlabeled data is refused.
+#[test]
+fn architecture_search_without_labels_reproduces_a_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = trained_lenet(dir.path());
+    let spec = unlabeled_folder(&dir.path().join("images"), 1200);
+    let small = [
+        "--space",
+        "mobilenet_v1",
+        "--width",
+        "0.25",
+        "--eval-images",
+        "256",
+        "--iterations",
+        "3",
+        "--data",
+        &spec,
+        "--augment",
+        "none",
+        "--json",
+        "-q",
+    ];
+    let refused = slim()
+        .args(["nas", "sa"])
+        .args(small)
+        .arg("--out")
+        .arg(dir.path().join("none"))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--teacher"), "{err}");
+    assert!(!dir.path().join("none").exists());
+
+    let sa_out = dir.path().join("sa");
+    let sa = json_of(
+        &slim()
+            .args(["nas", "sa"])
+            .args(small)
+            .args([
+                "--train-images",
+                "800",
+                "--epochs",
+                "5",
+                "--lr",
+                "0.02",
+                "--teacher",
+            ])
+            .arg(&teacher)
+            .arg("--out")
+            .arg(&sa_out)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(sa["reward"], "agreement", "{sa}");
+    let best = sa["best"]["reward"].as_f64().unwrap();
+    assert!(best > 0.5, "the best candidate agrees on {best}: {sa}");
+    let table = std::fs::read_to_string(sa_out.join("results.md")).unwrap();
+    assert!(table.contains("agreement"), "{table}");
+
+    let one = json_of(
+        &slim()
+            .args(["nas", "oneshot"])
+            .args(small)
+            .args(["--supernet-epochs", "5", "--lr", "0.02"])
+            .args(["--calibration-images", "256", "--teacher"])
+            .arg(&teacher)
+            .arg("--out")
+            .arg(dir.path().join("oneshot"))
+            .output()
+            .unwrap(),
+    );
+    // A supernet trained for five short epochs scores its subnets well above chance (one in
+    // ten), as on the labels (26% top-1 for the same settings, measured with them).
+    assert_eq!(one["reward"], "agreement", "{one}");
+    let best = one["best"]["reward"].as_f64().unwrap();
+    assert!(
+        best > 0.15,
+        "the best inherited candidate agrees on {best}: {one}"
+    );
+    let exported = json_of(
+        &slim()
+            .args(["nas", "export"])
+            .arg(dir.path().join("oneshot"))
+            .args([
+                "--inherit",
+                "--calibration-images",
+                "256",
+                "--data",
+                &spec,
+                "--json",
+            ])
+            .arg("--out")
+            .arg(dir.path().join("found.safetensors"))
+            .output()
+            .unwrap(),
+    );
+    assert!(exported["inherited"]["test_top1"].is_null(), "{exported}");
+
+    // A pipeline's search stage on unlabeled data reproduces the model entering it: its
+    // candidates, then the architecture it found, trained with the pipeline's recipe.
+    let config = dir.path().join("nas.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\nfile = \"{}\"\n[data]\nspec = \"{spec}\"\n[train]\nepochs = 5\n\
+             lr = 0.02\n[[strategy]]\nkind = \"nas.sa\"\nspace = \"mobilenet_v1\"\n\
+             width = 0.25\niterations = 2\ncandidate_epochs = 5\ntrain_images = 800\n\
+             eval_images = 256\n[output]\ndir = \"{}\"\n",
+            teacher.display(),
+            dir.path().join("pipeline").display()
+        ),
+    )
+    .unwrap();
+    let r = json_of(
+        &slim()
+            .args(["compress", "--json", "-q", "--augment", "none", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap(),
+    );
+    let stage = &r["stages"][1];
+    assert_eq!(stage["name"], "nas.sa", "{r}");
+    assert!(stage["info"]["search_top1"].is_null(), "{stage}");
+    assert!(
+        stage["info"]["search_agreement"].as_f64().unwrap() > 0.5,
+        "{stage}"
+    );
+    assert!(stage["agreement"].as_f64().unwrap() > 0.5, "{stage}");
+}

@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use slim_core::data::{DataSplits, Dataset, ImageSet, Loader, LoaderConfig, Normalize};
 use slim_core::exec::ParamSource;
-use slim_core::train::{evaluate, recalibrate_batch_norm, CheckpointEvery, Optimizer, TrainConfig};
+use slim_core::reproduce::Reproduce;
+use slim_core::train::{
+    evaluate, fidelity, recalibrate_batch_norm, CheckpointEvery, LossTerm, Optimizer, TrainConfig,
+};
 use slim_core::{CoreError, ForwardOptions, Graph, Mode, Model, Node, ParamStore};
 
 use crate::sa::Reward;
@@ -130,7 +133,8 @@ pub enum SupernetProgress {
 }
 
 /// Trains the supernet of `space` on `data.train` with `cfg` (its epochs, batch size,
-/// optimizer, schedule and seed), one sampled candidate per step. With `file`, the supernet
+/// optimizer, schedule and seed), one sampled candidate per step: on the labels, or with a
+/// teacher (data without labels) to reproduce the teacher's outputs. With `file`, the supernet
 /// and its optimizer's state are written there after every epoch and within epochs as
 /// `every` says; a training stopped in between (or asked for more epochs) resumes where the
 /// file was written, to the same supernet as an unbroken run; a finished one is read back.
@@ -138,6 +142,7 @@ pub fn train_supernet(
     space: &dyn SearchSpace,
     data: &DataSplits,
     cfg: &TrainConfig,
+    teacher: Option<&Model>,
     file: Option<&Path>,
     every: CheckpointEvery,
     device: &candle_core::Device,
@@ -159,12 +164,16 @@ pub fn train_supernet(
         epochs: 0,
         ..cfg.clone()
     };
-    let key = json!({
+    let mut key = json!({
         "space": space.name(),
         "space_config": space.key(),
         "data": data.train.fingerprint(),
         "recipe": format!("{recipe:?}"),
     });
+    if let Some(t) = teacher {
+        key["teacher"] = json!(t.fingerprint()?);
+    }
+    let mut reproduce = teacher.map(|t| Reproduce::new(t.clone())).transpose()?;
     let mut supernet = Model::init(space.graph(&sup_tokens)?, cfg.seed, device)?;
     let (mut done, mut done_steps, mut done_loss) = (0, 0, 0.0);
     if let Some(f) = file.filter(|f| f.exists()) {
@@ -262,7 +271,10 @@ pub fn train_supernet(
                     ..Default::default()
                 },
             )?;
-            let loss = candle_nn::loss::cross_entropy(&out.outputs[0], &batch.labels)?;
+            let loss = match reproduce.as_mut() {
+                Some(r) => r.loss(&batch, &out)?,
+                None => candle_nn::loss::cross_entropy(&out.outputs[0], &batch.labels)?,
+            };
             let value = f64::from(loss.to_scalar::<f32>()?);
             if !value.is_finite() {
                 return Err(NasError::Invalid(format!(
@@ -401,7 +413,8 @@ fn load_optimizer(
 }
 
 /// A candidate's reward with the supernet's weights: its batch-norm statistics recomputed on
-/// `calibration`, then its top-1 on `eval`.
+/// `calibration`, then its top-1 on `eval`, or with a teacher (data without labels) its
+/// fidelity to the teacher there.
 pub struct OneShotReward<'a> {
     pub supernet: &'a Model,
     pub space: &'a dyn SearchSpace,
@@ -410,15 +423,20 @@ pub struct OneShotReward<'a> {
     pub normalize: Normalize,
     /// What identifies the supernet (its training), for the history's key.
     pub supernet_key: serde_json::Value,
+    pub teacher: Option<&'a Model>,
 }
 
 impl Reward for OneShotReward<'_> {
     fn key(&self) -> serde_json::Value {
-        json!({
+        let mut key = json!({
             "one_shot": self.supernet_key,
             "calibration": self.calibration.fingerprint(),
             "eval": self.eval.fingerprint(),
-        })
+        });
+        if let Some(t) = self.teacher {
+            key["teacher"] = json!(t.fingerprint().ok());
+        }
+        key
     }
     fn reward(&mut self, tokens: &[usize], _graph: &Graph) -> slim_core::Result<f64> {
         let m = inherit(self.supernet, self.space, tokens).map_err(|e| match e {
@@ -426,7 +444,10 @@ impl Reward for OneShotReward<'_> {
             other => CoreError::Invalid(other.to_string()),
         })?;
         recalibrate_batch_norm(&m, &self.calibration, &self.normalize, 64)?;
-        Ok(evaluate(&m, &self.eval, &self.normalize, 256)?.top1)
+        Ok(match self.teacher {
+            Some(t) => fidelity(&m, t, &self.eval, &self.normalize, 256)?.headline(),
+            None => evaluate(&m, &self.eval, &self.normalize, 256)?.top1,
+        })
     }
 }
 

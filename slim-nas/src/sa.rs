@@ -25,13 +25,14 @@ use serde_json::json;
 use slim_core::analysis::analyze;
 use slim_core::data::DataSplits;
 use slim_core::plot::{Plot, Series};
+use slim_core::reproduce::Reproduce;
 use slim_core::search::{
     run_search, Annealing, CostModel, Evolution, History, SearchProgress, Trial,
 };
 use slim_core::study::{
     StudyController, StudyStore, StudyTask, Worker, WorkerOptions, WorkerProgress,
 };
-use slim_core::train::{evaluate, train, TrainConfig, TrainOptions};
+use slim_core::train::{evaluate, fidelity, train, TrainConfig, TrainOptions};
 use slim_core::{CoreError, Graph, Model};
 
 use crate::space::{check_tokens, SearchSpace};
@@ -123,31 +124,50 @@ pub trait Reward {
 }
 
 /// The default reward: train a fresh model of the candidate (seeded) on `data.train` with
-/// `cfg`, then its top-1 on `data.test` (subsets of a data set, for a short search).
+/// `cfg`, then its top-1 on `data.test` (subsets of a data set, for a short search). With a
+/// teacher (data without labels), the candidate learns to reproduce the teacher's outputs
+/// instead, and scores its fidelity to it on `data.test` (top-1 agreement, or the cosine
+/// similarity of an output that is not class scores).
 pub struct TrainReward {
     pub data: DataSplits,
     pub cfg: TrainConfig,
     pub device: Device,
+    pub teacher: Option<Model>,
 }
 
 impl Reward for TrainReward {
     fn key(&self) -> serde_json::Value {
-        json!({
+        let mut key = json!({
             "train": self.data.train.fingerprint(),
             "eval": self.data.test.fingerprint(),
             "recipe": format!("{:?}", self.cfg),
-        })
+        });
+        if let Some(t) = &self.teacher {
+            key["teacher"] = json!(t.fingerprint().ok());
+        }
+        key
     }
     fn reward(&mut self, _tokens: &[usize], graph: &Graph) -> slim_core::Result<f64> {
         let mut model = Model::init(graph.clone(), self.cfg.seed, &self.device)?;
-        train(
-            &mut model,
-            &self.data,
-            &self.cfg,
-            TrainOptions::default(),
-            &mut |_| {},
-        )?;
-        Ok(evaluate(&model, &self.data.test, &self.data.normalize, 256)?.top1)
+        let Some(teacher) = &self.teacher else {
+            train(
+                &mut model,
+                &self.data,
+                &self.cfg,
+                TrainOptions::default(),
+                &mut |_| {},
+            )?;
+            return Ok(evaluate(&model, &self.data.test, &self.data.normalize, 256)?.top1);
+        };
+        let mut term = Reproduce::new(teacher.clone())?;
+        let opts = TrainOptions {
+            label_free: true,
+            eval_each_epoch: false,
+            extra: vec![&mut term],
+            ..Default::default()
+        };
+        train(&mut model, &self.data, &self.cfg, opts, &mut |_| {})?;
+        Ok(fidelity(&model, teacher, &self.data.test, &self.data.normalize, 256)?.headline())
     }
 }
 

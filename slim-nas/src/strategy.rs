@@ -11,7 +11,6 @@ use slim_core::analysis::analyze;
 use slim_core::data::Dataset;
 use slim_core::pipeline::{Context, Strategy};
 use slim_core::search::CostModel;
-use slim_core::train::{train, TrainOptions};
 use slim_core::zoo::ZooConfig;
 use slim_core::{CoreError, Model};
 
@@ -130,6 +129,17 @@ impl NasStrategy {
     }
 }
 
+/// The number of classes a teacher scores: candidates without labels reproduce its scores.
+pub fn teacher_classes(teacher: &Model) -> crate::Result<usize> {
+    match teacher.graph.node(teacher.graph.outputs()[0]).shape[..] {
+        [k] => Ok(k),
+        ref other => Err(NasError::Invalid(format!(
+            "the model to reproduce outputs {other:?} per image, not class scores: an \
+             architecture search without labels needs a classifier to reproduce"
+        ))),
+    }
+}
+
 impl Strategy for NasStrategy {
     fn kind(&self) -> &str {
         self.kind
@@ -140,13 +150,6 @@ impl Strategy for NasStrategy {
         model: Model,
         ctx: &mut Context<'_>,
     ) -> slim_core::Result<(Model, serde_json::Value)> {
-        if !ctx.labeled() {
-            return Err(CoreError::Invalid(format!(
-                "{}: the data has no labels, and the search trains candidates from scratch on \
-                 them",
-                self.kind
-            )));
-        }
         let o = &self.options;
         let kind = self.kind;
         let to_core = |e: NasError| match e {
@@ -168,9 +171,16 @@ impl Strategy for NasStrategy {
                 o.eval_images
             )));
         }
+        // Without labels, candidates learn to reproduce the model entering the stage, and
+        // score their agreement with it.
+        let teacher = (!ctx.labeled()).then(|| model.clone());
+        let classes = match &teacher {
+            None => data.train.classes,
+            Some(t) => teacher_classes(t).map_err(to_core)?,
+        };
         let zcfg = ZooConfig::new(data.train.shape)
             .with_width(o.width)
-            .with_classes(data.train.classes);
+            .with_classes(classes);
         let space = Spaces::builtin().build(&o.space, &zcfg).map_err(to_core)?;
         let entering = analyze(&model.graph).macs;
         let max_macs = match (o.max_macs, o.max_macs_ratio) {
@@ -202,6 +212,7 @@ impl Strategy for NasStrategy {
                 data: sub.clone(),
                 cfg,
                 device: device.clone(),
+                teacher: teacher.clone(),
             };
             &mut train_reward
         } else {
@@ -215,6 +226,7 @@ impl Strategy for NasStrategy {
                 space.as_ref(),
                 &sub,
                 &cfg,
+                teacher.as_ref(),
                 Some(&ctx.work_dir.join("supernet.safetensors")),
                 slim_core::train::CheckpointEvery::default(),
                 &device,
@@ -243,6 +255,7 @@ impl Strategy for NasStrategy {
                 eval: sub.test.clone(),
                 normalize: sub.normalize.clone(),
                 supernet_key: json!({"data": sub.train.fingerprint(), "recipe": format!("{cfg:?}")}),
+                teacher: teacher.as_ref(),
             };
             &mut oneshot_reward
         };
@@ -254,6 +267,7 @@ impl Strategy for NasStrategy {
             ..Default::default()
         };
         let status = ctx.status;
+        let labeled = ctx.labeled();
         let result = sa_search(
             space.as_ref(),
             &limits,
@@ -266,8 +280,9 @@ impl Strategy for NasStrategy {
                 } = p
                 {
                     status(&format!(
-                        "candidate {}/{total}, best top-1 {:.2}%",
+                        "candidate {}/{total}, best {} {:.2}%",
                         index + 1,
+                        if labeled { "top-1" } else { "agreement" },
                         best * 100.0
                     ));
                 }
@@ -294,13 +309,8 @@ impl Strategy for NasStrategy {
             cfg.epochs = e;
         }
         (ctx.status)(&format!("training the best candidate: {}", best.arch));
-        let report = train(
-            &mut found,
-            data,
-            &cfg,
-            TrainOptions::default(),
-            ctx.progress,
-        )?;
+        // On the labels, or (without them) to reproduce the model entering the stage.
+        let report = slim_core::pipeline::finetune(&mut found, &model, &cfg, None, ctx)?;
         let evaluated = result
             .candidates
             .iter()
@@ -312,7 +322,8 @@ impl Strategy for NasStrategy {
                 "space": o.space,
                 "arch": best.arch,
                 "tokens": best.tokens,
-                "search_top1": best.reward,
+                "search_top1": labeled.then_some(best.reward),
+                "search_agreement": (!labeled).then_some(best.reward),
                 "macs_limit": max_macs,
                 "latency_ms": best.measure.latency_ms,
                 "evaluated": evaluated,

@@ -135,6 +135,7 @@ fn the_supernet_learns_through_its_subnets_and_resumes() {
         space.as_ref(),
         &data,
         &cfg,
+        None,
         Some(&file),
         Default::default(),
         &dev,
@@ -149,6 +150,7 @@ fn the_supernet_learns_through_its_subnets_and_resumes() {
         space.as_ref(),
         &data,
         &cfg2,
+        None,
         Some(&file),
         Default::default(),
         &dev,
@@ -168,6 +170,7 @@ fn the_supernet_learns_through_its_subnets_and_resumes() {
         space.as_ref(),
         &data,
         &cfg2.clone().with_lr(0.1),
+        None,
         Some(&file),
         Default::default(),
         &dev,
@@ -184,6 +187,7 @@ fn the_supernet_learns_through_its_subnets_and_resumes() {
         eval: data.test.clone(),
         normalize: data.normalize.clone(),
         supernet_key: serde_json::json!("test"),
+        teacher: None,
     };
     for tokens in [space.initial(), space.supernet()] {
         let g = space.graph(&tokens).unwrap();

@@ -371,6 +371,7 @@ fn a_registered_space_is_searched_with_a_training_reward() {
             .with_batch_size(64)
             .with_lr(0.003),
         device: Device::Cpu,
+        teacher: None,
     };
     // At most 32 hidden units: the initial 64 is shrunk to fit.
     let limits = Limits {
