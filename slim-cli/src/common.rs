@@ -216,6 +216,15 @@ pub fn load_spec_shaped(spec: &str, shape: Option<[usize; 3]>) -> Result<DataSpl
     Ok(data)
 }
 
+/// The data specs every `--data` takes.
+pub const DATA_SPECS: &str = "builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, \
+     images:DIR (one folder per class), unlabeled:DIR (images without labels)";
+
+/// The help of a command's `--data`: what the command does with the data, then the specs.
+pub fn data_help(what: &str) -> String {
+    format!("{what}. Specs: {DATA_SPECS}")
+}
+
 /// The data spec for a model: the one given (`--data`), else the one it was trained on (its
 /// provenance), else the bundled digits.
 pub fn data_spec(given: Option<&str>, model: &Model) -> String {

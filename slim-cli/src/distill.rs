@@ -47,9 +47,8 @@ pub struct ServeArgs {
     /// The teacher model file.
     #[arg(long)]
     pub model: PathBuf,
-    /// The students' data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR (the
-    /// training split is served by sample index).
-    #[arg(long, default_value = DEFAULT_SPEC)]
+    #[arg(long, default_value = DEFAULT_SPEC, help = crate::common::data_help(
+        "The students' data (the training split is served by sample index)"))]
     pub data: String,
     /// Serve the first N training images only (the students' --limit).
     #[arg(long)]
@@ -99,8 +98,8 @@ pub struct DistillTrainArgs {
     /// Width multiplier of --student-model.
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR.
-    #[arg(long, default_value = DEFAULT_SPEC)]
+    #[arg(long, default_value = DEFAULT_SPEC, help = crate::common::data_help(
+        "The data (without labels, the students learn from the teachers alone)"))]
     pub data: String,
     /// A loss, repeatable: soft_label[:temperature=T,t2=true,weight=W],
     /// l2:teacher=NODE,student=NODE[,adapter=true], fsp:teacher=A-B,student=C-D; every loss
@@ -133,8 +132,8 @@ pub struct DumpArgs {
     /// The teacher model file.
     #[arg(long)]
     pub teacher: PathBuf,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR (its training split).
-    #[arg(long, default_value = DEFAULT_SPEC)]
+    #[arg(long, default_value = DEFAULT_SPEC, help = crate::common::data_help(
+        "The data whose training split the teacher's outputs are computed on"))]
     pub data: String,
     /// A node whose outputs to keep, repeatable (default: the teacher's output).
     #[arg(long)]

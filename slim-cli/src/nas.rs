@@ -50,9 +50,8 @@ pub struct Search {
     /// Width multiplier of the space's hand-made network (the starting candidate).
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR,
-    /// unlabeled:DIR (with --teacher).
-    #[arg(long, default_value = DEFAULT_SPEC)]
+    #[arg(long, default_value = DEFAULT_SPEC, help = crate::common::data_help(
+        "The data the candidates train and are scored on (without labels: with --teacher)"))]
     pub data: String,
     /// Candidates are scored (top-1) on the last N training images, kept apart from the test
     /// split and from what they train on.

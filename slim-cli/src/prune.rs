@@ -48,9 +48,9 @@ pub struct Selection {
     /// pruned; default: every prunable group.
     #[arg(long, num_args = 1..)]
     pub scope: Vec<String>,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR, unlabeled:DIR (images without labels: fine-tuning reproduces the original). Default: the data
-    /// the model was trained on (from its file), else the bundled MNIST subset.
-    #[arg(long)]
+    #[arg(long, help = crate::common::data_help(
+        "Data (default: the data the model was trained on, from its file, else the bundled \
+         MNIST subset; without labels, fine-tuning reproduces the original)"))]
     pub data: Option<String>,
     /// Evaluate on the first N test images only (sensitivity and search rewards).
     #[arg(long)]

@@ -26,8 +26,9 @@ pub enum QuantCommand {
 pub struct QatArgs {
     /// The float model file (.safetensors, or .onnx).
     pub file: PathBuf,
-    /// Data (default: the data the model was trained on, else the bundled MNIST subset).
-    #[arg(long)]
+    #[arg(long, help = crate::common::data_help(
+        "Data (default: the data the model was trained on, else the bundled MNIST subset; \
+         without labels, the fake-quantized model reproduces the float one)"))]
     pub data: Option<String>,
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
@@ -69,9 +70,9 @@ pub struct QatArgs {
 pub struct PtqArgs {
     /// The float model file (.safetensors, or .onnx).
     pub file: PathBuf,
-    /// Data for calibration (training split) and evaluation (test split). Default: the data
-    /// the model was trained on, else the bundled MNIST subset.
-    #[arg(long)]
+    #[arg(long, help = crate::common::data_help(
+        "Data for calibration (training split) and evaluation (test split); default: the data \
+         the model was trained on, else the bundled MNIST subset"))]
     pub data: Option<String>,
     /// abs_max or channel_wise_abs_max.
     #[arg(long, default_value = "channel_wise_abs_max")]

@@ -23,8 +23,7 @@ pub struct TrainArgs {
     /// Width multiplier.
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR.
-    #[arg(long, default_value = DEFAULT_SPEC)]
+    #[arg(long, default_value = DEFAULT_SPEC, help = crate::common::data_help("Data"))]
     pub data: String,
     #[command(flatten)]
     pub recipe: Recipe,
@@ -192,8 +191,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
 pub struct EvalArgs {
     /// A model file (.safetensors, or .onnx).
     pub file: PathBuf,
-    /// Data: builtin:mnist-10k, mnist:DIR, fashion-mnist:DIR, cifar10:DIR, images:DIR.
-    #[arg(long, default_value = DEFAULT_SPEC)]
+    #[arg(long, default_value = DEFAULT_SPEC, help = crate::common::data_help("Data"))]
     pub data: String,
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
