@@ -217,6 +217,40 @@ fn a_pipeline_without_labels() {
     let md = std::fs::read_to_string(dir.path().join("out").join("report.md")).unwrap();
     assert!(md.contains("agreement"), "{md}");
 
+    // A model file and images, no configuration: the default pipeline for a model (prune 30%
+    // with fine-tuning, int8), its configuration and the int8 model as ONNX beside the report.
+    let out = dir.path().join("model-out");
+    let r = json_of(
+        &slim()
+            .args(["compress", "--json", "-q", "--augment", "none", "--model"])
+            .arg(&original)
+            .args(["--data", &spec, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap(),
+    );
+    let stages = r["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["baseline", "prune.uniform", "quant.ptq"], "{r}");
+    for s in stages {
+        assert!(s["agreement"].as_f64().unwrap() > 0.85, "{s}");
+    }
+    let reduction = 1.0 - stages[1]["macs"].as_f64().unwrap() / stages[0]["macs"].as_f64().unwrap();
+    assert!((0.25..0.35).contains(&reduction), "{reduction}");
+    let onnx = out.join("model.int8.onnx");
+    assert_eq!(r["onnx"].as_str(), Some(onnx.to_str().unwrap()));
+    assert!(out.join("pipeline.toml").is_file());
+    // The export reads back (Slim's importer takes QDQ files).
+    let info = slim().arg("info").arg(&onnx).output().unwrap();
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    // --data goes with --model; --model does not go with --config.
+    let o = slim().args(["compress", "--data", &spec]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+
     // Refused, naming what needs labels (exit 2): a zoo baseline (before any work), and a
     // pruning method that scores by accuracy (when its stage starts).
     for (stages, model) in [
