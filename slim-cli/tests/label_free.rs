@@ -491,3 +491,80 @@ fn architecture_search_without_labels_reproduces_a_teacher() {
     );
     assert!(stage["agreement"].as_f64().unwrap() > 0.5, "{stage}");
 }
+
+/// The ONNX model zoo's MNIST network, compressed from the bundled training digits without
+/// their labels, then measured with the test labels: pruned by half its MACs with one epoch
+/// of reproducing the original, and quantized to int8.
+#[test]
+fn the_model_zoos_mnist_network_compressed_without_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../slim-onnx/tests/fixtures/mnist-conv/model.onnx");
+    let original = dir.path().join("mnist.safetensors");
+    json_of(
+        &slim()
+            .arg("import")
+            .arg(&onnx)
+            .args(["--preprocess", "raw", "--json", "--out"])
+            .arg(&original)
+            .output()
+            .unwrap(),
+    );
+    let spec = unlabeled_folder(&dir.path().join("digits"), 8004);
+    let top1 = |model: &Path| {
+        json_of(
+            &slim()
+                .arg("eval")
+                .arg(model)
+                .args(["--data", DEFAULT_SPEC, "--json"])
+                .output()
+                .unwrap(),
+        )["top1"]
+            .as_f64()
+            .unwrap()
+    };
+    let before = top1(&original);
+    let pruned = dir.path().join("pruned.safetensors");
+    let p = json_of(
+        &slim()
+            .arg("prune")
+            .arg(&original)
+            .args(["--flops-reduction", "0.5", "--finetune-epochs", "1"])
+            .args([
+                "--data",
+                &spec,
+                "--augment",
+                "none",
+                "-q",
+                "--json",
+                "--out",
+            ])
+            .arg(&pruned)
+            .output()
+            .unwrap(),
+    );
+    let int8 = dir.path().join("int8.safetensors");
+    let q = json_of(
+        &slim()
+            .args(["quant", "ptq"])
+            .arg(&original)
+            .args(["--data", &spec, "-q", "--json", "--out"])
+            .arg(&int8)
+            .output()
+            .unwrap(),
+    );
+    let (pa, qa) = (agreement(&p), agreement(&q));
+    let (pt, qt) = (top1(&pruned), top1(&int8));
+    eprintln!(
+        "mnist-conv {:.2}%: pruned -50% agreement {:.2}%, top-1 {:.2}%; int8 agreement {:.2}%, \
+         top-1 {:.2}%",
+        before * 100.0,
+        pa * 100.0,
+        pt * 100.0,
+        qa * 100.0,
+        qt * 100.0
+    );
+    assert!(p["flops_reduction"].as_f64().unwrap() > 0.45, "{p}");
+    assert!(pa >= 0.97 && pt >= before - 0.015, "{p}");
+    assert!(qa >= 0.99 && qt >= before - 0.005, "{q}");
+}
