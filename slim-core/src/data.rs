@@ -40,6 +40,11 @@ pub trait Dataset: Send + Sync {
     fn shape(&self) -> [usize; 3];
     /// Number of classes.
     fn classes(&self) -> usize;
+    /// Whether samples are decoded from files when asked for (and worth asking for in
+    /// parallel).
+    fn streamed(&self) -> bool {
+        false
+    }
     /// The pixels (`C * H * W` bytes, channel-major) and label of sample `i`: borrowed when
     /// they are in memory, decoded from the sample's file otherwise (an error names a file
     /// that no longer decodes).
@@ -98,6 +103,9 @@ impl Dataset for ImageSet {
     }
     fn classes(&self) -> usize {
         self.classes
+    }
+    fn streamed(&self) -> bool {
+        self.is_streamed()
     }
     fn sample(&self, i: usize) -> Result<(Cow<'_, [u8]>, u8)> {
         let n: usize = self.shape.iter().product();
@@ -855,10 +863,7 @@ fn make_batch(
         .collect();
     let pad = cfg.augment.crop_padding as i64;
     // Samples read from files decode in parallel; the augmentation draws stay in order.
-    let samples = idx
-        .par_iter()
-        .map(|&i| data.sample(i))
-        .collect::<Result<Vec<_>>>()?;
+    let samples = fetch(data, idx)?;
     for (bi, (pix, label)) in samples.into_iter().enumerate() {
         let pix = &pix[..];
         ys.push(u32::from(label));
@@ -893,6 +898,26 @@ fn make_batch(
         }
     }
     Ok((xs, ys))
+}
+
+/// The samples `idx` of `data`: decoded in parallel on the decoders' own threads when they
+/// come from files. Not on the global pool: its threads may be waiting for this very batch
+/// (an evaluation inside a parallel sensitivity analysis), and would never take the work.
+pub(crate) fn fetch<'d>(data: &'d dyn Dataset, idx: &[usize]) -> Result<Vec<(Cow<'d, [u8]>, u8)>> {
+    static DECODERS: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pool = DECODERS.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("slim-decode-{i}"))
+            .build()
+            .ok()
+    });
+    match pool {
+        Some(pool) if data.streamed() => {
+            pool.install(|| idx.par_iter().map(|&i| data.sample(i)).collect())
+        }
+        _ => idx.iter().map(|&i| data.sample(i)).collect(),
+    }
 }
 
 /// A random window `(top, left, height, width)` of an `h` x `w` image for a random resized

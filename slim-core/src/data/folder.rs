@@ -153,17 +153,23 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>, skips: &mut Skips<'_>) -> 
     Ok(())
 }
 
-fn decode(path: &Path) -> Result<DynamicImage> {
-    let bad = |e: &dyn std::fmt::Display| CoreError::file(path, format!("cannot decode: {e}"));
+/// A reader of the image in `path`, its format guessed from its first bytes.
+fn reader(path: &Path) -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
     image::ImageReader::open(path)
         .map_err(|source| CoreError::Io {
             path: path.to_path_buf(),
             source,
         })?
         .with_guessed_format()
-        .map_err(|e| bad(&e))?
-        .decode()
-        .map_err(|e| bad(&e))
+        .map_err(|e| undecodable(path, &e))
+}
+
+fn undecodable(path: &Path, e: &dyn std::fmt::Display) -> CoreError {
+    CoreError::file(path, format!("cannot decode: {e}"))
+}
+
+fn decode(path: &Path) -> Result<DynamicImage> {
+    reader(path)?.decode().map_err(|e| undecodable(path, &e))
 }
 
 /// The image in `path`, fitted to `shape` (see [`fit`]).
@@ -176,16 +182,9 @@ pub(crate) fn decode_fitted(path: &Path, shape: [usize; 3]) -> Result<Vec<u8>> {
 
 /// Checks that `path` holds an image whose header reads, without decoding its pixels.
 fn check_header(path: &Path) -> Result<()> {
-    let bad = |e: &dyn std::fmt::Display| CoreError::file(path, format!("cannot decode: {e}"));
-    let (w, h) = image::ImageReader::open(path)
-        .map_err(|source| CoreError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .with_guessed_format()
-        .map_err(|e| bad(&e))?
+    let (w, h) = reader(path)?
         .into_dimensions()
-        .map_err(|e| bad(&e))?;
+        .map_err(|e| undecodable(path, &e))?;
     if w == 0 || h == 0 {
         return Err(CoreError::file(path, format!("an empty image ({w}x{h})")));
     }
@@ -361,12 +360,9 @@ fn statistics(set: &ImageSet) -> Result<Normalize> {
     } else {
         (0..n).collect()
     };
-    let images = picked
-        .par_iter()
-        .map(|&i| set.sample(i).map(|(px, _)| px))
-        .collect::<Result<Vec<_>>>()?;
+    let images = super::fetch(set, &picked)?;
     let mut sums = vec![(0f64, 0f64, 0u64); c];
-    for img in &images {
+    for (img, _) in &images {
         for (ch, plane) in img.chunks_exact(h * w).enumerate() {
             for &p in plane {
                 let v = f64::from(p) / 255.0;
