@@ -6,9 +6,8 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use slim_core::analysis::human;
 use slim_core::train::evaluate;
-use slim_quant::observer::ActQuant;
-use slim_quant::ptq::{quantize, PtqConfig};
-use slim_quant::quantizer::WeightQuant;
+use slim_quant::ptq::quantize;
+use slim_quant::strategy::{PtqOptions, QatOptions};
 
 use crate::common::{check_out_dir, Common};
 use crate::output::table;
@@ -30,25 +29,25 @@ pub struct QatArgs {
         "Data (default: the data the model was trained on, else the bundled MNIST subset; \
          without labels, the fake-quantized model reproduces the float one)"))]
     pub data: Option<String>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = QatOptions::default().epochs)]
     pub epochs: usize,
     /// The default recipe (SGD with momentum 0.9, lr 0.001, cosine) fine-tunes gently: the
     /// float model's weights move only as far as the integer grid asks.
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, default_value_t = QatOptions::default().lr)]
     pub lr: f64,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// sgd, adam or adamw.
-    #[arg(long, default_value = "sgd")]
+    #[arg(long, default_value_t = QatOptions::default().optimizer)]
     pub optimizer: String,
     /// constant, cosine, or step:EVERY:GAMMA.
-    #[arg(long, default_value = "cosine")]
+    #[arg(long, default_value_t = QatOptions::default().schedule)]
     pub schedule: String,
     /// abs_max or channel_wise_abs_max.
-    #[arg(long, default_value = "channel_wise_abs_max")]
+    #[arg(long, default_value_t = QatOptions::default().weights)]
     pub weights: String,
     /// Calibration batches that set the first activation scales.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = QatOptions::default().calib_batches)]
     pub calib_batches: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -75,17 +74,17 @@ pub struct PtqArgs {
          the model was trained on, else the bundled MNIST subset"))]
     pub data: Option<String>,
     /// abs_max or channel_wise_abs_max.
-    #[arg(long, default_value = "channel_wise_abs_max")]
+    #[arg(long, default_value_t = PtqOptions::default().weights)]
     pub weights: String,
     /// abs_max, avg, moving_average_abs_max, hist, mse or kl.
-    #[arg(long, default_value = "abs_max")]
+    #[arg(long, default_value_t = PtqOptions::default().activations)]
     pub activations: String,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = PtqOptions::default().calib_batches)]
     pub calib_batches: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = PtqOptions::default().batch_size)]
     pub batch_size: usize,
     /// Bits of the weights (2 to 8).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = PtqOptions::default().bits_weights)]
     pub bits_weights: u8,
     /// Layers to quantize (glob patterns); default: every convolution and linear layer.
     #[arg(long, num_args = 1..)]
@@ -112,18 +111,18 @@ pub fn run(cmd: QuantCommand) -> Result<(), Failure> {
 }
 
 fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
-    let cfg = PtqConfig {
-        weights: args.weights.parse::<WeightQuant>()?,
-        activations: args.activations.parse::<ActQuant>()?,
-        bits_weights: args.bits_weights,
-        bits_activations: 8,
-        batches: args.calib_batches,
+    // The flags are the options of a `quant.ptq` stage, checked the same way.
+    let cfg = PtqOptions {
+        weights: args.weights.clone(),
+        activations: args.activations.clone(),
+        calib_batches: args.calib_batches,
         batch_size: args.batch_size,
+        bits_weights: args.bits_weights,
         scope: args.scope.clone(),
         fold_batch_norm: !args.no_fold,
         bias_correction: args.bias_correction,
-    };
-    slim_quant::quantizer::check_bits(cfg.bits_weights)?;
+    }
+    .validate()?;
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
@@ -246,21 +245,24 @@ fn int8_without_labels(
 }
 
 fn run_qat(args: QatArgs) -> Result<(), Failure> {
-    let weights = args.weights.parse::<WeightQuant>()?;
-    let cfg = PtqConfig {
-        weights,
-        batches: args.calib_batches,
-        ..PtqConfig::default()
-    };
-    let tcfg = slim_core::train::TrainConfig {
+    // The flags are the options of a `quant.qat` stage, checked the same way; the rest of the
+    // recipe is the command's.
+    let settings = QatOptions {
+        weights: args.weights.clone(),
+        calib_batches: args.calib_batches,
         epochs: args.epochs,
         lr: args.lr,
+        optimizer: args.optimizer.clone(),
+        schedule: args.schedule.clone(),
+    }
+    .validate()?;
+    let weights = settings.weights;
+    let cfg = settings.calibration.clone();
+    let tcfg = settings.recipe(&slim_core::train::TrainConfig {
         batch_size: args.batch_size,
-        optimizer: args.optimizer.parse::<slim_core::train::OptimizerKind>()?,
-        schedule: args.schedule.parse::<slim_core::train::Schedule>()?,
         seed: args.seed,
         ..Default::default()
-    };
+    });
     tcfg.validate()?;
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::json;
 use slim_core::pipeline::{Context, Strategy};
-use slim_core::train::{OptimizerKind, Schedule};
+use slim_core::train::{OptimizerKind, Schedule, TrainConfig};
 use slim_core::{CoreError, Model};
 
 use crate::observer::ActQuant;
@@ -12,35 +12,68 @@ use crate::ptq::{quantize, PtqConfig};
 use crate::quantizer::{check_bits, WeightQuant};
 use crate::QuantError;
 
-/// The options of a `quant.ptq` stage (the names of `slim quant ptq`'s flags).
+/// The settings of post-training quantization as `slim quant ptq`'s flags and a `quant.ptq`
+/// stage's keys both give them, with their defaults: [`PtqOptions::validate`] checks them into
+/// the [`PtqConfig`] that [`quantize`] takes.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct PtqOptions {
-    #[serde(default = "default_weights")]
+    /// `abs_max` or `channel_wise_abs_max`.
     pub weights: String,
-    #[serde(default = "default_activations")]
+    /// `abs_max`, `avg`, `moving_average_abs_max`, `hist`, `mse` or `kl`.
     pub activations: String,
-    #[serde(default = "default_batches")]
+    /// Calibration batches.
     pub calib_batches: usize,
-    #[serde(default = "default_bits")]
+    /// Images per calibration batch.
+    pub batch_size: usize,
+    /// Bits of the weights (2 to 8).
     pub bits_weights: u8,
-    #[serde(default)]
+    /// Layers to quantize (glob patterns); empty: every convolution and linear layer.
     pub scope: Vec<String>,
-    #[serde(default)]
+    /// Fold batch norms into the convolutions before them.
+    pub fold_batch_norm: bool,
     pub bias_correction: bool,
 }
 
-fn default_weights() -> String {
-    "channel_wise_abs_max".into()
+impl Default for PtqOptions {
+    fn default() -> Self {
+        let c = PtqConfig::default();
+        PtqOptions {
+            weights: c.weights.name().into(),
+            activations: c.activations.name().into(),
+            calib_batches: c.batches,
+            batch_size: c.batch_size,
+            bits_weights: c.bits_weights,
+            scope: c.scope,
+            fold_batch_norm: c.fold_batch_norm,
+            bias_correction: c.bias_correction,
+        }
+    }
 }
-fn default_activations() -> String {
-    "abs_max".into()
-}
-fn default_batches() -> usize {
-    16
-}
-fn default_bits() -> u8 {
-    8
+
+impl PtqOptions {
+    /// The checked configuration: known methods, bits in range, at least one batch.
+    pub fn validate(&self) -> crate::Result<PtqConfig> {
+        check_bits(self.bits_weights)?;
+        if self.calib_batches == 0 || self.batch_size == 0 {
+            return Err(QuantError::Invalid(
+                "quantization needs at least one calibration batch of at least one image \
+                 (calib_batches, batch_size)"
+                    .into(),
+            ));
+        }
+        Ok(PtqConfig {
+            weights: self.weights.parse::<WeightQuant>()?,
+            activations: self.activations.parse::<ActQuant>()?,
+            bits_weights: self.bits_weights,
+            bits_activations: 8,
+            batches: self.calib_batches,
+            batch_size: self.batch_size,
+            scope: self.scope.clone(),
+            fold_batch_norm: self.fold_batch_norm,
+            bias_correction: self.bias_correction,
+        })
+    }
 }
 
 /// A post-training quantization stage.
@@ -51,22 +84,8 @@ pub struct PtqStrategy {
 impl PtqStrategy {
     /// Checks the options before any work.
     pub fn new(o: PtqOptions) -> crate::Result<Self> {
-        check_bits(o.bits_weights)?;
-        if o.calib_batches == 0 {
-            return Err(QuantError::Invalid(
-                "quant.ptq: `calib_batches` must be at least 1".into(),
-            ));
-        }
         Ok(PtqStrategy {
-            config: PtqConfig {
-                weights: o.weights.parse::<WeightQuant>()?,
-                activations: o.activations.parse::<ActQuant>()?,
-                bits_weights: o.bits_weights,
-                batches: o.calib_batches,
-                scope: o.scope,
-                bias_correction: o.bias_correction,
-                ..PtqConfig::default()
-            },
+            config: o.validate()?,
         })
     }
 }
@@ -99,78 +118,112 @@ impl Strategy for PtqStrategy {
     }
 }
 
-/// The options of a `quant.qat` stage (the names of `slim quant qat`'s flags, and its
-/// defaults; the rest of the training recipe is the pipeline's).
+/// The settings of quantization-aware training as `slim quant qat`'s flags and a `quant.qat`
+/// stage's keys both give them, with their defaults (the rest of the training recipe is the
+/// command's or the pipeline's): [`QatOptions::validate`] checks them into [`QatSettings`].
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct QatOptions {
-    #[serde(default = "default_weights")]
+    /// `abs_max` or `channel_wise_abs_max`.
     pub weights: String,
-    #[serde(default = "default_qat_batches")]
+    /// Calibration batches that set the first activation scales.
     pub calib_batches: usize,
-    #[serde(default = "default_qat_epochs")]
     pub epochs: usize,
-    #[serde(default = "default_qat_lr")]
+    /// The default recipe (SGD, lr 0.001, cosine) fine-tunes gently: the float model's
+    /// weights move only as far as the integer grid asks.
     pub lr: f64,
-    #[serde(default = "default_qat_optimizer")]
+    /// `sgd`, `adam` or `adamw`.
     pub optimizer: String,
-    #[serde(default = "default_qat_schedule")]
+    /// `constant`, `cosine` or `step:EVERY:GAMMA`.
     pub schedule: String,
 }
 
-fn default_qat_batches() -> usize {
-    4
+impl Default for QatOptions {
+    fn default() -> Self {
+        QatOptions {
+            weights: PtqConfig::default().weights.name().into(),
+            calib_batches: 4,
+            epochs: 1,
+            lr: 0.001,
+            optimizer: "sgd".into(),
+            schedule: "cosine".into(),
+        }
+    }
 }
-fn default_qat_epochs() -> usize {
-    1
+
+/// Checked [`QatOptions`].
+#[derive(Clone, Debug)]
+pub struct QatSettings {
+    /// How the fake-quantized model is calibrated before training ([`crate::qat::prepare`]).
+    pub calibration: PtqConfig,
+    pub weights: WeightQuant,
+    pub epochs: usize,
+    pub lr: f64,
+    pub optimizer: OptimizerKind,
+    pub schedule: Schedule,
 }
-fn default_qat_lr() -> f64 {
-    0.001
+
+impl QatOptions {
+    /// The checked settings: known methods, at least one batch and epoch, a positive rate.
+    pub fn validate(&self) -> crate::Result<QatSettings> {
+        if self.calib_batches == 0 || self.epochs == 0 {
+            return Err(QuantError::Invalid(
+                "quantization-aware training needs at least one calibration batch and one \
+                 epoch (calib_batches, epochs)"
+                    .into(),
+            ));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(QuantError::Invalid(format!(
+                "the learning rate (lr) must be positive, got {}",
+                self.lr
+            )));
+        }
+        let weights = self.weights.parse::<WeightQuant>()?;
+        let bad = |e: CoreError| QuantError::Invalid(e.to_string());
+        Ok(QatSettings {
+            calibration: PtqConfig {
+                weights,
+                batches: self.calib_batches,
+                ..PtqConfig::default()
+            },
+            weights,
+            epochs: self.epochs,
+            lr: self.lr,
+            optimizer: self.optimizer.parse::<OptimizerKind>().map_err(bad)?,
+            schedule: self.schedule.parse::<Schedule>().map_err(bad)?,
+        })
+    }
 }
-fn default_qat_optimizer() -> String {
-    "sgd".into()
-}
-fn default_qat_schedule() -> String {
-    "cosine".into()
+
+impl QatSettings {
+    /// `base` (the command's or the pipeline's recipe) with these epochs, rate, optimizer and
+    /// schedule, and no warm-up.
+    pub fn recipe(&self, base: &TrainConfig) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            lr: self.lr,
+            optimizer: self.optimizer,
+            schedule: self.schedule.clone(),
+            warmup_epochs: 0,
+            ..base.clone()
+        }
+    }
 }
 
 /// A quantization-aware training stage: fake-quantization inserted, trained with the
 /// pipeline's recipe (its epochs and learning rate overridden), then converted to int8.
 pub struct QatStrategy {
     options: QatOptions,
-    weights: WeightQuant,
-    optimizer: OptimizerKind,
-    schedule: Schedule,
+    settings: QatSettings,
 }
 
 impl QatStrategy {
     /// Checks the options before any work.
     pub fn new(o: QatOptions) -> crate::Result<Self> {
-        if o.calib_batches == 0 || o.epochs == 0 {
-            return Err(QuantError::Invalid(
-                "quant.qat: `calib_batches` and `epochs` must be at least 1".into(),
-            ));
-        }
-        if !(o.lr > 0.0 && o.lr.is_finite()) {
-            return Err(QuantError::Invalid(format!(
-                "quant.qat: `lr` must be positive, got {}",
-                o.lr
-            )));
-        }
-        let weights = o.weights.parse::<WeightQuant>()?;
-        let optimizer = o
-            .optimizer
-            .parse::<OptimizerKind>()
-            .map_err(|e| QuantError::Invalid(format!("quant.qat: {e}")))?;
-        let schedule = o
-            .schedule
-            .parse::<Schedule>()
-            .map_err(|e| QuantError::Invalid(format!("quant.qat: {e}")))?;
         Ok(QatStrategy {
+            settings: o.validate()?,
             options: o,
-            weights,
-            optimizer,
-            schedule,
         })
     }
 }
@@ -189,29 +242,25 @@ impl Strategy for QatStrategy {
             QuantError::Core(c) => c,
             other => CoreError::Invalid(other.to_string()),
         };
-        let cfg = PtqConfig {
-            weights: self.weights,
-            batches: self.options.calib_batches,
-            ..PtqConfig::default()
-        };
-        let mut q = crate::qat::prepare(&model, &ctx.data.train, &ctx.data.normalize, &cfg)
-            .map_err(core)?;
+        let st = &self.settings;
+        let mut q = crate::qat::prepare(
+            &model,
+            &ctx.data.train,
+            &ctx.data.normalize,
+            &st.calibration,
+        )
+        .map_err(core)?;
         let kernels = crate::qat::QatKernels {
-            weights: self.weights,
+            weights: st.weights,
             bits: 8,
         };
-        let mut tcfg = ctx.train.clone();
-        tcfg.epochs = self.options.epochs;
-        tcfg.lr = self.options.lr;
-        tcfg.optimizer = self.optimizer;
-        tcfg.schedule = self.schedule.clone();
-        tcfg.warmup_epochs = 0;
+        let tcfg = st.recipe(&ctx.train);
         // Without labels, the fake-quantized model learns to reproduce the float one.
         let report = slim_core::pipeline::finetune(&mut q, &model, &tcfg, Some(&kernels), ctx)?;
-        let int8 = crate::qat::convert(&q, self.weights, 8).map_err(core)?;
+        let int8 = crate::qat::convert(&q, st.weights, 8).map_err(core)?;
         Ok((
             int8,
-            json!({"weights": self.weights.name(), "activations": "moving_average_abs_max",
+            json!({"weights": st.weights.name(), "activations": "moving_average_abs_max",
                    "epochs": tcfg.epochs, "lr": tcfg.lr,
                    "optimizer": self.options.optimizer, "schedule": self.options.schedule,
                    "train_seconds": report.epochs.iter().map(|e| e.seconds).sum::<f64>()}),
