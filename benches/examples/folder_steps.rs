@@ -3,7 +3,7 @@
 //! resized crop and flip) in both. It writes the folder itself (random crops of the three
 //! photographs in `slim-core/tests/fixtures/photos`, 256 to 400 pixels a side, JPEG quality
 //! 90), reads it twice (`--cache-mb` large: decoded once into memory; `--cache-mb 0`: each
-//! batch decoded from the files on the loader's thread), trains one epoch on each in turn,
+//! batch decoded from the files while the model trains), trains one epoch on each in turn,
 //! `ROUNDS` times, and prints the median wall time per step of each and their ratio.
 //!
 //! ```text

@@ -410,7 +410,7 @@ pub struct DataOptions {
     pub augment: Option<Augment>,
     /// The decoded cache, in MiB: an image folder whose decoded images (both splits) fit in
     /// it is decoded once, in parallel, into memory; a larger one is read from its files,
-    /// each batch decoded in parallel on the loader's thread while the model trains on the
+    /// each batch decoded in parallel, on threads of its own, while the model trains on the
     /// one before.
     pub cache_mb: usize,
     /// The shape `[C, H, W]` to decode an image folder's images to (the model's input: each

@@ -12,7 +12,7 @@
 //! A folder whose decoded images fit in the cache ([`DataOptions::cache_mb`]) is decoded
 //! once, in parallel, into memory, and every file is checked on the way. A larger one is read
 //! from its files: only their headers are checked up front, and each batch is decoded in
-//! parallel on the loader's thread while the model works on the one before; a file that
+//! parallel, on threads of its own, while the model works on the one before; a file that
 //! stops decoding later is an error that names it.
 //!
 //! Hidden files (`.name`) are left alone; any other file that is not a decodable image is an
