@@ -282,7 +282,17 @@ impl ImageSet {
 
     /// The samples `start..end`.
     pub fn range(&self, start: usize, end: usize) -> ImageSet {
-        self.select(&(start..end).collect::<Vec<_>>())
+        let per: usize = self.shape.iter().product();
+        let images = match &self.images {
+            Pixels::Memory(b) => Pixels::Memory(b[start * per..end * per].to_vec()),
+            Pixels::Files(files) => Pixels::Files(files[start..end].into()),
+        };
+        ImageSet {
+            shape: self.shape,
+            classes: self.classes,
+            images,
+            labels: self.labels[start..end].to_vec(),
+        }
     }
 
     /// The last `n` samples (or all, if fewer).
