@@ -215,9 +215,14 @@ pub fn train_supernet(
         // The optimizer's state of the same moment, so that the resumed training is the one
         // that was stopped; without it (an older file) the optimizer starts afresh.
         let at = (done, done_steps);
-        if let Some((tensors, steps)) = load_optimizer(&optimizer_path(f), at, &key, device)? {
-            opt.restore(&tensors, steps)
-                .map_err(|e| NasError::Invalid(format!("{}: {e}", optimizer_path(f).display())))?;
+        // The newest state first, then the one it replaced: a kill after the optimizer's
+        // write and before the supernet's leaves the supernet with the previous one.
+        for path in [optimizer_path(f), previous_optimizer_path(f)] {
+            if let Some((tensors, steps)) = load_optimizer(&path, at, &key, device)? {
+                opt.restore(&tensors, steps)
+                    .map_err(|e| NasError::Invalid(format!("{}: {e}", path.display())))?;
+                break;
+            }
         }
     }
     let train_set: Arc<dyn Dataset> = Arc::new(data.train.clone());
@@ -315,9 +320,9 @@ pub fn train_supernet(
 }
 
 /// Writes the supernet and its optimizer's state after `at` (epochs done, steps of the next),
-/// with that epoch's loss sum so far. The optimizer first: a kill between the two files
-/// leaves a supernet behind its optimizer's state, which the check of the moment then
-/// ignores.
+/// with that epoch's loss sum so far. The optimizer first, after moving the state it
+/// replaces aside: a kill between the files leaves a supernet one moment behind the newest
+/// optimizer state, whose own moment the previous file still holds.
 fn save_supernet(
     f: &Path,
     supernet: &mut Model,
@@ -326,7 +331,13 @@ fn save_supernet(
     at: (usize, usize),
     loss_sum: f64,
 ) -> Result<()> {
-    save_optimizer(&optimizer_path(f), opt, at, key)?;
+    let (newest, previous) = (optimizer_path(f), previous_optimizer_path(f));
+    if newest.exists() {
+        std::fs::rename(&newest, &previous).map_err(|e| {
+            NasError::Invalid(format!("{}: cannot move it aside: {e}", newest.display()))
+        })?;
+    }
+    save_optimizer(&newest, opt, at, key)?;
     let state = SupernetState {
         key: key.clone(),
         epochs_done: at.0,
@@ -344,6 +355,11 @@ fn save_supernet(
 /// Where a supernet file's optimizer state is kept: `NAME.opt.safetensors` beside it.
 fn optimizer_path(supernet: &Path) -> std::path::PathBuf {
     supernet.with_extension("opt.safetensors")
+}
+
+/// The optimizer state that the newest one replaced: `NAME.opt.prev.safetensors`.
+fn previous_optimizer_path(supernet: &Path) -> std::path::PathBuf {
+    supernet.with_extension("opt.prev.safetensors")
 }
 
 const OPTIMIZER_FORMAT: &str = "slim-supernet-optimizer";

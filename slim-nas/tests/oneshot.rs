@@ -226,3 +226,60 @@ fn kendall_tau_by_hand() {
     let t = kendall_tau(&[1.0, 2.0, 3.0], &[1.0, 3.0, 2.0]);
     assert!((t - 1.0 / 3.0).abs() < 1e-12, "{t}");
 }
+
+/// Trains a small supernet in `dir`, writing every 2 steps; with `stop_after`, the run is
+/// stopped (as a kill would) right after the write that follows that step.
+fn supernet_in(dir: &std::path::Path, stop_after: Option<usize>) -> Option<Model> {
+    let space = Spaces::builtin()
+        .build("resnet", &ZooConfig::new([1, 28, 28]).with_width(0.25))
+        .unwrap();
+    let mut data = load_spec("builtin:mnist-10k").unwrap();
+    data.train = data.train.take(512);
+    let cfg = TrainConfig::default()
+        .with_epochs(1)
+        .with_batch_size(64)
+        .with_lr(0.02);
+    std::fs::create_dir_all(dir).unwrap();
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train_supernet(
+            space.as_ref(),
+            &data,
+            &cfg,
+            None,
+            Some(&dir.join("supernet.safetensors")),
+            slim_core::train::CheckpointEvery::Steps(2),
+            &Device::Cpu,
+            &mut |p| {
+                if let SupernetProgress::Step { step, .. } = p {
+                    if Some(*step) == stop_after {
+                        panic!("stopped after step {step}");
+                    }
+                }
+            },
+        )
+        .unwrap()
+    }));
+    run.ok()
+}
+
+#[test]
+fn a_supernet_stopped_between_its_two_writes_resumes_to_the_unbroken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let unbroken = supernet_in(&dir.path().join("unbroken"), None).unwrap();
+    // The supernet as written after 2 steps, and a run whose optimizer state was written
+    // after 4 steps but whose supernet file was not: the file of 2 steps put back.
+    let two = dir.path().join("two");
+    assert!(supernet_in(&two, Some(1)).is_none());
+    let torn = dir.path().join("torn");
+    assert!(supernet_in(&torn, Some(3)).is_none());
+    std::fs::copy(
+        two.join("supernet.safetensors"),
+        torn.join("supernet.safetensors"),
+    )
+    .unwrap();
+    let resumed = supernet_in(&torn, None).unwrap();
+    for (n, p) in unbroken.params.iter() {
+        let d = max_diff(p.var.as_tensor(), &resumed.params.tensor(n).unwrap());
+        assert_eq!(d, 0.0, "{n}");
+    }
+}
