@@ -20,6 +20,7 @@
 //! URLs take a password and a database (`redis://:PASSWORD@HOST:PORT/DB`) and TLS
 //! (`rediss://`, through rustls; a private certificate authority with
 //! [`RedisUrl::parse_with_ca`]). Passwords never appear in messages.
+#![forbid(unsafe_code)]
 
 use std::sync::Mutex;
 use std::time::Duration;

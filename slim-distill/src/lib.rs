@@ -26,6 +26,7 @@
 //! .unwrap();
 //! assert_eq!(d.loss_names(), ["soft_label(T=4)"]);
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod knowledge;
 pub mod losses;

@@ -32,6 +32,7 @@
 //! let e = estimate(&table, &m, false).unwrap();
 //! assert!(e.total_ms > 0.0 && e.fallback.is_empty());
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod table;
 

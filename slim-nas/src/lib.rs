@@ -38,6 +38,7 @@
 //! assert!(!r.baseline_feasible); // ResNet-20 at 28x28 needs about 33M MACs
 //! # let _ = MacsCost;
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod oneshot;
 pub mod sa;

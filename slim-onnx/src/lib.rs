@@ -11,6 +11,7 @@
 //! - [`export`] writes any Slim model as ONNX: float graphs as they are, and int8 models in the
 //!   QDQ form that ONNX Runtime, TensorRT and OpenVINO fuse into integer layers (int8 weights
 //!   with per-channel scales, int32 biases, a quantizer right after every quantized layer).
+#![forbid(unsafe_code)]
 
 //! The protobuf messages are declared by hand with `prost`'s derive macros ([`proto`]), so a
 //! build needs no `protoc` and no build script.

@@ -30,6 +30,7 @@
 //! assert!(analyze(&pruned.graph).macs < analyze(&model.graph).macs * 51 / 100);
 //! # Ok::<(), slim_prune::PruneError>(())
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod auto;
 pub mod criterion;
