@@ -12,11 +12,11 @@ use slim_core::search::{Evaluator, SearchProgress};
 use slim_core::study::{StudyStore, WorkerProgress};
 use slim_core::train::{evaluate, train, OptimizerKind, Schedule, Top1, TrainConfig, TrainOptions};
 use slim_core::Model;
-use slim_prune::auto::{self, AutoConfig, Method};
 use slim_prune::pruner::Calibration;
 use slim_prune::pruner::{check_ratio, check_reduction};
+use slim_prune::run::{Choice, Inputs, Progress, PruneOptions};
 use slim_prune::sensitivity::{self, default_ratios, EvalData, Sensitivities, SensitivityProgress};
-use slim_prune::{Criterion, Pruner, Ratios};
+use slim_prune::{Criterion, Pruner};
 
 use crate::common::{check_out_dir, Common, EpochBars};
 use crate::output::table;
@@ -248,7 +248,27 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         Some(_) => Some(args.study.options()?),
         None => None,
     };
-    let criterion = args.selection.criterion()?;
+    let choice = match args.method {
+        PruneMethod::Uniform => Choice::Uniform,
+        PruneMethod::Sensitivity => Choice::Sensitivity,
+        PruneMethod::Auto => Choice::Auto,
+    };
+    let options = PruneOptions {
+        ratio: args.ratio,
+        flops_reduction: args.flops_reduction,
+        criterion: args.selection.criterion()?,
+        scope: args.selection.scope.clone(),
+        bn_calibration: args.selection.bn_calibration,
+        eval_samples: args.selection.eval_samples,
+        trials: args.trials,
+        search: format!("{:?}", args.search).to_lowercase(),
+        finetune_epochs: args.finetune_epochs,
+        lr: Some(args.lr),
+        ..PruneOptions::default()
+    };
+    if options.eval_samples == Some(0) {
+        return Err(input_error("--eval-samples must be at least 1"));
+    }
     let ft = TrainConfig {
         epochs: args.finetune_epochs,
         batch_size: args.batch_size,
@@ -260,6 +280,16 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     };
     if args.finetune_epochs > 0 {
         ft.validate()?;
+    }
+    let history = (args.method == PruneMethod::Auto && study.is_none()).then(|| {
+        args.history.clone().unwrap_or_else(|| {
+            let mut p = args.out.clone().into_os_string();
+            p.push(".search.json");
+            p.into()
+        })
+    });
+    if let Some(h) = &history {
+        check_out_dir("--history", h)?;
     }
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
@@ -281,9 +311,8 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
              prune with --ratio or --flops-reduction (uniform, or from sensitivity files)",
         ));
     }
-    let pruner = args.selection.pruner(&model, data.as_ref())?;
     let fingerprint = model.fingerprint()?;
-    let sens = if args.sensitivity.is_empty() {
+    let sensitivities = if args.sensitivity.is_empty() {
         None
     } else {
         let mut all = Vec::new();
@@ -294,144 +323,62 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         }
         Some(Sensitivities::merge(all)?)
     };
-    let started = Instant::now();
-
-    // The per-group ratios.
-    let mut search_report = None;
-    let ratios: Ratios = match (args.method, args.ratio, args.flops_reduction) {
-        (PruneMethod::Uniform, Some(r), _) => pruner.uniform(r),
-        (PruneMethod::Uniform, None, Some(f)) => pruner.uniform_for_reduction(f)?.ratios,
-        (PruneMethod::Sensitivity, _, Some(f)) => {
-            let s = sens
-                .as_ref()
-                .ok_or_else(|| input_error("no sensitivity file"))?;
-            sensitivity::ratios_for_reduction(s, &pruner, f)?
-        }
-        (PruneMethod::Auto, _, Some(f)) => {
-            let data = data
-                .as_ref()
-                .ok_or_else(|| input_error("--method auto needs --data"))?;
-            let (evaluator, eval) = args.selection.eval_set(data)?;
-            let method = match args.search {
-                SearchKind::Annealing => Method::annealing(),
-                SearchKind::Evolution => Method::evolution(),
-            };
-            let cfg = AutoConfig {
-                trials: args.trials,
-                method,
-                seed: args.seed,
-                ..AutoConfig::new(f)
-            };
-            let init = match &sens {
-                Some(s) => Some(sensitivity::ratios_for_reduction(s, &pruner, f)?),
-                None => None,
-            };
-            let history = args.history.clone().unwrap_or_else(|| {
-                let mut p = args.out.clone().into_os_string();
-                p.push(".search.json");
-                p.into()
-            });
-            check_out_dir("--history", &history)?;
-            let mut short = data.clone();
-            short.train = data.train.take(args.reward_finetune_images);
-            let short_cfg = TrainConfig {
-                epochs: 1,
-                schedule: Schedule::Constant,
-                ..ft.clone()
-            };
-            let mut reward_finetune = |m: &mut Model| -> slim_core::Result<()> {
-                train(m, &short, &short_cfg, TrainOptions::default(), &mut |_| {})?;
-                Ok(())
-            };
-            let finetune_hook: Option<&mut slim_prune::auto::Finetune<'_>> =
-                if args.reward_finetune_images > 0 {
-                    Some(&mut reward_finetune)
-                } else {
-                    None
-                };
-            let b = bar(
-                args.trials as u64,
-                args.common.quiet,
-                "search [{bar:30}] {pos}/{len} {msg}",
-            );
-            let eval_key = json!({"data": eval.fingerprint, "samples": evaluator.set.labels.len(),
-                   "reward_finetune_images": args.reward_finetune_images,
-                   "reward_finetune": format!("{short_cfg:?}")});
-            let show = |index: usize, reward: f64, best: f64| {
-                b.set_position(index as u64 + 1);
-                b.set_message(format!(
-                    "top-1 {:.2}%, best {:.2}%",
-                    reward * 100.0,
-                    best * 100.0
-                ));
-            };
-            let (result, history) = match study {
-                None => {
-                    let r = auto::search(
-                        &pruner,
-                        &cfg,
-                        init.as_ref(),
-                        &evaluator,
-                        finetune_hook,
-                        Some(&history),
-                        eval_key,
-                        &mut |p| match p {
-                            SearchProgress::Replayed { index, .. } => {
-                                b.set_position(index as u64 + 1)
-                            }
-                            SearchProgress::Evaluated {
-                                index, trial, best, ..
-                            } => show(index, trial.reward, best),
-                        },
-                    )?;
-                    (r, json!(history))
-                }
-                Some(opts) => {
-                    let store = args
-                        .study
-                        .open()?
-                        .ok_or_else(|| input_error("no --study"))?;
-                    let r = auto::search_worker(
-                        &pruner,
-                        &cfg,
-                        init.as_ref(),
-                        &evaluator,
-                        finetune_hook,
-                        eval_key,
-                        &store,
-                        opts,
-                        &mut |p| match p {
-                            WorkerProgress::Reported {
-                                index, trial, best, ..
-                            } => show(index, trial.reward, best),
-                            other if !args.common.quiet => {
-                                b.suspend(|| crate::common::show_worker(&other))
-                            }
-                            _ => {}
-                        },
-                    )?;
-                    (r, json!(store.describe()))
-                }
-            };
-            b.finish_and_clear();
-            search_report = Some(json!({
-                "history": history,
-                "trials": result.history.trials.len(),
-                "initial_reward": result.initial_reward,
-                "best_reward": result.reward,
-                "eval_samples": evaluator.set.labels.len(),
-            }));
-            result.ratios
-        }
-        _ => return Err(input_error("give --ratio or --flops-reduction")),
+    let store = match &study {
+        Some(_) => Some(
+            args.study
+                .open()?
+                .ok_or_else(|| input_error("no --study"))?,
+        ),
+        None => None,
     };
+    let started = Instant::now();
+    let b = bar(
+        args.trials as u64,
+        args.common.quiet || args.method != PruneMethod::Auto,
+        "search [{bar:30}] {pos}/{len} {msg}",
+    );
+    let show = |index: usize, reward: f64, best: f64| {
+        b.set_position(index as u64 + 1);
+        b.set_message(format!(
+            "top-1 {:.2}%, best {:.2}%",
+            reward * 100.0,
+            best * 100.0
+        ));
+    };
+    let inputs = Inputs {
+        data: data.as_ref(),
+        label_free,
+        sensitivities,
+        history,
+        study: store.as_ref().map(|s| s as &dyn StudyStore).zip(study),
+        reward_finetune_images: args.reward_finetune_images,
+        reward_recipe: ft.clone(),
+        seed: args.seed,
+        ..Default::default()
+    };
+    let (mut pruned, report) =
+        slim_prune::run(&model, choice, &options, inputs, &mut |p| match p {
+            Progress::Search(SearchProgress::Replayed { index, .. }) => {
+                b.set_position(index as u64 + 1)
+            }
+            Progress::Search(SearchProgress::Evaluated {
+                index, trial, best, ..
+            })
+            | Progress::Worker(WorkerProgress::Reported {
+                index, trial, best, ..
+            }) => show(index, trial.reward, best),
+            Progress::Worker(other) if !args.common.quiet => {
+                b.suspend(|| crate::common::show_worker(&other))
+            }
+            Progress::Worker(_) => {}
+        })?;
+    b.finish_and_clear();
 
     let before_stats = analyze(&model.graph);
     let before_eval = match &data {
         Some(d) if !label_free => Some(evaluate(&model, &d.test, &d.normalize, 256)?),
         _ => None,
     };
-    let mut pruned = pruner.apply(&ratios)?;
     let mut finetune_report = None;
     let mut resumed = (0, 0);
     // Fine-tuning keeps a checkpoint beside the output: pruning is deterministic, so a stopped
@@ -507,32 +454,24 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         params: after_stats.params,
         bytes: std::fs::metadata(&args.out)?.len(),
     };
-    let per_group: Vec<_> = ratios
-        .iter()
-        .map(|(&g, &r)| {
-            let grp = pruner.group(g);
-            json!({"group": pruner.key(g), "channels": grp.channels,
-                   "kept": slim_prune::pruner::kept_channels(grp.channels, r), "ratio": r})
-        })
-        .collect();
     let reduction = 1.0 - after.macs as f64 / before.macs.max(1) as f64;
     if args.common.json {
         outln!(
             "{}",
             crate::common::with_skipped(json!({
                 "model": args.file,
-                "method": format!("{:?}", args.method).to_lowercase(),
-                "criterion": criterion.name(),
+                "method": report.method,
+                "criterion": report.criterion,
                 "before": before.json(),
                 "after": after.json(),
                 "flops_reduction": reduction,
-                "groups": per_group,
-                "skipped": pruner.skipped(),
+                "groups": report.groups,
+                "skipped": report.skipped,
                 "finetune": finetune_report,
                 "resumed_from": resumed.0,
                 "resumed_at_step": resumed.1,
                 "fidelity": fidelity,
-                "search": search_report,
+                "search": report.search,
                 "seconds": seconds,
                 "out": args.out,
             }))
@@ -581,7 +520,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         }
     }
     out!("{}", table(&["", "before", "after", "change"], &rows));
-    for s in pruner.skipped() {
+    for s in &report.skipped {
         outln!(
             "not pruned: group `{}` ({} channels): {}",
             s.group,
@@ -592,8 +531,8 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     outln!(
         "{} pruned ({}, {}): {} written in {:.1} s",
         args.file.display(),
-        format!("{:?}", args.method).to_lowercase(),
-        criterion,
+        report.method,
+        report.criterion,
         args.out.display(),
         seconds
     );

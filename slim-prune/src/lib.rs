@@ -14,8 +14,10 @@
 //! - [`auto`]: automatic pruning, a search over per-group ratios (simulated annealing or
 //!   evolution, from `slim-core`'s controllers) under a FLOPs limit.
 //!
-//! [`strategy`] makes each of them a step of `slim compress`'s pipeline. Fine-tuning after pruning is `slim-core`'s training loop. This crate depends on
-//! `slim-core` alone.
+//! [`run`] is the one entrance that `slim prune` and the pipeline share: options in, the
+//! ratios chosen by the method asked for, the pruned model and a typed report out;
+//! [`strategy`] makes it a step of `slim compress`'s pipeline. Fine-tuning after pruning is
+//! `slim-core`'s training loop. This crate depends on `slim-core` alone.
 //!
 //! ```
 //! use candle_core::Device;
@@ -35,11 +37,13 @@
 pub mod auto;
 pub mod criterion;
 pub mod pruner;
+pub mod run;
 pub mod sensitivity;
 pub mod strategy;
 
 pub use criterion::Criterion;
 pub use pruner::{Pruner, Ratios, UniformPlan};
+pub use run::{run, Choice, PruneOptions, PruneReport};
 
 /// The error type of `slim-prune`.
 #[derive(Debug, thiserror::Error)]
