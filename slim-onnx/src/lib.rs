@@ -11,7 +11,6 @@
 //! - [`export`] writes any Slim model as ONNX: float graphs as they are, and int8 models in the
 //!   QDQ form that ONNX Runtime, TensorRT and OpenVINO fuse into integer layers (int8 weights
 //!   with per-channel scales, int32 biases, a quantizer right after every quantized layer).
-#![forbid(unsafe_code)]
 
 //! The protobuf messages are declared by hand with `prost`'s derive macros ([`proto`]), so a
 //! build needs no `protoc` and no build script.
@@ -25,6 +24,7 @@
 //! let back = slim_onnx::import(&bytes, &Default::default()).unwrap();
 //! assert_eq!(back.graph.len(), model.graph.len());
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod export;
 pub mod import;
