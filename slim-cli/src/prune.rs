@@ -14,7 +14,7 @@ use slim_core::train::{evaluate, train, OptimizerKind, Schedule, Top1, TrainConf
 use slim_core::Model;
 use slim_prune::pruner::Calibration;
 use slim_prune::pruner::{check_ratio, check_reduction};
-use slim_prune::run::{Choice, Inputs, Progress, PruneOptions};
+use slim_prune::run::{Choice, Inputs, Progress, PruneOptions, PruneReport};
 use slim_prune::sensitivity::{self, default_ratios, EvalData, Sensitivities, SensitivityProgress};
 use slim_prune::{Criterion, Pruner};
 
@@ -199,14 +199,29 @@ struct Figures {
 }
 
 impl Figures {
+    /// A model's figures, with its evaluation and the size of its file.
+    fn of(
+        model: &Model,
+        eval: Option<&slim_core::train::EvalReport>,
+        file: &std::path::Path,
+    ) -> Result<Figures, Failure> {
+        let stats = analyze(&model.graph);
+        Ok(Figures {
+            top1: eval.map(|e| e.top1),
+            top5: eval.map(|e| e.top5),
+            macs: stats.macs,
+            params: stats.params,
+            bytes: std::fs::metadata(file)?.len(),
+        })
+    }
     fn json(&self) -> serde_json::Value {
         json!({"top1": self.top1, "top5": self.top5, "macs": self.macs,
                "params": self.params, "bytes": self.bytes})
     }
 }
 
-pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
-    // Everything about the arguments is checked before any work.
+/// Checks everything about the arguments before any work; the study's worker options.
+fn check_prune_args(args: &PruneArgs) -> Result<Option<slim_core::study::WorkerOptions>, Failure> {
     if let Some(r) = args.ratio {
         check_ratio(r)?;
         if args.method != PruneMethod::Uniform {
@@ -234,7 +249,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         )));
     }
     check_out_dir("--out", &args.out)?;
-    let study = match &args.study.study {
+    Ok(match &args.study.study {
         Some(_) if args.method != PruneMethod::Auto => {
             return Err(input_error(
                 "--study shares a search: it needs --method auto",
@@ -247,7 +262,11 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         }
         Some(_) => Some(args.study.options()?),
         None => None,
-    };
+    })
+}
+
+/// `slim prune`'s flags as the method's options.
+fn prune_options(args: &PruneArgs) -> Result<(Choice, PruneOptions), Failure> {
     let choice = match args.method {
         PruneMethod::Uniform => Choice::Uniform,
         PruneMethod::Sensitivity => Choice::Sensitivity,
@@ -269,6 +288,109 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     if options.eval_samples == Some(0) {
         return Err(input_error("--eval-samples must be at least 1"));
     }
+    Ok((choice, options))
+}
+
+/// Fine-tunes the pruned model with the flags' recipe (to reproduce the original without
+/// labels), checkpointing beside the output: pruning is deterministic, so a stopped run
+/// prunes again to the same model and --resume continues its fine-tuning.
+fn finetune_pruned(
+    args: &PruneArgs,
+    model: &Model,
+    pruned: &mut Model,
+    data: Option<&DataSplits>,
+    label_free: bool,
+    ft: &TrainConfig,
+    ckpt: &std::path::Path,
+) -> Result<slim_core::train::TrainReport, Failure> {
+    let d = data.ok_or_else(|| input_error("fine-tuning needs --data"))?;
+    let mut bars = EpochBars::new(args.common.quiet);
+    // Without labels, the pruned model learns to reproduce the unpruned one.
+    let mut teacher = if label_free {
+        Some(slim_core::reproduce::Reproduce::new(model.deep_clone()?)?)
+    } else {
+        None
+    };
+    let extra: Vec<&mut dyn slim_core::train::LossTerm> = match teacher.as_mut() {
+        Some(t) => vec![t],
+        None => Vec::new(),
+    };
+    let report = train(
+        pruned,
+        d,
+        ft,
+        TrainOptions {
+            checkpoint: Some(ckpt.to_path_buf()),
+            resume: args.checkpoint.resume,
+            checkpoint_every: args.checkpoint.every(),
+            eval_each_epoch: !label_free,
+            label_free,
+            extra,
+            ..Default::default()
+        },
+        &mut |p| bars.update(p),
+    )?;
+    Ok(report)
+}
+
+/// Prunes with a progress bar for the search.
+fn prune_with_bar(
+    args: &PruneArgs,
+    model: &Model,
+    choice: Choice,
+    options: &PruneOptions,
+    inputs: Inputs<'_>,
+) -> Result<(Model, PruneReport), Failure> {
+    let b = bar(
+        args.trials as u64,
+        args.common.quiet || args.method != PruneMethod::Auto,
+        "search [{bar:30}] {pos}/{len} {msg}",
+    );
+    let show = |index: usize, reward: f64, best: f64| {
+        b.set_position(index as u64 + 1);
+        b.set_message(format!(
+            "top-1 {:.2}%, best {:.2}%",
+            reward * 100.0,
+            best * 100.0
+        ));
+    };
+    let done = slim_prune::run(model, choice, &options, inputs, &mut |p| match p {
+        Progress::Search(SearchProgress::Replayed { index, .. }) => {
+            b.set_position(index as u64 + 1)
+        }
+        Progress::Search(SearchProgress::Evaluated {
+            index, trial, best, ..
+        })
+        | Progress::Worker(WorkerProgress::Reported {
+            index, trial, best, ..
+        }) => show(index, trial.reward, best),
+        Progress::Worker(other) if !args.common.quiet => {
+            b.suspend(|| crate::common::show_worker(&other))
+        }
+        Progress::Worker(_) => {}
+    })?;
+    b.finish_and_clear();
+    Ok(done)
+}
+
+/// The sensitivity files, each checked against the model, merged.
+fn load_sensitivities(files: &[PathBuf], model: &Model) -> Result<Option<Sensitivities>, Failure> {
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let fingerprint = model.fingerprint()?;
+    let mut all = Vec::new();
+    for f in files {
+        let s = Sensitivities::load(f)?;
+        s.check_model(&fingerprint, f)?;
+        all.push(s);
+    }
+    Ok(Some(Sensitivities::merge(all)?))
+}
+
+pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
+    let study = check_prune_args(&args)?;
+    let (choice, options) = prune_options(&args)?;
     let ft = TrainConfig {
         epochs: args.finetune_epochs,
         batch_size: args.batch_size,
@@ -311,18 +433,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
              prune with --ratio or --flops-reduction (uniform, or from sensitivity files)",
         ));
     }
-    let fingerprint = model.fingerprint()?;
-    let sensitivities = if args.sensitivity.is_empty() {
-        None
-    } else {
-        let mut all = Vec::new();
-        for f in &args.sensitivity {
-            let s = Sensitivities::load(f)?;
-            s.check_model(&fingerprint, f)?;
-            all.push(s);
-        }
-        Some(Sensitivities::merge(all)?)
-    };
+    let sensitivities = load_sensitivities(&args.sensitivity, &model)?;
     let store = match &study {
         Some(_) => Some(
             args.study
@@ -332,19 +443,6 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         None => None,
     };
     let started = Instant::now();
-    let b = bar(
-        args.trials as u64,
-        args.common.quiet || args.method != PruneMethod::Auto,
-        "search [{bar:30}] {pos}/{len} {msg}",
-    );
-    let show = |index: usize, reward: f64, best: f64| {
-        b.set_position(index as u64 + 1);
-        b.set_message(format!(
-            "top-1 {:.2}%, best {:.2}%",
-            reward * 100.0,
-            best * 100.0
-        ));
-    };
     let inputs = Inputs {
         data: data.as_ref(),
         label_free,
@@ -356,66 +454,26 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         seed: args.seed,
         ..Default::default()
     };
-    let (mut pruned, report) =
-        slim_prune::run(&model, choice, &options, inputs, &mut |p| match p {
-            Progress::Search(SearchProgress::Replayed { index, .. }) => {
-                b.set_position(index as u64 + 1)
-            }
-            Progress::Search(SearchProgress::Evaluated {
-                index, trial, best, ..
-            })
-            | Progress::Worker(WorkerProgress::Reported {
-                index, trial, best, ..
-            }) => show(index, trial.reward, best),
-            Progress::Worker(other) if !args.common.quiet => {
-                b.suspend(|| crate::common::show_worker(&other))
-            }
-            Progress::Worker(_) => {}
-        })?;
-    b.finish_and_clear();
+    let (mut pruned, report) = prune_with_bar(&args, &model, choice, &options, inputs)?;
 
-    let before_stats = analyze(&model.graph);
     let before_eval = match &data {
         Some(d) if !label_free => Some(evaluate(&model, &d.test, &d.normalize, 256)?),
         _ => None,
     };
-    let mut finetune_report = None;
-    let mut resumed = (0, 0);
-    // Fine-tuning keeps a checkpoint beside the output: pruning is deterministic, so a stopped
-    // run prunes again to the same model and --resume continues its fine-tuning.
     let ckpt = crate::common::checkpoint_path(&args.out);
+    let (mut finetune_report, mut resumed) = (None, (0, 0));
     if args.finetune_epochs > 0 {
-        let d = data
-            .as_ref()
-            .ok_or_else(|| input_error("fine-tuning needs --data"))?;
-        let mut bars = EpochBars::new(args.common.quiet);
-        // Without labels, the pruned model learns to reproduce the unpruned one.
-        let mut teacher = if label_free {
-            Some(slim_core::reproduce::Reproduce::new(model.deep_clone()?)?)
-        } else {
-            None
-        };
-        let extra: Vec<&mut dyn slim_core::train::LossTerm> = match teacher.as_mut() {
-            Some(t) => vec![t],
-            None => Vec::new(),
-        };
-        let report = train(
+        let r = finetune_pruned(
+            &args,
+            &model,
             &mut pruned,
-            d,
+            data.as_ref(),
+            label_free,
             &ft,
-            TrainOptions {
-                checkpoint: Some(ckpt.clone()),
-                resume: args.checkpoint.resume,
-                checkpoint_every: args.checkpoint.every(),
-                eval_each_epoch: !label_free,
-                label_free,
-                extra,
-                ..Default::default()
-            },
-            &mut |p| bars.update(p),
+            &ckpt,
         )?;
-        resumed = (report.resumed_from, report.resumed_at_step);
-        finetune_report = Some(report.epochs);
+        resumed = (r.resumed_from, r.resumed_at_step);
+        finetune_report = Some(r.epochs);
     }
     let after_eval = match &data {
         Some(d) if !label_free => Some(evaluate(&pruned, &d.test, &d.normalize, 256)?),
@@ -439,21 +497,30 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         crate::common::remove_checkpoint(&ckpt);
     }
     let seconds = started.elapsed().as_secs_f64();
-    let after_stats = analyze(&pruned.graph);
-    let before = Figures {
-        top1: before_eval.as_ref().map(|e| e.top1),
-        top5: before_eval.as_ref().map(|e| e.top5),
-        macs: before_stats.macs,
-        params: before_stats.params,
-        bytes: std::fs::metadata(&args.file)?.len(),
-    };
-    let after = Figures {
-        top1: after_eval.as_ref().map(|e| e.top1),
-        top5: after_eval.as_ref().map(|e| e.top5),
-        macs: after_stats.macs,
-        params: after_stats.params,
-        bytes: std::fs::metadata(&args.out)?.len(),
-    };
+    let before = Figures::of(&model, before_eval.as_ref(), &args.file)?;
+    let after = Figures::of(&pruned, after_eval.as_ref(), &args.out)?;
+    print_prune(
+        &args,
+        &report,
+        (before, after),
+        fidelity,
+        finetune_report,
+        resumed,
+        seconds,
+    );
+    Ok(())
+}
+
+/// What the pruning did: the JSON report, or the before/after table.
+fn print_prune(
+    args: &PruneArgs,
+    report: &PruneReport,
+    (before, after): (Figures, Figures),
+    fidelity: Option<slim_core::train::Fidelity>,
+    finetune: Option<Vec<slim_core::train::EpochReport>>,
+    resumed: (usize, usize),
+    seconds: f64,
+) {
     let reduction = 1.0 - after.macs as f64 / before.macs.max(1) as f64;
     if args.common.json {
         outln!(
@@ -467,7 +534,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                 "flops_reduction": reduction,
                 "groups": report.groups,
                 "skipped": report.skipped,
-                "finetune": finetune_report,
+                "finetune": finetune,
                 "resumed_from": resumed.0,
                 "resumed_at_step": resumed.1,
                 "fidelity": fidelity,
@@ -476,7 +543,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                 "out": args.out,
             }))
         );
-        return Ok(());
+        return;
     }
     let pct = |v: Option<f64>| {
         v.map(|t| format!("{:.2}%", t * 100.0))
@@ -536,7 +603,6 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         args.out.display(),
         seconds
     );
-    Ok(())
 }
 
 #[derive(Args)]
