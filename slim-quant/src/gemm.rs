@@ -1267,7 +1267,7 @@ pub(crate) mod vnni {
         match f.out {
             Output::F32(p) => unsafe { *p.add(at) = y },
             Output::I8(p, [lo, hi, inv]) => unsafe {
-                *p.add(at) = crate::runtime::round_to_grid(y, lo, hi, inv)
+                *p.add(at) = crate::grid::round_to_grid(y, lo, hi, inv)
             },
         }
     }
@@ -1357,7 +1357,7 @@ pub(crate) mod vnni {
                 let ints = if lanes.relu {
                     // `q` is +0 or more and below 1e9 (see `relu_grid`): the half added is
                     // positive, and the clamp to 127 happens as the narrowing saturates.
-                    _mm512_cvttps_epi32(_mm512_add_ps(q, _mm512_set1_ps(crate::runtime::HALF_DOWN)))
+                    _mm512_cvttps_epi32(_mm512_add_ps(q, _mm512_set1_ps(crate::grid::HALF_DOWN)))
                 } else {
                     // As `round_to_grid`: max(y, lo) is lo for NaN (the second operand), then
                     // min, times 1 / scale, plus 1/2 less an ulp with q's sign, clamped,
@@ -1366,7 +1366,7 @@ pub(crate) mod vnni {
                         _mm512_and_si512(_mm512_castps_si512(q), _mm512_set1_epi32(i32::MIN));
                     let half = _mm512_castsi512_ps(_mm512_or_si512(
                         sign,
-                        _mm512_castps_si512(_mm512_set1_ps(crate::runtime::HALF_DOWN)),
+                        _mm512_castps_si512(_mm512_set1_ps(crate::grid::HALF_DOWN)),
                     ));
                     let v = _mm512_min_ps(
                         _mm512_max_ps(_mm512_add_ps(q, half), _mm512_set1_ps(-127.0)),
@@ -1456,7 +1456,7 @@ mod tests {
                 assert!(f.chunks(ld).all(|r| r[n..].iter().all(|v| v.is_nan())));
                 let grid = rng.random_range(0.01f32..0.1);
                 for relu in [false, true] {
-                    let [mut lo, hi, inv] = crate::runtime::bounds(grid);
+                    let [mut lo, hi, inv] = crate::grid::bounds(grid);
                     if relu {
                         lo = 0.0;
                     }
@@ -1468,7 +1468,7 @@ mod tests {
                     // SAFETY: as above.
                     assert!(unsafe { gemm_rows_finished(&p, 0..m, bv, &finish) });
                     for i in 0..m * n {
-                        let want = crate::runtime::round_to_grid(y(i), lo, hi, inv);
+                        let want = crate::grid::round_to_grid(y(i), lo, hi, inv);
                         let got = q[(i / n) * ld + i % n];
                         assert_eq!(got, want, "i8 [{i}] {m}x{n}x{k} relu {relu}");
                     }
@@ -1728,7 +1728,7 @@ mod tests {
             slim_core::note_skipped("this machine (or SLIM_CPU) lacks AVX-512 VNNI");
             return;
         }
-        let [lo, hi, inv] = crate::runtime::bounds(0.05);
+        let [lo, hi, inv] = crate::grid::bounds(0.05);
         let grids: [([f32; 3], bool); 8] = [
             ([lo, hi, inv], false),
             ([0.0, hi, inv], true),
@@ -1772,7 +1772,7 @@ mod tests {
                 }
                 for (&s, &got) in sums.iter().zip(&q) {
                     let y = s as f32 * scale + bias;
-                    let want = crate::runtime::round_to_grid(y, grid[0], grid[1], grid[2]);
+                    let want = crate::grid::round_to_grid(y, grid[0], grid[1], grid[2]);
                     assert_eq!(got, want, "sum {s} scale {scale} bias {bias} grid {grid:?}");
                 }
             }

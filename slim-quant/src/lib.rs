@@ -30,6 +30,7 @@
 //! ```
 
 pub mod gemm;
+mod grid;
 pub mod observer;
 pub mod ptq;
 pub mod qat;

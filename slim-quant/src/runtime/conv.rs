@@ -1,0 +1,276 @@
+//! Dense and grouped int8 convolutions: columns gathered into packed panels, products by the int8 GEMM, outputs requantized as they are written.
+
+use super::*;
+
+/// Output positions per task of a convolution (whole output rows, at least one): enough work
+/// to amortize a task, small enough that a batch of one still spreads over the cores.
+pub(super) const POSITIONS_PER_TASK: usize = 256;
+
+/// A dense or grouped convolution as int8 matrix products: per (sample, group, block of output
+/// rows), the group's filters times the block's input columns (one row per channel and kernel
+/// tap, gathered by row segments; a 1x1 convolution reads its input as it is).
+pub(super) fn grouped<T: Sink>(
+    xq: &[i8],
+    (pa, quad): (&PackedA, Option<&PackedA>),
+    geo: &Geometry<'_>,
+    n: usize,
+    scales: &[f32],
+    bias: Option<&[f32]>,
+    to: &Requant,
+) -> Vec<T> {
+    let c = geo.spec;
+    let g = c.groups.max(1);
+    let (cg, og) = (geo.cin / g, c.out_channels / g);
+    let (kh, kw) = (c.kernel[0], c.kernel[1]);
+    let k = cg * kh * kw;
+    let (h, w, oh, ow) = (geo.h, geo.w, geo.oh, geo.ow);
+    let p = oh * ow;
+    let rows_per = (POSITIONS_PER_TASK / ow).max(1);
+    let blocks = oh.div_ceil(rows_per);
+    let pointwise = kh == 1 && kw == 1 && c.stride == 1 && c.padding == 0;
+    let oc = c.out_channels;
+    // With the VNNI kernel every value is finished in registers and written through
+    // `written`, so the output is not zeroed first; the other kernels' sums are finished in
+    // slices of it, which must hold values.
+    let in_kernel = pa.kernel() == crate::gemm::Kernel::Avx512Vnni;
+    let len = n * oc * p;
+    let mut out: Vec<T> = if in_kernel {
+        unwritten(len)
+    } else {
+        vec![T::default(); len]
+    };
+    let written = Disjoint(out.as_mut_ptr());
+    let macs = n * oc * p * k;
+    let halving = c.stride == 2 && crate::gemm::Kernel::Avx512Vnni.available();
+    let gathered = !pointwise && c.stride == 1 && cg >= GATHERED_CHANNELS;
+    // Where every task packs whole planes, their loads are the same: worked out once per
+    // geometry.
+    let shared_loads = (gathered && blocks == 1 && crate::gemm::Kernel::Avx512Vnni.available())
+        .then(|| {
+            crate::gemm::ConvLoads::cached(&crate::gemm::Im2col {
+                planes: &[],
+                channels: cg,
+                h,
+                w,
+                kernel: [kh, kw],
+                padding: c.padding,
+                dilation: c.dilation,
+                rows: 0..oh,
+                ow,
+                loads: None,
+            })
+        });
+    // Each sample's (and group's) planes laid out four channels together, once, for layers
+    // with filters in tap order.
+    let per_quads = cg.div_ceil(4) * h * w * 4;
+    let quads = quad.filter(|_| !pointwise && c.stride == 1).map(|_| {
+        let len = n * g * per_quads;
+        let mut buf = Vec::with_capacity(len);
+        for_each_chunk(
+            &mut buf.spare_capacity_mut()[..len],
+            per_quads,
+            len < SERIAL_VALUES,
+            |(i, out)| {
+                crate::gemm::quad_planes(&xq[i * cg * h * w..][..cg * h * w], [cg, h, w], out)
+            },
+        );
+        // SAFETY: `quad_planes` wrote every byte of every sample's (and group's) share.
+        unsafe { buf.set_len(len) };
+        buf
+    });
+    for_each_task(n * g * blocks, macs < SERIAL_PRODUCT, |task| {
+        let (sg, blk) = (task / blocks, task % blocks);
+        let (s, gi) = (sg / g, sg % g);
+        let (oy0, oy1) = (blk * rows_per, ((blk + 1) * rows_per).min(oh));
+        let np = (oy1 - oy0) * ow;
+        let plane0 = (s * geo.cin + gi * cg) * h * w;
+        let o0 = gi * og;
+        // Where the kernel finishes the sums in registers, they go straight to the output:
+        // row `o` of this block at `(s * oc + o) * p + oy0 * ow` (with oy0 = 0 for whole planes).
+        let at = (s * oc + o0) * p + oy0 * ow;
+        let finish = crate::gemm::Finish {
+            scales: &scales[o0..o0 + og],
+            bias: bias.map(|b| &b[o0..o0 + og]),
+            ld: p,
+            // SAFETY: `at` lies inside `out`.
+            out: T::output(unsafe { written.add(at) }.0, to),
+        };
+        if gathered {
+            // The columns gathered from the input as the product packs them, where it can.
+            let src = crate::gemm::Im2col {
+                planes: &xq[plane0..plane0 + cg * h * w],
+                channels: cg,
+                h,
+                w,
+                kernel: [kh, kw],
+                padding: c.padding,
+                dilation: c.dilation,
+                rows: oy0..oy1,
+                ow,
+                loads: shared_loads.as_deref(),
+            };
+            if let (Some(qa), Some(quads)) = (quad, &quads) {
+                let mine = &quads[(s * g + gi) * per_quads..][..per_quads];
+                // SAFETY: as for `gemm_rows_finished` below.
+                let rows = o0..o0 + og;
+                if unsafe { crate::gemm::gemm_conv_quads_finished(qa, rows, &src, mine, &finish) } {
+                    return;
+                }
+            }
+            // SAFETY: as for `gemm_rows_finished` below.
+            if unsafe { crate::gemm::gemm_conv_finished(pa, o0..o0 + og, &src, &finish) } {
+                return;
+            }
+        }
+        let cols;
+        let b = if pointwise {
+            MatRef {
+                data: &xq[plane0 + oy0 * ow..],
+                rows: cg,
+                cols: np,
+                stride: h * w,
+            }
+        } else {
+            let mut buf = vec![0i8; k * np];
+            for ci in 0..cg {
+                let src = &xq[plane0 + ci * h * w..plane0 + (ci + 1) * h * w];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let t = (ci * kh + ky) * kw + kx;
+                        let row = &mut buf[t * np..(t + 1) * np];
+                        let off = (kx * c.dilation) as isize - c.padding as isize;
+                        let (lo, hi) = valid_columns(off, c.stride, w, ow);
+                        for oy in oy0..oy1 {
+                            let iy =
+                                (oy * c.stride + ky * c.dilation) as isize - c.padding as isize;
+                            if iy < 0 || iy as usize >= h || lo >= hi {
+                                continue;
+                            }
+                            let line = &src[iy as usize * w..(iy as usize + 1) * w];
+                            let dst = &mut row[(oy - oy0) * ow..(oy - oy0 + 1) * ow];
+                            if c.stride == 1 {
+                                let start = (lo as isize + off) as usize;
+                                copy_short(&mut dst[lo..hi], &line[start..start + hi - lo]);
+                            } else {
+                                let start = ((lo * c.stride) as isize + off) as usize;
+                                every_nth(&mut dst[lo..hi], &line[start..], c.stride, halving);
+                            }
+                        }
+                    }
+                }
+            }
+            cols = buf;
+            MatRef::new(&cols, k, np)
+        };
+        // SAFETY: rows o0..o0 + og of sample s, positions oy0 * ow.. (np of them, p apart):
+        // no other task writes them (tasks differ in sample, group or block of rows), and they
+        // lie inside `out`.
+        if unsafe { crate::gemm::gemm_rows_finished(pa, o0..o0 + og, b, &finish) } {
+            return;
+        }
+        ACC.with_borrow_mut(|acc| {
+            if acc.len() < og * np {
+                acc.resize(og * np, 0);
+            }
+            let acc = &mut acc[..og * np];
+            gemm_rows(pa, gi * og..(gi + 1) * og, b, acc);
+            // The sums `acc` of output channels `o`, `plane` values each.
+            let sums = |acc, plane, o: std::ops::Range<usize>| Sums {
+                acc,
+                plane,
+                scales: &scales[o.clone()],
+                bias: bias.map(|b| &b[o]),
+            };
+            if blocks == 1 {
+                // The group's whole output planes, one after another.
+                // SAFETY: channels `o0..o0 + og` of sample `s`: no other task writes them
+                // (tasks differ in sample or group), and they lie inside `out`.
+                let d = unsafe { written.rows((s * oc + o0) * p, og * p) };
+                T::finish(d, sums(acc, p, o0..o0 + og), to);
+            } else {
+                for (oi, row) in acc.chunks_exact(np).enumerate() {
+                    let o = o0 + oi;
+                    // SAFETY: output rows `oy0..oy1` of channel `o` of sample `s`: no other
+                    // task writes them (tasks differ in sample, group or block of rows), and
+                    // they lie inside `out`.
+                    let d = unsafe { written.rows((s * oc + o) * p + oy0 * ow, np) };
+                    T::finish(d, sums(row, np, o..o + 1), to);
+                }
+            }
+        });
+    });
+    if in_kernel {
+        // SAFETY: the kernel finished and wrote every value of every task's rows: all
+        // samples, groups and blocks of rows, every column (its masks cover the tails).
+        unsafe { out.set_len(len) };
+    }
+    out
+}
+
+/// An empty vector with room for `len` outputs that kernels write through its pointer
+/// before it is given its length. In tests the room is filled with a pattern first (bytes
+/// 0xA5: -91 as int8, a tiny negative f32), so that an output a kernel fails to write shows
+/// as a wrong value rather than as the zeros of fresh memory.
+pub(super) fn unwritten<T: Sink>(len: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    if cfg!(test) {
+        // SAFETY: the room holds `len` values of `T`, a plain number of whole bytes.
+        unsafe { std::ptr::write_bytes(out.as_mut_ptr(), 0xA5, len) };
+    }
+    out
+}
+
+/// `dst[i] = src[i * stride]` for every `i`; at stride 2 with AVX-512 BW (`halving`), 32
+/// values per masked load of 64 bytes, narrowed by keeping each 16-bit word's low byte.
+pub(super) fn every_nth(dst: &mut [i8], src: &[i8], stride: usize, halving: bool) {
+    if dst.is_empty() {
+        return;
+    }
+    assert!(
+        src.len() > (dst.len() - 1) * stride,
+        "every_nth: a source too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if halving && stride == 2 {
+        // SAFETY: `halving` says the machine has AVX-512 F, BW and VL; the lengths were
+        // checked above.
+        unsafe { halve_bytes::evens(dst, src) };
+        return;
+    }
+    for (i, d) in dst.iter_mut().enumerate() {
+        *d = src[i * stride];
+    }
+}
+
+/// Whether a convolution gathers its columns from quad planes ([`crate::gemm::quad_planes`],
+/// one load per tap and four channels): with AVX-512 VNNI, a dense convolution at stride 1
+/// with whole groups of four input channels (a partial group would add products with 0).
+pub(super) fn quad_layer(c: &slim_core::graph::Conv2dSpec, channels: usize) -> bool {
+    let pointwise = c.kernel == [1, 1] && c.stride == 1 && c.padding == 0;
+    !c.is_depthwise()
+        && !pointwise
+        && c.stride == 1
+        && channels >= GATHERED_CHANNELS
+        && channels.is_multiple_of(4)
+        && crate::gemm::Kernel::Avx512Vnni.available()
+}
+
+/// A convolution's int8 filters in tap order, packed, where [`quad_layer`] says it gathers
+/// from quad planes; `None` for any other layer.
+pub(super) fn quad_filters(node: &Node, values: &[i8]) -> Option<PackedA> {
+    let Op::Conv2d(c) = &node.op else {
+        return None;
+    };
+    let taps = c.kernel[0] * c.kernel[1];
+    let channels = values.len() / (c.out_channels * taps).max(1);
+    if !quad_layer(c, channels) || values.len() != c.out_channels * channels * taps {
+        return None;
+    }
+    let filters = MatRef::new(values, c.out_channels, channels * taps);
+    let ordered = crate::gemm::tap_major(filters, channels, taps);
+    let cols = ordered.len() / c.out_channels;
+    Some(PackedA::for_kernel(
+        MatRef::new(&ordered, c.out_channels, cols),
+        crate::gemm::Kernel::Avx512Vnni,
+    ))
+}
