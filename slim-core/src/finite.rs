@@ -9,8 +9,8 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::io::INT8_SCALE_SUFFIX;
 use crate::model::Model;
+use crate::model::INT8_SCALE_SUFFIX;
 
 /// The non-finite values that one tensor holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

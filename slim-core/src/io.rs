@@ -326,8 +326,11 @@ impl Model {
     }
 }
 
-/// The name of an int8 parameter's scales: `<parameter>_scale`.
-pub const INT8_SCALE_SUFFIX: &str = "_scale";
+pub use crate::model::INT8_SCALE_SUFFIX;
+
+/// The `format` metadata of a training checkpoint file (which model files' readers also
+/// take).
+pub const CHECKPOINT_FORMAT: &str = "slim-checkpoint";
 
 /// A tensor as bytes, for the safetensors writer.
 struct Raw {
@@ -370,7 +373,7 @@ pub fn open_safetensors(bytes: &[u8]) -> Result<(SafeTensors<'_>, HashMap<String
         .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
     let meta = header.metadata().clone().unwrap_or_default();
     match meta.get("format").map(String::as_str) {
-        Some(FORMAT) | Some(crate::train::CHECKPOINT_FORMAT) => Ok((st, meta)),
+        Some(FORMAT) | Some(CHECKPOINT_FORMAT) => Ok((st, meta)),
         Some(other) => Err(bad(format!(
             "metadata `format` is `{other}`, expected `{FORMAT}`"
         ))),

@@ -9,6 +9,9 @@ use crate::error::{CoreError, Result};
 use crate::graph::{Graph, Op, ParamSpec};
 use crate::params::ParamStore;
 
+/// The name of an int8 parameter's scales in a model file: `<parameter>_scale`.
+pub const INT8_SCALE_SUFFIX: &str = "_scale";
+
 const PREPROCESS_KEY: &str = "preprocess";
 
 /// A normalization with at least one mean and std, every std finite and positive.

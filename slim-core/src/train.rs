@@ -25,8 +25,7 @@ use crate::exec::{ForwardOptions, ForwardOutput, Mode};
 use crate::io::{open_safetensors, write_atomic};
 use crate::model::Model;
 
-/// The `format` metadata of a training checkpoint file.
-pub const CHECKPOINT_FORMAT: &str = "slim-checkpoint";
+pub use crate::io::CHECKPOINT_FORMAT;
 
 /// Which optimizer updates the parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
