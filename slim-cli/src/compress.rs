@@ -543,6 +543,11 @@ struct Row {
     /// Ops of the model the table lacked, estimated by its fallback fit.
     #[serde(default, skip_serializing_if = "is_zero")]
     latency_fallback_ops: usize,
+    /// Measured: the median milliseconds of a batch-1 forward on Slim's runtime of the model
+    /// (f32, or int8), every core, timed as `slim bench` times, every stage in one sitting
+    /// after the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    measured_ms: Option<f64>,
     /// The stage the model started from, when not the one before (`init`: fresh weights).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     from: Option<String>,
@@ -815,25 +820,25 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         model = next;
     }
 
-    // The report: estimated latency from the table of each stage's runtime, when given.
+    // The report: every stage's batch-1 forward timed in this sitting, and its latency
+    // estimated from the table of its runtime, when given.
     let with_latency = !pipeline.tables.is_empty();
-    if with_latency {
-        for row in state.stages.iter_mut() {
-            let m = crate::common::load_model(&row.file, &device, &args.common.load)?;
-            let runtime = if m.int8.is_empty() {
-                slim_latency::Runtime::F32
-            } else {
-                slim_latency::Runtime::Int8
-            };
-            row.latency_ms = match pipeline.tables.iter().find(|t| t.device.runtime == runtime) {
-                Some(t) => {
-                    let e = slim_latency::estimate(t, &m, true)?;
-                    row.latency_fallback_ops = e.fallback.len();
-                    Some(e.total_ms)
-                }
-                None => None,
-            };
-        }
+    for row in state.stages.iter_mut() {
+        let m = crate::common::load_model(&row.file, &device, &args.common.load)?;
+        row.measured_ms = Some(time_batch_one(&m)?);
+        let runtime = if m.int8.is_empty() {
+            slim_latency::Runtime::F32
+        } else {
+            slim_latency::Runtime::Int8
+        };
+        row.latency_ms = match pipeline.tables.iter().find(|t| t.device.runtime == runtime) {
+            Some(t) => {
+                let e = slim_latency::estimate(t, &m, true)?;
+                row.latency_fallback_ops = e.fallback.len();
+                Some(e.total_ms)
+            }
+            None => None,
+        };
     }
     let base = state.stages[0].clone();
     let labeled = data.test.is_labeled();
@@ -878,6 +883,11 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
                 },
                 format!("{:.0}%", r.bytes as f64 / base.bytes.max(1) as f64 * 100.0),
             ]);
+            row.push(r.measured_ms.map_or("-".into(), |ms| format!("{ms:.3}")));
+            row.push(match (r.measured_ms, base.measured_ms) {
+                (Some(ms), Some(b)) if ms > 0.0 => format!("{:.2}x", b / ms),
+                _ => "-".into(),
+            });
             if with_latency {
                 row.push(match r.latency_ms {
                     Some(ms) if r.latency_fallback_ops > 0 => format!("{ms:.3} ms*"),
@@ -904,6 +914,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         "agreement change"
     });
     header.push("of baseline size");
+    header.extend(["ms (batch 1)", "speed-up"]);
     if with_latency {
         header.push("est. latency");
     }
@@ -918,6 +929,13 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         md.push_str(&r.join(" | "));
         md.push_str(" |\n");
     }
+    md.push_str(&format!(
+        "\nms (batch 1): the median of {BENCH_RUNS} batch-1 forwards on Slim's runtime ({} \
+         kernels, {} thread(s)), every stage timed in one sitting; speed-up against the \
+         baseline's.\n",
+        slim_core::cpu::level().name(),
+        bench_threads()
+    ));
     if with_latency {
         md.push_str(
             "\nLatency estimated from the tables given (`*`: some ops by the fallback fit).\n",
@@ -1002,6 +1020,29 @@ fn status_line(quiet: bool) -> indicatif::ProgressBar {
     }
 }
 
+/// Timed forwards per stage for the report's measured column.
+const BENCH_RUNS: usize = 20;
+
+/// The threads a stage's forward is timed with: every core.
+fn bench_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The median milliseconds of a batch-1 forward of `model` on Slim's runtime (int8 models on
+/// the int8 one), as `slim bench` measures it.
+fn time_batch_one(model: &Model) -> Result<f64, Failure> {
+    let kernels = (!model.int8.is_empty()).then(|| slim_quant::runtime::Int8Kernels::new(model));
+    let kernels = kernels
+        .as_ref()
+        .map(|k| k as &dyn slim_core::exec::NodeKernels);
+    let opts = slim_latency::BuildOptions {
+        runs: BENCH_RUNS,
+        warmup: 3,
+        warmup_ms: 100.0,
+    };
+    Ok(slim_latency::bench(model, kernels, 1, bench_threads(), &opts)?.median_ms)
+}
+
 /// A stage's figures: accuracy on the test split, or without labels its fidelity to
 /// `baseline` (`None`: the stage is the baseline).
 fn measure(
@@ -1052,6 +1093,7 @@ fn measure(
         info,
         latency_ms: None,
         latency_fallback_ops: 0,
+        measured_ms: None,
         from: None,
     })
 }
