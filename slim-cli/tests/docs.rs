@@ -373,10 +373,13 @@ fn crate_readme(name: &str, lib_rs: &str) -> String {
     let mut fenced = false;
     for line in &docs {
         if line.starts_with("```") {
-            text.push_str(if fenced || *line != "```" {
-                line
-            } else {
+            // rustdoc's own attributes (`no_run`, `ignore`, ...) mean Rust to it; a README
+            // says `rust`.
+            let rustdoc = ["", "no_run", "ignore", "should_panic", "compile_fail"];
+            text.push_str(if !fenced && rustdoc.contains(&&line[3..]) {
                 "```rust"
+            } else {
+                line
             });
             text.push('\n');
             fenced = !fenced;

@@ -20,6 +20,26 @@
 //! URLs take a password and a database (`redis://:PASSWORD@HOST:PORT/DB`) and TLS
 //! (`rediss://`, through rustls; a private certificate authority with
 //! [`RedisUrl::parse_with_ca`]). Passwords never appear in messages.
+//!
+//! One worker of an automatic pruning search shared through Redis; the same program started
+//! on other machines adds workers to the same study:
+//!
+//! ```no_run
+//! use slim_core::{data, study::WorkerOptions, Model};
+//! use slim_dist::{RedisStudy, RedisUrl};
+//! use slim_prune::run::{run, Choice, Inputs, PruneOptions};
+//!
+//! let study = RedisStudy::open(&RedisUrl::parse("redis://127.0.0.1:6379")?, "prune-lenet")?;
+//! let data = data::load_spec(data::DEFAULT_SPEC)?;
+//! let model = Model::load("lenet.safetensors", &candle_core::Device::Cpu)?;
+//! let options = PruneOptions { flops_reduction: Some(0.5), ..Default::default() };
+//! let worker = WorkerOptions::new("worker-1");
+//! let inputs = Inputs { data: Some(&data), study: Some((&study, worker)), ..Default::default() };
+//! let (pruned, report) = run(&model, Choice::Auto, &options, inputs, &mut |_| {})?;
+//! pruned.save("lenet-pruned.safetensors")?;
+//! println!("{:.1}% fewer multiply-adds", report.flops_reduction * 100.0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![forbid(unsafe_code)]
 
 use std::sync::Mutex;
