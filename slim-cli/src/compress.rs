@@ -596,50 +596,16 @@ fn model_config(file: &Path, args: &CompressArgs) -> Result<String, Failure> {
         .replace("{dir}", &quote(&dir.display().to_string())))
 }
 
-pub fn run(args: CompressArgs) -> Result<(), Failure> {
-    let (text, origin) = match (&args.config, &args.model) {
-        (Some(p), _) => (
-            std::fs::read_to_string(p).map_err(|e| input_error(format!("{}: {e}", p.display())))?,
-            p.display().to_string(),
-        ),
-        (None, Some(m)) => (
-            model_config(m, &args)?,
-            format!("the default pipeline for {}", m.display()),
-        ),
-        (None, None) => (
-            DEFAULT_CONFIG.to_string(),
-            "the default pipeline".to_string(),
-        ),
-    };
-    let mut pipeline = parse(&text, &origin)?;
-    if args.check {
-        if args.common.json {
-            outln!(
-                "{}",
-                crate::common::with_skipped(json!({"config": origin, "ok": true,
-                       "strategies": pipeline.strategies.iter().map(|s| s.kind().to_string()).collect::<Vec<_>>()}))
-            );
-        } else {
-            outln!(
-                "{origin}: ok ({} strategies: {})",
-                pipeline.strategies.len(),
-                pipeline
-                    .strategies
-                    .iter()
-                    .map(|s| s.kind().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        return Ok(());
-    }
-    let dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| pipeline.config.output.dir.clone());
-    let key = fingerprint(&text);
+/// The pipeline's state in `dir`: a finished or (with --resume) stopped run of the same
+/// configuration (`key`), else a fresh one.
+fn open_state(
+    dir: &Path,
+    key: String,
+    stages: usize,
+    args: &CompressArgs,
+) -> Result<State, Failure> {
     let state_path = dir.join(STATE_FILE);
-    let mut state = if state_path.exists() && !args.force {
+    Ok(if state_path.exists() && !args.force {
         let s: State =
             serde_json::from_str(&std::fs::read_to_string(&state_path)?).map_err(|e| {
                 input_error(format!(
@@ -656,7 +622,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         }
         // A finished run of this pipeline is only reported again; a stopped one continues
         // when asked to.
-        let finished = s.stages.len() == pipeline.strategies.len() + 1;
+        let finished = s.stages.len() == stages + 1;
         if !args.resume && !finished {
             return Err(input_error(format!(
                 "{} holds a stopped run of this pipeline; --resume to continue it, or \
@@ -671,181 +637,20 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
             config: key,
             stages: Vec::new(),
         }
-    };
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| input_error(format!("cannot create {}: {e}", dir.display())))?;
-    let device = args.common.device()?;
-    let mut data = crate::common::load_spec(&pipeline.config.data.spec)?;
-    if let Some(n) = pipeline.config.data.limit {
-        data.train = data.train.take(n);
-    }
-    if !data.train.is_labeled() && pipeline.config.model.zoo.is_some() {
-        return Err(input_error(format!(
-            "[data] spec = \"{}\" has no labels, and a zoo baseline is trained on labels; \
-             without labels, start from a trained model ([model] file)",
-            pipeline.config.data.spec
-        )));
-    }
-    let quiet = args.common.quiet;
-    let note = |msg: String| {
-        if !quiet {
-            eprintln!("{msg}");
-        }
-    };
-    let total = pipeline.strategies.len() + 1;
-    let started = Instant::now();
+    })
+}
 
-    // The zoo model with the weights it starts training from.
-    let fresh = |data: &slim_core::data::DataSplits| -> Result<Model, Failure> {
-        let name = pipeline.config.model.zoo.as_deref().unwrap_or_default();
-        let zcfg = ZooConfig::new(data.train.shape)
-            .with_width(pipeline.config.model.width)
-            .with_classes(data.train.classes);
-        let mut m = zoo::model(name, &zcfg, pipeline.train.seed, &device)?;
-        m.provenance
-            .insert("data".into(), pipeline.config.data.spec.clone());
-        Ok(m)
-    };
-
-    // Stage 0: the baseline, trained from the zoo or read from a file.
-    let mut model = if let Some(row) = state.stages.first() {
-        note(format!("stage 1/{total}: baseline (done)"));
-        let m = crate::common::load_model(&row.file, &device, &args.common.load)?;
-        crate::common::adapt_data(&mut data, &m)?;
-        m
-    } else {
-        let t0 = Instant::now();
-        let (model, info, file) = match (&pipeline.config.model.zoo, &pipeline.config.model.file) {
-            (Some(name), _) => {
-                note(format!("stage 1/{total}: baseline: train {name}"));
-                let m = fresh(&data)?;
-                let mut bars = EpochBars::new(quiet);
-                let mut progress = |p: &slim_core::train::Progress| bars.update(p);
-                let mut ctx = Context {
-                    data: &data,
-                    train: pipeline.train.clone(),
-                    work_dir: dir.clone(),
-                    quiet,
-                    progress: &mut progress,
-                    status: &|_| {},
-                    baseline: None,
-                };
-                let (m, info) = Train { config: None }.run(m, &mut ctx)?;
-                let file = dir.join("00-baseline.safetensors");
-                m.save(&file)?;
-                (m, info, file)
-            }
-            (None, Some(path)) => {
-                note(format!("stage 1/{total}: baseline: {}", path.display()));
-                let m = crate::common::load_model(path, &device, &args.common.load)?;
-                // An imported model is fed data the way it expects.
-                crate::common::adapt_data(&mut data, &m)?;
-                (m, json!({}), path.clone())
-            }
-            (None, None) => return Err(input_error("[model] needs `zoo` or `file`")),
-        };
-        let row = measure(
-            "baseline",
-            &model,
-            &file,
-            &data,
-            t0.elapsed().as_secs_f64(),
-            info,
-            None,
-        )?;
-        state.stages.push(row);
-        save_state(&dir, &state)?;
-        model
-    };
-
-    // The baseline as its file holds it, for stages that learn from it.
-    let baseline = crate::common::load_model(&state.stages[0].file, &device, &args.common.load)?;
-    for (i, strategy) in pipeline.strategies.iter_mut().enumerate() {
-        let stage = i + 1;
-        let (name, source) = pipeline.stages[i].clone();
-        let stem = format!("{stage:02}-{}", name.replace(' ', "_"));
-        if let Some(row) = state.stages.get(stage) {
-            note(format!("stage {}/{total}: {name} (done)", stage + 1));
-            model = crate::common::load_model(&row.file, &device, &args.common.load)?;
-            continue;
-        }
-        let from = match source {
-            Source::Previous => None,
-            Source::Stage(j) => Some(state.stages[j].name.clone()),
-            Source::Init => Some("init".to_string()),
-        };
-        match &from {
-            Some(f) => note(format!("stage {}/{total}: {name} (from {f})", stage + 1)),
-            None => note(format!("stage {}/{total}: {name}", stage + 1)),
-        }
-        model = match source {
-            Source::Previous => model,
-            Source::Stage(j) => {
-                crate::common::load_model(&state.stages[j].file, &device, &args.common.load)?
-            }
-            Source::Init => fresh(&data)?,
-        };
-        let t0 = Instant::now();
-        let work_dir = dir.join(&stem);
-        std::fs::create_dir_all(&work_dir)?;
-        let mut bars = EpochBars::new(quiet);
-        let mut progress = |p: &slim_core::train::Progress| bars.update(p);
-        let status = status_line(quiet);
-        let show = |m: &str| status.set_message(m.to_string());
-        let mut ctx = Context {
-            data: &data,
-            train: pipeline.train.clone(),
-            work_dir,
-            quiet,
-            progress: &mut progress,
-            status: &show,
-            baseline: Some(&baseline),
-        };
-        let (next, info) = strategy.run(model, &mut ctx)?;
-        status.finish_and_clear();
-        let file = dir.join(format!("{stem}.safetensors"));
-        next.save(&file)?;
-        let mut row = measure(
-            &name,
-            &next,
-            &file,
-            &data,
-            t0.elapsed().as_secs_f64(),
-            info,
-            Some(&baseline),
-        )?;
-        row.from = from;
-        state.stages.push(row);
-        save_state(&dir, &state)?;
-        model = next;
-    }
-
-    // The report: every stage's batch-1 forward timed in this sitting, and its latency
-    // estimated from the table of its runtime, when given.
-    let with_latency = !pipeline.tables.is_empty();
-    for row in state.stages.iter_mut() {
-        let m = crate::common::load_model(&row.file, &device, &args.common.load)?;
-        row.measured_ms = Some(time_batch_one(&m)?);
-        let runtime = if m.int8.is_empty() {
-            slim_latency::Runtime::F32
-        } else {
-            slim_latency::Runtime::Int8
-        };
-        row.latency_ms = match pipeline.tables.iter().find(|t| t.device.runtime == runtime) {
-            Some(t) => {
-                let e = slim_latency::estimate(t, &m, true)?;
-                row.latency_fallback_ops = e.fallback.len();
-                Some(e.total_ms)
-            }
-            None => None,
-        };
-    }
-    let base = state.stages[0].clone();
-    let labeled = data.test.is_labeled();
+/// The results table of the stages, as text (returned) and as `report.md` in `dir`.
+fn write_table(
+    stages: &[Row],
+    labeled: bool,
+    with_latency: bool,
+    dir: &Path,
+) -> Result<String, Failure> {
+    let base = stages[0].clone();
     // A pipeline with branches says where each stage started.
-    let branches = state.stages.iter().any(|r| r.from.is_some());
-    let rows: Vec<Vec<String>> = state
-        .stages
+    let branches = stages.iter().any(|r| r.from.is_some());
+    let rows: Vec<Vec<String>> = stages
         .iter()
         .enumerate()
         .map(|(i, r)| {
@@ -854,7 +659,7 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
                 row.push(match (&r.from, i) {
                     (_, 0) => "-".into(),
                     (Some(f), _) => f.clone(),
-                    (None, _) => state.stages[i - 1].name.clone(),
+                    (None, _) => stages[i - 1].name.clone(),
                 });
             }
             let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}%", v * 100.0));
@@ -942,6 +747,254 @@ pub fn run(args: CompressArgs) -> Result<(), Failure> {
         );
     }
     write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    Ok(text_table)
+}
+
+/// The zoo model of `[model]` with the weights it starts training from.
+fn fresh_model(
+    config: &Config,
+    train: &TrainConfig,
+    data: &slim_core::data::DataSplits,
+    device: &candle_core::Device,
+) -> Result<Model, Failure> {
+    let name = config.model.zoo.as_deref().unwrap_or_default();
+    let zcfg = ZooConfig::new(data.train.shape)
+        .with_width(config.model.width)
+        .with_classes(data.train.classes);
+    let mut m = zoo::model(name, &zcfg, train.seed, device)?;
+    m.provenance.insert("data".into(), config.data.spec.clone());
+    Ok(m)
+}
+
+/// Every stage's batch-1 forward timed in this sitting, and its latency estimated from the
+/// table of its runtime, when given.
+fn time_stages(
+    stages: &mut [Row],
+    tables: &[slim_latency::Table],
+    device: &candle_core::Device,
+    args: &CompressArgs,
+) -> Result<(), Failure> {
+    for row in stages.iter_mut() {
+        let m = crate::common::load_model(&row.file, device, &args.common.load)?;
+        row.measured_ms = Some(time_batch_one(&m)?);
+        let runtime = if m.int8.is_empty() {
+            slim_latency::Runtime::F32
+        } else {
+            slim_latency::Runtime::Int8
+        };
+        row.latency_ms = match tables.iter().find(|t| t.device.runtime == runtime) {
+            Some(t) => {
+                let e = slim_latency::estimate(t, &m, true)?;
+                row.latency_fallback_ops = e.fallback.len();
+                Some(e.total_ms)
+            }
+            None => None,
+        };
+    }
+    Ok(())
+}
+
+/// Stage 0, the baseline: read back when the state has it, else trained from the zoo or read
+/// from `[model] file` (whose preprocessing the data then follows), measured and recorded.
+fn baseline_stage(
+    pipeline: &Pipeline,
+    state: &mut State,
+    data: &mut slim_core::data::DataSplits,
+    dir: &Path,
+    device: &candle_core::Device,
+    args: &CompressArgs,
+) -> Result<Model, Failure> {
+    let (quiet, total) = (args.common.quiet, pipeline.strategies.len() + 1);
+    let note = |msg: String| {
+        if !quiet {
+            eprintln!("{msg}");
+        }
+    };
+    Ok(if let Some(row) = state.stages.first() {
+        note(format!("stage 1/{total}: baseline (done)"));
+        let m = crate::common::load_model(&row.file, device, &args.common.load)?;
+        crate::common::adapt_data(data, &m)?;
+        m
+    } else {
+        let t0 = Instant::now();
+        let (model, info, file) = match (&pipeline.config.model.zoo, &pipeline.config.model.file) {
+            (Some(name), _) => {
+                note(format!("stage 1/{total}: baseline: train {name}"));
+                let m = fresh_model(&pipeline.config, &pipeline.train, data, device)?;
+                let mut bars = EpochBars::new(quiet);
+                let mut progress = |p: &slim_core::train::Progress| bars.update(p);
+                let mut ctx = Context {
+                    data,
+                    train: pipeline.train.clone(),
+                    work_dir: dir.to_path_buf(),
+                    quiet,
+                    progress: &mut progress,
+                    status: &|_| {},
+                    baseline: None,
+                };
+                let (m, info) = Train { config: None }.run(m, &mut ctx)?;
+                let file = dir.join("00-baseline.safetensors");
+                m.save(&file)?;
+                (m, info, file)
+            }
+            (None, Some(path)) => {
+                note(format!("stage 1/{total}: baseline: {}", path.display()));
+                let m = crate::common::load_model(path, device, &args.common.load)?;
+                // An imported model is fed data the way it expects.
+                crate::common::adapt_data(data, &m)?;
+                (m, json!({}), path.clone())
+            }
+            (None, None) => return Err(input_error("[model] needs `zoo` or `file`")),
+        };
+        let row = measure(
+            "baseline",
+            &model,
+            &file,
+            data,
+            t0.elapsed().as_secs_f64(),
+            info,
+            None,
+        )?;
+        state.stages.push(row);
+        save_state(dir, state)?;
+        model
+    })
+}
+
+pub fn run(args: CompressArgs) -> Result<(), Failure> {
+    let (text, origin) = match (&args.config, &args.model) {
+        (Some(p), _) => (
+            std::fs::read_to_string(p).map_err(|e| input_error(format!("{}: {e}", p.display())))?,
+            p.display().to_string(),
+        ),
+        (None, Some(m)) => (
+            model_config(m, &args)?,
+            format!("the default pipeline for {}", m.display()),
+        ),
+        (None, None) => (
+            DEFAULT_CONFIG.to_string(),
+            "the default pipeline".to_string(),
+        ),
+    };
+    let mut pipeline = parse(&text, &origin)?;
+    if args.check {
+        if args.common.json {
+            outln!(
+                "{}",
+                crate::common::with_skipped(json!({"config": origin, "ok": true,
+                       "strategies": pipeline.strategies.iter().map(|s| s.kind().to_string()).collect::<Vec<_>>()}))
+            );
+        } else {
+            outln!(
+                "{origin}: ok ({} strategies: {})",
+                pipeline.strategies.len(),
+                pipeline
+                    .strategies
+                    .iter()
+                    .map(|s| s.kind().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        return Ok(());
+    }
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| pipeline.config.output.dir.clone());
+    let key = fingerprint(&text);
+    let mut state = open_state(&dir, key, pipeline.strategies.len(), &args)?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| input_error(format!("cannot create {}: {e}", dir.display())))?;
+    let device = args.common.device()?;
+    let mut data = crate::common::load_spec(&pipeline.config.data.spec)?;
+    if let Some(n) = pipeline.config.data.limit {
+        data.train = data.train.take(n);
+    }
+    if !data.train.is_labeled() && pipeline.config.model.zoo.is_some() {
+        return Err(input_error(format!(
+            "[data] spec = \"{}\" has no labels, and a zoo baseline is trained on labels; \
+             without labels, start from a trained model ([model] file)",
+            pipeline.config.data.spec
+        )));
+    }
+    let quiet = args.common.quiet;
+    let note = |msg: String| {
+        if !quiet {
+            eprintln!("{msg}");
+        }
+    };
+    let total = pipeline.strategies.len() + 1;
+    let started = Instant::now();
+
+    let mut model = baseline_stage(&pipeline, &mut state, &mut data, &dir, &device, &args)?;
+
+    // The baseline as its file holds it, for stages that learn from it.
+    let baseline = crate::common::load_model(&state.stages[0].file, &device, &args.common.load)?;
+    for (i, strategy) in pipeline.strategies.iter_mut().enumerate() {
+        let stage = i + 1;
+        let (name, source) = pipeline.stages[i].clone();
+        let stem = format!("{stage:02}-{}", name.replace(' ', "_"));
+        if let Some(row) = state.stages.get(stage) {
+            note(format!("stage {}/{total}: {name} (done)", stage + 1));
+            model = crate::common::load_model(&row.file, &device, &args.common.load)?;
+            continue;
+        }
+        let from = match source {
+            Source::Previous => None,
+            Source::Stage(j) => Some(state.stages[j].name.clone()),
+            Source::Init => Some("init".to_string()),
+        };
+        match &from {
+            Some(f) => note(format!("stage {}/{total}: {name} (from {f})", stage + 1)),
+            None => note(format!("stage {}/{total}: {name}", stage + 1)),
+        }
+        model = match source {
+            Source::Previous => model,
+            Source::Stage(j) => {
+                crate::common::load_model(&state.stages[j].file, &device, &args.common.load)?
+            }
+            Source::Init => fresh_model(&pipeline.config, &pipeline.train, &data, &device)?,
+        };
+        let t0 = Instant::now();
+        let work_dir = dir.join(&stem);
+        std::fs::create_dir_all(&work_dir)?;
+        let mut bars = EpochBars::new(quiet);
+        let mut progress = |p: &slim_core::train::Progress| bars.update(p);
+        let status = status_line(quiet);
+        let show = |m: &str| status.set_message(m.to_string());
+        let mut ctx = Context {
+            data: &data,
+            train: pipeline.train.clone(),
+            work_dir,
+            quiet,
+            progress: &mut progress,
+            status: &show,
+            baseline: Some(&baseline),
+        };
+        let (next, info) = strategy.run(model, &mut ctx)?;
+        status.finish_and_clear();
+        let file = dir.join(format!("{stem}.safetensors"));
+        next.save(&file)?;
+        let mut row = measure(
+            &name,
+            &next,
+            &file,
+            &data,
+            t0.elapsed().as_secs_f64(),
+            info,
+            Some(&baseline),
+        )?;
+        row.from = from;
+        state.stages.push(row);
+        save_state(&dir, &state)?;
+        model = next;
+    }
+
+    // The report.
+    let with_latency = !pipeline.tables.is_empty();
+    time_stages(&mut state.stages, &pipeline.tables, &device, &args)?;
+    let text_table = write_table(&state.stages, data.test.is_labeled(), with_latency, &dir)?;
     write_atomic(
         &dir.join("accuracy-size.svg"),
         plot(&state.stages).as_bytes(),
