@@ -306,15 +306,8 @@ fn finetune_pruned(
     let d = data.ok_or_else(|| input_error("fine-tuning needs --data"))?;
     let mut bars = EpochBars::new(args.common.quiet);
     // Without labels, the pruned model learns to reproduce the unpruned one.
-    let mut teacher = if label_free {
-        Some(slim_core::reproduce::Reproduce::new(model.deep_clone()?)?)
-    } else {
-        None
-    };
-    let extra: Vec<&mut dyn slim_core::train::LossTerm> = match teacher.as_mut() {
-        Some(t) => vec![t],
-        None => Vec::new(),
-    };
+    let mut teacher = crate::common::reproduce_original(label_free, model)?;
+    let extra = crate::common::extra_terms(&mut teacher);
     let report = train(
         pruned,
         d,

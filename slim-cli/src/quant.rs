@@ -275,15 +275,8 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     let ckpt = crate::common::checkpoint_path(&args.out);
     // Without labels, the fake-quantized model learns to reproduce the float one.
     let label_free = crate::common::label_free(args.label_free, &data);
-    let mut teacher = if label_free {
-        Some(slim_core::reproduce::Reproduce::new(model.deep_clone()?)?)
-    } else {
-        None
-    };
-    let extra: Vec<&mut dyn slim_core::train::LossTerm> = match teacher.as_mut() {
-        Some(t) => vec![t],
-        None => Vec::new(),
-    };
+    let mut teacher = crate::common::reproduce_original(label_free, &model)?;
+    let extra = crate::common::extra_terms(&mut teacher);
     let report = slim_core::train::train(
         &mut q,
         &data,
