@@ -131,7 +131,7 @@ impl ImageSet {
     /// A 64-bit fingerprint (16 hex digits) of the shape, classes, pixels and labels; for a
     /// set read from its files, of each file's path, length and modification time.
     pub fn fingerprint(&self) -> String {
-        let mut h = crate::model::Fnv::new();
+        let mut h = crate::hash::Fnv::new();
         for d in self.shape {
             h.write(&(d as u64).to_le_bytes());
         }

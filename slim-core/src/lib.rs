@@ -48,6 +48,7 @@ pub mod error;
 pub mod exec;
 pub mod finite;
 pub mod graph;
+pub mod hash;
 pub mod io;
 pub mod kernels;
 pub mod model;

@@ -9,6 +9,8 @@ use crate::error::{CoreError, Result};
 use crate::graph::{Graph, Op, ParamSpec};
 use crate::params::ParamStore;
 
+pub use crate::hash::Fnv;
+
 /// The name of an int8 parameter's scales in a model file: `<parameter>_scale`.
 pub const INT8_SCALE_SUFFIX: &str = "_scale";
 
@@ -322,30 +324,6 @@ fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
     }
     out.truncate(n);
     out
-}
-
-/// FNV-1a, 64 bits: a fast, stable hash for fingerprints (not for security).
-pub struct Fnv(pub u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Fnv {
-    pub fn finish(&self) -> u64 {
-        self.0
-    }
-    pub fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-    pub fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
 }
 
 #[cfg(test)]
