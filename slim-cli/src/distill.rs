@@ -203,18 +203,11 @@ fn run_dump(args: DumpArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
-    let out = args
-        .out
-        .clone()
-        .ok_or_else(|| input_error("--out FILE is required (where the distilled student goes)"))?;
-    check_out_dir("--out", &out)?;
-    if args.teacher.is_empty() && args.teacher_service.is_empty() {
-        return Err(input_error(
-            "at least one --teacher (or --teacher-service) is required",
-        ));
-    }
-    let client_opts = if args.teacher_service.is_empty() {
+/// The served teachers' client options, checked (`None` without --teacher-service).
+fn client_options(
+    args: &DistillTrainArgs,
+) -> Result<Option<slim_dist::teacher::ClientOptions>, Failure> {
+    Ok(if args.teacher_service.is_empty() {
         None
     } else {
         let secs = |flag: &str, v: f64| {
@@ -237,17 +230,18 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             retry: secs("--teacher-retry", args.teacher_retry)?,
             timeout: secs("--teacher-timeout", args.teacher_timeout)?,
         })
-    };
-    let cfg = args.recipe.config()?;
-    let mut specs = args
-        .loss
-        .iter()
-        .map(|s| s.parse::<LossSpec>())
-        .collect::<Result<Vec<_>, _>>()?;
-    let device = args.common.device()?;
-    let mut data = load_data(&args.data, args.limit, None)?;
-    let mut student = match (&args.student, &args.student_model) {
-        (Some(path), _) => crate::common::load_model(path, &device, &args.common.load)?,
+    })
+}
+
+/// The student: a model file, or a fresh zoo model with as many classes as the data has
+/// (without labels, as the first teacher model scores).
+fn student_model(
+    args: &DistillTrainArgs,
+    data: &slim_core::data::DataSplits,
+    device: &candle_core::Device,
+) -> Result<slim_core::Model, Failure> {
+    Ok(match (&args.student, &args.student_model) {
+        (Some(path), _) => crate::common::load_model(path, device, &args.common.load)?,
         (None, Some(name)) => {
             // Without labels, as many classes as the first teacher model scores.
             let classes = if data.train.is_labeled() {
@@ -256,7 +250,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
                 let first = args.teacher.iter().find(|p| !p.is_dir()).ok_or_else(|| {
                     input_error("without labels, a zoo student takes its classes from a teacher model file; give one")
                 })?;
-                let t = crate::common::load_model(first, &device, &args.common.load)?;
+                let t = crate::common::load_model(first, device, &args.common.load)?;
                 match t.graph.node(t.graph.outputs()[0]).shape[..] {
                     [k] => k,
                     ref other => {
@@ -270,26 +264,42 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             let zcfg = ZooConfig::new(data.train.shape)
                 .with_width(args.width)
                 .with_classes(classes);
-            zoo::model(name, &zcfg, args.recipe.seed, &device)?
+            zoo::model(name, &zcfg, args.recipe.seed, device)?
         }
         (None, None) => {
             return Err(input_error(
                 "give the student: --student FILE or --student-model NAME",
             ))
         }
-    };
-    crate::common::adapt_data(&mut data, &student)?;
-    let label_free = crate::common::label_free(args.label_free, &data);
-    // Without labels the student is measured by its fidelity to the first teacher model.
+    })
+}
+
+/// The teachers given as files and knowledge directories, each model checked against the
+/// student's preprocessing and (with labels) evaluated; and, without labels, the first
+/// teacher model, which the student is measured against.
+#[allow(clippy::type_complexity)]
+fn local_teachers(
+    args: &DistillTrainArgs,
+    data: &slim_core::data::DataSplits,
+    label_free: bool,
+    device: &candle_core::Device,
+) -> Result<
+    (
+        Vec<Teacher>,
+        Vec<Option<slim_core::train::EvalReport>>,
+        Option<slim_core::Model>,
+    ),
+    Failure,
+> {
     let mut reference: Option<slim_core::Model> = None;
     let mut teachers = Vec::new();
     let mut teacher_top1 = Vec::new();
     for path in &args.teacher {
         if path.is_dir() {
-            teachers.push(Teacher::Knowledge(Knowledge::open(path, &device)?));
+            teachers.push(Teacher::Knowledge(Knowledge::open(path, device)?));
             teacher_top1.push(None);
         } else {
-            let m = crate::common::load_model(path, &device, &args.common.load)?;
+            let m = crate::common::load_model(path, device, &args.common.load)?;
             if let Some(p) = m.preprocess()? {
                 if p != data.normalize {
                     return Err(input_error(format!(
@@ -321,6 +331,35 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             teachers.push(Teacher::model(m, path.display().to_string()));
         }
     }
+    Ok((teachers, teacher_top1, reference))
+}
+
+fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
+    let out = args
+        .out
+        .clone()
+        .ok_or_else(|| input_error("--out FILE is required (where the distilled student goes)"))?;
+    check_out_dir("--out", &out)?;
+    if args.teacher.is_empty() && args.teacher_service.is_empty() {
+        return Err(input_error(
+            "at least one --teacher (or --teacher-service) is required",
+        ));
+    }
+    let client_opts = client_options(&args)?;
+    let cfg = args.recipe.config()?;
+    let mut specs = args
+        .loss
+        .iter()
+        .map(|s| s.parse::<LossSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let device = args.common.device()?;
+    let mut data = load_data(&args.data, args.limit, None)?;
+    let mut student = student_model(&args, &data, &device)?;
+    crate::common::adapt_data(&mut data, &student)?;
+    let label_free = crate::common::label_free(args.label_free, &data);
+    // Without labels the student is measured by its fidelity to the first teacher model.
+    let (mut teachers, mut teacher_top1, reference) =
+        local_teachers(&args, &data, label_free, &device)?;
     let mut labels: Vec<String> = args
         .teacher
         .iter()
@@ -385,14 +424,33 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     if label_free {
         return distilled_without_labels(&args, &student, reference.as_ref(), &data, &report, &out);
     }
-    let eval = evaluate(&student, &data.test, &data.normalize, 256)?;
+    distilled_with_labels(
+        &args,
+        &student,
+        &data,
+        &report,
+        (&labels, &teacher_top1),
+        &out,
+    )
+}
+
+/// The end of a distillation on labels: the teachers' and the student's accuracy.
+fn distilled_with_labels(
+    args: &DistillTrainArgs,
+    student: &slim_core::Model,
+    data: &slim_core::data::DataSplits,
+    report: &slim_distill::DistillReport,
+    (labels, teacher_top1): (&[String], &[Option<slim_core::train::EvalReport>]),
+    out: &std::path::Path,
+) -> Result<(), Failure> {
+    let eval = evaluate(student, &data.test, &data.normalize, 256)?;
     let stats = analyze(&student.graph);
     let seconds_per_epoch = report.train.epochs.iter().map(|e| e.seconds).sum::<f64>()
         / report.train.epochs.len().max(1) as f64;
     if args.common.json {
         let teachers: Vec<_> = labels
             .iter()
-            .zip(&teacher_top1)
+            .zip(teacher_top1)
             .map(|(p, r)| json!({"teacher": p, "top1": r.as_ref().map(|r| r.top1), "top5": r.as_ref().map(|r| r.top5)}))
             .collect();
         let losses: serde_json::Map<String, serde_json::Value> = report
@@ -420,7 +478,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     } else {
         let mut rows: Vec<Vec<String>> = labels
             .iter()
-            .zip(&teacher_top1)
+            .zip(teacher_top1)
             .map(|(p, r)| {
                 let pct = |v: f64| format!("{:.2}%", v * 100.0);
                 vec![
