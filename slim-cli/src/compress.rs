@@ -298,8 +298,8 @@ struct Pipeline {
     tables: Vec<slim_latency::Table>,
 }
 
-fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
-    let config: Config = toml::from_str(text).map_err(|e| input_error(format!("{origin}: {e}")))?;
+/// `[model]`: exactly one of a zoo name and an existing file.
+fn check_model(config: &Config, origin: &str) -> Result<(), Failure> {
     match (&config.model.zoo, &config.model.file) {
         (Some(z), None) => {
             if !zoo::NAMES.contains(&z.as_str()) {
@@ -323,6 +323,11 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
             )))
         }
     }
+    Ok(())
+}
+
+/// `[output] latency_tables`, read and checked: one table per runtime at most.
+fn report_tables(config: &Config, origin: &str) -> Result<Vec<slim_latency::Table>, Failure> {
     let mut tables = Vec::new();
     for p in &config.output.latency_tables {
         let t = slim_latency::Table::load(p)
@@ -338,6 +343,127 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
         }
         tables.push(t);
     }
+    Ok(tables)
+}
+
+/// Where a stage starts (`from`): the stage before, a named earlier stage, the baseline, or
+/// fresh weights (`init`, zoo models only).
+fn stage_source(
+    from: Option<toml::Value>,
+    config: &Config,
+    stages: &[(String, Source)],
+    at: &dyn Fn(Option<&str>) -> String,
+) -> Result<Source, Failure> {
+    Ok(match from {
+        None => Source::Previous,
+        Some(toml::Value::String(f)) => {
+            if f == "baseline" {
+                Source::Stage(0)
+            } else if f == "init" {
+                if config.model.zoo.is_none() {
+                    return Err(input_error(format!(
+                        "{}: `from = \"init\"` needs a zoo model in [model] (fresh \
+                             weights for a model file are not defined)",
+                        at(Some("from"))
+                    )));
+                }
+                Source::Init
+            } else if let Some(j) = stages.iter().position(|(n, _)| *n == f) {
+                Source::Stage(j + 1)
+            } else {
+                let known: Vec<String> = std::iter::once("baseline".to_string())
+                    .chain(std::iter::once("init".to_string()))
+                    .chain(stages.iter().map(|(n, _)| format!("\"{n}\"")))
+                    .collect();
+                return Err(input_error(format!(
+                    "{}: `from = \"{f}\"` names no earlier stage (expected one of {})",
+                    at(Some("from")),
+                    known.join(", ")
+                )));
+            }
+        }
+        Some(_) => {
+            return Err(input_error(format!(
+                "{}: `from` must be a string",
+                at(Some("from"))
+            )))
+        }
+    })
+}
+
+/// A stage's strategy of `kind` from the rest of its table (`at` says where a key is).
+fn build_strategy(
+    kind: &str,
+    table: toml::Table,
+    at: &dyn Fn(Option<&str>) -> String,
+) -> Result<Box<dyn Strategy>, Failure> {
+    let option_error = |e: toml::de::Error| {
+        let msg = e.to_string();
+        // serde names the offending field between backticks.
+        let key = msg.split('`').nth(1);
+        input_error(format!("{}: {kind}: {}", at(key), msg.trim()))
+    };
+    let choice = match kind {
+        "prune.uniform" => Choice::Uniform,
+        "prune.sensitivity" => Choice::Sensitivity,
+        "prune.auto" => Choice::Auto,
+        "quant.ptq" => {
+            let options: PtqOptions = toml::Value::Table(table).try_into().map_err(option_error)?;
+            let s =
+                PtqStrategy::new(options).map_err(|e| input_error(format!("{}: {e}", at(None))))?;
+            return Ok(Box::new(s));
+        }
+        "distill" => {
+            let options: DistillOptions =
+                toml::Value::Table(table).try_into().map_err(option_error)?;
+            let s = DistillStrategy::new(options)
+                .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
+            return Ok(Box::new(s));
+        }
+        "nas.sa" | "nas.oneshot" => {
+            let options: NasOptions = toml::Value::Table(table).try_into().map_err(option_error)?;
+            let cost: Option<Box<dyn CostModel + Send>> = match &options.latency_table {
+                Some(p) => {
+                    let table = slim_latency::Table::load(p)
+                        .map_err(|e| input_error(format!("{}: {e}", at(Some("latency_table")))))?;
+                    table
+                        .check(p, slim_latency::Runtime::F32)
+                        .map_err(|e| input_error(format!("{}: {e}", at(Some("latency_table")))))?;
+                    Some(Box::new(slim_latency::LatencyCost {
+                        table,
+                        fallback: options.fallback,
+                    }))
+                }
+                None => None,
+            };
+            let s = NasStrategy::new(kind == "nas.oneshot", options, cost)
+                .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
+            return Ok(Box::new(s));
+        }
+        "quant.qat" => {
+            let options: QatOptions = toml::Value::Table(table).try_into().map_err(option_error)?;
+            let s =
+                QatStrategy::new(options).map_err(|e| input_error(format!("{}: {e}", at(None))))?;
+            return Ok(Box::new(s));
+        }
+        other => {
+            return Err(input_error(format!(
+                "{}: unknown strategy `{other}` (expected prune.uniform, prune.sensitivity, \
+                 prune.auto, quant.ptq, distill, quant.qat, nas.sa or nas.oneshot)",
+                at(Some("kind"))
+            )))
+        }
+    };
+    let options: PruneOptions = toml::Value::Table(table).try_into().map_err(option_error)?;
+    let s = PruneStrategy::new(choice, options)
+        .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
+    Ok(Box::new(s))
+}
+
+fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
+    let config: Config = toml::from_str(text).map_err(|e| input_error(format!("{origin}: {e}")))?;
+    check_model(&config, origin)?;
+    let tables = report_tables(&config, origin)?;
     let train = config
         .train
         .config()
@@ -385,41 +511,7 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
                 at(if named { Some("name") } else { None })
             )));
         }
-        let source = match table.remove("from") {
-            None => Source::Previous,
-            Some(toml::Value::String(f)) => {
-                if f == "baseline" {
-                    Source::Stage(0)
-                } else if f == "init" {
-                    if config.model.zoo.is_none() {
-                        return Err(input_error(format!(
-                            "{}: `from = \"init\"` needs a zoo model in [model] (fresh \
-                             weights for a model file are not defined)",
-                            at(Some("from"))
-                        )));
-                    }
-                    Source::Init
-                } else if let Some(j) = stages.iter().position(|(n, _)| *n == f) {
-                    Source::Stage(j + 1)
-                } else {
-                    let known: Vec<String> = std::iter::once("baseline".to_string())
-                        .chain(std::iter::once("init".to_string()))
-                        .chain(stages.iter().map(|(n, _)| format!("\"{n}\"")))
-                        .collect();
-                    return Err(input_error(format!(
-                        "{}: `from = \"{f}\"` names no earlier stage (expected one of {})",
-                        at(Some("from")),
-                        known.join(", ")
-                    )));
-                }
-            }
-            Some(_) => {
-                return Err(input_error(format!(
-                    "{}: `from` must be a string",
-                    at(Some("from"))
-                )))
-            }
-        };
+        let source = stage_source(table.remove("from"), &config, &stages, &at)?;
         if stages.iter().any(|(n, _)| *n == name) {
             return Err(input_error(format!(
                 "{}: two stages are named \"{name}\"; give one a `name` of its own",
@@ -427,75 +519,7 @@ fn parse(text: &str, origin: &str) -> Result<Pipeline, Failure> {
             )));
         }
         stages.push((name, source));
-        let option_error = |e: toml::de::Error| {
-            let msg = e.to_string();
-            // serde names the offending field between backticks.
-            let key = msg.split('`').nth(1);
-            input_error(format!("{}: {kind}: {}", at(key), msg.trim()))
-        };
-        let choice = match kind.as_str() {
-            "prune.uniform" => Choice::Uniform,
-            "prune.sensitivity" => Choice::Sensitivity,
-            "prune.auto" => Choice::Auto,
-            "quant.ptq" => {
-                let options: PtqOptions =
-                    toml::Value::Table(table).try_into().map_err(option_error)?;
-                let s = PtqStrategy::new(options)
-                    .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
-                strategies.push(Box::new(s));
-                continue;
-            }
-            "distill" => {
-                let options: DistillOptions =
-                    toml::Value::Table(table).try_into().map_err(option_error)?;
-                let s = DistillStrategy::new(options)
-                    .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
-                strategies.push(Box::new(s));
-                continue;
-            }
-            "nas.sa" | "nas.oneshot" => {
-                let options: NasOptions =
-                    toml::Value::Table(table).try_into().map_err(option_error)?;
-                let cost: Option<Box<dyn CostModel + Send>> = match &options.latency_table {
-                    Some(p) => {
-                        let table = slim_latency::Table::load(p).map_err(|e| {
-                            input_error(format!("{}: {e}", at(Some("latency_table"))))
-                        })?;
-                        table.check(p, slim_latency::Runtime::F32).map_err(|e| {
-                            input_error(format!("{}: {e}", at(Some("latency_table"))))
-                        })?;
-                        Some(Box::new(slim_latency::LatencyCost {
-                            table,
-                            fallback: options.fallback,
-                        }))
-                    }
-                    None => None,
-                };
-                let s = NasStrategy::new(kind == "nas.oneshot", options, cost)
-                    .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
-                strategies.push(Box::new(s));
-                continue;
-            }
-            "quant.qat" => {
-                let options: QatOptions =
-                    toml::Value::Table(table).try_into().map_err(option_error)?;
-                let s = QatStrategy::new(options)
-                    .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
-                strategies.push(Box::new(s));
-                continue;
-            }
-            other => {
-                return Err(input_error(format!(
-                    "{}: unknown strategy `{other}` (expected prune.uniform, prune.sensitivity, \
-                     prune.auto, quant.ptq, distill, quant.qat, nas.sa or nas.oneshot)",
-                    at(Some("kind"))
-                )))
-            }
-        };
-        let options: PruneOptions = toml::Value::Table(table).try_into().map_err(option_error)?;
-        let s = PruneStrategy::new(choice, options)
-            .map_err(|e| input_error(format!("{}: {e}", at(None))))?;
-        strategies.push(Box::new(s));
+        strategies.push(build_strategy(&kind, table, &at)?);
     }
     Ok(Pipeline {
         config,
