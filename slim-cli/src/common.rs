@@ -373,6 +373,43 @@ pub struct Recipe {
     pub seed: u64,
 }
 
+/// A fine-tuning recipe on the command line: the training after a change (pruning's
+/// fine-tuning) and the supernet's training. A gentler default than [`Recipe`]'s: a cosine
+/// schedule.
+#[derive(Args, Clone, Debug)]
+pub struct FinetuneFlags {
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.003)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// sgd, adam or adamw.
+    #[arg(long, default_value = "adam")]
+    pub optimizer: String,
+    /// constant, cosine, or step:EVERY:GAMMA.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Seed of the training (weights drawn, batch order, dropout) and of the search.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl FinetuneFlags {
+    /// The training configuration for `epochs` epochs (checked by the caller when it
+    /// trains).
+    pub fn config(&self, epochs: usize) -> Result<TrainConfig, Failure> {
+        Ok(TrainConfig {
+            epochs,
+            batch_size: self.batch_size,
+            optimizer: self.optimizer.parse::<OptimizerKind>()?,
+            lr: self.lr,
+            schedule: self.schedule.parse::<Schedule>()?,
+            seed: self.seed,
+            ..TrainConfig::default()
+        })
+    }
+}
+
 impl Recipe {
     /// The checked training configuration.
     pub fn config(&self) -> Result<TrainConfig, Failure> {

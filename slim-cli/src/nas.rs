@@ -8,7 +8,7 @@ use serde_json::json;
 use slim_core::data::{DataSplits, Dataset, ImageSet, DEFAULT_SPEC};
 use slim_core::search::{CostModel, History};
 use slim_core::study::{StudyStore, WorkerOptions};
-use slim_core::train::{OptimizerKind, Schedule, TrainConfig};
+
 use slim_core::zoo::ZooConfig;
 use slim_core::Model;
 use slim_latency::{LatencyCost, Runtime, Table};
@@ -135,22 +135,12 @@ pub struct OneshotArgs {
     /// --eval-images).
     #[arg(long)]
     pub train_images: Option<usize>,
-    #[arg(long, default_value_t = 0.003)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
-    /// sgd, adam or adamw.
-    #[arg(long, default_value = "adam")]
-    pub optimizer: String,
-    /// constant, cosine, or step:EVERY:GAMMA.
-    #[arg(long, default_value = "cosine")]
-    pub schedule: String,
+    /// The supernet's training recipe (the seed also draws its subnets and the search's).
+    #[command(flatten)]
+    pub recipe: crate::common::FinetuneFlags,
     /// Training images each candidate's batch-norm statistics are recomputed on.
     #[arg(long, default_value_t = 512)]
     pub calibration_images: usize,
-    /// Seed of the supernet's weights, its sampled subnets and the search.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Write the supernet (OUT/supernet.safetensors, which a rerun in the same folder
     /// resumes from) every STEPS steps too, not only after every epoch (default: about once
     /// a minute).
@@ -373,20 +363,12 @@ fn run_sa(a: SaArgs, study: Option<(&dyn StudyStore, WorkerOptions)>) -> Result<
 }
 
 fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
-    let cfg = TrainConfig {
-        epochs: a.supernet_epochs,
-        batch_size: a.batch_size,
-        optimizer: a.optimizer.parse::<OptimizerKind>()?,
-        lr: a.lr,
-        schedule: a.schedule.parse::<Schedule>()?,
-        seed: a.seed,
-        ..TrainConfig::default()
-    };
+    let cfg = a.recipe.config(a.supernet_epochs)?;
     cfg.validate()?;
     if a.supernet_epochs == 0 {
         return Err(input_error("--supernet-epochs must be at least 1"));
     }
-    let p = prepare(&a.search, a.train_images, a.batch_size)?;
+    let p = prepare(&a.search, a.train_images, a.recipe.batch_size)?;
     if a.calibration_images == 0 {
         return Err(input_error("--calibration-images must be at least 1"));
     }
@@ -474,7 +456,7 @@ fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
         }),
         teacher: p.teacher.as_ref(),
     };
-    search_and_report(&a.search, &p, &mut reward, a.seed, started, None)
+    search_and_report(&a.search, &p, &mut reward, a.recipe.seed, started, None)
 }
 
 fn search_and_report(

@@ -10,7 +10,7 @@ use slim_core::analysis::{analyze, human};
 use slim_core::data::DataSplits;
 use slim_core::search::{Evaluator, SearchProgress};
 use slim_core::study::{StudyStore, WorkerProgress};
-use slim_core::train::{evaluate, train, OptimizerKind, Schedule, Top1, TrainConfig, TrainOptions};
+use slim_core::train::{evaluate, train, Top1, TrainConfig, TrainOptions};
 use slim_core::Model;
 use slim_prune::pruner::Calibration;
 use slim_prune::pruner::{check_ratio, check_reduction};
@@ -151,19 +151,9 @@ pub struct PruneArgs {
     /// (`unlabeled:DIR`) is always used this way.
     #[arg(long)]
     pub label_free: bool,
-    /// Fine-tuning learning rate.
-    #[arg(long, default_value_t = 0.003)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
-    /// sgd, adam or adamw.
-    #[arg(long, default_value = "adam")]
-    pub optimizer: String,
-    /// Fine-tuning schedule: constant, cosine, or step:EVERY:GAMMA.
-    #[arg(long, default_value = "cosine")]
-    pub schedule: String,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// The fine-tuning's recipe (and the search's seed).
+    #[command(flatten)]
+    pub recipe: crate::common::FinetuneFlags,
     /// --method auto: the search algorithm.
     #[arg(long, value_enum, default_value = "annealing")]
     pub search: SearchKind,
@@ -242,10 +232,10 @@ fn check_prune_args(args: &PruneArgs) -> Result<Option<slim_core::study::WorkerO
     if args.method == PruneMethod::Auto && args.trials == 0 {
         return Err(input_error("--trials must be at least 1"));
     }
-    if args.reward_finetune_images > 0 && args.reward_finetune_images < args.batch_size {
+    if args.reward_finetune_images > 0 && args.reward_finetune_images < args.recipe.batch_size {
         return Err(input_error(format!(
             "--reward-finetune-images {} is less than one batch (--batch-size {})",
-            args.reward_finetune_images, args.batch_size
+            args.reward_finetune_images, args.recipe.batch_size
         )));
     }
     check_out_dir("--out", &args.out)?;
@@ -282,7 +272,7 @@ fn prune_options(args: &PruneArgs) -> Result<(Choice, PruneOptions), Failure> {
         trials: args.trials,
         search: format!("{:?}", args.search).to_lowercase(),
         finetune_epochs: args.finetune_epochs,
-        lr: Some(args.lr),
+        lr: Some(args.recipe.lr),
         ..PruneOptions::default()
     };
     if options.eval_samples == Some(0) {
@@ -384,15 +374,7 @@ fn load_sensitivities(files: &[PathBuf], model: &Model) -> Result<Option<Sensiti
 pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     let study = check_prune_args(&args)?;
     let (choice, options) = prune_options(&args)?;
-    let ft = TrainConfig {
-        epochs: args.finetune_epochs,
-        batch_size: args.batch_size,
-        optimizer: args.optimizer.parse::<OptimizerKind>()?,
-        lr: args.lr,
-        schedule: args.schedule.parse::<Schedule>()?,
-        seed: args.seed,
-        ..TrainConfig::default()
-    };
+    let ft = args.recipe.config(args.finetune_epochs)?;
     if args.finetune_epochs > 0 {
         ft.validate()?;
     }
@@ -444,7 +426,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         study: store.as_ref().map(|s| s as &dyn StudyStore).zip(study),
         reward_finetune_images: args.reward_finetune_images,
         reward_recipe: ft.clone(),
-        seed: args.seed,
+        seed: args.recipe.seed,
         ..Default::default()
     };
     let (mut pruned, report) = prune_with_bar(&args, &model, choice, &options, inputs)?;
