@@ -134,11 +134,13 @@ def main():
     print(f"files over {FILE_LIMIT:,} non-test lines: {len(big_files)}")
     for k, f in sorted(big_files, reverse=True):
         print(f"- {f}: {k:,}")
+    print()
     print(f"functions over {FN_LIMIT} lines: {len(long_fns)}")
     for k, f, name in sorted(long_fns, reverse=True)[:10]:
         print(f"- {f}: `{name}`, {k}")
     if len(long_fns) > 10:
         print(f"- and {len(long_fns) - 10} more")
+    print()
     print(f"import circles: {len(all_circles)}")
     for c, s in all_circles:
         print(f"- {c}: {' <-> '.join(s)}")
