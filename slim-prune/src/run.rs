@@ -378,16 +378,24 @@ fn search_ratios(
             )));
         }
     }
-    let mut short = data.clone();
-    short.train = data.train.take(inputs.reward_finetune_images);
+    // The first training images only (the rest of the set is not copied).
+    let short = (inputs.reward_finetune_images > 0).then(|| DataSplits {
+        spec: data.spec.clone(),
+        train: data.train.take(inputs.reward_finetune_images),
+        test: data.test.clone(),
+        normalize: data.normalize.clone(),
+        augment: data.augment.clone(),
+        skipped: Vec::new(),
+    });
     let mut reward_finetune = |m: &mut Model| -> slim_core::Result<()> {
-        train(m, &short, &short_cfg, TrainOptions::default(), &mut |_| {})?;
+        if let Some(short) = &short {
+            train(m, short, &short_cfg, TrainOptions::default(), &mut |_| {})?;
+        }
         Ok(())
     };
-    let finetune: Option<&mut auto::Finetune<'_>> = if inputs.reward_finetune_images > 0 {
-        Some(&mut reward_finetune)
-    } else {
-        None
+    let finetune: Option<&mut auto::Finetune<'_>> = match short {
+        Some(_) => Some(&mut reward_finetune),
+        None => None,
     };
     let key = json!({"data": eval.fingerprint, "samples": evaluator.set.labels.len(),
                      "reward_finetune_images": inputs.reward_finetune_images,
