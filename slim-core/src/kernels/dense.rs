@@ -198,21 +198,36 @@ pub(super) fn dense_forward(
 }
 
 /// Input channels up to which a dense convolution at stride 1 whose output plane is its
-/// input's runs straight over the flattened planes ([`flat_dense`]) instead of through
+/// input's always runs straight over the flattened planes ([`flat_dense`]) instead of through
 /// unfolded columns: a network's first layer, on one or three channels, where the columns
 /// cost more than the arithmetic (per 16 samples, `mobilenet_tiny`'s stem 0.08 -> 0.055 ms
 /// and LeNet's first layer 0.09 -> 0.05 ms).
 pub(super) const FLAT_DENSE_CHANNELS: usize = 4;
 
+/// With more input channels, the flattened planes need the weights repacked by tile on
+/// every forward ([`flat_dense::forward`]), which pays where they stay in the second-level
+/// cache, as 256 KiB of them do, or are used on at least [`FLAT_DENSE_POSITIONS`] output
+/// positions (samples times plane): ResNet-20's 3x3 convolutions at batch 64 (1x28x28 input,
+/// one thread) 55 -> 37 ms per forward, ResNet-18's 658 -> 517 ms, with no unfolded columns;
+/// at batch 1, ResNet-18's 7x7 planes of 256 channels, whose 2.4 MB of weights would be
+/// copied to be used on 49 positions, stay faster as columns.
+pub(super) const FLAT_DENSE_PACKED_BYTES: usize = 256 << 10;
+
+/// See [`FLAT_DENSE_PACKED_BYTES`].
+pub(super) const FLAT_DENSE_POSITIONS: usize = 512;
+
 /// The flattened planes' taps (in [`DepthwiseRows::flat`]) where a dense convolution of
-/// geometry `g` runs over them ([`flat_dense`]): on AVX-512 F, at most
-/// [`FLAT_DENSE_CHANNELS`] input channels, stride 1 with the output the input's size, not
-/// pointwise (which reads its planes in place already).
-pub(super) fn flat_dense_taps(g: &Geom) -> Option<Arc<DepthwiseRows>> {
+/// geometry `g` into `o` output channels runs over them ([`flat_dense`]): on AVX-512 F,
+/// stride 1 with the output the input's size, not pointwise (which reads its planes in place
+/// already), and at most [`FLAT_DENSE_CHANNELS`] input channels or weights that are cheap to
+/// repack ([`FLAT_DENSE_PACKED_BYTES`]).
+pub(super) fn flat_dense_taps(g: &Geom, o: usize) -> Option<Arc<DepthwiseRows>> {
+    let repack_pays = o * g.c * g.kh * g.kw * 4 <= FLAT_DENSE_PACKED_BYTES
+        || g.n * g.oh * g.ow >= FLAT_DENSE_POSITIONS;
     if !cfg!(target_arch = "x86_64")
         || g.pointwise()
         || g.stride != 1
-        || g.c > FLAT_DENSE_CHANNELS
+        || (g.c > FLAT_DENSE_CHANNELS && !repack_pays)
         || (g.oh, g.ow) != (g.h, g.w)
         || !has_avx512f()
     {
@@ -236,7 +251,7 @@ pub(super) fn dense_forward_by(
         return pointwise_forward(g.n, (o, k, p), x, w, b, act);
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(rows) = direct.then(|| flat_dense_taps(g)).flatten() {
+    if let Some(rows) = direct.then(|| flat_dense_taps(g, o)).flatten() {
         if let Some(flat) = &rows.flat {
             return flat_dense::forward(g, o, x, w, b, act, flat);
         }
@@ -312,21 +327,30 @@ pub(super) mod flat_dense {
             "a flat dense convolution out of bounds"
         );
         let groups = o.div_ceil(M);
+        // The weights by tile of M output channels, tap-major within it (`[group][ci * kk +
+        // t][M]`, rows past `o` zero): each tap's M weights lie side by side.
+        let mut packed = vec![0f32; groups * k * M];
+        for (i, row) in w[..o * k].chunks_exact(k).enumerate() {
+            let tile = &mut packed[i / M * k * M..][..k * M];
+            for (j, &v) in row.iter().enumerate() {
+                tile[j * M + i % M] = v;
+            }
+        }
         let len = g.n * o * p;
         let mut y: Vec<f32> = Vec::with_capacity(len);
         let out = Disjoint(y.as_mut_ptr());
         super::for_each_task(g.n * groups, len * k < super::SERIAL_PRODUCT, |task| {
-            let (n, i0) = (task / groups, task % groups * M);
+            let (n, gi) = (task / groups, task % groups);
+            let i0 = gi * M;
             let m = M.min(o - i0);
-            let planes = &x[n * g.c * p..][..g.c * p];
             // SAFETY: rows i0..i0 + m of sample n's outputs belong to this task alone and
             // lie inside the buffer's capacity.
             let ys = unsafe { out.rows((n * o + i0) * p, m * p) };
             let tile = Tile {
                 flat,
-                planes,
+                planes: &x[n * g.c * p..][..g.c * p],
                 c: g.c,
-                w: &w[i0 * k..(i0 + m) * k],
+                w: &packed[gi * k * M..][..k * M],
                 b: &b[i0..i0 + m],
                 act,
             };
@@ -347,7 +371,7 @@ pub(super) mod flat_dense {
         y
     }
 
-    /// One sample's input planes and a tile's output channels (weights `[R, c * taps]`).
+    /// One sample's input planes and a tile's output channels (weights packed `[c * taps][M]`).
     struct Tile<'a> {
         flat: &'a FlatTaps,
         planes: &'a [f32],
@@ -358,25 +382,35 @@ pub(super) mod flat_dense {
     }
 
     impl Tile<'_> {
-        /// All `R` output planes of the tile into `ys` (`R` planes one after another), two
+        /// All `R` output planes of the tile into `ys` (`R` planes one after another), three
         /// blocks of 16 positions at a time.
         ///
         /// # Safety
-        /// The machine has AVX-512 F; `w` holds `R` rows of weights, `b` `R` biases, and
-        /// `ys` `R` planes.
+        /// The machine has AVX-512 F; `w` holds the packed weights of `c * taps` taps, `b`
+        /// `R` biases, and `ys` `R` planes.
         #[target_feature(enable = "avx512f")]
         unsafe fn rows<const R: usize>(&self, ys: &mut [f32]) {
             let p = ys.len() / R;
             let blocks = p.div_ceil(16);
+            assert!(
+                self.w.len() >= self.c * self.flat.offsets.len() * M
+                    && self.planes.len() >= self.c * p
+                    && self.b.len() >= R
+                    && self.flat.masks.len() >= self.flat.offsets.len() * blocks,
+                "a flat dense tile out of bounds"
+            );
             let mut v = 0;
-            // SAFETY: as the caller promises; the blocks lie inside the planes.
+            // SAFETY: as the caller promises and checked above; the blocks lie inside the
+            // planes.
             unsafe {
-                while v + 2 <= blocks {
-                    self.blocks::<R, 2>(ys, p, v);
-                    v += 2;
+                while v + 3 <= blocks {
+                    self.blocks::<R, 3>(ys, p, v);
+                    v += 3;
                 }
-                if v < blocks {
-                    self.blocks::<R, 1>(ys, p, v);
+                match blocks - v {
+                    2 => self.blocks::<R, 2>(ys, p, v),
+                    1 => self.blocks::<R, 1>(ys, p, v),
+                    _ => {}
                 }
             }
         }
@@ -384,7 +418,8 @@ pub(super) mod flat_dense {
         /// Blocks `v..v + N` of the tile's planes.
         ///
         /// # Safety
-        /// As [`Tile::rows`], and the blocks lie inside the planes.
+        /// As [`Tile::rows`] (whose check covers the reads here), and the blocks lie inside
+        /// the planes.
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn blocks<const R: usize, const N: usize>(
@@ -394,24 +429,35 @@ pub(super) mod flat_dense {
             v: usize,
         ) {
             let (flat, kk) = (self.flat, self.flat.offsets.len());
-            let (blocks, k) = (p.div_ceil(16), self.c * kk);
+            let blocks = p.div_ceil(16);
             let mut acc = [[_mm512_setzero_ps(); N]; R];
+            let mut wp = self.w.as_ptr();
             for ci in 0..self.c {
-                let plane = self.planes[ci * p..].as_ptr();
-                for (t, &off) in flat.offsets.iter().enumerate() {
-                    let from = plane.wrapping_offset(off).wrapping_add(16 * v);
-                    let masks = &flat.masks[t * blocks + v..][..N];
+                let plane = self.planes.as_ptr().wrapping_add(ci * p + 16 * v);
+                for t in 0..kk {
+                    // SAFETY: t < kk and v + N <= blocks index inside the offsets and masks
+                    // (checked by `rows`).
+                    let (off, masks) = unsafe {
+                        (
+                            *flat.offsets.get_unchecked(t),
+                            flat.masks.as_ptr().add(t * blocks + v),
+                        )
+                    };
+                    let from = plane.wrapping_offset(off);
                     // SAFETY: each mask selects inputs inside the plane (masked-off values
                     // are not read).
                     let xs: [__m512; N] = std::array::from_fn(|j| unsafe {
-                        _mm512_maskz_loadu_ps(masks[j], from.wrapping_add(16 * j))
+                        _mm512_maskz_loadu_ps(*masks.add(j), from.wrapping_add(16 * j))
                     });
                     for (r, row) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(self.w[r * k + ci * kk + t]);
+                        // SAFETY: tap ci * kk + t's M weights lie inside `w` (checked by
+                        // `rows`), and r < R <= M.
+                        let wv = _mm512_set1_ps(unsafe { *wp.add(r) });
                         for (a, &xv) in row.iter_mut().zip(&xs) {
                             *a = _mm512_fmadd_ps(wv, xv, *a);
                         }
                     }
+                    wp = wp.wrapping_add(M);
                 }
             }
             let (lo, hi) = (_mm512_set1_ps(self.act.lo), _mm512_set1_ps(self.act.hi));

@@ -1153,7 +1153,7 @@ mod tests {
 
     /// A dense convolution straight over the flattened planes gives the bits of the unfolded
     /// columns' product, and runs where it should: stride 1, the output the input's size, at
-    /// most four input channels.
+    /// most four input channels or weights that pay for their repacking.
     #[test]
     fn flat_dense_gives_the_columns_bits() {
         if !has_avx512f() {
@@ -1174,13 +1174,18 @@ mod tests {
             (5, 6, 6, 3, 1, 1, 4, 1),
             (1, 10, 10, 3, 0, 1, 4, 1),
             (1, 10, 10, 3, 1, 1, 4, 2),
+            (16, 14, 14, 3, 1, 1, 20, 1),
+            (64, 7, 7, 3, 1, 1, 24, 1),
+            (9, 5, 11, 5, 2, 1, 17, 1),
+            (256, 4, 4, 3, 1, 1, 40, 1),
         ] {
             let n = 3;
             let g = square_geom(n, c, (h, w), k, (stride, pad, dil));
             let (oh, ow) = (g.oh, g.ow);
             let what = format!("c{c} {h}x{w} k{k} p{pad} d{dil} o{o} s{stride}");
-            let direct = c <= 4 && stride == 1 && (oh, ow) == (h, w) && k > 1;
-            assert_eq!(flat_dense_taps(&g).is_some(), direct, "{what}");
+            let repack_pays = o * c * k * k * 4 <= 256 << 10 || n * oh * ow >= 512;
+            let direct = (c <= 4 || repack_pays) && stride == 1 && (oh, ow) == (h, w) && k > 1;
+            assert_eq!(flat_dense_taps(&g, o).is_some(), direct, "{what}");
             let x: Vec<f32> = (0..n * c * h * w).map(|_| next()).collect();
             let wt: Vec<f32> = (0..o * c * k * k).map(|_| next()).collect();
             let bias: Vec<f32> = (0..o).map(|_| next()).collect();
