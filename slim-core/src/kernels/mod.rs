@@ -191,7 +191,7 @@ pub fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
 /// the pool and waking another worker (tens of microseconds on this kind of machine) costs
 /// more than the second core saves. In multiply-adds for products and sweeps, in values for
 /// pooling.
-const SERIAL_PRODUCT: usize = 1 << 20;
+const SERIAL_PRODUCT: usize = 1 << 22;
 const SERIAL_SWEEP: usize = 1 << 17;
 const SERIAL_VALUES: usize = 1 << 15;
 
@@ -831,6 +831,9 @@ mod tests {
             (3, 7, 513, 40),
             (5, 9, 20, 49),
             (19, 8, 12, 1),
+            // Few blocks of positions, many rows: in parallel, each block's rows in runs.
+            (1, 50, 70, 20),
+            (2, 97, 33, 7),
         ];
         for (n, o, k, p) in cases {
             for act in [Epilogue::NONE, Epilogue::RELU, Epilogue::RELU6] {

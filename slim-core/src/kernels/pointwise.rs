@@ -128,81 +128,103 @@ unsafe fn product_by(
     );
     let blocks = total.div_ceil(nr);
     // Per worker: the panel, and the tile that a block not written in place is summed in.
-    let column = |j: usize, (panel, tile): &mut (Vec<f32>, Vec<f32>)| {
-        let g0 = j * nr;
-        let nc = nr.min(total - g0);
-        let (s0, c0) = (g0 / p, g0 % p);
-        let direct = nc == nr && c0 + nr <= p;
-        // A block within one sample is read in place; any other is copied into a panel nr
-        // wide (zero beyond its columns), run by run of one sample's columns.
-        let (bp, ldb) = if direct {
-            (x[s0 * k * p + c0..].as_ptr(), p)
-        } else {
-            panel.clear();
-            panel.resize(k * nr, 0.0);
-            let mut at = 0;
-            while at < nc {
-                let (s, c) = ((g0 + at) / p, (g0 + at) % p);
-                let run = (p - c).min(nc - at);
-                let xs = &x[s * k * p..][..k * p];
-                for (dst, src) in panel.chunks_exact_mut(nr).zip(xs.chunks_exact(p)) {
-                    copy_short(&mut dst[at..at + run], &src[c..c + run]);
-                }
-                at += run;
-            }
-            (panel.as_ptr(), nr)
-        };
-        for i0 in (0..o).step_by(mr) {
-            let m = mr.min(o - i0);
-            let (c, ldc) = if direct {
-                // SAFETY: sample s0's row i0, column c0 lies inside the output.
-                (unsafe { out.add((s0 * o + i0) * p + c0) }.0, p)
+    // Rows `rows` of block `j`.
+    let column =
+        |j: usize, rows: std::ops::Range<usize>, (panel, tile): &mut (Vec<f32>, Vec<f32>)| {
+            let g0 = j * nr;
+            let nc = nr.min(total - g0);
+            let (s0, c0) = (g0 / p, g0 % p);
+            let direct = nc == nr && c0 + nr <= p;
+            // A block within one sample is read in place; any other is copied into a panel nr
+            // wide (zero beyond its columns), run by run of one sample's columns.
+            let (bp, ldb) = if direct {
+                (x[s0 * k * p + c0..].as_ptr(), p)
             } else {
-                (tile.as_mut_ptr(), nr)
-            };
-            for kc in (0..k).step_by(KC) {
-                let kn = KC.min(k - kc);
-                let t = Tile {
-                    k: kn,
-                    // SAFETY: rows i0.. and columns kc.. lie inside w and the planes.
-                    a: unsafe { w.as_ptr().add(i0 * w_rs + kc * w_cs) },
-                    lda: w_rs,
-                    acs: w_cs,
-                    b: unsafe { bp.add(kc * ldb) },
-                    ldb,
-                    c,
-                    ldc,
-                };
-                let finish = b.filter(|_| kc + kn == k).map(|b| (&b[i0..i0 + m], act));
-                // SAFETY: the tile's reads lie inside w and the planes (or the panel), its
-                // writes inside this block of the output (or the tile buffer).
-                unsafe { run_tile(m, t, kc > 0, finish, tiles) };
-            }
-            if !direct {
+                panel.clear();
+                panel.resize(k * nr, 0.0);
                 let mut at = 0;
                 while at < nc {
                     let (s, c) = ((g0 + at) / p, (g0 + at) % p);
                     let run = (p - c).min(nc - at);
-                    for r in 0..m {
-                        // SAFETY: sample s's row i0 + r, columns c..c + run lie inside the
-                        // output, in this block alone.
-                        let dst = unsafe { out.rows((s * o + i0 + r) * p + c, run) };
-                        copy_short(dst, &tile[r * nr + at..r * nr + at + run]);
+                    let xs = &x[s * k * p..][..k * p];
+                    for (dst, src) in panel.chunks_exact_mut(nr).zip(xs.chunks_exact(p)) {
+                        copy_short(&mut dst[at..at + run], &src[c..c + run]);
                     }
                     at += run;
                 }
+                (panel.as_ptr(), nr)
+            };
+            for i0 in rows.step_by(mr) {
+                let m = mr.min(o - i0);
+                let (c, ldc) = if direct {
+                    // SAFETY: sample s0's row i0, column c0 lies inside the output.
+                    (unsafe { out.add((s0 * o + i0) * p + c0) }.0, p)
+                } else {
+                    (tile.as_mut_ptr(), nr)
+                };
+                for kc in (0..k).step_by(KC) {
+                    let kn = KC.min(k - kc);
+                    let t = Tile {
+                        k: kn,
+                        // SAFETY: rows i0.. and columns kc.. lie inside w and the planes.
+                        a: unsafe { w.as_ptr().add(i0 * w_rs + kc * w_cs) },
+                        lda: w_rs,
+                        acs: w_cs,
+                        b: unsafe { bp.add(kc * ldb) },
+                        ldb,
+                        c,
+                        ldc,
+                    };
+                    let finish = b.filter(|_| kc + kn == k).map(|b| (&b[i0..i0 + m], act));
+                    // SAFETY: the tile's reads lie inside w and the planes (or the panel), its
+                    // writes inside this block of the output (or the tile buffer).
+                    unsafe { run_tile(m, t, kc > 0, finish, tiles) };
+                }
+                if !direct {
+                    let mut at = 0;
+                    while at < nc {
+                        let (s, c) = ((g0 + at) / p, (g0 + at) % p);
+                        let run = (p - c).min(nc - at);
+                        for r in 0..m {
+                            // SAFETY: sample s's row i0 + r, columns c..c + run lie inside the
+                            // output, in this block alone.
+                            let dst = unsafe { out.rows((s * o + i0 + r) * p + c, run) };
+                            copy_short(dst, &tile[r * nr + at..r * nr + at + run]);
+                        }
+                        at += run;
+                    }
+                }
             }
-        }
+        };
+    // Too few blocks of positions to keep every core busy (a small plane at batch 1, where
+    // the weights are most of the work): each block's rows are cut into runs of whole tiles,
+    // which leaves every output's sum as it is.
+    let threads = rayon::current_num_threads();
+    let row_runs = match parallel && blocks < 4 * threads {
+        true => (4 * threads).div_ceil(blocks).min(o.div_ceil(mr)),
+        false => 1,
     };
-    if parallel && blocks > 1 {
-        (0..blocks).into_par_iter().with_min_len(4).for_each_init(
-            || (Vec::new(), vec![0f32; MR_WIDE * NR_WIDE]),
-            |scratch, j| column(j, scratch),
-        );
+    let run_rows = o.div_ceil(mr).div_ceil(row_runs) * mr;
+    let tasks = blocks * o.div_ceil(run_rows);
+    let task = |t: usize, scratch: &mut (Vec<f32>, Vec<f32>)| {
+        let (j, r) = (t % blocks, t / blocks * run_rows);
+        column(j, r..o.min(r + run_rows), scratch)
+    };
+    if parallel && tasks > 1 {
+        (0..tasks)
+            .into_par_iter()
+            .with_min_len(match row_runs {
+                1 => 4,
+                _ => 1,
+            })
+            .for_each_init(
+                || (Vec::new(), vec![0f32; MR_WIDE * NR_WIDE]),
+                |scratch, t| task(t, scratch),
+            );
     } else {
         let mut scratch = (Vec::new(), vec![0f32; MR_WIDE * NR_WIDE]);
-        for j in 0..blocks {
-            column(j, &mut scratch);
+        for t in 0..tasks {
+            task(t, &mut scratch);
         }
     }
 }
