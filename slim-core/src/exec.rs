@@ -1458,6 +1458,11 @@ fn resize_matrix(len: usize, out: usize, scale: f32, r: &ResizeSpec) -> Vec<f32>
             }
             CoordMode::AlignCorners => 0.0,
             CoordMode::Asymmetric => of / scale,
+            CoordMode::HalfPixelSymmetric => {
+                let centre = len as f64 / 2.0;
+                let adjustment = out as f64 / (len as f64 * scale);
+                centre * (1.0 - adjustment) + (of + 0.5) / scale - 0.5
+            }
         };
         let row = &mut m[o * len..(o + 1) * len];
         match r.mode {
@@ -1481,9 +1486,39 @@ fn resize_matrix(len: usize, out: usize, scale: f32, r: &ResizeSpec) -> Vec<f32>
                 row[lo as usize] += (1.0 - frac) as f32;
                 row[hi as usize] += frac as f32;
             }
+            ResizeMode::Cubic { a, exclude_outside } => {
+                // The four taps around `src`, the one at or just left of it second; at a
+                // whole coordinate, that tap is the one to its left and the fraction 1, as
+                // ONNX's reference takes them (the same values either way).
+                let base = src.ceil() - 1.0;
+                let t = src - base;
+                let taps = cubic_weights(t, f64::from(a));
+                let inside = |i: f64| (0.0..=last).contains(&i);
+                let kept: f64 = (0..4)
+                    .filter(|&j| !exclude_outside || inside(base - 1.0 + j as f64))
+                    .map(|j| taps[j])
+                    .sum();
+                for (j, w) in taps.iter().enumerate() {
+                    let i = base - 1.0 + j as f64;
+                    if exclude_outside && !inside(i) {
+                        continue;
+                    }
+                    let w = if exclude_outside { w / kept } else { *w };
+                    row[i.clamp(0.0, last) as usize] += w as f32;
+                }
+            }
         }
     }
     m
+}
+
+/// Keys' cubic convolution weights of the taps at distances `1 + t`, `t`, `1 - t` and `2 - t`
+/// from a point a fraction `t` past the second tap, with coefficient `a`.
+fn cubic_weights(t: f64, a: f64) -> [f64; 4] {
+    // |x| <= 1: (a + 2)|x|^3 - (a + 3)|x|^2 + 1; 1 < |x| < 2: a|x|^3 - 5a|x|^2 + 8a|x| - 4a.
+    let near = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
+    [far(1.0 + t), near(t), near(1.0 - t), far(2.0 - t)]
 }
 
 /// Resizing as two products: `[out_h, H] · x · [W, out_w]`, so that any scale, coordinate

@@ -211,13 +211,18 @@ pub enum PadMode {
 }
 
 /// How [`Op::Resize`] picks or mixes input values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResizeMode {
     /// Nearest neighbour, the source coordinate rounded as ONNX's `nearest_mode` says.
     Nearest(NearestRounding),
     /// Bilinear: the two neighbours on each axis, weighted by distance.
     Linear,
+    /// Bicubic: the four neighbours on each axis, weighted by Keys' cubic kernel with
+    /// coefficient `a` (ONNX's `cubic_coeff_a`, -0.75 by default; -0.5 is Keys' own). Taps
+    /// outside the axis read its edge value, or with `exclude_outside` weigh nothing and the
+    /// others are scaled to sum to one.
+    Cubic { a: f32, exclude_outside: bool },
 }
 
 /// ONNX's `nearest_mode`.
@@ -238,6 +243,9 @@ pub enum CoordMode {
     PytorchHalfPixel,
     AlignCorners,
     Asymmetric,
+    /// Half-pixel, shifted so that the output's centre falls on the input's when the output
+    /// length was rounded from `len · scale`.
+    HalfPixelSymmetric,
 }
 
 /// Spatial resizing of `[C, H, W]` values to `out` (height, width); `scale` is the factor the

@@ -829,10 +829,21 @@ impl Writer<'_> {
                     CoordMode::PytorchHalfPixel => "pytorch_half_pixel",
                     CoordMode::AlignCorners => "align_corners",
                     CoordMode::Asymmetric => "asymmetric",
+                    CoordMode::HalfPixelSymmetric if self.opset < 19 => {
+                        return unsupported(
+                            "half_pixel_symmetric resizing needs opset 19 or newer",
+                        );
+                    }
+                    CoordMode::HalfPixelSymmetric => "half_pixel_symmetric",
                 };
                 let mut attrs = vec![string("coordinate_transformation_mode", coord)];
                 match r.mode {
                     ResizeMode::Linear => attrs.push(string("mode", "linear")),
+                    ResizeMode::Cubic { a, exclude_outside } => {
+                        attrs.push(string("mode", "cubic"));
+                        attrs.push(float("cubic_coeff_a", a));
+                        attrs.push(int("exclude_outside", i64::from(exclude_outside)));
+                    }
                     ResizeMode::Nearest(rounding) => {
                         attrs.push(string("mode", "nearest"));
                         let rounding = match rounding {

@@ -516,8 +516,28 @@ impl Builder {
                     _ => return err(format!("sizes {v:?}; Slim resizes height and width only")),
                 };
                 let out = sizes("sizes", &plane, 1)?;
-                let out = [out[0], out[1]];
-                (out, [out[0] as f32 / h as f32, out[1] as f32 / w as f32])
+                let ratio = [out[0] as f64 / h as f64, out[1] as f64 / w as f64];
+                // Both axes by one factor, the smaller or larger of the two (ONNX 18's
+                // keep_aspect_ratio_policy), the lengths rounded from it.
+                let kept = match a.string("keep_aspect_ratio_policy").as_deref() {
+                    None | Some("stretch") => None,
+                    Some("not_larger") => Some(ratio[0].min(ratio[1])),
+                    Some("not_smaller") => Some(ratio[0].max(ratio[1])),
+                    Some(other) => return err(format!("keep_aspect_ratio_policy \"{other}\"")),
+                };
+                match kept {
+                    Some(s) => {
+                        let out = [
+                            (s * h as f64 + 0.5).floor() as usize,
+                            (s * w as f64 + 0.5).floor() as usize,
+                        ];
+                        if out.contains(&0) {
+                            return err(format!("sizes {v:?} keep no value of an axis"));
+                        }
+                        (out, [s as f32; 2])
+                    }
+                    None => ([out[0], out[1]], [ratio[0] as f32, ratio[1] as f32]),
+                }
             }
             _ => return err("it needs exactly one of scales and sizes"),
         };
@@ -533,6 +553,7 @@ impl Builder {
                 "pytorch_half_pixel" => CoordMode::PytorchHalfPixel,
                 "align_corners" => CoordMode::AlignCorners,
                 "asymmetric" => CoordMode::Asymmetric,
+                "half_pixel_symmetric" => CoordMode::HalfPixelSymmetric,
                 other => {
                     return err(format!(
                         "coordinate_transformation_mode \"{other}\" is not supported"
@@ -540,14 +561,12 @@ impl Builder {
                 }
             }
         };
-        if a.int("exclude_outside").unwrap_or(0) != 0 || a.int("antialias").unwrap_or(0) != 0 {
-            return err("exclude_outside and antialias are not supported");
+        if a.int("antialias").unwrap_or(0) != 0 {
+            return err("antialias is not supported");
         }
-        if a.string("keep_aspect_ratio_policy")
-            .is_some_and(|p| p != "stretch")
-        {
-            return err("keep_aspect_ratio_policy other than stretch is not supported");
-        }
+        // Taps outside the input weigh nothing: it changes only cubic resizing (nearest and
+        // linear taps outside read the edge value, which the kept taps hold too).
+        let exclude_outside = a.int("exclude_outside").unwrap_or(0) != 0;
         let mode = match a.string("mode").as_deref().unwrap_or("nearest") {
             "nearest" => {
                 let rounding = if legacy {
@@ -568,7 +587,21 @@ impl Builder {
                 ResizeMode::Nearest(rounding)
             }
             "linear" | "bilinear" => ResizeMode::Linear,
-            other => return err(format!("mode \"{other}\"; Slim resizes nearest and linear")),
+            "cubic" => {
+                let coeff = a.float("cubic_coeff_a").unwrap_or(-0.75);
+                if !coeff.is_finite() {
+                    return err(format!("cubic_coeff_a {coeff}"));
+                }
+                ResizeMode::Cubic {
+                    a: coeff,
+                    exclude_outside,
+                }
+            }
+            other => {
+                return err(format!(
+                    "mode \"{other}\"; Slim resizes nearest, linear and cubic"
+                ))
+            }
         };
         let op = Op::Resize(ResizeSpec {
             out,

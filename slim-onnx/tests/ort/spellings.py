@@ -3,8 +3,8 @@ write them (PyTorch at several opsets, tf2onnx, Paddle2ONNX), with ONNX Runtime'
 a Rust test can import each model into Slim and compare its forward with the reference. Besides
 activations and arithmetic: asymmetric padding (Conv pads and auto_pad, Pad in constant, reflect
 and edge modes), resampling (Resize at opsets 11 and 13 with scales or sizes, nearest and linear
-in four coordinate modes; Upsample at opsets 7 and 9), ConvTranspose (stride, groups, dilation),
-a tiny segmenter (encoder, skip Concat, decoder, per-pixel logits and their Softmax), and N-d
+in four coordinate modes, cubic with and without the taps outside; Upsample at opsets 7 and 9),
+ConvTranspose (stride, groups, dilation), a tiny segmenter (encoder, skip Concat, decoder, per-pixel logits and their Softmax), and N-d
 tensor ops as PyTorch exports them: Split, Concat along a spatial axis, strided Slice, ReduceMean
 and ReduceMax (squeeze-and-excite and CBAM gates), Softmax over the last axis (opsets 11 and 13),
 Flatten at axis 2, Unsqueeze, MatMul with a constant, binary ops between two data branches that
@@ -447,6 +447,20 @@ def resize_linear_asymmetric(g):
     g.output(g.conv(r, C, C))
 
 
+def resize_cubic(g):
+    y = g.conv("x", C, C)
+    # cubic_coeff_a -0.75 and half_pixel by default
+    r = resize(g, y, scales=[1, 1, 2, 2], mode="cubic")
+    g.output(g.conv(r, C, C))
+
+
+def resize_cubic_exclude_outside(g):
+    y = g.conv("x", C, C)
+    r = resize(g, y, sizes=[2, C, 7, 13], mode="cubic", cubic_coeff_a=-0.5,
+               exclude_outside=1, coordinate_transformation_mode="align_corners")
+    g.output(g.conv(r, C, C))
+
+
 def resize_opset11(g):
     # Opset 11 has no optional inputs here: roi is an empty Constant, as PyTorch writes it.
     y = g.conv("x", C, C)
@@ -655,6 +669,8 @@ CASES = {
     "resize_linear_align_corners": (resize_linear_align_corners, SMALL, 13),
     "resize_linear_pytorch_half_pixel": (resize_linear_pytorch_half_pixel, SMALL, 13),
     "resize_linear_asymmetric": (resize_linear_asymmetric, SMALL, 13),
+    "resize_cubic": (resize_cubic, SMALL, 13),
+    "resize_cubic_exclude_outside": (resize_cubic_exclude_outside, SMALL, 13),
     "resize_opset11": (resize_opset11, SMALL, 11),
     "upsample_opset9": (upsample_opset9, SMALL, 9),
     "upsample_opset7": (upsample_opset7, SMALL, 7),
