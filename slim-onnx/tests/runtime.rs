@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use slim_core::data::ImageSet;
 use slim_core::graph::GraphBuilder;
 use slim_core::zoo::{build, ZooConfig};
-use slim_core::{Mode, Model};
+use slim_core::{Mode, Model, Op};
 use slim_onnx::{
     export, export_with_notes, import, import_file, ActivationType, ExportOptions, ImportOptions,
 };
@@ -277,6 +277,84 @@ fn zoo_qdq_exports_fuse_in_onnx_runtime() {
             assert!(n("QLinearAdd") + 1 >= adds, "{name}: {ops:?}");
         }
     }
+}
+
+/// Cubic resizing (with and without the taps outside) and half-pixel-symmetric coordinates
+/// export and run in ONNX Runtime as in Slim; the symmetric coordinates need opset 19, and an
+/// older opset is refused naming them.
+#[test]
+fn cubic_and_symmetric_resizes_export_to_onnx_runtime() {
+    use slim_core::graph::{CoordMode, ResizeMode, ResizeSpec};
+    let resize = |out: [usize; 2], scale: [f32; 2], mode, coord| {
+        Op::Resize(ResizeSpec {
+            out,
+            scale,
+            mode,
+            coord,
+        })
+    };
+    let mut b = GraphBuilder::new([3, 9, 12]);
+    b.conv("stem", 4, 3, 1, 1)
+        .push(
+            "up",
+            resize(
+                [18, 24],
+                [2.0, 2.0],
+                ResizeMode::Cubic {
+                    a: -0.75,
+                    exclude_outside: false,
+                },
+                CoordMode::HalfPixel,
+            ),
+        )
+        .push(
+            "down",
+            resize(
+                [6, 8],
+                [1.0 / 3.0, 1.0 / 3.0],
+                ResizeMode::Cubic {
+                    a: -0.5,
+                    exclude_outside: true,
+                },
+                CoordMode::AlignCorners,
+            ),
+        )
+        .push(
+            "sym",
+            resize(
+                [9, 12],
+                [1.6, 1.6],
+                ResizeMode::Linear,
+                CoordMode::HalfPixelSymmetric,
+            ),
+        )
+        .conv("head", 2, 3, 1, 1);
+    let m = Model::init(b.build().expect("graph"), 4, &Device::Cpu).expect("init");
+    let err = export(&m, &ExportOptions::default())
+        .err()
+        .expect("opset 17 has no half_pixel_symmetric")
+        .to_string();
+    assert!(
+        err.contains("half_pixel_symmetric") && err.contains("19"),
+        "{err}"
+    );
+    let Some(py) = python() else { return };
+    let bytes = export(
+        &m,
+        &ExportOptions {
+            opset: 19,
+            ..Default::default()
+        },
+    )
+    .expect("export");
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 9, 12), &Device::Cpu).expect("x");
+    let err = max_rel(&ort(py, &bytes, &x), &slim(&m, &x));
+    eprintln!("cubic and symmetric resizes: largest relative difference to ONNX Runtime {err:.2e}");
+    assert!(err < 1e-4, "{err}");
+    // Lengths that are the scales' own (9.6 and 12.8 rounded down on the last one), so the file
+    // gives scales and imports back to the same graph.
+    let back = import(&bytes, &ImportOptions::default()).expect("import");
+    assert_eq!(back.graph.to_def(), m.graph.to_def());
 }
 
 /// Activations quantized to fewer than 8 bits have no QDQ form: the export says so, naming
