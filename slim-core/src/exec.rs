@@ -1495,9 +1495,12 @@ fn resize_matrix(len: usize, out: usize, scale: f32, r: &ResizeSpec) -> Vec<f32>
                 let taps = cubic_weights(t, f64::from(a));
                 let inside = |i: f64| (0.0..=last).contains(&i);
                 let kept: f64 = (0..4)
-                    .filter(|&j| !exclude_outside || inside(base - 1.0 + j as f64))
+                    .filter(|&j| inside(base - 1.0 + j as f64))
                     .map(|j| taps[j])
                     .sum();
+                // Taps inside that weigh nothing in all (a hostile `a` on a one-value axis)
+                // cannot be scaled to one: they read the edge as without `exclude_outside`.
+                let exclude_outside = exclude_outside && kept != 0.0;
                 for (j, w) in taps.iter().enumerate() {
                     let i = base - 1.0 + j as f64;
                     if exclude_outside && !inside(i) {
@@ -1519,6 +1522,41 @@ fn cubic_weights(t: f64, a: f64) -> [f64; 4] {
     let near = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
     let far = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
     [far(1.0 + t), near(t), near(1.0 - t), far(2.0 - t)]
+}
+
+#[cfg(test)]
+mod resize_tests {
+    use super::*;
+
+    /// Cubic weights sum to one, and with `exclude_outside` a hostile coefficient whose
+    /// inside taps sum to zero still gives finite weights.
+    #[test]
+    fn cubic_rows_are_finite_and_sum_to_one() {
+        // (1, 2, 4) asymmetric: the one inside tap is at 0.5, where a = 4's kernel is zero.
+        for (len, out, a, coord) in [
+            (5, 9, -0.75f32, CoordMode::HalfPixel),
+            (4, 2, 4.0, CoordMode::HalfPixel),
+            (1, 2, 4.0, CoordMode::Asymmetric),
+        ] {
+            for exclude_outside in [false, true] {
+                let r = ResizeSpec {
+                    out: [out, out],
+                    scale: [out as f32 / len as f32; 2],
+                    mode: ResizeMode::Cubic { a, exclude_outside },
+                    coord,
+                };
+                let m = resize_matrix(len, out, r.scale[0], &r);
+                for row in m.chunks(len) {
+                    let sum: f32 = row.iter().sum();
+                    assert!(
+                        row.iter().all(|w| w.is_finite()),
+                        "{len} {out} {a}: {row:?}"
+                    );
+                    assert!((sum - 1.0).abs() < 1e-5, "{len} {out} {a}: {row:?}");
+                }
+            }
+        }
+    }
 }
 
 /// Resizing as two products: `[out_h, H] · x · [W, out_w]`, so that any scale, coordinate
