@@ -328,6 +328,17 @@ fn cubic_and_symmetric_resizes_export_to_onnx_runtime() {
                 CoordMode::HalfPixelSymmetric,
             ),
         )
+        .push(
+            // 12 → 7 at 7/12 as an f32, which times 12 falls just short of 7: the file gives
+            // `sizes`, computed from the input's shape for its batch and channel entries.
+            "fit",
+            resize(
+                [9, 7],
+                [1.0, 7.0 / 12.0],
+                ResizeMode::Linear,
+                CoordMode::HalfPixel,
+            ),
+        )
         .conv("head", 2, 3, 1, 1);
     let m = Model::init(b.build().expect("graph"), 4, &Device::Cpu).expect("init");
     let err = export(&m, &ExportOptions::default())
@@ -351,8 +362,8 @@ fn cubic_and_symmetric_resizes_export_to_onnx_runtime() {
     let err = max_rel(&ort(py, &bytes, &x), &slim(&m, &x));
     eprintln!("cubic and symmetric resizes: largest relative difference to ONNX Runtime {err:.2e}");
     assert!(err < 1e-4, "{err}");
-    // Lengths that are the scales' own (9.6 and 12.8 rounded down on the last one), so the file
-    // gives scales and imports back to the same graph.
+    // The sizes' batch entry, read from the input's shape, keeps the batch: the file imports
+    // back to the same graph.
     let back = import(&bytes, &ImportOptions::default()).expect("import");
     assert_eq!(back.graph.to_def(), m.graph.to_def());
 }

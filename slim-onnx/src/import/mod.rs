@@ -650,13 +650,22 @@ impl Builder {
                 return self.bind_const(n, c);
             }
         }
-        // A constant that holds the batch size may only be a Reshape's batch entry.
+        // A constant that holds the batch size may only be the batch entry of a Reshape's
+        // target or of a Resize's sizes (exporters copy the input's [N, C] there): both keep
+        // the batch as it is.
         for (i, input) in n.input.iter().enumerate() {
             let Some(flags) = self.batchy.get(input) else {
                 continue;
             };
-            let reshape_batch = n.op_type == "Reshape" && i == 1 && !flags[1..].contains(&true);
-            if !reshape_batch {
+            let first_axis = a
+                .ints("axes")
+                .is_none_or(|ax| matches!(ax.first(), Some(0 | -4)));
+            let keeps_batch = match (n.op_type.as_str(), i) {
+                ("Reshape", 1) => true,
+                ("Resize", 3) => first_axis,
+                _ => false,
+            };
+            if !(keeps_batch && !flags[1..].contains(&true)) {
                 return err(format!(
                     "input `{input}` is computed from the batch size, which Slim does not know at import (each sample is computed apart)"
                 ));

@@ -419,6 +419,20 @@ def resize_nearest_sizes(g):
     g.output(g.conv(r, C, C))
 
 
+def resize_sizes_from_shape(g):
+    """PyTorch's interpolate(size=...) at opset 11: the sizes' batch and channel entries are
+    read from the input's shape (Shape -> Gather -> Unsqueeze each), then concatenated with
+    the plane's."""
+    y = g.conv("x", C, C)
+    shape = g.op("Shape", [y])
+    dims = [g.op("Unsqueeze", [g.op("Gather", [shape, g.ints("index", i)], axis=0)], axes=[0])
+            for i in (0, 1)]
+    sizes = g.op("Concat", dims + [g.ints("plane", [11, 23])], axis=0)
+    r = g.op("Resize", [y, g.init("roi", []), g.init("scales", []), sizes], mode="linear",
+             coordinate_transformation_mode="pytorch_half_pixel")
+    g.output(g.conv(r, C, C))
+
+
 def resize_linear_half_pixel(g):
     y = g.conv("x", C, C)
     r = resize(g, y, scales=[1, 1, 2, 2], mode="linear",
@@ -665,6 +679,7 @@ CASES = {
     "pad_edge": (pad_edge, SMALL, 13),
     "resize_nearest_x2": (resize_nearest_x2, SMALL, 13),
     "resize_nearest_sizes": (resize_nearest_sizes, SMALL, 13),
+    "resize_sizes_from_shape": (resize_sizes_from_shape, SMALL, 11),
     "resize_linear_half_pixel": (resize_linear_half_pixel, SMALL, 13),
     "resize_linear_align_corners": (resize_linear_align_corners, SMALL, 13),
     "resize_linear_pytorch_half_pixel": (resize_linear_pytorch_half_pixel, SMALL, 13),
