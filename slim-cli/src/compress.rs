@@ -18,7 +18,8 @@ use slim_core::train::{evaluate, OptimizerKind, Schedule, TrainConfig};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
 use slim_distill::strategy::{DistillOptions, DistillStrategy};
-use slim_nas::strategy::{NasOptions, NasStrategy};
+use slim_nas::run::NasOptions;
+use slim_nas::strategy::NasStrategy;
 use slim_prune::strategy::{Choice, PruneOptions, PruneStrategy};
 use slim_quant::strategy::{PtqOptions, PtqStrategy, QatOptions, QatStrategy};
 

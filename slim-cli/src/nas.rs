@@ -1,25 +1,21 @@
 //! `slim nas sa|export`: architecture search under MACs, parameter and latency limits.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use slim_core::data::{DataSplits, Dataset, ImageSet, DEFAULT_SPEC};
+use slim_core::data::DEFAULT_SPEC;
 use slim_core::search::{CostModel, History};
 use slim_core::study::{StudyStore, WorkerOptions};
-
+use slim_core::train::{CheckpointEvery, TrainConfig};
 use slim_core::zoo::ZooConfig;
 use slim_core::Model;
 use slim_latency::{LatencyCost, Runtime, Table};
-use slim_nas::oneshot::{train_supernet, OneShotReward, SupernetProgress};
-use slim_nas::{
-    candidates, plots, sa_search, sa_worker, Candidate, Evolve, Limits, NasProgress, Reward,
-    SaConfig, SearchSpace, Spaces, TrainReward,
-};
+use slim_nas::oneshot::SupernetProgress;
+use slim_nas::run::{history_path, ranked, Inputs, Method, NasOptions, Progress};
+use slim_nas::{candidates, NasProgress, Spaces};
 
 use crate::common::{Common, Recipe};
-use crate::output::table;
 use crate::{input_error, Failure};
 
 #[derive(Subcommand)]
@@ -217,45 +213,68 @@ impl Drop for OutDir<'_> {
     }
 }
 
-fn history_path(dir: &Path) -> PathBuf {
-    dir.join("history.json")
-}
-
-/// A search's checked inputs.
-struct Prepared {
-    space: Box<dyn SearchSpace>,
-    /// All the data, and the held-out scoring images (the last --eval-images of training).
-    full: DataSplits,
-    eval: ImageSet,
-    cost: Option<LatencyCost>,
-    /// The model candidates reproduce (without labels), and what they are scored by.
-    teacher: Option<Model>,
-    metric: &'static str,
-}
-
-/// Checks every argument of a search and loads what it needs, before any work. `train_images`
-/// is how many training images come before the scoring ones (None: all the others).
-fn prepare(
-    s: &Search,
-    train_images: Option<usize>,
-    batch_size: usize,
-) -> Result<Prepared, Failure> {
-    let spaces = Spaces::builtin();
-    if !spaces.names().contains(&s.space) {
-        return Err(input_error(format!(
-            "unknown search space `{}` (known: {})",
-            s.space,
-            spaces.names().join(", ")
-        )));
-    }
-    match (&s.latency_table, s.max_latency_ms) {
-        (Some(_), None) => {
-            return Err(input_error("--latency-table needs --max-latency-ms"));
+impl Search {
+    /// The library's options from the flags every search takes.
+    fn options(&self) -> NasOptions {
+        NasOptions {
+            width: self.width,
+            max_macs: self.max_macs,
+            max_params: self.max_params,
+            latency_table: self.latency_table.clone(),
+            max_latency_ms: self.max_latency_ms,
+            fallback: self.fallback,
+            iterations: self.iterations,
+            eval_images: self.eval_images,
+            init_temperature: self.init_temperature,
+            reduce_rate: self.reduce_rate,
+            search: self.search.clone(),
+            population: self.population,
+            mutation: self.mutation,
+            max_rejections: self.max_rejections,
+            ..NasOptions::new(&self.space)
         }
+    }
+}
+
+fn run_sa(a: SaArgs, study: Option<(&dyn StudyStore, WorkerOptions)>) -> Result<(), Failure> {
+    let cfg = a.recipe.config()?;
+    let options = NasOptions {
+        train_images: Some(a.train_images),
+        candidate_epochs: cfg.epochs,
+        ..a.search.options()
+    };
+    search(&a.search, Method::Train, &options, &cfg, None, study)
+}
+
+fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
+    let cfg = a.recipe.config(a.supernet_epochs)?;
+    cfg.validate()?;
+    let options = NasOptions {
+        train_images: a.train_images,
+        supernet_epochs: Some(a.supernet_epochs),
+        calibration_images: a.calibration_images,
+        ..a.search.options()
+    };
+    let every = a.checkpoint_every.map(CheckpointEvery::Steps);
+    search(&a.search, Method::OneShot, &options, &cfg, every, None)
+}
+
+/// Checks the flags, loads what the search needs (the latency table, the model to reproduce,
+/// the data), searches with `slim_nas::run`, and prints its table or JSON.
+fn search(
+    s: &Search,
+    method: Method,
+    options: &NasOptions,
+    cfg: &TrainConfig,
+    checkpoint: Option<CheckpointEvery>,
+    study: Option<(&dyn StudyStore, WorkerOptions)>,
+) -> Result<(), Failure> {
+    match (&s.latency_table, s.max_latency_ms) {
+        (Some(_), None) => return Err(input_error("--latency-table needs --max-latency-ms")),
         (None, Some(_)) => {
             return Err(input_error(
                 "--max-latency-ms needs --latency-table (an f32 table from `slim latency build`)",
-            ));
+            ))
         }
         _ => {}
     }
@@ -266,6 +285,7 @@ fn prepare(
         )));
     }
     crate::common::check_out_dir("--out", &s.out)?;
+    options.validate(method, s.latency_table.is_some())?;
     let cost = match &s.latency_table {
         Some(p) => {
             let table = Table::load(p)?;
@@ -277,234 +297,138 @@ fn prepare(
         }
         None => None,
     };
+    let device = s.common.device()?;
     let teacher = match &s.teacher {
-        Some(path) => Some(crate::common::load_model(
-            path,
-            &s.common.device()?,
-            &s.common.load,
-        )?),
+        Some(path) => Some(crate::common::load_model(path, &device, &s.common.load)?),
         None => None,
     };
     let shape = teacher.as_ref().and_then(crate::common::input_shape);
-    let mut full = crate::common::load_data(&s.data, None, shape)?;
+    let mut data = crate::common::load_data(&s.data, None, shape)?;
     if let Some(t) = &teacher {
-        crate::common::adapt_data(&mut full, t)?;
-    } else if !full.train.is_labeled() {
+        crate::common::adapt_data(&mut data, t)?;
+    } else if !data.train.is_labeled() {
         return Err(input_error(format!(
             "`{}` has no labels: give --teacher MODEL, a model for the candidates to reproduce",
             s.data
         )));
     }
-    let n = full.train.len();
-    let train = train_images.unwrap_or(n.saturating_sub(s.eval_images));
-    if train < batch_size || s.eval_images == 0 {
-        return Err(input_error(format!(
-            "{train} training images must be at least one batch (--batch-size {batch_size}) \
-             and --eval-images at least 1"
-        )));
-    }
-    if train + s.eval_images > n {
-        return Err(input_error(format!(
-            "--train-images {train} and --eval-images {} need {} training images; `{}` has {n}",
-            s.eval_images,
-            train + s.eval_images,
-            s.data
-        )));
-    }
-    let classes = match &teacher {
-        Some(t) => slim_nas::strategy::teacher_classes(t)?,
-        None => full.train.classes,
-    };
-    let zcfg = ZooConfig::new(full.train.shape)
-        .with_width(s.width)
-        .with_classes(classes);
-    let space = spaces.build(&s.space, &zcfg)?;
-    let eval = full.train.take_last(s.eval_images);
-    let metric = if teacher.is_some() {
-        "agreement"
-    } else {
-        "top-1"
-    };
-    Ok(Prepared {
-        space,
-        full,
-        eval,
-        cost,
-        teacher,
-        metric,
-    })
-}
-
-fn run_sa(a: SaArgs, study: Option<(&dyn StudyStore, WorkerOptions)>) -> Result<(), Failure> {
-    let cfg = a.recipe.config()?;
-    let p = prepare(&a.search, Some(a.train_images), a.recipe.batch_size)?;
-    let device = a.search.common.device()?;
-    let mut data = p.full.clone();
-    data.train = p.full.train.take(a.train_images);
-    data.test = p.eval.clone();
-    data.spec = format!(
-        "{} (train: first {}, score: last {} training images)",
-        a.search.data, a.train_images, a.search.eval_images
-    );
-    let mut reward = TrainReward {
-        data,
-        cfg,
-        device,
-        teacher: p.teacher.clone(),
-    };
-    search_and_report(
-        &a.search,
-        &p,
-        &mut reward,
-        a.recipe.seed,
-        Instant::now(),
-        study,
-    )
-}
-
-fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
-    let cfg = a.recipe.config(a.supernet_epochs)?;
-    cfg.validate()?;
-    if a.supernet_epochs == 0 {
-        return Err(input_error("--supernet-epochs must be at least 1"));
-    }
-    let p = prepare(&a.search, a.train_images, a.recipe.batch_size)?;
-    if a.calibration_images == 0 {
-        return Err(input_error("--calibration-images must be at least 1"));
-    }
-    let device = a.search.common.device()?;
-    let started = Instant::now();
-    let mut data = p.full.clone();
-    let n = a
-        .train_images
-        .unwrap_or(p.full.train.len() - a.search.eval_images);
-    data.train = p.full.train.take(n);
-    data.test = p.eval.clone();
-    let _out = OutDir::create(&a.search.out)?;
-    let quiet = a.search.common.quiet;
-    let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
-    let supernet = train_supernet(
-        p.space.as_ref(),
-        &data,
-        &cfg,
-        p.teacher.as_ref(),
-        Some(&a.search.out.join("supernet.safetensors")),
-        a.checkpoint_every
-            .map(slim_core::train::CheckpointEvery::Steps)
-            .unwrap_or_default(),
-        &device,
-        &mut |pr| {
-            if quiet {
-                return;
-            }
-            match pr {
-                SupernetProgress::Resumed {
-                    epochs_done,
-                    steps_done,
-                } => eprintln!(
-                    "supernet: {epochs_done} epoch(s) and {steps_done} step(s) read back from \
-                     the output folder"
-                ),
-                SupernetProgress::Step {
-                    epoch,
-                    epochs,
-                    step,
-                    steps,
-                    loss,
-                } => {
-                    let mut b = bar.borrow_mut();
-                    let b = b.get_or_insert_with(|| {
-                        let b = indicatif::ProgressBar::new(*steps as u64);
-                        b.set_style(
-                            indicatif::ProgressStyle::with_template(
-                                "supernet epoch {prefix} [{bar:30}] {pos}/{len} {msg}",
-                            )
-                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                            .progress_chars("=> "),
-                        );
-                        b
-                    });
-                    b.set_prefix(format!("{}/{epochs}", epoch + 1));
-                    b.set_position(*step as u64 + 1);
-                    b.set_message(format!("loss {loss:.4}"));
-                }
-                SupernetProgress::EpochEnd {
-                    epoch,
-                    loss,
-                    seconds,
-                } => {
-                    if let Some(b) = bar.borrow_mut().take() {
-                        b.finish_and_clear();
-                    }
-                    eprintln!(
-                        "supernet epoch {}: loss {loss:.4} over sampled subnets, {seconds:.1} s",
-                        epoch + 1
-                    );
-                }
-            }
-        },
-    )?;
-    let mut reward = OneShotReward {
-        supernet: &supernet,
-        space: p.space.as_ref(),
-        calibration: data.train.take(a.calibration_images.min(n)),
-        eval: p.eval.clone(),
-        normalize: data.normalize.clone(),
-        supernet_key: json!({
-            "data": data.train.fingerprint(),
-            "recipe": format!("{cfg:?}"),
-        }),
-        teacher: p.teacher.as_ref(),
-    };
-    search_and_report(&a.search, &p, &mut reward, a.recipe.seed, started, None)
-}
-
-fn search_and_report(
-    s: &Search,
-    p: &Prepared,
-    reward: &mut dyn Reward,
-    seed: u64,
-    started: Instant,
-    study: Option<(&dyn StudyStore, WorkerOptions)>,
-) -> Result<(), Failure> {
-    let limits = Limits {
-        max_macs: s.max_macs,
-        max_params: s.max_params,
-        latency: p
-            .cost
-            .as_ref()
-            .zip(s.max_latency_ms)
-            .map(|(c, x)| (c as &dyn CostModel, x)),
-    };
-    let sa = SaConfig {
-        iterations: s.iterations,
-        init_temperature: s.init_temperature,
-        reduce_rate: s.reduce_rate,
-        seed,
-        max_rejections: s.max_rejections,
-        evolution: (s.search == "evolution").then_some(Evolve {
-            population: s.population,
-            mutation: s.mutation,
-        }),
-    };
     let _out = OutDir::create(&s.out)?;
-    let quiet = s.common.quiet;
-    let lat = |c: &Candidate| {
-        c.measure
-            .latency_ms
-            .map(|l| format!(", {l:.3} ms"))
-            .unwrap_or_default()
+    let inputs = Inputs {
+        data: &data,
+        teacher: teacher.as_ref(),
+        cost: cost.as_ref().map(|c| c as &dyn CostModel),
+        train: cfg,
+        device: &device,
+        out: &s.out,
+        entering_macs: None,
+        checkpoint: checkpoint.unwrap_or_default(),
+        study,
     };
-    let space = p.space.as_ref();
-    let metric = p.metric;
-    let mut show = |p: NasProgress<'_>| {
-        if quiet {
+    let mut show = Shown::new(s.common.quiet, teacher.is_some());
+    let (found, report) = slim_nas::run::run(method, options, inputs, &mut |p| show.progress(p))?;
+    let result = &found.result;
+    if s.common.json {
+        let mut j = result.to_json();
+        j["reward"] = json!(if teacher.is_some() {
+            "agreement"
+        } else {
+            "top1"
+        });
+        j["baseline"] =
+            json!({"measure": result.baseline, "meets_limits": result.baseline_feasible});
+        j["seconds"] = json!(report.seconds);
+        j["out"] = json!(s.out);
+        outln!("{}", crate::common::with_skipped(j));
+    } else {
+        out!("{}", report.markdown);
+        outln!(
+            "history, plots (reward.svg, {}) and this table in {}",
+            report.cost_plot,
+            s.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// A search's progress on the terminal: a bar for the supernet's epochs, a line per candidate.
+struct Shown {
+    quiet: bool,
+    metric: &'static str,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Shown {
+    fn new(quiet: bool, reproduces: bool) -> Self {
+        let metric = if reproduces { "agreement" } else { "top-1" };
+        Shown {
+            quiet,
+            metric,
+            bar: None,
+        }
+    }
+
+    fn progress(&mut self, p: Progress<'_>) {
+        if self.quiet {
             return;
         }
         match p {
+            Progress::Supernet(p) => self.supernet(p),
+            Progress::Search(p) => self.search(p),
+        }
+    }
+
+    fn supernet(&mut self, p: &SupernetProgress) {
+        match p {
+            SupernetProgress::Resumed {
+                epochs_done,
+                steps_done,
+            } => eprintln!(
+                "supernet: {epochs_done} epoch(s) and {steps_done} step(s) read back from the \
+                 output folder"
+            ),
+            SupernetProgress::Step {
+                epoch,
+                epochs,
+                step,
+                steps,
+                loss,
+            } => {
+                let b = self.bar.get_or_insert_with(|| {
+                    let b = indicatif::ProgressBar::new(*steps as u64);
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "supernet epoch {prefix} [{bar:30}] {pos}/{len} {msg}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                    b
+                });
+                b.set_prefix(format!("{}/{epochs}", epoch + 1));
+                b.set_position(*step as u64 + 1);
+                b.set_message(format!("loss {loss:.4}"));
+            }
+            SupernetProgress::EpochEnd {
+                epoch,
+                loss,
+                seconds,
+            } => {
+                if let Some(b) = self.bar.take() {
+                    b.finish_and_clear();
+                }
+                eprintln!(
+                    "supernet epoch {}: loss {loss:.4} over sampled subnets, {seconds:.1} s",
+                    epoch + 1
+                );
+            }
+        }
+    }
+
+    fn search(&self, p: NasProgress<'_>) {
+        match p {
             NasProgress::Start { arch, steps } => eprintln!(
-                "the hand-made network breaks the limits; starting {steps} step(s) \
-                     smaller: {arch}"
+                "the hand-made network breaks the limits; starting {steps} step(s) smaller: \
+                 {arch}"
             ),
             NasProgress::Replayed { index } => {
                 eprintln!("candidate {} replayed from the history", index + 1)
@@ -517,145 +441,22 @@ fn search_and_report(
                 rejected,
             } => eprintln!(
                 "candidate {}/{total}: {} {:.2}% (best {:.2}%), {} MACs{}, {rejected} \
-                     rejected before it: {}",
+                 rejected before it: {}",
                 index + 1,
-                metric,
+                self.metric,
                 candidate.reward.unwrap_or(f64::NAN) * 100.0,
                 best * 100.0,
                 slim_core::analysis::human(candidate.measure.macs),
-                lat(candidate),
+                candidate
+                    .measure
+                    .latency_ms
+                    .map(|l| format!(", {l:.3} ms"))
+                    .unwrap_or_default(),
                 candidate.arch
             ),
             NasProgress::Study(w) => crate::common::show_worker(&w),
         }
-    };
-    let result = match study {
-        None => sa_search(
-            space,
-            &limits,
-            reward,
-            &sa,
-            Some(&history_path(&s.out)),
-            &mut show,
-        )?,
-        Some((store, opts)) => {
-            let r = sa_worker(space, &limits, reward, &sa, store, opts, &mut show)?;
-            // The study's history, as a search on one machine writes it: `slim nas export`
-            // reads it.
-            r.history.save(&history_path(&s.out))?;
-            r
-        }
-    };
-    let seconds = started.elapsed().as_secs_f64();
-    let limit = match (s.max_latency_ms, s.max_macs) {
-        (Some(l), _) => Some(l),
-        (None, Some(m)) => Some(m as f64 / 1e6),
-        _ => None,
-    };
-    let (over_time, vs_cost) = plots(&result.candidates, limit);
-    let cost_plot = if p.cost.is_some() {
-        "reward-latency.svg"
-    } else {
-        "reward-macs.svg"
-    };
-    slim_core::io::write_atomic(&s.out.join("reward.svg"), over_time.as_bytes())?;
-    slim_core::io::write_atomic(&s.out.join(cost_plot), vs_cost.as_bytes())?;
-    let ranked = ranked(&result.candidates);
-    let report = results_markdown(space, &result, &ranked, seconds, p.metric);
-    slim_core::io::write_atomic(&s.out.join("results.md"), report.as_bytes())?;
-    if s.common.json {
-        let mut j = result.to_json();
-        j["reward"] = json!(if p.metric == "top-1" {
-            "top1"
-        } else {
-            "agreement"
-        });
-        j["baseline"] =
-            json!({"measure": result.baseline, "meets_limits": result.baseline_feasible});
-        j["seconds"] = json!(seconds);
-        j["out"] = json!(s.out);
-        outln!("{}", crate::common::with_skipped(j));
-    } else {
-        out!("{report}");
-        outln!(
-            "history, plots (reward.svg, {cost_plot}) and this table in {}",
-            s.out.display()
-        );
     }
-    Ok(())
-}
-
-/// Evaluated candidates, best first, each architecture once.
-fn ranked(all: &[Candidate]) -> Vec<&Candidate> {
-    let mut seen = std::collections::HashSet::new();
-    let mut v: Vec<&Candidate> = all
-        .iter()
-        .filter(|c| c.status == "evaluated" && seen.insert(c.tokens.clone()))
-        .collect();
-    // Stable: among equal rewards the earlier candidate ranks first.
-    v.sort_by(|x, y| {
-        y.reward
-            .partial_cmp(&x.reward)
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    v
-}
-
-fn results_markdown(
-    space: &dyn SearchSpace,
-    r: &slim_nas::SaResult,
-    ranked: &[&Candidate],
-    seconds: f64,
-    metric: &str,
-) -> String {
-    let evaluated = r
-        .candidates
-        .iter()
-        .filter(|c| c.status == "evaluated")
-        .count();
-    let rejected = r.candidates.len() - evaluated;
-    let with_lat = r.baseline.latency_ms.is_some();
-    let mut rows = vec![{
-        let mut row = vec![
-            "-".to_string(),
-            "hand-made (initial)".to_string(),
-            slim_core::analysis::human(r.baseline.macs),
-            slim_core::analysis::human(r.baseline.params),
-        ];
-        if with_lat {
-            row.push(format!("{:.3}", r.baseline.latency_ms.unwrap_or(f64::NAN)));
-        }
-        row.push(if r.baseline_feasible {
-            "meets the limits".into()
-        } else {
-            "breaks the limits".into()
-        });
-        row
-    }];
-    for (i, c) in ranked.iter().take(10).enumerate() {
-        let mut row = vec![
-            (i + 1).to_string(),
-            c.arch.clone(),
-            slim_core::analysis::human(c.measure.macs),
-            slim_core::analysis::human(c.measure.params),
-        ];
-        if with_lat {
-            row.push(format!("{:.3}", c.measure.latency_ms.unwrap_or(f64::NAN)));
-        }
-        row.push(format!("{:.2}%", c.reward.unwrap_or(f64::NAN) * 100.0));
-        rows.push(row);
-    }
-    let mut header = vec!["rank", "architecture", "MACs", "params"];
-    if with_lat {
-        header.push("latency ms");
-    }
-    header.push(metric);
-    format!(
-        "search space {}: {evaluated} candidates evaluated, {rejected} rejected by the limits, \
-         {seconds:.0} s\n\n{}",
-        space.name(),
-        table(&header, &rows)
-    )
 }
 
 fn run_export(a: ExportArgs) -> Result<(), Failure> {

@@ -472,7 +472,7 @@ fn configuration_errors_name_the_key_and_line() {
                 "kind = \"quant.ptq\"\ncalib_batches = 4",
                 "kind = \"nas.sa\"\nspace = \"darts\"",
             ),
-            "unknown space `darts`",
+            "unknown search space `darts`",
             None,
         ),
         (

@@ -1,5 +1,6 @@
-//! Small SVG charts for reports: lines and point clouds on linear axes, with tidy ticks and a
-//! legend. Plain SVG text, so that no font or drawing library is needed.
+//! Figures for reports: small SVG charts (lines and point clouds on linear axes, with tidy
+//! ticks and a legend; plain SVG text, so that no font or drawing library is needed) and
+//! plain-text tables.
 //!
 //! ```
 //! use slim_core::plot::{Plot, Series};
@@ -11,6 +12,51 @@
 //! ```
 
 use std::fmt::Write;
+
+/// Renders rows as a left-aligned text table with a header rule. Numeric-looking cells are
+/// right-aligned.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let numeric = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_digit() || ".%GMK-+".contains(c))
+    };
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, &w)| {
+                if numeric(c) {
+                    format!("{c:>w$}")
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect();
+        parts.join("  ").trim_end().to_string()
+    };
+    let mut out = line(header.to_vec());
+    out.push('\n');
+    out.push_str(
+        &widths
+            .iter()
+            .map(|&w| "-".repeat(w))
+            .collect::<Vec<_>>()
+            .join("  "),
+    );
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+        out.push('\n');
+    }
+    out
+}
 
 /// How a series is drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,6 +15,11 @@
 //!   and [`oneshot::OneShotReward`], which scores a candidate with the weights it inherits
 //!   (batch-norm statistics recomputed), for the same search.
 //!
+//! - [`run`]: the one entrance, [`run::run`]: options in ([`run::NasOptions`], the names of
+//!   `slim nas`'s flags and of a pipeline stage's keys), the space searched for the data, the
+//!   history, plots and results table written, and a typed [`run::NasReport`] out. The
+//!   pipeline's `nas.*` stages ([`strategy`]) are it followed by the best candidate's training.
+//!
 //! This crate depends on `slim-core` alone.
 //!
 //! ```
@@ -41,6 +46,7 @@
 #![forbid(unsafe_code)]
 
 pub mod oneshot;
+pub mod run;
 pub mod sa;
 pub mod space;
 pub mod strategy;
