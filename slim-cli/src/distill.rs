@@ -6,9 +6,9 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use slim_core::analysis::analyze;
 use slim_core::data::DEFAULT_SPEC;
-use slim_core::train::{evaluate, TrainOptions};
 use slim_core::zoo::{self, ZooConfig};
-use slim_distill::{distill, dump, Distiller, Knowledge, LossSpec, Teacher};
+use slim_distill::run::{DistillOptions, Inputs};
+use slim_distill::{dump, Teacher};
 
 use crate::common::{check_out_dir, load_data, Common, EpochBars, Recipe};
 use crate::output::table;
@@ -103,8 +103,9 @@ pub struct DistillTrainArgs {
     pub data: String,
     /// A loss, repeatable: soft_label[:temperature=T,t2=true,weight=W],
     /// l2:teacher=NODE,student=NODE[,adapter=true], fsp:teacher=A-B,student=C-D; every loss
-    /// also takes weight=W and teacher_index=K. Without labels, the default is to reproduce
-    /// every output of the first teacher model (soft labels on scores, L2 on maps).
+    /// also takes weight=W and teacher_index=K. The default is soft_label:temperature=2, and
+    /// without labels to reproduce every output of the first teacher model (soft labels on
+    /// scores, L2 on maps).
     #[arg(long)]
     pub loss: Vec<String>,
     /// Use the first N training images only (a quick run on a slice of the data).
@@ -274,66 +275,6 @@ fn student_model(
     })
 }
 
-/// The teachers given as files and knowledge directories, each model checked against the
-/// student's preprocessing and (with labels) evaluated; and, without labels, the first
-/// teacher model, which the student is measured against.
-#[allow(clippy::type_complexity)]
-fn local_teachers(
-    args: &DistillTrainArgs,
-    data: &slim_core::data::DataSplits,
-    label_free: bool,
-    device: &candle_core::Device,
-) -> Result<
-    (
-        Vec<Teacher>,
-        Vec<Option<slim_core::train::EvalReport>>,
-        Option<slim_core::Model>,
-    ),
-    Failure,
-> {
-    let mut reference: Option<slim_core::Model> = None;
-    let mut teachers = Vec::new();
-    let mut teacher_top1 = Vec::new();
-    for path in &args.teacher {
-        if path.is_dir() {
-            teachers.push(Teacher::Knowledge(Knowledge::open(path, device)?));
-            teacher_top1.push(None);
-        } else {
-            let m = crate::common::load_model(path, device, &args.common.load)?;
-            if let Some(p) = m.preprocess()? {
-                if p != data.normalize {
-                    return Err(input_error(format!(
-                        "the teacher {} expects its input normalized with mean {:?} and std {:?}; the student is fed mean {:?}, std {:?}. Student and teachers share one batch: import them with one preprocessing",
-                        path.display(),
-                        p.mean,
-                        p.std,
-                        data.normalize.mean,
-                        data.normalize.std
-                    )));
-                }
-            }
-            if label_free {
-                if reference.is_none() {
-                    reference = Some(m.deep_clone()?);
-                }
-                teacher_top1.push(None);
-                teachers.push(Teacher::model(m, path.display().to_string()));
-                continue;
-            }
-            let top1 = evaluate(&m, &data.test, &data.normalize, 256).map_err(|e| {
-                input_error(format!(
-                    "the teacher {} cannot run on `{}`: {e}",
-                    path.display(),
-                    args.data
-                ))
-            })?;
-            teacher_top1.push(Some(top1));
-            teachers.push(Teacher::model(m, path.display().to_string()));
-        }
-    }
-    Ok((teachers, teacher_top1, reference))
-}
-
 fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     let out = args
         .out
@@ -347,24 +288,21 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     }
     let client_opts = client_options(&args)?;
     let cfg = args.recipe.config()?;
-    let mut specs = args
-        .loss
-        .iter()
-        .map(|s| s.parse::<LossSpec>())
-        .collect::<Result<Vec<_>, _>>()?;
+    let options = DistillOptions {
+        teacher: args
+            .teacher
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        loss: args.loss.clone(),
+        ..Default::default()
+    };
+    options.validate("slim distill")?;
     let device = args.common.device()?;
     let mut data = load_data(&args.data, args.limit, None)?;
     let mut student = student_model(&args, &data, &device)?;
     crate::common::adapt_data(&mut data, &student)?;
-    let label_free = crate::common::label_free(args.label_free, &data);
-    // Without labels the student is measured by its fidelity to the first teacher model.
-    let (mut teachers, mut teacher_top1, reference) =
-        local_teachers(&args, &data, label_free, &device)?;
-    let mut labels: Vec<String> = args
-        .teacher
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
+    let mut remote = Vec::new();
     if let Some(opts) = client_opts {
         let url = slim_dist::RedisUrl::parse_with_ca(&args.redis, args.redis_ca.as_deref())?;
         let student_id = format!(
@@ -378,188 +316,123 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         for name in &args.teacher_service {
             let c =
                 slim_dist::teacher::TeacherClient::connect(&url, name, &student_id, opts.clone())?;
-            labels.push(format!("service {name} ({})", c.info().label));
-            teachers.push(Teacher::Remote(Box::new(Served(c))));
-            teacher_top1.push(None);
+            let label = format!("service {name} ({})", c.info().label);
+            remote.push((label, Teacher::Remote(Box::new(Served(c)))));
         }
     }
-    if specs.is_empty() {
-        specs = match (&reference, label_free) {
-            (Some(r), true) => Distiller::reproduce_specs(r, &student)?,
-            (None, true) => {
-                return Err(input_error(
-                    "without labels and without a teacher model file, give the losses (--loss)",
-                ))
-            }
-            (_, false) => return Err(input_error("give at least one --loss")),
-        };
-    }
-    let mut distiller = Distiller::from_specs(&student, teachers, &specs)?;
-    distiller.check_data(&data)?;
     student.provenance.insert("data".into(), args.data.clone());
-    student
-        .provenance
-        .insert("distilled_from".into(), labels.join(", "));
     let ckpt = crate::common::checkpoint_path(&out);
+    let load = |p: &std::path::Path| {
+        crate::common::load_model(p, &device, &args.common.load)
+            .map_err(|f| slim_distill::DistillError::Invalid(format!("{:#}", f.error)))
+    };
+    let inputs = Inputs {
+        label_free: crate::common::label_free(args.label_free, &data),
+        load: Some(&load),
+        remote,
+        checkpoint: Some(ckpt.clone()),
+        resume: args.checkpoint.resume,
+        checkpoint_every: args.checkpoint.every(),
+        eval_each_epoch: true,
+        ..Inputs::new(&data, &cfg)
+    };
     let mut bars = EpochBars::new(args.common.quiet);
-    let report = distill(
-        &mut student,
-        &mut distiller,
-        &data,
-        &cfg,
-        TrainOptions {
-            checkpoint: Some(ckpt.clone()),
-            resume: args.checkpoint.resume,
-            checkpoint_every: args.checkpoint.every(),
-            eval_each_epoch: true,
-            label_free,
-            ..Default::default()
-        },
-        &mut |p| bars.update(p),
-    )?;
+    let (student, report) =
+        slim_distill::run::run(student, &options, inputs, &mut |p| bars.update(p))?;
     student.save(&out)?;
     if !args.checkpoint.keep_checkpoint {
         crate::common::remove_checkpoint(&ckpt);
     }
-    if label_free {
-        return distilled_without_labels(&args, &student, reference.as_ref(), &data, &report, &out);
-    }
-    distilled_with_labels(
-        &args,
-        &student,
-        &data,
-        &report,
-        (&labels, &teacher_top1),
-        &out,
-    )
-}
-
-/// The end of a distillation on labels: the teachers' and the student's accuracy.
-fn distilled_with_labels(
-    args: &DistillTrainArgs,
-    student: &slim_core::Model,
-    data: &slim_core::data::DataSplits,
-    report: &slim_distill::DistillReport,
-    (labels, teacher_top1): (&[String], &[Option<slim_core::train::EvalReport>]),
-    out: &std::path::Path,
-) -> Result<(), Failure> {
-    let eval = evaluate(student, &data.test, &data.normalize, 256)?;
     let stats = analyze(&student.graph);
-    let seconds_per_epoch = report.train.epochs.iter().map(|e| e.seconds).sum::<f64>()
-        / report.train.epochs.len().max(1) as f64;
-    if args.common.json {
-        let teachers: Vec<_> = labels
-            .iter()
-            .zip(teacher_top1)
-            .map(|(p, r)| json!({"teacher": p, "top1": r.as_ref().map(|r| r.top1), "top5": r.as_ref().map(|r| r.top5)}))
-            .collect();
-        let losses: serde_json::Map<String, serde_json::Value> = report
-            .losses
-            .iter()
-            .map(|(n, v)| (n.clone(), json!(v)))
-            .collect();
-        outln!(
-            "{}",
-            json!({
-                "data": args.data,
-                "teachers": teachers,
-                "losses": losses,
-                "top1": eval.top1,
-                "top5": eval.top5,
-                "macs": stats.macs,
-                "params": stats.params,
-                "seconds_per_epoch": seconds_per_epoch,
-                "out": out,
-                "resumed_from": report.train.resumed_from,
-                "resumed_at_step": report.train.resumed_at_step,
-                "epochs": report.train.epochs,
-            })
-        );
-    } else {
-        let mut rows: Vec<Vec<String>> = labels
-            .iter()
-            .zip(teacher_top1)
-            .map(|(p, r)| {
-                let pct = |v: f64| format!("{:.2}%", v * 100.0);
-                vec![
-                    format!("teacher {p}"),
-                    r.as_ref()
-                        .map(|r| pct(r.top1))
-                        .unwrap_or_else(|| "precomputed".into()),
-                    r.as_ref().map(|r| pct(r.top5)).unwrap_or_default(),
-                ]
-            })
-            .collect();
-        rows.push(vec![
-            format!("student {}", out.display()),
-            format!("{:.2}%", eval.top1 * 100.0),
-            format!("{:.2}%", eval.top5 * 100.0),
-        ]);
-        out!("{}", table(&["model", "top-1", "top-5"], &rows));
-        let losses: Vec<String> = report
-            .losses
-            .iter()
-            .map(|(n, v)| format!("{n} {v:.4}"))
-            .collect();
-        outln!(
-            "mean distillation losses: {}; {:.1} s per epoch",
-            losses.join(", "),
-            seconds_per_epoch
-        );
-    }
-    Ok(())
-}
-
-/// The end of a distillation without labels: the student's fidelity to the first teacher model
-/// on the held-out images (none to show for precomputed or served teachers).
-fn distilled_without_labels(
-    args: &DistillTrainArgs,
-    student: &slim_core::Model,
-    reference: Option<&slim_core::Model>,
-    data: &slim_core::data::DataSplits,
-    report: &slim_distill::DistillReport,
-    out: &std::path::Path,
-) -> Result<(), Failure> {
-    let fidelity = match reference {
-        Some(r) => Some(slim_core::train::fidelity(
-            student,
-            r,
-            &data.test,
-            &data.normalize,
-            256,
-        )?),
-        None => None,
-    };
-    let stats = analyze(&student.graph);
-    if args.common.json {
-        outln!(
-            "{}",
-            crate::common::with_skipped(json!({
-                "data": args.data, "label_free": true, "fidelity": fidelity,
-                "losses": report.losses.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
-                "macs": stats.macs, "params": stats.params, "out": out,
-                "resumed_from": report.train.resumed_from,
-                "resumed_at_step": report.train.resumed_at_step,
-                "epochs": report.train.epochs,
-            }))
-        );
+    let epochs = &report.train.epochs;
+    let losses: serde_json::Map<String, serde_json::Value> = report
+        .losses
+        .iter()
+        .map(|(n, v)| (n.clone(), json!(v)))
+        .collect();
+    let resumed = json!({
+        "resumed_from": report.train.resumed_from,
+        "resumed_at_step": report.train.resumed_at_step,
+        "epochs": epochs,
+    });
+    if report.label_free {
+        if args.common.json {
+            let mut j = json!({
+                "data": args.data, "label_free": true, "fidelity": report.fidelity,
+                "losses": losses, "macs": stats.macs, "params": stats.params, "out": out,
+            });
+            merge(&mut j, resumed);
+            outln!("{}", crate::common::with_skipped(j));
+            return Ok(());
+        }
+        match &report.fidelity {
+            Some(f) => {
+                let rows: Vec<Vec<String>> = crate::common::fidelity_rows(f)
+                    .into_iter()
+                    .map(|(label, value)| vec![label, value])
+                    .collect();
+                out!(
+                    "{}",
+                    table(&["student, against the first teacher", ""], &rows)
+                );
+            }
+            None => outln!("no labels and no teacher model to compare with: no fidelity to show"),
+        }
+        outln!("{} written (trained without labels)", out.display());
         return Ok(());
     }
-    match &fidelity {
-        Some(f) => {
-            let rows: Vec<Vec<String>> = crate::common::fidelity_rows(f)
-                .into_iter()
-                .map(|(label, value)| vec![label, value])
-                .collect();
-            out!(
-                "{}",
-                table(&["student, against the first teacher", ""], &rows)
-            );
-        }
-        None => outln!("no labels and no teacher model to compare with: no fidelity to show"),
+    let (top1, top5) = report
+        .eval
+        .as_ref()
+        .map_or((0.0, 0.0), |e| (e.top1, e.top5));
+    let seconds_per_epoch =
+        epochs.iter().map(|e| e.seconds).sum::<f64>() / epochs.len().max(1) as f64;
+    if args.common.json {
+        let mut j = json!({
+            "data": args.data, "teachers": report.teachers, "losses": losses,
+            "top1": top1, "top5": top5, "macs": stats.macs, "params": stats.params,
+            "seconds_per_epoch": seconds_per_epoch, "out": out,
+        });
+        merge(&mut j, resumed);
+        outln!("{j}");
+        return Ok(());
     }
-    outln!("{} written (trained without labels)", out.display());
+    let pct = |v: f64| format!("{:.2}%", v * 100.0);
+    let mut rows: Vec<Vec<String>> = report
+        .teachers
+        .iter()
+        .map(|t| {
+            vec![
+                format!("teacher {}", t.teacher),
+                t.top1.map(pct).unwrap_or_else(|| "precomputed".into()),
+                t.top5.map(pct).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    rows.push(vec![
+        format!("student {}", out.display()),
+        pct(top1),
+        pct(top5),
+    ]);
+    out!("{}", table(&["model", "top-1", "top-5"], &rows));
+    let losses: Vec<String> = report
+        .losses
+        .iter()
+        .map(|(n, v)| format!("{n} {v:.4}"))
+        .collect();
+    outln!(
+        "mean distillation losses: {}; {:.1} s per epoch",
+        losses.join(", "),
+        seconds_per_epoch
+    );
     Ok(())
+}
+
+/// Adds the keys of `more` to the object `j`.
+fn merge(j: &mut serde_json::Value, more: serde_json::Value) {
+    if let (Some(a), serde_json::Value::Object(b)) = (j.as_object_mut(), more) {
+        a.extend(b);
+    }
 }
 
 /// A served teacher as the distiller sees it.

@@ -10,6 +10,10 @@
 //!   channel counts differ), FSP, and any [`DistillLoss`] of the user's.
 //! - Teachers ([`Teacher`]) run in eval mode without gradients, or are replaced by their
 //!   outputs precomputed to files ([`knowledge`]), so that training needs no teacher in memory.
+//! - [`run`]: the one entrance, [`run::run`]: options in ([`run::DistillOptions`], the names of
+//!   `slim distill`'s flags and of a pipeline stage's keys), the teachers opened and checked,
+//!   the student trained and measured, a typed [`run::RunReport`] out. The pipeline's
+//!   `distill` stage ([`strategy`]) is it.
 //!
 //! ```
 //! use slim_core::{zoo, Mode};
@@ -30,6 +34,7 @@
 
 pub mod knowledge;
 pub mod losses;
+pub mod run;
 pub mod strategy;
 
 use std::collections::BTreeSet;
