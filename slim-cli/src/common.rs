@@ -274,59 +274,9 @@ pub fn input_shape(model: &Model) -> Option<[usize; 3]> {
     }
 }
 
-/// Feeds a data set the way a model expects: its own normalization when it records one
-/// (imported models), and images resized to its input when it asks for that.
+/// Feeds a data set the way a model expects ([`Model::adapt_data`]).
 pub fn adapt_data(data: &mut DataSplits, model: &Model) -> Result<(), Failure> {
-    let input = model.input_shape();
-    // Image folders are photographs of any size and colour: they take the model's channels
-    // and size whatever it records.
-    let folder = data.spec.starts_with("images:") || data.spec.starts_with("unlabeled:");
-    if let (&[mc, _, _], true) = (&input[..], folder) {
-        let c = data.train.shape[0];
-        if mc != c && matches!((c, mc), (1, 3) | (3, 1)) {
-            data.train = data.train.with_channels(mc)?;
-            data.test = data.test.with_channels(mc)?;
-            let n = &mut data.normalize;
-            for v in [&mut n.mean, &mut n.std] {
-                let avg = v.iter().sum::<f32>() / v.len() as f32;
-                *v = vec![avg; mc];
-            }
-        }
-    }
-    let [c, h, w] = data.train.shape;
-    if let [mc, mh, mw] = input[..] {
-        if (mh, mw) != (h, w) && mc == c && (folder || model.resizes_input()?) {
-            // One byte per pixel, both splits: refuse what cannot fit rather than abort (a
-            // set read from its files only changes the size it decodes to).
-            let images = data.train.labels.len() + data.test.labels.len();
-            let bytes = images as u128 * (c * mh * mw) as u128;
-            if bytes > 1 << 33 && !data.train.is_streamed() {
-                return Err(input_error(format!(
-                    "the model's input is {c}x{mh}x{mw}: resizing the {} images of `{}` to it \
-                     would take {:.0} GiB",
-                    images,
-                    data.spec,
-                    bytes as f64 / f64::from(1u32 << 30)
-                )));
-            }
-            data.train = data.train.resized(mh, mw);
-            data.test = data.test.resized(mh, mw);
-            data.spec = format!("{} (resized to {mh}x{mw})", data.spec);
-        }
-    }
-    if let Some(p) = model.preprocess()? {
-        for (what, v) in [("mean", &p.mean), ("std", &p.std)] {
-            if v.len() != 1 && v.len() != c {
-                return Err(input_error(format!(
-                    "the model's preprocessing has {} {what} values; the data `{}` has {c} channel(s)",
-                    v.len(),
-                    data.spec
-                )));
-            }
-        }
-        data.normalize = p;
-    }
-    Ok(())
+    Ok(model.adapt_data(data)?)
 }
 
 /// Loads a data spec (image folders decoded to `shape` when given); with `limit`, keeps the

@@ -134,7 +134,8 @@ blamed!(
     slim_nas::NasError,
     slim_onnx::OnnxError,
     slim_dist::DistError,
-    slim_latency::LatencyError
+    slim_latency::LatencyError,
+    slim_pipeline::PipelineError
 );
 
 /// Other errors (the system's, a serializer's) are failures, status 1.

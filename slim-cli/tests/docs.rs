@@ -441,6 +441,7 @@ fn every_crate_readme_is_its_crate_documentation() {
         "slim-latency",
         "slim-onnx",
         "slim-dist",
+        "slim-pipeline",
         "slim-cli",
     ] {
         let dir = root.join(name);

@@ -665,7 +665,7 @@ impl Builder {
                 ("Resize", 3) => first_axis,
                 _ => false,
             };
-            if !(keeps_batch && !flags[1..].contains(&true)) {
+            if !keeps_batch || flags[1..].contains(&true) {
                 return err(format!(
                     "input `{input}` is computed from the batch size, which Slim does not know at import (each sample is computed apart)"
                 ));
