@@ -31,7 +31,8 @@ pub mod report;
 pub mod run;
 
 pub use config::{Config, Pipeline, Source, Stage};
-pub use run::{Events, Report, Row, RunOptions};
+pub use report::Row;
+pub use run::{Events, Report, RunOptions};
 
 /// The pipeline `slim compress` runs when no configuration is given.
 pub const DEFAULT_CONFIG: &str = r#"# The default pipeline: a MobileNet trained on the bundled MNIST digits, pruned to half

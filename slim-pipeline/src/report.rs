@@ -1,15 +1,56 @@
 //! The report of a run: every stage's model timed in one sitting (and estimated from the
 //! latency tables given), the results table (text, and report.md) and the accuracy-size plot.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use slim_core::analysis::human;
 use slim_core::io::write_atomic;
 use slim_core::plot::{table, Plot, Series};
 use slim_core::Model;
 
-use crate::run::Row;
 use crate::Result;
+
+/// One row of the results: a stage's model and what it measures.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Row {
+    pub name: String,
+    pub file: PathBuf,
+    /// Accuracy on the test split (data with labels).
+    pub top1: Option<f64>,
+    pub top5: Option<f64>,
+    /// Without labels: the first output's top-1 agreement with the baseline (its cosine
+    /// similarity for an output that is not a score vector), and its cosine similarity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cosine: Option<f64>,
+    pub macs: u64,
+    pub params: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// The stage's own report.
+    pub info: serde_json::Value,
+    /// Estimated from the report's latency table of the model's runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+    /// Ops of the model the table lacked, estimated by its fallback fit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub latency_fallback_ops: usize,
+    /// Measured: the median milliseconds of a batch-1 forward on Slim's runtime of the model
+    /// (f32, or int8), every core, timed as `slim bench` times, every stage in one sitting
+    /// after the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_ms: Option<f64>,
+    /// The stage the model started from, when not the one before (`init`: fresh weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
 
 /// Timed forwards per stage for the report's measured column.
 pub const BENCH_RUNS: usize = 20;

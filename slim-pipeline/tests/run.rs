@@ -43,7 +43,7 @@ fn a_pipeline_runs_resumes_and_guards_its_folder() {
         ..Default::default()
     };
     let (notes, epochs) = (std::cell::RefCell::new(Vec::new()), Cell::new(0));
-    let mut run = |text: &str| {
+    let run = |text: &str| {
         let mut pipeline = Pipeline::parse(text, "small.toml").expect("parse");
         let events = Events {
             note: &|m| notes.borrow_mut().push(m.to_string()),
