@@ -20,7 +20,10 @@
 //! - [`transform`]: graph rewrites that keep the eval output (batch-norm folding);
 //! - [`search`]: the simulated-annealing and evolutionary controllers that automatic pruning and
 //!   architecture search share, with resumable histories, and the `Evaluator` and `CostModel`
-//!   traits.
+//!   traits;
+//! - [`kernels`]: the CPU convolution, batch-norm and pooling kernels, the `slim-kernels`
+//!   crate re-exported (with [`cpu`], the instruction-set levels), where all of Slim's
+//!   unsafe f32 code lives; this crate has none.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -39,9 +42,9 @@
 //! assert_eq!(pruned.forward(&x, Mode::Eval)?.dims(), &[2, 10]);
 //! # Ok::<(), slim_core::CoreError>(())
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod analysis;
-pub mod cpu;
 pub mod data;
 pub mod deps;
 pub mod error;
@@ -50,7 +53,6 @@ pub mod finite;
 pub mod graph;
 pub mod hash;
 pub mod io;
-pub mod kernels;
 pub mod model;
 pub mod params;
 pub mod pipeline;
@@ -67,6 +69,8 @@ pub use exec::{ForwardOptions, ForwardOutput, Mode, PreparedEval};
 pub use graph::{Conv2dSpec, Graph, GraphBuilder, LinearSpec, Node, Op, ParamKind, PoolSpec};
 pub use model::Model;
 pub use params::ParamStore;
+pub use slim_kernels as kernels;
+pub use slim_kernels::{cpu, note_skipped, with_target_feature};
 
 /// Sets up candle's threads beside Slim's rayon pool; call it first thing in `main`, before
 /// any other thread starts. Two things, each only where the user has not set the variable:
@@ -92,23 +96,6 @@ pub use params::ParamStore;
 /// or more: with one, the calling thread would be the pool's only thread, and parallel work
 /// sent from another thread (the data loader's) while it waits outside rayon would never
 /// run. If the pool was set up already, it stays as it is.
-/// Says on stderr that a test skipped a part, and why; where `SLIM_SKIP_LOG` names a file
-/// (`.ci/run` sets it), appends the reason there too, so that a test run ends with the count
-/// of what was skipped rather than hiding it in the captured output of passing tests.
-#[doc(hidden)]
-pub fn note_skipped(why: &str) {
-    use std::io::Write;
-    eprintln!("skipped: {why}");
-    if let Some(path) = std::env::var_os("SLIM_SKIP_LOG") {
-        let line = format!("{}\n", why.replace('\n', " "));
-        let _ = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .and_then(|mut f| f.write_all(line.as_bytes()));
-    }
-}
-
 pub fn configure_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
@@ -131,28 +118,4 @@ pub fn configure_threads() {
             .use_current_thread()
             .build_global();
     }
-}
-
-/// Calls `f(args)` compiled with the target feature `feature` (say `"avx2"`) when `on` (the
-/// caller's check that this machine has it), and as the portable build compiles it
-/// otherwise; it returns from the enclosing function in the first case. `f` is an
-/// `#[inline(always)]` function of the caller's, so that its loops are compiled again inside
-/// the feature's function; the arguments are written with their types.
-#[macro_export]
-macro_rules! with_target_feature {
-    ($feature:literal, $on:expr, $f:ident($($arg:ident: $ty:ty),* $(,)?)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = $feature)]
-            unsafe fn with_feature($($arg: $ty),*) {
-                $f($($arg),*)
-            }
-            if $on {
-                // SAFETY: the caller checked that this machine has the feature.
-                return unsafe { with_feature($($arg),*) };
-            }
-        }
-        let _ = $on;
-        $f($($arg),*)
-    }};
 }

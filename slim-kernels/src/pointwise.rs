@@ -388,12 +388,7 @@ mod avx2 {
     /// # Safety
     /// The machine has AVX2; the 8 rows of 8 values read and written are in bounds.
     #[target_feature(enable = "avx2,fma")]
-    pub(in crate::kernels) unsafe fn transpose8(
-        src: *const f32,
-        lds: usize,
-        dst: *mut f32,
-        ldd: usize,
-    ) {
+    pub(crate) unsafe fn transpose8(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
         // SAFETY (whole body): in bounds as the caller promises.
         unsafe {
             let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * lds)));

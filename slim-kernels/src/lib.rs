@@ -1,4 +1,9 @@
-//! Convolution kernels for training on a CPU, as candle custom ops with forward and backward.
+//! # slim-kernels
+//!
+//! Convolution kernels for training on a CPU, as candle custom ops with forward and backward:
+//! Slim's f32 compute, and all of its unsafe f32 code. `slim-core` re-exports this crate as
+//! `slim_core::kernels` (and [`cpu`] as `slim_core::cpu`), which is how the method crates
+//! reach it.
 //!
 //! candle 0.11 runs a grouped convolution as one convolution per group, which makes a
 //! depthwise convolution very slow, and computes a convolution's input gradient with a direct
@@ -26,15 +31,15 @@ use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::graph::Conv2dSpec;
-
 mod batch_norm;
 pub mod channels_last;
 mod clip;
+pub mod cpu;
 mod dense;
 mod depthwise;
 mod pointwise;
 mod pooling;
+mod spec;
 pub use batch_norm::BatchNormTrain;
 use batch_norm::*;
 pub use clip::{clip, Clip};
@@ -42,6 +47,7 @@ use dense::*;
 pub use depthwise::Phases;
 use depthwise::*;
 pub use pooling::*;
+pub use spec::Conv2dSpec;
 
 /// The geometry of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -481,6 +487,47 @@ pub fn conv2d_fused(
         y = y.minimum(act.hi)?;
     }
     Ok(y)
+}
+
+/// Says on stderr that a test skipped a part, and why; where `SLIM_SKIP_LOG` names a file
+/// (`.ci/run` sets it), appends the reason there too, so that a test run ends with the count
+/// of what was skipped rather than hiding it in the captured output of passing tests.
+#[doc(hidden)]
+pub fn note_skipped(why: &str) {
+    use std::io::Write;
+    eprintln!("skipped: {why}");
+    if let Some(path) = std::env::var_os("SLIM_SKIP_LOG") {
+        let line = format!("{}\n", why.replace('\n', " "));
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+}
+
+/// Calls `f(args)` compiled with the target feature `feature` (say `"avx2"`) when `on` (the
+/// caller's check that this machine has it), and as the portable build compiles it
+/// otherwise; it returns from the enclosing function in the first case. `f` is an
+/// `#[inline(always)]` function of the caller's, so that its loops are compiled again inside
+/// the feature's function; the arguments are written with their types.
+#[macro_export]
+macro_rules! with_target_feature {
+    ($feature:literal, $on:expr, $f:ident($($arg:ident: $ty:ty),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = $feature)]
+            unsafe fn with_feature($($arg: $ty),*) {
+                $f($($arg),*)
+            }
+            if $on {
+                // SAFETY: the caller checked that this machine has the feature.
+                return unsafe { with_feature($($arg),*) };
+            }
+        }
+        let _ = $on;
+        $f($($arg),*)
+    }};
 }
 
 #[cfg(test)]

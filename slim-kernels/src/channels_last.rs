@@ -22,7 +22,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::{f32_slice, has_avx512f, written, Epilogue};
-use crate::graph::Conv2dSpec;
+use crate::Conv2dSpec;
 
 /// Positions per task of a pointwise product.
 const POSITIONS_PER_TASK: usize = 192;
