@@ -343,6 +343,18 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     if !args.checkpoint.keep_checkpoint {
         crate::common::remove_checkpoint(&ckpt);
     }
+    print_distilled(&args, &student, &report, &out);
+    Ok(())
+}
+
+/// The end of a distillation: the student's accuracy beside its teachers', or without labels
+/// its fidelity to the first teacher model; the losses; a table, or JSON.
+fn print_distilled(
+    args: &DistillTrainArgs,
+    student: &slim_core::Model,
+    report: &slim_distill::run::RunReport,
+    out: &std::path::Path,
+) {
     let stats = analyze(&student.graph);
     let epochs = &report.train.epochs;
     let losses: serde_json::Map<String, serde_json::Value> = report
@@ -363,7 +375,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             });
             merge(&mut j, resumed);
             outln!("{}", crate::common::with_skipped(j));
-            return Ok(());
+            return;
         }
         match &report.fidelity {
             Some(f) => {
@@ -379,7 +391,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
             None => outln!("no labels and no teacher model to compare with: no fidelity to show"),
         }
         outln!("{} written (trained without labels)", out.display());
-        return Ok(());
+        return;
     }
     let (top1, top5) = report
         .eval
@@ -395,7 +407,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         });
         merge(&mut j, resumed);
         outln!("{j}");
-        return Ok(());
+        return;
     }
     let pct = |v: f64| format!("{:.2}%", v * 100.0);
     let mut rows: Vec<Vec<String>> = report
@@ -425,7 +437,6 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         losses.join(", "),
         seconds_per_epoch
     );
-    Ok(())
 }
 
 /// Adds the keys of `more` to the object `j`.

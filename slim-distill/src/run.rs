@@ -205,60 +205,11 @@ pub fn run(
     let data = inputs.data;
     let label_free = inputs.label_free || !data.train.is_labeled();
     let device = student.device();
-    let mut teachers = Vec::new();
-    let mut reports = Vec::new();
-    // Without labels the student is measured against the first teacher model.
-    let mut reference: Option<Model> = None;
-    for spec in &o.teacher {
-        let model = match spec.as_str() {
-            "baseline" => inputs
-                .baseline
-                .ok_or_else(|| {
-                    DistillError::Invalid(
-                        "distill: the teacher `baseline` names no model here; give a model file"
-                            .into(),
-                    )
-                })?
-                .deep_clone()?,
-            t if t.starts_with("zoo:") => {
-                zoo_teacher(&t["zoo:".len()..], o, &inputs, &device, progress)?
-            }
-            path if Path::new(path).is_dir() => {
-                teachers.push(Teacher::Knowledge(Knowledge::open(path.as_ref(), &device)?));
-                reports.push(TeacherReport {
-                    teacher: spec.clone(),
-                    top1: None,
-                    top5: None,
-                });
-                continue;
-            }
-            path => match inputs.load {
-                Some(load) => load(Path::new(path))?,
-                None => Model::load(Path::new(path), &device)?,
-            },
-        };
-        check_preprocessing(spec, &model, data)?;
-        let eval = match label_free {
-            true => None,
-            false => Some(
-                evaluate(&model, &data.test, &data.normalize, 256).map_err(|e| {
-                    DistillError::Invalid(format!(
-                        "the teacher {spec} cannot run on `{}`: {e}",
-                        data.spec
-                    ))
-                })?,
-            ),
-        };
-        if label_free && reference.is_none() {
-            reference = Some(model.deep_clone()?);
-        }
-        reports.push(TeacherReport {
-            teacher: spec.clone(),
-            top1: eval.as_ref().map(|e| e.top1),
-            top5: eval.as_ref().map(|e| e.top5),
-        });
-        teachers.push(Teacher::model(model, spec.clone()));
-    }
+    let Opened {
+        mut teachers,
+        mut reports,
+        reference,
+    } = open_teachers(o, &inputs, label_free, &device, progress)?;
     for (label, t) in inputs.remote {
         reports.push(TeacherReport {
             teacher: label,
@@ -317,6 +268,82 @@ pub fn run(
         fidelity,
     };
     Ok((student, report))
+}
+
+/// The teachers named in the options, opened, checked and (with labels) measured.
+struct Opened {
+    teachers: Vec<Teacher>,
+    reports: Vec<TeacherReport>,
+    /// Without labels, the first teacher model: the student is measured against it.
+    reference: Option<Model>,
+}
+
+fn open_teachers(
+    o: &DistillOptions,
+    inputs: &Inputs<'_>,
+    label_free: bool,
+    device: &candle_core::Device,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Opened> {
+    let data = inputs.data;
+    let mut opened = Opened {
+        teachers: Vec::new(),
+        reports: Vec::new(),
+        reference: None,
+    };
+    for spec in &o.teacher {
+        let unmeasured = TeacherReport {
+            teacher: spec.clone(),
+            top1: None,
+            top5: None,
+        };
+        let model = match spec.as_str() {
+            "baseline" => inputs
+                .baseline
+                .ok_or_else(|| {
+                    DistillError::Invalid(
+                        "distill: the teacher `baseline` names no model here; give a model file"
+                            .into(),
+                    )
+                })?
+                .deep_clone()?,
+            t if t.starts_with("zoo:") => {
+                zoo_teacher(&t["zoo:".len()..], o, inputs, device, progress)?
+            }
+            path if Path::new(path).is_dir() => {
+                let k = Knowledge::open(path.as_ref(), device)?;
+                opened.teachers.push(Teacher::Knowledge(k));
+                opened.reports.push(unmeasured);
+                continue;
+            }
+            path => match inputs.load {
+                Some(load) => load(Path::new(path))?,
+                None => Model::load(Path::new(path), device)?,
+            },
+        };
+        check_preprocessing(spec, &model, data)?;
+        let report = if label_free {
+            if opened.reference.is_none() {
+                opened.reference = Some(model.deep_clone()?);
+            }
+            unmeasured
+        } else {
+            let e = evaluate(&model, &data.test, &data.normalize, 256).map_err(|e| {
+                DistillError::Invalid(format!(
+                    "the teacher {spec} cannot run on `{}`: {e}",
+                    data.spec
+                ))
+            })?;
+            TeacherReport {
+                top1: Some(e.top1),
+                top5: Some(e.top5),
+                ..unmeasured
+            }
+        };
+        opened.reports.push(report);
+        opened.teachers.push(Teacher::model(model, spec.clone()));
+    }
+    Ok(opened)
 }
 
 /// A teacher model expects the input the student is fed: one batch goes to both.

@@ -327,16 +327,111 @@ pub fn history_path(dir: &Path) -> PathBuf {
 pub fn run(
     method: Method,
     o: &NasOptions,
-    inputs: Inputs<'_>,
+    mut inputs: Inputs<'_>,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Outcome, NasReport)> {
     let started = Instant::now();
-    let kind = method.kind();
     o.validate(method, inputs.cost.is_some())?;
-    let bad = |m: String| NasError::Invalid(format!("{kind}: {m}"));
+    let plan = plan(method, o, &inputs)?;
+    let limits = Limits {
+        max_macs: plan.max_macs,
+        max_params: o.max_params,
+        latency: inputs.cost.zip(o.max_latency_ms),
+    };
+    std::fs::create_dir_all(inputs.out).map_err(|source| slim_core::CoreError::Io {
+        path: inputs.out.to_path_buf(),
+        source,
+    })?;
+    let space = plan.space.as_ref();
+    let supernet;
+    let mut train_reward;
+    let mut oneshot_reward;
+    let reward: &mut dyn Reward = match method {
+        Method::Train => {
+            let mut cfg = inputs.train.clone();
+            cfg.epochs = o.candidate_epochs;
+            train_reward = TrainReward {
+                data: plan.data.clone(),
+                cfg,
+                device: inputs.device.clone(),
+                teacher: inputs.teacher.cloned(),
+            };
+            &mut train_reward
+        }
+        Method::OneShot => {
+            let mut cfg = inputs.train.clone();
+            cfg.epochs = o.supernet_epochs.unwrap_or(cfg.epochs);
+            supernet = train_supernet(
+                space,
+                &plan.data,
+                &cfg,
+                inputs.teacher,
+                Some(&inputs.out.join("supernet.safetensors")),
+                inputs.checkpoint,
+                inputs.device,
+                &mut |p| progress(Progress::Supernet(p)),
+            )?;
+            let sub = &plan.data;
+            oneshot_reward = OneShotReward {
+                supernet: &supernet,
+                space,
+                calibration: sub.train.take(o.calibration_images.min(sub.train.len())),
+                eval: sub.test.clone(),
+                normalize: sub.normalize.clone(),
+                supernet_key: json!({
+                    "data": sub.train.fingerprint(),
+                    "recipe": format!("{cfg:?}"),
+                }),
+                teacher: inputs.teacher,
+            };
+            &mut oneshot_reward
+        }
+    };
+    let sa = o.sa_config(inputs.train.seed);
+    let history = history_path(inputs.out);
+    let mut show = |p: NasProgress<'_>| progress(Progress::Search(p));
+    let result = match inputs.study.take() {
+        None => sa_search(space, &limits, reward, &sa, Some(&history), &mut show)?,
+        Some((store, opts)) if method == Method::Train => {
+            let r = sa_worker(space, &limits, reward, &sa, store, opts, &mut show)?;
+            // The study's history, as a search on one machine writes it.
+            r.history.save(&history)?;
+            r
+        }
+        Some(_) => {
+            return Err(NasError::Invalid(format!(
+                "{}: a shared study scores candidates by training them",
+                method.kind()
+            )))
+        }
+    };
+    let metric = if inputs.teacher.is_some() {
+        "agreement"
+    } else {
+        "top-1"
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let report = write_results(method, o, &plan, &inputs, &result, metric, seconds)?;
+    let outcome = Outcome {
+        space: plan.space,
+        result,
+    };
+    Ok((outcome, report))
+}
+
+/// What a search works on, checked: its space, its data (the training images candidates
+/// learn from, the scoring images as the test split) and its MACs limit.
+struct Plan {
+    space: Box<dyn SearchSpace>,
+    data: DataSplits,
+    max_macs: Option<u64>,
+}
+
+/// Checks the data against the options and builds the space for it.
+fn plan(method: Method, o: &NasOptions, inputs: &Inputs<'_>) -> Result<Plan> {
+    let bad = |m: String| NasError::Invalid(format!("{}: {m}", method.kind()));
     let data = inputs.data;
-    let teacher = inputs.teacher;
-    if teacher.is_none() && !data.train.is_labeled() {
+    if inputs.teacher.is_none() && !data.train.is_labeled() {
         return Err(bad(format!(
             "`{}` has no labels: give a model for the candidates to reproduce",
             data.spec
@@ -358,7 +453,7 @@ pub fn run(
             data.spec
         )));
     }
-    let classes = match teacher {
+    let classes = match inputs.teacher {
         Some(t) => teacher_classes(t)?,
         None => data.train.classes,
     };
@@ -378,11 +473,6 @@ pub fn run(
         }
         (a, None, _) => a,
     };
-    let limits = Limits {
-        max_macs,
-        max_params: o.max_params,
-        latency: inputs.cost.zip(o.max_latency_ms),
-    };
     let mut sub = data.clone();
     sub.train = data.train.take(train_n);
     sub.test = data.train.take_last(o.eval_images);
@@ -390,93 +480,33 @@ pub fn run(
         "{} (train: first {train_n}, score: last {} training images)",
         data.spec, o.eval_images
     );
-    std::fs::create_dir_all(inputs.out).map_err(|source| slim_core::CoreError::Io {
-        path: inputs.out.to_path_buf(),
-        source,
-    })?;
-    let supernet;
-    let mut train_reward;
-    let mut oneshot_reward;
-    let reward: &mut dyn Reward = match method {
-        Method::Train => {
-            let mut cfg = inputs.train.clone();
-            cfg.epochs = o.candidate_epochs;
-            train_reward = TrainReward {
-                data: sub.clone(),
-                cfg,
-                device: inputs.device.clone(),
-                teacher: teacher.cloned(),
-            };
-            &mut train_reward
-        }
-        Method::OneShot => {
-            let mut cfg = inputs.train.clone();
-            cfg.epochs = o.supernet_epochs.unwrap_or(cfg.epochs);
-            supernet = train_supernet(
-                space.as_ref(),
-                &sub,
-                &cfg,
-                teacher,
-                Some(&inputs.out.join("supernet.safetensors")),
-                inputs.checkpoint,
-                inputs.device,
-                &mut |p| progress(Progress::Supernet(p)),
-            )?;
-            oneshot_reward = OneShotReward {
-                supernet: &supernet,
-                space: space.as_ref(),
-                calibration: sub.train.take(o.calibration_images.min(train_n)),
-                eval: sub.test.clone(),
-                normalize: sub.normalize.clone(),
-                supernet_key: json!({
-                    "data": sub.train.fingerprint(),
-                    "recipe": format!("{cfg:?}"),
-                }),
-                teacher,
-            };
-            &mut oneshot_reward
-        }
-    };
-    let sa = o.sa_config(inputs.train.seed);
-    let history = history_path(inputs.out);
-    let mut show = |p: NasProgress<'_>| progress(Progress::Search(p));
-    let result = match inputs.study {
-        None => sa_search(
-            space.as_ref(),
-            &limits,
-            reward,
-            &sa,
-            Some(&history),
-            &mut show,
-        )?,
-        Some((store, opts)) if method == Method::Train => {
-            let r = sa_worker(space.as_ref(), &limits, reward, &sa, store, opts, &mut show)?;
-            // The study's history, as a search on one machine writes it.
-            r.history.save(&history)?;
-            r
-        }
-        Some(_) => {
-            return Err(bad(
-                "a shared study scores candidates by training them".into()
-            ))
-        }
-    };
-    let seconds = started.elapsed().as_secs_f64();
-    let limit = o.max_latency_ms.or(max_macs.map(|m| m as f64 / 1e6));
+    Ok(Plan {
+        space,
+        data: sub,
+        max_macs,
+    })
+}
+
+/// The plots and results.md in the output folder, and the search's summary.
+fn write_results(
+    method: Method,
+    o: &NasOptions,
+    plan: &Plan,
+    inputs: &Inputs<'_>,
+    result: &SaResult,
+    metric: &'static str,
+    seconds: f64,
+) -> Result<NasReport> {
+    let limit = o.max_latency_ms.or(plan.max_macs.map(|m| m as f64 / 1e6));
     let (over_time, vs_cost) = plots(&result.candidates, limit);
     let cost_plot = if inputs.cost.is_some() {
         "reward-latency.svg"
     } else {
         "reward-macs.svg"
     };
-    let metric = if teacher.is_some() {
-        "agreement"
-    } else {
-        "top-1"
-    };
     slim_core::io::write_atomic(&inputs.out.join("reward.svg"), over_time.as_bytes())?;
     slim_core::io::write_atomic(&inputs.out.join(cost_plot), vs_cost.as_bytes())?;
-    let markdown = results_markdown(space.as_ref(), &result, seconds, metric);
+    let markdown = results_markdown(plan.space.as_ref(), result, seconds, metric);
     slim_core::io::write_atomic(&inputs.out.join("results.md"), markdown.as_bytes())?;
     let evaluated = result
         .candidates
@@ -484,22 +514,21 @@ pub fn run(
         .filter(|c| c.status == "evaluated")
         .count();
     let best = &result.best;
-    let report = NasReport {
-        kind,
+    Ok(NasReport {
+        kind: method.kind(),
         space: o.space.clone(),
         metric,
         arch: best.arch.clone(),
         tokens: best.tokens.clone(),
         reward: best.reward.unwrap_or(f64::NAN),
-        macs_limit: max_macs,
+        macs_limit: plan.max_macs,
         latency_ms: best.measure.latency_ms,
         evaluated,
         rejected: result.candidates.len() - evaluated,
         seconds,
         cost_plot,
         markdown,
-    };
-    Ok((Outcome { space, result }, report))
+    })
 }
 
 /// The number of classes a teacher scores: candidates without labels reproduce its scores.
