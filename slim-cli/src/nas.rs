@@ -5,15 +5,14 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use slim_core::data::DEFAULT_SPEC;
-use slim_core::search::{CostModel, History};
+use slim_core::search::CostModel;
 use slim_core::study::{StudyStore, WorkerOptions};
 use slim_core::train::{CheckpointEvery, TrainConfig};
-use slim_core::zoo::ZooConfig;
 use slim_core::Model;
 use slim_latency::{LatencyCost, Runtime, Table};
 use slim_nas::oneshot::SupernetProgress;
-use slim_nas::run::{history_path, ranked, Inputs, Method, NasOptions, Progress};
-use slim_nas::{candidates, NasProgress, Spaces};
+use slim_nas::run::{Inputs, Method, NasOptions, Progress, SearchFolder};
+use slim_nas::NasProgress;
 
 use crate::common::{Common, Recipe};
 use crate::{input_error, Failure};
@@ -459,46 +458,53 @@ impl Shown {
     }
 }
 
+/// A one-shot search's candidate with the weights it was scored with (its slices of the
+/// supernet, batch norms recomputed on --calibration-images of --data), and what to say of it.
+fn inherited_model(
+    a: &ExportArgs,
+    folder: &SearchFolder,
+    tokens: &[usize],
+    device: &candle_core::Device,
+) -> Result<(Model, serde_json::Value), Failure> {
+    let file = a.dir.join("supernet.safetensors");
+    if !file.is_file() {
+        return Err(input_error(format!(
+            "--inherit: {} holds no supernet ({} is missing); only one-shot searches have one",
+            a.dir.display(),
+            file.display()
+        )));
+    }
+    if a.calibration_images == 0 {
+        return Err(input_error("--calibration-images must be at least 1"));
+    }
+    let supernet = crate::common::load_model(&file, device, &a.common.load)?;
+    let mut model = slim_nas::oneshot::inherit(&supernet, folder.space.as_ref(), tokens)?;
+    let data = crate::common::load_data(&a.data, None, Some(folder.input))?;
+    let calibration = data.train.take(a.calibration_images);
+    slim_core::train::recalibrate_batch_norm(&model, &calibration, &data.normalize, 64)?;
+    // The search's own calibration images, when they are these, make the model the one it
+    // scored.
+    let same = folder.key["reward"]["calibration"].as_str() == Some(&calibration.fingerprint());
+    // Without labels there is no top-1 to measure.
+    let test_top1 = match data.test.is_labeled() {
+        true => Some(slim_core::train::evaluate(&model, &data.test, &data.normalize, 256)?.top1),
+        false => None,
+    };
+    model.provenance.insert("data".into(), a.data.clone());
+    Ok((
+        model,
+        json!({"same_calibration": same, "test_top1": test_top1}),
+    ))
+}
+
 fn run_export(a: ExportArgs) -> Result<(), Failure> {
     crate::common::check_out_dir("--out", &a.out)?;
     if a.rank == 0 {
         return Err(input_error("--rank starts at 1 (the best candidate)"));
     }
-    let path = history_path(&a.dir);
-    if !path.exists() {
-        return Err(input_error(format!(
-            "{} has no search history ({} is missing)",
-            a.dir.display(),
-            path.display()
-        )));
-    }
-    let history = History::load(&path)?;
-    let key = &history.search;
-    let bad = |what: &str| {
-        input_error(format!(
-            "{}: not an architecture search's history ({what})",
-            path.display()
-        ))
-    };
-    if key["kind"] != "nas.sa" {
-        return Err(bad("no `kind: nas.sa`"));
-    }
-    let name = key["space"].as_str().ok_or_else(|| bad("no space"))?;
-    let sc = &key["space_config"];
-    let width = sc["width"].as_f64().ok_or_else(|| bad("no width"))?;
-    let input: [usize; 3] =
-        serde_json::from_value(sc["input"].clone()).map_err(|_| bad("no input shape"))?;
-    slim_core::graph::check_shape(&input).map_err(|e| bad(&format!("input: {e}")))?;
-    let classes = sc["classes"]
-        .as_u64()
-        .filter(|&c| c > 0 && c <= slim_core::graph::MAX_DIM as u64)
-        .ok_or_else(|| bad("no possible number of classes"))? as usize;
-    let zcfg = ZooConfig::new(input)
-        .with_width(width)
-        .with_classes(classes);
-    let space = Spaces::builtin().build(name, &zcfg)?;
-    let all = candidates(&history)?;
-    let ranked = ranked(&all);
+    let folder = SearchFolder::open(&a.dir)?;
+    let (name, width, input, key) = (&folder.name, folder.width, folder.input, &folder.key);
+    let ranked = folder.ranked();
     let c = a
         .rank
         .checked_sub(1)
@@ -511,40 +517,12 @@ fn run_export(a: ExportArgs) -> Result<(), Failure> {
             ))
         })?;
     let device = a.common.device()?;
-    let mut inherited = None;
-    let mut model = if a.inherit {
-        let file = a.dir.join("supernet.safetensors");
-        if !file.is_file() {
-            return Err(input_error(format!(
-                "--inherit: {} holds no supernet ({} is missing); only one-shot searches \
-                 have one",
-                a.dir.display(),
-                file.display()
-            )));
-        }
-        if a.calibration_images == 0 {
-            return Err(input_error("--calibration-images must be at least 1"));
-        }
-        let supernet = crate::common::load_model(&file, &device, &a.common.load)?;
-        let mut model = slim_nas::oneshot::inherit(&supernet, space.as_ref(), &c.tokens)?;
-        let data = crate::common::load_data(&a.data, None, Some(input))?;
-        let calibration = data.train.take(a.calibration_images);
-        slim_core::train::recalibrate_batch_norm(&model, &calibration, &data.normalize, 64)?;
-        // The search's own calibration images, when they are these, make the model the one
-        // it scored.
-        let same = key["reward"]["calibration"].as_str() == Some(&calibration.fingerprint());
-        // Without labels there is no top-1 to measure.
-        let test_top1 = match data.test.is_labeled() {
-            true => {
-                Some(slim_core::train::evaluate(&model, &data.test, &data.normalize, 256)?.top1)
-            }
-            false => None,
-        };
-        model.provenance.insert("data".into(), a.data.clone());
-        inherited = Some(json!({"same_calibration": same, "test_top1": test_top1}));
-        model
+    let (mut model, inherited) = if a.inherit {
+        let (m, i) = inherited_model(&a, &folder, &c.tokens, &device)?;
+        (m, Some(i))
     } else {
-        Model::init(space.graph(&c.tokens)?, a.seed, &device)?
+        let fresh = Model::init(folder.space.graph(&c.tokens)?, a.seed, &device)?;
+        (fresh, None)
     };
     for (k, v) in [
         ("nas_space", name.to_string()),

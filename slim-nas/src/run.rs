@@ -531,6 +531,71 @@ fn write_results(
     })
 }
 
+/// A finished search's folder, read back: the space as the search built it, and every
+/// candidate of its history (what `slim nas export` picks from).
+pub struct SearchFolder {
+    pub space: Box<dyn SearchSpace>,
+    /// The space's name, and the width and input shape it was built for.
+    pub name: String,
+    pub width: f64,
+    pub input: [usize; 3],
+    pub candidates: Vec<Candidate>,
+    /// The search's key in its history (space, limits, reward).
+    pub key: serde_json::Value,
+}
+
+impl SearchFolder {
+    /// Reads `dir`'s history; a folder without one, or with another kind of history, is
+    /// refused naming the file.
+    pub fn open(dir: &Path) -> Result<SearchFolder> {
+        let path = history_path(dir);
+        if !path.exists() {
+            return Err(NasError::Invalid(format!(
+                "{} has no search history ({} is missing)",
+                dir.display(),
+                path.display()
+            )));
+        }
+        let history = slim_core::search::History::load(&path)?;
+        let key = history.search.clone();
+        let bad = |what: &str| {
+            NasError::Invalid(format!(
+                "{}: not an architecture search's history ({what})",
+                path.display()
+            ))
+        };
+        if key["kind"] != "nas.sa" {
+            return Err(bad("no `kind: nas.sa`"));
+        }
+        let name = key["space"].as_str().ok_or_else(|| bad("no space"))?;
+        let sc = &key["space_config"];
+        let width = sc["width"].as_f64().ok_or_else(|| bad("no width"))?;
+        let input: [usize; 3] =
+            serde_json::from_value(sc["input"].clone()).map_err(|_| bad("no input shape"))?;
+        slim_core::graph::check_shape(&input).map_err(|e| bad(&format!("input: {e}")))?;
+        let classes = sc["classes"]
+            .as_u64()
+            .filter(|&c| c > 0 && c <= slim_core::graph::MAX_DIM as u64)
+            .ok_or_else(|| bad("no possible number of classes"))? as usize;
+        let zcfg = ZooConfig::new(input)
+            .with_width(width)
+            .with_classes(classes);
+        Ok(SearchFolder {
+            space: Spaces::builtin().build(name, &zcfg)?,
+            name: name.to_string(),
+            width,
+            input,
+            candidates: crate::sa::candidates(&history)?,
+            key,
+        })
+    }
+
+    /// Evaluated candidates, best first, each architecture once.
+    pub fn ranked(&self) -> Vec<&Candidate> {
+        ranked(&self.candidates)
+    }
+}
+
 /// The number of classes a teacher scores: candidates without labels reproduce its scores.
 pub fn teacher_classes(teacher: &Model) -> Result<usize> {
     match teacher.graph.node(teacher.graph.outputs()[0]).shape[..] {
