@@ -25,7 +25,6 @@ mod distill;
 mod info;
 mod latency;
 mod nas;
-mod npy;
 mod onnx;
 mod output;
 mod prune;

@@ -15,9 +15,9 @@ use slim_core::{ForwardOptions, Mode};
 use slim_quant::runtime::Int8Kernels;
 
 use crate::common::{load_model, Common};
-use crate::npy;
 use crate::output::table;
 use crate::{input_error, Failure};
+use slim_core::npy;
 
 #[derive(Args)]
 pub struct RunArgs {

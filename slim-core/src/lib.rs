@@ -8,7 +8,8 @@
 //!   fluent [`GraphBuilder`];
 //! - [`params`]: parameters as candle `Var`s under stable dotted names;
 //! - [`exec`]: forward in train or eval mode, with taps and observers;
-//! - [`io`]: one `.safetensors` file per model, written atomically;
+//! - [`io`]: one `.safetensors` file per model, written atomically; [`npy`]: NumPy arrays in
+//!   and out;
 //! - [`finite`]: NaN and infinite values found in one pass and named, so that files,
 //!   imports and calibration refuse them;
 //! - [`analysis`]: multiply-accumulates, parameters and bytes per layer;
@@ -54,6 +55,7 @@ pub mod graph;
 pub mod hash;
 pub mod io;
 pub mod model;
+pub mod npy;
 pub mod params;
 pub mod pipeline;
 pub mod plot;

@@ -1,4 +1,4 @@
-//! NumPy `.npy` files, as much of the format as `slim run` needs: reading C-order arrays of
+//! NumPy `.npy` files, as much of the format as feeding models and keeping their outputs needs: reading C-order arrays of
 //! float32, float64, int64 or uint8 (little-endian) into f32, and writing f32 arrays.
 //!
 //! A file is the magic `\x93NUMPY`, a format version (1.0 with a 2-byte header length; 2.0
@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use crate::{input_error, Failure};
+use crate::error::{CoreError, Result};
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 
@@ -21,10 +21,13 @@ pub struct Array {
 }
 
 /// Reads a `.npy` file into f32; every error names the file and is an input error.
-pub fn read(path: &Path) -> Result<Array, Failure> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| input_error(format!("{}: cannot read it: {e}", path.display())))?;
-    parse(&bytes).map_err(|m| input_error(format!("{}: {m}", path.display())))
+pub fn read(path: &Path) -> Result<Array> {
+    let file = |msg: String| CoreError::File {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let bytes = std::fs::read(path).map_err(|e| file(format!("cannot read it: {e}")))?;
+    parse(&bytes).map_err(file)
 }
 
 /// The element types read, with their size in bytes.
