@@ -55,7 +55,7 @@ pub const OP_TABLE: [(&str, &str); 53] = [
     ("Constant", "folded"),
     ("ConstantOfShape", "folded (the weights of the model zoo's light networks)"),
     ("Shape", "folded, with Gather, Slice, Concat, Unsqueeze and arithmetic on it"),
-    ("Gather", "on constants (shape arithmetic)"),
+    ("Gather", "on constants (shape arithmetic), and on data with constant indices along a per-sample axis (a class token: slices, concatenated)"),
 ];
 
 const fn names<const N: usize>(table: [(&'static str, &'static str); N]) -> [&'static str; N] {

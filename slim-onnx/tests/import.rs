@@ -271,3 +271,55 @@ fn exporter_style_graph_folds_and_matches_onnx_runtime() {
     let y = pruned.forward(&x, Mode::Eval).expect("pruned forward");
     assert_eq!(y.dims(), [2, 10]);
 }
+
+/// Gather on data with constant indices picks positions of a per-sample axis, in the order
+/// given, repeats included; an index outside the axis is refused naming the node.
+#[test]
+fn gather_on_data_picks_the_indexed_positions() {
+    use slim_onnx::proto::{GraphProto, ModelProto, NodeProto};
+    let bytes = std::fs::read(fixture("mnist-conv/model.onnx")).expect("fixture");
+    let picked = |indices: &[i64]| {
+        let mut m = ModelProto::decode(bytes.as_slice()).expect("decode");
+        let g: &mut GraphProto = m.graph.as_mut().expect("graph");
+        g.initializer.push(TensorProto {
+            name: "picks".into(),
+            dims: vec![indices.len() as i64],
+            data_type: 7,
+            int64_data: indices.to_vec(),
+            ..Default::default()
+        });
+        g.node.push(NodeProto {
+            name: "pick".into(),
+            op_type: "Gather".into(),
+            input: vec!["Plus214_Output_0".into(), "picks".into()],
+            output: vec!["picked".into()],
+            attribute: vec![slim_onnx::proto::AttributeProto {
+                name: "axis".into(),
+                r#type: 2,
+                i: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        g.output[0].name = "picked".into();
+        import(&m.encode_to_vec(), &raw_pixels())
+    };
+    let original = import_file(&fixture("mnist-conv/model.onnx"), &raw_pixels()).expect("import");
+    let x = Tensor::rand(0f32, 255f32, (3, 1, 28, 28), &Device::Cpu).expect("x");
+    let all = original.forward(&x, Mode::Eval).expect("forward");
+    let all: Vec<Vec<f32>> = all.to_vec2().expect("scores");
+    let m = picked(&[7, 2, 2, -1, 0]).expect("gather");
+    let got: Vec<Vec<f32>> = m
+        .forward(&x, Mode::Eval)
+        .expect("forward")
+        .to_vec2()
+        .expect("v");
+    for (row, want) in got.iter().zip(&all) {
+        let expect = [want[7], want[2], want[2], want[9], want[0]];
+        assert_eq!(row.as_slice(), expect.as_slice());
+    }
+    let e = picked(&[3, 10])
+        .expect_err("index 10 of 10 classes")
+        .to_string();
+    assert!(e.contains("pick") && e.contains("index 10"), "{e}");
+}

@@ -48,6 +48,7 @@ fn expected(case: &str) -> (&'static [&'static str], &'static [&'static str]) {
             &["sqrt", "erf", "constbinary"],
         ),
         "segmenter" => (&["resize", "convtranspose2d", "concat", "softmax"], &[]),
+        "gather_token" => (&["slice", "concatat"], &[]),
         _ => (&[], &[]),
     }
 }

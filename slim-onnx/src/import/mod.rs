@@ -1169,10 +1169,7 @@ impl Builder {
             "ConvTranspose" => self.conv_transpose(n, &a),
             "QuantizeLinear" => self.quantize_linear(n, &a, &base),
             "DequantizeLinear" => self.dequantize_linear(n, &a),
-            "Gather" => err(format!(
-                "{} on data (not constants) is not supported",
-                n.op_type
-            )),
+            "Gather" => self.gather(n, &a, &base),
             other => err(format!("{other} is not supported")),
         }
     }

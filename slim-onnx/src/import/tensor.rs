@@ -221,3 +221,92 @@ impl Builder {
         self.bind(n, r)
     }
 }
+
+impl Builder {
+    /// Gather on data with constant indices along a per-sample axis (a transformer's class
+    /// token, `x[:, 0]`): a slice of the axis for each run of evenly stepped indices, the runs
+    /// concatenated, then reshaped so that the indices' shape takes the axis's place.
+    pub(super) fn gather(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        let axis = self.sample_axis(a.int("axis").unwrap_or(0), rank)?;
+        let indices = self.konst(n, 1)?;
+        let len = x.onnx[axis];
+        let picks = indices
+            .ints()
+            .iter()
+            .map(|&i| {
+                let j = if i < 0 { i + len as i64 } else { i };
+                usize::try_from(j)
+                    .ok()
+                    .filter(|&j| j < len)
+                    .ok_or_else(|| OnnxError::Model(format!("index {i} of an axis of {len}")))
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        if picks.is_empty() {
+            return err("Gather of no indices");
+        }
+        let mut shape: Vec<usize> = x.onnx[..axis].to_vec();
+        shape.extend(&indices.dims);
+        shape.extend(&x.onnx[axis + 1..]);
+        if shape.is_empty() {
+            return err("Gather leaves one number per sample; Slim keeps at least one axis");
+        }
+        let cur = self.materialize(&x)?;
+        let stem = sanitize(&display_name(n));
+        let mut parts = Vec::new();
+        for (start, count, step) in runs(&picks) {
+            let op = Op::Slice {
+                axis,
+                start,
+                end: start + (count - 1) * step + 1,
+                step,
+            };
+            if (start, count, step) == (0, len, 1) {
+                parts.push(cur.clone());
+                continue;
+            }
+            let name = self.fresh_name(&stem, "slice");
+            self.push(&name, op, &[&cur], BTreeMap::new())?;
+            parts.push(name);
+        }
+        let mut out = parts[0].clone();
+        if parts.len() > 1 {
+            let names: Vec<&str> = parts.iter().map(String::as_str).collect();
+            out = self.fresh_name(base, "concat");
+            self.push(&out, Op::ConcatAt { axis }, &names, BTreeMap::new())?;
+        }
+        let mut gathered = x.onnx.clone();
+        gathered[axis] = picks.len();
+        if gathered != shape {
+            let name = self.fresh_name(base, "reshape");
+            let op = Op::Reshape {
+                shape: shape.clone(),
+            };
+            self.push(&name, op, &[&out], BTreeMap::new())?;
+            out = name;
+        }
+        self.bind(n, NodeRef::plain(out, &shape))
+    }
+}
+
+/// Indices as runs `(start, count, step)` of evenly stepped, increasing positions.
+fn runs(picks: &[usize]) -> Vec<(usize, usize, usize)> {
+    let mut out: Vec<(usize, usize, usize)> = Vec::new();
+    for &p in picks {
+        if let Some((start, count, step)) = out.last_mut() {
+            let last = *start + (*count - 1) * *step;
+            if *count == 1 && p > last {
+                *step = p - last;
+                *count = 2;
+                continue;
+            }
+            if *count > 1 && p > last && p - last == *step {
+                *count += 1;
+                continue;
+            }
+        }
+        out.push((p, 1, 1));
+    }
+    out
+}

@@ -433,6 +433,22 @@ def resize_sizes_from_shape(g):
     g.output(g.conv(r, C, C))
 
 
+def gather_token(g):
+    """A transformer's class token, `tokens[:, 0]` (Gather on data with a scalar index), and
+    two picked tokens (a 1-d index list), each into a Gemm."""
+    y = g.conv("x", C, C)
+    tokens = g.op("Transpose", [g.op("Reshape", [y, g.ints("shape", [0, C, -1])])],
+                  perm=[0, 2, 1])
+    first = g.op("Gather", [tokens, g.ints("index", 0)], axis=1)
+    picked = g.op("Gather", [tokens, g.ints("picks", [3, 1, 2])], axis=1)
+    flat = g.op("Flatten", [picked], axis=1)
+    w1 = g.init("w", g.rng.normal(0.0, 0.3, (4, C)))
+    w2 = g.init("w", g.rng.normal(0.0, 0.3, (4, 3 * C)))
+    a = g.op("Gemm", [first, w1], transB=1)
+    b = g.op("Gemm", [flat, w2], transB=1)
+    g.output(g.op("Add", [a, b]))
+
+
 def resize_linear_half_pixel(g):
     y = g.conv("x", C, C)
     r = resize(g, y, scales=[1, 1, 2, 2], mode="linear",
@@ -680,6 +696,7 @@ CASES = {
     "resize_nearest_x2": (resize_nearest_x2, SMALL, 13),
     "resize_nearest_sizes": (resize_nearest_sizes, SMALL, 13),
     "resize_sizes_from_shape": (resize_sizes_from_shape, SMALL, 11),
+    "gather_token": (gather_token, SMALL, 13),
     "resize_linear_half_pixel": (resize_linear_half_pixel, SMALL, 13),
     "resize_linear_align_corners": (resize_linear_align_corners, SMALL, 13),
     "resize_linear_pytorch_half_pixel": (resize_linear_pytorch_half_pixel, SMALL, 13),
