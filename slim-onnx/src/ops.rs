@@ -37,7 +37,7 @@ pub const OP_TABLE: [(&str, &str); 53] = [
     ("ReduceMax", "any axes but the batch"),
     ("ReduceSum", "any axes but the batch"),
     ("LRN", "local response normalization across channels"),
-    ("LayerNormalization", "over the axes from `axis` on, with scale and bias; its mean and deviation outputs unused"),
+    ("LayerNormalization", "over the axes from `axis` on, with scale and bias; its mean and inverse deviation outputs computed beside it when used"),
     ("Softmax", "any axis but the batch (before opset 13: the channels of a pooled value, or the last axis)"),
     ("Pad", "height and width; constant, edge or reflect; zeros before a convolution join its padding"),
     ("Resize", "height and width, nearest (every nearest_mode), linear or cubic (any cubic_coeff_a, exclude_outside), half_pixel, half_pixel_symmetric, pytorch_half_pixel, align_corners or asymmetric coordinates; scales, or sizes with any keep_aspect_ratio_policy; not antialias or tf_crop_and_resize"),

@@ -54,15 +54,6 @@ impl Builder {
     }
 
     pub(super) fn layer_norm(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
-        if n.output.len() > 1
-            && n.output[1..]
-                .iter()
-                .any(|o| self.uses.get(o).copied().unwrap_or(0) > 0)
-        {
-            return err(
-                "its mean or inverse deviation output is used, which Slim does not compute",
-            );
-        }
         let x = self.node_in(n, 0)?;
         let rank = x.onnx.len() as i64 + 1;
         let from = self.sample_axis(a.int("axis").unwrap_or(-1), rank)?;
@@ -100,7 +91,74 @@ impl Builder {
             eps,
         };
         let out = self.push(&name, op, &[&node], p)?;
-        self.bind(n, NodeRef::plain(name, &out))
+        self.bind(n, NodeRef::plain(name, &out))?;
+        let used = |k: usize| {
+            n.output
+                .get(k)
+                .is_some_and(|o| self.uses.get(o).copied().unwrap_or(0) > 0)
+        };
+        if used(1) || used(2) {
+            self.layer_norm_statistics(n, &x, &node, from, eps)?;
+        }
+        Ok(())
+    }
+
+    /// LayerNormalization's second and third outputs, the mean and the inverse standard
+    /// deviation over the normalized axes (kept as ones), computed beside the layer norm:
+    /// `mean(x)` and `1 / sqrt(mean((x - mean(x))²) + eps)`.
+    fn layer_norm_statistics(
+        &mut self,
+        n: &NodeProto,
+        x: &NodeRef,
+        node: &str,
+        from: usize,
+        eps: f64,
+    ) -> Result<()> {
+        let base = sanitize(&display_name(n));
+        let axes: Vec<usize> = (from..x.onnx.len()).collect();
+        let mut onnx = x.onnx.clone();
+        onnx[from..].fill(1);
+        let step = |this: &mut Self, what: &str, op: Op, inputs: &[&str], p| {
+            let name = this.fresh_name(&format!("{base}.{what}"), what);
+            this.push(&name, op, inputs, p).map(|_| name)
+        };
+        let mean_op = |axes: &Vec<usize>| Op::Reduce {
+            kind: ReduceKind::Mean,
+            axes: axes.clone(),
+            keep: true,
+        };
+        let mean = step(self, "mean", mean_op(&axes), &[node], BTreeMap::new())?;
+        let d = step(
+            self,
+            "centered",
+            Op::Binary(BinaryKind::Sub),
+            &[node, &mean],
+            BTreeMap::new(),
+        )?;
+        let sq = step(
+            self,
+            "squared",
+            Op::Binary(BinaryKind::Mul),
+            &[&d, &d],
+            BTreeMap::new(),
+        )?;
+        let var = step(self, "variance", mean_op(&axes), &[&sq], BTreeMap::new())?;
+        let add = Op::ConstBinary {
+            kind: BinaryKind::Add,
+            shape: vec![1],
+            reversed: false,
+        };
+        let p = BTreeMap::from([("value", Const::scalar(eps))]);
+        let ve = step(self, "plus_eps", add, &[&var], p)?;
+        let sd = step(self, "deviation", Op::Sqrt, &[&ve], BTreeMap::new())?;
+        let inv = step(self, "inverse", Op::Reciprocal, &[&sd], BTreeMap::new())?;
+        for (k, name) in [(1, mean), (2, inv)] {
+            if let Some(out) = n.output.get(k).filter(|o| !o.is_empty()) {
+                let r = NodeRef::plain(name, &onnx);
+                self.values.insert(out.clone(), Value::Node(r));
+            }
+        }
+        Ok(())
     }
 
     /// Binds ONNX output `k` of `n` to a slice of `x` along a per-sample axis.
