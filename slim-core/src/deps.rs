@@ -495,6 +495,16 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                 b.block_layout(&l, name, &node.op, &reason);
                 l
             }
+            // A constant's channels are its own, not its input's (which gives only the batch
+            // size): a fresh, blocked layout.
+            Op::Constant { .. } => {
+                let reason = "Slim does not yet prune the channels of a constant".to_string();
+                let len = node.shape.first().copied().unwrap_or(1);
+                let l = b.produce(len, name, &[]);
+                b.spaces[l.segs[0].0].producers.clear();
+                b.block_layout(&l, name, &node.op, &reason);
+                l
+            }
             Op::ConvTranspose2d(c) if c.groups == 1 => {
                 // The weight is [in, out, kh, kw]: input channels on axis 0, outputs on 1.
                 let input = ins[0].clone();

@@ -1079,6 +1079,12 @@ impl Model {
             Op::Resize(r) => resize(x, r)?,
             Op::ChannelShuffle { groups } => channel_shuffle(x, *groups)?,
             Op::Identity => x.clone(),
+            Op::Constant { shape } => {
+                let c = self.param(node, "value", mode, src)?;
+                let mut dims = vec![x.dim(0)?];
+                dims.extend(shape);
+                c.unsqueeze(0)?.broadcast_as(dims)?.contiguous()?
+            }
             Op::FakeQuant(q) => self.fake_quant(node, q, x, mode)?,
         })
     }

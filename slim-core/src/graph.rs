@@ -452,6 +452,12 @@ pub enum Op {
         groups: usize,
     },
     Identity,
+    /// A constant of per-sample `shape` (its parameter `value`), the same for every sample:
+    /// its one input gives only the batch size (an imported model's constant fed to a
+    /// Concat or a MatMul, or expanded over the batch: a transformer's class token).
+    Constant {
+        shape: Vec<usize>,
+    },
     /// Simulated symmetric quantization of the values that pass through (see
     /// [`FakeQuantSpec`]); its one parameter is the buffer `scale` (shape `[1]`).
     FakeQuant(FakeQuantSpec),
@@ -549,6 +555,7 @@ impl Op {
             Op::Resize(_) => "resize",
             Op::ChannelShuffle { .. } => "channelshuffle",
             Op::Identity => "identity",
+            Op::Constant { .. } => "constant",
             Op::FakeQuant(_) => "fakequant",
         }
     }
@@ -585,7 +592,9 @@ impl Op {
                 spec("weight", shape.clone(), ParamKind::Weight),
                 spec("bias", shape.clone(), ParamKind::Bias),
             ],
-            Op::ConstBinary { shape, .. } => vec![spec("value", shape.clone(), ParamKind::Buffer)],
+            Op::ConstBinary { shape, .. } | Op::Constant { shape } => {
+                vec![spec("value", shape.clone(), ParamKind::Buffer)]
+            }
             Op::ChannelAffine { channels } => vec![
                 spec("weight", vec![*channels], ParamKind::Weight),
                 spec("bias", vec![*channels], ParamKind::Bias),
@@ -619,7 +628,7 @@ impl Op {
                 ("in_features", l.in_features),
                 ("out_features", l.out_features),
             ],
-            Op::Reshape { shape } | Op::ConstBinary { shape, .. } => {
+            Op::Reshape { shape } | Op::ConstBinary { shape, .. } | Op::Constant { shape } => {
                 shape.iter().map(|&d| ("dimension", d)).collect()
             }
             Op::Slice {
@@ -917,6 +926,13 @@ impl Op {
             Op::Sqrt | Op::Reciprocal => {
                 arity(1)?;
                 Ok(inputs[0].to_vec())
+            }
+            Op::Constant { shape } => {
+                arity(1)?;
+                if shape.is_empty() || shape.contains(&0) {
+                    return Err(format!("a constant of shape {shape:?}"));
+                }
+                Ok(shape.clone())
             }
             Op::Reshape { shape } => {
                 arity(1)?;

@@ -1955,3 +1955,46 @@ fn prelu_gradient_at_zero_lies_between_its_one_sided_slopes() {
         }
     }
 }
+
+/// A constant node gives its value to every sample of any batch, whatever its input holds
+/// (which gives only the batch size), concatenates with data like data, keeps its value
+/// through a model file, blocks only its own channel groups, and is refused empty.
+#[test]
+fn a_constant_is_the_same_for_every_sample() {
+    let mut b = GraphBuilder::new([3, 4]);
+    b.add_node("token", Op::Constant { shape: vec![1, 4] }, &["input"])
+        .add_node("joined", Op::ConcatAt { axis: 0 }, &["token", "input"]);
+    let m = Model::init(b.build().expect("graph"), 0, &Device::Cpu).expect("init");
+    let value: Vec<f32> = vec![0.5, -1.0, 2.0, 0.25];
+    let t = Tensor::from_vec(value.clone(), (1, 4), &Device::Cpu).expect("t");
+    m.params.set("token.value", &t).expect("set");
+    let x = Tensor::rand(-1f32, 1f32, (5, 3, 4), &Device::Cpu).expect("x");
+    for mode in [Mode::Eval, Mode::Train] {
+        let y = m.forward(&x, mode).expect("forward");
+        assert_eq!(y.dims(), [5, 4, 4]);
+        let rows: Vec<Vec<Vec<f32>>> = y.to_vec3().expect("rows");
+        let xs: Vec<Vec<Vec<f32>>> = x.to_vec3().expect("x");
+        for (r, xr) in rows.iter().zip(&xs) {
+            assert_eq!(r[0], value);
+            assert_eq!(&r[1..], xr.as_slice());
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("c.safetensors");
+    m.save(&file).expect("save");
+    let back = Model::load(&file, &Device::Cpu).expect("load");
+    let again: Vec<f32> = back
+        .params
+        .tensor("token.value")
+        .expect("value")
+        .flatten_all()
+        .expect("f")
+        .to_vec1()
+        .expect("v");
+    assert_eq!(again, value);
+    assert!(channel_groups(&m.graph).prunable().next().is_none());
+    let mut bad = GraphBuilder::new([3, 4]);
+    bad.add_node("token", Op::Constant { shape: vec![0, 4] }, &["input"]);
+    let e = bad.build().expect_err("empty").to_string();
+    assert!(e.contains("token") && e.contains("[0, 4]"), "{e}");
+}

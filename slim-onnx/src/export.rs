@@ -662,6 +662,21 @@ impl Writer<'_> {
                 self.op("Dropout", out, &[x[0], &ratio], out, vec![]);
             }
             Op::Identity => self.op("Identity", out, &x, out, vec![]),
+            Op::Constant { shape } => {
+                // The value expanded to [N, ...shape], N read from the input's shape.
+                let value = self.param(node, "value")?;
+                let names = ["shape", "starts", "ends", "batch", "dims", "sizes"]
+                    .map(|s| format!("{out}_{s}"));
+                let [full, starts, ends, batch, dims, sizes] = &names;
+                self.graph.initializer.push(i64_tensor(starts, &[0]));
+                self.graph.initializer.push(i64_tensor(ends, &[1]));
+                let per_sample: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                self.graph.initializer.push(i64_tensor(dims, &per_sample));
+                self.op("Shape", full, &[x[0]], full, vec![]);
+                self.op("Slice", batch, &[full, starts, ends], batch, vec![]);
+                self.op("Concat", sizes, &[batch, dims], sizes, vec![int("axis", 0)]);
+                self.op("Expand", out, &[&value, sizes], out, vec![]);
+            }
             Op::Lrn(l) => self.op(
                 "LRN",
                 out,

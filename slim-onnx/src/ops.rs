@@ -2,12 +2,12 @@
 //! page equal to it) and behind [`SUPPORTED_OPS`].
 
 /// `(ONNX op, what Slim makes of it and its limits)`, in the order of the docs' table.
-pub const OP_TABLE: [(&str, &str); 53] = [
+pub const OP_TABLE: [(&str, &str); 54] = [
     ("Conv", "2-D convolution (grouped, depthwise, dilated); one stride and dilation for both axes; padding on one side beyond the others becomes a Pad node; a 1x1 convolution on a pooled vector becomes a linear layer"),
     ("ConvTranspose", "2-D transposed convolution (groups, dilation, output_padding, output_shape); equal padding on every side"),
     ("BatchNormalization", "batch norm over [C, H, W] maps or [C] vectors; constant scale and shift after it are folded in"),
     ("Gemm", "linear layer (alpha, beta, transB); transA refused"),
-    ("MatMul", "by a constant matrix: a linear layer (vectors) or a dense layer over the last axis (tokens); of two data values: a batched product"),
+    ("MatMul", "by a constant matrix: a linear layer (vectors) or a dense layer over the last axis (tokens); by constant batched matrices, or of two data values: a batched product"),
     ("Relu", "ReLU"),
     ("Clip", "ReLU, ReLU6 or a clamp; min/max as attributes (opset < 11) or constant inputs"),
     ("LeakyRelu", "leaky ReLU"),
@@ -27,7 +27,7 @@ pub const OP_TABLE: [(&str, &str); 53] = [
     ("Sqrt", "square root"),
     ("Reciprocal", "1/x"),
     ("Sum", "n-ary sum of data of one shape"),
-    ("Concat", "channels, or any axis but the batch"),
+    ("Concat", "channels, or any axis but the batch; constant inputs (one value for every sample) as constant nodes"),
     ("Split", "into slices along any axis but the batch"),
     ("Slice", "data along any axis but the batch (positive steps); constants too"),
     ("MaxPool", "square windows, padding on the leading sides at most the trailing ones, ceil_mode; no dilation, no indices output"),
@@ -55,6 +55,7 @@ pub const OP_TABLE: [(&str, &str); 53] = [
     ("Constant", "folded"),
     ("ConstantOfShape", "folded (the weights of the model zoo's light networks)"),
     ("Shape", "folded, with Gather, Slice, Concat, Unsqueeze and arithmetic on it"),
+    ("Expand", "a constant over the batch (a transformer's class token, its shape read from the input's): a constant node; data whose shape it keeps passes through"),
     ("Gather", "on constants (shape arithmetic), and on data with constant indices along a per-sample axis (a class token: slices, concatenated)"),
 ];
 

@@ -49,6 +49,7 @@ fn expected(case: &str) -> (&'static [&'static str], &'static [&'static str]) {
         ),
         "segmenter" => (&["resize", "convtranspose2d", "concat", "softmax"], &[]),
         "gather_token" => (&["slice", "concatat"], &[]),
+        "vit_front" => (&["constant", "concatat", "layernorm", "matmul"], &[]),
         _ => (&[], &[]),
     }
 }

@@ -600,6 +600,115 @@ impl Builder {
         }
     }
 
+    /// Every input of `n` as data: a constant among them becomes a constant node (see
+    /// [`Builder::constant_node`]) of the data's rank.
+    fn data_or_constants(&mut self, n: &NodeProto) -> Result<Vec<NodeRef>> {
+        let values: Vec<Value> = (0..n.input.len())
+            .map(|i| self.value(n, i).cloned())
+            .collect::<Result<_>>()?;
+        let rank = values
+            .iter()
+            .find_map(|v| match v {
+                Value::Node(r) => Some(r.onnx.len() + 1),
+                Value::Const(_) => None,
+            })
+            .ok_or_else(|| OnnxError::Model("no data input".into()))?;
+        values
+            .into_iter()
+            .map(|v| match v {
+                Value::Node(r) => Ok(r),
+                Value::Const(c) => self.constant_node(n, &c, rank),
+            })
+            .collect()
+    }
+
+    /// A constant of the file fed where data goes (a Concat's or a MatMul's input, an Expand
+    /// over the batch): a constant node of its per-sample shape, the same for every sample.
+    /// Its input is the model's input, for the batch size. A constant of the data's full
+    /// `rank` (the batch axis included) must have one in its first axis.
+    fn constant_node(&mut self, n: &NodeProto, c: &Const, rank: usize) -> Result<NodeRef> {
+        let per_sample = match c.dims.len() {
+            r if r == rank && c.dims[0] == 1 => c.dims[1..].to_vec(),
+            r if r == rank => {
+                return err(format!(
+                    "a constant of shape {:?} holds other values for each of {} samples; Slim's \
+                     constants are the same for every sample",
+                    c.dims, c.dims[0]
+                ))
+            }
+            r if r < rank => c.dims.clone(),
+            _ => {
+                return err(format!(
+                    "a constant of shape {:?} has more axes than the data",
+                    c.dims
+                ))
+            }
+        };
+        if per_sample.is_empty() {
+            return err("a constant of one number where Slim expects data");
+        }
+        let source = match self.nodes.first() {
+            Some(p) if matches!(p.op, Op::Input { .. }) => p.name.clone(),
+            _ => return err("a constant before the model's input"),
+        };
+        let name = self.fresh_name(&sanitize(&display_name(n)), "constant");
+        let value = Const {
+            dims: per_sample.clone(),
+            values: c.values.clone(),
+        };
+        let op = Op::Constant {
+            shape: per_sample.clone(),
+        };
+        let p = BTreeMap::from([("value", value)]);
+        self.push(&name, op, &[&source], p)?;
+        Ok(NodeRef::plain(name, &per_sample))
+    }
+
+    /// Expand: a constant over the batch (a class token repeated for every sample) becomes a
+    /// constant node of the broadcast shape; data whose shape the target leaves as it is
+    /// passes through.
+    fn expand(&mut self, n: &NodeProto) -> Result<()> {
+        let target = self.konst(n, 1)?.ints();
+        let input = self.value(n, 0)?.clone();
+        let dims = match &input {
+            Value::Const(c) => c.dims.clone(),
+            Value::Node(x) => std::iter::once(1).chain(x.onnx.iter().copied()).collect(),
+        };
+        // Numpy's broadcast of the input's shape and the target, aligned on the right; the
+        // target's first entry is the batch (read from the input's shape), kept as one here.
+        let rank = dims.len().max(target.len());
+        let pad = |v: &[usize], i: usize| (i + v.len()).checked_sub(rank).map_or(1, |j| v[j]);
+        let want: Vec<usize> = target.iter().map(|&t| t.max(1) as usize).collect();
+        let mut out = Vec::with_capacity(rank);
+        for i in 0..rank {
+            let (a, t) = (pad(&dims, i), pad(&want, i));
+            out.push(match (a, t) {
+                _ if i == 0 && rank == target.len() => a,
+                (a, t) if a == t || t == 1 => a,
+                (1, t) => t,
+                _ => return err(format!("shape {dims:?} does not expand to {target:?}")),
+            });
+        }
+        match input {
+            Value::Node(x) if out[1..] == x.onnx[..] => self.bind(n, x),
+            Value::Node(x) => err(format!(
+                "Expand of data of shape [N, {}] to {target:?}; Slim expands constants",
+                join(&x.onnx)
+            )),
+            Value::Const(c) => {
+                if out.first() != Some(&1) {
+                    return err(format!(
+                        "Expand of a constant of shape {dims:?} over its first axis"
+                    ));
+                }
+                let values = broadcast_values(&c, &out);
+                let full = Const { dims: out, values };
+                let r = self.constant_node(n, &full, rank)?;
+                self.bind(n, r)
+            }
+        }
+    }
+
     fn all_const(&self, n: &NodeProto) -> bool {
         n.input
             .iter()
@@ -651,8 +760,8 @@ impl Builder {
             }
         }
         // A constant that holds the batch size may only be the batch entry of a Reshape's
-        // target or of a Resize's sizes (exporters copy the input's [N, C] there): both keep
-        // the batch as it is.
+        // target, an Expand's shape or a Resize's sizes (exporters copy the input's [N, C]
+        // there): each keeps the batch as it is.
         for (i, input) in n.input.iter().enumerate() {
             let Some(flags) = self.batchy.get(input) else {
                 continue;
@@ -661,7 +770,7 @@ impl Builder {
                 .ints("axes")
                 .is_none_or(|ax| matches!(ax.first(), Some(0 | -4)));
             let keeps_batch = match (n.op_type.as_str(), i) {
-                ("Reshape", 1) => true,
+                ("Reshape", 1) | ("Expand", 1) => true,
                 ("Resize", 3) => first_axis,
                 _ => false,
             };
@@ -883,9 +992,7 @@ impl Builder {
             "Mul" => self.mul(n, &base),
             "Div" => self.div(n, &base),
             "Concat" => {
-                let xs: Vec<NodeRef> = (0..n.input.len())
-                    .map(|i| self.node_in(n, i))
-                    .collect::<Result<_>>()?;
+                let xs = self.data_or_constants(n)?;
                 let rank = xs[0].onnx.len() as i64 + 1;
                 let axis = a.int("axis").unwrap_or(1);
                 let axis = if axis < 0 { axis + rank } else { axis };
@@ -1094,11 +1201,15 @@ impl Builder {
                         let shape = self.push(&name, Op::Dense(spec), &[&node], p)?;
                         self.bind(n, NodeRef::plain(name, &shape))
                     }
-                    Value::Const(w) => err(format!(
-                        "MatMul of [N, {}] by a constant of shape {:?}; Slim multiplies by constant matrices",
-                        join(&x.onnx),
-                        w.dims
-                    )),
+                    Value::Const(w) => {
+                        // Batched matrices: a constant node, in a product of data values.
+                        let c = self.constant_node(n, &w, x.onnx.len() + 1)?;
+                        let a = self.materialize(&x)?;
+                        let name = self.fresh_name(&base, "matmul");
+                        let shape =
+                            self.push(&name, Op::MatMul, &[&a, &c.node], BTreeMap::new())?;
+                        self.bind(n, NodeRef::plain(name, &shape))
+                    }
                     Value::Node(y) => {
                         let (a, b) = (self.materialize(&x)?, self.materialize(&y)?);
                         let name = self.fresh_name(&base, "matmul");
@@ -1170,6 +1281,7 @@ impl Builder {
             "QuantizeLinear" => self.quantize_linear(n, &a, &base),
             "DequantizeLinear" => self.dequantize_linear(n, &a),
             "Gather" => self.gather(n, &a, &base),
+            "Expand" => self.expand(n),
             other => err(format!("{other} is not supported")),
         }
     }
@@ -1377,4 +1489,26 @@ impl Attrs<'_> {
     fn tensor(&self, name: &str) -> Option<&TensorProto> {
         self.get(name).and_then(|a| a.t.as_ref())
     }
+}
+
+/// The values of `c` broadcast (numpy's rules, aligned on the right) to `shape`.
+fn broadcast_values(c: &Const, shape: &[usize]) -> Vec<f64> {
+    let total: usize = shape.iter().product();
+    let offset = shape.len() - c.dims.len();
+    (0..total)
+        .map(|mut flat| {
+            let mut index = 0;
+            let mut stride = 1;
+            for (i, &len) in shape.iter().enumerate().rev() {
+                let pos = flat % len;
+                flat /= len;
+                if i >= offset {
+                    let d = c.dims[i - offset];
+                    index += if d == 1 { 0 } else { pos } * stride;
+                    stride *= d;
+                }
+            }
+            c.values[index]
+        })
+        .collect()
 }

@@ -449,6 +449,28 @@ def gather_token(g):
     g.output(g.op("Add", [a, b]))
 
 
+def vit_front(g):
+    """A vision transformer's front as PyTorch writes it: patches from a strided Conv as
+    tokens, a class token expanded over the batch (the batch read from the tokens' shape) and
+    concatenated before them, a position embedding added, a layer norm, a product by batched
+    constant matrices, and the class token read out into a Gemm."""
+    d = 8
+    y = g.conv("x", C, d, k=2, stride=2, pads=[0, 0, 0, 0])
+    t = g.op("Transpose", [g.op("Reshape", [y, g.ints("shape", [0, d, -1])])], perm=[0, 2, 1])
+    batch = g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [t]), g.ints("index", 0)], axis=0),
+                               g.ints("axes", [0])])
+    sizes = g.op("Concat", [batch, g.ints("rest", [1, d])], axis=0)
+    cls = g.op("Expand", [g.init("cls", g.rng.normal(0.0, 1.0, (1, 1, d))), sizes])
+    tokens = g.op("Concat", [cls, t], axis=1)
+    tokens = g.op("Add", [tokens, g.init("pos", g.rng.normal(0.0, 0.5, (1, 26, d)))])
+    ln = g.op("LayerNormalization", [tokens, g.init("ln_w", g.rng.normal(1.0, 0.1, d)),
+                                     g.init("ln_b", g.rng.normal(0.0, 0.1, d))], axis=-1)
+    mixed = g.op("MatMul", [ln, g.init("mix", g.rng.normal(0.0, 0.4, (1, d, d)))])
+    first = g.op("Gather", [mixed, g.ints("first", 0)], axis=1)
+    w = g.init("w", g.rng.normal(0.0, 0.3, (4, d)))
+    g.output(g.op("Gemm", [first, w], transB=1))
+
+
 def resize_linear_half_pixel(g):
     y = g.conv("x", C, C)
     r = resize(g, y, scales=[1, 1, 2, 2], mode="linear",
@@ -697,6 +719,7 @@ CASES = {
     "resize_nearest_sizes": (resize_nearest_sizes, SMALL, 13),
     "resize_sizes_from_shape": (resize_sizes_from_shape, SMALL, 11),
     "gather_token": (gather_token, SMALL, 13),
+    "vit_front": (vit_front, SMALL, 17),
     "resize_linear_half_pixel": (resize_linear_half_pixel, SMALL, 13),
     "resize_linear_align_corners": (resize_linear_align_corners, SMALL, 13),
     "resize_linear_pytorch_half_pixel": (resize_linear_pytorch_half_pixel, SMALL, 13),
