@@ -701,6 +701,19 @@ impl Builder {
                         "Expand of a constant of shape {dims:?} over its first axis"
                     ));
                 }
+                let count = slim_core::graph::elements(&out)
+                    .filter(|&n| n <= slim_core::graph::MAX_ELEMENTS)
+                    .ok_or_else(|| {
+                        OnnxError::Model(format!("Expand to {out:?} is beyond Slim's limits"))
+                    })?;
+                let left = self.generated_left.get();
+                if count > left {
+                    return err(format!(
+                        "Expand to {out:?} ({count} values) exceeds the {left} values the import \
+                         may still generate"
+                    ));
+                }
+                self.generated_left.set(left - count);
                 let values = broadcast_values(&c, &out);
                 let full = Const { dims: out, values };
                 let r = self.constant_node(n, &full, rank)?;
