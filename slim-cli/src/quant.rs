@@ -49,6 +49,14 @@ pub struct QatArgs {
     /// Calibration batches that set the first activation scales.
     #[arg(long, default_value_t = QatOptions::default().calib_batches)]
     pub calib_batches: usize,
+    /// How activation scales follow the batches while training: moving_average_abs_max (a
+    /// moving average of each batch's absolute maximum) or range_abs_max (the largest of the
+    /// last --window-size batches').
+    #[arg(long, default_value_t = QatOptions::default().activations)]
+    pub activations: String,
+    /// range_abs_max's window, in batches.
+    #[arg(long, default_value_t = QatOptions::default().window_size)]
+    pub window_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -254,6 +262,8 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
         lr: args.lr,
         optimizer: args.optimizer.clone(),
         schedule: args.schedule.clone(),
+        activations: args.activations.clone(),
+        window_size: args.window_size,
     }
     .validate()?;
     let weights = settings.weights;
@@ -269,7 +279,13 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
     let spec = crate::common::data_spec(args.data.as_deref(), &model);
     let data = crate::common::data_for(&spec, &model)?;
-    let mut q = slim_quant::qat::prepare(&model, &data.train, &data.normalize, &cfg)?;
+    let mut q = slim_quant::qat::prepare_with(
+        &model,
+        &data.train,
+        &data.normalize,
+        &cfg,
+        settings.activations,
+    )?;
     let kernels = slim_quant::qat::QatKernels { weights, bits: 8 };
     let mut bars = crate::common::EpochBars::new(args.common.quiet);
     let ckpt = crate::common::checkpoint_path(&args.out);

@@ -1099,7 +1099,12 @@ impl Model {
         let name = node.param_name("scale");
         let qmax = f64::from(q.qmax());
         let mut scale = self.params.tensor(&name)?.to_vec1::<f32>()?[0];
-        if mode == Mode::Train && q.moving_rate > 0.0 {
+        if mode == Mode::Train && q.window > 0 {
+            let batch = x.detach().abs()?.max_all()?.to_scalar::<f32>()? / q.qmax();
+            scale = self.range_abs_max(node, q.window, batch, x.device())?;
+            self.params
+                .set(&name, &Tensor::new(&[scale], x.device())?)?;
+        } else if mode == Mode::Train && q.moving_rate > 0.0 {
             let batch = x.detach().abs()?.max_all()?.to_scalar::<f32>()? / q.qmax();
             scale = if scale > 0.0 {
                 q.moving_rate * scale + (1.0 - q.moving_rate) * batch
@@ -1119,6 +1124,34 @@ impl Model {
             return fake_quantize_eval(x, scale, qmax);
         }
         fake_quantize(x, scale, qmax)
+    }
+
+    /// `range_abs_max`: this batch's scale written into the ring of the last `window`
+    /// batches' scales, and the largest of those seen so far returned.
+    fn range_abs_max(
+        &self,
+        node: &Node,
+        window: usize,
+        batch: f32,
+        device: &candle_core::Device,
+    ) -> Result<f32> {
+        let (ring, step) = (
+            node.param_name("window_max"),
+            node.param_name("window_step"),
+        );
+        let mut values = self.params.tensor(&ring)?.to_vec1::<f32>()?;
+        let seen = self.params.tensor(&step)?.to_vec1::<f32>()?[0];
+        if values.len() != window || !(seen >= 0.0 && seen.is_finite()) {
+            return Err(CoreError::param(&ring, "not a range_abs_max window"));
+        }
+        let seen = seen as usize;
+        values[seen % window] = batch;
+        let filled = (seen + 1).min(window);
+        let scale = values[..filled].iter().copied().fold(0.0f32, f32::max);
+        self.params.set(&ring, &Tensor::new(values, device)?)?;
+        self.params
+            .set(&step, &Tensor::new(&[(seen + 1) as f32], device)?)?;
+        Ok(scale)
     }
 
     /// Batch norm, followed by `clamp(·, 0, max)` when `clip` is `Some(max)`.

@@ -471,6 +471,16 @@ pub struct FakeQuantSpec {
     /// In train mode the scale follows the batches' absolute maximum as a moving average with
     /// this rate (`moving_average_abs_max`, 0.9 by default); 0 keeps the scale fixed.
     pub moving_rate: f32,
+    /// In train mode, when above 0, the scale is the largest of the last `window` batches'
+    /// absolute maxima (PaddleSlim's `range_abs_max`), kept in the buffers `window_max`
+    /// (one value per batch, a ring) and `window_step` (the batches seen); it takes the place
+    /// of `moving_rate`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub window: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl FakeQuantSpec {
@@ -577,6 +587,11 @@ impl Op {
                 vec![l.out_features, l.in_features],
                 l.bias.then_some(l.out_features),
             ),
+            Op::FakeQuant(q) if q.window > 0 => vec![
+                spec("scale", vec![1], ParamKind::Buffer),
+                spec("window_max", vec![q.window], ParamKind::Buffer),
+                spec("window_step", vec![1], ParamKind::Buffer),
+            ],
             Op::FakeQuant(_) => vec![spec("scale", vec![1], ParamKind::Buffer)],
             Op::ConvTranspose2d(c) => weight_and_bias(
                 vec![

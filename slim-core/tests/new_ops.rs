@@ -1998,3 +1998,51 @@ fn a_constant_is_the_same_for_every_sample() {
     let e = bad.build().expect_err("empty").to_string();
     assert!(e.contains("token") && e.contains("[0, 4]"), "{e}");
 }
+
+/// range_abs_max: in training a fake quantizer's scale is the largest absolute maximum of
+/// the last `window` batches (a ring in its buffers), and evaluation uses the last scale.
+#[test]
+fn range_abs_max_keeps_the_largest_of_the_last_batches() {
+    use slim_core::graph::FakeQuantSpec;
+    let spec = FakeQuantSpec {
+        bits: 8,
+        moving_rate: 0.0,
+        window: 3,
+    };
+    let mut b = GraphBuilder::new([4]);
+    b.push("q", Op::FakeQuant(spec));
+    let m = Model::init(b.build().expect("graph"), 0, &Device::Cpu).expect("init");
+    assert_eq!(m.params.tensor("q.window_max").expect("ring").dims(), [3]);
+    let qmax = 127.0f32;
+    let scale = |m: &Model| {
+        m.params
+            .tensor("q.scale")
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0]
+    };
+    let mut expected = Vec::new();
+    let maxima = [1.0f32, 4.0, 2.0, 0.5, 0.5, 0.5, 3.0];
+    for (i, &peak) in maxima.iter().enumerate() {
+        let x = Tensor::new(
+            &[[0.1f32, -peak, 0.2, 0.0], [0.0, 0.3, -0.1, 0.05]],
+            &Device::Cpu,
+        )
+        .expect("x");
+        m.forward(&x, Mode::Train).expect("train forward");
+        let last3 = &maxima[i.saturating_sub(2)..=i];
+        let want = last3.iter().copied().fold(0.0f32, f32::max) / qmax;
+        expected.push(want);
+        assert!(
+            (scale(&m) - want).abs() <= 1e-7,
+            "batch {i}: {} against {want}",
+            scale(&m)
+        );
+    }
+    // 4 at the second batch, out of the window from the fifth on.
+    assert_eq!(expected[4], 2.0 / qmax);
+    let before = scale(&m);
+    let x = Tensor::new(&[[9.0f32, 0.0, 0.0, 0.0]], &Device::Cpu).expect("x");
+    m.forward(&x, Mode::Eval).expect("eval forward");
+    assert_eq!(scale(&m), before);
+}

@@ -362,6 +362,7 @@ pub fn quantize(
         op: Op::FakeQuant(FakeQuantSpec {
             bits: cfg.bits_activations,
             moving_rate: 0.0,
+            window: 0,
         }),
         inputs: vec![input],
     };

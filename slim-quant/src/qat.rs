@@ -13,13 +13,13 @@
 use candle_core::{Tensor, D};
 use slim_core::data::{ImageSet, Normalize};
 use slim_core::exec::NodeKernels;
-use slim_core::graph::FakeQuantSpec;
+use slim_core::graph::{FakeQuantSpec, ParamKind};
 use slim_core::model::Int8Tensor;
 use slim_core::{Mode, Model, Node, Op};
 
 use crate::ptq::{quantize, PtqConfig};
 use crate::quantizer::{check_bits, qmax, quantize_param, WeightQuant};
-use crate::Result;
+use crate::{QuantError, Result};
 
 /// Fake-quantized weights for the layers that read a fake-quantization node.
 pub struct QatKernels {
@@ -100,6 +100,55 @@ pub fn prepare(
     normalize: &Normalize,
     cfg: &PtqConfig,
 ) -> Result<Model> {
+    prepare_with(model, set, normalize, cfg, ActivationScale::MovingAverage)
+}
+
+/// How the activation scales follow the batches in quantization-aware training (PaddleSlim's
+/// `activation_quantize_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivationScale {
+    /// `moving_average_abs_max`: a moving average (rate 0.9) of each batch's absolute maximum.
+    MovingAverage,
+    /// `range_abs_max`: the largest absolute maximum of the last `window` batches.
+    Range { window: usize },
+}
+
+impl ActivationScale {
+    /// `moving_average_abs_max` or `range_abs_max`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActivationScale::MovingAverage => "moving_average_abs_max",
+            ActivationScale::Range { .. } => "range_abs_max",
+        }
+    }
+
+    /// From its name and, for `range_abs_max`, the window (batches, at least 1).
+    pub fn parse(name: &str, window: usize) -> Result<Self> {
+        match name {
+            "moving_average_abs_max" => Ok(ActivationScale::MovingAverage),
+            "range_abs_max" if (1..=1 << 20).contains(&window) => {
+                Ok(ActivationScale::Range { window })
+            }
+            "range_abs_max" => Err(QuantError::Invalid(format!(
+                "window_size {window} must be between 1 and {}",
+                1 << 20
+            ))),
+            other => Err(QuantError::Invalid(format!(
+                "unknown activation quantizer `{other}` (moving_average_abs_max or \
+                 range_abs_max)"
+            ))),
+        }
+    }
+}
+
+/// [`prepare`], with the activation scales following the batches as `activations` says.
+pub fn prepare_with(
+    model: &Model,
+    set: &ImageSet,
+    normalize: &Normalize,
+    cfg: &PtqConfig,
+    activations: ActivationScale,
+) -> Result<Model> {
     check_bits(cfg.bits_weights)?;
     let (quantized, _) = quantize(model, set, normalize, cfg)?;
     // Float weights again (the folded ones), and scales that follow the batches.
@@ -108,14 +157,37 @@ pub fn prepare(
     } else {
         (model.deep_clone()?, 0)
     };
+    let window = match activations {
+        ActivationScale::MovingAverage => 0,
+        ActivationScale::Range { window } => window,
+    };
     let graph = quantized.graph.map_ops(|n| match &n.op {
         Op::FakeQuant(q) => Op::FakeQuant(FakeQuantSpec {
             bits: q.bits,
-            moving_rate: 0.9,
+            moving_rate: if window > 0 { 0.0 } else { 0.9 },
+            window,
         }),
         other => other.clone(),
     })?;
-    let mut out = Model::new(graph, quantized.params.deep_clone()?)?;
+    let mut params = quantized.params.deep_clone()?;
+    if window > 0 {
+        // The window starts with the calibrated scale as its first batch.
+        let device = model.device();
+        for n in graph
+            .nodes()
+            .iter()
+            .filter(|n| matches!(n.op, Op::FakeQuant(_)))
+        {
+            let scale = params.tensor(&n.param_name("scale"))?.to_vec1::<f32>()?[0];
+            let mut ring = vec![0f32; window];
+            ring[0] = scale;
+            let ring = Tensor::from_vec(ring, window, &device)?;
+            params.insert(n.param_name("window_max"), &ring, ParamKind::Buffer)?;
+            let step = Tensor::new(&[1f32], &device)?;
+            params.insert(n.param_name("window_step"), &step, ParamKind::Buffer)?;
+        }
+    }
+    let mut out = Model::new(graph, params)?;
     for name in quantized.int8.keys() {
         out.params.set(name, &folded.params.tensor(name)?)?;
     }
@@ -127,14 +199,29 @@ pub fn prepare(
 /// stores its quantized weights as integers.
 pub fn convert(model: &Model, weights: WeightQuant, bits: u8) -> Result<Model> {
     check_bits(bits)?;
+    let activations = match model.graph.nodes().iter().find_map(|n| match &n.op {
+        Op::FakeQuant(q) => Some(q.window),
+        _ => None,
+    }) {
+        Some(w) if w > 0 => "range_abs_max",
+        _ => "moving_average_abs_max",
+    };
     let graph = model.graph.map_ops(|n| match &n.op {
         Op::FakeQuant(q) => Op::FakeQuant(FakeQuantSpec {
             bits: q.bits,
             moving_rate: 0.0,
+            window: 0,
         }),
         other => other.clone(),
     })?;
-    let mut out = Model::new(graph, model.params.deep_clone()?)?;
+    let mut params = model.params.deep_clone()?;
+    // The windows of range_abs_max are training state, not part of the frozen model.
+    for n in model.graph.nodes() {
+        for role in ["window_max", "window_step"] {
+            params.remove(&n.param_name(role));
+        }
+    }
+    let mut out = Model::new(graph, params)?;
     out.provenance = model.provenance.clone();
     let layers: Vec<Node> = model
         .graph
@@ -158,7 +245,7 @@ pub fn convert(model: &Model, weights: WeightQuant, bits: u8) -> Result<Model> {
     }
     out.provenance.insert(
         "quantization".into(),
-        format!("qat: weights {weights} {bits}-bit, activations moving_average_abs_max 8-bit"),
+        format!("qat: weights {weights} {bits}-bit, activations {activations} 8-bit"),
     );
     Ok(out)
 }

@@ -136,6 +136,11 @@ pub struct QatOptions {
     pub optimizer: String,
     /// `constant`, `cosine` or `step:EVERY:GAMMA`.
     pub schedule: String,
+    /// How activation scales follow the batches: `moving_average_abs_max` or `range_abs_max`
+    /// (the largest absolute maximum of the last `window_size` batches).
+    pub activations: String,
+    /// `range_abs_max`'s window, in batches.
+    pub window_size: usize,
 }
 
 impl Default for QatOptions {
@@ -147,6 +152,8 @@ impl Default for QatOptions {
             lr: 0.001,
             optimizer: "sgd".into(),
             schedule: "cosine".into(),
+            activations: "moving_average_abs_max".into(),
+            window_size: 10_000,
         }
     }
 }
@@ -157,6 +164,8 @@ pub struct QatSettings {
     /// How the fake-quantized model is calibrated before training ([`crate::qat::prepare`]).
     pub calibration: PtqConfig,
     pub weights: WeightQuant,
+    /// How the activation scales follow the batches while training.
+    pub activations: crate::qat::ActivationScale,
     pub epochs: usize,
     pub lr: f64,
     pub optimizer: OptimizerKind,
@@ -188,6 +197,7 @@ impl QatOptions {
                 ..PtqConfig::default()
             },
             weights,
+            activations: crate::qat::ActivationScale::parse(&self.activations, self.window_size)?,
             epochs: self.epochs,
             lr: self.lr,
             optimizer: self.optimizer.parse::<OptimizerKind>().map_err(bad)?,
@@ -243,11 +253,12 @@ impl Strategy for QatStrategy {
             other => CoreError::Invalid(other.to_string()),
         };
         let st = &self.settings;
-        let mut q = crate::qat::prepare(
+        let mut q = crate::qat::prepare_with(
             &model,
             &ctx.data.train,
             &ctx.data.normalize,
             &st.calibration,
+            st.activations,
         )
         .map_err(core)?;
         let kernels = crate::qat::QatKernels {

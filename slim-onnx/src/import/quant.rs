@@ -210,6 +210,7 @@ impl Builder {
         let op = Op::FakeQuant(FakeQuantSpec {
             bits: 8,
             moving_rate: 0.0,
+            window: 0,
         });
         let name = self.fresh_name(base, "quantize");
         let shape = self.push(&name, op, &[&input], params)?;
