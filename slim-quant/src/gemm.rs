@@ -10,7 +10,7 @@
 //!   u8 x i8 pairs and adds them to int32 with no intermediate rounding or saturation; the
 //!   offset's share, `128 * sum(filter)`, is subtracted at the end.
 //! - AVX2: `B` packed in panels of 16 columns with pairs of consecutive rows interleaved as
-//!   int16; a 4x16 tile per `vpmaddwd` (pairs of int16 products summed into int32). Exact for
+//!   int16; a 6x16 tile per `vpmaddwd` (pairs of int16 products summed into int32). Exact for
 //!   every int8 input, unlike `vpmaddubsw`, whose int16 pair sums saturate with full-range
 //!   unsigned activations.
 //! - Elsewhere a portable loop computes the same integers.
@@ -649,29 +649,58 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     const NR: usize = 16;
-    const MR: usize = 4;
+    /// Six rows of sums in registers (12 accumulators, the two panel halves and a broadcast).
+    const MR: usize = 6;
 
     /// `b` in panels of 16 columns; within a panel, for each pair of rows `(2p, 2p + 1)`, the
     /// 16 columns as interleaved int16 pairs (32 values). Missing rows and columns are zeros.
-    fn pack_b(b: MatRef<'_>) -> (Vec<i16>, usize) {
+    /// Whole panels are interleaved by byte unpacks and widened sixteen values at a time.
+    #[target_feature(enable = "avx2")]
+    unsafe fn pack_b(b: MatRef<'_>) -> (Vec<i16>, usize) {
         let pairs = b.rows.div_ceil(2);
         let panels = b.cols.div_ceil(NR);
-        let mut packed = vec![0i16; panels * pairs * 2 * NR];
+        let full = b.cols / NR;
+        let len = panels * pairs * 2 * NR;
+        let mut packed: Vec<i16> = Vec::with_capacity(len);
+        let base = packed.as_mut_ptr();
         for p in 0..pairs {
             let r0 = b.row(2 * p);
             let r1 = (2 * p + 1 < b.rows).then(|| b.row(2 * p + 1));
             for panel in 0..panels {
-                let dst = &mut packed[(panel * pairs + p) * 2 * NR..][..2 * NR];
                 let c0 = panel * NR;
-                let w = NR.min(b.cols - c0);
-                for c in 0..w {
-                    dst[2 * c] = i16::from(r0[c0 + c]);
-                    if let Some(r1) = r1 {
-                        dst[2 * c + 1] = i16::from(r1[c0 + c]);
+                // SAFETY: block (panel, p) of 32 values lies inside the `len` reserved, and
+                // every block is written whole below, so all `len` values are set.
+                unsafe {
+                    let dst = base.add((panel * pairs + p) * 2 * NR);
+                    if panel < full {
+                        let x0 = _mm_loadu_si128(r0[c0..c0 + NR].as_ptr().cast());
+                        let x1 = match r1 {
+                            Some(r1) => _mm_loadu_si128(r1[c0..c0 + NR].as_ptr().cast()),
+                            None => _mm_setzero_si128(),
+                        };
+                        let lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x0, x1));
+                        let hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x0, x1));
+                        _mm256_storeu_si256(dst.cast(), lo);
+                        _mm256_storeu_si256(dst.add(NR).cast(), hi);
+                    } else {
+                        let w = b.cols - c0;
+                        for c in 0..NR {
+                            let (v0, v1) = match c < w {
+                                true => (
+                                    i16::from(r0[c0 + c]),
+                                    r1.map_or(0, |r| i16::from(r[c0 + c])),
+                                ),
+                                false => (0, 0),
+                            };
+                            dst.add(2 * c).write(v0);
+                            dst.add(2 * c + 1).write(v1);
+                        }
                     }
                 }
             }
         }
+        // SAFETY: every value was written above.
+        unsafe { packed.set_len(len) };
         (packed, pairs)
     }
 
@@ -682,7 +711,8 @@ mod avx2 {
         if m == 0 || n == 0 {
             return;
         }
-        let (pb, pairs) = pack_b(b);
+        // SAFETY: this function runs with AVX2.
+        let (pb, pairs) = unsafe { pack_b(b) };
         let pa = &a.words[rows.start * pairs..rows.end * pairs];
         let panels = n.div_ceil(NR);
         let mut tile = [0i32; MR * NR];
@@ -693,19 +723,23 @@ mod avx2 {
             let mut i = 0;
             while i < m {
                 let rows = MR.min(m - i);
+                // Rows past `m` repeat the last one; their sums are not stored.
+                let starts: [*const i32; MR] =
+                    std::array::from_fn(|r| pa[(i + r).min(m - 1) * pairs..].as_ptr());
                 let mut acc = [_mm256_setzero_si256(); 2 * MR];
+                let mut q = bp.as_ptr() as *const __m256i;
                 for p in 0..pairs {
-                    // SAFETY: `bp` holds `pairs` blocks of 32 int16 values.
-                    let (b0, b1) = unsafe {
-                        let q = bp.as_ptr().add(p * 2 * NR) as *const __m256i;
-                        (_mm256_loadu_si256(q), _mm256_loadu_si256(q.add(1)))
-                    };
-                    for r in 0..MR {
-                        // Rows past `m` repeat the last one; their sums are not stored.
-                        let row = (i + r).min(m - 1);
-                        let x = _mm256_set1_epi32(pa[row * pairs + p]);
-                        acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(b0, x));
-                        acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(b1, x));
+                    // SAFETY: `bp` holds `pairs` blocks of 32 int16 values, and each row of
+                    // `pa` holds `pairs` words.
+                    unsafe {
+                        let (b0, b1) = (_mm256_loadu_si256(q), _mm256_loadu_si256(q.add(1)));
+                        q = q.add(2);
+                        for r in 0..MR {
+                            let x = _mm256_set1_epi32(*starts[r].add(p));
+                            acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(b0, x));
+                            acc[2 * r + 1] =
+                                _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(b1, x));
+                        }
                     }
                 }
                 // Lane j of the first register is column j of the panel, of the second
