@@ -2,7 +2,7 @@
 //! activations, converted to an int8 model that the int8 runtime runs.
 
 use candle_core::Device;
-use slim_core::data::{load_spec, DEFAULT_SPEC};
+use slim_core::data::{load_spec, DataSplits, DEFAULT_SPEC};
 use slim_core::train::{evaluate, train, TrainConfig, TrainOptions};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Op;
@@ -10,23 +10,30 @@ use slim_quant::ptq::{quantize, PtqConfig};
 use slim_quant::qat::{convert, prepare, QatKernels};
 use slim_quant::quantizer::WeightQuant;
 
-#[test]
-fn qat_trains_converts_and_at_least_matches_ptq() {
+/// A LeNet trained for an epoch on the first `images` digits, the data (500 test images),
+/// per-channel calibration over `batches`, and its PTQ int8 model's top-1.
+fn trained(images: usize, batches: usize) -> (slim_core::Model, DataSplits, PtqConfig, f64) {
     let mut data = load_spec(DEFAULT_SPEC).unwrap();
-    data.train = data.train.take(2000);
+    data.train = data.train.take(images);
     data.test = data.test.take(500);
     let mut m = zoo::model("lenet", &ZooConfig::new([1, 28, 28]), 0, &Device::Cpu).unwrap();
     let base = TrainConfig::default().with_epochs(1).with_lr(0.003);
     train(&mut m, &data, &base, Default::default(), &mut |_| {}).unwrap();
     let cfg = PtqConfig {
         weights: WeightQuant::ChannelWiseAbsMax,
-        batches: 4,
+        batches,
         ..PtqConfig::default()
     };
     let (ptq, _) = quantize(&m, &data.train, &data.normalize, &cfg).unwrap();
     let ptq_top1 = slim_quant::runtime::evaluate(&ptq, &data.test, &data.normalize, 250)
         .unwrap()
         .top1;
+    (m, data, cfg, ptq_top1)
+}
+
+#[test]
+fn qat_trains_converts_and_at_least_matches_ptq() {
+    let (m, data, cfg, ptq_top1) = trained(2000, 4);
 
     let mut q = prepare(&m, &data.train, &data.normalize, &cfg).unwrap();
     let fq: Vec<String> = q
@@ -93,21 +100,7 @@ fn qat_trains_converts_and_at_least_matches_ptq() {
 #[test]
 fn range_abs_max_trains_and_converts_without_its_window() {
     use slim_quant::qat::{prepare_with, ActivationScale};
-    let mut data = load_spec(DEFAULT_SPEC).unwrap();
-    data.train = data.train.take(1024);
-    data.test = data.test.take(500);
-    let mut m = zoo::model("lenet", &ZooConfig::new([1, 28, 28]), 0, &Device::Cpu).unwrap();
-    let base = TrainConfig::default().with_epochs(1).with_lr(0.003);
-    train(&mut m, &data, &base, Default::default(), &mut |_| {}).unwrap();
-    let cfg = PtqConfig {
-        weights: WeightQuant::ChannelWiseAbsMax,
-        batches: 2,
-        ..PtqConfig::default()
-    };
-    let (ptq, _) = quantize(&m, &data.train, &data.normalize, &cfg).unwrap();
-    let ptq_top1 = slim_quant::runtime::evaluate(&ptq, &data.test, &data.normalize, 250)
-        .unwrap()
-        .top1;
+    let (m, data, cfg, ptq_top1) = trained(1024, 2);
     let act = ActivationScale::Range { window: 4 };
     let mut q = prepare_with(&m, &data.train, &data.normalize, &cfg, act).unwrap();
     let ring = q
