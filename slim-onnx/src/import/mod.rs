@@ -675,20 +675,18 @@ impl Builder {
             Value::Node(x) => std::iter::once(1).chain(x.onnx.iter().copied()).collect(),
         };
         // Numpy's broadcast of the input's shape and the target, aligned on the right; the
-        // target's first entry is the batch (read from the input's shape), kept as one here.
-        let rank = dims.len().max(target.len());
-        let pad = |v: &[usize], i: usize| (i + v.len()).checked_sub(rank).map_or(1, |j| v[j]);
-        let want: Vec<usize> = target.iter().map(|&t| t.max(1) as usize).collect();
-        let mut out = Vec::with_capacity(rank);
-        for i in 0..rank {
-            let (a, t) = (pad(&dims, i), pad(&want, i));
-            out.push(match (a, t) {
-                _ if i == 0 && rank == target.len() => a,
-                (a, t) if a == t || t == 1 => a,
-                (1, t) => t,
-                _ => return err(format!("shape {dims:?} does not expand to {target:?}")),
-            });
+        // target's first entry, when it spans the input's, is the batch (read from the input's
+        // shape) and keeps the input's.
+        let mut want: Vec<usize> = target.iter().map(|&t| t.max(1) as usize).collect();
+        if !want.is_empty() && want.len() >= dims.len() {
+            want[0] = 1;
         }
+        let rank = dims.len().max(want.len());
+        let out = slim_core::graph::broadcast_shape(&dims, &want)
+            .filter(|o| !o.is_empty())
+            .ok_or_else(|| {
+                OnnxError::Model(format!("shape {dims:?} does not expand to {target:?}"))
+            })?;
         match input {
             Value::Node(x) if out[1..] == x.onnx[..] => self.bind(n, x),
             Value::Node(x) => err(format!(

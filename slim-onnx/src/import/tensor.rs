@@ -314,16 +314,16 @@ impl Builder {
         let stem = sanitize(&display_name(n));
         let mut parts = Vec::new();
         for (start, count, step) in runs(&picks) {
+            if (start, count, step) == (0, len, 1) {
+                parts.push(cur.clone());
+                continue;
+            }
             let op = Op::Slice {
                 axis,
                 start,
                 end: start + (count - 1) * step + 1,
                 step,
             };
-            if (start, count, step) == (0, len, 1) {
-                parts.push(cur.clone());
-                continue;
-            }
             let name = self.fresh_name(&stem, "slice");
             self.push(&name, op, &[&cur], BTreeMap::new())?;
             parts.push(name);
