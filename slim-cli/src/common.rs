@@ -33,6 +33,11 @@ pub struct LoadArgs {
     /// tensor) instead of refusing them.
     #[arg(long)]
     pub allow_nonfinite: bool,
+    /// Read an ONNX graph as computing on one sample: its input's whole shape, first axis
+    /// included, is a sample (graphs written without a batch axis). The model then applies the
+    /// graph to each sample of a batch.
+    #[arg(long)]
+    pub single_sample: bool,
 }
 
 impl Common {
@@ -59,6 +64,7 @@ pub fn load_model(path: &Path, device: &Device, load: &LoadArgs) -> Result<Model
     }
     let import = slim_onnx::ImportOptions {
         allow_nonfinite: load.allow_nonfinite,
+        single_sample: load.single_sample,
         ..Default::default()
     };
     let m = slim_onnx::import_file(path, &import)?;

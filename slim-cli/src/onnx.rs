@@ -17,7 +17,8 @@ pub struct ImportArgs {
     /// The Slim model file to write (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
-    /// The per-sample input shape CxHxW, for models whose input size is symbolic.
+    /// The per-sample input shape CxHxW (any number of axes: AxB, AxBxCxD), for models whose
+    /// input size is symbolic.
     #[arg(long)]
     pub input_shape: Option<String>,
     /// The preprocessing the model expects of pixels: raw (0..255 as they are), unit (0..1),
@@ -58,12 +59,29 @@ pub struct ExportArgs {
     pub load: LoadArgs,
 }
 
+/// A shape `AxBxC` of one or more positive sizes.
+fn parse_dims(flag: &str, s: &str) -> Result<Vec<usize>, Failure> {
+    let dims: Vec<usize> = s
+        .split('x')
+        .map(|d| d.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .ok()
+        .filter(|d: &Vec<usize>| d.iter().all(|&v| v > 0))
+        .ok_or_else(|| {
+            input_error(format!(
+                "{flag} `{s}` is not of the form CxHxW (e.g. 3x32x32)"
+            ))
+        })?;
+    slim_core::graph::check_shape(&dims).map_err(|e| input_error(format!("{flag}: {e}")))?;
+    Ok(dims)
+}
+
 pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
     check_out_dir("--out", &args.out)?;
     let input_shape = args
         .input_shape
         .as_deref()
-        .map(|s| crate::info::parse_shape("--input-shape", s).map(|d| d.to_vec()))
+        .map(|s| parse_dims("--input-shape", s))
         .transpose()?;
     let preprocess = args
         .preprocess
@@ -88,6 +106,7 @@ pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
         preprocess,
         resize: args.resize,
         allow_nonfinite: args.load.allow_nonfinite,
+        single_sample: args.load.single_sample,
         ..Default::default()
     };
     let mut model = slim_onnx::import_file(&args.file, &opts)?;

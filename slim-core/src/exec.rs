@@ -997,7 +997,7 @@ impl Model {
                     y
                 }
             }
-            Op::MatMul => x.broadcast_matmul(xs[1])?,
+            Op::MatMul => batched_matmul(x, xs[1])?,
             Op::Binary(kind) => binary(*kind, x, xs[1])?,
             Op::ConstBinary { kind, reversed, .. } => {
                 let c = self.param(node, "value", mode, src)?;
@@ -1073,7 +1073,7 @@ impl Model {
                 } else {
                     let idx: Vec<u32> = (0..len).map(|i| (start + i * step) as u32).collect();
                     let idx = Tensor::from_vec(idx, len, x.device())?;
-                    x.index_select(&idx, axis + 1)?
+                    x.contiguous()?.index_select(&idx, axis + 1)?
                 }
             }
             Op::Resize(r) => resize(x, r)?,
@@ -1561,6 +1561,36 @@ fn cubic_weights(t: f64, a: f64) -> [f64; 4] {
     let near = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
     let far = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
     [far(1.0 + t), near(t), near(1.0 - t), far(2.0 - t)]
+}
+
+/// A product of matrices over broadcast leading axes: both sides broadcast to the common
+/// leading shape and laid out as one batch of matrices (candle's own broadcast product
+/// refuses some broadcast layouts).
+fn batched_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let (ad, bd) = (a.dims(), b.dims());
+    let (ra, rb) = (ad.len(), bd.len());
+    if ra < 2 || rb < 2 {
+        return a.broadcast_matmul(b);
+    }
+    let lead = crate::graph::broadcast_shape(&ad[..ra - 2], &bd[..rb - 2]).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "matmul of {ad:?} by {bd:?}: the leading axes differ"
+        ))
+    })?;
+    let (m, k, n) = (ad[ra - 2], ad[ra - 1], bd[rb - 1]);
+    let count: usize = lead.iter().product();
+    let full = |rows: usize, cols: usize| -> Vec<usize> {
+        lead.iter().copied().chain([rows, cols]).collect()
+    };
+    let a3 = a
+        .broadcast_as(full(m, k))?
+        .contiguous()?
+        .reshape((count, m, k))?;
+    let b3 = b
+        .broadcast_as(full(k, n))?
+        .contiguous()?
+        .reshape((count, k, n))?;
+    a3.matmul(&b3)?.reshape(full(m, n))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ pub const OP_TABLE: [(&str, &str); 54] = [
     ("ConvTranspose", "2-D transposed convolution (groups, dilation, output_padding, output_shape); equal padding on every side"),
     ("BatchNormalization", "batch norm over [C, H, W] maps or [C] vectors; constant scale and shift after it are folded in"),
     ("Gemm", "linear layer (alpha, beta, transB); transA refused"),
-    ("MatMul", "by a constant matrix: a linear layer (vectors) or a dense layer over the last axis (tokens); by constant batched matrices, or of two data values: a batched product"),
+    ("MatMul", "by a constant matrix: a linear layer (vectors) or a dense layer over the last axis (tokens); by a constant vector: a dense layer of one output; by constant batched matrices, or of two data values: a batched product"),
     ("Relu", "ReLU"),
     ("Clip", "ReLU, ReLU6 or a clamp; min/max as attributes (opset < 11) or constant inputs"),
     ("LeakyRelu", "leaky ReLU"),
@@ -55,7 +55,7 @@ pub const OP_TABLE: [(&str, &str); 54] = [
     ("Constant", "folded"),
     ("ConstantOfShape", "folded (the weights of the model zoo's light networks)"),
     ("Shape", "folded, with Gather, Slice, Concat, Unsqueeze and arithmetic on it"),
-    ("Expand", "a constant over the batch (a transformer's class token, its shape read from the input's): a constant node; data whose shape it keeps passes through"),
+    ("Expand", "a constant over the batch (a transformer's class token, its shape read from the input's): a constant node; data broadcast to a larger per-sample shape: a product with ones of that shape"),
     ("Gather", "on constants (shape arithmetic), and on data with constant indices along a per-sample axis (a class token: slices, concatenated)"),
 ];
 
@@ -80,7 +80,12 @@ pub fn markdown() -> String {
          models of opsets 7 to 21, tensors in external data files beside the model included. Every\n\
          unsupported op of a model is listed in one error. Symbolic input sizes come from\n\
          `--input-shape CxHxW`. Values keep their batch axis apart: an op that would mix samples is\n\
-         refused, naming the node.\n\n\
+         refused, naming the node. A graph written for one sample, without a batch axis (ops over\n\
+         every axis of a vector or a table), imports with `--single-sample`: its input's whole\n\
+         shape is a sample, and the model applies the graph to each sample of a batch (every op\n\
+         but those that read the first axis as the batch: convolutions, pooling, batch norm, LRN,\n\
+         PRelu and Gemm). Constant subgraphs of any rank are folded (arithmetic with broadcasting,\n\
+         Concat, Gather, Slice with any steps, Expand, Transpose, unary functions).\n\n\
          Pruning follows channels through convolutions, batch norms, activations, pooling, LRN,\n\
          padding, resizing, per-channel arithmetic, concatenation and squeeze-and-excite gates; ops\n\
          over other axes (attention, reshapes, slices) block the groups they touch, and `slim info`\n\

@@ -323,3 +323,127 @@ fn gather_on_data_picks_the_indexed_positions() {
         .to_string();
     assert!(e.contains("pick") && e.contains("index 10"), "{e}");
 }
+
+/// A graph written for one sample (no batch axis) imports with `single_sample`: each sample
+/// of a batch gets what the graph computes on it alone, by hand here. Without the option the
+/// importer refuses the reduction over the first axis and names the option.
+#[test]
+fn graph_of_one_sample_applies_to_each_sample() {
+    use slim_onnx::proto::{
+        AttributeProto, Dimension, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+        TensorShapeProto, TensorTypeProto, TypeProto, ValueInfoProto,
+    };
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: name.into(),
+        r#type: 7,
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    let int = |name: &str, v: i64| AttributeProto {
+        name: name.into(),
+        r#type: 2,
+        i: v,
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], out: &str, attribute: Vec<AttributeProto>| NodeProto {
+        name: out.into(),
+        op_type: op.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        attribute,
+        ..Default::default()
+    };
+    let value = |name: &str, dims: &[i64]| ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TensorTypeProto {
+                elem_type: 1,
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension {
+                            dim_value: Some(d),
+                            dim_param: None,
+                        })
+                        .collect(),
+                }),
+            }),
+        }),
+        ..Default::default()
+    };
+    // x [4, 3]: centre each column over the rows, transpose to [3, 4], softmax down the
+    // columns (axis 0), then a row of constants below: [4, 4].
+    let row = [0.5f32, -1.0, 2.0, 0.25];
+    let graph = GraphProto {
+        name: "one_sample".into(),
+        node: vec![
+            node(
+                "ReduceMean",
+                &["x"],
+                "mean",
+                vec![ints("axes", &[0]), int("keepdims", 1)],
+            ),
+            node("Sub", &["x", "mean"], "centred", vec![]),
+            node("Transpose", &["centred"], "t", vec![ints("perm", &[1, 0])]),
+            node("Softmax", &["t"], "soft", vec![int("axis", 0)]),
+            node("Concat", &["soft", "row"], "y", vec![int("axis", 0)]),
+        ],
+        initializer: vec![TensorProto {
+            name: "row".into(),
+            dims: vec![1, 4],
+            data_type: 1,
+            float_data: row.to_vec(),
+            ..Default::default()
+        }],
+        input: vec![value("x", &[4, 3])],
+        output: vec![value("y", &[4, 4])],
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    let bytes = model.encode_to_vec();
+    let refused = import(&bytes, &ImportOptions::default()).expect_err("batch axis");
+    assert!(refused.to_string().contains("--single-sample"), "{refused}");
+    let opts = ImportOptions {
+        single_sample: true,
+        ..Default::default()
+    };
+    let m = import(&bytes, &opts).expect("one sample");
+    assert_eq!(m.input_shape(), [4, 3]);
+    let batch = 3;
+    let xs: Vec<f32> = (0..batch * 12)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
+        .collect();
+    let x = Tensor::from_vec(xs.clone(), (batch, 4, 3), &Device::Cpu).expect("x");
+    let y = m.forward(&x, Mode::Eval).expect("forward");
+    assert_eq!(y.dims(), [batch, 4, 4]);
+    let got: Vec<f32> = y.flatten_all().and_then(|t| t.to_vec1()).expect("y");
+    for s in 0..batch {
+        let x = &xs[s * 12..(s + 1) * 12];
+        let mut want = vec![0f32; 16];
+        for c in 0..3 {
+            let mean = (0..4).map(|r| x[r * 3 + c]).sum::<f32>() / 4.0;
+            // Row c of the transposed, centred values; the softmax runs down each column j
+            // of t (over c).
+            for j in 0..4 {
+                want[c * 4 + j] = x[j * 3 + c] - mean;
+            }
+        }
+        for j in 0..4 {
+            let total: f32 = (0..3).map(|c| want[c * 4 + j].exp()).sum();
+            for c in 0..3 {
+                want[c * 4 + j] = want[c * 4 + j].exp() / total;
+            }
+        }
+        want[12..].copy_from_slice(&row);
+        let err = max_rel(&got[s * 16..(s + 1) * 16], &want);
+        assert!(err < 1e-5, "sample {s}: {err}");
+    }
+}

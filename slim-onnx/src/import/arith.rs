@@ -263,13 +263,34 @@ impl Builder {
                 Value::Node(_) => None,
             })
             .collect();
+        if let ([x], []) = (nodes.as_slice(), consts.as_slice()) {
+            // A Sum of one value.
+            return self.bind(n, x.clone());
+        }
         if consts.is_empty() {
             return self.sum(n, base, &nodes);
         }
-        if nodes.len() != 1 || consts.len() != 1 {
-            return err("an Add of several constants and data");
+        if nodes.len() != 1 {
+            return err("an Add of several data values and constants");
         }
-        let (x, c) = (nodes[0].clone(), &consts[0]);
+        // The constants of a Sum added up first.
+        let mut c = consts[0].clone();
+        for more in &consts[1..] {
+            let dims = slim_core::graph::broadcast_shape(&c.dims, &more.dims).ok_or_else(|| {
+                OnnxError::Model(format!(
+                    "constants of shapes {:?} and {:?} do not broadcast",
+                    c.dims, more.dims
+                ))
+            })?;
+            let (p, q) = (broadcast_values(&c, &dims), broadcast_values(more, &dims));
+            let values = p
+                .iter()
+                .zip(&q)
+                .map(|(a, b)| f64::from((a + b) as f32))
+                .collect();
+            c = Const { dims, values };
+        }
+        let (x, c) = (nodes[0].clone(), &c);
         match self.per_channel_of(&x, c, "adds") {
             Ok(shift) => self.affine(n, x, vec![1.0], shift),
             Err(_) => self.const_binary(n, &x, c, BinaryKind::Add, false),

@@ -70,6 +70,28 @@ impl Builder {
         })
     }
 
+    /// Counts a folded constant of `dims` made from inputs of `from` values against the
+    /// values the import may still generate, when it is larger.
+    fn charge(&self, dims: &[usize], from: usize) -> Result<()> {
+        let count = slim_core::graph::elements(dims)
+            .filter(|&n| n <= slim_core::graph::MAX_ELEMENTS)
+            .ok_or_else(|| {
+                OnnxError::Model(format!(
+                    "a constant of shape {dims:?} is beyond Slim's limits"
+                ))
+            })?;
+        if count > from {
+            let left = self.generated_left.get();
+            if count > left {
+                return err(format!(
+                    "a constant of shape {dims:?} ({count} values) exceeds the {left} values the import may still generate"
+                ));
+            }
+            self.generated_left.set(left - count);
+        }
+        Ok(())
+    }
+
     /// A constant input, without the batch-size check (folding propagates that).
     pub(super) fn raw_const(&self, n: &NodeProto, i: usize) -> Option<Const> {
         match self.values.get(n.input.get(i)?)? {
@@ -144,76 +166,63 @@ impl Builder {
             }
             "Concat" => {
                 let parts: Vec<Const> = (0..n.input.len()).map(c).collect::<Result<_>>()?;
-                if parts.iter().any(|p| p.dims.len() > 1) {
-                    return err("Concat of constants of rank above 1 is not supported");
-                }
-                let values: Vec<f64> = parts
-                    .iter()
-                    .flat_map(|p| p.values.iter().copied())
-                    .collect();
-                Const {
-                    dims: vec![values.len()],
-                    values,
-                }
+                concat(&parts, a.int("axis").unwrap_or(0))?
             }
-            "Gather" => {
-                let x = c(0)?;
-                let idx = c(1)?;
-                let axis = a.int("axis").unwrap_or(0);
-                if axis != 0 || x.dims.len() != 1 {
-                    return err("Gather of constants other than from a vector along axis 0");
-                }
-                let len = x.dims[0] as i64;
-                let mut values = Vec::with_capacity(idx.numel());
-                for i in idx.ints() {
-                    let j = if i < 0 { i + len } else { i };
-                    if !(0..len).contains(&j) {
-                        return err(format!("index {i} out of range for {len} values"));
-                    }
-                    values.push(x.values[j as usize]);
-                }
-                Const {
-                    dims: idx.dims.clone(),
-                    values,
-                }
-            }
+            "Gather" => gather(&c(0)?, &c(1)?, a.int("axis").unwrap_or(0))?,
             "Slice" => {
                 let x = c(0)?;
-                if x.dims.len() != 1 {
-                    return err("Slice of constants other than vectors");
-                }
-                let (starts, ends, steps) = if self.opset < 10 {
+                let (starts, ends, axes, steps) = if self.opset < 10 {
                     (
                         a.ints("starts").unwrap_or_default(),
                         a.ints("ends").unwrap_or_default(),
-                        vec![1],
+                        a.ints("axes"),
+                        None,
                     )
                 } else {
                     (
                         c(1)?.ints(),
                         c(2)?.ints(),
-                        self.opt_const(n, 4)?.map(|s| s.ints()).unwrap_or(vec![1]),
+                        self.opt_const(n, 3)?.map(|s| s.ints()),
+                        self.opt_const(n, 4)?.map(|s| s.ints()),
                     )
                 };
-                let (Some(&s), Some(&e), Some(&st)) = (starts.first(), ends.first(), steps.first())
-                else {
-                    return err("Slice without starts and ends");
-                };
-                if st != 1 {
-                    return err("Slice of constants with a step other than 1");
-                }
-                let len = x.dims[0] as i64;
-                let clampi = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
-                let (s, e) = (clampi(s), clampi(e));
-                let values: Vec<f64> = if s < e {
-                    x.values[s as usize..e as usize].to_vec()
-                } else {
-                    vec![]
-                };
+                slice(&x, &starts, &ends, axes, steps)?
+            }
+            // An Expand over the batch (its shape read from the data's) makes a constant node.
+            "Expand" if n.input.get(1).is_some_and(|i| self.batchy.contains_key(i)) => {
+                return Ok(None)
+            }
+            "Expand" => {
+                let x = c(0)?;
+                let target: Vec<usize> = c(1)?.ints().iter().map(|&t| t.max(1) as usize).collect();
+                let dims =
+                    slim_core::graph::broadcast_shape(&x.dims, &target).ok_or_else(|| {
+                        OnnxError::Model(format!(
+                            "shape {:?} does not expand to {target:?}",
+                            x.dims
+                        ))
+                    })?;
+                self.charge(&dims, x.numel())?;
                 Const {
-                    dims: vec![values.len()],
-                    values,
+                    values: broadcast_values(&x, &dims),
+                    dims,
                 }
+            }
+            "Sqrt" | "Reciprocal" | "Neg" | "Relu" | "Sigmoid" | "Tanh" => {
+                let mut x = c(0)?;
+                let f: fn(f64) -> f64 = match n.op_type.as_str() {
+                    "Sqrt" => f64::sqrt,
+                    "Reciprocal" => f64::recip,
+                    "Neg" => |v| -v,
+                    "Relu" => |v| v.max(0.0),
+                    "Sigmoid" => |v| 1.0 / (1.0 + (-v).exp()),
+                    _ => f64::tanh,
+                };
+                // In f32, as the data would be computed.
+                x.values
+                    .iter_mut()
+                    .for_each(|v| *v = f64::from(f(*v) as f32));
+                x
             }
             "ConstantOfShape" => {
                 let shape = c(0)?.ints();
@@ -273,39 +282,30 @@ impl Builder {
                     values: x.dims[s..e].iter().map(|&d| d as f64).collect(),
                 }
             }
-            "Mul" | "Add" | "Sub" | "Div" => {
+            "Mul" | "Add" | "Sub" | "Div" | "Pow" => {
                 let (x, y) = (c(0)?, c(1)?);
                 let ints = self.int_typed(n);
                 let f = |p: f64, q: f64| match n.op_type.as_str() {
                     "Mul" => p * q,
                     "Add" => p + q,
                     "Sub" => p - q,
+                    "Pow" => p.powf(q),
                     // Shape arithmetic divides integers (toward zero).
                     _ if ints => (p / q).trunc(),
                     _ => p / q,
                 };
-                if x.numel() == y.numel() {
-                    Const {
-                        dims: x.dims.clone(),
-                        values: x
-                            .values
-                            .iter()
-                            .zip(&y.values)
-                            .map(|(&p, &q)| f(p, q))
-                            .collect(),
-                    }
-                } else if y.numel() == 1 {
-                    Const {
-                        dims: x.dims.clone(),
-                        values: x.values.iter().map(|&p| f(p, y.values[0])).collect(),
-                    }
-                } else if x.numel() == 1 {
-                    Const {
-                        dims: y.dims.clone(),
-                        values: y.values.iter().map(|&q| f(x.values[0], q)).collect(),
-                    }
-                } else {
-                    return Ok(None);
+                let dims =
+                    slim_core::graph::broadcast_shape(&x.dims, &y.dims).ok_or_else(|| {
+                        OnnxError::Model(format!(
+                            "constants of shapes {:?} and {:?} do not broadcast",
+                            x.dims, y.dims
+                        ))
+                    })?;
+                self.charge(&dims, x.numel().max(y.numel()))?;
+                let (xs, ys) = (broadcast_values(&x, &dims), broadcast_values(&y, &dims));
+                Const {
+                    values: xs.iter().zip(&ys).map(|(&p, &q)| f(p, q)).collect(),
+                    dims,
                 }
             }
             _ => return Ok(None),
@@ -566,4 +566,140 @@ pub(super) fn squeeze_dims(dims: &[usize], axes: Option<&[i64]>) -> Result<Vec<u
                 .collect())
         }
     }
+}
+
+/// `x` with only the positions `picks` of `axis`, in that order.
+fn take(x: &Const, axis: usize, picks: &[usize]) -> Const {
+    let outer: usize = x.dims[..axis].iter().product();
+    let inner: usize = x.dims[axis + 1..].iter().product();
+    let len = x.dims[axis];
+    let mut values = Vec::with_capacity(outer * picks.len() * inner);
+    for o in 0..outer {
+        for &p in picks {
+            let at = (o * len + p) * inner;
+            values.extend_from_slice(&x.values[at..at + inner]);
+        }
+    }
+    let mut dims = x.dims.clone();
+    dims[axis] = picks.len();
+    Const { dims, values }
+}
+
+/// An axis of a rank-`rank` constant, negative counting from the end.
+fn const_axis(axis: i64, rank: usize) -> Result<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    if !(0..rank as i64).contains(&a) {
+        return err(format!("axis {axis} of a constant of rank {rank}"));
+    }
+    Ok(a as usize)
+}
+
+/// ONNX Gather of a constant: `indices` (any shape) take the place of `axis`.
+fn gather(x: &Const, indices: &Const, axis: i64) -> Result<Const> {
+    let axis = const_axis(axis, x.dims.len())?;
+    let len = x.dims[axis] as i64;
+    let picks = indices
+        .ints()
+        .iter()
+        .map(|&i| {
+            let j = if i < 0 { i + len } else { i };
+            if (0..len).contains(&j) {
+                Ok(j as usize)
+            } else {
+                err(format!("index {i} out of range for an axis of {len}"))
+            }
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    let taken = take(x, axis, &picks);
+    let mut dims = x.dims[..axis].to_vec();
+    dims.extend(&indices.dims);
+    dims.extend(&x.dims[axis + 1..]);
+    Ok(Const {
+        dims,
+        values: taken.values,
+    })
+}
+
+/// ONNX Slice of a constant: on `axes` (default the first ones), with steps of either sign.
+fn slice(
+    x: &Const,
+    starts: &[i64],
+    ends: &[i64],
+    axes: Option<Vec<i64>>,
+    steps: Option<Vec<i64>>,
+) -> Result<Const> {
+    let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return err("Slice with starts, ends, axes and steps of different lengths");
+    }
+    let mut out = x.clone();
+    for (k, &axis) in axes.iter().enumerate() {
+        let axis = const_axis(axis, x.dims.len())?;
+        let len = x.dims[axis] as i64;
+        let step = steps[k];
+        if step == 0 {
+            return err("Slice with a step of 0");
+        }
+        let at = |v: i64| if v < 0 { v.saturating_add(len) } else { v };
+        let (start, end) = if step > 0 {
+            (at(starts[k]).clamp(0, len), at(ends[k]).clamp(0, len))
+        } else {
+            (
+                at(starts[k]).clamp(0, len - 1),
+                at(ends[k]).clamp(-1, len - 1),
+            )
+        };
+        let mut picks = Vec::new();
+        let mut i = start;
+        while (step > 0 && i < end) || (step < 0 && i > end) {
+            picks.push(i as usize);
+            i += step;
+        }
+        out = take(&out, axis, &picks);
+    }
+    Ok(out)
+}
+
+/// ONNX Concat of constants along `axis`.
+fn concat(parts: &[Const], axis: i64) -> Result<Const> {
+    // Scalars among vectors count as vectors of one (some exporters write them so).
+    let vectors = parts.iter().all(|p| p.dims.len() <= 1);
+    let parts: Vec<Const> = parts
+        .iter()
+        .map(|p| Const {
+            dims: if vectors {
+                vec![p.numel()]
+            } else {
+                p.dims.clone()
+            },
+            values: p.values.clone(),
+        })
+        .collect();
+    let Some(first) = parts.first() else {
+        return err("Concat of nothing");
+    };
+    let rank = first.dims.len();
+    let axis = const_axis(axis, rank)?;
+    for p in &parts {
+        let same =
+            p.dims.len() == rank && (0..rank).all(|i| i == axis || p.dims[i] == first.dims[i]);
+        if !same {
+            return err(format!(
+                "Concat on axis {axis} of constants of shapes {:?} and {:?}",
+                first.dims, p.dims
+            ));
+        }
+    }
+    let outer: usize = first.dims[..axis].iter().product();
+    let mut values = Vec::with_capacity(parts.iter().map(Const::numel).sum());
+    for o in 0..outer {
+        for p in &parts {
+            let chunk = p.numel() / outer.max(1);
+            values.extend_from_slice(&p.values[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    let mut dims = first.dims.clone();
+    dims[axis] = parts.iter().map(|p| p.dims[axis]).sum();
+    Ok(Const { dims, values })
 }

@@ -30,6 +30,7 @@ mod arith;
 mod constant;
 mod layers;
 mod quant;
+mod single;
 mod tensor;
 
 use crate::{OnnxError, Result};
@@ -56,6 +57,12 @@ pub struct ImportOptions {
     /// Import a model whose parameters hold NaN or infinite values instead of refusing it
     /// ([`Model::nonfinite_params`] lists them).
     pub allow_nonfinite: bool,
+    /// The graph computes on one sample: its input's whole shape (first axis included) is
+    /// the per-sample shape, and Slim's model applies the graph to each sample of a batch.
+    /// For graphs written without a batch axis (ops over every axis of a vector or a table);
+    /// convolutions, pooling, batch norm and Gemm read the first axis as the batch and are
+    /// refused so.
+    pub single_sample: bool,
 }
 
 /// Reads an ONNX file into a model.
@@ -185,6 +192,7 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
         return Err(OnnxError::Unsupported(unsupported));
     }
     let mut b = Builder::new(opset);
+    b.single = opts.single_sample;
     if let Some(max) = opts.max_generated {
         b.generated_left.set(max);
     }
@@ -235,7 +243,14 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
             )))
         }
     };
-    let shape = input_shape(input, opts.input_shape.as_deref())?;
+    let shape = input_shape(input, opts.input_shape.as_deref(), opts.single_sample)?;
+    if shape.is_empty() && !opts.single_sample {
+        return err(format!(
+            "the input `{}` has one axis, which Slim reads as the batch: a sample would be one \
+             number (a graph without a batch axis imports with --single-sample)",
+            input.name
+        ));
+    }
     let in_name = b.fresh_name(&sanitize(&input.name), "input");
     b.push(
         &in_name,
@@ -262,6 +277,16 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
     for o in &graph.output {
         match b.values.get(&o.name) {
             Some(Value::Node(r)) => outputs.push(r.node.clone()),
+            // A graph of one sample may compute a constant (a shape): the same for every
+            // sample.
+            Some(Value::Const(c)) if b.single => {
+                let c = c.clone();
+                let rank = c.dims.len() + 1;
+                let r = b
+                    .constant_node(&o.name, &c, rank)
+                    .map_err(|e| OnnxError::Model(format!("the graph output `{}`: {e}", o.name)))?;
+                outputs.push(r.node)
+            }
             Some(Value::Const(_)) => {
                 return Err(OnnxError::Model(format!(
                     "the graph output `{}` is a constant",
@@ -333,8 +358,12 @@ pub(crate) fn sanitize(name: &str) -> String {
     s.trim_matches('.').to_string()
 }
 
-fn input_shape(input: &proto::ValueInfoProto, given: Option<&[usize]>) -> Result<Vec<usize>> {
-    let shape = declared_input_shape(input, given)?;
+fn input_shape(
+    input: &proto::ValueInfoProto,
+    given: Option<&[usize]>,
+    single: bool,
+) -> Result<Vec<usize>> {
+    let shape = declared_input_shape(input, given, single)?;
     let total = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     if shape.iter().any(|&d| d as i64 > LIMIT) || total.is_none_or(|t| t > 1 << 26) {
         return err(format!(
@@ -348,6 +377,7 @@ fn input_shape(input: &proto::ValueInfoProto, given: Option<&[usize]>) -> Result
 fn declared_input_shape(
     input: &proto::ValueInfoProto,
     given: Option<&[usize]>,
+    single: bool,
 ) -> Result<Vec<usize>> {
     let dims: Option<Vec<Option<usize>>> = input
         .r#type
@@ -360,7 +390,9 @@ fn declared_input_shape(
                 .map(|d| d.dim_value.filter(|&v| v > 0).map(|v| v as usize))
                 .collect()
         });
-    let declared: Option<Vec<Option<usize>>> = dims.map(|d| d.into_iter().skip(1).collect());
+    // The batch axis, first, is not part of a sample (unless the graph is of one sample).
+    let skip = usize::from(!single);
+    let declared: Option<Vec<Option<usize>>> = dims.map(|d| d.into_iter().skip(skip).collect());
     match (declared, given) {
         (Some(d), Some(g)) => {
             let fits =
@@ -440,6 +472,8 @@ struct Pending {
 
 struct Builder {
     opset: i64,
+    /// The graph is of one sample ([`ImportOptions::single_sample`]).
+    single: bool,
     values: HashMap<String, Value>,
     /// ONNX values that are a channel grid `[g, C/g, H, W]` with its two channel axes
     /// swapped (the middle of a channel shuffle): the Slim node holds the unswapped values, so
@@ -471,6 +505,7 @@ impl Builder {
     fn new(opset: i64) -> Builder {
         Builder {
             opset,
+            single: false,
             values: HashMap::new(),
             swapped: HashMap::new(),
             generated_left: std::cell::Cell::new(slim_core::graph::MAX_ELEMENTS),
@@ -617,7 +652,7 @@ impl Builder {
             .into_iter()
             .map(|v| match v {
                 Value::Node(r) => Ok(r),
-                Value::Const(c) => self.constant_node(n, &c, rank),
+                Value::Const(c) => self.constant_node(&display_name(n), &c, rank),
             })
             .collect()
     }
@@ -626,7 +661,7 @@ impl Builder {
     /// over the batch): a constant node of its per-sample shape, the same for every sample.
     /// Its input is the model's input, for the batch size. A constant of the data's full
     /// `rank` (the batch axis included) must have one in its first axis.
-    fn constant_node(&mut self, n: &NodeProto, c: &Const, rank: usize) -> Result<NodeRef> {
+    fn constant_node(&mut self, base: &str, c: &Const, rank: usize) -> Result<NodeRef> {
         let per_sample = match c.dims.len() {
             r if r == rank && c.dims[0] == 1 => c.dims[1..].to_vec(),
             r if r == rank => {
@@ -651,7 +686,7 @@ impl Builder {
             Some(p) if matches!(p.op, Op::Input { .. }) => p.name.clone(),
             _ => return err("a constant before the model's input"),
         };
-        let name = self.fresh_name(&sanitize(&display_name(n)), "constant");
+        let name = self.fresh_name(&sanitize(base), "constant");
         let value = Const {
             dims: per_sample.clone(),
             values: c.values.clone(),
@@ -689,10 +724,23 @@ impl Builder {
             })?;
         match input {
             Value::Node(x) if out[1..] == x.onnx[..] => self.bind(n, x),
-            Value::Node(x) => err(format!(
-                "Expand of data of shape [N, {}] to {target:?}; Slim expands constants",
-                join(&x.onnx)
-            )),
+            Value::Node(x) => {
+                // Data broadcast to a larger shape: a product with ones of that shape (axes
+                // added in front of the batch would move it).
+                if out.first() != Some(&1) || target.len() > dims.len() {
+                    return err(format!(
+                        "Expand of data of shape [N, {}] to {target:?} over the batch axis",
+                        join(&x.onnx)
+                    ));
+                }
+                let ones = Const {
+                    values: vec![1.0; out[1..].iter().product()],
+                    dims: out[1..].to_vec(),
+                };
+                let base = display_name(n);
+                let c = self.constant_node(&format!("{base}.ones"), &ones, rank)?;
+                self.data_binary(n, &sanitize(&base), &x, &c, BinaryKind::Mul)
+            }
             Value::Const(c) => {
                 if out.first() != Some(&1) {
                     return err(format!(
@@ -714,7 +762,7 @@ impl Builder {
                 self.generated_left.set(left - count);
                 let values = broadcast_values(&c, &out);
                 let full = Const { dims: out, values };
-                let r = self.constant_node(n, &full, rank)?;
+                let r = self.constant_node(&display_name(n), &full, rank)?;
                 self.bind(n, r)
             }
         }
@@ -806,6 +854,16 @@ impl Builder {
                 self.ints.extend(n.output.iter().cloned());
             }
         }
+        if self.single {
+            let lifted = self.lift(n)?;
+            return self.dispatch(&lifted);
+        }
+        self.dispatch(n)
+    }
+
+    /// Imports a node that reads data (or a `Constant`).
+    fn dispatch(&mut self, n: &NodeProto) -> Result<()> {
+        let a = Attrs(&n.attribute);
         let base = sanitize(&display_name(n));
         match n.op_type.as_str() {
             "Constant" => {
@@ -946,6 +1004,16 @@ impl Builder {
                 let big = |v: Option<f64>| v.is_none_or(|v| v >= 3.0e38);
                 let small = |v: Option<f64>| v.is_none_or(|v| v <= -3.0e38);
                 match lo {
+                    // ONNX clips to the upper bound when the bounds cross: every value is it.
+                    Some(l) if hi.is_some_and(|h| l > h) => {
+                        let x = self.node_in(n, 0)?;
+                        let fill = Const {
+                            values: vec![hi.unwrap_or(l); x.onnx.iter().product()],
+                            dims: x.onnx.clone(),
+                        };
+                        let r = self.constant_node(&base, &fill, x.onnx.len() + 1)?;
+                        self.bind(n, r)
+                    }
                     Some(l) if l == 0.0 && hi == Some(6.0) => self.unary(n, &base, Op::Relu6),
                     Some(l) if l == 0.0 && big(hi) => self.unary(n, &base, Op::Relu),
                     _ => {
@@ -1003,6 +1071,18 @@ impl Builder {
             "Mul" => self.mul(n, &base),
             "Div" => self.div(n, &base),
             "Concat" => {
+                // Empty parts (a split's empty rest) add nothing.
+                let mut kept = n.clone();
+                kept.input.retain(
+                    |i| !matches!(self.values.get(i), Some(Value::Const(c)) if c.numel() == 0),
+                );
+                let n = &kept;
+                if n.input.len() == 1 {
+                    let v = self.value(n, 0)?.clone();
+                    let out = n.output.first().cloned().unwrap_or_default();
+                    self.values.insert(out, v);
+                    return Ok(());
+                }
                 let xs = self.data_or_constants(n)?;
                 let rank = xs[0].onnx.len() as i64 + 1;
                 let axis = a.int("axis").unwrap_or(1);
@@ -1197,6 +1277,24 @@ impl Builder {
                         let name = self.layer_name(n, 1);
                         self.linear(n, &name, x, transpose(&w), None)
                     }
+                    Value::Const(w) if w.dims.len() == 1 && x.onnx.len() > 1 => {
+                        // Times a vector: a dense layer of one output, its axis dropped.
+                        let node = self.materialize(&x)?;
+                        let spec = LinearSpec {
+                            in_features: w.dims[0],
+                            out_features: 1,
+                            bias: false,
+                        };
+                        let weight = Const {
+                            dims: vec![1, w.dims[0]],
+                            values: w.values.clone(),
+                        };
+                        let p = BTreeMap::from([("weight", weight)]);
+                        let name = self.fresh_name(&self.layer_name(n, 1), "dense");
+                        let shape = self.push(&name, Op::Dense(spec), &[&node], p)?;
+                        let r = NodeRef::plain(name, &shape);
+                        self.reshape(n, &base, &r, x.onnx[..x.onnx.len() - 1].to_vec())
+                    }
                     Value::Const(w) if w.dims.len() == 2 => {
                         // Tokens times a matrix: a dense layer over the last axis.
                         let node = self.materialize(&x)?;
@@ -1214,7 +1312,7 @@ impl Builder {
                     }
                     Value::Const(w) => {
                         // Batched matrices: a constant node, in a product of data values.
-                        let c = self.constant_node(n, &w, x.onnx.len() + 1)?;
+                        let c = self.constant_node(&display_name(n), &w, x.onnx.len() + 1)?;
                         let a = self.materialize(&x)?;
                         let name = self.fresh_name(&base, "matmul");
                         let shape =
@@ -1361,7 +1459,8 @@ impl Builder {
         let a = if axis < 0 { axis + rank } else { axis };
         if a < 1 || a >= rank {
             return err(format!(
-                "axis {axis} of a rank-{rank} value: Slim keeps the batch axis (0) apart"
+                "axis {axis} of a rank-{rank} value: Slim keeps the batch axis (0) apart (a \
+                 graph without a batch axis imports with --single-sample)"
             ));
         }
         Ok(a as usize - 1)

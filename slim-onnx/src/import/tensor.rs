@@ -208,7 +208,7 @@ impl Builder {
             }
             None => return err("a Split without outputs"),
         };
-        if sizes.len() != parts || sizes.iter().sum::<usize>() != len || sizes.contains(&0) {
+        if sizes.len() != parts || sizes.iter().sum::<usize>() != len {
             return err(format!(
                 "split sizes {sizes:?} of {len} values into {parts} outputs"
             ));
@@ -216,6 +216,18 @@ impl Builder {
         let node = self.materialize(&x)?;
         let mut start = 0;
         for (k, size) in sizes.into_iter().enumerate() {
+            if size == 0 {
+                // An empty part (the rest of a rotary embedding that rotates everything):
+                // only a Concat may read it, and it adds nothing there.
+                let mut dims = x.onnx.clone();
+                dims[axis] = 0;
+                let empty = Const {
+                    dims,
+                    values: vec![],
+                };
+                self.values.insert(n.output[k].clone(), Value::Const(empty));
+                continue;
+            }
             self.bind_slice(n, k, &node, axis, (start, start + size, 1))?;
             start += size;
         }
