@@ -660,3 +660,68 @@ pub(super) fn affine_params(
 pub(super) fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6 * b.abs().max(1.0)
 }
+
+/// Node kinds the importer dispatches here (from [`Builder::dispatch`]).
+impl Builder {
+    pub(super) fn clip(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let (lo, hi) = if self.opset < 11 {
+            (a.float("min").map(f64::from), a.float("max").map(f64::from))
+        } else {
+            let one = |c: Option<Const>| -> Result<Option<f64>> {
+                match c {
+                    None => Ok(None),
+                    Some(c) if c.numel() == 1 => Ok(Some(c.values[0])),
+                    Some(_) => err("Clip bounds must be scalars"),
+                }
+            };
+            (one(self.opt_const(n, 1)?)?, one(self.opt_const(n, 2)?)?)
+        };
+        let big = |v: Option<f64>| v.is_none_or(|v| v >= 3.0e38);
+        let small = |v: Option<f64>| v.is_none_or(|v| v <= -3.0e38);
+        match lo {
+            // ONNX clips to the upper bound when the bounds cross: every value is it.
+            Some(l) if hi.is_some_and(|h| l > h) => {
+                let x = self.node_in(n, 0)?;
+                let fill = Const {
+                    values: vec![hi.unwrap_or(l); x.onnx.iter().product()],
+                    dims: x.onnx.clone(),
+                };
+                let r = self.constant_node(&base, &fill, x.onnx.len() + 1)?;
+                self.bind(n, r)
+            }
+            Some(l) if l == 0.0 && hi == Some(6.0) => self.unary(n, &base, Op::Relu6),
+            Some(l) if l == 0.0 && big(hi) => self.unary(n, &base, Op::Relu),
+            _ => {
+                let bound =
+                    |v: Option<f64>, open: bool| (!open).then(|| v.map(|v| v as f32)).flatten();
+                let op = Op::Clip {
+                    min: bound(lo, small(lo)),
+                    max: bound(hi, big(hi)),
+                };
+                self.unary(n, &base, op)
+            }
+        }
+    }
+
+    pub(super) fn prelu(&mut self, n: &NodeProto, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let slope = self.konst(n, 1)?;
+        let channels = x.onnx[0];
+        let v = slope.per_channel(channels, x.onnx.len()).ok_or_else(|| {
+            OnnxError::Model(format!(
+                "its slope of shape {:?} is not one value or one per channel of a [{}] value",
+                slope.dims,
+                join(&x.onnx)
+            ))
+        })?;
+        let mut p = BTreeMap::new();
+        p.insert(
+            "weight",
+            Const {
+                dims: vec![channels],
+                values: v,
+            },
+        );
+        self.emit_keep(n, &base, Op::PRelu { channels }, &[&x], p)
+    }
+}

@@ -72,7 +72,7 @@ impl Builder {
 
     /// Counts a folded constant of `dims` made from inputs of `from` values against the
     /// values the import may still generate, when it is larger.
-    fn charge(&self, dims: &[usize], from: usize) -> Result<()> {
+    pub(super) fn charge(&self, dims: &[usize], from: usize) -> Result<()> {
         let count = slim_core::graph::elements(dims)
             .filter(|&n| n <= slim_core::graph::MAX_ELEMENTS)
             .ok_or_else(|| {
@@ -135,27 +135,7 @@ impl Builder {
                     values: x.values,
                 }
             }
-            "Unsqueeze" => {
-                let x = c(0)?;
-                let axes = self.axes(n, a)?.unwrap_or_default();
-                let rank = (x.dims.len() + axes.len()) as i64;
-                let mut axes: Vec<usize> = axes
-                    .iter()
-                    .map(|&ax| if ax < 0 { ax + rank } else { ax } as usize)
-                    .collect();
-                axes.sort();
-                let mut dims = x.dims.clone();
-                for ax in axes {
-                    if ax > dims.len() {
-                        return err(format!("axis {ax} out of range"));
-                    }
-                    dims.insert(ax, 1);
-                }
-                Const {
-                    dims,
-                    values: x.values,
-                }
-            }
+            "Unsqueeze" => self.unsqueeze_const(n, a)?,
             "Squeeze" => {
                 let x = c(0)?;
                 let axes = self.axes(n, a)?;
@@ -169,25 +149,7 @@ impl Builder {
                 concat(&parts, a.int("axis").unwrap_or(0))?
             }
             "Gather" => gather(&c(0)?, &c(1)?, a.int("axis").unwrap_or(0))?,
-            "Slice" => {
-                let x = c(0)?;
-                let (starts, ends, axes, steps) = if self.opset < 10 {
-                    (
-                        a.ints("starts").unwrap_or_default(),
-                        a.ints("ends").unwrap_or_default(),
-                        a.ints("axes"),
-                        None,
-                    )
-                } else {
-                    (
-                        c(1)?.ints(),
-                        c(2)?.ints(),
-                        self.opt_const(n, 3)?.map(|s| s.ints()),
-                        self.opt_const(n, 4)?.map(|s| s.ints()),
-                    )
-                };
-                slice(&x, &starts, &ends, axes, steps)?
-            }
+            "Slice" => self.slice_const(n, a)?,
             // An Expand over the batch (its shape read from the data's) makes a constant node.
             "Expand" if n.input.get(1).is_some_and(|i| self.batchy.contains_key(i)) => {
                 return Ok(None)
@@ -224,42 +186,7 @@ impl Builder {
                     .for_each(|v| *v = f64::from(f(*v) as f32));
                 x
             }
-            "ConstantOfShape" => {
-                let shape = c(0)?.ints();
-                let dims = sizes("ConstantOfShape's shape", &shape, 0)
-                    .ok()
-                    .filter(|d| {
-                        slim_core::graph::elements(d)
-                            .is_some_and(|n| n <= slim_core::graph::MAX_ELEMENTS)
-                    })
-                    .ok_or_else(|| {
-                        OnnxError::Model(format!(
-                            "ConstantOfShape of shape {shape:?} is beyond Slim's limits"
-                        ))
-                    })?;
-                let value = match a.tensor("value") {
-                    Some(t) => {
-                        let v = Const::from_proto(t)?;
-                        if v.numel() != 1 {
-                            return err(format!("its value holds {} elements, not one", v.numel()));
-                        }
-                        v.values[0]
-                    }
-                    None => 0.0,
-                };
-                let n = slim_core::graph::elements(&dims).unwrap_or(0);
-                let left = self.generated_left.get();
-                if n > left {
-                    return err(format!(
-                        "ConstantOfShape of shape {shape:?} ({n} values) exceeds the {left} values the import may still generate"
-                    ));
-                }
-                self.generated_left.set(left - n);
-                Const {
-                    dims,
-                    values: vec![value; n],
-                }
-            }
+            "ConstantOfShape" => self.constant_of_shape(n, a)?,
             "Transpose" => {
                 let x = c(0)?;
                 let rank = x.dims.len();
@@ -642,6 +569,9 @@ fn slice(
             return err("Slice with a step of 0");
         }
         let at = |v: i64| if v < 0 { v.saturating_add(len) } else { v };
+        if len == 0 {
+            continue;
+        }
         let (start, end) = if step > 0 {
             (at(starts[k]).clamp(0, len), at(ends[k]).clamp(0, len))
         } else {
@@ -702,4 +632,88 @@ fn concat(parts: &[Const], axis: i64) -> Result<Const> {
     let mut dims = first.dims.clone();
     dims[axis] = parts.iter().map(|p| p.dims[axis]).sum();
     Ok(Const { dims, values })
+}
+
+/// Folds of single ops (from [`Builder::fold`]).
+impl Builder {
+    fn constant_of_shape(&self, n: &NodeProto, a: &Attrs) -> Result<Const> {
+        let c = |i| self.konst(n, i);
+        let shape = c(0)?.ints();
+        let dims = sizes("ConstantOfShape's shape", &shape, 0)
+            .ok()
+            .filter(|d| {
+                slim_core::graph::elements(d).is_some_and(|n| n <= slim_core::graph::MAX_ELEMENTS)
+            })
+            .ok_or_else(|| {
+                OnnxError::Model(format!(
+                    "ConstantOfShape of shape {shape:?} is beyond Slim's limits"
+                ))
+            })?;
+        let value = match a.tensor("value") {
+            Some(t) => {
+                let v = Const::from_proto(t)?;
+                if v.numel() != 1 {
+                    return err(format!("its value holds {} elements, not one", v.numel()));
+                }
+                v.values[0]
+            }
+            None => 0.0,
+        };
+        let n = slim_core::graph::elements(&dims).unwrap_or(0);
+        let left = self.generated_left.get();
+        if n > left {
+            return err(format!(
+                "ConstantOfShape of shape {shape:?} ({n} values) exceeds the {left} values the import may still generate"
+            ));
+        }
+        self.generated_left.set(left - n);
+        Ok(Const {
+            dims,
+            values: vec![value; n],
+        })
+    }
+
+    fn slice_const(&self, n: &NodeProto, a: &Attrs) -> Result<Const> {
+        let c = |i| self.konst(n, i);
+        let x = c(0)?;
+        let (starts, ends, axes, steps) = if self.opset < 10 {
+            (
+                a.ints("starts").unwrap_or_default(),
+                a.ints("ends").unwrap_or_default(),
+                a.ints("axes"),
+                None,
+            )
+        } else {
+            (
+                c(1)?.ints(),
+                c(2)?.ints(),
+                self.opt_const(n, 3)?.map(|s| s.ints()),
+                self.opt_const(n, 4)?.map(|s| s.ints()),
+            )
+        };
+        slice(&x, &starts, &ends, axes, steps)
+    }
+
+    fn unsqueeze_const(&self, n: &NodeProto, a: &Attrs) -> Result<Const> {
+        let c = |i| self.konst(n, i);
+        let x = c(0)?;
+        let axes = self.axes(n, a)?.unwrap_or_default();
+        let rank = (x.dims.len() + axes.len()) as i64;
+        let mut axes: Vec<usize> = axes
+            .iter()
+            .map(|&ax| if ax < 0 { ax + rank } else { ax } as usize)
+            .collect();
+        axes.sort();
+        let mut dims = x.dims.clone();
+        for ax in axes {
+            if ax > dims.len() {
+                return err(format!("axis {ax} out of range"));
+            }
+            dims.insert(ax, 1);
+        }
+        Ok(Const {
+            dims,
+            values: x.values,
+        })
+    }
 }

@@ -658,3 +658,136 @@ pub(super) fn pads_per_axis(
     };
     Ok(per_axis)
 }
+
+/// Node kinds the importer dispatches here (from [`Builder::dispatch`]).
+impl Builder {
+    pub(super) fn dropout(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
+            return err("the dropout mask output is used, which Slim does not compute");
+        }
+        let p = if self.opset < 12 {
+            a.float("ratio").map(f64::from)
+        } else {
+            match self.opt_const(n, 1)? {
+                Some(c) if c.values.len() == 1 => Some(c.values[0]),
+                Some(c) => return err(format!("its ratio has {} values, not one", c.values.len())),
+                None => None,
+            }
+        };
+        let p = decimal(p.unwrap_or(0.5) as f32) as f32;
+        self.unary(n, &base, Op::Dropout { p })
+    }
+
+    pub(super) fn batch_norm(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let [scale, bias, mean, var] = [1, 2, 3, 4].map(|i| self.konst(n, i));
+        let (scale, bias, mean, var) = (scale?, bias?, mean?, var?);
+        let Some(&channels) = x.onnx.first() else {
+            return err("its input has no channel axis");
+        };
+        for (what, c) in [
+            ("scale", &scale),
+            ("bias", &bias),
+            ("mean", &mean),
+            ("var", &var),
+        ] {
+            if c.numel() != channels {
+                return err(format!(
+                    "{what} has {} values for {channels} channels",
+                    c.numel()
+                ));
+            }
+        }
+        let eps = decimal(a.float("epsilon").unwrap_or(1e-5));
+        // ONNX weighs the running statistic, Slim (as PyTorch) the batch's.
+        let momentum = 1.0 - decimal(a.float("momentum").unwrap_or(0.9));
+        let momentum = (momentum * 1e9).round() / 1e9;
+        let name = self.layer_name(n, 1);
+        let mut p = BTreeMap::new();
+        p.insert("weight", scale);
+        p.insert("bias", bias);
+        p.insert("running_mean", mean);
+        p.insert("running_var", var);
+        let op = Op::BatchNorm2d(BatchNormSpec {
+            channels,
+            eps,
+            momentum,
+        });
+        self.emit_keep(n, &name, op, &[&x], p)
+    }
+
+    pub(super) fn matmul(&mut self, n: &NodeProto, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        match self.value(n, 1)?.clone() {
+            Value::Const(w) if x.onnx.len() == 1 && w.dims.len() == 2 => {
+                let name = self.layer_name(n, 1);
+                self.linear(n, &name, x, transpose(&w), None)
+            }
+            Value::Const(w) if w.dims.len() == 1 && x.onnx.len() > 1 => {
+                // Times a vector: a dense layer of one output, its axis dropped.
+                let node = self.materialize(&x)?;
+                let spec = LinearSpec {
+                    in_features: w.dims[0],
+                    out_features: 1,
+                    bias: false,
+                };
+                let weight = Const {
+                    dims: vec![1, w.dims[0]],
+                    values: w.values.clone(),
+                };
+                let p = BTreeMap::from([("weight", weight)]);
+                let name = self.fresh_name(&self.layer_name(n, 1), "dense");
+                let shape = self.push(&name, Op::Dense(spec), &[&node], p)?;
+                let r = NodeRef::plain(name, &shape);
+                self.reshape(n, &base, &r, x.onnx[..x.onnx.len() - 1].to_vec())
+            }
+            Value::Const(w) if w.dims.len() == 2 => {
+                // Tokens times a matrix: a dense layer over the last axis.
+                let node = self.materialize(&x)?;
+                let (k, out) = (w.dims[0], w.dims[1]);
+                let spec = LinearSpec {
+                    in_features: k,
+                    out_features: out,
+                    bias: false,
+                };
+                let mut p = BTreeMap::new();
+                p.insert("weight", transpose(&w));
+                let name = self.fresh_name(&self.layer_name(n, 1), "dense");
+                let shape = self.push(&name, Op::Dense(spec), &[&node], p)?;
+                self.bind(n, NodeRef::plain(name, &shape))
+            }
+            Value::Const(w) => {
+                // Batched matrices: a constant node, in a product of data values.
+                let c = self.constant_node(&display_name(n), &w, x.onnx.len() + 1)?;
+                let a = self.materialize(&x)?;
+                let name = self.fresh_name(&base, "matmul");
+                let shape = self.push(&name, Op::MatMul, &[&a, &c.node], BTreeMap::new())?;
+                self.bind(n, NodeRef::plain(name, &shape))
+            }
+            Value::Node(y) => {
+                let (a, b) = (self.materialize(&x)?, self.materialize(&y)?);
+                let name = self.fresh_name(&base, "matmul");
+                let shape = self.push(&name, Op::MatMul, &[&a, &b], BTreeMap::new())?;
+                self.bind(n, NodeRef::plain(name, &shape))
+            }
+        }
+    }
+
+    pub(super) fn lrn(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        if x.onnx.len() != 3 {
+            return err(format!(
+                "LRN of a [N, {}] value; Slim normalizes [N, C, H, W] feature maps",
+                join(&x.onnx)
+            ));
+        }
+        let size = sizes("size", &[a.int("size").unwrap_or(0)], 1)?[0];
+        let spec = LrnSpec {
+            size,
+            alpha: a.float("alpha").unwrap_or(1e-4),
+            beta: a.float("beta").unwrap_or(0.75),
+            bias: a.float("bias").unwrap_or(1.0),
+        };
+        self.unary(n, &base, Op::Lrn(spec))
+    }
+}

@@ -168,26 +168,7 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
             "the model uses opset {opset}; Slim imports opset 7 and newer"
         )));
     }
-    let unsupported: Vec<String> = graph
-        .node
-        .iter()
-        .filter(|n| {
-            !(n.domain.is_empty() || n.domain == "ai.onnx")
-                || !SUPPORTED_OPS.contains(&n.op_type.as_str())
-        })
-        .map(|n| {
-            let domain = if n.domain.is_empty() {
-                "ai.onnx"
-            } else {
-                &n.domain
-            };
-            format!(
-                "`{}` ({} of {domain}, opset {opset})",
-                display_name(n),
-                n.op_type
-            )
-        })
-        .collect();
+    let unsupported = unsupported_ops(graph, opset);
     if !unsupported.is_empty() {
         return Err(OnnxError::Unsupported(unsupported));
     }
@@ -273,34 +254,7 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
             e => e,
         })?;
     }
-    let mut outputs = Vec::new();
-    for o in &graph.output {
-        match b.values.get(&o.name) {
-            Some(Value::Node(r)) => outputs.push(r.node.clone()),
-            // A graph of one sample may compute a constant (a shape): the same for every
-            // sample.
-            Some(Value::Const(c)) if b.single => {
-                let c = c.clone();
-                let rank = c.dims.len() + 1;
-                let r = b
-                    .constant_node(&o.name, &c, rank)
-                    .map_err(|e| OnnxError::Model(format!("the graph output `{}`: {e}", o.name)))?;
-                outputs.push(r.node)
-            }
-            Some(Value::Const(_)) => {
-                return Err(OnnxError::Model(format!(
-                    "the graph output `{}` is a constant",
-                    o.name
-                )))
-            }
-            None => {
-                return Err(OnnxError::Model(format!(
-                    "the graph output `{}` is computed by no node",
-                    o.name
-                )))
-            }
-        }
-    }
+    let outputs = b.outputs(graph)?;
     let mut out = b.finish(&outputs)?;
     // The parameters, not every initializer: a constant such as a padding value or a clip
     // bound may be infinite on purpose, and it becomes an attribute, not a parameter.
@@ -334,6 +288,65 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
         out.set_preprocess(opts.preprocess.as_ref(), opts.resize)?;
     }
     Ok(out)
+}
+
+/// Every node of `graph` whose op the importer does not take, described for the error.
+fn unsupported_ops(graph: &proto::GraphProto, opset: i64) -> Vec<String> {
+    graph
+        .node
+        .iter()
+        .filter(|n| {
+            !(n.domain.is_empty() || n.domain == "ai.onnx")
+                || !SUPPORTED_OPS.contains(&n.op_type.as_str())
+        })
+        .map(|n| {
+            let domain = if n.domain.is_empty() {
+                "ai.onnx"
+            } else {
+                &n.domain
+            };
+            format!(
+                "`{}` ({} of {domain}, opset {opset})",
+                display_name(n),
+                n.op_type
+            )
+        })
+        .collect()
+}
+
+impl Builder {
+    /// The Slim nodes of the graph's outputs.
+    fn outputs(&mut self, graph: &proto::GraphProto) -> Result<Vec<String>> {
+        let mut outputs = Vec::new();
+        for o in &graph.output {
+            match self.values.get(&o.name) {
+                Some(Value::Node(r)) => outputs.push(r.node.clone()),
+                // A graph of one sample may compute a constant (a shape): the same for every
+                // sample.
+                Some(Value::Const(c)) if self.single => {
+                    let c = c.clone();
+                    let rank = c.dims.len() + 1;
+                    let r = self.constant_node(&o.name, &c, rank).map_err(|e| {
+                        OnnxError::Model(format!("the graph output `{}`: {e}", o.name))
+                    })?;
+                    outputs.push(r.node)
+                }
+                Some(Value::Const(_)) => {
+                    return Err(OnnxError::Model(format!(
+                        "the graph output `{}` is a constant",
+                        o.name
+                    )))
+                }
+                None => {
+                    return Err(OnnxError::Model(format!(
+                        "the graph output `{}` is computed by no node",
+                        o.name
+                    )))
+                }
+            }
+        }
+        Ok(outputs)
+    }
 }
 
 fn display_name(n: &NodeProto) -> String {
@@ -733,6 +746,7 @@ impl Builder {
                         join(&x.onnx)
                     ));
                 }
+                self.charge(&out[1..], 0)?;
                 let ones = Const {
                     values: vec![1.0; out[1..].iter().product()],
                     dims: out[1..].to_vec(),
@@ -866,120 +880,16 @@ impl Builder {
         let a = Attrs(&n.attribute);
         let base = sanitize(&display_name(n));
         match n.op_type.as_str() {
-            "Constant" => {
-                let c = if let Some(t) = a.tensor("value") {
-                    Const::from_proto(t)?
-                } else if let Some(f) = a.get("value_float") {
-                    Const::scalar(f64::from(f.f))
-                } else if let Some(f) = a.get("value_floats") {
-                    Const {
-                        dims: vec![f.floats.len()],
-                        values: f.floats.iter().map(|&v| f64::from(v)).collect(),
-                    }
-                } else if let Some(i) = a.get("value_int") {
-                    Const::scalar(i.i as f64)
-                } else if let Some(i) = a.get("value_ints") {
-                    Const {
-                        dims: vec![i.ints.len()],
-                        values: i.ints.iter().map(|&v| v as f64).collect(),
-                    }
-                } else {
-                    return err("a Constant without a supported value attribute");
-                };
-                self.bind_const(n, c)
-            }
-            "Dropout" => {
-                if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
-                    return err("the dropout mask output is used, which Slim does not compute");
-                }
-                let p = if self.opset < 12 {
-                    a.float("ratio").map(f64::from)
-                } else {
-                    match self.opt_const(n, 1)? {
-                        Some(c) if c.values.len() == 1 => Some(c.values[0]),
-                        Some(c) => {
-                            return err(format!("its ratio has {} values, not one", c.values.len()))
-                        }
-                        None => None,
-                    }
-                };
-                let p = decimal(p.unwrap_or(0.5) as f32) as f32;
-                self.unary(n, &base, Op::Dropout { p })
-            }
+            "Constant" => self.constant_value(n, &a),
+            "Dropout" => self.dropout(n, &a, &base),
             "Cast" if !cast_keeps_floats(a.int("to").unwrap_or(0)) => err(format!(
                 "a Cast of data to {}; Slim computes in floats",
                 data_type::name(a.int("to").unwrap_or(0) as i32)
             )),
-            "Identity" | "Cast" => {
-                if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
-                    return err("the dropout mask output is used, which Slim does not compute");
-                }
-                let v = self.value(n, 0)?.clone();
-                let Some(out) = n.output.first().cloned() else {
-                    return err("it has no output");
-                };
-                self.values.insert(out, v);
-                Ok(())
-            }
-            "Shape" => {
-                self.ints.extend(n.output.iter().cloned());
-                let r = self.node_in(n, 0)?;
-                // The batch size is not known at import: its entry is marked, and only a
-                // Reshape's batch position may read it.
-                let mut dims = vec![1.0];
-                dims.extend(r.onnx.iter().map(|&d| d as f64));
-                let (s, e) = shape_range(&a, dims.len());
-                let flags: Vec<bool> = (s..e).map(|i| i == 0).collect();
-                if let (Some(out), true) = (n.output.first(), flags.contains(&true)) {
-                    self.batchy.insert(out.clone(), flags);
-                }
-                let values = dims[s..e].to_vec();
-                self.bind_const(
-                    n,
-                    Const {
-                        dims: vec![values.len()],
-                        values,
-                    },
-                )
-            }
+            "Identity" | "Cast" => self.pass_through(n),
+            "Shape" => self.shape(n, &a),
             "Conv" => self.conv(n, &a),
-            "BatchNormalization" => {
-                let x = self.node_in(n, 0)?;
-                let [scale, bias, mean, var] = [1, 2, 3, 4].map(|i| self.konst(n, i));
-                let (scale, bias, mean, var) = (scale?, bias?, mean?, var?);
-                let Some(&channels) = x.onnx.first() else {
-                    return err("its input has no channel axis");
-                };
-                for (what, c) in [
-                    ("scale", &scale),
-                    ("bias", &bias),
-                    ("mean", &mean),
-                    ("var", &var),
-                ] {
-                    if c.numel() != channels {
-                        return err(format!(
-                            "{what} has {} values for {channels} channels",
-                            c.numel()
-                        ));
-                    }
-                }
-                let eps = decimal(a.float("epsilon").unwrap_or(1e-5));
-                // ONNX weighs the running statistic, Slim (as PyTorch) the batch's.
-                let momentum = 1.0 - decimal(a.float("momentum").unwrap_or(0.9));
-                let momentum = (momentum * 1e9).round() / 1e9;
-                let name = self.layer_name(n, 1);
-                let mut p = BTreeMap::new();
-                p.insert("weight", scale);
-                p.insert("bias", bias);
-                p.insert("running_mean", mean);
-                p.insert("running_var", var);
-                let op = Op::BatchNorm2d(BatchNormSpec {
-                    channels,
-                    eps,
-                    momentum,
-                });
-                self.emit_keep(n, &name, op, &[&x], p)
-            }
+            "BatchNormalization" => self.batch_norm(n, &a),
             "Relu" => self.unary(n, &base, Op::Relu),
             "Sigmoid" => self.unary(n, &base, Op::Sigmoid),
             "HardSwish" => self.unary(n, &base, Op::HardSwish),
@@ -988,71 +898,12 @@ impl Builder {
                 let beta = a.float("beta").unwrap_or(0.5);
                 self.unary(n, &base, Op::HardSigmoid { alpha, beta })
             }
-            "Clip" => {
-                let (lo, hi) = if self.opset < 11 {
-                    (a.float("min").map(f64::from), a.float("max").map(f64::from))
-                } else {
-                    let one = |c: Option<Const>| -> Result<Option<f64>> {
-                        match c {
-                            None => Ok(None),
-                            Some(c) if c.numel() == 1 => Ok(Some(c.values[0])),
-                            Some(_) => err("Clip bounds must be scalars"),
-                        }
-                    };
-                    (one(self.opt_const(n, 1)?)?, one(self.opt_const(n, 2)?)?)
-                };
-                let big = |v: Option<f64>| v.is_none_or(|v| v >= 3.0e38);
-                let small = |v: Option<f64>| v.is_none_or(|v| v <= -3.0e38);
-                match lo {
-                    // ONNX clips to the upper bound when the bounds cross: every value is it.
-                    Some(l) if hi.is_some_and(|h| l > h) => {
-                        let x = self.node_in(n, 0)?;
-                        let fill = Const {
-                            values: vec![hi.unwrap_or(l); x.onnx.iter().product()],
-                            dims: x.onnx.clone(),
-                        };
-                        let r = self.constant_node(&base, &fill, x.onnx.len() + 1)?;
-                        self.bind(n, r)
-                    }
-                    Some(l) if l == 0.0 && hi == Some(6.0) => self.unary(n, &base, Op::Relu6),
-                    Some(l) if l == 0.0 && big(hi) => self.unary(n, &base, Op::Relu),
-                    _ => {
-                        let bound = |v: Option<f64>, open: bool| {
-                            (!open).then(|| v.map(|v| v as f32)).flatten()
-                        };
-                        let op = Op::Clip {
-                            min: bound(lo, small(lo)),
-                            max: bound(hi, big(hi)),
-                        };
-                        self.unary(n, &base, op)
-                    }
-                }
-            }
+            "Clip" => self.clip(n, &a, &base),
             "LeakyRelu" => {
                 let alpha = a.float("alpha").unwrap_or(0.01);
                 self.unary(n, &base, Op::LeakyRelu { alpha })
             }
-            "PRelu" => {
-                let x = self.node_in(n, 0)?;
-                let slope = self.konst(n, 1)?;
-                let channels = x.onnx[0];
-                let v = slope.per_channel(channels, x.onnx.len()).ok_or_else(|| {
-                    OnnxError::Model(format!(
-                        "its slope of shape {:?} is not one value or one per channel of a [{}] value",
-                        slope.dims,
-                        join(&x.onnx)
-                    ))
-                })?;
-                let mut p = BTreeMap::new();
-                p.insert(
-                    "weight",
-                    Const {
-                        dims: vec![channels],
-                        values: v,
-                    },
-                );
-                self.emit_keep(n, &base, Op::PRelu { channels }, &[&x], p)
-            }
+            "PRelu" => self.prelu(n, &base),
             "Tanh" => self.unary(n, &base, Op::Tanh),
             "Erf" => self.unary(n, &base, Op::Erf),
             "Gelu" => match a.string("approximate").as_deref() {
@@ -1070,40 +921,7 @@ impl Builder {
             "Sub" => self.sub(n, &base),
             "Mul" => self.mul(n, &base),
             "Div" => self.div(n, &base),
-            "Concat" => {
-                // Empty parts (a split's empty rest) add nothing.
-                let mut kept = n.clone();
-                kept.input.retain(
-                    |i| !matches!(self.values.get(i), Some(Value::Const(c)) if c.numel() == 0),
-                );
-                let n = &kept;
-                if n.input.len() == 1 {
-                    let v = self.value(n, 0)?.clone();
-                    let out = n.output.first().cloned().unwrap_or_default();
-                    self.values.insert(out, v);
-                    return Ok(());
-                }
-                let xs = self.data_or_constants(n)?;
-                let rank = xs[0].onnx.len() as i64 + 1;
-                let axis = a.int("axis").unwrap_or(1);
-                let axis = if axis < 0 { axis + rank } else { axis };
-                let same = xs.iter().all(|x| self.shape_of(x) == x.onnx);
-                if axis != 1 || xs[0].onnx.len() != 3 || !same {
-                    let axis = self.sample_axis(axis, rank)?;
-                    let names: Vec<String> = xs
-                        .iter()
-                        .map(|x| self.materialize(x))
-                        .collect::<Result<_>>()?;
-                    let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-                    let name = self.fresh_name(&base, "concat");
-                    let shape = self.push(&name, Op::ConcatAt { axis }, &names, BTreeMap::new())?;
-                    return self.bind(n, NodeRef::plain(name, &shape));
-                }
-                let names: Vec<&str> = xs.iter().map(|x| x.node.as_str()).collect();
-                let name = self.fresh_name(&base, "concat");
-                let shape = self.push(&name, Op::Concat, &names, BTreeMap::new())?;
-                self.bind(n, NodeRef::plain(name, &shape))
-            }
+            "Concat" => self.concat(n, &a, &base),
             "MaxPool" | "AveragePool" => self.pool(n, &a, &base),
             "GlobalAveragePool" => {
                 let x = self.node_in(n, 0)?;
@@ -1113,261 +931,20 @@ impl Builder {
                 onnx.extend([1, 1]);
                 self.bind(n, NodeRef { node: name, onnx })
             }
-            "Flatten" => {
-                let x = self.node_in(n, 0)?;
-                let rank = x.onnx.len() as i64 + 1;
-                let axis = a.int("axis").unwrap_or(1);
-                let axis = if axis < 0 { axis + rank } else { axis };
-                if axis == 1 {
-                    return self.flatten(n, &base, x);
-                }
-                err(format!(
-                    "Flatten from axis {axis} of a rank-{rank} value merges the batch axis into its rows; Slim keeps each sample apart"
-                ))
-            }
+            "Flatten" => self.flatten_op(n, &a, &base),
             "Reshape"
                 if n.input
                     .first()
                     .is_some_and(|i| self.swapped.contains_key(i)) =>
             {
-                let x = self.view_in(n, 0)?;
-                let groups = self.swapped[&n.input[0]];
-                let target = resolve_reshape(&x.onnx, &self.konst(n, 1)?.ints())?;
-                if target != self.shape_of(&x) {
-                    return err(format!(
-                        "reshape of a swapped channel grid [N, {}] to [N, {}]; a channel shuffle reshapes it back to [N, C, H, W]",
-                        join(&x.onnx),
-                        join(&target)
-                    ));
-                }
-                let name = self.fresh_name(&base, "shuffle");
-                let op = Op::ChannelShuffle { groups };
-                let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
-                self.bind(n, NodeRef::plain(name, &shape))
+                self.unshuffle(n, &base)
             }
-            "Transpose" => {
-                let x = self.view_in(n, 0)?;
-                let rank = x.onnx.len() + 1;
-                let perm: Vec<i64> = a
-                    .ints("perm")
-                    .unwrap_or_else(|| (0..rank as i64).rev().collect());
-                let identity: Vec<i64> = (0..rank as i64).collect();
-                let mut sorted = perm.clone();
-                sorted.sort_unstable();
-                if sorted != identity {
-                    return err(format!(
-                        "Transpose with perm {perm:?} is not a permutation of the {rank} axes of a [N, {}] value",
-                        join(&x.onnx)
-                    ));
-                }
-                let slim = self.shape_of(&x);
-                if perm == identity {
-                    return self.bind(n, x);
-                }
-                let grid = slim.len() == 3
-                    && x.onnx.len() == 4
-                    && x.onnx[2..] == slim[1..]
-                    && !self.swapped.contains_key(&n.input[0]);
-                if grid && perm == [0, 2, 1, 3, 4] {
-                    let groups = x.onnx[0];
-                    let onnx = vec![x.onnx[1], x.onnx[0], x.onnx[2], x.onnx[3]];
-                    let out = n.output.first().cloned().unwrap_or_default();
-                    self.swapped.insert(out, groups);
-                    return self.bind(n, NodeRef { node: x.node, onnx });
-                }
-                if perm.first() != Some(&0) || self.swapped.contains_key(&n.input[0]) {
-                    return err(format!(
-                        "Transpose with perm {perm:?} of a [N, {}] value moves the batch axis",
-                        join(&x.onnx)
-                    ));
-                }
-                let node = self.materialize(&x)?;
-                let perm: Vec<usize> = perm[1..].iter().map(|&p| p as usize - 1).collect();
-                let name = self.fresh_name(&base, "transpose");
-                let shape = self.push(&name, Op::Transpose { perm }, &[&node], BTreeMap::new())?;
-                self.bind(n, NodeRef::plain(name, &shape))
-            }
-            "Reshape" | "Squeeze" | "Unsqueeze" => {
-                let x = self.node_in(n, 0)?;
-                let total = slim_core::graph::elements(&x.onnx)
-                    .ok_or_else(|| OnnxError::Model(format!("a value of shape {:?}", x.onnx)))?;
-                let target: Vec<usize> = match n.op_type.as_str() {
-                    "Reshape" => {
-                        let shape = self.konst(n, 1)?.ints();
-                        resolve_reshape(&x.onnx, &shape)?
-                    }
-                    "Squeeze" => {
-                        let axes = self.axes(n, &a)?;
-                        let full: Vec<usize> =
-                            std::iter::once(1).chain(x.onnx.iter().copied()).collect();
-                        squeeze_dims(&full, axes.as_deref())?
-                            .into_iter()
-                            .skip(1)
-                            .collect()
-                    }
-                    _ => {
-                        let axes = self.axes(n, &a)?.unwrap_or_default();
-                        let rank = (x.onnx.len() + 1 + axes.len()) as i64;
-                        let mut axes: Vec<i64> = axes
-                            .iter()
-                            .map(|&v| if v < 0 { v + rank } else { v })
-                            .collect();
-                        axes.sort_unstable();
-                        let mut full = vec![1usize];
-                        full.extend(&x.onnx);
-                        for ax in axes {
-                            if ax < 1 || ax as usize > full.len() {
-                                return err(format!(
-                                    "Unsqueeze at axis {ax}: Slim keeps the batch axis first"
-                                ));
-                            }
-                            full.insert(ax as usize, 1);
-                        }
-                        full[1..].to_vec()
-                    }
-                };
-                if target.is_empty() {
-                    return err(format!(
-                        "it makes each sample of [N, {}] a scalar; Slim values keep an axis",
-                        join(&x.onnx)
-                    ));
-                }
-                let strip = |v: &[usize]| -> Vec<usize> {
-                    let keep = v.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
-                    v[..keep].to_vec()
-                };
-                let slim = self.shape_of(&x);
-                let grid = n.op_type == "Reshape"
-                    && slim.len() == 3
-                    && target.len() == 4
-                    && target[2..] == slim[1..]
-                    && target[0] * target[1] == slim[0];
-                if target == x.onnx {
-                    self.bind(n, x)
-                } else if target == slim || grid {
-                    // Channels viewed as a [g, C/g] grid (a channel shuffle's first step), or
-                    // such a view turned back: the same Slim value.
-                    self.bind(
-                        n,
-                        NodeRef {
-                            node: x.node,
-                            onnx: target,
-                        },
-                    )
-                } else if self.shape_of(&x).len() == 1 && strip(&target) == strip(&x.onnx) {
-                    // A vector viewed as [C, 1, 1] (or back): the same Slim value.
-                    self.bind(
-                        n,
-                        NodeRef {
-                            node: x.node,
-                            onnx: target,
-                        },
-                    )
-                } else if target == [total] {
-                    self.flatten(n, &base, x)
-                } else {
-                    self.reshape(n, &base, &x, target)
-                }
-            }
+            "Transpose" => self.transpose_op(n, &a, &base),
+            "Reshape" | "Squeeze" | "Unsqueeze" => self.reshape_op(n, &a, &base),
             "Gemm" => self.gemm(n, &a),
-            "MatMul" => {
-                let x = self.node_in(n, 0)?;
-                match self.value(n, 1)?.clone() {
-                    Value::Const(w) if x.onnx.len() == 1 && w.dims.len() == 2 => {
-                        let name = self.layer_name(n, 1);
-                        self.linear(n, &name, x, transpose(&w), None)
-                    }
-                    Value::Const(w) if w.dims.len() == 1 && x.onnx.len() > 1 => {
-                        // Times a vector: a dense layer of one output, its axis dropped.
-                        let node = self.materialize(&x)?;
-                        let spec = LinearSpec {
-                            in_features: w.dims[0],
-                            out_features: 1,
-                            bias: false,
-                        };
-                        let weight = Const {
-                            dims: vec![1, w.dims[0]],
-                            values: w.values.clone(),
-                        };
-                        let p = BTreeMap::from([("weight", weight)]);
-                        let name = self.fresh_name(&self.layer_name(n, 1), "dense");
-                        let shape = self.push(&name, Op::Dense(spec), &[&node], p)?;
-                        let r = NodeRef::plain(name, &shape);
-                        self.reshape(n, &base, &r, x.onnx[..x.onnx.len() - 1].to_vec())
-                    }
-                    Value::Const(w) if w.dims.len() == 2 => {
-                        // Tokens times a matrix: a dense layer over the last axis.
-                        let node = self.materialize(&x)?;
-                        let (k, out) = (w.dims[0], w.dims[1]);
-                        let spec = LinearSpec {
-                            in_features: k,
-                            out_features: out,
-                            bias: false,
-                        };
-                        let mut p = BTreeMap::new();
-                        p.insert("weight", transpose(&w));
-                        let name = self.fresh_name(&self.layer_name(n, 1), "dense");
-                        let shape = self.push(&name, Op::Dense(spec), &[&node], p)?;
-                        self.bind(n, NodeRef::plain(name, &shape))
-                    }
-                    Value::Const(w) => {
-                        // Batched matrices: a constant node, in a product of data values.
-                        let c = self.constant_node(&display_name(n), &w, x.onnx.len() + 1)?;
-                        let a = self.materialize(&x)?;
-                        let name = self.fresh_name(&base, "matmul");
-                        let shape =
-                            self.push(&name, Op::MatMul, &[&a, &c.node], BTreeMap::new())?;
-                        self.bind(n, NodeRef::plain(name, &shape))
-                    }
-                    Value::Node(y) => {
-                        let (a, b) = (self.materialize(&x)?, self.materialize(&y)?);
-                        let name = self.fresh_name(&base, "matmul");
-                        let shape = self.push(&name, Op::MatMul, &[&a, &b], BTreeMap::new())?;
-                        self.bind(n, NodeRef::plain(name, &shape))
-                    }
-                }
-            }
-            "Softmax" => {
-                let x = self.node_in(n, 0)?;
-                let rank = x.onnx.len() as i64 + 1;
-                let default = if self.opset < 13 { 1 } else { -1 };
-                let axis = a.int("axis").unwrap_or(default);
-                let axis = if axis < 0 { axis + rank } else { axis };
-                // Before opset 13 the softmax runs over everything from `axis` on, which is
-                // the channels when the spatial axes are ones (a pooled [N, C, 1, 1]).
-                let flat_ok = x.onnx.iter().skip(1).all(|&d| d == 1);
-                let last = axis == rank - 1;
-                if axis == 1 && (self.opset >= 13 || rank <= 2 || flat_ok) {
-                    return self.unary(n, &base, Op::Softmax);
-                }
-                if self.opset < 13 && !last {
-                    return err(format!(
-                        "Softmax (before opset 13) over the axes from {axis} on of a rank-{rank} value; Slim takes one axis"
-                    ));
-                }
-                let axis = self.sample_axis(axis, rank)?;
-                let node = self.materialize(&x)?;
-                let name = self.fresh_name(&base, "softmax");
-                let shape = self.push(&name, Op::SoftmaxAt { axis }, &[&node], BTreeMap::new())?;
-                self.bind(n, NodeRef::plain(name, &shape))
-            }
-            "LRN" => {
-                let x = self.node_in(n, 0)?;
-                if x.onnx.len() != 3 {
-                    return err(format!(
-                        "LRN of a [N, {}] value; Slim normalizes [N, C, H, W] feature maps",
-                        join(&x.onnx)
-                    ));
-                }
-                let size = sizes("size", &[a.int("size").unwrap_or(0)], 1)?[0];
-                let spec = LrnSpec {
-                    size,
-                    alpha: a.float("alpha").unwrap_or(1e-4),
-                    beta: a.float("beta").unwrap_or(0.75),
-                    bias: a.float("bias").unwrap_or(1.0),
-                };
-                self.unary(n, &base, Op::Lrn(spec))
-            }
+            "MatMul" => self.matmul(n, &base),
+            "Softmax" => self.softmax(n, &a, &base),
+            "LRN" => self.lrn(n, &a, &base),
             "ConstantOfShape" => {
                 err("its shape is computed from the data; Slim needs a constant shape")
             }

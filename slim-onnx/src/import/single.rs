@@ -44,43 +44,8 @@ impl Builder {
                 let axis = a.int("axis").unwrap_or(default);
                 set_ints(&mut out, "axis", &[lift_axis(axis, r)?], true);
             }
-            "Flatten" => {
-                // [prod(S[..k]), prod(S[k..])] for each sample: a Reshape.
-                let k = a.int("axis").unwrap_or(1);
-                let k = if k < 0 { k + r as i64 } else { k };
-                if !(0..=r as i64).contains(&k) {
-                    return err(format!("Flatten from axis {k} of a rank-{r} value"));
-                }
-                let dims = self.data_shape(n)?;
-                let rows: usize = dims[..k as usize].iter().product();
-                let cols: usize = dims[k as usize..].iter().product();
-                out.op_type = "Reshape".into();
-                out.attribute.clear();
-                out.input.truncate(1);
-                let shape = Const {
-                    dims: vec![3],
-                    values: vec![1.0, rows as f64, cols as f64],
-                };
-                self.set_input(&mut out, 1, shape);
-            }
-            "Squeeze" | "Unsqueeze" => {
-                let as_input = self.opset >= 13;
-                let axes = self.axes(n, &a)?;
-                let axes = match (n.op_type.as_str(), axes) {
-                    ("Squeeze", None) => {
-                        let dims = self.data_shape(n)?;
-                        (0..r).filter(|&i| dims[i] == 1).map(|i| i as i64).collect()
-                    }
-                    (_, axes) => axes.unwrap_or_default(),
-                };
-                let rank = if n.op_type == "Squeeze" {
-                    r
-                } else {
-                    r + axes.len()
-                };
-                let lifted = lift_axes(&axes, rank)?;
-                self.set_axes(&mut out, 1, as_input, &lifted);
-            }
+            "Flatten" => self.lift_flatten(n, &a, r, &mut out)?,
+            "Squeeze" | "Unsqueeze" => self.lift_squeeze(n, &a, r, &mut out)?,
             "ReduceMean" | "ReduceMax" | "ReduceSum" => {
                 let as_input = self.opset >= 18 || (n.op_type == "ReduceSum" && self.opset >= 13);
                 let axes = if as_input {
@@ -162,6 +127,60 @@ impl Builder {
         } else {
             set_ints(out, "axes", axes, false);
         }
+    }
+
+    /// Flatten of a sample: a Reshape to `[1, rows, cols]`.
+    fn lift_flatten(
+        &mut self,
+        n: &NodeProto,
+        a: &Attrs,
+        r: usize,
+        out: &mut NodeProto,
+    ) -> Result<()> {
+        // [prod(S[..k]), prod(S[k..])] for each sample: a Reshape.
+        let k = a.int("axis").unwrap_or(1);
+        let k = if k < 0 { k + r as i64 } else { k };
+        if !(0..=r as i64).contains(&k) {
+            return err(format!("Flatten from axis {k} of a rank-{r} value"));
+        }
+        let dims = self.data_shape(n)?;
+        let rows: usize = dims[..k as usize].iter().product();
+        let cols: usize = dims[k as usize..].iter().product();
+        out.op_type = "Reshape".into();
+        out.attribute.clear();
+        out.input.truncate(1);
+        let shape = Const {
+            dims: vec![3],
+            values: vec![1.0, rows as f64, cols as f64],
+        };
+        self.set_input(out, 1, shape);
+        Ok(())
+    }
+
+    fn lift_squeeze(
+        &mut self,
+        n: &NodeProto,
+        a: &Attrs,
+        r: usize,
+        out: &mut NodeProto,
+    ) -> Result<()> {
+        let as_input = self.opset >= 13;
+        let axes = self.axes(n, &a)?;
+        let axes = match (n.op_type.as_str(), axes) {
+            ("Squeeze", None) => {
+                let dims = self.data_shape(n)?;
+                (0..r).filter(|&i| dims[i] == 1).map(|i| i as i64).collect()
+            }
+            (_, axes) => axes.unwrap_or_default(),
+        };
+        let rank = if n.op_type == "Squeeze" {
+            r
+        } else {
+            r + axes.len()
+        };
+        let lifted = lift_axes(&axes, rank)?;
+        self.set_axes(out, 1, as_input, &lifted);
+        Ok(())
     }
 
     fn lift_slice(

@@ -380,3 +380,277 @@ fn runs(picks: &[usize]) -> Vec<(usize, usize, usize)> {
     }
     out
 }
+
+/// Node kinds the importer dispatches here (from [`Builder::dispatch`]).
+impl Builder {
+    pub(super) fn constant_value(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
+        let c = if let Some(t) = a.tensor("value") {
+            Const::from_proto(t)?
+        } else if let Some(f) = a.get("value_float") {
+            Const::scalar(f64::from(f.f))
+        } else if let Some(f) = a.get("value_floats") {
+            Const {
+                dims: vec![f.floats.len()],
+                values: f.floats.iter().map(|&v| f64::from(v)).collect(),
+            }
+        } else if let Some(i) = a.get("value_int") {
+            Const::scalar(i.i as f64)
+        } else if let Some(i) = a.get("value_ints") {
+            Const {
+                dims: vec![i.ints.len()],
+                values: i.ints.iter().map(|&v| v as f64).collect(),
+            }
+        } else {
+            return err("a Constant without a supported value attribute");
+        };
+        self.bind_const(n, c)
+    }
+
+    pub(super) fn pass_through(&mut self, n: &NodeProto) -> Result<()> {
+        if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
+            return err("the dropout mask output is used, which Slim does not compute");
+        }
+        let v = self.value(n, 0)?.clone();
+        let Some(out) = n.output.first().cloned() else {
+            return err("it has no output");
+        };
+        self.values.insert(out, v);
+        Ok(())
+    }
+
+    pub(super) fn shape(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
+        self.ints.extend(n.output.iter().cloned());
+        let r = self.node_in(n, 0)?;
+        // The batch size is not known at import: its entry is marked, and only a
+        // Reshape's batch position may read it.
+        let mut dims = vec![1.0];
+        dims.extend(r.onnx.iter().map(|&d| d as f64));
+        let (s, e) = shape_range(&a, dims.len());
+        let flags: Vec<bool> = (s..e).map(|i| i == 0).collect();
+        if let (Some(out), true) = (n.output.first(), flags.contains(&true)) {
+            self.batchy.insert(out.clone(), flags);
+        }
+        let values = dims[s..e].to_vec();
+        self.bind_const(
+            n,
+            Const {
+                dims: vec![values.len()],
+                values,
+            },
+        )
+    }
+
+    pub(super) fn concat(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        // Empty parts (a split's empty rest) add nothing.
+        let mut kept = n.clone();
+        kept.input
+            .retain(|i| !matches!(self.values.get(i), Some(Value::Const(c)) if c.numel() == 0));
+        let n = &kept;
+        if n.input.len() == 1 {
+            let v = self.value(n, 0)?.clone();
+            let out = n.output.first().cloned().unwrap_or_default();
+            self.values.insert(out, v);
+            return Ok(());
+        }
+        let xs = self.data_or_constants(n)?;
+        let rank = xs[0].onnx.len() as i64 + 1;
+        let axis = a.int("axis").unwrap_or(1);
+        let axis = if axis < 0 { axis + rank } else { axis };
+        let same = xs.iter().all(|x| self.shape_of(x) == x.onnx);
+        if axis != 1 || xs[0].onnx.len() != 3 || !same {
+            let axis = self.sample_axis(axis, rank)?;
+            let names: Vec<String> = xs
+                .iter()
+                .map(|x| self.materialize(x))
+                .collect::<Result<_>>()?;
+            let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            let name = self.fresh_name(&base, "concat");
+            let shape = self.push(&name, Op::ConcatAt { axis }, &names, BTreeMap::new())?;
+            return self.bind(n, NodeRef::plain(name, &shape));
+        }
+        let names: Vec<&str> = xs.iter().map(|x| x.node.as_str()).collect();
+        let name = self.fresh_name(&base, "concat");
+        let shape = self.push(&name, Op::Concat, &names, BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    pub(super) fn flatten_op(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        let axis = a.int("axis").unwrap_or(1);
+        let axis = if axis < 0 { axis + rank } else { axis };
+        if axis == 1 {
+            return self.flatten(n, &base, x);
+        }
+        err(format!(
+            "Flatten from axis {axis} of a rank-{rank} value merges the batch axis into its rows; Slim keeps each sample apart"
+        ))
+    }
+
+    pub(super) fn unshuffle(&mut self, n: &NodeProto, base: &str) -> Result<()> {
+        let x = self.view_in(n, 0)?;
+        let groups = self.swapped[&n.input[0]];
+        let target = resolve_reshape(&x.onnx, &self.konst(n, 1)?.ints())?;
+        if target != self.shape_of(&x) {
+            return err(format!(
+                "reshape of a swapped channel grid [N, {}] to [N, {}]; a channel shuffle reshapes it back to [N, C, H, W]",
+                join(&x.onnx),
+                join(&target)
+            ));
+        }
+        let name = self.fresh_name(&base, "shuffle");
+        let op = Op::ChannelShuffle { groups };
+        let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    pub(super) fn transpose_op(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.view_in(n, 0)?;
+        let rank = x.onnx.len() + 1;
+        let perm: Vec<i64> = a
+            .ints("perm")
+            .unwrap_or_else(|| (0..rank as i64).rev().collect());
+        let identity: Vec<i64> = (0..rank as i64).collect();
+        let mut sorted = perm.clone();
+        sorted.sort_unstable();
+        if sorted != identity {
+            return err(format!(
+                "Transpose with perm {perm:?} is not a permutation of the {rank} axes of a [N, {}] value",
+                join(&x.onnx)
+            ));
+        }
+        let slim = self.shape_of(&x);
+        if perm == identity {
+            return self.bind(n, x);
+        }
+        let grid = slim.len() == 3
+            && x.onnx.len() == 4
+            && x.onnx[2..] == slim[1..]
+            && !self.swapped.contains_key(&n.input[0]);
+        if grid && perm == [0, 2, 1, 3, 4] {
+            let groups = x.onnx[0];
+            let onnx = vec![x.onnx[1], x.onnx[0], x.onnx[2], x.onnx[3]];
+            let out = n.output.first().cloned().unwrap_or_default();
+            self.swapped.insert(out, groups);
+            return self.bind(n, NodeRef { node: x.node, onnx });
+        }
+        if perm.first() != Some(&0) || self.swapped.contains_key(&n.input[0]) {
+            return err(format!(
+                "Transpose with perm {perm:?} of a [N, {}] value moves the batch axis",
+                join(&x.onnx)
+            ));
+        }
+        let node = self.materialize(&x)?;
+        let perm: Vec<usize> = perm[1..].iter().map(|&p| p as usize - 1).collect();
+        let name = self.fresh_name(&base, "transpose");
+        let shape = self.push(&name, Op::Transpose { perm }, &[&node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    pub(super) fn reshape_op(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let total = slim_core::graph::elements(&x.onnx)
+            .ok_or_else(|| OnnxError::Model(format!("a value of shape {:?}", x.onnx)))?;
+        let target: Vec<usize> = match n.op_type.as_str() {
+            "Reshape" => {
+                let shape = self.konst(n, 1)?.ints();
+                resolve_reshape(&x.onnx, &shape)?
+            }
+            "Squeeze" => {
+                let axes = self.axes(n, &a)?;
+                let full: Vec<usize> = std::iter::once(1).chain(x.onnx.iter().copied()).collect();
+                squeeze_dims(&full, axes.as_deref())?
+                    .into_iter()
+                    .skip(1)
+                    .collect()
+            }
+            _ => {
+                let axes = self.axes(n, &a)?.unwrap_or_default();
+                let rank = (x.onnx.len() + 1 + axes.len()) as i64;
+                let mut axes: Vec<i64> = axes
+                    .iter()
+                    .map(|&v| if v < 0 { v + rank } else { v })
+                    .collect();
+                axes.sort_unstable();
+                let mut full = vec![1usize];
+                full.extend(&x.onnx);
+                for ax in axes {
+                    if ax < 1 || ax as usize > full.len() {
+                        return err(format!(
+                            "Unsqueeze at axis {ax}: Slim keeps the batch axis first"
+                        ));
+                    }
+                    full.insert(ax as usize, 1);
+                }
+                full[1..].to_vec()
+            }
+        };
+        if target.is_empty() {
+            return err(format!(
+                "it makes each sample of [N, {}] a scalar; Slim values keep an axis",
+                join(&x.onnx)
+            ));
+        }
+        let strip = |v: &[usize]| -> Vec<usize> {
+            let keep = v.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+            v[..keep].to_vec()
+        };
+        let slim = self.shape_of(&x);
+        let grid = n.op_type == "Reshape"
+            && slim.len() == 3
+            && target.len() == 4
+            && target[2..] == slim[1..]
+            && target[0] * target[1] == slim[0];
+        if target == x.onnx {
+            self.bind(n, x)
+        } else if target == slim || grid {
+            // Channels viewed as a [g, C/g] grid (a channel shuffle's first step), or
+            // such a view turned back: the same Slim value.
+            self.bind(
+                n,
+                NodeRef {
+                    node: x.node,
+                    onnx: target,
+                },
+            )
+        } else if self.shape_of(&x).len() == 1 && strip(&target) == strip(&x.onnx) {
+            // A vector viewed as [C, 1, 1] (or back): the same Slim value.
+            self.bind(
+                n,
+                NodeRef {
+                    node: x.node,
+                    onnx: target,
+                },
+            )
+        } else if target == [total] {
+            self.flatten(n, &base, x)
+        } else {
+            self.reshape(n, &base, &x, target)
+        }
+    }
+
+    pub(super) fn softmax(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        let default = if self.opset < 13 { 1 } else { -1 };
+        let axis = a.int("axis").unwrap_or(default);
+        let axis = if axis < 0 { axis + rank } else { axis };
+        // Before opset 13 the softmax runs over everything from `axis` on, which is
+        // the channels when the spatial axes are ones (a pooled [N, C, 1, 1]).
+        let flat_ok = x.onnx.iter().skip(1).all(|&d| d == 1);
+        let last = axis == rank - 1;
+        if axis == 1 && (self.opset >= 13 || rank <= 2 || flat_ok) {
+            return self.unary(n, &base, Op::Softmax);
+        }
+        if self.opset < 13 && !last {
+            return err(format!(
+                "Softmax (before opset 13) over the axes from {axis} on of a rank-{rank} value; Slim takes one axis"
+            ));
+        }
+        let axis = self.sample_axis(axis, rank)?;
+        let node = self.materialize(&x)?;
+        let name = self.fresh_name(&base, "softmax");
+        let shape = self.push(&name, Op::SoftmaxAt { axis }, &[&node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+}
