@@ -1481,13 +1481,18 @@ fn pad(x: &Tensor, [t, l, b, r]: [usize; 4], mode: PadMode) -> Result<Tensor> {
 }
 
 /// The `[out, len]` matrix that resizes an axis of `len` values (ONNX Resize's rules).
-fn resize_matrix(len: usize, out: usize, scale: f32, r: &ResizeSpec) -> Vec<f32> {
-    let scale = f64::from(scale);
+fn resize_matrix(len: usize, out: usize, axis: usize, r: &ResizeSpec) -> Vec<f32> {
+    let scale = f64::from(r.scale[axis]);
     let last = len as f64 - 1.0;
     let mut m = vec![0f32; out * len];
     for o in 0..out {
         let of = o as f64;
         let src = match r.coord {
+            CoordMode::TfCropAndResize => match crop_source(len, of, axis, r) {
+                Some(src) => src,
+                // Outside the input: the fill value, added after the products.
+                None => continue,
+            },
             CoordMode::HalfPixel => (of + 0.5) / scale - 0.5,
             CoordMode::PytorchHalfPixel if out > 1 => (of + 0.5) / scale - 0.5,
             CoordMode::PytorchHalfPixel => 0.0,
@@ -1504,6 +1509,10 @@ fn resize_matrix(len: usize, out: usize, scale: f32, r: &ResizeSpec) -> Vec<f32>
             }
         };
         let row = &mut m[o * len..(o + 1) * len];
+        if r.antialias && scale < 1.0 && !matches!(r.mode, ResizeMode::Nearest(_)) {
+            antialiased_row(row, src, scale, r.mode);
+            continue;
+        }
         match r.mode {
             ResizeMode::Nearest(rounding) => {
                 let i = match rounding {
@@ -1552,6 +1561,63 @@ fn resize_matrix(len: usize, out: usize, scale: f32, r: &ResizeSpec) -> Vec<f32>
         }
     }
     m
+}
+
+/// Where output point `of` of `axis` falls in an input of `len` values under
+/// [`CoordMode::TfCropAndResize`] (ONNX's formula, the output's length taken as
+/// `len · scale`); `None` outside the input.
+fn crop_source(len: usize, of: f64, axis: usize, r: &ResizeSpec) -> Option<f64> {
+    let crop = r.crop.as_ref()?;
+    let (start, end) = (f64::from(crop.roi[axis]), f64::from(crop.roi[axis + 2]));
+    let last = len as f64 - 1.0;
+    let out_len = len as f64 * f64::from(r.scale[axis]);
+    let src = if out_len == 1.0 {
+        (end - start) * last / 2.0
+    } else {
+        of * (end - start) * last / (out_len - 1.0)
+    } + start * last;
+    (0.0..=last).contains(&src).then_some(src)
+}
+
+/// One output's weights for ONNX's antialiased linear or cubic shrinking (`scale` < 1): the
+/// kernel (the triangle of support 1, or Keys' cubic of support 2) stretched by `1 / scale`
+/// over the taps around the source coordinate `src`, the one at or just left of it counted
+/// as ONNX's reference counts it; the weights are scaled to sum to one, taps outside read the
+/// edge value (or, with `exclude_outside`, weigh nothing).
+fn antialiased_row(row: &mut [f32], src: f64, scale: f64, mode: ResizeMode) {
+    let last = row.len() as f64 - 1.0;
+    let (support, a, exclude_outside) = match mode {
+        ResizeMode::Cubic { a, exclude_outside } => (2.0, f64::from(a), exclude_outside),
+        _ => (1.0, 0.0, false),
+    };
+    let kernel = |x: f64| -> f64 {
+        let x = x.abs();
+        match mode {
+            ResizeMode::Cubic { .. } if x <= 1.0 => ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+            ResizeMode::Cubic { .. } if x < 2.0 => ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a,
+            ResizeMode::Cubic { .. } => 0.0,
+            _ => (1.0 - x).max(0.0),
+        }
+    };
+    let start = (-support / scale).floor() + 1.0;
+    let count = (2.0 - 2.0 * start) as usize;
+    let base = src.ceil() - 1.0;
+    let t = src - base;
+    let taps: Vec<(f64, f64)> = (0..count)
+        .map(|k| {
+            let i = start + k as f64;
+            (base + i, kernel((i - t) * scale))
+        })
+        .filter(|&(i, _)| !exclude_outside || (0.0..=last).contains(&i))
+        .collect();
+    let total: f64 = taps.iter().map(|&(_, w)| w).sum();
+    if total == 0.0 || !total.is_finite() {
+        row[src.round().clamp(0.0, last) as usize] = 1.0;
+        return;
+    }
+    for (i, w) in taps {
+        row[i.clamp(0.0, last) as usize] += (w / total) as f32;
+    }
 }
 
 /// Keys' cubic convolution weights of the taps at distances `1 + t`, `t`, `1 - t` and `2 - t`
@@ -1613,8 +1679,10 @@ mod resize_tests {
                     scale: [out as f32 / len as f32; 2],
                     mode: ResizeMode::Cubic { a, exclude_outside },
                     coord,
+                    antialias: false,
+                    crop: None,
                 };
-                let m = resize_matrix(len, out, r.scale[0], &r);
+                let m = resize_matrix(len, out, 0, &r);
                 for row in m.chunks(len) {
                     let sum: f32 = row.iter().sum();
                     assert!(
@@ -1633,8 +1701,8 @@ mod resize_tests {
 fn resize(x: &Tensor, r: &ResizeSpec) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let [oh, ow] = r.out;
-    let rows = resize_matrix(h, oh, r.scale[0], r);
-    let cols = resize_matrix(w, ow, r.scale[1], r);
+    let rows = resize_matrix(h, oh, 0, r);
+    let cols = resize_matrix(w, ow, 1, r);
     let rows = Tensor::from_vec(rows, (1, oh, h), x.device())?.to_dtype(x.dtype())?;
     let cols = Tensor::from_vec(cols, (1, ow, w), x.device())?
         .to_dtype(x.dtype())?
@@ -1642,7 +1710,32 @@ fn resize(x: &Tensor, r: &ResizeSpec) -> Result<Tensor> {
     let y = rows
         .broadcast_matmul(&x.reshape((n * c, h, w))?)?
         .broadcast_matmul(&cols)?;
-    Ok(y.reshape((n, c, oh, ow))?)
+    let y = y.reshape((n, c, oh, ow))?;
+    match (&r.coord, &r.crop) {
+        (CoordMode::TfCropAndResize, Some(crop)) => {
+            // Points outside the input on either axis take the fill value.
+            let inside = |len: usize, out: usize, axis: usize| -> Vec<bool> {
+                (0..out)
+                    .map(|o| crop_source(len, o as f64, axis, r).is_some())
+                    .collect()
+            };
+            let (ri, ci) = (inside(h, oh, 0), inside(w, ow, 1));
+            if ri.iter().chain(&ci).all(|&v| v) {
+                return Ok(y);
+            }
+            let mask: Vec<f32> = ri
+                .iter()
+                .flat_map(|&a| ci.iter().map(move |&b| f32::from(u8::from(a && b))))
+                .collect();
+            let mask = Tensor::from_vec(mask, (1, 1, oh, ow), x.device())?.to_dtype(x.dtype())?;
+            let fill = mask.affine(
+                -f64::from(crop.extrapolation),
+                f64::from(crop.extrapolation),
+            )?;
+            Ok(y.broadcast_mul(&mask)?.broadcast_add(&fill)?)
+        }
+        _ => Ok(y),
+    }
 }
 
 /// Local response normalization across channels (see [`LrnSpec`]).

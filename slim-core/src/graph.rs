@@ -185,6 +185,19 @@ pub enum CoordMode {
     /// Half-pixel, shifted so that the output's centre falls on the input's when the output
     /// length was rounded from `len · scale`.
     HalfPixelSymmetric,
+    /// TensorFlow's crop and resize: the output spans the region [`ResizeSpec::crop`] gives
+    /// (as fractions of `len - 1`), and points outside the input take its fill value.
+    TfCropAndResize,
+}
+
+/// The region of [`CoordMode::TfCropAndResize`]: where the output's first and last points
+/// fall on each axis, as fractions of the axis (`0` the first input value, `1` the last), and
+/// the value of points outside the input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Crop {
+    /// `[height start, width start, height end, width end]`.
+    pub roi: [f32; 4],
+    pub extrapolation: f32,
 }
 
 /// Spatial resizing of `[C, H, W]` values to `out` (height, width); `scale` is the factor the
@@ -195,6 +208,15 @@ pub struct ResizeSpec {
     pub scale: [f32; 2],
     pub mode: ResizeMode,
     pub coord: CoordMode,
+    /// ONNX's `antialias`: linear and cubic resizing that shrinks an axis stretch their
+    /// kernel by the inverse of its scale (every input value under it weighs in), the weights
+    /// scaled to sum to one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub antialias: bool,
+    /// The region and fill of [`CoordMode::TfCropAndResize`] (required by it, unused by the
+    /// other modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop: Option<Crop>,
 }
 
 /// The element-wise arithmetic of [`Op::Binary`] and [`Op::ConstBinary`].
@@ -888,6 +910,19 @@ impl Op {
                     return Err(format!(
                         "resize to {:?} with scales {:?}: sizes and scales must be positive",
                         r.out, r.scale
+                    ));
+                }
+                let crop_ok = match (&r.coord, &r.crop) {
+                    (CoordMode::TfCropAndResize, Some(c)) => {
+                        c.roi.iter().all(|v| v.is_finite()) && c.extrapolation.is_finite()
+                    }
+                    (CoordMode::TfCropAndResize, None) => false,
+                    _ => true,
+                };
+                if !crop_ok {
+                    return Err(format!(
+                        "a crop-and-resize needs a finite region and fill value, not {:?}",
+                        r.crop
                     ));
                 }
                 Ok(vec![c, r.out[0], r.out[1]])

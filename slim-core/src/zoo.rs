@@ -537,6 +537,8 @@ fn segnet_tiny(cfg: &ZooConfig) -> Result<Graph> {
             scale: [2.0, 2.0],
             mode: ResizeMode::Nearest(NearestRounding::Floor),
             coord: CoordMode::Asymmetric,
+            antialias: false,
+            crop: None,
         }),
     );
     cba(&mut b, "dec2", k(c1, 3, 1), Some(Op::Relu));

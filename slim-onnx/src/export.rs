@@ -833,7 +833,15 @@ impl Writer<'_> {
                 // ONNX takes scales or sizes: the scales where they give the output size
                 // (the coordinates then map with them, as in Slim), else the sizes.
                 let (roi, scales) = (format!("{out}_roi"), format!("{out}_scales"));
-                self.graph.initializer.push(f32_tensor(&roi, &[0], &[]));
+                // The region of a crop-and-resize (the batch and channel axes whole).
+                match &r.crop {
+                    Some(c) if r.coord == CoordMode::TfCropAndResize => {
+                        let [h0, w0, h1, w1] = c.roi;
+                        let values = [0.0, 0.0, h0, w0, 1.0, 1.0, h1, w1];
+                        self.graph.initializer.push(f32_tensor(&roi, &[8], &values));
+                    }
+                    _ => self.graph.initializer.push(f32_tensor(&roi, &[0], &[])),
+                }
                 self.graph.initializer.push(f32_tensor(
                     &scales,
                     &[4],
@@ -850,8 +858,18 @@ impl Writer<'_> {
                         );
                     }
                     CoordMode::HalfPixelSymmetric => "half_pixel_symmetric",
+                    CoordMode::TfCropAndResize => "tf_crop_and_resize",
                 };
                 let mut attrs = vec![string("coordinate_transformation_mode", coord)];
+                if let Some(c) = r.crop.as_ref().filter(|_| coord == "tf_crop_and_resize") {
+                    attrs.push(float("extrapolation_value", c.extrapolation));
+                }
+                if r.antialias && !matches!(r.mode, ResizeMode::Nearest(_)) {
+                    if self.opset < 18 {
+                        return unsupported("antialiased resizing needs opset 18 or newer");
+                    }
+                    attrs.push(int("antialias", 1));
+                }
                 match r.mode {
                     ResizeMode::Linear => attrs.push(string("mode", "linear")),
                     ResizeMode::Cubic { a, exclude_outside } => {

@@ -40,7 +40,7 @@ pub const OP_TABLE: [(&str, &str); 54] = [
     ("LayerNormalization", "over the axes from `axis` on, with scale and bias; its mean and inverse deviation outputs computed beside it when used"),
     ("Softmax", "any axis but the batch (before opset 13: the channels of a pooled value, or the last axis)"),
     ("Pad", "height and width; constant, edge or reflect; zeros before a convolution join its padding"),
-    ("Resize", "height and width, nearest (every nearest_mode), linear or cubic (any cubic_coeff_a, exclude_outside), half_pixel, half_pixel_symmetric, pytorch_half_pixel, align_corners or asymmetric coordinates; scales, or sizes with any keep_aspect_ratio_policy; not antialias or tf_crop_and_resize"),
+    ("Resize", "height and width, nearest (every nearest_mode), linear or cubic (any cubic_coeff_a, exclude_outside), half_pixel, half_pixel_symmetric, pytorch_half_pixel, align_corners, asymmetric or tf_crop_and_resize coordinates (a region of the plane, points outside filled); antialiased linear and cubic shrinking; scales, or sizes with any keep_aspect_ratio_policy"),
     ("Upsample", "as Resize with asymmetric coordinates (opsets 7 to 9)"),
     ("Flatten", "from axis 1"),
     ("Reshape", "any per-sample shape (0 and -1 resolved); channel shuffles recognized"),

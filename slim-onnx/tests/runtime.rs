@@ -291,6 +291,8 @@ fn cubic_and_symmetric_resizes_export_to_onnx_runtime() {
             scale,
             mode,
             coord,
+            antialias: false,
+            crop: None,
         })
     };
     let mut b = GraphBuilder::new([3, 9, 12]);

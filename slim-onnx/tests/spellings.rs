@@ -144,8 +144,19 @@ fn exporters_spellings_import_as_named_ops_and_match_onnx_runtime() {
             assert!(err <= 1e-5, "{case}: output {k} differs by {err:e}");
             worst = worst.max(err);
         }
-        // Slim's own export of the imported model runs in ONNX Runtime too.
-        let bytes = export(&m, &ExportOptions::default()).expect("export");
+        // Slim's own export of the imported model runs in ONNX Runtime too (at the default
+        // opset, or the file's own where that is newer: antialiased resizing needs 18).
+        let opset = m
+            .provenance
+            .get("onnx.opset")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(17)
+            .max(17);
+        let opts = ExportOptions {
+            opset,
+            ..Default::default()
+        };
+        let bytes = export(&m, &opts).expect("export");
         let again = ort_output(py, &bytes, &x, 0);
         let ours: Vec<f32> = ys[0].flatten_all().and_then(|t| t.to_vec1()).expect("y");
         let round = max_rel(&again, &ours);

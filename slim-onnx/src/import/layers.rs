@@ -554,6 +554,7 @@ impl Builder {
                 "align_corners" => CoordMode::AlignCorners,
                 "asymmetric" => CoordMode::Asymmetric,
                 "half_pixel_symmetric" => CoordMode::HalfPixelSymmetric,
+                "tf_crop_and_resize" => CoordMode::TfCropAndResize,
                 other => {
                     return err(format!(
                         "coordinate_transformation_mode \"{other}\" is not supported"
@@ -561,9 +562,11 @@ impl Builder {
                 }
             }
         };
-        if a.int("antialias").unwrap_or(0) != 0 {
-            return err("antialias is not supported");
-        }
+        let antialias = a.int("antialias").unwrap_or(0) != 0;
+        let crop = match coord {
+            CoordMode::TfCropAndResize => Some(self.crop(n, a, axes.as_deref())?),
+            _ => None,
+        };
         // Taps outside the input weigh nothing: it changes only cubic resizing (nearest and
         // linear taps outside read the edge value, which the kept taps hold too).
         let exclude_outside = a.int("exclude_outside").unwrap_or(0) != 0;
@@ -608,10 +611,50 @@ impl Builder {
             scale,
             mode,
             coord,
+            antialias,
+            crop,
         });
         let name = self.fresh_name(base, "resize");
         let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
         self.bind(n, NodeRef::plain(name, &shape))
+    }
+}
+
+impl Builder {
+    /// The region and fill of a crop-and-resize: the `roi` input (starts, then ends, of the
+    /// four axes or of the `axes` named), the batch and channel axes whole.
+    fn crop(&self, n: &NodeProto, a: &Attrs, axes: Option<&[i64]>) -> Result<Crop> {
+        let roi = self
+            .opt_const(n, 1)?
+            .ok_or_else(|| OnnxError::Model("tf_crop_and_resize without a roi".into()))?;
+        let axes: Vec<usize> = match axes {
+            Some(v) => v.iter().map(|&x| x as usize).collect(),
+            None => (0..4).collect(),
+        };
+        if roi.numel() != 2 * axes.len() || axes.iter().any(|&x| x > 3) {
+            return err(format!(
+                "a roi of {} values for {} axes",
+                roi.numel(),
+                axes.len()
+            ));
+        }
+        let (mut starts, mut ends) = ([0.0f64; 4], [1.0f64; 4]);
+        for (k, &ax) in axes.iter().enumerate() {
+            starts[ax] = roi.values[k];
+            ends[ax] = roi.values[k + axes.len()];
+        }
+        if starts[..2] != [0.0, 0.0] || ends[..2] != [1.0, 1.0] {
+            return err(format!(
+                "a roi that crops the batch or channel axis ({:?} to {:?})",
+                &starts[..2],
+                &ends[..2]
+            ));
+        }
+        let extrapolation = a.float("extrapolation_value").unwrap_or(0.0);
+        Ok(Crop {
+            roi: [starts[2], starts[3], ends[2], ends[3]].map(|v| v as f32),
+            extrapolation,
+        })
     }
 }
 

@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor};
 use prost::Message;
 use slim_core::data::Normalize;
 use slim_core::graph::{
-    BatchNormSpec, BinaryKind, Conv2dSpec, ConvTransposeSpec, CoordMode, Graph, LinearSpec,
+    BatchNormSpec, BinaryKind, Conv2dSpec, ConvTransposeSpec, CoordMode, Crop, Graph, LinearSpec,
     LrnSpec, NearestRounding, Op, PadMode, ParamKind, PoolSpec, ReduceKind, ResizeMode, ResizeSpec,
 };
 use slim_core::params::ParamStore;

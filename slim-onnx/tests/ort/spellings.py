@@ -513,6 +513,30 @@ def resize_cubic_exclude_outside(g):
     g.output(g.conv(r, C, C))
 
 
+def resize_linear_antialias(g):
+    """PyTorch's interpolate(antialias=True) when shrinking (opset 18): every input value
+    under the stretched kernel weighs in."""
+    y = g.conv("x", C, C)
+    r = resize(g, y, scales=[1, 1, 0.4, 0.5], mode="linear", antialias=1)
+    g.output(g.conv(r, C, C))
+
+
+def resize_cubic_antialias(g):
+    y = g.conv("x", C, C)
+    r = resize(g, y, sizes=[2, C, 5, 7], mode="cubic", antialias=1)
+    g.output(g.conv(r, C, C))
+
+
+def resize_crop_and_resize(g):
+    """TensorFlow's crop_and_resize: a region of the plane (part of it outside the input),
+    the points outside filled with extrapolation_value."""
+    y = g.conv("x", C, C)
+    roi = g.init("roi", [0, 0, -0.2, 0.1, 1, 1, 0.9, 1.3])
+    r = g.op("Resize", [y, roi, "", g.ints("sizes", [2, C, 9, 11])], mode="linear",
+             coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=0.5)
+    g.output(g.conv(r, C, C))
+
+
 def resize_opset11(g):
     # Opset 11 has no optional inputs here: roi is an empty Constant, as PyTorch writes it.
     y = g.conv("x", C, C)
@@ -726,6 +750,9 @@ CASES = {
     "resize_linear_asymmetric": (resize_linear_asymmetric, SMALL, 13),
     "resize_cubic": (resize_cubic, SMALL, 13),
     "resize_cubic_exclude_outside": (resize_cubic_exclude_outside, SMALL, 13),
+    "resize_linear_antialias": (resize_linear_antialias, SMALL, 18),
+    "resize_cubic_antialias": (resize_cubic_antialias, SMALL, 18),
+    "resize_crop_and_resize": (resize_crop_and_resize, SMALL, 13),
     "resize_opset11": (resize_opset11, SMALL, 11),
     "upsample_opset9": (upsample_opset9, SMALL, 9),
     "upsample_opset7": (upsample_opset7, SMALL, 7),
