@@ -19,6 +19,10 @@ pub mod data_type {
     pub const FLOAT16: i32 = 10;
     pub const DOUBLE: i32 = 11;
     pub const BFLOAT16: i32 = 16;
+    pub const UINT16: i32 = 4;
+    pub const INT16: i32 = 5;
+    pub const UINT32: i32 = 12;
+    pub const UINT64: i32 = 13;
 
     /// True for the integer types (and bool), whose arithmetic rounds toward zero.
     pub fn is_integer(t: i32) -> bool {
@@ -172,6 +176,9 @@ pub struct TensorProto {
     pub raw_data: Vec<u8>,
     #[prost(double, repeated, tag = "10")]
     pub double_data: Vec<f64>,
+    /// uint32 and uint64 values, when not in `raw_data`.
+    #[prost(uint64, repeated, tag = "11")]
+    pub uint64_data: Vec<u64>,
     #[prost(message, repeated, tag = "13")]
     pub external_data: Vec<StringStringEntryProto>,
     #[prost(int32, tag = "14")]

@@ -291,6 +291,35 @@ impl Const {
             }
             data_type::INT8 => raw.iter().map(|&v| f64::from(v as i8)).collect(),
             data_type::UINT8 => raw.iter().map(|&v| f64::from(v)).collect(),
+            data_type::BOOL if !raw.is_empty() => raw.iter().map(|&v| f64::from(v)).collect(),
+            data_type::INT16 if !raw.is_empty() => le_chunks::<2>(raw, n, &bad)?
+                .map(|c| f64::from(i16::from_le_bytes(c)))
+                .collect(),
+            data_type::UINT16 if !raw.is_empty() => le_chunks::<2>(raw, n, &bad)?
+                .map(|c| f64::from(u16::from_le_bytes(c)))
+                .collect(),
+            data_type::FLOAT16 if !raw.is_empty() => le_chunks::<2>(raw, n, &bad)?
+                .map(|c| f16_value(u16::from_le_bytes(c)))
+                .collect(),
+            data_type::BFLOAT16 if !raw.is_empty() => le_chunks::<2>(raw, n, &bad)?
+                .map(|c| bf16_value(u16::from_le_bytes(c)))
+                .collect(),
+            // Without raw data, the 16-bit types (and bool) are held in `int32_data`, the
+            // floats as their bits.
+            data_type::BOOL | data_type::INT16 | data_type::UINT16 => {
+                t.int32_data.iter().map(|&v| f64::from(v)).collect()
+            }
+            data_type::FLOAT16 => t.int32_data.iter().map(|&v| f16_value(v as u16)).collect(),
+            data_type::BFLOAT16 => t.int32_data.iter().map(|&v| bf16_value(v as u16)).collect(),
+            data_type::UINT32 if !raw.is_empty() => le_chunks::<4>(raw, n, &bad)?
+                .map(|c| f64::from(u32::from_le_bytes(c)))
+                .collect(),
+            data_type::UINT64 if !raw.is_empty() => le_chunks::<8>(raw, n, &bad)?
+                .map(|c| u64::from_le_bytes(c) as f64)
+                .collect(),
+            data_type::UINT32 | data_type::UINT64 => {
+                t.uint64_data.iter().map(|&v| v as f64).collect()
+            }
             other => {
                 return Err(bad(format!(
                     "element type {} is not supported",
@@ -348,6 +377,24 @@ impl Const {
         let from_end = self.dims.len() - non_one.first().copied()?;
         (from_end == rank && self.dims.len() <= rank + 1).then(|| self.values.clone())
     }
+}
+
+/// An IEEE half-precision float from its bits.
+fn f16_value(bits: u16) -> f64 {
+    let sign = if bits >> 15 == 1 { -1.0 } else { 1.0 };
+    let exp = i32::from((bits >> 10) & 0x1f);
+    let frac = f64::from(bits & 0x3ff);
+    sign * match exp {
+        0 => frac * 2f64.powi(-24),
+        31 if frac == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        e => (1.0 + frac / 1024.0) * 2f64.powi(e - 15),
+    }
+}
+
+/// A bfloat16 from its bits: the upper half of an f32's.
+fn bf16_value(bits: u16) -> f64 {
+    f64::from(f32::from_bits(u32::from(bits) << 16))
 }
 
 pub(super) fn le_chunks<'a, const K: usize>(

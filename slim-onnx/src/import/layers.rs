@@ -718,6 +718,16 @@ impl Builder {
             }
         };
         let p = decimal(p.unwrap_or(0.5) as f32) as f32;
+        let training = self.opset >= 12
+            && self
+                .opt_const(n, 2)?
+                .is_some_and(|t| t.values.iter().any(|&v| v != 0.0));
+        if training && p > 0.0 {
+            return err(
+                "its training_mode is true: the graph drops values at inference, which Slim's \
+                 dropout does only in training",
+            );
+        }
         self.unary(n, &base, Op::Dropout { p })
     }
 
