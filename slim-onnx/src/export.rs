@@ -191,6 +191,28 @@ fn float(name: &str, v: f32) -> AttributeProto {
     }
 }
 
+/// What the export of one node works with.
+struct Emit<'a> {
+    id: usize,
+    node: &'a Node,
+    /// Its inputs' ONNX names.
+    x: Vec<&'a str>,
+    /// The name its value is written under.
+    out: &'a str,
+    /// Whether its layer computes in integers.
+    integer: bool,
+}
+
+impl Emit<'_> {
+    fn unsupported(&self, why: &str) -> Result<bool> {
+        Err(OnnxError::Model(format!(
+            "node `{}` ({}): {why}",
+            self.node.name,
+            self.node.op.kind()
+        )))
+    }
+}
+
 fn f32_tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
     TensorProto {
         name: name.into(),
@@ -437,13 +459,37 @@ impl Writer<'_> {
         } else {
             node.name.as_str()
         };
-        let unsupported = |why: &str| {
-            Err(OnnxError::Model(format!(
-                "node `{}` ({}): {why}",
-                node.name,
-                node.op.kind()
-            )))
+        let e = Emit {
+            id,
+            node,
+            x,
+            out,
+            integer,
         };
+        let handled = self.layer_node(&e)?
+            || self.other_layer_node(&e)?
+            || self.activation_node(&e)?
+            || self.gelu_softmax_node(&e)?
+            || self.arithmetic_node(&e)?
+            || self.shape_node(&e)?
+            || self.spatial_node(&e)?
+            || self.resize_node(&e)?;
+        if !handled {
+            e.unsupported("it has no ONNX form")?;
+        }
+        if let Some(q) = requant {
+            self.quant_pair(out, &q, &node.name);
+        }
+        Ok(())
+    }
+
+    /// The input, and layers with weights: convolutions, linear and dense layers, batch norms, per-channel affines. `Ok(false)` when the op is not of them.
+    fn layer_node(&mut self, e: &Emit<'_>) -> Result<bool> {
+        let node = e.node;
+        let out = e.out;
+        let integer = e.integer;
+        let x = &e.x;
+        let unsupported = |why: &str| e.unsupported(why);
         match &node.op {
             Op::Input { shape } => {
                 if shape.len() != 3 && shape.len() != 1 {
@@ -491,6 +537,49 @@ impl Writer<'_> {
                     ],
                 );
             }
+            Op::ChannelAffine { .. } => {
+                let (w, b) = (
+                    self.per_channel(node, "weight")?,
+                    self.per_channel(node, "bias")?,
+                );
+                let scaled = format!("{out}_scaled");
+                self.op("Mul", &scaled, &[x[0], &w], &scaled, vec![]);
+                self.op("Add", out, &[&scaled, &b], out, vec![]);
+            }
+            Op::Dense(l) => {
+                // x · Wᵀ + b as MatMul by the transposed weight, then Add.
+                let w = self.model.params.tensor(&node.param_name("weight"))?;
+                let wt = w
+                    .t()
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(slim_core::CoreError::from)?;
+                let wname = format!("{out}_weight_t");
+                self.graph.initializer.push(f32_tensor(
+                    &wname,
+                    &[l.in_features, l.out_features],
+                    &wt,
+                ));
+                if l.bias {
+                    let b = self.param(node, "bias")?;
+                    let product = format!("{out}_product");
+                    self.op("MatMul", &product, &[x[0], &wname], &product, vec![]);
+                    self.op("Add", out, &[&product, &b], out, vec![]);
+                } else {
+                    self.op("MatMul", out, &[x[0], &wname], out, vec![]);
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Activations and other one-input functions. `Ok(false)` when the op is not of them.
+    fn activation_node(&mut self, e: &Emit<'_>) -> Result<bool> {
+        let node = e.node;
+        let out = e.out;
+        let x = &e.x;
+        match &node.op {
             Op::Relu => self.op("Relu", out, &x, out, vec![]),
             Op::Relu6 => {
                 let (lo, hi) = (format!("{out}_min"), format!("{out}_max"));
@@ -550,6 +639,20 @@ impl Writer<'_> {
                 self.op("Sigmoid", &gate, &x, &gate, vec![]);
                 self.op("Mul", out, &[x[0], &gate], out, vec![]);
             }
+            Op::Sqrt => self.op("Sqrt", out, &x, out, vec![]),
+            Op::Reciprocal => self.op("Reciprocal", out, &x, out, vec![]),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// GELU (written out before opset 20) and softmaxes. `Ok(false)` when the op is not of them.
+    fn gelu_softmax_node(&mut self, e: &Emit<'_>) -> Result<bool> {
+        let node = e.node;
+        let out = e.out;
+        let x = &e.x;
+        let unsupported = |why: &str| e.unsupported(why);
+        match &node.op {
             Op::Gelu if self.opset >= 20 => self.op("Gelu", out, &x, out, vec![]),
             Op::Gelu => {
                 // 0.5 * x * (1 + erf(x / √2)), as PyTorch writes it before opset 20.
@@ -598,15 +701,33 @@ impl Writer<'_> {
                 self.op("Mul", times, &[x[0], plus], times, vec![]);
                 self.op("Mul", out, &[times, half], out, vec![]);
             }
-            Op::ChannelAffine { .. } => {
-                let (w, b) = (
-                    self.per_channel(node, "weight")?,
-                    self.per_channel(node, "bias")?,
-                );
-                let scaled = format!("{out}_scaled");
-                self.op("Mul", &scaled, &[x[0], &w], &scaled, vec![]);
-                self.op("Add", out, &[&scaled, &b], out, vec![]);
+            Op::SoftmaxAt { axis } => {
+                if self.opset < 13 {
+                    return unsupported("a softmax over one axis needs opset 13 or newer");
+                }
+                self.op("Softmax", out, &x, out, vec![int("axis", *axis as i64 + 1)]);
             }
+            Op::Softmax => {
+                if node.shape.len() > 1 && self.opset < 13 {
+                    return unsupported(
+                        "a softmax over the channels of a feature map needs opset 13 or newer",
+                    );
+                }
+                self.op("Softmax", out, &x, out, vec![int("axis", 1)]);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Arithmetic, products, reductions and layer norms. `Ok(false)` when the op is not of them.
+    fn arithmetic_node(&mut self, e: &Emit<'_>) -> Result<bool> {
+        let node = e.node;
+        let out = e.out;
+        let x = &e.x;
+        let unsupported = |why: &str| e.unsupported(why);
+        let g = &self.model.graph;
+        match &node.op {
             Op::Add if x.len() == 2 => self.op("Add", out, &x, out, vec![]),
             Op::Add => self.op("Sum", out, &x, out, vec![]),
             Op::Mul => {
@@ -624,7 +745,128 @@ impl Writer<'_> {
                     self.op("Mul", out, &[x[0], &gate], out, vec![]);
                 }
             }
+            Op::MatMul => self.op("MatMul", out, &x, out, vec![]),
+            Op::Binary(kind) => self.op(kind.onnx(), out, &x, out, vec![]),
+            Op::ConstBinary { kind, reversed, .. } => {
+                let c = self.param(node, "value")?;
+                let inputs = if *reversed {
+                    [c.as_str(), x[0]]
+                } else {
+                    [x[0], c.as_str()]
+                };
+                self.op(kind.onnx(), out, &inputs, out, vec![]);
+            }
+            Op::Reduce { kind, axes, keep } => {
+                let name = match kind {
+                    ReduceKind::Mean => "ReduceMean",
+                    ReduceKind::Max => "ReduceMax",
+                    ReduceKind::Sum => "ReduceSum",
+                };
+                let axes: Vec<i64> = axes.iter().map(|&a| a as i64 + 1).collect();
+                let keep = int("keepdims", i64::from(*keep));
+                // ReduceSum takes its axes as an input from opset 13, the others from 18.
+                let as_input = self.opset >= 18 || (*kind == ReduceKind::Sum && self.opset >= 13);
+                if as_input {
+                    let a = format!("{out}_axes");
+                    self.graph.initializer.push(i64_tensor(&a, &axes));
+                    self.op(name, out, &[x[0], &a], out, vec![keep]);
+                } else {
+                    self.op(name, out, &x, out, vec![ints("axes", &axes), keep]);
+                }
+            }
+            Op::LayerNorm { from, eps, .. } => {
+                if self.opset < 17 {
+                    return unsupported("layer normalization needs opset 17 or newer");
+                }
+                let (w, b) = (self.param(node, "weight")?, self.param(node, "bias")?);
+                self.op(
+                    "LayerNormalization",
+                    out,
+                    &[x[0], &w, &b],
+                    out,
+                    vec![int("axis", *from as i64 + 1), float("epsilon", *eps as f32)],
+                );
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Concatenation, reshaping, transposes, slices and channel shuffles. `Ok(false)` when the op is not of them.
+    fn shape_node(&mut self, e: &Emit<'_>) -> Result<bool> {
+        let node = e.node;
+        let out = e.out;
+        let x = &e.x;
+        let unsupported = |why: &str| e.unsupported(why);
+        match &node.op {
             Op::Concat => self.op("Concat", out, &x, out, vec![int("axis", 1)]),
+            Op::Flatten => self.op("Flatten", out, &x, out, vec![int("axis", 1)]),
+            Op::Reshape { shape } => {
+                let s = format!("{out}_shape");
+                let mut dims = vec![-1i64];
+                dims.extend(shape.iter().map(|&d| d as i64));
+                self.graph.initializer.push(i64_tensor(&s, &dims));
+                self.op("Reshape", out, &[x[0], &s], out, vec![]);
+            }
+            Op::Transpose { perm } => {
+                let mut p = vec![0i64];
+                p.extend(perm.iter().map(|&a| a as i64 + 1));
+                self.op("Transpose", out, &x, out, vec![ints("perm", &p)]);
+            }
+            Op::ConcatAt { axis } => {
+                self.op("Concat", out, &x, out, vec![int("axis", *axis as i64 + 1)])
+            }
+            Op::Slice {
+                axis,
+                start,
+                end,
+                step,
+            } => {
+                let names = ["starts", "ends", "axes", "steps"].map(|s| format!("{out}_{s}"));
+                let values = [*start as i64, *end as i64, *axis as i64 + 1, *step as i64];
+                for (n, v) in names.iter().zip(values) {
+                    self.graph.initializer.push(i64_tensor(n, &[v]));
+                }
+                let inputs = [x[0], &names[0], &names[1], &names[2], &names[3]];
+                self.op("Slice", out, &inputs, out, vec![]);
+            }
+            Op::ChannelShuffle { groups } => {
+                // Reshape to [N, g, C/g, H, W], swap the two channel axes, reshape back.
+                let [c, h, w] = node.shape[..] else {
+                    return unsupported("a channel shuffle needs a [C, H, W] value");
+                };
+                let g = *groups as i64;
+                let (grid, swapped) = (format!("{out}_grid"), format!("{out}_swapped"));
+                let (grid_shape, back_shape) =
+                    (format!("{out}_grid_shape"), format!("{out}_shape"));
+                let (c, h, w) = (c as i64, h as i64, w as i64);
+                self.graph
+                    .initializer
+                    .push(i64_tensor(&grid_shape, &[-1, g, c / g, h, w]));
+                self.graph
+                    .initializer
+                    .push(i64_tensor(&back_shape, &[-1, c, h, w]));
+                self.op("Reshape", &grid, &[x[0], &grid_shape], &grid, vec![]);
+                self.op(
+                    "Transpose",
+                    &swapped,
+                    &[&grid],
+                    &swapped,
+                    vec![ints("perm", &[0, 2, 1, 3, 4])],
+                );
+                self.op("Reshape", out, &[&swapped, &back_shape], out, vec![]);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Pooling and padding. `Ok(false)` when the op is not of them.
+    fn spatial_node(&mut self, e: &Emit<'_>) -> Result<bool> {
+        let node = e.node;
+        let out = e.out;
+        let x = &e.x;
+        match &node.op {
             Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
                 let (k, s, pad) = (p.kernel as i64, p.stride as i64, p.padding as i64);
                 let [eh, ew] = p.pad_end.map(|e| pad + e as i64);
@@ -654,7 +896,34 @@ impl Writer<'_> {
                     vec![int("axis", 1)],
                 );
             }
-            Op::Flatten => self.op("Flatten", out, &x, out, vec![int("axis", 1)]),
+            Op::Pad { pads, mode } => {
+                let [t, l, b, r] = pads.map(|p| p as i64);
+                let (p, v) = (format!("{out}_pads"), format!("{out}_value"));
+                self.graph
+                    .initializer
+                    .push(i64_tensor(&p, &[0, 0, t, l, 0, 0, b, r]));
+                let (name, value) = match mode {
+                    PadMode::Constant(value) => ("constant", *value),
+                    PadMode::Edge => ("edge", 0.0),
+                    PadMode::Reflect => ("reflect", 0.0),
+                };
+                self.graph.initializer.push(f32_tensor(&v, &[], &[value]));
+                self.op("Pad", out, &[x[0], &p, &v], out, vec![string("mode", name)]);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Transposed convolutions, LRN, constants, quantizers, dropout and identities. `Ok(false)` when the op is not of them.
+    fn other_layer_node(&mut self, e: &Emit<'_>) -> Result<bool> {
+        let node = e.node;
+        let id = e.id;
+        let out = e.out;
+        let integer = e.integer;
+        let x = &e.x;
+        let unsupported = |why: &str| e.unsupported(why);
+        match &node.op {
             Op::Dropout { p } => {
                 // Dropout does nothing at inference; the ratio is kept for training after import.
                 let ratio = format!("{out}_ratio");
@@ -689,108 +958,6 @@ impl Writer<'_> {
                     float("bias", l.bias),
                 ],
             ),
-            Op::Dense(l) => {
-                // x · Wᵀ + b as MatMul by the transposed weight, then Add.
-                let w = self.model.params.tensor(&node.param_name("weight"))?;
-                let wt = w
-                    .t()
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(slim_core::CoreError::from)?;
-                let wname = format!("{out}_weight_t");
-                self.graph.initializer.push(f32_tensor(
-                    &wname,
-                    &[l.in_features, l.out_features],
-                    &wt,
-                ));
-                if l.bias {
-                    let b = self.param(node, "bias")?;
-                    let product = format!("{out}_product");
-                    self.op("MatMul", &product, &[x[0], &wname], &product, vec![]);
-                    self.op("Add", out, &[&product, &b], out, vec![]);
-                } else {
-                    self.op("MatMul", out, &[x[0], &wname], out, vec![]);
-                }
-            }
-            Op::MatMul => self.op("MatMul", out, &x, out, vec![]),
-            Op::Binary(kind) => self.op(kind.onnx(), out, &x, out, vec![]),
-            Op::ConstBinary { kind, reversed, .. } => {
-                let c = self.param(node, "value")?;
-                let inputs = if *reversed {
-                    [c.as_str(), x[0]]
-                } else {
-                    [x[0], c.as_str()]
-                };
-                self.op(kind.onnx(), out, &inputs, out, vec![]);
-            }
-            Op::Sqrt => self.op("Sqrt", out, &x, out, vec![]),
-            Op::Reciprocal => self.op("Reciprocal", out, &x, out, vec![]),
-            Op::Reshape { shape } => {
-                let s = format!("{out}_shape");
-                let mut dims = vec![-1i64];
-                dims.extend(shape.iter().map(|&d| d as i64));
-                self.graph.initializer.push(i64_tensor(&s, &dims));
-                self.op("Reshape", out, &[x[0], &s], out, vec![]);
-            }
-            Op::Transpose { perm } => {
-                let mut p = vec![0i64];
-                p.extend(perm.iter().map(|&a| a as i64 + 1));
-                self.op("Transpose", out, &x, out, vec![ints("perm", &p)]);
-            }
-            Op::SoftmaxAt { axis } => {
-                if self.opset < 13 {
-                    return unsupported("a softmax over one axis needs opset 13 or newer");
-                }
-                self.op("Softmax", out, &x, out, vec![int("axis", *axis as i64 + 1)]);
-            }
-            Op::Reduce { kind, axes, keep } => {
-                let name = match kind {
-                    ReduceKind::Mean => "ReduceMean",
-                    ReduceKind::Max => "ReduceMax",
-                    ReduceKind::Sum => "ReduceSum",
-                };
-                let axes: Vec<i64> = axes.iter().map(|&a| a as i64 + 1).collect();
-                let keep = int("keepdims", i64::from(*keep));
-                // ReduceSum takes its axes as an input from opset 13, the others from 18.
-                let as_input = self.opset >= 18 || (*kind == ReduceKind::Sum && self.opset >= 13);
-                if as_input {
-                    let a = format!("{out}_axes");
-                    self.graph.initializer.push(i64_tensor(&a, &axes));
-                    self.op(name, out, &[x[0], &a], out, vec![keep]);
-                } else {
-                    self.op(name, out, &x, out, vec![ints("axes", &axes), keep]);
-                }
-            }
-            Op::LayerNorm { from, eps, .. } => {
-                if self.opset < 17 {
-                    return unsupported("layer normalization needs opset 17 or newer");
-                }
-                let (w, b) = (self.param(node, "weight")?, self.param(node, "bias")?);
-                self.op(
-                    "LayerNormalization",
-                    out,
-                    &[x[0], &w, &b],
-                    out,
-                    vec![int("axis", *from as i64 + 1), float("epsilon", *eps as f32)],
-                );
-            }
-            Op::ConcatAt { axis } => {
-                self.op("Concat", out, &x, out, vec![int("axis", *axis as i64 + 1)])
-            }
-            Op::Slice {
-                axis,
-                start,
-                end,
-                step,
-            } => {
-                let names = ["starts", "ends", "axes", "steps"].map(|s| format!("{out}_{s}"));
-                let values = [*start as i64, *end as i64, *axis as i64 + 1, *step as i64];
-                for (n, v) in names.iter().zip(values) {
-                    self.graph.initializer.push(i64_tensor(n, &[v]));
-                }
-                let inputs = [x[0], &names[0], &names[1], &names[2], &names[3]];
-                self.op("Slice", out, &inputs, out, vec![]);
-            }
             Op::ConvTranspose2d(c) => {
                 let inputs = self.layer_inputs(node, x[0], c.bias, integer)?;
                 let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
@@ -815,20 +982,29 @@ impl Writer<'_> {
                     ],
                 );
             }
-            Op::Pad { pads, mode } => {
-                let [t, l, b, r] = pads.map(|p| p as i64);
-                let (p, v) = (format!("{out}_pads"), format!("{out}_value"));
-                self.graph
-                    .initializer
-                    .push(i64_tensor(&p, &[0, 0, t, l, 0, 0, b, r]));
-                let (name, value) = match mode {
-                    PadMode::Constant(value) => ("constant", *value),
-                    PadMode::Edge => ("edge", 0.0),
-                    PadMode::Reflect => ("reflect", 0.0),
-                };
-                self.graph.initializer.push(f32_tensor(&v, &[], &[value]));
-                self.op("Pad", out, &[x[0], &p, &v], out, vec![string("mode", name)]);
+            Op::FakeQuant(q) => {
+                if q.bits != 8 {
+                    return unsupported(&format!(
+                        "{}-bit quantization has no QDQ form (8 bits only)",
+                        q.bits
+                    ));
+                }
+                let q = self.plan.params[&id];
+                self.quant_pair(x[0], &q, out);
             }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Resizing, with its scales (and region). `Ok(false)` when the op is not of them.
+    fn resize_node(&mut self, e: &Emit<'_>) -> Result<bool> {
+        let node = e.node;
+        let out = e.out;
+        let x = &e.x;
+        let unsupported = |why: &str| e.unsupported(why);
+        let g = &self.model.graph;
+        match &node.op {
             Op::Resize(r) => {
                 // ONNX takes scales or sizes: the scales where they give the output size
                 // (the coordinates then map with them, as in Slim), else the sizes.
@@ -916,54 +1092,8 @@ impl Writer<'_> {
                     self.op("Resize", out, &[x[0], &roi, "", sizes], out, attrs);
                 }
             }
-            Op::ChannelShuffle { groups } => {
-                // Reshape to [N, g, C/g, H, W], swap the two channel axes, reshape back.
-                let [c, h, w] = node.shape[..] else {
-                    return unsupported("a channel shuffle needs a [C, H, W] value");
-                };
-                let g = *groups as i64;
-                let (grid, swapped) = (format!("{out}_grid"), format!("{out}_swapped"));
-                let (grid_shape, back_shape) =
-                    (format!("{out}_grid_shape"), format!("{out}_shape"));
-                let (c, h, w) = (c as i64, h as i64, w as i64);
-                self.graph
-                    .initializer
-                    .push(i64_tensor(&grid_shape, &[-1, g, c / g, h, w]));
-                self.graph
-                    .initializer
-                    .push(i64_tensor(&back_shape, &[-1, c, h, w]));
-                self.op("Reshape", &grid, &[x[0], &grid_shape], &grid, vec![]);
-                self.op(
-                    "Transpose",
-                    &swapped,
-                    &[&grid],
-                    &swapped,
-                    vec![ints("perm", &[0, 2, 1, 3, 4])],
-                );
-                self.op("Reshape", out, &[&swapped, &back_shape], out, vec![]);
-            }
-            Op::Softmax => {
-                if node.shape.len() > 1 && self.opset < 13 {
-                    return unsupported(
-                        "a softmax over the channels of a feature map needs opset 13 or newer",
-                    );
-                }
-                self.op("Softmax", out, &x, out, vec![int("axis", 1)]);
-            }
-            Op::FakeQuant(q) => {
-                if q.bits != 8 {
-                    return unsupported(&format!(
-                        "{}-bit quantization has no QDQ form (8 bits only)",
-                        q.bits
-                    ));
-                }
-                let q = self.plan.params[&id];
-                self.quant_pair(x[0], &q, out);
-            }
+            _ => return Ok(false),
         }
-        if let Some(q) = requant {
-            self.quant_pair(out, &q, &node.name);
-        }
-        Ok(())
+        Ok(true)
     }
 }
