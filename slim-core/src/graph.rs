@@ -726,29 +726,53 @@ impl Op {
     }
 
     fn infer_shape_unbounded(&self, inputs: &[&[usize]]) -> Result<Vec<usize>, String> {
-        let arity = |n: usize| {
-            if inputs.len() == n {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{} takes {n} input(s), got {}",
-                    self.kind(),
-                    inputs.len()
-                ))
+        type Rule = fn(&Op, &[&[usize]]) -> Result<Option<Vec<usize>>, String>;
+        let rules: [Rule; 7] = [
+            Op::layer_shape,
+            Op::activation_shape,
+            Op::window_shape,
+            Op::spatial_shape,
+            Op::arithmetic_shape,
+            Op::axis_shape,
+            Op::join_shape,
+        ];
+        for rule in rules {
+            if let Some(shape) = rule(self, inputs)? {
+                return Ok(shape);
             }
-        };
-        let chw = |s: &[usize]| -> Result<(usize, usize, usize), String> {
-            match *s {
-                [c, h, w] => Ok((c, h, w)),
-                _ => Err(format!(
-                    "{} expects a [C, H, W] input, got {s:?}",
-                    self.kind()
-                )),
-            }
-        };
-        match self {
+        }
+        Err(format!("{} has no shape rule", self.kind()))
+    }
+
+    /// The input and layers with weights. `None` for other ops.
+    /// Refuses `inputs` unless there are `n` of them.
+    fn arity(&self, inputs: &[&[usize]], n: usize) -> Result<(), String> {
+        if inputs.len() == n {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} takes {n} input(s), got {}",
+                self.kind(),
+                inputs.len()
+            ))
+        }
+    }
+
+    /// A feature map's `(C, H, W)`.
+    fn chw(&self, s: &[usize]) -> Result<(usize, usize, usize), String> {
+        match *s {
+            [c, h, w] => Ok((c, h, w)),
+            _ => Err(format!(
+                "{} expects a [C, H, W] input, got {s:?}",
+                self.kind()
+            )),
+        }
+    }
+
+    fn layer_shape(&self, inputs: &[&[usize]]) -> Result<Option<Vec<usize>>, String> {
+        let shape = match self {
             Op::Input { shape } => {
-                arity(0)?;
+                self.arity(inputs, 0)?;
                 if shape.is_empty() || shape.contains(&0) {
                     return Err(format!(
                         "input shape {shape:?} must be non-empty with no zero"
@@ -757,8 +781,8 @@ impl Op {
                 Ok(shape.clone())
             }
             Op::Conv2d(c) => {
-                arity(1)?;
-                let (ci, h, w) = chw(inputs[0])?;
+                self.arity(inputs, 1)?;
+                let (ci, h, w) = self.chw(inputs[0])?;
                 check_conv(
                     ci,
                     [
@@ -776,7 +800,7 @@ impl Op {
                 Ok(vec![c.out_channels, oh, ow])
             }
             Op::Linear(l) => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 match inputs[0] {
                     [f] if *f == l.in_features && l.out_features > 0 => Ok(vec![l.out_features]),
                     [f] => Err(format!(
@@ -789,7 +813,7 @@ impl Op {
                 }
             }
             Op::BatchNorm2d(b) => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 let s = inputs[0];
                 if s.len() != 3 && s.len() != 1 {
                     return Err(format!("batchnorm expects [C, H, W] or [C], got {s:?}"));
@@ -802,6 +826,14 @@ impl Op {
                 }
                 Ok(s.to_vec())
             }
+            _ => return Ok(None),
+        };
+        shape.map(Some)
+    }
+
+    /// Element-wise functions and channel-wise layers without a change of shape. `None` for other ops.
+    fn activation_shape(&self, inputs: &[&[usize]]) -> Result<Option<Vec<usize>>, String> {
+        let shape = match self {
             Op::LeakyRelu { alpha } if !alpha.is_finite() => {
                 Err(format!("leaky relu's alpha {alpha} is not finite"))
             }
@@ -823,21 +855,21 @@ impl Op {
             | Op::Softmax
             | Op::Identity
             | Op::FakeQuant(_) => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 Ok(inputs[0].to_vec())
             }
             Op::Clip { min, max } => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 let bad = |v: &Option<f32>| v.is_some_and(|v| !v.is_finite());
                 if bad(min) || bad(max) || matches!((min, max), (Some(a), Some(b)) if a > b) {
                     return Err(format!(
-                        "clip bounds {min:?} and {max:?} must be finite, the lower not above the upper"
-                    ));
+                            "clip bounds {min:?} and {max:?} must be finite, the lower not above the upper"
+                        ));
                 }
                 Ok(inputs[0].to_vec())
             }
             Op::PRelu { channels } | Op::ChannelAffine { channels } => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 if inputs[0].first() != Some(channels) {
                     return Err(format!(
                         "{} of {channels} channels on an input of shape {:?}",
@@ -848,8 +880,8 @@ impl Op {
                 Ok(inputs[0].to_vec())
             }
             Op::Lrn(l) => {
-                arity(1)?;
-                chw(inputs[0])?;
+                self.arity(inputs, 1)?;
+                self.chw(inputs[0])?;
                 if l.size == 0 || !(l.alpha.is_finite() && l.beta.is_finite() && l.bias.is_finite())
                 {
                     return Err(format!(
@@ -858,9 +890,21 @@ impl Op {
                 }
                 Ok(inputs[0].to_vec())
             }
+            Op::Sqrt | Op::Reciprocal => {
+                self.arity(inputs, 1)?;
+                Ok(inputs[0].to_vec())
+            }
+            _ => return Ok(None),
+        };
+        shape.map(Some)
+    }
+
+    /// Transposed convolutions and pooling. `None` for other ops.
+    fn window_shape(&self, inputs: &[&[usize]]) -> Result<Option<Vec<usize>>, String> {
+        let shape = match self {
             Op::ConvTranspose2d(c) => {
-                arity(1)?;
-                let (ci, h, w) = chw(inputs[0])?;
+                self.arity(inputs, 1)?;
+                let (ci, h, w) = self.chw(inputs[0])?;
                 check_conv(
                     ci,
                     [
@@ -886,9 +930,48 @@ impl Op {
                 })?;
                 Ok(vec![c.out_channels, oh, ow])
             }
+            Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
+                self.arity(inputs, 1)?;
+                let (c, h, w) = self.chw(inputs[0])?;
+                if p.kernel == 0 || p.stride == 0 {
+                    return Err("pool kernel and stride must be at least 1".into());
+                }
+                if 2 * p.padding > p.kernel {
+                    return Err(format!(
+                        "padding {} exceeds half the kernel {}",
+                        p.padding, p.kernel
+                    ));
+                }
+                if p.pad_end.iter().any(|&e| p.padding + e >= p.kernel) {
+                    return Err(format!(
+                        "end padding {} + {:?} must stay below the kernel {}",
+                        p.padding, p.pad_end, p.kernel
+                    ));
+                }
+                match (p.out_size(0, h), p.out_size(1, w)) {
+                    (Some(oh), Some(ow)) => Ok(vec![c, oh, ow]),
+                    _ => Err(format!(
+                        "pool kernel {} does not fit the {h}x{w} input",
+                        p.kernel
+                    )),
+                }
+            }
+            Op::GlobalAvgPool => {
+                self.arity(inputs, 1)?;
+                let (c, _, _) = self.chw(inputs[0])?;
+                Ok(vec![c])
+            }
+            _ => return Ok(None),
+        };
+        shape.map(Some)
+    }
+
+    /// Padding, resizing, shuffling and flattening of feature maps. `None` for other ops.
+    fn spatial_shape(&self, inputs: &[&[usize]]) -> Result<Option<Vec<usize>>, String> {
+        let shape = match self {
             Op::Pad { pads, mode } => {
-                arity(1)?;
-                let (c, h, w) = chw(inputs[0])?;
+                self.arity(inputs, 1)?;
+                let (c, h, w) = self.chw(inputs[0])?;
                 if let PadMode::Reflect = mode {
                     if pads[0].max(pads[2]) >= h || pads[1].max(pads[3]) >= w {
                         return Err(format!(
@@ -904,8 +987,8 @@ impl Op {
                 Ok(vec![c, h + pads[0] + pads[2], w + pads[1] + pads[3]])
             }
             Op::Resize(r) => {
-                arity(1)?;
-                let (c, _, _) = chw(inputs[0])?;
+                self.arity(inputs, 1)?;
+                let (c, _, _) = self.chw(inputs[0])?;
                 if r.out.contains(&0) || r.scale.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
                     return Err(format!(
                         "resize to {:?} with scales {:?}: sizes and scales must be positive",
@@ -927,8 +1010,30 @@ impl Op {
                 }
                 Ok(vec![c, r.out[0], r.out[1]])
             }
+            Op::ChannelShuffle { groups } => {
+                self.arity(inputs, 1)?;
+                let (c, _, _) = self.chw(inputs[0])?;
+                if *groups == 0 || c % groups != 0 {
+                    return Err(format!(
+                            "channel shuffle of {c} channels in {groups} groups: groups must divide the channels"
+                        ));
+                }
+                Ok(inputs[0].to_vec())
+            }
+            Op::Flatten => {
+                self.arity(inputs, 1)?;
+                Ok(vec![inputs[0].iter().product()])
+            }
+            _ => return Ok(None),
+        };
+        shape.map(Some)
+    }
+
+    /// Arithmetic, products and constants. `None` for other ops.
+    fn arithmetic_shape(&self, inputs: &[&[usize]]) -> Result<Option<Vec<usize>>, String> {
+        let shape = match self {
             Op::Dense(l) => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 let s = inputs[0];
                 if s.last() != Some(&l.in_features) || l.out_features == 0 {
                     return Err(format!(
@@ -941,7 +1046,7 @@ impl Op {
                 Ok(out)
             }
             Op::MatMul => {
-                arity(2)?;
+                self.arity(inputs, 2)?;
                 let (a, b) = (inputs[0], inputs[1]);
                 if a.len() < 2 || b.len() < 2 || a[a.len() - 1] != b[b.len() - 2] {
                     return Err(format!("matmul of {a:?} by {b:?}: the inner sizes differ"));
@@ -955,7 +1060,7 @@ impl Op {
                 Ok(out)
             }
             Op::Binary(_) => {
-                arity(2)?;
+                self.arity(inputs, 2)?;
                 broadcast_shape(inputs[0], inputs[1]).ok_or_else(|| {
                     format!(
                         "shapes {:?} and {:?} do not broadcast",
@@ -964,7 +1069,7 @@ impl Op {
                 })
             }
             Op::ConstBinary { shape, .. } => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 match broadcast_shape(inputs[0], shape) {
                     Some(out) if out == inputs[0] => Ok(out),
                     _ => Err(format!(
@@ -973,19 +1078,44 @@ impl Op {
                     )),
                 }
             }
-            Op::Sqrt | Op::Reciprocal => {
-                arity(1)?;
-                Ok(inputs[0].to_vec())
-            }
             Op::Constant { shape } => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 if shape.is_empty() || shape.contains(&0) {
                     return Err(format!("a constant of shape {shape:?}"));
                 }
                 Ok(shape.clone())
             }
+            Op::Add => {
+                if inputs.len() < 2 {
+                    return Err(format!("add takes at least 2 inputs, got {}", inputs.len()));
+                }
+                if inputs.iter().any(|s| *s != inputs[0]) {
+                    return Err(format!("add needs inputs of one shape, got {inputs:?}"));
+                }
+                Ok(inputs[0].to_vec())
+            }
+            Op::Mul => {
+                self.arity(inputs, 2)?;
+                let (a, b) = (inputs[0], inputs[1]);
+                let channel_wise = a.len() == 3 && (b == [a[0]] || b == [a[0], 1, 1]);
+                if a == b || channel_wise {
+                    Ok(a.to_vec())
+                } else {
+                    Err(format!(
+                        "mul needs equal shapes or a per-channel second input, got {a:?} and {b:?}"
+                    ))
+                }
+            }
+            _ => return Ok(None),
+        };
+        shape.map(Some)
+    }
+
+    /// Reshapes, transposes and ops over chosen axes. `None` for other ops.
+    fn axis_shape(&self, inputs: &[&[usize]]) -> Result<Option<Vec<usize>>, String> {
+        let shape = match self {
             Op::Reshape { shape } => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 if elements(shape) != elements(inputs[0]) || shape.is_empty() || shape.contains(&0)
                 {
                     return Err(format!("reshape of {:?} to {shape:?}", inputs[0]));
@@ -993,7 +1123,7 @@ impl Op {
                 Ok(shape.clone())
             }
             Op::Transpose { perm } => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 let mut sorted = perm.clone();
                 sorted.sort_unstable();
                 if sorted != (0..inputs[0].len()).collect::<Vec<_>>() {
@@ -1005,14 +1135,14 @@ impl Op {
                 Ok(perm.iter().map(|&p| inputs[0][p]).collect())
             }
             Op::SoftmaxAt { axis } => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 if *axis >= inputs[0].len() {
                     return Err(format!("softmax over axis {axis} of {:?}", inputs[0]));
                 }
                 Ok(inputs[0].to_vec())
             }
             Op::Reduce { axes, keep, .. } => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 let s = inputs[0];
                 if axes.is_empty() || axes.iter().any(|&a| a >= s.len()) {
                     return Err(format!("reduction over axes {axes:?} of {s:?}"));
@@ -1030,7 +1160,7 @@ impl Op {
                 Ok(out)
             }
             Op::LayerNorm { from, shape, eps } => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 let s = inputs[0];
                 if *from >= s.len() || s[*from..] != shape[..] || !(eps.is_finite() && *eps >= 0.0)
                 {
@@ -1041,6 +1171,14 @@ impl Op {
                 }
                 Ok(inputs[0].to_vec())
             }
+            _ => return Ok(None),
+        };
+        shape.map(Some)
+    }
+
+    /// Concatenations and slices. `None` for other ops.
+    fn join_shape(&self, inputs: &[&[usize]]) -> Result<Option<Vec<usize>>, String> {
+        let shape = match self {
             Op::ConcatAt { axis } => {
                 if inputs.is_empty() {
                     return Err("concat takes at least 1 input".into());
@@ -1067,7 +1205,7 @@ impl Op {
                 end,
                 step,
             } => {
-                arity(1)?;
+                self.arity(inputs, 1)?;
                 let s = inputs[0];
                 if *axis >= s.len() || *step == 0 || start >= end || *end > s[*axis] {
                     return Err(format!(
@@ -1078,45 +1216,14 @@ impl Op {
                 out[*axis] = (end - start).div_ceil(*step);
                 Ok(out)
             }
-            Op::ChannelShuffle { groups } => {
-                arity(1)?;
-                let (c, _, _) = chw(inputs[0])?;
-                if *groups == 0 || c % groups != 0 {
-                    return Err(format!(
-                        "channel shuffle of {c} channels in {groups} groups: groups must divide the channels"
-                    ));
-                }
-                Ok(inputs[0].to_vec())
-            }
-            Op::Add => {
-                if inputs.len() < 2 {
-                    return Err(format!("add takes at least 2 inputs, got {}", inputs.len()));
-                }
-                if inputs.iter().any(|s| *s != inputs[0]) {
-                    return Err(format!("add needs inputs of one shape, got {inputs:?}"));
-                }
-                Ok(inputs[0].to_vec())
-            }
-            Op::Mul => {
-                arity(2)?;
-                let (a, b) = (inputs[0], inputs[1]);
-                let channel_wise = a.len() == 3 && (b == [a[0]] || b == [a[0], 1, 1]);
-                if a == b || channel_wise {
-                    Ok(a.to_vec())
-                } else {
-                    Err(format!(
-                        "mul needs equal shapes or a per-channel second input, got {a:?} and {b:?}"
-                    ))
-                }
-            }
             Op::Concat => {
                 if inputs.is_empty() {
                     return Err("concat takes at least 1 input".into());
                 }
-                let (_, h, w) = chw(inputs[0])?;
+                let (_, h, w) = self.chw(inputs[0])?;
                 let mut c = 0;
                 for s in inputs {
-                    let (ci, hi, wi) = chw(s)?;
+                    let (ci, hi, wi) = self.chw(s)?;
                     if (hi, wi) != (h, w) {
                         return Err(format!("concat needs one spatial size, got {inputs:?}"));
                     }
@@ -1124,42 +1231,9 @@ impl Op {
                 }
                 Ok(vec![c, h, w])
             }
-            Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
-                arity(1)?;
-                let (c, h, w) = chw(inputs[0])?;
-                if p.kernel == 0 || p.stride == 0 {
-                    return Err("pool kernel and stride must be at least 1".into());
-                }
-                if 2 * p.padding > p.kernel {
-                    return Err(format!(
-                        "padding {} exceeds half the kernel {}",
-                        p.padding, p.kernel
-                    ));
-                }
-                if p.pad_end.iter().any(|&e| p.padding + e >= p.kernel) {
-                    return Err(format!(
-                        "end padding {} + {:?} must stay below the kernel {}",
-                        p.padding, p.pad_end, p.kernel
-                    ));
-                }
-                match (p.out_size(0, h), p.out_size(1, w)) {
-                    (Some(oh), Some(ow)) => Ok(vec![c, oh, ow]),
-                    _ => Err(format!(
-                        "pool kernel {} does not fit the {h}x{w} input",
-                        p.kernel
-                    )),
-                }
-            }
-            Op::GlobalAvgPool => {
-                arity(1)?;
-                let (c, _, _) = chw(inputs[0])?;
-                Ok(vec![c])
-            }
-            Op::Flatten => {
-                arity(1)?;
-                Ok(vec![inputs[0].iter().product()])
-            }
-        }
+            _ => return Ok(None),
+        };
+        shape.map(Some)
     }
 }
 
