@@ -595,18 +595,7 @@ fn gather(x: &Const, indices: &Const, axis: i64) -> Result<Const> {
 }
 
 /// ONNX Slice of a constant: on `axes` (default the first ones), with steps of either sign.
-fn slice(
-    x: &Const,
-    starts: &[i64],
-    ends: &[i64],
-    axes: Option<Vec<i64>>,
-    steps: Option<Vec<i64>>,
-) -> Result<Const> {
-    let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
-    let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
-    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
-        return err("Slice with starts, ends, axes and steps of different lengths");
-    }
+fn slice(x: &Const, [starts, ends, axes, steps]: &[Vec<i64>; 4]) -> Result<Const> {
     let mut out = x.clone();
     for (k, &axis) in axes.iter().enumerate() {
         let axis = const_axis(axis, x.dims.len())?;
@@ -721,8 +710,13 @@ impl Builder {
     }
 
     fn slice_const(&self, n: &NodeProto, a: &Attrs) -> Result<Const> {
-        let c = |i| self.konst(n, i);
-        let x = c(0)?;
+        let x = self.konst(n, 0)?;
+        slice(&x, &self.slice_args(n, a)?)
+    }
+
+    /// A Slice's starts, ends, axes and steps (attributes before opset 10, constant inputs
+    /// since), the axes defaulting to the first ones and the steps to one, of one length.
+    pub(super) fn slice_args(&self, n: &NodeProto, a: &Attrs) -> Result<[Vec<i64>; 4]> {
         let (starts, ends, axes, steps) = if self.opset < 10 {
             (
                 a.ints("starts").unwrap_or_default(),
@@ -732,13 +726,18 @@ impl Builder {
             )
         } else {
             (
-                c(1)?.ints(),
-                c(2)?.ints(),
-                self.opt_const(n, 3)?.map(|s| s.ints()),
-                self.opt_const(n, 4)?.map(|s| s.ints()),
+                self.konst(n, 1)?.ints(),
+                self.konst(n, 2)?.ints(),
+                self.opt_const(n, 3)?.map(|c| c.ints()),
+                self.opt_const(n, 4)?.map(|c| c.ints()),
             )
         };
-        slice(&x, &starts, &ends, axes, steps)
+        let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+        let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+        if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+            return err("Slice with starts, ends, axes and steps of different lengths");
+        }
+        Ok([starts, ends, axes, steps])
     }
 
     fn unsqueeze_const(&self, n: &NodeProto, a: &Attrs) -> Result<Const> {

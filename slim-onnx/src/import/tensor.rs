@@ -237,26 +237,7 @@ impl Builder {
     pub(super) fn slice(&mut self, n: &NodeProto, a: &Attrs, _base: &str) -> Result<()> {
         let x = self.node_in(n, 0)?;
         let rank = x.onnx.len() as i64 + 1;
-        let (starts, ends, axes, steps) = if self.opset < 10 {
-            (
-                a.ints("starts").unwrap_or_default(),
-                a.ints("ends").unwrap_or_default(),
-                a.ints("axes"),
-                None,
-            )
-        } else {
-            (
-                self.konst(n, 1)?.ints(),
-                self.konst(n, 2)?.ints(),
-                self.opt_const(n, 3)?.map(|c| c.ints()),
-                self.opt_const(n, 4)?.map(|c| c.ints()),
-            )
-        };
-        let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
-        let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
-        if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
-            return err("Slice with starts, ends, axes and steps of different lengths");
-        }
+        let [starts, ends, axes, steps] = self.slice_args(n, a)?;
         let mut cur = self.materialize(&x)?;
         let mut shape = x.onnx.clone();
         for i in 0..starts.len() {
