@@ -190,3 +190,126 @@ fn resize_feeds_a_32x32_model_the_28x28_digits() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("28") && err.contains("32"), "{err}");
 }
+
+/// A graph of one sample (a [3, 2] table: each column's softmax down its rows, after the
+/// row mean is taken away): refused as a batch without `--single-sample`, naming the flag;
+/// with it, imported, and `slim run` gives each sample of a batch the graph's result on it
+/// alone (a hand computation).
+#[test]
+fn single_sample_graph_imports_and_runs_per_sample() {
+    use prost::Message;
+    use slim_onnx::proto::{
+        AttributeProto, Dimension, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+        TensorShapeProto, TensorTypeProto, TypeProto, ValueInfoProto,
+    };
+    let value = |name: &str| ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TensorTypeProto {
+                elem_type: 1,
+                shape: Some(TensorShapeProto {
+                    dim: [3, 2]
+                        .map(|d| Dimension {
+                            dim_value: Some(d),
+                            dim_param: None,
+                        })
+                        .to_vec(),
+                }),
+            }),
+        }),
+        ..Default::default()
+    };
+    let int = |name: &str, v: i64| AttributeProto {
+        name: name.into(),
+        r#type: 2,
+        i: v,
+        ..Default::default()
+    };
+    let axes = AttributeProto {
+        name: "axes".into(),
+        r#type: 7,
+        ints: vec![1],
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], out: &str, attribute: Vec<AttributeProto>| NodeProto {
+        name: out.into(),
+        op_type: op.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        attribute,
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(GraphProto {
+            name: "table".into(),
+            node: vec![
+                node("ReduceMean", &["x"], "mean", vec![axes, int("keepdims", 1)]),
+                node("Sub", &["x", "mean"], "c", vec![]),
+                node("Softmax", &["c"], "y", vec![int("axis", 0)]),
+            ],
+            input: vec![value("x")],
+            output: vec![value("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let onnx = dir.path().join("table.onnx");
+    std::fs::write(&onnx, model.encode_to_vec()).expect("write");
+    let out = dir.path().join("table.safetensors");
+    fails(
+        &slim(&["import", s(&onnx), "--out", s(&out)]),
+        "--single-sample",
+    );
+    assert!(!out.exists(), "nothing written on refusal");
+    ok(&slim(&[
+        "import",
+        s(&onnx),
+        "--out",
+        s(&out),
+        "--single-sample",
+        "--json",
+    ]));
+    let xs: Vec<f32> = (0..12).map(|i| ((i * 5 % 7) as f32 - 3.0) / 2.0).collect();
+    let input = dir.path().join("x.npy");
+    std::fs::write(&input, slim_core::npy::to_bytes(&[2, 3, 2], &xs)).expect("npy");
+    let ran = dir.path().join("ran");
+    ok(&slim(&[
+        "run",
+        s(&out),
+        "--input",
+        s(&input),
+        "--out",
+        s(&ran),
+        "--json",
+    ]));
+    let y = slim_core::npy::read(&ran.join("y.npy")).expect("y.npy");
+    assert_eq!(y.shape, [2, 3, 2]);
+    for (sample, x) in xs.chunks(6).enumerate() {
+        // Rows r, columns c: x[r * 2 + c].
+        let mut want = [0f32; 6];
+        for r in 0..3 {
+            let mean = (x[r * 2] + x[r * 2 + 1]) / 2.0;
+            want[r * 2] = x[r * 2] - mean;
+            want[r * 2 + 1] = x[r * 2 + 1] - mean;
+        }
+        for c in 0..2 {
+            let total: f32 = (0..3).map(|r| want[r * 2 + c].exp()).sum();
+            for r in 0..3 {
+                want[r * 2 + c] = want[r * 2 + c].exp() / total;
+            }
+        }
+        for (k, w) in want.iter().enumerate() {
+            let got = y.data[sample * 6 + k];
+            assert!(
+                (got - w).abs() < 1e-5,
+                "sample {sample}, value {k}: {got} vs {w}"
+            );
+        }
+    }
+}
