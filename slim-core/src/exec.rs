@@ -873,8 +873,40 @@ impl Model {
         seed: Option<u64>,
         src: Option<&dyn ParamSource>,
     ) -> Result<Tensor> {
-        let x = xs[0];
-        Ok(match &node.op {
+        let r = Run {
+            id,
+            node,
+            xs,
+            mode,
+            seed,
+            src,
+        };
+        type Rule = fn(&Model, &Run<'_>) -> Result<Option<Tensor>>;
+        let rules: [Rule; 5] = [
+            Model::run_layer,
+            Model::run_activation,
+            Model::run_arithmetic,
+            Model::run_spatial,
+            Model::run_axes,
+        ];
+        for rule in rules {
+            if let Some(y) = rule(self, &r)? {
+                return Ok(y);
+            }
+        }
+        Err(CoreError::Invalid(format!(
+            "no forward for {}",
+            node.op.kind()
+        )))
+    }
+
+    /// Layers with weights, constants and quantizers. `None` for other ops.
+    fn run_layer(&self, r: &Run<'_>) -> Result<Option<Tensor>> {
+        let node = r.node;
+        let x = r.xs[0];
+        let mode = r.mode;
+        let src = r.src;
+        Ok(Some(match &node.op {
             Op::Input { .. } => x.clone(),
             Op::Conv2d(c) => {
                 let w = self.param(node, "weight", mode, src)?;
@@ -895,6 +927,50 @@ impl Model {
                 }
             }
             Op::BatchNorm2d(spec) => self.batch_norm(node, spec, x, mode, src, None)?,
+            Op::ChannelAffine { .. } => {
+                let w = per_channel(&self.param(node, "weight", mode, src)?, x)?;
+                let b = per_channel(&self.param(node, "bias", mode, src)?, x)?;
+                x.broadcast_mul(&w)?.broadcast_add(&b)?
+            }
+            Op::Lrn(l) => lrn(x, l)?,
+            Op::ConvTranspose2d(c) => {
+                let w = self.param(node, "weight", mode, src)?;
+                let b = if c.bias {
+                    Some(self.param(node, "bias", mode, src)?)
+                } else {
+                    None
+                };
+                conv_transpose(x, &w, b.as_ref(), c)?
+            }
+            Op::Dense(l) => {
+                let w = self.param(node, "weight", mode, src)?;
+                let y = x.broadcast_matmul(&w.t()?)?;
+                if l.bias {
+                    y.broadcast_add(&self.param(node, "bias", mode, src)?)?
+                } else {
+                    y
+                }
+            }
+            Op::Constant { shape } => {
+                let c = self.param(node, "value", mode, src)?;
+                let mut dims = vec![x.dim(0)?];
+                dims.extend(shape);
+                c.unsqueeze(0)?.broadcast_as(dims)?.contiguous()?
+            }
+            Op::FakeQuant(q) => self.fake_quant(node, q, x, mode)?,
+            _ => return Ok(None),
+        }))
+    }
+
+    /// Activations and other element-wise functions. `None` for other ops.
+    fn run_activation(&self, r: &Run<'_>) -> Result<Option<Tensor>> {
+        let node = r.node;
+        let x = r.xs[0];
+        let id = r.id;
+        let mode = r.mode;
+        let seed = r.seed;
+        let src = r.src;
+        Ok(Some(match &node.op {
             Op::Relu => crate::kernels::clip(x, f32::INFINITY)?,
             Op::Relu6 => crate::kernels::clip(x, 6.0)?,
             Op::HardSwish => (x * ((x + 3.0)?.relu()?.minimum(6f32)? / 6.0)?)?,
@@ -919,11 +995,31 @@ impl Model {
             Op::Gelu => x.gelu_erf()?,
             Op::GeluTanh => x.gelu()?,
             Op::Erf => x.erf()?,
-            Op::ChannelAffine { .. } => {
-                let w = per_channel(&self.param(node, "weight", mode, src)?, x)?;
-                let b = per_channel(&self.param(node, "bias", mode, src)?, x)?;
-                x.broadcast_mul(&w)?.broadcast_add(&b)?
-            }
+            Op::Dropout { p } => match mode {
+                Mode::Train if *p > 0.0 => {
+                    // Each dropout node draws from its own stream of the step's seed.
+                    let node_seed =
+                        seed.map(|s| s ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    dropout(x, *p, node_seed)?
+                }
+                _ => x.clone(),
+            },
+            Op::Softmax => candle_nn::ops::softmax(x, 1)?,
+            Op::Sqrt => x.sqrt()?,
+            Op::Reciprocal => x.recip()?,
+            Op::Identity => x.clone(),
+            _ => return Ok(None),
+        }))
+    }
+
+    /// Sums, products, arithmetic, concatenations and slices. `None` for other ops.
+    fn run_arithmetic(&self, r: &Run<'_>) -> Result<Option<Tensor>> {
+        let node = r.node;
+        let x = r.xs[0];
+        let xs = r.xs;
+        let mode = r.mode;
+        let src = r.src;
+        Ok(Some(match &node.op {
             Op::Add => {
                 let mut acc = x.clone();
                 for y in &xs[1..] {
@@ -942,6 +1038,53 @@ impl Model {
                 }
             }
             Op::Concat => Tensor::cat(xs, 1)?,
+            Op::MatMul => batched_matmul(x, xs[1])?,
+            Op::Binary(kind) => binary(*kind, x, xs[1])?,
+            Op::ConstBinary { kind, reversed, .. } => {
+                let c = self.param(node, "value", mode, src)?;
+                // The constant's shape is per sample: a batch axis of one in front.
+                let c = c.unsqueeze(0)?;
+                if let (BinaryKind::Pow, false, 1) = (kind, reversed, c.elem_count()) {
+                    // A power with one exponent element-wise, so that negative bases raised
+                    // to whole powers stay defined (x² in layer norms).
+                    let e = c.flatten_all()?.to_vec1::<f32>()?[0];
+                    return Ok(Some(if e == 2.0 {
+                        x.sqr()?
+                    } else {
+                        x.powf(f64::from(e))?
+                    }));
+                }
+                if *reversed {
+                    binary(*kind, &c, x)?
+                } else {
+                    binary(*kind, x, &c)?
+                }
+            }
+            Op::ConcatAt { axis } => Tensor::cat(xs, axis + 1)?,
+            Op::Slice {
+                axis,
+                start,
+                end,
+                step,
+            } => {
+                let len = (end - start).div_ceil(*step);
+                if *step == 1 {
+                    x.narrow(axis + 1, *start, len)?
+                } else {
+                    let idx: Vec<u32> = (0..len).map(|i| (start + i * step) as u32).collect();
+                    let idx = Tensor::from_vec(idx, len, x.device())?;
+                    x.contiguous()?.index_select(&idx, axis + 1)?
+                }
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    /// Pooling, padding, resizing, shuffling and flattening. `None` for other ops.
+    fn run_spatial(&self, r: &Run<'_>) -> Result<Option<Tensor>> {
+        let node = r.node;
+        let x = r.xs[0];
+        Ok(Some(match &node.op {
             Op::MaxPool2d(p) => {
                 // Extra padding at the end (asymmetric pads, ceil mode) is -inf, which no
                 // window maximum can pick over a value of the input.
@@ -967,60 +1110,20 @@ impl Model {
             Op::AvgPool2d(p) => avg_pool(x, p)?,
             Op::GlobalAvgPool => crate::kernels::plane_means(x)?,
             Op::Flatten => x.flatten_from(1)?,
-            Op::Dropout { p } => match mode {
-                Mode::Train if *p > 0.0 => {
-                    // Each dropout node draws from its own stream of the step's seed.
-                    let node_seed =
-                        seed.map(|s| s ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                    dropout(x, *p, node_seed)?
-                }
-                _ => x.clone(),
-            },
-            Op::Softmax => candle_nn::ops::softmax(x, 1)?,
-            Op::Lrn(l) => lrn(x, l)?,
-            Op::ConvTranspose2d(c) => {
-                let w = self.param(node, "weight", mode, src)?;
-                let b = if c.bias {
-                    Some(self.param(node, "bias", mode, src)?)
-                } else {
-                    None
-                };
-                conv_transpose(x, &w, b.as_ref(), c)?
-            }
             Op::Pad { pads, mode } => pad(x, *pads, *mode)?,
-            Op::Dense(l) => {
-                let w = self.param(node, "weight", mode, src)?;
-                let y = x.broadcast_matmul(&w.t()?)?;
-                if l.bias {
-                    y.broadcast_add(&self.param(node, "bias", mode, src)?)?
-                } else {
-                    y
-                }
-            }
-            Op::MatMul => batched_matmul(x, xs[1])?,
-            Op::Binary(kind) => binary(*kind, x, xs[1])?,
-            Op::ConstBinary { kind, reversed, .. } => {
-                let c = self.param(node, "value", mode, src)?;
-                // The constant's shape is per sample: a batch axis of one in front.
-                let c = c.unsqueeze(0)?;
-                if let (BinaryKind::Pow, false, 1) = (kind, reversed, c.elem_count()) {
-                    // A power with one exponent element-wise, so that negative bases raised
-                    // to whole powers stay defined (x² in layer norms).
-                    let e = c.flatten_all()?.to_vec1::<f32>()?[0];
-                    return Ok(if e == 2.0 {
-                        x.sqr()?
-                    } else {
-                        x.powf(f64::from(e))?
-                    });
-                }
-                if *reversed {
-                    binary(*kind, &c, x)?
-                } else {
-                    binary(*kind, x, &c)?
-                }
-            }
-            Op::Sqrt => x.sqrt()?,
-            Op::Reciprocal => x.recip()?,
+            Op::Resize(r) => resize(x, r)?,
+            Op::ChannelShuffle { groups } => channel_shuffle(x, *groups)?,
+            _ => return Ok(None),
+        }))
+    }
+
+    /// Reshapes, transposes and ops over chosen axes. `None` for other ops.
+    fn run_axes(&self, r: &Run<'_>) -> Result<Option<Tensor>> {
+        let node = r.node;
+        let x = r.xs[0];
+        let mode = r.mode;
+        let src = r.src;
+        Ok(Some(match &node.op {
             Op::Reshape { shape } => {
                 let mut dims = vec![x.dim(0)?];
                 dims.extend(shape);
@@ -1060,33 +1163,8 @@ impl Model {
                 let y = y.reshape(x.dims())?;
                 y.broadcast_mul(&w)?.broadcast_add(&b)?
             }
-            Op::ConcatAt { axis } => Tensor::cat(xs, axis + 1)?,
-            Op::Slice {
-                axis,
-                start,
-                end,
-                step,
-            } => {
-                let len = (end - start).div_ceil(*step);
-                if *step == 1 {
-                    x.narrow(axis + 1, *start, len)?
-                } else {
-                    let idx: Vec<u32> = (0..len).map(|i| (start + i * step) as u32).collect();
-                    let idx = Tensor::from_vec(idx, len, x.device())?;
-                    x.contiguous()?.index_select(&idx, axis + 1)?
-                }
-            }
-            Op::Resize(r) => resize(x, r)?,
-            Op::ChannelShuffle { groups } => channel_shuffle(x, *groups)?,
-            Op::Identity => x.clone(),
-            Op::Constant { shape } => {
-                let c = self.param(node, "value", mode, src)?;
-                let mut dims = vec![x.dim(0)?];
-                dims.extend(shape);
-                c.unsqueeze(0)?.broadcast_as(dims)?.contiguous()?
-            }
-            Op::FakeQuant(q) => self.fake_quant(node, q, x, mode)?,
-        })
+            _ => return Ok(None),
+        }))
     }
 
     fn fake_quant(
@@ -1627,6 +1705,16 @@ fn cubic_weights(t: f64, a: f64) -> [f64; 4] {
     let near = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
     let far = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
     [far(1.0 + t), near(t), near(1.0 - t), far(2.0 - t)]
+}
+
+/// What one node's forward works with.
+struct Run<'a> {
+    id: usize,
+    node: &'a Node,
+    xs: &'a [&'a Tensor],
+    mode: Mode,
+    seed: Option<u64>,
+    src: Option<&'a dyn ParamSource>,
 }
 
 /// A product of matrices over broadcast leading axes: both sides broadcast to the common
