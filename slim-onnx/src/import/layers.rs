@@ -437,11 +437,43 @@ impl Builder {
                 join(&x.onnx)
             ));
         }
-        let (h, w) = (x.onnx[1], x.onnx[2]);
         let upsample = n.op_type == "Upsample";
         // Upsample (and Resize before opset 11) take the scales second and map coordinates
         // as `asymmetric`; later Resize takes roi, scales, sizes.
         let legacy = upsample || self.opset < 11;
+        let ((out, scale), axes) = self.resize_extent(n, a, &x, legacy)?;
+        let coord = resize_coord(a, legacy)?;
+        let mode = resize_mode(a, legacy)?;
+        let antialias = a.int("antialias").unwrap_or(0) != 0;
+        let crop = match coord {
+            CoordMode::TfCropAndResize => Some(self.crop(n, a, axes.as_deref())?),
+            _ => None,
+        };
+        let op = Op::Resize(ResizeSpec {
+            out,
+            scale,
+            mode,
+            coord,
+            antialias,
+            crop,
+        });
+        let name = self.fresh_name(base, "resize");
+        let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    /// The output height and width of a Resize or Upsample and the scales its coordinates
+    /// map with, from its scales or its sizes; and the axes those name (opset 18).
+    #[allow(clippy::type_complexity)]
+    fn resize_extent(
+        &self,
+        n: &NodeProto,
+        a: &Attrs,
+        x: &NodeRef,
+        legacy: bool,
+    ) -> Result<(([usize; 2], [f32; 2]), Option<Vec<i64>>)> {
+        let (h, w) = (x.onnx[1], x.onnx[2]);
+        let upsample = n.op_type == "Upsample";
         let scales = if upsample && self.opset < 9 {
             a.get("scales").map(|s| Const {
                 dims: vec![s.floats.len()],
@@ -489,7 +521,7 @@ impl Builder {
                 }
             }
         }
-        let (out, scale) = match (scales, given_sizes) {
+        let extent = match (scales, given_sizes) {
             (Some(sc), None) => {
                 let v = &sc.values;
                 if v.len() != 4 || v[0] != 1.0 || v[1] != 1.0 {
@@ -508,115 +540,10 @@ impl Builder {
                 ];
                 (out, scale)
             }
-            (None, Some(sz)) => {
-                let v = sz.ints();
-                let plane: Vec<i64> = match v.len() {
-                    4 if v[0] >= 1 && v[1] == x.onnx[0] as i64 => v[2..].to_vec(),
-                    2 => v.clone(),
-                    _ => return err(format!("sizes {v:?}; Slim resizes height and width only")),
-                };
-                let out = sizes("sizes", &plane, 1)?;
-                let ratio = [out[0] as f64 / h as f64, out[1] as f64 / w as f64];
-                // Both axes by one factor, the smaller or larger of the two (ONNX 18's
-                // keep_aspect_ratio_policy), the lengths rounded from it.
-                let kept = match a.string("keep_aspect_ratio_policy").as_deref() {
-                    None | Some("stretch") => None,
-                    Some("not_larger") => Some(ratio[0].min(ratio[1])),
-                    Some("not_smaller") => Some(ratio[0].max(ratio[1])),
-                    Some(other) => return err(format!("keep_aspect_ratio_policy \"{other}\"")),
-                };
-                match kept {
-                    Some(s) => {
-                        let out = [
-                            (s * h as f64 + 0.5).floor() as usize,
-                            (s * w as f64 + 0.5).floor() as usize,
-                        ];
-                        if out.contains(&0) {
-                            return err(format!("sizes {v:?} keep no value of an axis"));
-                        }
-                        (out, [s as f32; 2])
-                    }
-                    None => ([out[0], out[1]], [ratio[0] as f32, ratio[1] as f32]),
-                }
-            }
+            (None, Some(sz)) => sizes_extent(&sz, a, [h, w], x.onnx[0])?,
             _ => return err("it needs exactly one of scales and sizes"),
         };
-        let coord = if legacy {
-            CoordMode::Asymmetric
-        } else {
-            match a
-                .string("coordinate_transformation_mode")
-                .as_deref()
-                .unwrap_or("half_pixel")
-            {
-                "half_pixel" => CoordMode::HalfPixel,
-                "pytorch_half_pixel" => CoordMode::PytorchHalfPixel,
-                "align_corners" => CoordMode::AlignCorners,
-                "asymmetric" => CoordMode::Asymmetric,
-                "half_pixel_symmetric" => CoordMode::HalfPixelSymmetric,
-                "tf_crop_and_resize" => CoordMode::TfCropAndResize,
-                other => {
-                    return err(format!(
-                        "coordinate_transformation_mode \"{other}\" is not supported"
-                    ))
-                }
-            }
-        };
-        let antialias = a.int("antialias").unwrap_or(0) != 0;
-        let crop = match coord {
-            CoordMode::TfCropAndResize => Some(self.crop(n, a, axes.as_deref())?),
-            _ => None,
-        };
-        // Taps outside the input weigh nothing: it changes only cubic resizing (nearest and
-        // linear taps outside read the edge value, which the kept taps hold too).
-        let exclude_outside = a.int("exclude_outside").unwrap_or(0) != 0;
-        let mode = match a.string("mode").as_deref().unwrap_or("nearest") {
-            "nearest" => {
-                let rounding = if legacy {
-                    NearestRounding::Floor
-                } else {
-                    match a
-                        .string("nearest_mode")
-                        .as_deref()
-                        .unwrap_or("round_prefer_floor")
-                    {
-                        "round_prefer_floor" => NearestRounding::RoundPreferFloor,
-                        "round_prefer_ceil" => NearestRounding::RoundPreferCeil,
-                        "floor" => NearestRounding::Floor,
-                        "ceil" => NearestRounding::Ceil,
-                        other => return err(format!("nearest_mode \"{other}\" is not supported")),
-                    }
-                };
-                ResizeMode::Nearest(rounding)
-            }
-            "linear" | "bilinear" => ResizeMode::Linear,
-            "cubic" => {
-                let coeff = a.float("cubic_coeff_a").unwrap_or(-0.75);
-                if !coeff.is_finite() {
-                    return err(format!("cubic_coeff_a {coeff}"));
-                }
-                ResizeMode::Cubic {
-                    a: coeff,
-                    exclude_outside,
-                }
-            }
-            other => {
-                return err(format!(
-                    "mode \"{other}\"; Slim resizes nearest, linear and cubic"
-                ))
-            }
-        };
-        let op = Op::Resize(ResizeSpec {
-            out,
-            scale,
-            mode,
-            coord,
-            antialias,
-            crop,
-        });
-        let name = self.fresh_name(base, "resize");
-        let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
-        self.bind(n, NodeRef::plain(name, &shape))
+        Ok((extent, axes))
     }
 }
 
@@ -843,4 +770,113 @@ impl Builder {
         };
         self.unary(n, &base, Op::Lrn(spec))
     }
+}
+
+/// A Resize's `coordinate_transformation_mode` (`asymmetric` for Upsample and opsets before
+/// 11).
+fn resize_coord(a: &Attrs, legacy: bool) -> Result<CoordMode> {
+    Ok(if legacy {
+        CoordMode::Asymmetric
+    } else {
+        match a
+            .string("coordinate_transformation_mode")
+            .as_deref()
+            .unwrap_or("half_pixel")
+        {
+            "half_pixel" => CoordMode::HalfPixel,
+            "pytorch_half_pixel" => CoordMode::PytorchHalfPixel,
+            "align_corners" => CoordMode::AlignCorners,
+            "asymmetric" => CoordMode::Asymmetric,
+            "half_pixel_symmetric" => CoordMode::HalfPixelSymmetric,
+            "tf_crop_and_resize" => CoordMode::TfCropAndResize,
+            other => {
+                return err(format!(
+                    "coordinate_transformation_mode \"{other}\" is not supported"
+                ))
+            }
+        }
+    })
+}
+
+/// A Resize's interpolation: nearest with its rounding, linear, or cubic.
+fn resize_mode(a: &Attrs, legacy: bool) -> Result<ResizeMode> {
+    // Taps outside the input weigh nothing: it changes only cubic resizing (nearest and
+    // linear taps outside read the edge value, which the kept taps hold too).
+    let exclude_outside = a.int("exclude_outside").unwrap_or(0) != 0;
+    Ok(match a.string("mode").as_deref().unwrap_or("nearest") {
+        "nearest" => {
+            let rounding = if legacy {
+                NearestRounding::Floor
+            } else {
+                match a
+                    .string("nearest_mode")
+                    .as_deref()
+                    .unwrap_or("round_prefer_floor")
+                {
+                    "round_prefer_floor" => NearestRounding::RoundPreferFloor,
+                    "round_prefer_ceil" => NearestRounding::RoundPreferCeil,
+                    "floor" => NearestRounding::Floor,
+                    "ceil" => NearestRounding::Ceil,
+                    other => return err(format!("nearest_mode \"{other}\" is not supported")),
+                }
+            };
+            ResizeMode::Nearest(rounding)
+        }
+        "linear" | "bilinear" => ResizeMode::Linear,
+        "cubic" => {
+            let coeff = a.float("cubic_coeff_a").unwrap_or(-0.75);
+            if !coeff.is_finite() {
+                return err(format!("cubic_coeff_a {coeff}"));
+            }
+            ResizeMode::Cubic {
+                a: coeff,
+                exclude_outside,
+            }
+        }
+        other => {
+            return err(format!(
+                "mode \"{other}\"; Slim resizes nearest, linear and cubic"
+            ))
+        }
+    })
+}
+
+/// The output height and width, and the scales, of a Resize given sizes (four, the batch's
+/// and the channels' as they are, or the plane's two) for an input plane `[h, w]` of
+/// `channels` channels, with ONNX 18's `keep_aspect_ratio_policy`.
+fn sizes_extent(
+    sz: &Const,
+    a: &Attrs,
+    [h, w]: [usize; 2],
+    channels: usize,
+) -> Result<([usize; 2], [f32; 2])> {
+    let v = sz.ints();
+    let plane: Vec<i64> = match v.len() {
+        4 if v[0] >= 1 && v[1] == channels as i64 => v[2..].to_vec(),
+        2 => v.clone(),
+        _ => return err(format!("sizes {v:?}; Slim resizes height and width only")),
+    };
+    let out = sizes("sizes", &plane, 1)?;
+    let ratio = [out[0] as f64 / h as f64, out[1] as f64 / w as f64];
+    // Both axes by one factor, the smaller or larger of the two (ONNX 18's
+    // keep_aspect_ratio_policy), the lengths rounded from it.
+    let kept = match a.string("keep_aspect_ratio_policy").as_deref() {
+        None | Some("stretch") => None,
+        Some("not_larger") => Some(ratio[0].min(ratio[1])),
+        Some("not_smaller") => Some(ratio[0].max(ratio[1])),
+        Some(other) => return err(format!("keep_aspect_ratio_policy \"{other}\"")),
+    };
+    Ok(match kept {
+        Some(s) => {
+            let out = [
+                (s * h as f64 + 0.5).floor() as usize,
+                (s * w as f64 + 0.5).floor() as usize,
+            ];
+            if out.contains(&0) {
+                return err(format!("sizes {v:?} keep no value of an axis"));
+            }
+            (out, [s as f32; 2])
+        }
+        None => ([out[0], out[1]], [ratio[0] as f32, ratio[1] as f32]),
+    })
 }
