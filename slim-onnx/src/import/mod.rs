@@ -193,37 +193,7 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
     for o in &graph.output {
         *b.uses.entry(o.name.clone()).or_default() += 1;
     }
-    // The data input: a graph input that is not an initializer (old IR lists both), that no
-    // node computes (some exporters list the outputs of their weight-filling nodes as inputs
-    // too), and that some node reads.
-    let computed: std::collections::HashSet<&str> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().map(|o| o.as_str()))
-        .collect();
-    let inputs: Vec<&proto::ValueInfoProto> = graph
-        .input
-        .iter()
-        .filter(|i| {
-            !b.values.contains_key(&i.name)
-                && !computed.contains(i.name.as_str())
-                && b.uses.get(&i.name).copied().unwrap_or(0) > 0
-        })
-        .collect();
-    let input = match inputs.as_slice() {
-        [one] => *one,
-        [] => return Err(OnnxError::Model("the model has no data input".into())),
-        many => {
-            return Err(OnnxError::Model(format!(
-                "the model has {} data inputs ({}); Slim models take one image input",
-                many.len(),
-                many.iter()
-                    .map(|i| i.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )))
-        }
-    };
+    let input = data_input(graph, &b)?;
     let shape = input_shape(input, opts.input_shape.as_deref(), opts.single_sample)?;
     if shape.is_empty() && !opts.single_sample {
         return err(format!(
@@ -267,6 +237,16 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
             )));
         }
     }
+    record_provenance(&mut out, &model, opset);
+    if opts.preprocess.is_some() || opts.resize {
+        out.set_preprocess(opts.preprocess.as_ref(), opts.resize)?;
+    }
+    Ok(out)
+}
+
+/// What the model records of where it came from: the importer, the opset, the producer, and
+/// the `slim.*` metadata of a model Slim exported.
+fn record_provenance(out: &mut Model, model: &proto::ModelProto, opset: i64) {
     out.provenance
         .insert("created_by".into(), "slim import".into());
     out.provenance
@@ -284,10 +264,38 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
             }
         }
     }
-    if opts.preprocess.is_some() || opts.resize {
-        out.set_preprocess(opts.preprocess.as_ref(), opts.resize)?;
+}
+
+/// The data input: a graph input that is not an initializer (old IR lists both), that no node
+/// computes (some exporters list the outputs of their weight-filling nodes as inputs too), and
+/// that some node reads; exactly one.
+fn data_input<'g>(graph: &'g proto::GraphProto, b: &Builder) -> Result<&'g proto::ValueInfoProto> {
+    let computed: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(|o| o.as_str()))
+        .collect();
+    let inputs: Vec<&proto::ValueInfoProto> = graph
+        .input
+        .iter()
+        .filter(|i| {
+            !b.values.contains_key(&i.name)
+                && !computed.contains(i.name.as_str())
+                && b.uses.get(&i.name).copied().unwrap_or(0) > 0
+        })
+        .collect();
+    match inputs.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(OnnxError::Model("the model has no data input".into())),
+        many => Err(OnnxError::Model(format!(
+            "the model has {} data inputs ({}); Slim models take one image input",
+            many.len(),
+            many.iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
     }
-    Ok(out)
 }
 
 /// Every node of `graph` whose op the importer does not take, described for the error.
