@@ -35,75 +35,10 @@ impl Builder {
                     if c.numel() == 1 || (c.dims.iter().skip_while(|&&d| d == 1).copied().collect::<Vec<_>>() == [l.out_features]))
             });
         if dense {
-            let id = self.by_name[&x.node];
-            if let Some(v) = &value {
-                self.values.remove(v);
-            }
-            let node = &mut self.nodes[id];
-            let Op::Dense(l) = &mut node.op else {
-                return err("a dense layer changed under the importer");
-            };
-            l.bias = true;
-            let (out, inp) = (l.out_features, l.in_features);
-            let at = |i: usize| {
-                if c.numel() == 1 {
-                    c.values[0]
-                } else {
-                    c.values[i]
-                }
-            };
-            let bias = node.params.entry("bias").or_insert_with(|| Const {
-                dims: vec![out],
-                values: vec![0.0; out],
-            });
-            for (o, b) in bias.values.iter_mut().enumerate() {
-                *b = match kind {
-                    BinaryKind::Mul => *b * at(o),
-                    BinaryKind::Add => *b + at(o),
-                    _ => *b - at(o),
-                };
-            }
-            if kind == BinaryKind::Mul {
-                if let Some(w) = node.params.get_mut("weight") {
-                    for (i, v) in w.values.iter_mut().enumerate() {
-                        *v *= at(i / inp);
-                    }
-                }
-            }
-            return self.bind(n, x.clone());
+            return self.into_dense(n, x, c, kind, value.as_ref());
         }
         if foldable {
-            let id = self.by_name[&x.node];
-            if let Some(v) = &value {
-                self.values.remove(v);
-            }
-            let node = &mut self.nodes[id];
-            let numel = node.params["weight"].numel();
-            let at = |i: usize| {
-                if c.numel() == 1 {
-                    c.values[0]
-                } else {
-                    c.values[i]
-                }
-            };
-            for i in 0..numel {
-                let (w, b) = (
-                    node.params["weight"].values[i],
-                    node.params["bias"].values[i],
-                );
-                let (w, b) = match kind {
-                    BinaryKind::Mul => (w * at(i), b * at(i)),
-                    BinaryKind::Add => (w, b + at(i)),
-                    _ => (w, b - at(i)),
-                };
-                if let Some(p) = node.params.get_mut("weight") {
-                    p.values[i] = w;
-                }
-                if let Some(p) = node.params.get_mut("bias") {
-                    p.values[i] = b;
-                }
-            }
-            return self.bind(n, x.clone());
+            return self.into_layer_norm(n, x, c, kind, value.as_ref());
         }
         let mut dims = c.dims.clone();
         // A constant of the value's full rank carries a batch axis of one.
@@ -136,6 +71,97 @@ impl Builder {
         };
         let shape = self.push(&name, op, &[&node], p)?;
         self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    /// A bias added to (or a scale of) the outputs of the dense layer that computes `x`,
+    /// folded into the layer: its bias (and with a scale its weights) change.
+    fn into_dense(
+        &mut self,
+        n: &NodeProto,
+        x: &NodeRef,
+        c: &Const,
+        kind: BinaryKind,
+        value: Option<&String>,
+    ) -> Result<()> {
+        let id = self.by_name[&x.node];
+        if let Some(v) = value {
+            self.values.remove(v);
+        }
+        let node = &mut self.nodes[id];
+        let Op::Dense(l) = &mut node.op else {
+            return err("a dense layer changed under the importer");
+        };
+        l.bias = true;
+        let (out, inp) = (l.out_features, l.in_features);
+        let at = |i: usize| {
+            if c.numel() == 1 {
+                c.values[0]
+            } else {
+                c.values[i]
+            }
+        };
+        let bias = node.params.entry("bias").or_insert_with(|| Const {
+            dims: vec![out],
+            values: vec![0.0; out],
+        });
+        for (o, b) in bias.values.iter_mut().enumerate() {
+            *b = match kind {
+                BinaryKind::Mul => *b * at(o),
+                BinaryKind::Add => *b + at(o),
+                _ => *b - at(o),
+            };
+        }
+        if kind == BinaryKind::Mul {
+            if let Some(w) = node.params.get_mut("weight") {
+                for (i, v) in w.values.iter_mut().enumerate() {
+                    *v *= at(i / inp);
+                }
+            }
+        }
+        return self.bind(n, x.clone());
+    }
+
+    /// A scale or shift after the layer norm that computes `x` (nothing else reads it): its
+    /// weight and bias.
+    fn into_layer_norm(
+        &mut self,
+        n: &NodeProto,
+        x: &NodeRef,
+        c: &Const,
+        kind: BinaryKind,
+        value: Option<&String>,
+    ) -> Result<()> {
+        let id = self.by_name[&x.node];
+        if let Some(v) = value {
+            self.values.remove(v);
+        }
+        let node = &mut self.nodes[id];
+        let numel = node.params["weight"].numel();
+        let at = |i: usize| {
+            if c.numel() == 1 {
+                c.values[0]
+            } else {
+                c.values[i]
+            }
+        };
+        for i in 0..numel {
+            let (w, b) = (
+                node.params["weight"].values[i],
+                node.params["bias"].values[i],
+            );
+            let (w, b) = match kind {
+                BinaryKind::Mul => (w * at(i), b * at(i)),
+                BinaryKind::Add => (w, b + at(i)),
+                _ => (w, b - at(i)),
+            };
+            if let Some(p) = node.params.get_mut("weight") {
+                p.values[i] = w;
+            }
+            if let Some(p) = node.params.get_mut("bias") {
+                p.values[i] = b;
+            }
+        }
+        return self.bind(n, x.clone());
     }
 
     /// `(input, from, shape, eps)` when `d / s` is a layer norm written out (PyTorch's export):

@@ -113,19 +113,7 @@ impl Builder {
         let c = |i| self.konst(n, i);
         Ok(Some(match n.op_type.as_str() {
             "Identity" => c(0)?,
-            "Cast" => {
-                let mut x = c(0)?;
-                let to = a.int("to").unwrap_or(0);
-                if to == i64::from(data_type::BOOL) {
-                    x.values
-                        .iter_mut()
-                        .for_each(|v| *v = f64::from(u8::from(*v != 0.0)));
-                } else if !cast_keeps_floats(to) {
-                    // Integer types: toward zero, as C casts.
-                    x.values.iter_mut().for_each(|v| *v = v.trunc());
-                }
-                x
-            }
+            "Cast" => self.cast_const(n, a)?,
             "Reshape" => {
                 let x = c(0)?;
                 let shape = c(1)?.ints();
@@ -154,38 +142,8 @@ impl Builder {
             "Expand" if n.input.get(1).is_some_and(|i| self.batchy.contains_key(i)) => {
                 return Ok(None)
             }
-            "Expand" => {
-                let x = c(0)?;
-                let target: Vec<usize> = c(1)?.ints().iter().map(|&t| t.max(1) as usize).collect();
-                let dims =
-                    slim_core::graph::broadcast_shape(&x.dims, &target).ok_or_else(|| {
-                        OnnxError::Model(format!(
-                            "shape {:?} does not expand to {target:?}",
-                            x.dims
-                        ))
-                    })?;
-                self.charge(&dims, x.numel())?;
-                Const {
-                    values: broadcast_values(&x, &dims),
-                    dims,
-                }
-            }
-            "Sqrt" | "Reciprocal" | "Neg" | "Relu" | "Sigmoid" | "Tanh" => {
-                let mut x = c(0)?;
-                let f: fn(f64) -> f64 = match n.op_type.as_str() {
-                    "Sqrt" => f64::sqrt,
-                    "Reciprocal" => f64::recip,
-                    "Neg" => |v| -v,
-                    "Relu" => |v| v.max(0.0),
-                    "Sigmoid" => |v| 1.0 / (1.0 + (-v).exp()),
-                    _ => f64::tanh,
-                };
-                // In f32, as the data would be computed.
-                x.values
-                    .iter_mut()
-                    .for_each(|v| *v = f64::from(f(*v) as f32));
-                x
-            }
+            "Expand" => self.expand_const(n)?,
+            "Sqrt" | "Reciprocal" | "Neg" | "Relu" | "Sigmoid" | "Tanh" => self.unary_const(n)?,
             "ConstantOfShape" => self.constant_of_shape(n, a)?,
             "Transpose" => {
                 let x = c(0)?;
@@ -209,32 +167,7 @@ impl Builder {
                     values: x.dims[s..e].iter().map(|&d| d as f64).collect(),
                 }
             }
-            "Mul" | "Add" | "Sub" | "Div" | "Pow" => {
-                let (x, y) = (c(0)?, c(1)?);
-                let ints = self.int_typed(n);
-                let f = |p: f64, q: f64| match n.op_type.as_str() {
-                    "Mul" => p * q,
-                    "Add" => p + q,
-                    "Sub" => p - q,
-                    "Pow" => p.powf(q),
-                    // Shape arithmetic divides integers (toward zero).
-                    _ if ints => (p / q).trunc(),
-                    _ => p / q,
-                };
-                let dims =
-                    slim_core::graph::broadcast_shape(&x.dims, &y.dims).ok_or_else(|| {
-                        OnnxError::Model(format!(
-                            "constants of shapes {:?} and {:?} do not broadcast",
-                            x.dims, y.dims
-                        ))
-                    })?;
-                self.charge(&dims, x.numel().max(y.numel()))?;
-                let (xs, ys) = (broadcast_values(&x, &dims), broadcast_values(&y, &dims));
-                Const {
-                    values: xs.iter().zip(&ys).map(|(&p, &q)| f(p, q)).collect(),
-                    dims,
-                }
-            }
+            "Mul" | "Add" | "Sub" | "Div" | "Pow" => self.binary_const(n)?,
             _ => return Ok(None),
         }))
     }
@@ -672,6 +605,80 @@ fn concat(parts: &[Const], axis: i64) -> Result<Const> {
 
 /// Folds of single ops (from [`Builder::fold`]).
 impl Builder {
+    fn cast_const(&self, n: &NodeProto, a: &Attrs) -> Result<Const> {
+        let c = |i| self.konst(n, i);
+        let mut x = c(0)?;
+        let to = a.int("to").unwrap_or(0);
+        if to == i64::from(data_type::BOOL) {
+            x.values
+                .iter_mut()
+                .for_each(|v| *v = f64::from(u8::from(*v != 0.0)));
+        } else if !cast_keeps_floats(to) {
+            // Integer types: toward zero, as C casts.
+            x.values.iter_mut().for_each(|v| *v = v.trunc());
+        }
+        Ok(x)
+    }
+
+    fn expand_const(&self, n: &NodeProto) -> Result<Const> {
+        let c = |i| self.konst(n, i);
+        let x = c(0)?;
+        let target: Vec<usize> = c(1)?.ints().iter().map(|&t| t.max(1) as usize).collect();
+        let dims = slim_core::graph::broadcast_shape(&x.dims, &target).ok_or_else(|| {
+            OnnxError::Model(format!("shape {:?} does not expand to {target:?}", x.dims))
+        })?;
+        self.charge(&dims, x.numel())?;
+        Ok(Const {
+            values: broadcast_values(&x, &dims),
+            dims,
+        })
+    }
+
+    fn unary_const(&self, n: &NodeProto) -> Result<Const> {
+        let c = |i| self.konst(n, i);
+        let mut x = c(0)?;
+        let f: fn(f64) -> f64 = match n.op_type.as_str() {
+            "Sqrt" => f64::sqrt,
+            "Reciprocal" => f64::recip,
+            "Neg" => |v| -v,
+            "Relu" => |v| v.max(0.0),
+            "Sigmoid" => |v| 1.0 / (1.0 + (-v).exp()),
+            _ => f64::tanh,
+        };
+        // In f32, as the data would be computed.
+        x.values
+            .iter_mut()
+            .for_each(|v| *v = f64::from(f(*v) as f32));
+        Ok(x)
+    }
+
+    fn binary_const(&self, n: &NodeProto) -> Result<Const> {
+        let c = |i| self.konst(n, i);
+        let (x, y) = (c(0)?, c(1)?);
+        let ints = self.int_typed(n);
+        let f = |p: f64, q: f64| match n.op_type.as_str() {
+            "Mul" => p * q,
+            "Add" => p + q,
+            "Sub" => p - q,
+            "Pow" => p.powf(q),
+            // Shape arithmetic divides integers (toward zero).
+            _ if ints => (p / q).trunc(),
+            _ => p / q,
+        };
+        let dims = slim_core::graph::broadcast_shape(&x.dims, &y.dims).ok_or_else(|| {
+            OnnxError::Model(format!(
+                "constants of shapes {:?} and {:?} do not broadcast",
+                x.dims, y.dims
+            ))
+        })?;
+        self.charge(&dims, x.numel().max(y.numel()))?;
+        let (xs, ys) = (broadcast_values(&x, &dims), broadcast_values(&y, &dims));
+        Ok(Const {
+            values: xs.iter().zip(&ys).map(|(&p, &q)| f(p, q)).collect(),
+            dims,
+        })
+    }
+
     fn constant_of_shape(&self, n: &NodeProto, a: &Attrs) -> Result<Const> {
         let c = |i| self.konst(n, i);
         let shape = c(0)?.ints();
