@@ -3,7 +3,7 @@
 
 /// `(ONNX op, what Slim makes of it and its limits)`, in the order of the docs' table.
 pub const OP_TABLE: [(&str, &str); 54] = [
-    ("Conv", "2-D convolution (grouped, depthwise, dilated); one stride and dilation for both axes; padding on one side beyond the others becomes a Pad node; a 1x1 convolution on a pooled vector becomes a linear layer"),
+    ("Conv", "2-D convolution (grouped, depthwise, dilated), and 1-D as 2-D of height one; one stride and dilation for both axes; padding on one side beyond the others becomes a Pad node; a 1x1 convolution on a pooled vector becomes a linear layer"),
     ("ConvTranspose", "2-D transposed convolution (groups, dilation, output_padding, output_shape); equal padding on every side"),
     ("BatchNormalization", "batch norm over [C, H, W] maps or [C] vectors; constant scale and shift after it are folded in"),
     ("Gemm", "linear layer (alpha, beta, transB); transA refused"),

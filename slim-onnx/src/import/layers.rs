@@ -5,12 +5,15 @@ use super::*;
 
 impl Builder {
     pub(super) fn conv(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
-        let mut x = self.node_in(n, 0)?;
+        let x = self.node_in(n, 0)?;
         let w = self.konst(n, 1)?;
         let b = self.opt_const(n, 2)?;
+        if w.dims.len() == 3 && x.onnx.len() == 2 {
+            return self.conv1d(n, a, &x, &w);
+        }
         if w.dims.len() != 4 {
             return err(format!(
-                "weight of shape {:?}; Slim convolutions are 2-D",
+                "weight of shape {:?}; Slim convolutions are 1-D or 2-D",
                 w.dims
             ));
         }
@@ -22,24 +25,7 @@ impl Builder {
         if x.onnx.len() == 1
             || x.onnx.len() == 3 && x.onnx[1..] == [1, 1] && self.shape_of(&x).len() == 1
         {
-            // A 1x1 convolution on a pooled vector is a linear layer.
-            if kh == 1 && kw == 1 && groups == 1 {
-                let weight = Const {
-                    dims: vec![o, ipg],
-                    values: w.values.clone(),
-                };
-                let name_ok = name.clone();
-                let xs = NodeRef {
-                    node: x.node.clone(),
-                    onnx: vec![x.onnx[0]],
-                };
-                self.linear(n, &name_ok, xs, weight, b)?;
-                if let Some(Value::Node(r)) = self.values.get_mut(&n.output[0]) {
-                    r.onnx = vec![o, 1, 1];
-                }
-                return Ok(());
-            }
-            return err("a convolution other than 1x1 on a pooled [C, 1, 1] value");
+            return self.conv_on_vector(n, &x, w, b, groups);
         }
         if x.onnx.len() != 3 {
             return err(format!(
@@ -47,7 +33,6 @@ impl Builder {
                 x.onnx
             ));
         }
-        let (h, wd) = (x.onnx[1], x.onnx[2]);
         if strides.len() != 2 || strides[0] != strides[1] {
             return err(format!(
                 "strides {strides:?}; Slim needs one stride for both axes"
@@ -59,6 +44,82 @@ impl Builder {
             ));
         }
         let (s, d) = (strides[0], dil[0]);
+        let (x, pads) = self.conv_padding(n, a, x, [kh, kw], s, d)?;
+        let spec = Conv2dSpec {
+            in_channels: ipg * groups,
+            out_channels: o,
+            kernel: [kh, kw],
+            stride: s,
+            padding: pads,
+            dilation: d,
+            groups,
+            bias: b.is_some(),
+        };
+        if let Some(b) = &b {
+            if b.numel() != o {
+                return err(format!(
+                    "bias has {} values for {o} output channels",
+                    b.numel()
+                ));
+            }
+        }
+        let mut p = BTreeMap::new();
+        p.insert("weight", w);
+        if let Some(b) = b {
+            p.insert(
+                "bias",
+                Const {
+                    dims: vec![o],
+                    values: b.values,
+                },
+            );
+        }
+        self.emit(n, &name, Op::Conv2d(spec), &[&x.node], p)
+    }
+
+    /// A convolution on a pooled `[C]` (or `[C, 1, 1]`) vector: a 1x1 convolution is a linear
+    /// layer, so squeeze-and-excite blocks stay prunable.
+    fn conv_on_vector(
+        &mut self,
+        n: &NodeProto,
+        x: &NodeRef,
+        w: Const,
+        b: Option<Const>,
+        groups: usize,
+    ) -> Result<()> {
+        let (o, ipg, kh, kw) = (w.dims[0], w.dims[1], w.dims[2], w.dims[3]);
+        let name = self.layer_name(n, 1);
+        if kh == 1 && kw == 1 && groups == 1 {
+            let weight = Const {
+                dims: vec![o, ipg],
+                values: w.values.clone(),
+            };
+            let name_ok = name.clone();
+            let xs = NodeRef {
+                node: x.node.clone(),
+                onnx: vec![x.onnx[0]],
+            };
+            self.linear(n, &name_ok, xs, weight, b)?;
+            if let Some(Value::Node(r)) = self.values.get_mut(&n.output[0]) {
+                r.onnx = vec![o, 1, 1];
+            }
+            return Ok(());
+        }
+        return err("a convolution other than 1x1 on a pooled [C, 1, 1] value");
+    }
+
+    /// A convolution's input and its padding on every side: a zero Pad before it (tf2onnx)
+    /// joins its own, and what one side has beyond the others becomes a Pad node.
+    fn conv_padding(
+        &mut self,
+        n: &NodeProto,
+        a: &Attrs,
+        mut x: NodeRef,
+        [kh, kw]: [usize; 2],
+        s: usize,
+        d: usize,
+    ) -> Result<(NodeRef, usize)> {
+        let (h, wd) = (x.onnx[1], x.onnx[2]);
         let axes = pads_per_axis(a, [h, wd], [kh, kw], s, d)?;
         let mut sides = [axes[0].0, axes[1].0, axes[0].1, axes[1].1];
         // Zero padding written as a Pad before the convolution (tf2onnx) joins its own.
@@ -91,36 +152,72 @@ impl Builder {
             let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
             x = NodeRef::plain(name, &shape);
         }
-        let spec = Conv2dSpec {
-            in_channels: ipg * groups,
-            out_channels: o,
-            kernel: [kh, kw],
-            stride: s,
-            padding: pads,
-            dilation: d,
-            groups,
-            bias: b.is_some(),
+        Ok((x, pads))
+    }
+
+    /// A 1-D convolution of `[C, L]` values: a 2-D one of height one (kernel `[1, k]`)
+    /// between reshapes, its padding a Pad of the width.
+    fn conv1d(&mut self, n: &NodeProto, a: &Attrs, x: &NodeRef, w: &Const) -> Result<()> {
+        let (c, len) = (x.onnx[0], x.onnx[1]);
+        let stem = sanitize(&display_name(n));
+        let plane = self.fresh_name(&format!("{stem}.as_2d"), "reshape");
+        let op = Op::Reshape {
+            shape: vec![c, 1, len],
         };
-        if let Some(b) = &b {
-            if b.numel() != o {
-                return err(format!(
-                    "bias has {} values for {o} output channels",
-                    b.numel()
-                ));
+        let shape = self.push(&plane, op, &[&x.node], BTreeMap::new())?;
+        let one = |name: &str| -> Result<Option<i64>> {
+            match a.ints(name).as_deref() {
+                None => Ok(None),
+                Some([v]) => Ok(Some(*v)),
+                Some(v) => err(format!("{name} {v:?} for a 1-D convolution")),
             }
+        };
+        let (stride, dil) = (one("strides")?.unwrap_or(1), one("dilations")?.unwrap_or(1));
+        let mut n2 = n.clone();
+        let mut attrs: Vec<AttributeProto> = n
+            .attribute
+            .iter()
+            .filter(|at| {
+                !matches!(
+                    at.name.as_str(),
+                    "kernel_shape" | "strides" | "dilations" | "pads"
+                )
+            })
+            .cloned()
+            .collect();
+        let ints = |name: &str, v: Vec<i64>| AttributeProto {
+            name: name.into(),
+            r#type: crate::proto::attribute_type::INTS,
+            ints: v,
+            ..Default::default()
+        };
+        attrs.push(ints("strides", vec![stride, stride]));
+        attrs.push(ints("dilations", vec![dil, dil]));
+        if let Some(p) = a.ints("pads") {
+            let [p0, p1] = p[..] else {
+                return err(format!("pads {p:?} for a 1-D convolution"));
+            };
+            attrs.push(ints("pads", vec![0, p0, 0, p1]));
         }
-        let mut p = BTreeMap::new();
-        p.insert("weight", w);
-        if let Some(b) = b {
-            p.insert(
-                "bias",
-                Const {
-                    dims: vec![o],
-                    values: b.values,
-                },
-            );
-        }
-        self.emit(n, &name, Op::Conv2d(spec), &[&x.node], p)
+        n2.attribute = attrs;
+        let (x2, w2) = (format!("{stem}#plane"), format!("{}#plane", n.input[1]));
+        self.values
+            .insert(x2.clone(), Value::Node(NodeRef::plain(plane, &shape)));
+        let w4 = Const {
+            dims: vec![w.dims[0], w.dims[1], 1, w.dims[2]],
+            values: w.values.clone(),
+        };
+        self.values.insert(w2.clone(), Value::Const(w4));
+        n2.input[0] = x2;
+        n2.input[1] = w2;
+        let y2 = format!("{stem}#conv_plane");
+        n2.output = vec![y2.clone()];
+        self.conv(&n2, &Attrs(&n2.attribute))?;
+        let Some(Value::Node(y)) = self.values.get(&y2).cloned() else {
+            return err("the 1-D convolution computed nothing");
+        };
+        let out = vec![y.onnx[0], y.onnx[2]];
+        self.reshape(n, &format!("{stem}.as_1d"), &y, out)
     }
 
     pub(super) fn conv_transpose(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {

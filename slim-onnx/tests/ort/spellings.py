@@ -537,6 +537,18 @@ def resize_crop_and_resize(g):
     g.output(g.conv(r, C, C))
 
 
+def conv1d(g):
+    """1-D convolutions (an audio or text CNN's), here over a feature map flattened to a
+    sequence: strided and padded with a bias, then dilated and grouped."""
+    y = g.conv("x", C, C)
+    seq = g.op("Reshape", [y, g.ints("shape", [0, C, -1])])
+    w1 = g.init("w", g.rng.normal(0.0, 0.3, (6, C, 3)))
+    b1 = g.init("b", g.rng.normal(0.0, 0.1, 6))
+    h = g.op("Relu", [g.op("Conv", [seq, w1, b1], kernel_shape=[3], pads=[1, 1], strides=[2])])
+    w2 = g.init("w", g.rng.normal(0.0, 0.3, (6, 3, 3)))
+    g.output(g.op("Conv", [h, w2], kernel_shape=[3], dilations=[2], group=2, pads=[2, 2]))
+
+
 def resize_opset11(g):
     # Opset 11 has no optional inputs here: roi is an empty Constant, as PyTorch writes it.
     y = g.conv("x", C, C)
@@ -754,6 +766,7 @@ CASES = {
     "resize_cubic_antialias": (resize_cubic_antialias, SMALL, 18),
     "resize_crop_and_resize": (resize_crop_and_resize, SMALL, 13),
     "resize_opset11": (resize_opset11, SMALL, 11),
+    "conv1d": (conv1d, SMALL, 13),
     "upsample_opset9": (upsample_opset9, SMALL, 9),
     "upsample_opset7": (upsample_opset7, SMALL, 7),
     "convtranspose_s2": (convtranspose_s2, SMALL, 13),
