@@ -32,7 +32,7 @@ pub const OP_TABLE: [(&str, &str); 54] = [
     ("Slice", "data along any axis but the batch (positive steps); constants too"),
     ("MaxPool", "square windows, padding on the leading sides at most the trailing ones, ceil_mode; no dilation, no indices output"),
     ("AveragePool", "as MaxPool, count_include_pad either way"),
-    ("GlobalAveragePool", "mean over the plane"),
+    ("GlobalAveragePool", "mean over the plane (over the length of a 1-D sequence)"),
     ("ReduceMean", "any axes but the batch (over the plane: global average pooling)"),
     ("ReduceMax", "any axes but the batch"),
     ("ReduceSum", "any axes but the batch"),

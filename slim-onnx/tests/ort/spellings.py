@@ -546,7 +546,9 @@ def conv1d(g):
     b1 = g.init("b", g.rng.normal(0.0, 0.1, 6))
     h = g.op("Relu", [g.op("Conv", [seq, w1, b1], kernel_shape=[3], pads=[1, 1], strides=[2])])
     w2 = g.init("w", g.rng.normal(0.0, 0.3, (6, 3, 3)))
-    g.output(g.op("Conv", [h, w2], kernel_shape=[3], dilations=[2], group=2, pads=[2, 2]))
+    h2 = g.op("Conv", [h, w2], kernel_shape=[3], dilations=[2], group=2, pads=[2, 2])
+    g.output(h2)
+    g.output(g.op("GlobalAveragePool", [h2]))
 
 
 def resize_opset11(g):
