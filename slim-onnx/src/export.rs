@@ -488,7 +488,7 @@ impl Writer<'_> {
         let node = e.node;
         let out = e.out;
         let integer = e.integer;
-        let x = &e.x;
+        let x = e.x.clone();
         let unsupported = |why: &str| e.unsupported(why);
         match &node.op {
             Op::Input { shape } => {
@@ -578,7 +578,7 @@ impl Writer<'_> {
     fn activation_node(&mut self, e: &Emit<'_>) -> Result<bool> {
         let node = e.node;
         let out = e.out;
-        let x = &e.x;
+        let x = e.x.clone();
         match &node.op {
             Op::Relu => self.op("Relu", out, &x, out, vec![]),
             Op::Relu6 => {
@@ -650,7 +650,7 @@ impl Writer<'_> {
     fn gelu_softmax_node(&mut self, e: &Emit<'_>) -> Result<bool> {
         let node = e.node;
         let out = e.out;
-        let x = &e.x;
+        let x = e.x.clone();
         let unsupported = |why: &str| e.unsupported(why);
         match &node.op {
             Op::Gelu if self.opset >= 20 => self.op("Gelu", out, &x, out, vec![]),
@@ -724,7 +724,7 @@ impl Writer<'_> {
     fn arithmetic_node(&mut self, e: &Emit<'_>) -> Result<bool> {
         let node = e.node;
         let out = e.out;
-        let x = &e.x;
+        let x = e.x.clone();
         let unsupported = |why: &str| e.unsupported(why);
         let g = &self.model.graph;
         match &node.op {
@@ -796,7 +796,7 @@ impl Writer<'_> {
     fn shape_node(&mut self, e: &Emit<'_>) -> Result<bool> {
         let node = e.node;
         let out = e.out;
-        let x = &e.x;
+        let x = e.x.clone();
         let unsupported = |why: &str| e.unsupported(why);
         match &node.op {
             Op::Concat => self.op("Concat", out, &x, out, vec![int("axis", 1)]),
@@ -865,7 +865,7 @@ impl Writer<'_> {
     fn spatial_node(&mut self, e: &Emit<'_>) -> Result<bool> {
         let node = e.node;
         let out = e.out;
-        let x = &e.x;
+        let x = e.x.clone();
         match &node.op {
             Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
                 let (k, s, pad) = (p.kernel as i64, p.stride as i64, p.padding as i64);
@@ -921,7 +921,7 @@ impl Writer<'_> {
         let id = e.id;
         let out = e.out;
         let integer = e.integer;
-        let x = &e.x;
+        let x = e.x.clone();
         let unsupported = |why: &str| e.unsupported(why);
         match &node.op {
             Op::Dropout { p } => {
@@ -1001,7 +1001,7 @@ impl Writer<'_> {
     fn resize_node(&mut self, e: &Emit<'_>) -> Result<bool> {
         let node = e.node;
         let out = e.out;
-        let x = &e.x;
+        let x = e.x.clone();
         let unsupported = |why: &str| e.unsupported(why);
         let g = &self.model.graph;
         match &node.op {

@@ -35,10 +35,10 @@ impl Builder {
                     if c.numel() == 1 || (c.dims.iter().skip_while(|&&d| d == 1).copied().collect::<Vec<_>>() == [l.out_features]))
             });
         if dense {
-            return self.into_dense(n, x, c, kind, value.as_ref());
+            return self.fold_into_dense(n, x, c, kind, value.as_ref());
         }
         if foldable {
-            return self.into_layer_norm(n, x, c, kind, value.as_ref());
+            return self.fold_into_layer_norm(n, x, c, kind, value.as_ref());
         }
         let mut dims = c.dims.clone();
         // A constant of the value's full rank carries a batch axis of one.
@@ -75,7 +75,7 @@ impl Builder {
 
     /// A bias added to (or a scale of) the outputs of the dense layer that computes `x`,
     /// folded into the layer: its bias (and with a scale its weights) change.
-    fn into_dense(
+    fn fold_into_dense(
         &mut self,
         n: &NodeProto,
         x: &NodeRef,
@@ -118,12 +118,12 @@ impl Builder {
                 }
             }
         }
-        return self.bind(n, x.clone());
+        self.bind(n, x.clone())
     }
 
     /// A scale or shift after the layer norm that computes `x` (nothing else reads it): its
     /// weight and bias.
-    fn into_layer_norm(
+    fn fold_into_layer_norm(
         &mut self,
         n: &NodeProto,
         x: &NodeRef,
@@ -161,7 +161,7 @@ impl Builder {
                 p.values[i] = b;
             }
         }
-        return self.bind(n, x.clone());
+        self.bind(n, x.clone())
     }
 
     /// `(input, from, shape, eps)` when `d / s` is a layer norm written out (PyTorch's export):
@@ -493,67 +493,15 @@ impl Builder {
             if let Some(v) = value.cloned() {
                 self.values.remove(&v);
             }
-            let node = &mut self.nodes[id];
-            if matches!(
-                node.op,
-                Op::Conv2d(_) | Op::Linear(_) | Op::BatchNorm2d(_) | Op::ChannelAffine { .. }
-            ) {
-                match &mut node.op {
-                    Op::Conv2d(s) => s.bias = true,
-                    Op::Linear(s) => s.bias = true,
-                    _ => {}
-                }
-                if let Some(w) = node.params.get_mut("weight") {
-                    let per = (w.numel() / channels).max(1);
-                    for (i, v) in w.values.iter_mut().enumerate() {
-                        *v *= scale_c[i / per];
-                    }
-                }
-                let bias = node.params.entry("bias").or_insert_with(|| Const {
-                    dims: vec![channels],
-                    values: vec![0.0; channels],
-                });
-                for ((b, s), t) in bias.values.iter_mut().zip(&scale_c).zip(&shift_c) {
-                    *b = *b * s + t;
-                }
-                // An affine that became the identity is passed over.
-                if let Op::ChannelAffine { .. } = node.op {
-                    // (within f32 rounding: 6 · 0.16666667 is not quite 1)
-                    let one = |w: f64| (w - 1.0).abs() <= 2.0 * f64::from(f32::EPSILON);
-                    let identity = node.params["weight"].values.iter().all(|&w| one(w))
-                        && node.params["bias"].values.iter().all(|&b| b == 0.0);
-                    if identity {
-                        let input = node.inputs[0].clone();
-                        let onnx = x.onnx.clone();
-                        return self.bind(n, NodeRef { node: input, onnx });
-                    }
-                }
-                return self.bind(n, x);
+            if self.affine_into_layer(n, &x, id, &scale_c, &shift_c)? {
+                return Ok(());
             }
         }
         // s · relu6(z) with 6s = 1 is a hard sigmoid (a scalar affine before the ReLU6 goes
         // into it): exporters write PyTorch's hardsigmoid as Add 3, Clip 0..6, Div 6.
         if let (&[s], &[0.0]) = (&scale[..], &shift[..]) {
-            let producer = &self.nodes[self.by_name[&x.node]];
-            if matches!(producer.op, Op::Relu6) && close(6.0 * s, 1.0) {
-                let z = producer.inputs[0].clone();
-                let (alpha, beta, z) = match self.scalar_affine(&z) {
-                    Some((s1, t1, w)) => (s * s1, s * t1, w),
-                    None => (s, 0.0, z),
-                };
-                let name = self.fresh_name(&sanitize(&display_name(n)), "hardsigmoid");
-                let op = Op::HardSigmoid {
-                    alpha: alpha as f32,
-                    beta: beta as f32,
-                };
-                self.push(&name, op, &[&z], BTreeMap::new())?;
-                return self.bind(
-                    n,
-                    NodeRef {
-                        node: name,
-                        onnx: x.onnx,
-                    },
-                );
+            if self.affine_hardsigmoid(n, &x, s)? {
+                return Ok(());
             }
         }
         let name = self.fresh_name(&sanitize(&display_name(n)), "affine");
@@ -566,6 +514,87 @@ impl Builder {
                 onnx: x.onnx,
             },
         )
+    }
+
+    /// Folds `x * scale + shift` (one per channel) into the layer `id` that computes `x` when it
+    /// is a convolution, linear layer, batch norm or per-channel affine; `false` otherwise.
+    fn affine_into_layer(
+        &mut self,
+        n: &NodeProto,
+        x: &NodeRef,
+        id: usize,
+        scale_c: &[f64],
+        shift_c: &[f64],
+    ) -> Result<bool> {
+        let channels = scale_c.len();
+        let node = &mut self.nodes[id];
+        if matches!(
+            node.op,
+            Op::Conv2d(_) | Op::Linear(_) | Op::BatchNorm2d(_) | Op::ChannelAffine { .. }
+        ) {
+            match &mut node.op {
+                Op::Conv2d(s) => s.bias = true,
+                Op::Linear(s) => s.bias = true,
+                _ => {}
+            }
+            if let Some(w) = node.params.get_mut("weight") {
+                let per = (w.numel() / channels).max(1);
+                for (i, v) in w.values.iter_mut().enumerate() {
+                    *v *= scale_c[i / per];
+                }
+            }
+            let bias = node.params.entry("bias").or_insert_with(|| Const {
+                dims: vec![channels],
+                values: vec![0.0; channels],
+            });
+            for ((b, s), t) in bias.values.iter_mut().zip(scale_c).zip(shift_c) {
+                *b = *b * s + t;
+            }
+            // An affine that became the identity is passed over.
+            if let Op::ChannelAffine { .. } = node.op {
+                // (within f32 rounding: 6 · 0.16666667 is not quite 1)
+                let one = |w: f64| (w - 1.0).abs() <= 2.0 * f64::from(f32::EPSILON);
+                let identity = node.params["weight"].values.iter().all(|&w| one(w))
+                    && node.params["bias"].values.iter().all(|&b| b == 0.0);
+                if identity {
+                    let input = node.inputs[0].clone();
+                    let onnx = x.onnx.clone();
+                    self.bind(n, NodeRef { node: input, onnx })?;
+                    return Ok(true);
+                }
+            }
+            self.bind(n, x.clone())?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// `s · relu6(z)` with `6s = 1`, bound as a hard sigmoid (a scalar affine before the ReLU6
+    /// goes into it): exporters write PyTorch's hardsigmoid as Add 3, Clip 0..6, Div 6.
+    fn affine_hardsigmoid(&mut self, n: &NodeProto, x: &NodeRef, s: f64) -> Result<bool> {
+        let producer = &self.nodes[self.by_name[&x.node]];
+        if matches!(producer.op, Op::Relu6) && close(6.0 * s, 1.0) {
+            let z = producer.inputs[0].clone();
+            let (alpha, beta, z) = match self.scalar_affine(&z) {
+                Some((s1, t1, w)) => (s * s1, s * t1, w),
+                None => (s, 0.0, z),
+            };
+            let name = self.fresh_name(&sanitize(&display_name(n)), "hardsigmoid");
+            let op = Op::HardSigmoid {
+                alpha: alpha as f32,
+                beta: beta as f32,
+            };
+            self.push(&name, op, &[&z], BTreeMap::new())?;
+            self.bind(
+                n,
+                NodeRef {
+                    node: name,
+                    onnx: x.onnx.clone(),
+                },
+            )?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// `(scale, shift, input)` of a per-channel affine node with one scale and one shift.
@@ -712,11 +741,11 @@ impl Builder {
                     values: vec![hi.unwrap_or(l); x.onnx.iter().product()],
                     dims: x.onnx.clone(),
                 };
-                let r = self.constant_node(&base, &fill, x.onnx.len() + 1)?;
+                let r = self.constant_node(base, &fill, x.onnx.len() + 1)?;
                 self.bind(n, r)
             }
-            Some(l) if l == 0.0 && hi == Some(6.0) => self.unary(n, &base, Op::Relu6),
-            Some(l) if l == 0.0 && big(hi) => self.unary(n, &base, Op::Relu),
+            Some(l) if l == 0.0 && hi == Some(6.0) => self.unary(n, base, Op::Relu6),
+            Some(l) if l == 0.0 && big(hi) => self.unary(n, base, Op::Relu),
             _ => {
                 let bound =
                     |v: Option<f64>, open: bool| (!open).then(|| v.map(|v| v as f32)).flatten();
@@ -724,7 +753,7 @@ impl Builder {
                     min: bound(lo, small(lo)),
                     max: bound(hi, big(hi)),
                 };
-                self.unary(n, &base, op)
+                self.unary(n, base, op)
             }
         }
     }
@@ -748,6 +777,6 @@ impl Builder {
                 values: v,
             },
         );
-        self.emit_keep(n, &base, Op::PRelu { channels }, &[&x], p)
+        self.emit_keep(n, base, Op::PRelu { channels }, &[&x], p)
     }
 }

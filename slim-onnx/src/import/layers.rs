@@ -105,7 +105,7 @@ impl Builder {
             }
             return Ok(());
         }
-        return err("a convolution other than 1x1 on a pooled [C, 1, 1] value");
+        err("a convolution other than 1x1 on a pooled [C, 1, 1] value")
     }
 
     /// A convolution's input and its padding on every side: a zero Pad before it (tf2onnx)
@@ -752,7 +752,30 @@ impl Builder {
                  dropout does only in training",
             );
         }
-        self.unary(n, &base, Op::Dropout { p })
+        self.unary(n, base, Op::Dropout { p })
+    }
+
+    /// The mean over the plane (a vector `[C]`, seen as `[C, 1, 1]`), or over the length of a
+    /// 1-D sequence (`[C, 1]`).
+    pub(super) fn global_average_pool(&mut self, n: &NodeProto, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        if x.onnx.len() == 2 {
+            // Of a 1-D sequence [C, L]: the mean over its length, [C, 1].
+            let node = self.materialize(&x)?;
+            let name = self.fresh_name(base, "reduce");
+            let op = Op::Reduce {
+                kind: ReduceKind::Mean,
+                axes: vec![1],
+                keep: true,
+            };
+            let shape = self.push(&name, op, &[&node], BTreeMap::new())?;
+            return self.bind(n, NodeRef::plain(name, &shape));
+        }
+        let name = self.fresh_name(base, "gap");
+        let shape = self.push(&name, Op::GlobalAvgPool, &[&x.node], BTreeMap::new())?;
+        let mut onnx = shape.clone();
+        onnx.extend([1, 1]);
+        self.bind(n, NodeRef { node: name, onnx })
     }
 
     pub(super) fn batch_norm(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {
@@ -816,7 +839,7 @@ impl Builder {
                 let name = self.fresh_name(&self.layer_name(n, 1), "dense");
                 let shape = self.push(&name, Op::Dense(spec), &[&node], p)?;
                 let r = NodeRef::plain(name, &shape);
-                self.reshape(n, &base, &r, x.onnx[..x.onnx.len() - 1].to_vec())
+                self.reshape(n, base, &r, x.onnx[..x.onnx.len() - 1].to_vec())
             }
             Value::Const(w) if w.dims.len() == 2 => {
                 // Tokens times a matrix: a dense layer over the last axis.
@@ -837,13 +860,13 @@ impl Builder {
                 // Batched matrices: a constant node, in a product of data values.
                 let c = self.constant_node(&display_name(n), &w, x.onnx.len() + 1)?;
                 let a = self.materialize(&x)?;
-                let name = self.fresh_name(&base, "matmul");
+                let name = self.fresh_name(base, "matmul");
                 let shape = self.push(&name, Op::MatMul, &[&a, &c.node], BTreeMap::new())?;
                 self.bind(n, NodeRef::plain(name, &shape))
             }
             Value::Node(y) => {
                 let (a, b) = (self.materialize(&x)?, self.materialize(&y)?);
-                let name = self.fresh_name(&base, "matmul");
+                let name = self.fresh_name(base, "matmul");
                 let shape = self.push(&name, Op::MatMul, &[&a, &b], BTreeMap::new())?;
                 self.bind(n, NodeRef::plain(name, &shape))
             }
@@ -865,7 +888,7 @@ impl Builder {
             beta: a.float("beta").unwrap_or(0.75),
             bias: a.float("bias").unwrap_or(1.0),
         };
-        self.unary(n, &base, Op::Lrn(spec))
+        self.unary(n, base, Op::Lrn(spec))
     }
 }
 

@@ -931,26 +931,7 @@ impl Builder {
             "Div" => self.div(n, &base),
             "Concat" => self.concat(n, &a, &base),
             "MaxPool" | "AveragePool" => self.pool(n, &a, &base),
-            "GlobalAveragePool" => {
-                let x = self.node_in(n, 0)?;
-                if x.onnx.len() == 2 {
-                    // Of a 1-D sequence [C, L]: the mean over its length, [C, 1].
-                    let node = self.materialize(&x)?;
-                    let name = self.fresh_name(&base, "reduce");
-                    let op = Op::Reduce {
-                        kind: ReduceKind::Mean,
-                        axes: vec![1],
-                        keep: true,
-                    };
-                    let shape = self.push(&name, op, &[&node], BTreeMap::new())?;
-                    return self.bind(n, NodeRef::plain(name, &shape));
-                }
-                let name = self.fresh_name(&base, "gap");
-                let shape = self.push(&name, Op::GlobalAvgPool, &[&x.node], BTreeMap::new())?;
-                let mut onnx = shape.clone();
-                onnx.extend([1, 1]);
-                self.bind(n, NodeRef { node: name, onnx })
-            }
+            "GlobalAveragePool" => self.global_average_pool(n, &base),
             "Flatten" => self.flatten_op(n, &a, &base),
             "Reshape"
                 if n.input

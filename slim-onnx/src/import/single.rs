@@ -165,7 +165,7 @@ impl Builder {
         out: &mut NodeProto,
     ) -> Result<()> {
         let as_input = self.opset >= 13;
-        let axes = self.axes(n, &a)?;
+        let axes = self.axes(n, a)?;
         let axes = match (n.op_type.as_str(), axes) {
             ("Squeeze", None) => {
                 let dims = self.data_shape(n)?;

@@ -406,7 +406,7 @@ impl Builder {
         // Reshape's batch position may read it.
         let mut dims = vec![1.0];
         dims.extend(r.onnx.iter().map(|&d| d as f64));
-        let (s, e) = shape_range(&a, dims.len());
+        let (s, e) = shape_range(a, dims.len());
         let flags: Vec<bool> = (s..e).map(|i| i == 0).collect();
         if let (Some(out), true) = (n.output.first(), flags.contains(&true)) {
             self.batchy.insert(out.clone(), flags);
@@ -445,12 +445,12 @@ impl Builder {
                 .map(|x| self.materialize(x))
                 .collect::<Result<_>>()?;
             let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-            let name = self.fresh_name(&base, "concat");
+            let name = self.fresh_name(base, "concat");
             let shape = self.push(&name, Op::ConcatAt { axis }, &names, BTreeMap::new())?;
             return self.bind(n, NodeRef::plain(name, &shape));
         }
         let names: Vec<&str> = xs.iter().map(|x| x.node.as_str()).collect();
-        let name = self.fresh_name(&base, "concat");
+        let name = self.fresh_name(base, "concat");
         let shape = self.push(&name, Op::Concat, &names, BTreeMap::new())?;
         self.bind(n, NodeRef::plain(name, &shape))
     }
@@ -461,7 +461,7 @@ impl Builder {
         let axis = a.int("axis").unwrap_or(1);
         let axis = if axis < 0 { axis + rank } else { axis };
         if axis == 1 {
-            return self.flatten(n, &base, x);
+            return self.flatten(n, base, x);
         }
         err(format!(
             "Flatten from axis {axis} of a rank-{rank} value merges the batch axis into its rows; Slim keeps each sample apart"
@@ -479,7 +479,7 @@ impl Builder {
                 join(&target)
             ));
         }
-        let name = self.fresh_name(&base, "shuffle");
+        let name = self.fresh_name(base, "shuffle");
         let op = Op::ChannelShuffle { groups };
         let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
         self.bind(n, NodeRef::plain(name, &shape))
@@ -523,7 +523,7 @@ impl Builder {
         }
         let node = self.materialize(&x)?;
         let perm: Vec<usize> = perm[1..].iter().map(|&p| p as usize - 1).collect();
-        let name = self.fresh_name(&base, "transpose");
+        let name = self.fresh_name(base, "transpose");
         let shape = self.push(&name, Op::Transpose { perm }, &[&node], BTreeMap::new())?;
         self.bind(n, NodeRef::plain(name, &shape))
     }
@@ -538,7 +538,7 @@ impl Builder {
                 resolve_reshape(&x.onnx, &shape)?
             }
             "Squeeze" => {
-                let axes = self.axes(n, &a)?;
+                let axes = self.axes(n, a)?;
                 let full: Vec<usize> = std::iter::once(1).chain(x.onnx.iter().copied()).collect();
                 squeeze_dims(&full, axes.as_deref())?
                     .into_iter()
@@ -546,7 +546,7 @@ impl Builder {
                     .collect()
             }
             _ => {
-                let axes = self.axes(n, &a)?.unwrap_or_default();
+                let axes = self.axes(n, a)?.unwrap_or_default();
                 let rank = (x.onnx.len() + 1 + axes.len()) as i64;
                 let mut axes: Vec<i64> = axes
                     .iter()
@@ -604,9 +604,9 @@ impl Builder {
                 },
             )
         } else if target == [total] {
-            self.flatten(n, &base, x)
+            self.flatten(n, base, x)
         } else {
-            self.reshape(n, &base, &x, target)
+            self.reshape(n, base, &x, target)
         }
     }
 
@@ -621,7 +621,7 @@ impl Builder {
         let flat_ok = x.onnx.iter().skip(1).all(|&d| d == 1);
         let last = axis == rank - 1;
         if axis == 1 && (self.opset >= 13 || rank <= 2 || flat_ok) {
-            return self.unary(n, &base, Op::Softmax);
+            return self.unary(n, base, Op::Softmax);
         }
         if self.opset < 13 && !last {
             return err(format!(
@@ -630,7 +630,7 @@ impl Builder {
         }
         let axis = self.sample_axis(axis, rank)?;
         let node = self.materialize(&x)?;
-        let name = self.fresh_name(&base, "softmax");
+        let name = self.fresh_name(base, "softmax");
         let shape = self.push(&name, Op::SoftmaxAt { axis }, &[&node], BTreeMap::new())?;
         self.bind(n, NodeRef::plain(name, &shape))
     }
