@@ -747,8 +747,9 @@ impl Builder {
             Value::Node(x) if out[1..] == x.onnx[..] => self.bind(n, x),
             Value::Node(x) => {
                 // Data broadcast to a larger shape: a product with ones of that shape (axes
-                // added in front of the batch would move it).
-                if out.first() != Some(&1) || target.len() > dims.len() {
+                // added in front of the batch would move it; in a graph of one sample the
+                // first axis is the one the rewrite put in front, and they go after it).
+                if out.first() != Some(&1) || (target.len() > dims.len() && !self.single) {
                     return err(format!(
                         "Expand of data of shape [N, {}] to {target:?} over the batch axis",
                         join(&x.onnx)
