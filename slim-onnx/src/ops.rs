@@ -11,7 +11,7 @@ pub const OP_TABLE: [(&str, &str); 54] = [
     ("Relu", "ReLU"),
     ("Clip", "ReLU, ReLU6 or a clamp; min/max as attributes (opset < 11) or constant inputs"),
     ("LeakyRelu", "leaky ReLU"),
-    ("PRelu", "per-channel or single learned slope"),
+    ("PRelu", "per-channel or single learned slope; a slope that broadcasts otherwise (per position) as relu(x) + slope · (x - relu(x))"),
     ("HardSwish", "hardswish; also recognized from x·relu6(x+3)/6 and x·hardsigmoid(x)"),
     ("HardSigmoid", "hard sigmoid; also recognized from relu6(x+3)/6"),
     ("Sigmoid", "sigmoid; x·sigmoid(x) becomes SiLU"),
@@ -83,8 +83,8 @@ pub fn markdown() -> String {
          refused, naming the node. A graph written for one sample, without a batch axis (ops over\n\
          every axis of a vector or a table), imports with `--single-sample`: its input's whole\n\
          shape is a sample, and the model applies the graph to each sample of a batch (every op\n\
-         but those that read the first axis as the batch: convolutions, pooling, batch norm, LRN,\n\
-         PRelu and Gemm). Constant subgraphs of any rank are folded (arithmetic with broadcasting,\n\
+         but those that read the first axis as the batch: convolutions, pooling, batch norm, LRN\n\
+         and Gemm). Constant subgraphs of any rank are folded (arithmetic with broadcasting,\n\
          Concat, Gather, Slice with any steps, Expand, Transpose, unary functions).\n\n\
          Pruning follows channels through convolutions, batch norms, activations, pooling, LRN,\n\
          padding, resizing, per-channel arithmetic, concatenation and squeeze-and-excite gates; ops\n\

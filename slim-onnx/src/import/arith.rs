@@ -762,13 +762,9 @@ impl Builder {
         let x = self.node_in(n, 0)?;
         let slope = self.konst(n, 1)?;
         let channels = x.onnx[0];
-        let v = slope.per_channel(channels, x.onnx.len()).ok_or_else(|| {
-            OnnxError::Model(format!(
-                "its slope of shape {:?} is not one value or one per channel of a [{}] value",
-                slope.dims,
-                join(&x.onnx)
-            ))
-        })?;
+        let Some(v) = slope.per_channel(channels, x.onnx.len()) else {
+            return self.prelu_broadcast(n, base, &x, &slope);
+        };
         let mut p = BTreeMap::new();
         p.insert(
             "weight",
@@ -778,5 +774,50 @@ impl Builder {
             },
         );
         self.emit_keep(n, base, Op::PRelu { channels }, &[&x], p)
+    }
+
+    /// PRelu whose slope broadcasts over other axes than the channels (a slope per position):
+    /// `relu(x) + slope · (x − relu(x))`.
+    fn prelu_broadcast(
+        &mut self,
+        n: &NodeProto,
+        base: &str,
+        x: &NodeRef,
+        slope: &Const,
+    ) -> Result<()> {
+        let mut dims = slope.dims.clone();
+        // A slope of the value's full rank carries a batch axis of one.
+        if dims.len() == x.onnx.len() + 1 && dims[0] == 1 {
+            dims.remove(0);
+        }
+        let fits = dims.len() <= x.onnx.len()
+            && slim_core::graph::broadcast_shape(&x.onnx, &dims).as_deref() == Some(&x.onnx[..]);
+        if !fits {
+            return err(format!(
+                "its slope of shape {:?} does not broadcast over a [N, {}] value",
+                slope.dims,
+                join(&x.onnx)
+            ));
+        }
+        let src = self.materialize(x)?;
+        let relu = self.fresh_name(&format!("{base}.relu"), "relu");
+        self.push(&relu, Op::Relu, &[&src], BTreeMap::new())?;
+        let below = self.fresh_name(&format!("{base}.below"), "sub");
+        let op = Op::Binary(BinaryKind::Sub);
+        self.push(&below, op, &[&src, &relu], BTreeMap::new())?;
+        let scaled = self.fresh_name(&format!("{base}.scaled"), "mul");
+        let value = Const {
+            dims: dims.clone(),
+            values: slope.values.clone(),
+        };
+        let op = Op::ConstBinary {
+            kind: BinaryKind::Mul,
+            shape: dims,
+            reversed: false,
+        };
+        self.push(&scaled, op, &[&below], BTreeMap::from([("value", value)]))?;
+        let name = self.fresh_name(base, "prelu");
+        let shape = self.push(&name, Op::Add, &[&relu, &scaled], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
     }
 }
