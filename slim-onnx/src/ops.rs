@@ -6,7 +6,7 @@ pub const OP_TABLE: [(&str, &str); 54] = [
     ("Conv", "2-D convolution (grouped, depthwise, dilated), and 1-D as 2-D of height one; one stride and dilation for both axes; padding on one side beyond the others becomes a Pad node; a 1x1 convolution on a pooled vector becomes a linear layer"),
     ("ConvTranspose", "2-D transposed convolution (groups, dilation, output_padding, output_shape); equal padding on every side"),
     ("BatchNormalization", "batch norm over [C, H, W] maps or [C] vectors; constant scale and shift after it are folded in"),
-    ("Gemm", "linear layer (alpha, beta, transB); transA refused"),
+    ("Gemm", "linear layer (alpha, beta, transB); transA refused but in a graph of one sample, where Gemm is a dense layer over the rows and a matrix C an added constant"),
     ("MatMul", "by a constant matrix: a linear layer (vectors) or a dense layer over the last axis (tokens); by a constant vector: a dense layer of one output; by constant batched matrices, or of two data values: a batched product"),
     ("Relu", "ReLU"),
     ("Clip", "ReLU, ReLU6 or a clamp; min/max as attributes (opset < 11) or constant inputs"),
@@ -83,8 +83,8 @@ pub fn markdown() -> String {
          refused, naming the node. A graph written for one sample, without a batch axis (ops over\n\
          every axis of a vector or a table), imports with `--single-sample`: its input's whole\n\
          shape is a sample, and the model applies the graph to each sample of a batch (every op\n\
-         but those that read the first axis as the batch: convolutions, pooling, batch norm, LRN\n\
-         and Gemm). Constant subgraphs of any rank are folded (arithmetic with broadcasting,\n\
+         but those that read the first axis as the batch: convolutions, pooling, batch norm and\n\
+         LRN). Constant subgraphs of any rank are folded (arithmetic with broadcasting,\n\
          Concat, Gather, Slice with any steps, Expand, Transpose, unary functions).\n\n\
          Pruning follows channels through convolutions, batch norms, activations, pooling, LRN,\n\
          padding, resizing, per-channel arithmetic, concatenation and squeeze-and-excite gates; ops\n\

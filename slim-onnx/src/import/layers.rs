@@ -356,8 +356,11 @@ impl Builder {
         let x = self.node_in(n, 0)?;
         let b = self.konst(n, 1)?;
         let c = self.opt_const(n, 2)?;
+        if self.single {
+            return self.gemm_of_sample(n, a, &x, &b, c);
+        }
         if a.int("transA").unwrap_or(0) != 0 {
-            return err("transA=1 is not supported");
+            return err("transA=1 is not supported (its rows are the batch)");
         }
         if b.dims.len() != 2 {
             return err(format!("B of shape {:?} is not a matrix", b.dims));
@@ -376,6 +379,78 @@ impl Builder {
         });
         let name = self.layer_name(n, 1);
         self.linear(n, &name, x, w, c)
+    }
+
+    /// Gemm in a graph of one sample: `A` (`[M, K]`, or `[K, M]` with transA) is the sample,
+    /// a dense layer over its last axis computes `alpha · A · B`, and `beta · C` is its bias
+    /// (one per output) or an added constant (a matrix).
+    fn gemm_of_sample(
+        &mut self,
+        n: &NodeProto,
+        a: &Attrs,
+        x: &NodeRef,
+        b: &Const,
+        c: Option<Const>,
+    ) -> Result<()> {
+        if x.onnx.len() != 2 || b.dims.len() != 2 {
+            return err(format!(
+                "Gemm of A {:?} and B {:?}; both must be matrices",
+                x.onnx, b.dims
+            ));
+        }
+        let stem = sanitize(&display_name(n));
+        let mut node = self.materialize(x)?;
+        if a.int("transA").unwrap_or(0) != 0 {
+            let name = self.fresh_name(&format!("{stem}.a_t"), "transpose");
+            let op = Op::Transpose { perm: vec![1, 0] };
+            self.push(&name, op, &[&node], BTreeMap::new())?;
+            node = name;
+        }
+        let alpha = f64::from(a.float("alpha").unwrap_or(1.0));
+        let beta = f64::from(a.float("beta").unwrap_or(1.0));
+        // The dense layer's weight is [N, K].
+        let mut w = if a.int("transB").unwrap_or(0) != 0 {
+            b.clone()
+        } else {
+            transpose(b)
+        };
+        w.values.iter_mut().for_each(|v| *v *= alpha);
+        let (out, k) = (w.dims[0], w.dims[1]);
+        let c = c.map(|mut c| {
+            c.values.iter_mut().for_each(|v| *v *= beta);
+            c
+        });
+        // A bias of one value per output (or one for all) goes into the layer.
+        let vector = c.as_ref().filter(|c| {
+            c.numel() == 1 || c.dims.iter().rev().skip(1).all(|&d| d == 1) && c.numel() == out
+        });
+        let mut p = BTreeMap::from([("weight", w)]);
+        if let Some(c) = vector {
+            let values = if c.numel() == 1 {
+                vec![c.values[0]; out]
+            } else {
+                c.values.clone()
+            };
+            p.insert(
+                "bias",
+                Const {
+                    dims: vec![out],
+                    values,
+                },
+            );
+        }
+        let spec = LinearSpec {
+            in_features: k,
+            out_features: out,
+            bias: vector.is_some(),
+        };
+        let name = self.fresh_name(&self.layer_name(n, 1), "dense");
+        let shape = self.push(&name, Op::Dense(spec), &[&node], p)?;
+        let y = NodeRef::plain(name, &shape);
+        match c {
+            Some(c) if vector.is_none() => self.const_binary(n, &y, &c, BinaryKind::Add, false),
+            _ => self.bind(n, y),
+        }
     }
 
     pub(super) fn pool(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {

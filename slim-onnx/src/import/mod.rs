@@ -60,7 +60,7 @@ pub struct ImportOptions {
     /// The graph computes on one sample: its input's whole shape (first axis included) is
     /// the per-sample shape, and Slim's model applies the graph to each sample of a batch.
     /// For graphs written without a batch axis (ops over every axis of a vector or a table);
-    /// convolutions, pooling, batch norm and Gemm read the first axis as the batch and are
+    /// convolutions, pooling, batch norm and LRN read the first axis as the batch and are
     /// refused so.
     pub single_sample: bool,
 }

@@ -6,7 +6,7 @@
 //! first, the shapes it is given (a Reshape's target, an Expand's shape, a Resize's scales and
 //! sizes, a Pad's pads) gain the batch entry, and a `Shape` reads the sample's axes alone.
 //! Constants broadcast against data from the right, so they need no change. Ops that read the
-//! first axis as the batch (convolutions, pooling, batch norm, LRN, Gemm) are refused: their graph
+//! first axis as the batch (convolutions, pooling, batch norm, LRN) are refused: their graph
 //! has a batch axis and imports without this option.
 
 use super::*;
@@ -25,8 +25,8 @@ impl Builder {
         let a = Attrs(&n.attribute);
         let mut out = n.clone();
         match n.op_type.as_str() {
-            "Conv" | "ConvTranspose" | "BatchNormalization" | "Gemm" | "MaxPool"
-            | "AveragePool" | "GlobalAveragePool" | "LRN" => {
+            "Conv" | "ConvTranspose" | "BatchNormalization" | "MaxPool" | "AveragePool"
+            | "GlobalAveragePool" | "LRN" => {
                 return err(format!(
                     "{} reads the first axis of its input as the batch; a graph of one sample \
                      (--single-sample) cannot use it",
