@@ -39,25 +39,30 @@ pub fn parse_input(s: &str) -> Result<[usize; 3], Failure> {
     parse_shape("--input", s)
 }
 
-/// Parses `CxHxW` given with `flag`.
-pub fn parse_shape(flag: &str, s: &str) -> Result<[usize; 3], Failure> {
-    let bad = || {
-        input_error(format!(
-            "{flag} `{s}` is not of the form CxHxW (e.g. 3x32x32)"
-        ))
-    };
+/// A shape `AxBxC` of one or more positive sizes given with `flag`.
+pub fn parse_dims(flag: &str, s: &str) -> Result<Vec<usize>, Failure> {
     let dims: Vec<usize> = s
         .split('x')
         .map(|d| d.trim().parse::<usize>())
         .collect::<Result<_, _>>()
-        .map_err(|_| bad())?;
-    match dims[..] {
-        [c, h, w] if c > 0 && h > 0 && w > 0 => {
-            slim_core::graph::check_shape(&dims)
-                .map_err(|e| input_error(format!("{flag}: {e}")))?;
-            Ok([c, h, w])
-        }
-        _ => Err(bad()),
+        .ok()
+        .filter(|d: &Vec<usize>| d.iter().all(|&v| v > 0))
+        .ok_or_else(|| {
+            input_error(format!(
+                "{flag} `{s}` is not of the form CxHxW (e.g. 3x32x32)"
+            ))
+        })?;
+    slim_core::graph::check_shape(&dims).map_err(|e| input_error(format!("{flag}: {e}")))?;
+    Ok(dims)
+}
+
+/// A shape `CxHxW` of three positive sizes given with `flag`.
+pub fn parse_shape(flag: &str, s: &str) -> Result<[usize; 3], Failure> {
+    match parse_dims(flag, s)?[..] {
+        [c, h, w] => Ok([c, h, w]),
+        _ => Err(input_error(format!(
+            "{flag} `{s}` is not of the form CxHxW (e.g. 3x32x32)"
+        ))),
     }
 }
 

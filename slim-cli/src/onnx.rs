@@ -59,29 +59,12 @@ pub struct ExportArgs {
     pub load: LoadArgs,
 }
 
-/// A shape `AxBxC` of one or more positive sizes.
-fn parse_dims(flag: &str, s: &str) -> Result<Vec<usize>, Failure> {
-    let dims: Vec<usize> = s
-        .split('x')
-        .map(|d| d.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .ok()
-        .filter(|d: &Vec<usize>| d.iter().all(|&v| v > 0))
-        .ok_or_else(|| {
-            input_error(format!(
-                "{flag} `{s}` is not of the form CxHxW (e.g. 3x32x32)"
-            ))
-        })?;
-    slim_core::graph::check_shape(&dims).map_err(|e| input_error(format!("{flag}: {e}")))?;
-    Ok(dims)
-}
-
 pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
     check_out_dir("--out", &args.out)?;
     let input_shape = args
         .input_shape
         .as_deref()
-        .map(|s| parse_dims("--input-shape", s))
+        .map(|s| crate::info::parse_dims("--input-shape", s))
         .transpose()?;
     let preprocess = args
         .preprocess
