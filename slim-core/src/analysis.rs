@@ -60,14 +60,7 @@ pub fn node_macs(node: &Node) -> u64 {
             };
             let taps = c.kernel[0] * c.kernel[1];
             // The input plane, from the output's: every tap of every input position lands once.
-            let (ih, iw) = (
-                (oh + 2 * c.padding - c.output_padding - c.dilation * (c.kernel[0] - 1) - 1)
-                    / c.stride
-                    + 1,
-                (ow + 2 * c.padding - c.output_padding - c.dilation * (c.kernel[1] - 1) - 1)
-                    / c.stride
-                    + 1,
-            );
+            let (ih, iw) = (c.in_size(0, oh), c.in_size(1, ow));
             (c.in_channels * ih * iw * (oc / c.groups.max(1)) * taps) as u64
         }
         _ => 0,

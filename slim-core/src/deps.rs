@@ -457,6 +457,7 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             | Op::Gelu
             | Op::GeluTanh
             | Op::Erf
+            | Op::Unary(_)
             | Op::Dropout { .. }
             | Op::Identity
             | Op::FakeQuant(_)

@@ -32,7 +32,7 @@ use candle_core::{DType, Tensor};
 use crate::error::{CoreError, Result};
 use crate::graph::{
     BatchNormSpec, BinaryKind, Conv2dSpec, ConvTransposeSpec, CoordMode, LrnSpec, NearestRounding,
-    Node, Op, PadMode, PoolSpec, ReduceKind, ResizeMode, ResizeSpec,
+    Node, Op, PadMode, PoolSpec, ReduceKind, ResizeMode, ResizeSpec, UnaryKind,
 };
 use crate::kernels::channels_last::{self, ChannelsLastConv};
 use crate::model::Model;
@@ -1007,6 +1007,7 @@ impl Model {
             Op::Softmax => candle_nn::ops::softmax(x, 1)?,
             Op::Sqrt => x.sqrt()?,
             Op::Reciprocal => x.recip()?,
+            Op::Unary(kind) => unary(*kind, x)?,
             Op::Identity => x.clone(),
             _ => return Ok(None),
         }))
@@ -1066,12 +1067,17 @@ impl Model {
                 start,
                 end,
                 step,
+                backward,
             } => {
                 let len = (end - start).div_ceil(*step);
-                if *step == 1 {
+                if *step == 1 && !backward {
                     x.narrow(axis + 1, *start, len)?
                 } else {
-                    let idx: Vec<u32> = (0..len).map(|i| (start + i * step) as u32).collect();
+                    let at = |i: usize| match backward {
+                        true => end - 1 - i * step,
+                        false => start + i * step,
+                    };
+                    let idx: Vec<u32> = (0..len).map(|i| at(i) as u32).collect();
                     let idx = Tensor::from_vec(idx, len, x.device())?;
                     x.contiguous()?.index_select(&idx, axis + 1)?
                 }
@@ -1085,28 +1091,7 @@ impl Model {
         let node = r.node;
         let x = r.xs[0];
         Ok(Some(match &node.op {
-            Op::MaxPool2d(p) => {
-                // Extra padding at the end (asymmetric pads, ceil mode) is -inf, which no
-                // window maximum can pick over a value of the input.
-                let padded;
-                let x = if p.is_symmetric() {
-                    x
-                } else {
-                    padded = pad_end(x, p.pad_end, f32::NEG_INFINITY)?;
-                    &padded
-                };
-                if x.device().is_cpu() && x.dtype() == DType::F32 {
-                    let op = crate::kernels::MaxPool {
-                        kernel: p.kernel,
-                        stride: p.stride,
-                        pad: p.padding,
-                    };
-                    x.contiguous()?.apply_op1(op)?
-                } else {
-                    let padded = pad_spatial(x, p.padding, f32::NEG_INFINITY)?;
-                    padded.max_pool2d_with_stride(p.kernel, p.stride)?
-                }
-            }
+            Op::MaxPool2d(p) => max_pool(x, p)?,
             Op::AvgPool2d(p) => avg_pool(x, p)?,
             Op::GlobalAvgPool => crate::kernels::plane_means(x)?,
             Op::Flatten => x.flatten_from(1)?,
@@ -1136,7 +1121,11 @@ impl Model {
             }
             Op::SoftmaxAt { axis } => candle_nn::ops::softmax(x, axis + 1)?,
             Op::Reduce { kind, axes, keep } => {
-                let mut y = x.clone();
+                let mut y = match kind {
+                    ReduceKind::L1 => x.abs()?,
+                    ReduceKind::L2 | ReduceKind::SumSquare => x.sqr()?,
+                    _ => x.clone(),
+                };
                 // From the last axis down, so that the indices stay valid without `keep`.
                 let mut sorted = axes.clone();
                 sorted.sort_unstable_by(|a, b| b.cmp(a));
@@ -1144,11 +1133,18 @@ impl Model {
                     y = match kind {
                         ReduceKind::Mean => y.mean_keepdim(a + 1)?,
                         ReduceKind::Max => y.max_keepdim(a + 1)?,
-                        ReduceKind::Sum => y.sum_keepdim(a + 1)?,
+                        ReduceKind::Sum | ReduceKind::SumSquare | ReduceKind::L2 => {
+                            y.sum_keepdim(a + 1)?
+                        }
+                        ReduceKind::Min => y.min_keepdim(a + 1)?,
+                        ReduceKind::L1 => y.sum_keepdim(a + 1)?,
                     };
                     if !keep {
                         y = y.squeeze(a + 1)?;
                     }
+                }
+                if *kind == ReduceKind::L2 {
+                    y = y.sqrt()?;
                 }
                 y
             }
@@ -1381,16 +1377,44 @@ fn dropout(x: &Tensor, p: f32, seed: Option<u64>) -> Result<Tensor> {
     Ok((x * mask)?)
 }
 
-fn pad_spatial(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
-    if p == 0 {
-        return Ok(x.clone());
-    }
+/// Pads the planes of `[N, C, H, W]` values with `value`: `[top, left, bottom, right]`.
+fn pad_sides(x: &Tensor, [top, left, bottom, right]: [usize; 4], value: f32) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    let dev = x.device();
-    let rows = Tensor::full(value, (n, c, p, w), dev)?;
-    let x = Tensor::cat(&[&rows, x, &rows], 2)?;
-    let cols = Tensor::full(value, (n, c, h + 2 * p, p), dev)?;
-    Ok(Tensor::cat(&[&cols, &x, &cols], 3)?)
+    let fill = |rows: usize, cols: usize| -> Result<Tensor> {
+        Ok(Tensor::full(value, (n, c, rows, cols), x.device())?.to_dtype(x.dtype())?)
+    };
+    let mut x = x.clone();
+    if top + bottom > 0 {
+        x = Tensor::cat(&[&fill(top, w)?, &x, &fill(bottom, w)?], 2)?;
+    }
+    if left + right > 0 {
+        let rows = h + top + bottom;
+        x = Tensor::cat(&[&fill(rows, left)?, &x, &fill(rows, right)?], 3)?;
+    }
+    Ok(x)
+}
+
+/// An element-wise function of [`Op::Unary`], composed of candle's differentiable ops.
+fn unary(kind: UnaryKind, x: &Tensor) -> Result<Tensor> {
+    // log(1 + exp(x)) without overflow: max(x, 0) + log(1 + exp(-|x|)).
+    let softplus = |x: &Tensor| -> Result<Tensor> {
+        Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+    };
+    // x above 0, exp(x) - 1 below: relu(x) + exp(min(x, 0)) - 1.
+    let elu = |x: &Tensor, alpha: f32| -> Result<Tensor> {
+        let below = ((x.neg()?.relu()?.neg()?.exp()? - 1.0)? * f64::from(alpha))?;
+        Ok((x.relu()? + below)?)
+    };
+    Ok(match kind {
+        UnaryKind::Abs => x.abs()?,
+        UnaryKind::Exp => x.exp()?,
+        UnaryKind::Log => x.log()?,
+        UnaryKind::Softplus => softplus(x)?,
+        UnaryKind::Softsign => x.broadcast_div(&(x.abs()? + 1.0)?)?,
+        UnaryKind::Mish => (x * softplus(x)?.tanh()?)?,
+        UnaryKind::Elu { alpha } => elu(x, alpha)?,
+        UnaryKind::Selu { alpha, gamma } => (elu(x, alpha)? * f64::from(gamma))?,
+    })
 }
 
 /// Element-wise arithmetic with broadcasting.
@@ -1401,6 +1425,8 @@ fn binary(kind: BinaryKind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         BinaryKind::Mul => a.broadcast_mul(b)?,
         BinaryKind::Div => a.broadcast_div(b)?,
         BinaryKind::Pow => a.broadcast_pow(b)?,
+        BinaryKind::Max => a.broadcast_maximum(b)?,
+        BinaryKind::Min => a.broadcast_minimum(b)?,
     })
 }
 
@@ -1411,57 +1437,90 @@ fn per_channel(v: &Tensor, x: &Tensor) -> Result<Tensor> {
     Ok(v.reshape(shape)?)
 }
 
-/// Pads the bottom and the right edge of `[N, C, H, W]` values with `value`.
-fn pad_end(x: &Tensor, extra: [usize; 2], value: f32) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let dev = x.device();
-    let mut x = x.clone();
-    if extra[0] > 0 {
-        let rows = Tensor::full(value, (n, c, extra[0], w), dev)?.to_dtype(x.dtype())?;
-        x = Tensor::cat(&[&x, &rows], 2)?;
+/// Max pooling: padding (and the partial windows of ceil mode) is -inf, which no window
+/// maximum can pick over a value of the input.
+fn max_pool(x: &Tensor, p: &PoolSpec) -> Result<Tensor> {
+    let Some(q) = p.square() else {
+        return Ok(pool_windows(x, p, f32::NEG_INFINITY)?.max(4)?.max(2)?);
+    };
+    let x = pad_sides(x, [0, 0, q.pad_end[0], q.pad_end[1]], f32::NEG_INFINITY)?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let op = crate::kernels::MaxPool {
+            kernel: q.kernel,
+            stride: q.stride,
+            pad: q.padding,
+        };
+        Ok(x.contiguous()?.apply_op1(op)?)
+    } else {
+        let padded = pad_sides(&x, [q.padding; 4], f32::NEG_INFINITY)?;
+        Ok(padded.max_pool2d_with_stride(q.kernel, q.stride)?)
     }
-    if extra[1] > 0 {
-        let cols = Tensor::full(value, (n, c, h + extra[0], extra[1]), dev)?.to_dtype(x.dtype())?;
-        x = Tensor::cat(&[&x, &cols], 3)?;
-    }
-    Ok(x)
 }
 
-/// Average pooling as a depthwise convolution with a constant `1/k²` filter, whose gradient
-/// (unlike candle's pooling, which back-propagates only windows that tile the plane) covers
-/// overlapping windows, strides and padding.
+/// Average pooling. A square window is a depthwise convolution with a filter of ones, whose
+/// gradient (unlike candle's pooling, which back-propagates only windows that tile the
+/// plane) covers overlapping windows, strides and padding; other windows sum
+/// [`pool_windows`].
 fn avg_pool(x: &Tensor, p: &PoolSpec) -> Result<Tensor> {
-    let c = x.dim(1)?;
-    let k = p.kernel;
-    let window = |x: &Tensor, channels: usize| -> Result<Tensor> {
-        let padded = if p.is_symmetric() {
-            x.clone()
-        } else {
-            x.pad_with_zeros(2, 0, p.pad_end[0])?
-                .pad_with_zeros(3, 0, p.pad_end[1])?
+    // Each window's mean over its whole extent, padding included.
+    let mean = |x: &Tensor, channels: usize| -> Result<Tensor> {
+        let Some(q) = p.square() else {
+            let sums = pool_windows(x, p, 0.0)?.sum(4)?.sum(2)?;
+            return Ok((sums / (p.kernel[0] * p.kernel[1]) as f64)?);
         };
+        let k = q.kernel;
+        let padded = pad_sides(x, [0, 0, q.pad_end[0], q.pad_end[1]], 0.0)?;
         let w = Tensor::full(1.0 / (k * k) as f32, (channels, 1, k, k), x.device())?
             .to_dtype(x.dtype())?;
         let spec = Conv2dSpec::new(channels, channels, k)
-            .with_stride(p.stride)
-            .with_padding(p.padding)
+            .with_stride(q.stride)
+            .with_padding(q.padding)
             .with_groups(channels);
         Ok(crate::kernels::conv2d(&padded, &w, None, &spec)?)
     };
-    let sums = window(x, c)?;
-    if !p.exclude_pad || (p.padding == 0 && p.is_symmetric()) {
-        return Ok(sums);
+    let means = mean(x, x.dim(1)?)?;
+    if !p.exclude_pad || p.pads == [0; 4] {
+        return Ok(means);
     }
     // The share of each window that lies inside the input, from a plane of ones.
     let (_, _, h, w) = x.dims4()?;
     let ones = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?;
-    let share = window(&ones, 1)?;
-    Ok(sums.broadcast_div(&share)?)
+    let share = mean(&ones, 1)?;
+    Ok(means.broadcast_div(&share)?)
+}
+
+/// Every window of a pool over `[N, C, H, W]` values padded with `fill`, as
+/// `[N, C, kh, OH, kw, OW]`: the general path, for windows the square kernels do not take
+/// (rectangular, dilated, unequal strides or padding). Its gradient is index_select's.
+fn pool_windows(x: &Tensor, p: &PoolSpec, fill: f32) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let padded = pad_sides(x, p.pads, fill)?.contiguous()?;
+    let size = |axis: usize, len: usize| {
+        p.out_size(axis, len).ok_or_else(|| {
+            CoreError::Invalid(format!(
+                "pool window {}x{} does not fit the {h}x{w} input",
+                p.span(0),
+                p.span(1)
+            ))
+        })
+    };
+    let (oh, ow) = (size(0, h)?, size(1, w)?);
+    let taps = |axis: usize, out: usize| -> Result<Tensor> {
+        let (s, d) = (p.stride[axis], p.dilation[axis]);
+        let idx: Vec<u32> = (0..p.kernel[axis])
+            .flat_map(|k| (0..out).map(move |o| (o * s + k * d) as u32))
+            .collect();
+        let len = idx.len();
+        Ok(Tensor::from_vec(idx, len, x.device())?)
+    };
+    let rows = padded.index_select(&taps(0, oh)?, 2)?;
+    let windows = rows.index_select(&taps(1, ow)?, 3)?;
+    Ok(windows.reshape((n, c, p.kernel[0], oh, p.kernel[1], ow))?)
 }
 
 /// A transposed convolution as a convolution: the inputs spread `stride` apart, bordered by
-/// `dilation * (k - 1) - padding` zeros (cropped where that is negative, `output_padding`
-/// more at the end), convolved with the filters' channel axes swapped per group and their
+/// `dilation * (k - 1)` zeros less the padding on that side (cropped where that is negative,
+/// `output_padding` more at the end), convolved with the filters' channel axes swapped per group and their
 /// taps reversed. Its gradient is the convolution's.
 fn conv_transpose(
     x: &Tensor,
@@ -1470,21 +1529,21 @@ fn conv_transpose(
     c: &ConvTransposeSpec,
 ) -> Result<Tensor> {
     let (n, ci, h, wd) = x.dims4()?;
-    let s = c.stride;
-    let mut y = if s > 1 {
+    let [sh, sw] = c.stride;
+    let mut y = if sh > 1 || sw > 1 {
         x.reshape((n, ci, h, 1, wd, 1))?
-            .pad_with_zeros(3, 0, s - 1)?
-            .pad_with_zeros(5, 0, s - 1)?
-            .reshape((n, ci, h * s, wd * s))?
-            .narrow(2, 0, (h - 1) * s + 1)?
-            .narrow(3, 0, (wd - 1) * s + 1)?
+            .pad_with_zeros(3, 0, sh - 1)?
+            .pad_with_zeros(5, 0, sw - 1)?
+            .reshape((n, ci, h * sh, wd * sw))?
+            .narrow(2, 0, (h - 1) * sh + 1)?
+            .narrow(3, 0, (wd - 1) * sw + 1)?
     } else {
         x.clone()
     };
-    for (axis, k) in [(2, c.kernel[0]), (3, c.kernel[1])] {
-        let full = (c.dilation * (k - 1)) as isize;
-        let before = full - c.padding as isize;
-        let after = before + c.output_padding as isize;
+    for (i, k) in c.kernel.into_iter().enumerate() {
+        let (axis, full) = (i + 2, (c.dilation * (k - 1)) as isize);
+        let before = full - c.pads[i] as isize;
+        let after = full - c.pads[i + 2] as isize + c.output_padding[i] as isize;
         let len = y.dim(axis)?;
         let crop_before = (-before).max(0) as usize;
         let crop_after = (-after).max(0) as usize;

@@ -66,60 +66,179 @@ pub fn check_shape(shape: &[usize]) -> Result<(), String> {
     Ok(())
 }
 
-/// Max or average pooling with a square window.
+/// Max or average pooling over a window of the plane: its height and width, steps and tap
+/// spacing per axis, and padding per side. Pools written before rectangular windows read as
+/// before: a model file states a square pool as one `kernel`, `stride` and `padding`, and
+/// writes it so.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PoolFile", into = "PoolFile")]
 pub struct PoolSpec {
-    pub kernel: usize,
-    pub stride: usize,
-    /// Padding on every side.
-    pub padding: usize,
-    /// Extra padding after the bottom and the right edge, beyond `padding`: ONNX pads such as
-    /// `[0, 0, 1, 1]`, or the partial last window of ceil mode.
-    #[serde(default, skip_serializing_if = "is_zero_pair")]
-    pub pad_end: [usize; 2],
+    /// Window height and width.
+    pub kernel: [usize; 2],
+    /// Steps between windows, down and across.
+    pub stride: [usize; 2],
+    /// Spacing of the window's taps, down and across (1: adjacent).
+    pub dilation: [usize; 2],
+    /// Padding `[top, left, bottom, right]` (ONNX's order): never picked by max pooling,
+    /// zeros for average pooling.
+    pub pads: [usize; 4],
     /// Average pooling divides by the number of window positions inside the input (ONNX's
     /// `count_include_pad = 0`, PyTorch's default for ceil mode) rather than by the window size.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exclude_pad: bool,
 }
 
-fn is_zero_pair(p: &[usize; 2]) -> bool {
-    *p == [0, 0]
+/// The square pools the fast kernels take: a `kernel` x `kernel` window of adjacent taps,
+/// one stride, `padding` on every side and `pad_end` more after the bottom and right edges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SquarePool {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub pad_end: [usize; 2],
 }
 
 impl PoolSpec {
     /// A square window with symmetric padding (counted as zeros by average pooling).
     pub fn new(kernel: usize, stride: usize, padding: usize) -> Self {
         PoolSpec {
-            kernel,
-            stride,
-            padding,
-            pad_end: [0, 0],
+            kernel: [kernel; 2],
+            stride: [stride; 2],
+            dilation: [1, 1],
+            pads: [padding; 4],
             exclude_pad: false,
         }
     }
+    /// The same pool with `extra` more padding after the bottom and the right edge.
+    pub fn with_end_padding(mut self, extra: [usize; 2]) -> Self {
+        self.pads[2] += extra[0];
+        self.pads[3] += extra[1];
+        self
+    }
     /// True when the padding is the same on every side.
     pub fn is_symmetric(&self) -> bool {
-        self.pad_end == [0, 0]
+        self.pads.iter().all(|&p| p == self.pads[0])
+    }
+    /// The pool as a [`SquarePool`], when it is one.
+    pub fn square(&self) -> Option<SquarePool> {
+        let [k, s, p] = [self.kernel[0], self.stride[0], self.pads[0]];
+        let square = self.kernel == [k, k]
+            && self.stride == [s, s]
+            && self.dilation == [1, 1]
+            && self.pads[1] == p
+            && self.pads[2] >= p
+            && self.pads[3] >= p;
+        square.then(|| SquarePool {
+            kernel: k,
+            stride: s,
+            padding: p,
+            pad_end: [self.pads[2] - p, self.pads[3] - p],
+        })
+    }
+    /// The extent of the window along an axis (0: height, 1: width), taps and gaps.
+    pub fn span(&self, axis: usize) -> usize {
+        self.dilation[axis] * (self.kernel[axis].max(1) - 1) + 1
     }
     /// Output size along an axis (0: height, 1: width) of an input of size `x`.
     pub fn out_size(&self, axis: usize, x: usize) -> Option<usize> {
-        let padded = x + 2 * self.padding + self.pad_end[axis.min(1)];
-        (padded >= self.kernel).then(|| (padded - self.kernel) / self.stride + 1)
+        let padded = x + self.pads[axis] + self.pads[axis + 2];
+        let span = self.span(axis);
+        (padded >= span).then(|| (padded - span) / self.stride[axis].max(1) + 1)
+    }
+}
+
+/// One size for both axes, or a pair.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Pair {
+    One(usize),
+    Two([usize; 2]),
+}
+
+impl Pair {
+    fn of(v: [usize; 2]) -> Self {
+        if v[0] == v[1] {
+            Pair::One(v[0])
+        } else {
+            Pair::Two(v)
+        }
+    }
+    fn both(self) -> [usize; 2] {
+        match self {
+            Pair::One(v) => [v, v],
+            Pair::Two(v) => v,
+        }
+    }
+}
+
+/// [`PoolSpec`] as a model file writes it: square pools in the older form (`padding` on
+/// every side, `pad_end` more after), other pools with `pads`.
+#[derive(Serialize, Deserialize)]
+struct PoolFile {
+    kernel: Pair,
+    stride: Pair,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dilation: Option<Pair>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    padding: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pad_end: Option<[usize; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pads: Option<[usize; 4]>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    exclude_pad: bool,
+}
+
+impl From<PoolFile> for PoolSpec {
+    fn from(f: PoolFile) -> Self {
+        let pads = f.pads.unwrap_or_else(|| {
+            let p = f.padding.unwrap_or(0);
+            let e = f.pad_end.unwrap_or([0, 0]);
+            [p, p, p.saturating_add(e[0]), p.saturating_add(e[1])]
+        });
+        PoolSpec {
+            kernel: f.kernel.both(),
+            stride: f.stride.both(),
+            dilation: f.dilation.map_or([1, 1], Pair::both),
+            pads,
+            exclude_pad: f.exclude_pad,
+        }
+    }
+}
+
+impl From<PoolSpec> for PoolFile {
+    fn from(p: PoolSpec) -> Self {
+        let [top, left, bottom, right] = p.pads;
+        let older = top == left && bottom >= top && right >= left;
+        let end = [bottom.saturating_sub(top), right.saturating_sub(left)];
+        PoolFile {
+            kernel: Pair::of(p.kernel),
+            stride: Pair::of(p.stride),
+            dilation: (p.dilation != [1, 1]).then(|| Pair::of(p.dilation)),
+            padding: older.then_some(top),
+            pad_end: (older && end != [0, 0]).then_some(end),
+            pads: (!older).then_some(p.pads),
+            exclude_pad: p.exclude_pad,
+        }
     }
 }
 
 /// A transposed 2-D convolution (a "deconvolution"): its weight is `[in, out / groups, kh, kw]`
 /// and each input position scatters a filter into a `stride`-spaced output grid; the output
-/// is `(x - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1` per axis.
+/// is `(x - 1) * stride + dilation * (k - 1) + output_padding + 1`, less the padding before and
+/// after, per axis. A model file states equal strides and output paddings as one number and
+/// equal padding on every side as one `padding`, as files written before per-axis values do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "ConvTransposeFile", into = "ConvTransposeFile")]
 pub struct ConvTransposeSpec {
     pub in_channels: usize,
     pub out_channels: usize,
     pub kernel: [usize; 2],
-    pub stride: usize,
-    pub padding: usize,
-    pub output_padding: usize,
+    /// Down and across.
+    pub stride: [usize; 2],
+    /// Output rows and columns left out: `[top, left, bottom, right]` (ONNX's order).
+    pub pads: [usize; 4],
+    /// Rows and columns added after the bottom and right edges.
+    pub output_padding: [usize; 2],
     pub dilation: usize,
     pub groups: usize,
     pub bias: bool,
@@ -128,12 +247,72 @@ pub struct ConvTransposeSpec {
 impl ConvTransposeSpec {
     /// Output spatial size for an input size, or `None` when the padding eats the output.
     pub fn out_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        let o = |x: usize, k: usize| {
-            ((x - 1) * self.stride + self.dilation * (k - 1) + self.output_padding + 1)
-                .checked_sub(2 * self.padding)
+        let o = |axis: usize, x: usize| {
+            let k = self.kernel[axis];
+            ((x - 1) * self.stride[axis] + self.dilation * (k - 1) + self.output_padding[axis] + 1)
+                .checked_sub(self.pads[axis] + self.pads[axis + 2])
                 .filter(|&v| v > 0)
         };
-        Some((o(h, self.kernel[0])?, o(w, self.kernel[1])?))
+        Some((o(0, h)?, o(1, w)?))
+    }
+    /// The input size along an axis (0: height, 1: width) that gives an output of `out`.
+    pub fn in_size(&self, axis: usize, out: usize) -> usize {
+        let k = self.kernel[axis];
+        (out + self.pads[axis] + self.pads[axis + 2])
+            .saturating_sub(self.output_padding[axis] + self.dilation * (k - 1) + 1)
+            / self.stride[axis].max(1)
+            + 1
+    }
+}
+
+/// [`ConvTransposeSpec`] as a model file writes it.
+#[derive(Serialize, Deserialize)]
+struct ConvTransposeFile {
+    in_channels: usize,
+    out_channels: usize,
+    kernel: [usize; 2],
+    stride: Pair,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    padding: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pads: Option<[usize; 4]>,
+    output_padding: Pair,
+    dilation: usize,
+    groups: usize,
+    bias: bool,
+}
+
+impl From<ConvTransposeFile> for ConvTransposeSpec {
+    fn from(f: ConvTransposeFile) -> Self {
+        ConvTransposeSpec {
+            in_channels: f.in_channels,
+            out_channels: f.out_channels,
+            kernel: f.kernel,
+            stride: f.stride.both(),
+            pads: f.pads.unwrap_or([f.padding.unwrap_or(0); 4]),
+            output_padding: f.output_padding.both(),
+            dilation: f.dilation,
+            groups: f.groups,
+            bias: f.bias,
+        }
+    }
+}
+
+impl From<ConvTransposeSpec> for ConvTransposeFile {
+    fn from(c: ConvTransposeSpec) -> Self {
+        let even = c.pads.iter().all(|&p| p == c.pads[0]);
+        ConvTransposeFile {
+            in_channels: c.in_channels,
+            out_channels: c.out_channels,
+            kernel: c.kernel,
+            stride: Pair::of(c.stride),
+            padding: even.then_some(c.pads[0]),
+            pads: (!even).then_some(c.pads),
+            output_padding: Pair::of(c.output_padding),
+            dilation: c.dilation,
+            groups: c.groups,
+            bias: c.bias,
+        }
     }
 }
 
@@ -228,6 +407,10 @@ pub enum BinaryKind {
     Mul,
     Div,
     Pow,
+    /// The larger of the two.
+    Max,
+    /// The smaller of the two.
+    Min,
 }
 
 impl BinaryKind {
@@ -239,6 +422,48 @@ impl BinaryKind {
             BinaryKind::Mul => "Mul",
             BinaryKind::Div => "Div",
             BinaryKind::Pow => "Pow",
+            BinaryKind::Max => "Max",
+            BinaryKind::Min => "Min",
+        }
+    }
+}
+
+/// The element-wise functions of [`Op::Unary`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnaryKind {
+    Abs,
+    Exp,
+    Log,
+    /// `log(1 + exp(x))`.
+    Softplus,
+    /// `x / (1 + |x|)`.
+    Softsign,
+    /// `x · tanh(softplus(x))`.
+    Mish,
+    /// `x` above 0, `alpha · (exp(x) - 1)` below.
+    Elu {
+        alpha: f32,
+    },
+    /// `gamma · elu(x)` with ELU's `alpha`.
+    Selu {
+        alpha: f32,
+        gamma: f32,
+    },
+}
+
+impl UnaryKind {
+    /// The ONNX op of the same name.
+    pub fn onnx(self) -> &'static str {
+        match self {
+            UnaryKind::Abs => "Abs",
+            UnaryKind::Exp => "Exp",
+            UnaryKind::Log => "Log",
+            UnaryKind::Softplus => "Softplus",
+            UnaryKind::Softsign => "Softsign",
+            UnaryKind::Mish => "Mish",
+            UnaryKind::Elu { .. } => "Elu",
+            UnaryKind::Selu { .. } => "Selu",
         }
     }
 }
@@ -250,6 +475,27 @@ pub enum ReduceKind {
     Mean,
     Max,
     Sum,
+    Min,
+    /// The sum of absolute values.
+    L1,
+    /// The square root of the sum of squares.
+    L2,
+    SumSquare,
+}
+
+impl ReduceKind {
+    /// The ONNX op of the same reduction.
+    pub fn onnx(self) -> &'static str {
+        match self {
+            ReduceKind::Mean => "ReduceMean",
+            ReduceKind::Max => "ReduceMax",
+            ReduceKind::Sum => "ReduceSum",
+            ReduceKind::Min => "ReduceMin",
+            ReduceKind::L1 => "ReduceL1",
+            ReduceKind::L2 => "ReduceL2",
+            ReduceKind::SumSquare => "ReduceSumSquare",
+        }
+    }
 }
 
 /// The shape two per-sample shapes broadcast to (NumPy's rules, aligned at the last axis),
@@ -426,6 +672,8 @@ pub enum Op {
     Sqrt,
     /// `1 / x`.
     Reciprocal,
+    /// An element-wise function: exponentials, logarithms and smooth activations.
+    Unary(UnaryKind),
     /// Per-sample reshape (the batch axis kept).
     Reshape {
         shape: Vec<usize>,
@@ -455,12 +703,15 @@ pub enum Op {
     ConcatAt {
         axis: usize,
     },
-    /// Positions `start, start + step, ...` below `end` of one per-sample axis.
+    /// Positions `start, start + step, ...` below `end` of one per-sample axis; `backward`,
+    /// positions `end - 1, end - 1 - step, ...` not below `start` (ONNX's negative steps).
     Slice {
         axis: usize,
         start: usize,
         end: usize,
         step: usize,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        backward: bool,
     },
     /// Spatial padding of `[C, H, W]` values: `pads` are top, left, bottom, right.
     Pad {
@@ -576,6 +827,7 @@ impl Op {
             Op::ConstBinary { .. } => "constbinary",
             Op::Sqrt => "sqrt",
             Op::Reciprocal => "reciprocal",
+            Op::Unary(_) => "unary",
             Op::Reshape { .. } => "reshape",
             Op::Transpose { .. } => "transpose",
             Op::SoftmaxAt { .. } => "softmaxat",
@@ -675,25 +927,38 @@ impl Op {
             Op::PRelu { channels } | Op::ChannelAffine { channels } => {
                 vec![("channels", *channels)]
             }
-            Op::MaxPool2d(p) | Op::AvgPool2d(p) => vec![
-                ("kernel", p.kernel),
-                ("stride", p.stride),
-                ("padding", p.padding),
-                ("end padding", p.pad_end[0]),
-                ("end padding", p.pad_end[1]),
-            ],
+            Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
+                let pairs = [
+                    ("kernel", p.kernel),
+                    ("stride", p.stride),
+                    ("dilation", p.dilation),
+                ];
+                let sides = p.pads.iter().map(|&v| ("padding", v));
+                pairs
+                    .into_iter()
+                    .flat_map(|(what, v)| v.map(|v| (what, v)))
+                    .chain(sides)
+                    .collect()
+            }
             Op::Lrn(l) => vec![("size", l.size)],
-            Op::ConvTranspose2d(c) => vec![
-                ("in_channels", c.in_channels),
-                ("out_channels", c.out_channels),
-                ("kernel", c.kernel[0]),
-                ("kernel", c.kernel[1]),
-                ("stride", c.stride),
-                ("padding", c.padding),
-                ("output_padding", c.output_padding),
-                ("dilation", c.dilation),
-                ("groups", c.groups),
-            ],
+            Op::ConvTranspose2d(c) => {
+                let pairs = [
+                    ("kernel", c.kernel),
+                    ("stride", c.stride),
+                    ("output_padding", c.output_padding),
+                ];
+                let sides = c.pads.iter().map(|&p| ("padding", p));
+                [
+                    ("in_channels", c.in_channels),
+                    ("out_channels", c.out_channels),
+                    ("dilation", c.dilation),
+                    ("groups", c.groups),
+                ]
+                .into_iter()
+                .chain(pairs.into_iter().flat_map(|(what, v)| v.map(|v| (what, v))))
+                .chain(sides)
+                .collect()
+            }
             Op::Pad { pads, .. } => pads.iter().map(|&p| ("padding", p)).collect(),
             Op::Resize(r) => vec![("output height", r.out[0]), ("output width", r.out[1])],
             Op::ChannelShuffle { groups } => vec![("groups", *groups)],
@@ -851,6 +1116,7 @@ impl Op {
             | Op::Gelu
             | Op::GeluTanh
             | Op::Erf
+            | Op::Unary(_)
             | Op::Dropout { .. }
             | Op::Softmax
             | Op::Identity
@@ -911,48 +1177,51 @@ impl Op {
                         c.in_channels,
                         c.out_channels,
                         c.groups,
-                        c.stride,
+                        c.stride[0].min(c.stride[1]),
                         c.dilation,
                     ],
                     c.kernel,
                 )?;
-                if c.output_padding >= c.stride.max(c.dilation) {
-                    return Err(format!(
-                        "output_padding {} must be below the stride or the dilation",
-                        c.output_padding
-                    ));
+                for axis in 0..2 {
+                    if c.output_padding[axis] >= c.stride[axis].max(c.dilation) {
+                        return Err(format!(
+                            "output_padding {:?} must be below the stride {:?} or the dilation {}",
+                            c.output_padding, c.stride, c.dilation
+                        ));
+                    }
                 }
                 let (oh, ow) = c.out_size(h, w).ok_or_else(|| {
-                    format!(
-                        "padding {} leaves no output of the {h}x{w} input",
-                        c.padding
-                    )
+                    format!("padding {:?} leaves no output of the {h}x{w} input", c.pads)
                 })?;
                 Ok(vec![c.out_channels, oh, ow])
             }
             Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
                 self.arity(inputs, 1)?;
                 let (c, h, w) = self.chw(inputs[0])?;
-                if p.kernel == 0 || p.stride == 0 {
-                    return Err("pool kernel and stride must be at least 1".into());
+                if [p.kernel, p.stride, p.dilation]
+                    .iter()
+                    .flatten()
+                    .any(|&v| v == 0)
+                {
+                    return Err("pool kernel, stride and dilation must be at least 1".into());
                 }
-                if 2 * p.padding > p.kernel {
-                    return Err(format!(
-                        "padding {} exceeds half the kernel {}",
-                        p.padding, p.kernel
-                    ));
-                }
-                if p.pad_end.iter().any(|&e| p.padding + e >= p.kernel) {
-                    return Err(format!(
-                        "end padding {} + {:?} must stay below the kernel {}",
-                        p.padding, p.pad_end, p.kernel
-                    ));
+                // Every window reaches the input: no side's padding spans a whole window.
+                for (side, &pad) in p.pads.iter().enumerate() {
+                    if pad >= p.span(side % 2) {
+                        return Err(format!(
+                            "padding {:?} (top, left, bottom, right): each must stay below the window's extent {}x{}",
+                            p.pads,
+                            p.span(0),
+                            p.span(1)
+                        ));
+                    }
                 }
                 match (p.out_size(0, h), p.out_size(1, w)) {
                     (Some(oh), Some(ow)) => Ok(vec![c, oh, ow]),
                     _ => Err(format!(
-                        "pool kernel {} does not fit the {h}x{w} input",
-                        p.kernel
+                        "pool window {}x{} does not fit the {h}x{w} input",
+                        p.span(0),
+                        p.span(1)
                     )),
                 }
             }
@@ -1204,6 +1473,7 @@ impl Op {
                 start,
                 end,
                 step,
+                ..
             } => {
                 self.arity(inputs, 1)?;
                 let s = inputs[0];

@@ -116,12 +116,13 @@ enum Pool {
 
 /// Output size along one axis, from the definition (`None` when no window fits).
 fn pool_out(x: usize, p: &PoolSpec, axis: usize) -> Option<usize> {
-    let padded = x + 2 * p.padding + p.pad_end[axis];
-    (padded >= p.kernel).then(|| (padded - p.kernel) / p.stride + 1)
+    let padded = x + p.pads[axis] + p.pads[axis + 2];
+    let span = p.dilation[axis] * (p.kernel[axis] - 1) + 1;
+    (padded >= span).then(|| (padded - span) / p.stride[axis] + 1)
 }
 
-/// Pooling by windows: each window of the padded plane, position by position; a position is
-/// inside the input or padding (before: `padding`; after: `padding + pad_end`).
+/// Pooling by windows: each window of the padded plane, tap by tap; a tap is inside the
+/// input or padding (`pads`: top, left, bottom, right).
 fn pool_ref(x: &Arr, kind: Pool, p: &PoolSpec) -> Arr {
     let [n, c, h, w] = x.dims;
     let oh = pool_out(h, p, 0).unwrap();
@@ -134,13 +135,14 @@ fn pool_ref(x: &Arr, kind: Pool, p: &PoolSpec) -> Arr {
                     let mut max = f64::NEG_INFINITY;
                     let mut sum = 0.0;
                     let mut inside = 0usize;
-                    for di in 0..p.kernel {
-                        for dj in 0..p.kernel {
+                    for di in 0..p.kernel[0] {
+                        for dj in 0..p.kernel[1] {
                             // Position in the padded plane, then in the input.
-                            let (pr, pc) = (i * p.stride + di, j * p.stride + dj);
+                            let pr = i * p.stride[0] + di * p.dilation[0];
+                            let pc = j * p.stride[1] + dj * p.dilation[1];
                             let (r, s) = (
-                                pr as isize - p.padding as isize,
-                                pc as isize - p.padding as isize,
+                                pr as isize - p.pads[0] as isize,
+                                pc as isize - p.pads[1] as isize,
                             );
                             if r < 0 || s < 0 || r >= h as isize || s >= w as isize {
                                 continue;
@@ -155,7 +157,7 @@ fn pool_ref(x: &Arr, kind: Pool, p: &PoolSpec) -> Arr {
                     y.v[at] = match kind {
                         Pool::Max => max,
                         Pool::Avg if p.exclude_pad => sum / inside as f64,
-                        Pool::Avg => sum / (p.kernel * p.kernel) as f64,
+                        Pool::Avg => sum / (p.kernel[0] * p.kernel[1]) as f64,
                     };
                 }
             }
@@ -231,9 +233,25 @@ fn pool(
     exclude: bool,
 ) -> PoolSpec {
     PoolSpec {
-        pad_end,
         exclude_pad: exclude,
-        ..PoolSpec::new(kernel, stride, padding)
+        ..PoolSpec::new(kernel, stride, padding).with_end_padding(pad_end)
+    }
+}
+
+/// A pool of any window: `[kh, kw]`, strides, dilations and `[top, left, bottom, right]`.
+fn window(
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    pads: [usize; 4],
+    exclude_pad: bool,
+) -> PoolSpec {
+    PoolSpec {
+        kernel,
+        stride,
+        dilation,
+        pads,
+        exclude_pad,
     }
 }
 
@@ -376,11 +394,14 @@ fn channel_shuffle_groups_that_do_not_divide_the_channels_are_refused_naming_the
     }
 }
 
-/// Whether a pool is valid by the rules stated for it: a window fits, the symmetric padding is
-/// at most half the kernel, and padding plus end padding stays below the kernel.
+/// Whether a pool is valid by the rules stated for it: a window fits, and no side's padding
+/// spans a whole window.
 fn pool_valid(p: &PoolSpec, h: usize, w: usize) -> bool {
-    2 * p.padding <= p.kernel
-        && p.pad_end.iter().all(|&e| p.padding + e < p.kernel)
+    let span = |axis: usize| p.dilation[axis] * (p.kernel[axis] - 1) + 1;
+    p.pads
+        .iter()
+        .enumerate()
+        .all(|(side, &pad)| pad < span(side % 2))
         && pool_out(h, p, 0).is_some()
         && pool_out(w, p, 1).is_some()
 }
@@ -432,6 +453,111 @@ fn pooling_with_end_padding_and_excluded_padding_matches_the_windows() {
         checked > 150 && refused > 50,
         "{checked} checked, {refused} refused"
     );
+}
+
+/// Windows the square kernels do not take: rectangular, unequal strides, dilated, and
+/// padding that differs per side (more before than after, as SAME_LOWER pads) or exceeds half
+/// the window. Shapes, values and both sides of the padding rule.
+#[test]
+fn general_pools_match_the_windows() {
+    let x = Arr::random([2, 3, 9, 10], 150, 2.0);
+    let (h, w) = (9, 10);
+    let mut checked = 0;
+    let mut refused = 0;
+    for kind in [Pool::Max, Pool::Avg] {
+        for kernel in [[1, 3], [3, 2], [2, 2]] {
+            for stride in [[1, 1], [2, 1], [1, 3]] {
+                for dilation in [[1, 1], [2, 1], [2, 3]] {
+                    for pads in [
+                        [0; 4],
+                        [1, 0, 0, 0],
+                        [2, 1, 1, 2],
+                        [0, 2, 1, 0],
+                        [3, 0, 0, 3],
+                    ] {
+                        for exclude in [false, true] {
+                            let p = window(kernel, stride, dilation, pads, exclude);
+                            let what = format!("{kind:?} {p:?} on {h}x{w}");
+                            let built = GraphBuilder::new(chw(&x))
+                                .push("pool", pool_op(kind, p.clone()))
+                                .build();
+                            if !pool_valid(&p, h, w) {
+                                let e = built.expect_err(&what).to_string();
+                                assert!(e.contains("padding"), "{what}: {e}");
+                                refused += 1;
+                                continue;
+                            }
+                            let g = built.unwrap_or_else(|e| panic!("{what}: {e}"));
+                            let (oh, ow) =
+                                (pool_out(h, &p, 0).unwrap(), pool_out(w, &p, 1).unwrap());
+                            assert_eq!(g.node(g.outputs()[0]).shape, vec![3, oh, ow], "{what}");
+                            let m = Model::init(g, 0, &Device::Cpu).unwrap();
+                            assert_close(&eval(&m, &x), &pool_ref(&x, kind, &p), 1e-5, &what);
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        checked >= 200 && refused >= 100,
+        "{checked} checked, {refused} refused"
+    );
+}
+
+#[test]
+fn general_pool_gradients_match_central_differences() {
+    let max = [
+        (
+            window([1, 3], [1, 2], [1, 1], [0, 1, 0, 1], false),
+            [1, 2, 4, 7],
+        ),
+        (
+            window([3, 2], [2, 1], [2, 1], [2, 0, 1, 1], false),
+            [2, 2, 8, 5],
+        ),
+        (
+            window([2, 2], [1, 1], [1, 2], [1, 1, 0, 0], false),
+            [1, 2, 5, 6],
+        ),
+    ];
+    check_pool_gradients(Pool::Max, &max, 700);
+    let avg = [
+        (
+            window([1, 3], [1, 2], [1, 1], [0, 1, 0, 1], true),
+            [1, 2, 4, 7],
+        ),
+        (
+            window([3, 2], [2, 1], [2, 1], [2, 0, 1, 1], false),
+            [2, 2, 8, 5],
+        ),
+        (
+            window([2, 2], [1, 1], [1, 2], [1, 1, 0, 0], true),
+            [1, 2, 5, 6],
+        ),
+    ];
+    check_pool_gradients(Pool::Avg, &avg, 800);
+}
+
+#[test]
+fn a_square_pool_is_written_as_before_and_a_general_one_round_trips() {
+    let v = serde_json::to_value(Op::MaxPool2d(pool(3, 2, 1, [1, 0], false))).unwrap();
+    assert_eq!(v["kernel"], 3, "{v}");
+    assert_eq!(v["stride"], 2, "{v}");
+    assert_eq!(v["padding"], 1, "{v}");
+    assert_eq!(v["pad_end"], serde_json::json!([1, 0]), "{v}");
+    assert!(
+        v.get("pads").is_none() && v.get("dilation").is_none(),
+        "{v}"
+    );
+    let general = window([3, 1], [2, 1], [2, 1], [2, 1, 0, 1], true);
+    let v = serde_json::to_value(Op::AvgPool2d(general.clone())).unwrap();
+    assert_eq!(v["kernel"], serde_json::json!([3, 1]), "{v}");
+    assert_eq!(v["pads"], serde_json::json!([2, 1, 0, 1]), "{v}");
+    assert!(v.get("padding").is_none(), "{v}");
+    let back: Op = serde_json::from_value(v).unwrap();
+    assert_eq!(back, Op::AvgPool2d(general));
 }
 
 #[test]
@@ -866,7 +992,7 @@ fn pool_json_without_the_new_fields_reads_with_the_defaults() {
     let op: Op = serde_json::from_str(&old).unwrap();
     match &op {
         Op::AvgPool2d(p) => {
-            assert_eq!(p.pad_end, [0, 0]);
+            assert_eq!(p.pads, [0; 4]);
             assert!(!p.exclude_pad);
         }
         other => panic!("{other:?}"),

@@ -208,9 +208,11 @@ impl Signature {
             }
             Op::Linear(l) => s.out_channels = Some(l.out_features),
             Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
-                s.kernel = Some([p.kernel, p.kernel]);
-                s.stride = Some(p.stride);
-                s.padding = Some(p.padding);
+                // The height's stride, padding and dilation; the output shape tells the rest.
+                s.kernel = Some(p.kernel);
+                s.stride = Some(p.stride[0]);
+                s.padding = Some(p.pads[0]);
+                s.dilation = (p.dilation != [1, 1]).then_some(p.dilation[0]);
             }
             _ => {}
         }

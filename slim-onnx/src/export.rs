@@ -18,7 +18,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use prost::Message;
-use slim_core::graph::{CoordMode, NearestRounding, Node, Op, PadMode, ReduceKind, ResizeMode};
+use slim_core::graph::{
+    CoordMode, NearestRounding, Node, Op, PadMode, ReduceKind, ResizeMode, UnaryKind,
+};
 use slim_core::Model;
 
 use crate::proto::{
@@ -641,6 +643,23 @@ impl Writer<'_> {
             }
             Op::Sqrt => self.op("Sqrt", out, &x, out, vec![]),
             Op::Reciprocal => self.op("Reciprocal", out, &x, out, vec![]),
+            Op::Unary(UnaryKind::Mish) if self.opset < 18 => {
+                // x · tanh(softplus(x)), as exporters write it before opset 18.
+                let (soft, tanh) = (format!("{out}_softplus"), format!("{out}_tanh"));
+                self.op("Softplus", &soft, &x, &soft, vec![]);
+                self.op("Tanh", &tanh, &[&soft], &tanh, vec![]);
+                self.op("Mul", out, &[x[0], &tanh], out, vec![]);
+            }
+            Op::Unary(kind) => {
+                let attrs = match *kind {
+                    UnaryKind::Elu { alpha } => vec![float("alpha", alpha)],
+                    UnaryKind::Selu { alpha, gamma } => {
+                        vec![float("alpha", alpha), float("gamma", gamma)]
+                    }
+                    _ => vec![],
+                };
+                self.op(kind.onnx(), out, &x, out, attrs);
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -757,11 +776,7 @@ impl Writer<'_> {
                 self.op(kind.onnx(), out, &inputs, out, vec![]);
             }
             Op::Reduce { kind, axes, keep } => {
-                let name = match kind {
-                    ReduceKind::Mean => "ReduceMean",
-                    ReduceKind::Max => "ReduceMax",
-                    ReduceKind::Sum => "ReduceSum",
-                };
+                let name = kind.onnx();
                 let axes: Vec<i64> = axes.iter().map(|&a| a as i64 + 1).collect();
                 let keep = int("keepdims", i64::from(*keep));
                 // ReduceSum takes its axes as an input from opset 13, the others from 18.
@@ -821,9 +836,21 @@ impl Writer<'_> {
                 start,
                 end,
                 step,
+                backward,
             } => {
                 let names = ["starts", "ends", "axes", "steps"].map(|s| format!("{out}_{s}"));
-                let values = [*start as i64, *end as i64, *axis as i64 + 1, *step as i64];
+                let (start, end, step) = (*start as i64, *end as i64, *step as i64);
+                // Backward from end - 1 down to start: an end of -1 would count from the back,
+                // so the axis's start is passed by any end far enough below it.
+                let range = match backward {
+                    true => [
+                        end - 1,
+                        if start == 0 { i64::MIN } else { start - 1 },
+                        -step,
+                    ],
+                    false => [start, end, step],
+                };
+                let values = [range[0], range[1], *axis as i64 + 1, range[2]];
                 for (n, v) in names.iter().zip(values) {
                     self.graph.initializer.push(i64_tensor(n, &[v]));
                 }
@@ -868,14 +895,21 @@ impl Writer<'_> {
         let x = e.x.clone();
         match &node.op {
             Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
-                let (k, s, pad) = (p.kernel as i64, p.stride as i64, p.padding as i64);
-                let [eh, ew] = p.pad_end.map(|e| pad + e as i64);
+                let i64s = |v: &[usize]| v.iter().map(|&v| v as i64).collect::<Vec<_>>();
                 let mut attrs = vec![
-                    ints("kernel_shape", &[k, k]),
-                    ints("strides", &[s, s]),
-                    ints("pads", &[pad, pad, eh, ew]),
+                    ints("kernel_shape", &i64s(&p.kernel)),
+                    ints("strides", &i64s(&p.stride)),
+                    ints("pads", &i64s(&p.pads)),
                 ];
-                let kind = if matches!(node.op, Op::MaxPool2d(_)) {
+                let max = matches!(node.op, Op::MaxPool2d(_));
+                if p.dilation != [1, 1] {
+                    // MaxPool takes dilations from opset 10, AveragePool from 19.
+                    if !max && self.opset < 19 {
+                        return e.unsupported("dilated average pooling needs opset 19 or newer");
+                    }
+                    attrs.push(ints("dilations", &i64s(&p.dilation)));
+                }
+                let kind = if max {
                     "MaxPool"
                 } else {
                     attrs.push(int("count_include_pad", i64::from(!p.exclude_pad)));
@@ -961,23 +995,19 @@ impl Writer<'_> {
             Op::ConvTranspose2d(c) => {
                 let inputs = self.layer_inputs(node, x[0], c.bias, integer)?;
                 let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
-                let (p, s, d, op) = (
-                    c.padding as i64,
-                    c.stride as i64,
-                    c.dilation as i64,
-                    c.output_padding as i64,
-                );
+                let i64s = |v: &[usize]| v.iter().map(|&v| v as i64).collect::<Vec<_>>();
+                let d = c.dilation as i64;
                 self.op(
                     "ConvTranspose",
                     out,
                     &inputs,
                     out,
                     vec![
-                        ints("kernel_shape", &[c.kernel[0] as i64, c.kernel[1] as i64]),
-                        ints("strides", &[s, s]),
-                        ints("pads", &[p, p, p, p]),
+                        ints("kernel_shape", &i64s(&c.kernel)),
+                        ints("strides", &i64s(&c.stride)),
+                        ints("pads", &i64s(&c.pads)),
                         ints("dilations", &[d, d]),
-                        ints("output_padding", &[op, op]),
+                        ints("output_padding", &i64s(&c.output_padding)),
                         int("group", c.groups as i64),
                     ],
                 );

@@ -49,6 +49,13 @@ fn expected(case: &str) -> (&'static [&'static str], &'static [&'static str]) {
         ),
         "segmenter" => (&["resize", "convtranspose2d", "concat", "softmax"], &[]),
         "gather_token" => (&["slice", "concatat"], &[]),
+        // Pools of any window are Slim's pools (a zero Pad where an average counts padding
+        // but not ceil mode's last window); 1-D and 3-D ones pool reshaped planes.
+        "pool_windows" => (&["maxpool2d", "avgpool2d", "pad"], &[]),
+        "pool_1d_3d" => (&["maxpool2d", "avgpool2d", "reshape"], &[]),
+        "smooth_activations" => (&["unary", "constbinary"], &[]),
+        "mish_l2_norm" => (&["unary", "binary", "reduce"], &[]),
+        "flips_and_norms" => (&["slice", "layernorm", "channelaffine", "transpose"], &[]),
         "vit_front" => (&["constant", "concatat", "layernorm", "matmul"], &[]),
         _ => (&[], &[]),
     }

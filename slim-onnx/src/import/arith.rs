@@ -271,6 +271,50 @@ impl Builder {
         }
     }
 
+    /// ONNX's Max and Min, of one value or more: pairwise from the left, a constant operand
+    /// as a constant binary op, two data operands as a binary op.
+    pub(super) fn extreme(&mut self, n: &NodeProto, base: &str, kind: BinaryKind) -> Result<()> {
+        let Some(first) = n.input.first() else {
+            return err(format!("{} of no values", kind.onnx()));
+        };
+        let mut acc = first.clone();
+        for (i, next) in n.input.iter().enumerate().skip(1) {
+            let last = i + 1 == n.input.len();
+            let out = match last {
+                true => n.output.first().cloned().unwrap_or_default(),
+                false => format!(
+                    "{}#{}{i}",
+                    n.output.first().map_or("", |o| o.as_str()),
+                    kind.onnx()
+                ),
+            };
+            let step = NodeProto {
+                input: vec![acc, next.clone()],
+                output: vec![out.clone()],
+                ..n.clone()
+            };
+            match (self.value(&step, 0)?.clone(), self.value(&step, 1)?.clone()) {
+                (Value::Node(x), Value::Const(c)) => {
+                    self.const_binary(&step, &x, &c, kind, false)?
+                }
+                (Value::Const(c), Value::Node(x)) => {
+                    self.const_binary(&step, &x, &c, kind, true)?
+                }
+                (Value::Node(x), Value::Node(y)) => self.data_binary(&step, base, &x, &y, kind)?,
+                (Value::Const(_), Value::Const(_)) => {
+                    let c = self.binary_const(&step)?;
+                    self.bind_const(&step, c)?
+                }
+            }
+            acc = out;
+        }
+        if n.input.len() == 1 {
+            let x = self.node_in(n, 0)?;
+            return self.bind(n, x);
+        }
+        Ok(())
+    }
+
     pub(super) fn add(&mut self, n: &NodeProto, base: &str) -> Result<()> {
         let vals: Vec<Value> = (0..n.input.len())
             .map(|i| self.value(n, i).cloned())

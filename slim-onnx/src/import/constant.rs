@@ -168,6 +168,7 @@ impl Builder {
                 }
             }
             "Mul" | "Add" | "Sub" | "Div" | "Pow" => self.binary_const(n)?,
+            "Max" | "Min" if n.input.len() == 2 => self.binary_const(n)?,
             _ => return Ok(None),
         }))
     }
@@ -652,7 +653,7 @@ impl Builder {
         Ok(x)
     }
 
-    fn binary_const(&self, n: &NodeProto) -> Result<Const> {
+    pub(super) fn binary_const(&self, n: &NodeProto) -> Result<Const> {
         let c = |i| self.konst(n, i);
         let (x, y) = (c(0)?, c(1)?);
         let ints = self.int_typed(n);
@@ -661,6 +662,8 @@ impl Builder {
             "Add" => p + q,
             "Sub" => p - q,
             "Pow" => p.powf(q),
+            "Max" => p.max(q),
+            "Min" => p.min(q),
             // Shape arithmetic divides integers (toward zero).
             _ if ints => (p / q).trunc(),
             _ => p / q,

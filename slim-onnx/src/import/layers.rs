@@ -224,73 +224,40 @@ impl Builder {
         let x = self.node_in(n, 0)?;
         let w = self.konst(n, 1)?;
         let b = self.opt_const(n, 2)?;
-        if x.onnx.len() != 3 || w.dims.len() != 4 {
+        // A 1-D transposed convolution is a 2-D one of height one between reshapes.
+        let spatial = x.onnx.len().saturating_sub(1);
+        if !matches!(spatial, 1 | 2) || w.dims.len() != spatial + 2 {
             return err(format!(
-                "input [N, {}] and weight {:?}; Slim's transposed convolutions are 2-D",
+                "input [N, {}] and weight {:?}; Slim's transposed convolutions are 1-D or 2-D",
                 join(&x.onnx),
                 w.dims
             ));
         }
-        let (ci, opg, kh, kw) = (w.dims[0], w.dims[1], w.dims[2], w.dims[3]);
+        let (ci, opg) = (w.dims[0], w.dims[1]);
         let groups = sizes("group", &[a.int("group").unwrap_or(1)], 1)?[0];
-        let one = |what: &str, v: Vec<i64>, min: i64| -> Result<usize> {
-            let v = sizes(what, &v, min)?;
-            match v[..] {
-                [p, q] if p == q => Ok(p),
-                _ => err(format!("{what} {v:?}; Slim needs one value for both axes")),
+        let geometry = transpose_geometry(a, &x.onnx[1..], &w.dims[2..])?;
+        let lift = |v: &[usize], unit: usize| -> [usize; 2] {
+            match v {
+                [one] => [unit, *one],
+                _ => [v[0], v[1]],
             }
         };
-        let s = one("strides", a.ints("strides").unwrap_or(vec![1, 1]), 1)?;
-        let d = one("dilations", a.ints("dilations").unwrap_or(vec![1, 1]), 1)?;
-        let op = one(
-            "output_padding",
-            a.ints("output_padding").unwrap_or(vec![0, 0]),
-            0,
-        )?;
-        if a.string("auto_pad")
-            .is_some_and(|p| p != "NOTSET" && p != "VALID")
-        {
-            return err(
-                "auto_pad SAME_UPPER/SAME_LOWER on a transposed convolution is not supported; give pads",
-            );
-        }
-        let padding = match a.ints("output_shape") {
-            Some(shape) => {
-                // The total padding the requested size implies, split evenly.
-                let target = &shape[shape.len().saturating_sub(2)..];
-                let mut each = Vec::new();
-                for (i, (&len, k)) in x.onnx[1..].iter().zip([kh, kw]).enumerate() {
-                    let full = (len - 1) * s + op + (k - 1) * d + 1;
-                    let total = full as i64 - target.get(i).copied().unwrap_or(0);
-                    if total < 0 || total % 2 != 0 {
-                        return err(format!("output_shape {shape:?} needs uneven padding"));
-                    }
-                    each.push(total / 2);
-                }
-                one("padding", each, 0)?
-            }
-            None => {
-                let p = a.ints("pads").unwrap_or(vec![0, 0, 0, 0]);
-                match sizes("pads", &p, 0)?[..] {
-                    [t, l, b2, r] if t == l && l == b2 && b2 == r => t,
-                    _ => {
-                        return err(format!(
-                            "pads {p:?}; Slim pads a transposed convolution equally on every side"
-                        ))
-                    }
-                }
-            }
-        };
+        let (before, after): (Vec<usize>, Vec<usize>) = geometry.pads.iter().copied().unzip();
+        let ([top, left], [bottom, right]) = (lift(&before, 0), lift(&after, 0));
         let spec = ConvTransposeSpec {
             in_channels: ci,
             out_channels: opg * groups,
-            kernel: [kh, kw],
-            stride: s,
-            padding,
-            output_padding: op,
-            dilation: d,
+            kernel: lift(&w.dims[2..], 1),
+            stride: lift(&geometry.stride, 1),
+            pads: [top, left, bottom, right],
+            output_padding: lift(&geometry.output_padding, 0),
+            dilation: geometry.dilation,
             groups,
             bias: b.is_some(),
+        };
+        let w = Const {
+            dims: vec![ci, opg, spec.kernel[0], spec.kernel[1]],
+            values: w.values,
         };
         let mut p = BTreeMap::new();
         p.insert("weight", w);
@@ -311,7 +278,20 @@ impl Builder {
             );
         }
         let name = self.layer_name(n, 1);
-        self.emit(n, &name, Op::ConvTranspose2d(spec), &[&x.node], p)
+        if spatial == 2 {
+            return self.emit(n, &name, Op::ConvTranspose2d(spec), &[&x.node], p);
+        }
+        let (c, len) = (x.onnx[0], x.onnx[1]);
+        let stem = sanitize(&display_name(n));
+        let plane = self.fresh_name(&format!("{stem}.as_2d"), "reshape");
+        let op = Op::Reshape {
+            shape: vec![c, 1, len],
+        };
+        self.push(&plane, op, &[&x.node], BTreeMap::new())?;
+        let name = self.fresh_name(&name, "convtranspose");
+        let shape = self.push(&name, Op::ConvTranspose2d(spec), &[&plane], p)?;
+        let y = NodeRef::plain(name, &shape);
+        self.reshape(n, &format!("{stem}.as_1d"), &y, vec![shape[0], shape[2]])
     }
 
     pub(super) fn linear(
@@ -451,82 +431,6 @@ impl Builder {
             Some(c) if vector.is_none() => self.const_binary(n, &y, &c, BinaryKind::Add, false),
             _ => self.bind(n, y),
         }
-    }
-
-    pub(super) fn pool(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
-        let x = self.node_in(n, 0)?;
-        if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
-            return err("the indices output of MaxPool is used, which Slim does not compute");
-        }
-        if x.onnx.len() != 3 || self.shape_of(&x).len() != 3 {
-            return err(format!(
-                "input of per-sample shape {:?}; pooling takes [C, H, W]",
-                x.onnx
-            ));
-        }
-        let k = sizes("kernel", &a.ints("kernel_shape").unwrap_or_default(), 1)?;
-        if k.len() != 2 || k[0] != k[1] {
-            return err(format!("kernel {k:?}; Slim pools with square windows"));
-        }
-        let strides = sizes("strides", &a.ints("strides").unwrap_or(vec![1, 1]), 1)?;
-        if strides.len() != 2 || strides[0] != strides[1] {
-            return err(format!(
-                "strides {strides:?}; Slim needs one stride for both axes"
-            ));
-        }
-        if a.ints("dilations")
-            .is_some_and(|d| d.iter().any(|&v| v != 1))
-        {
-            return err("dilated pooling is not supported");
-        }
-        let (k, s) = (k[0], strides[0]);
-        let (h, w) = (x.onnx[1], x.onnx[2]);
-        let axes = pads_per_axis(a, [h, w], [k, k], s, 1)?;
-        let p = axes[0].0;
-        if axes[1].0 != p || axes.iter().any(|&(b, e)| e < b) {
-            return err(format!(
-                "padding (top, bottom) {:?} and (left, right) {:?}: Slim pools with one padding before both axes and at least as much after",
-                axes[0], axes[1]
-            ));
-        }
-        let mut end = [axes[0].1 - p, axes[1].1 - p];
-        let average = n.op_type == "AveragePool";
-        let include_pad = a.int("count_include_pad").unwrap_or(0) != 0;
-        if a.int("ceil_mode").unwrap_or(0) != 0 {
-            // Ceil mode adds a last window where the floor leaves values uncovered, as long as
-            // it starts inside the input or its leading padding; the values it reaches past
-            // the padded input are extra padding at the end.
-            for (axis, len) in [h, w].into_iter().enumerate() {
-                let padded = len + p + axes[axis].1;
-                let Some(span) = padded.checked_sub(k) else {
-                    return err(format!("its {k}x{k} window does not fit the {h}x{w} input"));
-                };
-                let mut out = span.div_ceil(s) + 1;
-                if (out - 1) * s >= len + p {
-                    out -= 1;
-                }
-                let reach = (out - 1) * s + k;
-                if reach > padded {
-                    if average && include_pad {
-                        return err("ceil_mode=1 with count_include_pad=1 and a partial last window is not supported");
-                    }
-                    end[axis] += reach - padded;
-                }
-            }
-        }
-        let spec = PoolSpec {
-            kernel: k,
-            stride: s,
-            padding: p,
-            pad_end: end,
-            exclude_pad: average && !include_pad && (p > 0 || end != [0, 0]),
-        };
-        let op = if average {
-            Op::AvgPool2d(spec)
-        } else {
-            Op::MaxPool2d(spec)
-        };
-        self.emit(n, base, op, &[&x.node], BTreeMap::new())
     }
 
     pub(super) fn pad(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
@@ -757,7 +661,95 @@ impl Builder {
     }
 }
 
-/// `(before, after)` padding of the height and width axes, from `pads` or `auto_pad`.
+/// A transposed convolution's strides, dilation, output padding and (before, after) padding
+/// per spatial axis, from its attributes, the input's spatial sizes and the kernel's. Padding
+/// comes from `pads`, or from `output_shape` or SAME auto_pad by ONNX's rule (the odd unit of
+/// the total before the input unless SAME_UPPER); an output larger than the full one grows at
+/// the end.
+struct TransposeGeometry {
+    stride: Vec<usize>,
+    dilation: usize,
+    output_padding: Vec<usize>,
+    pads: Vec<(usize, usize)>,
+}
+
+fn transpose_geometry(a: &Attrs, input: &[usize], kernel: &[usize]) -> Result<TransposeGeometry> {
+    let count = input.len();
+    if kernel.contains(&0) {
+        return err(format!("kernel {kernel:?} must be at least 1"));
+    }
+    let per_axis = |name: &str, default: i64, min: i64| -> Result<Vec<usize>> {
+        let v = a.ints(name).unwrap_or(vec![default; count]);
+        if v.len() != count {
+            return err(format!("{name} {v:?} for {count} spatial axes"));
+        }
+        sizes(name, &v, min)
+    };
+    let stride = per_axis("strides", 1, 1)?;
+    let dilations = per_axis("dilations", 1, 1)?;
+    if dilations.iter().any(|&d| d != dilations[0]) {
+        return err(format!(
+            "dilations {dilations:?}; Slim needs one dilation for both axes"
+        ));
+    }
+    let dilation = dilations[0];
+    let mut output_padding = per_axis("output_padding", 0, 0)?;
+    let auto = a.string("auto_pad").unwrap_or_default();
+    let upper = match auto.as_str() {
+        "" | "NOTSET" | "VALID" => false,
+        "SAME_UPPER" => true,
+        "SAME_LOWER" => false,
+        other => return err(format!("auto_pad {other}")),
+    };
+    let target: Option<Vec<i64>> = match a.ints("output_shape") {
+        Some(shape) if shape.len() >= count => Some(shape[shape.len() - count..].to_vec()),
+        Some(shape) => return err(format!("output_shape {shape:?} for {count} spatial axes")),
+        None if auto.starts_with("SAME") => Some(
+            input
+                .iter()
+                .zip(&stride)
+                .map(|(&x, &s)| (x * s) as i64)
+                .collect(),
+        ),
+        None => None,
+    };
+    let pads = match target {
+        Some(target) => (0..count)
+            .map(|i| {
+                let full =
+                    (input[i] - 1) * stride[i] + output_padding[i] + (kernel[i] - 1) * dilation + 1;
+                let total = full as i64 - target[i];
+                if total < 0 {
+                    output_padding[i] += (-total) as usize;
+                    return (0, 0);
+                }
+                let (half, rest) = ((total / 2) as usize, (total - total / 2) as usize);
+                if upper {
+                    (half, rest)
+                } else {
+                    (rest, half)
+                }
+            })
+            .collect(),
+        None => {
+            let p = a.ints("pads").unwrap_or(vec![0; 2 * count]);
+            if p.len() != 2 * count {
+                return err(format!("pads {p:?} for {count} spatial axes"));
+            }
+            let p = sizes("pads", &p, 0)?;
+            (0..count).map(|i| (p[i], p[count + i])).collect()
+        }
+    };
+    Ok(TransposeGeometry {
+        stride,
+        dilation,
+        output_padding,
+        pads,
+    })
+}
+
+/// The (before, after) padding of each spatial axis of a 2-D window: explicit `pads`,
+/// `VALID`, or `SAME_UPPER` / `SAME_LOWER` (as much as keeps `ceil(input / stride)` outputs).
 pub(super) fn pads_per_axis(
     a: &Attrs,
     input: [usize; 2],
@@ -765,29 +757,40 @@ pub(super) fn pads_per_axis(
     stride: usize,
     dil: usize,
 ) -> Result<Vec<(usize, usize)>> {
-    if stride == 0 || dil == 0 || kernel.contains(&0) {
+    pads_of_axes(a, &input, &kernel, &[stride; 2], &[dil; 2])
+}
+
+/// [`pads_per_axis`] for any number of axes, each with its stride and dilation.
+pub(super) fn pads_of_axes(
+    a: &Attrs,
+    input: &[usize],
+    kernel: &[usize],
+    stride: &[usize],
+    dil: &[usize],
+) -> Result<Vec<(usize, usize)>> {
+    if [kernel, stride, dil].iter().any(|v| v.contains(&0)) {
         return err(format!(
-            "kernel {kernel:?}, stride {stride} and dilation {dil} must be at least 1"
+            "kernel {kernel:?}, strides {stride:?} and dilations {dil:?} must be at least 1"
         ));
     }
+    let count = input.len();
     let auto = a.string("auto_pad").unwrap_or_default();
     let per_axis: Vec<(usize, usize)> = match auto.as_str() {
         "" | "NOTSET" => {
-            let p = a.ints("pads").unwrap_or(vec![0, 0, 0, 0]);
-            if p.len() != 4 || p.iter().any(|&v| !(0..=LIMIT).contains(&v)) {
+            let p = a.ints("pads").unwrap_or(vec![0; 2 * count]);
+            if p.len() != 2 * count || p.iter().any(|&v| !(0..=LIMIT).contains(&v)) {
                 return err(format!("pads {p:?}"));
             }
-            vec![
-                (p[0] as usize, p[2] as usize),
-                (p[1] as usize, p[3] as usize),
-            ]
+            (0..count)
+                .map(|i| (p[i] as usize, p[count + i] as usize))
+                .collect()
         }
-        "VALID" => vec![(0, 0), (0, 0)],
-        "SAME_UPPER" | "SAME_LOWER" => (0..2)
+        "VALID" => vec![(0, 0); count],
+        "SAME_UPPER" | "SAME_LOWER" => (0..count)
             .map(|i| {
-                let out = input[i].div_ceil(stride);
-                let span = dil * (kernel[i] - 1) + 1;
-                let total = ((out - 1) * stride + span).saturating_sub(input[i]);
+                let out = input[i].div_ceil(stride[i]);
+                let span = dil[i] * (kernel[i] - 1) + 1;
+                let total = ((out - 1) * stride[i] + span).saturating_sub(input[i]);
                 let small = total / 2;
                 if auto == "SAME_UPPER" {
                     (small, total - small)
@@ -851,6 +854,26 @@ impl Builder {
         let mut onnx = shape.clone();
         onnx.extend([1, 1]);
         self.bind(n, NodeRef { node: name, onnx })
+    }
+
+    /// The largest value of each channel's plane (or sequence), `[C, 1, 1]` (`[C, 1]`).
+    pub(super) fn global_max_pool(&mut self, n: &NodeProto, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        if !matches!(x.onnx.len(), 2 | 3) {
+            return err(format!(
+                "input of per-sample shape {:?}; global pooling takes [C, L] or [C, H, W]",
+                x.onnx
+            ));
+        }
+        let node = self.materialize(&x)?;
+        let name = self.fresh_name(base, "reduce");
+        let op = Op::Reduce {
+            kind: ReduceKind::Max,
+            axes: (1..x.onnx.len()).collect(),
+            keep: true,
+        };
+        let shape = self.push(&name, op, &[&node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
     }
 
     pub(super) fn batch_norm(&mut self, n: &NodeProto, a: &Attrs) -> Result<()> {

@@ -20,6 +20,7 @@ use slim_core::data::Normalize;
 use slim_core::graph::{
     BatchNormSpec, BinaryKind, Conv2dSpec, ConvTransposeSpec, CoordMode, Crop, Graph, LinearSpec,
     LrnSpec, NearestRounding, Op, PadMode, ParamKind, PoolSpec, ReduceKind, ResizeMode, ResizeSpec,
+    UnaryKind,
 };
 use slim_core::params::ParamStore;
 use slim_core::Model;
@@ -29,6 +30,8 @@ use crate::proto::{self, data_type, AttributeProto, NodeProto, TensorProto};
 mod arith;
 mod constant;
 mod layers;
+mod norm;
+mod pool;
 mod quant;
 mod single;
 mod tensor;
@@ -915,6 +918,26 @@ impl Builder {
             "PRelu" => self.prelu(n, &base),
             "Tanh" => self.unary(n, &base, Op::Tanh),
             "Erf" => self.unary(n, &base, Op::Erf),
+            "Abs" | "Exp" | "Log" | "Softplus" | "Softsign" | "Mish" | "Elu" | "Selu" => {
+                let kind = match n.op_type.as_str() {
+                    "Abs" => UnaryKind::Abs,
+                    "Exp" => UnaryKind::Exp,
+                    "Log" => UnaryKind::Log,
+                    "Softplus" => UnaryKind::Softplus,
+                    "Softsign" => UnaryKind::Softsign,
+                    "Mish" => UnaryKind::Mish,
+                    "Elu" => UnaryKind::Elu {
+                        alpha: a.float("alpha").unwrap_or(1.0),
+                    },
+                    _ => UnaryKind::Selu {
+                        alpha: a.float("alpha").unwrap_or(1.673_263_2),
+                        gamma: a.float("gamma").unwrap_or(1.050_701),
+                    },
+                };
+                self.unary(n, &base, Op::Unary(kind))
+            }
+            "Max" => self.extreme(n, &base, BinaryKind::Max),
+            "Min" => self.extreme(n, &base, BinaryKind::Min),
             "Gelu" => match a.string("approximate").as_deref() {
                 None | Some("none") => self.unary(n, &base, Op::Gelu),
                 Some("tanh") => self.unary(n, &base, Op::GeluTanh),
@@ -933,6 +956,7 @@ impl Builder {
             "Concat" => self.concat(n, &a, &base),
             "MaxPool" | "AveragePool" => self.pool(n, &a, &base),
             "GlobalAveragePool" => self.global_average_pool(n, &base),
+            "GlobalMaxPool" => self.global_max_pool(n, &base),
             "Flatten" => self.flatten_op(n, &a, &base),
             "Reshape"
                 if n.input
@@ -960,8 +984,12 @@ impl Builder {
                 self.emit_keep(n, &base, Op::Reciprocal, &[&x], BTreeMap::new())
             }
             "Pow" => self.pow(n, &base),
-            "ReduceMean" | "ReduceMax" | "ReduceSum" => self.reduce(n, &a, &base),
+            "ReduceMean" | "ReduceMax" | "ReduceSum" | "ReduceMin" | "ReduceL1" | "ReduceL2"
+            | "ReduceSumSquare" => self.reduce(n, &a, &base),
             "LayerNormalization" => self.layer_norm(n, &a, &base),
+            "InstanceNormalization" => self.instance_norm(n, &a, &base),
+            "GroupNormalization" => self.group_norm(n, &a, &base),
+            "DepthToSpace" | "SpaceToDepth" => self.depth_space(n, &a, &base),
             "Split" => self.split(n, &a, &base),
             "Slice" => self.slice(n, &a, &base),
             "Resize" | "Upsample" => self.resize(n, &a, &base),

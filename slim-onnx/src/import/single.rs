@@ -25,8 +25,18 @@ impl Builder {
         let a = Attrs(&n.attribute);
         let mut out = n.clone();
         match n.op_type.as_str() {
-            "Conv" | "ConvTranspose" | "BatchNormalization" | "MaxPool" | "AveragePool"
-            | "GlobalAveragePool" | "LRN" => {
+            "Conv"
+            | "ConvTranspose"
+            | "BatchNormalization"
+            | "MaxPool"
+            | "AveragePool"
+            | "GlobalAveragePool"
+            | "GlobalMaxPool"
+            | "LRN"
+            | "InstanceNormalization"
+            | "GroupNormalization"
+            | "DepthToSpace"
+            | "SpaceToDepth" => {
                 return err(format!(
                     "{} reads the first axis of its input as the batch; a graph of one sample \
                      (--single-sample) cannot use it",
@@ -46,7 +56,8 @@ impl Builder {
             }
             "Flatten" => self.lift_flatten(n, &a, r, &mut out)?,
             "Squeeze" | "Unsqueeze" => self.lift_squeeze(n, &a, r, &mut out)?,
-            "ReduceMean" | "ReduceMax" | "ReduceSum" => {
+            "ReduceMean" | "ReduceMax" | "ReduceSum" | "ReduceMin" | "ReduceL1" | "ReduceL2"
+            | "ReduceSumSquare" => {
                 let as_input = self.opset >= 18 || (n.op_type == "ReduceSum" && self.opset >= 13);
                 let axes = if as_input {
                     self.opt_const(n, 1)?.map(|c| c.ints())

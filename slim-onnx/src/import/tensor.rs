@@ -44,6 +44,10 @@ impl Builder {
         let kind = match n.op_type.as_str() {
             "ReduceMean" => ReduceKind::Mean,
             "ReduceMax" => ReduceKind::Max,
+            "ReduceMin" => ReduceKind::Min,
+            "ReduceL1" => ReduceKind::L1,
+            "ReduceL2" => ReduceKind::L2,
+            "ReduceSumSquare" => ReduceKind::SumSquare,
             _ => ReduceKind::Sum,
         };
         let node = self.materialize(&x)?;
@@ -178,6 +182,7 @@ impl Builder {
             start,
             end,
             step,
+            backward: false,
         };
         let shape = self.push(&name, op, &[x], BTreeMap::new())?;
         let out = n.output[k].clone();
@@ -244,11 +249,20 @@ impl Builder {
             let axis = self.sample_axis(axes[i], rank)?;
             let len = shape[axis] as i64;
             let step = steps[i];
-            if step < 1 {
-                return err(format!("Slice with step {step}; Slim slices forwards"));
+            if step == 0 {
+                return err("Slice with step 0");
             }
-            let clamp = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
-            let (s, e) = (clamp(starts[i]), clamp(ends[i]));
+            let from_end = |v: i64| if v < 0 { v.saturating_add(len) } else { v };
+            let (s, e, backward) = if step > 0 {
+                let clamp = |v: i64| from_end(v).clamp(0, len);
+                (clamp(starts[i]), clamp(ends[i]), false)
+            } else {
+                // Backward from start down to (not reaching) end: as the positions from
+                // end + 1 to start + 1, read from the top.
+                let s = from_end(starts[i]).clamp(0, len - 1);
+                let e = from_end(ends[i]).clamp(-1, len - 1);
+                (e + 1, s + 1, true)
+            };
             if s >= e {
                 return err(format!(
                     "Slice {}..{} of axis {} leaves nothing",
@@ -263,7 +277,8 @@ impl Builder {
                 axis,
                 start: s as usize,
                 end: e as usize,
-                step: step as usize,
+                step: step.unsigned_abs() as usize,
+                backward,
             };
             shape = self.push(&name, op, &[&cur], BTreeMap::new())?;
             cur = name;
@@ -316,6 +331,7 @@ impl Builder {
                 start,
                 end: start + (count - 1) * step + 1,
                 step,
+                backward: false,
             };
             let name = self.fresh_name(&stem, "slice");
             self.push(&name, op, &[&cur], BTreeMap::new())?;

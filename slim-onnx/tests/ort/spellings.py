@@ -4,7 +4,10 @@ a Rust test can import each model into Slim and compare its forward with the ref
 activations and arithmetic: asymmetric padding (Conv pads and auto_pad, Pad in constant, reflect
 and edge modes), resampling (Resize at opsets 11 and 13 with scales or sizes, nearest and linear
 in four coordinate modes, cubic with and without the taps outside; Upsample at opsets 7 and 9),
-ConvTranspose (stride, groups, dilation), a tiny segmenter (encoder, skip Concat, decoder, per-pixel logits and their Softmax), and N-d
+ConvTranspose (stride, groups, dilation; per-axis strides and padding, SAME, 1-D), smooth activations (ELU, SELU, Softplus, Softsign, Mish, Min/Max ReLU6), an
+L2-normalized embedding, flips (Slice with negative steps), instance and group normalization,
+DepthToSpace and SpaceToDepth, pooling windows (rectangular, dilated, SAME_LOWER, padded
+beyond half the window; of sequences and volumes), a tiny segmenter (encoder, skip Concat, decoder, per-pixel logits and their Softmax), and N-d
 tensor ops as PyTorch exports them: Split, Concat along a spatial axis, strided Slice, ReduceMean
 and ReduceMax (squeeze-and-excite and CBAM gates), Softmax over the last axis (opsets 11 and 13),
 Flatten at axis 2, Unsqueeze, MatMul with a constant, binary ops between two data branches that
@@ -551,6 +554,85 @@ def conv1d(g):
     g.output(g.op("GlobalAveragePool", [h2]))
 
 
+def pool_windows(g):
+    """Pools a text recognizer (CRNN) and Keras write: a 2x2 window at strides (2, 1) with the
+    width padded, a dilated 2x3 window padded on every side, a window padded SAME_LOWER, and
+    an average over pads beyond half the window in ceil mode, counting the padding."""
+    y = g.conv("x", C, C)
+    p1 = g.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 1], pads=[0, 1, 0, 1])
+    p2 = g.op("MaxPool", [p1], kernel_shape=[2, 3], dilations=[2, 1], pads=[1, 1, 1, 1])
+    # (ONNX Runtime 1.32 sizes SAME padding of a dilated pool as if undilated: no dilation here.)
+    p3 = g.op("MaxPool", [p2], kernel_shape=[3, 2], auto_pad="SAME_LOWER")
+    p4 = g.op("AveragePool", [p3], kernel_shape=[3, 3], strides=[2, 2], pads=[2, 0, 1, 2],
+              count_include_pad=1, ceil_mode=1)
+    g.output(g.conv(p4, C, C))
+
+
+def pool_1d_3d(g):
+    """Pools of sequences and volumes: a feature map flattened to a sequence, max- and
+    average-pooled; and seen as a volume [2, 4, 10, 10] of each group of channels,
+    average-pooled over depth, height and width (padding left out of the count), then
+    max-pooled in ceil mode."""
+    y = g.conv("x", C, C)
+    seq = g.op("Reshape", [y, g.ints("shape", [0, C, -1])])
+    s1 = g.op("MaxPool", [seq], kernel_shape=[3], strides=[2], pads=[1, 1])
+    s2 = g.op("AveragePool", [s1], kernel_shape=[4], strides=[3], ceil_mode=1)
+    g.output(s2)
+    vol = g.op("Reshape", [y, g.ints("shape", [-1, 2, 4, 10, 10])])
+    v1 = g.op("AveragePool", [vol], kernel_shape=[2, 3, 3], strides=[2, 2, 2],
+              pads=[0, 1, 1, 1, 1, 1])
+    v2 = g.op("MaxPool", [v1], kernel_shape=[2, 2, 3], strides=[1, 2, 2], ceil_mode=1)
+    g.output(v2)
+
+
+def smooth_activations(g):
+    """Activations beyond ReLU as other exporters write them: ELU and SELU, Softplus and
+    Softsign, and ReLU6 as TensorFlow's converters spell it, Min(Max(x, 0), 6)."""
+    y = g.op("Elu", [g.conv("x", C, C)], alpha=0.7)
+    y = g.op("Selu", [g.conv(y, C, C)])
+    y = g.op("Softsign", [g.op("Softplus", [g.conv(y, C, C)])])
+    y = g.conv(y, C, C, gain=4.0)
+    y = g.op("Min", [g.op("Max", [y, g.scalar(0.0)]), g.scalar(6.0)])
+    g.output(g.conv(y, C, C))
+
+
+def mish_l2_norm(g):
+    """Mish (YOLOv4's activation, native at opset 18), its pieces in a branch beside it, and
+    an embedding normalized to unit length (face recognizers): GlobalMaxPool, then the
+    vector divided by its ReduceL2; Max and Min of two data branches."""
+    y = g.conv("x", C, C)
+    m = g.op("Mish", [y])
+    pieces = g.op("Mul", [y, g.op("Tanh", [g.op("Softplus", [y])])])
+    both = g.op("Max", [g.conv(m, C, C), g.conv(pieces, C, C), g.op("Abs", [y])])
+    g.output(g.op("Min", [both, g.op("Exp", [g.op("Neg", [y])])]))
+    pooled = g.op("Flatten", [g.op("GlobalMaxPool", [g.conv(m, C, C)])])
+    norm = g.op("ReduceL2", [pooled, g.ints("axes", [1])], keepdims=1)
+    g.output(g.op("Div", [pooled, norm]))
+
+
+def flips_and_norms(g):
+    """What image models carry inside the graph: the channels reversed (RGB to BGR) and the
+    width mirrored by Slices with negative steps, every other row backwards; instance and
+    group normalization (style transfer, GANs, detectors); a pixel shuffle upsampling
+    (DepthToSpace, both modes) and its inverse (SpaceToDepth)."""
+    y = g.conv("x", C, C)
+    rev = g.op("Slice", [y, g.ints("starts", [-1, -1]), g.ints("ends", [-(2 ** 63), -(2 ** 63)]),
+                         g.ints("axes", [1, 3]), g.ints("steps", [-1, -1])])
+    odd = g.op("Slice", [rev, g.ints("starts", [8]), g.ints("ends", [0]), g.ints("axes", [2]),
+                         g.ints("steps", [-2])])
+    inorm = g.op("InstanceNormalization", [g.conv(odd, C, C), g.init("in_scale", g.rng.uniform(0.5, 1.5, C)),
+                                           g.init("in_bias", g.rng.normal(0.0, 0.1, C))], epsilon=1e-4)
+    gnorm = g.op("GroupNormalization", [g.conv(y, C, C), g.init("gn_scale", g.rng.uniform(0.5, 1.5, C)),
+                                        g.init("gn_bias", g.rng.normal(0.0, 0.1, C))], num_groups=2)
+    # (ONNX's shape inference does not see through GroupNormalization: a Reshape restates it.)
+    gnorm = g.op("Reshape", [gnorm, g.ints("shape", [-1, C, 10, 10])])
+    g.output(g.conv(inorm, C, C))
+    up = g.op("DepthToSpace", [gnorm], blocksize=2)
+    up2 = g.op("DepthToSpace", [g.conv(y, C, C)], blocksize=2, mode="CRD")
+    both = g.op("Add", [up, up2])
+    g.output(g.conv(g.op("SpaceToDepth", [both], blocksize=2), C, C))
+
+
 def resize_opset11(g):
     # Opset 11 has no optional inputs here: roi is an empty Constant, as PyTorch writes it.
     y = g.conv("x", C, C)
@@ -592,6 +674,24 @@ def convtranspose_dilation(g):
     y = g.conv("x", C, C)
     d = g.conv_transpose(y, C, 4, k=3, stride=1, pads=1, dilation=2)  # 10 -> 9 + 5 - 2 = 12
     g.output(g.conv(d, 4, C))
+
+
+def convtranspose_axes(g):
+    """Transposed convolutions with a stride and padding per axis: a 3x2 kernel upsampling the
+    height only, padded on two sides, with output padding; a SAME_UPPER one (output size
+    input x stride); and a 1-D one over a sequence, as a vocoder's upsampling writes it."""
+    y = g.conv("x", C, C)
+    w = g.init("deconv_w", g.rng.normal(0.0, 0.3, (C, 6, 3, 2)))
+    b = g.init("deconv_b", g.rng.normal(0.0, 0.1, 6))
+    t = g.op("ConvTranspose", [y, w, b], kernel_shape=[3, 2], strides=[2, 1],
+             pads=[1, 0, 0, 1], output_padding=[1, 0])  # 10x10 -> 20x10
+    g.output(g.conv(t, 6, C))
+    w = g.init("deconv_w", g.rng.normal(0.0, 0.3, (C, 4, 3, 3)))
+    g.output(g.op("ConvTranspose", [y, w], kernel_shape=[3, 3], strides=[2, 2],
+                  auto_pad="SAME_UPPER"))  # 10x10 -> 20x20
+    seq = g.op("Reshape", [y, g.ints("shape", [0, C, -1])])
+    w = g.init("deconv_w", g.rng.normal(0.0, 0.3, (C, 4, 4)))
+    g.output(g.op("ConvTranspose", [seq, w], kernel_shape=[4], strides=[2], pads=[1, 1]))
 
 
 def segmenter(g):
@@ -769,11 +869,17 @@ CASES = {
     "resize_crop_and_resize": (resize_crop_and_resize, SMALL, 13),
     "resize_opset11": (resize_opset11, SMALL, 11),
     "conv1d": (conv1d, SMALL, 13),
+    "smooth_activations": (smooth_activations, SMALL, 13),
+    "mish_l2_norm": (mish_l2_norm, SMALL, 18),
+    "flips_and_norms": (flips_and_norms, SMALL, 21),
+    "pool_windows": (pool_windows, SMALL, 13),
+    "pool_1d_3d": (pool_1d_3d, SMALL, 13),
     "upsample_opset9": (upsample_opset9, SMALL, 9),
     "upsample_opset7": (upsample_opset7, SMALL, 7),
     "convtranspose_s2": (convtranspose_s2, SMALL, 13),
     "convtranspose_groups": (convtranspose_groups, SMALL, 13),
     "convtranspose_dilation": (convtranspose_dilation, SMALL, 13),
+    "convtranspose_axes": (convtranspose_axes, SMALL, 13),
     "segmenter": (segmenter, STEM, 13),
     "slice_split_concat": (slice_split_concat, SMALL, 13),
     "concat_axis2": (concat_axis2, SMALL, 13),

@@ -1454,6 +1454,46 @@ mod tests {
         }
     }
 
+    /// Windows of any shape (rectangular, unequal strides, dilated, padded): each output is
+    /// the largest input its taps reach, and -127 where padding alone is reached.
+    #[test]
+    fn int8_max_pool_of_any_window_matches_its_taps() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (h, w) = (9, 11);
+        let plane: Vec<i8> = (0..h * w).map(|_| rng.random()).collect();
+        for (kernel, stride, dilation, pad) in [
+            ([2, 3], [2, 1], [1, 1], 1),
+            ([3, 1], [1, 2], [2, 1], 0),
+            ([2, 2], [3, 2], [2, 3], 1),
+            ([1, 4], [1, 1], [1, 2], 2),
+        ] {
+            let spec = slim_core::graph::PoolSpec {
+                kernel,
+                stride,
+                dilation,
+                pads: [pad; 4],
+                exclude_pad: false,
+            };
+            let (oh, ow) = (spec.out_size(0, h).unwrap(), spec.out_size(1, w).unwrap());
+            let got = super::max_pool_values(&plane, [1, h, w], [oh, ow], &spec);
+            for (o, &v) in got.iter().enumerate() {
+                let (oy, ox) = (o / ow, o % ow);
+                let mut want = -127i8;
+                for ky in 0..kernel[0] {
+                    for kx in 0..kernel[1] {
+                        let y = (oy * stride[0] + ky * dilation[0]) as isize - pad as isize;
+                        let x = (ox * stride[1] + kx * dilation[1]) as isize - pad as isize;
+                        if (0..h as isize).contains(&y) && (0..w as isize).contains(&x) {
+                            want = want.max(plane[y as usize * w + x as usize]);
+                        }
+                    }
+                }
+                assert_eq!(v, want, "{spec:?} at ({oy}, {ox})");
+            }
+        }
+    }
+
     #[test]
     fn quantizing_rounds_like_f32_round() {
         assert_eq!(super::HALF_DOWN, f32::from_bits(0.5f32.to_bits() - 1));

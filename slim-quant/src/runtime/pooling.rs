@@ -10,8 +10,14 @@ pub(super) fn max_pool_i8(
     node: &str,
 ) -> slim_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    let out = |d: usize| (d + 2 * p.padding).saturating_sub(p.kernel) / p.stride + 1;
-    let (oh, ow) = (out(h), out(w));
+    let out = |axis: usize, d: usize| {
+        p.out_size(axis, d)
+            .ok_or_else(|| slim_core::CoreError::Node {
+                node: node.to_string(),
+                msg: format!("the pool window does not fit the {h}x{w} input"),
+            })
+    };
+    let (oh, ow) = (out(0, h)?, out(1, w)?);
     let y = with_int8(x, node, |xs| {
         max_pool_values(xs, [n * c, h, w], [oh, ow], p)
     })?;
@@ -27,9 +33,14 @@ pub(super) fn max_pool_values(
 ) -> Vec<i8> {
     let per = (4096 / (h * w).max(1)).max(1);
     let mut y = vec![i8::MIN; planes * oh * ow];
-    let work = y.len() * p.kernel * p.kernel;
+    let work = y.len() * p.kernel[0] * p.kernel[1];
     // The common 2x2 window at stride 2 without padding: one pass over each pair of rows.
-    let halving = p.kernel == 2 && p.stride == 2 && p.padding == 0 && 2 * oh <= h && 2 * ow <= w;
+    let halving = p.kernel == [2, 2]
+        && p.stride == [2, 2]
+        && p.dilation == [1, 1]
+        && p.pads == [0; 4]
+        && 2 * oh <= h
+        && 2 * ow <= w;
     let wide = crate::gemm::Kernel::Avx512Vnni.available();
     for_each_chunk(
         &mut y,
@@ -57,23 +68,24 @@ pub(super) fn max_pool_plane(
     ow: usize,
     p: &slim_core::graph::PoolSpec,
 ) {
-    let (s, pad) = (p.stride, p.padding as isize);
+    let ([sy, sx], [dy, dx]) = (p.stride, p.dilation);
+    let (top, left) = (p.pads[0] as isize, p.pads[1] as isize);
     for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
-        for ky in 0..p.kernel {
-            let iy = (oy * s + ky) as isize - pad;
+        for ky in 0..p.kernel[0] {
+            let iy = (oy * sy + ky * dy) as isize - top;
             if iy < 0 || iy as usize >= h {
                 continue;
             }
             let line = &plane[iy as usize * w..][..w];
-            for kx in 0..p.kernel {
-                let off = kx as isize - pad;
-                let (lo, hi) = valid_columns(off, s, w, ow);
+            for kx in 0..p.kernel[1] {
+                let off = (kx * dx) as isize - left;
+                let (lo, hi) = valid_columns(off, sx, w, ow);
                 if lo >= hi {
                     continue;
                 }
-                let start = ((lo * s) as isize + off) as usize;
+                let start = ((lo * sx) as isize + off) as usize;
                 for (i, v) in row[lo..hi].iter_mut().enumerate() {
-                    *v = (*v).max(line[start + i * s]);
+                    *v = (*v).max(line[start + i * sx]);
                 }
             }
         }
