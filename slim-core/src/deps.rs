@@ -470,7 +470,13 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             Op::Lrn(_) | Op::Pad { .. } | Op::Resize(_) | Op::Sqrt | Op::Reciprocal => {
                 ins[0].clone()
             }
-            // Ops over other axes than the channels, or between tokens: their groups are
+            // Ops along other axes than the channels, each channel's values its own: a
+            // slice of rows or columns, a reduction or softmax over the plane, a norm within
+            // each channel (instance norm's).
+            Op::Slice { axis, .. } | Op::SoftmaxAt { axis } if *axis > 0 => ins[0].clone(),
+            Op::Reduce { axes, .. } if !axes.contains(&0) => ins[0].clone(),
+            Op::LayerNorm { from, .. } if *from > 0 => ins[0].clone(),
+            // Ops over the channels among other axes, or between tokens: their groups are
             // blocked (named in `slim info`), never the import.
             Op::Dense(_)
             | Op::MatMul

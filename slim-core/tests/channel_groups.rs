@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 use slim_core::analysis::analyze;
 use slim_core::deps::{channel_groups, ChannelGroup};
+use slim_core::graph::{ReduceKind, UnaryKind};
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::{Conv2dSpec, GraphBuilder, Mode, Model, Op};
 
@@ -75,6 +76,43 @@ fn se_graph() -> Model {
     Model::init(b.build().unwrap(), 9, &Device::Cpu).unwrap()
 }
 
+/// Ops along the plane between convolutions, each channel's values its own: a slice of rows
+/// (every other one), ELU, a norm within each channel (instance norm's), a softmax over the
+/// columns and a max over the rows.
+fn per_channel_graph() -> Model {
+    let mut b = GraphBuilder::new([3, 9, 8]);
+    b.conv("c1", 6, 3, 1, 1).relu("c1.relu");
+    let slice = Op::Slice {
+        axis: 1,
+        start: 1,
+        end: 9,
+        step: 2,
+        backward: false,
+    };
+    b.push("rows", slice)
+        .push("elu", Op::Unary(UnaryKind::Elu { alpha: 0.5 }))
+        .push(
+            "norm",
+            Op::LayerNorm {
+                from: 1,
+                shape: vec![4, 8],
+                eps: 1e-5,
+            },
+        )
+        .push("soft", Op::SoftmaxAt { axis: 2 })
+        .push(
+            "top",
+            Op::Reduce {
+                kind: ReduceKind::Max,
+                axes: vec![1],
+                keep: true,
+            },
+        );
+    b.conv("c2", 5, 1, 1, 0).relu("c2.relu");
+    b.global_avg_pool("gap").linear("fc", 3);
+    Model::init(b.build().unwrap(), 4, &Device::Cpu).unwrap()
+}
+
 /// Every zoo model and the two hand-built graphs, built once per test binary.
 /// Grouped convolutions (AlexNet's and ResNeXt's): over one producer's channels (split per
 /// group), over a concatenation whose parts are the groups, and after a residual sum.
@@ -122,6 +160,7 @@ fn build_models() -> Vec<(String, Model)> {
     v.push(("concat".into(), concat_graph()));
     v.push(("squeeze-excite".into(), se_graph()));
     v.push(("grouped".into(), grouped_graph()));
+    v.push(("per-channel".into(), per_channel_graph()));
     v
 }
 
@@ -263,6 +302,33 @@ fn half_of_every_group_gives_a_valid_smaller_graph_with_predicted_macs() {
                 .graph
         );
     }
+}
+
+#[test]
+fn ops_along_the_plane_pass_the_channels_through() {
+    let m = per_channel_graph();
+    let groups = channel_groups(&m.graph);
+    let first = groups
+        .groups
+        .iter()
+        .find(|g| g.producers.iter().any(|p| p == "c1"))
+        .unwrap();
+    assert!(first.is_prunable(), "{first}");
+    // Pruning its channels (every other one) equals zeroing them in the original.
+    let keep: Vec<usize> = (0..first.channels).step_by(2).collect();
+    let masked = m.deep_clone().unwrap();
+    perturb(&masked);
+    let pruned_from = masked.deep_clone().unwrap();
+    mask(&masked, first, &keep);
+    mask(&pruned_from, first, &keep);
+    let pruned = groups.prune(&pruned_from, &[(first.id, keep)]).unwrap();
+    let x = batch(&m, 2);
+    let d = max_rel_diff(
+        &masked.forward(&x, Mode::Eval).unwrap(),
+        &pruned.forward(&x, Mode::Eval).unwrap(),
+    );
+    assert!(d < 1e-5, "pruned differs from masked by {d}");
+    assert_eq!(pruned.graph.find("c1").unwrap().shape[0], 3);
 }
 
 #[test]

@@ -106,9 +106,10 @@ pub fn markdown() -> String {
          LRN). Constant subgraphs of any rank are folded (arithmetic with broadcasting,\n\
          Concat, Gather, Slice with any steps, Expand, Transpose, unary functions).\n\n\
          Pruning follows channels through convolutions, batch norms, activations, pooling, LRN,\n\
-         padding, resizing, per-channel arithmetic, concatenation and squeeze-and-excite gates; ops\n\
-         over other axes (attention, reshapes, slices) block the groups they touch, and `slim info`\n\
-         names them. Every op runs in the int8 runtime: convolutions and linear layers in integers,\n\
+         padding, resizing, per-channel arithmetic, concatenation, squeeze-and-excite gates, and\n\
+         ops along the plane (slices of rows or columns, reductions and softmaxes over the plane,\n\
+         instance norm); ops across the channels (attention, reshapes, group norm, channel\n\
+         slices) block the groups they touch, and `slim info` names them. Every op runs in the int8 runtime: convolutions and linear layers in integers,\n\
          the rest in floats between them.\n\n\
          This page is generated from the importer's table (`slim-onnx/src/ops.rs`); a test fails\n\
          when the two differ (`SLIM_BLESS=1 cargo test -p slim-onnx --test docs` rewrites it).\n\n\
