@@ -3,7 +3,7 @@
 
 /// `(ONNX op, what Slim makes of it and its limits)`, in the order of the docs' table.
 pub const OP_TABLE: [(&str, &str); 73] = [
-    ("Conv", "2-D convolution (grouped, depthwise, dilated), and 1-D as 2-D of height one; one stride and dilation for both axes; padding on one side beyond the others becomes a Pad node; a 1x1 convolution on a pooled vector becomes a linear layer"),
+    ("Conv", "2-D convolution (grouped, depthwise, dilated), and 1-D as 2-D of height one; one dilation for both axes; unequal strides as the convolution at the smaller one (or 1) and a stepped slice of rows or columns; padding on one side beyond the others becomes a Pad node; a 1x1 convolution on a pooled vector becomes a linear layer"),
     ("ConvTranspose", "1-D and 2-D transposed convolution (groups, output_padding, output_shape, auto_pad); a stride and padding per axis and side; one dilation for both axes"),
     ("BatchNormalization", "batch norm over [C, H, W] maps or [C] vectors; constant scale and shift after it are folded in"),
     ("Gemm", "linear layer (alpha, beta, transB); transA refused but in a graph of one sample, where Gemm is a dense layer over the rows and a matrix C an added constant"),

@@ -55,6 +55,7 @@ fn expected(case: &str) -> (&'static [&'static str], &'static [&'static str]) {
         "pool_1d_3d" => (&["maxpool2d", "avgpool2d", "reshape"], &[]),
         "smooth_activations" => (&["unary", "constbinary"], &[]),
         "mish_l2_norm" => (&["unary", "binary", "reduce"], &[]),
+        "conv_strides_per_axis" => (&["conv2d", "slice"], &[]),
         "flips_and_norms" => (&["slice", "layernorm", "channelaffine", "transpose"], &[]),
         "vit_front" => (&["constant", "concatat", "layernorm", "matmul"], &[]),
         _ => (&[], &[]),

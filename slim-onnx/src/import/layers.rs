@@ -33,18 +33,22 @@ impl Builder {
                 x.onnx
             ));
         }
-        if strides.len() != 2 || strides[0] != strides[1] {
-            return err(format!(
-                "strides {strides:?}; Slim needs one stride for both axes"
-            ));
-        }
+        let [sh, sw] = strides[..] else {
+            return err(format!("strides {strides:?} for a 2-D convolution"));
+        };
         if dil.len() != 2 || dil[0] != dil[1] {
             return err(format!(
                 "dilations {dil:?}; Slim needs one dilation for both axes"
             ));
         }
-        let (s, d) = (strides[0], dil[0]);
-        let (x, pads) = self.conv_padding(n, a, x, [kh, kw], s, d)?;
+        let d = dil[0];
+        let (x, pads) = self.conv_padding(n, a, x, [kh, kw], [sh, sw], d)?;
+        // Unequal strides (a text recognizer's (2, 1)): the convolution at the smaller one
+        // where it divides the larger, else at 1, then the rows or columns taken stepwise.
+        let s = match sh.min(sw) {
+            m if sh.max(sw) % m == 0 => m,
+            _ => 1,
+        };
         let spec = Conv2dSpec {
             in_channels: ipg * groups,
             out_channels: o,
@@ -74,7 +78,28 @@ impl Builder {
                 },
             );
         }
-        self.emit(n, &name, Op::Conv2d(spec), &[&x.node], p)
+        if [sh, sw] == [s, s] {
+            return self.emit(n, &name, Op::Conv2d(spec), &[&x.node], p);
+        }
+        let conv = self.fresh_name(&name, "conv");
+        let mut shape = self.push(&conv, Op::Conv2d(spec), &[&x.node], p)?;
+        let mut cur = conv;
+        for (axis, stride) in [(1, sh), (2, sw)] {
+            if stride == s {
+                continue;
+            }
+            let name = self.fresh_name(&format!("{cur}.every_{}", stride / s), "slice");
+            let op = Op::Slice {
+                axis,
+                start: 0,
+                end: shape[axis],
+                step: stride / s,
+                backward: false,
+            };
+            shape = self.push(&name, op, &[&cur], BTreeMap::new())?;
+            cur = name;
+        }
+        self.bind(n, NodeRef::plain(cur, &shape))
     }
 
     /// A convolution on a pooled `[C]` (or `[C, 1, 1]`) vector: a 1x1 convolution is a linear
@@ -116,11 +141,11 @@ impl Builder {
         a: &Attrs,
         mut x: NodeRef,
         [kh, kw]: [usize; 2],
-        s: usize,
+        strides: [usize; 2],
         d: usize,
     ) -> Result<(NodeRef, usize)> {
         let (h, wd) = (x.onnx[1], x.onnx[2]);
-        let axes = pads_per_axis(a, [h, wd], [kh, kw], s, d)?;
+        let axes = pads_of_axes(a, &[h, wd], &[kh, kw], &strides, &[d, d])?;
         let mut sides = [axes[0].0, axes[1].0, axes[0].1, axes[1].1];
         // Zero padding written as a Pad before the convolution (tf2onnx) joins its own.
         if let Some((
@@ -748,19 +773,9 @@ fn transpose_geometry(a: &Attrs, input: &[usize], kernel: &[usize]) -> Result<Tr
     })
 }
 
-/// The (before, after) padding of each spatial axis of a 2-D window: explicit `pads`,
-/// `VALID`, or `SAME_UPPER` / `SAME_LOWER` (as much as keeps `ceil(input / stride)` outputs).
-pub(super) fn pads_per_axis(
-    a: &Attrs,
-    input: [usize; 2],
-    kernel: [usize; 2],
-    stride: usize,
-    dil: usize,
-) -> Result<Vec<(usize, usize)>> {
-    pads_of_axes(a, &input, &kernel, &[stride; 2], &[dil; 2])
-}
-
-/// [`pads_per_axis`] for any number of axes, each with its stride and dilation.
+/// The (before, after) padding of each spatial axis of a window, each axis with its stride
+/// and dilation: explicit `pads`, `VALID`, or `SAME_UPPER` / `SAME_LOWER` (as much as keeps
+/// `ceil(input / stride)` outputs, the odd one after or before).
 pub(super) fn pads_of_axes(
     a: &Attrs,
     input: &[usize],

@@ -6,7 +6,7 @@ and edge modes), resampling (Resize at opsets 11 and 13 with scales or sizes, ne
 in four coordinate modes, cubic with and without the taps outside; Upsample at opsets 7 and 9),
 ConvTranspose (stride, groups, dilation; per-axis strides and padding, SAME, 1-D), smooth activations (ELU, SELU, Softplus, Softsign, Mish, Min/Max ReLU6), an
 L2-normalized embedding, flips (Slice with negative steps), instance and group normalization,
-DepthToSpace and SpaceToDepth, pooling windows (rectangular, dilated, SAME_LOWER, padded
+DepthToSpace and SpaceToDepth, convolutions with a stride per axis, pooling windows (rectangular, dilated, SAME_LOWER, padded
 beyond half the window; of sequences and volumes), a tiny segmenter (encoder, skip Concat, decoder, per-pixel logits and their Softmax), and N-d
 tensor ops as PyTorch exports them: Split, Concat along a spatial axis, strided Slice, ReduceMean
 and ReduceMax (squeeze-and-excite and CBAM gates), Softmax over the last axis (opsets 11 and 13),
@@ -633,6 +633,22 @@ def flips_and_norms(g):
     g.output(g.conv(g.op("SpaceToDepth", [both], blocksize=2), C, C))
 
 
+def conv_strides_per_axis(g):
+    """Convolutions with a stride per axis, as a text recognizer's backbone (PaddleOCR's)
+    halves the height and keeps the width: (2, 1) padded, (1, 3) SAME_UPPER, and (2, 3),
+    where neither stride divides the other."""
+    y = g.conv("x", C, C)
+    a = g.op("Relu", [g.op("Conv", [y, g.init("w", g.rng.normal(0.0, 0.2, (C, C, 3, 3))),
+                                    g.init("b", g.rng.normal(0.0, 0.1, C))],
+                           kernel_shape=[3, 3], strides=[2, 1], pads=[1, 1, 1, 1])])
+    b = g.op("Conv", [a, g.init("w", g.rng.normal(0.0, 0.2, (C, C, 3, 3)))],
+             kernel_shape=[3, 3], strides=[1, 3], auto_pad="SAME_UPPER")
+    g.output(g.conv(b, C, C))
+    c = g.op("Conv", [y, g.init("w", g.rng.normal(0.0, 0.2, (6, C, 2, 3)))],
+             kernel_shape=[2, 3], strides=[2, 3], pads=[0, 1, 1, 0])
+    g.output(c)
+
+
 def resize_opset11(g):
     # Opset 11 has no optional inputs here: roi is an empty Constant, as PyTorch writes it.
     y = g.conv("x", C, C)
@@ -872,6 +888,7 @@ CASES = {
     "smooth_activations": (smooth_activations, SMALL, 13),
     "mish_l2_norm": (mish_l2_norm, SMALL, 18),
     "flips_and_norms": (flips_and_norms, SMALL, 21),
+    "conv_strides_per_axis": (conv_strides_per_axis, SMALL, 13),
     "pool_windows": (pool_windows, SMALL, 13),
     "pool_1d_3d": (pool_1d_3d, SMALL, 13),
     "upsample_opset9": (upsample_opset9, SMALL, 9),
