@@ -891,6 +891,9 @@ impl Builder {
     fn dispatch(&mut self, n: &NodeProto) -> Result<()> {
         let a = Attrs(&n.attribute);
         let base = sanitize(&display_name(n));
+        if let Some(kind) = unary_kind(&n.op_type, &a) {
+            return self.unary(n, &base, Op::Unary(kind));
+        }
         match n.op_type.as_str() {
             "Constant" => self.constant_value(n, &a),
             "Dropout" => self.dropout(n, &a, &base),
@@ -918,24 +921,6 @@ impl Builder {
             "PRelu" => self.prelu(n, &base),
             "Tanh" => self.unary(n, &base, Op::Tanh),
             "Erf" => self.unary(n, &base, Op::Erf),
-            "Abs" | "Exp" | "Log" | "Softplus" | "Softsign" | "Mish" | "Elu" | "Selu" => {
-                let kind = match n.op_type.as_str() {
-                    "Abs" => UnaryKind::Abs,
-                    "Exp" => UnaryKind::Exp,
-                    "Log" => UnaryKind::Log,
-                    "Softplus" => UnaryKind::Softplus,
-                    "Softsign" => UnaryKind::Softsign,
-                    "Mish" => UnaryKind::Mish,
-                    "Elu" => UnaryKind::Elu {
-                        alpha: a.float("alpha").unwrap_or(1.0),
-                    },
-                    _ => UnaryKind::Selu {
-                        alpha: a.float("alpha").unwrap_or(1.673_263_2),
-                        gamma: a.float("gamma").unwrap_or(1.050_701),
-                    },
-                };
-                self.unary(n, &base, Op::Unary(kind))
-            }
             "Max" => self.extreme(n, &base, BinaryKind::Max),
             "Min" => self.extreme(n, &base, BinaryKind::Min),
             "Gelu" => match a.string("approximate").as_deref() {
@@ -1156,6 +1141,27 @@ impl Builder {
         }
         Ok(model)
     }
+}
+
+/// The element-wise function an ONNX op of one input names, with its attributes' values
+/// (ONNX's defaults where absent).
+fn unary_kind(op: &str, a: &Attrs) -> Option<UnaryKind> {
+    Some(match op {
+        "Abs" => UnaryKind::Abs,
+        "Exp" => UnaryKind::Exp,
+        "Log" => UnaryKind::Log,
+        "Softplus" => UnaryKind::Softplus,
+        "Softsign" => UnaryKind::Softsign,
+        "Mish" => UnaryKind::Mish,
+        "Elu" => UnaryKind::Elu {
+            alpha: a.float("alpha").unwrap_or(1.0),
+        },
+        "Selu" => UnaryKind::Selu {
+            alpha: a.float("alpha").unwrap_or(1.673_263_2),
+            gamma: a.float("gamma").unwrap_or(1.050_701),
+        },
+        _ => return None,
+    })
 }
 
 /// An f32 attribute as the f64 of its shortest decimal form (`1e-5`, not `9.99999974e-6`), so
