@@ -1140,6 +1140,10 @@ impl Model {
                             y.sum_keepdim(a + 1)?
                         }
                         ReduceKind::Min => y.min_keepdim(a + 1)?,
+                        ReduceKind::ArgMax
+                        | ReduceKind::ArgMaxLast
+                        | ReduceKind::ArgMin
+                        | ReduceKind::ArgMinLast => arg_extreme(&y, a + 1, *kind)?,
                         ReduceKind::L1 => y.sum_keepdim(a + 1)?,
                     };
                     if !keep {
@@ -1400,6 +1404,31 @@ fn unary(kind: UnaryKind, x: &Tensor) -> Result<Tensor> {
         UnaryKind::Mish => (x * softplus(x)?.tanh()?)?,
         UnaryKind::Elu { alpha } => elu(x, alpha)?,
         UnaryKind::Selu { alpha, gamma } => (elu(x, alpha)? * f64::from(gamma))?,
+    })
+}
+
+/// The index of the largest (smallest) value along `dim`, kept as an axis of one, in `x`'s
+/// float type: its first occurrence, or its last one for the `Last` kinds (taken on the axis
+/// reversed, and counted back).
+fn arg_extreme(x: &Tensor, dim: usize, kind: ReduceKind) -> Result<Tensor> {
+    let len = x.dim(dim)?;
+    let last = matches!(kind, ReduceKind::ArgMaxLast | ReduceKind::ArgMinLast);
+    let max = matches!(kind, ReduceKind::ArgMax | ReduceKind::ArgMaxLast);
+    let x = if last {
+        let rev: Vec<u32> = (0..len as u32).rev().collect();
+        x.contiguous()?
+            .index_select(&Tensor::from_vec(rev, len, x.device())?, dim)?
+    } else {
+        x.clone()
+    };
+    let at = match max {
+        true => x.argmax_keepdim(dim)?,
+        false => x.argmin_keepdim(dim)?,
+    };
+    let at = at.to_dtype(x.dtype())?.detach();
+    Ok(match last {
+        true => (at.neg()? + (len - 1) as f64)?,
+        false => at,
     })
 }
 

@@ -234,6 +234,14 @@ pub enum ReduceKind {
     /// The square root of the sum of squares.
     L2,
     SumSquare,
+    /// The index of the largest value along one axis (its first occurrence), as a float.
+    ArgMax,
+    /// ArgMax's last occurrence.
+    ArgMaxLast,
+    /// The index of the smallest value along one axis (its first occurrence), as a float.
+    ArgMin,
+    /// ArgMin's last occurrence.
+    ArgMinLast,
 }
 
 impl ReduceKind {
@@ -247,7 +255,19 @@ impl ReduceKind {
             ReduceKind::L1 => "ReduceL1",
             ReduceKind::L2 => "ReduceL2",
             ReduceKind::SumSquare => "ReduceSumSquare",
+            ReduceKind::ArgMax | ReduceKind::ArgMaxLast => "ArgMax",
+            ReduceKind::ArgMin | ReduceKind::ArgMinLast => "ArgMin",
         }
+    }
+    /// Whether the reduction gives an index rather than a value (along one axis).
+    pub fn is_index(self) -> bool {
+        matches!(
+            self,
+            ReduceKind::ArgMax
+                | ReduceKind::ArgMaxLast
+                | ReduceKind::ArgMin
+                | ReduceKind::ArgMinLast
+        )
     }
 }
 
@@ -1163,11 +1183,14 @@ impl Op {
                 }
                 Ok(inputs[0].to_vec())
             }
-            Op::Reduce { axes, keep, .. } => {
+            Op::Reduce { kind, axes, keep } => {
                 self.arity(inputs, 1)?;
                 let s = inputs[0];
                 if axes.is_empty() || axes.iter().any(|&a| a >= s.len()) {
                     return Err(format!("reduction over axes {axes:?} of {s:?}"));
+                }
+                if kind.is_index() && axes.len() != 1 {
+                    return Err(format!("{} over axes {axes:?}: one axis", kind.onnx()));
                 }
                 let out: Vec<usize> = (0..s.len())
                     .filter_map(|i| match (axes.contains(&i), keep) {

@@ -775,6 +775,21 @@ impl Writer<'_> {
                 };
                 self.op(kind.onnx(), out, &inputs, out, vec![]);
             }
+            Op::Reduce { kind, axes, keep } if kind.is_index() => {
+                // ONNX's index is int64; Slim's values are floats: a Cast follows.
+                let index = format!("{out}_index");
+                let last = matches!(kind, ReduceKind::ArgMaxLast | ReduceKind::ArgMinLast);
+                let mut attrs = vec![
+                    int("axis", axes[0] as i64 + 1),
+                    int("keepdims", i64::from(*keep)),
+                ];
+                if last {
+                    attrs.push(int("select_last_index", 1));
+                }
+                self.op(kind.onnx(), out, &x, &index, attrs);
+                let to = int("to", i64::from(data_type::FLOAT));
+                self.op("Cast", &format!("{out}_float"), &[&index], out, vec![to]);
+            }
             Op::Reduce { kind, axes, keep } => {
                 let name = kind.onnx();
                 let axes: Vec<i64> = axes.iter().map(|&a| a as i64 + 1).collect();

@@ -2,7 +2,7 @@
 //! page equal to it) and behind [`SUPPORTED_OPS`].
 
 /// `(ONNX op, what Slim makes of it and its limits)`, in the order of the docs' table.
-pub const OP_TABLE: [(&str, &str); 73] = [
+pub const OP_TABLE: [(&str, &str); 75] = [
     ("Conv", "2-D convolution (grouped, depthwise, dilated), and 1-D as 2-D of height one; one dilation for both axes; unequal strides as the convolution at the smaller one (or 1) and a stepped slice of rows or columns; padding on one side beyond the others becomes a Pad node; a 1x1 convolution on a pooled vector becomes a linear layer"),
     ("ConvTranspose", "1-D and 2-D transposed convolution (groups, output_padding, output_shape, auto_pad); a stride and padding per axis and side; one dilation for both axes"),
     ("BatchNormalization", "batch norm over [C, H, W] maps or [C] vectors; constant scale and shift after it are folded in"),
@@ -51,6 +51,8 @@ pub const OP_TABLE: [(&str, &str); 73] = [
     ("ReduceL1", "any axes but the batch"),
     ("ReduceL2", "any axes but the batch"),
     ("ReduceSumSquare", "any axes but the batch"),
+    ("ArgMax", "along any axis but the batch, first or last occurrence; the index as a float"),
+    ("ArgMin", "as ArgMax"),
     ("LRN", "local response normalization across channels"),
     ("LayerNormalization", "over the axes from `axis` on, with scale and bias; its mean and inverse deviation outputs computed beside it when used"),
     ("InstanceNormalization", "a layer norm over each channel's values and a per-channel affine"),

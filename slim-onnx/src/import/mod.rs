@@ -971,6 +971,7 @@ impl Builder {
             "Pow" => self.pow(n, &base),
             "ReduceMean" | "ReduceMax" | "ReduceSum" | "ReduceMin" | "ReduceL1" | "ReduceL2"
             | "ReduceSumSquare" => self.reduce(n, &a, &base),
+            "ArgMax" | "ArgMin" => self.arg_extreme(n, &a, &base),
             "LayerNormalization" => self.layer_norm(n, &a, &base),
             "InstanceNormalization" => self.instance_norm(n, &a, &base),
             "GroupNormalization" => self.group_norm(n, &a, &base),

@@ -44,9 +44,9 @@ impl Builder {
                 ))
             }
             "Concat" | "Split" | "Softmax" | "Gather" | "LayerNormalization" | "QuantizeLinear"
-            | "DequantizeLinear" => {
+            | "DequantizeLinear" | "ArgMax" | "ArgMin" => {
                 let default = match n.op_type.as_str() {
-                    "Split" | "Gather" => 0,
+                    "Split" | "Gather" | "ArgMax" | "ArgMin" => 0,
                     "Softmax" if self.opset < 13 => 1,
                     "Softmax" | "LayerNormalization" => -1,
                     _ => 1,

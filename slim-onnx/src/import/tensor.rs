@@ -57,6 +57,30 @@ impl Builder {
         self.bind(n, NodeRef::plain(name, &shape))
     }
 
+    /// ArgMax and ArgMin along one per-sample axis: the index as a float (exact up to 2^24).
+    pub(super) fn arg_extreme(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
+        let x = self.node_in(n, 0)?;
+        let rank = x.onnx.len() as i64 + 1;
+        let axis = self.sample_axis(a.int("axis").unwrap_or(0), rank)?;
+        let keep = a.int("keepdims").unwrap_or(1) != 0;
+        let last = a.int("select_last_index").unwrap_or(0) != 0;
+        let kind = match (n.op_type.as_str(), last) {
+            ("ArgMax", false) => ReduceKind::ArgMax,
+            ("ArgMax", true) => ReduceKind::ArgMaxLast,
+            (_, false) => ReduceKind::ArgMin,
+            (_, true) => ReduceKind::ArgMinLast,
+        };
+        let node = self.materialize(&x)?;
+        let name = self.fresh_name(base, "reduce");
+        let op = Op::Reduce {
+            kind,
+            axes: vec![axis],
+            keep,
+        };
+        let shape = self.push(&name, op, &[&node], BTreeMap::new())?;
+        self.bind(n, NodeRef::plain(name, &shape))
+    }
+
     pub(super) fn layer_norm(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
         let x = self.node_in(n, 0)?;
         let rank = x.onnx.len() as i64 + 1;

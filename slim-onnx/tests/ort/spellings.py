@@ -6,7 +6,7 @@ and edge modes), resampling (Resize at opsets 11 and 13 with scales or sizes, ne
 in four coordinate modes, cubic with and without the taps outside; Upsample at opsets 7 and 9),
 ConvTranspose (stride, groups, dilation; per-axis strides and padding, SAME, 1-D), smooth activations (ELU, SELU, Softplus, Softsign, Mish, Min/Max ReLU6), an
 L2-normalized embedding, flips (Slice with negative steps), instance and group normalization,
-DepthToSpace and SpaceToDepth, convolutions with a stride per axis, pooling windows (rectangular, dilated, SAME_LOWER, padded
+DepthToSpace and SpaceToDepth, convolutions with a stride per axis, a segmenter's ArgMax head, pooling windows (rectangular, dilated, SAME_LOWER, padded
 beyond half the window; of sequences and volumes), a tiny segmenter (encoder, skip Concat, decoder, per-pixel logits and their Softmax), and N-d
 tensor ops as PyTorch exports them: Split, Concat along a spatial axis, strided Slice, ReduceMean
 and ReduceMax (squeeze-and-excite and CBAM gates), Softmax over the last axis (opsets 11 and 13),
@@ -649,6 +649,20 @@ def conv_strides_per_axis(g):
     g.output(c)
 
 
+def argmax_head(g):
+    """A segmenter's exported head: per-pixel logits upsampled, then the class of each pixel
+    (ArgMax over the channels, cast to float) and the row where each column's score peaks
+    (ArgMin of its negation, the last one on ties)."""
+    logits = g.conv(g.op("Relu", [g.conv("x", C, C)]), C, 4, k=1)
+    up = resize(g, logits, scales=[1, 1, 2, 2], mode="nearest",
+                coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    g.output(up)
+    cls = g.op("ArgMax", [up], axis=1, keepdims=0)
+    g.output(g.op("Cast", [cls], to=TensorProto.FLOAT))
+    row = g.op("ArgMin", [g.op("Neg", [up])], axis=2, keepdims=1, select_last_index=1)
+    g.output(g.op("Cast", [row], to=TensorProto.FLOAT))
+
+
 def resize_opset11(g):
     # Opset 11 has no optional inputs here: roi is an empty Constant, as PyTorch writes it.
     y = g.conv("x", C, C)
@@ -889,6 +903,7 @@ CASES = {
     "mish_l2_norm": (mish_l2_norm, SMALL, 18),
     "flips_and_norms": (flips_and_norms, SMALL, 21),
     "conv_strides_per_axis": (conv_strides_per_axis, SMALL, 13),
+    "argmax_head": (argmax_head, SMALL, 13),
     "pool_windows": (pool_windows, SMALL, 13),
     "pool_1d_3d": (pool_1d_3d, SMALL, 13),
     "upsample_opset9": (upsample_opset9, SMALL, 9),
