@@ -13,7 +13,7 @@
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use slim_core::deps::channel_groups;
-use slim_core::graph::{GraphDef, LrnSpec};
+use slim_core::graph::{ConvTransposeSpec, GraphDef, LrnSpec};
 use slim_core::{Conv2dSpec, Graph, GraphBuilder, Mode, Model, Op, PoolSpec};
 
 // ---------------------------------------------------------------------------------------
@@ -2171,4 +2171,94 @@ fn range_abs_max_keeps_the_largest_of_the_last_batches() {
     let x = Tensor::new(&[[9.0f32, 0.0, 0.0, 0.0]], &Device::Cpu).expect("x");
     m.forward(&x, Mode::Eval).expect("eval forward");
     assert_eq!(scale(&m), before);
+}
+
+/// A transposed convolution by its definition: every input value scatters its filter taps to
+/// `i * stride + k * dilation - pad_before` on each axis, where that lands in the output.
+fn conv_transpose_ref(x: &Arr, w: &[f64], bias: &[f64], c: &ConvTransposeSpec) -> Arr {
+    let [n, ci, h, wd] = x.dims;
+    let (oh, ow) = c.out_size(h, wd).unwrap();
+    let (g, [kh, kw]) = (c.groups, c.kernel);
+    let (ipg, opg) = (ci / g, c.out_channels / g);
+    let mut y = Arr::zeros([n, c.out_channels, oh, ow]);
+    for b in 0..n {
+        for i in 0..ci {
+            let grp = i / ipg;
+            for (iy, ix) in (0..h).flat_map(|iy| (0..wd).map(move |ix| (iy, ix))) {
+                let v = x.get(b, i, iy, ix);
+                for o in 0..opg {
+                    for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
+                        let r = (iy * c.stride[0] + ky * c.dilation) as isize - c.pads[0] as isize;
+                        let q = (ix * c.stride[1] + kx * c.dilation) as isize - c.pads[1] as isize;
+                        if r < 0 || q < 0 || r >= oh as isize || q >= ow as isize {
+                            continue;
+                        }
+                        let tap = ((i * opg + o) * kh + ky) * kw + kx;
+                        let at = y.at(b, grp * opg + o, r as usize, q as usize);
+                        y.v[at] += v * w[tap];
+                    }
+                }
+            }
+        }
+    }
+    for (i, v) in y.v.iter_mut().enumerate() {
+        *v += bias[(i / (oh * ow)) % c.out_channels];
+    }
+    y
+}
+
+/// Transposed convolutions with a stride and output padding per axis and padding per side,
+/// against the definition; among them one whose leading padding crops more than the input
+/// holds, made up by the output padding after it (its output is the bias alone).
+#[test]
+fn transposed_convolutions_of_any_stride_and_padding_match_the_definition() {
+    let spec = |ci, co, kernel, stride, pads, output_padding, dilation, groups| ConvTransposeSpec {
+        in_channels: ci,
+        out_channels: co,
+        kernel,
+        stride,
+        pads,
+        output_padding,
+        dilation,
+        groups,
+        bias: true,
+    };
+    let cases = [
+        (
+            spec(4, 6, [3, 2], [2, 1], [1, 0, 0, 1], [1, 0], 1, 1),
+            [2, 4, 5, 6],
+        ),
+        (
+            spec(4, 4, [3, 3], [3, 2], [2, 1, 1, 2], [2, 1], 1, 2),
+            [1, 4, 4, 5],
+        ),
+        (
+            spec(2, 3, [2, 3], [1, 3], [0, 2, 1, 0], [0, 2], 2, 1),
+            [2, 2, 3, 4],
+        ),
+        (
+            spec(1, 2, [1, 1], [3, 3], [2, 2, 0, 0], [2, 2], 1, 1),
+            [1, 1, 1, 1],
+        ),
+    ];
+    for (k, (c, dims)) in cases.into_iter().enumerate() {
+        let x = Arr::random(dims, 1000 + k as u64, 2.0);
+        let m = one_op(Op::ConvTranspose2d(c.clone()), chw(&x));
+        let bias = Arr::random([1, c.out_channels, 1, 1], 2000 + k as u64, 1.0);
+        let bias = bias.tensor().flatten_all().unwrap();
+        m.params.set("op.bias", &bias).unwrap();
+        let read = |name: &str| -> Vec<f64> {
+            let t = m.params.tensor(&format!("op.{name}")).unwrap();
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        };
+        let (w, b) = (read("weight"), read("bias"));
+        let want = conv_transpose_ref(&x, &w, &b, &c);
+        assert_close(&eval(&m, &x), &want, 1e-5, &format!("{c:?}"));
+    }
 }

@@ -127,13 +127,15 @@ pub(super) fn conv_transpose(
         let (axis, full) = (i + 2, (c.dilation * (k - 1)) as isize);
         let before = full - c.pads[i] as isize;
         let after = full - c.pads[i + 2] as isize + c.output_padding[i] as isize;
+        // Padded first, then cropped: one side's crop may exceed the input where the other
+        // side's padding makes up for it (the output size is positive).
+        y = y.pad_with_zeros(axis, before.max(0) as usize, after.max(0) as usize)?;
         let len = y.dim(axis)?;
         let crop_before = (-before).max(0) as usize;
         let crop_after = (-after).max(0) as usize;
         if crop_before + crop_after > 0 {
             y = y.narrow(axis, crop_before, len - crop_before - crop_after)?;
         }
-        y = y.pad_with_zeros(axis, before.max(0) as usize, after.max(0) as usize)?;
     }
     let (g, [kh, kw]) = (c.groups, c.kernel);
     let (ipg, opg) = (ci / g, c.out_channels / g);

@@ -16,7 +16,21 @@ impl Builder {
         let keep = a.int("keepdims").unwrap_or(1) != 0;
         let axes: Vec<i64> = match axes {
             Some(v) if !v.is_empty() => v,
-            _ if a.int("noop_with_empty_axes").unwrap_or(0) != 0 => return self.bind(n, x),
+            _ if a.int("noop_with_empty_axes").unwrap_or(0) != 0 => {
+                // No reduction, but the element-wise part stays (ONNX's reference): |x| for
+                // L1 and L2, x² for the sum of squares.
+                return match n.op_type.as_str() {
+                    "ReduceL1" | "ReduceL2" => self.unary(n, base, Op::Unary(UnaryKind::Abs)),
+                    "ReduceSumSquare" => {
+                        let node = self.materialize(&x)?;
+                        let name = self.fresh_name(base, "mul");
+                        let op = Op::Binary(BinaryKind::Mul);
+                        let shape = self.push(&name, op, &[&node, &node], BTreeMap::new())?;
+                        self.bind(n, NodeRef::plain(name, &shape))
+                    }
+                    _ => self.bind(n, x),
+                };
+            }
             _ => {
                 return err(format!(
                     "{} without axes reduces the batch axis too; Slim keeps each sample apart",
