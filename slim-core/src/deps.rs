@@ -9,7 +9,9 @@
 //!   axis and starts a new space on its output axis (weight axis 0 and bias);
 //! - depthwise convolution, batch norm, per-channel affine and PReLU, activations, pooling,
 //!   LRN (approximately: a channel's window loses the pruned neighbours), dropout and identity
-//!   pass the spaces through, touching their own per-channel parameters on axis 0;
+//!   pass the spaces through, touching their own per-channel parameters on axis 0; so do ops
+//!   along the plane (slices of rows or columns, softmaxes and reductions over spatial axes,
+//!   a layer norm within each channel) and reshapes that keep the channel axis first;
 //! - a channel shuffle interleaves its input's channels and blocks them;
 //! - a grouped convolution ties channel `k` of every group, so that the groups stay equal:
 //!   a space its group boundaries cut through is split into equal spaces (members shifted to
@@ -24,8 +26,9 @@
 //! every member `(parameter, axis, offset, expand)` touches indices
 //! `(offset + k) * expand + j` for channel `k` and `j < expand`. A group is blocked (cannot be
 //! pruned) when it reaches a model input or output, a grouped convolution whose groups do not
-//! split its input's channel ranges alike, a softmax, a channel shuffle, an op over other axes
-//! (attention, reshapes, slices), or an add/concat whose channel ranges do not line up; the
+//! split its input's channel ranges alike, a softmax, a channel shuffle, an op across the
+//! channels (attention, reshapes that move them, channel slices), or an add/concat whose
+//! channel ranges do not line up; the
 //! group then names the node that blocked it and why. Nothing is skipped silently.
 //!
 //! [`ChannelGroups::prune`] slices every member of every group in a plan at once and returns a
@@ -476,6 +479,11 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             Op::Slice { axis, .. } | Op::SoftmaxAt { axis } if *axis > 0 => ins[0].clone(),
             Op::Reduce { axes, .. } if !axes.contains(&0) => ins[0].clone(),
             Op::LayerNorm { from, .. } if *from > 0 => ins[0].clone(),
+            // A reshape that keeps the channel axis first (`[C, H, W]` to `[C, H·W]` and
+            // back): each channel's values stay together, in order.
+            Op::Reshape { .. } if keeps_channels(graph, node) && ins[0].expand == 1 => {
+                ins[0].clone()
+            }
             // Ops over the channels among other axes, or between tokens: their groups are
             // blocked (named in `slim info`), never the import.
             Op::Dense(_)
@@ -781,11 +789,28 @@ impl ChannelGroups {
             }
             params.insert(name, &t, p.kind)?;
         }
-        let graph = model.graph.map_ops(|node| resized_op(node, &params))?;
+        let graph = model.graph.map_ops_on(|node, inputs| match &node.op {
+            // A reshape that keeps the channels first takes the new channel count.
+            Op::Reshape { shape } if keeps_channels(&model.graph, node) => {
+                let mut shape = shape.clone();
+                shape[0] = inputs[0][0];
+                Op::Reshape { shape }
+            }
+            _ => resized_op(node, &params),
+        })?;
         let mut pruned = Model::new(graph, params)?;
         pruned.provenance = model.provenance.clone();
         Ok(pruned)
     }
+}
+
+/// Whether `node` is a reshape whose output keeps its input's channel count as the first axis.
+fn keeps_channels(graph: &Graph, node: &crate::graph::Node) -> bool {
+    let Op::Reshape { shape } = &node.op else {
+        return false;
+    };
+    let input = node.inputs.first().map(|&i| graph.node(i).shape.as_slice());
+    matches!((input, shape.first()), (Some([c, ..]), Some(d)) if c == d)
 }
 
 /// The node's op with its channel counts read back from its (sliced) parameters.

@@ -1525,15 +1525,20 @@ impl Graph {
     /// Rebuilds the graph with each node's op replaced by `f(node)`, re-inferring every
     /// shape. Used by surgery; fails (naming the node) if the new ops do not fit together.
     pub fn map_ops(&self, mut f: impl FnMut(&Node) -> Op) -> Result<Graph> {
+        self.map_ops_on(|n, _| f(n))
+    }
+
+    /// [`Graph::map_ops`] where `f` also reads the new shapes of the node's inputs.
+    pub fn map_ops_on(&self, mut f: impl FnMut(&Node, &[&[usize]]) -> Op) -> Result<Graph> {
         let mut g = Graph::new();
         for n in &self.nodes {
-            let op = f(n);
-            g.by_name.insert(n.name.clone(), g.nodes.len());
             let shapes: Vec<&[usize]> = n
                 .inputs
                 .iter()
                 .map(|&i| g.nodes[i].shape.as_slice())
                 .collect();
+            let op = f(n, &shapes);
+            g.by_name.insert(n.name.clone(), g.nodes.len());
             let shape = op
                 .infer_shape(&shapes)
                 .map_err(|m| CoreError::node(&n.name, m))?;

@@ -78,7 +78,7 @@ fn se_graph() -> Model {
 
 /// Ops along the plane between convolutions, each channel's values its own: a slice of rows
 /// (every other one), ELU, a norm within each channel (instance norm's), a softmax over the
-/// columns and a max over the rows.
+/// columns, a max over the rows, and reshapes that keep the channels first.
 fn per_channel_graph() -> Model {
     let mut b = GraphBuilder::new([3, 9, 8]);
     b.conv("c1", 6, 3, 1, 1).relu("c1.relu");
@@ -106,6 +106,13 @@ fn per_channel_graph() -> Model {
                 kind: ReduceKind::Max,
                 axes: vec![1],
                 keep: true,
+            },
+        )
+        .push("tokens", Op::Reshape { shape: vec![6, 8] })
+        .push(
+            "plane",
+            Op::Reshape {
+                shape: vec![6, 1, 8],
             },
         );
     b.conv("c2", 5, 1, 1, 0).relu("c2.relu");
@@ -329,6 +336,10 @@ fn ops_along_the_plane_pass_the_channels_through() {
     );
     assert!(d < 1e-5, "pruned differs from masked by {d}");
     assert_eq!(pruned.graph.find("c1").unwrap().shape[0], 3);
+    assert_eq!(
+        pruned.graph.find("tokens").unwrap().op,
+        Op::Reshape { shape: vec![3, 8] }
+    );
 }
 
 #[test]
