@@ -215,10 +215,15 @@ impl Emit<'_> {
     }
 }
 
+/// Sizes as ONNX's int64 values.
+fn i64s(v: &[usize]) -> Vec<i64> {
+    v.iter().map(|&d| d as i64).collect()
+}
+
 fn f32_tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
     TensorProto {
         name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
+        dims: i64s(dims),
         data_type: data_type::FLOAT,
         raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         ..Default::default()
@@ -228,7 +233,7 @@ fn f32_tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
 fn i8_tensor(name: &str, dims: &[usize], values: &[i8]) -> TensorProto {
     TensorProto {
         name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
+        dims: i64s(dims),
         data_type: data_type::INT8,
         raw_data: values.iter().map(|&v| v as u8).collect(),
         ..Default::default()
@@ -910,7 +915,6 @@ impl Writer<'_> {
         let x = e.x.clone();
         match &node.op {
             Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
-                let i64s = |v: &[usize]| v.iter().map(|&v| v as i64).collect::<Vec<_>>();
                 let mut attrs = vec![
                     ints("kernel_shape", &i64s(&p.kernel)),
                     ints("strides", &i64s(&p.stride)),
@@ -988,7 +992,7 @@ impl Writer<'_> {
                 let [full, starts, ends, batch, dims, sizes] = &names;
                 self.graph.initializer.push(i64_tensor(starts, &[0]));
                 self.graph.initializer.push(i64_tensor(ends, &[1]));
-                let per_sample: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                let per_sample = i64s(shape);
                 self.graph.initializer.push(i64_tensor(dims, &per_sample));
                 self.op("Shape", full, &[x[0]], full, vec![]);
                 self.op("Slice", batch, &[full, starts, ends], batch, vec![]);
@@ -1010,7 +1014,6 @@ impl Writer<'_> {
             Op::ConvTranspose2d(c) => {
                 let inputs = self.layer_inputs(node, x[0], c.bias, integer)?;
                 let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
-                let i64s = |v: &[usize]| v.iter().map(|&v| v as i64).collect::<Vec<_>>();
                 let d = c.dilation as i64;
                 self.op(
                     "ConvTranspose",

@@ -185,11 +185,8 @@ impl Builder {
     fn conv1d(&mut self, n: &NodeProto, a: &Attrs, x: &NodeRef, w: &Const) -> Result<()> {
         let (c, len) = (x.onnx[0], x.onnx[1]);
         let stem = sanitize(&display_name(n));
-        let plane = self.fresh_name(&format!("{stem}.as_2d"), "reshape");
-        let op = Op::Reshape {
-            shape: vec![c, 1, len],
-        };
-        let shape = self.push(&plane, op, &[&x.node], BTreeMap::new())?;
+        let shape = vec![c, 1, len];
+        let plane = self.reshape_to(&format!("{stem}.as_2d"), &x.node, shape.clone())?;
         let one = |name: &str| -> Result<Option<i64>> {
             match a.ints(name).as_deref() {
                 None => Ok(None),
@@ -308,11 +305,7 @@ impl Builder {
         }
         let (c, len) = (x.onnx[0], x.onnx[1]);
         let stem = sanitize(&display_name(n));
-        let plane = self.fresh_name(&format!("{stem}.as_2d"), "reshape");
-        let op = Op::Reshape {
-            shape: vec![c, 1, len],
-        };
-        self.push(&plane, op, &[&x.node], BTreeMap::new())?;
+        let plane = self.reshape_to(&format!("{stem}.as_2d"), &x.node, vec![c, 1, len])?;
         let name = self.fresh_name(&name, "convtranspose");
         let shape = self.push(&name, Op::ConvTranspose2d(spec), &[&plane], p)?;
         let y = NodeRef::plain(name, &shape);
@@ -703,13 +696,8 @@ fn transpose_geometry(a: &Attrs, input: &[usize], kernel: &[usize]) -> Result<Tr
     if kernel.contains(&0) {
         return err(format!("kernel {kernel:?} must be at least 1"));
     }
-    let per_axis = |name: &str, default: i64, min: i64| -> Result<Vec<usize>> {
-        let v = a.ints(name).unwrap_or(vec![default; count]);
-        if v.len() != count {
-            return err(format!("{name} {v:?} for {count} spatial axes"));
-        }
-        sizes(name, &v, min)
-    };
+    let per_axis =
+        |name: &str, default: i64, min: i64| axis_values(a, name, count, Some(default), min);
     let stride = per_axis("strides", 1, 1)?;
     let dilations = per_axis("dilations", 1, 1)?;
     if dilations.iter().any(|&d| d != dilations[0]) {
@@ -771,6 +759,26 @@ fn transpose_geometry(a: &Attrs, input: &[usize], kernel: &[usize]) -> Result<Tr
         output_padding,
         pads,
     })
+}
+
+/// An attribute of one value per spatial axis (`count` of them), each at least `min`: the
+/// node's, or `default` on every axis where it has none (an error without a default).
+pub(super) fn axis_values(
+    a: &Attrs,
+    name: &str,
+    count: usize,
+    default: Option<i64>,
+    min: i64,
+) -> Result<Vec<usize>> {
+    let v = match (a.ints(name), default) {
+        (Some(v), _) => v,
+        (None, Some(d)) => vec![d; count],
+        (None, None) => return err(format!("no {name}")),
+    };
+    if v.len() != count {
+        return err(format!("{name} {v:?} for {count} spatial axes"));
+    }
+    sizes(name, &v, min)
 }
 
 /// The (before, after) padding of each spatial axis of a window, each axis with its stride

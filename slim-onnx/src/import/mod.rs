@@ -1061,10 +1061,15 @@ impl Builder {
 
     /// Binds `n`'s output to `x` reshaped to the per-sample `shape`.
     fn reshape(&mut self, n: &NodeProto, base: &str, x: &NodeRef, shape: Vec<usize>) -> Result<()> {
-        let name = self.fresh_name(base, "reshape");
-        let op = Op::Reshape { shape };
-        let shape = self.push(&name, op, &[&x.node], BTreeMap::new())?;
+        let name = self.reshape_to(base, &x.node, shape.clone())?;
         self.bind(n, NodeRef::plain(name, &shape))
+    }
+
+    /// A Slim node reshaping the node `x` to the per-sample `shape`; its name.
+    fn reshape_to(&mut self, base: &str, x: &str, shape: Vec<usize>) -> Result<String> {
+        let name = self.fresh_name(base, "reshape");
+        self.push(&name, Op::Reshape { shape }, &[x], BTreeMap::new())?;
+        Ok(name)
     }
 
     fn finish(self, outputs: &[String]) -> Result<Model> {

@@ -63,11 +63,7 @@ impl Builder {
         let per_sample: usize = x.onnx.iter().product();
         let width = per_sample / groups;
         let stem = sanitize(&display_name(n));
-        let rows = self.fresh_name(&format!("{stem}.groups"), "reshape");
-        let op = Op::Reshape {
-            shape: vec![groups, width],
-        };
-        self.push(&rows, op, &[&x.node], BTreeMap::new())?;
+        let rows = self.reshape_to(&format!("{stem}.groups"), &x.node, vec![groups, width])?;
         let norm = self.fresh_name(&format!("{base}.norm"), "layernorm");
         let p = BTreeMap::from([
             (
@@ -91,12 +87,8 @@ impl Builder {
             eps,
         };
         self.push(&norm, op, &[&rows], p)?;
-        let back = self.fresh_name(&format!("{stem}.ungroup"), "reshape");
-        let op = Op::Reshape {
-            shape: x.onnx.clone(),
-        };
-        let shape = self.push(&back, op, &[&norm], BTreeMap::new())?;
-        self.affine(n, NodeRef::plain(back, &shape), scale, bias)
+        let back = self.reshape_to(&format!("{stem}.ungroup"), &norm, x.onnx.clone())?;
+        self.affine(n, NodeRef::plain(back, &x.onnx), scale, bias)
     }
 
     /// DepthToSpace and SpaceToDepth (`DCR`: the blocks outermost in the channels, or `CRD`:
@@ -143,13 +135,7 @@ impl Builder {
             }
         };
         let stem = sanitize(&display_name(n));
-        let split = self.fresh_name(&format!("{stem}.blocks"), "reshape");
-        self.push(
-            &split,
-            Op::Reshape { shape: grid },
-            &[&x.node],
-            BTreeMap::new(),
-        )?;
+        let split = self.reshape_to(&format!("{stem}.blocks"), &x.node, grid)?;
         let moved = self.fresh_name(&format!("{base}.moved"), "transpose");
         let shape = self.push(&moved, Op::Transpose { perm }, &[&split], BTreeMap::new())?;
         self.reshape(

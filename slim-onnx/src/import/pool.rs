@@ -5,7 +5,7 @@
 //! maximum over its depth of the planes' maxima, and its mean the mean of means (the
 //! positions of a box inside the input are those inside it along each axis).
 
-use super::layers::pads_of_axes;
+use super::layers::{axis_values, pads_of_axes};
 use super::*;
 
 /// One spatial axis of an ONNX pool.
@@ -109,13 +109,6 @@ impl Builder {
         }
     }
 
-    /// A Slim node reshaping `x` to `shape` (per sample); its name.
-    fn reshape_to(&mut self, base: &str, x: &str, shape: Vec<usize>) -> Result<String> {
-        let name = self.fresh_name(base, "reshape");
-        self.push(&name, Op::Reshape { shape }, &[x], BTreeMap::new())?;
-        Ok(name)
-    }
-
     /// Pools `[C, H, W]` values `x` over `[height, width]`: one Slim pool, after a zero Pad of
     /// the declared padding where average pooling counts the padding but not ceil mode's
     /// partial window (ONNX's rule). The pool's name and shape.
@@ -170,17 +163,7 @@ impl Builder {
 /// The pool's axes, from its attributes and the input's spatial sizes `dims`.
 fn pool_axes(a: &Attrs, dims: &[usize]) -> Result<Vec<Axis>> {
     let count = dims.len();
-    let per_axis = |name: &str, default: Option<i64>| -> Result<Vec<usize>> {
-        let v = match (a.ints(name), default) {
-            (Some(v), _) => v,
-            (None, Some(d)) => vec![d; count],
-            (None, None) => return err(format!("no {name}")),
-        };
-        if v.len() != count {
-            return err(format!("{name} {v:?} for a pool over {count} axes"));
-        }
-        sizes(name, &v, 1)
-    };
+    let per_axis = |name: &str, default: Option<i64>| axis_values(a, name, count, default, 1);
     let kernel = per_axis("kernel_shape", None)?;
     let stride = per_axis("strides", Some(1))?;
     let dilation = per_axis("dilations", Some(1))?;

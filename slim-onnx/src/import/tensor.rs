@@ -384,12 +384,7 @@ impl Builder {
         let mut gathered = x.onnx.clone();
         gathered[axis] = picks.len();
         if gathered != shape {
-            let name = self.fresh_name(base, "reshape");
-            let op = Op::Reshape {
-                shape: shape.clone(),
-            };
-            self.push(&name, op, &[&out], BTreeMap::new())?;
-            out = name;
+            out = self.reshape_to(base, &out, shape.clone())?;
         }
         self.bind(n, NodeRef::plain(out, &shape))
     }
