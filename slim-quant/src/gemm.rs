@@ -9,10 +9,11 @@
 //!   unsigned bytes (`x + 128`); an 8x16 tile of `C` per `vpdpbusd`, which multiplies four
 //!   u8 x i8 pairs and adds them to int32 with no intermediate rounding or saturation; the
 //!   offset's share, `128 * sum(filter)`, is subtracted at the end.
-//! - AVX2: `B` packed in panels of 16 columns with pairs of consecutive rows interleaved as
-//!   int16; a 6x16 tile per `vpmaddwd` (pairs of int16 products summed into int32). Exact for
-//!   every int8 input, unlike `vpmaddubsw`, whose int16 pair sums saturate with full-range
-//!   unsigned activations.
+//! - AVX2: where no activation is negative (every layer after a ReLU), `B` packed
+//!   as for VNNI but not offset, and a 4x16 tile per `vpmaddubsw` (u8 x i8 pairs summed into
+//!   int16, exact for values up to 127, where full-range unsigned bytes would saturate) and
+//!   `vpmaddwd` by ones, finished in registers; otherwise `B` packed as interleaved int16
+//!   pairs and a 6x16 tile per `vpmaddwd`, exact for every int8 input.
 //! - Elsewhere a portable loop computes the same integers.
 
 use std::mem::MaybeUninit;
@@ -116,8 +117,8 @@ impl Kernel {
 }
 
 /// The left operand (filters) prepared once for many products, in the layout its kernel
-/// broadcasts from: int32 words of two int16 values (AVX2) or of four int8 values with each
-/// row's sum (AVX-512 VNNI), or the plain rows.
+/// broadcasts from: int32 words of two int16 values and of four int8 values (AVX2, for its
+/// two products), of four int8 values with each row's sum (AVX-512 VNNI), or the plain rows.
 #[derive(Clone, Debug)]
 pub struct PackedA {
     kernel: Kernel,
@@ -126,6 +127,8 @@ pub struct PackedA {
     data: Vec<i8>,
     words: Vec<i32>,
     sums: Vec<i32>,
+    /// AVX2's words of four int8 values, `cols / 4` rounded up per row.
+    quads: Vec<i32>,
 }
 
 impl PackedA {
@@ -141,7 +144,8 @@ impl PackedA {
             kernel.available(),
             "{kernel:?} is not available on this machine"
         );
-        let (mut data, mut words, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut data, mut words, mut sums, mut quads) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         match kernel {
             Kernel::Portable => {
                 data.reserve(a.rows * a.cols);
@@ -166,23 +170,9 @@ impl PackedA {
                         dst[pairs - 1] = word(r[a.cols - 1], 0);
                     }
                 }
+                quads = quad_words(a).0;
             }
-            Kernel::Avx512Vnni => {
-                let quads = a.cols.div_ceil(4);
-                words = vec![0i32; a.rows * quads];
-                sums = vec![0i32; a.rows];
-                for i in 0..a.rows {
-                    let (r, dst) = (a.row(i), &mut words[i * quads..(i + 1) * quads]);
-                    for (q, w) in dst.iter_mut().enumerate() {
-                        let mut b = [0u8; 4];
-                        for (j, v) in b.iter_mut().enumerate() {
-                            *v = r.get(4 * q + j).map_or(0, |&x| x as u8);
-                        }
-                        *w = i32::from_le_bytes(b);
-                    }
-                    sums[i] = r.iter().map(|&x| i32::from(x)).sum();
-                }
-            }
+            Kernel::Avx512Vnni => (words, sums) = quad_words(a),
         }
         PackedA {
             kernel,
@@ -191,6 +181,7 @@ impl PackedA {
             data,
             words,
             sums,
+            quads,
         }
     }
 
@@ -202,10 +193,37 @@ impl PackedA {
     }
 }
 
+/// Each row of `a` as words of four consecutive int8 values (the first in the low byte, 0
+/// past the row's end), `cols / 4` rounded up per row, and each row's sum.
+fn quad_words(a: MatRef<'_>) -> (Vec<i32>, Vec<i32>) {
+    let quads = a.cols.div_ceil(4);
+    let mut words = vec![0i32; a.rows * quads];
+    let mut sums = vec![0i32; a.rows];
+    for (i, (dst, sum)) in words
+        .chunks_exact_mut(quads.max(1))
+        .zip(&mut sums)
+        .enumerate()
+    {
+        let r = a.row(i);
+        for (q, w) in dst.iter_mut().enumerate() {
+            *w = i32::from_le_bytes(std::array::from_fn(|j| {
+                r.get(4 * q + j).map_or(0, |&x| x as u8)
+            }));
+        }
+        *sum = r.iter().map(|&x| i32::from(x)).sum();
+    }
+    (words, sums)
+}
+
 /// `out (a.rows x b.cols, row-major) = a * b`.
 pub fn gemm(a: MatRef<'_>, b: MatRef<'_>, out: &mut [i32]) {
     let p = PackedA::new(a);
     gemm_rows(&p, 0..p.rows, b, out);
+}
+
+/// Whether no value is negative (where the AVX2 kernel takes its faster product).
+pub fn nonnegative(values: &[i8]) -> bool {
+    values.iter().fold(0u8, |acc, &v| acc | v as u8) < 0x80
 }
 
 /// `out = a[rows] * b`: the product of some rows of a packed left operand.
@@ -217,7 +235,11 @@ pub fn gemm_rows(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, out: 
     match a.kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the kernel was checked available when `a` was packed; views were checked.
-        Kernel::Avx2 => unsafe { avx2::gemm(a, rows, b, out) },
+        Kernel::Avx2 => unsafe {
+            if !avx2::gemm_u7(a, rows.clone(), b, vnni::Sink::Sums(out)) {
+                avx2::gemm(a, rows, b, out)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Kernel::Avx512Vnni => unsafe { vnni::gemm(a, rows, b, vnni::Sink::Sums(out)) },
@@ -269,8 +291,8 @@ impl Output {
 }
 
 /// `rows` of the product finished as `finish` says, where the kernel finishes in registers
-/// (AVX-512 VNNI); returns `false`, having written nothing, for the other kernels, whose
-/// callers finish the int32 sums of [`gemm_rows`] themselves.
+/// (AVX-512 VNNI, and AVX2 where `b` holds no negative value); returns `false`, having
+/// written nothing, otherwise: the caller finishes the int32 sums of [`gemm_rows`] itself.
 ///
 /// # Safety
 /// For each row `r < rows.len()`, the `b.cols` values from `r * finish.ld` on from the output
@@ -297,6 +319,9 @@ pub unsafe fn gemm_rows_finished(
             unsafe { vnni::gemm(a, rows, b, vnni::Sink::Finish(finish)) };
             true
         }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx2 => unsafe { avx2::gemm_u7(a, rows, b, vnni::Sink::Finish(finish)) },
         _ => false,
     }
 }
@@ -520,17 +545,28 @@ pub unsafe fn gemm_conv_finished(
     }
 }
 
-/// The input planes of an [`Im2col`] laid out for [`gemm_conv_quads_finished`], into `out`
-/// (every byte written): channels in groups of four, each position's four values side by
-/// side as unsigned bytes (`x + 128`), `[channels / 4 rounded up][h][w][4]`; channels past the
-/// last hold 128 (the flipped 0). One word of `out` is then four rows of the columns at one
-/// position.
-pub fn quad_planes(planes: &[i8], [channels, h, w]: [usize; 3], out: &mut [MaybeUninit<u8>]) {
+/// The input planes of an [`Im2col`] laid out for [`gemm_conv_quads_finished`] on `kernel`,
+/// into `out` (every byte written): channels in groups of four, each position's four values
+/// side by side, `[channels / 4 rounded up][h][w][4]`, as unsigned bytes (`x + 128`) for
+/// AVX-512 VNNI and as they are for the others (AVX2's product takes planes without a
+/// negative value); channels past the last hold the 0 of that form. One word of `out` is
+/// then four rows of the columns at one position.
+pub fn quad_planes(
+    planes: &[i8],
+    [channels, h, w]: [usize; 3],
+    out: &mut [MaybeUninit<u8>],
+    kernel: Kernel,
+) {
     let plane = h * w;
     assert!(
         planes.len() >= channels * plane && out.len() == channels.div_ceil(4) * plane * 4,
         "quad planes of {channels} channels of {h}x{w} out of bounds"
     );
+    let flip = if kernel == Kernel::Avx512Vnni {
+        0x80
+    } else {
+        0
+    };
     for (q, block) in out.chunks_exact_mut(4 * plane).enumerate() {
         let four: [Option<&[i8]>; 4] = std::array::from_fn(|j| {
             let c = 4 * q + j;
@@ -538,25 +574,26 @@ pub fn quad_planes(planes: &[i8], [channels, h, w]: [usize; 3], out: &mut [Maybe
         });
         #[cfg(target_arch = "x86_64")]
         if four.iter().all(Option::is_some) {
-            vnni::interleave_planes(four.map(|r| r.unwrap_or_default()), block);
+            vnni::interleave_planes(four.map(|r| r.unwrap_or_default()), block, flip);
             continue;
         }
         for (i, word) in block.chunks_exact_mut(4).enumerate() {
             for (v, row) in word.iter_mut().zip(&four) {
-                v.write(row.map_or(0x80, |r| r[i] as u8 ^ 0x80));
+                v.write(row.map_or(flip, |r| r[i] as u8 ^ flip));
             }
         }
     }
 }
 
 /// [`quad_planes`] into a new buffer.
-pub fn quad_planes_vec(planes: &[i8], [channels, h, w]: [usize; 3]) -> Vec<u8> {
+pub fn quad_planes_vec(planes: &[i8], [channels, h, w]: [usize; 3], kernel: Kernel) -> Vec<u8> {
     let len = channels.div_ceil(4) * h * w * 4;
     let mut out = Vec::with_capacity(len);
     quad_planes(
         planes,
         [channels, h, w],
         &mut out.spare_capacity_mut()[..len],
+        kernel,
     );
     // SAFETY: `quad_planes` wrote all `len` bytes.
     unsafe { out.set_len(len) };
@@ -589,10 +626,11 @@ pub fn tap_major(a: MatRef<'_>, channels: usize, taps: usize) -> Vec<i8> {
 }
 
 /// [`gemm_conv_finished`] with the columns gathered from `quads`, `src`'s planes laid out by
-/// [`quad_planes`], and `a` the filters in [`tap_major`] order: each block of four rows of
-/// the columns is one tap of four channels, whose 16 positions come in one masked load (one
-/// per output row the positions touch). Returns `false`, having written nothing, where the
-/// kernel is not AVX-512 VNNI or the columns are not [`Im2col::fused`].
+/// [`quad_planes`] for `a`'s kernel, and `a` the filters in [`tap_major`] order: each block
+/// of four rows of the columns is one tap of four channels, whose 16 positions come in one
+/// masked load (one per output row the positions touch; two with AVX2). Returns `false`,
+/// having written nothing, where the kernel is neither AVX-512 VNNI nor AVX2 or the columns
+/// are not [`Im2col::fused`]. With AVX2, no plane value may be negative (checked).
 ///
 /// # Safety
 /// As for [`gemm_rows_finished`], with `src.cols()` columns.
@@ -624,6 +662,14 @@ pub unsafe fn gemm_conv_quads_finished(
             unsafe { vnni::gemm_conv_quads(a, rows, src, quads, finish) };
             true
         }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx2 if src.fused() => {
+            let negative = quads.iter().fold(0u8, |acc, &v| acc | v) >= 0x80;
+            assert!(!negative, "AVX2 quad planes hold a negative value");
+            unsafe { avx2::gemm_conv_quads(a, rows, src, quads, finish) };
+            true
+        }
         _ => false,
     }
 }
@@ -644,121 +690,7 @@ pub fn gemm_portable(a: MatRef<'_>, b: MatRef<'_>, out: &mut [i32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{MatRef, PackedA};
-    use std::arch::x86_64::*;
-
-    const NR: usize = 16;
-    /// Six rows of sums in registers (12 accumulators, the two panel halves and a broadcast).
-    const MR: usize = 6;
-
-    /// `b` in panels of 16 columns; within a panel, for each pair of rows `(2p, 2p + 1)`, the
-    /// 16 columns as interleaved int16 pairs (32 values). Missing rows and columns are zeros.
-    /// Whole panels are interleaved by byte unpacks and widened sixteen values at a time.
-    #[target_feature(enable = "avx2")]
-    unsafe fn pack_b(b: MatRef<'_>) -> (Vec<i16>, usize) {
-        let pairs = b.rows.div_ceil(2);
-        let panels = b.cols.div_ceil(NR);
-        let full = b.cols / NR;
-        let len = panels * pairs * 2 * NR;
-        let mut packed: Vec<i16> = Vec::with_capacity(len);
-        let base = packed.as_mut_ptr();
-        for p in 0..pairs {
-            let r0 = b.row(2 * p);
-            let r1 = (2 * p + 1 < b.rows).then(|| b.row(2 * p + 1));
-            for panel in 0..panels {
-                let c0 = panel * NR;
-                // SAFETY: block (panel, p) of 32 values lies inside the `len` reserved, and
-                // every block is written whole below, so all `len` values are set.
-                unsafe {
-                    let dst = base.add((panel * pairs + p) * 2 * NR);
-                    if panel < full {
-                        let x0 = _mm_loadu_si128(r0[c0..c0 + NR].as_ptr().cast());
-                        let x1 = match r1 {
-                            Some(r1) => _mm_loadu_si128(r1[c0..c0 + NR].as_ptr().cast()),
-                            None => _mm_setzero_si128(),
-                        };
-                        let lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x0, x1));
-                        let hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x0, x1));
-                        _mm256_storeu_si256(dst.cast(), lo);
-                        _mm256_storeu_si256(dst.add(NR).cast(), hi);
-                    } else {
-                        let w = b.cols - c0;
-                        for c in 0..NR {
-                            let (v0, v1) = match c < w {
-                                true => (
-                                    i16::from(r0[c0 + c]),
-                                    r1.map_or(0, |r| i16::from(r[c0 + c])),
-                                ),
-                                false => (0, 0),
-                            };
-                            dst.add(2 * c).write(v0);
-                            dst.add(2 * c + 1).write(v1);
-                        }
-                    }
-                }
-            }
-        }
-        // SAFETY: every value was written above.
-        unsafe { packed.set_len(len) };
-        (packed, pairs)
-    }
-
-    /// See [`super::gemm_rows`]; needs AVX2.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: MatRef<'_>, out: &mut [i32]) {
-        let (m, n) = (rows.len(), b.cols);
-        if m == 0 || n == 0 {
-            return;
-        }
-        // SAFETY: this function runs with AVX2.
-        let (pb, pairs) = unsafe { pack_b(b) };
-        let pa = &a.words[rows.start * pairs..rows.end * pairs];
-        let panels = n.div_ceil(NR);
-        let mut tile = [0i32; MR * NR];
-        for panel in 0..panels {
-            let c0 = panel * NR;
-            let w = NR.min(n - c0);
-            let bp = &pb[panel * pairs * 2 * NR..(panel + 1) * pairs * 2 * NR];
-            let mut i = 0;
-            while i < m {
-                let rows = MR.min(m - i);
-                // Rows past `m` repeat the last one; their sums are not stored.
-                let starts: [*const i32; MR] =
-                    std::array::from_fn(|r| pa[(i + r).min(m - 1) * pairs..].as_ptr());
-                let mut acc = [_mm256_setzero_si256(); 2 * MR];
-                let mut q = bp.as_ptr() as *const __m256i;
-                for p in 0..pairs {
-                    // SAFETY: `bp` holds `pairs` blocks of 32 int16 values, and each row of
-                    // `pa` holds `pairs` words.
-                    unsafe {
-                        let (b0, b1) = (_mm256_loadu_si256(q), _mm256_loadu_si256(q.add(1)));
-                        q = q.add(2);
-                        for r in 0..MR {
-                            let x = _mm256_set1_epi32(*starts[r].add(p));
-                            acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(b0, x));
-                            acc[2 * r + 1] =
-                                _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(b1, x));
-                        }
-                    }
-                }
-                // Lane j of the first register is column j of the panel, of the second
-                // column 8 + j.
-                for r in 0..rows {
-                    // SAFETY: `tile` has room for 16 values of row r.
-                    unsafe {
-                        let t = tile.as_mut_ptr().add(r * NR) as *mut __m256i;
-                        _mm256_storeu_si256(t, acc[2 * r]);
-                        _mm256_storeu_si256(t.add(1), acc[2 * r + 1]);
-                    }
-                    out[(i + r) * n + c0..(i + r) * n + c0 + w]
-                        .copy_from_slice(&tile[r * NR..r * NR + w]);
-                }
-                i += MR;
-            }
-        }
-    }
-}
+mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni {
@@ -769,12 +701,13 @@ pub(crate) mod vnni {
     const MR: usize = 8;
 
     /// `b` in panels of 16 columns; within a panel, for each group of four rows, the 16
-    /// columns' four values as unsigned bytes (`x + 128`), 64 bytes. Missing rows read as 0
-    /// (their filter values are 0), missing columns as 128.
-    pub(super) fn pack_b(b: MatRef<'_>) -> (Vec<u8>, usize) {
+    /// columns' four values as bytes `x ^ flip`, 64 bytes: unsigned (`x + 128`) with `flip`
+    /// 0x80, as they are with 0 (the AVX2 kernel's non-negative values). Missing rows read
+    /// as 0 (their filter values are 0), missing columns as `flip`.
+    pub(crate) fn pack_b(b: MatRef<'_>, flip: u8) -> (Vec<u8>, usize) {
         let quads = b.rows.div_ceil(4);
         let panels = b.cols.div_ceil(NR);
-        let mut packed = vec![128u8; panels * quads * 4 * NR];
+        let mut packed = vec![flip; panels * quads * 4 * NR];
         // Whole quads of rows and whole panels: four rows' 16 values interleaved by
         // byte and word unpacks (SSE2, which every x86-64 machine has).
         let (full_quads, full_panels) = (b.rows / 4, b.cols / NR);
@@ -787,7 +720,7 @@ pub(crate) mod vnni {
                 // SSE2 is part of x86-64.
                 unsafe {
                     let four = rows.map(|r| _mm_loadu_si128(r[c0..c0 + NR].as_ptr().cast()));
-                    store_interleaved(four, dst.as_mut_ptr());
+                    store_interleaved(four, dst.as_mut_ptr(), flip);
                 }
             }
         }
@@ -802,7 +735,7 @@ pub(crate) mod vnni {
                 let w = NR.min(b.cols - c0);
                 let dst = &mut packed[(panel * quads + q) * 4 * NR..][..4 * NR];
                 for c in 0..w {
-                    dst[4 * c + j] = (row[c0 + c] as u8) ^ 0x80;
+                    dst[4 * c + j] = (row[c0 + c] as u8) ^ flip;
                 }
             }
         }
@@ -897,9 +830,9 @@ pub(crate) mod vnni {
     }
 
     /// Four planes interleaved into `out` (position `i`'s four values at bytes `4 i..4 i + 4`),
-    /// flipped to unsigned bytes: 16 positions per [`store_interleaved`], the rest one by one.
+    /// each byte `x ^ flip`: 16 positions per [`store_interleaved`], the rest one by one.
     /// Each row holds as many values as the others, and `out` four times as many.
-    pub(super) fn interleave_planes(rows: [&[i8]; 4], out: &mut [MaybeUninit<u8>]) {
+    pub(super) fn interleave_planes(rows: [&[i8]; 4], out: &mut [MaybeUninit<u8>], flip: u8) {
         let n = rows[0].len();
         assert!(rows.iter().all(|r| r.len() == n) && out.len() == 4 * n);
         let full = n / NR * NR;
@@ -908,12 +841,12 @@ pub(crate) mod vnni {
             // 4 i..4 i + 64 of `out`, lie inside them (checked above).
             unsafe {
                 let four = rows.map(|r| _mm_loadu_si128(r.as_ptr().add(i).cast()));
-                store_interleaved(four, out.as_mut_ptr().add(4 * i).cast());
+                store_interleaved(four, out.as_mut_ptr().add(4 * i).cast(), flip);
             }
         }
         for i in full..n {
             for (j, r) in rows.iter().enumerate() {
-                out[4 * i + j].write(r[i] as u8 ^ 0x80);
+                out[4 * i + j].write(r[i] as u8 ^ flip);
             }
         }
     }
@@ -988,24 +921,24 @@ pub(crate) mod vnni {
                 _mm512_extracti32x4_epi32::<3>(v),
             );
             // SAFETY: block q lies inside `out`'s blocks.
-            unsafe { store_interleaved([r0, r1, r2, r3], out.add(q * 4 * NR)) };
+            unsafe { store_interleaved([r0, r1, r2, r3], out.add(q * 4 * NR), 0x80) };
         }
     }
 
     /// Four rows' 16 values each, interleaved by byte and word unpacks into one packed block
-    /// (column `c`'s four values at bytes `4c..4c + 4`), flipped to unsigned bytes and
-    /// stored at `dst`.
+    /// (column `c`'s four values at bytes `4c..4c + 4`), each byte `x ^ flip`, stored at
+    /// `dst`.
     ///
     /// # Safety
     /// `dst` is valid for writes of 64 bytes (SSE2 is part of x86-64).
     #[inline(always)]
-    unsafe fn store_interleaved([r0, r1, r2, r3]: [__m128i; 4], dst: *mut u8) {
+    unsafe fn store_interleaved([r0, r1, r2, r3]: [__m128i; 4], dst: *mut u8, flip: u8) {
         // SAFETY: SSE2 is part of x86-64; the stores write bytes 16 i..16 i + 16 of the 64
         // the caller promises.
         unsafe {
             let (a, bb) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
             let (c, d) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
-            let flip = _mm_set1_epi8(-128);
+            let flip = _mm_set1_epi8(flip as i8);
             let block = [
                 _mm_unpacklo_epi16(a, c),
                 _mm_unpackhi_epi16(a, c),
@@ -1052,7 +985,7 @@ pub(crate) mod vnni {
                     out: unsafe { f.out.add(c) },
                     ..*f
                 };
-                let (pb, quads) = pack_b(head);
+                let (pb, quads) = pack_b(head, 0x80);
                 // SAFETY: as the caller promises; `pb` is `head` packed, and `moved` writes
                 // the column after `head`'s.
                 unsafe {
@@ -1062,7 +995,7 @@ pub(crate) mod vnni {
                 return;
             }
         }
-        let (pb, quads) = pack_b(b);
+        let (pb, quads) = pack_b(b, 0x80);
         // SAFETY: as the caller promises; `pb` is `b` packed.
         unsafe { product(a, rows, &pb, quads, b.cols, sink) }
     }
@@ -1445,8 +1378,8 @@ mod tests {
 
     /// Rows finished in registers give what the runtime computes from the int32 sums: the
     /// float output bit for bit, and the same int8 values on a grid (half-steps included,
-    /// with and without a ReLU's lower bound); only the VNNI kernel finishes, the others
-    /// decline and write nothing.
+    /// with and without a ReLU's lower bound); the VNNI kernel finishes, AVX2 where no
+    /// activation is negative, and the others decline and write nothing.
     #[test]
     fn finished_rows_round_as_the_runtime_does() {
         let mut rng = StdRng::seed_from_u64(11);
@@ -1458,58 +1391,66 @@ mod tests {
             (11, 3, 130),
         ] {
             let a: Vec<i8> = (0..m * k).map(|_| rng.random()).collect();
-            let b: Vec<i8> = (0..k * n).map(|_| rng.random()).collect();
-            let (av, bv) = (MatRef::new(&a, m, k), MatRef::new(&b, k, n));
-            let mut sums = vec![0; m * n];
-            gemm_portable(av, bv, &mut sums);
-            let scales: Vec<f32> = (0..m).map(|_| rng.random_range(1e-4f32..1e-2)).collect();
-            let bias: Vec<f32> = (0..m).map(|_| rng.random_range(-1f32..1.0)).collect();
-            let y = |i: usize| sums[i] as f32 * scales[i / n] + bias[i / n];
-            for kernel in Kernel::available_kernels() {
-                let p = PackedA::for_kernel(av, kernel);
-                // Two values per row apart, to see that nothing is written between rows.
-                let ld = n + 2;
-                let mut f = vec![f32::NAN; m * ld];
-                let finish = Finish {
-                    scales: &scales,
-                    bias: Some(&bias),
-                    ld,
-                    out: Output::F32(f.as_mut_ptr()),
-                };
-                // SAFETY: `f` has m rows of ld >= n values.
-                let done = unsafe { gemm_rows_finished(&p, 0..m, bv, &finish) };
-                assert_eq!(done, kernel == Kernel::Avx512Vnni, "{kernel:?}");
-                if !done {
-                    assert!(f.iter().all(|v| v.is_nan()), "{kernel:?} wrote");
-                    continue;
-                }
-                for i in 0..m * n {
-                    let got = f[(i / n) * ld + i % n];
-                    assert_eq!(got.to_bits(), y(i).to_bits(), "f32 [{i}] {m}x{n}x{k}");
-                }
-                assert!(f.chunks(ld).all(|r| r[n..].iter().all(|v| v.is_nan())));
-                let grid = rng.random_range(0.01f32..0.1);
-                for relu in [false, true] {
-                    let [mut lo, hi, inv] = crate::grid::bounds(grid);
-                    if relu {
-                        lo = 0.0;
-                    }
-                    let mut q = vec![99i8; m * ld];
+            let signed: Vec<i8> = (0..k * n).map(|_| rng.random()).collect();
+            let unsigned: Vec<i8> = signed.iter().map(|&v| v & 0x7f).collect();
+            for b in [signed, unsigned] {
+                let (av, bv) = (MatRef::new(&a, m, k), MatRef::new(&b, k, n));
+                let mut sums = vec![0; m * n];
+                gemm_portable(av, bv, &mut sums);
+                let scales: Vec<f32> = (0..m).map(|_| rng.random_range(1e-4f32..1e-2)).collect();
+                let bias: Vec<f32> = (0..m).map(|_| rng.random_range(-1f32..1.0)).collect();
+                let y = |i: usize| sums[i] as f32 * scales[i / n] + bias[i / n];
+                for kernel in Kernel::available_kernels() {
+                    let p = PackedA::for_kernel(av, kernel);
+                    // Two values per row apart, to see that nothing is written between rows.
+                    let ld = n + 2;
+                    let mut f = vec![f32::NAN; m * ld];
                     let finish = Finish {
-                        out: Output::I8(q.as_mut_ptr(), [lo, hi, inv]),
-                        ..finish
+                        scales: &scales,
+                        bias: Some(&bias),
+                        ld,
+                        out: Output::F32(f.as_mut_ptr()),
                     };
-                    // SAFETY: as above.
-                    assert!(unsafe { gemm_rows_finished(&p, 0..m, bv, &finish) });
-                    for i in 0..m * n {
-                        let want = crate::grid::round_to_grid(y(i), lo, hi, inv);
-                        let got = q[(i / n) * ld + i % n];
-                        assert_eq!(got, want, "i8 [{i}] {m}x{n}x{k} relu {relu}");
+                    // SAFETY: `f` has m rows of ld >= n values.
+                    let done = unsafe { gemm_rows_finished(&p, 0..m, bv, &finish) };
+                    let finishes = match kernel {
+                        Kernel::Avx512Vnni => true,
+                        Kernel::Avx2 => nonnegative(&b),
+                        Kernel::Portable => false,
+                    };
+                    assert_eq!(done, finishes, "{kernel:?}");
+                    if !done {
+                        assert!(f.iter().all(|v| v.is_nan()), "{kernel:?} wrote");
+                        continue;
                     }
-                    assert!(
-                        q.chunks(ld).all(|r| r[n..].iter().all(|&v| v == 99)),
-                        "{m}x{n}x{k} {q:?}"
-                    );
+                    for i in 0..m * n {
+                        let got = f[(i / n) * ld + i % n];
+                        assert_eq!(got.to_bits(), y(i).to_bits(), "f32 [{i}] {m}x{n}x{k}");
+                    }
+                    assert!(f.chunks(ld).all(|r| r[n..].iter().all(|v| v.is_nan())));
+                    let grid = rng.random_range(0.01f32..0.1);
+                    for relu in [false, true] {
+                        let [mut lo, hi, inv] = crate::grid::bounds(grid);
+                        if relu {
+                            lo = 0.0;
+                        }
+                        let mut q = vec![99i8; m * ld];
+                        let finish = Finish {
+                            out: Output::I8(q.as_mut_ptr(), [lo, hi, inv]),
+                            ..finish
+                        };
+                        // SAFETY: as above.
+                        assert!(unsafe { gemm_rows_finished(&p, 0..m, bv, &finish) });
+                        for i in 0..m * n {
+                            let want = crate::grid::round_to_grid(y(i), lo, hi, inv);
+                            let got = q[(i / n) * ld + i % n];
+                            assert_eq!(got, want, "i8 [{i}] {m}x{n}x{k} relu {relu}");
+                        }
+                        assert!(
+                            q.chunks(ld).all(|r| r[n..].iter().all(|&v| v == 99)),
+                            "{m}x{n}x{k} {q:?}"
+                        );
+                    }
                 }
             }
         }
@@ -1562,7 +1503,7 @@ mod tests {
             // The packed bytes themselves.
             #[cfg(target_arch = "x86_64")]
             if Kernel::Avx512Vnni.available() && src.fused() {
-                let want = vnni::pack_b(MatRef::new(&cols, k, n));
+                let want = vnni::pack_b(MatRef::new(&cols, k, n), 0x80);
                 // SAFETY: the machine has AVX-512 F, BW and VL.
                 let got = unsafe { vnni::pack_conv(&src) };
                 assert_eq!(got, want, "{channels}x{h}x{w} {kernel:?}: packed");
@@ -1603,10 +1544,24 @@ mod tests {
                 let got: Vec<i32> = y.iter().map(|&v| v as i32).collect();
                 assert_eq!(got, want, "{case}");
             }
-            // From the planes in groups of four channels, with the filters in tap order.
-            let quads = quad_planes_vec(&planes, [channels, h, w]);
+            // From the planes in groups of four channels, with the filters in tap order (for
+            // AVX2, planes without a negative value).
+            let unsigned: Vec<i8> = planes.iter().map(|&v| v & 0x7f).collect();
             let filters = tap_major(MatRef::new(&a, m, k), channels, kernel[0] * kernel[1]);
             for kernel in Kernel::available_kernels() {
+                let planes = if kernel == Kernel::Avx2 {
+                    &unsigned
+                } else {
+                    &planes
+                };
+                let src = Im2col {
+                    planes,
+                    ..src.clone()
+                };
+                let mut want = vec![0; m * n];
+                let cols = src.matrix();
+                gemm_portable(MatRef::new(&a, m, k), MatRef::new(&cols, k, n), &mut want);
+                let quads = quad_planes_vec(planes, [channels, h, w], kernel);
                 let p = PackedA::for_kernel(MatRef::new(&filters, m, filters.len() / m), kernel);
                 let mut y = vec![f32::NAN; m * n];
                 let finish = Finish {
@@ -1618,7 +1573,8 @@ mod tests {
                 // SAFETY: `y` has m rows of n values.
                 let done = unsafe { gemm_conv_quads_finished(&p, 0..m, &src, &quads, &finish) };
                 let case = format!("quads {kernel:?} {channels}x{h}x{w} p{padding} d{dilation}");
-                assert_eq!(done, kernel == Kernel::Avx512Vnni && src.ow >= 3, "{case}");
+                let gathers = matches!(kernel, Kernel::Avx512Vnni | Kernel::Avx2);
+                assert_eq!(done, gathers && src.ow >= 3, "{case}");
                 if done {
                     let got: Vec<i32> = y.iter().map(|&v| v as i32).collect();
                     assert_eq!(got, want, "{case}");
@@ -1637,22 +1593,25 @@ mod tests {
         let planes: Vec<i8> = (0..channels * h * w)
             .map(|i| (i * 37 % 256) as u8 as i8)
             .collect();
-        let quads = quad_planes_vec(&planes, [channels, h, w]);
-        assert_eq!(quads.len(), 2 * h * w * 4);
-        for q in 0..2 {
-            for i in 0..h * w {
-                for j in 0..4 {
-                    let c = 4 * q + j;
-                    let want = if c < channels {
-                        planes[c * h * w + i] as u8 ^ 0x80
-                    } else {
-                        128
-                    };
-                    assert_eq!(
-                        quads[(q * h * w + i) * 4 + j],
-                        want,
-                        "group {q}, position {i}"
-                    );
+        // Offset to unsigned bytes for VNNI, as they are for AVX2.
+        for (kernel, flip) in [(Kernel::Avx512Vnni, 0x80), (Kernel::Avx2, 0)] {
+            let quads = quad_planes_vec(&planes, [channels, h, w], kernel);
+            assert_eq!(quads.len(), 2 * h * w * 4);
+            for q in 0..2 {
+                for i in 0..h * w {
+                    for j in 0..4 {
+                        let c = 4 * q + j;
+                        let want = if c < channels {
+                            planes[c * h * w + i] as u8 ^ flip
+                        } else {
+                            flip
+                        };
+                        assert_eq!(
+                            quads[(q * h * w + i) * 4 + j],
+                            want,
+                            "{kernel:?}: group {q}, position {i}"
+                        );
+                    }
                 }
             }
         }
@@ -1700,42 +1659,46 @@ mod tests {
             (120, 1, 400),
         ] {
             let a: Vec<i8> = (0..m * k).map(|_| rng.random()).collect();
-            // B as a view with a row stride wider than its columns.
+            // B as a view with a row stride wider than its columns; of any values, then of
+            // none negative (AVX2's second product).
             let stride = n + 3;
-            let b: Vec<i8> = (0..k * stride).map(|_| rng.random()).collect();
-            let (av, bv) = (
-                MatRef::new(&a, m, k),
-                MatRef {
-                    data: &b,
-                    rows: k,
-                    cols: n,
-                    stride,
-                },
-            );
-            let mut y = vec![0; m * n];
-            gemm_portable(av, bv, &mut y);
-            for kernel in Kernel::available_kernels() {
-                let mut x = vec![7; m * n];
-                let p = PackedA::for_kernel(av, kernel);
-                gemm_rows(&p, 0..m, bv, &mut x);
-                assert_eq!(x, y, "{kernel:?} {m}x{n}x{k}");
-                // A band of rows, as grouped convolutions use.
-                if m > 2 {
-                    let mut z = vec![0; (m - 2) * n];
-                    gemm_rows(&p, 1..m - 1, bv, &mut z);
-                    assert_eq!(z, y[n..(m - 1) * n], "{kernel:?} rows");
+            let signed: Vec<i8> = (0..k * stride).map(|_| rng.random()).collect();
+            let unsigned: Vec<i8> = signed.iter().map(|&v| v & 0x7f).collect();
+            for b in [signed, unsigned] {
+                let (av, bv) = (
+                    MatRef::new(&a, m, k),
+                    MatRef {
+                        data: &b,
+                        rows: k,
+                        cols: n,
+                        stride,
+                    },
+                );
+                let mut y = vec![0; m * n];
+                gemm_portable(av, bv, &mut y);
+                for kernel in Kernel::available_kernels() {
+                    let mut x = vec![7; m * n];
+                    let p = PackedA::for_kernel(av, kernel);
+                    gemm_rows(&p, 0..m, bv, &mut x);
+                    assert_eq!(x, y, "{kernel:?} {m}x{n}x{k}");
+                    // A band of rows, as grouped convolutions use.
+                    if m > 2 {
+                        let mut z = vec![0; (m - 2) * n];
+                        gemm_rows(&p, 1..m - 1, bv, &mut z);
+                        assert_eq!(z, y[n..(m - 1) * n], "{kernel:?} rows");
+                    }
                 }
+                // And by the definition.
+                let (i, j) = (m - 1, n - 1);
+                let d: i32 = (0..k)
+                    .map(|t| i32::from(a[i * k + t]) * i32::from(b[t * stride + j]))
+                    .sum();
+                assert_eq!(y[i * n + j], d);
             }
-            // And by the definition.
-            let (i, j) = (m - 1, n - 1);
-            let d: i32 = (0..k)
-                .map(|t| i32::from(a[i * k + t]) * i32::from(b[t * stride + j]))
-                .sum();
-            assert_eq!(y[i * n + j], d);
         }
         // The extremes, where 16-bit pair sums (or unsigned offsets) would overflow.
         let (m, n, k) = (4, 16, 4096);
-        for (va, vb) in [(-128i8, -128i8), (127, -128), (-128, 127)] {
+        for (va, vb) in [(-128i8, -128i8), (127, -128), (-128, 127), (127, 127)] {
             let a = vec![va; m * k];
             let b = vec![vb; k * n];
             for kernel in Kernel::available_kernels() {

@@ -1,6 +1,7 @@
 //! Dense and grouped int8 convolutions: columns gathered into packed panels, products by the int8 GEMM, outputs requantized as they are written.
 
 use super::*;
+use crate::gemm::Kernel;
 
 /// Output positions per task of a convolution (whole output rows, at least one): enough work
 /// to amortize a task, small enough that a batch of one still spreads over the cores.
@@ -29,10 +30,13 @@ pub(super) fn grouped<T: Sink>(
     let blocks = oh.div_ceil(rows_per);
     let pointwise = kh == 1 && kw == 1 && c.stride == 1 && c.padding == 0;
     let oc = c.out_channels;
-    // With the VNNI kernel every value is finished in registers and written through
-    // `written`, so the output is not zeroed first; the other kernels' sums are finished in
-    // slices of it, which must hold values.
-    let in_kernel = pa.kernel() == crate::gemm::Kernel::Avx512Vnni;
+    // AVX2 takes its faster product, and finishes it in registers, where no input value is
+    // negative: every layer after a ReLU.
+    let u7 = pa.kernel() == Kernel::Avx2 && crate::gemm::nonnegative(xq);
+    // With the VNNI kernel (and AVX2's product of non-negative values) every value is
+    // finished in registers and written through `written`, so the output is not zeroed
+    // first; the other kernels' sums are finished in slices of it, which must hold values.
+    let in_kernel = pa.kernel() == Kernel::Avx512Vnni || u7;
     let len = n * oc * p;
     let mut out: Vec<T> = if in_kernel {
         unwritten(len)
@@ -41,29 +45,34 @@ pub(super) fn grouped<T: Sink>(
     };
     let written = Disjoint(out.as_mut_ptr());
     let macs = n * oc * p * k;
-    let halving = c.stride == 2 && crate::gemm::Kernel::Avx512Vnni.available();
+    let halving = c.stride == 2 && Kernel::Avx512Vnni.available();
     let gathered = !pointwise && c.stride == 1 && cg >= GATHERED_CHANNELS;
-    // Where every task packs whole planes, their loads are the same: worked out once per
-    // geometry.
-    let shared_loads = (gathered && blocks == 1 && crate::gemm::Kernel::Avx512Vnni.available())
-        .then(|| {
-            crate::gemm::ConvLoads::cached(&crate::gemm::Im2col {
-                planes: &[],
-                channels: cg,
-                h,
-                w,
-                kernel: [kh, kw],
-                padding: c.padding,
-                dilation: c.dilation,
-                rows: 0..oh,
-                ow,
-                loads: None,
+    // The panels' loads of each block of rows, the same for every sample and group: worked
+    // out the first time a layer of this geometry runs, and kept.
+    let block_loads: Vec<_> = match gathered && (Kernel::Avx512Vnni.available() || u7) {
+        true => (0..blocks)
+            .map(|blk| {
+                crate::gemm::ConvLoads::cached(&crate::gemm::Im2col {
+                    planes: &[],
+                    channels: cg,
+                    h,
+                    w,
+                    kernel: [kh, kw],
+                    padding: c.padding,
+                    dilation: c.dilation,
+                    rows: blk * rows_per..((blk + 1) * rows_per).min(oh),
+                    ow,
+                    loads: None,
+                })
             })
-        });
+            .collect(),
+        false => Vec::new(),
+    };
     // Each sample's (and group's) planes laid out four channels together, once, for layers
-    // with filters in tap order.
+    // with filters in tap order (with AVX2, only planes without a negative value).
     let per_quads = cg.div_ceil(4) * h * w * 4;
-    let quads = quad.filter(|_| !pointwise && c.stride == 1).map(|_| {
+    let quad = quad.filter(|qa| qa.kernel() != Kernel::Avx2 || u7);
+    let quads = quad.filter(|_| !pointwise && c.stride == 1).map(|qa| {
         let len = n * g * per_quads;
         let mut buf = Vec::with_capacity(len);
         for_each_chunk(
@@ -71,7 +80,8 @@ pub(super) fn grouped<T: Sink>(
             per_quads,
             len < SERIAL_VALUES,
             |(i, out)| {
-                crate::gemm::quad_planes(&xq[i * cg * h * w..][..cg * h * w], [cg, h, w], out)
+                let planes = &xq[i * cg * h * w..][..cg * h * w];
+                crate::gemm::quad_planes(planes, [cg, h, w], out, qa.kernel())
             },
         );
         // SAFETY: `quad_planes` wrote every byte of every sample's (and group's) share.
@@ -107,7 +117,7 @@ pub(super) fn grouped<T: Sink>(
                 dilation: c.dilation,
                 rows: oy0..oy1,
                 ow,
-                loads: shared_loads.as_deref(),
+                loads: block_loads.get(blk).map(|l| &**l),
             };
             if let (Some(qa), Some(quads)) = (quad, &quads) {
                 let mine = &quads[(s * g + gi) * per_quads..][..per_quads];
@@ -168,6 +178,10 @@ pub(super) fn grouped<T: Sink>(
         if unsafe { crate::gemm::gemm_rows_finished(pa, o0..o0 + og, b, &finish) } {
             return;
         }
+        assert!(
+            !in_kernel,
+            "a product left unfinished where the output was not zeroed"
+        );
         ACC.with_borrow_mut(|acc| {
             if acc.len() < og * np {
                 acc.resize(og * np, 0);
@@ -243,27 +257,38 @@ pub(super) fn every_nth(dst: &mut [i8], src: &[i8], stride: usize, halving: bool
 }
 
 /// Whether a convolution gathers its columns from quad planes ([`crate::gemm::quad_planes`],
-/// one load per tap and four channels): with AVX-512 VNNI, a dense convolution at stride 1
-/// with whole groups of four input channels (a partial group would add products with 0).
-pub(super) fn quad_layer(c: &slim_core::graph::Conv2dSpec, channels: usize) -> bool {
+/// one load per tap and four channels) on `kernel`: with AVX-512 VNNI or AVX2 (where the
+/// planes hold no negative value), a dense convolution at stride 1 with whole groups of four
+/// input channels (a partial group would add products with 0).
+pub(super) fn quad_layer(
+    c: &slim_core::graph::Conv2dSpec,
+    channels: usize,
+    kernel: Kernel,
+) -> bool {
     let pointwise = c.kernel == [1, 1] && c.stride == 1 && c.padding == 0;
     !c.is_depthwise()
         && !pointwise
         && c.stride == 1
         && channels >= GATHERED_CHANNELS
         && channels.is_multiple_of(4)
-        && crate::gemm::Kernel::Avx512Vnni.available()
+        && matches!(kernel, Kernel::Avx512Vnni | Kernel::Avx2)
+        && kernel.available()
 }
 
-/// A convolution's int8 filters in tap order, packed, where [`quad_layer`] says it gathers
-/// from quad planes; `None` for any other layer.
+/// A convolution's int8 filters in tap order, packed for this machine's kernel, where
+/// [`quad_layer`] says it gathers from quad planes; `None` for any other layer.
 pub(super) fn quad_filters(node: &Node, values: &[i8]) -> Option<PackedA> {
+    quad_filters_for(node, values, Kernel::best())
+}
+
+/// [`quad_filters`] for a given kernel.
+pub(super) fn quad_filters_for(node: &Node, values: &[i8], kernel: Kernel) -> Option<PackedA> {
     let Op::Conv2d(c) = &node.op else {
         return None;
     };
     let taps = c.kernel[0] * c.kernel[1];
     let channels = values.len() / (c.out_channels * taps).max(1);
-    if !quad_layer(c, channels) || values.len() != c.out_channels * channels * taps {
+    if !quad_layer(c, channels, kernel) || values.len() != c.out_channels * channels * taps {
         return None;
     }
     let filters = MatRef::new(values, c.out_channels, channels * taps);
@@ -271,6 +296,6 @@ pub(super) fn quad_filters(node: &Node, values: &[i8]) -> Option<PackedA> {
     let cols = ordered.len() / c.out_channels;
     Some(PackedA::for_kernel(
         MatRef::new(&ordered, c.out_channels, cols),
-        crate::gemm::Kernel::Avx512Vnni,
+        kernel,
     ))
 }

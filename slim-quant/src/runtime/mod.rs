@@ -1259,20 +1259,21 @@ mod tests {
     }
 
     /// Dense and grouped convolutions give the same values whichever kernel runs the
-    /// product: the AVX-512 VNNI kernel, which finishes every value in registers and writes
-    /// it into an output that was never zeroed (filled with a pattern in tests), and the
-    /// portable one, whose int32 sums the runtime finishes. Pointwise layers on planes with
-    /// tails of columns, 3x3 layers gathered from planes and from quad planes, strided,
-    /// dilated and grouped layers, and blocks of rows (planes wider than a task's share).
-    /// (Filters in tap order are always packed for the VNNI kernel, so with them the
-    /// stride-1 layers run the quad product on both sides: there the test sees only that
-    /// the unzeroed output was written whole.)
+    /// product: the AVX-512 VNNI kernel and AVX2's product of non-negative inputs, which
+    /// finish every value in registers and write it into an output that was never zeroed
+    /// (filled with a pattern in tests), AVX2's product of any inputs, and the portable one,
+    /// whose int32 sums the runtime finishes. Pointwise layers on planes with tails of
+    /// columns, 3x3 layers gathered from planes and from quad planes, strided, dilated and
+    /// grouped layers, and blocks of rows (planes wider than a task's share), on inputs of
+    /// any value and without a negative one. (Filters in tap order are packed for the kernel
+    /// under test, so with them the stride-1 layers run its quad product on both sides:
+    /// there the test sees only that the unzeroed output was written whole.)
     #[test]
     fn convolutions_write_every_output_whichever_kernel_runs_them() {
         use crate::gemm::{Kernel, MatRef, PackedA};
         use rand::{Rng, SeedableRng};
-        if !Kernel::Avx512Vnni.available() {
-            slim_core::note_skipped("this machine (or SLIM_CPU) lacks AVX-512 VNNI");
+        if !Kernel::Avx2.available() {
+            slim_core::note_skipped("this machine (or SLIM_CPU) lacks AVX2");
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(23);
@@ -1299,43 +1300,59 @@ mod tests {
             };
             let n = 2;
             let cols = cin / groups * k * k;
-            let xq: Vec<i8> = (0..n * cin * h * w).map(|_| rng.random()).collect();
+            let signed: Vec<i8> = (0..n * cin * h * w).map(|_| rng.random()).collect();
+            let unsigned: Vec<i8> = signed.iter().map(|&v| v & 0x7f).collect();
             let wq: Vec<i8> = (0..oc * cols).map(|_| rng.random()).collect();
             let scales: Vec<f32> = (0..oc).map(|_| rng.random_range(1e-4f32..1e-2)).collect();
             let bias: Vec<f32> = (0..oc).map(|_| rng.random_range(-1f32..1.0)).collect();
             let filters = MatRef::new(&wq, oc, cols);
-            let (vnni, portable) = (
-                PackedA::for_kernel(filters, Kernel::Avx512Vnni),
-                PackedA::for_kernel(filters, Kernel::Portable),
-            );
+            let portable = PackedA::for_kernel(filters, Kernel::Portable);
             let node = slim_core::Node {
                 name: "conv".into(),
                 op: slim_core::Op::Conv2d(spec.clone()),
                 inputs: vec![],
                 shape: vec![oc, oh, ow],
             };
-            let quads = super::quad_filters(&node, &wq);
-            let case = format!("{h}x{w} {cin}->{oc} k{k} s{stride} p{pad} d{dil} g{groups}");
             let relu = slim_core::Op::Relu;
-            for act in [None, Some(&relu)] {
-                let to = super::Requant::new(rng.random_range(1e-3f32..2e-2), act);
-                for quad in [None, quads.as_ref()] {
-                    let run_f32 = |pa| {
-                        super::grouped::<f32>(&xq, (pa, quad), &geo, n, &scales, Some(&bias), &to)
+            let kernels = [Kernel::Avx512Vnni, Kernel::Avx2]
+                .into_iter()
+                .filter(|k| k.available());
+            // Inputs of any value, and without a negative one (AVX2's second product).
+            for (kernel, xq) in kernels.flat_map(|k| [(k, &signed), (k, &unsigned)]) {
+                let packed = PackedA::for_kernel(filters, kernel);
+                let quads = super::quad_filters_for(&node, &wq, kernel);
+                let sign = if xq == &signed { "signed" } else { "unsigned" };
+                let case = format!(
+                    "{kernel:?} {sign} {h}x{w} {cin}->{oc} k{k} s{stride} p{pad} d{dil} g{groups}"
+                );
+                for act in [None, Some(&relu)] {
+                    let to = super::Requant::new(rng.random_range(1e-3f32..2e-2), act);
+                    for quad in [None, quads.as_ref()] {
+                        let run_f32 = |pa| {
+                            super::grouped::<f32>(
+                                xq,
+                                (pa, quad),
+                                &geo,
+                                n,
+                                &scales,
+                                Some(&bias),
+                                &to,
+                            )
                             .iter()
                             .map(|v| v.to_bits())
                             .collect::<Vec<u32>>()
-                    };
-                    let run_i8 = |pa| {
-                        super::grouped::<i8>(&xq, (pa, quad), &geo, n, &scales, Some(&bias), &to)
-                    };
-                    let with = if quad.is_some() { ", quads" } else { "" };
-                    assert_eq!(run_f32(&vnni), run_f32(&portable), "{case}{with}: f32");
-                    assert_eq!(
-                        run_i8(&vnni),
-                        run_i8(&portable),
-                        "{case}{with}: int8 {act:?}"
-                    );
+                        };
+                        let run_i8 = |pa| {
+                            super::grouped::<i8>(xq, (pa, quad), &geo, n, &scales, Some(&bias), &to)
+                        };
+                        let with = if quad.is_some() { ", quads" } else { "" };
+                        assert_eq!(run_f32(&packed), run_f32(&portable), "{case}{with}: f32");
+                        assert_eq!(
+                            run_i8(&packed),
+                            run_i8(&portable),
+                            "{case}{with}: int8 {act:?}"
+                        );
+                    }
                 }
             }
         }
