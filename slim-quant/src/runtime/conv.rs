@@ -88,13 +88,30 @@ pub(super) fn grouped<T: Sink>(
         unsafe { buf.set_len(len) };
         buf
     });
-    for_each_task(n * g * blocks, macs < SERIAL_PRODUCT, |task| {
+    // Where samples, groups and blocks of rows leave a thread without a task (a batch of one
+    // through layers of small planes), each group's output channels are shared out as well,
+    // in whole tiles of rows: each share's task packs the same columns for its filters.
+    let serial = macs < SERIAL_PRODUCT;
+    let tasks = n * g * blocks;
+    let threads = rayon::current_num_threads();
+    let share = match serial || tasks >= threads {
+        true => og,
+        false => og
+            .div_ceil(threads.div_ceil(tasks))
+            .next_multiple_of(16)
+            .min(og),
+    };
+    let shares = og.div_ceil(share);
+    for_each_task(tasks * shares, serial, |task| {
+        let (task, part) = (task / shares, task % shares);
         let (sg, blk) = (task / blocks, task % blocks);
         let (s, gi) = (sg / g, sg % g);
         let (oy0, oy1) = (blk * rows_per, ((blk + 1) * rows_per).min(oh));
         let np = (oy1 - oy0) * ow;
         let plane0 = (s * geo.cin + gi * cg) * h * w;
-        let o0 = gi * og;
+        // This task's output channels: its share of the group's.
+        let o0 = gi * og + part * share;
+        let og = share.min((gi + 1) * og - o0);
         // Where the kernel finishes the sums in registers, they go straight to the output:
         // row `o` of this block at `(s * oc + o) * p + oy0 * ow` (with oy0 = 0 for whole planes).
         let at = (s * oc + o0) * p + oy0 * ow;
@@ -173,8 +190,8 @@ pub(super) fn grouped<T: Sink>(
             MatRef::new(&cols, k, np)
         };
         // SAFETY: rows o0..o0 + og of sample s, positions oy0 * ow.. (np of them, p apart):
-        // no other task writes them (tasks differ in sample, group or block of rows), and they
-        // lie inside `out`.
+        // no other task writes them (tasks differ in sample, group, share of its channels or
+        // block of rows), and they lie inside `out`.
         if unsafe { crate::gemm::gemm_rows_finished(pa, o0..o0 + og, b, &finish) } {
             return;
         }
@@ -187,7 +204,7 @@ pub(super) fn grouped<T: Sink>(
                 acc.resize(og * np, 0);
             }
             let acc = &mut acc[..og * np];
-            gemm_rows(pa, gi * og..(gi + 1) * og, b, acc);
+            gemm_rows(pa, o0..o0 + og, b, acc);
             // The sums `acc` of output channels `o`, `plane` values each.
             let sums = |acc, plane, o: std::ops::Range<usize>| Sums {
                 acc,
@@ -196,9 +213,9 @@ pub(super) fn grouped<T: Sink>(
                 bias: bias.map(|b| &b[o]),
             };
             if blocks == 1 {
-                // The group's whole output planes, one after another.
+                // The task's whole output planes, one after another.
                 // SAFETY: channels `o0..o0 + og` of sample `s`: no other task writes them
-                // (tasks differ in sample or group), and they lie inside `out`.
+                // (tasks differ in sample, group or share of it), and they lie inside `out`.
                 let d = unsafe { written.rows((s * oc + o0) * p, og * p) };
                 T::finish(d, sums(acc, p, o0..o0 + og), to);
             } else {

@@ -1288,6 +1288,7 @@ mod tests {
             (12, 12, 8, 8, 3, 1, 2, 2, 1),
             (10, 10, 8, 12, 3, 1, 1, 1, 2),
             (40, 40, 4, 6, 3, 1, 1, 1, 1),
+            (7, 7, 64, 96, 3, 1, 1, 1, 1),
         ] {
             let (spec, oh, ow) = square_conv((h, w), [cin, oc, groups], [k, stride, pad, dil]);
             let geo = super::Geometry {
@@ -1298,7 +1299,8 @@ mod tests {
                 ow,
                 spec: &spec,
             };
-            let n = 2;
+            // One sample of 7x7 planes: a task per share of the output channels.
+            let n = if h * w <= 49 { 1 } else { 2 };
             let cols = cin / groups * k * k;
             let signed: Vec<i8> = (0..n * cin * h * w).map(|_| rng.random()).collect();
             let unsigned: Vec<i8> = signed.iter().map(|&v| v & 0x7f).collect();
