@@ -1721,8 +1721,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn finished_lanes_round_as_the_quantizer_on_every_grid() {
-        if !Kernel::Avx512Vnni.available() {
-            slim_core::note_skipped("this machine (or SLIM_CPU) lacks AVX-512 VNNI");
+        if !Kernel::Avx2.available() {
+            slim_core::note_skipped("this machine (or SLIM_CPU) lacks AVX2");
             return;
         }
         let [lo, hi, inv] = crate::grid::bounds(0.05);
@@ -1759,19 +1759,50 @@ mod tests {
                     ld: 0,
                     out: Output::I8(q.as_mut_ptr(), grid),
                 };
+                let check = |q: &[i8], kernel: Kernel| {
+                    for (&s, &got) in sums.iter().zip(q) {
+                        let y = s as f32 * scale + bias;
+                        let want = crate::grid::round_to_grid(y, grid[0], grid[1], grid[2]);
+                        assert_eq!(
+                            got, want,
+                            "{kernel:?}: sum {s} scale {scale} bias {bias} grid {grid:?}"
+                        );
+                    }
+                };
+                if Kernel::Avx512Vnni.available() {
+                    for (c, lanes) in sums.chunks_exact(16).enumerate() {
+                        // SAFETY: the machine has AVX-512 (checked above); `lanes` holds 16
+                        // values and `q` 16 from `16 c` on.
+                        unsafe {
+                            let s = std::arch::x86_64::_mm512_loadu_si512(lanes.as_ptr().cast());
+                            vnni::finish_row(&f, &vnni::Lanes::new(f.out), 0, 16 * c, u16::MAX, s)
+                        }
+                    }
+                    check(&q, Kernel::Avx512Vnni);
+                }
+                // AVX2's rows of two registers; the last one's first 7 columns only.
+                let mut q = vec![99i8; sums.len()];
+                let f = Finish {
+                    out: Output::I8(q.as_mut_ptr(), grid),
+                    ..f
+                };
+                let chunks = sums.len() / 16;
                 for (c, lanes) in sums.chunks_exact(16).enumerate() {
-                    // SAFETY: the machine has AVX-512 (checked above); `lanes` holds 16 values
-                    // and `q` 16 from `16 c` on.
+                    let w = if c + 1 == chunks { 7 } else { 16 };
+                    // SAFETY: the machine has AVX2 (checked above); `lanes` holds 16 values and
+                    // `q` 16 from `16 c` on.
                     unsafe {
-                        let s = std::arch::x86_64::_mm512_loadu_si512(lanes.as_ptr().cast());
-                        vnni::finish_row(&f, &vnni::Lanes::new(f.out), 0, 16 * c, u16::MAX, s)
+                        use std::arch::x86_64::_mm256_loadu_si256;
+                        let s = [0, 8].map(|i| _mm256_loadu_si256(lanes[i..].as_ptr().cast()));
+                        avx2::finish_row(&f, &avx2::Lanes::new(f.out), 0, 16 * c, w, s)
                     }
                 }
-                for (&s, &got) in sums.iter().zip(&q) {
-                    let y = s as f32 * scale + bias;
-                    let want = crate::grid::round_to_grid(y, grid[0], grid[1], grid[2]);
-                    assert_eq!(got, want, "sum {s} scale {scale} bias {bias} grid {grid:?}");
-                }
+                let last = 16 * (chunks - 1) + 7;
+                check(&q[..last], Kernel::Avx2);
+                assert!(
+                    q[last..].iter().all(|&v| v == 99),
+                    "AVX2 wrote past its columns"
+                );
             }
         }
     }

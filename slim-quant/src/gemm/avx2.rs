@@ -338,7 +338,7 @@ unsafe fn product(
 
 /// A finished output's grid in registers, and whether rounding onto it may take the short
 /// way ([`super::relu_grid`]), worked out once for a product.
-struct Lanes {
+pub(super) struct Lanes {
     out: Output,
     lo: __m256,
     hi: __m256,
@@ -349,7 +349,7 @@ struct Lanes {
 impl Lanes {
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn new(out: Output) -> Lanes {
+    pub(super) fn new(out: Output) -> Lanes {
         let grid = match out {
             Output::F32(_) => [0.0; 3],
             Output::I8(_, grid) => grid,
@@ -371,7 +371,7 @@ impl Lanes {
 /// As for [`super::gemm_rows_finished`]; the machine has AVX2.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn finish_row(
+pub(super) unsafe fn finish_row(
     f: &Finish<'_>,
     lanes: &Lanes,
     r: usize,

@@ -22,13 +22,11 @@ pub(super) fn grouped<T: Sink>(
     let c = geo.spec;
     let g = c.groups.max(1);
     let (cg, og) = (geo.cin / g, c.out_channels / g);
-    let (kh, kw) = (c.kernel[0], c.kernel[1]);
-    let k = cg * kh * kw;
     let (h, w, oh, ow) = (geo.h, geo.w, geo.oh, geo.ow);
     let p = oh * ow;
     let rows_per = (POSITIONS_PER_TASK / ow).max(1);
     let blocks = oh.div_ceil(rows_per);
-    let pointwise = kh == 1 && kw == 1 && c.stride == 1 && c.padding == 0;
+    let pointwise = c.kernel == [1, 1] && c.stride == 1 && c.padding == 0;
     let oc = c.out_channels;
     // AVX2 takes its faster product, and finishes it in registers, where no input value is
     // negative: every layer after a ReLU.
@@ -44,27 +42,14 @@ pub(super) fn grouped<T: Sink>(
         vec![T::default(); len]
     };
     let written = Disjoint(out.as_mut_ptr());
-    let macs = n * oc * p * k;
-    let halving = c.stride == 2 && Kernel::Avx512Vnni.available();
+    let macs = n * oc * p * cg * c.kernel[0] * c.kernel[1];
     let gathered = !pointwise && c.stride == 1 && cg >= GATHERED_CHANNELS;
+    let block_rows = |blk: usize| blk * rows_per..((blk + 1) * rows_per).min(oh);
     // The panels' loads of each block of rows, the same for every sample and group: worked
     // out the first time a layer of this geometry runs, and kept.
     let block_loads: Vec<_> = match gathered && (Kernel::Avx512Vnni.available() || u7) {
         true => (0..blocks)
-            .map(|blk| {
-                crate::gemm::ConvLoads::cached(&crate::gemm::Im2col {
-                    planes: &[],
-                    channels: cg,
-                    h,
-                    w,
-                    kernel: [kh, kw],
-                    padding: c.padding,
-                    dilation: c.dilation,
-                    rows: blk * rows_per..((blk + 1) * rows_per).min(oh),
-                    ow,
-                    loads: None,
-                })
-            })
+            .map(|blk| crate::gemm::ConvLoads::cached(&geo.columns(&[], cg, block_rows(blk))))
             .collect(),
         false => Vec::new(),
     };
@@ -72,52 +57,31 @@ pub(super) fn grouped<T: Sink>(
     // with filters in tap order (with AVX2, only planes without a negative value).
     let per_quads = cg.div_ceil(4) * h * w * 4;
     let quad = quad.filter(|qa| qa.kernel() != Kernel::Avx2 || u7);
-    let quads = quad.filter(|_| !pointwise && c.stride == 1).map(|qa| {
-        let len = n * g * per_quads;
-        let mut buf = Vec::with_capacity(len);
-        for_each_chunk(
-            &mut buf.spare_capacity_mut()[..len],
-            per_quads,
-            len < SERIAL_VALUES,
-            |(i, out)| {
-                let planes = &xq[i * cg * h * w..][..cg * h * w];
-                crate::gemm::quad_planes(planes, [cg, h, w], out, qa.kernel())
-            },
-        );
-        // SAFETY: `quad_planes` wrote every byte of every sample's (and group's) share.
-        unsafe { buf.set_len(len) };
-        buf
-    });
-    // Where samples, groups and blocks of rows leave a thread without a task (a batch of one
-    // through layers of small planes), each group's output channels are shared out as well,
-    // in whole tiles of rows: each share's task packs the same columns for its filters.
+    let quads = quad
+        .filter(|_| !pointwise && c.stride == 1)
+        .map(|qa| quad_planes_of(xq, n * g, [cg, h, w], qa.kernel()));
     let serial = macs < SERIAL_PRODUCT;
     let tasks = n * g * blocks;
-    let threads = rayon::current_num_threads();
-    let share = match serial || tasks >= threads {
-        true => og,
-        false => og
-            .div_ceil(threads.div_ceil(tasks))
-            .next_multiple_of(16)
-            .min(og),
-    };
+    let share = channel_share(og, tasks, serial);
     let shares = og.div_ceil(share);
     for_each_task(tasks * shares, serial, |task| {
         let (task, part) = (task / shares, task % shares);
         let (sg, blk) = (task / blocks, task % blocks);
         let (s, gi) = (sg / g, sg % g);
-        let (oy0, oy1) = (blk * rows_per, ((blk + 1) * rows_per).min(oh));
-        let np = (oy1 - oy0) * ow;
+        let rows = block_rows(blk);
+        let (oy0, np) = (rows.start, rows.len() * ow);
         let plane0 = (s * geo.cin + gi * cg) * h * w;
+        let planes = &xq[plane0..plane0 + cg * h * w];
         // This task's output channels: its share of the group's.
         let o0 = gi * og + part * share;
         let og = share.min((gi + 1) * og - o0);
+        let filters = o0..o0 + og;
         // Where the kernel finishes the sums in registers, they go straight to the output:
         // row `o` of this block at `(s * oc + o) * p + oy0 * ow` (with oy0 = 0 for whole planes).
         let at = (s * oc + o0) * p + oy0 * ow;
         let finish = crate::gemm::Finish {
-            scales: &scales[o0..o0 + og],
-            bias: bias.map(|b| &b[o0..o0 + og]),
+            scales: &scales[filters.clone()],
+            bias: bias.map(|b| &b[filters.clone()]),
             ld: p,
             // SAFETY: `at` lies inside `out`.
             out: T::output(unsafe { written.add(at) }.0, to),
@@ -125,27 +89,19 @@ pub(super) fn grouped<T: Sink>(
         if gathered {
             // The columns gathered from the input as the product packs them, where it can.
             let src = crate::gemm::Im2col {
-                planes: &xq[plane0..plane0 + cg * h * w],
-                channels: cg,
-                h,
-                w,
-                kernel: [kh, kw],
-                padding: c.padding,
-                dilation: c.dilation,
-                rows: oy0..oy1,
-                ow,
                 loads: block_loads.get(blk).map(|l| &**l),
+                ..geo.columns(planes, cg, rows.clone())
             };
             if let (Some(qa), Some(quads)) = (quad, &quads) {
                 let mine = &quads[(s * g + gi) * per_quads..][..per_quads];
                 // SAFETY: as for `gemm_rows_finished` below.
-                let rows = o0..o0 + og;
-                if unsafe { crate::gemm::gemm_conv_quads_finished(qa, rows, &src, mine, &finish) } {
+                let f = filters.clone();
+                if unsafe { crate::gemm::gemm_conv_quads_finished(qa, f, &src, mine, &finish) } {
                     return;
                 }
             }
             // SAFETY: as for `gemm_rows_finished` below.
-            if unsafe { crate::gemm::gemm_conv_finished(pa, o0..o0 + og, &src, &finish) } {
+            if unsafe { crate::gemm::gemm_conv_finished(pa, filters.clone(), &src, &finish) } {
                 return;
             }
         }
@@ -158,41 +114,13 @@ pub(super) fn grouped<T: Sink>(
                 stride: h * w,
             }
         } else {
-            let mut buf = vec![0i8; k * np];
-            for ci in 0..cg {
-                let src = &xq[plane0 + ci * h * w..plane0 + (ci + 1) * h * w];
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let t = (ci * kh + ky) * kw + kx;
-                        let row = &mut buf[t * np..(t + 1) * np];
-                        let off = (kx * c.dilation) as isize - c.padding as isize;
-                        let (lo, hi) = valid_columns(off, c.stride, w, ow);
-                        for oy in oy0..oy1 {
-                            let iy =
-                                (oy * c.stride + ky * c.dilation) as isize - c.padding as isize;
-                            if iy < 0 || iy as usize >= h || lo >= hi {
-                                continue;
-                            }
-                            let line = &src[iy as usize * w..(iy as usize + 1) * w];
-                            let dst = &mut row[(oy - oy0) * ow..(oy - oy0 + 1) * ow];
-                            if c.stride == 1 {
-                                let start = (lo as isize + off) as usize;
-                                copy_short(&mut dst[lo..hi], &line[start..start + hi - lo]);
-                            } else {
-                                let start = ((lo * c.stride) as isize + off) as usize;
-                                every_nth(&mut dst[lo..hi], &line[start..], c.stride, halving);
-                            }
-                        }
-                    }
-                }
-            }
-            cols = buf;
-            MatRef::new(&cols, k, np)
+            cols = columns_matrix(&geo.columns(planes, cg, rows.clone()), c.stride);
+            MatRef::new(&cols, cols.len() / np, np)
         };
         // SAFETY: rows o0..o0 + og of sample s, positions oy0 * ow.. (np of them, p apart):
         // no other task writes them (tasks differ in sample, group, share of its channels or
         // block of rows), and they lie inside `out`.
-        if unsafe { crate::gemm::gemm_rows_finished(pa, o0..o0 + og, b, &finish) } {
+        if unsafe { crate::gemm::gemm_rows_finished(pa, filters.clone(), b, &finish) } {
             return;
         }
         assert!(
@@ -204,7 +132,7 @@ pub(super) fn grouped<T: Sink>(
                 acc.resize(og * np, 0);
             }
             let acc = &mut acc[..og * np];
-            gemm_rows(pa, o0..o0 + og, b, acc);
+            gemm_rows(pa, filters.clone(), b, acc);
             // The sums `acc` of output channels `o`, `plane` values each.
             let sums = |acc, plane, o: std::ops::Range<usize>| Sums {
                 acc,
@@ -217,11 +145,11 @@ pub(super) fn grouped<T: Sink>(
                 // SAFETY: channels `o0..o0 + og` of sample `s`: no other task writes them
                 // (tasks differ in sample, group or share of it), and they lie inside `out`.
                 let d = unsafe { written.rows((s * oc + o0) * p, og * p) };
-                T::finish(d, sums(acc, p, o0..o0 + og), to);
+                T::finish(d, sums(acc, p, filters.clone()), to);
             } else {
                 for (oi, row) in acc.chunks_exact(np).enumerate() {
                     let o = o0 + oi;
-                    // SAFETY: output rows `oy0..oy1` of channel `o` of sample `s`: no other
+                    // SAFETY: output rows `oy0..` of channel `o` of sample `s`: no other
                     // task writes them (tasks differ in sample, group or block of rows), and
                     // they lie inside `out`.
                     let d = unsafe { written.rows((s * oc + o) * p + oy0 * ow, np) };
@@ -236,6 +164,108 @@ pub(super) fn grouped<T: Sink>(
         unsafe { out.set_len(len) };
     }
     out
+}
+
+impl Geometry<'_> {
+    /// The columns of output rows `rows` over `channels` input planes (see
+    /// [`crate::gemm::Im2col`]; for a strided convolution, [`Im2col::strided_matrix`]).
+    fn columns<'p>(
+        &self,
+        planes: &'p [i8],
+        channels: usize,
+        rows: std::ops::Range<usize>,
+    ) -> crate::gemm::Im2col<'p> {
+        crate::gemm::Im2col {
+            planes,
+            channels,
+            h: self.h,
+            w: self.w,
+            kernel: self.spec.kernel,
+            padding: self.spec.padding,
+            dilation: self.spec.dilation,
+            rows,
+            ow: self.ow,
+            loads: None,
+        }
+    }
+}
+
+/// The columns of `src` (see [`crate::gemm::Im2col`]) written out, for a convolution at
+/// `stride`: row `(c * kh + ky) * kw + kx`, column `(oy - rows.start) * ow + ox` holds the
+/// input at channel `c`, row `oy * stride + ky * dilation - padding`, column `ox * stride + kx
+/// * dilation - padding` (0 outside the plane); each output row's run of valid columns is
+/// copied in one piece (every `stride`-th value).
+fn columns_matrix(src: &crate::gemm::Im2col<'_>, stride: usize) -> Vec<i8> {
+    let (h, w, ow) = (src.h, src.w, src.ow);
+    let [kh, kw] = src.kernel;
+    let (pad, dil) = (src.padding as isize, src.dilation);
+    let np = src.rows.len() * ow;
+    let halving = stride == 2 && Kernel::Avx512Vnni.available();
+    let mut buf = vec![0i8; src.depth() * np];
+    for (ci, plane) in src
+        .planes
+        .chunks_exact(h * w)
+        .take(src.channels)
+        .enumerate()
+    {
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let t = (ci * kh + ky) * kw + kx;
+                let row = &mut buf[t * np..(t + 1) * np];
+                let off = (kx * dil) as isize - pad;
+                let (lo, hi) = valid_columns(off, stride, w, ow);
+                for (i, oy) in src.rows.clone().enumerate() {
+                    let iy = (oy * stride + ky * dil) as isize - pad;
+                    if iy < 0 || iy as usize >= h || lo >= hi {
+                        continue;
+                    }
+                    let line = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    let dst = &mut row[i * ow..(i + 1) * ow];
+                    let start = ((lo * stride) as isize + off) as usize;
+                    if stride == 1 {
+                        copy_short(&mut dst[lo..hi], &line[start..start + hi - lo]);
+                    } else {
+                        every_nth(&mut dst[lo..hi], &line[start..], stride, halving);
+                    }
+                }
+            }
+        }
+    }
+    buf
+}
+
+/// The output channels of a group that one task computes: all of them, unless samples,
+/// groups and blocks of rows (`tasks`) leave a thread without a task (a batch of one through
+/// layers of small planes); then the group's channels are shared out as well, in whole tiles
+/// of 16 rows, each share's task packing the same columns for its filters.
+fn channel_share(og: usize, tasks: usize, serial: bool) -> usize {
+    let threads = rayon::current_num_threads();
+    match serial || tasks >= threads {
+        true => og,
+        false => og
+            .div_ceil(threads.div_ceil(tasks))
+            .next_multiple_of(16)
+            .min(og),
+    }
+}
+
+/// `count` runs of `[channels, h, w]` planes of `xq` laid out by [`crate::gemm::quad_planes`]
+/// for `kernel`, one after another.
+fn quad_planes_of(xq: &[i8], count: usize, [c, h, w]: [usize; 3], kernel: Kernel) -> Vec<u8> {
+    let per = c.div_ceil(4) * h * w * 4;
+    let len = count * per;
+    let mut buf = Vec::with_capacity(len);
+    for_each_chunk(
+        &mut buf.spare_capacity_mut()[..len],
+        per,
+        len < SERIAL_VALUES,
+        |(i, out)| {
+            crate::gemm::quad_planes(&xq[i * c * h * w..][..c * h * w], [c, h, w], out, kernel)
+        },
+    );
+    // SAFETY: `quad_planes` wrote every byte of every run's share.
+    unsafe { buf.set_len(len) };
+    buf
 }
 
 /// An empty vector with room for `len` outputs that kernels write through its pointer
