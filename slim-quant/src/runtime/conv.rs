@@ -23,11 +23,9 @@ pub(super) fn grouped<T: Sink>(
     let g = c.groups.max(1);
     let (cg, og) = (geo.cin / g, c.out_channels / g);
     let (h, w, oh, ow) = (geo.h, geo.w, geo.oh, geo.ow);
-    let p = oh * ow;
     let rows_per = (POSITIONS_PER_TASK / ow).max(1);
     let blocks = oh.div_ceil(rows_per);
     let pointwise = c.kernel == [1, 1] && c.stride == 1 && c.padding == 0;
-    let oc = c.out_channels;
     // AVX2 takes its faster product, and finishes it in registers, where no input value is
     // negative: every layer after a ReLU.
     let u7 = pa.kernel() == Kernel::Avx2 && crate::gemm::nonnegative(xq);
@@ -35,14 +33,13 @@ pub(super) fn grouped<T: Sink>(
     // finished in registers and written through `written`, so the output is not zeroed
     // first; the other kernels' sums are finished in slices of it, which must hold values.
     let in_kernel = pa.kernel() == Kernel::Avx512Vnni || u7;
-    let len = n * oc * p;
+    let len = n * c.out_channels * oh * ow;
     let mut out: Vec<T> = if in_kernel {
         unwritten(len)
     } else {
         vec![T::default(); len]
     };
-    let written = Disjoint(out.as_mut_ptr());
-    let macs = n * oc * p * cg * c.kernel[0] * c.kernel[1];
+    let macs = len * cg * c.kernel[0] * c.kernel[1];
     let gathered = !pointwise && c.stride == 1 && cg >= GATHERED_CHANNELS;
     let block_rows = |blk: usize| blk * rows_per..((blk + 1) * rows_per).min(oh);
     // The panels' loads of each block of rows, the same for every sample and group: worked
@@ -55,7 +52,6 @@ pub(super) fn grouped<T: Sink>(
     };
     // Each sample's (and group's) planes laid out four channels together, once, for layers
     // with filters in tap order (with AVX2, only planes without a negative value).
-    let per_quads = cg.div_ceil(4) * h * w * 4;
     let quad = quad.filter(|qa| qa.kernel() != Kernel::Avx2 || u7);
     let quads = quad
         .filter(|_| !pointwise && c.stride == 1)
@@ -63,37 +59,95 @@ pub(super) fn grouped<T: Sink>(
     let serial = macs < SERIAL_PRODUCT;
     let tasks = n * g * blocks;
     let share = channel_share(og, tasks, serial);
-    let shares = og.div_ceil(share);
-    for_each_task(tasks * shares, serial, |task| {
-        let (task, part) = (task / shares, task % shares);
+    let plan = Plan {
+        xq,
+        pa,
+        quad: quad.zip(quads.as_deref()),
+        geo,
+        scales,
+        bias,
+        to,
+        written: Disjoint(out.as_mut_ptr()),
+        block_loads,
+        groups: g,
+        rows_per,
+        blocks,
+        share,
+        shares: og.div_ceil(share),
+        in_kernel,
+        gathered,
+        pointwise,
+    };
+    for_each_task(tasks * plan.shares, serial, |task| plan.task(task));
+    if in_kernel {
+        // SAFETY: the kernel finished and wrote every value of every task's rows: all
+        // samples, groups and blocks of rows, every column (its masks cover the tails).
+        unsafe { out.set_len(len) };
+    }
+    out
+}
+
+/// What the tasks of one [`grouped`] convolution share.
+struct Plan<'a, T> {
+    xq: &'a [i8],
+    pa: &'a PackedA,
+    /// The filters in tap order and every sample's (and group's) quad planes, where the
+    /// layer gathers from them.
+    quad: Option<(&'a PackedA, &'a [u8])>,
+    geo: &'a Geometry<'a>,
+    scales: &'a [f32],
+    bias: Option<&'a [f32]>,
+    to: &'a Requant,
+    written: Disjoint<T>,
+    block_loads: Vec<Arc<crate::gemm::ConvLoads>>,
+    groups: usize,
+    rows_per: usize,
+    blocks: usize,
+    /// Output channels per task, and tasks per group of a sample and block of rows.
+    share: usize,
+    shares: usize,
+    in_kernel: bool,
+    gathered: bool,
+    pointwise: bool,
+}
+
+impl<T: Sink> Plan<'_, T> {
+    /// Task `task`: one share of one group's output channels, over one block of output rows
+    /// of one sample.
+    fn task(&self, task: usize) {
+        let geo = self.geo;
+        let (g, blocks) = (self.groups, self.blocks);
+        let (cg, og) = (geo.cin / g, geo.spec.out_channels / g);
+        let (h, w, ow, p) = (geo.h, geo.w, geo.ow, geo.oh * geo.ow);
+        let (task, part) = (task / self.shares, task % self.shares);
         let (sg, blk) = (task / blocks, task % blocks);
         let (s, gi) = (sg / g, sg % g);
-        let rows = block_rows(blk);
+        let rows = blk * self.rows_per..((blk + 1) * self.rows_per).min(geo.oh);
         let (oy0, np) = (rows.start, rows.len() * ow);
         let plane0 = (s * geo.cin + gi * cg) * h * w;
-        let planes = &xq[plane0..plane0 + cg * h * w];
+        let planes = &self.xq[plane0..plane0 + cg * h * w];
         // This task's output channels: its share of the group's.
-        let o0 = gi * og + part * share;
-        let og = share.min((gi + 1) * og - o0);
-        let filters = o0..o0 + og;
+        let o0 = gi * og + part * self.share;
+        let filters = o0..o0 + self.share.min((gi + 1) * og - o0);
         // Where the kernel finishes the sums in registers, they go straight to the output:
         // row `o` of this block at `(s * oc + o) * p + oy0 * ow` (with oy0 = 0 for whole planes).
-        let at = (s * oc + o0) * p + oy0 * ow;
+        let at = (s * geo.spec.out_channels + o0) * p + oy0 * ow;
         let finish = crate::gemm::Finish {
-            scales: &scales[filters.clone()],
-            bias: bias.map(|b| &b[filters.clone()]),
+            scales: &self.scales[filters.clone()],
+            bias: self.bias.map(|b| &b[filters.clone()]),
             ld: p,
-            // SAFETY: `at` lies inside `out`.
-            out: T::output(unsafe { written.add(at) }.0, to),
+            // SAFETY: `at` lies inside the output.
+            out: T::output(unsafe { self.written.add(at) }.0, self.to),
         };
-        if gathered {
+        if self.gathered {
             // The columns gathered from the input as the product packs them, where it can.
             let src = crate::gemm::Im2col {
-                loads: block_loads.get(blk).map(|l| &**l),
+                loads: self.block_loads.get(blk).map(|l| &**l),
                 ..geo.columns(planes, cg, rows.clone())
             };
-            if let (Some(qa), Some(quads)) = (quad, &quads) {
-                let mine = &quads[(s * g + gi) * per_quads..][..per_quads];
+            if let Some((qa, quads)) = self.quad {
+                let per = cg.div_ceil(4) * h * w * 4;
+                let mine = &quads[(s * g + gi) * per..][..per];
                 // SAFETY: as for `gemm_rows_finished` below.
                 let f = filters.clone();
                 if unsafe { crate::gemm::gemm_conv_quads_finished(qa, f, &src, mine, &finish) } {
@@ -101,69 +155,82 @@ pub(super) fn grouped<T: Sink>(
                 }
             }
             // SAFETY: as for `gemm_rows_finished` below.
-            if unsafe { crate::gemm::gemm_conv_finished(pa, filters.clone(), &src, &finish) } {
+            let f = filters.clone();
+            if unsafe { crate::gemm::gemm_conv_finished(self.pa, f, &src, &finish) } {
                 return;
             }
         }
         let cols;
-        let b = if pointwise {
+        let b = if self.pointwise {
             MatRef {
-                data: &xq[plane0 + oy0 * ow..],
+                data: &self.xq[plane0 + oy0 * ow..],
                 rows: cg,
                 cols: np,
                 stride: h * w,
             }
         } else {
-            cols = columns_matrix(&geo.columns(planes, cg, rows.clone()), c.stride);
+            cols = columns_matrix(&geo.columns(planes, cg, rows.clone()), geo.spec.stride);
             MatRef::new(&cols, cols.len() / np, np)
         };
         // SAFETY: rows o0..o0 + og of sample s, positions oy0 * ow.. (np of them, p apart):
         // no other task writes them (tasks differ in sample, group, share of its channels or
-        // block of rows), and they lie inside `out`.
-        if unsafe { crate::gemm::gemm_rows_finished(pa, filters.clone(), b, &finish) } {
+        // block of rows), and they lie inside the output.
+        if unsafe { crate::gemm::gemm_rows_finished(self.pa, filters.clone(), b, &finish) } {
             return;
         }
         assert!(
-            !in_kernel,
+            !self.in_kernel,
             "a product left unfinished where the output was not zeroed"
         );
+        self.finish_sums(b, filters, s, rows);
+    }
+
+    /// The int32 sums of output channels `filters` of sample `s` over output rows `rows`
+    /// (the product of their filters with `b`), finished into the output.
+    fn finish_sums(
+        &self,
+        b: MatRef<'_>,
+        filters: std::ops::Range<usize>,
+        s: usize,
+        rows: std::ops::Range<usize>,
+    ) {
+        let (ow, p, oc) = (
+            self.geo.ow,
+            self.geo.oh * self.geo.ow,
+            self.geo.spec.out_channels,
+        );
+        let np = b.cols;
         ACC.with_borrow_mut(|acc| {
-            if acc.len() < og * np {
-                acc.resize(og * np, 0);
+            let len = filters.len() * np;
+            if acc.len() < len {
+                acc.resize(len, 0);
             }
-            let acc = &mut acc[..og * np];
-            gemm_rows(pa, filters.clone(), b, acc);
+            let acc = &mut acc[..len];
+            gemm_rows(self.pa, filters.clone(), b, acc);
             // The sums `acc` of output channels `o`, `plane` values each.
             let sums = |acc, plane, o: std::ops::Range<usize>| Sums {
                 acc,
                 plane,
-                scales: &scales[o.clone()],
-                bias: bias.map(|b| &b[o]),
+                scales: &self.scales[o.clone()],
+                bias: self.bias.map(|b| &b[o]),
             };
-            if blocks == 1 {
+            if self.blocks == 1 {
                 // The task's whole output planes, one after another.
-                // SAFETY: channels `o0..o0 + og` of sample `s`: no other task writes them
-                // (tasks differ in sample, group or share of it), and they lie inside `out`.
-                let d = unsafe { written.rows((s * oc + o0) * p, og * p) };
-                T::finish(d, sums(acc, p, filters.clone()), to);
+                // SAFETY: these channels of sample `s`: no other task writes them (tasks
+                // differ in sample, group or share of it), and they lie inside the output.
+                let d = unsafe { self.written.rows((s * oc + filters.start) * p, len) };
+                T::finish(d, sums(acc, p, filters), self.to);
             } else {
-                for (oi, row) in acc.chunks_exact(np).enumerate() {
-                    let o = o0 + oi;
-                    // SAFETY: output rows `oy0..` of channel `o` of sample `s`: no other
-                    // task writes them (tasks differ in sample, group or block of rows), and
-                    // they lie inside `out`.
-                    let d = unsafe { written.rows((s * oc + o) * p + oy0 * ow, np) };
-                    T::finish(d, sums(row, np, o..o + 1), to);
+                for (row, o) in acc.chunks_exact(np).zip(filters) {
+                    // SAFETY: output rows `rows` of channel `o` of sample `s`: no other task
+                    // writes them (tasks differ in sample, group, share or block of rows),
+                    // and they lie inside the output.
+                    let d = unsafe { self.written.rows((s * oc + o) * p + rows.start * ow, np) };
+                    T::finish(d, sums(row, np, o..o + 1), self.to);
                 }
             }
         });
-    });
-    if in_kernel {
-        // SAFETY: the kernel finished and wrote every value of every task's rows: all
-        // samples, groups and blocks of rows, every column (its masks cover the tails).
-        unsafe { out.set_len(len) };
     }
-    out
 }
 
 impl Geometry<'_> {
