@@ -12,7 +12,11 @@
 //!   pass the spaces through, touching their own per-channel parameters on axis 0; so do ops
 //!   along the plane (slices of rows or columns, softmaxes and reductions over spatial axes,
 //!   a layer norm within each channel) and reshapes that keep the channel axis first;
-//! - a channel shuffle interleaves its input's channels and blocks them;
+//! - a channel shuffle of `g` groups cuts its input into `g` blocks of one pattern (splitting
+//!   the spaces a block boundary cuts through), unifies them so that they keep one size, and
+//!   weaves them: its output lays segment `i` of every block side by side, channel `k` of
+//!   block `a`'s segment at `k * g + a`, so the members after it step by `g` (a grouped
+//!   convolution after it takes one bundle, split into its groups, per group);
 //! - a grouped convolution ties channel `k` of every group, so that the groups stay equal:
 //!   a space its group boundaries cut through is split into equal spaces (members shifted to
 //!   their part), the parts unified; its outputs are one space per group, unified;
@@ -23,12 +27,12 @@
 //!   `(o + k) * H * W .. (o + k + 1) * H * W`.
 //!
 //! A **channel group** is a class of unified spaces: all have the same number of channels and
-//! every member `(parameter, axis, offset, expand)` touches indices
-//! `(offset + k) * expand + j` for channel `k` and `j < expand`. A group is blocked (cannot be
-//! pruned) when it reaches a model input or output, a grouped convolution whose groups do not
-//! split its input's channel ranges alike, a softmax, a channel shuffle, an op across the
-//! channels (attention, reshapes that move them, channel slices), or an add/concat whose
-//! channel ranges do not line up; the
+//! every member `(parameter, axis, offset, expand, stride)` touches indices
+//! `(offset + k * stride) * expand + j` for channel `k` and `j < expand`. A group is blocked
+//! (cannot be pruned) when it reaches a model input or output, a grouped convolution or
+//! channel shuffle whose groups do not split its input's channel ranges alike, a softmax, an op
+//! across the channels (attention, reshapes that move them, channel slices), or an
+//! add/concat whose channel ranges do not line up; the
 //! group then names the node that blocked it and why. Nothing is skipped silently.
 //!
 //! [`ChannelGroups::prune`] slices every member of every group in a plan at once and returns a
@@ -46,7 +50,8 @@ use crate::model::Model;
 use crate::params::ParamStore;
 
 /// One parameter axis a group touches: channel `k` of the group is at indices
-/// `(offset + k) * expand + j`, `j < expand`, along `axis` of `param`.
+/// `(offset + k * stride) * expand + j`, `j < expand`, along `axis` of `param` (a stride
+/// above 1 after a channel shuffle, which interleaves groups of channels).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Member {
     pub node: String,
@@ -54,6 +59,19 @@ pub struct Member {
     pub axis: usize,
     pub offset: usize,
     pub expand: usize,
+    #[serde(skip_serializing_if = "is_one")]
+    pub stride: usize,
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+
+impl Member {
+    /// The index along the axis of channel `k`'s `j`-th value (`j < expand`).
+    pub fn index(&self, k: usize, j: usize) -> usize {
+        (self.offset + k * self.stride) * self.expand + j
+    }
 }
 
 /// Why a group cannot be pruned, and which node says so.
@@ -97,9 +115,29 @@ impl fmt::Display for ChannelGroup {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Layout {
-    /// `(space or group id, channels)` in channel order.
+    /// `(space or group id, channels)` in channel order, or, woven, in bundles of `weave`.
     segs: Vec<(usize, usize)>,
     expand: usize,
+    /// 1: the segments lie one after another. Above 1 (after a channel shuffle): the segments
+    /// come in bundles of `weave` of one length `len`, each bundle taking `weave * len`
+    /// channels in which channel `k` of its segment `a` is at `k * weave + a`.
+    weave: usize,
+}
+
+impl Layout {
+    /// The segments with the position of each one's channel 0 and the step between its
+    /// channels.
+    fn placed(&self) -> Vec<(usize, usize, usize, usize)> {
+        let mut out = Vec::with_capacity(self.segs.len());
+        let mut base = 0;
+        for bundle in self.segs.chunks(self.weave.max(1)) {
+            for (a, &(s, len)) in bundle.iter().enumerate() {
+                out.push((s, len, base + a, bundle.len()));
+            }
+            base += bundle.iter().map(|s| s.1).sum::<usize>();
+        }
+        out
+    }
 }
 
 struct Space {
@@ -168,16 +206,15 @@ impl Builder {
     }
     /// Adds a member on every segment of a layout.
     fn touch(&mut self, l: &Layout, node: &str, param: String, axis: usize) {
-        let mut offset = 0;
-        for &(s, len) in &l.segs {
+        for (s, _, offset, stride) in l.placed() {
             self.spaces[s].members.push(Member {
                 node: node.to_string(),
                 param: param.clone(),
                 axis,
                 offset,
                 expand: l.expand,
+                stride,
             });
-            offset += len;
         }
     }
     /// A new space produced by `node`, with its output-axis parameters as members.
@@ -191,11 +228,13 @@ impl Builder {
                 axis: 0,
                 offset: 0,
                 expand: 1,
+                stride: 1,
             });
         }
         Layout {
             segs: vec![(s, len)],
             expand: 1,
+            weave: 1,
         }
     }
     /// Splits every space of the class of `s` into `parts` equal spaces, space `i` holding
@@ -221,7 +260,7 @@ impl Builder {
                     self.spaces[id].members = members
                         .iter()
                         .map(|m| Member {
-                            offset: m.offset + i * len,
+                            offset: m.offset + i * len * m.stride,
                             ..m.clone()
                         })
                         .collect();
@@ -241,14 +280,27 @@ impl Builder {
                 self.union(a, b);
             }
         }
+        let pieces_of = &pieces;
         for l in layouts.iter_mut() {
+            // A woven bundle whose segments are all split becomes `parts` bundles, part `i`
+            // of each segment in bundle `i` (its channels lie together); the split spaces of
+            // a class are all in it, so a bundle is split whole or not at all.
+            let w = l.weave.max(1);
             l.segs = l
                 .segs
-                .iter()
-                .flat_map(|&(sp, len)| match pieces.get(&sp) {
-                    Some(ids) => ids.iter().map(|&id| (id, len / parts)).collect(),
-                    None => vec![(sp, len)],
-                })
+                .chunks(w)
+                .flat_map(
+                    |bundle| match bundle.iter().all(|s| pieces_of.contains_key(&s.0)) {
+                        true => (0..parts)
+                            .flat_map(|i| {
+                                bundle
+                                    .iter()
+                                    .map(move |&(sp, len)| (pieces_of[&sp][i], len / parts))
+                            })
+                            .collect::<Vec<_>>(),
+                        false => bundle.to_vec(),
+                    },
+                )
                 .collect();
         }
         pieces.remove(&s).unwrap_or_default()
@@ -258,6 +310,7 @@ impl Builder {
         let first = layouts[0];
         let aligned = layouts.iter().all(|l| {
             l.expand == first.expand
+                && l.weave == first.weave
                 && l.segs.len() == first.segs.len()
                 && l.segs.iter().zip(&first.segs).all(|(a, b)| a.1 == b.1)
         });
@@ -309,6 +362,76 @@ fn grouped_parts(l: &Layout, g: usize) -> Option<Vec<Vec<(usize, usize)>>> {
     same.then_some(parts)
 }
 
+/// The layout of node `input`'s output cut into `g` parts of one pattern of segment lengths
+/// (the groups of a grouped convolution, the blocks of a channel shuffle), splitting the
+/// spaces that a part boundary cuts through (every layout rewritten); the layout as it then
+/// is, and the parts (`None` where it cannot be cut so). A woven layout (a shuffle's output)
+/// is cut at its bundles: one bundle is first split into `g`, so that bundle `i` holds part
+/// `i` of each of its segments.
+fn cut_into_groups(
+    b: &mut Builder,
+    layouts: &mut [Layout],
+    input: usize,
+    g: usize,
+) -> (Layout, Option<Vec<Vec<(usize, usize)>>>) {
+    let mut l = layouts[input].clone();
+    if g < 2 || l.expand != 1 {
+        return (l, None);
+    }
+    if l.weave > 1 {
+        let w = l.weave;
+        let len = l.segs[0].1;
+        let even = l.segs.iter().all(|s| s.1 == len);
+        if l.segs.len() == w && even && len.is_multiple_of(g) {
+            b.split(l.segs[0].0, g, layouts);
+            l = layouts[input].clone();
+        }
+        let bundles: Vec<Vec<(usize, usize)>> = l.segs.chunks(w).map(<[_]>::to_vec).collect();
+        let alike = bundles.len() == g
+            && bundles.iter().all(|p| {
+                p.len() == bundles[0].len() && p.iter().zip(&bundles[0]).all(|(x, y)| x.1 == y.1)
+            });
+        return (l, alike.then_some(bundles));
+    }
+    for _ in 0..=l.segs.len() + g {
+        if let Some(p) = grouped_parts(&l, g) {
+            return (l, Some(p));
+        }
+        let total: usize = l.segs.iter().map(|s| s.1).sum();
+        if !total.is_multiple_of(g) {
+            break;
+        }
+        let per = total / g;
+        let mut offset = 0;
+        let mut cut = None;
+        for &(sp, len) in &l.segs {
+            let piece = gcd(
+                gcd(len, per),
+                offset % per + per * usize::from(offset % per == 0),
+            );
+            if piece < len && (offset / per != (offset + len - 1) / per || len > per) {
+                cut = Some((sp, len / piece));
+                break;
+            }
+            offset += len;
+        }
+        // No segment crosses a boundary, but the parts differ in pattern: down to the
+        // segments' common length (not to single channels, which could not be pruned).
+        let common = l.segs.iter().fold(per, |d, s| gcd(d, s.1));
+        let cut = cut.or_else(|| {
+            if common < 2 {
+                return None;
+            }
+            let &(sp, len) = l.segs.iter().find(|s| s.1 > common)?;
+            Some((sp, len / common))
+        });
+        let Some((sp, pieces)) = cut else { break };
+        b.split(sp, pieces, layouts);
+        l = layouts[input].clone();
+    }
+    (l, None)
+}
+
 /// The channel groups of a graph, and how each node's output is laid out over them.
 #[derive(Clone, Debug)]
 pub struct ChannelGroups {
@@ -354,50 +477,14 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
             Op::Conv2d(c) => {
                 // Channel k of every group is pruned together, so that the groups stay equal.
                 let g = c.groups;
-                let mut input = ins[0].clone();
-                // Split the spaces that a group boundary cuts through, until the input falls
-                // into `g` parts of one pattern (or cannot).
-                let mut parts = None;
-                for _ in 0..=input.segs.len() + g {
-                    if let Some(p) = grouped_parts(&input, g) {
-                        parts = Some(p);
-                        break;
-                    }
-                    let total: usize = input.segs.iter().map(|s| s.1).sum();
-                    if input.expand != 1 || !total.is_multiple_of(g) {
-                        break;
-                    }
-                    let per = total / g;
-                    let mut offset = 0;
-                    let mut cut = None;
-                    for &(sp, len) in &input.segs {
-                        let piece = gcd(
-                            gcd(len, per),
-                            offset % per + per * usize::from(offset % per == 0),
-                        );
-                        if piece < len && (offset / per != (offset + len - 1) / per || len > per) {
-                            cut = Some((sp, len / piece));
-                            break;
-                        }
-                        offset += len;
-                    }
-                    let Some((sp, pieces)) = cut else { break };
-                    b.split(sp, pieces, &mut layouts);
-                    input = layouts[node.inputs[0]].clone();
-                }
-                let input = match &parts {
-                    Some(p) => Layout {
-                        segs: p.concat(),
-                        expand: input.expand,
-                    },
-                    None => input,
-                };
+                let (input, parts) = cut_into_groups(&mut b, &mut layouts, node.inputs[0], g);
                 match parts {
                     Some(parts) => {
                         for part in &parts {
                             let first = Layout {
                                 segs: part.clone(),
                                 expand: 1,
+                                weave: input.weave,
                             };
                             b.touch(&first, name, node.param_name("weight"), 1);
                         }
@@ -427,6 +514,7 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                             axis: 0,
                             offset: i * opg,
                             expand: 1,
+                            stride: 1,
                         });
                     }
                     segs.push((s, opg));
@@ -434,7 +522,11 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                 for i in 1..g {
                     b.union(segs[0].0, segs[i].0);
                 }
-                Layout { segs, expand: 1 }
+                Layout {
+                    segs,
+                    expand: 1,
+                    weave: 1,
+                }
             }
             Op::Linear(l) => {
                 let input = ins[0].clone();
@@ -532,6 +624,7 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                     axis: 1,
                     offset: 0,
                     expand: 1,
+                    stride: 1,
                 });
                 l
             }
@@ -547,14 +640,40 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                 l
             }
             Op::ChannelShuffle { groups } => {
-                let reason = format!(
-                    "channel shuffle interleaves {groups} groups, which must keep one size"
-                );
-                b.block_layout(ins[0], name, &node.op, &reason);
-                let l = b.produce(node.shape[0], name, &[]);
-                b.spaces[l.segs[0].0].producers.clear();
-                b.block_layout(&l, name, &node.op, &reason);
-                l
+                // Block `a` of the `g` (channels `a * C / g ..`) goes to channels `a`, `a + g`,
+                // ...: the blocks must keep one size, so they are unified, and the output
+                // weaves them, segment `i` of every block into bundle `i`.
+                let g = *groups;
+                let (input, parts) = match ins[0].weave {
+                    1 => cut_into_groups(&mut b, &mut layouts, node.inputs[0], g),
+                    _ => (ins[0].clone(), None),
+                };
+                match parts {
+                    Some(parts) => {
+                        for part in &parts[1..] {
+                            for (x, y) in parts[0].iter().zip(part) {
+                                b.union(x.0, y.0);
+                            }
+                        }
+                        Layout {
+                            segs: (0..parts[0].len())
+                                .flat_map(|i| parts.iter().map(move |p| p[i]))
+                                .collect(),
+                            expand: 1,
+                            weave: g,
+                        }
+                    }
+                    None => {
+                        let reason = format!(
+                            "channel shuffle of {g} groups over channel ranges that do not split into them"
+                        );
+                        b.block_layout(&input, name, &node.op, &reason);
+                        let l = b.produce(node.shape[0], name, &[]);
+                        b.spaces[l.segs[0].0].producers.clear();
+                        b.block_layout(&l, name, &node.op, &reason);
+                        l
+                    }
+                }
             }
             Op::Flatten => {
                 let mut l = ins[0].clone();
@@ -575,6 +694,7 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                     let gate = Layout {
                         segs: g.segs.clone(),
                         expand: x.expand,
+                        weave: g.weave,
                     };
                     b.unify(&[&x, &gate], name, &node.op);
                 } else {
@@ -582,10 +702,21 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                 }
                 x
             }
-            Op::Concat => Layout {
+            Op::Concat if ins.iter().all(|l| l.weave == ins[0].weave) => Layout {
                 segs: ins.iter().flat_map(|l| l.segs.iter().copied()).collect(),
                 expand: 1,
+                weave: ins[0].weave,
             },
+            Op::Concat => {
+                let reason = "joins shuffled (interleaved) channels with others";
+                for l in &ins {
+                    b.block_layout(l, name, &node.op, reason);
+                }
+                let l = b.produce(node.shape[0], name, &[]);
+                b.spaces[l.segs[0].0].producers.clear();
+                b.block_layout(&l, name, &node.op, reason);
+                l
+            }
             Op::Softmax => {
                 let input = ins[0].clone();
                 b.block_layout(&input, name, &node.op, "softmax normalizes across channels");
@@ -756,7 +887,7 @@ impl ChannelGroups {
                     .or_insert_with(|| vec![true; dim]);
                 for (k, _) in kept.iter().enumerate().filter(|(_, &keep)| !keep) {
                     for j in 0..m.expand {
-                        let idx = (m.offset + k) * m.expand + j;
+                        let idx = m.index(k, j);
                         let slot = mask.get_mut(idx).ok_or_else(|| {
                             CoreError::param(
                                 &m.param,

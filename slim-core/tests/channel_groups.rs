@@ -149,6 +149,45 @@ fn grouped_graph() -> Model {
     Model::init(b.build().unwrap(), 3, &Device::Cpu).unwrap()
 }
 
+/// ShuffleNet units: a grouped 1x1 convolution, a channel shuffle, a depthwise convolution
+/// and a grouped 1x1 convolution, added to the unit's input; a strided unit whose shortcut is
+/// pooled and concatenated; a shuffle of a concatenation (blocks of two segments), and a
+/// shuffle straight after a dense convolution, flattened into a linear layer.
+fn shuffle_graph() -> Model {
+    let grouped = |out, groups| Conv2dSpec::new(0, out, 1).with_groups(groups);
+    let shuffle = |groups| Op::ChannelShuffle { groups };
+    let mut b = GraphBuilder::new([3, 12, 12]);
+    b.conv("stem", 12, 3, 1, 1).bn("stem.bn").relu("stem.relu");
+    b.conv_with("u1.g1", grouped(18, 3))
+        .bn("u1.bn1")
+        .relu("u1.r1")
+        .push("u1.shuffle", shuffle(3))
+        .dwconv("u1.dw", 3, 1, 1)
+        .bn("u1.bn2")
+        .conv_with("u1.g2", grouped(12, 3))
+        .bn("u1.bn3");
+    b.add("u1.add", &["u1.bn3", "stem.relu"]).relu("u1.out");
+    b.conv_with("u2.g1", grouped(24, 2))
+        .bn("u2.bn1")
+        .relu("u2.r1")
+        .push("u2.shuffle", shuffle(2))
+        .dwconv("u2.dw", 3, 2, 1)
+        .bn("u2.bn2")
+        .conv_with("u2.g2", grouped(8, 4))
+        .bn("u2.bn3");
+    b.at("u1.out").avg_pool("u2.pool", 2, 2);
+    b.concat("u2.cat", &["u2.pool", "u2.bn3"]).relu("u2.out");
+    b.conv("a", 4, 1, 1, 0);
+    b.at("u2.out").conv("b", 8, 1, 1, 0);
+    b.concat("ab", &["a", "b"])
+        .push("ab.shuffle", shuffle(2))
+        .conv("c", 8, 3, 1, 1)
+        .push("c.shuffle", shuffle(4))
+        .flatten("flat")
+        .linear("fc", 5);
+    Model::init(b.build().unwrap(), 7, &Device::Cpu).unwrap()
+}
+
 fn models() -> &'static [(String, Model)] {
     static MODELS: std::sync::OnceLock<Vec<(String, Model)>> = std::sync::OnceLock::new();
     MODELS.get_or_init(build_models)
@@ -168,6 +207,7 @@ fn build_models() -> Vec<(String, Model)> {
     v.push(("squeeze-excite".into(), se_graph()));
     v.push(("grouped".into(), grouped_graph()));
     v.push(("per-channel".into(), per_channel_graph()));
+    v.push(("shuffle".into(), shuffle_graph()));
     v
 }
 
@@ -191,7 +231,7 @@ fn mask(model: &Model, group: &ChannelGroup, keep: &[usize]) {
         let mut along = vec![1f32; t.dims()[m.axis]];
         for k in (0..group.channels).filter(|k| !keep.contains(k)) {
             for j in 0..m.expand {
-                along[(m.offset + k) * m.expand + j] = 0.0;
+                along[m.index(k, j)] = 0.0;
             }
         }
         let mut shape = vec![1; t.rank()];
@@ -262,6 +302,50 @@ proptest! {
             check_zero_channels(model, &picks).map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
         }
     }
+}
+
+/// Channel shuffles pass channels through: the groups of the layers before them are
+/// prunable (a shuffle's blocks unified, and, before a grouped convolution, cut into its
+/// groups), and every one of them at once, a channel in three kept, gives exactly what the
+/// masked original computes.
+#[test]
+fn channel_shuffles_pass_channels_through_as_a_permutation() {
+    let model = shuffle_graph().deep_clone().unwrap();
+    perturb(&model);
+    let groups = channel_groups(&model.graph);
+    for producer in ["u1.g1", "u2.g1", "a", "b", "c"] {
+        let found = groups
+            .groups
+            .iter()
+            .filter(|g| g.producers.iter().any(|p| p == producer))
+            .collect::<Vec<_>>();
+        assert!(
+            !found.is_empty() && found.iter().all(|g| g.is_prunable()),
+            "{producer}: {found:?}"
+        );
+    }
+    // The convolution after a shuffle reads channel k of a block every `groups` channels.
+    let strided = groups
+        .groups
+        .iter()
+        .flat_map(|g| &g.members)
+        .filter(|m| m.param == "c.weight" && m.axis == 1)
+        .collect::<Vec<_>>();
+    assert!(strided.iter().all(|m| m.stride == 2), "{strided:?}");
+    let plan: Vec<(usize, Vec<usize>)> = groups
+        .prunable()
+        .map(|g| (g.id, (0..g.channels).filter(|k| k % 3 != 1).collect()))
+        .collect();
+    for (id, keep) in &plan {
+        mask(&model, &groups.groups[*id], keep);
+    }
+    let pruned = groups.prune(&model, &plan).unwrap();
+    let x = batch(&model, 2);
+    let want = model.forward(&x, Mode::Eval).unwrap();
+    let got = pruned.forward(&x, Mode::Eval).unwrap();
+    let d = max_rel_diff(&want, &got);
+    assert!(d < 1e-4, "outputs differ by {d} after pruning {plan:?}");
+    assert!(analyze(&pruned.graph).macs < analyze(&model.graph).macs);
 }
 
 #[test]

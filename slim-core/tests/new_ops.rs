@@ -1046,7 +1046,7 @@ fn pool_json_without_the_new_fields_reads_with_the_defaults() {
 // Channel groups.
 
 #[test]
-fn lrn_passes_channels_through_and_channel_shuffle_blocks_them() {
+fn lrn_and_channel_shuffles_pass_channels_through() {
     let chain = |middle: Op| {
         let mut b = GraphBuilder::new([3, 8, 8]);
         b.conv("conv1", 8, 3, 1, 1)
@@ -1087,15 +1087,21 @@ fn lrn_passes_channels_through_and_channel_shuffle_blocks_them() {
         &[2, 5, 8, 8]
     );
 
-    // conv -> ChannelShuffle -> conv: blocked by the shuffle, which says why.
+    // conv -> ChannelShuffle -> conv: the shuffle's two blocks of four are pruned alike, and
+    // conv2 reads channel k of block a at 2 k + a.
     let g = chain(Op::ChannelShuffle { groups: 2 });
     let (groups, c1) = conv1_group(&g);
-    assert!(!c1.is_prunable(), "{c1}");
-    let blocker = c1.blocked.as_ref().expect("a blocker");
-    assert_eq!(blocker.node, "mid", "{c1}");
-    assert!(blocker.reason.contains("shuffle"), "{c1}");
-    // Nothing past the shuffle is prunable either: conv2's output is the model's output.
-    assert_eq!(groups.prunable().count(), 0, "{:?}", groups.groups);
+    assert!(c1.is_prunable() && c1.channels == 4, "{c1}");
+    let reads: Vec<(usize, usize)> = c1
+        .members
+        .iter()
+        .filter(|m| m.param == "conv2.weight")
+        .map(|m| (m.offset, m.stride))
+        .collect();
+    assert_eq!(reads, [(0, 2), (1, 2)]);
+    let m = Model::init(g, 1, &Device::Cpu).unwrap();
+    let pruned = groups.prune(&m, &[(c1.id, vec![1, 3])]).unwrap();
+    assert_eq!(pruned.graph.find("mid").unwrap().shape, vec![4, 8, 8]);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ impl FromStr for Criterion {
 }
 
 /// The rows of a member's parameter that belong to each channel of the group, as a
-/// `[channels, row length]` matrix (channel `k` gathers rows `(offset + k) * expand ..`).
+/// `[channels, row length]` matrix (channel `k` gathers rows `(offset + k * stride) * expand
+/// ..`).
 fn channel_rows(model: &Model, m: &Member, channels: usize) -> Result<(Vec<f32>, usize)> {
     let t: Tensor = model.params.tensor(&m.param)?;
     let t = if m.axis == 0 {
@@ -86,15 +87,21 @@ fn channel_rows(model: &Model, m: &Member, channels: usize) -> Result<(Vec<f32>,
     let data = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let row_len = data.len() / rows.max(1);
     let per = row_len * m.expand;
-    let start = m.offset * m.expand * row_len;
-    let end = start + channels * per;
+    if channels == 0 {
+        return Ok((Vec::new(), per));
+    }
+    let end = (m.index(channels - 1, 0) + m.expand) * row_len;
     if end > data.len() {
         return Err(PruneError::Invalid(format!(
             "parameter `{}` is too small for its channel group",
             m.param
         )));
     }
-    Ok((data[start..end].to_vec(), per))
+    let rows = (0..channels).flat_map(|k| {
+        let start = m.index(k, 0) * row_len;
+        data[start..start + per].iter().copied()
+    });
+    Ok((rows.collect(), per))
 }
 
 /// Members that produce the group's channels: the weights of its producer layers.
