@@ -674,6 +674,35 @@ pub unsafe fn gemm_conv_quads_finished(
     }
 }
 
+/// The packing of an [`Im2col`]'s columns gathered from its quad planes: the plane's size,
+/// the groups of four channels, rows of four packed per panel (one per tap and group), and
+/// panels of 16 positions.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct QuadPacking {
+    plane: usize,
+    groups: usize,
+    depth: usize,
+    panels: usize,
+}
+
+impl QuadPacking {
+    /// `src`'s packing, checking that `quads` holds its planes and that it gathers.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn of(src: &Im2col<'_>, quads: &[u8]) -> QuadPacking {
+        let (plane, groups) = (src.h * src.w, src.channels.div_ceil(4));
+        assert!(
+            src.fused() && quads.len() == groups * plane * 4 && src.rows.end <= src.oh(),
+            "convolution columns out of the input"
+        );
+        QuadPacking {
+            plane,
+            groups,
+            depth: src.kernel[0] * src.kernel[1] * groups,
+            panels: src.cols().div_ceil(PANEL),
+        }
+    }
+}
+
 /// The portable product (also the reference the vector kernel is tested against).
 pub fn gemm_portable(a: MatRef<'_>, b: MatRef<'_>, out: &mut [i32]) {
     let n = b.cols;
@@ -694,7 +723,9 @@ mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni {
-    use super::{ConvLoads, Finish, Im2col, MatRef, MaybeUninit, Output, PackedA, TapLoads};
+    use super::{
+        ConvLoads, Finish, Im2col, MatRef, MaybeUninit, Output, PackedA, QuadPacking, TapLoads,
+    };
     use std::arch::x86_64::*;
 
     const NR: usize = 16;
@@ -790,14 +821,12 @@ pub(crate) mod vnni {
     /// The machine has AVX-512 F; `quads` holds `src`'s planes laid out by `quad_planes`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pack_quads(src: &Im2col<'_>, quads: &[u8]) -> (Vec<u8>, usize) {
-        let [kh, kw] = src.kernel;
-        let (taps, plane, n) = (kh * kw, src.h * src.w, src.cols());
-        let groups = src.channels.div_ceil(4);
-        assert!(
-            src.fused() && quads.len() == groups * plane * 4 && src.rows.end <= src.oh(),
-            "convolution columns out of the input"
-        );
-        let (depth, panels) = (taps * groups, n.div_ceil(NR));
+        let QuadPacking {
+            plane,
+            groups,
+            depth,
+            panels,
+        } = QuadPacking::of(src, quads);
         let len = panels * depth * 4 * NR;
         let mut packed: Vec<u8> = Vec::with_capacity(len);
         let out = packed.as_mut_ptr();

@@ -11,7 +11,7 @@
 //!   half the size; its tiles are finished in registers as the VNNI kernel's are.
 
 use super::vnni::Sink;
-use super::{ConvLoads, Finish, Im2col, MatRef, Output, PackedA, MAX_LOADS};
+use super::{ConvLoads, Finish, Im2col, MatRef, Output, PackedA, QuadPacking, MAX_LOADS};
 use std::arch::x86_64::*;
 
 const NR: usize = 16;
@@ -185,14 +185,12 @@ pub unsafe fn gemm_conv_quads(
 /// The machine has AVX2; `quads` holds `src`'s planes laid out by `quad_planes` for AVX2.
 #[target_feature(enable = "avx2")]
 unsafe fn pack_quads(src: &Im2col<'_>, quads: &[u8]) -> (Vec<u8>, usize) {
-    let [kh, kw] = src.kernel;
-    let (taps, plane, n) = (kh * kw, src.h * src.w, src.cols());
-    let groups = src.channels.div_ceil(4);
-    assert!(
-        src.fused() && quads.len() == groups * plane * 4 && src.rows.end <= src.oh(),
-        "convolution columns out of the input"
-    );
-    let (depth, panels) = (taps * groups, n.div_ceil(NR));
+    let QuadPacking {
+        plane,
+        groups,
+        depth,
+        panels,
+    } = QuadPacking::of(src, quads);
     let len = panels * depth * 4 * NR;
     let mut packed: Vec<u8> = Vec::with_capacity(len);
     let out = packed.as_mut_ptr();
