@@ -336,9 +336,12 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
+/// A layout cut into parts: each part's `(space, channels)` segments.
+type Parts = Vec<Vec<(usize, usize)>>;
+
 /// A layout cut into `g` parts of one pattern of segment lengths at segment boundaries (the
 /// input of a grouped convolution), or `None`.
-fn grouped_parts(l: &Layout, g: usize) -> Option<Vec<Vec<(usize, usize)>>> {
+fn grouped_parts(l: &Layout, g: usize) -> Option<Parts> {
     if g < 2 || l.expand != 1 {
         return None;
     }
@@ -373,7 +376,7 @@ fn cut_into_groups(
     layouts: &mut [Layout],
     input: usize,
     g: usize,
-) -> (Layout, Option<Vec<Vec<(usize, usize)>>>) {
+) -> (Layout, Option<Parts>) {
     let mut l = layouts[input].clone();
     if g < 2 || l.expand != 1 {
         return (l, None);
