@@ -289,18 +289,16 @@ impl Builder {
             l.segs = l
                 .segs
                 .chunks(w)
-                .flat_map(
-                    |bundle| match bundle.iter().all(|s| pieces_of.contains_key(&s.0)) {
-                        true => (0..parts)
-                            .flat_map(|i| {
-                                bundle
-                                    .iter()
-                                    .map(move |&(sp, len)| (pieces_of[&sp][i], len / parts))
-                            })
-                            .collect::<Vec<_>>(),
-                        false => bundle.to_vec(),
-                    },
-                )
+                .flat_map(|bundle| match bundle_split(bundle, pieces_of) {
+                    true => (0..parts)
+                        .flat_map(|i| {
+                            bundle
+                                .iter()
+                                .map(move |&(sp, len)| (pieces_of[&sp][i], len / parts))
+                        })
+                        .collect::<Vec<_>>(),
+                    false => bundle.to_vec(),
+                })
                 .collect();
         }
         pieces.remove(&s).unwrap_or_default()
@@ -326,6 +324,17 @@ impl Builder {
             }
         }
     }
+}
+
+/// Whether every segment of a woven bundle is among the split spaces (a bundle's segments
+/// are unified by the shuffle that made it, and a split cuts a whole class: never some).
+fn bundle_split(bundle: &[(usize, usize)], pieces: &HashMap<usize, Vec<usize>>) -> bool {
+    let split = bundle.iter().filter(|s| pieces.contains_key(&s.0)).count();
+    debug_assert!(
+        split == 0 || split == bundle.len(),
+        "a bundle split in part"
+    );
+    split == bundle.len()
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -651,6 +660,12 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                     1 => cut_into_groups(&mut b, &mut layouts, node.inputs[0], g),
                     _ => (ins[0].clone(), None),
                 };
+                let reason = match input.weave {
+                    1 => format!(
+                        "channel shuffle of {g} groups over channel ranges that do not split into them"
+                    ),
+                    _ => "a channel shuffle of channels shuffled before".to_string(),
+                };
                 match parts {
                     Some(parts) => {
                         for part in &parts[1..] {
@@ -667,9 +682,6 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                         }
                     }
                     None => {
-                        let reason = format!(
-                            "channel shuffle of {g} groups over channel ranges that do not split into them"
-                        );
                         b.block_layout(&input, name, &node.op, &reason);
                         let l = b.produce(node.shape[0], name, &[]);
                         b.spaces[l.segs[0].0].producers.clear();
