@@ -204,6 +204,23 @@ impl Builder {
             self.block(s, node, op, reason);
         }
     }
+    /// A fresh layout for `node`'s output that no layer produces, blocked for `reason`, as
+    /// are its inputs' layouts `ins`.
+    fn block_through(
+        &mut self,
+        ins: &[&Layout],
+        node: &crate::graph::Node,
+        reason: &str,
+    ) -> Layout {
+        for l in ins {
+            self.block_layout(l, &node.name, &node.op, reason);
+        }
+        let len = node.shape.first().copied().unwrap_or(1);
+        let l = self.produce(len, &node.name, &[]);
+        self.spaces[l.segs[0].0].producers.clear();
+        self.block_layout(&l, &node.name, &node.op, reason);
+        l
+    }
     /// Adds a member on every segment of a layout.
     fn touch(&mut self, l: &Layout, node: &str, param: String, axis: usize) {
         for (s, _, offset, stride) in l.placed() {
@@ -444,6 +461,37 @@ fn cut_into_groups(
     (l, None)
 }
 
+/// The layout after a channel shuffle of `g` groups (`node`): block `a` of the `g` (channels
+/// `a * C / g ..`) goes to channels `a`, `a + g`, ...; the blocks must keep one size, so they
+/// are unified, and the output weaves them, segment `i` of every block into bundle `i`.
+fn shuffle(b: &mut Builder, layouts: &mut [Layout], node: &crate::graph::Node, g: usize) -> Layout {
+    let (input, parts) = match layouts[node.inputs[0]].weave {
+        1 => cut_into_groups(b, layouts, node.inputs[0], g),
+        _ => (layouts[node.inputs[0]].clone(), None),
+    };
+    let Some(parts) = parts else {
+        let reason = match input.weave {
+            1 => format!(
+                "channel shuffle of {g} groups over channel ranges that do not split into them"
+            ),
+            _ => "a channel shuffle of channels shuffled before".to_string(),
+        };
+        return b.block_through(&[&input], node, &reason);
+    };
+    for part in &parts[1..] {
+        for (x, y) in parts[0].iter().zip(part) {
+            b.union(x.0, y.0);
+        }
+    }
+    Layout {
+        segs: (0..parts[0].len())
+            .flat_map(|i| parts.iter().map(move |p| p[i]))
+            .collect(),
+        expand: 1,
+        weave: g,
+    }
+}
+
 /// The channel groups of a graph, and how each node's output is laid out over them.
 #[derive(Clone, Debug)]
 pub struct ChannelGroups {
@@ -605,25 +653,15 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                     "Slim does not yet follow channels through {}",
                     node.op.kind()
                 );
-                for l in &ins {
-                    b.block_layout(l, name, &node.op, &reason);
-                }
-                let len = node.shape.first().copied().unwrap_or(1);
-                let l = b.produce(len, name, &[]);
-                b.spaces[l.segs[0].0].producers.clear();
-                b.block_layout(&l, name, &node.op, &reason);
-                l
+                b.block_through(&ins, node, &reason)
             }
             // A constant's channels are its own, not its input's (which gives only the batch
             // size): a fresh, blocked layout.
-            Op::Constant { .. } => {
-                let reason = "Slim does not yet prune the channels of a constant".to_string();
-                let len = node.shape.first().copied().unwrap_or(1);
-                let l = b.produce(len, name, &[]);
-                b.spaces[l.segs[0].0].producers.clear();
-                b.block_layout(&l, name, &node.op, &reason);
-                l
-            }
+            Op::Constant { .. } => b.block_through(
+                &[],
+                node,
+                "Slim does not yet prune the channels of a constant",
+            ),
             Op::ConvTranspose2d(c) if c.groups == 1 => {
                 // The weight is [in, out, kh, kw]: input channels on axis 0, outputs on 1.
                 let input = ins[0].clone();
@@ -651,45 +689,7 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                 b.block_layout(&l, name, &node.op, &reason);
                 l
             }
-            Op::ChannelShuffle { groups } => {
-                // Block `a` of the `g` (channels `a * C / g ..`) goes to channels `a`, `a + g`,
-                // ...: the blocks must keep one size, so they are unified, and the output
-                // weaves them, segment `i` of every block into bundle `i`.
-                let g = *groups;
-                let (input, parts) = match ins[0].weave {
-                    1 => cut_into_groups(&mut b, &mut layouts, node.inputs[0], g),
-                    _ => (ins[0].clone(), None),
-                };
-                let reason = match input.weave {
-                    1 => format!(
-                        "channel shuffle of {g} groups over channel ranges that do not split into them"
-                    ),
-                    _ => "a channel shuffle of channels shuffled before".to_string(),
-                };
-                match parts {
-                    Some(parts) => {
-                        for part in &parts[1..] {
-                            for (x, y) in parts[0].iter().zip(part) {
-                                b.union(x.0, y.0);
-                            }
-                        }
-                        Layout {
-                            segs: (0..parts[0].len())
-                                .flat_map(|i| parts.iter().map(move |p| p[i]))
-                                .collect(),
-                            expand: 1,
-                            weave: g,
-                        }
-                    }
-                    None => {
-                        b.block_layout(&input, name, &node.op, &reason);
-                        let l = b.produce(node.shape[0], name, &[]);
-                        b.spaces[l.segs[0].0].producers.clear();
-                        b.block_layout(&l, name, &node.op, &reason);
-                        l
-                    }
-                }
-            }
+            Op::ChannelShuffle { groups } => shuffle(&mut b, &mut layouts, node, *groups),
             Op::Flatten => {
                 let mut l = ins[0].clone();
                 let in_shape = &graph.node(node.inputs[0]).shape;
@@ -722,16 +722,11 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                 expand: 1,
                 weave: ins[0].weave,
             },
-            Op::Concat => {
-                let reason = "joins shuffled (interleaved) channels with others";
-                for l in &ins {
-                    b.block_layout(l, name, &node.op, reason);
-                }
-                let l = b.produce(node.shape[0], name, &[]);
-                b.spaces[l.segs[0].0].producers.clear();
-                b.block_layout(&l, name, &node.op, reason);
-                l
-            }
+            Op::Concat => b.block_through(
+                &ins,
+                node,
+                "joins shuffled (interleaved) channels with others",
+            ),
             Op::Softmax => {
                 let input = ins[0].clone();
                 b.block_layout(&input, name, &node.op, "softmax normalizes across channels");
