@@ -465,6 +465,10 @@ fn cut_into_groups(
 /// `a * C / g ..`) goes to channels `a`, `a + g`, ...; the blocks must keep one size, so they
 /// are unified, and the output weaves them, segment `i` of every block into bundle `i`.
 fn shuffle(b: &mut Builder, layouts: &mut [Layout], node: &crate::graph::Node, g: usize) -> Layout {
+    if g == 1 {
+        // One group: the channels stay where they are.
+        return layouts[node.inputs[0]].clone();
+    }
     let (input, parts) = match layouts[node.inputs[0]].weave {
         1 => cut_into_groups(b, layouts, node.inputs[0], g),
         _ => (layouts[node.inputs[0]].clone(), None),
