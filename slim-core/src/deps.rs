@@ -21,7 +21,8 @@
 //!   a space its group boundaries cut through is split into equal spaces (members shifted to
 //!   their part), the parts unified; its outputs are one space per group, unified;
 //! - `Add`, and `Mul` (element-wise, or channel-wise as in squeeze-and-excite), unify the
-//!   spaces of their inputs: those channels must be pruned together;
+//!   spaces of their inputs: those channels must be pruned together (an add first splits
+//!   spaces until its inputs' segments line up);
 //! - `Flatten` keeps the spaces but expands each channel into its `H * W` positions, so a
 //!   following linear layer sees channel `k` of a segment at offset `o` as features
 //!   `(o + k) * H * W .. (o + k + 1) * H * W`.
@@ -461,6 +462,54 @@ fn cut_into_groups(
     (l, None)
 }
 
+/// Splits the spaces of the layouts of `inputs` (an add's) until their segments line up:
+/// while a segment of one layout holds a boundary between segments of another inside it, its
+/// class is split into pieces of the greatest length that those boundaries allow (never
+/// single channels, which could not be pruned). Layouts of other lengths, expands or weaves
+/// are left as they are (the add blocks them).
+fn align(b: &mut Builder, layouts: &mut [Layout], inputs: &[usize]) {
+    for _ in 0..64 {
+        let ls: Vec<&Layout> = inputs.iter().map(|&i| &layouts[i]).collect();
+        let total = |l: &Layout| l.segs.iter().map(|s| s.1).sum::<usize>();
+        let alike = ls
+            .iter()
+            .all(|l| l.weave == 1 && l.expand == ls[0].expand && total(l) == total(ls[0]));
+        if !alike {
+            return;
+        }
+        let mut bounds: Vec<usize> = ls
+            .iter()
+            .flat_map(|l| {
+                l.segs.iter().scan(0, |at, s| {
+                    *at += s.1;
+                    Some(*at)
+                })
+            })
+            .collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        let mut cut = None;
+        'find: for l in &ls {
+            let mut start = 0;
+            for &(sp, len) in &l.segs {
+                let inside = bounds.iter().filter(|&&x| x > start && x < start + len);
+                let piece = inside.fold(len, |d, &x| gcd(d, x - start));
+                if piece < len {
+                    cut = Some((sp, len, piece));
+                    break 'find;
+                }
+                start += len;
+            }
+        }
+        match cut {
+            Some((sp, len, piece)) if piece >= 2 => {
+                b.split(sp, len / piece, layouts);
+            }
+            _ => return,
+        }
+    }
+}
+
 /// The layout after a channel shuffle of `g` groups (`node`): block `a` of the `g` (channels
 /// `a * C / g ..`) goes to channels `a`, `a + g`, ...; the blocks must keep one size, so they
 /// are unified, and the output weaves them, segment `i` of every block into bundle `i`.
@@ -701,6 +750,8 @@ pub fn channel_groups(graph: &Graph) -> ChannelGroups {
                 l
             }
             Op::Add => {
+                align(&mut b, &mut layouts, &node.inputs);
+                let ins: Vec<&Layout> = node.inputs.iter().map(|&i| &layouts[i]).collect();
                 b.unify(&ins, name, &node.op);
                 ins[0].clone()
             }

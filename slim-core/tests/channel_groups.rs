@@ -348,6 +348,54 @@ fn channel_shuffles_pass_channels_through_as_a_permutation() {
     assert!(analyze(&pruned.graph).macs < analyze(&model.graph).macs);
 }
 
+/// An add whose two sides' channel ranges do not line up (a concatenation of 4 and 8
+/// channels plus a convolution's 12) has its spaces split until they do: every producer's
+/// channels stay prunable, tied by position, and pruning them gives what the masked original
+/// computes.
+#[test]
+fn adds_of_ranges_that_do_not_line_up_split_them_until_they_do() {
+    let mut b = GraphBuilder::new([3, 8, 8]);
+    b.conv("stem", 6, 3, 1, 1).relu("stem.relu");
+    b.conv("a", 4, 1, 1, 0);
+    b.at("stem.relu").conv("b", 8, 1, 1, 0);
+    b.concat("ab", &["a", "b"]);
+    b.at("stem.relu").conv("c", 12, 3, 1, 1);
+    b.add("sum", &["ab", "c"])
+        .relu("sum.relu")
+        .conv("d", 5, 1, 1, 0)
+        .global_avg_pool("gap")
+        .linear("fc", 3);
+    let model = Model::init(b.build().unwrap(), 4, &Device::Cpu).unwrap();
+    perturb(&model);
+    let groups = channel_groups(&model.graph);
+    for producer in ["a", "b", "c"] {
+        let of: Vec<&ChannelGroup> = groups
+            .groups
+            .iter()
+            .filter(|g| g.producers.iter().any(|p| p == producer))
+            .collect();
+        assert!(
+            !of.is_empty() && of.iter().all(|g| g.is_prunable() && g.channels == 4),
+            "{producer}: {of:?}"
+        );
+    }
+    let plan: Vec<(usize, Vec<usize>)> = groups
+        .prunable()
+        .map(|g| (g.id, (0..g.channels).filter(|k| k % 2 == 0).collect()))
+        .collect();
+    for (id, keep) in &plan {
+        mask(&model, &groups.groups[*id], keep);
+    }
+    let pruned = groups.prune(&model, &plan).unwrap();
+    let x = batch(&model, 2);
+    let d = max_rel_diff(
+        &model.forward(&x, Mode::Eval).unwrap(),
+        &pruned.forward(&x, Mode::Eval).unwrap(),
+    );
+    assert!(d < 1e-4, "outputs differ by {d} after pruning {plan:?}");
+    assert_eq!(pruned.graph.find("sum").unwrap().shape[0], 6);
+}
+
 #[test]
 fn half_of_every_group_gives_a_valid_smaller_graph_with_predicted_macs() {
     for (name, model) in models() {
