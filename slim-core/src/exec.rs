@@ -1404,7 +1404,24 @@ fn unary(kind: UnaryKind, x: &Tensor) -> Result<Tensor> {
         UnaryKind::Mish => (x * softplus(x)?.tanh()?)?,
         UnaryKind::Elu { alpha } => elu(x, alpha)?,
         UnaryKind::Selu { alpha, gamma } => (elu(x, alpha)? * f64::from(gamma))?,
+        UnaryKind::Round => elementwise_on_host(x, f32::round_ties_even)?,
+        UnaryKind::Float8 { format, saturate } => {
+            elementwise_on_host(x, |v| format.round(v, saturate))?
+        }
     })
+}
+
+/// `f` of every element, computed on the host (functions of a step, whose gradient is zero:
+/// the result is a new tensor, outside autograd).
+fn elementwise_on_host(x: &Tensor, f: impl Fn(f32) -> f32) -> Result<Tensor> {
+    let values: Vec<f32> = x
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f)
+        .collect();
+    Ok(Tensor::from_vec(values, x.dims(), x.device())?.to_dtype(x.dtype())?)
 }
 
 /// The index of the largest (smallest) value along `dim`, kept as an axis of one, in `x`'s

@@ -20,8 +20,8 @@ use crate::error::{CoreError, Result};
 mod kinds;
 mod window;
 pub use kinds::{
-    broadcast_shape, BinaryKind, CoordMode, Crop, LrnSpec, NearestRounding, PadMode, ReduceKind,
-    ResizeMode, ResizeSpec, UnaryKind,
+    broadcast_shape, BinaryKind, CoordMode, Crop, Float8, LrnSpec, NearestRounding, PadMode,
+    ReduceKind, ResizeMode, ResizeSpec, UnaryKind,
 };
 pub use window::{ConvTransposeSpec, PoolSpec, SquarePool};
 

@@ -655,6 +655,22 @@ impl Writer<'_> {
                 self.op("Tanh", &tanh, &[&soft], &tanh, vec![]);
                 self.op("Mul", out, &[x[0], &tanh], out, vec![]);
             }
+            Op::Unary(UnaryKind::Float8 { format, saturate }) => {
+                // A Cast to the 8-bit float and back: opset 19 has them.
+                if self.opset < 19 {
+                    return Err(OnnxError::Model(format!(
+                        "`{out}` rounds to 8-bit floats, which ONNX has from opset 19 (export \
+                         with opset 19 or newer)"
+                    )));
+                }
+                let narrow = format!("{out}_float8");
+                let to = vec![
+                    int("to", i64::from(format.onnx_type())),
+                    int("saturate", i64::from(*saturate)),
+                ];
+                self.op("Cast", &narrow, &x, &narrow, to);
+                self.op("Cast", out, &[&narrow], out, vec![int("to", 1)]);
+            }
             Op::Unary(kind) => {
                 let attrs = match *kind {
                     UnaryKind::Elu { alpha } => vec![float("alpha", alpha)],

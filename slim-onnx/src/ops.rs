@@ -2,7 +2,7 @@
 //! page equal to it) and behind [`SUPPORTED_OPS`].
 
 /// `(ONNX op, what Slim makes of it and its limits)`, in the order of the docs' table.
-pub const OP_TABLE: [(&str, &str); 75] = [
+pub const OP_TABLE: [(&str, &str); 76] = [
     ("Conv", "2-D convolution (grouped, depthwise, dilated), and 1-D as 2-D of height one; one dilation for both axes; unequal strides as the convolution at the smaller one (or 1) and a stepped slice of rows or columns; padding on one side beyond the others becomes a Pad node; a 1x1 convolution on a pooled vector becomes a linear layer"),
     ("ConvTranspose", "1-D and 2-D transposed convolution (groups, output_padding, output_shape, auto_pad); a stride and padding per axis and side; one dilation for both axes"),
     ("BatchNormalization", "batch norm over [C, H, W] maps or [C] vectors; constant scale and shift after it are folded in"),
@@ -24,6 +24,7 @@ pub const OP_TABLE: [(&str, &str); 75] = [
     ("Softsign", "x / (1 + |x|)"),
     ("Mish", "x·tanh(softplus(x)); written out before opset 18 on export"),
     ("Abs", "element-wise"),
+    ("Round", "halves to even"),
     ("Exp", "element-wise"),
     ("Log", "element-wise"),
     ("Max", "of one value or more, data or constants, broadcast"),
@@ -68,11 +69,11 @@ pub const OP_TABLE: [(&str, &str); 75] = [
     ("Transpose", "any permutation of the per-sample axes; Reshape-Transpose-Reshape channel shuffles become one op"),
     ("Squeeze", "axes of one"),
     ("Unsqueeze", "new axes after the batch axis"),
-    ("QuantizeLinear", "on data, with DequantizeLinear after it: a fake quantizer (a ReLU too when the zero point is the type's lowest value); on constants, folded"),
-    ("DequantizeLinear", "of int8 constants: folded, and a convolution or linear layer whose weight it is holds it as int8 (zero points 0, one scale per tensor or output channel), so the model runs on the int8 runtime; of a QuantizeLinear's output: the pair's second half"),
+    ("QuantizeLinear", "on data: with only DequantizeLinear after it, one scale and 8 bits, a fake quantizer (a ReLU too when the zero point is the type's lowest value) that the int8 runtime runs; otherwise its integers (8, 16 or 32 bits) or 8-bit floats, one scale, one per slice of an axis, or one per block (block_size), computed element-wise; on constants, folded"),
+    ("DequantizeLinear", "of int8 constants: folded, and a convolution or linear layer whose weight it is holds it as int8 (zero points 0, one scale per tensor or output channel), so the model runs on the int8 runtime; of a fake quantizer: the pair's second half; of other data: (x - zero) · scale, with the scales of QuantizeLinear"),
     ("Identity", "passed through"),
-    ("Dropout", "kept for training, nothing at inference; mask output unused"),
-    ("Cast", "to float types on data; constants to any numeric type"),
+    ("Dropout", "kept for training, nothing at inference; its mask output, where used, keeps every value (training_mode with a ratio above 0 is refused)"),
+    ("Cast", "to float types on data, and to the 8-bit floats (opset 19: E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ, rounded to them with `saturate`); constants to any numeric type"),
     ("Constant", "folded"),
     ("ConstantOfShape", "folded (the weights of the model zoo's light networks)"),
     ("Shape", "folded, with Gather, Slice, Concat, Unsqueeze and arithmetic on it"),

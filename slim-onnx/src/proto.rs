@@ -23,6 +23,10 @@ pub mod data_type {
     pub const INT16: i32 = 5;
     pub const UINT32: i32 = 12;
     pub const UINT64: i32 = 13;
+    pub const FLOAT8E4M3FN: i32 = 17;
+    pub const FLOAT8E4M3FNUZ: i32 = 18;
+    pub const FLOAT8E5M2: i32 = 19;
+    pub const FLOAT8E5M2FNUZ: i32 = 20;
 
     /// True for the integer types (and bool), whose arithmetic rounds toward zero.
     pub fn is_integer(t: i32) -> bool {
@@ -47,6 +51,10 @@ pub mod data_type {
             12 => "uint32",
             13 => "uint64",
             16 => "bfloat16",
+            17 => "float8e4m3fn",
+            18 => "float8e4m3fnuz",
+            19 => "float8e5m2",
+            20 => "float8e5m2fnuz",
             _ => "an unknown type",
         }
     }

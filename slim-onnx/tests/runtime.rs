@@ -370,6 +370,49 @@ fn cubic_and_symmetric_resizes_export_to_onnx_runtime() {
     assert_eq!(back.graph.to_def(), m.graph.to_def());
 }
 
+/// Rounding to integers and to 8-bit floats exports as ONNX's `Round` and a `Cast` to the
+/// 8-bit float and back, which ONNX Runtime computes as Slim does; the 8-bit floats need
+/// opset 19, and an older opset is refused naming them.
+#[test]
+fn rounding_to_integers_and_8_bit_floats_exports_to_onnx_runtime() {
+    use slim_core::graph::{Float8, UnaryKind};
+    let mut b = GraphBuilder::new([3, 9, 12]);
+    b.conv("stem", 4, 3, 1, 1)
+        .push("round", Op::Unary(UnaryKind::Round))
+        .conv("mid", 4, 3, 1, 1)
+        .push(
+            "narrow",
+            Op::Unary(UnaryKind::Float8 {
+                format: Float8::E4M3FN,
+                saturate: true,
+            }),
+        )
+        .conv("head", 2, 3, 1, 1);
+    let m = Model::init(b.build().expect("graph"), 4, &Device::Cpu).expect("init");
+    let err = export(&m, &ExportOptions::default())
+        .err()
+        .expect("opset 17 has no 8-bit floats")
+        .to_string();
+    assert!(err.contains("8-bit floats") && err.contains("19"), "{err}");
+    let Some(py) = python() else { return };
+    let bytes = export(
+        &m,
+        &ExportOptions {
+            opset: 19,
+            ..Default::default()
+        },
+    )
+    .expect("export");
+    // A fixed input (no value of it lies on a rounding tie in either runtime).
+    let values: Vec<f32> = (0..2 * 3 * 9 * 12)
+        .map(|i| ((i * 37) % 101) as f32 / 25.0 - 2.0)
+        .collect();
+    let x = Tensor::from_vec(values, (2, 3, 9, 12), &Device::Cpu).expect("x");
+    let err = max_rel(&ort(py, &bytes, &x), &slim(&m, &x));
+    eprintln!("Round and 8-bit floats: largest relative difference to ONNX Runtime {err:.2e}");
+    assert!(err < 1e-4, "{err}");
+}
+
 /// Activations quantized to fewer than 8 bits have no QDQ form: the export says so, naming
 /// the quantizer, rather than writing 8-bit ones.
 #[test]

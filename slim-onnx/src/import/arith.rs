@@ -40,6 +40,20 @@ impl Builder {
         if foldable {
             return self.fold_into_layer_norm(n, x, c, kind, value.as_ref());
         }
+        let r = self.const_arith(&sanitize(&display_name(n)), x, c, kind, reversed)?;
+        self.bind(n, r)
+    }
+
+    /// A Slim node computing `x kind c` (`c kind x` when `reversed`) with the constant `c`
+    /// kept as a tensor that broadcasts against the value.
+    pub(super) fn const_arith(
+        &mut self,
+        base: &str,
+        x: &NodeRef,
+        c: &Const,
+        kind: BinaryKind,
+        reversed: bool,
+    ) -> Result<NodeRef> {
         let mut dims = c.dims.clone();
         // A constant of the value's full rank carries a batch axis of one.
         if dims.len() == x.onnx.len() + 1 {
@@ -55,7 +69,7 @@ impl Builder {
             dims.push(1);
         }
         let node = self.materialize(x)?;
-        let name = self.fresh_name(&sanitize(&display_name(n)), "arith");
+        let name = self.fresh_name(base, "arith");
         let mut p = BTreeMap::new();
         p.insert(
             "value",
@@ -70,7 +84,7 @@ impl Builder {
             reversed,
         };
         let shape = self.push(&name, op, &[&node], p)?;
-        self.bind(n, NodeRef::plain(name, &shape))
+        Ok(NodeRef::plain(name, &shape))
     }
 
     /// A bias added to (or a scale of) the outputs of the dense layer that computes `x`,

@@ -143,7 +143,9 @@ impl Builder {
                 return Ok(None)
             }
             "Expand" => self.expand_const(n)?,
-            "Sqrt" | "Reciprocal" | "Neg" | "Relu" | "Sigmoid" | "Tanh" => self.unary_const(n)?,
+            "Sqrt" | "Reciprocal" | "Neg" | "Relu" | "Sigmoid" | "Tanh" | "Round" => {
+                self.unary_const(n)?
+            }
             "ConstantOfShape" => self.constant_of_shape(n, a)?,
             "Transpose" => {
                 let x = c(0)?;
@@ -253,6 +255,19 @@ impl Const {
                 .collect(),
             data_type::UINT32 | data_type::UINT64 => {
                 t.uint64_data.iter().map(|&v| v as f64).collect()
+            }
+            // 8-bit floats: a byte each in the raw data, else in `int32_data`.
+            other if Float8::of_onnx(other).is_some() => {
+                let format = Float8::of_onnx(other).unwrap_or(Float8::E5M2);
+                let bytes: Vec<u8> = if raw.is_empty() {
+                    t.int32_data.iter().map(|&v| v as u8).collect()
+                } else {
+                    raw.clone()
+                };
+                bytes
+                    .iter()
+                    .map(|&b| f64::from(format.from_bits(b)))
+                    .collect()
             }
             other => {
                 return Err(bad(format!(
@@ -614,6 +629,11 @@ impl Builder {
             x.values
                 .iter_mut()
                 .for_each(|v| *v = f64::from(u8::from(*v != 0.0)));
+        } else if let Some(format) = Float8::of_onnx(to as i32) {
+            let saturate = a.int("saturate").unwrap_or(1) != 0;
+            x.values
+                .iter_mut()
+                .for_each(|v| *v = f64::from(format.round(*v as f32, saturate)));
         } else if !cast_keeps_floats(to) {
             // Integer types: toward zero, as C casts.
             x.values.iter_mut().for_each(|v| *v = v.trunc());
@@ -644,6 +664,7 @@ impl Builder {
             "Neg" => |v| -v,
             "Relu" => |v| v.max(0.0),
             "Sigmoid" => |v| 1.0 / (1.0 + (-v).exp()),
+            "Round" => f64::round_ties_even,
             _ => f64::tanh,
         };
         // In f32, as the data would be computed.

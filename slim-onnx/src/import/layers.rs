@@ -830,9 +830,7 @@ pub(super) fn pads_of_axes(
 /// Node kinds the importer dispatches here (from [`Builder::dispatch`]).
 impl Builder {
     pub(super) fn dropout(&mut self, n: &NodeProto, a: &Attrs, base: &str) -> Result<()> {
-        if n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0 {
-            return err("the dropout mask output is used, which Slim does not compute");
-        }
+        let mask_used = n.output.len() > 1 && self.uses.get(&n.output[1]).copied().unwrap_or(0) > 0;
         let p = if self.opset < 12 {
             a.float("ratio").map(f64::from)
         } else {
@@ -853,7 +851,19 @@ impl Builder {
                  dropout does only in training",
             );
         }
-        self.unary(n, base, Op::Dropout { p })
+        self.unary(n, base, Op::Dropout { p })?;
+        if mask_used {
+            // Nothing is dropped at inference (nor in training at ratio 0): the mask keeps
+            // every value.
+            let x = self.node_in(n, 0)?;
+            let ones = Const {
+                values: vec![1.0; x.onnx.iter().product()],
+                dims: x.onnx.clone(),
+            };
+            let r = self.constant_node(&format!("{base}_mask"), &ones, x.onnx.len() + 1)?;
+            self.values.insert(n.output[1].clone(), Value::Node(r));
+        }
+        Ok(())
     }
 
     /// The mean over the plane (a vector `[C]`, seen as `[C, 1, 1]`), or over the length of a

@@ -18,9 +18,9 @@ use candle_core::{Device, Tensor};
 use prost::Message;
 use slim_core::data::Normalize;
 use slim_core::graph::{
-    BatchNormSpec, BinaryKind, Conv2dSpec, ConvTransposeSpec, CoordMode, Crop, Graph, LinearSpec,
-    LrnSpec, NearestRounding, Op, PadMode, ParamKind, PoolSpec, ReduceKind, ResizeMode, ResizeSpec,
-    UnaryKind,
+    BatchNormSpec, BinaryKind, Conv2dSpec, ConvTransposeSpec, CoordMode, Crop, Float8, Graph,
+    LinearSpec, LrnSpec, NearestRounding, Op, PadMode, ParamKind, PoolSpec, ReduceKind, ResizeMode,
+    ResizeSpec, UnaryKind,
 };
 use slim_core::params::ParamStore;
 use slim_core::Model;
@@ -191,6 +191,9 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
     for n in &graph.node {
         for i in &n.input {
             *b.uses.entry(i.clone()).or_default() += 1;
+        }
+        if let ("DequantizeLinear", Some(x)) = (n.op_type.as_str(), n.input.first()) {
+            *b.dequantized_uses.entry(x.clone()).or_default() += 1;
         }
     }
     for o in &graph.output {
@@ -511,6 +514,8 @@ struct Builder {
     /// size (unknown at import, stored as 1) marked.
     batchy: HashMap<String, Vec<bool>>,
     uses: HashMap<String, usize>,
+    /// How many of a value's uses are a `DequantizeLinear`'s first input.
+    dequantized_uses: HashMap<String, usize>,
     nodes: Vec<Pending>,
     by_name: HashMap<String, usize>,
     /// The element types of constant values (initializers, `Constant` tensors, quantized
@@ -536,6 +541,7 @@ impl Builder {
             ints: std::collections::HashSet::new(),
             batchy: HashMap::new(),
             uses: HashMap::new(),
+            dequantized_uses: HashMap::new(),
             nodes: Vec::new(),
             by_name: HashMap::new(),
             types: HashMap::new(),
@@ -897,6 +903,14 @@ impl Builder {
         match n.op_type.as_str() {
             "Constant" => self.constant_value(n, &a),
             "Dropout" => self.dropout(n, &a, &base),
+            "Cast" if Float8::of_onnx(a.int("to").unwrap_or(0) as i32).is_some() => {
+                let kind = UnaryKind::Float8 {
+                    format: Float8::of_onnx(a.int("to").unwrap_or(0) as i32)
+                        .unwrap_or(Float8::E5M2),
+                    saturate: a.int("saturate").unwrap_or(1) != 0,
+                };
+                self.unary(n, &base, Op::Unary(kind))
+            }
             "Cast" if !cast_keeps_floats(a.int("to").unwrap_or(0)) => err(format!(
                 "a Cast of data to {}; Slim computes in floats",
                 data_type::name(a.int("to").unwrap_or(0) as i32)
@@ -1159,6 +1173,7 @@ fn unary_kind(op: &str, a: &Attrs) -> Option<UnaryKind> {
         "Softplus" => UnaryKind::Softplus,
         "Softsign" => UnaryKind::Softsign,
         "Mish" => UnaryKind::Mish,
+        "Round" => UnaryKind::Round,
         "Elu" => UnaryKind::Elu {
             alpha: a.float("alpha").unwrap_or(1.0),
         },

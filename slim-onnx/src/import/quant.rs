@@ -15,10 +15,10 @@
 
 use std::collections::BTreeMap;
 
-use slim_core::graph::{FakeQuantSpec, Op};
+use slim_core::graph::{BinaryKind, FakeQuantSpec, Float8, Op, UnaryKind};
 use slim_core::model::Int8Tensor;
 
-use super::{err, Attrs, Builder, Const, NodeRef, Value};
+use super::{display_name, err, sanitize, Attrs, Builder, Const, NodeRef, Value};
 use crate::proto::{data_type, NodeProto};
 use crate::Result;
 
@@ -28,6 +28,16 @@ fn range(ty: i32) -> Option<(f64, f64)> {
         data_type::UINT8 => Some((0.0, 255.0)),
         data_type::INT8 => Some((-128.0, 127.0)),
         _ => None,
+    }
+}
+
+/// The range of an integer type a quantizer may write (8, 16 or 32 bits).
+fn integer_range(ty: i32) -> Option<(f64, f64)> {
+    match ty {
+        data_type::UINT16 => Some((0.0, 65535.0)),
+        data_type::INT16 => Some((-32768.0, 32767.0)),
+        data_type::INT32 => Some((-2147483648.0, 2147483647.0)),
+        _ => range(ty),
     }
 }
 
@@ -78,11 +88,154 @@ fn slices<'a>(
 impl Builder {
     /// The integer type of a quantization: its zero point's, uint8 without one.
     fn zero_type(&self, n: &NodeProto, has_zero: bool) -> i32 {
-        if has_zero {
-            self.type_of(n, 2).unwrap_or(data_type::UINT8)
-        } else {
-            data_type::UINT8
+        let declared = Attrs(&n.attribute).int("output_dtype").unwrap_or(0) as i32;
+        match (has_zero, declared) {
+            (true, _) => self.type_of(n, 2).unwrap_or(data_type::UINT8),
+            (false, 0) => data_type::UINT8,
+            (false, t) => t,
         }
+    }
+
+    /// Whether every reader of `n`'s output is a `DequantizeLinear` (and no graph output):
+    /// an activation's quantizer pair.
+    fn paired(&self, n: &NodeProto) -> bool {
+        n.output.first().is_some_and(|o| {
+            let uses = self.uses.get(o).copied().unwrap_or(0);
+            uses > 0 && self.dequantized_uses.get(o).copied().unwrap_or(0) == uses
+        })
+    }
+
+    /// A quantizer's scales and zero points as constants that broadcast against the value
+    /// `x` (of the full rank, the batch axis one): one of each, one per slice along the
+    /// axis, or one per block of `block_size` positions along it (repeated to cover them).
+    fn broadcast_params(
+        &self,
+        x: &NodeRef,
+        scale: &Const,
+        zero: Option<&Const>,
+        a: &Attrs,
+    ) -> Result<(Const, Option<Const>)> {
+        let full: Vec<usize> = std::iter::once(1).chain(x.onnx.iter().copied()).collect();
+        let rank = full.len();
+        let zero = zero.filter(|z| z.values.iter().any(|&v| v != 0.0));
+        if scale.numel() == 1 && zero.is_none_or(|z| z.numel() == 1) {
+            let one = |c: &Const| Const::scalar(c.values[0]);
+            return Ok((one(scale), zero.map(one)));
+        }
+        let axis = a.int("axis").unwrap_or(1);
+        let axis = if axis < 0 { axis + rank as i64 } else { axis };
+        if !(1..rank as i64).contains(&axis) {
+            return err(format!(
+                "a quantizer with {} scales along axis {axis} of a rank-{rank} value (one                  per sample, or outside it)",
+                scale.numel()
+            ));
+        }
+        let axis = axis as usize;
+        let block = a.int("block_size").unwrap_or(0).max(0) as usize;
+        let expand = |c: &Const| -> Result<Const> {
+            if block == 0 {
+                if c.numel() != full[axis] {
+                    return err(format!(
+                        "{} scales (or zero points) for the {} slices of axis {axis}",
+                        c.numel(),
+                        full[axis]
+                    ));
+                }
+                let mut dims = vec![1; rank];
+                dims[axis] = full[axis];
+                return Ok(Const {
+                    dims,
+                    values: c.values.clone(),
+                });
+            }
+            // Blocks: the constant has the value's shape but along the axis, where it has
+            // one entry per block; right-aligned against the value, its batch entry one.
+            let mut dims = vec![1; rank.saturating_sub(c.dims.len())];
+            dims.extend(&c.dims);
+            let fits = dims.len() == rank
+                && dims[0] == 1
+                && (1..rank).all(|i| {
+                    if i == axis {
+                        dims[i] == full[i].div_ceil(block)
+                    } else {
+                        dims[i] == full[i]
+                    }
+                });
+            if !fits {
+                return err(format!(
+                    "scales (or zero points) of shape {:?} do not block axis {axis} of {:?}                      by {block}",
+                    c.dims, full
+                ));
+            }
+            let mut out_dims = dims.clone();
+            out_dims[axis] = full[axis];
+            let inner: usize = out_dims[axis + 1..].iter().product();
+            let outer: usize = out_dims[..axis].iter().product();
+            let mut values = Vec::with_capacity(outer * full[axis] * inner);
+            for o in 0..outer {
+                for i in 0..full[axis] {
+                    let row = (o * dims[axis] + i / block) * inner;
+                    values.extend_from_slice(&c.values[row..row + inner]);
+                }
+            }
+            Ok(Const {
+                dims: out_dims,
+                values,
+            })
+        };
+        Ok((expand(scale)?, zero.map(expand).transpose()?))
+    }
+
+    /// `QuantizeLinear` of data in general: the integers (or 8-bit floats) themselves,
+    /// `saturate(round(x / scale) + zero)`, as Slim element-wise nodes.
+    fn quantize_values(&mut self, n: &NodeProto, a: &Attrs, base: &str, ty: i32) -> Result<()> {
+        let x: NodeRef = self.node_in(n, 0)?;
+        let (scale, zero) = (self.konst(n, 1)?, self.opt_const(n, 2)?);
+        if let Some(s) = scale.values.iter().find(|&&s| !(s > 0.0 && s.is_finite())) {
+            return err(format!("scale {s} is not a positive number"));
+        }
+        let (s, z) = self.broadcast_params(&x, &scale, zero.as_ref(), a)?;
+        let mut r = self.const_arith(base, &x, &s, BinaryKind::Div, false)?;
+        let unary = |b: &mut Builder, r: &NodeRef, op: Op, what: &str| -> Result<NodeRef> {
+            let name = b.fresh_name(&format!("{base}_{what}"), what);
+            let shape = b.push(&name, op, &[&r.node], BTreeMap::new())?;
+            Ok(NodeRef::plain(name, &shape))
+        };
+        if let Some(format) = Float8::of_onnx(ty) {
+            if let Some(z) = &z {
+                r = self.const_arith(base, &r, z, BinaryKind::Add, false)?;
+            }
+            let saturate = a.int("saturate").unwrap_or(1) != 0;
+            let op = Op::Unary(UnaryKind::Float8 { format, saturate });
+            r = unary(self, &r, op, "float8")?;
+            return self.bind(n, r);
+        }
+        let Some((qmin, qmax)) = integer_range(ty) else {
+            return err(format!("quantization to {}", data_type::name(ty)));
+        };
+        r = unary(self, &r, Op::Unary(UnaryKind::Round), "round")?;
+        if let Some(z) = &z {
+            r = self.const_arith(base, &r, z, BinaryKind::Add, false)?;
+        }
+        let clip = Op::Clip {
+            min: Some(qmin as f32),
+            max: Some(qmax as f32),
+        };
+        r = unary(self, &r, clip, "saturate")?;
+        self.bind(n, r)
+    }
+
+    /// `DequantizeLinear` of data that no quantizer pair produced: `(x - zero) · scale`.
+    fn dequantize_values(&mut self, n: &NodeProto, a: &Attrs, x: NodeRef) -> Result<()> {
+        let (scale, zero) = (self.konst(n, 1)?, self.opt_const(n, 2)?);
+        let (s, z) = self.broadcast_params(&x, &scale, zero.as_ref(), a)?;
+        let base = sanitize(&display_name(n));
+        let mut r = x;
+        if let Some(z) = &z {
+            r = self.const_arith(&base, &r, z, BinaryKind::Sub, false)?;
+        }
+        let r = self.const_arith(&base, &r, &s, BinaryKind::Mul, false)?;
+        self.bind(n, r)
     }
 
     /// The element type of a constant input (an initializer or a `Constant` node's tensor).
@@ -98,9 +251,7 @@ impl Builder {
             // The second half of an activation's pair: the quantizer already stands for both.
             let made = self.by_name.get(&r.node).map(|&i| &self.nodes[i].op);
             if !matches!(made, Some(Op::FakeQuant(_))) {
-                return err(
-                    "a DequantizeLinear of values that no QuantizeLinear produced (Slim reads quantized activations only as QuantizeLinear/DequantizeLinear pairs)",
-                );
+                return self.dequantize_values(n, a, r);
             }
             return self.bind(n, r);
         }
@@ -173,20 +324,17 @@ impl Builder {
         let x: NodeRef = self.node_in(n, 0)?;
         let scale = self.konst(n, 1)?;
         let zero = self.opt_const(n, 2)?;
-        if scale.values.len() != 1 || zero.as_ref().is_some_and(|z| z.values.len() != 1) {
-            return err("a per-channel quantizer of activations (Slim's have one scale)");
-        }
+        let ty = self.zero_type(n, zero.is_some());
+        // An activation's pair of one scale and 8 bits is a fake quantizer, which the int8
+        // runtime runs; any other quantizer computes its integers.
+        let one_scale = scale.numel() == 1 && zero.as_ref().is_none_or(|z| z.numel() == 1);
+        let (Some((qmin, qmax)), true, true) = (range(ty), one_scale, self.paired(n)) else {
+            return self.quantize_values(n, a, base, ty);
+        };
         let s = scale.values[0];
         if !(s > 0.0 && s.is_finite()) {
             return err(format!("scale {s} is not a positive number"));
         }
-        let ty = self.zero_type(n, zero.is_some());
-        let Some((qmin, qmax)) = range(ty) else {
-            return err(format!(
-                "quantization to {} (Slim's activations are 8-bit)",
-                data_type::name(ty)
-            ));
-        };
         let z = zero.map_or(0.0, |z| z.values[0]);
         let (lo, hi) = ((qmin - z) * s, (qmax - z) * s);
         let mut input = x.node.clone();

@@ -43,6 +43,9 @@ impl Builder {
                     n.op_type
                 ))
             }
+            // A quantizer of one scale has no axis to move.
+            "QuantizeLinear" | "DequantizeLinear"
+                if self.opt_const(n, 1)?.is_some_and(|s| s.numel() == 1) => {}
             "Concat" | "Split" | "Softmax" | "Gather" | "LayerNormalization" | "QuantizeLinear"
             | "DequantizeLinear" | "ArgMax" | "ArgMin" => {
                 let default = match n.op_type.as_str() {
