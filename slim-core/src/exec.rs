@@ -1134,6 +1134,18 @@ impl Model {
                 sorted.sort_unstable_by(|a, b| b.cmp(a));
                 for &a in &sorted {
                     y = match kind {
+                        // Over an empty axis: the reduction's identity.
+                        _ if y.dim(a + 1)? == 0 => {
+                            let mut dims = y.dims().to_vec();
+                            dims[a + 1] = 1;
+                            let fill = match kind {
+                                ReduceKind::Max => f64::NEG_INFINITY,
+                                ReduceKind::Min => f64::INFINITY,
+                                ReduceKind::Mean => f64::NAN,
+                                _ => 0.0,
+                            };
+                            Tensor::full(fill, dims, y.device())?.to_dtype(y.dtype())?
+                        }
                         ReduceKind::Mean => y.mean_keepdim(a + 1)?,
                         ReduceKind::Max => y.max_keepdim(a + 1)?,
                         ReduceKind::Sum | ReduceKind::SumSquare | ReduceKind::L2 => {

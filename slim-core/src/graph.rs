@@ -526,6 +526,15 @@ impl Op {
     /// file can ask for an impossible allocation.
     pub fn infer_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>, String> {
         self.check_sizes()?;
+        if let Some(empty) = inputs.iter().find(|s| s.contains(&0)) {
+            if !self.takes_empty() {
+                return Err(format!(
+                    "its input {empty:?} holds no value (an axis of length 0); Slim computes \
+                     {} only on values that hold some",
+                    self.kind()
+                ));
+            }
+        }
         let shape = self.infer_shape_unbounded(inputs)?;
         if !fits(&shape) {
             return Err(format!(
@@ -539,6 +548,30 @@ impl Op {
             ));
         }
         Ok(shape)
+    }
+
+    /// Whether the op computes values with an axis of length 0 (an empty set): element-wise
+    /// arithmetic, whose result is as empty, and the reductions, which give their identity
+    /// over an empty axis (0 for sums, `-inf` for a maximum, `inf` for a minimum).
+    fn takes_empty(&self) -> bool {
+        match self {
+            Op::Reduce { kind, .. } => !matches!(
+                kind,
+                ReduceKind::ArgMax
+                    | ReduceKind::ArgMaxLast
+                    | ReduceKind::ArgMin
+                    | ReduceKind::ArgMinLast
+            ),
+            Op::Unary(_)
+            | Op::Binary(_)
+            | Op::ConstBinary { .. }
+            | Op::Identity
+            | Op::Add
+            | Op::Mul
+            | Op::Sqrt
+            | Op::Reciprocal => true,
+            _ => false,
+        }
     }
 
     fn infer_shape_unbounded(&self, inputs: &[&[usize]]) -> Result<Vec<usize>, String> {
@@ -589,10 +622,8 @@ impl Op {
         let shape = match self {
             Op::Input { shape } => {
                 self.arity(inputs, 0)?;
-                if shape.is_empty() || shape.contains(&0) {
-                    return Err(format!(
-                        "input shape {shape:?} must be non-empty with no zero"
-                    ));
+                if shape.is_empty() {
+                    return Err("an input of no axes (a sample is one number or more)".into());
                 }
                 Ok(shape.clone())
             }
@@ -1589,6 +1620,35 @@ fn clone_error(e: &CoreError) -> CoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A value with an axis of length 0 (an empty set) reaches element-wise ops and
+    /// reductions, which give their identity over it; any other op refuses it by name.
+    #[test]
+    fn empty_values_reach_reductions_and_nothing_else() {
+        use crate::exec::Mode;
+        use candle_core::{Device, Tensor};
+        let mut b = GraphBuilder::new(vec![0, 4]);
+        b.push("abs", Op::Unary(UnaryKind::Abs)).push(
+            "max",
+            Op::Reduce {
+                kind: ReduceKind::Max,
+                axes: vec![0],
+                keep: false,
+            },
+        );
+        let g = b.build().expect("graph");
+        assert_eq!(g.nodes.last().map(|n| n.shape.clone()), Some(vec![4]));
+        let m = crate::Model::init(g, 0, &Device::Cpu).expect("model");
+        let x = Tensor::zeros((2, 0, 4), candle_core::DType::F32, &Device::Cpu).expect("x");
+        let y = m.forward(&x, Mode::Eval).expect("forward");
+        assert_eq!(y.dims(), &[2, 4]);
+        let v: Vec<f32> = y.flatten_all().and_then(|t| t.to_vec1()).expect("values");
+        assert!(v.iter().all(|&v| v == f32::NEG_INFINITY), "{v:?}");
+        let mut b = GraphBuilder::new(vec![0, 4, 4]);
+        b.push("flat", Op::Flatten);
+        let e = b.build().err().expect("Flatten of nothing").to_string();
+        assert!(e.contains("flat") && e.contains("holds no value"), "{e}");
+    }
 
     #[test]
     fn shapes_are_inferred_and_errors_name_the_node() {
