@@ -19,7 +19,7 @@ use std::path::Path;
 
 use prost::Message;
 use slim_core::graph::{
-    CoordMode, NearestRounding, Node, Op, PadMode, ReduceKind, ResizeMode, UnaryKind,
+    CoordMode, Float8, NearestRounding, Node, Op, PadMode, ReduceKind, ResizeMode, UnaryKind,
 };
 use slim_core::Model;
 
@@ -656,20 +656,7 @@ impl Writer<'_> {
                 self.op("Mul", out, &[x[0], &tanh], out, vec![]);
             }
             Op::Unary(UnaryKind::Float8 { format, saturate }) => {
-                // A Cast to the 8-bit float and back: opset 19 has them.
-                if self.opset < 19 {
-                    return Err(OnnxError::Model(format!(
-                        "`{out}` rounds to 8-bit floats, which ONNX has from opset 19 (export \
-                         with opset 19 or newer)"
-                    )));
-                }
-                let narrow = format!("{out}_float8");
-                let to = vec![
-                    int("to", i64::from(format.onnx_type())),
-                    int("saturate", i64::from(*saturate)),
-                ];
-                self.op("Cast", &narrow, &x, &narrow, to);
-                self.op("Cast", out, &[&narrow], out, vec![int("to", 1)]);
+                self.float8(out, x[0], *format, *saturate)?
             }
             Op::Unary(kind) => {
                 let attrs = match *kind {
@@ -684,6 +671,24 @@ impl Writer<'_> {
             _ => return Ok(false),
         }
         Ok(true)
+    }
+
+    /// Rounding to an 8-bit float: a Cast to it and back, which opset 19 has.
+    fn float8(&mut self, out: &str, x: &str, format: Float8, saturate: bool) -> Result<()> {
+        if self.opset < 19 {
+            return Err(OnnxError::Model(format!(
+                "`{out}` rounds to 8-bit floats, which ONNX has from opset 19 (export with \
+                 opset 19 or newer)"
+            )));
+        }
+        let narrow = format!("{out}_float8");
+        let to = vec![
+            int("to", i64::from(format.onnx_type())),
+            int("saturate", i64::from(saturate)),
+        ];
+        self.op("Cast", &narrow, &[x], &narrow, to);
+        self.op("Cast", out, &[&narrow], out, vec![int("to", 1)]);
+        Ok(())
     }
 
     /// GELU (written out before opset 20) and softmaxes. `Ok(false)` when the op is not of them.

@@ -188,17 +188,7 @@ fn import_in(bytes: &[u8], opts: &ImportOptions, dir: Option<&Path>) -> Result<M
         }
         b.types.insert(t.name.clone(), t.data_type);
     }
-    for n in &graph.node {
-        for i in &n.input {
-            *b.uses.entry(i.clone()).or_default() += 1;
-        }
-        if let ("DequantizeLinear", Some(x)) = (n.op_type.as_str(), n.input.first()) {
-            *b.dequantized_uses.entry(x.clone()).or_default() += 1;
-        }
-    }
-    for o in &graph.output {
-        *b.uses.entry(o.name.clone()).or_default() += 1;
-    }
+    b.count_uses(graph);
     let input = data_input(graph, &b)?;
     let shape = input_shape(input, opts.input_shape.as_deref(), opts.single_sample)?;
     if shape.is_empty() && !opts.single_sample {
@@ -546,6 +536,21 @@ impl Builder {
             by_name: HashMap::new(),
             types: HashMap::new(),
             int8_consts: HashMap::new(),
+        }
+    }
+
+    /// How often each value is read, by nodes and as a graph output.
+    fn count_uses(&mut self, graph: &crate::proto::GraphProto) {
+        for n in &graph.node {
+            for i in &n.input {
+                *self.uses.entry(i.clone()).or_default() += 1;
+            }
+            if let ("DequantizeLinear", Some(x)) = (n.op_type.as_str(), n.input.first()) {
+                *self.dequantized_uses.entry(x.clone()).or_default() += 1;
+            }
+        }
+        for o in &graph.output {
+            *self.uses.entry(o.name.clone()).or_default() += 1;
         }
     }
 
@@ -903,14 +908,7 @@ impl Builder {
         match n.op_type.as_str() {
             "Constant" => self.constant_value(n, &a),
             "Dropout" => self.dropout(n, &a, &base),
-            "Cast" if Float8::of_onnx(a.int("to").unwrap_or(0) as i32).is_some() => {
-                let kind = UnaryKind::Float8 {
-                    format: Float8::of_onnx(a.int("to").unwrap_or(0) as i32)
-                        .unwrap_or(Float8::E5M2),
-                    saturate: a.int("saturate").unwrap_or(1) != 0,
-                };
-                self.unary(n, &base, Op::Unary(kind))
-            }
+            "Cast" if let Some(kind) = float8_cast(&a) => self.unary(n, &base, Op::Unary(kind)),
             "Cast" if !cast_keeps_floats(a.int("to").unwrap_or(0)) => err(format!(
                 "a Cast of data to {}; Slim computes in floats",
                 data_type::name(a.int("to").unwrap_or(0) as i32)
@@ -1161,6 +1159,14 @@ impl Builder {
         }
         Ok(model)
     }
+}
+
+/// A `Cast` to an 8-bit float: the rounding to it.
+fn float8_cast(a: &Attrs) -> Option<UnaryKind> {
+    Some(UnaryKind::Float8 {
+        format: Float8::of_onnx(a.int("to").unwrap_or(0) as i32)?,
+        saturate: a.int("saturate").unwrap_or(1) != 0,
+    })
 }
 
 /// The element-wise function an ONNX op of one input names, with its attributes' values
