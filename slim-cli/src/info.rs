@@ -8,6 +8,7 @@ use serde_json::json;
 use slim_core::analysis::{analyze, human};
 use slim_core::deps::channel_groups;
 use slim_core::zoo::{self, ZooConfig};
+use slim_core::Model;
 
 use crate::output::table;
 use crate::{input_error, Failure};
@@ -82,44 +83,57 @@ pub fn run(args: InfoArgs) -> Result<(), Failure> {
         }
         (None, None) => return Err(input_error("give a model file or --model NAME")),
     };
+
+    if args.json {
+        print_json(&label, &model, bytes);
+        return Ok(());
+    }
+    print_tables(&label, &model, bytes);
+    Ok(())
+}
+
+/// The model's layers and channel groups as JSON.
+fn print_json(label: &str, model: &Model, bytes: u64) {
     let stats = analyze(&model.graph);
     let groups = channel_groups(&model.graph);
     let input = model.input_shape();
-
-    if args.json {
-        let layers: Vec<_> = stats
-            .layers
-            .iter()
-            .map(|l| json!({"name": l.name, "op": l.op, "shape": l.shape, "macs": l.macs, "params": l.params}))
-            .collect();
-        let groups_json: Vec<_> = groups
-            .groups
-            .iter()
-            .filter(|g| !g.producers.is_empty())
-            .map(|g| {
-                json!({
-                    "id": g.id,
-                    "channels": g.channels,
-                    "producers": g.producers,
-                    "prunable": g.is_prunable(),
-                    "blocked_by": g.blocked.as_ref().map(|b| json!({"node": b.node, "op": b.op, "reason": b.reason})),
-                })
+    let layers: Vec<_> = stats
+        .layers
+        .iter()
+        .map(|l| json!({"name": l.name, "op": l.op, "shape": l.shape, "macs": l.macs, "params": l.params}))
+        .collect();
+    let groups_json: Vec<_> = groups
+        .groups
+        .iter()
+        .filter(|g| !g.producers.is_empty())
+        .map(|g| {
+            json!({
+                "id": g.id,
+                "channels": g.channels,
+                "producers": g.producers,
+                "prunable": g.is_prunable(),
+                "blocked_by": g.blocked.as_ref().map(|b| json!({"node": b.node, "op": b.op, "reason": b.reason})),
             })
-            .collect();
-        let out = json!({
-            "model": label,
-            "input": input,
-            "macs": stats.macs,
-            "params": stats.params,
-            "buffers": stats.buffers,
-            "bytes": bytes,
-            "layers": layers,
-            "groups": groups_json,
-        });
-        outln!("{out}");
-        return Ok(());
-    }
+        })
+        .collect();
+    let out = json!({
+        "model": label,
+        "input": input,
+        "macs": stats.macs,
+        "params": stats.params,
+        "buffers": stats.buffers,
+        "bytes": bytes,
+        "layers": layers,
+        "groups": groups_json,
+    });
+    outln!("{out}");
+}
 
+/// The model's layers and channel groups as tables.
+fn print_tables(label: &str, model: &Model, bytes: u64) {
+    let stats = analyze(&model.graph);
+    let groups = channel_groups(&model.graph);
+    let input = model.input_shape();
     let rows: Vec<Vec<String>> = stats
         .layers
         .iter()
@@ -179,5 +193,4 @@ pub fn run(args: InfoArgs) -> Result<(), Failure> {
         "{}",
         table(&["group", "channels", "produced by", "status"], &rows)
     );
-    Ok(())
 }

@@ -371,6 +371,49 @@ fn load_sensitivities(files: &[PathBuf], model: &Model) -> Result<Option<Sensiti
     Ok(Some(Sensitivities::merge(all)?))
 }
 
+/// The search's history file (--method auto on this machine): --history, else beside --out.
+fn history_file(args: &PruneArgs, shared: bool) -> Result<Option<PathBuf>, Failure> {
+    if args.method != PruneMethod::Auto || shared {
+        return Ok(None);
+    }
+    let history = args.history.clone().unwrap_or_else(|| {
+        let mut p = args.out.clone().into_os_string();
+        p.push(".search.json");
+        p.into()
+    });
+    check_out_dir("--history", &history)?;
+    Ok(Some(history))
+}
+
+/// The pruned model's accuracy, or without labels its fidelity to the original.
+fn measure_pruned(
+    pruned: &Model,
+    model: &Model,
+    data: Option<&DataSplits>,
+    label_free: bool,
+) -> Result<
+    (
+        Option<slim_core::train::EvalReport>,
+        Option<slim_core::train::Fidelity>,
+    ),
+    Failure,
+> {
+    Ok(match data {
+        Some(d) if label_free => (
+            None,
+            Some(slim_core::train::fidelity(
+                pruned,
+                model,
+                &d.test,
+                &d.normalize,
+                256,
+            )?),
+        ),
+        Some(d) => (Some(evaluate(pruned, &d.test, &d.normalize, 256)?), None),
+        None => (None, None),
+    })
+}
+
 pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     let study = check_prune_args(&args)?;
     let (choice, options) = prune_options(&args)?;
@@ -378,16 +421,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     if args.finetune_epochs > 0 {
         ft.validate()?;
     }
-    let history = (args.method == PruneMethod::Auto && study.is_none()).then(|| {
-        args.history.clone().unwrap_or_else(|| {
-            let mut p = args.out.clone().into_os_string();
-            p.push(".search.json");
-            p.into()
-        })
-    });
-    if let Some(h) = &history {
-        check_out_dir("--history", h)?;
-    }
+    let history = history_file(&args, study.is_some())?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
     let needs_data = args.finetune_epochs > 0 || args.method == PruneMethod::Auto;
@@ -450,20 +484,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         resumed = (r.resumed_from, r.resumed_at_step);
         finetune_report = Some(r.epochs);
     }
-    let after_eval = match &data {
-        Some(d) if !label_free => Some(evaluate(&pruned, &d.test, &d.normalize, 256)?),
-        _ => None,
-    };
-    let fidelity = match &data {
-        Some(d) if label_free => Some(slim_core::train::fidelity(
-            &pruned,
-            &model,
-            &d.test,
-            &d.normalize,
-            256,
-        )?),
-        _ => None,
-    };
+    let (after_eval, fidelity) = measure_pruned(&pruned, &model, data.as_ref(), label_free)?;
     pruned
         .provenance
         .insert("pruned_from".into(), args.file.display().to_string());
@@ -619,15 +640,8 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
     let started = Instant::now();
-    let sens = if !args.merge.is_empty() {
-        let fingerprint = model.fingerprint()?;
-        let mut all = Vec::new();
-        for f in &args.merge {
-            let s = Sensitivities::load(f)?;
-            s.check_model(&fingerprint, f)?;
-            all.push(s);
-        }
-        let merged = Sensitivities::merge(all)?;
+    let merged = load_sensitivities(&args.merge, &model)?;
+    let sens = if let Some(merged) = merged {
         merged.save(&args.out)?;
         merged
     } else {
@@ -667,6 +681,12 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
     if let Some(p) = &args.plot {
         slim_core::io::write_atomic(p, sensitivity::to_svg(&sens).as_bytes())?;
     }
+    print_sensitivity(&args, &sens, seconds);
+    Ok(())
+}
+
+/// The sensitivities: the JSON report, or the table of losses by group and ratio.
+fn print_sensitivity(args: &SensitivityArgs, sens: &Sensitivities, seconds: f64) {
     if args.common.json {
         outln!(
             "{}",
@@ -676,7 +696,7 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
                    "seconds": seconds, "groups": sens.groups})
             )
         );
-        return Ok(());
+        return;
     }
     let mut all_ratios: Vec<f64> = sens
         .groups
@@ -721,5 +741,4 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
             .map(|p| format!(", plot {}", p.display()))
             .unwrap_or_default()
     );
-    Ok(())
 }

@@ -252,9 +252,17 @@ fn int8_without_labels(
     Ok(())
 }
 
-fn run_qat(args: QatArgs) -> Result<(), Failure> {
-    // The flags are the options of a `quant.qat` stage, checked the same way; the rest of the
-    // recipe is the command's.
+/// `slim quant qat`'s flags as the options of a `quant.qat` stage, checked the same way, and
+/// the training recipe (the rest of it is the command's).
+fn qat_settings(
+    args: &QatArgs,
+) -> Result<
+    (
+        slim_quant::strategy::QatSettings,
+        slim_core::train::TrainConfig,
+    ),
+    Failure,
+> {
     let settings = QatOptions {
         weights: args.weights.clone(),
         calib_batches: args.calib_batches,
@@ -266,14 +274,19 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
         window_size: args.window_size,
     }
     .validate()?;
-    let weights = settings.weights;
-    let cfg = settings.calibration.clone();
     let tcfg = settings.recipe(&slim_core::train::TrainConfig {
         batch_size: args.batch_size,
         seed: args.seed,
         ..Default::default()
     });
     tcfg.validate()?;
+    Ok((settings, tcfg))
+}
+
+fn run_qat(args: QatArgs) -> Result<(), Failure> {
+    let (settings, tcfg) = qat_settings(&args)?;
+    let weights = settings.weights;
+    let cfg = settings.calibration.clone();
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;

@@ -47,58 +47,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
     let model = load_model(&args.file, &device, &args.common.load)?;
     let g = &model.graph;
-    let input_ids = g.inputs();
-    if args.inputs.len() != input_ids.len() {
-        let names: Vec<String> = input_ids
-            .iter()
-            .map(|&i| format!("`{}` {:?}", g.node(i).name, g.node(i).shape))
-            .collect();
-        return Err(input_error(format!(
-            "{} has {} input(s) ({}); {} --input file(s) were given",
-            args.file.display(),
-            input_ids.len(),
-            names.join(", "),
-            args.inputs.len()
-        )));
-    }
-    let mut batch: Option<(usize, &PathBuf)> = None;
-    let mut xs = Vec::with_capacity(input_ids.len());
-    for (path, &id) in args.inputs.iter().zip(&input_ids) {
-        let a = npy::read(path)?;
-        let node = g.node(id);
-        if a.shape.len() != node.shape.len() + 1 || a.shape[1..] != node.shape[..] {
-            let per_sample: Vec<String> = node.shape.iter().map(usize::to_string).collect();
-            return Err(input_error(format!(
-                "{}: the array's shape is {:?}; the model's input `{}` takes [N, {}] \
-                 (N samples of {:?})",
-                path.display(),
-                a.shape,
-                node.name,
-                per_sample.join(", "),
-                node.shape
-            )));
-        }
-        let n = a.shape[0];
-        if n == 0 {
-            return Err(input_error(format!(
-                "{}: the array holds no samples (shape {:?})",
-                path.display(),
-                a.shape
-            )));
-        }
-        match batch {
-            Some((m, first)) if m != n => {
-                return Err(input_error(format!(
-                    "{}: {n} sample(s), but {} has {m}; every input needs the same batch",
-                    path.display(),
-                    first.display()
-                )))
-            }
-            _ => batch = Some((n, path)),
-        }
-        xs.push(Tensor::from_vec(a.data, a.shape, &device)?);
-    }
-    let samples = batch.map_or(0, |(n, _)| n);
+    let (xs, samples) = read_inputs(&args, &model, &device)?;
 
     // Int8 files run on the int8 runtime.
     let kernels = (!model.int8.is_empty()).then(|| Int8Kernels::new(&model));
@@ -162,6 +111,68 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// The arrays of the --input files, checked against the model's inputs (their number, each
+/// one's shape, one batch for all), and the batch.
+fn read_inputs(
+    args: &RunArgs,
+    model: &slim_core::Model,
+    device: &candle_core::Device,
+) -> Result<(Vec<Tensor>, usize), Failure> {
+    let g = &model.graph;
+    let input_ids = g.inputs();
+    if args.inputs.len() != input_ids.len() {
+        let names: Vec<String> = input_ids
+            .iter()
+            .map(|&i| format!("`{}` {:?}", g.node(i).name, g.node(i).shape))
+            .collect();
+        return Err(input_error(format!(
+            "{} has {} input(s) ({}); {} --input file(s) were given",
+            args.file.display(),
+            input_ids.len(),
+            names.join(", "),
+            args.inputs.len()
+        )));
+    }
+    let mut batch: Option<(usize, &PathBuf)> = None;
+    let mut xs = Vec::with_capacity(input_ids.len());
+    for (path, &id) in args.inputs.iter().zip(&input_ids) {
+        let a = npy::read(path)?;
+        let node = g.node(id);
+        if a.shape.len() != node.shape.len() + 1 || a.shape[1..] != node.shape[..] {
+            let per_sample: Vec<String> = node.shape.iter().map(usize::to_string).collect();
+            return Err(input_error(format!(
+                "{}: the array's shape is {:?}; the model's input `{}` takes [N, {}] \
+                 (N samples of {:?})",
+                path.display(),
+                a.shape,
+                node.name,
+                per_sample.join(", "),
+                node.shape
+            )));
+        }
+        let n = a.shape[0];
+        if n == 0 {
+            return Err(input_error(format!(
+                "{}: the array holds no samples (shape {:?})",
+                path.display(),
+                a.shape
+            )));
+        }
+        match batch {
+            Some((m, first)) if m != n => {
+                return Err(input_error(format!(
+                    "{}: {n} sample(s), but {} has {m}; every input needs the same batch",
+                    path.display(),
+                    first.display()
+                )))
+            }
+            _ => batch = Some((n, path)),
+        }
+        xs.push(Tensor::from_vec(a.data, a.shape, device)?);
+    }
+    Ok((xs, batch.map_or(0, |(n, _)| n)))
 }
 
 /// A value for the table: four decimals, or scientific notation when that would hide it.

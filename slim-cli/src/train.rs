@@ -48,6 +48,27 @@ pub struct TrainArgs {
     pub common: Common,
 }
 
+/// The model to train: a model file (an architecture from `slim nas export`, or a model to
+/// train further), or a zoo name.
+fn model_to_train(
+    args: &TrainArgs,
+    zcfg: ZooConfig,
+    device: &candle_core::Device,
+) -> Result<slim_core::Model, Failure> {
+    let as_file = std::path::Path::new(&args.model);
+    if as_file.is_file() || args.model.ends_with(".safetensors") {
+        let m = crate::common::load_model(as_file, device, &args.common.load)?;
+        if !m.int8.is_empty() {
+            return Err(crate::input_error(format!(
+                "{} is an int8 model; train the float model it came from",
+                args.model
+            )));
+        }
+        return Ok(m);
+    }
+    Ok(zoo::model(&args.model, &zcfg, args.recipe.seed, device)?)
+}
+
 pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     let cfg = args.recipe.config()?;
     crate::common::check_out_dir("--out", &args.out)?;
@@ -73,21 +94,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     let zcfg = ZooConfig::new(data.train.shape)
         .with_width(args.width)
         .with_classes(data.train.classes);
-    // A model file (an architecture from `slim nas export`, or a model to train further), or
-    // a zoo name.
-    let as_file = std::path::Path::new(&args.model);
-    let mut model = if as_file.is_file() || args.model.ends_with(".safetensors") {
-        let m = crate::common::load_model(as_file, &device, &args.common.load)?;
-        if !m.int8.is_empty() {
-            return Err(crate::input_error(format!(
-                "{} is an int8 model; train the float model it came from",
-                args.model
-            )));
-        }
-        m
-    } else {
-        zoo::model(&args.model, &zcfg, args.recipe.seed, &device)?
-    };
+    let mut model = model_to_train(&args, zcfg, &device)?;
     model.provenance.insert("data".into(), args.data.clone());
     model.provenance.insert(
         "created_by".into(),
@@ -142,38 +149,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
         });
         outln!("{}", crate::common::with_skipped(out));
     } else {
-        let rows: Vec<Vec<String>> = report
-            .epochs
-            .iter()
-            .map(|e| {
-                vec![
-                    (e.epoch + 1).to_string(),
-                    format!("{:.4}", e.loss),
-                    e.train_top1
-                        .map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
-                    e.test
-                        .as_ref()
-                        .map(|t| format!("{:.2}%", t.top1 * 100.0))
-                        .unwrap_or_default(),
-                    format!("{:.1}", e.seconds),
-                    format!("{:.0}", e.images_per_sec),
-                ]
-            })
-            .collect();
-        out!(
-            "{}",
-            table(
-                &[
-                    "epoch",
-                    "loss",
-                    "train top-1",
-                    "test top-1",
-                    "seconds",
-                    "img/s"
-                ],
-                &rows
-            )
-        );
+        out!("{}", epochs_table(&report.epochs));
         outln!(
             "{}: test top-1 {:.2}%, top-5 {:.2}% on {} images; {} written ({} bytes)",
             args.model,
@@ -185,6 +161,38 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// The training's epochs as a table.
+fn epochs_table(epochs: &[slim_core::train::EpochReport]) -> String {
+    let rows: Vec<Vec<String>> = epochs
+        .iter()
+        .map(|e| {
+            vec![
+                (e.epoch + 1).to_string(),
+                format!("{:.4}", e.loss),
+                e.train_top1
+                    .map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+                e.test
+                    .as_ref()
+                    .map(|t| format!("{:.2}%", t.top1 * 100.0))
+                    .unwrap_or_default(),
+                format!("{:.1}", e.seconds),
+                format!("{:.0}", e.images_per_sec),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "epoch",
+            "loss",
+            "train top-1",
+            "test top-1",
+            "seconds",
+            "img/s",
+        ],
+        &rows,
+    )
 }
 
 #[derive(Args)]

@@ -965,26 +965,7 @@ impl ChannelGroups {
             }
         }
 
-        let mut params = ParamStore::new();
-        for (name, p) in model.params.iter() {
-            let mut t: Tensor = p.var.as_tensor().clone();
-            let mut sliced = false;
-            for axis in 0..t.rank() {
-                if let Some(mask) = masks.get(&(name.to_string(), axis)) {
-                    let idx: Vec<u32> = (0..mask.len())
-                        .filter(|&i| mask[i])
-                        .map(|i| i as u32)
-                        .collect();
-                    let idx = Tensor::from_vec(idx.clone(), idx.len(), t.device())?;
-                    t = t.index_select(&idx, axis)?;
-                    sliced = true;
-                }
-            }
-            if !sliced {
-                t = t.copy()?;
-            }
-            params.insert(name, &t, p.kind)?;
-        }
+        let params = sliced_params(model, &masks)?;
         let graph = model.graph.map_ops_on(|node, inputs| match &node.op {
             // A reshape that keeps the channels first takes the new channel count.
             Op::Reshape { shape } if keeps_channels(&model.graph, node) => {
@@ -998,6 +979,35 @@ impl ChannelGroups {
         pruned.provenance = model.provenance.clone();
         Ok(pruned)
     }
+}
+
+/// The model's parameters with the indices each mask drops (by parameter and axis) removed;
+/// the others copied.
+fn sliced_params(
+    model: &Model,
+    masks: &BTreeMap<(String, usize), Vec<bool>>,
+) -> Result<ParamStore> {
+    let mut params = ParamStore::new();
+    for (name, p) in model.params.iter() {
+        let mut t: Tensor = p.var.as_tensor().clone();
+        let mut sliced = false;
+        for axis in 0..t.rank() {
+            if let Some(mask) = masks.get(&(name.to_string(), axis)) {
+                let idx: Vec<u32> = (0..mask.len())
+                    .filter(|&i| mask[i])
+                    .map(|i| i as u32)
+                    .collect();
+                let idx = Tensor::from_vec(idx.clone(), idx.len(), t.device())?;
+                t = t.index_select(&idx, axis)?;
+                sliced = true;
+            }
+        }
+        if !sliced {
+            t = t.copy()?;
+        }
+        params.insert(name, &t, p.kind)?;
+    }
+    Ok(params)
 }
 
 /// Whether `node` is a reshape whose output keeps its input's channel count as the first axis.

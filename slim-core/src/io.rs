@@ -251,44 +251,10 @@ impl Model {
                 .tensor(&stored)
                 .map_err(|_| bad(format!("tensor `{stored}` is missing")))?;
             if view.dtype() == safetensors::Dtype::I8 {
-                if view.shape() != spec.shape.as_slice() {
-                    return Err(bad(format!(
-                        "tensor `{stored}` has shape {:?}, the graph expects {:?}",
-                        view.shape(),
-                        spec.shape
-                    )));
-                }
-                let scale_name = format!("{stored}{INT8_SCALE_SUFFIX}");
-                declared.insert(scale_name.clone());
-                let sv = st
-                    .tensor(&scale_name)
-                    .map_err(|_| bad(format!("int8 tensor `{stored}` has no `{scale_name}`")))?;
-                if sv.dtype() != safetensors::Dtype::F32 || sv.shape().len() != 1 {
-                    return Err(bad(format!("`{scale_name}` must be a vector of F32")));
-                }
-                check(&scale_name, sv.data())?;
-                let scales: Vec<f32> = sv
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                let values: Vec<i8> = view.data().iter().map(|&b| b as i8).collect();
-                if scales.is_empty() || !values.len().is_multiple_of(scales.len()) {
-                    return Err(bad(format!(
-                        "`{scale_name}` has {} scales for {} values",
-                        scales.len(),
-                        values.len()
-                    )));
-                }
-                let per = values.len() / scales.len();
-                let deq: Vec<f32> = values
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &q)| f32::from(q) * scales[i / per])
-                    .collect();
-                let t = Tensor::from_vec(deq, spec.shape.clone(), device)?;
+                let (q, t) = read_int8(st, &stored, &spec.shape, device, &mut check)?;
+                declared.insert(format!("{stored}{INT8_SCALE_SUFFIX}"));
                 params.insert(name.clone(), &t, spec.kind)?;
-                int8.insert(name.clone(), crate::model::Int8Tensor { values, scales });
+                int8.insert(name.clone(), q);
                 continue;
             }
             if view.dtype() != safetensors::Dtype::F32 {
@@ -324,6 +290,57 @@ impl Model {
         model.int8 = int8;
         Ok((model, report))
     }
+}
+
+/// An int8 parameter stored as `stored` (shape `shape`) with its scales (one per slice of the
+/// first axis, in `stored` + [`INT8_SCALE_SUFFIX`]): its integers and scales, and the float
+/// tensor they stand for; `check` scans the scales' bytes.
+fn read_int8(
+    st: &SafeTensors<'_>,
+    stored: &str,
+    shape: &[usize],
+    device: &Device,
+    check: &mut dyn FnMut(&str, &[u8]) -> Result<()>,
+) -> Result<(crate::model::Int8Tensor, Tensor)> {
+    let bad = |msg: String| CoreError::file("<bytes>", msg);
+    let view = st
+        .tensor(stored)
+        .map_err(|_| bad(format!("tensor `{stored}` is missing")))?;
+    if view.shape() != shape {
+        return Err(bad(format!(
+            "tensor `{stored}` has shape {:?}, the graph expects {shape:?}",
+            view.shape()
+        )));
+    }
+    let scale_name = format!("{stored}{INT8_SCALE_SUFFIX}");
+    let sv = st
+        .tensor(&scale_name)
+        .map_err(|_| bad(format!("int8 tensor `{stored}` has no `{scale_name}`")))?;
+    if sv.dtype() != safetensors::Dtype::F32 || sv.shape().len() != 1 {
+        return Err(bad(format!("`{scale_name}` must be a vector of F32")));
+    }
+    check(&scale_name, sv.data())?;
+    let scales: Vec<f32> = sv
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let values: Vec<i8> = view.data().iter().map(|&b| b as i8).collect();
+    if scales.is_empty() || !values.len().is_multiple_of(scales.len()) {
+        return Err(bad(format!(
+            "`{scale_name}` has {} scales for {} values",
+            scales.len(),
+            values.len()
+        )));
+    }
+    let per = values.len() / scales.len();
+    let deq: Vec<f32> = values
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| f32::from(q) * scales[i / per])
+        .collect();
+    let t = Tensor::from_vec(deq, shape.to_vec(), device)?;
+    Ok((crate::model::Int8Tensor { values, scales }, t))
 }
 
 pub use crate::model::INT8_SCALE_SUFFIX;

@@ -164,12 +164,10 @@ impl Plot {
         self
     }
 
-    /// The chart as an SVG document.
-    pub fn to_svg(&self) -> String {
-        const W: f64 = 760.0;
-        const H: f64 = 440.0;
-        let (left, right, top, bottom) = (70.0, 190.0, 36.0, 52.0);
-        let (pw, ph) = (W - left - right, H - top - bottom);
+    /// The axes' first and last ticks and their step, x then y, from the finite points (and
+    /// the vertical lines).
+    #[allow(clippy::type_complexity)]
+    fn axes(&self) -> ((f64, f64, f64), (f64, f64, f64)) {
         let finite = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite();
         let xs = self
             .series
@@ -195,6 +193,17 @@ impl Plot {
             let (a, b) = range(&mut ys.into_iter());
             ticks(a, b)
         };
+        ((x0, x1, xstep), (y0, y1, ystep))
+    }
+
+    /// The chart as an SVG document.
+    pub fn to_svg(&self) -> String {
+        const W: f64 = 760.0;
+        const H: f64 = 440.0;
+        let (left, right, top, bottom) = (70.0, 190.0, 36.0, 52.0);
+        let (pw, ph) = (W - left - right, H - top - bottom);
+        let finite = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite();
+        let ((x0, x1, xstep), (y0, y1, ystep)) = self.axes();
         let x = |v: f64| left + (v - x0) / (x1 - x0) * pw;
         let y = |v: f64| top + ph - (v - y0) / (y1 - y0) * ph;
         let mut s = String::new();
@@ -269,27 +278,7 @@ impl Plot {
                 .filter(|p| finite(p))
                 .map(|&(a, b)| (x(a), y(b)))
                 .collect();
-            match series.style {
-                Style::Line => {
-                    let list: Vec<String> =
-                        pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
-                    let _ = writeln!(
-                        s,
-                        "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" \
-                         points=\"{}\"/>",
-                        list.join(" ")
-                    );
-                }
-                Style::Points => {
-                    for (a, b) in &pts {
-                        let _ = writeln!(
-                            s,
-                            "<circle cx=\"{a:.1}\" cy=\"{b:.1}\" r=\"3\" fill=\"{color}\" \
-                             fill-opacity=\"0.7\"/>"
-                        );
-                    }
-                }
-            }
+            draw_series(&mut s, series.style, &pts, color);
             // The legend lists the series that fit beside the frame.
             let ly = top + 10.0 + i as f64 * 16.0;
             if ly >= H - 10.0 {
@@ -308,6 +297,30 @@ impl Plot {
         }
         s.push_str("</svg>\n");
         s
+    }
+}
+
+/// One series' points, already in the frame's coordinates: a line through them, or dots.
+fn draw_series(s: &mut String, style: Style, pts: &[(f64, f64)], color: &str) {
+    match style {
+        Style::Line => {
+            let list: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" \
+                 points=\"{}\"/>",
+                list.join(" ")
+            );
+        }
+        Style::Points => {
+            for (a, b) in pts {
+                let _ = writeln!(
+                    s,
+                    "<circle cx=\"{a:.1}\" cy=\"{b:.1}\" r=\"3\" fill=\"{color}\" \
+                     fill-opacity=\"0.7\"/>"
+                );
+            }
+        }
     }
 }
 

@@ -250,31 +250,14 @@ fn now_ms(con: &mut Connection) -> redis::RedisResult<u64> {
     Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
 }
 
-/// Serves the teacher `name` until `stop` is set: announces it, then answers requests.
-/// Another process may serve the same name only with the same model and data.
-#[allow(clippy::too_many_arguments)]
-pub fn serve(
-    url: &RedisUrl,
-    name: &str,
-    consumer: &str,
-    model: &Model,
-    info: &TeacherInfo,
-    set: &ImageSet,
-    normalize: &Normalize,
-    stop: &AtomicBool,
-    events: &mut dyn FnMut(ServeEvent<'_>),
-) -> Result<ServeReport> {
-    check_name("teacher", name)?;
-    check_name("server", consumer)?;
+/// Takes the name `name` for `info`'s teacher (refused when another model, data or node list
+/// is served under it) and makes its request stream and group; the announcement to renew.
+fn claim(url: &RedisUrl, name: &str, info: &TeacherInfo, con: &mut Connection) -> Result<Vec<u8>> {
     let (info_key, stream) = keys(name);
     let err = |e| redis_err(url, name, e);
-    let mut con = url.connect()?;
     let announce = serde_json::to_vec(info)
         .map_err(|e| DistError::Invalid(format!("cannot encode the announcement: {e}")))?;
-    let existing: Option<Vec<u8>> = redis::cmd("GET")
-        .arg(&info_key)
-        .query(&mut con)
-        .map_err(err)?;
+    let existing: Option<Vec<u8>> = redis::cmd("GET").arg(&info_key).query(con).map_err(err)?;
     if let Some(raw) = existing {
         if let Ok(other) = serde_json::from_slice::<TeacherInfo>(&raw) {
             if other.fingerprint != info.fingerprint
@@ -295,12 +278,62 @@ pub fn serve(
         .arg(GROUP)
         .arg("0")
         .arg("MKSTREAM")
-        .query(&mut con);
+        .query(con);
     if let Err(e) = created {
         if e.code() != Some("BUSYGROUP") {
             return Err(err(e));
         }
     }
+    Ok(announce)
+}
+
+/// Puts an answer where its requester waits for it (kept for a while) and acknowledges its
+/// request's stream entry, at once.
+fn deliver(
+    con: &mut Connection,
+    key: &str,
+    bytes: Vec<u8>,
+    stream: &str,
+    entry: &str,
+) -> redis::RedisResult<()> {
+    redis::pipe()
+        .atomic()
+        .cmd("RPUSH")
+        .arg(key)
+        .arg(bytes)
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(key)
+        .arg(ANSWER_TTL_MS)
+        .ignore()
+        .cmd("XACK")
+        .arg(stream)
+        .arg(GROUP)
+        .arg(entry)
+        .ignore()
+        .query::<()>(con)
+}
+
+/// Serves the teacher `name` until `stop` is set: announces it, then answers requests.
+/// Another process may serve the same name only with the same model and data.
+#[allow(clippy::too_many_arguments)]
+pub fn serve(
+    url: &RedisUrl,
+    name: &str,
+    consumer: &str,
+    model: &Model,
+    info: &TeacherInfo,
+    set: &ImageSet,
+    normalize: &Normalize,
+    stop: &AtomicBool,
+    events: &mut dyn FnMut(ServeEvent<'_>),
+) -> Result<ServeReport> {
+    check_name("teacher", name)?;
+    check_name("server", consumer)?;
+    let (info_key, stream) = keys(name);
+    let err = |e| redis_err(url, name, e);
+    let mut con = url.connect()?;
+    let announce = claim(url, name, info, &mut con)?;
     let mut report = ServeReport::default();
     let mut announced: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
@@ -349,23 +382,7 @@ pub fn serve(
                 Ok(r) => {
                     let bytes = answer(model, info, set, normalize, &r.id, &r.indices, &r.nodes)?;
                     let key = format!("slim:teacher:{name}:answer:{}", r.id);
-                    redis::pipe()
-                        .atomic()
-                        .cmd("RPUSH")
-                        .arg(&key)
-                        .arg(bytes)
-                        .ignore()
-                        .cmd("PEXPIRE")
-                        .arg(&key)
-                        .arg(ANSWER_TTL_MS)
-                        .ignore()
-                        .cmd("XACK")
-                        .arg(&stream)
-                        .arg(GROUP)
-                        .arg(&entry)
-                        .ignore()
-                        .query::<()>(&mut con)
-                        .map_err(err)?;
+                    deliver(&mut con, &key, bytes, &stream, &entry).map_err(err)?;
                     report.answered += 1;
                     report.samples += r.indices.len();
                     events(ServeEvent::Answered {

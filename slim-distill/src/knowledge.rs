@@ -144,6 +144,104 @@ pub struct DumpReport {
     pub seconds: f64,
 }
 
+/// The teacher's output node, the nodes to store (its output when none are named; each
+/// once) and their shapes; an unknown node is refused with suggestions.
+#[allow(clippy::type_complexity)]
+fn node_shapes(
+    teacher: &Model,
+    teacher_label: &str,
+    nodes: &[String],
+) -> Result<(String, Vec<String>, BTreeMap<String, Vec<usize>>)> {
+    let g = &teacher.graph;
+    let output = g.node(g.outputs()[0]).name.clone();
+    // A node asked twice is stored once.
+    let nodes: Vec<String> = if nodes.is_empty() {
+        vec![output.clone()]
+    } else {
+        let mut seen = std::collections::BTreeSet::new();
+        nodes
+            .iter()
+            .filter(|n| seen.insert(n.as_str()))
+            .cloned()
+            .collect()
+    };
+    let mut shapes = BTreeMap::new();
+    for n in &nodes {
+        let node = g
+            .find(n)
+            .ok_or_else(|| crate::unknown_node(&format!("teacher `{teacher_label}`"), n, g))?;
+        shapes.insert(n.clone(), node.shape.clone());
+    }
+    Ok((output, nodes, shapes))
+}
+
+/// Which of the dump's shards `dir` (created when missing) already holds; shards of another
+/// teacher or data set there are refused.
+fn shards_done(dir: &Path, base: &ShardMeta) -> Result<Vec<bool>> {
+    std::fs::create_dir_all(dir).map_err(|source| slim_core::CoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    // Shards left by another dump would mix two teachers or data sets: refuse before working.
+    let mut done = vec![false; base.shards];
+    for entry in std::fs::read_dir(dir).map_err(|source| slim_core::CoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })? {
+        let path = entry
+            .map_err(|source| slim_core::CoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .path();
+        let is_shard = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("shard-") && n.ends_with(".safetensors"));
+        if !is_shard {
+            continue;
+        }
+        let (_, meta) = read_meta(&path)?;
+        if let Some(field) = base.differs(&meta) {
+            return Err(file_err(
+                &path,
+                format!(
+                    "holds knowledge of another {field} than this dump asks for; remove the directory's shards or dump elsewhere"
+                ),
+            ));
+        }
+        if path == shard_path(dir, meta.shard) {
+            done[meta.shard] = true;
+        }
+    }
+    Ok(done)
+}
+
+/// Writes shard `k` of the dump `base` to `dir`: its tensors and metadata; its size.
+fn write_shard(
+    dir: &Path,
+    k: usize,
+    base: &ShardMeta,
+    tensors: Vec<(String, Tensor)>,
+) -> Result<u64> {
+    let meta = ShardMeta {
+        shard: k,
+        ..base.clone()
+    };
+    let mut md = HashMap::new();
+    md.insert("format".to_string(), KNOWLEDGE_FORMAT.to_string());
+    md.insert(
+        "knowledge".to_string(),
+        serde_json::to_string(&meta)
+            .map_err(|e| DistillError::Invalid(format!("cannot encode metadata: {e}")))?,
+    );
+    let path = shard_path(dir, k);
+    let encoded = safetensors::tensor::serialize(tensors, Some(md))
+        .map_err(|e| file_err(&path, format!("cannot encode the shard: {e}")))?;
+    write_atomic(&path, &encoded)?;
+    Ok(encoded.len() as u64)
+}
+
 /// Runs `teacher` (eval mode) over `set` in stored order and writes the outputs of `nodes`
 /// (the teacher's output when empty) to shards of `shard_size` samples in `dir`.
 /// `progress(done, total)` is called after every batch.
@@ -175,26 +273,7 @@ pub fn dump(
             set.shape
         )));
     }
-    let g = &teacher.graph;
-    let output = g.node(g.outputs()[0]).name.clone();
-    // A node asked twice is stored once.
-    let nodes: Vec<String> = if nodes.is_empty() {
-        vec![output.clone()]
-    } else {
-        let mut seen = std::collections::BTreeSet::new();
-        nodes
-            .iter()
-            .filter(|n| seen.insert(n.as_str()))
-            .cloned()
-            .collect()
-    };
-    let mut shapes = BTreeMap::new();
-    for n in &nodes {
-        let node = g
-            .find(n)
-            .ok_or_else(|| crate::unknown_node(&format!("teacher `{teacher_label}`"), n, g))?;
-        shapes.insert(n.clone(), node.shape.clone());
-    }
+    let (output, nodes, shapes) = node_shapes(teacher, teacher_label, nodes)?;
     let samples = set.len();
     let shards = samples.div_ceil(shard_size);
     let base = ShardMeta {
@@ -209,42 +288,7 @@ pub fn dump(
         output,
         shard: 0,
     };
-    std::fs::create_dir_all(dir).map_err(|source| slim_core::CoreError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    // Shards left by another dump would mix two teachers or data sets: refuse before working.
-    let mut done = vec![false; shards];
-    for entry in std::fs::read_dir(dir).map_err(|source| slim_core::CoreError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })? {
-        let path = entry
-            .map_err(|source| slim_core::CoreError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?
-            .path();
-        let is_shard = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("shard-") && n.ends_with(".safetensors"));
-        if !is_shard {
-            continue;
-        }
-        let (_, meta) = read_meta(&path)?;
-        if let Some(field) = base.differs(&meta) {
-            return Err(file_err(
-                &path,
-                format!(
-                    "holds knowledge of another {field} than this dump asks for; remove the directory's shards or dump elsewhere"
-                ),
-            ));
-        }
-        if path == shard_path(dir, meta.shard) {
-            done[meta.shard] = true;
-        }
-    }
+    let done = shards_done(dir, &base)?;
     let reused = done.iter().filter(|&&d| d).count();
     let shard_len = |k: usize| (k * shard_size + shard_size).min(samples) - k * shard_size;
 
@@ -284,22 +328,7 @@ pub fn dump(
         }
         let index: Vec<u32> = (start as u32..end as u32).collect();
         tensors.push(("index".into(), Tensor::new(index, &Device::Cpu)?));
-        let meta = ShardMeta {
-            shard: k,
-            ..base.clone()
-        };
-        let mut md = HashMap::new();
-        md.insert("format".to_string(), KNOWLEDGE_FORMAT.to_string());
-        md.insert(
-            "knowledge".to_string(),
-            serde_json::to_string(&meta)
-                .map_err(|e| DistillError::Invalid(format!("cannot encode metadata: {e}")))?,
-        );
-        let path = shard_path(dir, k);
-        let encoded = safetensors::tensor::serialize(tensors, Some(md))
-            .map_err(|e| file_err(&path, format!("cannot encode the shard: {e}")))?;
-        bytes += encoded.len() as u64;
-        write_atomic(&path, &encoded)?;
+        bytes += write_shard(dir, k, &base, tensors)?;
     }
     Ok(DumpReport {
         dir: dir.to_path_buf(),

@@ -413,6 +413,26 @@ impl LossSpec {
             .ok_or_else(|| invalid(format!("loss `{}` needs {key}={what}", self.text)))
     }
 
+    /// Which teacher the loss reads (`teacher_index`, of `teachers`) and its weight.
+    fn teacher_and_weight(&self, teachers: usize) -> Result<(usize, f64)> {
+        let teacher = self.number("teacher_index", 0.0)?;
+        if teacher < 0.0 || teacher.fract() != 0.0 || teacher as usize >= teachers {
+            return Err(invalid(format!(
+                "teacher_index={teacher} in `{}`: there are {teachers} teacher(s), numbered \
+                 from 0",
+                self.text
+            )));
+        }
+        let weight = self.number("weight", 1.0)?;
+        if weight < 0.0 {
+            return Err(invalid(format!(
+                "weight={weight} in `{}` must not be negative",
+                self.text
+            )));
+        }
+        Ok((teacher as usize, weight))
+    }
+
     /// Builds the loss. `index` makes adapter names unique; `student` holds the student's
     /// node shapes, `teachers` what is known of each teacher; node names are resolved here.
     pub fn build(
@@ -424,22 +444,7 @@ impl LossSpec {
         device: &candle_core::Device,
     ) -> Result<Box<dyn DistillLoss>> {
         let common = ["teacher_index", "weight"];
-        let teacher = self.number("teacher_index", 0.0)?;
-        if teacher < 0.0 || teacher.fract() != 0.0 || teacher as usize >= teachers.len() {
-            return Err(invalid(format!(
-                "teacher_index={teacher} in `{}`: there are {} teacher(s), numbered from 0",
-                self.text,
-                teachers.len()
-            )));
-        }
-        let teacher = teacher as usize;
-        let weight = self.number("weight", 1.0)?;
-        if weight < 0.0 {
-            return Err(invalid(format!(
-                "weight={weight} in `{}` must not be negative",
-                self.text
-            )));
-        }
+        let (teacher, weight) = self.teacher_and_weight(teachers.len())?;
         let opts = |extra: &[&'static str]| -> Vec<&'static str> {
             common.iter().chain(extra).copied().collect()
         };

@@ -287,6 +287,38 @@ pub struct BuildReport {
     pub seconds: f64,
 }
 
+/// The ops' timings as the table's entries, replacing those of the same signature; how many
+/// were added and how many measured again.
+fn merge_samples(table: &mut Table, samples: BTreeMap<Signature, Vec<f64>>) -> (usize, usize) {
+    let (mut added, mut remeasured) = (0, 0);
+    for (sig, mut v) in samples {
+        let (median_ms, p25_ms, p75_ms) = median_and_quartiles(&mut v);
+        let entry = Entry {
+            signature: sig,
+            median_ms,
+            p25_ms,
+            p75_ms,
+            samples: v.len(),
+        };
+        match table
+            .entries
+            .iter_mut()
+            .find(|e| e.signature == entry.signature)
+        {
+            Some(old) => {
+                *old = entry;
+                remeasured += 1;
+            }
+            None => {
+                table.entries.push(entry);
+                added += 1;
+            }
+        }
+    }
+    table.entries.sort_by(|a, b| a.signature.cmp(&b.signature));
+    (added, remeasured)
+}
+
 /// Times every op of every subject on this machine (the table's threads and batch, its
 /// runtime: `kernels` must be the int8 runtime's for an int8 table) and adds their signatures
 /// to `table`; signatures it had are measured again.
@@ -347,32 +379,7 @@ pub fn build(
         }
         Ok(())
     })?;
-    let (mut added, mut remeasured) = (0, 0);
-    for (sig, mut v) in samples {
-        let (median_ms, p25_ms, p75_ms) = median_and_quartiles(&mut v);
-        let entry = Entry {
-            signature: sig,
-            median_ms,
-            p25_ms,
-            p75_ms,
-            samples: v.len(),
-        };
-        match table
-            .entries
-            .iter_mut()
-            .find(|e| e.signature == entry.signature)
-        {
-            Some(old) => {
-                *old = entry;
-                remeasured += 1;
-            }
-            None => {
-                table.entries.push(entry);
-                added += 1;
-            }
-        }
-    }
-    table.entries.sort_by(|a, b| a.signature.cmp(&b.signature));
+    let (added, remeasured) = merge_samples(&mut table, samples);
     let lookup: BTreeMap<Signature, f64> = table
         .entries
         .iter()

@@ -338,6 +338,40 @@ fn eval_set(o: &PruneOptions, data: &DataSplits) -> (Top1, EvalData) {
     (top1, eval)
 }
 
+/// The recipe and the data (the first training images only, the rest of the set not copied)
+/// of the short fine-tuning before each candidate's reward, where there is one.
+fn reward_finetuning(
+    inputs: &Inputs<'_>,
+    data: &DataSplits,
+    what: &str,
+) -> Result<(TrainConfig, Option<DataSplits>)> {
+    let cfg = TrainConfig {
+        epochs: 1,
+        schedule: Schedule::Constant,
+        ..inputs.reward_recipe.clone()
+    };
+    let images = inputs.reward_finetune_images;
+    if images == 0 {
+        return Ok((cfg, None));
+    }
+    cfg.validate()?;
+    if images < cfg.batch_size {
+        return Err(PruneError::Invalid(format!(
+            "{what}: reward fine-tuning on {images} images is less than one batch ({})",
+            cfg.batch_size
+        )));
+    }
+    let short = DataSplits {
+        spec: data.spec.clone(),
+        train: data.train.take(images),
+        test: data.test.clone(),
+        normalize: data.normalize.clone(),
+        augment: data.augment.clone(),
+        skipped: Vec::new(),
+    };
+    Ok((cfg, Some(short)))
+}
+
 /// The automatic search's ratios for a FLOPs reduction `f`.
 fn search_ratios(
     pruner: &Pruner<'_>,
@@ -364,29 +398,7 @@ fn search_ratios(
         Some(s) => Some(sensitivity::ratios_for_reduction(s, pruner, f)?),
         None => None,
     };
-    let short_cfg = TrainConfig {
-        epochs: 1,
-        schedule: Schedule::Constant,
-        ..inputs.reward_recipe.clone()
-    };
-    if inputs.reward_finetune_images > 0 {
-        short_cfg.validate()?;
-        if inputs.reward_finetune_images < short_cfg.batch_size {
-            return Err(PruneError::Invalid(format!(
-                "{what}: reward fine-tuning on {} images is less than one batch ({})",
-                inputs.reward_finetune_images, short_cfg.batch_size
-            )));
-        }
-    }
-    // The first training images only (the rest of the set is not copied).
-    let short = (inputs.reward_finetune_images > 0).then(|| DataSplits {
-        spec: data.spec.clone(),
-        train: data.train.take(inputs.reward_finetune_images),
-        test: data.test.clone(),
-        normalize: data.normalize.clone(),
-        augment: data.augment.clone(),
-        skipped: Vec::new(),
-    });
+    let (short_cfg, short) = reward_finetuning(inputs, data, what)?;
     let mut reward_finetune = |m: &mut Model| -> slim_core::Result<()> {
         if let Some(short) = &short {
             train(m, short, &short_cfg, TrainOptions::default(), &mut |_| {})?;

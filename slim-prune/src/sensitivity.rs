@@ -258,28 +258,18 @@ fn same_ratio(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-9
 }
 
-/// Measures the sensitivity of every group in scope at every ratio. With `file`, points
-/// already there are kept (after checking that the file is about this model, data and
-/// criterion) and the file is rewritten after every new point.
-pub fn analyze(
-    pruner: &Pruner<'_>,
-    evaluator: &dyn Evaluator,
-    ratios: &[f64],
-    data: &EvalData,
+/// The analysis kept in `file`, when it is there: of this model, on the same data, with the
+/// same criterion and batch-norm calibration (else refused, naming what differs).
+fn resumed(
     file: Option<&Path>,
-    progress: &(dyn Fn(SensitivityProgress) + Sync),
-) -> Result<Sensitivities> {
-    if ratios.is_empty() {
-        return Err(PruneError::Invalid("no ratios to analyse".into()));
-    }
-    for &r in ratios {
-        check_ratio(r)?;
-    }
-    let fingerprint = pruner.model().fingerprint()?;
-    let existing = match file.filter(|f| f.exists()) {
+    fingerprint: &str,
+    pruner: &Pruner<'_>,
+    data: &EvalData,
+) -> Result<Option<Sensitivities>> {
+    Ok(match file.filter(|f| f.exists()) {
         Some(f) => {
             let s = Sensitivities::load(f)?;
-            s.check_model(&fingerprint, f)?;
+            s.check_model(fingerprint, f)?;
             if s.data_fingerprint != data.fingerprint {
                 return Err(PruneError::Invalid(format!(
                     "{} was measured on other data ({}); this run evaluates on {}",
@@ -307,7 +297,28 @@ pub fn analyze(
             Some(s)
         }
         None => None,
-    };
+    })
+}
+
+/// Measures the sensitivity of every group in scope at every ratio. With `file`, points
+/// already there are kept (after checking that the file is about this model, data and
+/// criterion) and the file is rewritten after every new point.
+pub fn analyze(
+    pruner: &Pruner<'_>,
+    evaluator: &dyn Evaluator,
+    ratios: &[f64],
+    data: &EvalData,
+    file: Option<&Path>,
+    progress: &(dyn Fn(SensitivityProgress) + Sync),
+) -> Result<Sensitivities> {
+    if ratios.is_empty() {
+        return Err(PruneError::Invalid("no ratios to analyse".into()));
+    }
+    for &r in ratios {
+        check_ratio(r)?;
+    }
+    let fingerprint = pruner.model().fingerprint()?;
+    let existing = resumed(file, &fingerprint, pruner, data)?;
     let sens = match existing {
         Some(s) => s,
         None => {
@@ -437,7 +448,10 @@ enum Goal {
     LossBudget(f64),
 }
 
-fn curves(sens: &Sensitivities, pruner: &Pruner<'_>) -> Result<Vec<(usize, LossCurve, Vec<f64>)>> {
+/// Each group in scope with its loss curve and its measured ratios.
+type Curves = Vec<(usize, LossCurve, Vec<f64>)>;
+
+fn curves(sens: &Sensitivities, pruner: &Pruner<'_>) -> Result<Curves> {
     pruner
         .scope()
         .iter()
@@ -454,6 +468,44 @@ fn curves(sens: &Sensitivities, pruner: &Pruner<'_>) -> Result<Vec<(usize, LossC
             Ok((g, lc, st))
         })
         .collect()
+}
+
+/// Undoes steps of `ratios`, the most predicted loss saved first, while the MACs stay within
+/// `target_macs`.
+fn ease_back(curves: &Curves, pruner: &Pruner<'_>, ratios: &mut Ratios, target_macs: f64) {
+    loop {
+        let mut best: Option<(f64, usize, f64)> = None;
+        for (g, lc, st) in curves {
+            let cur = ratios[g];
+            let Some(&prev) = st.iter().rev().find(|&&r| r < cur - 1e-12) else {
+                if cur > 0.0 {
+                    let mut trial = ratios.clone();
+                    trial.insert(*g, 0.0);
+                    if pruner.predict_macs(&trial) as f64 <= target_macs {
+                        let saved = lc.at(cur);
+                        if best.is_none_or(|b| saved > b.0) {
+                            best = Some((saved, *g, 0.0));
+                        }
+                    }
+                }
+                continue;
+            };
+            let mut trial = ratios.clone();
+            trial.insert(*g, prev);
+            if pruner.predict_macs(&trial) as f64 <= target_macs {
+                let saved = lc.at(cur) - lc.at(prev);
+                if best.is_none_or(|b| saved > b.0) {
+                    best = Some((saved, *g, prev));
+                }
+            }
+        }
+        match best {
+            Some((_, g, r)) => {
+                ratios.insert(g, r);
+            }
+            None => break,
+        }
+    }
 }
 
 fn greedy(sens: &Sensitivities, pruner: &Pruner<'_>, goal: Goal) -> Result<Ratios> {
@@ -530,40 +582,7 @@ fn greedy(sens: &Sensitivities, pruner: &Pruner<'_>, goal: Goal) -> Result<Ratio
                 got * 100.0
             )));
         }
-        // Ease back: undo steps, most loss saved first, while the target still holds.
-        loop {
-            let mut best: Option<(f64, usize, f64)> = None;
-            for (g, lc, st) in &curves {
-                let cur = ratios[g];
-                let Some(&prev) = st.iter().rev().find(|&&r| r < cur - 1e-12) else {
-                    if cur > 0.0 {
-                        let mut trial = ratios.clone();
-                        trial.insert(*g, 0.0);
-                        if pruner.predict_macs(&trial) as f64 <= target_macs {
-                            let saved = lc.at(cur);
-                            if best.is_none_or(|b| saved > b.0) {
-                                best = Some((saved, *g, 0.0));
-                            }
-                        }
-                    }
-                    continue;
-                };
-                let mut trial = ratios.clone();
-                trial.insert(*g, prev);
-                if pruner.predict_macs(&trial) as f64 <= target_macs {
-                    let saved = lc.at(cur) - lc.at(prev);
-                    if best.is_none_or(|b| saved > b.0) {
-                        best = Some((saved, *g, prev));
-                    }
-                }
-            }
-            match best {
-                Some((_, g, r)) => {
-                    ratios.insert(g, r);
-                }
-                None => break,
-            }
-        }
+        ease_back(&curves, pruner, &mut ratios, target_macs);
     }
     Ok(ratios)
 }

@@ -282,6 +282,128 @@ fn reads_model_input(model: &Model, l: &str) -> bool {
     })
 }
 
+/// The scale of each activation quantizer: before each layer (by the method asked for; the
+/// model's input by its whole range) and after each output point (its whole range).
+fn activation_scales(
+    model: &Model,
+    layers: &[String],
+    outputs: &[String],
+    stats: &HashMap<String, Stats>,
+    cfg: &PtqConfig,
+) -> BTreeMap<String, f32> {
+    let qa = qmax(cfg.bits_activations);
+    let mut scales: BTreeMap<String, f32> = BTreeMap::new();
+    for l in layers {
+        // The model's input is a known, bounded range (normalized pixels) with nothing rare to
+        // clip; KL's search would mistake its background spike for the bulk of the
+        // distribution and clip the bright pixels, so the input keeps its full range.
+        let method = if cfg.activations == ActQuant::Kl && reads_model_input(model, l) {
+            ActQuant::AbsMax
+        } else {
+            cfg.activations
+        };
+        let t = stats[l].threshold(method, qa);
+        // A layer whose input was always zero keeps a harmless scale.
+        scales.insert(input_quant_name(l), if t > 0.0 { t / qa } else { 1.0 });
+    }
+    for e in outputs {
+        // Outputs keep their whole observed range: they carry sums and dense maps whose
+        // largest values matter.
+        let key = output_quant_name(e);
+        let t = stats[&key].threshold(ActQuant::AbsMax, qa);
+        scales.insert(key, if t > 0.0 { t / qa } else { 1.0 });
+    }
+    scales
+}
+
+/// The graph with a fake-quantization node of `bits` before every layer of `layers`, and
+/// after every output point.
+fn with_quantizers(
+    model: &Model,
+    layers: &[String],
+    outputs: &[String],
+    bits: u8,
+) -> Result<Graph> {
+    let def = model.graph.to_def();
+    let fake_quant = |name: String, input: String| NodeDef {
+        name,
+        op: Op::FakeQuant(FakeQuantSpec {
+            bits,
+            moving_rate: 0.0,
+            window: 0,
+        }),
+        inputs: vec![input],
+    };
+    let mut nodes: Vec<NodeDef> =
+        Vec::with_capacity(def.nodes.len() + layers.len() + outputs.len());
+    for n in &def.nodes {
+        let mut n = n.clone();
+        // Readers of an output point read its quantizer.
+        for i in &mut n.inputs {
+            if outputs.contains(&*i) {
+                *i = output_quant_name(i);
+            }
+        }
+        if layers.contains(&n.name) {
+            let q = input_quant_name(&n.name);
+            nodes.push(fake_quant(q.clone(), n.inputs[0].clone()));
+            n.inputs = vec![q];
+        }
+        let name = n.name.clone();
+        nodes.push(n);
+        if outputs.contains(&name) {
+            nodes.push(fake_quant(output_quant_name(&name), name));
+        }
+    }
+    Ok(Graph::from_def(&GraphDef {
+        nodes,
+        outputs: def.outputs.clone(),
+    })?)
+}
+
+/// The parameters with the layers' weights quantized (and stored dequantized beside their
+/// integers), the activation quantizers' scales as buffers, and what was done per layer.
+#[allow(clippy::type_complexity)]
+fn quantized_params(
+    model: &Model,
+    layers: &[String],
+    scales: &BTreeMap<String, f32>,
+    cfg: &PtqConfig,
+) -> Result<(ParamStore, BTreeMap<String, Int8Tensor>, Vec<LayerReport>)> {
+    let mut params = ParamStore::new();
+    let mut int8 = BTreeMap::new();
+    let device = model.device();
+    for (name, p) in model.params.iter() {
+        params.insert(name, &p.var.as_tensor().copy()?, p.kind)?;
+    }
+    let mut report = Vec::new();
+    for l in layers {
+        let wname = format!("{l}.weight");
+        let q = quantize_param(&model.params, &wname, cfg.weights, cfg.bits_weights)?;
+        params.set(&wname, &q.dequantize(&device)?)?;
+        report.push(LayerReport {
+            layer: l.clone(),
+            input_scale: scales[&input_quant_name(l)],
+            weight_scales: q.scales.len(),
+        });
+        int8.insert(
+            wname,
+            Int8Tensor {
+                values: q.values,
+                scales: q.scales,
+            },
+        );
+    }
+    for (q, scale) in scales {
+        params.insert(
+            format!("{q}.scale"),
+            &candle_core::Tensor::new(&[*scale], &device)?,
+            ParamKind::Buffer,
+        )?;
+    }
+    Ok((params, int8, report))
+}
+
 /// Quantizes `model` after calibrating on the first `cfg.batches * cfg.batch_size` images of
 /// `set`.
 pub fn quantize(
@@ -331,97 +453,9 @@ pub fn quantize(
         points.push((e.clone(), output_quant_name(e)));
     }
     let (stats, images) = calibrate(model, &points, set, normalize, cfg)?;
-    let qa = qmax(cfg.bits_activations);
-    let mut scales: BTreeMap<String, f32> = BTreeMap::new();
-    for l in &layers {
-        // The model's input is a known, bounded range (normalized pixels) with nothing rare to
-        // clip; KL's search would mistake its background spike for the bulk of the
-        // distribution and clip the bright pixels, so the input keeps its full range.
-        let method = if cfg.activations == ActQuant::Kl && reads_model_input(model, l) {
-            ActQuant::AbsMax
-        } else {
-            cfg.activations
-        };
-        let t = stats[l].threshold(method, qa);
-        // A layer whose input was always zero keeps a harmless scale.
-        scales.insert(input_quant_name(l), if t > 0.0 { t / qa } else { 1.0 });
-    }
-    for e in &outputs {
-        // Outputs keep their whole observed range: they carry sums and dense maps whose
-        // largest values matter.
-        let key = output_quant_name(e);
-        let t = stats[&key].threshold(ActQuant::AbsMax, qa);
-        scales.insert(key, if t > 0.0 { t / qa } else { 1.0 });
-    }
-
-    // The graph with a fake-quantization node before every quantized layer, and after every
-    // output point.
-    let def = model.graph.to_def();
-    let fake_quant = |name: String, input: String| NodeDef {
-        name,
-        op: Op::FakeQuant(FakeQuantSpec {
-            bits: cfg.bits_activations,
-            moving_rate: 0.0,
-            window: 0,
-        }),
-        inputs: vec![input],
-    };
-    let mut nodes: Vec<NodeDef> = Vec::with_capacity(def.nodes.len() + points.len());
-    for n in &def.nodes {
-        let mut n = n.clone();
-        // Readers of an output point read its quantizer.
-        for i in &mut n.inputs {
-            if outputs.contains(i) {
-                *i = output_quant_name(i);
-            }
-        }
-        if layers.contains(&n.name) {
-            let q = input_quant_name(&n.name);
-            nodes.push(fake_quant(q.clone(), n.inputs[0].clone()));
-            n.inputs = vec![q];
-        }
-        let name = n.name.clone();
-        nodes.push(n);
-        if outputs.contains(&name) {
-            nodes.push(fake_quant(output_quant_name(&name), name));
-        }
-    }
-    let graph = Graph::from_def(&GraphDef {
-        nodes,
-        outputs: def.outputs.clone(),
-    })?;
-
-    let mut params = ParamStore::new();
-    let mut int8 = BTreeMap::new();
-    let device = model.device();
-    for (name, p) in model.params.iter() {
-        params.insert(name, &p.var.as_tensor().copy()?, p.kind)?;
-    }
-    let mut report = Vec::new();
-    for l in &layers {
-        let wname = format!("{l}.weight");
-        let q = quantize_param(&model.params, &wname, cfg.weights, cfg.bits_weights)?;
-        params.set(&wname, &q.dequantize(&device)?)?;
-        report.push(LayerReport {
-            layer: l.clone(),
-            input_scale: scales[&input_quant_name(l)],
-            weight_scales: q.scales.len(),
-        });
-        int8.insert(
-            wname,
-            Int8Tensor {
-                values: q.values,
-                scales: q.scales,
-            },
-        );
-    }
-    for (q, scale) in &scales {
-        params.insert(
-            format!("{q}.scale"),
-            &candle_core::Tensor::new(&[*scale], &device)?,
-            ParamKind::Buffer,
-        )?;
-    }
+    let scales = activation_scales(model, &layers, &outputs, &stats, cfg);
+    let graph = with_quantizers(model, &layers, &outputs, cfg.bits_activations)?;
+    let (params, int8, report) = quantized_params(model, &layers, &scales, cfg)?;
     let mut out = Model::new(graph, params)?;
     out.provenance = model.provenance.clone();
     out.provenance.insert(
