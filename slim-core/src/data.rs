@@ -724,6 +724,20 @@ pub struct LoaderConfig {
     pub drop_last: bool,
 }
 
+impl LoaderConfig {
+    /// Training batches of `data`'s training split: shuffled with `seed`, augmented and
+    /// normalized as the data says, a last incomplete batch dropped.
+    pub fn training(data: &DataSplits, batch_size: usize, seed: u64) -> Self {
+        LoaderConfig {
+            batch_size,
+            shuffle: Some(seed),
+            augment: data.augment.clone(),
+            normalize: data.normalize.clone(),
+            drop_last: true,
+        }
+    }
+}
+
 /// A batch as the loader's thread prepares it: images, labels, sample indices.
 type Prepared = (Vec<f32>, Vec<u32>, Vec<usize>);
 

@@ -46,7 +46,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::error::{CoreError, Result};
-use crate::graph::{Graph, Op};
+use crate::graph::{Conv2dSpec, Graph, Node, Op};
 use crate::model::Model;
 use crate::params::ParamStore;
 
@@ -553,240 +553,278 @@ pub struct ChannelGroups {
     graph: Graph,
 }
 
+/// The names of `node`'s parameters of the given roles.
+fn param_names(node: &Node, roles: &[&str]) -> Vec<String> {
+    node.op
+        .params()
+        .iter()
+        .filter(|p| roles.contains(&p.role))
+        .map(|p| node.param_name(p.role))
+        .collect()
+}
+
+/// The output layout of a layer (the model input, a convolution, a linear layer, a batch
+/// norm or per-channel scale), with its parameters joined to the channel spaces they slice;
+/// `None` for the other ops.
+fn layer_layout(b: &mut Builder, layouts: &mut Vec<Layout>, node: &Node) -> Option<Layout> {
+    let name = node.name.as_str();
+    let ins: Vec<&Layout> = node.inputs.iter().map(|&i| &layouts[i]).collect();
+    let pnames = |roles: &[&str]| param_names(node, roles);
+    Some(match &node.op {
+        Op::Input { shape } => {
+            let l = b.produce(shape[0], name, &[]);
+            b.spaces[l.segs[0].0].producers.clear();
+            b.block_layout(&l, name, &node.op, "the model input's channels are fixed");
+            l
+        }
+        Op::Conv2d(c) if c.groups == 1 => {
+            let input = ins[0].clone();
+            b.touch(&input, name, node.param_name("weight"), 1);
+            b.produce(c.out_channels, name, &pnames(&["weight", "bias"]))
+        }
+        Op::Conv2d(c) if c.is_depthwise() => {
+            let input = ins[0].clone();
+            for p in pnames(&["weight", "bias"]) {
+                b.touch(&input, name, p, 0);
+            }
+            input
+        }
+        Op::Conv2d(c) => grouped_conv(b, layouts, node, c),
+        Op::Linear(l) => {
+            let input = ins[0].clone();
+            b.touch(&input, name, node.param_name("weight"), 1);
+            b.produce(l.out_features, name, &pnames(&["weight", "bias"]))
+        }
+        Op::BatchNorm2d(_) | Op::PRelu { .. } | Op::ChannelAffine { .. } => {
+            let input = ins[0].clone();
+            for p in pnames(&["weight", "bias", "running_mean", "running_var"]) {
+                b.touch(&input, name, p, 0);
+            }
+            input
+        }
+        Op::ConvTranspose2d(c) if c.groups == 1 => {
+            // The weight is [in, out, kh, kw]: input channels on axis 0, outputs on 1.
+            let input = ins[0].clone();
+            b.touch(&input, name, node.param_name("weight"), 0);
+            let l = b.produce(c.out_channels, name, &pnames(&["bias"]));
+            let s = l.segs[0].0;
+            b.spaces[s].members.push(Member {
+                node: name.to_string(),
+                param: node.param_name("weight"),
+                axis: 1,
+                offset: 0,
+                expand: 1,
+                stride: 1,
+            });
+            l
+        }
+        Op::ConvTranspose2d(c) => {
+            let input = ins[0].clone();
+            let reason = format!(
+                "grouped transposed convolution (groups={}) ties channels in groups",
+                c.groups
+            );
+            b.block_layout(&input, name, &node.op, &reason);
+            let l = b.produce(c.out_channels, name, &pnames(&["bias"]));
+            b.block_layout(&l, name, &node.op, &reason);
+            l
+        }
+        _ => return None,
+    })
+}
+
+/// A grouped convolution's output layout: channel k of every group of its input pruned
+/// together (so that the groups stay equal), its outputs one space per group, unified.
+fn grouped_conv(b: &mut Builder, layouts: &mut Vec<Layout>, node: &Node, c: &Conv2dSpec) -> Layout {
+    let name = node.name.as_str();
+    let pnames = |roles: &[&str]| param_names(node, roles);
+    // Channel k of every group is pruned together, so that the groups stay equal.
+    let g = c.groups;
+    let (input, parts) = cut_into_groups(b, layouts, node.inputs[0], g);
+    match parts {
+        Some(parts) => {
+            for part in &parts {
+                let first = Layout {
+                    segs: part.clone(),
+                    expand: 1,
+                    weave: input.weave,
+                };
+                b.touch(&first, name, node.param_name("weight"), 1);
+            }
+            for i in 1..g {
+                for (a, bb) in parts[0].iter().zip(&parts[i]) {
+                    b.union(a.0, bb.0);
+                }
+            }
+        }
+        None => {
+            let reason = format!(
+                    "grouped convolution (groups={g}) over channel ranges that do not split into its groups"
+                );
+            b.block_layout(&input, name, &node.op, &reason);
+        }
+    }
+    // The outputs: one space per group, unified.
+    let opg = c.out_channels / g;
+    let mut segs = Vec::with_capacity(g);
+    for i in 0..g {
+        let l = b.produce(opg, name, &[]);
+        let s = l.segs[0].0;
+        for p in pnames(&["weight", "bias"]) {
+            b.spaces[s].members.push(Member {
+                node: name.to_string(),
+                param: p,
+                axis: 0,
+                offset: i * opg,
+                expand: 1,
+                stride: 1,
+            });
+        }
+        segs.push((s, opg));
+    }
+    for i in 1..g {
+        b.union(segs[0].0, segs[i].0);
+    }
+    Layout {
+        segs,
+        expand: 1,
+        weave: 1,
+    }
+}
+
+/// The output layout of an op without channel parameters: passed through, joined (sums,
+/// products, concatenations), permuted (a channel shuffle), or blocked where Slim does not
+/// follow the channels.
+fn flow_layout(b: &mut Builder, layouts: &mut Vec<Layout>, graph: &Graph, node: &Node) -> Layout {
+    let name = node.name.as_str();
+    let ins: Vec<&Layout> = node.inputs.iter().map(|&i| &layouts[i]).collect();
+    match &node.op {
+        Op::Relu
+        | Op::Relu6
+        | Op::HardSwish
+        | Op::HardSigmoid { .. }
+        | Op::Sigmoid
+        | Op::Clip { .. }
+        | Op::LeakyRelu { .. }
+        | Op::Tanh
+        | Op::Silu
+        | Op::Gelu
+        | Op::GeluTanh
+        | Op::Erf
+        | Op::Unary(_)
+        | Op::Dropout { .. }
+        | Op::Identity
+        | Op::FakeQuant(_)
+        | Op::MaxPool2d(_)
+        | Op::AvgPool2d(_)
+        | Op::GlobalAvgPool => ins[0].clone(),
+        // A channel's normalization reads its neighbours, so removing a channel changes
+        // its neighbours' windows: an approximation that pruning (which fine-tunes after)
+        // tolerates, as it tolerates removing the channel itself.
+        Op::Lrn(_) | Op::Pad { .. } | Op::Resize(_) | Op::Sqrt | Op::Reciprocal => ins[0].clone(),
+        // Ops along other axes than the channels, each channel's values its own: a
+        // slice of rows or columns, a reduction or softmax over the plane, a norm within
+        // each channel (instance norm's).
+        Op::Slice { axis, .. } | Op::SoftmaxAt { axis } if *axis > 0 => ins[0].clone(),
+        Op::Reduce { axes, .. } if !axes.contains(&0) => ins[0].clone(),
+        Op::LayerNorm { from, .. } if *from > 0 => ins[0].clone(),
+        // A reshape that keeps the channel axis first (`[C, H, W]` to `[C, H·W]` and
+        // back): each channel's values stay together, in order.
+        Op::Reshape { .. } if keeps_channels(graph, node) && ins[0].expand == 1 => ins[0].clone(),
+        // Ops over the channels among other axes, or between tokens: their groups are
+        // blocked (named in `slim info`), never the import.
+        Op::Dense(_)
+        | Op::MatMul
+        | Op::Binary(_)
+        | Op::ConstBinary { .. }
+        | Op::Reshape { .. }
+        | Op::Transpose { .. }
+        | Op::SoftmaxAt { .. }
+        | Op::Reduce { .. }
+        | Op::LayerNorm { .. }
+        | Op::ConcatAt { .. }
+        | Op::Slice { .. } => {
+            let reason = format!(
+                "Slim does not yet follow channels through {}",
+                node.op.kind()
+            );
+            b.block_through(&ins, node, &reason)
+        }
+        // A constant's channels are its own, not its input's (which gives only the batch
+        // size): a fresh, blocked layout.
+        Op::Constant { .. } => b.block_through(
+            &[],
+            node,
+            "Slim does not yet prune the channels of a constant",
+        ),
+        Op::ChannelShuffle { groups } => shuffle(b, layouts, node, *groups),
+        Op::Flatten => {
+            let mut l = ins[0].clone();
+            let in_shape = &graph.node(node.inputs[0]).shape;
+            l.expand *= in_shape[1..].iter().product::<usize>();
+            l
+        }
+        Op::Add => {
+            align(b, layouts, &node.inputs);
+            let ins: Vec<&Layout> = node.inputs.iter().map(|&i| &layouts[i]).collect();
+            b.unify(&ins, name, &node.op);
+            ins[0].clone()
+        }
+        Op::Mul => product(b, graph, node, &ins),
+        Op::Concat if ins.iter().all(|l| l.weave == ins[0].weave) => Layout {
+            segs: ins.iter().flat_map(|l| l.segs.iter().copied()).collect(),
+            expand: 1,
+            weave: ins[0].weave,
+        },
+        Op::Concat => b.block_through(
+            &ins,
+            node,
+            "joins shuffled (interleaved) channels with others",
+        ),
+        Op::Softmax => {
+            let input = ins[0].clone();
+            b.block_layout(&input, name, &node.op, "softmax normalizes across channels");
+            input
+        }
+        // The layers: `layer_layout` lays them out.
+        Op::Input { .. }
+        | Op::Conv2d(_)
+        | Op::Linear(_)
+        | Op::BatchNorm2d(_)
+        | Op::PRelu { .. }
+        | Op::ChannelAffine { .. }
+        | Op::ConvTranspose2d(_) => b.block_through(&ins, node, "a layer laid out elsewhere"),
+    }
+}
+
+/// A product's layout: its first input's, joined with the second's (a gate of one value per
+/// channel, or a value of the same shape).
+fn product(b: &mut Builder, graph: &Graph, node: &Node, ins: &[&Layout]) -> Layout {
+    let name = node.name.as_str();
+    let (x, g) = (ins[0].clone(), ins[1].clone());
+    let channel_wise = graph.node(node.inputs[0]).shape != graph.node(node.inputs[1]).shape;
+    if channel_wise {
+        // The gate's expand is over its own (1x1) positions: compare channels only.
+        let gate = Layout {
+            segs: g.segs.clone(),
+            expand: x.expand,
+            weave: g.weave,
+        };
+        b.unify(&[&x, &gate], name, &node.op);
+    } else {
+        b.unify(&[&x, &g], name, &node.op);
+    }
+    x
+}
+
 /// Computes the channel groups of a graph.
 pub fn channel_groups(graph: &Graph) -> ChannelGroups {
     let mut b = Builder { spaces: Vec::new() };
     let mut layouts: Vec<Layout> = Vec::with_capacity(graph.len());
     for node in graph.nodes() {
-        let name = node.name.as_str();
-        let ins: Vec<&Layout> = node.inputs.iter().map(|&i| &layouts[i]).collect();
-        let pnames = |roles: &[&str]| -> Vec<String> {
-            node.op
-                .params()
-                .iter()
-                .filter(|p| roles.contains(&p.role))
-                .map(|p| node.param_name(p.role))
-                .collect()
-        };
-        let out = match &node.op {
-            Op::Input { shape } => {
-                let l = b.produce(shape[0], name, &[]);
-                b.spaces[l.segs[0].0].producers.clear();
-                b.block_layout(&l, name, &node.op, "the model input's channels are fixed");
-                l
-            }
-            Op::Conv2d(c) if c.groups == 1 => {
-                let input = ins[0].clone();
-                b.touch(&input, name, node.param_name("weight"), 1);
-                b.produce(c.out_channels, name, &pnames(&["weight", "bias"]))
-            }
-            Op::Conv2d(c) if c.is_depthwise() => {
-                let input = ins[0].clone();
-                for p in pnames(&["weight", "bias"]) {
-                    b.touch(&input, name, p, 0);
-                }
-                input
-            }
-            Op::Conv2d(c) => {
-                // Channel k of every group is pruned together, so that the groups stay equal.
-                let g = c.groups;
-                let (input, parts) = cut_into_groups(&mut b, &mut layouts, node.inputs[0], g);
-                match parts {
-                    Some(parts) => {
-                        for part in &parts {
-                            let first = Layout {
-                                segs: part.clone(),
-                                expand: 1,
-                                weave: input.weave,
-                            };
-                            b.touch(&first, name, node.param_name("weight"), 1);
-                        }
-                        for i in 1..g {
-                            for (a, bb) in parts[0].iter().zip(&parts[i]) {
-                                b.union(a.0, bb.0);
-                            }
-                        }
-                    }
-                    None => {
-                        let reason = format!(
-                            "grouped convolution (groups={g}) over channel ranges that do not split into its groups"
-                        );
-                        b.block_layout(&input, name, &node.op, &reason);
-                    }
-                }
-                // The outputs: one space per group, unified.
-                let opg = c.out_channels / g;
-                let mut segs = Vec::with_capacity(g);
-                for i in 0..g {
-                    let l = b.produce(opg, name, &[]);
-                    let s = l.segs[0].0;
-                    for p in pnames(&["weight", "bias"]) {
-                        b.spaces[s].members.push(Member {
-                            node: name.to_string(),
-                            param: p,
-                            axis: 0,
-                            offset: i * opg,
-                            expand: 1,
-                            stride: 1,
-                        });
-                    }
-                    segs.push((s, opg));
-                }
-                for i in 1..g {
-                    b.union(segs[0].0, segs[i].0);
-                }
-                Layout {
-                    segs,
-                    expand: 1,
-                    weave: 1,
-                }
-            }
-            Op::Linear(l) => {
-                let input = ins[0].clone();
-                b.touch(&input, name, node.param_name("weight"), 1);
-                b.produce(l.out_features, name, &pnames(&["weight", "bias"]))
-            }
-            Op::BatchNorm2d(_) | Op::PRelu { .. } | Op::ChannelAffine { .. } => {
-                let input = ins[0].clone();
-                for p in pnames(&["weight", "bias", "running_mean", "running_var"]) {
-                    b.touch(&input, name, p, 0);
-                }
-                input
-            }
-            Op::Relu
-            | Op::Relu6
-            | Op::HardSwish
-            | Op::HardSigmoid { .. }
-            | Op::Sigmoid
-            | Op::Clip { .. }
-            | Op::LeakyRelu { .. }
-            | Op::Tanh
-            | Op::Silu
-            | Op::Gelu
-            | Op::GeluTanh
-            | Op::Erf
-            | Op::Unary(_)
-            | Op::Dropout { .. }
-            | Op::Identity
-            | Op::FakeQuant(_)
-            | Op::MaxPool2d(_)
-            | Op::AvgPool2d(_)
-            | Op::GlobalAvgPool => ins[0].clone(),
-            // A channel's normalization reads its neighbours, so removing a channel changes
-            // its neighbours' windows: an approximation that pruning (which fine-tunes after)
-            // tolerates, as it tolerates removing the channel itself.
-            Op::Lrn(_) | Op::Pad { .. } | Op::Resize(_) | Op::Sqrt | Op::Reciprocal => {
-                ins[0].clone()
-            }
-            // Ops along other axes than the channels, each channel's values its own: a
-            // slice of rows or columns, a reduction or softmax over the plane, a norm within
-            // each channel (instance norm's).
-            Op::Slice { axis, .. } | Op::SoftmaxAt { axis } if *axis > 0 => ins[0].clone(),
-            Op::Reduce { axes, .. } if !axes.contains(&0) => ins[0].clone(),
-            Op::LayerNorm { from, .. } if *from > 0 => ins[0].clone(),
-            // A reshape that keeps the channel axis first (`[C, H, W]` to `[C, H·W]` and
-            // back): each channel's values stay together, in order.
-            Op::Reshape { .. } if keeps_channels(graph, node) && ins[0].expand == 1 => {
-                ins[0].clone()
-            }
-            // Ops over the channels among other axes, or between tokens: their groups are
-            // blocked (named in `slim info`), never the import.
-            Op::Dense(_)
-            | Op::MatMul
-            | Op::Binary(_)
-            | Op::ConstBinary { .. }
-            | Op::Reshape { .. }
-            | Op::Transpose { .. }
-            | Op::SoftmaxAt { .. }
-            | Op::Reduce { .. }
-            | Op::LayerNorm { .. }
-            | Op::ConcatAt { .. }
-            | Op::Slice { .. } => {
-                let reason = format!(
-                    "Slim does not yet follow channels through {}",
-                    node.op.kind()
-                );
-                b.block_through(&ins, node, &reason)
-            }
-            // A constant's channels are its own, not its input's (which gives only the batch
-            // size): a fresh, blocked layout.
-            Op::Constant { .. } => b.block_through(
-                &[],
-                node,
-                "Slim does not yet prune the channels of a constant",
-            ),
-            Op::ConvTranspose2d(c) if c.groups == 1 => {
-                // The weight is [in, out, kh, kw]: input channels on axis 0, outputs on 1.
-                let input = ins[0].clone();
-                b.touch(&input, name, node.param_name("weight"), 0);
-                let l = b.produce(c.out_channels, name, &pnames(&["bias"]));
-                let s = l.segs[0].0;
-                b.spaces[s].members.push(Member {
-                    node: name.to_string(),
-                    param: node.param_name("weight"),
-                    axis: 1,
-                    offset: 0,
-                    expand: 1,
-                    stride: 1,
-                });
-                l
-            }
-            Op::ConvTranspose2d(c) => {
-                let input = ins[0].clone();
-                let reason = format!(
-                    "grouped transposed convolution (groups={}) ties channels in groups",
-                    c.groups
-                );
-                b.block_layout(&input, name, &node.op, &reason);
-                let l = b.produce(c.out_channels, name, &pnames(&["bias"]));
-                b.block_layout(&l, name, &node.op, &reason);
-                l
-            }
-            Op::ChannelShuffle { groups } => shuffle(&mut b, &mut layouts, node, *groups),
-            Op::Flatten => {
-                let mut l = ins[0].clone();
-                let in_shape = &graph.node(node.inputs[0]).shape;
-                l.expand *= in_shape[1..].iter().product::<usize>();
-                l
-            }
-            Op::Add => {
-                align(&mut b, &mut layouts, &node.inputs);
-                let ins: Vec<&Layout> = node.inputs.iter().map(|&i| &layouts[i]).collect();
-                b.unify(&ins, name, &node.op);
-                ins[0].clone()
-            }
-            Op::Mul => {
-                let (x, g) = (ins[0].clone(), ins[1].clone());
-                let channel_wise =
-                    graph.node(node.inputs[0]).shape != graph.node(node.inputs[1]).shape;
-                if channel_wise {
-                    // The gate's expand is over its own (1x1) positions: compare channels only.
-                    let gate = Layout {
-                        segs: g.segs.clone(),
-                        expand: x.expand,
-                        weave: g.weave,
-                    };
-                    b.unify(&[&x, &gate], name, &node.op);
-                } else {
-                    b.unify(&[&x, &g], name, &node.op);
-                }
-                x
-            }
-            Op::Concat if ins.iter().all(|l| l.weave == ins[0].weave) => Layout {
-                segs: ins.iter().flat_map(|l| l.segs.iter().copied()).collect(),
-                expand: 1,
-                weave: ins[0].weave,
-            },
-            Op::Concat => b.block_through(
-                &ins,
-                node,
-                "joins shuffled (interleaved) channels with others",
-            ),
-            Op::Softmax => {
-                let input = ins[0].clone();
-                b.block_layout(&input, name, &node.op, "softmax normalizes across channels");
-                input
-            }
+        let out = match layer_layout(&mut b, &mut layouts, node) {
+            Some(l) => l,
+            None => flow_layout(&mut b, &mut layouts, graph, node),
         };
         layouts.push(out);
     }

@@ -159,6 +159,24 @@ struct Plan {
     channels_last: Vec<bool>,
 }
 
+impl Plan {
+    /// By node of a graph of `len` nodes: whether a fused chain computes its value (a batch
+    /// norm or activation folded into the convolution before it, an activation run inside
+    /// its batch norm).
+    fn fused_away(&self, len: usize) -> Vec<bool> {
+        let mut fused = vec![false; len];
+        for f in self.fusions.iter().flatten() {
+            for id in [f.bn, f.act].into_iter().flatten() {
+                fused[id] = true;
+            }
+        }
+        for &(act, _) in self.bn_clips.iter().flatten() {
+            fused[act] = true;
+        }
+        fused
+    }
+}
+
 /// The smallest output plane (in positions) that runs channels-last. The layers with
 /// smaller planes are the ones with the most channels, whose weights' transposition (once per
 /// forward) costs more than the layout saves: with them channels-last, MobileNetV1 at 32x32
@@ -462,22 +480,14 @@ impl Model {
         mut opts: ForwardOptions<'_>,
     ) -> Result<ForwardOutput> {
         let g = &self.graph;
-        let (tap_ids, fusions) = (&plan.tap_ids, &plan.fusions);
+        let tap_ids = &plan.tap_ids;
         let mut uses = plan.uses.clone();
         let mut values: Vec<Option<Tensor>> = vec![None; g.len()];
         // Whether each value is channels-last (`[N, H, W, C]`).
         let mut is_cl = vec![false; g.len()];
         let mut taps = HashMap::new();
         let mut next_input = inputs.iter();
-        let mut fused_away = vec![false; g.len()];
-        for f in fusions.iter().flatten() {
-            for id in [f.bn, f.act].into_iter().flatten() {
-                fused_away[id] = true;
-            }
-        }
-        for &(act, _) in plan.bn_clips.iter().flatten() {
-            fused_away[act] = true;
-        }
+        let fused_away = plan.fused_away(g.len());
         for id in g.eval_order() {
             if fused_away[id] {
                 // Computed with its chain's convolution, whose value is this chain's last.
@@ -526,37 +536,10 @@ impl Model {
                             .ok_or_else(|| CoreError::node(&node.name, "input not computed"))
                     })
                     .collect::<Result<_>>()?;
-                let custom = match opts.kernels {
-                    Some(k) => k.run(self, node, &xs, mode)?,
-                    None => None,
-                };
-                match (custom, &fusions[id]) {
-                    (Some(y), _) => y,
-                    (None, Some(f)) => {
-                        out = f.last();
-                        let folded = plan.folded[id].as_ref().ok_or_else(|| {
-                            CoreError::node(&node.name, "fused chain without its weights")
-                        })?;
-                        match folded {
-                            Folded::ChannelsLast(conv) => {
-                                conv.forward(xs[0]).map_err(CoreError::from)
-                            }
-                            Folded::Tensors(w, b) => Self::run_fused(node, f, xs[0], w, b),
-                        }
-                        .map_err(|e| CoreError::node(&node.name, e.to_string()))?
-                    }
-                    (None, None) => match (&node.op, plan.bn_clips[id]) {
-                        (Op::BatchNorm2d(spec), Some((act, max))) => {
-                            out = act;
-                            self.batch_norm(node, spec, xs[0], mode, opts.params, Some(max))
-                        }
-                        (Op::GlobalAvgPool, _) if is_cl[node.inputs[0]] => {
-                            channels_last::channel_means(xs[0]).map_err(CoreError::from)
-                        }
-                        _ => self.run_node(id, node, &xs, mode, opts.dropout_seed, opts.params),
-                    }
-                    .map_err(|e| CoreError::node(&node.name, e.to_string()))?,
-                }
+                let in_cl = node.inputs.first().is_some_and(|&i| is_cl[i]);
+                let (y, last) = self.compute(plan, id, &xs, in_cl, mode, &opts)?;
+                out = last;
+                y
             };
             if let Some(obs) = opts.observer.as_mut() {
                 obs(&node.name, &y)?;
@@ -586,6 +569,53 @@ impl Model {
             })
             .collect::<Result<_>>()?;
         Ok(ForwardOutput { outputs, taps })
+    }
+
+    /// Node `id`'s value from its inputs `xs` (`in_cl`: the first is channels-last): by the
+    /// caller's kernels, as a fused chain (whose last node it belongs to), or by its op; the
+    /// value and the node it belongs to.
+    fn compute(
+        &self,
+        plan: &Plan,
+        id: usize,
+        xs: &[&Tensor],
+        in_cl: bool,
+        mode: Mode,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<(Tensor, usize)> {
+        let node = self.graph.node(id);
+        let fusions = &plan.fusions;
+        let mut out = id;
+        let custom = match opts.kernels {
+            Some(k) => k.run(self, node, xs, mode)?,
+            None => None,
+        };
+        let y = match (custom, &fusions[id]) {
+            (Some(y), _) => y,
+            (None, Some(f)) => {
+                out = f.last();
+                let folded = plan.folded[id].as_ref().ok_or_else(|| {
+                    CoreError::node(&node.name, "fused chain without its weights")
+                })?;
+                match folded {
+                    Folded::ChannelsLast(conv) => conv.forward(xs[0]).map_err(CoreError::from),
+                    Folded::Tensors(w, b) => Self::run_fused(node, f, xs[0], w, b),
+                }
+                .map_err(|e| CoreError::node(&node.name, e.to_string()))?
+            }
+            (None, None) => match (&node.op, plan.bn_clips[id]) {
+                (Op::BatchNorm2d(spec), Some((act, max))) => {
+                    out = act;
+                    self.batch_norm(node, spec, xs[0], mode, opts.params, Some(max))
+                }
+                (Op::GlobalAvgPool, _) if in_cl => {
+                    channels_last::channel_means(xs[0]).map_err(CoreError::from)
+                }
+                _ => self.run_node(id, node, xs, mode, opts.dropout_seed, opts.params),
+            }
+            .map_err(|e| CoreError::node(&node.name, e.to_string()))?,
+        };
+        Ok((y, out))
     }
 
     /// Which nodes run channels-last in evaluation ([`crate::kernels::channels_last`]): the

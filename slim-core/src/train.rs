@@ -598,17 +598,15 @@ fn load_checkpoint(
     Ok((model, slots, state))
 }
 
-/// Trains `model` on `data.train` with `cfg`. On resume, the model is replaced by the one in
-/// the checkpoint and training continues after its last finished epoch.
-pub fn train(
-    model: &mut Model,
+/// Whether `model` can train on `data` with `cfg`: its input and output fit the data, a
+/// batch fits the training split, and without labels there is a term to learn from.
+fn check_fit(
+    model: &Model,
     data: &DataSplits,
     cfg: &TrainConfig,
-    mut opts: TrainOptions<'_>,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<TrainReport> {
-    cfg.validate()?;
-    let device = model.device();
+    label_free: bool,
+    has_terms: bool,
+) -> Result<()> {
     let shape = model.input_shape();
     if shape != data.train.shape.to_vec() {
         return Err(CoreError::Invalid(format!(
@@ -616,8 +614,7 @@ pub fn train(
             data.spec, data.train.shape
         )));
     }
-    let label_free = opts.label_free || !data.train.is_labeled();
-    if label_free && opts.extra.is_empty() {
+    if label_free && !has_terms {
         return Err(CoreError::Invalid(format!(
             "the data set `{}` {}: training then needs a model to reproduce (a teacher), and \
              none is given",
@@ -643,6 +640,180 @@ pub fn train(
             cfg.batch_size
         )));
     }
+    Ok(())
+}
+
+/// Replaces `model` and `opt` by the checkpoint at `path` (written by a run of the same
+/// recipe, data, graph and extra terms, else refused); the epochs and steps it had done and
+/// its epoch's running figures.
+fn resume(
+    path: &Path,
+    model: &mut Model,
+    opt: &mut Optimizer,
+    (cfg, data, terms, extra_params): (&TrainConfig, &str, &[String], &[(String, Var)]),
+) -> Result<(usize, usize, Partial)> {
+    let (ck_model, slots, state) = load_checkpoint(path, &model.device())?;
+    let mut ck_cfg = state.config.clone();
+    ck_cfg.epochs = cfg.epochs;
+    if ck_cfg != *cfg || state.data != data {
+        return Err(CoreError::file(
+            path,
+            "was written by a run with another recipe or data set; remove it or use the same settings",
+        ));
+    }
+    if ck_model.graph != model.graph {
+        return Err(CoreError::file(path, "holds a different model graph"));
+    }
+    if state.terms != terms {
+        return Err(CoreError::file(
+            path,
+            format!(
+                "was written with other extra losses or teachers ({}), not ({}); remove it or use the same settings",
+                state.terms.join("; "),
+                terms.join("; ")
+            ),
+        ));
+    }
+    *model = ck_model;
+    *opt = Optimizer::new(cfg.optimizer, model, extra_params)?;
+    for (name, var) in &opt.params {
+        if name.starts_with("extra/") {
+            let t = slots
+                .get(name.as_str())
+                .ok_or_else(|| CoreError::file(path, format!("the trained `{name}` is missing")))?;
+            if t.dims() != var.dims() {
+                return Err(CoreError::file(
+                    path,
+                    format!(
+                        "`{name}` has shape {:?}, expected {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
+                ));
+            }
+            var.set(t)?;
+        }
+    }
+    opt.restore(&slots, state.optimizer_steps)
+        .map_err(|e| CoreError::file(path, e))?;
+    Ok((state.epochs_done, state.steps_done, state.partial))
+}
+
+/// The error of a loss that is no longer finite at `(epoch, step, batches)`, naming the last
+/// good checkpoint (epochs done, steps of the next) where there is one.
+fn diverged(
+    l: f64,
+    (epoch, step, batches): (usize, usize, usize),
+    checkpoint: Option<&Path>,
+    last: Option<(usize, usize)>,
+) -> CoreError {
+    let mut msg = format!(
+        "the loss became {l} at epoch {}, step {} of {batches}; lower the learning rate",
+        epoch + 1,
+        step + 1
+    );
+    if let (Some(path), Some((e, s))) = (checkpoint, last) {
+        let at = if s == 0 {
+            format!("after epoch {e}")
+        } else {
+            format!("at epoch {}, step {s}", e + 1)
+        };
+        msg.push_str(&format!(
+            ". The last good checkpoint, {} ({at}), is kept: --resume goes on from it with \
+             the same recipe",
+            path.display()
+        ));
+    }
+    CoreError::Invalid(msg)
+}
+
+/// One optimizer step on `batch` at learning rate `lr` (dropout drawn from `seed`): the
+/// forward, the cross-entropy (with labels) and the extra terms, the backward pass and the
+/// update; the loss and the logits.
+fn train_step(
+    model: &Model,
+    opts: &mut TrainOptions<'_>,
+    opt: &mut Optimizer,
+    cfg: &TrainConfig,
+    batch: &crate::data::Batch,
+    taps: &[String],
+    (lr, seed): (f64, u64),
+) -> Result<(f64, Tensor)> {
+    let mut fopts = ForwardOptions::default()
+        .with_taps(taps)
+        .with_dropout_seed(seed);
+    fopts.kernels = opts.kernels;
+    let out = model.forward_with(std::slice::from_ref(&batch.images), Mode::Train, fopts)?;
+    let logits = &out.outputs[0];
+    let mut loss = if opts.label_free {
+        None
+    } else {
+        Some(candle_nn::loss::cross_entropy(logits, &batch.labels)?)
+    };
+    for term in opts.extra.iter_mut() {
+        let extra = term.loss(batch, &out)?;
+        loss = Some(match loss {
+            Some(l) => (l + extra)?,
+            None => extra,
+        });
+    }
+    // Checked above: a label-free run has a term.
+    let loss = loss.ok_or_else(|| CoreError::Invalid("no loss to train on".into()))?;
+    let grads = loss.backward()?;
+    opt.step(&grads, lr, cfg)?;
+    let l = f64::from(loss.to_scalar::<f32>()?);
+    Ok((l, logits.clone()))
+}
+
+/// A checkpoint's state: `epochs_done`, the steps of the next and their running figures.
+fn train_state(
+    (epochs_done, steps_done, partial): (usize, usize, Partial),
+    opt: &Optimizer,
+    cfg: &TrainConfig,
+    data: &DataSplits,
+    terms: &[String],
+) -> TrainState {
+    TrainState {
+        epochs_done,
+        steps_done,
+        partial,
+        optimizer_steps: opt.steps,
+        config: cfg.clone(),
+        data: data.spec.clone(),
+        terms: terms.to_vec(),
+    }
+}
+
+/// An epoch's report from its running figures (`seconds` its whole time).
+fn epoch_report(
+    epoch: usize,
+    f: &Partial,
+    label_free: bool,
+    test: Option<EvalReport>,
+) -> EpochReport {
+    EpochReport {
+        epoch,
+        loss: f.loss_sum / f.seen.max(1) as f64,
+        train_top1: (!label_free).then(|| f.correct as f64 / f.seen.max(1) as f64),
+        test,
+        seconds: f.seconds,
+        images_per_sec: f.seen as f64 / f.seconds.max(1e-9),
+    }
+}
+
+/// Trains `model` on `data.train` with `cfg`. On resume, the model is replaced by the one in
+/// the checkpoint and training continues after its last finished epoch.
+pub fn train(
+    model: &mut Model,
+    data: &DataSplits,
+    cfg: &TrainConfig,
+    mut opts: TrainOptions<'_>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    let label_free = opts.label_free || !data.train.is_labeled();
+    opts.label_free = label_free;
+    check_fit(model, data, cfg, label_free, !opts.extra.is_empty())?;
 
     let extra_params: Vec<(String, Var)> = opts.extra.iter().flat_map(|t| t.params()).collect();
     let terms: Vec<String> = opts.extra.iter().map(|t| t.fingerprint()).collect();
@@ -652,223 +823,169 @@ pub fn train(
     let (mut start_step, mut partial) = (0, Partial::default());
     if let (true, Some(path)) = (opts.resume, &opts.checkpoint) {
         if path.exists() {
-            let (ck_model, slots, state) = load_checkpoint(path, &device)?;
-            let mut ck_cfg = state.config.clone();
-            ck_cfg.epochs = cfg.epochs;
-            if ck_cfg != *cfg || state.data != data.spec {
-                return Err(CoreError::file(
-                    path,
-                    "was written by a run with another recipe or data set; remove it or use the same settings",
-                ));
-            }
-            if ck_model.graph != model.graph {
-                return Err(CoreError::file(path, "holds a different model graph"));
-            }
-            if state.terms != terms {
-                return Err(CoreError::file(
-                    path,
-                    format!(
-                        "was written with other extra losses or teachers ({}), not ({}); remove it or use the same settings",
-                        state.terms.join("; "),
-                        terms.join("; ")
-                    ),
-                ));
-            }
-            *model = ck_model;
-            opt = Optimizer::new(cfg.optimizer, model, &extra_params)?;
-            for (name, var) in &opt.params {
-                if name.starts_with("extra/") {
-                    let t = slots.get(name.as_str()).ok_or_else(|| {
-                        CoreError::file(path, format!("the trained `{name}` is missing"))
-                    })?;
-                    if t.dims() != var.dims() {
-                        return Err(CoreError::file(
-                            path,
-                            format!(
-                                "`{name}` has shape {:?}, expected {:?}",
-                                t.dims(),
-                                var.dims()
-                            ),
-                        ));
-                    }
-                    var.set(t)?;
-                }
-            }
-            opt.restore(&slots, state.optimizer_steps)
-                .map_err(|e| CoreError::file(path, e))?;
-            start_epoch = state.epochs_done;
-            start_step = state.steps_done;
-            partial = state.partial;
+            let ctx = (
+                cfg,
+                data.spec.as_str(),
+                terms.as_slice(),
+                extra_params.as_slice(),
+            );
+            (start_epoch, start_step, partial) = resume(path, model, &mut opt, ctx)?;
         }
     }
 
     let train_set: Arc<dyn Dataset> = Arc::new(data.train.clone());
-    let loader_cfg = LoaderConfig {
-        batch_size: cfg.batch_size,
-        shuffle: Some(cfg.seed),
-        augment: data.augment.clone(),
-        normalize: data.normalize.clone(),
-        drop_last: true,
-    };
-    let taps: Vec<String> = opts.extra.iter().flat_map(|t| t.taps()).collect();
+    let loader_cfg = LoaderConfig::training(data, cfg.batch_size, cfg.seed);
     let mut report = TrainReport {
         epochs: Vec::new(),
         resumed_from: start_epoch,
         resumed_at_step: start_step,
     };
-    // Where the last checkpoint was written (epochs done, steps of the next), for messages.
-    let mut last_checkpoint: Option<(usize, usize)> =
-        ((start_epoch, start_step) != (0, 0)).then_some((start_epoch, start_step));
-    let mut since_checkpoint = (0usize, Instant::now());
+    let mut run = Run {
+        taps: opts.extra.iter().flat_map(|t| t.taps()).collect(),
+        model,
+        data,
+        cfg,
+        opts,
+        opt,
+        terms,
+        train_set,
+        loader_cfg,
+        last_checkpoint: ((start_epoch, start_step) != (0, 0)).then_some((start_epoch, start_step)),
+        since_checkpoint: (0, Instant::now()),
+    };
     for epoch in start_epoch..cfg.epochs {
-        let loader = Loader::new(train_set.clone(), &loader_cfg, epoch as u64, &device)?;
+        // A run resumed within this epoch skips the steps its checkpoint had taken (the
+        // batches come in the same order) and carries on the epoch's figures.
+        let (skip, before) = match epoch == start_epoch && start_step > 0 {
+            true => (start_step, partial),
+            false => (0, Partial::default()),
+        };
+        report
+            .epochs
+            .push(run.epoch(epoch, skip, before, progress)?);
+    }
+    Ok(report)
+}
+
+/// A training run under way: what its steps read, and what they change.
+struct Run<'r, 'o> {
+    model: &'r mut Model,
+    data: &'r DataSplits,
+    cfg: &'r TrainConfig,
+    opts: TrainOptions<'o>,
+    opt: Optimizer,
+    /// The nodes the extra terms read, and the terms' fingerprints.
+    taps: Vec<String>,
+    terms: Vec<String>,
+    train_set: Arc<dyn Dataset>,
+    loader_cfg: LoaderConfig,
+    /// Where the last checkpoint was written (epochs done, steps of the next), for messages.
+    last_checkpoint: Option<(usize, usize)>,
+    /// Steps since the last checkpoint, and when it was written.
+    since_checkpoint: (usize, Instant),
+}
+
+impl Run<'_, '_> {
+    /// Epoch `epoch` from step `skip` on, carrying on the figures `before`; its report.
+    fn epoch(
+        &mut self,
+        epoch: usize,
+        skip: usize,
+        before: Partial,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<EpochReport> {
+        let device = self.model.device();
+        let loader = Loader::new(
+            self.train_set.clone(),
+            &self.loader_cfg,
+            epoch as u64,
+            &device,
+        )?;
         let batches = loader.len();
-        if !opts.extra.is_empty() {
-            let plan = crate::data::epoch_plan(train_set.len(), &loader_cfg, epoch as u64);
-            for term in opts.extra.iter_mut() {
+        if !self.opts.extra.is_empty() {
+            let plan =
+                crate::data::epoch_plan(self.train_set.len(), &self.loader_cfg, epoch as u64);
+            for term in self.opts.extra.iter_mut() {
                 term.epoch_start(&plan)?;
             }
         }
         progress(&Progress::EpochStart {
             epoch,
-            epochs: cfg.epochs,
+            epochs: self.cfg.epochs,
             batches,
         });
         let started = Instant::now();
-        // A run resumed within this epoch skips the steps its checkpoint had taken (the
-        // batches come in the same order) and carries on the epoch's figures.
-        let skip = if epoch == start_epoch { start_step } else { 0 };
-        let before = if skip > 0 {
-            partial
-        } else {
-            Partial::default()
-        };
-        let (mut loss_sum, mut correct, mut seen) = (before.loss_sum, before.correct, before.seen);
+        let mut fig = before;
+        let label_free = self.opts.label_free;
         for (step, batch) in loader.enumerate().skip(skip) {
             let batch = batch?;
-            let lr = cfg.lr_at(epoch * batches + step, batches);
-            let mut fopts = ForwardOptions::default()
-                .with_taps(&taps)
-                .with_dropout_seed(crate::data::mix(cfg.seed, epoch as u64, step as u64 + 1));
-            fopts.kernels = opts.kernels;
-            let out =
-                model.forward_with(std::slice::from_ref(&batch.images), Mode::Train, fopts)?;
-            let logits = &out.outputs[0];
-            let mut loss = if label_free {
-                None
-            } else {
-                Some(candle_nn::loss::cross_entropy(logits, &batch.labels)?)
-            };
-            for term in opts.extra.iter_mut() {
-                let extra = term.loss(&batch, &out)?;
-                loss = Some(match loss {
-                    Some(l) => (l + extra)?,
-                    None => extra,
-                });
-            }
-            // Checked above: a label-free run has a term.
-            let loss = loss.ok_or_else(|| CoreError::Invalid("no loss to train on".into()))?;
-            let grads = loss.backward()?;
-            opt.step(&grads, lr, cfg)?;
-            let l = f64::from(loss.to_scalar::<f32>()?);
+            let lr = self.cfg.lr_at(epoch * batches + step, batches);
+            let seed = crate::data::mix(self.cfg.seed, epoch as u64, step as u64 + 1);
+            let (l, logits) = train_step(
+                self.model,
+                &mut self.opts,
+                &mut self.opt,
+                self.cfg,
+                &batch,
+                &self.taps,
+                (lr, seed),
+            )?;
             if !l.is_finite() {
-                let mut msg = format!(
-                    "the loss became {l} at epoch {}, step {} of {batches}; lower the learning rate",
-                    epoch + 1,
-                    step + 1
-                );
-                if let (Some(path), Some((e, s))) = (&opts.checkpoint, last_checkpoint) {
-                    let at = if s == 0 {
-                        format!("after epoch {e}")
-                    } else {
-                        format!("at epoch {}, step {s}", e + 1)
-                    };
-                    msg.push_str(&format!(
-                        ". The last good checkpoint, {} ({at}), is kept: --resume goes on \
-                         from it with the same recipe",
-                        path.display()
-                    ));
-                }
-                return Err(CoreError::Invalid(msg));
+                let at = (epoch, step, batches);
+                let path = self.opts.checkpoint.as_deref();
+                return Err(diverged(l, at, path, self.last_checkpoint));
             }
-            let hits = if label_free {
-                0
-            } else {
-                count_hits(logits, &batch.labels, 1)?
-            };
             let b = batch.labels.dim(0)?;
-            loss_sum += l * b as f64;
-            correct += hits;
-            seen += b;
-            let secs = started.elapsed().as_secs_f64().max(1e-9);
-            since_checkpoint.0 += 1;
-            let due = opts
-                .checkpoint_every
-                .due(since_checkpoint.0, since_checkpoint.1);
-            if let (Some(path), true, true) = (&opts.checkpoint, due, step + 1 < batches) {
-                let state = TrainState {
-                    epochs_done: epoch,
-                    steps_done: step + 1,
-                    partial: Partial {
-                        loss_sum,
-                        correct,
-                        seen,
-                        seconds: before.seconds + started.elapsed().as_secs_f64(),
-                    },
-                    optimizer_steps: opt.steps,
-                    config: cfg.clone(),
-                    data: data.spec.clone(),
-                    terms: terms.clone(),
-                };
-                save_checkpoint(path, model, &opt, &state)?;
-                last_checkpoint = Some((epoch, step + 1));
-                since_checkpoint = (0, Instant::now());
+            fig.loss_sum += l * b as f64;
+            if !label_free {
+                fig.correct += count_hits(&logits, &batch.labels, 1)?;
             }
+            fig.seen += b;
+            fig.seconds = before.seconds + started.elapsed().as_secs_f64();
+            self.since_checkpoint.0 += 1;
+            let (steps, since) = self.since_checkpoint;
+            if self.opts.checkpoint_every.due(steps, since) && step + 1 < batches {
+                self.checkpoint((epoch, step + 1, fig))?;
+            }
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
             progress(&Progress::Step {
                 epoch,
                 step,
                 batches,
-                loss: loss_sum / seen as f64,
-                accuracy: (!label_free).then(|| correct as f64 / seen as f64),
-                images_per_sec: seen as f64 / secs,
+                loss: fig.loss_sum / fig.seen as f64,
+                accuracy: (!label_free).then(|| fig.correct as f64 / fig.seen as f64),
+                images_per_sec: fig.seen as f64 / secs,
                 lr,
             });
         }
-        let seconds = before.seconds + started.elapsed().as_secs_f64();
-        let test = if opts.eval_each_epoch && data.test.is_labeled() {
-            Some(evaluate(model, &data.test, &data.normalize, 256)?)
+        fig.seconds = before.seconds + started.elapsed().as_secs_f64();
+        let test = if self.opts.eval_each_epoch && self.data.test.is_labeled() {
+            let d = self.data;
+            Some(evaluate(self.model, &d.test, &d.normalize, 256)?)
         } else {
             None
         };
-        let er = EpochReport {
-            epoch,
-            loss: loss_sum / seen.max(1) as f64,
-            train_top1: (!label_free).then(|| correct as f64 / seen.max(1) as f64),
-            test,
-            seconds,
-            images_per_sec: seen as f64 / seconds.max(1e-9),
-        };
-        if let Some(path) = &opts.checkpoint {
-            let state = TrainState {
-                epochs_done: epoch + 1,
-                steps_done: 0,
-                partial: Partial::default(),
-                optimizer_steps: opt.steps,
-                config: cfg.clone(),
-                data: data.spec.clone(),
-                terms: terms.clone(),
-            };
-            save_checkpoint(path, model, &opt, &state)?;
-            last_checkpoint = Some((epoch + 1, 0));
-            since_checkpoint = (0, Instant::now());
-        }
+        let er = epoch_report(epoch, &fig, label_free, test);
+        self.checkpoint((epoch + 1, 0, Partial::default()))?;
         progress(&Progress::EpochEnd {
             epoch,
             report: er.clone(),
         });
-        report.epochs.push(er);
+        Ok(er)
     }
-    Ok(report)
+
+    /// Writes the checkpoint, where there is one: `epochs_done`, the steps of the next and
+    /// their running figures.
+    fn checkpoint(&mut self, at: (usize, usize, Partial)) -> Result<()> {
+        let Some(path) = &self.opts.checkpoint else {
+            return Ok(());
+        };
+        let state = train_state(at, &self.opt, self.cfg, self.data, &self.terms);
+        save_checkpoint(path, self.model, &self.opt, &state)?;
+        self.last_checkpoint = Some((at.0, at.1));
+        self.since_checkpoint = (0, Instant::now());
+        Ok(())
+    }
 }
 
 /// How many rows have their label among the `k` largest logits.

@@ -132,6 +132,131 @@ pub enum SupernetProgress {
     },
 }
 
+/// The supernet file `f` of a training with `key` and its state, checked: the same space,
+/// data and recipe, and not trained past `cfg`'s epochs.
+fn read_supernet(
+    f: &Path,
+    key: &serde_json::Value,
+    cfg: &TrainConfig,
+    device: &candle_core::Device,
+) -> Result<(Model, SupernetState)> {
+    let m = Model::load(f, device)?;
+    let state: SupernetState = m
+        .provenance
+        .get("supernet_state")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| {
+            NasError::Invalid(format!("{}: not a supernet file of slim nas", f.display()))
+        })?;
+    if state.key != *key {
+        return Err(NasError::Invalid(format!(
+            "{}: a supernet of another space, data set or recipe; remove it or name \
+             another folder",
+            f.display()
+        )));
+    }
+    if state.steps_done > 0 && state.epochs_done >= cfg.epochs {
+        return Err(NasError::Invalid(format!(
+            "{}: a supernet trained {} step(s) into epoch {}, past the {} epoch(s) asked \
+             for; ask for more epochs, or remove it",
+            f.display(),
+            state.steps_done,
+            state.epochs_done + 1,
+            cfg.epochs
+        )));
+    }
+    Ok((m, state))
+}
+
+/// The loss of the subnet `tokens` of the supernet on `batch` (dropout drawn from `seed`):
+/// with the teacher's outputs to reproduce, else on the labels.
+fn subnet_loss(
+    space: &dyn SearchSpace,
+    (supernet, tokens, seed): (&Model, &[usize], u64),
+    batch: &slim_core::data::Batch,
+    reproduce: Option<&mut Reproduce>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    // A throwaway model of the candidate: its own batch-norm statistics, the
+    // supernet's slices for everything trained (its own weights are never read).
+    let sub = Model::with_zero_weights(space.graph(tokens)?, device)?;
+    let slices = Slices {
+        supernet: &supernet.params,
+        space,
+        tokens,
+    };
+    let out = sub.forward_with(
+        std::slice::from_ref(&batch.images),
+        Mode::Train,
+        ForwardOptions {
+            params: Some(&slices),
+            dropout_seed: Some(seed),
+            ..Default::default()
+        },
+    )?;
+    Ok(match reproduce {
+        Some(r) => r.loss(batch, &out)?,
+        None => candle_nn::loss::cross_entropy(&out.outputs[0], &batch.labels)?,
+    })
+}
+
+/// What identifies a supernet's training: the space, the data, the recipe but its epochs (a
+/// longer training of the same supernet goes on from its file), and the teacher.
+fn supernet_key(
+    space: &dyn SearchSpace,
+    data: &DataSplits,
+    cfg: &TrainConfig,
+    teacher: Option<&Model>,
+) -> Result<serde_json::Value> {
+    let recipe = TrainConfig {
+        epochs: 0,
+        ..cfg.clone()
+    };
+    let mut key = json!({
+        "space": space.name(),
+        "space_config": space.key(),
+        "data": data.train.fingerprint(),
+        "recipe": format!("{recipe:?}"),
+    });
+    if let Some(t) = teacher {
+        key["teacher"] = json!(t.fingerprint()?);
+    }
+    Ok(key)
+}
+
+/// The optimizer's state of the moment `at` the supernet file `f` was written, so that the
+/// resumed training is the one that was stopped; without it (an older file) the optimizer
+/// starts afresh. The newest state first, then the one it replaced: a kill after the
+/// optimizer's write and before the supernet's leaves the supernet with the previous one.
+fn restore_optimizer(
+    opt: &mut Optimizer,
+    f: &Path,
+    at: (usize, usize),
+    key: &serde_json::Value,
+    device: &candle_core::Device,
+) -> Result<()> {
+    for path in [optimizer_path(f), previous_optimizer_path(f)] {
+        if let Some((tensors, steps)) = load_optimizer(&path, at, key, device)? {
+            opt.restore(&tensors, steps)
+                .map_err(|e| NasError::Invalid(format!("{}: {e}", path.display())))?;
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The value of the supernet's loss at `epoch` and `step`, refused when it is not finite.
+fn finite_loss(loss: &Tensor, epoch: usize, step: usize) -> Result<f64> {
+    let value = f64::from(loss.to_scalar::<f32>()?);
+    if !value.is_finite() {
+        return Err(NasError::Invalid(format!(
+            "the supernet's loss is {value} at epoch {} step {step}; lower the learning rate",
+            epoch + 1
+        )));
+    }
+    Ok(value)
+}
+
 /// Trains the supernet of `space` on `data.train` with `cfg` (its epochs, batch size,
 /// optimizer, schedule and seed), one sampled candidate per step: on the labels, or with a
 /// teacher (data without labels) to reproduce the teacher's outputs. With `file`, the supernet
@@ -159,49 +284,12 @@ pub fn train_supernet(
             cfg.batch_size
         )));
     }
-    // The epochs are left out: a longer training of the same supernet goes on from its file.
-    let recipe = TrainConfig {
-        epochs: 0,
-        ..cfg.clone()
-    };
-    let mut key = json!({
-        "space": space.name(),
-        "space_config": space.key(),
-        "data": data.train.fingerprint(),
-        "recipe": format!("{recipe:?}"),
-    });
-    if let Some(t) = teacher {
-        key["teacher"] = json!(t.fingerprint()?);
-    }
+    let key = supernet_key(space, data, cfg, teacher)?;
     let mut reproduce = teacher.map(|t| Reproduce::new(t.clone())).transpose()?;
     let mut supernet = Model::init(space.graph(&sup_tokens)?, cfg.seed, device)?;
     let (mut done, mut done_steps, mut done_loss) = (0, 0, 0.0);
     if let Some(f) = file.filter(|f| f.exists()) {
-        let m = Model::load(f, device)?;
-        let state: SupernetState = m
-            .provenance
-            .get("supernet_state")
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or_else(|| {
-                NasError::Invalid(format!("{}: not a supernet file of slim nas", f.display()))
-            })?;
-        if state.key != key {
-            return Err(NasError::Invalid(format!(
-                "{}: a supernet of another space, data set or recipe; remove it or name \
-                 another folder",
-                f.display()
-            )));
-        }
-        if state.steps_done > 0 && state.epochs_done >= cfg.epochs {
-            return Err(NasError::Invalid(format!(
-                "{}: a supernet trained {} step(s) into epoch {}, past the {} epoch(s) asked \
-                 for; ask for more epochs, or remove it",
-                f.display(),
-                state.steps_done,
-                state.epochs_done + 1,
-                cfg.epochs
-            )));
-        }
+        let (m, state) = read_supernet(f, &key, cfg, device)?;
         supernet = m;
         done = state.epochs_done.min(cfg.epochs);
         (done_steps, done_loss) = (state.steps_done, state.loss_sum);
@@ -212,27 +300,10 @@ pub fn train_supernet(
     }
     let mut opt = Optimizer::new(cfg.optimizer, &supernet, &[])?;
     if let Some(f) = file.filter(|_| (done, done_steps) != (0, 0)) {
-        // The optimizer's state of the same moment, so that the resumed training is the one
-        // that was stopped; without it (an older file) the optimizer starts afresh.
-        let at = (done, done_steps);
-        // The newest state first, then the one it replaced: a kill after the optimizer's
-        // write and before the supernet's leaves the supernet with the previous one.
-        for path in [optimizer_path(f), previous_optimizer_path(f)] {
-            if let Some((tensors, steps)) = load_optimizer(&path, at, &key, device)? {
-                opt.restore(&tensors, steps)
-                    .map_err(|e| NasError::Invalid(format!("{}: {e}", path.display())))?;
-                break;
-            }
-        }
+        restore_optimizer(&mut opt, f, (done, done_steps), &key, device)?;
     }
     let train_set: Arc<dyn Dataset> = Arc::new(data.train.clone());
-    let loader_cfg = LoaderConfig {
-        batch_size: cfg.batch_size,
-        shuffle: Some(cfg.seed),
-        augment: data.augment.clone(),
-        normalize: data.normalize.clone(),
-        drop_last: true,
-    };
+    let loader_cfg = LoaderConfig::training(data, cfg.batch_size, cfg.seed);
     let steps = data.train.len() / cfg.batch_size;
     let ranges = space.ranges();
     let mut since_checkpoint = (0usize, std::time::Instant::now());
@@ -242,11 +313,7 @@ pub fn train_supernet(
         // A training resumed within this epoch skips the steps the file had taken: the same
         // batches, and the same sampled candidates drawn and dropped.
         let skip = if epoch == done { done_steps } else { 0 };
-        let (mut sum, mut n) = if skip > 0 {
-            (done_loss, skip)
-        } else {
-            (0.0, 0)
-        };
+        let (mut sum, mut n) = (if skip > 0 { done_loss } else { 0.0 }, skip);
         for _ in 0..skip {
             for &r in &ranges {
                 rng.random_range(0..r);
@@ -258,36 +325,10 @@ pub fn train_supernet(
         {
             let batch = batch?;
             let tokens: Vec<usize> = ranges.iter().map(|&r| rng.random_range(0..r)).collect();
-            // A throwaway model of the candidate: its own batch-norm statistics, the
-            // supernet's slices for everything trained (its own weights are never read).
-            let sub = Model::with_zero_weights(space.graph(&tokens)?, device)?;
-            let slices = Slices {
-                supernet: &supernet.params,
-                space,
-                tokens: &tokens,
-            };
             let global = epoch * steps + step;
-            let out = sub.forward_with(
-                std::slice::from_ref(&batch.images),
-                Mode::Train,
-                ForwardOptions {
-                    params: Some(&slices),
-                    dropout_seed: Some(cfg.seed ^ global as u64),
-                    ..Default::default()
-                },
-            )?;
-            let loss = match reproduce.as_mut() {
-                Some(r) => r.loss(&batch, &out)?,
-                None => candle_nn::loss::cross_entropy(&out.outputs[0], &batch.labels)?,
-            };
-            let value = f64::from(loss.to_scalar::<f32>()?);
-            if !value.is_finite() {
-                return Err(NasError::Invalid(format!(
-                    "the supernet's loss is {value} at epoch {} step {step}; lower the \
-                     learning rate",
-                    epoch + 1
-                )));
-            }
+            let on = (&supernet, tokens.as_slice(), cfg.seed ^ global as u64);
+            let loss = subnet_loss(space, on, &batch, reproduce.as_mut(), device)?;
+            let value = finite_loss(&loss, epoch, step)?;
             let grads = loss.backward()?;
             opt.step(&grads, cfg.lr_at(global, steps), cfg)?;
             sum += value;
