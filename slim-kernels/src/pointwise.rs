@@ -107,11 +107,7 @@ unsafe fn product_by(
     parallel: bool,
     tiles: Tiles,
 ) {
-    let (mr, nr) = if tiles == Tiles::Avx512 {
-        (MR_WIDE, NR_WIDE)
-    } else {
-        (MR, NR)
-    };
+    let (mr, nr) = tiles.shape();
     let total = n * p;
     if total == 0 || o == 0 {
         return;
@@ -140,18 +136,7 @@ unsafe fn product_by(
             let (bp, ldb) = if direct {
                 (x[s0 * k * p + c0..].as_ptr(), p)
             } else {
-                panel.clear();
-                panel.resize(k * nr, 0.0);
-                let mut at = 0;
-                while at < nc {
-                    let (s, c) = ((g0 + at) / p, (g0 + at) % p);
-                    let run = (p - c).min(nc - at);
-                    let xs = &x[s * k * p..][..k * p];
-                    for (dst, src) in panel.chunks_exact_mut(nr).zip(xs.chunks_exact(p)) {
-                        copy_short(&mut dst[at..at + run], &src[c..c + run]);
-                    }
-                    at += run;
-                }
+                pack_panel(panel, x, (g0, nc), (k, p, nr));
                 (panel.as_ptr(), nr)
             };
             for i0 in rows.step_by(mr) {
@@ -181,30 +166,12 @@ unsafe fn product_by(
                     unsafe { run_tile(m, t, kc > 0, finish, tiles) };
                 }
                 if !direct {
-                    let mut at = 0;
-                    while at < nc {
-                        let (s, c) = ((g0 + at) / p, (g0 + at) % p);
-                        let run = (p - c).min(nc - at);
-                        for r in 0..m {
-                            // SAFETY: sample s's row i0 + r, columns c..c + run lie inside the
-                            // output, in this block alone.
-                            let dst = unsafe { out.rows((s * o + i0 + r) * p + c, run) };
-                            copy_short(dst, &tile[r * nr + at..r * nr + at + run]);
-                        }
-                        at += run;
-                    }
+                    // SAFETY: the block's rows i0..i0 + m are this task's alone.
+                    unsafe { scatter_tile(out, tile, (g0, nc), (i0, m), (o, p, nr)) };
                 }
             }
         };
-    // Too few blocks of positions to keep every core busy (a small plane at batch 1, where
-    // the weights are most of the work): each block's rows are cut into runs of whole tiles,
-    // which leaves every output's sum as it is.
-    let threads = rayon::current_num_threads();
-    let row_runs = match parallel && blocks < 4 * threads {
-        true => (4 * threads).div_ceil(blocks).min(o.div_ceil(mr)),
-        false => 1,
-    };
-    let run_rows = o.div_ceil(mr).div_ceil(row_runs) * mr;
+    let (row_runs, run_rows) = row_runs(blocks, o, mr, parallel);
     let tasks = blocks * o.div_ceil(run_rows);
     let task = |t: usize, scratch: &mut (Vec<f32>, Vec<f32>)| {
         let (j, r) = (t % blocks, t / blocks * run_rows);
@@ -226,6 +193,80 @@ unsafe fn product_by(
         for t in 0..tasks {
             task(t, &mut scratch);
         }
+    }
+}
+
+/// How many runs each block's `o` rows are cut into, and the rows of a run (whole tiles of
+/// `mr` rows): one run of all, unless there are too few blocks of positions to keep every
+/// core busy (a small plane at batch 1, where the weights are most of the work). Cutting rows
+/// leaves every output's sum as it is.
+fn row_runs(blocks: usize, o: usize, mr: usize, parallel: bool) -> (usize, usize) {
+    let threads = rayon::current_num_threads();
+    let runs = match parallel && blocks < 4 * threads {
+        true => (4 * threads).div_ceil(blocks).min(o.div_ceil(mr)),
+        false => 1,
+    };
+    (runs, o.div_ceil(mr).div_ceil(runs) * mr)
+}
+
+impl Tiles {
+    /// The rows and columns of one tile.
+    fn shape(self) -> (usize, usize) {
+        match self {
+            Tiles::Avx512 => (MR_WIDE, NR_WIDE),
+            _ => (MR, NR),
+        }
+    }
+}
+
+/// Copies the `nc` positions from position `g0` on (of all samples' planes of `p` positions,
+/// `k` channels each) into `panel`, `nr` wide (zero beyond its columns), run by run of one
+/// sample's positions.
+#[inline]
+fn pack_panel(
+    panel: &mut Vec<f32>,
+    x: &[f32],
+    (g0, nc): (usize, usize),
+    (k, p, nr): (usize, usize, usize),
+) {
+    panel.clear();
+    panel.resize(k * nr, 0.0);
+    let mut at = 0;
+    while at < nc {
+        let (s, c) = ((g0 + at) / p, (g0 + at) % p);
+        let run = (p - c).min(nc - at);
+        let xs = &x[s * k * p..][..k * p];
+        for (dst, src) in panel.chunks_exact_mut(nr).zip(xs.chunks_exact(p)) {
+            copy_short(&mut dst[at..at + run], &src[c..c + run]);
+        }
+        at += run;
+    }
+}
+
+/// Writes rows `i0..i0 + m` of a tile summed apart (`nr` wide) to the output's positions
+/// `g0..g0 + nc` (of `o` rows of `p` positions per sample), run by run of one sample's.
+///
+/// # Safety
+/// Those rows and positions lie inside the output and are the caller's alone.
+#[inline]
+unsafe fn scatter_tile(
+    out: Disjoint<f32>,
+    tile: &[f32],
+    (g0, nc): (usize, usize),
+    (i0, m): (usize, usize),
+    (o, p, nr): (usize, usize, usize),
+) {
+    let mut at = 0;
+    while at < nc {
+        let (s, c) = ((g0 + at) / p, (g0 + at) % p);
+        let run = (p - c).min(nc - at);
+        for r in 0..m {
+            // SAFETY: sample s's row i0 + r, columns c..c + run lie inside the output, in
+            // this block alone (the caller's promise).
+            let dst = unsafe { out.rows((s * o + i0 + r) * p + c, run) };
+            copy_short(dst, &tile[r * nr + at..r * nr + at + run]);
+        }
+        at += run;
     }
 }
 

@@ -37,41 +37,8 @@ pub(super) fn depthwise_by<T: Sink>(
     let per_task = oh * ow * planes_per;
     #[cfg(target_arch = "x86_64")]
     if matches!(sweeps, Sweeps::Small(_) | Sweeps::Windows(_)) {
-        let (o, channels) = match sweeps {
-            Sweeps::Small(sp) => (sp.o, sp.offsets.len()),
-            Sweeps::Windows(wp) => (wp.o, wp.offsets.len()),
-            _ => unreachable!("only register gathers come here"),
-        };
-        // (The kernels place each plane's outputs by the sweeps' own sizes.)
-        assert!(
-            o == oh * ow && channels == ch,
-            "sweeps made for another layer"
-        );
-        // Gathered from registers and finished there, every output written through
-        // `written`: the output is not zeroed first.
-        let mut out: Vec<T> = unwritten(len);
-        let written = Disjoint(out.as_mut_ptr());
-        for_each_task(len.div_ceil(per_task), work < SERIAL_DEPTHWISE, |task| {
-            let first = task * planes_per;
-            let planes = (len - task * per_task).min(per_task) / (oh * ow);
-            let x = &xq[first * h * w..(first + planes) * h * w];
-            // SAFETY: `Sweeps::made` checked the machine; from `task * per_task` on lie the
-            // outputs of the task's planes, which no other task writes (for small planes
-            // whole units of them: `planes_per` and the layer's planes are multiples of the
-            // unit's).
-            unsafe {
-                let out = T::output(written.add(task * per_task).0, to);
-                match sweeps {
-                    Sweeps::Small(sp) => small_planes(sp, x, first, scales, bias, out),
-                    Sweeps::Windows(wp) => window_planes(wp, x, first, scales, bias, out),
-                    _ => unreachable!("only register gathers come here"),
-                }
-            };
-        });
-        // SAFETY: the tasks wrote every output of every plane (each block's lanes in its
-        // mask, the blocks covering each plane).
-        unsafe { out.set_len(len) };
-        return out;
+        let tasks = (planes_per, work < SERIAL_DEPTHWISE);
+        return gathered(sweeps, xq, (h, w, oh, ow, ch), tasks, scales, bias, to, len);
     }
     let mut out = vec![T::default(); len];
     for_each_chunk(
@@ -82,51 +49,17 @@ pub(super) fn depthwise_by<T: Sink>(
             let mut phases = vec![0i8; layout.len() + SWEEP_SLACK];
             #[cfg(target_arch = "x86_64")]
             if matches!(sweeps, Sweeps::Quads(_) | Sweeps::Pairs(_)) {
-                // Each plane's sums finished in registers (scale, bias, and the int8 grid for
-                // an int8 sink) and written in rows of the phase's width, whose valid part is
-                // copied out.
-                let mut wide = vec![T::default(); layout.span().next_multiple_of(16)];
-                for (j, dst) in dsts.chunks_exact_mut(oh * ow).enumerate() {
-                    let plane = task * planes_per + j;
-                    let ci = plane % ch;
-                    layout.fill(&xq[plane * h * w..(plane + 1) * h * w], &mut phases);
-                    match sweeps {
-                        Sweeps::Quads(q) => {
-                            let per = q.starts.len();
-                            let finish = crate::gemm::Finish {
-                                scales: &scales[ci..ci + 1],
-                                bias: bias.map(|b| &b[ci..ci + 1]),
-                                ld: 0,
-                                out: T::output(wide.as_mut_ptr(), to),
-                            };
-                            // SAFETY: `Sweeps::made` checked the machine; `wide` holds
-                            // the sweep's whole blocks of 16, and every sweep lies inside the
-                            // phases and their slack (checked).
-                            unsafe {
-                                dpbusd_sweep(
-                                    &finish,
-                                    wide.len(),
-                                    &phases,
-                                    &q.starts,
-                                    &q.weights[ci * per..][..per],
-                                    q.offsets[ci],
-                                )
-                            };
-                        }
-                        Sweeps::Pairs(p) => {
-                            let b = bias.map_or(0.0, |b| b[ci]);
-                            let to = T::sweep_out(&mut wide, scales[ci], b, to);
-                            let weights = &p.weights[ci * p.starts.len()..][..p.starts.len()];
-                            // SAFETY: the machine has AVX2; `wide` is whole blocks of 16, and
-                            // every sweep over them lies inside the phases and their slack.
-                            unsafe { madd_sweep(to, &phases, &p.starts, weights) };
-                        }
-                        _ => unreachable!("only sweeps over phases come here"),
-                    }
-                    for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
-                        copy_short(row, &wide[layout.row(oy)..][..ow]);
-                    }
-                }
+                let at = (task * planes_per, ch, h * w, oh, ow);
+                swept(
+                    sweeps,
+                    &layout,
+                    xq,
+                    at,
+                    dsts,
+                    &mut phases,
+                    (scales, bias),
+                    to,
+                );
                 return;
             }
             let mut acc = vec![0i32; layout.span()];
@@ -161,6 +94,118 @@ pub(super) fn depthwise_by<T: Sink>(
         },
     );
     out
+}
+
+/// Small planes gathered from registers (`Sweeps::Small`, `Sweeps::Windows`) and finished
+/// there, `planes_per` planes a task (`serial`: on this thread), every output written once.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn gathered<T: Sink>(
+    sweeps: &Sweeps,
+    xq: &[i8],
+    (h, w, oh, ow, ch): (usize, usize, usize, usize, usize),
+    (planes_per, serial): (usize, bool),
+    scales: &[f32],
+    bias: Option<&[f32]>,
+    to: &Requant,
+    len: usize,
+) -> Vec<T> {
+    let per_task = oh * ow * planes_per;
+    let (o, channels) = match sweeps {
+        Sweeps::Small(sp) => (sp.o, sp.offsets.len()),
+        Sweeps::Windows(wp) => (wp.o, wp.offsets.len()),
+        _ => unreachable!("only register gathers come here"),
+    };
+    // (The kernels place each plane's outputs by the sweeps' own sizes.)
+    assert!(
+        o == oh * ow && channels == ch,
+        "sweeps made for another layer"
+    );
+    // Gathered from registers and finished there, every output written through
+    // `written`: the output is not zeroed first.
+    let mut out: Vec<T> = unwritten(len);
+    let written = Disjoint(out.as_mut_ptr());
+    for_each_task(len.div_ceil(per_task), serial, |task| {
+        let first = task * planes_per;
+        let planes = (len - task * per_task).min(per_task) / (oh * ow);
+        let x = &xq[first * h * w..(first + planes) * h * w];
+        // SAFETY: `Sweeps::made` checked the machine; from `task * per_task` on lie the
+        // outputs of the task's planes, which no other task writes (for small planes
+        // whole units of them: `planes_per` and the layer's planes are multiples of the
+        // unit's).
+        unsafe {
+            let out = T::output(written.add(task * per_task).0, to);
+            match sweeps {
+                Sweeps::Small(sp) => small_planes(sp, x, first, scales, bias, out),
+                Sweeps::Windows(wp) => window_planes(wp, x, first, scales, bias, out),
+                _ => unreachable!("only register gathers come here"),
+            }
+        };
+    });
+    // SAFETY: the tasks wrote every output of every plane (each block's lanes in its
+    // mask, the blocks covering each plane).
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Planes laid out by `layout` and swept per kernel tap (`Sweeps::Quads`, `Sweeps::Pairs`),
+/// from plane `first` on (of `ch` channels, `hw` positions, `oh` by `ow` outputs), each
+/// plane's sums finished in registers (scale, bias, and the int8 grid for an int8 sink) and
+/// written in rows of the phase's width, whose valid part is copied to `dsts`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn swept<T: Sink>(
+    sweeps: &Sweeps,
+    layout: &Phases,
+    xq: &[i8],
+    (first, ch, hw, oh, ow): (usize, usize, usize, usize, usize),
+    dsts: &mut [T],
+    phases: &mut [i8],
+    (scales, bias): (&[f32], Option<&[f32]>),
+    to: &Requant,
+) {
+    let mut wide = vec![T::default(); layout.span().next_multiple_of(16)];
+    for (j, dst) in dsts.chunks_exact_mut(oh * ow).enumerate() {
+        let plane = first + j;
+        let ci = plane % ch;
+        layout.fill(&xq[plane * hw..(plane + 1) * hw], phases);
+        match sweeps {
+            Sweeps::Quads(q) => {
+                let per = q.starts.len();
+                let finish = crate::gemm::Finish {
+                    scales: &scales[ci..ci + 1],
+                    bias: bias.map(|b| &b[ci..ci + 1]),
+                    ld: 0,
+                    out: T::output(wide.as_mut_ptr(), to),
+                };
+                // SAFETY: `Sweeps::made` checked the machine; `wide` holds
+                // the sweep's whole blocks of 16, and every sweep lies inside the
+                // phases and their slack (checked).
+                unsafe {
+                    dpbusd_sweep(
+                        &finish,
+                        wide.len(),
+                        phases,
+                        &q.starts,
+                        &q.weights[ci * per..][..per],
+                        q.offsets[ci],
+                    )
+                };
+            }
+            Sweeps::Pairs(p) => {
+                let b = bias.map_or(0.0, |b| b[ci]);
+                let to = T::sweep_out(&mut wide, scales[ci], b, to);
+                let weights = &p.weights[ci * p.starts.len()..][..p.starts.len()];
+                // SAFETY: the machine has AVX2; `wide` is whole blocks of 16, and
+                // every sweep over them lies inside the phases and their slack.
+                unsafe { madd_sweep(to, phases, &p.starts, weights) };
+            }
+            _ => unreachable!("only sweeps over phases come here"),
+        }
+        for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+            copy_short(row, &wide[layout.row(oy)..][..ow]);
+        }
+    }
 }
 
 /// The ways a depthwise layer can run.
