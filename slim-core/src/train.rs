@@ -941,13 +941,13 @@ impl Run<'_, '_> {
                 fig.correct += count_hits(&logits, &batch.labels, 1)?;
             }
             fig.seen += b;
-            fig.seconds = before.seconds + started.elapsed().as_secs_f64();
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
             self.since_checkpoint.0 += 1;
             let (steps, since) = self.since_checkpoint;
             if self.opts.checkpoint_every.due(steps, since) && step + 1 < batches {
+                fig.seconds = before.seconds + started.elapsed().as_secs_f64();
                 self.checkpoint((epoch, step + 1, fig))?;
             }
-            let secs = started.elapsed().as_secs_f64().max(1e-9);
             progress(&Progress::Step {
                 epoch,
                 step,
