@@ -749,7 +749,13 @@ mod tests {
                         let l = Layout::contiguous((1, 1, h, w));
                         let g = op.geom(&l).unwrap();
                         let mut out = vec![f32::NEG_INFINITY; g.oh * g.ow];
-                        MaxPool::plane_max(&g, &plane, &mut out);
+                        let mut col = vec![f32::NAN; w + 1];
+                        MaxPool::plane_max(&g, &plane, &mut out, &mut col, false);
+                        if has_avx512f() {
+                            let mut wide = vec![f32::NEG_INFINITY; g.oh * g.ow];
+                            MaxPool::plane_max(&g, &plane, &mut wide, &mut col, true);
+                            assert_eq!(wide, out, "{h}x{w} k{kernel} s{stride} p{pad} wide");
+                        }
                         if (kernel, stride, pad) == (2, 2, 0) {
                             // The one-pass halvings, portable and vectorized, with a second
                             // plane after the first.

@@ -37,34 +37,103 @@ impl MaxPool {
         }
     }
 
-    /// The maxima of every window of one plane into `out` (filled with -inf): per output
-    /// row, each window row and column offset is one sweep over the output row, which the
-    /// compiler vectorizes where the stride is 1. The same values as [`MaxPool::argmax`]
-    /// picks (a NaN is passed over where `argmax` would keep the first one).
-    pub(super) fn plane_max(g: &Geom, plane: &[f32], out: &mut [f32]) {
-        for kh in 0..g.kh {
-            for oh in g.valid(kh, g.oh, g.h) {
-                let line = &plane[g.src(oh, kh) * g.w..][..g.w];
-                let row = &mut out[oh * g.ow..][..g.ow];
+    /// The maxima of every window of one plane into `out` (filled with -inf), with AVX-512
+    /// when `wide`. At stride 1, per output row, each window row and column offset is one
+    /// sweep over the output row, which the compiler vectorizes. At a larger stride, per
+    /// output row, the window's rows are first reduced to one row of column maxima (`col`,
+    /// scratch of `w + 1` values; one vectorized sweep per window row), which each column
+    /// offset then reads at the stride: a k x k window costs k strided reads rather than k²
+    /// (at stride 2, contiguous reads of the even or odd columns). The
+    /// same values as [`MaxPool::argmax`] picks (a NaN is passed over where `argmax` would
+    /// keep the first one).
+    pub(super) fn plane_max(g: &Geom, plane: &[f32], out: &mut [f32], col: &mut [f32], wide: bool) {
+        fn sweep(g: &Geom, plane: &[f32], out: &mut [f32], col: &mut [f32]) {
+            if g.stride == 1 {
+                for kh in 0..g.kh {
+                    for oh in g.valid(kh, g.oh, g.h) {
+                        let line = &plane[g.src(oh, kh) * g.w..][..g.w];
+                        let row = &mut out[oh * g.ow..][..g.ow];
+                        for kw in 0..g.kw {
+                            let cols = g.valid(kw, g.ow, g.w);
+                            if cols.is_empty() {
+                                continue;
+                            }
+                            let start = g.src(cols.start, kw);
+                            let src = &line[start..start + cols.len()];
+                            for (o, &v) in row[cols].iter_mut().zip(src) {
+                                *o = o.max(v);
+                            }
+                        }
+                    }
+                }
+                return;
+            }
+            if g.stride == 2 {
+                return halves(g, plane, out, col);
+            }
+            let col = &mut col[..g.w];
+            for (oh, row) in out.chunks_exact_mut(g.ow).enumerate() {
+                col.fill(f32::NEG_INFINITY);
+                for kh in (0..g.kh).filter(|&kh| g.valid(kh, g.oh, g.h).contains(&oh)) {
+                    let line = &plane[g.src(oh, kh) * g.w..][..g.w];
+                    for (c, &v) in col.iter_mut().zip(line) {
+                        *c = c.max(v);
+                    }
+                }
+                for kw in 0..g.kw {
+                    let cols = g.valid(kw, g.ow, g.w);
+                    if cols.is_empty() {
+                        continue;
+                    }
+                    let src = col[g.src(cols.start, kw)..].iter().step_by(g.stride);
+                    for (o, &v) in row[cols].iter_mut().zip(src) {
+                        *o = o.max(v);
+                    }
+                }
+            }
+        }
+        // Stride 2: the column maxima kept as their even and odd columns (`col` holds both
+        // halves), so that every read after the first sweep is contiguous.
+        #[inline(always)]
+        fn halves(g: &Geom, plane: &[f32], out: &mut [f32], col: &mut [f32]) {
+            let (even, odd) = col[..g.w + 1].split_at_mut(g.w.div_ceil(2));
+            for (oh, row) in out.chunks_exact_mut(g.ow).enumerate() {
+                even.fill(f32::NEG_INFINITY);
+                odd.fill(f32::NEG_INFINITY);
+                for kh in (0..g.kh).filter(|&kh| g.valid(kh, g.oh, g.h).contains(&oh)) {
+                    let line = &plane[g.src(oh, kh) * g.w..][..g.w];
+                    let pairs = line.chunks_exact(2);
+                    if let [last] = pairs.remainder() {
+                        even[g.w / 2] = even[g.w / 2].max(*last);
+                    }
+                    for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(pairs) {
+                        *e = e.max(pair[0]);
+                        *o = o.max(pair[1]);
+                    }
+                }
                 for kw in 0..g.kw {
                     let cols = g.valid(kw, g.ow, g.w);
                     if cols.is_empty() {
                         continue;
                     }
                     let start = g.src(cols.start, kw);
-                    if g.stride == 1 {
-                        let src = &line[start..start + cols.len()];
-                        for (o, &v) in row[cols].iter_mut().zip(src) {
-                            *o = o.max(v);
-                        }
+                    let half = if start.is_multiple_of(2) {
+                        &*even
                     } else {
-                        for (i, o) in row[cols].iter_mut().enumerate() {
-                            *o = o.max(line[start + i * g.stride]);
-                        }
+                        &*odd
+                    };
+                    let src = &half[start / 2..][..cols.len()];
+                    for (o, &v) in row[cols].iter_mut().zip(src) {
+                        *o = o.max(v);
                     }
                 }
             }
         }
+        crate::with_target_feature!(
+            "avx512f",
+            wide,
+            sweep(g: &Geom, plane: &[f32], out: &mut [f32], col: &mut [f32])
+        )
     }
 
     /// 2x2 windows at stride 2 without padding (LeNet's and VGG's pooling) over whole planes
@@ -175,8 +244,9 @@ impl CustomOp1 for MaxPool {
                 MaxPool::halvings(planes, (g.w, ip), outs, (g.ow, op), wide);
                 return;
             }
+            let mut col = vec![0f32; g.w + 1];
             for (plane, out) in planes.chunks_exact(ip).zip(outs.chunks_exact_mut(op)) {
-                MaxPool::plane_max(&g, plane, out);
+                MaxPool::plane_max(&g, plane, out, &mut col, wide);
             }
         };
         for_each_chunk(&mut y, op * per, x.len() < SERIAL_VALUES, task);
@@ -219,15 +289,17 @@ impl CustomOp2 for MaxPoolGrad {
         let (ip, op) = (g.h * g.w, g.oh * g.ow);
         let mut gx = vec![0f32; x.len()];
         let per = (4096 / ip.max(1)).max(1);
+        let wide = has_avx512f();
         gx.par_chunks_mut(ip * per)
             .enumerate()
             .for_each(|(task, gplanes)| {
                 let (mut y, mut taken) = (vec![0f32; op], vec![false; g.ow]);
+                let mut col = vec![0f32; g.w + 1];
                 for (j, gplane) in gplanes.chunks_exact_mut(ip).enumerate() {
                     let idx = task * per + j;
                     let plane = &x[idx * ip..(idx + 1) * ip];
                     y.fill(f32::NEG_INFINITY);
-                    MaxPool::plane_max(&g, plane, &mut y);
+                    MaxPool::plane_max(&g, plane, &mut y, &mut col, wide);
                     MaxPool::plane_grad(
                         &g,
                         plane,
