@@ -566,7 +566,7 @@ fn param_names(node: &Node, roles: &[&str]) -> Vec<String> {
 /// The output layout of a layer (the model input, a convolution, a linear layer, a batch
 /// norm or per-channel scale), with its parameters joined to the channel spaces they slice;
 /// `None` for the other ops.
-fn layer_layout(b: &mut Builder, layouts: &mut Vec<Layout>, node: &Node) -> Option<Layout> {
+fn layer_layout(b: &mut Builder, layouts: &mut [Layout], node: &Node) -> Option<Layout> {
     let name = node.name.as_str();
     let ins: Vec<&Layout> = node.inputs.iter().map(|&i| &layouts[i]).collect();
     let pnames = |roles: &[&str]| param_names(node, roles);
@@ -635,7 +635,7 @@ fn layer_layout(b: &mut Builder, layouts: &mut Vec<Layout>, node: &Node) -> Opti
 
 /// A grouped convolution's output layout: channel k of every group of its input pruned
 /// together (so that the groups stay equal), its outputs one space per group, unified.
-fn grouped_conv(b: &mut Builder, layouts: &mut Vec<Layout>, node: &Node, c: &Conv2dSpec) -> Layout {
+fn grouped_conv(b: &mut Builder, layouts: &mut [Layout], node: &Node, c: &Conv2dSpec) -> Layout {
     let name = node.name.as_str();
     let pnames = |roles: &[&str]| param_names(node, roles);
     // Channel k of every group is pruned together, so that the groups stay equal.
@@ -695,7 +695,7 @@ fn grouped_conv(b: &mut Builder, layouts: &mut Vec<Layout>, node: &Node, c: &Con
 /// The output layout of an op without channel parameters: passed through, joined (sums,
 /// products, concatenations), permuted (a channel shuffle), or blocked where Slim does not
 /// follow the channels.
-fn flow_layout(b: &mut Builder, layouts: &mut Vec<Layout>, graph: &Graph, node: &Node) -> Layout {
+fn flow_layout(b: &mut Builder, layouts: &mut [Layout], graph: &Graph, node: &Node) -> Layout {
     let name = node.name.as_str();
     let ins: Vec<&Layout> = node.inputs.iter().map(|&i| &layouts[i]).collect();
     match &node.op {

@@ -79,6 +79,14 @@ pub trait NodeKernels: Sync {
     fn per_sample(&self) -> bool {
         false
     }
+
+    /// A value that node `id`'s kernel reads besides the node's inputs (the other term of a
+    /// sum it computes with the layer, say): a node that comes before `id` in evaluation
+    /// order and that a later node reads, so that its value is there. The forward passes it
+    /// after the node's inputs.
+    fn also_reads(&self, _model: &Model, _id: usize) -> Option<usize> {
+        None
+    }
 }
 
 /// Supplies some nodes' trainable parameters in place of the model's own (a slice of a
@@ -536,6 +544,18 @@ impl Model {
                             .ok_or_else(|| CoreError::node(&node.name, "input not computed"))
                     })
                     .collect::<Result<_>>()?;
+                let mut xs = xs;
+                if let Some(j) = opts.kernels.and_then(|k| k.also_reads(self, id)) {
+                    match (&values[j], is_cl[j]) {
+                        (Some(v), false) => xs.push(v),
+                        _ => {
+                            return Err(CoreError::node(
+                                &node.name,
+                                format!("its kernel reads `{}`, not at hand", g.node(j).name),
+                            ))
+                        }
+                    }
+                }
                 let in_cl = node.inputs.first().is_some_and(|&i| is_cl[i]);
                 let (y, last) = self.compute(plan, id, &xs, in_cl, mode, &opts)?;
                 out = last;

@@ -649,3 +649,79 @@ fn residual_branches_are_quantized_before_their_sums_in_the_graph_and_the_runtim
     let (scale, diff) = (max_abs(&b), max_abs(&(&a - b).unwrap()));
     assert!(diff <= 1e-3 * scale.max(1.0), "{diff} of {scale}");
 }
+
+#[test]
+fn residual_sums_are_computed_with_the_values_before_them_to_the_bit() {
+    // ResNet-20 (sums of two branches, a ReLU after each) and MobileNetV2 (inverted
+    // residuals, no activation after the sum): the prepared kernels compute every sum, and
+    // its ReLU, with the value before it, in place. Kernels without preparation leave the
+    // sums and activations to the float graph; the outputs are the same, bit for bit.
+    let data = load_spec(DEFAULT_SPEC).unwrap();
+    let x = test_digits(&data, 4);
+    for name in ["resnet20", "mobilenet_v2"] {
+        let cfg = ZooConfig::new([1, 28, 28]).with_width(0.25);
+        let m = zoo::model(name, &cfg, 0, &Device::Cpu).unwrap();
+        let ptq = PtqConfig {
+            batches: 2,
+            ..PtqConfig::default()
+        };
+        let (q, _) = quantize(&m, &data.train, &data.normalize, &ptq).unwrap();
+        let kernels = slim_quant::runtime::Int8Kernels::new(&q);
+        let mut seen = std::collections::HashMap::new();
+        let mut observe = |node: &str, t: &candle_core::Tensor| -> slim_core::Result<()> {
+            if t.dtype() == candle_core::DType::F32 {
+                seen.insert(node.to_string(), t.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Ok(())
+        };
+        let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let fused = q
+            .forward_with(
+                std::slice::from_ref(&x),
+                Mode::Eval,
+                ForwardOptions {
+                    kernels: Some(&kernels),
+                    observer: Some(&mut observe),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let plain = q
+            .forward_with(
+                std::slice::from_ref(&x),
+                Mode::Eval,
+                ForwardOptions {
+                    kernels: Some(&slim_quant::runtime::Int8Kernels::ON_THE_FLY),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let (fused, plain) = (values(&fused.outputs[0]), values(&plain.outputs[0]));
+        assert_eq!(fused, plain, "{name}");
+        // Each sum's value is the one its input computed (which a sum of two values of
+        // other numbers is not), and so is the ReLU's after a ResNet block's sum.
+        let g = &q.graph;
+        let sums: Vec<_> = g
+            .nodes()
+            .iter()
+            .filter(|n| matches!(n.op, slim_core::Op::Add))
+            .collect();
+        assert!(sums.len() >= 9, "{name}: {} sums", sums.len());
+        for s in sums {
+            let value = &seen[&s.name];
+            assert!(
+                s.inputs
+                    .iter()
+                    .any(|&i| seen.get(&g.node(i).name) == Some(value)),
+                "{name}: {} was computed on its own",
+                s.name
+            );
+            for r in g.successors(g.id(&s.name).unwrap()) {
+                let reader = g.node(r);
+                if matches!(reader.op, slim_core::Op::Relu) {
+                    assert_eq!(&seen[&reader.name], value, "{name}: {}", reader.name);
+                }
+            }
+        }
+    }
+}

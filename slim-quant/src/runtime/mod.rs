@@ -7,8 +7,11 @@
 //! integer layers (through a ReLU or ReLU6, max pooling or flattening, and their input's
 //! quantizer), the layer rounds it to that quantizer's grid at once and int8 values travel to
 //! the next layers, the same integers the float graph would round to (see
-//! [`Int8Kernels::new`]). Everything else (additions, average pooling, a model's last layer)
-//! runs as in the float model. Matrix products run on the int8 GEMM of [`crate::gemm`],
+//! [`Int8Kernels::new`]). A sum that alone reads a layer's float output, or the floats of
+//! the quantizer after it (a residual block's sum), is computed with those values, and the
+//! activation after it, as they are written.
+//! Everything else (other additions, average pooling, a model's last layer) runs as in the
+//! float model. Matrix products run on the int8 GEMM of [`crate::gemm`],
 //! depthwise convolutions as sweeps over stride phases, or, on small planes with AVX-512
 //! VBMI, gathered from registers by byte permutes; rayon spreads the work over the cores
 //! when there is enough of it to pay for that.
@@ -29,10 +32,12 @@ use crate::grid::{bounds, round_to_grid, HALF_DOWN};
 mod conv;
 mod depthwise;
 mod pooling;
+mod residual;
 use crate::Result;
 use conv::*;
 use depthwise::*;
 use pooling::*;
+use residual::*;
 
 /// The shapes of one convolution.
 struct Geometry<'a> {
@@ -216,6 +221,13 @@ struct Prepared<'m> {
     /// The quantizers whose readers are all integer layers (and that are no graph output):
     /// their readers round the input themselves, so they pass it on as it is.
     skipped: HashSet<usize>,
+    /// The values that have the sum after them computed with them (and its activation):
+    /// integer layers' outputs and the floats of quantizers after such layers, by node;
+    /// those sums, with the position of that node among their inputs; and those
+    /// activations, which pass the value on ([`residual`]).
+    residual: HashMap<usize, Residual>,
+    sums: HashMap<usize, usize>,
+    activated: HashSet<usize>,
     /// Every integer layer's weights, scales and bias, by node.
     layers: HashMap<usize, LayerParts<'m>>,
     /// The depthwise layers' sweeps (and the windows of fanned-out layers), by node and input
@@ -282,6 +294,12 @@ impl<'m> Int8Kernels<'m> {
     /// quantized again between the two. Such a layer's output (and its activation's and
     /// quantizer's) is then an int8 tensor held as `U8` (the same bytes) for observers and
     /// taps of the forward.
+    ///
+    /// Where an integer layer's float output (or the floats a quantizer makes of such a
+    /// layer's int8 values) goes only to a sum of two values (a residual block's), that node
+    /// adds the sum's other term, and applies the ReLU or ReLU6 that alone reads the sum, as
+    /// it writes its values: observers and taps of the forward see that finished value as
+    /// the node's output (and the sum's and the activation's).
     pub fn new(model: &'m Model) -> Self {
         // The layers that run as matrix products (depthwise convolutions run directly).
         let products: HashSet<String> = model
@@ -319,6 +337,7 @@ impl<'m> Int8Kernels<'m> {
             })
             .collect();
         let (requant, passed, dequantized) = integer_chains(model);
+        let (residual, sums, activated) = residual_sums(model, &requant, &dequantized);
         let g = &model.graph;
         let skipped = (0..g.nodes().len())
             .filter(|&id| skipped_quantizer(model, id))
@@ -336,6 +355,9 @@ impl<'m> Int8Kernels<'m> {
                 passed,
                 dequantized,
                 skipped,
+                residual,
+                sums,
+                activated,
                 layers,
                 sweeps: Mutex::default(),
             }),
@@ -502,8 +524,8 @@ fn integer_chains(model: &Model) -> Chains {
 }
 
 /// Int8 values on a quantizer's grid (scale `s`) as the floats they stand for.
-fn dequantize(x: &Tensor, s: f32, what: &str) -> slim_core::Result<Tensor> {
-    let v = with_int8(x, what, |q| {
+fn dequantize(x: &Tensor, s: f32, what: &str) -> slim_core::Result<Vec<f32>> {
+    with_int8(x, what, |q| {
         let mut out = vec![0f32; q.len()];
         for_each_chunk(&mut out, 1 << 14, q.len() < SERIAL_VALUES, |(i, d)| {
             let src = &q[i << 14..];
@@ -512,8 +534,7 @@ fn dequantize(x: &Tensor, s: f32, what: &str) -> slim_core::Result<Tensor> {
             }
         });
         out
-    })?;
-    Ok(Tensor::from_vec(v, x.dims(), x.device())?)
+    })
 }
 
 /// The int8 values of a `U8` tensor (see [`Int8Kernels::new`]), read where they lie, given
@@ -641,6 +662,11 @@ impl NodeKernels for Int8Kernels<'_> {
         true
     }
 
+    /// A layer that computes the sum after it reads the sum's other term.
+    fn also_reads(&self, model: &Model, id: usize) -> Option<usize> {
+        Some(self.for_model(model)?.residual.get(&id)?.other)
+    }
+
     fn run(
         &self,
         model: &Model,
@@ -650,6 +676,15 @@ impl NodeKernels for Int8Kernels<'_> {
     ) -> slim_core::Result<Option<Tensor>> {
         let id = model.graph.id(&node.name)?;
         let prepared = self.for_model(model);
+        if let Some(p) = prepared {
+            // A sum its layer computed (with its activation): passed on.
+            if let Some(&at) = p.sums.get(&id) {
+                return Ok(Some(inputs[at].clone()));
+            }
+            if p.activated.contains(&id) {
+                return Ok(Some(inputs[0].clone()));
+            }
+        }
         if prepared.is_some_and(|p| p.passed.contains(&id)) && inputs[0].dtype() == DType::U8 {
             // Already activated and on the quantizer's grid: pooled or flattened as they are.
             let x = inputs[0];
@@ -659,9 +694,27 @@ impl NodeKernels for Int8Kernels<'_> {
                 _ => x.clone(),
             }));
         }
+        // The sum after the node (a layer, or the quantizer after one), its other term read
+        // after the node's input.
+        let residual = prepared
+            .and_then(|p| p.residual.get(&id))
+            .zip(inputs.get(1));
+        let finished = |mut v: Vec<f32>, shape: &[usize]| -> slim_core::Result<Tensor> {
+            if let Some((r, other)) = residual {
+                add_residual(&mut v, other, r.activation, &node.name)?;
+            }
+            Ok(Tensor::from_vec(v, shape, inputs[0].device())?)
+        };
         if let Some(&s) = prepared.and_then(|p| p.dequantized.get(&id)) {
             if inputs[0].dtype() == DType::U8 {
-                return Ok(Some(dequantize(inputs[0], s, &node.name)?));
+                let v = dequantize(inputs[0], s, &node.name)?;
+                return Ok(Some(finished(v, inputs[0].dims())?));
+            }
+            if residual.is_some() {
+                return Err(slim_core::CoreError::Node {
+                    node: node.name.clone(),
+                    msg: "the int8 values of the layer before it were not written".into(),
+                });
             }
         }
         if let Op::FakeQuant(_) = node.op {
@@ -696,7 +749,7 @@ impl NodeKernels for Int8Kernels<'_> {
                     .transpose()?,
                 None => self
                     .layer::<f32>(model, &layer, xq, x.dims(), &Requant::NONE)?
-                    .map(|(v, shape)| Tensor::from_vec(v, shape, x.device()))
+                    .map(|(v, shape)| finished(v, &shape))
                     .transpose()?,
             })
         };
