@@ -46,6 +46,22 @@ fn int8_forward(q: &Model, x: &candle_core::Tensor) -> (candle_core::Tensor, Vec
     (y, int8_out)
 }
 
+/// The int8 runtime's output with kernels made for no model in particular: every integer
+/// layer writes floats, and sums, activations and quantizers run as in the float graph.
+fn unprepared_forward(q: &Model, x: &candle_core::Tensor) -> candle_core::Tensor {
+    q.forward_with(
+        std::slice::from_ref(x),
+        Mode::Eval,
+        ForwardOptions {
+            kernels: Some(&slim_quant::runtime::Int8Kernels::ON_THE_FLY),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .outputs
+    .remove(0)
+}
+
 fn trained(name: &str) -> (Model, DataSplits) {
     let mut data = load_spec(DEFAULT_SPEC).unwrap();
     data.train = data.train.take(2000);
@@ -590,18 +606,7 @@ fn int8_convolutions_of_every_kind_match_the_fake_quantized_graph() {
         assert!(int8_out.iter().any(|n| n == layer), "{layer}: {int8_out:?}");
     }
     assert!(!int8_out.iter().any(|n| n == "fc2"), "{int8_out:?}");
-    let plain = q
-        .forward_with(
-            std::slice::from_ref(&x),
-            Mode::Eval,
-            ForwardOptions {
-                kernels: Some(&slim_quant::runtime::Int8Kernels::ON_THE_FLY),
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .outputs
-        .remove(0);
+    let plain = unprepared_forward(&q, &x);
     assert_eq!(
         a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         plain.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -686,17 +691,8 @@ fn residual_sums_are_computed_with_the_values_before_them_to_the_bit() {
                 },
             )
             .unwrap();
-        let plain = q
-            .forward_with(
-                std::slice::from_ref(&x),
-                Mode::Eval,
-                ForwardOptions {
-                    kernels: Some(&slim_quant::runtime::Int8Kernels::ON_THE_FLY),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        let (fused, plain) = (values(&fused.outputs[0]), values(&plain.outputs[0]));
+        let plain = unprepared_forward(&q, &x);
+        let (fused, plain) = (values(&fused.outputs[0]), values(&plain));
         assert_eq!(fused, plain, "{name}");
         // Each sum's value is the one its input computed (which a sum of two values of
         // other numbers is not), and so is the ReLU's after a ResNet block's sum.
