@@ -1413,6 +1413,73 @@ mod tests {
         }
     }
 
+    /// A 1x1 convolution at a stride (a ResNet's downsampling shortcut) gives what its
+    /// definition gives, to the bit: each output the sum over channels of filter times the
+    /// input at `(oy * stride, ox * stride)`, times the channel's scale, plus its bias.
+    /// Strides 2 and 3, even and odd planes, with each kernel this machine has and the
+    /// portable one.
+    #[test]
+    fn strided_pointwise_convolutions_read_every_stride_th_value() {
+        use crate::gemm::{Kernel, MatRef, PackedA};
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(29);
+        for (h, w, cin, oc, stride, n) in [
+            (28, 28, 16, 32, 2, 2),
+            (14, 14, 32, 64, 2, 3),
+            (9, 7, 12, 10, 2, 1),
+            (10, 11, 8, 5, 3, 2),
+        ] {
+            let (spec, oh, ow) = square_conv((h, w), [cin, oc, 1], [1, stride, 0, 1]);
+            let geo = super::Geometry {
+                cin,
+                h,
+                w,
+                oh,
+                ow,
+                spec: &spec,
+            };
+            let xq: Vec<i8> = (0..n * cin * h * w).map(|_| rng.random()).collect();
+            let wq: Vec<i8> = (0..oc * cin).map(|_| rng.random()).collect();
+            let scales: Vec<f32> = (0..oc).map(|_| rng.random_range(1e-4f32..1e-2)).collect();
+            let bias: Vec<f32> = (0..oc).map(|_| rng.random_range(-1f32..1.0)).collect();
+            let mut want = Vec::with_capacity(n * oc * oh * ow);
+            for s in 0..n {
+                for o in 0..oc {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let acc: i32 = (0..cin)
+                                .map(|c| {
+                                    let x = xq[((s * cin + c) * h + oy * stride) * w + ox * stride];
+                                    i32::from(wq[o * cin + c]) * i32::from(x)
+                                })
+                                .sum();
+                            want.push((acc as f32 * scales[o] + bias[o]).to_bits());
+                        }
+                    }
+                }
+            }
+            let kernels = [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::Portable]
+                .into_iter()
+                .filter(|k| k.available());
+            for kernel in kernels {
+                let pa = PackedA::for_kernel(MatRef::new(&wq, oc, cin), kernel);
+                let got: Vec<u32> = super::grouped::<f32>(
+                    &xq,
+                    (&pa, None),
+                    &geo,
+                    n,
+                    &scales,
+                    Some(&bias),
+                    &super::Requant::NONE,
+                )
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+                assert_eq!(got, want, "{kernel:?} {h}x{w} {cin}->{oc} s{stride} n{n}");
+            }
+        }
+    }
+
     /// A convolution of one input channel fanned out over windows gives exactly what the
     /// im2col product gives ([`super::grouped`]), as f32 and as int8 on plain and ReLU grids,
     /// with and without bias: 3x3 and 5x5 kernels on MNIST-sized planes (LeNet's first layer
