@@ -163,6 +163,21 @@ impl CheckpointArgs {
             .map(slim_core::train::CheckpointEvery::Steps)
             .unwrap_or_default()
     }
+
+    /// Fine-tuning by `config`, checkpointing to `ckpt` as the flags say.
+    pub fn finetuning<'a>(
+        &self,
+        config: TrainConfig,
+        ckpt: &Path,
+    ) -> slim_core::pipeline::Finetuning<'a> {
+        slim_core::pipeline::Finetuning {
+            checkpoint: Some(ckpt.to_path_buf()),
+            resume: self.resume,
+            checkpoint_every: self.every(),
+            eval_each_epoch: true,
+            ..slim_core::pipeline::Finetuning::new(config)
+        }
+    }
 }
 
 /// Removes a finished job's checkpoint (three times the model's size): the output file now

@@ -6,20 +6,15 @@ use std::time::Instant;
 use clap::{ArgGroup, Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
-use slim_core::analysis::{analyze, human};
-use slim_core::data::DataSplits;
 use slim_core::search::{Evaluator, SearchProgress};
 use slim_core::study::{StudyStore, WorkerProgress};
-use slim_core::train::{evaluate, train, Top1, TrainConfig, TrainOptions};
 use slim_core::Model;
-use slim_prune::pruner::Calibration;
 use slim_prune::pruner::{check_ratio, check_reduction};
-use slim_prune::run::{Choice, Inputs, Progress, PruneOptions, PruneReport};
-use slim_prune::sensitivity::{self, default_ratios, EvalData, Sensitivities, SensitivityProgress};
-use slim_prune::{Criterion, Pruner};
+use slim_prune::run::{Choice, Inputs, Progress, PruneOptions, PruneOutcome};
+use slim_prune::sensitivity::{self, default_ratios, Sensitivities, SensitivityProgress};
+use slim_prune::Criterion;
 
 use crate::common::{check_out_dir, Common, EpochBars};
-use crate::output::table;
 use crate::{input_error, Failure};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -69,41 +64,18 @@ impl Selection {
     fn data_spec(&self, model: &Model) -> String {
         crate::common::data_spec(self.data.as_deref(), model)
     }
-    /// The pruner, with batch-norm calibration when there is data for it.
-    fn pruner<'m>(
-        &self,
-        model: &'m Model,
-        data: Option<&DataSplits>,
-    ) -> Result<Pruner<'m>, Failure> {
-        let p = Pruner::new(model, self.criterion()?, &self.scope)?;
-        Ok(match data {
-            Some(d) if self.bn_calibration > 0 => p.with_calibration(Calibration {
-                set: d.train.take(self.bn_calibration),
-                normalize: d.normalize.clone(),
-                batch_size: 64,
-            }),
-            _ => p,
+    /// The options these flags give (the rest as pruning's defaults).
+    fn options(&self) -> Result<PruneOptions, Failure> {
+        if self.eval_samples == Some(0) {
+            return Err(input_error("--eval-samples must be at least 1"));
+        }
+        Ok(PruneOptions {
+            criterion: self.criterion()?,
+            scope: self.scope.clone(),
+            bn_calibration: self.bn_calibration,
+            eval_samples: self.eval_samples,
+            ..PruneOptions::default()
         })
-    }
-
-    fn eval_set(&self, data: &DataSplits) -> Result<(Top1, EvalData), Failure> {
-        let set = match self.eval_samples {
-            Some(0) => return Err(input_error("--eval-samples must be at least 1")),
-            Some(n) => data.test.take(n),
-            None => data.test.clone(),
-        };
-        let eval = EvalData {
-            description: format!("{}, {} test images", data.spec, set.labels.len()),
-            fingerprint: set.fingerprint(),
-        };
-        Ok((
-            Top1 {
-                set,
-                normalize: data.normalize.clone(),
-                batch_size: 256,
-            },
-            eval,
-        ))
     }
 }
 
@@ -179,37 +151,6 @@ pub struct PruneArgs {
     pub common: Common,
 }
 
-/// Accuracy, cost and size of one model.
-struct Figures {
-    top1: Option<f64>,
-    top5: Option<f64>,
-    macs: u64,
-    params: u64,
-    bytes: u64,
-}
-
-impl Figures {
-    /// A model's figures, with its evaluation and the size of its file.
-    fn of(
-        model: &Model,
-        eval: Option<&slim_core::train::EvalReport>,
-        file: &std::path::Path,
-    ) -> Result<Figures, Failure> {
-        let stats = analyze(&model.graph);
-        Ok(Figures {
-            top1: eval.map(|e| e.top1),
-            top5: eval.map(|e| e.top5),
-            macs: stats.macs,
-            params: stats.params,
-            bytes: std::fs::metadata(file)?.len(),
-        })
-    }
-    fn json(&self) -> serde_json::Value {
-        json!({"top1": self.top1, "top5": self.top5, "macs": self.macs,
-               "params": self.params, "bytes": self.bytes})
-    }
-}
-
 /// Checks everything about the arguments before any work; the study's worker options.
 fn check_prune_args(args: &PruneArgs) -> Result<Option<slim_core::study::WorkerOptions>, Failure> {
     if let Some(r) = args.ratio {
@@ -265,95 +206,13 @@ fn prune_options(args: &PruneArgs) -> Result<(Choice, PruneOptions), Failure> {
     let options = PruneOptions {
         ratio: args.ratio,
         flops_reduction: args.flops_reduction,
-        criterion: args.selection.criterion()?,
-        scope: args.selection.scope.clone(),
-        bn_calibration: args.selection.bn_calibration,
-        eval_samples: args.selection.eval_samples,
         trials: args.trials,
         search: format!("{:?}", args.search).to_lowercase(),
         finetune_epochs: args.finetune_epochs,
         lr: Some(args.recipe.lr),
-        ..PruneOptions::default()
+        ..args.selection.options()?
     };
-    if options.eval_samples == Some(0) {
-        return Err(input_error("--eval-samples must be at least 1"));
-    }
     Ok((choice, options))
-}
-
-/// Fine-tunes the pruned model with the flags' recipe (to reproduce the original without
-/// labels), checkpointing beside the output: pruning is deterministic, so a stopped run
-/// prunes again to the same model and --resume continues its fine-tuning.
-fn finetune_pruned(
-    args: &PruneArgs,
-    model: &Model,
-    pruned: &mut Model,
-    data: Option<&DataSplits>,
-    label_free: bool,
-    ft: &TrainConfig,
-    ckpt: &std::path::Path,
-) -> Result<slim_core::train::TrainReport, Failure> {
-    let d = data.ok_or_else(|| input_error("fine-tuning needs --data"))?;
-    let mut bars = EpochBars::new(args.common.quiet);
-    // Without labels, the pruned model learns to reproduce the unpruned one.
-    let mut teacher = crate::common::reproduce_original(label_free, model)?;
-    let extra = crate::common::extra_terms(&mut teacher);
-    let report = train(
-        pruned,
-        d,
-        ft,
-        TrainOptions {
-            checkpoint: Some(ckpt.to_path_buf()),
-            resume: args.checkpoint.resume,
-            checkpoint_every: args.checkpoint.every(),
-            eval_each_epoch: !label_free,
-            label_free,
-            extra,
-            ..Default::default()
-        },
-        &mut |p| bars.update(p),
-    )?;
-    Ok(report)
-}
-
-/// Prunes with a progress bar for the search.
-fn prune_with_bar(
-    args: &PruneArgs,
-    model: &Model,
-    choice: Choice,
-    options: &PruneOptions,
-    inputs: Inputs<'_>,
-) -> Result<(Model, PruneReport), Failure> {
-    let b = bar(
-        args.trials as u64,
-        args.common.quiet || args.method != PruneMethod::Auto,
-        "search [{bar:30}] {pos}/{len} {msg}",
-    );
-    let show = |index: usize, reward: f64, best: f64| {
-        b.set_position(index as u64 + 1);
-        b.set_message(format!(
-            "top-1 {:.2}%, best {:.2}%",
-            reward * 100.0,
-            best * 100.0
-        ));
-    };
-    let done = slim_prune::run(model, choice, &options, inputs, &mut |p| match p {
-        Progress::Search(SearchProgress::Replayed { index, .. }) => {
-            b.set_position(index as u64 + 1)
-        }
-        Progress::Search(SearchProgress::Evaluated {
-            index, trial, best, ..
-        })
-        | Progress::Worker(WorkerProgress::Reported {
-            index, trial, best, ..
-        }) => show(index, trial.reward, best),
-        Progress::Worker(other) if !args.common.quiet => {
-            b.suspend(|| crate::common::show_worker(&other))
-        }
-        Progress::Worker(_) => {}
-    })?;
-    b.finish_and_clear();
-    Ok(done)
 }
 
 /// The sensitivity files, each checked against the model, merged.
@@ -385,42 +244,19 @@ fn history_file(args: &PruneArgs, shared: bool) -> Result<Option<PathBuf>, Failu
     Ok(Some(history))
 }
 
-/// The pruned model's accuracy, or without labels its fidelity to the original.
-fn measure_pruned(
-    pruned: &Model,
-    model: &Model,
-    data: Option<&DataSplits>,
-    label_free: bool,
-) -> Result<
-    (
-        Option<slim_core::train::EvalReport>,
-        Option<slim_core::train::Fidelity>,
-    ),
-    Failure,
-> {
-    Ok(match data {
-        Some(d) if label_free => (
-            None,
-            Some(slim_core::train::fidelity(
-                pruned,
-                model,
-                &d.test,
-                &d.normalize,
-                256,
-            )?),
-        ),
-        Some(d) => (Some(evaluate(pruned, &d.test, &d.normalize, 256)?), None),
-        None => (None, None),
-    })
+/// The search's progress bar (--method auto), and the study worker's messages.
+fn search_bar(args: &PruneArgs) -> ProgressBar {
+    bar(
+        args.trials as u64,
+        args.common.quiet || args.method != PruneMethod::Auto,
+        "search [{bar:30}] {pos}/{len} {msg}",
+    )
 }
 
 pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     let study = check_prune_args(&args)?;
     let (choice, options) = prune_options(&args)?;
     let ft = args.recipe.config(args.finetune_epochs)?;
-    if args.finetune_epochs > 0 {
-        ft.validate()?;
-    }
     let history = history_file(&args, study.is_some())?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
@@ -463,28 +299,44 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         seed: args.recipe.seed,
         ..Default::default()
     };
-    let (mut pruned, report) = prune_with_bar(&args, &model, choice, &options, inputs)?;
-
-    let before_eval = match &data {
-        Some(d) if !label_free => Some(evaluate(&model, &d.test, &d.normalize, 256)?),
-        _ => None,
-    };
     let ckpt = crate::common::checkpoint_path(&args.out);
-    let (mut finetune_report, mut resumed) = (None, (0, 0));
-    if args.finetune_epochs > 0 {
-        let r = finetune_pruned(
-            &args,
-            &model,
-            &mut pruned,
-            data.as_ref(),
-            label_free,
-            &ft,
-            &ckpt,
-        )?;
-        resumed = (r.resumed_from, r.resumed_at_step);
-        finetune_report = Some(r.epochs);
-    }
-    let (after_eval, fidelity) = measure_pruned(&pruned, &model, data.as_ref(), label_free)?;
+    let finetune = (args.finetune_epochs > 0).then(|| args.checkpoint.finetuning(ft, &ckpt));
+    let (b, mut bars) = (search_bar(&args), EpochBars::new(args.common.quiet));
+    let show = |index: usize, reward: f64, best: f64| {
+        b.set_position(index as u64 + 1);
+        b.set_message(format!(
+            "top-1 {:.2}%, best {:.2}%",
+            reward * 100.0,
+            best * 100.0
+        ));
+    };
+    let (mut pruned, mut outcome) = slim_prune::run::compress(
+        &model,
+        choice,
+        &options,
+        inputs,
+        finetune.as_ref(),
+        &mut |p| match p {
+            Progress::Search(SearchProgress::Replayed { index, .. }) => {
+                b.set_position(index as u64 + 1)
+            }
+            Progress::Search(SearchProgress::Evaluated {
+                index, trial, best, ..
+            })
+            | Progress::Worker(WorkerProgress::Reported {
+                index, trial, best, ..
+            }) => show(index, trial.reward, best),
+            Progress::Worker(other) if !args.common.quiet => {
+                b.suspend(|| crate::common::show_worker(&other))
+            }
+            Progress::Train(p) => {
+                b.finish_and_clear();
+                bars.update(p)
+            }
+            _ => {}
+        },
+    )?;
+    b.finish_and_clear();
     pruned
         .provenance
         .insert("pruned_from".into(), args.file.display().to_string());
@@ -492,48 +344,32 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     if !args.checkpoint.keep_checkpoint {
         crate::common::remove_checkpoint(&ckpt);
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let before = Figures::of(&model, before_eval.as_ref(), &args.file)?;
-    let after = Figures::of(&pruned, after_eval.as_ref(), &args.out)?;
-    print_prune(
-        &args,
-        &report,
-        (before, after),
-        fidelity,
-        finetune_report,
-        resumed,
-        seconds,
-    );
+    outcome.before = outcome.before.with_file(&args.file)?;
+    outcome.after = outcome.after.with_file(&args.out)?;
+    print_prune(&args, &outcome, started.elapsed().as_secs_f64());
     Ok(())
 }
 
 /// What the pruning did: the JSON report, or the before/after table.
-fn print_prune(
-    args: &PruneArgs,
-    report: &PruneReport,
-    (before, after): (Figures, Figures),
-    fidelity: Option<slim_core::train::Fidelity>,
-    finetune: Option<Vec<slim_core::train::EpochReport>>,
-    resumed: (usize, usize),
-    seconds: f64,
-) {
-    let reduction = 1.0 - after.macs as f64 / before.macs.max(1) as f64;
+fn print_prune(args: &PruneArgs, outcome: &PruneOutcome, seconds: f64) {
+    let (report, trained) = (&outcome.report, outcome.finetune.as_ref());
     if args.common.json {
+        let (before, after) = (&outcome.before, &outcome.after);
         outln!(
             "{}",
             crate::common::with_skipped(json!({
                 "model": args.file,
                 "method": report.method,
                 "criterion": report.criterion,
-                "before": before.json(),
-                "after": after.json(),
-                "flops_reduction": reduction,
+                "before": before,
+                "after": after,
+                "flops_reduction": 1.0 - after.macs as f64 / before.macs.max(1) as f64,
                 "groups": report.groups,
                 "skipped": report.skipped,
-                "finetune": finetune,
-                "resumed_from": resumed.0,
-                "resumed_at_step": resumed.1,
-                "fidelity": fidelity,
+                "finetune": trained.map(|t| &t.epochs),
+                "resumed_from": trained.map_or(0, |t| t.resumed_from),
+                "resumed_at_step": trained.map_or(0, |t| t.resumed_at_step),
+                "fidelity": outcome.fidelity,
                 "search": report.search,
                 "seconds": seconds,
                 "out": args.out,
@@ -541,56 +377,7 @@ fn print_prune(
         );
         return;
     }
-    let pct = |v: Option<f64>| {
-        v.map(|t| format!("{:.2}%", t * 100.0))
-            .unwrap_or("-".into())
-    };
-    let change = |a: f64, b: f64| format!("{:+.1}%", (b / a.max(1e-12) - 1.0) * 100.0);
-    let mut rows = vec![
-        vec![
-            "top-1".to_string(),
-            pct(before.top1),
-            pct(after.top1),
-            match (before.top1, after.top1) {
-                (Some(a), Some(b)) => format!("{:+.2} pt", (b - a) * 100.0),
-                _ => "-".into(),
-            },
-        ],
-        vec![
-            "MACs".into(),
-            human(before.macs),
-            human(after.macs),
-            change(before.macs as f64, after.macs as f64),
-        ],
-        vec![
-            "params".into(),
-            human(before.params),
-            human(after.params),
-            change(before.params as f64, after.params as f64),
-        ],
-        vec![
-            "bytes".into(),
-            human(before.bytes),
-            human(after.bytes),
-            change(before.bytes as f64, after.bytes as f64),
-        ],
-    ];
-    if let Some(f) = &fidelity {
-        // Without labels there is no top-1: the pruned model's fidelity to the original.
-        rows.remove(0);
-        for (label, value) in crate::common::fidelity_rows(f) {
-            rows.insert(0, vec![label, "100%".into(), value, "-".into()]);
-        }
-    }
-    out!("{}", table(&["", "before", "after", "change"], &rows));
-    for s in &report.skipped {
-        outln!(
-            "not pruned: group `{}` ({} channels): {}",
-            s.group,
-            s.channels,
-            s.reason
-        );
-    }
+    out!("{}", outcome.table());
     outln!(
         "{} pruned ({}, {}): {} written in {:.1} s",
         args.file.display(),
@@ -646,8 +433,9 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
         merged
     } else {
         let data = crate::common::load_spec(&args.selection.data_spec(&model))?;
-        let pruner = args.selection.pruner(&model, Some(&data))?;
-        let (evaluator, eval) = args.selection.eval_set(&data)?;
+        let o = args.selection.options()?;
+        let pruner = slim_prune::run::pruner(&model, &o, Some(&data))?;
+        let (evaluator, eval) = slim_prune::run::eval_set(&o, &data);
         let total = (pruner.scope().len() * ratios.len()) as u64;
         let b = bar(
             total,
@@ -698,38 +486,7 @@ fn print_sensitivity(args: &SensitivityArgs, sens: &Sensitivities, seconds: f64)
         );
         return;
     }
-    let mut all_ratios: Vec<f64> = sens
-        .groups
-        .values()
-        .flat_map(|c| c.points.iter().map(|p| p.ratio))
-        .collect();
-    all_ratios.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    all_ratios.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
-    let mut header: Vec<String> = vec!["group".into(), "channels".into()];
-    header.extend(all_ratios.iter().map(|r| format!("{r:.2}")));
-    let rows: Vec<Vec<String>> = sens
-        .groups
-        .iter()
-        .map(|(k, c)| {
-            let mut row = vec![k.clone(), c.channels.to_string()];
-            for r in &all_ratios {
-                row.push(
-                    c.points
-                        .iter()
-                        .find(|p| (p.ratio - r).abs() < 1e-9)
-                        .map(|p| format!("{:.2}", p.loss * 100.0))
-                        .unwrap_or_default(),
-                );
-            }
-            row
-        })
-        .collect();
-    let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
-    outln!(
-        "top-1 loss (% of the baseline's {:.2}%) by pruning ratio:",
-        sens.baseline * 100.0
-    );
-    out!("{}", table(&header_refs, &rows));
+    out!("{}", sens.table());
     outln!(
         "{} points on {} in {:.1} s; {} written{}",
         sens.len(),

@@ -46,6 +46,7 @@
 #![forbid(unsafe_code)]
 
 pub mod analysis;
+pub mod compare;
 pub mod data;
 pub mod deps;
 pub mod error;

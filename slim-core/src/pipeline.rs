@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::data::DataSplits;
 use crate::error::Result;
 use crate::model::Model;
-use crate::train::{train, Progress, TrainConfig, TrainOptions, TrainReport};
+use crate::train::{train, CheckpointEvery, Progress, TrainConfig, TrainOptions, TrainReport};
 
 /// What a strategy can use besides the model: the data, the pipeline's training recipe (for
 /// any step that trains unless the strategy says otherwise), a folder for files of its own,
@@ -38,6 +38,67 @@ impl Context<'_> {
     }
 }
 
+/// How a model is fine-tuned after a method changed it: the recipe, the checkpoint a long run
+/// keeps (and resumes from), and kernels that compute some nodes another way while it trains
+/// (quantization-aware training's fake-quantized weights).
+#[derive(Clone, Default)]
+pub struct Finetuning<'a> {
+    pub config: TrainConfig,
+    pub checkpoint: Option<PathBuf>,
+    pub resume: bool,
+    pub checkpoint_every: CheckpointEvery,
+    /// Evaluate after every epoch (labelled data only).
+    pub eval_each_epoch: bool,
+    pub kernels: Option<&'a dyn crate::exec::NodeKernels>,
+}
+
+impl<'a> Finetuning<'a> {
+    /// Fine-tuning by `config`, nothing kept.
+    pub fn new(config: TrainConfig) -> Self {
+        Finetuning {
+            config,
+            ..Default::default()
+        }
+    }
+
+    /// Trains `model` on `data`, after a change: on the labels, or (`label_free`, or data
+    /// without labels) to reproduce `original`, the model before the change.
+    pub fn run(
+        &self,
+        model: &mut Model,
+        original: &Model,
+        data: &DataSplits,
+        label_free: bool,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<TrainReport> {
+        let label_free = label_free || !data.train.is_labeled();
+        let mut teacher = if label_free {
+            Some(crate::reproduce::Reproduce::new(original.deep_clone()?)?)
+        } else {
+            None
+        };
+        let extra: Vec<&mut dyn crate::train::LossTerm> = match teacher.as_mut() {
+            Some(t) => vec![t],
+            None => Vec::new(),
+        };
+        train(
+            model,
+            data,
+            &self.config,
+            TrainOptions {
+                checkpoint: self.checkpoint.clone(),
+                checkpoint_every: self.checkpoint_every,
+                resume: self.resume,
+                eval_each_epoch: self.eval_each_epoch && !label_free,
+                label_free,
+                extra,
+                kernels: self.kernels,
+            },
+            progress,
+        )
+    }
+}
+
 /// Trains `model` with `cfg` on the pipeline's data, after a stage changed it: on the labels,
 /// or, for data without labels, to reproduce `original` (the model before the change).
 /// `kernels` compute some nodes another way during training (quantization-aware training).
@@ -48,27 +109,11 @@ pub fn finetune(
     kernels: Option<&dyn crate::exec::NodeKernels>,
     ctx: &mut Context<'_>,
 ) -> Result<TrainReport> {
-    let mut teacher = if ctx.labeled() {
-        None
-    } else {
-        Some(crate::reproduce::Reproduce::new(original.deep_clone()?)?)
+    let how = Finetuning {
+        kernels,
+        ..Finetuning::new(cfg.clone())
     };
-    let extra: Vec<&mut dyn crate::train::LossTerm> = match teacher.as_mut() {
-        Some(t) => vec![t],
-        None => Vec::new(),
-    };
-    train(
-        model,
-        ctx.data,
-        cfg,
-        TrainOptions {
-            label_free: !ctx.labeled(),
-            extra,
-            kernels,
-            ..Default::default()
-        },
-        ctx.progress,
-    )
+    how.run(model, original, ctx.data, false, ctx.progress)
 }
 
 /// One step of a compression pipeline.

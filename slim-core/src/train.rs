@@ -1142,6 +1142,33 @@ impl Fidelity {
             .map(|o| o.top1_agreement.unwrap_or(o.cosine))
             .unwrap_or(0.0)
     }
+
+    /// The figures as table rows (label, value), in the order to show them: agreement with
+    /// the original for score vectors, cosine similarity for other outputs.
+    pub fn rows(&self) -> Vec<(String, String)> {
+        let many = self.outputs.len() > 1;
+        self.outputs
+            .iter()
+            .rev()
+            .map(|o| {
+                let name = if many {
+                    format!(" ({})", o.output)
+                } else {
+                    String::new()
+                };
+                match o.top1_agreement {
+                    Some(a) => (
+                        format!("agreement with the original{name}"),
+                        format!("{:.2}%", a * 100.0),
+                    ),
+                    None => (
+                        format!("cosine to the original{name}"),
+                        format!("{:.4}", o.cosine),
+                    ),
+                }
+            })
+            .collect()
+    }
 }
 
 /// A forward that gives every output of the model (or the first ones).

@@ -7,10 +7,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use slim_core::compare::{measure, Comparison, Figures};
 use slim_core::data::DataSplits;
+use slim_core::pipeline::Finetuning;
 use slim_core::search::SearchProgress;
 use slim_core::study::{StudyStore, WorkerOptions, WorkerProgress};
-use slim_core::train::{train, Schedule, Top1, TrainConfig, TrainOptions};
+use slim_core::train::{train, Fidelity, Schedule, Top1, TrainConfig, TrainOptions, TrainReport};
 use slim_core::Model;
 
 use crate::auto::{self, AutoConfig, Method};
@@ -192,6 +194,8 @@ pub enum Progress<'p> {
     Search(SearchProgress<'p>),
     /// A worker of a shared study.
     Worker(WorkerProgress<'p>),
+    /// The fine-tuning after pruning ([`compress`]).
+    Train(&'p slim_core::train::Progress),
 }
 
 /// One group's share of the pruning.
@@ -252,14 +256,7 @@ pub fn run(
              files"
         )));
     }
-    let mut pruner = Pruner::new(model, o.criterion, &o.scope)?;
-    if let (Some(d), true) = (inputs.data, o.bn_calibration > 0) {
-        pruner = pruner.with_calibration(Calibration {
-            set: d.train.take(o.bn_calibration),
-            normalize: d.normalize.clone(),
-            batch_size: 64,
-        });
-    }
+    let pruner = pruner(model, o, inputs.data)?;
     let mut search = None;
     let mut analysis = None;
     let ratios: Ratios = match (choice, o.ratio, o.flops_reduction) {
@@ -314,14 +311,105 @@ pub fn run(
     Ok((pruned, report))
 }
 
+/// What [`compress`] did: the pruning, the fine-tuning, and the model before and after.
+#[derive(Clone, Debug, Serialize)]
+pub struct PruneOutcome {
+    pub report: PruneReport,
+    /// The original and the pruned model (accuracy where there are labels; bytes as the
+    /// caller fills them in, from the files).
+    pub before: Figures,
+    pub after: Figures,
+    /// Without labels: the pruned model's fidelity to the original.
+    pub fidelity: Option<Fidelity>,
+    pub finetune: Option<TrainReport>,
+}
+
+impl PruneOutcome {
+    /// The before-and-after table, then a line for each group left unpruned.
+    pub fn table(&self) -> String {
+        let mut t = Comparison::new(["before", "after"], &self.before, &self.after)
+            .fidelity(self.fidelity.as_ref())
+            .table();
+        for s in &self.report.skipped {
+            t += &format!(
+                "not pruned: group `{}` ({} channels): {}\n",
+                s.group, s.channels, s.reason
+            );
+        }
+        t
+    }
+}
+
+/// Pruning from start to end: [`run`], then fine-tuning by `finetune` (on the labels, or
+/// without them to reproduce the original), then the pruned model measured against the
+/// original on the test split (accuracy, or fidelity without labels) when there is data. It is
+/// `slim prune` and the pipeline's `prune.*` stages.
+pub fn compress(
+    model: &Model,
+    choice: Choice,
+    o: &PruneOptions,
+    inputs: Inputs<'_>,
+    finetune: Option<&Finetuning<'_>>,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<(Model, PruneOutcome)> {
+    let (data, label_free) = (inputs.data, inputs.label_free);
+    if let Some(f) = finetune {
+        f.config.validate()?;
+        if data.is_none() {
+            return Err(PruneError::Invalid(
+                "fine-tuning after pruning needs data".into(),
+            ));
+        }
+    }
+    let (mut pruned, report) = run(model, choice, o, inputs, progress)?;
+    let mut trained = None;
+    if let (Some(f), Some(d)) = (finetune, data) {
+        trained = Some(f.run(&mut pruned, model, d, label_free, &mut |p| {
+            progress(Progress::Train(p))
+        })?);
+    }
+    let measured = match data {
+        Some(d) => Some(measure(&pruned, model, d, label_free, None)?),
+        None => None,
+    };
+    let m = measured.as_ref();
+    let outcome = PruneOutcome {
+        report,
+        before: Figures::of(model, m.and_then(|m| m.before.as_ref())),
+        after: Figures::of(&pruned, m.and_then(|m| m.after.as_ref())),
+        fidelity: measured.and_then(|m| m.fidelity),
+        finetune: trained,
+    };
+    Ok((pruned, outcome))
+}
+
+/// The pruner of `o`'s criterion and scope, which recalibrates batch norms on `data`'s
+/// training images when there are some and `o` asks for it.
+pub fn pruner<'m>(
+    model: &'m Model,
+    o: &PruneOptions,
+    data: Option<&DataSplits>,
+) -> Result<Pruner<'m>> {
+    let p = Pruner::new(model, o.criterion, &o.scope)?;
+    Ok(match data {
+        Some(d) if o.bn_calibration > 0 => p.with_calibration(Calibration {
+            set: d.train.take(o.bn_calibration),
+            normalize: d.normalize.clone(),
+            batch_size: 64,
+        }),
+        _ => p,
+    })
+}
+
 fn need_data<'a>(inputs: &Inputs<'a>, what: &str) -> Result<&'a DataSplits> {
     inputs
         .data
         .ok_or_else(|| PruneError::Invalid(format!("{what} needs data to measure accuracy on")))
 }
 
-/// The test images that score pruned models, and how they are described in the files.
-fn eval_set(o: &PruneOptions, data: &DataSplits) -> (Top1, EvalData) {
+/// The test images that score pruned models (the first `o.eval_samples`), and how they are
+/// described in the files.
+pub fn eval_set(o: &PruneOptions, data: &DataSplits) -> (Top1, EvalData) {
     let set = match o.eval_samples {
         Some(n) => data.test.take(n),
         None => data.test.clone(),

@@ -103,6 +103,41 @@ pub struct EvalData {
 }
 
 impl Sensitivities {
+    /// The losses as a table, a row per group and a column per ratio measured (in % of the
+    /// baseline's top-1), under a line that says what they are.
+    pub fn table(&self) -> String {
+        let mut ratios: Vec<f64> = self
+            .groups
+            .values()
+            .flat_map(|c| c.points.iter().map(|p| p.ratio))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
+        let mut header: Vec<String> = vec!["group".into(), "channels".into()];
+        header.extend(ratios.iter().map(|r| format!("{r:.2}")));
+        let rows: Vec<Vec<String>> = self
+            .groups
+            .iter()
+            .map(|(k, c)| {
+                let mut row = vec![k.clone(), c.channels.to_string()];
+                row.extend(ratios.iter().map(|r| {
+                    c.points
+                        .iter()
+                        .find(|p| (p.ratio - r).abs() < 1e-9)
+                        .map(|p| format!("{:.2}", p.loss * 100.0))
+                        .unwrap_or_default()
+                }));
+                row
+            })
+            .collect();
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        format!(
+            "top-1 loss (% of the baseline's {:.2}%) by pruning ratio:\n{}",
+            self.baseline * 100.0,
+            slim_core::plot::table(&header, &rows)
+        )
+    }
+
     pub fn load(path: &Path) -> Result<Sensitivities> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             PruneError::Invalid(format!(

@@ -1,10 +1,14 @@
 //! Pruning as a pipeline [`Strategy`]: `prune.uniform`, `prune.sensitivity` and `prune.auto`,
-//! each [`crate::run`] followed by fine-tuning with the pipeline's training recipe.
+//! each [`crate::run::compress`]: pruning, then fine-tuning with the pipeline's training
+//! recipe.
 
 use slim_core::pipeline::{Context, Strategy};
 use slim_core::{CoreError, Model};
 
-use crate::run::{run, Inputs, Progress};
+use slim_core::pipeline::Finetuning;
+use slim_core::search::SearchProgress;
+
+use crate::run::{compress, Inputs, Progress};
 pub use crate::run::{Choice, PruneOptions};
 use crate::PruneError;
 
@@ -46,37 +50,41 @@ impl Strategy for PruneStrategy {
             seed: ctx.train.seed,
             ..Default::default()
         };
-        let status = ctx.status;
-        let pruned = run(&model, self.choice, &self.options, inputs, &mut |p| {
-            if let Progress::Search(slim_core::search::SearchProgress::Evaluated {
-                index,
-                total,
-                best,
-                ..
-            }) = p
-            {
-                status(&format!(
-                    "search: {}/{total} candidates, best top-1 {:.2}%",
-                    index + 1,
-                    best * 100.0
-                ));
-            }
-        });
-        let (mut pruned, report) = pruned.map_err(|e| match e {
-            PruneError::Core(c) => c,
-            other => CoreError::Invalid(other.to_string()),
-        })?;
-        let mut info = serde_json::to_value(&report)
-            .map_err(|e| CoreError::Invalid(format!("{}: the report: {e}", self.kind)))?;
-        if self.options.finetune_epochs > 0 {
+        let finetune = (self.options.finetune_epochs > 0).then(|| {
             let mut cfg = ctx.train.clone();
             cfg.epochs = self.options.finetune_epochs;
             if let Some(lr) = self.options.lr {
                 cfg.lr = lr;
             }
-            // Without labels, the pruned model learns to reproduce the unpruned one.
-            slim_core::pipeline::finetune(&mut pruned, &model, &cfg, None, ctx)?;
-            info["finetune_epochs"] = serde_json::json!(cfg.epochs);
+            Finetuning::new(cfg)
+        });
+        let (status, train_progress) = (ctx.status, &mut *ctx.progress);
+        let done = compress(
+            &model,
+            self.choice,
+            &self.options,
+            inputs,
+            finetune.as_ref(),
+            &mut |p| match p {
+                Progress::Search(SearchProgress::Evaluated {
+                    index, total, best, ..
+                }) => status(&format!(
+                    "search: {}/{total} candidates, best top-1 {:.2}%",
+                    index + 1,
+                    best * 100.0
+                )),
+                Progress::Train(p) => train_progress(p),
+                _ => {}
+            },
+        );
+        let (pruned, outcome) = done.map_err(|e| match e {
+            PruneError::Core(c) => c,
+            other => CoreError::Invalid(other.to_string()),
+        })?;
+        let mut info = serde_json::to_value(&outcome.report)
+            .map_err(|e| CoreError::Invalid(format!("{}: the report: {e}", self.kind)))?;
+        if let Some(f) = &finetune {
+            info["finetune_epochs"] = serde_json::json!(f.config.epochs);
         }
         Ok((pruned, info))
     }
