@@ -84,54 +84,6 @@ pub fn label_free(flag: bool, data: &DataSplits) -> bool {
     flag || !data.train.is_labeled()
 }
 
-/// Without labels (`label_free`), the loss that makes a changed model (pruned, fake-quantized)
-/// reproduce the `original` it came from; with labels, none.
-pub fn reproduce_original(
-    label_free: bool,
-    original: &Model,
-) -> Result<Option<slim_core::reproduce::Reproduce>, Failure> {
-    Ok(match label_free {
-        true => Some(slim_core::reproduce::Reproduce::new(
-            original.deep_clone()?,
-        )?),
-        false => None,
-    })
-}
-
-/// A training's extra loss terms: the reproduction loss, when there is one.
-pub fn extra_terms(
-    teacher: &mut Option<slim_core::reproduce::Reproduce>,
-) -> Vec<&mut dyn slim_core::train::LossTerm> {
-    teacher
-        .iter_mut()
-        .map(|t| t as &mut dyn slim_core::train::LossTerm)
-        .collect()
-}
-
-/// A fidelity measurement as table rows (label, value), in the order to show them: agreement
-/// with the original for score vectors, cosine similarity for other outputs.
-pub fn fidelity_rows(f: &slim_core::train::Fidelity) -> Vec<(String, String)> {
-    let mut rows = Vec::new();
-    for o in f.outputs.iter().rev() {
-        let name = if f.outputs.len() > 1 {
-            format!(" ({})", o.output)
-        } else {
-            String::new()
-        };
-        match o.top1_agreement {
-            Some(a) => rows.push((
-                format!("agreement with the original{name}"),
-                format!("{:.2}%", a * 100.0),
-            )),
-            None => rows.push((
-                format!("cosine to the original{name}"),
-                format!("{:.4}", o.cosine),
-            )),
-        }
-    }
-    rows
-}
-
 /// The checkpoint a training job keeps beside its output: `OUT.ckpt`.
 pub fn checkpoint_path(out: &Path) -> std::path::PathBuf {
     let mut p = out.as_os_str().to_owned();

@@ -379,7 +379,8 @@ fn print_distilled(
         }
         match &report.fidelity {
             Some(f) => {
-                let rows: Vec<Vec<String>> = crate::common::fidelity_rows(f)
+                let rows: Vec<Vec<String>> = f
+                    .rows()
                     .into_iter()
                     .map(|(label, value)| vec![label, value])
                     .collect();

@@ -4,13 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use slim_core::analysis::human;
-use slim_core::train::evaluate;
-use slim_quant::ptq::quantize;
 use slim_quant::strategy::{PtqOptions, QatOptions};
 
 use crate::common::{check_out_dir, Common};
-use crate::output::table;
 use crate::Failure;
 
 #[derive(Subcommand)]
@@ -134,121 +130,48 @@ fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
-    let spec = crate::common::data_spec(args.data.as_deref(), &model);
-    let data = crate::common::data_for(&spec, &model)?;
-    let (q, report) = quantize(&model, &data.train, &data.normalize, &cfg)?;
-    if !data.test.is_labeled() {
-        let details = json!({"weights": cfg.weights.name(), "activations": cfg.activations.name(),
-                             "calibration": report});
-        return int8_without_labels(
-            "int8",
-            &args.file,
-            &args.out,
-            &args.common,
-            &model,
-            &q,
-            &data,
-            details,
-        );
-    }
-    let before = evaluate(&model, &data.test, &data.normalize, 256)?;
-    // The int8 model's accuracy comes from the int8 runtime; the fake-quantized float graph
-    // is the reference it is checked against.
-    let after = slim_quant::runtime::evaluate(&q, &data.test, &data.normalize, 256)?;
-    let simulated = evaluate(&q, &data.test, &data.normalize, 256)?;
+    let data = crate::common::data_for(
+        &crate::common::data_spec(args.data.as_deref(), &model),
+        &model,
+    )?;
+    let (q, mut outcome) = slim_quant::compress::ptq(&model, &data, &cfg)?;
     q.save(&args.out)?;
-    let (b_bytes, a_bytes) = (
-        std::fs::metadata(&args.file)?.len(),
-        std::fs::metadata(&args.out)?.len(),
-    );
+    outcome.before = outcome.before.with_file(&args.file)?;
+    outcome.after = outcome.after.with_file(&args.out)?;
     if args.common.json {
         outln!(
             "{}",
             crate::common::with_skipped(json!({
-                "model": args.file, "data": spec,
+                "model": args.file, "data": data.spec,
                 "weights": cfg.weights.name(), "activations": cfg.activations.name(),
-                "before": {"top1": before.top1, "top5": before.top5, "bytes": b_bytes},
-                "after": {"top1": after.top1, "top5": after.top5, "bytes": a_bytes},
-                "simulated_top1": simulated.top1,
-                "calibration": report, "out": args.out,
+                "before": outcome.before, "after": outcome.after,
+                "simulated_top1": outcome.simulated_top1, "fidelity": outcome.fidelity,
+                "calibration": outcome.calibration, "out": args.out,
             }))
         );
         return Ok(());
     }
-    print_comparison("int8", before.top1, after.top1, b_bytes, a_bytes);
-    outln!(
-        "int8 top-1 from the int8 runtime ({:.2}% by the fake-quantized float graph)",
-        simulated.top1 * 100.0
-    );
-    outln!(
-        "{} layers quantized (weights {}, activations {}) and {} of their outputs that no \
-         quantized layer reads, {} batch norms folded, calibrated on {} images in {:.1} s; {} \
-         written",
-        report.layers.len(),
-        cfg.weights,
-        cfg.activations,
-        report.outputs.len(),
-        report.folded_batch_norms,
-        report.calibration_images,
-        report.seconds,
-        args.out.display()
-    );
-    Ok(())
-}
-
-/// The end of quantization without labels: the int8 model (on the int8 runtime) is measured
-/// by its fidelity to the float model on the held-out images, written, and reported with
-/// `details` (the method's own figures) in the JSON.
-#[allow(clippy::too_many_arguments)]
-fn int8_without_labels(
-    what: &str,
-    file: &std::path::Path,
-    out: &std::path::Path,
-    common: &crate::common::Common,
-    model: &slim_core::Model,
-    q: &slim_core::Model,
-    data: &slim_core::data::DataSplits,
-    details: serde_json::Value,
-) -> Result<(), Failure> {
-    let kernels = slim_quant::runtime::Int8Kernels::new(q);
-    let fidelity =
-        slim_core::train::fidelity_with(q, model, &data.test, &data.normalize, 256, &|m, x| {
-            Ok(vec![slim_quant::runtime::forward_with(m, &kernels, x)?])
-        })?;
-    q.save(out)?;
-    let (b_bytes, a_bytes) = (
-        std::fs::metadata(file)?.len(),
-        std::fs::metadata(out)?.len(),
-    );
-    if common.json {
-        let mut v = json!({
-            "model": file, "data": data.spec,
-            "before": {"bytes": b_bytes}, "after": {"bytes": a_bytes},
-            "fidelity": fidelity, "out": out,
-        });
-        if let (Some(v), serde_json::Value::Object(d)) = (v.as_object_mut(), details) {
-            v.extend(d);
-        }
-        outln!("{}", crate::common::with_skipped(v));
-        return Ok(());
+    out!("{}", outcome.table("int8"));
+    if let Some(top1) = outcome.simulated_top1 {
+        outln!(
+            "int8 top-1 from the int8 runtime ({:.2}% by the fake-quantized float graph)",
+            top1 * 100.0
+        );
     }
-    let mut rows: Vec<Vec<String>> = crate::common::fidelity_rows(&fidelity)
-        .into_iter()
-        .map(|(label, value)| vec![label, "100%".into(), value, "-".into()])
-        .collect();
-    rows.push(vec![
-        "bytes".into(),
-        human(b_bytes),
-        human(a_bytes),
-        format!("{:+.1}%", (a_bytes as f64 / b_bytes as f64 - 1.0) * 100.0),
-    ]);
-    out!("{}", table(&["", "f32", what, "change"], &rows));
-    outln!(
-        "no labels: the int8 model (int8 runtime) against the float one on {} held-out \
-         images; {} written",
-        fidelity.samples,
-        out.display()
-    );
+    if let Some(report) = &outcome.calibration {
+        outln!(
+            "{} layers quantized (weights {}, activations {}) and {} of their outputs that no \
+             quantized layer reads, {} batch norms folded, calibrated on {} images in {:.1} s",
+            report.layers.len(),
+            cfg.weights,
+            cfg.activations,
+            report.outputs.len(),
+            report.folded_batch_norms,
+            report.calibration_images,
+            report.seconds,
+        );
+    }
+    outln!("{} written", args.out.display());
     Ok(())
 }
 
@@ -285,114 +208,47 @@ fn qat_settings(
 
 fn run_qat(args: QatArgs) -> Result<(), Failure> {
     let (settings, tcfg) = qat_settings(&args)?;
-    let weights = settings.weights;
-    let cfg = settings.calibration.clone();
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
-    let spec = crate::common::data_spec(args.data.as_deref(), &model);
-    let data = crate::common::data_for(&spec, &model)?;
-    let mut q = slim_quant::qat::prepare_with(
+    let data = crate::common::data_for(
+        &crate::common::data_spec(args.data.as_deref(), &model),
         &model,
-        &data.train,
-        &data.normalize,
-        &cfg,
-        settings.activations,
     )?;
-    let kernels = slim_quant::qat::QatKernels { weights, bits: 8 };
     let mut bars = crate::common::EpochBars::new(args.common.quiet);
     let ckpt = crate::common::checkpoint_path(&args.out);
+    let how = slim_core::pipeline::Finetuning {
+        eval_each_epoch: false,
+        ..args.checkpoint.finetuning(tcfg, &ckpt)
+    };
     // Without labels, the fake-quantized model learns to reproduce the float one.
     let label_free = crate::common::label_free(args.label_free, &data);
-    let mut teacher = crate::common::reproduce_original(label_free, &model)?;
-    let extra = crate::common::extra_terms(&mut teacher);
-    let report = slim_core::train::train(
-        &mut q,
-        &data,
-        &tcfg,
-        slim_core::train::TrainOptions {
-            kernels: Some(&kernels),
-            checkpoint: Some(ckpt.clone()),
-            resume: args.checkpoint.resume,
-            checkpoint_every: args.checkpoint.every(),
-            label_free,
-            extra,
-            ..Default::default()
-        },
-        &mut |p| bars.update(p),
-    )?;
-    let int8 = slim_quant::qat::convert(&q, weights, 8)?;
-    if label_free {
-        let details = json!({"weights": weights.name(), "epochs": args.epochs,
-                             "resumed_from": report.resumed_from,
-                             "resumed_at_step": report.resumed_at_step});
-        int8_without_labels(
-            "int8 (QAT)",
-            &args.file,
-            &args.out,
-            &args.common,
-            &model,
-            &int8,
-            &data,
-            details,
-        )?;
-        if !args.checkpoint.keep_checkpoint {
-            crate::common::remove_checkpoint(&ckpt);
-        }
-        return Ok(());
-    }
-    let before = evaluate(&model, &data.test, &data.normalize, 256)?;
-    let after = slim_quant::runtime::evaluate(&int8, &data.test, &data.normalize, 256)?;
+    let (int8, mut outcome) =
+        slim_quant::compress::qat(&model, &data, &settings, &how, label_free, &mut |p| {
+            bars.update(p)
+        })?;
     int8.save(&args.out)?;
     if !args.checkpoint.keep_checkpoint {
         crate::common::remove_checkpoint(&ckpt);
     }
-    let (b_bytes, a_bytes) = (
-        std::fs::metadata(&args.file)?.len(),
-        std::fs::metadata(&args.out)?.len(),
-    );
+    outcome.before = outcome.before.with_file(&args.file)?;
+    outcome.after = outcome.after.with_file(&args.out)?;
+    let trained = outcome.train.as_ref();
     if args.common.json {
         outln!(
             "{}",
-            crate::common::with_skipped(
-                json!({"model": args.file, "data": spec, "weights": weights.name(),
-                   "before": {"top1": before.top1, "top5": before.top5, "bytes": b_bytes},
-                   "after": {"top1": after.top1, "top5": after.top5, "bytes": a_bytes},
-                   "epochs": args.epochs, "resumed_from": report.resumed_from,
-                   "resumed_at_step": report.resumed_at_step, "out": args.out})
-            )
+            crate::common::with_skipped(json!({
+                "model": args.file, "data": data.spec, "weights": settings.weights.name(),
+                "before": outcome.before, "after": outcome.after, "fidelity": outcome.fidelity,
+                "epochs": args.epochs,
+                "resumed_from": trained.map_or(0, |t| t.resumed_from),
+                "resumed_at_step": trained.map_or(0, |t| t.resumed_at_step),
+                "out": args.out,
+            }))
         );
         return Ok(());
     }
-    print_comparison("int8 (QAT)", before.top1, after.top1, b_bytes, a_bytes);
+    out!("{}", outcome.table("int8 (QAT)"));
     outln!("{} written", args.out.display());
     Ok(())
-}
-
-/// The f32-against-int8 table: top-1 and file size, with the change.
-fn print_comparison(
-    label: &str,
-    top1_before: f64,
-    top1_after: f64,
-    bytes_before: u64,
-    bytes_after: u64,
-) {
-    let rows = vec![
-        vec![
-            "top-1".to_string(),
-            format!("{:.2}%", top1_before * 100.0),
-            format!("{:.2}%", top1_after * 100.0),
-            format!("{:+.2} pt", (top1_after - top1_before) * 100.0),
-        ],
-        vec![
-            "bytes".into(),
-            human(bytes_before),
-            human(bytes_after),
-            format!(
-                "{:+.1}%",
-                (bytes_after as f64 / bytes_before as f64 - 1.0) * 100.0
-            ),
-        ],
-    ];
-    out!("{}", table(&["", "f32", label, "change"], &rows));
 }

@@ -29,6 +29,7 @@
 //! # Ok::<(), slim_quant::QuantError>(())
 //! ```
 
+pub mod compress;
 pub mod gemm;
 mod grid;
 pub mod observer;

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 use serde_json::json;
-use slim_core::pipeline::{Context, Strategy};
+use slim_core::pipeline::{Context, Finetuning, Strategy};
 use slim_core::train::{OptimizerKind, Schedule, TrainConfig};
 use slim_core::{CoreError, Model};
 
@@ -253,28 +253,18 @@ impl Strategy for QatStrategy {
             other => CoreError::Invalid(other.to_string()),
         };
         let st = &self.settings;
-        let mut q = crate::qat::prepare_with(
-            &model,
-            &ctx.data.train,
-            &ctx.data.normalize,
-            &st.calibration,
-            st.activations,
-        )
-        .map_err(core)?;
-        let kernels = crate::qat::QatKernels {
-            weights: st.weights,
-            bits: 8,
-        };
         let tcfg = st.recipe(&ctx.train);
         // Without labels, the fake-quantized model learns to reproduce the float one.
-        let report = slim_core::pipeline::finetune(&mut q, &model, &tcfg, Some(&kernels), ctx)?;
-        let int8 = crate::qat::convert(&q, st.weights, 8).map_err(core)?;
+        let how = Finetuning::new(tcfg.clone());
+        let (int8, outcome) =
+            crate::compress::qat(&model, ctx.data, st, &how, false, ctx.progress).map_err(core)?;
         Ok((
             int8,
             json!({"weights": st.weights.name(), "activations": "moving_average_abs_max",
                    "epochs": tcfg.epochs, "lr": tcfg.lr,
                    "optimizer": self.options.optimizer, "schedule": self.options.schedule,
-                   "train_seconds": report.epochs.iter().map(|e| e.seconds).sum::<f64>()}),
+                   "train_seconds": outcome.train.iter().flat_map(|r| &r.epochs)
+                       .map(|e| e.seconds).sum::<f64>()}),
         ))
     }
 }
