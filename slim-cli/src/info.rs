@@ -5,12 +5,8 @@ use std::path::PathBuf;
 use candle_core::Device;
 use clap::Args;
 use serde_json::json;
-use slim_core::analysis::{analyze, human};
-use slim_core::deps::channel_groups;
 use slim_core::zoo::{self, ZooConfig};
-use slim_core::Model;
 
-use crate::output::table;
 use crate::{input_error, Failure};
 
 #[derive(Args)]
@@ -84,113 +80,11 @@ pub fn run(args: InfoArgs) -> Result<(), Failure> {
         (None, None) => return Err(input_error("give a model file or --model NAME")),
     };
 
+    let info = slim_core::analysis::ModelInfo::of(&label, &model, bytes);
     if args.json {
-        print_json(&label, &model, bytes);
-        return Ok(());
+        outln!("{}", json!(info));
+    } else {
+        out!("{}", info.table());
     }
-    print_tables(&label, &model, bytes);
     Ok(())
-}
-
-/// The model's layers and channel groups as JSON.
-fn print_json(label: &str, model: &Model, bytes: u64) {
-    let stats = analyze(&model.graph);
-    let groups = channel_groups(&model.graph);
-    let input = model.input_shape();
-    let layers: Vec<_> = stats
-        .layers
-        .iter()
-        .map(|l| json!({"name": l.name, "op": l.op, "shape": l.shape, "macs": l.macs, "params": l.params}))
-        .collect();
-    let groups_json: Vec<_> = groups
-        .groups
-        .iter()
-        .filter(|g| !g.producers.is_empty())
-        .map(|g| {
-            json!({
-                "id": g.id,
-                "channels": g.channels,
-                "producers": g.producers,
-                "prunable": g.is_prunable(),
-                "blocked_by": g.blocked.as_ref().map(|b| json!({"node": b.node, "op": b.op, "reason": b.reason})),
-            })
-        })
-        .collect();
-    let out = json!({
-        "model": label,
-        "input": input,
-        "macs": stats.macs,
-        "params": stats.params,
-        "buffers": stats.buffers,
-        "bytes": bytes,
-        "layers": layers,
-        "groups": groups_json,
-    });
-    outln!("{out}");
-}
-
-/// The model's layers and channel groups as tables.
-fn print_tables(label: &str, model: &Model, bytes: u64) {
-    let stats = analyze(&model.graph);
-    let groups = channel_groups(&model.graph);
-    let input = model.input_shape();
-    let rows: Vec<Vec<String>> = stats
-        .layers
-        .iter()
-        .map(|l| {
-            vec![
-                l.name.clone(),
-                l.op.clone(),
-                format!("{:?}", l.shape),
-                if l.macs > 0 {
-                    human(l.macs)
-                } else {
-                    String::new()
-                },
-                if l.params > 0 {
-                    human(l.params)
-                } else {
-                    String::new()
-                },
-            ]
-        })
-        .collect();
-    outln!("{label}  input {input:?}");
-    out!(
-        "{}",
-        table(&["node", "op", "output", "MACs", "params"], &rows)
-    );
-    outln!(
-        "total: {} MACs (multiply-accumulates), {} parameters, {} bytes on disk",
-        human(stats.macs),
-        human(stats.params),
-        bytes
-    );
-    outln!();
-    let rows: Vec<Vec<String>> = groups
-        .groups
-        .iter()
-        .filter(|g| !g.producers.is_empty())
-        .map(|g| {
-            vec![
-                g.id.to_string(),
-                g.channels.to_string(),
-                g.producers.join(","),
-                match &g.blocked {
-                    None if g.is_prunable() => "prunable".to_string(),
-                    None => "single channel".to_string(),
-                    Some(b) => format!("blocked by `{}` ({}): {}", b.node, b.op, b.reason),
-                },
-            ]
-        })
-        .collect();
-    outln!(
-        "channel groups: {} prunable of {}",
-        groups.prunable().count(),
-        rows.len()
-    );
-    out!(
-        "{}",
-        table(&["group", "channels", "produced by", "status"], &rows)
-    );
 }

@@ -101,6 +101,110 @@ pub fn analyze(graph: &Graph) -> ModelStats {
     }
 }
 
+/// A model as `slim info` shows it: its cost layer by layer and in total, and its channel
+/// groups (the ones some layer produces) with whether each can be pruned.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    /// The file or zoo name it came from.
+    pub model: String,
+    pub input: Vec<usize>,
+    pub macs: u64,
+    pub params: u64,
+    pub buffers: u64,
+    /// The size of its file.
+    pub bytes: u64,
+    pub layers: Vec<LayerStats>,
+    pub groups: Vec<GroupInfo>,
+}
+
+/// A channel group in [`ModelInfo`].
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupInfo {
+    pub id: usize,
+    pub channels: usize,
+    pub producers: Vec<String>,
+    pub prunable: bool,
+    pub blocked_by: Option<crate::deps::Blocker>,
+}
+
+impl ModelInfo {
+    /// `model`'s figures, named `label`, whose file holds `bytes`.
+    pub fn of(label: &str, model: &crate::model::Model, bytes: u64) -> ModelInfo {
+        let stats = analyze(&model.graph);
+        let groups = crate::deps::channel_groups(&model.graph)
+            .groups
+            .into_iter()
+            .filter(|g| !g.producers.is_empty())
+            .map(|g| GroupInfo {
+                id: g.id,
+                channels: g.channels,
+                prunable: g.is_prunable(),
+                producers: g.producers,
+                blocked_by: g.blocked,
+            })
+            .collect();
+        ModelInfo {
+            model: label.to_string(),
+            input: model.input_shape(),
+            macs: stats.macs,
+            params: stats.params,
+            buffers: stats.buffers,
+            bytes,
+            layers: stats.layers,
+            groups,
+        }
+    }
+
+    /// The layers' table with the totals, then the channel groups' table.
+    pub fn table(&self) -> String {
+        let blank_zero = |n: u64| if n > 0 { human(n) } else { String::new() };
+        let layers: Vec<Vec<String>> = self
+            .layers
+            .iter()
+            .map(|l| {
+                let shape = format!("{:?}", l.shape);
+                vec![
+                    l.name.clone(),
+                    l.op.clone(),
+                    shape,
+                    blank_zero(l.macs),
+                    blank_zero(l.params),
+                ]
+            })
+            .collect();
+        let groups: Vec<Vec<String>> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let status = match &g.blocked_by {
+                    None if g.prunable => "prunable".to_string(),
+                    None => "single channel".to_string(),
+                    Some(b) => format!("blocked by `{}` ({}): {}", b.node, b.op, b.reason),
+                };
+                vec![
+                    g.id.to_string(),
+                    g.channels.to_string(),
+                    g.producers.join(","),
+                    status,
+                ]
+            })
+            .collect();
+        format!(
+            "{}  input {:?}\n{}total: {} MACs (multiply-accumulates), {} parameters, {} bytes on \
+             disk\n\nchannel groups: {} prunable of {}\n{}",
+            self.model,
+            self.input,
+            crate::plot::table(&["node", "op", "output", "MACs", "params"], &layers),
+            human(self.macs),
+            human(self.params),
+            self.bytes,
+            self.groups.iter().filter(|g| g.prunable).count(),
+            groups.len(),
+            crate::plot::table(&["group", "channels", "produced by", "status"], &groups),
+        )
+    }
+}
+
 /// A number with a G/M/K suffix, for tables.
 pub fn human(n: u64) -> String {
     let f = n as f64;
