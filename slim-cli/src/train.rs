@@ -10,7 +10,6 @@ use slim_core::train::{evaluate, train, TrainOptions};
 use slim_core::zoo::{self, ZooConfig};
 
 use crate::common::{Common, EpochBars, Recipe};
-use crate::output::table;
 use crate::{input_error, Failure};
 
 #[derive(Args)]
@@ -122,16 +121,6 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
     let final_eval = evaluate(&model, &data.test, &data.normalize, 256)?;
     let stats = analyze(&model.graph);
     let bytes = std::fs::metadata(&args.out)?.len();
-    let ips = {
-        let (n, s) = report.epochs.iter().fold((0.0, 0.0), |(n, s), e| {
-            (n + e.images_per_sec * e.seconds, s + e.seconds)
-        });
-        if s > 0.0 {
-            n / s
-        } else {
-            0.0
-        }
-    };
     if args.common.json {
         let out = json!({
             "model": args.model,
@@ -142,14 +131,14 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
             "params": stats.params,
             "bytes": bytes,
             "out": args.out,
-            "images_per_sec": ips,
+            "images_per_sec": report.images_per_sec(),
             "resumed_from": report.resumed_from,
             "resumed_at_step": report.resumed_at_step,
             "epochs": report.epochs,
         });
         outln!("{}", crate::common::with_skipped(out));
     } else {
-        out!("{}", epochs_table(&report.epochs));
+        out!("{}", report.table());
         outln!(
             "{}: test top-1 {:.2}%, top-5 {:.2}% on {} images; {} written ({} bytes)",
             args.model,
@@ -161,38 +150,6 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
-}
-
-/// The training's epochs as a table.
-fn epochs_table(epochs: &[slim_core::train::EpochReport]) -> String {
-    let rows: Vec<Vec<String>> = epochs
-        .iter()
-        .map(|e| {
-            vec![
-                (e.epoch + 1).to_string(),
-                format!("{:.4}", e.loss),
-                e.train_top1
-                    .map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
-                e.test
-                    .as_ref()
-                    .map(|t| format!("{:.2}%", t.top1 * 100.0))
-                    .unwrap_or_default(),
-                format!("{:.1}", e.seconds),
-                format!("{:.0}", e.images_per_sec),
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "epoch",
-            "loss",
-            "train top-1",
-            "test top-1",
-            "seconds",
-            "img/s",
-        ],
-        &rows,
-    )
 }
 
 #[derive(Args)]

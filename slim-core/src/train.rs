@@ -293,6 +293,48 @@ pub struct TrainReport {
     pub resumed_at_step: usize,
 }
 
+impl TrainReport {
+    /// Images per second over the whole run (each epoch weighted by its time).
+    pub fn images_per_sec(&self) -> f64 {
+        let (n, s) = self.epochs.iter().fold((0.0, 0.0), |(n, s), e| {
+            (n + e.images_per_sec * e.seconds, s + e.seconds)
+        });
+        if s > 0.0 {
+            n / s
+        } else {
+            0.0
+        }
+    }
+
+    /// The epochs as a table: loss, train and test top-1, seconds, images per second.
+    pub fn table(&self) -> String {
+        let pct = |a: f64| format!("{:.2}%", a * 100.0);
+        let rows: Vec<Vec<String>> = self
+            .epochs
+            .iter()
+            .map(|e| {
+                vec![
+                    (e.epoch + 1).to_string(),
+                    format!("{:.4}", e.loss),
+                    e.train_top1.map_or("-".into(), pct),
+                    e.test.as_ref().map(|t| pct(t.top1)).unwrap_or_default(),
+                    format!("{:.1}", e.seconds),
+                    format!("{:.0}", e.images_per_sec),
+                ]
+            })
+            .collect();
+        let header = [
+            "epoch",
+            "loss",
+            "train top-1",
+            "test top-1",
+            "seconds",
+            "img/s",
+        ];
+        crate::plot::table(&header, &rows)
+    }
+}
+
 /// How often a training run writes its checkpoint within an epoch; one is written after every
 /// epoch as well.
 #[derive(Clone, Copy, Debug, PartialEq)]
