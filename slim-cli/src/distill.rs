@@ -4,14 +4,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use slim_core::analysis::analyze;
 use slim_core::data::DEFAULT_SPEC;
 use slim_core::zoo::{self, ZooConfig};
 use slim_distill::run::{DistillOptions, Inputs};
 use slim_distill::{dump, Teacher};
 
 use crate::common::{check_out_dir, load_data, Common, EpochBars, Recipe};
-use crate::output::table;
 use crate::{input_error, Failure};
 
 #[derive(Args)]
@@ -355,95 +353,16 @@ fn print_distilled(
     report: &slim_distill::run::RunReport,
     out: &std::path::Path,
 ) {
-    let stats = analyze(&student.graph);
-    let epochs = &report.train.epochs;
-    let losses: serde_json::Map<String, serde_json::Value> = report
-        .losses
-        .iter()
-        .map(|(n, v)| (n.clone(), json!(v)))
-        .collect();
-    let resumed = json!({
-        "resumed_from": report.train.resumed_from,
-        "resumed_at_step": report.train.resumed_at_step,
-        "epochs": epochs,
-    });
-    if report.label_free {
-        if args.common.json {
-            let mut j = json!({
-                "data": args.data, "label_free": true, "fidelity": report.fidelity,
-                "losses": losses, "macs": stats.macs, "params": stats.params, "out": out,
-            });
-            merge(&mut j, resumed);
-            outln!("{}", crate::common::with_skipped(j));
-            return;
-        }
-        match &report.fidelity {
-            Some(f) => {
-                let rows: Vec<Vec<String>> = f
-                    .rows()
-                    .into_iter()
-                    .map(|(label, value)| vec![label, value])
-                    .collect();
-                out!(
-                    "{}",
-                    table(&["student, against the first teacher", ""], &rows)
-                );
-            }
-            None => outln!("no labels and no teacher model to compare with: no fidelity to show"),
-        }
-        outln!("{} written (trained without labels)", out.display());
-        return;
-    }
-    let (top1, top5) = report
-        .eval
-        .as_ref()
-        .map_or((0.0, 0.0), |e| (e.top1, e.top5));
-    let seconds_per_epoch =
-        epochs.iter().map(|e| e.seconds).sum::<f64>() / epochs.len().max(1) as f64;
     if args.common.json {
-        let mut j = json!({
-            "data": args.data, "teachers": report.teachers, "losses": losses,
-            "top1": top1, "top5": top5, "macs": stats.macs, "params": stats.params,
-            "seconds_per_epoch": seconds_per_epoch, "out": out,
-        });
-        merge(&mut j, resumed);
-        outln!("{j}");
+        let mut j = report.summary(student);
+        j["data"] = json!(args.data);
+        j["out"] = json!(out);
+        outln!("{}", crate::common::with_skipped(j));
         return;
     }
-    let pct = |v: f64| format!("{:.2}%", v * 100.0);
-    let mut rows: Vec<Vec<String>> = report
-        .teachers
-        .iter()
-        .map(|t| {
-            vec![
-                format!("teacher {}", t.teacher),
-                t.top1.map(pct).unwrap_or_else(|| "precomputed".into()),
-                t.top5.map(pct).unwrap_or_default(),
-            ]
-        })
-        .collect();
-    rows.push(vec![
-        format!("student {}", out.display()),
-        pct(top1),
-        pct(top5),
-    ]);
-    out!("{}", table(&["model", "top-1", "top-5"], &rows));
-    let losses: Vec<String> = report
-        .losses
-        .iter()
-        .map(|(n, v)| format!("{n} {v:.4}"))
-        .collect();
-    outln!(
-        "mean distillation losses: {}; {:.1} s per epoch",
-        losses.join(", "),
-        seconds_per_epoch
-    );
-}
-
-/// Adds the keys of `more` to the object `j`.
-fn merge(j: &mut serde_json::Value, more: serde_json::Value) {
-    if let (Some(a), serde_json::Value::Object(b)) = (j.as_object_mut(), more) {
-        a.extend(b);
+    out!("{}", report.table(&out.display().to_string()));
+    if report.label_free {
+        outln!("{} written (trained without labels)", out.display());
     }
 }
 

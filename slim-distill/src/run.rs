@@ -194,6 +194,84 @@ pub struct RunReport {
     pub fidelity: Option<Fidelity>,
 }
 
+impl RunReport {
+    /// The report's figures for a JSON summary, with the student's cost: the teachers' and
+    /// the student's accuracy (or without labels the fidelity), the mean losses, the epochs.
+    pub fn summary(&self, student: &Model) -> serde_json::Value {
+        let stats = slim_core::analysis::analyze(&student.graph);
+        let losses: serde_json::Map<String, serde_json::Value> = self
+            .losses
+            .iter()
+            .map(|(n, v)| (n.clone(), serde_json::json!(v)))
+            .collect();
+        let mut j = serde_json::json!({
+            "losses": losses, "macs": stats.macs, "params": stats.params,
+            "epochs": self.train.epochs, "resumed_from": self.train.resumed_from,
+            "resumed_at_step": self.train.resumed_at_step,
+        });
+        let more = if self.label_free {
+            serde_json::json!({"label_free": true, "fidelity": self.fidelity})
+        } else {
+            serde_json::json!({"teachers": self.teachers,
+                "top1": self.eval.as_ref().map_or(0.0, |e| e.top1),
+                "top5": self.eval.as_ref().map_or(0.0, |e| e.top5),
+                "seconds_per_epoch": self.seconds_per_epoch()})
+        };
+        if let (Some(j), serde_json::Value::Object(more)) = (j.as_object_mut(), more) {
+            j.extend(more);
+        }
+        j
+    }
+
+    fn seconds_per_epoch(&self) -> f64 {
+        let epochs = &self.train.epochs;
+        epochs.iter().map(|e| e.seconds).sum::<f64>() / epochs.len().max(1) as f64
+    }
+
+    /// The teachers' and the student's (named `student`) accuracy and the mean losses; without
+    /// labels, the student's fidelity to the first teacher model.
+    pub fn table(&self, student: &str) -> String {
+        let table = slim_core::plot::table;
+        if self.label_free {
+            return match &self.fidelity {
+                Some(f) => {
+                    let rows: Vec<Vec<String>> =
+                        f.rows().into_iter().map(|(l, v)| vec![l, v]).collect();
+                    table(&["student, against the first teacher", ""], &rows)
+                }
+                None => {
+                    "no labels and no teacher model to compare with: no fidelity to show\n".into()
+                }
+            };
+        }
+        let pct = |v: f64| format!("{:.2}%", v * 100.0);
+        let mut rows: Vec<Vec<String>> = self
+            .teachers
+            .iter()
+            .map(|t| {
+                vec![
+                    format!("teacher {}", t.teacher),
+                    t.top1.map(pct).unwrap_or_else(|| "precomputed".into()),
+                    t.top5.map(pct).unwrap_or_default(),
+                ]
+            })
+            .collect();
+        let (top1, top5) = self.eval.as_ref().map_or((0.0, 0.0), |e| (e.top1, e.top5));
+        rows.push(vec![format!("student {student}"), pct(top1), pct(top5)]);
+        let losses: Vec<String> = self
+            .losses
+            .iter()
+            .map(|(n, v)| format!("{n} {v:.4}"))
+            .collect();
+        format!(
+            "{}mean distillation losses: {}; {:.1} s per epoch\n",
+            table(&["model", "top-1", "top-5"], &rows),
+            losses.join(", "),
+            self.seconds_per_epoch()
+        )
+    }
+}
+
 /// Distils into `student` with options `o`: the trained student and what was done.
 pub fn run(
     mut student: Model,
