@@ -3,14 +3,12 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use slim_core::data::{ImageSet, Normalize};
 use slim_core::exec::NodeKernels;
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
 use slim_latency::{
     build, estimate, validate, BuildOptions, DeviceInfo, Runtime, Subject, Table, TimingProgress,
 };
-use slim_quant::ptq::{quantize, PtqConfig};
 use slim_quant::runtime::Int8Kernels;
 
 use crate::common::Common;
@@ -124,23 +122,11 @@ fn kernels(runtime: Runtime) -> Option<&'static dyn NodeKernels> {
 }
 
 /// `NAME` or `NAME@CxHxW`, given with `flag`.
+/// `NAME@CxHxW` (the input 1x28x28 when not given).
 fn zoo_spec(flag: &str, spec: &str) -> Result<(String, [usize; 3]), Failure> {
     let (name, shape) = spec.split_once('@').unwrap_or((spec, "1x28x28"));
-    let dims: Vec<usize> = shape
-        .split('x')
-        .map(|d| d.parse::<usize>().ok().filter(|&d| d > 0))
-        .collect::<Option<_>>()
-        .ok_or_else(|| {
-            input_error(format!(
-                "{flag} {spec}: the input must be CxHxW, e.g. 3x32x32"
-            ))
-        })?;
-    let [c, h, w] = dims[..] else {
-        return Err(input_error(format!(
-            "{flag} {spec}: the input must be CxHxW, e.g. 3x32x32"
-        )));
-    };
-    Ok((name.to_string(), [c, h, w]))
+    let input = crate::info::parse_shape(&format!("{flag} {spec}:"), shape)?;
+    Ok((name.to_string(), input))
 }
 
 fn load_models(
@@ -161,69 +147,27 @@ fn load_models(
             crate::common::load_model(path, &device, load)?,
         ));
     }
-    let prepare = |model: Model, input: [usize; 3]| -> Result<Model, Failure> {
+    let prepare = |model: Model| -> Result<Model, Failure> {
         Ok(match runtime {
             Runtime::F32 => model,
-            Runtime::Int8 => {
-                // Latency does not depend on the values: a fixed pattern gives the scales.
-                let per: usize = input.iter().product();
-                let n = 16;
-                let images = (0..n * per).map(|i| (i * 97 % 251) as u8).collect();
-                let set = ImageSet {
-                    shape: input,
-                    classes: 10,
-                    images,
-                    labels: vec![0; n],
-                };
-                let normalize = Normalize {
-                    mean: vec![0.5; input[0]],
-                    std: vec![0.25; input[0]],
-                };
-                let cfg = PtqConfig {
-                    batches: 1,
-                    batch_size: n,
-                    ..Default::default()
-                };
-                quantize(&model, &set, &normalize, &cfg)?.0
-            }
+            Runtime::Int8 => slim_quant::ptq::quantize_for_timing(&model)?,
         })
     };
     let shape = |input: [usize; 3]| format!("{}x{}x{}", input[0], input[1], input[2]);
     for spec in &m.zoo {
         let (name, input) = zoo_spec("--zoo", spec)?;
         let model = zoo::model(&name, &ZooConfig::new(input), 0, &device)?;
-        out.push((format!("{name}@{}", shape(input)), prepare(model, input)?));
+        out.push((format!("{name}@{}", shape(input)), prepare(model)?));
     }
     let spaces = slim_nas::Spaces::builtin();
     for spec in &m.spaces {
         let (name, input) = zoo_spec("--space", spec)?;
         let cfg = ZooConfig::new(input).with_width(m.space_width);
         let space = spaces.build(&name, &cfg)?;
-        let ranges = space.ranges();
-        let mut picks = vec![
-            ("initial".to_string(), space.initial()),
-            ("cheapest".to_string(), vec![0; ranges.len()]),
-        ];
-        // A fixed seed: the same command times the same candidates.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        for i in 0..m.space_samples {
-            let tokens = ranges
-                .iter()
-                .map(|&r| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((state >> 33) % r as u64) as usize
-                })
-                .collect();
-            picks.push((format!("sample{}", i + 1), tokens));
-        }
+        let picks = space.timing_picks(m.space_samples);
         for (label, tokens) in picks {
             let model = Model::init(space.graph(&tokens)?, 0, &device)?;
-            out.push((
-                format!("{name}@{}:{label}", shape(input)),
-                prepare(model, input)?,
-            ));
+            out.push((format!("{name}@{}:{label}", shape(input)), prepare(model)?));
         }
     }
     Ok(out)
@@ -354,22 +298,6 @@ fn run_validate(a: ValidateArgs) -> Result<(), Failure> {
         return Ok(());
     }
     outln!("on {}", table.device.describe());
-    outln!("| model | estimated ms | measured ms | error |");
-    outln!("|---|---|---|---|");
-    for m in &v.models {
-        let fb = if m.fallback_ops > 0 {
-            format!(" ({} ops by fallback)", m.fallback_ops)
-        } else {
-            String::new()
-        };
-        outln!(
-            "| {} | {:.3} | {:.3} | {:+.1}%{fb} |",
-            m.model,
-            m.estimated_ms,
-            m.measured_ms,
-            m.error * 100.0
-        );
-    }
-    outln!("mean absolute percentage error: {:.1}%", v.mape * 100.0);
+    out!("{}", v.table());
     Ok(())
 }

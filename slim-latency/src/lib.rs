@@ -531,6 +531,32 @@ pub struct Validation {
 
 /// Estimates every subject from the table, then measures it (median of `opts.runs` after
 /// `opts.warmup`), with the table's threads and batch.
+impl Validation {
+    /// A markdown table of the models' estimated and measured times, then the mean error.
+    pub fn table(&self) -> String {
+        let mut t =
+            "| model | estimated ms | measured ms | error |\n|---|---|---|---|\n".to_string();
+        for m in &self.models {
+            let fb = if m.fallback_ops > 0 {
+                format!(" ({} ops by fallback)", m.fallback_ops)
+            } else {
+                String::new()
+            };
+            t += &format!(
+                "| {} | {:.3} | {:.3} | {:+.1}%{fb} |\n",
+                m.model,
+                m.estimated_ms,
+                m.measured_ms,
+                m.error * 100.0
+            );
+        }
+        t + &format!(
+            "mean absolute percentage error: {:.1}%\n",
+            self.mape * 100.0
+        )
+    }
+}
+
 pub fn validate(
     table: &Table,
     subjects: &[Subject<'_>],

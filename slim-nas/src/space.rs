@@ -64,6 +64,30 @@ pub trait SearchSpace: Sync {
         self.tokens().iter().map(|t| t.choices.len()).collect()
     }
 
+    /// Candidates that sample the space for timing (a latency table's): the initial one, the
+    /// cheapest, and `samples` drawn by a fixed generator (the same each time), with names.
+    fn timing_picks(&self, samples: usize) -> Vec<(String, Vec<usize>)> {
+        let ranges = self.ranges();
+        let mut picks = vec![
+            ("initial".to_string(), self.initial()),
+            ("cheapest".to_string(), vec![0; ranges.len()]),
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..samples {
+            let tokens = ranges
+                .iter()
+                .map(|&r| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 33) % r as u64) as usize
+                })
+                .collect();
+            picks.push((format!("sample{}", i + 1), tokens));
+        }
+        picks
+    }
+
     /// A candidate in words: `stage2.kernel=5 ...` for every token that differs from the
     /// initial candidate (`initial` when none does).
     fn describe(&self, tokens: &[usize]) -> String {

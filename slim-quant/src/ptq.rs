@@ -406,6 +406,34 @@ fn quantized_params(
 
 /// Quantizes `model` after calibrating on the first `cfg.batches * cfg.batch_size` images of
 /// `set`.
+/// `model` quantized for timing alone: calibrated on a fixed pattern of 16 images of its input
+/// shape (latency does not depend on the values).
+pub fn quantize_for_timing(model: &Model) -> Result<Model> {
+    let input: [usize; 3] = model
+        .input_shape()
+        .try_into()
+        .map_err(|_| QuantError::Invalid("a model to time in int8 takes images (CxHxW)".into()))?;
+    let n = 16;
+    let set = ImageSet {
+        shape: input,
+        classes: 10,
+        images: (0..n * input.iter().product::<usize>())
+            .map(|i| (i * 97 % 251) as u8)
+            .collect(),
+        labels: vec![0; n],
+    };
+    let normalize = Normalize {
+        mean: vec![0.5; input[0]],
+        std: vec![0.25; input[0]],
+    };
+    let cfg = PtqConfig {
+        batches: 1,
+        batch_size: n,
+        ..Default::default()
+    };
+    Ok(quantize(model, &set, &normalize, &cfg)?.0)
+}
+
 pub fn quantize(
     model: &Model,
     set: &ImageSet,
