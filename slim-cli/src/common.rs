@@ -7,7 +7,6 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use slim_core::data::{load_spec_with, DataOptions, DataSplits};
 use slim_core::finite::NonFinite;
-use slim_core::io::LoadOptions;
 use slim_core::train::{OptimizerKind, Progress, Schedule, TrainConfig};
 use slim_core::Model;
 
@@ -53,29 +52,14 @@ impl Common {
 /// the preprocessing its metadata records, if any. NaN or infinite values are refused unless
 /// `load` allows them; then each tensor that holds some gets a warning on stderr.
 pub fn load_model(path: &Path, device: &Device, load: &LoadArgs) -> Result<Model, Failure> {
-    let is_onnx = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
-    let opts = LoadOptions::default().with_allow_nonfinite(load.allow_nonfinite);
-    if !is_onnx {
-        let (m, report) = Model::load_with(path, device, &opts)?;
-        warn_nonfinite(path, &report.nonfinite);
-        return Ok(m);
-    }
     let import = slim_onnx::ImportOptions {
         allow_nonfinite: load.allow_nonfinite,
         single_sample: load.single_sample,
         ..Default::default()
     };
-    let m = slim_onnx::import_file(path, &import)?;
-    if load.allow_nonfinite {
-        warn_nonfinite(path, &m.nonfinite_params()?);
-    }
-    if device.is_cpu() {
-        Ok(m)
-    } else {
-        Ok(Model::from_bytes_with(&m.to_bytes()?, device, &opts)?.0)
-    }
+    let (m, nonfinite) = slim_onnx::load_model(path, device, &import)?;
+    warn_nonfinite(path, &nonfinite);
+    Ok(m)
 }
 
 /// Whether a command trains and measures without labels: asked for (`--label-free`), or the

@@ -32,7 +32,7 @@ pub mod ops;
 pub mod proto;
 
 pub use export::{export, export_file, export_with_notes, ActivationType, ExportOptions};
-pub use import::{import, import_file, ImportOptions, SUPPORTED_OPS};
+pub use import::{import, import_file, load_model, ImportOptions, SUPPORTED_OPS};
 
 use slim_core::data::Normalize;
 

@@ -79,13 +79,8 @@ impl RunOptions<'_> {
         if let Some(load) = self.load_model {
             return load(path);
         }
-        let onnx = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
-        Ok(match onnx {
-            true => slim_onnx::import_file(path, &slim_onnx::ImportOptions::default())?,
-            false => Model::load(path, &self.device)?,
-        })
+        let import = slim_onnx::ImportOptions::default();
+        Ok(slim_onnx::load_model(path, &self.device, &import)?.0)
     }
 }
 

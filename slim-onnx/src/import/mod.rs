@@ -68,6 +68,37 @@ pub struct ImportOptions {
     pub single_sample: bool,
 }
 
+/// Reads any model file: an ONNX model (`.onnx`, imported by `opts`) or a Slim file (a float
+/// or int8 `.safetensors`), onto `device`. With `opts.allow_nonfinite`, a model whose tensors
+/// hold NaN or infinite values is read with a list of them; without it, it is refused.
+pub fn load_model(
+    path: &Path,
+    device: &candle_core::Device,
+    opts: &ImportOptions,
+) -> Result<(Model, Vec<slim_core::finite::NonFinite>)> {
+    let onnx = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+    let load = slim_core::io::LoadOptions::default().with_allow_nonfinite(opts.allow_nonfinite);
+    if !onnx {
+        let (m, report) = Model::load_with(path, device, &load)?;
+        return Ok((m, report.nonfinite));
+    }
+    let m = import_file(path, opts)?;
+    let found = match opts.allow_nonfinite {
+        true => m.nonfinite_params()?,
+        false => Vec::new(),
+    };
+    if device.is_cpu() {
+        Ok((m, found))
+    } else {
+        Ok((
+            Model::from_bytes_with(&m.to_bytes()?, device, &load)?.0,
+            found,
+        ))
+    }
+}
+
 /// Reads an ONNX file into a model.
 pub fn import_file(path: impl AsRef<Path>, opts: &ImportOptions) -> Result<Model> {
     let path = path.as_ref();
