@@ -8,10 +8,9 @@ use slim_core::data::DEFAULT_SPEC;
 use slim_core::search::CostModel;
 use slim_core::study::{StudyStore, WorkerOptions};
 use slim_core::train::{CheckpointEvery, TrainConfig};
-use slim_core::Model;
 use slim_latency::{LatencyCost, Runtime, Table};
 use slim_nas::oneshot::SupernetProgress;
-use slim_nas::run::{Inputs, Method, NasOptions, Progress, SearchFolder};
+use slim_nas::run::{Inputs, Method, NasOptions, Progress, SearchFolder, Weights};
 use slim_nas::NasProgress;
 
 use crate::common::{Common, Recipe};
@@ -458,131 +457,67 @@ impl Shown {
     }
 }
 
-/// A one-shot search's candidate with the weights it was scored with (its slices of the
-/// supernet, batch norms recomputed on --calibration-images of --data), and what to say of it.
-fn inherited_model(
-    a: &ExportArgs,
-    folder: &SearchFolder,
-    tokens: &[usize],
-    device: &candle_core::Device,
-) -> Result<(Model, serde_json::Value), Failure> {
-    let file = a.dir.join("supernet.safetensors");
-    if !file.is_file() {
-        return Err(input_error(format!(
-            "--inherit: {} holds no supernet ({} is missing); only one-shot searches have one",
-            a.dir.display(),
-            file.display()
-        )));
-    }
-    if a.calibration_images == 0 {
-        return Err(input_error("--calibration-images must be at least 1"));
-    }
-    let supernet = crate::common::load_model(&file, device, &a.common.load)?;
-    let mut model = slim_nas::oneshot::inherit(&supernet, folder.space.as_ref(), tokens)?;
-    let data = crate::common::load_data(&a.data, None, Some(folder.input))?;
-    let calibration = data.train.take(a.calibration_images);
-    slim_core::train::recalibrate_batch_norm(&model, &calibration, &data.normalize, 64)?;
-    // The search's own calibration images, when they are these, make the model the one it
-    // scored.
-    let same = folder.key["reward"]["calibration"].as_str() == Some(&calibration.fingerprint());
-    // Without labels there is no top-1 to measure.
-    let test_top1 = match data.test.is_labeled() {
-        true => Some(slim_core::train::evaluate(&model, &data.test, &data.normalize, 256)?.top1),
-        false => None,
-    };
-    model.provenance.insert("data".into(), a.data.clone());
-    Ok((
-        model,
-        json!({"same_calibration": same, "test_top1": test_top1}),
-    ))
-}
-
 fn run_export(a: ExportArgs) -> Result<(), Failure> {
     crate::common::check_out_dir("--out", &a.out)?;
     if a.rank == 0 {
         return Err(input_error("--rank starts at 1 (the best candidate)"));
     }
     let folder = SearchFolder::open(&a.dir)?;
-    let (name, width, input, key) = (&folder.name, folder.width, folder.input, &folder.key);
-    let ranked = folder.ranked();
-    let c = a
-        .rank
-        .checked_sub(1)
-        .and_then(|i| ranked.get(i))
-        .ok_or_else(|| {
-            input_error(format!(
-                "--rank {}: the search evaluated {} distinct candidates",
-                a.rank,
-                ranked.len()
-            ))
-        })?;
+    let c = folder.candidate(a.rank)?;
     let device = a.common.device()?;
-    let (mut model, inherited) = if a.inherit {
-        let (m, i) = inherited_model(&a, &folder, &c.tokens, &device)?;
-        (m, Some(i))
+    let (model, inherited) = if a.inherit {
+        let file = a.dir.join("supernet.safetensors");
+        if !file.is_file() {
+            return Err(input_error(format!(
+                "--inherit: {} holds no supernet ({} is missing); only one-shot searches have one",
+                a.dir.display(),
+                file.display()
+            )));
+        }
+        if a.calibration_images == 0 {
+            return Err(input_error("--calibration-images must be at least 1"));
+        }
+        let supernet = crate::common::load_model(&file, &device, &a.common.load)?;
+        let data = crate::common::load_data(&a.data, None, Some(folder.input))?;
+        let weights = Weights::Inherited {
+            supernet: &supernet,
+            data: &data,
+            calibration_images: a.calibration_images,
+        };
+        folder.export(c, weights, &device)?
     } else {
-        let fresh = Model::init(folder.space.graph(&c.tokens)?, a.seed, &device)?;
-        (fresh, None)
+        folder.export(c, Weights::Fresh { seed: a.seed }, &device)?
     };
-    for (k, v) in [
-        ("nas_space", name.to_string()),
-        ("nas_arch", c.arch.clone()),
-        ("nas_tokens", format!("{:?}", c.tokens)),
-        ("nas_reward", format!("{:.4}", c.reward.unwrap_or(f64::NAN))),
-        ("width", width.to_string()),
-        ("input", format!("{}x{}x{}", input[0], input[1], input[2])),
-        (
-            "nas_weights",
-            if a.inherit {
-                "inherited from the supernet".to_string()
-            } else {
-                format!("fresh, seed {}", a.seed)
-            },
-        ),
-        (
-            "created_by",
-            format!("slim {} nas export", env!("CARGO_PKG_VERSION")),
-        ),
-    ] {
-        model.provenance.insert(k.into(), v);
-    }
     model.save(&a.out)?;
     if a.common.json {
         outln!(
             "{}",
-            crate::common::with_skipped(
-                json!({"out": a.out, "rank": a.rank, "candidate": c, "space": name,
-                   "inherited": inherited})
-            )
+            crate::common::with_skipped(json!({"out": a.out, "rank": a.rank, "candidate": c,
+                "space": folder.name, "inherited": inherited}))
         );
-    } else {
-        let metric = if key["reward"].get("teacher").is_some() {
-            "agreement with the teacher"
-        } else {
-            "top-1"
-        };
+        return Ok(());
+    }
+    outln!(
+        "{}: rank {} of {} ({}: {}), {} {:.2}% in the search, {} MACs, {} params",
+        a.out.display(),
+        a.rank,
+        folder.ranked().len(),
+        folder.name,
+        c.arch,
+        folder.reward_name(),
+        c.reward.unwrap_or(f64::NAN) * 100.0,
+        slim_core::analysis::human(c.measure.macs),
+        slim_core::analysis::human(c.measure.params)
+    );
+    if let Some((top1, i)) = inherited.as_ref().and_then(|i| Some((i.test_top1?, i))) {
         outln!(
-            "{}: rank {} of {} ({}: {}), {metric} {:.2}% in the search, {} MACs, {} params",
-            a.out.display(),
-            a.rank,
-            ranked.len(),
-            name,
-            c.arch,
-            c.reward.unwrap_or(f64::NAN) * 100.0,
-            slim_core::analysis::human(c.measure.macs),
-            slim_core::analysis::human(c.measure.params)
+            "weights inherited from the supernet: top-1 {:.2}% on the test split{}",
+            top1 * 100.0,
+            match i.same_calibration {
+                true => "",
+                false => " (batch-norm statistics from other images than the search's)",
+            }
         );
-        if let Some(i) = inherited.as_ref().filter(|i| !i["test_top1"].is_null()) {
-            outln!(
-                "weights inherited from the supernet: top-1 {:.2}% on the test split{}",
-                i["test_top1"].as_f64().unwrap_or(f64::NAN) * 100.0,
-                if i["same_calibration"] == true {
-                    ""
-                } else {
-                    " (batch-norm statistics from other images than the search's)"
-                }
-            );
-        }
     }
     Ok(())
 }

@@ -594,6 +594,125 @@ impl SearchFolder {
     pub fn ranked(&self) -> Vec<&Candidate> {
         ranked(&self.candidates)
     }
+
+    /// The candidate ranked `rank` (1: the best).
+    pub fn candidate(&self, rank: usize) -> Result<&Candidate> {
+        let ranked = self.ranked();
+        rank.checked_sub(1)
+            .and_then(|i| ranked.get(i).copied())
+            .ok_or_else(|| {
+                NasError::Invalid(format!(
+                    "rank {rank}: the search evaluated {} distinct candidates (rank 1 is the best)",
+                    ranked.len()
+                ))
+            })
+    }
+
+    /// What the search's reward measured: `top-1`, or `agreement with the teacher`.
+    pub fn reward_name(&self) -> &'static str {
+        match self.key["reward"].get("teacher") {
+            Some(_) => "agreement with the teacher",
+            None => "top-1",
+        }
+    }
+
+    /// Candidate `c` as a model with `weights`, its provenance saying where it came from; for
+    /// inherited weights, also how they score.
+    pub fn export(
+        &self,
+        c: &Candidate,
+        weights: Weights<'_>,
+        device: &Device,
+    ) -> Result<(Model, Option<InheritedWeights>)> {
+        let (mut model, inherited, described) = match weights {
+            Weights::Fresh { seed } => {
+                let m = Model::init(self.space.graph(&c.tokens)?, seed, device)?;
+                (m, None, format!("fresh, seed {seed}"))
+            }
+            Weights::Inherited {
+                supernet,
+                data,
+                calibration_images,
+            } => {
+                let (m, i) = self.inherit(c, supernet, data, calibration_images)?;
+                (m, Some(i), "inherited from the supernet".to_string())
+            }
+        };
+        let input = self.input;
+        for (k, v) in [
+            ("nas_space", self.name.clone()),
+            ("nas_arch", c.arch.clone()),
+            ("nas_tokens", format!("{:?}", c.tokens)),
+            ("nas_reward", format!("{:.4}", c.reward.unwrap_or(f64::NAN))),
+            ("width", self.width.to_string()),
+            ("input", format!("{}x{}x{}", input[0], input[1], input[2])),
+            ("nas_weights", described),
+            (
+                "created_by",
+                format!("slim {} nas export", env!("CARGO_PKG_VERSION")),
+            ),
+        ] {
+            model.provenance.insert(k.into(), v);
+        }
+        Ok((model, inherited))
+    }
+
+    /// Candidate `c` with its slices of the supernet, batch norms recomputed on the first
+    /// `images` training images of `data` (the model the search scored when they are the
+    /// search's own calibration images).
+    fn inherit(
+        &self,
+        c: &Candidate,
+        supernet: &Model,
+        data: &DataSplits,
+        images: usize,
+    ) -> Result<(Model, InheritedWeights)> {
+        if images == 0 {
+            return Err(NasError::Invalid(
+                "batch-norm calibration needs at least 1 image".into(),
+            ));
+        }
+        let mut model = crate::oneshot::inherit(supernet, self.space.as_ref(), &c.tokens)?;
+        let calibration = data.train.take(images);
+        slim_core::train::recalibrate_batch_norm(&model, &calibration, &data.normalize, 64)?;
+        let same = self.key["reward"]["calibration"].as_str() == Some(&calibration.fingerprint());
+        // Without labels there is no top-1 to measure.
+        let test_top1 = match data.test.is_labeled() {
+            true => {
+                Some(slim_core::train::evaluate(&model, &data.test, &data.normalize, 256)?.top1)
+            }
+            false => None,
+        };
+        model.provenance.insert("data".into(), data.spec.clone());
+        let i = InheritedWeights {
+            same_calibration: same,
+            test_top1,
+        };
+        Ok((model, i))
+    }
+}
+
+/// Where an exported candidate's weights come from.
+pub enum Weights<'a> {
+    /// Drawn afresh, to be trained.
+    Fresh { seed: u64 },
+    /// The candidate's slices of a one-shot search's supernet, batch norms recomputed on the
+    /// first `calibration_images` training images of `data`.
+    Inherited {
+        supernet: &'a Model,
+        data: &'a DataSplits,
+        calibration_images: usize,
+    },
+}
+
+/// How inherited weights score.
+#[derive(Clone, Debug, Serialize)]
+pub struct InheritedWeights {
+    /// The batch norms were recomputed on the search's own calibration images: the model is
+    /// the one the search scored.
+    pub same_calibration: bool,
+    /// Top-1 on the test split (labelled data).
+    pub test_top1: Option<f64>,
 }
 
 /// The number of classes a teacher scores: candidates without labels reproduce its scores.
