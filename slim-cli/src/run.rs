@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Tensor};
 use clap::Args;
 use serde_json::json;
 use slim_core::exec::NodeKernels;
@@ -15,7 +14,6 @@ use slim_core::{ForwardOptions, Mode};
 use slim_quant::runtime::Int8Kernels;
 
 use crate::common::{load_model, Common};
-use crate::output::table;
 use crate::{input_error, Failure};
 use slim_core::npy;
 
@@ -46,9 +44,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     }
     let device = args.common.device()?;
     let model = load_model(&args.file, &device, &args.common.load)?;
-    let g = &model.graph;
-    let (xs, samples) = read_inputs(&args, &model, &device)?;
-
+    let (xs, samples) = npy::read_inputs(&model, &args.inputs, "--input file(s)", &device)?;
     // Int8 files run on the int8 runtime.
     let kernels = (!model.int8.is_empty()).then(|| Int8Kernels::new(&model));
     let runtime = if kernels.is_some() { "int8" } else { "f32" };
@@ -60,126 +56,23 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             ..Default::default()
         },
     )?;
-    let mut results = Vec::new();
-    for (&id, t) in g.outputs().iter().zip(&out.outputs) {
-        let name = g.node(id).name.clone();
-        let shape = t.dims().to_vec();
-        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        results.push((name, shape, values));
-    }
-
     std::fs::create_dir_all(&args.out)
         .map_err(|e| input_error(format!("cannot create {}: {e}", args.out.display())))?;
-    let mut rows = Vec::new();
-    let mut listed = Vec::new();
-    for (name, shape, values) in &results {
-        // Node names are made of A-Z a-z 0-9 _ . - only (the graph checks), so each is a
-        // file name in DIR.
-        let path = args.out.join(format!("{name}.npy"));
-        slim_core::io::write_atomic(&path, &npy::to_bytes(shape, values))?;
-        let min = values.iter().copied().fold(f32::NAN, f32::min);
-        let max = values.iter().copied().fold(f32::NAN, f32::max);
-        let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / values.len().max(1) as f64;
-        rows.push(vec![
-            name.clone(),
-            format!("{shape:?}"),
-            number(f64::from(min)),
-            number(f64::from(max)),
-            number(mean),
-        ]);
-        listed.push(json!({
-            "name": name, "shape": shape, "path": path,
-            "min": min, "max": max, "mean": mean,
-        }));
-    }
+    let written = npy::write_outputs(&model, &out.outputs, &args.out)?;
     if args.common.json {
         outln!(
             "{}",
             json!({"model": args.file, "runtime": runtime, "samples": samples,
-                   "outputs": listed, "out": args.out})
+                   "outputs": written, "out": args.out})
         );
     } else {
-        out!(
-            "{}",
-            table(&["output", "shape", "min", "max", "mean"], &rows)
-        );
+        out!("{}", npy::outputs_table(&written));
         outln!(
             "{samples} sample(s) through {} ({runtime}); {} file(s) written to {}",
             args.file.display(),
-            results.len(),
+            written.len(),
             args.out.display()
         );
     }
     Ok(())
-}
-
-/// The arrays of the --input files, checked against the model's inputs (their number, each
-/// one's shape, one batch for all), and the batch.
-fn read_inputs(
-    args: &RunArgs,
-    model: &slim_core::Model,
-    device: &candle_core::Device,
-) -> Result<(Vec<Tensor>, usize), Failure> {
-    let g = &model.graph;
-    let input_ids = g.inputs();
-    if args.inputs.len() != input_ids.len() {
-        let names: Vec<String> = input_ids
-            .iter()
-            .map(|&i| format!("`{}` {:?}", g.node(i).name, g.node(i).shape))
-            .collect();
-        return Err(input_error(format!(
-            "{} has {} input(s) ({}); {} --input file(s) were given",
-            args.file.display(),
-            input_ids.len(),
-            names.join(", "),
-            args.inputs.len()
-        )));
-    }
-    let mut batch: Option<(usize, &PathBuf)> = None;
-    let mut xs = Vec::with_capacity(input_ids.len());
-    for (path, &id) in args.inputs.iter().zip(&input_ids) {
-        let a = npy::read(path)?;
-        let node = g.node(id);
-        if a.shape.len() != node.shape.len() + 1 || a.shape[1..] != node.shape[..] {
-            let per_sample: Vec<String> = node.shape.iter().map(usize::to_string).collect();
-            return Err(input_error(format!(
-                "{}: the array's shape is {:?}; the model's input `{}` takes [N, {}] \
-                 (N samples of {:?})",
-                path.display(),
-                a.shape,
-                node.name,
-                per_sample.join(", "),
-                node.shape
-            )));
-        }
-        let n = a.shape[0];
-        if n == 0 {
-            return Err(input_error(format!(
-                "{}: the array holds no samples (shape {:?})",
-                path.display(),
-                a.shape
-            )));
-        }
-        match batch {
-            Some((m, first)) if m != n => {
-                return Err(input_error(format!(
-                    "{}: {n} sample(s), but {} has {m}; every input needs the same batch",
-                    path.display(),
-                    first.display()
-                )))
-            }
-            _ => batch = Some((n, path)),
-        }
-        xs.push(Tensor::from_vec(a.data, a.shape, device)?);
-    }
-    Ok((xs, batch.map_or(0, |(n, _)| n)))
-}
-
-/// A value for the table: four decimals, or scientific notation when that would hide it.
-fn number(v: f64) -> String {
-    if v == 0.0 || !v.is_finite() || (1e-3..1e6).contains(&v.abs()) {
-        format!("{v:.4}")
-    } else {
-        format!("{v:.3e}")
-    }
 }

@@ -347,6 +347,140 @@ pub fn to_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
     out
 }
 
+/// The arrays of `.npy` files as a model's inputs, one file per input in order: each must be
+/// `[N, ...the input's shape]`, with the same `N` for all. The tensors, and `N`. `what` names
+/// the files in messages (`--input file(s)`).
+pub fn read_inputs(
+    model: &crate::model::Model,
+    files: &[std::path::PathBuf],
+    what: &str,
+    device: &candle_core::Device,
+) -> Result<(Vec<candle_core::Tensor>, usize)> {
+    let g = &model.graph;
+    let input_ids = g.inputs();
+    if files.len() != input_ids.len() {
+        let names: Vec<String> = input_ids
+            .iter()
+            .map(|&i| format!("`{}` {:?}", g.node(i).name, g.node(i).shape))
+            .collect();
+        return Err(CoreError::Invalid(format!(
+            "the model has {} input(s) ({}); {} {what} were given",
+            input_ids.len(),
+            names.join(", "),
+            files.len()
+        )));
+    }
+    let bad = |path: &Path, msg: String| CoreError::File {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut batch: Option<(usize, &Path)> = None;
+    let mut xs = Vec::with_capacity(input_ids.len());
+    for (path, &id) in files.iter().zip(&input_ids) {
+        let a = read(path)?;
+        let node = g.node(id);
+        if a.shape.len() != node.shape.len() + 1 || a.shape[1..] != node.shape[..] {
+            let per_sample: Vec<String> = node.shape.iter().map(usize::to_string).collect();
+            return Err(bad(
+                path,
+                format!(
+                    "the array's shape is {:?}; the model's input `{}` takes [N, {}] (N samples \
+                     of {:?})",
+                    a.shape,
+                    node.name,
+                    per_sample.join(", "),
+                    node.shape
+                ),
+            ));
+        }
+        let n = a.shape[0];
+        if n == 0 {
+            let msg = format!("the array holds no samples (shape {:?})", a.shape);
+            return Err(bad(path, msg));
+        }
+        match batch {
+            Some((m, first)) if m != n => {
+                let msg = format!(
+                    "{n} sample(s), but {} has {m}; every input needs the same batch",
+                    first.display()
+                );
+                return Err(bad(path, msg));
+            }
+            _ => batch = Some((n, path)),
+        }
+        xs.push(candle_core::Tensor::from_vec(a.data, a.shape, device)?);
+    }
+    Ok((xs, batch.map_or(0, |(n, _)| n)))
+}
+
+/// One output of a model written as a `.npy` file, with its range.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WrittenOutput {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub path: std::path::PathBuf,
+    pub min: f32,
+    pub max: f32,
+    pub mean: f64,
+}
+
+/// Writes each of `outputs` (the model's, in order) to `dir` as `<output name>.npy` (each
+/// through a temporary file and a rename).
+pub fn write_outputs(
+    model: &crate::model::Model,
+    outputs: &[candle_core::Tensor],
+    dir: &Path,
+) -> Result<Vec<WrittenOutput>> {
+    let g = &model.graph;
+    let mut written = Vec::new();
+    for (&id, t) in g.outputs().iter().zip(outputs) {
+        let name = g.node(id).name.clone();
+        let shape = t.dims().to_vec();
+        let values = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        // Node names are made of A-Z a-z 0-9 _ . - only (the graph checks), so each is a file
+        // name in `dir`.
+        let path = dir.join(format!("{name}.npy"));
+        crate::io::write_atomic(&path, &to_bytes(&shape, &values))?;
+        written.push(WrittenOutput {
+            min: values.iter().copied().fold(f32::NAN, f32::min),
+            max: values.iter().copied().fold(f32::NAN, f32::max),
+            mean: values.iter().map(|&v| f64::from(v)).sum::<f64>() / values.len().max(1) as f64,
+            name,
+            shape,
+            path,
+        });
+    }
+    Ok(written)
+}
+
+/// The written outputs as a table: name, shape, minimum, maximum, mean.
+pub fn outputs_table(written: &[WrittenOutput]) -> String {
+    // Four decimals, or scientific notation where that would hide the value.
+    let number = |v: f64| {
+        if v == 0.0 || !v.is_finite() || (1e-3..1e6).contains(&v.abs()) {
+            format!("{v:.4}")
+        } else {
+            format!("{v:.3e}")
+        }
+    };
+    let rows: Vec<Vec<String>> = written
+        .iter()
+        .map(|w| {
+            vec![
+                w.name.clone(),
+                format!("{:?}", w.shape),
+                number(f64::from(w.min)),
+                number(f64::from(w.max)),
+                number(w.mean),
+            ]
+        })
+        .collect();
+    crate::plot::table(&["output", "shape", "min", "max", "mean"], &rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
