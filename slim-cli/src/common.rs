@@ -356,19 +356,8 @@ impl EpochBars {
                 epochs,
                 batches,
             } => {
-                let bar = ProgressBar::with_draw_target(
-                    Some(*batches as u64),
-                    if self.quiet {
-                        ProgressDrawTarget::hidden()
-                    } else {
-                        ProgressDrawTarget::stderr()
-                    },
-                );
-                let style =
-                    ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> ");
-                bar.set_style(style);
+                let template = "epoch {prefix} [{bar:30}] {pos}/{len} {msg}";
+                let bar = bar(*batches as u64, self.quiet, template);
                 bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
                 self.bar = Some(bar);
             }
@@ -387,31 +376,32 @@ impl EpochBars {
                     bar.set_message(format!("loss {loss:.4}{acc} {images_per_sec:.0} img/s"));
                 }
             }
-            Progress::EpochEnd { epoch, report } => {
+            Progress::EpochEnd { report, .. } => {
                 if let Some(bar) = self.bar.take() {
                     bar.finish_and_clear();
                 }
                 if !self.quiet {
-                    let test = report
-                        .test
-                        .as_ref()
-                        .map(|t| format!(", test top-1 {:.2}%", t.top1 * 100.0))
-                        .unwrap_or_default();
-                    let train = report
-                        .train_top1
-                        .map(|a| format!(", train top-1 {:.2}%", a * 100.0))
-                        .unwrap_or_default();
-                    eprintln!(
-                        "epoch {}: loss {:.4}{train}{test}, {:.1} s, {:.0} img/s",
-                        epoch + 1,
-                        report.loss,
-                        report.seconds,
-                        report.images_per_sec
-                    );
+                    eprintln!("{}", report.describe());
                 }
             }
         }
     }
+}
+
+/// A progress bar of `len` steps drawn by `template` on stderr (hidden with `quiet`, or when
+/// stderr is no terminal).
+pub fn bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
+    let target = match quiet {
+        true => ProgressDrawTarget::hidden(),
+        false => ProgressDrawTarget::stderr(),
+    };
+    let b = ProgressBar::with_draw_target(Some(len), target);
+    b.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b
 }
 
 /// Refuses an output path whose directory does not exist, before any work is done.
@@ -491,18 +481,7 @@ pub fn host_pid(fallback: &str) -> String {
 
 /// A study worker's progress, on stderr.
 pub fn show_worker(p: &slim_core::study::WorkerProgress<'_>) {
-    use slim_core::study::WorkerProgress;
-    match p {
-        WorkerProgress::Took { id, from, .. } => match from {
-            Some(f) => eprintln!("candidate #{id}: taken over from {f}, which stopped beating"),
-            None => eprintln!("candidate #{id}: taken"),
-        },
-        WorkerProgress::Dropped { id } => {
-            eprintln!("candidate #{id}: another worker reported it first; this report dropped")
-        }
-        WorkerProgress::Waiting { pending } => eprintln!(
-            "waiting for {pending} candidate(s) other workers hold, to see the study finish"
-        ),
-        WorkerProgress::Reported { .. } => {}
+    if let Some(line) = p.describe() {
+        eprintln!("{line}");
     }
 }

@@ -376,83 +376,34 @@ impl Shown {
     }
 
     fn supernet(&mut self, p: &SupernetProgress) {
-        match p {
-            SupernetProgress::Resumed {
-                epochs_done,
-                steps_done,
-            } => eprintln!(
-                "supernet: {epochs_done} epoch(s) and {steps_done} step(s) read back from the \
-                 output folder"
-            ),
-            SupernetProgress::Step {
-                epoch,
-                epochs,
-                step,
-                steps,
-                loss,
-            } => {
-                let b = self.bar.get_or_insert_with(|| {
-                    let b = indicatif::ProgressBar::new(*steps as u64);
-                    b.set_style(
-                        indicatif::ProgressStyle::with_template(
-                            "supernet epoch {prefix} [{bar:30}] {pos}/{len} {msg}",
-                        )
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                        .progress_chars("=> "),
-                    );
-                    b
-                });
-                b.set_prefix(format!("{}/{epochs}", epoch + 1));
-                b.set_position(*step as u64 + 1);
-                b.set_message(format!("loss {loss:.4}"));
-            }
-            SupernetProgress::EpochEnd {
-                epoch,
-                loss,
-                seconds,
-            } => {
-                if let Some(b) = self.bar.take() {
-                    b.finish_and_clear();
-                }
-                eprintln!(
-                    "supernet epoch {}: loss {loss:.4} over sampled subnets, {seconds:.1} s",
-                    epoch + 1
-                );
-            }
+        if let SupernetProgress::Step {
+            epoch,
+            epochs,
+            step,
+            steps,
+            loss,
+        } = p
+        {
+            let template = "supernet epoch {prefix} [{bar:30}] {pos}/{len} {msg}";
+            let b = self
+                .bar
+                .get_or_insert_with(|| crate::common::bar(*steps as u64, false, template));
+            b.set_prefix(format!("{}/{epochs}", epoch + 1));
+            b.set_position(*step as u64 + 1);
+            b.set_message(format!("loss {loss:.4}"));
+            return;
+        }
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        if let Some(line) = p.describe() {
+            eprintln!("{line}");
         }
     }
 
     fn search(&self, p: NasProgress<'_>) {
-        match p {
-            NasProgress::Start { arch, steps } => eprintln!(
-                "the hand-made network breaks the limits; starting {steps} step(s) smaller: \
-                 {arch}"
-            ),
-            NasProgress::Replayed { index } => {
-                eprintln!("candidate {} replayed from the history", index + 1)
-            }
-            NasProgress::Evaluated {
-                index,
-                total,
-                candidate,
-                best,
-                rejected,
-            } => eprintln!(
-                "candidate {}/{total}: {} {:.2}% (best {:.2}%), {} MACs{}, {rejected} \
-                 rejected before it: {}",
-                index + 1,
-                self.metric,
-                candidate.reward.unwrap_or(f64::NAN) * 100.0,
-                best * 100.0,
-                slim_core::analysis::human(candidate.measure.macs),
-                candidate
-                    .measure
-                    .latency_ms
-                    .map(|l| format!(", {l:.3} ms"))
-                    .unwrap_or_default(),
-                candidate.arch
-            ),
-            NasProgress::Study(w) => crate::common::show_worker(&w),
+        if let Some(line) = p.describe(self.metric) {
+            eprintln!("{line}");
         }
     }
 }

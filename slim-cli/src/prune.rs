@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{ArgGroup, Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::json;
 use slim_core::search::{Evaluator, SearchProgress};
 use slim_core::study::{StudyStore, WorkerProgress};
@@ -14,7 +14,7 @@ use slim_prune::run::{Choice, Inputs, Progress, PruneOptions, PruneOutcome};
 use slim_prune::sensitivity::{self, default_ratios, Sensitivities, SensitivityProgress};
 use slim_prune::Criterion;
 
-use crate::common::{check_out_dir, Common, EpochBars};
+use crate::common::{bar, check_out_dir, Common, EpochBars};
 use crate::{input_error, Failure};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -77,21 +77,6 @@ impl Selection {
             ..PruneOptions::default()
         })
     }
-}
-
-fn bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
-    let target = if quiet {
-        ProgressDrawTarget::hidden()
-    } else {
-        ProgressDrawTarget::stderr()
-    };
-    let b = ProgressBar::with_draw_target(Some(len), target);
-    b.set_style(
-        ProgressStyle::with_template(template)
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    b
 }
 
 #[derive(Args)]

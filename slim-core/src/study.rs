@@ -261,6 +261,27 @@ pub enum WorkerProgress<'a> {
     Waiting { pending: usize },
 }
 
+impl WorkerProgress<'_> {
+    /// The event in words, for a log; `None` for a report (the caller's progress shows it).
+    pub fn describe(&self) -> Option<String> {
+        Some(match self {
+            WorkerProgress::Took {
+                id, from: Some(f), ..
+            } => {
+                format!("candidate #{id}: taken over from {f}, which stopped beating")
+            }
+            WorkerProgress::Took { id, from: None, .. } => format!("candidate #{id}: taken"),
+            WorkerProgress::Dropped { id } => {
+                format!("candidate #{id}: another worker reported it first; this report dropped")
+            }
+            WorkerProgress::Waiting { pending } => format!(
+                "waiting for {pending} candidate(s) other workers hold, to see the study finish"
+            ),
+            WorkerProgress::Reported { .. } => return None,
+        })
+    }
+}
+
 /// What a worker does next.
 enum Step {
     Done,

@@ -293,6 +293,28 @@ pub struct TrainReport {
     pub resumed_at_step: usize,
 }
 
+impl EpochReport {
+    /// The epoch in one line: loss, train and test top-1 where measured, time, speed.
+    pub fn describe(&self) -> String {
+        let test = self
+            .test
+            .as_ref()
+            .map(|t| format!(", test top-1 {:.2}%", t.top1 * 100.0))
+            .unwrap_or_default();
+        let train = self
+            .train_top1
+            .map(|a| format!(", train top-1 {:.2}%", a * 100.0))
+            .unwrap_or_default();
+        format!(
+            "epoch {}: loss {:.4}{train}{test}, {:.1} s, {:.0} img/s",
+            self.epoch + 1,
+            self.loss,
+            self.seconds,
+            self.images_per_sec
+        )
+    }
+}
+
 impl TrainReport {
     /// Images per second over the whole run (each epoch weighted by its time).
     pub fn images_per_sec(&self) -> f64 {

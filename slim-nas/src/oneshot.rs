@@ -132,6 +132,30 @@ pub enum SupernetProgress {
     },
 }
 
+impl SupernetProgress {
+    /// The event in words, for a log; `None` for a step (a progress bar's).
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            SupernetProgress::Resumed {
+                epochs_done,
+                steps_done,
+            } => Some(format!(
+                "supernet: {epochs_done} epoch(s) and {steps_done} step(s) read back from the \
+                 output folder"
+            )),
+            SupernetProgress::Step { .. } => None,
+            SupernetProgress::EpochEnd {
+                epoch,
+                loss,
+                seconds,
+            } => Some(format!(
+                "supernet epoch {}: loss {loss:.4} over sampled subnets, {seconds:.1} s",
+                epoch + 1
+            )),
+        }
+    }
+}
+
 /// The supernet file `f` of a training with `key` and its state, checked: the same space,
 /// data and recipe, and not trained past `cfg`'s epochs.
 fn read_supernet(

@@ -271,6 +271,42 @@ pub enum NasProgress<'a> {
     Study(WorkerProgress<'a>),
 }
 
+impl NasProgress<'_> {
+    /// The event in words, for a log (`metric` names the reward: `top-1`, `agreement`);
+    /// `None` for a study's report of a trial.
+    pub fn describe(&self, metric: &str) -> Option<String> {
+        Some(match self {
+            NasProgress::Start { arch, steps } => format!(
+                "the hand-made network breaks the limits; starting {steps} step(s) smaller: {arch}"
+            ),
+            NasProgress::Replayed { index } => {
+                format!("candidate {} replayed from the history", index + 1)
+            }
+            NasProgress::Evaluated {
+                index,
+                total,
+                candidate,
+                best,
+                rejected,
+            } => format!(
+                "candidate {}/{total}: {metric} {:.2}% (best {:.2}%), {} MACs{}, {rejected} \
+                 rejected before it: {}",
+                index + 1,
+                candidate.reward.unwrap_or(f64::NAN) * 100.0,
+                best * 100.0,
+                slim_core::analysis::human(candidate.measure.macs),
+                candidate
+                    .measure
+                    .latency_ms
+                    .map(|l| format!(", {l:.3} ms"))
+                    .unwrap_or_default(),
+                candidate.arch
+            ),
+            NasProgress::Study(w) => return w.describe(),
+        })
+    }
+}
+
 /// The evaluated and rejected candidates recorded in a history's trials.
 pub fn candidates(history: &History) -> Result<Vec<Candidate>> {
     let mut out = Vec::new();

@@ -146,6 +146,7 @@ impl PruneOptions {
 }
 
 /// What pruning reads and writes besides the model and its options.
+#[derive(Default)]
 pub struct Inputs<'a> {
     /// The data: batch-norm calibration reads its training split, sensitivities and search
     /// rewards its test split.
@@ -172,21 +173,6 @@ pub struct Inputs<'a> {
     pub seed: u64,
 }
 
-impl Default for Inputs<'_> {
-    fn default() -> Self {
-        Inputs {
-            data: None,
-            label_free: false,
-            sensitivities: None,
-            sensitivity_file: None,
-            history: None,
-            study: None,
-            reward_finetune_images: 0,
-            reward_recipe: TrainConfig::default(),
-            seed: 0,
-        }
-    }
-}
 
 /// Progress of a search.
 pub enum Progress<'p> {
