@@ -10,7 +10,6 @@ use slim_latency::{bench, BenchRun, BuildOptions};
 use slim_quant::runtime::Int8Kernels;
 
 use crate::common::{load_model, LoadArgs};
-use crate::output::table;
 use crate::{input_error, Failure};
 
 #[derive(Args)]
@@ -38,14 +37,6 @@ pub struct BenchArgs {
     pub json: bool,
     #[command(flatten)]
     pub load: LoadArgs,
-}
-
-/// The most memory this process has held, from the kernel's count (Linux).
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 pub fn run(args: BenchArgs) -> Result<(), Failure> {
@@ -76,7 +67,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         }
     }
     let runtime = if int8 { "int8" } else { "f32" };
-    let peak = peak_rss_bytes();
+    let peak = slim_latency::peak_rss_bytes();
     if args.json {
         outln!(
             "{}",
@@ -85,19 +76,6 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = runs
-        .iter()
-        .map(|r| {
-            vec![
-                r.batch.to_string(),
-                r.threads.to_string(),
-                format!("{:.3}", r.median_ms),
-                format!("{:.3}", r.min_ms),
-                format!("{:.3}", r.max_ms),
-                format!("{:.1}", r.images_per_sec),
-            ]
-        })
-        .collect();
     outln!(
         "{} on the {runtime} runtime ({} kernels), input {:?}, median of {} forwards after {} (at least {} ms) untimed:",
         args.file.display(),
@@ -107,21 +85,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         args.warmup,
         args.warmup_ms
     );
-    outln!(
-        "{}",
-        table(
-            &[
-                "batch",
-                "threads",
-                "median ms",
-                "min ms",
-                "max ms",
-                "images/s"
-            ],
-            &rows
-        )
-        .trim_end()
-    );
+    outln!("{}", BenchRun::table(&runs).trim_end());
     if let Some(p) = peak {
         outln!("peak memory {:.1} MB", p as f64 / 1e6);
     }

@@ -7,7 +7,7 @@ use slim_core::exec::NodeKernels;
 use slim_core::zoo::{self, ZooConfig};
 use slim_core::Model;
 use slim_latency::{
-    build, estimate, validate, BuildOptions, DeviceInfo, Runtime, Subject, Table, TimingProgress,
+    build, estimate, validate, BuildOptions, Runtime, Subject, Table, TimingProgress,
 };
 use slim_quant::runtime::Int8Kernels;
 
@@ -207,23 +207,7 @@ fn run_build(a: BuildArgs) -> Result<(), Failure> {
     if a.threads == 0 || a.batch == 0 {
         return Err(input_error("--threads and --batch must be at least 1"));
     }
-    let table = if a.out.exists() {
-        let t = Table::load(&a.out)?;
-        t.check(&a.out, runtime)?;
-        if (t.device.threads, t.device.batch) != (a.threads, a.batch) {
-            return Err(input_error(format!(
-                "{} was measured with {} thread(s) and batch {}, not {} and {}",
-                a.out.display(),
-                t.device.threads,
-                t.device.batch,
-                a.threads,
-                a.batch
-            )));
-        }
-        t
-    } else {
-        Table::new(DeviceInfo::this_machine(runtime, a.threads, a.batch))
-    };
+    let table = Table::open_or_new(&a.out, runtime, a.threads, a.batch)?;
     let models = load_models(&a.models, runtime, &a.common.load)?;
     let subjects = subjects(&models);
     let opts = a.timing.options();
@@ -256,24 +240,8 @@ fn run_estimate(a: EstimateArgs) -> Result<(), Failure> {
     if a.common.json {
         outln!("{}", serde_json::to_string(&e)?);
     } else {
-        outln!(
-            "{}: {:.3} ms on {} ({:.3} ms in {} ops, {:.3} ms forward overhead)",
-            a.model.display(),
-            e.total_ms,
-            table.device.describe(),
-            e.ops_ms,
-            e.ops.len(),
-            e.overhead_ms
-        );
-        if !e.fallback.is_empty() {
-            outln!(
-                "estimated by the fallback fit ({} signature(s) not in the table):",
-                e.fallback.len()
-            );
-            for s in &e.fallback {
-                outln!("  {s}");
-            }
-        }
+        let model = a.model.display().to_string();
+        out!("{}", e.describe(&model, &table.device.describe()));
     }
     Ok(())
 }

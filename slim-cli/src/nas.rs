@@ -8,7 +8,7 @@ use slim_core::data::DEFAULT_SPEC;
 use slim_core::search::CostModel;
 use slim_core::study::{StudyStore, WorkerOptions};
 use slim_core::train::{CheckpointEvery, TrainConfig};
-use slim_latency::{LatencyCost, Runtime, Table};
+use slim_latency::LatencyCost;
 use slim_nas::oneshot::SupernetProgress;
 use slim_nas::run::{Inputs, Method, NasOptions, Progress, SearchFolder, Weights};
 use slim_nas::NasProgress;
@@ -285,14 +285,7 @@ fn search(
     crate::common::check_out_dir("--out", &s.out)?;
     options.validate(method, s.latency_table.is_some())?;
     let cost = match &s.latency_table {
-        Some(p) => {
-            let table = Table::load(p)?;
-            table.check(p, Runtime::F32)?;
-            Some(LatencyCost {
-                table,
-                fallback: s.fallback,
-            })
-        }
+        Some(p) => Some(LatencyCost::load(p, s.fallback)?),
         None => None,
     };
     let device = s.common.device()?;

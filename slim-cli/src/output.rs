@@ -1,4 +1,4 @@
-//! Writing results to stdout (and the plain-text tables, from `slim_core::plot`).
+//! Writing results to stdout.
 
 /// Writes results to stdout. A closed pipe ends the program with status 0 (the reader has
 /// what it wanted); any other write error ends it with status 1.
@@ -13,5 +13,3 @@ pub fn write_stdout(s: &str) {
         std::process::exit(1);
     }
 }
-
-pub use slim_core::plot::table;

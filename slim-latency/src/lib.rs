@@ -436,6 +436,30 @@ pub struct Estimate {
 
 /// Estimates a graph's latency from the table; `int8` tells which nodes the runtime computes
 /// in integers. Without `fallback`, every op must be in the table.
+impl Estimate {
+    /// The estimate in words for `model` on `device`, with the signatures the fallback fit
+    /// priced.
+    pub fn describe(&self, model: &str, device: &str) -> String {
+        let mut s = format!(
+            "{model}: {:.3} ms on {device} ({:.3} ms in {} ops, {:.3} ms forward overhead)\n",
+            self.total_ms,
+            self.ops_ms,
+            self.ops.len(),
+            self.overhead_ms
+        );
+        if !self.fallback.is_empty() {
+            s += &format!(
+                "estimated by the fallback fit ({} signature(s) not in the table):\n",
+                self.fallback.len()
+            );
+            for f in &self.fallback {
+                s += &format!("  {f}\n");
+            }
+        }
+        s
+    }
+}
+
 pub fn estimate_graph(
     table: &Table,
     name: &str,
@@ -620,6 +644,44 @@ pub struct BenchRun {
     pub images_per_sec: f64,
 }
 
+impl BenchRun {
+    /// Runs as a table: batch, threads, median, fastest and slowest ms, images per second.
+    pub fn table(runs: &[BenchRun]) -> String {
+        let rows: Vec<Vec<String>> = runs
+            .iter()
+            .map(|r| {
+                let ms = |v: f64| format!("{v:.3}");
+                let (b, t) = (r.batch.to_string(), r.threads.to_string());
+                vec![
+                    b,
+                    t,
+                    ms(r.median_ms),
+                    ms(r.min_ms),
+                    ms(r.max_ms),
+                    format!("{:.1}", r.images_per_sec),
+                ]
+            })
+            .collect();
+        let header = [
+            "batch",
+            "threads",
+            "median ms",
+            "min ms",
+            "max ms",
+            "images/s",
+        ];
+        slim_core::plot::table(&header, &rows)
+    }
+}
+
+/// The most memory this process has held, from the kernel's count (Linux; `None` elsewhere).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Times whole forwards of `model` on random inputs: `opts.runs` of them after the warm-up,
 /// with `threads` threads and `batch` images each, on the f32 runtime (its batch norms
 /// folded and weights laid out once) or on `kernels` (prepared once, as a deployed model
@@ -657,6 +719,15 @@ pub struct LatencyCost {
     pub table: Table,
     /// Estimate ops the table lacks with the fallback fit rather than failing.
     pub fallback: bool,
+}
+
+impl LatencyCost {
+    /// The f32 latency table at `path` (a search's candidates are float graphs) as a cost.
+    pub fn load(path: &std::path::Path, fallback: bool) -> Result<LatencyCost> {
+        let table = Table::load(path)?;
+        table.check(path, Runtime::F32)?;
+        Ok(LatencyCost { table, fallback })
+    }
 }
 
 impl CostModel for LatencyCost {

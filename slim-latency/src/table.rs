@@ -373,6 +373,33 @@ impl Table {
     }
 
     /// Refuses a table measured for another runtime, thread count or batch than asked.
+    /// The table at `path` to add to (checked to be for `runtime`, `threads` and `batch`), or
+    /// a new one for this machine when there is none.
+    pub fn open_or_new(
+        path: &Path,
+        runtime: Runtime,
+        threads: usize,
+        batch: usize,
+    ) -> Result<Table> {
+        if !path.exists() {
+            return Ok(Table::new(DeviceInfo::this_machine(
+                runtime, threads, batch,
+            )));
+        }
+        let t = Table::load(path)?;
+        t.check(path, runtime)?;
+        if (t.device.threads, t.device.batch) != (threads, batch) {
+            return Err(LatencyError::Table {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "was measured with {} thread(s) and batch {}, not {threads} and {batch}",
+                    t.device.threads, t.device.batch
+                ),
+            });
+        }
+        Ok(t)
+    }
+
     pub fn check(&self, path: &Path, runtime: Runtime) -> Result<()> {
         if self.device.runtime != runtime {
             return Err(LatencyError::Table {

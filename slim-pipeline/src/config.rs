@@ -479,10 +479,6 @@ fn latency_cost(
     };
     let bad =
         |e: slim_latency::LatencyError| invalid(format!("{}: {e}", at(Some("latency_table"))));
-    let table = slim_latency::Table::load(p).map_err(bad)?;
-    table.check(p, slim_latency::Runtime::F32).map_err(bad)?;
-    Ok(Some(Box::new(slim_latency::LatencyCost {
-        table,
-        fallback: o.fallback,
-    })))
+    let cost = slim_latency::LatencyCost::load(p, o.fallback).map_err(bad)?;
+    Ok(Some(Box::new(cost)))
 }

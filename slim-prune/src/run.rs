@@ -173,7 +173,6 @@ pub struct Inputs<'a> {
     pub seed: u64,
 }
 
-
 /// Progress of a search.
 pub enum Progress<'p> {
     /// A search on this machine (from its history file).
