@@ -515,47 +515,8 @@ impl Model {
                     .ok_or_else(|| CoreError::Invalid("missing input".into()))?;
                 x.to_dtype(DType::F32)?
             } else {
-                // Each input in the layout this node reads: channels-last where it runs so
-                // (converted where it enters a chain), else `[N, C, H, W]` (converted where it
-                // leaves one, in place, so that the value's other readers find it so), except
-                // that global pooling reads either.
-                let cl = plan.channels_last[id];
-                let mut entering = Vec::new();
-                for &i in &node.inputs {
-                    let Some(v) = values[i].as_ref() else {
-                        continue;
-                    };
-                    if cl && !is_cl[i] {
-                        entering.push((i, channels_last::to_channels_last(v)?));
-                    } else if !cl && is_cl[i] && !matches!(node.op, Op::GlobalAvgPool) {
-                        values[i] = Some(channels_last::to_channels_first(v)?);
-                        is_cl[i] = false;
-                    }
-                }
-                let xs: Vec<&Tensor> = node
-                    .inputs
-                    .iter()
-                    .map(|&i| {
-                        if let Some((_, v)) = entering.iter().find(|(j, _)| *j == i) {
-                            return Ok(v);
-                        }
-                        values[i]
-                            .as_ref()
-                            .ok_or_else(|| CoreError::node(&node.name, "input not computed"))
-                    })
-                    .collect::<Result<_>>()?;
-                let mut xs = xs;
-                if let Some(j) = opts.kernels.and_then(|k| k.also_reads(self, id)) {
-                    match (&values[j], is_cl[j]) {
-                        (Some(v), false) => xs.push(v),
-                        _ => {
-                            return Err(CoreError::node(
-                                &node.name,
-                                format!("its kernel reads `{}`, not at hand", g.node(j).name),
-                            ))
-                        }
-                    }
-                }
+                let xs = self.gather_inputs(plan, id, &mut values, &mut is_cl, &opts)?;
+                let xs: Vec<&Tensor> = xs.iter().collect();
                 let in_cl = node.inputs.first().is_some_and(|&i| is_cl[i]);
                 let (y, last) = self.compute(plan, id, &xs, in_cl, mode, &opts)?;
                 out = last;
@@ -589,6 +550,50 @@ impl Model {
             })
             .collect::<Result<_>>()?;
         Ok(ForwardOutput { outputs, taps })
+    }
+
+    /// Node `id`'s inputs in the layout it reads: channels-last where it runs so (converted
+    /// where they enter a chain), else `[N, C, H, W]` (converted where they leave one, in
+    /// place, so that the value's other readers find it so), except that global pooling reads
+    /// either; then the value its kernel also reads, if any.
+    fn gather_inputs(
+        &self,
+        plan: &Plan,
+        id: usize,
+        values: &mut [Option<Tensor>],
+        is_cl: &mut [bool],
+        opts: &ForwardOptions<'_>,
+    ) -> Result<Vec<Tensor>> {
+        let (g, node) = (&self.graph, self.graph.node(id));
+        let cl = plan.channels_last[id];
+        let mut xs = Vec::with_capacity(node.inputs.len() + 1);
+        for &i in &node.inputs {
+            let v = values[i]
+                .as_ref()
+                .ok_or_else(|| CoreError::node(&node.name, "input not computed"))?;
+            let x = if cl && !is_cl[i] {
+                channels_last::to_channels_last(v)?
+            } else if !cl && is_cl[i] && !matches!(node.op, Op::GlobalAvgPool) {
+                let x = channels_last::to_channels_first(v)?;
+                (values[i], is_cl[i]) = (Some(x.clone()), false);
+                x
+            } else {
+                v.clone()
+            };
+            xs.push(x);
+        }
+        if let Some(j) = opts.kernels.and_then(|k| k.also_reads(self, id)) {
+            match (&values[j], is_cl[j]) {
+                (Some(v), false) => xs.push(v.clone()),
+                _ => {
+                    return Err(CoreError::node(
+                        &node.name,
+                        format!("its kernel reads `{}`, not at hand", g.node(j).name),
+                    ))
+                }
+            }
+        }
+        Ok(xs)
     }
 
     /// Node `id`'s value from its inputs `xs` (`in_cl`: the first is channels-last): by the

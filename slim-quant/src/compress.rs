@@ -11,8 +11,8 @@ use slim_core::train::{evaluate, Fidelity, Progress, TrainReport};
 use slim_core::Model;
 
 use crate::ptq::{quantize, PtqConfig, PtqReport};
+use crate::qat::QatSettings;
 use crate::runtime::{forward_with, Int8Kernels};
-use crate::strategy::QatSettings;
 use crate::Result;
 
 /// The int8 model beside the float one it came from.

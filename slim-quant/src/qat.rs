@@ -249,3 +249,31 @@ pub fn convert(model: &Model, weights: WeightQuant, bits: u8) -> Result<Model> {
     );
     Ok(out)
 }
+/// Checked [`crate::strategy::QatOptions`].
+#[derive(Clone, Debug)]
+pub struct QatSettings {
+    /// How the fake-quantized model is calibrated before training ([`crate::qat::prepare`]).
+    pub calibration: crate::ptq::PtqConfig,
+    pub weights: WeightQuant,
+    /// How the activation scales follow the batches while training.
+    pub activations: crate::qat::ActivationScale,
+    pub epochs: usize,
+    pub lr: f64,
+    pub optimizer: slim_core::train::OptimizerKind,
+    pub schedule: slim_core::train::Schedule,
+}
+
+impl QatSettings {
+    /// `base` (the command's or the pipeline's recipe) with these epochs, rate, optimizer and
+    /// schedule, and no warm-up.
+    pub fn recipe(&self, base: &slim_core::train::TrainConfig) -> slim_core::train::TrainConfig {
+        slim_core::train::TrainConfig {
+            epochs: self.epochs,
+            lr: self.lr,
+            optimizer: self.optimizer,
+            schedule: self.schedule.clone(),
+            warmup_epochs: 0,
+            ..base.clone()
+        }
+    }
+}

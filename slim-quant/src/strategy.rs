@@ -4,11 +4,12 @@
 use serde::Deserialize;
 use serde_json::json;
 use slim_core::pipeline::{Context, Finetuning, Strategy};
-use slim_core::train::{OptimizerKind, Schedule, TrainConfig};
+use slim_core::train::{OptimizerKind, Schedule};
 use slim_core::{CoreError, Model};
 
 use crate::observer::ActQuant;
 use crate::ptq::{quantize, PtqConfig};
+pub use crate::qat::QatSettings;
 use crate::quantizer::{check_bits, WeightQuant};
 use crate::QuantError;
 
@@ -158,20 +159,6 @@ impl Default for QatOptions {
     }
 }
 
-/// Checked [`QatOptions`].
-#[derive(Clone, Debug)]
-pub struct QatSettings {
-    /// How the fake-quantized model is calibrated before training ([`crate::qat::prepare`]).
-    pub calibration: PtqConfig,
-    pub weights: WeightQuant,
-    /// How the activation scales follow the batches while training.
-    pub activations: crate::qat::ActivationScale,
-    pub epochs: usize,
-    pub lr: f64,
-    pub optimizer: OptimizerKind,
-    pub schedule: Schedule,
-}
-
 impl QatOptions {
     /// The checked settings: known methods, at least one batch and epoch, a positive rate.
     pub fn validate(&self) -> crate::Result<QatSettings> {
@@ -203,21 +190,6 @@ impl QatOptions {
             optimizer: self.optimizer.parse::<OptimizerKind>().map_err(bad)?,
             schedule: self.schedule.parse::<Schedule>().map_err(bad)?,
         })
-    }
-}
-
-impl QatSettings {
-    /// `base` (the command's or the pipeline's recipe) with these epochs, rate, optimizer and
-    /// schedule, and no warm-up.
-    pub fn recipe(&self, base: &TrainConfig) -> TrainConfig {
-        TrainConfig {
-            epochs: self.epochs,
-            lr: self.lr,
-            optimizer: self.optimizer,
-            schedule: self.schedule.clone(),
-            warmup_epochs: 0,
-            ..base.clone()
-        }
     }
 }
 
