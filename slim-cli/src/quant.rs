@@ -25,34 +25,10 @@ pub struct QatArgs {
         "Data (default: the data the model was trained on, else the bundled MNIST subset; \
          without labels, the fake-quantized model reproduces the float one)"))]
     pub data: Option<String>,
-    #[arg(long, default_value_t = QatOptions::default().epochs)]
-    pub epochs: usize,
-    /// The default recipe (SGD with momentum 0.9, lr 0.001, cosine) fine-tunes gently: the
-    /// float model's weights move only as far as the integer grid asks.
-    #[arg(long, default_value_t = QatOptions::default().lr)]
-    pub lr: f64,
+    #[command(flatten)]
+    pub options: QatOptions,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// sgd, adam or adamw.
-    #[arg(long, default_value_t = QatOptions::default().optimizer)]
-    pub optimizer: String,
-    /// constant, cosine, or step:EVERY:GAMMA.
-    #[arg(long, default_value_t = QatOptions::default().schedule)]
-    pub schedule: String,
-    /// abs_max or channel_wise_abs_max.
-    #[arg(long, default_value_t = QatOptions::default().weights)]
-    pub weights: String,
-    /// Calibration batches that set the first activation scales.
-    #[arg(long, default_value_t = QatOptions::default().calib_batches)]
-    pub calib_batches: usize,
-    /// How activation scales follow the batches while training: moving_average_abs_max (a
-    /// moving average of each batch's absolute maximum) or range_abs_max (the largest of the
-    /// last --window-size batches').
-    #[arg(long, default_value_t = QatOptions::default().activations)]
-    pub activations: String,
-    /// range_abs_max's window, in batches.
-    #[arg(long, default_value_t = QatOptions::default().window_size)]
-    pub window_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -77,29 +53,8 @@ pub struct PtqArgs {
         "Data for calibration (training split) and evaluation (test split); default: the data \
          the model was trained on, else the bundled MNIST subset"))]
     pub data: Option<String>,
-    /// abs_max or channel_wise_abs_max.
-    #[arg(long, default_value_t = PtqOptions::default().weights)]
-    pub weights: String,
-    /// abs_max, avg, moving_average_abs_max, hist, mse or kl.
-    #[arg(long, default_value_t = PtqOptions::default().activations)]
-    pub activations: String,
-    #[arg(long, default_value_t = PtqOptions::default().calib_batches)]
-    pub calib_batches: usize,
-    #[arg(long, default_value_t = PtqOptions::default().batch_size)]
-    pub batch_size: usize,
-    /// Bits of the weights (2 to 8).
-    #[arg(long, default_value_t = PtqOptions::default().bits_weights)]
-    pub bits_weights: u8,
-    /// Layers to quantize (glob patterns); default: every convolution and linear layer.
-    #[arg(long, num_args = 1..)]
-    pub scope: Vec<String>,
-    /// Keep batch norms instead of folding them into the convolutions.
-    #[arg(long)]
-    pub no_fold: bool,
-    /// Correct each quantized layer's bias so that its outputs keep their float means on the
-    /// calibration images.
-    #[arg(long)]
-    pub bias_correction: bool,
+    #[command(flatten)]
+    pub options: PtqOptions,
     /// The int8 model file.
     #[arg(long)]
     pub out: PathBuf,
@@ -116,17 +71,7 @@ pub fn run(cmd: QuantCommand) -> Result<(), Failure> {
 
 fn run_ptq(args: PtqArgs) -> Result<(), Failure> {
     // The flags are the options of a `quant.ptq` stage, checked the same way.
-    let cfg = PtqOptions {
-        weights: args.weights.clone(),
-        activations: args.activations.clone(),
-        calib_batches: args.calib_batches,
-        batch_size: args.batch_size,
-        bits_weights: args.bits_weights,
-        scope: args.scope.clone(),
-        fold_batch_norm: !args.no_fold,
-        bias_correction: args.bias_correction,
-    }
-    .validate()?;
+    let cfg = args.options.validate()?;
     check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
@@ -186,17 +131,7 @@ fn qat_settings(
     ),
     Failure,
 > {
-    let settings = QatOptions {
-        weights: args.weights.clone(),
-        calib_batches: args.calib_batches,
-        epochs: args.epochs,
-        lr: args.lr,
-        optimizer: args.optimizer.clone(),
-        schedule: args.schedule.clone(),
-        activations: args.activations.clone(),
-        window_size: args.window_size,
-    }
-    .validate()?;
+    let settings = args.options.validate()?;
     let tcfg = settings.recipe(&slim_core::train::TrainConfig {
         batch_size: args.batch_size,
         seed: args.seed,
@@ -240,7 +175,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
             crate::common::with_skipped(json!({
                 "model": args.file, "data": data.spec, "weights": settings.weights.name(),
                 "before": outcome.before, "after": outcome.after, "fidelity": outcome.fidelity,
-                "epochs": args.epochs,
+                "epochs": args.options.epochs,
                 "resumed_from": trained.map_or(0, |t| t.resumed_from),
                 "resumed_at_step": trained.map_or(0, |t| t.resumed_at_step),
                 "out": args.out,

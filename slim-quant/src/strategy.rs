@@ -17,22 +17,35 @@ use crate::QuantError;
 /// stage's keys both give them, with their defaults: [`PtqOptions::validate`] checks them into
 /// the [`PtqConfig`] that [`quantize`] takes.
 #[derive(Clone, Debug, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 #[serde(deny_unknown_fields, default)]
 pub struct PtqOptions {
-    /// `abs_max` or `channel_wise_abs_max`.
+    /// abs_max or channel_wise_abs_max.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = PtqOptions::default().weights))]
     pub weights: String,
-    /// `abs_max`, `avg`, `moving_average_abs_max`, `hist`, `mse` or `kl`.
+    /// abs_max, avg, moving_average_abs_max, hist, mse or kl.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = PtqOptions::default().activations))]
     pub activations: String,
     /// Calibration batches.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = PtqOptions::default().calib_batches))]
     pub calib_batches: usize,
     /// Images per calibration batch.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = PtqOptions::default().batch_size))]
     pub batch_size: usize,
     /// Bits of the weights (2 to 8).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = PtqOptions::default().bits_weights))]
     pub bits_weights: u8,
-    /// Layers to quantize (glob patterns); empty: every convolution and linear layer.
+    /// Layers to quantize (glob patterns); default: every convolution and linear layer.
+    #[cfg_attr(feature = "clap", arg(long, num_args = 1..))]
     pub scope: Vec<String>,
-    /// Fold batch norms into the convolutions before them.
+    /// Fold batch norms into the convolutions before them (on the command line, `--no-fold`
+    /// keeps them).
+    #[cfg_attr(feature = "clap", arg(long = "no-fold", action = clap::ArgAction::SetFalse,
+        help = "Keep batch norms instead of folding them into the convolutions"))]
     pub fold_batch_norm: bool,
+    /// Correct each quantized layer's bias so that its outputs keep their float means on the
+    /// calibration images.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub bias_correction: bool,
 }
 
@@ -123,24 +136,34 @@ impl Strategy for PtqStrategy {
 /// stage's keys both give them, with their defaults (the rest of the training recipe is the
 /// command's or the pipeline's): [`QatOptions::validate`] checks them into [`QatSettings`].
 #[derive(Clone, Debug, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 #[serde(deny_unknown_fields, default)]
 pub struct QatOptions {
-    /// `abs_max` or `channel_wise_abs_max`.
+    /// abs_max or channel_wise_abs_max.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = QatOptions::default().weights))]
     pub weights: String,
     /// Calibration batches that set the first activation scales.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = QatOptions::default().calib_batches))]
     pub calib_batches: usize,
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = QatOptions::default().epochs))]
     pub epochs: usize,
-    /// The default recipe (SGD, lr 0.001, cosine) fine-tunes gently: the float model's
-    /// weights move only as far as the integer grid asks.
+    /// The default recipe (SGD with momentum 0.9, lr 0.001, cosine) fine-tunes gently: the
+    /// float model's weights move only as far as the integer grid asks.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = QatOptions::default().lr))]
     pub lr: f64,
-    /// `sgd`, `adam` or `adamw`.
+    /// sgd, adam or adamw.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = QatOptions::default().optimizer))]
     pub optimizer: String,
-    /// `constant`, `cosine` or `step:EVERY:GAMMA`.
+    /// constant, cosine, or step:EVERY:GAMMA.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = QatOptions::default().schedule))]
     pub schedule: String,
-    /// How activation scales follow the batches: `moving_average_abs_max` or `range_abs_max`
-    /// (the largest absolute maximum of the last `window_size` batches).
+    /// How activation scales follow the batches while training: moving_average_abs_max (a
+    /// moving average of each batch's absolute maximum) or range_abs_max (the largest of the
+    /// last --window-size batches').
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = QatOptions::default().activations))]
     pub activations: String,
-    /// `range_abs_max`'s window, in batches.
+    /// range_abs_max's window, in batches.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = QatOptions::default().window_size))]
     pub window_size: usize,
 }
 
