@@ -37,61 +37,16 @@ pub enum NasCommand {
 /// What every search takes: the space, the data, the limits, the annealing, the output.
 #[derive(Args)]
 pub struct Search {
-    /// The search space: mobilenet_v2 (expansion, kernel, channels, repeats per stage),
-    /// mobilenet_v1 (widths), resnet (depth and width per stage).
-    #[arg(long)]
-    pub space: String,
-    /// Width multiplier of the space's hand-made network (the starting candidate).
-    #[arg(long, default_value_t = 1.0)]
-    pub width: f64,
+    #[command(flatten)]
+    pub options: NasOptions,
     #[arg(long, default_value = DEFAULT_SPEC, help = crate::common::data_help(
         "The data the candidates train and are scored on (without labels: with --teacher)"))]
     pub data: String,
-    /// Candidates are scored (top-1) on the last N training images, kept apart from the test
-    /// split and from what they train on.
-    #[arg(long, default_value_t = 1000)]
-    pub eval_images: usize,
     /// A model to reproduce, for data without labels (`unlabeled:DIR`, where it is needed) or
     /// in place of them: candidates learn to reproduce its outputs and are scored by their
     /// top-1 agreement with it instead of their accuracy.
     #[arg(long, value_name = "MODEL")]
     pub teacher: Option<PathBuf>,
-    /// The most multiply-accumulates a candidate may have.
-    #[arg(long)]
-    pub max_macs: Option<u64>,
-    /// The most parameters a candidate may have.
-    #[arg(long)]
-    pub max_params: Option<u64>,
-    /// A latency table (f32, from `slim latency build`) to price candidates with.
-    #[arg(long)]
-    pub latency_table: Option<PathBuf>,
-    /// The most milliseconds a candidate may take, estimated from --latency-table.
-    #[arg(long)]
-    pub max_latency_ms: Option<f64>,
-    /// Price ops the table lacks with its fallback fit instead of failing.
-    #[arg(long)]
-    pub fallback: bool,
-    /// Candidates evaluated (scored).
-    #[arg(long, default_value_t = 20)]
-    pub iterations: usize,
-    /// Initial temperature, on the reward's scale (top-1 in 0..1).
-    #[arg(long, default_value_t = 0.02)]
-    pub init_temperature: f64,
-    /// The temperature is multiplied by this after every evaluation.
-    #[arg(long, default_value_t = 0.85)]
-    pub reduce_rate: f64,
-    /// Give up after this many candidates in a row broke a limit.
-    #[arg(long, default_value_t = 1000)]
-    pub max_rejections: usize,
-    /// The search: annealing, or evolution (steady-state, tournament selection).
-    #[arg(long, default_value = "annealing", value_parser = ["annealing", "evolution"])]
-    pub search: String,
-    /// --search evolution: candidates kept.
-    #[arg(long, default_value_t = 8)]
-    pub population: usize,
-    /// --search evolution: the probability that each token of a child changes.
-    #[arg(long, default_value_t = 0.15)]
-    pub mutation: f64,
     /// The output folder: history.json (resumed if it exists), the plots, results.md.
     #[arg(long)]
     pub out: PathBuf,
@@ -211,35 +166,12 @@ impl Drop for OutDir<'_> {
     }
 }
 
-impl Search {
-    /// The library's options from the flags every search takes.
-    fn options(&self) -> NasOptions {
-        NasOptions {
-            width: self.width,
-            max_macs: self.max_macs,
-            max_params: self.max_params,
-            latency_table: self.latency_table.clone(),
-            max_latency_ms: self.max_latency_ms,
-            fallback: self.fallback,
-            iterations: self.iterations,
-            eval_images: self.eval_images,
-            init_temperature: self.init_temperature,
-            reduce_rate: self.reduce_rate,
-            search: self.search.clone(),
-            population: self.population,
-            mutation: self.mutation,
-            max_rejections: self.max_rejections,
-            ..NasOptions::new(&self.space)
-        }
-    }
-}
-
 fn run_sa(a: SaArgs, study: Option<(&dyn StudyStore, WorkerOptions)>) -> Result<(), Failure> {
     let cfg = a.recipe.config()?;
     let options = NasOptions {
         train_images: Some(a.train_images),
         candidate_epochs: cfg.epochs,
-        ..a.search.options()
+        ..a.search.options.clone()
     };
     search(&a.search, Method::Train, &options, &cfg, None, study)
 }
@@ -251,7 +183,7 @@ fn run_oneshot(a: OneshotArgs) -> Result<(), Failure> {
         train_images: a.train_images,
         supernet_epochs: Some(a.supernet_epochs),
         calibration_images: a.calibration_images,
-        ..a.search.options()
+        ..a.search.options.clone()
     };
     let every = a.checkpoint_every.map(CheckpointEvery::Steps);
     search(&a.search, Method::OneShot, &options, &cfg, every, None)
@@ -267,7 +199,8 @@ fn search(
     checkpoint: Option<CheckpointEvery>,
     study: Option<(&dyn StudyStore, WorkerOptions)>,
 ) -> Result<(), Failure> {
-    match (&s.latency_table, s.max_latency_ms) {
+    let o = &s.options;
+    match (&o.latency_table, o.max_latency_ms) {
         (Some(_), None) => return Err(input_error("--latency-table needs --max-latency-ms")),
         (None, Some(_)) => {
             return Err(input_error(
@@ -283,9 +216,9 @@ fn search(
         )));
     }
     crate::common::check_out_dir("--out", &s.out)?;
-    options.validate(method, s.latency_table.is_some())?;
-    let cost = match &s.latency_table {
-        Some(p) => Some(LatencyCost::load(p, s.fallback)?),
+    options.validate(method, o.latency_table.is_some())?;
+    let cost = match &o.latency_table {
+        Some(p) => Some(LatencyCost::load(p, o.fallback)?),
         None => None,
     };
     let device = s.common.device()?;

@@ -46,55 +46,88 @@ impl Method {
 /// The options of a search: a pipeline stage's table, and `slim nas`'s flags of the same
 /// names. The defaults are here and nowhere else.
 #[derive(Clone, Debug, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 #[serde(deny_unknown_fields)]
 pub struct NasOptions {
-    /// `mobilenet_v2`, `mobilenet_v1` or `resnet`.
+    /// The search space: mobilenet_v2 (expansion, kernel, channels, repeats per stage),
+    /// mobilenet_v1 (widths), resnet (depth and width per stage).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub space: String,
+    /// Width multiplier of the space's hand-made network (the starting candidate).
     #[serde(default = "one")]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = one()))]
     pub width: f64,
+    /// The most multiply-accumulates a candidate may have.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub max_macs: Option<u64>,
-    /// At most this fraction of the MACs of the model entering the stage.
+    /// At most this fraction of the MACs of the model entering the stage (a pipeline's).
+    #[cfg_attr(feature = "clap", arg(skip))]
     pub max_macs_ratio: Option<f64>,
+    /// The most parameters a candidate may have.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub max_params: Option<u64>,
-    /// An f32 latency table, with `max_latency_ms` (loaded by the caller into a cost model).
+    /// A latency table (f32, from `slim latency build`) to price candidates with.
+    // The caller loads it into the cost model (`Inputs::cost`).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub latency_table: Option<PathBuf>,
+    /// The most milliseconds a candidate may take, estimated from the latency table.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub max_latency_ms: Option<f64>,
-    /// Price ops the table lacks with its fallback fit.
+    /// Price ops the table lacks with its fallback fit instead of failing.
     #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub fallback: bool,
+    /// Candidates evaluated (scored).
     #[serde(default = "twenty")]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = twenty()))]
     pub iterations: usize,
     /// Candidates (or the supernet) train on the first N training images (default: 2000 for
     /// candidates, all but the scoring images for a supernet).
+    #[cfg_attr(feature = "clap", arg(skip))]
     pub train_images: Option<usize>,
-    /// Candidates are scored on the last N training images.
+    /// Candidates are scored (top-1) on the last N training images, kept apart from the test
+    /// split and from what they train on.
     #[serde(default = "one_thousand")]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = one_thousand()))]
     pub eval_images: usize,
     /// Epochs of each candidate's short training.
     #[serde(default = "one_usize")]
+    #[cfg_attr(feature = "clap", arg(skip = one_usize()))]
     pub candidate_epochs: usize,
     /// Epochs of supernet training (default: the recipe's).
+    #[cfg_attr(feature = "clap", arg(skip))]
     pub supernet_epochs: Option<usize>,
     /// Epochs of the best candidate's final training in a pipeline (default: the recipe's).
+    #[cfg_attr(feature = "clap", arg(skip))]
     pub epochs: Option<usize>,
     /// Training images each one-shot candidate's batch-norm statistics are recomputed on.
     #[serde(default = "calibration")]
+    #[cfg_attr(feature = "clap", arg(skip = calibration()))]
     pub calibration_images: usize,
+    /// Initial temperature, on the reward's scale (top-1 in 0..1).
     #[serde(default = "temperature")]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = temperature()))]
     pub init_temperature: f64,
+    /// The temperature is multiplied by this after every evaluation.
     #[serde(default = "reduce")]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = reduce()))]
     pub reduce_rate: f64,
-    /// `annealing` or `evolution`.
+    /// The search: annealing, or evolution (steady-state, tournament selection).
     #[serde(default = "annealing")]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = annealing(),
+        value_parser = ["annealing", "evolution"]))]
     pub search: String,
-    /// Evolution: candidates kept.
+    /// --search evolution: candidates kept.
     #[serde(default = "population")]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = population()))]
     pub population: usize,
-    /// Evolution: the probability that each token of a child changes.
+    /// --search evolution: the probability that each token of a child changes.
     #[serde(default = "mutation")]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = mutation()))]
     pub mutation: f64,
     /// Give up after this many candidates in a row broke a limit.
     #[serde(default = "rejections")]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = rejections()))]
     pub max_rejections: usize,
 }
 
