@@ -251,37 +251,14 @@ pub fn load_data(
     Ok(data)
 }
 
-/// A training recipe on the command line.
-#[derive(Args, Clone, Debug)]
-pub struct Recipe {
-    #[arg(long, default_value_t = 5)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 0.003)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
-    /// sgd, adam or adamw.
-    #[arg(long, default_value = "adam")]
-    pub optimizer: String,
-    /// constant, cosine, or step:EVERY:GAMMA.
-    #[arg(long, default_value = "constant")]
-    pub schedule: String,
-    #[arg(long, default_value_t = 0)]
-    pub warmup_epochs: usize,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
-    pub momentum: f64,
-    #[arg(long)]
-    pub nesterov: bool,
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    /// Seed of the initial weights, the batch order and dropout.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+/// A training recipe given on the command line (its flags are [`TrainConfig`]'s), checked.
+pub fn checked(recipe: &TrainConfig) -> Result<TrainConfig, Failure> {
+    recipe.validate()?;
+    Ok(recipe.clone())
 }
 
 /// A fine-tuning recipe on the command line: the training after a change (pruning's
-/// fine-tuning) and the supernet's training. A gentler default than [`Recipe`]'s: a cosine
+/// fine-tuning) and the supernet's training. A gentler default than [`TrainConfig`]'s: a cosine
 /// schedule.
 #[derive(Args, Clone, Debug)]
 pub struct FinetuneFlags {
@@ -314,26 +291,6 @@ impl FinetuneFlags {
             seed: self.seed,
             ..TrainConfig::default()
         })
-    }
-}
-
-impl Recipe {
-    /// The checked training configuration.
-    pub fn config(&self) -> Result<TrainConfig, Failure> {
-        let cfg = TrainConfig {
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            optimizer: self.optimizer.parse::<OptimizerKind>()?,
-            lr: self.lr,
-            momentum: self.momentum,
-            nesterov: self.nesterov,
-            weight_decay: self.weight_decay,
-            schedule: self.schedule.parse::<Schedule>()?,
-            warmup_epochs: self.warmup_epochs,
-            seed: self.seed,
-        };
-        cfg.validate()?;
-        Ok(cfg)
     }
 }
 

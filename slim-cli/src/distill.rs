@@ -9,7 +9,7 @@ use slim_core::zoo::{self, ZooConfig};
 use slim_distill::run::{DistillOptions, Inputs};
 use slim_distill::{dump, Teacher};
 
-use crate::common::{check_out_dir, load_data, Common, EpochBars, Recipe};
+use crate::common::{check_out_dir, load_data, Common, EpochBars};
 use crate::{input_error, Failure};
 
 #[derive(Args)]
@@ -110,7 +110,7 @@ pub struct DistillTrainArgs {
     #[arg(long)]
     pub limit: Option<usize>,
     #[command(flatten)]
-    pub recipe: Recipe,
+    pub recipe: slim_core::train::TrainConfig,
     /// The distilled student (.safetensors). A checkpoint is kept beside it as FILE.ckpt
     /// while the job runs (removed when it finishes).
     #[arg(long)]
@@ -285,7 +285,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
         ));
     }
     let client_opts = client_options(&args)?;
-    let cfg = args.recipe.config()?;
+    let cfg = crate::common::checked(&args.recipe)?;
     let options = DistillOptions {
         teacher: args
             .teacher

@@ -13,7 +13,7 @@ use slim_nas::oneshot::SupernetProgress;
 use slim_nas::run::{Inputs, Method, NasOptions, Progress, SearchFolder, Weights};
 use slim_nas::NasProgress;
 
-use crate::common::{Common, Recipe};
+use crate::common::Common;
 use crate::{input_error, Failure};
 
 #[derive(Subcommand)]
@@ -62,7 +62,7 @@ pub struct SaArgs {
     #[arg(long, default_value_t = 2000)]
     pub train_images: usize,
     #[command(flatten)]
-    pub recipe: Recipe,
+    pub recipe: slim_core::train::TrainConfig,
 }
 
 #[derive(Args)]
@@ -167,7 +167,7 @@ impl Drop for OutDir<'_> {
 }
 
 fn run_sa(a: SaArgs, study: Option<(&dyn StudyStore, WorkerOptions)>) -> Result<(), Failure> {
-    let cfg = a.recipe.config()?;
+    let cfg = crate::common::checked(&a.recipe)?;
     let options = NasOptions {
         train_images: Some(a.train_images),
         candidate_epochs: cfg.epochs,

@@ -9,7 +9,7 @@ use slim_core::data::DEFAULT_SPEC;
 use slim_core::train::{evaluate, train, TrainOptions};
 use slim_core::zoo::{self, ZooConfig};
 
-use crate::common::{Common, EpochBars, Recipe};
+use crate::common::{Common, EpochBars};
 use crate::{input_error, Failure};
 
 #[derive(Args)]
@@ -25,7 +25,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = DEFAULT_SPEC, help = crate::common::data_help("Data"))]
     pub data: String,
     #[command(flatten)]
-    pub recipe: Recipe,
+    pub recipe: slim_core::train::TrainConfig,
     /// The trained model file (.safetensors). A checkpoint is kept beside it as FILE.ckpt
     /// while the job runs (removed when it finishes).
     #[arg(long)]
@@ -69,7 +69,7 @@ fn model_to_train(
 }
 
 pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
-    let cfg = args.recipe.config()?;
+    let cfg = crate::common::checked(&args.recipe)?;
     crate::common::check_out_dir("--out", &args.out)?;
     let device = args.common.device()?;
     let mut data = crate::common::load_data(&args.data, args.limit, None)?;

@@ -92,18 +92,32 @@ impl std::str::FromStr for Schedule {
 
 /// A training recipe.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct TrainConfig {
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = TrainConfig::default().epochs))]
     pub epochs: usize,
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = TrainConfig::default().batch_size))]
     pub batch_size: usize,
+    /// sgd, adam or adamw.
+    #[cfg_attr(feature = "clap", arg(long, default_value = "adam"))]
     pub optimizer: OptimizerKind,
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = TrainConfig::default().lr))]
     pub lr: f64,
     /// SGD momentum (ignored by Adam).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = TrainConfig::default().momentum))]
     pub momentum: f64,
+    #[cfg_attr(feature = "clap", arg(long))]
     pub nesterov: bool,
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0.0))]
     pub weight_decay: f64,
+    /// constant, cosine, or step:EVERY:GAMMA.
+    #[cfg_attr(feature = "clap", arg(long, default_value = "constant"))]
     pub schedule: Schedule,
     /// Epochs of linear warm-up from 0 to `lr`.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
     pub warmup_epochs: usize,
+    /// Seed of the initial weights, the batch order and dropout.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
     pub seed: u64,
 }
 
