@@ -73,17 +73,6 @@ pub fn run_import(args: ImportArgs) -> Result<(), Failure> {
             slim_onnx::parse_preprocess(s).map_err(|e| input_error(format!("--preprocess: {e}")))
         })
         .transpose()?;
-    if let (Some(p), Some(shape)) = (&preprocess, &input_shape) {
-        for v in [&p.mean, &p.std] {
-            if v.len() != 1 && v.len() != shape[0] {
-                return Err(input_error(format!(
-                    "--preprocess gives {} values per statistic for a {}-channel input",
-                    v.len(),
-                    shape[0]
-                )));
-            }
-        }
-    }
     let opts = slim_onnx::ImportOptions {
         input_shape,
         preprocess,

@@ -253,6 +253,16 @@ impl Model {
                     "preprocessing needs a mean and a positive std per channel, got {norm:?}"
                 )));
             }
+            let channels = self.input_shape().first().copied().unwrap_or(1);
+            for v in [&norm.mean, &norm.std] {
+                if v.len() != 1 && v.len() != channels {
+                    return Err(CoreError::Invalid(format!(
+                        "preprocessing gives {} values per statistic for a {channels}-channel \
+                         input",
+                        v.len()
+                    )));
+                }
+            }
             v.insert("mean".into(), serde_json::json!(norm.mean));
             v.insert("std".into(), serde_json::json!(norm.std));
         }
@@ -385,6 +395,29 @@ fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::graph::{GraphBuilder, ParamKind};
+
+    #[test]
+    fn preprocessing_takes_one_value_or_one_per_channel() {
+        let g = GraphBuilder::new([3, 8, 8])
+            .conv("c", 4, 3, 1, 1)
+            .build()
+            .unwrap();
+        let mut m = Model::init(g, 0, &Device::Cpu).unwrap();
+        let norm = |n: usize| crate::data::Normalize {
+            mean: vec![0.5; n],
+            std: vec![0.25; n],
+        };
+        for ok in [1, 3] {
+            m.set_preprocess(Some(&norm(ok)), false).unwrap();
+            assert_eq!(m.preprocess().unwrap().unwrap().mean.len(), ok);
+        }
+        let e = m.set_preprocess(Some(&norm(2)), false).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("2 values per statistic for a 3-channel input"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn zero_weights_keep_fresh_buffers() {
