@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use slim_core::data::DEFAULT_SPEC;
-use slim_core::zoo::{self, ZooConfig};
 use slim_distill::run::{DistillOptions, Inputs};
 use slim_distill::{dump, Teacher};
 
@@ -186,18 +185,7 @@ fn run_dump(args: DumpArgs) -> Result<(), Failure> {
     if args.common.json {
         outln!("{}", crate::common::with_skipped(json!(r)));
     } else {
-        let nodes: Vec<String> = r.nodes.iter().map(|(n, s)| format!("{n} {s:?}")).collect();
-        outln!(
-            "{}: {} samples of {} in {} shard(s) ({} kept from an earlier run), nodes {}; {} bytes written in {:.1} s",
-            r.dir.display(),
-            r.samples,
-            args.data,
-            r.shards,
-            r.reused,
-            nodes.join(", "),
-            r.bytes,
-            r.seconds
-        );
+        outln!("{}", r.describe(&args.data));
     }
     Ok(())
 }
@@ -243,27 +231,15 @@ fn student_model(
         (Some(path), _) => crate::common::load_model(path, device, &args.common.load)?,
         (None, Some(name)) => {
             // Without labels, as many classes as the first teacher model scores.
-            let classes = if data.train.is_labeled() {
-                data.train.classes
-            } else {
-                let first = args.teacher.iter().find(|p| !p.is_dir()).ok_or_else(|| {
-                    input_error("without labels, a zoo student takes its classes from a teacher model file; give one")
-                })?;
-                let t = crate::common::load_model(first, device, &args.common.load)?;
-                match t.graph.node(t.graph.outputs()[0]).shape[..] {
-                    [k] => k,
-                    ref other => {
-                        return Err(input_error(format!(
-                            "the teacher {} outputs {other:?} per image, not class scores: give the student as a file (--student)",
-                            first.display()
-                        )))
-                    }
+            let first = args.teacher.iter().find(|p| !p.is_dir());
+            let teacher = match first {
+                Some(p) if !data.train.is_labeled() => {
+                    Some(crate::common::load_model(p, device, &args.common.load)?)
                 }
+                _ => None,
             };
-            let zcfg = ZooConfig::new(data.train.shape)
-                .with_width(args.width)
-                .with_classes(classes);
-            zoo::model(name, &zcfg, args.recipe.seed, device)?
+            let (width, seed) = (args.width, args.recipe.seed);
+            slim_distill::run::zoo_student(name, width, seed, data, teacher.as_ref(), device)?
         }
         (None, None) => {
             return Err(input_error(

@@ -144,6 +144,28 @@ pub struct DumpReport {
     pub seconds: f64,
 }
 
+impl DumpReport {
+    /// The dump in one line (`data` names the data set).
+    pub fn describe(&self, data: &str) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(n, s)| format!("{n} {s:?}"))
+            .collect();
+        format!(
+            "{}: {} samples of {data} in {} shard(s) ({} kept from an earlier run), nodes {}; {} \
+             bytes written in {:.1} s",
+            self.dir.display(),
+            self.samples,
+            self.shards,
+            self.reused,
+            nodes.join(", "),
+            self.bytes,
+            self.seconds
+        )
+    }
+}
+
 /// The teacher's output node, the nodes to store (its output when none are named; each
 /// once) and their shapes; an unknown node is refused with suggestions.
 #[allow(clippy::type_complexity)]

@@ -437,6 +437,41 @@ fn check_preprocessing(label: &str, m: &Model, data: &DataSplits) -> Result<()> 
     }
 }
 
+/// A fresh zoo network `name` as a student for `data`: as many classes as the data has, or
+/// without labels as many as `teacher` (the first teacher model) scores.
+pub fn zoo_student(
+    name: &str,
+    width: f64,
+    seed: u64,
+    data: &DataSplits,
+    teacher: Option<&Model>,
+    device: &candle_core::Device,
+) -> Result<Model> {
+    let classes = match (data.train.is_labeled(), teacher) {
+        (true, _) => data.train.classes,
+        (false, None) => {
+            return Err(DistillError::Invalid(
+                "without labels, a zoo student takes its classes from a teacher model file; \
+                 give one"
+                    .into(),
+            ))
+        }
+        (false, Some(t)) => match t.graph.node(t.graph.outputs()[0]).shape[..] {
+            [k] => k,
+            ref other => {
+                return Err(DistillError::Invalid(format!(
+                    "the first teacher outputs {other:?} per image, not class scores: give the \
+                     student as a file"
+                )))
+            }
+        },
+    };
+    let zcfg = slim_core::zoo::ZooConfig::new(data.train.shape)
+        .with_width(width)
+        .with_classes(classes);
+    Ok(slim_core::zoo::model(name, &zcfg, seed, device)?)
+}
+
 /// A zoo network trained on the data with the recipe, kept in the work folder under a name
 /// that holds its width and epochs (another width or length trains a new one).
 fn zoo_teacher(
