@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::{ArgGroup, Args, ValueEnum};
+use clap::{ArgGroup, Args};
 use indicatif::ProgressBar;
 use serde_json::json;
 use slim_core::search::{Evaluator, SearchProgress};
@@ -16,22 +16,6 @@ use slim_prune::Criterion;
 
 use crate::common::{bar, check_out_dir, Common, EpochBars};
 use crate::{input_error, Failure};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum PruneMethod {
-    /// One ratio for every group in scope.
-    Uniform,
-    /// Per-group ratios chosen from a sensitivity file.
-    Sensitivity,
-    /// A search over per-group ratios under the FLOPs limit.
-    Auto,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SearchKind {
-    Annealing,
-    Evolution,
-}
 
 /// Options shared by `prune` and `sensitivity`.
 #[derive(Args, Clone, Debug)]
@@ -91,7 +75,7 @@ pub struct PruneArgs {
     #[arg(long)]
     pub flops_reduction: Option<f64>,
     #[arg(long, value_enum, default_value = "uniform")]
-    pub method: PruneMethod,
+    pub method: Choice,
     /// Sensitivity files (from `slim sensitivity`) for --method sensitivity, or to start
     /// --method auto from; several are merged.
     #[arg(long, num_args = 1..)]
@@ -112,8 +96,8 @@ pub struct PruneArgs {
     #[command(flatten)]
     pub recipe: crate::common::FinetuneFlags,
     /// --method auto: the search algorithm.
-    #[arg(long, value_enum, default_value = "annealing")]
-    pub search: SearchKind,
+    #[arg(long, default_value = "annealing", value_parser = ["annealing", "evolution"])]
+    pub search: String,
     /// --method auto: candidates evaluated.
     #[arg(long, default_value_t = 30)]
     pub trials: usize,
@@ -140,7 +124,7 @@ pub struct PruneArgs {
 fn check_prune_args(args: &PruneArgs) -> Result<Option<slim_core::study::WorkerOptions>, Failure> {
     if let Some(r) = args.ratio {
         check_ratio(r)?;
-        if args.method != PruneMethod::Uniform {
+        if args.method != Choice::Uniform {
             return Err(input_error(
                 "--ratio is uniform pruning; --method sensitivity and auto take \
                  --flops-reduction",
@@ -150,12 +134,12 @@ fn check_prune_args(args: &PruneArgs) -> Result<Option<slim_core::study::WorkerO
     if let Some(f) = args.flops_reduction {
         check_reduction(f)?;
     }
-    if args.method == PruneMethod::Sensitivity && args.sensitivity.is_empty() {
+    if args.method == Choice::Sensitivity && args.sensitivity.is_empty() {
         return Err(input_error(
             "--method sensitivity needs --sensitivity FILE (from `slim sensitivity`)",
         ));
     }
-    if args.method == PruneMethod::Auto && args.trials == 0 {
+    if args.method == Choice::Auto && args.trials == 0 {
         return Err(input_error("--trials must be at least 1"));
     }
     if args.reward_finetune_images > 0 && args.reward_finetune_images < args.recipe.batch_size {
@@ -166,7 +150,7 @@ fn check_prune_args(args: &PruneArgs) -> Result<Option<slim_core::study::WorkerO
     }
     check_out_dir("--out", &args.out)?;
     Ok(match &args.study.study {
-        Some(_) if args.method != PruneMethod::Auto => {
+        Some(_) if args.method != Choice::Auto => {
             return Err(input_error(
                 "--study shares a search: it needs --method auto",
             ));
@@ -183,16 +167,12 @@ fn check_prune_args(args: &PruneArgs) -> Result<Option<slim_core::study::WorkerO
 
 /// `slim prune`'s flags as the method's options.
 fn prune_options(args: &PruneArgs) -> Result<(Choice, PruneOptions), Failure> {
-    let choice = match args.method {
-        PruneMethod::Uniform => Choice::Uniform,
-        PruneMethod::Sensitivity => Choice::Sensitivity,
-        PruneMethod::Auto => Choice::Auto,
-    };
+    let choice = args.method;
     let options = PruneOptions {
         ratio: args.ratio,
         flops_reduction: args.flops_reduction,
         trials: args.trials,
-        search: format!("{:?}", args.search).to_lowercase(),
+        search: args.search.clone(),
         finetune_epochs: args.finetune_epochs,
         lr: Some(args.recipe.lr),
         ..args.selection.options()?
@@ -200,24 +180,9 @@ fn prune_options(args: &PruneArgs) -> Result<(Choice, PruneOptions), Failure> {
     Ok((choice, options))
 }
 
-/// The sensitivity files, each checked against the model, merged.
-fn load_sensitivities(files: &[PathBuf], model: &Model) -> Result<Option<Sensitivities>, Failure> {
-    if files.is_empty() {
-        return Ok(None);
-    }
-    let fingerprint = model.fingerprint()?;
-    let mut all = Vec::new();
-    for f in files {
-        let s = Sensitivities::load(f)?;
-        s.check_model(&fingerprint, f)?;
-        all.push(s);
-    }
-    Ok(Some(Sensitivities::merge(all)?))
-}
-
 /// The search's history file (--method auto on this machine): --history, else beside --out.
 fn history_file(args: &PruneArgs, shared: bool) -> Result<Option<PathBuf>, Failure> {
-    if args.method != PruneMethod::Auto || shared {
+    if args.method != Choice::Auto || shared {
         return Ok(None);
     }
     let history = args.history.clone().unwrap_or_else(|| {
@@ -233,7 +198,7 @@ fn history_file(args: &PruneArgs, shared: bool) -> Result<Option<PathBuf>, Failu
 fn search_bar(args: &PruneArgs) -> ProgressBar {
     bar(
         args.trials as u64,
-        args.common.quiet || args.method != PruneMethod::Auto,
+        args.common.quiet || args.method != Choice::Auto,
         "search [{bar:30}] {pos}/{len} {msg}",
     )
 }
@@ -245,7 +210,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     let history = history_file(&args, study.is_some())?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
-    let needs_data = args.finetune_epochs > 0 || args.method == PruneMethod::Auto;
+    let needs_data = args.finetune_epochs > 0 || args.method == Choice::Auto;
     let data = if needs_data || args.selection.data.is_some() {
         Some(crate::common::data_for(
             &args.selection.data_spec(&model),
@@ -257,13 +222,13 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
     let label_free = data
         .as_ref()
         .is_some_and(|d| crate::common::label_free(args.label_free, d));
-    if label_free && args.method == PruneMethod::Auto {
+    if label_free && args.method == Choice::Auto {
         return Err(input_error(
             "--method auto scores candidates by their accuracy on labels; without labels, \
              prune with --ratio or --flops-reduction (uniform, or from sensitivity files)",
         ));
     }
-    let sensitivities = load_sensitivities(&args.sensitivity, &model)?;
+    let sensitivities = Sensitivities::load_for(&args.sensitivity, &model)?;
     let store = match &study {
         Some(_) => Some(
             args.study
@@ -412,7 +377,7 @@ pub fn run_sensitivity(args: SensitivityArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.file, &device, &args.common.load)?;
     let started = Instant::now();
-    let merged = load_sensitivities(&args.merge, &model)?;
+    let merged = Sensitivities::load_for(&args.merge, &model)?;
     let sens = if let Some(merged) = merged {
         merged.save(&args.out)?;
         merged

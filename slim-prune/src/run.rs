@@ -22,6 +22,7 @@ use crate::{Criterion, PruneError, Pruner, Ratios, Result};
 
 /// Which way the per-group ratios are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Choice {
     /// One ratio for every group in scope.
     Uniform,

@@ -138,6 +138,25 @@ impl Sensitivities {
         )
     }
 
+    /// The sensitivity files of `model` (each checked against its fingerprint), merged;
+    /// `None` for no files.
+    pub fn load_for(
+        files: &[std::path::PathBuf],
+        model: &slim_core::Model,
+    ) -> Result<Option<Self>> {
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let fingerprint = model.fingerprint()?;
+        let mut all = Vec::new();
+        for f in files {
+            let s = Sensitivities::load(f)?;
+            s.check_model(&fingerprint, f)?;
+            all.push(s);
+        }
+        Ok(Some(Sensitivities::merge(all)?))
+    }
+
     pub fn load(path: &Path) -> Result<Sensitivities> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             PruneError::Invalid(format!(
