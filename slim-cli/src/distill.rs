@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use slim_core::data::DEFAULT_SPEC;
+use slim_dist::teacher::TeacherClient;
 use slim_distill::run::{DistillOptions, Inputs};
 use slim_distill::{dump, Teacher};
 
@@ -279,17 +280,8 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     let mut remote = Vec::new();
     if let Some(opts) = client_opts {
         let url = slim_dist::RedisUrl::parse_with_ca(&args.redis, args.redis_ca.as_deref())?;
-        let student_id = format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0)
-        );
-        for name in &args.teacher_service {
-            let c =
-                slim_dist::teacher::TeacherClient::connect(&url, name, &student_id, opts.clone())?;
+        let clients = TeacherClient::connect_all(&url, &args.teacher_service, &opts)?;
+        for (name, c) in args.teacher_service.iter().zip(clients) {
             let label = format!("service {name} ({})", c.info().label);
             remote.push((label, Teacher::Remote(Box::new(Served(c)))));
         }

@@ -504,6 +504,23 @@ pub struct TeacherClient {
 }
 
 impl TeacherClient {
+    /// Connects to each of the teachers `names` as one student, named by this process and the
+    /// time (unique among the teachers' students).
+    pub fn connect_all(
+        url: &RedisUrl,
+        names: &[String],
+        opts: &ClientOptions,
+    ) -> Result<Vec<TeacherClient>> {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let student = format!("{}-{since_epoch}", std::process::id());
+        names
+            .iter()
+            .map(|name| TeacherClient::connect(url, name, &student, opts.clone()))
+            .collect()
+    }
+
     /// Connects to the teacher `name`, waiting up to `opts.timeout` for a process to announce
     /// it. `student` names this student in answer keys (unique among the teacher's students).
     pub fn connect(
