@@ -100,6 +100,20 @@ impl CheckpointArgs {
             .unwrap_or_default()
     }
 
+    /// Removes a finished job's checkpoint `ckpt` (three times the model's size: the output
+    /// file now holds what it was kept for), unless `--keep-checkpoint`. A checkpoint that
+    /// cannot be removed gets a warning.
+    pub fn finished(&self, ckpt: &Path) {
+        if self.keep_checkpoint {
+            return;
+        }
+        match std::fs::remove_file(ckpt) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("warning: {}: not removed: {e}", ckpt.display()),
+        }
+    }
+
     /// Fine-tuning by `config`, checkpointing to `ckpt` as the flags say.
     pub fn finetuning<'a>(
         &self,
@@ -113,16 +127,6 @@ impl CheckpointArgs {
             eval_each_epoch: true,
             ..slim_core::pipeline::Finetuning::new(config)
         }
-    }
-}
-
-/// Removes a finished job's checkpoint (three times the model's size): the output file now
-/// holds what it was kept for. A checkpoint that cannot be removed gets a warning.
-pub fn remove_checkpoint(path: &Path) {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => eprintln!("warning: {}: not removed: {e}", path.display()),
     }
 }
 

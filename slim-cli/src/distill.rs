@@ -306,9 +306,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     let (student, report) =
         slim_distill::run::run(student, &options, inputs, &mut |p| bars.update(p))?;
     student.save(&out)?;
-    if !args.checkpoint.keep_checkpoint {
-        crate::common::remove_checkpoint(&ckpt);
-    }
+    args.checkpoint.finished(&ckpt);
     print_distilled(&args, &student, &report, &out);
     Ok(())
 }

@@ -291,9 +291,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         .provenance
         .insert("pruned_from".into(), args.file.display().to_string());
     pruned.save(&args.out)?;
-    if !args.checkpoint.keep_checkpoint {
-        crate::common::remove_checkpoint(&ckpt);
-    }
+    args.checkpoint.finished(&ckpt);
     outcome.before = outcome.before.with_file(&args.file)?;
     outcome.after = outcome.after.with_file(&args.out)?;
     print_prune(&args, &outcome, started.elapsed().as_secs_f64());

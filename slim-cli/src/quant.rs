@@ -163,9 +163,7 @@ fn run_qat(args: QatArgs) -> Result<(), Failure> {
             bars.update(p)
         })?;
     int8.save(&args.out)?;
-    if !args.checkpoint.keep_checkpoint {
-        crate::common::remove_checkpoint(&ckpt);
-    }
+    args.checkpoint.finished(&ckpt);
     outcome.before = outcome.before.with_file(&args.file)?;
     outcome.after = outcome.after.with_file(&args.out)?;
     let trained = outcome.train.as_ref();

@@ -115,9 +115,7 @@ pub fn run_train(args: TrainArgs) -> Result<(), Failure> {
         &mut |p| bars.update(p),
     )?;
     model.save(&args.out)?;
-    if !args.checkpoint.keep_checkpoint {
-        crate::common::remove_checkpoint(&ckpt);
-    }
+    args.checkpoint.finished(&ckpt);
     let final_eval = evaluate(&model, &data.test, &data.normalize, 256)?;
     let stats = analyze(&model.graph);
     let bytes = std::fs::metadata(&args.out)?.len();
