@@ -419,25 +419,13 @@ impl StudyArgs {
         }
         let name = match &self.worker_name {
             Some(n) => n.clone(),
-            None => host_pid("worker"),
+            None => slim_dist::host_pid("worker"),
         };
         slim_dist::check_name("worker", &name)?;
         let mut o = slim_core::study::WorkerOptions::new(name);
         o.lease = std::time::Duration::from_secs_f64(self.lease_seconds);
         Ok(o)
     }
-}
-
-/// `HOST-PID`, this process's default name among a study's workers or a teacher's servers
-/// (`fallback` when the host has no name).
-pub fn host_pid(fallback: &str) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| fallback.into());
-    format!("{host}-{}", std::process::id())
 }
 
 /// A study worker's progress, on stderr.

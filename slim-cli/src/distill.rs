@@ -385,7 +385,7 @@ fn run_serve(args: ServeArgs) -> Result<(), Failure> {
         slim_dist::teacher::teacher_info(&model, &label, &data.train, &data.spec, &args.node)?;
     let server = match &args.server_name {
         Some(s) => s.clone(),
-        None => crate::common::host_pid("server"),
+        None => slim_dist::host_pid("server"),
     };
     let quiet = args.common.quiet;
     let stop = std::sync::atomic::AtomicBool::new(false);

@@ -49,15 +49,8 @@ pub struct Models {
 
 #[derive(Args, Clone, Debug)]
 pub struct Timing {
-    /// Timed runs of each model.
-    #[arg(long, default_value_t = 20)]
-    pub runs: usize,
-    /// Untimed runs first...
-    #[arg(long, default_value_t = 3)]
-    pub warmup: usize,
-    /// ...lasting at least this many milliseconds in all.
-    #[arg(long, default_value_t = 300.0)]
-    pub warmup_ms: f64,
+    #[command(flatten)]
+    pub build: BuildOptions,
     /// Estimate ops the table lacks from a line fitted on the table's ops of the same kind.
     #[arg(long)]
     pub fallback: bool,
@@ -183,16 +176,6 @@ fn subjects(models: &[(String, Model)]) -> Vec<Subject<'_>> {
         .collect()
 }
 
-impl Timing {
-    fn options(&self) -> BuildOptions {
-        BuildOptions {
-            runs: self.runs,
-            warmup: self.warmup,
-            warmup_ms: self.warmup_ms,
-        }
-    }
-}
-
 fn progress_printer(quiet: bool) -> impl FnMut(&TimingProgress) + Send {
     move |p: &TimingProgress| {
         if !quiet && p.done == p.total {
@@ -210,7 +193,7 @@ fn run_build(a: BuildArgs) -> Result<(), Failure> {
     let table = Table::open_or_new(&a.out, runtime, a.threads, a.batch)?;
     let models = load_models(&a.models, runtime, &a.common.load)?;
     let subjects = subjects(&models);
-    let opts = a.timing.options();
+    let opts = a.timing.build.clone();
     let mut progress = progress_printer(a.common.quiet);
     let (table, report) = build(table, &subjects, kernels(runtime), &opts, &mut progress)?;
     table.save(&a.out)?;
@@ -251,7 +234,7 @@ fn run_validate(a: ValidateArgs) -> Result<(), Failure> {
     let runtime = table.device.runtime;
     let models = load_models(&a.models, runtime, &a.common.load)?;
     let subjects = subjects(&models);
-    let opts = a.timing.options();
+    let opts = a.timing.build.clone();
     let mut progress = progress_printer(a.common.quiet);
     let v = validate(
         &table,

@@ -194,6 +194,18 @@ impl RedisUrl {
     }
 }
 
+/// `HOST-PID`, this process's default name among a study's workers or a teacher's servers
+/// (`fallback` when the host has no name).
+pub fn host_pid(fallback: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| fallback.into());
+    format!("{host}-{}", std::process::id())
+}
+
 /// Checks a study's (or a teacher's) name: 1 to 100 letters, digits, `-`, `_` or `.`.
 pub fn check_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()

@@ -87,13 +87,17 @@ pub type Result<T, E = LatencyError> = std::result::Result<T, E>;
 
 /// How many times to run each model.
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct BuildOptions {
-    /// Timed runs (each op's median is over these and its occurrences).
+    /// Timed runs of each model (each op's median is over these and its occurrences).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = BuildOptions::default().runs))]
     pub runs: usize,
     /// Untimed runs first (caches, allocator, lazily built state, the CPU's clock)...
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = BuildOptions::default().warmup))]
     pub warmup: usize,
-    /// ...and at least this many milliseconds of them: a few runs of a small model are over
-    /// before the machine has settled.
+    /// ...lasting at least this many milliseconds in all: a few runs of a small model are
+    /// over before the machine has settled.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = BuildOptions::default().warmup_ms))]
     pub warmup_ms: f64,
 }
 
