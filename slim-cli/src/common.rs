@@ -222,22 +222,19 @@ pub fn data_spec(given: Option<&str>, model: &Model) -> String {
 /// Loads the data a model is fed: the spec's data set, normalized as the model expects when
 /// it records its own preprocessing (imported models), else as the data set's own.
 pub fn data_for(spec: &str, model: &Model) -> Result<DataSplits, Failure> {
-    let mut data = load_spec_shaped(spec, input_shape(model))?;
-    adapt_data(&mut data, model)?;
+    load_data_for(spec, None, model)
+}
+
+/// [`load_data`] for `model`: image folders decoded to its input, the data fed the way it
+/// expects ([`Model::adapt_data`]).
+pub fn load_data_for(
+    spec: &str,
+    limit: Option<usize>,
+    model: &Model,
+) -> Result<DataSplits, Failure> {
+    let mut data = load_data(spec, limit, model.input_shape().try_into().ok())?;
+    model.adapt_data(&mut data)?;
     Ok(data)
-}
-
-/// A model's input shape `[C, H, W]`, the shape image folders are decoded to for it.
-pub fn input_shape(model: &Model) -> Option<[usize; 3]> {
-    match model.input_shape()[..] {
-        [c, h, w] => Some([c, h, w]),
-        _ => None,
-    }
-}
-
-/// Feeds a data set the way a model expects ([`Model::adapt_data`]).
-pub fn adapt_data(data: &mut DataSplits, model: &Model) -> Result<(), Failure> {
-    Ok(model.adapt_data(data)?)
 }
 
 /// Loads a data spec (image folders decoded to `shape` when given); with `limit`, keeps the

@@ -161,8 +161,7 @@ pub fn run(args: DistillArgs) -> Result<(), Failure> {
 fn run_dump(args: DumpArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
     let teacher = crate::common::load_model(&args.teacher, &device, &args.common.load)?;
-    let mut data = load_data(&args.data, args.limit, crate::common::input_shape(&teacher))?;
-    crate::common::adapt_data(&mut data, &teacher)?;
+    let data = crate::common::load_data_for(&args.data, args.limit, &teacher)?;
     let quiet = args.common.quiet;
     let mut last = 0usize;
     let label = args.teacher.display().to_string();
@@ -276,7 +275,7 @@ fn run_train(args: DistillTrainArgs) -> Result<(), Failure> {
     let device = args.common.device()?;
     let mut data = load_data(&args.data, args.limit, None)?;
     let mut student = student_model(&args, &data, &device)?;
-    crate::common::adapt_data(&mut data, &student)?;
+    student.adapt_data(&mut data)?;
     let mut remote = Vec::new();
     if let Some(opts) = client_opts {
         let url = slim_dist::RedisUrl::parse_with_ca(&args.redis, args.redis_ca.as_deref())?;
@@ -378,8 +377,7 @@ fn run_serve(args: ServeArgs) -> Result<(), Failure> {
     let url = slim_dist::RedisUrl::parse_with_ca(&args.redis, args.redis_ca.as_deref())?;
     let device = args.common.device()?;
     let model = crate::common::load_model(&args.model, &device, &args.common.load)?;
-    let mut data = load_data(&args.data, args.limit, crate::common::input_shape(&model))?;
-    crate::common::adapt_data(&mut data, &model)?;
+    let data = crate::common::load_data_for(&args.data, args.limit, &model)?;
     let label = args.model.display().to_string();
     let info =
         slim_dist::teacher::teacher_info(&model, &label, &data.train, &data.spec, &args.node)?;

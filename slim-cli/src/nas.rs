@@ -1,6 +1,6 @@
 //! `slim nas sa|export`: architecture search under MACs, parameter and latency limits.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -142,30 +142,6 @@ pub fn run(cmd: NasCommand) -> Result<(), Failure> {
     }
 }
 
-/// An output folder made by this command: removed again when the command ends with nothing
-/// written into it (a search that failed before its first candidate leaves no empty folder).
-struct OutDir<'a> {
-    path: &'a Path,
-    created: bool,
-}
-
-impl<'a> OutDir<'a> {
-    fn create(path: &'a Path) -> std::io::Result<Self> {
-        let created = !path.exists();
-        std::fs::create_dir_all(path)?;
-        Ok(OutDir { path, created })
-    }
-}
-
-impl Drop for OutDir<'_> {
-    fn drop(&mut self) {
-        if self.created {
-            // Fails, as it should, when the folder holds anything.
-            let _ = std::fs::remove_dir(self.path);
-        }
-    }
-}
-
 fn run_sa(a: SaArgs, study: Option<(&dyn StudyStore, WorkerOptions)>) -> Result<(), Failure> {
     let cfg = crate::common::checked(&a.recipe)?;
     let options = NasOptions {
@@ -226,17 +202,17 @@ fn search(
         Some(path) => Some(crate::common::load_model(path, &device, &s.common.load)?),
         None => None,
     };
-    let shape = teacher.as_ref().and_then(crate::common::input_shape);
-    let mut data = crate::common::load_data(&s.data, None, shape)?;
-    if let Some(t) = &teacher {
-        crate::common::adapt_data(&mut data, t)?;
-    } else if !data.train.is_labeled() {
+    let data = match &teacher {
+        Some(t) => crate::common::load_data_for(&s.data, None, t)?,
+        None => crate::common::load_data(&s.data, None, None)?,
+    };
+    if teacher.is_none() && !data.train.is_labeled() {
         return Err(input_error(format!(
             "`{}` has no labels: give --teacher MODEL, a model for the candidates to reproduce",
             s.data
         )));
     }
-    let _out = OutDir::create(&s.out)?;
+    let _out = slim_core::io::OutputDir::create(&s.out)?;
     let inputs = Inputs {
         data: &data,
         teacher: teacher.as_ref(),

@@ -398,11 +398,57 @@ pub fn open_safetensors(bytes: &[u8]) -> Result<(SafeTensors<'_>, HashMap<String
     }
 }
 
+/// An output folder made for a job's files: removed again when the guard is dropped with
+/// nothing written into it (a job that failed before its first file leaves no empty folder).
+/// A folder that existed before is left as it is.
+pub struct OutputDir<'a> {
+    path: &'a Path,
+    created: bool,
+}
+
+impl<'a> OutputDir<'a> {
+    /// Makes `path` (and its parents) unless it exists.
+    pub fn create(path: &'a Path) -> Result<Self> {
+        let created = !path.exists();
+        std::fs::create_dir_all(path).map_err(|source| CoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(OutputDir { path, created })
+    }
+}
+
+impl Drop for OutputDir<'_> {
+    fn drop(&mut self) {
+        if self.created {
+            // Fails, as it should, when the folder holds anything.
+            let _ = std::fs::remove_dir(self.path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::exec::Mode;
     use crate::graph::GraphBuilder;
+
+    #[test]
+    fn an_output_folder_left_empty_is_removed_and_others_stay() {
+        let root = tempfile::tempdir().unwrap();
+        let (empty, used) = (root.path().join("a/b"), root.path().join("c"));
+        drop(OutputDir::create(&empty).unwrap());
+        assert!(!empty.exists() && root.path().join("a").exists());
+        {
+            let _g = OutputDir::create(&used).unwrap();
+            write_atomic(&used.join("f"), b"x").unwrap();
+        }
+        assert!(used.join("f").is_file());
+        let before = root.path().join("before");
+        std::fs::create_dir(&before).unwrap();
+        drop(OutputDir::create(&before).unwrap());
+        assert!(before.is_dir(), "a folder that was there stays");
+    }
 
     fn small() -> Model {
         let g = GraphBuilder::new([1, 6, 6])
