@@ -247,6 +247,7 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
         reward_finetune_images: args.reward_finetune_images,
         reward_recipe: ft.clone(),
         seed: args.recipe.seed,
+        measure: true,
         ..Default::default()
     };
     let ckpt = crate::common::checkpoint_path(&args.out);
@@ -280,7 +281,9 @@ pub fn run_prune(args: PruneArgs) -> Result<(), Failure> {
                 b.suspend(|| crate::common::show_worker(&other))
             }
             Progress::Train(p) => {
-                b.finish_and_clear();
+                if !b.is_finished() {
+                    b.finish_and_clear();
+                }
                 bars.update(p)
             }
             _ => {}

@@ -172,6 +172,9 @@ pub struct Inputs<'a> {
     pub reward_recipe: TrainConfig,
     /// The search's seed.
     pub seed: u64,
+    /// [`compress`] measures the pruned model against the original on the test split (a
+    /// caller that measures every model itself, as the pipeline does, leaves it off).
+    pub measure: bool,
 }
 
 /// Progress of a search.
@@ -328,7 +331,8 @@ impl PruneOutcome {
 
 /// Pruning from start to end: [`run`], then fine-tuning by `finetune` (on the labels, or
 /// without them to reproduce the original), then the pruned model measured against the
-/// original on the test split (accuracy, or fidelity without labels) when there is data. It is
+/// original on the test split (accuracy, or fidelity without labels) when there is data and
+/// `inputs.measure` asks for it. It is
 /// `slim prune` and the pipeline's `prune.*` stages.
 pub fn compress(
     model: &Model,
@@ -338,7 +342,7 @@ pub fn compress(
     finetune: Option<&Finetuning<'_>>,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Model, PruneOutcome)> {
-    let (data, label_free) = (inputs.data, inputs.label_free);
+    let (data, label_free, measured) = (inputs.data, inputs.label_free, inputs.measure);
     if let Some(f) = finetune {
         f.config.validate()?;
         if data.is_none() {
@@ -355,8 +359,8 @@ pub fn compress(
         })?);
     }
     let measured = match data {
-        Some(d) => Some(measure(&pruned, model, d, label_free, None)?),
-        None => None,
+        Some(d) if measured => Some(measure(&pruned, model, d, label_free, None)?),
+        _ => None,
     };
     let m = measured.as_ref();
     let outcome = PruneOutcome {

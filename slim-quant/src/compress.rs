@@ -84,9 +84,8 @@ pub fn ptq(model: &Model, data: &DataSplits, cfg: &PtqConfig) -> Result<(Model, 
     Ok((q, o))
 }
 
-/// Quantization-aware training: fake-quantization calibrated on `data`, trained as `how` says
-/// (its recipe; on the labels, or without them, `label_free`, to reproduce the float model),
-/// converted to int8 and measured.
+/// Quantization-aware training ([`train_int8`]), then the int8 model measured against the
+/// float one.
 pub fn qat(
     model: &Model,
     data: &DataSplits,
@@ -95,6 +94,23 @@ pub fn qat(
     label_free: bool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(Model, QuantOutcome)> {
+    let (int8, report) = train_int8(model, data, settings, how, label_free, progress)?;
+    let mut o = outcome(model, &int8, data, label_free)?;
+    o.train = Some(report);
+    Ok((int8, o))
+}
+
+/// Quantization-aware training alone: fake-quantization calibrated on `data`, trained as
+/// `how` says (its recipe; on the labels, or without them, `label_free`, to reproduce the
+/// float model), converted to int8. For a caller that measures models itself (a pipeline).
+pub fn train_int8(
+    model: &Model,
+    data: &DataSplits,
+    settings: &QatSettings,
+    how: &Finetuning<'_>,
+    label_free: bool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Model, TrainReport)> {
     let mut q = crate::qat::prepare_with(
         model,
         &data.train,
@@ -111,8 +127,5 @@ pub fn qat(
         ..how.clone()
     };
     let report = how.run(&mut q, model, data, label_free, progress)?;
-    let int8 = crate::qat::convert(&q, settings.weights, 8)?;
-    let mut o = outcome(model, &int8, data, label_free)?;
-    o.train = Some(report);
-    Ok((int8, o))
+    Ok((crate::qat::convert(&q, settings.weights, 8)?, report))
 }

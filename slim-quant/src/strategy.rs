@@ -251,15 +251,15 @@ impl Strategy for QatStrategy {
         let tcfg = st.recipe(&ctx.train);
         // Without labels, the fake-quantized model learns to reproduce the float one.
         let how = Finetuning::new(tcfg.clone());
-        let (int8, outcome) =
-            crate::compress::qat(&model, ctx.data, st, &how, false, ctx.progress).map_err(core)?;
+        let (int8, report) =
+            crate::compress::train_int8(&model, ctx.data, st, &how, false, ctx.progress)
+                .map_err(core)?;
         Ok((
             int8,
             json!({"weights": st.weights.name(), "activations": "moving_average_abs_max",
                    "epochs": tcfg.epochs, "lr": tcfg.lr,
                    "optimizer": self.options.optimizer, "schedule": self.options.schedule,
-                   "train_seconds": outcome.train.iter().flat_map(|r| &r.epochs)
-                       .map(|e| e.seconds).sum::<f64>()}),
+                   "train_seconds": report.epochs.iter().map(|e| e.seconds).sum::<f64>()}),
         ))
     }
 }
